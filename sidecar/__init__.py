@@ -1,0 +1,3 @@
+"""Identity-aware authorization and spend-limit sidecar for LLM traffic."""
+
+__version__ = "0.1.0"

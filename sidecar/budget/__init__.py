@@ -1,0 +1,1 @@
+"""Budget accounting assets: the Lua scripts the Redis store runs atomically."""

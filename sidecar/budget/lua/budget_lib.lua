@@ -1,0 +1,126 @@
+-- budget_lib.lua: helpers shared by reserve.lua, commit.lua and settle.lua.
+--
+-- Not a script on its own. The store prepends this file to each of those three before
+-- registering them, because Redis scripts cannot call one another, and settling an expired
+-- reservation must behave identically whether reserve.lua or settle.lua does it.
+--
+-- Data layout (key names come from sidecar/store/redis_keys.py, never built here):
+--   bucket hash      field "<slot start>" -> µUSD spent in that slot; field "r" -> µUSD
+--                    reserved by open reservations. Spend = sum of slots >= since.
+--   slot index zset  member "<slot>|<bucket hash key>", score = the slot's expiry, so
+--                    settle.lua can drop dead slot fields (a hash field has no TTL in 7.0).
+--   open zset        member = reservation hash key, score = expires_at.
+--   reservation hash s (open|committed|expired), e (estimate), h (held: e or 0),
+--                    x (expires_at), c (created_at), b (JSON [[bucket key, slot, slot
+--                    expiry, ttl seconds], ...]), d (dims JSON), l (ledger key), hr (hour).
+--   ledger hash      "c|<dims>" cost, "n|<dims>" requests, "i|<dims>" input tokens,
+--                    "o|<dims>" output tokens; one hash per hour.
+--   hours zset       member = score = an hour holding ledger data.
+--
+-- Numbers: Lua numbers are doubles, so amounts are exact up to 2^53 µUSD (about $9 billion).
+-- Every number handed back to Redis goes through int(): Redis may format a double with an
+-- exponent, which HINCRBY and EXPIRE refuse.
+
+local function int(n)
+  return string.format('%d', n)
+end
+
+-- Extend a key's TTL to at least `secs` seconds; never shorten it, never delete the key.
+local function keep(key, secs)
+  if secs >= 1 and redis.call('TTL', key) < secs then
+    redis.call('EXPIRE', key, int(secs))
+  end
+end
+
+-- Spent (slots with start >= since) and reserved µUSD of one bucket hash.
+local function bucket_state(key, since)
+  local flat = redis.call('HGETALL', key)
+  local spent, reserved = 0, 0
+  for i = 1, #flat, 2 do
+    local field, value = flat[i], tonumber(flat[i + 1])
+    if field == 'r' then
+      reserved = value
+    elseif tonumber(field) >= since then
+      spent = spent + value
+    end
+  end
+  return spent, reserved
+end
+
+local function add_reserved(key, amount)
+  if amount == 0 then
+    return
+  end
+  -- Below zero only if the hash expired under open reservations; never let a negative
+  -- reserve make room that was not there.
+  if redis.call('HINCRBY', key, 'r', int(amount)) <= 0 then
+    redis.call('HDEL', key, 'r')
+  end
+end
+
+local function add_slot(ctx, key, slot, amount, expires, ttl)
+  local field = int(slot)
+  redis.call('HINCRBY', key, field, int(amount))
+  -- GT keeps the latest expiry when several windows write the same slot.
+  redis.call('ZADD', ctx.slots, 'GT', int(expires), field .. '|' .. key)
+  keep(key, ttl)
+end
+
+local function add_ledger(ctx, rec, cost, requests, input, output)
+  local dims = rec.d
+  redis.call('HINCRBY', rec.l, 'c|' .. dims, int(cost))
+  redis.call('HINCRBY', rec.l, 'n|' .. dims, int(requests))
+  redis.call('HINCRBY', rec.l, 'i|' .. dims, int(input))
+  redis.call('HINCRBY', rec.l, 'o|' .. dims, int(output))
+  redis.call('ZADD', ctx.hours, rec.hr, rec.hr)
+  keep(rec.l, ctx.ledger_ttl)
+end
+
+-- A reservation record as a table with numeric e and h, or nil when there is none.
+local function load(rkey)
+  local flat = redis.call('HGETALL', rkey)
+  if #flat == 0 then
+    return nil
+  end
+  local rec = {}
+  for i = 1, #flat, 2 do
+    rec[flat[i]] = flat[i + 1]
+  end
+  rec.e = tonumber(rec.e)
+  rec.h = tonumber(rec.h)
+  return rec
+end
+
+-- Charge `delta` to every bucket slot and the ledger, releasing `release` reserved µUSD.
+local function charge(ctx, rec, delta, release, requests, input, output)
+  for _, b in ipairs(cjson.decode(rec.b)) do
+    add_reserved(b[1], -release)
+    add_slot(ctx, b[1], b[2], delta, b[3], b[4])
+  end
+  add_ledger(ctx, rec, delta, requests, input, output)
+end
+
+-- Done reservations stay a while so late and duplicate completions are recognised.
+local function finish(ctx, rkey, state)
+  redis.call('HSET', rkey, 's', state)
+  redis.call('ZREM', ctx.open, rkey)
+  redis.call('EXPIRE', rkey, ctx.retention)
+end
+
+-- Charge up to `limit` reservations expired at `now` their estimate; returns how many.
+local function settle(ctx, now, limit)
+  local due = redis.call('ZRANGEBYSCORE', ctx.open, '-inf', now, 'LIMIT', 0, limit)
+  local settled = 0
+  for _, rkey in ipairs(due) do
+    local rec = load(rkey)
+    if rec ~= nil and rec.s == 'open' then
+      -- Never completed: the request may well have cost money, so it pays its estimate.
+      charge(ctx, rec, rec.e, rec.h, 1, 0, 0)
+      finish(ctx, rkey, 'expired')
+      settled = settled + 1
+    else
+      redis.call('ZREM', ctx.open, rkey)
+    end
+  end
+  return settled
+end

@@ -1,0 +1,48 @@
+-- commit.lua: replace a request's reservation by its actual cost, exactly once.
+--
+-- Open reservation: release the hold and charge the actual cost ("committed").
+-- Expired reservation (already charged its estimate): charge actual - estimate, so the
+-- bucket ends up charged the actual cost ("late"); it counted as a request when it expired.
+-- Committed reservation: change nothing ("duplicate"). No reservation: "unknown".
+--
+-- Why a script: the state check and the charge must be one atomic step, or two replicas
+-- completing the same request (a retried response) would both charge it; and it keeps
+-- the completion to one round trip.
+--
+-- KEYS[1]   the reservation hash
+-- KEYS[2]   open-reservations zset
+-- KEYS[3]   slot index zset
+-- KEYS[4]   ledger hours zset
+-- ARGV[1]   actual cost (µUSD integer)
+-- ARGV[2]   input tokens (including cache reads and writes)
+-- ARGV[3]   output tokens
+-- ARGV[4]   ledger hash TTL (seconds)
+-- ARGV[5]   retention of done reservations (seconds)
+-- Returns   {status, estimate}; estimate is 0 when unknown.
+--
+-- The bucket and ledger keys it also writes are read from the reservation record; they
+-- carry the same hash tag as KEYS, so the script stays within one cluster slot.
+--
+-- Prepended at load time: budget_lib.lua (int, keep, load, charge, finish, ...).
+
+local ctx = {open = KEYS[2], slots = KEYS[3], hours = KEYS[4], ledger_ttl = tonumber(ARGV[4]),
+             retention = ARGV[5]}
+local rkey = KEYS[1]
+local rec = load(rkey)
+if rec == nil then
+  return {'unknown', 0}
+end
+if rec.s == 'committed' then
+  return {'duplicate', rec.e}
+end
+
+local actual = tonumber(ARGV[1])
+if rec.s == 'open' then
+  charge(ctx, rec, actual, rec.h, 1, ARGV[2], ARGV[3])
+  finish(ctx, rkey, 'committed')
+  return {'committed', rec.e}
+end
+-- Expired: it already paid its estimate and counted as a request; charge the difference.
+charge(ctx, rec, actual - rec.e, 0, 0, ARGV[2], ARGV[3])
+finish(ctx, rkey, 'committed')
+return {'late', rec.e}

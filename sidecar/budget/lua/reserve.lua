@@ -1,0 +1,91 @@
+-- reserve.lua: admit one request against all its budget buckets, all or nothing.
+--
+-- Settles up to ARGV[2] expired reservations first (so their estimates count as spent),
+-- then, unless the request id was seen before, checks every enforced bucket and, when all
+-- have room, records the reservation and holds its estimate in every bucket.
+--
+-- Why a script: the read (spent + reserved of every bucket) and the write (the hold) must
+-- be one atomic step, or concurrent replicas would each see room and overshoot the limit;
+-- and it keeps a budget decision to one round trip.
+--
+-- KEYS[1]      open-reservations zset
+-- KEYS[2]      slot index zset
+-- KEYS[3]      ledger hours zset
+-- KEYS[4]      this request's reservation hash
+-- KEYS[5..]    one bucket hash per bucket, in the request's order (a key may repeat)
+-- ARGV[1]      now (seconds, float)
+-- ARGV[2]      how many expired reservations to settle first
+-- ARGV[3]      amount (µUSD integer)
+-- ARGV[4]      mode: "reserve" or "optimistic"
+-- ARGV[5]      expires_at (seconds, float)
+-- ARGV[6]      ledger hour of the request (creation time, floored to the hour)
+-- ARGV[7]      ledger hash key for that hour
+-- ARGV[8]      ledger dims JSON
+-- ARGV[9]      buckets record JSON: [[bucket hash key, slot, slot expiry, ttl], ...]
+-- ARGV[10]     ledger hash TTL (seconds)
+-- ARGV[11]     retention of done reservations (seconds)
+-- ARGV[12..]   four per bucket: since, limit, enforce (1|0), seconds the hash must live
+-- Returns      {admitted 1|0, duplicate 1|0, {failed 0-based indices}, {spent}, {reserved}}
+--              spent/reserved are after the hold when admitted, as seen otherwise.
+--
+-- Prepended at load time: budget_lib.lua (int, keep, bucket_state, settle, ...).
+
+local ctx = {open = KEYS[1], slots = KEYS[2], hours = KEYS[3], ledger_ttl = tonumber(ARGV[10]),
+             retention = ARGV[11]}
+settle(ctx, ARGV[1], tonumber(ARGV[2]))
+
+local rkey = KEYS[4]
+local n = #KEYS - 4
+local spent, reserved = {}, {}
+for i = 1, n do
+  spent[i], reserved[i] = bucket_state(KEYS[4 + i], tonumber(ARGV[8 + 4 * i]))
+end
+
+if redis.call('EXISTS', rkey) == 1 then
+  return {1, 1, {}, spent, reserved}
+end
+
+local amount = tonumber(ARGV[3])
+local optimistic = ARGV[4] == 'optimistic'
+local failed = {}
+for i = 1, n do
+  local limit, enforce = tonumber(ARGV[9 + 4 * i]), ARGV[10 + 4 * i] == '1'
+  if enforce then
+    local full
+    if optimistic then
+      full = spent[i] >= limit
+    else
+      -- Inclusive boundary: exactly reaching the limit is allowed.
+      full = spent[i] + reserved[i] + amount > limit
+    end
+    if full then
+      failed[#failed + 1] = i - 1
+    end
+  end
+end
+if #failed > 0 then
+  return {0, 0, failed, spent, reserved}
+end
+
+-- Optimistic admission holds nothing back: actuals are charged at commit.
+local held = 0
+if not optimistic then
+  held = amount
+end
+redis.call('HSET', rkey, 's', 'open', 'e', ARGV[3], 'h', int(held), 'x', ARGV[5],
+           'c', ARGV[1], 'hr', ARGV[6], 'l', ARGV[7], 'd', ARGV[8], 'b', ARGV[9])
+redis.call('ZADD', ctx.open, ARGV[5], rkey)
+if held ~= 0 then
+  for i = 1, n do
+    local key = KEYS[4 + i]
+    add_reserved(key, held)
+    -- The hold must outlive the reservation, or its release would find nothing.
+    keep(key, tonumber(ARGV[11 + 4 * i]))
+  end
+end
+
+local after = {}
+for i = 1, n do
+  after[i] = reserved[i] + held
+end
+return {1, 0, {}, spent, after}

@@ -1,0 +1,35 @@
+-- swap_doc.lua: compare-and-set one JSON document.
+--
+-- Replaces the document by ARGV[3] (or deletes it) only when its current value equals
+-- ARGV[1]. Documents are stored as canonical JSON (sorted keys, compact separators), so
+-- equal documents are equal strings; note 1 and 1.0 are then different values.
+--
+-- Why a script: the comparison and the write must be atomic (a device code may be
+-- redeemed once), and the collection index must change together with the document.
+--
+-- KEYS[1]   the document key
+-- KEYS[2]   the collection's index set (members are document keys)
+-- ARGV[1]   the expected document, canonical JSON; "" means "must be absent"
+-- ARGV[2]   "1" if a new document is given, "0" to delete
+-- ARGV[3]   the new document, canonical JSON
+-- ARGV[4]   TTL in seconds for the new document; "" for none
+-- Returns   1 if swapped, 0 if the current value did not match.
+
+local current = redis.call('GET', KEYS[1])
+if current == false then
+  current = ''
+end
+if current ~= ARGV[1] then
+  return 0
+end
+if ARGV[2] == '0' then
+  redis.call('DEL', KEYS[1])
+  redis.call('SREM', KEYS[2], KEYS[1])
+elseif ARGV[4] == '' then
+  redis.call('SET', KEYS[1], ARGV[3])
+  redis.call('SADD', KEYS[2], KEYS[1])
+else
+  redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[4])
+  redis.call('SADD', KEYS[2], KEYS[1])
+end
+return 1

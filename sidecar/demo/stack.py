@@ -1,0 +1,109 @@
+"""The whole product on loopback, for the demo and the integration tests: a fake provider,
+one or more sidecar processes, and Envoy in front of the first."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from sidecar.demo.envoy_config import render_envoy_config
+from sidecar.demo.keys import DevIssuer
+from sidecar.demo.procs import LOOPBACK, ManagedProcess, free_port, start_envoy, wait_for_port
+
+# Only ever used on loopback by the demo and tests; real deployments set their own.
+ADMIN_TOKEN = "local-admin-token-0123456789"
+
+
+def sidecar_process(workdir: Path, name: str, config_path: Path, grpc_port: int,
+                    http_port: int, env: dict[str, str] | None = None) -> ManagedProcess:
+    argv = [sys.executable, "-m", "sidecar.cli", "serve", "--config", str(config_path),
+            "--grpc", f"{LOOPBACK}:{grpc_port}", "--http", f"{LOOPBACK}:{http_port}"]
+    full_env = {**os.environ, "SIDECAR_ADMIN_TOKEN": ADMIN_TOKEN, **(env or {})}
+    return ManagedProcess(name, argv, workdir, env=full_env, cwd=workdir)
+
+
+def wait_ready(url: str, process: ManagedProcess, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not process.is_running:
+            raise RuntimeError(f"{process.name} exited:\n{process.log_tail()}")
+        try:
+            if httpx.get(url + "/readyz", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{process.name} not ready after {timeout}s:\n{process.log_tail()}")
+
+
+@dataclass
+class Stack:
+    workdir: Path
+    issuer: DevIssuer
+    config_path: Path
+    envoy_url: str
+    admin_url: str
+    provider_url: str
+    grpc_port: int
+    sidecars: list[ManagedProcess] = field(default_factory=list)
+    admin_token: str = ADMIN_TOKEN
+
+    def admin(self) -> httpx.Client:
+        return httpx.Client(base_url=self.admin_url,
+                            headers={"authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=10)
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        tmp = self.config_path.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump(config, sort_keys=False))
+        tmp.replace(self.config_path)
+
+    def seen(self) -> list[dict[str, Any]]:
+        return list(httpx.get(self.provider_url + "/_seen", timeout=5).json()["requests"])
+
+    def clear_seen(self) -> None:
+        httpx.delete(self.provider_url + "/_seen", timeout=5)
+
+
+@contextmanager
+def running_stack(workdir: Path, issuer: DevIssuer, config: dict[str, Any],
+                  extra_sidecars: int = 0) -> Iterator[Stack]:
+    """Fake provider, 1 + extra_sidecars sidecar processes, and Envoy in front of the first."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_path = workdir / "sidecar.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    with ExitStack() as stack:
+        provider_port = free_port()
+        provider = stack.enter_context(ManagedProcess(
+            "fake-provider",
+            [sys.executable, "-m", "sidecar.fake_provider", "--host", LOOPBACK,
+             "--port", str(provider_port)], workdir).start())
+        wait_for_port(LOOPBACK, provider_port, 20, process=provider)
+        sidecars = []
+        grpc_port = free_port()
+        http_port = free_port()
+        ports = [(grpc_port, http_port)] + [(free_port(), free_port())
+                                            for _ in range(extra_sidecars)]
+        for i, (g, h) in enumerate(ports):
+            proc = stack.enter_context(
+                sidecar_process(workdir, f"sidecar-{i}", config_path, g, h).start())
+            sidecars.append(proc)
+        for proc, (_, h) in zip(sidecars, ports, strict=True):
+            wait_ready(f"http://{LOOPBACK}:{h}", proc)
+        listen, admin = free_port(), free_port()
+        envoy_config = render_envoy_config(
+            listen_port=listen, admin_port=admin, sidecar_grpc=(LOOPBACK, grpc_port),
+            provider_upstream=(LOOPBACK, provider_port))
+        envoy, _ = start_envoy(workdir, envoy_config, base_id=listen)
+        stack.enter_context(envoy)
+        yield Stack(workdir, issuer, config_path, f"http://{LOOPBACK}:{listen}",
+                    f"http://{LOOPBACK}:{http_port}", f"http://{LOOPBACK}:{provider_port}",
+                    grpc_port, sidecars)

@@ -1,0 +1,288 @@
+"""The one orchestrator: check(attrs) → Decision on the way in, commit(usage) on the way out.
+
+Request path: identity → request parsing → model allowlist → price → budget reservation
+(block rules, then fallback rules, monitor rules only counted) → Decision.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+
+from sidecar.config.ruleset import Provider, RuleSet, RuleSetHolder
+from sidecar.decisions import allow, deny, unauthenticated
+from sidecar.identity.authenticate import Authenticator
+from sidecar.identity.errors import AuthError
+from sidecar.model import Decision, Identity, RequestAttrs, TokenUsage
+from sidecar.money import micros_to_usd, micros_to_usd_str
+from sidecar.policy.request import (
+    BadRequest,
+    model_of,
+    parse_body,
+    parse_metadata,
+    split_provider,
+)
+from sidecar.policy.rules import Context, Rule
+from sidecar.policy.windows import RollingWindow
+from sidecar.pricing import (
+    cost_micros,
+    estimate_input_tokens,
+    estimate_micros,
+    requested_output_tokens,
+)
+from sidecar.store.base import Store, StoreUnavailable
+from sidecar.store.budget_types import (
+    BucketState,
+    BucketView,
+    CommitResult,
+    LedgerDims,
+    ReserveRequest,
+    ReserveResult,
+)
+
+log = structlog.get_logger("sidecar.decision")
+
+
+@dataclass(frozen=True)
+class Planned:
+    rule: Rule
+    view: BucketView
+    labels: Mapping[str, str]
+
+    @property
+    def bucket_label(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in self.labels.items()) or "(all)"
+
+
+class NoAlerts:
+    def observe(self, planned: Sequence[Planned], states: Sequence[BucketState],
+                now: float) -> None:
+        return None
+
+
+def context(identity: Identity, model: str, provider: str,
+            metadata: Mapping[str, str]) -> Context:
+    ctx: dict[str, tuple[str, ...]] = {
+        "user": (identity.user,),
+        "group": identity.groups,
+        "token": (identity.token_name,) if identity.token_name else (),
+        "kind": (identity.kind,),
+        "model": (model,),
+        "provider": (provider,),
+    }
+    for key, value in metadata.items():
+        ctx[f"metadata.{key}"] = (value,)
+    return ctx
+
+
+def plan(rules: Sequence[Rule], ctx: Context, now: float) -> list[Planned]:
+    planned = []
+    for rule in rules:
+        for key, labels in rule.buckets(ctx):
+            window = rule.window
+            view = BucketView(key=key, slot=window.slot(now), since=window.since(now),
+                              ttl_seconds=window.ttl_seconds(), limit=rule.limit,
+                              enforce=rule.action != "monitor")
+            planned.append(Planned(rule, view, labels))
+    return planned
+
+
+class Engine:
+    def __init__(
+        self,
+        holder: RuleSetHolder,
+        store: Store,
+        authenticator: Callable[[RuleSet], Authenticator],
+        *,
+        runtime_rules: Callable[[], Sequence[Rule]] = lambda: (),
+        alerts: Any = None,
+        on_store_error: str = "fail_closed",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.holder = holder
+        self.store = store
+        self._authenticator = authenticator
+        self._runtime_rules = runtime_rules
+        self.alerts = alerts or NoAlerts()
+        self.on_store_error = on_store_error
+        self.clock = clock
+
+    def rules(self, rs: RuleSet) -> tuple[Rule, ...]:
+        return (*rs.rules, *self._runtime_rules())
+
+    async def identify(self, headers: Mapping[str, str]) -> tuple[Identity, tuple[str, ...]] | Decision:
+        try:
+            found = await self._authenticator(self.holder.current).identify(headers)
+        except AuthError as err:
+            return unauthenticated(err.code, f"invalid credentials: {err.detail}")
+        if found is None:
+            return unauthenticated("missing_credentials", "no credentials were presented")
+        return found
+
+    async def check(self, attrs: RequestAttrs) -> Decision:
+        rs = self.holder.current
+        found = await self.identify(attrs.headers)
+        if isinstance(found, Decision):
+            return found
+        identity, creds = found
+        try:
+            return await self._decide(rs, attrs, identity, creds)
+        except BadRequest as err:
+            return deny("bad_request", "bad_request", str(err), identity=identity)
+
+    async def _decide(self, rs: RuleSet, attrs: RequestAttrs, identity: Identity,
+                      creds: tuple[str, ...]) -> Decision:
+        provider = rs.provider_for_path(attrs.path)
+        body: Mapping[str, Any]
+        if attrs.model_hint:
+            model, body = attrs.model_hint.strip(), {}
+        elif attrs.method.upper() == "POST" and (provider is not None or attrs.body):
+            body = parse_body(attrs.body)
+            model = model_of(body)
+        else:
+            # Not an LLM call (listing models, health of the provider): identity only.
+            return allow(identity, attrs.headers, creds)
+        if provider is None:
+            named, model = split_provider(model, rs.provider_by_id)
+            if named is None:
+                raise BadRequest(f"cannot tell the provider of model {model!r} on path "
+                                 f"{attrs.path!r}")
+            provider = rs.provider_by_id[named]
+        metadata = parse_metadata(attrs.headers)
+        if not rs.allowlist.allows(identity.groups, model):
+            return deny("model_not_allowed", "model_not_allowed",
+                        f"model {model!r} is not allowed for your groups",
+                        identity=identity, model=model)
+        request_id = attrs.request_id or uuid.uuid4().hex
+        return await self._admit(rs, attrs, identity, creds, model, provider, body, metadata,
+                                 request_id)
+
+    def _estimate(self, rs: RuleSet, model: str, provider: Provider,
+                  body: Mapping[str, Any]) -> int | None:
+        price = rs.prices.price(provider.pricing_id, model)
+        if price is None:
+            return None
+        out = requested_output_tokens(body, rs.default_max_output_tokens)
+        return estimate_micros(price, estimate_input_tokens(body), out)
+
+    async def _admit(self, rs: RuleSet, attrs: RequestAttrs, identity: Identity,
+                     creds: tuple[str, ...], model: str, provider: Provider,
+                     body: Mapping[str, Any], metadata: Mapping[str, str],
+                     request_id: str) -> Decision:
+        now = self.clock()
+        rules = self.rules(rs)
+        first_fallback: tuple[Planned, BucketState, int] | None = None
+        candidates: list[tuple[str, Provider]] = [(model, provider)]
+        for step in rs.fallbacks.get(model, ()):
+            target = rs.provider_by_id.get(step.provider) if step.provider else provider
+            if target is not None:
+                candidates.append((step.model, target))
+        for index, (cand_model, cand_provider) in enumerate(candidates):
+            if index and not rs.allowlist.allows(identity.groups, cand_model):
+                continue
+            estimate = self._estimate(rs, cand_model, cand_provider, body)
+            if estimate is None:
+                if index == 0:
+                    return deny("unpriced_model", "unpriced_model",
+                                f"model {cand_model!r} has no known price", identity=identity,
+                                model=cand_model)
+                continue
+            planned = plan(rules, context(identity, cand_model, cand_provider.id, metadata), now)
+            dims = LedgerDims(identity.user, identity.groups, identity.token_name,
+                              identity.kind, cand_model, cand_provider.id)
+            request = ReserveRequest(request_id, tuple(p.view for p in planned), estimate,
+                                     "optimistic" if rs.admission_mode == "optimistic"
+                                     else "reserve", now, now + rs.reservation_ttl, dims)
+            try:
+                result = await self.store.reserve(request)
+            except StoreUnavailable as err:
+                return self._store_down(err, identity, attrs, creds, cand_model, cand_provider)
+            if result.admitted:
+                self.alerts.observe(planned, result.states, now)
+                fallback_from = model if index else None
+                self._log(request_id, identity, cand_model, planned, estimate,
+                          "fallback" if index else "allow")
+                return allow(identity, attrs.headers, creds, model=cand_model,
+                             provider=cand_provider.id,
+                             remaining=self._remaining(planned, result),
+                             fallback_from=fallback_from)
+            failed = [(planned[i], result.states[i]) for i in result.failed]
+            blocking = [f for f in failed if f[0].rule.action == "block"]
+            if blocking:
+                self._log(request_id, identity, cand_model, planned, estimate, "deny")
+                return await self._too_much(*blocking[0], estimate, now, identity, cand_model)
+            if first_fallback is None:
+                first_fallback = (*failed[0], estimate)
+        assert first_fallback is not None
+        self._log(request_id, identity, model, [], first_fallback[2], "deny_fallback_exhausted")
+        return await self._too_much(*first_fallback, now, identity, model)
+
+    @staticmethod
+    def _remaining(planned: Sequence[Planned], result: ReserveResult) -> str | None:
+        left = [p.view.limit - s.spent - s.reserved
+                for p, s in zip(planned, result.states, strict=True) if p.view.enforce]
+        return micros_to_usd_str(max(0, min(left))) if left else None
+
+    async def _too_much(self, planned: Planned, state: BucketState, estimate: int, now: float,
+                        identity: Identity, model: str) -> Decision:
+        rule = planned.rule
+        if isinstance(rule.window, RollingWindow):
+            needed = state.spent + state.reserved + estimate - rule.limit
+            try:
+                slots = (await self.store.bucket_states([planned.view], now))[0].slots
+            except StoreUnavailable:
+                slots = {}
+            retry = rule.window.retry_after(now, slots, max(needed, 1))
+            resets = int(now) + retry
+        else:
+            resets = rule.window.resets_at(now)
+            retry = max(1, resets - int(now))
+        return deny(
+            "spend_limit_exceeded", "spend_limit_exceeded",
+            f"spend limit {rule.name!r} reached for {planned.bucket_label}",
+            headers={"retry-after": str(retry)}, identity=identity, model=model,
+            rule=rule.name, bucket=planned.bucket_label,
+            spent=micros_to_usd(state.spent), reserved=micros_to_usd(state.reserved),
+            limit=micros_to_usd(rule.limit),
+            resets_at=datetime.fromtimestamp(resets, UTC).isoformat().replace("+00:00", "Z"),
+        )
+
+    def _store_down(self, err: StoreUnavailable, identity: Identity, attrs: RequestAttrs,
+                    creds: tuple[str, ...], model: str, provider: Provider) -> Decision:
+        log.error("store_unavailable", error=str(err), mode=self.on_store_error)
+        if self.on_store_error == "fail_open":
+            return allow(identity, attrs.headers, creds, model=model, provider=provider.id)
+        return deny("store_unavailable", "store_unavailable",
+                    "the budget store is unavailable; try again shortly",
+                    headers={"retry-after": "1"}, identity=identity, model=model)
+
+    def _log(self, request_id: str, identity: Identity, model: str,
+             planned: Sequence[Planned], estimate: int, decision: str) -> None:
+        log.info("decision", request_id=request_id, kind=identity.kind, user=identity.user,
+                 groups=list(identity.groups), model=model, decision=decision,
+                 estimate_usd=micros_to_usd_str(estimate),
+                 rules=sorted({p.rule.name for p in planned}))
+
+    async def commit(self, request_id: str, model: str, provider_id: str,
+                     usage: TokenUsage) -> tuple[CommitResult, int]:
+        """Charge the actual cost of a completed request in place of its reservation."""
+        rs = self.holder.current
+        provider = rs.provider_by_id.get(provider_id)
+        pricing_id = provider.pricing_id if provider else provider_id
+        price = rs.prices.price(pricing_id, model)
+        if price is None:
+            # Admitted under an older price list: charge nothing new, keep the estimate held
+            # until expiry turns it into a charge (never $0).
+            return CommitResult("unknown"), 0
+        cost = cost_micros(price, usage)
+        result = await self.store.commit(request_id, cost, usage, self.clock())
+        log.info("completion", request_id=request_id, model=model, provider=provider_id,
+                 cost_usd=micros_to_usd_str(cost), status=result.status,
+                 input_tokens=usage.total_input, output_tokens=usage.output_tokens)
+        return result, cost

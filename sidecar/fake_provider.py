@@ -1,0 +1,461 @@
+"""A deterministic stand-in for OpenAI and Anthropic endpoints, for tests and local demos.
+
+Usage is a pure function of the request body (`expected_usage`), so a test can compute the
+cost the sidecar should charge without trusting the sidecar. Request headers steer it:
+`x-fake-delay-ms` (pause between stream frames, or before a JSON answer), `x-fake-status`
+(answer that error status with the provider's error shape), `x-fake-gzip: 1` (gzip the
+body, streams included). `GET /_seen` shows what arrived here; `DELETE /_seen` forgets it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import secrets
+import time
+import zlib
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from sidecar.metering.parse import Api
+from sidecar.model import TokenUsage
+
+API_PATHS: Mapping[str, Api] = {
+    "/v1/chat/completions": "openai_chat",
+    "/v1/responses": "openai_responses",
+    "/v1/messages": "anthropic_messages",
+}
+PREFIXES = ("", "/openai", "/anthropic", "/workers-ai")
+INPUT_OVERHEAD_TOKENS = 8
+DEFAULT_OUTPUT_TOKENS = 20
+MAX_OUTPUT_TOKENS = 2000
+SEEN_LIMIT = 100
+ECHOED_HEADER_PREFIXES = ("x-sidecar-", "x-request-id")
+
+_WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel")
+_INPUT_KEYS: Mapping[Api, tuple[str, ...]] = {
+    "openai_chat": ("messages",),
+    "openai_responses": ("instructions", "input"),
+    "anthropic_messages": ("system", "messages"),
+}
+_LIMIT_KEYS: Mapping[Api, tuple[str, ...]] = {
+    "openai_chat": ("max_completion_tokens", "max_tokens", "max_output_tokens"),
+    "openai_responses": ("max_output_tokens", "max_completion_tokens", "max_tokens"),
+    "anthropic_messages": ("max_tokens", "max_completion_tokens", "max_output_tokens"),
+}
+_ANTHROPIC_ERRORS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    529: "overloaded_error",
+}
+
+
+def _text(value: Any) -> str:
+    """Every piece of text in a message, content list, or content part."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return "".join(_text(item) for item in value)
+    if isinstance(value, dict):
+        return _text(value.get("text")) + _text(value.get("content"))
+    return ""
+
+
+def _has_cache_control(value: Any) -> bool:
+    if isinstance(value, list):
+        return any(_has_cache_control(item) for item in value)
+    return isinstance(value, dict) and (
+        "cache_control" in value or any(_has_cache_control(v) for v in value.values())
+    )
+
+
+def _requested_output(api: Api, body: Mapping[str, Any]) -> int | None:
+    for key in _LIMIT_KEYS[api]:
+        value = body.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def expected_usage(api: Api, body: Mapping[str, Any]) -> TokenUsage:
+    """The usage this provider reports for `body`.
+
+    Input: total characters of all message text // 4 (at least 1), plus a fixed overhead.
+    Output: the request's output-token limit capped at MAX_OUTPUT_TOKENS, else
+    DEFAULT_OUTPUT_TOKENS. Cache, so the cache fields can be tested without state: an
+    OpenAI request with `prompt_cache_key` reads half its input from cache; an Anthropic
+    request with any `cache_control` reads half and writes a quarter.
+    """
+    chars = sum(len(_text(body.get(key))) for key in _INPUT_KEYS[api])
+    prompt = max(chars // 4, 1) + INPUT_OVERHEAD_TOKENS
+    output = min(_requested_output(api, body) or DEFAULT_OUTPUT_TOKENS, MAX_OUTPUT_TOKENS)
+    if api == "anthropic_messages":
+        if not _has_cache_control(body):
+            return TokenUsage(input_tokens=prompt, output_tokens=output)
+        read, write = prompt // 2, prompt // 4
+        return TokenUsage(prompt - read - write, output, read, write)
+    cached = prompt // 2 if body.get("prompt_cache_key") else 0
+    return TokenUsage(prompt - cached, output, cache_read_tokens=cached)
+
+
+def output_words(count: int) -> list[str]:
+    """The generated text, one stream delta per entry; joined they form the whole text."""
+    return [(" " if i else "") + _WORDS[i % len(_WORDS)] for i in range(count)]
+
+
+def _hit_limit(api: Api, body: Mapping[str, Any], usage: TokenUsage) -> bool:
+    return _requested_output(api, body) == usage.output_tokens
+
+
+def _chat_usage(usage: TokenUsage) -> dict[str, Any]:
+    return {
+        "prompt_tokens": usage.total_input,
+        "completion_tokens": usage.output_tokens,
+        "total_tokens": usage.total_input + usage.output_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cache_read_tokens, "audio_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0},
+    }
+
+
+def _responses_usage(usage: TokenUsage) -> dict[str, Any]:
+    return {
+        "input_tokens": usage.total_input,
+        "input_tokens_details": {"cached_tokens": usage.cache_read_tokens},
+        "output_tokens": usage.output_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": usage.total_input + usage.output_tokens,
+    }
+
+
+def _anthropic_usage(usage: TokenUsage, output_tokens: int) -> dict[str, Any]:
+    return {
+        "input_tokens": usage.input_tokens,
+        "cache_creation_input_tokens": usage.cache_write_tokens,
+        "cache_read_input_tokens": usage.cache_read_tokens,
+        "output_tokens": output_tokens,
+    }
+
+
+def _sse(data: Mapping[str, Any], event: str | None = None) -> bytes:
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {json.dumps(data)}\n\n".encode()
+
+
+class _Answer:
+    """One request's reply, as a JSON body or as the SSE frames of the same content."""
+
+    def __init__(self, api: Api, body: Mapping[str, Any]) -> None:
+        self.api, self.body, self.model = api, body, str(body["model"])
+        self.usage = expected_usage(api, body)
+        self.words = output_words(self.usage.output_tokens)
+        self.text = "".join(self.words)
+        self.limited = _hit_limit(api, body, self.usage)
+        self.created = int(time.time())
+        self.id = secrets.token_hex(12)
+
+    def json(self) -> dict[str, Any]:
+        if self.api == "openai_chat":
+            message = {"role": "assistant", "content": self.text, "refusal": None}
+            return {
+                **self._chat_base("chat.completion"),
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": message,
+                        "logprobs": None,
+                        "finish_reason": self._stop(),
+                    }
+                ],
+                "usage": _chat_usage(self.usage),
+            }
+        if self.api == "openai_responses":
+            return self._response("completed", [self._item("completed")])
+        return {
+            "id": f"msg_{self.id}",
+            "type": "message",
+            "role": "assistant",
+            "model": self.model,
+            "content": [{"type": "text", "text": self.text}],
+            "stop_reason": self._stop(),
+            "stop_sequence": None,
+            "usage": _anthropic_usage(self.usage, self.usage.output_tokens),
+        }
+
+    def frames(self) -> Iterator[bytes]:
+        if self.api == "openai_chat":
+            return self._chat_frames()
+        if self.api == "openai_responses":
+            return self._responses_frames()
+        return self._anthropic_frames()
+
+    def _stop(self) -> str:
+        if self.api == "anthropic_messages":
+            return "max_tokens" if self.limited else "end_turn"
+        return "length" if self.limited else "stop"
+
+    def _chat_base(self, kind: str) -> dict[str, Any]:
+        return {
+            "id": f"chatcmpl-{self.id}",
+            "object": kind,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": "fp_fake",
+        }
+
+    def _chat_frames(self) -> Iterator[bytes]:
+        options = self.body.get("stream_options")
+        with_usage = isinstance(options, dict) and options.get("include_usage") is True
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            frame = {**self._chat_base("chat.completion.chunk"), "choices": [choice]}
+            if with_usage:
+                frame["usage"] = None
+            return _sse(frame)
+
+        yield chunk({"role": "assistant", "content": "", "refusal": None})
+        for word in self.words:
+            yield chunk({"content": word})
+        yield chunk({}, self._stop())
+        if with_usage:
+            base = self._chat_base("chat.completion.chunk")
+            yield _sse({**base, "choices": [], "usage": _chat_usage(self.usage)})
+        yield b"data: [DONE]\n\n"
+
+    def _item(self, status: str) -> dict[str, Any]:
+        done = status == "completed"
+        part = {"type": "output_text", "text": self.text, "annotations": [], "logprobs": []}
+        return {
+            "id": f"msg_{self.id}",
+            "type": "message",
+            "status": status,
+            "role": "assistant",
+            "content": [part] if done else [],
+        }
+
+    def _response(self, status: str, output: list[dict[str, Any]]) -> dict[str, Any]:
+        done = status == "completed"
+        return {
+            "id": f"resp_{self.id}",
+            "object": "response",
+            "created_at": self.created,
+            "status": status,
+            "error": None,
+            "incomplete_details": None,
+            "instructions": self.body.get("instructions"),
+            "max_output_tokens": self.body.get("max_output_tokens"),
+            "model": self.model,
+            "output": output,
+            "parallel_tool_calls": True,
+            "previous_response_id": None,
+            "reasoning": {"effort": None, "summary": None},
+            "store": True,
+            "temperature": 1.0,
+            "text": {"format": {"type": "text"}},
+            "tool_choice": "auto",
+            "tools": [],
+            "top_p": 1.0,
+            "truncation": "disabled",
+            "usage": _responses_usage(self.usage) if done else None,
+            "metadata": {},
+        }
+
+    def _responses_frames(self) -> Iterator[bytes]:
+        sequence = itertools.count()
+
+        def event(kind: str, **fields: Any) -> bytes:
+            return _sse({"type": kind, "sequence_number": next(sequence), **fields}, kind)
+
+        at = {"item_id": f"msg_{self.id}", "output_index": 0, "content_index": 0}
+        empty_part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        yield event("response.created", response=self._response("in_progress", []))
+        yield event("response.in_progress", response=self._response("in_progress", []))
+        yield event("response.output_item.added", output_index=0, item=self._item("in_progress"))
+        yield event("response.content_part.added", **at, part=empty_part)
+        for word in self.words:
+            yield event("response.output_text.delta", **at, delta=word, logprobs=[])
+        yield event("response.output_text.done", **at, text=self.text, logprobs=[])
+        done = self._item("completed")
+        yield event("response.content_part.done", **at, part=done["content"][0])
+        yield event("response.output_item.done", output_index=0, item=done)
+        yield event("response.completed", response=self._response("completed", [done]))
+
+    def _anthropic_frames(self) -> Iterator[bytes]:
+        start = {**self.json(), "content": [], "stop_reason": None}
+        start["usage"] = _anthropic_usage(self.usage, 1)
+        yield _sse({"type": "message_start", "message": start}, "message_start")
+        block = {
+            "type": "content_block_start",
+            "index": 0,
+            "content_block": {"type": "text", "text": ""},
+        }
+        yield _sse(block, "content_block_start")
+        yield _sse({"type": "ping"}, "ping")
+        for word in self.words:
+            text = {"type": "text_delta", "text": word}
+            yield _sse(
+                {"type": "content_block_delta", "index": 0, "delta": text}, "content_block_delta"
+            )
+        yield _sse({"type": "content_block_stop", "index": 0}, "content_block_stop")
+        # Anthropic's usage here is the running total for the message, not an increment.
+        final = {
+            "type": "message_delta",
+            "delta": {"stop_reason": self._stop(), "stop_sequence": None},
+            "usage": {"output_tokens": self.usage.output_tokens},
+        }
+        yield _sse(final, "message_delta")
+        yield _sse({"type": "message_stop"}, "message_stop")
+
+
+def _error_body(api: Api, status: int, message: str) -> dict[str, Any]:
+    if api == "anthropic_messages":
+        kind = _ANTHROPIC_ERRORS.get(
+            status, "api_error" if status >= 500 else "invalid_request_error"
+        )
+        return {"type": "error", "error": {"type": kind, "message": message}}
+    if status == 429:
+        kind, code = "requests", "rate_limit_exceeded"
+    else:
+        kind, code = ("server_error" if status >= 500 else "invalid_request_error"), None
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+def _headers(request: Request) -> dict[str, str]:
+    joined: dict[str, str] = {}
+    for name, value in request.headers.items():
+        joined[name] = f"{joined[name]},{value}" if name in joined else value
+    return joined
+
+
+def _echo(request: Request) -> dict[str, str]:
+    seen = {k: v for k, v in _headers(request).items() if k.startswith(ECHOED_HEADER_PREFIXES)}
+    return {"x-fake-seen-headers": json.dumps(seen, sort_keys=True)}
+
+
+def _delay_seconds(request: Request) -> float:
+    try:
+        millis = float(request.headers.get("x-fake-delay-ms", "0"))
+    except ValueError:
+        return 0.0
+    return min(max(millis, 0.0), 60_000.0) / 1000
+
+
+def _json_response(request: Request, payload: Mapping[str, Any], status: int = 200) -> Response:
+    content = json.dumps(payload).encode()
+    headers = _echo(request)
+    if request.headers.get("x-fake-gzip") == "1":
+        content = _gzip(content)
+        headers["content-encoding"] = "gzip"
+    return Response(content, status, headers, media_type="application/json")
+
+
+def _gzip(content: bytes) -> bytes:
+    compressor = zlib.compressobj(wbits=31)
+    return compressor.compress(content) + compressor.flush()
+
+
+async def _paced(frames: Iterator[bytes], delay: float, gzip: bool) -> AsyncIterator[bytes]:
+    compressor = zlib.compressobj(wbits=31) if gzip else None
+    for index, frame in enumerate(frames):
+        if index and delay:
+            await asyncio.sleep(delay)
+        if compressor is None:
+            yield frame
+        else:
+            # A sync flush per frame lets the client decode each event as it arrives.
+            yield compressor.compress(frame) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    if compressor is not None:
+        yield compressor.flush()
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def create_app() -> Starlette:
+    seen: deque[dict[str, Any]] = deque(maxlen=SEEN_LIMIT)
+
+    async def record(request: Request) -> Any:
+        raw = await request.body()
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = None
+        entry = {"method": request.method, "path": request.url.path, "headers": _headers(request)}
+        seen.append({**entry, "body": body})
+        return body
+
+    def endpoint(api: Api) -> Handler:
+        async def handle(request: Request) -> Response:
+            body = await record(request)
+            status_header = request.headers.get("x-fake-status")
+            if status_header is not None:
+                status = int(status_header) if status_header.isdigit() else 0
+                if not 400 <= status <= 599:
+                    message = "x-fake-status must be an HTTP error status (400-599)"
+                    return _json_response(request, _error_body(api, 400, message), 400)
+                message = f"fake provider error {status}"
+                return _json_response(request, _error_body(api, status, message), status)
+            if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+                message = "the request body must be a JSON object with a string `model`"
+                return _json_response(request, _error_body(api, 400, message), 400)
+            answer = _Answer(api, body)
+            delay = _delay_seconds(request)
+            if body.get("stream") is True:
+                gzip = request.headers.get("x-fake-gzip") == "1"
+                headers = _echo(request) | ({"content-encoding": "gzip"} if gzip else {})
+                stream = _paced(answer.frames(), delay, gzip)
+                return StreamingResponse(stream, headers=headers, media_type="text/event-stream")
+            if delay:
+                await asyncio.sleep(delay)
+            return _json_response(request, answer.json())
+
+        return handle
+
+    async def seen_requests(request: Request) -> Response:
+        if request.method == "DELETE":
+            seen.clear()
+        return _json_response(request, {"requests": list(seen)})
+
+    async def unknown(request: Request) -> Response:
+        await record(request)
+        message = f"no such path: {request.url.path}"
+        return _json_response(request, _error_body("openai_chat", 404, message), 404)
+
+    routes = [
+        Route(prefix + path, endpoint(api), methods=["POST"])
+        for prefix in PREFIXES
+        for path, api in API_PATHS.items()
+    ]
+    routes.append(Route("/_seen", seen_requests, methods=["GET", "DELETE"]))
+    every_method = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+    routes.append(Route("/{path:path}", unknown, methods=every_method))
+    return Starlette(routes=routes)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m sidecar.fake_provider",
+        description="A deterministic fake OpenAI / Anthropic provider.",
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args(argv)
+    uvicorn.run(create_app(), host=args.host, port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The HTTP side (Starlette): admin API, health, device login, HTTP authorization."""

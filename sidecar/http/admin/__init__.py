@@ -1,0 +1,1 @@
+"""Admin API endpoints, one module per resource."""

@@ -1,0 +1,50 @@
+"""The Starlette application: routes from each module, one error renderer."""
+
+from __future__ import annotations
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from sidecar.http.admin import service_tokens
+from sidecar.http.envelope import ApiError, fail
+from sidecar.services import Services
+
+
+def create_app(services: Services) -> Starlette:
+    async def healthz(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> JSONResponse:
+        store_ok = await services.store.ping()
+        ready = store_ok and not services.draining
+        rs = services.ruleset
+        return JSONResponse(
+            {"ready": ready, "store": "ok" if store_ok else "unavailable",
+             "config_version": rs.version, "config_loaded_at": rs.loaded_at,
+             "config_last_error": services.holder.last_error,
+             "draining": services.draining},
+            status_code=200 if ready else 503,
+        )
+
+    async def api_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ApiError)
+        return fail(exc.status, exc.message, exc.code)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return fail(exc.status_code, str(exc.detail))
+
+    route_list: list[BaseRoute] = [
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        *service_tokens.routes(services),
+    ]
+    app = Starlette(
+        routes=route_list,
+        exception_handlers={ApiError: api_error, HTTPException: http_error},
+    )
+    app.state.services = services
+    return app

@@ -1,0 +1,1 @@
+"""Who is calling: Access-style JWTs, sidecar-issued service tokens, device-login tokens."""

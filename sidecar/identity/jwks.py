@@ -1,0 +1,112 @@
+"""Signing keys of one issuer: fetched, cached, refreshed on an unknown kid, kept on failure."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+import structlog
+
+log = structlog.get_logger("sidecar.jwks")
+
+Fetcher = Callable[[str], Awaitable[dict[str, Any]]]
+
+
+async def http_fetch(url: str) -> dict[str, Any]:
+    async with httpx.AsyncClient(timeout=5.0) as client:
+        response = await client.get(url)
+        response.raise_for_status()
+        data = response.json()
+    if not isinstance(data, dict):
+        raise ValueError("JWKS document is not an object")
+    return data
+
+
+def parse_jwks(doc: dict[str, Any]) -> dict[str, Any]:
+    """kid → key object. Keys without a kid are kept under '' (single-key issuers)."""
+    keys: dict[str, Any] = {}
+    for jwk in doc.get("keys", []):
+        if not isinstance(jwk, dict) or jwk.get("use", "sig") != "sig":
+            continue
+        try:
+            key = jwt.PyJWK(jwk).key
+        except (jwt.PyJWKError, ValueError, TypeError):
+            # One malformed key must not take down the others.
+            continue
+        keys[str(jwk.get("kid", ""))] = key
+    return keys
+
+
+class JwksCache:
+    def __init__(
+        self,
+        *,
+        url: str | None = None,
+        file: str | None = None,
+        refresh_floor_seconds: float = 30.0,
+        cache_seconds: float = 3600.0,
+        fetch: Fetcher = http_fetch,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._url = url
+        self._file = file
+        self._floor = refresh_floor_seconds
+        self._max_age = cache_seconds
+        self._fetch = fetch
+        self._clock = clock
+        self._keys: dict[str, Any] = {}
+        self._fetched_at: float | None = None
+        self._last_attempt: float | None = None
+        self._lock = asyncio.Lock()
+        self.refreshes = 0
+        self.failures = 0
+
+    async def key_for(self, kid: str) -> Any | None:
+        """The key for `kid`, refreshing at most once per floor when it is unknown."""
+        if self._fetched_at is None or self._clock() - self._fetched_at > self._max_age:
+            await self._refresh(force=self._fetched_at is None)
+        key = self._lookup(kid)
+        if key is None:
+            await self._refresh(force=False)
+            key = self._lookup(kid)
+        return key
+
+    def _lookup(self, kid: str) -> Any | None:
+        if kid in self._keys:
+            return self._keys[kid]
+        if not kid and len(self._keys) == 1:
+            return next(iter(self._keys.values()))
+        return None
+
+    async def _refresh(self, *, force: bool) -> None:
+        async with self._lock:
+            now = self._clock()
+            recent = self._last_attempt is not None and now - self._last_attempt < self._floor
+            if recent and not force:
+                return
+            self._last_attempt = now
+            try:
+                if self._file is not None:
+                    doc = json.loads(Path(self._file).read_text(encoding="utf-8"))
+                else:
+                    assert self._url is not None
+                    doc = await self._fetch(self._url)
+                keys = parse_jwks(doc)
+                if not keys:
+                    raise ValueError("no usable signing keys")
+            except Exception as exc:
+                # Keep serving with the last good keys: an IdP blip must not log everyone out.
+                self.failures += 1
+                log.warning("jwks_refresh_failed", source=self._url or self._file,
+                            error=str(exc), kept_keys=len(self._keys))
+                return
+            self._keys = keys
+            self._fetched_at = now
+            self.refreshes += 1
+            log.info("jwks_refreshed", source=self._url or self._file, keys=len(keys))

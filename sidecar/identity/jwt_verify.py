@@ -1,0 +1,175 @@
+"""Verifies Access-style JWTs and maps their claims to an Identity. The only pyjwt user."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+
+from sidecar.identity.errors import AuthError
+from sidecar.identity.jwks import JwksCache
+from sidecar.model import Identity, IdentityKind
+
+# Tokens beyond this size are refused before any parsing: nobody needs a 16 KiB JWT.
+MAX_TOKEN_BYTES = 16_384
+
+
+@dataclass(frozen=True)
+class IssuerPolicy:
+    issuer: str
+    audiences: tuple[str, ...]
+    algorithms: tuple[str, ...]
+    groups_claim: str
+    leeway_seconds: int
+    keys: JwksCache
+    # Tokens minted by the sidecar's own device login carry kind "cli".
+    own: bool = False
+
+
+def claim_path(claims: Mapping[str, Any], path: str) -> Any:
+    value: Any = claims
+    for part in path.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def groups_from_claim(value: Any) -> tuple[str, ...]:
+    """Groups as Access sends them: a list of names, or a list of {name: ...} objects."""
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, list):
+        return ()
+    groups: list[str] = []
+    for item in value:
+        if isinstance(item, str):
+            groups.append(item)
+        elif isinstance(item, Mapping) and isinstance(item.get("name"), str):
+            groups.append(item["name"])
+    return tuple(groups)
+
+
+def identity_from_claims(
+    claims: Mapping[str, Any], policy: IssuerPolicy, directory: Mapping[str, tuple[str, ...]]
+) -> Identity:
+    sub = claims.get("sub") or ""
+    email = claims.get("email") or ""
+    common_name = claims.get("common_name") or ""
+    if not isinstance(sub, str) or not isinstance(email, str) or not isinstance(common_name, str):
+        raise AuthError("malformed_claims", "sub, email and common_name must be strings")
+    kind: IdentityKind
+    if policy.own and claims.get("kind") == "cli":
+        kind = "cli"
+    elif common_name and not sub:
+        kind = "service"
+    elif sub or email:
+        kind = "user"
+    else:
+        raise AuthError("malformed_claims", "token names no subject, email or common_name")
+    groups = list(groups_from_claim(claim_path(claims, policy.groups_claim)))
+    for extra in directory.get(email.lower(), ()) if email else ():
+        if extra not in groups:
+            groups.append(extra)
+    exp = claims.get("exp")
+    return Identity(
+        kind=kind,
+        subject=sub or common_name,
+        email=email,
+        groups=tuple(groups),
+        token_name=common_name,
+        issuer=policy.issuer,
+        expires_at=float(exp) if isinstance(exp, int | float) else None,
+    )
+
+
+_ERRORS: tuple[tuple[type[Exception], str], ...] = (
+    (jwt.ExpiredSignatureError, "expired"),
+    (jwt.ImmatureSignatureError, "not_yet_valid"),
+    (jwt.InvalidAudienceError, "wrong_audience"),
+    (jwt.InvalidIssuerError, "unknown_issuer"),
+    (jwt.InvalidIssuedAtError, "bad_iat"),
+    (jwt.MissingRequiredClaimError, "missing_claim"),
+    (jwt.InvalidAlgorithmError, "bad_algorithm"),
+    (jwt.InvalidSignatureError, "bad_signature"),
+    (jwt.DecodeError, "malformed"),
+)
+
+
+class JwtVerifier:
+    def __init__(
+        self,
+        issuers: Sequence[IssuerPolicy],
+        directory: Mapping[str, tuple[str, ...]],
+        *,
+        cache_size: int = 50_000,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._issuers = {p.issuer: p for p in issuers}
+        self._directory = directory
+        self._clock = clock
+        # Keyed by the whole token: a token that differs by one byte never hits.
+        self._cache: OrderedDict[str, Identity] = OrderedDict()
+        self._cache_size = cache_size
+
+    @property
+    def issuers(self) -> Mapping[str, IssuerPolicy]:
+        return self._issuers
+
+    async def verify(self, token: str) -> Identity:
+        now = self._clock()
+        cached = self._cache.get(token)
+        if cached is not None:
+            if cached.expires_at is not None and cached.expires_at > now:
+                self._cache.move_to_end(token)
+                return cached
+            del self._cache[token]
+        identity = await self._verify_uncached(token, now)
+        self._cache[token] = identity
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return identity
+
+    async def _verify_uncached(self, token: str, now: float) -> Identity:
+        if len(token) > MAX_TOKEN_BYTES:
+            raise AuthError("malformed", "token too large")
+        try:
+            header = jwt.get_unverified_header(token)
+            unverified = jwt.decode(token, options={"verify_signature": False})
+        except jwt.PyJWTError:
+            raise AuthError("malformed", "not a JWT") from None
+        iss = unverified.get("iss")
+        policy = self._issuers.get(iss) if isinstance(iss, str) else None
+        if policy is None:
+            raise AuthError("unknown_issuer", "issuer is not configured")
+        alg = header.get("alg")
+        # The algorithm comes from config; the token's header only has to agree with it.
+        if not isinstance(alg, str) or alg not in policy.algorithms:
+            raise AuthError("bad_algorithm", f"algorithm {alg!r} is not accepted")
+        kid = header.get("kid", "")
+        key = await policy.keys.key_for(kid if isinstance(kid, str) else "")
+        if key is None:
+            raise AuthError("unknown_kid", "no signing key with this kid")
+        try:
+            claims = jwt.decode(
+                token,
+                key=key,
+                algorithms=list(policy.algorithms),
+                audience=list(policy.audiences),
+                issuer=policy.issuer,
+                leeway=policy.leeway_seconds,
+                options={"require": ["exp", "iss", "aud"], "verify_iat": True},
+            )
+        except jwt.PyJWTError as exc:
+            for cls, code in _ERRORS:
+                if isinstance(exc, cls):
+                    raise AuthError(code) from None
+            raise AuthError("invalid_token") from None
+        iat = claims.get("iat")
+        if isinstance(iat, int | float) and iat > now + policy.leeway_seconds:
+            raise AuthError("bad_iat", "issued in the future")
+        return identity_from_claims(claims, policy, self._directory)

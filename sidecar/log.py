@@ -1,0 +1,58 @@
+"""structlog set-up: JSON lines, with a redaction processor so no credential reaches a log."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+
+REDACTED = "**********"
+_SECRET_KEYS = re.compile(
+    r"(authorization|cookie|secret|password|token$|jwt|assertion|api[_-]?key|client_secret)",
+    re.IGNORECASE,
+)
+# Anything shaped like a JWT or a bearer credential inside a free-text value.
+_JWT = re.compile(r"eyJ[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]*")
+_BEARER = re.compile(r"(?i)(bearer\s+)[^\s,;\"']+")
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, str):
+        return _BEARER.sub(r"\1" + REDACTED, _JWT.sub(REDACTED, value))
+    if isinstance(value, dict):
+        return {k: REDACTED if _SECRET_KEYS.search(str(k)) else _scrub(v)
+                for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrub(v) for v in value]
+    return value
+
+
+def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for key in list(event):
+        if _SECRET_KEYS.search(key) and key not in {"token_name"}:
+            event[key] = REDACTED
+        else:
+            event[key] = _scrub(event[key])
+    return event
+
+
+def configure(level: str = "info") -> None:
+    logging.basicConfig(stream=sys.stderr, format="%(message)s",
+                        level=getattr(logging, level.upper(), logging.INFO))
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            redact,
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            getattr(logging, level.upper(), logging.INFO)),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )

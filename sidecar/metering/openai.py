@@ -1,0 +1,119 @@
+"""Token usage from OpenAI chat completions and Responses API bodies and streams."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from sidecar.metering import count, load_json, mapping
+from sidecar.metering.sse import SSEEvent
+from sidecar.model import TokenUsage
+
+# Terminal Responses API events; each carries the final response object, usage included.
+_RESPONSES_TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
+
+def _split_cached(
+    total_input: int, details: Mapping[str, object] | None, output: int
+) -> TokenUsage:
+    # OpenAI counts cached tokens inside the prompt total; TokenUsage keeps them apart.
+    cached = count(details.get("cached_tokens")) if details else None
+    # Not sent by OpenAI itself, but by OpenAI-compatible routers (OpenRouter) that do
+    # report cache writes inside the same prompt total.
+    written = count(details.get("cache_write_tokens")) if details else None
+    cached = min(cached or 0, total_input)
+    written = min(written or 0, total_input - cached)
+    return TokenUsage(
+        input_tokens=total_input - cached - written,
+        output_tokens=output,
+        cache_read_tokens=cached,
+        cache_write_tokens=written,
+    )
+
+
+def chat_usage(usage: object) -> TokenUsage | None:
+    """Map a chat completions `usage` object; None when it reports nothing."""
+    fields = mapping(usage)
+    if fields is None:
+        return None
+    prompt = count(fields.get("prompt_tokens"))
+    completion = count(fields.get("completion_tokens"))
+    if prompt is None and completion is None:
+        return None
+    return _split_cached(prompt or 0, mapping(fields.get("prompt_tokens_details")), completion or 0)
+
+
+def responses_usage(usage: object) -> TokenUsage | None:
+    """Map a Responses API `usage` object; None when it reports nothing."""
+    fields = mapping(usage)
+    if fields is None:
+        return None
+    total_input = count(fields.get("input_tokens"))
+    output = count(fields.get("output_tokens"))
+    if total_input is None and output is None:
+        return None
+    return _split_cached(total_input or 0, mapping(fields.get("input_tokens_details")), output or 0)
+
+
+def chat_body_usage(body: object) -> TokenUsage | None:
+    fields = mapping(body)
+    return chat_usage(fields.get("usage")) if fields else None
+
+
+def responses_body_usage(body: object) -> TokenUsage | None:
+    fields = mapping(body)
+    return responses_usage(fields.get("usage")) if fields else None
+
+
+class ChatStream:
+    """Follows `chat.completion.chunk` events; usage comes in a final chunk with no choices.
+
+    OpenAI only sends it when the request set `stream_options.include_usage`. Some
+    compatible servers repeat a running usage in every chunk, so the last one wins.
+    """
+
+    def __init__(self) -> None:
+        self.usage: TokenUsage | None = None
+        self.complete = False
+
+    def on_event(self, event: SSEEvent) -> None:
+        if event.data.strip() == "[DONE]":
+            self.complete = self.usage is not None
+            return
+        # Most chunks carry one token and no usage; a substring test spares parsing them.
+        if "_tokens" not in event.data:
+            return
+        chunk = mapping(load_json(event.data))
+        if chunk is None:
+            return
+        usage = chat_usage(chunk.get("usage"))
+        if usage is None:
+            return
+        self.usage = usage
+        if not chunk.get("choices"):
+            self.complete = True
+
+
+class ResponsesStream:
+    """Follows Responses API events; usage only arrives with the terminal event."""
+
+    def __init__(self) -> None:
+        self.usage: TokenUsage | None = None
+        self.complete = False
+
+    def on_event(self, event: SSEEvent) -> None:
+        # Named events other than the terminal ones cannot carry usage: skip parsing them.
+        if event.event != "message" and event.event not in _RESPONSES_TERMINAL:
+            return
+        payload = mapping(load_json(event.data))
+        if payload is None:
+            return
+        kind = payload.get("type")
+        if not isinstance(kind, str):
+            kind = event.event
+        if kind not in _RESPONSES_TERMINAL:
+            return
+        response = mapping(payload.get("response"))
+        usage = responses_usage(response.get("usage")) if response else None
+        if usage is not None:
+            self.usage = usage
+            self.complete = True

@@ -1,0 +1,234 @@
+"""Meters one provider response as it streams past: decoding, framing and the usage found."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from typing import Literal, Protocol
+
+from genai_prices import data_snapshot
+
+from sidecar.metering import count, load_json
+from sidecar.metering.anthropic import MessagesStream, message_body_usage
+from sidecar.metering.openai import (
+    ChatStream,
+    ResponsesStream,
+    chat_body_usage,
+    responses_body_usage,
+)
+from sidecar.metering.sse import SSEDecoder, SSEEvent
+from sidecar.model import TokenUsage
+
+Api = Literal["openai_chat", "openai_responses", "anthropic_messages"]
+
+# Whole JSON bodies are buffered to be parsed at the end; past this the body is not metered
+# (the caller falls back to the estimate) rather than held in memory.
+MAX_JSON_BODY = 8 * 1024 * 1024
+# Decompressed bytes handled per step, so a small compressed chunk cannot expand into one
+# huge allocation.
+_INFLATE_STEP = 256 * 1024
+
+# Path endings. Chat completions is matched without `/v1` because Azure
+# (`/openai/deployments/x/chat/completions`) and gateway compat routes omit it; `/messages`
+# and `/responses` need `/v1` so that e.g. `/v1/threads/x/messages` is not taken for them.
+_PATH_SUFFIXES: tuple[tuple[str, Api], ...] = (
+    ("/chat/completions", "openai_chat"),
+    ("/v1/responses", "openai_responses"),
+    ("/v1/messages", "anthropic_messages"),
+)
+
+# genai-prices' provider id and api_flavor for each API's JSON body.
+_GENAI_EXTRACTORS: dict[Api, tuple[str, str]] = {
+    "openai_chat": ("openai", "chat"),
+    "openai_responses": ("openai", "responses"),
+    "anthropic_messages": ("anthropic", "default"),
+}
+# gzip framing is 16 + window bits; plain zlib framing is the window bits alone.
+_WBITS = {"gzip": 31, "x-gzip": 31, "deflate": 15}
+_OWN_BODY_PARSERS: dict[Api, Callable[[object], TokenUsage | None]] = {
+    "openai_chat": chat_body_usage,
+    "openai_responses": responses_body_usage,
+    "anthropic_messages": message_body_usage,
+}
+
+# Stable codes for why a response could not be (fully) metered; usable as log fields.
+MeterError = Literal["unsupported_encoding", "bad_encoding", "body_too_large", "bad_json"]
+
+
+class _Stream(Protocol):
+    @property
+    def usage(self) -> TokenUsage | None: ...
+
+    @property
+    def complete(self) -> bool: ...
+
+    def on_event(self, event: SSEEvent) -> None: ...
+
+
+def api_for_path(path: str) -> Api | None:
+    """Which metered API a request path calls, after any provider prefix; None if none."""
+    path = path.split("?", 1)[0].rstrip("/")
+    for suffix, api in _PATH_SUFFIXES:
+        if path.endswith(suffix):
+            return api
+    return None
+
+
+def body_usage(api: Api, body: object) -> TokenUsage | None:
+    """Usage from a complete, parsed JSON response body.
+
+    genai-prices' extractors are used so metering reads the same fields pricing expects.
+    Its top-level `extract_usage` also resolves the model and raises for models it does not
+    know (fine-tunes, Workers AI, config overrides), so the provider's extractor is called
+    directly. Bodies it rejects (e.g. a compatible server omitting `completion_tokens`) go
+    to the lenient parsers that also serve the streams, so they are still charged.
+    """
+    provider_id, flavor = _GENAI_EXTRACTORS[api]
+    try:
+        provider = data_snapshot.get_snapshot().find_provider(None, provider_id, None)
+        _, usage = provider.extract_usage(body, api_flavor=flavor)
+    except (ValueError, TypeError, LookupError):
+        return _OWN_BODY_PARSERS[api](body)
+    # genai-prices counts cache reads and writes inside input_tokens; TokenUsage does not.
+    total_input = count(usage.reported_value("input_tokens")) or 0
+    cache_read = min(count(usage.reported_value("cache_read_tokens")) or 0, total_input)
+    cache_write = min(
+        count(usage.reported_value("cache_write_tokens")) or 0, total_input - cache_read
+    )
+    return TokenUsage(
+        input_tokens=total_input - cache_read - cache_write,
+        output_tokens=count(usage.reported_value("output_tokens")) or 0,
+        cache_read_tokens=cache_read,
+        cache_write_tokens=cache_write,
+    )
+
+
+def _new_stream(api: Api) -> _Stream:
+    if api == "openai_chat":
+        return ChatStream()
+    if api == "openai_responses":
+        return ResponsesStream()
+    return MessagesStream()
+
+
+def _wbits(content_encoding: str) -> int | None:
+    """zlib window bits for a Content-Encoding; None for identity; ValueError if unsupported."""
+    codings = [c.strip().lower() for c in content_encoding.split(",")]
+    codings = [c for c in codings if c and c != "identity"]
+    if not codings:
+        return None
+    if len(codings) == 1 and codings[0] in _WBITS:
+        return _WBITS[codings[0]]
+    raise ValueError(content_encoding)
+
+
+class UsageMeter:
+    """Feed it a response body chunk by chunk; read `usage` at any time, `complete` at the end.
+
+    A stream cut short keeps what it saw (e.g. Anthropic's input tokens and the last
+    output count), so the caller can charge that instead of nothing.
+    """
+
+    def __init__(self, api: Api, *, sse: bool | None, content_encoding: str = "") -> None:
+        self.api = api
+        # None: decide from the first byte of the body, for a missing or odd content-type.
+        self._sse = sse
+        self._stream = _new_stream(api)
+        self._decoder = SSEDecoder()
+        self._body = bytearray()
+        self._body_usage: TokenUsage | None = None
+        self._finished = False
+        self.error: MeterError | None = None
+        self._wbits: int | None = None
+        try:
+            self._wbits = _wbits(content_encoding)
+        except ValueError:
+            # Brotli and zstd are not decoded here; the caller charges the estimate.
+            self.error = "unsupported_encoding"
+        self._inflater = zlib.decompressobj(self._wbits) if self._wbits else None
+
+    @classmethod
+    def for_response(cls, api: Api, content_type: str, content_encoding: str) -> UsageMeter:
+        media = content_type.split(";", 1)[0].strip().lower()
+        sse: bool | None = None
+        if media == "text/event-stream":
+            sse = True
+        elif media == "application/json" or media.endswith("+json"):
+            sse = False
+        return cls(api, sse=sse, content_encoding=content_encoding)
+
+    @property
+    def usage(self) -> TokenUsage | None:
+        return self._stream.usage if self._sse else self._body_usage
+
+    @property
+    def complete(self) -> bool:
+        if self._sse:
+            return self._stream.complete
+        return self._body_usage is not None
+
+    def feed(self, chunk: bytes) -> None:
+        if self._finished:
+            raise RuntimeError("UsageMeter.feed after finish")
+        if self._stopped() or not chunk:
+            return
+        if self._inflater is None:
+            self._consume(chunk)
+        else:
+            self._inflate(chunk)
+
+    def finish(self) -> None:
+        if self._finished:
+            return
+        if self._inflater is not None and not self._stopped():
+            try:
+                self._consume(self._inflater.flush())
+            except zlib.error:
+                self.error = "bad_encoding"
+        self._finished = True
+        if self._sse:
+            for event in self._decoder.close():
+                self._stream.on_event(event)
+        elif self._body and self.error != "body_too_large":
+            parsed = load_json(bytes(self._body))
+            if parsed is None:
+                self.error = self.error or "bad_json"
+            else:
+                self._body_usage = body_usage(self.api, parsed)
+        self._body.clear()
+
+    def _stopped(self) -> bool:
+        # A broken encoding or an oversized body: nothing further can be metered.
+        return self.error is not None
+
+    def _inflate(self, data: bytes) -> None:
+        assert self._inflater is not None and self._wbits is not None
+        try:
+            while data and not self._stopped():
+                out = self._inflater.decompress(data, _INFLATE_STEP)
+                self._consume(out)
+                data = self._inflater.unconsumed_tail
+                if self._inflater.eof and self._inflater.unused_data:
+                    # Concatenated gzip members are one valid body (RFC 1952).
+                    data = self._inflater.unused_data
+                    self._inflater = zlib.decompressobj(self._wbits)
+        except zlib.error:
+            self.error = "bad_encoding"
+
+    def _consume(self, data: bytes) -> None:
+        if not data:
+            return
+        if self._sse is None:
+            start = data.lstrip()[:1]
+            if not start:
+                return
+            self._sse = start not in (b"{", b"[")
+        if self._sse:
+            for event in self._decoder.feed(data):
+                self._stream.on_event(event)
+            return
+        if len(self._body) + len(data) > MAX_JSON_BODY:
+            self.error = "body_too_large"
+            self._body.clear()
+            return
+        self._body += data

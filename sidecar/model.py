@@ -1,0 +1,86 @@
+"""Frozen values that flow through the request path: attributes in, identity, decision out."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+IdentityKind = Literal["user", "service", "cli"]
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    kind: IdentityKind
+    subject: str
+    email: str = ""
+    groups: tuple[str, ...] = ()
+    token_name: str = ""
+    issuer: str = ""
+    # Unix seconds after which this identity must be verified again (cache bound).
+    expires_at: float | None = None
+
+    @property
+    def user(self) -> str:
+        """The `user` dimension: email for people, token name for services."""
+        return self.email or self.token_name or self.subject
+
+
+@dataclass(frozen=True, slots=True)
+class RequestAttrs:
+    """What the transport extracted from one request; the engine sees nothing else."""
+
+    method: str
+    path: str
+    # Lower-cased header names; duplicate headers joined with "," as Envoy does.
+    headers: Mapping[str, str]
+    body: bytes | None = None
+    request_id: str = ""
+    # The model when the caller has no body to send (HTTP authorization mode).
+    model_hint: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenUsage:
+    """Token counts as the provider reported them. input_tokens excludes cache tokens."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+
+    @property
+    def total_input(self) -> int:
+        return self.input_tokens + self.cache_read_tokens + self.cache_write_tokens
+
+
+Reason = Literal[
+    "ok",
+    "fallback",
+    "missing_credentials",
+    "invalid_token",
+    "model_not_allowed",
+    "unpriced_model",
+    "bad_request",
+    "spend_limit_exceeded",
+    "store_unavailable",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """A deny is data: the transports translate this into their own answers."""
+
+    allowed: bool
+    http_status: int
+    reason: Reason
+    # Headers for the upstream request (allowed) or the client response (denied).
+    headers: Mapping[str, str] = field(default_factory=dict)
+    # Headers the client sent that must not reach the upstream.
+    remove_headers: tuple[str, ...] = ()
+    # Headers added to the response the client receives (allowed requests).
+    response_headers: Mapping[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    identity: Identity | None = None
+    model: str = ""
+    provider: str = ""

@@ -1,0 +1,1 @@
+"""Policy: which models a caller may use and which budgets a request counts against."""

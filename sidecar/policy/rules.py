@@ -1,0 +1,72 @@
+"""Spend rules compiled for the hot path: filter/split over request dimensions → buckets."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from sidecar.policy.allowlist import compile_globs
+from sidecar.policy.windows import FixedWindow, RollingWindow
+
+Action = Literal["block", "fallback", "monitor"]
+Window = FixedWindow | RollingWindow
+# Dimension values of one request; `group` is multi-valued, everything else single.
+Context = Mapping[str, tuple[str, ...]]
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    limit: int  # µUSD
+    window: Window
+    window_label: str
+    filters: tuple[tuple[str, re.Pattern[str]], ...]
+    split: tuple[str, ...]
+    action: Action
+    alerts: tuple[int, ...]
+    source: Literal["file", "runtime"] = "file"
+
+    def buckets(self, ctx: Context) -> list[tuple[str, dict[str, str]]]:
+        """(bucket key, split labels) for each bucket this request falls in; [] if none."""
+        for dim, pattern in self.filters:
+            if not any(pattern.match(v) for v in ctx.get(dim, ())):
+                return []
+        combos: list[dict[str, str]] = [{}]
+        for dim in self.split:
+            values = ctx.get(dim, ())
+            pattern = dict(self.filters).get(dim)
+            if pattern is not None:
+                values = tuple(v for v in values if pattern.match(v))
+            # A request without a value for a split dimension shares the "" bucket.
+            values = tuple(dict.fromkeys(values)) or ("",)
+            combos = [{**c, dim: v} for c in combos for v in values]
+        prefix = f"{self.name}|{self.window_label}"
+        return [
+            (prefix + "".join(f"|{d}={c[d]}" for d in self.split), c) for c in combos
+        ]
+
+
+def compile_rule(
+    *,
+    name: str,
+    limit: int,
+    window: Window,
+    filters: Mapping[str, tuple[str, ...]],
+    split: tuple[str, ...],
+    action: Action,
+    alerts: tuple[int, ...] = (),
+    source: Literal["file", "runtime"] = "file",
+) -> Rule:
+    compiled = []
+    for dim, patterns in filters.items():
+        pattern = compile_globs(tuple(patterns))
+        # An empty filter list matches nothing, which is what the operator wrote.
+        compiled.append((dim, pattern if pattern is not None else re.compile(r"(?!)")))
+    if isinstance(window, FixedWindow):
+        label = f"fixed:{window.period}:{window.timezone}"
+    else:
+        label = f"rolling:{window.seconds}"
+    return Rule(name, limit, window, label, tuple(compiled), split, action,
+                tuple(sorted(alerts)), source)

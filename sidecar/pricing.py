@@ -1,0 +1,383 @@
+"""Model prices as integer pico-dollars per token: config overrides, then genai-prices' data.
+
+Prices come from the data bundled with the `genai-prices` package and nothing else: the
+package only touches the network through its `UpdatePrices` background task, which is never
+started here, and lookups go through a private snapshot built from the bundled data, so even a
+snapshot installed process-wide by someone else is not used.
+
+A price in USD per million tokens, times 1_000_000, is exactly pico-dollars per token; tokens
+times pico-dollars, divided by 1_000_000, is µUSD. All cost arithmetic is on integers and rounds
+once, up.
+
+How genai-prices' richer price model is reduced to four per-token rates:
+
+- Tiered prices (Gemini and Claude long-context rates) use genai-prices' cliff semantics: once a
+  request's total input tokens (cache tokens included) exceed a tier's start, every token of the
+  request is billed at that tier. `UnitPrice`'s own rates are the highest tier, which is what
+  estimates use: the input estimate is a heuristic, and landing below a threshold when the
+  real request lands above it would under-reserve the whole request, not just the excess.
+  Actual costs pick the tier from a table cached in `UnitPrice.tiers` (integers, about a
+  microsecond) rather than calling `genai_prices.calc_price` (Decimal, about 110 µs); the two
+  agree, which the tests check.
+- Time-of-day prices (DeepSeek's off-peak discounts) take the highest rate of the day, so
+  off-peak discounts are not passed on: spend is never under-counted.
+- Prices with a start date are resolved at lookup time; the cache is dropped when the next
+  known start date arrives, so a scheduled price change takes effect without a restart.
+- Request-dependent variants (service tiers, batch) are not applied: the standard price is used.
+- A cache read or write without its own rate costs the input rate (genai-prices bills such
+  tokens as plain input). Anthropic's 1-hour cache writes are billed at the default 5-minute
+  write rate because `TokenUsage` does not tell the two apart.
+- A model without an input-token price (priced per image, per second, ...) counts as unpriced,
+  so `pricing.unknown_model` decides rather than billing $0. A model without an output price
+  (embeddings) bills output at 0.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from datetime import time as dtime
+from decimal import ROUND_CEILING, Decimal
+from typing import Any, Literal
+
+from genai_prices import types as gp_types
+from genai_prices.data_snapshot import DataSnapshot
+
+from sidecar.model import TokenUsage
+
+PriceSource = Literal["genai-prices", "override", "default"]
+
+PICO_PER_MICRO = 1_000_000
+# USD per million tokens → pico-dollars per token.
+_PICO_PER_USD_PER_MTOK = 1_000_000
+_CACHE_ENTRIES = 4096
+
+_PRICE_KEYS = ("input_mtok", "output_mtok", "cache_read_mtok", "cache_write_mtok")
+
+# Estimation heuristics. UTF-8 bytes rather than characters: the same for English, and closer
+# to the token count of non-Latin scripts, where a character is often a whole token.
+_BYTES_PER_TOKEN = 4
+_TOKENS_PER_MESSAGE = 4
+_TOKENS_PER_REQUEST = 3
+# Anthropic's ceiling for one image (about 1.15 megapixels); OpenAI's high-detail tiles of a
+# typical image come in under it. Image bytes say little about tokens, so they are not counted.
+_TOKENS_PER_IMAGE = 1_600
+_IMAGE_PART_TYPES = frozenset({"image", "image_url", "input_image"})
+_PROMPT_FIELDS = ("system", "instructions", "messages", "input", "prompt", "tools", "functions")
+_MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+
+
+@dataclass(frozen=True, slots=True)
+class PriceTier:
+    """Rates for requests whose total input tokens (cache included) are at most `up_to`."""
+
+    up_to: int
+    input: int
+    output: int
+    cache_read: int
+    cache_write: int
+
+
+@dataclass(frozen=True, slots=True)
+class UnitPrice:
+    """Pico-dollars per token. For tiered models these are the highest tier's rates and
+    `tiers` holds the lower ones in ascending `up_to` order."""
+
+    input: int
+    output: int
+    cache_read: int
+    cache_write: int
+    source: PriceSource
+    tiers: tuple[PriceTier, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PriceOverride:
+    """A configured price. `provider` and `model` are fnmatch globs, matched case-insensitively
+    against genai-prices' provider id and the request's model."""
+
+    provider: str
+    model: str
+    input_per_mtok: Decimal
+    output_per_mtok: Decimal
+    cache_read_per_mtok: Decimal | None = None
+    cache_write_per_mtok: Decimal | None = None
+
+    def __post_init__(self) -> None:
+        # A bad price must fail at config load, not on the first request for the model.
+        self.unit_price()
+
+    def matches(self, provider_id: str, model: str) -> bool:
+        return fnmatch.fnmatchcase(provider_id.lower(), self.provider.lower()) and (
+            fnmatch.fnmatchcase(model.lower(), self.model.lower())
+        )
+
+    def unit_price(self) -> UnitPrice:
+        input_rate = per_mtok_to_pico(self.input_per_mtok)
+        return UnitPrice(
+            input=input_rate,
+            output=per_mtok_to_pico(self.output_per_mtok),
+            cache_read=_or_rate(self.cache_read_per_mtok, input_rate),
+            cache_write=_or_rate(self.cache_write_per_mtok, input_rate),
+            source="override",
+        )
+
+
+def per_mtok_to_pico(usd_per_mtok: Decimal | int | str) -> int:
+    """USD per million tokens → whole pico-dollars per token, rounding fractions up."""
+    amount = Decimal(usd_per_mtok) if not isinstance(usd_per_mtok, Decimal) else usd_per_mtok
+    if not amount.is_finite() or amount < 0:
+        raise ValueError(f"not a price: {usd_per_mtok!r}")
+    return int((amount * _PICO_PER_USD_PER_MTOK).to_integral_value(rounding=ROUND_CEILING))
+
+
+def _or_rate(usd_per_mtok: Decimal | None, fallback: int) -> int:
+    return fallback if usd_per_mtok is None else per_mtok_to_pico(usd_per_mtok)
+
+
+class PriceBook:
+    """Answers "what does this model cost?" in one cached lookup per (provider, model).
+
+    Built off the request path (at config load), which is also when genai-prices' data is first
+    imported (about 0.3 s).
+    """
+
+    def __init__(
+        self,
+        overrides: Sequence[PriceOverride],
+        unknown_model: UnitPrice | None,
+        *,
+        clock: Callable[[], float] = time.time,
+        cache_entries: int = _CACHE_ENTRIES,
+    ) -> None:
+        self._overrides = tuple(overrides)
+        self._unknown_model = unknown_model
+        self._clock = clock
+        self._refresh_at = math.inf
+        self._cached = functools.lru_cache(maxsize=cache_entries)(self._resolve)
+        _bundled_snapshot()
+
+    def price(self, provider_id: str, model: str) -> UnitPrice | None:
+        """The price of `model` at genai-prices' `provider_id`; None means reject as unpriced."""
+        if self._clock() >= self._refresh_at:
+            self._refresh_at = math.inf
+            self._cached.cache_clear()
+        return self._cached(provider_id, model)
+
+    def _resolve(self, provider_id: str, model: str) -> UnitPrice | None:
+        for override in self._overrides:
+            if override.matches(provider_id, model):
+                return override.unit_price()
+        info = _lookup_model(provider_id, model)
+        if info is None:
+            return self._unknown_model
+        now = datetime.fromtimestamp(self._clock(), UTC)
+        next_change = _next_price_change(info, now.date())
+        if next_change is not None:
+            self._refresh_at = min(self._refresh_at, next_change)
+        return _unit_price(_candidate_prices(info, now))
+
+
+def cost_micros(price: UnitPrice, usage: TokenUsage) -> int:
+    """The actual cost of `usage` in µUSD, rounded up; the tier follows the total input."""
+    total_input = usage.total_input
+    rates: UnitPrice | PriceTier = price
+    for tier in price.tiers:
+        if total_input <= tier.up_to:
+            rates = tier
+            break
+    pico = (
+        usage.input_tokens * rates.input
+        + usage.output_tokens * rates.output
+        + usage.cache_read_tokens * rates.cache_read
+        + usage.cache_write_tokens * rates.cache_write
+    )
+    return _ceil_div(pico, PICO_PER_MICRO)
+
+
+def estimate_micros(price: UnitPrice, input_tokens: int, output_tokens: int) -> int:
+    """A reservation in µUSD at the highest tier's rates, rounded up."""
+    return _ceil_div(input_tokens * price.input + output_tokens * price.output, PICO_PER_MICRO)
+
+
+def _ceil_div(numerator: int, denominator: int) -> int:
+    return -(-numerator // denominator)
+
+
+def estimate_input_tokens(body: Mapping[str, Any]) -> int:
+    """A deterministic, deliberately generous prompt-token estimate for OpenAI chat, OpenAI
+    Responses and Anthropic messages bodies.
+
+    Every string under the prompt fields counts, role names and tool definitions included:
+    counting a little too much costs a slightly larger reservation, counting too little lets
+    concurrent requests overshoot a budget.
+    """
+    text_bytes = 0
+    images = 0
+    messages = 0
+    for field_name in _PROMPT_FIELDS:
+        value = body.get(field_name)
+        if value is None:
+            continue
+        if field_name in ("messages", "input") and isinstance(value, list):
+            messages += len(value)
+        field_bytes, field_images = _measure(value)
+        text_bytes += field_bytes
+        images += field_images
+    return (
+        _ceil_div(text_bytes, _BYTES_PER_TOKEN)
+        + messages * _TOKENS_PER_MESSAGE
+        + images * _TOKENS_PER_IMAGE
+        + _TOKENS_PER_REQUEST
+    )
+
+
+def _measure(root: object) -> tuple[int, int]:
+    """UTF-8 bytes of all strings under `root` and the number of image parts.
+
+    Walks with an explicit stack: a client controls the nesting depth.
+    """
+    text_bytes = 0
+    images = 0
+    stack: list[object] = [root]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            text_bytes += len(item) if item.isascii() else len(item.encode("utf-8", "replace"))
+        elif isinstance(item, Mapping):
+            if item.get("type") in _IMAGE_PART_TYPES:
+                images += 1
+            else:
+                stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return text_bytes, images
+
+
+def requested_output_tokens(body: Mapping[str, Any], default: int) -> int:
+    """The output-token ceiling the request asked for, else `default`."""
+    for field_name in _MAX_TOKENS_FIELDS:
+        value = body.get(field_name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return default
+
+
+@functools.cache
+def _bundled_snapshot() -> DataSnapshot:
+    # Imported here because the data module takes about 0.3 s to load.
+    from genai_prices.data import providers
+
+    return DataSnapshot(providers=providers, from_auto_update=False)
+
+
+def _lookup_model(provider_id: str, model: str) -> gp_types.ModelInfo | None:
+    """genai-prices' model for `model` at `provider_id`, else wherever the model name matches."""
+    snapshot = _bundled_snapshot()
+    provider_ids = (provider_id, None) if provider_id else (None,)
+    for candidate in provider_ids:
+        try:
+            return snapshot.find_provider_model(model, None, candidate, None)[1]
+        except LookupError:
+            continue
+    return None
+
+
+def _candidate_prices(info: gp_types.ModelInfo, now: datetime) -> list[gp_types.ModelPrice]:
+    """The prices the model can have today: the one genai-prices selects by date, plus every
+    time-of-day price that may take precedence over it at some hour."""
+    if isinstance(info.prices, gp_types.ModelPrice):
+        return [info.prices]
+    candidates: list[gp_types.ModelPrice] = []
+    # Later entries take precedence, as in genai-prices' ModelInfo.get_prices.
+    for conditional in reversed(info.prices):
+        constraint = conditional.constraint
+        if isinstance(constraint, gp_types.TimeOfDateConstraint):
+            candidates.append(conditional.prices)
+        elif constraint is None or constraint.active(now):
+            candidates.append(conditional.prices)
+            return candidates
+    candidates.append(info.prices[0].prices)
+    return candidates
+
+
+def _next_price_change(info: gp_types.ModelInfo, today: date) -> float | None:
+    """Unix time of the next dated price change (UTC midnight, as genai-prices reads dates)."""
+    if isinstance(info.prices, gp_types.ModelPrice):
+        return None
+    upcoming = [
+        c.constraint.start_date
+        for c in info.prices
+        if isinstance(c.constraint, gp_types.StartDateConstraint)
+        and c.constraint.start_date > today
+    ]
+    if not upcoming:
+        return None
+    return datetime.combine(min(upcoming), dtime(0, tzinfo=UTC)).timestamp()
+
+
+PriceValue = Decimal | gp_types.TieredPrices | None
+Rates = tuple[int, int, int, int]
+
+
+def _unit_price(candidates: Sequence[gp_types.ModelPrice]) -> UnitPrice | None:
+    values = [{key: _price_value(price, key) for key in _PRICE_KEYS} for price in candidates]
+    if any(v["input_mtok"] is None for v in values):
+        return None
+    thresholds = sorted(
+        {tier.start for v in values for value in v.values() for tier in _tiers(value)}
+    )
+    tiers = tuple(PriceTier(limit, *_rates_at(values, limit)) for limit in thresholds)
+    top = thresholds[-1] + 1 if thresholds else 0
+    return UnitPrice(*_rates_at(values, top), source="genai-prices", tiers=tiers)
+
+
+def _price_value(price: gp_types.ModelPrice, key: str) -> PriceValue:
+    value = getattr(price, key)
+    if value is None or isinstance(value, Decimal | gp_types.TieredPrices):
+        return value
+    raise TypeError(f"unexpected genai-prices value for {key}: {value!r}")
+
+
+def _tiers(value: PriceValue) -> Iterable[gp_types.Tier]:
+    return value.tiers if isinstance(value, gp_types.TieredPrices) else ()
+
+
+def _rates_at(values: Sequence[Mapping[str, PriceValue]], total_input: int) -> Rates:
+    """Pico rates for a request of `total_input` tokens: per rate, the highest candidate."""
+    rates = [_candidate_rates(v, total_input) for v in values]
+    return (
+        max(r[0] for r in rates),
+        max(r[1] for r in rates),
+        max(r[2] for r in rates),
+        max(r[3] for r in rates),
+    )
+
+
+def _candidate_rates(value: Mapping[str, PriceValue], total_input: int) -> Rates:
+    input_rate = per_mtok_to_pico(_rate(value["input_mtok"], total_input) or 0)
+    output = _rate(value["output_mtok"], total_input)
+    cache_read = _rate(value["cache_read_mtok"], total_input)
+    cache_write = _rate(value["cache_write_mtok"], total_input)
+    return (
+        input_rate,
+        0 if output is None else per_mtok_to_pico(output),
+        input_rate if cache_read is None else per_mtok_to_pico(cache_read),
+        input_rate if cache_write is None else per_mtok_to_pico(cache_write),
+    )
+
+
+def _rate(value: PriceValue, total_input: int) -> Decimal | None:
+    """genai-prices' calc_unit_price rule: the last tier whose start is exceeded applies."""
+    if not isinstance(value, gp_types.TieredPrices):
+        return value
+    rate = value.base
+    for tier in value.tiers:
+        if total_input > tier.start:
+            rate = tier.price
+    return rate

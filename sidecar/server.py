@@ -1,0 +1,80 @@
+"""`sidecar serve`: the gRPC server (ext_authz, ext_proc, health) and the HTTP server, in one
+event loop per worker process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from pathlib import Path
+
+import grpc
+import structlog
+import uvicorn
+from envoy.service.auth.v3 import external_auth_pb2_grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from sidecar.envoy.authz import AuthorizationServicer
+from sidecar.envoy.ext_proc import ExternalProcessorServicer
+from sidecar.http.app import create_app
+from sidecar.services import build_services
+
+log = structlog.get_logger("sidecar")
+# In-flight checks and streams get this long to finish after SIGTERM.
+DRAIN_SECONDS = 10.0
+
+
+async def serve(config_path: Path, grpc_addr: str | None, http_addr: str | None) -> None:
+    services = await build_services(config_path)
+    listen = services.ruleset.config.listen
+    grpc_addr = grpc_addr or listen.grpc
+    http_addr = http_addr or listen.http
+
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
+        AuthorizationServicer(services.engine), server)
+    external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
+        ExternalProcessorServicer(services.engine), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    server.add_insecure_port(grpc_addr)
+    await server.start()
+    for name in ("", "envoy.service.auth.v3.Authorization",
+                 "envoy.service.ext_proc.v3.ExternalProcessor"):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    host, _, port = http_addr.rpartition(":")
+    http = uvicorn.Server(uvicorn.Config(
+        create_app(services), host=host.strip("[]"), port=int(port), log_level="warning",
+        access_log=False, lifespan="off",
+    ))
+    # uvicorn installs its own signal handlers; this process owns them instead.
+    http.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    services.start_background()
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, services.reload)
+    http_task = loop.create_task(http.serve())
+    log.info("serving", grpc=grpc_addr, http=http_addr, store=services.ruleset.config.store.url
+             .split("@")[-1], config=str(config_path), version=services.ruleset.version)
+    await stop.wait()
+
+    log.info("draining", seconds=DRAIN_SECONDS)
+    services.draining = True
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(DRAIN_SECONDS)
+    http.should_exit = True
+    with contextlib.suppress(asyncio.CancelledError):
+        await http_task
+    await services.close()
+    log.info("stopped")
+
+
+def run(config_path: Path, grpc_addr: str | None, http_addr: str | None) -> None:
+    asyncio.run(serve(config_path, grpc_addr, http_addr))
+
+

@@ -1,0 +1,120 @@
+"""Everything a running sidecar holds, built once per process and shared by both servers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from sidecar.config.loader import ConfigError, load_config
+from sidecar.config.ruleset import RuleSet, RuleSetHolder, build_ruleset
+from sidecar.engine import Engine
+from sidecar.identity.authenticate import Authenticator
+from sidecar.identity.jwks import JwksCache
+from sidecar.identity.jwt_verify import IssuerPolicy, JwtVerifier
+from sidecar.identity.service_tokens import ServiceTokens
+from sidecar.store.base import Store
+from sidecar.store.factory import open_store
+
+log = structlog.get_logger("sidecar")
+
+
+class Identities:
+    """Builds the authenticator for a rule set, keeping JWKS caches across reloads."""
+
+    def __init__(self, service_tokens: ServiceTokens) -> None:
+        self._service_tokens = service_tokens
+        self._jwks: dict[tuple[str | None, str | None], JwksCache] = {}
+        self._built: tuple[str, Authenticator] | None = None
+        self.extra_issuers: list[IssuerPolicy] = []
+
+    def jwks(self, url: str | None, file: str | None, floor: float, max_age: float) -> JwksCache:
+        key = (url, file)
+        if key not in self._jwks:
+            self._jwks[key] = JwksCache(url=url, file=file, refresh_floor_seconds=floor,
+                                        cache_seconds=max_age)
+        return self._jwks[key]
+
+    def __call__(self, rs: RuleSet) -> Authenticator:
+        if self._built is not None and self._built[0] == rs.version:
+            return self._built[1]
+        policies = [
+            IssuerPolicy(
+                issuer=i.issuer, audiences=i.audiences, algorithms=i.algorithms,
+                groups_claim=i.groups_claim, leeway_seconds=i.leeway_seconds,
+                keys=self.jwks(i.jwks_url, i.jwks_file, i.refresh_floor_seconds,
+                               i.cache_seconds),
+            )
+            for i in rs.config.identity.jwt.issuers
+        ]
+        verifier = JwtVerifier([*policies, *self.extra_issuers], rs.directory)
+        tokens = self._service_tokens if rs.config.identity.service_tokens.enabled else None
+        auth = Authenticator(verifier, tokens)
+        self._built = (rs.version, auth)
+        return auth
+
+
+@dataclass
+class Services:
+    config_path: Path
+    holder: RuleSetHolder
+    store: Store
+    service_tokens: ServiceTokens
+    identities: Identities
+    engine: Engine
+    started_at: float = field(default_factory=time.time)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    store_healthy: bool = True
+    draining: bool = False
+
+    @property
+    def ruleset(self) -> RuleSet:
+        return self.holder.current
+
+    def reload(self) -> bool:
+        """Load the file again; a bad file leaves the last good rule set serving."""
+        try:
+            text = self.config_path.read_text(encoding="utf-8")
+            ruleset = build_ruleset(load_config(self.config_path), source_text=text)
+        except (ConfigError, OSError, ValueError) as exc:
+            self.holder.last_error = str(exc)
+            log.error("config_reload_failed", path=str(self.config_path), error=str(exc))
+            return False
+        self.holder.swap(ruleset)
+        log.info("config_reloaded", path=str(self.config_path), version=ruleset.version)
+        return True
+
+    async def _settle_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                await self.store.settle_expired(time.time())
+                self.store_healthy = True
+            except Exception as exc:  # keep the loop alive whatever the store does
+                self.store_healthy = False
+                log.warning("settle_failed", error=str(exc))
+
+    def start_background(self) -> None:
+        self.tasks.append(asyncio.get_running_loop().create_task(self._settle_loop()))
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.store.close()
+
+
+async def build_services(config_path: Path) -> Services:
+    text = config_path.read_text(encoding="utf-8")
+    ruleset = build_ruleset(load_config(config_path), source_text=text)
+    holder = RuleSetHolder(ruleset)
+    store = await open_store(ruleset.config.store.url)
+    tokens = ServiceTokens(store)
+    identities = Identities(tokens)
+    engine = Engine(holder, store, identities, on_store_error=ruleset.config.store.on_error)
+    return Services(config_path, holder, store, tokens, identities, engine)

@@ -1,0 +1,1 @@
+"""Persistence behind one small Protocol, with SQLite (embedded) and Redis (distributed) backends."""

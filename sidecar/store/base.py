@@ -1,0 +1,74 @@
+"""The store Protocol every backend implements, and the errors it may raise."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from sidecar.model import TokenUsage
+from sidecar.store.budget_types import (
+    BucketState,
+    BucketView,
+    CommitResult,
+    LedgerRow,
+    ReserveRequest,
+    ReserveResult,
+)
+
+Doc = dict[str, Any]
+
+
+class StoreUnavailable(Exception):
+    """The backend could not be reached or timed out; transient by nature."""
+
+
+class Store(Protocol):
+    """Everything the sidecar keeps outside one process.
+
+    Documents are small JSON objects in named collections (service tokens, runtime rules,
+    device codes, signing keys); budgets and the ledger have their own atomic operations so
+    each decision costs one round trip.
+    """
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> bool: ...
+
+    # -- documents ---------------------------------------------------------------------
+    async def get_doc(self, collection: str, key: str) -> Doc | None: ...
+
+    async def put_doc(
+        self, collection: str, key: str, doc: Doc, ttl_seconds: int | None = None
+    ) -> None: ...
+
+    async def delete_doc(self, collection: str, key: str) -> bool: ...
+
+    async def list_docs(self, collection: str) -> list[Doc]: ...
+
+    async def swap_doc(
+        self, collection: str, key: str, expected: Doc | None, new: Doc | None,
+        ttl_seconds: int | None = None,
+    ) -> bool:
+        """Atomically replace `expected` (None: absent) by `new` (None: delete)."""
+        ...
+
+    async def incr(self, key: str, amount: int, ttl_seconds: int) -> int:
+        """A counter that expires `ttl_seconds` after its first increment."""
+        ...
+
+    # -- budgets -----------------------------------------------------------------------
+    async def reserve(self, request: ReserveRequest) -> ReserveResult: ...
+
+    async def commit(
+        self, request_id: str, actual_micros: int, usage: TokenUsage, now: float
+    ) -> CommitResult:
+        """Replace the reservation by the actual cost, once; a late commit adjusts the charge."""
+        ...
+
+    async def bucket_states(self, buckets: list[BucketView], now: float) -> list[BucketState]: ...
+
+    async def settle_expired(self, now: float, limit: int = 500) -> int: ...
+
+    # -- ledger ------------------------------------------------------------------------
+    async def ledger_rows(self, start_hour: int, end_hour: int) -> list[LedgerRow]: ...

@@ -1,0 +1,84 @@
+"""Values exchanged with a store's budget and ledger operations (all money in µUSD)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+AdmissionMode = Literal["reserve", "optimistic"]
+
+
+@dataclass(frozen=True, slots=True)
+class BucketView:
+    """One budget bucket as the store needs to see it at one instant.
+
+    Spend lives in slots keyed by their start time; the bucket's spend is the sum of slots
+    with id >= `since`. A fixed window is one slot (its start), a rolling window many.
+    """
+
+    key: str
+    slot: int
+    since: int
+    ttl_seconds: int
+    limit: int
+    # Monitor rules count spend but never refuse a request.
+    enforce: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerDims:
+    user: str = ""
+    groups: tuple[str, ...] = ()
+    token: str = ""
+    kind: str = ""
+    model: str = ""
+    provider: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveRequest:
+    request_id: str
+    buckets: tuple[BucketView, ...]
+    amount: int
+    mode: AdmissionMode
+    now: float
+    expires_at: float
+    dims: LedgerDims = LedgerDims()
+
+
+@dataclass(frozen=True, slots=True)
+class BucketState:
+    spent: int
+    reserved: int
+    slots: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveResult:
+    admitted: bool
+    # Indices (into the request's buckets) of enforced buckets without room.
+    failed: tuple[int, ...]
+    # Spent and reserved per bucket as seen by the decision (after it, when admitted).
+    states: tuple[BucketState, ...]
+    # The request id had already been reserved: nothing was changed.
+    duplicate: bool = False
+
+
+CommitStatus = Literal["committed", "duplicate", "late", "unknown"]
+
+
+@dataclass(frozen=True, slots=True)
+class CommitResult:
+    status: CommitStatus
+    # What the reservation had held back (0 when unknown).
+    estimate: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerRow:
+    hour: int
+    dims: LedgerDims
+    cost: int
+    requests: int
+    input_tokens: int
+    output_tokens: int

@@ -1,0 +1,294 @@
+"""The distributed store: budgets, ledger and documents in Redis, shared by every replica.
+
+Each budget decision is one Lua script call (EVALSHA, reloaded by redis-py when Redis has
+forgotten the script), so a decision is one atomic step and one round trip; the scripts and
+the data layout are documented in `sidecar/budget/lua/`. Key names come from
+`sidecar.store.redis_keys.redis_key`; all budget keys share one hash tag, which keeps the
+scripts valid in Redis Cluster and pins budget state to one shard.
+
+Amounts travel to Lua as decimal strings and come back as integers; Lua computes with
+doubles, so amounts are exact up to 2^53 µUSD (about $9 billion).
+
+Semantics follow the SQLite store exactly, with two deliberate differences in retention:
+done reservations are kept 7 days after they finish (SQLite: after they were created), and
+ledger hours are kept 400 days after their last write (SQLite: forever).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib.resources import files
+from typing import cast
+
+import redis.asyncio as aioredis
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ReadOnlyError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from sidecar.model import TokenUsage
+from sidecar.store.base import Doc, StoreUnavailable
+from sidecar.store.budget_types import (
+    BucketState,
+    BucketView,
+    CommitResult,
+    LedgerDims,
+    LedgerRow,
+    ReserveRequest,
+    ReserveResult,
+)
+from sidecar.store.redis_keys import DEFAULT_PREFIX, KeyKind, check_prefix, redis_key
+
+# Committed and expired reservations are kept this long so late or duplicate completions
+# are recognised instead of charged twice.
+_DONE_RETENTION_SECONDS = 7 * 24 * 3600
+# Usage reports look back a year; a little more so a full year is always there.
+_LEDGER_RETENTION_SECONDS = 400 * 24 * 3600
+# Same as the SQLite store: bounded so one reserve never does unbounded catch-up work.
+_SETTLE_ON_RESERVE = 100
+# Dead slot fields dropped per settle_expired call; the rest go on the next call.
+_SLOT_PRUNE_BATCH = 1000
+# A hold must outlive its reservation by a margin, because expired reservations are only
+# settled when the next reserve or settle_expired runs.
+_HOLD_GRACE_SECONDS = 3600
+
+# A failover turns the old primary read-only: as transient as a dropped connection.
+_TRANSIENT = (RedisConnectionError, RedisTimeoutError, ReadOnlyError)
+
+
+def _lua(name: str) -> str:
+    return files("sidecar.budget").joinpath("lua", name).read_text(encoding="utf-8")
+
+
+def _budget_script(name: str) -> str:
+    # Redis scripts cannot call each other; the shared helpers are prepended instead. The
+    # first line names the script, for whoever finds it in SCRIPT or SLOWLOG output.
+    return f"-- {name}, after budget_lib.lua\n{_lua('budget_lib.lua')}\n{_lua(name)}"
+
+
+def _dims_json(dims: LedgerDims) -> str:
+    # The same JSON array the SQLite store keeps; here it is part of the ledger field name.
+    return json.dumps([dims.user, list(dims.groups), dims.token, dims.kind, dims.model,
+                       dims.provider])
+
+
+def _dims_from_json(text: str) -> LedgerDims:
+    user, groups, token, kind, model, provider = json.loads(text)
+    return LedgerDims(user, tuple(groups), token, kind, model, provider)
+
+
+def _canonical(doc: Doc) -> str:
+    # swap_doc compares stored strings, so one document must always serialize one way.
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"))
+
+
+@contextmanager
+def _guard() -> Iterator[None]:
+    try:
+        yield
+    except _TRANSIENT as exc:
+        raise StoreUnavailable(f"redis: {exc}") from exc
+
+
+class RedisStore:
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        connect_timeout: float = 2.0,
+        op_timeout: float = 2.0,
+        health_check_interval: int = 15,
+    ) -> None:
+        self._prefix = check_prefix(prefix)
+        # One retry: enough to replace a pooled connection Redis closed while idle, short
+        # enough that a dead Redis fails the decision fast. Retrying a script is safe,
+        # because reserve and commit are idempotent per request id.
+        self._r: aioredis.Redis = aioredis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_connect_timeout=connect_timeout,
+            socket_timeout=op_timeout,
+            health_check_interval=health_check_interval,
+            retry=Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.1), retries=1),
+        )
+        self._reserve: AsyncScript = self._r.register_script(_budget_script("reserve.lua"))
+        self._commit: AsyncScript = self._r.register_script(_budget_script("commit.lua"))
+        self._settle: AsyncScript = self._r.register_script(_budget_script("settle.lua"))
+        self._swap: AsyncScript = self._r.register_script(_lua("swap_doc.lua"))
+        self._list: AsyncScript = self._r.register_script(_lua("list_docs.lua"))
+
+    def _key(self, kind: KeyKind, *parts: str | int) -> str:
+        return redis_key(self._prefix, kind, *parts)
+
+    # -- plumbing ----------------------------------------------------------------------
+    async def open(self) -> None:
+        # Connections are made on first use: a replica must be able to start while Redis
+        # is down (fail_open), and readiness is reported by ping().
+        return None
+
+    async def close(self) -> None:
+        await self._r.aclose()
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self._r.ping())
+        except (RedisError, OSError):
+            return False
+
+    async def flush_for_tests(self) -> None:
+        """Empty the whole database; only for test fixtures that own their Redis."""
+        with _guard():
+            await self._r.flushdb()
+
+    # -- documents ---------------------------------------------------------------------
+    async def get_doc(self, collection: str, key: str) -> Doc | None:
+        with _guard():
+            raw = await self._r.get(self._key("doc", collection, key))
+        return None if raw is None else dict(json.loads(raw))
+
+    async def put_doc(
+        self, collection: str, key: str, doc: Doc, ttl_seconds: int | None = None
+    ) -> None:
+        doc_key, index = self._key("doc", collection, key), self._key("docs", collection)
+        with _guard():
+            async with self._r.pipeline(transaction=True) as pipe:
+                if ttl_seconds is not None and ttl_seconds <= 0:
+                    # Already expired: Redis refuses a zero TTL, and the doc must not show.
+                    pipe.delete(doc_key)
+                    pipe.srem(index, doc_key)
+                else:
+                    pipe.set(doc_key, _canonical(doc), ex=ttl_seconds)
+                    pipe.sadd(index, doc_key)
+                await pipe.execute()
+
+    async def delete_doc(self, collection: str, key: str) -> bool:
+        doc_key, index = self._key("doc", collection, key), self._key("docs", collection)
+        with _guard():
+            async with self._r.pipeline(transaction=True) as pipe:
+                pipe.delete(doc_key)
+                pipe.srem(index, doc_key)
+                deleted, _ = await pipe.execute()
+        return int(deleted) > 0
+
+    async def list_docs(self, collection: str) -> list[Doc]:
+        with _guard():
+            flat = await self._list(keys=[self._key("docs", collection)])
+        pairs = sorted(zip(flat[::2], flat[1::2], strict=True))
+        return [dict(json.loads(doc)) for _, doc in pairs]
+
+    async def swap_doc(
+        self, collection: str, key: str, expected: Doc | None, new: Doc | None,
+        ttl_seconds: int | None = None,
+    ) -> bool:
+        if new is not None and ttl_seconds is not None and ttl_seconds <= 0:
+            new = None  # written already expired: the same as deleting it
+        args = [
+            "" if expected is None else _canonical(expected),
+            "0" if new is None else "1",
+            "" if new is None else _canonical(new),
+            "" if ttl_seconds is None else str(ttl_seconds),
+        ]
+        keys = [self._key("doc", collection, key), self._key("docs", collection)]
+        with _guard():
+            return int(await self._swap(keys=keys, args=args)) == 1
+
+    async def incr(self, key: str, amount: int, ttl_seconds: int) -> int:
+        counter = self._key("counter", key)
+        with _guard():
+            async with self._r.pipeline(transaction=True) as pipe:
+                pipe.incrby(counter, amount)
+                # NX: the window starts at the first increment and later ones don't extend it.
+                pipe.expire(counter, ttl_seconds, nx=True)
+                value, _ = await pipe.execute()
+        return int(value)
+
+    # -- budgets -----------------------------------------------------------------------
+    def _budget_keys(self) -> list[str]:
+        return [self._key("open"), self._key("slots"), self._key("hours")]
+
+    async def reserve(self, request: ReserveRequest) -> ReserveResult:
+        hour = int(request.now) // 3600 * 3600
+        bucket_keys = [self._key("bucket", b.key) for b in request.buckets]
+        record = [[k, b.slot, b.slot + b.ttl_seconds, b.ttl_seconds]
+                  for k, b in zip(bucket_keys, request.buckets, strict=True)]
+        hold_for = math.ceil(request.expires_at - request.now) + _HOLD_GRACE_SECONDS
+        args: list[str | int] = [
+            repr(float(request.now)), _SETTLE_ON_RESERVE, str(request.amount), request.mode,
+            repr(float(request.expires_at)), hour, self._key("ledger", hour),
+            _dims_json(request.dims), json.dumps(record), _LEDGER_RETENTION_SECONDS,
+            _DONE_RETENTION_SECONDS,
+        ]
+        for b in request.buckets:
+            args += [b.since, str(b.limit), 1 if b.enforce else 0, max(b.ttl_seconds, hold_for)]
+        keys = [*self._budget_keys(), self._key("reservation", request.request_id),
+                *bucket_keys]
+        with _guard():
+            admitted, duplicate, failed, spent, reserved = await self._reserve(
+                keys=keys, args=args)
+        states = tuple(BucketState(int(s), int(r)) for s, r in zip(spent, reserved, strict=True))
+        return ReserveResult(bool(admitted), tuple(int(i) for i in failed), states,
+                             duplicate=bool(duplicate))
+
+    async def commit(
+        self, request_id: str, actual_micros: int, usage: TokenUsage, now: float
+    ) -> CommitResult:
+        open_key, slots, hours = self._budget_keys()
+        keys = [self._key("reservation", request_id), open_key, slots, hours]
+        args: list[str | int] = [
+            str(actual_micros), str(usage.total_input), str(usage.output_tokens),
+            _LEDGER_RETENTION_SECONDS, _DONE_RETENTION_SECONDS,
+        ]
+        with _guard():
+            status, estimate = await self._commit(keys=keys, args=args)
+        return CommitResult(status, int(estimate))
+
+    async def bucket_states(self, buckets: list[BucketView], now: float) -> list[BucketState]:
+        # A plain read: no decision depends on it being one atomic snapshot.
+        with _guard():
+            async with self._r.pipeline(transaction=False) as pipe:
+                for b in buckets:
+                    pipe.hgetall(self._key("bucket", b.key))
+                hashes: list[dict[str, str]] = await pipe.execute()
+        states = []
+        for b, fields in zip(buckets, hashes, strict=True):
+            slots = {int(f): int(v) for f, v in fields.items() if f != "r" and int(f) >= b.since}
+            states.append(BucketState(sum(slots.values()), int(fields.get("r", 0)), slots))
+        return states
+
+    async def settle_expired(self, now: float, limit: int = 500) -> int:
+        oldest_hour = (int(now) - _LEDGER_RETENTION_SECONDS) // 3600 * 3600
+        args: list[str | int] = [
+            repr(float(now)), limit, int(now), _SLOT_PRUNE_BATCH, _LEDGER_RETENTION_SECONDS,
+            _DONE_RETENTION_SECONDS, oldest_hour,
+        ]
+        with _guard():
+            return int(await self._settle(keys=self._budget_keys(), args=args))
+
+    # -- ledger ------------------------------------------------------------------------
+    async def ledger_rows(self, start_hour: int, end_hour: int) -> list[LedgerRow]:
+        with _guard():
+            members = cast(list[str], await self._r.zrangebyscore(
+                self._key("hours"), start_hour, f"({end_hour}"))
+            hours = [int(h) for h in members]
+            async with self._r.pipeline(transaction=False) as pipe:
+                for hour in hours:
+                    pipe.hgetall(self._key("ledger", hour))
+                hashes: list[dict[str, str]] = await pipe.execute()
+        rows = []
+        for hour, fields in zip(hours, hashes, strict=True):
+            totals: dict[str, dict[str, int]] = {}
+            for field, value in fields.items():
+                measure, dims = field.split("|", 1)
+                totals.setdefault(dims, {})[measure] = int(value)
+            rows += [
+                LedgerRow(hour, _dims_from_json(dims), t.get("c", 0), t.get("n", 0),
+                          t.get("i", 0), t.get("o", 0))
+                for dims, t in sorted(totals.items())
+            ]
+        return rows

@@ -1,0 +1,384 @@
+"""The embedded store: one SQLite file, safe with several worker processes.
+
+Every operation runs on one dedicated thread per process (sqlite3 connections are not
+shareable across threads, and the event loop must never wait on disk). Budget operations run
+inside `BEGIN IMMEDIATE`, which takes SQLite's write lock up front, so reservations from
+several processes serialize instead of racing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+from sidecar.model import TokenUsage
+from sidecar.store.base import Doc, StoreUnavailable
+from sidecar.store.budget_types import (
+    BucketState,
+    BucketView,
+    CommitResult,
+    LedgerDims,
+    LedgerRow,
+    ReserveRequest,
+    ReserveResult,
+)
+
+T = TypeVar("T")
+
+# Committed and expired reservations are kept this long so late or duplicate completions
+# are recognised instead of charged twice.
+_DONE_RETENTION_SECONDS = 7 * 24 * 3600
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS docs (
+  collection TEXT NOT NULL, key TEXT NOT NULL, doc TEXT NOT NULL, expires_at REAL,
+  PRIMARY KEY (collection, key));
+CREATE TABLE IF NOT EXISTS counters (key TEXT PRIMARY KEY, value INTEGER NOT NULL,
+  expires_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS slots (bucket TEXT NOT NULL, slot INTEGER NOT NULL,
+  amount INTEGER NOT NULL, expires_at INTEGER NOT NULL, PRIMARY KEY (bucket, slot));
+CREATE TABLE IF NOT EXISTS reserved (bucket TEXT PRIMARY KEY, amount INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS reservations (
+  request_id TEXT PRIMARY KEY, state TEXT NOT NULL, estimate INTEGER NOT NULL,
+  held INTEGER NOT NULL, expires_at REAL NOT NULL, created_at REAL NOT NULL,
+  buckets TEXT NOT NULL, dims TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS reservations_open ON reservations (state, expires_at);
+CREATE TABLE IF NOT EXISTS ledger (
+  hour INTEGER NOT NULL, user TEXT NOT NULL, groups TEXT NOT NULL, token TEXT NOT NULL,
+  kind TEXT NOT NULL, model TEXT NOT NULL, provider TEXT NOT NULL,
+  cost INTEGER NOT NULL, requests INTEGER NOT NULL,
+  input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,
+  PRIMARY KEY (hour, user, groups, token, kind, model, provider));
+"""
+
+
+def _path_from_url(url: str) -> str:
+    path = url.removeprefix("sqlite:///")
+    if not path:
+        raise ValueError("sqlite URL needs a path: sqlite:///./sidecar.db")
+    return path
+
+
+def dims_to_json(dims: LedgerDims) -> str:
+    return json.dumps([dims.user, list(dims.groups), dims.token, dims.kind, dims.model,
+                       dims.provider])
+
+
+def dims_from_json(text: str) -> LedgerDims:
+    user, groups, token, kind, model, provider = json.loads(text)
+    return LedgerDims(user, tuple(groups), token, kind, model, provider)
+
+
+class SQLiteStore:
+    def __init__(self, url: str) -> None:
+        self._path = _path_from_url(url)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
+        self._conn: sqlite3.Connection | None = None
+
+    # -- plumbing ----------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self._path, isolation_level=None, timeout=10.0)
+        conn.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode is durable against process crashes, which is what we promise.
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA busy_timeout=10000")
+        conn.executescript(_SCHEMA)
+        return conn
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def call() -> T:
+            if self._conn is None:
+                self._conn = self._connect()
+            try:
+                return fn(self._conn)
+            except sqlite3.OperationalError as exc:
+                raise StoreUnavailable(f"sqlite: {exc}") from exc
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    async def _tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def body(conn: sqlite3.Connection) -> T:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return result
+
+        return await self._run(body)
+
+    async def open(self) -> None:
+        await self._run(lambda conn: None)
+
+    async def close(self) -> None:
+        def shut(conn: sqlite3.Connection) -> None:
+            conn.close()
+            self._conn = None
+
+        if self._conn is not None:
+            await self._run(shut)
+        self._executor.shutdown(wait=True)
+
+    async def ping(self) -> bool:
+        try:
+            await self._run(lambda conn: conn.execute("SELECT 1").fetchone())
+        except StoreUnavailable:
+            return False
+        return True
+
+    # -- documents ---------------------------------------------------------------------
+    async def get_doc(self, collection: str, key: str) -> Doc | None:
+        def get(conn: sqlite3.Connection) -> Doc | None:
+            row = conn.execute(
+                "SELECT doc FROM docs WHERE collection=? AND key=? "
+                "AND (expires_at IS NULL OR expires_at > ?)",
+                (collection, key, time.time()),
+            ).fetchone()
+            return None if row is None else dict(json.loads(row[0]))
+
+        return await self._run(get)
+
+    async def put_doc(
+        self, collection: str, key: str, doc: Doc, ttl_seconds: int | None = None
+    ) -> None:
+        expires = None if ttl_seconds is None else time.time() + ttl_seconds
+        await self._run(lambda conn: conn.execute(
+            "INSERT OR REPLACE INTO docs VALUES (?, ?, ?, ?)",
+            (collection, key, json.dumps(doc, sort_keys=True), expires),
+        ))
+
+    async def delete_doc(self, collection: str, key: str) -> bool:
+        def delete(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute("DELETE FROM docs WHERE collection=? AND key=?", (collection, key))
+            return cur.rowcount > 0
+
+        return await self._run(delete)
+
+    async def list_docs(self, collection: str) -> list[Doc]:
+        def scan(conn: sqlite3.Connection) -> list[Doc]:
+            rows = conn.execute(
+                "SELECT doc FROM docs WHERE collection=? "
+                "AND (expires_at IS NULL OR expires_at > ?) ORDER BY key",
+                (collection, time.time()),
+            ).fetchall()
+            return [dict(json.loads(r[0])) for r in rows]
+
+        return await self._run(scan)
+
+    async def swap_doc(
+        self, collection: str, key: str, expected: Doc | None, new: Doc | None,
+        ttl_seconds: int | None = None,
+    ) -> bool:
+        def swap(conn: sqlite3.Connection) -> bool:
+            row = conn.execute(
+                "SELECT doc FROM docs WHERE collection=? AND key=? "
+                "AND (expires_at IS NULL OR expires_at > ?)",
+                (collection, key, time.time()),
+            ).fetchone()
+            current = None if row is None else json.loads(row[0])
+            if current != expected:
+                return False
+            if new is None:
+                conn.execute("DELETE FROM docs WHERE collection=? AND key=?", (collection, key))
+            else:
+                expires = None if ttl_seconds is None else time.time() + ttl_seconds
+                conn.execute(
+                    "INSERT OR REPLACE INTO docs VALUES (?, ?, ?, ?)",
+                    (collection, key, json.dumps(new, sort_keys=True), expires),
+                )
+            return True
+
+        return await self._tx(swap)
+
+    async def incr(self, key: str, amount: int, ttl_seconds: int) -> int:
+        def bump(conn: sqlite3.Connection) -> int:
+            now = time.time()
+            conn.execute("DELETE FROM counters WHERE key=? AND expires_at <= ?", (key, now))
+            conn.execute(
+                "INSERT INTO counters VALUES (?, ?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = value + excluded.value",
+                (key, amount, now + ttl_seconds),
+            )
+            row = conn.execute("SELECT value FROM counters WHERE key=?", (key,)).fetchone()
+            return int(row[0])
+
+        return await self._tx(bump)
+
+    # -- budgets -----------------------------------------------------------------------
+    @staticmethod
+    def _state(conn: sqlite3.Connection, bucket: BucketView, with_slots: bool) -> BucketState:
+        if with_slots:
+            rows = conn.execute(
+                "SELECT slot, amount FROM slots WHERE bucket=? AND slot>=?",
+                (bucket.key, bucket.since),
+            ).fetchall()
+            slots = {int(s): int(a) for s, a in rows}
+            spent = sum(slots.values())
+        else:
+            slots = {}
+            spent = int(conn.execute(
+                "SELECT COALESCE(SUM(amount), 0) FROM slots WHERE bucket=? AND slot>=?",
+                (bucket.key, bucket.since),
+            ).fetchone()[0])
+        row = conn.execute("SELECT amount FROM reserved WHERE bucket=?", (bucket.key,)).fetchone()
+        return BucketState(spent=spent, reserved=int(row[0]) if row else 0, slots=slots)
+
+    @staticmethod
+    def _add_slot(conn: sqlite3.Connection, key: str, slot: int, amount: int, expires: int) -> None:
+        conn.execute(
+            "INSERT INTO slots VALUES (?, ?, ?, ?) ON CONFLICT(bucket, slot) DO UPDATE SET "
+            "amount = amount + excluded.amount, "
+            "expires_at = MAX(expires_at, excluded.expires_at)",
+            (key, slot, amount, expires),
+        )
+
+    @staticmethod
+    def _add_reserved(conn: sqlite3.Connection, key: str, amount: int) -> None:
+        conn.execute(
+            "INSERT INTO reserved VALUES (?, ?) ON CONFLICT(bucket) DO UPDATE SET "
+            "amount = amount + excluded.amount",
+            (key, amount),
+        )
+
+    @staticmethod
+    def _add_ledger(
+        conn: sqlite3.Connection, hour: int, dims_json: str, cost: int, requests: int,
+        usage: TokenUsage,
+    ) -> None:
+        user, groups, token, kind, model, provider = json.loads(dims_json)
+        conn.execute(
+            "INSERT INTO ledger VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(hour, user, groups, token, kind, model, provider) DO UPDATE SET "
+            "cost = cost + excluded.cost, requests = requests + excluded.requests, "
+            "input_tokens = input_tokens + excluded.input_tokens, "
+            "output_tokens = output_tokens + excluded.output_tokens",
+            (hour, user, json.dumps(groups), token, kind, model, provider, cost, requests,
+             usage.total_input, usage.output_tokens),
+        )
+
+    def _settle(self, conn: sqlite3.Connection, now: float, limit: int) -> int:
+        rows = conn.execute(
+            "SELECT request_id, estimate, held, buckets, dims, created_at FROM reservations "
+            "WHERE state='open' AND expires_at <= ? ORDER BY expires_at LIMIT ?",
+            (now, limit),
+        ).fetchall()
+        for request_id, estimate, held, buckets_json, dims_json, created in rows:
+            # Never completed: the request may well have cost money, so it pays its estimate.
+            for key, slot, expires in json.loads(buckets_json):
+                self._add_reserved(conn, key, -held)
+                self._add_slot(conn, key, slot, estimate, expires)
+            self._add_ledger(conn, int(created) // 3600 * 3600, dims_json, estimate, 1,
+                             TokenUsage())
+            conn.execute("UPDATE reservations SET state='expired' WHERE request_id=?",
+                         (request_id,))
+        if rows:
+            conn.execute("DELETE FROM reserved WHERE amount = 0")
+        return len(rows)
+
+    def _housekeep(self, conn: sqlite3.Connection, now: float) -> None:
+        conn.execute("DELETE FROM slots WHERE expires_at < ?", (int(now),))
+        conn.execute("DELETE FROM reservations WHERE state != 'open' AND created_at < ?",
+                     (now - _DONE_RETENTION_SECONDS,))
+        conn.execute("DELETE FROM docs WHERE expires_at IS NOT NULL AND expires_at < ?", (now,))
+        conn.execute("DELETE FROM counters WHERE expires_at < ?", (now,))
+
+    async def reserve(self, request: ReserveRequest) -> ReserveResult:
+        def reserve(conn: sqlite3.Connection) -> ReserveResult:
+            self._settle(conn, request.now, 100)
+            dup = conn.execute("SELECT 1 FROM reservations WHERE request_id=?",
+                               (request.request_id,)).fetchone()
+            states = [self._state(conn, b, with_slots=False) for b in request.buckets]
+            if dup is not None:
+                return ReserveResult(True, (), tuple(states), duplicate=True)
+            failed = tuple(
+                i for i, (b, s) in enumerate(zip(request.buckets, states, strict=True))
+                if b.enforce and (
+                    s.spent + s.reserved + request.amount > b.limit
+                    if request.mode == "reserve" else s.spent >= b.limit
+                )
+            )
+            if failed:
+                return ReserveResult(False, failed, tuple(states))
+            held = request.amount if request.mode == "reserve" else 0
+            buckets = [[b.key, b.slot, b.slot + b.ttl_seconds] for b in request.buckets]
+            conn.execute(
+                "INSERT INTO reservations VALUES (?, 'open', ?, ?, ?, ?, ?, ?)",
+                (request.request_id, request.amount, held, request.expires_at, request.now,
+                 json.dumps(buckets), dims_to_json(request.dims)),
+            )
+            if held:
+                for b in request.buckets:
+                    self._add_reserved(conn, b.key, held)
+            after = tuple(BucketState(s.spent, s.reserved + held) for s in states)
+            return ReserveResult(True, (), after)
+
+        return await self._tx(reserve)
+
+    async def commit(
+        self, request_id: str, actual_micros: int, usage: TokenUsage, now: float
+    ) -> CommitResult:
+        def commit(conn: sqlite3.Connection) -> CommitResult:
+            row = conn.execute(
+                "SELECT state, estimate, held, buckets, dims, created_at FROM reservations "
+                "WHERE request_id=?", (request_id,),
+            ).fetchone()
+            if row is None:
+                return CommitResult("unknown")
+            state, estimate, held, buckets_json, dims_json, created = row
+            if state == "committed":
+                return CommitResult("duplicate", estimate)
+            # An expired reservation already paid its estimate: charge only the difference.
+            delta = actual_micros if state == "open" else actual_micros - estimate
+            for key, slot, expires in json.loads(buckets_json):
+                if state == "open" and held:
+                    self._add_reserved(conn, key, -held)
+                self._add_slot(conn, key, slot, delta, expires)
+            conn.execute("DELETE FROM reserved WHERE amount = 0")
+            self._add_ledger(conn, int(created) // 3600 * 3600, dims_json, delta,
+                             1 if state == "open" else 0, usage)
+            conn.execute("UPDATE reservations SET state='committed' WHERE request_id=?",
+                         (request_id,))
+            return CommitResult("committed" if state == "open" else "late", estimate)
+
+        return await self._tx(commit)
+
+    async def bucket_states(self, buckets: list[BucketView], now: float) -> list[BucketState]:
+        def read(conn: sqlite3.Connection) -> list[BucketState]:
+            return [self._state(conn, b, with_slots=True) for b in buckets]
+
+        return await self._run(read)
+
+    async def settle_expired(self, now: float, limit: int = 500) -> int:
+        def settle(conn: sqlite3.Connection) -> int:
+            count = self._settle(conn, now, limit)
+            self._housekeep(conn, now)
+            return count
+
+        return await self._tx(settle)
+
+    # -- ledger ------------------------------------------------------------------------
+    async def ledger_rows(self, start_hour: int, end_hour: int) -> list[LedgerRow]:
+        def scan(conn: sqlite3.Connection) -> list[LedgerRow]:
+            rows = conn.execute(
+                "SELECT hour, user, groups, token, kind, model, provider, cost, requests, "
+                "input_tokens, output_tokens FROM ledger WHERE hour >= ? AND hour < ? "
+                "ORDER BY hour", (start_hour, end_hour),
+            ).fetchall()
+            return [
+                LedgerRow(int(r[0]), LedgerDims(r[1], tuple(json.loads(r[2])), r[3], r[4], r[5],
+                                                r[6]), int(r[7]), int(r[8]), int(r[9]), int(r[10]))
+                for r in rows
+            ]
+
+        return await self._run(scan)
+
+

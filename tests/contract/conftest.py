@@ -1,0 +1,36 @@
+"""Runs every contract test once per store backend, each backend really started."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from sidecar.store.base import Store
+from sidecar.store.factory import open_store
+from sidecar.demo.procs import start_redis
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    proc, port = start_redis(tmp_path_factory.mktemp("redis"))
+    with proc:
+        yield f"redis://127.0.0.1:{port}/0"
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def store(
+    request: pytest.FixtureRequest, tmp_path: Path, redis_url: str
+) -> AsyncIterator[Store]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path}/store.db"
+    else:
+        url = redis_url
+    st = await open_store(url)
+    if request.param == "redis":
+        await st.flush_for_tests()  # type: ignore[attr-defined]
+    try:
+        yield st
+    finally:
+        await st.close()

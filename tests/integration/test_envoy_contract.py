@@ -1,0 +1,591 @@
+"""Envoy contract: deploy/envoy/envoy.yaml end to end against small in-test gRPC servicers.
+
+No sidecar code runs here. A real Envoy loads the deployed config (only addresses changed),
+talks to a minimal ext_authz + ext_proc servicer and forwards to a recording upstream. The
+servicers are deliberately tiny: they show what the sidecar's own servicers must do for
+Envoy to behave as the product needs (allow with headers, deny with a JSON 429, re-route to
+a fallback, rewrite the model in the body, stream SSE through metering), and the tests pin
+the Envoy behaviours those servicers rely on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+import pytest_asyncio
+import uvicorn
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2, external_processor_pb2_grpc
+from envoy.type.v3 import http_status_pb2
+from google.rpc import code_pb2, status_pb2
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from sidecar.demo.envoy_config import DEFAULT_SOURCE, render_envoy_config, write_envoy_config
+from sidecar.demo.procs import LOOPBACK, ManagedProcess, envoy_binary, free_port, start_envoy
+
+# The servers live in a module-scoped fixture, so the tests must share its event loop.
+in_module_loop = pytest.mark.asyncio(loop_scope="module")
+
+# Test knobs, sent by the client. The real sidecar decides from identity and budgets.
+DECISION_HEADER = "x-test-decision"  # allow | deny | fallback
+TEST_ID_HEADER = "x-test-id"  # finds one test's records among the module's
+STALE_LENGTH_HEADER = "x-test-stale-content-length"  # rewrite the body, keep the old length
+SKIP_BODY_HEADER = "x-test-skip-response-body"  # mode_override the response body to NONE
+
+# Client-sent copies of these must never select a route; the Check removes them.
+ROUTING_HEADERS = ("x-sidecar-route", "x-sidecar-provider", "x-sidecar-model")
+FALLBACK_MODEL = "m"
+
+STREAM_EVENTS = 4
+STREAM_GAP_S = 0.5
+
+ProcessingResponse = external_processor_pb2.ProcessingResponse
+
+
+# --- ext_authz ---------------------------------------------------------------------------
+
+
+def header_option(key: str, value: str) -> Any:
+    # Overwrite, never append: a client-sent x-sidecar-email must not survive beside ours.
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=key, value=value),
+        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+    )
+
+
+def allow(set_headers: dict[str, str]) -> Any:
+    return external_auth_pb2.CheckResponse(
+        status=status_pb2.Status(code=code_pb2.OK),
+        ok_response=external_auth_pb2.OkHttpResponse(
+            headers=[header_option(k, v) for k, v in set_headers.items()],
+            # Removing (not just ignoring) client-sent routing headers matters: Envoy chose
+            # the first route from the client's headers, and only a mutation makes
+            # clear_route_cache choose again. Envoy applies removals after sets, so a
+            # header that is set must not be listed here too.
+            headers_to_remove=[h for h in ROUTING_HEADERS if h not in set_headers],
+            response_headers_to_add=[header_option("x-sidecar-budget-remaining", "12.5")],
+        ),
+    )
+
+
+def deny_429() -> Any:
+    body = {
+        "success": False,
+        "error": {"type": "spend_limit_exceeded", "message": "budget used up", "rule": "r"},
+    }
+    return external_auth_pb2.CheckResponse(
+        status=status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED),
+        denied_response=external_auth_pb2.DeniedHttpResponse(
+            status=http_status_pb2.HttpStatus(code=http_status_pb2.TooManyRequests),
+            headers=[
+                header_option("content-type", "application/json"),
+                header_option("retry-after", "30"),
+            ],
+            body=json.dumps(body),
+        ),
+    )
+
+
+class Authorization:
+    """ext_authz `Check`; the answer is chosen by the x-test-decision request header."""
+
+    def __init__(self) -> None:
+        self.checks: list[Any] = []  # AttributeContext.HttpRequest, as Envoy sent it
+
+    async def Check(self, request: Any, context: Any) -> Any:
+        http = request.attributes.request.http
+        self.checks.append(http)
+        decision = http.headers.get(DECISION_HEADER, "allow")
+        if decision == "deny":
+            return deny_429()
+        identity = {"x-sidecar-email": "caller@example.com"}
+        if decision == "fallback":
+            route = {
+                "x-sidecar-route": "fallback",
+                "x-sidecar-provider": "workers-ai",
+                "x-sidecar-model": FALLBACK_MODEL,
+            }
+            return allow(identity | route)
+        return allow(identity)
+
+
+# --- ext_proc ----------------------------------------------------------------------------
+
+
+@dataclass
+class ProcStream:
+    """What one ext_proc stream (one HTTP request) saw."""
+
+    phases: list[str] = field(default_factory=list)
+    request_headers: dict[str, str] = field(default_factory=dict)
+    response_headers: dict[str, str] = field(default_factory=dict)
+    response_chunks: list[bytes] = field(default_factory=list)
+    response_ended: bool = False
+
+
+def headers_of(header_map: Any) -> dict[str, str]:
+    # Envoy 1.40 fills raw_value (bytes) and leaves value empty.
+    return {h.key: h.raw_value.decode() if h.raw_value else h.value for h in header_map.headers}
+
+
+def request_body_answer(stream: ProcStream, body: bytes) -> Any:
+    """Replace the JSON body's `model` when the Check chose a fallback."""
+    new_model = stream.request_headers.get("x-sidecar-model")
+    if stream.request_headers.get("x-sidecar-route") != "fallback" or new_model is None:
+        return external_processor_pb2.BodyResponse()
+    document = json.loads(body)
+    document["model"] = new_model
+    new_body = json.dumps(document).encode()
+    # In BUFFERED mode Envoy still holds the request headers, so the body answer can fix
+    # content-length (removing it instead makes Envoy send the body chunked). Envoy 1.40
+    # reads ext_proc header values from raw_value only.
+    length = base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key="content-length", raw_value=str(len(new_body)).encode())
+    )
+    fix_length = STALE_LENGTH_HEADER not in stream.request_headers
+    return external_processor_pb2.BodyResponse(
+        response=external_processor_pb2.CommonResponse(
+            header_mutation=external_processor_pb2.HeaderMutation(
+                set_headers=[length] if fix_length else []
+            ),
+            body_mutation=external_processor_pb2.BodyMutation(body=new_body),
+        )
+    )
+
+
+def response_headers_answer(stream: ProcStream) -> Any:
+    answer = ProcessingResponse(response_headers=external_processor_pb2.HeadersResponse())
+    if SKIP_BODY_HEADER in stream.request_headers:
+        # What the sidecar does when there is nothing to meter: with allow_mode_override,
+        # Envoy then stops sending this response's body chunks.
+        answer.mode_override.CopyFrom(
+            processing_mode_pb2.ProcessingMode(
+                response_body_mode=processing_mode_pb2.ProcessingMode.NONE
+            )
+        )
+    return answer
+
+
+class ExternalProcessor:
+    """ext_proc `Process`: answers every phase, since Envoy waits for each answer."""
+
+    def __init__(self) -> None:
+        self.streams: list[ProcStream] = []
+
+    async def Process(self, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+        stream = ProcStream()
+        self.streams.append(stream)
+        async for request in requests:
+            phase = request.WhichOneof("request")
+            stream.phases.append(phase)
+            if phase == "request_headers":
+                stream.request_headers = headers_of(request.request_headers.headers)
+                yield ProcessingResponse(request_headers=external_processor_pb2.HeadersResponse())
+            elif phase == "request_body":
+                answer = request_body_answer(stream, request.request_body.body)
+                yield ProcessingResponse(request_body=answer)
+            elif phase == "response_headers":
+                # May be the first message: Envoy's own local replies (a Check's deny, a
+                # 413) pass through ext_proc too, on a stream without request phases.
+                stream.response_headers = headers_of(request.response_headers.headers)
+                yield response_headers_answer(stream)
+            elif phase == "response_body":
+                # STREAMED: one message per chunk as it arrives; the sidecar meters here.
+                stream.response_chunks.append(request.response_body.body)
+                stream.response_ended = request.response_body.end_of_stream
+                yield ProcessingResponse(response_body=external_processor_pb2.BodyResponse())
+            else:
+                # Trailers are SKIP in envoy.yaml; anything else breaks the contract.
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"unexpected {phase}")
+
+
+# --- upstream ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UpstreamRequest:
+    path: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> list[str]:
+        return [v for k, v in self.headers if k == name]
+
+
+def sse_event(index: int) -> bytes:
+    return f"data: {json.dumps({'index': index})}\n\n".encode()
+
+
+def recording_upstream(seen: list[UpstreamRequest]) -> Starlette:
+    async def events() -> AsyncIterator[bytes]:
+        for index in range(STREAM_EVENTS):
+            if index:
+                await asyncio.sleep(STREAM_GAP_S)
+            yield sse_event(index)
+
+    async def handle(request: Request) -> Response:
+        body = await request.body()
+        seen.append(UpstreamRequest(request.url.path, list(request.headers.items()), body))
+        if body.startswith(b"{") and json.loads(body).get("stream"):
+            return StreamingResponse(events(), media_type="text/event-stream")
+        return JSONResponse({"id": "resp-1", "usage": {"prompt_tokens": 3, "completion_tokens": 5}})
+
+    return Starlette(routes=[Route("/{path:path}", handle, methods=["POST"])])
+
+
+class QuietServer(uvicorn.Server):
+    """uvicorn without its SIGINT/SIGTERM handlers, which belong to pytest here."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+# --- the stack ---------------------------------------------------------------------------
+
+
+@dataclass
+class Stack:
+    client: httpx.AsyncClient
+    authz: Authorization
+    ext_proc: ExternalProcessor
+    upstream: list[UpstreamRequest]
+    upstream_port: int
+    envoy: ManagedProcess
+
+    def checks_for(self, test_id: str) -> list[Any]:
+        return [c for c in self.authz.checks if c.headers.get(TEST_ID_HEADER) == test_id]
+
+    def streams_for(self, test_id: str) -> list[ProcStream]:
+        streams = self.ext_proc.streams
+        return [s for s in streams if s.request_headers.get(TEST_ID_HEADER) == test_id]
+
+    def upstream_for(self, test_id: str) -> list[UpstreamRequest]:
+        return [r for r in self.upstream if r.header(TEST_ID_HEADER) == [test_id]]
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+    authz, ext_proc, seen = Authorization(), ExternalProcessor(), list[UpstreamRequest]()
+
+    grpc_server = grpc.aio.server()
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(authz, grpc_server)
+    external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(ext_proc, grpc_server)
+    grpc_port = grpc_server.add_insecure_port(f"{LOOPBACK}:0")
+    await grpc_server.start()
+
+    upstream_port = free_port()
+    upstream_config = uvicorn.Config(
+        recording_upstream(seen),
+        host=LOOPBACK,
+        port=upstream_port,
+        log_level="warning",
+        lifespan="off",
+    )
+    upstream = QuietServer(upstream_config)
+    upstream_task = asyncio.create_task(upstream.serve())
+
+    listen_port, admin_port = free_port(), free_port()
+    config = render_envoy_config(
+        listen_port=listen_port,
+        admin_port=admin_port,
+        sidecar_grpc=(LOOPBACK, grpc_port),
+        provider_upstream=(LOOPBACK, upstream_port),
+    )
+    tmp_dir = tmp_path_factory.mktemp("envoy")
+    try:
+        # The listener port is unique on this machine right now, so it makes a safe base id.
+        envoy, port = await asyncio.to_thread(start_envoy, tmp_dir, config, listen_port)
+        try:
+            while not upstream.started:
+                await asyncio.sleep(0.01)
+            async with httpx.AsyncClient(
+                base_url=f"http://{LOOPBACK}:{port}", trust_env=False, timeout=10.0
+            ) as client:
+                yield Stack(client, authz, ext_proc, seen, upstream_port, envoy)
+        finally:
+            envoy.stop()
+    finally:
+        upstream.should_exit = True
+        await upstream_task
+        await grpc_server.stop(grace=None)
+
+
+def request_headers(test_id: str, decision: str = "allow", **extra: str) -> dict[str, str]:
+    return {TEST_ID_HEADER: test_id, DECISION_HEADER: decision} | extra
+
+
+def chat_body(model: str = "gpt-4o-mini", *, stream: bool = False) -> bytes:
+    messages = [{"role": "user", "content": "hello"}]
+    return json.dumps({"model": model, "messages": messages, "stream": stream}).encode()
+
+
+# --- tests -------------------------------------------------------------------------------
+
+
+def envoy_validate(config_path: Path) -> None:
+    result = subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(config_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "OK" in result.stdout
+
+
+def test_deployed_config_passes_envoy_validation() -> None:
+    envoy_validate(DEFAULT_SOURCE)
+
+
+def test_rendered_config_for_real_providers_passes_envoy_validation(tmp_path: Path) -> None:
+    # Without a fake upstream only addresses change: TLS to the providers stays as deployed.
+    path = write_envoy_config(
+        tmp_path / "envoy.yaml",
+        listen_port=free_port(),
+        admin_port=free_port(),
+        sidecar_grpc=("localhost", 19001),
+        provider_upstream=None,
+    )
+    envoy_validate(path)
+    assert "api.openai.com" in path.read_text(encoding="utf-8")
+
+
+@in_module_loop
+async def test_allowed_request_reaches_provider_with_check_headers(stack: Stack) -> None:
+    test_id = uuid.uuid4().hex
+    body = chat_body()
+    spoofed = {"x-sidecar-email": "mallory@example.com", "x-request-id": "chosen-by-client"}
+
+    response = await stack.client.post(
+        "/openai/v1/chat/completions", content=body, headers=request_headers(test_id, **spoofed)
+    )
+
+    assert response.status_code == 200, response.text
+    assert response.headers["x-sidecar-budget-remaining"] == "12.5"
+    [upstream] = stack.upstream_for(test_id)
+    assert upstream.path == "/v1/chat/completions"
+    assert upstream.header("host") == ["api.openai.com"]
+    assert upstream.header("x-sidecar-email") == ["caller@example.com"]
+    assert upstream.body == body
+    # The Check gets the exact body bytes (pack_as_bytes) to read the model from.
+    [check] = stack.checks_for(test_id)
+    assert check.raw_body == body
+    assert check.path == "/openai/v1/chat/completions"
+    # One Envoy-generated x-request-id ties the Check's reservation to the ext_proc stream
+    # that meters the response and to the upstream call; the client's value is replaced.
+    request_id = check.headers["x-request-id"]
+    assert request_id != "chosen-by-client"
+    [stream] = stack.streams_for(test_id)
+    assert stream.request_headers["x-request-id"] == request_id
+    assert upstream.header("x-request-id") == [request_id]
+    assert response.headers["x-request-id"] == request_id
+    assert stream.phases == ["request_headers", "request_body", "response_headers", "response_body"]
+    assert b"".join(stream.response_chunks) == response.content
+    assert stream.response_ended
+
+
+@in_module_loop
+async def test_deny_reaches_client_as_json_429_and_never_the_provider(stack: Stack) -> None:
+    test_id = uuid.uuid4().hex
+
+    response = await stack.client.post(
+        "/openai/v1/chat/completions", content=chat_body(), headers=request_headers(test_id, "deny")
+    )
+
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "30"
+    assert response.headers["content-type"] == "application/json"
+    assert response.json()["error"]["type"] == "spend_limit_exceeded"
+    assert stack.upstream_for(test_id) == []
+    # Envoy's local reply still runs through ext_proc, on a stream that starts at the
+    # response: the sidecar must expect that and must not meter it as a provider answer.
+    [stream] = [
+        s
+        for s in stack.ext_proc.streams
+        if not s.request_headers and b"".join(s.response_chunks) == response.content
+    ]
+    assert stream.phases == ["response_headers", "response_body"]
+    assert stream.response_headers[":status"] == "429"
+
+
+@in_module_loop
+async def test_fallback_from_check_reroutes_and_ext_proc_rewrites_model(stack: Stack) -> None:
+    test_id = uuid.uuid4().hex
+    original = {
+        "model": "claude-opus-4-7",
+        "max_tokens": 64,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+
+    response = await stack.client.post(
+        "/anthropic/v1/messages",
+        content=json.dumps(original).encode(),
+        headers=request_headers(test_id, "fallback"),
+    )
+
+    assert response.status_code == 200, response.text
+    [upstream] = stack.upstream_for(test_id)
+    # The workers-ai fallback route, not the /anthropic/ prefix route: its Host and its
+    # OpenAI-compatible chat completions path.
+    assert upstream.path == "/v1/chat/completions"
+    assert upstream.header("host") == ["api.cloudflare.com"]
+    assert upstream.header("x-sidecar-route") == ["fallback"]
+    assert json.loads(upstream.body) == original | {"model": FALLBACK_MODEL}
+    assert upstream.header("content-length") == [str(len(upstream.body))]
+
+
+@in_module_loop
+async def test_body_rewrite_with_stale_content_length_is_refused(stack: Stack) -> None:
+    test_id = uuid.uuid4().hex
+
+    response = await stack.client.post(
+        "/anthropic/v1/messages",
+        content=chat_body("a-model-name-longer-than-the-fallback"),
+        headers=request_headers(test_id, "fallback", **{STALE_LENGTH_HEADER: "1"}),
+    )
+
+    # Envoy will not forward a mutated body that disagrees with content-length; it treats
+    # it as an ext_proc error and answers with status_on_error.
+    assert response.status_code == 503
+    assert stack.upstream_for(test_id) == []
+
+
+@in_module_loop
+async def test_client_sent_routing_headers_do_not_select_the_fallback(stack: Stack) -> None:
+    test_id = uuid.uuid4().hex
+    spoofed = {
+        "x-sidecar-route": "fallback",
+        "x-sidecar-provider": "workers-ai",
+        "x-sidecar-model": "free-model",
+    }
+
+    response = await stack.client.post(
+        "/openai/v1/chat/completions",
+        content=chat_body(),
+        headers=request_headers(test_id, **spoofed),
+    )
+
+    assert response.status_code == 200, response.text
+    [upstream] = stack.upstream_for(test_id)
+    assert upstream.header("host") == ["api.openai.com"]
+    assert json.loads(upstream.body)["model"] == "gpt-4o-mini"
+    assert upstream.header("x-sidecar-route") == []
+
+
+@in_module_loop
+async def test_body_over_one_mebibyte_is_rejected_before_the_check(stack: Stack) -> None:
+    test_id = uuid.uuid4().hex
+    body = chat_body("x" * (1024 * 1024))
+
+    response = await stack.client.post(
+        "/openai/v1/chat/completions", content=body, headers=request_headers(test_id)
+    )
+
+    assert response.status_code == 413
+    assert stack.checks_for(test_id) == []
+    assert stack.upstream_for(test_id) == []
+
+
+@in_module_loop
+async def test_sse_response_streams_through_ext_proc_incrementally(stack: Stack) -> None:
+    test_id = uuid.uuid4().hex
+    arrivals: list[tuple[float, bytes]] = []
+
+    start = time.monotonic()
+    async with stack.client.stream(
+        "POST",
+        "/openai/v1/chat/completions",
+        content=chat_body(stream=True),
+        headers=request_headers(test_id),
+    ) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        async for chunk in response.aiter_raw():
+            arrivals.append((time.monotonic() - start, chunk))
+
+    expected = b"".join(sse_event(i) for i in range(STREAM_EVENTS))
+    assert b"".join(chunk for _, chunk in arrivals) == expected
+    first_byte, total = arrivals[0][0], arrivals[-1][0]
+    assert total >= (STREAM_EVENTS - 1) * STREAM_GAP_S * 0.9
+    # Buffering anywhere (Envoy, ext_proc) would deliver everything at the end.
+    assert first_byte < STREAM_GAP_S, arrivals
+    assert first_byte < total / 3, arrivals
+    assert_events_spread_out(arrivals)
+    [stream] = stack.streams_for(test_id)
+    assert b"".join(stream.response_chunks) == expected
+    assert stream.response_ended
+
+
+def assert_events_spread_out(arrivals: Sequence[tuple[float, bytes]]) -> None:
+    """Each SSE event reached the client in its own time slot, not batched with others."""
+    completed_at: list[float] = []
+    received = b""
+    for at, chunk in arrivals:
+        received += chunk
+        completed_at.extend([at] * (received.count(b"\n\n") - len(completed_at)))
+    assert len(completed_at) == STREAM_EVENTS
+    gaps = [later - earlier for earlier, later in itertools.pairwise(completed_at)]
+    assert all(gap > STREAM_GAP_S / 2 for gap in gaps), completed_at
+
+
+@in_module_loop
+async def test_mode_override_stops_response_body_messages(stack: Stack) -> None:
+    test_id = uuid.uuid4().hex
+
+    response = await stack.client.post(
+        "/openai/v1/chat/completions",
+        content=chat_body(stream=True),
+        headers=request_headers(test_id, **{SKIP_BODY_HEADER: "1"}),
+    )
+
+    assert response.status_code == 200
+    assert response.content == b"".join(sse_event(i) for i in range(STREAM_EVENTS))
+    [stream] = stack.streams_for(test_id)
+    assert stream.phases == ["request_headers", "request_body", "response_headers"]
+
+
+@in_module_loop
+async def test_unreachable_sidecar_fails_closed_with_503(stack: Stack, tmp_path: Path) -> None:
+    listen_port, admin_port, nobody_listens = free_port(), free_port(), free_port()
+    config = render_envoy_config(
+        listen_port=listen_port,
+        admin_port=admin_port,
+        sidecar_grpc=(LOOPBACK, nobody_listens),
+        provider_upstream=(LOOPBACK, stack.upstream_port),
+    )
+    test_id = uuid.uuid4().hex
+
+    envoy, port = await asyncio.to_thread(start_envoy, tmp_path, config, listen_port)
+    try:
+        async with httpx.AsyncClient(trust_env=False, timeout=10.0) as client:
+            response = await client.post(
+                f"http://{LOOPBACK}:{port}/openai/v1/chat/completions",
+                content=chat_body(),
+                headers=request_headers(test_id),
+            )
+    finally:
+        envoy.stop()
+
+    # status_on_error: a broken sidecar means "try again", not the 403 of a real denial.
+    assert response.status_code == 503
+    assert stack.upstream_for(test_id) == []

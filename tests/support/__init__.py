@@ -1,0 +1,1 @@
+"""Framework-free helpers shared by integration tests and the demo."""

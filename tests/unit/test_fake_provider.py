@@ -1,0 +1,329 @@
+"""The fake provider speaks each API well enough for the official SDKs, with usage as documented."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import httpx
+import openai
+import pytest
+import uvicorn
+from starlette.testclient import TestClient
+
+from sidecar.fake_provider import (
+    DEFAULT_OUTPUT_TOKENS,
+    MAX_OUTPUT_TOKENS,
+    create_app,
+    expected_usage,
+    output_words,
+)
+from sidecar.metering.parse import Api, UsageMeter, body_usage
+from sidecar.model import TokenUsage
+
+CLAUDE = "claude-haiku-4-5"
+GPT = "gpt-4o-mini"
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _free_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@pytest.fixture(scope="module")
+def base_url() -> Iterator[str]:
+    sock = _free_socket()
+    server = uvicorn.Server(uvicorn.Config(create_app(), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "fake provider did not start"
+        time.sleep(0.01)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server.should_exit = True
+    thread.join(timeout=10)
+    sock.close()
+
+
+@pytest.fixture
+def oai(base_url: str) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{base_url}/openai/v1", api_key="test", max_retries=0) as c:
+        yield c
+
+
+@pytest.fixture
+def claude(base_url: str) -> Iterator[anthropic.Anthropic]:
+    with anthropic.Anthropic(base_url=f"{base_url}/anthropic", api_key="test", max_retries=0) as c:
+        yield c
+
+
+def _chat_usage(usage: Any) -> TokenUsage:
+    cached = usage.prompt_tokens_details.cached_tokens or 0
+    return TokenUsage(usage.prompt_tokens - cached, usage.completion_tokens, cached)
+
+
+def _responses_usage(usage: Any) -> TokenUsage:
+    cached = usage.input_tokens_details.cached_tokens or 0
+    return TokenUsage(usage.input_tokens - cached, usage.output_tokens, cached)
+
+
+def _anthropic_usage(usage: Any) -> TokenUsage:
+    return TokenUsage(
+        usage.input_tokens,
+        usage.output_tokens,
+        usage.cache_read_input_tokens or 0,
+        usage.cache_creation_input_tokens or 0,
+    )
+
+
+LONG = "the quick brown fox jumps over the lazy dog " * 40
+
+
+def test_expected_usage_formula() -> None:
+    body: dict[str, Any] = {"model": GPT, "messages": [{"role": "user", "content": "x" * 40}]}
+    assert expected_usage("openai_chat", body) == TokenUsage(10 + 8, DEFAULT_OUTPUT_TOKENS)
+    body["max_tokens"] = 10_000
+    assert expected_usage("openai_chat", body).output_tokens == MAX_OUTPUT_TOKENS
+    empty = {"model": CLAUDE, "messages": []}
+    assert expected_usage("anthropic_messages", empty).input_tokens == 1 + 8
+    assert "".join(output_words(3)) == "alpha bravo charlie"
+
+
+def test_chat_completion(oai: openai.OpenAI) -> None:
+    messages: list[Any] = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": LONG}]},
+    ]
+    reply = oai.chat.completions.create(model=GPT, messages=messages, max_completion_tokens=7)
+    body = {"messages": messages, "max_completion_tokens": 7}
+    assert reply.model == GPT
+    assert reply.choices[0].message.content == "".join(output_words(7))
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage is not None
+    assert _chat_usage(reply.usage) == expected_usage("openai_chat", body)
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + 7
+
+
+def test_chat_completion_cached_tokens_agree_with_metering(oai: openai.OpenAI) -> None:
+    messages: list[Any] = [{"role": "user", "content": LONG}]
+    reply = oai.chat.completions.create(model=GPT, messages=messages, prompt_cache_key="k1")
+    expected = expected_usage("openai_chat", {"messages": messages, "prompt_cache_key": "k1"})
+    assert expected.cache_read_tokens > 0
+    assert reply.usage is not None
+    assert _chat_usage(reply.usage) == expected
+    assert body_usage("openai_chat", reply.model_dump()) == expected
+
+
+def test_chat_stream_with_usage(oai: openai.OpenAI) -> None:
+    messages: list[Any] = [{"role": "user", "content": "count to five"}]
+    stream = oai.chat.completions.create(
+        model=GPT,
+        messages=messages,
+        max_tokens=5,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    deltas = [
+        c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content
+    ]
+    assert deltas == output_words(5)
+    assert all(c.usage is None for c in chunks[:-1])
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage is not None
+    expected = expected_usage("openai_chat", {"messages": messages, "max_tokens": 5})
+    assert _chat_usage(chunks[-1].usage) == expected
+
+
+def test_chat_stream_without_usage_sends_none(oai: openai.OpenAI) -> None:
+    stream = oai.chat.completions.create(
+        model=GPT, messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    assert all(chunk.usage is None and chunk.choices for chunk in stream)
+
+
+def test_responses_api(oai: openai.OpenAI) -> None:
+    reply = oai.responses.create(
+        model=GPT, instructions="be brief", input=LONG, max_output_tokens=16
+    )
+    body = {"instructions": "be brief", "input": LONG, "max_output_tokens": 16}
+    assert reply.output_text == "".join(output_words(16))
+    assert reply.usage is not None
+    assert _responses_usage(reply.usage) == expected_usage("openai_responses", body)
+
+
+def test_responses_stream(oai: openai.OpenAI) -> None:
+    items: list[Any] = [{"role": "user", "content": [{"type": "input_text", "text": LONG}]}]
+    with oai.responses.stream(model=GPT, input=items, max_output_tokens=9) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_response()
+    assert kinds[0] == "response.created"
+    assert kinds[-1] == "response.completed"
+    assert kinds.count("response.output_text.delta") == 9
+    assert final.output_text == "".join(output_words(9))
+    assert final.usage is not None
+    body = {"input": items, "max_output_tokens": 9}
+    assert _responses_usage(final.usage) == expected_usage("openai_responses", body)
+
+
+def test_anthropic_message(claude: anthropic.Anthropic) -> None:
+    messages: list[Any] = [{"role": "user", "content": LONG}]
+    reply = claude.messages.create(model=CLAUDE, max_tokens=12, system="terse", messages=messages)
+    body = {"system": "terse", "messages": messages, "max_tokens": 12}
+    assert reply.model == CLAUDE
+    assert reply.stop_reason == "max_tokens"
+    assert [block.type for block in reply.content] == ["text"]
+    assert _anthropic_usage(reply.usage) == expected_usage("anthropic_messages", body)
+
+
+def test_anthropic_stream_with_cache(claude: anthropic.Anthropic) -> None:
+    system: list[Any] = [{"type": "text", "text": LONG, "cache_control": {"type": "ephemeral"}}]
+    messages: list[Any] = [{"role": "user", "content": "go"}]
+    with claude.messages.stream(
+        model=CLAUDE, max_tokens=30, system=system, messages=messages
+    ) as stream:
+        texts = list(stream.text_stream)
+        final = stream.get_final_message()
+    assert texts == output_words(30)
+    expected = expected_usage(
+        "anthropic_messages", {"system": system, "messages": messages, "max_tokens": 30}
+    )
+    assert expected.cache_read_tokens > 0
+    assert expected.cache_write_tokens > 0
+    assert _anthropic_usage(final.usage) == expected
+
+
+def test_error_status_has_provider_shape(oai: openai.OpenAI, claude: anthropic.Anthropic) -> None:
+    with pytest.raises(openai.RateLimitError) as oai_error:
+        oai.chat.completions.create(
+            model=GPT,
+            messages=[{"role": "user", "content": "hi"}],
+            extra_headers={"x-fake-status": "429"},
+        )
+    assert oai_error.value.code == "rate_limit_exceeded"
+    with pytest.raises(anthropic.APIStatusError) as claude_error:
+        claude.messages.create(
+            model=CLAUDE,
+            max_tokens=5,
+            messages=[{"role": "user", "content": "hi"}],
+            extra_headers={"x-fake-status": "529"},
+        )
+    assert claude_error.value.status_code == 529
+    assert isinstance(claude_error.value.body, dict)
+    assert claude_error.value.body["error"]["type"] == "overloaded_error"
+
+
+def test_bad_request_without_model(base_url: str) -> None:
+    reply = httpx.post(f"{base_url}/v1/messages", json={"messages": []})
+    assert reply.status_code == 400
+    assert reply.json()["type"] == "error"
+
+
+def test_gzip_json_body(base_url: str, oai: openai.OpenAI) -> None:
+    body: dict[str, Any] = {"model": GPT, "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.stream(
+        "POST", f"{base_url}/v1/chat/completions", json=body, headers={"x-fake-gzip": "1"}
+    ) as reply:
+        raw = b"".join(reply.iter_raw())
+    assert reply.headers["content-encoding"] == "gzip"
+    assert json.loads(gzip.decompress(raw))["model"] == GPT
+    # The SDK decodes it transparently.
+    messages: list[Any] = body["messages"]
+    sdk = oai.chat.completions.create(
+        model=GPT, messages=messages, extra_headers={"x-fake-gzip": "1"}
+    )
+    assert sdk.usage is not None
+    assert _chat_usage(sdk.usage) == expected_usage("openai_chat", body)
+
+
+def test_seen_headers_and_log(base_url: str) -> None:
+    httpx.delete(f"{base_url}/_seen")
+    headers = {"x-sidecar-email": "a@example.com", "x-request-id": "r-1", "other": "no"}
+    body = {"model": GPT, "input": "hi"}
+    reply = httpx.post(f"{base_url}/workers-ai/v1/responses", json=body, headers=headers)
+    assert reply.status_code == 200
+    echoed = json.loads(reply.headers["x-fake-seen-headers"])
+    assert echoed == {"x-sidecar-email": "a@example.com", "x-request-id": "r-1"}
+    seen = httpx.get(f"{base_url}/_seen").json()["requests"]
+    assert len(seen) == 1
+    assert seen[0]["method"] == "POST"
+    assert seen[0]["path"] == "/workers-ai/v1/responses"
+    assert seen[0]["headers"]["other"] == "no"
+    assert seen[0]["body"] == body
+    assert httpx.delete(f"{base_url}/_seen").json() == {"requests": []}
+
+
+def test_delay_between_stream_frames(base_url: str) -> None:
+    body = {"model": CLAUDE, "max_tokens": 3, "stream": True, "messages": []}
+    started = time.monotonic()
+    reply = httpx.post(f"{base_url}/v1/messages", json=body, headers={"x-fake-delay-ms": "30"})
+    assert reply.status_code == 200
+    # message_start, block start, ping, 3 deltas, block stop, message_delta, message_stop.
+    assert time.monotonic() - started >= 8 * 0.03
+
+
+@pytest.mark.parametrize(
+    ("path", "api", "extra"),
+    [
+        ("/openai/v1/chat/completions", "openai_chat", {"stream_options": {"include_usage": True}}),
+        ("/v1/responses", "openai_responses", {}),
+        ("/anthropic/v1/messages", "anthropic_messages", {}),
+    ],
+)
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("gzipped", [False, True])
+def test_metering_reads_what_the_fake_reports(
+    path: str, api: Api, extra: dict[str, Any], stream: bool, gzipped: bool
+) -> None:
+    body = {"model": "m", "max_tokens": 11, "max_output_tokens": 11, "stream": stream, **extra}
+    body["messages" if api != "openai_responses" else "input"] = [{"role": "user", "content": LONG}]
+    headers = {"x-fake-gzip": "1"} if gzipped else {}
+    with (
+        TestClient(create_app()) as client,
+        client.stream("POST", path, json=body, headers=headers) as reply,
+    ):
+        meter = UsageMeter.for_response(
+            api, reply.headers["content-type"], reply.headers.get("content-encoding", "")
+        )
+        for chunk in reply.iter_raw():
+            meter.feed(chunk)
+    meter.finish()
+    assert meter.error is None
+    assert meter.complete
+    assert meter.usage == expected_usage(api, body)
+
+
+def test_runs_as_a_module() -> None:
+    sock = _free_socket()
+    port = sock.getsockname()[1]
+    sock.close()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "sidecar.fake_provider", "--host", "127.0.0.1"]
+    process = subprocess.Popen([*command, "--port", str(port)], env=env, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                reply = httpx.get(f"http://127.0.0.1:{port}/_seen")
+                break
+            except httpx.TransportError:
+                assert process.poll() is None, "the fake provider exited"
+                assert time.monotonic() < deadline, "the fake provider did not start"
+                time.sleep(0.05)
+        assert reply.json() == {"requests": []}
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

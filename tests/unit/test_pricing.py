@@ -1,0 +1,380 @@
+"""Prices from genai-prices and overrides, integer cost math, and request-size estimates."""
+
+from __future__ import annotations
+
+import math
+import socket
+from datetime import UTC, date, datetime, time
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from genai_prices import Usage, calc_price
+from genai_prices import types as gp_types
+
+from sidecar import pricing
+from sidecar.model import TokenUsage
+from sidecar.pricing import (
+    PriceBook,
+    PriceOverride,
+    UnitPrice,
+    cost_micros,
+    estimate_input_tokens,
+    estimate_micros,
+    requested_output_tokens,
+)
+
+DEFAULT_PRICE = UnitPrice(
+    input=10_000_000, output=30_000_000, cache_read=10_000_000, cache_write=10_000_000,
+    source="default",
+)  # fmt: skip
+
+
+def book(*overrides: PriceOverride, unknown_model: UnitPrice | None = None) -> PriceBook:
+    return PriceBook(overrides, unknown_model)
+
+
+def reference_micros(model: str, provider_id: str, usage: TokenUsage) -> int:
+    """genai-prices' own answer, rounded up to µUSD."""
+    total = calc_price(
+        Usage(
+            input_tokens=usage.total_input,
+            output_tokens=usage.output_tokens,
+            cache_read_tokens=usage.cache_read_tokens,
+            cache_write_tokens=usage.cache_write_tokens,
+        ),
+        model,
+        provider_id=provider_id,
+    ).total_price
+    return math.ceil(total * 1_000_000)
+
+
+def synthetic_model(prices: list[gp_types.ConditionalPrice]) -> gp_types.ModelInfo:
+    return gp_types.ModelInfo(id="m", match=gp_types.ClauseEquals(equals="m"), prices=prices)
+
+
+def test_gpt_4o_has_genai_prices_rates_in_pico_per_token() -> None:
+    price = book().price("openai", "gpt-4o")
+
+    assert price == UnitPrice(
+        input=2_500_000, output=10_000_000, cache_read=1_250_000, cache_write=2_500_000,
+        source="genai-prices",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("provider_id", "model"),
+    [
+        ("openai", "gpt-4o"),
+        ("openai", "gpt-4o-mini"),
+        ("anthropic", "claude-opus-4-7"),
+        ("anthropic", "claude-sonnet-4-5"),
+        ("cloudflare", "@cf/moonshotai/kimi-k2.6"),
+        ("google", "gemini-2.5-pro"),
+    ],
+)
+@pytest.mark.parametrize(
+    "usage",
+    [
+        TokenUsage(input_tokens=1, output_tokens=1),
+        TokenUsage(
+            input_tokens=1_234, output_tokens=567, cache_read_tokens=89, cache_write_tokens=10
+        ),
+        TokenUsage(input_tokens=150_000, output_tokens=9_000, cache_read_tokens=49_000),
+        TokenUsage(input_tokens=150_000, output_tokens=9_000, cache_read_tokens=50_001),
+        TokenUsage(input_tokens=400_000, output_tokens=20_000, cache_write_tokens=7_000),
+    ],
+)
+def test_actual_cost_matches_genai_prices_including_tiers(
+    provider_id: str, model: str, usage: TokenUsage
+) -> None:
+    price = book().price(provider_id, model)
+
+    assert price is not None
+    assert cost_micros(price, usage) == reference_micros(model, provider_id, usage)
+
+
+def test_tiered_model_estimates_at_the_highest_tier() -> None:
+    price = book().price("anthropic", "claude-sonnet-4-5")
+
+    assert price is not None
+    # $3 / $15 per Mtok up to 200k input tokens, $6 / $22.5 above.
+    assert (price.input, price.output) == (6_000_000, 22_500_000)
+    assert [(t.up_to, t.input, t.output) for t in price.tiers] == [(200_000, 3_000_000, 15_000_000)]
+    assert estimate_micros(price, 1_000, 1_000) == 28_500
+    assert cost_micros(price, TokenUsage(input_tokens=1_000, output_tokens=1_000)) == 18_000
+
+
+def test_kimi_on_cloudflare_is_priced() -> None:
+    price = book().price("cloudflare", "@cf/moonshotai/kimi-k2.6")
+
+    assert price is not None
+    assert price.source == "genai-prices"
+    assert price.input > 0
+    assert price.output > 0
+
+
+def test_unknown_provider_id_falls_back_to_the_model_name() -> None:
+    prices = book()
+
+    assert prices.price("workers-ai", "@cf/moonshotai/kimi-k2.6") == prices.price(
+        "cloudflare", "@cf/moonshotai/kimi-k2.6"
+    )
+
+
+def test_override_wins_over_genai_prices() -> None:
+    override = PriceOverride("openai", "gpt-4o", Decimal("1"), Decimal("2"), Decimal("0.5"), None)
+
+    price = book(override).price("openai", "gpt-4o")
+
+    assert price == UnitPrice(
+        input=1_000_000, output=2_000_000, cache_read=500_000, cache_write=1_000_000,
+        source="override",
+    )  # fmt: skip
+
+
+def test_glob_override_matches_and_others_do_not() -> None:
+    override = PriceOverride("openai", "my-finetune-*", Decimal("3"), Decimal("12"))
+    prices = book(override)
+
+    matched = prices.price("openai", "My-Finetune-v2")
+    assert matched is not None
+    assert (matched.input, matched.output, matched.source) == (3_000_000, 12_000_000, "override")
+    assert prices.price("anthropic", "my-finetune-v2") is None
+    assert prices.price("openai", "my-finetune") is None
+
+
+def test_first_matching_override_wins() -> None:
+    specific = PriceOverride("openai", "ft-a", Decimal("1"), Decimal("1"))
+    broad = PriceOverride("*", "ft-*", Decimal("9"), Decimal("9"))
+
+    price = book(specific, broad).price("openai", "ft-a")
+
+    assert price is not None
+    assert price.input == 1_000_000
+
+
+def test_fractional_pico_prices_round_up() -> None:
+    override = PriceOverride("x", "y", Decimal("0.0000001"), Decimal("0"))
+
+    price = book(override).price("x", "y")
+
+    assert price is not None
+    assert (price.input, price.output) == (1, 0)
+
+
+def test_unknown_model_is_rejected_or_gets_the_default() -> None:
+    assert book().price("openai", "no-such-model-xyz") is None
+    assert book(unknown_model=DEFAULT_PRICE).price("openai", "no-such-model-xyz") == DEFAULT_PRICE
+    assert book().price("no-such-provider", "no-such-model-xyz") is None
+
+
+def test_cost_rounds_up_to_whole_micros() -> None:
+    price = book().price("openai", "gpt-4o-mini")  # $0.15 / Mtok input
+
+    assert price is not None
+    assert cost_micros(price, TokenUsage(input_tokens=1)) == 1
+    assert cost_micros(price, TokenUsage()) == 0
+    assert cost_micros(price, TokenUsage(input_tokens=1_000_000)) == 150_000
+    assert cost_micros(price, TokenUsage(input_tokens=1_000_001)) == 150_001
+    assert estimate_micros(price, 1, 0) == 1
+
+
+def test_cache_tokens_use_cache_prices() -> None:
+    gpt = book().price("openai", "gpt-4o")
+    opus = book().price("anthropic", "claude-opus-4-7")
+
+    assert gpt is not None
+    assert opus is not None
+    # gpt-4o: cache reads $1.25 / Mtok; no separate write price, so writes cost the input rate.
+    assert cost_micros(gpt, TokenUsage(cache_read_tokens=1_000)) == 1_250
+    assert cost_micros(gpt, TokenUsage(cache_write_tokens=1_000)) == 2_500
+    # claude-opus-4-7: reads $0.50, writes $6.25 per Mtok.
+    assert cost_micros(opus, TokenUsage(cache_read_tokens=1_000)) == 500
+    assert cost_micros(opus, TokenUsage(cache_write_tokens=1_000)) == 6_250
+
+
+def test_second_lookup_is_served_from_the_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, str]] = []
+    real_lookup = pricing._lookup_model
+
+    def counting_lookup(provider_id: str, model: str) -> gp_types.ModelInfo | None:
+        calls.append((provider_id, model))
+        return real_lookup(provider_id, model)
+
+    monkeypatch.setattr(pricing, "_lookup_model", counting_lookup)
+    prices = book()
+
+    first = prices.price("openai", "gpt-4o")
+    second = prices.price("openai", "gpt-4o")
+    prices.price("openai", "no-such-model-xyz")
+    prices.price("openai", "no-such-model-xyz")
+
+    assert first is second
+    assert calls == [("openai", "gpt-4o"), ("openai", "no-such-model-xyz")]
+
+
+def test_cache_is_bounded() -> None:
+    prices = PriceBook([], DEFAULT_PRICE, cache_entries=2)
+
+    for n in range(5):
+        prices.price("openai", f"unknown-{n}")
+
+    assert prices._cached.cache_info().currsize == 2
+
+
+def test_dated_price_change_takes_effect_without_a_restart(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = synthetic_model(
+        [
+            gp_types.ConditionalPrice(prices=gp_types.ModelPrice(input_mtok=Decimal(1))),
+            gp_types.ConditionalPrice(
+                constraint=gp_types.StartDateConstraint(start_date=date(2027, 1, 1)),
+                prices=gp_types.ModelPrice(input_mtok=Decimal(2)),
+            ),
+        ]
+    )
+    monkeypatch.setattr(pricing, "_lookup_model", lambda provider_id, model_ref: model)
+    change = datetime(2027, 1, 1, tzinfo=UTC).timestamp()
+    now = [change - 1]
+    prices = PriceBook([], None, clock=lambda: now[0])
+
+    before = prices.price("p", "m")
+    now[0] = change
+    after = prices.price("p", "m")
+
+    assert before is not None
+    assert after is not None
+    assert (before.input, after.input) == (1_000_000, 2_000_000)
+
+
+def test_time_of_day_prices_charge_the_highest_rate(monkeypatch: pytest.MonkeyPatch) -> None:
+    off_peak = gp_types.ModelPrice(input_mtok=Decimal("0.1"), output_mtok=Decimal("1"))
+    peak = gp_types.ModelPrice(input_mtok=Decimal("0.2"), output_mtok=Decimal("0.5"))
+    model = synthetic_model(
+        [
+            gp_types.ConditionalPrice(prices=off_peak),
+            gp_types.ConditionalPrice(
+                constraint=gp_types.TimeOfDateConstraint(
+                    start_time=time(0, 30, tzinfo=UTC), end_time=time(16, 30, tzinfo=UTC)
+                ),
+                prices=peak,
+            ),
+        ]
+    )
+    monkeypatch.setattr(pricing, "_lookup_model", lambda provider_id, model_ref: model)
+
+    price = book().price("p", "m")
+
+    assert price is not None
+    assert (price.input, price.output) == (200_000, 1_000_000)
+
+
+def test_lookups_never_open_a_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("pricing tried to use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    prices = book()
+
+    assert prices.price("anthropic", "claude-opus-4-7") is not None
+    assert prices.price("openai", "unheard-of-model") is None
+
+
+def test_input_estimate_for_openai_chat() -> None:
+    body = {
+        "model": "gpt-4o",
+        "messages": [
+            {"role": "system", "content": "x" * 400},
+            {"role": "user", "content": [{"type": "text", "text": "y" * 800}]},
+        ],
+    }
+
+    # Every string counts, role and part type names included: 6 + 400 + 4 + 4 + 800 bytes.
+    assert estimate_input_tokens(body) == math.ceil(1_214 / 4) + 2 * 4 + 3
+
+
+def test_input_estimate_counts_a_flat_amount_per_image() -> None:
+    image = "data:image/png;base64," + "A" * 100_000
+    with_image = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "hi"},
+                    {"type": "image_url", "image_url": {"url": image}},
+                ],
+            }
+        ]
+    }
+    without_image = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
+
+    extra = estimate_input_tokens(with_image) - estimate_input_tokens(without_image)
+
+    assert extra == pricing._TOKENS_PER_IMAGE
+
+
+def test_input_estimate_for_responses_and_anthropic_bodies() -> None:
+    responses = {"instructions": "a" * 40, "input": "b" * 400}
+    responses_items = {
+        "input": [
+            {"role": "user", "content": [{"type": "input_text", "text": "b" * 400}]},
+            {"role": "user", "content": [{"type": "input_image", "image_url": "data:..."}]},
+        ]
+    }
+    anthropic = {
+        "system": [{"type": "text", "text": "s" * 400}],
+        "messages": [
+            {"role": "user", "content": "u" * 400},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "source": {"type": "base64", "data": "A" * 50_000}},
+                ],
+            },
+        ],
+    }
+
+    assert estimate_input_tokens(responses) == (40 + 400) // 4 + 3
+    assert estimate_input_tokens(responses_items) >= 100 + pricing._TOKENS_PER_IMAGE
+    assert 200 + pricing._TOKENS_PER_IMAGE <= estimate_input_tokens(anthropic) < 20_000
+
+
+def test_input_estimate_counts_non_ascii_text_generously() -> None:
+    chinese = {"messages": [{"role": "user", "content": "你好" * 100}]}
+
+    # 200 characters, close to 200 tokens in practice: 600 UTF-8 bytes give 150 + overhead.
+    assert estimate_input_tokens(chinese) >= 150
+
+
+def test_input_estimate_survives_deep_nesting_and_odd_values() -> None:
+    deep: Any = "leaf"
+    for _ in range(5_000):
+        deep = [deep]
+
+    assert estimate_input_tokens({"messages": deep}) >= 1
+    assert estimate_input_tokens({"messages": [{"content": None}, 7, True]}) == 3 * 4 + 3
+    assert estimate_input_tokens({}) == 3
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({"max_tokens": 50}, 50),
+        ({"max_completion_tokens": 60}, 60),
+        ({"max_output_tokens": 70}, 70),
+        ({"max_tokens": 0, "max_completion_tokens": 80}, 80),
+        ({"max_tokens": True}, 1024),
+        ({"max_tokens": "500"}, 1024),
+        ({"max_tokens": -5}, 1024),
+        ({"max_tokens": 1.5}, 1024),
+        ({}, 1024),
+    ],
+)
+def test_requested_output_tokens(body: dict[str, Any], expected: int) -> None:
+    assert requested_output_tokens(body, 1024) == expected
+
+
+def test_negative_override_price_fails_when_configured() -> None:
+    with pytest.raises(ValueError, match="not a price"):
+        PriceOverride("openai", "x", Decimal("-1"), Decimal("1"))
