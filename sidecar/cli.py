@@ -32,7 +32,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.workers > 1:
             from sidecar.workers import run_workers
 
-            return run_workers(path, args.grpc, args.http, args.workers, args.log_level)
+            return int(run_workers(path, args.grpc, args.http, args.workers, args.log_level))
         run(path, args.grpc, args.http)
     except ConfigError as exc:
         print("\n".join(exc.errors), file=sys.stderr)

@@ -116,7 +116,9 @@ class Engine:
     def rules(self, rs: RuleSet) -> tuple[Rule, ...]:
         return (*rs.rules, *self._runtime_rules())
 
-    async def identify(self, headers: Mapping[str, str]) -> tuple[Identity, tuple[str, ...]] | Decision:
+    async def identify(
+        self, headers: Mapping[str, str]
+    ) -> tuple[Identity, tuple[str, ...]] | Decision:
         try:
             found = await self._authenticator(self.holder.current).identify(headers)
         except AuthError as err:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -23,6 +24,14 @@ from sidecar.services import build_services
 log = structlog.get_logger("sidecar")
 # In-flight checks and streams get this long to finish after SIGTERM.
 DRAIN_SECONDS = 10.0
+
+
+class _HttpServer(uvicorn.Server):
+    """uvicorn without its signal handling: this process drains both servers itself."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 async def serve(config_path: Path, grpc_addr: str | None, http_addr: str | None) -> None:
@@ -45,12 +54,10 @@ async def serve(config_path: Path, grpc_addr: str | None, http_addr: str | None)
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     host, _, port = http_addr.rpartition(":")
-    http = uvicorn.Server(uvicorn.Config(
+    http = _HttpServer(uvicorn.Config(
         create_app(services), host=host.strip("[]"), port=int(port), log_level="warning",
         access_log=False, lifespan="off",
     ))
-    # uvicorn installs its own signal handlers; this process owns them instead.
-    http.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     services.start_background()
 
     stop = asyncio.Event()

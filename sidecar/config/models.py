@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -13,6 +13,9 @@ from sidecar.policy.windows import parse_duration
 DIMENSIONS = ("user", "group", "token", "kind", "model", "provider")
 _METADATA_DIM = re.compile(r"^metadata\.[A-Za-z0-9_.\-]{1,64}$")
 _HOSTPORT = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
+
+
+Algorithm = Literal["RS256", "RS384", "RS512", "ES256", "ES384", "PS256", "EdDSA"]
 
 
 class Strict(BaseModel):
@@ -27,7 +30,13 @@ def _money(value: Any) -> Decimal:
         value = str(value)
     if not isinstance(value, str | Decimal):
         raise ValueError("must be a number")
-    return Decimal(value)
+    try:
+        amount = Decimal(value)
+    except InvalidOperation:
+        raise ValueError(f"must be a number, not {value!r}") from None
+    if not amount.is_finite():
+        raise ValueError("must be a finite number")
+    return amount
 
 
 Money = Annotated[Decimal, Field(ge=0)]
@@ -67,9 +76,7 @@ class IssuerConfig(Strict):
     audiences: tuple[str, ...] = Field(min_length=1)
     jwks_url: str | None = None
     jwks_file: str | None = None
-    algorithms: tuple[Literal["RS256", "RS384", "RS512", "ES256", "ES384", "PS256", "EdDSA"], ...] = (
-        "RS256",
-    )
+    algorithms: tuple[Algorithm, ...] = ("RS256",)
     groups_claim: str = "groups"
     leeway_seconds: int = Field(default=30, ge=0, le=600)
     # Floor on JWKS refreshes triggered by an unknown kid, so forged kids can't hammer it.

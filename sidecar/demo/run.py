@@ -7,6 +7,7 @@ mints example identities from a local dev issuer, and shows requests going throu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import threading
@@ -78,6 +79,7 @@ def main(args: argparse.Namespace) -> int:
             print("demo check:", "OK" if ok else "FAILED")
             return 0 if ok else 1
         token = issuer.mint("alice@example.com", ["ml"], ttl=12 * 3600)
+        alice_jwt = workdir / "alice.jwt"
         print(f"""
 Everything is running. Try it yourself:
 
@@ -86,9 +88,9 @@ Everything is running. Try it yourself:
   Config       {stack.config_path}   (logs in {workdir})
 
   export OPENAI_BASE_URL={stack.envoy_url}/openai/v1
-  export OPENAI_API_KEY={token[:24]}…   (a 12-hour token for alice; full value in {workdir}/alice.jwt)
+  export OPENAI_API_KEY={token[:24]}…   (alice's 12-hour token: {alice_jwt})
 
-  curl -s $OPENAI_BASE_URL/chat/completions -H "authorization: Bearer $(cat {workdir}/alice.jwt)" \\
+  curl -s $OPENAI_BASE_URL/chat/completions -H "authorization: Bearer $(cat {alice_jwt})" \\
        -H 'content-type: application/json' \\
        -d '{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"hi"}}]}}'
 
@@ -96,8 +98,6 @@ Press Ctrl-C to stop.""")
         (workdir / "alice.jwt").write_text(token)
         stopped = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stopped.set())
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             stopped.wait()
-        except KeyboardInterrupt:
-            pass
     return 0

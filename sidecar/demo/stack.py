@@ -34,7 +34,7 @@ def sidecar_process(workdir: Path, name: str, config_path: Path, grpc_port: int,
 def wait_ready(url: str, process: ManagedProcess, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not process.is_running:
+        if not process.is_running():
             raise RuntimeError(f"{process.name} exited:\n{process.log_tail()}")
         try:
             if httpx.get(url + "/readyz", timeout=1.0).status_code == 200:

@@ -85,7 +85,7 @@ def check_response(decision: Decision) -> external_auth_pb2.CheckResponse:
     return external_auth_pb2.CheckResponse(
         status=status_pb2.Status(code=_GRPC_CODE.get(decision.http_status, code_pb2.UNKNOWN)),
         denied_response=external_auth_pb2.DeniedHttpResponse(
-            status=http_status_pb2.HttpStatus(code=decision.http_status),  # type: ignore[arg-type]
+            status=http_status_pb2.HttpStatus(code=decision.http_status),
             headers=[_option(k, v) for k, v in decision.headers.items()],
             body=decision.body.decode(),
         ),
@@ -93,11 +93,11 @@ def check_response(decision: Decision) -> external_auth_pb2.CheckResponse:
     )
 
 
-class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
+class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
 
-    async def Check(  # noqa: N802 - the gRPC method name
+    async def Check(
         self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
     ) -> external_auth_pb2.CheckResponse:
         return check_response(await self._engine.check(attrs_from_check(request)))

@@ -54,11 +54,13 @@ def rewrite_model(body: bytes, model: str) -> bytes | None:
     return json.dumps(data, separators=(",", ":")).encode()
 
 
-class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorServicer):
+class ExternalProcessorServicer(
+    external_processor_pb2_grpc.ExternalProcessorServicer  # type: ignore[misc]
+):
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
 
-    async def Process(  # noqa: N802 - the gRPC method name
+    async def Process(
         self, request_iterator: AsyncIterator[pb.ProcessingRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.ProcessingResponse]:
@@ -111,7 +113,9 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
             body_mutation=pb.BodyMutation(body=new_body),
         ))
 
-    def _response_headers(self, ex: Exchange, message: pb.ProcessingRequest) -> pb.ProcessingResponse:
+    def _response_headers(
+        self, ex: Exchange, message: pb.ProcessingRequest
+    ) -> pb.ProcessingResponse:
         headers = _headers(message.response_headers)
         api = api_for_path(ex.path)
         if api is None or not ex.model or not ex.request_id:

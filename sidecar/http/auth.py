@@ -32,9 +32,9 @@ async def require_admin(services: Services, request: Request) -> str:
     config = services.ruleset.config.admin
     token = os.environ.get(config.token_env, "")
     scheme, _, presented = request.headers.get("authorization", "").partition(" ")
-    if token and scheme.lower() == "bearer" and presented:
-        if hmac.compare_digest(presented.strip().encode(), token.encode()):
-            return "admin-token"
+    is_bearer = token and scheme.lower() == "bearer" and presented
+    if is_bearer and hmac.compare_digest(presented.strip().encode(), token.encode()):
+        return "admin-token"
     found = await services.engine.identify(request_headers(request))
     if not isinstance(found, tuple):
         raise ApiError(401, "admin authentication required")

@@ -36,9 +36,9 @@ class Rule:
         combos: list[dict[str, str]] = [{}]
         for dim in self.split:
             values = ctx.get(dim, ())
-            pattern = dict(self.filters).get(dim)
-            if pattern is not None:
-                values = tuple(v for v in values if pattern.match(v))
+            narrow = dict(self.filters).get(dim)
+            if narrow is not None:
+                values = tuple(v for v in values if narrow.match(v))
             # A request without a value for a split dimension shares the "" bucket.
             values = tuple(dict.fromkeys(values)) or ("",)
             combos = [{**c, dim: v} for c in combos for v in values]

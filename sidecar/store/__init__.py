@@ -1,1 +1,1 @@
-"""Persistence behind one small Protocol, with SQLite (embedded) and Redis (distributed) backends."""
+"""Persistence behind one small Protocol: SQLite (embedded) and Redis (distributed)."""

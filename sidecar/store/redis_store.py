@@ -9,9 +9,10 @@ scripts valid in Redis Cluster and pins budget state to one shard.
 Amounts travel to Lua as decimal strings and come back as integers; Lua computes with
 doubles, so amounts are exact up to 2^53 µUSD (about $9 billion).
 
-Semantics follow the SQLite store exactly, with two deliberate differences in retention:
-done reservations are kept 7 days after they finish (SQLite: after they were created), and
-ledger hours are kept 400 days after their last write (SQLite: forever).
+Semantics follow the SQLite store, with deliberate differences only in retention and one
+in comparison: done reservations are kept 7 days after they finish (SQLite: after they were
+created); ledger hours are kept 400 days after their last write (SQLite: forever); and
+swap_doc compares canonical JSON text, so 1 and 1.0 differ (SQLite compares decoded values).
 """
 
 from __future__ import annotations
@@ -96,6 +97,8 @@ def _guard() -> Iterator[None]:
 
 
 class RedisStore:
+    """The `Store` Protocol on one Redis (or one Redis Cluster shard for budgets)."""
+
     def __init__(
         self,
         url: str,
@@ -107,8 +110,9 @@ class RedisStore:
     ) -> None:
         self._prefix = check_prefix(prefix)
         # One retry: enough to replace a pooled connection Redis closed while idle, short
-        # enough that a dead Redis fails the decision fast. Retrying a script is safe,
-        # because reserve and commit are idempotent per request id.
+        # enough that a dead Redis fails the decision fast. Retrying a script that did run
+        # before its reply was lost is safe: reserve and commit are idempotent per request
+        # id (the retry reports a duplicate and charges nothing twice).
         self._r: aioredis.Redis = aioredis.Redis.from_url(
             url,
             decode_responses=True,

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.demo.procs import start_redis
 from sidecar.store.base import Store
 from sidecar.store.factory import open_store
-from sidecar.demo.procs import start_redis
 
 
 @pytest.fixture(scope="session")
@@ -23,10 +23,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 async def store(
     request: pytest.FixtureRequest, tmp_path: Path, redis_url: str
 ) -> AsyncIterator[Store]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path}/store.db"
-    else:
-        url = redis_url
+    url = f"sqlite:///{tmp_path}/store.db" if request.param == "sqlite" else redis_url
     st = await open_store(url)
     if request.param == "redis":
         await st.flush_for_tests()  # type: ignore[attr-defined]

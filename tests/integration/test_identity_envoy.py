@@ -111,7 +111,7 @@ def bad_tokens(issuer: DevIssuer) -> dict[str, tuple[str, str]]:
                             fromlist=["Encoding"]).Encoding.PEM,
         format=__import__("cryptography.hazmat.primitives.serialization",
                           fromlist=["PublicFormat"]).PublicFormat.SubjectPublicKeyInfo)
-    header, payload, signature = issuer.mint("eve@example.com").split(".")
+    header, _payload, signature = issuer.mint("eve@example.com").split(".")
     tampered_payload = _b64({**good, "email": "admin@example.com"})
     hs_header = _b64({"alg": "HS256", "typ": "JWT", "kid": issuer.kid})
     hs_body = _b64(good)
