@@ -116,6 +116,29 @@ def cmd_tokens_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_usage(args: argparse.Namespace) -> int:
+    import time
+
+    from sidecar.usage_report import render_table, since_param, total
+
+    by = [d.strip() for d in args.by.split(",") if d.strip()]
+    params = {"group_by": ",".join(by)}
+    if args.window:
+        params["window"] = args.window
+    if args.since:
+        params["start"] = since_param(args.since, time.time())
+    client = _client(args)
+    rows = client.call("GET", "/v1/usage", params=params)
+    grand = total(rows)
+    if "group" in by:
+        # A caller in several groups counts once per group: those rows overstate the total.
+        everything = {k: v for k, v in params.items() if k not in ("group_by", "window")}
+        grand = total(client.call("GET", "/v1/usage", params=everything))
+    _print({"rows": rows, "total": {**grand, "cost_usd": float(grand["cost_usd"])}}, args.json,
+           render_table(rows, by, grand))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from sidecar.demo.run import main as demo_main
 
@@ -154,6 +177,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--url", default=url_default)
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=fn)
+
+    usage = sub.add_parser("usage", help="spend table from the ledger")
+    usage.add_argument("--by", default="user,model",
+                       help="dimensions, comma-separated: user, group, token, kind, model, "
+                            "provider (default: user,model; empty for the total only)")
+    usage.add_argument("--window", choices=["hour", "day"], help="one row per hour or day")
+    usage.add_argument("--since", help="24h, 7d, an ISO 8601 time or epoch seconds "
+                                       "(default: the last 30 days; 48h with --window hour)")
+    usage.add_argument("--url", default=url_default)
+    usage.add_argument("--json", action="store_true")
+    usage.set_defaults(func=cmd_usage)
 
     demo = sub.add_parser("demo", help="run sidecar + Envoy + a fake provider locally")
     demo.add_argument("--check", action="store_true",

@@ -61,8 +61,7 @@ class Planned:
 
 
 class NoAlerts:
-    def observe(self, planned: Sequence[Planned], states: Sequence[BucketState],
-                now: float) -> None:
+    def observe(self, budget: Plan, states: Sequence[BucketState], now: float) -> None:
         return None
 
 
@@ -79,6 +78,38 @@ def context(identity: Identity, model: str, provider: str,
     for key, value in metadata.items():
         ctx[f"metadata.{key}"] = (value,)
     return ctx
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Planned buckets, and the distinct store buckets they map to.
+
+    Several rules may name one bucket (the account limit and the always-on account tracking,
+    say): the store sees it once, enforced if any rule enforces it, at the tightest limit.
+    """
+
+    planned: tuple[Planned, ...]
+    views: tuple[BucketView, ...]
+    index: Mapping[str, int]
+
+    def state(self, planned: Planned, states: Sequence[BucketState]) -> BucketState:
+        return states[self.index[planned.view.key]]
+
+    def culprit(self, view_index: int) -> Planned:
+        view = self.views[view_index]
+        return next(p for p in self.planned
+                    if p.view.key == view.key and p.view.enforce and p.view.limit == view.limit)
+
+
+def merge(planned: Sequence[Planned]) -> Plan:
+    merged: dict[str, BucketView] = {}
+    for p in planned:
+        current = merged.get(p.view.key)
+        if current is None or (p.view.enforce and (not current.enforce
+                                                   or p.view.limit < current.limit)):
+            merged[p.view.key] = p.view
+    views = tuple(merged.values())
+    return Plan(tuple(planned), views, {v.key: i for i, v in enumerate(views)})
 
 
 def plan(rules: Sequence[Rule], ctx: Context, now: float) -> list[Planned]:
@@ -195,10 +226,11 @@ class Engine:
                                 f"model {cand_model!r} has no known price", identity=identity,
                                 model=cand_model)
                 continue
-            planned = plan(rules, context(identity, cand_model, cand_provider.id, metadata), now)
+            budget = merge(plan(rules, context(identity, cand_model, cand_provider.id,
+                                               metadata), now))
             dims = LedgerDims(identity.user, identity.groups, identity.token_name,
                               identity.kind, cand_model, cand_provider.id)
-            request = ReserveRequest(request_id, tuple(p.view for p in planned), estimate,
+            request = ReserveRequest(request_id, budget.views, estimate,
                                      "optimistic" if rs.admission_mode == "optimistic"
                                      else "reserve", now, now + rs.reservation_ttl, dims)
             try:
@@ -206,18 +238,18 @@ class Engine:
             except StoreUnavailable as err:
                 return self._store_down(err, identity, attrs, creds, cand_model, cand_provider)
             if result.admitted:
-                self.alerts.observe(planned, result.states, now)
+                self.alerts.observe(budget, result.states, now)
                 fallback_from = model if index else None
-                self._log(request_id, identity, cand_model, planned, estimate,
+                self._log(request_id, identity, cand_model, budget.planned, estimate,
                           "fallback" if index else "allow")
                 return allow(identity, attrs.headers, creds, model=cand_model,
                              provider=cand_provider.id,
-                             remaining=self._remaining(planned, result),
+                             remaining=self._remaining(budget, result),
                              fallback_from=fallback_from)
-            failed = [(planned[i], result.states[i]) for i in result.failed]
+            failed = [(budget.culprit(i), result.states[i]) for i in result.failed]
             blocking = [f for f in failed if f[0].rule.action == "block"]
             if blocking:
-                self._log(request_id, identity, cand_model, planned, estimate, "deny")
+                self._log(request_id, identity, cand_model, budget.planned, estimate, "deny")
                 return await self._too_much(*blocking[0], estimate, now, identity, cand_model)
             if first_fallback is None:
                 first_fallback = (*failed[0], estimate)
@@ -226,9 +258,9 @@ class Engine:
         return await self._too_much(*first_fallback, now, identity, model)
 
     @staticmethod
-    def _remaining(planned: Sequence[Planned], result: ReserveResult) -> str | None:
-        left = [p.view.limit - s.spent - s.reserved
-                for p, s in zip(planned, result.states, strict=True) if p.view.enforce]
+    def _remaining(budget: Plan, result: ReserveResult) -> str | None:
+        left = [v.limit - s.spent - s.reserved
+                for v, s in zip(budget.views, result.states, strict=True) if v.enforce]
         return micros_to_usd_str(max(0, min(left))) if left else None
 
     async def _too_much(self, planned: Planned, state: BucketState, estimate: int, now: float,

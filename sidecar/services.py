@@ -10,6 +10,8 @@ from pathlib import Path
 
 import structlog
 
+from sidecar.alerts import Alerts
+from sidecar.budget.runtime_rules import RuntimeRules
 from sidecar.config.loader import ConfigError, load_config
 from sidecar.config.ruleset import RuleSet, RuleSetHolder, build_ruleset
 from sidecar.engine import Engine
@@ -17,7 +19,7 @@ from sidecar.identity.authenticate import Authenticator
 from sidecar.identity.jwks import JwksCache
 from sidecar.identity.jwt_verify import IssuerPolicy, JwtVerifier
 from sidecar.identity.service_tokens import ServiceTokens
-from sidecar.store.base import Store
+from sidecar.store.base import Store, StoreUnavailable
 from sidecar.store.factory import open_store
 
 log = structlog.get_logger("sidecar")
@@ -66,6 +68,8 @@ class Services:
     service_tokens: ServiceTokens
     identities: Identities
     engine: Engine
+    runtime_rules: RuntimeRules
+    alerts: Alerts
     started_at: float = field(default_factory=time.time)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     store_healthy: bool = True
@@ -100,8 +104,11 @@ class Services:
 
     def start_background(self) -> None:
         self.tasks.append(asyncio.get_running_loop().create_task(self._settle_loop()))
+        self.runtime_rules.start()
 
     async def close(self) -> None:
+        await self.runtime_rules.stop()
+        await self.alerts.drain()
         for task in self.tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -116,5 +123,13 @@ async def build_services(config_path: Path) -> Services:
     store = await open_store(ruleset.config.store.url)
     tokens = ServiceTokens(store)
     identities = Identities(tokens)
-    engine = Engine(holder, store, identities, on_store_error=ruleset.config.store.on_error)
-    return Services(config_path, holder, store, tokens, identities, engine)
+    runtime_rules = RuntimeRules(store, ruleset.config.account_id)
+    try:
+        await runtime_rules.refresh()
+    except StoreUnavailable as exc:  # start anyway; the refresh loop catches up
+        log.error("runtime_rules_unavailable", error=str(exc))
+    alerts = Alerts(store, holder)
+    engine = Engine(holder, store, identities, runtime_rules=runtime_rules, alerts=alerts,
+                    on_store_error=ruleset.config.store.on_error)
+    return Services(config_path, holder, store, tokens, identities, engine, runtime_rules,
+                    alerts)

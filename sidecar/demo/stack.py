@@ -73,6 +73,20 @@ class Stack:
         httpx.delete(self.provider_url + "/_seen", timeout=5)
 
 
+def add_sidecar_endpoints(config: dict[str, Any], first_port: int, ports: list[int]) -> None:
+    """Spread Envoy's checks over several sidecar replicas (round robin)."""
+    if not ports:
+        return
+    for cluster in config["static_resources"]["clusters"]:
+        for group in cluster.get("load_assignment", {}).get("endpoints", []):
+            endpoints = group["lb_endpoints"]
+            address = endpoints[0]["endpoint"]["address"]["socket_address"]
+            if address.get("port_value") == first_port:
+                for port in ports:
+                    endpoints.append({"endpoint": {"address": {"socket_address": {
+                        "address": LOOPBACK, "port_value": port}}}})
+
+
 @contextmanager
 def running_stack(workdir: Path, issuer: DevIssuer, config: dict[str, Any],
                   extra_sidecars: int = 0) -> Iterator[Stack]:
@@ -102,6 +116,7 @@ def running_stack(workdir: Path, issuer: DevIssuer, config: dict[str, Any],
         envoy_config = render_envoy_config(
             listen_port=listen, admin_port=admin, sidecar_grpc=(LOOPBACK, grpc_port),
             provider_upstream=(LOOPBACK, provider_port))
+        add_sidecar_endpoints(envoy_config, grpc_port, [g for g, _ in ports[1:]])
         envoy, _ = start_envoy(workdir, envoy_config, base_id=listen)
         stack.enter_context(envoy)
         yield Stack(workdir, issuer, config_path, f"http://{LOOPBACK}:{listen}",

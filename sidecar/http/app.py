@@ -8,7 +8,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from sidecar.http.admin import service_tokens
+from sidecar.http import budgets
+from sidecar.http.admin import account, service_tokens, spend_limits, usage
 from sidecar.http.envelope import ApiError, fail
 from sidecar.services import Services
 
@@ -41,6 +42,10 @@ def create_app(services: Services) -> Starlette:
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         *service_tokens.routes(services),
+        *account.routes(services),
+        *spend_limits.routes(services),
+        *budgets.routes(services),
+        *usage.routes(services),
     ]
     app = Starlette(
         routes=route_list,

@@ -6,16 +6,21 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import jwt
 
 from sidecar.identity.errors import AuthError
-from sidecar.identity.jwks import JwksCache
 from sidecar.model import Identity, IdentityKind
 
 # Tokens beyond this size are refused before any parsing: nobody needs a 16 KiB JWT.
 MAX_TOKEN_BYTES = 16_384
+
+
+class KeySource(Protocol):
+    """Where an issuer's verification keys come from: a JWKS cache, or the sidecar's store."""
+
+    async def key_for(self, kid: str) -> Any | None: ...
 
 
 @dataclass(frozen=True)
@@ -25,7 +30,7 @@ class IssuerPolicy:
     algorithms: tuple[str, ...]
     groups_claim: str
     leeway_seconds: int
-    keys: JwksCache
+    keys: KeySource
     # Tokens minted by the sidecar's own device login carry kind "cli".
     own: bool = False
 

@@ -1,0 +1,110 @@
+"""`/v1/spend-limits`: rules set at run time, stored beside the read-only rules of the file."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import structlog
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from sidecar.budget.runtime_rules import ACCOUNT_RULE, SPEND_LIMITS
+from sidecar.config.models import SpendLimitConfig
+from sidecar.http.auth import require_admin
+from sidecar.http.envelope import ApiError, json_object, ok
+from sidecar.services import Services
+
+log = structlog.get_logger("sidecar.admin")
+MAX_RUNTIME_RULES = 200
+
+
+def validate_rule(data: dict[str, Any]) -> dict[str, Any]:
+    try:
+        rule = SpendLimitConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors(include_url=False, include_input=False):
+            path = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+            problems.append(f"{path or 'body'}: {re.sub(r'^Value error, ', '', err['msg'])}")
+        raise ApiError(400, "; ".join(problems)) from None
+    if rule.name == ACCOUNT_RULE:
+        raise ApiError(400, f"the name {ACCOUNT_RULE!r} is reserved for the account limit")
+    return rule.model_dump(mode="json")
+
+
+def routes(services: Services) -> list[Route]:
+    def file_rules() -> dict[str, dict[str, Any]]:
+        return {r.name: {**r.model_dump(mode="json"), "source": "file"}
+                for r in services.ruleset.config.spend_limits}
+
+    async def runtime_rules() -> dict[str, dict[str, Any]]:
+        docs = await services.store.list_docs(SPEND_LIMITS)
+        return {d["name"]: {**d, "source": "runtime"} for d in docs}
+
+    async def listing(request: Request) -> JSONResponse:
+        await require_admin(services, request)
+        rules = [*file_rules().values(), *(await runtime_rules()).values()]
+        return ok(rules, result_info={"page": 1, "per_page": len(rules),
+                                      "total_count": len(rules), "has_more": False})
+
+    async def get_one(request: Request) -> JSONResponse:
+        await require_admin(services, request)
+        name = request.path_params["name"]
+        rule = file_rules().get(name) or (await runtime_rules()).get(name)
+        if rule is None:
+            raise ApiError(404, f"no spend limit named {name!r}")
+        return ok(rule)
+
+    async def create(request: Request) -> JSONResponse:
+        admin = await require_admin(services, request)
+        rule = validate_rule(await json_object(request))
+        if rule["name"] in file_rules():
+            raise ApiError(409, f"{rule['name']!r} is defined in the config file (read-only)")
+        existing = await runtime_rules()
+        if len(existing) >= MAX_RUNTIME_RULES:
+            raise ApiError(409, f"at most {MAX_RUNTIME_RULES} runtime spend limits")
+        if not await services.store.swap_doc(SPEND_LIMITS, rule["name"], None, rule):
+            raise ApiError(409, f"a spend limit named {rule['name']!r} already exists")
+        await services.runtime_rules.refresh()
+        log.info("spend_limit_created", by=admin, name=rule["name"])
+        return ok({**rule, "source": "runtime"}, status=201)
+
+    async def replace(request: Request) -> JSONResponse:
+        admin = await require_admin(services, request)
+        name = request.path_params["name"]
+        if name in file_rules():
+            raise ApiError(409, f"{name!r} is defined in the config file (read-only)")
+        data = await json_object(request)
+        rule = validate_rule({**data, "name": data.get("name", name)})
+        if rule["name"] != name:
+            raise ApiError(400, "the name in the body must match the path")
+        current = await services.store.get_doc(SPEND_LIMITS, name)
+        if current is None:
+            raise ApiError(404, f"no runtime spend limit named {name!r}")
+        if not await services.store.swap_doc(SPEND_LIMITS, name, current, rule):
+            raise ApiError(409, "the spend limit changed meanwhile; try again")
+        await services.runtime_rules.refresh()
+        log.info("spend_limit_replaced", by=admin, name=name)
+        return ok({**rule, "source": "runtime"})
+
+    async def delete(request: Request) -> JSONResponse:
+        admin = await require_admin(services, request)
+        name = request.path_params["name"]
+        if name in file_rules():
+            raise ApiError(409, f"{name!r} is defined in the config file (read-only)")
+        if not await services.store.delete_doc(SPEND_LIMITS, name):
+            raise ApiError(404, f"no runtime spend limit named {name!r}")
+        await services.runtime_rules.refresh()
+        log.info("spend_limit_deleted", by=admin, name=name)
+        return ok({"name": name, "deleted": True})
+
+    return [
+        Route("/v1/spend-limits", listing, methods=["GET"]),
+        Route("/v1/spend-limits", create, methods=["POST"]),
+        Route("/v1/spend-limits/{name}", get_one, methods=["GET"]),
+        Route("/v1/spend-limits/{name}", replace, methods=["PUT"]),
+        Route("/v1/spend-limits/{name}", delete, methods=["DELETE"]),
+    ]

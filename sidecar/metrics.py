@@ -1,0 +1,41 @@
+"""Prometheus metrics: one registry, label sets kept small and bounded."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+DECISIONS = Counter("sidecar_decisions_total", "Check decisions by result and reason",
+                    ["result", "reason"], registry=REGISTRY)
+CHECK_SECONDS = Histogram(
+    "sidecar_check_seconds", "Time to answer one Check", registry=REGISTRY,
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+)
+SPEND_MICROS = Counter("sidecar_spend_micro_usd_total", "Committed spend in µUSD",
+                       ["provider", "model"], registry=REGISTRY)
+STORE_ERRORS = Counter("sidecar_store_errors_total", "Store operations that failed",
+                       ["operation"], registry=REGISTRY)
+ALERTS_SENT = Counter("sidecar_alerts_total", "Spend alerts fired, by rule and threshold",
+                      ["rule", "threshold"], registry=REGISTRY)
+WEBHOOK_FAILURES = Counter("sidecar_alert_webhook_failures_total",
+                           "Alert webhook deliveries that failed after every retry",
+                           registry=REGISTRY)
+RELOADS = Counter("sidecar_config_reloads_total", "Config reloads by result", ["result"],
+                  registry=REGISTRY)
+JWKS_REFRESHES = Counter("sidecar_jwks_refreshes_total", "JWKS fetches by result",
+                         ["result"], registry=REGISTRY)
+
+# Models seen beyond this many are counted under "other": a client choosing arbitrary model
+# names must not be able to blow up the metric's cardinality.
+MAX_MODEL_LABELS = 200
+_models: set[str] = set()
+
+
+def model_label(model: str) -> str:
+    if model in _models:
+        return model
+    if len(_models) < MAX_MODEL_LABELS:
+        _models.add(model)
+        return model
+    return "other"
