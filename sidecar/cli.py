@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sidecar.admin_client import AdminClient, AdminError
+from sidecar.login import LoginError
 
 
 def _config_path(value: str | None) -> Path:
@@ -139,6 +140,35 @@ def cmd_usage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_login(args: argparse.Namespace) -> int:
+    from sidecar.login import login
+
+    try:
+        login(args.url, as_json=args.json)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from sidecar.login import valid_token
+
+    credential = valid_token(args.url)
+    view = {k: credential.get(k) for k in ("url", "access_token", "expires_at", "email")}
+    _print(view, args.json, credential["access_token"])
+    return 0
+
+
+def cmd_logout(args: argparse.Namespace) -> int:
+    from sidecar.login import credentials_path, logout
+
+    path = credentials_path()
+    removed = logout(path=path)
+    _print({"removed": removed, "path": str(path)}, args.json,
+           f"Logged out; removed {path}." if removed else "Not logged in.")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from sidecar.demo.run import main as demo_main
 
@@ -189,6 +219,17 @@ def build_parser() -> argparse.ArgumentParser:
     usage.add_argument("--json", action="store_true")
     usage.set_defaults(func=cmd_usage)
 
+    login = sub.add_parser("login", help="device-code login against a running sidecar")
+    login.add_argument("url", help="the sidecar's public URL, such as https://gateway.example.com")
+    login.set_defaults(func=cmd_login)
+    token = sub.add_parser("token", help="print the stored, still-valid token")
+    token.add_argument("url", nargs="?", help="refuse a token stored for another URL")
+    token.set_defaults(func=cmd_token)
+    logout = sub.add_parser("logout", help="forget the stored credential")
+    logout.set_defaults(func=cmd_logout)
+    for p in (login, token, logout):
+        p.add_argument("--json", action="store_true")
+
     demo = sub.add_parser("demo", help="run sidecar + Envoy + a fake provider locally")
     demo.add_argument("--check", action="store_true",
                       help="send a few example requests through Envoy, print them, and exit")
@@ -200,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except AdminError as exc:
+    except (AdminError, LoginError) as exc:
         print(f"sidecar: {exc}", file=sys.stderr)
         return 1
 

@@ -320,3 +320,19 @@ class Engine:
                  cost_usd=micros_to_usd_str(cost), status=result.status,
                  input_tokens=usage.total_input, output_tokens=usage.output_tokens)
         return result, cost
+
+    async def commit_estimate(self, request_id: str, model: str, provider_id: str,
+                              body: Mapping[str, Any]) -> tuple[CommitResult, int] | None:
+        """Charge a request its admission estimate now, for a response that ended without
+        reporting usage (a provider error, a stream cut short): the charge the reservation's
+        expiry would make, without holding it until then. None when the model has no price
+        any more (the reservation then expires into its original estimate)."""
+        rs = self.holder.current
+        provider = rs.provider_by_id.get(provider_id)
+        estimate = self._estimate(rs, model, provider, body) if provider else None
+        if estimate is None:
+            return None
+        result = await self.store.commit(request_id, estimate, TokenUsage(), self.clock())
+        log.info("completion", request_id=request_id, model=model, provider=provider_id,
+                 cost_usd=micros_to_usd_str(estimate), status=result.status, estimated=True)
+        return result, estimate

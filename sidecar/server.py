@@ -18,7 +18,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from sidecar.envoy.authz import AuthorizationServicer
 from sidecar.envoy.ext_proc import ExternalProcessorServicer
+from sidecar.grpc_api import SERVICE_NAME, SidecarApi
 from sidecar.http.app import create_app
+from sidecar.proto_gen.sidecar.v1 import sidecar_pb2_grpc
 from sidecar.services import build_services
 
 log = structlog.get_logger("sidecar")
@@ -46,11 +48,12 @@ async def serve(config_path: Path, grpc_addr: str | None, http_addr: str | None)
     external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
         ExternalProcessorServicer(services.engine), server)
     health_servicer = health.aio.HealthServicer()
+    sidecar_pb2_grpc.add_SidecarServicer_to_server(SidecarApi(services), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     server.add_insecure_port(grpc_addr)
     await server.start()
     for name in ("", "envoy.service.auth.v3.Authorization",
-                 "envoy.service.ext_proc.v3.ExternalProcessor"):
+                 "envoy.service.ext_proc.v3.ExternalProcessor", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     host, _, port = http_addr.rpartition(":")

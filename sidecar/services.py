@@ -16,6 +16,7 @@ from sidecar.config.loader import ConfigError, load_config
 from sidecar.config.ruleset import RuleSet, RuleSetHolder, build_ruleset
 from sidecar.engine import Engine
 from sidecar.identity.authenticate import Authenticator
+from sidecar.identity.device import DeviceLogin, issuer_for
 from sidecar.identity.jwks import JwksCache
 from sidecar.identity.jwt_verify import IssuerPolicy, JwtVerifier
 from sidecar.identity.service_tokens import ServiceTokens
@@ -74,6 +75,8 @@ class Services:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     store_healthy: bool = True
     draining: bool = False
+    # Built at start-up when enabled: its issuer must be known before the first request.
+    device_login: DeviceLogin | None = None
 
     @property
     def ruleset(self) -> RuleSet:
@@ -123,6 +126,12 @@ async def build_services(config_path: Path) -> Services:
     store = await open_store(ruleset.config.store.url)
     tokens = ServiceTokens(store)
     identities = Identities(tokens)
+    device = ruleset.config.identity.device_login
+    device_login = None
+    if device.enabled:
+        device_login = DeviceLogin(store, issuer_for(device.public_url,
+                                                     ruleset.config.listen.http))
+        identities.extra_issuers.append(device_login.issuer_policy)
     runtime_rules = RuntimeRules(store, ruleset.config.account_id)
     try:
         await runtime_rules.refresh()
@@ -132,4 +141,4 @@ async def build_services(config_path: Path) -> Services:
     engine = Engine(holder, store, identities, runtime_rules=runtime_rules, alerts=alerts,
                     on_store_error=ruleset.config.store.on_error)
     return Services(config_path, holder, store, tokens, identities, engine, runtime_rules,
-                    alerts)
+                    alerts, device_login=device_login)

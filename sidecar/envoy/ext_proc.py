@@ -1,11 +1,20 @@
-"""ext_proc v3: rewrites the model on fallback, meters usage from the response as it streams,
-and commits the actual cost when the response ends. Responses pass through unchanged."""
+"""ext_proc v3: adjusts the request body (fallback model, OpenAI stream usage), meters usage
+from the response as it streams, and commits the actual cost when the response ends.
+Responses pass through unchanged.
+
+Every admitted call is charged once its exchange ends: the observed usage when there is any
+(a stream cut short keeps what it saw), else its admission estimate, right away rather than
+at reservation expiry. Envoy's own local replies (a 429 from ext_authz) open a stream that
+starts at the response headers, with no request phases: they were never admitted and are
+not metered.
+"""
 
 from __future__ import annotations
 
-import json
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import structlog
@@ -15,7 +24,9 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 
 from sidecar.engine import Engine
-from sidecar.metering.parse import UsageMeter, api_for_path
+from sidecar.envoy.request_body import mutate
+from sidecar.metering import load_json
+from sidecar.metering.parse import Api, UsageMeter, api_for_path
 
 log = structlog.get_logger("sidecar.ext_proc")
 OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
@@ -30,6 +41,10 @@ class Exchange:
     model: str = ""
     provider: str = ""
     fallback: bool = False
+    api: Api | None = None
+    # The request body as the client sent it, kept to compute the estimate if no usage shows.
+    body: bytes = b""
+    status: str = ""
     meter: UsageMeter | None = None
     committed: bool = False
     headers: dict[str, str] = field(default_factory=dict)
@@ -42,16 +57,9 @@ def _headers(message: pb.HttpHeaders) -> dict[str, str]:
     return out
 
 
-def rewrite_model(body: bytes, model: str) -> bytes | None:
-    """The body with its `model` replaced, or None when it need not (or cannot) change."""
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(data, dict) or data.get("model") == model:
-        return None
-    data["model"] = model
-    return json.dumps(data, separators=(",", ":")).encode()
+def _parsed(body: bytes) -> Mapping[str, Any]:
+    data = load_json(body) if body else None
+    return data if isinstance(data, dict) else {}
 
 
 class ExternalProcessorServicer(
@@ -59,6 +67,8 @@ class ExternalProcessorServicer(
 ):
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
+        # Commits started while a stream is torn down; held so they are not collected.
+        self._finishing: set[asyncio.Task[None]] = set()
 
     async def Process(
         self, request_iterator: AsyncIterator[pb.ProcessingRequest],
@@ -69,9 +79,13 @@ class ExternalProcessorServicer(
             async for message in request_iterator:
                 yield await self._step(ex, message)
         finally:
-            # The client went away or Envoy reset the stream: charge what was seen.
+            # The client went away or Envoy reset the stream: charge what was seen. The stream's
+            # task may be being cancelled, so the commit runs in its own task.
             if not ex.committed:
-                await self._commit(ex, reason="incomplete")
+                task = asyncio.get_running_loop().create_task(self._commit(ex, "incomplete"))
+                self._finishing.add(task)
+                task.add_done_callback(self._finishing.discard)
+                await asyncio.shield(task)
 
     async def _step(self, ex: Exchange, message: pb.ProcessingRequest) -> pb.ProcessingResponse:
         kind = message.WhichOneof("request")
@@ -83,11 +97,14 @@ class ExternalProcessorServicer(
             ex.model = headers.get("x-sidecar-model", "")
             ex.provider = headers.get("x-sidecar-provider", "")
             ex.fallback = headers.get("x-sidecar-route") == "fallback"
+            # Every fallback route goes to an OpenAI-compatible chat completions endpoint,
+            # whatever path the client called (deploy/envoy/envoy.yaml).
+            ex.api = "openai_chat" if ex.fallback else api_for_path(ex.path)
             return pb.ProcessingResponse(request_headers=pb.HeadersResponse())
         if kind == "request_body":
             return pb.ProcessingResponse(request_body=self._request_body(ex, message))
         if kind == "response_headers":
-            return self._response_headers(ex, message)
+            return await self._response_headers(ex, message)
         if kind == "response_body":
             chunk = message.response_body
             if ex.meter is not None:
@@ -100,9 +117,10 @@ class ExternalProcessorServicer(
         return pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
 
     def _request_body(self, ex: Exchange, message: pb.ProcessingRequest) -> pb.BodyResponse:
-        if not (ex.fallback and ex.model):
-            return pb.BodyResponse()
-        new_body = rewrite_model(message.request_body.body, ex.model)
+        ex.body = message.request_body.body
+        if not ex.model:
+            return pb.BodyResponse()  # not admitted as an LLM call: leave it alone
+        new_body = mutate(ex.body, ex.api, ex.model if ex.fallback else None)
         if new_body is None:
             return pb.BodyResponse()
         return pb.BodyResponse(response=pb.CommonResponse(
@@ -113,34 +131,50 @@ class ExternalProcessorServicer(
             body_mutation=pb.BodyMutation(body=new_body),
         ))
 
-    def _response_headers(
+    async def _response_headers(
         self, ex: Exchange, message: pb.ProcessingRequest
     ) -> pb.ProcessingResponse:
         headers = _headers(message.response_headers)
-        api = api_for_path(ex.path)
-        if api is None or not ex.model or not ex.request_id:
-            # Nothing to meter: stop sending this response's body to us at all.
+        ex.status = headers.get(":status", "")
+        if ex.api is None or not ex.model or not ex.request_id:
+            # Nothing to meter: stop sending this response's body to us at all. An admitted
+            # call to an API without usage parsing pays its estimate now.
+            await self._commit(ex, reason="unmetered_api")
             return pb.ProcessingResponse(
                 response_headers=pb.HeadersResponse(),
                 mode_override=processing_mode_pb2.ProcessingMode(
                     response_body_mode=processing_mode_pb2.ProcessingMode.NONE),
             )
-        ex.meter = UsageMeter.for_response(api, headers.get("content-type", ""),
+        ex.meter = UsageMeter.for_response(ex.api, headers.get("content-type", ""),
                                            headers.get("content-encoding", ""))
         return pb.ProcessingResponse(response_headers=pb.HeadersResponse())
 
     async def _commit(self, ex: Exchange, reason: str) -> None:
-        if ex.committed or ex.meter is None or not ex.request_id:
+        # Only calls that ext_authz admitted carry x-sidecar-model; Envoy's local replies
+        # have no request phases at all.
+        if ex.committed or not ex.model or not ex.request_id:
             return
         ex.committed = True
-        ex.meter.finish()
-        usage = ex.meter.usage
-        if usage is None:
-            # Nothing observed: the reservation stays and is charged its estimate at expiry.
-            log.warning("no_usage_observed", request_id=ex.request_id, model=ex.model,
-                        reason=reason)
-            return
+        usage = None
+        if ex.meter is not None:
+            ex.meter.finish()
+            usage = ex.meter.usage
+        fields = {"request_id": ex.request_id, "model": ex.model, "status": ex.status,
+                  "reason": reason}
         try:
-            await self._engine.commit(ex.request_id, ex.model, ex.provider, usage)
+            if usage is not None:
+                if ex.meter is not None and not ex.meter.complete:
+                    log.warning("partial_usage_charged", **fields)
+                await self._engine.commit(ex.request_id, ex.model, ex.provider, usage)
+                return
+            # Nothing observed (an error body, a stream cut before its usage, an API without
+            # usage parsing, an undecodable body): never $0, so the estimate.
+            log.warning("no_usage_observed", **fields,
+                        meter_error=ex.meter.error if ex.meter else None)
+            charged = await self._engine.commit_estimate(ex.request_id, ex.model, ex.provider,
+                                                         _parsed(ex.body))
+            if charged is None:
+                log.warning("estimate_left_to_expiry", **fields)
         except Exception as exc:  # the response must flow even when the store is down
+            # The reservation stays and is charged its estimate when it expires.
             log.error("commit_failed", request_id=ex.request_id, error=str(exc))

@@ -8,7 +8,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from sidecar.http import budgets
+from sidecar.http import budgets, device
 from sidecar.http.admin import account, service_tokens, spend_limits, usage
 from sidecar.http.envelope import ApiError, fail
 from sidecar.services import Services
@@ -46,6 +46,7 @@ def create_app(services: Services) -> Starlette:
         *spend_limits.routes(services),
         *budgets.routes(services),
         *usage.routes(services),
+        *device.routes(services),
     ]
     app = Starlette(
         routes=route_list,

@@ -191,6 +191,9 @@ class DeviceLogin:
                             groups_claim="groups", leeway_seconds=LEEWAY_SECONDS,
                             keys=self.keys, own=True)
 
+    def now(self) -> float:
+        return self._clock()
+
     def _ttl(self, grant: Grant, now: float) -> int:
         return max(1, math.ceil(grant.expires_at + RETAIN_SECONDS - now))
 
@@ -215,7 +218,8 @@ class DeviceLogin:
         doc = None if index is None else await self._store.get_doc(GRANTS, index["grant"])
         return None if doc is None else Grant.from_doc(doc)
 
-    async def decide(self, user_code: str, identity: Identity, approve: bool) -> Grant | DecideError:
+    async def decide(self, user_code: str, identity: Identity,
+                     approve: bool) -> Grant | DecideError:
         approver = Approver.of(identity)
         for _ in range(MAX_ATTEMPTS):
             index = await self._store.get_doc(USER_CODES, user_code)
