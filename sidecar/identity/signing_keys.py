@@ -119,11 +119,11 @@ class SigningKeys:
 
     # -- publication -------------------------------------------------------------------
     async def jwks(self) -> dict[str, Any]:
-        """Public parts of every published key, newest first; makes the first key if none."""
-        await self._usable_active()
+        """Public parts of every published key, the active one first; makes one if none."""
+        active = await self._usable_active()
         now = self._clock()
         docs = [d for d in await self._store.list_docs(KEYS) if is_published(d, now, self._leeway)]
-        docs.sort(key=lambda d: float(d["created_at"]), reverse=True)
+        docs.sort(key=lambda d: (d["kid"] != active["kid"], -float(d["created_at"])))
         return {"keys": [public_jwk(d) for d in docs]}
 
     # -- signing -----------------------------------------------------------------------
