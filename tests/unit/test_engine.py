@@ -1,0 +1,124 @@
+"""The engine's precedence and answers, with a real SQLite store and a fixed identity."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sidecar.config.loader import parse_config
+from sidecar.config.ruleset import RuleSet, RuleSetHolder, build_ruleset
+from sidecar.engine import Engine
+from sidecar.model import Identity, RequestAttrs, TokenUsage
+from sidecar.store.sqlite_store import SQLiteStore
+
+NOW = 1_900_000_000.0
+ALICE = Identity(kind="user", subject="a", email="alice@example.com", groups=("ml",))
+CENT = {"provider": "openai", "model": "cent-*", "input_per_mtok": 0, "output_per_mtok": 10000}
+
+
+class FixedAuth:
+    def __init__(self, identity: Identity) -> None:
+        self.identity = identity
+
+    async def identify(self, headers: Mapping[str, str]) -> tuple[Identity, tuple[str, ...]]:
+        return self.identity, ()
+
+
+def config(**extra: Any) -> RuleSet:
+    base: dict[str, Any] = {
+        "providers": [{"id": "openai", "path_prefix": "/openai/"}],
+        "pricing": {"unknown_model": "reject", "overrides": [CENT]},
+    }
+    base.update(extra)
+    return build_ruleset(parse_config(base))
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+    st = SQLiteStore(f"sqlite:///{tmp_path}/e.db")
+    yield st
+    await st.close()
+
+
+def engine(rs: RuleSet, store: SQLiteStore, identity: Identity = ALICE) -> Engine:
+    auth = FixedAuth(identity)
+    return Engine(RuleSetHolder(rs), store, lambda _: auth, clock=lambda: NOW)  # type: ignore[arg-type,return-value]
+
+
+def attrs(model: str, rid: str, max_tokens: int = 1) -> RequestAttrs:
+    body = json.dumps({"model": model, "max_tokens": max_tokens, "messages": []}).encode()
+    return RequestAttrs("POST", "/openai/v1/chat/completions", {}, body, rid)
+
+
+def rule(name: str, usd: float, action: str, models: list[str], **extra: Any) -> dict[str, Any]:
+    return {"name": name, "budget_usd": usd, "window": {"fixed": "daily"},
+            "filter": {"model": models}, "action": action, **extra}
+
+
+async def test_block_wins_over_fallback(store: SQLiteStore) -> None:
+    rs = config(spend_limits=[rule("b", 0.0, "block", ["cent-a"]),
+                              rule("f", 0.0, "fallback", ["cent-a"])],
+                fallbacks={"cent-a": [{"model": "cent-b"}]})
+    decision = await engine(rs, store).check(attrs("cent-a", "r1"))
+    assert decision.http_status == 429
+    assert json.loads(decision.body)["error"]["rule"] == "b"
+
+
+async def test_fallback_skips_disallowed_and_unpriced_targets(store: SQLiteStore) -> None:
+    rs = config(spend_limits=[rule("f", 0.0, "fallback", ["cent-a"])],
+                models={"rules": [{"groups": ["ml"], "allow": ["cent-a", "cent-c", "nope"]}]},
+                fallbacks={"cent-a": [{"model": "cent-b"}, {"model": "nope"},
+                                      {"model": "cent-c"}]})
+    decision = await engine(rs, store).check(attrs("cent-a", "r1"))
+    assert decision.allowed and decision.model == "cent-c"
+    assert decision.headers["x-sidecar-fallback-from"] == "cent-a"
+    assert decision.headers["x-sidecar-route"] == "fallback"
+
+
+async def test_monitor_rules_never_block(store: SQLiteStore) -> None:
+    rs = config(spend_limits=[rule("m", 0.0, "monitor", ["cent-*"])])
+    eng = engine(rs, store)
+    for i in range(3):
+        assert (await eng.check(attrs("cent-a", f"r{i}"))).allowed
+
+
+async def test_allowlist_comes_before_budgets(store: SQLiteStore) -> None:
+    rs = config(spend_limits=[rule("b", 0.0, "block", ["cent-a"])],
+                models={"rules": [{"groups": ["ml"], "allow": ["cent-z"]}]})
+    decision = await engine(rs, store).check(attrs("cent-a", "r1"))
+    assert decision.http_status == 403
+    assert json.loads(decision.body)["error"]["type"] == "model_not_allowed"
+
+
+async def test_commit_replaces_reservation_with_actual(store: SQLiteStore) -> None:
+    rs = config(spend_limits=[rule("b", 0.05, "block", ["cent-*"])])
+    eng = engine(rs, store)
+    # Each request reserves $0.03 (3 output tokens) but really costs $0.01.
+    assert (await eng.check(attrs("cent-a", "r1", max_tokens=3))).allowed
+    assert not (await eng.check(attrs("cent-a", "r2", max_tokens=3))).allowed
+    result, cost = await eng.commit("r1", "cent-a", "openai", TokenUsage(0, 1))
+    assert (result.status, cost) == ("committed", 10_000)
+    assert (await eng.check(attrs("cent-a", "r3", max_tokens=3))).allowed
+    again, _ = await eng.commit("r1", "cent-a", "openai", TokenUsage(0, 1))
+    assert again.status == "duplicate"
+
+
+async def test_optimistic_mode_overshoots_reserve_does_not(store: SQLiteStore) -> None:
+    limits = [rule("b", 0.02, "block", ["cent-*"])]
+    optimistic = engine(config(spend_limits=limits, admission={"mode": "optimistic"}), store)
+    admitted = [(await optimistic.check(attrs("cent-a", f"o{i}"))).allowed for i in range(5)]
+    assert all(admitted)  # nothing committed yet: every concurrent request gets in
+    reserve = engine(config(spend_limits=[rule("c", 0.02, "block", ["cent-*"])]), store)
+    admitted = [(await reserve.check(attrs("cent-a", f"r{i}"))).allowed for i in range(5)]
+    assert admitted == [True, True, False, False, False]
+
+
+async def test_remaining_header_is_the_tightest_bucket(store: SQLiteStore) -> None:
+    rs = config(spend_limits=[rule("loose", 1, "block", ["cent-*"]),
+                              rule("tight", 0.05, "block", ["cent-*"])])
+    decision = await engine(rs, store).check(attrs("cent-a", "r1"))
+    assert decision.response_headers["x-sidecar-budget-remaining"] == "0.040000"

@@ -1,0 +1,191 @@
+"""ext_proc without Envoy: request-body changes, and what each kind of exchange is charged."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Any, cast
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+from sidecar.engine import Engine
+from sidecar.envoy.ext_proc import ExternalProcessorServicer
+from sidecar.envoy.request_body import mutate
+from sidecar.model import TokenUsage
+from sidecar.store.budget_types import CommitResult
+
+CHAT = "/openai/v1/chat/completions"
+
+
+# --- request bodies ----------------------------------------------------------------------
+
+
+def test_openai_chat_stream_gets_include_usage() -> None:
+    body = json.dumps({"model": "gpt-4o-mini", "stream": True, "messages": []}).encode()
+    out = mutate(body, "openai_chat", None)
+    assert out is not None
+    assert json.loads(out)["stream_options"] == {"include_usage": True}
+
+
+def test_existing_stream_options_are_kept() -> None:
+    body = json.dumps({"stream": True, "stream_options": {"x": 1}}).encode()
+    out = mutate(body, "openai_chat", None)
+    assert out is not None and json.loads(out)["stream_options"] == {"x": 1, "include_usage": True}
+
+
+def test_bodies_that_need_nothing_are_not_touched() -> None:
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"stream": True, "stream_options": {"include_usage": True}}, "openai_chat"),
+        ({"stream": True, "stream_options": {"include_usage": False}}, "openai_chat"),  # opted out
+        ({"stream": False}, "openai_chat"),
+        ({"messages": []}, "openai_chat"),
+        ({"stream": True}, "anthropic_messages"),  # Anthropic always reports usage
+        ({"stream": True}, "openai_responses"),
+    ]
+    for data, api in cases:
+        assert mutate(json.dumps(data).encode(), api, None) is None, data  # type: ignore[arg-type]
+    assert mutate(b"{not json", "openai_chat", "m") is None
+    assert mutate(b"[1]", "openai_chat", "m") is None
+
+
+def test_fallback_rewrites_model_and_requests_usage_in_one_pass() -> None:
+    body = '{"model":"claude-opus-4-7","stream":true,"messages":[{"content":"héllo"}]}'.encode()
+    out = mutate(body, "openai_chat", "claude-haiku-4-5")
+    assert out is not None
+    data = json.loads(out)
+    assert data["model"] == "claude-haiku-4-5" and data["stream_options"]["include_usage"]
+    assert "héllo".encode() in out  # not \\u-escaped: the body does not grow needlessly
+
+
+# --- exchanges -----------------------------------------------------------------------------
+
+
+class FakeEngine:
+    def __init__(self) -> None:
+        self.commits: list[tuple[str, str, str, TokenUsage]] = []
+        self.estimates: list[tuple[str, str, str, Mapping[str, Any]]] = []
+
+    async def commit(self, request_id: str, model: str, provider_id: str,
+                     usage: TokenUsage) -> tuple[CommitResult, int]:
+        self.commits.append((request_id, model, provider_id, usage))
+        return CommitResult("committed"), 1
+
+    async def commit_estimate(self, request_id: str, model: str, provider_id: str,
+                              body: Mapping[str, Any]) -> tuple[CommitResult, int]:
+        self.estimates.append((request_id, model, provider_id, body))
+        return CommitResult("committed"), 2
+
+
+def _header_map(headers: Mapping[str, str]) -> base_pb2.HeaderMap:
+    # Envoy 1.40 sends values only in raw_value.
+    return base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode())
+                                       for k, v in headers.items()])
+
+
+def request_headers(path: str = CHAT, model: str = "gpt-4o-mini", **extra: str) -> Any:
+    headers = {":path": path, ":method": "POST", "x-request-id": "req-1",
+               "x-sidecar-model": model, "x-sidecar-provider": "openai", **extra}
+    return pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=_header_map(headers)))
+
+
+def request_body(data: Mapping[str, Any]) -> Any:
+    return pb.ProcessingRequest(request_body=pb.HttpBody(body=json.dumps(data).encode(),
+                                                         end_of_stream=True))
+
+
+def response_headers(status: str = "200", content_type: str = "application/json",
+                     **extra: str) -> Any:
+    headers = {":status": status, "content-type": content_type, **extra}
+    return pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=_header_map(headers)))
+
+
+def response_body(data: bytes, end: bool = True) -> Any:
+    return pb.ProcessingRequest(response_body=pb.HttpBody(body=data, end_of_stream=end))
+
+
+async def _iterate(messages: Iterable[Any]) -> AsyncIterator[Any]:
+    for message in messages:
+        yield message
+
+
+def run(messages: list[Any]) -> tuple[FakeEngine, list[Any]]:
+    engine = FakeEngine()
+    servicer = ExternalProcessorServicer(cast(Engine, engine))
+
+    async def drive() -> list[Any]:
+        return [r async for r in servicer.Process(_iterate(messages), cast(Any, None))]
+
+    return engine, asyncio.run(drive())
+
+
+CHAT_JSON = {"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 5}}
+BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_complete_json_response_commits_its_usage_once() -> None:
+    engine, _ = run([request_headers(), request_body(BODY), response_headers(),
+                     response_body(json.dumps(CHAT_JSON).encode())])
+    assert engine.commits == [("req-1", "gpt-4o-mini", "openai", TokenUsage(12, 5))]
+    assert engine.estimates == []
+
+
+def test_gzip_body_is_metered() -> None:
+    engine, _ = run([request_headers(), request_body(BODY),
+                     response_headers(**{"content-encoding": "gzip"}),
+                     response_body(gzip.compress(json.dumps(CHAT_JSON).encode()))])
+    assert engine.commits[0][3] == TokenUsage(12, 5)
+
+
+def test_provider_error_is_charged_the_estimate_now() -> None:
+    error = {"error": {"message": "overloaded", "type": "server_error"}}
+    engine, _ = run([request_headers(), request_body(BODY), response_headers("503"),
+                     response_body(json.dumps(error).encode())])
+    assert engine.commits == []
+    assert engine.estimates == [("req-1", "gpt-4o-mini", "openai", BODY)]
+
+
+def test_stream_cut_short_charges_what_was_seen_or_the_estimate() -> None:
+    start = {"type": "message_start", "message": {"usage": {"input_tokens": 30,
+                                                            "output_tokens": 1}}}
+    frame = f"event: message_start\ndata: {json.dumps(start)}\n\n".encode()
+    engine, _ = run([request_headers("/anthropic/v1/messages", "claude-haiku-4-5"),
+                     request_body(BODY), response_headers(content_type="text/event-stream"),
+                     response_body(frame, end=False)])  # and then the stream ends
+    assert engine.commits[0][3] == TokenUsage(30, 1)
+    engine, _ = run([request_headers(), request_body({**BODY, "stream": True}),
+                     response_headers(content_type="text/event-stream"),
+                     response_body(b'data: {"choices": [{"delta": {}}]}\n\n', end=False)])
+    assert engine.commits == [] and len(engine.estimates) == 1
+
+
+def test_local_reply_without_request_phases_is_not_metered() -> None:
+    engine, responses = run([response_headers("429"), response_body(b'{"success":false}')])
+    assert engine.commits == [] and engine.estimates == []
+    assert responses[0].mode_override.response_body_mode  # body no longer sent to us
+
+
+def test_unmetered_api_pays_its_estimate_at_response_headers() -> None:
+    engine, _ = run([request_headers("/openai/v1/embeddings", "text-embedding-3-small"),
+                     request_body({"model": "text-embedding-3-small", "input": "x"}),
+                     response_headers()])
+    assert [e[1] for e in engine.estimates] == ["text-embedding-3-small"]
+
+
+def test_unadmitted_request_is_left_alone() -> None:
+    engine, responses = run([request_headers(model=""), request_body({**BODY, "stream": True}),
+                             response_headers(), response_body(b"{}")])
+    assert engine.commits == [] and engine.estimates == []
+    assert not responses[1].request_body.HasField("response")
+
+
+def test_stream_request_body_is_rewritten_with_a_new_length() -> None:
+    _, responses = run([request_headers(), request_body({**BODY, "stream": True})])
+    common = responses[1].request_body.response
+    new_body = common.body_mutation.body
+    assert json.loads(new_body)["stream_options"] == {"include_usage": True}
+    (length,) = common.header_mutation.set_headers
+    assert length.header.key == "content-length"
+    assert length.header.raw_value == str(len(new_body)).encode()
