@@ -19,6 +19,7 @@ from sidecar.config.ruleset import Provider, RuleSet, RuleSetHolder
 from sidecar.decisions import allow, deny, unauthenticated
 from sidecar.identity.authenticate import Authenticator
 from sidecar.identity.errors import AuthError
+from sidecar.metrics import CHECK_SECONDS, DECISIONS, SPEND_MICROS, model_label
 from sidecar.model import Decision, Identity, RequestAttrs, TokenUsage
 from sidecar.money import micros_to_usd, micros_to_usd_str
 from sidecar.policy.request import (
@@ -133,7 +134,6 @@ class Engine:
         *,
         runtime_rules: Callable[[], Sequence[Rule]] = lambda: (),
         alerts: Any = None,
-        on_store_error: str = "fail_closed",
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.holder = holder
@@ -141,7 +141,6 @@ class Engine:
         self._authenticator = authenticator
         self._runtime_rules = runtime_rules
         self.alerts = alerts or NoAlerts()
-        self.on_store_error = on_store_error
         self.clock = clock
 
     def rules(self, rs: RuleSet) -> tuple[Rule, ...]:
@@ -159,6 +158,13 @@ class Engine:
         return found
 
     async def check(self, attrs: RequestAttrs) -> Decision:
+        started = time.perf_counter()
+        decision = await self._check(attrs)
+        CHECK_SECONDS.observe(time.perf_counter() - started)
+        DECISIONS.labels("allow" if decision.allowed else "deny", decision.reason).inc()
+        return decision
+
+    async def _check(self, attrs: RequestAttrs) -> Decision:
         rs = self.holder.current
         found = await self.identify(attrs.headers)
         if isinstance(found, Decision):
@@ -289,8 +295,11 @@ class Engine:
 
     def _store_down(self, err: StoreUnavailable, identity: Identity, attrs: RequestAttrs,
                     creds: tuple[str, ...], model: str, provider: Provider) -> Decision:
-        log.error("store_unavailable", error=str(err), mode=self.on_store_error)
-        if self.on_store_error == "fail_open":
+        # The one place the failure mode is chosen: closed by default, because admitting
+        # without a budget check is spending money nobody approved.
+        mode = self.holder.current.config.store.on_error
+        log.error("store_unavailable", error=str(err), mode=mode)
+        if mode == "fail_open":
             return allow(identity, attrs.headers, creds, model=model, provider=provider.id)
         return deny("store_unavailable", "store_unavailable",
                     "the budget store is unavailable; try again shortly",
@@ -316,6 +325,8 @@ class Engine:
             return CommitResult("unknown"), 0
         cost = cost_micros(price, usage)
         result = await self.store.commit(request_id, cost, usage, self.clock())
+        if result.status in ("committed", "late"):
+            SPEND_MICROS.labels(provider_id, model_label(model)).inc(cost)
         log.info("completion", request_id=request_id, model=model, provider=provider_id,
                  cost_usd=micros_to_usd_str(cost), status=result.status,
                  input_tokens=usage.total_input, output_tokens=usage.output_tokens)

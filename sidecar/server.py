@@ -67,7 +67,7 @@ async def serve(config_path: Path, grpc_addr: str | None, http_addr: str | None)
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, services.reload)
+    loop.add_signal_handler(signal.SIGHUP, services.watcher.on_signal)
     http_task = loop.create_task(http.serve())
     log.info("serving", grpc=grpc_addr, http=http_addr, store=services.ruleset.config.store.url
              .split("@")[-1], config=str(config_path), version=services.ruleset.version)

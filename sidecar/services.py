@@ -12,8 +12,9 @@ import structlog
 
 from sidecar.alerts import Alerts
 from sidecar.budget.runtime_rules import RuntimeRules
-from sidecar.config.loader import ConfigError, load_config
+from sidecar.config.loader import load_config
 from sidecar.config.ruleset import RuleSet, RuleSetHolder, build_ruleset
+from sidecar.config.watch import ConfigWatcher
 from sidecar.engine import Engine
 from sidecar.identity.authenticate import Authenticator
 from sidecar.identity.device import DeviceLogin, issuer_for
@@ -71,6 +72,7 @@ class Services:
     engine: Engine
     runtime_rules: RuntimeRules
     alerts: Alerts
+    watcher: ConfigWatcher
     started_at: float = field(default_factory=time.time)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     store_healthy: bool = True
@@ -81,19 +83,6 @@ class Services:
     @property
     def ruleset(self) -> RuleSet:
         return self.holder.current
-
-    def reload(self) -> bool:
-        """Load the file again; a bad file leaves the last good rule set serving."""
-        try:
-            text = self.config_path.read_text(encoding="utf-8")
-            ruleset = build_ruleset(load_config(self.config_path), source_text=text)
-        except (ConfigError, OSError, ValueError) as exc:
-            self.holder.last_error = str(exc)
-            log.error("config_reload_failed", path=str(self.config_path), error=str(exc))
-            return False
-        self.holder.swap(ruleset)
-        log.info("config_reloaded", path=str(self.config_path), version=ruleset.version)
-        return True
 
     async def _settle_loop(self) -> None:
         while True:
@@ -108,9 +97,11 @@ class Services:
     def start_background(self) -> None:
         self.tasks.append(asyncio.get_running_loop().create_task(self._settle_loop()))
         self.runtime_rules.start()
+        self.watcher.start()
 
     async def close(self) -> None:
         await self.runtime_rules.stop()
+        await self.watcher.stop()
         await self.alerts.drain()
         for task in self.tasks:
             task.cancel()
@@ -138,7 +129,6 @@ async def build_services(config_path: Path) -> Services:
     except StoreUnavailable as exc:  # start anyway; the refresh loop catches up
         log.error("runtime_rules_unavailable", error=str(exc))
     alerts = Alerts(store, holder)
-    engine = Engine(holder, store, identities, runtime_rules=runtime_rules, alerts=alerts,
-                    on_store_error=ruleset.config.store.on_error)
+    engine = Engine(holder, store, identities, runtime_rules=runtime_rules, alerts=alerts)
     return Services(config_path, holder, store, tokens, identities, engine, runtime_rules,
-                    alerts, device_login=device_login)
+                    alerts, ConfigWatcher(config_path, holder), device_login=device_login)

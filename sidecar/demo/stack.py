@@ -89,8 +89,12 @@ def add_sidecar_endpoints(config: dict[str, Any], first_port: int, ports: list[i
 
 @contextmanager
 def running_stack(workdir: Path, issuer: DevIssuer, config: dict[str, Any],
-                  extra_sidecars: int = 0) -> Iterator[Stack]:
-    """Fake provider, 1 + extra_sidecars sidecar processes, and Envoy in front of the first."""
+                  extra_sidecars: int = 0, http_port: int | None = None) -> Iterator[Stack]:
+    """Fake provider, 1 + extra_sidecars sidecar processes, and Envoy in front of the first.
+
+    `http_port` fixes the first sidecar's HTTP port, for configs that must name their own
+    URL (device login's `public_url`) before the process starts.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "sidecar.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -103,7 +107,7 @@ def running_stack(workdir: Path, issuer: DevIssuer, config: dict[str, Any],
         wait_for_port(LOOPBACK, provider_port, 20, process=provider)
         sidecars = []
         grpc_port = free_port()
-        http_port = free_port()
+        http_port = http_port or free_port()
         ports = [(grpc_port, http_port)] + [(free_port(), free_port())
                                             for _ in range(extra_sidecars)]
         for i, (g, h) in enumerate(ports):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -11,6 +12,7 @@ from starlette.routing import BaseRoute, Route
 from sidecar.http import budgets, device
 from sidecar.http.admin import account, service_tokens, spend_limits, usage
 from sidecar.http.envelope import ApiError, fail
+from sidecar.metrics import REGISTRY
 from sidecar.services import Services
 
 
@@ -30,6 +32,9 @@ def create_app(services: Services) -> Starlette:
             status_code=200 if ready else 503,
         )
 
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
     async def api_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)
         return fail(exc.status, exc.message, exc.code)
@@ -41,6 +46,7 @@ def create_app(services: Services) -> Starlette:
     route_list: list[BaseRoute] = [
         Route("/healthz", healthz),
         Route("/readyz", readyz),
+        Route("/metrics", metrics),
         *service_tokens.routes(services),
         *account.routes(services),
         *spend_limits.routes(services),

@@ -14,6 +14,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from sidecar.engine import Engine
 from sidecar.envoy.ext_proc import ExternalProcessorServicer
 from sidecar.envoy.request_body import mutate
+from sidecar.metering.parse import Api
 from sidecar.model import TokenUsage
 from sidecar.store.budget_types import CommitResult
 
@@ -46,7 +47,7 @@ def test_bodies_that_need_nothing_are_not_touched() -> None:
         ({"stream": True}, "openai_responses"),
     ]
     for data, api in cases:
-        assert mutate(json.dumps(data).encode(), api, None) is None, data  # type: ignore[arg-type]
+        assert mutate(json.dumps(data).encode(), cast(Api, api), None) is None, data
     assert mutate(b"{not json", "openai_chat", "m") is None
     assert mutate(b"[1]", "openai_chat", "m") is None
 
@@ -164,7 +165,8 @@ def test_stream_cut_short_charges_what_was_seen_or_the_estimate() -> None:
 def test_local_reply_without_request_phases_is_not_metered() -> None:
     engine, responses = run([response_headers("429"), response_body(b'{"success":false}')])
     assert engine.commits == [] and engine.estimates == []
-    assert responses[0].mode_override.response_body_mode  # body no longer sent to us
+    # The override switches the response body to NONE (the enum's zero): not sent to us.
+    assert responses[0].HasField("mode_override")
 
 
 def test_unmetered_api_pays_its_estimate_at_response_headers() -> None:
