@@ -15,11 +15,12 @@ from typing import Any
 
 import structlog
 
+from sidecar.budget.spool import Spool
 from sidecar.config.ruleset import Provider, RuleSet, RuleSetHolder
 from sidecar.decisions import allow, deny, unauthenticated
 from sidecar.identity.authenticate import Authenticator
 from sidecar.identity.errors import AuthError
-from sidecar.metrics import CHECK_SECONDS, DECISIONS, SPEND_MICROS, model_label
+from sidecar.metrics import CHECK_SECONDS, DECISIONS, SPEND_MICROS, STORE_ERRORS, model_label
 from sidecar.model import Decision, Identity, RequestAttrs, TokenUsage
 from sidecar.money import micros_to_usd, micros_to_usd_str
 from sidecar.policy.request import (
@@ -134,6 +135,7 @@ class Engine:
         *,
         runtime_rules: Callable[[], Sequence[Rule]] = lambda: (),
         alerts: Any = None,
+        spool: Spool | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.holder = holder
@@ -141,6 +143,10 @@ class Engine:
         self._authenticator = authenticator
         self._runtime_rules = runtime_rules
         self.alerts = alerts or NoAlerts()
+        self.spool = spool
+        # After a store failure, skip the store for a moment: failing fast keeps Envoy's
+        # check timeout from being spent waiting on a store that is known to be away.
+        self._store_down_until = 0.0
         self.clock = clock
 
     def rules(self, rs: RuleSet) -> tuple[Rule, ...]:
@@ -239,10 +245,17 @@ class Engine:
             request = ReserveRequest(request_id, budget.views, estimate,
                                      "optimistic" if rs.admission_mode == "optimistic"
                                      else "reserve", now, now + rs.reservation_ttl, dims)
+            if time.monotonic() < self._store_down_until:
+                return await self._store_down(
+                    StoreUnavailable("store unavailable (recent failure)"), identity, attrs,
+                    creds, cand_model, cand_provider, request)
             try:
                 result = await self.store.reserve(request)
             except StoreUnavailable as err:
-                return self._store_down(err, identity, attrs, creds, cand_model, cand_provider)
+                self._store_down_until = time.monotonic() + 0.5
+                STORE_ERRORS.labels("reserve").inc()
+                return await self._store_down(err, identity, attrs, creds, cand_model,
+                                              cand_provider, request)
             if result.admitted:
                 self.alerts.observe(budget, result.states, now)
                 fallback_from = model if index else None
@@ -293,13 +306,17 @@ class Engine:
             resets_at=datetime.fromtimestamp(resets, UTC).isoformat().replace("+00:00", "Z"),
         )
 
-    def _store_down(self, err: StoreUnavailable, identity: Identity, attrs: RequestAttrs,
-                    creds: tuple[str, ...], model: str, provider: Provider) -> Decision:
+    async def _store_down(self, err: StoreUnavailable, identity: Identity, attrs: RequestAttrs,
+                          creds: tuple[str, ...], model: str, provider: Provider,
+                          request: ReserveRequest) -> Decision:
         # The one place the failure mode is chosen: closed by default, because admitting
         # without a budget check is spending money nobody approved.
         mode = self.holder.current.config.store.on_error
         log.error("store_unavailable", error=str(err), mode=mode)
-        if mode == "fail_open":
+        if mode == "fail_open" and self.spool is not None:
+            # Admitted unchecked, but never uncharged: the spool replays it when the store
+            # is back (the estimate, or the actual cost once the response is metered).
+            await self.spool.admitted(request)
             return allow(identity, attrs.headers, creds, model=model, provider=provider.id)
         return deny("store_unavailable", "store_unavailable",
                     "the budget store is unavailable; try again shortly",
@@ -324,7 +341,19 @@ class Engine:
             # until expiry turns it into a charge (never $0).
             return CommitResult("unknown"), 0
         cost = cost_micros(price, usage)
-        result = await self.store.commit(request_id, cost, usage, self.clock())
+        try:
+            result = await self.store.commit(request_id, cost, usage, self.clock())
+        except StoreUnavailable as err:
+            STORE_ERRORS.labels("commit").inc()
+            if self.spool is None:
+                raise
+            await self.spool.completed(request_id, cost, usage)
+            log.warning("commit_spooled", request_id=request_id, error=str(err))
+            return CommitResult("unknown"), cost
+        if result.status == "unknown" and self.spool is not None and \
+                await self.spool.has(request_id):
+            # Admitted while the store was away: the spool owns this charge.
+            await self.spool.completed(request_id, cost, usage)
         if result.status in ("committed", "late"):
             SPEND_MICROS.labels(provider_id, model_label(model)).inc(cost)
         log.info("completion", request_id=request_id, model=model, provider=provider_id,

@@ -12,6 +12,7 @@ import structlog
 
 from sidecar.alerts import Alerts
 from sidecar.budget.runtime_rules import RuntimeRules
+from sidecar.budget.spool import Spool
 from sidecar.config.loader import load_config
 from sidecar.config.ruleset import RuleSet, RuleSetHolder, build_ruleset
 from sidecar.config.watch import ConfigWatcher
@@ -89,6 +90,8 @@ class Services:
             await asyncio.sleep(1.0)
             try:
                 await self.store.settle_expired(time.time())
+                if self.engine.spool is not None:
+                    await self.engine.spool.replay(self.store, time.time())
                 self.store_healthy = True
             except Exception as exc:  # keep the loop alive whatever the store does
                 self.store_healthy = False
@@ -108,6 +111,8 @@ class Services:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.store.close()
+        if self.engine.spool is not None:
+            await self.engine.spool.close()
 
 
 async def build_services(config_path: Path) -> Services:
@@ -129,6 +134,8 @@ async def build_services(config_path: Path) -> Services:
     except StoreUnavailable as exc:  # start anyway; the refresh loop catches up
         log.error("runtime_rules_unavailable", error=str(exc))
     alerts = Alerts(store, holder)
-    engine = Engine(holder, store, identities, runtime_rules=runtime_rules, alerts=alerts)
+    spool = Spool(ruleset.config.store.spool)
+    engine = Engine(holder, store, identities, runtime_rules=runtime_rules, alerts=alerts,
+                    spool=spool)
     return Services(config_path, holder, store, tokens, identities, engine, runtime_rules,
                     alerts, ConfigWatcher(config_path, holder), device_login=device_login)

@@ -45,6 +45,9 @@ Money = Annotated[Decimal, Field(ge=0)]
 class StoreConfig(Strict):
     url: str = "sqlite:///./sidecar.db"
     on_error: Literal["fail_closed", "fail_open"] = "fail_closed"
+    # Local file for charges the store could not take (fail_open admissions, commits made
+    # while it was down); replayed exactly once when it is back.
+    spool: str = Field(default="./sidecar-spool.db", min_length=1)
 
     @field_validator("url")
     @classmethod

@@ -238,15 +238,22 @@ def redis_binary() -> str:
     )
 
 
-def start_redis(tmp_dir: Path, *, timeout: float = 15.0) -> tuple[ManagedProcess, int]:
-    """Run a throwaway, non-persistent redis-server on a free loopback port; wait for PING."""
+def start_redis(
+    tmp_dir: Path, *, timeout: float = 15.0, port: int | None = None, durable: bool = False
+) -> tuple[ManagedProcess, int]:
+    """Run a redis-server on a loopback port (free unless given); wait for PING.
+
+    Throwaway by default; `durable` keeps an fsync-always append-only file in `tmp_dir`, so
+    a restart on the same port and directory comes back with every write."""
     tmp_dir = Path(tmp_dir)
     tmp_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
+    persistence = ["--appendonly", "yes", "--appendfsync", "always"] if durable else [
+        "--appendonly", "no"]
     argv = [
         redis_binary(),
         "--save", "",
-        "--appendonly", "no",
+        *persistence,
         "--bind", LOOPBACK,
         "--port", str(port),
         "--dir", str(tmp_dir),

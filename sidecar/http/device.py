@@ -227,6 +227,7 @@ def routes(services: Services) -> list[BaseRoute]:
                         "<code>sidecar login</code> again for a new one.</p>", 409)
         csrf = await login.csrf_token(identity, grant)
         age = max(0, round(login.now() - grant.created_at))
+        when = f"{age // 60} min ago" if age >= 60 else f"{age} s ago"
         e = html.escape
         body = (
             _who(identity)
@@ -238,7 +239,7 @@ def routes(services: Services) -> list[BaseRoute]:
             + f"<dt>Groups</dt><dd>{e(', '.join(identity.groups) or 'none')}</dd>"
             + f"<dt>Requested from</dt><dd>{e(grant.client_addr)}</dd>"
             + f"<dt>Client</dt><dd>{e(grant.user_agent or 'unknown')}</dd>"
-            + f"<dt>Requested</dt><dd>{age} seconds ago</dd></dl>"
+            + f"<dt>Requested</dt><dd>{when}</dd></dl>"
             + "<p class=\"warn\">Approve only if you started this login yourself, just now. "
             "Whoever holds the terminal will spend your budget.</p>"
             + "<form method=\"post\" action=\"device/approve\" class=\"actions\">"

@@ -107,8 +107,10 @@ def test_cli_login_then_the_token_works_through_envoy(stack: Stack, issuer: DevI
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "XDG_CONFIG_HOME": str(home)})
     lines: list[str] = []
-    assert proc.stdout is not None
-    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")),
+    stdout = proc.stdout
+    assert stdout is not None
+    # A thread reads stdout so the test can wait for the code with a deadline.
+    reader = threading.Thread(target=lambda: lines.extend(iter(stdout.readline, "")),
                               daemon=True)
     reader.start()
     try:
@@ -122,13 +124,16 @@ def test_cli_login_then_the_token_works_through_envoy(stack: Stack, issuer: DevI
         page = decide(replica_url(stack), person(issuer, "alice@example.com", ["ml"]), code)
         for shown in ("alice@example.com", code, "sidecar-cli/", "for 1 hour", "127.0.0.1"):
             assert shown in page, shown
-        _, err = proc.communicate(timeout=90)
-        assert proc.returncode == 0, err
+        proc.wait(timeout=90)
+        assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     reader.join(timeout=5)
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
     path = home / "llm-sidecar" / "credentials.json"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -120,7 +121,7 @@ def test_token_refuses_absent_other_url_and_expired(tmp_path: Path, token: str) 
     clock = FakeClock()
     stored = login(URL, out=io.StringIO(), path=path, transport=transport, sleep=clock.sleep,
                    clock=clock)
-    with pytest.raises(LoginError, match="is for https://gateway.example.com"):
+    with pytest.raises(LoginError, match=re.escape(f"is for {URL}")):
         valid_token("https://other.example.com", path=path)
     with pytest.raises(LoginError, match="expired"):
         valid_token(URL, path=path, clock=lambda: stored["expires_at"])

@@ -1,0 +1,504 @@
+"""Metering through a real Envoy with the official SDKs: what each call is charged.
+
+Expected costs are computed here from the fake provider's deterministic token counts and
+genai-prices' own `calc_price`, never from sidecar code. Each test uses its own user so its
+ledger row is its own.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import redirect_stdout
+from decimal import ROUND_CEILING, Decimal
+from typing import Any, TypeVar
+
+import anthropic
+import grpc
+import httpx
+import openai
+import pytest
+from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
+from genai_prices import Usage, calc_price
+from google.rpc import code_pb2
+
+from sidecar import cli
+from sidecar.demo.config import demo_config
+from sidecar.demo.keys import DevIssuer
+from sidecar.demo.stack import Stack, running_stack
+from sidecar.fake_provider import expected_usage
+from sidecar.metering.parse import Api
+from sidecar.model import TokenUsage
+from sidecar.proto_gen.sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
+
+T = TypeVar("T")
+DAILY_LIMIT_USD = Decimal(5)
+LIMITS = [
+    {"name": "per-user-daily", "budget_usd": float(DAILY_LIMIT_USD),
+     "window": {"fixed": "daily"}, "split": ["user"], "action": "block"},
+    {"name": "gpt4o-fallback", "budget_usd": 0.000001, "window": {"rolling": "1h"},
+     "filter": {"model": ["gpt-4o"]}, "action": "fallback"},
+]
+FALLBACKS = {"gpt-4o": [{"model": "gpt-4o-mini", "provider": "openai"}]}
+# Short, so a reservation that no completion ever replaces turns into a charge quickly.
+ADMISSION = {"mode": "reserve", "default_max_output_tokens": 1024, "reservation_ttl": "3s"}
+OPENAI_MODEL = "gpt-4o-mini"
+ANTHROPIC_MODEL = "claude-haiku-4-5"
+SLOW = {"x-fake-delay-ms": "250"}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, issuer: DevIssuer) -> Iterator[Stack]:
+    workdir = tmp_path_factory.mktemp("metering")
+    jwks = str(issuer.write_jwks(workdir / "jwks.json"))
+    config = demo_config(issuer, jwks, f"sqlite:///{workdir}/s.db", spend_limits=LIMITS,
+                         fallbacks=FALLBACKS, admission=ADMISSION)
+    with running_stack(workdir, issuer, config) as running:
+        yield running
+
+
+# --- independent expectations -------------------------------------------------------------
+
+
+def price_micros(model: str, provider: str, usage: TokenUsage) -> int:
+    """genai-prices' price for `usage`, in µUSD rounded up (one rounding per request)."""
+    price = calc_price(Usage(input_tokens=usage.total_input, output_tokens=usage.output_tokens,
+                             cache_read_tokens=usage.cache_read_tokens,
+                             cache_write_tokens=usage.cache_write_tokens),
+                       model, provider_id=provider)
+    return int((price.total_price * 1_000_000).to_integral_value(rounding=ROUND_CEILING))
+
+
+def expected(api: Api, body: dict[str, Any], model: str, provider: str) -> tuple[TokenUsage, int]:
+    usage = expected_usage(api, body)
+    return usage, price_micros(model, provider, usage)
+
+
+def micros(usd: Decimal) -> int:
+    return int(usd * 1_000_000)
+
+
+# --- reading the sidecar ------------------------------------------------------------------
+
+
+def eventually(probe: Callable[[], T | None], timeout: float = 30.0, what: str = "") -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = probe()
+        if found is not None:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or probe}")
+        time.sleep(0.2)
+
+
+def admin_get(stack: Stack, path: str, **params: str) -> Any:
+    with stack.admin() as client:
+        response = client.get(path, params=params)
+    assert response.status_code == 200, response.text
+    return json.loads(response.text, parse_float=Decimal)["result"]
+
+
+def ledger_row(stack: Stack, user: str) -> dict[str, Any] | None:
+    rows = admin_get(stack, "/v1/usage", group_by="user")
+    return next((r for r in rows if r["user"] == user), None)
+
+
+def charged(stack: Stack, user: str, requests: int = 1) -> dict[str, Any]:
+    """The user's ledger row once it holds `requests` settled requests."""
+    def probe() -> dict[str, Any] | None:
+        row = ledger_row(stack, user)
+        return row if row is not None and row["requests"] >= requests else None
+
+    return eventually(probe, what=f"{requests} charged request(s) for {user}")
+
+
+def my_budget(stack: Stack, token: str) -> dict[str, Any]:
+    response = httpx.get(stack.admin_url + "/v1/budgets/me",
+                         headers={"authorization": f"Bearer {token}"}, timeout=10)
+    assert response.status_code == 200, response.text
+    rows = json.loads(response.text, parse_float=Decimal)["result"]
+    (row,) = [r for r in rows if r["rule"] == "per-user-daily"]
+    return dict(row)
+
+
+def user(name: str) -> str:
+    return f"{name}-{uuid.uuid4().hex[:6]}@metering.test"
+
+
+def openai_client(stack: Stack, token: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack.envoy_url + "/openai/v1", api_key=token, max_retries=0,
+                         timeout=60)
+
+
+def anthropic_client(stack: Stack, token: str) -> anthropic.Anthropic:
+    # The Access JWT goes in Authorization; the SDK also sends x-api-key for the provider.
+    return anthropic.Anthropic(base_url=stack.envoy_url + "/anthropic", api_key="sk-ant-fake",
+                               default_headers={"authorization": f"Bearer {token}"},
+                               max_retries=0, timeout=60)
+
+
+def assert_exact(row: dict[str, Any], usage: TokenUsage, cost: int, requests: int = 1) -> None:
+    assert micros(row["cost_usd"]) == cost, (row, cost)
+    assert row["requests"] == requests
+    assert row["input_tokens"] == usage.total_input * requests
+    assert row["output_tokens"] == usage.output_tokens * requests
+
+
+# Typed loosely: the same list goes to both SDKs, whose parameter types differ.
+MESSAGES: Any = [{"role": "user", "content": "Count the letters in the word metering, please."}]
+
+
+# --- OpenAI ---------------------------------------------------------------------------------
+
+
+def test_openai_non_streaming_is_charged_exactly(stack: Stack, issuer: DevIssuer) -> None:
+    email = user("oa-json")
+    body = {"model": OPENAI_MODEL, "messages": MESSAGES, "max_tokens": 16}
+    completion = openai_client(stack, issuer.mint(email)).chat.completions.create(
+        model=OPENAI_MODEL, messages=MESSAGES, max_tokens=16)
+    usage, cost = expected("openai_chat", body, OPENAI_MODEL, "openai")
+    assert completion.usage is not None and completion.usage.prompt_tokens == usage.total_input
+    assert_exact(charged(stack, email), usage, cost)
+
+
+def test_openai_stream_with_include_usage_is_charged_exactly(stack: Stack,
+                                                             issuer: DevIssuer) -> None:
+    email = user("oa-stream")
+    body = {"model": OPENAI_MODEL, "messages": MESSAGES, "max_tokens": 12, "stream": True}
+    stream = openai_client(stack, issuer.mint(email)).chat.completions.create(
+        model=OPENAI_MODEL, messages=MESSAGES, max_tokens=12,
+        stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    usage, cost = expected("openai_chat", body, OPENAI_MODEL, "openai")
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
+    assert_exact(charged(stack, email), usage, cost)
+
+
+def test_openai_stream_without_include_usage_gets_it_added(stack: Stack,
+                                                           issuer: DevIssuer) -> None:
+    email = user("oa-no-usage")
+    stack.clear_seen()
+    body = {"model": OPENAI_MODEL, "messages": MESSAGES, "max_tokens": 9, "stream": True}
+    chunks = list(openai_client(stack, issuer.mint(email)).chat.completions.create(
+        model=OPENAI_MODEL, messages=MESSAGES, max_tokens=9, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(text.split()) == 9
+    # The one extra chunk the client now receives: no choices, the usage.
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert stack.seen()[-1]["body"]["stream_options"] == {"include_usage": True}
+    usage, cost = expected("openai_chat", body, OPENAI_MODEL, "openai")
+    assert_exact(charged(stack, email), usage, cost)
+
+
+def test_fallback_is_charged_at_the_fallback_models_price(stack: Stack,
+                                                          issuer: DevIssuer) -> None:
+    email = user("oa-fallback")
+    response = openai_client(stack, issuer.mint(email)).chat.completions.with_raw_response \
+        .create(model="gpt-4o", messages=MESSAGES, max_tokens=7)
+    assert response.headers["x-sidecar-fallback-from"] == "gpt-4o"
+    body = {"model": OPENAI_MODEL, "messages": MESSAGES, "max_tokens": 7}
+    usage, cost = expected("openai_chat", body, OPENAI_MODEL, "openai")
+    assert_exact(charged(stack, email), usage, cost)
+    rows = admin_get(stack, "/v1/usage", group_by="user,model")
+    assert [r["model"] for r in rows if r["user"] == email] == [OPENAI_MODEL]
+
+
+# --- Anthropic ------------------------------------------------------------------------------
+
+
+def test_anthropic_non_streaming_is_charged_exactly(stack: Stack, issuer: DevIssuer) -> None:
+    email = user("an-json")
+    message = anthropic_client(stack, issuer.mint(email)).messages.create(
+        model=ANTHROPIC_MODEL, max_tokens=14, messages=MESSAGES)
+    body = {"model": ANTHROPIC_MODEL, "max_tokens": 14, "messages": MESSAGES}
+    usage, cost = expected("anthropic_messages", body, ANTHROPIC_MODEL, "anthropic")
+    assert message.usage.input_tokens == usage.input_tokens
+    assert_exact(charged(stack, email), usage, cost)
+
+
+def test_anthropic_stream_is_charged_exactly(stack: Stack, issuer: DevIssuer) -> None:
+    email = user("an-stream")
+    client = anthropic_client(stack, issuer.mint(email))
+    with client.messages.stream(model=ANTHROPIC_MODEL, max_tokens=11,
+                                messages=MESSAGES) as stream:
+        final = stream.get_final_message()
+    body = {"model": ANTHROPIC_MODEL, "max_tokens": 11, "messages": MESSAGES, "stream": True}
+    usage, cost = expected("anthropic_messages", body, ANTHROPIC_MODEL, "anthropic")
+    assert final.usage.output_tokens == 11
+    assert_exact(charged(stack, email), usage, cost)
+
+
+# --- gzip -------------------------------------------------------------------------------------
+
+
+def test_gzip_encoded_responses_are_metered(stack: Stack, issuer: DevIssuer) -> None:
+    email = user("gzip")
+    token = issuer.mint(email)
+    gzip = {"x-fake-gzip": "1"}
+    openai_client(stack, token).chat.completions.create(
+        model=OPENAI_MODEL, messages=MESSAGES, max_tokens=5,
+        extra_headers=gzip)
+    with anthropic_client(stack, token).messages.stream(
+            model=ANTHROPIC_MODEL, max_tokens=6, messages=MESSAGES,
+            extra_headers=gzip) as stream:
+        assert stream.get_final_message().usage.output_tokens == 6
+    oa_usage, oa_cost = expected("openai_chat", {"messages": MESSAGES, "max_tokens": 5},
+                                 OPENAI_MODEL, "openai")
+    an_usage, an_cost = expected("anthropic_messages", {"messages": MESSAGES, "max_tokens": 6},
+                                 ANTHROPIC_MODEL, "anthropic")
+    row = charged(stack, email, requests=2)
+    assert micros(row["cost_usd"]) == oa_cost + an_cost
+    assert row["output_tokens"] == oa_usage.output_tokens + an_usage.output_tokens
+    assert row["input_tokens"] == oa_usage.total_input + an_usage.total_input
+
+
+# --- reservations -----------------------------------------------------------------------------
+
+
+def test_reservation_is_replaced_by_the_smaller_actual(stack: Stack, issuer: DevIssuer) -> None:
+    email = user("reserve")
+    token = issuer.mint(email)
+    # No max_tokens: the reservation assumes 1024 output tokens, the provider writes 20.
+    stream = openai_client(stack, token).chat.completions.create(
+        model=OPENAI_MODEL, messages=MESSAGES, stream=True,
+        extra_headers=SLOW)
+    first = next(iter(stream))
+    assert first.choices
+    held = my_budget(stack, token)
+    assert held["spent"] == 0 and held["reserved"] > 0
+    list(stream)
+    body = {"model": OPENAI_MODEL, "messages": MESSAGES, "stream": True}
+    usage, cost = expected("openai_chat", body, OPENAI_MODEL, "openai")
+    assert_exact(charged(stack, email), usage, cost)
+    after = my_budget(stack, token)
+    assert micros(after["spent"]) == cost and after["reserved"] == 0
+    assert micros(held["reserved"]) > cost
+    assert micros(after["remaining"]) == micros(DAILY_LIMIT_USD) - cost
+
+
+def test_provider_error_is_charged_the_estimate_at_once(stack: Stack, issuer: DevIssuer) -> None:
+    email = user("error")
+    token = issuer.mint(email)
+    with pytest.raises(openai.InternalServerError):
+        openai_client(stack, token).chat.completions.create(
+            model=OPENAI_MODEL, messages=MESSAGES, max_tokens=40,
+            extra_headers={"x-fake-status": "500"})
+    row = charged(stack, email)
+    # Never $0: no tokens were reported, so the admission estimate is the charge.
+    assert row["cost_usd"] > 0 and row["input_tokens"] == row["output_tokens"] == 0
+    after = my_budget(stack, token)
+    assert after["reserved"] == 0 and after["spent"] == row["cost_usd"]
+
+
+def test_openai_client_gone_mid_stream_is_charged(stack: Stack, issuer: DevIssuer) -> None:
+    email = user("oa-gone")
+    token = issuer.mint(email)
+    stream = openai_client(stack, token).chat.completions.create(
+        model=OPENAI_MODEL, messages=MESSAGES, max_tokens=30,
+        stream=True, stream_options={"include_usage": True}, extra_headers=SLOW)
+    for index, _ in enumerate(stream):
+        if index == 2:
+            break
+    stream.close()
+    # OpenAI's usage only comes at the end: nothing observed, so the estimate.
+    row = charged(stack, email)
+    assert row["cost_usd"] > 0 and row["output_tokens"] == 0
+    after = eventually(lambda: ((b := my_budget(stack, token))["reserved"] == 0 and b) or None,
+                       what="reservation released")
+    assert after["spent"] == row["cost_usd"]
+
+
+def test_anthropic_client_gone_mid_stream_pays_what_was_seen(stack: Stack,
+                                                             issuer: DevIssuer) -> None:
+    email = user("an-gone")
+    token = issuer.mint(email)
+    client = anthropic_client(stack, token)
+    with client.messages.stream(model=ANTHROPIC_MODEL, max_tokens=30, messages=MESSAGES,
+                                extra_headers=SLOW) as stream:
+        for index, _ in enumerate(stream):
+            if index == 3:
+                break
+    # message_start reported the input and the first output token: that is what is charged.
+    body = {"model": ANTHROPIC_MODEL, "max_tokens": 30, "messages": MESSAGES}
+    full = expected_usage("anthropic_messages", body)
+    seen = TokenUsage(input_tokens=full.input_tokens, output_tokens=1)
+    assert_exact(charged(stack, email), seen, price_micros(ANTHROPIC_MODEL, "anthropic", seen))
+
+
+# --- the sidecar.v1 API ----------------------------------------------------------------------
+
+
+def _check(stack: Stack, token: str, request_id: str, body: dict[str, Any]) -> Any:
+    http = attribute_context_pb2.AttributeContext.HttpRequest(
+        method="POST", path="/openai/v1/chat/completions", raw_body=json.dumps(body).encode(),
+        headers={"authorization": f"Bearer {token}", "x-request-id": request_id,
+                 "content-type": "application/json"})
+    context = attribute_context_pb2.AttributeContext
+    request = external_auth_pb2.CheckRequest(attributes=context(request=context.Request(http=http)))
+    with grpc.insecure_channel(f"127.0.0.1:{stack.grpc_port}") as channel:
+        return external_auth_pb2_grpc.AuthorizationStub(channel).Check(request, timeout=10)
+
+
+def _report(stack: Stack, request: Any, token: str | None = None) -> Any:
+    metadata = (("authorization", f"Bearer {token or stack.admin_token}"),)
+    with grpc.insecure_channel(f"127.0.0.1:{stack.grpc_port}") as channel:
+        return sidecar_pb2_grpc.SidecarStub(channel).ReportUsage(request, metadata=metadata,
+                                                                 timeout=10)
+
+
+def test_report_usage_commits_once(stack: Stack, issuer: DevIssuer) -> None:
+    email = user("reporter")
+    token = issuer.mint(email)
+    request_id = f"report-{uuid.uuid4().hex}"
+    check = _check(stack, token, request_id, {"model": OPENAI_MODEL, "messages": MESSAGES,
+                                              "max_tokens": 50})
+    assert check.status.code == code_pb2.OK
+    assert my_budget(stack, token)["reserved"] > 0
+    usage = TokenUsage(input_tokens=120, output_tokens=45, cache_read_tokens=30)
+    report = sidecar_pb2.ReportUsageRequest(
+        request_id=request_id, model=OPENAI_MODEL, provider="openai", input_tokens=120,
+        output_tokens=45, cache_read_tokens=30)
+    cost = price_micros(OPENAI_MODEL, "openai", usage)
+    first = _report(stack, report)
+    assert (first.status, first.cost_micros) == (sidecar_pb2.REPORT_STATUS_COMMITTED, cost)
+    again = _report(stack, report)
+    assert again.status == sidecar_pb2.REPORT_STATUS_DUPLICATE
+    row = charged(stack, email)
+    assert micros(row["cost_usd"]) == cost and row["requests"] == 1
+    assert row["input_tokens"] == 150 and row["output_tokens"] == 45
+    budget = my_budget(stack, token)
+    assert budget["reserved"] == 0 and micros(budget["spent"]) == cost
+
+    with grpc.insecure_channel(f"127.0.0.1:{stack.grpc_port}") as channel:
+        budgets = sidecar_pb2_grpc.SidecarStub(channel).GetBudgets(
+            sidecar_pb2.GetBudgetsRequest(bearer=token), timeout=10).budgets
+    (mine,) = [b for b in budgets if b.rule == "per-user-daily"]
+    assert mine.bucket == f"user={email}" and mine.spent_micros == cost
+    assert mine.remaining_micros == micros(DAILY_LIMIT_USD) - cost
+    assert mine.resets_at.seconds > time.time()
+
+
+def test_expired_reservation_pays_its_estimate_until_a_late_report(
+        stack: Stack, issuer: DevIssuer) -> None:
+    email = user("expired")
+    token = issuer.mint(email)
+    request_id = f"expire-{uuid.uuid4().hex}"
+    assert _check(stack, token, request_id, {"model": OPENAI_MODEL, "messages": MESSAGES,
+                                             "max_tokens": 500}).status.code == code_pb2.OK
+    held = micros(my_budget(stack, token)["reserved"])
+    # Nothing completes it: after reservation_ttl (3 s) the estimate becomes the charge.
+    row = charged(stack, email)
+    assert micros(row["cost_usd"]) == held and row["output_tokens"] == 0
+    assert my_budget(stack, token)["reserved"] == 0
+    usage = TokenUsage(input_tokens=40, output_tokens=10)
+    late = _report(stack, sidecar_pb2.ReportUsageRequest(
+        request_id=request_id, model=OPENAI_MODEL, provider="openai", input_tokens=40,
+        output_tokens=10))
+    assert late.status == sidecar_pb2.REPORT_STATUS_LATE
+    cost = price_micros(OPENAI_MODEL, "openai", usage)
+    assert cost < held
+    assert_exact(charged(stack, email), usage, cost)
+    assert micros(my_budget(stack, token)["spent"]) == cost
+
+
+def test_replayed_completion_does_not_double_charge(stack: Stack, issuer: DevIssuer) -> None:
+    email = user("replay")
+    raw = openai_client(stack, issuer.mint(email)).chat.completions.with_raw_response.create(
+        model=OPENAI_MODEL, messages=MESSAGES, max_tokens=8)
+    usage, cost = expected("openai_chat", {"messages": MESSAGES, "max_tokens": 8},
+                           OPENAI_MODEL, "openai")
+    assert_exact(charged(stack, email), usage, cost)
+    replay = sidecar_pb2.ReportUsageRequest(
+        request_id=raw.headers["x-request-id"], model=OPENAI_MODEL, provider="openai",
+        input_tokens=usage.input_tokens, output_tokens=usage.output_tokens)
+    assert _report(stack, replay).status == sidecar_pb2.REPORT_STATUS_DUPLICATE
+    assert_exact(charged(stack, email), usage, cost)
+
+
+def test_report_usage_needs_the_admin_token_and_valid_input(stack: Stack) -> None:
+    request = sidecar_pb2.ReportUsageRequest(request_id="x", model=OPENAI_MODEL,
+                                             provider="openai", input_tokens=1)
+    with pytest.raises(grpc.RpcError) as denied:
+        _report(stack, request, token="not-the-admin-token")
+    assert denied.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    bad = sidecar_pb2.ReportUsageRequest(request_id="x", model=OPENAI_MODEL, provider="nope")
+    with pytest.raises(grpc.RpcError) as invalid:
+        _report(stack, bad)
+    assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    unknown = _report(stack, request)
+    assert unknown.status == sidecar_pb2.REPORT_STATUS_UNKNOWN
+    with grpc.insecure_channel(f"127.0.0.1:{stack.grpc_port}") as channel, \
+            pytest.raises(grpc.RpcError) as anonymous:
+        sidecar_pb2_grpc.SidecarStub(channel).GetBudgets(sidecar_pb2.GetBudgetsRequest(),
+                                                         timeout=10)
+    assert anonymous.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+# --- reports over the whole ledger ------------------------------------------------------------
+
+
+def _settled(stack: Stack) -> tuple[Decimal, list[dict[str, Any]]] | None:
+    """Totals once two reads in a row agree (no charge landed in between)."""
+    first = admin_get(stack, "/v1/usage")
+    time.sleep(0.5)
+    rows = admin_get(stack, "/v1/usage", group_by="user")
+    total = admin_get(stack, "/v1/usage")
+    if first != total or not total:
+        return None
+    return Decimal(total[0]["cost_usd"]), rows
+
+
+def test_usage_history_sums_equal_the_charges(stack: Stack, issuer: DevIssuer) -> None:
+    # Something of our own, so the ledger is never empty whatever ran before.
+    openai_client(stack, issuer.mint(user("history"))).chat.completions.create(
+        model=OPENAI_MODEL, messages=MESSAGES, max_tokens=3)
+    total, by_user = eventually(lambda: _settled(stack), what="a settled ledger")
+    assert sum(Decimal(r["cost_usd"]) for r in by_user) == total
+    path = "/accounts/acme/ai-gateway/billing/usage-history"
+    now_ms = int(time.time() * 1000)
+    for window in ("day", "hour"):
+        history = admin_get(stack, path, value_grouping_window=window,
+                            start_time=str(now_ms - 86_400_000), end_time=str(now_ms))["history"]
+        assert history and sum(Decimal(h["aggregated_value"]) for h in history) == total
+        for bucket in history:
+            assert bucket["end_time"] > bucket["start_time"]
+            assert bucket["id"].endswith("Z")
+    with httpx.Client(timeout=10) as client:
+        wrong = client.get(stack.admin_url + path.replace("acme", "other"),
+                           params={"value_grouping_window": "day"},
+                           headers={"authorization": f"Bearer {stack.admin_token}"})
+    assert wrong.status_code == 404
+
+
+def test_cli_usage_table_and_json(stack: Stack, issuer: DevIssuer,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    email = user("cli")
+    openai_client(stack, issuer.mint(email)).chat.completions.create(
+        model=OPENAI_MODEL, messages=MESSAGES, max_tokens=4)
+    _, cost = expected("openai_chat", {"messages": MESSAGES, "max_tokens": 4},
+                           OPENAI_MODEL, "openai")
+    charged(stack, email)
+    monkeypatch.setenv("SIDECAR_ADMIN_TOKEN", stack.admin_token)
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert cli.main(["usage", "--url", stack.admin_url, "--by", "user,model",
+                         "--since", "24h", "--json"]) == 0
+    data = json.loads(out.getvalue(), parse_float=Decimal)
+    (row,) = [r for r in data["rows"] if r["user"] == email]
+    assert micros(row["cost_usd"]) == cost and row["model"] == OPENAI_MODEL
+    assert data["total"]["cost_usd"] >= row["cost_usd"]
+    table = io.StringIO()
+    with redirect_stdout(table):
+        assert cli.main(["usage", "--url", stack.admin_url, "--by", "group",
+                         "--window", "day"]) == 0
+    lines = table.getvalue().splitlines()
+    assert lines[0].split() == ["WINDOW_START", "GROUP", "COST_USD", "REQUESTS", "INPUT",
+                                "OUTPUT"]
+    assert lines[-1].startswith("TOTAL")
+    assert len({len(line) for line in lines[:-2]}) == 1  # aligned columns
+    monkeypatch.delenv("SIDECAR_ADMIN_TOKEN")
+    assert cli.main(["usage", "--url", stack.admin_url]) == 1
