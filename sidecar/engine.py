@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -114,6 +114,10 @@ def merge(planned: Sequence[Planned]) -> Plan:
     return Plan(tuple(planned), views, {v.key: i for i, v in enumerate(views)})
 
 
+def _rule_names(budget: Plan) -> tuple[str, ...]:
+    return tuple(sorted({p.rule.name for p in budget.planned}))
+
+
 def plan(rules: Sequence[Rule], ctx: Context, now: float) -> list[Planned]:
     planned = []
     for rule in rules:
@@ -166,7 +170,9 @@ class Engine:
     async def check(self, attrs: RequestAttrs) -> Decision:
         started = time.perf_counter()
         decision = await self._check(attrs)
-        CHECK_SECONDS.observe(time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        CHECK_SECONDS.observe(seconds)
+        self._log(attrs, decision, seconds)
         DECISIONS.labels("allow" if decision.allowed else "deny", decision.reason).inc()
         return decision
 
@@ -259,22 +265,21 @@ class Engine:
             if result.admitted:
                 self.alerts.observe(budget, result.states, now)
                 fallback_from = model if index else None
-                self._log(request_id, identity, cand_model, budget.planned, estimate,
-                          "fallback" if index else "allow")
-                return allow(identity, attrs.headers, creds, model=cand_model,
-                             provider=cand_provider.id,
-                             remaining=self._remaining(budget, result),
-                             fallback_from=fallback_from)
+                return replace(
+                    allow(identity, attrs.headers, creds, model=cand_model,
+                          provider=cand_provider.id, remaining=self._remaining(budget, result),
+                          fallback_from=fallback_from),
+                    rules=_rule_names(budget), estimate=estimate)
             failed = [(budget.culprit(i), result.states[i]) for i in result.failed]
             blocking = [f for f in failed if f[0].rule.action == "block"]
             if blocking:
-                self._log(request_id, identity, cand_model, budget.planned, estimate, "deny")
-                return await self._too_much(*blocking[0], estimate, now, identity, cand_model)
+                denied = await self._too_much(*blocking[0], estimate, now, identity, cand_model)
+                return replace(denied, rules=_rule_names(budget), estimate=estimate)
             if first_fallback is None:
                 first_fallback = (*failed[0], estimate)
         assert first_fallback is not None
-        self._log(request_id, identity, model, [], first_fallback[2], "deny_fallback_exhausted")
-        return await self._too_much(*first_fallback, now, identity, model)
+        denied = await self._too_much(*first_fallback, now, identity, model)
+        return replace(denied, rules=(first_fallback[0].rule.name,), estimate=first_fallback[2])
 
     @staticmethod
     def _remaining(budget: Plan, result: ReserveResult) -> str | None:
@@ -322,12 +327,26 @@ class Engine:
                     "the budget store is unavailable; try again shortly",
                     headers={"retry-after": "1"}, identity=identity, model=model)
 
-    def _log(self, request_id: str, identity: Identity, model: str,
-             planned: Sequence[Planned], estimate: int, decision: str) -> None:
-        log.info("decision", request_id=request_id, kind=identity.kind, user=identity.user,
-                 groups=list(identity.groups), model=model, decision=decision,
-                 estimate_usd=micros_to_usd_str(estimate),
-                 rules=sorted({p.rule.name for p in planned}))
+    @staticmethod
+    def _log(attrs: RequestAttrs, decision: Decision, seconds: float) -> None:
+        """One line per request: who, what, which rules, how much, and the answer."""
+        identity = decision.identity
+        log.info(
+            "decision",
+            request_id=attrs.request_id,
+            decision="allow" if decision.reason == "ok" else (
+                "fallback" if decision.reason == "fallback" else "deny"),
+            status=decision.http_status, reason=decision.reason,
+            kind=identity.kind if identity else None,
+            user=identity.user if identity else None,
+            groups=list(identity.groups) if identity else None,
+            token_name=identity.token_name if identity and identity.token_name else None,
+            model=decision.model or None, provider=decision.provider or None,
+            rules=list(decision.rules),
+            estimate_usd=None if decision.estimate is None
+            else micros_to_usd_str(decision.estimate),
+            ms=round(seconds * 1000, 3),
+        )
 
     async def commit(self, request_id: str, model: str, provider_id: str,
                      usage: TokenUsage) -> tuple[CommitResult, int]:
@@ -372,7 +391,11 @@ class Engine:
         estimate = self._estimate(rs, model, provider, body) if provider else None
         if estimate is None:
             return None
+        # A store failure propagates: the reservation (or the fail-open spool's record of the
+        # admission) still turns into this same estimate on its own.
         result = await self.store.commit(request_id, estimate, TokenUsage(), self.clock())
+        if result.status == "committed":
+            SPEND_MICROS.labels(provider_id, model_label(model)).inc(estimate)
         log.info("completion", request_id=request_id, model=model, provider=provider_id,
                  cost_usd=micros_to_usd_str(estimate), status=result.status, estimated=True)
         return result, estimate

@@ -84,3 +84,6 @@ class Decision:
     identity: Identity | None = None
     model: str = ""
     provider: str = ""
+    # For the decision log: the rules that applied and the estimate reserved (µUSD).
+    rules: tuple[str, ...] = ()
+    estimate: int | None = None

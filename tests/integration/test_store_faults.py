@@ -105,7 +105,8 @@ def test_redis_killed_under_load_and_restarted(tmp_path: Path, issuer: DevIssuer
             statuses = Counter(load.statuses)
             assert statuses[0] == 0, "the sidecar or Envoy dropped connections"
             if on_error == "fail_closed":
-                assert during[503] > 0 and during[200] <= 3, during  # in flight at the kill
+                # Only requests already in flight at the kill can still succeed.
+                assert during[503] > 5 * during[200] and during[200] <= 10, during
                 assert set(statuses) <= {200, 503}
             else:
                 assert during[200] > 5 and during[503] == 0, during
