@@ -43,8 +43,9 @@ LIMITS = [
      "filter": {"model": ["gpt-4o"]}, "action": "fallback"},
 ]
 FALLBACKS = {"gpt-4o": [{"model": "gpt-4o-mini", "provider": "openai"}]}
-# Short, so a reservation that no completion ever replaces turns into a charge quickly.
-ADMISSION = {"mode": "reserve", "default_max_output_tokens": 1024, "reservation_ttl": "3s"}
+# Short, so a reservation that no completion ever replaces turns into a charge within the
+# test; long enough that, on a busy machine, a completion still arrives before it.
+ADMISSION = {"mode": "reserve", "default_max_output_tokens": 1024, "reservation_ttl": "8s"}
 OPENAI_MODEL = "gpt-4o-mini"
 ANTHROPIC_MODEL = "claude-haiku-4-5"
 SLOW = {"x-fake-delay-ms": "250"}
@@ -277,10 +278,11 @@ def test_reservation_is_replaced_by_the_smaller_actual(stack: Stack, issuer: Dev
     email = user("reserve")
     token = issuer.mint(email)
     # No max_tokens: the reservation assumes 1024 output tokens, the provider writes 20.
-    # Paced to last about a second, well inside reservation_ttl: the plain replacement path.
+    # Paced to last a couple of seconds: long enough to see the reservation held, well
+    # inside reservation_ttl.
     stream = openai_client(stack, token).chat.completions.create(
         model=OPENAI_MODEL, messages=MESSAGES, stream=True,
-        extra_headers={"x-fake-delay-ms": "50"})
+        extra_headers={"x-fake-delay-ms": "100"})
     first = next(iter(stream))
     assert first.choices
     held = my_budget(stack, token)
@@ -405,7 +407,7 @@ def test_expired_reservation_pays_its_estimate_until_a_late_report(
     assert _check(stack, token, request_id, {"model": OPENAI_MODEL, "messages": MESSAGES,
                                              "max_tokens": 500}).status.code == code_pb2.OK
     held = micros(my_budget(stack, token)["reserved"])
-    # Nothing completes it: after reservation_ttl (3 s) the estimate becomes the charge.
+    # Nothing completes it: after reservation_ttl (8 s) the estimate becomes the charge.
     row = charged(stack, email)
     assert micros(row["cost_usd"]) == held and row["output_tokens"] == 0
     assert my_budget(stack, token)["reserved"] == 0
