@@ -85,7 +85,7 @@ def micros(usd: Decimal) -> int:
 # --- reading the sidecar ------------------------------------------------------------------
 
 
-def eventually(probe: Callable[[], T | None], timeout: float = 30.0, what: str = "") -> T:
+def eventually(probe: Callable[[], T | None], timeout: float = 60.0, what: str = "") -> T:
     deadline = time.monotonic() + timeout
     while True:
         found = probe()
