@@ -2,9 +2,11 @@
 
 It is what any Python ext_authz costs before it decides anything (the gRPC hop, protobuf
 parsing of the CheckRequest with its body, one event loop), built with the same server
-options as `sidecar serve`, so the sidecar rows are read as a ratio to it.
+options as `sidecar serve`, so the sidecar rows are read as a ratio to it. With
+`--ext-proc` it also serves a pass-through ext_proc (one empty answer per message), the
+floor for the metering row.
 
-    python -m bench.noop_authz --port 9101
+    python -m bench.noop_authz --port 9101 [--ext-proc]
 """
 
 from __future__ import annotations
@@ -12,9 +14,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+from collections.abc import AsyncIterator
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from google.rpc import code_pb2, status_pb2
 
 _OK = external_auth_pb2.CheckResponse(status=status_pb2.Status(code=code_pb2.OK))
@@ -26,9 +31,25 @@ class NoopAuthorization(external_auth_pb2_grpc.AuthorizationServicer):  # type: 
         return _OK
 
 
-async def serve(address: str) -> None:
+class NoopProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+    async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest],
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ProcessingResponse]:
+        async for message in request_iterator:
+            kind = message.WhichOneof("request")
+            if kind in ("request_headers", "response_headers"):
+                yield pb.ProcessingResponse(**{kind: pb.HeadersResponse()})
+            elif kind in ("request_body", "response_body"):
+                yield pb.ProcessingResponse(**{kind: pb.BodyResponse()})
+            else:
+                yield pb.ProcessingResponse(**{kind: pb.TrailersResponse()})
+
+
+async def serve(address: str, ext_proc: bool) -> None:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(NoopAuthorization(), server)
+    if ext_proc:
+        external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
+            NoopProcessor(), server)
     server.add_insecure_port(address)
     await server.start()
     stop = asyncio.Event()
@@ -43,8 +64,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--ext-proc", action="store_true", help="serve ext_proc too")
     args = parser.parse_args()
-    asyncio.run(serve(f"{args.host}:{args.port}"))
+    asyncio.run(serve(f"{args.host}:{args.port}", args.ext_proc))
 
 
 if __name__ == "__main__":

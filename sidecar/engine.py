@@ -152,6 +152,9 @@ class Engine:
         # check timeout from being spent waiting on a store that is known to be away.
         self._store_down_until = 0.0
         self.clock = clock
+        # Called with every decision after it is made (the dashboard's recent denials);
+        # each must return at once and never raise: the request path waits on none.
+        self.observers: list[Callable[[RequestAttrs, Decision], None]] = []
 
     def rules(self, rs: RuleSet) -> tuple[Rule, ...]:
         return (*rs.rules, *self._runtime_rules())
@@ -174,6 +177,8 @@ class Engine:
         CHECK_SECONDS.observe(seconds)
         self._log(attrs, decision, seconds)
         DECISIONS.labels("allow" if decision.allowed else "deny", decision.reason).inc()
+        for observe in self.observers:
+            observe(attrs, decision)
         return decision
 
     async def _check(self, attrs: RequestAttrs) -> Decision:

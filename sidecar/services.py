@@ -11,6 +11,8 @@ from pathlib import Path
 import structlog
 
 from sidecar.alerts import Alerts
+from sidecar.budget.backfill import seed_rules
+from sidecar.budget.recent import RecentDecisions
 from sidecar.budget.runtime_rules import RuntimeRules
 from sidecar.budget.spool import Spool
 from sidecar.config.loader import load_config
@@ -128,6 +130,13 @@ async def build_services(config_path: Path) -> Services:
         device_login = DeviceLogin(store, issuer_for(device.public_url,
                                                      ruleset.config.listen.http))
         identities.extra_issuers.append(device_login.issuer_policy)
+    async def seed(new: RuleSet) -> None:
+        await seed_rules(store, new.rules, time.time())
+
+    try:
+        await seed(ruleset)
+    except StoreUnavailable as exc:
+        log.error("rule_seeding_unavailable", error=str(exc))
     runtime_rules = RuntimeRules(store, ruleset.config.account_id)
     try:
         await runtime_rules.refresh()
@@ -137,5 +146,7 @@ async def build_services(config_path: Path) -> Services:
     spool = Spool(ruleset.config.store.spool)
     engine = Engine(holder, store, identities, runtime_rules=runtime_rules, alerts=alerts,
                     spool=spool)
+    engine.observers.append(RecentDecisions(store).observe)
     return Services(config_path, holder, store, tokens, identities, engine, runtime_rules,
-                    alerts, ConfigWatcher(config_path, holder), device_login=device_login)
+                    alerts, ConfigWatcher(config_path, holder, before_swap=seed),
+                    device_login=device_login)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import structlog
@@ -33,8 +34,10 @@ def _build(path: Path) -> RuleSet:
 
 
 class ConfigWatcher:
-    def __init__(self, path: Path, holder: RuleSetHolder, interval: float = 0.5) -> None:
+    def __init__(self, path: Path, holder: RuleSetHolder, interval: float = 0.5,
+                 before_swap: Callable[[RuleSet], Awaitable[None]] | None = None) -> None:
         self.path = path
+        self._before_swap = before_swap
         self.holder = holder
         self.interval = interval
         self._seen = _fingerprint(path)
@@ -57,6 +60,11 @@ class ConfigWatcher:
             if ruleset.version == self.holder.current.version:
                 self.holder.last_error = None
                 return True
+            if self._before_swap is not None:
+                try:
+                    await self._before_swap(ruleset)
+                except Exception as exc:  # seeding is best effort; the new policy must apply
+                    log.warning("config_before_swap_failed", error=str(exc))
             self.holder.swap(ruleset)
             RELOADS.labels("ok").inc()
             log.info("config_reloaded", path=str(self.path), reason=reason,

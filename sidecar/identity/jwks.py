@@ -13,6 +13,8 @@ import httpx
 import jwt
 import structlog
 
+from sidecar.metrics import JWKS_REFRESHES
+
 log = structlog.get_logger("sidecar.jwks")
 
 Fetcher = Callable[[str], Awaitable[dict[str, Any]]]
@@ -103,10 +105,12 @@ class JwksCache:
             except Exception as exc:
                 # Keep serving with the last good keys: an IdP blip must not log everyone out.
                 self.failures += 1
+                JWKS_REFRESHES.labels("error").inc()
                 log.warning("jwks_refresh_failed", source=self._url or self._file,
                             error=str(exc), kept_keys=len(self._keys))
                 return
             self._keys = keys
             self._fetched_at = now
             self.refreshes += 1
+            JWKS_REFRESHES.labels("ok").inc()
             log.info("jwks_refreshed", source=self._url or self._file, keys=len(keys))

@@ -32,11 +32,12 @@ KeyKind = Literal[
     "doc",          # string: one JSON document
     "docs",         # set: the document keys of one collection
     "counter",      # string: an expiring counter
+    "backfill",     # string: set once a rule's earlier spend was added to its buckets
 ]
 
 _ARITY: dict[KeyKind, int] = {
     "bucket": 1, "slots": 0, "open": 0, "reservation": 1, "ledger": 1, "hours": 0,
-    "doc": 2, "docs": 1, "counter": 1,
+    "doc": 2, "docs": 1, "counter": 1, "backfill": 1,
 }  # fmt: skip
 
 
@@ -65,6 +66,8 @@ def redis_key(prefix: str, kind: KeyKind, *parts: str | int) -> str:
             return f"{budget}l:{parts[0]}"
         case "hours":
             return f"{budget}hours"
+        case "backfill":
+            return f"{budget}backfill:{parts[0]}"
         case "doc":
             # "c:" keeps the tag non-empty for an empty collection name; an empty tag
             # would make Redis hash the whole key and split doc and index across slots.

@@ -125,6 +125,7 @@ class RedisStore:
         self._commit: AsyncScript = self._r.register_script(_budget_script("commit.lua"))
         self._settle: AsyncScript = self._r.register_script(_budget_script("settle.lua"))
         self._swap: AsyncScript = self._r.register_script(_lua("swap_doc.lua"))
+        self._add_spend: AsyncScript = self._r.register_script(_budget_script("add_spend.lua"))
         self._list: AsyncScript = self._r.register_script(_lua("list_docs.lua"))
 
     def _key(self, kind: KeyKind, *parts: str | int) -> str:
@@ -264,6 +265,16 @@ class RedisStore:
             slots = {int(f): int(v) for f, v in fields.items() if f != "r" and int(f) >= b.since}
             states.append(BucketState(sum(slots.values()), int(fields.get("r", 0)), slots))
         return states
+
+    async def add_spend(self, marker: str, spend: list[tuple[BucketView, int]]) -> bool:
+        keys = [self._key("backfill", marker), self._key("slots"),
+                *(self._key("bucket", view.key) for view, _ in spend)]
+        args: list[str | int] = []
+        for view, amount in spend:
+            args += [view.slot, str(amount), view.slot + view.ttl_seconds, view.ttl_seconds]
+        with _guard():
+            applied = await self._add_spend(keys=keys, args=args)
+        return bool(applied)
 
     async def settle_expired(self, now: float, limit: int = 500) -> int:
         oldest_hour = (int(now) - _LEDGER_RETENTION_SECONDS) // 3600 * 3600

@@ -365,6 +365,19 @@ class SQLiteStore:
 
         return await self._tx(settle)
 
+    async def add_spend(self, marker: str, spend: list[tuple[BucketView, int]]) -> bool:
+        def add(conn: sqlite3.Connection) -> bool:
+            done = conn.execute("SELECT 1 FROM docs WHERE collection='backfills' AND key=?",
+                                (marker,)).fetchone()
+            if done is not None:
+                return False
+            conn.execute("INSERT INTO docs VALUES ('backfills', ?, '{}', NULL)", (marker,))
+            for view, amount in spend:
+                self._add_slot(conn, view.key, view.slot, amount, view.slot + view.ttl_seconds)
+            return True
+
+        return await self._tx(add)
+
     # -- ledger ------------------------------------------------------------------------
     async def ledger_rows(self, start_hour: int, end_hour: int) -> list[LedgerRow]:
         def scan(conn: sqlite3.Connection) -> list[LedgerRow]:

@@ -166,3 +166,14 @@ async def test_ledger_aggregates_commits_by_hour(store: Store) -> None:
     assert (row.cost, row.requests, row.input_tokens, row.output_tokens) == (63, 3, 315, 30)
     assert row.dims.user == "alice@example.com" and row.dims.groups == ("ml",)
     assert await store.ledger_rows(hour + 3600, hour + 7200) == []
+
+
+async def test_add_spend_applies_once_per_marker(store: Store) -> None:
+    first, second = bucket("b:bf:1", limit=100), bucket("b:bf:2", limit=100)
+    assert await store.add_spend("rule-a", [(first, 30), (second, 5)]) is True
+    assert await store.add_spend("rule-a", [(first, 30), (second, 5)]) is False
+    states = await store.bucket_states([first, second], NOW)
+    assert [s.spent for s in states] == [30, 5]
+    # Backfilled spend counts against the limit like any other.
+    assert not (await store.reserve(req("r1", 71, first))).admitted
+    assert (await store.reserve(req("r2", 70, first))).admitted

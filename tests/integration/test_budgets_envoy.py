@@ -228,3 +228,19 @@ def test_unknown_model_price_is_403(budget_stack: Stack, issuer: DevIssuer) -> N
     assert response.json()["error"]["type"] == "unpriced_model"
 
 
+
+
+def test_new_limit_counts_spend_made_before_it(budget_stack: Stack, issuer: DevIssuer) -> None:
+    token = issuer.mint("early@example.com")
+    assert [cent_request(budget_stack, token).status_code for _ in range(5)] == [200] * 5
+    rule = {"name": "late-limit", "budget_usd": 0.07, "window": {"fixed": "monthly"},
+            "filter": {"user": ["early@example.com"]}, "action": "block"}
+    with budget_stack.admin() as admin:
+        assert admin.post("/v1/spend-limits", json=rule).status_code == 201
+        try:
+            # $0.05 was spent before the limit existed: two more cents fit, then 429.
+            statuses = [cent_request(budget_stack, token).status_code for _ in range(3)]
+            assert statuses == [200, 200, 429]
+            assert cent_request(budget_stack, token).json()["error"]["rule"] == "late-limit"
+        finally:
+            admin.delete("/v1/spend-limits/late-limit")

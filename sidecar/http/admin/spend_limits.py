@@ -11,8 +11,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from sidecar.budget.backfill import seed_rules
 from sidecar.budget.runtime_rules import ACCOUNT_RULE, SPEND_LIMITS
 from sidecar.config.models import SpendLimitConfig
+from sidecar.config.ruleset import rule_from_config
 from sidecar.http.auth import require_admin
 from sidecar.http.envelope import ApiError, json_object, ok
 from sidecar.services import Services
@@ -40,6 +42,11 @@ def routes(services: Services) -> list[Route]:
         return {r.name: {**r.model_dump(mode="json"), "source": "file"}
                 for r in services.ruleset.config.spend_limits}
 
+    async def seed(rule: dict[str, Any]) -> None:
+        # Before the rule takes effect, so spend already made in its window counts.
+        compiled = rule_from_config(SpendLimitConfig.model_validate(rule), source="runtime")
+        await seed_rules(services.store, [compiled], services.engine.clock())
+
     async def runtime_rules() -> dict[str, dict[str, Any]]:
         docs = await services.store.list_docs(SPEND_LIMITS)
         return {d["name"]: {**d, "source": "runtime"} for d in docs}
@@ -66,6 +73,9 @@ def routes(services: Services) -> list[Route]:
         existing = await runtime_rules()
         if len(existing) >= MAX_RUNTIME_RULES:
             raise ApiError(409, f"at most {MAX_RUNTIME_RULES} runtime spend limits")
+        if rule["name"] in existing:
+            raise ApiError(409, f"a spend limit named {rule['name']!r} already exists")
+        await seed(rule)
         if not await services.store.swap_doc(SPEND_LIMITS, rule["name"], None, rule):
             raise ApiError(409, f"a spend limit named {rule['name']!r} already exists")
         await services.runtime_rules.refresh()
@@ -84,6 +94,7 @@ def routes(services: Services) -> list[Route]:
         current = await services.store.get_doc(SPEND_LIMITS, name)
         if current is None:
             raise ApiError(404, f"no runtime spend limit named {name!r}")
+        await seed(rule)
         if not await services.store.swap_doc(SPEND_LIMITS, name, current, rule):
             raise ApiError(409, "the spend limit changed meanwhile; try again")
         await services.runtime_rules.refresh()

@@ -1,0 +1,131 @@
+"""HTTP authorization for ingresses that cannot send a body: Envoy's `http_service`
+ext_authz, nginx `auth_request` and Traefik ForwardAuth. Translation only, like envoy/authz.
+
+Where the original request is described:
+
+- `/authz/<original path>`: Envoy `http_service` with `path_prefix: /authz`; the method is
+  the request's own.
+- `/authz` with `X-Original-URI` / `X-Original-Method`: nginx `auth_request`.
+- `/authz` with `X-Forwarded-Uri` / `X-Forwarded-Method` / `X-Forwarded-Host`: Traefik
+  ForwardAuth.
+
+There is no body, so the model comes from the `x-sidecar-model` header and the estimate
+uses `admission.default_max_output_tokens`. The answer is the engine's decision: 200 with
+the identity headers as response headers (for the ingress to copy upstream), or the same
+401/403/429 bodies and headers as the gRPC path.
+
+nginx only understands 2xx, 401 and 403 from an auth subrequest (anything else becomes a
+500, and the subrequest's body is dropped), so for nginx every other refusal answers 403
+and carries the real status in `x-sidecar-status` and the JSON body in `x-sidecar-error`;
+deploy/nginx/nginx.conf turns them back into the real answer with `auth_request_set` and a
+named location.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Mapping
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from sidecar.decisions import deny
+from sidecar.http.auth import request_headers
+from sidecar.model import Decision, RequestAttrs
+from sidecar.services import Services
+
+METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+_TOKEN = re.compile(r"^[A-Za-z]{1,16}$")
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
+MAX_URI = 8192
+MAX_MODEL = 256
+# Statuses nginx's auth_request passes on itself; every other refusal is sent as 403.
+NGINX_NATIVE = (401, 403)
+
+
+class BadOriginal(ValueError):
+    """The ingress described the original request in a way that cannot be used."""
+
+
+def original_request(path_param: str | None, method: str,
+                     headers: Mapping[str, str]) -> tuple[str, str, bool]:
+    """(method, path, is_nginx) of the request being authorized."""
+    if path_param is not None:
+        return method, "/" + path_param.lstrip("/"), False
+    nginx_uri = headers.get("x-original-uri")
+    traefik_uri = headers.get("x-forwarded-uri")
+    if nginx_uri is not None and traefik_uri is not None and nginx_uri != traefik_uri:
+        # Each ingress overwrites only its own header; two that disagree mean a client
+        # supplied one of them, so neither can be trusted.
+        raise BadOriginal("x-original-uri and x-forwarded-uri disagree")
+    uri = nginx_uri if nginx_uri is not None else traefik_uri
+    if uri is None:
+        raise BadOriginal("the original request is unknown: call /authz/<path> (Envoy "
+                          "http_service) or send X-Original-URI (nginx auth_request) or "
+                          "X-Forwarded-Uri (Traefik ForwardAuth)")
+    if nginx_uri is not None:
+        original_method = headers.get("x-original-method", "")
+    else:
+        original_method = headers.get("x-forwarded-method", "")
+    if not uri.startswith("/") or len(uri) > MAX_URI or _UNSAFE.search(uri):
+        raise BadOriginal("the original URI must be an absolute path of at most "
+                          f"{MAX_URI} characters")
+    if not _TOKEN.match(original_method):
+        raise BadOriginal("the original method (X-Original-Method or X-Forwarded-Method) "
+                          "is missing or malformed")
+    return original_method.upper(), uri, nginx_uri is not None
+
+
+def _clean(value: str) -> str:
+    return _UNSAFE.sub(" ", value)
+
+
+def render(decision: Decision, request_id: str, nginx: bool) -> Response:
+    if decision.allowed:
+        headers = {**decision.headers, **decision.response_headers,
+                   "x-sidecar-request-id": request_id}
+        return Response(status_code=200, headers={k: _clean(v) for k, v in headers.items()})
+    headers = {k: _clean(v) for k, v in decision.headers.items()}
+    status = decision.http_status
+    if nginx and status not in NGINX_NATIVE:
+        headers["x-sidecar-status"] = str(status)
+        status = 403
+    if nginx:
+        # The deny bodies are ASCII JSON on one line (json.dumps escapes the rest), so
+        # they fit a header value as they are.
+        headers["x-sidecar-error"] = _clean(decision.body.decode("ascii", "replace"))
+    return Response(decision.body, status_code=status, headers=headers,
+                    media_type="application/json")
+
+
+def routes(services: Services) -> list[Route]:
+    async def authz(request: Request) -> Response:
+        headers = request_headers(request)
+        path_param = request.path_params.get("path")
+        nginx = path_param is None and "x-original-uri" in headers
+        request_id = headers.get("x-request-id", "")[:128] or uuid.uuid4().hex
+        model = headers.get("x-sidecar-model", "").strip()
+        try:
+            if len(model) > MAX_MODEL or _UNSAFE.search(model):
+                raise BadOriginal(f"x-sidecar-model must be at most {MAX_MODEL} printable "
+                                  "characters")
+            method, path, nginx = original_request(path_param, request.method, headers)
+        except BadOriginal as exc:
+            return render(deny("bad_request", "bad_request", str(exc)), request_id, nginx)
+        if request.url.query and path_param is not None:
+            path = f"{path}?{request.url.query}"
+        if not model and method == "POST" and services.ruleset.provider_for_path(path):
+            # The engine would ask for a body; an ingress cannot send one.
+            return render(deny("bad_request", "bad_request",
+                               "x-sidecar-model is required: this authorization endpoint "
+                               "receives no request body"), request_id, nginx)
+        attrs = RequestAttrs(method=method, path=path, headers=headers, body=None,
+                             request_id=request_id, model_hint=model)
+        return render(await services.engine.check(attrs), request_id, nginx)
+
+    return [
+        Route("/authz", authz, methods=METHODS),
+        Route("/authz/{path:path}", authz, methods=METHODS),
+    ]
