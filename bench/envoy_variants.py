@@ -11,6 +11,10 @@ What differs between rows is only which sidecar filters stay and where they poin
 - `authz`:  ext_authz to the given gRPC port (the no-op floor or the sidecar), no ext_proc
 - `full`:   ext_authz and ext_proc to the given port (metering on)
 
+Envoy alone buffers the request body (the buffer filter, 1 MiB, as ext_authz does): a
+direct response sent before the body is read makes Envoy close the connection, and that
+row would then measure TCP handshakes instead of requests.
+
 Access logging is removed in every row: it is the same cost for all of them and would only
 add disk writes (hundreds of MB at the Envoy-alone rate) to a noisy shared machine.
 """
@@ -67,6 +71,10 @@ def bench_envoy_config(variant: Variant, *, listen_port: int, admin_port: int,
                              "full": SIDECAR_FILTERS}[variant]
     hcm["http_filters"] = [f for f in hcm["http_filters"]
                            if f["name"] not in SIDECAR_FILTERS or f["name"] in keep]
+    if variant == "envoy":
+        hcm["http_filters"].insert(0, {"name": "envoy.filters.http.buffer", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
+            "max_request_bytes": 1_048_576}})
     if h2_max_streams is not None:
         for cluster in config["static_resources"]["clusters"]:
             if cluster["name"] == "sidecar_grpc":

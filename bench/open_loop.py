@@ -44,6 +44,7 @@ class _Connection(asyncio.Protocol):
         self._buf = bytearray()
         self._need = -1
         self._status = 0
+        self._close = False
         self.pending: _Pending | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -65,6 +66,7 @@ class _Connection(asyncio.Protocol):
                 return
             head = bytes(self._buf[:end]).lower()
             self._status = int(head[9:12])
+            self._close = b"\r\nconnection: close" in head
             length = 0
             marker = head.find(b"\r\ncontent-length:")
             if marker >= 0:
@@ -75,7 +77,12 @@ class _Connection(asyncio.Protocol):
             pending, self.pending = self.pending, None
             if not pending.future.done():
                 pending.future.set_result(self._status)
-            self._client.idle.append(self)
+            if self._close:
+                # The server is closing it: reusing it would fail the next request.
+                assert self.transport is not None
+                self.transport.close()
+            else:
+                self._client.idle.append(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._client.closed(self)

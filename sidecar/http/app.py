@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from sidecar.http import budgets, device
+from sidecar.http import authz, budgets, device
 from sidecar.http.admin import account, service_tokens, spend_limits, usage
 from sidecar.http.envelope import ApiError, fail
 from sidecar.metrics import REGISTRY
@@ -53,6 +53,7 @@ def create_app(services: Services) -> Starlette:
         *budgets.routes(services),
         *usage.routes(services),
         *device.routes(services),
+        *authz.routes(services),
     ]
     app = Starlette(
         routes=route_list,

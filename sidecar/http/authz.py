@@ -6,8 +6,8 @@ Where the original request is described:
 - `/authz/<original path>`: Envoy `http_service` with `path_prefix: /authz`; the method is
   the request's own.
 - `/authz` with `X-Original-URI` / `X-Original-Method`: nginx `auth_request`.
-- `/authz` with `X-Forwarded-Uri` / `X-Forwarded-Method` / `X-Forwarded-Host`: Traefik
-  ForwardAuth.
+- `/authz` with `X-Forwarded-Uri` / `X-Forwarded-Method`: Traefik ForwardAuth (its
+  `X-Forwarded-Host` is not needed: providers are told apart by path prefix).
 
 There is no body, so the model comes from the `x-sidecar-model` header and the estimate
 uses `admission.default_max_output_tokens`. The answer is the engine's decision: 200 with
@@ -15,10 +15,10 @@ the identity headers as response headers (for the ingress to copy upstream), or 
 401/403/429 bodies and headers as the gRPC path.
 
 nginx only understands 2xx, 401 and 403 from an auth subrequest (anything else becomes a
-500, and the subrequest's body is dropped), so for nginx every other refusal answers 403
-and carries the real status in `x-sidecar-status` and the JSON body in `x-sidecar-error`;
-deploy/nginx/nginx.conf turns them back into the real answer with `auth_request_set` and a
-named location.
+500, and the subrequest's body is dropped), so for nginx every other refusal answers 403,
+and every refusal carries its real status in `x-sidecar-status` and its JSON body in
+`x-sidecar-error`; deploy/nginx/nginx.conf turns them back into the real answer with
+`auth_request_set` and a named location.
 """
 
 from __future__ import annotations
@@ -89,10 +89,10 @@ def render(decision: Decision, request_id: str, nginx: bool) -> Response:
         return Response(status_code=200, headers={k: _clean(v) for k, v in headers.items()})
     headers = {k: _clean(v) for k, v in decision.headers.items()}
     status = decision.http_status
-    if nginx and status not in NGINX_NATIVE:
-        headers["x-sidecar-status"] = str(status)
-        status = 403
     if nginx:
+        headers["x-sidecar-status"] = str(status)
+        if status not in NGINX_NATIVE:
+            status = 403
         # The deny bodies are ASCII JSON on one line (json.dumps escapes the rest), so
         # they fit a header value as they are.
         headers["x-sidecar-error"] = _clean(decision.body.decode("ascii", "replace"))

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
 
+import anthropic
 import httpx
 import pytest
 
@@ -27,10 +28,13 @@ LIMITS = [
      "filter": {"model": ["flat-*"]}, "split": ["user"], "action": "block"},
     {"name": "gpt4o-fallback", "budget_usd": 0.000001, "window": {"rolling": "1h"},
      "filter": {"model": ["gpt-4o"]}, "action": "fallback"},
+    {"name": "opus-none", "budget_usd": 0, "window": {"fixed": "daily"},
+     "filter": {"model": ["claude-opus-*"]}, "action": "fallback"},
     {"name": "kimi-tight", "budget_usd": 0.000001, "window": {"fixed": "daily"},
      "filter": {"model": ["@cf/*"], "user": ["broke@example.com"]}, "action": "block"},
 ]
-FALLBACKS = {"gpt-4o": [{"model": "@cf/moonshotai/kimi-k2.6", "provider": "workers-ai"}]}
+FALLBACKS = {"gpt-4o": [{"model": "@cf/moonshotai/kimi-k2.6", "provider": "workers-ai"}],
+             "claude-opus-4-7": [{"model": "claude-haiku-4-5"}]}
 
 
 def budget_config(issuer: DevIssuer, jwks: str, store: str) -> dict[str, Any]:
@@ -125,6 +129,22 @@ def test_fallback_switches_route_and_model(budget_stack: Stack, issuer: DevIssue
     assert seen["headers"]["host"] == "api.cloudflare.com"
     assert seen["body"]["model"] == "@cf/moonshotai/kimi-k2.6"
     assert response.json()["model"] == "@cf/moonshotai/kimi-k2.6"
+
+
+def test_same_provider_fallback_keeps_the_api_path(budget_stack: Stack,
+                                                  issuer: DevIssuer) -> None:
+    budget_stack.clear_seen()
+    client = anthropic.Anthropic(base_url=budget_stack.envoy_url + "/anthropic",
+                                 api_key="unused", max_retries=0,
+                                 default_headers={"authorization":
+                                                  f"Bearer {issuer.mint('ola@example.com')}"})
+    message = client.messages.create(model="claude-opus-4-7", max_tokens=5,
+                                     messages=[{"role": "user", "content": "hi"}])
+    assert message.model == "claude-haiku-4-5"
+    seen = budget_stack.seen()[-1]
+    assert seen["path"] == "/v1/messages"
+    assert seen["headers"]["host"] == "api.anthropic.com"
+    assert seen["body"]["model"] == "claude-haiku-4-5"
 
 
 def test_fallback_model_rules_apply_and_exhausted_chain_is_429(budget_stack: Stack,

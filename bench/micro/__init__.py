@@ -1,0 +1,1 @@
+"""In-process microbenchmarks (pytest-benchmark): `.venv/bin/pytest bench/micro`."""

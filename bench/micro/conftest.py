@@ -1,0 +1,38 @@
+"""Shared fixtures for the microbenchmarks: the benchmark policy compiled, a dev issuer, its
+JWKS file, and an event loop to drive async code from pytest-benchmark's sync callables."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bench.policy import bench_config
+from sidecar.config.loader import parse_config
+from sidecar.config.ruleset import RuleSet, build_ruleset
+from sidecar.demo.keys import DevIssuer
+
+
+@pytest.fixture(scope="session")
+def issuer() -> DevIssuer:
+    return DevIssuer.generate()
+
+
+@pytest.fixture(scope="session")
+def jwks_path(issuer: DevIssuer, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return issuer.write_jwks(tmp_path_factory.mktemp("jwks") / "jwks.json")
+
+
+@pytest.fixture(scope="session")
+def ruleset(issuer: DevIssuer, jwks_path: Path) -> RuleSet:
+    return build_ruleset(parse_config(bench_config(issuer, str(jwks_path),
+                                                   "sqlite:///unused.db")))
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
