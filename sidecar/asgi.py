@@ -244,16 +244,20 @@ class SidecarMiddleware:
                 if not message.get("more_body", False):
                     # Charged before the last chunk goes out, as ext_proc does: once the
                     # client has the whole answer, its cost is on the books.
-                    await exchange.finish("complete")
+                    await self._charge(exchange, "complete")
             await send(message)
 
         try:
             await self.app(child, replay, metered_send)
         finally:
             if not exchange.done:
-                # Cut short (client gone, app error): charge what was seen, in a task of its
-                # own because this one may be being cancelled.
-                task = asyncio.get_running_loop().create_task(exchange.finish("incomplete"))
-                self._finishing.add(task)
-                task.add_done_callback(self._finishing.discard)
-                await asyncio.shield(task)
+                # Cut short (client gone, app error): charge what was seen.
+                await self._charge(exchange, "incomplete")
+
+    async def _charge(self, exchange: _Exchange, reason: str) -> None:
+        # In a task of its own: a client that hangs up once it has read `data: [DONE]` gets
+        # the request cancelled, and the commit must not be cancelled with it.
+        task = asyncio.get_running_loop().create_task(exchange.finish(reason))
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
+        await asyncio.shield(task)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import sys
@@ -20,11 +21,23 @@ _JWT = re.compile(r"eyJ[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]*")
 _BEARER = re.compile(r"(?i)(bearer\s+)[^\s,;\"']+")
 
 
+@functools.lru_cache(maxsize=4096)
+def _secret_key(name: str) -> bool:
+    # Key names come from a bounded set of call sites; each line has a dozen of them.
+    return _SECRET_KEYS.search(name) is not None
+
+
 def _scrub(value: Any) -> Any:
     if isinstance(value, str):
-        return _BEARER.sub(r"\1" + REDACTED, _JWT.sub(REDACTED, value))
+        # Substring tests first: both patterns need them, and almost no value has either,
+        # so the regexes run only on the rare value that might hold a credential.
+        if "eyJ" in value:
+            value = _JWT.sub(REDACTED, value)
+        if "bearer" in value.lower():
+            value = _BEARER.sub(r"\1" + REDACTED, value)
+        return value
     if isinstance(value, dict):
-        return {k: REDACTED if _SECRET_KEYS.search(str(k)) else _scrub(v)
+        return {k: REDACTED if _secret_key(str(k)) else _scrub(v)
                 for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_scrub(v) for v in value]
@@ -33,7 +46,7 @@ def _scrub(value: Any) -> Any:
 
 def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for key in list(event):
-        if _SECRET_KEYS.search(key) and key not in {"token_name"}:
+        if _secret_key(key) and key not in {"token_name"}:
             event[key] = REDACTED
         else:
             event[key] = _scrub(event[key])

@@ -4,15 +4,29 @@ JWKS file, and an event loop to drive async code from pytest-benchmark's sync ca
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from bench.policy import bench_config
 from sidecar.config.loader import parse_config
 from sidecar.config.ruleset import RuleSet, build_ruleset
 from sidecar.demo.keys import DevIssuer
+from sidecar.log import configure
+
+
+@pytest.fixture(scope="session", autouse=True)
+def server_logging() -> Iterator[None]:
+    """Log exactly as `sidecar serve` does (one JSON decision line per check), into
+    /dev/null: the cost of rendering the line is part of a decision, the terminal is not."""
+    configure("info")
+    with open(os.devnull, "w") as sink:  # noqa: PTH123
+        structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=sink))
+        yield
+    structlog.reset_defaults()
 
 
 @pytest.fixture(scope="session")

@@ -73,19 +73,19 @@ class ExternalProcessorServicer(
     async def Process(
         self, request_iterator: AsyncIterator[pb.ProcessingRequest],
         context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[pb.ProcessingResponse]:
+    ) -> None:
+        # A coroutine writing with context.write rather than an async generator: when Envoy
+        # resets the stream, a generator's `finally` only runs whenever it is garbage
+        # collected (or never), and the charge of a cut-short response would be lost.
         ex = Exchange()
         try:
             async for message in request_iterator:
-                yield await self._step(ex, message)
+                await context.write(await self._step(ex, message))
         finally:
-            # The client went away or Envoy reset the stream: charge what was seen. The stream's
-            # task may be being cancelled, so the commit runs in its own task.
+            # The client went away or Envoy reset the stream: charge what was seen. This
+            # task may be being cancelled, so the commit runs in a task of its own.
             if not ex.committed:
-                task = asyncio.get_running_loop().create_task(self._commit(ex, "incomplete"))
-                self._finishing.add(task)
-                task.add_done_callback(self._finishing.discard)
-                await asyncio.shield(task)
+                await self._commit(ex, "incomplete")
 
     async def _step(self, ex: Exchange, message: pb.ProcessingRequest) -> pb.ProcessingResponse:
         kind = message.WhichOneof("request")
@@ -150,6 +150,14 @@ class ExternalProcessorServicer(
         return pb.ProcessingResponse(response_headers=pb.HeadersResponse())
 
     async def _commit(self, ex: Exchange, reason: str) -> None:
+        """Charge the exchange in a task of its own, shielded: Envoy resetting the stream
+        cancels this handler, and a cancelled commit would lose the charge."""
+        task = asyncio.get_running_loop().create_task(self._charge(ex, reason))
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
+        await asyncio.shield(task)
+
+    async def _charge(self, ex: Exchange, reason: str) -> None:
         # Only calls that ext_authz admitted carry x-sidecar-model; Envoy's local replies
         # have no request phases at all.
         if ex.committed or not ex.model or not ex.request_id:

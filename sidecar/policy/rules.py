@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from sidecar.policy.allowlist import compile_globs
@@ -27,22 +27,35 @@ class Rule:
     action: Action
     alerts: tuple[int, ...]
     source: Literal["file", "runtime"] = "file"
+    # Derived once here rather than on every request (every rule is tried on every check).
+    _prefix: str = field(init=False, repr=False, compare=False)
+    _narrow: Mapping[str, re.Pattern[str]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_prefix", f"{self.name}|{self.window_label}")
+        object.__setattr__(self, "_narrow", dict(self.filters))
 
     def buckets(self, ctx: Context) -> list[tuple[str, dict[str, str]]]:
         """(bucket key, split labels) for each bucket this request falls in; [] if none."""
         for dim, pattern in self.filters:
-            if not any(pattern.match(v) for v in ctx.get(dim, ())):
+            match = pattern.match
+            for value in ctx.get(dim, ()):
+                if match(value):
+                    break
+            else:
                 return []
+        if not self.split:
+            return [(self._prefix, {})]
         combos: list[dict[str, str]] = [{}]
         for dim in self.split:
             values = ctx.get(dim, ())
-            narrow = dict(self.filters).get(dim)
+            narrow = self._narrow.get(dim)
             if narrow is not None:
                 values = tuple(v for v in values if narrow.match(v))
             # A request without a value for a split dimension shares the "" bucket.
             values = tuple(dict.fromkeys(values)) or ("",)
             combos = [{**c, dim: v} for c in combos for v in values]
-        prefix = f"{self.name}|{self.window_label}"
+        prefix = self._prefix
         return [
             (prefix + "".join(f"|{d}={c[d]}" for d in self.split), c) for c in combos
         ]

@@ -53,6 +53,10 @@ class FixedWindow:
     period: Period
     timezone: str = "UTC"
     _zone: ZoneInfo = field(init=False, repr=False, compare=False)
+    # (whole second, slot) of the last call. Every request asks for the slot of nearly the
+    # same instant, and the time-zone conversion costs a few µs each time; zone offsets are
+    # whole seconds, so the answer cannot change within one second.
+    _last: list[tuple[int, int]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.period not in _PERIODS:
@@ -62,9 +66,16 @@ class FixedWindow:
         except (ZoneInfoNotFoundError, ValueError) as exc:
             raise ValueError(f"unknown time zone {self.timezone!r}") from exc
         object.__setattr__(self, "_zone", zone)
+        object.__setattr__(self, "_last", [(-1, 0)])
 
     def slot(self, now: float) -> int:
-        return self._midnight(self._start_date(now))
+        second = math.floor(now)
+        last_second, last_slot = self._last[0]
+        if second == last_second:
+            return last_slot
+        slot = self._midnight(self._start_date(second))
+        self._last[0] = (second, slot)
+        return slot
 
     def since(self, now: float) -> int:
         return self.slot(now)

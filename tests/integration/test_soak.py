@@ -72,9 +72,16 @@ def test_ledger_equals_what_clients_saw(soak_stack: Stack, issuer: DevIssuer) ->
     assert sum(admitted.values()) > 0
     # Every user hits their $0.40 cap: exactly 40 admitted each, never more.
     assert all(n == 40 for n in admitted.values()), admitted
-    with soak_stack.admin() as admin:
-        rows = admin.get("/v1/usage", params={"group_by": "user"}).json()["result"]
-    ledger = {r["user"]: r for r in rows if r["user"].startswith("soak")}
+    # The last commits land just after the last bytes reach the clients.
+    deadline = time.monotonic() + 10
+    while True:
+        with soak_stack.admin() as admin:
+            rows = admin.get("/v1/usage", params={"group_by": "user"}).json()["result"]
+        ledger = {r["user"]: r for r in rows if r["user"].startswith("soak")}
+        if time.monotonic() > deadline or all(
+                ledger.get(u, {}).get("requests") == n for u, n in admitted.items()):
+            break
+        time.sleep(0.2)
     for user, count in admitted.items():
         assert ledger[user]["requests"] == count, (user, ledger[user], count)
         assert round(ledger[user]["cost_usd"] * 100) == count
