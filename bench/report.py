@@ -74,7 +74,7 @@ def summarize(specs: Sequence[RowSpec], trials: Mapping[str, list[dict[str, Any]
 
 
 def _f(value: float | None, fmt: str) -> str:
-    return "–" if value is None else format(value, fmt)
+    return "-" if value is None else format(value, fmt)
 
 
 def _target(rows: Mapping[str, Mapping[str, Any]], key: str, field: str, op: str,
@@ -105,9 +105,9 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         f"(bench/open_loop.py) at {s['open_loop_rate']:.0f} requests/s for "
         f"{s['open_loop_seconds']:.0f} s per row and round, measured from each request's "
         f"due time; percentiles pooled over {s['rounds']} rounds. Rows alternate forward and "
-        "reverse order each round; ×floor ratios are medians of same-round ratios.",
+        "reverse order each round; xfloor ratios are medians of same-round ratios.",
         "",
-        "| row | rps | rps ×floor | p50 ms | p99 ms | p99 ×floor | p99 added over Envoy "
+        "| row | rps | rps xfloor | p50 ms | p99 ms | p99 xfloor | p99 added over Envoy "
         "alone, ms | sidecar RSS MB | errors |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -123,21 +123,21 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         "| target | measured | |",
         "|---|---:|---|",
         _target(rows, "sqlite", "rps_x_floor", ">=", 0.8,
-                "SQLite sidecar throughput ≥ 0.8 × floor"),
+                "SQLite sidecar throughput >= 0.8 x floor"),
         _target(rows, "redis", "rps_x_floor", ">=", 0.7,
-                "Redis sidecar throughput ≥ 0.7 × floor"),
+                "Redis sidecar throughput >= 0.7 x floor"),
         _target(rows, "sqlite", "p99_added_ms", "<=", 2.0,
-                "SQLite sidecar p99 added over Envoy alone ≤ 2 ms"),
+                "SQLite sidecar p99 added over Envoy alone <= 2 ms"),
         _target(rows, "redis", "p99_added_ms", "<=", 2.0,
-                "Redis sidecar p99 added over Envoy alone ≤ 2 ms"),
+                "Redis sidecar p99 added over Envoy alone <= 2 ms"),
         _target(rows, "sqlite_w2", "rps_x_one_worker", ">=", 1.6,
-                "--workers 2 throughput ≥ 1.6 × one worker"),
+                "--workers 2 throughput >= 1.6 x one worker"),
         _target(rows, "metering", "rps_x_floor_full", ">=", 0.8,
-                "metering row ≥ 0.8 × no-op ext_authz + ext_proc floor (informative)"),
+                "metering row >= 0.8 x no-op ext_authz + ext_proc floor (informative)"),
     ]
     memory = result.get("memory")
     if memory:
-        lines.append(f"| RSS of one worker after {memory['users']:,} distinct users ≤ 150 MB | "
+        lines.append(f"| RSS of one worker after {memory['users']:,} distinct users <= 150 MB | "
                      f"{memory['rss_after_mb']:.0f} MB | "
                      f"{'met' if memory['rss_after_mb'] <= 150 else 'MISSED'} |")
     lines.append("")

@@ -95,6 +95,8 @@ def allow(
     provider: str = "",
     remaining: str | None = None,
     fallback_from: str | None = None,
+    rules: tuple[str, ...] = (),
+    estimate: int | None = None,
 ) -> Decision:
     headers = identity_headers(identity)
     if model:
@@ -120,4 +122,6 @@ def allow(
         identity=identity,
         model=model,
         provider=provider,
+        rules=rules,
+        estimate=estimate,
     )

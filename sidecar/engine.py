@@ -121,11 +121,15 @@ def _rule_names(budget: Plan) -> tuple[str, ...]:
 def plan(rules: Sequence[Rule], ctx: Context, now: float) -> list[Planned]:
     planned = []
     for rule in rules:
-        for key, labels in rule.buckets(ctx):
-            window = rule.window
-            view = BucketView(key=key, slot=window.slot(now), since=window.since(now),
-                              ttl_seconds=window.ttl_seconds(), limit=rule.limit,
-                              enforce=rule.action != "monitor")
+        buckets = rule.buckets(ctx)
+        if not buckets:
+            continue
+        # Once per rule, not per bucket: a group split gives one bucket per group.
+        window = rule.window
+        slot, since, ttl = window.slot(now), window.since(now), window.ttl_seconds()
+        enforce = rule.action != "monitor"
+        for key, labels in buckets:
+            view = BucketView(key, slot, since, ttl, rule.limit, enforce)
             planned.append(Planned(rule, view, labels))
     return planned
 
@@ -270,11 +274,10 @@ class Engine:
             if result.admitted:
                 self.alerts.observe(budget, result.states, now)
                 fallback_from = model if index else None
-                return replace(
-                    allow(identity, attrs.headers, creds, model=cand_model,
-                          provider=cand_provider.id, remaining=self._remaining(budget, result),
-                          fallback_from=fallback_from),
-                    rules=_rule_names(budget), estimate=estimate)
+                return allow(identity, attrs.headers, creds, model=cand_model,
+                             provider=cand_provider.id, remaining=self._remaining(budget, result),
+                             fallback_from=fallback_from, rules=_rule_names(budget),
+                             estimate=estimate)
             failed = [(budget.culprit(i), result.states[i]) for i in result.failed]
             blocking = [f for f in failed if f[0].rule.action == "block"]
             if blocking:

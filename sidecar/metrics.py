@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+
+
+def exposition() -> bytes:
+    """What /metrics serves: this process's registry, or under `sidecar serve --workers N`
+    (PROMETHEUS_MULTIPROC_DIR set by the parent) the sums over every worker's files, so
+    any worker answers for all of them."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        return bytes(generate_latest(REGISTRY))
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    return bytes(generate_latest(registry))
+
 
 DECISIONS = Counter("sidecar_decisions_total", "Check decisions by result and reason",
                     ["result", "reason"], registry=REGISTRY)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,7 +37,10 @@ class _HttpServer(uvicorn.Server):
         yield
 
 
-async def serve(config_path: Path, grpc_addr: str | None, http_addr: str | None) -> None:
+async def serve(config_path: Path, grpc_addr: str | None, http_addr: str | None,
+                http_sockets: list[socket.socket] | None = None) -> None:
+    """`http_sockets`: listening sockets made by the caller (`sidecar/workers.py` shares one
+    port between processes with SO_REUSEPORT, which uvicorn does not set itself)."""
     services = await build_services(config_path)
     listen = services.ruleset.config.listen
     grpc_addr = grpc_addr or listen.grpc
@@ -68,7 +72,7 @@ async def serve(config_path: Path, grpc_addr: str | None, http_addr: str | None)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, services.watcher.on_signal)
-    http_task = loop.create_task(http.serve())
+    http_task = loop.create_task(http.serve(sockets=http_sockets))
     log.info("serving", grpc=grpc_addr, http=http_addr, store=services.ruleset.config.store.url
              .split("@")[-1], config=str(config_path), version=services.ruleset.version)
     await stop.wait()

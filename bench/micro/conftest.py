@@ -23,7 +23,7 @@ def server_logging() -> Iterator[None]:
     """Log exactly as `sidecar serve` does (one JSON decision line per check), into
     /dev/null: the cost of rendering the line is part of a decision, the terminal is not."""
     configure("info")
-    with open(os.devnull, "w") as sink:  # noqa: PTH123
+    with open(os.devnull, "w") as sink:
         structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=sink))
         yield
     structlog.reset_defaults()

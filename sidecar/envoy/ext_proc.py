@@ -97,9 +97,7 @@ class ExternalProcessorServicer(
             ex.model = headers.get("x-sidecar-model", "")
             ex.provider = headers.get("x-sidecar-provider", "")
             ex.fallback = headers.get("x-sidecar-route") == "fallback"
-            # Every fallback route goes to an OpenAI-compatible chat completions endpoint,
-            # whatever path the client called (deploy/envoy/envoy.yaml).
-            ex.api = "openai_chat" if ex.fallback else api_for_path(ex.path)
+            ex.api = self._upstream_api(ex)
             return pb.ProcessingResponse(request_headers=pb.HeadersResponse())
         if kind == "request_body":
             return pb.ProcessingResponse(request_body=self._request_body(ex, message))
@@ -115,6 +113,17 @@ class ExternalProcessorServicer(
         if kind == "request_trailers":
             return pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
         return pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+
+    def _upstream_api(self, ex: Exchange) -> Api | None:
+        """The API the upstream answers with, which decides how its usage is read."""
+        api = api_for_path(ex.path)
+        if not ex.fallback:
+            return api
+        # A fallback to another model of the same provider keeps the request's path; one to
+        # another provider goes to that provider's OpenAI-compatible chat completions
+        # endpoint, whatever the client called (deploy/envoy/envoy.yaml).
+        origin = self._engine.holder.current.provider_for_path(ex.path)
+        return api if origin is not None and origin.id == ex.provider else "openai_chat"
 
     def _request_body(self, ex: Exchange, message: pb.ProcessingRequest) -> pb.BodyResponse:
         ex.body = message.request_body.body

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from sidecar.http import authz, budgets, device
+from sidecar.http import authz, budgets, dashboard, device
 from sidecar.http.admin import account, service_tokens, spend_limits, usage
 from sidecar.http.envelope import ApiError, fail
-from sidecar.metrics import REGISTRY
+from sidecar.metrics import exposition
 from sidecar.services import Services
 
 
@@ -33,7 +33,7 @@ def create_app(services: Services) -> Starlette:
         )
 
     async def metrics(request: Request) -> Response:
-        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+        return Response(exposition(), media_type=CONTENT_TYPE_LATEST)
 
     async def api_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)
@@ -54,6 +54,7 @@ def create_app(services: Services) -> Starlette:
         *usage.routes(services),
         *device.routes(services),
         *authz.routes(services),
+        *dashboard.routes(services),
     ]
     app = Starlette(
         routes=route_list,

@@ -3,17 +3,16 @@
 Every operation runs on one dedicated thread per process (sqlite3 connections are not
 shareable across threads, and the event loop must never wait on disk). Budget operations run
 inside `BEGIN IMMEDIATE`, which takes SQLite's write lock up front, so reservations from
-several processes serialize instead of racing.
+several processes serialize instead of racing; transactions queued at the same moment share
+one of them (group commit, `sidecar/store/sqlite_worker.py`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
@@ -28,6 +27,7 @@ from sidecar.store.budget_types import (
     ReserveRequest,
     ReserveResult,
 )
+from sidecar.store.sqlite_worker import SQLiteWorker
 
 T = TypeVar("T")
 
@@ -83,8 +83,7 @@ def dims_from_json(text: str) -> LedgerDims:
 class SQLiteStore:
     def __init__(self, url: str) -> None:
         self._path = _path_from_url(url)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
-        self._conn: sqlite3.Connection | None = None
+        self._worker = SQLiteWorker(self._connect)
 
     # -- plumbing ----------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -98,40 +97,17 @@ class SQLiteStore:
         return conn
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        def call() -> T:
-            if self._conn is None:
-                self._conn = self._connect()
-            try:
-                return fn(self._conn)
-            except sqlite3.OperationalError as exc:
-                raise StoreUnavailable(f"sqlite: {exc}") from exc
-
-        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        return await self._worker.call(fn, tx=False)
 
     async def _tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        def body(conn: sqlite3.Connection) -> T:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                result = fn(conn)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-            return result
-
-        return await self._run(body)
+        # BEGIN IMMEDIATE … COMMIT, shared with the transactions queued alongside.
+        return await self._worker.call(fn, tx=True)
 
     async def open(self) -> None:
         await self._run(lambda conn: None)
 
     async def close(self) -> None:
-        def shut(conn: sqlite3.Connection) -> None:
-            conn.close()
-            self._conn = None
-
-        if self._conn is not None:
-            await self._run(shut)
-        self._executor.shutdown(wait=True)
+        await self._worker.close()
 
     async def ping(self) -> bool:
         try:

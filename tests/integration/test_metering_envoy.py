@@ -39,10 +39,11 @@ DAILY_LIMIT_USD = Decimal(5)
 LIMITS = [
     {"name": "per-user-daily", "budget_usd": float(DAILY_LIMIT_USD),
      "window": {"fixed": "daily"}, "split": ["user"], "action": "block"},
-    {"name": "gpt4o-fallback", "budget_usd": 0.000001, "window": {"rolling": "1h"},
-     "filter": {"model": ["gpt-4o"]}, "action": "fallback"},
+    {"name": "pricey-fallback", "budget_usd": 0.000001, "window": {"rolling": "1h"},
+     "filter": {"model": ["gpt-4o", "claude-opus-4-7"]}, "action": "fallback"},
 ]
-FALLBACKS = {"gpt-4o": [{"model": "gpt-4o-mini", "provider": "openai"}]}
+FALLBACKS = {"gpt-4o": [{"model": "gpt-4o-mini", "provider": "openai"}],
+             "claude-opus-4-7": [{"model": "claude-haiku-4-5", "provider": "anthropic"}]}
 # Short, so a reservation that no completion ever replaces turns into a charge within the
 # test; long enough that, on a busy machine, a completion still arrives before it.
 ADMISSION = {"mode": "reserve", "default_max_output_tokens": 1024, "reservation_ttl": "8s"}
@@ -224,6 +225,21 @@ def test_fallback_is_charged_at_the_fallback_models_price(stack: Stack,
     assert_charged(stack, email, usage, cost)
     rows = admin_get(stack, "/v1/usage", group_by="user,model")
     assert [r["model"] for r in rows if r["user"] == email] == [OPENAI_MODEL]
+
+
+def test_same_provider_fallback_stream_is_metered_in_its_own_api(stack: Stack,
+                                                                 issuer: DevIssuer) -> None:
+    email = user("an-fallback")
+    stack.clear_seen()
+    with anthropic_client(stack, issuer.mint(email)).messages.stream(
+            model="claude-opus-4-7", max_tokens=10, messages=MESSAGES) as stream:
+        final = stream.get_final_message()
+    # Still the Messages API, now answered by the fallback model.
+    assert final.model == ANTHROPIC_MODEL
+    assert stack.seen()[-1]["path"] == "/v1/messages"
+    body = {"model": ANTHROPIC_MODEL, "max_tokens": 10, "messages": MESSAGES, "stream": True}
+    usage, cost = expected("anthropic_messages", body, ANTHROPIC_MODEL, "anthropic")
+    assert_charged(stack, email, usage, cost)
 
 
 # --- Anthropic ------------------------------------------------------------------------------

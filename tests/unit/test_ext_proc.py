@@ -11,6 +11,8 @@ from typing import Any, cast
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
+from sidecar.config.models import SidecarConfig
+from sidecar.config.ruleset import RuleSetHolder, build_ruleset
 from sidecar.engine import Engine
 from sidecar.envoy.ext_proc import ExternalProcessorServicer
 from sidecar.envoy.request_body import mutate
@@ -68,6 +70,10 @@ class FakeEngine:
     def __init__(self) -> None:
         self.commits: list[tuple[str, str, str, TokenUsage]] = []
         self.estimates: list[tuple[str, str, str, Mapping[str, Any]]] = []
+        rules = build_ruleset(SidecarConfig.model_validate({"providers": [
+            {"id": "openai", "path_prefix": "/openai/"},
+            {"id": "anthropic", "path_prefix": "/anthropic/"}]}))
+        self.holder = RuleSetHolder(rules)
 
     async def commit(self, request_id: str, model: str, provider_id: str,
                      usage: TokenUsage) -> tuple[CommitResult, int]:
@@ -112,14 +118,22 @@ async def _iterate(messages: Iterable[Any]) -> AsyncIterator[Any]:
         yield message
 
 
+class Writes:
+    """Stands in for the gRPC stream context: collects what the servicer writes."""
+
+    def __init__(self) -> None:
+        self.responses: list[Any] = []
+
+    async def write(self, response: Any) -> None:
+        self.responses.append(response)
+
+
 def run(messages: list[Any]) -> tuple[FakeEngine, list[Any]]:
     engine = FakeEngine()
     servicer = ExternalProcessorServicer(cast(Engine, engine))
-
-    async def drive() -> list[Any]:
-        return [r async for r in servicer.Process(_iterate(messages), cast(Any, None))]
-
-    return engine, asyncio.run(drive())
+    context = Writes()
+    asyncio.run(servicer.Process(_iterate(messages), cast(Any, context)))
+    return engine, context.responses
 
 
 CHAT_JSON = {"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 5}}
@@ -191,3 +205,32 @@ def test_stream_request_body_is_rewritten_with_a_new_length() -> None:
     (length,) = common.header_mutation.set_headers
     assert length.header.key == "content-length"
     assert length.header.raw_value == str(len(new_body)).encode()
+
+
+ANTHROPIC_STREAM = (
+    b'event: message_start\ndata: {"type": "message_start", "message": {"usage": '
+    b'{"input_tokens": 30, "output_tokens": 1}}}\n\n'
+    b'event: message_delta\ndata: {"type": "message_delta", "usage": {"output_tokens": 9}}\n\n'
+)
+CHAT_STREAM = (b'data: {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 3}}\n\n'
+               b"data: [DONE]\n\n")
+
+
+def test_same_provider_fallback_is_metered_as_the_original_api() -> None:
+    engine, _ = run([request_headers("/anthropic/v1/messages", "claude-haiku-4-5",
+                                     **{"x-sidecar-route": "fallback",
+                                        "x-sidecar-provider": "anthropic"}),
+                     request_body(BODY), response_headers(content_type="text/event-stream"),
+                     response_body(ANTHROPIC_STREAM)])
+    assert engine.commits[0][1:] == ("claude-haiku-4-5", "anthropic", TokenUsage(30, 9))
+
+
+def test_cross_provider_fallback_is_metered_as_chat_completions() -> None:
+    engine, responses = run([
+        request_headers("/anthropic/v1/messages", "gpt-4o-mini",
+                        **{"x-sidecar-route": "fallback", "x-sidecar-provider": "openai"}),
+        request_body({**BODY, "model": "claude-opus-4-7", "stream": True}),
+        response_headers(content_type="text/event-stream"), response_body(CHAT_STREAM)])
+    assert engine.commits[0][1:] == ("gpt-4o-mini", "openai", TokenUsage(7, 3))
+    sent = json.loads(responses[1].request_body.response.body_mutation.body)
+    assert sent["model"] == "gpt-4o-mini" and sent["stream_options"] == {"include_usage": True}

@@ -40,7 +40,7 @@ def label(ts: int, window: Window) -> str:
 
 
 def nice_ceiling(micros: int) -> int:
-    """A round axis maximum (1, 2 or 5 × 10^n µUSD) at or above `micros`."""
+    """A round axis maximum (1, 2 or 5 times a power of ten, in µUSD) at or above `micros`."""
     if micros <= 0:
         return 10_000  # a one-cent axis for an empty chart
     step = 1

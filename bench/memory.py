@@ -1,0 +1,130 @@
+"""Resident memory of one sidecar worker after many distinct users: the real server, fed
+ext_authz Checks over gRPC, each from a user with its own freshly minted RS256 JWT.
+
+    .venv/bin/python -m bench.memory                 # 100,000 users, about 3 minutes
+    .venv/bin/python -m bench.memory --users 20000   # quicker
+
+What grows with users: the verified-token cache (bounded, 50,000 entries), per-user
+budget buckets (in the store, not in the process) and nothing else by design. Tokens are
+minted by two helper processes (RSA signing is the slow part) and streamed to the client,
+so neither the tokens nor the client live in the measured process. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import yaml
+from cryptography.hazmat.primitives import serialization
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+
+from bench.machine import rss_mb
+from bench.policy import BODY, GROUPS, PATH, bench_config
+from sidecar.demo.keys import DevIssuer
+from sidecar.demo.procs import LOOPBACK, free_port
+from sidecar.demo.stack import sidecar_process, wait_ready
+
+_CHUNK = 250
+_CONCURRENCY = 16
+_issuer: DevIssuer | None = None
+
+
+def _init_minter(pem: bytes, kid: str, iss: str, aud: str) -> None:
+    global _issuer
+    key = serialization.load_pem_private_key(pem, password=None)
+    _issuer = DevIssuer(iss, aud, key, kid)  # type: ignore[arg-type]
+
+
+def _mint(first: int) -> list[str]:
+    assert _issuer is not None
+    return [_issuer.mint(f"user{n:06d}@example.com", GROUPS, ttl=6 * 3600)
+            for n in range(first, first + _CHUNK)]
+
+
+def _request(token: str, n: int) -> external_auth_pb2.CheckRequest:
+    request = external_auth_pb2.CheckRequest()
+    http = request.attributes.request.http
+    http.method, http.path, http.raw_body = "POST", PATH, BODY
+    http.headers["cf-access-jwt-assertion"] = token
+    http.headers["x-request-id"] = f"mem-{n}"
+    return request
+
+
+async def _drive(port: int, tokens: Iterator[list[str]], pid: int, users: int,
+                 every: int) -> list[tuple[int, float]]:
+    samples: list[tuple[int, float]] = []
+    sent = 0
+    async with grpc.aio.insecure_channel(f"{LOOPBACK}:{port}") as channel:
+        stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+        for chunk in tokens:
+            for start in range(0, len(chunk), _CONCURRENCY):
+                batch = chunk[start:start + _CONCURRENCY]
+                replies = await asyncio.gather(*(
+                    stub.Check(_request(t, sent + i), timeout=30) for i, t in enumerate(batch)))
+                for reply in replies:
+                    if reply.status.code != 0:
+                        raise RuntimeError(f"check refused: {reply}")
+                sent += len(batch)
+                if sent % every == 0 or sent == users:
+                    samples.append((sent, rss_mb(pid)))
+            if sent >= users:
+                break
+    return samples
+
+
+def measure(users: int) -> dict[str, Any]:
+    issuer = DevIssuer.generate()
+    pem = issuer.key.private_bytes(serialization.Encoding.PEM,
+                                   serialization.PrivateFormat.PKCS8,
+                                   serialization.NoEncryption())
+    with tempfile.TemporaryDirectory(prefix="sidecar-memory-") as tmp:
+        workdir = Path(tmp)
+        jwks = issuer.write_jwks(workdir / "jwks.json")
+        config_path = workdir / "sidecar.yaml"
+        config_path.write_text(yaml.safe_dump(
+            bench_config(issuer, str(jwks), f"sqlite:///{workdir}/sidecar.db")))
+        grpc_port, http_port = free_port(), free_port()
+        # Decision lines are part of the work but not of the memory: keep them off the disk.
+        with sidecar_process(workdir, "sidecar", config_path, grpc_port, http_port,
+                             env={"SIDECAR_LOG_LEVEL": "warning"}).start() as proc:
+            wait_ready(f"http://{LOOPBACK}:{http_port}", proc, timeout=60)
+            warm = [issuer.mint("warmup@example.com", GROUPS)] * 200
+            asyncio.run(_drive(grpc_port, iter([warm]), proc.pid, 200, 200))
+            before = rss_mb(proc.pid)
+            started = time.monotonic()
+            context = multiprocessing.get_context("spawn")
+            with context.Pool(2, _init_minter,
+                              (pem, issuer.kid, issuer.issuer, issuer.audience)) as pool:
+                chunks = pool.imap(_mint, range(0, users, _CHUNK))
+                samples = asyncio.run(_drive(grpc_port, chunks, proc.pid, users,
+                                             every=max(_CHUNK, users // 10 // _CHUNK * _CHUNK)))
+            seconds = time.monotonic() - started
+            after = rss_mb(proc.pid)
+    return {"users": users, "rss_before_mb": round(before, 1), "rss_after_mb": round(after, 1),
+            "samples": [{"users": u, "rss_mb": round(r, 1)} for u, r in samples],
+            "seconds": round(seconds, 1), "pid_note": "RSS of the one sidecar process (VmRSS)"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--users", type=int, default=100_000)
+    args = parser.parse_args(argv)
+    json.dump(measure(args.users), sys.stdout)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

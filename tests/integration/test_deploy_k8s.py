@@ -1,0 +1,121 @@
+"""deploy/k8s: the manifests parse and agree with each other, the sidecar config in the
+ConfigMap passes `sidecar check-config`, and its Envoy config passes `envoy --mode validate`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from sidecar.demo.procs import envoy_binary, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+K8S = REPO / "deploy" / "k8s"
+
+
+def documents() -> list[dict[str, Any]]:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    docs: list[dict[str, Any]] = []
+    for name in kustomization["resources"]:
+        docs += [d for d in yaml.safe_load_all((K8S / name).read_text()) if d]
+    return docs
+
+
+def one(kind: str, name: str) -> dict[str, Any]:
+    (found,) = [d for d in documents() if d["kind"] == kind and d["metadata"]["name"] == name]
+    return found
+
+
+def test_configmap_is_rendered_from_its_sources() -> None:
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "render_k8s_configmap.py"),
+                             "--check"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def test_sidecar_config_passes_check_config(tmp_path: Path) -> None:
+    data = one("ConfigMap", "llm-sidecar-config")["data"]
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(data["sidecar.yaml"])
+    result = subprocess.run([sys.executable, "-m", "sidecar.cli", "check-config", str(path),
+                             "--json"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    config = yaml.safe_load(data["sidecar.yaml"])
+    redis = one("Service", "llm-sidecar-redis")
+    assert config["store"]["url"] == (
+        f"redis://{redis['metadata']['name']}:{redis['spec']['ports'][0]['port']}/0")
+
+
+def test_envoy_config_passes_validate(tmp_path: Path) -> None:
+    data = one("ConfigMap", "llm-sidecar-config")["data"]
+    path = tmp_path / "envoy.yaml"
+    path.write_text(data["envoy.yaml"])
+    result = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(path),
+                             "--base-id", str(free_port())],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    envoy = yaml.safe_load(data["envoy.yaml"])
+    deployed = yaml.safe_load((REPO / "deploy" / "envoy" / "envoy.yaml").read_text())
+    listener = envoy["static_resources"]["listeners"][0]["address"]["socket_address"]
+    assert listener["address"] == "0.0.0.0"
+    # Apart from binding the pod's address, it is the deployed Envoy config.
+    listener["address"] = "127.0.0.1"
+    assert envoy == deployed
+
+
+def _container(name: str) -> dict[str, Any]:
+    pod = one("Deployment", "llm-gateway")["spec"]["template"]["spec"]
+    (found,) = [c for c in pod["containers"] if c["name"] == name]
+    return dict(found)
+
+
+def _mounted_path(container: dict[str, Any], key: str) -> str:
+    pod = one("Deployment", "llm-gateway")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for mount in container["volumeMounts"]:
+        source = volumes[mount["name"]].get("configMap")
+        if source is None:
+            continue
+        assert source["name"] == "llm-sidecar-config"
+        assert "subPath" not in mount  # a subPath mount never sees ConfigMap updates
+        for item in source.get("items", []):
+            if item["key"] == key:
+                return f"{mount['mountPath']}/{item['path']}"
+    raise AssertionError(f"{key} is not mounted in {container['name']}")
+
+
+def test_deployment_wires_sidecar_envoy_and_service() -> None:
+    config = yaml.safe_load(one("ConfigMap", "llm-sidecar-config")["data"]["sidecar.yaml"])
+    envoy_config = yaml.safe_load(one("ConfigMap", "llm-sidecar-config")["data"]["envoy.yaml"])
+    sidecar, envoy = _container("sidecar"), _container("envoy")
+    args = sidecar["args"]
+    assert args[:2] == ["sidecar", "serve"]
+    assert args[args.index("--config") + 1] == _mounted_path(sidecar, "sidecar.yaml")
+    assert envoy["args"][envoy["args"].index("-c") + 1] == _mounted_path(envoy, "envoy.yaml")
+    # Envoy reaches the sidecar's gRPC port on the pod's loopback.
+    clusters = {c["name"]: c for c in envoy_config["static_resources"]["clusters"]}
+    address = clusters["sidecar_grpc"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0][
+        "endpoint"]["address"]["socket_address"]
+    assert config["listen"]["grpc"] == f"{address['address']}:{address['port_value']}"
+    # The HTTP API listens on every pod address, on the port the probes and Service use.
+    http_port = int(config["listen"]["http"].rsplit(":", 1)[1])
+    assert config["listen"]["http"].startswith("0.0.0.0:")
+    ports = {p["name"]: p["containerPort"] for c in (sidecar, envoy) for p in c["ports"]}
+    assert ports["admin-http"] == http_port
+    listener = envoy_config["static_resources"]["listeners"][0]["address"]["socket_address"]
+    assert ports["llm"] == listener["port_value"]
+    assert sidecar["env"][0]["name"] == config["admin"]["token_env"]
+    service = one("Service", "llm-gateway")
+    labels = one("Deployment", "llm-gateway")["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert {p["targetPort"] for p in service["spec"]["ports"]} <= set(ports)
+
+
+@pytest.mark.parametrize("name", ["deployment.yaml", "service.yaml", "redis.yaml",
+                                  "configmap.yaml"])
+def test_every_manifest_has_kind_and_name(name: str) -> None:
+    for doc in yaml.safe_load_all((K8S / name).read_text()):
+        assert doc["apiVersion"] and doc["kind"] and doc["metadata"]["name"]
