@@ -58,7 +58,12 @@ def create_app(services: Services) -> Starlette:
     ]
     app = Starlette(
         routes=route_list,
-        exception_handlers={ApiError: api_error, HTTPException: http_error},
+        # Status-code keys catch the router's own 404 and 405 too, so every answer, even to
+        # a path that matches nothing, is the JSON envelope.
+        exception_handlers={ApiError: api_error, HTTPException: http_error, 404: http_error,
+                            405: http_error},
     )
+    # An API answers the path it was given; a redirect to a slash variant is never right.
+    app.router.redirect_slashes = False
     app.state.services = services
     return app

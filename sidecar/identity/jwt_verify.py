@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -85,7 +87,8 @@ def identity_from_claims(
         kind=kind,
         subject=sub or common_name,
         email=email,
-        groups=tuple(groups),
+        # Interned: the same few group names recur in every cached identity.
+        groups=tuple(sys.intern(g) for g in groups),
         token_name=common_name,
         issuer=policy.issuer,
         expires_at=float(exp) if isinstance(exp, int | float) else None,
@@ -138,8 +141,9 @@ class JwtVerifier:
         self._issuers = {p.issuer: p for p in issuers}
         self._directory = directory
         self._clock = clock
-        # Keyed by the whole token: a token that differs by one byte never hits.
-        self._cache: OrderedDict[str, Identity] = OrderedDict()
+        # Keyed by a SHA-256 of the whole token: a token that differs by one byte never hits,
+        # and 32 bytes per entry instead of the token (about 800) keep a full cache small.
+        self._cache: OrderedDict[bytes, Identity] = OrderedDict()
         self._cache_size = cache_size
 
     @property
@@ -148,14 +152,17 @@ class JwtVerifier:
 
     async def verify(self, token: str) -> Identity:
         now = self._clock()
-        cached = self._cache.get(token)
+        if len(token) > MAX_TOKEN_BYTES:
+            return await self._verify_uncached(token, now)  # refused before any hashing
+        key = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        cached = self._cache.get(key)
         if cached is not None:
             if cached.expires_at is not None and cached.expires_at > now:
-                self._cache.move_to_end(token)
+                self._cache.move_to_end(key)
                 return cached
-            del self._cache[token]
+            del self._cache[key]
         identity = await self._verify_uncached(token, now)
-        self._cache[token] = identity
+        self._cache[key] = identity
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         return identity
