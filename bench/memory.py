@@ -34,6 +34,7 @@ from sidecar.demo.keys import DevIssuer
 from sidecar.demo.procs import LOOPBACK, free_port
 from sidecar.demo.stack import sidecar_process, wait_ready
 
+RESULTS = Path(__file__).resolve().parent / "results"
 _CHUNK = 250
 _CONCURRENCY = 16
 _issuer: DevIssuer | None = None
@@ -119,9 +120,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--users", type=int, default=100_000)
+    parser.add_argument("--out", type=Path, default=RESULTS / "memory.json",
+                        help="where to keep the result (bench.run's table shows it)")
     args = parser.parse_args(argv)
-    json.dump(measure(args.users), sys.stdout)
-    print()
+    result = measure(args.users)
+    result["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    text = json.dumps(result, indent=2)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text + "\n", encoding="utf-8")
+    print(text)
     return 0
 
 

@@ -137,7 +137,9 @@ def render_markdown(result: Mapping[str, Any]) -> str:
     ]
     memory = result.get("memory")
     if memory:
-        lines.append(f"| RSS of one worker after {memory['users']:,} distinct users <= 150 MB | "
+        lines.append(f"| RSS of one worker after {memory['users']:,} distinct users <= 150 MB "
+                     f"(bench.memory, {memory.get('measured_at', '?')}; "
+                     f"{memory['rss_before_mb']:.0f} MB before) | "
                      f"{memory['rss_after_mb']:.0f} MB | "
                      f"{'met' if memory['rss_after_mb'] <= 150 else 'MISSED'} |")
     lines.append("")

@@ -8,7 +8,8 @@ sidecars, then for each round measures every row's throughput (wrk, closed loop,
 concurrency) and latency (open loop at a fixed rate), in forward order on even rounds and
 reverse order on odd ones, so slow drift of a shared machine lands on every row alike.
 Each number is also given as a ratio to the floor measured in the same round. Results go
-to bench/results/latest.json and latest.md; `--memory` adds the 100k-user RSS measurement.
+to bench/results/latest.json and latest.md, with the last 100k-user RSS measurement
+(`python -m bench.memory`, or `--memory` here to run it again).
 """
 
 from __future__ import annotations
@@ -95,10 +96,16 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     return {"specs": specs, "trials": trials, "rss_mb": rss}
 
 
-def memory_check(users: int) -> dict[str, Any]:
-    done = subprocess.run([sys.executable, "-m", "bench.memory", "--users", str(users)],
-                          capture_output=True, text=True, check=True, timeout=900)
-    result: dict[str, Any] = json.loads(done.stdout)
+def memory_check(users: int | None, out: Path) -> dict[str, Any] | None:
+    """Run bench.memory when `users` is given; in any case the last result kept in `out`."""
+    path = out / "memory.json"
+    if users is not None:
+        subprocess.run([sys.executable, "-m", "bench.memory", "--users", str(users),
+                        "--out", str(path)], capture_output=True, text=True, check=True,
+                       timeout=1200)
+    if not path.exists():
+        return None
+    result: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     return result
 
 
@@ -115,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=lambda s: s.split(","), default=None,
                         help="comma-separated subset of: " + ",".join(s.key for s in ROWS))
     parser.add_argument("--memory", action="store_true",
-                        help="also measure RSS after --users distinct users (about 90 s)")
+                        help="also measure RSS after --users distinct users (bench.memory, "
+                             "3-4 minutes); otherwise the table shows its last result")
     parser.add_argument("--users", type=int, default=100_000)
     parser.add_argument("--quick", action="store_true", help="1 round of 3 s: a smoke test")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -126,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="sidecar-bench-") as tmp:
         measured = measure(args, Path(tmp))
-    memory = memory_check(args.users) if args.memory else None
+    memory = memory_check(args.users if args.memory else None, args.out)
     summary = summarize(measured["specs"], measured["trials"], measured["rss_mb"])
     result = {
         "command": "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 import socket
 from collections.abc import Iterator
@@ -66,6 +67,11 @@ async def serve(config_path: Path, grpc_addr: str | None, http_addr: str | None,
         access_log=False, lifespan="off",
     ))
     services.start_background()
+    # Everything built so far (modules, genai-prices' data, compiled rules: ~80,000 objects)
+    # lives as long as the process. A full collection walked all of it, a ~40 ms stall of
+    # every request in flight, measured; frozen objects are never scanned again.
+    gc.collect()
+    gc.freeze()
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -20,8 +20,13 @@ import structlog
 
 from sidecar.model import TokenUsage
 from sidecar.store.base import Store, StoreUnavailable
-from sidecar.store.budget_types import BucketView, LedgerDims, ReserveRequest
-from sidecar.store.sqlite_store import dims_from_json, dims_to_json
+from sidecar.store.budget_types import (
+    BucketView,
+    LedgerDims,
+    ReserveRequest,
+    dims_from_json,
+    dims_to_json,
+)
 
 log = structlog.get_logger("sidecar.spool")
 

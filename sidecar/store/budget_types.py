@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -33,6 +34,17 @@ class LedgerDims:
     kind: str = ""
     model: str = ""
     provider: str = ""
+
+
+def dims_to_json(dims: LedgerDims) -> str:
+    """The one encoding of ledger dimensions every store and the spool keep."""
+    return json.dumps([dims.user, list(dims.groups), dims.token, dims.kind, dims.model,
+                       dims.provider])
+
+
+def dims_from_json(text: str) -> LedgerDims:
+    user, groups, token, kind, model, provider = json.loads(text)
+    return LedgerDims(user, tuple(groups), token, kind, model, provider)
 
 
 @dataclass(frozen=True, slots=True)

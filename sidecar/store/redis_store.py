@@ -38,10 +38,11 @@ from sidecar.store.budget_types import (
     BucketState,
     BucketView,
     CommitResult,
-    LedgerDims,
     LedgerRow,
     ReserveRequest,
     ReserveResult,
+    dims_from_json,
+    dims_to_json,
 )
 from sidecar.store.redis_keys import DEFAULT_PREFIX, KeyKind, check_prefix, redis_key
 
@@ -70,17 +71,6 @@ def _budget_script(name: str) -> str:
     # Redis scripts cannot call each other; the shared helpers are prepended instead. The
     # first line names the script, for whoever finds it in SCRIPT or SLOWLOG output.
     return f"-- {name}, after budget_lib.lua\n{_lua('budget_lib.lua')}\n{_lua(name)}"
-
-
-def _dims_json(dims: LedgerDims) -> str:
-    # The same JSON array the SQLite store keeps; here it is part of the ledger field name.
-    return json.dumps([dims.user, list(dims.groups), dims.token, dims.kind, dims.model,
-                       dims.provider])
-
-
-def _dims_from_json(text: str) -> LedgerDims:
-    user, groups, token, kind, model, provider = json.loads(text)
-    return LedgerDims(user, tuple(groups), token, kind, model, provider)
 
 
 def _canonical(doc: Doc) -> str:
@@ -226,7 +216,7 @@ class RedisStore:
         args: list[str | int] = [
             repr(float(request.now)), _SETTLE_ON_RESERVE, str(request.amount), request.mode,
             repr(float(request.expires_at)), hour, self._key("ledger", hour),
-            _dims_json(request.dims), json.dumps(record), _LEDGER_RETENTION_SECONDS,
+            dims_to_json(request.dims), json.dumps(record), _LEDGER_RETENTION_SECONDS,
             _DONE_RETENTION_SECONDS,
         ]
         for b in request.buckets:
@@ -302,7 +292,7 @@ class RedisStore:
                 measure, dims = field.split("|", 1)
                 totals.setdefault(dims, {})[measure] = int(value)
             rows += [
-                LedgerRow(hour, _dims_from_json(dims), t.get("c", 0), t.get("n", 0),
+                LedgerRow(hour, dims_from_json(dims), t.get("c", 0), t.get("n", 0),
                           t.get("i", 0), t.get("o", 0))
                 for dims, t in sorted(totals.items())
             ]

@@ -26,6 +26,7 @@ from sidecar.store.budget_types import (
     LedgerRow,
     ReserveRequest,
     ReserveResult,
+    dims_to_json,
 )
 from sidecar.store.sqlite_worker import SQLiteWorker
 
@@ -68,16 +69,6 @@ def _path_from_url(url: str) -> str:
     if not path:
         raise ValueError("sqlite URL needs a path: sqlite:///./sidecar.db")
     return path
-
-
-def dims_to_json(dims: LedgerDims) -> str:
-    return json.dumps([dims.user, list(dims.groups), dims.token, dims.kind, dims.model,
-                       dims.provider])
-
-
-def dims_from_json(text: str) -> LedgerDims:
-    user, groups, token, kind, model, provider = json.loads(text)
-    return LedgerDims(user, tuple(groups), token, kind, model, provider)
 
 
 class SQLiteStore:
