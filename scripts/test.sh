@@ -2,7 +2,7 @@
 # The test command: set up what is missing, then lint, type-check and run every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh --for-tests
 .venv/bin/ruff check sidecar tests bench
 .venv/bin/mypy sidecar
 exec .venv/bin/pytest -q "$@"
