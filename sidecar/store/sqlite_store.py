@@ -36,8 +36,9 @@ T = TypeVar("T")
 # are recognised instead of charged twice.
 _DONE_RETENTION_SECONDS = 7 * 24 * 3600
 
-# Well under SQLite's limit of bound parameters per statement (3 per bucket).
-_BUCKETS_PER_STATEMENT = 256
+# Rows per multi-row statement: at most 4 parameters a row stays under 999, the smallest
+# limit of bound parameters per statement any SQLite version has had.
+_BUCKETS_PER_STATEMENT = 200
 _ADD_RESERVED = ("INSERT INTO reserved VALUES (?, ?) ON CONFLICT(bucket) DO UPDATE SET "
                  "amount = amount + excluded.amount")
 
@@ -55,6 +56,11 @@ CREATE TABLE IF NOT EXISTS reservations (
   held INTEGER NOT NULL, expires_at REAL NOT NULL, created_at REAL NOT NULL,
   buckets TEXT NOT NULL, dims TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS reservations_open ON reservations (state, expires_at);
+-- Housekeeping deletes done reservations and dead slots by age every second, holding the
+-- write lock: a full scan of a million rows took 110 ms, during which no decision could be
+-- made; with these indexes it is a range delete.
+CREATE INDEX IF NOT EXISTS reservations_created ON reservations (created_at);
+CREATE INDEX IF NOT EXISTS slots_expiry ON slots (expires_at);
 CREATE TABLE IF NOT EXISTS ledger (
   hour INTEGER NOT NULL, user TEXT NOT NULL, groups TEXT NOT NULL, token TEXT NOT NULL,
   kind TEXT NOT NULL, model TEXT NOT NULL, provider TEXT NOT NULL,
@@ -234,8 +240,40 @@ class SQLiteStore:
         )
 
     @staticmethod
+    def _add_slots_many(conn: sqlite3.Connection,
+                        rows: Sequence[tuple[str, int, int, int]]) -> None:
+        """`_add_slot` for many (key, slot, amount, expires) rows in one statement each
+        chunk: a commit touches every bucket of its request."""
+        for start in range(0, len(rows), _BUCKETS_PER_STATEMENT):
+            chunk = rows[start:start + _BUCKETS_PER_STATEMENT]
+            params: list[object] = []
+            for row in chunk:
+                params += row
+            conn.execute(
+                "INSERT INTO slots VALUES " + ",".join(("(?,?,?,?)",) * len(chunk))
+                + " ON CONFLICT(bucket, slot) DO UPDATE SET "
+                "amount = amount + excluded.amount, "
+                "expires_at = MAX(expires_at, excluded.expires_at)",
+                params,
+            )
+
+    @staticmethod
     def _add_reserved(conn: sqlite3.Connection, key: str, amount: int) -> None:
         conn.execute(_ADD_RESERVED, (key, amount))
+
+    @staticmethod
+    def _add_reserved_many(conn: sqlite3.Connection, keys: Sequence[str], amount: int) -> None:
+        # One multi-row statement, not executemany: a third of the time for a dozen rows.
+        for start in range(0, len(keys), _BUCKETS_PER_STATEMENT):
+            chunk = keys[start:start + _BUCKETS_PER_STATEMENT]
+            params: list[object] = []
+            for key in chunk:
+                params += (key, amount)
+            conn.execute(
+                "INSERT INTO reserved VALUES " + ",".join(("(?,?)",) * len(chunk))
+                + " ON CONFLICT(bucket) DO UPDATE SET amount = amount + excluded.amount",
+                params,
+            )
 
     @staticmethod
     def _add_ledger(
@@ -304,7 +342,7 @@ class SQLiteStore:
                  json.dumps(buckets), dims_to_json(request.dims)),
             )
             if held:
-                conn.executemany(_ADD_RESERVED, [(b.key, held) for b in request.buckets])
+                self._add_reserved_many(conn, [b.key for b in request.buckets], held)
             after = tuple(BucketState(s.spent, s.reserved + held) for s in states)
             return ReserveResult(True, (), after)
 
@@ -325,10 +363,11 @@ class SQLiteStore:
                 return CommitResult("duplicate", estimate)
             # An expired reservation already paid its estimate: charge only the difference.
             delta = actual_micros if state == "open" else actual_micros - estimate
-            for key, slot, expires in json.loads(buckets_json):
-                if state == "open" and held:
-                    self._add_reserved(conn, key, -held)
-                self._add_slot(conn, key, slot, delta, expires)
+            buckets = json.loads(buckets_json)
+            if state == "open" and held:
+                self._add_reserved_many(conn, [key for key, _, _ in buckets], -held)
+            self._add_slots_many(conn, [(key, slot, delta, expires)
+                                        for key, slot, expires in buckets])
             conn.execute("DELETE FROM reserved WHERE amount = 0")
             self._add_ledger(conn, int(created) // 3600 * 3600, dims_json, delta,
                              1 if state == "open" else 0, usage)

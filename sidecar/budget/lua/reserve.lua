@@ -24,7 +24,9 @@
 -- ARGV[9]      buckets record JSON: [[bucket hash key, slot, slot expiry, ttl], ...]
 -- ARGV[10]     ledger hash TTL (seconds)
 -- ARGV[11]     retention of done reservations (seconds)
--- ARGV[12..]   four per bucket: since, limit, enforce (1|0), seconds the hash must live
+-- ARGV[12]     per bucket, as JSON: [[since, limit, enforce 1|0, seconds the hash must
+--              live], ...] (one argument, not four per bucket: encoding a command's
+--              arguments is most of what a reservation costs the client)
 -- Returns      {admitted 1|0, duplicate 1|0, {failed 0-based indices}, {spent}, {reserved}}
 --              spent/reserved are after the hold when admitted, as seen otherwise.
 --
@@ -36,9 +38,10 @@ settle(ctx, ARGV[1], tonumber(ARGV[2]))
 
 local rkey = KEYS[4]
 local n = #KEYS - 4
+local per = cjson.decode(ARGV[12])
 local spent, reserved = {}, {}
 for i = 1, n do
-  spent[i], reserved[i] = bucket_state(KEYS[4 + i], tonumber(ARGV[8 + 4 * i]))
+  spent[i], reserved[i] = bucket_state(KEYS[4 + i], per[i][1])
 end
 
 if redis.call('EXISTS', rkey) == 1 then
@@ -49,7 +52,7 @@ local amount = tonumber(ARGV[3])
 local optimistic = ARGV[4] == 'optimistic'
 local failed = {}
 for i = 1, n do
-  local limit, enforce = tonumber(ARGV[9 + 4 * i]), ARGV[10 + 4 * i] == '1'
+  local limit, enforce = per[i][2], per[i][3] == 1
   if enforce then
     local full
     if optimistic then
@@ -80,7 +83,7 @@ if held ~= 0 then
     local key = KEYS[4 + i]
     add_reserved(key, held)
     -- The hold must outlive the reservation, or its release would find nothing.
-    keep(key, tonumber(ARGV[11 + 4 * i]))
+    keep(key, per[i][4])
   end
 end
 
