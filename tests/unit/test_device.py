@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import jwt
 import pytest
 
-from sidecar.demo.procs import start_redis
 from sidecar.identity.device import (
     EXPIRES_IN,
     GUESS_LIMIT,
@@ -34,7 +31,6 @@ from sidecar.identity.jwt_verify import JwtVerifier
 from sidecar.identity.signing_keys import SigningKeys
 from sidecar.model import Identity
 from sidecar.store.base import Store
-from sidecar.store.factory import open_store
 
 ISSUER = "https://gateway.example.com"
 ALICE = Identity(kind="user", subject="u-alice", email="alice@example.com",
@@ -53,26 +49,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    proc, port = start_redis(tmp_path_factory.mktemp("redis"))
-    with proc:
-        yield f"redis://127.0.0.1:{port}/0"
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path,
-                redis_url: str) -> AsyncIterator[Store]:
-    st = await open_store(f"sqlite:///{tmp_path}/store.db" if request.param == "sqlite"
-                          else redis_url)
-    if request.param == "redis":
-        await st.flush_for_tests()  # type: ignore[attr-defined]
-    try:
-        yield st
-    finally:
-        await st.close()
 
 
 @pytest.fixture

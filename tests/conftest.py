@@ -1,4 +1,4 @@
-"""Runs every contract test once per store backend, each backend really started."""
+"""Fixtures shared by every test package: a real redis-server, and a store per backend."""
 
 from __future__ import annotations
 
