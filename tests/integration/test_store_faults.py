@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from collections import Counter
@@ -134,8 +135,10 @@ def test_sidecar_sigkill_keeps_committed_charges(tmp_path: Path, issuer: DevIssu
             load.stop.set()
         seen_ok = load.statuses.count(200)
         # Every reservation the killed process made must be charged exactly once, including
-        # those whose response never reached the client: count them from its decision log.
-        admitted = sidecar.log_path.read_text().count('"decision": "allow"')
+        # those whose response never reached the client: count what reached the database
+        # (a log line written after the reservation can be cut off by the kill).
+        with sqlite3.connect(workdir / "s.db") as db:
+            admitted = db.execute("SELECT COUNT(*) FROM reservations").fetchone()[0]
         assert seen_ok <= admitted <= seen_ok + 5
         grpc_port = stack.grpc_port
         http_port = int(stack.admin_url.rsplit(":", 1)[1])
