@@ -23,7 +23,6 @@ shutdown; pass `services=` to share ones built elsewhere (their owner starts and
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,8 +31,8 @@ import structlog
 
 from sidecar.decisions import error_body
 from sidecar.envoy.request_body import mutate
-from sidecar.metering import load_json
-from sidecar.metering.parse import Api, UsageMeter, api_for_path
+from sidecar.metering.exchange import MeteredExchange, drain_charges
+from sidecar.metering.parse import api_for_path
 from sidecar.model import Decision, RequestAttrs
 from sidecar.services import Services, build_services
 
@@ -83,54 +82,6 @@ async def _respond(send: Send, status: int, headers: Mapping[str, str], body: by
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-class _Exchange:
-    """One admitted call: meters its response and charges it exactly once."""
-
-    def __init__(self, services: Services, request_id: str, decision: Decision,
-                 api: Api | None, body: bytes) -> None:
-        self.services = services
-        self.request_id = request_id
-        self.model = decision.model
-        self.provider = decision.provider
-        self.api = api
-        self.body = body
-        self.meter: UsageMeter | None = None
-        self.done = False
-
-    def start(self, headers: Mapping[str, str]) -> None:
-        if self.api is not None and self.model:
-            self.meter = UsageMeter.for_response(self.api, headers.get("content-type", ""),
-                                                 headers.get("content-encoding", ""))
-
-    def feed(self, chunk: bytes) -> None:
-        if self.meter is not None:
-            self.meter.feed(chunk)
-
-    async def finish(self, reason: str) -> None:
-        if self.done or not self.model:
-            return
-        self.done = True
-        usage = None
-        if self.meter is not None:
-            self.meter.finish()
-            usage = self.meter.usage
-        engine = self.services.engine
-        try:
-            if usage is not None:
-                await engine.commit(self.request_id, self.model, self.provider, usage)
-                return
-            # Nothing observed (an error, an unparsed API, a stream cut before its usage):
-            # never $0, so the estimate.
-            log.warning("no_usage_observed", request_id=self.request_id, model=self.model,
-                        reason=reason)
-            parsed = load_json(self.body) if self.body else None
-            await engine.commit_estimate(self.request_id, self.model, self.provider,
-                                         parsed if isinstance(parsed, dict) else {})
-        except Exception as exc:  # the response must flow even when the store is down
-            # The reservation stays and is charged its estimate when it expires.
-            log.error("commit_failed", request_id=self.request_id, error=str(exc))
-
-
 class SidecarMiddleware:
     def __init__(self, app: ASGIApp, *, config_path: str | Path | None = None,
                  services: Services | None = None, exempt_paths: Sequence[str] = (),
@@ -145,8 +96,6 @@ class SidecarMiddleware:
         # Path prefixes the app serves without a decision (its health checks, say).
         self._exempt = tuple(exempt_paths)
         self._max_body = max_body
-        # Commits finishing after their request was cancelled; held so they are not lost.
-        self._finishing: set[asyncio.Task[None]] = set()
 
     async def services(self) -> Services:
         if self._services is None:
@@ -159,8 +108,7 @@ class SidecarMiddleware:
         return self._services
 
     async def close(self) -> None:
-        if self._finishing:
-            await asyncio.gather(*self._finishing, return_exceptions=True)
+        await drain_charges()
         if self._owns and self._services is not None:
             services, self._services = self._services, None
             await services.close()
@@ -187,8 +135,6 @@ class SidecarMiddleware:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         services = await self.services()
         headers = _headers(scope)
-        # Always a fresh id: it keys the reservation, so a client must not choose it.
-        request_id = uuid.uuid4().hex
         try:
             body = await _read_body(receive, self._max_body)
         except ValueError as exc:
@@ -200,27 +146,32 @@ class SidecarMiddleware:
         path = scope["path"]
         query = scope.get("query_string", b"").decode("latin-1")
         attrs = RequestAttrs(method=scope["method"], path=f"{path}?{query}" if query else path,
-                             headers=headers, body=body or None, request_id=request_id)
+                             headers=headers, body=body or None,
+                             request_id=headers.get("x-request-id", "")[:128])
         decision = await services.engine.check(attrs)
         if not decision.allowed:
             await _respond(send, decision.http_status, decision.headers, decision.body)
             return
         api = api_for_path(path)
-        exchange = _Exchange(services, request_id, decision, api, body)
-        if decision.model:
+        strip = False
+        if decision.request_id:
             fallback = decision.reason == "fallback"
-            body = mutate(body, api, decision.model if fallback else None) or body
+            change = mutate(body, api, decision.model if fallback else None)
+            body, strip = change.body or body, change.strip_usage_event
+        exchange = MeteredExchange(services.engine, decision.request_id, api, body,
+                                   strip_usage_event=strip)
         await self._forward(scope, receive, send, decision, exchange, body)
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send, decision: Decision,
-                       exchange: _Exchange, body: bytes) -> None:
+                       exchange: MeteredExchange, body: bytes) -> None:
         drop = {*decision.remove_headers, *decision.headers, *_REPLACED}
         raw_headers = [(k, v) for k, v in scope.get("headers", [])
                        if k.decode("latin-1").lower() not in drop]
         raw_headers += [(k.encode("latin-1"), v.encode("latin-1"))
                         for k, v in decision.headers.items() if v]
-        raw_headers += [(b"content-length", str(len(body)).encode()),
-                        (b"x-request-id", exchange.request_id.encode())]
+        raw_headers.append((b"content-length", str(len(body)).encode()))
+        if exchange.request_id:
+            raw_headers.append((b"x-request-id", exchange.request_id.encode()))
         child = {**scope, "headers": raw_headers}
         replayed = False
 
@@ -232,32 +183,38 @@ class SidecarMiddleware:
             return await receive()
 
         extra = [(k.encode("latin-1"), v.encode("latin-1"))
-                 for k, v in {**decision.response_headers,
-                              "x-request-id": exchange.request_id}.items()]
+                 for k, v in decision.response_headers.items()]
+        if exchange.request_id:
+            extra.append((b"x-request-id", exchange.request_id.encode()))
+        metered = bool(exchange.request_id)
 
         async def metered_send(message: Message) -> None:
+            if not metered:
+                if message["type"] == "http.response.start":
+                    message = {**message, "headers": [*message.get("headers", []), *extra]}
+                await send(message)
+                return
             if message["type"] == "http.response.start":
-                exchange.start(_headers(message))
-                message = {**message, "headers": [*message.get("headers", []), *extra]}
+                headers = _headers(message)
+                exchange.start(str(message.get("status", "")), headers)
+                raw = [*message.get("headers", []), *extra]
+                if exchange.rewrites_body:
+                    # The injected usage event is taken out: the length changes.
+                    raw = [(k, v) for k, v in raw if k.lower() != b"content-length"]
+                message = {**message, "headers": raw}
             elif message["type"] == "http.response.body":
-                exchange.feed(message.get("body", b""))
+                out = exchange.feed(message.get("body", b""))
                 if not message.get("more_body", False):
-                    # Charged before the last chunk goes out, as ext_proc does: once the
-                    # client has the whole answer, its cost is on the books.
-                    await self._charge(exchange, "complete")
+                    out += exchange.end()
+                    # Charged before the last chunk goes out: once the client has the whole
+                    # answer, its cost is on the books.
+                    await exchange.finish("complete")
+                message = {**message, "body": out}
             await send(message)
 
         try:
             await self.app(child, replay, metered_send)
         finally:
-            if not exchange.done:
+            if metered and not exchange.charged:
                 # Cut short (client gone, app error): charge what was seen.
-                await self._charge(exchange, "incomplete")
-
-    async def _charge(self, exchange: _Exchange, reason: str) -> None:
-        # In a task of its own: a client that hangs up once it has read `data: [DONE]` gets
-        # the request cancelled, and the commit must not be cancelled with it.
-        task = asyncio.get_running_loop().create_task(exchange.finish(reason))
-        self._finishing.add(task)
-        task.add_done_callback(self._finishing.discard)
-        await asyncio.shield(task)
+                await exchange.finish("incomplete")

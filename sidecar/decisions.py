@@ -21,6 +21,9 @@ STATUS: Mapping[Reason, int] = {
     "store_unavailable": 503,
 }
 
+# The sidecar's reservation id on the upstream request, read back by its metering.
+RESERVATION_HEADER = "x-sidecar-request-id"
+
 IDENTITY_HEADERS = (
     "x-sidecar-email",
     "x-sidecar-groups",
@@ -97,8 +100,12 @@ def allow(
     fallback_from: str | None = None,
     rules: tuple[str, ...] = (),
     estimate: int | None = None,
+    request_id: str = "",
 ) -> Decision:
     headers = identity_headers(identity)
+    if request_id:
+        # Overwrites any client value: metering charges usage against this id only.
+        headers[RESERVATION_HEADER] = request_id
     if model:
         headers["x-sidecar-model"] = model
     if provider:
@@ -124,4 +131,5 @@ def allow(
         provider=provider,
         rules=rules,
         estimate=estimate,
+        request_id=request_id,
     )

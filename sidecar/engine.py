@@ -6,6 +6,7 @@ Request path: identity → request parsing → model allowlist → price → bud
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -20,6 +21,7 @@ from sidecar.config.ruleset import Provider, RuleSet, RuleSetHolder
 from sidecar.decisions import allow, deny, unauthenticated
 from sidecar.identity.authenticate import Authenticator
 from sidecar.identity.errors import AuthError
+from sidecar.metering.charge import Observed, charge_micros
 from sidecar.metrics import CHECK_SECONDS, DECISIONS, SPEND_MICROS, STORE_ERRORS, model_label
 from sidecar.model import Decision, Identity, RequestAttrs, TokenUsage
 from sidecar.money import micros_to_usd, micros_to_usd_str
@@ -33,7 +35,7 @@ from sidecar.policy.request import (
 from sidecar.policy.rules import Context, Rule
 from sidecar.policy.windows import RollingWindow
 from sidecar.pricing import (
-    cost_micros,
+    UnitPrice,
     estimate_input_tokens,
     estimate_micros,
     requested_output_tokens,
@@ -49,6 +51,10 @@ from sidecar.store.budget_types import (
 )
 
 log = structlog.get_logger("sidecar.decision")
+
+
+class AttributionMismatch(ValueError):
+    """A usage report named another model or provider than its reservation was made for."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +118,18 @@ def merge(planned: Sequence[Planned]) -> Plan:
             merged[p.view.key] = p.view
     views = tuple(merged.values())
     return Plan(tuple(planned), views, {v.key: i for i, v in enumerate(views)})
+
+
+def new_request_id() -> str:
+    # 128 random bits: unguessable, so knowing one is proof of having seen the request.
+    return uuid.uuid4().hex
+
+
+def binding(identity: Identity, model: str, provider: str, amount: int) -> str:
+    """What a reservation is for, as the store compares it on a repeated id."""
+    text = "\x1f".join((identity.kind, identity.issuer, identity.subject, identity.user,
+                        model, provider, str(amount)))
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def _rule_names(budget: Plan) -> tuple[str, ...]:
@@ -219,9 +237,7 @@ class Engine:
             return deny("model_not_allowed", "model_not_allowed",
                         f"model {model!r} is not allowed for your groups",
                         identity=identity, model=model)
-        request_id = attrs.request_id or uuid.uuid4().hex
-        return await self._admit(rs, attrs, identity, creds, model, provider, body, metadata,
-                                 request_id)
+        return await self._admit(rs, attrs, identity, creds, model, provider, body, metadata)
 
     def _estimate(self, rs: RuleSet, model: str, provider: Provider,
                   body: Mapping[str, Any]) -> int | None:
@@ -233,9 +249,11 @@ class Engine:
 
     async def _admit(self, rs: RuleSet, attrs: RequestAttrs, identity: Identity,
                      creds: tuple[str, ...], model: str, provider: Provider,
-                     body: Mapping[str, Any], metadata: Mapping[str, str],
-                     request_id: str) -> Decision:
+                     body: Mapping[str, Any], metadata: Mapping[str, str]) -> Decision:
         now = self.clock()
+        # The reservation key is always minted here, never taken from the request: an id a
+        # client could choose (x-request-id) could be replayed or collide with another's.
+        request_id = new_request_id()
         rules = self.rules(rs)
         first_fallback: tuple[Planned, BucketState, int] | None = None
         candidates: list[tuple[str, Provider]] = [(model, provider)]
@@ -259,13 +277,14 @@ class Engine:
                               identity.kind, cand_model, cand_provider.id)
             request = ReserveRequest(request_id, budget.views, estimate,
                                      "optimistic" if rs.admission_mode == "optimistic"
-                                     else "reserve", now, now + rs.reservation_ttl, dims)
+                                     else "reserve", now, now + rs.reservation_ttl, dims,
+                                     binding(identity, cand_model, cand_provider.id, estimate))
             if time.monotonic() < self._store_down_until:
                 return await self._store_down(
                     StoreUnavailable("store unavailable (recent failure)"), identity, attrs,
                     creds, cand_model, cand_provider, request)
             try:
-                result = await self.store.reserve(request)
+                request, result = await self._reserve(request)
             except StoreUnavailable as err:
                 self._store_down_until = time.monotonic() + 0.5
                 STORE_ERRORS.labels("reserve").inc()
@@ -277,7 +296,7 @@ class Engine:
                 return allow(identity, attrs.headers, creds, model=cand_model,
                              provider=cand_provider.id, remaining=self._remaining(budget, result),
                              fallback_from=fallback_from, rules=_rule_names(budget),
-                             estimate=estimate)
+                             estimate=estimate, request_id=request.request_id)
             failed = [(budget.culprit(i), result.states[i]) for i in result.failed]
             blocking = [f for f in failed if f[0].rule.action == "block"]
             if blocking:
@@ -288,6 +307,20 @@ class Engine:
         assert first_fallback is not None
         denied = await self._too_much(*first_fallback, now, identity, model)
         return replace(denied, rules=(first_fallback[0].rule.name,), estimate=first_fallback[2])
+
+    async def _reserve(self, request: ReserveRequest) -> tuple[ReserveRequest, ReserveResult]:
+        result = await self.store.reserve(request)
+        for _ in range(3):
+            if not result.conflict:
+                break
+            # The id is taken (a minted id never is, but a store is not ours to trust on
+            # that): decide afresh under a new one, never wave the request through.
+            log.warning("reservation_id_conflict", request_id=request.request_id)
+            request = replace(request, request_id=new_request_id())
+            result = await self.store.reserve(request)
+        if result.conflict:
+            raise StoreUnavailable("reservation ids keep colliding")
+        return request, result
 
     @staticmethod
     def _remaining(budget: Plan, result: ReserveResult) -> str | None:
@@ -330,7 +363,8 @@ class Engine:
             # Admitted unchecked, but never uncharged: the spool replays it when the store
             # is back (the estimate, or the actual cost once the response is metered).
             await self.spool.admitted(request)
-            return allow(identity, attrs.headers, creds, model=model, provider=provider.id)
+            return allow(identity, attrs.headers, creds, model=model, provider=provider.id,
+                         request_id=request.request_id)
         return deny("store_unavailable", "store_unavailable",
                     "the budget store is unavailable; try again shortly",
                     headers={"retry-after": "1"}, identity=identity, model=model)
@@ -356,18 +390,37 @@ class Engine:
             ms=round(seconds * 1000, 3),
         )
 
-    async def commit(self, request_id: str, model: str, provider_id: str,
-                     usage: TokenUsage) -> tuple[CommitResult, int]:
-        """Charge the actual cost of a completed request in place of its reservation."""
-        rs = self.holder.current
-        provider = rs.provider_by_id.get(provider_id)
-        pricing_id = provider.pricing_id if provider else provider_id
-        price = rs.prices.price(pricing_id, model)
+    async def charge(self, request_id: str, observed: Observed, *,
+                     expect: tuple[str, str] | None = None,
+                     hint: tuple[str, str] | None = None) -> tuple[CommitResult, int]:
+        """Charge a finished exchange in place of its reservation, once.
+
+        The model, provider and caller come from the reservation record made at admission,
+        never from whoever reports the usage: `expect` (model, provider) only makes a
+        reporter's disagreement an error. `hint` (model, provider) is used only to price
+        usage for the fail-open spool while the store is unreachable.
+        """
+        try:
+            record = await self.store.reservation(request_id)
+        except StoreUnavailable as err:
+            STORE_ERRORS.labels("commit").inc()
+            return await self._charge_store_down(request_id, observed, hint, err)
+        if record is None:
+            log.warning("completion_unknown", request_id=request_id)
+            return CommitResult("unknown"), 0
+        model, provider_id = record.dims.model, record.dims.provider
+        if expect is not None and expect != (model, provider_id):
+            raise AttributionMismatch(
+                f"request {request_id} was admitted for model {model!r} of provider "
+                f"{provider_id!r}, not {expect[0]!r} of {expect[1]!r}")
+        price = self._price(model, provider_id)
         if price is None:
             # Admitted under an older price list: charge nothing new, keep the estimate held
             # until expiry turns it into a charge (never $0).
+            log.warning("estimate_left_to_expiry", request_id=request_id, model=model)
             return CommitResult("unknown"), 0
-        cost = cost_micros(price, usage)
+        cost = charge_micros(price, record.estimate, observed)
+        usage = observed.usage or TokenUsage()
         try:
             result = await self.store.commit(request_id, cost, usage, self.clock())
         except StoreUnavailable as err:
@@ -377,33 +430,32 @@ class Engine:
             await self.spool.completed(request_id, cost, usage)
             log.warning("commit_spooled", request_id=request_id, error=str(err))
             return CommitResult("unknown"), cost
-        if result.status == "unknown" and self.spool is not None and \
-                await self.spool.has(request_id):
-            # Admitted while the store was away: the spool owns this charge.
-            await self.spool.completed(request_id, cost, usage)
         if result.status in ("committed", "late"):
             SPEND_MICROS.labels(provider_id, model_label(model)).inc(cost)
         log.info("completion", request_id=request_id, model=model, provider=provider_id,
                  cost_usd=micros_to_usd_str(cost), status=result.status,
-                 input_tokens=usage.total_input, output_tokens=usage.output_tokens)
+                 input_tokens=usage.total_input, output_tokens=usage.output_tokens,
+                 usage="complete" if observed.complete else (
+                     "partial" if observed.usage is not None else "none"),
+                 output_bytes_seen=observed.output_bytes)
         return result, cost
 
-    async def commit_estimate(self, request_id: str, model: str, provider_id: str,
-                              body: Mapping[str, Any]) -> tuple[CommitResult, int] | None:
-        """Charge a request its admission estimate now, for a response that ended without
-        reporting usage (a provider error, a stream cut short): the charge the reservation's
-        expiry would make, without holding it until then. None when the model has no price
-        any more (the reservation then expires into its original estimate)."""
+    def _price(self, model: str, provider_id: str) -> UnitPrice | None:
         rs = self.holder.current
         provider = rs.provider_by_id.get(provider_id)
-        estimate = self._estimate(rs, model, provider, body) if provider else None
-        if estimate is None:
-            return None
-        # A store failure propagates: the reservation (or the fail-open spool's record of the
-        # admission) still turns into this same estimate on its own.
-        result = await self.store.commit(request_id, estimate, TokenUsage(), self.clock())
-        if result.status == "committed":
-            SPEND_MICROS.labels(provider_id, model_label(model)).inc(estimate)
-        log.info("completion", request_id=request_id, model=model, provider=provider_id,
-                 cost_usd=micros_to_usd_str(estimate), status=result.status, estimated=True)
-        return result, estimate
+        return rs.prices.price(provider.pricing_id if provider else provider_id, model)
+
+    async def _charge_store_down(self, request_id: str, observed: Observed,
+                                 hint: tuple[str, str] | None,
+                                 err: StoreUnavailable) -> tuple[CommitResult, int]:
+        # Without the record there is no reserved amount to charge, so only reported usage
+        # can be spooled; anything else is charged its estimate when the reservation (or the
+        # spool's record of a fail-open admission) expires.
+        price = self._price(*hint) if hint is not None else None
+        if self.spool is None or observed.usage is None or price is None:
+            log.error("commit_failed", request_id=request_id, error=str(err))
+            return CommitResult("unknown"), 0
+        cost = charge_micros(price, 0, observed)
+        await self.spool.completed(request_id, cost, observed.usage)
+        log.warning("commit_spooled", request_id=request_id, error=str(err))
+        return CommitResult("unknown"), cost

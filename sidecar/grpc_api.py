@@ -1,7 +1,8 @@
 """`sidecar.v1.Sidecar`: the sidecar's own gRPC API (protos/sidecar/v1/sidecar.proto).
 
 For callers that cannot sit behind Envoy's ext_proc: `ReportUsage` commits a request's
-actual usage against its reservation (through `Engine.commit`, so idempotent per request id),
+actual usage against its reservation (through `Engine.charge`, so idempotent per request id,
+priced at the model and provider the reservation was made for),
 and `GetBudgets` shows a caller the buckets that apply to it, as `GET /v1/budgets/me` does.
 Translation only: decisions and arithmetic live in the engine and `sidecar.budget.explain`.
 """
@@ -19,6 +20,8 @@ import structlog
 from google.protobuf import timestamp_pb2
 
 from sidecar.budget.explain import budgets_for
+from sidecar.engine import AttributionMismatch
+from sidecar.metering.charge import Observed
 from sidecar.model import Decision, TokenUsage
 from sidecar.money import usd_to_micros
 from sidecar.proto_gen.sidecar.v1 import sidecar_pb2 as pb
@@ -101,8 +104,13 @@ class SidecarApi(sidecar_pb2_grpc.SidecarServicer):
                          f"token counts must be at most {MAX_TOKENS}")
         usage = TokenUsage(*counts)
         try:
-            result, cost = await self._services.engine.commit(
-                request.request_id, request.model, request.provider, usage)
+            # Priced at the model and provider of the reservation itself; the report's own
+            # must agree with them, so a careless reporter hears of it.
+            result, cost = await self._services.engine.charge(
+                request.request_id, Observed(usage, complete=True),
+                expect=(request.model, request.provider))
+        except AttributionMismatch as exc:
+            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except StoreUnavailable as exc:
             await _abort(context, grpc.StatusCode.UNAVAILABLE, f"budget store: {exc}")
         log.info("usage_reported", request_id=request.request_id, status=result.status)

@@ -87,3 +87,6 @@ class Decision:
     # For the decision log: the rules that applied and the estimate reserved (µUSD).
     rules: tuple[str, ...] = ()
     estimate: int | None = None
+    # The reservation this admission holds (minted by the sidecar; empty when nothing was
+    # reserved): the key its usage is charged against.
+    request_id: str = ""

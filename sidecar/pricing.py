@@ -61,7 +61,7 @@ _PRICE_KEYS = ("input_mtok", "output_mtok", "cache_read_mtok", "cache_write_mtok
 
 # Estimation heuristics. UTF-8 bytes rather than characters: the same for English, and closer
 # to the token count of non-Latin scripts, where a character is often a whole token.
-_BYTES_PER_TOKEN = 4
+BYTES_PER_TOKEN = 4
 _TOKENS_PER_MESSAGE = 4
 _TOKENS_PER_REQUEST = 3
 # Anthropic's ceiling for one image (about 1.15 megapixels); OpenAI's high-detail tiles of a
@@ -230,7 +230,7 @@ def estimate_input_tokens(body: Mapping[str, Any]) -> int:
         text_bytes += field_bytes
         images += field_images
     return (
-        _ceil_div(text_bytes, _BYTES_PER_TOKEN)
+        _ceil_div(text_bytes, BYTES_PER_TOKEN)
         + messages * _TOKENS_PER_MESSAGE
         + images * _TOKENS_PER_IMAGE
         + _TOKENS_PER_REQUEST
@@ -260,12 +260,21 @@ def _measure(root: object) -> tuple[int, int]:
 
 
 def requested_output_tokens(body: Mapping[str, Any], default: int) -> int:
-    """The output-token ceiling the request asked for, else `default`."""
-    for field_name in _MAX_TOKENS_FIELDS:
-        value = body.get(field_name)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return default
+    """The output-token ceiling the request asked for, else `default`.
+
+    The largest limit the body names wins: a provider honours the one its API reads, and a
+    client must not get a small reservation by naming a small limit under another name
+    (`{"max_tokens": 1, "max_completion_tokens": 2000}`).
+    """
+    limits = [value for name in _MAX_TOKENS_FIELDS
+              if isinstance(value := body.get(name), int) and not isinstance(value, bool)
+              and value > 0]
+    return max(limits) if limits else default
+
+
+def text_tokens(text_bytes: int) -> int:
+    """Tokens in `text_bytes` of generated text, at the estimate's bytes-per-token figure."""
+    return _ceil_div(text_bytes, BYTES_PER_TOKEN)
 
 
 @functools.cache

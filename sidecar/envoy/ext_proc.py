@@ -1,20 +1,19 @@
 """ext_proc v3: adjusts the request body (fallback model, OpenAI stream usage), meters usage
-from the response as it streams, and commits the actual cost when the response ends.
-Responses pass through unchanged.
+from the response as it streams, and charges the exchange when the response ends.
 
-Every admitted call is charged once its exchange ends: the observed usage when there is any
-(a stream cut short keeps what it saw), else its admission estimate, right away rather than
-at reservation expiry. Envoy's own local replies (a 429 from ext_authz) open a stream that
-starts at the response headers, with no request phases: they were never admitted and are
-not metered.
+Every admitted call is charged once its exchange ends (`sidecar.metering.exchange`), against
+the reservation named by `x-sidecar-request-id`: the header ext_authz set, with overwrite,
+to the id it minted. Model, provider and caller are read from that reservation record, never
+from this stream's headers, so a stream opened by anyone but Envoy cannot move a charge
+(the gRPC listener takes mTLS for who may open one at all). Envoy's own local replies (a 429
+from ext_authz) open a stream that starts at the response headers, with no request phases:
+they were never admitted and are not metered.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import grpc
 import structlog
@@ -23,10 +22,11 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 
+from sidecar.decisions import RESERVATION_HEADER
 from sidecar.engine import Engine
 from sidecar.envoy.request_body import mutate
-from sidecar.metering import load_json
-from sidecar.metering.parse import Api, UsageMeter, api_for_path
+from sidecar.metering.exchange import MeteredExchange
+from sidecar.metering.parse import Api, api_for_path
 
 log = structlog.get_logger("sidecar.ext_proc")
 OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
@@ -42,12 +42,9 @@ class Exchange:
     provider: str = ""
     fallback: bool = False
     api: Api | None = None
-    # The request body as the client sent it, kept to compute the estimate if no usage shows.
     body: bytes = b""
-    status: str = ""
-    meter: UsageMeter | None = None
-    committed: bool = False
-    headers: dict[str, str] = field(default_factory=dict)
+    strip_usage_event: bool = False
+    metered: MeteredExchange | None = None
 
 
 def _headers(message: pb.HttpHeaders) -> dict[str, str]:
@@ -57,18 +54,11 @@ def _headers(message: pb.HttpHeaders) -> dict[str, str]:
     return out
 
 
-def _parsed(body: bytes) -> Mapping[str, Any]:
-    data = load_json(body) if body else None
-    return data if isinstance(data, dict) else {}
-
-
 class ExternalProcessorServicer(
     external_processor_pb2_grpc.ExternalProcessorServicer  # type: ignore[misc]
 ):
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        # Commits started while a stream is torn down; held so they are not collected.
-        self._finishing: set[asyncio.Task[None]] = set()
 
     async def Process(
         self, request_iterator: AsyncIterator[pb.ProcessingRequest],
@@ -82,18 +72,19 @@ class ExternalProcessorServicer(
             async for message in request_iterator:
                 await context.write(await self._step(ex, message))
         finally:
-            # The client went away or Envoy reset the stream: charge what was seen. This
-            # task may be being cancelled, so the commit runs in a task of its own.
-            if not ex.committed:
-                await self._commit(ex, "incomplete")
+            # The client went away or Envoy reset the stream: charge what was seen (before
+            # any response: the reservation).
+            if ex.request_id:
+                await self._metered(ex).finish("incomplete")
 
     async def _step(self, ex: Exchange, message: pb.ProcessingRequest) -> pb.ProcessingResponse:
         kind = message.WhichOneof("request")
         if kind == "request_headers":
             headers = _headers(message.request_headers)
-            ex.headers = headers
-            ex.request_id = headers.get("x-request-id", "")
+            ex.request_id = headers.get(RESERVATION_HEADER, "")
             ex.path = headers.get(":path", "")
+            # Set by ext_authz (overwriting the client's): used to shape the request body
+            # only; the charge reads the reservation record.
             ex.model = headers.get("x-sidecar-model", "")
             ex.provider = headers.get("x-sidecar-provider", "")
             ex.fallback = headers.get("x-sidecar-route") == "fallback"
@@ -104,12 +95,7 @@ class ExternalProcessorServicer(
         if kind == "response_headers":
             return await self._response_headers(ex, message)
         if kind == "response_body":
-            chunk = message.response_body
-            if ex.meter is not None:
-                ex.meter.feed(chunk.body)
-            if chunk.end_of_stream:
-                await self._commit(ex, reason="complete")
-            return pb.ProcessingResponse(response_body=pb.BodyResponse())
+            return pb.ProcessingResponse(response_body=await self._response_body(ex, message))
         if kind == "request_trailers":
             return pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
         return pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
@@ -127,71 +113,76 @@ class ExternalProcessorServicer(
 
     def _request_body(self, ex: Exchange, message: pb.ProcessingRequest) -> pb.BodyResponse:
         ex.body = message.request_body.body
-        if not ex.model:
+        if not ex.request_id or not ex.model:
             return pb.BodyResponse()  # not admitted as an LLM call: leave it alone
-        new_body = mutate(ex.body, ex.api, ex.model if ex.fallback else None)
-        if new_body is None:
+        change = mutate(ex.body, ex.api, ex.model if ex.fallback else None)
+        if change.body is None:
             return pb.BodyResponse()
+        ex.strip_usage_event = change.strip_usage_event
+        headers = [("content-length", str(len(change.body)))]
+        if change.strip_usage_event:
+            # The injected usage event is taken out of the response as it streams, which
+            # needs the body as sent, not compressed.
+            headers.append(("accept-encoding", "identity"))
         return pb.BodyResponse(response=pb.CommonResponse(
-            header_mutation=pb.HeaderMutation(set_headers=[base_pb2.HeaderValueOption(
-                header=base_pb2.HeaderValue(key="content-length",
-                                            raw_value=str(len(new_body)).encode()),
-                append_action=OVERWRITE)]),
-            body_mutation=pb.BodyMutation(body=new_body),
+            header_mutation=pb.HeaderMutation(set_headers=[
+                base_pb2.HeaderValueOption(
+                    header=base_pb2.HeaderValue(key=name, raw_value=value.encode()),
+                    append_action=OVERWRITE)
+                for name, value in headers]),
+            body_mutation=pb.BodyMutation(body=change.body),
         ))
 
     async def _response_headers(
         self, ex: Exchange, message: pb.ProcessingRequest
     ) -> pb.ProcessingResponse:
+        if not ex.request_id:
+            # Not an admitted call (no reservation): nothing to meter or charge.
+            return self._skip_body()
         headers = _headers(message.response_headers)
-        ex.status = headers.get(":status", "")
-        if ex.api is None or not ex.model or not ex.request_id:
-            # Nothing to meter: stop sending this response's body to us at all. An admitted
-            # call to an API without usage parsing pays its estimate now.
-            await self._commit(ex, reason="unmetered_api")
-            return pb.ProcessingResponse(
-                response_headers=pb.HeadersResponse(),
-                mode_override=processing_mode_pb2.ProcessingMode(
-                    response_body_mode=processing_mode_pb2.ProcessingMode.NONE),
-            )
-        ex.meter = UsageMeter.for_response(ex.api, headers.get("content-type", ""),
-                                           headers.get("content-encoding", ""))
-        return pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+        metered = self._metered(ex)
+        metered.start(headers.get(":status", ""), headers)
+        if ex.api is None:
+            # An admitted call to an API without usage parsing pays its reservation now.
+            await metered.finish("unmetered_api")
+            return self._skip_body()
+        if not metered.rewrites_body:
+            return pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+        # The client gets the stream without the injected usage event: its length changes.
+        return pb.ProcessingResponse(response_headers=pb.HeadersResponse(
+            response=pb.CommonResponse(header_mutation=pb.HeaderMutation(
+                remove_headers=["content-length"]))))
 
-    async def _commit(self, ex: Exchange, reason: str) -> None:
-        """Charge the exchange in a task of its own, shielded: Envoy resetting the stream
-        cancels this handler, and a cancelled commit would lose the charge."""
-        task = asyncio.get_running_loop().create_task(self._charge(ex, reason))
-        self._finishing.add(task)
-        task.add_done_callback(self._finishing.discard)
-        await asyncio.shield(task)
+    def _metered(self, ex: Exchange) -> MeteredExchange:
+        if ex.metered is None:
+            ex.metered = MeteredExchange(
+                self._engine, ex.request_id, ex.api, ex.body,
+                strip_usage_event=ex.strip_usage_event,
+                hint=(ex.model, ex.provider) if ex.model else None)
+        return ex.metered
 
-    async def _charge(self, ex: Exchange, reason: str) -> None:
-        # Only calls that ext_authz admitted carry x-sidecar-model; Envoy's local replies
-        # have no request phases at all.
-        if ex.committed or not ex.model or not ex.request_id:
-            return
-        ex.committed = True
-        usage = None
-        if ex.meter is not None:
-            ex.meter.finish()
-            usage = ex.meter.usage
-        fields = {"request_id": ex.request_id, "model": ex.model, "status": ex.status,
-                  "reason": reason}
-        try:
-            if usage is not None:
-                if ex.meter is not None and not ex.meter.complete:
-                    log.warning("partial_usage_charged", **fields)
-                await self._engine.commit(ex.request_id, ex.model, ex.provider, usage)
-                return
-            # Nothing observed (an error body, a stream cut before its usage, an API without
-            # usage parsing, an undecodable body): never $0, so the estimate.
-            log.warning("no_usage_observed", **fields,
-                        meter_error=ex.meter.error if ex.meter else None)
-            charged = await self._engine.commit_estimate(ex.request_id, ex.model, ex.provider,
-                                                         _parsed(ex.body))
-            if charged is None:
-                log.warning("estimate_left_to_expiry", **fields)
-        except Exception as exc:  # the response must flow even when the store is down
-            # The reservation stays and is charged its estimate when it expires.
-            log.error("commit_failed", request_id=ex.request_id, error=str(exc))
+    @staticmethod
+    def _skip_body() -> pb.ProcessingResponse:
+        # Stop sending this response's body to us at all.
+        return pb.ProcessingResponse(
+            response_headers=pb.HeadersResponse(),
+            mode_override=processing_mode_pb2.ProcessingMode(
+                response_body_mode=processing_mode_pb2.ProcessingMode.NONE),
+        )
+
+    async def _response_body(self, ex: Exchange,
+                             message: pb.ProcessingRequest) -> pb.BodyResponse:
+        chunk = message.response_body
+        metered = ex.metered
+        if metered is None:
+            return pb.BodyResponse()
+        out = metered.feed(chunk.body)
+        if chunk.end_of_stream:
+            out += metered.end()
+            # Charged before the last chunk goes out: once the client has the whole
+            # answer, its cost is on the books.
+            await metered.finish("complete")
+        if out is chunk.body or out == chunk.body:
+            return pb.BodyResponse()
+        return pb.BodyResponse(response=pb.CommonResponse(
+            body_mutation=pb.BodyMutation(body=out)))

@@ -4,52 +4,55 @@ Two reasons to touch a client's body:
 
 - fallback: admission switched the model, so the body must name the fallback model;
 - metering: an OpenAI chat completions stream only reports usage when the request set
-  `stream_options.include_usage`. Without it the response carries no token counts and the
-  call could only be charged its estimate, so the option is added when the request lacks it.
-  The client then receives one extra chunk before `data: [DONE]`, with `choices: []` and the
-  `usage` object; the official SDKs (and any client following the API reference) handle it.
-  A request that explicitly sets `include_usage: false` is left alone and charged its
-  estimate.
+  `stream_options.include_usage`. Without it the response carries no token counts, so the
+  option is set to true whatever the client sent (`false` included: a caller cannot switch
+  metering off). When the client did not ask for usage itself, the extra usage event is
+  taken out of the response before the client sees it (`sidecar.metering.usage_event`), so
+  it gets exactly the stream it asked for.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
+from sidecar.metering import load_json
 from sidecar.metering.parse import Api
 
 
-def _wants_usage_option(data: dict[str, Any]) -> bool:
+def _needs_usage_option(data: dict[str, Any]) -> bool:
     if data.get("stream") is not True:
         return False
     options = data.get("stream_options")
-    if options is None:
-        return True
-    return isinstance(options, dict) and options.get("include_usage") is None
+    return not (isinstance(options, dict) and options.get("include_usage") is True)
 
 
-def mutate(body: bytes, api: Api | None, model: str | None) -> bytes | None:
-    """The body with `model` set (when given) and usage requested from OpenAI chat streams;
-    None when nothing needs to change or the body is not a JSON object (sent unchanged)."""
+@dataclass(frozen=True, slots=True)
+class Mutation:
+    # The new body; None when nothing needs to change or the body is not a JSON object.
+    body: bytes | None = None
+    # Usage was requested on the client's behalf: its usage event is not the client's.
+    strip_usage_event: bool = False
+
+
+def mutate(body: bytes, api: Api | None, model: str | None) -> Mutation:
+    """The body with `model` set (when given) and usage requested from OpenAI chat streams."""
     needs_stream_check = api == "openai_chat" and b'"stream"' in body
     if model is None and not needs_stream_check:
-        return None
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None
+        return Mutation()
+    data = load_json(body)
     if not isinstance(data, dict):
-        return None
-    changed = False
+        return Mutation()
+    changed = strip = False
     if model is not None and data.get("model") != model:
         data["model"] = model
         changed = True
-    if needs_stream_check and _wants_usage_option(data):
+    if needs_stream_check and _needs_usage_option(data):
         options = data.get("stream_options")
         data["stream_options"] = {**(options if isinstance(options, dict) else {}),
                                   "include_usage": True}
-        changed = True
+        changed = strip = True
     if not changed:
-        return None
-    return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
+        return Mutation()
+    return Mutation(json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode(), strip)

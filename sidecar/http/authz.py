@@ -24,7 +24,6 @@ and every refusal carries its real status in `x-sidecar-status` and its JSON bod
 from __future__ import annotations
 
 import re
-import uuid
 from collections.abc import Mapping
 
 from starlette.requests import Request
@@ -82,10 +81,11 @@ def _clean(value: str) -> str:
     return _UNSAFE.sub(" ", value)
 
 
-def render(decision: Decision, request_id: str, nginx: bool) -> Response:
+def render(decision: Decision, nginx: bool) -> Response:
     if decision.allowed:
-        headers = {**decision.headers, **decision.response_headers,
-                   "x-sidecar-request-id": request_id}
+        # x-sidecar-request-id, among the decision's headers when something was reserved, is
+        # the sidecar's own id: the ingress passes it on, and usage is reported against it.
+        headers = {**decision.headers, **decision.response_headers}
         return Response(status_code=200, headers={k: _clean(v) for k, v in headers.items()})
     headers = {k: _clean(v) for k, v in decision.headers.items()}
     status = decision.http_status
@@ -105,7 +105,9 @@ def routes(services: Services) -> list[Route]:
         headers = request_headers(request)
         path_param = request.path_params.get("path")
         nginx = path_param is None and "x-original-uri" in headers
-        request_id = headers.get("x-request-id", "")[:128] or uuid.uuid4().hex
+        # For the decision log only: the reservation is keyed by an id the sidecar mints,
+        # so a client's x-request-id can neither replay nor collide with another request.
+        request_id = headers.get("x-request-id", "")[:128]
         model = headers.get("x-sidecar-model", "").strip()
         try:
             if len(model) > MAX_MODEL or _UNSAFE.search(model):
@@ -113,17 +115,17 @@ def routes(services: Services) -> list[Route]:
                                   "characters")
             method, path, nginx = original_request(path_param, request.method, headers)
         except BadOriginal as exc:
-            return render(deny("bad_request", "bad_request", str(exc)), request_id, nginx)
+            return render(deny("bad_request", "bad_request", str(exc)), nginx)
         if request.url.query and path_param is not None:
             path = f"{path}?{request.url.query}"
         if not model and method == "POST" and services.ruleset.provider_for_path(path):
             # The engine would ask for a body; an ingress cannot send one.
             return render(deny("bad_request", "bad_request",
                                "x-sidecar-model is required: this authorization endpoint "
-                               "receives no request body"), request_id, nginx)
+                               "receives no request body"), nginx)
         attrs = RequestAttrs(method=method, path=path, headers=headers, body=None,
                              request_id=request_id, model_hint=model)
-        return render(await services.engine.check(attrs), request_id, nginx)
+        return render(await services.engine.check(attrs), nginx)
 
     return [
         Route("/authz", authz, methods=METHODS),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sidecar.metering import count, load_json, mapping
+from sidecar.metering import count, load_json, mapping, utf8_len
 from sidecar.metering.sse import SSEEvent
 from sidecar.model import TokenUsage
 
@@ -15,6 +15,8 @@ _FIELDS = {
 }
 
 _USAGE_EVENTS = frozenset({"message_start", "message_delta", "message_stop"})
+# Fields of a `content_block_delta` that hold generated text (or tool input JSON).
+_DELTA_TEXT = ("text", "thinking", "partial_json")
 
 
 def _read(usage: object) -> dict[str, int]:
@@ -43,7 +45,8 @@ def message_body_usage(body: object) -> TokenUsage | None:
 
 
 class MessagesStream:
-    """Follows a Messages stream: `message_start` gives input, `message_delta` the rest.
+    """Follows a Messages stream: `message_start` gives input, `message_delta` the rest;
+    the text of `content_block_delta` events is counted as it passes (`output_bytes`).
 
     Every count in a `message_delta` is the running total for the whole message, so it
     replaces what was seen before; adding deltas up would overcharge.
@@ -52,6 +55,7 @@ class MessagesStream:
     def __init__(self) -> None:
         self._counts: dict[str, int] = {}
         self.complete = False
+        self.output_bytes = 0
 
     @property
     def usage(self) -> TokenUsage | None:
@@ -59,7 +63,8 @@ class MessagesStream:
 
     def on_event(self, event: SSEEvent) -> None:
         # Text deltas are most of a stream and carry no usage: skip parsing them by name.
-        if event.event != "message" and event.event not in _USAGE_EVENTS:
+        if (event.event != "message" and event.event not in _USAGE_EVENTS
+                and event.event != "content_block_delta"):
             return
         payload = mapping(load_json(event.data))
         if payload is None:
@@ -67,7 +72,11 @@ class MessagesStream:
         kind = payload.get("type")
         if not isinstance(kind, str):
             kind = event.event
-        if kind == "message_start":
+        if kind == "content_block_delta":
+            delta = mapping(payload.get("delta"))
+            if delta is not None:
+                self.output_bytes += sum(utf8_len(delta.get(key)) for key in _DELTA_TEXT)
+        elif kind == "message_start":
             message = mapping(payload.get("message"))
             self._counts.update(_read(message.get("usage") if message else None))
         elif kind == "message_delta":

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from sidecar.metering import count, load_json, mapping
+from sidecar.metering import count, load_json, mapping, utf8_len
 from sidecar.metering.sse import SSEEvent
 from sidecar.model import TokenUsage
 
 # Terminal Responses API events; each carries the final response object, usage included.
 _RESPONSES_TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
+# Responses API events whose `delta` is generated text (or tool-call arguments).
+_RESPONSES_DELTAS = frozenset({
+    "response.output_text.delta", "response.refusal.delta", "response.reasoning_text.delta",
+    "response.reasoning_summary_text.delta", "response.function_call_arguments.delta",
+    "response.custom_tool_call_input.delta",
+})
+_CHAT_DELTA_TEXT = ("content", "reasoning_content", "reasoning", "refusal")
 
 
 def _split_cached(
@@ -68,41 +75,63 @@ class ChatStream:
     """Follows `chat.completion.chunk` events; usage comes in a final chunk with no choices.
 
     OpenAI only sends it when the request set `stream_options.include_usage`. Some
-    compatible servers repeat a running usage in every chunk, so the last one wins.
+    compatible servers repeat a running usage in every chunk, so the last one wins. The
+    generated text is counted as it passes (`output_bytes`), for a stream that ends without
+    usage.
     """
 
     def __init__(self) -> None:
         self.usage: TokenUsage | None = None
         self.complete = False
+        self.output_bytes = 0
 
     def on_event(self, event: SSEEvent) -> None:
         if event.data.strip() == "[DONE]":
             self.complete = self.usage is not None
             return
-        # Most chunks carry one token and no usage; a substring test spares parsing them.
-        if "_tokens" not in event.data:
-            return
         chunk = mapping(load_json(event.data))
         if chunk is None:
             return
+        choices = chunk.get("choices")
+        if isinstance(choices, list):
+            for choice in choices:
+                self.output_bytes += _delta_bytes(mapping(choice))
         usage = chat_usage(chunk.get("usage"))
         if usage is None:
             return
         self.usage = usage
-        if not chunk.get("choices"):
+        if not choices:
             self.complete = True
 
 
+def _delta_bytes(choice: Mapping[str, object] | None) -> int:
+    delta = mapping(choice.get("delta")) if choice else None
+    if delta is None:
+        return 0
+    size = sum(utf8_len(delta.get(key)) for key in _CHAT_DELTA_TEXT)
+    calls = delta.get("tool_calls")
+    if isinstance(calls, list):
+        for call in calls:
+            fields = mapping(call)
+            function = mapping(fields.get("function")) if fields else None
+            if function is not None:
+                size += utf8_len(function.get("arguments"))
+    return size
+
+
 class ResponsesStream:
-    """Follows Responses API events; usage only arrives with the terminal event."""
+    """Follows Responses API events; usage only arrives with the terminal event, generated
+    text in the delta events before it."""
 
     def __init__(self) -> None:
         self.usage: TokenUsage | None = None
         self.complete = False
+        self.output_bytes = 0
 
     def on_event(self, event: SSEEvent) -> None:
-        # Named events other than the terminal ones cannot carry usage: skip parsing them.
-        if event.event != "message" and event.event not in _RESPONSES_TERMINAL:
+        # Other named events carry neither usage nor generated text: skip parsing them.
+        if (event.event != "message" and event.event not in _RESPONSES_TERMINAL
+                and event.event not in _RESPONSES_DELTAS):
             return
         payload = mapping(load_json(event.data))
         if payload is None:
@@ -110,6 +139,9 @@ class ResponsesStream:
         kind = payload.get("type")
         if not isinstance(kind, str):
             kind = event.event
+        if kind in _RESPONSES_DELTAS:
+            self.output_bytes += utf8_len(payload.get("delta"))
+            return
         if kind not in _RESPONSES_TERMINAL:
             return
         response = mapping(payload.get("response"))

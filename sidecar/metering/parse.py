@@ -8,7 +8,7 @@ from typing import Literal, Protocol
 
 from genai_prices import data_snapshot
 
-from sidecar.metering import count, load_json
+from sidecar.metering import count, generated_text_bytes, load_json
 from sidecar.metering.anthropic import MessagesStream, message_body_usage
 from sidecar.metering.openai import (
     ChatStream,
@@ -61,6 +61,9 @@ class _Stream(Protocol):
 
     @property
     def complete(self) -> bool: ...
+
+    @property
+    def output_bytes(self) -> int: ...
 
     def on_event(self, event: SSEEvent) -> None: ...
 
@@ -137,6 +140,7 @@ class UsageMeter:
         self._decoder = SSEDecoder()
         self._body = bytearray()
         self._body_usage: TokenUsage | None = None
+        self._body_text_bytes = 0
         self._finished = False
         self.error: MeterError | None = None
         self._wbits: int | None = None
@@ -160,6 +164,12 @@ class UsageMeter:
     @property
     def usage(self) -> TokenUsage | None:
         return self._stream.usage if self._sse else self._body_usage
+
+    @property
+    def output_bytes(self) -> int:
+        """UTF-8 bytes of generated text seen so far (a JSON body's only once finished and
+        only when it reported no usage: it is only needed then)."""
+        return self._stream.output_bytes if self._sse else self._body_text_bytes
 
     @property
     def complete(self) -> bool:
@@ -195,6 +205,8 @@ class UsageMeter:
                 self.error = self.error or "bad_json"
             else:
                 self._body_usage = body_usage(self.api, parsed)
+                if self._body_usage is None:
+                    self._body_text_bytes = generated_text_bytes(parsed)
         self._body.clear()
 
     def _stopped(self) -> bool:

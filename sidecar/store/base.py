@@ -10,6 +10,7 @@ from sidecar.store.budget_types import (
     BucketView,
     CommitResult,
     LedgerRow,
+    Reservation,
     ReserveRequest,
     ReserveResult,
 )
@@ -58,7 +59,15 @@ class Store(Protocol):
         ...
 
     # -- budgets -----------------------------------------------------------------------
-    async def reserve(self, request: ReserveRequest) -> ReserveResult: ...
+    async def reserve(self, request: ReserveRequest) -> ReserveResult:
+        """Admit against every bucket, all or nothing. A request id already in the store is
+        a `duplicate` (admitted, nothing changed) only while its reservation is open, not
+        expired and bound to the same request; otherwise a `conflict` (not admitted)."""
+        ...
+
+    async def reservation(self, request_id: str) -> Reservation | None:
+        """The reservation record of `request_id`, or None when the store has none."""
+        ...
 
     async def commit(
         self, request_id: str, actual_micros: int, usage: TokenUsage, now: float

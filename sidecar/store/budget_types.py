@@ -56,6 +56,9 @@ class ReserveRequest:
     now: float
     expires_at: float
     dims: LedgerDims = LedgerDims()
+    # What the reservation is for (caller, model, provider, amount), as one opaque string:
+    # a repeated request id is only the same reservation when this matches too.
+    binding: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,8 +75,30 @@ class ReserveResult:
     failed: tuple[int, ...]
     # Spent and reserved per bucket as seen by the decision (after it, when admitted).
     states: tuple[BucketState, ...]
-    # The request id had already been reserved: nothing was changed.
+    # The request id had already been reserved for this same request and is still open:
+    # nothing was changed.
     duplicate: bool = False
+    # The request id is taken by another request, or by one already committed or expired:
+    # nothing was changed and nothing admitted; the caller decides afresh under a new id.
+    conflict: bool = False
+
+
+ReservationState = Literal["open", "committed", "expired"]
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """A reservation record as the store keeps it: what a completion is charged against.
+
+    Metering attributes usage to the model, provider and caller recorded here at admission,
+    never to anything the reporter of the usage claims.
+    """
+
+    request_id: str
+    state: ReservationState
+    # µUSD reserved at admission (what a response without usage is charged).
+    estimate: int
+    dims: LedgerDims
 
 
 CommitStatus = Literal["committed", "duplicate", "late", "unknown"]

@@ -39,6 +39,8 @@ from sidecar.store.budget_types import (
     BucketView,
     CommitResult,
     LedgerRow,
+    Reservation,
+    ReservationState,
     ReserveRequest,
     ReserveResult,
     dims_from_json,
@@ -220,15 +222,26 @@ class RedisStore:
             _DONE_RETENTION_SECONDS,
             json.dumps([[b.since, b.limit, 1 if b.enforce else 0, max(b.ttl_seconds, hold_for)]
                         for b in request.buckets]),
+            request.binding,
         ]
         keys = [*self._budget_keys(), self._key("reservation", request.request_id),
                 *bucket_keys]
         with _guard():
-            admitted, duplicate, failed, spent, reserved = await self._reserve(
+            admitted, duplicate, failed, spent, reserved, conflict = await self._reserve(
                 keys=keys, args=args)
         states = tuple(BucketState(int(s), int(r)) for s, r in zip(spent, reserved, strict=True))
         return ReserveResult(bool(admitted), tuple(int(i) for i in failed), states,
-                             duplicate=bool(duplicate))
+                             duplicate=bool(duplicate), conflict=bool(conflict))
+
+    async def reservation(self, request_id: str) -> Reservation | None:
+        with _guard():
+            state, estimate, dims = await self._r.hmget(
+                self._key("reservation", request_id), ["s", "e", "d"])
+        states: dict[object, ReservationState] = {
+            "open": "open", "committed": "committed", "expired": "expired"}
+        if state not in states or estimate is None or dims is None:
+            return None
+        return Reservation(request_id, states[state], int(estimate), dims_from_json(str(dims)))
 
     async def commit(
         self, request_id: str, actual_micros: int, usage: TokenUsage, now: float

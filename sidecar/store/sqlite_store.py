@@ -24,8 +24,10 @@ from sidecar.store.budget_types import (
     CommitResult,
     LedgerDims,
     LedgerRow,
+    Reservation,
     ReserveRequest,
     ReserveResult,
+    dims_from_json,
     dims_to_json,
 )
 from sidecar.store.sqlite_worker import SQLiteWorker
@@ -54,7 +56,7 @@ CREATE TABLE IF NOT EXISTS reserved (bucket TEXT PRIMARY KEY, amount INTEGER NOT
 CREATE TABLE IF NOT EXISTS reservations (
   request_id TEXT PRIMARY KEY, state TEXT NOT NULL, estimate INTEGER NOT NULL,
   held INTEGER NOT NULL, expires_at REAL NOT NULL, created_at REAL NOT NULL,
-  buckets TEXT NOT NULL, dims TEXT NOT NULL);
+  buckets TEXT NOT NULL, dims TEXT NOT NULL, binding TEXT NOT NULL DEFAULT '');
 CREATE INDEX IF NOT EXISTS reservations_open ON reservations (state, expires_at);
 -- Housekeeping deletes done reservations and dead slots by age every second, holding the
 -- write lock: a full scan of a million rows took 110 ms, during which no decision could be
@@ -68,6 +70,14 @@ CREATE TABLE IF NOT EXISTS ledger (
   input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,
   PRIMARY KEY (hour, user, groups, token, kind, model, provider));
 """
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Columns added after a database was first created (CREATE TABLE IF NOT EXISTS keeps the
+    old shape of an existing table)."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(reservations)")}
+    if "binding" not in columns:
+        conn.execute("ALTER TABLE reservations ADD COLUMN binding TEXT NOT NULL DEFAULT ''")
 
 
 def _path_from_url(url: str) -> str:
@@ -91,6 +101,7 @@ class SQLiteStore:
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA busy_timeout=10000")
         conn.executescript(_SCHEMA)
+        _migrate(conn)
         return conn
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -320,11 +331,18 @@ class SQLiteStore:
     async def reserve(self, request: ReserveRequest) -> ReserveResult:
         def reserve(conn: sqlite3.Connection) -> ReserveResult:
             self._settle(conn, request.now, 100)
-            dup = conn.execute("SELECT 1 FROM reservations WHERE request_id=?",
-                               (request.request_id,)).fetchone()
+            existing = conn.execute(
+                "SELECT state, expires_at, binding FROM reservations WHERE request_id=?",
+                (request.request_id,)).fetchone()
             states = self._states(conn, request.buckets)
-            if dup is not None:
-                return ReserveResult(True, (), tuple(states), duplicate=True)
+            if existing is not None:
+                state, expires_at, binding = existing
+                # Only a retry of the very same admission may pass on an existing id; an id
+                # replayed for another request, or after its reservation ended, is no pass.
+                same = (state == "open" and expires_at > request.now
+                        and binding == request.binding)
+                return ReserveResult(same, (), tuple(states), duplicate=same,
+                                     conflict=not same)
             failed = tuple(
                 i for i, (b, s) in enumerate(zip(request.buckets, states, strict=True))
                 if b.enforce and (
@@ -337,9 +355,9 @@ class SQLiteStore:
             held = request.amount if request.mode == "reserve" else 0
             buckets = [[b.key, b.slot, b.slot + b.ttl_seconds] for b in request.buckets]
             conn.execute(
-                "INSERT INTO reservations VALUES (?, 'open', ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO reservations VALUES (?, 'open', ?, ?, ?, ?, ?, ?, ?)",
                 (request.request_id, request.amount, held, request.expires_at, request.now,
-                 json.dumps(buckets), dims_to_json(request.dims)),
+                 json.dumps(buckets), dims_to_json(request.dims), request.binding),
             )
             if held:
                 self._add_reserved_many(conn, [b.key for b in request.buckets], held)
@@ -347,6 +365,17 @@ class SQLiteStore:
             return ReserveResult(True, (), after)
 
         return await self._tx(reserve)
+
+    async def reservation(self, request_id: str) -> Reservation | None:
+        def read(conn: sqlite3.Connection) -> Reservation | None:
+            row = conn.execute(
+                "SELECT state, estimate, dims FROM reservations WHERE request_id=?",
+                (request_id,)).fetchone()
+            if row is None:
+                return None
+            return Reservation(request_id, row[0], int(row[1]), dims_from_json(row[2]))
+
+        return await self._run(read)
 
     async def commit(
         self, request_id: str, actual_micros: int, usage: TokenUsage, now: float

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 from sidecar.model import TokenUsage
 from sidecar.store.base import Store
@@ -101,6 +102,27 @@ async def test_duplicate_reserve_changes_nothing(store: Store) -> None:
     dup = await store.reserve(req("r1", 40, b))
     assert dup.duplicate
     assert (await store.bucket_states([b], NOW))[0].reserved == 40
+
+
+async def test_open_id_reused_for_another_request_is_refused(store: Store) -> None:
+    b = bucket(limit=1000)
+    mine = replace(req("r1", 40, b), binding="alice|gpt-4o-mini|40")
+    assert (await store.reserve(mine)).admitted
+    theirs = await store.reserve(replace(req("r1", 900, b), binding="mallory|gpt-4o|900"))
+    assert not theirs.admitted and theirs.conflict
+    assert (await store.bucket_states([b], NOW))[0].reserved == 40
+    assert (await store.reserve(mine)).duplicate
+
+
+async def test_reservation_record_names_what_was_admitted(store: Store) -> None:
+    b = bucket(limit=1000)
+    await store.reserve(req("r1", 40, b))
+    found = await store.reservation("r1")
+    assert found is not None
+    assert (found.state, found.estimate, found.dims) == ("open", 40, req("r1", 40, b).dims)
+    await store.commit("r1", 10, TokenUsage(), NOW)
+    assert (await store.reservation("r1")).state == "committed"  # type: ignore[union-attr]
+    assert await store.reservation("nope") is None
 
 
 async def test_expired_reservation_is_charged_its_estimate(store: Store) -> None:

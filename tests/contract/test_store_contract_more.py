@@ -150,15 +150,17 @@ async def test_reserve_reports_states_after_the_hold(store: Store) -> None:
     assert (result.states[0].spent, result.states[0].reserved) == (70, 500)
 
 
-async def test_duplicate_after_commit_or_expiry_changes_nothing(store: Store) -> None:
+async def test_id_replayed_after_commit_or_expiry_is_refused_and_changes_nothing(
+        store: Store) -> None:
     b = bucket(limit=100)
     await store.reserve(req("done", 40, b))
     await store.commit("done", 30, TokenUsage(), NOW)
     await store.reserve(req("gone", 20, b, ttl=5))
     await store.settle_expired(NOW + 10)
     for rid in ("done", "gone"):
+        # Not a free pass: the caller must decide afresh under a new id.
         dup = await store.reserve(req(rid, 40, b, now=NOW + 10))
-        assert dup.admitted and dup.duplicate
+        assert not dup.admitted and dup.conflict and not dup.duplicate
         assert (dup.states[0].spent, dup.states[0].reserved) == (50, 0)
     state = (await store.bucket_states([b], NOW + 10))[0]
     assert (state.spent, state.reserved) == (50, 0)
@@ -340,8 +342,10 @@ class _Model:
     def reserve(self, rid: str, keys: list[str], amount: int, mode: str, now: float,
                 ttl: float) -> bool:
         self.settle(now)
-        if rid in self.open or rid in self.expired or rid in self.committed:
-            return True
+        if rid in self.open:
+            return True  # a retry of the same open reservation (same binding here)
+        if rid in self.expired or rid in self.committed:
+            return False  # a replayed id is never a pass
         for k in keys:
             s, r = self.spent.get(k, 0), self.reserved.get(k, 0)
             full = s >= self.limits[k] if mode == "optimistic" else s + r + amount > self.limits[k]

@@ -12,6 +12,7 @@ import pytest
 from sidecar.config.loader import parse_config
 from sidecar.config.ruleset import RuleSet, RuleSetHolder, build_ruleset
 from sidecar.engine import Engine
+from sidecar.metering.charge import Observed
 from sidecar.model import Identity, RequestAttrs, TokenUsage
 from sidecar.store.sqlite_store import SQLiteStore
 
@@ -98,12 +99,14 @@ async def test_commit_replaces_reservation_with_actual(store: SQLiteStore) -> No
     rs = config(spend_limits=[rule("b", 0.05, "block", ["cent-*"])])
     eng = engine(rs, store)
     # Each request reserves $0.03 (3 output tokens) but really costs $0.01.
-    assert (await eng.check(attrs("cent-a", "r1", max_tokens=3))).allowed
+    first = await eng.check(attrs("cent-a", "r1", max_tokens=3))
+    assert first.allowed and first.request_id
     assert not (await eng.check(attrs("cent-a", "r2", max_tokens=3))).allowed
-    result, cost = await eng.commit("r1", "cent-a", "openai", TokenUsage(0, 1))
+    used = Observed(TokenUsage(0, 1), complete=True)
+    result, cost = await eng.charge(first.request_id, used)
     assert (result.status, cost) == ("committed", 10_000)
     assert (await eng.check(attrs("cent-a", "r3", max_tokens=3))).allowed
-    again, _ = await eng.commit("r1", "cent-a", "openai", TokenUsage(0, 1))
+    again, _ = await eng.charge(first.request_id, used)
     assert again.status == "duplicate"
 
 

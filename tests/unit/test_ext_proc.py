@@ -15,7 +15,8 @@ from sidecar.config.models import SidecarConfig
 from sidecar.config.ruleset import RuleSetHolder, build_ruleset
 from sidecar.engine import Engine
 from sidecar.envoy.ext_proc import ExternalProcessorServicer
-from sidecar.envoy.request_body import mutate
+from sidecar.envoy.request_body import Mutation, mutate
+from sidecar.metering.charge import Observed
 from sidecar.metering.parse import Api
 from sidecar.model import TokenUsage
 from sidecar.store.budget_types import CommitResult
@@ -26,37 +27,43 @@ CHAT = "/openai/v1/chat/completions"
 # --- request bodies ----------------------------------------------------------------------
 
 
-def test_openai_chat_stream_gets_include_usage() -> None:
+def test_openai_chat_stream_gets_include_usage_and_its_event_is_stripped() -> None:
     body = json.dumps({"model": "gpt-4o-mini", "stream": True, "messages": []}).encode()
-    out = mutate(body, "openai_chat", None)
-    assert out is not None
-    assert json.loads(out)["stream_options"] == {"include_usage": True}
+    change = mutate(body, "openai_chat", None)
+    assert change.body is not None and change.strip_usage_event
+    assert json.loads(change.body)["stream_options"] == {"include_usage": True}
+
+
+def test_include_usage_false_cannot_switch_metering_off() -> None:
+    body = json.dumps({"stream": True, "stream_options": {"include_usage": False}}).encode()
+    change = mutate(body, "openai_chat", None)
+    assert change.body is not None and change.strip_usage_event
+    assert json.loads(change.body)["stream_options"] == {"include_usage": True}
 
 
 def test_existing_stream_options_are_kept() -> None:
     body = json.dumps({"stream": True, "stream_options": {"x": 1}}).encode()
-    out = mutate(body, "openai_chat", None)
+    out = mutate(body, "openai_chat", None).body
     assert out is not None and json.loads(out)["stream_options"] == {"x": 1, "include_usage": True}
 
 
 def test_bodies_that_need_nothing_are_not_touched() -> None:
     cases: list[tuple[dict[str, Any], str]] = [
         ({"stream": True, "stream_options": {"include_usage": True}}, "openai_chat"),
-        ({"stream": True, "stream_options": {"include_usage": False}}, "openai_chat"),  # opted out
         ({"stream": False}, "openai_chat"),
         ({"messages": []}, "openai_chat"),
         ({"stream": True}, "anthropic_messages"),  # Anthropic always reports usage
         ({"stream": True}, "openai_responses"),
     ]
     for data, api in cases:
-        assert mutate(json.dumps(data).encode(), cast(Api, api), None) is None, data
-    assert mutate(b"{not json", "openai_chat", "m") is None
-    assert mutate(b"[1]", "openai_chat", "m") is None
+        assert mutate(json.dumps(data).encode(), cast(Api, api), None) == Mutation(), data
+    assert mutate(b"{not json", "openai_chat", "m") == Mutation()
+    assert mutate(b"[1]", "openai_chat", "m") == Mutation()
 
 
 def test_fallback_rewrites_model_and_requests_usage_in_one_pass() -> None:
     body = '{"model":"claude-opus-4-7","stream":true,"messages":[{"content":"héllo"}]}'.encode()
-    out = mutate(body, "openai_chat", "claude-haiku-4-5")
+    out = mutate(body, "openai_chat", "claude-haiku-4-5").body
     assert out is not None
     data = json.loads(out)
     assert data["model"] == "claude-haiku-4-5" and data["stream_options"]["include_usage"]
@@ -68,22 +75,21 @@ def test_fallback_rewrites_model_and_requests_usage_in_one_pass() -> None:
 
 class FakeEngine:
     def __init__(self) -> None:
-        self.commits: list[tuple[str, str, str, TokenUsage]] = []
-        self.estimates: list[tuple[str, str, str, Mapping[str, Any]]] = []
+        self.charges: list[tuple[str, Observed, tuple[str, str] | None]] = []
         rules = build_ruleset(SidecarConfig.model_validate({"providers": [
             {"id": "openai", "path_prefix": "/openai/"},
             {"id": "anthropic", "path_prefix": "/anthropic/"}]}))
         self.holder = RuleSetHolder(rules)
 
-    async def commit(self, request_id: str, model: str, provider_id: str,
-                     usage: TokenUsage) -> tuple[CommitResult, int]:
-        self.commits.append((request_id, model, provider_id, usage))
+    async def charge(self, request_id: str, observed: Observed, *,
+                     expect: tuple[str, str] | None = None,
+                     hint: tuple[str, str] | None = None) -> tuple[CommitResult, int]:
+        self.charges.append((request_id, observed, hint))
         return CommitResult("committed"), 1
 
-    async def commit_estimate(self, request_id: str, model: str, provider_id: str,
-                              body: Mapping[str, Any]) -> tuple[CommitResult, int]:
-        self.estimates.append((request_id, model, provider_id, body))
-        return CommitResult("committed"), 2
+    @property
+    def usages(self) -> list[TokenUsage | None]:
+        return [observed.usage for _, observed, _ in self.charges]
 
 
 def _header_map(headers: Mapping[str, str]) -> base_pb2.HeaderMap:
@@ -93,8 +99,10 @@ def _header_map(headers: Mapping[str, str]) -> base_pb2.HeaderMap:
 
 
 def request_headers(path: str = CHAT, model: str = "gpt-4o-mini", **extra: str) -> Any:
-    headers = {":path": path, ":method": "POST", "x-request-id": "req-1",
+    headers = {":path": path, ":method": "POST", "x-request-id": "envoy-1",
+               "x-sidecar-request-id": "req-1" if model else "",
                "x-sidecar-model": model, "x-sidecar-provider": "openai", **extra}
+    headers = {k: v for k, v in headers.items() if v}
     return pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=_header_map(headers)))
 
 
@@ -143,57 +151,60 @@ BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 def test_complete_json_response_commits_its_usage_once() -> None:
     engine, _ = run([request_headers(), request_body(BODY), response_headers(),
                      response_body(json.dumps(CHAT_JSON).encode())])
-    assert engine.commits == [("req-1", "gpt-4o-mini", "openai", TokenUsage(12, 5))]
-    assert engine.estimates == []
+    assert [(rid, o.usage, o.complete) for rid, o, _ in engine.charges] == [
+        ("req-1", TokenUsage(12, 5), True)]
 
 
 def test_gzip_body_is_metered() -> None:
     engine, _ = run([request_headers(), request_body(BODY),
                      response_headers(**{"content-encoding": "gzip"}),
                      response_body(gzip.compress(json.dumps(CHAT_JSON).encode()))])
-    assert engine.commits[0][3] == TokenUsage(12, 5)
+    assert engine.usages == [TokenUsage(12, 5)]
 
 
-def test_provider_error_is_charged_the_estimate_now() -> None:
+def test_provider_error_without_usage_is_charged_without_usage_now() -> None:
     error = {"error": {"message": "overloaded", "type": "server_error"}}
     engine, _ = run([request_headers(), request_body(BODY), response_headers("503"),
                      response_body(json.dumps(error).encode())])
-    assert engine.commits == []
-    assert engine.estimates == [("req-1", "gpt-4o-mini", "openai", BODY)]
+    assert engine.usages == [None]
 
 
-def test_stream_cut_short_charges_what_was_seen_or_the_estimate() -> None:
+def test_stream_cut_short_charges_what_was_seen() -> None:
     start = {"type": "message_start", "message": {"usage": {"input_tokens": 30,
                                                             "output_tokens": 1}}}
     frame = f"event: message_start\ndata: {json.dumps(start)}\n\n".encode()
     engine, _ = run([request_headers("/anthropic/v1/messages", "claude-haiku-4-5"),
                      request_body(BODY), response_headers(content_type="text/event-stream"),
                      response_body(frame, end=False)])  # and then the stream ends
-    assert engine.commits[0][3] == TokenUsage(30, 1)
+    ((_, observed, _),) = engine.charges
+    assert observed.usage == TokenUsage(30, 1) and not observed.complete
+    text = b'data: {"choices": [{"delta": {"content": "twelve bytes"}}]}\n\n'
     engine, _ = run([request_headers(), request_body({**BODY, "stream": True}),
                      response_headers(content_type="text/event-stream"),
-                     response_body(b'data: {"choices": [{"delta": {}}]}\n\n', end=False)])
-    assert engine.commits == [] and len(engine.estimates) == 1
+                     response_body(text, end=False)])
+    ((_, observed, _),) = engine.charges
+    assert observed.usage is None and observed.output_bytes == 12
+    assert observed.input_tokens > 0  # the seen text is priced with the prompt
 
 
 def test_local_reply_without_request_phases_is_not_metered() -> None:
     engine, responses = run([response_headers("429"), response_body(b'{"success":false}')])
-    assert engine.commits == [] and engine.estimates == []
+    assert engine.charges == []
     # The override switches the response body to NONE (the enum's zero): not sent to us.
     assert responses[0].HasField("mode_override")
 
 
-def test_unmetered_api_pays_its_estimate_at_response_headers() -> None:
+def test_unmetered_api_pays_its_reservation_at_response_headers() -> None:
     engine, _ = run([request_headers("/openai/v1/embeddings", "text-embedding-3-small"),
                      request_body({"model": "text-embedding-3-small", "input": "x"}),
                      response_headers()])
-    assert [e[1] for e in engine.estimates] == ["text-embedding-3-small"]
+    assert [(rid, o) for rid, o, _ in engine.charges] == [("req-1", Observed())]
 
 
 def test_unadmitted_request_is_left_alone() -> None:
     engine, responses = run([request_headers(model=""), request_body({**BODY, "stream": True}),
                              response_headers(), response_body(b"{}")])
-    assert engine.commits == [] and engine.estimates == []
+    assert engine.charges == []
     assert not responses[1].request_body.HasField("response")
 
 
@@ -202,9 +213,11 @@ def test_stream_request_body_is_rewritten_with_a_new_length() -> None:
     common = responses[1].request_body.response
     new_body = common.body_mutation.body
     assert json.loads(new_body)["stream_options"] == {"include_usage": True}
-    (length,) = common.header_mutation.set_headers
+    length, encoding = common.header_mutation.set_headers
     assert length.header.key == "content-length"
     assert length.header.raw_value == str(len(new_body)).encode()
+    # The injected usage event is taken out of the response, which needs it uncompressed.
+    assert (encoding.header.key, encoding.header.raw_value) == ("accept-encoding", b"identity")
 
 
 ANTHROPIC_STREAM = (
@@ -222,7 +235,7 @@ def test_same_provider_fallback_is_metered_as_the_original_api() -> None:
                                         "x-sidecar-provider": "anthropic"}),
                      request_body(BODY), response_headers(content_type="text/event-stream"),
                      response_body(ANTHROPIC_STREAM)])
-    assert engine.commits[0][1:] == ("claude-haiku-4-5", "anthropic", TokenUsage(30, 9))
+    assert engine.usages == [TokenUsage(30, 9)]
 
 
 def test_cross_provider_fallback_is_metered_as_chat_completions() -> None:
@@ -231,6 +244,26 @@ def test_cross_provider_fallback_is_metered_as_chat_completions() -> None:
                         **{"x-sidecar-route": "fallback", "x-sidecar-provider": "openai"}),
         request_body({**BODY, "model": "claude-opus-4-7", "stream": True}),
         response_headers(content_type="text/event-stream"), response_body(CHAT_STREAM)])
-    assert engine.commits[0][1:] == ("gpt-4o-mini", "openai", TokenUsage(7, 3))
+    assert engine.usages == [TokenUsage(7, 3)]
     sent = json.loads(responses[1].request_body.response.body_mutation.body)
     assert sent["model"] == "gpt-4o-mini" and sent["stream_options"] == {"include_usage": True}
+    # The client did not ask for usage: the usage event is taken out of what it receives.
+    assert responses[3].response_body.response.body_mutation.body == b"data: [DONE]\n\n"
+
+
+def test_client_that_asked_for_usage_keeps_its_usage_event() -> None:
+    wanted = {**BODY, "stream": True, "stream_options": {"include_usage": True}}
+    engine, responses = run([request_headers(), request_body(wanted),
+                             response_headers(content_type="text/event-stream"),
+                             response_body(CHAT_STREAM)])
+    assert engine.usages == [TokenUsage(7, 3)]
+    assert not responses[3].response_body.HasField("response")
+
+
+def test_charge_is_keyed_by_the_reservation_id_with_the_model_only_a_hint() -> None:
+    # Whatever x-sidecar-model a stream claims, the engine prices the charge from the
+    # reservation record (tests/security); the header is only the store-down pricing hint.
+    engine, _ = run([request_headers(model="cheap-model"), request_body(BODY),
+                     response_headers(), response_body(json.dumps(CHAT_JSON).encode())])
+    ((request_id, _, hint),) = engine.charges
+    assert request_id == "req-1" and hint == ("cheap-model", "openai")

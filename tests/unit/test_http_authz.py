@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,7 +63,9 @@ def test_envoy_path_prefix_mode(client: TestClient, issuer: DevIssuer) -> None:
     assert response.headers["x-sidecar-groups"] == "ml"
     assert response.headers["x-sidecar-provider"] == "openai"
     assert response.headers["x-sidecar-budget-remaining"] == "0.010000"
-    assert response.headers["x-sidecar-request-id"] == "envoy-req-1"
+    # The sidecar's own reservation id, never the caller's x-request-id.
+    minted = response.headers["x-sidecar-request-id"]
+    assert minted != "envoy-req-1" and re.fullmatch(r"[0-9a-f]{32}", minted)
     assert "x-sidecar-status" not in response.headers
     # Not an LLM call (no model, a GET): identity only.
     listing = client.get("/authz/openai/v1/models", headers=bearer(issuer, "ann@example.com"))

@@ -12,7 +12,8 @@
 --   open zset        member = reservation hash key, score = expires_at.
 --   reservation hash s (open|committed|expired), e (estimate), h (held: e or 0),
 --                    x (expires_at), c (created_at), b (JSON [[bucket key, slot, slot
---                    expiry, ttl seconds], ...]), d (dims JSON), l (ledger key), hr (hour).
+--                    expiry, ttl seconds], ...]), d (dims JSON), l (ledger key), hr (hour),
+--                    bd (binding: what the reservation was made for).
 --   ledger hash      "c|<dims>" cost, "n|<dims>" requests, "i|<dims>" input tokens,
 --                    "o|<dims>" output tokens; one hash per hour.
 --   hours zset       member = score = an hour holding ledger data.

@@ -2,7 +2,10 @@
 --
 -- Settles up to ARGV[2] expired reservations first (so their estimates count as spent),
 -- then, unless the request id was seen before, checks every enforced bucket and, when all
--- have room, records the reservation and holds its estimate in every bucket.
+-- have room, records the reservation and holds its estimate in every bucket. A request id
+-- seen before is a duplicate (admitted, nothing changed) only while its reservation is
+-- open, unexpired and bound to the same request (ARGV[13]); otherwise it is a conflict
+-- (refused, nothing changed) and the caller decides afresh under a new id.
 --
 -- Why a script: the read (spent + reserved of every bucket) and the write (the hold) must
 -- be one atomic step, or concurrent replicas would each see room and overshoot the limit;
@@ -27,7 +30,9 @@
 -- ARGV[12]     per bucket, as JSON: [[since, limit, enforce 1|0, seconds the hash must
 --              live], ...] (one argument, not four per bucket: encoding a command's
 --              arguments is most of what a reservation costs the client)
--- Returns      {admitted 1|0, duplicate 1|0, {failed 0-based indices}, {spent}, {reserved}}
+-- ARGV[13]     binding: what the reservation is for (caller, model, provider, amount)
+-- Returns      {admitted 1|0, duplicate 1|0, {failed 0-based indices}, {spent}, {reserved},
+--              conflict 1|0}
 --              spent/reserved are after the hold when admitted, as seen otherwise.
 --
 -- Prepended at load time: budget_lib.lua (int, keep, bucket_state, settle, ...).
@@ -44,8 +49,12 @@ for i = 1, n do
   spent[i], reserved[i] = bucket_state(KEYS[4 + i], per[i][1])
 end
 
-if redis.call('EXISTS', rkey) == 1 then
-  return {1, 1, {}, spent, reserved}
+local seen = redis.call('HMGET', rkey, 's', 'x', 'bd')
+if seen[1] then
+  if seen[1] == 'open' and tonumber(seen[2]) > tonumber(ARGV[1]) and seen[3] == ARGV[13] then
+    return {1, 1, {}, spent, reserved, 0}
+  end
+  return {0, 0, {}, spent, reserved, 1}
 end
 
 local amount = tonumber(ARGV[3])
@@ -67,7 +76,7 @@ for i = 1, n do
   end
 end
 if #failed > 0 then
-  return {0, 0, failed, spent, reserved}
+  return {0, 0, failed, spent, reserved, 0}
 end
 
 -- Optimistic admission holds nothing back: actuals are charged at commit.
@@ -76,7 +85,8 @@ if not optimistic then
   held = amount
 end
 redis.call('HSET', rkey, 's', 'open', 'e', ARGV[3], 'h', int(held), 'x', ARGV[5],
-           'c', ARGV[1], 'hr', ARGV[6], 'l', ARGV[7], 'd', ARGV[8], 'b', ARGV[9])
+           'c', ARGV[1], 'hr', ARGV[6], 'l', ARGV[7], 'd', ARGV[8], 'b', ARGV[9],
+           'bd', ARGV[13])
 redis.call('ZADD', ctx.open, ARGV[5], rkey)
 if held ~= 0 then
   for i = 1, n do
@@ -91,4 +101,4 @@ local after = {}
 for i = 1, n do
   after[i] = reserved[i] + held
 end
-return {1, 0, {}, spent, after}
+return {1, 0, {}, spent, after, 0}

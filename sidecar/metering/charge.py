@@ -1,0 +1,47 @@
+"""The one rule for what a metered exchange costs, from what was seen of its response.
+
+- The provider reported its final usage: usage times price.
+- The response was cut short after some usage was reported (Anthropic's `message_start`):
+  that usage, with the output raised to at least the text that streamed past.
+- No usage at all (a provider that does not report it, a client that hung up before the
+  usage event): the amount reserved at admission, or the text seen streaming past when that
+  costs more (a call without an output limit reserves `default_max_output_tokens`, and may
+  well produce more). Never a re-estimate, never $0.
+
+Text that streamed past is counted in UTF-8 bytes and turned into tokens at the same
+4 bytes per token as the input estimate (`sidecar.pricing.text_tokens`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from sidecar.model import TokenUsage
+from sidecar.pricing import UnitPrice, cost_micros, text_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Observed:
+    """What metering saw of one response."""
+
+    usage: TokenUsage | None = None
+    # The usage is the provider's final report for the whole response.
+    complete: bool = False
+    # UTF-8 bytes of generated text (and tool-call arguments) that passed to the client.
+    output_bytes: int = 0
+    # Estimated prompt tokens of the request, for pricing seen text when no usage came.
+    input_tokens: int = 0
+
+
+def charge_micros(price: UnitPrice, reserved: int, observed: Observed) -> int:
+    """µUSD to charge for an exchange whose reservation held `reserved` µUSD."""
+    seen = text_tokens(observed.output_bytes)
+    usage = observed.usage
+    if usage is not None and observed.complete:
+        return cost_micros(price, usage)
+    if usage is not None:
+        return cost_micros(price, replace(usage, output_tokens=max(usage.output_tokens, seen)))
+    if not seen:
+        return reserved
+    return max(reserved, cost_micros(price, TokenUsage(input_tokens=observed.input_tokens,
+                                                       output_tokens=seen)))
