@@ -45,7 +45,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 log = structlog.get_logger("sidecar.asgi")
 MAX_BODY = 1024 * 1024
 # Headers of the original request that no longer describe the replayed one.
-_REPLACED = frozenset({"content-length", "transfer-encoding", "x-request-id"})
+_REPLACED = frozenset({"content-length", "transfer-encoding"})
 
 
 def _headers(scope: Scope) -> dict[str, str]:
@@ -169,9 +169,9 @@ class SidecarMiddleware:
                        if k.decode("latin-1").lower() not in drop]
         raw_headers += [(k.encode("latin-1"), v.encode("latin-1"))
                         for k, v in decision.headers.items() if v]
+        # The app gets the reservation id (x-sidecar-request-id, among the decision's
+        # headers) to report usage against; the client never does.
         raw_headers.append((b"content-length", str(len(body)).encode()))
-        if exchange.request_id:
-            raw_headers.append((b"x-request-id", exchange.request_id.encode()))
         child = {**scope, "headers": raw_headers}
         replayed = False
 
@@ -184,8 +184,6 @@ class SidecarMiddleware:
 
         extra = [(k.encode("latin-1"), v.encode("latin-1"))
                  for k, v in decision.response_headers.items()]
-        if exchange.request_id:
-            extra.append((b"x-request-id", exchange.request_id.encode()))
         metered = bool(exchange.request_id)
 
         async def metered_send(message: Message) -> None:

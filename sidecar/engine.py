@@ -376,6 +376,7 @@ class Engine:
         log.info(
             "decision",
             request_id=attrs.request_id,
+            reservation=decision.request_id or None,
             decision="allow" if decision.reason == "ok" else (
                 "fallback" if decision.reason == "fallback" else "deny"),
             status=decision.http_status, reason=decision.reason,

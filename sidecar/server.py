@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import ipaddress
 import signal
 import socket
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from sidecar.config.models import GrpcTlsConfig
 from sidecar.envoy.authz import AuthorizationServicer
 from sidecar.envoy.ext_proc import ExternalProcessorServicer
 from sidecar.grpc_api import SERVICE_NAME, SidecarApi
@@ -38,6 +40,35 @@ class _HttpServer(uvicorn.Server):
         yield
 
 
+def is_loopback(addr: str) -> bool:
+    host = addr.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name that may resolve anywhere
+
+
+def listen_grpc(server: grpc.aio.Server, addr: str, tls: GrpcTlsConfig | None) -> None:
+    """Open the gRPC port: plain, or TLS requiring a client certificate signed by the
+    configured CA (mTLS). Whoever can open a stream here can ask for decisions and report
+    usage, so beyond loopback only Envoy, holding its certificate, should be able to."""
+    if tls is None:
+        if not is_loopback(addr):
+            log.warning("grpc_listener_without_mtls", address=addr,
+                        hint="anyone who can reach this address can call ext_authz and "
+                             "ext_proc; set listen.grpc_tls to require Envoy's certificate")
+        server.add_insecure_port(addr)
+        return
+    credentials = grpc.ssl_server_credentials(
+        [(Path(tls.key_file).read_bytes(), Path(tls.cert_file).read_bytes())],
+        root_certificates=Path(tls.client_ca_file).read_bytes(),
+        require_client_auth=True,
+    )
+    server.add_secure_port(addr, credentials)
+
+
 async def serve(config_path: Path, grpc_addr: str | None, http_addr: str | None,
                 http_sockets: list[socket.socket] | None = None) -> None:
     """`http_sockets`: listening sockets made by the caller (`sidecar/workers.py` shares one
@@ -55,7 +86,7 @@ async def serve(config_path: Path, grpc_addr: str | None, http_addr: str | None,
     health_servicer = health.aio.HealthServicer()
     sidecar_pb2_grpc.add_SidecarServicer_to_server(SidecarApi(services), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    server.add_insecure_port(grpc_addr)
+    listen_grpc(server, grpc_addr, listen.grpc_tls)
     await server.start()
     for name in ("", "envoy.service.auth.v3.Authorization",
                  "envoy.service.ext_proc.v3.ExternalProcessor", SERVICE_NAME):

@@ -57,9 +57,20 @@ class StoreConfig(Strict):
         return url
 
 
+class GrpcTlsConfig(Strict):
+    """TLS on the gRPC listener with client-certificate verification (mTLS): only a peer
+    holding a certificate signed by `client_ca_file` (Envoy) may ask for decisions or report
+    usage. Files are PEM; they are read at start."""
+
+    cert_file: str = Field(min_length=1)
+    key_file: str = Field(min_length=1)
+    client_ca_file: str = Field(min_length=1)
+
+
 class ListenConfig(Strict):
     grpc: str = "127.0.0.1:9001"
     http: str = "127.0.0.1:9002"
+    grpc_tls: GrpcTlsConfig | None = None
 
     @field_validator("grpc", "http")
     @classmethod

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import ipaddress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_SOURCE = REPO_ROOT / "deploy" / "envoy" / "envoy.yaml"
+MTLS_SOURCE = REPO_ROOT / "deploy" / "envoy" / "sidecar-mtls.yaml"
 
 HCM_FILTER = "envoy.filters.network.http_connection_manager"
 SIDECAR_FILTERS = ("envoy.filters.http.ext_authz", "envoy.filters.http.ext_proc")
@@ -43,8 +45,12 @@ def render_envoy_config(
     sidecar_grpc: tuple[str, int],
     provider_upstream: tuple[str, int] | None,
     source: Path | None = None,
+    sidecar_mtls: SidecarMtls | None = None,
 ) -> EnvoyConfig:
     """Return the deployed config with local ports and addresses.
+
+    With `sidecar_mtls`, the sidecar cluster gets deploy/envoy/sidecar-mtls.yaml's transport
+    socket, with these certificate files.
 
     With `provider_upstream`, every provider cluster points at that plain-HTTP host:port
     and path prefixes are rewritten to bare provider paths, so `/openai/v1/chat/completions`
@@ -62,6 +68,8 @@ def render_envoy_config(
     clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
     for name in _sidecar_cluster_names(hcm):
         _point_cluster_at(clusters[name], *sidecar_grpc)
+        if sidecar_mtls is not None:
+            clusters[name]["transport_socket"] = _mtls_socket(sidecar_mtls)
 
     if provider_upstream is not None:
         routes = [
@@ -97,6 +105,30 @@ def write_envoy_config(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return path
+
+
+@dataclass(frozen=True)
+class SidecarMtls:
+    """Files for Envoy's side of mTLS to the sidecar."""
+
+    client_cert: Path
+    client_key: Path
+    sidecar_ca: Path
+    sidecar_name: str = "sidecar.internal"
+
+
+def _mtls_socket(files: SidecarMtls) -> dict[str, Any]:
+    socket: dict[str, Any] = yaml.safe_load(MTLS_SOURCE.read_text())["transport_socket"]
+    tls = socket["typed_config"]
+    tls["sni"] = files.sidecar_name
+    context = tls["common_tls_context"]
+    (cert,) = context["tls_certificates"]
+    cert["certificate_chain"]["filename"] = str(files.client_cert)
+    cert["private_key"]["filename"] = str(files.client_key)
+    context["validation_context"]["trusted_ca"]["filename"] = str(files.sidecar_ca)
+    (san,) = context["validation_context"]["match_typed_subject_alt_names"]
+    san["matcher"]["exact"] = files.sidecar_name
+    return socket
 
 
 def _single_listener(config: EnvoyConfig) -> dict[str, Any]:

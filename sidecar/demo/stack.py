@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import yaml
 
-from sidecar.demo.envoy_config import render_envoy_config
+from sidecar.demo.envoy_config import SidecarMtls, render_envoy_config
 from sidecar.demo.keys import DevIssuer
 from sidecar.demo.procs import LOOPBACK, ManagedProcess, free_port, start_envoy, wait_for_port
 
@@ -89,7 +89,8 @@ def add_sidecar_endpoints(config: dict[str, Any], first_port: int, ports: list[i
 
 @contextmanager
 def running_stack(workdir: Path, issuer: DevIssuer, config: dict[str, Any],
-                  extra_sidecars: int = 0, http_port: int | None = None) -> Iterator[Stack]:
+                  extra_sidecars: int = 0, http_port: int | None = None,
+                  sidecar_mtls: SidecarMtls | None = None) -> Iterator[Stack]:
     """Fake provider, 1 + extra_sidecars sidecar processes, and Envoy in front of the first.
 
     `http_port` fixes the first sidecar's HTTP port, for configs that must name their own
@@ -119,7 +120,7 @@ def running_stack(workdir: Path, issuer: DevIssuer, config: dict[str, Any],
         listen, admin = free_port(), free_port()
         envoy_config = render_envoy_config(
             listen_port=listen, admin_port=admin, sidecar_grpc=(LOOPBACK, grpc_port),
-            provider_upstream=(LOOPBACK, provider_port))
+            provider_upstream=(LOOPBACK, provider_port), sidecar_mtls=sidecar_mtls)
         add_sidecar_endpoints(envoy_config, grpc_port, [g for g, _ in ports[1:]])
         envoy, _ = start_envoy(workdir, envoy_config, base_id=listen)
         stack.enter_context(envoy)

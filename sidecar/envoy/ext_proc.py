@@ -3,9 +3,11 @@ from the response as it streams, and charges the exchange when the response ends
 
 Every admitted call is charged once its exchange ends (`sidecar.metering.exchange`), against
 the reservation named by `x-sidecar-request-id`: the header ext_authz set, with overwrite,
-to the id it minted. Model, provider and caller are read from that reservation record, never
-from this stream's headers, so a stream opened by anyone but Envoy cannot move a charge
-(the gRPC listener takes mTLS for who may open one at all). Envoy's own local replies (a 429
+to the id it minted, and which is removed here before the request goes upstream, so neither
+the provider nor the client ever learns it. Model, provider and caller are read from that
+reservation record, never from this stream's headers: a stream opened by anyone but Envoy
+cannot move a charge (and with mTLS on the gRPC listener cannot be opened at all). Envoy's
+own local replies (a 429
 from ext_authz) open a stream that starts at the response headers, with no request phases:
 they were never admitted and are not metered.
 """
@@ -89,7 +91,13 @@ class ExternalProcessorServicer(
             ex.provider = headers.get("x-sidecar-provider", "")
             ex.fallback = headers.get("x-sidecar-route") == "fallback"
             ex.api = self._upstream_api(ex)
-            return pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+            if not ex.request_id:
+                return pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+            # The reservation id stops here: neither the provider nor the client ever sees
+            # it, so nobody but Envoy can name the reservation a usage report is for.
+            return pb.ProcessingResponse(request_headers=pb.HeadersResponse(
+                response=pb.CommonResponse(header_mutation=pb.HeaderMutation(
+                    remove_headers=[RESERVATION_HEADER]))))
         if kind == "request_body":
             return pb.ProcessingResponse(request_body=self._request_body(ex, message))
         if kind == "response_headers":

@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import redirect_stdout
+from dataclasses import replace
 from decimal import ROUND_CEILING, Decimal
 from typing import Any, TypeVar
 
@@ -207,8 +208,9 @@ def test_openai_stream_without_include_usage_gets_it_added(stack: Stack,
         model=OPENAI_MODEL, messages=MESSAGES, max_tokens=9, stream=True))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert len(text.split()) == 9
-    # The one extra chunk the client now receives: no choices, the usage.
-    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    # Usage was asked for on the client's behalf, and its event taken out again: the
+    # client gets exactly the stream it asked for.
+    assert all(c.choices and c.usage is None for c in chunks)
     assert stack.seen()[-1]["body"]["stream_options"] == {"include_usage": True}
     usage, cost = expected("openai_chat", body, OPENAI_MODEL, "openai")
     assert_charged(stack, email, usage, cost)
@@ -350,16 +352,27 @@ def test_anthropic_client_gone_mid_stream_pays_what_was_seen(stack: Stack,
     email = user("an-gone")
     token = issuer.mint(email)
     client = anthropic_client(stack, token)
+    received = ""
     with client.messages.stream(model=ANTHROPIC_MODEL, max_tokens=30, messages=MESSAGES,
                                 extra_headers=SLOW) as stream:
-        for index, _ in enumerate(stream):
+        for index, event in enumerate(stream):
+            if event.type == "content_block_delta" and event.delta.type == "text_delta":
+                received += event.delta.text
             if index == 3:
                 break
-    # message_start reported the input and the first output token: that is what is charged.
+    assert received
+    # message_start reported the input and the first output token; the output charged is
+    # at least the text that reached the client (4 bytes a token), at most the limit.
     body = {"model": ANTHROPIC_MODEL, "max_tokens": 30, "messages": MESSAGES}
     full = expected_usage("anthropic_messages", body)
-    seen = TokenUsage(input_tokens=full.input_tokens, output_tokens=1)
-    assert_charged(stack, email, seen, price_micros(ANTHROPIC_MODEL, "anthropic", seen))
+    reported = TokenUsage(input_tokens=full.input_tokens, output_tokens=1)
+    row = charged(stack, email)
+    assert (row["input_tokens"], row["output_tokens"]) == (full.input_tokens, 1)
+    floor = max(1, -(-len(received.encode()) // 4))
+    low = price_micros(ANTHROPIC_MODEL, "anthropic", replace(reported, output_tokens=floor))
+    high = price_micros(ANTHROPIC_MODEL, "anthropic", replace(reported, output_tokens=30))
+    assert low <= micros(row["cost_usd"]) <= high
+    assert micros(row["cost_usd"]) > price_micros(ANTHROPIC_MODEL, "anthropic", reported)
 
 
 # --- the sidecar.v1 API ----------------------------------------------------------------------
@@ -376,6 +389,22 @@ def _check(stack: Stack, token: str, request_id: str, body: dict[str, Any]) -> A
         return external_auth_pb2_grpc.AuthorizationStub(channel).Check(request, timeout=10)
 
 
+def reservation_logged(stack: Stack, email: str) -> str:
+    for line in stack.sidecars[0].log_path.read_text().splitlines():
+        if line.startswith("{") and email in line:
+            entry = json.loads(line)
+            if entry.get("event") == "decision" and entry.get("reservation"):
+                return str(entry["reservation"])
+    raise AssertionError(f"no decision logged for {email}")
+
+
+def reservation_of(check: Any) -> str:
+    """The id the sidecar minted for an admitted Check (set on the upstream request)."""
+    (found,) = [h.header.value for h in check.ok_response.headers
+                if h.header.key == "x-sidecar-request-id"]
+    return str(found)
+
+
 def _report(stack: Stack, request: Any, token: str | None = None) -> Any:
     metadata = (("authorization", f"Bearer {token or stack.admin_token}"),)
     with grpc.insecure_channel(f"127.0.0.1:{stack.grpc_port}") as channel:
@@ -386,10 +415,10 @@ def _report(stack: Stack, request: Any, token: str | None = None) -> Any:
 def test_report_usage_commits_once(stack: Stack, issuer: DevIssuer) -> None:
     email = user("reporter")
     token = issuer.mint(email)
-    request_id = f"report-{uuid.uuid4().hex}"
-    check = _check(stack, token, request_id, {"model": OPENAI_MODEL, "messages": MESSAGES,
-                                              "max_tokens": 50})
+    check = _check(stack, token, f"report-{uuid.uuid4().hex}",
+                   {"model": OPENAI_MODEL, "messages": MESSAGES, "max_tokens": 50})
     assert check.status.code == code_pb2.OK
+    request_id = reservation_of(check)
     assert my_budget(stack, token)["reserved"] > 0
     usage = TokenUsage(input_tokens=120, output_tokens=45, cache_read_tokens=30)
     report = sidecar_pb2.ReportUsageRequest(
@@ -419,9 +448,10 @@ def test_expired_reservation_pays_its_estimate_until_a_late_report(
         stack: Stack, issuer: DevIssuer) -> None:
     email = user("expired")
     token = issuer.mint(email)
-    request_id = f"expire-{uuid.uuid4().hex}"
-    assert _check(stack, token, request_id, {"model": OPENAI_MODEL, "messages": MESSAGES,
-                                             "max_tokens": 500}).status.code == code_pb2.OK
+    check = _check(stack, token, f"expire-{uuid.uuid4().hex}",
+                   {"model": OPENAI_MODEL, "messages": MESSAGES, "max_tokens": 500})
+    assert check.status.code == code_pb2.OK
+    request_id = reservation_of(check)
     held = micros(my_budget(stack, token)["reserved"])
     # Nothing completes it: after reservation_ttl (8 s) the estimate becomes the charge.
     row = charged(stack, email)
@@ -440,13 +470,16 @@ def test_expired_reservation_pays_its_estimate_until_a_late_report(
 
 def test_replayed_completion_does_not_double_charge(stack: Stack, issuer: DevIssuer) -> None:
     email = user("replay")
-    raw = openai_client(stack, issuer.mint(email)).chat.completions.with_raw_response.create(
+    stack.clear_seen()
+    openai_client(stack, issuer.mint(email)).chat.completions.create(
         model=OPENAI_MODEL, messages=MESSAGES, max_tokens=8)
     usage, cost = expected("openai_chat", {"messages": MESSAGES, "max_tokens": 8},
                            OPENAI_MODEL, "openai")
     assert_charged(stack, email, usage, cost)
+    # The reservation id never leaves Envoy and the sidecar; its decision log names it.
+    request_id = reservation_logged(stack, email)
     replay = sidecar_pb2.ReportUsageRequest(
-        request_id=raw.headers["x-request-id"], model=OPENAI_MODEL, provider="openai",
+        request_id=request_id, model=OPENAI_MODEL, provider="openai",
         input_tokens=usage.input_tokens, output_tokens=usage.output_tokens)
     assert _report(stack, replay).status == sidecar_pb2.REPORT_STATUS_DUPLICATE
     assert_charged(stack, email, usage, cost)

@@ -1,0 +1,1 @@
+"""Each attack on the budget, reproduced as an attacker would send it."""

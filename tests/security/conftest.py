@@ -1,0 +1,117 @@
+"""One running stack (fake provider, sidecar on SQLite, Envoy) for the attacks that go
+through Envoy or the sidecar's own ports, and the helpers to read what it charged."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from decimal import Decimal
+from typing import Any, TypeVar
+
+import grpc
+import httpx
+import openai
+import pytest
+from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
+
+from sidecar.demo.config import demo_config
+from sidecar.demo.keys import DevIssuer
+from sidecar.demo.stack import Stack, running_stack
+
+T = TypeVar("T")
+# A model priced so the arithmetic is plain: $0.001 an output token, input free; each
+# caller may spend $0.003 a day on it, so one 2-token reservation fits and two do not.
+REPLAY_MODEL = "replay-model"
+REPLAY_PRICE = {"provider": "openai", "model": REPLAY_MODEL, "input_per_mtok": 0,
+                "output_per_mtok": 1000}
+REPLAY_LIMIT = {"name": "replay-daily", "budget_usd": 0.003, "window": {"fixed": "daily"},
+                "filter": {"model": [REPLAY_MODEL]}, "split": ["user"], "action": "block"}
+# A small default output reservation: a call that names no limit must still pay for what
+# it really produced.
+ADMISSION = {"mode": "reserve", "default_max_output_tokens": 2, "reservation_ttl": "60s"}
+
+
+@pytest.fixture(scope="module")
+def issuer() -> DevIssuer:
+    return DevIssuer.generate()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, issuer: DevIssuer) -> Iterator[Stack]:
+    workdir = tmp_path_factory.mktemp("security")
+    jwks = str(issuer.write_jwks(workdir / "jwks.json"))
+    config = demo_config(issuer, jwks, f"sqlite:///{workdir}/s.db", spend_limits=[REPLAY_LIMIT],
+                         admission=ADMISSION,
+                         pricing={"unknown_model": "reject", "overrides": [REPLAY_PRICE]})
+    with running_stack(workdir, issuer, config) as running:
+        yield running
+
+
+def user(name: str) -> str:
+    return f"{name}-{uuid.uuid4().hex[:6]}@attack.test"
+
+
+def micros(usd: Decimal | float | int) -> int:
+    return int(Decimal(str(usd)) * 1_000_000)
+
+
+def eventually(probe: Callable[[], T | None], timeout: float = 30.0, what: str = "") -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = probe()
+        if found is not None:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or probe}")
+        time.sleep(0.1)
+
+
+def ledger_row(stack: Stack, email: str) -> dict[str, Any] | None:
+    with stack.admin() as client:
+        response = client.get("/v1/usage", params={"group_by": "user"})
+    assert response.status_code == 200, response.text
+    rows = json.loads(response.text, parse_float=Decimal)["result"]
+    return next((r for r in rows if r["user"] == email), None)
+
+
+def charged(stack: Stack, email: str, requests: int = 1) -> dict[str, Any]:
+    def probe() -> dict[str, Any] | None:
+        row = ledger_row(stack, email)
+        return row if row is not None and row["requests"] >= requests else None
+
+    return eventually(probe, what=f"{requests} charged request(s) for {email}")
+
+
+def my_budgets(stack: Stack, token: str) -> list[dict[str, Any]]:
+    response = httpx.get(stack.admin_url + "/v1/budgets/me",
+                         headers={"authorization": f"Bearer {token}"}, timeout=10)
+    assert response.status_code == 200, response.text
+    return list(json.loads(response.text, parse_float=Decimal)["result"])
+
+
+def check_request(headers: dict[str, str], body: dict[str, Any],
+                  path: str = "/openai/v1/chat/completions") -> Any:
+    http = attribute_context_pb2.AttributeContext.HttpRequest(
+        method="POST", path=path, raw_body=json.dumps(body).encode(),
+        headers={"content-type": "application/json", **headers})
+    context = attribute_context_pb2.AttributeContext
+    return external_auth_pb2.CheckRequest(attributes=context(request=context.Request(http=http)))
+
+
+def check(stack: Stack, headers: dict[str, str], body: dict[str, Any],
+          path: str = "/openai/v1/chat/completions",
+          credentials: grpc.ChannelCredentials | None = None) -> Any:
+    """The CheckRequest Envoy would send, straight to the sidecar's gRPC port."""
+    request = check_request(headers, body, path)
+    target = f"127.0.0.1:{stack.grpc_port}"
+    channel = (grpc.insecure_channel(target) if credentials is None
+               else grpc.secure_channel(target, credentials))
+    with channel:
+        return external_auth_pb2_grpc.AuthorizationStub(channel).Check(request, timeout=10)
+
+
+def openai_client(stack: Stack, token: str, **headers: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack.envoy_url + "/openai/v1", api_key=token, max_retries=0,
+                         timeout=60, default_headers=headers or None)

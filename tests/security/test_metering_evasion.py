@@ -1,0 +1,75 @@
+"""Metering cannot be switched off by the caller: not with `include_usage: false`, not by
+naming a small limit next to a large one, not by hanging up before the usage arrives."""
+
+from __future__ import annotations
+
+from decimal import ROUND_CEILING
+
+from genai_prices import Usage, calc_price
+from google.rpc import code_pb2
+
+from sidecar.demo.keys import DevIssuer
+from sidecar.demo.stack import Stack
+from sidecar.fake_provider import expected_usage
+from sidecar.model import TokenUsage
+from tests.security.conftest import REPLAY_MODEL, charged, check, micros, openai_client, user
+
+MODEL = "gpt-4o-mini"
+MESSAGES: list[dict[str, str]] = [{"role": "user", "content": "Say a few words, please."}]
+SLOW = {"x-fake-delay-ms": "300"}
+
+
+def price(usage: TokenUsage) -> int:
+    got = calc_price(Usage(input_tokens=usage.total_input, output_tokens=usage.output_tokens,
+                           cache_read_tokens=usage.cache_read_tokens), MODEL,
+                     provider_id="openai")
+    return int((got.total_price * 1_000_000).to_integral_value(rounding=ROUND_CEILING))
+
+
+def test_include_usage_false_is_still_charged_its_real_usage(stack: Stack,
+                                                             issuer: DevIssuer) -> None:
+    email = user("no-usage")
+    stream = openai_client(stack, issuer.mint(email)).chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=12, stream=True,  # type: ignore[arg-type]
+        stream_options={"include_usage": False})
+    chunks = list(stream)
+    # The client gets what it asked for: no usage event...
+    assert chunks and all(c.usage is None for c in chunks)
+    # ...and the ledger gets the provider's own count, not an estimate.
+    usage = expected_usage("openai_chat", {"messages": MESSAGES, "max_tokens": 12})
+    row = charged(stack, email)
+    assert (row["input_tokens"], row["output_tokens"]) == (usage.total_input, 12)
+    assert micros(row["cost_usd"]) == price(usage)
+
+
+def test_estimate_takes_the_largest_output_limit_named(stack: Stack, issuer: DevIssuer) -> None:
+    # $0.003 a day on this model at $0.001 an output token: 2,000 cannot fit, 1 can.
+    headers = {"authorization": f"Bearer {issuer.mint(user('small-limit'))}"}
+    small = {"model": REPLAY_MODEL, "messages": MESSAGES, "max_tokens": 1}
+    both = {**small, "max_completion_tokens": 2000}
+    refused = check(stack, headers, both)
+    assert refused.status.code == code_pb2.RESOURCE_EXHAUSTED
+    assert refused.denied_response.status.code == 429
+    assert check(stack, headers, small).status.code == code_pb2.OK
+
+
+def test_hanging_up_before_the_usage_pays_for_the_text_received(stack: Stack,
+                                                                issuer: DevIssuer) -> None:
+    email = user("hang-up")
+    # No output limit named: the reservation holds default_max_output_tokens (2), while
+    # the model writes 20 tokens. Hanging up before the usage event must not cap the charge.
+    stream = openai_client(stack, issuer.mint(email), **SLOW).chat.completions.create(
+        model=MODEL, messages=MESSAGES, stream=True)  # type: ignore[arg-type]
+    received = ""
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            received += chunk.choices[0].delta.content
+        if len(received.encode()) >= 40:
+            break
+    stream.close()
+    row = charged(stack, email)
+    prompt = expected_usage("openai_chat", {"messages": MESSAGES}).total_input
+    reserved_output = price(TokenUsage(output_tokens=2))
+    at_least = price(TokenUsage(output_tokens=-(-len(received.encode()) // 4)))
+    assert micros(row["cost_usd"]) >= at_least > reserved_output
+    assert row["requests"] == 1 and prompt > 0
