@@ -10,6 +10,7 @@ from pathlib import Path
 
 import structlog
 
+from sidecar.admin_access import AdminGate
 from sidecar.alerts import Alerts
 from sidecar.budget.backfill import seed_rules
 from sidecar.budget.recent import RecentDecisions
@@ -19,6 +20,7 @@ from sidecar.config.loader import load_config
 from sidecar.config.ruleset import RuleSet, RuleSetHolder, build_ruleset
 from sidecar.config.watch import ConfigWatcher
 from sidecar.engine import Engine
+from sidecar.identity.attempts import Attempts
 from sidecar.identity.authenticate import Authenticator
 from sidecar.identity.device import DeviceLogin, issuer_for
 from sidecar.identity.jwks import JwksCache
@@ -82,10 +84,20 @@ class Services:
     draining: bool = False
     # Built at start-up when enabled: its issuer must be known before the first request.
     device_login: DeviceLogin | None = None
+    # Failed-attempt counters, in the store so limits hold across replicas.
+    attempts: Attempts = field(init=False)
+
+    def __post_init__(self) -> None:
+        # The engine's clock, so one injected clock moves every window a test looks at.
+        self.attempts = Attempts(self.store, lambda: self.engine.clock())
 
     @property
     def ruleset(self) -> RuleSet:
         return self.holder.current
+
+    @property
+    def admin_gate(self) -> AdminGate:
+        return AdminGate(self.attempts)
 
     async def _settle_loop(self) -> None:
         while True:

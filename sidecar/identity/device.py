@@ -14,10 +14,11 @@ import math
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
+from sidecar.identity.attempts import Check, Limit, subject_of
 from sidecar.identity.jwt_verify import IssuerPolicy
 from sidecar.identity.signing_keys import ALGORITHM, SigningKeys
 from sidecar.model import Identity
@@ -36,9 +37,14 @@ SLOW_DOWN_STEP = 5
 POLL_GRACE_SECONDS = 0.5
 # Expired and used grants are kept this long, so late polls hear why, then are forgotten.
 RETAIN_SECONDS = 600
-# Wrong user codes allowed per identity and per client address in one window.
+# Wrong user codes allowed per person and per client address in one window, and unknown
+# device codes polled per client address.
 GUESS_LIMIT = 10
+ADDRESS_GUESS_LIMIT = 50
 GUESS_WINDOW_SECONDS = 600
+GUESS_PER_PERSON = Limit("device-guess-person", GUESS_LIMIT, GUESS_WINDOW_SECONDS)
+GUESS_PER_ADDRESS = Limit("device-guess-address", ADDRESS_GUESS_LIMIT, GUESS_WINDOW_SECONDS)
+POLL_UNKNOWN_PER_ADDRESS = Limit("device-poll-unknown", GUESS_LIMIT, GUESS_WINDOW_SECONDS)
 # New device codes per client address in one window: each one costs two store documents.
 START_LIMIT = 60
 
@@ -285,19 +291,16 @@ class DeviceLogin:
 
     # -- attempt limits ----------------------------------------------------------------
     @staticmethod
-    def guess_keys(identity: Identity, client_addr: str) -> tuple[str, ...]:
-        who = hashlib.sha256(f"{identity.issuer}\x00{identity.subject}".encode()).hexdigest()
-        return (f"device:guess:id:{who[:32]}", f"device:guess:addr:{client_addr}")
+    def guess_checks(identity: Identity, client_addr: str) -> tuple[Check, ...]:
+        """Wrong user codes count against the person and, more loosely, their address: a
+        guesser exhausts their own allowance long before their address's, so one person
+        behind a shared proxy or NAT cannot lock everyone else there out."""
+        return ((GUESS_PER_PERSON, subject_of(identity.issuer, identity.subject)),
+                (GUESS_PER_ADDRESS, client_addr))
 
-    async def guesses_blocked(self, keys: Sequence[str]) -> bool:
-        for key in keys:
-            if await self._store.incr(key, 0, GUESS_WINDOW_SECONDS) >= GUESS_LIMIT:
-                return True
-        return False
-
-    async def guess_failed(self, keys: Sequence[str]) -> None:
-        for key in keys:
-            await self._store.incr(key, 1, GUESS_WINDOW_SECONDS)
+    @staticmethod
+    def poll_checks(client_addr: str) -> tuple[Check, ...]:
+        return ((POLL_UNKNOWN_PER_ADDRESS, client_addr),)
 
     async def start_allowed(self, client_addr: str) -> bool:
         key = f"device:start:addr:{client_addr}"

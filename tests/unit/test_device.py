@@ -12,9 +12,12 @@ import itertools
 import jwt
 import pytest
 
+from sidecar.identity.attempts import Attempts
 from sidecar.identity.device import (
+    ADDRESS_GUESS_LIMIT,
     EXPIRES_IN,
     GUESS_LIMIT,
+    GUESS_WINDOW_SECONDS,
     INTERVAL,
     SLOW_DOWN_STEP,
     USER_CODE_ALPHABET,
@@ -185,15 +188,24 @@ async def test_csrf_token_is_bound_to_person_and_code(store: Store, clock: Clock
     assert not await login.csrf_ok(ALICE, grant, "")
 
 
-async def test_wrong_codes_are_limited_per_person_and_address(login: DeviceLogin) -> None:
-    keys = login.guess_keys(ALICE, "10.0.0.7")
+async def test_wrong_codes_are_limited_per_person_and_address(login: DeviceLogin, store: Store,
+                                                              clock: Clock) -> None:
+    attempts = Attempts(store, clock)
+    checks = login.guess_checks(ALICE, "10.0.0.7")
     for _ in range(GUESS_LIMIT):
-        assert not await login.guesses_blocked(keys)
-        await login.guess_failed(keys)
-    assert await login.guesses_blocked(keys)
-    assert await login.guesses_blocked(login.guess_keys(ALICE, "10.9.9.9")), "same person"
-    assert await login.guesses_blocked(login.guess_keys(BOB, "10.0.0.7")), "same address"
-    assert not await login.guesses_blocked(login.guess_keys(BOB, "10.9.9.9"))
+        assert await attempts.retry_after(checks) is None
+        await attempts.failed(checks)
+    assert await attempts.retry_after(checks) is not None
+    assert await attempts.retry_after(login.guess_checks(ALICE, "10.9.9.9")), "same person"
+    # One guesser behind a shared address uses their own allowance, not the address's.
+    assert await attempts.retry_after(login.guess_checks(BOB, "10.0.0.7")) is None
+    assert await attempts.retry_after(login.guess_checks(BOB, "10.9.9.9")) is None
+    for n in range(ADDRESS_GUESS_LIMIT - GUESS_LIMIT):
+        person = Identity(kind="user", subject=f"u-{n}", issuer="https://idp.example.com")
+        await attempts.failed(login.guess_checks(person, "10.0.0.7"))
+    assert await attempts.retry_after(login.guess_checks(BOB, "10.0.0.7")), "address full"
+    clock.now += GUESS_WINDOW_SECONDS
+    assert await attempts.retry_after(checks) is None, "a new window"
 
 
 # -- signing keys --------------------------------------------------------------------------
