@@ -20,7 +20,8 @@ from typing import Any, Literal
 
 from sidecar.identity.attempts import Check, Limit, subject_of
 from sidecar.identity.jwt_verify import IssuerPolicy
-from sidecar.identity.signing_keys import ALGORITHM, SigningKeys
+from sidecar.identity.secret_box import SecretBox
+from sidecar.identity.signing_keys import ALGORITHM, SigningKeys, seal_plain_keys
 from sidecar.model import Identity
 from sidecar.store.base import Doc, Store
 
@@ -183,11 +184,13 @@ class IssuedToken:
 class DeviceLogin:
     """Device grants, approvals and the tokens they turn into, all kept in the store."""
 
-    def __init__(self, store: Store, issuer: str, *, clock: Callable[[], float] = time.time,
-                 keys: SigningKeys | None = None) -> None:
+    def __init__(self, store: Store, issuer: str, *, box: SecretBox,
+                 clock: Callable[[], float] = time.time, keys: SigningKeys | None = None) -> None:
         self.issuer = issuer
-        self.keys = keys or SigningKeys(store, clock=clock, leeway_seconds=LEEWAY_SECONDS)
+        self.keys = keys or SigningKeys(store, box=box, clock=clock,
+                                        leeway_seconds=LEEWAY_SECONDS)
         self._store = store
+        self._box = box
         self._clock = clock
         self._secret: bytes | None = None
 
@@ -271,17 +274,37 @@ class DeviceLogin:
 
     # -- CSRF --------------------------------------------------------------------------
     async def csrf_secret(self) -> bytes:
-        """One secret for all replicas, made by whichever needs it first."""
+        """One secret for all replicas, made by whichever needs it first; stored sealed."""
         if self._secret is None:
             doc = await self._store.get_doc(SECRETS, "csrf")
             if doc is None:
-                fresh = {"key": secrets.token_hex(32)}
+                fresh = {"sealed": self._box.seal(secrets.token_bytes(32))}
                 doc = fresh if await self._store.swap_doc(SECRETS, "csrf", None, fresh) \
                     else await self._store.get_doc(SECRETS, "csrf")
             if doc is None:
                 raise RuntimeError("the CSRF secret vanished from the store")
-            self._secret = bytes.fromhex(doc["key"])
+            if "sealed" not in doc:
+                raise RuntimeError("the CSRF secret is stored unencrypted; restart a sidecar "
+                                   "of this version to encrypt it")
+            self._secret = self._box.open(doc["sealed"])
         return self._secret
+
+    async def seal_plain_secrets(self) -> int:
+        """Encrypt what an earlier version stored in clear, and stop trusting it: a secret
+        that sat on disk in plain text may have been copied. Signing keys are sealed and a
+        fresh one made active (the old one verifies only the tokens it already signed); the
+        CSRF secret is replaced (an open approval form just needs a reload)."""
+        sealed = await seal_plain_keys(self._store, self._box, self._clock(), LEEWAY_SECONDS)
+        if sealed:
+            await self.keys.rotate()
+        doc = await self._store.get_doc(SECRETS, "csrf")
+        if doc is not None and "sealed" not in doc:
+            fresh = {"sealed": self._box.seal(secrets.token_bytes(32))}
+            sealed += await self._store.swap_doc(SECRETS, "csrf", doc, fresh)
+            self._secret = None
+        if sealed:
+            await self._store.scrub()
+        return sealed
 
     async def csrf_token(self, identity: Identity, grant: Grant) -> str:
         return csrf_token(await self.csrf_secret(), Approver.of(identity), grant)

@@ -24,8 +24,9 @@ import pytest
 from sidecar.demo.config import demo_config
 from sidecar.demo.keys import DevIssuer
 from sidecar.demo.procs import LOOPBACK, free_port
-from sidecar.demo.stack import Stack, running_stack
+from sidecar.demo.stack import DEMO_SECRET_KEY, Stack, running_stack
 from sidecar.identity.device import GRANT_TYPE, GUESS_LIMIT, INTERVAL, Approver, DeviceLogin
+from sidecar.identity.secret_box import SecretBox
 from sidecar.store.factory import open_store
 
 CHAT = "/openai/v1/chat/completions"
@@ -96,7 +97,8 @@ async def minted(stack: Stack, email: str, ttl: int, age: float = 0) -> str:
     """A token signed with the stack's own key, as if issued `age` seconds ago."""
     store = await open_store(f"sqlite:///{stack.workdir}/sidecar.db")
     try:
-        login = DeviceLogin(store, stack.admin_url, clock=lambda: time.time() - age)
+        login = DeviceLogin(store, stack.admin_url, box=SecretBox(DEMO_SECRET_KEY, "demo"),
+                            clock=lambda: time.time() - age)
         return await login.mint(Approver("u-" + email, email, ("ml",), "tests"), ttl)
     finally:
         await store.close()

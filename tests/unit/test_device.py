@@ -31,6 +31,7 @@ from sidecar.identity.device import (
 )
 from sidecar.identity.errors import AuthError
 from sidecar.identity.jwt_verify import JwtVerifier
+from sidecar.identity.secret_box import SecretBox, new_key
 from sidecar.identity.signing_keys import SigningKeys
 from sidecar.model import Identity
 from sidecar.store.base import Store
@@ -41,6 +42,7 @@ ALICE = Identity(kind="user", subject="u-alice", email="alice@example.com",
 BOB = Identity(kind="user", subject="u-bob", email="bob@example.com",
                issuer="https://idp.example.com")
 DAY = 86_400
+BOX = SecretBox(new_key(), "the test key")
 
 
 class Clock:
@@ -61,7 +63,7 @@ def clock() -> Clock:
 
 @pytest.fixture
 def login(store: Store, clock: Clock) -> DeviceLogin:
-    return DeviceLogin(store, ISSUER, clock=clock)
+    return DeviceLogin(store, ISSUER, box=BOX, clock=clock)
 
 
 def verifier(login: DeviceLogin, clock: Clock) -> JwtVerifier:
@@ -161,8 +163,8 @@ async def test_unknown_device_code_and_other_client_are_invalid_grant(login: Dev
 
 
 async def test_two_replicas_racing_issue_one_token(store: Store, clock: Clock) -> None:
-    first, second = DeviceLogin(store, ISSUER, clock=clock), DeviceLogin(store, ISSUER,
-                                                                         clock=clock)
+    first, second = (DeviceLogin(store, ISSUER, box=BOX, clock=clock),
+        DeviceLogin(store, ISSUER, box=BOX, clock=clock))
     device_code, grant = await first.start("10.0.0.7", "ua", "")
     await second.decide(grant.user_code, ALICE, approve=True)
     results = await asyncio.gather(first.exchange(device_code, 60),
@@ -175,8 +177,8 @@ async def test_two_replicas_racing_issue_one_token(store: Store, clock: Clock) -
 
 
 async def test_csrf_token_is_bound_to_person_and_code(store: Store, clock: Clock) -> None:
-    login, replica = DeviceLogin(store, ISSUER, clock=clock), DeviceLogin(store, ISSUER,
-                                                                          clock=clock)
+    login, replica = (DeviceLogin(store, ISSUER, box=BOX, clock=clock),
+        DeviceLogin(store, ISSUER, box=BOX, clock=clock))
     _, grant = await login.start("10.0.0.7", "ua", "")
     _, other = await login.start("10.0.0.7", "ua", "")
     token = await login.csrf_token(ALICE, grant)
@@ -239,7 +241,7 @@ async def test_rotation_keeps_old_tokens_valid_and_jwks_shows_both(login: Device
 
 
 async def test_keys_rotate_by_themselves_after_30_days(store: Store, clock: Clock) -> None:
-    keys = SigningKeys(store, clock=clock)
+    keys = SigningKeys(store, box=BOX, clock=clock)
     claims = {"iss": ISSUER, "aud": "llm-sidecar", "sub": "s", "exp": 0}
     first = await keys.sign({**claims, "exp": clock.now + 60})
     clock.now += 29 * DAY
@@ -251,8 +253,8 @@ async def test_keys_rotate_by_themselves_after_30_days(store: Store, clock: Cloc
 
 
 async def test_a_key_made_by_another_replica_is_found(store: Store, clock: Clock) -> None:
-    here, there = DeviceLogin(store, ISSUER, clock=clock), DeviceLogin(store, ISSUER,
-                                                                       clock=clock)
+    here, there = (DeviceLogin(store, ISSUER, box=BOX, clock=clock),
+        DeviceLogin(store, ISSUER, box=BOX, clock=clock))
     _, grant = await here.start("a", "b", "")
     decided = await here.decide(grant.user_code, ALICE, True)
     assert isinstance(decided, Grant) and decided.approver is not None
