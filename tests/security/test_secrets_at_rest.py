@@ -161,3 +161,21 @@ def test_plain_secrets_of_an_earlier_version_are_encrypted_on_start(
     assert login is not None
     assert asyncio.run(login.csrf_secret()) != bytes.fromhex("ab" * 32), "replaced"
     assert b"PRIVATE KEY" not in raw_bytes(tmp_path / "sidecar.db")
+
+
+def test_store_url_env_is_required_once_named(tmp_path: Path) -> None:
+    from sidecar.config.models import StoreConfig
+    from sidecar.store.factory import store_url
+
+    config = StoreConfig(url="redis://redis:6379/0", url_env="SIDECAR_STORE_URL")
+    secret = "redis://:s3cret@redis:6379/0"
+    assert store_url(tmp_path, config, {"SIDECAR_STORE_URL": secret}) == secret
+    with pytest.raises(ConfigError) as unset:
+        store_url(tmp_path, config, {})
+    assert "$SIDECAR_STORE_URL must hold a store URL" in str(unset.value)
+    assert "not set" in str(unset.value)
+    with pytest.raises(ConfigError) as wrong:
+        store_url(tmp_path, config, {"SIDECAR_STORE_URL": "s3cret"})
+    assert "s3cret" not in str(wrong.value)
+    assert store_url(tmp_path, StoreConfig(url="redis://redis:6379/0"), {}) == \
+        "redis://redis:6379/0"
