@@ -41,6 +41,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_secret_key(args: argparse.Namespace) -> int:
+    from sidecar.identity.secret_box import new_key
+
+    print(new_key())
+    return 0
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     from sidecar.config.loader import ConfigError, load_config, redact_url
     from sidecar.config.ruleset import build_ruleset
@@ -229,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     logout.set_defaults(func=cmd_logout)
     for p in (login, token, logout):
         p.add_argument("--json", action="store_true")
+
+    secret_key = sub.add_parser(
+        "secret-key", help="print a new key for secrets.key_env / secrets.key_file")
+    secret_key.set_defaults(func=cmd_secret_key)
 
     demo = sub.add_parser("demo", help="run sidecar + Envoy + a fake provider locally")
     demo.add_argument("--check", action="store_true",

@@ -9,17 +9,19 @@ Translation only: decisions and arithmetic live in the engine and `sidecar.budge
 
 from __future__ import annotations
 
-import hmac
 import os
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any, NoReturn
+from urllib.parse import unquote
 
 import grpc
 import structlog
 from google.protobuf import timestamp_pb2
 
+from sidecar.admin_access import AdminDenied
 from sidecar.budget.explain import budgets_for
+from sidecar.client_addr import client_address
 from sidecar.engine import AttributionMismatch
 from sidecar.metering.charge import Observed
 from sidecar.model import Decision, TokenUsage
@@ -39,6 +41,8 @@ _STATUS: Mapping[CommitStatus, pb.ReportStatus] = {
     "late": pb.REPORT_STATUS_LATE,
     "unknown": pb.REPORT_STATUS_UNKNOWN,
 }
+_DENIED_CODE = {401: grpc.StatusCode.UNAUTHENTICATED, 403: grpc.StatusCode.PERMISSION_DENIED,
+                429: grpc.StatusCode.RESOURCE_EXHAUSTED}
 # Far above any real call (a million-token context, a long generation), low enough that a
 # garbage value cannot turn into an absurd charge.
 MAX_TOKENS = 100_000_000
@@ -49,6 +53,12 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusC
                  message: str) -> NoReturn:
     await context.abort(code, message)
     raise AssertionError("unreachable: abort raises")
+
+
+def _peer_host(peer: str) -> str:
+    """The host of a grpc peer string: "ipv4:10.0.0.1:5000", "ipv6:[::1]:5000", "unix:..."."""
+    _, _, rest = unquote(peer).partition(":")
+    return rest.rsplit(":", 1)[0].strip("[]") if rest.count(":") else rest or peer
 
 
 def _micros(usd: object) -> int:
@@ -73,17 +83,26 @@ class SidecarApi(sidecar_pb2_grpc.SidecarServicer):
         self._services = services
 
     async def _require_admin(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        token = os.environ.get(self._services.ruleset.config.admin.token_env, "")
-        presented = ""
+        """The same rule as the HTTP admin API: the admin token or an admin's own sign-in,
+        never a CLI or service token, with failed attempts throttled per peer address."""
+        headers: dict[str, str] = {}
         for key, value in context.invocation_metadata() or ():
-            if key.lower() == "authorization":
-                scheme, _, presented = str(value).partition(" ")
-                presented = presented.strip() if scheme.lower() == "bearer" else ""
-        if not presented:
-            await _abort(context, grpc.StatusCode.UNAUTHENTICATED,
-                         "authorization metadata with 'Bearer <admin token>' is required")
-        if not token or not hmac.compare_digest(presented.encode(), token.encode()):
-            await _abort(context, grpc.StatusCode.UNAUTHENTICATED, "invalid admin token")
+            if isinstance(value, str):
+                headers[key.lower()] = value
+        scheme, _, presented = headers.get("authorization", "").partition(" ")
+        bearer = presented.strip() if scheme.lower() == "bearer" else ""
+        config = self._services.ruleset.config
+        try:
+            await self._services.admin_gate.authorize(
+                address=client_address(_peer_host(context.peer()), None, ()), bearer=bearer,
+                admin_token=os.environ.get(config.admin.token_env, ""),
+                admin_groups=config.admin.groups,
+                identify=lambda: self._services.engine.identify(headers))
+        except AdminDenied as exc:
+            if exc.status == 401 and not headers.get("authorization"):
+                await _abort(context, grpc.StatusCode.UNAUTHENTICATED,
+                             "authorization metadata with 'Bearer <admin token>' is required")
+            await _abort(context, _DENIED_CODE[exc.status], exc.message)
 
     async def ReportUsage(
         self, request: pb.ReportUsageRequest, context: grpc.aio.ServicerContext[Any, Any],

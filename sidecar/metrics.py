@@ -40,6 +40,13 @@ RELOADS = Counter("sidecar_config_reloads_total", "Config reloads by result", ["
                   registry=REGISTRY)
 JWKS_REFRESHES = Counter("sidecar_jwks_refreshes_total", "JWKS fetches by result",
                          ["result"], registry=REGISTRY)
+ADMIN_AUTH_FAILURES = Counter(
+    "sidecar_admin_auth_failures_total",
+    "Admin API calls refused: bad_credential, not_admin, or throttled after too many",
+    ["reason"], registry=REGISTRY)
+ATTEMPTS_THROTTLED = Counter("sidecar_attempts_throttled_total",
+                             "Requests refused by a failed-attempt limit, by limit",
+                             ["limit"], registry=REGISTRY)
 
 # Models seen beyond this many are counted under "other": a client choosing arbitrary model
 # names must not be able to blow up the metric's cardinality.

@@ -96,6 +96,8 @@ async def serve(config_path: Path, grpc_addr: str | None, http_addr: str | None,
     http = _HttpServer(uvicorn.Config(
         create_app(services), host=host.strip("[]"), port=int(port), log_level="warning",
         access_log=False, lifespan="off",
+        # X-Forwarded-For is read by the app, from configured proxies only (http.trusted_proxies).
+        proxy_headers=False,
     ))
     services.start_background()
     # Everything built so far (modules, genai-prices' data, compiled rules: ~80,000 objects)

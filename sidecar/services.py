@@ -10,22 +10,31 @@ from pathlib import Path
 
 import structlog
 
+from sidecar.admin_access import AdminGate
 from sidecar.alerts import Alerts
 from sidecar.budget.backfill import seed_rules
 from sidecar.budget.recent import RecentDecisions
 from sidecar.budget.runtime_rules import RuntimeRules
 from sidecar.budget.spool import Spool
-from sidecar.config.loader import load_config
+from sidecar.config.loader import ConfigError, load_config
 from sidecar.config.ruleset import RuleSet, RuleSetHolder, build_ruleset
 from sidecar.config.watch import ConfigWatcher
 from sidecar.engine import Engine
+from sidecar.identity.attempts import Attempts
 from sidecar.identity.authenticate import Authenticator
 from sidecar.identity.device import DeviceLogin, issuer_for
 from sidecar.identity.jwks import JwksCache
 from sidecar.identity.jwt_verify import IssuerPolicy, JwtVerifier
+from sidecar.identity.secret_box import (
+    HOW_TO_MAKE,
+    SecretBox,
+    SecretKeyError,
+    check_key,
+    load_box,
+)
 from sidecar.identity.service_tokens import ServiceTokens
 from sidecar.store.base import Store, StoreUnavailable
-from sidecar.store.factory import open_store
+from sidecar.store.factory import open_store, store_url
 
 log = structlog.get_logger("sidecar")
 
@@ -82,10 +91,20 @@ class Services:
     draining: bool = False
     # Built at start-up when enabled: its issuer must be known before the first request.
     device_login: DeviceLogin | None = None
+    # Failed-attempt counters, in the store so limits hold across replicas.
+    attempts: Attempts = field(init=False)
+
+    def __post_init__(self) -> None:
+        # The engine's clock, so one injected clock moves every window a test looks at.
+        self.attempts = Attempts(self.store, lambda: self.engine.clock())
 
     @property
     def ruleset(self) -> RuleSet:
         return self.holder.current
+
+    @property
+    def admin_gate(self) -> AdminGate:
+        return AdminGate(self.attempts)
 
     async def _settle_loop(self) -> None:
         while True:
@@ -117,18 +136,53 @@ class Services:
             await self.engine.spool.close()
 
 
+def _secret_box(config_path: Path, rs: RuleSet) -> SecretBox:
+    """The key for device login's secrets; a missing or malformed one stops the start-up."""
+    secrets = rs.config.secrets
+    try:
+        box = load_box(secrets.key_env, secrets.key_file)
+    except SecretKeyError as exc:
+        raise ConfigError(str(config_path), [f"{config_path}: secrets: {exc}"]) from None
+    if box is None:
+        raise ConfigError(str(config_path), [
+            f"{config_path}: identity.device_login is enabled, and its signing keys and CSRF "
+            f"secret are kept in the store encrypted: set ${secrets.key_env} (secrets.key_env) "
+            f"or secrets.key_file to a secret key; {HOW_TO_MAKE}"])
+    return box
+
+
+async def _open_device_login(config_path: Path, store: Store, login: DeviceLogin,
+                             box: SecretBox) -> None:
+    try:
+        await check_key(store, box)
+        sealed = await login.seal_plain_secrets()
+    except SecretKeyError as exc:
+        raise ConfigError(str(config_path), [f"{config_path}: secrets: {exc}"]) from None
+    except StoreUnavailable as exc:  # checked again when the first secret is opened
+        log.error("secret_key_check_unavailable", error=str(exc))
+        return
+    if sealed:
+        log.info("stored_secrets_encrypted", count=sealed)
+
+
 async def build_services(config_path: Path) -> Services:
     text = config_path.read_text(encoding="utf-8")
     ruleset = build_ruleset(load_config(config_path), source_text=text)
     holder = RuleSetHolder(ruleset)
-    store = await open_store(ruleset.config.store.url)
+    device = ruleset.config.identity.device_login
+    box = _secret_box(config_path, ruleset) if device.enabled else None
+    store = await open_store(store_url(config_path, ruleset.config.store))
     tokens = ServiceTokens(store)
     identities = Identities(tokens)
-    device = ruleset.config.identity.device_login
     device_login = None
-    if device.enabled:
+    if box is not None:
         device_login = DeviceLogin(store, issuer_for(device.public_url,
-                                                     ruleset.config.listen.http))
+                                                     ruleset.config.listen.http), box=box)
+        try:
+            await _open_device_login(config_path, store, device_login, box)
+        except ConfigError:
+            await store.close()
+            raise
         identities.extra_issuers.append(device_login.issuer_policy)
     async def seed(new: RuleSet) -> None:
         await seed_rules(store, new.rules, time.time())

@@ -13,7 +13,6 @@ import json
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -27,6 +26,7 @@ from sidecar.store.budget_types import (
     dims_from_json,
     dims_to_json,
 )
+from sidecar.store.private_file import make_private
 
 log = structlog.get_logger("sidecar.spool")
 
@@ -45,7 +45,7 @@ class Spool:
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
-            Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+            make_private(self._path)
             conn = sqlite3.connect(self._path, isolation_level=None, timeout=10.0)
             conn.execute("PRAGMA journal_mode=WAL")
             # FULL: a spooled charge is money; it must survive a power cut, not only a crash.

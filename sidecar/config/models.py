@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal
@@ -13,6 +14,7 @@ from sidecar.policy.windows import parse_duration
 DIMENSIONS = ("user", "group", "token", "kind", "model", "provider")
 _METADATA_DIM = re.compile(r"^metadata\.[A-Za-z0-9_.\-]{1,64}$")
 _HOSTPORT = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
 
 
 Algorithm = Literal["RS256", "RS384", "RS512", "ES256", "ES384", "PS256", "EdDSA"]
@@ -44,6 +46,9 @@ Money = Annotated[Decimal, Field(ge=0)]
 
 class StoreConfig(Strict):
     url: str = "sqlite:///./sidecar.db"
+    # When set, the URL comes from this environment variable (a Redis password kept in a
+    # Secret, not in the config file); `url` is then ignored.
+    url_env: str | None = Field(default=None, pattern=_ENV_NAME)
     on_error: Literal["fail_closed", "fail_open"] = "fail_closed"
     # Local file for charges the store could not take (fail_open admissions, commits made
     # while it was down); replayed exactly once when it is back.
@@ -78,6 +83,30 @@ class ListenConfig(Strict):
         if not _HOSTPORT.match(value):
             raise ValueError("must be host:port")
         return value
+
+
+class HttpConfig(Strict):
+    # Peers whose X-Forwarded-For is believed (Envoy, the ingress). Nobody else's is: a
+    # client address decides rate limits, so it must not be the client's to choose.
+    trusted_proxies: tuple[str, ...] = ()
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        networks = []
+        for item in value:
+            try:
+                networks.append(str(ipaddress.ip_network(item, strict=True)))
+            except ValueError as exc:
+                raise ValueError(f"{item!r} is not a CIDR network: {exc}") from None
+        return tuple(networks)
+
+
+class SecretsConfig(Strict):
+    """Where the key that encrypts secrets kept in the store (signing keys, CSRF) comes from."""
+
+    key_env: str = Field(default="SIDECAR_SECRET_KEY", pattern=_ENV_NAME)
+    key_file: str | None = Field(default=None, min_length=1)
 
 
 class AdminConfig(Strict):
@@ -280,6 +309,8 @@ class SidecarConfig(Strict):
     account_id: str = Field(default="default", min_length=1, pattern=r"^[A-Za-z0-9_\-]+$")
     store: StoreConfig = StoreConfig()
     listen: ListenConfig = ListenConfig()
+    http: HttpConfig = HttpConfig()
+    secrets: SecretsConfig = SecretsConfig()
     admin: AdminConfig = AdminConfig()
     identity: IdentityConfig = IdentityConfig()
     providers: tuple[ProviderConfig, ...] = ()

@@ -21,13 +21,16 @@ from sidecar.demo.procs import LOOPBACK, ManagedProcess, free_port, start_envoy,
 
 # Only ever used on loopback by the demo and tests; real deployments set their own.
 ADMIN_TOKEN = "local-admin-token-0123456789"
+# Ditto: the key that seals device login's secrets in the demo's store.
+DEMO_SECRET_KEY = "bG9jYWwtZGVtby1zZWNyZXQta2V5LTAxMjM0NTY3ODk="
 
 
 def sidecar_process(workdir: Path, name: str, config_path: Path, grpc_port: int,
                     http_port: int, env: dict[str, str] | None = None) -> ManagedProcess:
     argv = [sys.executable, "-m", "sidecar.cli", "serve", "--config", str(config_path),
             "--grpc", f"{LOOPBACK}:{grpc_port}", "--http", f"{LOOPBACK}:{http_port}"]
-    full_env = {**os.environ, "SIDECAR_ADMIN_TOKEN": ADMIN_TOKEN, **(env or {})}
+    full_env = {**os.environ, "SIDECAR_ADMIN_TOKEN": ADMIN_TOKEN,
+                "SIDECAR_SECRET_KEY": DEMO_SECRET_KEY, **(env or {})}
     return ManagedProcess(name, argv, workdir, env=full_env, cwd=workdir)
 
 

@@ -37,7 +37,7 @@ def create_app(services: Services) -> Starlette:
 
     async def api_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)
-        return fail(exc.status, exc.message, exc.code)
+        return fail(exc.status, exc.message, exc.code, exc.headers)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)

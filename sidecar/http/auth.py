@@ -1,13 +1,15 @@
-"""Who may call the admin API: the bearer admin token, or an identity in an admin group."""
+"""Who may call the admin API (see sidecar.admin_access), and from where."""
 
 from __future__ import annotations
 
-import hmac
 import os
 
 from starlette.requests import Request
 
+from sidecar.admin_access import AdminDenied
+from sidecar.client_addr import client_address
 from sidecar.http.envelope import ApiError
+from sidecar.http.same_origin import check_write
 from sidecar.model import Identity
 from sidecar.services import Services
 
@@ -19,6 +21,13 @@ def request_headers(request: Request) -> dict[str, str]:
     return headers
 
 
+def client_addr(services: Services, request: Request) -> str:
+    """The address rate limits count: X-Forwarded-For only from configured proxies."""
+    peer = request.client.host if request.client is not None else "unknown"
+    forwarded = ",".join(request.headers.getlist("x-forwarded-for"))
+    return client_address(peer, forwarded, services.ruleset.config.http.trusted_proxies)
+
+
 async def caller(services: Services, request: Request) -> Identity:
     """Any authenticated caller; 401 otherwise."""
     found = await services.engine.identify(request_headers(request))
@@ -28,17 +37,19 @@ async def caller(services: Services, request: Request) -> Identity:
 
 
 async def require_admin(services: Services, request: Request) -> str:
-    """The admin's name for audit logs; 401 without credentials, 403 without the right."""
-    config = services.ruleset.config.admin
-    token = os.environ.get(config.token_env, "")
+    """The admin's name for audit logs; 401 without credentials, 403 without the right,
+    429 after too many failures, and 403/415 for a write a foreign page could have sent."""
+    config = services.ruleset.config
     scheme, _, presented = request.headers.get("authorization", "").partition(" ")
-    is_bearer = token and scheme.lower() == "bearer" and presented
-    if is_bearer and hmac.compare_digest(presented.strip().encode(), token.encode()):
-        return "admin-token"
-    found = await services.engine.identify(request_headers(request))
-    if not isinstance(found, tuple):
-        raise ApiError(401, "admin authentication required")
-    identity = found[0]
-    if set(identity.groups) & set(config.groups):
-        return identity.user
-    raise ApiError(403, "not an administrator")
+    bearer = presented.strip() if scheme.lower() == "bearer" else ""
+    try:
+        admin = await services.admin_gate.authorize(
+            address=client_addr(services, request), bearer=bearer,
+            admin_token=os.environ.get(config.admin.token_env, ""),
+            admin_groups=config.admin.groups,
+            identify=lambda: services.engine.identify(request_headers(request)))
+    except AdminDenied as exc:
+        headers = {} if exc.retry_after is None else {"Retry-After": str(exc.retry_after)}
+        raise ApiError(exc.status, exc.message, headers=headers) from None
+    check_write(request, admin.carriers, config.identity.device_login.public_url)
+    return admin.name

@@ -20,7 +20,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from sidecar.http.auth import request_headers
+from sidecar.http.auth import client_addr, request_headers
+from sidecar.http.same_origin import cross_site
 from sidecar.identity.device import (
     GRANT_TYPE,
     DeviceLogin,
@@ -28,6 +29,7 @@ from sidecar.identity.device import (
     format_user_code,
     normalize_user_code,
 )
+from sidecar.metrics import ATTEMPTS_THROTTLED
 from sidecar.model import Identity
 from sidecar.policy.windows import parse_duration
 from sidecar.services import Services
@@ -106,10 +108,6 @@ async def read_params(request: Request) -> dict[str, str]:
     return params
 
 
-def client_addr(request: Request) -> str:
-    return request.client.host if request.client is not None else "unknown"
-
-
 def _code_form(message: str = "") -> str:
     return (f"{message}<form method=\"get\" action=\"device\">"
             "<p><label for=\"user_code\">Enter the code your terminal shows:</label></p>"
@@ -157,7 +155,7 @@ def routes(services: Services) -> list[BaseRoute]:
             params = await read_params(request)
         except BadParams as exc:
             return oauth_error("invalid_request", str(exc))
-        addr = client_addr(request)
+        addr = client_addr(services, request)
         if not await login.start_allowed(addr):
             return oauth_error("slow_down", "too many device codes from this address", 429)
         device_code, grant = await login.start(
@@ -182,8 +180,18 @@ def routes(services: Services) -> list[BaseRoute]:
         device_code = params.get("device_code", "")
         if not device_code or len(device_code) > 256:
             return oauth_error("invalid_request", "device_code is required")
+        checks = login.poll_checks(client_addr(services, request))
+        wait = await services.attempts.retry_after(checks)
+        if wait is not None:
+            ATTEMPTS_THROTTLED.labels(checks[0][0].name).inc()
+            answer = oauth_error("slow_down", "too many unknown device codes from this "
+                                 f"address; retry in {wait} s", 429)
+            answer.headers["Retry-After"] = str(wait)
+            return answer
         ttl = token_ttl()
         result = await login.exchange(device_code, ttl, params.get("client_id", ""))
+        if result == "invalid_grant":
+            await services.attempts.failed(checks)
         if isinstance(result, str):
             return oauth_error(result, _ERRORS.get(result, result))
         log.info("device_token_issued", email=result.approver.email,
@@ -195,16 +203,20 @@ def routes(services: Services) -> list[BaseRoute]:
     async def checked_grant(request: Request, login: DeviceLogin, identity: Identity,
                             text: str) -> Grant | Response:
         """The grant a typed code names, counting wrong codes against person and address."""
-        keys = login.guess_keys(identity, client_addr(request))
-        if await login.guesses_blocked(keys):
-            log.warning("device_code_guesses_blocked", client_addr=client_addr(request),
-                        email=identity.email)
-            return page("Too many attempts",
-                        "<p>Too many wrong codes. Wait ten minutes, then try again.</p>", 429)
+        addr = client_addr(services, request)
+        checks = login.guess_checks(identity, addr)
+        wait = await services.attempts.retry_after(checks)
+        if wait is not None:
+            log.warning("device_code_guesses_blocked", client_addr=addr, email=identity.email)
+            ATTEMPTS_THROTTLED.labels("device-guess").inc()
+            blocked = page("Too many attempts",
+                           "<p>Too many wrong codes. Wait ten minutes, then try again.</p>", 429)
+            blocked.headers["Retry-After"] = str(wait)
+            return blocked
         user_code = normalize_user_code(text)
         grant = None if user_code is None else await login.find(user_code)
         if grant is None:
-            await login.guess_failed(keys)
+            await services.attempts.failed(checks)
             return page("Code not found", _who(identity) + _code_form(
                 "<p class=\"warn\">That code is unknown or has expired. Check it and try "
                 "again.</p>"), 404)
@@ -234,14 +246,17 @@ def routes(services: Services) -> list[BaseRoute]:
             + "<p>A terminal asks to use the LLM gateway as you. Check that it shows this "
             "code:</p>"
             + f"<div class=\"code\">{e(format_user_code(grant.user_code))}</div><dl>"
-            + f"<dt>Grants</dt><dd>LLM access as {e(identity.user)} for "
-            f"{e(human_duration(token_ttl()))}</dd>"
+            + f"<dt>Grants</dt><dd>A token for LLM calls and your own budget view, as "
+            f"{e(identity.user)}, valid for {e(human_duration(token_ttl()))}. It never "
+            "carries admin rights.</dd>"
             + f"<dt>Groups</dt><dd>{e(', '.join(identity.groups) or 'none')}</dd>"
-            + f"<dt>Requested from</dt><dd>{e(grant.client_addr)}</dd>"
-            + f"<dt>Client</dt><dd>{e(grant.user_agent or 'unknown')}</dd>"
+            + f"<dt>To</dt><dd>The terminal that asked from address "
+            f"<strong>{e(grant.client_addr)}</strong></dd>"
+            + f"<dt>Its client</dt><dd>{e(grant.user_agent or 'unknown')}</dd>"
             + f"<dt>Requested</dt><dd>{when}</dd></dl>"
-            + "<p class=\"warn\">Approve only if you started this login yourself, just now. "
-            "Whoever holds the terminal will spend your budget.</p>"
+            + "<p class=\"warn\">Do not approve a code you did not start yourself, just now, "
+            "in your own terminal. Anyone who sent you this link or code would spend your "
+            "budget as you until the token expires.</p>"
             + "<form method=\"post\" action=\"device/approve\" class=\"actions\">"
             + f"<input type=\"hidden\" name=\"user_code\" value=\"{e(grant.user_code)}\">"
             + f"<input type=\"hidden\" name=\"csrf_token\" value=\"{e(csrf)}\">"
@@ -253,6 +268,14 @@ def routes(services: Services) -> list[BaseRoute]:
 
     async def approve(request: Request) -> Response:
         login = device_login()
+        if cross_site(request, services.ruleset.config.identity.device_login.public_url):
+            # The CSRF token already binds the form to its person; this refuses a foreign
+            # page's post before anything is read, whatever it guessed or stole.
+            log.warning("device_approve_cross_site", origin=request.headers.get("origin", ""),
+                        client_addr=client_addr(services, request))
+            return page("Request refused",
+                        "<p>This approval did not come from this site's own page. Open the "
+                        "link from your terminal and approve there.</p>", 403)
         identity = await person(request)
         if isinstance(identity, Response):
             return identity

@@ -14,12 +14,14 @@ import math
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
+from sidecar.identity.attempts import Check, Limit, subject_of
 from sidecar.identity.jwt_verify import IssuerPolicy
-from sidecar.identity.signing_keys import ALGORITHM, SigningKeys
+from sidecar.identity.secret_box import SecretBox
+from sidecar.identity.signing_keys import ALGORITHM, SigningKeys, seal_plain_keys
 from sidecar.model import Identity
 from sidecar.store.base import Doc, Store
 
@@ -36,9 +38,14 @@ SLOW_DOWN_STEP = 5
 POLL_GRACE_SECONDS = 0.5
 # Expired and used grants are kept this long, so late polls hear why, then are forgotten.
 RETAIN_SECONDS = 600
-# Wrong user codes allowed per identity and per client address in one window.
+# Wrong user codes allowed per person and per client address in one window, and unknown
+# device codes polled per client address.
 GUESS_LIMIT = 10
+ADDRESS_GUESS_LIMIT = 50
 GUESS_WINDOW_SECONDS = 600
+GUESS_PER_PERSON = Limit("device-guess-person", GUESS_LIMIT, GUESS_WINDOW_SECONDS)
+GUESS_PER_ADDRESS = Limit("device-guess-address", ADDRESS_GUESS_LIMIT, GUESS_WINDOW_SECONDS)
+POLL_UNKNOWN_PER_ADDRESS = Limit("device-poll-unknown", GUESS_LIMIT, GUESS_WINDOW_SECONDS)
 # New device codes per client address in one window: each one costs two store documents.
 START_LIMIT = 60
 
@@ -177,11 +184,13 @@ class IssuedToken:
 class DeviceLogin:
     """Device grants, approvals and the tokens they turn into, all kept in the store."""
 
-    def __init__(self, store: Store, issuer: str, *, clock: Callable[[], float] = time.time,
-                 keys: SigningKeys | None = None) -> None:
+    def __init__(self, store: Store, issuer: str, *, box: SecretBox,
+                 clock: Callable[[], float] = time.time, keys: SigningKeys | None = None) -> None:
         self.issuer = issuer
-        self.keys = keys or SigningKeys(store, clock=clock, leeway_seconds=LEEWAY_SECONDS)
+        self.keys = keys or SigningKeys(store, box=box, clock=clock,
+                                        leeway_seconds=LEEWAY_SECONDS)
         self._store = store
+        self._box = box
         self._clock = clock
         self._secret: bytes | None = None
 
@@ -265,17 +274,37 @@ class DeviceLogin:
 
     # -- CSRF --------------------------------------------------------------------------
     async def csrf_secret(self) -> bytes:
-        """One secret for all replicas, made by whichever needs it first."""
+        """One secret for all replicas, made by whichever needs it first; stored sealed."""
         if self._secret is None:
             doc = await self._store.get_doc(SECRETS, "csrf")
             if doc is None:
-                fresh = {"key": secrets.token_hex(32)}
+                fresh = {"sealed": self._box.seal(secrets.token_bytes(32))}
                 doc = fresh if await self._store.swap_doc(SECRETS, "csrf", None, fresh) \
                     else await self._store.get_doc(SECRETS, "csrf")
             if doc is None:
                 raise RuntimeError("the CSRF secret vanished from the store")
-            self._secret = bytes.fromhex(doc["key"])
+            if "sealed" not in doc:
+                raise RuntimeError("the CSRF secret is stored unencrypted; restart a sidecar "
+                                   "of this version to encrypt it")
+            self._secret = self._box.open(doc["sealed"])
         return self._secret
+
+    async def seal_plain_secrets(self) -> int:
+        """Encrypt what an earlier version stored in clear, and stop trusting it: a secret
+        that sat on disk in plain text may have been copied. Signing keys are sealed and a
+        fresh one made active (the old one verifies only the tokens it already signed); the
+        CSRF secret is replaced (an open approval form just needs a reload)."""
+        sealed = await seal_plain_keys(self._store, self._box, self._clock(), LEEWAY_SECONDS)
+        if sealed:
+            await self.keys.rotate()
+        doc = await self._store.get_doc(SECRETS, "csrf")
+        if doc is not None and "sealed" not in doc:
+            fresh = {"sealed": self._box.seal(secrets.token_bytes(32))}
+            sealed += await self._store.swap_doc(SECRETS, "csrf", doc, fresh)
+            self._secret = None
+        if sealed:
+            await self._store.scrub()
+        return sealed
 
     async def csrf_token(self, identity: Identity, grant: Grant) -> str:
         return csrf_token(await self.csrf_secret(), Approver.of(identity), grant)
@@ -285,19 +314,16 @@ class DeviceLogin:
 
     # -- attempt limits ----------------------------------------------------------------
     @staticmethod
-    def guess_keys(identity: Identity, client_addr: str) -> tuple[str, ...]:
-        who = hashlib.sha256(f"{identity.issuer}\x00{identity.subject}".encode()).hexdigest()
-        return (f"device:guess:id:{who[:32]}", f"device:guess:addr:{client_addr}")
+    def guess_checks(identity: Identity, client_addr: str) -> tuple[Check, ...]:
+        """Wrong user codes count against the person and, more loosely, their address: a
+        guesser exhausts their own allowance long before their address's, so one person
+        behind a shared proxy or NAT cannot lock everyone else there out."""
+        return ((GUESS_PER_PERSON, subject_of(identity.issuer, identity.subject)),
+                (GUESS_PER_ADDRESS, client_addr))
 
-    async def guesses_blocked(self, keys: Sequence[str]) -> bool:
-        for key in keys:
-            if await self._store.incr(key, 0, GUESS_WINDOW_SECONDS) >= GUESS_LIMIT:
-                return True
-        return False
-
-    async def guess_failed(self, keys: Sequence[str]) -> None:
-        for key in keys:
-            await self._store.incr(key, 1, GUESS_WINDOW_SECONDS)
+    @staticmethod
+    def poll_checks(client_addr: str) -> tuple[Check, ...]:
+        return ((POLL_UNKNOWN_PER_ADDRESS, client_addr),)
 
     async def start_allowed(self, client_addr: str) -> bool:
         key = f"device:start:addr:{client_addr}"

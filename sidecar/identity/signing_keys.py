@@ -21,6 +21,7 @@ import structlog
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from sidecar.identity.secret_box import SecretBox
 from sidecar.store.base import Doc, Store
 
 log = structlog.get_logger("sidecar.signing_keys")
@@ -42,15 +43,32 @@ class SigningKeyUnavailable(Exception):
     """No key could be made active (the store kept changing underneath, or is down)."""
 
 
-def new_key_doc(now: float) -> Doc:
+def new_key_doc(now: float, box: SecretBox) -> Doc:
     key = ec.generate_private_key(ec.SECP256R1())
     kid = secrets.token_hex(8)
     jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key()))
     jwk.update(kid=kid, use="sig", alg=ALGORITHM)
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption()).decode()
-    return {"kid": kid, "alg": ALGORITHM, "private_pem": pem, "public_jwk": jwk,
+                            serialization.NoEncryption())
+    return {"kid": kid, "alg": ALGORITHM, "private_sealed": box.seal(pem), "public_jwk": jwk,
             "created_at": now, "retired_at": None, "signed_until": now}
+
+
+async def seal_plain_keys(store: Store, box: SecretBox, now: float, leeway: int) -> int:
+    """Encrypt private keys an earlier version stored as plain PEM; returns how many."""
+    sealed = 0
+    for doc in await store.list_docs(KEYS):
+        pem = doc.get("private_pem")
+        if not isinstance(pem, str):
+            continue
+        new = {k: v for k, v in doc.items() if k != "private_pem"}
+        new["private_sealed"] = box.seal(pem.encode())
+        # A retired key keeps its expiry; an active one never had one.
+        keep = None if doc.get("retired_at") is None else \
+            max(1, math.ceil(float(doc["signed_until"]) + leeway - now))
+        if await store.swap_doc(KEYS, doc["kid"], doc, new, ttl_seconds=keep):
+            sealed += 1
+    return sealed
 
 
 def is_published(doc: Mapping[str, Any], now: float, leeway: int) -> bool:
@@ -71,6 +89,7 @@ class SigningKeys:
         self,
         store: Store,
         *,
+        box: SecretBox,
         clock: Callable[[], float] = time.time,
         leeway_seconds: int = 30,
         rotate_after_seconds: float = ROTATE_AFTER_SECONDS,
@@ -78,6 +97,7 @@ class SigningKeys:
         refresh_floor_seconds: float = REFRESH_FLOOR_SECONDS,
     ) -> None:
         self._store = store
+        self._box = box
         self._clock = clock
         self._leeway = leeway_seconds
         self._rotate_after = rotate_after_seconds
@@ -135,7 +155,12 @@ class SigningKeys:
             # Record the expiry before the token exists, so the key outlives it for sure.
             extended = {**doc, "signed_until": max(float(doc["signed_until"]), float(exp))}
             if extended == doc or await self._store.swap_doc(KEYS, doc["kid"], doc, extended):
-                key = serialization.load_pem_private_key(doc["private_pem"].encode(), None)
+                if "private_sealed" not in doc:
+                    raise SigningKeyUnavailable(
+                        f"key {doc['kid']} is stored unencrypted; restart a sidecar of this "
+                        "version to encrypt it")
+                key = serialization.load_pem_private_key(
+                    self._box.open(doc["private_sealed"]), None)
                 if not isinstance(key, ec.EllipticCurvePrivateKey):
                     raise SigningKeyUnavailable(f"key {doc['kid']} is not an EC key")
                 return jwt.encode(dict(claims), key, algorithm=ALGORITHM,
@@ -165,7 +190,7 @@ class SigningKeys:
     async def _rotate_from(self, pointer: Doc | None) -> str | None:
         """Replace `pointer` by a new key; None when another replica changed it first."""
         now = self._clock()
-        doc = new_key_doc(now)
+        doc = new_key_doc(now, self._box)
         await self._store.put_doc(KEYS, doc["kid"], doc)
         if not await self._store.swap_doc(ACTIVE, ACTIVE_ID, pointer,
                                           {"kid": doc["kid"], "since": now}):

@@ -36,6 +36,11 @@ class Store(Protocol):
 
     async def ping(self) -> bool: ...
 
+    async def scrub(self) -> None:
+        """Remove what deleted or replaced data left in files (after a secret was re-sealed),
+        where the backend keeps such remnants itself."""
+        ...
+
     # -- documents ---------------------------------------------------------------------
     async def get_doc(self, collection: str, key: str) -> Doc | None: ...
 

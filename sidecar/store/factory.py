@@ -2,7 +2,27 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from sidecar.config.loader import ConfigError
+from sidecar.config.models import StoreConfig
 from sidecar.store.base import Store
+
+
+def store_url(config_path: Path, config: StoreConfig,
+              environ: Mapping[str, str] = os.environ) -> str:
+    """`store.url`, or the variable `store.url_env` names (a URL with a password, from a
+    secret); a named variable that is unset is an error, never a silent fallback."""
+    if config.url_env is None:
+        return config.url
+    url = environ.get(config.url_env, "").strip()
+    if not url.startswith(("sqlite:///", "redis://", "rediss://")):
+        raise ConfigError(str(config_path), [
+            f"{config_path}: store.url_env: ${config.url_env} must hold a store URL "
+            "(sqlite:///, redis:// or rediss://)" + ("" if url else ", and it is not set")])
+    return url
 
 
 async def open_store(url: str) -> Store:

@@ -195,6 +195,11 @@ class RedisStore:
         with _guard():
             return int(await self._swap(keys=keys, args=args)) == 1
 
+    async def scrub(self) -> None:
+        # Redis keeps no remnants of a replaced value in memory; RDB/AOF files written
+        # before are the operator's to rotate (see README, secrets at rest).
+        return None
+
     async def incr(self, key: str, amount: int, ttl_seconds: int) -> int:
         counter = self._key("counter", key)
         with _guard():

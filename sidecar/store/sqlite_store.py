@@ -13,7 +13,6 @@ import json
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import TypeVar
 
 from sidecar.model import TokenUsage
@@ -30,6 +29,7 @@ from sidecar.store.budget_types import (
     dims_from_json,
     dims_to_json,
 )
+from sidecar.store.private_file import make_private
 from sidecar.store.sqlite_worker import SQLiteWorker
 
 T = TypeVar("T")
@@ -94,12 +94,14 @@ class SQLiteStore:
 
     # -- plumbing ----------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
-        Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+        make_private(self._path)
         conn = sqlite3.connect(self._path, isolation_level=None, timeout=10.0)
         conn.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode is durable against process crashes, which is what we promise.
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA busy_timeout=10000")
+        # Deleted rows' bytes are zeroed on the pages being written anyway (no extra I/O).
+        conn.execute("PRAGMA secure_delete=FAST")
         conn.executescript(_SCHEMA)
         _migrate(conn)
         return conn
@@ -116,6 +118,15 @@ class SQLiteStore:
 
     async def close(self) -> None:
         await self._worker.close()
+
+    async def scrub(self) -> None:
+        # VACUUM rewrites the file from live rows only; the WAL still holds old page images
+        # until it is checkpointed and truncated.
+        def scrub(conn: sqlite3.Connection) -> None:
+            conn.execute("VACUUM")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+        await self._run(scrub)
 
     async def ping(self) -> bool:
         try:

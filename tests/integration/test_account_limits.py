@@ -100,7 +100,9 @@ def test_account_spending_limit_blocks_and_unblocks(account_stack: Stack,
         assert admin.post("/accounts/other/ai-gateway/billing/spending-limit",
                           json={"amount": 200, "duration": "daily", "strategy": "fixed"}
                           ).status_code == 404
-        assert admin.post(path, content=b"{nope").status_code == 400
+        assert admin.post(path, content=b"{nope",
+                          headers={"content-type": "application/json"}).status_code == 400
+        assert admin.post(path, content=b"{nope").status_code == 415
         # $2 a day: the $1 already spent counts, so one more request fits, then 429.
         set_limit = admin.post(path, json={"amount": 200, "duration": "daily",
                                            "strategy": "sliding"})

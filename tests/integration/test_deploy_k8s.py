@@ -119,3 +119,25 @@ def test_deployment_wires_sidecar_envoy_and_service() -> None:
 def test_every_manifest_has_kind_and_name(name: str) -> None:
     for doc in yaml.safe_load_all((K8S / name).read_text()):
         assert doc["apiVersion"] and doc["kind"] and doc["metadata"]["name"]
+
+
+def _env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in container["env"]}
+
+
+def test_redis_password_comes_from_one_secret_for_redis_and_the_sidecar() -> None:
+    config = yaml.safe_load(one("ConfigMap", "llm-sidecar-config")["data"]["sidecar.yaml"])
+    redis_pod = one("Deployment", "llm-sidecar-redis")["spec"]["template"]["spec"]
+    (redis,) = redis_pod["containers"]
+    secret = {"secretKeyRef": {"name": "llm-sidecar-redis", "key": "password"}}
+    assert _env(redis)["REDIS_PASSWORD"]["valueFrom"] == secret
+    assert _env(redis)["REDISCLI_AUTH"]["valueFrom"] == secret  # for the readiness probe
+    assert redis["args"][redis["args"].index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    sidecar = _env(_container("sidecar"))
+    assert sidecar["REDIS_PASSWORD"]["valueFrom"] == secret
+    url_env = config["store"]["url_env"]
+    assert sidecar[url_env]["value"] == "redis://:$(REDIS_PASSWORD)@" + \
+        config["store"]["url"].removeprefix("redis://")
+    # Kubernetes expands $(VAR) only from variables defined earlier in the list.
+    names = [e["name"] for e in _container("sidecar")["env"]]
+    assert names.index("REDIS_PASSWORD") < names.index(url_env)

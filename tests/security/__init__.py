@@ -1,1 +1,2 @@
-"""Each attack on the budget, reproduced as an attacker would send it."""
+"""Each attack on the sidecar, reproduced as an attacker would send it, and kept as a
+test once it is fixed."""

@@ -12,9 +12,12 @@ import itertools
 import jwt
 import pytest
 
+from sidecar.identity.attempts import Attempts
 from sidecar.identity.device import (
+    ADDRESS_GUESS_LIMIT,
     EXPIRES_IN,
     GUESS_LIMIT,
+    GUESS_WINDOW_SECONDS,
     INTERVAL,
     SLOW_DOWN_STEP,
     USER_CODE_ALPHABET,
@@ -28,6 +31,7 @@ from sidecar.identity.device import (
 )
 from sidecar.identity.errors import AuthError
 from sidecar.identity.jwt_verify import JwtVerifier
+from sidecar.identity.secret_box import SecretBox, new_key
 from sidecar.identity.signing_keys import SigningKeys
 from sidecar.model import Identity
 from sidecar.store.base import Store
@@ -38,6 +42,7 @@ ALICE = Identity(kind="user", subject="u-alice", email="alice@example.com",
 BOB = Identity(kind="user", subject="u-bob", email="bob@example.com",
                issuer="https://idp.example.com")
 DAY = 86_400
+BOX = SecretBox(new_key(), "the test key")
 
 
 class Clock:
@@ -58,7 +63,7 @@ def clock() -> Clock:
 
 @pytest.fixture
 def login(store: Store, clock: Clock) -> DeviceLogin:
-    return DeviceLogin(store, ISSUER, clock=clock)
+    return DeviceLogin(store, ISSUER, box=BOX, clock=clock)
 
 
 def verifier(login: DeviceLogin, clock: Clock) -> JwtVerifier:
@@ -158,8 +163,8 @@ async def test_unknown_device_code_and_other_client_are_invalid_grant(login: Dev
 
 
 async def test_two_replicas_racing_issue_one_token(store: Store, clock: Clock) -> None:
-    first, second = DeviceLogin(store, ISSUER, clock=clock), DeviceLogin(store, ISSUER,
-                                                                         clock=clock)
+    first, second = (DeviceLogin(store, ISSUER, box=BOX, clock=clock),
+        DeviceLogin(store, ISSUER, box=BOX, clock=clock))
     device_code, grant = await first.start("10.0.0.7", "ua", "")
     await second.decide(grant.user_code, ALICE, approve=True)
     results = await asyncio.gather(first.exchange(device_code, 60),
@@ -172,8 +177,8 @@ async def test_two_replicas_racing_issue_one_token(store: Store, clock: Clock) -
 
 
 async def test_csrf_token_is_bound_to_person_and_code(store: Store, clock: Clock) -> None:
-    login, replica = DeviceLogin(store, ISSUER, clock=clock), DeviceLogin(store, ISSUER,
-                                                                          clock=clock)
+    login, replica = (DeviceLogin(store, ISSUER, box=BOX, clock=clock),
+        DeviceLogin(store, ISSUER, box=BOX, clock=clock))
     _, grant = await login.start("10.0.0.7", "ua", "")
     _, other = await login.start("10.0.0.7", "ua", "")
     token = await login.csrf_token(ALICE, grant)
@@ -185,15 +190,24 @@ async def test_csrf_token_is_bound_to_person_and_code(store: Store, clock: Clock
     assert not await login.csrf_ok(ALICE, grant, "")
 
 
-async def test_wrong_codes_are_limited_per_person_and_address(login: DeviceLogin) -> None:
-    keys = login.guess_keys(ALICE, "10.0.0.7")
+async def test_wrong_codes_are_limited_per_person_and_address(login: DeviceLogin, store: Store,
+                                                              clock: Clock) -> None:
+    attempts = Attempts(store, clock)
+    checks = login.guess_checks(ALICE, "10.0.0.7")
     for _ in range(GUESS_LIMIT):
-        assert not await login.guesses_blocked(keys)
-        await login.guess_failed(keys)
-    assert await login.guesses_blocked(keys)
-    assert await login.guesses_blocked(login.guess_keys(ALICE, "10.9.9.9")), "same person"
-    assert await login.guesses_blocked(login.guess_keys(BOB, "10.0.0.7")), "same address"
-    assert not await login.guesses_blocked(login.guess_keys(BOB, "10.9.9.9"))
+        assert await attempts.retry_after(checks) is None
+        await attempts.failed(checks)
+    assert await attempts.retry_after(checks) is not None
+    assert await attempts.retry_after(login.guess_checks(ALICE, "10.9.9.9")), "same person"
+    # One guesser behind a shared address uses their own allowance, not the address's.
+    assert await attempts.retry_after(login.guess_checks(BOB, "10.0.0.7")) is None
+    assert await attempts.retry_after(login.guess_checks(BOB, "10.9.9.9")) is None
+    for n in range(ADDRESS_GUESS_LIMIT - GUESS_LIMIT):
+        person = Identity(kind="user", subject=f"u-{n}", issuer="https://idp.example.com")
+        await attempts.failed(login.guess_checks(person, "10.0.0.7"))
+    assert await attempts.retry_after(login.guess_checks(BOB, "10.0.0.7")), "address full"
+    clock.now += GUESS_WINDOW_SECONDS
+    assert await attempts.retry_after(checks) is None, "a new window"
 
 
 # -- signing keys --------------------------------------------------------------------------
@@ -227,7 +241,7 @@ async def test_rotation_keeps_old_tokens_valid_and_jwks_shows_both(login: Device
 
 
 async def test_keys_rotate_by_themselves_after_30_days(store: Store, clock: Clock) -> None:
-    keys = SigningKeys(store, clock=clock)
+    keys = SigningKeys(store, box=BOX, clock=clock)
     claims = {"iss": ISSUER, "aud": "llm-sidecar", "sub": "s", "exp": 0}
     first = await keys.sign({**claims, "exp": clock.now + 60})
     clock.now += 29 * DAY
@@ -239,8 +253,8 @@ async def test_keys_rotate_by_themselves_after_30_days(store: Store, clock: Cloc
 
 
 async def test_a_key_made_by_another_replica_is_found(store: Store, clock: Clock) -> None:
-    here, there = DeviceLogin(store, ISSUER, clock=clock), DeviceLogin(store, ISSUER,
-                                                                       clock=clock)
+    here, there = (DeviceLogin(store, ISSUER, box=BOX, clock=clock),
+        DeviceLogin(store, ISSUER, box=BOX, clock=clock))
     _, grant = await here.start("a", "b", "")
     decided = await here.decide(grant.user_code, ALICE, True)
     assert isinstance(decided, Grant) and decided.approver is not None
