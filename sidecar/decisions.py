@@ -19,6 +19,7 @@ STATUS: Mapping[Reason, int] = {
     "unpriced_model": 403,
     "spend_limit_exceeded": 429,
     "store_unavailable": 503,
+    "overloaded": 503,
 }
 
 # The sidecar's reservation id on the upstream request, read back by its metering.
@@ -55,6 +56,14 @@ def deny(reason: Reason, error_type: str, message: str, *, headers: Mapping[str,
         identity=identity,
         model=model,
     )
+
+
+# Shed Checks all get this one answer: built once, so refusing costs next to nothing.
+OVERLOADED = Decision(
+    allowed=False, http_status=503, reason="overloaded",
+    headers={"content-type": "application/json", "retry-after": "1"},
+    body=error_body("overloaded", "the authorization service is over capacity; retry shortly"),
+)
 
 
 def unauthenticated(code: str, detail: str) -> Decision:

@@ -18,13 +18,14 @@ import structlog
 
 from sidecar.budget.spool import Spool
 from sidecar.config.ruleset import Provider, RuleSet, RuleSetHolder
-from sidecar.decisions import allow, deny, unauthenticated
+from sidecar.decisions import OVERLOADED, allow, deny, unauthenticated
 from sidecar.identity.authenticate import Authenticator
 from sidecar.identity.errors import AuthError
 from sidecar.metering.charge import Observed, charge_micros
 from sidecar.metrics import CHECK_SECONDS, DECISIONS, SPEND_MICROS, STORE_ERRORS, model_label
 from sidecar.model import Decision, Identity, RequestAttrs, TokenUsage
 from sidecar.money import micros_to_usd, micros_to_usd_str
+from sidecar.overload import LoadShedder
 from sidecar.policy.request import (
     BadRequest,
     model_of,
@@ -177,6 +178,8 @@ class Engine:
         # Called with every decision after it is made (the dashboard's recent denials);
         # each must return at once and never raise: the request path waits on none.
         self.observers: list[Callable[[RequestAttrs, Decision], None]] = []
+        overload = holder.current.config.overload
+        self.shedder = LoadShedder(overload.max_inflight, overload.max_loop_lag_seconds)
 
     def rules(self, rs: RuleSet) -> tuple[Rule, ...]:
         return (*rs.rules, *self._runtime_rules())
@@ -192,9 +195,19 @@ class Engine:
             return unauthenticated("missing_credentials", "no credentials were presented")
         return found
 
-    async def check(self, attrs: RequestAttrs) -> Decision:
+    async def check(self, attrs: RequestAttrs, time_remaining: float | None = None) -> Decision:
+        """Decide one request; `time_remaining` is the caller's deadline, when it has one."""
+        overload = self.holder.current.config.overload
+        shedder = self.shedder
+        shedder.max_inflight = overload.max_inflight
+        shedder.max_loop_lag = overload.max_loop_lag_seconds
+        if shedder.shed(time_remaining) is not None:
+            # Past capacity: no identity, store or log work, just the prompt refusal.
+            DECISIONS.labels("deny", "overloaded").inc()
+            return OVERLOADED
         started = time.perf_counter()
-        decision = await self._check(attrs)
+        with shedder.deciding(time_remaining):
+            decision = await self._check(attrs)
         seconds = time.perf_counter() - started
         CHECK_SECONDS.observe(seconds)
         self._log(attrs, decision, seconds)

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import os
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -26,6 +33,16 @@ DECISIONS = Counter("sidecar_decisions_total", "Check decisions by result and re
 CHECK_SECONDS = Histogram(
     "sidecar_check_seconds", "Time to answer one Check", registry=REGISTRY,
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+)
+SHED = Counter("sidecar_shed_total",
+               "Checks refused at once with 503 because the sidecar is past capacity, by reason",
+               ["reason"], registry=REGISTRY)
+CHECKS_INFLIGHT = Gauge("sidecar_checks_inflight", "Checks being decided right now",
+                        registry=REGISTRY, multiprocess_mode="livesum")
+CHECK_HEADROOM_SECONDS = Histogram(
+    "sidecar_check_deadline_headroom_seconds",
+    "Time left before the caller's deadline when a Check was answered", registry=REGISTRY,
+    buckets=(0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 5.0),
 )
 SPEND_MICROS = Counter("sidecar_spend_micro_usd_total", "Committed spend in µUSD",
                        ["provider", "model"], registry=REGISTRY)

@@ -64,6 +64,7 @@ Reason = Literal[
     "bad_request",
     "spend_limit_exceeded",
     "store_unavailable",
+    "overloaded",
 ]
 
 

@@ -119,7 +119,9 @@ class Services:
                 log.warning("settle_failed", error=str(exc))
 
     def start_background(self) -> None:
-        self.tasks.append(asyncio.get_running_loop().create_task(self._settle_loop()))
+        loop = asyncio.get_running_loop()
+        self.tasks.append(loop.create_task(self._settle_loop()))
+        self.tasks.append(loop.create_task(self.engine.shedder.watch_loop()))
         self.runtime_rules.start()
         self.watcher.start()
 

@@ -305,6 +305,15 @@ class AlertsConfig(Strict):
     webhooks: tuple[WebhookConfig, ...] = ()
 
 
+class OverloadConfig(Strict):
+    """When to refuse a Check at once (503, Retry-After) instead of deciding it late."""
+
+    # Checks in flight per process beyond which new ones are refused.
+    max_inflight: int = Field(default=256, ge=1, le=1_000_000)
+    # Seconds the event loop may run late before new Checks are refused.
+    max_loop_lag_seconds: float = Field(default=0.25, gt=0, le=60)
+
+
 class SidecarConfig(Strict):
     account_id: str = Field(default="default", min_length=1, pattern=r"^[A-Za-z0-9_\-]+$")
     store: StoreConfig = StoreConfig()
@@ -320,6 +329,7 @@ class SidecarConfig(Strict):
     pricing: PricingConfig = PricingConfig()
     admission: AdmissionConfig = AdmissionConfig()
     alerts: AlertsConfig = AlertsConfig()
+    overload: OverloadConfig = OverloadConfig()
 
     @field_validator("store", mode="before")
     @classmethod

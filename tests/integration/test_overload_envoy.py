@@ -1,0 +1,105 @@
+"""Past capacity, through real Envoy: every request gets a completed 200 or a prompt 503
+with Retry-After and the JSON envelope — never a 403, never a hang — and the ledger holds
+exactly what was served."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from decimal import ROUND_CEILING, Decimal
+
+import httpx
+import pytest
+from genai_prices import Usage, calc_price
+
+from sidecar.demo.config import demo_config
+from sidecar.demo.keys import DevIssuer
+from sidecar.demo.stack import Stack, running_stack
+from sidecar.fake_provider import expected_usage
+
+MODEL = "gpt-4o-mini"
+MESSAGES = [{"role": "user", "content": "Stream a few words for the overload test."}]
+BODY = {"model": MODEL, "messages": MESSAGES, "max_tokens": 16, "stream": True,
+        "stream_options": {"include_usage": True}}
+ARRIVALS = 300
+USERS = 100
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, issuer: DevIssuer) -> Iterator[Stack]:
+    workdir = tmp_path_factory.mktemp("overload")
+    jwks = str(issuer.write_jwks(workdir / "jwks.json"))
+    # One Check at a time per process: a burst of arrivals is far past capacity.
+    config = demo_config(issuer, jwks, f"sqlite:///{workdir}/s.db",
+                         overload={"max_inflight": 1})
+    with running_stack(workdir, issuer, config) as running:
+        yield running
+
+
+def price(tokens_in: int, tokens_out: int) -> int:
+    got = calc_price(Usage(input_tokens=tokens_in, output_tokens=tokens_out), MODEL,
+                     provider_id="openai")
+    return int((got.total_price * 1_000_000).to_integral_value(rounding=ROUND_CEILING))
+
+
+async def one(client: httpx.AsyncClient, token: str) -> tuple[int, dict[str, str], bytes]:
+    async with client.stream("POST", "/openai/v1/chat/completions", json=BODY,
+                             headers={"authorization": f"Bearer {token}",
+                                      "x-fake-delay-ms": "20"}) as response:
+        body = await response.aread()
+        return response.status_code, dict(response.headers), body
+
+
+async def burst(stack: Stack, tokens: list[str]) -> list[tuple[int, dict[str, str], bytes]]:
+    limits = httpx.Limits(max_connections=ARRIVALS, max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=stack.envoy_url, limits=limits,
+                                 timeout=httpx.Timeout(30.0)) as client:
+        return await asyncio.gather(*(one(client, tokens[i % USERS])
+                                      for i in range(ARRIVALS)))
+
+
+def test_past_capacity_every_answer_is_served_or_a_retryable_503(stack: Stack,
+                                                                   issuer: DevIssuer) -> None:
+    emails = [f"burst-{i}@overload.test" for i in range(USERS)]
+    tokens = [issuer.mint(email) for email in emails]
+    results = asyncio.run(burst(stack, tokens))
+    served = [r for r in results if r[0] == 200]
+    refused = [r for r in results if r[0] != 200]
+    assert served and refused, (len(served), len(refused))
+    for status, headers, body in refused:
+        assert status == 503, (status, body)
+        assert headers.get("retry-after") == "1"
+        assert headers["content-type"].startswith("application/json")
+        answer = json.loads(body)
+        assert answer["success"] is False and answer["error"]["type"] == "overloaded"
+    for _, _, body in served:
+        assert body.rstrip().endswith(b"data: [DONE]")  # every admitted stream completed
+    usage = expected_usage("openai_chat", BODY)
+    each = price(usage.total_input, usage.output_tokens)
+    with stack.admin() as admin:
+        def total() -> tuple[int, int]:
+            rows = json.loads(admin.get("/v1/usage").text, parse_float=Decimal)["result"]
+            return (sum(r["requests"] for r in rows),
+                    sum(int(r["cost_usd"] * 1_000_000) for r in rows))
+
+        until = time.monotonic() + 30
+        while total()[0] < len(served) and time.monotonic() < until:
+            time.sleep(0.2)
+        assert total() == (len(served), len(served) * each)
+    metrics = httpx.get(stack.admin_url + "/metrics", timeout=10).text
+    assert 'sidecar_shed_total{reason="queue_full"}' in metrics
+
+
+def test_sidecar_gone_is_a_retryable_503_not_a_403(stack: Stack, issuer: DevIssuer) -> None:
+    for sidecar in stack.sidecars:
+        sidecar.stop()
+    response = httpx.post(stack.envoy_url + "/openai/v1/chat/completions", json=BODY,
+                          headers={"authorization": f"Bearer {issuer.mint('late@x.test')}"},
+                          timeout=30)
+    assert response.status_code == 503, response.text
+    assert response.headers.get("retry-after") == "1"
+    assert response.headers["content-type"].startswith("application/json")
+    assert response.json()["success"] is False
+    assert response.json()["error"]["type"] == "unavailable"
