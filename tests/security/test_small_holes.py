@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from sidecar.config.loader import parse_config
+from sidecar.config.loader import ConfigError, parse_config
 from sidecar.demo.config import demo_config
 from sidecar.demo.keys import DevIssuer
 from sidecar.demo.stack import Stack
@@ -28,6 +28,7 @@ from sidecar.http.app import create_app
 from sidecar.http.device import BadParams, read_params
 from sidecar.identity.jwt_verify import IssuerPolicy, JwtVerifier
 from sidecar.metering import load_json
+from sidecar.policy.request import model_in_path
 from sidecar.services import build_services
 from tests.security.policy_stack import CHAT, LLAMA, chat, policy_stack, upstream_headers
 
@@ -192,7 +193,7 @@ def test_plain_directory_entry_is_refused_with_several_issuers(
     config = demo_config(issuer, str(tmp_path / "jwks.json"), "sqlite:///x.db")
     config["identity"]["jwt"]["issuers"].append({
         "issuer": other.issuer, "audiences": [other.audience], "jwks_file": "other.json"})
-    with pytest.raises(ValueError, match="directory"):
+    with pytest.raises(ConfigError, match=r"identity\.directory\.groups\.ml\[0\].*issuer"):
         parse_config(config)
 
 
@@ -236,3 +237,11 @@ def test_authz_unauthenticated_without_model_is_401(tmp_path: Path, issuer: DevI
     assert envoy_style.json()["error"]["code"] == "missing_credentials"
     assert nginx_style.status_code == 401, nginx_style.text
     assert no_original.status_code == 401, no_original.text
+
+
+def test_model_named_by_the_path_is_read_percent_decoded() -> None:
+    assert model_in_path(f"run/{LLAMA}") == LLAMA
+    assert model_in_path("client/v4/accounts/x/ai/run/%40cf/meta/llama-3?x=1") == "@cf/meta/llama-3"
+    assert model_in_path("v1beta/models/gemini-2.5-pro:generateContent") == "gemini-2.5-pro"
+    assert model_in_path("v1/models") is None
+    assert model_in_path("v1/chat/completions") is None
