@@ -67,6 +67,10 @@ def model_in_path(path: str) -> str | None:
     model = (found.group(1) or found.group(2) or "").strip().rstrip("/")
     if len(model) > MAX_MODEL_LENGTH:
         raise BadRequest("the model named in the path is too long")
+    if "/../" in f"/{model}/" or "/./" in f"/{model}/":
+        # Only an encoded path (`%2F..`) gets here past Envoy's normalisation; a provider
+        # that decodes it would run another path than the one judged.
+        raise BadRequest("the model named in the path has dot segments")
     return model or None
 
 
@@ -91,6 +95,12 @@ def request_model(attrs: RequestAttrs,
             (method == "POST" and on_provider and in_path is None):
         body = parse_body(attrs.body)
     if in_path is not None:
+        named = body.get("model")
+        if isinstance(named, str) and named.strip() and \
+                named.strip().lower() != in_path.lower():
+            # Which one the provider obeys depends on the API; judging one while the
+            # provider runs the other would be a way around the allowlist.
+            raise BadRequest(f"the path names model {in_path!r} and the body {named.strip()!r}")
         return in_path, body
     if "model" in body or (method == "POST" and (on_provider or attrs.body)):
         return model_of(body), body

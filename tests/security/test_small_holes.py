@@ -245,3 +245,17 @@ def test_model_named_by_the_path_is_read_percent_decoded() -> None:
     assert model_in_path("v1beta/models/gemini-2.5-pro:generateContent") == "gemini-2.5-pro"
     assert model_in_path("v1/models") is None
     assert model_in_path("v1/chat/completions") is None
+
+
+def test_path_and_body_naming_different_models_is_400_through_envoy(
+        stack: Stack, issuer: DevIssuer) -> None:
+    stack.clear_seen()
+    headers = bearer(issuer, "ola@example.com")
+    mismatch = httpx.post(f"{stack.envoy_url}/workers-ai/run/{LLAMA}", headers=headers,
+                          json={"model": "gpt-4o", "prompt": "hi"}, timeout=20)
+    assert mismatch.status_code == 400, mismatch.text
+    dotted = httpx.post(f"{stack.envoy_url}/workers-ai/run/%40cf%2F..%2F..%2Fv1%2Fchat",
+                        headers=headers, json={"prompt": "hi"}, timeout=20)
+    assert dotted.status_code == 400, dotted.text
+    assert dotted.json()["error"]["type"] == "bad_request"
+    assert stack.seen() == []
