@@ -25,6 +25,7 @@ from sidecar.demo.stack import Stack
 from sidecar.http.app import create_app
 from sidecar.services import build_services
 from tests.security.policy_stack import CHAT, chat, policy_stack, upstream_headers
+from tests.support.nginx import running_nginx
 
 ACCESS_HEADERS = ("cf-access-jwt-assertion", "cf-access-token", "cf-access-client-id",
                   "cf-access-client-secret")
@@ -196,3 +197,21 @@ def test_a_provider_key_set_by_the_sidecar_is_never_removed() -> None:
     assert replace == {"cookie": "a=1"}
     injected = {"authorization": "Bearer sk-provider", "x-sidecar-email": "me@example.com"}
     assert strip_list(client, injected, ("authorization",)) == ("cf-access-client-secret",)
+
+
+def test_caller_jwt_never_reaches_anthropic_through_nginx(
+        stack: Stack, issuer: DevIssuer, tmp_path: Path) -> None:
+    token = issuer.mint("hap@example.com")
+    sidecar_port = int(stack.admin_url.rsplit(":", 1)[1])
+    provider_port = int(stack.provider_url.rsplit(":", 1)[1])
+    with running_nginx(tmp_path / "nginx", sidecar_port, provider_port) as url:
+        stack.clear_seen()
+        response = httpx.post(url + "/anthropic/v1/messages", timeout=30, headers={
+            "authorization": f"Bearer {token}", "x-sidecar-model": "claude-haiku-4-5",
+            "cookie": f"CF_Authorization={token}"},
+            json={"model": "claude-haiku-4-5", "max_tokens": 4,
+                  "messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == 200, response.text
+    seen = upstream_headers(stack)
+    assert token not in " ".join(seen.values())
+    assert seen["x-sidecar-email"] == "hap@example.com"
