@@ -35,11 +35,18 @@ class Allowlist:
         it to) are both allowed: a deny pattern matching either name denies, and the allow
         patterns must admit each name, so no spelling of a model gets what another is
         refused."""
-        names = (model.strip(), canonical) if canonical else (model.strip(),)
+        requested = model.strip()
+        names = (requested,) if not canonical or canonical == requested.lower() \
+            else (requested, canonical)
         for rule in self.rules:
             if rule.groups.isdisjoint(groups):
                 continue
-            if rule.deny is not None and any(rule.deny.match(n) for n in names):
+            deny, allow = rule.deny, rule.allow
+            if deny is not None:
+                for name in names:
+                    if deny.match(name):
+                        return False
+            if allow is None:
                 return False
-            return rule.allow is not None and all(rule.allow.match(n) for n in names)
+            return all(allow.match(name) is not None for name in names)
         return self.default_allow
