@@ -26,6 +26,7 @@ from sidecar.demo.keys import DevIssuer
 from sidecar.demo.stack import Stack
 from sidecar.http.app import create_app
 from sidecar.http.device import BadParams, read_params
+from sidecar.identity.directory import Directory
 from sidecar.identity.jwt_verify import IssuerPolicy, JwtVerifier
 from sidecar.metering import load_json
 from sidecar.policy.request import model_in_path
@@ -178,6 +179,17 @@ def test_directory_grant_never_applies_to_a_service_jwt(issuer: DevIssuer) -> No
     claims["sub"] = ""
     identity = asyncio.run(verifier.verify(issuer.sign(claims)))
     assert identity.kind == "service" and identity.groups == ()
+
+
+def test_directory_grant_never_applies_to_a_device_login_token(issuer: DevIssuer) -> None:
+    # Device-login tokens carry the approver's groups as approved; the directory is not
+    # consulted again for them.
+    verifier = JwtVerifier([IssuerPolicy(issuer.issuer, (issuer.audience,), ("RS256",),
+                                         "groups", 30, StaticKey(issuer), own=True)],
+                           Directory.build([("ml", issuer.issuer, "dana@example.com")]))
+    token = issuer.sign(issuer.claims("dana@example.com", ["eng"], kind="cli"))
+    identity = asyncio.run(verifier.verify(token))
+    assert identity.kind == "cli" and identity.groups == ("eng",)
 
 
 class StaticKey:
