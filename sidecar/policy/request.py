@@ -74,6 +74,14 @@ def model_in_path(path: str) -> str | None:
     return model or None
 
 
+def _agree(in_path: str | None, named: str | None, where: str) -> None:
+    # Which name the provider obeys depends on the API; judging one while the provider
+    # runs the other would be a way around the allowlist.
+    if in_path is not None and named is not None and named.strip() and \
+            named.strip().lower() != in_path.lower():
+        raise BadRequest(f"the path names model {in_path!r} and {where} {named.strip()!r}")
+
+
 def request_model(attrs: RequestAttrs,
                   provider_prefix: str | None) -> tuple[str, Mapping[str, Any]] | None:
     """(model, parsed body) of a request that names a model, whatever its method; None for
@@ -85,22 +93,19 @@ def request_model(attrs: RequestAttrs,
     that sends a body to a provider has it read like a POST's: a PUT or PATCH naming a
     model is decided like a POST, not waved through on identity alone.
     """
-    if attrs.model_hint:
-        return attrs.model_hint.strip(), {}
     method = attrs.method.upper()
     on_provider = provider_prefix is not None
     in_path = model_in_path(attrs.path[len(provider_prefix):]) if provider_prefix else None
+    if attrs.model_hint:
+        _agree(in_path, attrs.model_hint, "x-sidecar-model")
+        return attrs.model_hint.strip(), {}
     body: Mapping[str, Any] = {}
     if (attrs.body and (on_provider or method == "POST")) or \
             (method == "POST" and on_provider and in_path is None):
         body = parse_body(attrs.body)
     if in_path is not None:
         named = body.get("model")
-        if isinstance(named, str) and named.strip() and \
-                named.strip().lower() != in_path.lower():
-            # Which one the provider obeys depends on the API; judging one while the
-            # provider runs the other would be a way around the allowlist.
-            raise BadRequest(f"the path names model {in_path!r} and the body {named.strip()!r}")
+        _agree(in_path, named if isinstance(named, str) else None, "the body")
         return in_path, body
     if "model" in body or (method == "POST" and (on_provider or attrs.body)):
         return model_of(body), body

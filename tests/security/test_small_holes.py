@@ -271,3 +271,20 @@ def test_path_and_body_naming_different_models_is_400_through_envoy(
     assert dotted.status_code == 400, dotted.text
     assert dotted.json()["error"]["type"] == "bad_request"
     assert stack.seen() == []
+
+
+def test_authz_model_header_must_agree_with_the_path(
+        tmp_path: Path, issuer: DevIssuer) -> None:
+    jwks = issuer.write_jwks(tmp_path / "jwks.json")
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(yaml.safe_dump(demo_config(issuer, str(jwks), f"sqlite:///{tmp_path}/s.db")))
+    services = asyncio.run(build_services(path))
+    try:
+        with TestClient(create_app(services)) as client:
+            response = client.post(f"/authz/workers-ai/run/{LLAMA}", headers={
+                **bearer(issuer, "ivy@example.com", ["interns"]),
+                "x-sidecar-model": "gpt-4o-mini"})
+    finally:
+        asyncio.run(services.close())
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["type"] == "bad_request"
