@@ -85,17 +85,70 @@ def identity_headers(identity: Identity) -> dict[str, str]:
     }
 
 
+# Every header that carries an Access credential, whichever one authenticated the caller.
+ACCESS_CREDENTIAL_HEADERS = (
+    "cf-access-jwt-assertion",
+    "cf-access-token",
+    "cf-access-client-id",
+    "cf-access-client-secret",
+)
+ACCESS_COOKIE = "cf_authorization"
+
+
+def _cookie_name(pair: str) -> str:
+    return pair.split("=", 1)[0].strip().lower()
+
+
+def without_access_cookie(cookie: str) -> str | None:
+    """The Cookie header without the Access cookie (`CF_Authorization`), other cookies kept;
+    None when it had none. Duplicate Cookie headers arrive joined with `,`, so a pair that
+    mentions the Access cookie is split on commas too."""
+    kept: list[str] = []
+    found = False
+    for part in cookie.split(";"):
+        piece = part.strip()
+        if ACCESS_COOKIE in piece.lower():
+            pairs = [p.strip() for p in piece.split(",")]
+            rest = [p for p in pairs if _cookie_name(p) != ACCESS_COOKIE]
+            if len(rest) != len(pairs):
+                found = True
+                piece = ",".join(p for p in rest if p)
+        if piece:
+            kept.append(piece)
+    return "; ".join(kept) if found else None
+
+
+def strip_credentials(client_headers: Mapping[str, str],
+                      credentials: tuple[str, ...]) -> tuple[set[str], dict[str, str]]:
+    """(headers to remove, headers to set) so that no credential the sidecar understands
+    reaches the upstream: every Access header, the Access cookie (other cookies stay), and
+    `credentials`, the headers identity found a sidecar credential in (`authorization`
+    holding a token of a configured issuer, whether or not it was the one used). A provider
+    key in `authorization` is not a sidecar credential and passes; whoever injects a
+    provider key sets `authorization`, which then wins over any removal (see strip_list).
+    """
+    remove = {h for h in (*ACCESS_CREDENTIAL_HEADERS, *credentials)
+              if h in client_headers and h != "cookie"}
+    replace: dict[str, str] = {}
+    cookie = client_headers.get("cookie")
+    rest = without_access_cookie(cookie) if cookie is not None else None
+    if rest is not None:
+        if rest:
+            replace["cookie"] = rest
+        else:
+            remove.add("cookie")
+    return remove, replace
+
+
 def strip_list(
     client_headers: Mapping[str, str], set_headers: Mapping[str, str], credentials: tuple[str, ...]
 ) -> tuple[str, ...]:
-    """Client headers that must not reach the upstream: spoofable x-sidecar-* headers, any
-    service-token secret, and whichever header carried the caller's own credential."""
-    drop = {
-        name for name in client_headers
-        if name.startswith("x-sidecar-") and name not in set_headers
-    }
-    drop.update(h for h in (*credentials, "cf-access-client-secret") if h in client_headers)
-    return tuple(sorted(drop))
+    """Client headers that must not reach the upstream: spoofable x-sidecar-* headers and
+    every credential carrier (strip_credentials). A header the sidecar sets is replaced,
+    never removed, so a set value (a provider key, the trimmed cookie) survives."""
+    drop = {name for name in client_headers if name.startswith("x-sidecar-")}
+    drop |= strip_credentials(client_headers, credentials)[0]
+    return tuple(sorted(drop - set(set_headers)))
 
 
 def allow(
@@ -115,6 +168,7 @@ def allow(
     if request_id:
         # Overwrites any client value: metering charges usage against this id only.
         headers[RESERVATION_HEADER] = request_id
+    headers.update(strip_credentials(client_headers, credentials)[1])
     if model:
         headers["x-sidecar-model"] = model
     if provider:

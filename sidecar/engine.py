@@ -28,9 +28,8 @@ from sidecar.money import micros_to_usd, micros_to_usd_str
 from sidecar.overload import LoadShedder
 from sidecar.policy.request import (
     BadRequest,
-    model_of,
-    parse_body,
     parse_metadata,
+    request_model,
     split_provider,
 )
 from sidecar.policy.rules import Context, Rule
@@ -75,7 +74,9 @@ class NoAlerts:
 
 
 def context(identity: Identity, model: str, provider: str,
-            metadata: Mapping[str, str]) -> Context:
+            metadata: Mapping[str, str], requested: str = "") -> Context:
+    """The request's dimensions. `model` is the canonical model (buckets are split by it);
+    `requested`, the name as sent, is only for rule filters to match as well."""
     ctx: dict[str, tuple[str, ...]] = {
         "user": (identity.user,),
         "group": identity.groups,
@@ -84,9 +85,45 @@ def context(identity: Identity, model: str, provider: str,
         "model": (model,),
         "provider": (provider,),
     }
+    if requested and requested != model:
+        ctx["requested_model"] = (requested,)
     for key, value in metadata.items():
         ctx[f"metadata.{key}"] = (value,)
     return ctx
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A model a request may be admitted as: the one asked for, then its fallbacks.
+
+    `model` is the name sent upstream (the caller's, or the fallback's as configured);
+    `canonical` is the one policy compares and budgets and the ledger count under.
+    """
+
+    model: str
+    canonical: str
+    provider: Provider
+
+
+def candidates(rs: RuleSet, model: str, provider: Provider) -> list[Candidate]:
+    first = Candidate(model, rs.prices.canonical(provider.pricing_id, model), provider)
+    out = [first]
+    for step in rs.fallback_chain(model, first.canonical):
+        target = rs.provider_by_id.get(step.provider) if step.provider else provider
+        if target is not None:
+            out.append(Candidate(step.model, rs.prices.canonical(target.pricing_id, step.model),
+                                 target))
+    return out
+
+
+def model_allowed(rs: RuleSet, identity: Identity, candidate: Candidate) -> bool:
+    return rs.allowlist.allows(identity.groups, candidate.model, candidate.canonical)
+
+
+def candidate_context(identity: Identity, candidate: Candidate,
+                      metadata: Mapping[str, str]) -> Context:
+    return context(identity, candidate.canonical, candidate.provider.id, metadata,
+                   requested=candidate.model.strip().lower())
 
 
 @dataclass(frozen=True)
@@ -230,15 +267,11 @@ class Engine:
     async def _decide(self, rs: RuleSet, attrs: RequestAttrs, identity: Identity,
                       creds: tuple[str, ...]) -> Decision:
         provider = rs.provider_for_path(attrs.path)
-        body: Mapping[str, Any]
-        if attrs.model_hint:
-            model, body = attrs.model_hint.strip(), {}
-        elif attrs.method.upper() == "POST" and (provider is not None or attrs.body):
-            body = parse_body(attrs.body)
-            model = model_of(body)
-        else:
-            # Not an LLM call (listing models, health of the provider): identity only.
+        found = request_model(attrs, provider.path_prefix if provider else None)
+        if found is None:
+            # Names no model (listing models, reading a file): identity only.
             return allow(identity, attrs.headers, creds)
+        model, body = found
         if provider is None:
             named, model = split_provider(model, rs.provider_by_id)
             if named is None:
@@ -246,10 +279,6 @@ class Engine:
                                  f"{attrs.path!r}")
             provider = rs.provider_by_id[named]
         metadata = parse_metadata(attrs.headers)
-        if not rs.allowlist.allows(identity.groups, model):
-            return deny("model_not_allowed", "model_not_allowed",
-                        f"model {model!r} is not allowed for your groups",
-                        identity=identity, model=model)
         return await self._admit(rs, attrs, identity, creds, model, provider, body, metadata)
 
     def _estimate(self, rs: RuleSet, model: str, provider: Provider,
@@ -269,14 +298,14 @@ class Engine:
         request_id = new_request_id()
         rules = self.rules(rs)
         first_fallback: tuple[Planned, BucketState, int] | None = None
-        candidates: list[tuple[str, Provider]] = [(model, provider)]
-        for step in rs.fallbacks.get(model, ()):
-            target = rs.provider_by_id.get(step.provider) if step.provider else provider
-            if target is not None:
-                candidates.append((step.model, target))
-        for index, (cand_model, cand_provider) in enumerate(candidates):
-            if index and not rs.allowlist.allows(identity.groups, cand_model):
+        for index, cand in enumerate(candidates(rs, model, provider)):
+            if not model_allowed(rs, identity, cand):
+                if index == 0:
+                    return deny("model_not_allowed", "model_not_allowed",
+                                f"model {model!r} is not allowed for your groups",
+                                identity=identity, model=model)
                 continue
+            cand_model, cand_provider = cand.model, cand.provider
             estimate = self._estimate(rs, cand_model, cand_provider, body)
             if estimate is None:
                 if index == 0:
@@ -284,10 +313,9 @@ class Engine:
                                 f"model {cand_model!r} has no known price", identity=identity,
                                 model=cand_model)
                 continue
-            budget = merge(plan(rules, context(identity, cand_model, cand_provider.id,
-                                               metadata), now))
+            budget = merge(plan(rules, candidate_context(identity, cand, metadata), now))
             dims = LedgerDims(identity.user, identity.groups, identity.token_name,
-                              identity.kind, cand_model, cand_provider.id)
+                              identity.kind, cand.canonical, cand_provider.id)
             request = ReserveRequest(request_id, budget.views, estimate,
                                      "optimistic" if rs.admission_mode == "optimistic"
                                      else "reserve", now, now + rs.reservation_ttl, dims,

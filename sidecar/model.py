@@ -9,6 +9,12 @@ from typing import Literal
 IdentityKind = Literal["user", "service", "cli"]
 
 
+def normalise_email(email: str) -> str:
+    """One spelling per address for budgets, grants and the ledger: issuers sign whatever
+    case (and stray whitespace) the account was created with."""
+    return email.strip().lower()
+
+
 @dataclass(frozen=True, slots=True)
 class Identity:
     kind: IdentityKind
@@ -22,8 +28,8 @@ class Identity:
 
     @property
     def user(self) -> str:
-        """The `user` dimension: email for people, token name for services."""
-        return self.email or self.token_name or self.subject
+        """The `user` dimension: email (normalised) for people, token name for services."""
+        return normalise_email(self.email) if self.email else self.token_name or self.subject
 
 
 @dataclass(frozen=True, slots=True)

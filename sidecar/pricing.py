@@ -160,6 +160,7 @@ class PriceBook:
         self._clock = clock
         self._refresh_at = math.inf
         self._cached = functools.lru_cache(maxsize=cache_entries)(self._resolve)
+        self._canonical = functools.lru_cache(maxsize=cache_entries)(self._resolve_name)
         _bundled_snapshot()
 
     def price(self, provider_id: str, model: str) -> UnitPrice | None:
@@ -168,6 +169,19 @@ class PriceBook:
             self._refresh_at = math.inf
             self._cached.cache_clear()
         return self._cached(provider_id, model)
+
+    def canonical(self, provider_id: str, model: str) -> str:
+        """The one name of `model` that policy compares and budgets count under: the model
+        genai-prices resolves it to (`GPT-4O` and `gpt-4o-2024-08-06` are `gpt-4o`), else
+        the name itself; lower-case either way. A config override prices a name but does not
+        rename it: a snapshot with its own price still counts as the model it is a snapshot
+        of, so a rule about `gpt-4o` covers it."""
+        return self._canonical(provider_id, model)
+
+    def _resolve_name(self, provider_id: str, model: str) -> str:
+        name = model.strip().lower()
+        info = _lookup_model(provider_id, name)
+        return info.id.lower() if info is not None else name
 
     def _resolve(self, provider_id: str, model: str) -> UnitPrice | None:
         for override in self._overrides:

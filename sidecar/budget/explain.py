@@ -8,7 +8,17 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sidecar.config.ruleset import Provider
-from sidecar.engine import Engine, Plan, Planned, context, merge, plan
+from sidecar.engine import (
+    Engine,
+    Plan,
+    Planned,
+    candidate_context,
+    candidates,
+    context,
+    merge,
+    model_allowed,
+    plan,
+)
 from sidecar.model import Identity
 from sidecar.money import micros_to_usd
 from sidecar.policy.rules import Rule
@@ -54,7 +64,11 @@ async def budgets_for(engine: Engine, identity: Identity, model: str = "",
     rs = engine.holder.current
     now = engine.clock()
     rules = [r for r in engine.rules(rs) if _visible(r, bool(model))]
-    budget = merge(plan(rules, context(identity, model, provider, {}), now))
+    known = rs.provider_by_id.get(provider)
+    canonical = rs.prices.canonical(known.pricing_id if known else provider, model) \
+        if model else ""
+    budget = merge(plan(rules, context(identity, canonical, provider, {},
+                                       requested=model.strip().lower()), now))
     states = await engine.store.bucket_states(list(budget.views), now)
     return [bucket_view(p, budget.state(p, states), now) for p in budget.planned]
 
@@ -64,16 +78,13 @@ async def simulate(engine: Engine, identity: Identity, model: str, provider: Pro
     rs = engine.holder.current
     now = engine.clock()
     steps: list[dict[str, Any]] = []
-    candidates: list[tuple[str, Provider]] = [(model, provider)]
-    for step in rs.fallbacks.get(model, ()):
-        target = rs.provider_by_id.get(step.provider) if step.provider else provider
-        if target is not None:
-            candidates.append((step.model, target))
     outcome: dict[str, Any] = {"decision": "deny", "status": 429, "model": model}
-    for index, (cand_model, cand_provider) in enumerate(candidates):
-        entry: dict[str, Any] = {"model": cand_model, "provider": cand_provider.id}
+    for index, cand in enumerate(candidates(rs, model, provider)):
+        cand_model, cand_provider = cand.model, cand.provider
+        entry: dict[str, Any] = {"model": cand_model, "canonical": cand.canonical,
+                                 "provider": cand_provider.id}
         steps.append(entry)
-        if not rs.allowlist.allows(identity.groups, cand_model):
+        if not model_allowed(rs, identity, cand):
             entry["result"] = "model_not_allowed"
             if index == 0:
                 return {"decision": "deny", "status": 403, "reason": "model_not_allowed",
@@ -91,8 +102,8 @@ async def simulate(engine: Engine, identity: Identity, model: str, provider: Pro
         estimate = estimate_micros(price, input_tokens, output_tokens)
         entry.update(estimate_usd=micros_to_usd(estimate), input_tokens=input_tokens,
                      output_tokens=output_tokens, price_source=price.source)
-        budget = merge(plan(engine.rules(rs), context(identity, cand_model, cand_provider.id,
-                                                      metadata), now))
+        budget = merge(plan(engine.rules(rs), candidate_context(identity, cand, metadata),
+                            now))
         states = await engine.store.bucket_states(list(budget.views), now)
         entry["buckets"] = _with_fit(budget, states, estimate, now)
         full = [b for b in entry["buckets"] if not b["fits"] and b["action"] != "monitor"]

@@ -153,8 +153,17 @@ class DeviceLoginConfig(Strict):
         return value
 
 
+class DirectoryGrant(Strict):
+    """A grant to the person `issuer` signs in as `email`."""
+
+    email: str = Field(min_length=3)
+    issuer: str = Field(min_length=1)
+
+
 class DirectoryConfig(Strict):
-    groups: dict[str, tuple[str, ...]] = {}
+    # A plain address stands for the one configured JWT issuer; with several issuers each
+    # grant must say which one it trusts ({email, issuer}).
+    groups: dict[str, tuple[str | DirectoryGrant, ...]] = {}
 
 
 class IdentityConfig(Strict):
@@ -336,6 +345,19 @@ class SidecarConfig(Strict):
     def _store_shorthand(cls, value: Any) -> Any:
         return {"url": value} if isinstance(value, str) else value
 
+    def _check_directory(self) -> None:
+        issuers = [i.issuer for i in self.identity.jwt.issuers]
+        for group, members in self.identity.directory.groups.items():
+            for index, member in enumerate(members):
+                where = f"identity.directory.groups.{group}[{index}]"
+                if isinstance(member, DirectoryGrant):
+                    if member.issuer not in issuers:
+                        raise ValueError(f"{where}: issuer {member.issuer!r} is not in "
+                                         "identity.jwt.issuers")
+                elif len(issuers) > 1:
+                    raise ValueError(f"{where}: with several JWT issuers a grant must name "
+                                     f"the one it trusts: {{email: {member}, issuer: ...}}")
+
     @model_validator(mode="after")
     def _cross_checks(self) -> SidecarConfig:
         names = [rule.name for rule in self.spend_limits]
@@ -345,6 +367,7 @@ class SidecarConfig(Strict):
         ids = [p.id for p in self.providers]
         if len(set(ids)) != len(ids):
             raise ValueError("providers: duplicate ids")
+        self._check_directory()
         for model, chain in self.fallbacks.items():
             for target in chain:
                 if target.provider is not None and target.provider not in ids:

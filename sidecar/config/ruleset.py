@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 
 from sidecar.config.models import (
     DefaultPriceConfig,
+    DirectoryGrant,
     SidecarConfig,
     SpendLimitConfig,
     WindowConfig,
 )
+from sidecar.identity.directory import Directory
 from sidecar.money import usd_to_micros
 from sidecar.policy.allowlist import Allowlist, AllowRule, compile_globs
 from sidecar.policy.rules import Rule, Window, compile_rule
@@ -48,11 +50,16 @@ class RuleSet:
     rules: tuple[Rule, ...]
     fallbacks: Mapping[str, tuple[FallbackStep, ...]]
     prices: PriceBook
-    directory: Mapping[str, tuple[str, ...]]
+    directory: Directory
     reservation_ttl: int
     default_max_output_tokens: int
     admission_mode: str
     provider_by_id: Mapping[str, Provider] = field(default_factory=dict)
+
+    def fallback_chain(self, model: str, canonical: str) -> tuple[FallbackStep, ...]:
+        """The configured chain for a model under the name it was asked by (any case), else
+        under its canonical name: every spelling of a model falls back the same way."""
+        return self.fallbacks.get(model.strip().lower()) or self.fallbacks.get(canonical, ())
 
     def provider_for_path(self, path: str) -> Provider | None:
         for provider in self.providers:
@@ -121,10 +128,16 @@ def build_ruleset(config: SidecarConfig, *, source_text: str = "") -> RuleSet:
         ],
         default_price,
     )
-    directory: dict[str, list[str]] = {}
-    for group, members in config.identity.directory.groups.items():
-        for email in members:
-            directory.setdefault(email.lower(), []).append(group)
+    issuers = [i.issuer for i in config.identity.jwt.issuers]
+    directory = Directory.build(
+        (group, member.issuer, member.email) if isinstance(member, DirectoryGrant)
+        # A plain address means the one configured issuer (config validation refuses it
+        # when there are several); with none configured it grants nothing.
+        else (group, issuer, member)
+        for group, members in config.identity.directory.groups.items()
+        for member in members
+        for issuer in ((member.issuer,) if isinstance(member, DirectoryGrant) else issuers)
+    )
     version = hashlib.sha256(
         (source_text or json.dumps(config.model_dump(mode="json"), sort_keys=True)).encode()
     ).hexdigest()[:12]
@@ -136,11 +149,11 @@ def build_ruleset(config: SidecarConfig, *, source_text: str = "") -> RuleSet:
         providers=providers,
         rules=tuple(rule_from_config(r) for r in config.spend_limits),
         fallbacks={
-            model: tuple(FallbackStep(t.model, t.provider) for t in chain)
+            model.strip().lower(): tuple(FallbackStep(t.model, t.provider) for t in chain)
             for model, chain in config.fallbacks.items()
         },
         prices=prices,
-        directory={k: tuple(v) for k, v in directory.items()},
+        directory=directory,
         reservation_ttl=parse_duration(config.admission.reservation_ttl),
         default_max_output_tokens=config.admission.default_max_output_tokens,
         admission_mode=config.admission.mode,

@@ -33,6 +33,7 @@ from starlette.routing import Route
 from sidecar.decisions import deny
 from sidecar.http.auth import request_headers
 from sidecar.model import Decision, RequestAttrs
+from sidecar.policy.request import BadRequest, model_in_path
 from sidecar.services import Services
 
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
@@ -40,6 +41,9 @@ _TOKEN = re.compile(r"^[A-Za-z]{1,16}$")
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
 MAX_URI = 8192
 MAX_MODEL = 256
+REMOVE_HEADER = "x-envoy-auth-headers-to-remove"
+# Methods whose body names the model; an ingress sends none here, so they need the header.
+BODY_METHODS = ("POST", "PUT", "PATCH")
 # Statuses nginx's auth_request passes on itself; every other refusal is sent as 403.
 NGINX_NATIVE = (401, 403)
 
@@ -77,6 +81,13 @@ def original_request(path_param: str | None, method: str,
     return original_method.upper(), uri, nginx_uri is not None
 
 
+def _path_names_model(path: str) -> bool:
+    try:
+        return model_in_path(path) is not None
+    except BadRequest:
+        return True  # it does, badly: the engine refuses it with its own message
+
+
 def _clean(value: str) -> str:
     return _UNSAFE.sub(" ", value)
 
@@ -86,6 +97,10 @@ def render(decision: Decision, nginx: bool) -> Response:
         # x-sidecar-request-id, among the decision's headers when something was reserved, is
         # the sidecar's own id: the ingress passes it on, and usage is reported against it.
         headers = {**decision.headers, **decision.response_headers}
+        if decision.remove_headers:
+            # Envoy's http_service ext_authz removes these from the upstream request; other
+            # ingresses drop the credential headers themselves (deploy/nginx).
+            headers[REMOVE_HEADER] = ",".join(decision.remove_headers)
         return Response(status_code=200, headers={k: _clean(v) for k, v in headers.items()})
     headers = {k: _clean(v) for k, v in decision.headers.items()}
     status = decision.http_status
@@ -101,6 +116,14 @@ def render(decision: Decision, nginx: bool) -> Response:
 
 
 def routes(services: Services) -> list[Route]:
+    async def refuse(headers: Mapping[str, str], message: str, nginx: bool) -> Response:
+        """A request that cannot be judged as described: 400, but identity comes first, as
+        everywhere else, so an unauthenticated caller learns nothing but 401."""
+        found = await services.engine.identify(headers)
+        if isinstance(found, Decision):
+            return render(found, nginx)
+        return render(deny("bad_request", "bad_request", message), nginx)
+
     async def authz(request: Request) -> Response:
         headers = request_headers(request)
         path_param = request.path_params.get("path")
@@ -115,14 +138,15 @@ def routes(services: Services) -> list[Route]:
                                   "characters")
             method, path, nginx = original_request(path_param, request.method, headers)
         except BadOriginal as exc:
-            return render(deny("bad_request", "bad_request", str(exc)), nginx)
+            return await refuse(headers, str(exc), nginx)
         if request.url.query and path_param is not None:
             path = f"{path}?{request.url.query}"
-        if not model and method == "POST" and services.ruleset.provider_for_path(path):
-            # The engine would ask for a body; an ingress cannot send one.
-            return render(deny("bad_request", "bad_request",
-                               "x-sidecar-model is required: this authorization endpoint "
-                               "receives no request body"), nginx)
+        provider = services.ruleset.provider_for_path(path)
+        if not model and method in BODY_METHODS and provider is not None and \
+                not _path_names_model(path[len(provider.path_prefix):]):
+            # The engine would read the model from a body; an ingress cannot send one.
+            return await refuse(headers, "x-sidecar-model is required: this authorization "
+                                "endpoint receives no request body", nginx)
         attrs = RequestAttrs(method=method, path=path, headers=headers, body=None,
                              request_id=request_id, model_hint=model)
         return render(await services.engine.check(attrs), nginx)

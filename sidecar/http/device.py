@@ -8,7 +8,6 @@ code; wrong codes are counted per person and per client address.
 from __future__ import annotations
 
 import html
-import json
 from collections.abc import Awaitable, Callable
 from importlib.resources import files
 from string import Template
@@ -20,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from sidecar import untrusted_json
 from sidecar.http.auth import client_addr, request_headers
 from sidecar.http.same_origin import cross_site
 from sidecar.identity.device import (
@@ -92,7 +92,7 @@ async def read_params(request: Request) -> dict[str, str]:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "application/json":
         try:
-            data = json.loads(raw or b"{}")
+            data = untrusted_json.loads(raw or b"{}")
         except ValueError:
             raise BadParams("request body is not valid JSON") from None
         if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
+
+from sidecar import untrusted_json
 
 MAX_JSON_BODY = 64 * 1024
 
@@ -52,7 +53,9 @@ async def json_object(request: Request) -> dict[str, Any]:
     if not raw.strip():
         raise ApiError(400, "request body must be a JSON object")
     try:
-        data = json.loads(raw)
+        data = untrusted_json.loads(raw)
+    except untrusted_json.TooDeep:
+        raise ApiError(400, "request body is nested too deeply") from None
     except (ValueError, UnicodeDecodeError):
         raise ApiError(400, "request body is not valid JSON") from None
     if not isinstance(data, dict):

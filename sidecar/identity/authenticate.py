@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from http.cookies import CookieError, SimpleCookie
 
 from sidecar.identity.errors import AuthError
-from sidecar.identity.jwt_verify import JwtVerifier
+from sidecar.identity.jwt_verify import JwtVerifier, unverified_issuer
 from sidecar.identity.service_tokens import ServiceTokens
 from sidecar.model import Identity
 
@@ -44,11 +44,31 @@ class Authenticator:
         self.jwt = jwt
         self.service_tokens = service_tokens
 
+    def sidecar_bearer(self, headers: Mapping[str, str]) -> bool:
+        """Whether `Authorization` holds a token of an issuer the sidecar accepts (an Access
+        or device-login JWT), as opposed to a provider key meant for the upstream."""
+        scheme, _, value = headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not value.strip():
+            return False
+        return unverified_issuer(value.strip()) in self.jwt.issuers
+
     async def identify(self, headers: Mapping[str, str]) -> tuple[Identity, tuple[str, ...]] | None:
-        """The identity and the headers that carried its credential (never to go upstream).
+        """The identity and the headers that hold a sidecar credential (never to go
+        upstream): the one used, and `authorization` when it holds one too.
 
         None when no credential was presented at all; AuthError when one was bad.
         """
+        found = await self._identify(headers)
+        if found is None:
+            return None
+        identity, used = found
+        if "authorization" not in used and self.sidecar_bearer(headers):
+            used = (*used, "authorization")
+        return identity, used
+
+    async def _identify(
+        self, headers: Mapping[str, str]
+    ) -> tuple[Identity, tuple[str, ...]] | None:
         assertion = headers.get("cf-access-jwt-assertion", "").strip()
         if assertion:
             return await self.jwt.verify(assertion), ("cf-access-jwt-assertion",)
@@ -60,7 +80,7 @@ class Authenticator:
             if not secret:
                 raise AuthError("malformed", "CF-Access-Client-Secret is missing")
             identity = await self.service_tokens.authenticate(client_id, secret)
-            return identity, (CLIENT_SECRET,)
+            return identity, (CLIENT_ID, CLIENT_SECRET)
         found = find_jwt(headers)
         if found is None:
             return None

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 import jwt
 
+from sidecar.identity.directory import Directory
 from sidecar.identity.errors import AuthError
 from sidecar.model import Identity, IdentityKind
 
@@ -35,6 +36,18 @@ class IssuerPolicy:
     keys: KeySource
     # Tokens minted by the sidecar's own device login carry kind "cli".
     own: bool = False
+
+
+def unverified_issuer(token: str) -> str | None:
+    """The `iss` a JWT claims, unchecked: enough to tell a token meant for the sidecar from a
+    provider's own bearer token, never to trust it."""
+    if len(token) > MAX_TOKEN_BYTES or token.count(".") != 2:
+        return None
+    try:
+        iss = jwt.decode(token, options={"verify_signature": False}).get("iss")
+    except jwt.PyJWTError:
+        return None
+    return iss if isinstance(iss, str) else None
 
 
 def claim_path(claims: Mapping[str, Any], path: str) -> Any:
@@ -62,7 +75,7 @@ def groups_from_claim(value: Any) -> tuple[str, ...]:
 
 
 def identity_from_claims(
-    claims: Mapping[str, Any], policy: IssuerPolicy, directory: Mapping[str, tuple[str, ...]]
+    claims: Mapping[str, Any], policy: IssuerPolicy, directory: Directory
 ) -> Identity:
     sub = claims.get("sub") or ""
     email = claims.get("email") or ""
@@ -79,7 +92,9 @@ def identity_from_claims(
     else:
         raise AuthError("malformed_claims", "token names no subject, email or common_name")
     groups = list(groups_from_claim(claim_path(claims, policy.groups_claim)))
-    for extra in directory.get(email.lower(), ()) if email else ():
+    granted = directory.groups_for(policy.issuer, email) if kind == "user" and not policy.own \
+        else ()
+    for extra in granted:
         if extra not in groups:
             groups.append(extra)
     exp = claims.get("exp")
@@ -133,13 +148,15 @@ class JwtVerifier:
     def __init__(
         self,
         issuers: Sequence[IssuerPolicy],
-        directory: Mapping[str, tuple[str, ...]],
+        directory: Directory | Mapping[str, tuple[str, ...]],
         *,
         cache_size: int = 50_000,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._issuers = {p.issuer: p for p in issuers}
-        self._directory = directory
+        # A plain {email: groups} mapping grants to people of every external issuer given.
+        self._directory = directory if isinstance(directory, Directory) else \
+            Directory.for_issuers(directory, (p.issuer for p in issuers if not p.own))
         self._clock = clock
         # Keyed by a SHA-256 of the whole token: a token that differs by one byte never hits,
         # and 32 bytes per entry instead of the token (about 800) keep a full cache small.

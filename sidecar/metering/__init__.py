@@ -10,6 +10,8 @@ import json
 import math
 from collections.abc import Mapping
 
+from sidecar import untrusted_json
+
 
 def count(value: object) -> int | None:
     """A token count from JSON, or None when absent or not a number."""
@@ -27,7 +29,7 @@ def mapping(value: object) -> Mapping[str, object] | None:
 def load_json(data: str | bytes) -> object:
     """Parse JSON, answering None for anything malformed: one bad event must not stop metering."""
     try:
-        return json.loads(data)
+        return untrusted_json.loads(data)
     except ValueError:
         return None
 

@@ -8,10 +8,14 @@ from fnmatch import translate
 
 
 def compile_globs(patterns: tuple[str, ...]) -> re.Pattern[str] | None:
-    """One regex for a list of globs (case-sensitive, like model ids); None matches nothing."""
+    """One case-insensitive regex for a list of globs; None matches nothing.
+
+    Case-insensitive because providers treat model names so (`GPT-4O` is `gpt-4o`), and
+    policy must not be the one place where a different spelling is a different model.
+    """
     if not patterns:
         return None
-    return re.compile("|".join(f"(?:{translate(p)})" for p in patterns))
+    return re.compile("|".join(f"(?:{translate(p)})" for p in patterns), re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -26,11 +30,23 @@ class Allowlist:
     default_allow: bool
     rules: tuple[AllowRule, ...]
 
-    def allows(self, groups: tuple[str, ...], model: str) -> bool:
+    def allows(self, groups: tuple[str, ...], model: str, canonical: str = "") -> bool:
+        """Whether `model` (as requested) and `canonical` (the model the price book resolves
+        it to) are both allowed: a deny pattern matching either name denies, and the allow
+        patterns must admit each name, so no spelling of a model gets what another is
+        refused."""
+        requested = model.strip()
+        names = (requested,) if not canonical or canonical == requested.lower() \
+            else (requested, canonical)
         for rule in self.rules:
             if rule.groups.isdisjoint(groups):
                 continue
-            if rule.deny is not None and rule.deny.match(model):
+            deny, allow = rule.deny, rule.allow
+            if deny is not None:
+                for name in names:
+                    if deny.match(name):
+                        return False
+            if allow is None:
                 return False
-            return rule.allow is not None and rule.allow.match(model) is not None
+            return all(allow.match(name) is not None for name in names)
         return self.default_allow

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
+
+from sidecar import untrusted_json
+from sidecar.model import RequestAttrs
 
 MAX_METADATA_KEYS = 5
 MAX_METADATA_BYTES = 2048
+MAX_MODEL_LENGTH = 256
+# `run/@cf/...` (Workers AI) or `models/<name>:<method>` (Gemini), as a whole path segment.
+_PATH_MODEL = re.compile(r"(?:^|/)run/(@[^?#]+)|(?:^|/)models/([^/:?#]+):[A-Za-z]+",
+                         re.IGNORECASE)
 
 
 class BadRequest(Exception):
@@ -26,7 +34,9 @@ def parse_body(body: bytes | None) -> Mapping[str, Any]:
     if not body:
         raise BadRequest("request body is required: a JSON object with a 'model' field")
     try:
-        data = json.loads(body)
+        data = untrusted_json.loads(body)
+    except untrusted_json.TooDeep:
+        raise BadRequest("request body is nested too deeply") from None
     except (ValueError, UnicodeDecodeError):
         raise BadRequest("request body is not valid JSON") from None
     if not isinstance(data, dict):
@@ -38,9 +48,68 @@ def model_of(data: Mapping[str, Any]) -> str:
     model = data.get("model")
     if not isinstance(model, str) or not model.strip():
         raise BadRequest("request body has no 'model' string")
-    if len(model) > 256:
+    if len(model) > MAX_MODEL_LENGTH:
         raise BadRequest("'model' is too long")
     return model.strip()
+
+
+def model_in_path(path: str) -> str | None:
+    """A model the API path itself names, after the provider prefix: Workers AI's native
+    `run/@cf/meta/llama-...`, Gemini's `models/gemini-2.5-pro:generateContent`.
+
+    Read from the percent-decoded path, as the provider reads it: `run/%40cf/...` is the
+    same call as `run/@cf/...`.
+    """
+    decoded = unquote(path.split("?", 1)[0])
+    found = _PATH_MODEL.search(decoded)
+    if found is None:
+        return None
+    model = (found.group(1) or found.group(2) or "").strip().rstrip("/")
+    if len(model) > MAX_MODEL_LENGTH:
+        raise BadRequest("the model named in the path is too long")
+    if "/../" in f"/{model}/" or "/./" in f"/{model}/":
+        # Only an encoded path (`%2F..`) gets here past Envoy's normalisation; a provider
+        # that decodes it would run another path than the one judged.
+        raise BadRequest("the model named in the path has dot segments")
+    return model or None
+
+
+def _agree(in_path: str | None, named: str | None, where: str) -> None:
+    # Which name the provider obeys depends on the API; judging one while the provider
+    # runs the other would be a way around the allowlist.
+    if in_path is not None and named is not None and named.strip() and \
+            named.strip().lower() != in_path.lower():
+        raise BadRequest(f"the path names model {in_path!r} and {where} {named.strip()!r}")
+
+
+def request_model(attrs: RequestAttrs,
+                  provider_prefix: str | None) -> tuple[str, Mapping[str, Any]] | None:
+    """(model, parsed body) of a request that names a model, whatever its method; None for
+    one that names none (listing models, reading a file), which is identity only.
+
+    Where the model comes from: the `x-sidecar-model` hint when there is no body to read
+    (HTTP authorization mode), else the path when the API puts it there, else the JSON
+    body's `model`. A POST to a provider must name one (400 otherwise). Any other method
+    that sends a body to a provider has it read like a POST's: a PUT or PATCH naming a
+    model is decided like a POST, not waved through on identity alone.
+    """
+    method = attrs.method.upper()
+    on_provider = provider_prefix is not None
+    in_path = model_in_path(attrs.path[len(provider_prefix):]) if provider_prefix else None
+    if attrs.model_hint:
+        _agree(in_path, attrs.model_hint, "x-sidecar-model")
+        return attrs.model_hint.strip(), {}
+    body: Mapping[str, Any] = {}
+    if (attrs.body and (on_provider or method == "POST")) or \
+            (method == "POST" and on_provider and in_path is None):
+        body = parse_body(attrs.body)
+    if in_path is not None:
+        named = body.get("model")
+        _agree(in_path, named if isinstance(named, str) else None, "the body")
+        return in_path, body
+    if "model" in body or (method == "POST" and (on_provider or attrs.body)):
+        return model_of(body), body
+    return None
 
 
 def split_provider(model: str, known: Mapping[str, object]) -> tuple[str | None, str]:
@@ -59,7 +128,7 @@ def parse_metadata(headers: Mapping[str, str]) -> dict[str, str]:
     if len(raw) > MAX_METADATA_BYTES:
         raise BadRequest("cf-aig-metadata is too large")
     try:
-        data = json.loads(raw)
+        data = untrusted_json.loads(raw)
     except ValueError:
         raise BadRequest("cf-aig-metadata is not valid JSON") from None
     if not isinstance(data, dict):

@@ -14,6 +14,10 @@ Action = Literal["block", "fallback", "monitor"]
 Window = FixedWindow | RollingWindow
 # Dimension values of one request; `group` is multi-valued, everything else single.
 Context = Mapping[str, tuple[str, ...]]
+# Values a filter also tries, but a split never uses: a rule about `gpt-4o` applies to a
+# request for `GPT-4O-2024-08-06` whichever name its filter was written with, while the
+# request's bucket is the canonical model's alone.
+FILTER_ALIASES: Mapping[str, str] = {"model": "requested_model"}
 
 
 @dataclass(frozen=True)
@@ -39,7 +43,11 @@ class Rule:
         """(bucket key, split labels) for each bucket this request falls in; [] if none."""
         for dim, pattern in self.filters:
             match = pattern.match
-            for value in ctx.get(dim, ()):
+            alias = FILTER_ALIASES.get(dim)
+            values = ctx.get(dim, ())
+            if alias is not None:
+                values = (*values, *ctx.get(alias, ()))
+            for value in values:
                 if match(value):
                     break
             else:
