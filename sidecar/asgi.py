@@ -164,13 +164,16 @@ class SidecarMiddleware:
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send, decision: Decision,
                        exchange: MeteredExchange, body: bytes) -> None:
-        drop = {*decision.remove_headers, *decision.headers, *_REPLACED}
+        upstream = {**{k: v for k, v in decision.headers.items() if v},
+                    **decision.upstream_secrets}
+        drop = {*decision.remove_headers, *decision.headers, *upstream, *_REPLACED}
         raw_headers = [(k, v) for k, v in scope.get("headers", [])
                        if k.decode("latin-1").lower() not in drop]
         raw_headers += [(k.encode("latin-1"), v.encode("latin-1"))
-                        for k, v in decision.headers.items() if v]
+                        for k, v in upstream.items()]
         # The app gets the reservation id (x-sidecar-request-id, among the decision's
-        # headers) to report usage against; the client never does.
+        # headers) to report usage against; the client never does. It also gets the
+        # provider key the sidecar holds, in the provider's own header, to pass upstream.
         raw_headers.append((b"content-length", str(len(body)).encode()))
         child = {**scope, "headers": raw_headers}
         replayed = False

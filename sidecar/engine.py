@@ -40,6 +40,7 @@ from sidecar.pricing import (
     estimate_micros,
     requested_output_tokens,
 )
+from sidecar.providers.credentials import injected_headers
 from sidecar.store.base import Store, StoreUnavailable
 from sidecar.store.budget_types import (
     BucketState,
@@ -224,8 +225,10 @@ class Engine:
             body = parse_body(attrs.body)
             model = model_of(body)
         else:
-            # Not an LLM call (listing models, health of the provider): identity only.
-            return allow(identity, attrs.headers, creds)
+            # Not an LLM call (listing models, health of the provider): no budget, but the
+            # provider's key all the same.
+            return allow(identity, attrs.headers, creds, provider_headers=self._keys(
+                rs, provider.id if provider else "", identity, attrs))
         if provider is None:
             named, model = split_provider(model, rs.provider_by_id)
             if named is None:
@@ -296,7 +299,9 @@ class Engine:
                 return allow(identity, attrs.headers, creds, model=cand_model,
                              provider=cand_provider.id, remaining=self._remaining(budget, result),
                              fallback_from=fallback_from, rules=_rule_names(budget),
-                             estimate=estimate, request_id=request.request_id)
+                             estimate=estimate, request_id=request.request_id,
+                             provider_headers=self._keys(rs, cand_provider.id, identity,
+                                                         attrs))
             failed = [(budget.culprit(i), result.states[i]) for i in result.failed]
             blocking = [f for f in failed if f[0].rule.action == "block"]
             if blocking:
@@ -321,6 +326,11 @@ class Engine:
         if result.conflict:
             raise StoreUnavailable("reservation ids keep colliding")
         return request, result
+
+    @staticmethod
+    def _keys(rs: RuleSet, provider_id: str, identity: Identity,
+              attrs: RequestAttrs) -> dict[str, str]:
+        return injected_headers(rs.provider_keys, provider_id, identity.groups, attrs.headers)
 
     @staticmethod
     def _remaining(budget: Plan, result: ReserveResult) -> str | None:
@@ -364,7 +374,9 @@ class Engine:
             # is back (the estimate, or the actual cost once the response is metered).
             await self.spool.admitted(request)
             return allow(identity, attrs.headers, creds, model=model, provider=provider.id,
-                         request_id=request.request_id)
+                         request_id=request.request_id,
+                         provider_headers=self._keys(self.holder.current, provider.id,
+                                                     identity, attrs))
         return deny("store_unavailable", "store_unavailable",
                     "the budget store is unavailable; try again shortly",
                     headers={"retry-after": "1"}, identity=identity, model=model)
