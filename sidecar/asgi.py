@@ -12,7 +12,8 @@ fallback decisions that Envoy gets from ext_authz, and the same metering as ext_
   app sees, and the caller's credential headers removed from it;
 - the app's response streams through untouched: each body chunk is fed to a `UsageMeter`
   as it passes, and the actual cost is committed when the body ends (or what was observed,
-  else the estimate, when the exchange is cut short).
+  else the estimate, when the exchange is cut short); an error status without usage costs
+  $0 and counts as an error.
 
 Budgets live in the store named by the config (SQLite file or Redis), so an app using this
 middleware and an Envoy-fronted sidecar on the same store share them. Services are built on

@@ -22,7 +22,14 @@ from sidecar.decisions import allow, deny, unauthenticated
 from sidecar.identity.authenticate import Authenticator
 from sidecar.identity.errors import AuthError
 from sidecar.metering.charge import Observed, charge_micros
-from sidecar.metrics import CHECK_SECONDS, DECISIONS, SPEND_MICROS, STORE_ERRORS, model_label
+from sidecar.metrics import (
+    CHECK_SECONDS,
+    DECISIONS,
+    PROVIDER_ERRORS,
+    SPEND_MICROS,
+    STORE_ERRORS,
+    model_label,
+)
 from sidecar.model import Decision, Identity, RequestAttrs, TokenUsage
 from sidecar.money import micros_to_usd, micros_to_usd_str
 from sidecar.policy.request import (
@@ -434,23 +441,28 @@ class Engine:
             return CommitResult("unknown"), 0
         cost = charge_micros(price, record.estimate, observed)
         usage = observed.usage or TokenUsage()
+        if observed.error and observed.usage is None:
+            PROVIDER_ERRORS.labels(provider_id, f"{observed.status // 100}xx").inc()
         try:
-            result = await self.store.commit(request_id, cost, usage, self.clock())
+            result = await self.store.commit(request_id, cost, usage, self.clock(),
+                                             error=observed.error)
         except StoreUnavailable as err:
             STORE_ERRORS.labels("commit").inc()
             if self.spool is None:
                 raise
-            await self.spool.completed(request_id, cost, usage)
+            await self.spool.completed(request_id, cost, usage, error=observed.error)
             log.warning("commit_spooled", request_id=request_id, error=str(err))
             return CommitResult("unknown"), cost
-        if result.status in ("committed", "late"):
+        if result.status in ("committed", "late") and cost:
             SPEND_MICROS.labels(provider_id, model_label(model)).inc(cost)
         log.info("completion", request_id=request_id, model=model, provider=provider_id,
                  cost_usd=micros_to_usd_str(cost), status=result.status,
                  input_tokens=usage.total_input, output_tokens=usage.output_tokens,
                  usage="complete" if observed.complete else (
                      "partial" if observed.usage is not None else "none"),
-                 output_bytes_seen=observed.output_bytes)
+                 output_bytes_seen=observed.output_bytes,
+                 **({"http_status": observed.status, "provider_error": True}
+                    if observed.error else {}))
         return result, cost
 
     def _price(self, model: str, provider_id: str) -> UnitPrice | None:
@@ -465,10 +477,14 @@ class Engine:
         # can be spooled; anything else is charged its estimate when the reservation (or the
         # spool's record of a fail-open admission) expires.
         price = self._price(*hint) if hint is not None else None
-        if self.spool is None or observed.usage is None or price is None:
+        free_error = observed.error and observed.usage is None
+        if self.spool is None or (not free_error and (observed.usage is None or price is None)):
             log.error("commit_failed", request_id=request_id, error=str(err))
             return CommitResult("unknown"), 0
-        cost = charge_micros(price, 0, observed)
-        await self.spool.completed(request_id, cost, observed.usage)
+        # An error without usage needs no price: it is $0, and spooled as such so the
+        # reservation is released rather than left to expire into its estimate.
+        cost = 0 if free_error or price is None else charge_micros(price, 0, observed)
+        await self.spool.completed(request_id, cost, observed.usage or TokenUsage(),
+                                   error=observed.error)
         log.warning("commit_spooled", request_id=request_id, error=str(err))
         return CommitResult("unknown"), cost
