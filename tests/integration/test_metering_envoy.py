@@ -565,7 +565,7 @@ def test_cli_usage_table_and_json(stack: Stack, issuer: DevIssuer,
                          "--window", "day"]) == 0
     lines = table.getvalue().splitlines()
     assert lines[0].split() == ["WINDOW_START", "GROUP", "COST_USD", "REQUESTS", "INPUT",
-                                "OUTPUT"]
+                                "OUTPUT", "ERRORS"]
     assert lines[-1].startswith("TOTAL")
     assert len({len(line) for line in lines[:-2]}) == 1  # aligned columns
     monkeypatch.delenv("SIDECAR_ADMIN_TOKEN")
