@@ -12,7 +12,8 @@ fallback decisions that Envoy gets from ext_authz, and the same metering as ext_
   app sees, and the caller's credential headers removed from it;
 - the app's response streams through untouched: each body chunk is fed to a `UsageMeter`
   as it passes, and the actual cost is committed when the body ends (or what was observed,
-  else the estimate, when the exchange is cut short).
+  else the estimate, when the exchange is cut short); an error status without usage costs
+  $0 and counts as an error.
 
 Budgets live in the store named by the config (SQLite file or Redis), so an app using this
 middleware and an Envoy-fronted sidecar on the same store share them. Services are built on
@@ -164,13 +165,16 @@ class SidecarMiddleware:
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send, decision: Decision,
                        exchange: MeteredExchange, body: bytes) -> None:
-        drop = {*decision.remove_headers, *decision.headers, *_REPLACED}
+        upstream = {**{k: v for k, v in decision.headers.items() if v},
+                    **decision.upstream_secrets}
+        drop = {*decision.remove_headers, *decision.headers, *upstream, *_REPLACED}
         raw_headers = [(k, v) for k, v in scope.get("headers", [])
                        if k.decode("latin-1").lower() not in drop]
         raw_headers += [(k.encode("latin-1"), v.encode("latin-1"))
-                        for k, v in decision.headers.items() if v]
+                        for k, v in upstream.items()]
         # The app gets the reservation id (x-sidecar-request-id, among the decision's
-        # headers) to report usage against; the client never does.
+        # headers) to report usage against; the client never does. It also gets the
+        # provider key the sidecar holds, in the provider's own header, to pass upstream.
         raw_headers.append((b"content-length", str(len(body)).encode()))
         child = {**scope, "headers": raw_headers}
         replayed = False

@@ -7,10 +7,13 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sidecar.admin_client import AdminClient, AdminError
 from sidecar.login import LoginError
+
+if TYPE_CHECKING:
+    from sidecar.config.models import ProviderConfig, SecretSource
 
 
 def _config_path(value: str | None) -> Path:
@@ -48,13 +51,26 @@ def cmd_secret_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def _key_sources(provider: ProviderConfig) -> str:
+    creds = provider.credentials
+    if creds is None:
+        return "bring your own key"
+
+    def where(source: SecretSource) -> str:
+        return f"env {source.env}" if source.env else f"file {source.file}"
+
+    parts = [f"default: {where(creds.default)}"] if creds.default else []
+    parts += [f"{group}: {where(s)}" for group, s in creds.by_group.items()]
+    return "; ".join(parts)
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     from sidecar.config.loader import ConfigError, load_config, redact_url
     from sidecar.config.ruleset import build_ruleset
 
     try:
         config = load_config(args.path)
-        rs = build_ruleset(config)
+        rs = build_ruleset(config, source=str(args.path))
     except ConfigError as exc:
         for line in exc.errors:
             print(line, file=sys.stderr)
@@ -71,6 +87,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         "listen": {"grpc": config.listen.grpc, "http": config.listen.http},
         "issuers": [i.issuer for i in config.identity.jwt.issuers],
         "providers": [p.id for p in config.providers],
+        # Where each key comes from, never the key: "bring your own" means pass-through.
+        "provider_keys": {p.id: _key_sources(p) for p in config.providers},
         "model_rules": len(config.models.rules),
         "spend_limits": [r.name for r in config.spend_limits],
         "fallbacks": {k: [t.model for t in v] for k, v in config.fallbacks.items()},

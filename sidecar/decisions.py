@@ -163,7 +163,10 @@ def allow(
     rules: tuple[str, ...] = (),
     estimate: int | None = None,
     request_id: str = "",
+    provider_headers: Mapping[str, str] | None = None,
 ) -> Decision:
+    """`provider_headers`: the provider key the sidecar holds for this call, if any; it
+    replaces whatever the client sent in the same header."""
     headers = identity_headers(identity)
     if request_id:
         # Overwrites any client value: metering charges usage against this id only.
@@ -187,7 +190,10 @@ def allow(
         http_status=200,
         reason="fallback" if fallback_from is not None else "ok",
         headers=headers,
-        remove_headers=strip_list(client_headers, headers, credentials),
+        # A header both stripped (the caller's credential) and set (the provider key) is set:
+        # Envoy applies removals after additions, which would drop the key.
+        remove_headers=tuple(h for h in strip_list(client_headers, headers, credentials)
+                             if h not in (provider_headers or {})),
         response_headers=response_headers,
         identity=identity,
         model=model,
@@ -195,4 +201,5 @@ def allow(
         rules=rules,
         estimate=estimate,
         request_id=request_id,
+        upstream_secrets=dict(provider_headers or {}),
     )

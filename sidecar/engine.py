@@ -22,7 +22,14 @@ from sidecar.decisions import OVERLOADED, allow, deny, unauthenticated
 from sidecar.identity.authenticate import Authenticator
 from sidecar.identity.errors import AuthError
 from sidecar.metering.charge import Observed, charge_micros
-from sidecar.metrics import CHECK_SECONDS, DECISIONS, SPEND_MICROS, STORE_ERRORS, model_label
+from sidecar.metrics import (
+    CHECK_SECONDS,
+    DECISIONS,
+    PROVIDER_ERRORS,
+    SPEND_MICROS,
+    STORE_ERRORS,
+    model_label,
+)
 from sidecar.model import Decision, Identity, RequestAttrs, TokenUsage
 from sidecar.money import micros_to_usd, micros_to_usd_str
 from sidecar.overload import LoadShedder
@@ -40,6 +47,7 @@ from sidecar.pricing import (
     estimate_micros,
     requested_output_tokens,
 )
+from sidecar.providers.credentials import injected_headers
 from sidecar.store.base import Store, StoreUnavailable
 from sidecar.store.budget_types import (
     BucketState,
@@ -269,8 +277,10 @@ class Engine:
         provider = rs.provider_for_path(attrs.path)
         found = request_model(attrs, provider.path_prefix if provider else None)
         if found is None:
-            # Names no model (listing models, reading a file): identity only.
-            return allow(identity, attrs.headers, creds)
+            # Names no model (listing models, reading a file): no budget, but the
+            # provider's key all the same.
+            return allow(identity, attrs.headers, creds, provider_headers=self._keys(
+                rs, provider.id if provider else "", identity, attrs))
         model, body = found
         if provider is None:
             named, model = split_provider(model, rs.provider_by_id)
@@ -337,7 +347,9 @@ class Engine:
                 return allow(identity, attrs.headers, creds, model=cand_model,
                              provider=cand_provider.id, remaining=self._remaining(budget, result),
                              fallback_from=fallback_from, rules=_rule_names(budget),
-                             estimate=estimate, request_id=request.request_id)
+                             estimate=estimate, request_id=request.request_id,
+                             provider_headers=self._keys(rs, cand_provider.id, identity,
+                                                         attrs))
             failed = [(budget.culprit(i), result.states[i]) for i in result.failed]
             blocking = [f for f in failed if f[0].rule.action == "block"]
             if blocking:
@@ -362,6 +374,11 @@ class Engine:
         if result.conflict:
             raise StoreUnavailable("reservation ids keep colliding")
         return request, result
+
+    @staticmethod
+    def _keys(rs: RuleSet, provider_id: str, identity: Identity,
+              attrs: RequestAttrs) -> dict[str, str]:
+        return injected_headers(rs.provider_keys, provider_id, identity.groups, attrs.headers)
 
     @staticmethod
     def _remaining(budget: Plan, result: ReserveResult) -> str | None:
@@ -405,7 +422,9 @@ class Engine:
             # is back (the estimate, or the actual cost once the response is metered).
             await self.spool.admitted(request)
             return allow(identity, attrs.headers, creds, model=model, provider=provider.id,
-                         request_id=request.request_id)
+                         request_id=request.request_id,
+                         provider_headers=self._keys(self.holder.current, provider.id,
+                                                     identity, attrs))
         return deny("store_unavailable", "store_unavailable",
                     "the budget store is unavailable; try again shortly",
                     headers={"retry-after": "1"}, identity=identity, model=model)
@@ -463,23 +482,28 @@ class Engine:
             return CommitResult("unknown"), 0
         cost = charge_micros(price, record.estimate, observed)
         usage = observed.usage or TokenUsage()
+        if observed.error and observed.usage is None:
+            PROVIDER_ERRORS.labels(provider_id, f"{observed.status // 100}xx").inc()
         try:
-            result = await self.store.commit(request_id, cost, usage, self.clock())
+            result = await self.store.commit(request_id, cost, usage, self.clock(),
+                                             error=observed.error)
         except StoreUnavailable as err:
             STORE_ERRORS.labels("commit").inc()
             if self.spool is None:
                 raise
-            await self.spool.completed(request_id, cost, usage)
+            await self.spool.completed(request_id, cost, usage, error=observed.error)
             log.warning("commit_spooled", request_id=request_id, error=str(err))
             return CommitResult("unknown"), cost
-        if result.status in ("committed", "late"):
+        if result.status in ("committed", "late") and cost:
             SPEND_MICROS.labels(provider_id, model_label(model)).inc(cost)
         log.info("completion", request_id=request_id, model=model, provider=provider_id,
                  cost_usd=micros_to_usd_str(cost), status=result.status,
                  input_tokens=usage.total_input, output_tokens=usage.output_tokens,
                  usage="complete" if observed.complete else (
                      "partial" if observed.usage is not None else "none"),
-                 output_bytes_seen=observed.output_bytes)
+                 output_bytes_seen=observed.output_bytes,
+                 **({"http_status": observed.status, "provider_error": True}
+                    if observed.error else {}))
         return result, cost
 
     def _price(self, model: str, provider_id: str) -> UnitPrice | None:
@@ -494,10 +518,14 @@ class Engine:
         # can be spooled; anything else is charged its estimate when the reservation (or the
         # spool's record of a fail-open admission) expires.
         price = self._price(*hint) if hint is not None else None
-        if self.spool is None or observed.usage is None or price is None:
+        free_error = observed.error and observed.usage is None
+        if self.spool is None or (not free_error and (observed.usage is None or price is None)):
             log.error("commit_failed", request_id=request_id, error=str(err))
             return CommitResult("unknown"), 0
-        cost = charge_micros(price, 0, observed)
-        await self.spool.completed(request_id, cost, observed.usage)
+        # An error without usage needs no price: it is $0, and spooled as such so the
+        # reservation is released rather than left to expire into its estimate.
+        cost = 0 if free_error or price is None else charge_micros(price, 0, observed)
+        await self.spool.completed(request_id, cost, observed.usage or TokenUsage(),
+                                   error=observed.error)
         log.warning("commit_spooled", request_id=request_id, error=str(err))
         return CommitResult("unknown"), cost

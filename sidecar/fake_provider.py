@@ -5,6 +5,13 @@ cost the sidecar should charge without trusting the sidecar. Request headers ste
 `x-fake-delay-ms` (pause between stream frames, or before a JSON answer), `x-fake-status`
 (answer that error status with the provider's error shape), `x-fake-gzip: 1` (gzip the
 body, streams included). `GET /_seen` shows what arrived here; `DELETE /_seen` forgets it.
+
+Keys are checked per provider prefix when configured (`--key openai=sk-...`, repeatable; a
+prefix may accept several keys): a call without one of them is answered 401 with the
+provider's error shape, as the real provider would. Anthropic reads `x-api-key`, the others
+`Authorization: Bearer`. The provider is the path prefix, else the Host a proxy addressed
+(Envoy strips prefixes and sets Host to the provider's). A provider without configured keys
+accepts any call.
 """
 
 from __future__ import annotations
@@ -17,7 +24,15 @@ import secrets
 import time
 import zlib
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from typing import Any
 
 import uvicorn
@@ -35,6 +50,8 @@ API_PATHS: Mapping[str, Api] = {
     "/v1/messages": "anthropic_messages",
 }
 PREFIXES = ("", "/openai", "/anthropic", "/workers-ai")
+# Provider names for --key: the prefix without its slash ("openai"), "" for no prefix.
+KEY_PROVIDERS = tuple(prefix.lstrip("/") for prefix in PREFIXES)
 INPUT_OVERHEAD_TOKENS = 8
 DEFAULT_OUTPUT_TOKENS = 20
 MAX_OUTPUT_TOKENS = 2000
@@ -385,7 +402,46 @@ async def _paced(frames: Iterator[bytes], delay: float, gzip: bool) -> AsyncIter
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-def create_app() -> Starlette:
+def presented_key(provider: str, headers: Mapping[str, str]) -> str:
+    """The key a call to `provider` presents, where that provider reads it."""
+    if provider == "anthropic":
+        return headers.get("x-api-key", "")
+    scheme, _, value = headers.get("authorization", "").partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else ""
+
+
+def _key_error(provider: str, api: Api, headers: Mapping[str, str],
+               keys: Mapping[str, Collection[str]]) -> dict[str, Any] | None:
+    expected = keys.get(provider)
+    if not expected or presented_key(provider, headers) in expected:
+        return None
+    if provider == "anthropic":
+        return _error_body("anthropic_messages", 401, "invalid x-api-key")
+    error = _error_body(api, 401, "Incorrect API key provided.")
+    error["error"]["code"] = "invalid_api_key"
+    return error
+
+
+_HOSTS = {"api.openai.com": "openai", "api.anthropic.com": "anthropic",
+          "api.cloudflare.com": "workers-ai"}
+
+
+def provider_of(path: str, host: str) -> str:
+    """Which provider a call is for: its path prefix, else the Host a proxy addressed it to
+    (Envoy strips the prefix and rewrites Host to the provider's), else "" (none)."""
+    first = path.split("/", 2)[1] if path.startswith("/") else ""
+    if first in KEY_PROVIDERS and first:
+        return first
+    return _HOSTS.get(host.split(":", 1)[0].lower(), "")
+
+
+def create_app(keys: Mapping[str, Collection[str]] | None = None) -> Starlette:
+    """`keys`: the keys each provider prefix accepts (see the module doc)."""
+    accepted = {name: frozenset(values) for name, values in (keys or {}).items()}
+    unknown_names = set(accepted) - set(KEY_PROVIDERS)
+    if unknown_names:
+        raise ValueError(f"unknown provider(s) {sorted(unknown_names)}; "
+                         f"choose from {KEY_PROVIDERS}")
     seen: deque[dict[str, Any]] = deque(maxlen=SEEN_LIMIT)
 
     async def record(request: Request) -> Any:
@@ -401,6 +457,10 @@ def create_app() -> Starlette:
     def endpoint(api: Api) -> Handler:
         async def handle(request: Request) -> Response:
             body = await record(request)
+            provider = provider_of(request.url.path, request.headers.get("host", ""))
+            refused = _key_error(provider, api, request.headers, accepted)
+            if refused is not None:
+                return _json_response(request, refused, 401)
             status_header = request.headers.get("x-fake-status")
             if status_header is not None:
                 status = int(status_header) if status_header.isdigit() else 0
@@ -432,6 +492,10 @@ def create_app() -> Starlette:
 
     async def unknown(request: Request) -> Response:
         await record(request)
+        provider = provider_of(request.url.path, request.headers.get("host", ""))
+        refused = _key_error(provider, "openai_chat", request.headers, accepted)
+        if refused is not None:
+            return _json_response(request, refused, 401)
         message = f"no such path: {request.url.path}"
         return _json_response(request, _error_body("openai_chat", 404, message), 404)
 
@@ -453,8 +517,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--key", action="append", default=[], metavar="PROVIDER=KEY",
+                        help="a key PROVIDER (openai, anthropic, workers-ai) accepts; "
+                             "repeatable. Without any, every call is accepted.")
     args = parser.parse_args(argv)
-    uvicorn.run(create_app(), host=args.host, port=args.port, log_level="warning")
+    keys: dict[str, list[str]] = {}
+    for item in args.key:
+        name, sep, key = item.partition("=")
+        if not sep or not key:
+            parser.error(f"--key wants PROVIDER=KEY, not {item!r}")
+        keys.setdefault(name, []).append(key)
+    try:
+        app = create_app(keys)
+    except ValueError as exc:
+        parser.error(str(exc))
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":

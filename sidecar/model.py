@@ -97,3 +97,7 @@ class Decision:
     # The reservation this admission holds (minted by the sidecar; empty when nothing was
     # reserved): the key its usage is charged against.
     request_id: str = ""
+    # The provider key headers for the upstream request (allowed calls to a provider whose
+    # key the sidecar holds). Kept apart from `headers` and out of repr: these are secrets,
+    # and only transports that deliver them upstream may read them.
+    upstream_secrets: Mapping[str, str] = field(default_factory=dict, repr=False)

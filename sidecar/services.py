@@ -169,7 +169,8 @@ async def _open_device_login(config_path: Path, store: Store, login: DeviceLogin
 
 async def build_services(config_path: Path) -> Services:
     text = config_path.read_text(encoding="utf-8")
-    ruleset = build_ruleset(load_config(config_path), source_text=text)
+    ruleset = build_ruleset(load_config(config_path), source_text=text,
+                            source=str(config_path))
     holder = RuleSetHolder(ruleset)
     device = ruleset.config.identity.device_login
     box = _secret_box(config_path, ruleset) if device.enabled else None

@@ -13,7 +13,7 @@ from typing import Any
 
 from sidecar.policy.windows import parse_duration
 
-MEASURES = ("requests", "input_tokens", "output_tokens")
+MEASURES = ("requests", "input_tokens", "output_tokens", "errors")
 
 
 def since_param(text: str, now: float) -> str:
@@ -34,7 +34,8 @@ def dollars(value: Any) -> Decimal:
 def total(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"cost_usd": sum((dollars(r["cost_usd"]) for r in rows), Decimal(0))}
     for measure in MEASURES:
-        out[measure] = sum(int(r[measure]) for r in rows)
+        # `errors` is absent from the rows of a server older than this client.
+        out[measure] = sum(int(r.get(measure, 0)) for r in rows)
     return out
 
 
@@ -47,10 +48,10 @@ def render_table(rows: Sequence[Mapping[str, Any]], by: Sequence[str],
     """Key columns left-aligned, numbers right-aligned, a rule, then the TOTAL line."""
     windowed = any("window_start" in r for r in rows)
     keys = (["window_start"] if windowed else []) + list(by)
-    headers = [k.upper() for k in keys] + ["COST_USD", "REQUESTS", "INPUT", "OUTPUT"]
+    headers = [k.upper() for k in keys] + ["COST_USD", "REQUESTS", "INPUT", "OUTPUT", "ERRORS"]
     body = [
         [_cell(r.get(k)) for k in keys]
-        + [f"{dollars(r['cost_usd']):.6f}"] + [str(r[m]) for m in MEASURES]
+        + [f"{dollars(r['cost_usd']):.6f}"] + [str(r.get(m, 0)) for m in MEASURES]
         for r in rows
     ]
     label = ["TOTAL"] + [""] * (len(keys) - 1) if keys else []

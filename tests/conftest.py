@@ -1,15 +1,24 @@
-"""Fixtures shared by every test package: a real redis-server, and a store per backend."""
+"""Fixtures shared by every test package: a real redis-server, a store per backend, and the
+demo provider keys in the environment (the demo config reads its keys from there)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
+from sidecar.demo.config import demo_key_env
 from sidecar.demo.procs import start_redis
 from sidecar.store.base import Store
 from sidecar.store.factory import open_store
+
+
+@pytest.fixture(scope="session", autouse=True)
+def demo_provider_keys() -> None:
+    # Session-wide, before any module-scoped fixture builds an in-process sidecar.
+    os.environ.update(demo_key_env())
 
 
 @pytest.fixture(scope="session")

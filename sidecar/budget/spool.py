@@ -33,8 +33,16 @@ log = structlog.get_logger("sidecar.spool")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS spool (
   request_id TEXT PRIMARY KEY, views TEXT, dims TEXT, estimate INTEGER NOT NULL,
-  expires_at REAL NOT NULL, actual INTEGER, usage TEXT, created_at REAL NOT NULL);
+  expires_at REAL NOT NULL, actual INTEGER, usage TEXT, created_at REAL NOT NULL,
+  error INTEGER NOT NULL DEFAULT 0);
 """
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """A spool written by an older version (it may hold charges still to replay)."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(spool)")}
+    if "error" not in columns:
+        conn.execute("ALTER TABLE spool ADD COLUMN error INTEGER NOT NULL DEFAULT 0")
 
 
 class Spool:
@@ -51,6 +59,7 @@ class Spool:
             # FULL: a spooled charge is money; it must survive a power cut, not only a crash.
             conn.execute("PRAGMA synchronous=FULL")
             conn.executescript(_SCHEMA)
+            _migrate(conn)
             self._conn = conn
         return self._conn
 
@@ -65,20 +74,22 @@ class Spool:
         views = json.dumps([[v.key, v.slot, v.since, v.ttl_seconds, v.limit]
                             for v in request.buckets])
         await self._run(
-            "INSERT OR IGNORE INTO spool VALUES (?, ?, ?, ?, ?, NULL, NULL, ?)",
+            "INSERT OR IGNORE INTO spool VALUES (?, ?, ?, ?, ?, NULL, NULL, ?, 0)",
             (request.request_id, views, dims_to_json(request.dims), request.amount,
              request.expires_at, time.time()),
         )
 
-    async def completed(self, request_id: str, actual: int, usage: TokenUsage) -> None:
-        """The actual cost of a request, whether or not its reservation reached the store."""
+    async def completed(self, request_id: str, actual: int, usage: TokenUsage,
+                        error: bool = False) -> None:
+        """The actual cost of a request, whether or not its reservation reached the store;
+        `error`: the provider answered with an error (replayed as one)."""
         usage_json = json.dumps([usage.input_tokens, usage.output_tokens,
                                  usage.cache_read_tokens, usage.cache_write_tokens])
         await self._run(
-            "INSERT INTO spool VALUES (?, NULL, NULL, 0, 0, ?, ?, ?) "
+            "INSERT INTO spool VALUES (?, NULL, NULL, 0, 0, ?, ?, ?, ?) "
             "ON CONFLICT(request_id) DO UPDATE SET actual = excluded.actual, "
-            "usage = excluded.usage",
-            (request_id, actual, usage_json, time.time()),
+            "usage = excluded.usage, error = excluded.error",
+            (request_id, actual, usage_json, time.time(), 1 if error else 0),
         )
 
     async def has(self, request_id: str) -> bool:
@@ -91,12 +102,13 @@ class Spool:
     async def replay(self, store: Store, now: float, limit: int = 200) -> int:
         """Push what is due to the store; stop at the first failure. Returns entries done."""
         rows = await self._run(
-            "SELECT request_id, views, dims, estimate, expires_at, actual, usage FROM spool "
+            "SELECT request_id, views, dims, estimate, expires_at, actual, usage, error "
+            "FROM spool "
             "WHERE actual IS NOT NULL OR expires_at <= ? ORDER BY created_at LIMIT ?",
             (now, limit),
         )
         done = 0
-        for request_id, views, dims, estimate, _expires, actual, usage_json in rows:
+        for request_id, views, dims, estimate, _expires, actual, usage_json, error in rows:
             usage = TokenUsage(*json.loads(usage_json)) if usage_json else TokenUsage()
             try:
                 if views is not None:
@@ -109,7 +121,8 @@ class Spool:
                     await store.reserve(ReserveRequest(
                         request_id, buckets, estimate, "reserve", now, now + 3600, dims_value))
                 cost = actual if actual is not None else estimate
-                await store.commit(request_id, cost, usage, now)
+                await store.commit(request_id, cost, usage, now,
+                                   error=bool(error) and actual is not None)
             except StoreUnavailable:
                 break
             await self._run("DELETE FROM spool WHERE request_id=?", (request_id,))

@@ -111,6 +111,10 @@ class SecretsConfig(Strict):
 
 class AdminConfig(Strict):
     token_env: str = "SIDECAR_ADMIN_TOKEN"
+    # The ingress (nginx, Traefik) presents this token to /authz in
+    # `x-sidecar-ingress-token` to receive the provider key headers in the answer; anyone
+    # else calling /authz gets the decision without them.
+    ingress_token_env: str = "SIDECAR_INGRESS_TOKEN"
     groups: tuple[str, ...] = ()
 
 
@@ -173,10 +177,53 @@ class IdentityConfig(Strict):
     directory: DirectoryConfig = DirectoryConfig()
 
 
+ProviderApi = Literal["openai", "openai_compatible", "anthropic", "azure_openai", "gemini",
+                      "bedrock", "workers_ai"]
+
+
+class SecretSource(Strict):
+    """Where a secret is read from: an environment variable, or a file (re-read when it
+    changes, as a mounted Kubernetes Secret does on rotation)."""
+
+    env: str | None = Field(default=None, min_length=1)
+    file: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SecretSource:
+        if (self.env is None) == (self.file is None):
+            raise ValueError("exactly one of env or file is required")
+        return self
+
+
+class CredentialsConfig(Strict):
+    default: SecretSource | None = None
+    # Group name -> its own key (a team billed on its own project or workspace).
+    by_group: dict[str, SecretSource] = {}
+
+    @model_validator(mode="after")
+    def _something(self) -> CredentialsConfig:
+        if self.default is None and not self.by_group:
+            raise ValueError("needs default, by_group, or both")
+        return self
+
+
 class ProviderConfig(Strict):
     id: str = Field(min_length=1)
     path_prefix: str = Field(min_length=1)
     pricing_provider: str | None = None
+    # The provider's API family; decides which header carries the key. Inferred from the
+    # id (and pricing_provider) when absent.
+    api: ProviderApi | None = None
+    # None: bring your own key (the client's provider key passes through untouched).
+    credentials: CredentialsConfig | None = None
+
+    @model_validator(mode="after")
+    def _static_key_api(self) -> ProviderConfig:
+        bedrock = self.api == "bedrock" or (self.api is None and "bedrock" in self.id)
+        if self.credentials is not None and bedrock:
+            raise ValueError("credentials: Bedrock signs each request (SigV4); a static key "
+                             "cannot be injected")
+        return self
 
     @field_validator("path_prefix")
     @classmethod

@@ -12,6 +12,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from sidecar.config.loader import ConfigError
 from sidecar.config.models import (
     DefaultPriceConfig,
     DirectoryGrant,
@@ -25,6 +26,7 @@ from sidecar.policy.allowlist import Allowlist, AllowRule, compile_globs
 from sidecar.policy.rules import Rule, Window, compile_rule
 from sidecar.policy.windows import FixedWindow, RollingWindow, parse_duration
 from sidecar.pricing import PriceBook, PriceOverride, UnitPrice, per_mtok_to_pico
+from sidecar.providers.credentials import ProviderKeys, build_keys
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,8 @@ class RuleSet:
     default_max_output_tokens: int
     admission_mode: str
     provider_by_id: Mapping[str, Provider] = field(default_factory=dict)
+    # Keys the sidecar injects upstream, per provider id (absent: bring your own key).
+    provider_keys: Mapping[str, ProviderKeys] = field(default_factory=dict)
 
     def fallback_chain(self, model: str, canonical: str) -> tuple[FallbackStep, ...]:
         """The configured chain for a model under the name it was asked by (any case), else
@@ -88,7 +92,13 @@ def rule_from_config(rule: SpendLimitConfig, source: str = "file") -> Rule:
     )
 
 
-def build_ruleset(config: SidecarConfig, *, source_text: str = "") -> RuleSet:
+def build_ruleset(config: SidecarConfig, *, source_text: str = "",
+                  source: str = "<config>") -> RuleSet:
+    """The compiled rule set; ConfigError when a configured provider key is missing (a
+    sidecar that would send every call unauthenticated must not start or reload)."""
+    provider_keys, missing = build_keys(config)
+    if missing:
+        raise ConfigError(source, [f"{source}: {line}" for line in missing])
     allowlist = Allowlist(
         default_allow=config.models.default == "allow",
         rules=tuple(
@@ -158,6 +168,7 @@ def build_ruleset(config: SidecarConfig, *, source_text: str = "") -> RuleSet:
         default_max_output_tokens=config.admission.default_max_output_tokens,
         admission_mode=config.admission.mode,
         provider_by_id={p.id: p for p in providers},
+        provider_keys=provider_keys,
     )
 
 

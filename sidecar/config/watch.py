@@ -30,7 +30,7 @@ def _fingerprint(path: Path) -> tuple[int, int, int, str] | None:
 
 def _build(path: Path) -> RuleSet:
     text = path.read_text(encoding="utf-8")
-    return build_ruleset(load_config(path), source_text=text)
+    return build_ruleset(load_config(path), source_text=text, source=str(path))
 
 
 class ConfigWatcher:

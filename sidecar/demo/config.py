@@ -6,6 +6,28 @@ from typing import Any
 
 from sidecar.demo.keys import DevIssuer
 
+# The demo's provider keys: what the sidecar injects and the fake provider expects. Local
+# stand-ins for the organisation's real keys, which a deployment mounts as a Secret.
+DEMO_PROVIDER_KEYS: dict[str, str] = {
+    "openai": "sk-demo-openai-0123456789",
+    "anthropic": "sk-ant-demo-0123456789",
+    "workers-ai": "cf-demo-workers-ai-0123456789",
+}
+KEY_ENV: dict[str, str] = {
+    "openai": "DEMO_OPENAI_API_KEY",
+    "anthropic": "DEMO_ANTHROPIC_API_KEY",
+    "workers-ai": "DEMO_WORKERS_AI_TOKEN",
+}
+
+
+def demo_key_env() -> dict[str, str]:
+    """The environment a demo sidecar reads its provider keys from."""
+    return {KEY_ENV[provider]: key for provider, key in DEMO_PROVIDER_KEYS.items()}
+
+
+def _keys(provider: str) -> dict[str, Any]:
+    return {"default": {"env": KEY_ENV[provider]}}
+
 
 def demo_config(issuer: DevIssuer, jwks: str, store: str, **overrides: Any) -> dict[str, Any]:
     source = {"jwks_url": jwks} if jwks.startswith("http") else {"jwks_file": jwks}
@@ -23,9 +45,10 @@ def demo_config(issuer: DevIssuer, jwks: str, store: str, **overrides: Any) -> d
             "directory": {"groups": {"ml": ["dana@example.com"]}},
         },
         "providers": [
-            {"id": "openai", "path_prefix": "/openai/"},
-            {"id": "anthropic", "path_prefix": "/anthropic/"},
-            {"id": "workers-ai", "path_prefix": "/workers-ai/", "pricing_provider": "cloudflare"},
+            {"id": "openai", "path_prefix": "/openai/", "credentials": _keys("openai")},
+            {"id": "anthropic", "path_prefix": "/anthropic/", "credentials": _keys("anthropic")},
+            {"id": "workers-ai", "path_prefix": "/workers-ai/", "pricing_provider": "cloudflare",
+             "credentials": _keys("workers-ai")},
         ],
         "models": {"default": "allow", "rules": [
             {"groups": ["interns"], "allow": ["@cf/*", "gpt-4o-mini"]},

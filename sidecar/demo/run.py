@@ -16,11 +16,24 @@ from typing import Any
 
 import httpx
 
-from sidecar.demo.config import DEMO_FALLBACKS, DEMO_LIMITS, demo_config
+from sidecar.demo.config import DEMO_FALLBACKS, DEMO_LIMITS, DEMO_PROVIDER_KEYS, demo_config
 from sidecar.demo.keys import DevIssuer
 from sidecar.demo.stack import Stack, running_stack
 
 CHAT = "/openai/v1/chat/completions"
+
+
+def _keys_arrived(stack: Stack, callers: list[str]) -> bool:
+    """Every call the provider saw carried the sidecar's key, and no caller's credential."""
+    seen = stack.seen()
+    keys = {f"Bearer {DEMO_PROVIDER_KEYS['openai']}", DEMO_PROVIDER_KEYS["anthropic"]}
+    ok = bool(seen) and all(
+        (r["headers"].get("authorization") or r["headers"].get("x-api-key")) in keys
+        and not any(c in v for c in callers for v in r["headers"].values())
+        for r in seen)
+    label = "provider got the sidecar's key, never a caller credential"
+    print(f"  {label:58} → {'yes' if ok else 'NO'}")
+    return ok
 
 
 def _request(stack: Stack, label: str, headers: dict[str, str], body: dict[str, Any],
@@ -60,6 +73,11 @@ def tour(stack: Stack) -> bool:
     statuses = [_request(stack, f"alice → claude-opus-4-7 #{i + 1} (fallback after budget)",
                          alice, opus, "/anthropic/v1/messages") for i in range(4)]
     results.append(all(s == 200 for s in statuses))
+    results.append(_request(stack, "alice → gpt-4o-mini, the provider fails (503, costs $0)",
+                            {**alice, "x-fake-status": "503"}, chat) == 503)
+    callers = [alice["authorization"].split()[1], ivan["authorization"].split()[1],
+               token["client_secret"]]
+    results.append(_keys_arrived(stack, callers))
     return all(results)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import yaml
 
+from sidecar.demo.config import DEMO_PROVIDER_KEYS, demo_key_env
 from sidecar.demo.envoy_config import SidecarMtls, render_envoy_config
 from sidecar.demo.keys import DevIssuer
 from sidecar.demo.procs import LOOPBACK, ManagedProcess, free_port, start_envoy, wait_for_port
@@ -30,7 +31,8 @@ def sidecar_process(workdir: Path, name: str, config_path: Path, grpc_port: int,
     argv = [sys.executable, "-m", "sidecar.cli", "serve", "--config", str(config_path),
             "--grpc", f"{LOOPBACK}:{grpc_port}", "--http", f"{LOOPBACK}:{http_port}"]
     full_env = {**os.environ, "SIDECAR_ADMIN_TOKEN": ADMIN_TOKEN,
-                "SIDECAR_SECRET_KEY": DEMO_SECRET_KEY, **(env or {})}
+                "SIDECAR_SECRET_KEY": DEMO_SECRET_KEY, **demo_key_env(),
+                **(env or {})}
     return ManagedProcess(name, argv, workdir, env=full_env, cwd=workdir)
 
 
@@ -93,12 +95,17 @@ def add_sidecar_endpoints(config: dict[str, Any], first_port: int, ports: list[i
 @contextmanager
 def running_stack(workdir: Path, issuer: DevIssuer, config: dict[str, Any],
                   extra_sidecars: int = 0, http_port: int | None = None,
-                  sidecar_mtls: SidecarMtls | None = None) -> Iterator[Stack]:
+                  sidecar_mtls: SidecarMtls | None = None,
+                  provider_keys: Mapping[str, Sequence[str]] | None = None) -> Iterator[Stack]:
     """Fake provider, 1 + extra_sidecars sidecar processes, and Envoy in front of the first.
 
     `http_port` fixes the first sidecar's HTTP port, for configs that must name their own
-    URL (device login's `public_url`) before the process starts.
+    URL (device login's `public_url`) before the process starts. `provider_keys`: the keys
+    the fake provider accepts per provider (default: the demo keys the sidecar injects).
     """
+    if provider_keys is None:
+        provider_keys = {name: (key,) for name, key in DEMO_PROVIDER_KEYS.items()}
+    key_args = [f"--key={name}={key}" for name, keys in provider_keys.items() for key in keys]
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "sidecar.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -107,7 +114,7 @@ def running_stack(workdir: Path, issuer: DevIssuer, config: dict[str, Any],
         provider = stack.enter_context(ManagedProcess(
             "fake-provider",
             [sys.executable, "-m", "sidecar.fake_provider", "--host", LOOPBACK,
-             "--port", str(provider_port)], workdir).start())
+             "--port", str(provider_port), *key_args], workdir).start())
         wait_for_port(LOOPBACK, provider_port, 20, process=provider)
         sidecars = []
         grpc_port = free_port()

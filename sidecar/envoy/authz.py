@@ -78,6 +78,8 @@ def check_response(decision: Decision) -> external_auth_pb2.CheckResponse:
         response.status.code = code_pb2.OK
         ok = response.ok_response
         _add_headers(ok.headers, ((k, v) for k, v in decision.headers.items() if v))
+        # The provider key replaces whatever the client sent in that header (OVERWRITE).
+        _add_headers(ok.headers, decision.upstream_secrets.items())
         # An empty value is expressed as removal, so a client-sent value can never survive.
         ok.headers_to_remove.extend(sorted({*decision.remove_headers,
                                             *(k for k, v in decision.headers.items() if not v)}))

@@ -9,6 +9,11 @@ Where the original request is described:
 - `/authz` with `X-Forwarded-Uri` / `X-Forwarded-Method`: Traefik ForwardAuth (its
   `X-Forwarded-Host` is not needed: providers are told apart by path prefix).
 
+The provider key the sidecar holds for the call goes into the answer only for an ingress
+that proves itself with `x-sidecar-ingress-token` (the value of the variable named by
+`admin.ingress_token_env`): this endpoint shares a port with APIs every caller may use, and
+a caller must never be able to read the organisation's key out of a decision.
+
 There is no body, so the model comes from the `x-sidecar-model` header and the estimate
 uses `admission.default_max_output_tokens`. The answer is the engine's decision: 200 with
 the identity headers as response headers (for the ingress to copy upstream), or the same
@@ -23,6 +28,8 @@ and every refusal carries its real status in `x-sidecar-status` and its JSON bod
 
 from __future__ import annotations
 
+import hmac
+import os
 import re
 from collections.abc import Mapping
 
@@ -92,11 +99,21 @@ def _clean(value: str) -> str:
     return _UNSAFE.sub(" ", value)
 
 
-def render(decision: Decision, nginx: bool) -> Response:
+INGRESS_TOKEN_HEADER = "x-sidecar-ingress-token"
+
+
+def is_ingress(headers: Mapping[str, str], token_env: str) -> bool:
+    expected = os.environ.get(token_env, "")
+    presented = headers.get(INGRESS_TOKEN_HEADER, "")
+    return bool(expected) and hmac.compare_digest(presented.encode(), expected.encode())
+
+
+def render(decision: Decision, nginx: bool, with_keys: bool = False) -> Response:
     if decision.allowed:
         # x-sidecar-request-id, among the decision's headers when something was reserved, is
         # the sidecar's own id: the ingress passes it on, and usage is reported against it.
-        headers = {**decision.headers, **decision.response_headers}
+        headers = {**decision.headers, **decision.response_headers,
+                   **(decision.upstream_secrets if with_keys else {})}
         if decision.remove_headers:
             # Envoy's http_service ext_authz removes these from the upstream request; other
             # ingresses drop the credential headers themselves (deploy/nginx).
@@ -149,7 +166,8 @@ def routes(services: Services) -> list[Route]:
                                 "endpoint receives no request body", nginx)
         attrs = RequestAttrs(method=method, path=path, headers=headers, body=None,
                              request_id=request_id, model_hint=model)
-        return render(await services.engine.check(attrs), nginx)
+        with_keys = is_ingress(headers, services.ruleset.config.admin.ingress_token_env)
+        return render(await services.engine.check(attrs), nginx, with_keys)
 
     return [
         Route("/authz", authz, methods=METHODS),

@@ -93,19 +93,23 @@ class MeteredExchange:
 
     def observed(self) -> Observed:
         meter = self.meter
+        status = int(self.status) if self.status.isdigit() else 0
         if meter is None:
-            return Observed()
+            return Observed(status=status)
         meter.finish()
         usage = meter.usage
         input_tokens = 0
         if usage is None and meter.output_bytes:
             parsed = load_json(self._request_body) if self._request_body else None
             input_tokens = estimate_input_tokens(parsed) if isinstance(parsed, dict) else 0
-        return Observed(usage, meter.complete, meter.output_bytes, input_tokens)
+        return Observed(usage, meter.complete, meter.output_bytes, input_tokens, status)
 
     async def _charge(self, reason: str) -> None:
         observed = self.observed()
-        if observed.usage is None:
+        if observed.usage is None and observed.error:
+            log.info("provider_error_not_charged", request_id=self.request_id,
+                     status=self.status, reason=reason)
+        elif observed.usage is None:
             log.warning("no_usage_observed", request_id=self.request_id, status=self.status,
                         reason=reason, meter_error=self.meter.error if self.meter else None,
                         output_bytes_seen=observed.output_bytes)

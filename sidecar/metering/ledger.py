@@ -30,10 +30,13 @@ class Totals:
     requests: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
+    # Requests answered with a provider error (included in `requests`).
+    errors: int = 0
 
     def plus(self, row: LedgerRow) -> Totals:
         return Totals(self.cost + row.cost, self.requests + row.requests,
-                      self.input_tokens + row.input_tokens, self.output_tokens + row.output_tokens)
+                      self.input_tokens + row.input_tokens, self.output_tokens + row.output_tokens,
+                      self.errors + row.errors)
 
 
 @dataclass(frozen=True, slots=True)

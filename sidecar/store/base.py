@@ -75,9 +75,11 @@ class Store(Protocol):
         ...
 
     async def commit(
-        self, request_id: str, actual_micros: int, usage: TokenUsage, now: float
+        self, request_id: str, actual_micros: int, usage: TokenUsage, now: float,
+        error: bool = False,
     ) -> CommitResult:
-        """Replace the reservation by the actual cost, once; a late commit adjusts the charge."""
+        """Replace the reservation by the actual cost, once; a late commit adjusts the charge.
+        `error`: the provider answered with an error; the ledger counts it in `errors`."""
         ...
 
     async def bucket_states(self, buckets: list[BucketView], now: float) -> list[BucketState]: ...

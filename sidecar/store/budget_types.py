@@ -119,3 +119,5 @@ class LedgerRow:
     requests: int
     input_tokens: int
     output_tokens: int
+    # Requests the provider answered with an error carrying no usage (charged $0).
+    errors: int = 0

@@ -249,13 +249,14 @@ class RedisStore:
         return Reservation(request_id, states[state], int(estimate), dims_from_json(str(dims)))
 
     async def commit(
-        self, request_id: str, actual_micros: int, usage: TokenUsage, now: float
+        self, request_id: str, actual_micros: int, usage: TokenUsage, now: float,
+        error: bool = False,
     ) -> CommitResult:
         open_key, slots, hours = self._budget_keys()
         keys = [self._key("reservation", request_id), open_key, slots, hours]
         args: list[str | int] = [
             str(actual_micros), str(usage.total_input), str(usage.output_tokens),
-            _LEDGER_RETENTION_SECONDS, _DONE_RETENTION_SECONDS,
+            _LEDGER_RETENTION_SECONDS, _DONE_RETENTION_SECONDS, 1 if error else 0,
         ]
         with _guard():
             status, estimate = await self._commit(keys=keys, args=args)
@@ -311,7 +312,7 @@ class RedisStore:
                 totals.setdefault(dims, {})[measure] = int(value)
             rows += [
                 LedgerRow(hour, dims_from_json(dims), t.get("c", 0), t.get("n", 0),
-                          t.get("i", 0), t.get("o", 0))
+                          t.get("i", 0), t.get("o", 0), t.get("e", 0))
                 for dims, t in sorted(totals.items())
             ]
         return rows

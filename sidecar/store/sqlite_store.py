@@ -68,16 +68,33 @@ CREATE TABLE IF NOT EXISTS ledger (
   kind TEXT NOT NULL, model TEXT NOT NULL, provider TEXT NOT NULL,
   cost INTEGER NOT NULL, requests INTEGER NOT NULL,
   input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,
+  errors INTEGER NOT NULL DEFAULT 0,
   PRIMARY KEY (hour, user, groups, token, kind, model, provider));
 """
+_LEDGER_COLUMNS = ("hour, user, groups, token, kind, model, provider, cost, requests, "
+                   "input_tokens, output_tokens, errors")
+
+
+# Columns added after a table was first created, as (table, column, definition).
+_ADDED_COLUMNS = (
+    ("reservations", "binding", "TEXT NOT NULL DEFAULT ''"),
+    ("ledger", "errors", "INTEGER NOT NULL DEFAULT 0"),
+)
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
     """Columns added after a database was first created (CREATE TABLE IF NOT EXISTS keeps the
     old shape of an existing table)."""
-    columns = {row[1] for row in conn.execute("PRAGMA table_info(reservations)")}
-    if "binding" not in columns:
-        conn.execute("ALTER TABLE reservations ADD COLUMN binding TEXT NOT NULL DEFAULT ''")
+    for table, column, definition in _ADDED_COLUMNS:
+        columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if column in columns:
+            continue
+        try:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+        except sqlite3.OperationalError as exc:
+            # Another worker process added it between our look and our change.
+            if "duplicate column" not in str(exc):
+                raise
 
 
 def _path_from_url(url: str) -> str:
@@ -300,17 +317,18 @@ class SQLiteStore:
     @staticmethod
     def _add_ledger(
         conn: sqlite3.Connection, hour: int, dims_json: str, cost: int, requests: int,
-        usage: TokenUsage,
+        usage: TokenUsage, errors: int = 0,
     ) -> None:
         user, groups, token, kind, model, provider = json.loads(dims_json)
         conn.execute(
-            "INSERT INTO ledger VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            f"INSERT INTO ledger ({_LEDGER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT(hour, user, groups, token, kind, model, provider) DO UPDATE SET "
             "cost = cost + excluded.cost, requests = requests + excluded.requests, "
             "input_tokens = input_tokens + excluded.input_tokens, "
-            "output_tokens = output_tokens + excluded.output_tokens",
+            "output_tokens = output_tokens + excluded.output_tokens, "
+            "errors = errors + excluded.errors",
             (hour, user, json.dumps(groups), token, kind, model, provider, cost, requests,
-             usage.total_input, usage.output_tokens),
+             usage.total_input, usage.output_tokens, errors),
         )
 
     def _settle(self, conn: sqlite3.Connection, now: float, limit: int) -> int:
@@ -389,7 +407,8 @@ class SQLiteStore:
         return await self._run(read)
 
     async def commit(
-        self, request_id: str, actual_micros: int, usage: TokenUsage, now: float
+        self, request_id: str, actual_micros: int, usage: TokenUsage, now: float,
+        error: bool = False,
     ) -> CommitResult:
         def commit(conn: sqlite3.Connection) -> CommitResult:
             row = conn.execute(
@@ -410,7 +429,7 @@ class SQLiteStore:
                                         for key, slot, expires in buckets])
             conn.execute("DELETE FROM reserved WHERE amount = 0")
             self._add_ledger(conn, int(created) // 3600 * 3600, dims_json, delta,
-                             1 if state == "open" else 0, usage)
+                             1 if state == "open" else 0, usage, 1 if error else 0)
             conn.execute("UPDATE reservations SET state='committed' WHERE request_id=?",
                          (request_id,))
             return CommitResult("committed" if state == "open" else "late", estimate)
@@ -448,13 +467,13 @@ class SQLiteStore:
     async def ledger_rows(self, start_hour: int, end_hour: int) -> list[LedgerRow]:
         def scan(conn: sqlite3.Connection) -> list[LedgerRow]:
             rows = conn.execute(
-                "SELECT hour, user, groups, token, kind, model, provider, cost, requests, "
-                "input_tokens, output_tokens FROM ledger WHERE hour >= ? AND hour < ? "
+                f"SELECT {_LEDGER_COLUMNS} FROM ledger WHERE hour >= ? AND hour < ? "
                 "ORDER BY hour", (start_hour, end_hour),
             ).fetchall()
             return [
                 LedgerRow(int(r[0]), LedgerDims(r[1], tuple(json.loads(r[2])), r[3], r[4], r[5],
-                                                r[6]), int(r[7]), int(r[8]), int(r[9]), int(r[10]))
+                                                r[6]), int(r[7]), int(r[8]), int(r[9]), int(r[10]),
+                          int(r[11]))
                 for r in rows
             ]
 

@@ -199,3 +199,42 @@ async def test_add_spend_applies_once_per_marker(store: Store) -> None:
     # Backfilled spend counts against the limit like any other.
     assert not (await store.reserve(req("r1", 71, first))).admitted
     assert (await store.reserve(req("r2", 70, first))).admitted
+
+
+async def test_error_commit_releases_the_reservation_at_zero_and_counts_an_error(
+        store: Store) -> None:
+    b = bucket(limit=100)
+    await store.reserve(req("e1", 40, b))
+    result = await store.commit("e1", 0, TokenUsage(), NOW + 1, error=True)
+    assert (result.status, result.estimate) == ("committed", 40)
+    state = (await store.bucket_states([b], NOW + 1))[0]
+    assert (state.spent, state.reserved) == (0, 0)
+    # Idempotent like any commit: a retried error changes nothing.
+    assert (await store.commit("e1", 0, TokenUsage(), NOW + 2, error=True)).status == \
+        "duplicate"
+    await store.reserve(req("ok1", 40, b))
+    await store.commit("ok1", 25, TokenUsage(10, 5), NOW + 3)
+    hour = int(NOW) // 3600 * 3600
+    [row] = await store.ledger_rows(hour, hour + 3600)
+    assert (row.cost, row.requests, row.errors) == (25, 2, 1)
+
+
+async def test_error_with_usage_is_charged_that_usage(store: Store) -> None:
+    b = bucket(limit=100)
+    await store.reserve(req("e2", 40, b))
+    await store.commit("e2", 7, TokenUsage(10, 2), NOW + 1, error=True)
+    assert (await store.bucket_states([b], NOW + 1))[0].spent == 7
+    hour = int(NOW) // 3600 * 3600
+    [row] = await store.ledger_rows(hour, hour + 3600)
+    assert (row.cost, row.requests, row.errors, row.input_tokens) == (7, 1, 1, 10)
+
+
+async def test_error_after_expiry_refunds_the_estimate(store: Store) -> None:
+    b = bucket(limit=100)
+    await store.reserve(req("e3", 30, b, ttl=60))
+    assert await store.settle_expired(NOW + 61) == 1
+    assert (await store.commit("e3", 0, TokenUsage(), NOW + 70, error=True)).status == "late"
+    assert (await store.bucket_states([b], NOW + 70))[0].spent == 0
+    hour = int(NOW) // 3600 * 3600
+    [row] = await store.ledger_rows(hour, hour + 3600)
+    assert (row.cost, row.requests, row.errors) == (0, 1, 1)

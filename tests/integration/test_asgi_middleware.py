@@ -13,12 +13,12 @@ import openai
 import pytest
 
 from sidecar.asgi import SidecarMiddleware
-from sidecar.demo.config import demo_config
+from sidecar.demo.config import DEMO_PROVIDER_KEYS, demo_config
 from sidecar.demo.keys import DevIssuer
 from sidecar.demo.stack import Stack, running_stack
 from sidecar.fake_provider import expected_usage
 from sidecar.pricing import estimate_input_tokens
-from tests.support.asgi_proxy import PROVIDER_KEY, proxy_app, serve
+from tests.support.asgi_proxy import proxy_app, serve
 
 FLAT = {"provider": "openai", "model": "flat-cent", "input_per_mtok": 0,
         "output_per_mtok": 10000}
@@ -90,13 +90,14 @@ def test_budget_enforced_after_the_exact_count(setup: tuple[Stack, str],
     assert error["type"] == "spend_limit_exceeded" and error["rule"] == "nickel"
     assert error["spent"] == 0.05 and error["limit"] == 0.05
     assert int(denied.value.response.headers["retry-after"]) > 0
-    # The app saw the identity, never the caller's JWT.
+    # The app saw the identity and the provider key the sidecar holds, never the caller's JWT.
     seen = httpx.get(url + "/_proxy_seen", timeout=10).json()[-1]
     assert seen["x-sidecar-email"] == "mia@example.com"
     assert seen["x-sidecar-groups"] == "ml"
     assert seen["x-sidecar-model"] == "flat-cent"
-    assert "authorization" not in seen
-    assert stack.seen()[-1]["headers"]["authorization"] == f"Bearer {PROVIDER_KEY}"
+    assert seen["authorization"] == f"Bearer {DEMO_PROVIDER_KEYS['openai']}"
+    assert stack.seen()[-1]["headers"]["authorization"] == \
+        f"Bearer {DEMO_PROVIDER_KEYS['openai']}"
     assert usage_of(stack, "mia@example.com", 5)["cost_usd"] == 0.05
 
 
@@ -202,3 +203,14 @@ def test_refusals_before_the_app(setup: tuple[Stack, str], issuer: DevIssuer) ->
                      headers={"authorization": f"Bearer {issuer.mint('bad@example.com')}"})
     assert bad.status_code == 400 and bad.json()["error"]["type"] == "bad_request"
     assert httpx.get(url + "/healthz", timeout=10).status_code == 200
+
+
+def test_provider_error_costs_nothing_and_counts_as_an_error(setup: tuple[Stack, str],
+                                                             issuer: DevIssuer) -> None:
+    stack, url = setup
+    with pytest.raises(openai.RateLimitError):
+        sdk(url, issuer.mint("asgi-err@example.com")).chat.completions.create(
+            model="metered-mini", messages=MESSAGES, max_tokens=50,
+            extra_headers={"x-fake-status": "429"})
+    row = usage_of(stack, "asgi-err@example.com")
+    assert (row["cost_usd"], row["requests"], row["errors"]) == (0, 1, 1)

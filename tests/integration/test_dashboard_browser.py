@@ -61,6 +61,12 @@ def traffic_stack(tmp_path_factory: pytest.TempPathFactory,
                            headers={"authorization": f"Bearer {token}"},
                            json={"model": model, "max_tokens": max_tokens,
                                  "messages": [{"role": "user", "content": "hello there"}]})
+        # A provider error: $0, shown as an error.
+        failed = httpx.post(stack.envoy_url + CHAT, timeout=30, json={
+            "model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+            headers={"authorization": f"Bearer {issuer.mint('fay@example.com', ['ml'])}",
+                     "x-fake-status": "500"})
+        assert failed.status_code == 500
         yield stack
 
 
@@ -113,6 +119,7 @@ def test_dashboard_in_chromium(traffic_stack: Stack, issuer: DevIssuer,
             end = page.get_attribute("#range", "data-end")
             total = int(page.get_attribute("#total-cost", "data-micros") or "-1")
             requests = page.inner_text("#total-requests").replace(",", "")
+            provider_errors = page.inner_text("#total-errors").replace(",", "")
             legend = {
                 (li.get_attribute("data-key") or ""): int(li.get_attribute("data-micros") or 0)
                 for li in page.query_selector_all('#chart-model li[data-dim="model"]')}
@@ -130,6 +137,7 @@ def test_dashboard_in_chromium(traffic_stack: Stack, issuer: DevIssuer,
     (api_total,) = usage(stack, start=start, end=end)
     assert total == micros(api_total["cost_usd"]) and total > 0
     assert int(requests) == api_total["requests"]
+    assert int(provider_errors) == api_total["errors"] == 1
     by_model = {r["model"]: micros(r["cost_usd"])
                 for r in usage(stack, group_by="model", start=start, end=end)}
     assert legend == by_model

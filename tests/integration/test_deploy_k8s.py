@@ -36,17 +36,55 @@ def test_configmap_is_rendered_from_its_sources() -> None:
     assert result.returncode == 0, result.stderr
 
 
-def test_sidecar_config_passes_check_config(tmp_path: Path) -> None:
+def _key_files(config: dict[str, Any]) -> list[str]:
+    return [source["file"] for p in config["providers"] if p.get("credentials")
+            for source in [p["credentials"].get("default"),
+                           *p["credentials"].get("by_group", {}).values()] if source]
+
+
+def test_sidecar_config_passes_check_config_with_its_keys_mounted(tmp_path: Path) -> None:
     data = one("ConfigMap", "llm-sidecar-config")["data"]
+    config = yaml.safe_load(data["sidecar.yaml"])
+    files = _key_files(config)
+    assert files, "the cluster config holds the provider keys"
+    # Where the pod mounts the Secret, the keys are there; here, stand-ins in tmp_path.
+    text = data["sidecar.yaml"]
+    for index, path in enumerate(files):
+        stand_in = tmp_path / f"key-{index}"
+        stand_in.write_text("sk-stand-in\n")
+        text = text.replace(path, str(stand_in))
     path = tmp_path / "sidecar.yaml"
-    path.write_text(data["sidecar.yaml"])
+    path.write_text(text)
     result = subprocess.run([sys.executable, "-m", "sidecar.cli", "check-config", str(path),
                              "--json"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    config = yaml.safe_load(data["sidecar.yaml"])
+    assert "sk-stand-in" not in result.stdout + result.stderr
     redis = one("Service", "llm-sidecar-redis")
     assert config["store"]["url"] == (
         f"redis://{redis['metadata']['name']}:{redis['spec']['ports'][0]['port']}/0")
+    # Without the Secret mounted, the config is refused, naming the missing file.
+    raw = tmp_path / "unmounted.yaml"
+    raw.write_text(data["sidecar.yaml"])
+    refused = subprocess.run([sys.executable, "-m", "sidecar.cli", "check-config", str(raw)],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and f"file {files[0]}" in refused.stderr
+
+
+def test_provider_keys_come_from_a_secret_mounted_in_the_sidecar_only() -> None:
+    config = yaml.safe_load(one("ConfigMap", "llm-sidecar-config")["data"]["sidecar.yaml"])
+    pod = one("Deployment", "llm-gateway")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    sidecar, envoy = _container("sidecar"), _container("envoy")
+    secret_mounts = {m["mountPath"]: m for m in sidecar["volumeMounts"]
+                     if "secret" in volumes[m["name"]]}
+    for path in _key_files(config):
+        directory, name = path.rsplit("/", 1)
+        mount = secret_mounts[directory]
+        # A directory mount (never subPath): only that sees a rotated Secret.
+        assert "subPath" not in mount and mount.get("readOnly") is True
+        assert volumes[mount["name"]]["secret"]["secretName"] == "llm-provider-keys"
+        assert name in {"openai", "anthropic", "workers-ai"}
+    assert not any("secret" in volumes[m["name"]] for m in envoy["volumeMounts"])
 
 
 def test_envoy_config_passes_validate(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ import httpx
 import openai
 import pytest
 
-from sidecar.demo.config import demo_config
+from sidecar.demo.config import DEMO_PROVIDER_KEYS, demo_config
 from sidecar.demo.keys import DevIssuer
 from sidecar.demo.procs import LOOPBACK, free_port
 from sidecar.demo.stack import DEMO_SECRET_KEY, Stack, running_stack
@@ -157,7 +157,8 @@ def test_cli_login_then_the_token_works_through_envoy(stack: Stack, issuer: DevI
         assert seen["x-sidecar-kind"] == "cli"
         assert seen["x-sidecar-email"] == "alice@example.com"
         assert seen["x-sidecar-groups"] == "ml"
-        assert "authorization" not in seen
+        # The CLI token stayed at the sidecar; the provider got the sidecar's key.
+        assert seen["authorization"] == f"Bearer {DEMO_PROVIDER_KEYS['openai']}"
     sdk = openai.OpenAI(base_url=stack.envoy_url + "/openai/v1", api_key=token)
     assert sdk.chat.completions.create(model="gpt-4o-mini", max_tokens=4,
                                        messages=[{"role": "user", "content": "hi"}]).choices

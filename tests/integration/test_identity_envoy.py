@@ -10,6 +10,7 @@ import httpx
 import jwt
 import openai
 
+from sidecar.demo.config import DEMO_PROVIDER_KEYS
 from sidecar.demo.keys import DevIssuer
 from sidecar.demo.stack import Stack
 
@@ -83,8 +84,10 @@ def test_spoofed_sidecar_headers_are_replaced(stack: Stack, issuer: DevIssuer) -
     assert seen["x-sidecar-groups"] == "eng"
     assert seen["x-sidecar-kind"] == "user"
     for gone in ("x-sidecar-token-name", "x-sidecar-anything", "x-sidecar-route",
-                 "cf-access-client-secret", "authorization"):
+                 "cf-access-client-secret"):
         assert gone not in seen, gone
+    # The caller's JWT in Authorization is replaced by the provider key the sidecar holds.
+    assert seen["authorization"] == f"Bearer {DEMO_PROVIDER_KEYS['openai']}"
     # The forged route header did not pick the fallback route either.
     assert stack.seen()[-1]["path"] == "/v1/chat/completions"
 

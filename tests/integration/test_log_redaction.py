@@ -1,9 +1,11 @@
-"""A run that used JWTs, service tokens, cookies and the admin token: no log contains any."""
+"""A run that used JWTs, service tokens, cookies, the admin token and the provider keys the
+sidecar injects: no log contains any."""
 
 from __future__ import annotations
 
 import httpx
 
+from sidecar.demo.config import DEMO_PROVIDER_KEYS
 from sidecar.demo.keys import DevIssuer
 from sidecar.demo.stack import ADMIN_TOKEN, Stack
 
@@ -12,7 +14,8 @@ BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
 
 def test_logs_contain_no_credentials(stack: Stack, issuer: DevIssuer) -> None:
-    secrets: list[str] = [ADMIN_TOKEN]
+    # The demo config holds a key per provider, set on every admitted call above.
+    secrets: list[str] = [ADMIN_TOKEN, *DEMO_PROVIDER_KEYS.values()]
     good = issuer.mint("redact@example.com", ["ml"])
     expired = issuer.mint("redact@example.com", ttl=-120)
     secrets += [good, expired]

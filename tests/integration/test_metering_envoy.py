@@ -315,7 +315,8 @@ def test_reservation_is_replaced_by_the_smaller_actual(stack: Stack, issuer: Dev
     assert micros(after["remaining"]) == micros(DAILY_LIMIT_USD) - cost
 
 
-def test_provider_error_is_charged_the_estimate_at_once(stack: Stack, issuer: DevIssuer) -> None:
+def test_provider_error_costs_nothing_and_counts_as_an_error(stack: Stack,
+                                                              issuer: DevIssuer) -> None:
     email = user("error")
     token = issuer.mint(email)
     with pytest.raises(openai.InternalServerError):
@@ -323,10 +324,11 @@ def test_provider_error_is_charged_the_estimate_at_once(stack: Stack, issuer: De
             model=OPENAI_MODEL, messages=MESSAGES, max_tokens=40,
             extra_headers={"x-fake-status": "500"})
     row = charged(stack, email)
-    # Never $0: no tokens were reported, so the admission estimate is the charge.
-    assert row["cost_usd"] > 0 and row["input_tokens"] == row["output_tokens"] == 0
+    # The provider bills an error without usage nothing: the reservation is released at $0.
+    assert row["cost_usd"] == 0 and row["errors"] == 1
+    assert row["input_tokens"] == row["output_tokens"] == 0
     after = my_budget(stack, token)
-    assert after["reserved"] == 0 and after["spent"] == row["cost_usd"]
+    assert after["reserved"] == 0 and after["spent"] == 0
 
 
 def test_openai_client_gone_mid_stream_is_charged(stack: Stack, issuer: DevIssuer) -> None:
@@ -563,7 +565,7 @@ def test_cli_usage_table_and_json(stack: Stack, issuer: DevIssuer,
                          "--window", "day"]) == 0
     lines = table.getvalue().splitlines()
     assert lines[0].split() == ["WINDOW_START", "GROUP", "COST_USD", "REQUESTS", "INPUT",
-                                "OUTPUT"]
+                                "OUTPUT", "ERRORS"]
     assert lines[-1].startswith("TOTAL")
     assert len({len(line) for line in lines[:-2]}) == 1  # aligned columns
     monkeypatch.delenv("SIDECAR_ADMIN_TOKEN")

@@ -15,7 +15,14 @@ import pytest
 from sidecar.demo.config import demo_config
 from sidecar.demo.keys import DevIssuer
 from sidecar.demo.stack import Stack, running_stack
-from tests.support.nginx import OPENAI_KEY, config_test_argv, render, running_nginx
+from tests.support.nginx import (
+    ANTHROPIC_KEY,
+    INGRESS_TOKEN,
+    OPENAI_KEY,
+    config_test_argv,
+    render,
+    running_nginx,
+)
 
 CHAT = "/openai/v1/chat/completions"
 # $0.01 per output token and one output token per call, estimated from
@@ -34,11 +41,14 @@ def nginx_stack(tmp_path_factory: pytest.TempPathFactory,
     config = demo_config(issuer, jwks, f"sqlite:///{workdir}/s.db", spend_limits=LIMITS,
                          pricing={"unknown_model": "reject", "overrides": [FLAT]},
                          admission={"default_max_output_tokens": 1})
-    with running_stack(workdir, issuer, config) as stack:
-        sidecar_port = int(stack.admin_url.rsplit(":", 1)[1])
-        provider_port = int(stack.provider_url.rsplit(":", 1)[1])
-        with running_nginx(workdir / "nginx", sidecar_port, provider_port) as url:
-            yield stack, url
+    with pytest.MonkeyPatch.context() as mp:
+        # The sidecar gives provider keys only to an ingress presenting this token.
+        mp.setenv("SIDECAR_INGRESS_TOKEN", INGRESS_TOKEN)
+        with running_stack(workdir, issuer, config) as stack:
+            sidecar_port = int(stack.admin_url.rsplit(":", 1)[1])
+            provider_port = int(stack.provider_url.rsplit(":", 1)[1])
+            with running_nginx(workdir / "nginx", sidecar_port, provider_port) as url:
+                yield stack, url
 
 
 def call(url: str, token: str | None, model: str | None = "flat-cent",
@@ -94,6 +104,28 @@ def test_allowed_call_carries_identity_upstream(nginx_stack: tuple[Stack, str],
     assert "cf-access-client-secret" not in headers
     assert "x-sidecar-token-name" not in headers
     assert seen["body"]["model"] == "flat-cent"
+
+
+def test_anthropic_call_gets_the_sidecars_key_and_a_version(nginx_stack: tuple[Stack, str],
+                                                            issuer: DevIssuer) -> None:
+    stack, url = nginx_stack
+    token = issuer.mint("nils@example.com", ["ml"])
+    body = {"model": "claude-haiku-4-5", "max_tokens": 1,
+            "messages": [{"role": "user", "content": "hi"}]}
+    for sent_version, arrived_version in ((None, "2023-06-01"), ("2024-10-22", "2024-10-22")):
+        headers = {"authorization": f"Bearer {token}", "x-sidecar-model": "claude-haiku-4-5",
+                   "x-api-key": "sk-ant-caller-own"}
+        if sent_version:
+            headers["anthropic-version"] = sent_version
+        stack.clear_seen()
+        response = httpx.post(url + "/anthropic/v1/messages", headers=headers, json=body,
+                              timeout=30)
+        assert response.status_code == 200, response.text
+        arrived = stack.seen()[-1]["headers"]
+        assert arrived["x-api-key"] == ANTHROPIC_KEY
+        assert arrived["anthropic-version"] == arrived_version
+        assert "authorization" not in arrived
+        assert ANTHROPIC_KEY not in response.text + str(dict(response.headers))
 
 
 def test_401_without_and_with_a_bad_credential(nginx_stack: tuple[Stack, str],

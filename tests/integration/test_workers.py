@@ -17,7 +17,7 @@ import pytest
 import yaml
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
-from sidecar.demo.config import demo_config
+from sidecar.demo.config import demo_config, demo_key_env
 from sidecar.demo.keys import DevIssuer
 from sidecar.demo.procs import LOOPBACK, ManagedProcess, free_port
 from sidecar.demo.stack import ADMIN_TOKEN, wait_ready
@@ -80,7 +80,8 @@ def workers(tmp_path: Path) -> Iterator[Workers]:
             "--grpc", f"{LOOPBACK}:{grpc_port}", "--http", f"{LOOPBACK}:{http_port}",
             "--workers", "2"]
     process = ManagedProcess("sidecar-workers", argv, tmp_path, cwd=tmp_path,
-                             env={**os.environ, "SIDECAR_ADMIN_TOKEN": ADMIN_TOKEN})
+                             env={**os.environ, "SIDECAR_ADMIN_TOKEN": ADMIN_TOKEN,
+                                  **demo_key_env()})
     with process:
         running = Workers(process, grpc_port, http_port, issuer.mint("ann@example.com"))
         running.wait_children(2)

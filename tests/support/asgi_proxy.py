@@ -1,7 +1,8 @@
 """A minimal LLM proxy written as a Starlette app, and a uvicorn server in a thread to run it.
 
 The proxy forwards `/openai/...` to an upstream (the fake provider) and streams the answer
-back chunk by chunk, as a real Python gateway would; SidecarMiddleware goes around it.
+back chunk by chunk, as a real Python gateway would; SidecarMiddleware goes around it and
+hands it the provider key in `authorization`, which it passes on.
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ from starlette.routing import Route
 from sidecar.asgi import ASGIApp
 from sidecar.demo.procs import LOOPBACK, free_port
 
-PROVIDER_KEY = "sk-proxy-own-provider-key"
-
 
 def proxy_app(upstream: str) -> Starlette:
     client = httpx.AsyncClient(base_url=upstream, timeout=60)
@@ -32,11 +31,10 @@ def proxy_app(upstream: str) -> Starlette:
     async def forward(request: Request) -> Response:
         headers = {k: v for k, v in request.headers.items()
                    if k.startswith(("x-sidecar-", "x-fake-", "x-request-id"))
-                   or k == "content-type"}
-        headers["authorization"] = f"Bearer {PROVIDER_KEY}"
+                   or k in ("content-type", "authorization")}
         seen.append(dict(request.headers))
         upstream_request = client.build_request(
-            request.method, "/" + request.path_params["path"], headers=headers,
+            request.method, "/openai/" + request.path_params["path"], headers=headers,
             content=await request.body())
         response = await client.send(upstream_request, stream=True)
         passed = {k: v for k, v in response.headers.items()

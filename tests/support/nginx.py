@@ -1,5 +1,6 @@
 """Run deploy/nginx/nginx.conf for real: copied to a temporary prefix, with only addresses,
-ports, keys and log/temp paths changed, as a foreground nginx owned by the test."""
+ports, the ingress token and log/temp paths changed, as a foreground nginx owned by the
+test."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from sidecar.demo.config import DEMO_PROVIDER_KEYS
 from sidecar.demo.procs import LOOPBACK, ManagedProcess, free_port, wait_for_port
 
 REPO = Path(__file__).resolve().parents[2]
 NGINX_DIR = REPO / "deploy" / "nginx"
-OPENAI_KEY = "sk-test-openai-key-from-nginx"
-ANTHROPIC_KEY = "sk-ant-test-key-from-nginx"
+# The keys are the sidecar's (the demo config's); nginx only holds the ingress token.
+OPENAI_KEY = DEMO_PROVIDER_KEYS["openai"]
+ANTHROPIC_KEY = DEMO_PROVIDER_KEYS["anthropic"]
+INGRESS_TOKEN = "nginx-ingress-token-for-tests-0123"
 
 
 def nginx_binary() -> str:
@@ -37,8 +41,8 @@ def render(prefix: Path, listen: int, sidecar_http: int, provider: int) -> Path:
     prefix.mkdir(parents=True, exist_ok=True)
     for name in ("nginx.conf", "sidecar_auth.conf"):
         shutil.copy(NGINX_DIR / name, prefix / name)
-    (prefix / "llm-provider-keys.conf").write_text(
-        f'set $openai_api_key "{OPENAI_KEY}";\nset $anthropic_api_key "{ANTHROPIC_KEY}";\n')
+    (prefix / "sidecar-ingress-token.conf").write_text(
+        f'set $sidecar_ingress_token "{INGRESS_TOKEN}";\n')
     conf = (prefix / "nginx.conf").read_text()
     conf = _replace(conf, "server 127.0.0.1:9002;", f"server {LOOPBACK}:{sidecar_http};")
     conf = _replace(conf, "listen 8080;", f"listen {LOOPBACK}:{listen};")

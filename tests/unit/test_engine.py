@@ -110,6 +110,35 @@ async def test_commit_replaces_reservation_with_actual(store: SQLiteStore) -> No
     assert again.status == "duplicate"
 
 
+@pytest.mark.parametrize("status", [401, 429, 500, 503])
+async def test_provider_error_without_usage_costs_nothing(store: SQLiteStore,
+                                                          status: int) -> None:
+    rs = config(spend_limits=[rule("b", 0.05, "block", ["cent-*"])])
+    eng = engine(rs, store)
+    admitted = await eng.check(attrs("cent-a", "r1", max_tokens=3))
+    result, cost = await eng.charge(admitted.request_id, Observed(status=status))
+    assert (result.status, cost) == ("committed", 0)
+    [row] = await store.ledger_rows(int(NOW) // 3600 * 3600, int(NOW) // 3600 * 3600 + 3600)
+    assert (row.cost, row.requests, row.errors) == (0, 1, 1)
+    # The reservation is released: the whole budget is there again.
+    assert (await eng.check(attrs("cent-a", "r2", max_tokens=5))).allowed
+
+
+async def test_error_that_reports_usage_pays_it_and_a_cut_success_its_reservation(
+        store: SQLiteStore) -> None:
+    eng = engine(config(), store)
+    errored = await eng.check(attrs("cent-a", "e1", max_tokens=3))
+    _, cost = await eng.charge(errored.request_id,
+                               Observed(TokenUsage(0, 1), complete=True, status=500))
+    assert cost == 10_000
+    cut = await eng.check(attrs("cent-a", "c1", max_tokens=3))
+    _, cost = await eng.charge(cut.request_id, Observed(status=200))
+    assert cost == 30_000  # never $0 for a success
+    hour = int(NOW) // 3600 * 3600
+    [row] = await store.ledger_rows(hour, hour + 3600)
+    assert (row.cost, row.requests, row.errors) == (40_000, 2, 1)
+
+
 async def test_optimistic_mode_overshoots_reserve_does_not(store: SQLiteStore) -> None:
     limits = [rule("b", 0.02, "block", ["cent-*"])]
     optimistic = engine(config(spend_limits=limits, admission={"mode": "optimistic"}), store)

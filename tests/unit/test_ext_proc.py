@@ -8,6 +8,7 @@ import json
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any, cast
 
+import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
@@ -162,11 +163,38 @@ def test_gzip_body_is_metered() -> None:
     assert engine.usages == [TokenUsage(12, 5)]
 
 
-def test_provider_error_without_usage_is_charged_without_usage_now() -> None:
+@pytest.mark.parametrize("status", ["401", "429", "500", "503"])
+def test_provider_error_without_usage_is_charged_as_an_error_now(status: str) -> None:
     error = {"error": {"message": "overloaded", "type": "server_error"}}
-    engine, _ = run([request_headers(), request_body(BODY), response_headers("503"),
+    engine, _ = run([request_headers(), request_body(BODY), response_headers(status),
                      response_body(json.dumps(error).encode())])
-    assert engine.usages == [None]
+    ((_, observed, _),) = engine.charges
+    assert observed.usage is None and observed.status == int(status) and observed.error
+
+
+def test_error_body_that_reports_usage_is_observed_with_that_usage() -> None:
+    partial = {"error": {"message": "cut"}, "usage": {"prompt_tokens": 12,
+                                                      "completion_tokens": 3}}
+    engine, _ = run([request_headers(), request_body(BODY), response_headers("500"),
+                     response_body(json.dumps(partial).encode())])
+    ((_, observed, _),) = engine.charges
+    assert observed.usage == TokenUsage(12, 3) and observed.error
+
+
+def test_envoy_local_reply_after_admission_is_an_error() -> None:
+    # Upstream unreachable: Envoy answers 503 itself, plain text, after the request phases.
+    engine, _ = run([request_headers(), request_body(BODY),
+                     response_headers("503", content_type="text/plain"),
+                     response_body(b"upstream connect error or disconnect/reset before headers")])
+    ((_, observed, _),) = engine.charges
+    assert observed.usage is None and observed.status == 503
+
+
+def test_success_is_never_an_error() -> None:
+    engine, _ = run([request_headers(), request_body(BODY), response_headers(),
+                     response_body(json.dumps(CHAT_JSON).encode())])
+    ((_, observed, _),) = engine.charges
+    assert observed.status == 200 and not observed.error
 
 
 def test_stream_cut_short_charges_what_was_seen() -> None:
@@ -198,7 +226,7 @@ def test_unmetered_api_pays_its_reservation_at_response_headers() -> None:
     engine, _ = run([request_headers("/openai/v1/embeddings", "text-embedding-3-small"),
                      request_body({"model": "text-embedding-3-small", "input": "x"}),
                      response_headers()])
-    assert [(rid, o) for rid, o, _ in engine.charges] == [("req-1", Observed())]
+    assert [(rid, o) for rid, o, _ in engine.charges] == [("req-1", Observed(status=200))]
 
 
 def test_unadmitted_request_is_left_alone() -> None:

@@ -327,3 +327,51 @@ def test_runs_as_a_module() -> None:
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+# --- keys ------------------------------------------------------------------------------------
+
+KEYED = {"openai": ["sk-a", "sk-b"], "anthropic": ["sk-ant"]}
+CHAT_BODY = {"model": GPT, "messages": [{"role": "user", "content": "hi"}]}
+MESSAGES_BODY = {"model": CLAUDE, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_keyed_provider_refuses_a_call_without_its_key_in_openai_shape() -> None:
+    with TestClient(create_app(KEYED)) as client:
+        refused = client.post("/openai/v1/chat/completions", json=CHAT_BODY,
+                              headers={"authorization": "Bearer sk-wrong"})
+        assert refused.status_code == 401
+        assert refused.json()["error"]["code"] == "invalid_api_key"
+        for key in KEYED["openai"]:
+            accepted = client.post("/openai/v1/chat/completions", json=CHAT_BODY,
+                                   headers={"authorization": f"Bearer {key}"})
+            assert accepted.status_code == 200
+
+
+def test_keyed_anthropic_reads_x_api_key_and_answers_its_own_shape() -> None:
+    with TestClient(create_app(KEYED)) as client:
+        refused = client.post("/anthropic/v1/messages", json=MESSAGES_BODY,
+                              headers={"authorization": "Bearer sk-ant"})
+        assert refused.status_code == 401
+        assert refused.json() == {"type": "error", "error": {
+            "type": "authentication_error", "message": "invalid x-api-key"}}
+        ok = client.post("/anthropic/v1/messages", json=MESSAGES_BODY,
+                         headers={"x-api-key": "sk-ant"})
+        assert ok.status_code == 200
+
+
+def test_provider_is_told_by_host_when_a_proxy_stripped_the_prefix() -> None:
+    with TestClient(create_app(KEYED)) as client:
+        as_anthropic = client.post("/v1/messages", json=MESSAGES_BODY,
+                                   headers={"host": "api.anthropic.com", "x-api-key": "nope"})
+        assert as_anthropic.status_code == 401
+        unkeyed = client.post("/v1/chat/completions", json=CHAT_BODY,
+                              headers={"host": "api.cloudflare.com"})
+        assert unkeyed.status_code == 200  # workers-ai has no keys configured here
+        models = client.get("/v1/models", headers={"host": "api.openai.com"})
+        assert models.status_code == 401
+
+
+def test_unknown_key_provider_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown provider"):
+        create_app({"opneai": ["k"]})

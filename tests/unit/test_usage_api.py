@@ -33,6 +33,8 @@ CHARGES: list[tuple[str, int, LedgerDims, int, int | None]] = [
     ("r3", T0 + 86400 + 10, BOB, 5000, 2500),
     ("r4", NOW - 600, BOB, 333, None),  # expired: charged its estimate
 ]
+# Answered by the provider with an error and no usage: $0, counted in `errors`.
+ERRORS: list[tuple[str, int, LedgerDims, int]] = [("r5", T0 + 86400 + 20, BOB, 4000)]
 
 
 async def _seed(services: Services) -> None:
@@ -41,6 +43,9 @@ async def _seed(services: Services) -> None:
         await store.reserve(ReserveRequest(request_id, (), estimate, "reserve", at, at + 60, dims))
         if actual is not None:
             await store.commit(request_id, actual, TokenUsage(10, 4), at + 1)
+    for request_id, at, dims, estimate in ERRORS:
+        await store.reserve(ReserveRequest(request_id, (), estimate, "reserve", at, at + 60, dims))
+        await store.commit(request_id, 0, TokenUsage(), at + 1, error=True)
     await store.settle_expired(NOW)
 
 
@@ -82,9 +87,9 @@ def test_usage_grouped_by_user_and_model(client: TestClient) -> None:
     rows = result(client.get("/v1/usage", params={"group_by": "user,model"}))
     assert rows == [
         {"user": "bob@example.com", "model": "claude-haiku-4-5", "cost_usd": Decimal("0.002833"),
-         "requests": 2, "input_tokens": 10, "output_tokens": 4},
+         "requests": 3, "input_tokens": 10, "output_tokens": 4, "errors": 1},
         {"user": "alice@example.com", "model": "gpt-4o-mini", "cost_usd": Decimal("0.0002"),
-         "requests": 2, "input_tokens": 20, "output_tokens": 8},
+         "requests": 2, "input_tokens": 20, "output_tokens": 8, "errors": 0},
     ]
 
 
@@ -103,7 +108,7 @@ def test_usage_range_accepts_iso_and_epoch_seconds(client: TestClient) -> None:
                                                  "end": "2024-05-02T00:00:00Z"}))
     epoch = result(client.get("/v1/usage", params={"start": str(T0), "end": str(T0 + 86400)}))
     assert iso == epoch == [{"cost_usd": Decimal("0.0002"), "requests": 2, "input_tokens": 20,
-                             "output_tokens": 8}]
+                             "output_tokens": 8, "errors": 0}]
     offset = result(client.get("/v1/usage", params={"start": "2024-05-01T03:00:00+02:00",
                                                     "end": "2024-05-01T01:30:00Z"}))
     assert offset[0]["cost_usd"] == Decimal("0.000077")  # only the 01:00 hour
@@ -111,7 +116,9 @@ def test_usage_range_accepts_iso_and_epoch_seconds(client: TestClient) -> None:
 
 def test_usage_default_range_is_thirty_days(client: TestClient) -> None:
     (total,) = result(client.get("/v1/usage"))
-    assert total["cost_usd"] == Decimal("0.003033") and total["requests"] == 4
+    # The provider error adds a request and an error, and nothing to the cost.
+    assert total["cost_usd"] == Decimal("0.003033") and total["requests"] == 5
+    assert total["errors"] == 1
 
 
 def test_history_daily_buckets(client: TestClient) -> None:

@@ -15,7 +15,8 @@
 --                    expiry, ttl seconds], ...]), d (dims JSON), l (ledger key), hr (hour),
 --                    bd (binding: what the reservation was made for).
 --   ledger hash      "c|<dims>" cost, "n|<dims>" requests, "i|<dims>" input tokens,
---                    "o|<dims>" output tokens; one hash per hour.
+--                    "o|<dims>" output tokens, "e|<dims>" provider errors (only once there
+--                    is one); one hash per hour.
 --   hours zset       member = score = an hour holding ledger data.
 --
 -- Numbers: Lua numbers are doubles, so amounts are exact up to 2^53 µUSD (about $9 billion).
@@ -67,12 +68,15 @@ local function add_slot(ctx, key, slot, amount, expires, ttl)
   keep(key, ttl)
 end
 
-local function add_ledger(ctx, rec, cost, requests, input, output)
+local function add_ledger(ctx, rec, cost, requests, input, output, errors)
   local dims = rec.d
   redis.call('HINCRBY', rec.l, 'c|' .. dims, int(cost))
   redis.call('HINCRBY', rec.l, 'n|' .. dims, int(requests))
   redis.call('HINCRBY', rec.l, 'i|' .. dims, int(input))
   redis.call('HINCRBY', rec.l, 'o|' .. dims, int(output))
+  if errors ~= nil and errors > 0 then
+    redis.call('HINCRBY', rec.l, 'e|' .. dims, int(errors))
+  end
   redis.call('ZADD', ctx.hours, rec.hr, rec.hr)
   keep(rec.l, ctx.ledger_ttl)
 end
@@ -93,12 +97,13 @@ local function load(rkey)
 end
 
 -- Charge `delta` to every bucket slot and the ledger, releasing `release` reserved µUSD.
-local function charge(ctx, rec, delta, release, requests, input, output)
+-- `errors` (optional): 1 when the provider answered with an error.
+local function charge(ctx, rec, delta, release, requests, input, output, errors)
   for _, b in ipairs(cjson.decode(rec.b)) do
     add_reserved(b[1], -release)
     add_slot(ctx, b[1], b[2], delta, b[3], b[4])
   end
-  add_ledger(ctx, rec, delta, requests, input, output)
+  add_ledger(ctx, rec, delta, requests, input, output, errors)
 end
 
 -- Done reservations stay a while so late and duplicate completions are recognised.

@@ -18,6 +18,7 @@
 -- ARGV[3]   output tokens
 -- ARGV[4]   ledger hash TTL (seconds)
 -- ARGV[5]   retention of done reservations (seconds)
+-- ARGV[6]   1 when the provider answered with an error (counted in the ledger's errors)
 -- Returns   {status, estimate}; estimate is 0 when unknown.
 --
 -- The bucket and ledger keys it also writes are read from the reservation record; they
@@ -37,12 +38,13 @@ if rec.s == 'committed' then
 end
 
 local actual = tonumber(ARGV[1])
+local errors = tonumber(ARGV[6] or '0')
 if rec.s == 'open' then
-  charge(ctx, rec, actual, rec.h, 1, ARGV[2], ARGV[3])
+  charge(ctx, rec, actual, rec.h, 1, ARGV[2], ARGV[3], errors)
   finish(ctx, rkey, 'committed')
   return {'committed', rec.e}
 end
 -- Expired: it already paid its estimate and counted as a request; charge the difference.
-charge(ctx, rec, actual - rec.e, 0, 0, ARGV[2], ARGV[3])
+charge(ctx, rec, actual - rec.e, 0, 0, ARGV[2], ARGV[3], errors)
 finish(ctx, rkey, 'committed')
 return {'late', rec.e}

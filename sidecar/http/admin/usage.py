@@ -177,7 +177,8 @@ def usage_json(row: UsageRow) -> dict[str, Any]:
     if row.window_start is not None:
         out["window_start"] = iso(row.window_start)
     out.update(cost_usd=micros_to_usd(row.totals.cost), requests=row.totals.requests,
-               input_tokens=row.totals.input_tokens, output_tokens=row.totals.output_tokens)
+               input_tokens=row.totals.input_tokens, output_tokens=row.totals.output_tokens,
+               errors=row.totals.errors)
     return out
 
 

@@ -103,9 +103,9 @@ def _spenders(d: Dashboard) -> str:
             f'<td><div class="bar"><div class="fill share" '
             f'style="width:{100 * t.cost / top:.1f}%"></div></div></td>'
             f'<td class="n">{t.requests}</td><td class="n">{t.input_tokens:,}</td>'
-            f'<td class="n">{t.output_tokens:,}</td></tr>')
+            f'<td class="n">{t.output_tokens:,}</td><td class="n">{t.errors}</td></tr>')
     return ('<table id="top-spenders"><tr><th>#</th><th>user</th><th>spend</th><th></th>'
-            '<th>requests</th><th>input tokens</th><th>output tokens</th></tr>'
+            '<th>requests</th><th>input tokens</th><th>output tokens</th><th>errors</th></tr>'
             + "".join(rows) + "</table>")
 
 
@@ -184,6 +184,7 @@ def render(d: Dashboard) -> str:
 {_kpi("Requests", f"{t.requests:,}", "total-requests")}
 {_kpi("Input tokens", f"{t.input_tokens:,}", "total-input")}
 {_kpi("Output tokens", f"{t.output_tokens:,}", "total-output")}
+{_kpi("Provider errors ($0)", f"{t.errors:,}", "total-errors", alert=t.errors > 0)}
 {_kpi("Recent 429s", str(denied), "recent-429", alert=denied > 0)}
 {_kpi("Recent fallbacks", str(fallbacks), "recent-fallbacks")}
 {_kpi("Buckets ≥ 90%", str(hot), "hot-buckets", alert=hot > 0)}

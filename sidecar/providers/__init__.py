@@ -1,0 +1,1 @@
+"""Provider-side concerns: the keys the sidecar holds for each provider."""
