@@ -19,6 +19,14 @@ from pathlib import Path
 import httpx
 
 
+def _is_envelope(data: bytes) -> bool:
+    try:
+        answer = json.loads(data)
+    except ValueError:
+        return False
+    return isinstance(answer, dict) and answer.get("success") is False
+
+
 async def _one(client: httpx.AsyncClient, url: str, body: bytes, token: str,
                extra: dict[str, str]) -> str:
     headers = {"authorization": f"Bearer {token}", "content-type": "application/json", **extra}
@@ -30,7 +38,7 @@ async def _one(client: httpx.AsyncClient, url: str, body: bytes, token: str,
     if response.status_code == 200:
         return "served" if data.rstrip().endswith(b"[DONE]") else "cut"
     if response.status_code == 503 and response.headers.get("retry-after") \
-            and data.startswith(b'{"success":false'):
+            and _is_envelope(data):
         return "refused"
     return f"status_{response.status_code}"
 

@@ -39,6 +39,9 @@ SHED = Counter("sidecar_shed_total",
                ["reason"], registry=REGISTRY)
 CHECKS_INFLIGHT = Gauge("sidecar_checks_inflight", "Checks being decided right now",
                         registry=REGISTRY, multiprocess_mode="livesum")
+LOOP_LAG_SECONDS = Gauge("sidecar_event_loop_lag_seconds",
+                         "How late the event loop ran at its last sample", registry=REGISTRY,
+                         multiprocess_mode="max")
 CHECK_HEADROOM_SECONDS = Histogram(
     "sidecar_check_deadline_headroom_seconds",
     "Time left before the caller's deadline when a Check was answered", registry=REGISTRY,

@@ -27,7 +27,7 @@ from typing import Literal
 
 import structlog
 
-from sidecar.metrics import CHECK_HEADROOM_SECONDS, CHECKS_INFLIGHT, SHED
+from sidecar.metrics import CHECK_HEADROOM_SECONDS, CHECKS_INFLIGHT, LOOP_LAG_SECONDS, SHED
 
 log = structlog.get_logger("sidecar.overload")
 
@@ -100,3 +100,4 @@ class LoadShedder:
             late = loop.time() - before - LAG_SAMPLE_SECONDS
             # Recover as fast as lateness builds: one on-time sample clears it.
             self.loop_lag = max(late, 0.0)
+            LOOP_LAG_SECONDS.set(self.loop_lag)
