@@ -367,7 +367,7 @@ class OverloadConfig(Strict):
     # Checks in flight per process beyond which new ones are refused.
     max_inflight: int = Field(default=256, ge=1, le=1_000_000)
     # Seconds the event loop may run late before new Checks are refused.
-    max_loop_lag_seconds: float = Field(default=0.25, gt=0, le=60)
+    max_loop_lag_seconds: float = Field(default=1.0, gt=0, le=60)
 
 
 class SidecarConfig(Strict):

@@ -114,10 +114,16 @@ def render(decision: Decision, nginx: bool, with_keys: bool = False) -> Response
         # the sidecar's own id: the ingress passes it on, and usage is reported against it.
         headers = {**decision.headers, **decision.response_headers,
                    **(decision.upstream_secrets if with_keys else {})}
-        if decision.remove_headers:
+        remove = set(decision.remove_headers)
+        if not with_keys:
+            # The key that would have replaced the caller's header (its JWT in
+            # Authorization, say) is withheld from a caller that is not the ingress: the
+            # header goes instead, so the caller's credential never travels upstream.
+            remove.update(decision.upstream_secrets)
+        if remove:
             # Envoy's http_service ext_authz removes these from the upstream request; other
             # ingresses drop the credential headers themselves (deploy/nginx).
-            headers[REMOVE_HEADER] = ",".join(decision.remove_headers)
+            headers[REMOVE_HEADER] = ",".join(sorted(remove))
         return Response(status_code=200, headers={k: _clean(v) for k, v in headers.items()})
     headers = {k: _clean(v) for k, v in decision.headers.items()}
     status = decision.http_status

@@ -73,7 +73,10 @@ def test_past_capacity_every_answer_is_served_or_a_retryable_503(stack: Stack,
         assert headers.get("retry-after") == "1"
         assert headers["content-type"].startswith("application/json")
         answer = json.loads(body)
-        assert answer["success"] is False and answer["error"]["type"] == "overloaded"
+        # The sidecar's own prompt refusal, or Envoy's mapped answer for a Check that did
+        # not come back in time: both retryable, both the envelope.
+        assert answer["success"] is False
+        assert answer["error"]["type"] in ("overloaded", "unavailable")
     for _, _, body in served:
         assert body.rstrip().endswith(b"data: [DONE]")  # every admitted stream completed
     usage = expected_usage("openai_chat", BODY)

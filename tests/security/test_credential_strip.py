@@ -19,13 +19,13 @@ from starlette.testclient import TestClient
 
 from sidecar.asgi import SidecarMiddleware
 from sidecar.decisions import strip_credentials, strip_list, without_access_cookie
-from sidecar.demo.config import demo_config
+from sidecar.demo.config import DEMO_PROVIDER_KEYS, demo_config
 from sidecar.demo.keys import DevIssuer
 from sidecar.demo.stack import Stack
 from sidecar.http.app import create_app
 from sidecar.services import build_services
 from tests.security.policy_stack import CHAT, chat, policy_stack, upstream_headers
-from tests.support.nginx import running_nginx
+from tests.support.nginx import INGRESS_TOKEN, running_nginx
 
 ACCESS_HEADERS = ("cf-access-jwt-assertion", "cf-access-token", "cf-access-client-id",
                   "cf-access-client-secret")
@@ -39,8 +39,11 @@ def issuer() -> DevIssuer:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, issuer: DevIssuer) -> Iterator[Stack]:
     other = DevIssuer.generate("https://partner.example.com", "partner-aud")
-    with policy_stack(tmp_path_factory.mktemp("strip"), issuer, other) as running:
-        yield running
+    with pytest.MonkeyPatch.context() as mp:
+        # The sidecar hands provider keys only to the ingress (the nginx test below).
+        mp.setenv("SIDECAR_INGRESS_TOKEN", INGRESS_TOKEN)
+        with policy_stack(tmp_path_factory.mktemp("strip"), issuer, other) as running:
+            yield running
 
 
 def browser_headers(token: str) -> dict[str, str]:
@@ -77,19 +80,25 @@ def test_every_access_header_and_sidecar_bearer_is_stripped_through_envoy(
     stack.clear_seen()
     assert chat(stack, headers).status_code == 200
     seen = upstream_headers(stack)
-    for name in (*ACCESS_HEADERS, "authorization"):
+    for name in ACCESS_HEADERS:
         assert name not in seen, name
+    # Authorization carries the organisation's key now, never the caller's token.
+    assert token not in " ".join(seen.values())
+    assert seen["authorization"] == f"Bearer {DEMO_PROVIDER_KEYS['openai']}"
     assert seen["x-sidecar-email"] == "cal@example.com"
 
 
-def test_a_provider_key_in_authorization_passes_through_envoy(
+def test_a_callers_own_provider_key_is_replaced_by_the_sidecars_through_envoy(
         stack: Stack, issuer: DevIssuer) -> None:
+    # Not a sidecar credential, so not stripped as one; but the provider has credentials
+    # configured, so the organisation's key takes its place (without credentials it would
+    # pass: tests/integration/test_provider_keys.py).
     stack.clear_seen()
     headers = {"cf-access-jwt-assertion": issuer.mint("dee@example.com"),
                "authorization": "Bearer sk-provider-key-of-the-caller"}
     assert chat(stack, headers).status_code == 200
     seen = upstream_headers(stack)
-    assert seen["authorization"] == "Bearer sk-provider-key-of-the-caller"
+    assert seen["authorization"] == f"Bearer {DEMO_PROVIDER_KEYS['openai']}"
     assert "cf-access-jwt-assertion" not in seen
 
 
@@ -157,7 +166,8 @@ def test_asgi_middleware_strips_every_carrier(config_path: Path, issuer: DevIssu
     upstream = seen[-1]
     assert token not in " ".join(upstream.values())
     assert upstream["cookie"] == "theme=dark; lang=en"
-    assert "authorization" not in upstream and "cf-access-token" not in upstream
+    assert "cf-access-token" not in upstream
+    assert upstream["authorization"] == f"Bearer {DEMO_PROVIDER_KEYS['openai']}"
 
 
 def test_authz_tells_the_ingress_which_headers_to_remove(

@@ -18,6 +18,7 @@ from cryptography.fernet import Fernet
 
 from sidecar.budget.spool import Spool
 from sidecar.config.loader import ConfigError
+from sidecar.demo.config import demo_key_env
 from sidecar.identity.device import DeviceLogin
 from sidecar.identity.signing_keys import KEYS
 from sidecar.services import build_services
@@ -107,7 +108,8 @@ def test_a_wrong_key_is_a_clear_startup_error(site: Site, monkeypatch: pytest.Mo
 
 
 def test_serve_refuses_to_start_without_a_key(tmp_path: Path, site: Site) -> None:
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    # Everything it needs but the secret key (the provider keys included).
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **demo_key_env()}
     result = subprocess.run([sys.executable, "-m", "sidecar.cli", "serve", "--config",
                              str(tmp_path / "sidecar.yaml")], capture_output=True, text=True,
                             timeout=60, env=env, cwd=REPO)
