@@ -7,11 +7,13 @@ import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import structlog
 
 from sidecar.admin_access import AdminGate
 from sidecar.alerts import Alerts
+from sidecar.audit import record
 from sidecar.budget.backfill import seed_rules
 from sidecar.budget.recent import RecentDecisions
 from sidecar.budget.runtime_rules import RuntimeRules
@@ -101,6 +103,10 @@ class Services:
     @property
     def ruleset(self) -> RuleSet:
         return self.holder.current
+
+    async def audit(self, who: str, action: str, target: str, before: Any, after: Any) -> None:
+        """Record an admin write in the audit trail (after it was made)."""
+        await record(self.store, self.engine.clock(), who, action, target, before, after)
 
     @property
     def admin_gate(self) -> AdminGate:

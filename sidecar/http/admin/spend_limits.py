@@ -17,6 +17,7 @@ from sidecar.config.models import SpendLimitConfig
 from sidecar.config.ruleset import rule_from_config
 from sidecar.http.auth import require_admin
 from sidecar.http.envelope import ApiError, json_object, ok
+from sidecar.money import micros_to_usd, usd_to_micros
 from sidecar.services import Services
 
 log = structlog.get_logger("sidecar.admin")
@@ -37,30 +38,62 @@ def validate_rule(data: dict[str, Any]) -> dict[str, Any]:
     return rule.model_dump(mode="json")
 
 
+def shown(rule: dict[str, Any], source: str) -> dict[str, Any]:
+    """A rule as the API shows it: kept as an exact decimal string, shown as a JSON number."""
+    return {**rule, "budget_usd": micros_to_usd(usd_to_micros(rule["budget_usd"])),
+            "source": source}
+
+
+def file_rules(services: Services) -> dict[str, dict[str, Any]]:
+    return {r.name: shown(r.model_dump(mode="json"), "file")
+            for r in services.ruleset.config.spend_limits}
+
+
+async def runtime_rules(services: Services) -> dict[str, dict[str, Any]]:
+    docs = await services.store.list_docs(SPEND_LIMITS)
+    return {d["name"]: shown(d, "runtime") for d in docs}
+
+
+async def seed(services: Services, rule: dict[str, Any]) -> None:
+    # Before the rule takes effect, so spend already made in its window counts.
+    compiled = rule_from_config(SpendLimitConfig.model_validate(rule), source="runtime")
+    await seed_rules(services.store, [compiled], services.engine.clock())
+
+
+async def check_new(services: Services, name: str) -> None:
+    """409 unless a runtime rule named `name` could be created now."""
+    if name in file_rules(services):
+        raise ApiError(409, f"{name!r} is defined in the config file (read-only)")
+    existing = await runtime_rules(services)
+    if len(existing) >= MAX_RUNTIME_RULES:
+        raise ApiError(409, f"at most {MAX_RUNTIME_RULES} runtime spend limits")
+    if name in existing:
+        raise ApiError(409, f"a spend limit named {name!r} already exists")
+
+
+async def add_limit(services: Services, admin: str, rule: dict[str, Any]) -> dict[str, Any]:
+    """Create a validated runtime rule, audited; 409 when its name is taken."""
+    await check_new(services, rule["name"])
+    await seed(services, rule)
+    if not await services.store.swap_doc(SPEND_LIMITS, rule["name"], None, rule):
+        raise ApiError(409, f"a spend limit named {rule['name']!r} already exists")
+    await services.runtime_rules.refresh()
+    log.info("spend_limit_created", by=admin, name=rule["name"])
+    await services.audit(admin, "spend_limit.create", rule["name"], None, rule)
+    return shown(rule, "runtime")
+
+
 def routes(services: Services) -> list[Route]:
-    def file_rules() -> dict[str, dict[str, Any]]:
-        return {r.name: {**r.model_dump(mode="json"), "source": "file"}
-                for r in services.ruleset.config.spend_limits}
-
-    async def seed(rule: dict[str, Any]) -> None:
-        # Before the rule takes effect, so spend already made in its window counts.
-        compiled = rule_from_config(SpendLimitConfig.model_validate(rule), source="runtime")
-        await seed_rules(services.store, [compiled], services.engine.clock())
-
-    async def runtime_rules() -> dict[str, dict[str, Any]]:
-        docs = await services.store.list_docs(SPEND_LIMITS)
-        return {d["name"]: {**d, "source": "runtime"} for d in docs}
-
     async def listing(request: Request) -> JSONResponse:
         await require_admin(services, request)
-        rules = [*file_rules().values(), *(await runtime_rules()).values()]
+        rules = [*file_rules(services).values(), *(await runtime_rules(services)).values()]
         return ok(rules, result_info={"page": 1, "per_page": len(rules),
                                       "total_count": len(rules), "has_more": False})
 
     async def get_one(request: Request) -> JSONResponse:
         await require_admin(services, request)
         name = request.path_params["name"]
-        rule = file_rules().get(name) or (await runtime_rules()).get(name)
+        rule = file_rules(services).get(name) or (await runtime_rules(services)).get(name)
         if rule is None:
             raise ApiError(404, f"no spend limit named {name!r}")
         return ok(rule)
@@ -68,24 +101,12 @@ def routes(services: Services) -> list[Route]:
     async def create(request: Request) -> JSONResponse:
         admin = await require_admin(services, request)
         rule = validate_rule(await json_object(request))
-        if rule["name"] in file_rules():
-            raise ApiError(409, f"{rule['name']!r} is defined in the config file (read-only)")
-        existing = await runtime_rules()
-        if len(existing) >= MAX_RUNTIME_RULES:
-            raise ApiError(409, f"at most {MAX_RUNTIME_RULES} runtime spend limits")
-        if rule["name"] in existing:
-            raise ApiError(409, f"a spend limit named {rule['name']!r} already exists")
-        await seed(rule)
-        if not await services.store.swap_doc(SPEND_LIMITS, rule["name"], None, rule):
-            raise ApiError(409, f"a spend limit named {rule['name']!r} already exists")
-        await services.runtime_rules.refresh()
-        log.info("spend_limit_created", by=admin, name=rule["name"])
-        return ok({**rule, "source": "runtime"}, status=201)
+        return ok(await add_limit(services, admin, rule), status=201)
 
     async def replace(request: Request) -> JSONResponse:
         admin = await require_admin(services, request)
         name = request.path_params["name"]
-        if name in file_rules():
+        if name in file_rules(services):
             raise ApiError(409, f"{name!r} is defined in the config file (read-only)")
         data = await json_object(request)
         rule = validate_rule({**data, "name": data.get("name", name)})
@@ -94,22 +115,26 @@ def routes(services: Services) -> list[Route]:
         current = await services.store.get_doc(SPEND_LIMITS, name)
         if current is None:
             raise ApiError(404, f"no runtime spend limit named {name!r}")
-        await seed(rule)
+        await seed(services, rule)
         if not await services.store.swap_doc(SPEND_LIMITS, name, current, rule):
             raise ApiError(409, "the spend limit changed meanwhile; try again")
         await services.runtime_rules.refresh()
         log.info("spend_limit_replaced", by=admin, name=name)
-        return ok({**rule, "source": "runtime"})
+        await services.audit(admin, "spend_limit.update", name, current, rule)
+        return ok(shown(rule, "runtime"))
 
     async def delete(request: Request) -> JSONResponse:
         admin = await require_admin(services, request)
         name = request.path_params["name"]
-        if name in file_rules():
+        if name in file_rules(services):
             raise ApiError(409, f"{name!r} is defined in the config file (read-only)")
-        if not await services.store.delete_doc(SPEND_LIMITS, name):
+        current = await services.store.get_doc(SPEND_LIMITS, name)
+        if current is None or not await services.store.swap_doc(SPEND_LIMITS, name, current,
+                                                                None):
             raise ApiError(404, f"no runtime spend limit named {name!r}")
         await services.runtime_rules.refresh()
         log.info("spend_limit_deleted", by=admin, name=name)
+        await services.audit(admin, "spend_limit.delete", name, current, None)
         return ok({"name": name, "deleted": True})
 
     return [
