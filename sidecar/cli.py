@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import sys
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -205,6 +206,17 @@ Which server: --url, else $SIDECAR_URL, else the URL of your last `sidecar login
 else http://127.0.0.1:9002."""
 
 
+def _dollars(text: str) -> int | float:
+    """An amount as a JSON number that prints as typed: 5 stays 5, 0.02 stays 0.02."""
+    try:
+        amount = Decimal(text)
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(f"not an amount in dollars: {text!r}") from None
+    if not amount.is_finite() or amount < 0:
+        raise argparse.ArgumentTypeError(f"not an amount in dollars: {text!r}")
+    return int(amount) if amount == amount.to_integral_value() else float(text)
+
+
 def _common(p: argparse.ArgumentParser, url: bool = True) -> None:
     if url:
         p.add_argument("--url", help=URL_HELP)
@@ -213,7 +225,7 @@ def _common(p: argparse.ArgumentParser, url: bool = True) -> None:
 
 def _limit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", help="the spend limit's name")
-    p.add_argument("--budget-usd", type=float, help="the limit in US dollars, such as 25")
+    p.add_argument("--budget-usd", type=_dollars, help="the limit in US dollars, such as 25")
     p.add_argument("--window", help="daily, weekly, monthly (calendar, UTC) or a rolling "
                                     "duration such as 24h or 7d")
     p.add_argument("--filter", action="append", metavar="DIM=V1,V2",
@@ -313,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--group", action="append", help="a group the token belongs to; "
                                                          "repeatable")
     create.add_argument("--expires", help="lifetime such as 30d or 12h (default: none)")
-    create.add_argument("--budget-usd", type=float,
+    create.add_argument("--budget-usd", type=_dollars,
                         help="also create the token's own spend limit of this many dollars")
     create.add_argument("--window", default="daily",
                         help="that limit's window: daily, weekly, monthly or a rolling "
