@@ -360,6 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run sidecar + Envoy + a fake provider locally")
     demo.add_argument("--check", action="store_true",
                       help="send a few example requests through Envoy, print them, and exit")
+    demo.add_argument("--approve", metavar="CODE",
+                      help="approve a `sidecar login` code on the running demo as its test "
+                           "person (alice@example.com)")
+    demo.add_argument("--admin", action="store_true",
+                      help="with --approve: approve as the demo's admin (root@example.com)")
     demo.set_defaults(func=cmd_demo)
     return parser
 

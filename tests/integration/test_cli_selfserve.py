@@ -22,7 +22,9 @@ from typing import Any
 import httpx
 import jwt
 import pytest
+from cryptography.hazmat.primitives import serialization
 
+from sidecar.demo.approve import save_state
 from sidecar.demo.config import demo_config
 from sidecar.demo.keys import DevIssuer
 from sidecar.demo.procs import LOOPBACK, free_port
@@ -435,7 +437,32 @@ def test_every_admin_write_is_audited(stack: Stack, tmp_path: Path,
     assert 'data-action="cli_session.revoke"' in page
 
 
-def test_cli_help_version_and_remembered_url(tmp_path: Path) -> None:
+def test_demo_approves_a_login_as_its_test_person(stack: Stack, issuer: DevIssuer,
+                                                  tmp_path: Path) -> None:
+    # The demo's layout: its dev issuer's key and the running stack's URL under ./.demo.
+    workdir = tmp_path / ".demo"
+    workdir.mkdir()
+    (workdir / "issuer-key.pem").write_bytes(issuer.key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    (workdir / "issuer-kid").write_text(issuer.kid)
+    save_state(workdir, stack.admin_url)
+    home = tmp_path / "home"
+    running = LoginRun(home, stack.admin_url)
+    code = running.code()
+    entry = Path(sys.executable).with_name("sidecar")
+    approved = subprocess.run([str(entry), "demo", "--approve", code], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60)
+    assert approved.returncode == 0, approved.stdout + approved.stderr
+    assert "alice@example.com" in approved.stdout
+    assert running.finish() == 0
+    assert json.loads(ok(run(home, "budgets", "--json")))
+    again = subprocess.run([str(entry), "demo", "--approve", code], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 1 and "409" in again.stdout
+
+
+def test_cli_help_and_version(tmp_path: Path) -> None:
     version = ok(run(tmp_path, "--version"))
     assert version.startswith("sidecar ")
     top = ok(run(tmp_path, "--help"))
