@@ -100,10 +100,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
+        import yaml
+
+        shown = {k: v for k, v in summary.items() if k not in {"path", "version"}}
+        text = yaml.safe_dump(shown, sort_keys=False, default_flow_style=False,
+                              allow_unicode=True)
         print(f"{args.path}: OK (version {rs.version})")
-        for key, value in summary.items():
-            if key not in {"path", "version"}:
-                print(f"  {key}: {value}")
+        print("\n".join(f"  {line}" for line in text.rstrip().splitlines()))
     return 0
 
 

@@ -426,7 +426,7 @@ def test_every_admin_write_is_audited(stack: Stack, tmp_path: Path,
     update = next(e for e in entries if e["action"] == "spend_limit.update"
                   and e["target"] == "audited")
     assert update["who"] == "admin-token" and update["at"].endswith("Z")
-    assert update["before"]["budget_usd"] == "5" and update["after"]["budget_usd"] == "6"
+    assert update["before"]["budget_usd"] == 5 and update["after"]["budget_usd"] == 6
     revoke = next(e for e in entries if e["action"] == "service_token.revoke")
     assert revoke["before"]["revoked_at"] is None and revoke["after"]["revoked_at"]
     assert all("secret_hash" not in json.dumps(e) for e in entries)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import structlog
@@ -13,6 +12,7 @@ from starlette.routing import Route
 
 from sidecar.budget.backfill import seed_rules
 from sidecar.budget.runtime_rules import ACCOUNT_RULE, SPEND_LIMITS
+from sidecar.config.loader import plain_message
 from sidecar.config.models import SpendLimitConfig
 from sidecar.config.ruleset import rule_from_config
 from sidecar.http.auth import require_admin
@@ -31,7 +31,7 @@ def validate_rule(data: dict[str, Any]) -> dict[str, Any]:
         problems = []
         for err in exc.errors(include_url=False, include_input=False):
             path = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
-            problems.append(f"{path or 'body'}: {re.sub(r'^Value error, ', '', err['msg'])}")
+            problems.append(f"{path or 'body'}: {plain_message(err['msg'])}")
         raise ApiError(400, "; ".join(problems)) from None
     if rule.name == ACCOUNT_RULE:
         raise ApiError(400, f"the name {ACCOUNT_RULE!r} is reserved for the account limit")
@@ -42,6 +42,13 @@ def shown(rule: dict[str, Any], source: str) -> dict[str, Any]:
     """A rule as the API shows it: kept as an exact decimal string, shown as a JSON number."""
     return {**rule, "budget_usd": micros_to_usd(usd_to_micros(rule["budget_usd"])),
             "source": source}
+
+
+def audited(rule: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A rule as the audit trail keeps it: as shown, without where it is kept."""
+    if rule is None:
+        return None
+    return {k: v for k, v in shown(rule, "").items() if k != "source"}
 
 
 def file_rules(services: Services) -> dict[str, dict[str, Any]]:
@@ -79,7 +86,7 @@ async def add_limit(services: Services, admin: str, rule: dict[str, Any]) -> dic
         raise ApiError(409, f"a spend limit named {rule['name']!r} already exists")
     await services.runtime_rules.refresh()
     log.info("spend_limit_created", by=admin, name=rule["name"])
-    await services.audit(admin, "spend_limit.create", rule["name"], None, rule)
+    await services.audit(admin, "spend_limit.create", rule["name"], None, audited(rule))
     return shown(rule, "runtime")
 
 
@@ -120,7 +127,8 @@ def routes(services: Services) -> list[Route]:
             raise ApiError(409, "the spend limit changed meanwhile; try again")
         await services.runtime_rules.refresh()
         log.info("spend_limit_replaced", by=admin, name=name)
-        await services.audit(admin, "spend_limit.update", name, current, rule)
+        await services.audit(admin, "spend_limit.update", name, audited(current),
+                             audited(rule))
         return ok(shown(rule, "runtime"))
 
     async def delete(request: Request) -> JSONResponse:
@@ -134,7 +142,7 @@ def routes(services: Services) -> list[Route]:
             raise ApiError(404, f"no runtime spend limit named {name!r}")
         await services.runtime_rules.refresh()
         log.info("spend_limit_deleted", by=admin, name=name)
-        await services.audit(admin, "spend_limit.delete", name, current, None)
+        await services.audit(admin, "spend_limit.delete", name, audited(current), None)
         return ok({"name": name, "deleted": True})
 
     return [
