@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from sidecar.budget.explain import candidates
+from sidecar.budget.explain import listed_models
 from sidecar.budgets_report import bar, render_budgets, resets_in
 from sidecar.policy.rules import compile_rule, literal_values
 from sidecar.policy.windows import FixedWindow
@@ -43,4 +43,4 @@ def test_candidates_are_models_with_spend_and_plain_names_in_filters() -> None:
                         action="block")
     assert literal_values(rule, "model") == ("gpt-4o",)
     spent = LedgerRow(0, LedgerDims(model="o3", provider="openai"), 1, 1, 0, 0)
-    assert candidates([rule], [spent]) == [("gpt-4o", ""), ("o3", "openai")]
+    assert listed_models([rule], [spent]) == [("gpt-4o", ""), ("o3", "openai")]
