@@ -12,6 +12,7 @@ from urllib.parse import quote
 
 from sidecar.cli_client import admin_client
 from sidecar.login import LoginError
+from sidecar.usage_report import dollars
 
 CALENDAR = ("daily", "weekly", "monthly")
 
@@ -26,6 +27,11 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], empty: str) -> 
     widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
                      for r in [headers, *rows])
+
+
+def usd(value: Any) -> str:
+    """`$5`, `$0.05`: an API amount (a JSON number) as typed, without float noise."""
+    return f"${format(dollars(value).normalize(), 'f')}"
 
 
 def when(ts: float | None) -> str:
@@ -75,7 +81,7 @@ def limit_body(args: argparse.Namespace, base: dict[str, Any]) -> dict[str, Any]
 
 def limit_row(rule: dict[str, Any]) -> list[str]:
     filters = "; ".join(f"{k}={','.join(v)}" for k, v in rule.get("filter", {}).items())
-    return [str(rule["name"]), str(rule.get("source", "")), f"${rule['budget_usd']}",
+    return [str(rule["name"]), str(rule.get("source", "")), usd(rule["budget_usd"]),
             window_text(rule["window"]), filters or "-", ",".join(rule.get("split", [])) or "-",
             str(rule.get("action", ""))]
 
@@ -150,7 +156,7 @@ def cmd_tokens_create(args: argparse.Namespace) -> int:
         lines.insert(1, f"  Expires:                 {when(result['expires_at'])}")
     limit = result.get("spend_limit")
     if limit:
-        lines.insert(1, f"  Spend limit:             ${limit['budget_usd']} "
+        lines.insert(1, f"  Spend limit:             {usd(limit['budget_usd'])} "
                         f"{window_text(limit['window'])} (rule {limit['name']})")
     print("\n".join(lines))
     return 0
