@@ -5,7 +5,9 @@ Admin rights come from the admin token or from a person's own sign-in (a kind `u
 identity, an Access JWT) in an admin group. CLI tokens copy their approver's groups and
 service tokens carry whatever groups they were created with, so neither may ever count:
 otherwise an admin tricked into approving someone else's device code would hand over the
-admin API. A future admin-scoped token would be admitted here, explicitly, by its own claim.
+admin API. The one exception is explicit: an admin-scoped CLI token (`sidecar login
+--admin`, claim `scope: admin`), which only an administrator can approve, lives at most an
+hour, belongs to a revocable CLI session, and still needs its groups to be admin groups.
 """
 
 from __future__ import annotations
@@ -27,7 +29,10 @@ Identified = tuple[Identity, tuple[str, ...]]
 
 
 def is_admin(identity: Identity, admin_groups: Sequence[str]) -> bool:
-    return identity.kind == "user" and bool(set(identity.groups) & set(admin_groups))
+    in_group = bool(set(identity.groups) & set(admin_groups))
+    if identity.kind == "cli":
+        return in_group and identity.scope == "admin" and bool(identity.session)
+    return identity.kind == "user" and in_group
 
 
 def token_matches(expected: str, presented: str) -> bool:

@@ -16,6 +16,10 @@ class AdminClient:
         self._url = url.rstrip("/")
         self._token = token
 
+    @property
+    def url(self) -> str:
+        return self._url
+
     def call(self, method: str, path: str, body: dict[str, Any] | None = None,
              params: dict[str, str] | None = None) -> Any:
         headers = {"authorization": f"Bearer {self._token}"} if self._token else {}
@@ -31,7 +35,7 @@ class AdminClient:
         if not response.is_success or not data.get("success", False):
             errors = "; ".join(e.get("message", "") for e in data.get("errors", [])) or str(data)
             hint = ""
-            if response.status_code == 401 and not self._token:
-                hint = " (set SIDECAR_ADMIN_TOKEN)"
+            if response.status_code == 401 and "sidecar login" not in errors:
+                hint = " (run `sidecar login`, or set SIDECAR_ADMIN_TOKEN for admin commands)"
             raise AdminError(f"{method} {path}: HTTP {response.status_code}: {errors}{hint}")
         return data.get("result")

@@ -1,4 +1,5 @@
-"""`sidecar ...` commands: argument parsing and calls, nothing else."""
+"""`sidecar ...` commands: argument parsing and calls, nothing else (the admin-side ones are
+in `sidecar.cli_admin`)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,13 @@ import argparse
 import json
 import os
 import sys
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sidecar.admin_client import AdminClient, AdminError
+from sidecar import cli_admin
+from sidecar.admin_client import AdminError
+from sidecar.cli_client import URL_HELP, admin_client, caller_client, server_url
 from sidecar.login import LoginError
 
 if TYPE_CHECKING:
@@ -96,49 +100,28 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
+        import yaml
+
+        shown = {k: v for k, v in summary.items() if k not in {"path", "version"}}
+        text = yaml.safe_dump(shown, sort_keys=False, default_flow_style=False,
+                              allow_unicode=True)
         print(f"{args.path}: OK (version {rs.version})")
-        for key, value in summary.items():
-            if key not in {"path", "version"}:
-                print(f"  {key}: {value}")
+        print("\n".join(f"  {line}" for line in text.rstrip().splitlines()))
     return 0
-
-
-def _client(args: argparse.Namespace) -> AdminClient:
-    return AdminClient(args.url, os.environ.get("SIDECAR_ADMIN_TOKEN", ""))
 
 
 def _print(data: Any, as_json: bool, text: str) -> None:
     print(json.dumps(data, indent=2) if as_json else text)
 
 
-def cmd_tokens_create(args: argparse.Namespace) -> int:
-    body: dict[str, Any] = {"name": args.name, "groups": args.group or []}
-    if args.expires:
-        body["expires"] = args.expires
-    result = _client(args).call("POST", "/v1/service-tokens", body)
-    if args.json:
-        print(json.dumps({k: result[k] for k in ("id", "name", "client_id", "client_secret")}))
-        return 0
-    print(f"Created service token {result['name']} (id {result['id']})")
-    print(f"  CF-Access-Client-Id:     {result['client_id']}")
-    print(f"  CF-Access-Client-Secret: {result['client_secret']}")
-    print("The secret is shown only this once; store it now.")
-    return 0
+def cmd_budgets(args: argparse.Namespace) -> int:
+    import time
 
+    from sidecar.budgets_report import render_budgets
 
-def cmd_tokens_list(args: argparse.Namespace) -> int:
-    tokens = _client(args).call("GET", "/v1/service-tokens")
-    lines = [f"{'ID':32}  {'NAME':20}  {'GROUPS':20}  STATE"]
-    for t in tokens:
-        state = "revoked" if t.get("revoked_at") else "active"
-        lines.append(f"{t['id']:32}  {t['name']:20}  {','.join(t['groups']):20}  {state}")
-    _print(tokens, args.json, "\n".join(lines))
-    return 0
-
-
-def cmd_tokens_revoke(args: argparse.Namespace) -> int:
-    result = _client(args).call("DELETE", f"/v1/service-tokens/{args.id}")
-    _print(result, args.json, f"Revoked {result['name']} ({result['id']})")
+    params = {"model": args.model} if args.model else None
+    rows = caller_client(args.url).call("GET", "/v1/budgets/me", params=params)
+    _print(rows, args.json, render_budgets(rows, time.time()))
     return 0
 
 
@@ -153,13 +136,14 @@ def cmd_usage(args: argparse.Namespace) -> int:
         params["window"] = args.window
     if args.since:
         params["start"] = since_param(args.since, time.time())
-    client = _client(args)
-    rows = client.call("GET", "/v1/usage", params=params)
+    client = caller_client(args.url) if args.me else admin_client(args.url)
+    path = "/v1/usage/me" if args.me else "/v1/usage"
+    rows = client.call("GET", path, params=params)
     grand = total(rows)
     if "group" in by:
         # A caller in several groups counts once per group: those rows overstate the total.
         everything = {k: v for k, v in params.items() if k not in ("group_by", "window")}
-        grand = total(client.call("GET", "/v1/usage", params=everything))
+        grand = total(client.call("GET", path, params=everything))
     _print({"rows": rows, "total": {**grand, "cost_usd": float(grand["cost_usd"])}}, args.json,
            render_table(rows, by, grand))
     return 0
@@ -169,28 +153,30 @@ def cmd_login(args: argparse.Namespace) -> int:
     from sidecar.login import login
 
     try:
-        login(args.url, as_json=args.json)
+        login(server_url(args.url), admin=args.admin, as_json=args.json)
     except KeyboardInterrupt:
         return 130
     return 0
 
 
 def cmd_token(args: argparse.Namespace) -> int:
-    from sidecar.login import valid_token
+    from sidecar.login import admin_credentials_path, credentials_path, valid_token
 
-    credential = valid_token(args.url)
+    path = admin_credentials_path() if args.admin else credentials_path()
+    credential = valid_token(args.url, path=path)
     view = {k: credential.get(k) for k in ("url", "access_token", "expires_at", "email")}
     _print(view, args.json, credential["access_token"])
     return 0
 
 
 def cmd_logout(args: argparse.Namespace) -> int:
-    from sidecar.login import credentials_path, logout
+    from sidecar.login import admin_credentials_path, credentials_path, logout
 
-    path = credentials_path()
-    removed = logout(path=path)
-    _print({"removed": removed, "path": str(path)}, args.json,
-           f"Logged out; removed {path}." if removed else "Not logged in.")
+    paths = [credentials_path(), admin_credentials_path()]
+    removed = [str(p) for p in paths if logout(path=p)]
+    _print({"removed": bool(removed), "paths": removed}, args.json,
+           f"Logged out; ended the session and removed {', '.join(removed)}." if removed
+           else "Not logged in.")
     return 0
 
 
@@ -200,60 +186,175 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo_main(args)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("llm-spend-sidecar")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+DESCRIPTION = """\
+Spend limits and identity for LLM calls.
+
+  Developers: `sidecar login URL` once (the URL is remembered), then
+  `sidecar budgets` for what you may still spend, `sidecar usage --me` for what you spent,
+  and `OPENAI_API_KEY=$(sidecar token)` for your tools.
+  Admins: `sidecar login --admin URL` (or $SIDECAR_ADMIN_TOKEN), then `sidecar limits`,
+  `sidecar tokens`, `sidecar audit` and `sidecar dashboard`.
+  Operators: `sidecar serve --config sidecar.yaml`, `sidecar check-config FILE`.
+
+Which server: --url, else $SIDECAR_URL, else the URL of your last `sidecar login`,
+else http://127.0.0.1:9002."""
+
+
+def _dollars(text: str) -> int | float:
+    """An amount as a JSON number that prints as typed: 5 stays 5, 0.02 stays 0.02."""
+    try:
+        amount = Decimal(text)
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(f"not an amount in dollars: {text!r}") from None
+    if not amount.is_finite() or amount < 0:
+        raise argparse.ArgumentTypeError(f"not an amount in dollars: {text!r}")
+    return int(amount) if amount == amount.to_integral_value() else float(text)
+
+
+def _common(p: argparse.ArgumentParser, url: bool = True) -> None:
+    if url:
+        p.add_argument("--url", help=URL_HELP)
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def _limit_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="the spend limit's name")
+    p.add_argument("--budget-usd", type=_dollars, help="the limit in US dollars, such as 25")
+    p.add_argument("--window", help="daily, weekly, monthly (calendar, UTC) or a rolling "
+                                    "duration such as 24h or 7d")
+    p.add_argument("--filter", action="append", metavar="DIM=V1,V2",
+                   help="only requests whose DIM (user, group, token, kind, model, provider, "
+                        "metadata.KEY) matches one of the values (globs allowed); repeatable")
+    p.add_argument("--split", metavar="DIM,...",
+                   help="one bucket per value of these dimensions, such as user")
+    p.add_argument("--action", choices=["block", "fallback", "monitor"],
+                   help="what happens when the limit is reached (default block)")
+    p.add_argument("--alerts", metavar="PCT,...", help="alert thresholds in percent, e.g. 50,90")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sidecar", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="sidecar", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"sidecar {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the gRPC and HTTP servers")
-    serve.add_argument("--config")
-    serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--config", help="the config file (default: $SIDECAR_CONFIG, else "
+                                        "./sidecar.yaml)")
+    serve.add_argument("--workers", type=int, default=1,
+                       help="processes sharing the listen ports (default 1)")
     serve.add_argument("--grpc", help="gRPC listen address host:port (overrides config)")
     serve.add_argument("--http", help="HTTP listen address host:port (overrides config)")
-    serve.add_argument("--log-level", default=os.environ.get("SIDECAR_LOG_LEVEL", "info"))
+    serve.add_argument("--log-level", default=os.environ.get("SIDECAR_LOG_LEVEL", "info"),
+                       help="debug, info, warning or error (default: $SIDECAR_LOG_LEVEL, "
+                            "else info)")
     serve.set_defaults(func=cmd_serve)
 
     check = sub.add_parser("check-config", help="validate a config file")
-    check.add_argument("path", type=Path)
-    check.add_argument("--json", action="store_true")
+    check.add_argument("path", type=Path, help="the config file")
+    check.add_argument("--json", action="store_true", help="print the summary as JSON")
     check.set_defaults(func=cmd_check_config)
 
-    url_default = os.environ.get("SIDECAR_URL", "http://127.0.0.1:9002")
-    tokens = sub.add_parser("tokens", help="manage service tokens")
-    tsub = tokens.add_subparsers(dest="tokens_command", required=True)
-    create = tsub.add_parser("create")
-    create.add_argument("name")
-    create.add_argument("--group", action="append")
-    create.add_argument("--expires", help="duration such as 30d or 12h")
-    listing = tsub.add_parser("list")
-    revoke = tsub.add_parser("revoke")
-    revoke.add_argument("id")
-    for p, fn in ((create, cmd_tokens_create), (listing, cmd_tokens_list),
-                  (revoke, cmd_tokens_revoke)):
-        p.add_argument("--url", default=url_default)
-        p.add_argument("--json", action="store_true")
-        p.set_defaults(func=fn)
+    login = sub.add_parser("login", help="sign in from this terminal (device code); "
+                                         "remembers the server for the other commands")
+    login.add_argument("url", nargs="?", help="the sidecar's public URL, such as "
+                                               "https://gateway.example.com (default: as --url)")
+    login.add_argument("--url", dest="url_flag", help=argparse.SUPPRESS)
+    login.add_argument("--admin", action="store_true",
+                       help="ask for a short-lived (1 hour) admin token; an administrator "
+                            "must approve it")
+    login.add_argument("--json", action="store_true", help="print JSON instead of text")
+    login.set_defaults(func=cmd_login)
+    token = sub.add_parser("token", help="print your stored token, renewed if close to expiry")
+    token.add_argument("url", nargs="?", help="refuse a token stored for another URL")
+    token.add_argument("--admin", action="store_true", help="the admin login's token")
+    token.add_argument("--json", action="store_true", help="print JSON instead of text")
+    token.set_defaults(func=cmd_token)
+    logout = sub.add_parser("logout", help="end the session on the server and forget the "
+                                           "stored credentials")
+    logout.add_argument("--json", action="store_true", help="print JSON instead of text")
+    logout.set_defaults(func=cmd_logout)
 
-    usage = sub.add_parser("usage", help="spend table from the ledger")
+    budgets = sub.add_parser("budgets", help="your budgets: spent, reserved, limit, "
+                                             "remaining, when each resets")
+    budgets.add_argument("--model", help="only the buckets a request for this model uses")
+    _common(budgets)
+    budgets.set_defaults(func=cmd_budgets)
+
+    usage = sub.add_parser("usage", help="spend table from the ledger (admin, or --me)")
+    usage.add_argument("--me", action="store_true",
+                       help="your own usage only; needs no admin rights")
     usage.add_argument("--by", default="user,model",
                        help="dimensions, comma-separated: user, group, token, kind, model, "
                             "provider (default: user,model; empty for the total only)")
     usage.add_argument("--window", choices=["hour", "day"], help="one row per hour or day")
     usage.add_argument("--since", help="24h, 7d, an ISO 8601 time or epoch seconds "
                                        "(default: the last 30 days; 48h with --window hour)")
-    usage.add_argument("--url", default=url_default)
-    usage.add_argument("--json", action="store_true")
+    _common(usage)
     usage.set_defaults(func=cmd_usage)
 
-    login = sub.add_parser("login", help="device-code login against a running sidecar")
-    login.add_argument("url", help="the sidecar's public URL, such as https://gateway.example.com")
-    login.set_defaults(func=cmd_login)
-    token = sub.add_parser("token", help="print the stored, still-valid token")
-    token.add_argument("url", nargs="?", help="refuse a token stored for another URL")
-    token.set_defaults(func=cmd_token)
-    logout = sub.add_parser("logout", help="forget the stored credential")
-    logout.set_defaults(func=cmd_logout)
-    for p in (login, token, logout):
-        p.add_argument("--json", action="store_true")
+    limits = sub.add_parser("limits", help="runtime spend limits (admin)")
+    lsub = limits.add_subparsers(dest="limits_command", required=True, metavar="ACTION")
+    lsub_list = lsub.add_parser("list", help="every spend limit, from the file and runtime")
+    lsub_show = lsub.add_parser("show", help="one spend limit")
+    lsub_show.add_argument("name", help="the spend limit's name")
+    lsub_create = lsub.add_parser("create", help="a new runtime spend limit")
+    _limit_options(lsub_create)
+    lsub_update = lsub.add_parser("update", help="change a runtime spend limit (options not "
+                                                 "given keep their value)")
+    _limit_options(lsub_update)
+    lsub_delete = lsub.add_parser("delete", help="remove a runtime spend limit")
+    lsub_delete.add_argument("name", help="the spend limit's name")
+    for p, fn in ((lsub_list, cli_admin.cmd_limits_list), (lsub_show, cli_admin.cmd_limits_show),
+                  (lsub_create, cli_admin.cmd_limits_create),
+                  (lsub_update, cli_admin.cmd_limits_update),
+                  (lsub_delete, cli_admin.cmd_limits_delete)):
+        _common(p)
+        p.set_defaults(func=fn)
+
+    tokens = sub.add_parser("tokens", help="service tokens for agents and pipelines (admin)")
+    tsub = tokens.add_subparsers(dest="tokens_command", required=True, metavar="ACTION")
+    create = tsub.add_parser("create", help="a new token; its secret is printed once")
+    create.add_argument("name", help="a unique name (letters, digits, '_', '.', '-')")
+    create.add_argument("--group", action="append", help="a group the token belongs to; "
+                                                         "repeatable")
+    create.add_argument("--expires", help="lifetime such as 30d or 12h (default: none)")
+    create.add_argument("--budget-usd", type=_dollars,
+                        help="also create the token's own spend limit of this many dollars")
+    create.add_argument("--window", default="daily",
+                        help="that limit's window: daily, weekly, monthly or a rolling "
+                             "duration such as 24h (default daily)")
+    listing = tsub.add_parser("list", help="every token, with expiry and last use")
+    revoke = tsub.add_parser("revoke", help="stop a token working, at once")
+    revoke.add_argument("token", help="the token's name or id")
+    rotate = tsub.add_parser("rotate", help="a new secret for a token; the old one stops "
+                                            "working")
+    rotate.add_argument("token", help="the token's name or id")
+    for p, fn in ((create, cli_admin.cmd_tokens_create), (listing, cli_admin.cmd_tokens_list),
+                  (revoke, cli_admin.cmd_tokens_revoke), (rotate, cli_admin.cmd_tokens_rotate)):
+        _common(p)
+        p.set_defaults(func=fn)
+
+    audit = sub.add_parser("audit", help="who changed what: the admin audit trail (admin)")
+    audit.add_argument("--limit", type=int, default=50, help="how many entries (default 50)")
+    audit.add_argument("--action", help="only this action, such as spend_limit.update")
+    _common(audit)
+    audit.set_defaults(func=cli_admin.cmd_audit)
+
+    dashboard = sub.add_parser("dashboard", help="print a one-time link that opens the "
+                                                 "dashboard in a browser (admin)")
+    dashboard.add_argument("--open", action="store_true", help="also open it in a browser")
+    _common(dashboard)
+    dashboard.set_defaults(func=cli_admin.cmd_dashboard)
 
     secret_key = sub.add_parser(
         "secret-key", help="print a new key for secrets.key_env / secrets.key_file")
@@ -262,12 +363,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run sidecar + Envoy + a fake provider locally")
     demo.add_argument("--check", action="store_true",
                       help="send a few example requests through Envoy, print them, and exit")
+    demo.add_argument("--approve", metavar="CODE",
+                      help="approve a `sidecar login` code on the running demo as its test "
+                           "person (alice@example.com)")
+    demo.add_argument("--admin", action="store_true",
+                      help="with --approve: approve as the demo's admin (root@example.com)")
     demo.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "login":
+        args.url = args.url or args.url_flag
     try:
         return int(args.func(args))
     except (AdminError, LoginError) as exc:

@@ -389,6 +389,16 @@ class Engine:
     async def _too_much(self, planned: Planned, state: BucketState, estimate: int, now: float,
                         identity: Identity, model: str) -> Decision:
         rule = planned.rule
+        if estimate > rule.limit:
+            # Waiting frees nothing that would let this request in, so no Retry-After.
+            return deny(
+                "spend_limit_exceeded", "spend_limit_exceeded",
+                f"this request's estimated cost (${micros_to_usd_str(estimate)}) is more than "
+                f"the whole limit of {rule.name!r} for {planned.bucket_label} "
+                f"(${micros_to_usd_str(rule.limit)}); lower max_tokens or shorten the input",
+                identity=identity, model=model, code="request_exceeds_limit",
+                rule=rule.name, bucket=planned.bucket_label,
+                estimate=micros_to_usd(estimate), limit=micros_to_usd(rule.limit))
         if isinstance(rule.window, RollingWindow):
             needed = state.spent + state.reserved + estimate - rule.limit
             try:

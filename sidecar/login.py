@@ -1,7 +1,10 @@
 """`sidecar login`, `sidecar token`, `sidecar logout`: device-code login from a terminal.
 
 The credential is one JSON file, readable by its owner only, under the user's config dir
-(`$XDG_CONFIG_HOME/llm-sidecar/credentials.json`, default `~/.config/...`).
+(`$XDG_CONFIG_HOME/llm-sidecar/credentials.json`, default `~/.config/...`): the server's
+URL (which the other commands then use), the access token and the refresh token that
+renews it. `sidecar login --admin` keeps its short-lived admin token in
+`admin-credentials.json` beside it.
 """
 
 from __future__ import annotations
@@ -22,9 +25,12 @@ import jwt
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:device_code"
 CLIENT_ID = "sidecar-cli"
 SLOW_DOWN_STEP = 5
+REFRESH_GRANT = "refresh_token"
 # `sidecar token` refuses a token this close to expiry: a request started with it could
 # be refused midway.
 EXPIRY_MARGIN_SECONDS = 10
+# ... and renews it silently this long before expiry, when it has a refresh token.
+REFRESH_MARGIN_SECONDS = 300
 
 
 class LoginError(Exception):
@@ -36,6 +42,10 @@ def credentials_path(env: Mapping[str, str] = os.environ) -> Path:
     # The XDG spec says relative paths in these variables are invalid and to be ignored.
     root = Path(base) if base and os.path.isabs(base) else Path.home() / ".config"
     return root / "llm-sidecar" / "credentials.json"
+
+
+def admin_credentials_path(env: Mapping[str, str] = os.environ) -> Path:
+    return credentials_path(env).with_name("admin-credentials.json")
 
 
 def normalize_url(url: str) -> str:
@@ -101,6 +111,7 @@ def _user_agent() -> str:
 def login(
     url: str,
     *,
+    admin: bool = False,
     as_json: bool = False,
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
@@ -111,11 +122,12 @@ def login(
 ) -> dict[str, Any]:
     """Run the device flow against `url` and store the credential; returns what was stored."""
     url = normalize_url(url)
-    path = path or credentials_path()
+    path = path or (admin_credentials_path() if admin else credentials_path())
+    start_params = {"client_id": CLIENT_ID, **({"scope": "admin"} if admin else {})}
     with httpx.Client(timeout=15.0, transport=transport,
                       headers={"user-agent": _user_agent()}) as http:
         try:
-            response = http.post(f"{url}/device/code", data={"client_id": CLIENT_ID})
+            response = http.post(f"{url}/device/code", data=start_params)
         except httpx.HTTPError as exc:
             raise LoginError(f"cannot reach {url}: {exc}") from None
         if response.status_code != 200:
@@ -131,8 +143,10 @@ def login(
         shown = {k: start[k] for k in ("user_code", "verification_uri",
                                        "verification_uri_complete") if k in start}
         complete = shown.get("verification_uri_complete", shown.get("verification_uri"))
+        asks = ("This login asks for ADMIN access; an administrator must approve it.\n"
+                if admin else "")
         _emit(out, {**shown, "expires_in": expires_in} if as_json else None,
-              f"To sign in, open this address in a browser:\n\n    {complete}\n\n"
+              f"{asks}To sign in, open this address in a browser:\n\n    {complete}\n\n"
               f"and check that it shows the code {shown.get('user_code')}.\n"
               f"Waiting for approval (the code expires in {expires_in // 60} minutes)...")
         deadline = clock() + expires_in
@@ -168,13 +182,9 @@ def login(
 
 def _store(url: str, answer: dict[str, Any], path: Path, as_json: bool, out: TextIO,
            clock: Callable[[], float]) -> dict[str, Any]:
-    token = str(answer["access_token"])
-    # Read for display only; the sidecar verifies the token on every request.
-    claims = jwt.decode(token, options={"verify_signature": False})
-    expires_at = float(claims.get("exp") or clock() + int(answer.get("expires_in", 0)))
-    credential = {"url": url, "access_token": token, "token_type": "Bearer",
-                  "expires_at": expires_at, "email": str(claims.get("email", ""))}
+    credential = _credential(url, answer, clock)
     save_credentials(path, credential)
+    expires_at = credential["expires_at"]
     until = datetime.fromtimestamp(expires_at).astimezone().strftime("%Y-%m-%d %H:%M %Z")
     _emit(out, {"url": url, "email": credential["email"], "expires_at": expires_at,
                 "credentials": str(path)} if as_json else None,
@@ -183,9 +193,58 @@ def _store(url: str, answer: dict[str, Any], path: Path, as_json: bool, out: Tex
     return credential
 
 
+def _credential(url: str, answer: Mapping[str, Any],
+                clock: Callable[[], float]) -> dict[str, Any]:
+    token = str(answer["access_token"])
+    # Read for display only; the sidecar verifies the token on every request.
+    claims = jwt.decode(token, options={"verify_signature": False})
+    expires_at = float(claims.get("exp") or clock() + int(answer.get("expires_in", 0)))
+    credential = {"url": url, "access_token": token, "token_type": "Bearer",
+                  "expires_at": expires_at, "email": str(claims.get("email", "")),
+                  "scope": str(claims.get("scope", ""))}
+    if answer.get("refresh_token"):
+        credential["refresh_token"] = str(answer["refresh_token"])
+    return credential
+
+
+def refresh(credential: Mapping[str, Any], path: Path, *,
+            transport: httpx.BaseTransport | None = None,
+            clock: Callable[[], float] = time.time) -> dict[str, Any]:
+    """Trade the refresh token for a new access token (and the next refresh token)."""
+    url = str(credential["url"])
+    try:
+        with httpx.Client(timeout=15.0, transport=transport,
+                          headers={"user-agent": _user_agent()}) as http:
+            response = http.post(f"{url}/device/token", data={
+                "grant_type": REFRESH_GRANT, "refresh_token": credential["refresh_token"],
+                "client_id": CLIENT_ID})
+    except httpx.HTTPError as exc:
+        raise LoginError(f"cannot reach {url} to renew the token: {exc}") from None
+    if response.status_code != 200:
+        code, _ = _error_of(response)
+        if code == "invalid_grant":
+            raise LoginError(f"your session with {url} has ended (expired, logged out or "
+                             f"revoked); run `sidecar login {url}`")
+        raise LoginError(f"{url} refused to renew the token: HTTP {response.status_code}")
+    fresh = _credential(url, response.json(), clock)
+    save_credentials(path, fresh)
+    return fresh
+
+
+def stored_url(path: Path | None = None) -> str | None:
+    """The server the last `sidecar login` was for, if any."""
+    try:
+        credential = load_credentials(path or credentials_path())
+    except LoginError:
+        return None
+    return None if credential is None else str(credential.get("url", "")) or None
+
+
 def valid_token(url: str | None, *, path: Path | None = None,
-                clock: Callable[[], float] = time.time) -> dict[str, Any]:
-    """The stored credential if it is for `url` (any, when None) and still valid."""
+                clock: Callable[[], float] = time.time,
+                transport: httpx.BaseTransport | None = None) -> dict[str, Any]:
+    """The stored credential if it is for `url` (any, when None) and still valid, renewed
+    first when it is close to expiry and has a refresh token."""
     path = path or credentials_path()
     credential = load_credentials(path)
     if credential is None:
@@ -194,16 +253,44 @@ def valid_token(url: str | None, *, path: Path | None = None,
     if url is not None and normalize_url(url) != stored:
         raise LoginError(f"the stored credential is for {stored}, not {normalize_url(url)}; "
                          f"run `sidecar login {normalize_url(url)}`")
-    if float(credential.get("expires_at", 0)) - EXPIRY_MARGIN_SECONDS <= clock():
-        raise LoginError(f"the token for {stored} has expired; run `sidecar login {stored}` "
-                         "again")
+    expires_at = float(credential.get("expires_at", 0))
+    if credential.get("refresh_token") and expires_at - REFRESH_MARGIN_SECONDS <= clock():
+        return refresh(credential, path, transport=transport, clock=clock)
+    if expires_at - EXPIRY_MARGIN_SECONDS <= clock():
+        admin = " --admin" if credential.get("scope") == "admin" else ""
+        raise LoginError(f"the token for {stored} has expired; run "
+                         f"`sidecar login{admin} {stored}` again")
     return credential
 
 
-def logout(*, path: Path | None = None) -> bool:
+def logout(*, path: Path | None = None,
+           transport: httpx.BaseTransport | None = None) -> bool:
+    """Revoke the session on the server (best effort) and forget the credential."""
     path = path or credentials_path()
+    try:
+        credential = load_credentials(path)
+    except LoginError:
+        credential = None
+    if credential is not None and credential.get("refresh_token"):
+        revoke_session(credential, transport)
     try:
         path.unlink()
     except FileNotFoundError:
         return False
     return True
+
+
+def revoke_session(credential: Mapping[str, Any],
+                   transport: httpx.BaseTransport | None = None) -> bool:
+    url = str(credential.get("url", ""))
+    try:
+        with httpx.Client(timeout=10.0, transport=transport,
+                          headers={"user-agent": _user_agent()}) as http:
+            response = http.post(f"{url}/device/revoke", data={
+                "token": credential["refresh_token"], "token_type_hint": "refresh_token",
+                "client_id": CLIENT_ID})
+    except httpx.HTTPError as exc:
+        print(f"sidecar: could not reach {url} to end the session ({exc}); the stored "
+              "credential is removed anyway", file=sys.stderr)
+        return False
+    return response.status_code == 200

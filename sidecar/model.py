@@ -25,6 +25,10 @@ class Identity:
     issuer: str = ""
     # Unix seconds after which this identity must be verified again (cache bound).
     expires_at: float | None = None
+    # Tokens from the sidecar's own device login: the CLI session they belong to (revoked
+    # together), and "admin" for the short-lived admin-scoped tokens of `login --admin`.
+    session: str = ""
+    scope: str = ""
 
     @property
     def user(self) -> str:

@@ -7,11 +7,13 @@ import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import structlog
 
 from sidecar.admin_access import AdminGate
 from sidecar.alerts import Alerts
+from sidecar.audit import record
 from sidecar.budget.backfill import seed_rules
 from sidecar.budget.recent import RecentDecisions
 from sidecar.budget.runtime_rules import RuntimeRules
@@ -22,6 +24,7 @@ from sidecar.config.watch import ConfigWatcher
 from sidecar.engine import Engine
 from sidecar.identity.attempts import Attempts
 from sidecar.identity.authenticate import Authenticator
+from sidecar.identity.cli_sessions import CliSessions
 from sidecar.identity.device import DeviceLogin, issuer_for
 from sidecar.identity.jwks import JwksCache
 from sidecar.identity.jwt_verify import IssuerPolicy, JwtVerifier
@@ -42,8 +45,9 @@ log = structlog.get_logger("sidecar")
 class Identities:
     """Builds the authenticator for a rule set, keeping JWKS caches across reloads."""
 
-    def __init__(self, service_tokens: ServiceTokens) -> None:
+    def __init__(self, service_tokens: ServiceTokens, sessions: CliSessions) -> None:
         self._service_tokens = service_tokens
+        self._sessions = sessions
         self._jwks: dict[tuple[str | None, str | None], JwksCache] = {}
         self._built: tuple[str, Authenticator] | None = None
         self.extra_issuers: list[IssuerPolicy] = []
@@ -69,7 +73,7 @@ class Identities:
         ]
         verifier = JwtVerifier([*policies, *self.extra_issuers], rs.directory)
         tokens = self._service_tokens if rs.config.identity.service_tokens.enabled else None
-        auth = Authenticator(verifier, tokens)
+        auth = Authenticator(verifier, tokens, self._sessions)
         self._built = (rs.version, auth)
         return auth
 
@@ -91,6 +95,7 @@ class Services:
     draining: bool = False
     # Built at start-up when enabled: its issuer must be known before the first request.
     device_login: DeviceLogin | None = None
+    cli_sessions: CliSessions | None = None
     # Failed-attempt counters, in the store so limits hold across replicas.
     attempts: Attempts = field(init=False)
 
@@ -101,6 +106,10 @@ class Services:
     @property
     def ruleset(self) -> RuleSet:
         return self.holder.current
+
+    async def audit(self, who: str, action: str, target: str, before: Any, after: Any) -> None:
+        """Record an admin write in the audit trail (after it was made)."""
+        await record(self.store, self.engine.clock(), who, action, target, before, after)
 
     @property
     def admin_gate(self) -> AdminGate:
@@ -176,11 +185,13 @@ async def build_services(config_path: Path) -> Services:
     box = _secret_box(config_path, ruleset) if device.enabled else None
     store = await open_store(store_url(config_path, ruleset.config.store))
     tokens = ServiceTokens(store)
-    identities = Identities(tokens)
+    sessions = CliSessions(store)
+    identities = Identities(tokens, sessions)
     device_login = None
     if box is not None:
         device_login = DeviceLogin(store, issuer_for(device.public_url,
-                                                     ruleset.config.listen.http), box=box)
+                                                     ruleset.config.listen.http), box=box,
+                                   sessions=sessions)
         try:
             await _open_device_login(config_path, store, device_login, box)
         except ConfigError:
@@ -206,4 +217,4 @@ async def build_services(config_path: Path) -> Services:
     engine.observers.append(RecentDecisions(store).observe)
     return Services(config_path, holder, store, tokens, identities, engine, runtime_rules,
                     alerts, ConfigWatcher(config_path, holder, before_swap=seed),
-                    device_login=device_login)
+                    device_login=device_login, cli_sessions=sessions)

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sidecar.config.ruleset import Provider
+from sidecar.config.ruleset import Provider, RuleSet
 from sidecar.engine import (
     Engine,
     Plan,
@@ -19,14 +19,17 @@ from sidecar.engine import (
     model_allowed,
     plan,
 )
+from sidecar.metering.ledger import hour_range, in_range, of_user
 from sidecar.model import Identity
 from sidecar.money import micros_to_usd
-from sidecar.policy.rules import Rule
+from sidecar.policy.rules import Context, Rule, literal_values
 from sidecar.pricing import estimate_input_tokens, estimate_micros, requested_output_tokens
-from sidecar.store.budget_types import BucketState
+from sidecar.store.budget_types import BucketState, LedgerRow
 
-# Without a model, rules that look at these dimensions cannot be placed in a bucket.
+# Rules that look at these dimensions have a bucket per model (or provider) a request names.
 _REQUEST_DIMENSIONS = ("model", "provider")
+# How far back spend is looked for when a rule's window is longer (rare).
+MAX_LOOKBACK_SECONDS = 400 * 86_400
 
 
 def _iso(ts: float) -> str:
@@ -49,26 +52,74 @@ def bucket_view(planned: Planned, state: BucketState, now: float) -> dict[str, A
     }
 
 
-def _visible(rule: Rule, with_model: bool) -> bool:
-    if rule.name == "account" and rule.action == "monitor" and rule.limit == 0:
-        return False  # always-on tracking, not a budget anyone set
-    if with_model:
-        return True
+def _tracking(rule: Rule) -> bool:
+    # The always-on account tracking, not a budget anyone set.
+    return rule.name == "account" and rule.action == "monitor" and rule.limit == 0
+
+
+def _visible(rule: Rule) -> bool:
+    if _tracking(rule):
+        return False
+    # The ledger keeps no request metadata, so a rule on metadata cannot be placed.
     dims = {d for d, _ in rule.filters} | set(rule.split)
-    return not any(d in dims or d.startswith("metadata.") for d in _REQUEST_DIMENSIONS) and \
-        not any(d.startswith("metadata.") for d in dims)
+    return not any(d.startswith("metadata.") for d in dims)
+
+
+def _per_request(rule: Rule) -> bool:
+    dims = {d for d, _ in rule.filters} | set(rule.split)
+    return any(d in dims for d in _REQUEST_DIMENSIONS)
+
+
+def _context(rs: RuleSet, identity: Identity, model: str, provider: str) -> Context:
+    # As a request names them: budgets count under the canonical model; filters also match
+    # the name as given.
+    known = rs.provider_by_id.get(provider)
+    canonical = rs.prices.canonical(known.pricing_id if known else provider, model) \
+        if model else ""
+    return context(identity, canonical, provider, {}, requested=model.strip().lower())
+
+
+def listed_models(rules: Sequence[Rule],
+                  rows: Sequence[LedgerRow]) -> list[tuple[str, str]]:
+    """(model, provider) pairs to list buckets for without a model: those with spend in the
+    rows, and every plain model name a rule's filter lists (before any spend is made)."""
+    pairs = {(row.dims.model, row.dims.provider) for row in rows}
+    for rule in rules:
+        providers = literal_values(rule, "provider") or ("",)
+        pairs.update((m, p) for m in literal_values(rule, "model") for p in providers)
+    return sorted(pairs)
 
 
 async def budgets_for(engine: Engine, identity: Identity, model: str = "",
                       provider: str = "") -> list[dict[str, Any]]:
+    """Every bucket that applies to `identity`: for one model, or (without one) for each
+    model it has spend on in the rules' current windows or that a rule names."""
     rs = engine.holder.current
     now = engine.clock()
-    rules = [r for r in engine.rules(rs) if _visible(r, bool(model))]
-    known = rs.provider_by_id.get(provider)
-    canonical = rs.prices.canonical(known.pricing_id if known else provider, model) \
-        if model else ""
-    budget = merge(plan(rules, context(identity, canonical, provider, {},
-                                       requested=model.strip().lower()), now))
+    if model:
+        listed = [r for r in engine.rules(rs) if not _tracking(r)]
+        planned = plan(listed, _context(rs, identity, model, provider), now)
+        budget = merge(planned)
+        states = await engine.store.bucket_states(list(budget.views), now)
+        return [bucket_view(p, budget.state(p, states), now) for p in budget.planned]
+    rules = [r for r in engine.rules(rs) if _visible(r)]
+    planned = plan([r for r in rules if not _per_request(r)],
+                   _context(rs, identity, "", ""), now)
+    per_request = [r for r in rules if _per_request(r)]
+    if per_request:
+        since = max(min(r.window.since(now) for r in per_request),
+                    int(now) - MAX_LOOKBACK_SECONDS)
+        first, last = hour_range(since, int(now) + 1)
+        rows = of_user(in_range(await engine.store.ledger_rows(first, last), first, last),
+                       identity.user)
+        seen = {(p.rule.name, p.view.key) for p in planned}
+        for cand_model, cand_provider in listed_models(per_request, rows):
+            ctx = _context(rs, identity, cand_model, cand_provider)
+            for p in plan(per_request, ctx, now):
+                if (p.rule.name, p.view.key) not in seen:
+                    seen.add((p.rule.name, p.view.key))
+                    planned.append(p)
+    budget = merge(planned)
     states = await engine.store.bucket_states(list(budget.views), now)
     return [bucket_view(p, budget.state(p, states), now) for p in budget.planned]
 
@@ -126,7 +177,7 @@ def _with_fit(budget: Plan, states: Sequence[BucketState], estimate: int,
               now: float) -> list[dict[str, Any]]:
     out = []
     for planned in budget.planned:
-        if not _visible(planned.rule, True):
+        if _tracking(planned.rule):
             continue
         state = budget.state(planned, states)
         view = bucket_view(planned, state, now)

@@ -36,6 +36,25 @@ def _key_path(loc: tuple[int | str, ...]) -> str:
     return "".join(parts) or "(top level)"
 
 
+# pydantic's phrasing, reworded for someone editing a YAML file.
+_PHRASES = (
+    (re.compile(r"^(Value|Assertion) error, "), ""),
+    (re.compile(r"^Extra inputs are not permitted$"), "unknown key (check its spelling)"),
+    (re.compile(r"^Field required$"), "required, but missing"),
+    (re.compile(r"^Input should be a valid (\w+)"), r"must be a \1"),
+    (re.compile(r"^Input should be "), "must be "),
+    (re.compile(r"^(String|List|Tuple|Dictionary) should have "), "must have "),
+    (re.compile(r", unable to parse string as an? \w+$"), ""),
+    (re.compile(r" after validation"), ""),
+)
+
+
+def plain_message(message: str) -> str:
+    for pattern, replacement in _PHRASES:
+        message = pattern.sub(replacement, message)
+    return message
+
+
 def parse_config(data: Any, source: str = "<config>") -> SidecarConfig:
     if data is None:
         data = {}
@@ -46,7 +65,7 @@ def parse_config(data: Any, source: str = "<config>") -> SidecarConfig:
     except ValidationError as exc:
         lines = []
         for err in exc.errors(include_url=False, include_input=False):
-            message = re.sub(r"^(Value|Assertion) error, ", "", err["msg"])
+            message = plain_message(err["msg"])
             lines.append(f"{source}: {_key_path(tuple(err['loc']))}: {message}")
         raise ConfigError(source, sorted(set(lines), key=lines.index)) from None
 

@@ -148,9 +148,12 @@ class ServiceTokensConfig(Strict):
 class DeviceLoginConfig(Strict):
     enabled: bool = False
     token_ttl: str = "12h"
+    # How long a CLI session lasts without a new login: its refresh token, rotated on each
+    # use, gets new access tokens until then.
+    session_ttl: str = "7d"
     public_url: str = ""
 
-    @field_validator("token_ttl")
+    @field_validator("token_ttl", "session_ttl")
     @classmethod
     def _duration(cls, value: str) -> str:
         parse_duration(value)

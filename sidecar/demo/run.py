@@ -16,8 +16,10 @@ from typing import Any
 
 import httpx
 
+from sidecar.demo.approve import approve, clear_state, save_state
 from sidecar.demo.config import DEMO_FALLBACKS, DEMO_LIMITS, DEMO_PROVIDER_KEYS, demo_config
 from sidecar.demo.keys import DevIssuer
+from sidecar.demo.procs import LOOPBACK, free_port
 from sidecar.demo.stack import Stack, running_stack
 
 CHAT = "/openai/v1/chat/completions"
@@ -83,15 +85,20 @@ def tour(stack: Stack) -> bool:
 
 def main(args: argparse.Namespace) -> int:
     workdir = Path(".demo").resolve()
+    if args.approve:
+        return approve(workdir, args.approve, args.admin)
     issuer = DevIssuer.load_or_create(workdir)
     # Each demo starts from empty budgets, so the tour shows the same answers every time.
     for old in workdir.glob("sidecar.db*"):
         old.unlink()
     jwks = issuer.write_jwks(workdir / "jwks.json")
+    port = free_port()
     config = demo_config(issuer, str(jwks), f"sqlite:///{workdir}/sidecar.db",
                          spend_limits=DEMO_LIMITS, fallbacks=DEMO_FALLBACKS)
+    config["identity"]["device_login"] = {"enabled": True,
+                                          "public_url": f"http://{LOOPBACK}:{port}"}
     print(f"Starting the fake provider, the sidecar (SQLite at {workdir}/sidecar.db) and Envoy…")
-    with running_stack(workdir, issuer, config) as stack:
+    with running_stack(workdir, issuer, config, http_port=port) as stack:
         ok = tour(stack)
         if args.check:
             print("demo check:", "OK" if ok else "FAILED")
@@ -105,17 +112,31 @@ Everything is running. Try it yourself:
   Sidecar API  {stack.admin_url}   (admin token in $SIDECAR_ADMIN_TOKEN={stack.admin_token})
   Config       {stack.config_path}   (logs in {workdir})
 
-  export OPENAI_BASE_URL={stack.envoy_url}/openai/v1
-  export OPENAI_API_KEY={token[:24]}…   (alice's 12-hour token: {alice_jwt})
+Call it as alice (her 12-hour token is also in {alice_jwt}):
 
-  curl -s $OPENAI_BASE_URL/chat/completions -H "authorization: Bearer $(cat {alice_jwt})" \\
+  export OPENAI_BASE_URL={stack.envoy_url}/openai/v1
+  export OPENAI_API_KEY={token}
+
+  curl -s $OPENAI_BASE_URL/chat/completions -H "authorization: Bearer $OPENAI_API_KEY" \\
        -H 'content-type: application/json' \\
        -d '{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"hi"}}]}}'
 
+Sign in from a terminal as a developer would (device login), in a second terminal:
+
+  .venv/bin/sidecar login {stack.admin_url}     # prints a code such as BCDF-GHJK
+  .venv/bin/sidecar demo --approve BCDF-GHJK    # approve it as alice (the demo's test person)
+  .venv/bin/sidecar budgets                     # then: usage --me, token, logout
+
+As an admin: `sidecar login --admin {stack.admin_url}`, approve with
+`sidecar demo --approve CODE --admin` (root@example.com), then `sidecar limits list`,
+`sidecar tokens list`, `sidecar audit`, `sidecar dashboard`.
+
 Press Ctrl-C to stop.""")
         (workdir / "alice.jwt").write_text(token)
+        save_state(workdir, stack.admin_url)
         stopped = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stopped.set())
         with contextlib.suppress(KeyboardInterrupt):
             stopped.wait()
+    clear_state(workdir)
     return 0

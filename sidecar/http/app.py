@@ -10,7 +10,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from sidecar.http import authz, budgets, dashboard, device
-from sidecar.http.admin import account, service_tokens, spend_limits, usage
+from sidecar.http.admin import (
+    account,
+    audit,
+    cli_sessions,
+    service_tokens,
+    spend_limits,
+    usage,
+)
 from sidecar.http.envelope import ApiError, fail
 from sidecar.metrics import exposition
 from sidecar.services import Services
@@ -52,6 +59,8 @@ def create_app(services: Services) -> Starlette:
         *spend_limits.routes(services),
         *budgets.routes(services),
         *usage.routes(services),
+        *audit.routes(services),
+        *cli_sessions.routes(services),
         *device.routes(services),
         *authz.routes(services),
         *dashboard.routes(services),

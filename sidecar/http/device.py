@@ -20,12 +20,16 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from sidecar import untrusted_json
+from sidecar.admin_access import is_admin
 from sidecar.http.auth import client_addr, request_headers
 from sidecar.http.same_origin import cross_site
 from sidecar.identity.device import (
+    ADMIN_TOKEN_TTL,
     GRANT_TYPE,
     DeviceLogin,
     Grant,
+    IssuedToken,
+    access_ttl,
     format_user_code,
     normalize_user_code,
 )
@@ -36,6 +40,7 @@ from sidecar.services import Services
 from sidecar.store.base import StoreUnavailable
 
 log = structlog.get_logger("sidecar.device")
+REFRESH_GRANT = "refresh_token"
 
 MAX_PARAMS_BODY = 8 * 1024
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
@@ -131,6 +136,12 @@ def routes(services: Services) -> list[BaseRoute]:
     def token_ttl() -> int:
         return parse_duration(services.ruleset.config.identity.device_login.token_ttl)
 
+    def session_ttl() -> int:
+        return parse_duration(services.ruleset.config.identity.device_login.session_ttl)
+
+    def admin(identity: Identity) -> bool:
+        return is_admin(identity, services.ruleset.config.admin.groups)
+
     def base_url(request: Request) -> str:
         configured = services.ruleset.config.identity.device_login.public_url
         return (configured or str(request.base_url)).rstrip("/")
@@ -155,12 +166,16 @@ def routes(services: Services) -> list[BaseRoute]:
             params = await read_params(request)
         except BadParams as exc:
             return oauth_error("invalid_request", str(exc))
+        scope = params.get("scope", "")
+        if scope not in ("", "llm", "admin"):
+            return oauth_error("invalid_scope", "scope must be llm or admin")
         addr = client_addr(services, request)
         if not await login.start_allowed(addr):
             return oauth_error("slow_down", "too many device codes from this address", 429)
         device_code, grant = await login.start(
-            addr, request.headers.get("user-agent", "")[:200], params.get("client_id", "")[:128])
-        log.info("device_code_issued", grant=grant.id[:12], client_addr=addr)
+            addr, request.headers.get("user-agent", "")[:200], params.get("client_id", "")[:128],
+            "admin" if scope == "admin" else "")
+        log.info("device_code_issued", grant=grant.id[:12], client_addr=addr, scope=grant.scope)
         shown = format_user_code(grant.user_code)
         uri = f"{base_url(request)}/device"
         return JSONResponse({
@@ -175,8 +190,11 @@ def routes(services: Services) -> list[BaseRoute]:
             params = await read_params(request)
         except BadParams as exc:
             return oauth_error("invalid_request", str(exc))
+        if params.get("grant_type") == REFRESH_GRANT:
+            return await refreshed(login, params)
         if params.get("grant_type") != GRANT_TYPE:
-            return oauth_error("unsupported_grant_type", f"grant_type must be {GRANT_TYPE}")
+            return oauth_error("unsupported_grant_type",
+                               f"grant_type must be {GRANT_TYPE} or {REFRESH_GRANT}")
         device_code = params.get("device_code", "")
         if not device_code or len(device_code) > 256:
             return oauth_error("invalid_request", "device_code is required")
@@ -188,17 +206,47 @@ def routes(services: Services) -> list[BaseRoute]:
                                  f"address; retry in {wait} s", 429)
             answer.headers["Retry-After"] = str(wait)
             return answer
-        ttl = token_ttl()
-        result = await login.exchange(device_code, ttl, params.get("client_id", ""))
+        result = await login.exchange(device_code, token_ttl(), params.get("client_id", ""),
+                                      session_ttl())
         if result == "invalid_grant":
             await services.attempts.failed(checks)
         if isinstance(result, str):
             return oauth_error(result, _ERRORS.get(result, result))
         log.info("device_token_issued", email=result.approver.email,
-                 subject=result.approver.subject, expires_in=ttl)
-        return JSONResponse({"access_token": result.access_token, "token_type": "Bearer",
-                             "expires_in": result.expires_in, "scope": "llm"},
-                            headers=_NO_STORE)
+                 subject=result.approver.subject, expires_in=result.expires_in,
+                 scope=result.scope, session=result.session)
+        return token_answer(result)
+
+    def token_answer(result: IssuedToken) -> JSONResponse:
+        body: dict[str, object] = {
+            "access_token": result.access_token, "token_type": "Bearer",
+            "expires_in": result.expires_in, "scope": result.scope or "llm"}
+        if result.refresh_token is not None:
+            body["refresh_token"] = result.refresh_token
+        return JSONResponse(body, headers=_NO_STORE)
+
+    async def refreshed(login: DeviceLogin, params: dict[str, str]) -> Response:
+        refresh_token = params.get("refresh_token", "")
+        if not refresh_token:
+            return oauth_error("invalid_request", "refresh_token is required")
+        result = await login.refresh(refresh_token, token_ttl())
+        if isinstance(result, str):
+            return oauth_error("invalid_grant", "the refresh token is expired, revoked or "
+                                                "already used; run `sidecar login` again")
+        log.info("device_token_refreshed", email=result.approver.email, session=result.session)
+        return token_answer(result)
+
+    async def revoke(request: Request) -> Response:
+        # RFC 7009: the answer is the same whether or not the token was known.
+        login = device_login()
+        try:
+            params = await read_params(request)
+        except BadParams as exc:
+            return oauth_error("invalid_request", str(exc))
+        done = await login.sessions.revoke_by_refresh(params.get("token", ""), "logout")
+        if done is not None:
+            log.info("cli_session_logged_out", session=done[1]["id"], email=done[1]["email"])
+        return JSONResponse({}, headers=_NO_STORE)
 
     async def checked_grant(request: Request, login: DeviceLogin, identity: Identity,
                             text: str) -> Grant | Response:
@@ -222,6 +270,12 @@ def routes(services: Services) -> list[BaseRoute]:
                 "again.</p>"), 404)
         return grant
 
+    def admin_grants(identity: Identity) -> str:
+        ttl = access_ttl("admin", token_ttl(), ADMIN_TOKEN_TTL)
+        return ("</dl><p class=\"admin\">This grants ADMIN access to the gateway: budgets, "
+                "spend limits, service tokens and every user's usage, as "
+                f"{html.escape(identity.user)}, for {html.escape(human_duration(ttl))}.</p><dl>")
+
     async def verify_page(request: Request) -> Response:
         login = device_login()
         identity = await person(request)
@@ -237,6 +291,11 @@ def routes(services: Services) -> list[BaseRoute]:
             return page("Code already used",
                         "<p>This code was already approved, denied or has expired. Run "
                         "<code>sidecar login</code> again for a new one.</p>", 409)
+        if grant.scope == "admin" and not admin(identity):
+            return page("An administrator must approve",
+                        "<p class=\"admin\">This code asks for ADMIN access to the gateway."
+                        "</p><p>Only a member of the admin groups can approve it. If you did "
+                        "not start it, tell your administrators.</p>", 403)
         csrf = await login.csrf_token(identity, grant)
         age = max(0, round(login.now() - grant.created_at))
         when = f"{age // 60} min ago" if age >= 60 else f"{age} s ago"
@@ -246,9 +305,11 @@ def routes(services: Services) -> list[BaseRoute]:
             + "<p>A terminal asks to use the LLM gateway as you. Check that it shows this "
             "code:</p>"
             + f"<div class=\"code\">{e(format_user_code(grant.user_code))}</div><dl>"
-            + f"<dt>Grants</dt><dd>A token for LLM calls and your own budget view, as "
-            f"{e(identity.user)}, valid for {e(human_duration(token_ttl()))}. It never "
-            "carries admin rights.</dd>"
+            + (admin_grants(identity) if grant.scope == "admin" else
+               f"<dt>Grants</dt><dd>A token for LLM calls and your own budget view, as "
+               f"{e(identity.user)}, valid for {e(human_duration(token_ttl()))} and renewed "
+               f"for up to {e(human_duration(session_ttl()))}. It never carries admin "
+               "rights.</dd>")
             + f"<dt>Groups</dt><dd>{e(', '.join(identity.groups) or 'none')}</dd>"
             + f"<dt>To</dt><dd>The terminal that asked from address "
             f"<strong>{e(grant.client_addr)}</strong></dd>"
@@ -293,7 +354,13 @@ def routes(services: Services) -> list[BaseRoute]:
             return page("Form expired",
                         "<p>This form did not come from your approval page. Open the link "
                         "from your terminal again.</p>", 403)
-        result = await login.decide(grant.user_code, identity, action == "approve")
+        result = await login.decide(grant.user_code, identity, action == "approve",
+                                    admin(identity))
+        if result == "not_admin":
+            log.warning("device_admin_login_refused", email=identity.email, grant=grant.id[:12])
+            return page("An administrator must approve",
+                        "<p class=\"admin\">This code asks for ADMIN access.</p><p>Only a "
+                        "member of the admin groups can approve it.</p>", 403)
         if isinstance(result, str):
             return page("Code already used",
                         "<p>This code was already approved, denied or has expired.</p>", 409)
@@ -326,6 +393,7 @@ def routes(services: Services) -> list[BaseRoute]:
     return [
         Route("/device/code", unavailable(code, True), methods=["POST"]),
         Route("/device/token", unavailable(token, True), methods=["POST"]),
+        Route("/device/revoke", unavailable(revoke, True), methods=["POST"]),
         Route("/device", unavailable(verify_page, False), methods=["GET"]),
         Route("/device/approve", unavailable(approve, False), methods=["POST"]),
         Route("/.well-known/jwks.json", unavailable(jwks, True), methods=["GET"]),

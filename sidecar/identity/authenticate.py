@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from http.cookies import CookieError, SimpleCookie
 
+from sidecar.identity.cli_sessions import CliSessions
 from sidecar.identity.errors import AuthError
 from sidecar.identity.jwt_verify import JwtVerifier, unverified_issuer
 from sidecar.identity.service_tokens import ServiceTokens
@@ -40,9 +41,19 @@ def find_jwt(headers: Mapping[str, str]) -> tuple[str, str] | None:
 
 
 class Authenticator:
-    def __init__(self, jwt: JwtVerifier, service_tokens: ServiceTokens | None) -> None:
+    def __init__(self, jwt: JwtVerifier, service_tokens: ServiceTokens | None,
+                 sessions: CliSessions | None = None) -> None:
         self.jwt = jwt
         self.service_tokens = service_tokens
+        self.sessions = sessions
+
+    async def _verify(self, token: str) -> Identity:
+        identity = await self.jwt.verify(token)
+        if identity.session and self.sessions is not None and \
+                not await self.sessions.live(identity.session):
+            raise AuthError("revoked", "this CLI session was logged out or revoked; run "
+                                       "`sidecar login` to sign in again")
+        return identity
 
     def sidecar_bearer(self, headers: Mapping[str, str]) -> bool:
         """Whether `Authorization` holds a token of an issuer the sidecar accepts (an Access
@@ -71,7 +82,7 @@ class Authenticator:
     ) -> tuple[Identity, tuple[str, ...]] | None:
         assertion = headers.get("cf-access-jwt-assertion", "").strip()
         if assertion:
-            return await self.jwt.verify(assertion), ("cf-access-jwt-assertion",)
+            return await self._verify(assertion), ("cf-access-jwt-assertion",)
         client_id = headers.get(CLIENT_ID, "").strip()
         if client_id:
             if self.service_tokens is None:
@@ -84,4 +95,4 @@ class Authenticator:
         found = find_jwt(headers)
         if found is None:
             return None
-        return await self.jwt.verify(found[0]), (found[1],)
+        return await self._verify(found[0]), (found[1],)

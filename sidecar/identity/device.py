@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 from sidecar.identity.attempts import Check, Limit, subject_of
+from sidecar.identity.cli_sessions import CliSessions
 from sidecar.identity.jwt_verify import IssuerPolicy
 from sidecar.identity.secret_box import SecretBox
 from sidecar.identity.signing_keys import ALGORITHM, SigningKeys, seal_plain_keys
@@ -57,7 +58,9 @@ MAX_ATTEMPTS = 8
 Status = Literal["pending", "approved", "denied", "issued"]
 PollOutcome = Literal["authorization_pending", "slow_down", "access_denied", "expired_token",
                       "invalid_grant", "issue"]
-DecideError = Literal["unknown", "expired", "already_decided", "busy"]
+DecideError = Literal["unknown", "expired", "already_decided", "busy", "not_admin"]
+# Admin-scoped tokens never live longer than this, whatever token_ttl says.
+ADMIN_TOKEN_TTL = 3600
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,8 @@ class Grant:
     last_poll_at: float | None = None
     approver: Approver | None = None
     decided_at: float | None = None
+    # "admin" for `sidecar login --admin`: only an administrator may approve it.
+    scope: str = ""
 
     def to_doc(self) -> Doc:
         doc = asdict(self)
@@ -141,11 +146,14 @@ def poll(grant: Grant, now: float) -> tuple[Grant, PollOutcome]:
     return replace(polled, status="issued"), "issue"
 
 
-def decide(grant: Grant, approver: Approver, approve: bool, now: float) -> Grant | DecideError:
+def decide(grant: Grant, approver: Approver, approve: bool, now: float,
+           approver_is_admin: bool = False) -> Grant | DecideError:
     if now >= grant.expires_at:
         return "expired"
     if grant.status != "pending":
         return "already_decided"
+    if approve and grant.scope == "admin" and not approver_is_admin:
+        return "not_admin"
     return replace(grant, status="approved" if approve else "denied", approver=approver,
                    decided_at=now)
 
@@ -162,11 +170,23 @@ def csrf_ok(secret: bytes, approver: Approver, grant: Grant, presented: str) -> 
                                presented.encode("utf-8", "replace"))
 
 
-def cli_claims(issuer: str, approver: Approver, now: float, ttl_seconds: int) -> dict[str, Any]:
+def cli_claims(issuer: str, approver: Approver, now: float, ttl_seconds: int,
+               session: str = "", scope: str = "") -> dict[str, Any]:
     issued = int(now)
-    return {"iss": issuer, "aud": AUDIENCE, "sub": approver.subject, "email": approver.email,
-            "groups": list(approver.groups), "kind": "cli", "iat": issued, "nbf": issued,
-            "exp": issued + ttl_seconds, "jti": uuid.uuid4().hex}
+    claims = {"iss": issuer, "aud": AUDIENCE, "sub": approver.subject, "email": approver.email,
+              "groups": list(approver.groups), "kind": "cli", "iat": issued, "nbf": issued,
+              "exp": issued + ttl_seconds, "jti": uuid.uuid4().hex}
+    if session:
+        claims["sid"] = session
+    if scope:
+        claims["scope"] = scope
+    return claims
+
+
+def access_ttl(scope: str, token_ttl: int, session_left: float) -> int:
+    """An access token never outlives its session, nor an admin one its hour."""
+    ttl = min(token_ttl, ADMIN_TOKEN_TTL) if scope == "admin" else token_ttl
+    return max(1, min(ttl, int(session_left)))
 
 
 def issuer_for(public_url: str, listen_http: str) -> str:
@@ -179,14 +199,19 @@ class IssuedToken:
     access_token: str
     expires_in: int
     approver: Approver
+    scope: str = ""
+    session: str = ""
+    refresh_token: str | None = None
 
 
 class DeviceLogin:
     """Device grants, approvals and the tokens they turn into, all kept in the store."""
 
     def __init__(self, store: Store, issuer: str, *, box: SecretBox,
-                 clock: Callable[[], float] = time.time, keys: SigningKeys | None = None) -> None:
+                 clock: Callable[[], float] = time.time, keys: SigningKeys | None = None,
+                 sessions: CliSessions | None = None) -> None:
         self.issuer = issuer
+        self.sessions = sessions or CliSessions(store, clock)
         self.keys = keys or SigningKeys(store, box=box, clock=clock,
                                         leeway_seconds=LEEWAY_SECONDS)
         self._store = store
@@ -206,12 +231,13 @@ class DeviceLogin:
     def _ttl(self, grant: Grant, now: float) -> int:
         return max(1, math.ceil(grant.expires_at + RETAIN_SECONDS - now))
 
-    async def start(self, client_addr: str, user_agent: str, client_id: str) -> tuple[str, Grant]:
+    async def start(self, client_addr: str, user_agent: str, client_id: str,
+                    scope: str = "") -> tuple[str, Grant]:
         """A new grant and its device code (the only time the code exists in clear)."""
         device_code = secrets.token_urlsafe(32)
         now = self._clock()
         grant = Grant(grant_id(device_code), "", "pending", now, now + EXPIRES_IN, INTERVAL,
-                      client_addr, user_agent, client_id)
+                      client_addr, user_agent, client_id, scope=scope)
         ttl = self._ttl(grant, now)
         for _ in range(MAX_ATTEMPTS):
             code = new_user_code()
@@ -227,8 +253,8 @@ class DeviceLogin:
         doc = None if index is None else await self._store.get_doc(GRANTS, index["grant"])
         return None if doc is None else Grant.from_doc(doc)
 
-    async def decide(self, user_code: str, identity: Identity,
-                     approve: bool) -> Grant | DecideError:
+    async def decide(self, user_code: str, identity: Identity, approve: bool,
+                     approver_is_admin: bool = False) -> Grant | DecideError:
         approver = Approver.of(identity)
         for _ in range(MAX_ATTEMPTS):
             index = await self._store.get_doc(USER_CODES, user_code)
@@ -236,7 +262,7 @@ class DeviceLogin:
             if doc is None:
                 return "unknown"
             now = self._clock()
-            result = decide(Grant.from_doc(doc), approver, approve, now)
+            result = decide(Grant.from_doc(doc), approver, approve, now, approver_is_admin)
             if isinstance(result, str):
                 return result
             if await self._store.swap_doc(GRANTS, result.id, doc, result.to_doc(),
@@ -244,8 +270,8 @@ class DeviceLogin:
                 return result
         return "busy"
 
-    async def exchange(self, device_code: str, token_ttl: int,
-                       client_id: str = "") -> IssuedToken | PollOutcome:
+    async def exchange(self, device_code: str, token_ttl: int, client_id: str = "",
+                       session_ttl: int = 0) -> IssuedToken | PollOutcome:
         """Answer one poll of /device/token: a token, or the RFC 8628 error code."""
         gid = grant_id(device_code)
         for _ in range(MAX_ATTEMPTS):
@@ -260,17 +286,50 @@ class DeviceLogin:
             issued: IssuedToken | None = None
             if outcome == "issue":
                 assert after.approver is not None
-                # Minted before the swap: if another replica wins, this token is just dropped.
-                token = await self.mint(after.approver, token_ttl)
-                issued = IssuedToken(token, token_ttl, after.approver)
+                # Made before the swap: if another replica wins, these are just dropped (the
+                # session is never used, and expires).
+                issued = await self._open_session(after, token_ttl, session_ttl)
             if after == grant or await self._store.swap_doc(GRANTS, gid, doc, after.to_doc(),
                                                             self._ttl(after, now)):
                 return issued if issued is not None else outcome
         # Lost every race: someone polls this code in a tight loop.
         return "slow_down"
 
-    async def mint(self, approver: Approver, ttl_seconds: int) -> str:
-        return await self.keys.sign(cli_claims(self.issuer, approver, self._clock(), ttl_seconds))
+    async def _open_session(self, grant: Grant, token_ttl: int,
+                            session_ttl: int) -> IssuedToken:
+        approver = grant.approver
+        assert approver is not None
+        admin = grant.scope == "admin"
+        # An admin session lasts one access token and has no refresh token: after its hour,
+        # the admin logs in (and is approved) again.
+        lifetime = access_ttl("admin", token_ttl, ADMIN_TOKEN_TTL) if admin else \
+            max(session_ttl, token_ttl)
+        session, refresh = await self.sessions.create(
+            subject=approver.subject, email=approver.email, groups=approver.groups,
+            issuer=approver.issuer, scope="admin" if admin else "", ttl_seconds=lifetime,
+            client=grant.user_agent)
+        ttl = access_ttl(grant.scope, token_ttl, lifetime)
+        token = await self.mint(approver, ttl, session["id"], grant.scope)
+        return IssuedToken(token, ttl, approver, grant.scope, session["id"],
+                           None if admin else refresh)
+
+    async def refresh(self, refresh_token: str, token_ttl: int) -> IssuedToken | str:
+        """A new access token and the next refresh token, or an RFC 6749 error code."""
+        result = await self.sessions.refresh(refresh_token)
+        if isinstance(result, str):
+            return "invalid_grant"
+        doc = result.session
+        if doc["scope"]:
+            return "invalid_grant"  # admin sessions are never refreshed
+        approver = Approver(doc["subject"], doc["email"], tuple(doc["groups"]), doc["issuer"])
+        ttl = access_ttl("", token_ttl, doc["expires_at"] - self._clock())
+        token = await self.mint(approver, ttl, doc["id"])
+        return IssuedToken(token, ttl, approver, "", doc["id"], result.refresh_token)
+
+    async def mint(self, approver: Approver, ttl_seconds: int, session: str = "",
+                   scope: str = "") -> str:
+        return await self.keys.sign(cli_claims(self.issuer, approver, self._clock(), ttl_seconds,
+                                               session, scope))
 
     # -- CSRF --------------------------------------------------------------------------
     async def csrf_secret(self) -> bytes:

@@ -98,6 +98,8 @@ def identity_from_claims(
         if extra not in groups:
             groups.append(extra)
     exp = claims.get("exp")
+    session = claims.get("sid") if kind == "cli" else ""
+    scope = claims.get("scope") if kind == "cli" else ""
     return Identity(
         kind=kind,
         subject=sub or common_name,
@@ -107,6 +109,9 @@ def identity_from_claims(
         token_name=common_name,
         issuer=policy.issuer,
         expires_at=float(exp) if isinstance(exp, int | float) else None,
+        session=session if isinstance(session, str) else "",
+        # Only the one value means anything; any other is an ordinary CLI token.
+        scope="admin" if scope == "admin" else "",
     )
 
 
@@ -220,5 +225,11 @@ class JwtVerifier:
                 if isinstance(exc, cls):
                     raise AuthError(code) from None
             raise AuthError("invalid_token") from None
-        check_times(claims, now, policy.leeway_seconds)
+        try:
+            check_times(claims, now, policy.leeway_seconds)
+        except AuthError as err:
+            if policy.own and err.code == "expired":
+                raise AuthError("expired", "the CLI token expired; run `sidecar login` to "
+                                           "sign in again") from None
+            raise
         return identity_from_claims(claims, policy, self._directory)

@@ -21,6 +21,9 @@ from sidecar.model import Identity
 from sidecar.store.base import Store
 
 COLLECTION = "service_tokens"
+# name → client id of the token holding it: claimed atomically, so names stay unique across
+# replicas. Released on revocation; a revoked token keeps its name in its own record.
+NAMES = "service_token_names"
 # How long a looked-up token may be served from memory: bounds how late a revocation made
 # through another replica takes effect.
 CACHE_SECONDS = 0.5
@@ -47,6 +50,10 @@ def public_view(doc: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in doc.items() if k != "secret_hash"}
 
 
+class NameTaken(Exception):
+    """Another live service token already has this name."""
+
+
 class ServiceTokens:
     def __init__(self, store: Store, clock: Callable[[], float] = time.time) -> None:
         self._store = store
@@ -58,11 +65,15 @@ class ServiceTokens:
     async def create(
         self, name: str, groups: Sequence[str] = (), ttl_seconds: int | None = None
     ) -> IssuedToken:
+        """A new token; NameTaken when a live token already has `name`."""
         now = self._clock()
         token_id = uuid.uuid4().hex
         client_id = f"{secrets.token_hex(16)}.access"
         secret = secrets.token_urlsafe(32)
         expires = None if ttl_seconds is None else now + ttl_seconds
+        if await self._live_named(name) is not None or not await self._store.swap_doc(
+                NAMES, name, None, {"client_id": client_id}):
+            raise NameTaken(name)
         doc = {
             "id": token_id,
             "name": name,
@@ -77,15 +88,41 @@ class ServiceTokens:
         await self._store.put_doc(COLLECTION, client_id, doc)
         return IssuedToken(token_id, name, client_id, secret, tuple(groups), expires)
 
+    async def _live_named(self, name: str) -> dict[str, Any] | None:
+        # Tokens made before names were claimed have no entry in NAMES; look at them too.
+        for doc in await self._store.list_docs(COLLECTION):
+            if doc["name"] == name and doc["revoked_at"] is None:
+                return doc
+        return None
+
+    async def rotate(self, ref: str) -> IssuedToken | None:
+        """A new secret for a live token (same id, name, groups and expiry); the old secret
+        stops working at once. None when no live token has this id or name."""
+        doc = await self.find(ref)
+        if doc is None or doc["revoked_at"] is not None:
+            return None
+        secret = secrets.token_urlsafe(32)
+        new = {**doc, "secret_hash": _hash(secret), "rotated_at": self._clock()}
+        if not await self._store.swap_doc(COLLECTION, doc["client_id"], doc, new):
+            return None
+        self._cache.pop(doc["client_id"], None)
+        return IssuedToken(doc["id"], doc["name"], doc["client_id"], secret,
+                           tuple(doc["groups"]), doc["expires_at"])
+
     async def list(self) -> list[dict[str, Any]]:
         docs = await self._store.list_docs(COLLECTION)
         return sorted((public_view(d) for d in docs), key=lambda d: d["created_at"])
 
-    async def find(self, token_id: str) -> dict[str, Any] | None:
-        for doc in await self._store.list_docs(COLLECTION):
-            if doc["id"] == token_id or doc["client_id"] == token_id:
+    async def find(self, ref: str) -> dict[str, Any] | None:
+        """The token with this id or client id, else the live one (else the latest) with this
+        name."""
+        docs = await self._store.list_docs(COLLECTION)
+        for doc in docs:
+            if doc["id"] == ref or doc["client_id"] == ref:
                 return doc
-        return None
+        named = sorted((d for d in docs if d["name"] == ref),
+                       key=lambda d: (d["revoked_at"] is None, d["created_at"]))
+        return named[-1] if named else None
 
     async def revoke(self, token_id: str) -> dict[str, Any] | None:
         doc = await self.find(token_id)
@@ -94,6 +131,8 @@ class ServiceTokens:
         if doc["revoked_at"] is None:
             doc = {**doc, "revoked_at": self._clock()}
             await self._store.put_doc(COLLECTION, doc["client_id"], doc)
+            await self._store.swap_doc(NAMES, doc["name"], {"client_id": doc["client_id"]},
+                                       None)
         self._cache.pop(doc["client_id"], None)
         return public_view(doc)
 

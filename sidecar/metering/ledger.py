@@ -128,6 +128,12 @@ def usage_history(rows: Iterable[LedgerRow], window: Window) -> list[HistoryBuck
     return [HistoryBucket(start, start + size, cost) for start, cost in sorted(sums.items())]
 
 
+def of_user(rows: Iterable[LedgerRow], user: str) -> list[LedgerRow]:
+    """One caller's rows: the `user` dimension is the email of a person (whatever the kind
+    of their token) or the name of a service token, which can never contain an '@'."""
+    return [row for row in rows if row.dims.user == user]
+
+
 def in_range(rows: Iterable[LedgerRow], start: int, end: int) -> list[LedgerRow]:
     """Rows whose hour starts within [start, end)."""
     return [row for row in rows if start <= row.hour < end]

@@ -31,6 +31,8 @@ class Rule:
     action: Action
     alerts: tuple[int, ...]
     source: Literal["file", "runtime"] = "file"
+    # The filters as written (globs), for views that list a rule's buckets without a request.
+    patterns: tuple[tuple[str, tuple[str, ...]], ...] = ()
     # Derived once here rather than on every request (every rule is tried on every check).
     _prefix: str = field(init=False, repr=False, compare=False)
     _narrow: Mapping[str, re.Pattern[str]] = field(init=False, repr=False, compare=False)
@@ -90,4 +92,13 @@ def compile_rule(
     else:
         label = f"rolling:{window.seconds}"
     return Rule(name, limit, window, label, tuple(compiled), split, action,
-                tuple(sorted(alerts)), source)
+                tuple(sorted(alerts)), source,
+                tuple((dim, tuple(patterns)) for dim, patterns in filters.items()))
+
+
+def literal_values(rule: Rule, dimension: str) -> tuple[str, ...]:
+    """The plain names (no glob characters) a rule's filter lists for one dimension."""
+    for dim, patterns in rule.patterns:
+        if dim == dimension:
+            return tuple(p for p in patterns if not any(c in p for c in "*?[]"))
+    return ()

@@ -162,3 +162,49 @@ def test_dashboard_refuses_non_admins(traffic_stack: Stack, issuer: DevIssuer) -
         hourly = admin.get("/dashboard", params={"window": "hour"})
         assert hourly.status_code == 200
         assert "script" not in hourly.headers["content-security-policy"]
+
+
+def test_dashboard_filters_and_csv_export_in_chromium(traffic_stack: Stack, issuer: DevIssuer,
+                                                      tmp_path: Path) -> None:
+    stack = traffic_stack
+    admin_jwt = issuer.mint("root@example.com", ["platform-admins"])
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
+                                     timeout=120_000)
+        try:
+            context = browser.new_context(accept_downloads=True)
+            context.add_cookies([{"name": "CF_Authorization", "value": admin_jwt,
+                                  "url": stack.admin_url}])
+            page = context.new_page()
+            page.goto(stack.admin_url + "/dashboard", wait_until="load", timeout=60_000)
+            page.select_option("#filter-window", "hour")
+            page.fill("#filter-user", "bob@example.com")
+            page.fill("#filter-model", "gpt-4o-mini")
+            with page.expect_navigation():
+                page.click("#apply")
+            assert "user=bob%40example.com" in page.url and "window=hour" in page.url
+            assert page.input_value("#filter-user") == "bob@example.com"
+            start = page.get_attribute("#range", "data-start")
+            end = page.get_attribute("#range", "data-end")
+            total = int(page.get_attribute("#total-cost", "data-micros") or "-1")
+            requests = int(page.inner_text("#total-requests").replace(",", ""))
+            legend = {li.get_attribute("data-key")
+                      for li in page.query_selector_all('#chart-user li[data-dim="user"]')}
+            with page.expect_download() as info:
+                page.click("#csv")
+            saved = tmp_path / "spend.csv"
+            info.value.save_as(saved)
+        finally:
+            browser.close()
+    expected = [r for r in usage(stack, group_by="user,model", start=start, end=end)
+                if r["user"] == "bob@example.com" and r["model"] == "gpt-4o-mini"]
+    assert len(expected) == 1 and total == micros(expected[0]["cost_usd"]) and total > 0
+    assert requests == expected[0]["requests"] == 4
+    assert legend == {"bob@example.com"}
+    lines = saved.read_text().splitlines()
+    assert lines[0] == ("window_start,user,model,provider,cost_usd,requests,input_tokens,"
+                        "output_tokens")
+    rows = [line.split(",") for line in lines[1:]]
+    assert rows and all(r[1] == "bob@example.com" and r[2] == "gpt-4o-mini" for r in rows)
+    assert sum(micros(float(r[4])) for r in rows) == total
+    assert sum(int(r[5]) for r in rows) == requests

@@ -7,6 +7,7 @@ token the attacker receives copies the admin's groups and used to pass every adm
 from __future__ import annotations
 
 import grpc
+import jwt
 import pytest
 from starlette.testclient import TestClient
 
@@ -113,3 +114,40 @@ def test_approval_page_says_what_is_granted_to_whom_and_warns(make_site: object)
     assert "root@example.com" in text, "as whom"
     assert "never carries admin rights" in text
     assert "Do not approve a code you did not start" in text
+
+
+def test_admin_scope_claims_from_any_other_issuer_grant_nothing(site: Site) -> None:
+    # An IdP token dressed up as an admin-scoped CLI token is an ordinary person's token.
+    client = site.client()
+    dressed = site.issuer.mint("mallory@example.com", ["ml"], kind="cli", scope="admin",
+                               sid="anything")
+    assert client.get("/v1/budgets/me", headers=bearer(dressed)).status_code == 200
+    for path in ADMIN_PATHS:
+        assert client.get(path, headers=bearer(dressed)).status_code == 403, path
+
+
+def test_plain_device_login_of_an_admin_never_carries_admin_scope(site: Site) -> None:
+    client = site.client()
+    token = device_token(client, site.admin_person())
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert "scope" not in claims and claims["kind"] == "cli" and claims["sid"]
+    # Asking for another scope at the token endpoint changes nothing.
+    assert client.get("/v1/spend-limits", headers=bearer(token)).status_code == 403
+    refused = client.post("/device/code", data={"client_id": "sidecar-cli", "scope": "root"})
+    assert refused.status_code == 400 and refused.json()["error"] == "invalid_scope"
+
+
+def test_admin_code_approval_refused_for_a_non_admin_person(site: Site) -> None:
+    client = site.client()
+    started = client.post("/device/code", data={"client_id": "sidecar-cli", "scope": "admin"})
+    code = started.json()["user_code"]
+    member = site.person("bob@example.com", ["ml"])
+    page = client.get("/device", params={"user_code": code}, headers=member)
+    assert page.status_code == 403 and "ADMIN" in page.text and "csrf_token" not in page.text
+    posted = client.post("/device/approve", headers=member,
+                         data={"user_code": code, "action": "approve", "csrf_token": "x"})
+    assert posted.status_code == 403
+    poll = client.post("/device/token", data={
+        "grant_type": "urn:ietf:params:oauth:grant-type:device_code",
+        "device_code": started.json()["device_code"]})
+    assert poll.json()["error"] == "authorization_pending"

@@ -12,7 +12,9 @@ import itertools
 import jwt
 import pytest
 
+from sidecar.admin_access import is_admin
 from sidecar.identity.attempts import Attempts
+from sidecar.identity.authenticate import Authenticator
 from sidecar.identity.device import (
     ADDRESS_GUESS_LIMIT,
     EXPIRES_IN,
@@ -68,6 +70,10 @@ def login(store: Store, clock: Clock) -> DeviceLogin:
 
 def verifier(login: DeviceLogin, clock: Clock) -> JwtVerifier:
     return JwtVerifier([login.issuer_policy], {}, clock=clock)
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"}
 
 
 # -- user codes (pure) ---------------------------------------------------------------------
@@ -285,4 +291,78 @@ async def test_expired_cli_token_is_refused(login: DeviceLogin, clock: Clock) ->
     clock.now += 2 + 31
     with pytest.raises(AuthError) as err:
         await verifier(login, clock).verify(token)
-    assert err.value.code == "expired"
+    assert err.value.code == "expired" and "run `sidecar login`" in err.value.detail
+
+
+# -- CLI sessions: refresh tokens, revocation, admin scope ----------------------------------
+
+
+async def issued_for(login: DeviceLogin, clock: Clock, approver: Identity = ALICE,
+                     scope: str = "", admin: bool = False, token_ttl: int = 3600,
+                     session_ttl: int = 7 * DAY) -> IssuedToken:
+    device_code, grant = await login.start("10.0.0.7", "sidecar-cli/1", "sidecar-cli", scope)
+    decided = await login.decide(grant.user_code, approver, True, approver_is_admin=admin)
+    assert isinstance(decided, Grant), decided
+    clock.now += INTERVAL
+    issued = await login.exchange(device_code, token_ttl, "sidecar-cli", session_ttl)
+    assert isinstance(issued, IssuedToken), issued
+    return issued
+
+
+async def test_refresh_token_rotates_once_and_a_replay_revokes_the_session(
+        login: DeviceLogin, clock: Clock) -> None:
+    first = await issued_for(login, clock)
+    assert first.refresh_token and first.session
+    auth = Authenticator(verifier(login, clock), None, login.sessions)
+    assert (await auth.identify(bearer(first.access_token)))[0].session == first.session
+    clock.now += 600
+    second = await login.refresh(first.refresh_token, 3600)
+    assert isinstance(second, IssuedToken) and second.refresh_token != first.refresh_token
+    claims = jwt.decode(second.access_token, options={"verify_signature": False})
+    assert claims["sid"] == first.session and claims["exp"] - claims["iat"] == 3600
+    # The replaced refresh token, presented again, is a copy: the whole session ends.
+    assert await login.refresh(first.refresh_token, 3600) == "invalid_grant"
+    assert await login.refresh(str(second.refresh_token), 3600) == "invalid_grant"
+    clock.now += 1  # past the revocation cache
+    with pytest.raises(AuthError) as err:
+        await auth.identify(bearer(second.access_token))
+    assert err.value.code == "revoked" and "sidecar login" in err.value.detail
+
+
+async def test_session_ends_at_its_lifetime_and_tokens_never_outlive_it(
+        login: DeviceLogin, clock: Clock) -> None:
+    issued = await issued_for(login, clock, token_ttl=3600, session_ttl=2 * 3600)
+    clock.now += 2 * 3600 - 600
+    last = await login.refresh(str(issued.refresh_token), 3600)
+    assert isinstance(last, IssuedToken) and last.expires_in <= 600
+    clock.now += 600
+    assert await login.refresh(str(last.refresh_token), 3600) == "invalid_grant"
+
+
+async def test_logout_revokes_with_the_current_refresh_token_only(login: DeviceLogin,
+                                                                  clock: Clock) -> None:
+    issued = await issued_for(login, clock)
+    sid, _, _ = str(issued.refresh_token).partition(".")
+    assert await login.sessions.revoke_by_refresh(f"{sid}.wrong", "logout") is None
+    assert await login.sessions.live(sid)
+    done = await login.sessions.revoke_by_refresh(str(issued.refresh_token), "logout")
+    assert done is not None and done[1]["revoked_by"] == "logout"
+    clock.now += 1
+    assert not await login.sessions.live(sid)
+
+
+async def test_admin_scoped_grant_needs_an_admin_and_lasts_at_most_an_hour(
+        login: DeviceLogin, clock: Clock) -> None:
+    _, grant = await login.start("10.0.0.7", "ua", "sidecar-cli", "admin")
+    assert await login.decide(grant.user_code, BOB, True, approver_is_admin=False) == \
+        "not_admin"
+    # Anyone may still deny it.
+    denied = await login.decide(grant.user_code, BOB, False, approver_is_admin=False)
+    assert isinstance(denied, Grant) and denied.status == "denied"
+    issued = await issued_for(login, clock, scope="admin", admin=True, token_ttl=12 * 3600)
+    assert issued.refresh_token is None and issued.expires_in == 3600
+    identity = await verifier(login, clock).verify(issued.access_token)
+    assert identity.kind == "cli" and identity.scope == "admin" and identity.session
+    assert is_admin(identity, ["eng"]) and not is_admin(identity, ["ops"])
+    plain = await verifier(login, clock).verify((await issued_for(login, clock)).access_token)
+    assert plain.scope == "" and not is_admin(plain, ["eng"])

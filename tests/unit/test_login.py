@@ -153,3 +153,21 @@ def test_cli_token_and_logout_commands(tmp_path: Path, token: str,
     assert main(["logout", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["removed"] is True
     assert main(["token"]) == 1
+
+
+def test_every_cli_option_has_help_text() -> None:
+    import argparse
+
+    from sidecar.cli import build_parser
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> list[str]:
+        bare = []
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    bare += walk(child, f"{path} {name}")
+            elif action.help is None:
+                bare.append(f"{path} {'/'.join(action.option_strings) or action.dest}")
+        return bare
+
+    assert walk(build_parser(), "sidecar") == []

@@ -86,17 +86,22 @@ def routes(services: Services) -> list[Route]:
         doc = {"amount": _cents(data, "amount", 100, nullable=False),
                "duration": _choice(data, "duration", ("daily", "weekly", "monthly")),
                "strategy": _choice(data, "strategy", ("fixed", "sliding"))}
+        before = await services.store.get_doc(ACCOUNT_LIMIT, account_id)
         await services.store.put_doc(ACCOUNT_LIMIT, account_id, doc)
         await services.runtime_rules.refresh()
         log.info("account_spending_limit_set", by=admin, **doc)
+        await services.audit(admin, "account_limit.set", account_id, before, doc)
         return ok({"config": doc, "enabled": True})
 
     async def delete_limit(request: Request) -> JSONResponse:
         admin = await require_admin(services, request)
         account_id = account(request)
+        before = await services.store.get_doc(ACCOUNT_LIMIT, account_id)
         await services.store.delete_doc(ACCOUNT_LIMIT, account_id)
         await services.runtime_rules.refresh()
         log.info("account_spending_limit_removed", by=admin)
+        if before is not None:
+            await services.audit(admin, "account_limit.delete", account_id, before, None)
         return ok({"config": None, "enabled": False})
 
     async def caps_view(doc: dict[str, Any]) -> dict[str, Any]:
@@ -156,6 +161,7 @@ def routes(services: Services) -> list[Route]:
         await services.store.put_doc(SPENDING_CAPS, account_id, doc)
         await services.runtime_rules.refresh()
         log.info("spending_caps_set", by=admin, **update)
+        await services.audit(admin, "spending_caps.set", account_id, current or None, doc)
         return ok(await caps_view(doc))
 
     base = "/accounts/{account_id}/ai-gateway/billing/spending-limit"

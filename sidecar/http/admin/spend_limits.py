@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import structlog
@@ -13,10 +12,12 @@ from starlette.routing import Route
 
 from sidecar.budget.backfill import seed_rules
 from sidecar.budget.runtime_rules import ACCOUNT_RULE, SPEND_LIMITS
+from sidecar.config.loader import plain_message
 from sidecar.config.models import SpendLimitConfig
 from sidecar.config.ruleset import rule_from_config
 from sidecar.http.auth import require_admin
 from sidecar.http.envelope import ApiError, json_object, ok
+from sidecar.money import micros_to_usd, usd_to_micros
 from sidecar.services import Services
 
 log = structlog.get_logger("sidecar.admin")
@@ -30,37 +31,76 @@ def validate_rule(data: dict[str, Any]) -> dict[str, Any]:
         problems = []
         for err in exc.errors(include_url=False, include_input=False):
             path = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
-            problems.append(f"{path or 'body'}: {re.sub(r'^Value error, ', '', err['msg'])}")
+            problems.append(f"{path or 'body'}: {plain_message(err['msg'])}")
         raise ApiError(400, "; ".join(problems)) from None
     if rule.name == ACCOUNT_RULE:
         raise ApiError(400, f"the name {ACCOUNT_RULE!r} is reserved for the account limit")
     return rule.model_dump(mode="json")
 
 
+def shown(rule: dict[str, Any], source: str) -> dict[str, Any]:
+    """A rule as the API shows it: kept as an exact decimal string, shown as a JSON number."""
+    return {**rule, "budget_usd": micros_to_usd(usd_to_micros(rule["budget_usd"])),
+            "source": source}
+
+
+def audited(rule: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A rule as the audit trail keeps it: as shown, without where it is kept."""
+    if rule is None:
+        return None
+    return {k: v for k, v in shown(rule, "").items() if k != "source"}
+
+
+def file_rules(services: Services) -> dict[str, dict[str, Any]]:
+    return {r.name: shown(r.model_dump(mode="json"), "file")
+            for r in services.ruleset.config.spend_limits}
+
+
+async def runtime_rules(services: Services) -> dict[str, dict[str, Any]]:
+    docs = await services.store.list_docs(SPEND_LIMITS)
+    return {d["name"]: shown(d, "runtime") for d in docs}
+
+
+async def seed(services: Services, rule: dict[str, Any]) -> None:
+    # Before the rule takes effect, so spend already made in its window counts.
+    compiled = rule_from_config(SpendLimitConfig.model_validate(rule), source="runtime")
+    await seed_rules(services.store, [compiled], services.engine.clock())
+
+
+async def check_new(services: Services, name: str) -> None:
+    """409 unless a runtime rule named `name` could be created now."""
+    if name in file_rules(services):
+        raise ApiError(409, f"{name!r} is defined in the config file (read-only)")
+    existing = await runtime_rules(services)
+    if len(existing) >= MAX_RUNTIME_RULES:
+        raise ApiError(409, f"at most {MAX_RUNTIME_RULES} runtime spend limits")
+    if name in existing:
+        raise ApiError(409, f"a spend limit named {name!r} already exists")
+
+
+async def add_limit(services: Services, admin: str, rule: dict[str, Any]) -> dict[str, Any]:
+    """Create a validated runtime rule, audited; 409 when its name is taken."""
+    await check_new(services, rule["name"])
+    await seed(services, rule)
+    if not await services.store.swap_doc(SPEND_LIMITS, rule["name"], None, rule):
+        raise ApiError(409, f"a spend limit named {rule['name']!r} already exists")
+    await services.runtime_rules.refresh()
+    log.info("spend_limit_created", by=admin, name=rule["name"])
+    await services.audit(admin, "spend_limit.create", rule["name"], None, audited(rule))
+    return shown(rule, "runtime")
+
+
 def routes(services: Services) -> list[Route]:
-    def file_rules() -> dict[str, dict[str, Any]]:
-        return {r.name: {**r.model_dump(mode="json"), "source": "file"}
-                for r in services.ruleset.config.spend_limits}
-
-    async def seed(rule: dict[str, Any]) -> None:
-        # Before the rule takes effect, so spend already made in its window counts.
-        compiled = rule_from_config(SpendLimitConfig.model_validate(rule), source="runtime")
-        await seed_rules(services.store, [compiled], services.engine.clock())
-
-    async def runtime_rules() -> dict[str, dict[str, Any]]:
-        docs = await services.store.list_docs(SPEND_LIMITS)
-        return {d["name"]: {**d, "source": "runtime"} for d in docs}
-
     async def listing(request: Request) -> JSONResponse:
         await require_admin(services, request)
-        rules = [*file_rules().values(), *(await runtime_rules()).values()]
+        rules = [*file_rules(services).values(), *(await runtime_rules(services)).values()]
         return ok(rules, result_info={"page": 1, "per_page": len(rules),
                                       "total_count": len(rules), "has_more": False})
 
     async def get_one(request: Request) -> JSONResponse:
         await require_admin(services, request)
         name = request.path_params["name"]
-        rule = file_rules().get(name) or (await runtime_rules()).get(name)
+        rule = file_rules(services).get(name) or (await runtime_rules(services)).get(name)
         if rule is None:
             raise ApiError(404, f"no spend limit named {name!r}")
         return ok(rule)
@@ -68,24 +108,12 @@ def routes(services: Services) -> list[Route]:
     async def create(request: Request) -> JSONResponse:
         admin = await require_admin(services, request)
         rule = validate_rule(await json_object(request))
-        if rule["name"] in file_rules():
-            raise ApiError(409, f"{rule['name']!r} is defined in the config file (read-only)")
-        existing = await runtime_rules()
-        if len(existing) >= MAX_RUNTIME_RULES:
-            raise ApiError(409, f"at most {MAX_RUNTIME_RULES} runtime spend limits")
-        if rule["name"] in existing:
-            raise ApiError(409, f"a spend limit named {rule['name']!r} already exists")
-        await seed(rule)
-        if not await services.store.swap_doc(SPEND_LIMITS, rule["name"], None, rule):
-            raise ApiError(409, f"a spend limit named {rule['name']!r} already exists")
-        await services.runtime_rules.refresh()
-        log.info("spend_limit_created", by=admin, name=rule["name"])
-        return ok({**rule, "source": "runtime"}, status=201)
+        return ok(await add_limit(services, admin, rule), status=201)
 
     async def replace(request: Request) -> JSONResponse:
         admin = await require_admin(services, request)
         name = request.path_params["name"]
-        if name in file_rules():
+        if name in file_rules(services):
             raise ApiError(409, f"{name!r} is defined in the config file (read-only)")
         data = await json_object(request)
         rule = validate_rule({**data, "name": data.get("name", name)})
@@ -94,22 +122,27 @@ def routes(services: Services) -> list[Route]:
         current = await services.store.get_doc(SPEND_LIMITS, name)
         if current is None:
             raise ApiError(404, f"no runtime spend limit named {name!r}")
-        await seed(rule)
+        await seed(services, rule)
         if not await services.store.swap_doc(SPEND_LIMITS, name, current, rule):
             raise ApiError(409, "the spend limit changed meanwhile; try again")
         await services.runtime_rules.refresh()
         log.info("spend_limit_replaced", by=admin, name=name)
-        return ok({**rule, "source": "runtime"})
+        await services.audit(admin, "spend_limit.update", name, audited(current),
+                             audited(rule))
+        return ok(shown(rule, "runtime"))
 
     async def delete(request: Request) -> JSONResponse:
         admin = await require_admin(services, request)
         name = request.path_params["name"]
-        if name in file_rules():
+        if name in file_rules(services):
             raise ApiError(409, f"{name!r} is defined in the config file (read-only)")
-        if not await services.store.delete_doc(SPEND_LIMITS, name):
+        current = await services.store.get_doc(SPEND_LIMITS, name)
+        if current is None or not await services.store.swap_doc(SPEND_LIMITS, name, current,
+                                                                None):
             raise ApiError(404, f"no runtime spend limit named {name!r}")
         await services.runtime_rules.refresh()
         log.info("spend_limit_deleted", by=admin, name=name)
+        await services.audit(admin, "spend_limit.delete", name, audited(current), None)
         return ok({"name": name, "deleted": True})
 
     return [

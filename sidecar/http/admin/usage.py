@@ -1,4 +1,5 @@
-"""Usage APIs over the ledger: Cloudflare's `usage-history` and the grouped `/v1/usage`.
+"""Usage APIs over the ledger: Cloudflare's `usage-history`, the grouped `/v1/usage` (admin)
+and `/v1/usage/me` (any authenticated caller, their own rows only).
 
 Both read hourly ledger rows from the store and aggregate them with
 `sidecar.metering.ledger`; money stays in integer µUSD until the JSON is written.
@@ -20,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from sidecar.http.auth import require_admin
+from sidecar.http.auth import caller, require_admin
 from sidecar.http.envelope import ApiError, ok
 from sidecar.metering.ledger import (
     WINDOWS,
@@ -31,6 +32,7 @@ from sidecar.metering.ledger import (
     group_usage,
     hour_range,
     in_range,
+    of_user,
     parse_group_by,
     usage_history,
 )
@@ -207,9 +209,18 @@ def routes(services: Services) -> list[Route]:
 
     async def usage(request: Request) -> JSONResponse:
         await require_admin(services, request)
+        return await report(request, None)
+
+    async def usage_me(request: Request) -> JSONResponse:
+        identity = await caller(services, request)
+        return await report(request, identity.user)
+
+    async def report(request: Request, user: str | None) -> JSONResponse:
         q = parse_usage_query(request.query_params, now())
         first, last = hour_range(q.start, q.end)
         rows = in_range(await services.store.ledger_rows(first, last), first, last)
+        if user is not None:
+            rows = of_user(rows, user)
         result = [usage_json(r) for r in group_usage(rows, q.group_by, q.window)]
         return ok(result, result_info=_listing(
             result, {"start": iso(first), "end": iso(last)}))
@@ -218,4 +229,5 @@ def routes(services: Services) -> list[Route]:
         Route("/accounts/{account_id}/ai-gateway/billing/usage-history", history,
               methods=["GET"]),
         Route("/v1/usage", usage, methods=["GET"]),
+        Route("/v1/usage/me", usage_me, methods=["GET"]),
     ]

@@ -1,32 +1,46 @@
-"""`GET /dashboard`: spend over time, top spenders, budgets and recent refusals, for admins.
+"""`GET /dashboard`: spend over time, top spenders, budgets, recent refusals and the latest
+admin writes, for admins; `GET /dashboard.csv`: the spend it shows, as CSV.
 
 A browser reaches it through Access, which adds the `CF_Authorization` cookie: a person in
 one of `admin.groups` sees the page; the admin bearer token works too (scripts, tests).
+Without Access, `sidecar dashboard` gets a one-time link (`POST /v1/dashboard/link`) whose
+`/dashboard/open` sets a short-lived session cookie for these two read-only pages.
 Query: `window=hour|day` (default day), `start`, `end` — the same parameters and defaults
-as `GET /v1/usage`, read by the same parser, so the page covers exactly the API's range.
+as `GET /v1/usage`, read by the same parser, so the page covers exactly the API's range —
+and the filters `user`, `group`, `model` (exact values).
 """
 
 from __future__ import annotations
 
+import structlog
 from starlette.datastructures import QueryParams
 from starlette.requests import Request
-from starlette.responses import HTMLResponse
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from sidecar.http.admin.usage import parse_usage_query
+from sidecar.http.admin.usage import UsageQuery, parse_usage_query
 from sidecar.http.auth import require_admin
 from sidecar.http.dashboard.charts import esc
-from sidecar.http.dashboard.data import gather
+from sidecar.http.dashboard.data import export_csv, gather
 from sidecar.http.dashboard.page import render
-from sidecar.http.envelope import ApiError
+from sidecar.http.dashboard.session import (
+    COOKIE,
+    LINK_SECONDS,
+    SESSION_SECONDS,
+    DashboardSessions,
+)
+from sidecar.http.envelope import ApiError, ok
 from sidecar.services import Services
 
-PARAMS = frozenset({"window", "start", "end"})
+log = structlog.get_logger("sidecar.dashboard")
+
+FILTERS = ("user", "group", "model")
+PARAMS = frozenset({"window", "start", "end", *FILTERS})
 # No script runs and nothing loads from elsewhere; the page cannot be framed.
 HEADERS = {
     "content-security-policy": "default-src 'none'; style-src 'unsafe-inline'; "
                                "img-src data:; frame-ancestors 'none'; base-uri 'none'; "
-                               "form-action 'none'",
+                               "form-action 'self'",
     "cache-control": "no-store",
     "x-content-type-options": "nosniff",
     "referrer-policy": "no-referrer",
@@ -44,21 +58,73 @@ def _error_page(status: int, message: str) -> HTMLResponse:
 
 
 def routes(services: Services) -> list[Route]:
+    sessions = DashboardSessions(services.store)
+
+    def now() -> float:
+        return services.engine.clock()
+
+    async def viewer(request: Request) -> str:
+        cookie = request.cookies.get(COOKIE, "")
+        if cookie and "authorization" not in request.headers:
+            who = await sessions.who(cookie, now())
+            if who is not None:
+                return who
+        return await require_admin(services, request)
+
+    async def query_of(request: Request) -> tuple[UsageQuery, dict[str, str]]:
+        await viewer(request)
+        unknown = sorted(set(request.query_params) - PARAMS)
+        if unknown:
+            raise ApiError(400, f"unknown query parameter(s): {', '.join(unknown)}; "
+                                f"expected {', '.join(sorted(PARAMS))}")
+        filters = {k: request.query_params[k] for k in FILTERS if request.query_params.get(k)}
+        if any(len(v) > 256 for v in filters.values()):
+            raise ApiError(400, "filter values must be at most 256 characters")
+        items = [(k, v) for k, v in request.query_params.multi_items() if k not in FILTERS]
+        if "window" not in request.query_params:
+            items.append(("window", "day"))
+        return parse_usage_query(QueryParams(items), int(now())), filters
+
     async def dashboard(request: Request) -> HTMLResponse:
         try:
-            await require_admin(services, request)
-            unknown = sorted(set(request.query_params) - PARAMS)
-            if unknown:
-                raise ApiError(400, f"unknown query parameter(s): {', '.join(unknown)}; "
-                                    f"expected {', '.join(sorted(PARAMS))}")
-            items = request.query_params.multi_items()
-            if "window" not in request.query_params:
-                items.append(("window", "day"))
-            query = parse_usage_query(QueryParams(items), int(services.engine.clock()))
+            query, filters = await query_of(request)
         except ApiError as exc:
             return _error_page(exc.status, exc.message)
         assert query.window is not None
-        data = await gather(services.engine, query.window, query.start, query.end)
+        data = await gather(services.engine, query.window, query.start, query.end, filters)
         return HTMLResponse(render(data), headers=HEADERS)
 
-    return [Route("/dashboard", dashboard, methods=["GET"])]
+    async def csv_export(request: Request) -> Response:
+        try:
+            query, filters = await query_of(request)
+        except ApiError as exc:
+            return _error_page(exc.status, exc.message)
+        assert query.window is not None
+        text = await export_csv(services.engine, query.window, query.start, query.end, filters)
+        return Response(text, media_type="text/csv; charset=utf-8", headers={
+            **HEADERS, "content-disposition": 'attachment; filename="llm-spend.csv"'})
+
+    async def new_link(request: Request) -> JSONResponse:
+        admin = await require_admin(services, request)
+        code = await sessions.new_link(admin, now())
+        public = services.ruleset.config.identity.device_login.public_url
+        base = (public or str(request.base_url)).rstrip("/")
+        log.info("dashboard_link_issued", by=admin)
+        return ok({"url": f"{base}/dashboard/open?code={code}", "expires_in": LINK_SECONDS})
+
+    async def open_link(request: Request) -> Response:
+        opened = await sessions.open(request.query_params.get("code", ""), now())
+        if opened is None:
+            return _error_page(403, "This dashboard link is unknown, already used or expired. "
+                                    "Run `sidecar dashboard` for a new one.")
+        log.info("dashboard_session_opened", by=opened.who)
+        response = RedirectResponse("/dashboard", status_code=303, headers=HEADERS)
+        response.set_cookie(COOKIE, opened.cookie, max_age=SESSION_SECONDS, path="/",
+                            httponly=True, samesite="strict",
+                            secure=request.url.scheme == "https")
+        return response
+
+    return [Route("/dashboard", dashboard, methods=["GET"]),
+            Route("/dashboard.csv", csv_export, methods=["GET"]),
+            Route("/dashboard/open", open_link, methods=["GET"]),
+            Route("/v1/dashboard/link", new_link, methods=["POST"])]

@@ -12,10 +12,14 @@ ledger keeps no metadata) and are left out.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import csv
+import io
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
+from sidecar.audit import latest
 from sidecar.budget.explain import bucket_view
 from sidecar.budget.recent import recent
 from sidecar.engine import Engine, Planned, context, merge, plan
@@ -25,11 +29,13 @@ from sidecar.metering.ledger import (
     Window,
     align_down,
     align_up,
+    dimension_values,
     group_usage,
     hour_range,
     in_range,
 )
 from sidecar.model import Identity
+from sidecar.money import micros_to_usd_str
 from sidecar.policy.rules import Rule
 from sidecar.store.budget_types import LedgerRow
 
@@ -37,6 +43,7 @@ CHART_DIMENSIONS = ("user", "group", "model", "provider")
 TOP_SPENDERS = 10
 MAX_BUCKETS = 60
 RECENT = 30
+AUDIT_ROWS = 10
 # Budget windows longer than this (rare) are enumerated from their last 400 days only.
 MAX_LOOKBACK = 400 * 86_400
 
@@ -65,6 +72,8 @@ class Dashboard:
     buckets: list[Bucket]
     hidden_buckets: int
     recent: list[dict[str, Any]] = field(default_factory=list)
+    filters: dict[str, str] = field(default_factory=dict)
+    audit: list[dict[str, Any]] = field(default_factory=list)
 
     def window_starts(self) -> list[int]:
         size = 3600 if self.window == "hour" else 86_400
@@ -120,11 +129,46 @@ def totals_of(rows: Sequence[LedgerRow]) -> Totals:
     return grouped[0].totals if grouped else Totals()
 
 
-async def gather(engine: Engine, window: Window, start: int, end: int) -> Dashboard:
-    """The page's data for ledger hours covering [start, end)."""
-    now = int(engine.clock())
+def matching(rows: Sequence[LedgerRow], filters: Mapping[str, str]) -> list[LedgerRow]:
+    """Rows whose user, model (exact) and groups (one of them) match every filter."""
+    return [row for row in rows
+            if all(value in dimension_values(row.dims, dim) for dim, value in filters.items())]
+
+
+async def _rows(engine: Engine, start: int, end: int,
+                filters: Mapping[str, str]) -> tuple[int, int, list[LedgerRow]]:
     first, last = hour_range(start, end)
     rows = in_range(await engine.store.ledger_rows(first, last), first, last)
+    return first, last, matching(rows, filters)
+
+
+CSV_KEYS = ("user", "model", "provider")
+
+
+async def export_csv(engine: Engine, window: Window, start: int, end: int,
+                     filters: Mapping[str, str]) -> str:
+    """The page's spend as CSV: one line per window, user, model and provider."""
+    _, _, rows = await _rows(engine, start, end, filters)
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["window_start", *CSV_KEYS, "cost_usd", "requests", "input_tokens",
+                     "output_tokens"])
+    for row in group_usage(rows, CSV_KEYS, window):
+        keys = dict(row.keys)
+        t = row.totals
+        start_text = datetime.fromtimestamp(row.window_start or 0, UTC).isoformat()
+        writer.writerow([start_text.replace("+00:00", "Z"), *(keys[k] for k in CSV_KEYS),
+                         micros_to_usd_str(t.cost), t.requests, t.input_tokens,
+                         t.output_tokens])
+    return out.getvalue()
+
+
+async def gather(engine: Engine, window: Window, start: int, end: int,
+                 filters: Mapping[str, str] | None = None) -> Dashboard:
+    """The page's data for ledger hours covering [start, end), for the rows that match
+    `filters` (budgets and refusals are never filtered: they are the current state)."""
+    now = int(engine.clock())
+    first, last, rows = await _rows(engine, start, end, filters or {})
     series = {dim: group_usage(rows, (dim,), window) for dim in CHART_DIMENSIONS}
     found, hidden = await buckets(engine, now)
     return Dashboard(
@@ -132,4 +176,6 @@ async def gather(engine: Engine, window: Window, start: int, end: int) -> Dashbo
         series=series, top_spenders=group_usage(rows, ("user",))[:TOP_SPENDERS],
         buckets=found, hidden_buckets=hidden,
         recent=await recent(engine.store, RECENT),
+        filters=dict(filters or {}),
+        audit=await latest(engine.store, AUDIT_ROWS),
     )

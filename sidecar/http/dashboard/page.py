@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 from sidecar.http.dashboard.charts import esc, series_of, stacked_bars
 from sidecar.http.dashboard.data import CHART_DIMENSIONS, Bucket, Dashboard
@@ -56,6 +57,8 @@ td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .muted{color:#57606a}
 footer{padding:6px 28px 24px;color:#57606a;font-size:12px}
 code{font-size:12px}
+form.filters{display:flex;flex-wrap:wrap;gap:8px 14px;align-items:center;margin:0 0 6px}
+form.filters input,form.filters select{font:inherit;padding:2px 6px}
 """
 
 
@@ -161,13 +164,45 @@ def _recent(d: Dashboard) -> str:
             + "".join(rows) + "</table>")
 
 
+def _filters_form(d: Dashboard) -> str:
+    def field(name: str) -> str:
+        return (f'<label>{name} <input type="text" name="{name}" id="filter-{name}" '
+                f'value="{esc(d.filters.get(name, ""))}" size="18"></label>')
+
+    options = "".join(f'<option value="{w}"{" selected" if w == d.window else ""}>{w}</option>'
+                      for w in ("hour", "day"))
+    return ('<form id="filters" method="get" action="/dashboard" class="filters">'
+            f'<label>window <select name="window" id="filter-window">{options}</select></label>'
+            f'{field("user")}{field("group")}{field("model")}'
+            '<button type="submit" id="apply">Apply</button>'
+            '<a href="/dashboard">clear</a></form>')
+
+
+def _query(d: Dashboard, **extra: str) -> str:
+    params = {"window": d.window, **d.filters, **extra}
+    return "&amp;".join(f"{esc(k)}={quote(v, safe='')}" for k, v in params.items() if v)
+
+
+def _audit(d: Dashboard) -> str:
+    if not d.audit:
+        return '<p class="muted">No admin writes recorded.</p>'
+    rows = "".join(
+        f'<tr class="audit" data-action="{esc(str(e.get("action", "")))}">'
+        f'<td class="muted">{esc(when(float(e.get("at", 0))))}</td>'
+        f'<td>{esc(str(e.get("who", "")))}</td><td>{esc(str(e.get("action", "")))}</td>'
+        f'<td>{esc(str(e.get("target", "")))}</td></tr>' for e in d.audit)
+    return ('<table id="audit"><tr><th>when</th><th>who</th><th>what</th><th>target</th></tr>'
+            + rows + "</table>")
+
+
 def render(d: Dashboard) -> str:
     t = d.totals
     denied = sum(1 for e in d.recent if e.get("status") == 429)
     fallbacks = sum(1 for e in d.recent if e.get("reason") == "fallback")
     hot = sum(1 for b in d.buckets if b.percent >= 90)
-    nav = "".join(f'<a href="?window={w}" class="{"on" if w == d.window else ""}">'
+    nav = "".join(f'<a href="?{_query(d, window=w)}" class="{"on" if w == d.window else ""}">'
                   f'{name}</a>' for w, name in (("hour", "Hourly, 48 h"), ("day", "Daily, 30 d")))
+    csv_link = f"/dashboard.csv?{_query(d, start=str(d.start), end=str(d.end))}"
     api = f"/v1/usage?start={d.start}&amp;end={d.end}"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
@@ -179,6 +214,8 @@ def render(d: Dashboard) -> str:
 {esc(when(d.start))} → {esc(when(d.end))}</p>
 <nav>{nav}</nav></header>
 <main>
+<section class="card">{_filters_form(d)}
+<a id="csv" href="{csv_link}" download>Download CSV</a></section>
 <section class="kpis">
 {_kpi("Spend", usd(t.cost), "total-cost", t.cost)}
 {_kpi("Requests", f"{t.requests:,}", "total-requests")}
@@ -193,6 +230,7 @@ def render(d: Dashboard) -> str:
 <section class="card"><h2>Top spenders</h2>{_spenders(d)}</section>
 <section class="card"><h2>Budgets: current windows</h2>{_buckets(d)}</section>
 <section class="card"><h2>Recent 429s and fallbacks (all replicas)</h2>{_recent(d)}</section>
+<section class="card"><h2>Latest admin changes</h2>{_audit(d)}</section>
 </main>
 <footer>Spend: the hourly ledger (UTC), the same figures as <code>{api}</code>.
 Budgets: every bucket with spend or reservations in its current window, fullest first
