@@ -62,8 +62,8 @@ def meter_stream(api: Api, events: list[dict[str, Any]], piece: int) -> UsageMet
 
 
 def observed(meter: UsageMeter) -> Observed:
-    return Observed(meter.usage, meter.complete, meter.output_bytes, 0, meter.iterations,
-                    meter.fees)
+    return Observed(meter.usage, meter.complete, meter.output_bytes,
+                    iterations=meter.iterations, fees=meter.fees)
 
 
 # Documented shape: Anthropic's compaction page ("Understanding usage").
