@@ -481,6 +481,7 @@ class Engine:
             # until expiry turns it into a charge (never $0).
             log.warning("estimate_left_to_expiry", request_id=request_id, model=model)
             return CommitResult("unknown"), 0
+        observed = self._canonical_steps(observed, provider_id)
         charge = bill(model, price, lambda other: self._price(other, provider_id),
                       record.estimate, observed)
         self._log_bill(request_id, model, charge)
@@ -514,6 +515,18 @@ class Engine:
                  **({"http_status": observed.status, "provider_error": True}
                     if observed.error else {}))
         return result, cost
+
+    def _canonical_steps(self, observed: Observed, provider_id: str) -> Observed:
+        """Iterations under the names budgets and the ledger count models by (the reservation's
+        model already is one)."""
+        if not any(step.model for step in observed.iterations):
+            return observed
+        rs = self.holder.current
+        provider = rs.provider_by_id.get(provider_id)
+        pricing_id = provider.pricing_id if provider else provider_id
+        steps = tuple(replace(step, model=rs.prices.canonical(pricing_id, step.model))
+                      if step.model else step for step in observed.iterations)
+        return replace(observed, iterations=steps)
 
     @staticmethod
     def _log_bill(request_id: str, model: str, charge: Bill) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import anthropic
 import openai
 import pytest
-from genai_prices import Usage, calc_price
+from genai_prices import Usage, calc_price, data_snapshot
 
 from sidecar.demo.config import demo_config
 from sidecar.demo.keys import DevIssuer
@@ -126,13 +126,24 @@ def to_micros(usd: Decimal, rounding: str) -> int:
     return int((usd * 1_000_000).to_integral_value(rounding=rounding))
 
 
+def model_id(model: str, provider: str) -> str:
+    """The name the ledger counts a model under: the one genai-prices resolves it to."""
+    return str(data_snapshot.get_snapshot().find_provider_model(model, None, provider,
+                                                                None)[1].id).lower()
+
+
 def ledger_split(entry: dict[str, Any]) -> dict[str, int]:
     """µUSD per model as the ledger must book it: rounded up once per request; a model other
     than the request's gets its share rounded down, the request's model the rest."""
-    bill = provider_bill(entry)
+    provider = PROVIDER[entry["api"]]
+    bill: dict[str, Decimal] = {}
+    for model, usd in provider_bill(entry).items():
+        name = model_id(model, provider)
+        bill[name] = bill.get(name, Decimal(0)) + usd
+    request_model = model_id(entry["model"], provider)
     total = to_micros(sum(bill.values(), Decimal(0)), ROUND_CEILING)
-    others = {m: to_micros(usd, ROUND_FLOOR) for m, usd in bill.items() if m != entry["model"]}
-    return {entry["model"]: total - sum(others.values()), **others}
+    others = {m: to_micros(usd, ROUND_FLOOR) for m, usd in bill.items() if m != request_model}
+    return {request_model: total - sum(others.values()), **others}
 
 
 # --- replaying ----------------------------------------------------------------------------
