@@ -21,7 +21,7 @@ from sidecar.config.ruleset import Provider, RuleSet, RuleSetHolder
 from sidecar.decisions import OVERLOADED, allow, deny, unauthenticated
 from sidecar.identity.authenticate import Authenticator
 from sidecar.identity.errors import AuthError
-from sidecar.metering.charge import Observed, charge_micros
+from sidecar.metering.charge import Bill, Observed, bill
 from sidecar.metrics import (
     CHECK_SECONDS,
     DECISIONS,
@@ -54,6 +54,7 @@ from sidecar.store.budget_types import (
     BucketView,
     CommitResult,
     LedgerDims,
+    LedgerPart,
     ReserveRequest,
     ReserveResult,
 )
@@ -490,13 +491,19 @@ class Engine:
             # until expiry turns it into a charge (never $0).
             log.warning("estimate_left_to_expiry", request_id=request_id, model=model)
             return CommitResult("unknown"), 0
-        cost = charge_micros(price, record.estimate, observed)
-        usage = observed.usage or TokenUsage()
+        observed = self._canonical_steps(observed, provider_id)
+        charge = bill(model, price, lambda other: self._price(other, provider_id),
+                      record.estimate, observed)
+        self._log_bill(request_id, model, charge)
+        cost, usage = charge.total, charge.tokens
+        others = [LedgerPart(replace(record.dims, model=part.model), part.cost,
+                             part.tokens.total_input, part.tokens.output_tokens)
+                  for part in charge.others]
         if observed.error and observed.usage is None:
             PROVIDER_ERRORS.labels(provider_id, f"{observed.status // 100}xx").inc()
         try:
             result = await self.store.commit(request_id, cost, usage, self.clock(),
-                                             error=observed.error)
+                                             error=observed.error, others=others)
         except StoreUnavailable as err:
             STORE_ERRORS.labels("commit").inc()
             if self.spool is None:
@@ -505,7 +512,10 @@ class Engine:
             log.warning("commit_spooled", request_id=request_id, error=str(err))
             return CommitResult("unknown"), cost
         if result.status in ("committed", "late") and cost:
-            SPEND_MICROS.labels(provider_id, model_label(model)).inc(cost)
+            SPEND_MICROS.labels(provider_id, model_label(model)).inc(
+                cost - sum(part.cost for part in charge.others))
+            for part in charge.others:
+                SPEND_MICROS.labels(provider_id, model_label(part.model)).inc(part.cost)
         log.info("completion", request_id=request_id, model=model, provider=provider_id,
                  cost_usd=micros_to_usd_str(cost), status=result.status,
                  input_tokens=usage.total_input, output_tokens=usage.output_tokens,
@@ -515,6 +525,28 @@ class Engine:
                  **({"http_status": observed.status, "provider_error": True}
                     if observed.error else {}))
         return result, cost
+
+    def _canonical_steps(self, observed: Observed, provider_id: str) -> Observed:
+        """Iterations under the names budgets and the ledger count models by (the reservation's
+        model already is one)."""
+        if not any(step.model for step in observed.iterations):
+            return observed
+        rs = self.holder.current
+        provider = rs.provider_by_id.get(provider_id)
+        pricing_id = provider.pricing_id if provider else provider_id
+        steps = tuple(replace(step, model=rs.prices.canonical(pricing_id, step.model))
+                      if step.model else step for step in observed.iterations)
+        return replace(observed, iterations=steps)
+
+    @staticmethod
+    def _log_bill(request_id: str, model: str, charge: Bill) -> None:
+        # Charged at the request's model, but the provider may bill them otherwise.
+        if charge.unknown_kinds:
+            log.warning("unknown_iteration_type", request_id=request_id, model=model,
+                        types=sorted(set(charge.unknown_kinds)))
+        if charge.unpriced_models:
+            log.warning("iteration_model_unpriced", request_id=request_id, model=model,
+                        iteration_models=sorted(set(charge.unpriced_models)))
 
     def _price(self, model: str, provider_id: str) -> UnitPrice | None:
         rs = self.holder.current
@@ -533,8 +565,12 @@ class Engine:
             log.error("commit_failed", request_id=request_id, error=str(err))
             return CommitResult("unknown"), 0
         # An error without usage needs no price: it is $0, and spooled as such so the
-        # reservation is released rather than left to expire into its estimate.
-        cost = 0 if free_error or price is None else charge_micros(price, 0, observed)
+        # reservation is released rather than left to expire into its estimate. The spool
+        # keeps one cost per request: all of it is booked under the request's model.
+        hinted_model, hinted_provider = hint if hint is not None else ("", "")
+        cost = 0 if free_error or price is None else bill(
+            hinted_model, price, lambda other: self._price(other, hinted_provider), 0,
+            observed).total
         await self.spool.completed(request_id, cost, observed.usage or TokenUsage(),
                                    error=observed.error)
         log.warning("commit_spooled", request_id=request_id, error=str(err))

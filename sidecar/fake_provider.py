@@ -12,6 +12,11 @@ provider's error shape, as the real provider would. Anthropic reads `x-api-key`,
 `Authorization: Bearer`. The provider is the path prefix, else the Host a proxy addressed
 (Envoy strips prefixes and sets Host to the provider's). A provider without configured keys
 accepts any call.
+
+Replaying recorded responses: started with `--replay-dir DIR`, a request with
+`x-fake-replay: NAME` is answered with the file DIR/NAME exactly as stored: `NAME.json` as a
+JSON body, `NAME.sse` as an event stream, cut into pieces of `x-fake-chunk-bytes` bytes
+(default: one event per piece) so a recorded stream can be delivered split anywhere.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import re
 import secrets
 import time
 import zlib
@@ -33,6 +39,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -400,6 +407,35 @@ async def _paced(frames: Iterator[bytes], delay: float, gzip: bool) -> AsyncIter
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+_REPLAY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\.(json|sse)")
+
+
+def _pieces(content: bytes, size: int) -> Iterator[bytes]:
+    if size <= 0:
+        events = content.split(b"\n\n")
+        yield from (event + b"\n\n" for event in events[:-1])
+        if events[-1]:
+            yield events[-1]
+        return
+    yield from (content[i:i + size] for i in range(0, len(content), size))
+
+
+def _replay(request: Request, api: Api, replay_dir: Path | None, name: str) -> Response:
+    """A recorded response, byte for byte."""
+    match = _REPLAY_NAME.fullmatch(name)
+    path = replay_dir / name if replay_dir is not None and match else None
+    if path is None or not path.is_file():
+        message = f"no recorded response {name!r} (start with --replay-dir)"
+        return _json_response(request, _error_body(api, 404, message), 404)
+    content = path.read_bytes()
+    if name.endswith(".json"):
+        return Response(content, 200, _echo(request), media_type="application/json")
+    size_header = request.headers.get("x-fake-chunk-bytes", "0")
+    size = int(size_header) if size_header.isdigit() else 0
+    stream = _paced(_pieces(content, size), _delay_seconds(request), gzip=False)
+    return StreamingResponse(stream, headers=_echo(request), media_type="text/event-stream")
+
+
 
 
 def presented_key(provider: str, headers: Mapping[str, str]) -> str:
@@ -435,8 +471,10 @@ def provider_of(path: str, host: str) -> str:
     return _HOSTS.get(host.split(":", 1)[0].lower(), "")
 
 
-def create_app(keys: Mapping[str, Collection[str]] | None = None) -> Starlette:
-    """`keys`: the keys each provider prefix accepts (see the module doc)."""
+def create_app(keys: Mapping[str, Collection[str]] | None = None,
+               replay_dir: Path | None = None) -> Starlette:
+    """`keys`: the keys each provider prefix accepts; `replay_dir`: recorded responses (see
+    the module doc)."""
     accepted = {name: frozenset(values) for name, values in (keys or {}).items()}
     unknown_names = set(accepted) - set(KEY_PROVIDERS)
     if unknown_names:
@@ -469,6 +507,9 @@ def create_app(keys: Mapping[str, Collection[str]] | None = None) -> Starlette:
                     return _json_response(request, _error_body(api, 400, message), 400)
                 message = f"fake provider error {status}"
                 return _json_response(request, _error_body(api, status, message), status)
+            replay = request.headers.get("x-fake-replay")
+            if replay is not None:
+                return _replay(request, api, replay_dir, replay)
             if not isinstance(body, dict) or not isinstance(body.get("model"), str):
                 message = "the request body must be a JSON object with a string `model`"
                 return _json_response(request, _error_body(api, 400, message), 400)
@@ -520,6 +561,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--key", action="append", default=[], metavar="PROVIDER=KEY",
                         help="a key PROVIDER (openai, anthropic, workers-ai) accepts; "
                              "repeatable. Without any, every call is accepted.")
+    parser.add_argument("--replay-dir", type=Path, default=None,
+                        help="directory of recorded responses for x-fake-replay")
     args = parser.parse_args(argv)
     keys: dict[str, list[str]] = {}
     for item in args.key:
@@ -528,7 +571,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser.error(f"--key wants PROVIDER=KEY, not {item!r}")
         keys.setdefault(name, []).append(key)
     try:
-        app = create_app(keys)
+        app = create_app(keys, args.replay_dir)
     except ValueError as exc:
         parser.error(str(exc))
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -52,16 +52,51 @@ class RequestAttrs:
 
 @dataclass(frozen=True, slots=True)
 class TokenUsage:
-    """Token counts as the provider reported them. input_tokens excludes cache tokens."""
+    """One model's token counts as the provider reported them. input_tokens excludes cache
+    tokens; cache_write_1h_tokens is the part of cache_write_tokens written for an hour
+    (Anthropic prices those above the 5-minute writes)."""
 
     input_tokens: int = 0
     output_tokens: int = 0
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
+    cache_write_1h_tokens: int = 0
 
     @property
     def total_input(self) -> int:
         return self.input_tokens + self.cache_read_tokens + self.cache_write_tokens
+
+    def __add__(self, other: TokenUsage) -> TokenUsage:
+        return TokenUsage(
+            self.input_tokens + other.input_tokens,
+            self.output_tokens + other.output_tokens,
+            self.cache_read_tokens + other.cache_read_tokens,
+            self.cache_write_tokens + other.cache_write_tokens,
+            self.cache_write_1h_tokens + other.cache_write_1h_tokens,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Iteration:
+    """One sampling step the provider billed inside a single response (Anthropic's
+    `usage.iterations`: the message itself, a context compaction, an advisor call)."""
+
+    kind: str
+    tokens: TokenUsage
+    # The model that ran it when the provider names one ("": the request's model).
+    model: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ToolFees:
+    """Server-side tool calls billed per call, on top of tokens."""
+
+    web_searches: int = 0
+    # OpenAI's file_search tool (genai-prices calls these storage searches).
+    file_searches: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.web_searches or self.file_searches)
 
 
 Reason = Literal[

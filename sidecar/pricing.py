@@ -25,8 +25,11 @@ How genai-prices' richer price model is reduced to four per-token rates:
   known start date arrives, so a scheduled price change takes effect without a restart.
 - Request-dependent variants (service tiers, batch) are not applied: the standard price is used.
 - A cache read or write without its own rate costs the input rate (genai-prices bills such
-  tokens as plain input). Anthropic's 1-hour cache writes are billed at the default 5-minute
-  write rate because `TokenUsage` does not tell the two apart.
+  tokens as plain input). Anthropic's 1-hour cache writes have their own rate; without one
+  they cost the 5-minute write rate.
+- Server-tool fees (web searches, file searches) are genai-prices' per-1,000 prices, kept as
+  pico-dollars per call. They are not tiered. A configured override keeps genai-prices' fees
+  for the model when genai-prices knows it, and has none otherwise.
 - A model without an input-token price (priced per image, per second, ...) counts as unpriced,
   so `pricing.unknown_model` decides rather than billing $0. A model without an output price
   (embeddings) bills output at 0.
@@ -39,7 +42,7 @@ import functools
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime
 from datetime import time as dtime
 from decimal import ROUND_CEILING, Decimal
@@ -48,7 +51,7 @@ from typing import Any, Literal
 from genai_prices import types as gp_types
 from genai_prices.data_snapshot import DataSnapshot
 
-from sidecar.model import TokenUsage
+from sidecar.model import TokenUsage, ToolFees
 
 PriceSource = Literal["genai-prices", "override", "default"]
 
@@ -57,7 +60,10 @@ PICO_PER_MICRO = 1_000_000
 _PICO_PER_USD_PER_MTOK = 1_000_000
 _CACHE_ENTRIES = 4096
 
-_PRICE_KEYS = ("input_mtok", "output_mtok", "cache_read_mtok", "cache_write_mtok")
+_PRICE_KEYS = ("input_mtok", "output_mtok", "cache_read_mtok", "cache_write_mtok",
+               "cache_write_1h_mtok")
+# USD per 1,000 calls (genai-prices' `*_kcount` prices) → pico-dollars per call.
+_PICO_PER_USD_PER_KCALL = 1_000_000_000
 
 # Estimation heuristics. UTF-8 bytes rather than characters: the same for English, and closer
 # to the token count of non-Latin scripts, where a character is often a whole token.
@@ -81,6 +87,8 @@ class PriceTier:
     output: int
     cache_read: int
     cache_write: int
+    # None: the same as cache_write.
+    cache_write_1h: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +102,10 @@ class UnitPrice:
     cache_write: int
     source: PriceSource
     tiers: tuple[PriceTier, ...] = ()
+    cache_write_1h: int | None = None
+    # Pico-dollars per server-tool call.
+    web_search: int = 0
+    file_search: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,33 +196,53 @@ class PriceBook:
         return info.id.lower() if info is not None else name
 
     def _resolve(self, provider_id: str, model: str) -> UnitPrice | None:
+        info = _lookup_model(provider_id, model)
+        now = datetime.fromtimestamp(self._clock(), UTC)
+        candidates = _candidate_prices(info, now) if info is not None else []
         for override in self._overrides:
             if override.matches(provider_id, model):
-                return override.unit_price()
-        info = _lookup_model(provider_id, model)
+                web_search, file_search = _fee_rates(candidates)
+                return replace(override.unit_price(), web_search=web_search,
+                               file_search=file_search)
         if info is None:
             return self._unknown_model
-        now = datetime.fromtimestamp(self._clock(), UTC)
         next_change = _next_price_change(info, now.date())
         if next_change is not None:
             self._refresh_at = min(self._refresh_at, next_change)
-        return _unit_price(_candidate_prices(info, now))
+        return _unit_price(candidates)
 
 
 def cost_micros(price: UnitPrice, usage: TokenUsage) -> int:
     """The actual cost of `usage` in µUSD, rounded up; the tier follows the total input."""
+    return _ceil_div(cost_pico(price, usage), PICO_PER_MICRO)
+
+
+def cost_pico(price: UnitPrice, usage: TokenUsage) -> int:
+    """The exact cost of `usage` in pico-dollars; the tier follows the total input."""
     total_input = usage.total_input
     rates: UnitPrice | PriceTier = price
     for tier in price.tiers:
         if total_input <= tier.up_to:
             rates = tier
             break
-    pico = (
+    one_hour = min(usage.cache_write_1h_tokens, usage.cache_write_tokens)
+    one_hour_rate = rates.cache_write if rates.cache_write_1h is None else rates.cache_write_1h
+    return (
         usage.input_tokens * rates.input
         + usage.output_tokens * rates.output
         + usage.cache_read_tokens * rates.cache_read
-        + usage.cache_write_tokens * rates.cache_write
+        + (usage.cache_write_tokens - one_hour) * rates.cache_write
+        + one_hour * one_hour_rate
     )
+
+
+def fees_pico(price: UnitPrice, fees: ToolFees) -> int:
+    """Server-tool fees in pico-dollars."""
+    return fees.web_searches * price.web_search + fees.file_searches * price.file_search
+
+
+def pico_to_micros(pico: int) -> int:
+    """Pico-dollars → µUSD, rounded up (done once per request)."""
     return _ceil_div(pico, PICO_PER_MICRO)
 
 
@@ -345,7 +377,7 @@ def _next_price_change(info: gp_types.ModelInfo, today: date) -> float | None:
 
 
 PriceValue = Decimal | gp_types.TieredPrices | None
-Rates = tuple[int, int, int, int]
+Rates = tuple[int, int, int, int, int]
 
 
 def _unit_price(candidates: Sequence[gp_types.ModelPrice]) -> UnitPrice | None:
@@ -357,7 +389,26 @@ def _unit_price(candidates: Sequence[gp_types.ModelPrice]) -> UnitPrice | None:
     )
     tiers = tuple(PriceTier(limit, *_rates_at(values, limit)) for limit in thresholds)
     top = thresholds[-1] + 1 if thresholds else 0
-    return UnitPrice(*_rates_at(values, top), source="genai-prices", tiers=tiers)
+    input_rate, output, cache_read, cache_write, cache_write_1h = _rates_at(values, top)
+    web_search, file_search = _fee_rates(candidates)
+    return UnitPrice(input_rate, output, cache_read, cache_write, source="genai-prices",
+                     tiers=tiers, cache_write_1h=cache_write_1h, web_search=web_search,
+                     file_search=file_search)
+
+
+def _fee_rates(candidates: Sequence[gp_types.ModelPrice]) -> tuple[int, int]:
+    """Pico-dollars per web search and per file search: the highest candidate's, 0 when
+    genai-prices has no such price."""
+    return _fee_rate(candidates, "web_searches_kcount"), \
+        _fee_rate(candidates, "storage_searches_kcount")
+
+
+def _fee_rate(candidates: Sequence[gp_types.ModelPrice], key: str) -> int:
+    found = [v for price in candidates if isinstance(v := getattr(price, key, None), Decimal)]
+    if not found:
+        return 0
+    # USD per 1,000 calls is a thousand times fewer pico-dollars per call than per token.
+    return per_mtok_to_pico(max(found)) * (_PICO_PER_USD_PER_KCALL // _PICO_PER_USD_PER_MTOK)
 
 
 def _price_value(price: gp_types.ModelPrice, key: str) -> PriceValue:
@@ -379,6 +430,7 @@ def _rates_at(values: Sequence[Mapping[str, PriceValue]], total_input: int) -> R
         max(r[1] for r in rates),
         max(r[2] for r in rates),
         max(r[3] for r in rates),
+        max(r[4] for r in rates),
     )
 
 
@@ -387,11 +439,14 @@ def _candidate_rates(value: Mapping[str, PriceValue], total_input: int) -> Rates
     output = _rate(value["output_mtok"], total_input)
     cache_read = _rate(value["cache_read_mtok"], total_input)
     cache_write = _rate(value["cache_write_mtok"], total_input)
+    cache_write_1h = _rate(value["cache_write_1h_mtok"], total_input)
+    write_rate = input_rate if cache_write is None else per_mtok_to_pico(cache_write)
     return (
         input_rate,
         0 if output is None else per_mtok_to_pico(output),
         input_rate if cache_read is None else per_mtok_to_pico(cache_read),
-        input_rate if cache_write is None else per_mtok_to_pico(cache_write),
+        write_rate,
+        write_rate if cache_write_1h is None else per_mtok_to_pico(cache_write_1h),
     )
 
 

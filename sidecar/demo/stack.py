@@ -96,12 +96,14 @@ def add_sidecar_endpoints(config: dict[str, Any], first_port: int, ports: list[i
 def running_stack(workdir: Path, issuer: DevIssuer, config: dict[str, Any],
                   extra_sidecars: int = 0, http_port: int | None = None,
                   sidecar_mtls: SidecarMtls | None = None,
-                  provider_keys: Mapping[str, Sequence[str]] | None = None) -> Iterator[Stack]:
+                  provider_keys: Mapping[str, Sequence[str]] | None = None,
+                  replay_dir: Path | None = None) -> Iterator[Stack]:
     """Fake provider, 1 + extra_sidecars sidecar processes, and Envoy in front of the first.
 
     `http_port` fixes the first sidecar's HTTP port, for configs that must name their own
     URL (device login's `public_url`) before the process starts. `provider_keys`: the keys
     the fake provider accepts per provider (default: the demo keys the sidecar injects).
+    `replay_dir` lets the fake provider answer with recorded responses (`x-fake-replay`).
     """
     if provider_keys is None:
         provider_keys = {name: (key,) for name, key in DEMO_PROVIDER_KEYS.items()}
@@ -114,7 +116,9 @@ def running_stack(workdir: Path, issuer: DevIssuer, config: dict[str, Any],
         provider = stack.enter_context(ManagedProcess(
             "fake-provider",
             [sys.executable, "-m", "sidecar.fake_provider", "--host", LOOPBACK,
-             "--port", str(provider_port), *key_args], workdir).start())
+             "--port", str(provider_port), *key_args,
+             *(["--replay-dir", str(replay_dir)] if replay_dir is not None else [])],
+            workdir).start())
         wait_for_port(LOOPBACK, provider_port, 20, process=provider)
         sidecars = []
         grpc_port = free_port()

@@ -1,10 +1,16 @@
-"""Token usage from Anthropic Messages API bodies and streams."""
+"""Token usage from Anthropic Messages API bodies and streams.
+
+Besides the top-level token counts, Anthropic bills two things reported elsewhere in `usage`:
+`iterations` (each sampling step of one request: the message itself, a context compaction,
+an advisor call billed at the advisor model's rates) and `server_tool_use` counters (web
+searches, billed per search).
+"""
 
 from __future__ import annotations
 
 from sidecar.metering import count, load_json, mapping, utf8_len
 from sidecar.metering.sse import SSEEvent
-from sidecar.model import TokenUsage
+from sidecar.model import Iteration, TokenUsage, ToolFees
 
 # Anthropic's usage keys, in TokenUsage's terms. input_tokens already excludes cache tokens.
 _FIELDS = {
@@ -28,7 +34,39 @@ def _read(usage: object) -> dict[str, int]:
         value = count(fields.get(key))
         if value is not None:
             found[name] = value
+    creation = mapping(fields.get("cache_creation"))
+    one_hour = count(creation.get("ephemeral_1h_input_tokens")) if creation else None
+    if one_hour is not None:
+        found["cache_write_1h_tokens"] = min(one_hour, found.get("cache_write_tokens", 0))
     return found
+
+
+def iterations(usage: object) -> tuple[Iteration, ...] | None:
+    """`usage.iterations`, or None when the usage has none. An entry without counts stays,
+    with zero tokens: its type is still worth a log line."""
+    fields = mapping(usage)
+    listed = fields.get("iterations") if fields else None
+    if not isinstance(listed, list):
+        return None
+    found = []
+    for entry in listed:
+        item = mapping(entry)
+        if item is None:
+            continue
+        kind, model = item.get("type"), item.get("model")
+        found.append(Iteration(kind if isinstance(kind, str) else "",
+                               TokenUsage(**_read(item)),
+                               model if isinstance(model, str) else ""))
+    return tuple(found)
+
+
+def tool_fees(usage: object) -> ToolFees | None:
+    """`usage.server_tool_use` counters that are billed per call; None when absent."""
+    fields = mapping(usage)
+    tools = mapping(fields.get("server_tool_use")) if fields else None
+    if tools is None:
+        return None
+    return ToolFees(web_searches=count(tools.get("web_search_requests")) or 0)
 
 
 def message_usage(usage: object) -> TokenUsage | None:
@@ -44,18 +82,30 @@ def message_body_usage(body: object) -> TokenUsage | None:
     return message_usage(fields.get("usage")) if fields else None
 
 
+def message_body_extras(body: object) -> tuple[tuple[Iteration, ...], ToolFees]:
+    """Iterations and per-call fees of a complete Messages body."""
+    fields = mapping(body)
+    usage = fields.get("usage") if fields else None
+    return iterations(usage) or (), tool_fees(usage) or ToolFees()
+
+
 class MessagesStream:
     """Follows a Messages stream: `message_start` gives input, `message_delta` the rest;
     the text of `content_block_delta` events is counted as it passes (`output_bytes`).
 
     Every count in a `message_delta` is the running total for the whole message, so it
-    replaces what was seen before; adding deltas up would overcharge.
+    replaces what was seen before; adding deltas up would overcharge. The same holds for
+    `iterations` and `server_tool_use`, which only the final `message_delta` carries in full.
+    (With compaction, `message_start` reports the compaction step's counts and the final
+    delta the message's; the iterations are what holds both.)
     """
 
     def __init__(self) -> None:
         self._counts: dict[str, int] = {}
         self.complete = False
         self.output_bytes = 0
+        self.iterations: tuple[Iteration, ...] = ()
+        self.fees = ToolFees()
 
     @property
     def usage(self) -> TokenUsage | None:
@@ -78,11 +128,21 @@ class MessagesStream:
                 self.output_bytes += sum(utf8_len(delta.get(key)) for key in _DELTA_TEXT)
         elif kind == "message_start":
             message = mapping(payload.get("message"))
-            self._counts.update(_read(message.get("usage") if message else None))
+            self._update(message.get("usage") if message else None)
         elif kind == "message_delta":
-            found = _read(payload.get("usage"))
-            self._counts.update(found)
+            found = self._update(payload.get("usage"))
             # The delta carrying usage is the last one Anthropic sends before message_stop.
             self.complete = self.complete or bool(found)
         elif kind == "message_stop":
             self.complete = bool(self._counts)
+
+    def _update(self, usage: object) -> dict[str, int]:
+        found = _read(usage)
+        self._counts.update(found)
+        steps = iterations(usage)
+        if steps is not None:
+            self.iterations = steps
+        fees = tool_fees(usage)
+        if fees is not None:
+            self.fees = fees
+        return found

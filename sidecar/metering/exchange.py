@@ -102,7 +102,8 @@ class MeteredExchange:
         if usage is None and meter.output_bytes:
             parsed = load_json(self._request_body) if self._request_body else None
             input_tokens = estimate_input_tokens(parsed) if isinstance(parsed, dict) else 0
-        return Observed(usage, meter.complete, meter.output_bytes, input_tokens, status)
+        return Observed(usage, meter.complete, meter.output_bytes, input_tokens, status,
+                        meter.iterations, meter.fees)
 
     async def _charge(self, reason: str) -> None:
         observed = self.observed()

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 from sidecar.metering import count, load_json, mapping, utf8_len
 from sidecar.metering.sse import SSEEvent
-from sidecar.model import TokenUsage
+from sidecar.model import Iteration, TokenUsage, ToolFees
 
 # Terminal Responses API events; each carries the final response object, usage included.
 _RESPONSES_TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
@@ -17,6 +17,48 @@ _RESPONSES_DELTAS = frozenset({
     "response.custom_tool_call_input.delta",
 })
 _CHAT_DELTA_TEXT = ("content", "reasoning_content", "reasoning", "refusal")
+_OUTPUT_ITEM_DONE = "response.output_item.done"
+
+
+def _fee_kind(item: Mapping[str, object]) -> str | None:
+    """Which per-call fee a Responses output item incurs, if any.
+
+    OpenAI bills a `web_search_call` whose action is a search; opening a page or finding in
+    it is not a search. An item without an action is counted: billing one search too many
+    is the safer mistake.
+    """
+    kind = item.get("type")
+    if kind == "web_search_call":
+        action = mapping(item.get("action"))
+        return "web" if action is None or action.get("type") in (None, "search") else None
+    if kind == "file_search_call":
+        return "file"
+    return None
+
+
+def _fees(kinds: Mapping[str, str]) -> ToolFees:
+    values = list(kinds.values())
+    return ToolFees(web_searches=values.count("web"), file_searches=values.count("file"))
+
+
+def _output_fee_kinds(output: object) -> dict[str, str]:
+    """Fee-bearing items of a Responses `output` list, by item id (or position)."""
+    kinds: dict[str, str] = {}
+    if not isinstance(output, list):
+        return kinds
+    for index, entry in enumerate(output):
+        item = mapping(entry)
+        fee = _fee_kind(item) if item is not None else None
+        if item is not None and fee is not None:
+            item_id = item.get("id")
+            kinds[item_id if isinstance(item_id, str) else f"#{index}"] = fee
+    return kinds
+
+
+def responses_body_fees(body: object) -> ToolFees:
+    """Per-call tool fees of a complete Responses body."""
+    fields = mapping(body)
+    return _fees(_output_fee_kinds(fields.get("output") if fields else None))
 
 
 def _split_cached(
@@ -84,6 +126,8 @@ class ChatStream:
         self.usage: TokenUsage | None = None
         self.complete = False
         self.output_bytes = 0
+        self.iterations: tuple[Iteration, ...] = ()
+        self.fees = ToolFees()
 
     def on_event(self, event: SSEEvent) -> None:
         if event.data.strip() == "[DONE]":
@@ -127,11 +171,20 @@ class ResponsesStream:
         self.usage: TokenUsage | None = None
         self.complete = False
         self.output_bytes = 0
+        self.iterations: tuple[Iteration, ...] = ()
+        # Fee-bearing tool calls by item id: from each finished item as it passes (a stream
+        # cut short still pays for its searches), then from the terminal event's output.
+        self._fee_kinds: dict[str, str] = {}
+
+    @property
+    def fees(self) -> ToolFees:
+        return _fees(self._fee_kinds)
 
     def on_event(self, event: SSEEvent) -> None:
-        # Other named events carry neither usage nor generated text: skip parsing them.
+        # Other named events carry neither usage, generated text nor a finished tool call:
+        # skip parsing them.
         if (event.event != "message" and event.event not in _RESPONSES_TERMINAL
-                and event.event not in _RESPONSES_DELTAS):
+                and event.event not in _RESPONSES_DELTAS and event.event != _OUTPUT_ITEM_DONE):
             return
         payload = mapping(load_json(event.data))
         if payload is None:
@@ -142,9 +195,19 @@ class ResponsesStream:
         if kind in _RESPONSES_DELTAS:
             self.output_bytes += utf8_len(payload.get("delta"))
             return
+        if kind == _OUTPUT_ITEM_DONE:
+            item = mapping(payload.get("item"))
+            fee = _fee_kind(item) if item is not None else None
+            if item is not None and fee is not None:
+                item_id = item.get("id")
+                key = item_id if isinstance(item_id, str) else f"#{payload.get('output_index')}"
+                self._fee_kinds[key] = fee
+            return
         if kind not in _RESPONSES_TERMINAL:
             return
         response = mapping(payload.get("response"))
+        if response is not None:
+            self._fee_kinds.update(_output_fee_kinds(response.get("output")))
         usage = responses_usage(response.get("usage")) if response else None
         if usage is not None:
             self.usage = usage

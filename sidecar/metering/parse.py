@@ -9,15 +9,16 @@ from typing import Literal, Protocol
 from genai_prices import data_snapshot
 
 from sidecar.metering import count, generated_text_bytes, load_json
-from sidecar.metering.anthropic import MessagesStream, message_body_usage
+from sidecar.metering.anthropic import MessagesStream, message_body_extras, message_body_usage
 from sidecar.metering.openai import (
     ChatStream,
     ResponsesStream,
     chat_body_usage,
+    responses_body_fees,
     responses_body_usage,
 )
 from sidecar.metering.sse import SSEDecoder, SSEEvent
-from sidecar.model import TokenUsage
+from sidecar.model import Iteration, TokenUsage, ToolFees
 
 Api = Literal["openai_chat", "openai_responses", "anthropic_messages"]
 
@@ -65,6 +66,12 @@ class _Stream(Protocol):
     @property
     def output_bytes(self) -> int: ...
 
+    @property
+    def iterations(self) -> tuple[Iteration, ...]: ...
+
+    @property
+    def fees(self) -> ToolFees: ...
+
     def on_event(self, event: SSEEvent) -> None: ...
 
 
@@ -103,7 +110,18 @@ def body_usage(api: Api, body: object) -> TokenUsage | None:
         output_tokens=count(usage.reported_value("output_tokens")) or 0,
         cache_read_tokens=cache_read,
         cache_write_tokens=cache_write,
+        cache_write_1h_tokens=min(count(usage.reported_value("cache_write_1h_tokens")) or 0,
+                                  cache_write),
     )
+
+
+def body_extras(api: Api, body: object) -> tuple[tuple[Iteration, ...], ToolFees]:
+    """What a complete body bills beyond its top-level tokens: iterations and tool fees."""
+    if api == "anthropic_messages":
+        return message_body_extras(body)
+    if api == "openai_responses":
+        return (), responses_body_fees(body)
+    return (), ToolFees()
 
 
 def _new_stream(api: Api) -> _Stream:
@@ -140,6 +158,7 @@ class UsageMeter:
         self._decoder = SSEDecoder()
         self._body = bytearray()
         self._body_usage: TokenUsage | None = None
+        self._body_extras: tuple[tuple[Iteration, ...], ToolFees] = ((), ToolFees())
         self._body_text_bytes = 0
         self._finished = False
         self.error: MeterError | None = None
@@ -170,6 +189,16 @@ class UsageMeter:
         """UTF-8 bytes of generated text seen so far (a JSON body's only once finished and
         only when it reported no usage: it is only needed then)."""
         return self._stream.output_bytes if self._sse else self._body_text_bytes
+
+    @property
+    def iterations(self) -> tuple[Iteration, ...]:
+        """The sampling steps the provider reported, each with its own usage (Anthropic)."""
+        return self._stream.iterations if self._sse else self._body_extras[0]
+
+    @property
+    def fees(self) -> ToolFees:
+        """Server-tool calls billed per call."""
+        return self._stream.fees if self._sse else self._body_extras[1]
 
     @property
     def complete(self) -> bool:
@@ -205,6 +234,7 @@ class UsageMeter:
                 self.error = self.error or "bad_json"
             else:
                 self._body_usage = body_usage(self.api, parsed)
+                self._body_extras = body_extras(self.api, parsed)
                 if self._body_usage is None:
                     self._body_text_bytes = generated_text_bytes(parsed)
         self._body.clear()

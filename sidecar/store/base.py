@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from sidecar.model import TokenUsage
@@ -9,6 +10,7 @@ from sidecar.store.budget_types import (
     BucketState,
     BucketView,
     CommitResult,
+    LedgerPart,
     LedgerRow,
     Reservation,
     ReserveRequest,
@@ -76,10 +78,14 @@ class Store(Protocol):
 
     async def commit(
         self, request_id: str, actual_micros: int, usage: TokenUsage, now: float,
-        error: bool = False,
+        error: bool = False, others: Sequence[LedgerPart] = (),
     ) -> CommitResult:
         """Replace the reservation by the actual cost, once; a late commit adjusts the charge.
-        `error`: the provider answered with an error; the ledger counts it in `errors`."""
+
+        `error`: the provider answered with an error; the ledger counts it in `errors`.
+        Buckets are charged `actual_micros`. The ledger books `others` under their own
+        dimensions and the rest under the reservation's, with `usage`'s tokens, in the same
+        atomic step."""
         ...
 
     async def bucket_states(self, buckets: list[BucketView], now: float) -> list[BucketState]: ...

@@ -101,6 +101,17 @@ class Reservation:
     dims: LedgerDims
 
 
+@dataclass(frozen=True, slots=True)
+class LedgerPart:
+    """Part of a charge that the ledger books under other dimensions than the reservation's
+    (an advisor model's spend); the reservation's own row gets the rest of the charge."""
+
+    dims: LedgerDims
+    cost: int  # µUSD
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
 CommitStatus = Literal["committed", "duplicate", "late", "unknown"]
 
 

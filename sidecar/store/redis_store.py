@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from importlib.resources import files
 from typing import cast
@@ -38,6 +38,7 @@ from sidecar.store.budget_types import (
     BucketState,
     BucketView,
     CommitResult,
+    LedgerPart,
     LedgerRow,
     Reservation,
     ReservationState,
@@ -251,12 +252,15 @@ class RedisStore:
     async def commit(
         self, request_id: str, actual_micros: int, usage: TokenUsage, now: float,
         error: bool = False,
+        others: Sequence[LedgerPart] = (),
     ) -> CommitResult:
         open_key, slots, hours = self._budget_keys()
         keys = [self._key("reservation", request_id), open_key, slots, hours]
         args: list[str | int] = [
             str(actual_micros), str(usage.total_input), str(usage.output_tokens),
             _LEDGER_RETENTION_SECONDS, _DONE_RETENTION_SECONDS, 1 if error else 0,
+            json.dumps([[dims_to_json(p.dims), p.cost, p.input_tokens, p.output_tokens]
+                        for p in others]),
         ]
         with _guard():
             status, estimate = await self._commit(keys=keys, args=args)

@@ -22,6 +22,7 @@ from sidecar.store.budget_types import (
     BucketView,
     CommitResult,
     LedgerDims,
+    LedgerPart,
     LedgerRow,
     Reservation,
     ReserveRequest,
@@ -409,6 +410,7 @@ class SQLiteStore:
     async def commit(
         self, request_id: str, actual_micros: int, usage: TokenUsage, now: float,
         error: bool = False,
+        others: Sequence[LedgerPart] = (),
     ) -> CommitResult:
         def commit(conn: sqlite3.Connection) -> CommitResult:
             row = conn.execute(
@@ -428,8 +430,13 @@ class SQLiteStore:
             self._add_slots_many(conn, [(key, slot, delta, expires)
                                         for key, slot, expires in buckets])
             conn.execute("DELETE FROM reserved WHERE amount = 0")
-            self._add_ledger(conn, int(created) // 3600 * 3600, dims_json, delta,
+            hour = int(created) // 3600 * 3600
+            moved = sum(part.cost for part in others)
+            self._add_ledger(conn, hour, dims_json, delta - moved,
                              1 if state == "open" else 0, usage, 1 if error else 0)
+            for part in others:
+                self._add_ledger(conn, hour, dims_to_json(part.dims), part.cost, 0,
+                                 TokenUsage(part.input_tokens, part.output_tokens))
             conn.execute("UPDATE reservations SET state='committed' WHERE request_id=?",
                          (request_id,))
             return CommitResult("committed" if state == "open" else "late", estimate)

@@ -5,14 +5,20 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
 
 from sidecar.model import TokenUsage
 from sidecar.store.base import Store
-from sidecar.store.budget_types import BucketView, LedgerDims, ReserveRequest
+from sidecar.store.budget_types import (
+    BucketView,
+    LedgerDims,
+    LedgerPart,
+    LedgerRow,
+    ReserveRequest,
+)
 from sidecar.store.factory import open_store
 
 NOW = 1_800_000_000.0
@@ -218,6 +224,39 @@ async def test_late_commit_corrects_the_ledger_after_settlement(store: Store) ->
     assert (row.cost, row.requests, row.input_tokens, row.output_tokens) == (80, 1, 110, 40)
     assert await store.ledger_rows(HOUR + 3600, HOUR + 3 * 3600) == []
     assert (await store.bucket_states([b], NOW + 7200))[0].spent == 80
+
+
+def by_model(rows: list[LedgerRow]) -> dict[str, tuple[int, int, int, int]]:
+    return {r.dims.model: (r.cost, r.requests, r.input_tokens, r.output_tokens) for r in rows}
+
+
+async def test_commit_books_parts_under_their_own_model_and_charges_the_bucket_the_total(
+        store: Store) -> None:
+    b = bucket(limit=1000)
+    await store.reserve(req("r1", 300, b))
+    advisor = LedgerPart(replace(ALICE, model="claude-opus-4-7"), 130, 2728, 874)
+    result = await store.commit("r1", 190, TokenUsage(2414, 3200), NOW, others=[advisor])
+    assert result.status == "committed"
+    assert by_model(await store.ledger_rows(HOUR, HOUR + 3600)) == {
+        "gpt-4o": (60, 1, 2414, 3200), "claude-opus-4-7": (130, 0, 2728, 874)}
+    assert (await store.bucket_states([b], NOW))[0].spent == 190
+    # A duplicate completion changes nothing, parts included.
+    assert (await store.commit("r1", 190, TokenUsage(2414, 3200), NOW, others=[advisor])).status \
+        == "duplicate"
+    assert by_model(await store.ledger_rows(HOUR, HOUR + 3600))["claude-opus-4-7"][0] == 130
+
+
+async def test_late_commit_with_parts_moves_the_part_out_of_the_settled_estimate(
+        store: Store) -> None:
+    b = bucket(limit=1000)
+    await store.reserve(req("r1", 50, b, ttl=60))
+    await store.settle_expired(NOW + 61)
+    advisor = LedgerPart(replace(ALICE, model="claude-opus-4-7"), 30, 10, 5)
+    assert (await store.commit("r1", 80, TokenUsage(100, 40), NOW + 120, others=[advisor])).status \
+        == "late"
+    assert by_model(await store.ledger_rows(HOUR, HOUR + 3600)) == {
+        "gpt-4o": (50, 1, 100, 40), "claude-opus-4-7": (30, 0, 10, 5)}
+    assert (await store.bucket_states([b], NOW + 120))[0].spent == 80
 
 
 async def test_reserve_settles_then_a_late_commit_refunds(store: Store) -> None:

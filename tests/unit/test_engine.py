@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from sidecar.config.loader import parse_config
 from sidecar.config.ruleset import RuleSet, RuleSetHolder, build_ruleset
 from sidecar.engine import Engine
 from sidecar.metering.charge import Observed
-from sidecar.model import Identity, RequestAttrs, TokenUsage
+from sidecar.model import Identity, Iteration, RequestAttrs, TokenUsage
 from sidecar.store.sqlite_store import SQLiteStore
 
 NOW = 1_900_000_000.0
@@ -154,3 +155,26 @@ async def test_remaining_header_is_the_tightest_bucket(store: SQLiteStore) -> No
                               rule("tight", 0.05, "block", ["cent-*"])])
     decision = await engine(rs, store).check(attrs("cent-a", "r1"))
     assert decision.response_headers["x-sidecar-budget-remaining"] == "0.040000"
+
+
+async def test_charge_books_an_advisor_under_its_model_and_logs_unknown_steps(
+        store: SQLiteStore) -> None:
+    # cent-a costs $0.01 an output token, cent-advisor $0.02 (a pattern override of its own).
+    advisor = {**CENT, "model": "cent-advisor", "output_per_mtok": 20000}
+    rs = config(pricing={"unknown_model": "reject", "overrides": [advisor, CENT]},
+                spend_limits=[rule("b", 10, "block", ["cent-*"])])
+    eng = engine(rs, store)
+    admitted = await eng.check(attrs("cent-a", "r1", max_tokens=3))
+    steps = (Iteration("message", TokenUsage(0, 1)),
+             Iteration("advisor_message", TokenUsage(0, 2), "cent-advisor"),
+             Iteration("rethink", TokenUsage(0, 3)))
+    with capture_logs() as logs:
+        result, cost = await eng.charge(
+            admitted.request_id, Observed(TokenUsage(0, 1), complete=True, iterations=steps))
+    # 1 + 3 output tokens at cent-a's rate, 2 at the advisor's: $0.04 + $0.04.
+    assert (result.status, cost) == ("committed", 80_000)
+    rows = {r.dims.model: (r.cost, r.requests, r.output_tokens)
+            for r in await store.ledger_rows(0, 2**40)}
+    assert rows == {"cent-a": (40_000, 1, 4), "cent-advisor": (40_000, 0, 2)}
+    [warning] = [e for e in logs if e["event"] == "unknown_iteration_type"]
+    assert warning["types"] == ["rethink"] and warning["model"] == "cent-a"

@@ -375,3 +375,39 @@ def test_provider_is_told_by_host_when_a_proxy_stripped_the_prefix() -> None:
 def test_unknown_key_provider_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown provider"):
         create_app({"opneai": ["k"]})
+
+
+# --- replaying recorded responses ----------------------------------------------------------
+
+
+def test_replay_serves_a_recorded_file_byte_for_byte_in_pieces(tmp_path: Path) -> None:
+    stream = b"event: a\ndata: {\"x\": 1}\n\nevent: b\ndata: {\"y\": 2}\n\n"
+    (tmp_path / "rec.sse").write_bytes(stream)
+    (tmp_path / "rec.json").write_bytes(b'{"usage": {"input_tokens": 3}}')
+    client = TestClient(create_app(replay_dir=tmp_path))
+    body = {"model": CLAUDE, "messages": [], "stream": True}
+    with client.stream("POST", "/v1/messages", json=body,
+                       headers={"x-fake-replay": "rec.sse", "x-fake-chunk-bytes": "7"}) as r:
+        pieces = list(r.iter_raw())
+    assert b"".join(pieces) == stream and max(len(p) for p in pieces) <= 7
+    answer = client.post("/v1/messages", json=body, headers={"x-fake-replay": "rec.json"})
+    assert answer.headers["content-type"] == "application/json"
+    assert answer.content == b'{"usage": {"input_tokens": 3}}'
+
+
+@pytest.mark.parametrize("name", ["../secret.json", "rec.txt", "missing.json", ".hidden.sse"])
+def test_replay_refuses_names_outside_the_directory_or_not_recorded(tmp_path: Path,
+                                                                    name: str) -> None:
+    (tmp_path.parent / "secret.json").write_text("{}")
+    (tmp_path / "rec.txt").write_text("{}")
+    (tmp_path / ".hidden.sse").write_text("data: {}\n\n")
+    client = TestClient(create_app(replay_dir=tmp_path))
+    answer = client.post("/v1/messages", json={"model": CLAUDE, "messages": []},
+                         headers={"x-fake-replay": name})
+    assert answer.status_code == 404 and answer.json()["type"] == "error"
+
+
+def test_replay_needs_a_replay_dir() -> None:
+    answer = TestClient(create_app()).post("/v1/chat/completions", json={"model": GPT},
+                                           headers={"x-fake-replay": "rec.json"})
+    assert answer.status_code == 404

@@ -56,9 +56,11 @@ def synthetic_model(prices: list[gp_types.ConditionalPrice]) -> gp_types.ModelIn
 def test_gpt_4o_has_genai_prices_rates_in_pico_per_token() -> None:
     price = book().price("openai", "gpt-4o")
 
+    # Web searches $10 and file searches $2.50 per 1,000 calls, as pico-dollars per call.
     assert price == UnitPrice(
         input=2_500_000, output=10_000_000, cache_read=1_250_000, cache_write=2_500_000,
-        source="genai-prices",
+        source="genai-prices", cache_write_1h=2_500_000, web_search=10_000_000_000,
+        file_search=2_500_000_000,
     )  # fmt: skip
 
 
@@ -127,9 +129,10 @@ def test_override_wins_over_genai_prices() -> None:
 
     price = book(override).price("openai", "gpt-4o")
 
+    # Token rates from the override; server-tool fees still genai-prices' for the model.
     assert price == UnitPrice(
         input=1_000_000, output=2_000_000, cache_read=500_000, cache_write=1_000_000,
-        source="override",
+        source="override", web_search=10_000_000_000, file_search=2_500_000_000,
     )  # fmt: skip
 
 

@@ -19,6 +19,8 @@
 -- ARGV[4]   ledger hash TTL (seconds)
 -- ARGV[5]   retention of done reservations (seconds)
 -- ARGV[6]   1 when the provider answered with an error (counted in the ledger's errors)
+-- ARGV[7]   JSON list of parts booked under other ledger dimensions (an advisor model):
+--           [[dims, cost, input, output], ...]; the reservation's own row keeps the rest
 -- Returns   {status, estimate}; estimate is 0 when unknown.
 --
 -- The bucket and ledger keys it also writes are read from the reservation record; they
@@ -37,14 +39,24 @@ if rec.s == 'committed' then
   return {'duplicate', rec.e}
 end
 
+-- Move each part's cost from the reservation's ledger row to the part's own row.
+local function book_parts()
+  for _, part in ipairs(cjson.decode(ARGV[7] or '[]')) do
+    redis.call('HINCRBY', rec.l, 'c|' .. rec.d, -int(part[2]))
+    add_ledger(ctx, {d = part[1], l = rec.l, hr = rec.hr}, part[2], 0, part[3], part[4])
+  end
+end
+
 local actual = tonumber(ARGV[1])
 local errors = tonumber(ARGV[6] or '0')
 if rec.s == 'open' then
   charge(ctx, rec, actual, rec.h, 1, ARGV[2], ARGV[3], errors)
+  book_parts()
   finish(ctx, rkey, 'committed')
   return {'committed', rec.e}
 end
 -- Expired: it already paid its estimate and counted as a request; charge the difference.
 charge(ctx, rec, actual - rec.e, 0, 0, ARGV[2], ARGV[3], errors)
+book_parts()
 finish(ctx, rkey, 'committed')
 return {'late', rec.e}
