@@ -16,7 +16,9 @@ from typing import Any
 
 import structlog
 
+from sidecar import tracing
 from sidecar.budget.spool import Spool
+from sidecar.budget.utilisation import Utilisation
 from sidecar.config.ruleset import Provider, RuleSet, RuleSetHolder
 from sidecar.decisions import OVERLOADED, allow, deny, unauthenticated
 from sidecar.identity.authenticate import Authenticator
@@ -25,9 +27,12 @@ from sidecar.metering.charge import Bill, Observed, bill
 from sidecar.metrics import (
     CHECK_SECONDS,
     DECISIONS,
+    METERING,
     PROVIDER_ERRORS,
+    REQUESTS,
     SPEND_MICROS,
     STORE_ERRORS,
+    STORE_SECONDS,
     model_label,
 )
 from sidecar.model import Decision, Identity, RequestAttrs, TokenUsage
@@ -60,6 +65,8 @@ from sidecar.store.budget_types import (
 )
 
 log = structlog.get_logger("sidecar.decision")
+_RESERVE_SECONDS = STORE_SECONDS.labels("reserve")
+_COMMIT_SECONDS = STORE_SECONDS.labels("commit")
 
 
 class AttributionMismatch(ValueError):
@@ -216,6 +223,7 @@ class Engine:
         self._authenticator = authenticator
         self._runtime_rules = runtime_rules
         self.alerts = alerts or NoAlerts()
+        self.utilisation = Utilisation()
         self.spool = spool
         # After a store failure, skip the store for a moment: failing fast keeps Envoy's
         # check timeout from being spent waiting on a store that is known to be away.
@@ -252,12 +260,16 @@ class Engine:
             DECISIONS.labels("deny", "overloaded").inc()
             return OVERLOADED
         started = time.perf_counter()
-        with shedder.deciding(time_remaining):
+        with shedder.deciding(time_remaining), \
+                tracing.span("sidecar.check", attrs.headers) as span:
             decision = await self._check(attrs)
+            tracing.describe(span, decision)
         seconds = time.perf_counter() - started
         CHECK_SECONDS.observe(seconds)
         self._log(attrs, decision, seconds)
         DECISIONS.labels("allow" if decision.allowed else "deny", decision.reason).inc()
+        if decision.allowed and decision.model:
+            REQUESTS.labels(decision.provider, model_label(decision.model)).inc()
         for observe in self.observers:
             observe(attrs, decision)
         return decision
@@ -335,13 +347,18 @@ class Engine:
                 return await self._store_down(
                     StoreUnavailable("store unavailable (recent failure)"), identity, attrs,
                     creds, cand_model, cand_provider, request)
+            started = time.perf_counter()
             try:
-                request, result = await self._reserve(request)
+                with tracing.span("sidecar.store.reserve", buckets=len(budget.views)):
+                    request, result = await self._reserve(request)
             except StoreUnavailable as err:
                 self._store_down_until = time.monotonic() + 0.5
                 STORE_ERRORS.labels("reserve").inc()
                 return await self._store_down(err, identity, attrs, creds, cand_model,
                                               cand_provider, request)
+            _RESERVE_SECONDS.observe(time.perf_counter() - started)
+            if len(result.states) == len(budget.views):
+                self.utilisation.observe(budget, result.states)
             if result.admitted:
                 self.alerts.observe(budget, result.states, now)
                 fallback_from = model if index else None
@@ -472,15 +489,29 @@ class Engine:
         reporter's disagreement an error. `hint` (model, provider) is used only to price
         usage for the fail-open spool while the store is unreachable.
         """
+        with tracing.span("sidecar.commit") as span:
+            result, cost = await self._charge(request_id, observed, expect, hint, span)
+            if span is not None:
+                span.set_attributes({"sidecar.cost_micro_usd": cost,
+                                     "sidecar.commit_status": result.status,
+                                     "sidecar.usage_complete": observed.complete})
+            return result, cost
+
+    async def _charge(self, request_id: str, observed: Observed,
+                      expect: tuple[str, str] | None, hint: tuple[str, str] | None,
+                      span: Any) -> tuple[CommitResult, int]:
         try:
             record = await self.store.reservation(request_id)
         except StoreUnavailable as err:
             STORE_ERRORS.labels("commit").inc()
             return await self._charge_store_down(request_id, observed, hint, err)
         if record is None:
+            METERING.labels("unknown").inc()
             log.warning("completion_unknown", request_id=request_id)
             return CommitResult("unknown"), 0
         model, provider_id = record.dims.model, record.dims.provider
+        if span is not None:
+            span.set_attributes({"sidecar.model": model, "sidecar.provider": provider_id})
         if expect is not None and expect != (model, provider_id):
             raise AttributionMismatch(
                 f"request {request_id} was admitted for model {model!r} of provider "
@@ -489,6 +520,7 @@ class Engine:
         if price is None:
             # Admitted under an older price list: charge nothing new, keep the estimate held
             # until expiry turns it into a charge (never $0).
+            METERING.labels("unpriced").inc()
             log.warning("estimate_left_to_expiry", request_id=request_id, model=model)
             return CommitResult("unknown"), 0
         observed = self._canonical_steps(observed, provider_id)
@@ -501,16 +533,22 @@ class Engine:
                   for part in charge.others]
         if observed.error and observed.usage is None:
             PROVIDER_ERRORS.labels(provider_id, f"{observed.status // 100}xx").inc()
+        started = time.perf_counter()
         try:
-            result = await self.store.commit(request_id, cost, usage, self.clock(),
-                                             error=observed.error, others=others)
+            with tracing.span("sidecar.store.commit"):
+                result = await self.store.commit(request_id, cost, usage, self.clock(),
+                                                 error=observed.error, others=others)
         except StoreUnavailable as err:
             STORE_ERRORS.labels("commit").inc()
             if self.spool is None:
+                METERING.labels("error").inc()
                 raise
             await self.spool.completed(request_id, cost, usage, error=observed.error)
+            METERING.labels("spooled").inc()
             log.warning("commit_spooled", request_id=request_id, error=str(err))
             return CommitResult("unknown"), cost
+        _COMMIT_SECONDS.observe(time.perf_counter() - started)
+        METERING.labels(result.status).inc()
         if result.status in ("committed", "late") and cost:
             SPEND_MICROS.labels(provider_id, model_label(model)).inc(
                 cost - sum(part.cost for part in charge.others))
@@ -562,6 +600,7 @@ class Engine:
         price = self._price(*hint) if hint is not None else None
         free_error = observed.error and observed.usage is None
         if self.spool is None or (not free_error and (observed.usage is None or price is None)):
+            METERING.labels("error").inc()
             log.error("commit_failed", request_id=request_id, error=str(err))
             return CommitResult("unknown"), 0
         # An error without usage needs no price: it is $0, and spooled as such so the
@@ -573,5 +612,6 @@ class Engine:
             observed).total
         await self.spool.completed(request_id, cost, observed.usage or TokenUsage(),
                                    error=observed.error)
+        METERING.labels("spooled").inc()
         log.warning("commit_spooled", request_id=request_id, error=str(err))
         return CommitResult("unknown"), cost

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from prometheus_client import (
     CollectorRegistry,
@@ -14,6 +15,8 @@ from prometheus_client import (
 )
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+# Brings computed gauges up to date just before a scrape (set by the running services).
+on_scrape: Callable[[], None] | None = None
 
 
 def exposition() -> bytes:
@@ -21,6 +24,8 @@ def exposition() -> bytes:
     (PROMETHEUS_MULTIPROC_DIR set by the parent) the sums over every worker's files, so
     any worker answers for all of them."""
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if on_scrape is not None:
+        on_scrape()
     if not directory:
         return bytes(generate_latest(REGISTRY))
     registry = CollectorRegistry()
@@ -70,6 +75,33 @@ ADMIN_AUTH_FAILURES = Counter(
 ATTEMPTS_THROTTLED = Counter("sidecar_attempts_throttled_total",
                              "Requests refused by a failed-attempt limit, by limit",
                              ["limit"], registry=REGISTRY)
+REQUESTS = Counter("sidecar_requests_total", "LLM calls admitted, by provider and model",
+                   ["provider", "model"], registry=REGISTRY)
+METERING = Counter(
+    "sidecar_metering_commits_total",
+    "Metering records by outcome: committed, late (after the reservation had expired into "
+    "its estimate), duplicate, unknown (no reservation found), unpriced, spooled (store "
+    "away), error (lost; the reservation's estimate is charged at expiry)",
+    ["status"], registry=REGISTRY)
+STORE_SECONDS = Histogram(
+    "sidecar_store_seconds", "Time of one store round trip on the request path, by operation",
+    ["operation"], registry=REGISTRY,
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5),
+)
+# Gauges below describe the shared store, so every replica reports the same value, or a
+# part of it (the buckets its own traffic touched): aggregate them with max(), not sum().
+RESERVATIONS_OPEN = Gauge("sidecar_reservations_open",
+                          "Reservations held in the store, not yet committed or expired",
+                          registry=REGISTRY, multiprocess_mode="livemax")
+UTILISATION_MAX = Gauge(
+    "sidecar_budget_max_utilisation_ratio",
+    "Highest (spent + reserved) / limit of any bucket of the rule in its current window",
+    ["rule"], registry=REGISTRY, multiprocess_mode="livemax")
+BUCKETS_AT_THRESHOLD = Gauge(
+    "sidecar_budget_buckets_at_threshold",
+    "Buckets of the rule whose spent + reserved reached the alert threshold (percent of the "
+    "limit) in the current window", ["rule", "threshold"], registry=REGISTRY,
+    multiprocess_mode="livemax")
 
 # Models seen beyond this many are counted under "other": a client choosing arbitrary model
 # names must not be able to blow up the metric's cardinality.

@@ -19,6 +19,7 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from sidecar import tracing
 from sidecar.config.models import GrpcTlsConfig
 from sidecar.envoy.authz import AuthorizationServicer
 from sidecar.envoy.ext_proc import ExternalProcessorServicer
@@ -73,6 +74,7 @@ async def serve(config_path: Path, grpc_addr: str | None, http_addr: str | None,
                 http_sockets: list[socket.socket] | None = None) -> None:
     """`http_sockets`: listening sockets made by the caller (`sidecar/workers.py` shares one
     port between processes with SO_REUSEPORT, which uvicorn does not set itself)."""
+    tracing.configure()
     services = await build_services(config_path)
     listen = services.ruleset.config.listen
     grpc_addr = grpc_addr or listen.grpc
@@ -124,6 +126,7 @@ async def serve(config_path: Path, grpc_addr: str | None, http_addr: str | None,
     with contextlib.suppress(asyncio.CancelledError):
         await http_task
     await services.close()
+    tracing.shutdown()
     log.info("stopped")
 
 

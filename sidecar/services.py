@@ -11,6 +11,7 @@ from typing import Any
 
 import structlog
 
+from sidecar import metrics
 from sidecar.admin_access import AdminGate
 from sidecar.alerts import Alerts
 from sidecar.audit import record
@@ -36,6 +37,7 @@ from sidecar.identity.secret_box import (
     load_box,
 )
 from sidecar.identity.service_tokens import ServiceTokens
+from sidecar.metrics import RESERVATIONS_OPEN
 from sidecar.store.base import Store, StoreUnavailable
 from sidecar.store.factory import open_store, store_url
 
@@ -115,6 +117,9 @@ class Services:
     def admin_gate(self) -> AdminGate:
         return AdminGate(self.attempts)
 
+    def refresh_metrics(self) -> None:
+        self.engine.utilisation.refresh(self.engine.rules(self.holder.current), time.time())
+
     async def _settle_loop(self) -> None:
         while True:
             await asyncio.sleep(1.0)
@@ -122,12 +127,17 @@ class Services:
                 await self.store.settle_expired(time.time())
                 if self.engine.spool is not None:
                     await self.engine.spool.replay(self.store, time.time())
+                RESERVATIONS_OPEN.set(await self.store.open_reservations())
+                # Each worker keeps its gauges current itself: under --workers a scrape
+                # reads every worker's values but runs in one of them.
+                self.refresh_metrics()
                 self.store_healthy = True
             except Exception as exc:  # keep the loop alive whatever the store does
                 self.store_healthy = False
                 log.warning("settle_failed", error=str(exc))
 
     def start_background(self) -> None:
+        metrics.on_scrape = self.refresh_metrics
         loop = asyncio.get_running_loop()
         self.tasks.append(loop.create_task(self._settle_loop()))
         self.tasks.append(loop.create_task(self.engine.shedder.watch_loop()))

@@ -12,6 +12,7 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2
 
+from sidecar import tracing
 from sidecar.engine import Engine
 from sidecar.model import Decision, RequestAttrs
 
@@ -102,7 +103,12 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
     ) -> external_auth_pb2.CheckResponse:
         # Envoy sends its ext_authz timeout as the gRPC deadline: a Check that cannot be
         # answered within it is refused at once (503) rather than answered too late.
-        return check_response(await self._engine.check(attrs_from_check(request),
-                                                       context.time_remaining()))
+        attrs, deadline = attrs_from_check(request), context.time_remaining()
+        if tracing.ENABLED:
+            # When Envoy traces, its ext_authz span travels in the call's metadata; else the
+            # request's own traceparent (in attrs.headers) is the parent.
+            with tracing.remote_parent(dict(context.invocation_metadata() or ())):
+                return check_response(await self._engine.check(attrs, deadline))
+        return check_response(await self._engine.check(attrs, deadline))
 
 

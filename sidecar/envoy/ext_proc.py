@@ -24,6 +24,7 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 
+from sidecar import tracing
 from sidecar.decisions import RESERVATION_HEADER
 from sidecar.engine import Engine
 from sidecar.envoy.request_body import mutate
@@ -66,6 +67,17 @@ class ExternalProcessorServicer(
         self, request_iterator: AsyncIterator[pb.ProcessingRequest],
         context: grpc.aio.ServicerContext,
     ) -> None:
+        if tracing.ENABLED:
+            # When Envoy traces, its ext_proc span (in the call's metadata) parents the commit.
+            with tracing.remote_parent(dict(context.invocation_metadata() or ())):
+                await self._process(request_iterator, context)
+        else:
+            await self._process(request_iterator, context)
+
+    async def _process(
+        self, request_iterator: AsyncIterator[pb.ProcessingRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
         # A coroutine writing with context.write rather than an async generator: when Envoy
         # resets the stream, a generator's `finally` only runs whenever it is garbage
         # collected (or never), and the charge of a cut-short response would be lost.
@@ -91,6 +103,9 @@ class ExternalProcessorServicer(
             ex.provider = headers.get("x-sidecar-provider", "")
             ex.fallback = headers.get("x-sidecar-route") == "fallback"
             ex.api = self._upstream_api(ex)
+            if tracing.ENABLED:
+                # Else the request's own traceparent does, for the rest of this stream.
+                tracing.adopt(headers)
             if not ex.request_id:
                 return pb.ProcessingResponse(request_headers=pb.HeadersResponse())
             # The reservation id stops here: neither the provider nor the client ever sees

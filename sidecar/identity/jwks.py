@@ -13,6 +13,7 @@ import httpx
 import jwt
 import structlog
 
+from sidecar import tracing
 from sidecar.metrics import JWKS_REFRESHES
 
 log = structlog.get_logger("sidecar.jwks")
@@ -94,14 +95,15 @@ class JwksCache:
                 return
             self._last_attempt = now
             try:
-                if self._file is not None:
-                    doc = json.loads(Path(self._file).read_text(encoding="utf-8"))
-                else:
-                    assert self._url is not None
-                    doc = await self._fetch(self._url)
-                keys = parse_jwks(doc)
-                if not keys:
-                    raise ValueError("no usable signing keys")
+                with tracing.span("sidecar.jwks.fetch", source=self._url or self._file or ""):
+                    if self._file is not None:
+                        doc = json.loads(Path(self._file).read_text(encoding="utf-8"))
+                    else:
+                        assert self._url is not None
+                        doc = await self._fetch(self._url)
+                    keys = parse_jwks(doc)
+                    if not keys:
+                        raise ValueError("no usable signing keys")
             except Exception as exc:
                 # Keep serving with the last good keys: an IdP blip must not log everyone out.
                 self.failures += 1

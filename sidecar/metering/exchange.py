@@ -19,7 +19,9 @@ from sidecar.metering import load_json
 from sidecar.metering.charge import Observed
 from sidecar.metering.parse import Api, UsageMeter
 from sidecar.metering.usage_event import UsageEventFilter
+from sidecar.metrics import METERING
 from sidecar.pricing import estimate_input_tokens
+from sidecar.store.base import StoreUnavailable
 from sidecar.store.budget_types import CommitResult
 
 log = structlog.get_logger("sidecar.metering")
@@ -121,4 +123,6 @@ class MeteredExchange:
             await self._charger.charge(self.request_id, observed, hint=self._hint)
         except Exception as exc:  # the response must flow even when the store is down
             # The reservation stays and is charged its estimate when it expires.
+            if not isinstance(exc, StoreUnavailable):  # the engine counted those
+                METERING.labels("error").inc()
             log.error("commit_failed", request_id=self.request_id, error=str(exc))

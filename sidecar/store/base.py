@@ -92,6 +92,10 @@ class Store(Protocol):
 
     async def settle_expired(self, now: float, limit: int = 500) -> int: ...
 
+    async def open_reservations(self) -> int:
+        """How many reservations are held, neither committed nor expired (for the metrics)."""
+        ...
+
     async def add_spend(self, marker: str, spend: list[tuple[BucketView, int]]) -> bool:
         """Add spend made before a rule existed to its buckets' slots, at most once per
         `marker` (atomically: all of it or none). False when the marker was already used."""

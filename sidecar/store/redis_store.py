@@ -298,6 +298,10 @@ class RedisStore:
         with _guard():
             return int(await self._settle(keys=self._budget_keys(), args=args))
 
+    async def open_reservations(self) -> int:
+        with _guard():
+            return int(await self._r.zcard(self._key("open")))
+
     # -- ledger ------------------------------------------------------------------------
     async def ledger_rows(self, start_hour: int, end_hour: int) -> list[LedgerRow]:
         with _guard():

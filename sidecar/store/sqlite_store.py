@@ -470,6 +470,10 @@ class SQLiteStore:
 
         return await self._tx(add)
 
+    async def open_reservations(self) -> int:
+        return int(await self._run(lambda conn: conn.execute(
+            "SELECT COUNT(*) FROM reservations WHERE state='open'").fetchone()[0]))
+
     # -- ledger ------------------------------------------------------------------------
     async def ledger_rows(self, start_hour: int, end_hour: int) -> list[LedgerRow]:
         def scan(conn: sqlite3.Connection) -> list[LedgerRow]:

@@ -1,0 +1,85 @@
+"""Budget utilisation for the metrics: per rule, the highest utilisation of any bucket and how
+many buckets reached each alert threshold, from the states the store returns to decisions.
+
+Buckets are never metric labels (one per user would be unbounded series); they are kept here,
+per rule, and only the per-rule aggregates are exported. Each decision's reservation answer
+already carries its buckets' store-wide spent + reserved, so no extra store call is made;
+what one replica reports covers the buckets that replica's traffic touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from sidecar.metrics import BUCKETS_AT_THRESHOLD, UTILISATION_MAX
+
+if TYPE_CHECKING:
+    from sidecar.engine import Plan
+    from sidecar.policy.rules import Rule
+    from sidecar.store.budget_types import BucketState
+
+# Buckets remembered per rule. Past this, the oldest observations give way: a memory bound
+# for splits over very many users, at the price of undercounting beyond it.
+MAX_BUCKETS_PER_RULE = 100_000
+
+
+@dataclass
+class _RuleBuckets:
+    rule: Rule
+    # bucket key → (per-mille of the limit used, the slot it was seen in)
+    seen: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+class Utilisation:
+    def __init__(self, max_buckets: int = MAX_BUCKETS_PER_RULE) -> None:
+        self._rules: dict[str, _RuleBuckets] = {}
+        self._max = max_buckets
+        self._exported: set[tuple[str, ...]] = set()
+
+    def observe(self, budget: Plan, states: Sequence[BucketState]) -> None:
+        """Note each planned bucket's spent + reserved as the store just reported it."""
+        for planned in budget.planned:
+            rule = planned.rule
+            if rule.limit <= 0:
+                continue
+            state = budget.state(planned, states)
+            permille = (state.spent + state.reserved) * 1000 // rule.limit
+            entry = self._rules.get(rule.name)
+            if entry is None or entry.rule is not rule:
+                # New, or redefined by a reload: earlier observations were of another limit.
+                entry = self._rules[rule.name] = _RuleBuckets(rule)
+            seen = entry.seen
+            key = planned.view.key
+            if key not in seen and len(seen) >= self._max:
+                del seen[next(iter(seen))]
+            seen[key] = (permille, planned.view.slot)
+
+    def refresh(self, rules: Sequence[Rule], now: float) -> None:
+        """Set the gauges for the rules in force; buckets of past windows are dropped."""
+        exported: set[tuple[str, ...]] = set()
+        for rule in rules:
+            entry = self._rules.get(rule.name)
+            since = rule.window.since(now)
+            values: list[int] = []
+            if entry is not None:
+                # A bucket not seen since the window's start has nothing in this window
+                # that this process knows of.
+                entry.seen = {k: v for k, v in entry.seen.items() if v[1] >= since}
+                values = [v[0] for v in entry.seen.values()]
+            UTILISATION_MAX.labels(rule.name).set(max(values, default=0) / 1000)
+            exported.add((rule.name,))
+            for threshold in rule.alerts:
+                count = sum(1 for v in values if v >= threshold * 10)
+                BUCKETS_AT_THRESHOLD.labels(rule.name, str(threshold)).set(count)
+                exported.add((rule.name, str(threshold)))
+        for labels in self._exported - exported:
+            # A rule removed by a reload stops being exported.
+            gauge = UTILISATION_MAX if len(labels) == 1 else BUCKETS_AT_THRESHOLD
+            with contextlib.suppress(KeyError):
+                gauge.remove(*labels)
+        self._exported = exported
+        for name in set(self._rules) - {r.name for r in rules}:
+            del self._rules[name]
