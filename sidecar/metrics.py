@@ -103,6 +103,19 @@ BUCKETS_AT_THRESHOLD = Gauge(
     "limit) in the current window", ["rule", "threshold"], registry=REGISTRY,
     multiprocess_mode="livemax")
 
+# Label values known in advance are exported from the start, at 0: a rate or an alert on
+# an error counter then works before the first error rather than seeing no series at all.
+for _operation in ("reserve", "commit"):
+    STORE_ERRORS.labels(_operation)
+    STORE_SECONDS.labels(_operation)
+for _result in ("ok", "error"):
+    RELOADS.labels(_result)
+    JWKS_REFRESHES.labels(_result)
+for _status in ("committed", "late", "duplicate", "unknown", "unpriced", "spooled", "error"):
+    METERING.labels(_status)
+for _reason in ("queue_full", "deadline", "loop_lag"):
+    SHED.labels(_reason)
+
 # Models seen beyond this many are counted under "other": a client choosing arbitrary model
 # names must not be able to blow up the metric's cardinality.
 MAX_MODEL_LABELS = 200

@@ -61,7 +61,8 @@ def test_bad_config_keeps_old_policy_good_one_applies(
     assert "spend_limits[0].budget_usd" in state["config_last_error"]
     assert intern_status(stack, issuer) == 200  # still the old policy
     metrics = httpx.get(stack.admin_url + "/metrics", timeout=5).text
-    assert 'sidecar_config_reloads_total{result="error"}' in metrics
+    # Exported at 0 from the start, so the count is what shows the failed reload.
+    assert 'sidecar_config_reloads_total{result="error"} 1.0' in metrics
 
     stricter = {**config, "models": {"default": "allow", "rules": [
         {"groups": ["interns"], "allow": ["@cf/*"]}]}}
