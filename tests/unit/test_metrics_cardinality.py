@@ -14,6 +14,7 @@ from prometheus_client import generate_latest
 from sidecar.config.loader import parse_config
 from sidecar.config.ruleset import RuleSetHolder, build_ruleset
 from sidecar.engine import Engine
+from sidecar.metering.charge import Observed
 from sidecar.metrics import REGISTRY
 from sidecar.model import Identity, RequestAttrs, TokenUsage
 from sidecar.store.sqlite_store import SQLiteStore
@@ -65,11 +66,11 @@ async def test_series_do_not_grow_with_ten_thousand_users(store: SQLiteStore) ->
     engine = Engine(RuleSetHolder(rs), store, lambda _: auth, clock=lambda: now)  # type: ignore[arg-type,return-value]
 
     async def call(user: str) -> None:
-        rid = f"rid-{user}"
         decision = await engine.check(RequestAttrs(
-            "POST", "/openai/v1/chat/completions", {"x-user": user}, BODY, rid))
+            "POST", "/openai/v1/chat/completions", {"x-user": user}, BODY, f"rid-{user}"))
         assert decision.allowed, decision.body
-        result, _ = await engine.commit(rid, "card-a", "openai", TokenUsage(0, 1))
+        result, _ = await engine.charge(decision.request_id,
+                                        Observed(TokenUsage(0, 1), complete=True))
         assert result.status == "committed"
 
     async def users(start: int, end: int) -> int:
