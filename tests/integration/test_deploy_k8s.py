@@ -129,7 +129,7 @@ def test_deployment_wires_sidecar_envoy_and_service() -> None:
     config = yaml.safe_load(one("ConfigMap", "llm-sidecar-config")["data"]["sidecar.yaml"])
     envoy_config = yaml.safe_load(one("ConfigMap", "llm-sidecar-config")["data"]["envoy.yaml"])
     sidecar, envoy = _container("sidecar"), _container("envoy")
-    args = sidecar["args"]
+    args = sidecar["command"] + sidecar["args"]
     assert args[:2] == ["sidecar", "serve"]
     assert args[args.index("--config") + 1] == _mounted_path(sidecar, "sidecar.yaml")
     assert envoy["args"][envoy["args"].index("-c") + 1] == _mounted_path(envoy, "envoy.yaml")
@@ -153,7 +153,7 @@ def test_deployment_wires_sidecar_envoy_and_service() -> None:
 
 
 @pytest.mark.parametrize("name", ["deployment.yaml", "service.yaml", "redis.yaml",
-                                  "configmap.yaml"])
+                                  "configmap.yaml", "pdb.yaml"])
 def test_every_manifest_has_kind_and_name(name: str) -> None:
     for doc in yaml.safe_load_all((K8S / name).read_text()):
         assert doc["apiVersion"] and doc["kind"] and doc["metadata"]["name"]
