@@ -8,6 +8,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import jwt
@@ -29,6 +30,15 @@ async def http_fetch(url: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError("JWKS document is not an object")
     return data
+
+
+def _where(url: str | None) -> str:
+    """The URL without user info or query, which could carry a credential (for traces)."""
+    if not url:
+        return ""
+    parts = urlsplit(url)
+    host = f"{parts.hostname or ''}:{parts.port}" if parts.port else parts.hostname or ""
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def parse_jwks(doc: dict[str, Any]) -> dict[str, Any]:
@@ -95,7 +105,7 @@ class JwksCache:
                 return
             self._last_attempt = now
             try:
-                with tracing.span("sidecar.jwks.fetch", source=self._url or self._file or ""):
+                with tracing.span("sidecar.jwks.fetch", source=self._file or _where(self._url)):
                     if self._file is not None:
                         doc = json.loads(Path(self._file).read_text(encoding="utf-8"))
                     else:

@@ -252,6 +252,7 @@ async def test_one_trace_per_request_parented_to_envoys_span(traced: Traced) -> 
         if index == 0:  # the first request fetched the issuer's keys, within its decision
             (fetch,) = named["sidecar.jwks.fetch"]
             assert parent_id(fetch) == span_id(check)
+            assert str(dict(fetch.attributes or {})["sidecar.source"]).endswith("/jwks.json")
         else:
             assert "sidecar.jwks.fetch" not in named
         attributes = dict(check.attributes or {})
