@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,8 @@ from sidecar.store.base import Store, StoreUnavailable
 from sidecar.store.factory import open_store, store_url
 
 log = structlog.get_logger("sidecar")
+# Seconds between refreshes of the budget gauges (a scrape of a single process refreshes too).
+BUDGET_GAUGES_EVERY = 10
 
 
 class Identities:
@@ -121,20 +124,22 @@ class Services:
         self.engine.utilisation.refresh(self.engine.rules(self.holder.current), time.time())
 
     async def _settle_loop(self) -> None:
-        while True:
+        for tick in itertools.count(1):
             await asyncio.sleep(1.0)
             try:
                 await self.store.settle_expired(time.time())
                 if self.engine.spool is not None:
                     await self.engine.spool.replay(self.store, time.time())
                 RESERVATIONS_OPEN.set(await self.store.open_reservations())
-                # Each worker keeps its gauges current itself: under --workers a scrape
-                # reads every worker's values but runs in one of them.
-                self.refresh_metrics()
                 self.store_healthy = True
             except Exception as exc:  # keep the loop alive whatever the store does
                 self.store_healthy = False
                 log.warning("settle_failed", error=str(exc))
+            if tick % BUDGET_GAUGES_EVERY == 0:
+                # Each worker keeps its gauges current itself (under --workers a scrape runs
+                # in one worker and reads all their values); a pass goes over every bucket
+                # seen, so not every second.
+                self.refresh_metrics()
 
     def start_background(self) -> None:
         metrics.on_scrape = self.refresh_metrics
