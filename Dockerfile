@@ -22,8 +22,9 @@ COPY --from=build /opt/sidecar /opt/sidecar
 # State (the fail-open spool, a SQLite store, temporary files such as the metrics of
 # `--workers`) lives only under /var/lib/llm-sidecar: mount a volume there and the root
 # filesystem can be read-only. The config is mounted read-only at /etc/llm-sidecar.
-RUN useradd --system --uid 10001 --user-group --no-create-home --home-dir /var/lib/llm-sidecar \
-        --shell /usr/sbin/nologin sidecar \
+RUN groupadd --system --gid 10001 sidecar \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home \
+        --home-dir /var/lib/llm-sidecar --shell /usr/sbin/nologin sidecar \
     && mkdir -p /var/lib/llm-sidecar /etc/llm-sidecar \
     && chown sidecar:sidecar /var/lib/llm-sidecar
 ENV PATH=/opt/sidecar/bin:$PATH \
