@@ -120,6 +120,8 @@ def test_every_credential_the_config_reads_comes_from_a_secret(
     env_keys = [(path, value) for path, value in _walk(config)
                 if path.rsplit(".", 1)[-1].endswith("_env") and value]
     assert ("admin.token_env", "SIDECAR_ADMIN_TOKEN") in env_keys
+    # The store's password reaches the sidecar only inside the URL it reads from the env.
+    assert "store.url_env" in dict(env_keys)
     for path, name in env_keys:
         assert from_secret(name), f"{path}: ${name} is not set from a Secret"
     for path, value in _walk(config):

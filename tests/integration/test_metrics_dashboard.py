@@ -77,6 +77,11 @@ def after_traffic(metrics_stack: Stack) -> dict[str, dict[str, set[str]]]:
         streamed = {**body, "stream": True, "max_tokens": 5}
         headers = {"authorization": f"Bearer {issuer.mint('m3@example.com', ['ml'])}"}
         assert client.post(CHAT, json=streamed, headers=headers).status_code == 200
+    # Wrong admin tokens until this address is throttled, for the admin failure counters.
+    bad = {"authorization": "Bearer not-the-admin-token"}
+    statuses = [httpx.get(stack.admin_url + "/v1/service-tokens", headers=bad, timeout=10)
+                .status_code for _ in range(12)]
+    assert statuses[0] == 401 and statuses[-1] == 429
     # A reload (the file changed), for the reload counter.
     stack.write_config({**yaml.safe_load(stack.config_path.read_text()),
                         "models": {"default": "allow"}})
