@@ -124,10 +124,13 @@ def test_every_credential_the_config_reads_comes_from_a_secret(
     assert "store.url_env" in dict(env_keys)
     for path, name in env_keys:
         assert from_secret(name), f"{path}: ${name} is not set from a Secret"
-    for path, value in _walk(config):
-        if ".credentials." in f".{path}" and path.endswith(".file"):
-            assert any(str(value).startswith(m.rstrip("/") + "/") for m in secret_mounts), (
-                f"{path}: {value} is not on a Secret's volume")
+    key_files = [(path, str(value)) for path, value in _walk(config)
+                 if ".credentials." in f".{path}" and path.endswith(".file")]
+    # The provider keys the sidecar holds are files of a Secret's volume.
+    assert key_files and {p.split("[", 1)[0] for p, _ in key_files} == {"providers"}
+    for path, value in key_files:
+        assert any(value.startswith(m.rstrip("/") + "/") for m in secret_mounts), (
+            f"{path}: {value} is not on a Secret's volume")
     # No credential is written into the config itself.
     assert "@" not in str(config["store"]["url"]).split("//", 1)[-1]
 
@@ -151,12 +154,19 @@ def test_pod_runs_the_image_as_the_dockerfile_builds_it(
 
 def test_rendered_configs_pass_check_config_and_envoy_validate(
         rendered: list[dict[str, Any]], tmp_path: Path) -> None:
-    sidecar_config = tmp_path / "sidecar.yaml"
-    sidecar_config.write_text(config_data(rendered, "sidecar.yaml"))
-    env_names = [value for path, value in _walk(yaml.safe_load(sidecar_config.read_text()))
-                 if path.rsplit(".", 1)[-1].endswith("_env") and value]
-    # What the Secrets would provide, so check-config sees the environment the pod has.
+    text = config_data(rendered, "sidecar.yaml")
+    values = list(_walk(yaml.safe_load(text)))
+    # What the Secrets would provide (variables and key files), so check-config sees what
+    # the pod has.
+    env_names = [v for p, v in values if p.rsplit(".", 1)[-1].endswith("_env") and v]
     env = {"PATH": "/usr/bin:/bin", **{name: "from-a-secret" for name in env_names}}
+    key_files = [str(v) for p, v in values if ".credentials." in p and p.endswith(".file")]
+    for index, key_file in enumerate(key_files):
+        stand_in = tmp_path / f"key-{index}"
+        stand_in.write_text("sk-stand-in\n")
+        text = text.replace(key_file, str(stand_in))
+    sidecar_config = tmp_path / "sidecar.yaml"
+    sidecar_config.write_text(text)
     result = subprocess.run([sys.executable, "-m", "sidecar.cli", "check-config",
                              str(sidecar_config)], capture_output=True, text=True,
                             timeout=60, env=env)

@@ -77,6 +77,11 @@ def after_traffic(metrics_stack: Stack) -> dict[str, dict[str, set[str]]]:
         streamed = {**body, "stream": True, "max_tokens": 5}
         headers = {"authorization": f"Bearer {issuer.mint('m3@example.com', ['ml'])}"}
         assert client.post(CHAT, json=streamed, headers=headers).status_code == 200
+        # A provider error (no usage, charged $0), for the provider error counter.
+        failing = {"authorization": f"Bearer {issuer.mint('m4@example.com', ['ml'])}",
+                   "x-fake-status": "500"}
+        assert client.post(CHAT, json={**body, "max_tokens": 5},
+                           headers=failing).status_code == 500
     # Wrong admin tokens until this address is throttled, for the admin failure counters.
     bad = {"authorization": "Bearer not-the-admin-token"}
     statuses = [httpx.get(stack.admin_url + "/v1/service-tokens", headers=bad, timeout=10)
@@ -140,20 +145,22 @@ def test_traffic_shows_in_the_values(metrics_stack: Stack,
         return sum(s.value for s in families[family].samples
                    if s.name == sample and labels.items() <= s.labels.items())
 
-    assert value("sidecar_decisions", "sidecar_decisions_total", result="allow") == 3
+    assert value("sidecar_decisions", "sidecar_decisions_total", result="allow") == 4
     assert value("sidecar_decisions", "sidecar_decisions_total",
                  reason="spend_limit_exceeded") == 2
     assert value("sidecar_decisions", "sidecar_decisions_total",
                  reason="missing_credentials") == 1
     assert value("sidecar_requests", "sidecar_requests_total", provider="openai",
-                 model="gpt-4o-mini") == 3
+                 model="gpt-4o-mini") == 4
     assert value("sidecar_metering_commits", "sidecar_metering_commits_total",
-                 status="committed") == 3
+                 status="committed") == 4
+    assert value("sidecar_provider_errors", "sidecar_provider_errors_total",
+                 provider="openai", status_class="5xx") == 1
     assert value("sidecar_spend_micro_usd", "sidecar_spend_micro_usd_total") > 0
     assert value("sidecar_store_seconds", "sidecar_store_seconds_count",
-                 operation="reserve") == 5
+                 operation="reserve") == 6
     assert value("sidecar_store_seconds", "sidecar_store_seconds_count",
-                 operation="commit") == 3
+                 operation="commit") == 4
     # Both users' buckets passed 50% (a reservation of 60%), none 90%.
     assert value("sidecar_budget_buckets_at_threshold", "sidecar_budget_buckets_at_threshold",
                  rule="per-user-daily", threshold="50") == 2
