@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -73,3 +76,14 @@ def test_traceparent_header_parents_a_span_without_a_current_one() -> None:
     assert dict(outer.attributes or {}) == {"sidecar.buckets": 2}
     # A current span wins over any header.
     assert inner.parent is not None and inner.parent.span_id == outer.context.span_id
+
+
+def test_off_the_request_path_does_not_even_import_opentelemetry() -> None:
+    probe = ("import sys; import sidecar.server, sidecar.engine, sidecar.envoy.authz, "
+             "sidecar.envoy.ext_proc; "
+             "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            timeout=60, env={k: v for k, v in os.environ.items()
+                                             if not k.startswith("OTEL_")})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
