@@ -14,8 +14,15 @@ import structlog
 from bench.policy import bench_config
 from sidecar.config.loader import parse_config
 from sidecar.config.ruleset import RuleSet, build_ruleset
+from sidecar.demo.config import demo_key_env
 from sidecar.demo.keys import DevIssuer
 from sidecar.log import configure
+
+
+@pytest.fixture(scope="session", autouse=True)
+def provider_keys() -> None:
+    """The benchmark policy's providers hold the demo keys, read from the environment."""
+    os.environ.update(demo_key_env())
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -21,6 +21,7 @@ from sidecar.http.admin import (
 from sidecar.http.envelope import ApiError, fail
 from sidecar.metrics import exposition
 from sidecar.services import Services
+from sidecar.store.base import StoreUnavailable
 
 
 def create_app(services: Services) -> Starlette:
@@ -50,6 +51,12 @@ def create_app(services: Services) -> Starlette:
         assert isinstance(exc, HTTPException)
         return fail(exc.status_code, str(exc.detail))
 
+    async def store_down(request: Request, exc: Exception) -> Response:
+        # A store that dropped away mid-request (a Redis restart, say) is a retryable 503,
+        # in the envelope like every other answer, never a bare 500.
+        return fail(503, f"the budget store is unavailable; try again shortly ({exc})",
+                    headers={"retry-after": "1"})
+
     route_list: list[BaseRoute] = [
         Route("/healthz", healthz),
         Route("/readyz", readyz),
@@ -70,7 +77,7 @@ def create_app(services: Services) -> Starlette:
         # Status-code keys catch the router's own 404 and 405 too, so every answer, even to
         # a path that matches nothing, is the JSON envelope.
         exception_handlers={ApiError: api_error, HTTPException: http_error, 404: http_error,
-                            405: http_error},
+                            405: http_error, StoreUnavailable: store_down},
     )
     # An API answers the path it was given; a redirect to a slash variant is never right.
     app.router.redirect_slashes = False

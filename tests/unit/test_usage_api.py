@@ -17,6 +17,7 @@ from sidecar.demo.keys import DevIssuer
 from sidecar.http.app import create_app
 from sidecar.model import TokenUsage
 from sidecar.services import Services, build_services
+from sidecar.store.base import StoreUnavailable
 from sidecar.store.budget_types import LedgerDims, ReserveRequest
 
 TOKEN = "usage-api-admin-token"
@@ -194,3 +195,19 @@ def test_usage_apis_need_an_admin(client: TestClient) -> None:
         assert error(client.get(path, headers={"authorization": ""}), 401)
         assert error(client.get(path, headers={"authorization": "Bearer wrong"}), 401)
 
+
+
+
+def test_store_gone_mid_request_is_a_retryable_json_503(client: TestClient,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    services = client.app.state.services  # type: ignore[attr-defined]
+
+    async def dropped(*args: object, **kwargs: object) -> list[Any]:
+        raise StoreUnavailable("Connection closed by server")
+
+    monkeypatch.setattr(services.store, "ledger_rows", dropped)
+    response = client.get("/v1/usage")
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+    assert response.json()["success"] is False
+    assert "budget store is unavailable" in response.json()["errors"][0]["message"]
