@@ -79,13 +79,16 @@ class Store(Protocol):
     async def commit(
         self, request_id: str, actual_micros: int, usage: TokenUsage, now: float,
         error: bool = False, others: Sequence[LedgerPart] = (),
+        tokens: tuple[int, int] | None = None,
     ) -> CommitResult:
-        """Replace the reservation by the actual cost, once; a late commit adjusts the charge.
+        """Replace the reservation by the actual amounts, once; a late commit adjusts them.
 
         `error`: the provider answered with an error; the ledger counts it in `errors`.
-        Buckets are charged `actual_micros`. The ledger books `others` under their own
-        dimensions and the rest under the reservation's, with `usage`'s tokens, in the same
-        atomic step."""
+        Each bucket is charged in its measure: `actual_micros`, the (input, output) `tokens`
+        (default: the usage's own counts), or the one request it held; a late commit
+        charges the difference to what expiry charged. The ledger books `others` under
+        their own dimensions and the rest under the reservation's, with `usage`'s tokens,
+        in the same atomic step."""
         ...
 
     async def bucket_states(self, buckets: list[BucketView], now: float) -> list[BucketState]: ...

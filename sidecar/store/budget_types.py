@@ -1,4 +1,9 @@
-"""Values exchanged with a store's budget and ledger operations (all money in µUSD)."""
+"""Values exchanged with a store's budget and ledger operations (all money in µUSD).
+
+A bucket counts one measure: µUSD, tokens (input + output, or only one of them), or
+requests. A reservation holds, in each of its buckets, the estimate in that bucket's measure,
+and a commit replaces it by the actual amount in the same measure.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,27 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 AdmissionMode = Literal["reserve", "optimistic"]
+# What a bucket counts. "usd" in µUSD; the token measures in tokens; "requests" one each.
+Measure = Literal["usd", "tokens", "input_tokens", "output_tokens", "requests"]
+MEASURES: tuple[Measure, ...] = ("usd", "tokens", "input_tokens", "output_tokens", "requests")
+
+
+def measured(measure: str, micros: int, input_tokens: int, output_tokens: int) -> int:
+    """The amount of one exchange (or its estimate) in a bucket's measure.
+
+    The one definition every store and the engine use, so a hold and its release agree.
+    """
+    if measure == "usd":
+        return micros
+    if measure == "tokens":
+        return input_tokens + output_tokens
+    if measure == "input_tokens":
+        return input_tokens
+    if measure == "output_tokens":
+        return output_tokens
+    if measure == "requests":
+        return 1
+    raise ValueError(f"unknown bucket measure {measure!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +50,7 @@ class BucketView:
     limit: int
     # Monitor rules count spend but never refuse a request.
     enforce: bool = True
+    measure: Measure = "usd"
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +86,12 @@ class ReserveRequest:
     # What the reservation is for (caller, model, provider, amount), as one opaque string:
     # a repeated request id is only the same reservation when this matches too.
     binding: str = ""
+    # Estimated (input, output) tokens: what token buckets hold.
+    tokens: tuple[int, int] = (0, 0)
+
+    def amount_for(self, bucket: BucketView) -> int:
+        """What this request holds in `bucket`, in the bucket's measure."""
+        return measured(bucket.measure, self.amount, *self.tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +132,8 @@ class Reservation:
     # µUSD reserved at admission (what a response without usage is charged).
     estimate: int
     dims: LedgerDims
+    # (input, output) tokens estimated at admission, charged to token buckets likewise.
+    tokens: tuple[int, int] = (0, 0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,7 @@ DEFAULT_PREFIX = "sidecar:"
 BUDGET_TAG = "{budget}"
 
 KeyKind = Literal[
-    "bucket",       # hash: slot start -> µUSD spent in that slot; field "r" -> µUSD reserved
+    "bucket",       # hash: slot start -> amount spent in that slot; field "r" -> reserved
     "slots",        # zset: "<slot>|<bucket hash key>" scored by the slot's expiry
     "open",         # zset: reservation hash key scored by its expiry (open ones only)
     "reservation",  # hash: one request's reservation record

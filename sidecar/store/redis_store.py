@@ -218,17 +218,20 @@ class RedisStore:
     async def reserve(self, request: ReserveRequest) -> ReserveResult:
         hour = int(request.now) // 3600 * 3600
         bucket_keys = [self._key("bucket", b.key) for b in request.buckets]
-        record = [[k, b.slot, b.slot + b.ttl_seconds, b.ttl_seconds]
-                  for k, b in zip(bucket_keys, request.buckets, strict=True)]
+        amounts = [request.amount_for(b) for b in request.buckets]
+        held = request.mode == "reserve"
+        record = [[k, b.slot, b.slot + b.ttl_seconds, b.ttl_seconds, b.measure, amount,
+                   amount if held else 0]
+                  for k, b, amount in zip(bucket_keys, request.buckets, amounts, strict=True)]
         hold_for = math.ceil(request.expires_at - request.now) + _HOLD_GRACE_SECONDS
         args: list[str | int] = [
             repr(float(request.now)), _SETTLE_ON_RESERVE, str(request.amount), request.mode,
             repr(float(request.expires_at)), hour, self._key("ledger", hour),
             dims_to_json(request.dims), json.dumps(record), _LEDGER_RETENTION_SECONDS,
             _DONE_RETENTION_SECONDS,
-            json.dumps([[b.since, b.limit, 1 if b.enforce else 0, max(b.ttl_seconds, hold_for)]
-                        for b in request.buckets]),
-            request.binding,
+            json.dumps([[b.since, b.limit, 1 if b.enforce else 0, max(b.ttl_seconds, hold_for),
+                         amount] for b, amount in zip(request.buckets, amounts, strict=True)]),
+            request.binding, request.tokens[0], request.tokens[1],
         ]
         keys = [*self._budget_keys(), self._key("reservation", request.request_id),
                 *bucket_keys]
@@ -241,26 +244,31 @@ class RedisStore:
 
     async def reservation(self, request_id: str) -> Reservation | None:
         with _guard():
-            state, estimate, dims = await self._r.hmget(
-                self._key("reservation", request_id), ["s", "e", "d"])
+            state, estimate, dims, tokens_in, tokens_out = await self._r.hmget(
+                self._key("reservation", request_id), ["s", "e", "d", "ti", "to"])
         states: dict[object, ReservationState] = {
             "open": "open", "committed": "committed", "expired": "expired"}
         if state not in states or estimate is None or dims is None:
             return None
-        return Reservation(request_id, states[state], int(estimate), dims_from_json(str(dims)))
+        return Reservation(request_id, states[state], int(estimate), dims_from_json(str(dims)),
+                           (int(tokens_in or 0), int(tokens_out or 0)))
 
     async def commit(
         self, request_id: str, actual_micros: int, usage: TokenUsage, now: float,
         error: bool = False,
         others: Sequence[LedgerPart] = (),
+        tokens: tuple[int, int] | None = None,
     ) -> CommitResult:
         open_key, slots, hours = self._budget_keys()
         keys = [self._key("reservation", request_id), open_key, slots, hours]
+        budget_in, budget_out = (usage.total_input, usage.output_tokens) if tokens is None \
+            else tokens
         args: list[str | int] = [
             str(actual_micros), str(usage.total_input), str(usage.output_tokens),
             _LEDGER_RETENTION_SECONDS, _DONE_RETENTION_SECONDS, 1 if error else 0,
             json.dumps([[dims_to_json(p.dims), p.cost, p.input_tokens, p.output_tokens]
                         for p in others]),
+            str(budget_in), str(budget_out),
         ]
         with _guard():
             status, estimate = await self._commit(keys=keys, args=args)

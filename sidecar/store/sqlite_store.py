@@ -29,6 +29,7 @@ from sidecar.store.budget_types import (
     ReserveResult,
     dims_from_json,
     dims_to_json,
+    measured,
 )
 from sidecar.store.private_file import make_private
 from sidecar.store.sqlite_worker import SQLiteWorker
@@ -57,7 +58,8 @@ CREATE TABLE IF NOT EXISTS reserved (bucket TEXT PRIMARY KEY, amount INTEGER NOT
 CREATE TABLE IF NOT EXISTS reservations (
   request_id TEXT PRIMARY KEY, state TEXT NOT NULL, estimate INTEGER NOT NULL,
   held INTEGER NOT NULL, expires_at REAL NOT NULL, created_at REAL NOT NULL,
-  buckets TEXT NOT NULL, dims TEXT NOT NULL, binding TEXT NOT NULL DEFAULT '');
+  buckets TEXT NOT NULL, dims TEXT NOT NULL, binding TEXT NOT NULL DEFAULT '',
+  input_tokens INTEGER NOT NULL DEFAULT 0, output_tokens INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS reservations_open ON reservations (state, expires_at);
 -- Housekeeping deletes done reservations and dead slots by age every second, holding the
 -- write lock: a full scan of a million rows took 110 ms, during which no decision could be
@@ -80,6 +82,8 @@ _LEDGER_COLUMNS = ("hour, user, groups, token, kind, model, provider, cost, requ
 _ADDED_COLUMNS = (
     ("reservations", "binding", "TEXT NOT NULL DEFAULT ''"),
     ("ledger", "errors", "INTEGER NOT NULL DEFAULT 0"),
+    ("reservations", "input_tokens", "INTEGER NOT NULL DEFAULT 0"),
+    ("reservations", "output_tokens", "INTEGER NOT NULL DEFAULT 0"),
 )
 
 
@@ -96,6 +100,24 @@ def _migrate(conn: sqlite3.Connection) -> None:
             # Another worker process added it between our look and our change.
             if "duplicate column" not in str(exc):
                 raise
+
+
+# One bucket of a reservation record: key, slot, slot expiry, measure, the estimate in that
+# measure, and what is held of it (the estimate, or 0 under optimistic admission).
+_Entry = tuple[str, int, int, str, int, int]
+
+
+def _entries(buckets_json: str, estimate: int, held: int) -> list[_Entry]:
+    """The buckets of a reservation record. Records written before buckets had measures
+    list only key, slot and expiry: those were µUSD buckets holding `held` of `estimate`."""
+    out: list[_Entry] = []
+    for entry in json.loads(buckets_json):
+        if len(entry) == 3:
+            out.append((entry[0], entry[1], entry[2], "usd", estimate, held))
+        else:
+            key, slot, expires, measure, amount, hold = entry
+            out.append((key, slot, expires, measure, amount, hold))
+    return out
 
 
 def _path_from_url(url: str) -> str:
@@ -302,12 +324,13 @@ class SQLiteStore:
         conn.execute(_ADD_RESERVED, (key, amount))
 
     @staticmethod
-    def _add_reserved_many(conn: sqlite3.Connection, keys: Sequence[str], amount: int) -> None:
+    def _add_reserved_many(conn: sqlite3.Connection, holds: Sequence[tuple[str, int]]) -> None:
         # One multi-row statement, not executemany: a third of the time for a dozen rows.
-        for start in range(0, len(keys), _BUCKETS_PER_STATEMENT):
-            chunk = keys[start:start + _BUCKETS_PER_STATEMENT]
+        holds = [(key, amount) for key, amount in holds if amount]
+        for start in range(0, len(holds), _BUCKETS_PER_STATEMENT):
+            chunk = holds[start:start + _BUCKETS_PER_STATEMENT]
             params: list[object] = []
-            for key in chunk:
+            for key, amount in chunk:
                 params += (key, amount)
             conn.execute(
                 "INSERT INTO reserved VALUES " + ",".join(("(?,?)",) * len(chunk))
@@ -340,9 +363,10 @@ class SQLiteStore:
         ).fetchall()
         for request_id, estimate, held, buckets_json, dims_json, created in rows:
             # Never completed: the request may well have cost money, so it pays its estimate.
-            for key, slot, expires in json.loads(buckets_json):
-                self._add_reserved(conn, key, -held)
-                self._add_slot(conn, key, slot, estimate, expires)
+            for key, slot, expires, _, amount, hold in _entries(buckets_json, estimate, held):
+                if hold:
+                    self._add_reserved(conn, key, -hold)
+                self._add_slot(conn, key, slot, amount, expires)
             self._add_ledger(conn, int(created) // 3600 * 3600, dims_json, estimate, 1,
                              TokenUsage())
             conn.execute("UPDATE reservations SET state='expired' WHERE request_id=?",
@@ -373,25 +397,31 @@ class SQLiteStore:
                         and binding == request.binding)
                 return ReserveResult(same, (), tuple(states), duplicate=same,
                                      conflict=not same)
+            amounts = [request.amount_for(b) for b in request.buckets]
+            reserve_mode = request.mode == "reserve"
             failed = tuple(
-                i for i, (b, s) in enumerate(zip(request.buckets, states, strict=True))
+                i for i, (b, s, amount) in enumerate(
+                    zip(request.buckets, states, amounts, strict=True))
                 if b.enforce and (
-                    s.spent + s.reserved + request.amount > b.limit
-                    if request.mode == "reserve" else s.spent >= b.limit
+                    s.spent + s.reserved + amount > b.limit
+                    if reserve_mode else s.spent >= b.limit
                 )
             )
             if failed:
                 return ReserveResult(False, failed, tuple(states))
-            held = request.amount if request.mode == "reserve" else 0
-            buckets = [[b.key, b.slot, b.slot + b.ttl_seconds] for b in request.buckets]
+            holds = amounts if reserve_mode else [0] * len(amounts)
+            buckets = [[b.key, b.slot, b.slot + b.ttl_seconds, b.measure, amount, hold]
+                       for b, amount, hold in zip(request.buckets, amounts, holds, strict=True)]
             conn.execute(
-                "INSERT INTO reservations VALUES (?, 'open', ?, ?, ?, ?, ?, ?, ?)",
-                (request.request_id, request.amount, held, request.expires_at, request.now,
-                 json.dumps(buckets), dims_to_json(request.dims), request.binding),
+                "INSERT INTO reservations VALUES (?, 'open', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (request.request_id, request.amount, request.amount if reserve_mode else 0,
+                 request.expires_at, request.now, json.dumps(buckets),
+                 dims_to_json(request.dims), request.binding, *request.tokens),
             )
-            if held:
-                self._add_reserved_many(conn, [b.key for b in request.buckets], held)
-            after = tuple(BucketState(s.spent, s.reserved + held) for s in states)
+            self._add_reserved_many(
+                conn, [(b.key, hold) for b, hold in zip(request.buckets, holds, strict=True)])
+            after = tuple(BucketState(s.spent, s.reserved + hold)
+                          for s, hold in zip(states, holds, strict=True))
             return ReserveResult(True, (), after)
 
         return await self._tx(reserve)
@@ -399,11 +429,12 @@ class SQLiteStore:
     async def reservation(self, request_id: str) -> Reservation | None:
         def read(conn: sqlite3.Connection) -> Reservation | None:
             row = conn.execute(
-                "SELECT state, estimate, dims FROM reservations WHERE request_id=?",
-                (request_id,)).fetchone()
+                "SELECT state, estimate, dims, input_tokens, output_tokens FROM reservations "
+                "WHERE request_id=?", (request_id,)).fetchone()
             if row is None:
                 return None
-            return Reservation(request_id, row[0], int(row[1]), dims_from_json(row[2]))
+            return Reservation(request_id, row[0], int(row[1]), dims_from_json(row[2]),
+                               (int(row[3]), int(row[4])))
 
         return await self._run(read)
 
@@ -411,7 +442,11 @@ class SQLiteStore:
         self, request_id: str, actual_micros: int, usage: TokenUsage, now: float,
         error: bool = False,
         others: Sequence[LedgerPart] = (),
+        tokens: tuple[int, int] | None = None,
     ) -> CommitResult:
+        actual_in, actual_out = (usage.total_input, usage.output_tokens) if tokens is None \
+            else tokens
+
         def commit(conn: sqlite3.Connection) -> CommitResult:
             row = conn.execute(
                 "SELECT state, estimate, held, buckets, dims, created_at FROM reservations "
@@ -423,12 +458,17 @@ class SQLiteStore:
             if state == "committed":
                 return CommitResult("duplicate", estimate)
             # An expired reservation already paid its estimate: charge only the difference.
-            delta = actual_micros if state == "open" else actual_micros - estimate
-            buckets = json.loads(buckets_json)
-            if state == "open" and held:
-                self._add_reserved_many(conn, [key for key, _, _ in buckets], -held)
-            self._add_slots_many(conn, [(key, slot, delta, expires)
-                                        for key, slot, expires in buckets])
+            is_open = state == "open"
+            delta = actual_micros if is_open else actual_micros - estimate
+            entries = _entries(buckets_json, estimate, held)
+            if is_open:
+                self._add_reserved_many(conn, [(e[0], -e[5]) for e in entries])
+            charges = []
+            for key, slot, expires, measure, amount, _ in entries:
+                actual = measured(measure, actual_micros, actual_in, actual_out)
+                # Requests count once: a late commit adds no second request.
+                charges.append((key, slot, actual if is_open else actual - amount, expires))
+            self._add_slots_many(conn, charges)
             conn.execute("DELETE FROM reserved WHERE amount = 0")
             hour = int(created) // 3600 * 3600
             moved = sum(part.cost for part in others)

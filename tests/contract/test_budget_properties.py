@@ -1,6 +1,7 @@
 """Property tests of the budget math on both stores: for any interleaving of reserve, commit
 and expiry, a bucket never holds more than its limit plus the estimation error of the
-requests that were admitted; commits are idempotent."""
+requests that were admitted, in whichever unit it counts (µUSD, tokens, requests); commits
+are idempotent."""
 
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ from sidecar.store.budget_types import BucketView, LedgerDims, ReserveRequest
 from sidecar.store.factory import open_store
 
 LIMIT = 1_000
+# Bucket i counts MEASURES[i] against LIMITS[i].
+MEASURES = ("usd", "tokens", "requests")
+LIMITS = (LIMIT, LIMIT, 6)
 T0 = 1_900_000_000.0
 _counter = itertools.count()
 
@@ -28,12 +32,14 @@ _counter = itertools.count()
 class Reserve:
     amount: int
     buckets: tuple[int, ...]
+    tokens: int = 0
 
 
 @dataclass(frozen=True)
 class Commit:
     which: int
     actual: int
+    tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -44,8 +50,9 @@ class Advance:
 ops = st.lists(
     st.one_of(
         st.builds(Reserve, st.integers(0, 400),
-                  st.sets(st.integers(0, 2), min_size=1, max_size=3).map(tuple)),
-        st.builds(Commit, st.integers(0, 50), st.integers(0, 600)),
+                  st.sets(st.integers(0, 2), min_size=1, max_size=3).map(tuple),
+                  st.integers(0, 400)),
+        st.builds(Commit, st.integers(0, 50), st.integers(0, 600), st.integers(0, 600)),
         st.builds(Advance, st.integers(1, 40)),
     ),
     min_size=1, max_size=40,
@@ -53,31 +60,34 @@ ops = st.lists(
 
 
 async def run(store: Store, program: list[Any], prefix: str) -> None:
-    buckets = [BucketView(f"{prefix}b{i}", 0, 0, 10**6, LIMIT) for i in range(3)]
+    buckets = [BucketView(f"{prefix}b{i}", 0, 0, 10**6, LIMITS[i], measure=MEASURES[i])
+               for i in range(3)]
     now = T0
-    admitted: dict[str, tuple[int, tuple[int, ...]]] = {}
+    admitted: dict[str, tuple[tuple[int, int, int], tuple[int, ...]]] = {}
     order: list[str] = []
-    committed: dict[str, int] = {}
-    excess = [0, 0, 0]  # estimation error (actual above estimate) per bucket
+    committed: dict[str, tuple[int, int]] = {}
+    excess = [0, 0, 0]  # estimation error (actual above estimate) per bucket, in its unit
     for op in program:
         if isinstance(op, Reserve):
             rid = f"{prefix}{next(_counter)}"
             chosen = tuple(buckets[i] for i in op.buckets)
             result = await store.reserve(ReserveRequest(
-                rid, chosen, op.amount, "reserve", now, now + 30, LedgerDims(user="p")))
+                rid, chosen, op.amount, "reserve", now, now + 30, LedgerDims(user="p"),
+                tokens=(op.tokens, 0)))
             if result.admitted:
-                admitted[rid] = (op.amount, op.buckets)
+                admitted[rid] = ((op.amount, op.tokens, 1), op.buckets)
                 order.append(rid)
         elif isinstance(op, Commit) and order:
             rid = order[op.which % len(order)]
             first = rid not in committed
-            result = await store.commit(rid, op.actual, TokenUsage(1, 1), now)
+            result = await store.commit(rid, op.actual, TokenUsage(op.tokens, 0), now)
             if first:
                 assert result.status in ("committed", "late")
-                committed[rid] = op.actual
-                estimate, touched = admitted[rid]
+                committed[rid] = (op.actual, op.tokens)
+                estimates, touched = admitted[rid]
+                actuals = (op.actual, op.tokens, 1)
                 for i in touched:
-                    excess[i] += max(0, op.actual - estimate)
+                    excess[i] += max(0, actuals[i] - estimates[i])
             else:
                 assert result.status == "duplicate"
         elif isinstance(op, Advance):
@@ -86,11 +96,11 @@ async def run(store: Store, program: list[Any], prefix: str) -> None:
         states = await store.bucket_states(buckets, now)
         for i, state in enumerate(states):
             assert state.reserved >= 0
-            assert state.spent + state.reserved <= LIMIT + excess[i], (i, state, excess)
+            assert state.spent + state.reserved <= LIMITS[i] + excess[i], (i, state, excess)
     # Idempotence: replaying every commit changes nothing.
     before = await store.bucket_states(buckets, now)
-    for rid, actual in committed.items():
-        await store.commit(rid, actual, TokenUsage(1, 1), now)
+    for rid, (actual, tokens) in committed.items():
+        await store.commit(rid, actual, TokenUsage(tokens, 0), now)
     assert await store.bucket_states(buckets, now) == before
 
 

@@ -348,8 +348,9 @@ async def test_incr_counters_are_separate_and_expire(store: Store) -> None:
 
 @dataclass
 class _Open:
-    amount: int
-    held: int
+    # Per bucket key: the estimate in the bucket's measure, and what is held of it.
+    amounts: dict[str, int]
+    held: dict[str, int]
     expires: float
     keys: list[str]
 
@@ -359,52 +360,62 @@ class _Model:
     """The store's budget semantics in a few lines, to check a random walk against."""
 
     limits: dict[str, int]
+    measures: dict[str, str]
     spent: dict[str, int] = field(default_factory=dict)
     reserved: dict[str, int] = field(default_factory=dict)
     open: dict[str, _Open] = field(default_factory=dict)
     expired: dict[str, _Open] = field(default_factory=dict)
     committed: set[str] = field(default_factory=set)
 
-    def charge(self, r: _Open, delta: int, release: int) -> None:
+    def charge(self, r: _Open, delta: dict[str, int], release: dict[str, int]) -> None:
         for k in r.keys:
-            self.spent[k] = self.spent.get(k, 0) + delta
-            self.reserved[k] = self.reserved.get(k, 0) - release
+            self.spent[k] = self.spent.get(k, 0) + delta[k]
+            self.reserved[k] = self.reserved.get(k, 0) - release[k]
 
     def settle(self, now: float) -> int:
         due = [rid for rid, r in self.open.items() if r.expires <= now]
         for rid in due:
             r = self.open.pop(rid)
-            self.charge(r, r.amount, r.held)
+            self.charge(r, r.amounts, r.held)
             self.expired[rid] = r
         return len(due)
 
+    def amounts(self, keys: list[str], micros: int, tokens: tuple[int, int]) -> dict[str, int]:
+        by_measure = {"usd": micros, "tokens": sum(tokens), "input_tokens": tokens[0],
+                      "output_tokens": tokens[1], "requests": 1}
+        return {k: by_measure[self.measures[k]] for k in keys}
+
     def reserve(self, rid: str, keys: list[str], amount: int, mode: str, now: float,
-                ttl: float) -> bool:
+                ttl: float, tokens: tuple[int, int] = (0, 0)) -> bool:
         self.settle(now)
         if rid in self.open:
             return True  # a retry of the same open reservation (same binding here)
         if rid in self.expired or rid in self.committed:
             return False  # a replayed id is never a pass
+        amounts = self.amounts(keys, amount, tokens)
         for k in keys:
             s, r = self.spent.get(k, 0), self.reserved.get(k, 0)
-            full = s >= self.limits[k] if mode == "optimistic" else s + r + amount > self.limits[k]
+            full = s >= self.limits[k] if mode == "optimistic" else \
+                s + r + amounts[k] > self.limits[k]
             if full:
                 return False
-        held = amount if mode == "reserve" else 0
-        self.open[rid] = _Open(amount, held, now + ttl, keys)
-        self.charge(self.open[rid], 0, -held)
+        held = {k: a if mode == "reserve" else 0 for k, a in amounts.items()}
+        self.open[rid] = _Open(amounts, held, now + ttl, keys)
+        self.charge(self.open[rid], dict.fromkeys(keys, 0), {k: -h for k, h in held.items()})
         return True
 
-    def commit(self, rid: str, actual: int) -> str:
+    def commit(self, rid: str, actual: int, tokens: tuple[int, int] = (1, 1)) -> str:
         if rid in self.committed:
             return "duplicate"
         if rid in self.open:
             r = self.open.pop(rid)
-            self.charge(r, actual, r.held)
+            self.charge(r, self.amounts(r.keys, actual, tokens), r.held)
             status = "committed"
         elif rid in self.expired:
             r = self.expired.pop(rid)
-            self.charge(r, actual - r.amount, 0)
+            actuals = self.amounts(r.keys, actual, tokens)
+            self.charge(r, {k: actuals[k] - r.amounts[k] for k in r.keys},
+                        dict.fromkeys(r.keys, 0))
             status = "late"
         else:
             return "unknown"
@@ -415,23 +426,34 @@ class _Model:
 @pytest.mark.parametrize("seed", [1, 2, 3])
 async def test_random_walk_matches_the_model(store: Store, seed: int) -> None:
     rng = random.Random(seed)
-    views = {k: bucket(k, limit=rng.randint(50, 400)) for k in ("b:x", "b:y", "b:z")}
-    model = _Model({k: v.limit for k, v in views.items()})
+    # One bucket of each measure: every reservation holds, and every commit charges, each
+    # bucket in its own unit.
+    measures = {"b:x": "usd", "b:y": "tokens", "b:z": "requests", "b:i": "input_tokens",
+                "b:o": "output_tokens"}
+    views = {k: replace(bucket(k, limit=rng.randint(3, 12) if m == "requests"
+                               else rng.randint(50, 400)), measure=m)  # type: ignore[arg-type]
+             for k, m in measures.items()}
+    model = _Model({k: v.limit for k, v in views.items()}, measures)
     now, ids = NOW, [f"q{i}" for i in range(40)]
     for step in range(300):
         now += rng.choice([0, 0, 1, 5, 30])
         op, rid = rng.random(), rng.choice(ids)
         if op < 0.55:
-            keys = rng.sample(sorted(views), rng.randint(1, 3))
+            keys = rng.sample(sorted(views), rng.randint(1, 4))
             amount, mode = rng.randint(0, 80), rng.choice(["reserve", "reserve", "optimistic"])
+            tokens = (rng.randint(0, 40), rng.randint(0, 40))
             ttl = rng.choice([10, 60, 600])
-            got = await store.reserve(
-                req(rid, amount, *(views[k] for k in keys), now=now, mode=mode, ttl=ttl))
-            assert got.admitted == model.reserve(rid, keys, amount, mode, now, ttl), step
+            got = await store.reserve(replace(
+                req(rid, amount, *(views[k] for k in keys), now=now, mode=mode, ttl=ttl),
+                tokens=tokens))
+            assert got.admitted == model.reserve(rid, keys, amount, mode, now, ttl,
+                                                 tokens), step
         elif op < 0.9:
             actual = rng.randint(0, 100)
-            got_status = (await store.commit(rid, actual, TokenUsage(1, 1), now)).status
-            assert got_status == model.commit(rid, actual), step
+            usage = TokenUsage(rng.randint(0, 50), rng.randint(0, 50))
+            got_status = (await store.commit(rid, actual, usage, now)).status
+            assert got_status == model.commit(
+                rid, actual, (usage.total_input, usage.output_tokens)), step
         else:
             assert await store.settle_expired(now) == model.settle(now), step
         states = await store.bucket_states(list(views.values()), now)

@@ -5,15 +5,19 @@
 -- reservation must behave identically whether reserve.lua or settle.lua does it.
 --
 -- Data layout (key names come from sidecar/store/redis_keys.py, never built here):
---   bucket hash      field "<slot start>" -> µUSD spent in that slot; field "r" -> µUSD
---                    reserved by open reservations. Spend = sum of slots >= since.
+--   bucket hash      field "<slot start>" -> amount spent in that slot; field "r" -> amount
+--                    reserved by open reservations. Spend = sum of slots >= since. The
+--                    amount is in the bucket's measure: µUSD, tokens or requests.
 --   slot index zset  member "<slot>|<bucket hash key>", score = the slot's expiry, so
 --                    settle.lua can drop dead slot fields (a hash field has no TTL in 7.0).
 --   open zset        member = reservation hash key, score = expires_at.
---   reservation hash s (open|committed|expired), e (estimate), h (held: e or 0),
+--   reservation hash s (open|committed|expired), e (estimate µUSD), h (held µUSD: e or 0),
 --                    x (expires_at), c (created_at), b (JSON [[bucket key, slot, slot
---                    expiry, ttl seconds], ...]), d (dims JSON), l (ledger key), hr (hour),
---                    bd (binding: what the reservation was made for).
+--                    expiry, ttl seconds, measure, estimate in that measure, held of it],
+--                    ...]; records from before measures have only the first four: µUSD
+--                    buckets holding h of e), d (dims JSON), l (ledger key), hr (hour),
+--                    bd (binding: what the reservation was made for), ti / to (estimated
+--                    input / output tokens).
 --   ledger hash      "c|<dims>" cost, "n|<dims>" requests, "i|<dims>" input tokens,
 --                    "o|<dims>" output tokens, "e|<dims>" provider errors (only once there
 --                    is one); one hash per hour.
@@ -96,14 +100,44 @@ local function load(rkey)
   return rec
 end
 
--- Charge `delta` to every bucket slot and the ledger, releasing `release` reserved µUSD.
--- `errors` (optional): 1 when the provider answered with an error.
-local function charge(ctx, rec, delta, release, requests, input, output, errors)
-  for _, b in ipairs(cjson.decode(rec.b)) do
-    add_reserved(b[1], -release)
-    add_slot(ctx, b[1], b[2], delta, b[3], b[4])
+-- The amount of an exchange in one measure (sidecar.store.budget_types.measured).
+local function measured(measure, micros, input, output)
+  if measure == 'tokens' then
+    return input + output
+  elseif measure == 'input_tokens' then
+    return input
+  elseif measure == 'output_tokens' then
+    return output
+  elseif measure == 'requests' then
+    return 1
   end
-  add_ledger(ctx, rec, delta, requests, input, output, errors)
+  return micros
+end
+
+-- A reservation's buckets as {key, slot, expiry, ttl, measure, estimate, held}.
+local function entries(rec)
+  local out = {}
+  for i, b in ipairs(cjson.decode(rec.b)) do
+    if b[5] == nil then
+      out[i] = {b[1], b[2], b[3], b[4], 'usd', rec.e, rec.h}
+    else
+      out[i] = b
+    end
+  end
+  return out
+end
+
+-- Replace a reservation by what the exchange amounted to: `actual` gives each bucket's
+-- charge from its entry; `release` says whether holds are released; `delta_cost` goes to
+-- the ledger. `errors` (optional): 1 when the provider answered with an error.
+local function charge(ctx, rec, actual, release, delta_cost, requests, input, output, errors)
+  for _, b in ipairs(entries(rec)) do
+    if release then
+      add_reserved(b[1], -b[7])
+    end
+    add_slot(ctx, b[1], b[2], actual(b), b[3], b[4])
+  end
+  add_ledger(ctx, rec, delta_cost, requests, input, output, errors)
 end
 
 -- Done reservations stay a while so late and duplicate completions are recognised.
@@ -121,7 +155,7 @@ local function settle(ctx, now, limit)
     local rec = load(rkey)
     if rec ~= nil and rec.s == 'open' then
       -- Never completed: the request may well have cost money, so it pays its estimate.
-      charge(ctx, rec, rec.e, rec.h, 1, 0, 0)
+      charge(ctx, rec, function(b) return b[6] end, true, rec.e, 1, 0, 0)
       finish(ctx, rkey, 'expired')
       settled = settled + 1
     else

@@ -1,8 +1,10 @@
--- commit.lua: replace a request's reservation by its actual cost, exactly once.
+-- commit.lua: replace a request's reservation by its actual amounts, exactly once.
 --
--- Open reservation: release the hold and charge the actual cost ("committed").
--- Expired reservation (already charged its estimate): charge actual - estimate, so the
--- bucket ends up charged the actual cost ("late"); it counted as a request when it expired.
+-- Each bucket is charged in its measure (budget_lib.lua `measured`): the actual cost, the
+-- budget tokens (ARGV[6], ARGV[7]) or the one request.
+-- Open reservation: release the holds and charge the actual amounts ("committed").
+-- Expired reservation (already charged its estimates): charge actual - estimate, so each
+-- bucket ends up charged the actual amount ("late"); it counted as a request when it expired.
 -- Committed reservation: change nothing ("duplicate"). No reservation: "unknown".
 --
 -- Why a script: the state check and the charge must be one atomic step, or two replicas
@@ -21,6 +23,8 @@
 -- ARGV[6]   1 when the provider answered with an error (counted in the ledger's errors)
 -- ARGV[7]   JSON list of parts booked under other ledger dimensions (an advisor model):
 --           [[dims, cost, input, output], ...]; the reservation's own row keeps the rest
+-- ARGV[8]   input tokens charged to token buckets
+-- ARGV[9]   output tokens charged to token buckets
 -- Returns   {status, estimate}; estimate is 0 when unknown.
 --
 -- The bucket and ledger keys it also writes are read from the reservation record; they
@@ -47,16 +51,22 @@ local function book_parts()
   end
 end
 
-local actual = tonumber(ARGV[1])
+local cost, input, output = tonumber(ARGV[1]), tonumber(ARGV[8]), tonumber(ARGV[9])
 local errors = tonumber(ARGV[6] or '0')
+local function actual(b)
+  return measured(b[5], cost, input, output)
+end
 if rec.s == 'open' then
-  charge(ctx, rec, actual, rec.h, 1, ARGV[2], ARGV[3], errors)
+  charge(ctx, rec, actual, true, cost, 1, ARGV[2], ARGV[3], errors)
   book_parts()
   finish(ctx, rkey, 'committed')
   return {'committed', rec.e}
 end
--- Expired: it already paid its estimate and counted as a request; charge the difference.
-charge(ctx, rec, actual - rec.e, 0, 0, ARGV[2], ARGV[3], errors)
+-- Expired: it already paid its estimates and counted as a request; charge the difference.
+local function difference(b)
+  return actual(b) - b[6]
+end
+charge(ctx, rec, difference, false, cost - rec.e, 0, ARGV[2], ARGV[3], errors)
 book_parts()
 finish(ctx, rkey, 'committed')
 return {'late', rec.e}

@@ -2,7 +2,8 @@
 --
 -- Settles up to ARGV[2] expired reservations first (so their estimates count as spent),
 -- then, unless the request id was seen before, checks every enforced bucket and, when all
--- have room, records the reservation and holds its estimate in every bucket. A request id
+-- have room, records the reservation and holds in every bucket its estimate in that
+-- bucket's measure (µUSD, tokens or one request). A request id
 -- seen before is a duplicate (admitted, nothing changed) only while its reservation is
 -- open, unexpired and bound to the same request (ARGV[13]); otherwise it is a conflict
 -- (refused, nothing changed) and the caller decides afresh under a new id.
@@ -18,19 +19,23 @@
 -- KEYS[5..]    one bucket hash per bucket, in the request's order (a key may repeat)
 -- ARGV[1]      now (seconds, float)
 -- ARGV[2]      how many expired reservations to settle first
--- ARGV[3]      amount (µUSD integer)
+-- ARGV[3]      estimate (µUSD integer)
 -- ARGV[4]      mode: "reserve" or "optimistic"
 -- ARGV[5]      expires_at (seconds, float)
 -- ARGV[6]      ledger hour of the request (creation time, floored to the hour)
 -- ARGV[7]      ledger hash key for that hour
 -- ARGV[8]      ledger dims JSON
--- ARGV[9]      buckets record JSON: [[bucket hash key, slot, slot expiry, ttl], ...]
+-- ARGV[9]      buckets record JSON: [[bucket hash key, slot, slot expiry, ttl, measure,
+--              estimate in that measure, held of it], ...]
 -- ARGV[10]     ledger hash TTL (seconds)
 -- ARGV[11]     retention of done reservations (seconds)
 -- ARGV[12]     per bucket, as JSON: [[since, limit, enforce 1|0, seconds the hash must
---              live], ...] (one argument, not four per bucket: encoding a command's
---              arguments is most of what a reservation costs the client)
+--              live, estimate in the bucket's measure], ...] (one argument, not five per
+--              bucket: encoding a command's arguments is most of what a reservation costs
+--              the client)
 -- ARGV[13]     binding: what the reservation is for (caller, model, provider, amount)
+-- ARGV[14]     estimated input tokens
+-- ARGV[15]     estimated output tokens
 -- Returns      {admitted 1|0, duplicate 1|0, {failed 0-based indices}, {spent}, {reserved},
 --              conflict 1|0}
 --              spent/reserved are after the hold when admitted, as seen otherwise.
@@ -57,7 +62,6 @@ if seen[1] then
   return {0, 0, {}, spent, reserved, 1}
 end
 
-local amount = tonumber(ARGV[3])
 local optimistic = ARGV[4] == 'optimistic'
 local failed = {}
 for i = 1, n do
@@ -68,7 +72,7 @@ for i = 1, n do
       full = spent[i] >= limit
     else
       -- Inclusive boundary: exactly reaching the limit is allowed.
-      full = spent[i] + reserved[i] + amount > limit
+      full = spent[i] + reserved[i] + per[i][5] > limit
     end
     if full then
       failed[#failed + 1] = i - 1
@@ -80,25 +84,26 @@ if #failed > 0 then
 end
 
 -- Optimistic admission holds nothing back: actuals are charged at commit.
-local held = 0
+local held = '0'
 if not optimistic then
-  held = amount
+  held = ARGV[3]
 end
-redis.call('HSET', rkey, 's', 'open', 'e', ARGV[3], 'h', int(held), 'x', ARGV[5],
+redis.call('HSET', rkey, 's', 'open', 'e', ARGV[3], 'h', held, 'x', ARGV[5],
            'c', ARGV[1], 'hr', ARGV[6], 'l', ARGV[7], 'd', ARGV[8], 'b', ARGV[9],
-           'bd', ARGV[13])
+           'bd', ARGV[13], 'ti', ARGV[14], 'to', ARGV[15])
 redis.call('ZADD', ctx.open, ARGV[5], rkey)
-if held ~= 0 then
-  for i = 1, n do
+local after = {}
+for i = 1, n do
+  local hold = 0
+  if not optimistic then
+    hold = per[i][5]
+  end
+  if hold ~= 0 then
     local key = KEYS[4 + i]
-    add_reserved(key, held)
+    add_reserved(key, hold)
     -- The hold must outlive the reservation, or its release would find nothing.
     keep(key, per[i][4])
   end
-end
-
-local after = {}
-for i = 1, n do
-  after[i] = reserved[i] + held
+  after[i] = reserved[i] + hold
 end
 return {1, 0, {}, spent, after, 0}
