@@ -21,12 +21,13 @@ import structlog
 
 from sidecar.config.ruleset import RuleSetHolder
 from sidecar.metrics import ALERTS_SENT, WEBHOOK_FAILURES
-from sidecar.money import micros_to_usd
+from sidecar.policy.rules import in_unit
 from sidecar.store.base import Store
 from sidecar.store.budget_types import BucketState
 
 if TYPE_CHECKING:
     from sidecar.engine import Plan
+
 
 log = structlog.get_logger("sidecar.alerts")
 COLLECTION = "alerts_fired"
@@ -70,11 +71,13 @@ class Alerts:
                 if key in self._seen:
                     continue
                 self._seen.add(key)
+                unit = rule.unit
                 event = {
                     "type": "spend_alert", "rule": rule.name, "bucket": planned.bucket_label,
                     "threshold_percent": threshold, "used_percent": int(percent),
-                    "spent": micros_to_usd(state.spent), "reserved": micros_to_usd(state.reserved),
-                    "limit": micros_to_usd(rule.limit), "window": window,
+                    "unit": unit, "spent": in_unit(unit, state.spent),
+                    "reserved": in_unit(unit, state.reserved),
+                    "limit": in_unit(unit, rule.limit), "window": window,
                     "action": rule.action, "at": int(now),
                 }
                 ttl = rule.window.ttl_seconds()

@@ -164,6 +164,7 @@ def allow(
     estimate: int | None = None,
     request_id: str = "",
     provider_headers: Mapping[str, str] | None = None,
+    limits: Mapping[str, str] | None = None,
 ) -> Decision:
     """`provider_headers`: the provider key the sidecar holds for this call, if any; it
     replaces whatever the client sent in the same header."""
@@ -179,7 +180,8 @@ def allow(
     if fallback_from is not None:
         headers["x-sidecar-route"] = "fallback"
         headers["x-sidecar-fallback-from"] = fallback_from
-    response_headers: dict[str, str] = {}
+    # Provider-style x-ratelimit-* headers of the request and token rules.
+    response_headers: dict[str, str] = dict(limits or {})
     if remaining is not None:
         response_headers["x-sidecar-budget-remaining"] = remaining
     if fallback_from is not None:

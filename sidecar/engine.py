@@ -23,7 +23,7 @@ from sidecar.config.ruleset import Provider, RuleSet, RuleSetHolder
 from sidecar.decisions import OVERLOADED, allow, deny, unauthenticated
 from sidecar.identity.authenticate import Authenticator
 from sidecar.identity.errors import AuthError
-from sidecar.metering.charge import Bill, Observed, bill
+from sidecar.metering.charge import Bill, Observed, bill, charge_tokens
 from sidecar.metrics import (
     CHECK_SECONDS,
     DECISIONS,
@@ -36,7 +36,7 @@ from sidecar.metrics import (
     model_label,
 )
 from sidecar.model import Decision, Identity, RequestAttrs, TokenUsage
-from sidecar.money import micros_to_usd, micros_to_usd_str
+from sidecar.money import micros_to_usd_str
 from sidecar.overload import LoadShedder
 from sidecar.policy.request import (
     BadRequest,
@@ -44,7 +44,7 @@ from sidecar.policy.request import (
     request_model,
     split_provider,
 )
-from sidecar.policy.rules import Context, Rule
+from sidecar.policy.rules import UNIT_OF, Context, Rule, Unit, in_unit
 from sidecar.policy.windows import RollingWindow
 from sidecar.pricing import (
     UnitPrice,
@@ -186,6 +186,28 @@ def binding(identity: Identity, model: str, provider: str, amount: int) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
+# The units reported in provider-style rate-limit headers (dollars have their own header).
+_HEADER_UNITS: tuple[Unit, ...] = ("requests", "tokens")
+
+
+def rate_limit_headers(budget: Plan, states: Sequence[BucketState]) -> dict[str, str]:
+    """`x-ratelimit-limit-<unit>` and `x-ratelimit-remaining-<unit>` of the enforced bucket
+    with the least room left, for each unit some enforced bucket counts."""
+    tightest: dict[Unit, tuple[int, int]] = {}
+    for view, state in zip(budget.views, states, strict=True):
+        unit = UNIT_OF[view.measure]
+        if not view.enforce or unit not in _HEADER_UNITS:
+            continue
+        left = max(0, view.limit - state.spent - state.reserved)
+        if unit not in tightest or left < tightest[unit][1]:
+            tightest[unit] = (view.limit, left)
+    headers = {}
+    for unit, (limit, left) in tightest.items():
+        headers[f"x-ratelimit-limit-{unit}"] = str(limit)
+        headers[f"x-ratelimit-remaining-{unit}"] = str(left)
+    return headers
+
+
 def _rule_names(budget: Plan) -> tuple[str, ...]:
     return tuple(sorted({p.rule.name for p in budget.planned}))
 
@@ -201,7 +223,7 @@ def plan(rules: Sequence[Rule], ctx: Context, now: float) -> list[Planned]:
         slot, since, ttl = window.slot(now), window.since(now), window.ttl_seconds()
         enforce = rule.action != "monitor"
         for key, labels in buckets:
-            view = BucketView(key, slot, since, ttl, rule.limit, enforce)
+            view = BucketView(key, slot, since, ttl, rule.limit, enforce, rule.measure)
             planned.append(Planned(rule, view, labels))
     return planned
 
@@ -304,13 +326,13 @@ class Engine:
         metadata = parse_metadata(attrs.headers)
         return await self._admit(rs, attrs, identity, creds, model, provider, body, metadata)
 
-    def _estimate(self, rs: RuleSet, model: str, provider: Provider,
-                  body: Mapping[str, Any]) -> int | None:
+    @staticmethod
+    def _estimate(rs: RuleSet, model: str, provider: Provider,
+                  tokens: tuple[int, int]) -> int | None:
         price = rs.prices.price(provider.pricing_id, model)
         if price is None:
             return None
-        out = requested_output_tokens(body, rs.default_max_output_tokens)
-        return estimate_micros(price, estimate_input_tokens(body), out)
+        return estimate_micros(price, *tokens)
 
     async def _admit(self, rs: RuleSet, attrs: RequestAttrs, identity: Identity,
                      creds: tuple[str, ...], model: str, provider: Provider,
@@ -320,7 +342,12 @@ class Engine:
         # client could choose (x-request-id) could be replayed or collide with another's.
         request_id = new_request_id()
         rules = self.rules(rs)
-        first_fallback: tuple[Planned, BucketState, int] | None = None
+        # Token buckets hold the same estimate the price is made from: input from the body,
+        # output from its largest output limit.
+        tokens = (estimate_input_tokens(body),
+                  requested_output_tokens(body, rs.default_max_output_tokens))
+        # (bucket, its state, the amount asked of it, the µUSD estimate, rate-limit headers)
+        first_fallback: tuple[Planned, BucketState, int, int, dict[str, str]] | None = None
         for index, cand in enumerate(candidates(rs, model, provider)):
             if not model_allowed(rs, identity, cand):
                 if index == 0:
@@ -329,7 +356,7 @@ class Engine:
                                 identity=identity, model=model)
                 continue
             cand_model, cand_provider = cand.model, cand.provider
-            estimate = self._estimate(rs, cand_model, cand_provider, body)
+            estimate = self._estimate(rs, cand_model, cand_provider, tokens)
             if estimate is None:
                 if index == 0:
                     return deny("unpriced_model", "unpriced_model",
@@ -342,7 +369,8 @@ class Engine:
             request = ReserveRequest(request_id, budget.views, estimate,
                                      "optimistic" if rs.admission_mode == "optimistic"
                                      else "reserve", now, now + rs.reservation_ttl, dims,
-                                     binding(identity, cand_model, cand_provider.id, estimate))
+                                     binding(identity, cand_model, cand_provider.id, estimate),
+                                     tokens)
             if time.monotonic() < self._store_down_until:
                 return await self._store_down(
                     StoreUnavailable("store unavailable (recent failure)"), identity, attrs,
@@ -359,25 +387,32 @@ class Engine:
             _RESERVE_SECONDS.observe(time.perf_counter() - started)
             if len(result.states) == len(budget.views):
                 self.utilisation.observe(budget, result.states)
+            limits = rate_limit_headers(budget, result.states) \
+                if len(result.states) == len(budget.views) else {}
             if result.admitted:
                 self.alerts.observe(budget, result.states, now)
                 fallback_from = model if index else None
                 return allow(identity, attrs.headers, creds, model=cand_model,
                              provider=cand_provider.id, remaining=self._remaining(budget, result),
                              fallback_from=fallback_from, rules=_rule_names(budget),
-                             estimate=estimate, request_id=request.request_id,
+                             estimate=estimate, request_id=request.request_id, limits=limits,
                              provider_headers=self._keys(rs, cand_provider.id, identity,
                                                          attrs))
             failed = [(budget.culprit(i), result.states[i]) for i in result.failed]
             blocking = [f for f in failed if f[0].rule.action == "block"]
             if blocking:
-                denied = await self._too_much(*blocking[0], estimate, now, identity, cand_model)
+                planned, state = blocking[0]
+                denied = await self._too_much(planned, state, request.amount_for(planned.view),
+                                              now, identity, cand_model, limits)
                 return replace(denied, rules=_rule_names(budget), estimate=estimate)
             if first_fallback is None:
-                first_fallback = (*failed[0], estimate)
+                planned, state = failed[0]
+                first_fallback = (planned, state, request.amount_for(planned.view), estimate,
+                                  limits)
         assert first_fallback is not None
-        denied = await self._too_much(*first_fallback, now, identity, model)
-        return replace(denied, rules=(first_fallback[0].rule.name,), estimate=first_fallback[2])
+        planned, state, amount, estimate, limits = first_fallback
+        denied = await self._too_much(planned, state, amount, now, identity, model, limits)
+        return replace(denied, rules=(planned.rule.name,), estimate=estimate)
 
     async def _reserve(self, request: ReserveRequest) -> tuple[ReserveRequest, ReserveResult]:
         result = await self.store.reserve(request)
@@ -401,24 +436,37 @@ class Engine:
     @staticmethod
     def _remaining(budget: Plan, result: ReserveResult) -> str | None:
         left = [v.limit - s.spent - s.reserved
-                for v, s in zip(budget.views, result.states, strict=True) if v.enforce]
+                for v, s in zip(budget.views, result.states, strict=True)
+                if v.enforce and v.measure == "usd"]
         return micros_to_usd_str(max(0, min(left))) if left else None
 
-    async def _too_much(self, planned: Planned, state: BucketState, estimate: int, now: float,
-                        identity: Identity, model: str) -> Decision:
+    async def _too_much(self, planned: Planned, state: BucketState, amount: int, now: float,
+                        identity: Identity, model: str,
+                        limits: Mapping[str, str]) -> Decision:
+        """The 429 for a bucket without room for `amount` (in the bucket's measure)."""
         rule = planned.rule
-        if estimate > rule.limit:
+        unit = rule.unit
+        extra: dict[str, Any] = {}
+        if rule.measure in ("input_tokens", "output_tokens"):
+            extra["tokens"] = rule.measure.removesuffix("_tokens")
+        if amount > rule.limit:
             # Waiting frees nothing that would let this request in, so no Retry-After.
+            if unit == "usd":
+                what = (f"estimated cost (${micros_to_usd_str(amount)}) is more than the "
+                        f"whole limit of {rule.name!r} for {planned.bucket_label} "
+                        f"(${micros_to_usd_str(rule.limit)})")
+            else:
+                what = (f"estimated {unit} ({amount}) are more than the whole limit of "
+                        f"{rule.name!r} for {planned.bucket_label} ({rule.limit})")
             return deny(
                 "spend_limit_exceeded", "spend_limit_exceeded",
-                f"this request's estimated cost (${micros_to_usd_str(estimate)}) is more than "
-                f"the whole limit of {rule.name!r} for {planned.bucket_label} "
-                f"(${micros_to_usd_str(rule.limit)}); lower max_tokens or shorten the input",
-                identity=identity, model=model, code="request_exceeds_limit",
-                rule=rule.name, bucket=planned.bucket_label,
-                estimate=micros_to_usd(estimate), limit=micros_to_usd(rule.limit))
+                f"this request's {what}; lower max_tokens or shorten the input",
+                headers=limits, identity=identity, model=model, code="request_exceeds_limit",
+                rule=rule.name, bucket=planned.bucket_label, unit=unit,
+                estimate=in_unit(unit, amount), limit=in_unit(unit, rule.limit), **extra)
         if isinstance(rule.window, RollingWindow):
-            needed = state.spent + state.reserved + estimate - rule.limit
+            # Retry when enough of what the window holds has aged out to make room.
+            needed = state.spent + state.reserved + amount - rule.limit
             try:
                 slots = (await self.store.bucket_states([planned.view], now))[0].slots
             except StoreUnavailable:
@@ -428,14 +476,16 @@ class Engine:
         else:
             resets = rule.window.resets_at(now)
             retry = max(1, resets - int(now))
+        noun = "spend" if unit == "usd" else "rate"
         return deny(
             "spend_limit_exceeded", "spend_limit_exceeded",
-            f"spend limit {rule.name!r} reached for {planned.bucket_label}",
-            headers={"retry-after": str(retry)}, identity=identity, model=model,
-            rule=rule.name, bucket=planned.bucket_label,
-            spent=micros_to_usd(state.spent), reserved=micros_to_usd(state.reserved),
-            limit=micros_to_usd(rule.limit),
+            f"{noun} limit {rule.name!r} reached for {planned.bucket_label}",
+            headers={"retry-after": str(retry), **limits}, identity=identity, model=model,
+            rule=rule.name, bucket=planned.bucket_label, unit=unit,
+            spent=in_unit(unit, state.spent), reserved=in_unit(unit, state.reserved),
+            limit=in_unit(unit, rule.limit),
             resets_at=datetime.fromtimestamp(resets, UTC).isoformat().replace("+00:00", "Z"),
+            **extra,
         )
 
     async def _store_down(self, err: StoreUnavailable, identity: Identity, attrs: RequestAttrs,
@@ -531,19 +581,22 @@ class Engine:
         others = [LedgerPart(replace(record.dims, model=part.model), part.cost,
                              part.tokens.total_input, part.tokens.output_tokens)
                   for part in charge.others]
+        tokens = charge_tokens(record.tokens, observed)
         if observed.error and observed.usage is None:
             PROVIDER_ERRORS.labels(provider_id, f"{observed.status // 100}xx").inc()
         started = time.perf_counter()
         try:
             with tracing.span("sidecar.store.commit"):
                 result = await self.store.commit(request_id, cost, usage, self.clock(),
-                                                 error=observed.error, others=others)
+                                                 error=observed.error, others=others,
+                                                 tokens=tokens)
         except StoreUnavailable as err:
             STORE_ERRORS.labels("commit").inc()
             if self.spool is None:
                 METERING.labels("error").inc()
                 raise
-            await self.spool.completed(request_id, cost, usage, error=observed.error)
+            await self.spool.completed(request_id, cost, usage, error=observed.error,
+                                       tokens=tokens)
             METERING.labels("spooled").inc()
             log.warning("commit_spooled", request_id=request_id, error=str(err))
             return CommitResult("unknown"), cost

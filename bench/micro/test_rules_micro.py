@@ -11,7 +11,7 @@ from pytest_benchmark.fixture import BenchmarkFixture
 from bench.policy import GROUPS, MODEL, spend_limits
 from sidecar.budget.runtime_rules import account_tracking_rules
 from sidecar.config.models import SpendLimitConfig
-from sidecar.config.ruleset import rule_from_config
+from sidecar.config.ruleset import rules_from_config
 from sidecar.engine import context, merge, plan
 from sidecar.model import Identity
 from sidecar.policy.rules import Rule
@@ -22,8 +22,8 @@ BATCH = 1_000
 
 
 def rules(teams: int) -> tuple[Rule, ...]:
-    compiled = [rule_from_config(SpendLimitConfig.model_validate(r))
-                for r in spend_limits(teams)]
+    compiled = [c for r in spend_limits(teams)
+                for c in rules_from_config(SpendLimitConfig.model_validate(r))]
     return (*compiled, *account_tracking_rules())
 
 

@@ -18,7 +18,7 @@ import structlog
 
 from sidecar.policy.rules import Rule
 from sidecar.store.base import Store
-from sidecar.store.budget_types import BucketView, LedgerRow
+from sidecar.store.budget_types import BucketView, LedgerRow, measured
 
 log = structlog.get_logger("sidecar.backfill")
 _HOUR = 3600
@@ -27,6 +27,8 @@ _HOUR = 3600
 def marker(rule: Rule) -> str:
     """Names the rule's buckets: the same name, window and split share their spend."""
     raw = f"{rule.name}|{rule.window_label}|{','.join(rule.split)}"
+    if rule.measure != "usd":
+        raw += f"|{rule.measure}"
     return hashlib.sha256(raw.encode()).hexdigest()[:32]
 
 
@@ -40,16 +42,19 @@ def seed_amounts(rule: Rule, rows: Sequence[LedgerRow], now: float) -> list[tupl
     since = rule.window.since(now)
     totals: dict[tuple[str, int], int] = defaultdict(int)
     for row in rows:
-        if row.hour + _HOUR <= since or row.cost <= 0:
+        # What the row amounts to in the rule's measure: cost, tokens or requests.
+        amount = measured(rule.measure, row.cost, row.input_tokens, row.output_tokens) \
+            if rule.measure != "requests" else row.requests
+        if row.hour + _HOUR <= since or amount <= 0:
             continue
         d = row.dims
         ctx = {"user": (d.user,), "group": d.groups, "token": (d.token,) if d.token else (),
                "kind": (d.kind,), "model": (d.model,), "provider": (d.provider,)}
         slot = rule.window.slot(max(row.hour, since))
         for key, _ in rule.buckets(ctx):
-            totals[(key, slot)] += row.cost
+            totals[(key, slot)] += amount
     ttl = rule.window.ttl_seconds()
-    return [(BucketView(key, slot, since, ttl, rule.limit), amount)
+    return [(BucketView(key, slot, since, ttl, rule.limit, measure=rule.measure), amount)
             for (key, slot), amount in sorted(totals.items())]
 
 
@@ -68,5 +73,5 @@ async def seed_rules(store: Store, rules: Sequence[Rule], now: float) -> int:
             seeded += 1
             if spend:
                 log.info("rule_seeded_from_ledger", rule=rule.name, buckets=len(spend),
-                         micro_usd=sum(a for _, a in spend))
+                         measure=rule.measure, amount=sum(a for _, a in spend))
     return seeded

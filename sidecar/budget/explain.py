@@ -22,7 +22,7 @@ from sidecar.engine import (
 from sidecar.metering.ledger import hour_range, in_range, of_user
 from sidecar.model import Identity
 from sidecar.money import micros_to_usd
-from sidecar.policy.rules import Context, Rule, literal_values
+from sidecar.policy.rules import Context, Rule, in_unit, literal_values
 from sidecar.pricing import estimate_input_tokens, estimate_micros, requested_output_tokens
 from sidecar.store.budget_types import BucketState, LedgerRow
 
@@ -37,19 +37,26 @@ def _iso(ts: float) -> str:
 
 
 def bucket_view(planned: Planned, state: BucketState, now: float) -> dict[str, Any]:
+    """One bucket with the 429 body's keys; amounts in the rule's `unit` (USD as numbers,
+    tokens and requests as whole numbers)."""
     rule = planned.rule
-    return {
+    unit = rule.unit
+    view = {
         "rule": rule.name,
         "bucket": planned.bucket_label,
         "action": rule.action,
         "source": rule.source,
         "window": rule.window_label,
-        "limit": micros_to_usd(rule.limit),
-        "spent": micros_to_usd(state.spent),
-        "reserved": micros_to_usd(state.reserved),
-        "remaining": micros_to_usd(max(0, rule.limit - state.spent - state.reserved)),
+        "unit": unit,
+        "limit": in_unit(unit, rule.limit),
+        "spent": in_unit(unit, state.spent),
+        "reserved": in_unit(unit, state.reserved),
+        "remaining": in_unit(unit, max(0, rule.limit - state.spent - state.reserved)),
         "resets_at": _iso(rule.window.resets_at(now)),
     }
+    if rule.measure in ("input_tokens", "output_tokens"):
+        view["tokens"] = rule.measure.removesuffix("_tokens")
+    return view
 
 
 def _tracking(rule: Rule) -> bool:
@@ -151,12 +158,14 @@ async def simulate(engine: Engine, identity: Identity, model: str, provider: Pro
         input_tokens = estimate_input_tokens(body)
         output_tokens = requested_output_tokens(body, rs.default_max_output_tokens)
         estimate = estimate_micros(price, input_tokens, output_tokens)
+        amounts = {"usd": estimate, "tokens": input_tokens + output_tokens,
+                   "input_tokens": input_tokens, "output_tokens": output_tokens, "requests": 1}
         entry.update(estimate_usd=micros_to_usd(estimate), input_tokens=input_tokens,
                      output_tokens=output_tokens, price_source=price.source)
         budget = merge(plan(engine.rules(rs), candidate_context(identity, cand, metadata),
                             now))
         states = await engine.store.bucket_states(list(budget.views), now)
-        entry["buckets"] = _with_fit(budget, states, estimate, now)
+        entry["buckets"] = _with_fit(budget, states, amounts, now)
         full = [b for b in entry["buckets"] if not b["fits"] and b["action"] != "monitor"]
         if any(b["action"] == "block" for b in full):
             entry["result"] = "blocked"
@@ -173,14 +182,16 @@ async def simulate(engine: Engine, identity: Identity, model: str, provider: Pro
     return outcome
 
 
-def _with_fit(budget: Plan, states: Sequence[BucketState], estimate: int,
+def _with_fit(budget: Plan, states: Sequence[BucketState], amounts: Mapping[str, int],
               now: float) -> list[dict[str, Any]]:
+    """Each bucket's view and whether the request's amount in its measure fits."""
     out = []
     for planned in budget.planned:
         if _tracking(planned.rule):
             continue
         state = budget.state(planned, states)
         view = bucket_view(planned, state, now)
-        view["fits"] = state.spent + state.reserved + estimate <= planned.rule.limit
+        view["fits"] = (state.spent + state.reserved + amounts[planned.rule.measure]
+                        <= planned.rule.limit)
         out.append(view)
     return out

@@ -15,7 +15,7 @@ from typing import Any
 import structlog
 
 from sidecar.config.models import SpendLimitConfig
-from sidecar.config.ruleset import rule_from_config
+from sidecar.config.ruleset import rules_from_config
 from sidecar.money import cents_to_micros
 from sidecar.policy.rules import Rule, compile_rule
 from sidecar.policy.windows import FixedWindow, RollingWindow
@@ -87,8 +87,8 @@ class RuntimeRules:
         compiled: list[Rule] = list(account_tracking_rules())
         for doc in docs:
             try:
-                compiled.append(rule_from_config(SpendLimitConfig.model_validate(doc),
-                                                 source="runtime"))
+                compiled.extend(rules_from_config(SpendLimitConfig.model_validate(doc),
+                                                  source="runtime"))
             except ValueError as exc:  # a rule written by a newer version: skip, loudly
                 log.error("runtime_rule_invalid", name=doc.get("name"), error=str(exc))
         limit = await self._store.get_doc(ACCOUNT_LIMIT, self.account_id)

@@ -71,8 +71,11 @@ class Spool:
 
     async def admitted(self, request: ReserveRequest) -> None:
         """A request admitted without a reservation: charge it later (estimate by default)."""
-        views = json.dumps([[v.key, v.slot, v.since, v.ttl_seconds, v.limit]
-                            for v in request.buckets])
+        # An object since buckets have measures; a list (µUSD buckets only) before.
+        views = json.dumps({
+            "views": [[v.key, v.slot, v.since, v.ttl_seconds, v.limit, v.measure]
+                      for v in request.buckets],
+            "tokens": list(request.tokens)})
         await self._run(
             "INSERT OR IGNORE INTO spool VALUES (?, ?, ?, ?, ?, NULL, NULL, ?, 0)",
             (request.request_id, views, dims_to_json(request.dims), request.amount,
@@ -80,11 +83,14 @@ class Spool:
         )
 
     async def completed(self, request_id: str, actual: int, usage: TokenUsage,
-                        error: bool = False) -> None:
+                        error: bool = False, tokens: tuple[int, int] | None = None
+                        ) -> None:
         """The actual cost of a request, whether or not its reservation reached the store;
-        `error`: the provider answered with an error (replayed as one)."""
-        usage_json = json.dumps([usage.input_tokens, usage.output_tokens,
-                                 usage.cache_read_tokens, usage.cache_write_tokens])
+        `error`: the provider answered with an error (replayed as one); `tokens` are what
+        token budgets are charged when not the usage's own counts."""
+        fields = [usage.input_tokens, usage.output_tokens, usage.cache_read_tokens,
+                  usage.cache_write_tokens]
+        usage_json = json.dumps(fields if tokens is None else [*fields, *tokens])
         await self._run(
             "INSERT INTO spool VALUES (?, NULL, NULL, 0, 0, ?, ?, ?, ?) "
             "ON CONFLICT(request_id) DO UPDATE SET actual = excluded.actual, "
@@ -109,20 +115,24 @@ class Spool:
         )
         done = 0
         for request_id, views, dims, estimate, _expires, actual, usage_json, error in rows:
-            usage = TokenUsage(*json.loads(usage_json)) if usage_json else TokenUsage()
+            fields = json.loads(usage_json) if usage_json else []
+            usage = TokenUsage(*fields[:4])
+            budget_tokens: tuple[int, int] | None = (
+                (fields[4], fields[5]) if len(fields) == 6 else None)
             try:
                 if views is not None:
-                    buckets = tuple(
-                        # Replayed spend is counted, never refused: the request already ran.
-                        BucketView(k, slot, since, ttl, lim, enforce=False)
-                        for k, slot, since, ttl, lim in json.loads(views)
-                    )
+                    admitted = _admitted(views)
                     dims_value: LedgerDims = dims_from_json(dims)
                     await store.reserve(ReserveRequest(
-                        request_id, buckets, estimate, "reserve", now, now + 3600, dims_value))
+                        request_id, admitted[0], estimate, "reserve", now, now + 3600,
+                        dims_value, tokens=admitted[1]))
+                    if actual is None:
+                        # Never completed: token budgets pay the estimate, like µUSD ones.
+                        budget_tokens = admitted[1]
                 cost = actual if actual is not None else estimate
                 await store.commit(request_id, cost, usage, now,
-                                   error=bool(error) and actual is not None)
+                                   error=bool(error) and actual is not None,
+                                   tokens=budget_tokens)
             except StoreUnavailable:
                 break
             await self._run("DELETE FROM spool WHERE request_id=?", (request_id,))
@@ -141,3 +151,17 @@ class Spool:
         self._executor.shutdown(wait=True)
 
 
+
+
+def _admitted(views: str) -> tuple[tuple[BucketView, ...], tuple[int, int]]:
+    """The buckets and token estimate of a spooled admission."""
+    data = json.loads(views)
+    if isinstance(data, list):  # spooled before buckets had measures: µUSD only
+        data = {"views": [[*v, "usd"] for v in data], "tokens": [0, 0]}
+    buckets = tuple(
+        # Replayed spend is counted, never refused: the request already ran.
+        BucketView(k, slot, since, ttl, lim, enforce=False, measure=measure)
+        for k, slot, since, ttl, lim, measure in data["views"]
+    )
+    tokens_in, tokens_out = data["tokens"]
+    return buckets, (int(tokens_in), int(tokens_out))

@@ -35,7 +35,9 @@ class _RuleBuckets:
 
 class Utilisation:
     def __init__(self, max_buckets: int = MAX_BUCKETS_PER_RULE) -> None:
-        self._rules: dict[str, _RuleBuckets] = {}
+        # Keyed by rule name and measure: a rule limiting input and output tokens apart is
+        # two compiled rules of one name, and its gauges are the larger of the two.
+        self._rules: dict[tuple[str, str], _RuleBuckets] = {}
         self._max = max_buckets
         self._exported: set[tuple[str, ...]] = set()
 
@@ -47,10 +49,10 @@ class Utilisation:
                 continue
             state = budget.state(planned, states)
             permille = (state.spent + state.reserved) * 1000 // rule.limit
-            entry = self._rules.get(rule.name)
+            entry = self._rules.get((rule.name, rule.measure))
             if entry is None or entry.rule is not rule:
                 # New, or redefined by a reload: earlier observations were of another limit.
-                entry = self._rules[rule.name] = _RuleBuckets(rule)
+                entry = self._rules[(rule.name, rule.measure)] = _RuleBuckets(rule)
             seen = entry.seen
             key = planned.view.key
             if key not in seen and len(seen) >= self._max:
@@ -60,15 +62,16 @@ class Utilisation:
     def refresh(self, rules: Sequence[Rule], now: float) -> None:
         """Set the gauges for the rules in force; buckets of past windows are dropped."""
         exported: set[tuple[str, ...]] = set()
+        by_name: dict[str, list[int]] = {}
         for rule in rules:
-            entry = self._rules.get(rule.name)
+            entry = self._rules.get((rule.name, rule.measure))
             since = rule.window.since(now)
-            values: list[int] = []
+            values = by_name.setdefault(rule.name, [])
             if entry is not None:
                 # A bucket not seen since the window's start has nothing in this window
                 # that this process knows of.
                 entry.seen = {k: v for k, v in entry.seen.items() if v[1] >= since}
-                values = [v[0] for v in entry.seen.values()]
+                values += [v[0] for v in entry.seen.values()]
             UTILISATION_MAX.labels(rule.name).set(max(values, default=0) / 1000)
             exported.add((rule.name,))
             for threshold in rule.alerts:
@@ -81,5 +84,5 @@ class Utilisation:
             with contextlib.suppress(KeyError):
                 gauge.remove(*labels)
         self._exported = exported
-        for name in set(self._rules) - {r.name for r in rules}:
-            del self._rules[name]
+        for key in set(self._rules) - {(r.name, r.measure) for r in rules}:
+            del self._rules[key]

@@ -7,7 +7,18 @@ import re
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from sidecar.policy.windows import parse_duration
 
@@ -275,9 +286,42 @@ def _check_dimension(name: str) -> str:
     return name
 
 
+# Token and request limits: whole numbers, never a bool or a float YAML happened to parse.
+Count = Annotated[int, Field(strict=True, ge=0, le=10**15)]
+
+
+class TokenLimitConfig(Strict):
+    """Separate limits for input and output tokens (either or both)."""
+
+    input: Count | None = None
+    output: Count | None = None
+
+    @model_validator(mode="after")
+    def _some(self) -> TokenLimitConfig:
+        if self.input is None and self.output is None:
+            raise ValueError("tokens needs a number, or input and/or output")
+        return self
+
+
+def _token_form(value: Any) -> str:
+    return "split" if isinstance(value, dict | TokenLimitConfig) else "total"
+
+
+# A number (input + output) or {input, output}; the discriminator keeps the errors to the
+# form that was written.
+TokenLimit = Annotated[
+    Annotated[Count, Tag("total")] | Annotated[TokenLimitConfig, Tag("split")],
+    Discriminator(_token_form),
+]
+UNIT_FIELDS = ("budget_usd", "tokens", "requests")
+
+
 class SpendLimitConfig(Strict):
     name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")
-    budget_usd: Money
+    # Exactly one unit: dollars, tokens (input + output, or each on its own) or requests.
+    budget_usd: Money | None = None
+    tokens: TokenLimit | None = None
+    requests: Count | None = None
     window: WindowConfig
     filter: dict[str, tuple[str, ...]] = {}
     split: tuple[str, ...] = ()
@@ -286,8 +330,52 @@ class SpendLimitConfig(Strict):
 
     @field_validator("budget_usd", mode="before")
     @classmethod
-    def _exact(cls, value: Any) -> Decimal:
-        return _money(value)
+    def _exact(cls, value: Any) -> Decimal | None:
+        return None if value is None else _money(value)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _one_unit(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        # Wrapped, so a rule without its unit is reported together with its other errors.
+        problem = None
+        if isinstance(data, dict):
+            given = [f for f in UNIT_FIELDS if data.get(f) is not None]
+            if len(given) != 1:
+                problem = ("exactly one of budget_usd, tokens or requests is required"
+                           + (f" (got {' and '.join(given)})" if given else ""))
+        try:
+            model = handler(data)
+        except ValidationError as exc:
+            if problem is None:
+                raise
+            errors: list[InitErrorDetails] = [
+                {"type": PydanticCustomError("unit", problem), "loc": (), "input": data}]
+            for err in exc.errors():
+                detail: InitErrorDetails = {"type": err["type"], "loc": err["loc"],
+                                            "input": err["input"]}
+                if "ctx" in err:
+                    detail["ctx"] = err["ctx"]
+                errors.append(detail)
+            raise ValidationError.from_exception_data(exc.title, errors) from None
+        if problem is not None:
+            raise ValueError(problem)
+        return model
+
+    @property
+    def unit(self) -> Literal["usd", "tokens", "requests"]:
+        if self.tokens is not None:
+            return "tokens"
+        return "requests" if self.requests is not None else "usd"
+
+    def public_doc(self) -> dict[str, Any]:
+        """The rule as the API shows and stores it: only the unit it has."""
+        doc = self.model_dump(mode="json")
+        for key in UNIT_FIELDS:
+            if doc.get(key) is None:
+                doc.pop(key, None)
+        if isinstance(doc.get("tokens"), dict):
+            doc["tokens"] = {k: v for k, v in doc["tokens"].items() if v is not None}
+        return doc
 
     @field_validator("filter")
     @classmethod

@@ -27,6 +27,7 @@ from sidecar.policy.rules import Rule, Window, compile_rule
 from sidecar.policy.windows import FixedWindow, RollingWindow, parse_duration
 from sidecar.pricing import PriceBook, PriceOverride, UnitPrice, per_mtok_to_pico
 from sidecar.providers.credentials import ProviderKeys, build_keys
+from sidecar.store.budget_types import Measure
 
 
 @dataclass(frozen=True)
@@ -79,17 +80,40 @@ def window_from_config(window: WindowConfig) -> Window:
     return RollingWindow(parse_duration(window.rolling))
 
 
-def rule_from_config(rule: SpendLimitConfig, source: str = "file") -> Rule:
-    return compile_rule(
-        name=rule.name,
-        limit=usd_to_micros(rule.budget_usd),
-        window=window_from_config(rule.window),
-        filters=rule.filter,
-        split=rule.split,
-        action=rule.action,
-        alerts=rule.alerts,
-        source="runtime" if source == "runtime" else "file",
-    )
+def limits_of(rule: SpendLimitConfig) -> list[tuple[Measure, int]]:
+    """(measure, limit) of each bucket family the rule makes: one, or two for separate input
+    and output token limits."""
+    if rule.budget_usd is not None:
+        return [("usd", usd_to_micros(rule.budget_usd))]
+    if rule.requests is not None:
+        return [("requests", rule.requests)]
+    if isinstance(rule.tokens, int):
+        return [("tokens", rule.tokens)]
+    assert rule.tokens is not None
+    split: list[tuple[Measure, int]] = []
+    if rule.tokens.input is not None:
+        split.append(("input_tokens", rule.tokens.input))
+    if rule.tokens.output is not None:
+        split.append(("output_tokens", rule.tokens.output))
+    return split
+
+
+def rules_from_config(rule: SpendLimitConfig, source: str = "file") -> list[Rule]:
+    window = window_from_config(rule.window)
+    return [
+        compile_rule(
+            name=rule.name,
+            limit=limit,
+            window=window,
+            filters=rule.filter,
+            split=rule.split,
+            action=rule.action,
+            alerts=rule.alerts,
+            source="runtime" if source == "runtime" else "file",
+            measure=measure,
+        )
+        for measure, limit in limits_of(rule)
+    ]
 
 
 def build_ruleset(config: SidecarConfig, *, source_text: str = "",
@@ -157,7 +181,7 @@ def build_ruleset(config: SidecarConfig, *, source_text: str = "",
         loaded_at=time.time(),
         allowlist=allowlist,
         providers=providers,
-        rules=tuple(rule_from_config(r) for r in config.spend_limits),
+        rules=tuple(c for r in config.spend_limits for c in rules_from_config(r)),
         fallbacks={
             model.strip().lower(): tuple(FallbackStep(t.model, t.provider) for t in chain)
             for model, chain in config.fallbacks.items()

@@ -79,6 +79,22 @@ class Observed:
         return self.status >= 400
 
 
+def charge_tokens(reserved: tuple[int, int], observed: Observed) -> tuple[int, int]:
+    """(input, output) tokens charged to token budgets, by the same rule as the cost: none
+    for an error without usage, the reported usage (output raised to the text seen when the
+    report was cut short), else what was reserved, with the output raised to the text seen.
+    (Request budgets count every request, errors included: providers count them too.)"""
+    seen = text_tokens(observed.output_bytes)
+    usage = observed.usage
+    if usage is None and observed.error:
+        return 0, 0
+    if usage is not None and observed.complete:
+        return usage.total_input, usage.output_tokens
+    if usage is not None:
+        return usage.total_input, max(usage.output_tokens, seen)
+    return reserved[0], max(reserved[1], seen)
+
+
 @dataclass(frozen=True, slots=True)
 class Part:
     """Spend charged to a model other than the request's (an advisor)."""

@@ -1,4 +1,8 @@
-"""Spend rules compiled for the hot path: filter/split over request dimensions → buckets."""
+"""Spend rules compiled for the hot path: filter/split over request dimensions → buckets.
+
+A rule limits one measure: µUSD, tokens (input + output, or one of them) or requests. A
+rule limiting input and output tokens separately compiles to two rules of one name.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from sidecar.money import micros_to_usd
 from sidecar.policy.allowlist import compile_globs
 from sidecar.policy.windows import FixedWindow, RollingWindow
+from sidecar.store.budget_types import Measure
 
 Action = Literal["block", "fallback", "monitor"]
+Unit = Literal["usd", "tokens", "requests"]
+UNIT_OF: Mapping[Measure, Unit] = {
+    "usd": "usd", "tokens": "tokens", "input_tokens": "tokens", "output_tokens": "tokens",
+    "requests": "requests",
+}
 Window = FixedWindow | RollingWindow
 # Dimension values of one request; `group` is multi-valued, everything else single.
 Context = Mapping[str, tuple[str, ...]]
@@ -20,10 +31,15 @@ Context = Mapping[str, tuple[str, ...]]
 FILTER_ALIASES: Mapping[str, str] = {"model": "requested_model"}
 
 
+def in_unit(unit: Unit, amount: int) -> float | int:
+    """An amount as the API shows it: USD for µUSD, whole tokens or requests otherwise."""
+    return micros_to_usd(amount) if unit == "usd" else amount
+
+
 @dataclass(frozen=True)
 class Rule:
     name: str
-    limit: int  # µUSD
+    limit: int  # in the rule's measure: µUSD, tokens or requests
     window: Window
     window_label: str
     filters: tuple[tuple[str, re.Pattern[str]], ...]
@@ -33,13 +49,20 @@ class Rule:
     source: Literal["file", "runtime"] = "file"
     # The filters as written (globs), for views that list a rule's buckets without a request.
     patterns: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    measure: Measure = "usd"
     # Derived once here rather than on every request (every rule is tried on every check).
     _prefix: str = field(init=False, repr=False, compare=False)
     _narrow: Mapping[str, re.Pattern[str]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_prefix", f"{self.name}|{self.window_label}")
+        # µUSD buckets keep the keys they had before rules had units.
+        suffix = "" if self.measure == "usd" else f"|{self.measure}"
+        object.__setattr__(self, "_prefix", f"{self.name}|{self.window_label}{suffix}")
         object.__setattr__(self, "_narrow", dict(self.filters))
+
+    @property
+    def unit(self) -> Unit:
+        return UNIT_OF[self.measure]
 
     def buckets(self, ctx: Context) -> list[tuple[str, dict[str, str]]]:
         """(bucket key, split labels) for each bucket this request falls in; [] if none."""
@@ -81,6 +104,7 @@ def compile_rule(
     action: Action,
     alerts: tuple[int, ...] = (),
     source: Literal["file", "runtime"] = "file",
+    measure: Measure = "usd",
 ) -> Rule:
     compiled = []
     for dim, patterns in filters.items():
@@ -93,7 +117,7 @@ def compile_rule(
         label = f"rolling:{window.seconds}"
     return Rule(name, limit, window, label, tuple(compiled), split, action,
                 tuple(sorted(alerts)), source,
-                tuple((dim, tuple(patterns)) for dim, patterns in filters.items()))
+                tuple((dim, tuple(patterns)) for dim, patterns in filters.items()), measure)
 
 
 def literal_values(rule: Rule, dimension: str) -> tuple[str, ...]:

@@ -68,7 +68,8 @@ def test_check_config_cli_exit_codes(tmp_path: Path) -> None:
     bad_path.write_text("store: 'redis://:s3cret-pass@x:1/0'\nspend_limits: [{name: a}]\n")
     bad = run_cli("check-config", str(bad_path))
     assert bad.returncode == 1
-    assert f"{bad_path}: spend_limits[0].budget_usd: required, but missing" in bad.stderr
+    assert (f"{bad_path}: spend_limits[0]: exactly one of budget_usd, tokens or requests "
+            "is required") in bad.stderr
     assert f"{bad_path}: spend_limits[0].window: required, but missing" in bad.stderr
     assert "s3cret-pass" not in bad.stderr + bad.stdout
     secret = tmp_path / "secret.yaml"

@@ -14,7 +14,7 @@ from sidecar.budget.backfill import seed_rules
 from sidecar.budget.runtime_rules import ACCOUNT_RULE, SPEND_LIMITS
 from sidecar.config.loader import plain_message
 from sidecar.config.models import SpendLimitConfig
-from sidecar.config.ruleset import rule_from_config
+from sidecar.config.ruleset import rules_from_config
 from sidecar.http.auth import require_admin
 from sidecar.http.envelope import ApiError, json_object, ok
 from sidecar.money import micros_to_usd, usd_to_micros
@@ -35,13 +35,17 @@ def validate_rule(data: dict[str, Any]) -> dict[str, Any]:
         raise ApiError(400, "; ".join(problems)) from None
     if rule.name == ACCOUNT_RULE:
         raise ApiError(400, f"the name {ACCOUNT_RULE!r} is reserved for the account limit")
-    return rule.model_dump(mode="json")
+    return rule.public_doc()
 
 
 def shown(rule: dict[str, Any], source: str) -> dict[str, Any]:
-    """A rule as the API shows it: kept as an exact decimal string, shown as a JSON number."""
-    return {**rule, "budget_usd": micros_to_usd(usd_to_micros(rule["budget_usd"])),
-            "source": source}
+    """A rule as the API shows it: dollars kept as an exact decimal string, shown as a JSON
+    number; a token or request rule shows only its own unit."""
+    shown_rule = {k: v for k, v in rule.items()
+                  if k not in ("budget_usd", "tokens", "requests") or v is not None}
+    if rule.get("budget_usd") is not None:
+        shown_rule["budget_usd"] = micros_to_usd(usd_to_micros(rule["budget_usd"]))
+    return {**shown_rule, "source": source}
 
 
 def audited(rule: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -52,7 +56,7 @@ def audited(rule: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def file_rules(services: Services) -> dict[str, dict[str, Any]]:
-    return {r.name: shown(r.model_dump(mode="json"), "file")
+    return {r.name: shown(r.public_doc(), "file")
             for r in services.ruleset.config.spend_limits}
 
 
@@ -63,8 +67,8 @@ async def runtime_rules(services: Services) -> dict[str, dict[str, Any]]:
 
 async def seed(services: Services, rule: dict[str, Any]) -> None:
     # Before the rule takes effect, so spend already made in its window counts.
-    compiled = rule_from_config(SpendLimitConfig.model_validate(rule), source="runtime")
-    await seed_rules(services.store, [compiled], services.engine.clock())
+    compiled = rules_from_config(SpendLimitConfig.model_validate(rule), source="runtime")
+    await seed_rules(services.store, compiled, services.engine.clock())
 
 
 async def check_new(services: Services, name: str) -> None:

@@ -51,8 +51,8 @@ MAX_LOOKBACK = 400 * 86_400
 @dataclass(frozen=True)
 class Bucket:
     view: dict[str, Any]
-    used: int  # spent + reserved, µUSD
-    limit: int  # µUSD
+    used: int  # spent + reserved, in the rule's measure (µUSD, tokens, requests)
+    limit: int  # in the same measure
     alerts: tuple[int, ...]
 
     @property

@@ -66,6 +66,11 @@ def usd(micros: int) -> str:
     return f"${micros_to_usd_str(micros)}"
 
 
+def amount(unit: str, value: int) -> str:
+    """A bucket amount in its rule's unit (µUSD shown as dollars)."""
+    return usd(value) if unit == "usd" else f"{value:,} {unit}"
+
+
 def when(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M UTC")
 
@@ -129,12 +134,15 @@ def _buckets(d: Dashboard) -> str:
     for b in d.buckets:
         v: dict[str, Any] = b.view
         alerts = ", ".join(f"{a}%" for a in b.alerts) or "—"
+        unit = str(v["unit"])
+        measured = (f'data-used-micros="{b.used}" data-limit-micros="{b.limit}"'
+                    if unit == "usd" else f'data-used="{b.used}" data-limit="{b.limit}"')
         rows.append(
             f'<tr data-rule="{esc(v["rule"])}" data-bucket="{esc(v["bucket"])}" '
-            f'data-used-micros="{b.used}" data-limit-micros="{b.limit}">'
+            f'data-unit="{esc(unit)}" {measured}>'
             f'<td>{esc(v["rule"])}</td><td>{esc(v["bucket"])}</td>'
             f'<td>{esc(v["action"])}</td><td class="muted">{esc(v["window"])}</td>'
-            f'<td class="n">{usd(b.used)} / {usd(b.limit)}</td>'
+            f'<td class="n">{amount(unit, b.used)} / {amount(unit, b.limit)}</td>'
             f'<td>{_utilization(b)}</td><td class="n">{b.percent:.0f}%</td>'
             f'<td class="muted">{esc(alerts)}</td><td class="muted">{esc(v["resets_at"])}</td>'
             f"</tr>")
