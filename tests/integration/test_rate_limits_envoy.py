@@ -182,3 +182,56 @@ def test_fallback_on_a_token_rule_routes_to_the_cheaper_model(
     small = call(rate_stack, token, "big-model", 100)
     assert small.status_code == 200 and "x-sidecar-fallback-from" not in small.headers
     assert rate_stack.seen()[-1]["body"]["model"] == "big-model"
+
+
+def test_runtime_rules_budgets_and_simulate_speak_each_unit(
+        rate_stack: Stack, issuer: DevIssuer) -> None:
+    token = issuer.mint("ivy@example.com", ["night-shift"])
+    rule = {"name": "night-rpm", "requests": 2, "window": {"rolling": "1m"},
+            "filter": {"group": ["night-shift"]}, "split": ["user"]}
+    with rate_stack.admin() as admin:
+        created = admin.post("/v1/spend-limits", json=rule)
+        assert created.status_code == 201, created.text
+        assert created.json()["result"] == {
+            **rule, "window": {"fixed": None, "rolling": "1m", "timezone": "UTC"},
+            "action": "block", "alerts": [], "source": "runtime"}
+        listed = {r["name"]: r for r in admin.get("/v1/spend-limits").json()["result"]}
+        assert listed["tpm"]["tokens"] == TPM and "budget_usd" not in listed["tpm"]
+        assert listed["night-rpm"]["requests"] == 2
+        for bad, message in (
+                ({**rule, "name": "x", "tokens": 5}, "exactly one of budget_usd, tokens or "
+                                                     "requests is required (got tokens and "
+                                                     "requests)"),
+                ({"name": "x", "window": {"rolling": "1m"}}, "exactly one of"),
+                ({**rule, "name": "x", "requests": 1.5}, "requests"),
+                ({**rule, "name": "x", "requests": None, "tokens": {"inputs": 3}}, "inputs")):
+            response = admin.post("/v1/spend-limits", json=bad)
+            assert response.status_code == 400, bad
+            assert message in response.json()["errors"][0]["message"]
+        assert [call(rate_stack, token, "rpm-model").status_code for _ in range(3)] == [
+            200, 200, 429]
+        # Completions are charged in a task after the response: wait for both to land.
+        deadline = time.monotonic() + 10
+        while True:
+            mine = httpx.get(rate_stack.admin_url + "/v1/budgets/me",
+                             params={"model": "rpm-model", "provider": "openai"},
+                             headers={"authorization": f"Bearer {token}"},
+                             timeout=10).json()["result"]
+            night = next(b for b in mine if b["rule"] == "night-rpm")
+            if night["spent"] == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert (night["unit"], night["limit"], night["spent"], night["reserved"],
+                night["remaining"], night["bucket"]) == (
+            "requests", 2, 2, 0, 0, "user=ivy@example.com")
+        rpm = next(b for b in mine if b["rule"] == "rpm")
+        assert (rpm["unit"], rpm["limit"]) == ("requests", 10)
+        result = admin.post("/v1/simulate", json={
+            "identity": {"email": "ivy@example.com", "groups": ["night-shift"]},
+            "model": "tok-model", "provider": "openai", "max_tokens": 10}).json()["result"]
+        assert result["decision"] == "deny" and result["status"] == 429
+        buckets = {b["rule"]: b for b in result["steps"][0]["buckets"]}
+        assert (buckets["night-rpm"]["unit"], buckets["night-rpm"]["fits"]) == (
+            "requests", False)
+        assert (buckets["tpm"]["unit"], buckets["tpm"]["fits"]) == ("tokens", True)
+        assert admin.delete("/v1/spend-limits/night-rpm").status_code == 200
