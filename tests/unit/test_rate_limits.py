@@ -13,14 +13,20 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from sidecar.alerts import Alerts
 from sidecar.budget.explain import budgets_for, simulate
+from sidecar.budget.spool import Spool
 from sidecar.config.loader import parse_config
 from sidecar.config.models import SpendLimitConfig
 from sidecar.config.ruleset import RuleSet, RuleSetHolder, build_ruleset
 from sidecar.engine import Engine
+from sidecar.http.dashboard.data import buckets as dashboard_buckets
+from sidecar.http.dashboard.data import gather
+from sidecar.http.dashboard.page import render
 from sidecar.metering.charge import Observed, charge_tokens
 from sidecar.model import Decision, Identity, RequestAttrs, TokenUsage
 from sidecar.pricing import estimate_input_tokens
+from sidecar.store.budget_types import BucketView, LedgerDims, ReserveRequest
 from sidecar.store.sqlite_store import SQLiteStore
 
 T0 = 1_900_000_020.0  # a whole minute: slot boundaries of 1 s and 1 min fall on it
@@ -273,3 +279,72 @@ def test_tokens_charged_follow_the_cost_rule() -> None:
     # No usage: what was reserved, more output if more text went past.
     assert charge_tokens((100, 500), Observed()) == (100, 500)
     assert charge_tokens((100, 500), Observed(output_bytes=4000)) == (100, 1000)
+
+
+async def test_alerts_report_token_rules_in_tokens(store: SQLiteStore) -> None:
+    posted: list[bytes] = []
+
+    async def post(url: str, body: bytes, headers: dict[str, str]) -> None:
+        posted.append(body)
+
+    clock = Clock()
+    rs = ruleset({"name": "tpm", "tokens": 2 * (PROMPT_TOKENS + 100),
+                  "window": {"rolling": "1m"}, "alerts": [50, 100]},
+                 alerts={"webhooks": [{"url": "http://hooks.invalid/x"}]})
+    holder = RuleSetHolder(rs)
+    alerts = Alerts(store, holder, clock, post)
+    auth = FixedAuth()
+    eng = Engine(holder, store, lambda _: auth, alerts=alerts,  # type: ignore[arg-type,return-value]
+                 clock=clock)
+    assert (await eng.check(attrs(max_tokens=100))).allowed
+    await alerts.drain()
+    await alerts.drain()
+    assert [(e["rule"], e["threshold_percent"], e["unit"], e["spent"], e["reserved"],
+             e["limit"]) for e in alerts.sent] == [
+        ("tpm", 50, "tokens", 0, PROMPT_TOKENS + 100, 2 * (PROMPT_TOKENS + 100))]
+    assert len(posted) == 1 and json.loads(posted[0])["unit"] == "tokens"
+
+
+async def test_spool_replays_a_fail_open_admission_into_token_buckets(
+        store: SQLiteStore, tmp_path: Path) -> None:
+    view = BucketView("tpm|rolling:60|tokens", int(T0), int(T0) - 59, 3_660, 1000,
+                      measure="tokens")
+    requests = BucketView("rpm|rolling:60|requests", int(T0), int(T0) - 59, 3_660, 10,
+                          measure="requests")
+    spool = Spool(str(tmp_path / "spool.db"))
+    try:
+        dims = LedgerDims("bot", (), "bot", "service", "big", "openai")
+        await spool.admitted(ReserveRequest("a", (view, requests), 500, "reserve", T0, T0 + 1,
+                                            dims, tokens=(40, 200)))
+        await spool.admitted(ReserveRequest("b", (view, requests), 500, "reserve", T0, T0 + 1,
+                                            dims, tokens=(40, 200)))
+        await spool.completed("b", 90, TokenUsage(40, 10), (40, 10))
+        # "a" never completed: charged its estimate, in tokens too; "b" its actual usage.
+        assert await spool.replay(store, T0 + 2) == 2
+    finally:
+        await spool.close()
+    states = await store.bucket_states([view, requests], T0 + 2)
+    assert [(s.spent, s.reserved) for s in states] == [(240 + 50, 0), (2, 0)]
+
+
+async def test_dashboard_lists_request_and_token_buckets_in_their_units(
+        store: SQLiteStore) -> None:
+    clock = Clock()
+    eng = engine(ruleset(
+        {"name": "rpm", "requests": 4, "window": {"rolling": "1m"}},
+        {"name": "tpm", "tokens": 100_000, "window": {"rolling": "1m"}},
+        {"name": "usd", "budget_usd": 2, "window": {"fixed": "daily"}},
+    ), store, clock)
+    d = await eng.check(attrs(max_tokens=100))
+    await eng.charge(d.request_id, Observed(TokenUsage(10, 20), complete=True))
+    found, hidden = await dashboard_buckets(eng, clock.now)
+    assert hidden == 0
+    by_rule = {b.view["rule"]: b for b in found}
+    assert (by_rule["rpm"].used, by_rule["rpm"].limit, by_rule["rpm"].percent) == (1, 4, 25.0)
+    assert (by_rule["tpm"].used, by_rule["tpm"].limit) == (30, 100_000)
+    page = render(await gather(eng, "hour", int(T0) - 3600, int(T0) + 3600))
+    assert 'data-rule="rpm" data-bucket="(all)" data-unit="requests" data-used="1" ' \
+        'data-limit="4"' in page
+    assert "1 requests / 4 requests" in page
+    assert "30 tokens / 100,000 tokens" in page
+    assert 'data-unit="usd" data-used-micros=' in page
