@@ -3,6 +3,7 @@ ext_authz Checks over gRPC, each from a user with its own freshly minted RS256 J
 
     .venv/bin/python -m bench.memory                 # 100,000 users, about 3 minutes
     .venv/bin/python -m bench.memory --users 20000   # quicker
+    .venv/bin/python -m bench.memory --users 10000 --rate-rules   # + rolling 1m rpm/tpm
 
 What grows with users: the verified-token cache (bounded, 50,000 entries), per-user
 budget buckets (in the store, not in the process) and nothing else by design. Tokens are
@@ -29,12 +30,19 @@ from cryptography.hazmat.primitives import serialization
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
 from bench.machine import rss_mb
-from bench.policy import BODY, GROUPS, PATH, bench_config
+from bench.policy import BODY, GROUPS, PATH, bench_config, spend_limits
 from sidecar.demo.keys import DevIssuer
 from sidecar.demo.procs import LOOPBACK, free_port
 from sidecar.demo.stack import sidecar_process, wait_ready
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# Request and token limits over a 1-minute rolling window, one bucket per caller (a split
+# on `user` buckets the bench's JWT callers exactly as `token` buckets service tokens).
+RATE_RULES: list[dict[str, Any]] = [
+    {"name": "caller-rpm", "requests": 600, "window": {"rolling": "1m"}, "split": ["user"]},
+    {"name": "caller-tpm", "tokens": 2_000_000, "window": {"rolling": "1m"},
+     "split": ["user"]},
+]
 _CHUNK = 250
 _CONCURRENCY = 16
 _issuer: DevIssuer | None = None
@@ -83,7 +91,7 @@ async def _drive(port: int, tokens: Iterator[list[str]], pid: int, users: int,
     return samples
 
 
-def measure(users: int) -> dict[str, Any]:
+def measure(users: int, rate_rules: bool = False) -> dict[str, Any]:
     issuer = DevIssuer.generate()
     pem = issuer.key.private_bytes(serialization.Encoding.PEM,
                                    serialization.PrivateFormat.PKCS8,
@@ -93,7 +101,8 @@ def measure(users: int) -> dict[str, Any]:
         jwks = issuer.write_jwks(workdir / "jwks.json")
         config_path = workdir / "sidecar.yaml"
         config_path.write_text(yaml.safe_dump(
-            bench_config(issuer, str(jwks), f"sqlite:///{workdir}/sidecar.db")))
+            bench_config(issuer, str(jwks), f"sqlite:///{workdir}/sidecar.db",
+                         rules=[*spend_limits(), *RATE_RULES] if rate_rules else None)))
         grpc_port, http_port = free_port(), free_port()
         # Decision lines are part of the work but not of the memory: keep them off the disk.
         with sidecar_process(workdir, "sidecar", config_path, grpc_port, http_port,
@@ -111,7 +120,8 @@ def measure(users: int) -> dict[str, Any]:
                                              every=max(_CHUNK, users // 10 // _CHUNK * _CHUNK)))
             seconds = time.monotonic() - started
             after = rss_mb(proc.pid)
-    return {"users": users, "rss_before_mb": round(before, 1), "rss_after_mb": round(after, 1),
+    return {"users": users, "rate_rules": rate_rules, "rss_before_mb": round(before, 1),
+            "rss_after_mb": round(after, 1),
             "samples": [{"users": u, "rss_mb": round(r, 1)} for u, r in samples],
             "seconds": round(seconds, 1), "pid_note": "RSS of the one sidecar process (VmRSS)"}
 
@@ -122,8 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=100_000)
     parser.add_argument("--out", type=Path, default=RESULTS / "memory.json",
                         help="where to keep the result (bench.run's table shows it)")
+    parser.add_argument("--rate-rules", action="store_true",
+                        help="add per-caller requests and tokens limits over a rolling minute")
     args = parser.parse_args(argv)
-    result = measure(args.users)
+    result = measure(args.users, args.rate_rules)
     result["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     text = json.dumps(result, indent=2)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -70,12 +70,17 @@ def _micros(usd: object) -> int:
 def budget_message(row: Mapping[str, Any]) -> pb.Budget:
     resets = timestamp_pb2.Timestamp()
     resets.FromJsonString(str(row["resets_at"]))
-    return pb.Budget(
-        rule=str(row["rule"]), bucket=str(row["bucket"]), action=str(row["action"]),
-        limit_micros=_micros(row["limit"]), spent_micros=_micros(row["spent"]),
-        reserved_micros=_micros(row["reserved"]), remaining_micros=_micros(row["remaining"]),
-        resets_at=resets,
-    )
+    unit = str(row["unit"])
+    common = {"rule": str(row["rule"]), "bucket": str(row["bucket"]),
+              "action": str(row["action"]), "resets_at": resets, "unit": unit,
+              "tokens": str(row.get("tokens", ""))}
+    if unit == "usd":
+        return pb.Budget(
+            limit_micros=_micros(row["limit"]), spent_micros=_micros(row["spent"]),
+            reserved_micros=_micros(row["reserved"]),
+            remaining_micros=_micros(row["remaining"]), **common)
+    return pb.Budget(limit=int(row["limit"]), spent=int(row["spent"]),
+                     reserved=int(row["reserved"]), remaining=int(row["remaining"]), **common)
 
 
 class SidecarApi(sidecar_pb2_grpc.SidecarServicer):

@@ -20,6 +20,7 @@ from sidecar.config.loader import parse_config
 from sidecar.config.models import SpendLimitConfig
 from sidecar.config.ruleset import RuleSet, RuleSetHolder, build_ruleset
 from sidecar.engine import Engine
+from sidecar.grpc_api import budget_message
 from sidecar.http.dashboard.data import buckets as dashboard_buckets
 from sidecar.http.dashboard.data import gather
 from sidecar.http.dashboard.page import render
@@ -348,3 +349,15 @@ async def test_dashboard_lists_request_and_token_buckets_in_their_units(
     assert "1 requests / 4 requests" in page
     assert "30 tokens / 100,000 tokens" in page
     assert 'data-unit="usd" data-used-micros=' in page
+
+
+def test_grpc_budget_message_carries_the_unit() -> None:
+    base = {"rule": "r", "bucket": "(all)", "action": "block", "resets_at": "2030-01-01T00:00:00Z"}
+    tokens = budget_message({**base, "unit": "tokens", "tokens": "output", "limit": 1000,
+                             "spent": 30, "reserved": 70, "remaining": 900})
+    assert (tokens.unit, tokens.tokens, tokens.limit, tokens.spent, tokens.reserved,
+            tokens.remaining, tokens.limit_micros) == ("tokens", "output", 1000, 30, 70, 900, 0)
+    usd = budget_message({**base, "unit": "usd", "limit": 2.5, "spent": 0.000001,
+                          "reserved": 0, "remaining": 2.499999})
+    assert (usd.unit, usd.limit_micros, usd.spent_micros, usd.remaining_micros, usd.limit) == (
+        "usd", 2_500_000, 1, 2_499_999, 0)

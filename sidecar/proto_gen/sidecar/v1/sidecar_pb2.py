@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*sidecar/proto_gen/sidecar/v1/sidecar.proto\x12\nsidecar.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xad\x01\n\x12ReportUsageRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x08provider\x18\x03 \x01(\t\x12\x14\n\x0cinput_tokens\x18\x04 \x01(\x04\x12\x15\n\routput_tokens\x18\x05 \x01(\x04\x12\x19\n\x11\x63\x61\x63he_read_tokens\x18\x06 \x01(\x04\x12\x1a\n\x12\x63\x61\x63he_write_tokens\x18\x07 \x01(\x04\"T\n\x13ReportUsageResponse\x12(\n\x06status\x18\x01 \x01(\x0e\x32\x18.sidecar.v1.ReportStatus\x12\x13\n\x0b\x63ost_micros\x18\x02 \x01(\x03\"\xb1\x01\n\x11GetBudgetsRequest\x12;\n\x07headers\x18\x01 \x03(\x0b\x32*.sidecar.v1.GetBudgetsRequest.HeadersEntry\x12\x0e\n\x06\x62\x65\x61rer\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x10\n\x08provider\x18\x04 \x01(\t\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc4\x01\n\x06\x42udget\x12\x0c\n\x04rule\x18\x01 \x01(\t\x12\x0e\n\x06\x62ucket\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\x14\n\x0climit_micros\x18\x04 \x01(\x03\x12\x14\n\x0cspent_micros\x18\x05 \x01(\x03\x12\x17\n\x0freserved_micros\x18\x06 \x01(\x03\x12\x18\n\x10remaining_micros\x18\x07 \x01(\x03\x12-\n\tresets_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"9\n\x12GetBudgetsResponse\x12#\n\x07\x62udgets\x18\x01 \x03(\x0b\x32\x12.sidecar.v1.Budget*\x9a\x01\n\x0cReportStatus\x12\x1d\n\x19REPORT_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17REPORT_STATUS_COMMITTED\x10\x01\x12\x1b\n\x17REPORT_STATUS_DUPLICATE\x10\x02\x12\x16\n\x12REPORT_STATUS_LATE\x10\x03\x12\x19\n\x15REPORT_STATUS_UNKNOWN\x10\x04\x32\xa6\x01\n\x07Sidecar\x12N\n\x0bReportUsage\x12\x1e.sidecar.v1.ReportUsageRequest\x1a\x1f.sidecar.v1.ReportUsageResponse\x12K\n\nGetBudgets\x12\x1d.sidecar.v1.GetBudgetsRequest\x1a\x1e.sidecar.v1.GetBudgetsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*sidecar/proto_gen/sidecar/v1/sidecar.proto\x12\nsidecar.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xad\x01\n\x12ReportUsageRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x08provider\x18\x03 \x01(\t\x12\x14\n\x0cinput_tokens\x18\x04 \x01(\x04\x12\x15\n\routput_tokens\x18\x05 \x01(\x04\x12\x19\n\x11\x63\x61\x63he_read_tokens\x18\x06 \x01(\x04\x12\x1a\n\x12\x63\x61\x63he_write_tokens\x18\x07 \x01(\x04\"T\n\x13ReportUsageResponse\x12(\n\x06status\x18\x01 \x01(\x0e\x32\x18.sidecar.v1.ReportStatus\x12\x13\n\x0b\x63ost_micros\x18\x02 \x01(\x03\"\xb1\x01\n\x11GetBudgetsRequest\x12;\n\x07headers\x18\x01 \x03(\x0b\x32*.sidecar.v1.GetBudgetsRequest.HeadersEntry\x12\x0e\n\x06\x62\x65\x61rer\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x10\n\x08provider\x18\x04 \x01(\t\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa5\x02\n\x06\x42udget\x12\x0c\n\x04rule\x18\x01 \x01(\t\x12\x0e\n\x06\x62ucket\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\x14\n\x0climit_micros\x18\x04 \x01(\x03\x12\x14\n\x0cspent_micros\x18\x05 \x01(\x03\x12\x17\n\x0freserved_micros\x18\x06 \x01(\x03\x12\x18\n\x10remaining_micros\x18\x07 \x01(\x03\x12-\n\tresets_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04unit\x18\t \x01(\t\x12\r\n\x05limit\x18\n \x01(\x03\x12\r\n\x05spent\x18\x0b \x01(\x03\x12\x10\n\x08reserved\x18\x0c \x01(\x03\x12\x11\n\tremaining\x18\r \x01(\x03\x12\x0e\n\x06tokens\x18\x0e \x01(\t\"9\n\x12GetBudgetsResponse\x12#\n\x07\x62udgets\x18\x01 \x03(\x0b\x32\x12.sidecar.v1.Budget*\x9a\x01\n\x0cReportStatus\x12\x1d\n\x19REPORT_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17REPORT_STATUS_COMMITTED\x10\x01\x12\x1b\n\x17REPORT_STATUS_DUPLICATE\x10\x02\x12\x16\n\x12REPORT_STATUS_LATE\x10\x03\x12\x19\n\x15REPORT_STATUS_UNKNOWN\x10\x04\x32\xa6\x01\n\x07Sidecar\x12N\n\x0bReportUsage\x12\x1e.sidecar.v1.ReportUsageRequest\x1a\x1f.sidecar.v1.ReportUsageResponse\x12K\n\nGetBudgets\x12\x1d.sidecar.v1.GetBudgetsRequest\x1a\x1e.sidecar.v1.GetBudgetsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,8 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GETBUDGETSREQUEST_HEADERSENTRY']._loaded_options = None
   _globals['_GETBUDGETSREQUEST_HEADERSENTRY']._serialized_options = b'8\001'
-  _globals['_REPORTSTATUS']._serialized_start=792
-  _globals['_REPORTSTATUS']._serialized_end=946
+  _globals['_REPORTSTATUS']._serialized_start=889
+  _globals['_REPORTSTATUS']._serialized_end=1043
   _globals['_REPORTUSAGEREQUEST']._serialized_start=92
   _globals['_REPORTUSAGEREQUEST']._serialized_end=265
   _globals['_REPORTUSAGERESPONSE']._serialized_start=267
@@ -45,9 +45,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETBUDGETSREQUEST_HEADERSENTRY']._serialized_start=485
   _globals['_GETBUDGETSREQUEST_HEADERSENTRY']._serialized_end=531
   _globals['_BUDGET']._serialized_start=534
-  _globals['_BUDGET']._serialized_end=730
-  _globals['_GETBUDGETSRESPONSE']._serialized_start=732
-  _globals['_GETBUDGETSRESPONSE']._serialized_end=789
-  _globals['_SIDECAR']._serialized_start=949
-  _globals['_SIDECAR']._serialized_end=1115
+  _globals['_BUDGET']._serialized_end=827
+  _globals['_GETBUDGETSRESPONSE']._serialized_start=829
+  _globals['_GETBUDGETSRESPONSE']._serialized_end=886
+  _globals['_SIDECAR']._serialized_start=1046
+  _globals['_SIDECAR']._serialized_end=1212
 # @@protoc_insertion_point(module_scope)

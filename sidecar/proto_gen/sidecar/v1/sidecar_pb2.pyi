@@ -69,7 +69,7 @@ class GetBudgetsRequest(_message.Message):
     def __init__(self, headers: _Optional[_Mapping[str, str]] = ..., bearer: _Optional[str] = ..., model: _Optional[str] = ..., provider: _Optional[str] = ...) -> None: ...
 
 class Budget(_message.Message):
-    __slots__ = ("rule", "bucket", "action", "limit_micros", "spent_micros", "reserved_micros", "remaining_micros", "resets_at")
+    __slots__ = ("rule", "bucket", "action", "limit_micros", "spent_micros", "reserved_micros", "remaining_micros", "resets_at", "unit", "limit", "spent", "reserved", "remaining", "tokens")
     RULE_FIELD_NUMBER: _ClassVar[int]
     BUCKET_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,12 @@ class Budget(_message.Message):
     RESERVED_MICROS_FIELD_NUMBER: _ClassVar[int]
     REMAINING_MICROS_FIELD_NUMBER: _ClassVar[int]
     RESETS_AT_FIELD_NUMBER: _ClassVar[int]
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    SPENT_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
     rule: str
     bucket: str
     action: str
@@ -86,7 +92,13 @@ class Budget(_message.Message):
     reserved_micros: int
     remaining_micros: int
     resets_at: _timestamp_pb2.Timestamp
-    def __init__(self, rule: _Optional[str] = ..., bucket: _Optional[str] = ..., action: _Optional[str] = ..., limit_micros: _Optional[int] = ..., spent_micros: _Optional[int] = ..., reserved_micros: _Optional[int] = ..., remaining_micros: _Optional[int] = ..., resets_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    unit: str
+    limit: int
+    spent: int
+    reserved: int
+    remaining: int
+    tokens: str
+    def __init__(self, rule: _Optional[str] = ..., bucket: _Optional[str] = ..., action: _Optional[str] = ..., limit_micros: _Optional[int] = ..., spent_micros: _Optional[int] = ..., reserved_micros: _Optional[int] = ..., remaining_micros: _Optional[int] = ..., resets_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., unit: _Optional[str] = ..., limit: _Optional[int] = ..., spent: _Optional[int] = ..., reserved: _Optional[int] = ..., remaining: _Optional[int] = ..., tokens: _Optional[str] = ...) -> None: ...
 
 class GetBudgetsResponse(_message.Message):
     __slots__ = ("budgets",)
