@@ -182,7 +182,9 @@ class RollingWindow:
         return "rolling"
 
     def ttl_seconds(self) -> int:
-        return self.span + _TTL_SLACK_SECONDS
+        # The slack is at most the window's own span: a slot of a 10-second or 1-minute
+        # window kept an hour would make a busy bucket hold thousands of dead slots.
+        return self.span + min(_TTL_SLACK_SECONDS, self.span)
 
 
 _DURATION = re.compile(r"(?:([0-9]+)d)?(?:([0-9]+)h)?(?:([0-9]+)m)?(?:([0-9]+)s)?")

@@ -56,8 +56,12 @@ _DONE_RETENTION_SECONDS = 7 * 24 * 3600
 _LEDGER_RETENTION_SECONDS = 400 * 24 * 3600
 # Same as the SQLite store: bounded so one reserve never does unbounded catch-up work.
 _SETTLE_ON_RESERVE = 100
-# Dead slot fields dropped per settle_expired call; the rest go on the next call.
+# Dead slot fields dropped per script call, and script calls per settle_expired at most.
+# One-second slots of short rolling windows die at up to one per busy bucket per second,
+# so pruning keeps calling while it finds full batches, in short calls that never hold
+# Redis for long (1,000 fields take about a millisecond).
 _SLOT_PRUNE_BATCH = 1000
+_SLOT_PRUNE_ROUNDS = 50
 # A hold must outlive its reservation by a margin, because expired reservations are only
 # settled when the next reserve or settle_expired runs.
 _HOLD_GRACE_SECONDS = 3600
@@ -303,8 +307,15 @@ class RedisStore:
             repr(float(now)), limit, int(now), _SLOT_PRUNE_BATCH, _LEDGER_RETENTION_SECONDS,
             _DONE_RETENTION_SECONDS, oldest_hour,
         ]
+        settled = 0
         with _guard():
-            return int(await self._settle(keys=self._budget_keys(), args=args))
+            for _ in range(_SLOT_PRUNE_ROUNDS):
+                count, pruned = await self._settle(keys=self._budget_keys(), args=args)
+                settled += int(count)
+                if int(pruned) < _SLOT_PRUNE_BATCH:
+                    break
+                args[1] = 0  # later rounds only prune: reservations were settled
+        return settled
 
     async def open_reservations(self) -> int:
         with _guard():

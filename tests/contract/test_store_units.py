@@ -123,3 +123,26 @@ async def test_rolling_token_window_frees_what_ages_out(store: Store) -> None:
     assert not (await store.reserve(req("r2", 1, (1, 0), later, now=NOW + 9))).admitted
     aged = bucket("t", 100, "tokens", slot=SLOT + 10, since=SLOT + 1)
     assert (await store.reserve(req("r3", 1, (1, 0), aged, now=NOW + 10))).admitted
+
+
+async def test_redis_prunes_more_dead_one_second_slots_than_one_batch(redis_url: str) -> None:
+    from redis.asyncio import Redis
+
+    from sidecar.store.redis_store import RedisStore
+
+    st = RedisStore(redis_url, prefix="prune-test:")
+    client = Redis.from_url(redis_url, decode_responses=True)
+    try:
+        await st.flush_for_tests()
+        # 2,500 one-second slots of a 10 s window, all dead 20 s after they began.
+        spend = [(BucketView(f"burst{i % 5}", SLOT + s, SLOT, 20, 10, measure="requests"), 1)
+                 for i in range(5) for s in range(500)]
+        assert await st.add_spend("m", spend)
+        index = "prune-test:{budget}:slots"
+        assert await client.zcard(index) == 2500
+        await st.settle_expired(SLOT + 600)
+        assert await client.zcard(index) == 0
+        assert await client.hlen("prune-test:{budget}:b:burst0") == 0
+    finally:
+        await client.aclose()
+        await st.close()

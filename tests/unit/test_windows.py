@@ -266,3 +266,12 @@ def test_parse_duration(text: str, seconds: int) -> None:
 def test_parse_duration_rejects(text: str) -> None:
     with pytest.raises(ValueError, match="invalid duration"):
         parse_duration(text)
+
+
+def test_short_rolling_windows_keep_slots_about_one_window_past_their_span() -> None:
+    ten = RollingWindow(10)
+    assert (ten.slot_seconds, ten.slot_count, ten.span) == (1, 10, 10)
+    # Spend is forgotten after 10 s and its slot dropped by 20 s, not kept for an hour.
+    assert ten.ttl_seconds() == 20
+    assert RollingWindow(60).ttl_seconds() == 120
+    assert RollingWindow(DAY).ttl_seconds() == DAY + HOUR

@@ -18,7 +18,7 @@
 -- ARGV[5]   ledger hash TTL (seconds)
 -- ARGV[6]   retention of done reservations (seconds)
 -- ARGV[7]   the oldest ledger hour to keep in the hours index
--- Returns   the number of reservations settled.
+-- Returns   {reservations settled, slot fields dropped}.
 --
 -- Prepended at load time: budget_lib.lua (settle, ...).
 
@@ -34,4 +34,4 @@ for _, member in ipairs(dead) do
   redis.call('ZREM', ctx.slots, member)
 end
 redis.call('ZREMRANGEBYSCORE', ctx.hours, '-inf', '(' .. ARGV[7])
-return settled
+return {settled, #dead}
