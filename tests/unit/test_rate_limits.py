@@ -280,6 +280,10 @@ def test_tokens_charged_follow_the_cost_rule() -> None:
     # No usage: what was reserved, more output if more text went past.
     assert charge_tokens((100, 500), Observed()) == (100, 500)
     assert charge_tokens((100, 500), Observed(output_bytes=4000)) == (100, 1000)
+    # A provider error without usage costs no tokens, as it costs $0.
+    assert charge_tokens((100, 500), Observed(status=429)) == (0, 0)
+    assert charge_tokens((100, 500), Observed(TokenUsage(7, 0), complete=True,
+                                              status=400)) == (7, 0)
 
 
 async def test_alerts_report_token_rules_in_tokens(store: SQLiteStore) -> None:
