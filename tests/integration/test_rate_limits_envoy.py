@@ -51,10 +51,13 @@ MODELS = ("rpm-model", "tok-model", "burst-model", "big-model", "small-model")
 
 
 def rate_config(issuer: DevIssuer, jwks: str, store: str) -> dict[str, Any]:
+    # Forty checks at once on a busy test machine can lag the event loop past the default
+    # load-shedding bound; these tests count budget decisions, so every check is decided.
     return demo_config(issuer, jwks, store, spend_limits=LIMITS,
                        fallbacks={"big-model": [{"model": "small-model"}]},
                        pricing={"unknown_model": "reject",
-                                "overrides": [_price(m) for m in MODELS]})
+                                "overrides": [_price(m) for m in MODELS]},
+                       overload={"max_loop_lag_seconds": 30})
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +96,10 @@ def test_forty_concurrent_against_ten_rpm_admit_exactly_ten_sqlite(
         rate_stack: Stack, issuer: DevIssuer) -> None:
     responses = forty_at_once(rate_stack, issuer.mint("rpm@example.com"))
     statuses = [r.status_code for r in responses]
-    assert statuses.count(200) == 10, statuses
-    assert statuses.count(429) == 30
+    assert statuses.count(200) == 10, [(r.status_code, r.text) for r in responses
+                                       if r.status_code not in (200, 429)]
+    assert statuses.count(429) == 30, [(r.status_code, r.text) for r in responses
+                                       if r.status_code not in (200, 429)]
     error = next(r for r in responses if r.status_code == 429).json()["error"]
     assert (error["rule"], error["unit"], error["limit"]) == ("rpm", "requests", 10)
     assert error["spent"] + error["reserved"] == 10
@@ -104,10 +109,11 @@ def test_forty_concurrent_against_ten_rpm_admit_exactly_ten_sqlite(
 def test_forty_concurrent_against_ten_rpm_across_two_replicas_on_redis(
         rate_replicas: Stack, issuer: DevIssuer) -> None:
     assert len(rate_replicas.sidecars) == 2
-    statuses = [r.status_code for r in forty_at_once(rate_replicas,
-                                                     issuer.mint("rpm2@example.com"))]
-    assert statuses.count(200) == 10, statuses
-    assert statuses.count(429) == 30
+    responses = forty_at_once(rate_replicas, issuer.mint("rpm2@example.com"))
+    statuses = [r.status_code for r in responses]
+    others = [(r.status_code, r.text) for r in responses if r.status_code not in (200, 429)]
+    assert statuses.count(200) == 10, others
+    assert statuses.count(429) == 30, others
     logs = [p.log_path.read_text() for p in rate_replicas.sidecars]
     assert all('"decision": "allow"' in log or '"decision": "deny"' in log for log in logs)
 
