@@ -4,8 +4,10 @@ the hourly ledger before the rule takes effect.
 Precision is the ledger's: an hour. The hour in which a window starts is counted whole
 (erring towards the budget, never past it). Rules that filter or split on `metadata.*`
 cannot be seeded (the ledger does not keep client metadata) and start counting when they
-are created; so does spend committed in the second it takes a new rule to reach every
-replica.
+are created; so do rules over a rolling window shorter than an hour (a requests- or
+tokens-per-minute limit: an hour of usage poured into one minute would refuse everything
+for that minute), and so does spend committed in the second it takes a new rule to reach
+every replica.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Sequence
 import structlog
 
 from sidecar.policy.rules import Rule
+from sidecar.policy.windows import RollingWindow
 from sidecar.store.base import Store
 from sidecar.store.budget_types import BucketView, LedgerRow, measured
 
@@ -35,7 +38,10 @@ def marker(rule: Rule) -> str:
 def seedable(rule: Rule) -> bool:
     dims = {d for d, _ in rule.filters} | set(rule.split)
     # The account rules track from the first request on and need no seeding.
-    return rule.name != "account" and not any(d.startswith("metadata.") for d in dims)
+    if rule.name == "account" or any(d.startswith("metadata.") for d in dims):
+        return False
+    # The ledger's precision is an hour: too coarse for a shorter window.
+    return not (isinstance(rule.window, RollingWindow) and rule.window.seconds < _HOUR)
 
 
 def seed_amounts(rule: Rule, rows: Sequence[LedgerRow], now: float) -> list[tuple[BucketView, int]]:

@@ -60,3 +60,18 @@ async def test_seed_rules_is_once_per_rule(tmp_path: Path) -> None:
         assert (await store.bucket_states([view], NOW))[0].spent == 42
     finally:
         await store.close()
+
+
+def test_rate_rules_seed_in_their_unit_and_short_windows_not_at_all() -> None:
+    hour = NOW // 3600 * 3600
+    rows = [row(hour - 3600, "a", 50), row(hour, "a", 4)]
+    tokens = compile_rule(name="tph", limit=10**6, window=RollingWindow(2 * 3600), filters={},
+                          split=(), action="block", measure="tokens")
+    requests = compile_rule(name="rph", limit=100, window=FixedWindow("daily"), filters={},
+                            split=(), action="block", measure="requests")
+    assert [a for _, a in seed_amounts(tokens, rows, NOW)] == [20, 20]
+    assert sum(a for _, a in seed_amounts(requests, rows, NOW)) == 2
+    assert all(v.measure == "tokens" for v, _ in seed_amounts(tokens, rows, NOW))
+    per_minute = compile_rule(name="tpm", limit=10**6, window=RollingWindow(60), filters={},
+                              split=(), action="block", measure="tokens")
+    assert seedable(tokens) and seedable(requests) and not seedable(per_minute)
