@@ -92,14 +92,36 @@ def forty_at_once(stack: Stack, token: str) -> list[httpx.Response]:
         return list(pool.map(lambda _: call(stack, token, "rpm-model"), range(40)))
 
 
+def requests_held(stack: Stack, token: str) -> int:
+    """Spent + reserved of the caller's `rpm` bucket, as the store has it."""
+    mine = httpx.get(stack.admin_url + "/v1/budgets/me",
+                     params={"model": "rpm-model", "provider": "openai"},
+                     headers={"authorization": f"Bearer {token}"}, timeout=10).json()["result"]
+    rpm = next(b for b in mine if b["rule"] == "rpm")
+    return int(rpm["spent"]) + int(rpm["reserved"])
+
+
+def assert_exactly_ten_admitted(stack: Stack, token: str,
+                                responses: list[httpx.Response]) -> None:
+    statuses = [r.status_code for r in responses]
+    others = [(r.status_code, r.text) for r in responses if r.status_code not in (200, 429)]
+    assert set(statuses) <= {200, 429, 503}, others
+    # Exactly ten admissions, in the store: never an eleventh.
+    assert requests_held(stack, token) == 10
+    # Each answered 200, unless Envoy stopped waiting for the answer (its 503 when a shared
+    # machine is too loaded to answer within the ext_authz timeout): then strictly fewer.
+    unanswered = statuses.count(503)
+    assert 10 - unanswered <= statuses.count(200) <= 10, others
+    assert statuses.count(429) >= 30 - unanswered, others
+    if not unanswered:
+        assert (statuses.count(200), statuses.count(429)) == (10, 30)
+
+
 def test_forty_concurrent_against_ten_rpm_admit_exactly_ten_sqlite(
         rate_stack: Stack, issuer: DevIssuer) -> None:
-    responses = forty_at_once(rate_stack, issuer.mint("rpm@example.com"))
-    statuses = [r.status_code for r in responses]
-    assert statuses.count(200) == 10, [(r.status_code, r.text) for r in responses
-                                       if r.status_code not in (200, 429)]
-    assert statuses.count(429) == 30, [(r.status_code, r.text) for r in responses
-                                       if r.status_code not in (200, 429)]
+    token = issuer.mint("rpm@example.com")
+    responses = forty_at_once(rate_stack, token)
+    assert_exactly_ten_admitted(rate_stack, token, responses)
     error = next(r for r in responses if r.status_code == 429).json()["error"]
     assert (error["rule"], error["unit"], error["limit"]) == ("rpm", "requests", 10)
     assert error["spent"] + error["reserved"] == 10
@@ -109,11 +131,8 @@ def test_forty_concurrent_against_ten_rpm_admit_exactly_ten_sqlite(
 def test_forty_concurrent_against_ten_rpm_across_two_replicas_on_redis(
         rate_replicas: Stack, issuer: DevIssuer) -> None:
     assert len(rate_replicas.sidecars) == 2
-    responses = forty_at_once(rate_replicas, issuer.mint("rpm2@example.com"))
-    statuses = [r.status_code for r in responses]
-    others = [(r.status_code, r.text) for r in responses if r.status_code not in (200, 429)]
-    assert statuses.count(200) == 10, others
-    assert statuses.count(429) == 30, others
+    token = issuer.mint("rpm2@example.com")
+    assert_exactly_ten_admitted(rate_replicas, token, forty_at_once(rate_replicas, token))
     logs = [p.log_path.read_text() for p in rate_replicas.sidecars]
     assert all('"decision": "allow"' in log or '"decision": "deny"' in log for log in logs)
 
