@@ -40,15 +40,25 @@ def bar(used: Decimal, limit: Decimal) -> str:
     return f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {share * 100:4.0f}%"
 
 
+def amount(unit: str, value: Decimal) -> str:
+    """Dollars to the µUSD; tokens and requests as whole numbers with their unit."""
+    if unit == "usd":
+        return f"${value:.6f}"
+    return f"{int(value):,} {'req' if unit == 'requests' else 'tok'}"
+
+
 def render_budgets(rows: Sequence[Mapping[str, Any]], now: float) -> str:
     if not rows:
         return "No budget applies to you (no spend limit matches your identity)."
     body = []
     for r in rows:
+        # Rows of a server older than units are all dollars.
+        unit = str(r.get("unit", "usd"))
         spent, reserved, limit = (dollars(r[k]) for k in ("spent", "reserved", "limit"))
-        body.append([str(r["rule"]), str(r["bucket"]), str(r["window"]),
-                     f"${spent:.6f}", f"${reserved:.6f}", f"${limit:.6f}",
-                     f"${dollars(r['remaining']):.6f}", bar(spent + reserved, limit),
+        rule = str(r["rule"]) + (f" ({r['tokens']})" if r.get("tokens") else "")
+        body.append([rule, str(r["bucket"]), str(r["window"]),
+                     amount(unit, spent), amount(unit, reserved), amount(unit, limit),
+                     amount(unit, dollars(r["remaining"])), bar(spent + reserved, limit),
                      resets_in(str(r["resets_at"]), now)])
     widths = [max(len(line[i]) for line in [list(HEADERS), *body]) for i in range(len(HEADERS))]
 

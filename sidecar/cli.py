@@ -220,6 +220,13 @@ def _dollars(text: str) -> int | float:
     return int(amount) if amount == amount.to_integral_value() else float(text)
 
 
+def _count(text: str) -> int:
+    """A whole, non-negative number of tokens or requests."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+    return int(text)
+
+
 def _common(p: argparse.ArgumentParser, url: bool = True) -> None:
     if url:
         p.add_argument("--url", help=URL_HELP)
@@ -229,8 +236,11 @@ def _common(p: argparse.ArgumentParser, url: bool = True) -> None:
 def _limit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", help="the spend limit's name")
     p.add_argument("--budget-usd", type=_dollars, help="the limit in US dollars, such as 25")
+    p.add_argument("--tokens", type=_count, help="the limit in tokens (input + output), "
+                                                 "such as 200000")
+    p.add_argument("--requests", type=_count, help="the limit in requests, such as 5000")
     p.add_argument("--window", help="daily, weekly, monthly (calendar, UTC) or a rolling "
-                                    "duration such as 24h or 7d")
+                                    "duration such as 24h, 7d, 1m or 10s")
     p.add_argument("--filter", action="append", metavar="DIM=V1,V2",
                    help="only requests whose DIM (user, group, token, kind, model, provider, "
                         "metadata.KEY) matches one of the values (globs allowed); repeatable")

@@ -64,8 +64,15 @@ def parse_filters(items: Sequence[str]) -> dict[str, list[str]]:
 def limit_body(args: argparse.Namespace, base: dict[str, Any]) -> dict[str, Any]:
     body = {k: v for k, v in base.items() if k != "source"}
     body["name"] = args.name
-    if args.budget_usd is not None:
-        body["budget_usd"] = args.budget_usd
+    given = {k: v for k, v in (("budget_usd", args.budget_usd), ("tokens", args.tokens),
+                               ("requests", args.requests)) if v is not None}
+    if len(given) > 1:
+        raise LoginError("give one of --budget-usd, --tokens or --requests")
+    if given:
+        # A rule has one unit: a new one replaces the old.
+        for unit in ("budget_usd", "tokens", "requests"):
+            body.pop(unit, None)
+        body.update(given)
     if args.window is not None:
         body["window"] = window_spec(args.window)
     if args.filter:
@@ -79,14 +86,29 @@ def limit_body(args: argparse.Namespace, base: dict[str, Any]) -> dict[str, Any]
     return body
 
 
+def limit_text(rule: dict[str, Any]) -> str:
+    """The rule's limit in its unit: `$25`, `200,000 tokens`, `in 10,000 / out 2,000
+    tokens`, `5,000 requests`."""
+    if rule.get("budget_usd") is not None:
+        return usd(rule["budget_usd"])
+    if rule.get("requests") is not None:
+        return f"{int(rule['requests']):,} requests"
+    tokens = rule.get("tokens")
+    if isinstance(tokens, dict):
+        parts = [f"{side} {int(tokens[side]):,}" for side in ("input", "output")
+                 if tokens.get(side) is not None]
+        return " / ".join(parts) + " tokens"
+    return f"{int(tokens or 0):,} tokens"
+
+
 def limit_row(rule: dict[str, Any]) -> list[str]:
     filters = "; ".join(f"{k}={','.join(v)}" for k, v in rule.get("filter", {}).items())
-    return [str(rule["name"]), str(rule.get("source", "")), usd(rule["budget_usd"]),
+    return [str(rule["name"]), str(rule.get("source", "")), limit_text(rule),
             window_text(rule["window"]), filters or "-", ",".join(rule.get("split", [])) or "-",
             str(rule.get("action", ""))]
 
 
-LIMIT_HEADERS = ("NAME", "SOURCE", "BUDGET", "WINDOW", "FILTER", "SPLIT", "ACTION")
+LIMIT_HEADERS = ("NAME", "SOURCE", "LIMIT", "WINDOW", "FILTER", "SPLIT", "ACTION")
 
 
 def cmd_limits_list(args: argparse.Namespace) -> int:
@@ -107,8 +129,10 @@ def cmd_limits_show(args: argparse.Namespace) -> int:
 
 
 def cmd_limits_create(args: argparse.Namespace) -> int:
-    if args.budget_usd is None or args.window is None:
-        raise LoginError("limits create needs --budget-usd and --window")
+    if (args.budget_usd is None and args.tokens is None and args.requests is None) \
+            or args.window is None:
+        raise LoginError("limits create needs --window and one of --budget-usd, --tokens "
+                         "or --requests")
     rule = admin_client(args.url).call("POST", "/v1/spend-limits", limit_body(args, {}))
     emit(rule, args.json, f"Created spend limit {rule['name']}.\n{_shown(rule)}")
     return 0

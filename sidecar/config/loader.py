@@ -26,7 +26,7 @@ def _key_path(loc: tuple[int | str, ...]) -> str:
     for item in loc:
         # pydantic adds the name of a union member or a validator tag; they are not keys.
         if isinstance(item, str) and (item.startswith(("function-", "literal[")) or item in {
-            "DefaultPriceConfig", "str", "tuple[str, ...]"
+            "DefaultPriceConfig", "str", "tuple[str, ...]", "token-count", "token-limits"
         }):
             continue
         if isinstance(item, int):
@@ -41,6 +41,7 @@ _PHRASES = (
     (re.compile(r"^(Value|Assertion) error, "), ""),
     (re.compile(r"^Extra inputs are not permitted$"), "unknown key (check its spelling)"),
     (re.compile(r"^Field required$"), "required, but missing"),
+    (re.compile(r"^Input should be a valid integer"), "must be a whole number"),
     (re.compile(r"^Input should be a valid (\w+)"), r"must be a \1"),
     (re.compile(r"^Input should be "), "must be "),
     (re.compile(r"^(String|List|Tuple|Dictionary) should have "), "must have "),

@@ -304,13 +304,13 @@ class TokenLimitConfig(Strict):
 
 
 def _token_form(value: Any) -> str:
-    return "split" if isinstance(value, dict | TokenLimitConfig) else "total"
+    return "token-limits" if isinstance(value, dict | TokenLimitConfig) else "token-count"
 
 
 # A number (input + output) or {input, output}; the discriminator keeps the errors to the
 # form that was written.
 TokenLimit = Annotated[
-    Annotated[Count, Tag("total")] | Annotated[TokenLimitConfig, Tag("split")],
+    Annotated[Count, Tag("token-count")] | Annotated[TokenLimitConfig, Tag("token-limits")],
     Discriminator(_token_form),
 ]
 UNIT_FIELDS = ("budget_usd", "tokens", "requests")

@@ -237,6 +237,31 @@ def test_limits_crud_from_the_cli(stack: Stack, tmp_path: Path) -> None:
     assert readonly.returncode == 1 and "read-only" in readonly.stderr
 
 
+def test_limits_in_tokens_and_requests_from_the_cli(stack: Stack, tmp_path: Path,
+                                                   alice: tuple[Path, dict[str, Any]]) -> None:
+    env = {"SIDECAR_URL": stack.admin_url}
+    created = json.loads(ok(run(tmp_path, "limits", "create", "ml-tpm", "--tokens", "200000",
+                                "--window", "1m", "--filter", "group=ml", "--split", "user",
+                                "--json", admin=True, env=env)))
+    assert created["tokens"] == 200_000 and "budget_usd" not in created
+    assert created["window"]["rolling"] == "1m"
+    listed = ok(run(tmp_path, "limits", "list", admin=True, env=env))
+    assert re.search(r"^ml-tpm\s+runtime\s+200,000 tokens\s+rolling 1m", listed, re.M), listed
+    both = run(tmp_path, "limits", "create", "x", "--tokens", "5", "--requests", "5",
+               "--window", "1m", admin=True, env=env)
+    assert both.returncode == 1 and "one of --budget-usd, --tokens or --requests" in both.stderr
+    # Switching the unit replaces the old one.
+    updated = json.loads(ok(run(tmp_path, "limits", "update", "ml-tpm", "--requests", "600",
+                                "--json", admin=True, env=env)))
+    assert updated["requests"] == 600 and "tokens" not in updated
+    home, _ = alice
+    mine = json.loads(ok(run(home, "budgets", "--json")))
+    rpm = next(r for r in mine if r["rule"] == "ml-tpm")
+    assert (rpm["unit"], rpm["limit"]) == ("requests", 600)
+    assert re.search(r"^ml-tpm\s.*\b600 req\b", ok(run(home, "budgets")), re.M)
+    ok(run(tmp_path, "limits", "delete", "ml-tpm", admin=True, env=env))
+
+
 def test_token_with_its_own_budget_unique_names_rotate_and_revoke_by_name(
         stack: Stack, tmp_path: Path) -> None:
     env = {"SIDECAR_URL": stack.admin_url}

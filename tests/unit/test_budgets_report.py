@@ -44,3 +44,17 @@ def test_candidates_are_models_with_spend_and_plain_names_in_filters() -> None:
     assert literal_values(rule, "model") == ("gpt-4o",)
     spent = LedgerRow(0, LedgerDims(model="o3", provider="openai"), 1, 1, 0, 0)
     assert listed_models([rule], [spent]) == [("gpt-4o", ""), ("o3", "openai")]
+
+
+def test_token_and_request_rows_show_whole_numbers_in_their_unit() -> None:
+    text = render_budgets([
+        {"rule": "tpm", "bucket": "token=bot", "window": "rolling:60", "unit": "tokens",
+         "tokens": "output", "spent": 1500, "reserved": 500, "limit": 200000,
+         "remaining": 198000, "resets_at": "2026-01-01T00:00:45Z"},
+        {"rule": "rpm", "bucket": "(all)", "window": "rolling:60", "unit": "requests",
+         "spent": 3, "reserved": 1, "limit": 4, "remaining": 0,
+         "resets_at": "2026-01-01T00:00:45Z"}], NOW)
+    _, tpm, rpm = text.splitlines()
+    assert "tpm (output)" in tpm and "1,500 tok" in tpm and "200,000 tok" in tpm
+    assert "$" not in tpm and "1%" in tpm
+    assert "3 req" in rpm and "4 req" in rpm and "100%" in rpm

@@ -30,7 +30,9 @@ def validate_rule(data: dict[str, Any]) -> dict[str, Any]:
     except ValidationError as exc:
         problems = []
         for err in exc.errors(include_url=False, include_input=False):
-            path = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+            path = ".".join(str(p) for p in err["loc"]
+                            if not str(p).startswith("function-")
+                            and p not in ("token-count", "token-limits"))
             problems.append(f"{path or 'body'}: {plain_message(err['msg'])}")
         raise ApiError(400, "; ".join(problems)) from None
     if rule.name == ACCOUNT_RULE:
