@@ -25,6 +25,7 @@ from sidecar.http.dashboard.data import buckets as dashboard_buckets
 from sidecar.http.dashboard.data import gather
 from sidecar.http.dashboard.page import render
 from sidecar.metering.charge import Observed, charge_tokens
+from sidecar.metrics import REGISTRY
 from sidecar.model import Decision, Identity, RequestAttrs, TokenUsage
 from sidecar.pricing import estimate_input_tokens
 from sidecar.store.budget_types import BucketView, LedgerDims, ReserveRequest
@@ -365,3 +366,17 @@ def test_grpc_budget_message_carries_the_unit() -> None:
                           "reserved": 0, "remaining": 2.499999})
     assert (usd.unit, usd.limit_micros, usd.spent_micros, usd.remaining_micros, usd.limit) == (
         "usd", 2_500_000, 1, 2_499_999, 0)
+
+
+async def test_utilisation_of_separate_input_and_output_limits_is_the_larger(
+        store: SQLiteStore) -> None:
+    clock = Clock()
+    eng = engine(ruleset({"name": "io-util", "tokens": {"input": 4 * PROMPT_TOKENS,
+                                                         "output": 100_000},
+                          "window": {"rolling": "1m"}}), store, clock)
+    for _ in range(2):
+        assert (await eng.check(attrs(max_tokens=500))).allowed
+    eng.utilisation.refresh(eng.rules(eng.holder.current), clock.now)
+    # Input: half its limit reserved; output: 1,000 of 100,000.
+    assert REGISTRY.get_sample_value("sidecar_budget_max_utilisation_ratio",
+                                     {"rule": "io-util"}) == 0.5
