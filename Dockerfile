@@ -16,6 +16,9 @@ RUN /opt/sidecar/bin/pip install --upgrade pip
 # Not editable and without the test extras: only the package and its runtime dependencies.
 # (pip's cache stays in this stage; only /opt/sidecar reaches the image.)
 RUN /opt/sidecar/bin/pip install .
+# xds-protos ships an older copy of opentelemetry/proto that can overwrite the
+# opentelemetry-proto package's files; the OTLP trace exporter needs the package's own.
+RUN /opt/sidecar/bin/pip install --force-reinstall --no-deps "opentelemetry-proto==$(/opt/sidecar/bin/pip show opentelemetry-proto | sed -n 's/^Version: //p')"
 
 FROM ${PYTHON_IMAGE}
 COPY --from=build /opt/sidecar /opt/sidecar

@@ -15,6 +15,11 @@ stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
 if [ ! -f "$stamp" ]; then
   .venv/bin/pip install --quiet --upgrade pip
   .venv/bin/pip install --quiet -e ".[test]"
+  # xds-protos ships its own older copy of opentelemetry/proto, which overwrites the
+  # opentelemetry-proto package's files when it is installed after it; the OTLP exporter
+  # needs the package's own.
+  .venv/bin/pip install --quiet --force-reinstall --no-deps \
+    "opentelemetry-proto==$(.venv/bin/pip show opentelemetry-proto | sed -n 's/^Version: //p')"
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
