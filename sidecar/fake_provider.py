@@ -48,6 +48,8 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from sidecar import fake_apis
+from sidecar.metering.bedrock import EVENTSTREAM_MEDIA
 from sidecar.metering.parse import Api
 from sidecar.model import TokenUsage
 
@@ -55,8 +57,23 @@ API_PATHS: Mapping[str, Api] = {
     "/v1/chat/completions": "openai_chat",
     "/v1/responses": "openai_responses",
     "/v1/messages": "anthropic_messages",
+    "/v1/embeddings": "openai_embeddings",
 }
-PREFIXES = ("", "/openai", "/anthropic", "/workers-ai")
+PREFIXES = ("", "/openai", "/anthropic", "/workers-ai", "/gemini", "/azure", "/bedrock",
+            "/compat")
+# Paths that name the model (or Azure deployment) themselves.
+_GEMINI_PATH = "/v1beta/models/{call:path}"
+_BEDROCK_PATH = "/model/{call:path}"
+_AZURE_PATHS: Mapping[str, Api] = {
+    "/openai/deployments/{deployment}/chat/completions": "openai_chat",
+    "/openai/deployments/{deployment}/embeddings": "openai_embeddings",
+}
+_BEDROCK_OPERATIONS: Mapping[str, tuple[Api, bool]] = {
+    "converse": ("bedrock_converse", False),
+    "converse-stream": ("bedrock_converse", True),
+    "invoke": ("bedrock_invoke", False),
+    "invoke-with-response-stream": ("bedrock_invoke", True),
+}
 # Provider names for --key: the prefix without its slash ("openai"), "" for no prefix.
 KEY_PROVIDERS = tuple(prefix.lstrip("/") for prefix in PREFIXES)
 INPUT_OVERHEAD_TOKENS = 8
@@ -70,12 +87,23 @@ _INPUT_KEYS: Mapping[Api, tuple[str, ...]] = {
     "openai_chat": ("messages",),
     "openai_responses": ("instructions", "input"),
     "anthropic_messages": ("system", "messages"),
+    "openai_embeddings": ("input",),
+    "gemini": ("systemInstruction", "contents"),
+    "bedrock_converse": ("system", "messages"),
+    "bedrock_invoke": ("system", "messages"),
 }
-_LIMIT_KEYS: Mapping[Api, tuple[str, ...]] = {
-    "openai_chat": ("max_completion_tokens", "max_tokens", "max_output_tokens"),
-    "openai_responses": ("max_output_tokens", "max_completion_tokens", "max_tokens"),
-    "anthropic_messages": ("max_tokens", "max_completion_tokens", "max_output_tokens"),
+# Output limits, each a path of keys into the body.
+_LIMIT_KEYS: Mapping[Api, tuple[tuple[str, ...], ...]] = {
+    "openai_chat": (("max_completion_tokens",), ("max_tokens",), ("max_output_tokens",)),
+    "openai_responses": (("max_output_tokens",), ("max_completion_tokens",), ("max_tokens",)),
+    "anthropic_messages": (("max_tokens",), ("max_completion_tokens",), ("max_output_tokens",)),
+    "openai_embeddings": (),
+    "gemini": (("generationConfig", "maxOutputTokens"),),
+    "bedrock_converse": (("inferenceConfig", "maxTokens"),),
+    "bedrock_invoke": (("max_tokens",),),
 }
+# Gemini thinking: the thought tokens a request with a thinking budget reports, at most.
+GEMINI_MAX_THOUGHTS = 24
 _ANTHROPIC_ERRORS = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -95,7 +123,7 @@ def _text(value: Any) -> str:
     if isinstance(value, list):
         return "".join(_text(item) for item in value)
     if isinstance(value, dict):
-        return _text(value.get("text")) + _text(value.get("content"))
+        return _text(value.get("text")) + _text(value.get("content")) + _text(value.get("parts"))
     return ""
 
 
@@ -108,11 +136,23 @@ def _has_cache_control(value: Any) -> bool:
 
 
 def _requested_output(api: Api, body: Mapping[str, Any]) -> int | None:
-    for key in _LIMIT_KEYS[api]:
-        value = body.get(key)
+    for keys in _LIMIT_KEYS[api]:
+        value: Any = body
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return None
+
+
+def gemini_thoughts(body: Mapping[str, Any]) -> int:
+    """Thought tokens Gemini reports for `body`: its thinking budget, capped."""
+    config = body.get("generationConfig")
+    thinking = config.get("thinkingConfig") if isinstance(config, dict) else None
+    budget = thinking.get("thinkingBudget") if isinstance(thinking, dict) else None
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget <= 0:
+        return 0
+    return min(budget, GEMINI_MAX_THOUGHTS)
 
 
 def expected_usage(api: Api, body: Mapping[str, Any]) -> TokenUsage:
@@ -120,14 +160,23 @@ def expected_usage(api: Api, body: Mapping[str, Any]) -> TokenUsage:
 
     Input: total characters of all message text // 4 (at least 1), plus a fixed overhead.
     Output: the request's output-token limit capped at MAX_OUTPUT_TOKENS, else
-    DEFAULT_OUTPUT_TOKENS. Cache, so the cache fields can be tested without state: an
-    OpenAI request with `prompt_cache_key` reads half its input from cache; an Anthropic
-    request with any `cache_control` reads half and writes a quarter.
+    DEFAULT_OUTPUT_TOKENS; none for embeddings; plus Gemini's thought tokens
+    (`gemini_thoughts`). Cache, so the cache fields can be tested without state: an
+    OpenAI request with `prompt_cache_key` or a Gemini request with `cachedContent` reads
+    half its input from cache; an Anthropic request (on Bedrock too) with any
+    `cache_control` reads half and writes a quarter.
     """
     chars = sum(len(_text(body.get(key))) for key in _INPUT_KEYS[api])
     prompt = max(chars // 4, 1) + INPUT_OVERHEAD_TOKENS
     output = min(_requested_output(api, body) or DEFAULT_OUTPUT_TOKENS, MAX_OUTPUT_TOKENS)
-    if api == "anthropic_messages":
+    if api == "openai_embeddings":
+        return TokenUsage(input_tokens=prompt)
+    if api == "gemini":
+        cached = prompt // 2 if body.get("cachedContent") else 0
+        return TokenUsage(prompt - cached, output + gemini_thoughts(body), cached)
+    if api == "bedrock_converse":
+        return TokenUsage(input_tokens=prompt, output_tokens=output)
+    if api in ("anthropic_messages", "bedrock_invoke"):
         if not _has_cache_control(body):
             return TokenUsage(input_tokens=prompt, output_tokens=output)
         read, write = prompt // 2, prompt // 4
@@ -346,6 +395,10 @@ class _Answer:
 
 
 def _error_body(api: Api, status: int, message: str) -> dict[str, Any]:
+    if api == "gemini":
+        return fake_apis.gemini_error(status, message)
+    if api in ("bedrock_converse", "bedrock_invoke"):
+        return fake_apis.bedrock_error(status, message)
     if api == "anthropic_messages":
         kind = _ANTHROPIC_ERRORS.get(
             status, "api_error" if status >= 500 else "invalid_request_error"
@@ -407,6 +460,8 @@ async def _paced(frames: Iterator[bytes], delay: float, gzip: bool) -> AsyncIter
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+# (api, model, stream) read from a path that names the model; stream None: the body says.
+PathCall = tuple[Api, str, bool | None]
 _REPLAY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\.(json|sse)")
 
 
@@ -442,6 +497,10 @@ def presented_key(provider: str, headers: Mapping[str, str]) -> str:
     """The key a call to `provider` presents, where that provider reads it."""
     if provider == "anthropic":
         return headers.get("x-api-key", "")
+    if provider == "gemini":
+        return headers.get("x-goog-api-key", "")
+    if provider == "azure":
+        return headers.get("api-key", "")
     scheme, _, value = headers.get("authorization", "").partition(" ")
     return value.strip() if scheme.lower() == "bearer" else ""
 
@@ -453,13 +512,17 @@ def _key_error(provider: str, api: Api, headers: Mapping[str, str],
         return None
     if provider == "anthropic":
         return _error_body("anthropic_messages", 401, "invalid x-api-key")
+    if provider == "gemini":
+        return _error_body("gemini", 401, "API key not valid. Please pass a valid API key.")
     error = _error_body(api, 401, "Incorrect API key provided.")
     error["error"]["code"] = "invalid_api_key"
     return error
 
 
 _HOSTS = {"api.openai.com": "openai", "api.anthropic.com": "anthropic",
-          "api.cloudflare.com": "workers-ai"}
+          "api.cloudflare.com": "workers-ai", "generativelanguage.googleapis.com": "gemini",
+          "api.groq.com": "compat"}
+_HOST_SUFFIXES = {".openai.azure.com": "azure", ".amazonaws.com": "bedrock"}
 
 
 def provider_of(path: str, host: str) -> str:
@@ -468,7 +531,72 @@ def provider_of(path: str, host: str) -> str:
     first = path.split("/", 2)[1] if path.startswith("/") else ""
     if first in KEY_PROVIDERS and first:
         return first
-    return _HOSTS.get(host.split(":", 1)[0].lower(), "")
+    name = host.split(":", 1)[0].lower()
+    for suffix, provider in _HOST_SUFFIXES.items():
+        if name.endswith(suffix):
+            return provider
+    return _HOSTS.get(name, "")
+
+
+def _gemini_call(request: Request) -> PathCall | None:
+    model, sep, verb = str(request.path_params["call"]).rpartition(":")
+    if not sep or verb not in ("generateContent", "streamGenerateContent"):
+        return None
+    return "gemini", model, verb == "streamGenerateContent"
+
+
+def _bedrock_call(request: Request) -> PathCall | None:
+    # The model id arrives percent-encoded (an ARN holds `/` and `:`); the path parameter is
+    # already decoded.
+    model, _, operation = str(request.path_params["call"]).rpartition("/")
+    found = _BEDROCK_OPERATIONS.get(operation)
+    return (found[0], model, found[1]) if found and model else None
+
+
+def _azure_call(api: Api) -> Callable[[Request], PathCall | None]:
+    def call(request: Request) -> PathCall | None:
+        # Azure streams as OpenAI does: `stream` in the body.
+        return api, str(request.path_params["deployment"]), None
+    return call
+
+
+async def _answer(request: Request, api: Api, body: dict[str, Any], stream: bool) -> Response:
+    """The reply to a valid call, as JSON or as the API's stream."""
+    delay = _delay_seconds(request)
+    gzip = request.headers.get("x-fake-gzip") == "1"
+    frames: Iterator[bytes] | None = None
+    payload: dict[str, Any]
+    media = "text/event-stream"
+    model = str(body["model"])
+    if api in ("openai_chat", "openai_responses", "anthropic_messages"):
+        answer = _Answer(api, body)
+        frames, payload = (answer.frames(), {}) if stream else (None, answer.json())
+    elif api == "openai_embeddings":
+        payload = fake_apis.embeddings_json(model, body, expected_usage(api, body))
+    elif api == "bedrock_invoke":
+        answer = _Answer("anthropic_messages", body)
+        if stream:
+            frames = fake_apis.invoke_frames(answer.frames(), answer.usage)
+            media = EVENTSTREAM_MEDIA
+        payload = answer.json()
+    else:
+        usage = expected_usage(api, body)
+        thoughts = gemini_thoughts(body) if api == "gemini" else 0
+        words = output_words(usage.output_tokens - thoughts)
+        limited = _requested_output(api, body) == usage.output_tokens - thoughts
+        if api == "gemini":
+            payload = fake_apis.gemini_json(model, usage, thoughts, words, limited)
+            frames = fake_apis.gemini_frames(model, usage, thoughts, words, limited)
+        else:
+            payload = fake_apis.converse_json(usage, words, limited)
+            frames = fake_apis.converse_frames(usage, words, limited)
+            media = EVENTSTREAM_MEDIA
+    if stream and frames is not None:
+        headers = _echo(request) | ({"content-encoding": "gzip"} if gzip else {})
+        return StreamingResponse(_paced(frames, delay, gzip), headers=headers, media_type=media)
+    if delay:
+        await asyncio.sleep(delay)
+    return _json_response(request, payload)
 
 
 def create_app(keys: Mapping[str, Collection[str]] | None = None,
@@ -492,11 +620,18 @@ def create_app(keys: Mapping[str, Collection[str]] | None = None,
         seen.append({**entry, "body": body})
         return body
 
-    def endpoint(api: Api) -> Handler:
+    def endpoint(api: Api, call: Callable[[Request], PathCall | None] | None = None
+                 ) -> Handler:
+        """`call`: for paths that name the model, (api, model, stream) from the path, or
+        None for a path that names no known operation."""
         async def handle(request: Request) -> Response:
             body = await record(request)
+            found = call(request) if call is not None else None
+            if call is not None and found is None:
+                return await unknown(request)
+            call_api = found[0] if found else api
             provider = provider_of(request.url.path, request.headers.get("host", ""))
-            refused = _key_error(provider, api, request.headers, accepted)
+            refused = _key_error(provider, call_api, request.headers, accepted)
             if refused is not None:
                 return _json_response(request, refused, 401)
             status_header = request.headers.get("x-fake-status")
@@ -504,25 +639,25 @@ def create_app(keys: Mapping[str, Collection[str]] | None = None,
                 status = int(status_header) if status_header.isdigit() else 0
                 if not 400 <= status <= 599:
                     message = "x-fake-status must be an HTTP error status (400-599)"
-                    return _json_response(request, _error_body(api, 400, message), 400)
+                    return _json_response(request, _error_body(call_api, 400, message), 400)
                 message = f"fake provider error {status}"
-                return _json_response(request, _error_body(api, status, message), status)
+                return _json_response(request, _error_body(call_api, status, message), status)
             replay = request.headers.get("x-fake-replay")
             if replay is not None:
-                return _replay(request, api, replay_dir, replay)
+                return _replay(request, call_api, replay_dir, replay)
+            if found is not None and isinstance(body, dict):
+                # The path names the model; a body naming one too must agree (Azure's
+                # names the deployment, as the path does).
+                named = body.get("model")
+                if named is not None and named != found[1]:
+                    message = f"the body names model {named!r}, the path {found[1]!r}"
+                    return _json_response(request, _error_body(call_api, 400, message), 400)
+                body = {**body, "model": found[1]}
             if not isinstance(body, dict) or not isinstance(body.get("model"), str):
                 message = "the request body must be a JSON object with a string `model`"
-                return _json_response(request, _error_body(api, 400, message), 400)
-            answer = _Answer(api, body)
-            delay = _delay_seconds(request)
-            if body.get("stream") is True:
-                gzip = request.headers.get("x-fake-gzip") == "1"
-                headers = _echo(request) | ({"content-encoding": "gzip"} if gzip else {})
-                stream = _paced(answer.frames(), delay, gzip)
-                return StreamingResponse(stream, headers=headers, media_type="text/event-stream")
-            if delay:
-                await asyncio.sleep(delay)
-            return _json_response(request, answer.json())
+                return _json_response(request, _error_body(call_api, 400, message), 400)
+            stream = found[2] if found and found[2] is not None else body.get("stream") is True
+            return await _answer(request, call_api, body, stream)
 
         return handle
 
@@ -545,6 +680,13 @@ def create_app(keys: Mapping[str, Collection[str]] | None = None,
         for prefix in PREFIXES
         for path, api in API_PATHS.items()
     ]
+    for prefix in PREFIXES:
+        routes.append(Route(prefix + _GEMINI_PATH, endpoint("gemini", _gemini_call),
+                            methods=["POST"]))
+        routes.append(Route(prefix + _BEDROCK_PATH, endpoint("bedrock_converse", _bedrock_call),
+                            methods=["POST"]))
+        routes.extend(Route(prefix + path, endpoint(api, _azure_call(api)), methods=["POST"])
+                      for path, api in _AZURE_PATHS.items())
     routes.append(Route("/_seen", seen_requests, methods=["GET", "DELETE"]))
     every_method = ["GET", "POST", "PUT", "PATCH", "DELETE"]
     routes.append(Route("/{path:path}", unknown, methods=every_method))

@@ -10,6 +10,14 @@ from genai_prices import data_snapshot
 
 from sidecar.metering import count, generated_text_bytes, load_json
 from sidecar.metering.anthropic import MessagesStream, message_body_extras, message_body_usage
+from sidecar.metering.bedrock import (
+    EVENTSTREAM_MEDIA,
+    ConverseStream,
+    EventStreamDecoder,
+    InvokeStream,
+    converse_body_usage,
+)
+from sidecar.metering.gemini import GeminiStream, gemini_body_usage
 from sidecar.metering.openai import (
     ChatStream,
     ResponsesStream,
@@ -20,7 +28,8 @@ from sidecar.metering.openai import (
 from sidecar.metering.sse import SSEDecoder, SSEEvent
 from sidecar.model import Iteration, TokenUsage, ToolFees
 
-Api = Literal["openai_chat", "openai_responses", "anthropic_messages"]
+Api = Literal["openai_chat", "openai_responses", "anthropic_messages", "openai_embeddings",
+              "gemini", "bedrock_converse", "bedrock_invoke"]
 
 # Whole JSON bodies are buffered to be parsed at the end; past this the body is not metered
 # (the caller falls back to the estimate) rather than held in memory.
@@ -29,20 +38,35 @@ MAX_JSON_BODY = 8 * 1024 * 1024
 # huge allocation.
 _INFLATE_STEP = 256 * 1024
 
-# Path endings. Chat completions is matched without `/v1` because Azure
+# Path endings. Chat completions and embeddings are matched without `/v1` because Azure
 # (`/openai/deployments/x/chat/completions`) and gateway compat routes omit it; `/messages`
 # and `/responses` need `/v1` so that e.g. `/v1/threads/x/messages` is not taken for them.
 _PATH_SUFFIXES: tuple[tuple[str, Api], ...] = (
     ("/chat/completions", "openai_chat"),
     ("/v1/responses", "openai_responses"),
     ("/v1/messages", "anthropic_messages"),
+    ("/embeddings", "openai_embeddings"),
+    (":generateContent", "gemini"),
+    (":streamGenerateContent", "gemini"),
 )
+# Bedrock Runtime: `/model/{modelId}/{operation}`, the model id percent-encoded.
+_BEDROCK_OPERATIONS: dict[str, Api] = {
+    "converse": "bedrock_converse",
+    "converse-stream": "bedrock_converse",
+    "invoke": "bedrock_invoke",
+    "invoke-with-response-stream": "bedrock_invoke",
+}
 
 # genai-prices' provider id and api_flavor for each API's JSON body.
 _GENAI_EXTRACTORS: dict[Api, tuple[str, str]] = {
     "openai_chat": ("openai", "chat"),
     "openai_responses": ("openai", "responses"),
     "anthropic_messages": ("anthropic", "default"),
+    "openai_embeddings": ("openai", "embeddings"),
+    "gemini": ("google", "default"),
+    "bedrock_converse": ("aws", "default"),
+    # InvokeModel answers with the model's own body; only Anthropic's is metered.
+    "bedrock_invoke": ("aws", "anthropic"),
 }
 # gzip framing is 16 + window bits; plain zlib framing is the window bits alone.
 _WBITS = {"gzip": 31, "x-gzip": 31, "deflate": 15}
@@ -50,10 +74,15 @@ _OWN_BODY_PARSERS: dict[Api, Callable[[object], TokenUsage | None]] = {
     "openai_chat": chat_body_usage,
     "openai_responses": responses_body_usage,
     "anthropic_messages": message_body_usage,
+    "openai_embeddings": chat_body_usage,
+    "gemini": gemini_body_usage,
+    "bedrock_converse": converse_body_usage,
+    "bedrock_invoke": message_body_usage,
 }
 
 # Stable codes for why a response could not be (fully) metered; usable as log fields.
-MeterError = Literal["unsupported_encoding", "bad_encoding", "body_too_large", "bad_json"]
+MeterError = Literal["unsupported_encoding", "bad_encoding", "body_too_large", "bad_json",
+                     "bad_framing"]
 
 
 class _Stream(Protocol):
@@ -81,6 +110,9 @@ def api_for_path(path: str) -> Api | None:
     for suffix, api in _PATH_SUFFIXES:
         if path.endswith(suffix):
             return api
+    head, _, operation = path.rpartition("/")
+    if operation in _BEDROCK_OPERATIONS and "/model/" in f"{head}/":
+        return _BEDROCK_OPERATIONS[operation]
     return None
 
 
@@ -117,7 +149,7 @@ def body_usage(api: Api, body: object) -> TokenUsage | None:
 
 def body_extras(api: Api, body: object) -> tuple[tuple[Iteration, ...], ToolFees]:
     """What a complete body bills beyond its top-level tokens: iterations and tool fees."""
-    if api == "anthropic_messages":
+    if api in ("anthropic_messages", "bedrock_invoke"):
         return message_body_extras(body)
     if api == "openai_responses":
         return (), responses_body_fees(body)
@@ -125,10 +157,16 @@ def body_extras(api: Api, body: object) -> tuple[tuple[Iteration, ...], ToolFees
 
 
 def _new_stream(api: Api) -> _Stream:
-    if api == "openai_chat":
+    if api in ("openai_chat", "openai_embeddings"):
         return ChatStream()
     if api == "openai_responses":
         return ResponsesStream()
+    if api == "gemini":
+        return GeminiStream()
+    if api == "bedrock_converse":
+        return ConverseStream()
+    if api == "bedrock_invoke":
+        return InvokeStream()
     return MessagesStream()
 
 
@@ -150,12 +188,15 @@ class UsageMeter:
     output count), so the caller can charge that instead of nothing.
     """
 
-    def __init__(self, api: Api, *, sse: bool | None, content_encoding: str = "") -> None:
+    def __init__(self, api: Api, *, sse: bool | None, content_encoding: str = "",
+                 eventstream: bool = False) -> None:
         self.api = api
         # None: decide from the first byte of the body, for a missing or odd content-type.
-        self._sse = sse
+        # A binary event stream (Bedrock) is a stream too, in another framing.
+        self._sse = True if eventstream else sse
         self._stream = _new_stream(api)
-        self._decoder = SSEDecoder()
+        self._decoder: SSEDecoder | EventStreamDecoder = (
+            EventStreamDecoder() if eventstream else SSEDecoder())
         self._body = bytearray()
         self._body_usage: TokenUsage | None = None
         self._body_extras: tuple[tuple[Iteration, ...], ToolFees] = ((), ToolFees())
@@ -173,6 +214,8 @@ class UsageMeter:
     @classmethod
     def for_response(cls, api: Api, content_type: str, content_encoding: str) -> UsageMeter:
         media = content_type.split(";", 1)[0].strip().lower()
+        if media == EVENTSTREAM_MEDIA:
+            return cls(api, sse=True, content_encoding=content_encoding, eventstream=True)
         sse: bool | None = None
         if media == "text/event-stream":
             sse = True
@@ -228,6 +271,8 @@ class UsageMeter:
         if self._sse:
             for event in self._decoder.close():
                 self._stream.on_event(event)
+            if isinstance(self._decoder, EventStreamDecoder) and self._decoder.error:
+                self.error = "bad_framing"
         elif self._body and self.error != "body_too_large":
             parsed = load_json(bytes(self._body))
             if parsed is None:

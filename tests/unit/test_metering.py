@@ -585,7 +585,8 @@ def test_feed_after_finish_is_a_bug() -> None:
         ("/v1/messages/count_tokens", None),
         ("/v1/threads/t1/messages", None),
         ("/v1/responses/resp_1", None),
-        ("/v1/embeddings", None),
+        ("/v1/embeddings", "openai_embeddings"),
+        ("/v1/files", None),
     ],
 )
 def test_api_for_path(path: str, api: Api | None) -> None:

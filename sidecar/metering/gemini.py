@@ -1,0 +1,101 @@
+"""Token usage from Gemini `generateContent` bodies and `streamGenerateContent` streams.
+
+Gemini reports `usageMetadata` with every response. In a stream (`alt=sse`, or the JSON
+array the API sends without it) every chunk carries the running totals for the whole call,
+so the last one seen is the usage; adding chunks up would overcharge. Thinking tokens
+(`thoughtsTokenCount`) are billed as output and cached tokens (`cachedContentTokenCount`)
+are part of `promptTokenCount`, as genai-prices reads them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from sidecar.metering import count, load_json, mapping, utf8_len
+from sidecar.metering.sse import SSEEvent
+from sidecar.model import Iteration, TokenUsage, ToolFees
+
+
+def gemini_usage(metadata: object) -> TokenUsage | None:
+    """Map a `usageMetadata` object; None when it reports no token counts."""
+    fields = mapping(metadata)
+    if fields is None:
+        return None
+    prompt = count(fields.get("promptTokenCount"))
+    candidates = count(fields.get("candidatesTokenCount"))
+    thoughts = count(fields.get("thoughtsTokenCount"))
+    if prompt is None and candidates is None and thoughts is None:
+        return None
+    # Tool-use prompt tokens (e.g. a Google Search result fed back in) are billed as input.
+    total_input = (prompt or 0) + (count(fields.get("toolUsePromptTokenCount")) or 0)
+    cached = min(count(fields.get("cachedContentTokenCount")) or 0, total_input)
+    return TokenUsage(input_tokens=total_input - cached,
+                      output_tokens=(candidates or 0) + (thoughts or 0),
+                      cache_read_tokens=cached)
+
+
+def _chunks(body: object) -> list[Mapping[str, object]]:
+    # A stream read without `alt=sse` is one JSON array of the chunks.
+    items = body if isinstance(body, list) else [body]
+    return [m for item in items if (m := mapping(item)) is not None]
+
+
+def gemini_body_usage(body: object) -> TokenUsage | None:
+    """Usage of a complete response: the last `usageMetadata` (running totals)."""
+    found = None
+    for chunk in _chunks(body):
+        found = gemini_usage(chunk.get("usageMetadata")) or found
+    return found
+
+
+def candidate_text_bytes(chunk: Mapping[str, object]) -> int:
+    """UTF-8 bytes of the text parts (thoughts included) and function-call arguments."""
+    size = 0
+    candidates = chunk.get("candidates")
+    if not isinstance(candidates, list):
+        return 0
+    for candidate in candidates:
+        fields = mapping(candidate)
+        content = mapping(fields.get("content")) if fields else None
+        parts = content.get("parts") if content else None
+        if not isinstance(parts, list):
+            continue
+        for entry in parts:
+            part = mapping(entry)
+            if part is None:
+                continue
+            size += utf8_len(part.get("text"))
+            call = mapping(part.get("functionCall"))
+            if call is not None:
+                size += len(str(call.get("args", "")))
+    return size
+
+
+def _finished(chunk: Mapping[str, object]) -> bool:
+    candidates = chunk.get("candidates")
+    return isinstance(candidates, list) and any(
+        isinstance(c, Mapping) and c.get("finishReason") for c in candidates)
+
+
+class GeminiStream:
+    """Follows `streamGenerateContent?alt=sse`: each event is a GenerateContentResponse."""
+
+    def __init__(self) -> None:
+        self.usage: TokenUsage | None = None
+        self.complete = False
+        self.output_bytes = 0
+        self.iterations: tuple[Iteration, ...] = ()
+        self.fees = ToolFees()
+        self._finished = False
+
+    def on_event(self, event: SSEEvent) -> None:
+        chunk = mapping(load_json(event.data))
+        if chunk is None:
+            return
+        self.output_bytes += candidate_text_bytes(chunk)
+        usage = gemini_usage(chunk.get("usageMetadata"))
+        if usage is not None:
+            self.usage = usage
+        self._finished = self._finished or _finished(chunk)
+        # The chunk with a finishReason carries the final totals.
+        self.complete = self._finished and self.usage is not None
