@@ -310,7 +310,8 @@ class Engine:
     async def _decide(self, rs: RuleSet, attrs: RequestAttrs, identity: Identity,
                       creds: tuple[str, ...]) -> Decision:
         provider = rs.provider_for_path(attrs.path)
-        found = request_model(attrs, provider.path_prefix if provider else None)
+        found = request_model(attrs, provider.path_prefix if provider else None,
+                              provider.deployments if provider else None)
         if found is None:
             # Names no model (listing models, reading a file): no budget, but the
             # provider's key all the same.

@@ -74,8 +74,16 @@ _TOKENS_PER_REQUEST = 3
 # typical image come in under it. Image bytes say little about tokens, so they are not counted.
 _TOKENS_PER_IMAGE = 1_600
 _IMAGE_PART_TYPES = frozenset({"image", "image_url", "input_image"})
-_PROMPT_FIELDS = ("system", "instructions", "messages", "input", "prompt", "tools", "functions")
+_PROMPT_FIELDS = ("system", "instructions", "messages", "input", "prompt", "tools", "functions",
+                  # Gemini (its REST API takes both spellings).
+                  "contents", "systemInstruction", "system_instruction")
+_MESSAGE_LISTS = ("messages", "input", "contents")
 _MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+# Output limits nested in a settings object: Gemini's `generationConfig.maxOutputTokens`,
+# Bedrock Converse's `inferenceConfig.maxTokens`.
+_NESTED_MAX_TOKENS = (("generationConfig", "maxOutputTokens"),
+                      ("generation_config", "max_output_tokens"),
+                      ("inferenceConfig", "maxTokens"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,7 +265,7 @@ def _ceil_div(numerator: int, denominator: int) -> int:
 
 def estimate_input_tokens(body: Mapping[str, Any]) -> int:
     """A deterministic, deliberately generous prompt-token estimate for OpenAI chat, OpenAI
-    Responses and Anthropic messages bodies.
+    Responses, Anthropic messages, Gemini and Bedrock Converse bodies.
 
     Every string under the prompt fields counts, role names and tool definitions included:
     counting a little too much costs a slightly larger reservation, counting too little lets
@@ -270,7 +278,7 @@ def estimate_input_tokens(body: Mapping[str, Any]) -> int:
         value = body.get(field_name)
         if value is None:
             continue
-        if field_name in ("messages", "input") and isinstance(value, list):
+        if field_name in _MESSAGE_LISTS and isinstance(value, list):
             messages += len(value)
         field_bytes, field_images = _measure(value)
         text_bytes += field_bytes
@@ -312,9 +320,13 @@ def requested_output_tokens(body: Mapping[str, Any], default: int) -> int:
     client must not get a small reservation by naming a small limit under another name
     (`{"max_tokens": 1, "max_completion_tokens": 2000}`).
     """
-    limits = [value for name in _MAX_TOKENS_FIELDS
-              if isinstance(value := body.get(name), int) and not isinstance(value, bool)
-              and value > 0]
+    named: list[object] = [body.get(name) for name in _MAX_TOKENS_FIELDS]
+    for outer, inner in _NESTED_MAX_TOKENS:
+        settings = body.get(outer)
+        if isinstance(settings, Mapping):
+            named.append(settings.get(inner))
+    limits = [value for value in named
+              if isinstance(value, int) and not isinstance(value, bool) and value > 0]
     return max(limits) if limits else default
 
 

@@ -221,15 +221,50 @@ class CredentialsConfig(Strict):
         return self
 
 
+# The genai-prices providers each API's traffic may be priced as. An OpenAI-compatible
+# server may be priced as any of them, or as a provider genai-prices does not know (a
+# self-hosted vLLM), whose models only `pricing.overrides` can price.
+API_PRICING: dict[str, frozenset[str]] = {
+    "openai": frozenset({"openai"}),
+    "anthropic": frozenset({"anthropic"}),
+    "gemini": frozenset({"google"}),
+    "bedrock": frozenset({"aws"}),
+    "azure_openai": frozenset({"azure", "openai"}),
+    "workers_ai": frozenset({"cloudflare"}),
+}
+
+
 class ProviderConfig(Strict):
     id: str = Field(min_length=1)
     path_prefix: str = Field(min_length=1)
+    # genai-prices' provider id; the provider's own id when absent.
     pricing_provider: str | None = None
-    # The provider's API family; decides which header carries the key. Inferred from the
-    # id (and pricing_provider) when absent.
+    # The provider's API family: which header carries the key, where the model is named,
+    # which genai-prices providers may price it. Inferred from the id (and
+    # pricing_provider) when absent.
     api: ProviderApi | None = None
     # None: bring your own key (the client's provider key passes through untouched).
     credentials: CredentialsConfig | None = None
+    # Azure OpenAI: deployment name -> the model it runs (`gpt-4o`, as genai-prices names
+    # it). A call to a deployment not listed here is refused.
+    deployments: dict[str, str] = {}
+
+    @model_validator(mode="after")
+    def _pricing_fits_api(self) -> ProviderConfig:
+        if self.deployments and self.api != "azure_openai":
+            raise ValueError("deployments: only for api: azure_openai")
+        if any(not name.strip() or not model.strip() or "/" in name
+               for name, model in self.deployments.items()):
+            raise ValueError("deployments: names and models must be non-empty; a deployment "
+                             "name has no '/'")
+        if self.api is None or self.api == "openai_compatible":
+            return self
+        pricing = self.pricing_provider or self.id
+        allowed = API_PRICING[self.api]
+        if pricing not in allowed:
+            raise ValueError(f"pricing_provider {pricing!r} does not price api {self.api}; "
+                             f"expected one of {', '.join(sorted(allowed))}")
+        return self
 
     @model_validator(mode="after")
     def _static_key_api(self) -> ProviderConfig:

@@ -35,6 +35,9 @@ class Provider:
     id: str
     path_prefix: str
     pricing_id: str
+    api: str | None = None
+    # Azure OpenAI deployment name -> model; None for other APIs.
+    deployments: Mapping[str, str] | None = field(default=None, hash=False)
 
 
 @dataclass(frozen=True)
@@ -132,7 +135,9 @@ def build_ruleset(config: SidecarConfig, *, source_text: str = "",
     )
     providers = tuple(
         sorted(
-            (Provider(p.id, p.path_prefix, p.pricing_provider or p.id) for p in config.providers),
+            (Provider(p.id, p.path_prefix, p.pricing_provider or p.id, p.api,
+                      dict(p.deployments) if p.api == "azure_openai" else None)
+             for p in config.providers),
             key=lambda p: -len(p.path_prefix),
         )
     )

@@ -14,9 +14,15 @@ from sidecar.model import RequestAttrs
 MAX_METADATA_KEYS = 5
 MAX_METADATA_BYTES = 2048
 MAX_MODEL_LENGTH = 256
-# `run/@cf/...` (Workers AI) or `models/<name>:<method>` (Gemini), as a whole path segment.
-_PATH_MODEL = re.compile(r"(?:^|/)run/(@[^?#]+)|(?:^|/)models/([^/:?#]+):[A-Za-z]+",
-                         re.IGNORECASE)
+# `run/@cf/...` (Workers AI), `models/<name>:<method>` (Gemini) or
+# `model/<id>/<operation>` (Bedrock Runtime; the id may be an ARN, with `/` in it), as whole
+# path segments.
+_PATH_MODEL = re.compile(
+    r"(?:^|/)run/(@[^?#]+)|(?:^|/)models/([^/:?#]+):[A-Za-z]+"
+    r"|(?:^|/)model/([^?#]+)/(?:converse|converse-stream|invoke|invoke-with-response-stream)$",
+    re.IGNORECASE)
+# Azure OpenAI: `openai/deployments/<deployment>/...`; the deployment stands for a model.
+_DEPLOYMENT = re.compile(r"(?:^|/)openai/deployments/([^/?#]+)/")
 
 
 class BadRequest(Exception):
@@ -55,7 +61,8 @@ def model_of(data: Mapping[str, Any]) -> str:
 
 def model_in_path(path: str) -> str | None:
     """A model the API path itself names, after the provider prefix: Workers AI's native
-    `run/@cf/meta/llama-...`, Gemini's `models/gemini-2.5-pro:generateContent`.
+    `run/@cf/meta/llama-...`, Gemini's `models/gemini-2.5-pro:generateContent`, Bedrock's
+    `model/amazon.nova-pro-v1:0/converse`.
 
     Read from the percent-decoded path, as the provider reads it: `run/%40cf/...` is the
     same call as `run/@cf/...`.
@@ -64,7 +71,17 @@ def model_in_path(path: str) -> str | None:
     found = _PATH_MODEL.search(decoded)
     if found is None:
         return None
-    model = (found.group(1) or found.group(2) or "").strip().rstrip("/")
+    model = (found.group(1) or found.group(2) or found.group(3) or "").strip().rstrip("/")
+    return _checked(model)
+
+
+def deployment_in_path(path: str) -> str | None:
+    """The Azure OpenAI deployment a path names (`openai/deployments/<name>/...`)."""
+    found = _DEPLOYMENT.search(unquote(path.split("?", 1)[0]))
+    return _checked(found.group(1).strip()) if found else None
+
+
+def _checked(model: str) -> str | None:
     if len(model) > MAX_MODEL_LENGTH:
         raise BadRequest("the model named in the path is too long")
     if "/../" in f"/{model}/" or "/./" in f"/{model}/":
@@ -82,8 +99,9 @@ def _agree(in_path: str | None, named: str | None, where: str) -> None:
         raise BadRequest(f"the path names model {in_path!r} and {where} {named.strip()!r}")
 
 
-def request_model(attrs: RequestAttrs,
-                  provider_prefix: str | None) -> tuple[str, Mapping[str, Any]] | None:
+def request_model(attrs: RequestAttrs, provider_prefix: str | None,
+                  deployments: Mapping[str, str] | None = None
+                  ) -> tuple[str, Mapping[str, Any]] | None:
     """(model, parsed body) of a request that names a model, whatever its method; None for
     one that names none (listing models, reading a file), which is identity only.
 
@@ -95,7 +113,12 @@ def request_model(attrs: RequestAttrs,
     """
     method = attrs.method.upper()
     on_provider = provider_prefix is not None
-    in_path = model_in_path(attrs.path[len(provider_prefix):]) if provider_prefix else None
+    rest = attrs.path[len(provider_prefix):] if provider_prefix else ""
+    in_path = model_in_path(rest) if provider_prefix else None
+    deployment = deployment_in_path(rest) if provider_prefix and deployments is not None \
+        else None
+    if deployment is not None:
+        return _deployment_model(attrs, deployment, deployments or {})
     if attrs.model_hint:
         _agree(in_path, attrs.model_hint, "x-sidecar-model")
         return attrs.model_hint.strip(), {}
@@ -110,6 +133,26 @@ def request_model(attrs: RequestAttrs,
     if "model" in body or (method == "POST" and (on_provider or attrs.body)):
         return model_of(body), body
     return None
+
+
+def _deployment_model(attrs: RequestAttrs, deployment: str,
+                      deployments: Mapping[str, str]) -> tuple[str, Mapping[str, Any]]:
+    model = deployments.get(deployment)
+    if model is None:
+        raise BadRequest(f"deployment {deployment!r} is not configured for this provider "
+                         "(providers[].deployments)")
+    body: Mapping[str, Any] = parse_body(attrs.body) if attrs.body else {}
+    # Azure clients send the deployment name as `model`, or the model itself.
+    named = body.get("model")
+    if isinstance(named, str) and named.strip().lower() not in (deployment.lower(),
+                                                                model.lower()):
+        raise BadRequest(f"the path names deployment {deployment!r} and the body "
+                         f"{named.strip()!r}")
+    if attrs.model_hint and attrs.model_hint.strip().lower() not in (deployment.lower(),
+                                                                     model.lower()):
+        raise BadRequest(f"the path names deployment {deployment!r} and x-sidecar-model "
+                         f"{attrs.model_hint.strip()!r}")
+    return model, body
 
 
 def split_provider(model: str, known: Mapping[str, object]) -> tuple[str | None, str]:

@@ -1,0 +1,87 @@
+"""The request side of each provider API: where the model is and what bounds the output."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from sidecar.model import RequestAttrs
+from sidecar.policy.request import BadRequest, request_model
+from sidecar.pricing import estimate_input_tokens, requested_output_tokens
+
+DEPLOYMENTS = {"prod-chat": "gpt-4o", "emb": "text-embedding-3-small"}
+
+
+def attrs(path: str, body: dict[str, Any] | None = None) -> RequestAttrs:
+    raw = json.dumps(body).encode() if body is not None else None
+    return RequestAttrs("POST", path, {}, raw)
+
+
+@pytest.mark.parametrize(("path", "model"), [
+    ("/bedrock/model/amazon.nova-pro-v1:0/converse", "amazon.nova-pro-v1:0"),
+    ("/bedrock/model/amazon.nova-pro-v1%3A0/converse-stream", "amazon.nova-pro-v1:0"),
+    ("/bedrock/model/us.anthropic.claude-haiku-4-5-20251001-v1%3A0/invoke",
+     "us.anthropic.claude-haiku-4-5-20251001-v1:0"),
+    ("/bedrock/model/arn%3Aaws%3Abedrock%3Aus-east-1%3A1234%3Ainference-profile%2Fus.x/"
+     "invoke-with-response-stream", "arn:aws:bedrock:us-east-1:1234:inference-profile/us.x"),
+    ("/gemini/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse",
+     "gemini-2.5-flash"),
+])
+def test_model_from_the_path(path: str, model: str) -> None:
+    prefix = "/" + path.split("/")[1] + "/"
+    found = request_model(attrs(path, {"messages": []}), prefix)
+    assert found is not None and found[0] == model
+
+
+def test_bedrock_path_with_encoded_dot_segments_is_refused() -> None:
+    with pytest.raises(BadRequest, match="dot segments"):
+        request_model(attrs("/bedrock/model/x%2F..%2Fy/converse", {}), "/bedrock/")
+
+
+def test_azure_deployment_names_its_configured_model() -> None:
+    path = "/azure/openai/deployments/prod-chat/chat/completions?api-version=2024-10-21"
+    found = request_model(attrs(path, {"model": "prod-chat", "messages": []}), "/azure/",
+                          DEPLOYMENTS)
+    assert found is not None and found[0] == "gpt-4o"
+    found = request_model(attrs(path, {"messages": []}), "/azure/", DEPLOYMENTS)
+    assert found is not None and found[0] == "gpt-4o"
+
+
+def test_azure_unknown_deployment_is_refused() -> None:
+    path = "/azure/openai/deployments/gpt-4o-mini/chat/completions"
+    with pytest.raises(BadRequest, match="not configured"):
+        request_model(attrs(path, {"model": "gpt-4o-mini"}), "/azure/", DEPLOYMENTS)
+
+
+def test_azure_body_naming_another_model_is_refused() -> None:
+    path = "/azure/openai/deployments/prod-chat/chat/completions"
+    with pytest.raises(BadRequest, match="deployment 'prod-chat'"):
+        request_model(attrs(path, {"model": "gpt-4o-mini"}), "/azure/", DEPLOYMENTS)
+
+
+def test_deployments_are_only_read_for_azure_providers() -> None:
+    path = "/openai/openai/deployments/prod-chat/chat/completions"
+    found = request_model(attrs(path, {"model": "gpt-4o-mini"}), "/openai/")
+    assert found is not None and found[0] == "gpt-4o-mini"
+
+
+@pytest.mark.parametrize(("body", "limit"), [
+    ({"generationConfig": {"maxOutputTokens": 300}}, 300),
+    ({"generation_config": {"max_output_tokens": 301}}, 301),
+    ({"inferenceConfig": {"maxTokens": 302}}, 302),
+    ({"max_tokens": 5, "inferenceConfig": {"maxTokens": 303}}, 303),
+    ({"generationConfig": {"maxOutputTokens": True}}, 1024),
+    ({"generationConfig": "x"}, 1024),
+])
+def test_nested_output_limits_bound_the_estimate(body: dict[str, Any], limit: int) -> None:
+    assert requested_output_tokens(body, 1024) == limit
+
+
+def test_gemini_prompt_fields_are_estimated() -> None:
+    text = "x" * 400
+    gemini = {"contents": [{"role": "user", "parts": [{"text": text}]}],
+              "systemInstruction": {"parts": [{"text": text}]}}
+    assert estimate_input_tokens(gemini) >= 200
+    assert estimate_input_tokens(gemini) > estimate_input_tokens({})
