@@ -60,7 +60,7 @@ API_PATHS: Mapping[str, Api] = {
     "/v1/embeddings": "openai_embeddings",
 }
 PREFIXES = ("", "/openai", "/anthropic", "/workers-ai", "/gemini", "/azure", "/bedrock",
-            "/compat")
+            "/groq")
 # Paths that name the model (or Azure deployment) themselves.
 _GEMINI_PATH = "/v1beta/models/{call:path}"
 _BEDROCK_PATH = "/model/{call:path}"
@@ -149,7 +149,9 @@ def gemini_thoughts(body: Mapping[str, Any]) -> int:
     """Thought tokens Gemini reports for `body`: its thinking budget, capped."""
     config = body.get("generationConfig")
     thinking = config.get("thinkingConfig") if isinstance(config, dict) else None
-    budget = thinking.get("thinkingBudget") if isinstance(thinking, dict) else None
+    # The API takes both spellings; google-genai sends the snake-case one here.
+    budget = (thinking.get("thinkingBudget", thinking.get("thinking_budget"))
+              if isinstance(thinking, dict) else None)
     if not isinstance(budget, int) or isinstance(budget, bool) or budget <= 0:
         return 0
     return min(budget, GEMINI_MAX_THOUGHTS)
@@ -521,7 +523,7 @@ def _key_error(provider: str, api: Api, headers: Mapping[str, str],
 
 _HOSTS = {"api.openai.com": "openai", "api.anthropic.com": "anthropic",
           "api.cloudflare.com": "workers-ai", "generativelanguage.googleapis.com": "gemini",
-          "api.groq.com": "compat"}
+          "api.groq.com": "groq"}
 _HOST_SUFFIXES = {".openai.azure.com": "azure", ".amazonaws.com": "bedrock"}
 
 
@@ -529,6 +531,8 @@ def provider_of(path: str, host: str) -> str:
     """Which provider a call is for: its path prefix, else the Host a proxy addressed it to
     (Envoy strips the prefix and rewrites Host to the provider's), else "" (none)."""
     first = path.split("/", 2)[1] if path.startswith("/") else ""
+    if path.startswith("/openai/deployments/"):
+        first = "azure"  # Azure OpenAI's own path, not the OpenAI prefix
     if first in KEY_PROVIDERS and first:
         return first
     name = host.split(":", 1)[0].lower()

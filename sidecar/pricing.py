@@ -352,6 +352,20 @@ def _lookup_model(provider_id: str, model: str) -> gp_types.ModelInfo | None:
             return snapshot.find_provider_model(model, None, candidate, None)[1]
         except LookupError:
             continue
+    return _model_by_id(provider_id, model)
+
+
+def _model_by_id(provider_id: str, model: str) -> gp_types.ModelInfo | None:
+    """genai-prices' model whose id is `model`. Some ids do not match their own patterns
+    (Bedrock's `regional.anthropic.claude-...` only matches `us.anthropic.claude-...` and
+    the like), and a canonical name must still find its price."""
+    name = model.strip().lower()
+    for provider in _bundled_snapshot().providers:
+        if provider.id != provider_id:
+            continue
+        for info in provider.models:
+            if info.id.lower() == name:
+                return info
     return None
 
 

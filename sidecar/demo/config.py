@@ -12,11 +12,23 @@ DEMO_PROVIDER_KEYS: dict[str, str] = {
     "openai": "sk-demo-openai-0123456789",
     "anthropic": "sk-ant-demo-0123456789",
     "workers-ai": "cf-demo-workers-ai-0123456789",
+    "gemini": "AIza-demo-gemini-0123456789",
+    "azure": "demo-azure-openai-0123456789",
+    "groq": "gsk-demo-groq-0123456789",
 }
 KEY_ENV: dict[str, str] = {
     "openai": "DEMO_OPENAI_API_KEY",
     "anthropic": "DEMO_ANTHROPIC_API_KEY",
     "workers-ai": "DEMO_WORKERS_AI_TOKEN",
+    "gemini": "DEMO_GEMINI_API_KEY",
+    "azure": "DEMO_AZURE_OPENAI_API_KEY",
+    "groq": "DEMO_GROQ_API_KEY",
+}
+# The demo's Azure OpenAI deployments and the models they run.
+DEMO_AZURE_DEPLOYMENTS: dict[str, str] = {
+    "chat-prod": "gpt-4o-mini",
+    "chat-big": "gpt-4o",
+    "embed": "text-embedding-3-small",
 }
 
 
@@ -49,6 +61,16 @@ def demo_config(issuer: DevIssuer, jwks: str, store: str, **overrides: Any) -> d
             {"id": "anthropic", "path_prefix": "/anthropic/", "credentials": _keys("anthropic")},
             {"id": "workers-ai", "path_prefix": "/workers-ai/", "pricing_provider": "cloudflare",
              "credentials": _keys("workers-ai")},
+            {"id": "gemini", "path_prefix": "/gemini/", "api": "gemini",
+             "pricing_provider": "google", "credentials": _keys("gemini")},
+            {"id": "azure", "path_prefix": "/azure/", "api": "azure_openai",
+             "pricing_provider": "azure", "deployments": DEMO_AZURE_DEPLOYMENTS,
+             "credentials": _keys("azure")},
+            # Bedrock signs each request itself: no key is held for it.
+            {"id": "bedrock", "path_prefix": "/bedrock/", "api": "bedrock",
+             "pricing_provider": "aws"},
+            {"id": "groq", "path_prefix": "/groq/", "api": "openai_compatible",
+             "credentials": _keys("groq")},
         ],
         "models": {"default": "allow", "rules": [
             {"groups": ["interns"], "allow": ["@cf/*", "gpt-4o-mini"]},

@@ -23,11 +23,13 @@ from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
+from envoy.type.v3 import http_status_pb2
 
 from sidecar import tracing
 from sidecar.decisions import RESERVATION_HEADER
 from sidecar.engine import Engine
 from sidecar.envoy.request_body import mutate
+from sidecar.envoy.request_path import NoDeployment, PathChange, fallback_path
 from sidecar.metering.exchange import MeteredExchange
 from sidecar.metering.parse import Api, api_for_path
 
@@ -48,6 +50,8 @@ class Exchange:
     body: bytes = b""
     strip_usage_event: bool = False
     metered: MeteredExchange | None = None
+    # Set when a fallback rewrote a path that names the model.
+    path_change: PathChange | None = None
 
 
 def _headers(message: pb.HttpHeaders) -> dict[str, str]:
@@ -108,11 +112,18 @@ class ExternalProcessorServicer(
                 tracing.adopt(headers)
             if not ex.request_id:
                 return pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+            try:
+                ex.path_change = self._path_change(ex)
+            except NoDeployment:
+                return _no_deployment(ex.model)
+            set_headers = [] if ex.path_change is None else [base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key=":path", raw_value=ex.path_change.path.encode()),
+                append_action=OVERWRITE)]
             # The reservation id stops here: neither the provider nor the client ever sees
             # it, so nobody but Envoy can name the reservation a usage report is for.
             return pb.ProcessingResponse(request_headers=pb.HeadersResponse(
                 response=pb.CommonResponse(header_mutation=pb.HeaderMutation(
-                    remove_headers=[RESERVATION_HEADER]))))
+                    set_headers=set_headers, remove_headers=[RESERVATION_HEADER]))))
         if kind == "request_body":
             return pb.ProcessingResponse(request_body=self._request_body(ex, message))
         if kind == "response_headers":
@@ -134,11 +145,27 @@ class ExternalProcessorServicer(
         origin = self._engine.holder.current.provider_for_path(ex.path)
         return api if origin is not None and origin.id == ex.provider else "openai_chat"
 
+    def _path_change(self, ex: Exchange) -> PathChange | None:
+        """A fallback to another model of the same provider, on an API that names the model
+        in the path: the path naming the fallback model."""
+        if not ex.fallback or not ex.model:
+            return None
+        rs = self._engine.holder.current
+        origin = rs.provider_for_path(ex.path)
+        if origin is None or origin.id != ex.provider:
+            return None  # another provider: its fallback route sets the whole path
+        return fallback_path(ex.path, ex.model, origin.deployments)
+
     def _request_body(self, ex: Exchange, message: pb.ProcessingRequest) -> pb.BodyResponse:
         ex.body = message.request_body.body
         if not ex.request_id or not ex.model:
             return pb.BodyResponse()  # not admitted as an LLM call: leave it alone
-        change = mutate(ex.body, ex.api, ex.model if ex.fallback else None)
+        model = ex.model if ex.fallback else None
+        if ex.path_change is not None:
+            # The path names the model; the body only where it names the deployment.
+            model = ex.path_change.body_model
+        change = mutate(ex.body, ex.api, model,
+                        only_if_named=ex.path_change is not None)
         if change.body is None:
             return pb.BodyResponse()
         ex.strip_usage_event = change.strip_usage_event
@@ -209,3 +236,16 @@ class ExternalProcessorServicer(
             return pb.BodyResponse()
         return pb.BodyResponse(response=pb.CommonResponse(
             body_mutation=pb.BodyMutation(body=out)))
+
+
+def _no_deployment(model: str) -> pb.ProcessingResponse:
+    """No Azure deployment runs the fallback model: refuse rather than run another model
+    than the one admitted and billed."""
+    body = ('{"success":false,"error":{"type":"fallback_unavailable","message":'
+            f'"no configured deployment runs the fallback model {model}"}}}}')
+    return pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
+        status=http_status_pb2.HttpStatus(code=http_status_pb2.ServiceUnavailable),
+        headers=pb.HeaderMutation(set_headers=[base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key="content-type", raw_value=b"application/json"),
+            append_action=OVERWRITE)]),
+        body=body.encode()))

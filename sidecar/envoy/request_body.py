@@ -36,8 +36,13 @@ class Mutation:
     strip_usage_event: bool = False
 
 
-def mutate(body: bytes, api: Api | None, model: str | None) -> Mutation:
-    """The body with `model` set (when given) and usage requested from OpenAI chat streams."""
+def mutate(body: bytes, api: Api | None, model: str | None, *,
+           only_if_named: bool = False) -> Mutation:
+    """The body with `model` set (when given) and usage requested from OpenAI chat streams.
+
+    `only_if_named`: set `model` only in a body that has one (an API that names the model
+    in the path rejects an unknown `model` field).
+    """
     needs_stream_check = api == "openai_chat" and b'"stream"' in body
     if model is None and not needs_stream_check:
         return Mutation()
@@ -45,7 +50,8 @@ def mutate(body: bytes, api: Api | None, model: str | None) -> Mutation:
     if not isinstance(data, dict):
         return Mutation()
     changed = strip = False
-    if model is not None and data.get("model") != model:
+    if model is not None and data.get("model") != model and \
+            not (only_if_named and "model" not in data):
         data["model"] = model
         changed = True
     if needs_stream_check and _needs_usage_option(data):

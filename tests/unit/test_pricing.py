@@ -381,3 +381,19 @@ def test_requested_output_tokens(body: dict[str, Any], expected: int) -> None:
 def test_negative_override_price_fails_when_configured() -> None:
     with pytest.raises(ValueError, match="not a price"):
         PriceOverride("openai", "x", Decimal("-1"), Decimal("1"))
+
+
+@pytest.mark.parametrize(("provider", "model"), [
+    ("aws", "us.anthropic.claude-haiku-4-5-20251001-v1:0"),
+    ("aws", "amazon.nova-lite-v1:0"),
+    ("google", "gemini-2.5-flash"),
+    ("azure", "gpt-4o-mini"),
+])
+def test_a_canonical_name_has_the_price_of_the_name_it_came_from(provider: str,
+                                                                  model: str) -> None:
+    # Budgets and charges use the canonical name; some genai-prices ids (Bedrock's
+    # `regional.anthropic...`) do not match their own patterns.
+    prices = PriceBook([], None)
+    canonical = prices.canonical(provider, model)
+    assert prices.price(provider, model) is not None
+    assert prices.price(provider, canonical) == prices.price(provider, model)

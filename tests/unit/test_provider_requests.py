@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from sidecar.envoy.request_path import NoDeployment, PathChange, fallback_path
 from sidecar.model import RequestAttrs
 from sidecar.policy.request import BadRequest, request_model
 from sidecar.pricing import estimate_input_tokens, requested_output_tokens
@@ -85,3 +86,28 @@ def test_gemini_prompt_fields_are_estimated() -> None:
               "systemInstruction": {"parts": [{"text": text}]}}
     assert estimate_input_tokens(gemini) >= 200
     assert estimate_input_tokens(gemini) > estimate_input_tokens({})
+
+
+@pytest.mark.parametrize(("path", "model", "deployments", "want"), [
+    ("/gemini/v1beta/models/gemini-2.5-pro:streamGenerateContent?alt=sse", "gemini-2.5-flash",
+     None, PathChange("/gemini/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse")),
+    ("/bedrock/model/amazon.nova-pro-v1%3A0/converse-stream", "amazon.nova-lite-v1:0", None,
+     PathChange("/bedrock/model/amazon.nova-lite-v1%3A0/converse-stream")),
+    ("/bedrock/model/arn%3Aaws%3Ax%2Fy/invoke", "us.anthropic.claude-haiku-4-5", None,
+     PathChange("/bedrock/model/us.anthropic.claude-haiku-4-5/invoke")),
+    ("/azure/openai/deployments/chat-big/chat/completions?api-version=1", "gpt-4o-mini",
+     {"chat-big": "gpt-4o", "chat-prod": "GPT-4o-mini"},
+     PathChange("/azure/openai/deployments/chat-prod/chat/completions?api-version=1",
+                "chat-prod")),
+    ("/openai/v1/chat/completions", "gpt-4o-mini", None, None),
+])
+def test_fallback_rewrites_the_model_in_the_path(
+        path: str, model: str, deployments: dict[str, str] | None,
+        want: PathChange | None) -> None:
+    assert fallback_path(path, model, deployments) == want
+
+
+def test_fallback_to_a_model_no_azure_deployment_runs_is_refused() -> None:
+    with pytest.raises(NoDeployment):
+        fallback_path("/azure/openai/deployments/chat-big/embeddings", "gpt-4o-mini",
+                      {"chat-big": "gpt-4o"})
