@@ -39,13 +39,15 @@ LIMITS = [
     {"name": "per-user-daily", "budget_usd": 5, "window": {"fixed": "daily"},
      "split": ["user"], "action": "block"},
     {"name": "pricey-fallback", "budget_usd": 0.000001, "window": {"rolling": "1h"},
-     "filter": {"model": ["gemini-2.5-pro", "amazon.nova-pro-v1:0", "gpt-4o"]},
+     "filter": {"model": ["gemini-2.5-pro", "amazon.nova-pro-v1:0", "gpt-4o",
+                          "llama-3.3-70b-versatile"]},
      "action": "fallback"},
 ]
 FALLBACKS = {
     "gemini-2.5-pro": [{"model": "gemini-2.5-flash", "provider": "gemini"}],
     "amazon.nova-pro-v1:0": [{"model": "amazon.nova-lite-v1:0", "provider": "bedrock"}],
     "gpt-4o": [{"model": "gpt-4o-mini", "provider": "azure"}],
+    "llama-3.3-70b-versatile": [{"model": "llama-3.1-8b-instant", "provider": "groq"}],
 }
 ADMISSION = {"mode": "reserve", "default_max_output_tokens": 1024, "reservation_ttl": "8s"}
 GEMINI = "gemini-2.5-flash"
@@ -237,13 +239,17 @@ def test_openai_embeddings_are_charged_by_prompt_tokens(stack: Stack,
     assert_charged(stack, email, usage, cost)
 
 
+def groq_client(stack: Stack, token: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack.envoy_url + "/groq/v1", api_key=token, max_retries=0,
+                         timeout=60)
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_openai_compatible_chat_is_charged_exactly(stack: Stack, issuer: DevIssuer,
                                                    stream: bool) -> None:
     email = user(f"groq-{stream}")
-    client = openai.OpenAI(base_url=stack.envoy_url + "/groq/v1", api_key=issuer.mint(email),
-                           max_retries=0, timeout=60)
-    model = "llama-3.3-70b-versatile"
+    client = groq_client(stack, issuer.mint(email))
+    model = "llama-3.1-8b-instant"
     messages: Any = [{"role": "user", "content": prompt(email)}]
     if stream:
         list(client.chat.completions.create(model=model, messages=messages, max_tokens=6,
@@ -251,6 +257,17 @@ def test_openai_compatible_chat_is_charged_exactly(stack: Stack, issuer: DevIssu
     else:
         client.chat.completions.create(model=model, messages=messages, max_tokens=6)
     usage, cost = expect(stack, email, "openai_chat", model, "groq")
+    assert_charged(stack, email, usage, cost)
+
+
+def test_openai_compatible_fallback_rewrites_the_body_model(stack: Stack,
+                                                           issuer: DevIssuer) -> None:
+    email = user("groq-fallback")
+    groq_client(stack, issuer.mint(email)).chat.completions.create(
+        model="llama-3.3-70b-versatile", messages=[{"role": "user", "content": prompt(email)}],
+        max_tokens=4)
+    assert received(stack, email)["model"] == "llama-3.1-8b-instant"
+    usage, cost = expect(stack, email, "openai_chat", "llama-3.1-8b-instant", "groq")
     assert_charged(stack, email, usage, cost)
 
 
@@ -323,3 +340,43 @@ def test_bedrock_fallback_rewrites_the_model_id_in_the_path(stack: Stack,
     assert seen_path(stack, email) == f"/model/{NOVA}/converse"
     usage, cost = expect(stack, email, "bedrock_converse", NOVA, "aws")
     assert_charged(stack, email, usage, cost)
+
+
+def test_bedrock_allowlist_sees_the_model_id_in_the_path(stack: Stack,
+                                                         issuer: DevIssuer) -> None:
+    email = user("br-intern")
+    client = bedrock_client(stack, issuer.mint(email, groups=["interns"]))
+    with pytest.raises(client.exceptions.ClientError) as caught:
+        client.converse(modelId=NOVA, **converse_args(email, 4))
+    assert caught.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+    assert not any(email in json.dumps(e["body"]) for e in stack.seen())
+
+
+# --- a client that hangs up mid-stream is still charged -------------------------------------
+
+
+@pytest.mark.parametrize(("name", "path", "body"), [
+    ("azure", "/azure/openai/deployments/chat-prod/chat/completions?api-version=2024-10-21",
+     {"model": "chat-prod", "stream": True, "max_tokens": 400,
+      "messages": [{"role": "user", "content": "{prompt}"}]}),
+    ("bedrock", f"/bedrock/model/{NOVA}/converse-stream",
+     {"messages": [{"role": "user", "content": [{"text": "{prompt}"}]}],
+      "inferenceConfig": {"maxTokens": 400}}),
+    ("groq", "/groq/v1/chat/completions",
+     {"model": "llama-3.1-8b-instant", "stream": True, "max_tokens": 400,
+      "messages": [{"role": "user", "content": "{prompt}"}]}),
+])
+def test_stream_cut_short_is_still_charged(stack: Stack, issuer: DevIssuer, name: str,
+                                           path: str, body: dict[str, Any]) -> None:
+    email = user(f"{name}-cut")
+    sent = json.loads(json.dumps(body).replace("{prompt}", prompt(email)))
+    headers = {"authorization": f"Bearer {issuer.mint(email)}", "x-fake-delay-ms": "200"}
+    if name == "bedrock":
+        headers = {"cf-access-jwt-assertion": issuer.mint(email), "x-fake-delay-ms": "200"}
+    with httpx.stream("POST", stack.envoy_url + path, json=sent, headers=headers,
+                      timeout=30) as response:
+        assert response.status_code == 200
+        next(response.iter_bytes())
+    row = charged(stack, email)
+    # Never $0: the reservation, or more for the text that had streamed past.
+    assert row["cost_usd"] > 0 and row["requests"] == 1
