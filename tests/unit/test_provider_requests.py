@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
+from sidecar.config.models import ProviderConfig
 from sidecar.envoy.request_path import NoDeployment, PathChange, fallback_path
 from sidecar.model import RequestAttrs
 from sidecar.policy.request import BadRequest, request_model
-from sidecar.pricing import estimate_input_tokens, requested_output_tokens
+from sidecar.pricing import (
+    PriceBook,
+    PriceOverride,
+    estimate_input_tokens,
+    requested_output_tokens,
+)
 
 DEPLOYMENTS = {"prod-chat": "gpt-4o", "emb": "text-embedding-3-small"}
 
@@ -111,3 +119,33 @@ def test_fallback_to_a_model_no_azure_deployment_runs_is_refused() -> None:
     with pytest.raises(NoDeployment):
         fallback_path("/azure/openai/deployments/chat-big/embeddings", "gpt-4o-mini",
                       {"chat-big": "gpt-4o"})
+
+
+def test_a_self_hosted_model_is_priced_by_an_override_or_refused() -> None:
+    override = PriceOverride("self-hosted", "my-llama-*", Decimal("0.1"), Decimal("0.2"))
+    prices = PriceBook([override], None)
+    price = prices.price("self-hosted", "my-llama-8b")
+    assert price is not None and (price.input, price.output) == (100_000, 200_000)
+    assert prices.price("self-hosted", "another-homegrown-model") is None
+
+
+@pytest.mark.parametrize(("api", "pricing", "ok"), [
+    ("openai_compatible", "self-hosted", True),
+    ("openai_compatible", "groq", True),
+    ("gemini", "google", True),
+    ("gemini", "openai", False),
+    ("bedrock", "aws", True),
+    ("bedrock", "anthropic", False),
+    ("azure_openai", "azure", True),
+    ("azure_openai", "openai", True),
+    ("azure_openai", "google", False),
+    ("anthropic", "aws", False),
+])
+def test_check_config_refuses_pricing_that_does_not_fit_the_api(api: str, pricing: str,
+                                                                ok: bool) -> None:
+    raw = {"id": "p", "path_prefix": "/p/", "api": api, "pricing_provider": pricing}
+    if ok:
+        ProviderConfig.model_validate(raw)
+    else:
+        with pytest.raises(ValidationError, match="does not price api"):
+            ProviderConfig.model_validate(raw)
