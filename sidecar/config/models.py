@@ -547,4 +547,15 @@ class SidecarConfig(Strict):
                     raise ValueError(
                         f"fallbacks.{model}: provider {target.provider!r} is not in providers"
                     )
+                self._check_deployment(model, target)
         return self
+
+    def _check_deployment(self, model: str, target: FallbackTarget) -> None:
+        # A fallback on Azure OpenAI is a switch of deployment: one must run the model.
+        provider = next((p for p in self.providers if p.id == target.provider), None)
+        if provider is None or provider.api != "azure_openai":
+            return
+        runs = {m.strip().lower() for m in provider.deployments.values()}
+        if target.model.strip().lower() not in runs:
+            raise ValueError(f"fallbacks.{model}: no deployment of provider "
+                             f"{provider.id!r} runs {target.model!r}")

@@ -40,7 +40,7 @@ LIMITS = [
      "split": ["user"], "action": "block"},
     {"name": "pricey-fallback", "budget_usd": 0.000001, "window": {"rolling": "1h"},
      "filter": {"model": ["gemini-2.5-pro", "amazon.nova-pro-v1:0", "gpt-4o",
-                          "llama-3.3-70b-versatile"]},
+                          "llama-3.3-70b-versatile", "*claude-sonnet-4-5*"]},
      "action": "fallback"},
 ]
 FALLBACKS = {
@@ -48,6 +48,8 @@ FALLBACKS = {
     "amazon.nova-pro-v1:0": [{"model": "amazon.nova-lite-v1:0", "provider": "bedrock"}],
     "gpt-4o": [{"model": "gpt-4o-mini", "provider": "azure"}],
     "llama-3.3-70b-versatile": [{"model": "llama-3.1-8b-instant", "provider": "groq"}],
+    "us.anthropic.claude-sonnet-4-5-20250929-v1:0": [
+        {"model": "us.anthropic.claude-haiku-4-5-20251001-v1:0", "provider": "bedrock"}],
 }
 ADMISSION = {"mode": "reserve", "default_max_output_tokens": 1024, "reservation_ttl": "8s"}
 GEMINI = "gemini-2.5-flash"
@@ -150,6 +152,8 @@ def test_gemini_fallback_rewrites_the_model_in_the_path(stack: Stack,
         model="gemini-2.5-pro", contents=prompt(email),
         config=genai_types.GenerateContentConfig(max_output_tokens=8))
     assert seen_path(stack, email) == f"/v1beta/models/{GEMINI}:generateContent"
+    # Gemini refuses unknown fields: the body gains no `model`.
+    assert "model" not in received(stack, email)
     usage, cost = expect(stack, email, "gemini", GEMINI, "google")
     assert_charged(stack, email, usage, cost)
 
@@ -350,6 +354,20 @@ def test_bedrock_allowlist_sees_the_model_id_in_the_path(stack: Stack,
         client.converse(modelId=NOVA, **converse_args(email, 4))
     assert caught.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
     assert not any(email in json.dumps(e["body"]) for e in stack.seen())
+
+
+def test_bedrock_invoke_fallback_rewrites_the_model_id_in_the_path(
+        stack: Stack, issuer: DevIssuer) -> None:
+    email = user("br-invoke-fallback")
+    body = json.dumps({"anthropic_version": "bedrock-2023-05-31", "max_tokens": 3,
+                       "messages": [{"role": "user", "content": prompt(email)}]})
+    client = bedrock_client(stack, issuer.mint(email))
+    client.invoke_model(modelId="us.anthropic.claude-sonnet-4-5-20250929-v1:0", body=body)
+    assert seen_path(stack, email) == f"/model/{HAIKU_BEDROCK}/invoke"
+    # The body names no model and gains none: Bedrock refuses unknown fields.
+    assert "model" not in received(stack, email)
+    usage, cost = expect(stack, email, "bedrock_invoke", HAIKU_BEDROCK, "aws")
+    assert_charged(stack, email, usage, cost)
 
 
 # --- a client that hangs up mid-stream is still charged -------------------------------------
