@@ -22,6 +22,8 @@ import anthropic
 import openai
 import pytest
 from genai_prices import Usage, calc_price, data_snapshot
+from google import genai
+from google.genai import types as genai_types
 
 from sidecar.demo.config import demo_config
 from sidecar.demo.keys import DevIssuer
@@ -32,7 +34,7 @@ RECORDED = Path(__file__).parents[1] / "fixtures" / "recorded"
 MANIFEST: list[dict[str, Any]] = json.loads(
     (RECORDED / "MANIFEST.json").read_text())["recordings"]
 PROVIDER = {"openai_chat": "openai", "openai_responses": "openai",
-            "anthropic_messages": "anthropic"}
+            "anthropic_messages": "anthropic", "gemini": "google"}
 LIMITS = [{"name": "per-user-daily", "budget_usd": 100, "window": {"fixed": "daily"},
            "split": ["user"], "action": "block"}]
 ADMISSION = {"mode": "reserve", "default_max_output_tokens": 1024, "reservation_ttl": "60s"}
@@ -61,6 +63,9 @@ def final_response(entry: dict[str, Any]) -> dict[str, Any]:
         return dict(json.loads(text))
     events = [json.loads(line[len("data: "):]) for line in text.splitlines()
               if line.startswith("data: {")]
+    if entry["api"] == "gemini":
+        # Every chunk carries the running totals: the last one is the whole call's.
+        return {"usage": events[-1]["usageMetadata"]}
     if entry["api"] == "openai_chat":
         return {"usage": next(e["usage"] for e in reversed(events) if e.get("usage"))}
     if entry["api"] == "openai_responses":
@@ -100,10 +105,21 @@ def openai_usage(api: str, counts: dict[str, Any], output: list[Any]) -> Usage:
                  storage_searches=file_searches)
 
 
+def gemini_usage(counts: dict[str, Any]) -> Usage:
+    # Google bills thinking tokens as output; cached tokens are part of the prompt count.
+    return Usage(input_tokens=counts["promptTokenCount"],
+                 cache_read_tokens=counts.get("cachedContentTokenCount") or 0,
+                 output_tokens=counts.get("candidatesTokenCount", 0)
+                 + counts.get("thoughtsTokenCount", 0))
+
+
 def provider_bill(entry: dict[str, Any]) -> dict[str, Decimal]:
     """USD per model the provider bills for the recorded response."""
     model, provider = entry["model"], PROVIDER[entry["api"]]
     response = final_response(entry)
+    if provider == "google":
+        counts = response.get("usageMetadata") or response["usage"]
+        return {model: calc_price(gemini_usage(counts), model, provider_id=provider).total_price}
     counts = response["usage"]
     if provider == "openai":
         usage = openai_usage(entry["api"], counts, response.get("output") or [])
@@ -153,6 +169,17 @@ def replay(stack: Stack, issuer: DevIssuer, entry: dict[str, Any], email: str) -
     token = issuer.mint(email)
     headers = {"x-fake-replay": entry["file"], "x-fake-chunk-bytes": CHUNK_BYTES}
     model, api, stream = entry["model"], entry["api"], entry["stream"]
+    if api == "gemini":
+        client = genai.Client(api_key="client-key", http_options=genai_types.HttpOptions(
+            base_url=stack.envoy_url + "/gemini/", api_version="v1beta",
+            headers={"authorization": f"Bearer {token}", **headers}))
+        if stream:
+            chunks = list(client.models.generate_content_stream(model=model, contents=PROMPT))
+            assert chunks[-1].usage_metadata is not None
+        else:
+            answer = client.models.generate_content(model=model, contents=PROMPT)
+            assert answer.usage_metadata is not None
+        return
     if api == "anthropic_messages":
         client = anthropic.Anthropic(base_url=stack.envoy_url + "/anthropic",
                                      api_key="sk-ant-fake", max_retries=0, timeout=60,
@@ -219,7 +246,8 @@ def test_recorded_response_is_billed_as_the_provider_bills_it(
 def test_the_corpus_covers_every_billing_feature() -> None:
     features = {f for entry in MANIFEST for f in entry["features"]}
     assert {"cache_read", "cache_write", "reasoning", "thinking", "web_search_fee",
-            "file_search_fee", "compaction", "advisor", "unknown_iteration_type"} <= features
+            "file_search_fee", "compaction", "advisor", "unknown_iteration_type",
+            "gemini_thinking", "cumulative_usage"} <= features
     assert {(e["api"], e["stream"]) for e in MANIFEST} == {
         (api, stream) for api in PROVIDER for stream in (False, True)}
     for entry in MANIFEST:
