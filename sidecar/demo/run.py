@@ -28,9 +28,11 @@ CHAT = "/openai/v1/chat/completions"
 def _keys_arrived(stack: Stack, callers: list[str]) -> bool:
     """Every call the provider saw carried the sidecar's key, and no caller's credential."""
     seen = stack.seen()
-    keys = {f"Bearer {DEMO_PROVIDER_KEYS['openai']}", DEMO_PROVIDER_KEYS["anthropic"]}
+    keys = {f"Bearer {DEMO_PROVIDER_KEYS['openai']}", DEMO_PROVIDER_KEYS["anthropic"],
+            DEMO_PROVIDER_KEYS["gemini"]}
     ok = bool(seen) and all(
-        (r["headers"].get("authorization") or r["headers"].get("x-api-key")) in keys
+        (r["headers"].get("authorization") or r["headers"].get("x-api-key")
+         or r["headers"].get("x-goog-api-key")) in keys
         and not any(c in v for c in callers for v in r["headers"].values())
         for r in seen)
     label = "provider got the sidecar's key, never a caller credential"
@@ -75,6 +77,10 @@ def tour(stack: Stack) -> bool:
     statuses = [_request(stack, f"alice → claude-opus-4-7 #{i + 1} (fallback after budget)",
                          alice, opus, "/anthropic/v1/messages") for i in range(4)]
     results.append(all(s == 200 for s in statuses))
+    gemini = {"contents": [{"role": "user", "parts": [{"text": "Hello!"}]}],
+              "generationConfig": {"maxOutputTokens": 64}}
+    results.append(_request(stack, "alice → Gemini (the model is in the path)", alice, gemini,
+                            "/gemini/v1beta/models/gemini-2.5-flash:generateContent") == 200)
     results.append(_request(stack, "alice → gpt-4o-mini, the provider fails (503, costs $0)",
                             {**alice, "x-fake-status": "503"}, chat) == 503)
     callers = [alice["authorization"].split()[1], ivan["authorization"].split()[1],
@@ -108,7 +114,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"""
 Everything is running. Try it yourself:
 
-  Envoy        {stack.envoy_url}   (OpenAI at /openai/v1, Anthropic at /anthropic)
+  Envoy        {stack.envoy_url}   (OpenAI at /openai/v1, Anthropic at /anthropic,
+               Gemini at /gemini, Azure OpenAI at /azure, Bedrock at /bedrock, Groq at /groq)
   Sidecar API  {stack.admin_url}   (admin token in $SIDECAR_ADMIN_TOKEN={stack.admin_token})
   Config       {stack.config_path}   (logs in {workdir})
 
