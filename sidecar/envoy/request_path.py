@@ -3,7 +3,8 @@
 Gemini (`models/<model>:<method>`), Bedrock Runtime (`model/<modelId>/<operation>`) and
 Azure OpenAI (`openai/deployments/<deployment>/...`) are told the model by the path, so a
 fallback to another model of the same provider rewrites the path; the body is left as it
-is, except an Azure body's `model`, which names the deployment and must name the new one.
+is, except an Azure body's `model`, which names the deployment and must name the new one
+(on Azure's v1 API, `openai/v1/...`, that is the only change).
 """
 
 from __future__ import annotations
@@ -40,13 +41,15 @@ def fallback_path(path: str, model: str,
     running `model` is taken.
     """
     if deployments is not None:
+        names = [name for name, runs in deployments.items()
+                 if runs.strip().lower() == model.strip().lower()]
+        if not names:
+            raise NoDeployment(model)
         found = _AZURE.search(path)
-        if found is not None:
-            names = [name for name, runs in deployments.items()
-                     if runs.strip().lower() == model.strip().lower()]
-            if not names:
-                raise NoDeployment(model)
-            return PathChange(_replace(path, found, quote(names[0], safe="")), names[0])
+        if found is None:
+            # Azure's v1 API: the body's `model` names the deployment.
+            return PathChange(path, names[0])
+        return PathChange(_replace(path, found, quote(names[0], safe="")), names[0])
     found = _GEMINI.search(path)
     if found is not None:
         return PathChange(_replace(path, found, quote(model, safe="@.-_")))

@@ -119,6 +119,10 @@ def request_model(attrs: RequestAttrs, provider_prefix: str | None,
         else None
     if deployment is not None:
         return _deployment_model(attrs, deployment, deployments or {})
+    if deployments is not None and in_path is None:
+        named_deployment = _named_deployment(attrs)
+        if named_deployment is not None:
+            return _deployment_model(attrs, named_deployment, deployments)
     if attrs.model_hint:
         _agree(in_path, attrs.model_hint, "x-sidecar-model")
         return attrs.model_hint.strip(), {}
@@ -132,6 +136,16 @@ def request_model(attrs: RequestAttrs, provider_prefix: str | None,
         return in_path, body
     if "model" in body or (method == "POST" and (on_provider or attrs.body)):
         return model_of(body), body
+    return None
+
+
+def _named_deployment(attrs: RequestAttrs) -> str | None:
+    """Azure's v1 API (`openai/v1/chat/completions`) names the deployment in `model`."""
+    if attrs.model_hint:
+        return attrs.model_hint.strip()
+    data = parse_body(attrs.body) if attrs.body else {}
+    if "model" in data or (attrs.method.upper() == "POST" and attrs.body):
+        return model_of(data)
     return None
 
 

@@ -149,3 +149,22 @@ def test_check_config_refuses_pricing_that_does_not_fit_the_api(api: str, pricin
     else:
         with pytest.raises(ValidationError, match="does not price api"):
             ProviderConfig.model_validate(raw)
+
+
+def test_azure_v1_api_body_model_names_a_deployment() -> None:
+    path = "/azure/openai/v1/chat/completions"
+    found = request_model(attrs(path, {"model": "prod-chat", "messages": []}), "/azure/",
+                          DEPLOYMENTS)
+    assert found is not None and found[0] == "gpt-4o"
+    # A deployment's name proves nothing about its model: an unlisted one is refused, even
+    # when it reads like a cheap model.
+    with pytest.raises(BadRequest, match="not configured"):
+        request_model(attrs(path, {"model": "gpt-4o-mini"}), "/azure/", DEPLOYMENTS)
+    hinted = RequestAttrs("POST", path, {}, None, model_hint="prod-chat")
+    assert request_model(hinted, "/azure/", DEPLOYMENTS) == ("gpt-4o", {})
+
+
+def test_azure_v1_fallback_names_the_fallback_deployment_in_the_body() -> None:
+    change = fallback_path("/azure/openai/v1/chat/completions", "gpt-4o",
+                           {"small": "gpt-4o-mini", "big": "gpt-4o"})
+    assert change == PathChange("/azure/openai/v1/chat/completions", "big")
