@@ -23,7 +23,7 @@ from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types as genai_types
 
-from sidecar.demo.config import demo_config
+from sidecar.demo.config import DEMO_PROVIDER_KEYS, demo_config
 from sidecar.demo.keys import DevIssuer
 from sidecar.demo.stack import Stack, running_stack
 from sidecar.fake_provider import expected_usage
@@ -77,19 +77,20 @@ def prompt(email: str) -> str:
     return f"Count the letters in the word metering, please ({email})."
 
 
-def received(stack: Stack, email: str) -> dict[str, Any]:
-    """The body the fake provider received for this user's call."""
+def seen_entry(stack: Stack, email: str) -> dict[str, Any]:
+    """What the fake provider received for this user's call: path, headers, body."""
     for entry in reversed(stack.seen()):
         if email in json.dumps(entry["body"]):
-            return dict(entry["body"])
+            return dict(entry)
     raise AssertionError(f"the provider saw no call for {email}")
+
+
+def received(stack: Stack, email: str) -> dict[str, Any]:
+    return dict(seen_entry(stack, email)["body"])
 
 
 def seen_path(stack: Stack, email: str) -> str:
-    for entry in reversed(stack.seen()):
-        if email in json.dumps(entry["body"]):
-            return str(entry["path"])
-    raise AssertionError(f"the provider saw no call for {email}")
+    return str(seen_entry(stack, email)["path"])
 
 
 def expect(stack: Stack, email: str, api: Api, model: str, pricing: str
@@ -116,6 +117,10 @@ def test_gemini_json_with_thinking_is_charged_exactly(stack: Stack, issuer: DevI
     response = client.models.generate_content(model=GEMINI, contents=prompt(email),
                                               config=config)
     usage, cost = expect(stack, email, "gemini", GEMINI, "google")
+    # The sidecar's Gemini key replaced the client's, in Gemini's own header.
+    headers = seen_entry(stack, email)["headers"]
+    assert headers["x-goog-api-key"] == DEMO_PROVIDER_KEYS["gemini"]
+    assert "authorization" not in headers
     assert response.usage_metadata is not None
     assert response.usage_metadata.thoughts_token_count == 24
     assert usage.output_tokens == 16 + 24
@@ -187,6 +192,8 @@ def test_azure_chat_json_is_charged_as_the_deployments_model(stack: Stack,
     email = user("az-json")
     azure_client(stack, issuer.mint(email)).chat.completions.create(
         model="chat-prod", messages=[{"role": "user", "content": prompt(email)}], max_tokens=9)
+    # The sidecar's Azure key replaced the client's, in Azure's `api-key` header.
+    assert seen_entry(stack, email)["headers"]["api-key"] == DEMO_PROVIDER_KEYS["azure"]
     usage, cost = expect(stack, email, "openai_chat", "gpt-4o-mini", "azure")
     assert_charged(stack, email, usage, cost)
 
