@@ -411,3 +411,87 @@ def test_replay_needs_a_replay_dir() -> None:
     answer = TestClient(create_app()).post("/v1/chat/completions", json={"model": GPT},
                                            headers={"x-fake-replay": "rec.json"})
     assert answer.status_code == 404
+
+
+# --- Gemini, Azure OpenAI, Bedrock, embeddings -------------------------------------------
+
+GEMINI_BODY = {"contents": [{"role": "user", "parts": [{"text": LONG}]}],
+               "generationConfig": {"maxOutputTokens": 11}}
+CONVERSE_BODY = {"messages": [{"role": "user", "content": [{"text": LONG}]}],
+                 "inferenceConfig": {"maxTokens": 11}}
+INVOKE_BODY = {"anthropic_version": "bedrock-2023-05-31", "max_tokens": 11,
+               "messages": [{"role": "user", "content": LONG}]}
+EVENTSTREAM = "application/vnd.amazon.eventstream"
+
+
+@pytest.mark.parametrize(("path", "api", "body", "stream"), [
+    ("/gemini/v1beta/models/gemini-2.5-flash:generateContent", "gemini", GEMINI_BODY, False),
+    ("/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse", "gemini", GEMINI_BODY,
+     True),
+    ("/bedrock/model/amazon.nova-lite-v1%3A0/converse", "bedrock_converse", CONVERSE_BODY,
+     False),
+    ("/model/amazon.nova-lite-v1%3A0/converse-stream", "bedrock_converse", CONVERSE_BODY, True),
+    ("/model/anthropic.claude-haiku-4-5-20251001-v1%3A0/invoke", "bedrock_invoke",
+     INVOKE_BODY, False),
+    ("/model/anthropic.claude-haiku-4-5-20251001-v1%3A0/invoke-with-response-stream",
+     "bedrock_invoke", INVOKE_BODY, True),
+    ("/azure/openai/deployments/prod/chat/completions?api-version=2024-10-21", "openai_chat",
+     {"messages": [{"role": "user", "content": LONG}], "max_tokens": 11, "stream": True,
+      "stream_options": {"include_usage": True}}, True),
+    ("/v1/embeddings", "openai_embeddings", {"model": "text-embedding-3-small",
+                                             "input": [LONG, "x"]}, False),
+])
+def test_metering_reads_what_each_api_of_the_fake_reports(
+        path: str, api: Api, body: dict[str, Any], stream: bool) -> None:
+    with (TestClient(create_app()) as client,
+          client.stream("POST", path, json=body) as reply):
+        assert reply.status_code == 200
+        media = reply.headers["content-type"]
+        if stream:
+            assert media.startswith(EVENTSTREAM if api.startswith("bedrock")
+                                    else "text/event-stream")
+        meter = UsageMeter.for_response(api, media, "")
+        for chunk in reply.iter_raw():
+            meter.feed(chunk)
+    meter.finish()
+    assert (meter.error, meter.complete) == (None, True)
+    assert meter.usage == expected_usage(api, body)
+
+
+def test_gemini_and_azure_keys_are_read_from_their_own_headers() -> None:
+    keys = {"gemini": ["AIza-1"], "azure": ["az-1"]}
+    gemini = "/v1beta/models/gemini-2.5-flash:generateContent"
+    azure = "/openai/deployments/prod/chat/completions"
+    with TestClient(create_app(keys)) as client:
+        refused = client.post(gemini, json=GEMINI_BODY, headers={
+            "host": "generativelanguage.googleapis.com", "authorization": "Bearer AIza-1"})
+        assert refused.status_code == 401
+        assert refused.json()["error"]["status"] == "UNAUTHENTICATED"
+        assert client.post(gemini, json=GEMINI_BODY, headers={
+            "host": "generativelanguage.googleapis.com",
+            "x-goog-api-key": "AIza-1"}).status_code == 200
+        host = {"host": "acme.openai.azure.com"}
+        assert client.post(azure, json=CHAT_BODY, headers={
+            **host, "authorization": "Bearer az-1"}).status_code == 401
+        assert client.post(azure, json={**CHAT_BODY, "model": "prod"}, headers={
+            **host, "api-key": "az-1"}).status_code == 200
+
+
+def test_path_model_apis_refuse_a_body_naming_another_model_and_unknown_verbs() -> None:
+    with TestClient(create_app()) as client:
+        other = client.post("/v1beta/models/gemini-2.5-flash:generateContent",
+                            json={**GEMINI_BODY, "model": "gemini-2.5-pro"})
+        assert other.status_code == 400 and other.json()["error"]["code"] == 400
+        unknown = client.post("/v1beta/models/gemini-2.5-flash:fooBar", json=GEMINI_BODY)
+        assert unknown.status_code == 404
+        bedrock = client.post("/model/amazon.nova-lite-v1%3A0/converse",
+                              headers={"x-fake-status": "429"}, json=CONVERSE_BODY)
+        assert bedrock.status_code == 429 and "message" in bedrock.json()
+
+
+def test_gemini_thinking_budget_adds_thought_tokens_to_the_output() -> None:
+    thinking = {**GEMINI_BODY, "generationConfig": {
+        "maxOutputTokens": 11, "thinkingConfig": {"thinkingBudget": 500}}}
+    assert expected_usage("gemini", thinking).output_tokens == 11 + 24
+    assert expected_usage("gemini", GEMINI_BODY).output_tokens == 11
+    assert expected_usage("openai_embeddings", {"input": "abcd" * 10}).output_tokens == 0
