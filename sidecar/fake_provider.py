@@ -1,4 +1,8 @@
-"""A deterministic stand-in for OpenAI and Anthropic endpoints, for tests and local demos.
+"""A deterministic stand-in for provider endpoints, for tests and local demos: OpenAI chat,
+Responses and embeddings, Anthropic messages, Gemini (`v1beta/models/{model}:...`), Azure
+OpenAI (`openai/deployments/{deployment}/...`) and Bedrock Runtime (`model/{id}/converse`,
+`converse-stream`, `invoke`, `invoke-with-response-stream`, streams in the binary event
+stream framing); their shapes are in `sidecar.fake_apis`.
 
 Usage is a pure function of the request body (`expected_usage`), so a test can compute the
 cost the sidecar should charge without trusting the sidecar. Request headers steer it:
@@ -8,8 +12,9 @@ body, streams included). `GET /_seen` shows what arrived here; `DELETE /_seen` f
 
 Keys are checked per provider prefix when configured (`--key openai=sk-...`, repeatable; a
 prefix may accept several keys): a call without one of them is answered 401 with the
-provider's error shape, as the real provider would. Anthropic reads `x-api-key`, the others
-`Authorization: Bearer`. The provider is the path prefix, else the Host a proxy addressed
+provider's error shape, as the real provider would. Anthropic reads `x-api-key`, Gemini
+`x-goog-api-key`, Azure `api-key`, the others `Authorization: Bearer`; Bedrock's signatures
+are not checked. The provider is the path prefix, else the Host a proxy addressed
 (Envoy strips prefixes and sets Host to the provider's). A provider without configured keys
 accepts any call.
 
@@ -700,12 +705,14 @@ def create_app(keys: Mapping[str, Collection[str]] | None = None,
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m sidecar.fake_provider",
-        description="A deterministic fake OpenAI / Anthropic provider.",
+        description="A deterministic fake LLM provider (OpenAI, Anthropic, Gemini, Azure "
+                    "OpenAI, Bedrock, OpenAI-compatible).",
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--key", action="append", default=[], metavar="PROVIDER=KEY",
-                        help="a key PROVIDER (openai, anthropic, workers-ai) accepts; "
+                        help="a key PROVIDER (openai, anthropic, workers-ai, gemini, azure, "
+                             "groq) accepts; "
                              "repeatable. Without any, every call is accepted.")
     parser.add_argument("--replay-dir", type=Path, default=None,
                         help="directory of recorded responses for x-fake-replay")
