@@ -232,12 +232,16 @@ API_PRICING: dict[str, frozenset[str]] = {
     "azure_openai": frozenset({"azure", "openai"}),
     "workers_ai": frozenset({"cloudflare"}),
 }
+API_DEFAULT_PRICING: dict[str, str] = {
+    "openai": "openai", "anthropic": "anthropic", "gemini": "google", "bedrock": "aws",
+    "azure_openai": "azure", "workers_ai": "cloudflare",
+}
 
 
 class ProviderConfig(Strict):
     id: str = Field(min_length=1)
     path_prefix: str = Field(min_length=1)
-    # genai-prices' provider id; the provider's own id when absent.
+    # genai-prices' provider id; when absent, the API's (`gemini`: `google`), else the id.
     pricing_provider: str | None = None
     # The provider's API family: which header carries the key, where the model is named,
     # which genai-prices providers may price it. Inferred from the id (and
@@ -249,6 +253,14 @@ class ProviderConfig(Strict):
     # it). A call to a deployment not listed here is refused.
     deployments: dict[str, str] = {}
 
+    @property
+    def pricing_id(self) -> str:
+        """genai-prices' provider id: `pricing_provider`, else the API's own (`gemini` is
+        priced as `google`), else the provider's id."""
+        if self.pricing_provider is not None:
+            return self.pricing_provider
+        return API_DEFAULT_PRICING.get(self.api or "", self.id)
+
     @model_validator(mode="after")
     def _pricing_fits_api(self) -> ProviderConfig:
         if self.deployments and self.api != "azure_openai":
@@ -257,9 +269,9 @@ class ProviderConfig(Strict):
                for name, model in self.deployments.items()):
             raise ValueError("deployments: names and models must be non-empty; a deployment "
                              "name has no '/'")
-        if self.api is None or self.api == "openai_compatible":
+        if self.api is None or self.api == "openai_compatible" or self.pricing_provider is None:
             return self
-        pricing = self.pricing_provider or self.id
+        pricing = self.pricing_provider
         allowed = API_PRICING[self.api]
         if pricing not in allowed:
             raise ValueError(f"pricing_provider {pricing!r} does not price api {self.api}; "

@@ -135,7 +135,7 @@ def build_ruleset(config: SidecarConfig, *, source_text: str = "",
     )
     providers = tuple(
         sorted(
-            (Provider(p.id, p.path_prefix, p.pricing_provider or p.id, p.api,
+            (Provider(p.id, p.path_prefix, p.pricing_id, p.api,
                       dict(p.deployments) if p.api == "azure_openai" else None)
              for p in config.providers),
             key=lambda p: -len(p.path_prefix),

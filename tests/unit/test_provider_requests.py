@@ -168,3 +168,14 @@ def test_azure_v1_fallback_names_the_fallback_deployment_in_the_body() -> None:
     change = fallback_path("/azure/openai/v1/chat/completions", "gpt-4o",
                            {"small": "gpt-4o-mini", "big": "gpt-4o"})
     assert change == PathChange("/azure/openai/v1/chat/completions", "big")
+
+
+@pytest.mark.parametrize(("raw", "pricing"), [
+    ({"id": "claude", "api": "anthropic"}, "anthropic"),
+    ({"id": "g", "api": "gemini"}, "google"),
+    ({"id": "aws-east", "api": "bedrock"}, "aws"),
+    ({"id": "groq", "api": "openai_compatible"}, "groq"),
+    ({"id": "workers-ai", "pricing_provider": "cloudflare"}, "cloudflare"),
+])
+def test_pricing_defaults_to_the_apis_own_provider(raw: dict[str, Any], pricing: str) -> None:
+    assert ProviderConfig.model_validate({**raw, "path_prefix": "/p/"}).pricing_id == pricing
