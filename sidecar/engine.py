@@ -6,6 +6,7 @@ Request path: identity → request parsing → model allowlist → price → bud
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 import uuid
@@ -254,6 +255,8 @@ class Engine:
         # Called with every decision after it is made (the dashboard's recent denials);
         # each must return at once and never raise: the request path waits on none.
         self.observers: list[Callable[[RequestAttrs, Decision], None]] = []
+        # Releases of reservations whose Check was abandoned; held so they are not collected.
+        self._releasing: set[asyncio.Future[None]] = set()
         overload = holder.current.config.overload
         self.shedder = LoadShedder(overload.max_inflight, overload.max_loop_lag_seconds)
 
@@ -416,6 +419,39 @@ class Engine:
         return replace(denied, rules=(planned.rule.name,), estimate=estimate)
 
     async def _reserve(self, request: ReserveRequest) -> tuple[ReserveRequest, ReserveResult]:
+        # Shielded: when the caller gives up mid-reservation (Envoy's deadline passed and
+        # gRPC cancelled the Check), the store may still complete it; the request then
+        # never goes upstream, so what was reserved is released at $0 rather than left to
+        # expire into a charge for a call nobody made.
+        task = asyncio.ensure_future(self._reserve_once(request))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(self._release_abandoned)
+            raise
+
+    def _release_abandoned(self, task: asyncio.Future[tuple[ReserveRequest, ReserveResult]]
+                           ) -> None:
+        if task.cancelled() or task.exception() is not None:
+            return
+        request, result = task.result()
+        if not result.admitted or result.duplicate:
+            return
+        release = asyncio.ensure_future(self._release(request.request_id))
+        self._releasing.add(release)
+        release.add_done_callback(self._releasing.discard)
+
+    async def _release(self, request_id: str) -> None:
+        try:
+            await self.store.commit(request_id, 0, TokenUsage(), self.clock(), error=True,
+                                    tokens=(0, 0))
+        except Exception as exc:  # the reservation then expires into its estimate
+            log.warning("abandoned_release_failed", request_id=request_id, error=str(exc))
+            return
+        log.info("abandoned_reservation_released", request_id=request_id)
+
+    async def _reserve_once(self, request: ReserveRequest
+                            ) -> tuple[ReserveRequest, ReserveResult]:
         result = await self.store.reserve(request)
         for _ in range(3):
             if not result.conflict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -178,3 +179,53 @@ async def test_charge_books_an_advisor_under_its_model_and_logs_unknown_steps(
     assert rows == {"cent-a": (40_000, 1, 4), "cent-advisor": (40_000, 0, 2)}
     [warning] = [e for e in logs if e["event"] == "unknown_iteration_type"]
     assert warning["types"] == ["rethink"] and warning["model"] == "cent-a"
+
+
+class Gated:
+    """A store whose reservations wait for the test, and which says when it commits."""
+
+    def __init__(self, inner: SQLiteStore) -> None:
+        self.inner = inner
+        self.entered = asyncio.Event()
+        self.gate = asyncio.Event()
+        self.committed = asyncio.Event()
+        self.ids: list[str] = []
+
+    async def reserve(self, request: Any) -> Any:
+        self.ids.append(request.request_id)
+        self.entered.set()
+
+        async def in_the_store() -> Any:
+            await self.gate.wait()
+            return await self.inner.reserve(request)
+
+        # A store's own work is not cancelled with its caller (a SQLite thread, a Redis
+        # server): it completes whether or not anyone still waits for the answer.
+        return await asyncio.shield(asyncio.ensure_future(in_the_store()))
+
+    async def commit(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await self.inner.commit(*args, **kwargs)
+        finally:
+            self.committed.set()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_check_abandoned_mid_reservation_is_released_at_zero(store: SQLiteStore) -> None:
+    rs = config(spend_limits=[rule("b", 0.05, "block", ["cent-*"])])
+    gated = Gated(store)
+    eng = engine(rs, gated)  # type: ignore[arg-type]
+    check = asyncio.ensure_future(eng.check(attrs("cent-a", "r1", max_tokens=3)))
+    await gated.entered.wait()
+    check.cancel()  # Envoy's deadline passed: gRPC cancels the Check
+    gated.gate.set()  # ...while the store still completes the reservation
+    with pytest.raises(asyncio.CancelledError):
+        await check
+    await asyncio.wait_for(gated.committed.wait(), 10)
+    (request_id,) = gated.ids
+    found = await store.reservation(request_id)
+    assert found is not None and found.state == "committed"
+    # Nothing spent, nothing held: the $0.03 the request reserved is free again.
+    assert (await eng.check(attrs("cent-a", "r2", max_tokens=5))).allowed
