@@ -40,7 +40,14 @@ async def _one(client: httpx.AsyncClient, url: str, body: bytes, token: str,
     if response.status_code == 503 and response.headers.get("retry-after") \
             and _is_envelope(data):
         return "refused"
+    if len(SAMPLES) < 5:
+        SAMPLES.append({"status": response.status_code, "headers": dict(response.headers),
+                        "body": data[:300].decode("utf-8", "replace")})
     return f"status_{response.status_code}"
+
+
+# A few answers that were neither served nor a proper refusal, to show what they were.
+SAMPLES: list[dict[str, object]] = []
 
 
 async def run(url: str, rate: float, seconds: float, body: bytes, tokens: list[str],
@@ -65,7 +72,7 @@ async def run(url: str, rate: float, seconds: float, body: bytes, tokens: list[s
         took = loop.time() - start
     return {"offered": total, "offered_rate": rate, "seconds": seconds,
             "send_seconds": round(sent_for, 3), "total_seconds": round(took, 3),
-            "outcomes": dict(outcomes)}
+            "outcomes": dict(outcomes), "odd_samples": SAMPLES}
 
 
 def main() -> None:
