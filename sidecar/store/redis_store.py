@@ -11,7 +11,7 @@ doubles, so amounts are exact up to 2^53 µUSD (about $9 billion).
 
 Semantics follow the SQLite store, with deliberate differences only in retention and one
 in comparison: done reservations are kept 7 days after they finish (SQLite: after they were
-created); ledger hours are kept 400 days after their last write (SQLite: forever); and
+created); ledger hours are kept 400 days after their last new row (SQLite: forever); and
 swap_doc compares canonical JSON text, so 1 and 1.0 differ (SQLite compares decoded values).
 """
 
@@ -234,7 +234,8 @@ class RedisStore:
             dims_to_json(request.dims), json.dumps(record), _LEDGER_RETENTION_SECONDS,
             _DONE_RETENTION_SECONDS,
             json.dumps([[b.since, b.limit, 1 if b.enforce else 0, max(b.ttl_seconds, hold_for),
-                         amount] for b, amount in zip(request.buckets, amounts, strict=True)]),
+                         amount, b.slot]
+                        for b, amount in zip(request.buckets, amounts, strict=True)]),
             request.binding, request.tokens[0], request.tokens[1],
         ]
         keys = [*self._budget_keys(), self._key("reservation", request.request_id),
@@ -287,7 +288,9 @@ class RedisStore:
                 hashes: list[dict[str, str]] = await pipe.execute()
         states = []
         for b, fields in zip(buckets, hashes, strict=True):
-            slots = {int(f): int(v) for f, v in fields.items() if f != "r" and int(f) >= b.since}
+            # Other fields than slots: "r" reserved, "t"/"f" a running total, "k" alive until.
+            slots = {int(f): int(v) for f, v in fields.items()
+                     if f.isdigit() and int(f) >= b.since}
             states.append(BucketState(sum(slots.values()), int(fields.get("r", 0)), slots))
         return states
 
