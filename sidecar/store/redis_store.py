@@ -29,7 +29,6 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.commands.core import AsyncScript
 from redis.exceptions import (
     ClusterDownError,
     ClusterError,
@@ -60,6 +59,7 @@ from sidecar.store.budget_types import (
 )
 from sidecar.store.redis_cluster_url import is_cluster_url, parse_cluster_url
 from sidecar.store.redis_keys import DEFAULT_PREFIX, KeyKind, check_prefix, redis_key
+from sidecar.store.redis_script import LuaScript
 
 # Committed and expired reservations are kept this long so late or duplicate completions
 # are recognised instead of charged twice.
@@ -157,12 +157,12 @@ class RedisStore:
                 health_check_interval=health_check_interval,
                 retry=Retry(backoff, retries=1),
             )
-        self._reserve: AsyncScript = self._r.register_script(_budget_script("reserve.lua"))
-        self._commit: AsyncScript = self._r.register_script(_budget_script("commit.lua"))
-        self._settle: AsyncScript = self._r.register_script(_budget_script("settle.lua"))
-        self._swap: AsyncScript = self._r.register_script(_lua("swap_doc.lua"))
-        self._add_spend: AsyncScript = self._r.register_script(_budget_script("add_spend.lua"))
-        self._list: AsyncScript = self._r.register_script(_lua("list_docs.lua"))
+        self._reserve = LuaScript(self._r, _budget_script("reserve.lua"))
+        self._commit = LuaScript(self._r, _budget_script("commit.lua"))
+        self._settle = LuaScript(self._r, _budget_script("settle.lua"))
+        self._swap = LuaScript(self._r, _lua("swap_doc.lua"))
+        self._add_spend = LuaScript(self._r, _budget_script("add_spend.lua"))
+        self._list = LuaScript(self._r, _lua("list_docs.lua"))
 
     @asynccontextmanager
     async def _op(self) -> AsyncIterator[None]:
