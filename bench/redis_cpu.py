@@ -1,14 +1,17 @@
 """Redis CPU per budget decision (reserve + commit), read from Redis's own accounting.
 
-    .venv/bin/python -m bench.redis_cpu                    # one Redis, 4,000 decisions
-    .venv/bin/python -m bench.redis_cpu --decisions 10000
+    .venv/bin/python -m bench.redis_cpu                    # 4,000 decisions on each store
+    .venv/bin/python -m bench.redis_cpu --decisions 10000 --fresh
 
 The real engine decides with the benchmark policy (6 rules that apply plus the account
-rules) for 50 users against a real redis-server; each admitted request is then committed
-with a realistic cost. Before the measured run the statistics are reset (`CONFIG
+rules) for 50 users against a real redis-server, then against a real Redis Cluster of three
+primaries, in the same run; each admitted request is then committed with a realistic cost.
+Unless `--fresh`, every rolling-window bucket first gets spend in each of its slots, as
+after a day of traffic. Before the measured run the statistics are reset (`CONFIG
 RESETSTAT`); afterwards `INFO commandstats` gives the microseconds Redis spent in each
 command. Redis CPU per decision = total usec / decisions; one Redis core then serves at most
-1e6 / that decisions per second. Prints one JSON object.
+1e6 / that decisions per second; with several shards the busiest one sets the ceiling.
+Prints one JSON object (`--save` also writes it to bench/results/redis_cpu.json).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from sidecar.config.ruleset import build_ruleset
 from sidecar.demo.config import demo_key_env
 from sidecar.demo.keys import DevIssuer
 from sidecar.demo.procs import start_redis
+from sidecar.demo.redis_cluster import start_redis_cluster
 from sidecar.model import RequestAttrs, TokenUsage
 from sidecar.store.base import Store
 from sidecar.store.budget_types import BucketView, ReserveRequest, ReserveResult
@@ -170,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=500)
     parser.add_argument("--fresh", action="store_true",
                         help="leave rolling windows as the warmup left them (1-2 slots)")
+    parser.add_argument("--save", action="store_true",
+                        help="write the result to bench/results/redis_cpu.json")
     args = parser.parse_args(argv)
     # The decision log would be most of the client's time; Redis's share is what is measured.
     structlog.configure(logger_factory=structlog.ReturnLoggerFactory())
@@ -181,8 +187,18 @@ def main(argv: list[str] | None = None) -> int:
             result = {"one_redis": asyncio.run(
                 measure(url, [url], args.decisions, args.warmup, workdir,
                         steady=not args.fresh))}
-    json.dump(result, sys.stdout, indent=2)
-    print()
+        with start_redis_cluster(workdir / "cluster", 3) as cluster:
+            result["cluster_3_primaries"] = asyncio.run(
+                measure(cluster.url, cluster.node_urls(), args.decisions, args.warmup,
+                        workdir, steady=not args.fresh))
+    one = result["one_redis"]["decisions_per_second_all_shards"]
+    three = result["cluster_3_primaries"]["decisions_per_second_all_shards"]
+    # What adding shards buys: the busiest shard sets the ceiling.
+    result["cluster_3_over_one"] = round(three / one, 2)
+    text = json.dumps(result, indent=2) + "\n"
+    sys.stdout.write(text)
+    if args.save:
+        Path(__file__).with_name("results").joinpath("redis_cpu.json").write_text(text)
     return 0
 
 
