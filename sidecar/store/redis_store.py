@@ -4,7 +4,9 @@ Each budget decision is one Lua script call (EVALSHA, reloaded by redis-py when 
 forgotten the script), so a decision is one atomic step and one round trip; the scripts and
 the data layout are documented in `sidecar/budget/lua/`. Key names come from
 `sidecar.store.redis_keys.redis_key`; all budget keys share one hash tag, which keeps the
-scripts valid in Redis Cluster and pins budget state to one shard.
+scripts valid in Redis Cluster and pins budget state to one shard. A `redis+cluster://` URL
+selects redis-py's cluster client (`sidecar.store.redis_cluster_url`); everything else is
+the same on one Redis and on a cluster.
 
 Amounts travel to Lua as decimal strings and come back as integers; Lua computes with
 doubles, so amounts are exact up to 2^53 µUSD (about $9 billion).
