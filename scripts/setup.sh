@@ -27,6 +27,8 @@ fi
 need_apt=()
 if [ "$for_tests" = 1 ]; then
   command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+  # redis-cli joins the test's local Redis Cluster (`--cluster create`).
+  command -v redis-cli >/dev/null 2>&1 || need_apt+=(redis-tools)
   # nginx for the auth_request recipe test, chromium for the dashboard's browser test.
   command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need_apt+=(nginx)
   [ -x /usr/bin/chromium ] || need_apt+=(chromium)

@@ -11,8 +11,10 @@ import pytest
 
 from sidecar.demo.config import demo_key_env
 from sidecar.demo.procs import start_redis
+from sidecar.demo.redis_cluster import LocalCluster, start_redis_cluster
 from sidecar.store.base import Store
 from sidecar.store.factory import open_store
+from tests.support.backends import backend_url
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -28,13 +30,19 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield f"redis://127.0.0.1:{port}/0"
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A real Redis Cluster of three primaries on loopback ports."""
+    with start_redis_cluster(tmp_path_factory.mktemp("redis-cluster")) as cluster:
+        yield cluster
+
+
+@pytest.fixture(params=["sqlite", "redis", "cluster"])
 async def store(
-    request: pytest.FixtureRequest, tmp_path: Path, redis_url: str
+    request: pytest.FixtureRequest, tmp_path: Path
 ) -> AsyncIterator[Store]:
-    url = f"sqlite:///{tmp_path}/store.db" if request.param == "sqlite" else redis_url
-    st = await open_store(url)
-    if request.param == "redis":
+    st = await open_store(backend_url(request, request.param, tmp_path))
+    if request.param != "sqlite":
         await st.flush_for_tests()  # type: ignore[attr-defined]
     try:
         yield st

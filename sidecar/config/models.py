@@ -21,6 +21,7 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from sidecar.policy.windows import parse_duration
+from sidecar.store.redis_cluster_url import is_cluster_url, parse_cluster_url
 
 DIMENSIONS = ("user", "group", "token", "kind", "model", "provider")
 _METADATA_DIM = re.compile(r"^metadata\.[A-Za-z0-9_.\-]{1,64}$")
@@ -68,8 +69,12 @@ class StoreConfig(Strict):
     @field_validator("url")
     @classmethod
     def _known_scheme(cls, url: str) -> str:
-        if not url.startswith(("sqlite:///", "redis://", "rediss://", "memory://")):
-            raise ValueError("must start with sqlite:///, redis:// or rediss://")
+        if not url.startswith(("sqlite:///", "redis://", "rediss://", "redis+cluster://",
+                               "rediss+cluster://", "memory://")):
+            raise ValueError("must start with sqlite:///, redis://, rediss:// or "
+                             "redis+cluster://")
+        if is_cluster_url(url):
+            parse_cluster_url(url)  # a bad node list is a config error, not a start failure
         return url
 
 

@@ -9,6 +9,9 @@ from pathlib import Path
 from sidecar.config.loader import ConfigError
 from sidecar.config.models import StoreConfig
 from sidecar.store.base import Store
+from sidecar.store.redis_cluster_url import CLUSTER_SCHEMES
+
+STORE_SCHEMES = ("sqlite:///", "redis://", "rediss://", *CLUSTER_SCHEMES)
 
 
 def store_url(config_path: Path, config: StoreConfig,
@@ -18,10 +21,11 @@ def store_url(config_path: Path, config: StoreConfig,
     if config.url_env is None:
         return config.url
     url = environ.get(config.url_env, "").strip()
-    if not url.startswith(("sqlite:///", "redis://", "rediss://")):
+    if not url.startswith(STORE_SCHEMES):
         raise ConfigError(str(config_path), [
             f"{config_path}: store.url_env: ${config.url_env} must hold a store URL "
-            "(sqlite:///, redis:// or rediss://)" + ("" if url else ", and it is not set")])
+            "(sqlite:///, redis://, rediss:// or redis+cluster://)"
+            + ("" if url else ", and it is not set")])
     return url
 
 
@@ -31,7 +35,7 @@ async def open_store(url: str) -> Store:
         from sidecar.store.sqlite_store import SQLiteStore
 
         store = SQLiteStore(url)
-    elif url.startswith(("redis://", "rediss://")):
+    elif url.startswith(("redis://", "rediss://", *CLUSTER_SCHEMES)):
         from sidecar.store.redis_store import RedisStore
 
         store = RedisStore(url)

@@ -4,31 +4,43 @@ Each budget decision is one Lua script call (EVALSHA, reloaded by redis-py when 
 forgotten the script), so a decision is one atomic step and one round trip; the scripts and
 the data layout are documented in `sidecar/budget/lua/`. Key names come from
 `sidecar.store.redis_keys.redis_key`; all budget keys share one hash tag, which keeps the
-scripts valid in Redis Cluster and pins budget state to one shard.
+scripts valid in Redis Cluster and pins budget state to one shard. A `redis+cluster://` URL
+selects redis-py's cluster client (`sidecar.store.redis_cluster_url`); everything else is
+the same on one Redis and on a cluster.
 
 Amounts travel to Lua as decimal strings and come back as integers; Lua computes with
 doubles, so amounts are exact up to 2^53 µUSD (about $9 billion).
 
 Semantics follow the SQLite store, with deliberate differences only in retention and one
 in comparison: done reservations are kept 7 days after they finish (SQLite: after they were
-created); ledger hours are kept 400 days after their last write (SQLite: forever); and
+created); ledger hours are kept 400 days after their last new row (SQLite: forever); and
 swap_doc compares canonical JSON text, so 1 and 1.0 differ (SQLite compares decoded values).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from importlib.resources import files
 from typing import cast
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.commands.core import AsyncScript
+from redis.exceptions import (
+    ClusterDownError,
+    ClusterError,
+    MasterDownError,
+    ReadOnlyError,
+    RedisClusterException,
+    RedisError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ReadOnlyError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
@@ -47,7 +59,9 @@ from sidecar.store.budget_types import (
     dims_from_json,
     dims_to_json,
 )
+from sidecar.store.redis_cluster_url import is_cluster_url, parse_cluster_url
 from sidecar.store.redis_keys import DEFAULT_PREFIX, KeyKind, check_prefix, redis_key
+from sidecar.store.redis_script import LuaScript
 
 # Committed and expired reservations are kept this long so late or duplicate completions
 # are recognised instead of charged twice.
@@ -66,8 +80,13 @@ _SLOT_PRUNE_ROUNDS = 50
 # settled when the next reserve or settle_expired runs.
 _HOLD_GRACE_SECONDS = 3600
 
-# A failover turns the old primary read-only: as transient as a dropped connection.
-_TRANSIENT = (RedisConnectionError, RedisTimeoutError, ReadOnlyError)
+# A failover turns the old primary read-only: as transient as a dropped connection. In a
+# cluster, a shard whose primary is gone answers CLUSTERDOWN (or its slots are uncovered)
+# until a replica takes over: the same, for the keys on that shard only.
+_TRANSIENT = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, ClusterDownError,
+              ClusterError, MasterDownError, TryAgainError, RedisClusterException)
+
+Client = aioredis.Redis | RedisCluster
 
 
 def _lua(name: str) -> str:
@@ -110,20 +129,60 @@ class RedisStore:
         # enough that a dead Redis fails the decision fast. Retrying a script that did run
         # before its reply was lost is safe: reserve and commit are idempotent per request
         # id (the retry reports a duplicate and charges nothing twice).
-        self._r: aioredis.Redis = aioredis.Redis.from_url(
-            url,
-            decode_responses=True,
-            socket_connect_timeout=connect_timeout,
-            socket_timeout=op_timeout,
-            health_check_interval=health_check_interval,
-            retry=Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.1), retries=1),
-        )
-        self._reserve: AsyncScript = self._r.register_script(_budget_script("reserve.lua"))
-        self._commit: AsyncScript = self._r.register_script(_budget_script("commit.lua"))
-        self._settle: AsyncScript = self._r.register_script(_budget_script("settle.lua"))
-        self._swap: AsyncScript = self._r.register_script(_lua("swap_doc.lua"))
-        self._add_spend: AsyncScript = self._r.register_script(_budget_script("add_spend.lua"))
-        self._list: AsyncScript = self._r.register_script(_lua("list_docs.lua"))
+        backoff = ExponentialWithJitterBackoff(base=0.01, cap=0.1)
+        self._r: Client
+        # Set once a cluster client has learned the slot layout; None for one Redis.
+        self._cluster_ready: asyncio.Event | None = None
+        self._discovering = asyncio.Lock()
+        if is_cluster_url(url):
+            self._cluster_ready = asyncio.Event()
+            target = parse_cluster_url(url)
+            # The client learns the slot layout from any startup node and follows MOVED/ASK
+            # redirections and failovers itself. require_full_coverage=False: a shard that is
+            # down must not stop the client from serving keys on the others.
+            self._r = RedisCluster(
+                startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
+                username=target.username, password=target.password, ssl=target.tls,
+                require_full_coverage=False,
+                decode_responses=True,
+                socket_connect_timeout=connect_timeout,
+                socket_timeout=op_timeout,
+                health_check_interval=health_check_interval,
+                retry=AsyncRetry(backoff, retries=1),
+            )
+        else:
+            self._r = aioredis.Redis.from_url(
+                url,
+                decode_responses=True,
+                socket_connect_timeout=connect_timeout,
+                socket_timeout=op_timeout,
+                health_check_interval=health_check_interval,
+                retry=Retry(backoff, retries=1),
+            )
+        self._reserve = LuaScript(self._r, _budget_script("reserve.lua"))
+        self._commit = LuaScript(self._r, _budget_script("commit.lua"))
+        self._settle = LuaScript(self._r, _budget_script("settle.lua"))
+        self._swap = LuaScript(self._r, _lua("swap_doc.lua"))
+        self._add_spend = LuaScript(self._r, _budget_script("add_spend.lua"))
+        self._list = LuaScript(self._r, _lua("list_docs.lua"))
+
+    @asynccontextmanager
+    async def _op(self) -> AsyncIterator[None]:
+        """One store operation: transient Redis errors become StoreUnavailable, and a
+        cluster client learns the slot layout once, before its first command."""
+        with _guard():
+            if self._cluster_ready is not None and not self._cluster_ready.is_set():
+                await self._discover()
+            yield
+
+    async def _discover(self) -> None:
+        # redis-py discovers the layout on first use, but many first commands at once race
+        # each other while it does (connections closed under them): one discovery, shared.
+        assert isinstance(self._r, RedisCluster) and self._cluster_ready is not None
+        async with self._discovering:
+            if not self._cluster_ready.is_set():
+                await self._r.initialize()
+                self._cluster_ready.set()
 
     def _key(self, kind: KeyKind, *parts: str | int) -> str:
         return redis_key(self._prefix, kind, *parts)
@@ -139,18 +198,26 @@ class RedisStore:
 
     async def ping(self) -> bool:
         try:
+            if isinstance(self._r, RedisCluster):
+                async with self._op():
+                    pass
+                # Ready when the shard holding budget state answers: a PING to every node
+                # would report a whole cluster down for one shard that is.
+                node = self._r.get_node_from_key(self._key("open"))
+                return bool(await self._r.ping(target_nodes=node))
             return bool(await self._r.ping())
-        except (RedisError, OSError):
+        except (RedisError, OSError, StoreUnavailable):
             return False
 
     async def flush_for_tests(self) -> None:
-        """Empty the whole database; only for test fixtures that own their Redis."""
-        with _guard():
+        """Empty the whole database (every primary of a cluster); only for test fixtures
+        that own their Redis."""
+        async with self._op():
             await self._r.flushdb()
 
     # -- documents ---------------------------------------------------------------------
     async def get_doc(self, collection: str, key: str) -> Doc | None:
-        with _guard():
+        async with self._op():
             raw = await self._r.get(self._key("doc", collection, key))
         return None if raw is None else dict(json.loads(raw))
 
@@ -158,28 +225,26 @@ class RedisStore:
         self, collection: str, key: str, doc: Doc, ttl_seconds: int | None = None
     ) -> None:
         doc_key, index = self._key("doc", collection, key), self._key("docs", collection)
-        with _guard():
-            async with self._r.pipeline(transaction=True) as pipe:
-                if ttl_seconds is not None and ttl_seconds <= 0:
-                    # Already expired: Redis refuses a zero TTL, and the doc must not show.
-                    pipe.delete(doc_key)
-                    pipe.srem(index, doc_key)
-                else:
-                    pipe.set(doc_key, _canonical(doc), ex=ttl_seconds)
-                    pipe.sadd(index, doc_key)
-                await pipe.execute()
+        async with self._op(), self._r.pipeline(transaction=True) as pipe:
+            if ttl_seconds is not None and ttl_seconds <= 0:
+                # Already expired: Redis refuses a zero TTL, and the doc must not show.
+                pipe.delete(doc_key)
+                pipe.srem(index, doc_key)
+            else:
+                pipe.set(doc_key, _canonical(doc), ex=ttl_seconds)
+                pipe.sadd(index, doc_key)
+            await pipe.execute()
 
     async def delete_doc(self, collection: str, key: str) -> bool:
         doc_key, index = self._key("doc", collection, key), self._key("docs", collection)
-        with _guard():
-            async with self._r.pipeline(transaction=True) as pipe:
-                pipe.delete(doc_key)
-                pipe.srem(index, doc_key)
-                deleted, _ = await pipe.execute()
+        async with self._op(), self._r.pipeline(transaction=True) as pipe:
+            pipe.delete(doc_key)
+            pipe.srem(index, doc_key)
+            deleted, _ = await pipe.execute()
         return int(deleted) > 0
 
     async def list_docs(self, collection: str) -> list[Doc]:
-        with _guard():
+        async with self._op():
             flat = await self._list(keys=[self._key("docs", collection)])
         pairs = sorted(zip(flat[::2], flat[1::2], strict=True))
         return [dict(json.loads(doc)) for _, doc in pairs]
@@ -197,7 +262,7 @@ class RedisStore:
             "" if ttl_seconds is None else str(ttl_seconds),
         ]
         keys = [self._key("doc", collection, key), self._key("docs", collection)]
-        with _guard():
+        async with self._op():
             return int(await self._swap(keys=keys, args=args)) == 1
 
     async def scrub(self) -> None:
@@ -207,12 +272,11 @@ class RedisStore:
 
     async def incr(self, key: str, amount: int, ttl_seconds: int) -> int:
         counter = self._key("counter", key)
-        with _guard():
-            async with self._r.pipeline(transaction=True) as pipe:
-                pipe.incrby(counter, amount)
-                # NX: the window starts at the first increment and later ones don't extend it.
-                pipe.expire(counter, ttl_seconds, nx=True)
-                value, _ = await pipe.execute()
+        async with self._op(), self._r.pipeline(transaction=True) as pipe:
+            pipe.incrby(counter, amount)
+            # NX: the window starts at the first increment and later ones don't extend it.
+            pipe.expire(counter, ttl_seconds, nx=True)
+            value, _ = await pipe.execute()
         return int(value)
 
     # -- budgets -----------------------------------------------------------------------
@@ -234,12 +298,13 @@ class RedisStore:
             dims_to_json(request.dims), json.dumps(record), _LEDGER_RETENTION_SECONDS,
             _DONE_RETENTION_SECONDS,
             json.dumps([[b.since, b.limit, 1 if b.enforce else 0, max(b.ttl_seconds, hold_for),
-                         amount] for b, amount in zip(request.buckets, amounts, strict=True)]),
+                         amount, b.slot]
+                        for b, amount in zip(request.buckets, amounts, strict=True)]),
             request.binding, request.tokens[0], request.tokens[1],
         ]
         keys = [*self._budget_keys(), self._key("reservation", request.request_id),
                 *bucket_keys]
-        with _guard():
+        async with self._op():
             admitted, duplicate, failed, spent, reserved, conflict = await self._reserve(
                 keys=keys, args=args)
         states = tuple(BucketState(int(s), int(r)) for s, r in zip(spent, reserved, strict=True))
@@ -247,7 +312,7 @@ class RedisStore:
                              duplicate=bool(duplicate), conflict=bool(conflict))
 
     async def reservation(self, request_id: str) -> Reservation | None:
-        with _guard():
+        async with self._op():
             state, estimate, dims, tokens_in, tokens_out = await self._r.hmget(
                 self._key("reservation", request_id), ["s", "e", "d", "ti", "to"])
         states: dict[object, ReservationState] = {
@@ -274,20 +339,21 @@ class RedisStore:
                         for p in others]),
             str(budget_in), str(budget_out),
         ]
-        with _guard():
+        async with self._op():
             status, estimate = await self._commit(keys=keys, args=args)
         return CommitResult(status, int(estimate))
 
     async def bucket_states(self, buckets: list[BucketView], now: float) -> list[BucketState]:
         # A plain read: no decision depends on it being one atomic snapshot.
-        with _guard():
-            async with self._r.pipeline(transaction=False) as pipe:
-                for b in buckets:
-                    pipe.hgetall(self._key("bucket", b.key))
-                hashes: list[dict[str, str]] = await pipe.execute()
+        async with self._op(), self._r.pipeline(transaction=False) as pipe:
+            for b in buckets:
+                pipe.hgetall(self._key("bucket", b.key))
+            hashes: list[dict[str, str]] = await pipe.execute()
         states = []
         for b, fields in zip(buckets, hashes, strict=True):
-            slots = {int(f): int(v) for f, v in fields.items() if f != "r" and int(f) >= b.since}
+            # Other fields than slots: "r" reserved, "t"/"f" a running total, "k" alive until.
+            slots = {int(f): int(v) for f, v in fields.items()
+                     if f.isdigit() and int(f) >= b.since}
             states.append(BucketState(sum(slots.values()), int(fields.get("r", 0)), slots))
         return states
 
@@ -297,7 +363,7 @@ class RedisStore:
         args: list[str | int] = []
         for view, amount in spend:
             args += [view.slot, str(amount), view.slot + view.ttl_seconds, view.ttl_seconds]
-        with _guard():
+        async with self._op():
             applied = await self._add_spend(keys=keys, args=args)
         return bool(applied)
 
@@ -308,7 +374,7 @@ class RedisStore:
             _DONE_RETENTION_SECONDS, oldest_hour,
         ]
         settled = 0
-        with _guard():
+        async with self._op():
             for _ in range(_SLOT_PRUNE_ROUNDS):
                 count, pruned = await self._settle(keys=self._budget_keys(), args=args)
                 settled += int(count)
@@ -318,12 +384,12 @@ class RedisStore:
         return settled
 
     async def open_reservations(self) -> int:
-        with _guard():
+        async with self._op():
             return int(await self._r.zcard(self._key("open")))
 
     # -- ledger ------------------------------------------------------------------------
     async def ledger_rows(self, start_hour: int, end_hour: int) -> list[LedgerRow]:
-        with _guard():
+        async with self._op():
             members = cast(list[str], await self._r.zrangebyscore(
                 self._key("hours"), start_hour, f"({end_hour}"))
             hours = [int(h) for h in members]

@@ -19,6 +19,7 @@ from sidecar.model import TokenUsage
 from sidecar.store.base import Store
 from sidecar.store.budget_types import BucketView, LedgerDims, ReserveRequest
 from sidecar.store.factory import open_store
+from tests.support.backends import backend_url
 
 LIMIT = 1_000
 # Bucket i counts MEASURES[i] against LIMITS[i].
@@ -104,9 +105,9 @@ async def run(store: Store, program: list[Any], prefix: str) -> None:
     assert await store.bucket_states(buckets, now) == before
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path, redis_url: str) -> str:
-    return f"sqlite:///{tmp_path}/p.db" if request.param == "sqlite" else redis_url
+@pytest.fixture(params=["sqlite", "redis", "cluster"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return backend_url(request, request.param, tmp_path, "p.db")
 
 
 @settings(max_examples=60, deadline=None,

@@ -20,6 +20,7 @@ from sidecar.store.budget_types import (
     ReserveRequest,
 )
 from sidecar.store.factory import open_store
+from tests.support.backends import backend_url
 
 NOW = 1_800_000_000.0
 HOUR = int(NOW) // 3600 * 3600
@@ -43,14 +44,11 @@ def req(rid: str, amount: int, *buckets: BucketView, now: float = NOW, mode: str
 
 @pytest.fixture
 async def twin(
-    store: Store, request: pytest.FixtureRequest, tmp_path: Path, redis_url: str
+    store: Store, request: pytest.FixtureRequest, tmp_path: Path
 ) -> AsyncIterator[Store]:
     """A second store on the same backend and data: another replica or worker process."""
-    if request.node.callspec.params["store"] == "sqlite":
-        url = f"sqlite:///{tmp_path}/store.db"
-    else:
-        url = redis_url
-    other = await open_store(url)
+    other = await open_store(backend_url(request, request.node.callspec.params["store"],
+                                         tmp_path))
     try:
         yield other
     finally:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from datetime import datetime
 from typing import Any
 
@@ -16,6 +17,7 @@ import pytest
 from sidecar.demo.config import demo_config
 from sidecar.demo.keys import DevIssuer
 from sidecar.demo.procs import start_redis
+from sidecar.demo.redis_cluster import start_redis_cluster
 from sidecar.demo.stack import Stack, running_stack
 
 CHAT = "/openai/v1/chat/completions"
@@ -51,14 +53,20 @@ def budget_stack(tmp_path_factory: pytest.TempPathFactory, issuer: DevIssuer) ->
         yield stack
 
 
-@pytest.fixture(scope="module")
-def redis_replicas(tmp_path_factory: pytest.TempPathFactory,
+@pytest.fixture(scope="module", params=["redis", "cluster"])
+def redis_replicas(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
                    issuer: DevIssuer) -> Iterator[Stack]:
+    """Two sidecar processes sharing one Redis, or a Redis Cluster of three primaries."""
     workdir = tmp_path_factory.mktemp("replicas")
-    redis, port = start_redis(workdir)
-    with redis:
+    with ExitStack() as running:
+        if request.param == "redis":
+            redis, port = start_redis(workdir)
+            running.enter_context(redis)
+            url = f"redis://127.0.0.1:{port}/0"
+        else:
+            url = running.enter_context(start_redis_cluster(workdir / "cluster")).url
         jwks = str(issuer.write_jwks(workdir / "jwks.json"))
-        config = budget_config(issuer, jwks, f"redis://127.0.0.1:{port}/0")
+        config = budget_config(issuer, jwks, url)
         with running_stack(workdir, issuer, config, extra_sidecars=1) as stack:
             yield stack
 
@@ -101,7 +109,7 @@ def test_forty_concurrent_never_overshoot_sqlite(budget_stack: Stack, issuer: De
     assert statuses.count(429) == 30
 
 
-def test_forty_concurrent_across_two_replicas_on_redis(redis_replicas: Stack,
+def test_forty_concurrent_across_two_replicas_on_redis_or_a_cluster(redis_replicas: Stack,
                                                        issuer: DevIssuer) -> None:
     assert len(redis_replicas.sidecars) == 2
     token = issuer.mint("replicated@example.com")

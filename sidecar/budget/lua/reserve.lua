@@ -30,7 +30,7 @@
 -- ARGV[10]     ledger hash TTL (seconds)
 -- ARGV[11]     retention of done reservations (seconds)
 -- ARGV[12]     per bucket, as JSON: [[since, limit, enforce 1|0, seconds the hash must
---              live, estimate in the bucket's measure], ...] (one argument, not five per
+--              live, estimate in the bucket's measure, slot], ...] (one argument, not six per
 --              bucket: encoding a command's arguments is most of what a reservation costs
 --              the client)
 -- ARGV[13]     binding: what the reservation is for (caller, model, provider, amount)
@@ -40,7 +40,7 @@
 --              conflict 1|0}
 --              spent/reserved are after the hold when admitted, as seen otherwise.
 --
--- Prepended at load time: budget_lib.lua (int, keep, bucket_state, settle, ...).
+-- Prepended at load time: budget_lib.lua (int, read_bucket, extend_bucket, settle, ...).
 
 local ctx = {open = KEYS[1], slots = KEYS[2], hours = KEYS[3], ledger_ttl = tonumber(ARGV[10]),
              retention = ARGV[11]}
@@ -49,13 +49,23 @@ settle(ctx, ARGV[1], tonumber(ARGV[2]))
 local rkey = KEYS[4]
 local n = #KEYS - 4
 local per = cjson.decode(ARGV[12])
-local spent, reserved = {}, {}
+local spent, reserved, seen_k, writes = {}, {}, {}, {}
 for i = 1, n do
-  spent[i], reserved[i] = bucket_state(KEYS[4 + i], per[i][1])
+  local b = read_bucket(KEYS[4 + i], per[i][6], per[i][1])
+  spent[i], reserved[i], seen_k[i], writes[i] = b[1], b[2], b[3], b[4]
+end
+-- A refreshed running total is kept whatever the decision: the next one reads it.
+local function save(i)
+  if #writes[i] > 0 then
+    redis.call('HSET', KEYS[4 + i], unpack(writes[i]))
+  end
 end
 
 local seen = redis.call('HMGET', rkey, 's', 'x', 'bd')
 if seen[1] then
+  for i = 1, n do
+    save(i)
+  end
   if seen[1] == 'open' and tonumber(seen[2]) > tonumber(ARGV[1]) and seen[3] == ARGV[13] then
     return {1, 1, {}, spent, reserved, 0}
   end
@@ -80,6 +90,9 @@ for i = 1, n do
   end
 end
 if #failed > 0 then
+  for i = 1, n do
+    save(i)
+  end
   return {0, 0, failed, spent, reserved, 0}
 end
 
@@ -98,11 +111,17 @@ for i = 1, n do
   if not optimistic then
     hold = per[i][5]
   end
+  local key = KEYS[4 + i]
+  local want = nil
   if hold ~= 0 then
-    local key = KEYS[4 + i]
-    add_reserved(key, hold)
+    -- HINCRBY, not a write of what was read: a key may repeat within one request.
+    redis.call('HINCRBY', key, 'r', int(hold))
     -- The hold must outlive the reservation, or its release would find nothing.
-    keep(key, per[i][4])
+    want = extend_bucket(key, seen_k[i], per[i][4], writes[i])
+  end
+  save(i)
+  if want ~= nil then
+    redis.call('EXPIRE', key, int(want))
   end
   after[i] = reserved[i] + hold
 end

@@ -18,7 +18,8 @@
 -- ARGV[5]   ledger hash TTL (seconds)
 -- ARGV[6]   retention of done reservations (seconds)
 -- ARGV[7]   the oldest ledger hour to keep in the hours index
--- Returns   {reservations settled, slot fields dropped}.
+-- Returns   {reservations settled, slot fields dropped}; a bucket hash left with no slot
+--           and no hold is deleted.
 --
 -- Prepended at load time: budget_lib.lua (settle, ...).
 
@@ -28,10 +29,29 @@ local settled = settle(ctx, ARGV[1], tonumber(ARGV[2]))
 
 local dead = redis.call('ZRANGEBYSCORE', ctx.slots, '-inf', '(' .. ARGV[3], 'LIMIT', 0,
                         tonumber(ARGV[4]))
+local touched = {}
 for _, member in ipairs(dead) do
   local bar = string.find(member, '|', 1, true)
-  redis.call('HDEL', string.sub(member, bar + 1), string.sub(member, 1, bar - 1))
+  local key = string.sub(member, bar + 1)
+  redis.call('HDEL', key, string.sub(member, 1, bar - 1))
   redis.call('ZREM', ctx.slots, member)
+  touched[key] = true
+end
+-- A bucket left with bookkeeping only (no slot, no hold) is gone, not kept until its TTL.
+for key in pairs(touched) do
+  if redis.call('HLEN', key) <= 4 then
+    local live = false
+    local flat = redis.call('HGETALL', key)
+    for i = 1, #flat, 2 do
+      local field = flat[i]
+      if tonumber(field) ~= nil or (field == 'r' and tonumber(flat[i + 1]) > 0) then
+        live = true
+      end
+    end
+    if not live then
+      redis.call('DEL', key)
+    end
+  end
 end
 redis.call('ZREMRANGEBYSCORE', ctx.hours, '-inf', '(' .. ARGV[7])
 return {settled, #dead}

@@ -1,0 +1,120 @@
+"""Start a real Redis Cluster of a few primaries on loopback ports, for tests and benchmarks.
+
+Each primary is its own `redis-server --cluster-enabled yes`; `redis-cli --cluster create`
+splits the 16,384 hash slots between them. No replicas: a primary that stops takes its
+slots down with it, and `cluster-require-full-coverage no` keeps the others serving theirs.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sidecar.demo.procs import (
+    LOOPBACK,
+    ManagedProcess,
+    _wait_redis_pong,
+    free_port,
+    redis_binary,
+    wait_for_port,
+)
+
+# Redis Cluster nodes talk to each other on their port + 10000.
+_BUS_OFFSET = 10000
+
+
+@dataclass
+class LocalCluster:
+    """The processes and ports of a running local cluster; `stop()` ends them all."""
+
+    processes: list[ManagedProcess] = field(default_factory=list)
+    ports: list[int] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        """The store URL naming every primary (any one of them would do to start)."""
+        return "redis+cluster://" + ",".join(f"{LOOPBACK}:{p}" for p in self.ports) + "/"
+
+    def node_urls(self) -> list[str]:
+        return [f"redis://{LOOPBACK}:{p}/0" for p in self.ports]
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.stop()
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _cluster_port() -> int:
+    # The node's port and its bus port (+10000) must both be free.
+    while True:
+        port = free_port()
+        if port + _BUS_OFFSET > 65535:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((LOOPBACK, port + _BUS_OFFSET))
+            except OSError:
+                continue
+        return port
+
+
+def _redis_cli() -> str:
+    path = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+    if not Path(path).is_file():
+        raise FileNotFoundError("redis-cli not found: the cluster tests need it to create "
+                                "the cluster (Debian: `apt-get install redis-tools`)")
+    return path
+
+
+def _cli(port: int, *args: str, timeout: float = 30.0) -> str:
+    done = subprocess.run([_redis_cli(), "-h", LOOPBACK, "-p", str(port), *args],
+                          capture_output=True, text=True, timeout=timeout, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"redis-cli {' '.join(args)}: {done.stdout}{done.stderr}")
+    return done.stdout
+
+
+def start_redis_cluster(tmp_dir: Path, primaries: int = 3, *, node_timeout_ms: int = 1000,
+                        timeout: float = 30.0) -> LocalCluster:
+    """Run `primaries` cluster-enabled redis-servers, join them, and wait until every node
+    reports `cluster_state:ok`."""
+    cluster = LocalCluster()
+    try:
+        for _ in range(primaries):
+            port = _cluster_port()
+            node_dir = Path(tmp_dir) / f"node-{port}"
+            node_dir.mkdir(parents=True, exist_ok=True)
+            argv = [
+                redis_binary(), "--save", "", "--appendonly", "no",
+                "--bind", LOOPBACK, "--port", str(port), "--dir", str(node_dir),
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", str(node_dir / "nodes.conf"),
+                "--cluster-node-timeout", str(node_timeout_ms),
+                "--cluster-require-full-coverage", "no",
+            ]  # fmt: skip
+            process = ManagedProcess(f"redis-cluster-{port}", argv, node_dir).start()
+            cluster.processes.append(process)
+            cluster.ports.append(port)
+            wait_for_port(LOOPBACK, port, timeout, process=process)
+            _wait_redis_pong(process, port, timeout)
+        _cli(cluster.ports[0], "--cluster", "create",
+             *(f"{LOOPBACK}:{p}" for p in cluster.ports), "--cluster-yes")
+        deadline = time.monotonic() + timeout
+        for port in cluster.ports:
+            while "cluster_state:ok" not in _cli(port, "cluster", "info"):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"cluster node {port} never reported cluster_state:ok")
+                time.sleep(0.1)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
