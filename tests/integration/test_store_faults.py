@@ -71,13 +71,13 @@ def spent(stack: Stack, token: str) -> float:
     return float(total["spent"] + total["reserved"])
 
 
-def wait_until(predicate: Any, timeout: float) -> None:
+def wait_until(predicate: Any, timeout: float, what: Any = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
         time.sleep(0.1)
-    raise AssertionError(f"not within {timeout}s")
+    raise AssertionError(f"not within {timeout}s" + (f": {what()}" if what else ""))
 
 
 @pytest.fixture
@@ -115,7 +115,9 @@ def test_redis_killed_under_load_and_restarted(tmp_path: Path, issuer: DevIssuer
             # Every admitted request costs exactly one cent; once the spool has drained and
             # reservations are settled, the store holds exactly that: none lost, none twice.
             admitted = statuses[200]
-            wait_until(lambda: round(spent(stack, token) * 100) == admitted, 30)
+            wait_until(lambda: round(spent(stack, token) * 100) == admitted, 30,
+                       lambda: f"{spent(stack, token)} USD held or spent for {admitted} "
+                               f"admitted ({dict(statuses)})")
             time.sleep(1.5)
             assert round(spent(stack, token) * 100) == admitted
         finally:
