@@ -24,8 +24,9 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from sidecar.demo.envoy_config import SIDECAR_FILTERS, render_envoy_config
+from sidecar.demo.envoy_config import render_envoy_config
 from sidecar.demo.procs import LOOPBACK
+from sidecar.envoy.attach import SIDECAR_FILTERS
 
 Variant = Literal["envoy", "authz", "full"]
 
