@@ -39,6 +39,7 @@ from sidecar.metrics import (
 from sidecar.model import Decision, Identity, RequestAttrs, TokenUsage
 from sidecar.money import micros_to_usd_str
 from sidecar.overload import LoadShedder
+from sidecar.policy.plan_cache import PlanCache, context_key, validity
 from sidecar.policy.request import (
     BadRequest,
     parse_metadata,
@@ -259,9 +260,22 @@ class Engine:
         self._releasing: set[asyncio.Future[None]] = set()
         overload = holder.current.config.overload
         self.shedder = LoadShedder(overload.max_inflight, overload.max_loop_lag_seconds)
+        self._plans: PlanCache[Plan] = PlanCache()
 
     def rules(self, rs: RuleSet) -> tuple[Rule, ...]:
         return (*rs.rules, *self._runtime_rules())
+
+    def _plan(self, rs: RuleSet, runtime: Sequence[Rule], ctx: Context, now: float) -> Plan:
+        """The merged bucket plan, from the cache while no window it names has moved on."""
+        source = (rs.rules, runtime)
+        key = context_key(ctx)
+        cached = self._plans.get(source, key, now)
+        if cached is not None:
+            return cached
+        budget = merge(plan((*rs.rules, *runtime), ctx, now))
+        start, end = validity([p.rule for p in budget.planned], now)
+        self._plans.put(key, budget, start, end)
+        return budget
 
     async def identify(
         self, headers: Mapping[str, str]
@@ -345,7 +359,7 @@ class Engine:
         # The reservation key is always minted here, never taken from the request: an id a
         # client could choose (x-request-id) could be replayed or collide with another's.
         request_id = new_request_id()
-        rules = self.rules(rs)
+        runtime = self._runtime_rules()
         # Token buckets hold the same estimate the price is made from: input from the body,
         # output from its largest output limit.
         tokens = (estimate_input_tokens(body),
@@ -367,7 +381,7 @@ class Engine:
                                 f"model {cand_model!r} has no known price", identity=identity,
                                 model=cand_model)
                 continue
-            budget = merge(plan(rules, candidate_context(identity, cand, metadata), now))
+            budget = self._plan(rs, runtime, candidate_context(identity, cand, metadata), now)
             dims = LedgerDims(identity.user, identity.groups, identity.token_name,
                               identity.kind, cand.canonical, cand_provider.id)
             request = ReserveRequest(request_id, budget.views, estimate,
