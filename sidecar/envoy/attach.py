@@ -12,6 +12,7 @@ connection manager and `clusters` to theirs (SPEC §2, the attach contract).
 from __future__ import annotations
 
 import ipaddress
+from importlib.resources import files
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -20,8 +21,13 @@ if TYPE_CHECKING:
 SIDECAR_CLUSTER = "sidecar_grpc"
 EXT_AUTHZ = "envoy.filters.http.ext_authz"
 EXT_PROC = "envoy.filters.http.ext_proc"
+METER = "sidecar.meter"
+METERING_LOG = "sidecar.metering_log"
 # Filters in the order Envoy runs them on a request.
-SIDECAR_FILTERS = (EXT_AUTHZ, EXT_PROC)
+SIDECAR_FILTERS = (EXT_AUTHZ, METER, EXT_PROC)
+# Where the Lua filter leaves what it saw, and where ext_proc tells it about the body.
+METERING_NAMESPACE = "sidecar.metering"
+BODY_NAMESPACE = "sidecar.body"
 HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 Piece = dict[str, Any]
@@ -33,8 +39,8 @@ def attach_pieces(grpc_host: str, grpc_port: int, *, tls: Piece | None = None) -
     `tls`: the `transport_socket` of the sidecar cluster when the listener requires mTLS.
     """
     return {
-        "http_filters": [_ext_authz(), _ext_proc()],
-        "access_log": [],
+        "http_filters": [_ext_authz(), _meter(), _ext_proc()],
+        "access_log": [_metering_log()],
         "clusters": [_sidecar_cluster(grpc_host, grpc_port, tls)],
     }
 
@@ -115,33 +121,75 @@ def _ext_authz() -> Piece:
     }}
 
 
+def _meter() -> Piece:
+    # Before ext_proc: if ext_proc fails, the call still has its reservation id recorded, and
+    # the access log charges it $0 (it never reached the provider) instead of leaving the
+    # reservation to expire into its estimate.
+    return {"name": METER, "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+        "default_source_code": {"inline_string": lua_source()},
+    }}
+
+
+def lua_source() -> str:
+    """sidecar/envoy/meter.lua: reads responses as they stream, for the access log."""
+    return files("sidecar.envoy").joinpath("meter.lua").read_text(encoding="utf-8")
+
+
 def _ext_proc() -> Piece:
     return {"name": EXT_PROC, "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3."
                  "ExternalProcessor",
-        # One gRPC stream per request, open for the whole response: no stream deadline
-        # (it would cut long generations); message_timeout bounds each exchange.
+        # No stream deadline: Envoy may hold the stream open until the response ends, and a
+        # deadline would then cut long generations; message_timeout bounds each exchange.
         "grpc_service": {"envoy_grpc": {"cluster_name": SIDECAR_CLUSTER}},
+        # Only the request: a fallback rewrites the JSON `model`, and an OpenAI chat stream
+        # gets `stream_options.include_usage`; both need the whole body. Responses never
+        # come here (the Lua filter reads them), so a stream costs no gRPC message per chunk.
         "processing_mode": {
-            # Request headers carry the reservation id and the Check's fallback headers.
             "request_header_mode": "SEND",
-            # The whole body at once: a fallback rewrites the JSON `model`.
             "request_body_mode": "BUFFERED",
-            # Status and content type decide how the body is metered.
-            "response_header_mode": "SEND",
-            # Metered as it passes: a streamed answer reaches the client token by token.
-            "response_body_mode": "STREAMED",
+            "response_header_mode": "SKIP",
+            "response_body_mode": "NONE",
             "request_trailer_mode": "SKIP",
             "response_trailer_mode": "SKIP",
         },
-        # The sidecar switches a response's body off when there is nothing to meter.
-        "allow_mode_override": True,
-        # Fail closed, as for ext_authz: metering is how actual spend is charged.
+        # ext_proc tells the Lua filter when the client must not see the usage event it
+        # turned on: the only metadata it may write.
+        "metadata_options": {"receiving_namespaces": {"untyped": [BODY_NAMESPACE]}},
+        # Fail closed, as for ext_authz: a body that should have been rewritten must not
+        # reach the provider as sent.
         "failure_mode_allow": False,
         "status_on_error": {"code": "InsufficientStorage"},
         "message_timeout": "2s",
-        "max_message_timeout": "10s",
     }}
+
+
+def _metering_log() -> Piece:
+    """One record per admitted call, batched to the sidecar, which charges it."""
+    return {
+        "name": METERING_LOG,
+        # Only calls with a reservation: everything else has nothing to charge.
+        "filter": {"metadata_filter": {
+            "matcher": {"filter": METERING_NAMESPACE, "path": [{"key": "rid"}],
+                        "value": {"present_match": True}},
+            "match_if_key_not_found": False}},
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3."
+                     "HttpGrpcAccessLogConfig",
+            "common_config": {
+                "log_name": "sidecar-metering",
+                "transport_api_version": "V3",
+                "grpc_service": {"envoy_grpc": {"cluster_name": SIDECAR_CLUSTER}},
+                # Records go out in batches at least every 50 ms (sooner past 16 KiB): a
+                # charge lands within that of the response's end. A record Envoy could not
+                # deliver leaves the reservation to be charged its estimate at
+                # `admission.reservation_ttl`.
+                "buffer_flush_interval": "0.05s",
+                "buffer_size_bytes": 16384,
+            },
+        },
+    }
 
 
 def _sidecar_cluster(host: str, port: int, tls: Piece | None) -> Piece:
@@ -155,7 +203,7 @@ def _sidecar_cluster(host: str, port: int, tls: Piece | None) -> Piece:
         "name": SIDECAR_CLUSTER,
         **discovery,
         "connect_timeout": "1s",
-        # Every in-flight LLM request holds one ext_proc stream for its whole response: the
+        # Checks and request-body streams of every in-flight call share this cluster: the
         # default 1024-request circuit breaker would fail (closed) the 1025th. The
         # sidecar's own admission control is the limit that matters.
         "circuit_breakers": {"thresholds": [

@@ -70,6 +70,9 @@ def _fill_metadata(meta: struct_pb2.Struct, decision: Decision) -> None:
         fields["token_name"].string_value = identity.token_name
     if decision.model:
         fields["model"].string_value = decision.model
+    if decision.input_tokens:
+        # For the metering record (sidecar/envoy/access_log.py): the Check read the prompt.
+        fields["input_tokens"].number_value = decision.input_tokens
 
 
 def check_response(decision: Decision) -> external_auth_pb2.CheckResponse:

@@ -258,9 +258,21 @@ def test_unknown_model_price_is_403(budget_stack: Stack, issuer: DevIssuer) -> N
 
 
 
+def _ledger_requests(stack: Stack, email: str) -> int:
+    with stack.admin() as admin:
+        rows = admin.get("/v1/usage", params={"group_by": "user"}).json()["result"]
+    return sum(int(r["requests"]) for r in rows if r["user"] == email)
+
+
 def test_new_limit_counts_spend_made_before_it(budget_stack: Stack, issuer: DevIssuer) -> None:
     token = issuer.mint("early@example.com")
     assert [cent_request(budget_stack, token).status_code for _ in range(5)] == [200] * 5
+    # The access log charges a call within ~50 ms of its end: the limit is made once all
+    # five are on the ledger it is seeded from.
+    deadline = time.monotonic() + 30
+    while _ledger_requests(budget_stack, "early@example.com") < 5:
+        assert time.monotonic() < deadline, "the five calls were never charged"
+        time.sleep(0.05)
     rule = {"name": "late-limit", "budget_usd": 0.07, "window": {"fixed": "monthly"},
             "filter": {"user": ["early@example.com"]}, "action": "block"}
     with budget_stack.admin() as admin:
