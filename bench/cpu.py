@@ -46,12 +46,35 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
+def start_profile(pid: int, out: Path, seconds: float) -> subprocess.Popen[bytes]:
+    """py-spy recording `pid` for `seconds` into `out` (collapsed stacks)."""
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    return subprocess.Popen([py_spy, "record", "--pid", str(pid), "--format", "raw",
+                             "--rate", "250", "--nonblocking", "--output", str(out),
+                             "--duration", str(round(seconds))],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def backend_pid(row: Row) -> int | None:
     """The sidecar's (or the floor's) process: the row's first non-Envoy process."""
     for proc in row.processes:
         if not proc.name.startswith("envoy") and proc.pid is not None:
             return proc.pid
     return None
+
+
+def top_inclusive(collapsed: Path, n: int = 40) -> list[tuple[str, float]]:
+    """Functions by the share of samples they are anywhere on the stack in."""
+    counts: Counter[str] = Counter()
+    total = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        total += int(count)
+        for frame in set(stack.split(";")):
+            counts[frame] += int(count)
+    return [(frame, c / total) for frame, c in counts.most_common(n)] if total else []
 
 
 def top_self(collapsed: Path, n: int = 25) -> list[tuple[str, float]]:
@@ -95,14 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                 pid = backend_pid(row)
                 spy = None
                 if args.profile == row.spec.key and pid is not None:
-                    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name(
-                        "py-spy"))
-                    out = workdir / f"spy-{rnd}.txt"
-                    spy = subprocess.Popen([py_spy, "record", "--pid", str(pid), "--format",
-                                            "raw", "--rate", "250", "--nonblocking",
-                                            "--output", str(out),
-                                            "--duration", str(round(args.seconds))],
-                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    spy = start_profile(pid, workdir / f"spy-{rnd}.txt", args.seconds)
                 before = cpu_seconds(pid) if pid else 0.0
                 result = run_wrk(row.url + PATH, script, connections=args.connections,
                                  seconds=args.seconds)

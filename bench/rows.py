@@ -55,8 +55,8 @@ ROWS: tuple[RowSpec, ...] = (
     RowSpec("floor", "Envoy + no-op Python ext_authz (floor)", "floor", "authz"),
     RowSpec("sqlite", "Envoy + sidecar, SQLite", "sqlite", "authz"),
     RowSpec("redis", "Envoy + sidecar, Redis", "redis", "authz"),
-    RowSpec("metering", "Envoy + sidecar, SQLite, ext_proc metering", "sqlite", "full"),
-    RowSpec("floor_full", "Envoy + no-op ext_authz + no-op ext_proc", "floor", "full"),
+    RowSpec("metering", "Envoy + sidecar, SQLite, metering on", "sqlite", "full"),
+    RowSpec("floor_full", "Envoy + no-op ext_authz, ext_proc, access log", "floor", "full"),
     RowSpec("sqlite_w2", "Envoy + sidecar, SQLite, --workers 2", "sqlite", "authz", workers=2),
 )
 

@@ -5,10 +5,11 @@ Python ext_authz (the floor), one with what `sidecar envoy-config` prints pointi
 SQLite sidecar with the benchmark policy (Check + metering). For 1, 16 and 64 chunks per
 answer, the rows are measured alternately, round after round, with wrk (100 distinct users,
 closed loop). Per row: throughput, its ratio to the floor of the same round, the backend
-process's CPU per request, and, for the product row, ledger exactness: every request the
-ledger holds was charged exactly its usage times the price (the stream's usage chunk arrived) or
-exactly its reservation (wrk cut the stream at the end of the run), and every answer wrk
-completed was charged.
+process's CPU per request (less what it spends idle), and, for the product row, ledger
+exactness: every request the ledger holds was charged exactly its usage times the price
+(the stream's usage chunk arrived), exactly its reservation (wrk cut the stream at the end
+of the run after it reached the upstream) or nothing (cut before), and every answer wrk
+completed was charged its usage.
 
     .venv/bin/python -m bench.stream_rows [--rounds 3] [--seconds 8] [--connections 32]
 """
@@ -31,7 +32,7 @@ import httpx
 import yaml
 
 from bench.closed_loop import ensure_tools
-from bench.cpu import cpu_seconds
+from bench.cpu import cpu_seconds, start_profile
 from bench.policy import BODY, GROUPS, MODEL, PATH, bench_config
 from bench.sse_upstream import PROMPT_TOKENS
 from sidecar.config.loader import parse_config
@@ -111,6 +112,15 @@ def _wrk(url: str, script: Path, connections: int, seconds: float) -> dict[str, 
             "requests": data["requests"], "errors": data["errors"]}
 
 
+def _idle_rate(pid: int, seconds: float = 2.0) -> float:
+    """CPU seconds per second the process spends with no load (timers, housekeeping): taken
+    off a row's CPU, so that CPU per request does not grow just because a row with longer
+    streams serves fewer requests per second."""
+    before = cpu_seconds(pid)
+    time.sleep(seconds)
+    return (cpu_seconds(pid) - before) / seconds
+
+
 def _ledger(http: str) -> dict[str, Any]:
     answer = httpx.get(f"{http}/v1/usage", params={"group_by": ""},
                        headers={"authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30)
@@ -136,16 +146,21 @@ def _settled_ledger(http: str) -> dict[str, Any]:
 
 def _exact(before: dict[str, Any], after: dict[str, Any], chunks: int, completed: int,
            unit: int, reserved: int) -> dict[str, Any]:
+    """Every call on the ledger cost exactly its usage (the stream's usage chunk arrived),
+    its reservation (cut after reaching the provider, before the usage) or $0 (never reached
+    the provider: wrk hung up while Envoy still held it; counted in `errors`)."""
     requests = after["requests"] - before["requests"]
     with_usage = (after["input_tokens"] - before["input_tokens"]) // PROMPT_TOKENS
+    free = after["errors"] - before["errors"]
+    at_reservation = requests - with_usage - free
     cost = int((after["cost"] - before["cost"]) * 1_000_000)
-    expected = with_usage * unit + (requests - with_usage) * reserved
-    ok = (cost == expected and after["errors"] == before["errors"]
+    expected = with_usage * unit + at_reservation * reserved
+    ok = (cost == expected and at_reservation >= 0
           and after["output_tokens"] - before["output_tokens"] == with_usage * chunks
-          and requests >= completed)
+          and with_usage >= completed)
     return {"exact": ok, "ledger_requests": requests, "charged_usage": with_usage,
-            "charged_reservation": requests - with_usage, "cost_micros": cost,
-            "expected_micros": expected}
+            "charged_reservation": at_reservation, "charged_nothing": free,
+            "cost_micros": cost, "expected_micros": expected}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--chunks", type=int, nargs="*", default=list(CHUNKS))
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--profile", type=Path,
+                        help="py-spy the sidecar during the product rows; collapsed stacks here")
     args = parser.parse_args(argv)
     ensure_tools()
     os.environ.update(demo_key_env())
@@ -208,9 +225,18 @@ def main(argv: list[str] | None = None) -> int:
                 trial: dict[str, Any] = {"chunks": chunks, "round": rnd}
                 for key, (url, pid) in order:
                     before = _settled_ledger(http) if key == "product" else None
+                    spy = None
+                    if args.profile and key == "product":
+                        spy = start_profile(pid, workdir / f"spy-{chunks}-{rnd}.txt",
+                                            args.seconds)
+                    idle = _idle_rate(pid)
                     cpu = cpu_seconds(pid)
                     result = _wrk(url, script, args.connections, args.seconds)
-                    used = cpu_seconds(pid) - cpu
+                    used = cpu_seconds(pid) - cpu - idle * args.seconds
+                    if spy is not None:
+                        spy.wait(timeout=60)
+                        with args.profile.open("a") as sink:
+                            sink.write((workdir / f"spy-{chunks}-{rnd}.txt").read_text())
                     result["cpu_us_per_request"] = used / max(result["requests"], 1) * 1e6
                     if before is not None:
                         result.update(_exact(before, _settled_ledger(http), chunks,

@@ -5,7 +5,7 @@ sidecar/envoy/access_log.py): the response status, whether the request reached t
 upstream at all, the response body as it passed (bytes >= 0x80 replaced by `~`, which keeps
 JSON structure and text byte counts), and whether the body ended.
 
-A stream that ended is read from its first and last bytes only: every metered API reports
+A stream that ended is read from its first 1.5 KiB and last 2 KiB only: every metered API reports
 its final usage at the end (OpenAI's usage chunk, Anthropic's `message_start` + last
 `message_delta`), so the sidecar's work per call does not grow with the number of chunks.
 When that does not find complete usage (a final event larger than the tail, a JSON body),
@@ -21,8 +21,12 @@ from dataclasses import dataclass
 from sidecar.metering.charge import Observed
 from sidecar.metering.parse import Api, UsageMeter
 
-HEAD_BYTES = 4096
-TAIL_BYTES = 16384
+# Enough for Anthropic's `message_start` and for the last events of every metered stream
+# (OpenAI's usage chunk and `[DONE]`, Anthropic's last `message_delta` and `message_stop`);
+# when they do not hold complete usage (the Responses API's `response.completed` repeats the
+# whole answer), the body is read whole.
+HEAD_BYTES = 1536
+TAIL_BYTES = 2048
 _EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
 # Ends whatever event the head was cut in, so its remainder is dropped as malformed.
 _BREAK = b"\n\n"
