@@ -137,7 +137,28 @@ def lua_source() -> str:
 
 
 def _ext_proc() -> Piece:
+    # Only for calls whose body must change: the Check marks them with `x-sidecar-body:
+    # rewrite` (and ext_proc removes it). Every other call skips this filter, and with it a
+    # gRPC stream to the sidecar.
+    skip_unless_marked = {"matcher_list": {"matchers": [{
+        "predicate": {"not_matcher": {"single_predicate": {
+            "input": {"name": "x-sidecar-body", "typed_config": {
+                "@type": "type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput",
+                "header_name": "x-sidecar-body"}},
+            "value_match": {"exact": "rewrite"}}}},
+        "on_match": {"action": {"name": "skip", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.common.matcher.action.v3."
+                     "SkipFilter"}}},
+    }]}}
     return {"name": EXT_PROC, "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher",
+        "xds_matcher": skip_unless_marked,
+        "extension_config": {"name": EXT_PROC, "typed_config": _ext_proc_config()},
+    }}
+
+
+def _ext_proc_config() -> Piece:
+    return {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3."
                  "ExternalProcessor",
         # No stream deadline: Envoy may hold the stream open until the response ends, and a
@@ -162,7 +183,7 @@ def _ext_proc() -> Piece:
         "failure_mode_allow": False,
         "status_on_error": {"code": "InsufficientStorage"},
         "message_timeout": "2s",
-    }}
+    }
 
 
 def _metering_log() -> Piece:

@@ -1,11 +1,12 @@
 """ext_proc v3: the request body changes an admitted call needs before it goes upstream.
 
 A fallback rewrites the JSON `model`; an OpenAI chat stream gets
-`stream_options.include_usage` (a client cannot switch metering off). Both need the whole
-body, which is why this is ext_proc and not the Lua filter. Responses never come here: the
-Lua filter reads them as they stream and the access log charges them
-(sidecar/envoy/meter.lua, sidecar/envoy/access_log.py). When usage was turned on for a
-client that did not ask for it, this tells the Lua filter (dynamic metadata
+`stream_options.include_usage` (a client cannot switch metering off) when its body already
+has `stream_options` (the Lua filter inserts the member into a body without one). Envoy
+only runs this filter for calls the Check marked (`x-sidecar-body: rewrite`, removed here).
+Responses never come here: the Lua filter reads them as they stream and the access log
+charges them (sidecar/envoy/meter.lua, sidecar/envoy/access_log.py). When usage was turned
+on for a client that did not ask for it, this tells the Lua filter (dynamic metadata
 `sidecar.body`), which then takes the usage event out of the stream the client receives.
 
 Calls that ext_authz did not admit as LLM calls (no `x-sidecar-model`, which only ext_authz
@@ -26,6 +27,7 @@ from envoy.type.v3 import http_status_pb2
 from sidecar import tracing
 from sidecar.engine import Engine
 from sidecar.envoy.attach import BODY_NAMESPACE
+from sidecar.envoy.authz import BODY_HEADER
 from sidecar.envoy.request_body import mutate
 from sidecar.envoy.request_path import NoDeployment, PathChange, fallback_path
 from sidecar.envoy.upstream import upstream_api
@@ -101,9 +103,10 @@ class ExternalProcessorServicer(
             set_headers = [] if ex.path_change is None else [base_pb2.HeaderValueOption(
                 header=base_pb2.HeaderValue(key=":path", raw_value=ex.path_change.path.encode()),
                 append_action=OVERWRITE)]
+            # The Check's mark that sent the call here goes no further.
             return pb.ProcessingResponse(request_headers=pb.HeadersResponse(
                 response=pb.CommonResponse(header_mutation=pb.HeaderMutation(
-                    set_headers=set_headers))))
+                    set_headers=set_headers, remove_headers=[BODY_HEADER]))))
         if kind == "request_body":
             return self._request_body(ex, message.request_body.body)
         if kind == "request_trailers":

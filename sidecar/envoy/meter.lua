@@ -39,6 +39,27 @@ function envoy_on_request(handle)
   md:set(NS, "route", headers:get("x-sidecar-route") or "")
   md:set(NS, "provider", headers:get("x-sidecar-provider") or "")
   md:set(NS, "model", headers:get("x-sidecar-model") or "")
+  -- The Check asks for `stream_options.include_usage` on an OpenAI chat stream whose body
+  -- has no `stream_options`: inserted here as the object's first member (the rest of the
+  -- body stays as sent), and the client, who did not ask for usage, will not see its event.
+  -- Every other body change is ext_proc's (sidecar/envoy/request_body.py decides).
+  local authz = md:get("envoy.filters.http.ext_authz")
+  local decided = authz and authz["sidecar"]
+  if decided == nil or decided["body"] ~= "insert_usage_option" then
+    return
+  end
+  local body = handle:body()
+  local raw = body:getBytes(0, body:length())
+  local _, brace = string.find(raw, "^%s*{")
+  if brace == nil then
+    return
+  end
+  local new = string.sub(raw, 1, brace) .. '"stream_options":{"include_usage":true},'
+    .. string.sub(raw, brace + 1)
+  body:setBytes(new)
+  -- Handles taken before body() are stale after its yield.
+  handle:headers():replace("content-length", tostring(#new))
+  handle:streamInfo():dynamicMetadata():set(NS, "strip", true)
 end
 
 -- The index of the last byte of the first SSE event end (a blank line, in any line-break
@@ -116,10 +137,10 @@ function envoy_on_response(handle)
   if compressed then
     md:set(NS, "base64", true)
   end
-  -- ext_proc says when it turned usage on for a client that did not ask for it: the client
-  -- then gets the stream without that one event.
+  -- Usage was turned on for a client that did not ask for it (here, or by ext_proc): the
+  -- client gets the stream without that one event.
   local body = handle:streamInfo():dynamicMetadata():get("sidecar.body")
-  local strip = body ~= nil and body["strip_usage"] == true
+  local strip = (meta["strip"] == true or (body ~= nil and body["strip_usage"] == true))
     and string.find(content_type, "text/event-stream", 1, true) ~= nil
     and (encoding == "" or encoding == "identity")
   if strip then

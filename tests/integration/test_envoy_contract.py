@@ -42,6 +42,7 @@ from starlette.routing import Route
 
 from sidecar.demo.envoy_config import DEFAULT_SOURCE, render_envoy_config, write_envoy_config
 from sidecar.demo.procs import LOOPBACK, ManagedProcess, envoy_binary, free_port, start_envoy
+from sidecar.envoy.request_body import insert_usage_option
 
 # The servers live in a module-scoped fixture, so the tests must share its event loop.
 in_module_loop = pytest.mark.asyncio(loop_scope="module")
@@ -51,6 +52,7 @@ DECISION_HEADER = "x-test-decision"  # allow | deny | fallback
 TEST_ID_HEADER = "x-test-id"  # finds one test's records among the module's
 STALE_LENGTH_HEADER = "x-test-stale-content-length"  # rewrite the body, keep the old length
 STRIP_HEADER = "x-test-strip-usage"  # ext_proc asks the Lua filter to drop the usage event
+BODY_HEADER = "x-test-body"  # the Check marks the call for ext_proc, or for the Lua insert
 USAGE_EVENT_HEADER = "x-test-usage-event"  # the upstream ends its stream with a usage event
 
 # Client-sent copies of these must never select a route; the Check removes them.
@@ -129,6 +131,11 @@ class Authorization:
         test_id = http.headers.get(TEST_ID_HEADER)
         if test_id:
             identity["x-sidecar-request-id"] = reservation(test_id)
+        body = http.headers.get(BODY_HEADER, "")
+        if decision == "fallback" or body == "ext_proc":
+            # The sidecar's mark for calls whose body ext_proc must change: only those
+            # open an ext_proc stream.
+            identity["x-sidecar-body"] = "rewrite"
         if decision == "fallback":
             route = {
                 "x-sidecar-route": "fallback",
@@ -136,7 +143,11 @@ class Authorization:
                 "x-sidecar-model": FALLBACK_MODEL,
             }
             return allow(identity | route)
-        return allow(identity)
+        answer = allow(identity)
+        if body == "insert_usage_option":
+            answer.dynamic_metadata.fields["sidecar"].struct_value.fields[
+                "body"].string_value = body
+        return answer
 
 
 # --- ext_proc ----------------------------------------------------------------------------
@@ -194,7 +205,11 @@ class ExternalProcessor:
             stream.phases.append(phase)
             if phase == "request_headers":
                 stream.request_headers = headers_of(request.request_headers.headers)
-                yield ProcessingResponse(request_headers=external_processor_pb2.HeadersResponse())
+                # As the sidecar does: the Check's mark that sent the call here stops here.
+                yield ProcessingResponse(request_headers=external_processor_pb2.HeadersResponse(
+                    response=external_processor_pb2.CommonResponse(
+                        header_mutation=external_processor_pb2.HeaderMutation(
+                            remove_headers=["x-sidecar-body"]))))
             elif phase == "request_body":
                 answer = ProcessingResponse(
                     request_body=request_body_answer(stream, request.request_body.body))
@@ -266,7 +281,7 @@ def recording_upstream(seen: list[UpstreamRequest]) -> Starlette:
     async def handle(request: Request) -> Response:
         body = await request.body()
         seen.append(UpstreamRequest(request.url.path, list(request.headers.items()), body))
-        if body.startswith(b"{") and json.loads(body).get("stream"):
+        if body.lstrip().startswith(b"{") and json.loads(body).get("stream"):
             return StreamingResponse(events(USAGE_EVENT_HEADER in request.headers),
                                      media_type="text/event-stream")
         return JSONResponse({"id": "resp-1", "usage": {"prompt_tokens": 3, "completion_tokens": 5}})
@@ -417,7 +432,8 @@ async def test_allowed_request_reaches_provider_with_check_headers(stack: Stack)
     spoofed = {"x-sidecar-email": "mallory@example.com", "x-request-id": "chosen-by-client"}
 
     response = await stack.client.post(
-        "/openai/v1/chat/completions", content=body, headers=request_headers(test_id, **spoofed)
+        "/openai/v1/chat/completions", content=body,
+        headers=request_headers(test_id, **spoofed, **{BODY_HEADER: "ext_proc"})
     )
 
     assert response.status_code == 200, response.text
@@ -441,10 +457,12 @@ async def test_allowed_request_reaches_provider_with_check_headers(stack: Stack)
     assert response.headers["x-request-id"] == request_id
     # ext_proc sees the request only; the response never costs a message to the sidecar.
     assert stream.phases == ["request_headers", "request_body"]
-    # The reservation id reaches neither the provider nor the client, nor ext_proc.
+    # The reservation id reaches neither the provider nor the client, nor ext_proc; the
+    # mark that sent the call to ext_proc does not reach the provider either.
     assert upstream.header("x-sidecar-request-id") == []
     assert "x-sidecar-request-id" not in response.headers
     assert "x-sidecar-request-id" not in stream.request_headers
+    assert upstream.header("x-sidecar-body") == []
     # One metering record, after the response, with the body as it passed and the timings
     # that say the provider had the request.
     record = await stack.record_for(test_id)
@@ -611,7 +629,8 @@ async def test_lua_filter_drops_the_usage_event_ext_proc_turned_on(stack: Stack)
     response = await stack.client.post(
         "/openai/v1/chat/completions",
         content=chat_body(stream=True),
-        headers=request_headers(test_id, **{STRIP_HEADER: "1", USAGE_EVENT_HEADER: "1"}),
+        headers=request_headers(test_id, **{STRIP_HEADER: "1", USAGE_EVENT_HEADER: "1",
+                                            BODY_HEADER: "ext_proc"}),
     )
 
     events = b"".join(sse_event(i) for i in range(STREAM_EVENTS))
@@ -665,6 +684,46 @@ async def test_unreachable_upstream_record_shows_the_provider_never_had_it(
     # No upstream byte was ever sent: the sidecar charges this $0.
     assert not entry.common_properties.HasField("time_to_last_upstream_tx_byte")
     assert entry.common_properties.response_flags.upstream_connection_failure
+
+
+@in_module_loop
+async def test_calls_without_a_body_change_never_open_an_ext_proc_stream(stack: Stack) -> None:
+    test_id = uuid.uuid4().hex
+
+    response = await stack.client.post("/openai/v1/chat/completions", content=chat_body(),
+                                       headers=request_headers(test_id))
+
+    assert response.status_code == 200
+    assert stack.streams_for(test_id) == []
+    [upstream] = stack.upstream_for(test_id)
+    assert upstream.body == chat_body()
+    record = await stack.record_for(test_id)
+    assert record_body(record) == response.content
+
+
+@in_module_loop
+async def test_lua_filter_inserts_the_usage_option_and_hides_its_event(stack: Stack) -> None:
+    test_id = uuid.uuid4().hex
+    body = b'  {"model": "gpt-4o-mini", "stream": true, "messages": []}'
+
+    response = await stack.client.post(
+        "/openai/v1/chat/completions", content=body,
+        headers=request_headers(test_id, **{BODY_HEADER: "insert_usage_option",
+                                            USAGE_EVENT_HEADER: "1"}))
+
+    assert response.status_code == 200
+    assert stack.streams_for(test_id) == []
+    [upstream] = stack.upstream_for(test_id)
+    # The member goes first; the rest of the client's bytes are as sent: exactly what
+    # sidecar/envoy/request_body.py says the Lua filter does.
+    assert upstream.body == insert_usage_option(body)
+    assert upstream.body == b'  {"stream_options":{"include_usage":true},"model": ' \
+        b'"gpt-4o-mini", "stream": true, "messages": []}'
+    assert upstream.header("content-length") == [str(len(upstream.body))]
+    events = b"".join(sse_event(i) for i in range(STREAM_EVENTS))
+    assert response.content == events
+    record = await stack.record_for(test_id)
+    assert record_body(record) == events + USAGE_EVENT
 
 
 @in_module_loop

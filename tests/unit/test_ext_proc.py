@@ -7,14 +7,22 @@ import json
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any, cast
 
+import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from sidecar.config.models import SidecarConfig
 from sidecar.config.ruleset import RuleSetHolder, build_ruleset
 from sidecar.engine import Engine
+from sidecar.envoy.attach import lua_source
 from sidecar.envoy.ext_proc import ExternalProcessorServicer
-from sidecar.envoy.request_body import Mutation, mutate
+from sidecar.envoy.request_body import (
+    USAGE_OPTION_MEMBER,
+    Mutation,
+    body_action,
+    insert_usage_option,
+    mutate,
+)
 from sidecar.metering.charge import Observed
 from sidecar.metering.parse import Api
 from sidecar.store.budget_types import CommitResult
@@ -195,3 +203,34 @@ def test_ext_proc_never_charges_even_when_sent_a_whole_exchange() -> None:
     assert engine.charges == []
     assert [r.WhichOneof("response") for r in responses] == [
         "request_headers", "request_body", "response_headers", "response_body"]
+
+
+# --- who changes the body: nobody, the Lua filter, or ext_proc ------------------------------
+
+
+@pytest.mark.parametrize(("body", "api", "model", "action"), [
+    ({"model": "m", "stream": True, "messages": []}, "openai_chat", None,
+     "insert_usage_option"),
+    ({"model": "m", "stream": True, "stream_options": {"include_usage": False}}, "openai_chat",
+     None, "ext_proc"),
+    ({"model": "m", "stream": True, "stream_options": {"include_usage": True}}, "openai_chat",
+     None, ""),
+    ({"model": "m", "stream": False}, "openai_chat", None, ""),
+    ({"model": "m", "stream": True}, "anthropic_messages", None, ""),
+    ({"model": "m", "stream": True}, "openai_responses", None, ""),
+    ({"model": "m"}, "anthropic_messages", "fallback-model", "ext_proc"),
+])
+def test_body_action_agrees_with_mutate(body: dict[str, Any], api: Api, model: str | None,
+                                        action: str) -> None:
+    raw = json.dumps(body).encode()
+    assert body_action(raw, api, model) == action
+    change = mutate(raw, api, model)
+    assert (change.body is not None) == (action != "")
+    if action == "insert_usage_option":
+        # The Lua filter's insertion gives the document ext_proc would have sent.
+        assert change.body is not None
+        assert json.loads(insert_usage_option(raw)) == json.loads(change.body)
+
+
+def test_lua_filter_inserts_the_same_member() -> None:
+    assert USAGE_OPTION_MEMBER.decode() in lua_source()
