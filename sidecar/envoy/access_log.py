@@ -26,6 +26,7 @@ from sidecar.engine import Engine
 from sidecar.envoy.attach import EXT_AUTHZ, METERING_NAMESPACE
 from sidecar.envoy.authz import METADATA_NAMESPACE
 from sidecar.envoy.upstream import upstream_api
+from sidecar.metering.charge import Observed
 from sidecar.metering.exchange import charge_observed, start_charge
 from sidecar.metering.record import MeteringRecord, observed
 
@@ -40,6 +41,12 @@ def _text(fields: struct_pb2.Struct, key: str) -> str:
 def _number(fields: struct_pb2.Struct, key: str) -> int:
     value = fields.fields.get(key)
     return int(value.number_value) if value is not None else 0
+
+
+def _body(meter: struct_pb2.Struct, decode: Callable[[str], bytes]) -> bytes:
+    # No more chunks than keys: a count from a bad record cannot make this loop long.
+    count = min(_number(meter, "chunks"), len(meter.fields))
+    return b"".join(decode(_text(meter, f"c{i}")) for i in range(1, count + 1))
 
 
 def record_from_entry(entry: accesslog_pb2.HTTPAccessLogEntry,
@@ -69,9 +76,10 @@ def record_from_entry(entry: accesslog_pb2.HTTPAccessLogEntry,
         reached_upstream=common.HasField("time_to_last_upstream_tx_byte"),
         content_type=_text(meter, "content_type"),
         content_encoding=_text(meter, "content_encoding"),
-        # No more chunks than keys: a count from a bad record cannot make this loop long.
-        chunks=tuple(decode(_text(meter, f"c{i}"))
-                     for i in range(1, min(_number(meter, "chunks"), len(meter.fields)) + 1)),
+        load_body=lambda: _body(meter, decode),
+        head=_text(meter, "head").encode(),
+        end=_text(meter, "end").encode(),
+        end_offset=_number(meter, "end_offset"),
         tail=decode(_text(meter, "tail")),
         total_bytes=_number(meter, "bytes"),
         done=done is not None and done.bool_value,
@@ -101,6 +109,12 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
         return als_pb2.StreamAccessLogsResponse()
 
     async def _charge(self, record: MeteringRecord) -> None:
-        seen, meter = observed(record)
+        try:
+            seen, meter = observed(record)
+        except Exception as exc:  # a body that cannot be decoded: charge as if unread
+            log.error("metering_record_unreadable", request_id=record.request_id,
+                      error=str(exc))
+            seen, meter = Observed(status=record.status,
+                                   reached_upstream=record.reached_upstream), None
         await charge_observed(self._engine, record.request_id, seen, hint=record.hint,
                               reason="complete" if record.done else "incomplete", meter=meter)

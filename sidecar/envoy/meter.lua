@@ -11,7 +11,8 @@
 -- count the same text bytes; base64 instead when the body is compressed or binary, and then
 -- `base64` is true), chunks (N), bytes (every byte that passed), tail (the last
 -- chunks once more than MAX_KEPT bytes passed), done (the body ended; absent when the
--- client or the upstream went away first). Each key is set as soon as it is known, so a
+-- client or the upstream went away first), and with done: head and end (the body's first
+-- HEAD_BYTES and at least its last END_BYTES, from end_offset on). Each key is set as soon as it is known, so a
 -- stream cut short still reports what passed until then.
 --
 -- A chunk is set under its own key (O(chunk) work, never the body so far again), and the
@@ -22,6 +23,10 @@ local NS = "sidecar.metering"
 local MAX_KEPT = 1048576
 local TAIL_CHUNKS = 16
 local MAX_HELD = 65536
+-- Of a body that ended: its first and its last bytes, where every metered API reports its
+-- usage. The sidecar reads these first; the chunks only if they do not hold final usage.
+local HEAD_BYTES = 2048
+local END_BYTES = 4096
 
 function envoy_on_request(handle)
   local headers = handle:headers()
@@ -148,6 +153,7 @@ function envoy_on_response(handle)
   end
   local n, kept, total, held = 0, 0, 0, ""
   local tail = {}
+  local head, head_len, last, last_len = {}, 0, {}, 0
   for chunk in handle:bodyChunks() do
     local size = chunk:length()
     if size > 0 then
@@ -167,6 +173,16 @@ function envoy_on_response(handle)
         m:set(NS, "tail", encode(table.concat(tail), compressed))
       end
       m:set(NS, "bytes", total)
+      if head_len < HEAD_BYTES then
+        head[#head + 1] = raw
+        head_len = head_len + size
+      end
+      last[#last + 1] = raw
+      last_len = last_len + size
+      while last_len - #last[1] >= END_BYTES do
+        last_len = last_len - #last[1]
+        table.remove(last, 1)
+      end
       if strip then
         local data = held .. raw
         local out, start = {}, 1
@@ -190,5 +206,11 @@ function envoy_on_response(handle)
       end
     end
   end
-  handle:streamInfo():dynamicMetadata():set(NS, "done", true)
+  local m = handle:streamInfo():dynamicMetadata()
+  if not compressed then
+    m:set(NS, "head", encode(string.sub(table.concat(head), 1, HEAD_BYTES), false))
+    m:set(NS, "end", encode(table.concat(last), false))
+    m:set(NS, "end_offset", total - last_len)
+  end
+  m:set(NS, "done", true)
 end

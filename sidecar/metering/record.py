@@ -5,9 +5,10 @@ sidecar/envoy/access_log.py): the response status, whether the request reached t
 upstream at all, the response body as it passed (bytes >= 0x80 replaced by `~`, which keeps
 JSON structure and text byte counts), and whether the body ended.
 
-A stream that ended is read from its first 1.5 KiB and last 2 KiB only: every metered API reports
-its final usage at the end (OpenAI's usage chunk, Anthropic's `message_start` + last
-`message_delta`), so the sidecar's work per call does not grow with the number of chunks.
+A stream that ended is read from its first event and its last bytes only (`head`, `end`:
+every metered API reports its final usage at the end, OpenAI's usage chunk, Anthropic's
+`message_start` + last `message_delta`), so the sidecar's work per call does not grow with
+the number of chunks: the chunks are not even looked at.
 When that does not find complete usage (a final event larger than the tail, a JSON body),
 or the stream was cut short, the whole body kept is read, which also counts the text that
 passed.
@@ -16,17 +17,16 @@ passed.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from sidecar.metering.charge import Observed
 from sidecar.metering.parse import Api, UsageMeter
 
-# Enough for Anthropic's `message_start` and for the last events of every metered stream
-# (OpenAI's usage chunk and `[DONE]`, Anthropic's last `message_delta` and `message_stop`);
-# when they do not hold complete usage (the Responses API's `response.completed` repeats the
-# whole answer), the body is read whole.
-HEAD_BYTES = 1536
-TAIL_BYTES = 2048
+# Every metered stream reports its final usage in its last events: OpenAI's usage chunk
+# and `[DONE]`, Anthropic's last `message_delta` and `message_stop`, the Responses API's
+# `response.completed`.
+TAIL_EVENTS = 4
 _EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
 # Ends whatever event the head was cut in, so its remainder is dropped as malformed.
 _BREAK = b"\n\n"
@@ -42,8 +42,12 @@ class MeteringRecord:
     reached_upstream: bool
     content_type: str = ""
     content_encoding: str = ""
-    # The body's first bytes as it passed, chunk by chunk.
-    chunks: tuple[bytes, ...] = ()
+    # The body's first bytes as it passed (up to 1 MiB), read only when needed.
+    load_body: Callable[[], bytes] = field(default=lambda: b"", repr=False)
+    # Of a body that ended: its first bytes, and its last from `end_offset` on.
+    head: bytes = b""
+    end: bytes = b""
+    end_offset: int = 0
     # The last chunks, when the body outgrew what is kept in `chunks`.
     tail: bytes = b""
     total_bytes: int = 0
@@ -70,20 +74,42 @@ def _meter(record: MeteringRecord, parts: list[bytes]) -> UsageMeter:
     return meter
 
 
+def _last_events(data: bytes, start_at_boundary: bool) -> bytes:
+    """The last TAIL_EVENTS events of `data` (all of its whole events when fewer)."""
+    ends = [m.end() for m in _EVENT_END.finditer(data)]
+    if len(ends) > TAIL_EVENTS:
+        return data[ends[-TAIL_EVENTS - 1]:]
+    return data if start_at_boundary else _from_event(data)
+
+
+def _quick(record: MeteringRecord) -> UsageMeter | None:
+    """A meter over the first event and the last few of a finished body."""
+    if not record.end:
+        return None
+    whole = record.end_offset == 0
+    first = _EVENT_END.search(record.head)
+    if first is None:
+        return None
+    if whole and len(record.end) <= first.end():
+        return _meter(record, [record.end])
+    tail = _last_events(record.end, whole)
+    if whole and record.end.endswith(tail) and len(record.end) - len(tail) <= first.end():
+        return _meter(record, [record.end])
+    return _meter(record, [record.head[:first.end()], tail])
+
+
 def observed(record: MeteringRecord) -> tuple[Observed, UsageMeter | None]:
     """What the record shows, and the meter that read it (None: nothing to read)."""
-    if record.api is None or not (record.chunks or record.tail):
+    if record.api is None or not (record.total_bytes or record.tail):
         return Observed(status=record.status, reached_upstream=record.reached_upstream), None
-    body = b"".join(record.chunks)
     # Compressed bytes cannot be read from the middle: those go the whole way.
     plain = record.content_encoding.strip().lower() in ("", "identity")
     sse = "event-stream" in record.content_type.lower()
-    if record.done and sse and plain and len(body) > HEAD_BYTES + TAIL_BYTES:
-        last = record.tail or body[-TAIL_BYTES:]
-        quick = _meter(record, [body[:HEAD_BYTES], _BREAK, _from_event(last[-TAIL_BYTES:])])
-        if quick.usage is not None and quick.complete:
+    if record.done and sse and plain:
+        quick = _quick(record)
+        if quick is not None and quick.usage is not None and quick.complete:
             return _seen(record, quick, 0), quick
-    parts = [body]
+    parts = [record.load_body()]
     if record.tail:
         parts += [_BREAK, _from_event(record.tail)]
     meter = _meter(record, parts)

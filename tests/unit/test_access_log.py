@@ -23,12 +23,12 @@ from sidecar.config.ruleset import RuleSetHolder, build_ruleset
 from sidecar.engine import Engine
 from sidecar.envoy.access_log import AccessLogServicer
 from sidecar.metering.charge import Observed, charge_micros
-from sidecar.metering.record import HEAD_BYTES, TAIL_BYTES
 from sidecar.model import TokenUsage
 from sidecar.pricing import UnitPrice
 from sidecar.store.budget_types import CommitResult
 
 CHAT = "/openai/v1/chat/completions"
+END_BYTES = 4096  # sidecar/envoy/meter.lua
 PRICE = UnitPrice(input=150_000, output=600_000, cache_read=0, cache_write=0,
                   source="override")
 CHAT_JSON = {"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 5}}
@@ -80,6 +80,17 @@ def entry(chunks: Sequence[bytes] = (), *, status: int = 200, path: str = CHAT,
         meta.fields["bytes"].number_value = sum(map(len, chunks))
     if done and response_started:
         meta.fields["done"].bool_value = True
+        if not compressed:
+            # As sidecar/envoy/meter.lua: the first bytes, and the last whole chunks that
+            # hold at least END_BYTES.
+            safe = [bytes(b if b < 0x80 else 0x7E for b in c) for c in chunks]
+            last: list[bytes] = []
+            while safe and sum(map(len, last)) < END_BYTES:
+                last.insert(0, safe.pop())
+            meta.fields["head"].string_value = b"".join(
+                bytes(b if b < 0x80 else 0x7E for b in c) for c in chunks)[:2048].decode()
+            meta.fields["end"].string_value = b"".join(last).decode()
+            meta.fields["end_offset"].number_value = sum(map(len, safe))
     if reached:
         out.common_properties.time_to_last_upstream_tx_byte.nanos = 1000
     if input_tokens:
@@ -224,10 +235,12 @@ def _chat_chunk(text: str) -> bytes:
 def test_long_finished_stream_is_read_from_its_ends_with_the_same_charge() -> None:
     # Thousands of chunks: the finished stream's usage is at its end.
     chunks = [_chat_chunk("tok ") for _ in range(2000)] + [CHAT_STREAM]
-    assert sum(map(len, chunks)) > HEAD_BYTES + TAIL_BYTES
+    assert sum(map(len, chunks)) > 2 * END_BYTES
     engine = run(entry(chunks, content_type="text/event-stream"))
     ((_, observed, _),) = engine.charges
     assert observed.usage == TokenUsage(7, 3) and observed.complete
+    # Read from its ends only: the text in between was not counted (nor needed).
+    assert observed.output_bytes < 2000 * 4
 
 
 def test_long_cut_stream_counts_every_text_byte_that_passed() -> None:
@@ -246,12 +259,23 @@ def test_long_anthropic_stream_keeps_message_start_from_the_head() -> None:
     assert engine.usages == [TokenUsage(30, 9)]
 
 
+def test_finished_stream_without_usage_at_its_end_is_read_whole() -> None:
+    # The usage chunk is not among the last events: the whole body is read, as for a cut one.
+    chunks = [_chat_chunk("tok "), CHAT_STREAM.split(b"\n\n")[0] + b"\n\n",
+              *[_chat_chunk("tok ") for _ in range(50)]]
+    engine = run(entry(chunks, content_type="text/event-stream"))
+    ((_, observed, _),) = engine.charges
+    assert observed.usage == TokenUsage(7, 3) and observed.output_bytes == 51 * 4
+
+
 def test_one_unreadable_entry_does_not_lose_the_others() -> None:
     broken = entry([json.dumps(CHAT_JSON).encode()], rid="broken", encoding="gzip")
     broken.common_properties.metadata.filter_metadata["sidecar.metering"].fields[
         "c1"].string_value = "not base64!"
     engine = run(broken, entry([json.dumps(CHAT_JSON).encode()]))
-    assert [rid for rid, _, _ in engine.charges] == ["req-1"]
+    # The unreadable body is charged as if nothing had been read: its reservation.
+    assert [(rid, o.usage) for rid, o, _ in engine.charges] == [
+        ("broken", None), ("req-1", TokenUsage(12, 5))]
 
 
 def test_a_chunk_count_larger_than_the_record_reads_only_what_is_there() -> None:
