@@ -398,7 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     envoy_config.add_argument("path", nargs="?",
                               help="sidecar config (default: $SIDECAR_CONFIG, else "
                                    "./sidecar.yaml; built-in listen defaults when absent)")
-    envoy_config.add_argument("--format", choices=["yaml", "json"], default="yaml")
+    envoy_config.add_argument("--format", choices=["yaml", "json"], default="yaml",
+                              help="output format (default: yaml)")
     envoy_config.add_argument("--grpc", help="the sidecar's gRPC address host:port "
                                              "(overrides the config)")
     envoy_config.set_defaults(func=cmd_envoy_config)

@@ -22,7 +22,7 @@ from sidecar.config.models import SidecarConfig
 from sidecar.config.ruleset import RuleSetHolder, build_ruleset
 from sidecar.engine import Engine
 from sidecar.envoy.access_log import AccessLogServicer
-from sidecar.metering.charge import Observed, charge_micros
+from sidecar.metering.charge import Observed, bill
 from sidecar.model import TokenUsage
 from sidecar.pricing import UnitPrice
 from sidecar.store.budget_types import CommitResult
@@ -32,6 +32,11 @@ END_BYTES = 4096  # sidecar/envoy/meter.lua
 PRICE = UnitPrice(input=150_000, output=600_000, cache_read=0, cache_write=0,
                   source="override")
 CHAT_JSON = {"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 5}}
+
+
+def charged(observed: Observed) -> int:
+    """µUSD charged for `observed` when 2,000 were reserved."""
+    return bill("gpt-4o-mini", PRICE, lambda _: None, 2_000, observed).total
 
 
 class FakeEngine:
@@ -133,7 +138,7 @@ def test_provider_error_without_usage_is_an_error(status: int) -> None:
     engine = run(entry([json.dumps(error).encode()], status=status))
     ((_, observed, _),) = engine.charges
     assert observed.usage is None and observed.status == status and observed.error
-    assert charge_micros(PRICE, 2_000, observed) == 0
+    assert charged(observed) == 0
 
 
 def test_error_body_that_reports_usage_is_observed_with_that_usage() -> None:
@@ -149,21 +154,21 @@ def test_upstream_unreachable_never_reached_the_provider_and_costs_nothing() -> 
     engine = run(entry([b"upstream connect error or disconnect/reset before headers"],
                        status=503, content_type="text/plain", reached=False))
     ((_, observed, _),) = engine.charges
-    assert not observed.reached_upstream and charge_micros(PRICE, 2_000, observed) == 0
+    assert not observed.reached_upstream and charged(observed) == 0
 
 
 def test_client_gone_before_the_request_went_upstream_costs_nothing() -> None:
     engine = run(entry(response_started=False, reached=False))
     ((_, observed, _),) = engine.charges
     assert observed.status == 0 and not observed.reached_upstream
-    assert charge_micros(PRICE, 2_000, observed) == 0
+    assert charged(observed) == 0
 
 
 def test_client_gone_after_the_request_went_upstream_pays_the_reservation() -> None:
     engine = run(entry(response_started=False, done=False))
     ((_, observed, _),) = engine.charges
     assert observed.reached_upstream and not observed.error
-    assert charge_micros(PRICE, 2_000, observed) == 2_000
+    assert charged(observed) == 2_000
 
 
 def test_success_is_never_an_error() -> None:
