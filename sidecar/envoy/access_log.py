@@ -21,6 +21,7 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from google.protobuf import struct_pb2
 
+from sidecar import tracing
 from sidecar.config.ruleset import RuleSet
 from sidecar.engine import Engine
 from sidecar.envoy.attach import EXT_AUTHZ, METERING_NAMESPACE
@@ -85,6 +86,8 @@ def record_from_entry(entry: accesslog_pb2.HTTPAccessLogEntry,
         done=done is not None and done.bool_value,
         input_tokens=_number(decided, "input_tokens"),
         hint=(model, provider) if model else None,
+        trace=tuple((name, value) for name, value in entry.request.request_headers.items()
+                    if name in ("traceparent", "tracestate")),
     )
 
 
@@ -109,6 +112,13 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
         return als_pb2.StreamAccessLogsResponse()
 
     async def _charge(self, record: MeteringRecord) -> None:
+        if tracing.ENABLED and record.trace:
+            with tracing.remote_parent(dict(record.trace)):
+                await self._charge_now(record)
+        else:
+            await self._charge_now(record)
+
+    async def _charge_now(self, record: MeteringRecord) -> None:
         try:
             seen, meter = observed(record)
         except Exception as exc:  # a body that cannot be decoded: charge as if unread

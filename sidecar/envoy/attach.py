@@ -209,6 +209,9 @@ def _metering_log() -> Piece:
                 "buffer_flush_interval": "0.05s",
                 "buffer_size_bytes": 16384,
             },
+            # The trace the call belongs to (Envoy's span when Envoy traces, else the
+            # client's): the charge's span joins it.
+            "additional_request_headers_to_log": ["traceparent", "tracestate"],
         },
     }
 

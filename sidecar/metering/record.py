@@ -57,6 +57,8 @@ class MeteringRecord:
     input_tokens: int = 0
     # (model, provider) as admitted: prices usage for the fail-open spool only.
     hint: tuple[str, str] | None = None
+    # W3C trace context of the call (traceparent, tracestate), for the charge's span.
+    trace: tuple[tuple[str, str], ...] = ()
 
 
 def _from_event(data: bytes) -> bytes:
