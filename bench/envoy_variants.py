@@ -9,14 +9,16 @@ What differs between rows is only which sidecar filters stay and where they poin
 
 - `envoy`:  no ext_authz, no ext_proc (Envoy alone)
 - `authz`:  ext_authz to the given gRPC port (the no-op floor or the sidecar), no ext_proc
-- `full`:   ext_authz and ext_proc to the given port (metering on)
+- `full`:   every piece of `sidecar envoy-config` to the given port: ext_authz, the
+            metering Lua filter, ext_proc and the metering access log (metering on)
 
 Envoy alone buffers the request body (the buffer filter, 1 MiB, as ext_authz does): a
 direct response sent before the body is read makes Envoy close the connection, and that
 row would then measure TCP handshakes instead of requests.
 
-Access logging is removed in every row: it is the same cost for all of them and would only
-add disk writes (hundreds of MB at the Envoy-alone rate) to a noisy shared machine.
+Envoy's own stdout access log is removed in every row: it is the same cost for all of them
+and would only add disk writes (hundreds of MB at the Envoy-alone rate) to a noisy shared
+machine. The sidecar's metering access log stays in the `full` rows: it is how they meter.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from sidecar.demo.envoy_config import SIDECAR_FILTERS, render_envoy_config
+from sidecar.demo.envoy_config import render_envoy_config
 from sidecar.demo.procs import LOOPBACK
+from sidecar.envoy.attach import METERING_LOG, SIDECAR_FILTERS
 
 Variant = Literal["envoy", "authz", "full"]
 
@@ -55,7 +58,8 @@ def bench_envoy_config(variant: Variant, *, listen_port: int, admin_port: int,
                                  provider_upstream=(LOOPBACK, 9))
     listener = config["static_resources"]["listeners"][0]
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
-    hcm.pop("access_log", None)
+    hcm["access_log"] = [entry for entry in hcm.get("access_log", [])
+                         if variant == "full" and entry["name"] == METERING_LOG]
     for vhost in hcm["route_config"]["virtual_hosts"]:
         for route in vhost["routes"]:
             route.pop("route", None)

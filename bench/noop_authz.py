@@ -3,8 +3,8 @@
 It is what any Python ext_authz costs before it decides anything (the gRPC hop, protobuf
 parsing of the CheckRequest with its body, one event loop), built with the same server
 options as `sidecar serve`, so the sidecar rows are read as a ratio to it. With
-`--ext-proc` it also serves a pass-through ext_proc (one empty answer per message), the
-floor for the metering row.
+`--ext-proc` it also serves a pass-through ext_proc (one empty answer per message) and an
+access log service that reads and drops the records, the floor for the metering row.
 
     python -m bench.noop_authz --port 9101 [--ext-proc]
 """
@@ -15,8 +15,10 @@ import argparse
 import asyncio
 import signal
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
@@ -44,12 +46,21 @@ class NoopProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):  # t
                 yield pb.ProcessingResponse(**{kind: pb.TrailersResponse()})
 
 
+class NoopAccessLog(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
+    async def StreamAccessLogs(self, request_iterator: AsyncIterator[Any],
+                               context: grpc.aio.ServicerContext) -> Any:
+        async for _ in request_iterator:
+            pass
+        return als_pb2.StreamAccessLogsResponse()
+
+
 async def serve(address: str, ext_proc: bool) -> None:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(NoopAuthorization(), server)
     if ext_proc:
         external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
             NoopProcessor(), server)
+        als_pb2_grpc.add_AccessLogServiceServicer_to_server(NoopAccessLog(), server)
     server.add_insecure_port(address)
     await server.start()
     stop = asyncio.Event()

@@ -17,6 +17,7 @@ import yaml
 
 from bench.envoy_variants import Variant, bench_envoy_config
 from bench.policy import bench_config
+from sidecar.demo.config import demo_key_env
 from sidecar.demo.keys import DevIssuer
 from sidecar.demo.procs import (
     LOOPBACK,
@@ -54,8 +55,8 @@ ROWS: tuple[RowSpec, ...] = (
     RowSpec("floor", "Envoy + no-op Python ext_authz (floor)", "floor", "authz"),
     RowSpec("sqlite", "Envoy + sidecar, SQLite", "sqlite", "authz"),
     RowSpec("redis", "Envoy + sidecar, Redis", "redis", "authz"),
-    RowSpec("metering", "Envoy + sidecar, SQLite, ext_proc metering", "sqlite", "full"),
-    RowSpec("floor_full", "Envoy + no-op ext_authz + no-op ext_proc", "floor", "full"),
+    RowSpec("metering", "Envoy + sidecar, SQLite, metering on", "sqlite", "full"),
+    RowSpec("floor_full", "Envoy + no-op ext_authz, ext_proc, access log", "floor", "full"),
     RowSpec("sqlite_w2", "Envoy + sidecar, SQLite, --workers 2", "sqlite", "authz", workers=2),
 )
 
@@ -65,7 +66,8 @@ def _sidecar(workdir: Path, name: str, config_path: Path, grpc_port: int, http_p
     argv = [sys.executable, "-m", "sidecar.cli", "serve", "--config", str(config_path),
             "--grpc", f"{LOOPBACK}:{grpc_port}", "--http", f"{LOOPBACK}:{http_port}",
             "--workers", str(workers)]
-    env = {**os.environ, "SIDECAR_ADMIN_TOKEN": ADMIN_TOKEN}
+    # The policy injects the demo provider keys, read from the environment at load.
+    env = {**os.environ, "SIDECAR_ADMIN_TOKEN": ADMIN_TOKEN, **demo_key_env()}
     return ManagedProcess(name, argv, workdir, env=env, cwd=workdir)
 
 

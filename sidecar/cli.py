@@ -180,6 +180,29 @@ def cmd_logout(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_envoy_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from sidecar.config.loader import ConfigError, load_config
+    from sidecar.config.models import ListenConfig
+    from sidecar.envoy.attach import pieces_for_listen
+
+    path = _config_path(args.path)
+    listen = ListenConfig()
+    if args.path or path.exists():
+        try:
+            listen = load_config(path).listen
+        except ConfigError as exc:
+            print("\n".join(exc.errors), file=sys.stderr)
+            return 1
+    pieces = pieces_for_listen(listen, grpc=args.grpc)
+    if args.format == "json":
+        print(json.dumps(pieces, indent=2))
+    else:
+        print(yaml.safe_dump(pieces, sort_keys=False), end="")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from sidecar.demo.run import main as demo_main
 
@@ -369,6 +392,17 @@ def build_parser() -> argparse.ArgumentParser:
     secret_key = sub.add_parser(
         "secret-key", help="print a new key for secrets.key_env / secrets.key_file")
     secret_key.set_defaults(func=cmd_secret_key)
+
+    envoy_config = sub.add_parser(
+        "envoy-config", help="print the Envoy http_filters, access_log and clusters to add")
+    envoy_config.add_argument("path", nargs="?",
+                              help="sidecar config (default: $SIDECAR_CONFIG, else "
+                                   "./sidecar.yaml; built-in listen defaults when absent)")
+    envoy_config.add_argument("--format", choices=["yaml", "json"], default="yaml",
+                              help="output format (default: yaml)")
+    envoy_config.add_argument("--grpc", help="the sidecar's gRPC address host:port "
+                                             "(overrides the config)")
+    envoy_config.set_defaults(func=cmd_envoy_config)
 
     demo = sub.add_parser("demo", help="run sidecar + Envoy + a fake provider locally")
     demo.add_argument("--check", action="store_true",

@@ -165,6 +165,7 @@ def allow(
     request_id: str = "",
     provider_headers: Mapping[str, str] | None = None,
     limits: Mapping[str, str] | None = None,
+    input_tokens: int = 0,
 ) -> Decision:
     """`provider_headers`: the provider key the sidecar holds for this call, if any; it
     replaces whatever the client sent in the same header."""
@@ -202,6 +203,7 @@ def allow(
         provider=provider,
         rules=rules,
         estimate=estimate,
+        input_tokens=input_tokens,
         request_id=request_id,
         upstream_secrets=dict(provider_headers or {}),
     )

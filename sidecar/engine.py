@@ -25,6 +25,7 @@ from sidecar.decisions import OVERLOADED, allow, deny, unauthenticated
 from sidecar.identity.authenticate import Authenticator
 from sidecar.identity.errors import AuthError
 from sidecar.metering.charge import Bill, Observed, bill, charge_tokens
+from sidecar.metering.inflight import InFlight
 from sidecar.metrics import (
     CHECK_SECONDS,
     DECISIONS,
@@ -39,6 +40,7 @@ from sidecar.metrics import (
 from sidecar.model import Decision, Identity, RequestAttrs, TokenUsage
 from sidecar.money import micros_to_usd_str
 from sidecar.overload import LoadShedder
+from sidecar.policy.plan_cache import PlanCache, context_key, validity
 from sidecar.policy.request import (
     BadRequest,
     parse_metadata,
@@ -259,9 +261,26 @@ class Engine:
         self._releasing: set[asyncio.Future[None]] = set()
         overload = holder.current.config.overload
         self.shedder = LoadShedder(overload.max_inflight, overload.max_loop_lag_seconds)
+        self._plans: PlanCache[Plan] = PlanCache()
+        # Admitted here and not charged yet: what a graceful stop waits for.
+        self.inflight = InFlight()
+        # Set on SIGTERM: new Checks are refused (503, retry) while admitted calls finish.
+        self.draining = False
 
     def rules(self, rs: RuleSet) -> tuple[Rule, ...]:
         return (*rs.rules, *self._runtime_rules())
+
+    def _plan(self, rs: RuleSet, runtime: Sequence[Rule], ctx: Context, now: float) -> Plan:
+        """The merged bucket plan, from the cache while no window it names has moved on."""
+        source = (rs.rules, runtime)
+        key = context_key(ctx)
+        cached = self._plans.get(source, key, now)
+        if cached is not None:
+            return cached
+        budget = merge(plan((*rs.rules, *runtime), ctx, now))
+        start, end = validity([p.rule for p in budget.planned], now)
+        self._plans.put(key, budget, start, end)
+        return budget
 
     async def identify(
         self, headers: Mapping[str, str]
@@ -280,7 +299,7 @@ class Engine:
         shedder = self.shedder
         shedder.max_inflight = overload.max_inflight
         shedder.max_loop_lag = overload.max_loop_lag_seconds
-        if shedder.shed(time_remaining) is not None:
+        if self.draining or shedder.shed(time_remaining) is not None:
             # Past capacity: no identity, store or log work, just the prompt refusal.
             DECISIONS.labels("deny", "overloaded").inc()
             return OVERLOADED
@@ -291,6 +310,8 @@ class Engine:
             tracing.describe(span, decision)
         seconds = time.perf_counter() - started
         CHECK_SECONDS.observe(seconds)
+        if decision.request_id:
+            self.inflight.admitted(decision.request_id)
         self._log(attrs, decision, seconds)
         DECISIONS.labels("allow" if decision.allowed else "deny", decision.reason).inc()
         if decision.allowed and decision.model:
@@ -345,7 +366,7 @@ class Engine:
         # The reservation key is always minted here, never taken from the request: an id a
         # client could choose (x-request-id) could be replayed or collide with another's.
         request_id = new_request_id()
-        rules = self.rules(rs)
+        runtime = self._runtime_rules()
         # Token buckets hold the same estimate the price is made from: input from the body,
         # output from its largest output limit.
         tokens = (estimate_input_tokens(body),
@@ -367,7 +388,7 @@ class Engine:
                                 f"model {cand_model!r} has no known price", identity=identity,
                                 model=cand_model)
                 continue
-            budget = merge(plan(rules, candidate_context(identity, cand, metadata), now))
+            budget = self._plan(rs, runtime, candidate_context(identity, cand, metadata), now)
             dims = LedgerDims(identity.user, identity.groups, identity.token_name,
                               identity.kind, cand.canonical, cand_provider.id)
             request = ReserveRequest(request_id, budget.views, estimate,
@@ -399,7 +420,8 @@ class Engine:
                 return allow(identity, attrs.headers, creds, model=cand_model,
                              provider=cand_provider.id, remaining=self._remaining(budget, result),
                              fallback_from=fallback_from, rules=_rule_names(budget),
-                             estimate=estimate, request_id=request.request_id, limits=limits,
+                             estimate=estimate, input_tokens=tokens[0],
+                             request_id=request.request_id, limits=limits,
                              provider_headers=self._keys(rs, cand_provider.id, identity,
                                                          attrs))
             failed = [(budget.culprit(i), result.states[i]) for i in result.failed]
@@ -576,6 +598,7 @@ class Engine:
         reporter's disagreement an error. `hint` (model, provider) is used only to price
         usage for the fail-open spool while the store is unreachable.
         """
+        self.inflight.charged(request_id)
         with tracing.span("sidecar.commit") as span:
             result, cost = await self._charge(request_id, observed, expect, hint, span)
             if span is not None:
@@ -620,7 +643,9 @@ class Engine:
                   for part in charge.others]
         tokens = charge_tokens(record.tokens, observed)
         if observed.error and observed.usage is None:
-            PROVIDER_ERRORS.labels(provider_id, f"{observed.status // 100}xx").inc()
+            status_class = (f"{observed.status // 100}xx" if observed.reached_upstream
+                            else "not_reached")
+            PROVIDER_ERRORS.labels(provider_id, status_class).inc()
         started = time.perf_counter()
         try:
             with tracing.span("sidecar.store.commit"):
@@ -651,7 +676,8 @@ class Engine:
                      "partial" if observed.usage is not None else "none"),
                  output_bytes_seen=observed.output_bytes,
                  **({"http_status": observed.status, "provider_error": True}
-                    if observed.error else {}))
+                    if observed.error else {}),
+                 **({} if observed.reached_upstream else {"reached_upstream": False}))
         return result, cost
 
     def _canonical_steps(self, observed: Observed, provider_id: str) -> Observed:

@@ -55,7 +55,8 @@ CHECK_HEADROOM_SECONDS = Histogram(
 SPEND_MICROS = Counter("sidecar_spend_micro_usd_total", "Committed spend in µUSD",
                        ["provider", "model"], registry=REGISTRY)
 PROVIDER_ERRORS = Counter("sidecar_provider_errors_total",
-                          "Admitted calls answered with an error and no usage (charged $0)",
+                          "Admitted calls answered with an error and no usage, or that never "
+                          "reached the provider (status_class not_reached); charged $0",
                           ["provider", "status_class"], registry=REGISTRY)
 STORE_ERRORS = Counter("sidecar_store_errors_total", "Store operations that failed",
                        ["operation"], registry=REGISTRY)

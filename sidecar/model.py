@@ -133,6 +133,8 @@ class Decision:
     # For the decision log: the rules that applied and the estimate reserved (µUSD).
     rules: tuple[str, ...] = ()
     estimate: int | None = None
+    # The prompt's estimated tokens: prices text seen streaming when no usage comes back.
+    input_tokens: int = 0
     # The reservation this admission holds (minted by the sidecar; empty when nothing was
     # reserved): the key its usage is charged against.
     request_id: str = ""

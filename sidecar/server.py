@@ -15,22 +15,27 @@ from pathlib import Path
 import grpc
 import structlog
 import uvicorn
+from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from sidecar import tracing
 from sidecar.config.models import GrpcTlsConfig
+from sidecar.envoy.access_log import AccessLogServicer
 from sidecar.envoy.authz import AuthorizationServicer
 from sidecar.envoy.ext_proc import ExternalProcessorServicer
 from sidecar.grpc_api import SERVICE_NAME, SidecarApi
 from sidecar.http.app import create_app
+from sidecar.metering.exchange import drain_charges
 from sidecar.proto_gen.sidecar.v1 import sidecar_pb2_grpc
 from sidecar.services import build_services
 
 log = structlog.get_logger("sidecar")
 # In-flight checks and streams get this long to finish after SIGTERM.
 DRAIN_SECONDS = 10.0
+# A batch of metering records can carry bodies of up to 1 MiB each (sidecar/envoy/meter.lua).
+MAX_RECEIVE_BYTES = 64 * 1024 * 1024
 
 
 class _HttpServer(uvicorn.Server):
@@ -80,18 +85,22 @@ async def serve(config_path: Path, grpc_addr: str | None, http_addr: str | None,
     grpc_addr = grpc_addr or listen.grpc
     http_addr = http_addr or listen.http
 
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 1),
+                                      ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)])
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
         AuthorizationServicer(services.engine), server)
     external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
         ExternalProcessorServicer(services.engine), server)
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogServicer(services.engine),
+                                                        server)
     health_servicer = health.aio.HealthServicer()
     sidecar_pb2_grpc.add_SidecarServicer_to_server(SidecarApi(services), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     listen_grpc(server, grpc_addr, listen.grpc_tls)
     await server.start()
     for name in ("", "envoy.service.auth.v3.Authorization",
-                 "envoy.service.ext_proc.v3.ExternalProcessor", SERVICE_NAME):
+                 "envoy.service.ext_proc.v3.ExternalProcessor",
+                 "envoy.service.accesslog.v3.AccessLogService", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     host, _, port = http_addr.rpartition(":")
@@ -121,7 +130,18 @@ async def serve(config_path: Path, grpc_addr: str | None, http_addr: str | None,
     log.info("draining", seconds=DRAIN_SECONDS)
     services.draining = True
     await health_servicer.enter_graceful_shutdown()
-    await server.stop(DRAIN_SECONDS)
+    # Calls admitted here may still be streaming through Envoy; their metering records
+    # arrive when they end. Keep serving those (new Checks are refused, 503 with a retry)
+    # until every one is charged or the drain time is up; then nothing of value is left in
+    # flight but idle streams.
+    engine = services.engine
+    engine.draining = True
+    deadline = loop.time() + DRAIN_SECONDS
+    while engine.inflight.count() and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    await server.stop(1.0)
+    # Records that arrived before the stop are charged before the store closes.
+    await drain_charges()
     http.should_exit = True
     with contextlib.suppress(asyncio.CancelledError):
         await http_task

@@ -1,8 +1,10 @@
 """Render deploy/envoy/envoy.yaml for local runs: other ports, sidecar address, fake upstream.
 
-The deployed file stays the single source of truth for every ext_authz / ext_proc setting;
-this module only moves addresses. It walks the parsed config instead of substituting text,
-so a reformatted or extended envoy.yaml keeps working and a structural surprise fails loudly.
+Every sidecar setting comes from `sidecar envoy-config` (sidecar/envoy/attach.py): the
+deployed file's copy of those pieces is replaced by a fresh one for the local sidecar
+address, at the same place. Everything else only moves addresses. It walks the parsed
+config instead of substituting text, so a reformatted or extended envoy.yaml keeps working
+and a structural surprise fails loudly.
 """
 
 from __future__ import annotations
@@ -15,12 +17,12 @@ from typing import Any
 
 import yaml
 
+from sidecar.envoy.attach import Piece, attach_pieces, mtls_socket
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_SOURCE = REPO_ROOT / "deploy" / "envoy" / "envoy.yaml"
-MTLS_SOURCE = REPO_ROOT / "deploy" / "envoy" / "sidecar-mtls.yaml"
 
 HCM_FILTER = "envoy.filters.network.http_connection_manager"
-SIDECAR_FILTERS = ("envoy.filters.http.ext_authz", "envoy.filters.http.ext_proc")
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 EnvoyConfig = dict[str, Any]
@@ -49,8 +51,8 @@ def render_envoy_config(
 ) -> EnvoyConfig:
     """Return the deployed config with local ports and addresses.
 
-    With `sidecar_mtls`, the sidecar cluster gets deploy/envoy/sidecar-mtls.yaml's transport
-    socket, with these certificate files.
+    With `sidecar_mtls`, the sidecar cluster gets the mTLS transport socket of
+    deploy/envoy/sidecar-mtls.yaml, with these certificate files.
 
     With `provider_upstream`, every provider cluster points at that plain-HTTP host:port
     and path prefixes are rewritten to bare provider paths, so `/openai/v1/chat/completions`
@@ -65,11 +67,9 @@ def render_envoy_config(
     _socket_address(config["admin"]["address"])["port_value"] = admin_port
 
     hcm = _http_connection_manager(listener)
+    tls = _mtls_socket(sidecar_mtls) if sidecar_mtls is not None else None
+    splice_attach_pieces(config, hcm, attach_pieces(*sidecar_grpc, tls=tls))
     clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
-    for name in _sidecar_cluster_names(hcm):
-        _point_cluster_at(clusters[name], *sidecar_grpc)
-        if sidecar_mtls is not None:
-            clusters[name]["transport_socket"] = _mtls_socket(sidecar_mtls)
 
     if provider_upstream is not None:
         routes = [
@@ -117,18 +117,30 @@ class SidecarMtls:
     sidecar_name: str = "sidecar.internal"
 
 
-def _mtls_socket(files: SidecarMtls) -> dict[str, Any]:
-    socket: dict[str, Any] = yaml.safe_load(MTLS_SOURCE.read_text())["transport_socket"]
-    tls = socket["typed_config"]
-    tls["sni"] = files.sidecar_name
-    context = tls["common_tls_context"]
-    (cert,) = context["tls_certificates"]
-    cert["certificate_chain"]["filename"] = str(files.client_cert)
-    cert["private_key"]["filename"] = str(files.client_key)
-    context["validation_context"]["trusted_ca"]["filename"] = str(files.sidecar_ca)
-    (san,) = context["validation_context"]["match_typed_subject_alt_names"]
-    san["matcher"]["exact"] = files.sidecar_name
-    return socket
+def _mtls_socket(files: SidecarMtls) -> Piece:
+    return mtls_socket(client_cert=str(files.client_cert), client_key=str(files.client_key),
+                       sidecar_ca=str(files.sidecar_ca), sidecar_name=files.sidecar_name)
+
+
+def splice_attach_pieces(config: EnvoyConfig, hcm: dict[str, Any], pieces: Piece) -> None:
+    """Replace the config's sidecar filters, access logs and clusters with `pieces`, each at
+    the place the old ones held (the filters before the router, the clusters first)."""
+    _splice(hcm, "http_filters", pieces["http_filters"])
+    _splice(hcm, "access_log", pieces["access_log"])
+    _splice(config["static_resources"], "clusters", pieces["clusters"])
+
+
+def _splice(parent: dict[str, Any], key: str, fresh: list[Piece]) -> None:
+    # Names from the default pieces and the fresh ones: whatever the deployed file holds of
+    # either is the sidecar's, and goes.
+    default = attach_pieces("127.0.0.1", 9001)[key]
+    names = {p["name"] for p in default} | {p["name"] for p in fresh}
+    items: list[Piece] = parent.get(key) or []
+    at = next((i for i, item in enumerate(items) if item["name"] in names), None)
+    kept = [item for item in items if item["name"] not in names]
+    if at is None:
+        at = len(kept) if key != "http_filters" else max(len(kept) - 1, 0)
+    parent[key] = kept[:at] + fresh + kept[at:]
 
 
 def _single_listener(config: EnvoyConfig) -> dict[str, Any]:
@@ -152,17 +164,6 @@ def _http_connection_manager(listener: dict[str, Any]) -> dict[str, Any]:
                 typed_config: dict[str, Any] = network_filter["typed_config"]
                 return typed_config
     raise ValueError(f"listener {listener.get('name')!r} has no {HCM_FILTER}")
-
-
-def _sidecar_cluster_names(hcm: dict[str, Any]) -> set[str]:
-    names = {
-        http_filter["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"]
-        for http_filter in hcm["http_filters"]
-        if http_filter["name"] in SIDECAR_FILTERS
-    }
-    if not names:
-        raise ValueError("no ext_authz or ext_proc filter with an envoy_grpc cluster")
-    return names
 
 
 def _point_cluster_at(cluster: dict[str, Any], host: str, port: int) -> None:

@@ -14,6 +14,8 @@ from google.rpc import code_pb2
 
 from sidecar import tracing
 from sidecar.engine import Engine
+from sidecar.envoy.request_body import BodyAction, body_action
+from sidecar.envoy.upstream import upstream_api
 from sidecar.model import Decision, RequestAttrs
 
 # gRPC status Envoy sees for each HTTP status of a deny (Envoy only looks at OK vs not OK,
@@ -28,6 +30,9 @@ _GRPC_CODE = {
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
 OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 METADATA_NAMESPACE = "sidecar"
+# Set on calls whose body ext_proc must change; ext_proc only runs for those
+# (sidecar/envoy/attach.py) and removes it before the call goes upstream.
+BODY_HEADER = "x-sidecar-body"
 
 
 def attrs_from_check(request: external_auth_pb2.CheckRequest) -> RequestAttrs:
@@ -58,7 +63,7 @@ def _add_headers(options: Any, items: Iterable[tuple[str, str]]) -> None:
         option.append_action = OVERWRITE
 
 
-def _fill_metadata(meta: struct_pb2.Struct, decision: Decision) -> None:
+def _fill_metadata(meta: struct_pb2.Struct, decision: Decision, action: BodyAction) -> None:
     fields = meta.fields[METADATA_NAMESPACE].struct_value.fields
     fields["decision"].string_value = decision.reason
     identity = decision.identity
@@ -70,17 +75,26 @@ def _fill_metadata(meta: struct_pb2.Struct, decision: Decision) -> None:
         fields["token_name"].string_value = identity.token_name
     if decision.model:
         fields["model"].string_value = decision.model
+    if decision.input_tokens:
+        # For the metering record (sidecar/envoy/access_log.py): the Check read the prompt.
+        fields["input_tokens"].number_value = decision.input_tokens
+    if action == "insert_usage_option":
+        # The Lua filter inserts `stream_options` itself: no ext_proc stream for this call.
+        fields["body"].string_value = action
 
 
-def check_response(decision: Decision) -> external_auth_pb2.CheckResponse:
+def check_response(decision: Decision,
+                   action: BodyAction = "") -> external_auth_pb2.CheckResponse:
     response = external_auth_pb2.CheckResponse()
-    _fill_metadata(response.dynamic_metadata, decision)
+    _fill_metadata(response.dynamic_metadata, decision, action)
     if decision.allowed:
         response.status.code = code_pb2.OK
         ok = response.ok_response
         _add_headers(ok.headers, ((k, v) for k, v in decision.headers.items() if v))
         # The provider key replaces whatever the client sent in that header (OVERWRITE).
         _add_headers(ok.headers, decision.upstream_secrets.items())
+        if action == "ext_proc":
+            _add_headers(ok.headers, ((BODY_HEADER, "rewrite"),))
         # An empty value is expressed as removal, so a client-sent value can never survive.
         ok.headers_to_remove.extend(sorted({*decision.remove_headers,
                                             *(k for k, v in decision.headers.items() if not v)}))
@@ -108,7 +122,17 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             # When Envoy traces, its ext_authz span travels in the call's metadata; else the
             # request's own traceparent (in attrs.headers) is the parent.
             with tracing.remote_parent(dict(context.invocation_metadata() or ())):
-                return check_response(await self._engine.check(attrs, deadline))
-        return check_response(await self._engine.check(attrs, deadline))
+                return self._answer(attrs, await self._engine.check(attrs, deadline))
+        return self._answer(attrs, await self._engine.check(attrs, deadline))
+
+    def _answer(self, attrs: RequestAttrs,
+                decision: Decision) -> external_auth_pb2.CheckResponse:
+        if not (decision.allowed and decision.request_id and attrs.body):
+            return check_response(decision)
+        fallback = decision.headers.get("x-sidecar-route") == "fallback"
+        api = upstream_api(self._engine.holder.current, attrs.path, fallback=fallback,
+                           provider=decision.provider)
+        return check_response(decision, body_action(attrs.body, api,
+                                                    decision.model if fallback else None))
 
 

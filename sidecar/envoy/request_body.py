@@ -1,4 +1,4 @@
-"""The request-body changes ext_proc makes before a call goes upstream. Pure functions.
+"""The request-body changes a call needs before it goes upstream, and who makes them. Pure.
 
 Two reasons to touch a client's body:
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from sidecar.metering import load_json
 from sidecar.metering.parse import Api
@@ -62,3 +62,31 @@ def mutate(body: bytes, api: Api | None, model: str | None, *,
     if not changed:
         return Mutation()
     return Mutation(json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode(), strip)
+
+
+# What the body needs before it goes upstream through Envoy, and who makes the change:
+# nothing; the one change the Lua filter makes itself (a `stream_options` member inserted
+# first in an object that has none: the client's bytes are otherwise kept as sent); or
+# anything else, which ext_proc makes (`mutate`) and is only then asked for.
+BodyAction = Literal["", "insert_usage_option", "ext_proc"]
+USAGE_OPTION_MEMBER = b'"stream_options":{"include_usage":true},'
+
+
+def body_action(body: bytes, api: Api | None, model: str | None) -> BodyAction:
+    """The same decision as `mutate` (one rule), without building the new body."""
+    if model is not None:
+        return "ext_proc"
+    if api != "openai_chat" or b'"stream"' not in body:
+        return ""
+    data = load_json(body)
+    if not isinstance(data, dict) or not _needs_usage_option(data):
+        return ""
+    if "stream_options" in data or not body.lstrip().startswith(b"{"):
+        return "ext_proc"
+    return "insert_usage_option"
+
+
+def insert_usage_option(body: bytes) -> bytes:
+    """What the Lua filter does for `insert_usage_option` (sidecar/envoy/meter.lua)."""
+    brace = body.index(b"{") + 1
+    return body[:brace] + USAGE_OPTION_MEMBER + body[brace:]

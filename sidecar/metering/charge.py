@@ -1,5 +1,7 @@
 """The one rule for what a metered exchange costs, from what was seen of its response.
 
+- A request that never reached the provider (the client went away while Envoy still held
+  it, the upstream could not be reached): $0, counted in `errors`.
 - An error status (4xx/5xx) without usage: $0, as providers bill errors (a 401 for a bad
   key, a 429, a 500; Envoy's own reply when the upstream could not be reached). The ledger
   counts it in `errors`. An error that reports usage pays that usage, by the rules below.
@@ -73,10 +75,12 @@ class Observed:
     # Sampling steps the provider billed separately (Anthropic's usage.iterations).
     iterations: tuple[Iteration, ...] = ()
     fees: ToolFees = NO_FEES
+    # False when the request never reached the provider (Envoy sent it no byte).
+    reached_upstream: bool = True
 
     @property
     def error(self) -> bool:
-        return self.status >= 400
+        return self.status >= 400 or not self.reached_upstream
 
 
 def charge_tokens(reserved: tuple[int, int], observed: Observed) -> tuple[int, int]:

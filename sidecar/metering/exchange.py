@@ -10,8 +10,8 @@ it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
-from typing import Protocol
+from collections.abc import Coroutine, Mapping
+from typing import Any, Protocol
 
 import structlog
 
@@ -57,6 +57,8 @@ class MeteredExchange:
         self._filter: UsageEventFilter | None = None
         self.status = ""
         self.charged = False
+        # Cleared by a transport that knows the request was still held when it ended.
+        self.reached_upstream = True
 
     def start(self, status: str, headers: Mapping[str, str]) -> None:
         """The response headers arrived (lower-cased names)."""
@@ -88,16 +90,13 @@ class MeteredExchange:
         if self.charged:
             return
         self.charged = True
-        task = asyncio.get_running_loop().create_task(self._charge(reason))
-        _CHARGING.add(task)
-        task.add_done_callback(_CHARGING.discard)
-        await asyncio.shield(task)
+        await asyncio.shield(start_charge(self._charge(reason)))
 
     def observed(self) -> Observed:
         meter = self.meter
         status = int(self.status) if self.status.isdigit() else 0
         if meter is None:
-            return Observed(status=status)
+            return Observed(status=status, reached_upstream=self.reached_upstream)
         meter.finish()
         usage = meter.usage
         input_tokens = 0
@@ -108,21 +107,37 @@ class MeteredExchange:
                         meter.iterations, meter.fees)
 
     async def _charge(self, reason: str) -> None:
-        observed = self.observed()
-        if observed.usage is None and observed.error:
-            log.info("provider_error_not_charged", request_id=self.request_id,
-                     status=self.status, reason=reason)
-        elif observed.usage is None:
-            log.warning("no_usage_observed", request_id=self.request_id, status=self.status,
-                        reason=reason, meter_error=self.meter.error if self.meter else None,
-                        output_bytes_seen=observed.output_bytes)
-        elif not observed.complete:
-            log.warning("partial_usage_charged", request_id=self.request_id,
-                        status=self.status, reason=reason)
-        try:
-            await self._charger.charge(self.request_id, observed, hint=self._hint)
-        except Exception as exc:  # the response must flow even when the store is down
-            # The reservation stays and is charged its estimate when it expires.
-            if not isinstance(exc, StoreUnavailable):  # the engine counted those
-                METERING.labels("error").inc()
-            log.error("commit_failed", request_id=self.request_id, error=str(exc))
+        await charge_observed(self._charger, self.request_id, self.observed(), hint=self._hint,
+                              reason=reason, meter=self.meter)
+
+
+def start_charge(charge: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    """Run a charge in a task of its own, held until it is done (see `drain_charges`)."""
+    task = asyncio.get_running_loop().create_task(charge)
+    _CHARGING.add(task)
+    task.add_done_callback(_CHARGING.discard)
+    return task
+
+
+async def charge_observed(charger: Charger, request_id: str, observed: Observed, *,
+                          hint: tuple[str, str] | None, reason: str,
+                          meter: UsageMeter | None) -> None:
+    """Log what is unusual about the exchange and charge it; a store error is logged."""
+    if observed.usage is None and observed.error:
+        log.info("provider_error_not_charged", request_id=request_id,
+                 status=observed.status, reason=reason,
+                 **({} if observed.reached_upstream else {"reached_upstream": False}))
+    elif observed.usage is None:
+        log.warning("no_usage_observed", request_id=request_id, status=observed.status,
+                    reason=reason, meter_error=meter.error if meter else None,
+                    output_bytes_seen=observed.output_bytes)
+    elif not observed.complete:
+        log.warning("partial_usage_charged", request_id=request_id,
+                    status=observed.status, reason=reason)
+    try:
+        await charger.charge(request_id, observed, hint=hint)
+    except Exception as exc:  # the response must flow even when the store is down
+        # The reservation stays and is charged its estimate when it expires.
+        if not isinstance(exc, StoreUnavailable):  # the engine counted those
+            METERING.labels("error").inc()
+        log.error("commit_failed", request_id=request_id, error=str(exc))

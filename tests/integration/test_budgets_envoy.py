@@ -77,12 +77,24 @@ def cent_request(stack: Stack, token: str, model: str = "flat-cent") -> httpx.Re
                             "messages": [{"role": "user", "content": "hi"}]}, timeout=30)
 
 
+def _ledger_requests(stack: Stack, email: str) -> int:
+    with stack.admin() as admin:
+        rows = admin.get("/v1/usage", params={"group_by": "user"}).json()["result"]
+    return sum(int(r["requests"]) for r in rows if r["user"] == email)
+
+
 def test_dime_admits_exactly_ten_then_429(budget_stack: Stack, issuer: DevIssuer) -> None:
     alice = issuer.mint("alice@example.com")
     for i in range(10):
         response = cent_request(budget_stack, alice)
         assert response.status_code == 200, (i, response.text)
         assert response.headers["x-sidecar-budget-remaining"] == f"{0.09 - i * 0.01:.6f}"
+    # Charged from the access log within ~50 ms of each call's end: the 429 below is the
+    # same either way (the reservation still counts), its `spent` once all ten are in.
+    deadline = time.monotonic() + 30
+    while _ledger_requests(budget_stack, "alice@example.com") < 10:
+        assert time.monotonic() < deadline, "the ten calls were never charged"
+        time.sleep(0.05)
     denied = cent_request(budget_stack, alice)
     assert denied.status_code == 429
     error = denied.json()["error"]
@@ -261,6 +273,12 @@ def test_unknown_model_price_is_403(budget_stack: Stack, issuer: DevIssuer) -> N
 def test_new_limit_counts_spend_made_before_it(budget_stack: Stack, issuer: DevIssuer) -> None:
     token = issuer.mint("early@example.com")
     assert [cent_request(budget_stack, token).status_code for _ in range(5)] == [200] * 5
+    # The access log charges a call within ~50 ms of its end: the limit is made once all
+    # five are on the ledger it is seeded from.
+    deadline = time.monotonic() + 30
+    while _ledger_requests(budget_stack, "early@example.com") < 5:
+        assert time.monotonic() < deadline, "the five calls were never charged"
+        time.sleep(0.05)
     rule = {"name": "late-limit", "budget_usd": 0.07, "window": {"fixed": "monthly"},
             "filter": {"user": ["early@example.com"]}, "action": "block"}
     with budget_stack.admin() as admin:

@@ -1,11 +1,13 @@
 """Envoy contract: deploy/envoy/envoy.yaml end to end against small in-test gRPC servicers.
 
-No sidecar code runs here. A real Envoy loads the deployed config (only addresses changed),
-talks to a minimal ext_authz + ext_proc servicer and forwards to a recording upstream. The
+No sidecar Python runs here. A real Envoy loads the deployed config (its `sidecar
+envoy-config` pieces, the metering Lua filter included; only addresses changed), talks to a
+minimal ext_authz + ext_proc + access log servicer and forwards to a recording upstream. The
 servicers are deliberately tiny: they show what the sidecar's own servicers must do for
 Envoy to behave as the product needs (allow with headers, deny with a JSON 429, re-route to
-a fallback, rewrite the model in the body, stream SSE through metering), and the tests pin
-the Envoy behaviours those servicers rely on.
+a fallback, rewrite the model in the body, stream SSE past the Lua filter, receive one
+metering record per admitted call), and the tests pin the Envoy behaviours those servicers
+rely on.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import pytest
 import pytest_asyncio
 import uvicorn
 from envoy.config.core.v3 import base_pb2
-from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2, external_processor_pb2_grpc
 from envoy.type.v3 import http_status_pb2
@@ -40,6 +42,7 @@ from starlette.routing import Route
 
 from sidecar.demo.envoy_config import DEFAULT_SOURCE, render_envoy_config, write_envoy_config
 from sidecar.demo.procs import LOOPBACK, ManagedProcess, envoy_binary, free_port, start_envoy
+from sidecar.envoy.request_body import insert_usage_option
 
 # The servers live in a module-scoped fixture, so the tests must share its event loop.
 in_module_loop = pytest.mark.asyncio(loop_scope="module")
@@ -48,7 +51,9 @@ in_module_loop = pytest.mark.asyncio(loop_scope="module")
 DECISION_HEADER = "x-test-decision"  # allow | deny | fallback
 TEST_ID_HEADER = "x-test-id"  # finds one test's records among the module's
 STALE_LENGTH_HEADER = "x-test-stale-content-length"  # rewrite the body, keep the old length
-SKIP_BODY_HEADER = "x-test-skip-response-body"  # mode_override the response body to NONE
+STRIP_HEADER = "x-test-strip-usage"  # ext_proc asks the Lua filter to drop the usage event
+BODY_HEADER = "x-test-body"  # the Check marks the call for ext_proc, or for the Lua insert
+USAGE_EVENT_HEADER = "x-test-usage-event"  # the upstream ends its stream with a usage event
 
 # Client-sent copies of these must never select a route; the Check removes them.
 ROUTING_HEADERS = ("x-sidecar-route", "x-sidecar-provider", "x-sidecar-model")
@@ -69,6 +74,10 @@ def header_option(key: str, value: str) -> Any:
         header=base_pb2.HeaderValue(key=key, value=value),
         append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
     )
+
+
+def reservation(test_id: str) -> str:
+    return f"rid-{test_id}"
 
 
 def allow(set_headers: dict[str, str]) -> Any:
@@ -117,6 +126,16 @@ class Authorization:
         if decision == "deny":
             return deny_429()
         identity = {"x-sidecar-email": "caller@example.com"}
+        # As the sidecar does for every admitted LLM call: the reservation the metering
+        # record will name. The Lua filter takes it off the request before it goes upstream.
+        test_id = http.headers.get(TEST_ID_HEADER)
+        if test_id:
+            identity["x-sidecar-request-id"] = reservation(test_id)
+        body = http.headers.get(BODY_HEADER, "")
+        if decision == "fallback" or body == "ext_proc":
+            # The sidecar's mark for calls whose body ext_proc must change: only those
+            # open an ext_proc stream.
+            identity["x-sidecar-body"] = "rewrite"
         if decision == "fallback":
             route = {
                 "x-sidecar-route": "fallback",
@@ -124,7 +143,11 @@ class Authorization:
                 "x-sidecar-model": FALLBACK_MODEL,
             }
             return allow(identity | route)
-        return allow(identity)
+        answer = allow(identity)
+        if body == "insert_usage_option":
+            answer.dynamic_metadata.fields["sidecar"].struct_value.fields[
+                "body"].string_value = body
+        return answer
 
 
 # --- ext_proc ----------------------------------------------------------------------------
@@ -136,9 +159,6 @@ class ProcStream:
 
     phases: list[str] = field(default_factory=list)
     request_headers: dict[str, str] = field(default_factory=dict)
-    response_headers: dict[str, str] = field(default_factory=dict)
-    response_chunks: list[bytes] = field(default_factory=list)
-    response_ended: bool = False
 
 
 def headers_of(header_map: Any) -> dict[str, str]:
@@ -171,19 +191,6 @@ def request_body_answer(stream: ProcStream, body: bytes) -> Any:
     )
 
 
-def response_headers_answer(stream: ProcStream) -> Any:
-    answer = ProcessingResponse(response_headers=external_processor_pb2.HeadersResponse())
-    if SKIP_BODY_HEADER in stream.request_headers:
-        # What the sidecar does when there is nothing to meter: with allow_mode_override,
-        # Envoy then stops sending this response's body chunks.
-        answer.mode_override.CopyFrom(
-            processing_mode_pb2.ProcessingMode(
-                response_body_mode=processing_mode_pb2.ProcessingMode.NONE
-            )
-        )
-    return answer
-
-
 class ExternalProcessor:
     """ext_proc `Process`: answers every phase, since Envoy waits for each answer."""
 
@@ -198,23 +205,48 @@ class ExternalProcessor:
             stream.phases.append(phase)
             if phase == "request_headers":
                 stream.request_headers = headers_of(request.request_headers.headers)
-                yield ProcessingResponse(request_headers=external_processor_pb2.HeadersResponse())
+                # As the sidecar does: the Check's mark that sent the call here stops here.
+                yield ProcessingResponse(request_headers=external_processor_pb2.HeadersResponse(
+                    response=external_processor_pb2.CommonResponse(
+                        header_mutation=external_processor_pb2.HeaderMutation(
+                            remove_headers=["x-sidecar-body"]))))
             elif phase == "request_body":
-                answer = request_body_answer(stream, request.request_body.body)
-                yield ProcessingResponse(request_body=answer)
-            elif phase == "response_headers":
-                # May be the first message: Envoy's own local replies (a Check's deny, a
-                # 413) pass through ext_proc too, on a stream without request phases.
-                stream.response_headers = headers_of(request.response_headers.headers)
-                yield response_headers_answer(stream)
-            elif phase == "response_body":
-                # STREAMED: one message per chunk as it arrives; the sidecar meters here.
-                stream.response_chunks.append(request.response_body.body)
-                stream.response_ended = request.response_body.end_of_stream
-                yield ProcessingResponse(response_body=external_processor_pb2.BodyResponse())
+                answer = ProcessingResponse(
+                    request_body=request_body_answer(stream, request.request_body.body))
+                if STRIP_HEADER in stream.request_headers:
+                    # What the sidecar says when it turned usage on for a client that did
+                    # not ask: the Lua filter then drops that event from the client's stream.
+                    answer.dynamic_metadata.fields["sidecar.body"].struct_value.fields[
+                        "strip_usage"].bool_value = True
+                yield answer
             else:
-                # Trailers are SKIP in envoy.yaml; anything else breaks the contract.
+                # Responses are read by the Lua filter, never sent here; trailers are SKIP.
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"unexpected {phase}")
+
+
+# --- access log ----------------------------------------------------------------------------
+
+
+class AccessLog:
+    """The metering records Envoy sends (envoy.access_loggers.http_grpc)."""
+
+    def __init__(self) -> None:
+        self.entries: list[Any] = []
+
+    async def StreamAccessLogs(self, requests: AsyncIterator[Any], context: Any) -> Any:
+        async for message in requests:
+            self.entries.extend(message.http_logs.log_entry)
+        return als_pb2.StreamAccessLogsResponse()
+
+
+def metering(entry: Any) -> dict[str, Any]:
+    fields = entry.common_properties.metadata.filter_metadata["sidecar.metering"].fields
+    return {key: value.WhichOneof("kind") and getattr(value, value.WhichOneof("kind"))
+            for key, value in fields.items()}
+
+
+def record_body(record: dict[str, Any]) -> bytes:
+    return b"".join(record[f"c{i}"].encode() for i in range(1, int(record["chunks"]) + 1))
 
 
 # --- upstream ----------------------------------------------------------------------------
@@ -230,22 +262,28 @@ class UpstreamRequest:
         return [v for k, v in self.headers if k == name]
 
 
+USAGE_EVENT = b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4}}\n\n'
+
+
 def sse_event(index: int) -> bytes:
     return f"data: {json.dumps({'index': index})}\n\n".encode()
 
 
 def recording_upstream(seen: list[UpstreamRequest]) -> Starlette:
-    async def events() -> AsyncIterator[bytes]:
+    async def events(usage_event: bool) -> AsyncIterator[bytes]:
         for index in range(STREAM_EVENTS):
             if index:
                 await asyncio.sleep(STREAM_GAP_S)
             yield sse_event(index)
+        if usage_event:
+            yield USAGE_EVENT
 
     async def handle(request: Request) -> Response:
         body = await request.body()
         seen.append(UpstreamRequest(request.url.path, list(request.headers.items()), body))
-        if body.startswith(b"{") and json.loads(body).get("stream"):
-            return StreamingResponse(events(), media_type="text/event-stream")
+        if body.lstrip().startswith(b"{") and json.loads(body).get("stream"):
+            return StreamingResponse(events(USAGE_EVENT_HEADER in request.headers),
+                                     media_type="text/event-stream")
         return JSONResponse({"id": "resp-1", "usage": {"prompt_tokens": 3, "completion_tokens": 5}})
 
     return Starlette(routes=[Route("/{path:path}", handle, methods=["POST"])])
@@ -267,9 +305,11 @@ class Stack:
     client: httpx.AsyncClient
     authz: Authorization
     ext_proc: ExternalProcessor
+    access_log: AccessLog
     upstream: list[UpstreamRequest]
     upstream_port: int
     envoy: ManagedProcess
+    grpc_port: int
 
     def checks_for(self, test_id: str) -> list[Any]:
         return [c for c in self.authz.checks if c.headers.get(TEST_ID_HEADER) == test_id]
@@ -281,14 +321,28 @@ class Stack:
     def upstream_for(self, test_id: str) -> list[UpstreamRequest]:
         return [r for r in self.upstream if r.header(TEST_ID_HEADER) == [test_id]]
 
+    async def record_for(self, test_id: str) -> dict[str, Any]:
+        """The one metering record Envoy sends for this test's call (batched: waited for)."""
+        deadline = time.monotonic() + 10
+        while True:
+            found = [(e, metering(e)) for e in self.access_log.entries
+                     if metering(e).get("rid") == reservation(test_id)]
+            if found:
+                (entry, record), = found
+                return {**record, "_entry": entry}
+            assert time.monotonic() < deadline, "no metering record arrived"
+            await asyncio.sleep(0.02)
+
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
     authz, ext_proc, seen = Authorization(), ExternalProcessor(), list[UpstreamRequest]()
+    access_log = AccessLog()
 
     grpc_server = grpc.aio.server()
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(authz, grpc_server)
     external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(ext_proc, grpc_server)
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(access_log, grpc_server)
     grpc_port = grpc_server.add_insecure_port(f"{LOOPBACK}:0")
     await grpc_server.start()
 
@@ -320,7 +374,8 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
             async with httpx.AsyncClient(
                 base_url=f"http://{LOOPBACK}:{port}", trust_env=False, timeout=10.0
             ) as client:
-                yield Stack(client, authz, ext_proc, seen, upstream_port, envoy)
+                yield Stack(client, authz, ext_proc, access_log, seen, upstream_port, envoy,
+                            grpc_port)
         finally:
             envoy.stop()
     finally:
@@ -377,7 +432,8 @@ async def test_allowed_request_reaches_provider_with_check_headers(stack: Stack)
     spoofed = {"x-sidecar-email": "mallory@example.com", "x-request-id": "chosen-by-client"}
 
     response = await stack.client.post(
-        "/openai/v1/chat/completions", content=body, headers=request_headers(test_id, **spoofed)
+        "/openai/v1/chat/completions", content=body,
+        headers=request_headers(test_id, **spoofed, **{BODY_HEADER: "ext_proc"})
     )
 
     assert response.status_code == 200, response.text
@@ -391,17 +447,33 @@ async def test_allowed_request_reaches_provider_with_check_headers(stack: Stack)
     [check] = stack.checks_for(test_id)
     assert check.raw_body == body
     assert check.path == "/openai/v1/chat/completions"
-    # One Envoy-generated x-request-id ties the Check's reservation to the ext_proc stream
-    # that meters the response and to the upstream call; the client's value is replaced.
+    # One Envoy-generated x-request-id ties the Check to the ext_proc stream and to the
+    # upstream call; the client's value is replaced.
     request_id = check.headers["x-request-id"]
     assert request_id != "chosen-by-client"
     [stream] = stack.streams_for(test_id)
     assert stream.request_headers["x-request-id"] == request_id
     assert upstream.header("x-request-id") == [request_id]
     assert response.headers["x-request-id"] == request_id
-    assert stream.phases == ["request_headers", "request_body", "response_headers", "response_body"]
-    assert b"".join(stream.response_chunks) == response.content
-    assert stream.response_ended
+    # ext_proc sees the request only; the response never costs a message to the sidecar.
+    assert stream.phases == ["request_headers", "request_body"]
+    # The reservation id reaches neither the provider nor the client, nor ext_proc; the
+    # mark that sent the call to ext_proc does not reach the provider either.
+    assert upstream.header("x-sidecar-request-id") == []
+    assert "x-sidecar-request-id" not in response.headers
+    assert "x-sidecar-request-id" not in stream.request_headers
+    assert upstream.header("x-sidecar-body") == []
+    # One metering record, after the response, with the body as it passed and the timings
+    # that say the provider had the request.
+    record = await stack.record_for(test_id)
+    assert record_body(record) == response.content and record["done"] is True
+    assert record["path"] == "/openai/v1/chat/completions"
+    assert record["content_type"] == "application/json"
+    entry = record["_entry"]
+    assert entry.response.response_code.value == 200
+    assert entry.common_properties.HasField("time_to_last_upstream_tx_byte")
+    # The upstream was asked for an uncompressed body, which is what gets read.
+    assert upstream.header("accept-encoding") == ["identity"]
 
 
 @in_module_loop
@@ -417,15 +489,16 @@ async def test_deny_reaches_client_as_json_429_and_never_the_provider(stack: Sta
     assert response.headers["content-type"] == "application/json"
     assert response.json()["error"]["type"] == "spend_limit_exceeded"
     assert stack.upstream_for(test_id) == []
-    # Envoy's local reply still runs through ext_proc, on a stream that starts at the
-    # response: the sidecar must expect that and must not meter it as a provider answer.
-    [stream] = [
-        s
-        for s in stack.ext_proc.streams
-        if not s.request_headers and b"".join(s.response_chunks) == response.content
-    ]
-    assert stream.phases == ["response_headers", "response_body"]
-    assert stream.response_headers[":status"] == "429"
+    # A denied call has no reservation: no ext_proc stream, no metering record.
+    assert stack.streams_for(test_id) == []
+    # Records of calls made after it arrive; the denied call's never does.
+    later = uuid.uuid4().hex
+    allowed = await stack.client.post("/openai/v1/chat/completions", content=chat_body(),
+                                      headers=request_headers(later))
+    assert allowed.status_code == 200
+    await stack.record_for(later)
+    assert [e for e in stack.access_log.entries
+            if metering(e).get("rid") == reservation(test_id)] == []
 
 
 @in_module_loop
@@ -507,7 +580,7 @@ async def test_body_over_one_mebibyte_is_rejected_before_the_check(stack: Stack)
 
 
 @in_module_loop
-async def test_sse_response_streams_through_ext_proc_incrementally(stack: Stack) -> None:
+async def test_sse_response_streams_past_the_lua_filter_incrementally(stack: Stack) -> None:
     test_id = uuid.uuid4().hex
     arrivals: list[tuple[float, bytes]] = []
 
@@ -531,9 +604,10 @@ async def test_sse_response_streams_through_ext_proc_incrementally(stack: Stack)
     assert first_byte < STREAM_GAP_S, arrivals
     assert first_byte < total / 3, arrivals
     assert_events_spread_out(arrivals)
-    [stream] = stack.streams_for(test_id)
-    assert b"".join(stream.response_chunks) == expected
-    assert stream.response_ended
+    record = await stack.record_for(test_id)
+    assert record_body(record) == expected and record["done"] is True
+    # One chunk key per chunk as it passed: the record is built without buffering.
+    assert int(record["chunks"]) == STREAM_EVENTS and int(record["bytes"]) == len(expected)
 
 
 def assert_events_spread_out(arrivals: Sequence[tuple[float, bytes]]) -> None:
@@ -549,19 +623,107 @@ def assert_events_spread_out(arrivals: Sequence[tuple[float, bytes]]) -> None:
 
 
 @in_module_loop
-async def test_mode_override_stops_response_body_messages(stack: Stack) -> None:
+async def test_lua_filter_drops_the_usage_event_ext_proc_turned_on(stack: Stack) -> None:
     test_id = uuid.uuid4().hex
 
     response = await stack.client.post(
         "/openai/v1/chat/completions",
         content=chat_body(stream=True),
-        headers=request_headers(test_id, **{SKIP_BODY_HEADER: "1"}),
+        headers=request_headers(test_id, **{STRIP_HEADER: "1", USAGE_EVENT_HEADER: "1",
+                                            BODY_HEADER: "ext_proc"}),
     )
 
+    events = b"".join(sse_event(i) for i in range(STREAM_EVENTS))
     assert response.status_code == 200
-    assert response.content == b"".join(sse_event(i) for i in range(STREAM_EVENTS))
-    [stream] = stack.streams_for(test_id)
-    assert stream.phases == ["request_headers", "request_body", "response_headers"]
+    assert response.content == events
+    # The record still has it: that is where the sidecar reads the usage.
+    record = await stack.record_for(test_id)
+    assert record_body(record) == events + USAGE_EVENT
+
+
+@in_module_loop
+async def test_usage_event_stays_when_ext_proc_did_not_ask(stack: Stack) -> None:
+    test_id = uuid.uuid4().hex
+
+    response = await stack.client.post(
+        "/openai/v1/chat/completions",
+        content=chat_body(stream=True),
+        headers=request_headers(test_id, **{USAGE_EVENT_HEADER: "1"}),
+    )
+
+    assert response.content.endswith(USAGE_EVENT)
+
+
+@in_module_loop
+async def test_unreachable_upstream_record_shows_the_provider_never_had_it(
+        stack: Stack, tmp_path: Path) -> None:
+    listen_port, admin_port, nobody_listens = free_port(), free_port(), free_port()
+    config = render_envoy_config(
+        listen_port=listen_port,
+        admin_port=admin_port,
+        sidecar_grpc=(LOOPBACK, stack.grpc_port),
+        provider_upstream=(LOOPBACK, nobody_listens),
+    )
+    test_id = uuid.uuid4().hex
+
+    envoy, port = await asyncio.to_thread(start_envoy, tmp_path, config, listen_port)
+    try:
+        async with httpx.AsyncClient(trust_env=False, timeout=10.0) as client:
+            response = await client.post(
+                f"http://{LOOPBACK}:{port}/openai/v1/chat/completions",
+                content=chat_body(),
+                headers=request_headers(test_id),
+            )
+        record = await stack.record_for(test_id)
+    finally:
+        envoy.stop()
+
+    assert response.status_code == 503
+    entry = record["_entry"]
+    assert entry.response.response_code.value == 503
+    # No upstream byte was ever sent: the sidecar charges this $0.
+    assert not entry.common_properties.HasField("time_to_last_upstream_tx_byte")
+    assert entry.common_properties.response_flags.upstream_connection_failure
+
+
+@in_module_loop
+async def test_calls_without_a_body_change_never_open_an_ext_proc_stream(stack: Stack) -> None:
+    test_id = uuid.uuid4().hex
+
+    response = await stack.client.post("/openai/v1/chat/completions", content=chat_body(),
+                                       headers=request_headers(test_id))
+
+    assert response.status_code == 200
+    assert stack.streams_for(test_id) == []
+    [upstream] = stack.upstream_for(test_id)
+    assert upstream.body == chat_body()
+    record = await stack.record_for(test_id)
+    assert record_body(record) == response.content
+
+
+@in_module_loop
+async def test_lua_filter_inserts_the_usage_option_and_hides_its_event(stack: Stack) -> None:
+    test_id = uuid.uuid4().hex
+    body = b'  {"model": "gpt-4o-mini", "stream": true, "messages": []}'
+
+    response = await stack.client.post(
+        "/openai/v1/chat/completions", content=body,
+        headers=request_headers(test_id, **{BODY_HEADER: "insert_usage_option",
+                                            USAGE_EVENT_HEADER: "1"}))
+
+    assert response.status_code == 200
+    assert stack.streams_for(test_id) == []
+    [upstream] = stack.upstream_for(test_id)
+    # The member goes first; the rest of the client's bytes are as sent: exactly what
+    # sidecar/envoy/request_body.py says the Lua filter does.
+    assert upstream.body == insert_usage_option(body)
+    assert upstream.body == b'  {"stream_options":{"include_usage":true},"model": ' \
+        b'"gpt-4o-mini", "stream": true, "messages": []}'
+    assert upstream.header("content-length") == [str(len(upstream.body))]
+    events = b"".join(sse_event(i) for i in range(STREAM_EVENTS))
+    assert response.content == events
+    record = await stack.record_for(test_id)
+    assert record_body(record) == events + USAGE_EVENT
 
 
 @in_module_loop

@@ -1,7 +1,7 @@
 """Traces through a real Envoy: one trace per request, the decision's span parented to Envoy's
 span (Envoy tracing on) or to the request's own `traceparent` (Envoy tracing off, as
-deployed), children for the JWKS fetch and the store calls, a span per metering commit, and
-no credential in any attribute.
+deployed), children for the JWKS fetch and the store calls, a span per metering commit (from
+the call's access log record), and no credential in any attribute.
 
 The sidecar runs in this process, so the SDK's in-memory exporter sees its spans; Envoy
 exports its own spans over OTLP/HTTP to a small collector in this test.
@@ -26,6 +26,7 @@ import httpx
 import pytest_asyncio
 import uvicorn
 import yaml
+from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
@@ -42,6 +43,7 @@ from sidecar.demo.config import demo_config
 from sidecar.demo.envoy_config import render_envoy_config
 from sidecar.demo.keys import DevIssuer
 from sidecar.demo.procs import LOOPBACK, ManagedProcess, free_port, start_envoy, wait_for_port
+from sidecar.envoy.access_log import AccessLogServicer
 from sidecar.envoy.authz import AuthorizationServicer
 from sidecar.envoy.ext_proc import ExternalProcessorServicer
 from sidecar.services import Services, build_services
@@ -141,6 +143,8 @@ async def traced(tmp_path: Path, redis_url: str) -> AsyncIterator[Traced]:
         AuthorizationServicer(services.engine), grpc_server)
     external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
         ExternalProcessorServicer(services.engine), grpc_server)
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(
+        AccessLogServicer(services.engine), grpc_server)
     grpc_port = grpc_server.add_insecure_port(f"{LOOPBACK}:0")
     await grpc_server.start()
     provider_port = free_port()
@@ -225,10 +229,14 @@ async def test_one_trace_per_request_parented_to_envoys_span(traced: Traced) -> 
     def envoy_spans(trace_id: str) -> dict[str, dict[str, Any]]:
         return {s["span_id"]: s for s in traced.collector.spans if s["trace_id"] == trace_id}
 
-    # Envoy exports its ext_authz and ext_proc call spans once each stream has ended.
-    await wait_for(lambda: all(
-        sum("ExternalProcessor" in s["name"] for s in envoy_spans(t).values()) >= 1
-        for t, _ in sent))
+    # Envoy exports its spans once each request has ended; the charge comes from the access
+    # log record, which follows the request.
+    def committed(trace_id: str) -> bool:
+        named = by_trace(traced.exporter.get_finished_spans(), trace_id)
+        return "sidecar.commit" in named and \
+            parent_id(named["sidecar.commit"][0]) in envoy_spans(trace_id)
+
+    await wait_for(lambda: all(committed(t) for t, _ in sent))
     spans = traced.exporter.get_finished_spans()
     sidecar_traces = {format(s.context.trace_id, "032x") for s in spans if s.context}
     assert sidecar_traces == envoy_ids  # one trace per request, each the request's own
@@ -246,7 +254,8 @@ async def test_one_trace_per_request_parented_to_envoys_span(traced: Traced) -> 
         assert "Authorization" in authz_call["name"]
         assert parent_id(check) != client_span
         assert client_span in {s["parent_id"] for s in envoy.values()}
-        assert "ExternalProcessor" in envoy[parent_id(commit)]["name"]
+        # The charge hangs off Envoy's span of the call, as its access log record saw it.
+        assert parent_id(commit) in envoy and parent_id(commit) != parent_id(check)
         assert parent_id(reserve) == span_id(check)
         assert parent_id(store_commit) == span_id(commit)
         if index == 0:  # the first request fetched the issuer's keys, within its decision
@@ -288,6 +297,9 @@ async def test_without_envoy_tracing_the_requests_traceparent_is_the_parent(
         response = await client.post(traced.plain_url + CHAT, json=BODY, headers={
             "authorization": f"Bearer {token}", "traceparent": header})
     assert response.status_code == 200, response.text
+    # The charge follows the call's access log record.
+    await wait_for(lambda: "sidecar.commit" in by_trace(traced.exporter.get_finished_spans(),
+                                                        trace_id))
     named = by_trace(traced.exporter.get_finished_spans(), trace_id)
     (check,) = named["sidecar.check"]
     (commit,) = named["sidecar.commit"]

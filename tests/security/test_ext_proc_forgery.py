@@ -1,5 +1,5 @@
-"""Only Envoy can report usage: a stream opened on the gRPC port by anyone else cannot move
-a charge, and with mTLS it cannot be opened at all."""
+"""Only Envoy can report usage: an ext_proc stream or an access log record sent to the gRPC
+port by anyone else cannot move a charge, and with mTLS neither can be sent at all."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from typing import Any
 import grpc
 import pytest
 from envoy.config.core.v3 import base_pb2
+from envoy.data.accesslog.v3 import accesslog_pb2
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
@@ -78,6 +80,25 @@ def send_forged(port: int, claimed: dict[str, str]) -> None:
             pass
 
 
+def send_forged_record(port: int, request_id: str) -> None:
+    """A metering record as Envoy's access log would send it: a finished call, tiny usage."""
+    entry = accesslog_pb2.HTTPAccessLogEntry()
+    meta = entry.common_properties.metadata.filter_metadata["sidecar.metering"].fields
+    meta["rid"].string_value = request_id
+    meta["path"].string_value = CHAT
+    meta["content_type"].string_value = "application/json"
+    meta["c1"].string_value = json.dumps(
+        {"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}})
+    meta["chunks"].number_value = 1
+    meta["done"].bool_value = True
+    entry.response.response_code.value = 200
+    entry.common_properties.time_to_last_upstream_tx_byte.nanos = 1
+    message = als_pb2.StreamAccessLogsMessage()
+    message.http_logs.log_entry.append(entry)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        als_pb2_grpc.AccessLogServiceStub(channel).StreamAccessLogs(iter([message]), timeout=10)
+
+
 def test_forged_usage_stream_cannot_lower_a_real_charge(stack: Stack, issuer: DevIssuer) -> None:
     email = user("forger")
     stack.clear_seen()
@@ -103,6 +124,7 @@ def test_forged_usage_stream_cannot_lower_a_real_charge(stack: Stack, issuer: De
             send_forged(stack.grpc_port, {
                 "x-request-id": request_id, "x-sidecar-request-id": request_id,
                 "x-sidecar-model": MODEL, "x-sidecar-provider": "openai"})
+            send_forged_record(stack.grpc_port, request_id)
     finally:
         worker.join(timeout=60)
     assert finished.is_set()

@@ -1,9 +1,8 @@
-"""ext_proc without Envoy: request-body changes, and what each kind of exchange is charged."""
+"""ext_proc without Envoy: the request-body changes, and that it never charges anything."""
 
 from __future__ import annotations
 
 import asyncio
-import gzip
 import json
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any, cast
@@ -15,11 +14,17 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from sidecar.config.models import SidecarConfig
 from sidecar.config.ruleset import RuleSetHolder, build_ruleset
 from sidecar.engine import Engine
+from sidecar.envoy.attach import lua_source
 from sidecar.envoy.ext_proc import ExternalProcessorServicer
-from sidecar.envoy.request_body import Mutation, mutate
+from sidecar.envoy.request_body import (
+    USAGE_OPTION_MEMBER,
+    Mutation,
+    body_action,
+    insert_usage_option,
+    mutate,
+)
 from sidecar.metering.charge import Observed
 from sidecar.metering.parse import Api
-from sidecar.model import TokenUsage
 from sidecar.store.budget_types import CommitResult
 
 CHAT = "/openai/v1/chat/completions"
@@ -71,26 +76,20 @@ def test_fallback_rewrites_model_and_requests_usage_in_one_pass() -> None:
     assert "héllo".encode() in out  # not \\u-escaped: the body does not grow needlessly
 
 
-# --- exchanges -----------------------------------------------------------------------------
+# --- the servicer --------------------------------------------------------------------------
 
 
 class FakeEngine:
     def __init__(self) -> None:
-        self.charges: list[tuple[str, Observed, tuple[str, str] | None]] = []
+        self.charges: list[tuple[str, Observed]] = []
         rules = build_ruleset(SidecarConfig.model_validate({"providers": [
             {"id": "openai", "path_prefix": "/openai/"},
             {"id": "anthropic", "path_prefix": "/anthropic/"}]}))
         self.holder = RuleSetHolder(rules)
 
-    async def charge(self, request_id: str, observed: Observed, *,
-                     expect: tuple[str, str] | None = None,
-                     hint: tuple[str, str] | None = None) -> tuple[CommitResult, int]:
-        self.charges.append((request_id, observed, hint))
-        return CommitResult("committed"), 1
-
-    @property
-    def usages(self) -> list[TokenUsage | None]:
-        return [observed.usage for _, observed, _ in self.charges]
+    async def charge(self, request_id: str, observed: Observed, **_: Any) -> CommitResult:
+        self.charges.append((request_id, observed))
+        return CommitResult("committed")
 
 
 def _header_map(headers: Mapping[str, str]) -> base_pb2.HeaderMap:
@@ -101,7 +100,6 @@ def _header_map(headers: Mapping[str, str]) -> base_pb2.HeaderMap:
 
 def request_headers(path: str = CHAT, model: str = "gpt-4o-mini", **extra: str) -> Any:
     headers = {":path": path, ":method": "POST", "x-request-id": "envoy-1",
-               "x-sidecar-request-id": "req-1" if model else "",
                "x-sidecar-model": model, "x-sidecar-provider": "openai", **extra}
     headers = {k: v for k, v in headers.items() if v}
     return pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=_header_map(headers)))
@@ -112,14 +110,12 @@ def request_body(data: Mapping[str, Any]) -> Any:
                                                          end_of_stream=True))
 
 
-def response_headers(status: str = "200", content_type: str = "application/json",
-                     **extra: str) -> Any:
-    headers = {":status": status, "content-type": content_type, **extra}
-    return pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=_header_map(headers)))
-
-
-def response_body(data: bytes, end: bool = True) -> Any:
-    return pb.ProcessingRequest(response_body=pb.HttpBody(body=data, end_of_stream=end))
+def response_phases() -> list[Any]:
+    headers = _header_map({":status": "200", "content-type": "application/json"})
+    usage = json.dumps({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}})
+    return [pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=headers)),
+            pb.ProcessingRequest(response_body=pb.HttpBody(body=usage.encode(),
+                                                           end_of_stream=True))]
 
 
 async def _iterate(messages: Iterable[Any]) -> AsyncIterator[Any]:
@@ -145,153 +141,96 @@ def run(messages: list[Any]) -> tuple[FakeEngine, list[Any]]:
     return engine, context.responses
 
 
-CHAT_JSON = {"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 5}}
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
 
-def test_complete_json_response_commits_its_usage_once() -> None:
-    engine, _ = run([request_headers(), request_body(BODY), response_headers(),
-                     response_body(json.dumps(CHAT_JSON).encode())])
-    assert [(rid, o.usage, o.complete) for rid, o, _ in engine.charges] == [
-        ("req-1", TokenUsage(12, 5), True)]
+def _strip_flag(response: Any) -> bool:
+    fields = response.dynamic_metadata.fields
+    return "sidecar.body" in fields and \
+        fields["sidecar.body"].struct_value.fields["strip_usage"].bool_value
 
 
-def test_gzip_body_is_metered() -> None:
-    engine, _ = run([request_headers(), request_body(BODY),
-                     response_headers(**{"content-encoding": "gzip"}),
-                     response_body(gzip.compress(json.dumps(CHAT_JSON).encode()))])
-    assert engine.usages == [TokenUsage(12, 5)]
-
-
-@pytest.mark.parametrize("status", ["401", "429", "500", "503"])
-def test_provider_error_without_usage_is_charged_as_an_error_now(status: str) -> None:
-    error = {"error": {"message": "overloaded", "type": "server_error"}}
-    engine, _ = run([request_headers(), request_body(BODY), response_headers(status),
-                     response_body(json.dumps(error).encode())])
-    ((_, observed, _),) = engine.charges
-    assert observed.usage is None and observed.status == int(status) and observed.error
-
-
-def test_error_body_that_reports_usage_is_observed_with_that_usage() -> None:
-    partial = {"error": {"message": "cut"}, "usage": {"prompt_tokens": 12,
-                                                      "completion_tokens": 3}}
-    engine, _ = run([request_headers(), request_body(BODY), response_headers("500"),
-                     response_body(json.dumps(partial).encode())])
-    ((_, observed, _),) = engine.charges
-    assert observed.usage == TokenUsage(12, 3) and observed.error
-
-
-def test_envoy_local_reply_after_admission_is_an_error() -> None:
-    # Upstream unreachable: Envoy answers 503 itself, plain text, after the request phases.
-    engine, _ = run([request_headers(), request_body(BODY),
-                     response_headers("503", content_type="text/plain"),
-                     response_body(b"upstream connect error or disconnect/reset before headers")])
-    ((_, observed, _),) = engine.charges
-    assert observed.usage is None and observed.status == 503
-
-
-def test_success_is_never_an_error() -> None:
-    engine, _ = run([request_headers(), request_body(BODY), response_headers(),
-                     response_body(json.dumps(CHAT_JSON).encode())])
-    ((_, observed, _),) = engine.charges
-    assert observed.status == 200 and not observed.error
-
-
-def test_stream_cut_short_charges_what_was_seen() -> None:
-    start = {"type": "message_start", "message": {"usage": {"input_tokens": 30,
-                                                            "output_tokens": 1}}}
-    frame = f"event: message_start\ndata: {json.dumps(start)}\n\n".encode()
-    engine, _ = run([request_headers("/anthropic/v1/messages", "claude-haiku-4-5"),
-                     request_body(BODY), response_headers(content_type="text/event-stream"),
-                     response_body(frame, end=False)])  # and then the stream ends
-    ((_, observed, _),) = engine.charges
-    assert observed.usage == TokenUsage(30, 1) and not observed.complete
-    text = b'data: {"choices": [{"delta": {"content": "twelve bytes"}}]}\n\n'
-    engine, _ = run([request_headers(), request_body({**BODY, "stream": True}),
-                     response_headers(content_type="text/event-stream"),
-                     response_body(text, end=False)])
-    ((_, observed, _),) = engine.charges
-    assert observed.usage is None and observed.output_bytes == 12
-    assert observed.input_tokens > 0  # the seen text is priced with the prompt
-
-
-def test_local_reply_without_request_phases_is_not_metered() -> None:
-    engine, responses = run([response_headers("429"), response_body(b'{"success":false}')])
-    assert engine.charges == []
-    # The override switches the response body to NONE (the enum's zero): not sent to us.
-    assert responses[0].HasField("mode_override")
-
-
-def test_unmetered_api_pays_its_reservation_at_response_headers() -> None:
-    engine, _ = run([request_headers("/openai/v1/embeddings", "text-embedding-3-small"),
-                     request_body({"model": "text-embedding-3-small", "input": "x"}),
-                     response_headers()])
-    assert [(rid, o) for rid, o, _ in engine.charges] == [("req-1", Observed(status=200))]
-
-
-def test_unadmitted_request_is_left_alone() -> None:
-    engine, responses = run([request_headers(model=""), request_body({**BODY, "stream": True}),
-                             response_headers(), response_body(b"{}")])
-    assert engine.charges == []
-    assert not responses[1].request_body.HasField("response")
-
-
-def test_stream_request_body_is_rewritten_with_a_new_length() -> None:
+def test_stream_request_body_is_rewritten_with_a_new_length_and_the_strip_flag() -> None:
     _, responses = run([request_headers(), request_body({**BODY, "stream": True})])
     common = responses[1].request_body.response
     new_body = common.body_mutation.body
     assert json.loads(new_body)["stream_options"] == {"include_usage": True}
-    length, encoding = common.header_mutation.set_headers
+    (length,) = common.header_mutation.set_headers
     assert length.header.key == "content-length"
     assert length.header.raw_value == str(len(new_body)).encode()
-    # The injected usage event is taken out of the response, which needs it uncompressed.
-    assert (encoding.header.key, encoding.header.raw_value) == ("accept-encoding", b"identity")
+    # The client did not ask for usage: the Lua filter takes the event out of its stream.
+    assert _strip_flag(responses[1])
 
 
-ANTHROPIC_STREAM = (
-    b'event: message_start\ndata: {"type": "message_start", "message": {"usage": '
-    b'{"input_tokens": 30, "output_tokens": 1}}}\n\n'
-    b'event: message_delta\ndata: {"type": "message_delta", "usage": {"output_tokens": 9}}\n\n'
-)
-CHAT_STREAM = (b'data: {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 3}}\n\n'
-               b"data: [DONE]\n\n")
+def test_client_that_asked_for_usage_gets_no_strip_flag() -> None:
+    wanted = {**BODY, "stream": True, "stream_options": {"include_usage": True}}
+    _, responses = run([request_headers(), request_body(wanted)])
+    assert not responses[1].request_body.HasField("response")
+    assert not _strip_flag(responses[1])
 
 
-def test_same_provider_fallback_is_metered_as_the_original_api() -> None:
-    engine, _ = run([request_headers("/anthropic/v1/messages", "claude-haiku-4-5",
-                                     **{"x-sidecar-route": "fallback",
-                                        "x-sidecar-provider": "anthropic"}),
-                     request_body(BODY), response_headers(content_type="text/event-stream"),
-                     response_body(ANTHROPIC_STREAM)])
-    assert engine.usages == [TokenUsage(30, 9)]
-
-
-def test_cross_provider_fallback_is_metered_as_chat_completions() -> None:
-    engine, responses = run([
+def test_cross_provider_fallback_rewrites_the_model_for_chat_completions() -> None:
+    _, responses = run([
         request_headers("/anthropic/v1/messages", "gpt-4o-mini",
                         **{"x-sidecar-route": "fallback", "x-sidecar-provider": "openai"}),
-        request_body({**BODY, "model": "claude-opus-4-7", "stream": True}),
-        response_headers(content_type="text/event-stream"), response_body(CHAT_STREAM)])
-    assert engine.usages == [TokenUsage(7, 3)]
+        request_body({**BODY, "model": "claude-opus-4-7", "stream": True})])
     sent = json.loads(responses[1].request_body.response.body_mutation.body)
     assert sent["model"] == "gpt-4o-mini" and sent["stream_options"] == {"include_usage": True}
-    # The client did not ask for usage: the usage event is taken out of what it receives.
-    assert responses[3].response_body.response.body_mutation.body == b"data: [DONE]\n\n"
+    assert _strip_flag(responses[1])
 
 
-def test_client_that_asked_for_usage_keeps_its_usage_event() -> None:
-    wanted = {**BODY, "stream": True, "stream_options": {"include_usage": True}}
-    engine, responses = run([request_headers(), request_body(wanted),
-                             response_headers(content_type="text/event-stream"),
-                             response_body(CHAT_STREAM)])
-    assert engine.usages == [TokenUsage(7, 3)]
-    assert not responses[3].response_body.HasField("response")
+def test_same_provider_fallback_keeps_the_anthropic_body_shape() -> None:
+    _, responses = run([
+        request_headers("/anthropic/v1/messages", "claude-haiku-4-5",
+                        **{"x-sidecar-route": "fallback", "x-sidecar-provider": "anthropic"}),
+        request_body({**BODY, "model": "claude-opus-4-7", "stream": True})])
+    sent = json.loads(responses[1].request_body.response.body_mutation.body)
+    # Anthropic reports usage by itself: only the model changes, nothing is stripped.
+    assert sent["model"] == "claude-haiku-4-5" and "stream_options" not in sent
+    assert not _strip_flag(responses[1])
 
 
-def test_charge_is_keyed_by_the_reservation_id_with_the_model_only_a_hint() -> None:
-    # Whatever x-sidecar-model a stream claims, the engine prices the charge from the
-    # reservation record (tests/security); the header is only the store-down pricing hint.
-    engine, _ = run([request_headers(model="cheap-model"), request_body(BODY),
-                     response_headers(), response_body(json.dumps(CHAT_JSON).encode())])
-    ((request_id, _, hint),) = engine.charges
-    assert request_id == "req-1" and hint == ("cheap-model", "openai")
+def test_unadmitted_request_is_left_alone() -> None:
+    _, responses = run([request_headers(model=""), request_body({**BODY, "stream": True})])
+    assert not responses[1].request_body.HasField("response")
+    assert not _strip_flag(responses[1])
+
+
+def test_ext_proc_never_charges_even_when_sent_a_whole_exchange() -> None:
+    # Responses are metered by the Lua filter and the access log; a stream here, Envoy's or
+    # anyone's, moves no charge.
+    engine, responses = run([request_headers(), request_body(BODY), *response_phases()])
+    assert engine.charges == []
+    assert [r.WhichOneof("response") for r in responses] == [
+        "request_headers", "request_body", "response_headers", "response_body"]
+
+
+# --- who changes the body: nobody, the Lua filter, or ext_proc ------------------------------
+
+
+@pytest.mark.parametrize(("body", "api", "model", "action"), [
+    ({"model": "m", "stream": True, "messages": []}, "openai_chat", None,
+     "insert_usage_option"),
+    ({"model": "m", "stream": True, "stream_options": {"include_usage": False}}, "openai_chat",
+     None, "ext_proc"),
+    ({"model": "m", "stream": True, "stream_options": {"include_usage": True}}, "openai_chat",
+     None, ""),
+    ({"model": "m", "stream": False}, "openai_chat", None, ""),
+    ({"model": "m", "stream": True}, "anthropic_messages", None, ""),
+    ({"model": "m", "stream": True}, "openai_responses", None, ""),
+    ({"model": "m"}, "anthropic_messages", "fallback-model", "ext_proc"),
+])
+def test_body_action_agrees_with_mutate(body: dict[str, Any], api: Api, model: str | None,
+                                        action: str) -> None:
+    raw = json.dumps(body).encode()
+    assert body_action(raw, api, model) == action
+    change = mutate(raw, api, model)
+    assert (change.body is not None) == (action != "")
+    if action == "insert_usage_option":
+        # The Lua filter's insertion gives the document ext_proc would have sent.
+        assert change.body is not None
+        assert json.loads(insert_usage_option(raw)) == json.loads(change.body)
+
+
+def test_lua_filter_inserts_the_same_member() -> None:
+    assert USAGE_OPTION_MEMBER.decode() in lua_source()

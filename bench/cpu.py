@@ -1,0 +1,152 @@
+"""Sidecar CPU per request: rows of bench.rows under wrk, alternated, with each backend
+process's CPU time (user + system, from /proc) divided by the requests wrk completed.
+
+    .venv/bin/python -m bench.cpu [--rows floor sqlite] [--rounds 3] [--seconds 8]
+        [--profile sqlite]   # also py-spy records that row's sidecar (needs py-spy)
+
+Prints one line per row and round, and a JSON summary on stdout. With `--profile ROW` the
+py-spy flame graph input (collapsed stacks) is written to bench/results/profile-ROW.txt and
+the top self-time functions are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from contextlib import ExitStack
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+from bench.closed_loop import ensure_tools, run_wrk, write_script
+from bench.machine import children
+from bench.policy import BODY, PATH, token
+from bench.rows import ROWS, Bench, Row, wait_answering
+from sidecar.demo.keys import DevIssuer
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its children so far (0 when it is gone)."""
+    total = 0.0
+    for each in (pid, *children(pid)):
+        try:
+            fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / TICKS
+    return total
+
+
+def start_profile(pid: int, out: Path, seconds: float) -> subprocess.Popen[bytes]:
+    """py-spy recording `pid` for `seconds` into `out` (collapsed stacks)."""
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    return subprocess.Popen([py_spy, "record", "--pid", str(pid), "--format", "raw",
+                             "--rate", "250", "--nonblocking", "--output", str(out),
+                             "--duration", str(round(seconds))],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def backend_pid(row: Row) -> int | None:
+    """The sidecar's (or the floor's) process: the row's first non-Envoy process."""
+    for proc in row.processes:
+        if not proc.name.startswith("envoy") and proc.pid is not None:
+            return proc.pid
+    return None
+
+
+def top_inclusive(collapsed: Path, n: int = 40) -> list[tuple[str, float]]:
+    """Functions by the share of samples they are anywhere on the stack in."""
+    counts: Counter[str] = Counter()
+    total = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        total += int(count)
+        for frame in set(stack.split(";")):
+            counts[frame] += int(count)
+    return [(frame, c / total) for frame, c in counts.most_common(n)] if total else []
+
+
+def top_self(collapsed: Path, n: int = 25) -> list[tuple[str, float]]:
+    """The functions with the most samples at the top of the stack, as shares of all."""
+    counts: Counter[str] = Counter()
+    total = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        total += int(count)
+        counts[stack.split(";")[-1]] += int(count)
+    return [(frame, c / total) for frame, c in counts.most_common(n)] if total else []
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", nargs="*", default=["floor", "sqlite"])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=8)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--profile", help="py-spy record this row's sidecar in every round")
+    args = parser.parse_args(argv)
+    ensure_tools()
+    specs = [s for s in ROWS if s.key in args.rows]
+    issuer = DevIssuer.generate()
+    headers = {"content-type": "application/json", "cf-access-jwt-assertion": token(issuer)}
+    per_row: dict[str, list[dict[str, float]]] = {s.key: [] for s in specs}
+    with tempfile.TemporaryDirectory(prefix="bench-cpu-") as tmp, ExitStack() as stack:
+        workdir = Path(tmp)
+        script = write_script(workdir / "request.lua", method="POST", body=BODY,
+                              headers=headers)
+        bench = Bench(workdir, stack, issuer)
+        rows = [bench.start(spec) for spec in specs]
+        for row in rows:
+            wait_answering(row.url + PATH, headers, BODY)
+            run_wrk(row.url + PATH, script, connections=args.connections, seconds=2)
+        collapsed = RESULTS / f"profile-{args.profile}.txt"
+        for rnd in range(args.rounds):
+            for row in rows if rnd % 2 == 0 else rows[::-1]:
+                pid = backend_pid(row)
+                spy = None
+                if args.profile == row.spec.key and pid is not None:
+                    spy = start_profile(pid, workdir / f"spy-{rnd}.txt", args.seconds)
+                before = cpu_seconds(pid) if pid else 0.0
+                result = run_wrk(row.url + PATH, script, connections=args.connections,
+                                 seconds=args.seconds)
+                used = (cpu_seconds(pid) if pid else 0.0) - before
+                if spy is not None:
+                    spy.wait(timeout=60)
+                    with collapsed.open("a" if rnd else "w") as sink:
+                        sink.write((workdir / f"spy-{rnd}.txt").read_text())
+                us = used / result.requests * 1e6 if result.requests else 0.0
+                per_row[row.spec.key].append({"rps": result.rps, "cpu_us": us,
+                                              "errors": result.errors})
+                print(f"round {rnd} {row.spec.key:10} {result.rps:8.0f} rps  "
+                      f"{us:7.0f} us CPU/request  errors={result.errors}", file=sys.stderr)
+        if args.profile:
+            for frame, share in top_self(collapsed):
+                print(f"{share * 100:5.1f}%  {frame}", file=sys.stderr)
+    summary: dict[str, Any] = {
+        key: {"rps": median(t["rps"] for t in trials),
+              "cpu_us_per_request": median(t["cpu_us"] for t in trials),
+              "errors": sum(t["errors"] for t in trials)}
+        for key, trials in per_row.items()}
+    if "floor" in per_row:
+        for key, trials in per_row.items():
+            summary[key]["x_floor"] = median(
+                t["rps"] / f["rps"] for t, f in zip(trials, per_row["floor"], strict=True))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

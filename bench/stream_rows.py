@@ -1,0 +1,273 @@
+"""Streamed answers through the whole product path against the no-op floor, same upstream.
+
+Two Envoys in front of one streaming upstream (bench/sse_upstream.py): one with the no-op
+Python ext_authz (the floor), one with what `sidecar envoy-config` prints pointing at a
+SQLite sidecar with the benchmark policy (Check + metering). For 1, 16 and 64 chunks per
+answer, the rows are measured alternately, round after round, with wrk (100 distinct users,
+closed loop). Per row: throughput, its ratio to the floor of the same round, the backend
+process's CPU per request (less what it spends idle), and, for the product row, ledger
+exactness: every request the ledger holds was charged exactly its usage times the price
+(the stream's usage chunk arrived), exactly its reservation (wrk cut the stream at the end
+of the run after it reached the upstream) or nothing (cut before), and every answer wrk
+completed was charged its usage.
+
+    .venv/bin/python -m bench.stream_rows [--rounds 3] [--seconds 8] [--connections 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from decimal import Decimal
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+import httpx
+import yaml
+
+from bench.closed_loop import ensure_tools
+from bench.cpu import cpu_seconds, start_profile
+from bench.policy import BODY, GROUPS, MODEL, PATH, bench_config
+from bench.sse_upstream import PROMPT_TOKENS
+from sidecar.config.loader import parse_config
+from sidecar.config.ruleset import build_ruleset
+from sidecar.demo.config import demo_key_env
+from sidecar.demo.envoy_config import render_envoy_config
+from sidecar.demo.keys import DevIssuer
+from sidecar.demo.procs import LOOPBACK, ManagedProcess, free_port, start_envoy, wait_for_port
+from sidecar.demo.stack import ADMIN_TOKEN, wait_ready
+from sidecar.envoy.attach import EXT_AUTHZ, SIDECAR_FILTERS
+from sidecar.model import TokenUsage
+from sidecar.pricing import (
+    cost_micros,
+    estimate_input_tokens,
+    estimate_micros,
+    requested_output_tokens,
+)
+from sidecar.usage_report import dollars
+
+CHUNKS = (1, 16, 64)
+USERS = 100
+STREAM_BODY = json.dumps({**json.loads(BODY), "stream": True}, separators=(",", ":"))
+
+
+def _envoy_config(listen: int, admin: int, grpc_port: int, upstream: int,
+                  floor: bool) -> dict[str, Any]:
+    config = render_envoy_config(listen_port=listen, admin_port=admin,
+                                 sidecar_grpc=(LOOPBACK, grpc_port),
+                                 provider_upstream=(LOOPBACK, upstream))
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+        "typed_config"]
+    # The same for every row and only disk writes here: Envoy's own stdout access log goes.
+    hcm["access_log"] = [e for e in hcm.get("access_log", [])
+                         if e["name"] != "envoy.access_loggers.stdout"]
+    if floor:
+        hcm["http_filters"] = [f for f in hcm["http_filters"]
+                               if f["name"] not in SIDECAR_FILTERS or f["name"] == EXT_AUTHZ]
+        hcm["access_log"] = []
+    return config
+
+
+def _wrk_script(path: Path, tokens: list[str], chunks: int) -> Path:
+    requests = ",\n".join(
+        "  wrk.format('POST', nil, {['content-type']='application/json', "
+        f"['cf-access-jwt-assertion']={json.dumps(t)}, ['x-bench-chunks']='{chunks}'}}, "
+        f"{json.dumps(STREAM_BODY)})" for t in tokens)
+    path.write_text(f"""
+local requests = nil
+local n = 0
+function request()
+  if requests == nil then requests = {{
+{requests}
+  }} end
+  n = n + 1
+  return requests[(n % #requests) + 1]
+end
+function done(summary, latency, reqs)
+  local e = summary.errors
+  io.write(string.format(
+    '\\nWRK_JSON {{"requests":%d,"duration_us":%d,"errors":%d,"p50_us":%d,"p99_us":%d}}\\n',
+    summary.requests, summary.duration, e.connect + e.read + e.write + e.status + e.timeout,
+    latency:percentile(50), latency:percentile(99)))
+end
+""", encoding="utf-8")
+    return path
+
+
+def _wrk(url: str, script: Path, connections: int, seconds: float) -> dict[str, float]:
+    import subprocess
+
+    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{round(seconds)}s",
+                          "--timeout", "10s", "-s", str(script), url],
+                         capture_output=True, text=True, check=True, timeout=seconds + 60).stdout
+    line = next(x for x in out.splitlines() if x.startswith("WRK_JSON "))
+    data = json.loads(line.removeprefix("WRK_JSON "))
+    return {"rps": data["requests"] / (data["duration_us"] / 1e6),
+            "requests": data["requests"], "errors": data["errors"]}
+
+
+def _idle_rate(pid: int, seconds: float = 2.0) -> float:
+    """CPU seconds per second the process spends with no load (timers, housekeeping): taken
+    off a row's CPU, so that CPU per request does not grow just because a row with longer
+    streams serves fewer requests per second."""
+    before = cpu_seconds(pid)
+    time.sleep(seconds)
+    return (cpu_seconds(pid) - before) / seconds
+
+
+def _ledger(http: str) -> dict[str, Any]:
+    answer = httpx.get(f"{http}/v1/usage", params={"group_by": ""},
+                       headers={"authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30)
+    answer.raise_for_status()
+    rows = answer.json()["result"]
+    return {"cost": sum((dollars(r["cost_usd"]) for r in rows), Decimal(0)),
+            **{k: sum(int(r.get(k, 0)) for r in rows)
+               for k in ("requests", "input_tokens", "output_tokens", "errors")}}
+
+
+def _settled_ledger(http: str) -> dict[str, Any]:
+    """The ledger once it has stopped moving: charges of streams cut at the end of a run
+    land a moment after wrk returns."""
+    last = _ledger(http)
+    for _ in range(40):
+        time.sleep(0.5)
+        now = _ledger(http)
+        if now == last:
+            return now
+        last = now
+    raise RuntimeError("the ledger kept changing for 20 s after the load stopped")
+
+
+def _exact(before: dict[str, Any], after: dict[str, Any], chunks: int, completed: int,
+           unit: int, reserved: int) -> dict[str, Any]:
+    """Every call on the ledger cost exactly its usage (the stream's usage chunk arrived),
+    its reservation (cut after reaching the provider, before the usage) or $0 (never reached
+    the provider: wrk hung up while Envoy still held it; counted in `errors`)."""
+    requests = after["requests"] - before["requests"]
+    with_usage = (after["input_tokens"] - before["input_tokens"]) // PROMPT_TOKENS
+    free = after["errors"] - before["errors"]
+    at_reservation = requests - with_usage - free
+    cost = int((after["cost"] - before["cost"]) * 1_000_000)
+    expected = with_usage * unit + at_reservation * reserved
+    ok = (cost == expected and at_reservation >= 0
+          and after["output_tokens"] - before["output_tokens"] == with_usage * chunks
+          and with_usage >= completed)
+    return {"exact": ok, "ledger_requests": requests, "charged_usage": with_usage,
+            "charged_reservation": at_reservation, "charged_nothing": free,
+            "cost_micros": cost, "expected_micros": expected}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=8)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--chunks", type=int, nargs="*", default=list(CHUNKS))
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--profile", type=Path,
+                        help="py-spy the sidecar during the product rows; collapsed stacks here")
+    args = parser.parse_args(argv)
+    ensure_tools()
+    os.environ.update(demo_key_env())
+    issuer = DevIssuer.generate()
+    tokens = [issuer.mint(f"user{i}@example.com", GROUPS, ttl=6 * 3600) for i in range(USERS)]
+    results: dict[str, list[dict[str, Any]]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-stream-") as tmp, ExitStack() as stack:
+        workdir = Path(tmp)
+        jwks = issuer.write_jwks(workdir / "jwks.json")
+        config = bench_config(issuer, str(jwks), f"sqlite:///{workdir}/sidecar.db")
+        (workdir / "sidecar.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        rs = build_ruleset(parse_config(config))
+        price = rs.prices.price("openai", MODEL)
+        assert price is not None
+        body = json.loads(STREAM_BODY)
+        reserved = estimate_micros(price, estimate_input_tokens(body),
+                                   requested_output_tokens(body, rs.default_max_output_tokens))
+
+        upstream_port, floor_port, grpc_port, http_port = (free_port() for _ in range(4))
+        upstream = stack.enter_context(ManagedProcess("upstream", [
+            sys.executable, "-m", "bench.sse_upstream", "--port", str(upstream_port)],
+            workdir).start())
+        floor = stack.enter_context(ManagedProcess("floor", [
+            sys.executable, "-m", "bench.noop_authz", "--port", str(floor_port)],
+            workdir).start())
+        sidecar = stack.enter_context(ManagedProcess("sidecar", [
+            sys.executable, "-m", "sidecar.cli", "serve", "--config",
+            str(workdir / "sidecar.yaml"), "--grpc", f"{LOOPBACK}:{grpc_port}",
+            "--http", f"{LOOPBACK}:{http_port}"], workdir,
+            env={**os.environ, "SIDECAR_ADMIN_TOKEN": ADMIN_TOKEN}, cwd=workdir).start())
+        for proc, port in ((upstream, upstream_port), (floor, floor_port)):
+            wait_for_port(LOOPBACK, port, 20, process=proc)
+        http = f"http://{LOOPBACK}:{http_port}"
+        wait_ready(http, sidecar, timeout=60)
+        rows = {}
+        for key, port, pid in (("floor", floor_port, floor.pid),
+                               ("product", grpc_port, sidecar.pid)):
+            listen, admin = free_port(), free_port()
+            envoy, _ = start_envoy(workdir, _envoy_config(listen, admin, port, upstream_port,
+                                                          key == "floor"), base_id=listen)
+            stack.enter_context(envoy)
+            rows[key] = (f"http://{LOOPBACK}:{listen}{PATH}", pid)
+        for chunks in args.chunks:
+            script = _wrk_script(workdir / f"wrk-{chunks}.lua", tokens, chunks)
+            unit = cost_micros(price, TokenUsage(PROMPT_TOKENS, chunks))
+            for url, _ in rows.values():
+                _wrk(url, script, args.connections, 2)  # warm-up
+            for rnd in range(args.rounds):
+                order = list(rows.items()) if rnd % 2 == 0 else list(rows.items())[::-1]
+                floor_rps = 0.0
+                trial: dict[str, Any] = {"chunks": chunks, "round": rnd}
+                for key, (url, pid) in order:
+                    before = _settled_ledger(http) if key == "product" else None
+                    spy = None
+                    if args.profile and key == "product":
+                        spy = start_profile(pid, workdir / f"spy-{chunks}-{rnd}.txt",
+                                            args.seconds)
+                    idle = _idle_rate(pid)
+                    cpu = cpu_seconds(pid)
+                    result = _wrk(url, script, args.connections, args.seconds)
+                    used = cpu_seconds(pid) - cpu - idle * args.seconds
+                    if spy is not None:
+                        spy.wait(timeout=60)
+                        with args.profile.open("a") as sink:
+                            sink.write((workdir / f"spy-{chunks}-{rnd}.txt").read_text())
+                    result["cpu_us_per_request"] = used / max(result["requests"], 1) * 1e6
+                    if before is not None:
+                        result.update(_exact(before, _settled_ledger(http), chunks,
+                                             int(result["requests"]), unit, reserved))
+                    trial[key] = result
+                    if key == "floor":
+                        floor_rps = result["rps"]
+                trial["x_floor"] = trial["product"]["rps"] / floor_rps if floor_rps else 0.0
+                results.setdefault(str(chunks), []).append(trial)
+                print(f"chunks {chunks:3} round {rnd}: floor {trial['floor']['rps']:7.0f} rps "
+                      f"{trial['floor']['cpu_us_per_request']:6.0f} us/req | product "
+                      f"{trial['product']['rps']:7.0f} rps "
+                      f"{trial['product']['cpu_us_per_request']:6.0f} us/req "
+                      f"x{trial['x_floor']:.2f} errors={trial['product']['errors']} "
+                      f"exact={trial['product']['exact']}", file=sys.stderr, flush=True)
+    summary = {chunks: {
+        "floor_rps": median(t["floor"]["rps"] for t in trials),
+        "product_rps": median(t["product"]["rps"] for t in trials),
+        "x_floor": median(t["x_floor"] for t in trials),
+        "floor_cpu_us_per_request": median(t["floor"]["cpu_us_per_request"] for t in trials),
+        "product_cpu_us_per_request": median(t["product"]["cpu_us_per_request"]
+                                             for t in trials),
+        "errors": sum(t["product"]["errors"] + t["floor"]["errors"] for t in trials),
+        "ledger_exact": all(t["product"]["exact"] for t in trials),
+    } for chunks, trials in results.items()}
+    report = {"summary": summary, "trials": results}
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

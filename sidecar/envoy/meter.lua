@@ -1,0 +1,216 @@
+-- Metering inside Envoy: reads an admitted call's response as it streams past, without
+-- buffering it and without a message to the sidecar per chunk, and leaves what the sidecar's
+-- parsers need in dynamic metadata (namespace `sidecar.metering`). The gRPC access log sends
+-- that to the sidecar once per request, where usage is read and the call charged
+-- (sidecar/envoy/access_log.py).
+--
+-- Keys: rid (the reservation), path, route, provider, model (which API answers, and the
+-- price should the store be down), content_type,
+-- content_encoding, c1..cN (the body chunks, with every byte >= 0x80 replaced by `~` so the
+-- metadata is valid UTF-8 whatever the body holds: parsers see the same JSON structure and
+-- count the same text bytes; base64 instead when the body is compressed or binary, and then
+-- `base64` is true), chunks (N), bytes (every byte that passed), tail (the last
+-- chunks once more than MAX_KEPT bytes passed), done (the body ended; absent when the
+-- client or the upstream went away first), and with done: head and end (the body's first
+-- HEAD_BYTES and at least its last END_BYTES, from end_offset on). Each key is set as soon as it is known, so a
+-- stream cut short still reports what passed until then.
+--
+-- A chunk is set under its own key (O(chunk) work, never the body so far again), and the
+-- stream's metadata object is fetched afresh after every yield: Envoy invalidates handles
+-- across the coroutine's yields.
+
+local NS = "sidecar.metering"
+local MAX_KEPT = 1048576
+local TAIL_CHUNKS = 16
+local MAX_HELD = 65536
+-- Of a body that ended: its first and its last bytes, where every metered API reports its
+-- usage. The sidecar reads these first; the chunks only if they do not hold final usage.
+local HEAD_BYTES = 2048
+local END_BYTES = 4096
+
+function envoy_on_request(handle)
+  local headers = handle:headers()
+  local rid = headers:get("x-sidecar-request-id")
+  if rid == nil then
+    return
+  end
+  -- The reservation id stops here: neither the provider nor the client ever learns it.
+  headers:remove("x-sidecar-request-id")
+  -- Usage is read from the body as it is on the wire: ask for it uncompressed.
+  headers:replace("accept-encoding", "identity")
+  local md = handle:streamInfo():dynamicMetadata()
+  md:set(NS, "rid", rid)
+  md:set(NS, "path", headers:get(":path") or "")
+  md:set(NS, "route", headers:get("x-sidecar-route") or "")
+  md:set(NS, "provider", headers:get("x-sidecar-provider") or "")
+  md:set(NS, "model", headers:get("x-sidecar-model") or "")
+  -- The Check asks for `stream_options.include_usage` on an OpenAI chat stream whose body
+  -- has no `stream_options`: inserted here as the object's first member (the rest of the
+  -- body stays as sent), and the client, who did not ask for usage, will not see its event.
+  -- Every other body change is ext_proc's (sidecar/envoy/request_body.py decides).
+  local authz = md:get("envoy.filters.http.ext_authz")
+  local decided = authz and authz["sidecar"]
+  if decided == nil or decided["body"] ~= "insert_usage_option" then
+    return
+  end
+  local body = handle:body()
+  local raw = body:getBytes(0, body:length())
+  local _, brace = string.find(raw, "^%s*{")
+  if brace == nil then
+    return
+  end
+  local new = string.sub(raw, 1, brace) .. '"stream_options":{"include_usage":true},'
+    .. string.sub(raw, brace + 1)
+  body:setBytes(new)
+  -- Handles taken before body() are stale after its yield.
+  handle:headers():replace("content-length", tostring(#new))
+  handle:streamInfo():dynamicMetadata():set(NS, "strip", true)
+end
+
+-- The index of the last byte of the first SSE event end (a blank line, in any line-break
+-- style) at or after `from`, or nil.
+local function event_end(data, from)
+  local pos = from
+  while true do
+    local s = string.find(data, "[\r\n]", pos)
+    if s == nil then
+      return nil
+    end
+    local e = s
+    if string.byte(data, s) == 13 and string.byte(data, s + 1) == 10 then
+      e = s + 1
+    end
+    local nxt = string.byte(data, e + 1)
+    if nxt == 10 then
+      return e + 1
+    end
+    if nxt == 13 then
+      if string.byte(data, e + 2) == 10 then
+        return e + 2
+      end
+      return e + 1
+    end
+    pos = e + 1
+  end
+end
+
+local B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+local function base64(data)
+  local out = {}
+  for i = 1, #data, 3 do
+    local a, b, c = string.byte(data, i, i + 2)
+    local n = a * 65536 + (b or 0) * 256 + (c or 0)
+    local s1, s2 = math.floor(n / 262144), math.floor(n / 4096) % 64
+    local s3, s4 = math.floor(n / 64) % 64, n % 64
+    out[#out + 1] = string.sub(B64, s1 + 1, s1 + 1) .. string.sub(B64, s2 + 1, s2 + 1)
+      .. (b and string.sub(B64, s3 + 1, s3 + 1) or "=")
+      .. (c and string.sub(B64, s4 + 1, s4 + 1) or "=")
+  end
+  return table.concat(out)
+end
+
+local function encode(raw, compressed)
+  if compressed then
+    return base64(raw)
+  end
+  return (string.gsub(raw, "[\128-\255]", "~"))
+end
+
+-- The usage chunk the sidecar asked for: `"choices": []` and a `usage` object.
+local function is_usage_event(event)
+  return string.find(event, '"usage"%s*:%s*{') ~= nil
+    and string.find(event, '"choices"%s*:%s*%[%s*%]') ~= nil
+end
+
+function envoy_on_response(handle)
+  local meta = handle:streamInfo():dynamicMetadata():get(NS)
+  if meta == nil or meta["rid"] == nil then
+    return
+  end
+  local headers = handle:headers()
+  local content_type = headers:get("content-type") or ""
+  local encoding = headers:get("content-encoding") or ""
+  local md = handle:streamInfo():dynamicMetadata()
+  md:set(NS, "content_type", content_type)
+  md:set(NS, "content_encoding", encoding)
+  -- Bytes that are not text go as base64: a compressed body (a provider may compress
+  -- despite `accept-encoding: identity`) or a binary one (Bedrock's event stream).
+  local lowered = string.lower(content_type)
+  local compressed = (encoding ~= "" and encoding ~= "identity")
+    or not (string.find(lowered, "json", 1, true) or string.find(lowered, "text/", 1, true))
+  if compressed then
+    md:set(NS, "base64", true)
+  end
+  -- Usage was turned on for a client that did not ask for it (here, or by ext_proc): the
+  -- client gets the stream without that one event.
+  local body = handle:streamInfo():dynamicMetadata():get("sidecar.body")
+  local strip = (meta["strip"] == true or (body ~= nil and body["strip_usage"] == true))
+    and string.find(content_type, "text/event-stream", 1, true) ~= nil
+    and (encoding == "" or encoding == "identity")
+  if strip then
+    headers:remove("content-length")
+  end
+  local n, kept, total, held = 0, 0, 0, ""
+  local tail = {}
+  local head, head_len, last, last_len = {}, 0, {}, 0
+  for chunk in handle:bodyChunks() do
+    local size = chunk:length()
+    if size > 0 then
+      local raw = chunk:getBytes(0, size)
+      local m = handle:streamInfo():dynamicMetadata()
+      total = total + size
+      if kept + size <= MAX_KEPT then
+        n = n + 1
+        kept = kept + size
+        m:set(NS, "c" .. n, encode(raw, compressed))
+        m:set(NS, "chunks", n)
+      else
+        tail[#tail + 1] = raw
+        if #tail > TAIL_CHUNKS then
+          table.remove(tail, 1)
+        end
+        m:set(NS, "tail", encode(table.concat(tail), compressed))
+      end
+      m:set(NS, "bytes", total)
+      if head_len < HEAD_BYTES then
+        head[#head + 1] = raw
+        head_len = head_len + size
+      end
+      last[#last + 1] = raw
+      last_len = last_len + size
+      while last_len - #last[1] >= END_BYTES do
+        last_len = last_len - #last[1]
+        table.remove(last, 1)
+      end
+      if strip then
+        local data = held .. raw
+        local out, start = {}, 1
+        while true do
+          local e = event_end(data, start)
+          if e == nil then
+            break
+          end
+          local event = string.sub(data, start, e)
+          if not is_usage_event(event) then
+            out[#out + 1] = event
+          end
+          start = e + 1
+        end
+        held = string.sub(data, start)
+        if #held > MAX_HELD then
+          out[#out + 1] = held
+          held = ""
+        end
+        chunk:setBytes(table.concat(out))
+      end
+    end
+  end
+  local m = handle:streamInfo():dynamicMetadata()
+  if not compressed then
+    m:set(NS, "head", encode(string.sub(table.concat(head), 1, HEAD_BYTES), false))
+    m:set(NS, "end", encode(table.concat(last), false))
+    m:set(NS, "end_offset", total - last_len)
+  end
+  m:set(NS, "done", true)
+end

@@ -1,0 +1,116 @@
+"""Bucket plans reused per request context until a window boundary or a rule change."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sidecar.config.loader import parse_config
+from sidecar.config.ruleset import RuleSet, RuleSetHolder, build_ruleset
+from sidecar.engine import Engine, merge, plan
+from sidecar.model import Identity
+from sidecar.policy.plan_cache import PlanCache, validity
+from sidecar.policy.rules import Rule
+from sidecar.store.sqlite_store import SQLiteStore
+from tests.unit.test_engine import ALICE, CENT, FixedAuth, attrs
+
+MIDNIGHT = 1_900_022_400.0  # 2030-03-18T00:00:00Z
+DAILY = {"name": "daily", "budget_usd": 10, "window": {"fixed": "daily"}, "split": ["user"],
+         "action": "block"}
+MINUTE = {"name": "minute", "budget_usd": 10, "window": {"rolling": "1m"}, "split": ["user"],
+          "action": "block"}
+
+
+def ruleset(*limits: dict[str, Any]) -> RuleSet:
+    return build_ruleset(parse_config({
+        "providers": [{"id": "openai", "path_prefix": "/openai/"}],
+        "pricing": {"unknown_model": "reject", "overrides": [CENT]},
+        "spend_limits": list(limits)}))
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _engine(rs: RuleSet, store: SQLiteStore, clock: Clock,
+            runtime: list[tuple[Rule, ...]] | None = None) -> Engine:
+    auth = FixedAuth(ALICE)
+    extra = runtime if runtime is not None else [()]
+    return Engine(RuleSetHolder(rs), store, lambda _: auth,  # type: ignore[arg-type,return-value]
+                  runtime_rules=lambda: extra[0], clock=clock)
+
+
+def test_validity_is_the_earliest_slot_end_of_the_rules() -> None:
+    rules = ruleset(DAILY, MINUTE).rules
+    named = {r.name: r for r in rules}
+    now = MIDNIGHT + 30.5
+    assert validity([named["daily"]], now) == (MIDNIGHT, MIDNIGHT + 86_400)
+    assert validity([named["daily"], named["minute"]], now) == (MIDNIGHT + 30, MIDNIGHT + 31)
+
+
+def test_cache_answers_only_inside_the_validity_and_for_the_same_rules() -> None:
+    cache: PlanCache[str] = PlanCache()
+    rules: tuple[object, ...] = (["a"], [])
+    assert cache.get(rules, "k", 10) is None
+    cache.put("k", "plan", 10, 20)
+    assert cache.get(rules, "k", 10) == "plan" and cache.get(rules, "k", 19.9) == "plan"
+    assert cache.get(rules, "k", 20) is None and cache.get(rules, "k", 9.9) is None
+    # Equal but not the same objects: a reload built them anew, so nothing is kept.
+    assert cache.get((["a"], []), "k", 15) is None
+    assert cache.get(rules, "k", 15) is None
+
+
+def test_a_full_cache_starts_over() -> None:
+    cache: PlanCache[int] = PlanCache(max_entries=2)
+    rules = ((), ())
+    cache.get(rules, 0, 0)
+    for i in range(3):
+        cache.put(i, i, 0, 1)
+    assert cache.get(rules, 2, 0) == 2 and cache.get(rules, 0, 0) is None
+
+
+async def test_engine_plans_match_a_fresh_plan_across_a_midnight(tmp_path: Path) -> None:
+    rs = ruleset(DAILY, MINUTE)
+    store = SQLiteStore(f"sqlite:///{tmp_path}/p.db")
+    clock = Clock(MIDNIGHT - 0.5)
+    eng = _engine(rs, store, clock)
+    try:
+        for now in (MIDNIGHT - 0.5, MIDNIGHT - 0.2, MIDNIGHT, MIDNIGHT + 59.9, MIDNIGHT + 60):
+            clock.now = now
+            decision = await eng.check(attrs("cent-1", f"r{now}"))
+            assert decision.allowed
+            ctx = {"user": (ALICE.user,), "group": ALICE.groups, "token": (),
+                   "kind": (ALICE.kind,), "model": ("cent-1",), "provider": ("openai",)}
+            cached = eng._plan(rs, (), ctx, now)
+            assert cached.views == merge(plan(rs.rules, ctx, now)).views, now
+    finally:
+        await store.close()
+
+
+async def test_a_runtime_rule_change_is_planned_at_once(tmp_path: Path) -> None:
+    rs = ruleset(DAILY)
+    store = SQLiteStore(f"sqlite:///{tmp_path}/p.db")
+    runtime: list[tuple[Rule, ...]] = [()]
+    eng = _engine(rs, store, Clock(MIDNIGHT + 5), runtime)
+    try:
+        first = await eng.check(attrs("cent-1", "a"))
+        runtime[0] = ruleset({**MINUTE, "name": "late"}).rules
+        second = await eng.check(attrs("cent-1", "b"))
+        assert "late" not in first.rules and "late" in second.rules
+    finally:
+        await store.close()
+
+
+def test_identity_is_part_of_the_key() -> None:
+    rs = ruleset(DAILY)
+    bob = Identity(kind="user", subject="b", email="bob@example.com", groups=("ml",))
+    views = {}
+    for who in (ALICE, bob):
+        ctx = {"user": (who.user,), "group": who.groups, "token": (), "kind": (who.kind,),
+               "model": ("cent-1",), "provider": ("openai",)}
+        views[who.user] = merge(plan(rs.rules, ctx, MIDNIGHT)).views
+    assert views[ALICE.user] != views[bob.user]
