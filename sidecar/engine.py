@@ -399,7 +399,7 @@ class Engine:
             if time.monotonic() < self._store_down_until:
                 return await self._store_down(
                     StoreUnavailable("store unavailable (recent failure)"), identity, attrs,
-                    creds, cand_model, cand_provider, request)
+                    creds, cand_model, cand_provider, request, attempted=False)
             started = time.perf_counter()
             try:
                 with tracing.span("sidecar.store.reserve", buckets=len(budget.views)):
@@ -549,7 +549,7 @@ class Engine:
 
     async def _store_down(self, err: StoreUnavailable, identity: Identity, attrs: RequestAttrs,
                           creds: tuple[str, ...], model: str, provider: Provider,
-                          request: ReserveRequest) -> Decision:
+                          request: ReserveRequest, attempted: bool = True) -> Decision:
         # The one place the failure mode is chosen: closed by default, because admitting
         # without a budget check is spending money nobody approved.
         mode = self.holder.current.config.store.on_error
@@ -562,6 +562,13 @@ class Engine:
                          request_id=request.request_id,
                          provider_headers=self._keys(self.holder.current, provider.id,
                                                      identity, attrs))
+        if attempted and self.spool is not None:
+            # The store may have made the reservation before the failure reached us (a reply
+            # lost with the connection). The request is refused and never goes upstream, so
+            # a $0 release is queued: replayed when the store is back, it frees such a
+            # reservation, and changes nothing when there is none.
+            await self.spool.completed(request.request_id, 0, TokenUsage(), error=True,
+                                       tokens=(0, 0))
         return deny("store_unavailable", "store_unavailable",
                     "the budget store is unavailable; try again shortly",
                     headers={"retry-after": "1"}, identity=identity, model=model)

@@ -11,11 +11,13 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from sidecar.budget.spool import Spool
 from sidecar.config.loader import parse_config
 from sidecar.config.ruleset import RuleSet, RuleSetHolder, build_ruleset
 from sidecar.engine import Engine
 from sidecar.metering.charge import Observed
 from sidecar.model import Identity, Iteration, RequestAttrs, TokenUsage
+from sidecar.store.base import StoreUnavailable
 from sidecar.store.sqlite_store import SQLiteStore
 
 NOW = 1_900_000_000.0
@@ -229,3 +231,35 @@ async def test_check_abandoned_mid_reservation_is_released_at_zero(store: SQLite
     assert found is not None and found.state == "committed"
     # Nothing spent, nothing held: the $0.03 the request reserved is free again.
     assert (await eng.check(attrs("cent-a", "r2", max_tokens=5))).allowed
+
+
+class LostReply(Gated):
+    """The store makes the reservation, then the connection drops before its answer."""
+
+    async def reserve(self, request: Any) -> Any:
+        self.ids.append(request.request_id)
+        await self.inner.reserve(request)
+        raise StoreUnavailable("connection closed by server")
+
+
+async def test_reservation_whose_answer_was_lost_is_released_when_the_store_is_back(
+        store: SQLiteStore, tmp_path: Path) -> None:
+    rs = config(spend_limits=[rule("b", 0.05, "block", ["cent-*"])])
+    lost = LostReply(store)
+    eng = engine(rs, lost)  # type: ignore[arg-type]
+    eng.spool = Spool(str(tmp_path / "spool.db"))
+    try:
+        refused = await eng.check(attrs("cent-a", "r1", max_tokens=3))
+        assert (refused.allowed, refused.reason) == (False, "store_unavailable")
+        (request_id,) = lost.ids
+        held = await store.reservation(request_id)
+        assert held is not None and held.state == "open"  # the store did reserve
+        assert await eng.spool.replay(store, NOW) == 1
+        released = await store.reservation(request_id)
+        assert released is not None and released.state == "committed"
+        eng.store = store
+        eng._store_down_until = 0.0
+        # The refused request holds nothing: the whole $0.05 is there for the next one.
+        assert (await eng.check(attrs("cent-a", "r2", max_tokens=5))).allowed
+    finally:
+        await eng.spool.close()
