@@ -123,7 +123,12 @@ def test_spending_caps_hard_cap_blocks_soft_budget_reports(account_stack: Stack,
     caps = "/v1/organizations/billing/spending-caps"
     token = issuer.mint("bea@example.com")
     with account_stack.admin() as admin:
+        # Charges land from Envoy's batched access log a moment after each answer.
+        deadline = time.monotonic() + 30
         before = admin.get(caps).json()["result"]
+        while before["current_spending"] < 300 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            before = admin.get(caps).json()["result"]
         spent = before["current_spending"]
         assert spent >= 300 and before["percentage_used"] is None
         result = admin.post(caps, json={"monthly_spending_budget": spent * 2,
