@@ -24,6 +24,7 @@ from botocore.eventstream import EventStreamBuffer, ParserError
 from sidecar.metering import count, load_json, mapping, utf8_len
 from sidecar.metering.anthropic import MessagesStream
 from sidecar.metering.sse import SSEEvent
+from sidecar.metering.tally import StreamTally
 from sidecar.model import Iteration, TokenUsage, ToolFees
 
 EVENTSTREAM_MEDIA = "application/vnd.amazon.eventstream"
@@ -85,15 +86,8 @@ class EventStreamDecoder:
         return []
 
 
-class ConverseStream:
+class ConverseStream(StreamTally):
     """Follows ConverseStream events: text from `contentBlockDelta`, usage from `metadata`."""
-
-    def __init__(self) -> None:
-        self.usage: TokenUsage | None = None
-        self.complete = False
-        self.output_bytes = 0
-        self.iterations: tuple[Iteration, ...] = ()
-        self.fees = ToolFees()
 
     def on_event(self, event: SSEEvent) -> None:
         if event.event not in ("contentBlockDelta", "metadata"):

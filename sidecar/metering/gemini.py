@@ -13,7 +13,8 @@ from collections.abc import Mapping
 
 from sidecar.metering import count, load_json, mapping, utf8_len
 from sidecar.metering.sse import SSEEvent
-from sidecar.model import Iteration, TokenUsage, ToolFees
+from sidecar.metering.tally import StreamTally
+from sidecar.model import TokenUsage
 
 
 def gemini_usage(metadata: object) -> TokenUsage | None:
@@ -77,15 +78,11 @@ def _finished(chunk: Mapping[str, object]) -> bool:
         isinstance(c, Mapping) and c.get("finishReason") for c in candidates)
 
 
-class GeminiStream:
+class GeminiStream(StreamTally):
     """Follows `streamGenerateContent?alt=sse`: each event is a GenerateContentResponse."""
 
     def __init__(self) -> None:
-        self.usage: TokenUsage | None = None
-        self.complete = False
-        self.output_bytes = 0
-        self.iterations: tuple[Iteration, ...] = ()
-        self.fees = ToolFees()
+        super().__init__()
         self._finished = False
 
     def on_event(self, event: SSEEvent) -> None:

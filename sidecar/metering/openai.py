@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 from sidecar.metering import count, load_json, mapping, utf8_len
 from sidecar.metering.sse import SSEEvent
+from sidecar.metering.tally import StreamTally
 from sidecar.model import Iteration, TokenUsage, ToolFees
 
 # Terminal Responses API events; each carries the final response object, usage included.
@@ -113,7 +114,7 @@ def responses_body_usage(body: object) -> TokenUsage | None:
     return responses_usage(fields.get("usage")) if fields else None
 
 
-class ChatStream:
+class ChatStream(StreamTally):
     """Follows `chat.completion.chunk` events; usage comes in a final chunk with no choices.
 
     OpenAI only sends it when the request set `stream_options.include_usage`. Some
@@ -121,13 +122,6 @@ class ChatStream:
     generated text is counted as it passes (`output_bytes`), for a stream that ends without
     usage.
     """
-
-    def __init__(self) -> None:
-        self.usage: TokenUsage | None = None
-        self.complete = False
-        self.output_bytes = 0
-        self.iterations: tuple[Iteration, ...] = ()
-        self.fees = ToolFees()
 
     def on_event(self, event: SSEEvent) -> None:
         if event.data.strip() == "[DONE]":
