@@ -9,8 +9,10 @@ from google.rpc import code_pb2
 
 from sidecar.demo.keys import DevIssuer
 from sidecar.demo.stack import Stack
+from sidecar.fake_provider import expected_usage
 from sidecar.proto_gen.sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
-from tests.security.conftest import REPLAY_MODEL, check, user
+from tests.security.conftest import REPLAY_MODEL, charged, check, micros, user
+from tests.security.test_metering_evasion import MODEL, price
 
 CHAT_PATH = "/authz/openai/v1/chat/completions"
 
@@ -68,3 +70,24 @@ def test_id_replayed_after_its_usage_was_reported_is_refused(stack: Stack,
     assert check(stack, headers, body).status.code == code_pb2.RESOURCE_EXHAUSTED
     replayed = {**headers, "x-request-id": minted, "x-sidecar-request-id": minted}
     assert check(stack, replayed, body).status.code == code_pb2.RESOURCE_EXHAUSTED
+
+
+def test_duplicated_sidecar_headers_through_envoy_change_nothing(stack: Stack,
+                                                                 issuer: DevIssuer) -> None:
+    email = user("doubled")
+    stack.clear_seen()
+    body = {"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
+    headers = [("authorization", f"Bearer {issuer.mint(email)}"),
+               ("x-sidecar-request-id", "victim-1"), ("x-sidecar-request-id", "victim-2"),
+               ("x-sidecar-model", "cheap-model"), ("x-sidecar-model", "cheaper-model"),
+               ("x-request-id", "one"), ("x-request-id", "two")]
+    response = httpx.post(stack.envoy_url + "/openai/v1/chat/completions", json=body,
+                          headers=headers, timeout=30)
+    assert response.status_code == 200, response.text
+    (arrived,) = stack.seen()
+    # Neither copy of either header reached the provider as the client sent it.
+    assert "x-sidecar-request-id" not in arrived["headers"]
+    assert arrived["headers"]["x-sidecar-model"] == MODEL
+    usage = expected_usage("openai_chat", body)
+    row = charged(stack, email)
+    assert row["requests"] == 1 and micros(row["cost_usd"]) == price(usage)
