@@ -42,6 +42,7 @@ from sidecar.model import RequestAttrs, TokenUsage
 from sidecar.store.base import Store
 from sidecar.store.budget_types import BucketView, ReserveRequest, ReserveResult
 from sidecar.store.factory import open_store
+from tests.support.redis_admin import flush_redis
 
 USERS = 50
 ROLLING_SLOTS = 60  # sidecar.policy.windows: a rolling window of a minute or more
@@ -96,8 +97,8 @@ async def measure(url: str, stat_urls: list[str], decisions: int, warmup: int,
     issuer = DevIssuer.generate()
     jwks = issuer.write_jwks(workdir / "jwks.json")
     ruleset = build_ruleset(parse_config(bench_config(issuer, str(jwks), url)))
+    await flush_redis(url)
     store = await open_store(url)
-    await store.flush_for_tests()  # type: ignore[attr-defined]
     recorder = Recorder(store)
     engine = make_engine(ruleset, recorder)
     tokens = [issuer.mint(f"user{i}@example.com", ["eng", "ml"], ttl=6 * 3600)

@@ -22,7 +22,7 @@ import structlog
 from sidecar.config.ruleset import RuleSetHolder
 from sidecar.metrics import ALERTS_SENT, WEBHOOK_FAILURES
 from sidecar.policy.rules import in_unit
-from sidecar.store.base import Store
+from sidecar.store.base import DocumentStore
 from sidecar.store.budget_types import BucketState
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ def sign(secret: str, timestamp: int, body: bytes) -> str:
 
 
 class Alerts:
-    def __init__(self, store: Store, holder: RuleSetHolder,
+    def __init__(self, store: DocumentStore, holder: RuleSetHolder,
                  clock: Callable[[], float] = time.time,
                  post: Callable[[str, bytes, dict[str, str]], Any] | None = None) -> None:
         self._store = store
@@ -92,7 +92,8 @@ class Alerts:
 
     async def _fire(self, key: str, event: dict[str, Any], ttl: int) -> None:
         try:
-            won = await self._store.swap_doc(COLLECTION, key, None, event, ttl_seconds=ttl)
+            won = await self._store.swap_doc(COLLECTION, key, None, event, ttl_seconds=ttl,
+                                             now=self._clock())
         except Exception as exc:
             self._seen.discard(key)  # try again on a later request
             log.warning("alert_claim_failed", error=str(exc))

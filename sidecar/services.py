@@ -180,7 +180,7 @@ def _secret_box(config_path: Path, rs: RuleSet) -> SecretBox:
 async def _open_device_login(config_path: Path, store: Store, login: DeviceLogin,
                              box: SecretBox) -> None:
     try:
-        await check_key(store, box)
+        await check_key(store, box, now=time.time())
         sealed = await login.seal_plain_secrets()
     except SecretKeyError as exc:
         raise ConfigError(str(config_path), [f"{config_path}: secrets: {exc}"]) from None

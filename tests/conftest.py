@@ -15,6 +15,8 @@ from sidecar.demo.redis_cluster import LocalCluster, start_redis_cluster
 from sidecar.store.base import Store
 from sidecar.store.factory import open_store
 from tests.support.backends import backend_url
+from tests.support.redis_admin import flush_redis
+from tests.support.store_clock import StoreClock
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -41,10 +43,19 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClu
 async def store(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> AsyncIterator[Store]:
-    st = await open_store(backend_url(request, request.param, tmp_path))
+    url = backend_url(request, request.param, tmp_path)
     if request.param != "sqlite":
-        await st.flush_for_tests()  # type: ignore[attr-defined]
+        await flush_redis(url)
+    st = await open_store(url)
     try:
         yield st
     finally:
         await st.close()
+
+
+@pytest.fixture
+def store_clock(request: pytest.FixtureRequest, store: Store, tmp_path: Path) -> StoreClock:
+    """The time a test of the `store` fixture's backend runs at (see StoreClock)."""
+    backend = request.node.callspec.params["store"]
+    url = None if backend == "sqlite" else backend_url(request, backend, tmp_path)
+    return StoreClock(1_800_000_000.0, url)

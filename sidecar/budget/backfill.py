@@ -15,12 +15,13 @@ from __future__ import annotations
 import hashlib
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import Protocol
 
 import structlog
 
 from sidecar.policy.rules import Rule
 from sidecar.policy.windows import RollingWindow
-from sidecar.store.base import Store
+from sidecar.store.base import BudgetStore, Ledger
 from sidecar.store.budget_types import BucketView, LedgerRow, measured
 
 log = structlog.get_logger("sidecar.backfill")
@@ -64,7 +65,11 @@ def seed_amounts(rule: Rule, rows: Sequence[LedgerRow], now: float) -> list[tupl
             for (key, slot), amount in sorted(totals.items())]
 
 
-async def seed_rules(store: Store, rules: Sequence[Rule], now: float) -> int:
+class SpendStore(BudgetStore, Ledger, Protocol):
+    """Seeding reads the ledger and writes budget slots."""
+
+
+async def seed_rules(store: SpendStore, rules: Sequence[Rule], now: float) -> int:
     """Seed every seedable rule not seeded before; returns how many were seeded now."""
     seeded = 0
     candidates = [r for r in rules if seedable(r)]

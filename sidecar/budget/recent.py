@@ -22,7 +22,7 @@ from typing import Any
 import structlog
 
 from sidecar.model import Decision, RequestAttrs
-from sidecar.store.base import Store
+from sidecar.store.base import DocumentStore
 
 log = structlog.get_logger("sidecar.recent")
 
@@ -66,7 +66,7 @@ def entry(attrs: RequestAttrs, decision: Decision, now: float) -> dict[str, Any]
 
 
 class RecentDecisions:
-    def __init__(self, store: Store, *, size: int = SIZE,
+    def __init__(self, store: DocumentStore, *, size: int = SIZE,
                  clock: Callable[[], float] = time.time) -> None:
         self._store = store
         self.size = size
@@ -86,9 +86,11 @@ class RecentDecisions:
         task.add_done_callback(self._pending.discard)
 
     async def _write(self, doc: dict[str, Any]) -> None:
+        now = float(doc["at"])
         try:
-            seq = await self._store.incr(SEQUENCE_KEY, 1, SEQUENCE_TTL_SECONDS)
-            await self._store.put_doc(COLLECTION, f"{seq % self.size:05d}", doc, TTL_SECONDS)
+            seq = await self._store.incr(SEQUENCE_KEY, 1, SEQUENCE_TTL_SECONDS, now=now)
+            await self._store.put_doc(COLLECTION, f"{seq % self.size:05d}", doc, TTL_SECONDS,
+                                      now=now)
         except Exception as exc:  # a display aid: losing one entry must never hurt a request
             log.warning("recent_decision_not_recorded", error=str(exc))
 
@@ -98,8 +100,8 @@ class RecentDecisions:
             await asyncio.gather(*self._pending, return_exceptions=True)
 
 
-async def recent(store: Store, limit: int = 50) -> list[dict[str, Any]]:
+async def recent(store: DocumentStore, limit: int = 50, *, now: float) -> list[dict[str, Any]]:
     """The latest entries of every replica, newest first."""
-    docs = await store.list_docs(COLLECTION)
+    docs = await store.list_docs(COLLECTION, now=now)
     docs.sort(key=lambda d: float(d.get("at", 0)), reverse=True)
     return docs[:limit]

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
@@ -19,7 +20,7 @@ from sidecar.config.ruleset import rules_from_config
 from sidecar.money import cents_to_micros
 from sidecar.policy.rules import Rule, compile_rule
 from sidecar.policy.windows import FixedWindow, RollingWindow
-from sidecar.store.base import Store
+from sidecar.store.base import DocumentStore
 
 log = structlog.get_logger("sidecar.rules")
 
@@ -72,8 +73,10 @@ def caps_rules(doc: dict[str, Any]) -> list[Rule]:
 
 
 class RuntimeRules:
-    def __init__(self, store: Store, account_id: str) -> None:
+    def __init__(self, store: DocumentStore, account_id: str,
+                 clock: Callable[[], float] = time.time) -> None:
         self._store = store
+        self._clock = clock
         self.account_id = account_id
         self._rules: tuple[Rule, ...] = account_tracking_rules()
         self.docs: list[dict[str, Any]] = []
@@ -83,7 +86,8 @@ class RuntimeRules:
         return self._rules
 
     async def refresh(self) -> None:
-        docs = await self._store.list_docs(SPEND_LIMITS)
+        now = self._clock()
+        docs = await self._store.list_docs(SPEND_LIMITS, now=now)
         compiled: list[Rule] = list(account_tracking_rules())
         for doc in docs:
             try:
@@ -91,10 +95,10 @@ class RuntimeRules:
                                                   source="runtime"))
             except ValueError as exc:  # a rule written by a newer version: skip, loudly
                 log.error("runtime_rule_invalid", name=doc.get("name"), error=str(exc))
-        limit = await self._store.get_doc(ACCOUNT_LIMIT, self.account_id)
+        limit = await self._store.get_doc(ACCOUNT_LIMIT, self.account_id, now=now)
         if limit is not None:
             compiled.append(account_limit_rule(limit))
-        caps = await self._store.get_doc(SPENDING_CAPS, self.account_id)
+        caps = await self._store.get_doc(SPENDING_CAPS, self.account_id, now=now)
         if caps is not None:
             compiled.extend(caps_rules(caps))
         self.docs = docs

@@ -18,7 +18,7 @@ from typing import Any
 import structlog
 
 from sidecar.model import TokenUsage
-from sidecar.store.base import Store, StoreUnavailable
+from sidecar.store.base import BudgetStore, StoreUnavailable
 from sidecar.store.budget_types import (
     BucketView,
     LedgerDims,
@@ -105,7 +105,7 @@ class Spool:
     async def size(self) -> int:
         return int((await self._run("SELECT COUNT(*) FROM spool"))[0][0])
 
-    async def replay(self, store: Store, now: float, limit: int = 200) -> int:
+    async def replay(self, store: BudgetStore, now: float, limit: int = 200) -> int:
         """Push what is due to the store; stop at the first failure. Returns entries done."""
         rows = await self._run(
             "SELECT request_id, views, dims, estimate, expires_at, actual, usage, error "

@@ -8,7 +8,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from sidecar.store.base import Store
+from sidecar.store.base import DocumentStore
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class Attempts:
     """Fixed windows aligned to the clock: every replica computes the same counter key, and
     the time until a refused caller may try again is known without asking the store."""
 
-    def __init__(self, store: Store, clock: Callable[[], float]) -> None:
+    def __init__(self, store: DocumentStore, clock: Callable[[], float]) -> None:
         self._store = store
         self._clock = clock
 
@@ -45,7 +45,8 @@ class Attempts:
         wait: int | None = None
         for check in checks:
             limit = check[0]
-            count = await self._store.incr(self._key(check, now), 0, limit.window_seconds)
+            count = await self._store.incr(self._key(check, now), 0, limit.window_seconds,
+                                           now=now)
             if count >= limit.limit:
                 window_end = (now // limit.window_seconds + 1) * limit.window_seconds
                 seconds = max(1, math.ceil(window_end - now))
@@ -55,4 +56,5 @@ class Attempts:
     async def failed(self, checks: Sequence[Check]) -> None:
         now = self._clock()
         for check in checks:
-            await self._store.incr(self._key(check, now), 1, check[0].window_seconds)
+            await self._store.incr(self._key(check, now), 1, check[0].window_seconds,
+                                   now=now)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sidecar.store.base import Doc, Store
+from sidecar.store.base import Doc, DocumentStore
 
 COLLECTION = "cli_sessions"
 # How long a session's state may be served from memory: bounds how late a revocation made
@@ -47,7 +47,7 @@ def public_view(doc: Doc) -> Doc:
 
 
 class CliSessions:
-    def __init__(self, store: Store, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: DocumentStore, clock: Callable[[], float] = time.time) -> None:
         self._store = store
         self._clock = clock
         self._cache: dict[str, tuple[float, bool]] = {}
@@ -62,7 +62,8 @@ class CliSessions:
                "issuer": issuer, "scope": scope, "client": client[:200], "created_at": now,
                "expires_at": now + ttl_seconds, "last_refreshed_at": None,
                "revoked_at": None, "revoked_by": None, "refresh_hash": _hash(secret)}
-        await self._store.put_doc(COLLECTION, sid, doc, ttl_seconds + RETAIN_REVOKED_SECONDS)
+        await self._store.put_doc(COLLECTION, sid, doc, ttl_seconds + RETAIN_REVOKED_SECONDS,
+                                  now=now)
         return doc, f"{sid}.{secret}"
 
     async def refresh(self, refresh_token: str) -> Refreshed | RefreshError:
@@ -70,10 +71,10 @@ class CliSessions:
         sid, _, secret = refresh_token.partition(".")
         if not sid or not secret or len(refresh_token) > MAX_REFRESH_BYTES:
             return "invalid_grant"
-        doc = await self._store.get_doc(COLLECTION, sid)
+        now = self._clock()
+        doc = await self._store.get_doc(COLLECTION, sid, now=now)
         if doc is None:
             return "invalid_grant"
-        now = self._clock()
         if doc["revoked_at"] is not None or doc["expires_at"] <= now:
             return "invalid_grant"
         if not hmac.compare_digest(_hash(secret), doc["refresh_hash"]):
@@ -82,26 +83,27 @@ class CliSessions:
         fresh = secrets.token_urlsafe(32)
         new = {**doc, "refresh_hash": _hash(fresh), "last_refreshed_at": now}
         ttl = max(1, int(doc["expires_at"] - now)) + RETAIN_REVOKED_SECONDS
-        if not await self._store.swap_doc(COLLECTION, sid, doc, new, ttl):
+        if not await self._store.swap_doc(COLLECTION, sid, doc, new, ttl, now=now):
             # Someone else used this very token at the same moment: one of the two is a copy.
             await self.revoke(sid, "reuse-detected")
             return "reused"
         return Refreshed(new, f"{sid}.{fresh}")
 
     async def get(self, sid: str) -> Doc | None:
-        return await self._store.get_doc(COLLECTION, sid)
+        return await self._store.get_doc(COLLECTION, sid, now=self._clock())
 
     async def revoke(self, sid: str, by: str) -> tuple[Doc, Doc] | None:
         """(before, after) of a revocation; None when there is no such session."""
         for _ in range(8):
-            doc = await self._store.get_doc(COLLECTION, sid)
+            now = self._clock()
+            doc = await self._store.get_doc(COLLECTION, sid, now=now)
             if doc is None:
                 return None
             if doc["revoked_at"] is not None:
                 return doc, doc
-            new = {**doc, "revoked_at": self._clock(), "revoked_by": by}
+            new = {**doc, "revoked_at": now, "revoked_by": by}
             if await self._store.swap_doc(COLLECTION, sid, doc, new,
-                                          RETAIN_REVOKED_SECONDS):
+                                          RETAIN_REVOKED_SECONDS, now=now):
                 self._cache.pop(sid, None)
                 return doc, new
         return None
@@ -112,7 +114,7 @@ class CliSessions:
         sid, _, secret = refresh_token.partition(".")
         if not sid or not secret or len(refresh_token) > MAX_REFRESH_BYTES:
             return None
-        doc = await self._store.get_doc(COLLECTION, sid)
+        doc = await self._store.get_doc(COLLECTION, sid, now=self._clock())
         if doc is None or not hmac.compare_digest(_hash(secret), doc["refresh_hash"]):
             return None
         return await self.revoke(sid, by)
@@ -123,7 +125,7 @@ class CliSessions:
         hit = self._cache.get(sid)
         if hit is not None and now - hit[0] < CACHE_SECONDS:
             return hit[1]
-        doc = await self._store.get_doc(COLLECTION, sid)
+        doc = await self._store.get_doc(COLLECTION, sid, now=now)
         alive = doc is not None and doc["revoked_at"] is None and doc["expires_at"] > now
         if len(self._cache) > 10_000:
             self._cache.clear()
@@ -131,5 +133,5 @@ class CliSessions:
         return alive
 
     async def list(self) -> list[dict[str, Any]]:
-        docs = await self._store.list_docs(COLLECTION)
+        docs = await self._store.list_docs(COLLECTION, now=self._clock())
         return sorted((public_view(d) for d in docs), key=lambda d: d["created_at"])

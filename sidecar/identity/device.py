@@ -24,7 +24,7 @@ from sidecar.identity.jwt_verify import IssuerPolicy
 from sidecar.identity.secret_box import SecretBox
 from sidecar.identity.signing_keys import ALGORITHM, SigningKeys, seal_plain_keys
 from sidecar.model import Identity
-from sidecar.store.base import Doc, Store
+from sidecar.store.base import Doc, DocumentStore
 
 USER_CODE_ALPHABET = "BCDFGHJKLMNPQRSTVWXZ"
 USER_CODE_LENGTH = 8
@@ -207,7 +207,7 @@ class IssuedToken:
 class DeviceLogin:
     """Device grants, approvals and the tokens they turn into, all kept in the store."""
 
-    def __init__(self, store: Store, issuer: str, *, box: SecretBox,
+    def __init__(self, store: DocumentStore, issuer: str, *, box: SecretBox,
                  clock: Callable[[], float] = time.time, keys: SigningKeys | None = None,
                  sessions: CliSessions | None = None) -> None:
         self.issuer = issuer
@@ -242,31 +242,35 @@ class DeviceLogin:
         for _ in range(MAX_ATTEMPTS):
             code = new_user_code()
             # Claim the user code atomically: two live grants must never share one.
-            if await self._store.swap_doc(USER_CODES, code, None, {"grant": grant.id}, ttl):
+            if await self._store.swap_doc(USER_CODES, code, None, {"grant": grant.id}, ttl,
+                                          now=now):
                 grant = replace(grant, user_code=code)
-                await self._store.put_doc(GRANTS, grant.id, grant.to_doc(), ttl)
+                await self._store.put_doc(GRANTS, grant.id, grant.to_doc(), ttl, now=now)
                 return device_code, grant
         raise RuntimeError("could not find a free user code")
 
+    async def _grant_doc(self, user_code: str, now: float) -> Doc | None:
+        index = await self._store.get_doc(USER_CODES, user_code, now=now)
+        return None if index is None else \
+            await self._store.get_doc(GRANTS, index["grant"], now=now)
+
     async def find(self, user_code: str) -> Grant | None:
-        index = await self._store.get_doc(USER_CODES, user_code)
-        doc = None if index is None else await self._store.get_doc(GRANTS, index["grant"])
+        doc = await self._grant_doc(user_code, self._clock())
         return None if doc is None else Grant.from_doc(doc)
 
     async def decide(self, user_code: str, identity: Identity, approve: bool,
                      approver_is_admin: bool = False) -> Grant | DecideError:
         approver = Approver.of(identity)
         for _ in range(MAX_ATTEMPTS):
-            index = await self._store.get_doc(USER_CODES, user_code)
-            doc = None if index is None else await self._store.get_doc(GRANTS, index["grant"])
+            now = self._clock()
+            doc = await self._grant_doc(user_code, now)
             if doc is None:
                 return "unknown"
-            now = self._clock()
             result = decide(Grant.from_doc(doc), approver, approve, now, approver_is_admin)
             if isinstance(result, str):
                 return result
             if await self._store.swap_doc(GRANTS, result.id, doc, result.to_doc(),
-                                          self._ttl(result, now)):
+                                          self._ttl(result, now), now=now):
                 return result
         return "busy"
 
@@ -275,7 +279,7 @@ class DeviceLogin:
         """Answer one poll of /device/token: a token, or the RFC 8628 error code."""
         gid = grant_id(device_code)
         for _ in range(MAX_ATTEMPTS):
-            doc = await self._store.get_doc(GRANTS, gid)
+            doc = await self._store.get_doc(GRANTS, gid, now=self._clock())
             if doc is None:
                 return "invalid_grant"
             grant = Grant.from_doc(doc)
@@ -290,7 +294,7 @@ class DeviceLogin:
                 # session is never used, and expires).
                 issued = await self._open_session(after, token_ttl, session_ttl)
             if after == grant or await self._store.swap_doc(GRANTS, gid, doc, after.to_doc(),
-                                                            self._ttl(after, now)):
+                                                            self._ttl(after, now), now=now):
                 return issued if issued is not None else outcome
         # Lost every race: someone polls this code in a tight loop.
         return "slow_down"
@@ -335,11 +339,12 @@ class DeviceLogin:
     async def csrf_secret(self) -> bytes:
         """One secret for all replicas, made by whichever needs it first; stored sealed."""
         if self._secret is None:
-            doc = await self._store.get_doc(SECRETS, "csrf")
+            now = self._clock()
+            doc = await self._store.get_doc(SECRETS, "csrf", now=now)
             if doc is None:
                 fresh = {"sealed": self._box.seal(secrets.token_bytes(32))}
-                doc = fresh if await self._store.swap_doc(SECRETS, "csrf", None, fresh) \
-                    else await self._store.get_doc(SECRETS, "csrf")
+                doc = fresh if await self._store.swap_doc(SECRETS, "csrf", None, fresh, now=now) \
+                    else await self._store.get_doc(SECRETS, "csrf", now=now)
             if doc is None:
                 raise RuntimeError("the CSRF secret vanished from the store")
             if "sealed" not in doc:
@@ -356,10 +361,11 @@ class DeviceLogin:
         sealed = await seal_plain_keys(self._store, self._box, self._clock(), LEEWAY_SECONDS)
         if sealed:
             await self.keys.rotate()
-        doc = await self._store.get_doc(SECRETS, "csrf")
+        now = self._clock()
+        doc = await self._store.get_doc(SECRETS, "csrf", now=now)
         if doc is not None and "sealed" not in doc:
             fresh = {"sealed": self._box.seal(secrets.token_bytes(32))}
-            sealed += await self._store.swap_doc(SECRETS, "csrf", doc, fresh)
+            sealed += await self._store.swap_doc(SECRETS, "csrf", doc, fresh, now=now)
             self._secret = None
         if sealed:
             await self._store.scrub()
@@ -386,4 +392,5 @@ class DeviceLogin:
 
     async def start_allowed(self, client_addr: str) -> bool:
         key = f"device:start:addr:{client_addr}"
-        return await self._store.incr(key, 1, GUESS_WINDOW_SECONDS) <= START_LIMIT
+        count = await self._store.incr(key, 1, GUESS_WINDOW_SECONDS, now=self._clock())
+        return count <= START_LIMIT

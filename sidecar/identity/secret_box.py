@@ -15,7 +15,7 @@ from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken
 
-from sidecar.store.base import Store
+from sidecar.store.base import DocumentStore
 
 # Encrypted on first use with the configured key; opening it proves the key is the one
 # every secret in this store was sealed with, before anything else is tried.
@@ -67,14 +67,14 @@ def load_box(key_env: str, key_file: str | None,
     return SecretBox(value, f"${key_env}") if value.strip() else None
 
 
-async def check_key(store: Store, box: SecretBox) -> None:
+async def check_key(store: DocumentStore, box: SecretBox, *, now: float) -> None:
     """Raise SecretKeyError unless `box` holds the key this store's secrets were sealed with."""
-    doc = await store.get_doc(CHECK_COLLECTION, CHECK_ID)
+    doc = await store.get_doc(CHECK_COLLECTION, CHECK_ID, now=now)
     if doc is None:
         fresh = {"sealed": box.seal(_CHECK_TEXT)}
-        if await store.swap_doc(CHECK_COLLECTION, CHECK_ID, None, fresh):
+        if await store.swap_doc(CHECK_COLLECTION, CHECK_ID, None, fresh, now=now):
             return
-        doc = await store.get_doc(CHECK_COLLECTION, CHECK_ID)
+        doc = await store.get_doc(CHECK_COLLECTION, CHECK_ID, now=now)
         if doc is None:
             raise SecretKeyError("the secret key check vanished from the store")
     if box.open(str(doc["sealed"])) != _CHECK_TEXT:

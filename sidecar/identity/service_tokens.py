@@ -18,7 +18,7 @@ from typing import Any
 
 from sidecar.identity.errors import AuthError
 from sidecar.model import Identity
-from sidecar.store.base import Store
+from sidecar.store.base import DocumentStore
 
 COLLECTION = "service_tokens"
 # name → client id of the token holding it: claimed atomically, so names stay unique across
@@ -55,7 +55,7 @@ class NameTaken(Exception):
 
 
 class ServiceTokens:
-    def __init__(self, store: Store, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: DocumentStore, clock: Callable[[], float] = time.time) -> None:
         self._store = store
         self._clock = clock
         self._cache: dict[str, tuple[float, dict[str, Any] | None]] = {}
@@ -72,7 +72,7 @@ class ServiceTokens:
         secret = secrets.token_urlsafe(32)
         expires = None if ttl_seconds is None else now + ttl_seconds
         if await self._live_named(name) is not None or not await self._store.swap_doc(
-                NAMES, name, None, {"client_id": client_id}):
+                NAMES, name, None, {"client_id": client_id}, now=now):
             raise NameTaken(name)
         doc = {
             "id": token_id,
@@ -85,12 +85,12 @@ class ServiceTokens:
             "revoked_at": None,
             "last_used_at": None,
         }
-        await self._store.put_doc(COLLECTION, client_id, doc)
+        await self._store.put_doc(COLLECTION, client_id, doc, now=now)
         return IssuedToken(token_id, name, client_id, secret, tuple(groups), expires)
 
     async def _live_named(self, name: str) -> dict[str, Any] | None:
         # Tokens made before names were claimed have no entry in NAMES; look at them too.
-        for doc in await self._store.list_docs(COLLECTION):
+        for doc in await self._store.list_docs(COLLECTION, now=self._clock()):
             if doc["name"] == name and doc["revoked_at"] is None:
                 return doc
         return None
@@ -102,21 +102,22 @@ class ServiceTokens:
         if doc is None or doc["revoked_at"] is not None:
             return None
         secret = secrets.token_urlsafe(32)
-        new = {**doc, "secret_hash": _hash(secret), "rotated_at": self._clock()}
-        if not await self._store.swap_doc(COLLECTION, doc["client_id"], doc, new):
+        now = self._clock()
+        new = {**doc, "secret_hash": _hash(secret), "rotated_at": now}
+        if not await self._store.swap_doc(COLLECTION, doc["client_id"], doc, new, now=now):
             return None
         self._cache.pop(doc["client_id"], None)
         return IssuedToken(doc["id"], doc["name"], doc["client_id"], secret,
                            tuple(doc["groups"]), doc["expires_at"])
 
     async def list(self) -> list[dict[str, Any]]:
-        docs = await self._store.list_docs(COLLECTION)
+        docs = await self._store.list_docs(COLLECTION, now=self._clock())
         return sorted((public_view(d) for d in docs), key=lambda d: d["created_at"])
 
     async def find(self, ref: str) -> dict[str, Any] | None:
         """The token with this id or client id, else the live one (else the latest) with this
         name."""
-        docs = await self._store.list_docs(COLLECTION)
+        docs = await self._store.list_docs(COLLECTION, now=self._clock())
         for doc in docs:
             if doc["id"] == ref or doc["client_id"] == ref:
                 return doc
@@ -129,10 +130,11 @@ class ServiceTokens:
         if doc is None:
             return None
         if doc["revoked_at"] is None:
-            doc = {**doc, "revoked_at": self._clock()}
-            await self._store.put_doc(COLLECTION, doc["client_id"], doc)
+            now = self._clock()
+            doc = {**doc, "revoked_at": now}
+            await self._store.put_doc(COLLECTION, doc["client_id"], doc, now=now)
             await self._store.swap_doc(NAMES, doc["name"], {"client_id": doc["client_id"]},
-                                       None)
+                                       None, now=now)
         self._cache.pop(doc["client_id"], None)
         return public_view(doc)
 
@@ -141,7 +143,7 @@ class ServiceTokens:
         hit = self._cache.get(client_id)
         if hit is not None and now - hit[0] < CACHE_SECONDS:
             return hit[1]
-        doc = await self._store.get_doc(COLLECTION, client_id)
+        doc = await self._store.get_doc(COLLECTION, client_id, now=now)
         if len(self._cache) > 10_000:
             self._cache.clear()
         self._cache[client_id] = (now, doc)
@@ -177,11 +179,11 @@ class ServiceTokens:
         self._last_written[client_id] = now
 
         async def write() -> None:
-            current = await self._store.get_doc(COLLECTION, client_id)
+            current = await self._store.get_doc(COLLECTION, client_id, now=now)
             if current is not None:
                 # Compare-and-set so a concurrent revoke is never overwritten.
                 await self._store.swap_doc(
-                    COLLECTION, client_id, current, {**current, "last_used_at": now}
+                    COLLECTION, client_id, current, {**current, "last_used_at": now}, now=now
                 )
 
         task = asyncio.get_running_loop().create_task(write())

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from sidecar.identity.secret_box import SecretBox
-from sidecar.store.base import Doc, Store
+from sidecar.store.base import Doc, DocumentStore
 
 log = structlog.get_logger("sidecar.signing_keys")
 
@@ -54,10 +54,10 @@ def new_key_doc(now: float, box: SecretBox) -> Doc:
             "created_at": now, "retired_at": None, "signed_until": now}
 
 
-async def seal_plain_keys(store: Store, box: SecretBox, now: float, leeway: int) -> int:
+async def seal_plain_keys(store: DocumentStore, box: SecretBox, now: float, leeway: int) -> int:
     """Encrypt private keys an earlier version stored as plain PEM; returns how many."""
     sealed = 0
-    for doc in await store.list_docs(KEYS):
+    for doc in await store.list_docs(KEYS, now=now):
         pem = doc.get("private_pem")
         if not isinstance(pem, str):
             continue
@@ -66,7 +66,7 @@ async def seal_plain_keys(store: Store, box: SecretBox, now: float, leeway: int)
         # A retired key keeps its expiry; an active one never had one.
         keep = None if doc.get("retired_at") is None else \
             max(1, math.ceil(float(doc["signed_until"]) + leeway - now))
-        if await store.swap_doc(KEYS, doc["kid"], doc, new, ttl_seconds=keep):
+        if await store.swap_doc(KEYS, doc["kid"], doc, new, ttl_seconds=keep, now=now):
             sealed += 1
     return sealed
 
@@ -87,7 +87,7 @@ class SigningKeys:
 
     def __init__(
         self,
-        store: Store,
+        store: DocumentStore,
         *,
         box: SecretBox,
         clock: Callable[[], float] = time.time,
@@ -126,7 +126,7 @@ class SigningKeys:
                 return
             self._last_attempt = now
             try:
-                docs = await self._store.list_docs(KEYS)
+                docs = await self._store.list_docs(KEYS, now=now)
                 keys = {d["kid"]: jwt.PyJWK(public_jwk(d)).key
                         for d in docs if is_published(d, now, self._leeway)}
             except Exception as exc:
@@ -142,7 +142,8 @@ class SigningKeys:
         """Public parts of every published key, the active one first; makes one if none."""
         active = await self._usable_active()
         now = self._clock()
-        docs = [d for d in await self._store.list_docs(KEYS) if is_published(d, now, self._leeway)]
+        docs = [d for d in await self._store.list_docs(KEYS, now=now)
+                if is_published(d, now, self._leeway)]
         docs.sort(key=lambda d: (d["kid"] != active["kid"], -float(d["created_at"])))
         return {"keys": [public_jwk(d) for d in docs]}
 
@@ -154,7 +155,8 @@ class SigningKeys:
             doc = await self._usable_active()
             # Record the expiry before the token exists, so the key outlives it for sure.
             extended = {**doc, "signed_until": max(float(doc["signed_until"]), float(exp))}
-            if extended == doc or await self._store.swap_doc(KEYS, doc["kid"], doc, extended):
+            if extended == doc or await self._store.swap_doc(KEYS, doc["kid"], doc, extended,
+                                                             now=self._clock()):
                 if "private_sealed" not in doc:
                     raise SigningKeyUnavailable(
                         f"key {doc['kid']} is stored unencrypted; restart a sidecar of this "
@@ -170,7 +172,7 @@ class SigningKeys:
     async def rotate(self) -> str:
         """Make a new key active and retire the previous one; returns the new kid."""
         for _ in range(MAX_ATTEMPTS):
-            pointer = await self._store.get_doc(ACTIVE, ACTIVE_ID)
+            pointer = await self._store.get_doc(ACTIVE, ACTIVE_ID, now=self._clock())
             kid = await self._rotate_from(pointer)
             if kid is not None:
                 return kid
@@ -178,9 +180,10 @@ class SigningKeys:
 
     async def _usable_active(self) -> Doc:
         for _ in range(MAX_ATTEMPTS):
-            pointer = await self._store.get_doc(ACTIVE, ACTIVE_ID)
-            doc = None if pointer is None else await self._store.get_doc(KEYS, pointer["kid"])
             now = self._clock()
+            pointer = await self._store.get_doc(ACTIVE, ACTIVE_ID, now=now)
+            doc = None if pointer is None else \
+                await self._store.get_doc(KEYS, pointer["kid"], now=now)
             if doc is not None and doc["retired_at"] is None and \
                     now - float(doc["created_at"]) < self._rotate_after:
                 return doc
@@ -191,9 +194,9 @@ class SigningKeys:
         """Replace `pointer` by a new key; None when another replica changed it first."""
         now = self._clock()
         doc = new_key_doc(now, self._box)
-        await self._store.put_doc(KEYS, doc["kid"], doc)
+        await self._store.put_doc(KEYS, doc["kid"], doc, now=now)
         if not await self._store.swap_doc(ACTIVE, ACTIVE_ID, pointer,
-                                          {"kid": doc["kid"], "since": now}):
+                                          {"kid": doc["kid"], "since": now}, now=now):
             await self._store.delete_doc(KEYS, doc["kid"])
             return None
         previous = None if pointer is None else str(pointer["kid"])
@@ -205,16 +208,17 @@ class SigningKeys:
 
     async def _retire(self, kid: str) -> None:
         for _ in range(MAX_ATTEMPTS):
-            doc = await self._store.get_doc(KEYS, kid)
+            now = self._clock()
+            doc = await self._store.get_doc(KEYS, kid, now=now)
             if doc is None or doc["retired_at"] is not None:
                 return
-            now = self._clock()
             retired = {**doc, "retired_at": now}
             # The store forgets the key by itself once its last token can no longer pass.
             keep = math.ceil(float(doc["signed_until"]) + self._leeway - now)
             if keep <= 0:
-                done = await self._store.swap_doc(KEYS, kid, doc, None)
+                done = await self._store.swap_doc(KEYS, kid, doc, None, now=now)
             else:
-                done = await self._store.swap_doc(KEYS, kid, doc, retired, ttl_seconds=keep)
+                done = await self._store.swap_doc(KEYS, kid, doc, retired, ttl_seconds=keep,
+                                                  now=now)
             if done:
                 return

@@ -1,4 +1,10 @@
-"""The store Protocol every backend implements, and the errors it may raise."""
+"""The store interfaces every backend implements, and the errors they may raise.
+
+A backend implements all of them (`Store`); each caller depends on the narrowest one it uses:
+the budget store (one atomic step per decision), the ledger (what was spent, by hour), or
+the document store (small JSON documents and counters). Every operation whose answer depends
+on the time takes `now` from the caller, so a test drives time with its own clock.
+"""
 
 from __future__ import annotations
 
@@ -24,48 +30,46 @@ class StoreUnavailable(Exception):
     """The backend could not be reached or timed out; transient by nature."""
 
 
-class Store(Protocol):
-    """Everything the sidecar keeps outside one process.
+class DocumentStore(Protocol):
+    """Small JSON objects in named collections (service tokens, runtime rules, device codes,
+    signing keys) and counters that expire.
 
-    Documents are small JSON objects in named collections (service tokens, runtime rules,
-    device codes, signing keys); budgets and the ledger have their own atomic operations so
-    each decision costs one round trip.
+    A TTL runs from `now`; reads at `now` skip what has expired. The SQLite store judges
+    expiry by the `now` it is given; Redis expires keys on its own clock (shared by every
+    replica), which in production is the same wall clock the callers read.
     """
 
-    async def open(self) -> None: ...
+    async def get_doc(self, collection: str, key: str, *, now: float) -> Doc | None: ...
 
-    async def close(self) -> None: ...
+    async def put_doc(
+        self, collection: str, key: str, doc: Doc, ttl_seconds: int | None = None, *,
+        now: float,
+    ) -> None: ...
 
-    async def ping(self) -> bool: ...
+    async def delete_doc(self, collection: str, key: str) -> bool: ...
+
+    async def list_docs(self, collection: str, *, now: float) -> list[Doc]: ...
+
+    async def swap_doc(
+        self, collection: str, key: str, expected: Doc | None, new: Doc | None,
+        ttl_seconds: int | None = None, *, now: float,
+    ) -> bool:
+        """Atomically replace `expected` (None: absent) by `new` (None: delete)."""
+        ...
+
+    async def incr(self, key: str, amount: int, ttl_seconds: int, *, now: float) -> int:
+        """A counter that expires `ttl_seconds` after its first increment (at `now`)."""
+        ...
 
     async def scrub(self) -> None:
         """Remove what deleted or replaced data left in files (after a secret was re-sealed),
         where the backend keeps such remnants itself."""
         ...
 
-    # -- documents ---------------------------------------------------------------------
-    async def get_doc(self, collection: str, key: str) -> Doc | None: ...
 
-    async def put_doc(
-        self, collection: str, key: str, doc: Doc, ttl_seconds: int | None = None
-    ) -> None: ...
+class BudgetStore(Protocol):
+    """Reservations against budget buckets: each decision is one atomic step, one round trip."""
 
-    async def delete_doc(self, collection: str, key: str) -> bool: ...
-
-    async def list_docs(self, collection: str) -> list[Doc]: ...
-
-    async def swap_doc(
-        self, collection: str, key: str, expected: Doc | None, new: Doc | None,
-        ttl_seconds: int | None = None,
-    ) -> bool:
-        """Atomically replace `expected` (None: absent) by `new` (None: delete)."""
-        ...
-
-    async def incr(self, key: str, amount: int, ttl_seconds: int) -> int:
-        """A counter that expires `ttl_seconds` after its first increment."""
-        ...
-
-    # -- budgets -----------------------------------------------------------------------
     async def reserve(self, request: ReserveRequest) -> ReserveResult:
         """Admit against every bucket, all or nothing. A request id already in the store is
         a `duplicate` (admitted, nothing changed) only while its reservation is open, not
@@ -104,5 +108,18 @@ class Store(Protocol):
         `marker` (atomically: all of it or none). False when the marker was already used."""
         ...
 
-    # -- ledger ------------------------------------------------------------------------
+
+class Ledger(Protocol):
+    """What was charged, summed per hour and dimensions (written by `BudgetStore.commit`)."""
+
     async def ledger_rows(self, start_hour: int, end_hour: int) -> list[LedgerRow]: ...
+
+
+class Store(DocumentStore, BudgetStore, Ledger, Protocol):
+    """Everything the sidecar keeps outside one process: what a backend implements."""
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> bool: ...

@@ -209,20 +209,15 @@ class RedisStore:
         except (RedisError, OSError, StoreUnavailable):
             return False
 
-    async def flush_for_tests(self) -> None:
-        """Empty the whole database (every primary of a cluster); only for test fixtures
-        that own their Redis."""
-        async with self._op():
-            await self._r.flushdb()
-
     # -- documents ---------------------------------------------------------------------
-    async def get_doc(self, collection: str, key: str) -> Doc | None:
+    async def get_doc(self, collection: str, key: str, *, now: float) -> Doc | None:
         async with self._op():
             raw = await self._r.get(self._key("doc", collection, key))
         return None if raw is None else dict(json.loads(raw))
 
     async def put_doc(
-        self, collection: str, key: str, doc: Doc, ttl_seconds: int | None = None
+        self, collection: str, key: str, doc: Doc, ttl_seconds: int | None = None, *,
+        now: float,
     ) -> None:
         doc_key, index = self._key("doc", collection, key), self._key("docs", collection)
         async with self._op(), self._r.pipeline(transaction=True) as pipe:
@@ -243,7 +238,7 @@ class RedisStore:
             deleted, _ = await pipe.execute()
         return int(deleted) > 0
 
-    async def list_docs(self, collection: str) -> list[Doc]:
+    async def list_docs(self, collection: str, *, now: float) -> list[Doc]:
         async with self._op():
             flat = await self._list(keys=[self._key("docs", collection)])
         pairs = sorted(zip(flat[::2], flat[1::2], strict=True))
@@ -251,7 +246,7 @@ class RedisStore:
 
     async def swap_doc(
         self, collection: str, key: str, expected: Doc | None, new: Doc | None,
-        ttl_seconds: int | None = None,
+        ttl_seconds: int | None = None, *, now: float,
     ) -> bool:
         if new is not None and ttl_seconds is not None and ttl_seconds <= 0:
             new = None  # written already expired: the same as deleting it
@@ -270,7 +265,7 @@ class RedisStore:
         # before are the operator's to rotate (see README, secrets at rest).
         return None
 
-    async def incr(self, key: str, amount: int, ttl_seconds: int) -> int:
+    async def incr(self, key: str, amount: int, ttl_seconds: int, *, now: float) -> int:
         counter = self._key("counter", key)
         async with self._op(), self._r.pipeline(transaction=True) as pipe:
             pipe.incrby(counter, amount)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -176,21 +175,22 @@ class SQLiteStore:
         return True
 
     # -- documents ---------------------------------------------------------------------
-    async def get_doc(self, collection: str, key: str) -> Doc | None:
+    async def get_doc(self, collection: str, key: str, *, now: float) -> Doc | None:
         def get(conn: sqlite3.Connection) -> Doc | None:
             row = conn.execute(
                 "SELECT doc FROM docs WHERE collection=? AND key=? "
                 "AND (expires_at IS NULL OR expires_at > ?)",
-                (collection, key, time.time()),
+                (collection, key, now),
             ).fetchone()
             return None if row is None else dict(json.loads(row[0]))
 
         return await self._run(get)
 
     async def put_doc(
-        self, collection: str, key: str, doc: Doc, ttl_seconds: int | None = None
+        self, collection: str, key: str, doc: Doc, ttl_seconds: int | None = None, *,
+        now: float,
     ) -> None:
-        expires = None if ttl_seconds is None else time.time() + ttl_seconds
+        expires = None if ttl_seconds is None else now + ttl_seconds
         await self._run(lambda conn: conn.execute(
             "INSERT OR REPLACE INTO docs VALUES (?, ?, ?, ?)",
             (collection, key, json.dumps(doc, sort_keys=True), expires),
@@ -203,12 +203,12 @@ class SQLiteStore:
 
         return await self._run(delete)
 
-    async def list_docs(self, collection: str) -> list[Doc]:
+    async def list_docs(self, collection: str, *, now: float) -> list[Doc]:
         def scan(conn: sqlite3.Connection) -> list[Doc]:
             rows = conn.execute(
                 "SELECT doc FROM docs WHERE collection=? "
                 "AND (expires_at IS NULL OR expires_at > ?) ORDER BY key",
-                (collection, time.time()),
+                (collection, now),
             ).fetchall()
             return [dict(json.loads(r[0])) for r in rows]
 
@@ -216,13 +216,13 @@ class SQLiteStore:
 
     async def swap_doc(
         self, collection: str, key: str, expected: Doc | None, new: Doc | None,
-        ttl_seconds: int | None = None,
+        ttl_seconds: int | None = None, *, now: float,
     ) -> bool:
         def swap(conn: sqlite3.Connection) -> bool:
             row = conn.execute(
                 "SELECT doc FROM docs WHERE collection=? AND key=? "
                 "AND (expires_at IS NULL OR expires_at > ?)",
-                (collection, key, time.time()),
+                (collection, key, now),
             ).fetchone()
             current = None if row is None else json.loads(row[0])
             if current != expected:
@@ -230,7 +230,7 @@ class SQLiteStore:
             if new is None:
                 conn.execute("DELETE FROM docs WHERE collection=? AND key=?", (collection, key))
             else:
-                expires = None if ttl_seconds is None else time.time() + ttl_seconds
+                expires = None if ttl_seconds is None else now + ttl_seconds
                 conn.execute(
                     "INSERT OR REPLACE INTO docs VALUES (?, ?, ?, ?)",
                     (collection, key, json.dumps(new, sort_keys=True), expires),
@@ -239,9 +239,8 @@ class SQLiteStore:
 
         return await self._tx(swap)
 
-    async def incr(self, key: str, amount: int, ttl_seconds: int) -> int:
+    async def incr(self, key: str, amount: int, ttl_seconds: int, *, now: float) -> int:
         def bump(conn: sqlite3.Connection) -> int:
-            now = time.time()
             conn.execute("DELETE FROM counters WHERE key=? AND expires_at <= ?", (key, now))
             conn.execute(
                 "INSERT INTO counters VALUES (?, ?, ?) "

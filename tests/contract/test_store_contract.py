@@ -8,6 +8,7 @@ from dataclasses import replace
 from sidecar.model import TokenUsage
 from sidecar.store.base import Store
 from sidecar.store.budget_types import BucketView, LedgerDims, ReserveRequest
+from tests.support.store_clock import StoreClock
 
 NOW = 1_800_000_000.0
 
@@ -27,35 +28,39 @@ def req(rid: str, amount: int, *buckets: BucketView, now: float = NOW,
 
 
 async def test_docs_roundtrip(store: Store) -> None:
-    assert await store.get_doc("tokens", "a") is None
-    await store.put_doc("tokens", "a", {"name": "ci", "n": 1})
-    await store.put_doc("tokens", "b", {"name": "bot", "n": 2})
-    assert await store.get_doc("tokens", "a") == {"name": "ci", "n": 1}
-    assert sorted(d["name"] for d in await store.list_docs("tokens")) == ["bot", "ci"]
+    assert await store.get_doc("tokens", "a", now=NOW) is None
+    await store.put_doc("tokens", "a", {"name": "ci", "n": 1}, now=NOW)
+    await store.put_doc("tokens", "b", {"name": "bot", "n": 2}, now=NOW)
+    assert await store.get_doc("tokens", "a", now=NOW) == {"name": "ci", "n": 1}
+    assert sorted(d["name"] for d in await store.list_docs("tokens", now=NOW)) == ["bot", "ci"]
     assert await store.delete_doc("tokens", "a") is True
     assert await store.delete_doc("tokens", "a") is False
-    assert await store.get_doc("tokens", "a") is None
+    assert await store.get_doc("tokens", "a", now=NOW) is None
 
 
 async def test_swap_doc_is_compare_and_set(store: Store) -> None:
-    assert await store.swap_doc("codes", "x", None, {"state": "pending"}) is True
-    assert await store.swap_doc("codes", "x", None, {"state": "pending"}) is False
-    assert await store.swap_doc("codes", "x", {"state": "pending"}, {"state": "used"}) is True
-    assert await store.swap_doc("codes", "x", {"state": "pending"}, {"state": "again"}) is False
-    assert await store.swap_doc("codes", "x", {"state": "used"}, None) is True
-    assert await store.get_doc("codes", "x") is None
+    async def swap(expected: dict[str, str] | None, new: dict[str, str] | None) -> bool:
+        return await store.swap_doc("codes", "x", expected, new, now=NOW)
+
+    assert await swap(None, {"state": "pending"}) is True
+    assert await swap(None, {"state": "pending"}) is False
+    assert await swap({"state": "pending"}, {"state": "used"}) is True
+    assert await swap({"state": "pending"}, {"state": "again"}) is False
+    assert await swap({"state": "used"}, None) is True
+    assert await store.get_doc("codes", "x", now=NOW) is None
 
 
-async def test_doc_ttl_expires(store: Store) -> None:
-    await store.put_doc("short", "k", {"v": 1}, ttl_seconds=1)
-    assert await store.get_doc("short", "k") == {"v": 1}
-    await asyncio.sleep(1.3)
-    assert await store.get_doc("short", "k") is None
+async def test_doc_lives_until_its_ttl_has_passed(store: Store, store_clock: StoreClock) -> None:
+    await store.put_doc("short", "k", {"v": 1}, ttl_seconds=60, now=store_clock())
+    await store_clock.advance(50)
+    assert await store.get_doc("short", "k", now=store_clock()) == {"v": 1}
+    await store_clock.advance(10)
+    assert await store.get_doc("short", "k", now=store_clock()) is None
 
 
 async def test_incr_counts(store: Store) -> None:
-    assert await store.incr("rl:1", 1, 60) == 1
-    assert await store.incr("rl:1", 2, 60) == 3
+    assert await store.incr("rl:1", 1, 60, now=NOW) == 1
+    assert await store.incr("rl:1", 2, 60, now=NOW) == 3
 
 
 async def test_reserve_within_limit_then_deny_inclusive_boundary(store: Store) -> None:

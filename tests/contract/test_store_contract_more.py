@@ -21,6 +21,8 @@ from sidecar.store.budget_types import (
 )
 from sidecar.store.factory import open_store
 from tests.support.backends import backend_url
+from tests.support.redis_admin import flush_redis
+from tests.support.store_clock import StoreClock
 
 NOW = 1_800_000_000.0
 HOUR = int(NOW) // 3600 * 3600
@@ -302,43 +304,54 @@ async def test_large_amounts_stay_exact(store: Store) -> None:
 # -- documents and counters ------------------------------------------------------------
 
 
-async def test_collections_are_separate_and_list_skips_expired(store: Store) -> None:
-    await store.put_doc("codes", "live", {"v": 1})
-    await store.put_doc("codes", "brief", {"v": 2}, ttl_seconds=1)
-    await store.put_doc("tokens", "live", {"v": 3})
-    assert await store.swap_doc("codes", "swapped", None, {"v": 4}, ttl_seconds=1)
-    assert await store.get_doc("tokens", "live") == {"v": 3}
-    assert sorted(d["v"] for d in await store.list_docs("codes")) == [1, 2, 4]
-    await asyncio.sleep(1.3)
-    assert await store.list_docs("codes") == [{"v": 1}]
-    assert await store.swap_doc("codes", "swapped", None, {"v": 5}) is True
-    assert await store.list_docs("nothing") == []
+async def test_collections_are_separate_and_list_skips_expired(
+        store: Store, store_clock: StoreClock) -> None:
+    now = store_clock()
+    await store.put_doc("codes", "live", {"v": 1}, now=now)
+    await store.put_doc("codes", "brief", {"v": 2}, ttl_seconds=30, now=now)
+    await store.put_doc("tokens", "live", {"v": 3}, now=now)
+    assert await store.swap_doc("codes", "swapped", None, {"v": 4}, ttl_seconds=30, now=now)
+    assert await store.get_doc("tokens", "live", now=now) == {"v": 3}
+    assert sorted(d["v"] for d in await store.list_docs("codes", now=now)) == [1, 2, 4]
+    await store_clock.advance(30)
+    now = store_clock()
+    assert await store.list_docs("codes", now=now) == [{"v": 1}]
+    # An expired document is absent to compare-and-set too.
+    assert await store.swap_doc("codes", "swapped", None, {"v": 5}, now=now) is True
+    assert await store.list_docs("nothing", now=now) == []
 
 
-async def test_rewriting_a_doc_without_ttl_makes_it_permanent(store: Store) -> None:
-    await store.put_doc("c", "k", {"v": 1}, ttl_seconds=1)
-    await store.put_doc("c", "k", {"v": 2})
-    await asyncio.sleep(1.3)
-    assert await store.get_doc("c", "k") == {"v": 2}
+async def test_rewriting_a_doc_without_ttl_makes_it_permanent(
+        store: Store, store_clock: StoreClock) -> None:
+    await store.put_doc("c", "k", {"v": 1}, ttl_seconds=30, now=store_clock())
+    await store.put_doc("c", "k", {"v": 2}, now=store_clock())
+    await store_clock.advance(31)
+    assert await store.get_doc("c", "k", now=store_clock()) == {"v": 2}
 
 
 async def test_swap_doc_compares_whole_documents(store: Store) -> None:
     doc = {"state": "pending", "user": {"email": "a@example.com", "groups": ["ml"]}}
-    await store.put_doc("codes", "x", doc)
+    await store.put_doc("codes", "x", doc, now=NOW)
     reordered = {"user": {"groups": ["ml"], "email": "a@example.com"}, "state": "pending"}
-    assert await store.swap_doc("codes", "x", reordered, {"state": "used"}) is True
-    assert await store.swap_doc("codes", "x", None, {"state": "again"}) is False
-    assert await store.swap_doc("codes", "missing", {"state": "used"}, None) is False
-    assert await store.get_doc("codes", "x") == {"state": "used"}
+    assert await store.swap_doc("codes", "x", reordered, {"state": "used"}, now=NOW) is True
+    assert await store.swap_doc("codes", "x", None, {"state": "again"}, now=NOW) is False
+    assert await store.swap_doc("codes", "missing", {"state": "used"}, None, now=NOW) is False
+    assert await store.get_doc("codes", "x", now=NOW) == {"state": "used"}
 
 
-async def test_incr_counters_are_separate_and_expire(store: Store) -> None:
-    assert await store.incr("rl:a", 5, 1) == 5
-    assert await store.incr("rl:b", 1, 60) == 1
-    assert await store.incr("rl:a", 5, 1) == 10
-    await asyncio.sleep(1.3)
-    assert await store.incr("rl:a", 2, 60) == 2
-    assert await store.incr("rl:b", 1, 60) == 2
+async def test_incr_counters_are_separate_and_expire(
+        store: Store, store_clock: StoreClock) -> None:
+    async def incr(key: str, amount: int, ttl: int) -> int:
+        return await store.incr(key, amount, ttl, now=store_clock())
+
+    assert await incr("rl:a", 5, 30) == 5
+    assert await incr("rl:b", 1, 60) == 1
+    await store_clock.advance(20)
+    # A later increment does not extend the window its first one started.
+    assert await incr("rl:a", 5, 30) == 10
+    await store_clock.advance(10)
+    assert await incr("rl:a", 2, 60) == 2
+    assert await incr("rl:b", 1, 60) == 2
 
 
 # -- a random walk against a model -------------------------------------------------------
@@ -469,7 +482,7 @@ async def test_redis_reloads_scripts_it_has_forgotten(redis_url: str) -> None:
     st = RedisStore(redis_url)
     await st.open()
     try:
-        await st.flush_for_tests()
+        await flush_redis(redis_url)
         b = bucket(limit=100)
         assert (await st.reserve(req("r1", 10, b))).admitted
         # A restarted or failed-over Redis has an empty script cache: EVALSHA must recover.
@@ -492,7 +505,7 @@ async def test_unreachable_redis_is_store_unavailable() -> None:
         with pytest.raises(StoreUnavailable):
             await st.reserve(req("r1", 10, bucket()))
         with pytest.raises(StoreUnavailable):
-            await st.get_doc("tokens", "a")
+            await st.get_doc("tokens", "a", now=NOW)
     finally:
         await st.close()
 

@@ -10,6 +10,7 @@ from sidecar.model import TokenUsage
 from sidecar.store.base import Store
 from sidecar.store.budget_types import BucketView, ReserveRequest
 from sidecar.store.redis_store import RedisStore
+from tests.support.redis_admin import flush_redis
 
 NOW = 1_800_000_000.0
 STEP = 60  # a one-hour rolling window: 60 slots of a minute
@@ -55,7 +56,7 @@ async def test_no_budget_key_lives_without_a_ttl(redis_url: str) -> None:
     store = RedisStore(redis_url, prefix="ttl-test:")
     client = Redis.from_url(redis_url, decode_responses=True)
     try:
-        await store.flush_for_tests()
+        await flush_redis(redis_url)
         fixed = BucketView("day", 1_799_971_200, 1_799_971_200, 90_000, 1_000)
         for n, bucket in enumerate([fixed, rolling(NOW), fixed, rolling(NOW + STEP)]):
             request = ReserveRequest(f"t{n}", (bucket,), 5, "reserve", NOW, NOW + 600)

@@ -8,6 +8,7 @@ import asyncio
 from sidecar.model import TokenUsage
 from sidecar.store.base import Store
 from sidecar.store.budget_types import BucketView, LedgerDims, Measure, ReserveRequest
+from tests.support.redis_admin import flush_redis
 
 NOW = 1_800_000_000.0
 SLOT = 1_799_999_940
@@ -133,7 +134,7 @@ async def test_redis_prunes_more_dead_one_second_slots_than_one_batch(redis_url:
     st = RedisStore(redis_url, prefix="prune-test:")
     client = Redis.from_url(redis_url, decode_responses=True)
     try:
-        await st.flush_for_tests()
+        await flush_redis(redis_url)
         # 2,500 one-second slots of a 10 s window, all dead 20 s after they began.
         spend = [(BucketView(f"burst{i % 5}", SLOT + s, SLOT, 20, 10, measure="requests"), 1)
                  for i in range(5) for s in range(500)]

@@ -66,14 +66,14 @@ async def test_killing_one_primary_fails_only_the_keys_on_it(cluster: LocalClust
         doomed, kept = collection_on(cluster, other), collection_on(cluster, budget)
         survivor = collection_on(cluster, third)
         for name in (doomed, kept):
-            await store.put_doc(name, "k", {"v": name})
+            await store.put_doc(name, "k", {"v": name}, now=DAY)
         assert (await store.reserve(request(1))).admitted
 
         kill(cluster, other)
         with pytest.raises(StoreUnavailable):
-            await store.get_doc(doomed, "k")
+            await store.get_doc(doomed, "k", now=DAY)
         # The other shards serve on: documents, and the budgets (all on one shard).
-        assert await store.get_doc(kept, "k") == {"v": kept}
+        assert await store.get_doc(kept, "k", now=DAY) == {"v": kept}
         assert (await store.reserve(request(2))).admitted
         assert (await store.commit("r2", 900, TokenUsage(1, 1), DAY + 11.0)).status == \
             "committed"
@@ -86,7 +86,7 @@ async def test_killing_one_primary_fails_only_the_keys_on_it(cluster: LocalClust
             await store.reserve(request(3))
         assert time.monotonic() - started < 10
         assert not await store.ping()
-        await store.put_doc(survivor, "k", {"v": 1})
-        assert await store.get_doc(survivor, "k") == {"v": 1}
+        await store.put_doc(survivor, "k", {"v": 1}, now=DAY)
+        assert await store.get_doc(survivor, "k", now=DAY) == {"v": 1}
     finally:
         await store.close()

@@ -39,7 +39,7 @@ def test_store_holds_no_pem_and_no_plain_csrf_secret(site: Site, tmp_path: Path)
     login = site.services.device_login
     assert login is not None
     csrf = asyncio.run(login.csrf_secret())
-    docs = asyncio.run(site.services.store.list_docs(KEYS))
+    docs = asyncio.run(site.services.store.list_docs(KEYS, now=time.time()))
     assert docs and all("private_pem" not in d and "private_sealed" in d for d in docs)
     raw = raw_bytes(tmp_path / "sidecar.db")
     assert b"PRIVATE KEY" not in raw
@@ -53,8 +53,9 @@ async def test_secrets_are_sealed_in_redis_too(store: Store) -> None:
     login = DeviceLogin(store, "https://gw.example.com", box=SecretBox(new_key(), "test"))
     await login.keys.jwks()
     secret = await login.csrf_secret()
-    dumped = json.dumps([*await store.list_docs(KEYS),
-                         *await store.list_docs("device_secrets")])
+    now = time.time()
+    dumped = json.dumps([*await store.list_docs(KEYS, now=now),
+                         *await store.list_docs("device_secrets", now=now)])
     assert "PRIVATE KEY" not in dumped and secret.hex() not in dumped
 
 
@@ -144,15 +145,17 @@ def test_plain_secrets_of_an_earlier_version_are_encrypted_on_start(
         old_box = SecretBox(new_key(), "x")
         doc = new_key_doc(time.time(), old_box)
         doc["private_pem"] = old_box.open(doc.pop("private_sealed")).decode()
-        await store.put_doc(KEYS, doc["kid"], doc)
-        await store.put_doc("signing_key_active", "current", {"kid": doc["kid"], "since": 0})
-        await store.put_doc("device_secrets", "csrf", {"key": "ab" * 32})
+        now = time.time()
+        await store.put_doc(KEYS, doc["kid"], doc, now=now)
+        await store.put_doc("signing_key_active", "current", {"kid": doc["kid"], "since": 0},
+                            now=now)
+        await store.put_doc("device_secrets", "csrf", {"key": "ab" * 32}, now=now)
         await store.close()
         return str(doc["kid"])
 
     kid = asyncio.run(plant())
     site = make_site()
-    docs = asyncio.run(site.services.store.list_docs(KEYS))
+    docs = asyncio.run(site.services.store.list_docs(KEYS, now=time.time()))
     assert all("private_pem" not in d and "private_sealed" in d for d in docs)
     old = [d for d in docs if d["kid"] == kid]
     assert old and old[0]["retired_at"] is not None, "the exposed key no longer signs"

@@ -149,7 +149,7 @@ async def test_recent_ring_is_bounded_and_newest_first(tmp_path: Path) -> None:
         ring.observe(attrs, full)
     ring.observe(attrs, fallback)
     await ring.drain()
-    listed = await recent(store)
+    listed = await recent(store, now=200.0)
     assert len(listed) == 3
     assert listed[0]["reason"] == "fallback" and listed[0]["fallback_to"] == "cheap"
     assert listed[0]["model"] == "gpt-4o"

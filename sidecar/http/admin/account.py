@@ -69,7 +69,8 @@ def routes(services: Services) -> list[Route]:
 
     async def get_limit(request: Request) -> JSONResponse:
         await require_admin(services, request)
-        doc = await services.store.get_doc(ACCOUNT_LIMIT, account(request))
+        now = services.engine.clock()
+        doc = await services.store.get_doc(ACCOUNT_LIMIT, account(request), now=now)
         if doc is None:
             return ok({"config": None, "enabled": False})
         return ok({"config": {k: doc[k] for k in ("amount", "duration", "strategy")},
@@ -77,6 +78,7 @@ def routes(services: Services) -> list[Route]:
 
     async def set_limit(request: Request) -> JSONResponse:
         admin = await require_admin(services, request)
+        now = services.engine.clock()
         account_id = account(request)
         data = await json_object(request)
         reject_unknown(data, {"amount", "duration", "strategy"})
@@ -86,8 +88,8 @@ def routes(services: Services) -> list[Route]:
         doc = {"amount": _cents(data, "amount", 100, nullable=False),
                "duration": _choice(data, "duration", ("daily", "weekly", "monthly")),
                "strategy": _choice(data, "strategy", ("fixed", "sliding"))}
-        before = await services.store.get_doc(ACCOUNT_LIMIT, account_id)
-        await services.store.put_doc(ACCOUNT_LIMIT, account_id, doc)
+        before = await services.store.get_doc(ACCOUNT_LIMIT, account_id, now=now)
+        await services.store.put_doc(ACCOUNT_LIMIT, account_id, doc, now=now)
         await services.runtime_rules.refresh()
         log.info("account_spending_limit_set", by=admin, **doc)
         await services.audit(admin, "account_limit.set", account_id, before, doc)
@@ -95,8 +97,9 @@ def routes(services: Services) -> list[Route]:
 
     async def delete_limit(request: Request) -> JSONResponse:
         admin = await require_admin(services, request)
+        now = services.engine.clock()
         account_id = account(request)
-        before = await services.store.get_doc(ACCOUNT_LIMIT, account_id)
+        before = await services.store.get_doc(ACCOUNT_LIMIT, account_id, now=now)
         await services.store.delete_doc(ACCOUNT_LIMIT, account_id)
         await services.runtime_rules.refresh()
         log.info("account_spending_limit_removed", by=admin)
@@ -132,12 +135,14 @@ def routes(services: Services) -> list[Route]:
 
     async def get_caps(request: Request) -> JSONResponse:
         await require_admin(services, request)
+        now = services.engine.clock()
         account_id = services.ruleset.config.account_id
-        doc = await services.store.get_doc(SPENDING_CAPS, account_id) or {}
+        doc = await services.store.get_doc(SPENDING_CAPS, account_id, now=now) or {}
         return ok(await caps_view(doc))
 
     async def set_caps(request: Request) -> JSONResponse:
         admin = await require_admin(services, request)
+        now = services.engine.clock()
         account_id = services.ruleset.config.account_id
         data = await json_object(request)
         fields = {"monthly_spending_budget", "spending_alert_thresholds",
@@ -145,7 +150,7 @@ def routes(services: Services) -> list[Route]:
         reject_unknown(data, fields)
         if not data:
             raise ApiError(400, f"nothing to update; fields: {', '.join(sorted(fields))}")
-        current = await services.store.get_doc(SPENDING_CAPS, account_id) or {}
+        current = await services.store.get_doc(SPENDING_CAPS, account_id, now=now) or {}
         update: dict[str, Any] = {}
         for key in ("monthly_spending_budget", "hard_spending_cap"):
             if key in data:
@@ -158,7 +163,7 @@ def routes(services: Services) -> list[Route]:
         doc = {"spending_alert_thresholds": [50, 75, 90, 100], "spending_alerts_enabled": True,
                "hard_cap_enabled": False, "monthly_spending_budget": None,
                "hard_spending_cap": None, **current, **update}
-        await services.store.put_doc(SPENDING_CAPS, account_id, doc)
+        await services.store.put_doc(SPENDING_CAPS, account_id, doc, now=now)
         await services.runtime_rules.refresh()
         log.info("spending_caps_set", by=admin, **update)
         await services.audit(admin, "spending_caps.set", account_id, current or None, doc)

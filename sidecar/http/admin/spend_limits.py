@@ -63,7 +63,8 @@ def file_rules(services: Services) -> dict[str, dict[str, Any]]:
 
 
 async def runtime_rules(services: Services) -> dict[str, dict[str, Any]]:
-    docs = await services.store.list_docs(SPEND_LIMITS)
+    now = services.engine.clock()
+    docs = await services.store.list_docs(SPEND_LIMITS, now=now)
     return {d["name"]: shown(d, "runtime") for d in docs}
 
 
@@ -88,7 +89,8 @@ async def add_limit(services: Services, admin: str, rule: dict[str, Any]) -> dic
     """Create a validated runtime rule, audited; 409 when its name is taken."""
     await check_new(services, rule["name"])
     await seed(services, rule)
-    if not await services.store.swap_doc(SPEND_LIMITS, rule["name"], None, rule):
+    now = services.engine.clock()
+    if not await services.store.swap_doc(SPEND_LIMITS, rule["name"], None, rule, now=now):
         raise ApiError(409, f"a spend limit named {rule['name']!r} already exists")
     await services.runtime_rules.refresh()
     log.info("spend_limit_created", by=admin, name=rule["name"])
@@ -118,6 +120,7 @@ def routes(services: Services) -> list[Route]:
 
     async def replace(request: Request) -> JSONResponse:
         admin = await require_admin(services, request)
+        now = services.engine.clock()
         name = request.path_params["name"]
         if name in file_rules(services):
             raise ApiError(409, f"{name!r} is defined in the config file (read-only)")
@@ -125,11 +128,11 @@ def routes(services: Services) -> list[Route]:
         rule = validate_rule({**data, "name": data.get("name", name)})
         if rule["name"] != name:
             raise ApiError(400, "the name in the body must match the path")
-        current = await services.store.get_doc(SPEND_LIMITS, name)
+        current = await services.store.get_doc(SPEND_LIMITS, name, now=now)
         if current is None:
             raise ApiError(404, f"no runtime spend limit named {name!r}")
         await seed(services, rule)
-        if not await services.store.swap_doc(SPEND_LIMITS, name, current, rule):
+        if not await services.store.swap_doc(SPEND_LIMITS, name, current, rule, now=now):
             raise ApiError(409, "the spend limit changed meanwhile; try again")
         await services.runtime_rules.refresh()
         log.info("spend_limit_replaced", by=admin, name=name)
@@ -139,12 +142,13 @@ def routes(services: Services) -> list[Route]:
 
     async def delete(request: Request) -> JSONResponse:
         admin = await require_admin(services, request)
+        now = services.engine.clock()
         name = request.path_params["name"]
         if name in file_rules(services):
             raise ApiError(409, f"{name!r} is defined in the config file (read-only)")
-        current = await services.store.get_doc(SPEND_LIMITS, name)
+        current = await services.store.get_doc(SPEND_LIMITS, name, now=now)
         if current is None or not await services.store.swap_doc(SPEND_LIMITS, name, current,
-                                                                None):
+                                                                None, now=now):
             raise ApiError(404, f"no runtime spend limit named {name!r}")
         await services.runtime_rules.refresh()
         log.info("spend_limit_deleted", by=admin, name=name)

@@ -13,7 +13,7 @@ import hashlib
 import secrets
 from dataclasses import dataclass
 
-from sidecar.store.base import Store
+from sidecar.store.base import DocumentStore
 
 LINKS = "dashboard_links"
 SESSIONS = "dashboard_sessions"
@@ -34,13 +34,14 @@ class Opened:
 
 
 class DashboardSessions:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: DocumentStore) -> None:
         self._store = store
 
     async def new_link(self, who: str, now: float) -> str:
         code = secrets.token_urlsafe(32)
         await self._store.put_doc(LINKS, _key(code), {"who": who, "expires_at":
-                                                      now + LINK_SECONDS}, LINK_SECONDS)
+                                                      now + LINK_SECONDS}, LINK_SECONDS,
+                                  now=now)
         return code
 
     async def open(self, code: str, now: float) -> Opened | None:
@@ -48,21 +49,21 @@ class DashboardSessions:
         if not code or len(code) > MAX_SECRET:
             return None
         key = _key(code)
-        doc = await self._store.get_doc(LINKS, key)
-        if doc is None or not await self._store.swap_doc(LINKS, key, doc, None):
+        doc = await self._store.get_doc(LINKS, key, now=now)
+        if doc is None or not await self._store.swap_doc(LINKS, key, doc, None, now=now):
             return None
         if doc["expires_at"] <= now:
             return None
         cookie = secrets.token_urlsafe(32)
         await self._store.put_doc(SESSIONS, _key(cookie), {
-            "who": doc["who"], "expires_at": now + SESSION_SECONDS}, SESSION_SECONDS)
+            "who": doc["who"], "expires_at": now + SESSION_SECONDS}, SESSION_SECONDS, now=now)
         return Opened(str(doc["who"]), cookie)
 
     async def who(self, cookie: str, now: float) -> str | None:
         """The admin a session cookie was opened by, while it lasts."""
         if not cookie or len(cookie) > MAX_SECRET:
             return None
-        doc = await self._store.get_doc(SESSIONS, _key(cookie))
+        doc = await self._store.get_doc(SESSIONS, _key(cookie), now=now)
         if doc is None or doc["expires_at"] <= now:
             return None
         return str(doc["who"])

@@ -1,0 +1,59 @@
+"""What tests do to a Redis they own, which the product store never does: empty it, and let
+time pass on Redis's own clock (where documents and counters expire)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from redis.asyncio import Redis
+
+from sidecar.store.redis_cluster_url import is_cluster_url, parse_cluster_url
+
+
+@asynccontextmanager
+async def _primaries(url: str) -> AsyncIterator[list[Redis]]:
+    """One plain client per primary: the server of a one-node URL, each primary of a
+    cluster URL (its nodes are listed in the URL the test fixtures make)."""
+    if is_cluster_url(url):
+        target = parse_cluster_url(url)
+        clients = [Redis(host=host, port=port, username=target.username,
+                         password=target.password, ssl=target.tls, decode_responses=True)
+                   for host, port in target.nodes]
+    else:
+        clients = [Redis.from_url(url, decode_responses=True)]
+    try:
+        primaries = []
+        for client in clients:
+            role = await client.execute_command("ROLE")
+            if role[0] == "master":
+                primaries.append(client)
+        yield primaries
+    finally:
+        for client in clients:
+            await client.aclose()
+
+
+async def flush_redis(url: str) -> None:
+    """Empty the database on every primary."""
+    async with _primaries(url) as primaries:
+        for client in primaries:
+            await client.flushdb()
+
+
+async def age_redis(url: str, seconds: float) -> None:
+    """As if `seconds` passed on Redis's clock for keys that expire: those whose time to
+    live is at most `seconds` are gone, the others have that much less left. Keys without
+    a TTL are not touched."""
+    step = math.ceil(seconds * 1000)
+    async with _primaries(url) as primaries:
+        for client in primaries:
+            async for key in client.scan_iter(count=1000):
+                left = await client.pttl(key)
+                if left < 0:  # -1: no TTL; -2: gone meanwhile
+                    continue
+                if left <= step:
+                    await client.delete(key)
+                else:
+                    await client.pexpire(key, left - step)
