@@ -13,7 +13,12 @@ MICROS_PER_CENT = 10_000
 
 
 def usd_to_micros(value: Decimal | int | str) -> int:
-    """Whole µUSD, rounding fractions of a µUSD up (a budget is never made larger)."""
+    """Whole µUSD, rounding fractions of a µUSD up (a budget is never made larger).
+
+    A float is refused, not converted: it has already lost the amount it was meant to be
+    (read money as text or Decimal)."""
+    if isinstance(value, float):
+        raise TypeError(f"money is never a float: {value!r}; pass a str or Decimal")
     try:
         amount = Decimal(str(value)) if not isinstance(value, Decimal) else value
     except InvalidOperation as exc:
