@@ -26,7 +26,7 @@ async def _primaries(url: str) -> AsyncIterator[list[Redis]]:
     try:
         primaries = []
         for client in clients:
-            role = await client.execute_command("ROLE")
+            role = await client.role()
             if role[0] == "master":
                 primaries.append(client)
         yield primaries

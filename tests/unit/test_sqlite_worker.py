@@ -62,7 +62,7 @@ class Holder:
         await self.done
 
 
-async def submitted(*calls: Coroutine[Any, Any, T]) -> list[asyncio.Future[T]]:
+async def submitted(*calls: Coroutine[Any, Any, T]) -> list[asyncio.Task[T]]:
     """Start the calls and return once each has queued its job: a task runs up to its first
     await (where `call` has queued the job) at the loop's next turn, before this one resumes."""
     futures = [asyncio.ensure_future(c) for c in calls]
