@@ -26,7 +26,7 @@ from sidecar.store.base import Store
 from sidecar.store.budget_types import BucketState
 
 if TYPE_CHECKING:
-    from sidecar.engine import Plan
+    from sidecar.admission.plan import Plan
 
 
 log = structlog.get_logger("sidecar.alerts")

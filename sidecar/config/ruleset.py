@@ -27,7 +27,7 @@ from sidecar.policy.rules import Rule, Window, compile_rule
 from sidecar.policy.windows import FixedWindow, RollingWindow, parse_duration
 from sidecar.pricing import PriceBook, PriceOverride, UnitPrice, per_mtok_to_pico
 from sidecar.providers.credentials import ProviderKeys, build_keys
-from sidecar.store.budget_types import Measure
+from sidecar.store.budget_types import AdmissionMode, Measure
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class RuleSet:
     directory: Directory
     reservation_ttl: int
     default_max_output_tokens: int
-    admission_mode: str
+    admission_mode: AdmissionMode
     provider_by_id: Mapping[str, Provider] = field(default_factory=dict)
     # Keys the sidecar injects upstream, per provider id (absent: bring your own key).
     provider_keys: Mapping[str, ProviderKeys] = field(default_factory=dict)
