@@ -31,9 +31,9 @@ from typing import Any
 import structlog
 
 from sidecar.decisions import error_body
-from sidecar.envoy.request_body import mutate
 from sidecar.metering.exchange import MeteredExchange, drain_charges
 from sidecar.metering.parse import api_for_path
+from sidecar.metering.request_body import mutate
 from sidecar.model import Decision, RequestAttrs
 from sidecar.services import Services, build_services
 

@@ -14,8 +14,8 @@ from google.rpc import code_pb2
 
 from sidecar import tracing
 from sidecar.engine import Engine
-from sidecar.envoy.request_body import BodyAction, body_action
 from sidecar.envoy.upstream import upstream_api
+from sidecar.metering.request_body import BodyAction, body_action
 from sidecar.model import Decision, RequestAttrs
 
 # gRPC status Envoy sees for each HTTP status of a deny (Envoy only looks at OK vs not OK,
