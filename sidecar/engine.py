@@ -213,7 +213,7 @@ class Engine:
         try:
             return await self._decide(rs, attrs, identity, creds)
         except BadRequest as err:
-            return deny("bad_request", "bad_request", str(err), identity=identity)
+            return deny("bad_request", str(err), identity=identity)
 
     async def _decide(self, rs: RuleSet, attrs: RequestAttrs, identity: Identity,
                       creds: tuple[str, ...]) -> Decision:
@@ -249,7 +249,7 @@ class Engine:
         for index, cand in enumerate(candidates(rs, model, provider)):
             if not model_allowed(rs, identity, cand):
                 if index == 0:
-                    return deny("model_not_allowed", "model_not_allowed",
+                    return deny("model_not_allowed",
                                 f"model {model!r} is not allowed for your groups",
                                 identity=identity, model=model)
                 continue
@@ -257,7 +257,7 @@ class Engine:
             found = priced(rs, cand, tokens)
             if found is None:
                 if index == 0:
-                    return deny("unpriced_model", "unpriced_model",
+                    return deny("unpriced_model",
                                 f"model {cand_model!r} has no known price", identity=identity,
                                 model=cand_model)
                 continue
@@ -390,7 +390,7 @@ class Engine:
                 what = (f"estimated {unit} ({amount}) are more than the whole limit of "
                         f"{rule.name!r} for {planned.bucket_label} ({rule.limit})")
             return deny(
-                "spend_limit_exceeded", "spend_limit_exceeded",
+                "spend_limit_exceeded",
                 f"this request's {what}; lower max_tokens or shorten the input",
                 headers=limits, identity=identity, model=model, code="request_exceeds_limit",
                 rule=rule.name, bucket=planned.bucket_label, unit=unit,
@@ -409,7 +409,7 @@ class Engine:
             retry = max(1, resets - int(now))
         noun = "spend" if unit == "usd" else "rate"
         return deny(
-            "spend_limit_exceeded", "spend_limit_exceeded",
+            "spend_limit_exceeded",
             f"{noun} limit {rule.name!r} reached for {planned.bucket_label}",
             headers={"retry-after": str(retry), **limits}, identity=identity, model=model,
             rule=rule.name, bucket=planned.bucket_label, unit=unit,
@@ -441,7 +441,7 @@ class Engine:
             # reservation, and changes nothing when there is none.
             await self.spool.completed(request.request_id, 0, TokenUsage(), error=True,
                                        tokens=(0, 0))
-        return deny("store_unavailable", "store_unavailable",
+        return deny("store_unavailable",
                     "the budget store is unavailable; try again shortly",
                     headers={"retry-after": "1"}, identity=identity, model=model)
 

@@ -8,6 +8,7 @@ from starlette.requests import Request
 
 from sidecar.admin_access import AdminDenied
 from sidecar.client_addr import client_address
+from sidecar.headers import join_headers
 from sidecar.http.envelope import ApiError
 from sidecar.http.same_origin import check_write
 from sidecar.model import Identity
@@ -15,10 +16,7 @@ from sidecar.services import Services
 
 
 def request_headers(request: Request) -> dict[str, str]:
-    headers: dict[str, str] = {}
-    for name, value in request.headers.items():
-        headers[name] = f"{headers[name]},{value}" if name in headers else value
-    return headers
+    return join_headers(request.headers.items())
 
 
 def client_addr(services: Services, request: Request) -> str:

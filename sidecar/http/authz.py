@@ -38,6 +38,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from sidecar.decisions import deny
+from sidecar.headers import UNSAFE, clean
 from sidecar.http.auth import request_headers
 from sidecar.model import Decision, RequestAttrs
 from sidecar.policy.request import BadRequest, model_in_path
@@ -45,7 +46,6 @@ from sidecar.services import Services
 
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 _TOKEN = re.compile(r"^[A-Za-z]{1,16}$")
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
 MAX_URI = 8192
 MAX_MODEL = 256
 REMOVE_HEADER = "x-envoy-auth-headers-to-remove"
@@ -79,7 +79,7 @@ def original_request(path_param: str | None, method: str,
         original_method = headers.get("x-original-method", "")
     else:
         original_method = headers.get("x-forwarded-method", "")
-    if not uri.startswith("/") or len(uri) > MAX_URI or _UNSAFE.search(uri):
+    if not uri.startswith("/") or len(uri) > MAX_URI or UNSAFE.search(uri):
         raise BadOriginal("the original URI must be an absolute path of at most "
                           f"{MAX_URI} characters")
     if not _TOKEN.match(original_method):
@@ -93,10 +93,6 @@ def _path_names_model(path: str) -> bool:
         return model_in_path(path) is not None
     except BadRequest:
         return True  # it does, badly: the engine refuses it with its own message
-
-
-def _clean(value: str) -> str:
-    return _UNSAFE.sub(" ", value)
 
 
 INGRESS_TOKEN_HEADER = "x-sidecar-ingress-token"
@@ -124,8 +120,8 @@ def render(decision: Decision, nginx: bool, with_keys: bool = False) -> Response
             # Envoy's http_service ext_authz removes these from the upstream request; other
             # ingresses drop the credential headers themselves (deploy/nginx).
             headers[REMOVE_HEADER] = ",".join(sorted(remove))
-        return Response(status_code=200, headers={k: _clean(v) for k, v in headers.items()})
-    headers = {k: _clean(v) for k, v in decision.headers.items()}
+        return Response(status_code=200, headers={k: clean(v) for k, v in headers.items()})
+    headers = {k: clean(v) for k, v in decision.headers.items()}
     status = decision.http_status
     if nginx:
         headers["x-sidecar-status"] = str(status)
@@ -133,7 +129,7 @@ def render(decision: Decision, nginx: bool, with_keys: bool = False) -> Response
             status = 403
         # The deny bodies are ASCII JSON on one line (json.dumps escapes the rest), so
         # they fit a header value as they are.
-        headers["x-sidecar-error"] = _clean(decision.body.decode("ascii", "replace"))
+        headers["x-sidecar-error"] = clean(decision.body.decode("ascii", "replace"))
     return Response(decision.body, status_code=status, headers=headers,
                     media_type="application/json")
 
@@ -145,7 +141,7 @@ def routes(services: Services) -> list[Route]:
         found = await services.engine.identify(headers)
         if isinstance(found, Decision):
             return render(found, nginx)
-        return render(deny("bad_request", "bad_request", message), nginx)
+        return render(deny("bad_request", message), nginx)
 
     async def authz(request: Request) -> Response:
         headers = request_headers(request)
@@ -156,7 +152,7 @@ def routes(services: Services) -> list[Route]:
         request_id = headers.get("x-request-id", "")[:128]
         model = headers.get("x-sidecar-model", "").strip()
         try:
-            if len(model) > MAX_MODEL or _UNSAFE.search(model):
+            if len(model) > MAX_MODEL or UNSAFE.search(model):
                 raise BadOriginal(f"x-sidecar-model must be at most {MAX_MODEL} printable "
                                   "characters")
             method, path, nginx = original_request(path_param, request.method, headers)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from sidecar.metering import count, load_json, mapping, utf8_len
-from sidecar.metering.sse import SSEEvent
+from sidecar.metering.sse import SSEEvent, typed_payload
 from sidecar.metering.tally import StreamTally
 from sidecar.model import Iteration, TokenUsage, ToolFees
 
@@ -180,12 +180,10 @@ class ResponsesStream:
         if (event.event != "message" and event.event not in _RESPONSES_TERMINAL
                 and event.event not in _RESPONSES_DELTAS and event.event != _OUTPUT_ITEM_DONE):
             return
-        payload = mapping(load_json(event.data))
-        if payload is None:
+        typed = typed_payload(event)
+        if typed is None:
             return
-        kind = payload.get("type")
-        if not isinstance(kind, str):
-            kind = event.event
+        kind, payload = typed
         if kind in _RESPONSES_DELTAS:
             self.output_bytes += utf8_len(payload.get("delta"))
             return
