@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -27,7 +27,7 @@ from sidecar.budget.spool import Spool
 from sidecar.budget.utilisation import Utilisation
 from sidecar.config.ruleset import Provider, RuleSet, RuleSetHolder
 from sidecar.decisions import OVERLOADED, allow, deny, unauthenticated
-from sidecar.identity.authenticate import Authenticator
+from sidecar.identity.authenticate import Identifier
 from sidecar.identity.errors import AuthError
 from sidecar.metering.charge import Bill, Observed, bill, charge_tokens
 from sidecar.metering.inflight import InFlight
@@ -74,6 +74,12 @@ class AttributionMismatch(ValueError):
     """A usage report named another model or provider than its reservation was made for."""
 
 
+class AlertSink(Protocol):
+    """Told of each admitted request's bucket states (the spend alerts); must not block."""
+
+    def observe(self, budget: Plan, states: Sequence[BucketState], now: float) -> None: ...
+
+
 class NoAlerts:
     def observe(self, budget: Plan, states: Sequence[BucketState], now: float) -> None:
         return None
@@ -118,10 +124,10 @@ class Engine:
         self,
         holder: RuleSetHolder,
         store: Store,
-        authenticator: Callable[[RuleSet], Authenticator],
+        authenticator: Callable[[RuleSet], Identifier],
         *,
         runtime_rules: Callable[[], Sequence[Rule]] = lambda: (),
-        alerts: Any = None,
+        alerts: AlertSink | None = None,
         spool: Spool | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -129,7 +135,7 @@ class Engine:
         self.store = store
         self._authenticator = authenticator
         self._runtime_rules = runtime_rules
-        self.alerts = alerts or NoAlerts()
+        self.alerts: AlertSink = alerts or NoAlerts()
         self.utilisation = Utilisation()
         self.spool = spool
         # After a store failure, skip the store for a moment: failing fast keeps Envoy's

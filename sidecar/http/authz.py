@@ -29,7 +29,6 @@ and every refusal carries its real status in `x-sidecar-status` and its JSON bod
 from __future__ import annotations
 
 import hmac
-import os
 import re
 from collections.abc import Mapping
 
@@ -98,8 +97,7 @@ def _path_names_model(path: str) -> bool:
 INGRESS_TOKEN_HEADER = "x-sidecar-ingress-token"
 
 
-def is_ingress(headers: Mapping[str, str], token_env: str) -> bool:
-    expected = os.environ.get(token_env, "")
+def is_ingress(headers: Mapping[str, str], expected: str) -> bool:
     presented = headers.get(INGRESS_TOKEN_HEADER, "")
     return bool(expected) and hmac.compare_digest(presented.encode(), expected.encode())
 
@@ -168,7 +166,7 @@ def routes(services: Services) -> list[Route]:
                                 "endpoint receives no request body", nginx)
         attrs = RequestAttrs(method=method, path=path, headers=headers, body=None,
                              request_id=request_id, model_hint=model)
-        with_keys = is_ingress(headers, services.ruleset.config.admin.ingress_token_env)
+        with_keys = is_ingress(headers, services.settings.current.ingress_token)
         return render(await services.engine.check(attrs), nginx, with_keys)
 
     return [
