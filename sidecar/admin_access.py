@@ -13,12 +13,14 @@ hour, belongs to a revocable CLI session, and still needs its groups to be admin
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from sidecar.config.ruleset import RuleSet, RuleSetHolder
 from sidecar.identity.attempts import Attempts, Limit, subject_of
 from sidecar.metrics import ADMIN_AUTH_FAILURES, ATTEMPTS_THROTTLED
 from sidecar.model import Decision, Identity
+from sidecar.settings import SettingsHolder
 
 # Wrong admin credentials per client address, and refused identities per identity. A valid
 # Access JWT of an admin is never throttled by its address: it cannot be guessed.
@@ -26,6 +28,8 @@ BAD_CREDENTIAL = Limit("admin-bad-credential", 10, 60)
 NOT_ADMIN = Limit("admin-not-admin", 10, 60)
 
 Identified = tuple[Identity, tuple[str, ...]]
+# Who presented these headers, under this rule set (the engine's identify).
+Identify = Callable[[Mapping[str, str], RuleSet], Awaitable[Identified | Decision]]
 
 
 def is_admin(identity: Identity, admin_groups: Sequence[str]) -> bool:
@@ -33,6 +37,12 @@ def is_admin(identity: Identity, admin_groups: Sequence[str]) -> bool:
     if identity.kind == "cli":
         return in_group and identity.scope == "admin" and bool(identity.session)
     return identity.kind == "user" and in_group
+
+
+def bearer_token(headers: Mapping[str, str]) -> str:
+    """The token of an `authorization: Bearer <token>` header; empty without one."""
+    scheme, _, presented = headers.get("authorization", "").partition(" ")
+    return presented.strip() if scheme.lower() == "bearer" else ""
 
 
 def token_matches(expected: str, presented: str) -> bool:
@@ -55,8 +65,14 @@ class AdminDenied(Exception):
 
 
 class AdminGate:
-    def __init__(self, attempts: Attempts) -> None:
+    """The one admin-credential check, for the HTTP admin API and the gRPC API alike."""
+
+    def __init__(self, attempts: Attempts, holder: RuleSetHolder, settings: SettingsHolder,
+                 identify: Identify) -> None:
         self._attempts = attempts
+        self._holder = holder
+        self._settings = settings
+        self._identify = identify
 
     async def _throttled(self, limit: Limit, subject: str) -> None:
         wait = await self._attempts.retry_after([(limit, subject)])
@@ -66,15 +82,15 @@ class AdminGate:
             raise AdminDenied(429, f"too many failed admin authentications; retry in {wait} s",
                               wait)
 
-    async def authorize(self, *, address: str, bearer: str, admin_token: str,
-                        admin_groups: Sequence[str],
-                        identify: Callable[[], Awaitable[Identified | Decision]]) -> Admin:
-        if token_matches(admin_token, bearer):
+    async def authorize(self, headers: Mapping[str, str], address: str) -> Admin:
+        """The administrator presenting `headers` from `address`; AdminDenied otherwise."""
+        rs = self._holder.current
+        if token_matches(self._settings.current.admin_token, bearer_token(headers)):
             # Checked after the comparison but before answering: while throttled, a right
             # guess looks exactly like a wrong one.
             await self._throttled(BAD_CREDENTIAL, address)
             return Admin("admin-token", ("authorization",))
-        found = await identify()
+        found = await self._identify(headers, rs)
         if isinstance(found, Decision):
             if found.reason == "missing_credentials":
                 raise AdminDenied(401, "admin authentication required")
@@ -83,7 +99,7 @@ class AdminGate:
             ADMIN_AUTH_FAILURES.labels("bad_credential").inc()
             raise AdminDenied(401, "admin authentication failed: invalid credentials")
         identity, carriers = found
-        if is_admin(identity, admin_groups):
+        if is_admin(identity, rs.config.admin.groups):
             return Admin(identity.user, carriers)
         who = subject_of(identity.issuer, identity.subject)
         await self._throttled(NOT_ADMIN, who)

@@ -11,7 +11,6 @@ import asyncio
 import hashlib
 import hmac
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -22,11 +21,12 @@ import structlog
 from sidecar.config.ruleset import RuleSetHolder
 from sidecar.metrics import ALERTS_SENT, WEBHOOK_FAILURES
 from sidecar.policy.rules import in_unit
+from sidecar.settings import SettingsHolder
 from sidecar.store.base import DocumentStore
 from sidecar.store.budget_types import BucketState
 
 if TYPE_CHECKING:
-    from sidecar.engine import Plan
+    from sidecar.admission.plan import Plan
 
 
 log = structlog.get_logger("sidecar.alerts")
@@ -45,9 +45,11 @@ def sign(secret: str, timestamp: int, body: bytes) -> str:
 class Alerts:
     def __init__(self, store: DocumentStore, holder: RuleSetHolder,
                  clock: Callable[[], float] = time.time,
-                 post: Callable[[str, bytes, dict[str, str]], Any] | None = None) -> None:
+                 post: Callable[[str, bytes, dict[str, str]], Any] | None = None,
+                 settings: SettingsHolder | None = None) -> None:
         self._store = store
         self._holder = holder
+        self._settings = settings or SettingsHolder(holder)
         self._clock = clock
         self._post = post
         # Claims this process already made or lost: no store call for them again.
@@ -104,7 +106,7 @@ class Alerts:
         ALERTS_SENT.labels(event["rule"], str(event["threshold_percent"])).inc()
         self.sent.append(event)
         for hook in self._holder.current.config.alerts.webhooks:
-            secret = os.environ.get(hook.secret_env, "") if hook.secret_env else ""
+            secret = self._settings.current.webhook_secrets.get(hook.secret_env or "", "")
             self._spawn(self._deliver(hook.url, event, secret))
 
     async def _deliver(self, url: str, event: dict[str, Any], secret: str) -> None:

@@ -31,9 +31,10 @@ from typing import Any
 import structlog
 
 from sidecar.decisions import error_body
-from sidecar.envoy.request_body import mutate
+from sidecar.headers import join_headers
 from sidecar.metering.exchange import MeteredExchange, drain_charges
 from sidecar.metering.parse import api_for_path
+from sidecar.metering.request_body import mutate
 from sidecar.model import Decision, RequestAttrs
 from sidecar.services import Services, build_services
 
@@ -50,12 +51,8 @@ _REPLACED = frozenset({"content-length", "transfer-encoding"})
 
 
 def _headers(scope: Scope) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for raw_name, raw_value in scope.get("headers", []):
-        name = raw_name.decode("latin-1").lower()
-        value = raw_value.decode("latin-1")
-        out[name] = f"{out[name]},{value}" if name in out else value
-    return out
+    return join_headers((name.decode("latin-1"), value.decode("latin-1"))
+                        for name, value in scope.get("headers", []))
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes | None:

@@ -32,9 +32,6 @@ IDENTITY_HEADERS = (
     "x-sidecar-kind",
     "x-sidecar-subject",
 )
-# Headers the sidecar owns on the upstream request; anything else x-sidecar-* is removed.
-OWNED_HEADERS = (*IDENTITY_HEADERS, "x-sidecar-model", "x-sidecar-provider")
-ROUTE_HEADERS = ("x-sidecar-route", "x-sidecar-fallback-from")
 
 
 def _json(payload: Mapping[str, Any]) -> bytes:
@@ -45,14 +42,16 @@ def error_body(error_type: str, message: str, **extra: Any) -> bytes:
     return _json({"success": False, "error": {"type": error_type, "message": message, **extra}})
 
 
-def deny(reason: Reason, error_type: str, message: str, *, headers: Mapping[str, str] | None = None,
-         identity: Identity | None = None, model: str = "", **extra: Any) -> Decision:
+def deny(reason: Reason, message: str, *, error_type: str | None = None,
+         headers: Mapping[str, str] | None = None, identity: Identity | None = None,
+         model: str = "", **extra: Any) -> Decision:
+    """A refusal; the body's error type is the reason unless a coarser one is given."""
     return Decision(
         allowed=False,
         http_status=STATUS[reason],
         reason=reason,
         headers={"content-type": "application/json", **(headers or {})},
-        body=error_body(error_type, message, **extra),
+        body=error_body(error_type or reason, message, **extra),
         identity=identity,
         model=model,
     )
@@ -71,8 +70,8 @@ def unauthenticated(code: str, detail: str) -> Decision:
     challenge = 'Bearer realm="llm-sidecar"'
     if reason == "invalid_token":
         challenge += f', error="invalid_token", error_description="{code}"'
-    return deny(reason, "unauthenticated", detail, headers={"www-authenticate": challenge},
-                code=code)
+    return deny(reason, detail, error_type="unauthenticated",
+                headers={"www-authenticate": challenge}, code=code)
 
 
 def identity_headers(identity: Identity) -> dict[str, str]:

@@ -11,18 +11,23 @@ import hashlib
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
 from sidecar import tracing
+from sidecar.admission.candidates import candidate_context, candidates, model_allowed
+from sidecar.admission.estimate import priced, requested_tokens
+from sidecar.admission.fit import room
+from sidecar.admission.plan import Plan, Planned, merge, plan
+from sidecar.admission.plan_cache import PlanCache, context_key, validity
 from sidecar.budget.spool import Spool
 from sidecar.budget.utilisation import Utilisation
 from sidecar.config.ruleset import Provider, RuleSet, RuleSetHolder
 from sidecar.decisions import OVERLOADED, allow, deny, unauthenticated
-from sidecar.identity.authenticate import Authenticator
+from sidecar.identity.authenticate import Identifier
 from sidecar.identity.errors import AuthError
 from sidecar.metering.charge import Bill, Observed, bill, charge_tokens
 from sidecar.metering.inflight import InFlight
@@ -40,7 +45,6 @@ from sidecar.metrics import (
 from sidecar.model import Decision, Identity, RequestAttrs, TokenUsage
 from sidecar.money import micros_to_usd_str
 from sidecar.overload import LoadShedder
-from sidecar.policy.plan_cache import PlanCache, context_key, validity
 from sidecar.policy.request import (
     BadRequest,
     parse_metadata,
@@ -49,17 +53,11 @@ from sidecar.policy.request import (
 )
 from sidecar.policy.rules import UNIT_OF, Context, Rule, Unit, in_unit
 from sidecar.policy.windows import RollingWindow
-from sidecar.pricing import (
-    UnitPrice,
-    estimate_input_tokens,
-    estimate_micros,
-    requested_output_tokens,
-)
+from sidecar.pricing import UnitPrice
 from sidecar.providers.credentials import injected_headers
 from sidecar.store.base import Store, StoreUnavailable
 from sidecar.store.budget_types import (
     BucketState,
-    BucketView,
     CommitResult,
     LedgerDims,
     LedgerPart,
@@ -76,105 +74,15 @@ class AttributionMismatch(ValueError):
     """A usage report named another model or provider than its reservation was made for."""
 
 
-@dataclass(frozen=True)
-class Planned:
-    rule: Rule
-    view: BucketView
-    labels: Mapping[str, str]
+class AlertSink(Protocol):
+    """Told of each admitted request's bucket states (the spend alerts); must not block."""
 
-    @property
-    def bucket_label(self) -> str:
-        return ",".join(f"{k}={v}" for k, v in self.labels.items()) or "(all)"
+    def observe(self, budget: Plan, states: Sequence[BucketState], now: float) -> None: ...
 
 
 class NoAlerts:
     def observe(self, budget: Plan, states: Sequence[BucketState], now: float) -> None:
         return None
-
-
-def context(identity: Identity, model: str, provider: str,
-            metadata: Mapping[str, str], requested: str = "") -> Context:
-    """The request's dimensions. `model` is the canonical model (buckets are split by it);
-    `requested`, the name as sent, is only for rule filters to match as well."""
-    ctx: dict[str, tuple[str, ...]] = {
-        "user": (identity.user,),
-        "group": identity.groups,
-        "token": (identity.token_name,) if identity.token_name else (),
-        "kind": (identity.kind,),
-        "model": (model,),
-        "provider": (provider,),
-    }
-    if requested and requested != model:
-        ctx["requested_model"] = (requested,)
-    for key, value in metadata.items():
-        ctx[f"metadata.{key}"] = (value,)
-    return ctx
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A model a request may be admitted as: the one asked for, then its fallbacks.
-
-    `model` is the name sent upstream (the caller's, or the fallback's as configured);
-    `canonical` is the one policy compares and budgets and the ledger count under.
-    """
-
-    model: str
-    canonical: str
-    provider: Provider
-
-
-def candidates(rs: RuleSet, model: str, provider: Provider) -> list[Candidate]:
-    first = Candidate(model, rs.prices.canonical(provider.pricing_id, model), provider)
-    out = [first]
-    for step in rs.fallback_chain(model, first.canonical):
-        target = rs.provider_by_id.get(step.provider) if step.provider else provider
-        if target is not None:
-            out.append(Candidate(step.model, rs.prices.canonical(target.pricing_id, step.model),
-                                 target))
-    return out
-
-
-def model_allowed(rs: RuleSet, identity: Identity, candidate: Candidate) -> bool:
-    return rs.allowlist.allows(identity.groups, candidate.model, candidate.canonical)
-
-
-def candidate_context(identity: Identity, candidate: Candidate,
-                      metadata: Mapping[str, str]) -> Context:
-    return context(identity, candidate.canonical, candidate.provider.id, metadata,
-                   requested=candidate.model.strip().lower())
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Planned buckets, and the distinct store buckets they map to.
-
-    Several rules may name one bucket (the account limit and the always-on account tracking,
-    say): the store sees it once, enforced if any rule enforces it, at the tightest limit.
-    """
-
-    planned: tuple[Planned, ...]
-    views: tuple[BucketView, ...]
-    index: Mapping[str, int]
-
-    def state(self, planned: Planned, states: Sequence[BucketState]) -> BucketState:
-        return states[self.index[planned.view.key]]
-
-    def culprit(self, view_index: int) -> Planned:
-        view = self.views[view_index]
-        return next(p for p in self.planned
-                    if p.view.key == view.key and p.view.enforce and p.view.limit == view.limit)
-
-
-def merge(planned: Sequence[Planned]) -> Plan:
-    merged: dict[str, BucketView] = {}
-    for p in planned:
-        current = merged.get(p.view.key)
-        if current is None or (p.view.enforce and (not current.enforce
-                                                   or p.view.limit < current.limit)):
-            merged[p.view.key] = p.view
-    views = tuple(merged.values())
-    return Plan(tuple(planned), views, {v.key: i for i, v in enumerate(views)})
 
 
 def new_request_id() -> str:
@@ -201,7 +109,7 @@ def rate_limit_headers(budget: Plan, states: Sequence[BucketState]) -> dict[str,
         unit = UNIT_OF[view.measure]
         if not view.enforce or unit not in _HEADER_UNITS:
             continue
-        left = max(0, view.limit - state.spent - state.reserved)
+        left = room(view.limit, state)
         if unit not in tightest or left < tightest[unit][1]:
             tightest[unit] = (view.limit, left)
     headers = {}
@@ -211,35 +119,15 @@ def rate_limit_headers(budget: Plan, states: Sequence[BucketState]) -> dict[str,
     return headers
 
 
-def _rule_names(budget: Plan) -> tuple[str, ...]:
-    return tuple(sorted({p.rule.name for p in budget.planned}))
-
-
-def plan(rules: Sequence[Rule], ctx: Context, now: float) -> list[Planned]:
-    planned = []
-    for rule in rules:
-        buckets = rule.buckets(ctx)
-        if not buckets:
-            continue
-        # Once per rule, not per bucket: a group split gives one bucket per group.
-        window = rule.window
-        slot, since, ttl = window.slot(now), window.since(now), window.ttl_seconds()
-        enforce = rule.action != "monitor"
-        for key, labels in buckets:
-            view = BucketView(key, slot, since, ttl, rule.limit, enforce, rule.measure)
-            planned.append(Planned(rule, view, labels))
-    return planned
-
-
 class Engine:
     def __init__(
         self,
         holder: RuleSetHolder,
         store: Store,
-        authenticator: Callable[[RuleSet], Authenticator],
+        authenticator: Callable[[RuleSet], Identifier],
         *,
         runtime_rules: Callable[[], Sequence[Rule]] = lambda: (),
-        alerts: Any = None,
+        alerts: AlertSink | None = None,
         spool: Spool | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -247,7 +135,7 @@ class Engine:
         self.store = store
         self._authenticator = authenticator
         self._runtime_rules = runtime_rules
-        self.alerts = alerts or NoAlerts()
+        self.alerts: AlertSink = alerts or NoAlerts()
         self.utilisation = Utilisation()
         self.spool = spool
         # After a store failure, skip the store for a moment: failing fast keeps Envoy's
@@ -283,10 +171,11 @@ class Engine:
         return budget
 
     async def identify(
-        self, headers: Mapping[str, str]
+        self, headers: Mapping[str, str], rs: RuleSet | None = None
     ) -> tuple[Identity, tuple[str, ...]] | Decision:
+        """Who presented `headers`, under `rs` (the request's snapshot; default: current)."""
         try:
-            found = await self._authenticator(self.holder.current).identify(headers)
+            found = await self._authenticator(rs or self.holder.current).identify(headers)
         except AuthError as err:
             return unauthenticated(err.code, f"invalid credentials: {err.detail}")
         if found is None:
@@ -295,7 +184,9 @@ class Engine:
 
     async def check(self, attrs: RequestAttrs, time_remaining: float | None = None) -> Decision:
         """Decide one request; `time_remaining` is the caller's deadline, when it has one."""
-        overload = self.holder.current.config.overload
+        # The one rule-set snapshot this request is decided under, however a reload races it.
+        rs = self.holder.current
+        overload = rs.config.overload
         shedder = self.shedder
         shedder.max_inflight = overload.max_inflight
         shedder.max_loop_lag = overload.max_loop_lag_seconds
@@ -306,7 +197,7 @@ class Engine:
         started = time.perf_counter()
         with shedder.deciding(time_remaining), \
                 tracing.span("sidecar.check", attrs.headers) as span:
-            decision = await self._check(attrs)
+            decision = await self._check(rs, attrs)
             tracing.describe(span, decision)
         seconds = time.perf_counter() - started
         CHECK_SECONDS.observe(seconds)
@@ -320,16 +211,15 @@ class Engine:
             observe(attrs, decision)
         return decision
 
-    async def _check(self, attrs: RequestAttrs) -> Decision:
-        rs = self.holder.current
-        found = await self.identify(attrs.headers)
+    async def _check(self, rs: RuleSet, attrs: RequestAttrs) -> Decision:
+        found = await self.identify(attrs.headers, rs)
         if isinstance(found, Decision):
             return found
         identity, creds = found
         try:
             return await self._decide(rs, attrs, identity, creds)
         except BadRequest as err:
-            return deny("bad_request", "bad_request", str(err), identity=identity)
+            return deny("bad_request", str(err), identity=identity)
 
     async def _decide(self, rs: RuleSet, attrs: RequestAttrs, identity: Identity,
                       creds: tuple[str, ...]) -> Decision:
@@ -351,14 +241,6 @@ class Engine:
         metadata = parse_metadata(attrs.headers)
         return await self._admit(rs, attrs, identity, creds, model, provider, body, metadata)
 
-    @staticmethod
-    def _estimate(rs: RuleSet, model: str, provider: Provider,
-                  tokens: tuple[int, int]) -> int | None:
-        price = rs.prices.price(provider.pricing_id, model)
-        if price is None:
-            return None
-        return estimate_micros(price, *tokens)
-
     async def _admit(self, rs: RuleSet, attrs: RequestAttrs, identity: Identity,
                      creds: tuple[str, ...], model: str, provider: Provider,
                      body: Mapping[str, Any], metadata: Mapping[str, str]) -> Decision:
@@ -367,38 +249,35 @@ class Engine:
         # client could choose (x-request-id) could be replayed or collide with another's.
         request_id = new_request_id()
         runtime = self._runtime_rules()
-        # Token buckets hold the same estimate the price is made from: input from the body,
-        # output from its largest output limit.
-        tokens = (estimate_input_tokens(body),
-                  requested_output_tokens(body, rs.default_max_output_tokens))
+        tokens = requested_tokens(rs, body)
         # (bucket, its state, the amount asked of it, the µUSD estimate, rate-limit headers)
         first_fallback: tuple[Planned, BucketState, int, int, dict[str, str]] | None = None
         for index, cand in enumerate(candidates(rs, model, provider)):
             if not model_allowed(rs, identity, cand):
                 if index == 0:
-                    return deny("model_not_allowed", "model_not_allowed",
+                    return deny("model_not_allowed",
                                 f"model {model!r} is not allowed for your groups",
                                 identity=identity, model=model)
                 continue
             cand_model, cand_provider = cand.model, cand.provider
-            estimate = self._estimate(rs, cand_model, cand_provider, tokens)
-            if estimate is None:
+            found = priced(rs, cand, tokens)
+            if found is None:
                 if index == 0:
-                    return deny("unpriced_model", "unpriced_model",
+                    return deny("unpriced_model",
                                 f"model {cand_model!r} has no known price", identity=identity,
                                 model=cand_model)
                 continue
+            estimate = found[1]
             budget = self._plan(rs, runtime, candidate_context(identity, cand, metadata), now)
             dims = LedgerDims(identity.user, identity.groups, identity.token_name,
                               identity.kind, cand.canonical, cand_provider.id)
             request = ReserveRequest(request_id, budget.views, estimate,
-                                     "optimistic" if rs.admission_mode == "optimistic"
-                                     else "reserve", now, now + rs.reservation_ttl, dims,
+                                     rs.admission_mode, now, now + rs.reservation_ttl, dims,
                                      binding(identity, cand_model, cand_provider.id, estimate),
                                      tokens)
             if time.monotonic() < self._store_down_until:
                 return await self._store_down(
-                    StoreUnavailable("store unavailable (recent failure)"), identity, attrs,
+                    rs, StoreUnavailable("store unavailable (recent failure)"), identity, attrs,
                     creds, cand_model, cand_provider, request, attempted=False)
             started = time.perf_counter()
             try:
@@ -407,7 +286,7 @@ class Engine:
             except StoreUnavailable as err:
                 self._store_down_until = time.monotonic() + 0.5
                 STORE_ERRORS.labels("reserve").inc()
-                return await self._store_down(err, identity, attrs, creds, cand_model,
+                return await self._store_down(rs, err, identity, attrs, creds, cand_model,
                                               cand_provider, request)
             _RESERVE_SECONDS.observe(time.perf_counter() - started)
             if len(result.states) == len(budget.views):
@@ -419,7 +298,7 @@ class Engine:
                 fallback_from = model if index else None
                 return allow(identity, attrs.headers, creds, model=cand_model,
                              provider=cand_provider.id, remaining=self._remaining(budget, result),
-                             fallback_from=fallback_from, rules=_rule_names(budget),
+                             fallback_from=fallback_from, rules=budget.rule_names(),
                              estimate=estimate, input_tokens=tokens[0],
                              request_id=request.request_id, limits=limits,
                              provider_headers=self._keys(rs, cand_provider.id, identity,
@@ -430,7 +309,7 @@ class Engine:
                 planned, state = blocking[0]
                 denied = await self._too_much(planned, state, request.amount_for(planned.view),
                                               now, identity, cand_model, limits)
-                return replace(denied, rules=_rule_names(budget), estimate=estimate)
+                return replace(denied, rules=budget.rule_names(), estimate=estimate)
             if first_fallback is None:
                 planned, state = failed[0]
                 first_fallback = (planned, state, request.amount_for(planned.view), estimate,
@@ -494,10 +373,9 @@ class Engine:
 
     @staticmethod
     def _remaining(budget: Plan, result: ReserveResult) -> str | None:
-        left = [v.limit - s.spent - s.reserved
-                for v, s in zip(budget.views, result.states, strict=True)
+        left = [room(v.limit, s) for v, s in zip(budget.views, result.states, strict=True)
                 if v.enforce and v.measure == "usd"]
-        return micros_to_usd_str(max(0, min(left))) if left else None
+        return micros_to_usd_str(min(left)) if left else None
 
     async def _too_much(self, planned: Planned, state: BucketState, amount: int, now: float,
                         identity: Identity, model: str,
@@ -518,7 +396,7 @@ class Engine:
                 what = (f"estimated {unit} ({amount}) are more than the whole limit of "
                         f"{rule.name!r} for {planned.bucket_label} ({rule.limit})")
             return deny(
-                "spend_limit_exceeded", "spend_limit_exceeded",
+                "spend_limit_exceeded",
                 f"this request's {what}; lower max_tokens or shorten the input",
                 headers=limits, identity=identity, model=model, code="request_exceeds_limit",
                 rule=rule.name, bucket=planned.bucket_label, unit=unit,
@@ -537,7 +415,7 @@ class Engine:
             retry = max(1, resets - int(now))
         noun = "spend" if unit == "usd" else "rate"
         return deny(
-            "spend_limit_exceeded", "spend_limit_exceeded",
+            "spend_limit_exceeded",
             f"{noun} limit {rule.name!r} reached for {planned.bucket_label}",
             headers={"retry-after": str(retry), **limits}, identity=identity, model=model,
             rule=rule.name, bucket=planned.bucket_label, unit=unit,
@@ -547,12 +425,13 @@ class Engine:
             **extra,
         )
 
-    async def _store_down(self, err: StoreUnavailable, identity: Identity, attrs: RequestAttrs,
+    async def _store_down(self, rs: RuleSet, err: StoreUnavailable, identity: Identity,
+                          attrs: RequestAttrs,
                           creds: tuple[str, ...], model: str, provider: Provider,
                           request: ReserveRequest, attempted: bool = True) -> Decision:
         # The one place the failure mode is chosen: closed by default, because admitting
         # without a budget check is spending money nobody approved.
-        mode = self.holder.current.config.store.on_error
+        mode = rs.config.store.on_error
         log.error("store_unavailable", error=str(err), mode=mode)
         if mode == "fail_open" and self.spool is not None:
             # Admitted unchecked, but never uncharged: the spool replays it when the store
@@ -560,8 +439,7 @@ class Engine:
             await self.spool.admitted(request)
             return allow(identity, attrs.headers, creds, model=model, provider=provider.id,
                          request_id=request.request_id,
-                         provider_headers=self._keys(self.holder.current, provider.id,
-                                                     identity, attrs))
+                         provider_headers=self._keys(rs, provider.id, identity, attrs))
         if attempted and self.spool is not None:
             # The store may have made the reservation before the failure reached us (a reply
             # lost with the connection). The request is refused and never goes upstream, so
@@ -569,7 +447,7 @@ class Engine:
             # reservation, and changes nothing when there is none.
             await self.spool.completed(request.request_id, 0, TokenUsage(), error=True,
                                        tokens=(0, 0))
-        return deny("store_unavailable", "store_unavailable",
+        return deny("store_unavailable",
                     "the budget store is unavailable; try again shortly",
                     headers={"retry-after": "1"}, identity=identity, model=model)
 
@@ -607,21 +485,23 @@ class Engine:
         """
         self.inflight.charged(request_id)
         with tracing.span("sidecar.commit") as span:
-            result, cost = await self._charge(request_id, observed, expect, hint, span)
+            # One rule-set snapshot prices the whole charge, however a reload races it.
+            rs = self.holder.current
+            result, cost = await self._charge(rs, request_id, observed, expect, hint, span)
             if span is not None:
                 span.set_attributes({"sidecar.cost_micro_usd": cost,
                                      "sidecar.commit_status": result.status,
                                      "sidecar.usage_complete": observed.complete})
             return result, cost
 
-    async def _charge(self, request_id: str, observed: Observed,
+    async def _charge(self, rs: RuleSet, request_id: str, observed: Observed,
                       expect: tuple[str, str] | None, hint: tuple[str, str] | None,
                       span: Any) -> tuple[CommitResult, int]:
         try:
             record = await self.store.reservation(request_id)
         except StoreUnavailable as err:
             STORE_ERRORS.labels("commit").inc()
-            return await self._charge_store_down(request_id, observed, hint, err)
+            return await self._charge_store_down(rs, request_id, observed, hint, err)
         if record is None:
             METERING.labels("unknown").inc()
             log.warning("completion_unknown", request_id=request_id)
@@ -633,15 +513,15 @@ class Engine:
             raise AttributionMismatch(
                 f"request {request_id} was admitted for model {model!r} of provider "
                 f"{provider_id!r}, not {expect[0]!r} of {expect[1]!r}")
-        price = self._price(model, provider_id)
+        price = _price(rs, model, provider_id)
         if price is None:
             # Admitted under an older price list: charge nothing new, keep the estimate held
             # until expiry turns it into a charge (never $0).
             METERING.labels("unpriced").inc()
             log.warning("estimate_left_to_expiry", request_id=request_id, model=model)
             return CommitResult("unknown"), 0
-        observed = self._canonical_steps(observed, provider_id)
-        charge = bill(model, price, lambda other: self._price(other, provider_id),
+        observed = _canonical_steps(rs, observed, provider_id)
+        charge = bill(model, price, lambda other: _price(rs, other, provider_id),
                       record.estimate, observed)
         self._log_bill(request_id, model, charge)
         cost, usage = charge.total, charge.tokens
@@ -687,18 +567,6 @@ class Engine:
                  **({} if observed.reached_upstream else {"reached_upstream": False}))
         return result, cost
 
-    def _canonical_steps(self, observed: Observed, provider_id: str) -> Observed:
-        """Iterations under the names budgets and the ledger count models by (the reservation's
-        model already is one)."""
-        if not any(step.model for step in observed.iterations):
-            return observed
-        rs = self.holder.current
-        provider = rs.provider_by_id.get(provider_id)
-        pricing_id = provider.pricing_id if provider else provider_id
-        steps = tuple(replace(step, model=rs.prices.canonical(pricing_id, step.model))
-                      if step.model else step for step in observed.iterations)
-        return replace(observed, iterations=steps)
-
     @staticmethod
     def _log_bill(request_id: str, model: str, charge: Bill) -> None:
         # Charged at the request's model, but the provider may bill them otherwise.
@@ -709,18 +577,13 @@ class Engine:
             log.warning("iteration_model_unpriced", request_id=request_id, model=model,
                         iteration_models=sorted(set(charge.unpriced_models)))
 
-    def _price(self, model: str, provider_id: str) -> UnitPrice | None:
-        rs = self.holder.current
-        provider = rs.provider_by_id.get(provider_id)
-        return rs.prices.price(provider.pricing_id if provider else provider_id, model)
-
-    async def _charge_store_down(self, request_id: str, observed: Observed,
+    async def _charge_store_down(self, rs: RuleSet, request_id: str, observed: Observed,
                                  hint: tuple[str, str] | None,
                                  err: StoreUnavailable) -> tuple[CommitResult, int]:
         # Without the record there is no reserved amount to charge, so only reported usage
         # can be spooled; anything else is charged its estimate when the reservation (or the
         # spool's record of a fail-open admission) expires.
-        price = self._price(*hint) if hint is not None else None
+        price = _price(rs, *hint) if hint is not None else None
         free_error = observed.error and observed.usage is None
         if self.spool is None or (not free_error and (observed.usage is None or price is None)):
             METERING.labels("error").inc()
@@ -731,10 +594,27 @@ class Engine:
         # keeps one cost per request: all of it is booked under the request's model.
         hinted_model, hinted_provider = hint if hint is not None else ("", "")
         cost = 0 if free_error or price is None else bill(
-            hinted_model, price, lambda other: self._price(other, hinted_provider), 0,
+            hinted_model, price, lambda other: _price(rs, other, hinted_provider), 0,
             observed).total
         await self.spool.completed(request_id, cost, observed.usage or TokenUsage(),
                                    error=observed.error)
         METERING.labels("spooled").inc()
         log.warning("commit_spooled", request_id=request_id, error=str(err))
         return CommitResult("unknown"), cost
+
+
+def _price(rs: RuleSet, model: str, provider_id: str) -> UnitPrice | None:
+    provider = rs.provider_by_id.get(provider_id)
+    return rs.prices.price(provider.pricing_id if provider else provider_id, model)
+
+
+def _canonical_steps(rs: RuleSet, observed: Observed, provider_id: str) -> Observed:
+    """Iterations under the names budgets and the ledger count models by (the reservation's
+    model already is one)."""
+    if not any(step.model for step in observed.iterations):
+        return observed
+    provider = rs.provider_by_id.get(provider_id)
+    pricing_id = provider.pricing_id if provider else provider_id
+    steps = tuple(replace(step, model=rs.prices.canonical(pricing_id, step.model))
+                  if step.model else step for step in observed.iterations)
+    return replace(observed, iterations=steps)

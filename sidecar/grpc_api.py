@@ -9,7 +9,6 @@ Translation only: decisions and arithmetic live in the engine and `sidecar.budge
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any, NoReturn
@@ -94,15 +93,9 @@ class SidecarApi(sidecar_pb2_grpc.SidecarServicer):
         for key, value in context.invocation_metadata() or ():
             if isinstance(value, str):
                 headers[key.lower()] = value
-        scheme, _, presented = headers.get("authorization", "").partition(" ")
-        bearer = presented.strip() if scheme.lower() == "bearer" else ""
-        config = self._services.ruleset.config
         try:
             await self._services.admin_gate.authorize(
-                address=client_address(_peer_host(context.peer()), None, ()), bearer=bearer,
-                admin_token=os.environ.get(config.admin.token_env, ""),
-                admin_groups=config.admin.groups,
-                identify=lambda: self._services.engine.identify(headers))
+                headers, client_address(_peer_host(context.peer()), None, ()))
         except AdminDenied as exc:
             if exc.status == 401 and not headers.get("authorization"):
                 await _abort(context, grpc.StatusCode.UNAUTHENTICATED,

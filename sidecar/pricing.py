@@ -51,6 +51,7 @@ from typing import Any, Literal
 from genai_prices import types as gp_types
 from genai_prices.data_snapshot import DataSnapshot
 
+from sidecar.config.models import PriceOverrideConfig
 from sidecar.model import TokenUsage, ToolFees
 
 PriceSource = Literal["genai-prices", "override", "default"]
@@ -116,36 +117,27 @@ class UnitPrice:
     file_search: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class PriceOverride:
-    """A configured price. `provider` and `model` are fnmatch globs, matched case-insensitively
-    against genai-prices' provider id and the request's model."""
+# A configured price (`pricing.overrides[]`), validated when the file is loaded: `provider`
+# and `model` are fnmatch globs, matched case-insensitively against genai-prices' provider id
+# and the request's model.
+PriceOverride = PriceOverrideConfig
 
-    provider: str
-    model: str
-    input_per_mtok: Decimal
-    output_per_mtok: Decimal
-    cache_read_per_mtok: Decimal | None = None
-    cache_write_per_mtok: Decimal | None = None
 
-    def __post_init__(self) -> None:
-        # A bad price must fail at config load, not on the first request for the model.
-        self.unit_price()
+def _override_matches(override: PriceOverride, provider_id: str, model: str) -> bool:
+    return fnmatch.fnmatchcase(provider_id.lower(), override.provider.lower()) and (
+        fnmatch.fnmatchcase(model.lower(), override.model.lower())
+    )
 
-    def matches(self, provider_id: str, model: str) -> bool:
-        return fnmatch.fnmatchcase(provider_id.lower(), self.provider.lower()) and (
-            fnmatch.fnmatchcase(model.lower(), self.model.lower())
-        )
 
-    def unit_price(self) -> UnitPrice:
-        input_rate = per_mtok_to_pico(self.input_per_mtok)
-        return UnitPrice(
-            input=input_rate,
-            output=per_mtok_to_pico(self.output_per_mtok),
-            cache_read=_or_rate(self.cache_read_per_mtok, input_rate),
-            cache_write=_or_rate(self.cache_write_per_mtok, input_rate),
-            source="override",
-        )
+def override_price(override: PriceOverride) -> UnitPrice:
+    input_rate = per_mtok_to_pico(override.input_per_mtok)
+    return UnitPrice(
+        input=input_rate,
+        output=per_mtok_to_pico(override.output_per_mtok),
+        cache_read=_or_rate(override.cache_read_per_mtok, input_rate),
+        cache_write=_or_rate(override.cache_write_per_mtok, input_rate),
+        source="override",
+    )
 
 
 def per_mtok_to_pico(usd_per_mtok: Decimal | int | str) -> int:
@@ -208,9 +200,9 @@ class PriceBook:
         now = datetime.fromtimestamp(self._clock(), UTC)
         candidates = _candidate_prices(info, now) if info is not None else []
         for override in self._overrides:
-            if override.matches(provider_id, model):
+            if _override_matches(override, provider_id, model):
                 web_search, file_search = _fee_rates(candidates)
-                return replace(override.unit_price(), web_search=web_search,
+                return replace(override_price(override), web_search=web_search,
                                file_search=file_search)
         if info is None:
             return self._unknown_model

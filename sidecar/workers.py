@@ -93,7 +93,6 @@ class _Worker:
 class _Supervisor:
     workers: list[_Worker]
     multiproc_dir: Path
-    stopping: bool = False
     pending: list[int] = field(default_factory=list)
 
     def on_signal(self, signum: int, frame: Any) -> None:

@@ -9,10 +9,10 @@ import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
 from bench.policy import GROUPS, MODEL, spend_limits
+from sidecar.admission.plan import context, merge, plan
 from sidecar.budget.runtime_rules import account_tracking_rules
 from sidecar.config.models import SpendLimitConfig
 from sidecar.config.ruleset import rules_from_config
-from sidecar.engine import context, merge, plan
 from sidecar.model import Identity
 from sidecar.policy.rules import Rule
 

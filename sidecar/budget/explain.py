@@ -7,24 +7,17 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from sidecar.admission.candidates import candidate_context, candidates, model_allowed
+from sidecar.admission.estimate import priced, requested_tokens
+from sidecar.admission.fit import fits, room
+from sidecar.admission.plan import Plan, Planned, context, merge, plan
 from sidecar.config.ruleset import Provider, RuleSet
-from sidecar.engine import (
-    Engine,
-    Plan,
-    Planned,
-    candidate_context,
-    candidates,
-    context,
-    merge,
-    model_allowed,
-    plan,
-)
+from sidecar.engine import Engine
 from sidecar.metering.ledger import hour_range, in_range, of_user
 from sidecar.model import Identity
 from sidecar.money import micros_to_usd
 from sidecar.policy.rules import Context, Rule, in_unit, literal_values
-from sidecar.pricing import estimate_input_tokens, estimate_micros, requested_output_tokens
-from sidecar.store.budget_types import BucketState, LedgerRow
+from sidecar.store.budget_types import AdmissionMode, BucketState, LedgerRow, measured
 
 # Rules that look at these dimensions have a bucket per model (or provider) a request names.
 _REQUEST_DIMENSIONS = ("model", "provider")
@@ -51,7 +44,7 @@ def bucket_view(planned: Planned, state: BucketState, now: float) -> dict[str, A
         "limit": in_unit(unit, rule.limit),
         "spent": in_unit(unit, state.spent),
         "reserved": in_unit(unit, state.reserved),
-        "remaining": in_unit(unit, max(0, rule.limit - state.spent - state.reserved)),
+        "remaining": in_unit(unit, room(rule.limit, state)),
         "resets_at": _iso(rule.window.resets_at(now)),
     }
     if rule.measure in ("input_tokens", "output_tokens"):
@@ -137,6 +130,7 @@ async def simulate(engine: Engine, identity: Identity, model: str, provider: Pro
     now = engine.clock()
     steps: list[dict[str, Any]] = []
     outcome: dict[str, Any] = {"decision": "deny", "status": 429, "model": model}
+    input_tokens, output_tokens = tokens = requested_tokens(rs, body)
     for index, cand in enumerate(candidates(rs, model, provider)):
         cand_model, cand_provider = cand.model, cand.provider
         entry: dict[str, Any] = {"model": cand_model, "canonical": cand.canonical,
@@ -148,24 +142,20 @@ async def simulate(engine: Engine, identity: Identity, model: str, provider: Pro
                 return {"decision": "deny", "status": 403, "reason": "model_not_allowed",
                         "model": model, "steps": steps}
             continue
-        price = rs.prices.price(cand_provider.pricing_id, cand_model)
-        if price is None:
+        found = priced(rs, cand, tokens)
+        if found is None:
             entry["result"] = "unpriced_model"
             if index == 0:
                 return {"decision": "deny", "status": 403, "reason": "unpriced_model",
                         "model": model, "steps": steps}
             continue
-        input_tokens = estimate_input_tokens(body)
-        output_tokens = requested_output_tokens(body, rs.default_max_output_tokens)
-        estimate = estimate_micros(price, input_tokens, output_tokens)
-        amounts = {"usd": estimate, "tokens": input_tokens + output_tokens,
-                   "input_tokens": input_tokens, "output_tokens": output_tokens, "requests": 1}
+        price, estimate = found
         entry.update(estimate_usd=micros_to_usd(estimate), input_tokens=input_tokens,
                      output_tokens=output_tokens, price_source=price.source)
         budget = merge(plan(engine.rules(rs), candidate_context(identity, cand, metadata),
                             now))
         states = await engine.store.bucket_states(list(budget.views), now)
-        entry["buckets"] = _with_fit(budget, states, amounts, now)
+        entry["buckets"] = _with_fit(budget, states, (estimate, tokens), rs.admission_mode, now)
         full = [b for b in entry["buckets"] if not b["fits"] and b["action"] != "monitor"]
         if any(b["action"] == "block" for b in full):
             entry["result"] = "blocked"
@@ -182,16 +172,18 @@ async def simulate(engine: Engine, identity: Identity, model: str, provider: Pro
     return outcome
 
 
-def _with_fit(budget: Plan, states: Sequence[BucketState], amounts: Mapping[str, int],
-              now: float) -> list[dict[str, Any]]:
-    """Each bucket's view and whether the request's amount in its measure fits."""
+def _with_fit(budget: Plan, states: Sequence[BucketState], asked: tuple[int, tuple[int, int]],
+              mode: AdmissionMode, now: float) -> list[dict[str, Any]]:
+    """Each bucket's view and whether the request's amount in its measure fits it, by the
+    test the store applies in the configured admission mode."""
+    micros, (input_tokens, output_tokens) = asked
     out = []
     for planned in budget.planned:
         if _tracking(planned.rule):
             continue
         state = budget.state(planned, states)
         view = bucket_view(planned, state, now)
-        view["fits"] = (state.spent + state.reserved + amounts[planned.rule.measure]
-                        <= planned.rule.limit)
+        amount = measured(planned.rule.measure, micros, input_tokens, output_tokens)
+        view["fits"] = fits(state, amount, planned.rule.limit, mode)
         out.append(view)
     return out

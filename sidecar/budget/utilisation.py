@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from sidecar.metrics import BUCKETS_AT_THRESHOLD, UTILISATION_MAX
 
 if TYPE_CHECKING:
-    from sidecar.engine import Plan
+    from sidecar.admission.plan import Plan
     from sidecar.policy.rules import Rule
     from sidecar.store.budget_types import BucketState
 

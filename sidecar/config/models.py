@@ -8,6 +8,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -54,6 +55,15 @@ def _money(value: Any) -> Decimal:
 
 
 Money = Annotated[Decimal, Field(ge=0)]
+
+
+def _duration(value: str) -> str:
+    parse_duration(value)
+    return value
+
+
+# A duration such as "90s", "10m", "12h", "7d", checked when the file is loaded.
+Duration = Annotated[str, AfterValidator(_duration)]
 
 
 class StoreConfig(Strict):
@@ -163,17 +173,11 @@ class ServiceTokensConfig(Strict):
 
 class DeviceLoginConfig(Strict):
     enabled: bool = False
-    token_ttl: str = "12h"
+    token_ttl: Duration = "12h"
     # How long a CLI session lasts without a new login: its refresh token, rotated on each
     # use, gets new access tokens until then.
-    session_ttl: str = "7d"
+    session_ttl: Duration = "7d"
     public_url: str = ""
-
-    @field_validator("token_ttl", "session_ttl")
-    @classmethod
-    def _duration(cls, value: str) -> str:
-        parse_duration(value)
-        return value
 
 
 class DirectoryGrant(Strict):
@@ -486,13 +490,7 @@ class PricingConfig(Strict):
 class AdmissionConfig(Strict):
     mode: Literal["reserve", "optimistic"] = "reserve"
     default_max_output_tokens: int = Field(default=1024, ge=1, le=10_000_000)
-    reservation_ttl: str = "10m"
-
-    @field_validator("reservation_ttl")
-    @classmethod
-    def _duration(cls, value: str) -> str:
-        parse_duration(value)
-        return value
+    reservation_ttl: Duration = "10m"
 
 
 class WebhookConfig(Strict):

@@ -25,9 +25,9 @@ from sidecar.money import usd_to_micros
 from sidecar.policy.allowlist import Allowlist, AllowRule, compile_globs
 from sidecar.policy.rules import Rule, Window, compile_rule
 from sidecar.policy.windows import FixedWindow, RollingWindow, parse_duration
-from sidecar.pricing import PriceBook, PriceOverride, UnitPrice, per_mtok_to_pico
+from sidecar.pricing import PriceBook, UnitPrice, per_mtok_to_pico
 from sidecar.providers.credentials import ProviderKeys, build_keys
-from sidecar.store.budget_types import Measure
+from sidecar.store.budget_types import AdmissionMode, Measure
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class RuleSet:
     directory: Directory
     reservation_ttl: int
     default_max_output_tokens: int
-    admission_mode: str
+    admission_mode: AdmissionMode
     provider_by_id: Mapping[str, Provider] = field(default_factory=dict)
     # Keys the sidecar injects upstream, per provider id (absent: bring your own key).
     provider_keys: Mapping[str, ProviderKeys] = field(default_factory=dict)
@@ -153,20 +153,7 @@ def build_ruleset(config: SidecarConfig, *, source_text: str = "",
         if isinstance(unknown, DefaultPriceConfig)
         else None
     )
-    prices = PriceBook(
-        [
-            PriceOverride(
-                provider=o.provider,
-                model=o.model,
-                input_per_mtok=o.input_per_mtok,
-                output_per_mtok=o.output_per_mtok,
-                cache_read_per_mtok=o.cache_read_per_mtok,
-                cache_write_per_mtok=o.cache_write_per_mtok,
-            )
-            for o in config.pricing.overrides
-        ],
-        default_price,
-    )
+    prices = PriceBook(config.pricing.overrides, default_price)
     issuers = [i.issuer for i in config.identity.jwt.issuers]
     directory = Directory.build(
         (group, member.issuer, member.email) if isinstance(member, DirectoryGrant)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -14,8 +13,9 @@ from google.rpc import code_pb2
 
 from sidecar import tracing
 from sidecar.engine import Engine
-from sidecar.envoy.request_body import BodyAction, body_action
 from sidecar.envoy.upstream import upstream_api
+from sidecar.headers import clean, join_headers
+from sidecar.metering.request_body import BodyAction, body_action
 from sidecar.model import Decision, RequestAttrs
 
 # gRPC status Envoy sees for each HTTP status of a deny (Envoy only looks at OK vs not OK,
@@ -27,7 +27,6 @@ _GRPC_CODE = {
     429: code_pb2.RESOURCE_EXHAUSTED,
     503: code_pb2.UNAVAILABLE,
 }
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
 OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 METADATA_NAMESPACE = "sidecar"
 # Set on calls whose body ext_proc must change; ext_proc only runs for those
@@ -37,11 +36,10 @@ BODY_HEADER = "x-sidecar-body"
 
 def attrs_from_check(request: external_auth_pb2.CheckRequest) -> RequestAttrs:
     http = request.attributes.request.http
-    headers: dict[str, str] = {k.lower(): v for k, v in http.headers.items()}
-    for header in http.header_map.headers:
-        name = header.key.lower()
-        value = header.value or header.raw_value.decode("utf-8", "replace")
-        headers[name] = f"{headers[name]},{value}" if name in headers else value
+    headers = join_headers(
+        ((h.key, h.value or h.raw_value.decode("utf-8", "replace"))
+         for h in http.header_map.headers),
+        into={k.lower(): v for k, v in http.headers.items()})
     body = http.raw_body or (http.body.encode() if http.body else None)
     return RequestAttrs(
         method=http.method,
@@ -59,7 +57,7 @@ def _add_headers(options: Any, items: Iterable[tuple[str, str]]) -> None:
     for name, value in items:
         option = add()
         option.header.key = name
-        option.header.value = value if value.isprintable() else _UNSAFE.sub(" ", value)
+        option.header.value = value if value.isprintable() else clean(value)
         option.append_action = OVERWRITE
 
 

@@ -28,10 +28,10 @@ from sidecar import tracing
 from sidecar.engine import Engine
 from sidecar.envoy.attach import BODY_NAMESPACE
 from sidecar.envoy.authz import BODY_HEADER
-from sidecar.envoy.request_body import mutate
 from sidecar.envoy.request_path import NoDeployment, PathChange, fallback_path
 from sidecar.envoy.upstream import upstream_api
 from sidecar.metering.parse import Api
+from sidecar.metering.request_body import mutate
 
 OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 

@@ -47,7 +47,7 @@ function envoy_on_request(handle)
   -- The Check asks for `stream_options.include_usage` on an OpenAI chat stream whose body
   -- has no `stream_options`: inserted here as the object's first member (the rest of the
   -- body stays as sent), and the client, who did not ask for usage, will not see its event.
-  -- Every other body change is ext_proc's (sidecar/envoy/request_body.py decides).
+  -- Every other body change is ext_proc's (sidecar/metering/request_body.py decides).
   local authz = md:get("envoy.filters.http.ext_authz")
   local decided = authz and authz["sidecar"]
   if decided == nil or decided["body"] ~= "insert_usage_option" then

@@ -81,5 +81,4 @@ def create_app(services: Services) -> Starlette:
     )
     # An API answers the path it was given; a redirect to a slash variant is never right.
     app.router.redirect_slashes = False
-    app.state.services = services
     return app

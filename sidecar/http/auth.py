@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 from starlette.requests import Request
 
 from sidecar.admin_access import AdminDenied
 from sidecar.client_addr import client_address
+from sidecar.headers import join_headers
 from sidecar.http.envelope import ApiError
 from sidecar.http.same_origin import check_write
 from sidecar.model import Identity
@@ -15,10 +14,7 @@ from sidecar.services import Services
 
 
 def request_headers(request: Request) -> dict[str, str]:
-    headers: dict[str, str] = {}
-    for name, value in request.headers.items():
-        headers[name] = f"{headers[name]},{value}" if name in headers else value
-    return headers
+    return join_headers(request.headers.items())
 
 
 def client_addr(services: Services, request: Request) -> str:
@@ -40,14 +36,9 @@ async def require_admin(services: Services, request: Request) -> str:
     """The admin's name for audit logs; 401 without credentials, 403 without the right,
     429 after too many failures, and 403/415 for a write a foreign page could have sent."""
     config = services.ruleset.config
-    scheme, _, presented = request.headers.get("authorization", "").partition(" ")
-    bearer = presented.strip() if scheme.lower() == "bearer" else ""
     try:
-        admin = await services.admin_gate.authorize(
-            address=client_addr(services, request), bearer=bearer,
-            admin_token=os.environ.get(config.admin.token_env, ""),
-            admin_groups=config.admin.groups,
-            identify=lambda: services.engine.identify(request_headers(request)))
+        admin = await services.admin_gate.authorize(request_headers(request),
+                                                    client_addr(services, request))
     except AdminDenied as exc:
         headers = {} if exc.retry_after is None else {"Retry-After": str(exc.retry_after)}
         raise ApiError(exc.status, exc.message, headers=headers) from None

@@ -29,7 +29,6 @@ and every refusal carries its real status in `x-sidecar-status` and its JSON bod
 from __future__ import annotations
 
 import hmac
-import os
 import re
 from collections.abc import Mapping
 
@@ -38,6 +37,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from sidecar.decisions import deny
+from sidecar.headers import UNSAFE, clean
 from sidecar.http.auth import request_headers
 from sidecar.model import Decision, RequestAttrs
 from sidecar.policy.request import BadRequest, model_in_path
@@ -45,7 +45,6 @@ from sidecar.services import Services
 
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 _TOKEN = re.compile(r"^[A-Za-z]{1,16}$")
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
 MAX_URI = 8192
 MAX_MODEL = 256
 REMOVE_HEADER = "x-envoy-auth-headers-to-remove"
@@ -79,7 +78,7 @@ def original_request(path_param: str | None, method: str,
         original_method = headers.get("x-original-method", "")
     else:
         original_method = headers.get("x-forwarded-method", "")
-    if not uri.startswith("/") or len(uri) > MAX_URI or _UNSAFE.search(uri):
+    if not uri.startswith("/") or len(uri) > MAX_URI or UNSAFE.search(uri):
         raise BadOriginal("the original URI must be an absolute path of at most "
                           f"{MAX_URI} characters")
     if not _TOKEN.match(original_method):
@@ -95,15 +94,10 @@ def _path_names_model(path: str) -> bool:
         return True  # it does, badly: the engine refuses it with its own message
 
 
-def _clean(value: str) -> str:
-    return _UNSAFE.sub(" ", value)
-
-
 INGRESS_TOKEN_HEADER = "x-sidecar-ingress-token"
 
 
-def is_ingress(headers: Mapping[str, str], token_env: str) -> bool:
-    expected = os.environ.get(token_env, "")
+def is_ingress(headers: Mapping[str, str], expected: str) -> bool:
     presented = headers.get(INGRESS_TOKEN_HEADER, "")
     return bool(expected) and hmac.compare_digest(presented.encode(), expected.encode())
 
@@ -124,8 +118,8 @@ def render(decision: Decision, nginx: bool, with_keys: bool = False) -> Response
             # Envoy's http_service ext_authz removes these from the upstream request; other
             # ingresses drop the credential headers themselves (deploy/nginx).
             headers[REMOVE_HEADER] = ",".join(sorted(remove))
-        return Response(status_code=200, headers={k: _clean(v) for k, v in headers.items()})
-    headers = {k: _clean(v) for k, v in decision.headers.items()}
+        return Response(status_code=200, headers={k: clean(v) for k, v in headers.items()})
+    headers = {k: clean(v) for k, v in decision.headers.items()}
     status = decision.http_status
     if nginx:
         headers["x-sidecar-status"] = str(status)
@@ -133,7 +127,7 @@ def render(decision: Decision, nginx: bool, with_keys: bool = False) -> Response
             status = 403
         # The deny bodies are ASCII JSON on one line (json.dumps escapes the rest), so
         # they fit a header value as they are.
-        headers["x-sidecar-error"] = _clean(decision.body.decode("ascii", "replace"))
+        headers["x-sidecar-error"] = clean(decision.body.decode("ascii", "replace"))
     return Response(decision.body, status_code=status, headers=headers,
                     media_type="application/json")
 
@@ -145,7 +139,7 @@ def routes(services: Services) -> list[Route]:
         found = await services.engine.identify(headers)
         if isinstance(found, Decision):
             return render(found, nginx)
-        return render(deny("bad_request", "bad_request", message), nginx)
+        return render(deny("bad_request", message), nginx)
 
     async def authz(request: Request) -> Response:
         headers = request_headers(request)
@@ -156,7 +150,7 @@ def routes(services: Services) -> list[Route]:
         request_id = headers.get("x-request-id", "")[:128]
         model = headers.get("x-sidecar-model", "").strip()
         try:
-            if len(model) > MAX_MODEL or _UNSAFE.search(model):
+            if len(model) > MAX_MODEL or UNSAFE.search(model):
                 raise BadOriginal(f"x-sidecar-model must be at most {MAX_MODEL} printable "
                                   "characters")
             method, path, nginx = original_request(path_param, request.method, headers)
@@ -172,7 +166,7 @@ def routes(services: Services) -> list[Route]:
                                 "endpoint receives no request body", nginx)
         attrs = RequestAttrs(method=method, path=path, headers=headers, body=None,
                              request_id=request_id, model_hint=model)
-        with_keys = is_ingress(headers, services.ruleset.config.admin.ingress_token_env)
+        with_keys = is_ingress(headers, services.settings.current.ingress_token)
         return render(await services.engine.check(attrs), nginx, with_keys)
 
     return [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from http.cookies import CookieError, SimpleCookie
+from typing import Protocol
 
 from sidecar.identity.cli_sessions import CliSessions
 from sidecar.identity.errors import AuthError
@@ -13,6 +14,13 @@ from sidecar.model import Identity
 
 CLIENT_ID = "cf-access-client-id"
 CLIENT_SECRET = "cf-access-client-secret"
+
+
+class Identifier(Protocol):
+    """What the engine asks who a request is from (the Authenticator, or a test's own)."""
+
+    async def identify(self, headers: Mapping[str, str]
+                       ) -> tuple[Identity, tuple[str, ...]] | None: ...
 
 
 def _cookie_token(header: str) -> str | None:

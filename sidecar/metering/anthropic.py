@@ -8,8 +8,8 @@ searches, billed per search).
 
 from __future__ import annotations
 
-from sidecar.metering import count, load_json, mapping, utf8_len
-from sidecar.metering.sse import SSEEvent
+from sidecar.metering import count, mapping, utf8_len
+from sidecar.metering.sse import SSEEvent, typed_payload
 from sidecar.model import Iteration, TokenUsage, ToolFees
 
 # Anthropic's usage keys, in TokenUsage's terms. input_tokens already excludes cache tokens.
@@ -116,12 +116,10 @@ class MessagesStream:
         if (event.event != "message" and event.event not in _USAGE_EVENTS
                 and event.event != "content_block_delta"):
             return
-        payload = mapping(load_json(event.data))
-        if payload is None:
+        typed = typed_payload(event)
+        if typed is None:
             return
-        kind = payload.get("type")
-        if not isinstance(kind, str):
-            kind = event.event
+        kind, payload = typed
         if kind == "content_block_delta":
             delta = mapping(payload.get("delta"))
             if delta is not None:

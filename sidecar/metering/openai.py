@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from sidecar.metering import count, load_json, mapping, utf8_len
-from sidecar.metering.sse import SSEEvent
+from sidecar.metering.sse import SSEEvent, typed_payload
 from sidecar.metering.tally import StreamTally
 from sidecar.model import Iteration, TokenUsage, ToolFees
 
@@ -80,28 +80,29 @@ def _split_cached(
     )
 
 
-def chat_usage(usage: object) -> TokenUsage | None:
-    """Map a chat completions `usage` object; None when it reports nothing."""
+def _usage(usage: object, prefix: str, output_key: str) -> TokenUsage | None:
+    """A `usage` object whose input count is `<prefix>_tokens`, its cache details
+    `<prefix>_tokens_details` and its output count `output_key`; None when it reports
+    nothing (the two APIs name the same counts differently)."""
     fields = mapping(usage)
     if fields is None:
         return None
-    prompt = count(fields.get("prompt_tokens"))
-    completion = count(fields.get("completion_tokens"))
-    if prompt is None and completion is None:
+    total_input = count(fields.get(f"{prefix}_tokens"))
+    output = count(fields.get(output_key))
+    if total_input is None and output is None:
         return None
-    return _split_cached(prompt or 0, mapping(fields.get("prompt_tokens_details")), completion or 0)
+    return _split_cached(total_input or 0, mapping(fields.get(f"{prefix}_tokens_details")),
+                         output or 0)
+
+
+def chat_usage(usage: object) -> TokenUsage | None:
+    """Map a chat completions `usage` object; None when it reports nothing."""
+    return _usage(usage, "prompt", "completion_tokens")
 
 
 def responses_usage(usage: object) -> TokenUsage | None:
     """Map a Responses API `usage` object; None when it reports nothing."""
-    fields = mapping(usage)
-    if fields is None:
-        return None
-    total_input = count(fields.get("input_tokens"))
-    output = count(fields.get("output_tokens"))
-    if total_input is None and output is None:
-        return None
-    return _split_cached(total_input or 0, mapping(fields.get("input_tokens_details")), output or 0)
+    return _usage(usage, "input", "output_tokens")
 
 
 def chat_body_usage(body: object) -> TokenUsage | None:
@@ -180,12 +181,10 @@ class ResponsesStream:
         if (event.event != "message" and event.event not in _RESPONSES_TERMINAL
                 and event.event not in _RESPONSES_DELTAS and event.event != _OUTPUT_ITEM_DONE):
             return
-        payload = mapping(load_json(event.data))
-        if payload is None:
+        typed = typed_payload(event)
+        if typed is None:
             return
-        kind = payload.get("type")
-        if not isinstance(kind, str):
-            kind = event.event
+        kind, payload = typed
         if kind in _RESPONSES_DELTAS:
             self.output_bytes += utf8_len(payload.get("delta"))
             return

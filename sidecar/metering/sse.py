@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+from sidecar.metering import load_json, mapping
 
 # One event larger than this is dropped rather than buffered. The largest legitimate event
 # is an OpenAI Responses `response.completed`, which repeats the whole output.
@@ -19,6 +22,16 @@ _BOM = "\ufeff"
 class SSEEvent:
     event: str
     data: str
+
+
+def typed_payload(event: SSEEvent) -> tuple[str, Mapping[str, object]] | None:
+    """An event's JSON object and its type: the object's `type`, else the SSE event name
+    (providers put it in one or both). None when the data is no JSON object."""
+    payload = mapping(load_json(event.data))
+    if payload is None:
+        return None
+    kind = payload.get("type")
+    return (kind if isinstance(kind, str) else event.event), payload
 
 
 class SSEDecoder:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
@@ -27,13 +26,6 @@ _DEPLOYMENT = re.compile(r"(?:^|/)openai/deployments/([^/?#]+)/")
 
 class BadRequest(Exception):
     """The request cannot be judged as sent; the message is shown to the client."""
-
-
-@dataclass(frozen=True)
-class LlmRequest:
-    model: str
-    provider: str
-    body: Mapping[str, Any]
 
 
 def parse_body(body: bytes | None) -> Mapping[str, Any]:

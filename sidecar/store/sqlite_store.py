@@ -14,6 +14,7 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
+from sidecar.admission.fit import fits
 from sidecar.model import TokenUsage
 from sidecar.store.base import Doc, StoreUnavailable
 from sidecar.store.budget_types import (
@@ -401,10 +402,7 @@ class SQLiteStore:
             failed = tuple(
                 i for i, (b, s, amount) in enumerate(
                     zip(request.buckets, states, amounts, strict=True))
-                if b.enforce and (
-                    s.spent + s.reserved + amount > b.limit
-                    if reserve_mode else s.spent >= b.limit
-                )
+                if b.enforce and not fits(s, amount, b.limit, request.mode)
             )
             if failed:
                 return ReserveResult(False, failed, tuple(states))

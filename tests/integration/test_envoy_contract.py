@@ -42,7 +42,7 @@ from starlette.routing import Route
 
 from sidecar.demo.envoy_config import DEFAULT_SOURCE, render_envoy_config, write_envoy_config
 from sidecar.demo.procs import LOOPBACK, ManagedProcess, envoy_binary, free_port, start_envoy
-from sidecar.envoy.request_body import insert_usage_option
+from sidecar.metering.request_body import insert_usage_option
 
 # The servers live in a module-scoped fixture, so the tests must share its event loop.
 in_module_loop = pytest.mark.asyncio(loop_scope="module")
@@ -715,7 +715,7 @@ async def test_lua_filter_inserts_the_usage_option_and_hides_its_event(stack: St
     assert stack.streams_for(test_id) == []
     [upstream] = stack.upstream_for(test_id)
     # The member goes first; the rest of the client's bytes are as sent: exactly what
-    # sidecar/envoy/request_body.py says the Lua filter does.
+    # sidecar/metering/request_body.py says the Lua filter does.
     assert upstream.body == insert_usage_option(body)
     assert upstream.body == b'  {"stream_options":{"include_usage":true},"model": ' \
         b'"gpt-4o-mini", "stream": true, "messages": []}'

@@ -16,15 +16,15 @@ from sidecar.config.ruleset import RuleSetHolder, build_ruleset
 from sidecar.engine import Engine
 from sidecar.envoy.attach import lua_source
 from sidecar.envoy.ext_proc import ExternalProcessorServicer
-from sidecar.envoy.request_body import (
+from sidecar.metering.charge import Observed
+from sidecar.metering.parse import Api
+from sidecar.metering.request_body import (
     USAGE_OPTION_MEMBER,
     Mutation,
     body_action,
     insert_usage_option,
     mutate,
 )
-from sidecar.metering.charge import Observed
-from sidecar.metering.parse import Api
 from sidecar.store.budget_types import CommitResult
 
 CHAT = "/openai/v1/chat/completions"

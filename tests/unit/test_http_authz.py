@@ -141,7 +141,7 @@ async def test_recent_ring_is_bounded_and_newest_first(tmp_path: Path) -> None:
     ring = RecentDecisions(store, size=3, clock=lambda: float(next(clock)))
     who = Identity(kind="user", subject="s", email="zoe@example.com")
     attrs = RequestAttrs("POST", CHAT, {}, request_id="r")
-    full = deny("spend_limit_exceeded", "spend_limit_exceeded", "full", identity=who,
+    full = deny("spend_limit_exceeded", "full", identity=who,
                 model="gpt-4o", rule="r1", bucket="user=zoe@example.com", spent=1.0)
     fallback = allow(who, {}, model="cheap", provider="openai", fallback_from="gpt-4o")
     assert entry(attrs, allow(who, {}), 1.0) is None

@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from sidecar.admission.plan import merge, plan
+from sidecar.admission.plan_cache import PlanCache, validity
 from sidecar.config.loader import parse_config
 from sidecar.config.ruleset import RuleSet, RuleSetHolder, build_ruleset
-from sidecar.engine import Engine, merge, plan
+from sidecar.engine import Engine
 from sidecar.model import Identity
-from sidecar.policy.plan_cache import PlanCache, validity
 from sidecar.policy.rules import Rule
 from sidecar.store.sqlite_store import SQLiteStore
 from tests.unit.test_engine import ALICE, CENT, FixedAuth, attrs

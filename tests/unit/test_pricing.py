@@ -30,6 +30,15 @@ DEFAULT_PRICE = UnitPrice(
 )  # fmt: skip
 
 
+def priced(provider: str, model: str, input_per_mtok: Decimal, output_per_mtok: Decimal,
+           cache_read_per_mtok: Decimal | None = None,
+           cache_write_per_mtok: Decimal | None = None) -> PriceOverride:
+    return PriceOverride(provider=provider, model=model, input_per_mtok=input_per_mtok,
+                         output_per_mtok=output_per_mtok,
+                         cache_read_per_mtok=cache_read_per_mtok,
+                         cache_write_per_mtok=cache_write_per_mtok)
+
+
 def book(*overrides: PriceOverride, unknown_model: UnitPrice | None = None) -> PriceBook:
     return PriceBook(overrides, unknown_model)
 
@@ -125,7 +134,7 @@ def test_unknown_provider_id_falls_back_to_the_model_name() -> None:
 
 
 def test_override_wins_over_genai_prices() -> None:
-    override = PriceOverride("openai", "gpt-4o", Decimal("1"), Decimal("2"), Decimal("0.5"), None)
+    override = priced("openai", "gpt-4o", Decimal("1"), Decimal("2"), Decimal("0.5"), None)
 
     price = book(override).price("openai", "gpt-4o")
 
@@ -137,7 +146,7 @@ def test_override_wins_over_genai_prices() -> None:
 
 
 def test_glob_override_matches_and_others_do_not() -> None:
-    override = PriceOverride("openai", "my-finetune-*", Decimal("3"), Decimal("12"))
+    override = priced("openai", "my-finetune-*", Decimal("3"), Decimal("12"))
     prices = book(override)
 
     matched = prices.price("openai", "My-Finetune-v2")
@@ -148,8 +157,8 @@ def test_glob_override_matches_and_others_do_not() -> None:
 
 
 def test_first_matching_override_wins() -> None:
-    specific = PriceOverride("openai", "ft-a", Decimal("1"), Decimal("1"))
-    broad = PriceOverride("*", "ft-*", Decimal("9"), Decimal("9"))
+    specific = priced("openai", "ft-a", Decimal("1"), Decimal("1"))
+    broad = priced("*", "ft-*", Decimal("9"), Decimal("9"))
 
     price = book(specific, broad).price("openai", "ft-a")
 
@@ -158,7 +167,7 @@ def test_first_matching_override_wins() -> None:
 
 
 def test_fractional_pico_prices_round_up() -> None:
-    override = PriceOverride("x", "y", Decimal("0.0000001"), Decimal("0"))
+    override = priced("x", "y", Decimal("0.0000001"), Decimal("0"))
 
     price = book(override).price("x", "y")
 
@@ -379,8 +388,8 @@ def test_requested_output_tokens(body: dict[str, Any], expected: int) -> None:
 
 
 def test_negative_override_price_fails_when_configured() -> None:
-    with pytest.raises(ValueError, match="not a price"):
-        PriceOverride("openai", "x", Decimal("-1"), Decimal("1"))
+    with pytest.raises(ValueError, match="greater than or equal to 0"):
+        priced("openai", "x", Decimal("-1"), Decimal("1"))
 
 
 @pytest.mark.parametrize(("provider", "model"), [

@@ -122,7 +122,8 @@ def test_fallback_to_a_model_no_azure_deployment_runs_is_refused() -> None:
 
 
 def test_a_self_hosted_model_is_priced_by_an_override_or_refused() -> None:
-    override = PriceOverride("self-hosted", "my-llama-*", Decimal("0.1"), Decimal("0.2"))
+    override = PriceOverride(provider="self-hosted", model="my-llama-*",
+                             input_per_mtok=Decimal("0.1"), output_per_mtok=Decimal("0.2"))
     prices = PriceBook([override], None)
     price = prices.price("self-hosted", "my-llama-8b")
     assert price is not None and (price.input, price.output) == (100_000, 200_000)

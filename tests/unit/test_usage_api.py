@@ -51,7 +51,7 @@ async def _seed(services: Services) -> None:
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
     workdir = tmp_path_factory.mktemp("usage-api")
     issuer = DevIssuer.generate()
     jwks = issuer.write_jwks(workdir / "jwks.json")
@@ -63,11 +63,16 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     services = asyncio.run(build_services(path))
     services.engine.clock = lambda: float(NOW)
     asyncio.run(_seed(services))
+    yield services
+    asyncio.run(services.close())
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def client(services: Services) -> Iterator[TestClient]:
     with TestClient(create_app(services)) as test_client:
         test_client.headers["authorization"] = f"Bearer {TOKEN}"
         yield test_client
-    asyncio.run(services.close())
-    mp.undo()
 
 
 def result(response: Any) -> Any:
@@ -198,10 +203,8 @@ def test_usage_apis_need_an_admin(client: TestClient) -> None:
 
 
 
-def test_store_gone_mid_request_is_a_retryable_json_503(client: TestClient,
+def test_store_gone_mid_request_is_a_retryable_json_503(client: TestClient, services: Services,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    services = client.app.state.services  # type: ignore[attr-defined]
-
     async def dropped(*args: object, **kwargs: object) -> list[Any]:
         raise StoreUnavailable("Connection closed by server")
 

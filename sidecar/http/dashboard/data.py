@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from sidecar.admission.plan import Planned, context, merge, plan
 from sidecar.audit import latest
 from sidecar.budget.explain import bucket_view
 from sidecar.budget.recent import recent
-from sidecar.engine import Engine, Planned, context, merge, plan
+from sidecar.engine import Engine
 from sidecar.metering.ledger import (
     Totals,
     UsageRow,

@@ -1,0 +1,92 @@
+"""The buckets a request is counted in: a request's dimensions, the rules' buckets for
+them, and those buckets merged into what the store sees."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from sidecar.model import Identity
+from sidecar.policy.rules import Context, Rule
+from sidecar.store.budget_types import BucketState, BucketView
+
+
+@dataclass(frozen=True)
+class Planned:
+    rule: Rule
+    view: BucketView
+    labels: Mapping[str, str]
+
+    @property
+    def bucket_label(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in self.labels.items()) or "(all)"
+
+
+def context(identity: Identity, model: str, provider: str,
+            metadata: Mapping[str, str], requested: str = "") -> Context:
+    """The request's dimensions. `model` is the canonical model (buckets are split by it);
+    `requested`, the name as sent, is only for rule filters to match as well."""
+    ctx: dict[str, tuple[str, ...]] = {
+        "user": (identity.user,),
+        "group": identity.groups,
+        "token": (identity.token_name,) if identity.token_name else (),
+        "kind": (identity.kind,),
+        "model": (model,),
+        "provider": (provider,),
+    }
+    if requested and requested != model:
+        ctx["requested_model"] = (requested,)
+    for key, value in metadata.items():
+        ctx[f"metadata.{key}"] = (value,)
+    return ctx
+
+
+def plan(rules: Sequence[Rule], ctx: Context, now: float) -> list[Planned]:
+    planned = []
+    for rule in rules:
+        buckets = rule.buckets(ctx)
+        if not buckets:
+            continue
+        # Once per rule, not per bucket: a group split gives one bucket per group.
+        window = rule.window
+        slot, since, ttl = window.slot(now), window.since(now), window.ttl_seconds()
+        enforce = rule.action != "monitor"
+        for key, labels in buckets:
+            view = BucketView(key, slot, since, ttl, rule.limit, enforce, rule.measure)
+            planned.append(Planned(rule, view, labels))
+    return planned
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Planned buckets, and the distinct store buckets they map to.
+
+    Several rules may name one bucket (the account limit and the always-on account tracking,
+    say): the store sees it once, enforced if any rule enforces it, at the tightest limit.
+    """
+
+    planned: tuple[Planned, ...]
+    views: tuple[BucketView, ...]
+    index: Mapping[str, int]
+
+    def state(self, planned: Planned, states: Sequence[BucketState]) -> BucketState:
+        return states[self.index[planned.view.key]]
+
+    def culprit(self, view_index: int) -> Planned:
+        view = self.views[view_index]
+        return next(p for p in self.planned
+                    if p.view.key == view.key and p.view.enforce and p.view.limit == view.limit)
+
+    def rule_names(self) -> tuple[str, ...]:
+        return tuple(sorted({p.rule.name for p in self.planned}))
+
+
+def merge(planned: Sequence[Planned]) -> Plan:
+    merged: dict[str, BucketView] = {}
+    for p in planned:
+        current = merged.get(p.view.key)
+        if current is None or (p.view.enforce and (not current.enforce
+                                                   or p.view.limit < current.limit)):
+            merged[p.view.key] = p.view
+    views = tuple(merged.values())
+    return Plan(tuple(planned), views, {v.key: i for i, v in enumerate(views)})
