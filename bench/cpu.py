@@ -2,7 +2,7 @@
 process's CPU time (user + system, from /proc) divided by the requests wrk completed.
 
     .venv/bin/python -m bench.cpu [--rows floor sqlite] [--rounds 3] [--seconds 8]
-        [--profile sqlite]   # also py-spy records that row's sidecar (needs py-spy)
+        [--profile sqlite [--native]]   # also py-spy records that row's sidecar
 
 Prints one line per row and round, and a JSON summary on stdout. With `--profile ROW` the
 py-spy flame graph input (collapsed stacks) is written to bench/results/profile-ROW.txt and
@@ -46,12 +46,17 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
-def start_profile(pid: int, out: Path, seconds: float) -> subprocess.Popen[bytes]:
-    """py-spy recording `pid` for `seconds` into `out` (collapsed stacks)."""
+def start_profile(pid: int, out: Path, seconds: float,
+                  native: bool = False) -> subprocess.Popen[bytes]:
+    """py-spy recording `pid` for `seconds` into `out` (collapsed stacks); with `native`,
+    C frames too (gRPC's Cython core, protobuf, sqlite3), which otherwise count as the
+    self time of the Python function that called them. Native unwinding pauses the process
+    for each sample (py-spy cannot do it non-blocking), so that row's numbers drop."""
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     return subprocess.Popen([py_spy, "record", "--pid", str(pid), "--format", "raw",
-                             "--rate", "250", "--nonblocking", "--output", str(out),
-                             "--duration", str(round(seconds))],
+                             "--rate", "250", "--output", str(out),
+                             "--duration", str(round(seconds)),
+                             *(["--native"] if native else ["--nonblocking"])],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -97,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=8)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--profile", help="py-spy record this row's sidecar in every round")
+    parser.add_argument("--native", action="store_true", help="with --profile: C frames too")
     args = parser.parse_args(argv)
     ensure_tools()
     specs = [s for s in ROWS if s.key in args.rows]
@@ -118,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                 pid = backend_pid(row)
                 spy = None
                 if args.profile == row.spec.key and pid is not None:
-                    spy = start_profile(pid, workdir / f"spy-{rnd}.txt", args.seconds)
+                    spy = start_profile(pid, workdir / f"spy-{rnd}.txt", args.seconds,
+                                        native=args.native)
                 before = cpu_seconds(pid) if pid else 0.0
                 result = run_wrk(row.url + PATH, script, connections=args.connections,
                                  seconds=args.seconds)

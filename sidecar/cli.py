@@ -35,7 +35,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     from sidecar.config.loader import ConfigError
+    from sidecar.event_loop import loop_name
 
+    try:
+        loop_name()
+    except ValueError as exc:
+        print(f"sidecar: {exc}", file=sys.stderr)
+        return 1
     try:
         if args.workers > 1:
             from sidecar.workers import run_workers

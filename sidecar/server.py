@@ -20,7 +20,7 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from sidecar import tracing
+from sidecar import event_loop, tracing
 from sidecar.config.models import GrpcTlsConfig
 from sidecar.envoy.access_log import AccessLogServicer
 from sidecar.envoy.authz import AuthorizationServicer
@@ -151,6 +151,6 @@ async def serve(config_path: Path, grpc_addr: str | None, http_addr: str | None,
 
 
 def run(config_path: Path, grpc_addr: str | None, http_addr: str | None) -> None:
-    asyncio.run(serve(config_path, grpc_addr, http_addr))
+    event_loop.run(serve(config_path, grpc_addr, http_addr))
 
 

@@ -208,8 +208,7 @@ def _tag_worker(index: int) -> Any:
 
 def _worker_main(argv: list[str] | None = None) -> int:
     """One worker: `sidecar serve` on shared ports (started by run_workers, not by hand)."""
-    import asyncio
-
+    from sidecar import event_loop
     from sidecar.log import configure
     from sidecar.server import serve
 
@@ -224,7 +223,7 @@ def _worker_main(argv: list[str] | None = None) -> int:
     structlog.configure(processors=[_tag_worker(int(os.environ.get(WORKER_ENV, "0"))),
                                     *processors])
     sock = reuseport_socket(args.http)
-    asyncio.run(serve(args.config, args.grpc, args.http, http_sockets=[sock]))
+    event_loop.run(serve(args.config, args.grpc, args.http, http_sockets=[sock]))
     return 0
 
 
