@@ -339,6 +339,17 @@ class SQLiteStore:
             )
 
     @staticmethod
+    def _drop_released(conn: sqlite3.Connection, keys: Sequence[str]) -> None:
+        """Delete the holds of `keys` that came down to 0. Only releases bring a hold to 0,
+        so looking at the buckets just released is enough: a full scan of `reserved` on
+        every commit cost more the more buckets had requests in flight."""
+        keys = list(dict.fromkeys(keys))
+        for start in range(0, len(keys), _BUCKETS_PER_STATEMENT):
+            chunk = keys[start:start + _BUCKETS_PER_STATEMENT]
+            conn.execute("DELETE FROM reserved WHERE amount = 0 AND bucket IN ("
+                         + ",".join("?" * len(chunk)) + ")", chunk)
+
+    @staticmethod
     def _add_ledger(
         conn: sqlite3.Connection, hour: int, dims_json: str, cost: int, requests: int,
         usage: TokenUsage, errors: int = 0,
@@ -361,18 +372,19 @@ class SQLiteStore:
             "WHERE state='open' AND expires_at <= ? ORDER BY expires_at LIMIT ?",
             (now, limit),
         ).fetchall()
+        released: list[str] = []
         for request_id, estimate, held, buckets_json, dims_json, created in rows:
             # Never completed: the request may well have cost money, so it pays its estimate.
             for key, slot, expires, _, amount, hold in _entries(buckets_json, estimate, held):
                 if hold:
                     self._add_reserved(conn, key, -hold)
+                    released.append(key)
                 self._add_slot(conn, key, slot, amount, expires)
             self._add_ledger(conn, int(created) // 3600 * 3600, dims_json, estimate, 1,
                              TokenUsage())
             conn.execute("UPDATE reservations SET state='expired' WHERE request_id=?",
                          (request_id,))
-        if rows:
-            conn.execute("DELETE FROM reserved WHERE amount = 0")
+        self._drop_released(conn, released)
         return len(rows)
 
     def _housekeep(self, conn: sqlite3.Connection, now: float) -> None:
@@ -383,20 +395,23 @@ class SQLiteStore:
         conn.execute("DELETE FROM counters WHERE expires_at < ?", (now,))
 
     async def reserve(self, request: ReserveRequest) -> ReserveResult:
-        def reserve(conn: sqlite3.Connection) -> ReserveResult:
-            self._settle(conn, request.now, 100)
-            existing = conn.execute(
+        def existing(conn: sqlite3.Connection,
+                     states: list[BucketState]) -> ReserveResult | None:
+            row = conn.execute(
                 "SELECT state, expires_at, binding FROM reservations WHERE request_id=?",
                 (request.request_id,)).fetchone()
+            if row is None:
+                return None
+            state, expires_at, binding = row
+            # Only a retry of the very same admission may pass on an existing id; an id
+            # replayed for another request, or after its reservation ended, is no pass.
+            same = (state == "open" and expires_at > request.now
+                    and binding == request.binding)
+            return ReserveResult(same, (), tuple(states), duplicate=same, conflict=not same)
+
+        def reserve(conn: sqlite3.Connection) -> ReserveResult:
+            self._settle(conn, request.now, 100)
             states = self._states(conn, request.buckets)
-            if existing is not None:
-                state, expires_at, binding = existing
-                # Only a retry of the very same admission may pass on an existing id; an id
-                # replayed for another request, or after its reservation ended, is no pass.
-                same = (state == "open" and expires_at > request.now
-                        and binding == request.binding)
-                return ReserveResult(same, (), tuple(states), duplicate=same,
-                                     conflict=not same)
             amounts = [request.amount_for(b) for b in request.buckets]
             reserve_mode = request.mode == "reserve"
             failed = tuple(
@@ -405,16 +420,23 @@ class SQLiteStore:
                 if b.enforce and not fits(s, amount, b.limit, request.mode)
             )
             if failed:
-                return ReserveResult(False, failed, tuple(states))
+                return existing(conn, states) or ReserveResult(False, failed, tuple(states))
             holds = amounts if reserve_mode else [0] * len(amounts)
             buckets = [[b.key, b.slot, b.slot + b.ttl_seconds, b.measure, amount, hold]
                        for b, amount, hold in zip(request.buckets, amounts, holds, strict=True)]
-            conn.execute(
-                "INSERT INTO reservations VALUES (?, 'open', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            # The id is new but for a retry or a replay (it is minted per admission), so the
+            # insert itself is the look-up: one statement instead of a SELECT before it.
+            inserted = conn.execute(
+                "INSERT INTO reservations VALUES (?, 'open', ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT(request_id) DO NOTHING",
                 (request.request_id, request.amount, request.amount if reserve_mode else 0,
                  request.expires_at, request.now, json.dumps(buckets),
                  dims_to_json(request.dims), request.binding, *request.tokens),
-            )
+            ).rowcount
+            if not inserted:
+                # The conflicting row is in this transaction's view, so `existing` finds it.
+                return existing(conn, states) or ReserveResult(False, (), tuple(states),
+                                                                conflict=True)
             self._add_reserved_many(
                 conn, [(b.key, hold) for b, hold in zip(request.buckets, holds, strict=True)])
             after = tuple(BucketState(s.spent, s.reserved + hold)
@@ -460,13 +482,13 @@ class SQLiteStore:
             entries = _entries(buckets_json, estimate, held)
             if is_open:
                 self._add_reserved_many(conn, [(e[0], -e[5]) for e in entries])
+                self._drop_released(conn, [e[0] for e in entries if e[5]])
             charges = []
             for key, slot, expires, measure, amount, _ in entries:
                 actual = measured(measure, actual_micros, actual_in, actual_out)
                 # Requests count once: a late commit adds no second request.
                 charges.append((key, slot, actual if is_open else actual - amount, expires))
             self._add_slots_many(conn, charges)
-            conn.execute("DELETE FROM reserved WHERE amount = 0")
             hour = int(created) // 3600 * 3600
             moved = sum(part.cost for part in others)
             self._add_ledger(conn, hour, dims_json, delta - moved,
