@@ -29,6 +29,8 @@ from sidecar.config.ruleset import Provider, RuleSet, RuleSetHolder
 from sidecar.decisions import OVERLOADED, allow, deny, unauthenticated
 from sidecar.identity.authenticate import Identifier
 from sidecar.identity.errors import AuthError
+from sidecar.log import Line
+from sidecar.log import info as log_info
 from sidecar.metering.charge import Bill, Observed, bill, charge_tokens
 from sidecar.metering.inflight import InFlight
 from sidecar.metrics import (
@@ -66,6 +68,12 @@ from sidecar.store.budget_types import (
 )
 
 log = structlog.get_logger("sidecar.decision")
+# The decision line's fields, in order; the trusted ones are made here (ids, codes, numbers).
+_DECISION_LINE = Line(
+    "decision",
+    ("request_id", "reservation", "decision", "status", "reason", "kind", "user", "groups",
+     "token_name", "model", "provider", "rules", "estimate_usd", "ms"),
+    trusted=("reservation", "decision", "status", "reason", "kind", "estimate_usd", "ms"))
 _RESERVE_SECONDS = STORE_SECONDS.labels("reserve")
 _COMMIT_SECONDS = STORE_SECONDS.labels("commit")
 
@@ -455,8 +463,8 @@ class Engine:
     def _log(attrs: RequestAttrs, decision: Decision, seconds: float) -> None:
         """One line per request: who, what, which rules, how much, and the answer."""
         identity = decision.identity
-        log.info(
-            "decision",
+        _DECISION_LINE.info(
+            log,
             request_id=attrs.request_id,
             reservation=decision.request_id or None,
             decision="allow" if decision.reason == "ok" else (
@@ -556,7 +564,7 @@ class Engine:
                 cost - sum(part.cost for part in charge.others))
             for part in charge.others:
                 SPEND_MICROS.labels(provider_id, model_label(part.model)).inc(part.cost)
-        log.info("completion", request_id=request_id, model=model, provider=provider_id,
+        log_info(log, "completion", request_id=request_id, model=model, provider=provider_id,
                  cost_usd=micros_to_usd_str(cost), status=result.status,
                  input_tokens=usage.total_input, output_tokens=usage.output_tokens,
                  usage="complete" if observed.complete else (

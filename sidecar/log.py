@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import re
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -53,19 +55,230 @@ def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[s
     return event
 
 
-def configure(level: str = "info") -> None:
-    logging.basicConfig(stream=sys.stderr, format="%(message)s",
-                        level=getattr(logging, level.upper(), logging.INFO))
+def _static(fields: Mapping[str, Any]) -> Any:
+    """Fields every line of this process carries (a worker's index and pid)."""
+    items = tuple(fields.items())
+
+    def add(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        for key, value in items:
+            event.setdefault(key, value)
+        return event
+
+    return add
+
+
+def configure(level: str = "info", static: Mapping[str, Any] | None = None) -> None:
+    global _fast
+    numeric = getattr(logging, level.upper(), logging.INFO)
+    logging.basicConfig(stream=sys.stderr, format="%(message)s", level=numeric)
+    processors: list[Any] = [
+        *([_static(static)] if static else []),
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        redact,
+        structlog.processors.JSONRenderer(),
+    ]
+    factory = structlog.PrintLoggerFactory(file=sys.stderr)
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            redact,
-            structlog.processors.JSONRenderer(),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            getattr(logging, level.upper(), logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=factory,
         cache_logger_on_first_use=True,
     )
+    _fast = _FastInfo(processors, factory, numeric <= logging.INFO, sys.stderr, static or {})
+
+
+# -- the per-request lines, without the processor chain ---------------------------------
+# A decision and a completion line per request went through structlog's generic chain
+# (context merge, level, timestamp, a redaction pass over every key, json.dumps, print):
+# ~60 µs of a Check's CPU in the server. `info` writes the very same line (same keys, same
+# order, same JSON, same redaction) with the static parts rendered once; a test holds the
+# two to byte equality. While the chain is not the one configured here (structlog's
+# capture_logs in tests, another configuration), it is the chain that logs.
+
+_encode = json.encoder.encode_basestring_ascii  # what json.dumps uses for str (ASCII-only)
+
+
+def _json(value: Any) -> str:
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    kind = type(value)
+    if kind is str:
+        return _encode(value)
+    if kind is int:
+        return int.__repr__(value)
+    if kind is float and value == value and value not in (float("inf"), float("-inf")):
+        return float.__repr__(value)
+    if kind is list or kind is tuple:
+        return "[" + ", ".join([_json(v) for v in value]) + "]"
+    raise _Unrendered
+
+
+_REDACTED_JSON = '"' + REDACTED + '"'
+
+
+def _str(value: str) -> str:
+    # `_scrub` only changes a string holding one of these, and almost none does.
+    if "eyJ" in value or "bearer" in value.lower():
+        value = _scrub(value)
+    return _encode(value)
+
+
+# Keys rendered once: call sites log a bounded set of names.
+_KEYS: dict[str, str] = {}
+
+
+def _key(name: str) -> str:
+    rendered = _encode(name) + ": "
+    if len(_KEYS) < 4096:
+        _KEYS[name] = rendered
+    return rendered
+
+
+class _Unrendered(Exception):
+    """A value only json.dumps (with structlog's fallback) knows how to render."""
+
+
+class _FastInfo:
+    def __init__(self, processors: list[Any], factory: Any, enabled: bool, file: Any,
+                 static: Mapping[str, Any]) -> None:
+        self._factory = factory
+        self._expected = list(processors)
+        self._enabled = enabled
+        self._logger = structlog.PrintLogger(file)
+        self.static_keys = frozenset(static)
+        static_json = "".join(f", {_encode(k)}: {self._value(k, v)}" for k, v in static.items())
+        # After the caller's fields and the event: the static fields, the level, the time.
+        self.tail = static_json + ', "level": "info", "timestamp": "'
+
+    def active(self) -> bool:
+        # Still the set-up `configure` made: capture_logs() swaps the processors in place,
+        # and a test or a benchmark may point the logger factory elsewhere. (The processor
+        # list compares in C: functions and objects without __eq__ compare by identity.)
+        config = structlog.get_config()
+        return (self._enabled and config["logger_factory"] is self._factory
+                and config["processors"] == self._expected)
+
+    def line(self, event: str, fields: Mapping[str, Any]) -> str:
+        if "event" in fields or "level" in fields or "timestamp" in fields \
+                or not self.static_keys.isdisjoint(fields):
+            raise _Unrendered  # keys the chain would place or override: leave it to it
+        value, keys = self._value, _KEYS
+        parts = [(keys.get(key) or _key(key)) + value(key, v) for key, v in fields.items()]
+        parts.append('"event": ' + value("event", event))
+        stamp = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+        return "{" + ", ".join(parts) + self.tail + stamp + '"}'
+
+    @staticmethod
+    def _value(key: str, value: Any) -> str:
+        # What `redact` does to the pair, then what JSONRenderer writes for it; the common
+        # types first, and a string is only scrubbed when it could hold a credential.
+        if _secret_key(key) and key != "token_name":
+            return _REDACTED_JSON
+        kind = type(value)
+        if kind is str:
+            return _str(value)
+        if value is None:
+            return "null"
+        if kind is int:
+            return int.__repr__(value)
+        if (kind is list or kind is tuple) and all(type(v) is str for v in value):
+            return "[" + ", ".join([_str(v) for v in value]) + "]"
+        return _json(_scrub(value))
+
+    def write(self, line: str) -> None:
+        self._logger.msg(line)
+
+
+_fast: _FastInfo | None = None
+
+
+def _plain(value: Any) -> str:
+    # A value the sidecar made itself (a code, a configured name, a number): `_scrub` would
+    # leave it as it is, so only the JSON is written.
+    kind = type(value)
+    if kind is str:
+        return _encode(value)
+    if value is None:
+        return "null"
+    if kind is int:
+        return int.__repr__(value)
+    return _json(value)
+
+
+class Line:
+    """A line with fixed keys, written in one pass: the keys (and whether `redact` hides
+    them) are settled once; values in `trusted` are made by the sidecar (codes, configured
+    names, numbers), so they skip the scan for credentials. Byte for byte what
+    `logger.info(event, **fields)` writes through the chain (tests/unit/test_log.py)."""
+
+    def __init__(self, event: str, keys: Sequence[str], trusted: Iterable[str] = ()) -> None:
+        self.event = event
+        self.keys = tuple(keys)
+        trusted = frozenset(trusted)
+        self._parts: list[tuple[str, Callable[[Any], str] | None]] = []
+        for i, key in enumerate(self.keys):
+            prefix = ("{" if i == 0 else ", ") + _encode(key) + ": "
+            if _secret_key(key) and key != "token_name":
+                self._parts.append((prefix + _REDACTED_JSON, None))
+            else:
+                self._parts.append((prefix, _plain if key in trusted else _untrusted))
+        self._event = ', "event": ' + _untrusted(event)
+        # Whether the configured static fields leave this line's keys alone (per set-up).
+        self._seen: tuple[_FastInfo | None, bool] = (None, False)
+
+    def _usable(self, fast: _FastInfo) -> bool:
+        seen, usable = self._seen
+        if seen is not fast:
+            usable = fast.static_keys.isdisjoint(self.keys) and not {
+                "event", "level", "timestamp"}.intersection(self.keys)
+            self._seen = (fast, usable)
+        return usable and fast.active()
+
+    def info(self, logger: Any, **fields: Any) -> None:
+        """`logger.info(event, **fields)`; `fields` in the order of `keys` (else, or when
+        the chain is not the configured one, through the chain)."""
+        fast = _fast
+        if fast is not None and self._usable(fast) and tuple(fields) == self.keys:
+            try:
+                rendered = [prefix if render is None else prefix + render(value)
+                            for (prefix, render), value in zip(self._parts, fields.values(),
+                                                               strict=True)]
+            except _Unrendered:
+                pass
+            else:
+                fast.write("".join(rendered) + self._event + fast.tail
+                           + datetime.now(UTC).isoformat().replace("+00:00", "Z") + '"}')
+                return
+        logger.info(self.event, **fields)
+
+
+def _untrusted(value: Any) -> str:
+    kind = type(value)
+    if kind is str:
+        return _str(value)
+    if value is None:
+        return "null"
+    if (kind is list or kind is tuple) and all(type(v) is str for v in value):
+        return "[" + ", ".join([_str(v) for v in value]) + "]"
+    return _json(_scrub(value))
+
+
+def info(logger: Any, event: str, **fields: Any) -> None:
+    """`logger.info(event, **fields)`, the same line written without the processor chain
+    while the chain is the one `configure` set up."""
+    fast = _fast
+    if fast is not None and fast.active():
+        try:
+            line = fast.line(event, fields)
+        except _Unrendered:
+            pass
+        else:
+            fast.write(line)
+            return
+    logger.info(event, **fields)

@@ -31,7 +31,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,17 +194,6 @@ def run_workers(config_path: Path, grpc_addr: str | None, http_addr: str | None,
         shutil.rmtree(multiproc_dir, ignore_errors=True)
 
 
-def _tag_worker(index: int) -> Any:
-    pid = os.getpid()
-
-    def tag(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-        event.setdefault("worker", index)
-        event.setdefault("pid", pid)
-        return event
-
-    return tag
-
-
 def _worker_main(argv: list[str] | None = None) -> int:
     """One worker: `sidecar serve` on shared ports (started by run_workers, not by hand)."""
     from sidecar import event_loop
@@ -218,10 +206,8 @@ def _worker_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--http", required=True)
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
-    configure(args.log_level)
-    processors = list(structlog.get_config()["processors"])
-    structlog.configure(processors=[_tag_worker(int(os.environ.get(WORKER_ENV, "0"))),
-                                    *processors])
+    configure(args.log_level,
+              static={"worker": int(os.environ.get(WORKER_ENV, "0")), "pid": os.getpid()})
     sock = reuseport_socket(args.http)
     event_loop.run(serve(args.config, args.grpc, args.http, http_sockets=[sock]))
     return 0
