@@ -3,6 +3,7 @@ process's CPU time (user + system, from /proc) divided by the requests wrk compl
 
     .venv/bin/python -m bench.cpu [--rows floor sqlite] [--rounds 3] [--seconds 8]
         [--profile sqlite [--native]]   # also py-spy records that row's sidecar
+        [--threads]                      # and each backend thread's CPU per request
 
 Prints one line per row and round, and a JSON summary on stdout. With `--profile ROW` the
 py-spy flame graph input (collapsed stacks) is written to bench/results/profile-ROW.txt and
@@ -44,6 +45,36 @@ def cpu_seconds(pid: int) -> float:
             continue
         total += (int(fields[11]) + int(fields[12])) / TICKS
     return total
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """User + system CPU of each thread of `pid` so far, by "name/tid" (Python threads are
+    all named after the executable; the main thread's tid is the pid, the store's worker
+    thread starts next, then gRPC's poller)."""
+    out: dict[str, float] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            raw = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:
+            continue
+        name = raw[raw.index("(") + 1:raw.rindex(")")]
+        fields = raw.rsplit(")", 1)[1].split()
+        out[f"{name}/{tid}"] = (int(fields[11]) + int(fields[12])) / TICKS
+    return out
+
+
+def busiest_threads(before: dict[str, float], after: dict[str, float], requests: int,
+                    n: int = 4) -> list[tuple[str, float]]:
+    """The `n` threads that used the most CPU between two `thread_cpu` readings, in µs per
+    request."""
+    used = sorted(((key, after[key] - before.get(key, 0.0)) for key in after),
+                  key=lambda item: -item[1])
+    return [(key, seconds / requests * 1e6) for key, seconds in used[:n]
+            if requests and seconds > 0]
 
 
 def start_profile(pid: int, out: Path, seconds: float,
@@ -103,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--profile", help="py-spy record this row's sidecar in every round")
     parser.add_argument("--native", action="store_true", help="with --profile: C frames too")
+    parser.add_argument("--threads", action="store_true",
+                        help="also print each backend thread's CPU per request")
     args = parser.parse_args(argv)
     ensure_tools()
     specs = [s for s in ROWS if s.key in args.rows]
@@ -127,9 +160,15 @@ def main(argv: list[str] | None = None) -> int:
                     spy = start_profile(pid, workdir / f"spy-{rnd}.txt", args.seconds,
                                         native=args.native)
                 before = cpu_seconds(pid) if pid else 0.0
+                threads_before = thread_cpu(pid) if pid and args.threads else {}
                 result = run_wrk(row.url + PATH, script, connections=args.connections,
                                  seconds=args.seconds)
                 used = (cpu_seconds(pid) if pid else 0.0) - before
+                if pid and args.threads:
+                    split = busiest_threads(threads_before, thread_cpu(pid), result.requests)
+                    print(f"round {rnd} {row.spec.key:10} threads: "
+                          + ", ".join(f"{key} {us:.0f} us" for key, us in split),
+                          file=sys.stderr)
                 if spy is not None:
                     spy.wait(timeout=60)
                     with collapsed.open("a" if rnd else "w") as sink:
