@@ -1,4 +1,6 @@
-"""structlog set-up: JSON lines, with a redaction processor so no credential reaches a log."""
+"""structlog set-up: JSON lines, with a redaction processor so no credential reaches a log;
+and the per-request lines (`Line`, `info`) written without the processor chain, the same
+bytes."""
 
 from __future__ import annotations
 
