@@ -61,6 +61,8 @@ class Stack:
     grpc_port: int
     sidecars: list[ManagedProcess] = field(default_factory=list)
     admin_token: str = ADMIN_TOKEN
+    # Envoy's admin interface (its /stats: what the access log wrote and dropped).
+    envoy_admin_url: str = ""
 
     def admin(self) -> httpx.Client:
         return httpx.Client(base_url=self.admin_url,
@@ -140,4 +142,4 @@ def running_stack(workdir: Path, issuer: DevIssuer, config: dict[str, Any],
         stack.enter_context(envoy)
         yield Stack(workdir, issuer, config_path, f"http://{LOOPBACK}:{listen}",
                     f"http://{LOOPBACK}:{http_port}", f"http://{LOOPBACK}:{provider_port}",
-                    grpc_port, sidecars)
+                    grpc_port, sidecars, envoy_admin_url=f"http://{LOOPBACK}:{admin}")

@@ -66,6 +66,7 @@ def record_from_entry(entry: accesslog_pb2.HTTPAccessLogEntry,
         if METADATA_NAMESPACE in authz.fields else struct_pb2.Struct()
     model, provider = _text(meter, "model"), _text(meter, "provider")
     done, encoded = meter.fields.get("done"), meter.fields.get("base64")
+    trimmed = meter.fields.get("trimmed")
     decode: Callable[[str], bytes] = (
         base64.b64decode if encoded is not None and encoded.bool_value else str.encode)
     return MeteringRecord(
@@ -84,6 +85,7 @@ def record_from_entry(entry: accesslog_pb2.HTTPAccessLogEntry,
         tail=decode(_text(meter, "tail")),
         total_bytes=_number(meter, "bytes"),
         done=done is not None and done.bool_value,
+        trimmed=trimmed is not None and trimmed.bool_value,
         input_tokens=_number(decided, "input_tokens"),
         hint=(model, provider) if model else None,
         trace=tuple((name, value) for name, value in entry.request.request_headers.items()

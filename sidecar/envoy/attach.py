@@ -202,12 +202,16 @@ def _metering_log() -> Piece:
                 "log_name": "sidecar-metering",
                 "transport_api_version": "V3",
                 "grpc_service": {"envoy_grpc": {"cluster_name": SIDECAR_CLUSTER}},
-                # Records go out in batches at least every 50 ms (sooner past 16 KiB): a
-                # charge lands within that of the response's end. A record Envoy could not
-                # deliver leaves the reservation to be charged its estimate at
-                # `admission.reservation_ttl`.
+                # Records go out in batches at least every 50 ms (sooner past 64 KiB): a
+                # charge lands within that of the response's end. While the stream to the
+                # sidecar is backed up (HTTP/2 flow control), Envoy keeps records up to
+                # `buffer_size_bytes` and drops the next ones (its stat
+                # `access_logs.grpc_access_log.logs_dropped`): 4 MiB is seconds of records
+                # at the rates one sidecar serves. A record Envoy did not deliver leaves the
+                # reservation to be charged its estimate at `admission.reservation_ttl`
+                # (`sidecar_reservations_expired_total`).
                 "buffer_flush_interval": "0.05s",
-                "buffer_size_bytes": 16384,
+                "buffer_size_bytes": 4 * 1024 * 1024,
             },
             # The trace the call belongs to (Envoy's span when Envoy traces, else the
             # client's): the charge's span joins it.

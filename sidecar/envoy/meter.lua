@@ -5,19 +5,25 @@
 -- (sidecar/envoy/access_log.py).
 --
 -- Keys: rid (the reservation), path, route, provider, model (which API answers, and the
--- price should the store be down), content_type,
--- content_encoding, c1..cN (the body chunks, with every byte >= 0x80 replaced by `~` so the
+-- price should the store be down), content_type, content_encoding, c1..cN (the body as it
+-- passed, in pieces of about GROUP_BYTES, with every byte >= 0x80 replaced by `~` so the
 -- metadata is valid UTF-8 whatever the body holds: parsers see the same JSON structure and
 -- count the same text bytes; base64 instead when the body is compressed or binary, and then
--- `base64` is true), chunks (N), bytes (every byte that passed), tail (the last
--- chunks once more than MAX_KEPT bytes passed), done (the body ended; absent when the
--- client or the upstream went away first), and with done: head and end (the body's first
--- HEAD_BYTES and at least its last END_BYTES, from end_offset on). Each key is set as soon as it is known, so a
--- stream cut short still reports what passed until then.
+-- `base64` is true), chunks (N), bytes (every byte that passed), tail (the last chunks once
+-- more than MAX_KEPT bytes passed), done (the body ended; absent when the client or the
+-- upstream went away first), and with done: head and end (the body's first HEAD_BYTES and
+-- at least its last END_BYTES, from end_offset on). Each key is set as soon as it is known,
+-- so a stream cut short still reports what passed until then.
 --
--- A chunk is set under its own key (O(chunk) work, never the body so far again), and the
--- stream's metadata object is fetched afresh after every yield: Envoy invalidates handles
--- across the coroutine's yields.
+-- A finished event stream whose last events carry the provider's usage report needs no more
+-- than its first event (head) and its last TAIL_EVENTS events (end, starting at an event's
+-- start): the pieces are then emptied and `trimmed` is set, so the record the sidecar
+-- receives (and Envoy buffers for it) has the same small size however many chunks the
+-- answer had.
+--
+-- A chunk only extends the current piece (O(piece) work, never the body so far again), and
+-- the stream's metadata object is fetched afresh after every yield: Envoy invalidates
+-- handles across the coroutine's yields.
 
 local NS = "sidecar.metering"
 local MAX_KEPT = 1048576
@@ -27,6 +33,10 @@ local MAX_HELD = 65536
 -- usage. The sidecar reads these first; the chunks only if they do not hold final usage.
 local HEAD_BYTES = 2048
 local END_BYTES = 4096
+-- A piece of the kept body is closed once it holds this many bytes.
+local GROUP_BYTES = 4096
+-- As the sidecar reads a finished stream (sidecar/metering/record.py, TAIL_EVENTS).
+local TAIL_EVENTS = 4
 
 function envoy_on_request(handle)
   local headers = handle:headers()
@@ -123,6 +133,38 @@ local function is_usage_event(event)
     and string.find(event, '"choices"%s*:%s*%[%s*%]') ~= nil
 end
 
+-- The last TAIL_EVENTS whole events of `data`, as the sidecar picks them; `whole`: `data`
+-- starts at the body's first byte (so at an event's start).
+local function last_events(data, whole)
+  local ends, pos = {}, 1
+  while true do
+    local e = event_end(data, pos)
+    if e == nil then
+      break
+    end
+    ends[#ends + 1] = e
+    pos = e + 1
+  end
+  if #ends > TAIL_EVENTS then
+    return string.sub(data, ends[#ends - TAIL_EVENTS] + 1)
+  end
+  if whole then
+    return data
+  end
+  if #ends == 0 then
+    return ""
+  end
+  return string.sub(data, ends[1] + 1)
+end
+
+-- Every metered event stream reports its final usage in one of its last events (OpenAI's
+-- usage chunk, Anthropic's last `message_delta`, the Responses API's `response.completed`,
+-- Gemini's `usageMetadata`).
+local function reports_usage(events)
+  return string.find(events, '"usage"%s*:%s*{') ~= nil
+    or string.find(events, '"usageMetadata"%s*:%s*{') ~= nil
+end
+
 function envoy_on_response(handle)
   local meta = handle:streamInfo():dynamicMetadata():get(NS)
   if meta == nil or meta["rid"] == nil then
@@ -152,6 +194,7 @@ function envoy_on_response(handle)
     headers:remove("content-length")
   end
   local n, kept, total, held = 0, 0, 0, ""
+  local piece, piece_len = {}, 0
   local tail = {}
   local head, head_len, last, last_len = {}, 0, {}, 0
   for chunk in handle:bodyChunks() do
@@ -161,10 +204,23 @@ function envoy_on_response(handle)
       local m = handle:streamInfo():dynamicMetadata()
       total = total + size
       if kept + size <= MAX_KEPT then
-        n = n + 1
         kept = kept + size
-        m:set(NS, "c" .. n, encode(raw, compressed))
-        m:set(NS, "chunks", n)
+        if piece_len == 0 then
+          n = n + 1
+          m:set(NS, "chunks", n)
+        end
+        local enc = encode(raw, compressed)
+        if compressed then
+          -- base64 of a piece is not the pieces' base64 joined: one key per chunk here.
+          m:set(NS, "c" .. n, enc)
+        else
+          piece[#piece + 1] = enc
+          piece_len = piece_len + #enc
+          m:set(NS, "c" .. n, table.concat(piece))
+        end
+        if compressed or piece_len >= GROUP_BYTES then
+          piece, piece_len = {}, 0
+        end
       else
         tail[#tail + 1] = raw
         if #tail > TAIL_CHUNKS then
@@ -208,9 +264,25 @@ function envoy_on_response(handle)
   end
   local m = handle:streamInfo():dynamicMetadata()
   if not compressed then
-    m:set(NS, "head", encode(string.sub(table.concat(head), 1, HEAD_BYTES), false))
-    m:set(NS, "end", encode(table.concat(last), false))
-    m:set(NS, "end_offset", total - last_len)
+    local first = encode(string.sub(table.concat(head), 1, HEAD_BYTES), false)
+    local ending = encode(table.concat(last), false)
+    local first_end = event_end(first, 1)
+    local events = last_events(ending, total == last_len)
+    if n > 0 and kept == total and first_end ~= nil and events ~= ""
+        and string.find(lowered, "event-stream", 1, true) and reports_usage(events) then
+      -- Only what the sidecar reads of a finished stream: its first event and its last.
+      for i = 1, n do
+        m:set(NS, "c" .. i, "")
+      end
+      m:set(NS, "trimmed", true)
+      m:set(NS, "head", string.sub(first, 1, first_end))
+      m:set(NS, "end", events)
+      m:set(NS, "end_offset", total - #events)
+    else
+      m:set(NS, "head", first)
+      m:set(NS, "end", ending)
+      m:set(NS, "end_offset", total - last_len)
+    end
   end
   m:set(NS, "done", true)
 end

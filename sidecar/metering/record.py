@@ -11,7 +11,10 @@ every metered API reports its final usage at the end, OpenAI's usage chunk, Anth
 the number of chunks: the chunks are not even looked at.
 When that does not find complete usage (a final event larger than the tail, a JSON body),
 or the stream was cut short, the whole body kept is read, which also counts the text that
-passed.
+passed. Envoy leaves the body out of the record (`trimmed`, head and end then reduced to
+the first event and the last TAIL_EVENTS events) when those last events of a finished
+stream report usage; should they still not give complete usage, head and end stand in for
+the body.
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ class MeteringRecord:
     total_bytes: int = 0
     # The body ended; False when the stream was cut short.
     done: bool = False
+    # Envoy left the body out: its last events report usage, head and end are what was sent.
+    trimmed: bool = False
     # The Check's estimate of the prompt's tokens, to price seen text when no usage came.
     input_tokens: int = 0
     # (model, provider) as admitted: prices usage for the fail-open spool only.
@@ -94,7 +99,8 @@ def _quick(record: MeteringRecord) -> UsageMeter | None:
         return None
     if whole and len(record.end) <= first.end():
         return _meter(record, [record.end])
-    tail = _last_events(record.end, whole)
+    # A trimmed record's end starts at an event's start.
+    tail = _last_events(record.end, whole or record.trimmed)
     if whole and record.end.endswith(tail) and len(record.end) - len(tail) <= first.end():
         return _meter(record, [record.end])
     return _meter(record, [record.head[:first.end()], tail])
@@ -111,13 +117,21 @@ def observed(record: MeteringRecord) -> tuple[Observed, UsageMeter | None]:
         quick = _quick(record)
         if quick is not None and quick.usage is not None and quick.complete:
             return _seen(record, quick, 0), quick
-    parts = [record.load_body()]
+    parts = _head_and_end(record) if record.trimmed else [record.load_body()]
     if record.tail:
         parts += [_BREAK, _from_event(record.tail)]
     meter = _meter(record, parts)
     usage = meter.usage
     input_tokens = record.input_tokens if usage is None and meter.output_bytes else 0
     return _seen(record, meter, input_tokens), meter
+
+
+def _head_and_end(record: MeteringRecord) -> list[bytes]:
+    """A trimmed body as far as its first event and last events show it (both whole
+    events): exactly, when they meet or overlap."""
+    if record.end_offset <= len(record.head):
+        return [record.head[:record.end_offset], record.end]
+    return [record.head, record.end]
 
 
 def _seen(record: MeteringRecord, meter: UsageMeter, input_tokens: int) -> Observed:
