@@ -84,6 +84,15 @@ METERING = Counter(
     "its estimate), duplicate, unknown (no reservation found), unpriced, spooled (store "
     "away), error (lost; the reservation's estimate is charged at expiry)",
     ["status"], registry=REGISTRY)
+METERING_RECORDS = Counter(
+    "sidecar_metering_records_total",
+    "Metering records received from Envoy's gRPC access log (one per admitted call through "
+    "Envoy; a call whose record Envoy dropped is charged its reservation at expiry)",
+    registry=REGISTRY)
+RESERVATIONS_EXPIRED = Counter(
+    "sidecar_reservations_expired_total",
+    "Reservations the periodic settle pass charged their estimate because no metering "
+    "record or report came within admission.reservation_ttl", registry=REGISTRY)
 STORE_SECONDS = Histogram(
     "sidecar_store_seconds", "Time of one store round trip on the request path, by operation",
     ["operation"], registry=REGISTRY,

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import structlog
 
 from sidecar.budget.spool import Spool
-from sidecar.metrics import RESERVATIONS_OPEN
+from sidecar.metrics import RESERVATIONS_EXPIRED, RESERVATIONS_OPEN
 from sidecar.store.base import Store
 
 log = structlog.get_logger("sidecar")
@@ -33,7 +33,12 @@ class Settler:
         """One pass; False when the store failed it (the next pass tries again)."""
         try:
             now = self._clock()
-            await self._store.settle_expired(now)
+            expired = await self._store.settle_expired(now)
+            if expired:
+                # A lost metering record ends here (Envoy dropped it, or nobody reported):
+                # the reservation's estimate is charged. One line a pass.
+                RESERVATIONS_EXPIRED.inc(expired)
+                log.warning("reservations_expired_into_estimate", count=expired)
             if self._spool is not None:
                 await self._spool.replay(self._store, now)
             RESERVATIONS_OPEN.set(await self._store.open_reservations())

@@ -190,6 +190,10 @@ def _make_plain_http(cluster: dict[str, Any]) -> None:
     options[HTTP_PROTOCOL_OPTIONS] = {
         "@type": f"type.googleapis.com/{HTTP_PROTOCOL_OPTIONS}",
         "explicit_http_config": {"http_protocol_options": {}},
+        # Envoy closes an idle connection before the local server does (uvicorn after 5 s):
+        # otherwise a request can race the server's close and get a 503 "connection
+        # termination" that no provider would have caused.
+        "common_http_protocol_options": {"idle_timeout": "2s"},
     }
 
 

@@ -30,6 +30,7 @@ from sidecar.envoy.upstream import upstream_api
 from sidecar.metering.charge import Observed
 from sidecar.metering.exchange import charge_observed, start_charge
 from sidecar.metering.record import MeteringRecord, observed
+from sidecar.metrics import METERING_RECORDS
 
 log = structlog.get_logger("sidecar.metering")
 
@@ -110,6 +111,7 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
                     log.error("metering_record_unreadable", error=str(exc))
                     continue
                 if record is not None:
+                    METERING_RECORDS.inc()
                     start_charge(self._charge(record))
         return als_pb2.StreamAccessLogsResponse()
 

@@ -199,6 +199,48 @@ def test_openai_stream_with_include_usage_is_charged_exactly(stack: Stack,
     assert_charged(stack, email, usage, cost)
 
 
+def _sidecar_bytes_for_one_stream(stack: Stack, token: str, words: int) -> int:
+    """Bytes Envoy sent the sidecar (the Check and the access log record) for one finished
+    stream of `words` frames, counted once its metering record has arrived."""
+    def sent() -> int:
+        stats = httpx.get(stack.envoy_admin_url + "/stats",
+                          params={"filter": "sidecar_grpc.upstream_cx_tx_bytes_total"}).text
+        return int(stats.rsplit(": ", 1)[1])
+
+    def records() -> float:
+        metrics = httpx.get(stack.admin_url + "/metrics").text
+        (line,) = [x for x in metrics.splitlines()
+                   if x.startswith("sidecar_metering_records_total ")]
+        return float(line.split()[1])
+
+    before, seen = sent(), records()
+    stream = openai_client(stack, token).chat.completions.create(
+        model=OPENAI_MODEL, messages=MESSAGES, max_tokens=words,
+        stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == words
+    assert len(chunks) > words
+    eventually(lambda: records() > seen or None, what="the stream's metering record")
+    return sent() - before
+
+
+def test_finished_streams_record_does_not_grow_with_its_chunks(stack: Stack,
+                                                               issuer: DevIssuer) -> None:
+    # Envoy sends the sidecar the first event and the last ones of a finished stream whose
+    # usage came, not its body: 400 frames cost the same bytes as 4 (~60 KB more otherwise).
+    # The least of three each: now and then Envoy sends the sidecar something else as well.
+    email = user("oa-record")
+    token = issuer.mint(email)
+    short = min(_sidecar_bytes_for_one_stream(stack, token, 4) for _ in range(3))
+    long = min(_sidecar_bytes_for_one_stream(stack, token, 400) for _ in range(3))
+    assert abs(long - short) < 1024, (short, long)
+    body = {"model": OPENAI_MODEL, "messages": MESSAGES, "stream": True}
+    cost = 3 * sum(expected("openai_chat", {**body, "max_tokens": n}, OPENAI_MODEL,
+                            "openai")[1] for n in (4, 400))
+    row = charged(stack, email, requests=6)
+    assert micros(row["cost_usd"]) == cost and row["output_tokens"] == 3 * 404
+
+
 def test_openai_stream_without_include_usage_gets_it_added(stack: Stack,
                                                            issuer: DevIssuer) -> None:
     email = user("oa-no-usage")

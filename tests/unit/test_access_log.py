@@ -288,3 +288,53 @@ def test_a_chunk_count_larger_than_the_record_reads_only_what_is_there() -> None
     big.common_properties.metadata.filter_metadata["sidecar.metering"].fields[
         "chunks"].number_value = 1e15
     assert run(big).usages == [TokenUsage(12, 5)]
+
+
+def trimmed(chunks: Sequence[bytes], **kwargs: Any) -> accesslog_pb2.HTTPAccessLogEntry:
+    """As sidecar/envoy/meter.lua sends a finished stream whose last events report usage:
+    the body's pieces emptied, head its first event, end its last four events."""
+    out = entry(chunks, content_type="text/event-stream", **kwargs)
+    meta = out.common_properties.metadata.filter_metadata["sidecar.metering"]
+    body = b"".join(chunks)
+    events = [e + b"\n\n" for e in body.split(b"\n\n") if e]
+    for key in list(meta.fields):
+        if key.startswith("c") and key[1:].isdigit():
+            meta.fields[key].string_value = ""
+    meta.fields["trimmed"].bool_value = True
+    meta.fields["head"].string_value = events[0].decode()
+    meta.fields["end"].string_value = b"".join(events[-4:]).decode()
+    meta.fields["end_offset"].number_value = len(body) - len(b"".join(events[-4:]))
+    return out
+
+
+def test_trimmed_stream_is_charged_its_usage_from_first_and_last_events() -> None:
+    chunks = [_chat_chunk("tok ") for _ in range(500)] + [CHAT_STREAM]
+    engine = run(trimmed(chunks))
+    ((_, observed, _),) = engine.charges
+    assert observed.usage == TokenUsage(7, 3) and observed.complete
+
+
+def test_trimmed_anthropic_stream_keeps_message_start_from_its_first_event() -> None:
+    start, delta = ANTHROPIC_STREAM.split(b"\n\n", 1)
+    text = {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "x" * 40}}
+    middle = [f"event: content_block_delta\ndata: {json.dumps(text)}\n\n".encode()] * 300
+    engine = run(trimmed([start + b"\n\n", *middle, delta], path="/anthropic/v1/messages",
+                         provider="anthropic"))
+    assert engine.usages == [TokenUsage(30, 9)]
+
+
+def test_trimmed_stream_without_complete_usage_reads_its_first_and_last_events() -> None:
+    # Usage-looking text that is no final report: what head and end show is read, and
+    # the text in them is counted (the body between them never came).
+    chunks = [_chat_chunk("tok ") for _ in range(10)]
+    engine = run(trimmed(chunks))
+    ((_, observed, _),) = engine.charges
+    assert observed.usage is None and observed.output_bytes == 5 * 4
+
+
+def test_short_trimmed_stream_is_read_exactly_once() -> None:
+    # Head and end overlap: the events they share are counted once.
+    chunks = [_chat_chunk("tok ") for _ in range(3)]
+    engine = run(trimmed(chunks))
+    ((_, observed, _),) = engine.charges
+    assert observed.usage is None and observed.output_bytes == 3 * 4
