@@ -112,6 +112,25 @@ def _wrk(url: str, script: Path, connections: int, seconds: float) -> dict[str, 
             "requests": data["requests"], "errors": data["errors"]}
 
 
+def _open_loop(url: str, workdir: Path, tokens: list[str], chunks: int, rate: float,
+               seconds: float) -> dict[str, float]:
+    """`rate` streams a second, open loop (bench/stream_load.py), each read to its end."""
+    import subprocess
+
+    body, token_file = workdir / "open-loop-body.json", workdir / "open-loop-tokens.txt"
+    body.write_text(STREAM_BODY)
+    token_file.write_text("\n".join(tokens))
+    out = subprocess.run([sys.executable, "-m", "bench.stream_load", "--url", url,
+                          "--rate", str(rate), "--seconds", str(seconds),
+                          "--body-file", str(body), "--token-file", str(token_file),
+                          "--header", f"x-bench-chunks: {chunks}",
+                          "--token-header", "cf-access-jwt-assertion"],
+                         capture_output=True, text=True, check=True, timeout=seconds + 120)
+    data = json.loads(out.stdout)
+    served = data["outcomes"].get("served", 0)
+    return {"rps": served / seconds, "requests": served, "errors": data["offered"] - served}
+
+
 def _idle_rate(pid: int, seconds: float = 2.0) -> float:
     """CPU seconds per second the process spends with no load (timers, housekeeping): taken
     off a row's CPU, so that CPU per request does not grow just because a row with longer
@@ -170,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--chunks", type=int, nargs="*", default=list(CHUNKS))
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="offer this many streams a second, open loop, in every row "
+                             "instead of wrk's closed loop: CPU per request at equal load")
     parser.add_argument("--profile", type=Path,
                         help="py-spy the sidecar during the product rows; collapsed stacks here")
     args = parser.parse_args(argv)
@@ -231,7 +253,9 @@ def main(argv: list[str] | None = None) -> int:
                                             args.seconds)
                     idle = _idle_rate(pid)
                     cpu = cpu_seconds(pid)
-                    result = _wrk(url, script, args.connections, args.seconds)
+                    result = (_open_loop(url, workdir, tokens, chunks, args.rate, args.seconds)
+                              if args.rate else
+                              _wrk(url, script, args.connections, args.seconds))
                     used = cpu_seconds(pid) - cpu - idle * args.seconds
                     if spy is not None:
                         spy.wait(timeout=60)
