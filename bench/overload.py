@@ -3,8 +3,8 @@
     .venv/bin/python -m bench.overload            # about 3 minutes on 2 cores
     .venv/bin/python -m bench.overload --quick    # shorter runs, to check the setup
 
-One stack on loopback (fake provider streaming 16 SSE frames over about 1.6 s, the sidecar
-on SQLite with its default overload settings, Envoy from the wheel), 100 distinct users,
+One stack on loopback (bench/sse_upstream.py streaming 16 SSE frames 100 ms apart, the
+sidecar on SQLite with its default overload settings, Envoy from the wheel), 100 distinct users,
 and an open-loop generator of raw HTTP/1.1 (bench/stream_load.py) cheap enough to offer
 several times what the stack serves from the same 2 cores.
 
@@ -40,6 +40,11 @@ MESSAGES = [{"role": "user", "content": "Stream sixteen words for the overload b
 BODY = {"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 16, "stream": True,
         "stream_options": {"include_usage": True}}
 FRAME_DELAY_MS = 100
+FRAMES = 16
+# The upstream: plain asyncio streaming FRAMES chunks FRAME_DELAY_MS apart. The fake provider
+# (uvicorn) ran out first, at about 650 streams/s (Envoy's connects to it timed out), so
+# the bench measured it rather than the sidecar.
+UPSTREAM = [sys.executable, "-m", "bench.sse_upstream", "--gap-ms", str(FRAME_DELAY_MS)]
 USERS = 100
 # Half Envoy's 2 s Check deadline (and a bucket bound of sidecar_check_seconds).
 CHECK_P99_LIMIT = 1.0
@@ -53,7 +58,7 @@ def offer(stack: Stack, workdir: Path, rate: float, seconds: float,
     argv = [sys.executable, "-m", "bench.stream_load", "--url",
             stack.envoy_url + "/openai/v1/chat/completions", "--rate", str(rate / procs),
             "--seconds", str(seconds), "--body-file", str(body_file),
-            "--token-file", str(token_file), "--header", f"x-fake-delay-ms: {FRAME_DELAY_MS}"]
+            "--token-file", str(token_file), "--header", f"x-bench-chunks: {FRAMES}"]
     running = [subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
                for _ in range(procs)]
     parts = []
@@ -152,7 +157,7 @@ def measured(stack: Stack, workdir: Path, rate: float, seconds: float) -> dict[s
 
 
 def within_capacity(probe: dict[str, Any], seconds: float) -> bool:
-    return (probe["outcomes"].get("served", 0) == probe["offered"]
+    return bool(probe["outcomes"].get("served", 0) == probe["offered"]
             and probe["p99_check_seconds"] != "over 1 s"
             and probe["p99_check_seconds"] <= CHECK_P99_LIMIT
             # The generator kept its schedule: past that it, not the server, is measured.
@@ -195,22 +200,31 @@ def main() -> None:
         (workdir / "body.json").write_text(json.dumps(BODY))
         (workdir / "tokens.txt").write_text("\n".join(
             issuer.mint(f"load-{i}@bench.test") for i in range(USERS)))
-        with running_stack(workdir / "stack", issuer, config) as stack:
+        with running_stack(workdir / "stack", issuer, config,
+                           provider_argv=UPSTREAM) as stack:
             rows: list[dict[str, Any]] = []
             # Capacity: double the rate until a probe is not within capacity, then halve
             # the gap between the last good and the first bad rate twice.
             probe_seconds = seconds
             good, bad, rate = 0.0, 0.0, 100.0
+            probes: list[dict[str, Any]] = []
+
+            def probe(at: float) -> bool:
+                result = measured(stack, workdir, at, probe_seconds)
+                ok = within_capacity(result, probe_seconds)
+                probes.append({"offered_rate": at, "outcomes": result["outcomes"],
+                               "p99_check_seconds": result["p99_check_seconds"],
+                               "send_seconds": result["send_seconds"], "within": ok})
+                return ok
+
             while rate <= args.max_rate:
-                if not within_capacity(measured(stack, workdir, rate, probe_seconds),
-                                       probe_seconds):
+                if not probe(rate):
                     bad = rate
                     break
                 good, rate = rate, rate * 2
             for _ in range(2 if bad else 0):
                 middle = (good + bad) / 2
-                if within_capacity(measured(stack, workdir, middle, probe_seconds),
-                                   probe_seconds):
+                if probe(middle):
                     good = middle
                 else:
                     bad = middle
@@ -230,8 +244,10 @@ def main() -> None:
                 before = after
             metrics = httpx.get(stack.admin_url + "/metrics", timeout=10).text
     shed = [line for line in metrics.splitlines() if line.startswith("sidecar_shed_total")]
-    report = {"capacity_streams_per_second": capacity, "rows": rows, "shed": shed,
-              "frame_delay_ms": FRAME_DELAY_MS, "frames": 16, "users": USERS}
+    report = {"capacity_streams_per_second": capacity, "probes": probes, "rows": rows,
+              "shed": shed,
+              "frame_delay_ms": FRAME_DELAY_MS, "frames": FRAMES, "users": USERS,
+              "upstream": "bench/sse_upstream.py"}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "overload.json").write_text(json.dumps(report, indent=2) + "\n")
     base = rows[0]["served_per_second"] or 1

@@ -1,9 +1,9 @@
 """A streaming upstream for the benchmark: an OpenAI chat completion stream of N chunks.
 
-Plain asyncio (no web framework), so the upstream costs the same small amount for every
-row and is never what a row measures. The chunk count comes from the request's
-`x-bench-chunks` header (default 16); chunks are written `--gap-ms` apart (default 1), so
-Envoy reads them as separate body chunks as it would a model's tokens, then the usage chunk
+Plain asyncio (no web framework; uvloop when installed), so the upstream costs the same
+small amount for every row and is never what a row measures. The chunk count comes from the
+request's `x-bench-chunks` header (default 16); chunks are written `--gap-ms` apart (default
+1), so Envoy reads them as separate body chunks as it would a model's tokens, then the usage chunk
 and `[DONE]`. Every stream reports the same usage: 12 prompt tokens and one completion
 token per chunk.
 
@@ -86,7 +86,12 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--gap-ms", type=float, default=1.0)
     args = parser.parse_args()
-    asyncio.run(serve(args.port, args.gap_ms / 1000))
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve(args.port, args.gap_ms / 1000))
+    else:
+        uvloop.run(serve(args.port, args.gap_ms / 1000))
 
 
 if __name__ == "__main__":

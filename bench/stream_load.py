@@ -36,7 +36,8 @@ def _is_envelope(data: bytes) -> bool:
 
 
 def _dechunk(body: bytes) -> bytes:
-    out, pos = [], 0
+    out: list[bytes] = []
+    pos = 0
     while True:
         line_end = body.find(b"\r\n", pos)
         if line_end < 0:

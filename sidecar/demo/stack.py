@@ -99,13 +99,16 @@ def running_stack(workdir: Path, issuer: DevIssuer, config: dict[str, Any],
                   extra_sidecars: int = 0, http_port: int | None = None,
                   sidecar_mtls: SidecarMtls | None = None,
                   provider_keys: Mapping[str, Sequence[str]] | None = None,
-                  replay_dir: Path | None = None) -> Iterator[Stack]:
+                  replay_dir: Path | None = None,
+                  provider_argv: Sequence[str] | None = None) -> Iterator[Stack]:
     """Fake provider, 1 + extra_sidecars sidecar processes, and Envoy in front of the first.
 
     `http_port` fixes the first sidecar's HTTP port, for configs that must name their own
     URL (device login's `public_url`) before the process starts. `provider_keys`: the keys
     the fake provider accepts per provider (default: the demo keys the sidecar injects).
     `replay_dir` lets the fake provider answer with recorded responses (`x-fake-replay`).
+    `provider_argv`: another upstream to run instead of the fake provider, given
+    `--port PORT` (a benchmark's leaner one).
     """
     if provider_keys is None:
         provider_keys = {name: (key,) for name, key in DEMO_PROVIDER_KEYS.items()}
@@ -115,12 +118,11 @@ def running_stack(workdir: Path, issuer: DevIssuer, config: dict[str, Any],
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     with ExitStack() as stack:
         provider_port = free_port()
-        provider = stack.enter_context(ManagedProcess(
-            "fake-provider",
-            [sys.executable, "-m", "sidecar.fake_provider", "--host", LOOPBACK,
-             "--port", str(provider_port), *key_args,
-             *(["--replay-dir", str(replay_dir)] if replay_dir is not None else [])],
-            workdir).start())
+        argv = ([*provider_argv, "--port", str(provider_port)] if provider_argv is not None
+                else [sys.executable, "-m", "sidecar.fake_provider", "--host", LOOPBACK,
+                      "--port", str(provider_port), *key_args,
+                      *(["--replay-dir", str(replay_dir)] if replay_dir is not None else [])])
+        provider = stack.enter_context(ManagedProcess("fake-provider", argv, workdir).start())
         wait_for_port(LOOPBACK, provider_port, 20, process=provider)
         sidecars = []
         grpc_port = free_port()
