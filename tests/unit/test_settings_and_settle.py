@@ -11,6 +11,7 @@ import pytest
 from sidecar.budget.settle import Settler
 from sidecar.config.loader import parse_config
 from sidecar.config.ruleset import RuleSetHolder, build_ruleset
+from sidecar.metrics import REGISTRY
 from sidecar.settings import SettingsHolder
 from sidecar.store.budget_types import BucketView, LedgerDims, ReserveRequest
 from sidecar.store.sqlite_store import SQLiteStore
@@ -40,18 +41,26 @@ async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
     await st.close()
 
 
+def expired() -> float:
+    return REGISTRY.get_sample_value("sidecar_reservations_expired_total") or 0.0
+
+
 async def test_settle_pass_charges_reservations_expired_by_the_injected_clock(
         store: SQLiteStore) -> None:
     now = [T0]
     refreshed: list[bool] = []
     settler = Settler(store, None, lambda: refreshed.append(True), clock=lambda: now[0])
+    expired_before = expired()
     bucket = BucketView("b", int(T0), int(T0), 3_600, 1_000)
     assert (await store.reserve(ReserveRequest("r", (bucket,), 300, "reserve", T0, T0 + 60,
                                                LedgerDims(user="u")))).admitted
     assert await settler.settle_once()
     assert (await store.bucket_states([bucket], T0))[0].reserved == 300
+    assert expired() == expired_before
     now[0] = T0 + 61
     assert await settler.settle_once()
+    # The lost record is visible: counted (and logged once for the pass).
+    assert expired() == expired_before + 1
     state = (await store.bucket_states([bucket], now[0]))[0]
     assert (state.spent, state.reserved) == (300, 0)
     assert await store.open_reservations() == 0
