@@ -2,7 +2,8 @@
 
 Envoy sends a record when a call ends (batched, `sidecar envoy-config`'s `access_log`):
 the Lua filter's metadata (`sidecar.metering`: the reservation id and the body as it
-passed), the response status and Envoy's upstream timings. The charge follows
+passed, or only its first and last events when a finished stream reported usage), the
+response status and Envoy's upstream timings. The charge follows
 `sidecar.metering.charge` against the reservation record, as for every transport.
 
 Only Envoy knows a reservation id (the Lua filter removes it from the request before it
