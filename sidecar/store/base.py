@@ -30,6 +30,11 @@ class StoreUnavailable(Exception):
     """The backend could not be reached or timed out; transient by nature."""
 
 
+class ShardUnavailable(StoreUnavailable):
+    """One shard of a sharded backend could not be reached: only what lives on it fails,
+    so callers must not treat the whole store as down."""
+
+
 class DocumentStore(Protocol):
     """Small JSON objects in named collections (service tokens, runtime rules, device codes,
     signing keys) and counters that expire.

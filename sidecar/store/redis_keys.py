@@ -1,44 +1,65 @@
 """Every Redis key the Redis store uses, built by one pure function.
 
-Budget keys (bucket hashes, reservations, the ledger and their indexes) all carry the hash
-tag `{budget}`: in Redis Cluster a Lua script may only touch keys of one hash slot, and
-reserve/commit/settle touch buckets, reservations and ledger hours that are only known once
-the script runs. The price is that all budget state lives on one shard, which is fine for
-this scale (a few thousand decisions per second fit one Redis core easily).
+Budget state is sharded by bucket owner: each bucket hash is tagged with its owner, read from
+the bucket's own key (the first split value, "user=alice" in "daily|fixed:daily|user=alice";
+a rule without split is its own owner), so on a Redis Cluster buckets spread over the shards
+while one caller's buckets stay together and one script per shard reserves them all. A
+backfill marker shares its bucket's tag.
+Everything else a decision writes belongs to one shard and carries that shard's node tag
+`{T}` (a short tag the store picked because the shard owns its hash slot): a request's
+record of its buckets on that shard (the home record, on its first bucket's shard, also
+says for whom and which other shards hold parts), the shard's open, held and slot indexes,
+and its ledger hours. On a cluster a pointer tagged by the request id names the home
+record's shard, so a commit finds it from the id alone. On one
+Redis there is one node tag. The registry `tags` lists every node tag ever used, so the
+expiry sweep and ledger reads find them after the cluster's layout changed.
 
 Documents are tagged per collection, so a document and its collection index share a slot
 while different collections may spread across shards. Counters are single keys and need
 no tag.
 
-Lua scripts never build key names themselves: they receive them in KEYS or read them back,
-fully formed, from a reservation record written with names from this module.
+Lua scripts never build key names themselves: they receive them in KEYS or ARGV, or read
+them back, fully formed, from a record written with names from this module.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 DEFAULT_PREFIX = "sidecar:"
 
-BUDGET_TAG = "{budget}"
-
 KeyKind = Literal[
-    "bucket",       # hash: slot start -> amount spent in that slot; field "r" -> reserved
-    "slots",        # zset: "<slot>|<bucket hash key>" scored by the slot's expiry
-    "open",         # zset: reservation hash key scored by its expiry (open ones only)
-    "reservation",  # hash: one request's reservation record
-    "ledger",       # hash: "<measure>|<dims JSON>" -> total, for one hour
-    "hours",        # zset: ledger hours that hold data, scored by the hour
+    "bucket",       # hash: slot start -> amount spent in that slot; "r" -> reserved; ...
+    "backfill",     # string: set once a rule's earlier spend was added to this bucket
+    "home",         # string: the node tag of a request's home record (on a cluster)
+    "record",       # hash: one request's record of its buckets on one shard
+    "open",         # zset: home records of one shard scored by their expiry
+    "held",         # zset: other groups' records of one shard scored by their expiry
+    "slots",        # zset: "<slot>|<bucket hash key>" of one shard, scored by slot expiry
+    "ledger",       # hash: "<measure>|<dims JSON>" -> total, for one shard and hour
+    "hours",        # zset: ledger hours that hold data on one shard, scored by the hour
+    "tags",         # set: every node tag budget state was written under
     "doc",          # string: one JSON document
     "docs",         # set: the document keys of one collection
     "counter",      # string: an expiring counter
-    "backfill",     # string: set once a rule's earlier spend was added to its buckets
 ]
 
 _ARITY: dict[KeyKind, int] = {
-    "bucket": 1, "slots": 0, "open": 0, "reservation": 1, "ledger": 1, "hours": 0,
-    "doc": 2, "docs": 1, "counter": 1, "backfill": 1,
+    "bucket": 1, "backfill": 2, "home": 1, "record": 2, "open": 1, "held": 1,
+    "slots": 1, "ledger": 2, "hours": 1, "tags": 0, "doc": 2, "docs": 1, "counter": 1,
 }  # fmt: skip
+
+
+# "|<dimension>=<value>": the first split segment of a bucket key (sidecar.policy.rules).
+_SPLIT = re.compile(r"\|([a-z_]+=[^|]*)")
+
+
+def bucket_owner(bucket: str) -> str:
+    """Who a bucket belongs to, for its hash tag: its first split value, or the whole key
+    for a bucket a rule keeps for everyone."""
+    match = _SPLIT.search(bucket)
+    return match.group(1) if match else bucket
 
 
 def check_prefix(prefix: str) -> str:
@@ -49,25 +70,33 @@ def check_prefix(prefix: str) -> str:
 
 
 def redis_key(prefix: str, kind: KeyKind, *parts: str | int) -> str:
-    """The Redis key of `kind` named by `parts` (see `_ARITY` for how many each takes)."""
+    """The Redis key of `kind` named by `parts` (see `_ARITY` for how many each takes).
+
+    Node-tagged kinds take the node tag first."""
     if len(parts) != _ARITY[kind]:
         raise TypeError(f"{kind} keys take {_ARITY[kind]} parts, got {len(parts)}")
-    budget = f"{prefix}{BUDGET_TAG}:"
     match kind:
         case "bucket":
-            return f"{budget}b:{parts[0]}"
-        case "slots":
-            return f"{budget}slots"
-        case "open":
-            return f"{budget}open"
-        case "reservation":
-            return f"{budget}res:{parts[0]}"
-        case "ledger":
-            return f"{budget}l:{parts[0]}"
-        case "hours":
-            return f"{budget}hours"
+            # "o:" inside the braces keeps the tag non-empty for an empty owner.
+            return f"{prefix}b:{{o:{bucket_owner(str(parts[0]))}}}:{parts[0]}"
         case "backfill":
-            return f"{budget}backfill:{parts[0]}"
+            return f"{prefix}bf:{{o:{bucket_owner(str(parts[0]))}}}:{parts[0]}:{parts[1]}"
+        case "home":
+            return f"{prefix}h:{{r:{parts[0]}}}"
+        case "record":
+            return f"{prefix}{{{parts[0]}}}:r:{parts[1]}"
+        case "open":
+            return f"{prefix}{{{parts[0]}}}:open"
+        case "held":
+            return f"{prefix}{{{parts[0]}}}:held"
+        case "slots":
+            return f"{prefix}{{{parts[0]}}}:slots"
+        case "ledger":
+            return f"{prefix}{{{parts[0]}}}:l:{parts[1]}"
+        case "hours":
+            return f"{prefix}{{{parts[0]}}}:hours"
+        case "tags":
+            return f"{prefix}tags"
         case "doc":
             # "c:" keeps the tag non-empty for an empty collection name; an empty tag
             # would make Redis hash the whole key and split doc and index across slots.

@@ -1,12 +1,13 @@
 """The distributed store: budgets, ledger and documents in Redis, shared by every replica.
 
-Each budget decision is one Lua script call (EVALSHA, reloaded by redis-py when Redis has
-forgotten the script), so a decision is one atomic step and one round trip; the scripts and
-the data layout are documented in `sidecar/budget/lua/`. Key names come from
-`sidecar.store.redis_keys.redis_key`; all budget keys share one hash tag, which keeps the
-scripts valid in Redis Cluster and pins budget state to one shard. A `redis+cluster://` URL
-selects redis-py's cluster client (`sidecar.store.redis_cluster_url`); everything else is
-the same on one Redis and on a cluster.
+Budget decisions are Lua scripts (`sidecar/store/lua/`, where the data layout is
+documented), one per shard a request's buckets live on: on one Redis that is one script
+call per reserve and per commit. Key names come from `sidecar.store.redis_keys.redis_key`:
+each bucket carries its own hash tag, so on a Redis Cluster (`redis+cluster://`, redis-py's
+cluster client, `sidecar.store.redis_cluster_url`) buckets spread over the shards and
+decisions per second grow with them. A request is reserved shard by shard (concurrently),
+admitted only when every shard admitted it, and released on the shards that held when one
+refused; its commit is idempotent per shard (`sidecar.store.redis_shards`).
 
 Amounts travel to Lua as decimal strings and come back as integers; Lua computes with
 doubles, so amounts are exact up to 2^53 µUSD (about $9 billion).
@@ -15,6 +16,7 @@ Semantics follow the SQLite store, with deliberate differences only in retention
 in comparison: done reservations are kept 7 days after they finish (SQLite: after they were
 created); ledger hours are kept 400 days after their last new row (SQLite: forever); and
 swap_doc compares canonical JSON text, so 1 and 1.0 differ (SQLite compares decoded values).
+On a cluster, `add_spend` is atomic per shard and once per bucket (SQLite: all at once).
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ import math
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from importlib.resources import files
-from typing import cast
+from typing import Any, cast
 
 import redis.asyncio as aioredis
+import structlog
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialWithJitterBackoff
@@ -38,6 +41,7 @@ from redis.exceptions import (
     ReadOnlyError,
     RedisClusterException,
     RedisError,
+    ResponseError,
     TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -45,7 +49,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from sidecar.model import TokenUsage
-from sidecar.store.base import Doc, StoreUnavailable
+from sidecar.store.base import Doc, ShardUnavailable, StoreUnavailable
 from sidecar.store.budget_types import (
     BucketState,
     BucketView,
@@ -62,6 +66,9 @@ from sidecar.store.budget_types import (
 from sidecar.store.redis_cluster_url import is_cluster_url, parse_cluster_url
 from sidecar.store.redis_keys import DEFAULT_PREFIX, KeyKind, check_prefix, redis_key
 from sidecar.store.redis_script import LuaScript
+from sidecar.store.redis_shards import SINGLE_TAG, Shards
+
+log = structlog.get_logger()
 
 # Committed and expired reservations are kept this long so late or duplicate completions
 # are recognised instead of charged twice.
@@ -70,10 +77,10 @@ _DONE_RETENTION_SECONDS = 7 * 24 * 3600
 _LEDGER_RETENTION_SECONDS = 400 * 24 * 3600
 # Same as the SQLite store: bounded so one reserve never does unbounded catch-up work.
 _SETTLE_ON_RESERVE = 100
-# Dead slot fields dropped per script call, and script calls per settle_expired at most.
-# One-second slots of short rolling windows die at up to one per busy bucket per second,
-# so pruning keeps calling while it finds full batches, in short calls that never hold
-# Redis for long (1,000 fields take about a millisecond).
+# Dead slot fields dropped per script call, and script calls per shard and settle_expired
+# at most. One-second slots of short rolling windows die at up to one per busy bucket per
+# second, so pruning keeps calling while it finds full batches, in short calls that never
+# hold Redis for long (1,000 fields take about a millisecond).
 _SLOT_PRUNE_BATCH = 1000
 _SLOT_PRUNE_ROUNDS = 50
 # A hold must outlive its reservation by a margin, because expired reservations are only
@@ -86,17 +93,23 @@ _HOLD_GRACE_SECONDS = 3600
 _TRANSIENT = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, ClusterDownError,
               ClusterError, MasterDownError, TryAgainError, RedisClusterException)
 
+# What a script says when a key it touches is being moved to another shard.
+_MIGRATING = ("non local key", "TRYAGAIN", "ASK", "MOVED", "CROSSSLOT")
+
 Client = aioredis.Redis | RedisCluster
 
 
 def _lua(name: str) -> str:
-    return files("sidecar.budget").joinpath("lua", name).read_text(encoding="utf-8")
+    return files("sidecar.store").joinpath("lua", name).read_text(encoding="utf-8")
 
 
-def _budget_script(name: str) -> str:
+def _budget_script(name: str, cluster: bool) -> str:
     # Redis scripts cannot call each other; the shared helpers are prepended instead. The
-    # first line names the script, for whoever finds it in SCRIPT or SLOWLOG output.
-    return f"-- {name}, after budget_lib.lua\n{_lua('budget_lib.lua')}\n{_lua(name)}"
+    # first line names the script, for whoever finds it in SCRIPT or SLOWLOG output. On a
+    # cluster a budget script touches every key of one shard (buckets of many hash slots):
+    # Redis 7 allows that to scripts flagged allow-cross-slot-keys.
+    flags = "#!lua flags=allow-cross-slot-keys\n" if cluster else ""
+    return f"{flags}-- {name}, after budget_lib.lua\n{_lua('budget_lib.lua')}\n{_lua(name)}"
 
 
 def _canonical(doc: Doc) -> str:
@@ -105,11 +118,17 @@ def _canonical(doc: Doc) -> str:
 
 
 @contextmanager
-def _guard() -> Iterator[None]:
+def _guard(cluster: bool) -> Iterator[None]:
     try:
         yield
     except _TRANSIENT as exc:
-        raise StoreUnavailable(f"redis: {exc}") from exc
+        # On a cluster an error is one node's: the other shards serve on.
+        raise (ShardUnavailable if cluster else StoreUnavailable)(f"redis: {exc}") from exc
+    except ResponseError as exc:
+        # A script that met keys being migrated to another shard (resharding): transient.
+        if cluster and any(sign in str(exc) for sign in _MIGRATING):
+            raise ShardUnavailable(f"redis: {exc}") from exc
+        raise
 
 
 class RedisStore:
@@ -159,18 +178,25 @@ class RedisStore:
                 health_check_interval=health_check_interval,
                 retry=Retry(backoff, retries=1),
             )
-        self._reserve = LuaScript(self._r, _budget_script("reserve.lua"))
-        self._commit = LuaScript(self._r, _budget_script("commit.lua"))
-        self._settle = LuaScript(self._r, _budget_script("settle.lua"))
+        cluster = isinstance(self._r, RedisCluster)
+        self._shards = Shards(self._r if isinstance(self._r, RedisCluster) else None)
+        self._registered: set[str] = set()
+        self._known: set[str] = set()
+        self._registry_read = False
+        self._reserve = LuaScript(self._r, _budget_script("reserve.lua", cluster))
+        self._commit = LuaScript(self._r, _budget_script("commit.lua", cluster))
+        self._release_script = LuaScript(self._r, _budget_script("release.lua", cluster))
+        self._settle = LuaScript(self._r, _budget_script("settle.lua", cluster))
+        self._settle_part = LuaScript(self._r, _budget_script("settle_part.lua", cluster))
         self._swap = LuaScript(self._r, _lua("swap_doc.lua"))
-        self._add_spend = LuaScript(self._r, _budget_script("add_spend.lua"))
+        self._add_spend = LuaScript(self._r, _budget_script("add_spend.lua", cluster))
         self._list = LuaScript(self._r, _lua("list_docs.lua"))
 
     @asynccontextmanager
     async def _op(self) -> AsyncIterator[None]:
         """One store operation: transient Redis errors become StoreUnavailable, and a
         cluster client learns the slot layout once, before its first command."""
-        with _guard():
+        with _guard(self._cluster_ready is not None):
             if self._cluster_ready is not None and not self._cluster_ready.is_set():
                 await self._discover()
             yield
@@ -200,11 +226,13 @@ class RedisStore:
         try:
             if isinstance(self._r, RedisCluster):
                 async with self._op():
-                    pass
-                # Ready when the shard holding budget state answers: a PING to every node
-                # would report a whole cluster down for one shard that is.
-                node = self._r.get_node_from_key(self._key("open"))
-                return bool(await self._r.ping(target_nodes=node))
+                    primaries = self._r.get_primaries()
+                # Ready while any shard answers: budget state is spread over all of them,
+                # and a shard that is down fails only the decisions whose buckets it holds.
+                replies = await asyncio.gather(
+                    *(self._r.ping(target_nodes=node) for node in primaries),
+                    return_exceptions=True)
+                return any(reply is True for reply in replies)
             return bool(await self._r.ping())
         except (RedisError, OSError, StoreUnavailable):
             return False
@@ -275,41 +303,224 @@ class RedisStore:
         return int(value)
 
     # -- budgets -----------------------------------------------------------------------
-    def _budget_keys(self) -> list[str]:
-        return [self._key("open"), self._key("slots"), self._key("hours")]
+    def _index_keys(self, tag: str) -> list[str]:
+        return [self._key("open", tag), self._key("held", tag), self._key("hours", tag),
+                self._key("slots", tag)]
+
+    async def _call(self, script: LuaScript, keys: list[str], args: list[str | int]) -> Any:
+        async with self._op():
+            return await script(keys=keys, args=args)
+
+    async def _register(self, tags: Sequence[str]) -> None:
+        """Note node tags in the registry, so every replica's expiry sweep and ledger reads
+        find them even after the layout changed (best effort: retried on the next use)."""
+        new = [t for t in tags if t not in self._registered]
+        if not new or self._shards.single:
+            return
+        try:
+            async with self._op():
+                await self._r.sadd(self._key("tags"), *new)
+        except StoreUnavailable:
+            return
+        self._registered.update(new)
+        self._known.update(new)
+
+    async def _all_tags(self, refresh: bool = False) -> list[str]:
+        """Every node tag budget state may be under: the current layout's and the
+        registry's (read once, and again on `refresh`)."""
+        async with self._op():
+            tags = set(self._shards.current_tags())
+        if self._shards.single:
+            return sorted(tags)
+        if refresh or not self._registry_read:
+            try:
+                async with self._op():
+                    members = await self._r.smembers(self._key("tags"))
+                self._known.update(str(m) for m in members)
+                self._registry_read = True
+            except StoreUnavailable:
+                pass
+        return sorted(tags | self._known)
+
+    def _groups(self, request: ReserveRequest) -> dict[str, list[int]]:
+        """Bucket indices by the node tag of their shard, in request order."""
+        groups: dict[str, list[int]] = {}
+        try:
+            for i, view in enumerate(request.buckets):
+                tag = self._shards.tag_of(self._key("bucket", view.key))
+                groups.setdefault(tag, []).append(i)
+            if not groups:
+                groups[self._shards.tag_of(self._key("home", request.request_id))] = []
+        except LookupError as exc:
+            raise ShardUnavailable(f"redis: {exc}") from exc
+        return groups
+
+    async def _home_of(self, request_id: str) -> str | None:
+        """The node tag of the shard holding the request's home record (None: no such
+        request). One Redis has one; a cluster keeps a pointer under the request id, and
+        asks every shard when the pointer is missing or its shard does not answer."""
+        if self._shards.single:
+            return SINGLE_TAG
+        try:
+            async with self._op():
+                tag = await self._r.get(self._key("home", request_id))
+            if tag is not None:
+                return str(tag)
+        except ShardUnavailable:
+            pass
+        tags = await self._all_tags()
+        replies = await asyncio.gather(
+            *(self._is_home(self._key("record", t, request_id)) for t in tags),
+            return_exceptions=True)
+        for t, reply in zip(tags, replies, strict=True):
+            if reply is True:
+                return t
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                raise reply  # the record may be on a shard that did not answer
+        return None
+
+    async def _is_home(self, key: str) -> bool:
+        async with self._op():
+            return await self._r.hget(key, "hm") == "1"
 
     async def reserve(self, request: ReserveRequest) -> ReserveResult:
+        async with self._op():
+            groups = self._groups(request)
+        await self._register(list(groups))
+        # The home record goes with the first bucket (on a cluster, usually all of a
+        # caller's own buckets are there too: one script for the whole decision), unless the
+        # id already has a home: then that shard decides whether it is a repeat.
+        home = next(iter(groups))
+        if self._shards.single:
+            result, _ = await self._attempt(request, home, groups)
+            return result
+        hold_for = math.ceil(request.expires_at - request.now) + _HOLD_GRACE_SECONDS
+        pointer = self._set_home(request.request_id, home, hold_for + _DONE_RETENTION_SECONDS)
+        attempt, known = await asyncio.gather(self._attempt(request, home, groups), pointer,
+                                              return_exceptions=True)
+        if isinstance(attempt, BaseException):
+            raise attempt
+        result, fresh = attempt
+        if isinstance(known, ShardUnavailable):
+            # The pointer is a shortcut for commits (which otherwise ask every shard); its
+            # shard being down must not fail decisions whose buckets are elsewhere.
+            log.warning("reservation_home_not_noted", request_id=request.request_id,
+                        error=str(known))
+        elif isinstance(known, BaseException):
+            await self._release(request.request_id, request.binding, fresh)
+            raise known
+        elif known is not None and known != home:
+            # The id already has its home elsewhere: undo, and decide again with that home
+            # record (a repeat of that reservation, or a conflict).
+            await self._release(request.request_id, request.binding, fresh)
+            groups.setdefault(known, [])
+            result, _ = await self._attempt(request, known, groups)
+        return result
+
+    async def _set_home(self, request_id: str, tag: str, ttl: int) -> str | None:
+        """Point the request id at its home shard unless it points somewhere already; the
+        shard it points at (None: it did not)."""
+        async with self._op():
+            known = await self._r.set(self._key("home", request_id), tag, nx=True, ex=ttl,
+                                      get=True)
+        return None if known is None else str(known)
+
+    async def _attempt(self, request: ReserveRequest, home: str, groups: dict[str, list[int]]
+                       ) -> tuple[ReserveResult, list[str]]:
+        """Reserve shard by shard with the home record on `home`; the result, and the
+        shards that hold for it now."""
         hour = int(request.now) // 3600 * 3600
-        bucket_keys = [self._key("bucket", b.key) for b in request.buckets]
         amounts = [request.amount_for(b) for b in request.buckets]
         held = request.mode == "reserve"
-        record = [[k, b.slot, b.slot + b.ttl_seconds, b.ttl_seconds, b.measure, amount,
-                   amount if held else 0]
-                  for k, b, amount in zip(bucket_keys, request.buckets, amounts, strict=True)]
         hold_for = math.ceil(request.expires_at - request.now) + _HOLD_GRACE_SECONDS
-        args: list[str | int] = [
-            repr(float(request.now)), _SETTLE_ON_RESERVE, str(request.amount), request.mode,
-            repr(float(request.expires_at)), hour, self._key("ledger", hour),
-            dims_to_json(request.dims), json.dumps(record), _LEDGER_RETENTION_SECONDS,
-            _DONE_RETENTION_SECONDS,
-            json.dumps([[b.since, b.limit, 1 if b.enforce else 0, max(b.ttl_seconds, hold_for),
-                         amount, b.slot]
-                        for b, amount in zip(request.buckets, amounts, strict=True)]),
-            request.binding, request.tokens[0], request.tokens[1],
-        ]
-        keys = [*self._budget_keys(), self._key("reservation", request.request_id),
-                *bucket_keys]
-        async with self._op():
-            admitted, duplicate, failed, spent, reserved, conflict = await self._reserve(
-                keys=keys, args=args)
-        states = tuple(BucketState(int(s), int(r)) for s, r in zip(spent, reserved, strict=True))
-        return ReserveResult(bool(admitted), tuple(int(i) for i in failed), states,
-                             duplicate=bool(duplicate), conflict=bool(conflict))
+        rid = request.request_id
+        calls = []
+        for tag, members in groups.items():
+            entries: list[list[str | int]] = []
+            per: list[str | int] = []
+            for i in members:
+                view, amount = request.buckets[i], amounts[i]
+                key = self._key("bucket", view.key)
+                entries.append([key, view.slot, view.ttl_seconds, view.measure, amount,
+                                amount if held else 0, view.slot + view.ttl_seconds])
+                per += [key, str(view.slot), str(view.since), str(view.limit),
+                        1 if view.enforce else 0, max(view.ttl_seconds, hold_for), str(amount)]
+            is_home = tag == home
+            args: list[str | int] = [
+                *self._index_keys(tag),
+                repr(float(request.now)), _SETTLE_ON_RESERVE, str(request.amount),
+                request.mode, repr(float(request.expires_at)), request.binding,
+                json.dumps(entries), _DONE_RETENTION_SECONDS, _LEDGER_RETENTION_SECONDS,
+                "1" if is_home else "0",
+                dims_to_json(request.dims) if is_home else "",
+                self._key("ledger", tag, hour) if is_home else "", hour,
+                request.tokens[0], request.tokens[1],
+                ",".join(t for t in groups if t != home) if is_home else "", rid, *per,
+            ]
+            calls.append(self._call(self._reserve, [self._key("record", tag, rid)], args))
+        replies = await asyncio.gather(*calls, return_exceptions=True)
+        states: list[BucketState] = [BucketState(0, 0)] * len(request.buckets)
+        statuses: dict[str, str] = {}
+        failed: list[int] = []
+        errors: list[BaseException] = []
+        expired: list[str] = []
+        for (tag, members), reply in zip(groups.items(), replies, strict=True):
+            if isinstance(reply, BaseException):
+                errors.append(reply)
+                continue
+            status, fails, spent, reserved, parts = reply
+            expired += [str(p) for p in parts]
+            statuses[tag] = str(status)
+            for j, i in enumerate(members):
+                states[i] = BucketState(int(spent[j]), int(reserved[j]))
+            failed += [members[int(f)] for f in fails]
+        fresh = [tag for tag, status in statuses.items() if status == "new"]
+        for rid_done, tags in zip(expired[::2], expired[1::2], strict=True):
+            # Reservations this decision settled on their home shard: their other parts too.
+            await self._settle_parts(rid_done, tags, request.now)
+        if errors:
+            # All or nothing: what the shards that answered held for this request is let go.
+            await self._release(rid, request.binding, fresh)
+            raise errors[0]
+        # The home record says whose request id this is: a repeat of an open reservation
+        # changes nothing, and an id already used by another request is refused.
+        conflict = "conflict" in statuses.values()
+        duplicate = statuses[home] == "dup" and not conflict
+        if duplicate or conflict or "refused" in statuses.values():
+            await self._release(rid, request.binding, fresh)
+            # Reported as seen, before this attempt's (now released) holds.
+            for tag in fresh:
+                for i in groups[tag]:
+                    hold = amounts[i] if held else 0
+                    states[i] = BucketState(states[i].spent, states[i].reserved - hold)
+            fresh = []
+        if duplicate:
+            return ReserveResult(True, (), tuple(states), duplicate=True), fresh
+        if conflict or failed:
+            return ReserveResult(False, () if conflict else tuple(sorted(failed)),
+                                 tuple(states), conflict=conflict), fresh
+        return ReserveResult(True, (), tuple(states)), fresh
+
+    async def _release(self, request_id: str, binding: str, tags: Sequence[str]) -> None:
+        """Undo the holds this attempt made on `tags` (best effort: a hold left behind only
+        makes room scarcer until the reservation expires, it never lets spend through)."""
+        replies = await asyncio.gather(
+            *(self._call(self._release_script, [self._key("record", tag, request_id)],
+                         [binding, self._key("open", tag), self._key("held", tag)])
+              for tag in tags), return_exceptions=True)
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                log.warning("reservation_release_failed", request_id=request_id,
+                            error=str(reply))
 
     async def reservation(self, request_id: str) -> Reservation | None:
+        home = await self._home_of(request_id)
+        if home is None:
+            return None
         async with self._op():
             state, estimate, dims, tokens_in, tokens_out = await self._r.hmget(
-                self._key("reservation", request_id), ["s", "e", "d", "ti", "to"])
+                self._key("record", home, request_id), ["s", "e", "d", "ti", "to"])
         states: dict[object, ReservationState] = {
             "open": "open", "committed": "committed", "expired": "expired"}
         if state not in states or estimate is None or dims is None:
@@ -323,8 +534,6 @@ class RedisStore:
         others: Sequence[LedgerPart] = (),
         tokens: tuple[int, int] | None = None,
     ) -> CommitResult:
-        open_key, slots, hours = self._budget_keys()
-        keys = [self._key("reservation", request_id), open_key, slots, hours]
         budget_in, budget_out = (usage.total_input, usage.output_tokens) if tokens is None \
             else tokens
         args: list[str | int] = [
@@ -332,10 +541,28 @@ class RedisStore:
             _LEDGER_RETENTION_SECONDS, _DONE_RETENTION_SECONDS, 1 if error else 0,
             json.dumps([[dims_to_json(p.dims), p.cost, p.input_tokens, p.output_tokens]
                         for p in others]),
-            str(budget_in), str(budget_out),
+            str(budget_in), str(budget_out), repr(float(now)),
         ]
-        async with self._op():
-            status, estimate = await self._commit(keys=keys, args=args)
+        home = await self._home_of(request_id)
+        if home is None:
+            return CommitResult("unknown", 0)
+        record = self._key("record", home, request_id)
+        status, estimate, rest = await self._call(
+            self._commit, [record], [*self._index_keys(home), *args, ""])
+        # The other shards' parts, each committed once however often this is repeated: a
+        # failure here raises, and the repeated commit (spooled) finishes them.
+        replies = await asyncio.gather(
+            *(self._call(self._commit, [self._key("record", tag, request_id)],
+                         [*self._index_keys(tag), *args, "0"])
+              for tag in str(rest).split(",") if tag), return_exceptions=True)
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                raise reply
+        if status == "pending":
+            late = any(not isinstance(reply, BaseException) and reply[0] == "late"
+                       for reply in replies)
+            status, estimate, _ = await self._call(
+                self._commit, [record], [*self._index_keys(home), *args, "1" if late else "0"])
         return CommitResult(status, int(estimate))
 
     async def bucket_states(self, buckets: list[BucketView], now: float) -> list[BucketState]:
@@ -346,61 +573,134 @@ class RedisStore:
             hashes: list[dict[str, str]] = await pipe.execute()
         states = []
         for b, fields in zip(buckets, hashes, strict=True):
-            # Other fields than slots: "r" reserved, "t"/"f" a running total, "k" alive until.
+            # Other fields than slots: "r" reserved, "t"/"f" a running total, "k" alive
+            # until, "p" a fixed window's latest slot.
             slots = {int(f): int(v) for f, v in fields.items()
                      if f.isdigit() and int(f) >= b.since}
             states.append(BucketState(sum(slots.values()), int(fields.get("r", 0)), slots))
         return states
 
     async def add_spend(self, marker: str, spend: list[tuple[BucketView, int]]) -> bool:
-        keys = [self._key("backfill", marker), self._key("slots"),
-                *(self._key("bucket", view.key) for view, _ in spend)]
-        args: list[str | int] = []
-        for view, amount in spend:
-            args += [view.slot, str(amount), view.slot + view.ttl_seconds, view.ttl_seconds]
+        groups: dict[str, list[str | int]] = {}
         async with self._op():
-            applied = await self._add_spend(keys=keys, args=args)
-        return bool(applied)
+            for view, amount in spend:
+                key = self._key("bucket", view.key)
+                try:
+                    tag = self._shards.tag_of(key)
+                except LookupError as exc:
+                    raise ShardUnavailable(f"redis: {exc}") from exc
+                groups.setdefault(tag, []).extend([
+                    self._key("backfill", view.key, marker), key, view.slot, str(amount),
+                    view.slot + view.ttl_seconds, view.ttl_seconds])
+        replies = await asyncio.gather(
+            *(self._call(self._add_spend, [self._key("slots", tag)], args)
+              for tag, args in groups.items()), return_exceptions=True)
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                raise reply
+        return any(int(r) > 0 for r in replies if not isinstance(r, BaseException))
 
     async def settle_expired(self, now: float, limit: int = 500) -> int:
         oldest_hour = (int(now) - _LEDGER_RETENTION_SECONDS) // 3600 * 3600
-        args: list[str | int] = [
-            repr(float(now)), limit, int(now), _SLOT_PRUNE_BATCH, _LEDGER_RETENTION_SECONDS,
-            _DONE_RETENTION_SECONDS, oldest_hour,
-        ]
+        tags = await self._all_tags(refresh=True)
+        shares = dict.fromkeys(tags, limit)
+        if len(tags) > 1:
+            shares = await self._oldest_first(tags, now, limit)
+        replies = await asyncio.gather(
+            *(self._settle_shard(tag, now, shares.get(tag, 0), oldest_hour) for tag in tags),
+            return_exceptions=True)
+        settled = [r for r in replies if isinstance(r, int)]
+        errors = [r for r in replies if isinstance(r, BaseException)]
+        if errors and not settled:
+            raise errors[0]
+        # A shard that is down is swept once it is back; the others were swept now.
+        return sum(settled)
+
+    async def _oldest_first(self, tags: list[str], now: float, limit: int) -> dict[str, int]:
+        """How many of the `limit` oldest expired reservations, over all shards, each
+        shard holds (a shard that does not answer gets none)."""
+        async def due(tag: str) -> list[tuple[float, str]]:
+            async with self._op():
+                found = cast(list[tuple[str, float]], await self._r.zrangebyscore(
+                    self._key("open", tag), "-inf", repr(float(now)), start=0, num=limit,
+                    withscores=True))
+            return [(float(score), tag) for _, score in found]
+
+        replies = await asyncio.gather(*(due(tag) for tag in tags), return_exceptions=True)
+        expired = sorted(e for reply in replies if not isinstance(reply, BaseException)
+                         for e in reply)
+        shares: dict[str, int] = {}
+        for _, tag in expired[:limit]:
+            shares[tag] = shares.get(tag, 0) + 1
+        return shares
+
+    async def _settle_shard(self, tag: str, now: float, limit: int, oldest_hour: int) -> int:
+        # Parts whose home was never swept (a home shard that lost its data) are settled
+        # on their own once their expiry is this far behind.
+        orphaned = repr(float(now) - _HOLD_GRACE_SECONDS)
+        args: list[str | int] = [repr(float(now)), limit, _LEDGER_RETENTION_SECONDS,
+                                 _DONE_RETENTION_SECONDS, oldest_hour, _SLOT_PRUNE_BATCH,
+                                 int(now), orphaned]
         settled = 0
-        async with self._op():
-            for _ in range(_SLOT_PRUNE_ROUNDS):
-                count, pruned = await self._settle(keys=self._budget_keys(), args=args)
-                settled += int(count)
-                if int(pruned) < _SLOT_PRUNE_BATCH:
-                    break
-                args[1] = 0  # later rounds only prune: reservations were settled
+        for _ in range(_SLOT_PRUNE_ROUNDS):
+            count, pruned, parts = await self._call(self._settle, self._index_keys(tag), args)
+            settled += int(count)
+            for rid, tags in zip(parts[::2], parts[1::2], strict=True):
+                await self._settle_parts(str(rid), str(tags), now)
+            if int(pruned) < _SLOT_PRUNE_BATCH:
+                break
+            args[1] = 0  # later rounds only prune: records were settled
         return settled
 
+    async def _settle_parts(self, request_id: str, tags: str, now: float) -> None:
+        """Settle the other shards' parts of a reservation whose home was settled (a shard
+        that does not answer settles its part on its next decision or sweep)."""
+        replies = await asyncio.gather(
+            *(self._call(self._settle_part, [self._key("record", tag, request_id)],
+                         [*self._index_keys(tag), repr(float(now)), _DONE_RETENTION_SECONDS])
+              for tag in tags.split(",") if tag), return_exceptions=True)
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                log.warning("expired_part_not_settled", request_id=request_id,
+                            error=str(reply))
+
     async def open_reservations(self) -> int:
+        """Held reservations over the shards that answer (a shard that is down is left
+        out of the count rather than failing it)."""
+        tags = await self._all_tags()
+        replies = await asyncio.gather(*(self._count_open(tag) for tag in tags),
+                                       return_exceptions=True)
+        counts = [r for r in replies if isinstance(r, int)]
+        errors = [r for r in replies if isinstance(r, BaseException)]
+        if errors and not counts:
+            raise errors[0]
+        return sum(counts)
+
+    async def _count_open(self, tag: str) -> int:
         async with self._op():
-            return int(await self._r.zcard(self._key("open")))
+            return int(await self._r.zcard(self._key("open", tag)))
 
     # -- ledger ------------------------------------------------------------------------
     async def ledger_rows(self, start_hour: int, end_hour: int) -> list[LedgerRow]:
-        async with self._op():
-            members = cast(list[str], await self._r.zrangebyscore(
-                self._key("hours"), start_hour, f"({end_hour}"))
-            hours = [int(h) for h in members]
-            async with self._r.pipeline(transaction=False) as pipe:
-                for hour in hours:
-                    pipe.hgetall(self._key("ledger", hour))
-                hashes: list[dict[str, str]] = await pipe.execute()
-        rows = []
-        for hour, fields in zip(hours, hashes, strict=True):
-            totals: dict[str, dict[str, int]] = {}
-            for field, value in fields.items():
-                measure, dims = field.split("|", 1)
-                totals.setdefault(dims, {})[measure] = int(value)
-            rows += [
-                LedgerRow(hour, dims_from_json(dims), t.get("c", 0), t.get("n", 0),
-                          t.get("i", 0), t.get("o", 0), t.get("e", 0))
-                for dims, t in sorted(totals.items())
-            ]
-        return rows
+        # Each shard books the requests whose home group it holds: the rows of one hour
+        # and dims are summed over the shards.
+        totals: dict[tuple[int, str], dict[str, int]] = {}
+        for tag in await self._all_tags():
+            async with self._op():
+                members = cast(list[str], await self._r.zrangebyscore(
+                    self._key("hours", tag), start_hour, f"({end_hour}"))
+                hours = [int(h) for h in members]
+                async with self._r.pipeline(transaction=False) as pipe:
+                    for hour in hours:
+                        pipe.hgetall(self._key("ledger", tag, hour))
+                    hashes: list[dict[str, str]] = await pipe.execute()
+            for hour, fields in zip(hours, hashes, strict=True):
+                for field, value in fields.items():
+                    measure, dims = field.split("|", 1)
+                    row = totals.setdefault((hour, dims), {})
+                    row[measure] = row.get(measure, 0) + int(value)
+        return [
+            LedgerRow(hour, dims_from_json(dims), t.get("c", 0), t.get("n", 0),
+                      t.get("i", 0), t.get("o", 0), t.get("e", 0))
+            for (hour, dims), t in sorted(totals.items())
+        ]

@@ -435,8 +435,13 @@ class _Model:
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
-async def test_random_walk_matches_the_model(store: Store, seed: int) -> None:
+async def test_random_walk_matches_the_model(store: Store, seed: int,
+                                             request: pytest.FixtureRequest) -> None:
     rng = random.Random(seed)
+    # On a cluster a reserve settles what expired on the shards it touches (which decides
+    # its own admission); the model, like one store, settles everything, so on a cluster
+    # each step ends with the sweep the sidecar runs every second before states compare.
+    sharded = "cluster" in request.node.callspec.id
     # One bucket of each measure: every reservation holds, and every commit charges, each
     # bucket in its own unit.
     measures = {"b:x": "usd", "b:y": "tokens", "b:z": "requests", "b:i": "input_tokens",
@@ -467,6 +472,11 @@ async def test_random_walk_matches_the_model(store: Store, seed: int) -> None:
                 rid, actual, (usage.total_input, usage.output_tokens)), step
         else:
             assert await store.settle_expired(now) == model.settle(now), step
+        if sharded:
+            # What the model settled in this step's reserve may be swept only now: the
+            # count is not comparable here, what it leaves behind is.
+            await store.settle_expired(now)
+            model.settle(now)
         states = await store.bucket_states(list(views.values()), now)
         assert [(s.spent, s.reserved) for s in states] == [
             (model.spent.get(k, 0), model.reserved.get(k, 0)) for k in views

@@ -139,11 +139,11 @@ async def test_redis_prunes_more_dead_one_second_slots_than_one_batch(redis_url:
         spend = [(BucketView(f"burst{i % 5}", SLOT + s, SLOT, 20, 10, measure="requests"), 1)
                  for i in range(5) for s in range(500)]
         assert await st.add_spend("m", spend)
-        index = "prune-test:{budget}:slots"
+        index = "prune-test:{n0}:slots"  # one Redis: one shard, node tag n0
         assert await client.zcard(index) == 2500
         await st.settle_expired(SLOT + 600)
         assert await client.zcard(index) == 0
-        assert await client.hlen("prune-test:{budget}:b:burst0") == 0
+        assert await client.hlen("prune-test:b:{o:burst0}:burst0") == 0
     finally:
         await client.aclose()
         await st.close()

@@ -1,4 +1,9 @@
-"""A Redis Cluster primary killed: only the keys on its shard fail, and they fail closed."""
+"""A Redis Cluster primary killed: only what lives on its shard fails, and it fails closed.
+
+Budget state is sharded by bucket owner, so a decision needs the shards of its buckets and
+nothing else: not even the shard its request id hashes to (where a pointer to its record is
+kept, a shortcut for commits).
+"""
 
 from __future__ import annotations
 
@@ -14,9 +19,9 @@ from redis.crc import key_slot
 
 from sidecar.demo.redis_cluster import LocalCluster, start_redis_cluster
 from sidecar.model import TokenUsage
-from sidecar.store.base import StoreUnavailable
+from sidecar.store.base import ShardUnavailable, StoreUnavailable
 from sidecar.store.budget_types import BucketView, ReserveRequest
-from sidecar.store.redis_keys import DEFAULT_PREFIX, redis_key
+from sidecar.store.redis_keys import DEFAULT_PREFIX, KeyKind, redis_key
 from sidecar.store.redis_store import RedisStore
 
 DAY = 1_800_000_000 // 86400 * 86400
@@ -39,18 +44,27 @@ def owner(cluster: LocalCluster, key: str) -> int:
     raise AssertionError(f"slot {slot} is not served")
 
 
-def collection_on(cluster: LocalCluster, shard: int) -> str:
-    """A document collection whose keys live on primary `shard`."""
+def name_on(cluster: LocalCluster, shard: int, kind: KeyKind, pattern: str) -> str:
+    """A name (pattern.format(n)) whose `kind` key lives on primary `shard`."""
     for n in range(10_000):
-        name = f"col{n}"
-        if owner(cluster, redis_key(DEFAULT_PREFIX, "docs", name)) == shard:
+        name = pattern.format(n)
+        if owner(cluster, redis_key(DEFAULT_PREFIX, kind, name)) == shard:
             return name
-    raise AssertionError("no collection found for the shard")
+    raise AssertionError("no name found for the shard")
 
 
-def request(n: int) -> ReserveRequest:
-    view = BucketView("team|daily", DAY, DAY, 90_000, 1_000_000)
-    return ReserveRequest(f"r{n}", (view,), 1_000, "reserve", DAY + 10.0, DAY + 70.0)
+def collection_on(cluster: LocalCluster, shard: int) -> str:
+    return name_on(cluster, shard, "docs", "col{}")
+
+
+def user_bucket(cluster: LocalCluster, shard: int) -> BucketView:
+    """A per-user daily bucket whose owner's buckets live on primary `shard`."""
+    key = name_on(cluster, shard, "bucket", "daily|fixed:daily|user=u{}@example.com")
+    return BucketView(key, DAY, DAY, 90_000, 1_000_000)
+
+
+def request(rid: str, *buckets: BucketView) -> ReserveRequest:
+    return ReserveRequest(rid, buckets, 1_000, "reserve", DAY + 10.0, DAY + 70.0)
 
 
 def kill(cluster: LocalCluster, shard: int) -> None:
@@ -58,35 +72,43 @@ def kill(cluster: LocalCluster, shard: int) -> None:
     cluster.processes[shard].stop()  # reaps it
 
 
-async def test_killing_one_primary_fails_only_the_keys_on_it(cluster: LocalCluster) -> None:
+async def test_killing_one_primary_fails_only_what_lives_on_it(cluster: LocalCluster) -> None:
     store = RedisStore(cluster.url, connect_timeout=0.5, op_timeout=0.5)
     try:
-        budget = owner(cluster, redis_key(DEFAULT_PREFIX, "open"))
-        other, third = [i for i in range(3) if i != budget]
-        doomed, kept = collection_on(cluster, other), collection_on(cluster, budget)
-        survivor = collection_on(cluster, third)
-        for name in (doomed, kept):
+        doomed, left, right = 0, 1, 2
+        on_doomed, on_left, on_right = (user_bucket(cluster, s) for s in (doomed, left, right))
+        # Request ids whose pointer lives on the shard that goes down.
+        rid = [name_on(cluster, doomed, "home", f"ok{n}-{{}}") for n in range(3)]
+        docs_doomed, docs_kept = collection_on(cluster, doomed), collection_on(cluster, right)
+        for name in (docs_doomed, docs_kept):
             await store.put_doc(name, "k", {"v": name}, now=DAY)
-        assert (await store.reserve(request(1))).admitted
+        # Before: one request spans all three shards (its record on its first bucket's).
+        assert (await store.reserve(request(rid[2], on_left, on_doomed, on_right))).admitted
 
-        kill(cluster, other)
-        with pytest.raises(StoreUnavailable):
-            await store.get_doc(doomed, "k", now=DAY)
-        # The other shards serve on: documents, and the budgets (all on one shard).
-        assert await store.get_doc(kept, "k", now=DAY) == {"v": kept}
-        assert (await store.reserve(request(2))).admitted
-        assert (await store.commit("r2", 900, TokenUsage(1, 1), DAY + 11.0)).status == \
-            "committed"
-        assert await store.ping()
-
-        kill(cluster, budget)
-        # Budget state is gone with its shard: decisions fail closed, never admit blind.
+        kill(cluster, doomed)
+        # Buckets on the shards that are up still get decisions, and commit.
         started = time.monotonic()
-        with pytest.raises(StoreUnavailable):
-            await store.reserve(request(3))
+        assert (await store.reserve(request(rid[0], on_left, on_right))).admitted
+        assert (await store.commit(rid[0], 900, TokenUsage(1, 1), DAY + 11.0)).status == \
+            "committed"
         assert time.monotonic() - started < 10
-        assert not await store.ping()
-        await store.put_doc(survivor, "k", {"v": 1}, now=DAY)
-        assert await store.get_doc(survivor, "k", now=DAY) == {"v": 1}
+        # A request with a bucket on the dead shard fails closed (as one shard's failure,
+        # which the engine does not take for the whole store's), and what the other shards
+        # held for it is let go: it never lingers as room taken.
+        with pytest.raises(ShardUnavailable):
+            await store.reserve(request(rid[1], on_left, on_doomed))
+        assert (await store.bucket_states([on_left], DAY + 12.0))[0].reserved == 1_000
+        # Documents likewise: the dead shard's collection fails, the others serve on.
+        with pytest.raises(StoreUnavailable):
+            await store.get_doc(docs_doomed, "k", now=DAY)
+        assert await store.get_doc(docs_kept, "k", now=DAY) == {"v": docs_kept}
+        # Ready while shards answer; the expiry sweep runs on the shards that are up: the
+        # request spanning all three is settled where it can be.
+        assert await store.ping()
+        assert await store.open_reservations() == 1  # the one spanning all three
+        assert await store.settle_expired(DAY + 100.0) == 1
+        assert await store.open_reservations() == 0
+        state = (await store.bucket_states([on_right], DAY + 100.0))[0]
+        assert (state.spent, state.reserved) == (900 + 1_000, 0)
     finally:
         await store.close()

@@ -1,0 +1,30 @@
+-- add_spend.lua: add spend made before a rule existed (backfilled from the ledger) to the
+-- slots of that rule's buckets on one shard, once per bucket.
+--
+-- Why a script: a bucket's once-only marker and its slot increments must land together, or
+-- a crash or a second replica doing the same backfill would count the spend twice.
+--
+-- KEYS[1]   the shard's slot index zset (the other keys, in ARGV, are on the same shard)
+-- ARGV      six per entry: marker key (string, set once, never expires), bucket hash key,
+--           slot start, amount, slot expiry, TTL seconds; entries of one bucket share its
+--           marker
+-- Returns   how many buckets got spend added (0: every marker was already set).
+--
+-- Prepended at load time: budget_lib.lua (int, add_bucket, ...).
+
+local ctx = {slots = KEYS[1]}
+local applied, count = {}, 0
+for a = 1, #ARGV, 6 do
+  local marker, key = ARGV[a], ARGV[a + 1]
+  if applied[key] == nil then
+    applied[key] = redis.call('SET', marker, '1', 'NX') ~= false
+    if applied[key] then
+      count = count + 1
+    end
+  end
+  if applied[key] then
+    add_bucket(ctx, key, tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]),
+               tonumber(ARGV[a + 5]), 0)
+  end
+end
+return count
