@@ -57,7 +57,7 @@ from sidecar.policy.rules import UNIT_OF, Context, Rule, Unit, in_unit
 from sidecar.policy.windows import RollingWindow
 from sidecar.pricing import UnitPrice
 from sidecar.providers.credentials import injected_headers
-from sidecar.store.base import Store, StoreUnavailable
+from sidecar.store.base import ShardUnavailable, Store, StoreUnavailable
 from sidecar.store.budget_types import (
     BucketState,
     CommitResult,
@@ -292,7 +292,10 @@ class Engine:
                 with tracing.span("sidecar.store.reserve", buckets=len(budget.views)):
                     request, result = await self._reserve(request)
             except StoreUnavailable as err:
-                self._store_down_until = time.monotonic() + 0.5
+                if not isinstance(err, ShardUnavailable):
+                    # A shard that is down fails only the decisions that need it; the
+                    # others go on asking.
+                    self._store_down_until = time.monotonic() + 0.5
                 STORE_ERRORS.labels("reserve").inc()
                 return await self._store_down(rs, err, identity, attrs, creds, cand_model,
                                               cand_provider, request)

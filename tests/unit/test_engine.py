@@ -17,7 +17,7 @@ from sidecar.config.ruleset import RuleSet, RuleSetHolder, build_ruleset
 from sidecar.engine import Engine
 from sidecar.metering.charge import Observed
 from sidecar.model import Identity, Iteration, RequestAttrs, TokenUsage
-from sidecar.store.base import StoreUnavailable
+from sidecar.store.base import ShardUnavailable, StoreUnavailable
 from sidecar.store.sqlite_store import SQLiteStore
 
 NOW = 1_900_000_000.0
@@ -263,3 +263,24 @@ async def test_reservation_whose_answer_was_lost_is_released_when_the_store_is_b
         assert (await eng.check(attrs("cent-a", "r2", max_tokens=5))).allowed
     finally:
         await eng.spool.close()
+
+
+class OneShardDown(Gated):
+    """A sharded store whose shard holding the first request's buckets is down."""
+
+    async def reserve(self, request: Any) -> Any:
+        self.ids.append(request.request_id)
+        if len(self.ids) == 1:
+            raise ShardUnavailable("redis: connection refused (one shard)")
+        return await self.inner.reserve(request)
+
+
+async def test_a_shard_that_is_down_fails_only_the_decisions_that_need_it(
+        store: SQLiteStore) -> None:
+    rs = config(spend_limits=[rule("b", 0.05, "block", ["cent-*"])])
+    eng = engine(rs, OneShardDown(store))  # type: ignore[arg-type]
+    refused = await eng.check(attrs("cent-a", "r1", max_tokens=3))
+    assert (refused.allowed, refused.reason) == (False, "store_unavailable")
+    # The next decision still asks the store at once (no "recently failed" pause for the
+    # whole store), and its shards answer.
+    assert (await eng.check(attrs("cent-a", "r2", max_tokens=3))).allowed
