@@ -22,7 +22,7 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from sidecar.policy.windows import parse_duration
-from sidecar.store.redis_cluster_url import is_cluster_url, parse_cluster_url
+from sidecar.store.redis_cluster_url import as_cluster_url, is_cluster_url, parse_cluster_url
 
 DIMENSIONS = ("user", "group", "token", "kind", "model", "provider")
 _METADATA_DIM = re.compile(r"^metadata\.[A-Za-z0-9_.\-]{1,64}$")
@@ -75,6 +75,9 @@ class StoreConfig(Strict):
     # Local file for charges the store could not take (fail_open admissions, commits made
     # while it was down); replayed exactly once when it is back.
     spool: str = Field(default="./sidecar-spool.db", min_length=1)
+    # The Redis URL names nodes of a Redis Cluster (`redis://h1:6379,h2:6379/` read as
+    # `redis+cluster://...`): the same as writing the cluster scheme.
+    cluster: bool = False
 
     @field_validator("url")
     @classmethod
@@ -86,6 +89,17 @@ class StoreConfig(Strict):
         if is_cluster_url(url):
             parse_cluster_url(url)  # a bad node list is a config error, not a start failure
         return url
+
+    @model_validator(mode="after")
+    def _cluster_url(self) -> StoreConfig:
+        if self.cluster and self.url_env is None:
+            as_cluster_url(self.url)  # ValueError: the URL cannot name a cluster
+        return self
+
+    @property
+    def effective_url(self) -> str:
+        """`url` as the store opens it (the cluster form with `cluster: true`)."""
+        return as_cluster_url(self.url) if self.cluster else self.url
 
 
 class GrpcTlsConfig(Strict):

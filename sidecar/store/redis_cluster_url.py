@@ -25,6 +25,20 @@ def is_cluster_url(url: str) -> bool:
     return url.startswith(CLUSTER_SCHEMES)
 
 
+def as_cluster_url(url: str) -> str:
+    """The cluster form of a Redis URL (`store.cluster: true`): `redis://h:p[,h:p]/` names
+    the same nodes as `redis+cluster://h:p[,h:p]/`; ValueError for any other store URL."""
+    if is_cluster_url(url):
+        return url
+    for plain, cluster in (("redis://", "redis+cluster://"), ("rediss://", "rediss+cluster://")):
+        if url.startswith(plain):
+            converted = cluster + url[len(plain):]
+            parse_cluster_url(converted)
+            return converted
+    raise ValueError("cluster: true needs a redis://, rediss:// or redis+cluster:// URL, not "
+                     f"{url.split(':', 1)[0]!r}")
+
+
 def parse_cluster_url(url: str) -> ClusterTarget:
     """The nodes and credentials of a cluster URL; ValueError names what is wrong (never
     the password)."""
