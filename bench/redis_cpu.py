@@ -2,16 +2,25 @@
 
     .venv/bin/python -m bench.redis_cpu              # 3 rounds of 2,000 decisions per store
     .venv/bin/python -m bench.redis_cpu --rounds 5 --fresh --save
+    .venv/bin/python -m bench.redis_cpu --baseline 070a5e4   # also the scripts of a commit
 
-The real engine decides with the benchmark policy (6 rules that apply plus the account
-rules) for 50 users against a real redis-server, then against a real Redis Cluster of three
-primaries, in the same run; each admitted request is then committed with a realistic cost.
-Unless `--fresh`, every rolling-window bucket first gets spend in each of its slots, as
-after a day of traffic. Before the measured run the statistics are reset (`CONFIG
-RESETSTAT`); afterwards `INFO commandstats` gives the microseconds Redis spent in each
-command. Of several rounds the least disturbed (the fastest) is reported. Redis CPU per
-decision = script usec / decisions; one Redis core then serves at most 1e6 / that
-decisions per second; with several shards the busiest one sets the ceiling.
+The real engine decides for many users against a real redis-server, then against a real
+Redis Cluster of three primaries, in the same run; each admitted request is then committed
+with a realistic cost. Two policies: `bench` (the benchmark policy: 6 rules that apply plus
+the account rules, 7 buckets per request, 4 of them shared by every user: per group, per
+model, org-wide) for 50 users, and `per-owner` (5 rules split by user, so every bucket
+belongs to one user) for 1,000 users. Unless `--fresh`, every rolling-window bucket first
+gets spend in each of its slots, as after a day of traffic. Before each measured round the
+statistics are reset (`CONFIG RESETSTAT`); afterwards `INFO commandstats` gives the
+microseconds Redis spent in each command. Of several rounds the least disturbed (the
+fastest) is reported.
+
+Redis CPU per decision = script usec / decisions, summed over shards. A shard serves at
+most 1e6 / (its script usec per decision) decisions per second, so the store's capacity
+is 1e6 / (the busiest shard's usec per decision): on one Redis that is its whole cost, on a
+cluster the busiest shard sets the ceiling (buckets every request shares sit on one shard).
+`--baseline REF` runs this benchmark as it was at git commit REF (its own store and
+scripts, from `git archive`) in the same invocation, for a before/after ratio.
 Prints one JSON object (`--save` also writes it to bench/results/redis_cpu.json).
 """
 
@@ -21,6 +30,7 @@ import argparse
 import asyncio
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +41,7 @@ import redis.asyncio as aioredis
 import structlog
 
 from bench.micro.test_engine_micro import make_engine
-from bench.policy import BODY, PATH, bench_config
+from bench.policy import BIG, BODY, PATH, bench_config
 from sidecar.config.loader import parse_config
 from sidecar.config.ruleset import build_ruleset
 from sidecar.demo.config import demo_key_env
@@ -41,12 +51,31 @@ from sidecar.demo.redis_cluster import start_redis_cluster
 from sidecar.model import RequestAttrs, TokenUsage
 from sidecar.store.base import Store
 from sidecar.store.budget_types import BucketView, ReserveRequest, ReserveResult
-from sidecar.store.factory import open_store
+from sidecar.store.redis_store import RedisStore
 from tests.support.redis_admin import flush_redis
 
-USERS = 50
+USERS = {"bench": 50, "per-owner": 1000}
 ROLLING_SLOTS = 60  # sidecar.policy.windows: a rolling window of a minute or more
 COST = 1_500  # µUSD charged per request at commit
+USAGE = TokenUsage(input_tokens=20, output_tokens=40)
+
+
+def per_owner_rules() -> list[dict[str, Any]]:
+    """Five rules split by user: every bucket a request touches is its caller's own."""
+    def rule(name: str, window: dict[str, str], **extra: Any) -> dict[str, Any]:
+        return {"name": name, "budget_usd": BIG, "window": window, "action": "block",
+                "split": ["user"], **extra}
+
+    return [
+        rule("per-user-daily", {"fixed": "daily"}),
+        rule("per-user-weekly-openai", {"fixed": "weekly"}, filter={"provider": ["openai"]}),
+        rule("per-user-monthly", {"fixed": "monthly"}),
+        rule("per-user-hourly", {"rolling": "1h"}),
+        {**rule("user-model-24h", {"rolling": "24h"}), "split": ["user", "model"]},
+    ]
+
+
+POLICIES: dict[str, list[dict[str, Any]] | None] = {"bench": None, "per-owner": per_owner_rules()}
 
 
 def command_usec(stats: dict[str, Any]) -> dict[str, tuple[int, int]]:
@@ -91,50 +120,57 @@ async def fill_rolling_windows(store: Store, buckets: dict[str, BucketView]) -> 
     return written
 
 
-async def measure(url: str, stat_urls: list[str], decisions: int, warmup: int,
-                  workdir: Path, steady: bool = True, rounds: int = 3) -> dict[str, Any]:
-    os.environ.update(demo_key_env())
-    issuer = DevIssuer.generate()
-    jwks = issuer.write_jwks(workdir / "jwks.json")
-    ruleset = build_ruleset(parse_config(bench_config(issuer, str(jwks), url)))
-    await flush_redis(url)
-    store = await open_store(url)
-    recorder = Recorder(store)
-    engine = make_engine(ruleset, recorder)
-    tokens = [issuer.mint(f"user{i}@example.com", ["eng", "ml"], ttl=6 * 3600)
-              for i in range(USERS)]
-    usage = TokenUsage(input_tokens=20, output_tokens=40)
+class Run:
+    """One policy on one store: the engine, its callers and the store's statistics."""
 
-    async def decide(n: int) -> None:
+    def __init__(self, url: str, stat_urls: list[str], policy: str, workdir: Path,
+                 name: str) -> None:
+        self.url, self.stat_urls, self.policy = url, stat_urls, policy
+        issuer = DevIssuer.generate()
+        jwks = issuer.write_jwks(workdir / f"jwks-{name.replace('/', '-')}.json")
+        self.ruleset = build_ruleset(parse_config(bench_config(issuer, str(jwks), url,
+                                                               rules=POLICIES[policy])))
+        self.users = USERS[policy]
+        self.tokens = [issuer.mint(f"user{i}@example.com", ["eng", "ml"], ttl=6 * 3600)
+                       for i in range(self.users)]
+        self.measured: list[tuple[int, float, list[dict[str, Any]]]] = []
+        self.next_id = 0
+
+    async def setup(self, warmup: int, steady: bool) -> None:
+        # Each policy under its own key prefix: both share one Redis (one cluster).
+        self.store = RedisStore(self.url, prefix=f"bench-{self.policy}:")
+        recorder = Recorder(self.store)
+        self.engine = make_engine(self.ruleset, recorder)
+        self.admins = [aioredis.Redis.from_url(u, decode_responses=True)
+                       for u in self.stat_urls]
+        self.next_id = max(warmup, self.users)
+        for n in range(self.next_id):
+            await self.decide(n)
+        if steady:
+            await fill_rolling_windows(self.store, recorder.buckets)
+
+    async def decide(self, n: int) -> None:
         headers = {"content-type": "application/json",
-                   "cf-access-jwt-assertion": tokens[n % USERS]}
-        decision = await engine.check(RequestAttrs("POST", PATH, headers, BODY, f"r-{n}"))
+                   "cf-access-jwt-assertion": self.tokens[n % self.users]}
+        decision = await self.engine.check(RequestAttrs("POST", PATH, headers, BODY,
+                                                        f"r-{n}"))
         if not decision.allowed:
             raise RuntimeError(f"refused: {decision.body!r}")
-        result = await store.commit(decision.request_id, COST, usage, time.time())
+        result = await self.store.commit(decision.request_id, COST, USAGE, time.time())
         if result.status != "committed":
             raise RuntimeError(f"commit: {result}")
 
-    for n in range(warmup):
-        await decide(n)
-    if steady:
-        await fill_rolling_windows(store, recorder.buckets)
-    admins = [aioredis.Redis.from_url(u, decode_responses=True) for u in stat_urls]
-    # Several rounds, and the least disturbed one counts: other processes on the machine
-    # only ever add to a round's time (Redis's usec are wall-clock microseconds).
-    measured = []
-    next_id = warmup
-    for _ in range(rounds):
-        for admin in admins:
+    async def round(self, decisions: int) -> None:
+        for admin in self.admins:
             await admin.config_resetstat()
-        cpu_before = [await _cpu_seconds(admin) for admin in admins]
+        cpu_before = [await _cpu_seconds(admin) for admin in self.admins]
         started = time.perf_counter()
-        for n in range(next_id, next_id + decisions):
-            await decide(n)
-        next_id += decisions
+        for n in range(self.next_id, self.next_id + decisions):
+            await self.decide(n)
+        self.next_id += decisions
         elapsed = time.perf_counter() - started
         shards: list[dict[str, Any]] = []
-        for admin, before in zip(admins, cpu_before, strict=True):
+        for admin, before in zip(self.admins, cpu_before, strict=True):
             cpu = await _cpu_seconds(admin) - before
             stats = command_usec(await admin.info("commandstats"))
             # Commands a script calls are counted twice in Redis 7's commandstats (on their
@@ -147,32 +183,77 @@ async def measure(url: str, stat_urls: list[str], decisions: int, warmup: int,
                 "calls_per_decision": {k: round(c / decisions, 1) for k, (c, _) in
                                        sorted(stats.items()) if k != "config|resetstat"},
             })
-        measured.append((sum(sh["script_usec"] for sh in shards), elapsed, shards))
-    for admin in admins:
-        await admin.aclose()
-    await store.close()
-    script_usec, elapsed, shards = min(measured, key=lambda m: m[0])
-    busiest = max(sh["script_usec"] for sh in shards)
-    per_decision = script_usec / decisions
-    return {
-        "decisions": decisions,
-        "rounds": rounds,
-        "shards": len(shards),
-        # EVALSHA usec_per_call; a decision is one reserve and one commit.
-        "script_usec_per_call": round(script_usec / max(sum(sh["script_calls"]
-                                                            for sh in shards), 1), 1),
-        "script_usec_per_decision": round(per_decision, 1),
-        "script_usec_per_decision_each_round": [round(m[0] / decisions, 1) for m in measured],
-        # What the redis-server processes used in all (network I/O and parsing included).
-        "process_cpu_usec_per_decision": round(
-            sum(sh["process_cpu_usec"] for sh in shards) / decisions, 1),
-        # One Redis core busy 100% of the time in scripts: the ceiling the store sets.
-        "decisions_per_second_per_core": round(1e6 / per_decision),
-        # With several shards the busiest one is the ceiling.
-        "decisions_per_second_all_shards": round(1e6 * decisions / busiest),
-        "client_seconds": round(elapsed, 2),
-        "per_shard": shards,
-    }
+        self.measured.append((sum(sh["script_usec"] for sh in shards), elapsed, shards))
+
+    async def close(self) -> None:
+        for admin in self.admins:
+            await admin.aclose()
+        await self.store.close()
+
+    def result(self, decisions: int) -> dict[str, Any]:
+        # The least disturbed round counts: other processes on the machine only ever add to
+        # a round's time (Redis's usec are wall-clock microseconds).
+        script_usec, elapsed, shards = min(self.measured, key=lambda m: m[0])
+        busiest = max(sh["script_usec"] for sh in shards)
+        busiest_cpu = max(sh["process_cpu_usec"] for sh in shards)
+        return {
+            "policy": self.policy,
+            "decisions": decisions,
+            "rounds": len(self.measured),
+            "shards": len(shards),
+            # EVALSHA usec_per_call; a decision is one reserve and one commit (per shard).
+            "script_usec_per_call": round(script_usec / max(sum(sh["script_calls"]
+                                                                for sh in shards), 1), 1),
+            "script_usec_per_decision": round(script_usec / decisions, 1),
+            "script_usec_per_decision_each_round": [round(m[0] / decisions, 1)
+                                                    for m in self.measured],
+            "busiest_shard_script_usec_per_decision": round(busiest / decisions, 1),
+            # What the redis-server processes used (network I/O and parsing included).
+            "process_cpu_usec_per_decision": round(
+                sum(sh["process_cpu_usec"] for sh in shards) / decisions, 1),
+            "busiest_shard_process_cpu_usec_per_decision": round(busiest_cpu / decisions, 1),
+            # The store's ceiling: the busiest shard's core busy 100% of the time in scripts.
+            "decisions_per_second": round(1e6 * decisions / busiest),
+            "client_seconds": round(elapsed, 2),
+            "per_shard": shards,
+        }
+
+
+async def measure_all(stores: dict[str, tuple[str, list[str]]], args: argparse.Namespace,
+                      workdir: Path) -> dict[str, Any]:
+    """Every policy on every store, rounds interleaved so that a busy moment on the machine
+    spreads over all of them instead of skewing one."""
+    os.environ.update(demo_key_env())
+    runs = {f"{policy}/{name}": Run(url, stat_urls, policy, workdir, f"{policy}/{name}")
+            for name, (url, stat_urls) in stores.items() for policy in POLICIES}
+    for url, _ in stores.values():
+        await flush_redis(url)
+    for run in runs.values():
+        await run.setup(args.warmup, not args.fresh)
+    for _ in range(args.rounds):
+        for run in runs.values():
+            await run.round(args.decisions)
+    for run in runs.values():
+        await run.close()
+    return {name: run.result(args.decisions) for name, run in runs.items()}
+
+
+def baseline(ref: str, args: argparse.Namespace) -> dict[str, Any]:
+    """This benchmark as it was at git commit `ref`, with that commit's store and scripts,
+    in a subprocess (its own one Redis and cluster)."""
+    root = Path(__file__).resolve().parent.parent
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = subprocess.run(["git", "-C", str(root), "archive", ref, "sidecar", "bench"],
+                                 capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        argv = [sys.executable, "-m", "bench.redis_cpu", "--decisions", str(args.decisions),
+                "--rounds", str(args.rounds), "--warmup", str(args.warmup)]
+        if args.fresh:
+            argv.append("--fresh")
+        done = subprocess.run(argv, cwd=tmp, env={**os.environ, "PYTHONPATH": tmp},
+                              capture_output=True, text=True, check=True)
+    old: dict[str, Any] = json.loads(done.stdout)
+    return old
 
 
 async def _cpu_seconds(admin: aioredis.Redis) -> float:
@@ -188,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=500)
     parser.add_argument("--fresh", action="store_true",
                         help="leave rolling windows as the warmup left them (1-2 slots)")
+    parser.add_argument("--baseline", metavar="REF",
+                        help="also run this benchmark as of git commit REF, for a ratio")
     parser.add_argument("--save", action="store_true",
                         help="write the result to bench/results/redis_cpu.json")
     args = parser.parse_args(argv)
@@ -196,19 +279,34 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         proc, port = start_redis(workdir / "redis")
-        with proc:
+        with proc, start_redis_cluster(workdir / "cluster", 3) as cluster:
             url = f"redis://127.0.0.1:{port}/0"
-            result = {"one_redis": asyncio.run(
-                measure(url, [url], args.decisions, args.warmup, workdir,
-                        steady=not args.fresh, rounds=args.rounds))}
-        with start_redis_cluster(workdir / "cluster", 3) as cluster:
-            result["cluster_3_primaries"] = asyncio.run(
-                measure(cluster.url, cluster.node_urls(), args.decisions, args.warmup,
-                        workdir, steady=not args.fresh, rounds=args.rounds))
-    one = result["one_redis"]["decisions_per_second_all_shards"]
-    three = result["cluster_3_primaries"]["decisions_per_second_all_shards"]
+            result = asyncio.run(measure_all(
+                {"one_redis": (url, [url]),
+                 "cluster_3_primaries": (cluster.url, cluster.node_urls())}, args, workdir))
     # What adding shards buys: the busiest shard sets the ceiling.
-    result["cluster_3_over_one"] = round(three / one, 2)
+    result["cluster_3_over_one"] = {
+        policy: round(result[f"{policy}/cluster_3_primaries"]["decisions_per_second"]
+                      / result[f"{policy}/one_redis"]["decisions_per_second"], 2)
+        for policy in POLICIES}
+    if args.baseline:
+        old = baseline(args.baseline, args)
+        old_one = old["one_redis"]
+        new_one = result["bench/one_redis"]
+        result["baseline"] = {
+            "ref": args.baseline,
+            "one_redis_script_usec_per_decision": old_one["script_usec_per_decision"],
+            "one_redis_process_cpu_usec_per_decision":
+                old_one["process_cpu_usec_per_decision"],
+            "cluster_3_decisions_per_second":
+                old["cluster_3_primaries"]["decisions_per_second_all_shards"],
+            # Redis CPU per decision now / at the baseline (bench policy, one Redis).
+            "script_usec_now_over_baseline": round(
+                new_one["script_usec_per_decision"] / old_one["script_usec_per_decision"], 2),
+            "process_cpu_now_over_baseline": round(
+                new_one["process_cpu_usec_per_decision"]
+                / old_one["process_cpu_usec_per_decision"], 2),
+        }
     text = json.dumps(result, indent=2) + "\n"
     sys.stdout.write(text)
     if args.save:
