@@ -190,18 +190,23 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
     import yaml
 
     from sidecar.config.loader import ConfigError, load_config
-    from sidecar.config.models import ListenConfig
+    from sidecar.config.models import ListenConfig, OverloadConfig
     from sidecar.envoy.attach import pieces_for_listen
 
     path = _config_path(args.path)
-    listen = ListenConfig()
+    listen, max_inflight = ListenConfig(), OverloadConfig().max_inflight
     if args.path or path.exists():
         try:
-            listen = load_config(path).listen
+            config = load_config(path)
         except ConfigError as exc:
             print("\n".join(exc.errors), file=sys.stderr)
             return 1
-    pieces = pieces_for_listen(listen, grpc=args.grpc)
+        listen, max_inflight = config.listen, config.overload.max_inflight
+    if args.workers < 1:
+        print("--workers must be at least 1", file=sys.stderr)
+        return 2
+    # Envoy bounds the Checks in flight to what the sidecar processes admit in all.
+    pieces = pieces_for_listen(listen, grpc=args.grpc, max_checks=max_inflight * args.workers)
     if args.format == "json":
         print(json.dumps(pieces, indent=2))
     else:
@@ -408,6 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
                               help="output format (default: yaml)")
     envoy_config.add_argument("--grpc", help="the sidecar's gRPC address host:port "
                                              "(overrides the config)")
+    envoy_config.add_argument("--workers", type=int, default=1,
+                              help="sidecar processes behind that address (`serve --workers`):"
+                                   " Envoy lets overload.max_inflight Checks per process be in"
+                                   " flight and refuses more at once (default: 1)")
     envoy_config.set_defaults(func=cmd_envoy_config)
 
     demo = sub.add_parser("demo", help="run sidecar + Envoy + a fake provider locally")

@@ -52,6 +52,13 @@ CHECK_HEADROOM_SECONDS = Histogram(
     "Time left before the caller's deadline when a Check was answered", registry=REGISTRY,
     buckets=(0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 5.0),
 )
+CHECK_QUEUED_SECONDS = Histogram(
+    "sidecar_check_queued_seconds",
+    "How long a Check waited between reaching the sidecar's gRPC server and being handled "
+    "(Envoy's ext_authz timeout minus the time its deadline left at the start)",
+    registry=REGISTRY,
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0),
+)
 SPEND_MICROS = Counter("sidecar_spend_micro_usd_total", "Committed spend in µUSD",
                        ["provider", "model"], registry=REGISTRY)
 PROVIDER_ERRORS = Counter("sidecar_provider_errors_total",

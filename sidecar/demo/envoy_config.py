@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from sidecar.envoy.attach import Piece, attach_pieces, mtls_socket
+from sidecar.envoy.attach import DEFAULT_MAX_CHECKS, Piece, attach_pieces, mtls_socket
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_SOURCE = REPO_ROOT / "deploy" / "envoy" / "envoy.yaml"
@@ -48,8 +48,11 @@ def render_envoy_config(
     provider_upstream: tuple[str, int] | None,
     source: Path | None = None,
     sidecar_mtls: SidecarMtls | None = None,
+    max_checks: int = DEFAULT_MAX_CHECKS,
 ) -> EnvoyConfig:
     """Return the deployed config with local ports and addresses.
+
+    `max_checks`: the Checks Envoy lets be in flight to the sidecar (`attach_pieces`).
 
     With `sidecar_mtls`, the sidecar cluster gets the mTLS transport socket of
     deploy/envoy/sidecar-mtls.yaml, with these certificate files.
@@ -68,7 +71,8 @@ def render_envoy_config(
 
     hcm = _http_connection_manager(listener)
     tls = _mtls_socket(sidecar_mtls) if sidecar_mtls is not None else None
-    splice_attach_pieces(config, hcm, attach_pieces(*sidecar_grpc, tls=tls))
+    splice_attach_pieces(config, hcm, attach_pieces(*sidecar_grpc, tls=tls,
+                                                    max_checks=max_checks))
     clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
 
     if provider_upstream is not None:

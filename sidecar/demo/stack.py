@@ -19,6 +19,7 @@ from sidecar.demo.config import DEMO_PROVIDER_KEYS, demo_key_env
 from sidecar.demo.envoy_config import SidecarMtls, render_envoy_config
 from sidecar.demo.keys import DevIssuer
 from sidecar.demo.procs import LOOPBACK, ManagedProcess, free_port, start_envoy, wait_for_port
+from sidecar.envoy.attach import DEFAULT_MAX_CHECKS
 
 # Only ever used on loopback by the demo and tests; real deployments set their own.
 ADMIN_TOKEN = "local-admin-token-0123456789"
@@ -94,13 +95,20 @@ def add_sidecar_endpoints(config: dict[str, Any], first_port: int, ports: list[i
                         "address": LOOPBACK, "port_value": port}}}})
 
 
+def max_checks_for(config: Mapping[str, Any], processes: int) -> int:
+    """Envoy's bound on Checks in flight for `processes` sidecars running `config`."""
+    overload = config.get("overload") or {}
+    return int(overload.get("max_inflight", DEFAULT_MAX_CHECKS)) * processes
+
+
 @contextmanager
 def running_stack(workdir: Path, issuer: DevIssuer, config: dict[str, Any],
                   extra_sidecars: int = 0, http_port: int | None = None,
                   sidecar_mtls: SidecarMtls | None = None,
                   provider_keys: Mapping[str, Sequence[str]] | None = None,
                   replay_dir: Path | None = None,
-                  provider_argv: Sequence[str] | None = None) -> Iterator[Stack]:
+                  provider_argv: Sequence[str] | None = None,
+                  max_checks: int | None = None) -> Iterator[Stack]:
     """Fake provider, 1 + extra_sidecars sidecar processes, and Envoy in front of the first.
 
     `http_port` fixes the first sidecar's HTTP port, for configs that must name their own
@@ -108,7 +116,9 @@ def running_stack(workdir: Path, issuer: DevIssuer, config: dict[str, Any],
     the fake provider accepts per provider (default: the demo keys the sidecar injects).
     `replay_dir` lets the fake provider answer with recorded responses (`x-fake-replay`).
     `provider_argv`: another upstream to run instead of the fake provider, given
-    `--port PORT` (a benchmark's leaner one).
+    `--port PORT` (a benchmark's leaner one). `max_checks`: the Checks Envoy lets be in
+    flight to the sidecars; by default what `sidecar envoy-config` derives from the config
+    (`overload.max_inflight` per sidecar process).
     """
     if provider_keys is None:
         provider_keys = {name: (key,) for name, key in DEMO_PROVIDER_KEYS.items()}
@@ -138,7 +148,8 @@ def running_stack(workdir: Path, issuer: DevIssuer, config: dict[str, Any],
         listen, admin = free_port(), free_port()
         envoy_config = render_envoy_config(
             listen_port=listen, admin_port=admin, sidecar_grpc=(LOOPBACK, grpc_port),
-            provider_upstream=(LOOPBACK, provider_port), sidecar_mtls=sidecar_mtls)
+            provider_upstream=(LOOPBACK, provider_port), sidecar_mtls=sidecar_mtls,
+            max_checks=max_checks or max_checks_for(config, 1 + extra_sidecars))
         add_sidecar_endpoints(envoy_config, grpc_port, [g for g, _ in ports[1:]])
         envoy, _ = start_envoy(workdir, envoy_config, base_id=listen)
         stack.enter_context(envoy)

@@ -11,6 +11,7 @@ connection manager and `clusters` to theirs (SPEC §2, the attach contract).
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 from importlib.resources import files
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,14 @@ if TYPE_CHECKING:
     from sidecar.config.models import ListenConfig
 
 SIDECAR_CLUSTER = "sidecar_grpc"
+# Checks alone go through this cluster (the same sidecar address): its circuit breaker bounds
+# the Checks in flight, and Envoy refuses the next one at once, before it queues in front of
+# the sidecar. The access log and ext_proc streams stay on SIDECAR_CLUSTER, never refused.
+CHECK_CLUSTER = "sidecar_grpc_check"
+# Envoy's ext_authz timeout, sent to the sidecar as each Check's gRPC deadline.
+CHECK_TIMEOUT_SECONDS = 2
+# Checks in flight from one Envoy to one sidecar process: `overload.max_inflight`'s default.
+DEFAULT_MAX_CHECKS = 256
 EXT_AUTHZ = "envoy.filters.http.ext_authz"
 EXT_PROC = "envoy.filters.http.ext_proc"
 METER = "sidecar.meter"
@@ -33,19 +42,25 @@ HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 Piece = dict[str, Any]
 
 
-def attach_pieces(grpc_host: str, grpc_port: int, *, tls: Piece | None = None) -> Piece:
+def attach_pieces(grpc_host: str, grpc_port: int, *, tls: Piece | None = None,
+                  max_checks: int = DEFAULT_MAX_CHECKS) -> Piece:
     """`http_filters`, `access_log` and `clusters` for a sidecar gRPC listener at host:port.
 
-    `tls`: the `transport_socket` of the sidecar cluster when the listener requires mTLS.
+    `tls`: the `transport_socket` of the sidecar clusters when the listener requires mTLS.
+    `max_checks`: Checks Envoy lets be in flight to the sidecar at once; past it Envoy
+    answers the request itself with a prompt 503 and Retry-After (`overload.max_inflight`
+    times the sidecar processes behind the address).
     """
     return {
         "http_filters": [_ext_authz(), _meter(), _ext_proc()],
         "access_log": [_metering_log()],
-        "clusters": [_sidecar_cluster(grpc_host, grpc_port, tls)],
+        "clusters": [_sidecar_cluster(SIDECAR_CLUSTER, grpc_host, grpc_port, tls, None),
+                     _sidecar_cluster(CHECK_CLUSTER, grpc_host, grpc_port, tls, max_checks)],
     }
 
 
-def pieces_for_listen(listen: ListenConfig, *, grpc: str | None = None) -> Piece:
+def pieces_for_listen(listen: ListenConfig, *, grpc: str | None = None,
+                      max_checks: int = DEFAULT_MAX_CHECKS) -> Piece:
     """The pieces for a sidecar config's gRPC listener (or `grpc`, host:port, instead).
 
     A wildcard bind (0.0.0.0, ::) is reached over loopback: Envoy runs beside the sidecar.
@@ -64,7 +79,7 @@ def pieces_for_listen(listen: ListenConfig, *, grpc: str | None = None) -> Piece
                           client_key="/etc/envoy/tls/envoy-client.key",
                           sidecar_ca="/etc/envoy/tls/sidecar-ca.crt",
                           sidecar_name="sidecar.internal")
-    return attach_pieces(host, port, tls=tls)
+    return attach_pieces(host, port, tls=tls, max_checks=max_checks)
 
 
 def split_host_port(address: str) -> tuple[str, int]:
@@ -103,8 +118,9 @@ def _ext_authz() -> Piece:
         "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
         "transport_api_version": "V3",
         # A decision is a few store round trips; past 2 s the sidecar is stuck, and a
-        # prompt 503 beats a hung client.
-        "grpc_service": {"envoy_grpc": {"cluster_name": SIDECAR_CLUSTER}, "timeout": "2s"},
+        # prompt 503 beats a hung client. Its own cluster: see CHECK_CLUSTER.
+        "grpc_service": {"envoy_grpc": {"cluster_name": CHECK_CLUSTER},
+                         "timeout": f"{CHECK_TIMEOUT_SECONDS}s"},
         # The model (so the price and the allowlist) is in the JSON body. A larger body gets
         # 413 rather than a decision made on a truncated one; bytes, not a UTF-8 string,
         # so the JSON arrives exactly as sent.
@@ -115,7 +131,9 @@ def _ext_authz() -> Piece:
         "clear_route_cache": True,
         # Fail closed: an unreachable sidecar must not become unmetered, unlimited spend.
         # 507 is a status nothing else on this path sends; the listener's
-        # local_reply_config turns it into a retryable 503 with the JSON envelope.
+        # local_reply_config turns it into a retryable 503 with the JSON envelope. Errors
+        # are: no answer within the timeout, no connection, the Checks circuit breaker
+        # full, or a gRPC error status.
         "failure_mode_allow": False,
         "status_on_error": {"code": "InsufficientStorage"},
     }}
@@ -220,23 +238,33 @@ def _metering_log() -> Piece:
     }
 
 
-def _sidecar_cluster(host: str, port: int, tls: Piece | None) -> Piece:
+def _sidecar_cluster(name: str, host: str, port: int, tls: Piece | None,
+                     max_checks: int | None) -> Piece:
     try:
         ipaddress.ip_address(host)
     except ValueError:
         discovery: Piece = {"type": "STRICT_DNS", "dns_lookup_family": "V4_PREFERRED"}
     else:
         discovery = {"type": "STATIC"}
+    if max_checks is None:
+        # Request-body streams of every in-flight call and the access log's streams: the
+        # default 1024-request circuit breaker would fail (closed) the 1025th, and a
+        # refused access log stream would lose charges. No practical limit here.
+        limits = {"max_connections": 10000, "max_pending_requests": 10000,
+                  "max_requests": 100000}
+    else:
+        # Checks past `max_checks` in flight would only wait in front of the sidecar (in
+        # its gRPC queue, where it cannot refuse them early) until Envoy's 2 s timeout,
+        # using up the CPU of the ones it can still serve. Refused here instead: an
+        # overflow is an ext_authz error, 507, mapped to 503 + Retry-After like a timeout,
+        # at once and at no cost to the sidecar. Pending (no connection yet) as well.
+        limits = {"max_connections": 10000, "max_pending_requests": max_checks,
+                  "max_requests": max_checks}
     cluster: Piece = {
-        "name": SIDECAR_CLUSTER,
+        "name": name,
         **discovery,
         "connect_timeout": "1s",
-        # Checks and request-body streams of every in-flight call share this cluster: the
-        # default 1024-request circuit breaker would fail (closed) the 1025th. The
-        # sidecar's own admission control is the limit that matters.
-        "circuit_breakers": {"thresholds": [
-            {"max_connections": 10000, "max_pending_requests": 10000,
-             "max_requests": 100000}]},
+        "circuit_breakers": {"thresholds": [limits]},
         "typed_extension_protocol_options": {HTTP_OPTIONS: {
             "@type": f"type.googleapis.com/{HTTP_OPTIONS}",
             # Notice a dead sidecar connection before a Check waits on it.
@@ -244,11 +272,12 @@ def _sidecar_cluster(host: str, port: int, tls: Piece | None) -> Piece:
                 "connection_keepalive": {"interval": "30s", "timeout": "5s"}}},
         }},
         "load_assignment": {
-            "cluster_name": SIDECAR_CLUSTER,
+            "cluster_name": name,
             "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
                 "socket_address": {"address": host, "port_value": port}}}}]}],
         },
     }
     if tls is not None:
-        cluster["transport_socket"] = tls
+        # A copy each: YAML would print a shared dict as an anchor and an alias.
+        cluster["transport_socket"] = copy.deepcopy(tls)
     return cluster

@@ -13,9 +13,11 @@ from google.rpc import code_pb2
 
 from sidecar import tracing
 from sidecar.engine import Engine
+from sidecar.envoy.attach import CHECK_TIMEOUT_SECONDS
 from sidecar.envoy.upstream import upstream_api
 from sidecar.headers import clean, join_headers
 from sidecar.metering.request_body import BodyAction, body_action
+from sidecar.metrics import CHECK_QUEUED_SECONDS
 from sidecar.model import Decision, RequestAttrs
 
 # gRPC status Envoy sees for each HTTP status of a deny (Envoy only looks at OK vs not OK,
@@ -116,6 +118,10 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         # Envoy sends its ext_authz timeout as the gRPC deadline: a Check that cannot be
         # answered within it is refused at once (503) rather than answered too late.
         attrs, deadline = attrs_from_check(request), context.time_remaining()
+        if deadline is not None and deadline <= CHECK_TIMEOUT_SECONDS:
+            # gRPC set the deadline when the Check arrived; what is gone of it is the time it
+            # queued (in gRPC and for the event loop) before this handler ran.
+            CHECK_QUEUED_SECONDS.observe(CHECK_TIMEOUT_SECONDS - deadline)
         if tracing.ENABLED:
             # When Envoy traces, its ext_authz span travels in the call's metadata; else the
             # request's own traceparent (in attrs.headers) is the parent.

@@ -1,6 +1,7 @@
 """Past capacity, through real Envoy: every request gets a completed 200 or a prompt 503
 with Retry-After and the JSON envelope — never a 403, never a hang — and the ledger holds
-exactly what was served."""
+exactly what was served. Refused by the sidecar itself (its in-flight bound), and by Envoy
+before the Check reaches the sidecar (the Checks cluster's circuit breaker)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from genai_prices import Usage, calc_price
 from sidecar.demo.config import demo_config
 from sidecar.demo.keys import DevIssuer
 from sidecar.demo.stack import Stack, running_stack
+from sidecar.envoy.attach import CHECK_CLUSTER
 from sidecar.fake_provider import expected_usage
 
 MODEL = "gpt-4o-mini"
@@ -31,7 +33,20 @@ USERS = 100
 def stack(tmp_path_factory: pytest.TempPathFactory, issuer: DevIssuer) -> Iterator[Stack]:
     workdir = tmp_path_factory.mktemp("overload")
     jwks = str(issuer.write_jwks(workdir / "jwks.json"))
-    # One Check at a time per process: a burst of arrivals is far past capacity.
+    # One Check at a time per process: a burst of arrivals is far past capacity. Envoy's
+    # own bound far above it, so the sidecar is the one refusing.
+    config = demo_config(issuer, jwks, f"sqlite:///{workdir}/s.db",
+                         overload={"max_inflight": 1})
+    with running_stack(workdir, issuer, config, max_checks=10_000) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def envoy_bound_stack(tmp_path_factory: pytest.TempPathFactory,
+                      issuer: DevIssuer) -> Iterator[Stack]:
+    workdir = tmp_path_factory.mktemp("overload-envoy-bound")
+    jwks = str(issuer.write_jwks(workdir / "jwks.json"))
+    # Envoy's bound as `sidecar envoy-config` derives it: max_inflight (1) Checks in flight.
     config = demo_config(issuer, jwks, f"sqlite:///{workdir}/s.db",
                          overload={"max_inflight": 1})
     with running_stack(workdir, issuer, config) as running:
@@ -60,9 +75,24 @@ async def burst(stack: Stack, tokens: list[str]) -> list[tuple[int, dict[str, st
                                       for i in range(ARRIVALS)))
 
 
-def test_past_capacity_every_answer_is_served_or_a_retryable_503(stack: Stack,
-                                                                   issuer: DevIssuer) -> None:
-    emails = [f"burst-{i}@overload.test" for i in range(USERS)]
+def _envoy_stat(stack: Stack, name: str) -> int:
+    text = httpx.get(stack.envoy_admin_url + "/stats", params={"filter": name},
+                     timeout=10).text
+    found = [line.partition(": ")[2] for line in text.splitlines()
+             if line.partition(": ")[0] == name]
+    return int(found[0]) if found else 0
+
+
+def _shed(stack: Stack, reason: str) -> float:
+    metrics = httpx.get(stack.admin_url + "/metrics", timeout=10).text
+    line = f'sidecar_shed_total{{reason="{reason}"}} '
+    return sum(float(row[len(line):]) for row in metrics.splitlines() if row.startswith(line))
+
+
+def _served_or_retryable_and_charged_exactly(stack: Stack, issuer: DevIssuer,
+                                             prefix: str) -> int:
+    """Sends the burst, checks every answer and the ledger; the number refused."""
+    emails = [f"{prefix}-{i}@overload.test" for i in range(USERS)]
     tokens = [issuer.mint(email) for email in emails]
     results = asyncio.run(burst(stack, tokens))
     served = [r for r in results if r[0] == 200]
@@ -91,8 +121,29 @@ def test_past_capacity_every_answer_is_served_or_a_retryable_503(stack: Stack,
         while total()[0] < len(served) and time.monotonic() < until:
             time.sleep(0.2)
         assert total() == (len(served), len(served) * each)
-    metrics = httpx.get(stack.admin_url + "/metrics", timeout=10).text
-    assert 'sidecar_shed_total{reason="queue_full"}' in metrics
+    return len(refused)
+
+
+def test_past_capacity_every_answer_is_served_or_a_retryable_503(stack: Stack,
+                                                                   issuer: DevIssuer) -> None:
+    before = _shed(stack, "queue_full")
+    refused = _served_or_retryable_and_charged_exactly(stack, issuer, "burst")
+    # The sidecar refused them itself, at once, before any identity or store work.
+    assert _shed(stack, "queue_full") - before > 0
+    assert refused > 0
+
+
+def test_checks_past_envoys_bound_are_refused_by_envoy_with_a_retryable_503(
+        envoy_bound_stack: Stack, issuer: DevIssuer) -> None:
+    overflow = f"cluster.{CHECK_CLUSTER}.upstream_rq_pending_overflow"
+    before = _envoy_stat(envoy_bound_stack, overflow)
+    refused = _served_or_retryable_and_charged_exactly(envoy_bound_stack, issuer, "bound")
+    # Envoy's circuit breaker refused Checks beyond max_inflight before they reached the
+    # sidecar (which therefore never had to shed for its own bound), mapped to the 503 +
+    # Retry-After + JSON envelope of the listener's local reply: none was a 403.
+    assert _envoy_stat(envoy_bound_stack, overflow) - before > 0
+    assert refused > 0
+    assert _shed(envoy_bound_stack, "queue_full") == 0
 
 
 def test_sidecar_gone_is_a_retryable_503_not_a_403(stack: Stack, issuer: DevIssuer) -> None:

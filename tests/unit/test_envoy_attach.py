@@ -12,9 +12,15 @@ import pytest
 import yaml
 
 from sidecar.cli import main
-from sidecar.config.models import ListenConfig
+from sidecar.config.models import ListenConfig, OverloadConfig
 from sidecar.demo.envoy_config import render_envoy_config
-from sidecar.envoy.attach import EXT_AUTHZ, SIDECAR_CLUSTER, pieces_for_listen
+from sidecar.envoy.attach import (
+    CHECK_CLUSTER,
+    DEFAULT_MAX_CHECKS,
+    EXT_AUTHZ,
+    SIDECAR_CLUSTER,
+    pieces_for_listen,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 HCM = "envoy.filters.network.http_connection_manager"
@@ -45,9 +51,11 @@ def test_json_has_exactly_the_three_keys_with_ext_authz_first_and_no_router(
     assert authz["transport_api_version"] == "V3"
     assert authz["with_request_body"]["max_request_bytes"] == 1_048_576
     assert authz["clear_route_cache"] is True and authz["failure_mode_allow"] is False
-    (cluster,) = pieces["clusters"]
-    endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
-    assert endpoint["address"]["socket_address"] == {"address": "10.1.2.3", "port_value": 7001}
+    assert [c["name"] for c in pieces["clusters"]] == [SIDECAR_CLUSTER, CHECK_CLUSTER]
+    for cluster in pieces["clusters"]:
+        endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+        assert endpoint["address"]["socket_address"] == {"address": "10.1.2.3",
+                                                         "port_value": 7001}
     # Every cluster a filter or access log names is among the clusters printed.
     referenced = {f["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"]
                   for f in pieces["http_filters"] if "grpc_service" in f["typed_config"]}
@@ -78,9 +86,40 @@ def test_bad_config_is_an_error_and_prints_nothing(
 def test_grpc_tls_config_prints_the_deployed_mtls_socket(tmp_path: Path) -> None:
     listen = ListenConfig.model_validate({"grpc": "127.0.0.1:9001", "grpc_tls": {
         "cert_file": "s.crt", "key_file": "s.key", "client_ca_file": "ca.crt"}})
-    (cluster,) = pieces_for_listen(listen)["clusters"]
+    clusters = pieces_for_listen(listen)["clusters"]
     documented = yaml.safe_load((REPO / "deploy/envoy/sidecar-mtls.yaml").read_text())
-    assert cluster["transport_socket"] == documented["transport_socket"]
+    assert len(clusters) == 2
+    for cluster in clusters:
+        assert cluster["transport_socket"] == documented["transport_socket"]
+
+
+def _limits(pieces: dict[str, Any], name: str) -> dict[str, int]:
+    (cluster,) = [c for c in pieces["clusters"] if c["name"] == name]
+    (limits,) = cluster["circuit_breakers"]["thresholds"]
+    return dict(limits)
+
+
+def test_checks_alone_are_bounded_by_max_inflight_times_workers(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "sidecar.yaml"
+    config.write_text("overload: {max_inflight: 40}\n")
+    pieces = json.loads(_run(["envoy-config", str(config), "--format", "json",
+                              "--workers", "3"], capsys))
+    authz = pieces["http_filters"][0]["typed_config"]
+    assert authz["grpc_service"]["envoy_grpc"]["cluster_name"] == CHECK_CLUSTER
+    assert _limits(pieces, CHECK_CLUSTER)["max_requests"] == 120
+    assert _limits(pieces, CHECK_CLUSTER)["max_pending_requests"] == 120
+    # The access log and ext_proc streams share no bound with Checks and are never refused.
+    assert pieces["access_log"][0]["typed_config"]["common_config"]["grpc_service"][
+        "envoy_grpc"]["cluster_name"] == SIDECAR_CLUSTER
+    ext_proc = pieces["http_filters"][2]["typed_config"]["extension_config"]["typed_config"]
+    assert ext_proc["grpc_service"]["envoy_grpc"]["cluster_name"] == SIDECAR_CLUSTER
+    assert _limits(pieces, SIDECAR_CLUSTER)["max_requests"] >= 100_000
+    # Without a config: the default max_inflight, one process.
+    default = pieces_for_listen(ListenConfig())
+    assert _limits(default, CHECK_CLUSTER)["max_requests"] == DEFAULT_MAX_CHECKS
+    assert OverloadConfig().max_inflight == DEFAULT_MAX_CHECKS
+    assert main(["envoy-config", str(config), "--workers", "0"]) == 2
 
 
 def test_deployed_envoy_yaml_holds_exactly_the_printed_pieces() -> None:
@@ -103,9 +142,9 @@ def test_k8s_envoy_is_built_for_the_k8s_sidecar_listen_address() -> None:
     envoy = yaml.safe_load(configmap["data"]["envoy.yaml"])
     pieces = pieces_for_listen(ListenConfig.model_validate(sidecar["listen"]))
     assert _hcm(envoy)["http_filters"][:-1] == pieces["http_filters"]
-    (cluster,) = [c for c in envoy["static_resources"]["clusters"]
-                  if c["name"] == SIDECAR_CLUSTER]
-    assert [cluster] == pieces["clusters"]
+    clusters = [c for c in envoy["static_resources"]["clusters"]
+                if c["name"] in (SIDECAR_CLUSTER, CHECK_CLUSTER)]
+    assert clusters == pieces["clusters"]
 
 
 def test_local_runs_splice_fresh_pieces_for_their_sidecar_address() -> None:
@@ -114,9 +153,9 @@ def test_local_runs_splice_fresh_pieces_for_their_sidecar_address() -> None:
     pieces = pieces_for_listen(ListenConfig(), grpc="127.0.0.1:4567")
     hcm = _hcm(config)
     assert hcm["http_filters"][:-1] == pieces["http_filters"]
-    (cluster,) = [c for c in config["static_resources"]["clusters"]
-                  if c["name"] == SIDECAR_CLUSTER]
-    assert [cluster] == pieces["clusters"]
+    clusters = [c for c in config["static_resources"]["clusters"]
+                if c["name"] in (SIDECAR_CLUSTER, CHECK_CLUSTER)]
+    assert clusters == pieces["clusters"]
     # Listener-level settings an integrator sets for themself stay as deployed.
     assert hcm["common_http_protocol_options"]["headers_with_underscores_action"] == \
         "REJECT_REQUEST"
