@@ -34,6 +34,7 @@ import httpx
 from sidecar.demo.config import demo_config
 from sidecar.demo.keys import DevIssuer
 from sidecar.demo.stack import Stack, running_stack
+from sidecar.envoy.attach import CHECK_CLUSTER
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MESSAGES = [{"role": "user", "content": "Stream sixteen words for the overload benchmark."}]
@@ -76,6 +77,10 @@ def offer(stack: Stack, workdir: Path, rate: float, seconds: float,
         "odd_samples": [s for p in parts for s in p.get("odd_samples", [])][:5],
         "generator_processes": procs}
     result["served_per_second"] = round(outcomes.get("served", 0) / seconds, 1)
+    refused_ms = sorted(ms for p in parts for ms in p.get("refused_ms", []))
+    result["refused_ms"] = ({"p50": refused_ms[len(refused_ms) // 2],
+                             "p99": refused_ms[int(len(refused_ms) * 0.99)],
+                             "max": refused_ms[-1]} if refused_ms else {})
     return result
 
 
@@ -94,17 +99,27 @@ def _scrape(url: str, prefixes: tuple[str, ...]) -> dict[str, float]:
     return found
 
 
+# Envoy's counts of Checks it answered for the sidecar: refused at once by the Checks
+# cluster's circuit breaker (max_requests, or max_pending_requests while connecting), or
+# given up on at the ext_authz timeout.
+CHECK_OVERFLOW = (f"cluster.{CHECK_CLUSTER}.upstream_rq_active_overflow",
+                  f"cluster.{CHECK_CLUSTER}.upstream_rq_pending_overflow")
+CHECK_TIMEOUT = f"cluster.{CHECK_CLUSTER}.upstream_rq_timeout"
+
+
 def counters(stack: Stack) -> dict[str, float]:
-    """Check-time buckets and shed counts (sidecar), records written/dropped (Envoy)."""
+    """Check-time buckets and shed counts (sidecar), records written/dropped and Checks
+    refused or timed out (Envoy)."""
     found = _scrape(stack.admin_url + "/metrics", ("sidecar_check_seconds_bucket",
                                                    "sidecar_check_seconds_count",
                                                    "sidecar_shed_total"))
-    envoy = httpx.get(stack.envoy_admin_url + "/stats", params={"filter": "grpc_access_log"},
-                      timeout=10).text
+    envoy = httpx.get(stack.envoy_admin_url + "/stats", timeout=10).text
     for line in envoy.splitlines():
         name, _, value = line.partition(": ")
-        if name.endswith(("logs_written", "logs_dropped")):
+        if "grpc_access_log" in name and name.endswith(("logs_written", "logs_dropped")):
             found[name.rsplit(".", 1)[1]] = float(value)
+        elif name in (*CHECK_OVERFLOW, CHECK_TIMEOUT):
+            found[name] = float(value)
     return found
 
 
@@ -153,6 +168,9 @@ def measured(stack: Stack, workdir: Path, rate: float, seconds: float) -> dict[s
     result["records_dropped"] = delta(before, after, "logs_dropped")
     result["shed"] = {key.split('"')[1]: delta(before, after, key) for key in after
                       if key.startswith("sidecar_shed_total")}
+    result["refused_by_sidecar"] = sum(result["shed"].values())
+    result["refused_by_envoy_at_once"] = sum(delta(before, after, k) for k in CHECK_OVERFLOW)
+    result["refused_by_envoy_at_timeout"] = delta(before, after, CHECK_TIMEOUT)
     return result
 
 
@@ -252,13 +270,18 @@ def main() -> None:
     (RESULTS / "overload.json").write_text(json.dumps(report, indent=2) + "\n")
     base = rows[0]["served_per_second"] or 1
     print(f"capacity (all served, p99 Check < {CHECK_P99_LIMIT:g} s): {capacity:g} streams/s")
-    print("multiple  offered/s  served/s  ratio_to_1x  refused_503  other  p99_check_s  "
+    print("multiple  offered/s  served/s  ratio_to_1x  refused_503  by_sidecar  "
+          "by_envoy_at_once  by_envoy_timeout  refused_p50/p99_ms  other  p99_check_s  "
           "records_dropped  ledger_exact")
     for row in rows:
         other = {k: v for k, v in row["outcomes"].items() if k not in ("served", "refused")}
+        ms = row["refused_ms"]
+        latency = f"{ms['p50']}/{ms['p99']}" if ms else "-"
         print(f"{row['multiple']}x        {row['offered_rate']:>8g}  "
               f"{row['served_per_second']:>8}  {row['served_per_second'] / base:>11.2f}  "
-              f"{row['outcomes'].get('refused', 0):>11}  {sum(other.values()):>5}  "
+              f"{row['outcomes'].get('refused', 0):>11}  {row['refused_by_sidecar']:>10}  "
+              f"{row['refused_by_envoy_at_once']:>16}  {row['refused_by_envoy_at_timeout']:>16}  "
+              f"{latency:>18}  {sum(other.values()):>5}  "
               f"{row['p99_check_seconds']!s:>11}  {row['records_dropped']:>15}  "
               f"{row['ledger_exact']}")
 

@@ -114,6 +114,8 @@ class _Exchange(asyncio.Protocol):
 
 # A few answers that were neither served nor a proper refusal, to show what they were.
 SAMPLES: list[dict[str, object]] = []
+# Milliseconds from sending a request to its refusal (a prompt 503 vs one after a timeout).
+REFUSED_MS: list[int] = []
 
 
 async def _one(host: str, port: int, pool: list[_Exchange], request: bytes) -> str:
@@ -125,6 +127,7 @@ async def _one(host: str, port: int, pool: list[_Exchange], request: bytes) -> s
             conn = pool.pop()
         else:
             _, conn = await loop.create_connection(lambda: _Exchange(pool), host, port)
+        sent = loop.time()
         status, headers, body = await asyncio.wait_for(conn.send(request), TIMEOUT)
     except TimeoutError:
         return "hang"
@@ -133,6 +136,7 @@ async def _one(host: str, port: int, pool: list[_Exchange], request: bytes) -> s
     if status == 200:
         return "served" if body.rstrip().endswith(b"[DONE]") else "cut"
     if status == 503 and headers.get(b"retry-after") and _is_envelope(body):
+        REFUSED_MS.append(round((loop.time() - sent) * 1000))
         return "refused"
     if len(SAMPLES) < 5:
         SAMPLES.append({"status": status,
@@ -177,7 +181,8 @@ async def run(url: str, rate: float, seconds: float, body: bytes, tokens: list[s
             conn.transport.close()
     return {"offered": total, "offered_rate": rate, "seconds": seconds,
             "send_seconds": round(sent_for, 3), "total_seconds": round(took, 3),
-            "outcomes": dict(outcomes), "odd_samples": SAMPLES}
+            "outcomes": dict(outcomes), "odd_samples": SAMPLES,
+            "refused_ms": sorted(REFUSED_MS)}
 
 
 def main() -> None:

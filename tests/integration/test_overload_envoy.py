@@ -135,14 +135,17 @@ def test_past_capacity_every_answer_is_served_or_a_retryable_503(stack: Stack,
 
 def test_checks_past_envoys_bound_are_refused_by_envoy_with_a_retryable_503(
         envoy_bound_stack: Stack, issuer: DevIssuer) -> None:
-    overflow = f"cluster.{CHECK_CLUSTER}.upstream_rq_pending_overflow"
-    before = _envoy_stat(envoy_bound_stack, overflow)
+    # Over max_requests (active), or over max_pending_requests while the connection opens.
+    overflow = [f"cluster.{CHECK_CLUSTER}.upstream_rq_{kind}_overflow"
+                for kind in ("active", "pending")]
+    before = sum(_envoy_stat(envoy_bound_stack, name) for name in overflow)
     refused = _served_or_retryable_and_charged_exactly(envoy_bound_stack, issuer, "bound")
     # Envoy's circuit breaker refused Checks beyond max_inflight before they reached the
     # sidecar (which therefore never had to shed for its own bound), mapped to the 503 +
     # Retry-After + JSON envelope of the listener's local reply: none was a 403.
-    assert _envoy_stat(envoy_bound_stack, overflow) - before > 0
+    refused_by_envoy = sum(_envoy_stat(envoy_bound_stack, name) for name in overflow) - before
     assert refused > 0
+    assert refused_by_envoy == refused
     assert _shed(envoy_bound_stack, "queue_full") == 0
 
 
