@@ -27,7 +27,7 @@ CHECK_CLUSTER = "sidecar_grpc_check"
 # Envoy's ext_authz timeout, sent to the sidecar as each Check's gRPC deadline.
 CHECK_TIMEOUT_SECONDS = 2
 # Checks in flight from one Envoy to one sidecar process: `overload.max_inflight`'s default.
-DEFAULT_MAX_CHECKS = 256
+DEFAULT_MAX_CHECKS = 64
 EXT_AUTHZ = "envoy.filters.http.ext_authz"
 EXT_PROC = "envoy.filters.http.ext_proc"
 METER = "sidecar.meter"
