@@ -135,9 +135,10 @@ def test_deployment_wires_sidecar_envoy_and_service() -> None:
     assert envoy["args"][envoy["args"].index("-c") + 1] == _mounted_path(envoy, "envoy.yaml")
     # Envoy reaches the sidecar's gRPC port on the pod's loopback.
     clusters = {c["name"]: c for c in envoy_config["static_resources"]["clusters"]}
-    address = clusters["sidecar_grpc"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0][
-        "endpoint"]["address"]["socket_address"]
-    assert config["listen"]["grpc"] == f"{address['address']}:{address['port_value']}"
+    for name in ("sidecar_grpc", "sidecar_grpc_check"):
+        address = clusters[name]["load_assignment"]["endpoints"][0]["lb_endpoints"][0][
+            "endpoint"]["address"]["socket_address"]
+        assert config["listen"]["grpc"] == f"{address['address']}:{address['port_value']}"
     # The HTTP API listens on every pod address, on the port the probes and Service use.
     http_port = int(config["listen"]["http"].rsplit(":", 1)[1])
     assert config["listen"]["http"].startswith("0.0.0.0:")

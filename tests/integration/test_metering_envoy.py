@@ -200,8 +200,9 @@ def test_openai_stream_with_include_usage_is_charged_exactly(stack: Stack,
 
 
 def _sidecar_bytes_for_one_stream(stack: Stack, token: str, words: int) -> int:
-    """Bytes Envoy sent the sidecar (the Check and the access log record) for one finished
-    stream of `words` frames, counted once its metering record has arrived."""
+    """Bytes Envoy sent the sidecar on its `sidecar_grpc` cluster (the access log record;
+    the Check goes through `sidecar_grpc_check`) for one finished stream of `words` frames,
+    counted once its metering record has arrived."""
     def sent() -> int:
         stats = httpx.get(stack.envoy_admin_url + "/stats",
                           params={"filter": "sidecar_grpc.upstream_cx_tx_bytes_total"}).text

@@ -18,7 +18,7 @@ from genai_prices import Usage, calc_price
 from sidecar.demo.config import demo_config
 from sidecar.demo.keys import DevIssuer
 from sidecar.demo.stack import Stack, running_stack
-from sidecar.envoy.attach import CHECK_CLUSTER
+from sidecar.envoy.attach import CHECK_CLUSTER, CHECK_TIMEOUT_SECONDS
 from sidecar.fake_provider import expected_usage
 
 MODEL = "gpt-4o-mini"
@@ -89,6 +89,12 @@ def _shed(stack: Stack, reason: str) -> float:
     return sum(float(row[len(line):]) for row in metrics.splitlines() if row.startswith(line))
 
 
+def _metric(stack: Stack, name: str) -> float:
+    metrics = httpx.get(stack.admin_url + "/metrics", timeout=10).text
+    return sum(float(row.split()[-1]) for row in metrics.splitlines()
+               if row.startswith(name + " "))
+
+
 def _served_or_retryable_and_charged_exactly(stack: Stack, issuer: DevIssuer,
                                              prefix: str) -> int:
     """Sends the burst, checks every answer and the ledger; the number refused."""
@@ -127,10 +133,18 @@ def _served_or_retryable_and_charged_exactly(stack: Stack, issuer: DevIssuer,
 def test_past_capacity_every_answer_is_served_or_a_retryable_503(stack: Stack,
                                                                    issuer: DevIssuer) -> None:
     before = _shed(stack, "queue_full")
+    queued = _metric(stack, "sidecar_check_queued_seconds_count")
+    waited_before = _metric(stack, "sidecar_check_queued_seconds_sum")
     refused = _served_or_retryable_and_charged_exactly(stack, issuer, "burst")
     # The sidecar refused them itself, at once, before any identity or store work.
     assert _shed(stack, "queue_full") - before > 0
     assert refused > 0
+    # Every Check handled saw Envoy's deadline (gRPC's time_remaining on the server's
+    # uvloop), within Envoy's 2 s timeout: the time it queued is measured.
+    handled = _metric(stack, "sidecar_check_queued_seconds_count") - queued
+    assert handled >= ARRIVALS
+    waited = _metric(stack, "sidecar_check_queued_seconds_sum") - waited_before
+    assert 0 < waited < CHECK_TIMEOUT_SECONDS * handled
 
 
 def test_checks_past_envoys_bound_are_refused_by_envoy_with_a_retryable_503(
