@@ -12,7 +12,9 @@ Capacity is the highest offered rate at which every stream is served and the p99
 sidecar's Check time (`sidecar_check_seconds`) stays below 1 s, half Envoy's 2 s Check
 deadline: found by doubling the rate until that fails, then halving the gap twice. Then
 each multiple runs open loop (arrivals spread evenly, whatever the answers) and reports
-streams served per second, retryable 503s, and anything else (which should be nothing).
+streams served per second, retryable 503s by who refused (the sidecar's shedding; Envoy's
+Checks circuit breaker, at once; Envoy's ext_authz timeout, after 2 s) and how long a
+refusal took (p50/p99 ms), and anything else (which should be nothing).
 No collapse means served/s at 3x stays at least at served/s at 1x. After each row the
 ledger must hold exactly the served streams at their metered price, and Envoy's gRPC access
 log must have dropped no record (`access_logs.grpc_access_log.logs_dropped`).
