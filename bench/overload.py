@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.overload            # about 3 minutes on 2 cores
     .venv/bin/python -m bench.overload --quick    # shorter runs, to check the setup
+    .venv/bin/python -m bench.overload --multiples 1,2,3,6   # and a row far past capacity
 
 One stack on loopback (bench/sse_upstream.py streaming 16 SSE frames 100 ms apart, the
 sidecar on SQLite with its default overload settings, Envoy from the wheel), 100 distinct users,
@@ -209,7 +210,13 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="run in this directory and keep its logs")
     parser.add_argument("--max-rate", type=float, default=6400.0,
                         help="highest rate the capacity probe tries (streams/s)")
+    parser.add_argument("--multiples", default="1,2,3",
+                        help="the multiples of capacity offered, the first one the baseline "
+                             "(default: 1,2,3)")
     args = parser.parse_args()
+    multiples = [float(m) for m in args.multiples.split(",")]
+    if not multiples or any(m <= 0 for m in multiples):
+        parser.error("--multiples must be positive numbers, e.g. 1,2,3,6")
     seconds = 4.0 if args.quick else 10.0
     issuer = DevIssuer.generate()
     with tempfile.TemporaryDirectory(prefix="sidecar-overload-") as tmp:
@@ -251,7 +258,7 @@ def main() -> None:
             capacity = good or 50.0
             unit_cost = 0
             before = quiet(stack)
-            for multiple in (1, 2, 3):
+            for multiple in multiples:
                 result = measured(stack, workdir, capacity * multiple, seconds)
                 served = result["outcomes"].get("served", 0)
                 after = settled(stack, before[0] + served)
@@ -279,7 +286,7 @@ def main() -> None:
         other = {k: v for k, v in row["outcomes"].items() if k not in ("served", "refused")}
         ms = row["refused_ms"]
         latency = f"{ms['p50']}/{ms['p99']}" if ms else "-"
-        print(f"{row['multiple']}x        {row['offered_rate']:>8g}  "
+        print(f"{row['multiple']:g}x        {row['offered_rate']:>8g}  "
               f"{row['served_per_second']:>8}  {row['served_per_second'] / base:>11.2f}  "
               f"{row['outcomes'].get('refused', 0):>11}  {row['refused_by_sidecar']:>10}  "
               f"{row['refused_by_envoy_at_once']:>16}  {row['refused_by_envoy_at_timeout']:>16}  "
