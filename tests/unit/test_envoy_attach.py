@@ -140,7 +140,10 @@ def test_k8s_envoy_is_built_for_the_k8s_sidecar_listen_address() -> None:
     configmap = yaml.safe_load((REPO / "deploy/k8s/configmap.yaml").read_text())
     sidecar = yaml.safe_load(configmap["data"]["sidecar.yaml"])
     envoy = yaml.safe_load(configmap["data"]["envoy.yaml"])
-    pieces = pieces_for_listen(ListenConfig.model_validate(sidecar["listen"]))
+    # One sidecar process in the pod: Envoy's Checks bound is its max_inflight.
+    max_inflight = OverloadConfig.model_validate(sidecar.get("overload", {})).max_inflight
+    pieces = pieces_for_listen(ListenConfig.model_validate(sidecar["listen"]),
+                               max_checks=max_inflight)
     assert _hcm(envoy)["http_filters"][:-1] == pieces["http_filters"]
     clusters = [c for c in envoy["static_resources"]["clusters"]
                 if c["name"] in (SIDECAR_CLUSTER, CHECK_CLUSTER)]
