@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from sidecar.demo.envoy_config import render_envoy_config
 from sidecar.demo.procs import LOOPBACK
-from sidecar.envoy.attach import METERING_LOG, SIDECAR_FILTERS
+from sidecar.envoy.attach import CHECK_CLUSTER, METERING_LOG, SIDECAR_CLUSTER, SIDECAR_FILTERS
 
 Variant = Literal["envoy", "authz", "full"]
 
@@ -81,7 +81,7 @@ def bench_envoy_config(variant: Variant, *, listen_port: int, admin_port: int,
             "max_request_bytes": 1_048_576}})
     if h2_max_streams is not None:
         for cluster in config["static_resources"]["clusters"]:
-            if cluster["name"] == "sidecar_grpc":
+            if cluster["name"] in (SIDECAR_CLUSTER, CHECK_CLUSTER):
                 options = cluster["typed_extension_protocol_options"][
                     "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
                 h2 = options["explicit_http_config"]["http2_protocol_options"]
