@@ -60,9 +60,11 @@ from sidecar.providers.credentials import injected_headers
 from sidecar.store.base import ShardUnavailable, Store, StoreUnavailable
 from sidecar.store.budget_types import (
     BucketState,
+    Charge,
     CommitResult,
     LedgerDims,
     LedgerPart,
+    Reservation,
     ReserveRequest,
     ReserveResult,
 )
@@ -508,64 +510,40 @@ class Engine:
     async def _charge(self, rs: RuleSet, request_id: str, observed: Observed,
                       expect: tuple[str, str] | None, hint: tuple[str, str] | None,
                       span: Any) -> tuple[CommitResult, int]:
+        pricing = _Pricing(rs, request_id, observed, expect)
+        started = time.perf_counter()
         try:
-            record = await self.store.reservation(request_id)
+            with tracing.span("sidecar.store.commit"):
+                result = await self.store.charge(request_id, pricing, self.clock())
         except StoreUnavailable as err:
             STORE_ERRORS.labels("commit").inc()
-            return await self._charge_store_down(rs, request_id, observed, hint, err)
+            if pricing.record is None:  # the record was not read
+                return await self._charge_store_down(rs, request_id, observed, hint, err)
+            if pricing.charge is None:
+                return self._unpriced(request_id, pricing.record.dims.model)
+            return await self._spool_charge(request_id, pricing, err)
+        finally:
+            if span is not None and pricing.record is not None:
+                span.set_attributes({"sidecar.model": pricing.record.dims.model,
+                                     "sidecar.provider": pricing.record.dims.provider})
+        record, charge, priced = pricing.record, pricing.charge, pricing.bill
         if record is None:
             METERING.labels("unknown").inc()
             log.warning("completion_unknown", request_id=request_id)
             return CommitResult("unknown"), 0
         model, provider_id = record.dims.model, record.dims.provider
-        if span is not None:
-            span.set_attributes({"sidecar.model": model, "sidecar.provider": provider_id})
-        if expect is not None and expect != (model, provider_id):
-            raise AttributionMismatch(
-                f"request {request_id} was admitted for model {model!r} of provider "
-                f"{provider_id!r}, not {expect[0]!r} of {expect[1]!r}")
-        price = _price(rs, model, provider_id)
-        if price is None:
-            # Admitted under an older price list: charge nothing new, keep the estimate held
-            # until expiry turns it into a charge (never $0).
-            METERING.labels("unpriced").inc()
-            log.warning("estimate_left_to_expiry", request_id=request_id, model=model)
-            return CommitResult("unknown"), 0
-        observed = _canonical_steps(rs, observed, provider_id)
-        charge = bill(model, price, lambda other: _price(rs, other, provider_id),
-                      record.estimate, observed)
-        self._log_bill(request_id, model, charge)
-        cost, usage = charge.total, charge.tokens
-        others = [LedgerPart(replace(record.dims, model=part.model), part.cost,
-                             part.tokens.total_input, part.tokens.output_tokens)
-                  for part in charge.others]
-        tokens = charge_tokens(record.tokens, observed)
-        if observed.error and observed.usage is None:
-            status_class = (f"{observed.status // 100}xx" if observed.reached_upstream
-                            else "not_reached")
-            PROVIDER_ERRORS.labels(provider_id, status_class).inc()
-        started = time.perf_counter()
-        try:
-            with tracing.span("sidecar.store.commit"):
-                result = await self.store.commit(request_id, cost, usage, self.clock(),
-                                                 error=observed.error, others=others,
-                                                 tokens=tokens)
-        except StoreUnavailable as err:
-            STORE_ERRORS.labels("commit").inc()
-            if self.spool is None:
-                METERING.labels("error").inc()
-                raise
-            await self.spool.completed(request_id, cost, usage, error=observed.error,
-                                       tokens=tokens)
-            METERING.labels("spooled").inc()
-            log.warning("commit_spooled", request_id=request_id, error=str(err))
-            return CommitResult("unknown"), cost
+        if charge is None or priced is None:
+            return self._unpriced(request_id, model)
+        observed = pricing.observed
+        self._log_bill(request_id, model, priced)
+        cost, usage = charge.micros, charge.usage
+        self._count_provider_error(observed, provider_id)
         _COMMIT_SECONDS.observe(time.perf_counter() - started)
         METERING.labels(result.status).inc()
         if result.status in ("committed", "late") and cost:
             SPEND_MICROS.labels(provider_id, model_label(model)).inc(
-                cost - sum(part.cost for part in charge.others))
-            for part in charge.others:
+                cost - sum(part.cost for part in priced.others))
+            for part in priced.others:
                 SPEND_MICROS.labels(provider_id, model_label(part.model)).inc(part.cost)
         log_info(log, "completion", request_id=request_id, model=model, provider=provider_id,
                  cost_usd=micros_to_usd_str(cost), status=result.status,
@@ -577,6 +555,36 @@ class Engine:
                     if observed.error else {}),
                  **({} if observed.reached_upstream else {"reached_upstream": False}))
         return result, cost
+
+    @staticmethod
+    def _unpriced(request_id: str, model: str) -> tuple[CommitResult, int]:
+        # Admitted under an older price list: charge nothing new, keep the estimate held
+        # until expiry turns it into a charge (never $0).
+        METERING.labels("unpriced").inc()
+        log.warning("estimate_left_to_expiry", request_id=request_id, model=model)
+        return CommitResult("unknown"), 0
+
+    @staticmethod
+    def _count_provider_error(observed: Observed, provider_id: str) -> None:
+        if observed.error and observed.usage is None:
+            status_class = (f"{observed.status // 100}xx" if observed.reached_upstream
+                            else "not_reached")
+            PROVIDER_ERRORS.labels(provider_id, status_class).inc()
+
+    async def _spool_charge(self, request_id: str, pricing: _Pricing,
+                            err: StoreUnavailable) -> tuple[CommitResult, int]:
+        """The charge was priced but the store could not commit it: spool it for replay."""
+        charge = pricing.charge
+        assert charge is not None and pricing.record is not None
+        self._count_provider_error(pricing.observed, pricing.record.dims.provider)
+        if self.spool is None:
+            METERING.labels("error").inc()
+            raise err
+        await self.spool.completed(request_id, charge.micros, charge.usage, error=charge.error,
+                                   tokens=charge.tokens)
+        METERING.labels("spooled").inc()
+        log.warning("commit_spooled", request_id=request_id, error=str(err))
+        return CommitResult("unknown"), charge.micros
 
     @staticmethod
     def _log_bill(request_id: str, model: str, charge: Bill) -> None:
@@ -612,6 +620,44 @@ class Engine:
         METERING.labels("spooled").inc()
         log.warning("commit_spooled", request_id=request_id, error=str(err))
         return CommitResult("unknown"), cost
+
+
+class _Pricing:
+    """Prices an exchange from its reservation record, as the store's `charge` asks (maybe
+    on the store's thread, inside its transaction, so it only computes: logs and metrics
+    wait for the caller), and keeps what it found for the caller."""
+
+    __slots__ = ("bill", "charge", "expect", "observed", "record", "request_id", "rs")
+
+    def __init__(self, rs: RuleSet, request_id: str, observed: Observed,
+                 expect: tuple[str, str] | None) -> None:
+        self.rs = rs
+        self.request_id = request_id
+        self.observed = observed
+        self.expect = expect
+        self.record: Reservation | None = None
+        self.bill: Bill | None = None
+        self.charge: Charge | None = None
+
+    def __call__(self, record: Reservation) -> Charge | None:
+        self.record = record
+        rs, model, provider_id = self.rs, record.dims.model, record.dims.provider
+        if self.expect is not None and self.expect != (model, provider_id):
+            raise AttributionMismatch(
+                f"request {self.request_id} was admitted for model {model!r} of provider "
+                f"{provider_id!r}, not {self.expect[0]!r} of {self.expect[1]!r}")
+        price = _price(rs, model, provider_id)
+        if price is None:
+            return None
+        observed = self.observed = _canonical_steps(rs, self.observed, provider_id)
+        charged = self.bill = bill(model, price, lambda other: _price(rs, other, provider_id),
+                                   record.estimate, observed)
+        others = tuple(LedgerPart(replace(record.dims, model=part.model), part.cost,
+                                  part.tokens.total_input, part.tokens.output_tokens)
+                       for part in charged.others)
+        self.charge = Charge(charged.total, charged.tokens, observed.error, others,
+                             charge_tokens(record.tokens, observed))
+        return self.charge
 
 
 def _price(rs: RuleSet, model: str, provider_id: str) -> UnitPrice | None:

@@ -15,9 +15,11 @@ from sidecar.model import TokenUsage
 from sidecar.store.budget_types import (
     BucketState,
     BucketView,
+    Charge,
     CommitResult,
     LedgerPart,
     LedgerRow,
+    Pricer,
     Reservation,
     ReserveRequest,
     ReserveResult,
@@ -100,6 +102,14 @@ class BudgetStore(Protocol):
         in the same atomic step."""
         ...
 
+    async def charge(self, request_id: str, price: Pricer, now: float) -> CommitResult:
+        """Read the reservation of `request_id`, price it with `price`, and `commit` what
+        that returns, as one step: 'unknown' without calling `price` when there is no
+        record, 'unknown' and nothing changed when `price` returns None. `price` is called
+        at most once, possibly on the store's own thread; what it raises reaches the caller
+        with nothing changed."""
+        ...
+
     async def bucket_states(self, buckets: list[BucketView], now: float) -> list[BucketState]: ...
 
     async def settle_expired(self, now: float, limit: int = 500) -> int: ...
@@ -112,6 +122,21 @@ class BudgetStore(Protocol):
         """Add spend made before a rule existed to its buckets' slots, at most once per
         `marker` (atomically: all of it or none). False when the marker was already used."""
         ...
+
+
+async def charge_in_two_steps(store: BudgetStore, request_id: str, price: Pricer,
+                              now: float) -> CommitResult:
+    """`BudgetStore.charge` as a read then a commit, for a backend without a single step:
+    the commit judges the reservation's state again, so a race between the two steps
+    (expiry, a duplicate) is still charged once."""
+    record = await store.reservation(request_id)
+    if record is None:
+        return CommitResult("unknown")
+    charge: Charge | None = price(record)
+    if charge is None:
+        return CommitResult("unknown")
+    return await store.commit(request_id, charge.micros, charge.usage, now, error=charge.error,
+                              others=charge.others, tokens=charge.tokens)
 
 
 class Ledger(Protocol):

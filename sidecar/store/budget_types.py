@@ -8,8 +8,11 @@ and a commit replaces it by the actual amount in the same measure.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
+
+from sidecar.model import TokenUsage
 
 AdmissionMode = Literal["reserve", "optimistic"]
 # What a bucket counts. "usd" in µUSD; the token measures in tokens; "requests" one each.
@@ -145,6 +148,25 @@ class LedgerPart:
     cost: int  # µUSD
     input_tokens: int = 0
     output_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """What one exchange is charged in place of its reservation (`BudgetStore.commit`'s
+    arguments), as priced from the reservation record."""
+
+    micros: int
+    usage: TokenUsage
+    # The provider answered with an error; the ledger counts it in `errors`.
+    error: bool = False
+    others: tuple[LedgerPart, ...] = ()
+    # (input, output) tokens charged to token buckets; None: the usage's own counts.
+    tokens: tuple[int, int] | None = None
+
+
+# Prices an exchange from its reservation record: a pure function (a store may run it on
+# its own thread, inside its transaction); None commits nothing.
+Pricer = Callable[[Reservation], Charge | None]
 
 
 CommitStatus = Literal["committed", "duplicate", "late", "unknown"]

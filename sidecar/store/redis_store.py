@@ -49,13 +49,14 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from sidecar.model import TokenUsage
-from sidecar.store.base import Doc, ShardUnavailable, StoreUnavailable
+from sidecar.store.base import Doc, ShardUnavailable, StoreUnavailable, charge_in_two_steps
 from sidecar.store.budget_types import (
     BucketState,
     BucketView,
     CommitResult,
     LedgerPart,
     LedgerRow,
+    Pricer,
     Reservation,
     ReservationState,
     ReserveRequest,
@@ -564,6 +565,9 @@ class RedisStore:
             status, estimate, _ = await self._call(
                 self._commit, [record], [*self._index_keys(home), *args, "1" if late else "0"])
         return CommitResult(status, int(estimate))
+
+    async def charge(self, request_id: str, price: Pricer, now: float) -> CommitResult:
+        return await charge_in_two_steps(self, request_id, price, now)
 
     async def bucket_states(self, buckets: list[BucketView], now: float) -> list[BucketState]:
         # A plain read: no decision depends on it being one atomic snapshot.

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sidecar.admission.fit import fits
 from sidecar.model import TokenUsage
@@ -24,6 +24,7 @@ from sidecar.store.budget_types import (
     LedgerDims,
     LedgerPart,
     LedgerRow,
+    Pricer,
     Reservation,
     ReserveRequest,
     ReserveResult,
@@ -463,9 +464,6 @@ class SQLiteStore:
         others: Sequence[LedgerPart] = (),
         tokens: tuple[int, int] | None = None,
     ) -> CommitResult:
-        actual_in, actual_out = (usage.total_input, usage.output_tokens) if tokens is None \
-            else tokens
-
         def commit(conn: sqlite3.Connection) -> CommitResult:
             row = conn.execute(
                 "SELECT state, estimate, held, buckets, dims, created_at FROM reservations "
@@ -473,34 +471,64 @@ class SQLiteStore:
             ).fetchone()
             if row is None:
                 return CommitResult("unknown")
-            state, estimate, held, buckets_json, dims_json, created = row
-            if state == "committed":
-                return CommitResult("duplicate", estimate)
-            # An expired reservation already paid its estimate: charge only the difference.
-            is_open = state == "open"
-            delta = actual_micros if is_open else actual_micros - estimate
-            entries = _entries(buckets_json, estimate, held)
-            if is_open:
-                self._add_reserved_many(conn, [(e[0], -e[5]) for e in entries])
-                self._drop_released(conn, [e[0] for e in entries if e[5]])
-            charges = []
-            for key, slot, expires, measure, amount, _ in entries:
-                actual = measured(measure, actual_micros, actual_in, actual_out)
-                # Requests count once: a late commit adds no second request.
-                charges.append((key, slot, actual if is_open else actual - amount, expires))
-            self._add_slots_many(conn, charges)
-            hour = int(created) // 3600 * 3600
-            moved = sum(part.cost for part in others)
-            self._add_ledger(conn, hour, dims_json, delta - moved,
-                             1 if state == "open" else 0, usage, 1 if error else 0)
-            for part in others:
-                self._add_ledger(conn, hour, dims_to_json(part.dims), part.cost, 0,
-                                 TokenUsage(part.input_tokens, part.output_tokens))
-            conn.execute("UPDATE reservations SET state='committed' WHERE request_id=?",
-                         (request_id,))
-            return CommitResult("committed" if state == "open" else "late", estimate)
+            return self._commit_row(conn, request_id, row, actual_micros, usage, error,
+                                    others, tokens)
 
         return await self._tx(commit)
+
+    async def charge(self, request_id: str, price: Pricer, now: float) -> CommitResult:
+        # One job on the store's thread: the record read, priced and committed in the same
+        # transaction, instead of a hop to read it and another to commit.
+        def charge(conn: sqlite3.Connection) -> CommitResult:
+            row = conn.execute(
+                "SELECT state, estimate, held, buckets, dims, created_at, input_tokens, "
+                "output_tokens FROM reservations WHERE request_id=?", (request_id,),
+            ).fetchone()
+            if row is None:
+                return CommitResult("unknown")
+            priced = price(Reservation(request_id, row[0], int(row[1]), dims_from_json(row[4]),
+                                       (int(row[6]), int(row[7]))))
+            if priced is None:
+                return CommitResult("unknown")
+            return self._commit_row(conn, request_id, row, priced.micros, priced.usage,
+                                    priced.error, priced.others, priced.tokens)
+
+        return await self._tx(charge)
+
+    def _commit_row(self, conn: sqlite3.Connection, request_id: str, row: tuple[Any, ...],
+                    actual_micros: int, usage: TokenUsage, error: bool,
+                    others: Sequence[LedgerPart], tokens: tuple[int, int] | None
+                    ) -> CommitResult:
+        """`commit` of the reservation `row` (state, estimate, held, buckets, dims,
+        created_at, ...) just read in this transaction."""
+        actual_in, actual_out = (usage.total_input, usage.output_tokens) if tokens is None \
+            else tokens
+        state, estimate, held, buckets_json, dims_json, created = row[:6]
+        if state == "committed":
+            return CommitResult("duplicate", estimate)
+        # An expired reservation already paid its estimate: charge only the difference.
+        is_open = state == "open"
+        delta = actual_micros if is_open else actual_micros - estimate
+        entries = _entries(buckets_json, estimate, held)
+        if is_open:
+            self._add_reserved_many(conn, [(e[0], -e[5]) for e in entries])
+            self._drop_released(conn, [e[0] for e in entries if e[5]])
+        charges = []
+        for key, slot, expires, measure, amount, _ in entries:
+            actual = measured(measure, actual_micros, actual_in, actual_out)
+            # Requests count once: a late commit adds no second request.
+            charges.append((key, slot, actual if is_open else actual - amount, expires))
+        self._add_slots_many(conn, charges)
+        hour = int(created) // 3600 * 3600
+        moved = sum(part.cost for part in others)
+        self._add_ledger(conn, hour, dims_json, delta - moved,
+                         1 if state == "open" else 0, usage, 1 if error else 0)
+        for part in others:
+            self._add_ledger(conn, hour, dims_to_json(part.dims), part.cost, 0,
+                             TokenUsage(part.input_tokens, part.output_tokens))
+        conn.execute("UPDATE reservations SET state='committed' WHERE request_id=?",
+                     (request_id,))
+        return CommitResult("committed" if state == "open" else "late", estimate)
 
     async def bucket_states(self, buckets: list[BucketView], now: float) -> list[BucketState]:
         def read(conn: sqlite3.Connection) -> list[BucketState]:

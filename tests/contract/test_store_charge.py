@@ -1,0 +1,141 @@
+"""The store contract of `charge`: the reservation read, priced and committed as one step."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from sidecar.model import TokenUsage
+from sidecar.store.base import Store
+from sidecar.store.budget_types import (
+    BucketView,
+    Charge,
+    LedgerDims,
+    LedgerPart,
+    Reservation,
+    ReserveRequest,
+)
+
+NOW = 1_800_000_000.0
+HOUR = int(NOW) // 3600 * 3600
+DAY = 1_799_971_200  # NOW's UTC day
+ALICE = LedgerDims("alice@example.com", ("ml",), "", "user", "gpt-4o", "openai")
+
+
+def bucket(key: str = "b:r:alice", measure: str = "usd") -> BucketView:
+    return BucketView(key=key, slot=DAY, since=DAY, ttl_seconds=90_000, limit=1000,
+                      measure=measure)  # type: ignore[arg-type]
+
+
+def req(rid: str, amount: int, *buckets: BucketView, ttl: float = 600) -> ReserveRequest:
+    return ReserveRequest(request_id=rid, buckets=tuple(buckets), amount=amount,
+                          mode="reserve", now=NOW, expires_at=NOW + ttl, dims=ALICE,
+                          tokens=(7, 9))
+
+
+class Pricer:
+    """Charges what it is told to, and keeps the records it was shown."""
+
+    def __init__(self, charge: Charge | None) -> None:
+        self.charge = charge
+        self.seen: list[Reservation] = []
+
+    def __call__(self, record: Reservation) -> Charge | None:
+        self.seen.append(record)
+        return self.charge
+
+
+async def spent_reserved(store: Store, b: BucketView) -> tuple[int, int]:
+    state = (await store.bucket_states([b], NOW))[0]
+    return state.spent, state.reserved
+
+
+async def test_charge_prices_the_reservation_record_and_commits_it(store: Store) -> None:
+    money, tokens = bucket(), bucket("b:t:alice", "tokens")
+    await store.reserve(req("r1", 40, money, tokens))
+    price = Pricer(Charge(12, TokenUsage(3, 4), tokens=(3, 5)))
+    result = await store.charge("r1", price, NOW)
+    assert (result.status, result.estimate) == ("committed", 40)
+    assert price.seen == [Reservation("r1", "open", 40, ALICE, (7, 9))]
+    assert await spent_reserved(store, money) == (12, 0)
+    assert await spent_reserved(store, tokens) == (8, 0)
+    [row] = await store.ledger_rows(HOUR, HOUR + 3600)
+    assert (row.dims, row.cost, row.requests, row.input_tokens, row.output_tokens,
+            row.errors) == (ALICE, 12, 1, 3, 4, 0)
+
+
+async def test_charge_replayed_is_a_duplicate_and_charges_nothing_more(store: Store) -> None:
+    b = bucket()
+    await store.reserve(req("r1", 40, b))
+    price = Pricer(Charge(12, TokenUsage(3, 4)))
+    assert (await store.charge("r1", price, NOW)).status == "committed"
+    again = await store.charge("r1", price, NOW)
+    assert (again.status, again.estimate) == ("duplicate", 40)
+    assert await spent_reserved(store, b) == (12, 0)
+    [row] = await store.ledger_rows(HOUR, HOUR + 3600)
+    assert (row.cost, row.requests) == (12, 1)
+
+
+async def test_charge_of_an_unknown_id_prices_nothing(store: Store) -> None:
+    price = Pricer(Charge(12, TokenUsage()))
+    assert (await store.charge("nope", price, NOW)).status == "unknown"
+    assert price.seen == []
+    assert await store.ledger_rows(HOUR, HOUR + 3600) == []
+
+
+async def test_charge_priced_at_nothing_leaves_the_reservation_held(store: Store) -> None:
+    b = bucket()
+    await store.reserve(req("r1", 40, b))
+    assert (await store.charge("r1", Pricer(None), NOW)).status == "unknown"
+    assert await spent_reserved(store, b) == (0, 40)
+    assert (await store.reservation("r1")).state == "open"  # type: ignore[union-attr]
+
+
+async def test_charge_whose_pricing_fails_changes_nothing(store: Store) -> None:
+    b = bucket()
+    await store.reserve(req("r1", 40, b))
+
+    def refuse(record: Reservation) -> Charge | None:
+        raise ValueError("admitted for another model")
+
+    with pytest.raises(ValueError, match="another model"):
+        await store.charge("r1", refuse, NOW)
+    assert await spent_reserved(store, b) == (0, 40)
+    assert (await store.charge("r1", Pricer(Charge(5, TokenUsage())), NOW)).status == "committed"
+    assert await spent_reserved(store, b) == (5, 0)
+
+
+async def test_charges_at_once_are_each_their_own_when_one_fails(store: Store) -> None:
+    # Queued together (SQLite may run them in one transaction): a failure is undone alone.
+    b = bucket()
+    for rid in ("r1", "r2", "r3"):
+        await store.reserve(req(rid, 40, b))
+
+    def refuse(record: Reservation) -> Charge | None:
+        raise ValueError("no")
+
+    results = await asyncio.gather(
+        store.charge("r1", Pricer(Charge(10, TokenUsage())), NOW),
+        store.charge("r2", refuse, NOW),
+        store.charge("r3", Pricer(Charge(20, TokenUsage())), NOW),
+        return_exceptions=True)
+    assert [getattr(r, "status", type(r).__name__) for r in results] == [
+        "committed", "ValueError", "committed"]
+    assert await spent_reserved(store, b) == (30, 40)
+
+
+async def test_charge_after_expiry_charges_the_difference(store: Store) -> None:
+    b = bucket()
+    await store.reserve(req("r1", 30, b, ttl=60))
+    assert await store.settle_expired(NOW + 61) == 1
+    price = Pricer(Charge(12, TokenUsage(5, 5), error=True,
+                          others=(LedgerPart(ALICE, 2, 1, 1),)))
+    late = await store.charge("r1", price, NOW + 70)
+    assert (late.status, late.estimate) == ("late", 30)
+    assert price.seen[0].state == "expired"
+    assert await spent_reserved(store, b) == (12, 0)
+    [row] = await store.ledger_rows(HOUR, HOUR + 3600)
+    # The estimate booked at expiry, corrected to the charge; the part booked under its own
+    # dimensions (here the same ones) adds its cost back: 30 + (12 - 30 - 2) + 2.
+    assert (row.cost, row.requests, row.errors) == (12, 1, 1)
