@@ -11,7 +11,12 @@ exactness: every request the ledger holds was charged exactly its usage times th
 of the run after it reached the upstream) or nothing (cut before), and every answer wrk
 completed was charged its usage.
 
+`--baseline DIR` adds a row: the sidecar of another source tree (say `git archive main |
+tar -x -C DIR`), with the same policy and its own database, behind its own Envoy, measured in
+the same rounds; each round gives the product's CPU per request as a ratio to it.
+
     .venv/bin/python -m bench.stream_rows [--rounds 3] [--seconds 8] [--connections 32]
+        [--chunks 1 16 64] [--baseline DIR]
 """
 
 from __future__ import annotations
@@ -194,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
                              "instead of wrk's closed loop: CPU per request at equal load")
     parser.add_argument("--profile", type=Path,
                         help="py-spy the sidecar during the product rows; collapsed stacks here")
+    parser.add_argument("--baseline", type=Path,
+                        help="a source tree whose sidecar is measured as a row of its own")
     args = parser.parse_args(argv)
     ensure_tools()
     os.environ.update(demo_key_env())
@@ -203,50 +210,57 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-stream-") as tmp, ExitStack() as stack:
         workdir = Path(tmp)
         jwks = issuer.write_jwks(workdir / "jwks.json")
-        config = bench_config(issuer, str(jwks), f"sqlite:///{workdir}/sidecar.db")
-        (workdir / "sidecar.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        rs = build_ruleset(parse_config(config))
+        rs = build_ruleset(parse_config(bench_config(issuer, str(jwks), "sqlite:///x.db")))
         price = rs.prices.price("openai", MODEL)
         assert price is not None
         body = json.loads(STREAM_BODY)
         reserved = estimate_micros(price, estimate_input_tokens(body),
                                    requested_output_tokens(body, rs.default_max_output_tokens))
 
-        upstream_port, floor_port, grpc_port, http_port = (free_port() for _ in range(4))
+        upstream_port, floor_port = free_port(), free_port()
         upstream = stack.enter_context(ManagedProcess("upstream", [
             sys.executable, "-m", "bench.sse_upstream", "--port", str(upstream_port)],
             workdir).start())
         floor = stack.enter_context(ManagedProcess("floor", [
             sys.executable, "-m", "bench.noop_authz", "--port", str(floor_port)],
             workdir).start())
-        sidecar = stack.enter_context(ManagedProcess("sidecar", [
-            sys.executable, "-m", "sidecar.cli", "serve", "--config",
-            str(workdir / "sidecar.yaml"), "--grpc", f"{LOOPBACK}:{grpc_port}",
-            "--http", f"{LOOPBACK}:{http_port}"], workdir,
-            env={**os.environ, "SIDECAR_ADMIN_TOKEN": ADMIN_TOKEN}, cwd=workdir).start())
         for proc, port in ((upstream, upstream_port), (floor, floor_port)):
             wait_for_port(LOOPBACK, port, 20, process=proc)
-        http = f"http://{LOOPBACK}:{http_port}"
-        wait_ready(http, sidecar, timeout=60)
+        # Row: (backend's gRPC port, its pid, its HTTP API for the ledger; None: the floor).
+        backends: dict[str, tuple[int, int, str | None]] = {"floor": (floor_port, floor.pid,
+                                                                      None)}
+        sidecars = {"product": None, **({"baseline": args.baseline} if args.baseline else {})}
+        for key, src in sidecars.items():
+            grpc_port, http_port = free_port(), free_port()
+            config = bench_config(issuer, str(jwks), f"sqlite:///{workdir}/{key}.db")
+            (workdir / f"{key}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+            env = {**os.environ, "SIDECAR_ADMIN_TOKEN": ADMIN_TOKEN}
+            if src is not None:
+                env["PYTHONPATH"] = str(src.resolve())
+            sidecar = stack.enter_context(ManagedProcess(key, [
+                sys.executable, "-m", "sidecar.cli", "serve", "--config",
+                str(workdir / f"{key}.yaml"), "--grpc", f"{LOOPBACK}:{grpc_port}",
+                "--http", f"{LOOPBACK}:{http_port}"], workdir, env=env, cwd=workdir).start())
+            http = f"http://{LOOPBACK}:{http_port}"
+            wait_ready(http, sidecar, timeout=60)
+            backends[key] = (grpc_port, sidecar.pid, http)
         rows = {}
-        for key, port, pid in (("floor", floor_port, floor.pid),
-                               ("product", grpc_port, sidecar.pid)):
+        for key, (port, pid, api) in backends.items():
             listen, admin = free_port(), free_port()
             envoy, _ = start_envoy(workdir, _envoy_config(listen, admin, port, upstream_port,
                                                           key == "floor"), base_id=listen)
             stack.enter_context(envoy)
-            rows[key] = (f"http://{LOOPBACK}:{listen}{PATH}", pid)
+            rows[key] = (f"http://{LOOPBACK}:{listen}{PATH}", pid, api)
         for chunks in args.chunks:
             script = _wrk_script(workdir / f"wrk-{chunks}.lua", tokens, chunks)
             unit = cost_micros(price, TokenUsage(PROMPT_TOKENS, chunks))
-            for url, _ in rows.values():
+            for url, _, _ in rows.values():
                 _wrk(url, script, args.connections, 2)  # warm-up
             for rnd in range(args.rounds):
                 order = list(rows.items()) if rnd % 2 == 0 else list(rows.items())[::-1]
-                floor_rps = 0.0
                 trial: dict[str, Any] = {"chunks": chunks, "round": rnd}
-                for key, (url, pid) in order:
-                    before = _settled_ledger(http) if key == "product" else None
+                for key, (url, pid, api) in order:
+                    before = _settled_ledger(api) if api is not None else None
                     spy = None
                     if args.profile and key == "product":
                         spy = start_profile(pid, workdir / f"spy-{chunks}-{rnd}.txt",
@@ -262,20 +276,29 @@ def main(argv: list[str] | None = None) -> int:
                         with args.profile.open("a") as sink:
                             sink.write((workdir / f"spy-{chunks}-{rnd}.txt").read_text())
                     result["cpu_us_per_request"] = used / max(result["requests"], 1) * 1e6
-                    if before is not None:
-                        result.update(_exact(before, _settled_ledger(http), chunks,
+                    if before is not None and api is not None:
+                        result.update(_exact(before, _settled_ledger(api), chunks,
                                              int(result["requests"]), unit, reserved))
                     trial[key] = result
-                    if key == "floor":
-                        floor_rps = result["rps"]
+                floor_rps = trial["floor"]["rps"]
                 trial["x_floor"] = trial["product"]["rps"] / floor_rps if floor_rps else 0.0
+                line = (f"chunks {chunks:3} round {rnd}: floor {floor_rps:7.0f} rps "
+                        f"{trial['floor']['cpu_us_per_request']:6.0f} us/req | product "
+                        f"{trial['product']['rps']:7.0f} rps "
+                        f"{trial['product']['cpu_us_per_request']:6.0f} us/req "
+                        f"x{trial['x_floor']:.2f} errors={trial['product']['errors']} "
+                        f"exact={trial['product']['exact']}")
+                if "baseline" in trial:
+                    base = trial["baseline"]
+                    trial["x_baseline_rps"] = trial["product"]["rps"] / base["rps"]
+                    trial["cpu_x_baseline"] = (trial["product"]["cpu_us_per_request"]
+                                               / base["cpu_us_per_request"])
+                    line += (f" | baseline {base['rps']:7.0f} rps "
+                             f"{base['cpu_us_per_request']:6.0f} us/req "
+                             f"exact={base['exact']} | product cpu "
+                             f"x{trial['cpu_x_baseline']:.2f} of baseline")
                 results.setdefault(str(chunks), []).append(trial)
-                print(f"chunks {chunks:3} round {rnd}: floor {trial['floor']['rps']:7.0f} rps "
-                      f"{trial['floor']['cpu_us_per_request']:6.0f} us/req | product "
-                      f"{trial['product']['rps']:7.0f} rps "
-                      f"{trial['product']['cpu_us_per_request']:6.0f} us/req "
-                      f"x{trial['x_floor']:.2f} errors={trial['product']['errors']} "
-                      f"exact={trial['product']['exact']}", file=sys.stderr, flush=True)
+                print(line, file=sys.stderr, flush=True)
     summary = {chunks: {
         "floor_rps": median(t["floor"]["rps"] for t in trials),
         "product_rps": median(t["product"]["rps"] for t in trials),
@@ -285,6 +308,12 @@ def main(argv: list[str] | None = None) -> int:
                                              for t in trials),
         "errors": sum(t["product"]["errors"] + t["floor"]["errors"] for t in trials),
         "ledger_exact": all(t["product"]["exact"] for t in trials),
+        **({"baseline_rps": median(t["baseline"]["rps"] for t in trials),
+            "baseline_cpu_us_per_request": median(t["baseline"]["cpu_us_per_request"]
+                                                  for t in trials),
+            "product_cpu_x_baseline": median(t["cpu_x_baseline"] for t in trials),
+            "baseline_ledger_exact": all(t["baseline"]["exact"] for t in trials)}
+           if args.baseline else {}),
     } for chunks, trials in results.items()}
     report = {"summary": summary, "trials": results}
     if args.out:
