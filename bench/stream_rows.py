@@ -13,7 +13,9 @@ completed was charged its usage.
 
 `--baseline DIR` adds a row: the sidecar of another source tree (say `git archive main |
 tar -x -C DIR`), with the same policy and its own database, behind its own Envoy, measured in
-the same rounds; each round gives the product's CPU per request as a ratio to it.
+the same rounds; each round gives the product's CPU per request as a ratio to it. Each
+sidecar row also prints the CPU per request of its two busiest threads (the event loop's is
+the one whose tid is the pid; the SQLite store's thread starts next).
 
     .venv/bin/python -m bench.stream_rows [--rounds 3] [--seconds 8] [--connections 32]
         [--chunks 1 16 64] [--baseline DIR]
@@ -37,7 +39,7 @@ import httpx
 import yaml
 
 from bench.closed_loop import ensure_tools
-from bench.cpu import cpu_seconds, start_profile
+from bench.cpu import busiest_threads, cpu_seconds, start_profile, thread_cpu
 from bench.policy import BODY, GROUPS, MODEL, PATH, bench_config
 from bench.sse_upstream import PROMPT_TOKENS
 from sidecar.config.loader import parse_config
@@ -266,11 +268,14 @@ def main(argv: list[str] | None = None) -> int:
                         spy = start_profile(pid, workdir / f"spy-{chunks}-{rnd}.txt",
                                             args.seconds)
                     idle = _idle_rate(pid)
-                    cpu = cpu_seconds(pid)
-                    result = (_open_loop(url, workdir, tokens, chunks, args.rate, args.seconds)
-                              if args.rate else
-                              _wrk(url, script, args.connections, args.seconds))
+                    cpu, threads = cpu_seconds(pid), thread_cpu(pid)
+                    result: dict[str, Any] = {**(
+                        _open_loop(url, workdir, tokens, chunks, args.rate, args.seconds)
+                        if args.rate else _wrk(url, script, args.connections, args.seconds))}
                     used = cpu_seconds(pid) - cpu - idle * args.seconds
+                    # The event loop (the main thread, tid = pid) and the store's thread.
+                    result["threads_us_per_request"] = dict(busiest_threads(
+                        threads, thread_cpu(pid), int(result["requests"]), 2))
                     if spy is not None:
                         spy.wait(timeout=60)
                         with args.profile.open("a") as sink:
@@ -299,6 +304,10 @@ def main(argv: list[str] | None = None) -> int:
                              f"x{trial['cpu_x_baseline']:.2f} of baseline")
                 results.setdefault(str(chunks), []).append(trial)
                 print(line, file=sys.stderr, flush=True)
+                for key in sidecars:
+                    split = ", ".join(f"{name} {us:.0f}" for name, us
+                                      in trial[key]["threads_us_per_request"].items())
+                    print(f"    {key} threads us/req: {split}", file=sys.stderr, flush=True)
     summary = {chunks: {
         "floor_rps": median(t["floor"]["rps"] for t in trials),
         "product_rps": median(t["product"]["rps"] for t in trials),

@@ -507,25 +507,62 @@ class Engine:
                                      "sidecar.usage_complete": observed.complete})
             return result, cost
 
+    async def charge_many(self, charges: Sequence[tuple[str, Observed, tuple[str, str] | None]]
+                          ) -> list[tuple[CommitResult, int] | Exception]:
+        """`charge` each (request id, observed, hint) of `charges` (an access log batch) in
+        one store step, each as `charge` alone would: what one raised takes its place."""
+        rs = self.holder.current
+        pricings = []
+        for request_id, observed, _ in charges:
+            self.inflight.charged(request_id)
+            pricings.append(_Pricing(rs, request_id, observed, None))
+        started = time.perf_counter()
+        try:
+            answers = await self.store.charge_many([(p.request_id, p) for p in pricings],
+                                                   self.clock())
+        except StoreUnavailable as err:
+            answers = [err] * len(pricings)
+        out: list[tuple[CommitResult, int] | Exception] = []
+        for (_, _, hint), pricing, answer in zip(charges, pricings, answers, strict=True):
+            try:
+                out.append(await self._charged(rs, pricing, hint, answer, started))
+            except Exception as exc:
+                out.append(exc)
+        return out
+
     async def _charge(self, rs: RuleSet, request_id: str, observed: Observed,
                       expect: tuple[str, str] | None, hint: tuple[str, str] | None,
                       span: Any) -> tuple[CommitResult, int]:
         pricing = _Pricing(rs, request_id, observed, expect)
         started = time.perf_counter()
+        answer: CommitResult | Exception
         try:
             with tracing.span("sidecar.store.commit"):
-                result = await self.store.charge(request_id, pricing, self.clock())
+                answer = await self.store.charge(request_id, pricing, self.clock())
         except StoreUnavailable as err:
-            STORE_ERRORS.labels("commit").inc()
-            if pricing.record is None:  # the record was not read
-                return await self._charge_store_down(rs, request_id, observed, hint, err)
-            if pricing.charge is None:
-                return self._unpriced(request_id, pricing.record.dims.model)
-            return await self._spool_charge(request_id, pricing, err)
+            answer = err
         finally:
             if span is not None and pricing.record is not None:
                 span.set_attributes({"sidecar.model": pricing.record.dims.model,
                                      "sidecar.provider": pricing.record.dims.provider})
+        return await self._charged(rs, pricing, hint, answer, started)
+
+    async def _charged(self, rs: RuleSet, pricing: _Pricing, hint: tuple[str, str] | None,
+                       answer: CommitResult | Exception, started: float
+                       ) -> tuple[CommitResult, int]:
+        """Count, log (and spool, when the store failed) a charge the store answered."""
+        request_id = pricing.request_id
+        if isinstance(answer, StoreUnavailable):
+            STORE_ERRORS.labels("commit").inc()
+            if pricing.record is None:  # the record was not read
+                return await self._charge_store_down(rs, request_id, pricing.observed, hint,
+                                                     answer)
+            if pricing.charge is None:
+                return self._unpriced(request_id, pricing.record.dims.model)
+            return await self._spool_charge(request_id, pricing, answer)
+        if isinstance(answer, Exception):
+            raise answer
+        result = answer
         record, charge, priced = pricing.record, pricing.charge, pricing.bill
         if record is None:
             METERING.labels("unknown").inc()

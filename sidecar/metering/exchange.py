@@ -123,6 +123,16 @@ async def charge_observed(charger: Charger, request_id: str, observed: Observed,
                           hint: tuple[str, str] | None, reason: str,
                           meter: UsageMeter | None) -> None:
     """Log what is unusual about the exchange and charge it; a store error is logged."""
+    note_observed(request_id, observed, reason=reason, meter=meter)
+    try:
+        await charger.charge(request_id, observed, hint=hint)
+    except Exception as exc:  # the response must flow even when the store is down
+        charge_failed(request_id, exc)
+
+
+def note_observed(request_id: str, observed: Observed, *, reason: str,
+                  meter: UsageMeter | None) -> None:
+    """Log what is unusual about an exchange about to be charged."""
     if observed.usage is None and observed.error:
         log.info("provider_error_not_charged", request_id=request_id,
                  status=observed.status, reason=reason,
@@ -134,10 +144,11 @@ async def charge_observed(charger: Charger, request_id: str, observed: Observed,
     elif not observed.complete:
         log.warning("partial_usage_charged", request_id=request_id,
                     status=observed.status, reason=reason)
-    try:
-        await charger.charge(request_id, observed, hint=hint)
-    except Exception as exc:  # the response must flow even when the store is down
-        # The reservation stays and is charged its estimate when it expires.
-        if not isinstance(exc, StoreUnavailable):  # the engine counted those
-            METERING.labels("error").inc()
-        log.error("commit_failed", request_id=request_id, error=str(exc))
+
+
+def charge_failed(request_id: str, exc: Exception) -> None:
+    """A charge that raised: the reservation stays and is charged its estimate when it
+    expires."""
+    if not isinstance(exc, StoreUnavailable):  # the engine counted those
+        METERING.labels("error").inc()
+    log.error("commit_failed", request_id=request_id, error=str(exc))

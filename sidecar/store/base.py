@@ -8,6 +8,7 @@ on the time takes `now` from the caller, so a test drives time with its own cloc
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -110,6 +111,13 @@ class BudgetStore(Protocol):
         with nothing changed."""
         ...
 
+    async def charge_many(self, charges: Sequence[tuple[str, Pricer]], now: float
+                          ) -> list[CommitResult | Exception]:
+        """`charge` each (request id, pricer) of `charges` (an access log batch), in as few
+        steps as the backend can, each on its own: what one raised takes its place in the
+        answer, and changes nothing of the others."""
+        ...
+
     async def bucket_states(self, buckets: list[BucketView], now: float) -> list[BucketState]: ...
 
     async def settle_expired(self, now: float, limit: int = 500) -> int: ...
@@ -137,6 +145,26 @@ async def charge_in_two_steps(store: BudgetStore, request_id: str, price: Pricer
         return CommitResult("unknown")
     return await store.commit(request_id, charge.micros, charge.usage, now, error=charge.error,
                               others=charge.others, tokens=charge.tokens)
+
+
+# Charges `charge_each` has in flight at once: within any connection pool's size.
+_CHARGES_AT_ONCE = 32
+
+
+async def charge_each(store: BudgetStore, charges: Sequence[tuple[str, Pricer]],
+                      now: float) -> list[CommitResult | Exception]:
+    """`BudgetStore.charge_many` as one `charge` per exchange, a few at a time."""
+    out: list[CommitResult | Exception] = []
+    for start in range(0, len(charges), _CHARGES_AT_ONCE):
+        answers = await asyncio.gather(
+            *(store.charge(request_id, price, now)
+              for request_id, price in charges[start:start + _CHARGES_AT_ONCE]),
+            return_exceptions=True)
+        for answer in answers:
+            if isinstance(answer, BaseException) and not isinstance(answer, Exception):
+                raise answer  # cancelled: not an answer
+            out.append(answer)
+    return out
 
 
 class Ledger(Protocol):

@@ -49,7 +49,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from sidecar.model import TokenUsage
-from sidecar.store.base import Doc, ShardUnavailable, StoreUnavailable, charge_in_two_steps
+from sidecar.store.base import (
+    Doc,
+    ShardUnavailable,
+    StoreUnavailable,
+    charge_each,
+    charge_in_two_steps,
+)
 from sidecar.store.budget_types import (
     BucketState,
     BucketView,
@@ -568,6 +574,10 @@ class RedisStore:
 
     async def charge(self, request_id: str, price: Pricer, now: float) -> CommitResult:
         return await charge_in_two_steps(self, request_id, price, now)
+
+    async def charge_many(self, charges: Sequence[tuple[str, Pricer]], now: float
+                          ) -> list[CommitResult | Exception]:
+        return await charge_each(self, charges, now)
 
     async def bucket_states(self, buckets: list[BucketView], now: float) -> list[BucketState]:
         # A plain read: no decision depends on it being one atomic snapshot.

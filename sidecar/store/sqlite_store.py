@@ -9,6 +9,7 @@ one of them (group commit, `sidecar/store/sqlite_worker.py`).
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -33,7 +34,7 @@ from sidecar.store.budget_types import (
     measured,
 )
 from sidecar.store.private_file import make_private
-from sidecar.store.sqlite_worker import SQLiteWorker
+from sidecar.store.sqlite_worker import MAX_BATCH, SQLiteWorker, store_error
 
 T = TypeVar("T")
 
@@ -44,6 +45,8 @@ _DONE_RETENTION_SECONDS = 7 * 24 * 3600
 # Rows per multi-row statement: at most 4 parameters a row stays under 999, the smallest
 # limit of bound parameters per statement any SQLite version has had.
 _BUCKETS_PER_STATEMENT = 200
+# Charges per job of `charge_many`: as long as the worker's longest batch of single jobs.
+_CHARGES_PER_JOB = MAX_BATCH
 _ADD_RESERVED = ("INSERT INTO reserved VALUES (?, ?) ON CONFLICT(bucket) DO UPDATE SET "
                  "amount = amount + excluded.amount")
 
@@ -479,21 +482,51 @@ class SQLiteStore:
     async def charge(self, request_id: str, price: Pricer, now: float) -> CommitResult:
         # One job on the store's thread: the record read, priced and committed in the same
         # transaction, instead of a hop to read it and another to commit.
-        def charge(conn: sqlite3.Connection) -> CommitResult:
-            row = conn.execute(
-                "SELECT state, estimate, held, buckets, dims, created_at, input_tokens, "
-                "output_tokens FROM reservations WHERE request_id=?", (request_id,),
-            ).fetchone()
-            if row is None:
-                return CommitResult("unknown")
-            priced = price(Reservation(request_id, row[0], int(row[1]), dims_from_json(row[4]),
-                                       (int(row[6]), int(row[7]))))
-            if priced is None:
-                return CommitResult("unknown")
-            return self._commit_row(conn, request_id, row, priced.micros, priced.usage,
-                                    priced.error, priced.others, priced.tokens)
+        return await self._tx(lambda conn: self._charge(conn, request_id, price))
 
-        return await self._tx(charge)
+    async def charge_many(self, charges: Sequence[tuple[str, Pricer]], now: float
+                          ) -> list[CommitResult | Exception]:
+        # A job per chunk instead of per charge: one hand-over to the store's thread and one
+        # wake-up of the event loop for a whole access log batch; each charge in a savepoint
+        # of its own, so one that fails is undone alone.
+        def charge_all(conn: sqlite3.Connection,
+                       chunk: Sequence[tuple[str, Pricer]]) -> list[CommitResult | Exception]:
+            out: list[CommitResult | Exception] = []
+            for request_id, price in chunk:
+                conn.execute("SAVEPOINT charge")
+                try:
+                    out.append(self._charge(conn, request_id, price))
+                except Exception as exc:
+                    if not conn.in_transaction:
+                        raise  # SQLite rolled everything back itself (I/O error, disk full)
+                    conn.execute("ROLLBACK TO charge")
+                    out.append(store_error(exc))
+                conn.execute("RELEASE charge")
+            return out
+
+        results: list[CommitResult | Exception] = []
+        for start in range(0, len(charges), _CHARGES_PER_JOB):
+            chunk = charges[start:start + _CHARGES_PER_JOB]
+            try:
+                results += await self._tx(functools.partial(charge_all, chunk=chunk))
+            except Exception as exc:  # nothing of the chunk was committed
+                results += [exc] * len(chunk)
+        return results
+
+    def _charge(self, conn: sqlite3.Connection, request_id: str, price: Pricer
+                ) -> CommitResult:
+        row = conn.execute(
+            "SELECT state, estimate, held, buckets, dims, created_at, input_tokens, "
+            "output_tokens FROM reservations WHERE request_id=?", (request_id,),
+        ).fetchone()
+        if row is None:
+            return CommitResult("unknown")
+        priced = price(Reservation(request_id, row[0], int(row[1]), dims_from_json(row[4]),
+                                   (int(row[6]), int(row[7]))))
+        if priced is None:
+            return CommitResult("unknown")
+        return self._commit_row(conn, request_id, row, priced.micros, priced.usage,
+                                priced.error, priced.others, priced.tokens)
 
     def _commit_row(self, conn: sqlite3.Connection, request_id: str, row: tuple[Any, ...],
                     actual_micros: int, usage: TokenUsage, error: bool,

@@ -23,6 +23,7 @@ from typing import Any, Generic, TypeVar
 from sidecar.store.base import StoreUnavailable
 
 T = TypeVar("T")
+E = TypeVar("E", bound=BaseException)
 
 # Bounds the time one batch holds SQLite's write lock (and the wait of its first job).
 MAX_BATCH = 64
@@ -47,7 +48,7 @@ def _unavailable(exc: BaseException) -> StoreUnavailable:
     return error
 
 
-def _store_error(exc: BaseException) -> BaseException:
+def store_error(exc: E) -> E | StoreUnavailable:
     """What the caller sees: OperationalError (locked, I/O, disk full) is the store being
     unavailable; anything else is a bug to surface as is."""
     return _unavailable(exc) if isinstance(exc, sqlite3.OperationalError) else exc
@@ -149,7 +150,7 @@ class SQLiteWorker:
             try:
                 job.result = job.fn(conn)
             except BaseException as exc:
-                job.error = _store_error(exc)
+                job.error = store_error(exc)
             return
         self._transaction(conn, batch)
 
@@ -170,7 +171,7 @@ class SQLiteWorker:
                     if not conn.in_transaction:
                         raise  # SQLite rolled everything back itself (I/O error, disk full)
                     conn.execute("ROLLBACK TO job")
-                    job.error = _store_error(exc)
+                    job.error = store_error(exc)
                 conn.execute("RELEASE job")
             conn.execute("COMMIT")
         except BaseException as exc:
@@ -180,4 +181,4 @@ class SQLiteWorker:
                     conn.execute("ROLLBACK")
             for job in batch:
                 job.result = None
-                job.error = _store_error(exc) if single else _unavailable(exc)
+                job.error = store_error(exc) if single else _unavailable(exc)

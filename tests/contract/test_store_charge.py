@@ -139,3 +139,33 @@ async def test_charge_after_expiry_charges_the_difference(store: Store) -> None:
     # The estimate booked at expiry, corrected to the charge; the part booked under its own
     # dimensions (here the same ones) adds its cost back: 30 + (12 - 30 - 2) + 2.
     assert (row.cost, row.requests, row.errors) == (12, 1, 1)
+
+
+async def test_charge_many_answers_each_in_order_and_a_failure_alone(store: Store) -> None:
+    b = bucket()
+    for rid in ("r1", "r2", "r3"):
+        await store.reserve(req(rid, 40, b))
+    assert (await store.charge("r3", Pricer(Charge(1, TokenUsage())), NOW)).status == "committed"
+
+    def refuse(record: Reservation) -> Charge | None:
+        raise ValueError("no")
+
+    answers = await store.charge_many([
+        ("r1", Pricer(Charge(10, TokenUsage()))), ("r2", refuse), ("nope", Pricer(None)),
+        ("r3", Pricer(Charge(20, TokenUsage())))], NOW)
+    assert [getattr(a, "status", type(a).__name__) for a in answers] == [
+        "committed", "ValueError", "unknown", "duplicate"]
+    # r1 charged 10, r3 its first 1 only, r2 still held.
+    assert await spent_reserved(store, b) == (11, 40)
+
+
+async def test_charge_many_of_more_than_one_step_holds_charges_each_once(store: Store) -> None:
+    b = bucket()
+    ids = [f"r{i}" for i in range(150)]
+    for rid in ids:
+        await store.reserve(req(rid, 2, b))
+    answers = await store.charge_many([(rid, Pricer(Charge(1, TokenUsage()))) for rid in ids],
+                                      NOW)
+    assert [getattr(a, "status", a) for a in answers] == ["committed"] * 150
+    assert await spent_reserved(store, b) == (150, 0)
+    assert await store.charge_many([], NOW) == []

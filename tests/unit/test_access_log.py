@@ -17,7 +17,9 @@ from typing import Any, cast
 import pytest
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2
+from structlog.testing import capture_logs
 
+from sidecar import tracing
 from sidecar.config.models import SidecarConfig
 from sidecar.config.ruleset import RuleSetHolder, build_ruleset
 from sidecar.engine import Engine
@@ -42,6 +44,7 @@ def charged(observed: Observed) -> int:
 class FakeEngine:
     def __init__(self) -> None:
         self.charges: list[tuple[str, Observed, tuple[str, str] | None]] = []
+        self.batches: list[int] = []  # charges per `charge_many`
         rules = build_ruleset(SidecarConfig.model_validate({"providers": [
             {"id": "openai", "path_prefix": "/openai/"},
             {"id": "anthropic", "path_prefix": "/anthropic/"}]}))
@@ -52,6 +55,12 @@ class FakeEngine:
                      hint: tuple[str, str] | None = None) -> tuple[CommitResult, int]:
         self.charges.append((request_id, observed, hint))
         return CommitResult("committed"), 1
+
+    async def charge_many(self, charges: Sequence[tuple[str, Observed, tuple[str, str] | None]]
+                          ) -> list[tuple[CommitResult, int] | Exception]:
+        self.batches.append(len(charges))
+        return [await self.charge(request_id, observed, hint=hint)
+                for request_id, observed, hint in charges]
 
     @property
     def usages(self) -> list[TokenUsage | None]:
@@ -104,8 +113,9 @@ def entry(chunks: Sequence[bytes] = (), *, status: int = 200, path: str = CHAT,
     return out
 
 
-def run(*entries: accesslog_pb2.HTTPAccessLogEntry) -> FakeEngine:
-    engine = FakeEngine()
+def run(*entries: accesslog_pb2.HTTPAccessLogEntry,
+        engine: FakeEngine | None = None) -> FakeEngine:
+    engine = engine or FakeEngine()
     servicer = AccessLogServicer(cast(Engine, engine))
     message = als_pb2.StreamAccessLogsMessage()
     message.http_logs.log_entry.extend(entries)
@@ -338,3 +348,39 @@ def test_short_trimmed_stream_is_read_exactly_once() -> None:
     engine = run(trimmed(chunks))
     ((_, observed, _),) = engine.charges
     assert observed.usage is None and observed.output_bytes == 3 * 4
+
+
+def test_a_batch_of_records_is_charged_in_one_store_step() -> None:
+    body = [json.dumps(CHAT_JSON).encode()]
+    engine = run(entry(body, rid="a"), entry(body, rid=""), entry(body, rid="b"),
+                 entry(status=503, rid="c"))
+    assert engine.batches == [3]
+    assert [(rid, o.usage, o.status) for rid, o, _ in engine.charges] == [
+        ("a", TokenUsage(12, 5), 200), ("b", TokenUsage(12, 5), 200), ("c", None, 503)]
+
+
+class FailsOne(FakeEngine):
+    async def charge_many(self, charges: Sequence[tuple[str, Observed, tuple[str, str] | None]]
+                          ) -> list[tuple[CommitResult, int] | Exception]:
+        answers = await super().charge_many(charges)
+        return [ValueError("admitted for another model") if rid == "bad" else answer
+                for (rid, _, _), answer in zip(charges, answers, strict=True)]
+
+
+def test_a_charge_that_fails_in_a_batch_is_logged_alone() -> None:
+    body = [json.dumps(CHAT_JSON).encode()]
+    with capture_logs() as logs:
+        engine = run(entry(body, rid="a"), entry(body, rid="bad"), entry(body, rid="b"),
+                     engine=FailsOne())
+    assert engine.batches == [3]
+    assert [(e["event"], e["request_id"]) for e in logs if e["log_level"] == "error"] == [
+        ("commit_failed", "bad")]
+
+
+def test_with_tracing_each_record_is_charged_on_its_own(monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    monkeypatch.setattr(tracing, "ENABLED", True)
+    body = [json.dumps(CHAT_JSON).encode()]
+    engine = run(entry(body, rid="a"), entry(body, rid="b"))
+    assert engine.batches == []
+    assert [rid for rid, _, _ in engine.charges] == ["a", "b"]

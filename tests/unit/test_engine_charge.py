@@ -39,11 +39,19 @@ class FailsToCommit:
         self.inner = inner
 
     async def charge(self, request_id: str, price: Pricer, now: float) -> CommitResult:
+        return await self.inner.charge(request_id, self._failing(price), now)
+
+    async def charge_many(self, charges: Any, now: float) -> Any:
+        return await self.inner.charge_many(
+            [(request_id, self._failing(price)) for request_id, price in charges], now)
+
+    @staticmethod
+    def _failing(price: Pricer) -> Pricer:
         def then_fail(record: Reservation) -> Charge | None:
             price(record)
             raise sqlite3.OperationalError("disk I/O error")
 
-        return await self.inner.charge(request_id, then_fail, now)
+        return then_fail
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -149,3 +157,76 @@ async def test_charge_of_an_unknown_request_id_is_unknown(store: SQLiteStore) ->
         result, cost = await eng.charge("never-admitted", Observed(TokenUsage(0, 1)))
     assert (result.status, cost) == ("unknown", 0)
     assert [e["event"] for e in logs] == ["completion_unknown"]
+
+
+class Counting:
+    """The real store, counting the calls of each kind of charge."""
+
+    def __init__(self, inner: SQLiteStore) -> None:
+        self.inner = inner
+        self.calls: list[str] = []
+
+    async def charge(self, request_id: str, price: Pricer, now: float) -> CommitResult:
+        self.calls.append("charge")
+        return await self.inner.charge(request_id, price, now)
+
+    async def charge_many(self, charges: Any, now: float) -> Any:
+        self.calls.append(f"charge_many/{len(charges)}")
+        return await self.inner.charge_many(charges, now)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_charge_many_charges_each_as_alone_in_one_store_step(store: SQLiteStore) -> None:
+    eng = engine(config(spend_limits=[rule("b", 1, "block", ["cent-*"])]), store)
+    used, unused, already = [await eng.check(attrs("cent-a", f"r{i}", max_tokens=3))
+                             for i in (1, 2, 3)]
+    await eng.charge(already.request_id, Observed(TokenUsage(0, 2), complete=True))
+    counting = Counting(store)
+    eng.store = counting
+    answers = await eng.charge_many([
+        (used.request_id, Observed(TokenUsage(0, 1), complete=True), None),
+        (unused.request_id, Observed(status=200), None),  # no usage: its reservation
+        ("never-admitted", Observed(TokenUsage(0, 1), complete=True), None),
+        (already.request_id, Observed(TokenUsage(0, 2), complete=True), None)])
+    assert counting.calls == ["charge_many/4"]
+    assert [(r.status, cost) for r, cost in answers] == [  # type: ignore[misc]
+        ("committed", 10_000), ("committed", 30_000), ("unknown", 0), ("duplicate", 20_000)]
+    [row] = await store.ledger_rows(HOUR, HOUR + 3600)
+    assert (row.cost, row.requests, row.output_tokens) == (60_000, 3, 3)
+
+
+async def test_charge_many_while_the_store_is_unreachable_is_each_as_alone(
+        store: SQLiteStore, tmp_path: Path) -> None:
+    eng = engine(config(spend_limits=LIMITS), store)
+    admitted = await eng.check(attrs("cent-a", "r1", max_tokens=3))
+    other = await eng.check(attrs("cent-a", "r2", max_tokens=1))
+
+    class Down(Unreachable):
+        async def charge_many(self, charges: Any, now: float) -> Any:
+            raise StoreUnavailable("connection refused")
+
+    eng.store = Down(store)
+    eng.spool = Spool(str(tmp_path / "spool.db"))
+    try:
+        with capture_logs() as logs:
+            answers = await eng.charge_many([
+                (admitted.request_id, Observed(status=200), ("cent-a", "openai")),
+                (other.request_id, Observed(TokenUsage(0, 2), complete=True),
+                 ("cent-a", "openai"))])
+        assert [(r.status, cost) for r, cost in answers] == [  # type: ignore[misc]
+            ("unknown", 0), ("unknown", 20_000)]
+        assert [e["event"] for e in logs] == ["commit_failed", "commit_spooled"]
+    finally:
+        await eng.spool.close()
+
+
+async def test_charge_many_answers_a_failure_in_its_place(store: SQLiteStore) -> None:
+    eng = engine(config(spend_limits=LIMITS), store)
+    admitted = await eng.check(attrs("cent-a", "r1", max_tokens=3))
+    eng.store = FailsToCommit(store)
+    with capture_logs():
+        [answer] = await eng.charge_many(
+            [(admitted.request_id, Observed(TokenUsage(0, 1), complete=True), None)])
+    assert isinstance(answer, StoreUnavailable)  # no spool: the caller logs it
