@@ -201,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
                              "instead of wrk's closed loop: CPU per request at equal load")
     parser.add_argument("--profile", type=Path,
                         help="py-spy the sidecar during the product rows; collapsed stacks here")
+    parser.add_argument("--native", action="store_true",
+                        help="with --profile: C frames too (see bench.cpu.start_profile)")
     parser.add_argument("--baseline", type=Path,
                         help="a source tree whose sidecar is measured as a row of its own")
     args = parser.parse_args(argv)
@@ -266,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                     spy = None
                     if args.profile and key == "product":
                         spy = start_profile(pid, workdir / f"spy-{chunks}-{rnd}.txt",
-                                            args.seconds)
+                                            args.seconds, native=args.native)
                     idle = _idle_rate(pid)
                     cpu, threads = cpu_seconds(pid), thread_cpu(pid)
                     result: dict[str, Any] = {**(

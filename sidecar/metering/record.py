@@ -30,6 +30,8 @@ from sidecar.metering.parse import Api, UsageMeter
 # and `[DONE]`, Anthropic's last `message_delta` and `message_stop`, the Responses API's
 # `response.completed`.
 TAIL_EVENTS = 4
+# Bytes from the end first searched for those events' boundaries (usually enough).
+_TAIL_WINDOW = 1024
 _EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
 # Ends whatever event the head was cut in, so its remainder is dropped as malformed.
 _BREAK = b"\n\n"
@@ -83,7 +85,16 @@ def _meter(record: MeteringRecord, parts: list[bytes]) -> UsageMeter:
 
 def _last_events(data: bytes, start_at_boundary: bool) -> bytes:
     """The last TAIL_EVENTS events of `data` (all of its whole events when fewer)."""
-    ends = [m.end() for m in _EVENT_END.finditer(data)]
+    # Look for the boundaries in the last bytes first: a stream's end holds dozens of
+    # events and only the last few are wanted. A search started just after a byte that is
+    # no line break finds exactly the boundaries a search from the start finds there
+    # (a boundary is made of line breaks only, so none spans that byte).
+    start = max(len(data) - _TAIL_WINDOW, 0)
+    while start and data[start - 1] in b"\r\n":
+        start -= 1
+    ends = [m.end() for m in _EVENT_END.finditer(data, start)]
+    if len(ends) <= TAIL_EVENTS and start:
+        ends = [m.end() for m in _EVENT_END.finditer(data)]
     if len(ends) > TAIL_EVENTS:
         return data[ends[-TAIL_EVENTS - 1]:]
     return data if start_at_boundary else _from_event(data)

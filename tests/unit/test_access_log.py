@@ -11,6 +11,7 @@ import asyncio
 import base64
 import gzip
 import json
+import random
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, cast
 
@@ -25,6 +26,7 @@ from sidecar.config.ruleset import RuleSetHolder, build_ruleset
 from sidecar.engine import Engine
 from sidecar.envoy.access_log import AccessLogServicer
 from sidecar.metering.charge import Observed, bill
+from sidecar.metering.record import _EVENT_END, TAIL_EVENTS, _from_event, _last_events
 from sidecar.model import TokenUsage
 from sidecar.pricing import UnitPrice
 from sidecar.store.budget_types import CommitResult
@@ -384,3 +386,22 @@ def test_with_tracing_each_record_is_charged_on_its_own(monkeypatch: pytest.Monk
     engine = run(entry(body, rid="a"), entry(body, rid="b"))
     assert engine.batches == []
     assert [rid for rid, _, _ in engine.charges] == ["a", "b"]
+
+
+def test_last_events_found_from_the_end_are_those_a_search_from_the_start_finds() -> None:
+    def from_the_start(data: bytes, at_boundary: bool) -> bytes:
+        ends = [m.end() for m in _EVENT_END.finditer(data)]
+        if len(ends) > TAIL_EVENTS:
+            return data[ends[-TAIL_EVENTS - 1]:]
+        return data if at_boundary else _from_event(data)
+
+    rnd = random.Random(14)
+    # Events of about a fifth of the window apart, between runs of line breaks of every
+    # kind: the window's edge falls inside runs, right where the fifth-last boundary is,
+    # and some windows hold too few boundaries.
+    breaks = [b"\n\n", b"\n\n\n", b"\r\n\r\n", b"\r\r", b"\n\r\n\n", b"\r\n\n\r", b"\n"]
+    for _ in range(4000):
+        data = b"".join(b"x" * rnd.randint(150, 260) + rnd.choice(breaks)
+                        for _ in range(rnd.randint(1, 12)))
+        for at_boundary in (True, False):
+            assert _last_events(data, at_boundary) == from_the_start(data, at_boundary)
