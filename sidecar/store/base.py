@@ -9,14 +9,14 @@ on the time takes `now` from the caller, so a test drives time with its own cloc
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import functools
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from sidecar.model import TokenUsage
 from sidecar.store.budget_types import (
     BucketState,
     BucketView,
-    Charge,
     CommitResult,
     LedgerPart,
     LedgerRow,
@@ -115,7 +115,8 @@ class BudgetStore(Protocol):
                           ) -> list[CommitResult | Exception]:
         """`charge` each (request id, pricer) of `charges` (an access log batch), in as few
         steps as the backend can, each on its own: what one raised takes its place in the
-        answer, and changes nothing of the others."""
+        answer, and changes nothing of the others (a step failing as a whole, the store
+        unreachable, may raise instead)."""
         ...
 
     async def bucket_states(self, buckets: list[BucketView], now: float) -> list[BucketState]: ...
@@ -132,33 +133,24 @@ class BudgetStore(Protocol):
         ...
 
 
-async def charge_in_two_steps(store: BudgetStore, request_id: str, price: Pricer,
-                              now: float) -> CommitResult:
-    """`BudgetStore.charge` as a read then a commit, for a backend without a single step:
-    the commit judges the reservation's state again, so a race between the two steps
-    (expiry, a duplicate) is still charged once."""
-    record = await store.reservation(request_id)
-    if record is None:
-        return CommitResult("unknown")
-    charge: Charge | None = price(record)
-    if charge is None:
-        return CommitResult("unknown")
-    return await store.commit(request_id, charge.micros, charge.usage, now, error=charge.error,
-                              others=charge.others, tokens=charge.tokens)
-
-
-# Charges `charge_each` has in flight at once: within any connection pool's size.
+# Charges in flight at once when a backend charges one by one: within any pool's size.
 _CHARGES_AT_ONCE = 32
 
 
 async def charge_each(store: BudgetStore, charges: Sequence[tuple[str, Pricer]],
                       now: float) -> list[CommitResult | Exception]:
-    """`BudgetStore.charge_many` as one `charge` per exchange, a few at a time."""
+    """`BudgetStore.charge_many` as one `charge` per exchange."""
+    return await a_few_at_a_time([functools.partial(store.charge, request_id, price, now)
+                                  for request_id, price in charges])
+
+
+async def a_few_at_a_time(calls: Sequence[Callable[[], Awaitable[CommitResult]]]
+                          ) -> list[CommitResult | Exception]:
+    """The answers of `calls`, run a few at a time; what one raised takes its place."""
     out: list[CommitResult | Exception] = []
-    for start in range(0, len(charges), _CHARGES_AT_ONCE):
+    for start in range(0, len(calls), _CHARGES_AT_ONCE):
         answers = await asyncio.gather(
-            *(store.charge(request_id, price, now)
-              for request_id, price in charges[start:start + _CHARGES_AT_ONCE]),
+            *(call() for call in calls[start:start + _CHARGES_AT_ONCE]),
             return_exceptions=True)
         for answer in answers:
             if isinstance(answer, BaseException) and not isinstance(answer, Exception):

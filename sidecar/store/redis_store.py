@@ -22,6 +22,7 @@ On a cluster, `add_spend` is atomic per shard and once per bucket (SQLite: all a
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -53,12 +54,13 @@ from sidecar.store.base import (
     Doc,
     ShardUnavailable,
     StoreUnavailable,
+    a_few_at_a_time,
     charge_each,
-    charge_in_two_steps,
 )
 from sidecar.store.budget_types import (
     BucketState,
     BucketView,
+    Charge,
     CommitResult,
     LedgerPart,
     LedgerRow,
@@ -136,6 +138,36 @@ def _guard(cluster: bool) -> Iterator[None]:
         if cluster and any(sign in str(exc) for sign in _MIGRATING):
             raise ShardUnavailable(f"redis: {exc}") from exc
         raise
+
+
+# The reservation fields of a home record: state, estimate, dims, estimated tokens.
+_RECORD_FIELDS = ["s", "e", "d", "ti", "to"]
+_RECORD_STATES: dict[object, ReservationState] = {
+    "open": "open", "committed": "committed", "expired": "expired"}
+
+
+def _reservation(request_id: str, fields: Sequence[object]) -> Reservation | None:
+    """The reservation of a home record's `_RECORD_FIELDS` (None: no such record)."""
+    state, estimate, dims, tokens_in, tokens_out = fields
+    if state not in _RECORD_STATES or estimate is None or dims is None:
+        return None
+    return Reservation(request_id, _RECORD_STATES[state], int(str(estimate)),
+                       dims_from_json(str(dims)),
+                       (int(str(tokens_in or 0)), int(str(tokens_out or 0))))
+
+
+def _commit_args(charge: Charge, now: float) -> list[str | int]:
+    """commit.lua's ARGV[5] to ARGV[14] for `charge`."""
+    usage = charge.usage
+    budget_in, budget_out = (usage.total_input, usage.output_tokens) \
+        if charge.tokens is None else charge.tokens
+    return [
+        str(charge.micros), str(usage.total_input), str(usage.output_tokens),
+        _LEDGER_RETENTION_SECONDS, _DONE_RETENTION_SECONDS, 1 if charge.error else 0,
+        json.dumps([[dims_to_json(p.dims), p.cost, p.input_tokens, p.output_tokens]
+                    for p in charge.others]),
+        str(budget_in), str(budget_out), repr(float(now)),
+    ]
 
 
 class RedisStore:
@@ -526,14 +558,8 @@ class RedisStore:
         if home is None:
             return None
         async with self._op():
-            state, estimate, dims, tokens_in, tokens_out = await self._r.hmget(
-                self._key("record", home, request_id), ["s", "e", "d", "ti", "to"])
-        states: dict[object, ReservationState] = {
-            "open": "open", "committed": "committed", "expired": "expired"}
-        if state not in states or estimate is None or dims is None:
-            return None
-        return Reservation(request_id, states[state], int(estimate), dims_from_json(str(dims)),
-                           (int(tokens_in or 0), int(tokens_out or 0)))
+            fields = await self._r.hmget(self._key("record", home, request_id), _RECORD_FIELDS)
+        return _reservation(request_id, fields)
 
     async def commit(
         self, request_id: str, actual_micros: int, usage: TokenUsage, now: float,
@@ -541,18 +567,15 @@ class RedisStore:
         others: Sequence[LedgerPart] = (),
         tokens: tuple[int, int] | None = None,
     ) -> CommitResult:
-        budget_in, budget_out = (usage.total_input, usage.output_tokens) if tokens is None \
-            else tokens
-        args: list[str | int] = [
-            str(actual_micros), str(usage.total_input), str(usage.output_tokens),
-            _LEDGER_RETENTION_SECONDS, _DONE_RETENTION_SECONDS, 1 if error else 0,
-            json.dumps([[dims_to_json(p.dims), p.cost, p.input_tokens, p.output_tokens]
-                        for p in others]),
-            str(budget_in), str(budget_out), repr(float(now)),
-        ]
         home = await self._home_of(request_id)
         if home is None:
             return CommitResult("unknown", 0)
+        return await self._commit_at(home, request_id, _commit_args(
+            Charge(actual_micros, usage, error, tuple(others), tokens), now))
+
+    async def _commit_at(self, home: str, request_id: str, args: list[str | int]
+                         ) -> CommitResult:
+        """`commit` of a request whose home record is on the shard of node tag `home`."""
         record = self._key("record", home, request_id)
         status, estimate, rest = await self._call(
             self._commit, [record], [*self._index_keys(home), *args, ""])
@@ -573,11 +596,36 @@ class RedisStore:
         return CommitResult(status, int(estimate))
 
     async def charge(self, request_id: str, price: Pricer, now: float) -> CommitResult:
-        return await charge_in_two_steps(self, request_id, price, now)
+        # The record is read, priced here and committed by the script, which judges its
+        # state again (a commit racing this one is charged once); the home shard is looked
+        # up once for both.
+        home = await self._home_of(request_id)
+        if home is None:
+            return CommitResult("unknown", 0)
+        async with self._op():
+            fields = await self._r.hmget(self._key("record", home, request_id), _RECORD_FIELDS)
+        return await self._priced_commit(home, request_id, fields, price, now)
+
+    async def _priced_commit(self, home: str, request_id: str, fields: Sequence[object],
+                             price: Pricer, now: float) -> CommitResult:
+        record = _reservation(request_id, fields)
+        charge = price(record) if record is not None else None
+        if charge is None:
+            return CommitResult("unknown", 0)
+        return await self._commit_at(home, request_id, _commit_args(charge, now))
 
     async def charge_many(self, charges: Sequence[tuple[str, Pricer]], now: float
                           ) -> list[CommitResult | Exception]:
-        return await charge_each(self, charges, now)
+        if not self._shards.single:
+            return await charge_each(self, charges, now)
+        # One Redis: every record read in one round trip, then the commits, a few at a time.
+        async with self._op(), self._r.pipeline(transaction=False) as pipe:
+            for request_id, _ in charges:
+                pipe.hmget(self._key("record", SINGLE_TAG, request_id), _RECORD_FIELDS)
+            records: list[Sequence[object]] = await pipe.execute()
+        return await a_few_at_a_time([
+            functools.partial(self._priced_commit, SINGLE_TAG, request_id, fields, price, now)
+            for (request_id, price), fields in zip(charges, records, strict=True)])
 
     async def bucket_states(self, buckets: list[BucketView], now: float) -> list[BucketState]:
         # A plain read: no decision depends on it being one atomic snapshot.
