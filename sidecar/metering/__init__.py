@@ -23,7 +23,8 @@ def count(value: object) -> int | None:
 
 
 def mapping(value: object) -> Mapping[str, object] | None:
-    return value if isinstance(value, Mapping) else None
+    # JSON objects are dicts: checked first, the ABC check costs several times more.
+    return value if type(value) is dict or isinstance(value, Mapping) else None
 
 
 def load_json(data: str | bytes) -> object:

@@ -58,8 +58,12 @@ class SSEDecoder:
         start = 1 if self._skip_lf and chunk[0] == 0x0A else 0
         self._skip_lf = False
         for match in _LINE_BREAK.finditer(chunk, start):
-            self._append(chunk[start : match.start()])
-            self._take_line(events)
+            piece = chunk[start : match.start()]
+            if self._line or self._line_overflow or len(piece) > self._max:
+                self._append(piece)
+                self._take_line(events)
+            else:  # a whole line within this chunk: read as is, not copied via the buffer
+                self._read_line(events, piece)
             start = match.end()
         if start == len(chunk) and chunk.endswith(b"\r"):
             self._skip_lf = True
@@ -94,6 +98,9 @@ class SSEDecoder:
             return
         raw = bytes(self._line)
         self._line.clear()
+        self._read_line(events, raw)
+
+    def _read_line(self, events: list[SSEEvent], raw: bytes) -> None:
         line = raw.decode("utf-8", errors="replace")
         if self._first_line:
             self._first_line = False
