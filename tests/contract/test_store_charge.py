@@ -169,3 +169,15 @@ async def test_charge_many_of_more_than_one_step_holds_charges_each_once(store: 
     assert [getattr(a, "status", a) for a in answers] == ["committed"] * 150
     assert await spent_reserved(store, b) == (150, 0)
     assert await store.charge_many([], NOW) == []
+
+
+async def test_charge_many_with_an_id_twice_charges_it_once(store: Store) -> None:
+    # Envoy may send a record again (a retried flush): in one batch, the second is a replay.
+    b = bucket()
+    await store.reserve(req("r1", 40, b))
+    price = Pricer(Charge(12, TokenUsage(3, 4)))
+    answers = await store.charge_many([("r1", price), ("r1", price)], NOW)
+    assert [getattr(a, "status", a) for a in answers] == ["committed", "duplicate"]
+    assert await spent_reserved(store, b) == (12, 0)
+    [row] = await store.ledger_rows(HOUR, HOUR + 3600)
+    assert (row.cost, row.requests) == (12, 1)
