@@ -476,18 +476,23 @@ class RedisStore:
         rid = request.request_id
         calls = []
         for tag, members in groups.items():
-            entries: list[list[str | int]] = []
+            entries: list[str | int] = []
             per: list[str | int] = []
             for i in members:
                 view, amount = request.buckets[i], amounts[i]
                 key = self._key("bucket", view.key)
-                entries.append([key, view.slot, view.ttl_seconds, view.measure, amount,
-                                amount if held else 0, view.slot + view.ttl_seconds])
+                entries += [key, view.slot, view.ttl_seconds, view.measure, amount,
+                            amount if held else 0, 0 if view.since == view.slot else 1]
+                # A held bucket lives its TTL past the hold's end: a commit before the
+                # reservation expires then never has to extend it (budget_lib add_fixed).
                 per += [key, str(view.slot), str(view.since), str(view.limit),
-                        1 if view.enforce else 0, max(view.ttl_seconds, hold_for), str(amount)]
+                        1 if view.enforce else 0, view.ttl_seconds + hold_for, str(amount)]
             is_home = tag == home
+            index = self._index_keys(tag)
+            if self._shards.single:
+                index[1] = ""  # one Redis: every group is a home group, nothing is held
             args: list[str | int] = [
-                *self._index_keys(tag),
+                *index,
                 repr(float(request.now)), _SETTLE_ON_RESERVE, str(request.amount),
                 request.mode, repr(float(request.expires_at)), request.binding,
                 json.dumps(entries), _DONE_RETENTION_SECONDS, _LEDGER_RETENTION_SECONDS,

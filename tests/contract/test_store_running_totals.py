@@ -78,3 +78,27 @@ async def test_no_budget_key_lives_without_a_ttl(redis_url: str) -> None:
     finally:
         await client.aclose()
         await store.close()
+
+
+async def test_commit_into_a_bucket_lost_under_its_hold_charges_it_with_a_ttl(
+    redis_url: str,
+) -> None:
+    # A fixed window committed in time takes two increments and no read; the hash being
+    # gone (evicted, flushed) shows as a negative hold, which must come back as zero with
+    # the spend charged and a TTL set, as on the path that reads first.
+    store = RedisStore(redis_url, prefix="lost-test:")
+    client = Redis.from_url(redis_url, decode_responses=True)
+    try:
+        await flush_redis(redis_url)
+        fixed = BucketView("day", 1_799_971_200, 1_799_971_200, 90_000, 1_000)
+        request = ReserveRequest("lost", (fixed,), 50, "reserve", NOW, NOW + 600)
+        assert (await store.reserve(request)).admitted
+        key = "lost-test:b:{o:day}:day"
+        assert await client.delete(key) == 1
+        assert (await store.commit("lost", 30, TokenUsage(), NOW + 1)).status == "committed"
+        (state,) = await store.bucket_states([fixed], NOW + 1)
+        assert (state.spent, state.reserved) == (30, 0)
+        assert await client.ttl(key) >= 90_000
+    finally:
+        await client.aclose()
+        await store.close()

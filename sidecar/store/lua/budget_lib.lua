@@ -24,9 +24,9 @@
 --                    slot read directly. The
 --                    amounts are in the bucket's measure: µUSD, tokens or requests.
 --   group record     hash, one per request and shard: s (open|committed|expired), x
---                    (expires_at), e (estimate µUSD), bd (binding), b (JSON [[bucket key,
---                    slot, ttl seconds, measure, estimate in that measure, held of it, slot
---                    expiry], ...] for the buckets on this shard). The home group (the
+--                    (expires_at), e (estimate µUSD), bd (binding), b (a flat JSON list,
+--                    seven values per bucket on this shard: bucket key, slot, ttl seconds,
+--                    measure, estimate in that measure, held of it, 1 rolling | 0 fixed). The home group (the
 --                    shard of the request's first bucket) also has hm "1", d (dims JSON), l
 --                    (its ledger hash key), hr (hour), ti / to (estimated tokens), g (the
 --                    node tags of the other groups, comma-separated) and c (created_at).
@@ -39,8 +39,9 @@
 --                    and hour (the home group's shard books the request).
 --   hours zset       member = score = an hour holding ledger data on this shard.
 --
--- Cost: each bucket costs one read (HMGET) and one write (HINCRBY) in reserve.lua and one
--- read and one write (HMGET, HSET) in commit.lua; TTLs and indexes are only written when a
+-- Cost: each bucket costs one read (HMGET) and one write (HINCRBY) in reserve.lua and, in
+-- commit.lua, two increments (a held fixed window committed in time) or one read and one
+-- write (HMGET, HSET); TTLs and indexes are only written when a
 -- lifetime, a slot or a ledger row is new.
 --
 -- Numbers: Lua numbers are doubles, so amounts are exact up to 2^53 µUSD (about $9 billion).
@@ -163,17 +164,68 @@ local function measured(measure, micros, input, output)
   return micros
 end
 
--- Replace a group's holds by what the exchange amounted to: `actual` gives each bucket's
--- charge from its entry; `release` says whether holds are released. The home group also
--- books `delta_cost` in the ledger. `errors` (optional): 1 when the provider answered with
--- an error.
-local function charge(ctx, rec, actual, release, delta_cost, requests, input, output, errors)
-  for _, b in ipairs(cjson.decode(rec.b)) do
+-- A group's buckets as one flat list, seven values per bucket: key, slot, ttl seconds,
+-- measure, estimate in that measure, held of it, 1 for a rolling window (0: fixed). One
+-- flat JSON array decodes in about half the time of a list of lists. Records written
+-- before held the nested form [[key, slot, ttl, measure, estimate, held, slot expiry],
+-- ...]: read as the same seven values, with `nil` for the window kind (never the fast path).
+local function entries(b)
+  local list = cjson.decode(b)
+  if type(list[1]) ~= 'table' then
+    return list, true
+  end
+  local flat = {}
+  for _, e in ipairs(list) do
+    for j = 1, 6 do
+      flat[#flat + 1] = e[j]
+    end
+    flat[#flat + 1] = -1
+  end
+  return flat, false
+end
+
+-- Charge a fixed-window bucket `amount` and release `held` of its hold, for an open
+-- reservation committed within its lifetime: two increments, no read. reserve.lua made the
+-- hash live until at least expiry + TTL + an hour, so no TTL needs extending; a hold that
+-- comes back negative means the hash was lost meanwhile (HINCRBY made a new one): then the
+-- hold is zeroed and the lifetime set as add_bucket would.
+local function add_fixed(ctx, key, slot, amount, ttl, held)
+  local field = int(slot)
+  local value = redis.call('HINCRBY', key, field, int(amount))
+  if value == amount then
+    -- A new slot: index it so settle.lua drops it once dead. GT keeps the latest expiry.
+    redis.call('ZADD', ctx.slots, 'GT', int(slot + ttl), field .. '|' .. key)
+  end
+  if redis.call('HINCRBY', key, 'r', int(-held)) < 0 then
+    local writes = {'r', '0'}
+    local want = extend_bucket(key, redis.call('HGET', key, 'k'), ttl, writes)
+    redis.call('HSET', key, unpack(writes))
+    if want ~= nil then
+      redis.call('EXPIRE', key, int(want))
+    end
+  end
+end
+
+-- Replace a group's holds by what the exchange amounted to: `actual(measure, estimate)`
+-- gives each bucket's charge; `release` says whether holds are released; `fast`: an open
+-- reservation committed before its expiry (fixed windows take add_fixed). The home group
+-- also books `delta_cost` in the ledger. `errors` (optional): 1 when the provider answered
+-- with an error.
+local function charge(ctx, rec, actual, release, delta_cost, requests, input, output, errors,
+                      fast)
+  local b, current = entries(rec.b)
+  fast = fast and current
+  for i = 1, #b, 7 do
     local held = 0
     if release then
-      held = b[6]
+      held = b[i + 5]
     end
-    add_bucket(ctx, b[1], b[2], actual(b), b[7], b[3], held)
+    local amount = actual(b[i + 3], b[i + 4])
+    if fast and held ~= 0 and b[i + 6] == 0 then
+      add_fixed(ctx, b[i], b[i + 1], amount, b[i + 2], held)
+    else
+      add_bucket(ctx, b[i], b[i + 1], amount, b[i + 1] + b[i + 2], b[i + 2], held)
+    end
   end
   if rec.hm then
     add_ledger(ctx, rec, delta_cost, requests, input, output, errors)
@@ -194,7 +246,7 @@ end
 -- Charge an open record that was never completed its estimate: the request may well
 -- have cost money.
 local function expire(ctx, rkey, rec)
-  charge(ctx, rec, function(b) return b[5] end, true, rec.e, 1, 0, 0)
+  charge(ctx, rec, function(_, estimate) return estimate end, true, rec.e, 1, 0, 0)
   finish(ctx, rkey, rec, 'expired')
   rec.s = 'expired'
 end
@@ -228,6 +280,9 @@ end
 -- the store settles next (settle_part.lua).
 local function settle(ctx, now, limit)
   local _, parts = settle_index(ctx, ctx.open, now, limit)
-  settle_index(ctx, ctx.held, now, limit)
+  if ctx.held ~= '' then
+    -- One Redis has no held index: every group is a home group there.
+    settle_index(ctx, ctx.held, now, limit)
+  end
   return parts
 end

@@ -73,18 +73,19 @@ end
 
 local cost, input, output = tonumber(ARGV[5]), tonumber(ARGV[12]), tonumber(ARGV[13])
 local errors = tonumber(ARGV[10])
-local function actual(b)
-  return measured(b[4], cost, input, output)
+local function actual(measure)
+  return measured(measure, cost, input, output)
 end
 if rec.s == 'open' then
-  charge(ctx, rec, actual, true, cost, 1, ARGV[6], ARGV[7], errors)
+  charge(ctx, rec, actual, true, cost, 1, ARGV[6], ARGV[7], errors,
+         tonumber(ARGV[14]) <= rec.x)
   book_parts()
   finish(ctx, rkey, rec, 'committed')
   return {'committed', rec.e, rec.g}
 end
 -- Expired: it already paid its estimates and counted as a request; charge the difference.
-local function difference(b)
-  return actual(b) - b[5]
+local function difference(measure, estimate)
+  return actual(measure) - estimate
 end
 charge(ctx, rec, difference, false, cost - rec.e, 0, ARGV[6], ARGV[7], errors)
 book_parts()

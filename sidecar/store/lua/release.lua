@@ -17,10 +17,19 @@ local v = redis.call('HMGET', KEYS[1], 's', 'bd', 'b')
 if v[1] ~= 'open' or v[2] ~= ARGV[1] then
   return 0
 end
-for _, b in ipairs(cjson.decode(v[3])) do
-  if b[6] ~= 0 then
-    if redis.call('HINCRBY', b[1], 'r', -b[6]) < 0 then
-      redis.call('HSET', b[1], 'r', '0')
+local b, current = cjson.decode(v[3]), true
+local step = 7  -- flat: key, slot, ttl, measure, estimate, held, rolling (budget_lib.lua)
+if type(b[1]) == 'table' then
+  current = false  -- written before: a list of [key, slot, ttl, measure, estimate, held, ...]
+end
+for i = 1, #b, (current and step or 1) do
+  local key, held = b[i], b[i + 5]
+  if not current then
+    key, held = b[i][1], b[i][6]
+  end
+  if held ~= 0 then
+    if redis.call('HINCRBY', key, 'r', -held) < 0 then
+      redis.call('HSET', key, 'r', '0')
     end
   end
 end

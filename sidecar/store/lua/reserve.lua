@@ -17,7 +17,7 @@
 --
 -- KEYS[1]      this request's record on this shard (the home record on the home group's)
 -- ARGV[1]      the shard's open zset (home records)
--- ARGV[2]      the shard's held zset (other groups' records)
+-- ARGV[2]      the shard's held zset (other groups' records); "" on one Redis
 -- ARGV[3]      the shard's ledger hours zset
 -- ARGV[4]      the shard's slot index zset
 --              (only KEYS[1] is declared, for routing: on a cluster the others are in other
@@ -28,7 +28,7 @@
 -- ARGV[8]      mode: "reserve" or "optimistic"
 -- ARGV[9]      expires_at (seconds, float)
 -- ARGV[10]     binding: what the reservation is for (caller, model, provider, amount)
--- ARGV[11]     the group's buckets record JSON (field b, see budget_lib.lua)
+-- ARGV[11]     the group's buckets, flat JSON (field b, see budget_lib.lua)
 -- ARGV[12]     retention of done records (seconds)
 -- ARGV[13]     ledger hash TTL (seconds)
 -- ARGV[14]     "1" for the home group, "0" otherwise; for the home group:
