@@ -11,7 +11,7 @@ import io
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import redirect_stdout
 from dataclasses import replace
 from decimal import ROUND_CEILING, Decimal
@@ -34,6 +34,7 @@ from sidecar.fake_provider import expected_usage
 from sidecar.metering.parse import Api
 from sidecar.model import TokenUsage
 from sidecar.proto_gen.sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
+from tests.support.ledger import admin_get, charged, eventually, ledger_row
 
 T = TypeVar("T")
 DAILY_LIMIT_USD = Decimal(5)
@@ -85,38 +86,6 @@ def micros(usd: Decimal) -> int:
 
 
 # --- reading the sidecar ------------------------------------------------------------------
-
-
-def eventually(probe: Callable[[], T | None], timeout: float = 60.0, what: str = "") -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = probe()
-        if found is not None:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or probe}")
-        time.sleep(0.2)
-
-
-def admin_get(stack: Stack, path: str, **params: str) -> Any:
-    with stack.admin() as client:
-        response = client.get(path, params=params)
-    assert response.status_code == 200, response.text
-    return json.loads(response.text, parse_float=Decimal)["result"]
-
-
-def ledger_row(stack: Stack, user: str) -> dict[str, Any] | None:
-    rows = admin_get(stack, "/v1/usage", group_by="user")
-    return next((r for r in rows if r["user"] == user), None)
-
-
-def charged(stack: Stack, user: str, requests: int = 1) -> dict[str, Any]:
-    """The user's ledger row once it holds `requests` settled requests."""
-    def probe() -> dict[str, Any] | None:
-        row = ledger_row(stack, user)
-        return row if row is not None and row["requests"] >= requests else None
-
-    return eventually(probe, what=f"{requests} charged request(s) for {user}")
 
 
 def my_budget(stack: Stack, token: str) -> dict[str, Any]:

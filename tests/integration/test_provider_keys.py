@@ -12,9 +12,8 @@ import io
 import json
 import os
 import secrets
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import redirect_stderr, redirect_stdout
 from decimal import ROUND_CEILING, Decimal
 from pathlib import Path
@@ -32,6 +31,7 @@ from sidecar.demo.config import DEMO_PROVIDER_KEYS, demo_config
 from sidecar.demo.keys import DevIssuer
 from sidecar.demo.stack import Stack, running_stack
 from sidecar.fake_provider import expected_usage
+from tests.support.ledger import eventually
 
 T = TypeVar("T")
 OPENAI_KEY = f"sk-org-openai-{secrets.token_hex(12)}"
@@ -80,17 +80,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory, issuer: DevIssuer,
 
 
 # --- helpers ------------------------------------------------------------------------------
-
-
-def eventually(probe: Callable[[], T | None], timeout: float = 30.0, what: str = "") -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = probe()
-        if found is not None:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or probe}")
-        time.sleep(0.2)
 
 
 def user(name: str) -> str:

@@ -18,6 +18,7 @@ from sidecar.demo.procs import start_redis
 from sidecar.demo.stack import Stack, running_stack
 from sidecar.fake_provider import expected_usage
 from sidecar.pricing import estimate_input_tokens
+from tests.support.ledger import charged
 
 CHAT = "/openai/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -165,9 +166,12 @@ def test_token_rule_admits_by_estimate_and_frees_the_difference(
     assert first.headers["x-ratelimit-limit-tokens"] == str(TPM)
     assert first.headers["x-ratelimit-remaining-tokens"] == str(TPM - ESTIMATE)
     assert first.json()["usage"]["completion_tokens"] == ACTUAL.output_tokens
+    # Envoy meters after the answer: the next Check sees the usage once it is booked.
+    charged(rate_stack, "tokens@example.com", requests=1)
     second = call(rate_stack, token, "tok-model", ASKED)
     assert second.status_code == 200, second.text
     assert second.headers["x-ratelimit-remaining-tokens"] == str(TPM - USED - ESTIMATE)
+    charged(rate_stack, "tokens@example.com", requests=2)
     denied = call(rate_stack, token, "tok-model", ASKED)
     assert denied.status_code == 429
     error = denied.json()["error"]

@@ -151,33 +151,6 @@ def micros(usd: Decimal | float | int) -> int:
     return int(Decimal(str(usd)) * 1_000_000)
 
 
-def eventually(probe: Callable[[], T | None], timeout: float = 30.0, what: str = "") -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = probe()
-        if found is not None:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or probe}")
-        time.sleep(0.1)
-
-
-def ledger_row(stack: Stack, email: str) -> dict[str, Any] | None:
-    with stack.admin() as client:
-        response = client.get("/v1/usage", params={"group_by": "user"})
-    assert response.status_code == 200, response.text
-    rows = json.loads(response.text, parse_float=Decimal)["result"]
-    return next((r for r in rows if r["user"] == email), None)
-
-
-def charged(stack: Stack, email: str, requests: int = 1) -> dict[str, Any]:
-    def probe() -> dict[str, Any] | None:
-        row = ledger_row(stack, email)
-        return row if row is not None and row["requests"] >= requests else None
-
-    return eventually(probe, what=f"{requests} charged request(s) for {email}")
-
-
 def my_budgets(stack: Stack, token: str) -> list[dict[str, Any]]:
     response = httpx.get(stack.admin_url + "/v1/budgets/me",
                          headers={"authorization": f"Bearer {token}"}, timeout=10)

@@ -32,14 +32,13 @@ from sidecar.proto_gen.sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 from sidecar.server import listen_grpc
 from tests.security.certs import Authority, Issued
 from tests.security.conftest import (
-    charged,
     check,
     check_request,
-    eventually,
     micros,
     openai_client,
     user,
 )
+from tests.support.ledger import charged, eventually
 
 MODEL = "gpt-4o-mini"
 MESSAGES: Any = [{"role": "user", "content": "Write a short line about budgets."}]

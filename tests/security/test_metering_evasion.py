@@ -12,7 +12,8 @@ from sidecar.demo.keys import DevIssuer
 from sidecar.demo.stack import Stack
 from sidecar.fake_provider import expected_usage
 from sidecar.model import TokenUsage
-from tests.security.conftest import REPLAY_MODEL, charged, check, micros, openai_client, user
+from tests.security.conftest import REPLAY_MODEL, check, micros, openai_client, user
+from tests.support.ledger import charged
 
 MODEL = "gpt-4o-mini"
 MESSAGES: list[dict[str, str]] = [{"role": "user", "content": "Say a few words, please."}]

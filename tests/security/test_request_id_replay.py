@@ -11,8 +11,9 @@ from sidecar.demo.keys import DevIssuer
 from sidecar.demo.stack import Stack
 from sidecar.fake_provider import expected_usage
 from sidecar.proto_gen.sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
-from tests.security.conftest import REPLAY_MODEL, charged, check, micros, user
+from tests.security.conftest import REPLAY_MODEL, check, micros, user
 from tests.security.test_metering_evasion import MODEL, price
+from tests.support.ledger import charged
 
 CHAT_PATH = "/authz/openai/v1/chat/completions"
 
