@@ -29,7 +29,7 @@ from bench.closed_loop import ensure_tools, run_wrk, write_script
 from bench.machine import children
 from bench.policy import BODY, PATH, token
 from bench.rows import ROWS, Bench, Row, wait_answering
-from sidecar.demo.keys import DevIssuer
+from devtools.keys import DevIssuer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TICKS = os.sysconf("SC_CLK_TCK")

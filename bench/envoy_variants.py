@@ -26,8 +26,8 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from sidecar.demo.envoy_config import render_envoy_config
-from sidecar.demo.procs import LOOPBACK
+from devtools.envoy_config import render_envoy_config
+from devtools.procs import LOOPBACK
 from sidecar.envoy.attach import CHECK_CLUSTER, METERING_LOG, SIDECAR_CLUSTER, SIDECAR_FILTERS
 
 Variant = Literal["envoy", "authz", "full"]

@@ -11,7 +11,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from sidecar.demo.procs import envoy_binary
+from devtools.procs import envoy_binary
 
 
 def _cpu_model() -> str:

@@ -31,9 +31,9 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
 from bench.machine import rss_mb
 from bench.policy import BODY, GROUPS, PATH, bench_config, spend_limits
-from sidecar.demo.keys import DevIssuer
-from sidecar.demo.procs import LOOPBACK, free_port
-from sidecar.demo.stack import sidecar_process, wait_ready
+from devtools.keys import DevIssuer
+from devtools.procs import LOOPBACK, free_port
+from devtools.stack import sidecar_process, wait_ready
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Request and token limits over a 1-minute rolling window, one bucket per caller (a split

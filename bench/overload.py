@@ -34,9 +34,9 @@ from typing import Any
 
 import httpx
 
-from sidecar.demo.config import demo_config
-from sidecar.demo.keys import DevIssuer
-from sidecar.demo.stack import Stack, running_stack
+from devtools.config import demo_config
+from devtools.keys import DevIssuer
+from devtools.stack import Stack, running_stack
 from sidecar.envoy.attach import CHECK_CLUSTER
 
 RESULTS = Path(__file__).resolve().parent / "results"

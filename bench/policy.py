@@ -17,8 +17,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sidecar.demo.config import demo_config
-from sidecar.demo.keys import DevIssuer
+from devtools.config import demo_config
+from devtools.keys import DevIssuer
 
 USER = "bench@example.com"
 GROUPS = ["eng", "ml"]

@@ -22,8 +22,8 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from devtools.procs import start_redis
 from sidecar.admission.plan import plan
-from sidecar.demo.procs import start_redis
 from sidecar.model import TokenUsage
 from sidecar.policy.rules import Rule, compile_rule
 from sidecar.policy.windows import RollingWindow

@@ -42,12 +42,12 @@ import structlog
 
 from bench.micro.test_engine_micro import make_engine
 from bench.policy import BIG, BODY, PATH, bench_config
+from devtools.config import demo_key_env
+from devtools.keys import DevIssuer
+from devtools.procs import start_redis
+from devtools.redis_cluster import start_redis_cluster
 from sidecar.config.loader import parse_config
 from sidecar.config.ruleset import build_ruleset
-from sidecar.demo.config import demo_key_env
-from sidecar.demo.keys import DevIssuer
-from sidecar.demo.procs import start_redis
-from sidecar.demo.redis_cluster import start_redis_cluster
 from sidecar.model import RequestAttrs, TokenUsage
 from sidecar.store.base import Store
 from sidecar.store.budget_types import BucketView, ReserveRequest, ReserveResult

@@ -17,9 +17,9 @@ import yaml
 
 from bench.envoy_variants import Variant, bench_envoy_config
 from bench.policy import bench_config
-from sidecar.demo.config import demo_key_env
-from sidecar.demo.keys import DevIssuer
-from sidecar.demo.procs import (
+from devtools.config import demo_key_env
+from devtools.keys import DevIssuer
+from devtools.procs import (
     LOOPBACK,
     ManagedProcess,
     free_port,
@@ -27,7 +27,7 @@ from sidecar.demo.procs import (
     start_redis,
     wait_for_port,
 )
-from sidecar.demo.stack import ADMIN_TOKEN, wait_ready
+from devtools.stack import ADMIN_TOKEN, wait_ready
 
 
 @dataclass(frozen=True)

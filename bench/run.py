@@ -29,7 +29,7 @@ from bench.machine import children, machine_info, rss_mb
 from bench.policy import BODY, PATH, token
 from bench.report import rate_key, render_markdown, summarize
 from bench.rows import ROWS, Bench, Row, wait_answering
-from sidecar.demo.keys import DevIssuer
+from devtools.keys import DevIssuer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

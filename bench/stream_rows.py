@@ -42,13 +42,14 @@ from bench.closed_loop import ensure_tools
 from bench.cpu import busiest_threads, cpu_seconds, start_profile, thread_cpu
 from bench.policy import BODY, GROUPS, MODEL, PATH, bench_config
 from bench.sse_upstream import PROMPT_TOKENS
+from devtools.config import demo_key_env
+from devtools.envoy_config import render_envoy_config
+from devtools.keys import DevIssuer
+from devtools.procs import LOOPBACK, ManagedProcess, free_port, start_envoy, wait_for_port
+from devtools.stack import ADMIN_TOKEN, wait_ready
+from sidecar.client.usage_report import dollars
 from sidecar.config.loader import parse_config
 from sidecar.config.ruleset import build_ruleset
-from sidecar.demo.config import demo_key_env
-from sidecar.demo.envoy_config import render_envoy_config
-from sidecar.demo.keys import DevIssuer
-from sidecar.demo.procs import LOOPBACK, ManagedProcess, free_port, start_envoy, wait_for_port
-from sidecar.demo.stack import ADMIN_TOKEN, wait_ready
 from sidecar.envoy.attach import EXT_AUTHZ, SIDECAR_FILTERS
 from sidecar.model import TokenUsage
 from sidecar.pricing import (
@@ -57,7 +58,6 @@ from sidecar.pricing import (
     estimate_micros,
     requested_output_tokens,
 )
-from sidecar.usage_report import dollars
 
 CHUNKS = (1, 16, 64)
 USERS = 100

@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/sidecar demo "$@"
+# The demo is development harness (devtools/, not installed): run it from the checkout.
+exec .venv/bin/python -m devtools.demo "$@"

@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --for-tests
-.venv/bin/ruff check sidecar tests bench
-.venv/bin/mypy sidecar
+.venv/bin/ruff check sidecar devtools tests bench
+.venv/bin/mypy sidecar devtools tests
 exec .venv/bin/pytest -q "$@"

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sidecar import cli_admin
-from sidecar.admin_client import AdminError
-from sidecar.cli_client import URL_HELP, admin_client, caller_client, server_url
-from sidecar.login import LoginError
+from sidecar.client.admin_client import AdminError
+from sidecar.client.connect import URL_HELP, admin_client, caller_client, server_url
+from sidecar.client.login import LoginError
 
 if TYPE_CHECKING:
     from sidecar.config.models import ProviderConfig, SecretSource
@@ -123,7 +123,7 @@ def _print(data: Any, as_json: bool, text: str) -> None:
 def cmd_budgets(args: argparse.Namespace) -> int:
     import time
 
-    from sidecar.budgets_report import render_budgets
+    from sidecar.client.budgets_report import render_budgets
 
     params = {"model": args.model} if args.model else None
     rows = caller_client(args.url).call("GET", "/v1/budgets/me", params=params)
@@ -134,7 +134,7 @@ def cmd_budgets(args: argparse.Namespace) -> int:
 def cmd_usage(args: argparse.Namespace) -> int:
     import time
 
-    from sidecar.usage_report import render_table, since_param, total
+    from sidecar.client.usage_report import render_table, since_param, total
 
     by = [d.strip() for d in args.by.split(",") if d.strip()]
     params = {"group_by": ",".join(by)}
@@ -156,7 +156,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
 
 
 def cmd_login(args: argparse.Namespace) -> int:
-    from sidecar.login import login
+    from sidecar.client.login import login
 
     try:
         login(server_url(args.url), admin=args.admin, as_json=args.json)
@@ -166,7 +166,7 @@ def cmd_login(args: argparse.Namespace) -> int:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
-    from sidecar.login import admin_credentials_path, credentials_path, valid_token
+    from sidecar.client.login import admin_credentials_path, credentials_path, valid_token
 
     path = admin_credentials_path() if args.admin else credentials_path()
     credential = valid_token(args.url, path=path)
@@ -176,7 +176,7 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def cmd_logout(args: argparse.Namespace) -> int:
-    from sidecar.login import admin_credentials_path, credentials_path, logout
+    from sidecar.client.login import admin_credentials_path, credentials_path, logout
 
     paths = [credentials_path(), admin_credentials_path()]
     removed = [str(p) for p in paths if logout(path=p)]
@@ -212,12 +212,6 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
     else:
         print(yaml.safe_dump(pieces, sort_keys=False), end="")
     return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from sidecar.demo.run import main as demo_main
-
-    return demo_main(args)
 
 
 def _version() -> str:
@@ -419,15 +413,6 @@ def build_parser() -> argparse.ArgumentParser:
                                    " flight and refuses more at once (default: 1)")
     envoy_config.set_defaults(func=cmd_envoy_config)
 
-    demo = sub.add_parser("demo", help="run sidecar + Envoy + a fake provider locally")
-    demo.add_argument("--check", action="store_true",
-                      help="send a few example requests through Envoy, print them, and exit")
-    demo.add_argument("--approve", metavar="CODE",
-                      help="approve a `sidecar login` code on the running demo as its test "
-                           "person (alice@example.com)")
-    demo.add_argument("--admin", action="store_true",
-                      help="with --approve: approve as the demo's admin (root@example.com)")
-    demo.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -10,9 +10,9 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
-from sidecar.cli_client import admin_client
-from sidecar.login import LoginError
-from sidecar.usage_report import dollars
+from sidecar.client.connect import admin_client
+from sidecar.client.login import LoginError
+from sidecar.client.usage_report import dollars
 
 CALENDAR = ("daily", "weekly", "monthly")
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.demo.config import demo_key_env
-from sidecar.demo.procs import start_redis
-from sidecar.demo.redis_cluster import LocalCluster, start_redis_cluster
+from devtools.config import demo_key_env
+from devtools.procs import start_redis
+from devtools.redis_cluster import LocalCluster, start_redis_cluster
 from sidecar.store.base import Store
 from sidecar.store.factory import open_store
 from tests.support.backends import backend_url

@@ -12,10 +12,10 @@ import pytest
 import structlog
 
 from bench.policy import bench_config
+from devtools.config import demo_key_env
+from devtools.keys import DevIssuer
 from sidecar.config.loader import parse_config
 from sidecar.config.ruleset import RuleSet, build_ruleset
-from sidecar.demo.config import demo_key_env
-from sidecar.demo.keys import DevIssuer
 from sidecar.log import configure
 
 

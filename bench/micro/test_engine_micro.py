@@ -12,8 +12,8 @@ import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
 from bench.policy import BODY, PATH, token
+from devtools.keys import DevIssuer
 from sidecar.config.ruleset import RuleSet, RuleSetHolder
-from sidecar.demo.keys import DevIssuer
 from sidecar.engine import Engine
 from sidecar.identity.authenticate import Authenticator
 from sidecar.identity.jwks import JwksCache

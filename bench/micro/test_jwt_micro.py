@@ -10,7 +10,7 @@ from typing import Any
 from pytest_benchmark.fixture import BenchmarkFixture
 
 from bench.policy import GROUPS, USER
-from sidecar.demo.keys import DevIssuer
+from devtools.keys import DevIssuer
 from sidecar.identity.jwt_verify import IssuerPolicy, JwtVerifier
 
 BATCH = 500

@@ -3,7 +3,7 @@
 This is the single source of every ext_authz / metering setting Envoy needs. `sidecar
 envoy-config` prints it for an integrator; deploy/envoy/envoy.yaml, the demo, the k8s
 ConfigMap, the benchmark and every Envoy test are built from it (scripts/render_envoy.py
-writes it into the deployed file, sidecar/demo/envoy_config.py splices it into local runs).
+writes it into the deployed file, devtools/envoy_config.py splices it into local runs).
 
 An integrator appends the router to `http_filters`, adds `access_log` to the HTTP
 connection manager and `clusters` to theirs (SPEC §2, the attach contract).

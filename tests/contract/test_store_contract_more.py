@@ -504,7 +504,7 @@ async def test_redis_reloads_scripts_it_has_forgotten(redis_url: str) -> None:
 
 
 async def test_unreachable_redis_is_store_unavailable() -> None:
-    from sidecar.demo.procs import free_port
+    from devtools.procs import free_port
     from sidecar.store.base import StoreUnavailable
     from sidecar.store.redis_store import RedisStore
 

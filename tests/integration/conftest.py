@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.demo.config import demo_config as base_config
-from sidecar.demo.keys import DevIssuer
-from sidecar.demo.stack import Stack, running_stack
+from devtools.config import demo_config as base_config
+from devtools.keys import DevIssuer
+from devtools.stack import Stack, running_stack
 
 
 @pytest.fixture(scope="module")

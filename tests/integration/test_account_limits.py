@@ -15,9 +15,9 @@ from typing import Any
 import httpx
 import pytest
 
-from sidecar.demo.config import demo_config
-from sidecar.demo.keys import DevIssuer
-from sidecar.demo.stack import Stack, running_stack
+from devtools.config import demo_config
+from devtools.keys import DevIssuer
+from devtools.stack import Stack, running_stack
 
 CHAT = "/openai/v1/chat/completions"
 # $1 per request exactly (1 output token at $1,000,000 per million).

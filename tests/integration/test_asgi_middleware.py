@@ -12,11 +12,11 @@ import httpx
 import openai
 import pytest
 
+from devtools.config import DEMO_PROVIDER_KEYS, demo_config
+from devtools.fake_provider import expected_usage
+from devtools.keys import DevIssuer
+from devtools.stack import Stack, running_stack
 from sidecar.asgi import SidecarMiddleware
-from sidecar.demo.config import DEMO_PROVIDER_KEYS, demo_config
-from sidecar.demo.keys import DevIssuer
-from sidecar.demo.stack import Stack, running_stack
-from sidecar.fake_provider import expected_usage
 from sidecar.pricing import estimate_input_tokens
 from tests.support.asgi_proxy import proxy_app, serve
 

@@ -14,11 +14,11 @@ import anthropic
 import httpx
 import pytest
 
-from sidecar.demo.config import demo_config
-from sidecar.demo.keys import DevIssuer
-from sidecar.demo.procs import start_redis
-from sidecar.demo.redis_cluster import start_redis_cluster
-from sidecar.demo.stack import Stack, running_stack
+from devtools.config import demo_config
+from devtools.keys import DevIssuer
+from devtools.procs import start_redis
+from devtools.redis_cluster import start_redis_cluster
+from devtools.stack import Stack, running_stack
 
 CHAT = "/openai/v1/chat/completions"
 # $10,000 per million output tokens and max_tokens 1: every request costs exactly $0.01, as

@@ -24,11 +24,12 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from sidecar.demo.approve import save_state
-from sidecar.demo.config import demo_config
-from sidecar.demo.keys import DevIssuer
-from sidecar.demo.procs import LOOPBACK, free_port
-from sidecar.demo.stack import ADMIN_TOKEN, Stack, running_stack
+from devtools import harness_env
+from devtools.config import demo_config
+from devtools.demo.approve import save_state
+from devtools.keys import DevIssuer
+from devtools.procs import LOOPBACK, free_port
+from devtools.stack import ADMIN_TOKEN, Stack, running_stack
 
 CHAT = "/openai/v1/chat/completions"
 USER_CODE = re.compile(r"\b([BCDFGHJKLMNPQRSTVWXZ]{4}-[BCDFGHJKLMNPQRSTVWXZ]{4})\b")
@@ -475,15 +476,16 @@ def test_demo_approves_a_login_as_its_test_person(stack: Stack, issuer: DevIssue
     home = tmp_path / "home"
     running = LoginRun(home, stack.admin_url)
     code = running.code()
-    entry = Path(sys.executable).with_name("sidecar")
-    approved = subprocess.run([str(entry), "demo", "--approve", code], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=60)
+    # As scripts/demo.sh runs it, but from the demo's directory: harness_env finds devtools.
+    demo = [sys.executable, "-m", "devtools.demo", "--approve", code]
+    approved = subprocess.run(demo, cwd=tmp_path, env=harness_env(), capture_output=True,
+                              text=True, timeout=60)
     assert approved.returncode == 0, approved.stdout + approved.stderr
     assert "alice@example.com" in approved.stdout
     assert running.finish() == 0
     assert json.loads(ok(run(home, "budgets", "--json")))
-    again = subprocess.run([str(entry), "demo", "--approve", code], cwd=tmp_path,
-                           capture_output=True, text=True, timeout=60)
+    again = subprocess.run(demo, cwd=tmp_path, env=harness_env(), capture_output=True,
+                           text=True, timeout=60)
     assert again.returncode == 1 and "409" in again.stdout
 
 

@@ -21,8 +21,8 @@ import httpx
 import pytest
 import yaml
 
-from sidecar.demo.procs import LOOPBACK, ManagedProcess, free_port
-from sidecar.demo.stack import wait_ready
+from devtools.procs import LOOPBACK, ManagedProcess, free_port
+from devtools.stack import wait_ready
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE_VENV = "/opt/sidecar"

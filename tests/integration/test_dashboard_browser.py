@@ -13,9 +13,9 @@ import httpx
 import pytest
 from playwright.sync_api import sync_playwright
 
-from sidecar.demo.config import demo_config
-from sidecar.demo.keys import DevIssuer
-from sidecar.demo.stack import Stack, running_stack
+from devtools.config import demo_config
+from devtools.keys import DevIssuer
+from devtools.stack import Stack, running_stack
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu",

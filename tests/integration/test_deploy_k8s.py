@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from sidecar.demo.procs import envoy_binary, free_port
+from devtools.procs import envoy_binary, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"

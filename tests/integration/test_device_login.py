@@ -21,10 +21,10 @@ import httpx
 import openai
 import pytest
 
-from sidecar.demo.config import DEMO_PROVIDER_KEYS, demo_config
-from sidecar.demo.keys import DevIssuer
-from sidecar.demo.procs import LOOPBACK, free_port
-from sidecar.demo.stack import DEMO_SECRET_KEY, Stack, running_stack
+from devtools.config import DEMO_PROVIDER_KEYS, demo_config
+from devtools.keys import DevIssuer
+from devtools.procs import LOOPBACK, free_port
+from devtools.stack import DEMO_SECRET_KEY, Stack, running_stack
 from sidecar.identity.device import GRANT_TYPE, GUESS_LIMIT, INTERVAL, Approver, DeviceLogin
 from sidecar.identity.secret_box import SecretBox
 from sidecar.store.factory import open_store

@@ -40,8 +40,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from sidecar.demo.envoy_config import DEFAULT_SOURCE, render_envoy_config, write_envoy_config
-from sidecar.demo.procs import LOOPBACK, ManagedProcess, envoy_binary, free_port, start_envoy
+from devtools.envoy_config import DEFAULT_SOURCE, render_envoy_config, write_envoy_config
+from devtools.procs import LOOPBACK, ManagedProcess, envoy_binary, free_port, start_envoy
 from sidecar.metering.request_body import insert_usage_option
 
 # The servers live in a module-scoped fixture, so the tests must share its event loop.

@@ -11,8 +11,8 @@ import httpx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sidecar.demo.keys import DevIssuer
-from sidecar.demo.stack import ADMIN_TOKEN, Stack
+from devtools.keys import DevIssuer
+from devtools.stack import ADMIN_TOKEN, Stack
 
 ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
 WRITES = [

@@ -10,9 +10,9 @@ import httpx
 import jwt
 import openai
 
-from sidecar.demo.config import DEMO_PROVIDER_KEYS
-from sidecar.demo.keys import DevIssuer
-from sidecar.demo.stack import Stack
+from devtools.config import DEMO_PROVIDER_KEYS
+from devtools.keys import DevIssuer
+from devtools.stack import Stack
 
 CHAT = "/openai/v1/chat/completions"
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello there"}],

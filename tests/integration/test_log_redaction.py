@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import httpx
 
-from sidecar.demo.config import DEMO_PROVIDER_KEYS
-from sidecar.demo.keys import DevIssuer
-from sidecar.demo.stack import ADMIN_TOKEN, Stack
+from devtools.config import DEMO_PROVIDER_KEYS
+from devtools.keys import DevIssuer
+from devtools.stack import ADMIN_TOKEN, Stack
 
 CHAT = "/openai/v1/chat/completions"
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}

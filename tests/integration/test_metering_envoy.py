@@ -26,11 +26,11 @@ from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, exte
 from genai_prices import Usage, calc_price
 from google.rpc import code_pb2
 
+from devtools.config import demo_config
+from devtools.fake_provider import expected_usage
+from devtools.keys import DevIssuer
+from devtools.stack import Stack, running_stack
 from sidecar import cli
-from sidecar.demo.config import demo_config
-from sidecar.demo.keys import DevIssuer
-from sidecar.demo.stack import Stack, running_stack
-from sidecar.fake_provider import expected_usage
 from sidecar.metering.parse import Api
 from sidecar.model import TokenUsage
 from sidecar.proto_gen.sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc

@@ -16,9 +16,9 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.demo.config import demo_config
-from sidecar.demo.keys import DevIssuer
-from sidecar.demo.stack import Stack, running_stack
+from devtools.config import demo_config
+from devtools.keys import DevIssuer
+from devtools.stack import Stack, running_stack
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "deploy" / "grafana" / "sidecar.json"

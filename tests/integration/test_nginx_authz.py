@@ -12,9 +12,9 @@ from typing import Any
 import httpx
 import pytest
 
-from sidecar.demo.config import demo_config
-from sidecar.demo.keys import DevIssuer
-from sidecar.demo.stack import Stack, running_stack
+from devtools.config import demo_config
+from devtools.keys import DevIssuer
+from devtools.stack import Stack, running_stack
 from tests.support.nginx import (
     ANTHROPIC_KEY,
     INGRESS_TOKEN,

@@ -15,11 +15,11 @@ import httpx
 import pytest
 from genai_prices import Usage, calc_price
 
-from sidecar.demo.config import demo_config
-from sidecar.demo.keys import DevIssuer
-from sidecar.demo.stack import Stack, running_stack
+from devtools.config import demo_config
+from devtools.fake_provider import expected_usage
+from devtools.keys import DevIssuer
+from devtools.stack import Stack, running_stack
 from sidecar.envoy.attach import CHECK_CLUSTER, CHECK_TIMEOUT_SECONDS
-from sidecar.fake_provider import expected_usage
 
 MODEL = "gpt-4o-mini"
 MESSAGES = [{"role": "user", "content": "Stream a few words for the overload test."}]

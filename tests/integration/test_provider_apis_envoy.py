@@ -23,10 +23,10 @@ from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types as genai_types
 
-from sidecar.demo.config import DEMO_PROVIDER_KEYS, demo_config
-from sidecar.demo.keys import DevIssuer
-from sidecar.demo.stack import Stack, running_stack
-from sidecar.fake_provider import expected_usage
+from devtools.config import DEMO_PROVIDER_KEYS, demo_config
+from devtools.fake_provider import expected_usage
+from devtools.keys import DevIssuer
+from devtools.stack import Stack, running_stack
 from sidecar.metering.parse import Api
 from sidecar.model import TokenUsage
 from tests.integration.test_metering_envoy import (

@@ -26,11 +26,11 @@ import pytest
 import yaml
 from genai_prices import Usage, calc_price
 
+from devtools.config import DEMO_PROVIDER_KEYS, demo_config
+from devtools.fake_provider import expected_usage
+from devtools.keys import DevIssuer
+from devtools.stack import Stack, running_stack
 from sidecar import cli
-from sidecar.demo.config import DEMO_PROVIDER_KEYS, demo_config
-from sidecar.demo.keys import DevIssuer
-from sidecar.demo.stack import Stack, running_stack
-from sidecar.fake_provider import expected_usage
 from tests.support.ledger import eventually
 
 T = TypeVar("T")

@@ -12,11 +12,11 @@ from typing import Any
 import httpx
 import pytest
 
-from sidecar.demo.config import demo_config
-from sidecar.demo.keys import DevIssuer
-from sidecar.demo.procs import start_redis
-from sidecar.demo.stack import Stack, running_stack
-from sidecar.fake_provider import expected_usage
+from devtools.config import demo_config
+from devtools.fake_provider import expected_usage
+from devtools.keys import DevIssuer
+from devtools.procs import start_redis
+from devtools.stack import Stack, running_stack
 from sidecar.pricing import estimate_input_tokens
 from tests.support.ledger import charged
 

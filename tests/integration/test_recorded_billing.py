@@ -25,9 +25,9 @@ from genai_prices import Usage, calc_price, data_snapshot
 from google import genai
 from google.genai import types as genai_types
 
-from sidecar.demo.config import demo_config
-from sidecar.demo.keys import DevIssuer
-from sidecar.demo.stack import Stack, running_stack
+from devtools.config import demo_config
+from devtools.keys import DevIssuer
+from devtools.stack import Stack, running_stack
 from tests.integration.test_metering_envoy import admin_get, eventually
 
 RECORDED = Path(__file__).parents[1] / "fixtures" / "recorded"

@@ -13,9 +13,9 @@ import httpx
 import openai
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from sidecar.demo.config import demo_config
-from sidecar.demo.keys import DevIssuer
-from sidecar.demo.stack import running_stack
+from devtools.config import demo_config
+from devtools.keys import DevIssuer
+from devtools.stack import running_stack
 from sidecar.store.sqlite_store import SQLiteStore
 
 

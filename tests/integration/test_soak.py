@@ -12,9 +12,9 @@ import httpx
 import openai
 import pytest
 
-from sidecar.demo.config import demo_config
-from sidecar.demo.keys import DevIssuer
-from sidecar.demo.stack import Stack, running_stack
+from devtools.config import demo_config
+from devtools.keys import DevIssuer
+from devtools.stack import Stack, running_stack
 
 SECONDS = float(os.environ.get("SIDECAR_SOAK_SECONDS", "45"))
 CENT = {"provider": "openai", "model": "flat-cent", "input_per_mtok": 0,

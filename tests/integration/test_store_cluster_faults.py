@@ -17,7 +17,7 @@ import pytest
 import redis
 from redis.crc import key_slot
 
-from sidecar.demo.redis_cluster import LocalCluster, start_redis_cluster
+from devtools.redis_cluster import LocalCluster, start_redis_cluster
 from sidecar.model import TokenUsage
 from sidecar.store.base import ShardUnavailable, StoreUnavailable
 from sidecar.store.budget_types import BucketView, ReserveRequest

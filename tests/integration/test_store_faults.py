@@ -12,10 +12,10 @@ from typing import Any
 import httpx
 import pytest
 
-from sidecar.demo.config import demo_config
-from sidecar.demo.keys import DevIssuer
-from sidecar.demo.procs import start_redis
-from sidecar.demo.stack import Stack, running_stack, sidecar_process, wait_ready
+from devtools.config import demo_config
+from devtools.keys import DevIssuer
+from devtools.procs import start_redis
+from devtools.stack import Stack, running_stack, sidecar_process, wait_ready
 
 CHAT = "/openai/v1/chat/completions"
 CENT = {"provider": "openai", "model": "flat-cent", "input_per_mtok": 0,
@@ -92,8 +92,8 @@ def test_redis_killed_under_load_and_restarted(tmp_path: Path, issuer: DevIssuer
     token = issuer.mint(f"{on_error}@example.com")
     store = {"url": f"redis://127.0.0.1:{port}/0", "on_error": on_error,
              "spool": str(tmp_path / "spool.db")}
-    with running_stack(tmp_path / "stack", issuer, config(issuer, tmp_path, store)) as stack:
-        try:
+    try:
+        with running_stack(tmp_path / "stack", issuer, config(issuer, tmp_path, store)) as stack:
             with Load(stack, token) as load:
                 wait_until(lambda: load.statuses.count(200) >= 20, 30)
                 before = len(load.statuses)
@@ -120,8 +120,8 @@ def test_redis_killed_under_load_and_restarted(tmp_path: Path, issuer: DevIssuer
                                f"admitted ({dict(statuses)})")
             time.sleep(1.5)
             assert round(spent(stack, token) * 100) == admitted
-        finally:
-            redis.stop()
+    finally:
+        redis.stop()
 
 
 def test_sidecar_sigkill_keeps_committed_charges(tmp_path: Path, issuer: DevIssuer) -> None:

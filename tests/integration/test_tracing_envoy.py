@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import copy
 import json
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -38,11 +37,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from devtools.config import demo_config
+from devtools.envoy_config import render_envoy_config
+from devtools.keys import DevIssuer
+from devtools.procs import LOOPBACK, ManagedProcess, free_port, start_envoy, wait_for_port
+from devtools.stack import fake_provider_process
 from sidecar import tracing
-from sidecar.demo.config import demo_config
-from sidecar.demo.envoy_config import render_envoy_config
-from sidecar.demo.keys import DevIssuer
-from sidecar.demo.procs import LOOPBACK, ManagedProcess, free_port, start_envoy, wait_for_port
 from sidecar.envoy.access_log import AccessLogServicer
 from sidecar.envoy.authz import AuthorizationServicer
 from sidecar.envoy.ext_proc import ExternalProcessorServicer
@@ -148,9 +148,7 @@ async def traced(tmp_path: Path, redis_url: str) -> AsyncIterator[Traced]:
     grpc_port = grpc_server.add_insecure_port(f"{LOOPBACK}:0")
     await grpc_server.start()
     provider_port = free_port()
-    fake = ManagedProcess("fake-provider", [
-        sys.executable, "-m", "sidecar.fake_provider", "--host", LOOPBACK,
-        "--port", str(provider_port)], tmp_path).start()
+    fake = fake_provider_process(tmp_path, provider_port).start()
     envoys: list[ManagedProcess] = []
     try:
         await asyncio.to_thread(wait_for_port, LOOPBACK, provider_port, 20, process=fake)

@@ -17,10 +17,10 @@ import pytest
 import yaml
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
-from sidecar.demo.config import demo_config, demo_key_env
-from sidecar.demo.keys import DevIssuer
-from sidecar.demo.procs import LOOPBACK, ManagedProcess, free_port
-from sidecar.demo.stack import ADMIN_TOKEN, wait_ready
+from devtools.config import demo_config, demo_key_env
+from devtools.keys import DevIssuer
+from devtools.procs import LOOPBACK, ManagedProcess, free_port
+from devtools.stack import ADMIN_TOKEN, wait_ready
 
 BODY = json.dumps({"model": "gpt-4o-mini", "max_tokens": 8,
                    "messages": [{"role": "user", "content": "hi"}]}).encode()

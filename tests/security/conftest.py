@@ -24,9 +24,9 @@ from cryptography.fernet import Fernet
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
 from starlette.testclient import TestClient
 
-from sidecar.demo.config import demo_config
-from sidecar.demo.keys import DevIssuer
-from sidecar.demo.stack import Stack, running_stack
+from devtools.config import demo_config
+from devtools.keys import DevIssuer
+from devtools.stack import Stack, running_stack
 from sidecar.http.app import create_app
 from sidecar.services import Services, build_services
 

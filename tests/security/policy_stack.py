@@ -11,9 +11,9 @@ from typing import Any
 
 import httpx
 
-from sidecar.demo.config import demo_config
-from sidecar.demo.keys import DevIssuer
-from sidecar.demo.stack import Stack, running_stack
+from devtools.config import demo_config
+from devtools.keys import DevIssuer
+from devtools.stack import Stack, running_stack
 
 CHAT = "/openai/v1/chat/completions"
 LLAMA = "@cf/meta/llama-3.1-8b-instruct"

@@ -17,11 +17,11 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
+from devtools.config import DEMO_PROVIDER_KEYS, demo_config
+from devtools.keys import DevIssuer
+from devtools.stack import Stack
 from sidecar.asgi import SidecarMiddleware
 from sidecar.decisions import strip_credentials, strip_list, without_access_cookie
-from sidecar.demo.config import DEMO_PROVIDER_KEYS, demo_config
-from sidecar.demo.keys import DevIssuer
-from sidecar.demo.stack import Stack
 from sidecar.http.app import create_app
 from sidecar.services import build_services
 from tests.security.policy_stack import CHAT, chat, policy_stack, upstream_headers

@@ -11,7 +11,7 @@ import jwt
 import pytest
 from starlette.testclient import TestClient
 
-from sidecar.demo.procs import LOOPBACK, free_port
+from devtools.procs import LOOPBACK, free_port
 from sidecar.grpc_api import SidecarApi
 from sidecar.identity.device import Approver
 from sidecar.proto_gen.sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc

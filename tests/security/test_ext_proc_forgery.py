@@ -22,11 +22,11 @@ from genai_prices import Usage, calc_price
 from google.rpc import code_pb2
 from structlog.testing import capture_logs
 
-from sidecar.demo.config import demo_config
-from sidecar.demo.envoy_config import SidecarMtls
-from sidecar.demo.keys import DevIssuer
-from sidecar.demo.stack import Stack, running_stack
-from sidecar.fake_provider import expected_usage
+from devtools.config import demo_config
+from devtools.envoy_config import SidecarMtls
+from devtools.fake_provider import expected_usage
+from devtools.keys import DevIssuer
+from devtools.stack import Stack, running_stack
 from sidecar.model import TokenUsage
 from sidecar.proto_gen.sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 from sidecar.server import listen_grpc

@@ -8,9 +8,9 @@ from decimal import ROUND_CEILING
 from genai_prices import Usage, calc_price
 from google.rpc import code_pb2
 
-from sidecar.demo.keys import DevIssuer
-from sidecar.demo.stack import Stack
-from sidecar.fake_provider import expected_usage
+from devtools.fake_provider import expected_usage
+from devtools.keys import DevIssuer
+from devtools.stack import Stack
 from sidecar.model import TokenUsage
 from tests.security.conftest import REPLAY_MODEL, check, micros, openai_client, user
 from tests.support.ledger import charged

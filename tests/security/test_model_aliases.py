@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
+from devtools.keys import DevIssuer
+from devtools.stack import Stack
 from sidecar.budget.explain import simulate
 from sidecar.config.loader import parse_config
 from sidecar.config.ruleset import RuleSet, RuleSetHolder, build_ruleset
-from sidecar.demo.keys import DevIssuer
-from sidecar.demo.stack import Stack
 from sidecar.engine import Engine
 from sidecar.model import Identity, RequestAttrs
 from sidecar.store.sqlite_store import SQLiteStore

@@ -7,9 +7,9 @@ import grpc
 import httpx
 from google.rpc import code_pb2
 
-from sidecar.demo.keys import DevIssuer
-from sidecar.demo.stack import Stack
-from sidecar.fake_provider import expected_usage
+from devtools.fake_provider import expected_usage
+from devtools.keys import DevIssuer
+from devtools.stack import Stack
 from sidecar.proto_gen.sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 from tests.security.conftest import REPLAY_MODEL, check, micros, user
 from tests.security.test_metering_evasion import MODEL, price

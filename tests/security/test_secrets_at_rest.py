@@ -16,9 +16,9 @@ import pytest
 import yaml
 from cryptography.fernet import Fernet
 
+from devtools.config import demo_key_env
 from sidecar.budget.spool import Spool
 from sidecar.config.loader import ConfigError
-from sidecar.demo.config import demo_key_env
 from sidecar.identity.device import DeviceLogin
 from sidecar.identity.signing_keys import KEYS
 from sidecar.services import build_services

@@ -20,10 +20,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
+from devtools.config import demo_config
+from devtools.keys import DevIssuer
+from devtools.stack import Stack
 from sidecar.config.loader import ConfigError, parse_config
-from sidecar.demo.config import demo_config
-from sidecar.demo.keys import DevIssuer
-from sidecar.demo.stack import Stack
 from sidecar.http.app import create_app
 from sidecar.http.device import BadParams, read_params
 from sidecar.identity.directory import Directory

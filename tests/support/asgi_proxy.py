@@ -20,8 +20,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from devtools.procs import LOOPBACK, free_port
 from sidecar.asgi import ASGIApp
-from sidecar.demo.procs import LOOPBACK, free_port
 
 
 def proxy_app(upstream: str) -> Starlette:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.demo.redis_cluster import LocalCluster
+from devtools.redis_cluster import LocalCluster
 
 
 def backend_url(request: pytest.FixtureRequest, backend: str, tmp_path: Path,

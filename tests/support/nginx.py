@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sidecar.demo.config import DEMO_PROVIDER_KEYS
-from sidecar.demo.procs import LOOPBACK, ManagedProcess, free_port, wait_for_port
+from devtools.config import DEMO_PROVIDER_KEYS
+from devtools.procs import LOOPBACK, ManagedProcess, free_port, wait_for_port
 
 REPO = Path(__file__).resolve().parents[2]
 NGINX_DIR = REPO / "deploy" / "nginx"

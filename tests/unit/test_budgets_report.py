@@ -5,7 +5,7 @@ from __future__ import annotations
 from decimal import Decimal
 
 from sidecar.budget.explain import listed_models
-from sidecar.budgets_report import bar, render_budgets, resets_in
+from sidecar.client.budgets_report import bar, render_budgets, resets_in
 from sidecar.policy.rules import compile_rule, literal_values
 from sidecar.policy.windows import FixedWindow
 from sidecar.store.budget_types import LedgerDims, LedgerRow

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import yaml
 
+from devtools.envoy_config import render_envoy_config
 from sidecar.cli import main
 from sidecar.config.models import ListenConfig, OverloadConfig
-from sidecar.demo.envoy_config import render_envoy_config
 from sidecar.envoy.attach import (
     CHECK_CLUSTER,
     DEFAULT_MAX_CHECKS,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -21,7 +20,8 @@ import pytest
 import uvicorn
 from starlette.testclient import TestClient
 
-from sidecar.fake_provider import (
+from devtools import harness_env
+from devtools.fake_provider import (
     DEFAULT_OUTPUT_TOKENS,
     MAX_OUTPUT_TOKENS,
     create_app,
@@ -33,7 +33,6 @@ from sidecar.model import TokenUsage
 
 CLAUDE = "claude-haiku-4-5"
 GPT = "gpt-4o-mini"
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _free_socket() -> socket.socket:
@@ -306,13 +305,14 @@ def test_metering_reads_what_the_fake_reports(
     assert meter.usage == expected_usage(api, body)
 
 
-def test_runs_as_a_module() -> None:
+def test_runs_as_a_module(tmp_path: Path) -> None:
     sock = _free_socket()
     port = sock.getsockname()[1]
     sock.close()
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "sidecar.fake_provider", "--host", "127.0.0.1"]
-    process = subprocess.Popen([*command, "--port", str(port)], env=env, cwd=REPO)
+    # From another directory: the harness finds itself through harness_env's PYTHONPATH.
+    command = [sys.executable, "-m", "devtools.fake_provider", "--host", "127.0.0.1"]
+    process = subprocess.Popen([*command, "--port", str(port)], env=harness_env(),
+                               cwd=tmp_path)
     try:
         deadline = time.monotonic() + 15
         while True:

@@ -13,10 +13,10 @@ import pytest
 import yaml
 from starlette.testclient import TestClient
 
+from devtools.config import demo_config
+from devtools.keys import DevIssuer
 from sidecar.budget.recent import RecentDecisions, entry, recent
 from sidecar.decisions import allow, deny
-from sidecar.demo.config import demo_config
-from sidecar.demo.keys import DevIssuer
 from sidecar.http.app import create_app
 from sidecar.http.authz import BadOriginal, original_request
 from sidecar.model import Identity, RequestAttrs

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from sidecar.demo.keys import DevIssuer
+from devtools.keys import DevIssuer
 from sidecar.identity.errors import AuthError
 from sidecar.identity.jwks import JwksCache
 from sidecar.identity.jwt_verify import IssuerPolicy, JwtVerifier, groups_from_claim

@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from devtools.keys import DevIssuer
 from sidecar.cli import main
-from sidecar.demo.keys import DevIssuer
-from sidecar.login import (
+from sidecar.client.login import (
     GRANT_TYPE,
     LoginError,
     credentials_path,

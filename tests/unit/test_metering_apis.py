@@ -14,7 +14,7 @@ from botocore.eventstream import EventStreamBuffer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.fake_apis import eventstream_message
+from devtools.fake_provider.bedrock import eventstream_message
 from sidecar.metering.parse import Api, UsageMeter, api_for_path, body_usage
 from sidecar.model import TokenUsage
 

@@ -12,8 +12,8 @@ import pytest
 import yaml
 from starlette.testclient import TestClient
 
-from sidecar.demo.config import demo_config
-from sidecar.demo.keys import DevIssuer
+from devtools.config import demo_config
+from devtools.keys import DevIssuer
 from sidecar.http.app import create_app
 from sidecar.model import TokenUsage
 from sidecar.services import Services, build_services

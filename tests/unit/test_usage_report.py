@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from sidecar.usage_report import render_table, since_param, total
+from sidecar.client.usage_report import render_table, since_param, total
 
 ROWS = [
     {"user": "alice@example.com", "model": "gpt-4o-mini", "cost_usd": 0.1, "requests": 3,

@@ -1,4 +1,4 @@
-"""`sidecar demo --approve CODE`: approve a device-login code on the running demo as its
+"""`scripts/demo.sh --approve CODE`: approve a device-login code on the running demo as its
 signed-in test person, standing in for a browser behind Access (which the demo has not)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from sidecar.demo.keys import DevIssuer
+from devtools.keys import DevIssuer
 
 CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
 STATE = "demo.json"

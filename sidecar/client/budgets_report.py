@@ -8,7 +8,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sidecar.usage_report import dollars
+from sidecar.client.usage_report import dollars
 
 BAR_WIDTH = 10
 HEADERS = ("RULE", "BUCKET", "WINDOW", "SPENT", "RESERVED", "LIMIT", "REMAINING", "USED",

@@ -1,12 +1,12 @@
 """Start, await and stop the real processes (Envoy, Redis, the sidecar) of the demo and tests.
 
 Framework-free on purpose: pytest fixtures, the demo script and a REPL all use the same calls.
-Everything listens on 127.0.0.1 only.
+Everything listens on 127.0.0.1 only. Whoever starts a process stops it: use it as a context
+manager (or call `stop`), so an interrupted run's teardown stops what it started.
 """
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import shutil
@@ -23,11 +23,6 @@ from types import TracebackType
 from typing import IO, Any
 
 LOOPBACK = "127.0.0.1"
-
-# Processes still running when the interpreter exits (a test run interrupted between start
-# and stop) are stopped, so a crashed run leaves no Envoy or Redis holding ports.
-_running: set[ManagedProcess] = set()
-
 
 class ProcessExitedError(RuntimeError):
     """A managed process ended while something was waiting for it to become ready."""
@@ -70,7 +65,6 @@ class ManagedProcess:
         except OSError:
             self._log_file.close()
             raise
-        _running.add(self)
         return self
 
     @property
@@ -98,7 +92,6 @@ class ManagedProcess:
                     self._popen.wait(timeout)
             return self._popen.returncode
         finally:
-            _running.discard(self)
             if self._log_file is not None:
                 self._log_file.close()
                 self._log_file = None
@@ -130,12 +123,6 @@ class ManagedProcess:
         if self._popen is None:
             raise RuntimeError(f"{self.name} has not been started")
         return self._popen
-
-
-@atexit.register
-def _stop_leftovers() -> None:
-    for process in list(_running):
-        process.stop(timeout=2.0)
 
 
 def free_port() -> int:

@@ -15,10 +15,11 @@ from typing import Any
 import httpx
 import yaml
 
-from sidecar.demo.config import DEMO_PROVIDER_KEYS, demo_key_env
-from sidecar.demo.envoy_config import SidecarMtls, render_envoy_config
-from sidecar.demo.keys import DevIssuer
-from sidecar.demo.procs import LOOPBACK, ManagedProcess, free_port, start_envoy, wait_for_port
+from devtools import harness_env
+from devtools.config import DEMO_PROVIDER_KEYS, demo_key_env
+from devtools.envoy_config import SidecarMtls, render_envoy_config
+from devtools.keys import DevIssuer
+from devtools.procs import LOOPBACK, ManagedProcess, free_port, start_envoy, wait_for_port
 from sidecar.envoy.attach import DEFAULT_MAX_CHECKS
 
 # Only ever used on loopback by the demo and tests; real deployments set their own.
@@ -35,6 +36,19 @@ def sidecar_process(workdir: Path, name: str, config_path: Path, grpc_port: int,
                 "SIDECAR_SECRET_KEY": DEMO_SECRET_KEY, **demo_key_env(),
                 **(env or {})}
     return ManagedProcess(name, argv, workdir, env=full_env, cwd=workdir)
+
+
+def fake_provider_process(workdir: Path, port: int,
+                          provider_keys: Mapping[str, Sequence[str]] | None = None,
+                          replay_dir: Path | None = None) -> ManagedProcess:
+    """The fake provider on `LOOPBACK:port` (not started); `provider_keys`: the keys it
+    accepts per provider (none: it accepts any call)."""
+    key_args = [f"--key={name}={key}"
+                for name, keys in (provider_keys or {}).items() for key in keys]
+    argv = [sys.executable, "-m", "devtools.fake_provider", "--host", LOOPBACK,
+            "--port", str(port), *key_args,
+            *(["--replay-dir", str(replay_dir)] if replay_dir is not None else [])]
+    return ManagedProcess("fake-provider", argv, workdir, env=harness_env())
 
 
 def wait_ready(url: str, process: ManagedProcess, timeout: float = 20.0) -> None:
@@ -122,17 +136,17 @@ def running_stack(workdir: Path, issuer: DevIssuer, config: dict[str, Any],
     """
     if provider_keys is None:
         provider_keys = {name: (key,) for name, key in DEMO_PROVIDER_KEYS.items()}
-    key_args = [f"--key={name}={key}" for name, keys in provider_keys.items() for key in keys]
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "sidecar.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     with ExitStack() as stack:
         provider_port = free_port()
-        argv = ([*provider_argv, "--port", str(provider_port)] if provider_argv is not None
-                else [sys.executable, "-m", "sidecar.fake_provider", "--host", LOOPBACK,
-                      "--port", str(provider_port), *key_args,
-                      *(["--replay-dir", str(replay_dir)] if replay_dir is not None else [])])
-        provider = stack.enter_context(ManagedProcess("fake-provider", argv, workdir).start())
+        if provider_argv is None:
+            upstream = fake_provider_process(workdir, provider_port, provider_keys, replay_dir)
+        else:
+            argv = [*provider_argv, "--port", str(provider_port)]
+            upstream = ManagedProcess("fake-provider", argv, workdir, env=harness_env())
+        provider = stack.enter_context(upstream.start())
         wait_for_port(LOOPBACK, provider_port, 20, process=provider)
         sidecars = []
         grpc_port = free_port()

@@ -17,10 +17,10 @@ from typing import Any
 
 import yaml
 
+from devtools import ROOT
 from sidecar.envoy.attach import DEFAULT_MAX_CHECKS, Piece, attach_pieces, mtls_socket
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_SOURCE = REPO_ROOT / "deploy" / "envoy" / "envoy.yaml"
+DEFAULT_SOURCE = ROOT / "deploy" / "envoy" / "envoy.yaml"
 
 HCM_FILTER = "envoy.filters.network.http_connection_manager"
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -32,7 +32,7 @@ def load_envoy_config(source: Path | None = None) -> EnvoyConfig:
     """Parse the deployed Envoy config (or `source`) into a plain dict."""
     path = source if source is not None else DEFAULT_SOURCE
     if not path.is_file():
-        where = "" if source is not None else f" (deploy/envoy/envoy.yaml under {REPO_ROOT})"
+        where = "" if source is not None else f" (deploy/envoy/envoy.yaml under {ROOT})"
         raise FileNotFoundError(f"Envoy config not found at {path}{where}")
     loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
     if not isinstance(loaded, dict):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sidecar.demo.keys import DevIssuer
+from devtools.keys import DevIssuer
 
 # The demo's provider keys: what the sidecar injects and the fake provider expects. Local
 # stand-ins for the organisation's real keys, which a deployment mounts as a Secret.

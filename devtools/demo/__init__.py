@@ -1,0 +1,1 @@
+"""The demo: the whole product on this machine (`scripts/demo.sh`)."""

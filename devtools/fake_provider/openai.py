@@ -1,0 +1,162 @@
+"""OpenAI's shapes: Chat Completions and Responses (JSON and SSE), embeddings, errors."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from devtools.fake_provider.reply import Reply, sse
+from sidecar.model import TokenUsage
+
+
+def _chat_usage(usage: TokenUsage) -> dict[str, Any]:
+    return {
+        "prompt_tokens": usage.total_input,
+        "completion_tokens": usage.output_tokens,
+        "total_tokens": usage.total_input + usage.output_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cache_read_tokens, "audio_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0},
+    }
+
+
+def _responses_usage(usage: TokenUsage) -> dict[str, Any]:
+    return {
+        "input_tokens": usage.total_input,
+        "input_tokens_details": {"cached_tokens": usage.cache_read_tokens},
+        "output_tokens": usage.output_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": usage.total_input + usage.output_tokens,
+    }
+
+
+def _stop(reply: Reply) -> str:
+    return "length" if reply.limited else "stop"
+
+
+def _chat_base(reply: Reply, kind: str) -> dict[str, Any]:
+    return {
+        "id": f"chatcmpl-{reply.id}",
+        "object": kind,
+        "created": reply.created,
+        "model": reply.model,
+        "system_fingerprint": "fp_fake",
+    }
+
+
+def chat_json(reply: Reply) -> dict[str, Any]:
+    message = {"role": "assistant", "content": reply.text, "refusal": None}
+    return {
+        **_chat_base(reply, "chat.completion"),
+        "choices": [
+            {"index": 0, "message": message, "logprobs": None, "finish_reason": _stop(reply)}
+        ],
+        "usage": _chat_usage(reply.usage),
+    }
+
+
+def chat_frames(reply: Reply) -> Iterator[bytes]:
+    options = reply.body.get("stream_options")
+    with_usage = isinstance(options, dict) and options.get("include_usage") is True
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        frame = {**_chat_base(reply, "chat.completion.chunk"), "choices": [choice]}
+        if with_usage:
+            frame["usage"] = None
+        return sse(frame)
+
+    yield chunk({"role": "assistant", "content": "", "refusal": None})
+    for word in reply.words:
+        yield chunk({"content": word})
+    yield chunk({}, _stop(reply))
+    if with_usage:
+        base = _chat_base(reply, "chat.completion.chunk")
+        yield sse({**base, "choices": [], "usage": _chat_usage(reply.usage)})
+    yield b"data: [DONE]\n\n"
+
+
+def _item(reply: Reply, status: str) -> dict[str, Any]:
+    done = status == "completed"
+    part = {"type": "output_text", "text": reply.text, "annotations": [], "logprobs": []}
+    return {
+        "id": f"msg_{reply.id}",
+        "type": "message",
+        "status": status,
+        "role": "assistant",
+        "content": [part] if done else [],
+    }
+
+
+def _response(reply: Reply, status: str, output: list[dict[str, Any]]) -> dict[str, Any]:
+    done = status == "completed"
+    return {
+        "id": f"resp_{reply.id}",
+        "object": "response",
+        "created_at": reply.created,
+        "status": status,
+        "error": None,
+        "incomplete_details": None,
+        "instructions": reply.body.get("instructions"),
+        "max_output_tokens": reply.body.get("max_output_tokens"),
+        "model": reply.model,
+        "output": output,
+        "parallel_tool_calls": True,
+        "previous_response_id": None,
+        "reasoning": {"effort": None, "summary": None},
+        "store": True,
+        "temperature": 1.0,
+        "text": {"format": {"type": "text"}},
+        "tool_choice": "auto",
+        "tools": [],
+        "top_p": 1.0,
+        "truncation": "disabled",
+        "usage": _responses_usage(reply.usage) if done else None,
+        "metadata": {},
+    }
+
+
+def responses_json(reply: Reply) -> dict[str, Any]:
+    return _response(reply, "completed", [_item(reply, "completed")])
+
+
+def responses_frames(reply: Reply) -> Iterator[bytes]:
+    sequence = itertools.count()
+
+    def event(kind: str, **fields: Any) -> bytes:
+        return sse({"type": kind, "sequence_number": next(sequence), **fields}, kind)
+
+    at = {"item_id": f"msg_{reply.id}", "output_index": 0, "content_index": 0}
+    empty_part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+    yield event("response.created", response=_response(reply, "in_progress", []))
+    yield event("response.in_progress", response=_response(reply, "in_progress", []))
+    yield event("response.output_item.added", output_index=0,
+                item=_item(reply, "in_progress"))
+    yield event("response.content_part.added", **at, part=empty_part)
+    for word in reply.words:
+        yield event("response.output_text.delta", **at, delta=word, logprobs=[])
+    yield event("response.output_text.done", **at, text=reply.text, logprobs=[])
+    done = _item(reply, "completed")
+    yield event("response.content_part.done", **at, part=done["content"][0])
+    yield event("response.output_item.done", output_index=0, item=done)
+    yield event("response.completed", response=_response(reply, "completed", [done]))
+
+
+def embeddings_json(model: str, body: Mapping[str, Any], usage: TokenUsage) -> dict[str, Any]:
+    inputs = body.get("input")
+    count = len(inputs) if isinstance(inputs, list) else 1
+    return {
+        "object": "list",
+        "data": [{"object": "embedding", "index": i, "embedding": [0.0, 0.5, -0.5]}
+                 for i in range(count)],
+        "model": model,
+        "usage": {"prompt_tokens": usage.input_tokens, "total_tokens": usage.input_tokens},
+    }
+
+
+def error(status: int, message: str) -> dict[str, Any]:
+    if status == 429:
+        kind, code = "requests", "rate_limit_exceeded"
+    else:
+        kind, code = ("server_error" if status >= 500 else "invalid_request_error"), None
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}

@@ -1,1 +1,0 @@
-"""Local demo helpers: run Envoy and the sidecar on loopback without touching real providers."""
