@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --for-tests
 .venv/bin/ruff check sidecar devtools tests bench
-.venv/bin/mypy sidecar devtools tests
+.venv/bin/mypy sidecar devtools tests bench
 exec .venv/bin/pytest -q "$@"

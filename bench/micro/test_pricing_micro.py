@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pytest_benchmark.fixture import BenchmarkFixture
 
+from bench.micro.timing import median_seconds
 from sidecar.pricing import PriceBook
 
 MODELS = [("openai", "gpt-4o-mini"), ("anthropic", "claude-haiku-4-5"),
@@ -21,7 +22,7 @@ def test_price_cached(benchmark: BenchmarkFixture) -> None:
             book.price(provider, model)
 
     benchmark(lookups)
-    benchmark.extra_info["per_lookup_us"] = round(benchmark.stats.stats.median / 1000 * 1e6, 3)
+    benchmark.extra_info["per_lookup_us"] = round(median_seconds(benchmark) / 1000 * 1e6, 3)
 
 
 def test_price_first_lookup(benchmark: BenchmarkFixture) -> None:

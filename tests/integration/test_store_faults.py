@@ -139,8 +139,8 @@ def test_sidecar_sigkill_keeps_committed_charges(tmp_path: Path, issuer: DevIssu
         # Every reservation the killed process made must be charged exactly once, including
         # those whose response never reached the client: count what reached the database
         # (a log line written after the reservation can be cut off by the kill).
-        with sqlite3.connect(workdir / "s.db") as db:
-            admitted = db.execute("SELECT COUNT(*) FROM reservations").fetchone()[0]
+        with sqlite3.connect(workdir / "s.db") as connection:
+            admitted = connection.execute("SELECT COUNT(*) FROM reservations").fetchone()[0]
         assert seen_ok <= admitted <= seen_ok + 5
         grpc_port = stack.grpc_port
         http_port = int(stack.admin_url.rsplit(":", 1)[1])

@@ -7,6 +7,7 @@ from decimal import ROUND_CEILING
 
 from genai_prices import Usage, calc_price
 from google.rpc import code_pb2
+from openai.types.chat import ChatCompletionMessageParam
 
 from devtools.fake_provider import expected_usage
 from devtools.keys import DevIssuer
@@ -16,7 +17,8 @@ from tests.security.conftest import REPLAY_MODEL, check, micros, openai_client, 
 from tests.support.ledger import charged
 
 MODEL = "gpt-4o-mini"
-MESSAGES: list[dict[str, str]] = [{"role": "user", "content": "Say a few words, please."}]
+MESSAGES: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "Say a few words, please."}]
 SLOW = {"x-fake-delay-ms": "300"}
 
 
@@ -31,7 +33,7 @@ def test_include_usage_false_is_still_charged_its_real_usage(stack: Stack,
                                                              issuer: DevIssuer) -> None:
     email = user("no-usage")
     stream = openai_client(stack, issuer.mint(email)).chat.completions.create(
-        model=MODEL, messages=MESSAGES, max_tokens=12, stream=True,  # type: ignore[arg-type]
+        model=MODEL, messages=MESSAGES, max_tokens=12, stream=True,
         stream_options={"include_usage": False})
     chunks = list(stream)
     # The client gets what it asked for: no usage event...
@@ -60,7 +62,7 @@ def test_hanging_up_before_the_usage_pays_for_the_text_received(stack: Stack,
     # No output limit named: the reservation holds default_max_output_tokens (2), while
     # the model writes 20 tokens. Hanging up before the usage event must not cap the charge.
     stream = openai_client(stack, issuer.mint(email), **SLOW).chat.completions.create(
-        model=MODEL, messages=MESSAGES, stream=True)  # type: ignore[arg-type]
+        model=MODEL, messages=MESSAGES, stream=True)
     received = ""
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:

@@ -191,7 +191,7 @@ def test_one_hour_cache_writes_cost_the_one_hour_rate() -> None:
 
 def test_anthropic_web_searches_cost_ten_dollars_per_thousand() -> None:
     # The case: a stream with 10 searches was $0.10 short.
-    events = [
+    events: list[dict[str, Any]] = [
         {"type": "message_start", "message": {"usage": {"input_tokens": 2037,
                                                         "output_tokens": 1}}},
         {"type": "message_delta", "usage": {"input_tokens": 15665, "output_tokens": 795,

@@ -314,7 +314,8 @@ async def test_refresh_token_rotates_once_and_a_replay_revokes_the_session(
     first = await issued_for(login, clock)
     assert first.refresh_token and first.session
     auth = Authenticator(verifier(login, clock), None, login.sessions)
-    assert (await auth.identify(bearer(first.access_token)))[0].session == first.session
+    identified = await auth.identify(bearer(first.access_token))
+    assert identified is not None and identified[0].session == first.session
     clock.now += 600
     second = await login.refresh(first.refresh_token, 3600)
     assert isinstance(second, IssuedToken) and second.refresh_token != first.refresh_token

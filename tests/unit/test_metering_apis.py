@@ -89,7 +89,7 @@ def _chunk_event(event: dict[str, Any]) -> bytes:
     return eventstream_message("chunk", {"bytes": encoded, "p": "abc"})
 
 
-INVOKE_STREAM = b"".join(_chunk_event(e) for e in [
+INVOKE_EVENTS: list[dict[str, Any]] = [
     {"type": "message_start", "message": {**INVOKE_JSON, "content": [],
                                           "usage": {"input_tokens": 22, "output_tokens": 1}}},
     {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
@@ -99,7 +99,8 @@ INVOKE_STREAM = b"".join(_chunk_event(e) for e in [
     {"type": "message_stop", "amazon-bedrock-invocationMetrics": {
         "inputTokenCount": 22, "outputTokenCount": 5, "invocationLatency": 300,
         "firstByteLatency": 90}},
-])
+]
+INVOKE_STREAM = b"".join(_chunk_event(e) for e in INVOKE_EVENTS)
 
 EMBEDDINGS_JSON = {
     "object": "list",

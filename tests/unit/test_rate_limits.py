@@ -256,8 +256,10 @@ async def test_budgets_and_simulate_report_each_rule_in_its_unit(store: SQLiteSt
 
 def test_a_rule_needs_exactly_one_unit() -> None:
     base = {"name": "r", "window": {"rolling": "10s"}}
-    for bad in ({}, {"budget_usd": 1, "tokens": 5}, {"tokens": 5, "requests": 1},
-                {"tokens": {}}, {"requests": 1.5}, {"tokens": True}, {"requests": -1}):
+    bad_units: list[dict[str, Any]] = [
+        {}, {"budget_usd": 1, "tokens": 5}, {"tokens": 5, "requests": 1}, {"tokens": {}},
+        {"requests": 1.5}, {"tokens": True}, {"requests": -1}]
+    for bad in bad_units:
         with pytest.raises(ValidationError):
             SpendLimitConfig.model_validate({**base, **bad})
     for good in ({"budget_usd": 1}, {"tokens": 5}, {"tokens": {"output": 5}},
@@ -324,7 +326,7 @@ async def test_spool_replays_a_fail_open_admission_into_token_buckets(
                                             dims, tokens=(40, 200)))
         await spool.admitted(ReserveRequest("b", (view, requests), 500, "reserve", T0, T0 + 1,
                                             dims, tokens=(40, 200)))
-        await spool.completed("b", 90, TokenUsage(40, 10), (40, 10))
+        await spool.completed("b", 90, TokenUsage(40, 10), tokens=(40, 10))
         # "a" never completed: charged its estimate, in tokens too; "b" its actual usage.
         assert await spool.replay(store, T0 + 2) == 2
     finally:
