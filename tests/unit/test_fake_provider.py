@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -309,9 +310,11 @@ def test_runs_as_a_module(tmp_path: Path) -> None:
     sock = _free_socket()
     port = sock.getsockname()[1]
     sock.close()
-    # From another directory: the harness finds itself through harness_env's PYTHONPATH.
+    # From another directory and without the PYTHONPATH a test run may have: the harness
+    # (not installed) finds itself through harness_env alone, as on a fresh clone.
+    fresh = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     command = [sys.executable, "-m", "devtools.fake_provider", "--host", "127.0.0.1"]
-    process = subprocess.Popen([*command, "--port", str(port)], env=harness_env(),
+    process = subprocess.Popen([*command, "--port", str(port)], env=harness_env(fresh),
                                cwd=tmp_path)
     try:
         deadline = time.monotonic() + 15
