@@ -89,8 +89,8 @@ def _reply_body(api: Api, body: dict[str, Any], stream: bool
     """(JSON payload, stream frames or None, stream media type) of a valid call."""
     sse = "text/event-stream"
     if api == "openai_embeddings":
-        return openai.embeddings_json(str(body["model"]), body, expected_usage(api, body)), \
-            None, sse
+        usage = expected_usage(api, body)
+        return openai.embeddings_json(str(body["model"]), body, usage), None, sse
     if api in ("openai_chat", "openai_responses", "anthropic_messages", "bedrock_invoke"):
         reply = Reply.of("anthropic_messages" if api == "bedrock_invoke" else api, body)
         if api == "openai_chat":
