@@ -107,7 +107,7 @@ async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
 
 def engine(rs: RuleSet, store: SQLiteStore) -> Engine:
     auth = FixedAuth()
-    return Engine(RuleSetHolder(rs), store, lambda _: auth,  # type: ignore[arg-type,return-value]
+    return Engine(RuleSetHolder(rs), store, lambda _: auth,
                   clock=lambda: NOW)
 
 

@@ -51,7 +51,7 @@ async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
 
 def engine(rs: RuleSet, store: SQLiteStore, identity: Identity = ALICE) -> Engine:
     auth = FixedAuth(identity)
-    return Engine(RuleSetHolder(rs), store, lambda _: auth, clock=lambda: NOW)  # type: ignore[arg-type,return-value]
+    return Engine(RuleSetHolder(rs), store, lambda _: auth, clock=lambda: NOW)
 
 
 def attrs(model: str, rid: str, max_tokens: int = 1) -> RequestAttrs:

@@ -63,7 +63,7 @@ async def test_series_do_not_grow_with_ten_thousand_users(store: SQLiteStore) ->
     }))
     auth = HeaderAuth()
     now = time.time()
-    engine = Engine(RuleSetHolder(rs), store, lambda _: auth, clock=lambda: now)  # type: ignore[arg-type,return-value]
+    engine = Engine(RuleSetHolder(rs), store, lambda _: auth, clock=lambda: now)
 
     async def call(user: str) -> None:
         decision = await engine.check(RequestAttrs(

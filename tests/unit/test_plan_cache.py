@@ -41,7 +41,7 @@ def _engine(rs: RuleSet, store: SQLiteStore, clock: Clock,
             runtime: list[tuple[Rule, ...]] | None = None) -> Engine:
     auth = FixedAuth(ALICE)
     extra = runtime if runtime is not None else [()]
-    return Engine(RuleSetHolder(rs), store, lambda _: auth,  # type: ignore[arg-type,return-value]
+    return Engine(RuleSetHolder(rs), store, lambda _: auth,
                   runtime_rules=lambda: extra[0], clock=clock)
 
 

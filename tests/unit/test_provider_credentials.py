@@ -161,7 +161,7 @@ async def test_decision_sets_the_key_keeps_it_out_of_logs_and_removals(
             return ALICE, ("authorization",)
 
     store = SQLiteStore(f"sqlite:///{tmp_path}/e.db")
-    engine = Engine(RuleSetHolder(rs), store, lambda _: Auth())  # type: ignore[arg-type,return-value]
+    engine = Engine(RuleSetHolder(rs), store, lambda _: Auth())
     body = json.dumps({"model": "gpt-4o-mini", "messages": []}).encode()
     attrs = RequestAttrs("POST", "/openai/v1/chat/completions",
                          {"authorization": "Bearer caller-jwt"}, body, "r1")

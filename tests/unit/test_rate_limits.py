@@ -69,7 +69,7 @@ async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
 
 def engine(rs: RuleSet, store: SQLiteStore, clock: Clock) -> Engine:
     auth = FixedAuth()
-    return Engine(RuleSetHolder(rs), store, lambda _: auth,  # type: ignore[arg-type,return-value]
+    return Engine(RuleSetHolder(rs), store, lambda _: auth,
                   clock=clock)
 
 
@@ -302,7 +302,7 @@ async def test_alerts_report_token_rules_in_tokens(store: SQLiteStore) -> None:
     holder = RuleSetHolder(rs)
     alerts = Alerts(store, holder, clock, post)
     auth = FixedAuth()
-    eng = Engine(holder, store, lambda _: auth, alerts=alerts,  # type: ignore[arg-type,return-value]
+    eng = Engine(holder, store, lambda _: auth, alerts=alerts,
                  clock=clock)
     assert (await eng.check(attrs(max_tokens=100))).allowed
     await alerts.drain()
