@@ -32,8 +32,8 @@ import redis
 import structlog
 
 from bench import redis_cpu
-from sidecar.demo.config import demo_key_env
-from sidecar.demo.procs import start_redis
+from devtools.config import demo_key_env
+from devtools.procs import start_redis
 from sidecar.store import redis_script
 
 Call = tuple[str, list[str], list[str]]  # script source, keys, args

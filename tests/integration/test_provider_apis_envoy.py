@@ -29,11 +29,8 @@ from devtools.keys import DevIssuer
 from devtools.stack import Stack, running_stack
 from sidecar.metering.parse import Api
 from sidecar.model import TokenUsage
-from tests.integration.test_metering_envoy import (
-    assert_charged,
-    charged,
-    price_micros,
-)
+from tests.integration.test_metering_envoy import assert_charged, price_micros
+from tests.support.ledger import charged
 
 LIMITS = [
     {"name": "per-user-daily", "budget_usd": 5, "window": {"fixed": "daily"},

@@ -28,7 +28,7 @@ from google.genai import types as genai_types
 from devtools.config import demo_config
 from devtools.keys import DevIssuer
 from devtools.stack import Stack, running_stack
-from tests.integration.test_metering_envoy import admin_get, eventually
+from tests.support.ledger import admin_get, eventually
 
 RECORDED = Path(__file__).parents[1] / "fixtures" / "recorded"
 MANIFEST: list[dict[str, Any]] = json.loads(

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from decimal import Decimal
 from typing import Any, TypeVar
 
-from sidecar.demo.stack import Stack
+from devtools.stack import Stack
 
 T = TypeVar("T")
 
