@@ -9,7 +9,6 @@ is revoked, and with it every access token it issued.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import secrets
 import time
@@ -18,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from sidecar.identity.secret_hash import secret_hash
 from sidecar.store.base import Doc, DocumentStore
 
 COLLECTION = "cli_sessions"
@@ -30,10 +30,6 @@ MAX_REFRESH_BYTES = 256
 
 Scope = Literal["", "admin"]
 RefreshError = Literal["invalid_grant", "reused"]
-
-
-def _hash(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -61,7 +57,7 @@ class CliSessions:
         doc = {"id": sid, "subject": subject, "email": email, "groups": list(groups),
                "issuer": issuer, "scope": scope, "client": client[:200], "created_at": now,
                "expires_at": now + ttl_seconds, "last_refreshed_at": None,
-               "revoked_at": None, "revoked_by": None, "refresh_hash": _hash(secret)}
+               "revoked_at": None, "revoked_by": None, "refresh_hash": secret_hash(secret)}
         await self._store.put_doc(COLLECTION, sid, doc, ttl_seconds + RETAIN_REVOKED_SECONDS,
                                   now=now)
         return doc, f"{sid}.{secret}"
@@ -77,11 +73,11 @@ class CliSessions:
             return "invalid_grant"
         if doc["revoked_at"] is not None or doc["expires_at"] <= now:
             return "invalid_grant"
-        if not hmac.compare_digest(_hash(secret), doc["refresh_hash"]):
+        if not hmac.compare_digest(secret_hash(secret), doc["refresh_hash"]):
             await self.revoke(sid, "reuse-detected")
             return "reused"
         fresh = secrets.token_urlsafe(32)
-        new = {**doc, "refresh_hash": _hash(fresh), "last_refreshed_at": now}
+        new = {**doc, "refresh_hash": secret_hash(fresh), "last_refreshed_at": now}
         ttl = max(1, int(doc["expires_at"] - now)) + RETAIN_REVOKED_SECONDS
         if not await self._store.swap_doc(COLLECTION, sid, doc, new, ttl, now=now):
             # Someone else used this very token at the same moment: one of the two is a copy.
@@ -115,7 +111,7 @@ class CliSessions:
         if not sid or not secret or len(refresh_token) > MAX_REFRESH_BYTES:
             return None
         doc = await self._store.get_doc(COLLECTION, sid, now=self._clock())
-        if doc is None or not hmac.compare_digest(_hash(secret), doc["refresh_hash"]):
+        if doc is None or not hmac.compare_digest(secret_hash(secret), doc["refresh_hash"]):
             return None
         return await self.revoke(sid, by)
 

@@ -7,7 +7,6 @@ enough (there is nothing to brute-force), and comparison is constant-time.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import secrets
 import time
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sidecar.identity.errors import AuthError
+from sidecar.identity.secret_hash import secret_hash
 from sidecar.model import Identity
 from sidecar.store.base import DocumentStore
 
@@ -29,10 +29,6 @@ NAMES = "service_token_names"
 CACHE_SECONDS = 0.5
 # Last-use times are written at most this often per token, off the request path.
 LAST_USED_WRITE_SECONDS = 60.0
-
-
-def _hash(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -78,7 +74,7 @@ class ServiceTokens:
             "id": token_id,
             "name": name,
             "client_id": client_id,
-            "secret_hash": _hash(secret),
+            "secret_hash": secret_hash(secret),
             "groups": list(groups),
             "created_at": now,
             "expires_at": expires,
@@ -103,7 +99,7 @@ class ServiceTokens:
             return None
         secret = secrets.token_urlsafe(32)
         now = self._clock()
-        new = {**doc, "secret_hash": _hash(secret), "rotated_at": now}
+        new = {**doc, "secret_hash": secret_hash(secret), "rotated_at": now}
         if not await self._store.swap_doc(COLLECTION, doc["client_id"], doc, new, now=now):
             return None
         self._cache.pop(doc["client_id"], None)
@@ -154,8 +150,8 @@ class ServiceTokens:
             raise AuthError("malformed", "service token too long")
         doc = await self._lookup(client_id)
         # Hash even when the id is unknown so timing says nothing about which ids exist.
-        presented = _hash(client_secret)
-        expected = doc["secret_hash"] if doc else _hash("")
+        presented = secret_hash(client_secret)
+        expected = doc["secret_hash"] if doc else secret_hash("")
         if doc is None or not hmac.compare_digest(presented, expected):
             raise AuthError("bad_service_token", "unknown client id or wrong secret")
         now = self._clock()

@@ -170,6 +170,15 @@ def _commit_args(charge: Charge, now: float) -> list[str | int]:
     ]
 
 
+def _sum_answered(replies: Sequence[int | BaseException]) -> int:
+    """The sum over the shards that answered; an error only when none did."""
+    answered = [r for r in replies if isinstance(r, int)]
+    errors = [r for r in replies if isinstance(r, BaseException)]
+    if errors and not answered:
+        raise errors[0]
+    return sum(answered)
+
+
 class RedisStore:
     """The `Store` Protocol on one Redis (or one Redis Cluster shard for budgets)."""
 
@@ -673,15 +682,10 @@ class RedisStore:
         shares = dict.fromkeys(tags, limit)
         if len(tags) > 1:
             shares = await self._oldest_first(tags, now, limit)
-        replies = await asyncio.gather(
+        # A shard that is down is swept once it is back; the others are swept now.
+        return _sum_answered(await asyncio.gather(
             *(self._settle_shard(tag, now, shares.get(tag, 0), oldest_hour) for tag in tags),
-            return_exceptions=True)
-        settled = [r for r in replies if isinstance(r, int)]
-        errors = [r for r in replies if isinstance(r, BaseException)]
-        if errors and not settled:
-            raise errors[0]
-        # A shard that is down is swept once it is back; the others were swept now.
-        return sum(settled)
+            return_exceptions=True))
 
     async def _oldest_first(self, tags: list[str], now: float, limit: int) -> dict[str, int]:
         """How many of the `limit` oldest expired reservations, over all shards, each
@@ -735,13 +739,8 @@ class RedisStore:
         """Held reservations over the shards that answer (a shard that is down is left
         out of the count rather than failing it)."""
         tags = await self._all_tags()
-        replies = await asyncio.gather(*(self._count_open(tag) for tag in tags),
-                                       return_exceptions=True)
-        counts = [r for r in replies if isinstance(r, int)]
-        errors = [r for r in replies if isinstance(r, BaseException)]
-        if errors and not counts:
-            raise errors[0]
-        return sum(counts)
+        return _sum_answered(await asyncio.gather(*(self._count_open(tag) for tag in tags),
+                                                  return_exceptions=True))
 
     async def _count_open(self, tag: str) -> int:
         async with self._op():

@@ -4,7 +4,8 @@ limit), list, rotate and revoke by id or name."""
 from __future__ import annotations
 
 import re
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import structlog
 from starlette.requests import Request
@@ -22,6 +23,7 @@ log = structlog.get_logger("sidecar.admin")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 _GROUP = re.compile(r"^[^\x00-\x1f,]{1,128}$")
 CALENDAR = ("daily", "weekly", "monthly")
+T = TypeVar("T")
 
 
 def parse_create(data: dict[str, Any]) -> tuple[str, list[str], int | None]:
@@ -93,13 +95,21 @@ def routes(services: Services) -> list[Route]:
         return ok(tokens, result_info={"page": 1, "per_page": len(tokens),
                                        "total_count": len(tokens), "has_more": False})
 
-    async def revoke(request: Request) -> JSONResponse:
+    async def changed(request: Request, change: Callable[[str], Awaitable[T | None]],
+                      missing: str) -> tuple[str, dict[str, Any], T]:
+        """The admin, the token named in the path as it was, and what `change` made of it
+        (404 with `missing` when there is no such token or `change` found none)."""
         admin = await require_admin(services, request)
         ref = request.path_params["token_id"]
         before = await services.service_tokens.find(ref)
-        revoked = await services.service_tokens.revoke(ref)
-        if revoked is None or before is None:
-            raise ApiError(404, f"no service token with id or name {ref!r}")
+        after = await change(ref)
+        if after is None or before is None:
+            raise ApiError(404, f"no {missing} with id or name {ref!r}")
+        return admin, before, after
+
+    async def revoke(request: Request) -> JSONResponse:
+        admin, before, revoked = await changed(request, services.service_tokens.revoke,
+                                               "service token")
         log.info("service_token_revoked", id=revoked["id"], name=revoked["name"], by=admin)
         if before["revoked_at"] is None:
             await services.audit(admin, "service_token.revoke", revoked["name"],
@@ -107,12 +117,8 @@ def routes(services: Services) -> list[Route]:
         return ok(revoked)
 
     async def rotate(request: Request) -> JSONResponse:
-        admin = await require_admin(services, request)
-        ref = request.path_params["token_id"]
-        before = await services.service_tokens.find(ref)
-        issued = await services.service_tokens.rotate(ref)
-        if issued is None or before is None:
-            raise ApiError(404, f"no live service token with id or name {ref!r}")
+        admin, before, issued = await changed(request, services.service_tokens.rotate,
+                                              "live service token")
         log.info("service_token_rotated", id=issued.id, name=issued.name, by=admin)
         after = await services.service_tokens.find(issued.id)
         await services.audit(admin, "service_token.rotate", issued.name, public_view(before),

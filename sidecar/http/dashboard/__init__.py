@@ -12,12 +12,16 @@ and the filters `user`, `group`, `model` (exact values).
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
 import structlog
 from starlette.datastructures import QueryParams
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from sidecar.engine import Engine
 from sidecar.http.admin.usage import UsageQuery, parse_usage_query
 from sidecar.http.auth import require_admin
 from sidecar.http.dashboard.charts import esc
@@ -30,11 +34,13 @@ from sidecar.http.dashboard.session import (
     DashboardSessions,
 )
 from sidecar.http.envelope import ApiError, ok
+from sidecar.metering.ledger import Window
 from sidecar.services import Services
 
 log = structlog.get_logger("sidecar.dashboard")
 
 FILTERS = ("user", "group", "model")
+T = TypeVar("T")
 PARAMS = frozenset({"window", "start", "end", *FILTERS})
 # No script runs and nothing loads from elsewhere; the page cannot be framed.
 HEADERS = {
@@ -85,24 +91,24 @@ def routes(services: Services) -> list[Route]:
             items.append(("window", "day"))
         return parse_usage_query(QueryParams(items), int(now())), filters
 
-    async def dashboard(request: Request) -> HTMLResponse:
-        try:
-            query, filters = await query_of(request)
-        except ApiError as exc:
-            return _error_page(exc.status, exc.message)
-        assert query.window is not None
-        data = await gather(services.engine, query.window, query.start, query.end, filters)
-        return HTMLResponse(render(data), headers=HEADERS)
+    def view(build: Callable[[Engine, Window, int, int, dict[str, str]], Awaitable[T]],
+             respond: Callable[[T], Response]) -> Callable[[Request], Awaitable[Response]]:
+        """A page over the queried range: `build` reads it, `respond` answers with it; a
+        bad query or a caller who may not see it gets an error page."""
+        async def endpoint(request: Request) -> Response:
+            try:
+                query, filters = await query_of(request)
+            except ApiError as exc:
+                return _error_page(exc.status, exc.message)
+            assert query.window is not None
+            return respond(await build(services.engine, query.window, query.start, query.end,
+                                       filters))
+        return endpoint
 
-    async def csv_export(request: Request) -> Response:
-        try:
-            query, filters = await query_of(request)
-        except ApiError as exc:
-            return _error_page(exc.status, exc.message)
-        assert query.window is not None
-        text = await export_csv(services.engine, query.window, query.start, query.end, filters)
-        return Response(text, media_type="text/csv; charset=utf-8", headers={
-            **HEADERS, "content-disposition": 'attachment; filename="llm-spend.csv"'})
+    dashboard = view(gather, lambda data: HTMLResponse(render(data), headers=HEADERS))
+    csv_export = view(export_csv, lambda text: Response(
+        text, media_type="text/csv; charset=utf-8",
+        headers={**HEADERS, "content-disposition": 'attachment; filename="llm-spend.csv"'}))
 
     async def new_link(request: Request) -> JSONResponse:
         admin = await require_admin(services, request)
