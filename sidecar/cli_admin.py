@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
@@ -111,11 +111,21 @@ def limit_row(rule: dict[str, Any]) -> list[str]:
 LIMIT_HEADERS = ("NAME", "SOURCE", "LIMIT", "WINDOW", "FILTER", "SPLIT", "ACTION")
 
 
-def cmd_limits_list(args: argparse.Namespace) -> int:
-    rules = admin_client(args.url).call("GET", "/v1/spend-limits")
-    emit(rules, args.json, table(LIMIT_HEADERS, [limit_row(r) for r in rules],
-                                 "No spend limits."))
+def _answer(args: argparse.Namespace, method: str, path: str, text: Callable[[Any], str],
+            body: dict[str, Any] | None = None) -> int:
+    """One admin call, its answer printed: as JSON with --json, else as `text` makes it."""
+    result = admin_client(args.url).call(method, path, body)
+    emit(result, args.json, text(result))
     return 0
+
+
+def cmd_limits_list(args: argparse.Namespace) -> int:
+    return _answer(args, "GET", "/v1/spend-limits", lambda rules: table(
+        LIMIT_HEADERS, [limit_row(r) for r in rules], "No spend limits."))
+
+
+def _limit_path(args: argparse.Namespace) -> str:
+    return f"/v1/spend-limits/{quote(args.name, safe='')}"
 
 
 def _shown(rule: dict[str, Any]) -> str:
@@ -123,9 +133,7 @@ def _shown(rule: dict[str, Any]) -> str:
 
 
 def cmd_limits_show(args: argparse.Namespace) -> int:
-    rule = admin_client(args.url).call("GET", f"/v1/spend-limits/{quote(args.name, safe='')}")
-    emit(rule, args.json, _shown(rule))
-    return 0
+    return _answer(args, "GET", _limit_path(args), _shown)
 
 
 def cmd_limits_create(args: argparse.Namespace) -> int:
@@ -133,27 +141,29 @@ def cmd_limits_create(args: argparse.Namespace) -> int:
             or args.window is None:
         raise LoginError("limits create needs --window and one of --budget-usd, --tokens "
                          "or --requests")
-    rule = admin_client(args.url).call("POST", "/v1/spend-limits", limit_body(args, {}))
-    emit(rule, args.json, f"Created spend limit {rule['name']}.\n{_shown(rule)}")
-    return 0
+    return _answer(args, "POST", "/v1/spend-limits",
+                   lambda rule: f"Created spend limit {rule['name']}.\n{_shown(rule)}",
+                   limit_body(args, {}))
 
 
 def cmd_limits_update(args: argparse.Namespace) -> int:
     client = admin_client(args.url)
-    path = f"/v1/spend-limits/{quote(args.name, safe='')}"
+    path = _limit_path(args)
     rule = client.call("PUT", path, limit_body(args, client.call("GET", path)))
     emit(rule, args.json, f"Updated spend limit {rule['name']}.\n{_shown(rule)}")
     return 0
 
 
 def cmd_limits_delete(args: argparse.Namespace) -> int:
-    result = admin_client(args.url).call("DELETE",
-                                         f"/v1/spend-limits/{quote(args.name, safe='')}")
-    emit(result, args.json, f"Deleted spend limit {args.name}.")
-    return 0
+    return _answer(args, "DELETE", _limit_path(args),
+                   lambda _: f"Deleted spend limit {args.name}.")
 
 
 # -- service tokens --------------------------------------------------------------------
+def _token_path(args: argparse.Namespace) -> str:
+    return f"/v1/service-tokens/{quote(args.token, safe='')}"
+
+
 def _secret_lines(result: dict[str, Any]) -> list[str]:
     return [f"  CF-Access-Client-Id:     {result['client_id']}",
             f"  CF-Access-Client-Secret: {result['client_secret']}",
@@ -197,19 +207,14 @@ def cmd_tokens_list(args: argparse.Namespace) -> int:
 
 
 def cmd_tokens_revoke(args: argparse.Namespace) -> int:
-    result = admin_client(args.url).call("DELETE",
-                                         f"/v1/service-tokens/{quote(args.token, safe='')}")
-    emit(result, args.json, f"Revoked {result['name']} ({result['id']})")
-    return 0
+    return _answer(args, "DELETE", _token_path(args),
+                   lambda result: f"Revoked {result['name']} ({result['id']})")
 
 
 def cmd_tokens_rotate(args: argparse.Namespace) -> int:
-    result = admin_client(args.url).call(
-        "POST", f"/v1/service-tokens/{quote(args.token, safe='')}/rotate", {})
-    emit(result, args.json, "\n".join([f"New secret for {result['name']} (id {result['id']}); "
-                                       "the old one no longer works.",
-                                       *_secret_lines(result)]))
-    return 0
+    return _answer(args, "POST", f"{_token_path(args)}/rotate", lambda result: "\n".join([
+        f"New secret for {result['name']} (id {result['id']}); the old one no longer works.",
+        *_secret_lines(result)]), {})
 
 
 # -- audit and dashboard ---------------------------------------------------------------

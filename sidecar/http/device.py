@@ -160,12 +160,7 @@ def routes(services: Services) -> list[BaseRoute]:
                         "in with their own account can approve a terminal login.</p>", 403)
         return identity
 
-    async def code(request: Request) -> Response:
-        login = device_login()
-        try:
-            params = await read_params(request)
-        except BadParams as exc:
-            return oauth_error("invalid_request", str(exc))
+    async def code(request: Request, login: DeviceLogin, params: dict[str, str]) -> Response:
         scope = params.get("scope", "")
         if scope not in ("", "llm", "admin"):
             return oauth_error("invalid_scope", "scope must be llm or admin")
@@ -184,12 +179,7 @@ def routes(services: Services) -> list[BaseRoute]:
             "expires_in": round(grant.expires_at - grant.created_at),
             "interval": grant.interval}, headers=_NO_STORE)
 
-    async def token(request: Request) -> Response:
-        login = device_login()
-        try:
-            params = await read_params(request)
-        except BadParams as exc:
-            return oauth_error("invalid_request", str(exc))
+    async def token(request: Request, login: DeviceLogin, params: dict[str, str]) -> Response:
         if params.get("grant_type") == REFRESH_GRANT:
             return await refreshed(login, params)
         if params.get("grant_type") != GRANT_TYPE:
@@ -236,13 +226,8 @@ def routes(services: Services) -> list[BaseRoute]:
         log.info("device_token_refreshed", email=result.approver.email, session=result.session)
         return token_answer(result)
 
-    async def revoke(request: Request) -> Response:
+    async def revoke(request: Request, login: DeviceLogin, params: dict[str, str]) -> Response:
         # RFC 7009: the answer is the same whether or not the token was known.
-        login = device_login()
-        try:
-            params = await read_params(request)
-        except BadParams as exc:
-            return oauth_error("invalid_request", str(exc))
         done = await login.sessions.revoke_by_refresh(params.get("token", ""), "logout")
         if done is not None:
             log.info("cli_session_logged_out", session=done[1]["id"], email=done[1]["email"])
@@ -377,6 +362,19 @@ def routes(services: Services) -> list[BaseRoute]:
         keys = await device_login().keys.jwks()
         return JSONResponse(keys, headers={"Cache-Control": "public, max-age=60"})
 
+    def oauth(handler: Callable[[Request, DeviceLogin, dict[str, str]], Awaitable[Response]],
+              ) -> Callable[[Request], Awaitable[Response]]:
+        """An OAuth endpoint of device login, given its parameters; a body that cannot be
+        read as parameters is answered `invalid_request`."""
+        async def endpoint(request: Request) -> Response:
+            login = device_login()
+            try:
+                params = await read_params(request)
+            except BadParams as exc:
+                return oauth_error("invalid_request", str(exc))
+            return await handler(request, login, params)
+        return endpoint
+
     def unavailable(handler: Callable[[Request], Awaitable[Response]],
                     oauth: bool) -> Callable[[Request], Awaitable[Response]]:
         async def guarded(request: Request) -> Response:
@@ -391,9 +389,9 @@ def routes(services: Services) -> list[BaseRoute]:
         return guarded
 
     return [
-        Route("/device/code", unavailable(code, True), methods=["POST"]),
-        Route("/device/token", unavailable(token, True), methods=["POST"]),
-        Route("/device/revoke", unavailable(revoke, True), methods=["POST"]),
+        Route("/device/code", unavailable(oauth(code), True), methods=["POST"]),
+        Route("/device/token", unavailable(oauth(token), True), methods=["POST"]),
+        Route("/device/revoke", unavailable(oauth(revoke), True), methods=["POST"]),
         Route("/device", unavailable(verify_page, False), methods=["GET"]),
         Route("/device/approve", unavailable(approve, False), methods=["POST"]),
         Route("/.well-known/jwks.json", unavailable(jwks, True), methods=["GET"]),

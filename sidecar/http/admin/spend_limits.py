@@ -74,10 +74,15 @@ async def seed(services: Services, rule: dict[str, Any]) -> None:
     await seed_rules(services.store, compiled, services.engine.clock())
 
 
-async def check_new(services: Services, name: str) -> None:
-    """409 unless a runtime rule named `name` could be created now."""
+def check_writable(services: Services, name: str) -> None:
+    """409 when `name` is a rule from the config file: only runtime rules are written."""
     if name in file_rules(services):
         raise ApiError(409, f"{name!r} is defined in the config file (read-only)")
+
+
+async def check_new(services: Services, name: str) -> None:
+    """409 unless a runtime rule named `name` could be created now."""
+    check_writable(services, name)
     existing = await runtime_rules(services)
     if len(existing) >= MAX_RUNTIME_RULES:
         raise ApiError(409, f"at most {MAX_RUNTIME_RULES} runtime spend limits")
@@ -118,12 +123,16 @@ def routes(services: Services) -> list[Route]:
         rule = validate_rule(await json_object(request))
         return ok(await add_limit(services, admin, rule), status=201)
 
-    async def replace(request: Request) -> JSONResponse:
+    async def editing(request: Request) -> tuple[str, float, str]:
+        """The admin, the time, and the name in the path of a runtime rule to change."""
         admin = await require_admin(services, request)
         now = services.engine.clock()
         name = request.path_params["name"]
-        if name in file_rules(services):
-            raise ApiError(409, f"{name!r} is defined in the config file (read-only)")
+        check_writable(services, name)
+        return admin, now, name
+
+    async def replace(request: Request) -> JSONResponse:
+        admin, now, name = await editing(request)
         data = await json_object(request)
         rule = validate_rule({**data, "name": data.get("name", name)})
         if rule["name"] != name:
@@ -141,11 +150,7 @@ def routes(services: Services) -> list[Route]:
         return ok(shown(rule, "runtime"))
 
     async def delete(request: Request) -> JSONResponse:
-        admin = await require_admin(services, request)
-        now = services.engine.clock()
-        name = request.path_params["name"]
-        if name in file_rules(services):
-            raise ApiError(409, f"{name!r} is defined in the config file (read-only)")
+        admin, now, name = await editing(request)
         current = await services.store.get_doc(SPEND_LIMITS, name, now=now)
         if current is None or not await services.store.swap_doc(SPEND_LIMITS, name, current,
                                                                 None, now=now):
