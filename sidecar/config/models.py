@@ -36,6 +36,11 @@ Algorithm = Literal["RS256", "RS384", "RS512", "ES256", "ES384", "PS256", "EdDSA
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    def _exactly_one(self, first: str, second: str) -> None:
+        """For a validator: the model takes one of two fields, never both nor neither."""
+        if (getattr(self, first) is None) == (getattr(self, second) is None):
+            raise ValueError(f"exactly one of {first} or {second} is required")
+
 
 def _money(value: Any) -> Decimal:
     # YAML gives floats for 0.1; going through str keeps the decimal the user wrote.
@@ -172,8 +177,7 @@ class IssuerConfig(Strict):
 
     @model_validator(mode="after")
     def _one_key_source(self) -> IssuerConfig:
-        if (self.jwks_url is None) == (self.jwks_file is None):
-            raise ValueError("exactly one of jwks_url or jwks_file is required")
+        self._exactly_one("jwks_url", "jwks_file")
         return self
 
 
@@ -227,8 +231,7 @@ class SecretSource(Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> SecretSource:
-        if (self.env is None) == (self.file is None):
-            raise ValueError("exactly one of env or file is required")
+        self._exactly_one("env", "file")
         return self
 
 
@@ -335,8 +338,7 @@ class WindowConfig(Strict):
 
     @model_validator(mode="after")
     def _one_kind(self) -> WindowConfig:
-        if (self.fixed is None) == (self.rolling is None):
-            raise ValueError("exactly one of fixed or rolling is required")
+        self._exactly_one("fixed", "rolling")
         if self.rolling is not None:
             parse_duration(self.rolling)
         from zoneinfo import ZoneInfo

@@ -104,6 +104,19 @@ local function event_end(data, from)
   end
 end
 
+-- The last byte of each whole SSE event of `data`, in order.
+local function event_ends(data)
+  local ends, pos = {}, 1
+  while true do
+    local e = event_end(data, pos)
+    if e == nil then
+      return ends
+    end
+    ends[#ends + 1] = e
+    pos = e + 1
+  end
+end
+
 local B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
 local function base64(data)
@@ -136,15 +149,7 @@ end
 -- The last TAIL_EVENTS whole events of `data`, as the sidecar picks them; `whole`: `data`
 -- starts at the body's first byte (so at an event's start).
 local function last_events(data, whole)
-  local ends, pos = {}, 1
-  while true do
-    local e = event_end(data, pos)
-    if e == nil then
-      break
-    end
-    ends[#ends + 1] = e
-    pos = e + 1
-  end
+  local ends = event_ends(data)
   if #ends > TAIL_EVENTS then
     return string.sub(data, ends[#ends - TAIL_EVENTS] + 1)
   end
@@ -242,11 +247,7 @@ function envoy_on_response(handle)
       if strip then
         local data = held .. raw
         local out, start = {}, 1
-        while true do
-          local e = event_end(data, start)
-          if e == nil then
-            break
-          end
+        for _, e in ipairs(event_ends(data)) do
           local event = string.sub(data, start, e)
           if not is_usage_event(event) then
             out[#out + 1] = event

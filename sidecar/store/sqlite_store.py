@@ -124,6 +124,16 @@ def _entries(buckets_json: str, estimate: int, held: int) -> list[_Entry]:
     return out
 
 
+def _charge_row(conn: sqlite3.Connection, request_id: str) -> tuple[Any, ...] | None:
+    """The reservation record as a commit reads it: state, estimate, held, buckets, dims,
+    created_at, input_tokens, output_tokens (None when there is none)."""
+    row: tuple[Any, ...] | None = conn.execute(
+        "SELECT state, estimate, held, buckets, dims, created_at, input_tokens, "
+        "output_tokens FROM reservations WHERE request_id=?", (request_id,),
+    ).fetchone()
+    return row
+
+
 def _path_from_url(url: str) -> str:
     path = url.removeprefix("sqlite:///")
     if not path:
@@ -468,10 +478,7 @@ class SQLiteStore:
         tokens: tuple[int, int] | None = None,
     ) -> CommitResult:
         def commit(conn: sqlite3.Connection) -> CommitResult:
-            row = conn.execute(
-                "SELECT state, estimate, held, buckets, dims, created_at FROM reservations "
-                "WHERE request_id=?", (request_id,),
-            ).fetchone()
+            row = _charge_row(conn, request_id)
             if row is None:
                 return CommitResult("unknown")
             return self._commit_row(conn, request_id, row, actual_micros, usage, error,
@@ -515,10 +522,7 @@ class SQLiteStore:
 
     def _charge(self, conn: sqlite3.Connection, request_id: str, price: Pricer
                 ) -> CommitResult:
-        row = conn.execute(
-            "SELECT state, estimate, held, buckets, dims, created_at, input_tokens, "
-            "output_tokens FROM reservations WHERE request_id=?", (request_id,),
-        ).fetchone()
+        row = _charge_row(conn, request_id)
         if row is None:
             return CommitResult("unknown")
         priced = price(Reservation(request_id, row[0], int(row[1]), dims_from_json(row[4]),

@@ -10,7 +10,7 @@ Query strings are validated strictly (unknown parameters included) so that a typ
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
@@ -113,11 +113,15 @@ def parse_instant(value: str, name: str) -> int:
     return math.floor(seconds)
 
 
-def resolve_range(start: int | None, end: int | None, now: int, window: Window | None,
-                  names: tuple[str, str]) -> tuple[int, int]:
-    """[start, end) with defaults (end: now; start: the window's default span before end)."""
-    end = now if end is None else end
-    start = end - DEFAULT_SPAN[window] if start is None else start
+def resolve_range(params: Mapping[str, str], names: tuple[str, str],
+                  parse: Callable[[str, str], int], now: int,
+                  window: Window | None) -> tuple[int, int]:
+    """[start, end) from the optional parameters `names` (read by `parse`), with defaults
+    (end: now; start: the window's default span before end)."""
+    given_start, given_end = (parse(params[name], name) if name in params else None
+                              for name in names)
+    end = now if given_end is None else given_end
+    start = end - DEFAULT_SPAN[window] if given_start is None else given_start
     start = max(start, 0)
     if end > MAX_INSTANT:
         raise ApiError(400, f"{names[1]} is after the year 9999")
@@ -141,12 +145,7 @@ def parse_history_query(query: QueryParams, now: int) -> HistoryQuery:
     window = parse_window(params.get("value_grouping_window"), "value_grouping_window",
                           required=True)
     assert window is not None
-    start = params.get("start_time")
-    end = params.get("end_time")
-    first, last = resolve_range(
-        parse_millis(start, "start_time") if start is not None else None,
-        parse_millis(end, "end_time") if end is not None else None,
-        now, window, ("start_time", "end_time"))
+    first, last = resolve_range(params, ("start_time", "end_time"), parse_millis, now, window)
     return HistoryQuery(window, align_down(first, window), align_up(last, window))
 
 
@@ -165,12 +164,7 @@ def parse_usage_query(query: QueryParams, now: int) -> UsageQuery:
     except ValueError as exc:
         raise ApiError(400, f"group_by: {exc}") from None
     window = parse_window(params.get("window"), "window", required=False)
-    start = params.get("start")
-    end = params.get("end")
-    first, last = resolve_range(
-        parse_instant(start, "start") if start is not None else None,
-        parse_instant(end, "end") if end is not None else None,
-        now, window, ("start", "end"))
+    first, last = resolve_range(params, ("start", "end"), parse_instant, now, window)
     return UsageQuery(group_by, window, first, last)
 
 
