@@ -11,7 +11,7 @@ import hashlib
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -659,22 +659,19 @@ class Engine:
         return CommitResult("unknown"), cost
 
 
+@dataclass(slots=True, eq=False)
 class _Pricing:
     """Prices an exchange from its reservation record, as the store's `charge` asks (maybe
     on the store's thread, inside its transaction, so it only computes: logs and metrics
     wait for the caller), and keeps what it found for the caller."""
 
-    __slots__ = ("bill", "charge", "expect", "observed", "record", "request_id", "rs")
-
-    def __init__(self, rs: RuleSet, request_id: str, observed: Observed,
-                 expect: tuple[str, str] | None) -> None:
-        self.rs = rs
-        self.request_id = request_id
-        self.observed = observed
-        self.expect = expect
-        self.record: Reservation | None = None
-        self.bill: Bill | None = None
-        self.charge: Charge | None = None
+    rs: RuleSet
+    request_id: str
+    observed: Observed
+    expect: tuple[str, str] | None
+    record: Reservation | None = None
+    bill: Bill | None = None
+    charge: Charge | None = None
 
     def __call__(self, record: Reservation) -> Charge | None:
         self.record = record

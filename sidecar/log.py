@@ -103,17 +103,17 @@ _encode = json.encoder.encode_basestring_ascii  # what json.dumps uses for str (
 
 
 def _json(value: Any) -> str:
-    if value is None:
-        return "null"
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
+    # The common types first: a value the sidecar made itself (a code, a configured name, a
+    # number) is rendered here directly, as `_scrub` would leave it as it is.
     kind = type(value)
     if kind is str:
         return _encode(value)
+    if value is None:
+        return "null"
     if kind is int:
         return int.__repr__(value)
+    if kind is bool:
+        return "true" if value else "false"
     if kind is float and value == value and value not in (float("inf"), float("-inf")):
         return float.__repr__(value)
     if kind is list or kind is tuple:
@@ -182,16 +182,7 @@ class _FastInfo:
         # types first, and a string is only scrubbed when it could hold a credential.
         if _secret_key(key) and key != "token_name":
             return _REDACTED_JSON
-        kind = type(value)
-        if kind is str:
-            return _str(value)
-        if value is None:
-            return "null"
-        if kind is int:
-            return int.__repr__(value)
-        if (kind is list or kind is tuple) and all(type(v) is str for v in value):
-            return "[" + ", ".join([_str(v) for v in value]) + "]"
-        return _json(_scrub(value))
+        return _untrusted(value)
 
     def write(self, line: str) -> None:
         self._logger.msg(line)
@@ -200,17 +191,16 @@ class _FastInfo:
 _fast: _FastInfo | None = None
 
 
-def _plain(value: Any) -> str:
-    # A value the sidecar made itself (a code, a configured name, a number): `_scrub` would
-    # leave it as it is, so only the JSON is written.
+def _untrusted(value: Any) -> str:
+    # The common types first; a string is only scrubbed when it could hold a credential.
     kind = type(value)
     if kind is str:
-        return _encode(value)
-    if value is None:
-        return "null"
-    if kind is int:
-        return int.__repr__(value)
-    return _json(value)
+        return _str(value)
+    if (kind is list or kind is tuple) and all(type(v) is str for v in value):
+        return "[" + ", ".join([_str(v) for v in value]) + "]"
+    if value is None or kind is int:
+        return _json(value)  # nothing in it to scrub
+    return _json(_scrub(value))
 
 
 class Line:
@@ -229,7 +219,7 @@ class Line:
             if _secret_key(key) and key != "token_name":
                 self._parts.append((prefix + _REDACTED_JSON, None))
             else:
-                self._parts.append((prefix, _plain if key in trusted else _untrusted))
+                self._parts.append((prefix, _json if key in trusted else _untrusted))
         self._event = ', "event": ' + _untrusted(event)
         # Whether the configured static fields leave this line's keys alone (per set-up).
         self._seen: tuple[_FastInfo | None, bool] = (None, False)
@@ -258,17 +248,6 @@ class Line:
                            + datetime.now(UTC).isoformat().replace("+00:00", "Z") + '"}')
                 return
         logger.info(self.event, **fields)
-
-
-def _untrusted(value: Any) -> str:
-    kind = type(value)
-    if kind is str:
-        return _str(value)
-    if value is None:
-        return "null"
-    if (kind is list or kind is tuple) and all(type(v) is str for v in value):
-        return "[" + ", ".join([_str(v) for v in value]) + "]"
-    return _json(_scrub(value))
 
 
 def info(logger: Any, event: str, **fields: Any) -> None:

@@ -18,6 +18,7 @@ import sqlite3
 import threading
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from sidecar.store.base import StoreUnavailable
@@ -29,17 +30,14 @@ E = TypeVar("E", bound=BaseException)
 MAX_BATCH = 64
 
 
+@dataclass(slots=True, eq=False)
 class _Job(Generic[T]):
-    __slots__ = ("error", "fn", "future", "loop", "result", "tx")
-
-    def __init__(self, fn: Callable[[sqlite3.Connection], T], tx: bool,
-                 loop: asyncio.AbstractEventLoop, future: asyncio.Future[T]) -> None:
-        self.fn = fn
-        self.tx = tx
-        self.loop = loop
-        self.future = future
-        self.result: T | None = None
-        self.error: BaseException | None = None
+    fn: Callable[[sqlite3.Connection], T]
+    tx: bool
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[T]
+    result: T | None = None
+    error: BaseException | None = None
 
 
 def _unavailable(exc: BaseException) -> StoreUnavailable:
