@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -15,6 +14,7 @@ import jwt
 import structlog
 
 from sidecar import tracing
+from sidecar.identity.key_cache import KeyCache
 from sidecar.metrics import JWKS_REFRESHES
 
 log = structlog.get_logger("sidecar.jwks")
@@ -69,60 +69,49 @@ class JwksCache:
     ) -> None:
         self._url = url
         self._file = file
-        self._floor = refresh_floor_seconds
-        self._max_age = cache_seconds
         self._fetch = fetch
-        self._clock = clock
-        self._keys: dict[str, Any] = {}
-        self._fetched_at: float | None = None
-        self._last_attempt: float | None = None
-        self._lock = asyncio.Lock()
+        self._cache = KeyCache(self._load, clock=clock, floor=refresh_floor_seconds,
+                               max_age=cache_seconds, loaded=self._loaded, failed=self._failed)
         self.refreshes = 0
         self.failures = 0
 
     async def key_for(self, kid: str) -> Any | None:
         """The key for `kid`, refreshing at most once per floor when it is unknown."""
-        if self._fetched_at is None or self._clock() - self._fetched_at > self._max_age:
-            await self._refresh(force=self._fetched_at is None)
+        if self._cache.stale():
+            await self._cache.reload(force=self._cache.loaded_at is None)
         key = self._lookup(kid)
         if key is None:
-            await self._refresh(force=False)
+            await self._cache.reload(force=False)
             key = self._lookup(kid)
         return key
 
     def _lookup(self, kid: str) -> Any | None:
-        if kid in self._keys:
-            return self._keys[kid]
-        if not kid and len(self._keys) == 1:
-            return next(iter(self._keys.values()))
+        keys = self._cache.keys
+        if kid in keys:
+            return keys[kid]
+        if not kid and len(keys) == 1:
+            return next(iter(keys.values()))
         return None
 
-    async def _refresh(self, *, force: bool) -> None:
-        async with self._lock:
-            now = self._clock()
-            recent = self._last_attempt is not None and now - self._last_attempt < self._floor
-            if recent and not force:
-                return
-            self._last_attempt = now
-            try:
-                with tracing.span("sidecar.jwks.fetch", source=self._file or _where(self._url)):
-                    if self._file is not None:
-                        doc = json.loads(Path(self._file).read_text(encoding="utf-8"))
-                    else:
-                        assert self._url is not None
-                        doc = await self._fetch(self._url)
-                    keys = parse_jwks(doc)
-                    if not keys:
-                        raise ValueError("no usable signing keys")
-            except Exception as exc:
-                # Keep serving with the last good keys: an IdP blip must not log everyone out.
-                self.failures += 1
-                JWKS_REFRESHES.labels("error").inc()
-                log.warning("jwks_refresh_failed", source=self._url or self._file,
-                            error=str(exc), kept_keys=len(self._keys))
-                return
-            self._keys = keys
-            self._fetched_at = now
-            self.refreshes += 1
-            JWKS_REFRESHES.labels("ok").inc()
-            log.info("jwks_refreshed", source=self._url or self._file, keys=len(keys))
+    async def _load(self, now: float) -> dict[str, Any]:
+        with tracing.span("sidecar.jwks.fetch", source=self._file or _where(self._url)):
+            if self._file is not None:
+                doc = json.loads(Path(self._file).read_text(encoding="utf-8"))
+            else:
+                assert self._url is not None
+                doc = await self._fetch(self._url)
+            keys = parse_jwks(doc)
+            if not keys:
+                raise ValueError("no usable signing keys")
+        return keys
+
+    def _loaded(self, keys: dict[str, Any]) -> None:
+        self.refreshes += 1
+        JWKS_REFRESHES.labels("ok").inc()
+        log.info("jwks_refreshed", source=self._url or self._file, keys=len(keys))
+
+    def _failed(self, exc: Exception) -> None:
+        self.failures += 1
+        JWKS_REFRESHES.labels("error").inc()
+        log.warning("jwks_refresh_failed", source=self._url or self._file,
+                    error=str(exc), kept_keys=len(self._cache.keys))

@@ -8,7 +8,6 @@ retirement knows how long to keep it, even when another replica signed with it l
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import secrets
@@ -21,6 +20,7 @@ import structlog
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from sidecar.identity.key_cache import KeyCache
 from sidecar.identity.secret_box import SecretBox
 from sidecar.store.base import Doc, DocumentStore
 
@@ -101,41 +101,29 @@ class SigningKeys:
         self._clock = clock
         self._leeway = leeway_seconds
         self._rotate_after = rotate_after_seconds
-        self._cache_seconds = cache_seconds
-        self._floor = refresh_floor_seconds
-        self._keys: dict[str, Any] = {}
-        self._loaded_at: float | None = None
-        self._last_attempt: float | None = None
-        self._lock = asyncio.Lock()
+        self._cache = KeyCache(self._load, clock=clock, floor=refresh_floor_seconds,
+                               max_age=cache_seconds, loaded=self._loaded, failed=self._failed)
         self.reloads = 0
 
     # -- verification (hot path: memory only, except on an unknown kid) ----------------
     async def key_for(self, kid: str) -> Any | None:
-        now = self._clock()
-        if self._loaded_at is None or now - self._loaded_at > self._cache_seconds:
-            await self._reload(force=True)
-        if kid not in self._keys:
-            await self._reload(force=False)
-        return self._keys.get(kid)
+        if self._cache.stale():
+            await self._cache.reload(force=True)
+        if kid not in self._cache.keys:
+            await self._cache.reload(force=False)
+        return self._cache.keys.get(kid)
 
-    async def _reload(self, *, force: bool) -> None:
-        async with self._lock:
-            now = self._clock()
-            if not force and self._last_attempt is not None and \
-                    now - self._last_attempt < self._floor:
-                return
-            self._last_attempt = now
-            try:
-                docs = await self._store.list_docs(KEYS, now=now)
-                keys = {d["kid"]: jwt.PyJWK(public_jwk(d)).key
-                        for d in docs if is_published(d, now, self._leeway)}
-            except Exception as exc:
-                # Keep the last good keys: a store blip must not log every developer out.
-                log.warning("signing_keys_reload_failed", error=str(exc), kept=len(self._keys))
-                return
-            self._keys = keys
-            self._loaded_at = now
-            self.reloads += 1
+    async def _load(self, now: float) -> dict[str, Any]:
+        docs = await self._store.list_docs(KEYS, now=now)
+        return {d["kid"]: jwt.PyJWK(public_jwk(d)).key
+                for d in docs if is_published(d, now, self._leeway)}
+
+    def _loaded(self, keys: dict[str, Any]) -> None:
+        self.reloads += 1
+
+    def _failed(self, exc: Exception) -> None:
+        # A store blip: the last good keys are kept.
+        log.warning("signing_keys_reload_failed", error=str(exc), kept=len(self._cache.keys))
 
     # -- publication -------------------------------------------------------------------
     async def jwks(self) -> dict[str, Any]:
@@ -202,7 +190,7 @@ class SigningKeys:
         previous = None if pointer is None else str(pointer["kid"])
         if previous is not None:
             await self._retire(previous)
-        self._loaded_at = None
+        self._cache.expire()
         log.info("signing_key_rotated", kid=doc["kid"], previous_kid=previous)
         return str(doc["kid"])
 
