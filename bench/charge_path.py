@@ -36,11 +36,27 @@ def _event(data: dict[str, Any]) -> bytes:
 
 
 def _body(chunks: int) -> list[bytes]:
-    token = _event({"id": "c", "object": "chat.completion.chunk", "model": "bench-model",
-                    "choices": [{"index": 0, "delta": {"content": "tok "}}]})
-    usage = _event({"id": "c", "object": "chat.completion.chunk", "model": "bench-model",
-                    "choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": chunks,
-                                             "total_tokens": 12 + chunks}})
+    token = _event(
+        {
+            "id": "c",
+            "object": "chat.completion.chunk",
+            "model": "bench-model",
+            "choices": [{"index": 0, "delta": {"content": "tok "}}],
+        }
+    )
+    usage = _event(
+        {
+            "id": "c",
+            "object": "chat.completion.chunk",
+            "model": "bench-model",
+            "choices": [],
+            "usage": {
+                "prompt_tokens": 12,
+                "completion_tokens": chunks,
+                "total_tokens": 12 + chunks,
+            },
+        }
+    )
     return [token] * chunks + [usage, b"data: [DONE]\n\n"]
 
 
@@ -52,10 +68,17 @@ def _entry(request_id: str, body: list[bytes]) -> Any:
     out = accesslog_pb2.HTTPAccessLogEntry()
     meta = out.common_properties.metadata.filter_metadata["sidecar.metering"]
     whole = b"".join(body)
-    for key, value in {"rid": request_id, "path": "/openai/v1/chat/completions",
-                       "route": "", "provider": "openai", "model": "bench-model",
-                       "content_type": "text/event-stream", "content_encoding": "",
-                       "head": body[0].decode(), "end": whole[-4096:].decode()}.items():
+    for key, value in {
+        "rid": request_id,
+        "path": "/openai/v1/chat/completions",
+        "route": "",
+        "provider": "openai",
+        "model": "bench-model",
+        "content_type": "text/event-stream",
+        "content_encoding": "",
+        "head": body[0].decode(),
+        "end": whole[-4096:].decode(),
+    }.items():
         meta.fields[key].string_value = value
     for i, chunk in enumerate(body, 1):
         meta.fields[f"c{i}"].string_value = chunk.decode()
@@ -72,8 +95,7 @@ class _FixedIdentity:
     async def identify(self, headers: Mapping[str, str]) -> Any:
         from sidecar.model import Identity
 
-        return Identity(kind="user", subject="u", email="bench@example.com",
-                        groups=("ml",)), ()
+        return Identity(kind="user", subject="u", email="bench@example.com", groups=("ml",)), ()
 
 
 async def _measure(batch: int, rounds: int, chunks: int) -> dict[str, float]:
@@ -89,20 +111,46 @@ async def _measure(batch: int, rounds: int, chunks: int) -> dict[str, float]:
     from sidecar.store.sqlite_store import SQLiteStore
 
     log.configure("info")
-    rs = build_ruleset(parse_config({
-        "providers": [{"id": "openai", "path_prefix": "/openai/"}],
-        "pricing": {"unknown_model": "reject", "overrides": [
-            {"provider": "openai", "model": "bench-*", "input_per_mtok": 1,
-             "output_per_mtok": 2}]},
-        "spend_limits": [{"name": "b", "budget_usd": 1e6, "window": {"fixed": "daily"},
-                          "filter": {"model": ["bench-*"]}, "action": "block"}]}))
+    rs = build_ruleset(
+        parse_config(
+            {
+                "providers": [{"id": "openai", "path_prefix": "/openai/"}],
+                "pricing": {
+                    "unknown_model": "reject",
+                    "overrides": [
+                        {
+                            "provider": "openai",
+                            "model": "bench-*",
+                            "input_per_mtok": 1,
+                            "output_per_mtok": 2,
+                        }
+                    ],
+                },
+                "spend_limits": [
+                    {
+                        "name": "b",
+                        "budget_usd": 1e6,
+                        "window": {"fixed": "daily"},
+                        "filter": {"model": ["bench-*"]},
+                        "action": "block",
+                    }
+                ],
+            }
+        )
+    )
     with tempfile.TemporaryDirectory() as tmp:
         store = SQLiteStore(f"sqlite:///{tmp}/bench.db")
         auth = _FixedIdentity()
         engine = Engine(RuleSetHolder(rs), store, lambda _: auth)
         servicer = AccessLogServicer(engine)
-        request = json.dumps({"model": "bench-model", "max_tokens": 64, "stream": True,
-                              "messages": [{"role": "user", "content": "hi"}]}).encode()
+        request = json.dumps(
+            {
+                "model": "bench-model",
+                "max_tokens": 64,
+                "stream": True,
+                "messages": [{"role": "user", "content": "hi"}],
+            }
+        ).encode()
         body = _body(chunks)
         per_record: list[float] = []
         loop_per_record: list[float] = []
@@ -110,8 +158,9 @@ async def _measure(batch: int, rounds: int, chunks: int) -> dict[str, float]:
         for rnd in range(rounds):
             message = als_pb2.StreamAccessLogsMessage()
             for i in range(batch):
-                decision = await engine.check(RequestAttrs(
-                    "POST", "/openai/v1/chat/completions", {}, request, f"r{rnd}-{i}"))
+                decision = await engine.check(
+                    RequestAttrs("POST", "/openai/v1/chat/completions", {}, request, f"r{rnd}-{i}")
+                )
                 assert decision.allowed and decision.request_id
                 admitted += 1
                 message.http_logs.log_entry.append(_entry(decision.request_id, body))
@@ -132,16 +181,33 @@ async def _measure(batch: int, rounds: int, chunks: int) -> dict[str, float]:
         raise RuntimeError(f"the ledger holds {charged} charges of {admitted}")
     process_us = statistics.median(per_record)
     loop_us = statistics.median(loop_per_record)
-    return {"process_us": process_us, "event_loop_us": loop_us,
-            "other_threads_us": process_us - loop_us}
+    return {
+        "process_us": process_us,
+        "event_loop_us": loop_us,
+        "other_threads_us": process_us - loop_us,
+    }
 
 
 def _run(tree: Path, args: argparse.Namespace, chunks: int) -> dict[str, float]:
     out = subprocess.run(
-        [sys.executable, str(HERE), "--worker", "--batch", str(args.batch), "--rounds",
-         str(args.rounds), "--chunks", str(chunks)],
-        env={**os.environ, "PYTHONPATH": str(tree)}, cwd=tree, capture_output=True,
-        text=True, check=True, timeout=600).stdout
+        [
+            sys.executable,
+            str(HERE),
+            "--worker",
+            "--batch",
+            str(args.batch),
+            "--rounds",
+            str(args.rounds),
+            "--chunks",
+            str(chunks),
+        ],
+        env={**os.environ, "PYTHONPATH": str(tree)},
+        cwd=tree,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+    ).stdout
     line = next(x for x in out.splitlines() if x.startswith("CHARGE_PATH "))
     return dict(json.loads(line.removeprefix("CHARGE_PATH ")))
 
@@ -171,16 +237,25 @@ def main(argv: list[str] | None = None) -> int:
                 runs[name].append(_run(tree, args, chunks))
         row: dict[str, Any] = {}
         for name, results in runs.items():
-            row[name] = {key: statistics.median(r[key] for r in results)
-                         for key in results[0]}
+            row[name] = {key: statistics.median(r[key] for r in results) for key in results[0]}
         if "baseline" in row:
-            row["x_baseline"] = {key: row["this"][key] / row["baseline"][key]
-                                 for key in row["this"]}
+            row["x_baseline"] = {
+                key: row["this"][key] / row["baseline"][key] for key in row["this"]
+            }
         summary[str(chunks)] = row
-        print(f"chunks {chunks:3}: " + " | ".join(
-            f"{name} " + ", ".join(f"{key} {value:.1f}" if name != "x_baseline"
-                                   else f"{key} x{value:.2f}" for key, value in figures.items())
-            for name, figures in row.items()), file=sys.stderr, flush=True)
+        print(
+            f"chunks {chunks:3}: "
+            + " | ".join(
+                f"{name} "
+                + ", ".join(
+                    f"{key} {value:.1f}" if name != "x_baseline" else f"{key} x{value:.2f}"
+                    for key, value in figures.items()
+                )
+                for name, figures in row.items()
+            ),
+            file=sys.stderr,
+            flush=True,
+        )
     print(json.dumps({"batch": args.batch, "summary": summary}, indent=2))
     return 0
 

@@ -23,19 +23,27 @@ class LoadGeneratorMissing(RuntimeError):
 def ensure_tools() -> str:
     """The wrk binary. Installs Debian's wrk, and redis-server for the Redis row, when
     missing (apt-get update first); without root, says what to install instead."""
-    missing = [pkg for pkg, binary in (("wrk", "wrk"), ("redis-server", "redis-server"))
-               if not shutil.which(binary) and not os.path.exists(f"/usr/bin/{binary}")]
+    missing = [
+        pkg
+        for pkg, binary in (("wrk", "wrk"), ("redis-server", "redis-server"))
+        if not shutil.which(binary) and not os.path.exists(f"/usr/bin/{binary}")
+    ]
     if missing and os.geteuid() == 0 and shutil.which("apt-get"):
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
-        subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True, env=env,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", *missing],
+            check=True,
+            env=env,
+            stdout=subprocess.DEVNULL,
+        )
     found = shutil.which("wrk")
     if found and (shutil.which("redis-server") or os.path.exists("/usr/bin/redis-server")):
         return found
     raise LoadGeneratorMissing(
         f"not installed: {' '.join(missing)}; install them (Debian: sudo apt-get install "
-        f"{' '.join(missing)}) and run the benchmark again")
+        f"{' '.join(missing)}) and run the benchmark again"
+    )
 
 
 def ensure_wrk() -> str:
@@ -74,12 +82,23 @@ class ClosedLoopResult:
     p99_ms: float
 
 
-def run_wrk(url: str, script: Path, *, connections: int, seconds: float,
-            threads: int = 1) -> ClosedLoopResult:
-    argv = [ensure_wrk(), f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s",
-            "--timeout", "5s", "-s", str(script), url]
-    out = subprocess.run(argv, capture_output=True, text=True, check=True,
-                         timeout=seconds + 30).stdout
+def run_wrk(
+    url: str, script: Path, *, connections: int, seconds: float, threads: int = 1
+) -> ClosedLoopResult:
+    argv = [
+        ensure_wrk(),
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{max(1, round(seconds))}s",
+        "--timeout",
+        "5s",
+        "-s",
+        str(script),
+        url,
+    ]
+    out = subprocess.run(
+        argv, capture_output=True, text=True, check=True, timeout=seconds + 30
+    ).stdout
     line = next((x for x in out.splitlines() if x.startswith("WRK_JSON ")), None)
     if line is None:
         raise RuntimeError(f"wrk printed no summary:\n{out}")

@@ -61,34 +61,52 @@ def thread_cpu(pid: int) -> dict[str, float]:
             raw = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
         except OSError:
             continue
-        name = raw[raw.index("(") + 1:raw.rindex(")")]
+        name = raw[raw.index("(") + 1 : raw.rindex(")")]
         fields = raw.rsplit(")", 1)[1].split()
         out[f"{name}/{tid}"] = (int(fields[11]) + int(fields[12])) / TICKS
     return out
 
 
-def busiest_threads(before: dict[str, float], after: dict[str, float], requests: int,
-                    n: int = 4) -> list[tuple[str, float]]:
+def busiest_threads(
+    before: dict[str, float], after: dict[str, float], requests: int, n: int = 4
+) -> list[tuple[str, float]]:
     """The `n` threads that used the most CPU between two `thread_cpu` readings, in µs per
     request."""
-    used = sorted(((key, after[key] - before.get(key, 0.0)) for key in after),
-                  key=lambda item: -item[1])
-    return [(key, seconds / requests * 1e6) for key, seconds in used[:n]
-            if requests and seconds > 0]
+    used = sorted(
+        ((key, after[key] - before.get(key, 0.0)) for key in after), key=lambda item: -item[1]
+    )
+    return [
+        (key, seconds / requests * 1e6) for key, seconds in used[:n] if requests and seconds > 0
+    ]
 
 
-def start_profile(pid: int, out: Path, seconds: float,
-                  native: bool = False) -> subprocess.Popen[bytes]:
+def start_profile(
+    pid: int, out: Path, seconds: float, native: bool = False
+) -> subprocess.Popen[bytes]:
     """py-spy recording `pid` for `seconds` into `out` (collapsed stacks); with `native`,
     C frames too (gRPC's Cython core, protobuf, sqlite3), which otherwise count as the
     self time of the Python function that called them. Native unwinding pauses the process
     for each sample (py-spy cannot do it non-blocking), so that row's numbers drop."""
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    return subprocess.Popen([py_spy, "record", "--pid", str(pid), "--format", "raw",
-                             "--rate", "250", "--output", str(out),
-                             "--duration", str(round(seconds)),
-                             *(["--native"] if native else ["--nonblocking"])],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [
+            py_spy,
+            "record",
+            "--pid",
+            str(pid),
+            "--format",
+            "raw",
+            "--rate",
+            "250",
+            "--output",
+            str(out),
+            "--duration",
+            str(round(seconds)),
+            *(["--native"] if native else ["--nonblocking"]),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def backend_pid(row: Row) -> int | None:
@@ -134,8 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--profile", help="py-spy record this row's sidecar in every round")
     parser.add_argument("--native", action="store_true", help="with --profile: C frames too")
-    parser.add_argument("--threads", action="store_true",
-                        help="also print each backend thread's CPU per request")
+    parser.add_argument(
+        "--threads", action="store_true", help="also print each backend thread's CPU per request"
+    )
     args = parser.parse_args(argv)
     ensure_tools()
     specs = [s for s in ROWS if s.key in args.rows]
@@ -144,8 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     per_row: dict[str, list[dict[str, float]]] = {s.key: [] for s in specs}
     with tempfile.TemporaryDirectory(prefix="bench-cpu-") as tmp, ExitStack() as stack:
         workdir = Path(tmp)
-        script = write_script(workdir / "request.lua", method="POST", body=BODY,
-                              headers=headers)
+        script = write_script(workdir / "request.lua", method="POST", body=BODY, headers=headers)
         bench = Bench(workdir, stack, issuer)
         rows = [bench.start(spec) for spec in specs]
         for row in rows:
@@ -157,39 +175,51 @@ def main(argv: list[str] | None = None) -> int:
                 pid = backend_pid(row)
                 spy = None
                 if args.profile == row.spec.key and pid is not None:
-                    spy = start_profile(pid, workdir / f"spy-{rnd}.txt", args.seconds,
-                                        native=args.native)
+                    spy = start_profile(
+                        pid, workdir / f"spy-{rnd}.txt", args.seconds, native=args.native
+                    )
                 before = cpu_seconds(pid) if pid else 0.0
                 threads_before = thread_cpu(pid) if pid and args.threads else {}
-                result = run_wrk(row.url + PATH, script, connections=args.connections,
-                                 seconds=args.seconds)
+                result = run_wrk(
+                    row.url + PATH, script, connections=args.connections, seconds=args.seconds
+                )
                 used = (cpu_seconds(pid) if pid else 0.0) - before
                 if pid and args.threads:
                     split = busiest_threads(threads_before, thread_cpu(pid), result.requests)
-                    print(f"round {rnd} {row.spec.key:10} threads: "
-                          + ", ".join(f"{key} {us:.0f} us" for key, us in split),
-                          file=sys.stderr)
+                    print(
+                        f"round {rnd} {row.spec.key:10} threads: "
+                        + ", ".join(f"{key} {us:.0f} us" for key, us in split),
+                        file=sys.stderr,
+                    )
                 if spy is not None:
                     spy.wait(timeout=60)
                     with collapsed.open("a" if rnd else "w") as sink:
                         sink.write((workdir / f"spy-{rnd}.txt").read_text())
                 us = used / result.requests * 1e6 if result.requests else 0.0
-                per_row[row.spec.key].append({"rps": result.rps, "cpu_us": us,
-                                              "errors": result.errors})
-                print(f"round {rnd} {row.spec.key:10} {result.rps:8.0f} rps  "
-                      f"{us:7.0f} us CPU/request  errors={result.errors}", file=sys.stderr)
+                per_row[row.spec.key].append(
+                    {"rps": result.rps, "cpu_us": us, "errors": result.errors}
+                )
+                print(
+                    f"round {rnd} {row.spec.key:10} {result.rps:8.0f} rps  "
+                    f"{us:7.0f} us CPU/request  errors={result.errors}",
+                    file=sys.stderr,
+                )
         if args.profile:
             for frame, share in top_self(collapsed):
                 print(f"{share * 100:5.1f}%  {frame}", file=sys.stderr)
     summary: dict[str, Any] = {
-        key: {"rps": median(t["rps"] for t in trials),
-              "cpu_us_per_request": median(t["cpu_us"] for t in trials),
-              "errors": sum(t["errors"] for t in trials)}
-        for key, trials in per_row.items()}
+        key: {
+            "rps": median(t["rps"] for t in trials),
+            "cpu_us_per_request": median(t["cpu_us"] for t in trials),
+            "errors": sum(t["errors"] for t in trials),
+        }
+        for key, trials in per_row.items()
+    }
     if "floor" in per_row:
         for key, trials in per_row.items():
             summary[key]["x_floor"] = median(
-                t["rps"] / f["rps"] for t, f in zip(trials, per_row["floor"], strict=True))
+                t["rps"] / f["rps"] for t, f in zip(trials, per_row["floor"], strict=True)
+            )
     print(json.dumps(summary, indent=2))
     return 0
 

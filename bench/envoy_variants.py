@@ -33,17 +33,33 @@ from sidecar.envoy.attach import CHECK_CLUSTER, METERING_LOG, SIDECAR_CLUSTER, S
 Variant = Literal["envoy", "authz", "full"]
 
 # An answer shaped like OpenAI's, with usage, so ext_proc's meter finds something to charge.
-CANNED_COMPLETION = json.dumps({
-    "id": "chatcmpl-bench", "object": "chat.completion", "created": 1_900_000_000,
-    "model": "gpt-4o-mini",
-    "choices": [{"index": 0, "finish_reason": "stop",
-                 "message": {"role": "assistant", "content": "Hello."}}],
-    "usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15},
-}, separators=(",", ":"))
+CANNED_COMPLETION = json.dumps(
+    {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion",
+        "created": 1_900_000_000,
+        "model": "gpt-4o-mini",
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "stop",
+                "message": {"role": "assistant", "content": "Hello."},
+            }
+        ],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15},
+    },
+    separators=(",", ":"),
+)
 
 
-def bench_envoy_config(variant: Variant, *, listen_port: int, admin_port: int,
-                       grpc_port: int = 1, h2_max_streams: int | None = None) -> dict[str, Any]:
+def bench_envoy_config(
+    variant: Variant,
+    *,
+    listen_port: int,
+    admin_port: int,
+    grpc_port: int = 1,
+    h2_max_streams: int | None = None,
+) -> dict[str, Any]:
     """The deployed config with local ports, canned answers and the row's filters.
 
     `h2_max_streams` caps concurrent streams per connection to the sidecar, which makes
@@ -53,37 +69,54 @@ def bench_envoy_config(variant: Variant, *, listen_port: int, admin_port: int,
     """
     # provider_upstream keeps every provider cluster on loopback: nothing resolves or
     # connects outside the machine, even though the canned routes never use them.
-    config = render_envoy_config(listen_port=listen_port, admin_port=admin_port,
-                                 sidecar_grpc=(LOOPBACK, grpc_port),
-                                 provider_upstream=(LOOPBACK, 9))
+    config = render_envoy_config(
+        listen_port=listen_port,
+        admin_port=admin_port,
+        sidecar_grpc=(LOOPBACK, grpc_port),
+        provider_upstream=(LOOPBACK, 9),
+    )
     listener = config["static_resources"]["listeners"][0]
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
-    hcm["access_log"] = [entry for entry in hcm.get("access_log", [])
-                         if variant == "full" and entry["name"] == METERING_LOG]
+    hcm["access_log"] = [
+        entry
+        for entry in hcm.get("access_log", [])
+        if variant == "full" and entry["name"] == METERING_LOG
+    ]
     for vhost in hcm["route_config"]["virtual_hosts"]:
         for route in vhost["routes"]:
             route.pop("route", None)
-            route["direct_response"] = {"status": 200,
-                                        "body": {"inline_string": CANNED_COMPLETION}}
-            route["response_headers_to_add"] = [{
-                "header": {"key": "content-type", "value": "application/json"},
-                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-            }]
+            route["direct_response"] = {"status": 200, "body": {"inline_string": CANNED_COMPLETION}}
+            route["response_headers_to_add"] = [
+                {
+                    "header": {"key": "content-type", "value": "application/json"},
+                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                }
+            ]
         # Requests outside the provider prefixes (none in the benchmark) get the same answer.
         vhost["routes"].append({"match": {"prefix": "/"}, "direct_response": {"status": 200}})
-    keep: tuple[str, ...] = {"envoy": (), "authz": (SIDECAR_FILTERS[0],),
-                             "full": SIDECAR_FILTERS}[variant]
-    hcm["http_filters"] = [f for f in hcm["http_filters"]
-                           if f["name"] not in SIDECAR_FILTERS or f["name"] in keep]
+    keep: tuple[str, ...] = {"envoy": (), "authz": (SIDECAR_FILTERS[0],), "full": SIDECAR_FILTERS}[
+        variant
+    ]
+    hcm["http_filters"] = [
+        f for f in hcm["http_filters"] if f["name"] not in SIDECAR_FILTERS or f["name"] in keep
+    ]
     if variant == "envoy":
-        hcm["http_filters"].insert(0, {"name": "envoy.filters.http.buffer", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
-            "max_request_bytes": 1_048_576}})
+        hcm["http_filters"].insert(
+            0,
+            {
+                "name": "envoy.filters.http.buffer",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
+                    "max_request_bytes": 1_048_576,
+                },
+            },
+        )
     if h2_max_streams is not None:
         for cluster in config["static_resources"]["clusters"]:
             if cluster["name"] in (SIDECAR_CLUSTER, CHECK_CLUSTER):
                 options = cluster["typed_extension_protocol_options"][
-                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+                ]
                 h2 = options["explicit_http_config"]["http2_protocol_options"]
                 h2["max_concurrent_streams"] = h2_max_streams
     return config

@@ -32,8 +32,9 @@ def _version(package: str) -> str:
 
 def _envoy_version() -> str:
     try:
-        out = subprocess.run([envoy_binary(), "--version"], capture_output=True, text=True,
-                             timeout=20).stdout
+        out = subprocess.run(
+            [envoy_binary(), "--version"], capture_output=True, text=True, timeout=20
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     found = re.search(r"/(\d+\.\d+\.\d+)/", out)
@@ -64,8 +65,9 @@ def machine_info() -> dict[str, Any]:
 
 def _redis_version() -> str:
     try:
-        out = subprocess.run(["redis-server", "--version"], capture_output=True, text=True,
-                             timeout=10).stdout
+        out = subprocess.run(
+            ["redis-server", "--version"], capture_output=True, text=True, timeout=10
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     found = re.search(r"v=(\S+)", out)

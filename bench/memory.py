@@ -40,8 +40,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # on `user` buckets the bench's JWT callers exactly as `token` buckets service tokens).
 RATE_RULES: list[dict[str, Any]] = [
     {"name": "caller-rpm", "requests": 600, "window": {"rolling": "1m"}, "split": ["user"]},
-    {"name": "caller-tpm", "tokens": 2_000_000, "window": {"rolling": "1m"},
-     "split": ["user"]},
+    {"name": "caller-tpm", "tokens": 2_000_000, "window": {"rolling": "1m"}, "split": ["user"]},
 ]
 _CHUNK = 250
 _CONCURRENCY = 16
@@ -56,8 +55,10 @@ def _init_minter(pem: bytes, kid: str, iss: str, aud: str) -> None:
 
 def _mint(first: int) -> list[str]:
     assert _issuer is not None
-    return [_issuer.mint(f"user{n:06d}@example.com", GROUPS, ttl=6 * 3600)
-            for n in range(first, first + _CHUNK)]
+    return [
+        _issuer.mint(f"user{n:06d}@example.com", GROUPS, ttl=6 * 3600)
+        for n in range(first, first + _CHUNK)
+    ]
 
 
 def _request(token: str, n: int) -> external_auth_pb2.CheckRequest:
@@ -69,17 +70,19 @@ def _request(token: str, n: int) -> external_auth_pb2.CheckRequest:
     return request
 
 
-async def _drive(port: int, tokens: Iterator[list[str]], pid: int, users: int,
-                 every: int) -> list[tuple[int, float]]:
+async def _drive(
+    port: int, tokens: Iterator[list[str]], pid: int, users: int, every: int
+) -> list[tuple[int, float]]:
     samples: list[tuple[int, float]] = []
     sent = 0
     async with grpc.aio.insecure_channel(f"{LOOPBACK}:{port}") as channel:
         stub = external_auth_pb2_grpc.AuthorizationStub(channel)
         for chunk in tokens:
             for start in range(0, len(chunk), _CONCURRENCY):
-                batch = chunk[start:start + _CONCURRENCY]
-                replies = await asyncio.gather(*(
-                    stub.Check(_request(t, sent + i), timeout=30) for i, t in enumerate(batch)))
+                batch = chunk[start : start + _CONCURRENCY]
+                replies = await asyncio.gather(
+                    *(stub.Check(_request(t, sent + i), timeout=30) for i, t in enumerate(batch))
+                )
                 for reply in replies:
                     if reply.status.code != 0:
                         raise RuntimeError(f"check refused: {reply}")
@@ -93,47 +96,81 @@ async def _drive(port: int, tokens: Iterator[list[str]], pid: int, users: int,
 
 def measure(users: int, rate_rules: bool = False) -> dict[str, Any]:
     issuer = DevIssuer.generate()
-    pem = issuer.key.private_bytes(serialization.Encoding.PEM,
-                                   serialization.PrivateFormat.PKCS8,
-                                   serialization.NoEncryption())
+    pem = issuer.key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     with tempfile.TemporaryDirectory(prefix="sidecar-memory-") as tmp:
         workdir = Path(tmp)
         jwks = issuer.write_jwks(workdir / "jwks.json")
         config_path = workdir / "sidecar.yaml"
-        config_path.write_text(yaml.safe_dump(
-            bench_config(issuer, str(jwks), f"sqlite:///{workdir}/sidecar.db",
-                         rules=[*spend_limits(), *RATE_RULES] if rate_rules else None)))
+        config_path.write_text(
+            yaml.safe_dump(
+                bench_config(
+                    issuer,
+                    str(jwks),
+                    f"sqlite:///{workdir}/sidecar.db",
+                    rules=[*spend_limits(), *RATE_RULES] if rate_rules else None,
+                )
+            )
+        )
         grpc_port, http_port = free_port(), free_port()
         # Decision lines are part of the work but not of the memory: keep them off the disk.
-        with sidecar_process(workdir, "sidecar", config_path, grpc_port, http_port,
-                             env={"SIDECAR_LOG_LEVEL": "warning"}).start() as proc:
+        with sidecar_process(
+            workdir,
+            "sidecar",
+            config_path,
+            grpc_port,
+            http_port,
+            env={"SIDECAR_LOG_LEVEL": "warning"},
+        ).start() as proc:
             wait_ready(f"http://{LOOPBACK}:{http_port}", proc, timeout=60)
             warm = [issuer.mint("warmup@example.com", GROUPS)] * 200
             asyncio.run(_drive(grpc_port, iter([warm]), proc.pid, 200, 200))
             before = rss_mb(proc.pid)
             started = time.monotonic()
             context = multiprocessing.get_context("spawn")
-            with context.Pool(2, _init_minter,
-                              (pem, issuer.kid, issuer.issuer, issuer.audience)) as pool:
+            with context.Pool(
+                2, _init_minter, (pem, issuer.kid, issuer.issuer, issuer.audience)
+            ) as pool:
                 chunks = pool.imap(_mint, range(0, users, _CHUNK))
-                samples = asyncio.run(_drive(grpc_port, chunks, proc.pid, users,
-                                             every=max(_CHUNK, users // 10 // _CHUNK * _CHUNK)))
+                samples = asyncio.run(
+                    _drive(
+                        grpc_port,
+                        chunks,
+                        proc.pid,
+                        users,
+                        every=max(_CHUNK, users // 10 // _CHUNK * _CHUNK),
+                    )
+                )
             seconds = time.monotonic() - started
             after = rss_mb(proc.pid)
-    return {"users": users, "rate_rules": rate_rules, "rss_before_mb": round(before, 1),
-            "rss_after_mb": round(after, 1),
-            "samples": [{"users": u, "rss_mb": round(r, 1)} for u, r in samples],
-            "seconds": round(seconds, 1), "pid_note": "RSS of the one sidecar process (VmRSS)"}
+    return {
+        "users": users,
+        "rate_rules": rate_rules,
+        "rss_before_mb": round(before, 1),
+        "rss_after_mb": round(after, 1),
+        "samples": [{"users": u, "rss_mb": round(r, 1)} for u, r in samples],
+        "seconds": round(seconds, 1),
+        "pid_note": "RSS of the one sidecar process (VmRSS)",
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--users", type=int, default=100_000)
-    parser.add_argument("--out", type=Path, default=RESULTS / "memory.json",
-                        help="where to keep the result (bench.run's table shows it)")
-    parser.add_argument("--rate-rules", action="store_true",
-                        help="add per-caller requests and tokens limits over a rolling minute")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=RESULTS / "memory.json",
+        help="where to keep the result (bench.run's table shows it)",
+    )
+    parser.add_argument(
+        "--rate-rules",
+        action="store_true",
+        help="add per-caller requests and tokens limits over a rolling minute",
+    )
     args = parser.parse_args(argv)
     result = measure(args.users, args.rate_rules)
     result["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -28,14 +28,18 @@ _OK = external_auth_pb2.CheckResponse(status=status_pb2.Status(code=code_pb2.OK)
 
 
 class NoopAuthorization(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
-    async def Check(self, request: external_auth_pb2.CheckRequest,
-                    context: grpc.aio.ServicerContext) -> external_auth_pb2.CheckResponse:
+    async def Check(
+        self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
+    ) -> external_auth_pb2.CheckResponse:
         return _OK
 
 
 class NoopProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):  # type: ignore[misc]
-    async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest],
-                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ProcessingResponse]:
+    async def Process(
+        self,
+        request_iterator: AsyncIterator[pb.ProcessingRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.ProcessingResponse]:
         async for message in request_iterator:
             kind = message.WhichOneof("request")
             if kind in ("request_headers", "response_headers"):
@@ -47,8 +51,9 @@ class NoopProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):  # t
 
 
 class NoopAccessLog(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
-    async def StreamAccessLogs(self, request_iterator: AsyncIterator[Any],
-                               context: grpc.aio.ServicerContext) -> Any:
+    async def StreamAccessLogs(
+        self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> Any:
         async for _ in request_iterator:
             pass
         return als_pb2.StreamAccessLogsResponse()
@@ -58,8 +63,7 @@ async def serve(address: str, ext_proc: bool) -> None:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(NoopAuthorization(), server)
     if ext_proc:
-        external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
-            NoopProcessor(), server)
+        external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(NoopProcessor(), server)
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(NoopAccessLog(), server)
     server.add_insecure_port(address)
     await server.start()

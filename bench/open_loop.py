@@ -71,7 +71,7 @@ class _Connection(asyncio.Protocol):
             marker = head.find(b"\r\ncontent-length:")
             if marker >= 0:
                 stop = head.find(b"\r\n", marker + 2)
-                length = int(head[marker + 17:stop if stop >= 0 else len(head)])
+                length = int(head[marker + 17 : stop if stop >= 0 else len(head)])
             self._need = end + 4 + length
         if len(self._buf) >= self._need and self.pending is not None:
             pending, self.pending = self.pending, None
@@ -118,7 +118,8 @@ class OpenLoopClient:
                 self.connections += 1
                 try:
                     _, conn = await loop.create_connection(
-                        lambda: _Connection(self), self.host, self.port)
+                        lambda: _Connection(self), self.host, self.port
+                    )
                 except BaseException:
                     self.connections -= 1
                     raise
@@ -162,15 +163,15 @@ def percentile(values: list[float], q: float) -> float:
 def build_request(url: str, method: str, body: bytes, headers: dict[str, str]) -> bytes:
     parts = urlsplit(url)
     path = parts.path or "/"
-    lines = [f"{method} {path} HTTP/1.1", f"host: {parts.netloc}",
-             f"content-length: {len(body)}"]
+    lines = [f"{method} {path} HTTP/1.1", f"host: {parts.netloc}", f"content-length: {len(body)}"]
     lines += [f"{k}: {v}" for k, v in headers.items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--url", required=True)
     parser.add_argument("--rate", type=float, default=500.0)
     parser.add_argument("--seconds", type=float, default=10.0)
@@ -181,16 +182,27 @@ def main(argv: list[str] | None = None) -> int:
     body = args.body_file.read_bytes() if args.body_file else b""
     headers = dict(h.split(": ", 1) for h in args.header)
     parts = urlsplit(args.url)
-    client = OpenLoopClient(parts.hostname or "127.0.0.1", parts.port or 80,
-                            build_request(args.url, args.method, body, headers))
+    client = OpenLoopClient(
+        parts.hostname or "127.0.0.1",
+        parts.port or 80,
+        build_request(args.url, args.method, body, headers),
+    )
     asyncio.run(client.run(args.rate, args.seconds))
     lat = client.latencies_ms
-    json.dump({
-        "offered_rps": args.rate, "seconds": args.seconds, "completed": len(lat),
-        "errors": client.errors, "statuses": {str(k): v for k, v in client.statuses.items()},
-        "p50_ms": percentile(lat, 50), "p99_ms": percentile(lat, 99),
-        "max_ms": max(lat) if lat else float("nan"), "latencies_ms": [round(x, 4) for x in lat],
-    }, sys.stdout)
+    json.dump(
+        {
+            "offered_rps": args.rate,
+            "seconds": args.seconds,
+            "completed": len(lat),
+            "errors": client.errors,
+            "statuses": {str(k): v for k, v in client.statuses.items()},
+            "p50_ms": percentile(lat, 50),
+            "p99_ms": percentile(lat, 99),
+            "max_ms": max(lat) if lat else float("nan"),
+            "latencies_ms": [round(x, 4) for x in lat],
+        },
+        sys.stdout,
+    )
     return 0
 
 

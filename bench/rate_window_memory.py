@@ -33,16 +33,36 @@ from sidecar.store.factory import open_store
 
 T0 = 1_900_000_020.0
 RULES: tuple[Rule, ...] = (
-    compile_rule(name="agent-tpm", limit=200_000, window=RollingWindow(60), filters={},
-                 split=("token",), action="block", measure="tokens"),
-    compile_rule(name="agent-rpm", limit=600, window=RollingWindow(60), filters={},
-                 split=("token",), action="block", measure="requests"),
+    compile_rule(
+        name="agent-tpm",
+        limit=200_000,
+        window=RollingWindow(60),
+        filters={},
+        split=("token",),
+        action="block",
+        measure="tokens",
+    ),
+    compile_rule(
+        name="agent-rpm",
+        limit=600,
+        window=RollingWindow(60),
+        filters={},
+        split=("token",),
+        action="block",
+        measure="requests",
+    ),
 )
 
 
 def _ctx(n: int) -> dict[str, tuple[str, ...]]:
-    return {"user": (f"agent-{n:05d}",), "token": (f"agent-{n:05d}",), "kind": ("service",),
-            "group": (), "model": ("gpt-4o",), "provider": ("openai",)}
+    return {
+        "user": (f"agent-{n:05d}",),
+        "token": (f"agent-{n:05d}",),
+        "kind": ("service",),
+        "group": (),
+        "model": ("gpt-4o",),
+        "provider": ("openai",),
+    }
 
 
 async def fill(store: Store, tokens: int) -> float:
@@ -59,8 +79,18 @@ async def fill(store: Store, tokens: int) -> float:
         await store.add_spend(f"bench-{n}", spend)
         views = tuple(p.view for p in plan(RULES, ctx, T0))
         rid = f"bench-{n:05d}"
-        await store.reserve(ReserveRequest(rid, views, 1_000, "reserve", T0, T0 + 600,
-                                           LedgerDims(ctx["user"][0]), tokens=(50, 100)))
+        await store.reserve(
+            ReserveRequest(
+                rid,
+                views,
+                1_000,
+                "reserve",
+                T0,
+                T0 + 600,
+                LedgerDims(ctx["user"][0]),
+                tokens=(50, 100),
+            )
+        )
         await store.commit(rid, 800, TokenUsage(40, 60), T0 + 1)
     return time.perf_counter() - started
 
@@ -84,9 +114,12 @@ async def measure(tokens: int) -> dict[str, Any]:
         await sqlite.close()
         size = sum(p.stat().st_size for p in workdir.glob("bench.db*"))
     return {
-        "tokens": tokens, "rules": [r.name for r in RULES], "slots_per_bucket": 60,
+        "tokens": tokens,
+        "rules": [r.name for r in RULES],
+        "slots_per_bucket": 60,
         "redis_used_memory_mb": round((after - before) / 2**20, 1),
-        "redis_keys": keys, "redis_fill_seconds": round(redis_seconds, 1),
+        "redis_keys": keys,
+        "redis_fill_seconds": round(redis_seconds, 1),
         "sqlite_file_mb": round(size / 2**20, 1),
         "sqlite_fill_seconds": round(sqlite_seconds, 1),
     }

@@ -62,9 +62,16 @@ USAGE = TokenUsage(input_tokens=20, output_tokens=40)
 
 def per_owner_rules() -> list[dict[str, Any]]:
     """Five rules split by user: every bucket a request touches is its caller's own."""
+
     def rule(name: str, window: dict[str, str], **extra: Any) -> dict[str, Any]:
-        return {"name": name, "budget_usd": BIG, "window": window, "action": "block",
-                "split": ["user"], **extra}
+        return {
+            "name": name,
+            "budget_usd": BIG,
+            "window": window,
+            "action": "block",
+            "split": ["user"],
+            **extra,
+        }
 
     return [
         rule("per-user-daily", {"fixed": "daily"}),
@@ -112,9 +119,15 @@ async def fill_rolling_windows(store: Store, buckets: dict[str, BucketView]) -> 
         if view.since == view.slot:
             continue  # a fixed window is one slot
         step = (view.slot - view.since) // (ROLLING_SLOTS - 1)
-        spend = [(BucketView(key, s, view.since, view.ttl_seconds, view.limit,
-                             view.enforce, view.measure), 1)
-                 for s in range(view.since, view.slot, step)]
+        spend = [
+            (
+                BucketView(
+                    key, s, view.since, view.ttl_seconds, view.limit, view.enforce, view.measure
+                ),
+                1,
+            )
+            for s in range(view.since, view.slot, step)
+        ]
         await store.add_spend(f"bench-fill:{key}", spend)
         written += len(spend)
     return written
@@ -123,16 +136,20 @@ async def fill_rolling_windows(store: Store, buckets: dict[str, BucketView]) -> 
 class Run:
     """One policy on one store: the engine, its callers and the store's statistics."""
 
-    def __init__(self, url: str, stat_urls: list[str], policy: str, workdir: Path,
-                 name: str) -> None:
+    def __init__(
+        self, url: str, stat_urls: list[str], policy: str, workdir: Path, name: str
+    ) -> None:
         self.url, self.stat_urls, self.policy = url, stat_urls, policy
         issuer = DevIssuer.generate()
         jwks = issuer.write_jwks(workdir / f"jwks-{name.replace('/', '-')}.json")
-        self.ruleset = build_ruleset(parse_config(bench_config(issuer, str(jwks), url,
-                                                               rules=POLICIES[policy])))
+        self.ruleset = build_ruleset(
+            parse_config(bench_config(issuer, str(jwks), url, rules=POLICIES[policy]))
+        )
         self.users = USERS[policy]
-        self.tokens = [issuer.mint(f"user{i}@example.com", ["eng", "ml"], ttl=6 * 3600)
-                       for i in range(self.users)]
+        self.tokens = [
+            issuer.mint(f"user{i}@example.com", ["eng", "ml"], ttl=6 * 3600)
+            for i in range(self.users)
+        ]
         self.measured: list[tuple[int, float, list[dict[str, Any]]]] = []
         self.next_id = 0
 
@@ -141,8 +158,7 @@ class Run:
         self.store = RedisStore(self.url, prefix=f"bench-{self.policy}:")
         recorder = Recorder(self.store)
         self.engine = make_engine(self.ruleset, recorder)
-        self.admins = [aioredis.Redis.from_url(u, decode_responses=True)
-                       for u in self.stat_urls]
+        self.admins = [aioredis.Redis.from_url(u, decode_responses=True) for u in self.stat_urls]
         self.next_id = max(warmup, self.users)
         for n in range(self.next_id):
             await self.decide(n)
@@ -150,10 +166,11 @@ class Run:
             await fill_rolling_windows(self.store, recorder.buckets)
 
     async def decide(self, n: int) -> None:
-        headers = {"content-type": "application/json",
-                   "cf-access-jwt-assertion": self.tokens[n % self.users]}
-        decision = await self.engine.check(RequestAttrs("POST", PATH, headers, BODY,
-                                                        f"r-{n}"))
+        headers = {
+            "content-type": "application/json",
+            "cf-access-jwt-assertion": self.tokens[n % self.users],
+        }
+        decision = await self.engine.check(RequestAttrs("POST", PATH, headers, BODY, f"r-{n}"))
         if not decision.allowed:
             raise RuntimeError(f"refused: {decision.body!r}")
         result = await self.store.commit(decision.request_id, COST, USAGE, time.time())
@@ -176,13 +193,18 @@ class Run:
             # Commands a script calls are counted twice in Redis 7's commandstats (on their
             # own and inside EVALSHA), so a decision's cost is the scripts' time, not the sum.
             scripts = {k: v for k, v in stats.items() if k in ("evalsha", "eval")}
-            shards.append({
-                "script_usec": sum(u for _, u in scripts.values()),
-                "script_calls": sum(c for c, _ in scripts.values()),
-                "process_cpu_usec": round(cpu * 1e6),
-                "calls_per_decision": {k: round(c / decisions, 1) for k, (c, _) in
-                                       sorted(stats.items()) if k != "config|resetstat"},
-            })
+            shards.append(
+                {
+                    "script_usec": sum(u for _, u in scripts.values()),
+                    "script_calls": sum(c for c, _ in scripts.values()),
+                    "process_cpu_usec": round(cpu * 1e6),
+                    "calls_per_decision": {
+                        k: round(c / decisions, 1)
+                        for k, (c, _) in sorted(stats.items())
+                        if k != "config|resetstat"
+                    },
+                }
+            )
         self.measured.append((sum(sh["script_usec"] for sh in shards), elapsed, shards))
 
     async def close(self) -> None:
@@ -202,15 +224,18 @@ class Run:
             "rounds": len(self.measured),
             "shards": len(shards),
             # EVALSHA usec_per_call; a decision is one reserve and one commit (per shard).
-            "script_usec_per_call": round(script_usec / max(sum(sh["script_calls"]
-                                                                for sh in shards), 1), 1),
+            "script_usec_per_call": round(
+                script_usec / max(sum(sh["script_calls"] for sh in shards), 1), 1
+            ),
             "script_usec_per_decision": round(script_usec / decisions, 1),
-            "script_usec_per_decision_each_round": [round(m[0] / decisions, 1)
-                                                    for m in self.measured],
+            "script_usec_per_decision_each_round": [
+                round(m[0] / decisions, 1) for m in self.measured
+            ],
             "busiest_shard_script_usec_per_decision": round(busiest / decisions, 1),
             # What the redis-server processes used (network I/O and parsing included).
             "process_cpu_usec_per_decision": round(
-                sum(sh["process_cpu_usec"] for sh in shards) / decisions, 1),
+                sum(sh["process_cpu_usec"] for sh in shards) / decisions, 1
+            ),
             "busiest_shard_process_cpu_usec_per_decision": round(busiest_cpu / decisions, 1),
             # The store's ceiling: the busiest shard's core busy 100% of the time in scripts.
             "decisions_per_second": round(1e6 * decisions / busiest),
@@ -219,13 +244,17 @@ class Run:
         }
 
 
-async def measure_all(stores: dict[str, tuple[str, list[str]]], args: argparse.Namespace,
-                      workdir: Path) -> dict[str, Any]:
+async def measure_all(
+    stores: dict[str, tuple[str, list[str]]], args: argparse.Namespace, workdir: Path
+) -> dict[str, Any]:
     """Every policy on every store, rounds interleaved so that a busy moment on the machine
     spreads over all of them instead of skewing one."""
     os.environ.update(demo_key_env())
-    runs = {f"{policy}/{name}": Run(url, stat_urls, policy, workdir, f"{policy}/{name}")
-            for name, (url, stat_urls) in stores.items() for policy in POLICIES}
+    runs = {
+        f"{policy}/{name}": Run(url, stat_urls, policy, workdir, f"{policy}/{name}")
+        for name, (url, stat_urls) in stores.items()
+        for policy in POLICIES
+    }
     for url, _ in stores.values():
         await flush_redis(url)
     for run in runs.values():
@@ -243,15 +272,33 @@ def baseline(ref: str, args: argparse.Namespace) -> dict[str, Any]:
     in a subprocess (its own one Redis and cluster)."""
     root = Path(__file__).resolve().parent.parent
     with tempfile.TemporaryDirectory() as tmp:
-        archive = subprocess.run(["git", "-C", str(root), "archive", ref, "sidecar", "bench"],
-                                 capture_output=True, check=True).stdout
+        archive = subprocess.run(
+            ["git", "-C", str(root), "archive", ref, "sidecar", "bench"],
+            capture_output=True,
+            check=True,
+        ).stdout
         subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
-        argv = [sys.executable, "-m", "bench.redis_cpu", "--decisions", str(args.decisions),
-                "--rounds", str(args.rounds), "--warmup", str(args.warmup)]
+        argv = [
+            sys.executable,
+            "-m",
+            "bench.redis_cpu",
+            "--decisions",
+            str(args.decisions),
+            "--rounds",
+            str(args.rounds),
+            "--warmup",
+            str(args.warmup),
+        ]
         if args.fresh:
             argv.append("--fresh")
-        done = subprocess.run(argv, cwd=tmp, env={**os.environ, "PYTHONPATH": tmp},
-                              capture_output=True, text=True, check=True)
+        done = subprocess.run(
+            argv,
+            cwd=tmp,
+            env={**os.environ, "PYTHONPATH": tmp},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     old: dict[str, Any] = json.loads(done.stdout)
     return old
 
@@ -264,15 +311,23 @@ async def _cpu_seconds(admin: aioredis.Redis) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--decisions", type=int, default=2000, help="per round")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="measured rounds; the least disturbed one is reported")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="measured rounds; the least disturbed one is reported"
+    )
     parser.add_argument("--warmup", type=int, default=500)
-    parser.add_argument("--fresh", action="store_true",
-                        help="leave rolling windows as the warmup left them (1-2 slots)")
-    parser.add_argument("--baseline", metavar="REF",
-                        help="also run this benchmark as of git commit REF, for a ratio")
-    parser.add_argument("--save", action="store_true",
-                        help="write the result to bench/results/redis_cpu.json")
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="leave rolling windows as the warmup left them (1-2 slots)",
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="REF",
+        help="also run this benchmark as of git commit REF, for a ratio",
+    )
+    parser.add_argument(
+        "--save", action="store_true", help="write the result to bench/results/redis_cpu.json"
+    )
     args = parser.parse_args(argv)
     # The decision log would be most of the client's time; Redis's share is what is measured.
     structlog.configure(logger_factory=structlog.ReturnLoggerFactory())
@@ -281,14 +336,25 @@ def main(argv: list[str] | None = None) -> int:
         proc, port = start_redis(workdir / "redis")
         with proc, start_redis_cluster(workdir / "cluster", 3) as cluster:
             url = f"redis://127.0.0.1:{port}/0"
-            result = asyncio.run(measure_all(
-                {"one_redis": (url, [url]),
-                 "cluster_3_primaries": (cluster.url, cluster.node_urls())}, args, workdir))
+            result = asyncio.run(
+                measure_all(
+                    {
+                        "one_redis": (url, [url]),
+                        "cluster_3_primaries": (cluster.url, cluster.node_urls()),
+                    },
+                    args,
+                    workdir,
+                )
+            )
     # What adding shards buys: the busiest shard sets the ceiling.
     result["cluster_3_over_one"] = {
-        policy: round(result[f"{policy}/cluster_3_primaries"]["decisions_per_second"]
-                      / result[f"{policy}/one_redis"]["decisions_per_second"], 2)
-        for policy in POLICIES}
+        policy: round(
+            result[f"{policy}/cluster_3_primaries"]["decisions_per_second"]
+            / result[f"{policy}/one_redis"]["decisions_per_second"],
+            2,
+        )
+        for policy in POLICIES
+    }
     if args.baseline:
         old = baseline(args.baseline, args)
         old_one = old["one_redis"]
@@ -296,16 +362,18 @@ def main(argv: list[str] | None = None) -> int:
         result["baseline"] = {
             "ref": args.baseline,
             "one_redis_script_usec_per_decision": old_one["script_usec_per_decision"],
-            "one_redis_process_cpu_usec_per_decision":
-                old_one["process_cpu_usec_per_decision"],
-            "cluster_3_decisions_per_second":
-                old["cluster_3_primaries"]["decisions_per_second_all_shards"],
+            "one_redis_process_cpu_usec_per_decision": old_one["process_cpu_usec_per_decision"],
+            "cluster_3_decisions_per_second": old["cluster_3_primaries"][
+                "decisions_per_second_all_shards"
+            ],
             # Redis CPU per decision now / at the baseline (bench policy, one Redis).
             "script_usec_now_over_baseline": round(
-                new_one["script_usec_per_decision"] / old_one["script_usec_per_decision"], 2),
+                new_one["script_usec_per_decision"] / old_one["script_usec_per_decision"], 2
+            ),
             "process_cpu_now_over_baseline": round(
-                new_one["process_cpu_usec_per_decision"]
-                / old_one["process_cpu_usec_per_decision"], 2),
+                new_one["process_cpu_usec_per_decision"] / old_one["process_cpu_usec_per_decision"],
+                2,
+            ),
         }
     text = json.dumps(result, indent=2) + "\n"
     sys.stdout.write(text)

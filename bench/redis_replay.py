@@ -73,8 +73,12 @@ def replay(port: int, calls: list[Call], rounds: int, per_round: int) -> dict[st
             pipe = client.pipeline(transaction=False)
             for i in range(per_round):
                 fresh = f"replay-{n}-{i}"
-                pipe.evalsha(sha, len(keys), *[k.replace(request_id, fresh) for k in keys],
-                             *[fresh if a == request_id else a for a in args])
+                pipe.evalsha(
+                    sha,
+                    len(keys),
+                    *[k.replace(request_id, fresh) for k in keys],
+                    *[fresh if a == request_id else a for a in args],
+                )
             pipe.execute()
             stat = client.info("commandstats")["cmdstat_evalsha"]
             best[name] = min(best[name], stat["usec"] / stat["calls"])
@@ -99,16 +103,25 @@ def baseline(ref: str, argv: list[str]) -> dict[str, float]:
     """This replay on git commit `ref`'s store, in a subprocess importing that tree."""
     root = Path(__file__).resolve().parent.parent
     with tempfile.TemporaryDirectory() as tmp:
-        archive = subprocess.run(["git", "-C", str(root), "archive", ref, "sidecar", "bench",
-                                  "tests/support"], capture_output=True, check=True).stdout
+        archive = subprocess.run(
+            ["git", "-C", str(root), "archive", ref, "sidecar", "bench", "tests/support"],
+            capture_output=True,
+            check=True,
+        ).stdout
         subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
         shutil.copy(Path(__file__), Path(tmp, "bench", "redis_replay.py"))
-        done = subprocess.run([sys.executable, "-m", "bench.redis_replay", *argv], cwd=tmp,
-                              env={**os.environ, "PYTHONPATH": tmp}, capture_output=True,
-                              text=True)
+        done = subprocess.run(
+            [sys.executable, "-m", "bench.redis_replay", *argv],
+            cwd=tmp,
+            env={**os.environ, "PYTHONPATH": tmp},
+            capture_output=True,
+            text=True,
+        )
     if done.returncode != 0:
-        raise SystemExit(f"replay of {ref} failed (it needs bench.redis_cpu with the per-owner "
-                         f"policy):\n{done.stderr[-2000:]}")
+        raise SystemExit(
+            f"replay of {ref} failed (it needs bench.redis_cpu with the per-owner "
+            f"policy):\n{done.stderr[-2000:]}"
+        )
     old: dict[str, float] = json.loads(done.stdout)["now"]
     return old
 
@@ -118,13 +131,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policy", choices=sorted(redis_cpu.POLICIES), default="bench")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=1000, help="per script and round")
-    parser.add_argument("--baseline", metavar="REF",
-                        help="also replay git commit REF's store, for a ratio")
+    parser.add_argument(
+        "--baseline", metavar="REF", help="also replay git commit REF's store, for a ratio"
+    )
     args = parser.parse_args(argv)
     structlog.configure(logger_factory=structlog.ReturnLoggerFactory())
     common = ["--policy", args.policy, "--rounds", str(args.rounds), "--calls", str(args.calls)]
-    result: dict[str, Any] = {"policy": args.policy,
-                              "now": measure(args.policy, args.rounds, args.calls)}
+    result: dict[str, Any] = {
+        "policy": args.policy,
+        "now": measure(args.policy, args.rounds, args.calls),
+    }
     if args.baseline:
         old = baseline(args.baseline, common)
         result["baseline"] = {"ref": args.baseline, **old}

@@ -17,14 +17,16 @@ def rate_key(rate: float) -> str:
     return f"{rate:g}"
 
 
-def _ratio_per_round(trials: Mapping[str, list[dict[str, Any]]], key: str,
-                     base: str) -> float | None:
+def _ratio_per_round(
+    trials: Mapping[str, list[dict[str, Any]]], key: str, base: str
+) -> float | None:
     """Median over rounds of this row's throughput over the base row's, same round."""
     if base not in trials or key not in trials:
         return None
     base_rps = {t["round"]: t["closed"]["rps"] for t in trials[base]}
-    ratios = [t["closed"]["rps"] / base_rps[t["round"]] for t in trials[key]
-              if base_rps.get(t["round"])]
+    ratios = [
+        t["closed"]["rps"] / base_rps[t["round"]] for t in trials[key] if base_rps.get(t["round"])
+    ]
     return statistics.median(ratios) if ratios else None
 
 
@@ -53,8 +55,11 @@ def _latency(trials: Mapping[str, list[dict[str, Any]]], rate: str) -> dict[str,
         out[key] = {
             "p50_ms": p50[key],
             "p99_ms": p99[key],
-            "p99_by_round": [round(t["open"][rate]["p99_ms"], 3) for t in trials[key]
-                             if rate in t.get("open", {})],
+            "p99_by_round": [
+                round(t["open"][rate]["p99_ms"], 3)
+                for t in trials[key]
+                if rate in t.get("open", {})
+            ],
             "p99_x_floor": p99[key] / p99[FLOOR] if p99.get(FLOOR) else None,
             "p50_added_ms": p50[key] - p50[ENVOY] if ENVOY in p50 else None,
             "p99_added_ms": p99[key] - p99[ENVOY] if ENVOY in p99 else None,
@@ -63,10 +68,16 @@ def _latency(trials: Mapping[str, list[dict[str, Any]]], rate: str) -> dict[str,
     return out
 
 
-def summarize(specs: Sequence[RowSpec], trials: Mapping[str, list[dict[str, Any]]],
-              rss: Mapping[str, float | None]) -> list[dict[str, Any]]:
-    rates = sorted({r for ts in trials.values() for t in ts for r in t.get("open", {})},
-                   key=float, reverse=True)
+def summarize(
+    specs: Sequence[RowSpec],
+    trials: Mapping[str, list[dict[str, Any]]],
+    rss: Mapping[str, float | None],
+) -> list[dict[str, Any]]:
+    rates = sorted(
+        {r for ts in trials.values() for t in ts for r in t.get("open", {})},
+        key=float,
+        reverse=True,
+    )
     latency = {rate: _latency(trials, rate) for rate in rates}
     rows = []
     for spec in specs:
@@ -124,9 +135,11 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     for row in result["rows"]:
-        lines.append(f"| {row['title']} | {row['rps_median']:.0f} | "
-                     f"{_f(row['rps_x_floor'], '.2f')} | {_f(row['sidecar_rss_mb'], '.0f')} | "
-                     f"{row['errors']} |")
+        lines.append(
+            f"| {row['title']} | {row['rps_median']:.0f} | "
+            f"{_f(row['rps_x_floor'], '.2f')} | {_f(row['sidecar_rss_mb'], '.0f')} | "
+            f"{row['errors']} |"
+        )
     lines += [
         "",
         f"Latency: open loop (bench/open_loop.py) at {' and '.join(rates)} requests/s, "
@@ -145,7 +158,8 @@ def render_markdown(result: Mapping[str, Any]) -> str:
             lines.append(
                 f"| {row['title']} | {rate} | {lat['p50_ms']:.2f} | {lat['p99_ms']:.2f} | "
                 f"{_f(lat['p99_x_floor'], '.2f')} | {_f(lat['p50_added_ms'], '.2f')} | "
-                f"{_f(lat['p99_added_ms'], '.2f')} |")
+                f"{_f(lat['p99_added_ms'], '.2f')} |"
+            )
     rows = {r["key"]: r for r in result["rows"]}
 
     def added(key: str, rate: str) -> float | None:
@@ -157,27 +171,57 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         "",
         "| target | measured | |",
         "|---|---:|---|",
-        _target("SQLite sidecar throughput >= 0.8 x floor",
-                rows.get("sqlite", {}).get("rps_x_floor"), ">=", 0.8),
-        _target("Redis sidecar throughput >= 0.7 x floor",
-                rows.get("redis", {}).get("rps_x_floor"), ">=", 0.7),
-        _target(f"SQLite sidecar p99 added over Envoy alone at {top}/s <= 2 ms",
-                added("sqlite", top), "<=", 2.0),
-        _target(f"Redis sidecar p99 added over Envoy alone at {top}/s <= 2 ms",
-                added("redis", top), "<=", 2.0),
-        _target(f"2 workers: p99 added over Envoy alone at {top}/s <= 2 ms",
-                added("sqlite_w2", top), "<=", 2.0),
-        _target("--workers 2 throughput >= 1.6 x one worker",
-                rows.get("sqlite_w2", {}).get("rps_x_one_worker"), ">=", 1.6),
-        _target("metering row >= 0.8 x (no-op ext_authz, ext_proc, access log) (informative)",
-                rows.get("metering", {}).get("rps_x_floor_full"), ">=", 0.8),
+        _target(
+            "SQLite sidecar throughput >= 0.8 x floor",
+            rows.get("sqlite", {}).get("rps_x_floor"),
+            ">=",
+            0.8,
+        ),
+        _target(
+            "Redis sidecar throughput >= 0.7 x floor",
+            rows.get("redis", {}).get("rps_x_floor"),
+            ">=",
+            0.7,
+        ),
+        _target(
+            f"SQLite sidecar p99 added over Envoy alone at {top}/s <= 2 ms",
+            added("sqlite", top),
+            "<=",
+            2.0,
+        ),
+        _target(
+            f"Redis sidecar p99 added over Envoy alone at {top}/s <= 2 ms",
+            added("redis", top),
+            "<=",
+            2.0,
+        ),
+        _target(
+            f"2 workers: p99 added over Envoy alone at {top}/s <= 2 ms",
+            added("sqlite_w2", top),
+            "<=",
+            2.0,
+        ),
+        _target(
+            "--workers 2 throughput >= 1.6 x one worker",
+            rows.get("sqlite_w2", {}).get("rps_x_one_worker"),
+            ">=",
+            1.6,
+        ),
+        _target(
+            "metering row >= 0.8 x (no-op ext_authz, ext_proc, access log) (informative)",
+            rows.get("metering", {}).get("rps_x_floor_full"),
+            ">=",
+            0.8,
+        ),
     ]
     memory = result.get("memory")
     if memory:
-        lines.append(f"| RSS of one worker after {memory['users']:,} distinct users <= 150 MB "
-                     f"(bench.memory at {memory.get('measured_at', '?')}; "
-                     f"{memory['rss_before_mb']:.0f} MB before) | "
-                     f"{memory['rss_after_mb']:.0f} MB | "
-                     f"{'met' if memory['rss_after_mb'] <= 150 else 'MISSED'} |")
+        lines.append(
+            f"| RSS of one worker after {memory['users']:,} distinct users <= 150 MB "
+            f"(bench.memory at {memory.get('measured_at', '?')}; "
+            f"{memory['rss_before_mb']:.0f} MB before) | "
+            f"{memory['rss_after_mb']:.0f} MB | "
+            f"{'met' if memory['rss_after_mb'] <= 150 else 'MISSED'} |"
+        )
     lines.append("")
     return "\n".join(lines)

@@ -61,11 +61,23 @@ ROWS: tuple[RowSpec, ...] = (
 )
 
 
-def _sidecar(workdir: Path, name: str, config_path: Path, grpc_port: int, http_port: int,
-             workers: int) -> ManagedProcess:
-    argv = [sys.executable, "-m", "sidecar.cli", "serve", "--config", str(config_path),
-            "--grpc", f"{LOOPBACK}:{grpc_port}", "--http", f"{LOOPBACK}:{http_port}",
-            "--workers", str(workers)]
+def _sidecar(
+    workdir: Path, name: str, config_path: Path, grpc_port: int, http_port: int, workers: int
+) -> ManagedProcess:
+    argv = [
+        sys.executable,
+        "-m",
+        "sidecar.cli",
+        "serve",
+        "--config",
+        str(config_path),
+        "--grpc",
+        f"{LOOPBACK}:{grpc_port}",
+        "--http",
+        f"{LOOPBACK}:{http_port}",
+        "--workers",
+        str(workers),
+    ]
     # The policy injects the demo provider keys, read from the environment at load.
     env = {**os.environ, "SIDECAR_ADMIN_TOKEN": ADMIN_TOKEN, **demo_key_env()}
     return ManagedProcess(name, argv, workdir, env=env, cwd=workdir)
@@ -95,20 +107,22 @@ class Bench:
             if spec.variant == "full":
                 argv.append("--ext-proc")
             proc = self.stack.enter_context(
-                ManagedProcess(f"floor-{spec.key}", argv, self.workdir).start())
+                ManagedProcess(f"floor-{spec.key}", argv, self.workdir).start()
+            )
             wait_for_port(LOOPBACK, port, 20, process=proc)
             return port, [proc]
         rowdir = self.workdir / spec.key
         rowdir.mkdir(parents=True, exist_ok=True)
-        store = (f"sqlite:///{rowdir}/sidecar.db" if spec.backend == "sqlite"
-                 else self.redis_url())
+        store = f"sqlite:///{rowdir}/sidecar.db" if spec.backend == "sqlite" else self.redis_url()
         config = bench_config(self.issuer, str(self.jwks), store)
         config_path = rowdir / "sidecar.yaml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
         http_port = free_port()
         proc = self.stack.enter_context(
-            _sidecar(rowdir, f"sidecar-{spec.key}", config_path, port, http_port,
-                     spec.workers).start())
+            _sidecar(
+                rowdir, f"sidecar-{spec.key}", config_path, port, http_port, spec.workers
+            ).start()
+        )
         wait_ready(f"http://{LOOPBACK}:{http_port}", proc, timeout=60)
         return port, [proc]
 
@@ -118,9 +132,13 @@ class Bench:
         if spec.backend != "none":
             grpc_port, processes = self._backend(spec)
         listen, admin = free_port(), free_port()
-        config = bench_envoy_config(spec.variant, listen_port=listen, admin_port=admin,
-                                    grpc_port=grpc_port,
-                                    h2_max_streams=2 if spec.workers > 1 else None)
+        config = bench_envoy_config(
+            spec.variant,
+            listen_port=listen,
+            admin_port=admin,
+            grpc_port=grpc_port,
+            h2_max_streams=2 if spec.workers > 1 else None,
+        )
         envoy, _ = start_envoy(self.workdir, config, base_id=listen)
         self.stack.enter_context(envoy)
         processes.append(envoy)

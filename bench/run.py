@@ -34,14 +34,25 @@ from devtools.keys import DevIssuer
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def open_loop(url: str, *, rate: float, seconds: float, body_file: Path,
-              headers: dict[str, str]) -> dict[str, Any]:
-    argv = [sys.executable, "-m", "bench.open_loop", "--url", url, "--rate", str(rate),
-            "--seconds", str(seconds), "--body-file", str(body_file)]
+def open_loop(
+    url: str, *, rate: float, seconds: float, body_file: Path, headers: dict[str, str]
+) -> dict[str, Any]:
+    argv = [
+        sys.executable,
+        "-m",
+        "bench.open_loop",
+        "--url",
+        url,
+        "--rate",
+        str(rate),
+        "--seconds",
+        str(seconds),
+        "--body-file",
+        str(body_file),
+    ]
     for name, value in headers.items():
         argv += ["--header", f"{name}: {value}"]
-    done = subprocess.run(argv, capture_output=True, text=True, check=True,
-                          timeout=seconds + 60)
+    done = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=seconds + 60)
     result: dict[str, Any] = json.loads(done.stdout)
     return result
 
@@ -52,8 +63,9 @@ def sidecar_rss(row: Row) -> float | None:
         return None
     kids = children(proc.pid)
     # With workers, the parent only supervises: report the largest worker.
-    return max((rss_mb(pid) for pid in kids), default=rss_mb(proc.pid)) if kids else rss_mb(
-        proc.pid)
+    return (
+        max((rss_mb(pid) for pid in kids), default=rss_mb(proc.pid)) if kids else rss_mb(proc.pid)
+    )
 
 
 def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -77,22 +89,34 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         for rnd in range(args.rounds):
             order = rows if rnd % 2 == 0 else rows[::-1]
             for row in order:
-                closed = run_wrk(row.url + PATH, script, connections=args.connections,
-                                 seconds=args.seconds)
+                closed = run_wrk(
+                    row.url + PATH, script, connections=args.connections, seconds=args.seconds
+                )
                 trials[row.spec.key].append({"round": rnd, "closed": closed.__dict__})
-                print(f"round {rnd} {row.spec.key:11} {closed.rps:9.0f} rps "
-                      f"(c{args.connections}) errors={closed.errors}",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"round {rnd} {row.spec.key:11} {closed.rps:9.0f} rps "
+                    f"(c{args.connections}) errors={closed.errors}",
+                    file=sys.stderr,
+                    flush=True,
+                )
             for rate in args.rates:
                 for row in order:
-                    lat = open_loop(row.url + PATH, rate=rate, seconds=args.latency_seconds,
-                                    body_file=body_file, headers=headers)
+                    lat = open_loop(
+                        row.url + PATH,
+                        rate=rate,
+                        seconds=args.latency_seconds,
+                        body_file=body_file,
+                        headers=headers,
+                    )
                     trial = next(t for t in trials[row.spec.key] if t["round"] == rnd)
                     trial.setdefault("open", {})[rate_key(rate)] = lat
-                    print(f"round {rnd} {row.spec.key:11} p50 {lat['p50_ms']:.2f} ms "
-                          f"p99 {lat['p99_ms']:.2f} ms @ {rate:.0f} rps "
-                          f"errors={lat['errors']} statuses={lat['statuses']}",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"round {rnd} {row.spec.key:11} p50 {lat['p50_ms']:.2f} ms "
+                        f"p99 {lat['p99_ms']:.2f} ms @ {rate:.0f} rps "
+                        f"errors={lat['errors']} statuses={lat['statuses']}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
         rss = {row.spec.key: sidecar_rss(row) for row in rows}
     return {"specs": specs, "trials": trials, "rss_mb": rss}
 
@@ -101,9 +125,13 @@ def memory_check(users: int | None, out: Path) -> dict[str, Any] | None:
     """Run bench.memory when `users` is given; in any case the last result kept in `out`."""
     path = out / "memory.json"
     if users is not None:
-        subprocess.run([sys.executable, "-m", "bench.memory", "--users", str(users),
-                        "--out", str(path)], capture_output=True, text=True, check=True,
-                       timeout=1200)
+        subprocess.run(
+            [sys.executable, "-m", "bench.memory", "--users", str(users), "--out", str(path)],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=1200,
+        )
     if not path.exists():
         return None
     result: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
@@ -111,22 +139,41 @@ def memory_check(users: int | None, out: Path) -> dict[str, Any] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=8.0,
-                        help="closed-loop (throughput) seconds per row and round")
-    parser.add_argument("--latency-seconds", type=float, default=6.0,
-                        help="open-loop (latency) seconds per row, rate and round")
-    parser.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")],
-                        default=[500.0, 200.0],
-                        help="open-loop offered rates, comma-separated (default 500,200)")
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=8.0,
+        help="closed-loop (throughput) seconds per row and round",
+    )
+    parser.add_argument(
+        "--latency-seconds",
+        type=float,
+        default=6.0,
+        help="open-loop (latency) seconds per row, rate and round",
+    )
+    parser.add_argument(
+        "--rates",
+        type=lambda s: [float(x) for x in s.split(",")],
+        default=[500.0, 200.0],
+        help="open-loop offered rates, comma-separated (default 500,200)",
+    )
     parser.add_argument("--connections", type=int, default=16, help="wrk connections")
-    parser.add_argument("--rows", type=lambda s: s.split(","), default=None,
-                        help="comma-separated subset of: " + ",".join(s.key for s in ROWS))
-    parser.add_argument("--memory", action="store_true",
-                        help="also measure RSS after --users distinct users (bench.memory, "
-                             "3-4 minutes); otherwise the table shows its last result")
+    parser.add_argument(
+        "--rows",
+        type=lambda s: s.split(","),
+        default=None,
+        help="comma-separated subset of: " + ",".join(s.key for s in ROWS),
+    )
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="also measure RSS after --users distinct users (bench.memory, "
+        "3-4 minutes); otherwise the table shows its last result",
+    )
     parser.add_argument("--users", type=int, default=100_000)
     parser.add_argument("--quick", action="store_true", help="1 round of 3 s: a smoke test")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -144,9 +191,13 @@ def main(argv: list[str] | None = None) -> int:
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "wall_seconds": round(time.time() - started, 1),
         "machine": machine_info(),
-        "settings": {"rounds": args.rounds, "closed_loop_seconds": args.seconds,
-                     "connections": args.connections, "open_loop_rates": args.rates,
-                     "open_loop_seconds": args.latency_seconds},
+        "settings": {
+            "rounds": args.rounds,
+            "closed_loop_seconds": args.seconds,
+            "connections": args.connections,
+            "open_loop_rates": args.rates,
+            "open_loop_seconds": args.latency_seconds,
+        },
         "rows": summary,
         "memory": memory,
         "trials": measured["trials"],
@@ -158,8 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         for trial in trials:
             for lat in trial.get("open", {}).values():
                 lat.pop("latencies_ms", None)
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n",
-                                           encoding="utf-8")
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     markdown = render_markdown(result)
     (args.out / f"{stem}.md").write_text(markdown, encoding="utf-8")
     print(markdown)

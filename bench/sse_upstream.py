@@ -26,26 +26,38 @@ def _event(data: dict[str, object]) -> bytes:
 
 
 def _chunk(content: str) -> bytes:
-    return _event({"id": "chatcmpl-bench", "object": "chat.completion.chunk",
-                   "model": "gpt-4o-mini",
-                   "choices": [{"index": 0, "delta": {"content": content}}]})
+    return _event(
+        {
+            "id": "chatcmpl-bench",
+            "object": "chat.completion.chunk",
+            "model": "gpt-4o-mini",
+            "choices": [{"index": 0, "delta": {"content": content}}],
+        }
+    )
 
 
 TOKEN = _chunk("tok ")
-HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-        b"transfer-encoding: chunked\r\n\r\n")
+HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
 DONE = b"%x\r\n%s\r\n0\r\n\r\n" % (len(b"data: [DONE]\n\n"), b"data: [DONE]\n\n")
 
 
 def usage_chunk(chunks: int) -> bytes:
-    return _event({"id": "chatcmpl-bench", "object": "chat.completion.chunk",
-                   "model": "gpt-4o-mini", "choices": [],
-                   "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": chunks,
-                             "total_tokens": PROMPT_TOKENS + chunks}})
+    return _event(
+        {
+            "id": "chatcmpl-bench",
+            "object": "chat.completion.chunk",
+            "model": "gpt-4o-mini",
+            "choices": [],
+            "usage": {
+                "prompt_tokens": PROMPT_TOKENS,
+                "completion_tokens": chunks,
+                "total_tokens": PROMPT_TOKENS + chunks,
+            },
+        }
+    )
 
 
-async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                  gap: float) -> None:
+async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, gap: float) -> None:
     try:
         while True:
             head = await reader.readuntil(b"\r\n\r\n")
@@ -71,8 +83,9 @@ async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
 
 
 async def serve(port: int, gap: float) -> None:
-    server = await asyncio.start_server(lambda r, w: _handle(r, w, gap), "127.0.0.1", port,
-                                        reuse_port=True)
+    server = await asyncio.start_server(
+        lambda r, w: _handle(r, w, gap), "127.0.0.1", port, reuse_port=True
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -45,7 +45,7 @@ def _dechunk(body: bytes) -> bytes:
         size = int(body[pos:line_end].split(b";")[0] or b"0", 16)
         if size == 0:
             return b"".join(out)
-        out.append(body[line_end + 2:line_end + 2 + size])
+        out.append(body[line_end + 2 : line_end + 2 + size])
         pos = line_end + 2 + size + 2
 
 
@@ -96,9 +96,10 @@ class _Exchange(asyncio.Protocol):
         if length is not None:
             if len(self._buf) - start < int(length):
                 return
-            body = bytes(self._buf[start:start + int(length)])
-        elif self._buf.endswith(b"0\r\n\r\n") and \
-                (len(self._buf) - start == 5 or self._buf.endswith(b"\r\n0\r\n\r\n")):
+            body = bytes(self._buf[start : start + int(length)])
+        elif self._buf.endswith(b"0\r\n\r\n") and (
+            len(self._buf) - start == 5 or self._buf.endswith(b"\r\n0\r\n\r\n")
+        ):
             body = _dechunk(bytes(self._buf[start:]))
         else:
             return
@@ -139,25 +140,42 @@ async def _one(host: str, port: int, pool: list[_Exchange], request: bytes) -> s
         REFUSED_MS.append(round((loop.time() - sent) * 1000))
         return "refused"
     if len(SAMPLES) < 5:
-        SAMPLES.append({"status": status,
-                        "headers": {k.decode(): v.decode() for k, v in headers.items()},
-                        "body": body[:300].decode("utf-8", "replace")})
+        SAMPLES.append(
+            {
+                "status": status,
+                "headers": {k.decode(): v.decode() for k, v in headers.items()},
+                "body": body[:300].decode("utf-8", "replace"),
+            }
+        )
     return f"status_{status}"
 
 
-def build_requests(url: str, body: bytes, tokens: list[str], extra: dict[str, str],
-                   token_header: str = "authorization") -> list[bytes]:
+def build_requests(
+    url: str,
+    body: bytes,
+    tokens: list[str],
+    extra: dict[str, str],
+    token_header: str = "authorization",
+) -> list[bytes]:
     parts = urlsplit(url)
-    head = (f"POST {parts.path or '/'} HTTP/1.1\r\nhost: {parts.netloc}\r\n"
-            f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
-            + "".join(f"{k}: {v}\r\n" for k, v in extra.items()))
+    head = (
+        f"POST {parts.path or '/'} HTTP/1.1\r\nhost: {parts.netloc}\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
+        + "".join(f"{k}: {v}\r\n" for k, v in extra.items())
+    )
     prefix = "Bearer " if token_header == "authorization" else ""
-    return [(head + f"{token_header}: {prefix}{token}\r\n\r\n").encode() + body
-            for token in tokens]
+    return [(head + f"{token_header}: {prefix}{token}\r\n\r\n").encode() + body for token in tokens]
 
 
-async def run(url: str, rate: float, seconds: float, body: bytes, tokens: list[str],
-              extra: dict[str, str], token_header: str = "authorization") -> dict[str, object]:
+async def run(
+    url: str,
+    rate: float,
+    seconds: float,
+    body: bytes,
+    tokens: list[str],
+    extra: dict[str, str],
+    token_header: str = "authorization",
+) -> dict[str, object]:
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     requests = build_requests(url, body, tokens, extra, token_header)
@@ -179,10 +197,16 @@ async def run(url: str, rate: float, seconds: float, body: bytes, tokens: list[s
     for conn in pool:
         if conn.transport is not None:
             conn.transport.close()
-    return {"offered": total, "offered_rate": rate, "seconds": seconds,
-            "send_seconds": round(sent_for, 3), "total_seconds": round(took, 3),
-            "outcomes": dict(outcomes), "odd_samples": SAMPLES,
-            "refused_ms": sorted(REFUSED_MS)}
+    return {
+        "offered": total,
+        "offered_rate": rate,
+        "seconds": seconds,
+        "send_seconds": round(sent_for, 3),
+        "total_seconds": round(took, 3),
+        "outcomes": dict(outcomes),
+        "odd_samples": SAMPLES,
+        "refused_ms": sorted(REFUSED_MS),
+    }
 
 
 def main() -> None:
@@ -193,8 +217,11 @@ def main() -> None:
     parser.add_argument("--body-file", type=Path, required=True)
     parser.add_argument("--token-file", type=Path, required=True)
     parser.add_argument("--header", action="append", default=[])
-    parser.add_argument("--token-header", default="authorization",
-                        help="header that carries each token (a Bearer token in authorization)")
+    parser.add_argument(
+        "--token-header",
+        default="authorization",
+        help="header that carries each token (a Bearer token in authorization)",
+    )
     args = parser.parse_args()
     extra = dict(h.split(": ", 1) for h in args.header)
     tokens = args.token_file.read_text().split()
@@ -205,8 +232,17 @@ def main() -> None:
         runner = asyncio.run
     else:
         runner = uvloop.run
-    result = runner(run(args.url, args.rate, args.seconds, args.body_file.read_bytes(),
-                        tokens, extra, args.token_header))
+    result = runner(
+        run(
+            args.url,
+            args.rate,
+            args.seconds,
+            args.body_file.read_bytes(),
+            tokens,
+            extra,
+            args.token_header,
+        )
+    )
     result["started"] = started
     print(json.dumps(result))
 

@@ -64,19 +64,28 @@ USERS = 100
 STREAM_BODY = json.dumps({**json.loads(BODY), "stream": True}, separators=(",", ":"))
 
 
-def _envoy_config(listen: int, admin: int, grpc_port: int, upstream: int,
-                  floor: bool) -> dict[str, Any]:
-    config = render_envoy_config(listen_port=listen, admin_port=admin,
-                                 sidecar_grpc=(LOOPBACK, grpc_port),
-                                 provider_upstream=(LOOPBACK, upstream))
+def _envoy_config(
+    listen: int, admin: int, grpc_port: int, upstream: int, floor: bool
+) -> dict[str, Any]:
+    config = render_envoy_config(
+        listen_port=listen,
+        admin_port=admin,
+        sidecar_grpc=(LOOPBACK, grpc_port),
+        provider_upstream=(LOOPBACK, upstream),
+    )
     hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
-        "typed_config"]
+        "typed_config"
+    ]
     # The same for every row and only disk writes here: Envoy's own stdout access log goes.
-    hcm["access_log"] = [e for e in hcm.get("access_log", [])
-                         if e["name"] != "envoy.access_loggers.stdout"]
+    hcm["access_log"] = [
+        e for e in hcm.get("access_log", []) if e["name"] != "envoy.access_loggers.stdout"
+    ]
     if floor:
-        hcm["http_filters"] = [f for f in hcm["http_filters"]
-                               if f["name"] not in SIDECAR_FILTERS or f["name"] == EXT_AUTHZ]
+        hcm["http_filters"] = [
+            f
+            for f in hcm["http_filters"]
+            if f["name"] not in SIDECAR_FILTERS or f["name"] == EXT_AUTHZ
+        ]
         hcm["access_log"] = []
     return config
 
@@ -85,8 +94,11 @@ def _wrk_script(path: Path, tokens: list[str], chunks: int) -> Path:
     requests = ",\n".join(
         "  wrk.format('POST', nil, {['content-type']='application/json', "
         f"['cf-access-jwt-assertion']={json.dumps(t)}, ['x-bench-chunks']='{chunks}'}}, "
-        f"{json.dumps(STREAM_BODY)})" for t in tokens)
-    path.write_text(f"""
+        f"{json.dumps(STREAM_BODY)})"
+        for t in tokens
+    )
+    path.write_text(
+        f"""
 local requests = nil
 local n = 0
 function request()
@@ -103,36 +115,75 @@ function done(summary, latency, reqs)
     summary.requests, summary.duration, e.connect + e.read + e.write + e.status + e.timeout,
     latency:percentile(50), latency:percentile(99)))
 end
-""", encoding="utf-8")
+""",
+        encoding="utf-8",
+    )
     return path
 
 
 def _wrk(url: str, script: Path, connections: int, seconds: float) -> dict[str, float]:
     import subprocess
 
-    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{round(seconds)}s",
-                          "--timeout", "10s", "-s", str(script), url],
-                         capture_output=True, text=True, check=True, timeout=seconds + 60).stdout
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{round(seconds)}s",
+            "--timeout",
+            "10s",
+            "-s",
+            str(script),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=seconds + 60,
+    ).stdout
     line = next(x for x in out.splitlines() if x.startswith("WRK_JSON "))
     data = json.loads(line.removeprefix("WRK_JSON "))
-    return {"rps": data["requests"] / (data["duration_us"] / 1e6),
-            "requests": data["requests"], "errors": data["errors"]}
+    return {
+        "rps": data["requests"] / (data["duration_us"] / 1e6),
+        "requests": data["requests"],
+        "errors": data["errors"],
+    }
 
 
-def _open_loop(url: str, workdir: Path, tokens: list[str], chunks: int, rate: float,
-               seconds: float) -> dict[str, float]:
+def _open_loop(
+    url: str, workdir: Path, tokens: list[str], chunks: int, rate: float, seconds: float
+) -> dict[str, float]:
     """`rate` streams a second, open loop (bench/stream_load.py), each read to its end."""
     import subprocess
 
     body, token_file = workdir / "open-loop-body.json", workdir / "open-loop-tokens.txt"
     body.write_text(STREAM_BODY)
     token_file.write_text("\n".join(tokens))
-    out = subprocess.run([sys.executable, "-m", "bench.stream_load", "--url", url,
-                          "--rate", str(rate), "--seconds", str(seconds),
-                          "--body-file", str(body), "--token-file", str(token_file),
-                          "--header", f"x-bench-chunks: {chunks}",
-                          "--token-header", "cf-access-jwt-assertion"],
-                         capture_output=True, text=True, check=True, timeout=seconds + 120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.stream_load",
+            "--url",
+            url,
+            "--rate",
+            str(rate),
+            "--seconds",
+            str(seconds),
+            "--body-file",
+            str(body),
+            "--token-file",
+            str(token_file),
+            "--header",
+            f"x-bench-chunks: {chunks}",
+            "--token-header",
+            "cf-access-jwt-assertion",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=seconds + 120,
+    )
     data = json.loads(out.stdout)
     served = data["outcomes"].get("served", 0)
     return {"rps": served / seconds, "requests": served, "errors": data["offered"] - served}
@@ -148,13 +199,21 @@ def _idle_rate(pid: int, seconds: float = 2.0) -> float:
 
 
 def _ledger(http: str) -> dict[str, Any]:
-    answer = httpx.get(f"{http}/v1/usage", params={"group_by": ""},
-                       headers={"authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30)
+    answer = httpx.get(
+        f"{http}/v1/usage",
+        params={"group_by": ""},
+        headers={"authorization": f"Bearer {ADMIN_TOKEN}"},
+        timeout=30,
+    )
     answer.raise_for_status()
     rows = answer.json()["result"]
-    return {"cost": sum((dollars(r["cost_usd"]) for r in rows), Decimal(0)),
-            **{k: sum(int(r.get(k, 0)) for r in rows)
-               for k in ("requests", "input_tokens", "output_tokens", "errors")}}
+    return {
+        "cost": sum((dollars(r["cost_usd"]) for r in rows), Decimal(0)),
+        **{
+            k: sum(int(r.get(k, 0)) for r in rows)
+            for k in ("requests", "input_tokens", "output_tokens", "errors")
+        },
+    }
 
 
 def _settled_ledger(http: str) -> dict[str, Any]:
@@ -170,8 +229,14 @@ def _settled_ledger(http: str) -> dict[str, Any]:
     raise RuntimeError("the ledger kept changing for 20 s after the load stopped")
 
 
-def _exact(before: dict[str, Any], after: dict[str, Any], chunks: int, completed: int,
-           unit: int, reserved: int) -> dict[str, Any]:
+def _exact(
+    before: dict[str, Any],
+    after: dict[str, Any],
+    chunks: int,
+    completed: int,
+    unit: int,
+    reserved: int,
+) -> dict[str, Any]:
     """Every call on the ledger cost exactly its usage (the stream's usage chunk arrived),
     its reservation (cut after reaching the provider, before the usage) or $0 (never reached
     the provider: wrk hung up while Envoy still held it; counted in `errors`)."""
@@ -181,12 +246,21 @@ def _exact(before: dict[str, Any], after: dict[str, Any], chunks: int, completed
     at_reservation = requests - with_usage - free
     cost = int((after["cost"] - before["cost"]) * 1_000_000)
     expected = with_usage * unit + at_reservation * reserved
-    ok = (cost == expected and at_reservation >= 0
-          and after["output_tokens"] - before["output_tokens"] == with_usage * chunks
-          and with_usage >= completed)
-    return {"exact": ok, "ledger_requests": requests, "charged_usage": with_usage,
-            "charged_reservation": at_reservation, "charged_nothing": free,
-            "cost_micros": cost, "expected_micros": expected}
+    ok = (
+        cost == expected
+        and at_reservation >= 0
+        and after["output_tokens"] - before["output_tokens"] == with_usage * chunks
+        and with_usage >= completed
+    )
+    return {
+        "exact": ok,
+        "ledger_requests": requests,
+        "charged_usage": with_usage,
+        "charged_reservation": at_reservation,
+        "charged_nothing": free,
+        "cost_micros": cost,
+        "expected_micros": expected,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,15 +270,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--chunks", type=int, nargs="*", default=list(CHUNKS))
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--rate", type=float, default=0.0,
-                        help="offer this many streams a second, open loop, in every row "
-                             "instead of wrk's closed loop: CPU per request at equal load")
-    parser.add_argument("--profile", type=Path,
-                        help="py-spy the sidecar during the product rows; collapsed stacks here")
-    parser.add_argument("--native", action="store_true",
-                        help="with --profile: C frames too (see bench.cpu.start_profile)")
-    parser.add_argument("--baseline", type=Path,
-                        help="a source tree whose sidecar is measured as a row of its own")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="offer this many streams a second, open loop, in every row "
+        "instead of wrk's closed loop: CPU per request at equal load",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="py-spy the sidecar during the product rows; collapsed stacks here",
+    )
+    parser.add_argument(
+        "--native",
+        action="store_true",
+        help="with --profile: C frames too (see bench.cpu.start_profile)",
+    )
+    parser.add_argument(
+        "--baseline", type=Path, help="a source tree whose sidecar is measured as a row of its own"
+    )
     args = parser.parse_args(argv)
     ensure_tools()
     os.environ.update(demo_key_env())
@@ -218,21 +303,31 @@ def main(argv: list[str] | None = None) -> int:
         price = rs.prices.price("openai", MODEL)
         assert price is not None
         body = json.loads(STREAM_BODY)
-        reserved = estimate_micros(price, estimate_input_tokens(body),
-                                   requested_output_tokens(body, rs.default_max_output_tokens))
+        reserved = estimate_micros(
+            price,
+            estimate_input_tokens(body),
+            requested_output_tokens(body, rs.default_max_output_tokens),
+        )
 
         upstream_port, floor_port = free_port(), free_port()
-        upstream = stack.enter_context(ManagedProcess("upstream", [
-            sys.executable, "-m", "bench.sse_upstream", "--port", str(upstream_port)],
-            workdir).start())
-        floor = stack.enter_context(ManagedProcess("floor", [
-            sys.executable, "-m", "bench.noop_authz", "--port", str(floor_port)],
-            workdir).start())
+        upstream = stack.enter_context(
+            ManagedProcess(
+                "upstream",
+                [sys.executable, "-m", "bench.sse_upstream", "--port", str(upstream_port)],
+                workdir,
+            ).start()
+        )
+        floor = stack.enter_context(
+            ManagedProcess(
+                "floor",
+                [sys.executable, "-m", "bench.noop_authz", "--port", str(floor_port)],
+                workdir,
+            ).start()
+        )
         for proc, port in ((upstream, upstream_port), (floor, floor_port)):
             wait_for_port(LOOPBACK, port, 20, process=proc)
         # Row: (backend's gRPC port, its pid, its HTTP API for the ledger; None: the floor).
-        backends: dict[str, tuple[int, int, str | None]] = {"floor": (floor_port, floor.pid,
-                                                                      None)}
+        backends: dict[str, tuple[int, int, str | None]] = {"floor": (floor_port, floor.pid, None)}
         sidecars = {"product": None, **({"baseline": args.baseline} if args.baseline else {})}
         for key, src in sidecars.items():
             grpc_port, http_port = free_port(), free_port()
@@ -241,18 +336,37 @@ def main(argv: list[str] | None = None) -> int:
             env = {**os.environ, "SIDECAR_ADMIN_TOKEN": ADMIN_TOKEN}
             if src is not None:
                 env["PYTHONPATH"] = str(src.resolve())
-            sidecar = stack.enter_context(ManagedProcess(key, [
-                sys.executable, "-m", "sidecar.cli", "serve", "--config",
-                str(workdir / f"{key}.yaml"), "--grpc", f"{LOOPBACK}:{grpc_port}",
-                "--http", f"{LOOPBACK}:{http_port}"], workdir, env=env, cwd=workdir).start())
+            sidecar = stack.enter_context(
+                ManagedProcess(
+                    key,
+                    [
+                        sys.executable,
+                        "-m",
+                        "sidecar.cli",
+                        "serve",
+                        "--config",
+                        str(workdir / f"{key}.yaml"),
+                        "--grpc",
+                        f"{LOOPBACK}:{grpc_port}",
+                        "--http",
+                        f"{LOOPBACK}:{http_port}",
+                    ],
+                    workdir,
+                    env=env,
+                    cwd=workdir,
+                ).start()
+            )
             http = f"http://{LOOPBACK}:{http_port}"
             wait_ready(http, sidecar, timeout=60)
             backends[key] = (grpc_port, sidecar.pid, http)
         rows = {}
         for key, (port, pid, api) in backends.items():
             listen, admin = free_port(), free_port()
-            envoy, _ = start_envoy(workdir, _envoy_config(listen, admin, port, upstream_port,
-                                                          key == "floor"), base_id=listen)
+            envoy, _ = start_envoy(
+                workdir,
+                _envoy_config(listen, admin, port, upstream_port, key == "floor"),
+                base_id=listen,
+            )
             stack.enter_context(envoy)
             rows[key] = (f"http://{LOOPBACK}:{listen}{PATH}", pid, api)
         for chunks in args.chunks:
@@ -267,65 +381,99 @@ def main(argv: list[str] | None = None) -> int:
                     before = _settled_ledger(api) if api is not None else None
                     spy = None
                     if args.profile and key == "product":
-                        spy = start_profile(pid, workdir / f"spy-{chunks}-{rnd}.txt",
-                                            args.seconds, native=args.native)
+                        spy = start_profile(
+                            pid,
+                            workdir / f"spy-{chunks}-{rnd}.txt",
+                            args.seconds,
+                            native=args.native,
+                        )
                     idle = _idle_rate(pid)
                     cpu, threads = cpu_seconds(pid), thread_cpu(pid)
-                    result: dict[str, Any] = {**(
-                        _open_loop(url, workdir, tokens, chunks, args.rate, args.seconds)
-                        if args.rate else _wrk(url, script, args.connections, args.seconds))}
+                    result: dict[str, Any] = {
+                        **(
+                            _open_loop(url, workdir, tokens, chunks, args.rate, args.seconds)
+                            if args.rate
+                            else _wrk(url, script, args.connections, args.seconds)
+                        )
+                    }
                     used = cpu_seconds(pid) - cpu - idle * args.seconds
                     # The event loop (the main thread, tid = pid) and the store's thread.
-                    result["threads_us_per_request"] = dict(busiest_threads(
-                        threads, thread_cpu(pid), int(result["requests"]), 2))
+                    result["threads_us_per_request"] = dict(
+                        busiest_threads(threads, thread_cpu(pid), int(result["requests"]), 2)
+                    )
                     if spy is not None:
                         spy.wait(timeout=60)
                         with args.profile.open("a") as sink:
                             sink.write((workdir / f"spy-{chunks}-{rnd}.txt").read_text())
                     result["cpu_us_per_request"] = used / max(result["requests"], 1) * 1e6
                     if before is not None and api is not None:
-                        result.update(_exact(before, _settled_ledger(api), chunks,
-                                             int(result["requests"]), unit, reserved))
+                        result.update(
+                            _exact(
+                                before,
+                                _settled_ledger(api),
+                                chunks,
+                                int(result["requests"]),
+                                unit,
+                                reserved,
+                            )
+                        )
                     trial[key] = result
                 floor_rps = trial["floor"]["rps"]
                 trial["x_floor"] = trial["product"]["rps"] / floor_rps if floor_rps else 0.0
-                line = (f"chunks {chunks:3} round {rnd}: floor {floor_rps:7.0f} rps "
-                        f"{trial['floor']['cpu_us_per_request']:6.0f} us/req | product "
-                        f"{trial['product']['rps']:7.0f} rps "
-                        f"{trial['product']['cpu_us_per_request']:6.0f} us/req "
-                        f"x{trial['x_floor']:.2f} errors={trial['product']['errors']} "
-                        f"exact={trial['product']['exact']}")
+                line = (
+                    f"chunks {chunks:3} round {rnd}: floor {floor_rps:7.0f} rps "
+                    f"{trial['floor']['cpu_us_per_request']:6.0f} us/req | product "
+                    f"{trial['product']['rps']:7.0f} rps "
+                    f"{trial['product']['cpu_us_per_request']:6.0f} us/req "
+                    f"x{trial['x_floor']:.2f} errors={trial['product']['errors']} "
+                    f"exact={trial['product']['exact']}"
+                )
                 if "baseline" in trial:
                     base = trial["baseline"]
                     trial["x_baseline_rps"] = trial["product"]["rps"] / base["rps"]
-                    trial["cpu_x_baseline"] = (trial["product"]["cpu_us_per_request"]
-                                               / base["cpu_us_per_request"])
-                    line += (f" | baseline {base['rps']:7.0f} rps "
-                             f"{base['cpu_us_per_request']:6.0f} us/req "
-                             f"exact={base['exact']} | product cpu "
-                             f"x{trial['cpu_x_baseline']:.2f} of baseline")
+                    trial["cpu_x_baseline"] = (
+                        trial["product"]["cpu_us_per_request"] / base["cpu_us_per_request"]
+                    )
+                    line += (
+                        f" | baseline {base['rps']:7.0f} rps "
+                        f"{base['cpu_us_per_request']:6.0f} us/req "
+                        f"exact={base['exact']} | product cpu "
+                        f"x{trial['cpu_x_baseline']:.2f} of baseline"
+                    )
                 results.setdefault(str(chunks), []).append(trial)
                 print(line, file=sys.stderr, flush=True)
                 for key in sidecars:
-                    split = ", ".join(f"{name} {us:.0f}" for name, us
-                                      in trial[key]["threads_us_per_request"].items())
+                    split = ", ".join(
+                        f"{name} {us:.0f}"
+                        for name, us in trial[key]["threads_us_per_request"].items()
+                    )
                     print(f"    {key} threads us/req: {split}", file=sys.stderr, flush=True)
-    summary = {chunks: {
-        "floor_rps": median(t["floor"]["rps"] for t in trials),
-        "product_rps": median(t["product"]["rps"] for t in trials),
-        "x_floor": median(t["x_floor"] for t in trials),
-        "floor_cpu_us_per_request": median(t["floor"]["cpu_us_per_request"] for t in trials),
-        "product_cpu_us_per_request": median(t["product"]["cpu_us_per_request"]
-                                             for t in trials),
-        "errors": sum(t["product"]["errors"] + t["floor"]["errors"] for t in trials),
-        "ledger_exact": all(t["product"]["exact"] for t in trials),
-        **({"baseline_rps": median(t["baseline"]["rps"] for t in trials),
-            "baseline_cpu_us_per_request": median(t["baseline"]["cpu_us_per_request"]
-                                                  for t in trials),
-            "product_cpu_x_baseline": median(t["cpu_x_baseline"] for t in trials),
-            "baseline_ledger_exact": all(t["baseline"]["exact"] for t in trials)}
-           if args.baseline else {}),
-    } for chunks, trials in results.items()}
+    summary = {
+        chunks: {
+            "floor_rps": median(t["floor"]["rps"] for t in trials),
+            "product_rps": median(t["product"]["rps"] for t in trials),
+            "x_floor": median(t["x_floor"] for t in trials),
+            "floor_cpu_us_per_request": median(t["floor"]["cpu_us_per_request"] for t in trials),
+            "product_cpu_us_per_request": median(
+                t["product"]["cpu_us_per_request"] for t in trials
+            ),
+            "errors": sum(t["product"]["errors"] + t["floor"]["errors"] for t in trials),
+            "ledger_exact": all(t["product"]["exact"] for t in trials),
+            **(
+                {
+                    "baseline_rps": median(t["baseline"]["rps"] for t in trials),
+                    "baseline_cpu_us_per_request": median(
+                        t["baseline"]["cpu_us_per_request"] for t in trials
+                    ),
+                    "product_cpu_x_baseline": median(t["cpu_x_baseline"] for t in trials),
+                    "baseline_ledger_exact": all(t["baseline"]["exact"] for t in trials),
+                }
+                if args.baseline
+                else {}
+            ),
+        }
+        for chunks, trials in results.items()
+    }
     report = {"summary": summary, "trials": results}
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")

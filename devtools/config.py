@@ -48,33 +48,65 @@ def demo_config(issuer: DevIssuer, jwks: str, store: str, **overrides: Any) -> d
         "store": store,
         "admin": {"token_env": "SIDECAR_ADMIN_TOKEN", "groups": ["platform-admins"]},
         "identity": {
-            "jwt": {"issuers": [{
-                "issuer": issuer.issuer, "audiences": [issuer.audience],
-                "algorithms": ["RS256"], "groups_claim": "groups",
-                "refresh_floor_seconds": 1, **source,
-            }]},
+            "jwt": {
+                "issuers": [
+                    {
+                        "issuer": issuer.issuer,
+                        "audiences": [issuer.audience],
+                        "algorithms": ["RS256"],
+                        "groups_claim": "groups",
+                        "refresh_floor_seconds": 1,
+                        **source,
+                    }
+                ]
+            },
             "service_tokens": {"enabled": True},
             "directory": {"groups": {"ml": ["dana@example.com"]}},
         },
         "providers": [
             {"id": "openai", "path_prefix": "/openai/", "credentials": _keys("openai")},
             {"id": "anthropic", "path_prefix": "/anthropic/", "credentials": _keys("anthropic")},
-            {"id": "workers-ai", "path_prefix": "/workers-ai/", "pricing_provider": "cloudflare",
-             "credentials": _keys("workers-ai")},
-            {"id": "gemini", "path_prefix": "/gemini/", "api": "gemini",
-             "pricing_provider": "google", "credentials": _keys("gemini")},
-            {"id": "azure", "path_prefix": "/azure/", "api": "azure_openai",
-             "pricing_provider": "azure", "deployments": DEMO_AZURE_DEPLOYMENTS,
-             "credentials": _keys("azure")},
+            {
+                "id": "workers-ai",
+                "path_prefix": "/workers-ai/",
+                "pricing_provider": "cloudflare",
+                "credentials": _keys("workers-ai"),
+            },
+            {
+                "id": "gemini",
+                "path_prefix": "/gemini/",
+                "api": "gemini",
+                "pricing_provider": "google",
+                "credentials": _keys("gemini"),
+            },
+            {
+                "id": "azure",
+                "path_prefix": "/azure/",
+                "api": "azure_openai",
+                "pricing_provider": "azure",
+                "deployments": DEMO_AZURE_DEPLOYMENTS,
+                "credentials": _keys("azure"),
+            },
             # Bedrock signs each request itself: no key is held for it.
-            {"id": "bedrock", "path_prefix": "/bedrock/", "api": "bedrock",
-             "pricing_provider": "aws"},
-            {"id": "groq", "path_prefix": "/groq/", "api": "openai_compatible",
-             "credentials": _keys("groq")},
+            {
+                "id": "bedrock",
+                "path_prefix": "/bedrock/",
+                "api": "bedrock",
+                "pricing_provider": "aws",
+            },
+            {
+                "id": "groq",
+                "path_prefix": "/groq/",
+                "api": "openai_compatible",
+                "credentials": _keys("groq"),
+            },
         ],
-        "models": {"default": "allow", "rules": [
-            {"groups": ["interns"], "allow": ["@cf/*", "gpt-4o-mini"]},
-        ]},
+        "models": {
+            "default": "allow",
+            "rules": [
+                {"groups": ["interns"], "allow": ["@cf/*", "gpt-4o-mini"]},
+            ],
+        },
         "pricing": {"unknown_model": "reject"},
     }
     config.update(overrides)
@@ -82,10 +114,21 @@ def demo_config(issuer: DevIssuer, jwks: str, store: str, **overrides: Any) -> d
 
 
 DEMO_LIMITS: list[dict[str, Any]] = [
-    {"name": "per-user-daily", "budget_usd": 0.05, "window": {"fixed": "daily"},
-     "split": ["user"], "action": "block", "alerts": [50, 90, 100]},
-    {"name": "opus-daily", "budget_usd": 0.02, "window": {"rolling": "24h"},
-     "filter": {"model": ["claude-opus-4*"]}, "action": "fallback"},
+    {
+        "name": "per-user-daily",
+        "budget_usd": 0.05,
+        "window": {"fixed": "daily"},
+        "split": ["user"],
+        "action": "block",
+        "alerts": [50, 90, 100],
+    },
+    {
+        "name": "opus-daily",
+        "budget_usd": 0.02,
+        "window": {"rolling": "24h"},
+        "filter": {"model": ["claude-opus-4*"]},
+        "action": "fallback",
+    },
 ]
 DEMO_FALLBACKS: dict[str, Any] = {
     "claude-opus-4-7": [{"model": "claude-haiku-4-5", "provider": "anthropic"}],

@@ -71,8 +71,7 @@ def render_envoy_config(
 
     hcm = _http_connection_manager(listener)
     tls = _mtls_socket(sidecar_mtls) if sidecar_mtls is not None else None
-    splice_attach_pieces(config, hcm, attach_pieces(*sidecar_grpc, tls=tls,
-                                                    max_checks=max_checks))
+    splice_attach_pieces(config, hcm, attach_pieces(*sidecar_grpc, tls=tls, max_checks=max_checks))
     clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
 
     if provider_upstream is not None:
@@ -122,8 +121,12 @@ class SidecarMtls:
 
 
 def _mtls_socket(files: SidecarMtls) -> Piece:
-    return mtls_socket(client_cert=str(files.client_cert), client_key=str(files.client_key),
-                       sidecar_ca=str(files.sidecar_ca), sidecar_name=files.sidecar_name)
+    return mtls_socket(
+        client_cert=str(files.client_cert),
+        client_key=str(files.client_key),
+        sidecar_ca=str(files.sidecar_ca),
+        sidecar_name=files.sidecar_name,
+    )
 
 
 def splice_attach_pieces(config: EnvoyConfig, hcm: dict[str, Any], pieces: Piece) -> None:

@@ -26,14 +26,19 @@ class DevIssuer:
     kid: str
 
     @classmethod
-    def generate(cls, issuer: str = "https://demo.cloudflareaccess.com",
-                 audience: str = "demo-aud") -> DevIssuer:
+    def generate(
+        cls, issuer: str = "https://demo.cloudflareaccess.com", audience: str = "demo-aud"
+    ) -> DevIssuer:
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         return cls(issuer, audience, key, uuid.uuid4().hex[:16])
 
     @classmethod
-    def load_or_create(cls, directory: Path, issuer: str = "https://demo.cloudflareaccess.com",
-                       audience: str = "demo-aud") -> DevIssuer:
+    def load_or_create(
+        cls,
+        directory: Path,
+        issuer: str = "https://demo.cloudflareaccess.com",
+        audience: str = "demo-aud",
+    ) -> DevIssuer:
         pem_path = directory / "issuer-key.pem"
         if pem_path.exists():
             key = serialization.load_pem_private_key(pem_path.read_bytes(), password=None)
@@ -42,9 +47,13 @@ class DevIssuer:
             return cls(issuer, audience, key, kid)
         dev = cls.generate(issuer, audience)
         directory.mkdir(parents=True, exist_ok=True)
-        pem_path.write_bytes(dev.key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()))
+        pem_path.write_bytes(
+            dev.key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
         pem_path.chmod(0o600)
         (directory / "issuer-kid").write_text(dev.kid)
         return dev
@@ -61,27 +70,35 @@ class DevIssuer:
         path.write_text(json.dumps(self.jwks()))
         return path
 
-    def claims(self, email: str, groups: list[str] | None = None, ttl: int = 3600,
-               **extra: Any) -> dict[str, Any]:
+    def claims(
+        self, email: str, groups: list[str] | None = None, ttl: int = 3600, **extra: Any
+    ) -> dict[str, Any]:
         now = int(time.time())
         claims: dict[str, Any] = {
-            "iss": self.issuer, "aud": [self.audience], "sub": uuid.uuid5(
-                uuid.NAMESPACE_DNS, email).hex if email else "",
-            "email": email, "iat": now, "nbf": now, "exp": now + ttl,
-            "type": "app", "identity_nonce": uuid.uuid4().hex[:12],
+            "iss": self.issuer,
+            "aud": [self.audience],
+            "sub": uuid.uuid5(uuid.NAMESPACE_DNS, email).hex if email else "",
+            "email": email,
+            "iat": now,
+            "nbf": now,
+            "exp": now + ttl,
+            "type": "app",
+            "identity_nonce": uuid.uuid4().hex[:12],
         }
         if groups is not None:
             claims["groups"] = groups
         claims.update(extra)
         return claims
 
-    def mint(self, email: str, groups: list[str] | None = None, ttl: int = 3600,
-             **extra: Any) -> str:
+    def mint(
+        self, email: str, groups: list[str] | None = None, ttl: int = 3600, **extra: Any
+    ) -> str:
         return self.sign(self.claims(email, groups, ttl, **extra))
 
     def sign(self, claims: dict[str, Any], headers: dict[str, Any] | None = None) -> str:
-        return jwt.encode(claims, self.key, algorithm="RS256",
-                          headers={"kid": self.kid, **(headers or {})})
+        return jwt.encode(
+            claims, self.key, algorithm="RS256", headers={"kid": self.kid, **(headers or {})}
+        )
 
     def mint_service(self, common_name: str, ttl: int = 3600) -> str:
         """An Access service-token JWT: `common_name` set, `sub` empty."""

@@ -24,6 +24,7 @@ from typing import IO, Any
 
 LOOPBACK = "127.0.0.1"
 
+
 class ProcessExitedError(RuntimeError):
     """A managed process ended while something was waiting for it to become ready."""
 
@@ -235,8 +236,9 @@ def start_redis(
     tmp_dir = Path(tmp_dir)
     tmp_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
-    persistence = ["--appendonly", "yes", "--appendfsync", "always"] if durable else [
-        "--appendonly", "no"]
+    persistence = (
+        ["--appendonly", "yes", "--appendfsync", "always"] if durable else ["--appendonly", "no"]
+    )
     argv = [
         redis_binary(),
         "--save", "",

@@ -70,21 +70,29 @@ def _cluster_port() -> int:
 def _redis_cli() -> str:
     path = shutil.which("redis-cli") or "/usr/bin/redis-cli"
     if not Path(path).is_file():
-        raise FileNotFoundError("redis-cli not found: the cluster tests need it to create "
-                                "the cluster (Debian: `apt-get install redis-tools`)")
+        raise FileNotFoundError(
+            "redis-cli not found: the cluster tests need it to create "
+            "the cluster (Debian: `apt-get install redis-tools`)"
+        )
     return path
 
 
 def _cli(port: int, *args: str, timeout: float = 30.0) -> str:
-    done = subprocess.run([_redis_cli(), "-h", LOOPBACK, "-p", str(port), *args],
-                          capture_output=True, text=True, timeout=timeout, check=False)
+    done = subprocess.run(
+        [_redis_cli(), "-h", LOOPBACK, "-p", str(port), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
     if done.returncode != 0:
         raise RuntimeError(f"redis-cli {' '.join(args)}: {done.stdout}{done.stderr}")
     return done.stdout
 
 
-def start_redis_cluster(tmp_dir: Path, primaries: int = 3, *, node_timeout_ms: int = 1000,
-                        timeout: float = 30.0) -> LocalCluster:
+def start_redis_cluster(
+    tmp_dir: Path, primaries: int = 3, *, node_timeout_ms: int = 1000, timeout: float = 30.0
+) -> LocalCluster:
     """Run `primaries` cluster-enabled redis-servers, join them, and wait until every node
     reports `cluster_state:ok`."""
     cluster = LocalCluster()
@@ -106,8 +114,13 @@ def start_redis_cluster(tmp_dir: Path, primaries: int = 3, *, node_timeout_ms: i
             cluster.ports.append(port)
             wait_for_port(LOOPBACK, port, timeout, process=process)
             _wait_redis_pong(process, port, timeout)
-        _cli(cluster.ports[0], "--cluster", "create",
-             *(f"{LOOPBACK}:{p}" for p in cluster.ports), "--cluster-yes")
+        _cli(
+            cluster.ports[0],
+            "--cluster",
+            "create",
+            *(f"{LOOPBACK}:{p}" for p in cluster.ports),
+            "--cluster-yes",
+        )
         deadline = time.monotonic() + timeout
         for port in cluster.ports:
             while "cluster_state:ok" not in _cli(port, "cluster", "info"):

@@ -28,26 +28,58 @@ ADMIN_TOKEN = "local-admin-token-0123456789"
 DEMO_SECRET_KEY = "bG9jYWwtZGVtby1zZWNyZXQta2V5LTAxMjM0NTY3ODk="
 
 
-def sidecar_process(workdir: Path, name: str, config_path: Path, grpc_port: int,
-                    http_port: int, env: dict[str, str] | None = None) -> ManagedProcess:
-    argv = [sys.executable, "-m", "sidecar.cli", "serve", "--config", str(config_path),
-            "--grpc", f"{LOOPBACK}:{grpc_port}", "--http", f"{LOOPBACK}:{http_port}"]
-    full_env = {**os.environ, "SIDECAR_ADMIN_TOKEN": ADMIN_TOKEN,
-                "SIDECAR_SECRET_KEY": DEMO_SECRET_KEY, **demo_key_env(),
-                **(env or {})}
+def sidecar_process(
+    workdir: Path,
+    name: str,
+    config_path: Path,
+    grpc_port: int,
+    http_port: int,
+    env: dict[str, str] | None = None,
+) -> ManagedProcess:
+    argv = [
+        sys.executable,
+        "-m",
+        "sidecar.cli",
+        "serve",
+        "--config",
+        str(config_path),
+        "--grpc",
+        f"{LOOPBACK}:{grpc_port}",
+        "--http",
+        f"{LOOPBACK}:{http_port}",
+    ]
+    full_env = {
+        **os.environ,
+        "SIDECAR_ADMIN_TOKEN": ADMIN_TOKEN,
+        "SIDECAR_SECRET_KEY": DEMO_SECRET_KEY,
+        **demo_key_env(),
+        **(env or {}),
+    }
     return ManagedProcess(name, argv, workdir, env=full_env, cwd=workdir)
 
 
-def fake_provider_process(workdir: Path, port: int,
-                          provider_keys: Mapping[str, Sequence[str]] | None = None,
-                          replay_dir: Path | None = None) -> ManagedProcess:
+def fake_provider_process(
+    workdir: Path,
+    port: int,
+    provider_keys: Mapping[str, Sequence[str]] | None = None,
+    replay_dir: Path | None = None,
+) -> ManagedProcess:
     """The fake provider on `LOOPBACK:port` (not started); `provider_keys`: the keys it
     accepts per provider (none: it accepts any call)."""
-    key_args = [f"--key={name}={key}"
-                for name, keys in (provider_keys or {}).items() for key in keys]
-    argv = [sys.executable, "-m", "devtools.fake_provider", "--host", LOOPBACK,
-            "--port", str(port), *key_args,
-            *(["--replay-dir", str(replay_dir)] if replay_dir is not None else [])]
+    key_args = [
+        f"--key={name}={key}" for name, keys in (provider_keys or {}).items() for key in keys
+    ]
+    argv = [
+        sys.executable,
+        "-m",
+        "devtools.fake_provider",
+        "--host",
+        LOOPBACK,
+        "--port",
+        str(port),
+        *key_args,
+        *(["--replay-dir", str(replay_dir)] if replay_dir is not None else []),
+    ]
     return ManagedProcess("fake-provider", argv, workdir, env=harness_env())
 
 
@@ -80,8 +112,9 @@ class Stack:
     envoy_admin_url: str = ""
 
     def admin(self) -> httpx.Client:
-        return httpx.Client(base_url=self.admin_url,
-                            headers={"authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=10)
+        return httpx.Client(
+            base_url=self.admin_url, headers={"authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=10
+        )
 
     def write_config(self, config: dict[str, Any]) -> None:
         tmp = self.config_path.with_suffix(".tmp")
@@ -105,8 +138,15 @@ def add_sidecar_endpoints(config: dict[str, Any], first_port: int, ports: list[i
             address = endpoints[0]["endpoint"]["address"]["socket_address"]
             if address.get("port_value") == first_port:
                 for port in ports:
-                    endpoints.append({"endpoint": {"address": {"socket_address": {
-                        "address": LOOPBACK, "port_value": port}}}})
+                    endpoints.append(
+                        {
+                            "endpoint": {
+                                "address": {
+                                    "socket_address": {"address": LOOPBACK, "port_value": port}
+                                }
+                            }
+                        }
+                    )
 
 
 def max_checks_for(config: Mapping[str, Any], processes: int) -> int:
@@ -116,13 +156,18 @@ def max_checks_for(config: Mapping[str, Any], processes: int) -> int:
 
 
 @contextmanager
-def running_stack(workdir: Path, issuer: DevIssuer, config: dict[str, Any],
-                  extra_sidecars: int = 0, http_port: int | None = None,
-                  sidecar_mtls: SidecarMtls | None = None,
-                  provider_keys: Mapping[str, Sequence[str]] | None = None,
-                  replay_dir: Path | None = None,
-                  provider_argv: Sequence[str] | None = None,
-                  max_checks: int | None = None) -> Iterator[Stack]:
+def running_stack(
+    workdir: Path,
+    issuer: DevIssuer,
+    config: dict[str, Any],
+    extra_sidecars: int = 0,
+    http_port: int | None = None,
+    sidecar_mtls: SidecarMtls | None = None,
+    provider_keys: Mapping[str, Sequence[str]] | None = None,
+    replay_dir: Path | None = None,
+    provider_argv: Sequence[str] | None = None,
+    max_checks: int | None = None,
+) -> Iterator[Stack]:
     """Fake provider, 1 + extra_sidecars sidecar processes, and Envoy in front of the first.
 
     `http_port` fixes the first sidecar's HTTP port, for configs that must name their own
@@ -151,22 +196,36 @@ def running_stack(workdir: Path, issuer: DevIssuer, config: dict[str, Any],
         sidecars = []
         grpc_port = free_port()
         http_port = http_port or free_port()
-        ports = [(grpc_port, http_port)] + [(free_port(), free_port())
-                                            for _ in range(extra_sidecars)]
+        ports = [(grpc_port, http_port)] + [
+            (free_port(), free_port()) for _ in range(extra_sidecars)
+        ]
         for i, (g, h) in enumerate(ports):
             proc = stack.enter_context(
-                sidecar_process(workdir, f"sidecar-{i}", config_path, g, h).start())
+                sidecar_process(workdir, f"sidecar-{i}", config_path, g, h).start()
+            )
             sidecars.append(proc)
         for proc, (_, h) in zip(sidecars, ports, strict=True):
             wait_ready(f"http://{LOOPBACK}:{h}", proc)
         listen, admin = free_port(), free_port()
         envoy_config = render_envoy_config(
-            listen_port=listen, admin_port=admin, sidecar_grpc=(LOOPBACK, grpc_port),
-            provider_upstream=(LOOPBACK, provider_port), sidecar_mtls=sidecar_mtls,
-            max_checks=max_checks or max_checks_for(config, 1 + extra_sidecars))
+            listen_port=listen,
+            admin_port=admin,
+            sidecar_grpc=(LOOPBACK, grpc_port),
+            provider_upstream=(LOOPBACK, provider_port),
+            sidecar_mtls=sidecar_mtls,
+            max_checks=max_checks or max_checks_for(config, 1 + extra_sidecars),
+        )
         add_sidecar_endpoints(envoy_config, grpc_port, [g for g, _ in ports[1:]])
         envoy, _ = start_envoy(workdir, envoy_config, base_id=listen)
         stack.enter_context(envoy)
-        yield Stack(workdir, issuer, config_path, f"http://{LOOPBACK}:{listen}",
-                    f"http://{LOOPBACK}:{http_port}", f"http://{LOOPBACK}:{provider_port}",
-                    grpc_port, sidecars, envoy_admin_url=f"http://{LOOPBACK}:{admin}")
+        yield Stack(
+            workdir,
+            issuer,
+            config_path,
+            f"http://{LOOPBACK}:{listen}",
+            f"http://{LOOPBACK}:{http_port}",
+            f"http://{LOOPBACK}:{provider_port}",
+            grpc_port,
+            sidecars,
+            envoy_admin_url=f"http://{LOOPBACK}:{admin}",
+        )

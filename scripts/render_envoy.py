@@ -29,8 +29,13 @@ KEYS = ("http_filters", "access_log", "clusters")
 def _block(key: str, indent: str, items: list[object]) -> str:
     body = yaml.safe_dump(items, sort_keys=False, width=100) if items else ""
     lines = [indent + line for line in body.splitlines()]
-    return "\n".join([f"{indent}# BEGIN sidecar envoy-config {key}", *lines,
-                      f"{indent}# END sidecar envoy-config {key}"])
+    return "\n".join(
+        [
+            f"{indent}# BEGIN sidecar envoy-config {key}",
+            *lines,
+            f"{indent}# END sidecar envoy-config {key}",
+        ]
+    )
 
 
 def render(text: str) -> str:
@@ -38,7 +43,8 @@ def render(text: str) -> str:
     for key in KEYS:
         pattern = re.compile(
             rf"^( *)# BEGIN sidecar envoy-config {key}\n.*?^ *# END sidecar envoy-config {key}$",
-            re.MULTILINE | re.DOTALL)
+            re.MULTILINE | re.DOTALL,
+        )
         found = pattern.findall(text)
         if len(found) != 1:
             raise SystemExit(f"{TARGET}: expected one BEGIN/END pair for {key}")

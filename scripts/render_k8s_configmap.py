@@ -42,8 +42,11 @@ def render() -> str:
     if envoy.count(LOOPBACK_LISTENER) != 1:
         raise SystemExit(f"{ENVOY}: expected one listener line {LOOPBACK_LISTENER!r}")
     envoy = envoy.replace(LOOPBACK_LISTENER, POD_LISTENER)
-    return HEADER + _block("sidecar.yaml", SIDECAR.read_text(encoding="utf-8")) + \
-        _block("envoy.yaml", envoy)
+    return (
+        HEADER
+        + _block("sidecar.yaml", SIDECAR.read_text(encoding="utf-8"))
+        + _block("envoy.yaml", envoy)
+    )
 
 
 def main() -> int:

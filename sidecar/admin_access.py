@@ -46,8 +46,11 @@ def bearer_token(headers: Mapping[str, str]) -> str:
 
 
 def token_matches(expected: str, presented: str) -> bool:
-    return bool(expected) and bool(presented) and hmac.compare_digest(
-        presented.strip().encode(), expected.encode())
+    return (
+        bool(expected)
+        and bool(presented)
+        and hmac.compare_digest(presented.strip().encode(), expected.encode())
+    )
 
 
 @dataclass(frozen=True)
@@ -67,8 +70,13 @@ class AdminDenied(Exception):
 class AdminGate:
     """The one admin-credential check, for the HTTP admin API and the gRPC API alike."""
 
-    def __init__(self, attempts: Attempts, holder: RuleSetHolder, settings: SettingsHolder,
-                 identify: Identify) -> None:
+    def __init__(
+        self,
+        attempts: Attempts,
+        holder: RuleSetHolder,
+        settings: SettingsHolder,
+        identify: Identify,
+    ) -> None:
         self._attempts = attempts
         self._holder = holder
         self._settings = settings
@@ -79,8 +87,9 @@ class AdminGate:
         if wait is not None:
             ADMIN_AUTH_FAILURES.labels("throttled").inc()
             ATTEMPTS_THROTTLED.labels(limit.name).inc()
-            raise AdminDenied(429, f"too many failed admin authentications; retry in {wait} s",
-                              wait)
+            raise AdminDenied(
+                429, f"too many failed admin authentications; retry in {wait} s", wait
+            )
 
     async def authorize(self, headers: Mapping[str, str], address: str) -> Admin:
         """The administrator presenting `headers` from `address`; AdminDenied otherwise."""
@@ -106,6 +115,9 @@ class AdminGate:
         await self._attempts.failed([(NOT_ADMIN, who)])
         ADMIN_AUTH_FAILURES.labels("not_admin").inc()
         if identity.kind != "user":
-            raise AdminDenied(403, f"not an administrator: {identity.kind} tokens are never "
-                                   "admins; use the admin token or your own sign-in")
+            raise AdminDenied(
+                403,
+                f"not an administrator: {identity.kind} tokens are never "
+                "admins; use the admin token or your own sign-in",
+            )
         raise AdminDenied(403, "not an administrator")

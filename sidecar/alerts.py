@@ -43,10 +43,14 @@ def sign(secret: str, timestamp: int, body: bytes) -> str:
 
 
 class Alerts:
-    def __init__(self, store: DocumentStore, holder: RuleSetHolder,
-                 clock: Callable[[], float] = time.time,
-                 post: Callable[[str, bytes, dict[str, str]], Any] | None = None,
-                 settings: SettingsHolder | None = None) -> None:
+    def __init__(
+        self,
+        store: DocumentStore,
+        holder: RuleSetHolder,
+        clock: Callable[[], float] = time.time,
+        post: Callable[[str, bytes, dict[str, str]], Any] | None = None,
+        settings: SettingsHolder | None = None,
+    ) -> None:
         self._store = store
         self._holder = holder
         self._settings = settings or SettingsHolder(holder)
@@ -75,12 +79,18 @@ class Alerts:
                 self._seen.add(key)
                 unit = rule.unit
                 event = {
-                    "type": "spend_alert", "rule": rule.name, "bucket": planned.bucket_label,
-                    "threshold_percent": threshold, "used_percent": int(percent),
-                    "unit": unit, "spent": in_unit(unit, state.spent),
+                    "type": "spend_alert",
+                    "rule": rule.name,
+                    "bucket": planned.bucket_label,
+                    "threshold_percent": threshold,
+                    "used_percent": int(percent),
+                    "unit": unit,
+                    "spent": in_unit(unit, state.spent),
                     "reserved": in_unit(unit, state.reserved),
-                    "limit": in_unit(unit, rule.limit), "window": window,
-                    "action": rule.action, "at": int(now),
+                    "limit": in_unit(unit, rule.limit),
+                    "window": window,
+                    "action": rule.action,
+                    "at": int(now),
                 }
                 ttl = rule.window.ttl_seconds()
                 self._spawn(self._fire(key, event, ttl))
@@ -94,8 +104,9 @@ class Alerts:
 
     async def _fire(self, key: str, event: dict[str, Any], ttl: int) -> None:
         try:
-            won = await self._store.swap_doc(COLLECTION, key, None, event, ttl_seconds=ttl,
-                                             now=self._clock())
+            won = await self._store.swap_doc(
+                COLLECTION, key, None, event, ttl_seconds=ttl, now=self._clock()
+            )
         except Exception as exc:
             self._seen.discard(key)  # try again on a later request
             log.warning("alert_claim_failed", error=str(exc))
@@ -124,8 +135,12 @@ class Alerts:
                     response = await client.post(url, content=body, headers=headers)
                 if response.status_code < 300:
                     return
-                log.warning("alert_webhook_status", url=url, status=response.status_code,
-                            attempt=attempt + 1)
+                log.warning(
+                    "alert_webhook_status",
+                    url=url,
+                    status=response.status_code,
+                    attempt=attempt + 1,
+                )
             except Exception as exc:
                 log.warning("alert_webhook_failed", url=url, error=str(exc), attempt=attempt + 1)
         WEBHOOK_FAILURES.inc()

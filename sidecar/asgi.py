@@ -51,8 +51,10 @@ _REPLACED = frozenset({"content-length", "transfer-encoding"})
 
 
 def _headers(scope: Scope) -> dict[str, str]:
-    return join_headers((name.decode("latin-1"), value.decode("latin-1"))
-                        for name, value in scope.get("headers", []))
+    return join_headers(
+        (name.decode("latin-1"), value.decode("latin-1"))
+        for name, value in scope.get("headers", [])
+    )
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes | None:
@@ -81,9 +83,15 @@ async def _respond(send: Send, status: int, headers: Mapping[str, str], body: by
 
 
 class SidecarMiddleware:
-    def __init__(self, app: ASGIApp, *, config_path: str | Path | None = None,
-                 services: Services | None = None, exempt_paths: Sequence[str] = (),
-                 max_body: int = MAX_BODY) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        config_path: str | Path | None = None,
+        services: Services | None = None,
+        exempt_paths: Sequence[str] = (),
+        max_body: int = MAX_BODY,
+    ) -> None:
         if (config_path is None) == (services is None):
             raise TypeError("SidecarMiddleware needs exactly one of config_path or services")
         self.app = app
@@ -136,16 +144,24 @@ class SidecarMiddleware:
         try:
             body = await _read_body(receive, self._max_body)
         except ValueError as exc:
-            await _respond(send, 413, {"content-type": "application/json"},
-                           error_body("request_too_large", str(exc)))
+            await _respond(
+                send,
+                413,
+                {"content-type": "application/json"},
+                error_body("request_too_large", str(exc)),
+            )
             return
         if body is None:
             return
         path = scope["path"]
         query = scope.get("query_string", b"").decode("latin-1")
-        attrs = RequestAttrs(method=scope["method"], path=f"{path}?{query}" if query else path,
-                             headers=headers, body=body or None,
-                             request_id=headers.get("x-request-id", "")[:128])
+        attrs = RequestAttrs(
+            method=scope["method"],
+            path=f"{path}?{query}" if query else path,
+            headers=headers,
+            body=body or None,
+            request_id=headers.get("x-request-id", "")[:128],
+        )
         decision = await services.engine.check(attrs)
         if not decision.allowed:
             await _respond(send, decision.http_status, decision.headers, decision.body)
@@ -156,19 +172,26 @@ class SidecarMiddleware:
             fallback = decision.reason == "fallback"
             change = mutate(body, api, decision.model if fallback else None)
             body, strip = change.body or body, change.strip_usage_event
-        exchange = MeteredExchange(services.engine, decision.request_id, api, body,
-                                   strip_usage_event=strip)
+        exchange = MeteredExchange(
+            services.engine, decision.request_id, api, body, strip_usage_event=strip
+        )
         await self._forward(scope, receive, send, decision, exchange, body)
 
-    async def _forward(self, scope: Scope, receive: Receive, send: Send, decision: Decision,
-                       exchange: MeteredExchange, body: bytes) -> None:
-        upstream = {**{k: v for k, v in decision.headers.items() if v},
-                    **decision.upstream_secrets}
+    async def _forward(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        decision: Decision,
+        exchange: MeteredExchange,
+        body: bytes,
+    ) -> None:
+        upstream = {**{k: v for k, v in decision.headers.items() if v}, **decision.upstream_secrets}
         drop = {*decision.remove_headers, *decision.headers, *upstream, *_REPLACED}
-        raw_headers = [(k, v) for k, v in scope.get("headers", [])
-                       if k.decode("latin-1").lower() not in drop]
-        raw_headers += [(k.encode("latin-1"), v.encode("latin-1"))
-                        for k, v in upstream.items()]
+        raw_headers = [
+            (k, v) for k, v in scope.get("headers", []) if k.decode("latin-1").lower() not in drop
+        ]
+        raw_headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in upstream.items()]
         # The app gets the reservation id (x-sidecar-request-id, among the decision's
         # headers) to report usage against; the client never does. It also gets the
         # provider key the sidecar holds, in the provider's own header, to pass upstream.
@@ -183,8 +206,9 @@ class SidecarMiddleware:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        extra = [(k.encode("latin-1"), v.encode("latin-1"))
-                 for k, v in decision.response_headers.items()]
+        extra = [
+            (k.encode("latin-1"), v.encode("latin-1")) for k, v in decision.response_headers.items()
+        ]
         metered = bool(exchange.request_id)
 
         async def metered_send(message: Message) -> None:

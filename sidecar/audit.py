@@ -24,21 +24,30 @@ def entry_key(at: float) -> str:
     return f"{round(at * 1_000_000):020d}-{uuid.uuid4().hex[:8]}"
 
 
-async def record(store: DocumentStore, at: float, who: str, action: str, target: str,
-                 before: Any, after: Any) -> dict[str, Any]:
+async def record(
+    store: DocumentStore, at: float, who: str, action: str, target: str, before: Any, after: Any
+) -> dict[str, Any]:
     """Write one entry; `before`/`after` are JSON values (None: absent)."""
-    entry = {"id": entry_key(at), "at": at, "who": who, "action": action, "target": target,
-             "before": before, "after": after}
+    entry = {
+        "id": entry_key(at),
+        "at": at,
+        "who": who,
+        "action": action,
+        "target": target,
+        "before": before,
+        "after": after,
+    }
     await store.put_doc(COLLECTION, entry["id"], entry, RETAIN_SECONDS, now=at)
     log.info("admin_write", who=who, action=action, target=target)
     return entry
 
 
-async def latest(store: DocumentStore, limit: int = 100, action: str = "", *,
-                 now: float) -> list[dict[str, Any]]:
+async def latest(
+    store: DocumentStore, limit: int = 100, action: str = "", *, now: float
+) -> list[dict[str, Any]]:
     """The newest entries first, at most `limit`, optionally of one action only."""
     docs = await store.list_docs(COLLECTION, now=now)
     if action:
         docs = [d for d in docs if d.get("action") == action]
     docs.sort(key=lambda d: str(d.get("id", "")), reverse=True)
-    return docs[:max(0, min(limit, MAX_LISTED))]
+    return docs[: max(0, min(limit, MAX_LISTED))]

@@ -31,8 +31,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure(args.log_level)
     path = _config_path(args.config)
     if not path.exists():
-        print(f"sidecar: config file {path} not found (use --config or $SIDECAR_CONFIG)",
-              file=sys.stderr)
+        print(
+            f"sidecar: config file {path} not found (use --config or $SIDECAR_CONFIG)",
+            file=sys.stderr,
+        )
         return 1
     from sidecar.config.loader import ConfigError
     from sidecar.event_loop import loop_name
@@ -109,8 +111,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         import yaml
 
         shown = {k: v for k, v in summary.items() if k not in {"path", "version"}}
-        text = yaml.safe_dump(shown, sort_keys=False, default_flow_style=False,
-                              allow_unicode=True)
+        text = yaml.safe_dump(shown, sort_keys=False, default_flow_style=False, allow_unicode=True)
         print(f"{args.path}: OK (version {rs.version})")
         print("\n".join(f"  {line}" for line in text.rstrip().splitlines()))
     return 0
@@ -150,8 +151,11 @@ def cmd_usage(args: argparse.Namespace) -> int:
         # A caller in several groups counts once per group: those rows overstate the total.
         everything = {k: v for k, v in params.items() if k not in ("group_by", "window")}
         grand = total(client.call("GET", path, params=everything))
-    _print({"rows": rows, "total": {**grand, "cost_usd": float(grand["cost_usd"])}}, args.json,
-           render_table(rows, by, grand))
+    _print(
+        {"rows": rows, "total": {**grand, "cost_usd": float(grand["cost_usd"])}},
+        args.json,
+        render_table(rows, by, grand),
+    )
     return 0
 
 
@@ -180,9 +184,13 @@ def cmd_logout(args: argparse.Namespace) -> int:
 
     paths = [credentials_path(), admin_credentials_path()]
     removed = [str(p) for p in paths if logout(path=p)]
-    _print({"removed": bool(removed), "paths": removed}, args.json,
-           f"Logged out; ended the session and removed {', '.join(removed)}." if removed
-           else "Not logged in.")
+    _print(
+        {"removed": bool(removed), "paths": removed},
+        args.json,
+        f"Logged out; ended the session and removed {', '.join(removed)}."
+        if removed
+        else "Not logged in.",
+    )
     return 0
 
 
@@ -264,37 +272,56 @@ def _common(p: argparse.ArgumentParser, url: bool = True) -> None:
 def _limit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", help="the spend limit's name")
     p.add_argument("--budget-usd", type=_dollars, help="the limit in US dollars, such as 25")
-    p.add_argument("--tokens", type=_count, help="the limit in tokens (input + output), "
-                                                 "such as 200000")
+    p.add_argument(
+        "--tokens", type=_count, help="the limit in tokens (input + output), such as 200000"
+    )
     p.add_argument("--requests", type=_count, help="the limit in requests, such as 5000")
-    p.add_argument("--window", help="daily, weekly, monthly (calendar, UTC) or a rolling "
-                                    "duration such as 24h, 7d, 1m or 10s")
-    p.add_argument("--filter", action="append", metavar="DIM=V1,V2",
-                   help="only requests whose DIM (user, group, token, kind, model, provider, "
-                        "metadata.KEY) matches one of the values (globs allowed); repeatable")
-    p.add_argument("--split", metavar="DIM,...",
-                   help="one bucket per value of these dimensions, such as user")
-    p.add_argument("--action", choices=["block", "fallback", "monitor"],
-                   help="what happens when the limit is reached (default block)")
+    p.add_argument(
+        "--window",
+        help="daily, weekly, monthly (calendar, UTC) or a rolling "
+        "duration such as 24h, 7d, 1m or 10s",
+    )
+    p.add_argument(
+        "--filter",
+        action="append",
+        metavar="DIM=V1,V2",
+        help="only requests whose DIM (user, group, token, kind, model, provider, "
+        "metadata.KEY) matches one of the values (globs allowed); repeatable",
+    )
+    p.add_argument(
+        "--split", metavar="DIM,...", help="one bucket per value of these dimensions, such as user"
+    )
+    p.add_argument(
+        "--action",
+        choices=["block", "fallback", "monitor"],
+        help="what happens when the limit is reached (default block)",
+    )
     p.add_argument("--alerts", metavar="PCT,...", help="alert thresholds in percent, e.g. 50,90")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sidecar", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="sidecar",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"sidecar {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the gRPC and HTTP servers")
-    serve.add_argument("--config", help="the config file (default: $SIDECAR_CONFIG, else "
-                                        "./sidecar.yaml)")
-    serve.add_argument("--workers", type=int, default=1,
-                       help="processes sharing the listen ports (default 1)")
+    serve.add_argument(
+        "--config", help="the config file (default: $SIDECAR_CONFIG, else ./sidecar.yaml)"
+    )
+    serve.add_argument(
+        "--workers", type=int, default=1, help="processes sharing the listen ports (default 1)"
+    )
     serve.add_argument("--grpc", help="gRPC listen address host:port (overrides config)")
     serve.add_argument("--http", help="HTTP listen address host:port (overrides config)")
-    serve.add_argument("--log-level", default=os.environ.get("SIDECAR_LOG_LEVEL", "info"),
-                       help="debug, info, warning or error (default: $SIDECAR_LOG_LEVEL, "
-                            "else info)")
+    serve.add_argument(
+        "--log-level",
+        default=os.environ.get("SIDECAR_LOG_LEVEL", "info"),
+        help="debug, info, warning or error (default: $SIDECAR_LOG_LEVEL, else info)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     check = sub.add_parser("check-config", help="validate a config file")
@@ -302,14 +329,22 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print the summary as JSON")
     check.set_defaults(func=cmd_check_config)
 
-    login = sub.add_parser("login", help="sign in from this terminal (device code); "
-                                         "remembers the server for the other commands")
-    login.add_argument("url", nargs="?", help="the sidecar's public URL, such as "
-                                               "https://gateway.example.com (default: as --url)")
+    login = sub.add_parser(
+        "login",
+        help="sign in from this terminal (device code); "
+        "remembers the server for the other commands",
+    )
+    login.add_argument(
+        "url",
+        nargs="?",
+        help="the sidecar's public URL, such as https://gateway.example.com (default: as --url)",
+    )
     login.add_argument("--url", dest="url_flag", help=argparse.SUPPRESS)
-    login.add_argument("--admin", action="store_true",
-                       help="ask for a short-lived (1 hour) admin token; an administrator "
-                            "must approve it")
+    login.add_argument(
+        "--admin",
+        action="store_true",
+        help="ask for a short-lived (1 hour) admin token; an administrator must approve it",
+    )
     login.add_argument("--json", action="store_true", help="print JSON instead of text")
     login.set_defaults(func=cmd_login)
     token = sub.add_parser("token", help="print your stored token, renewed if close to expiry")
@@ -317,26 +352,35 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--admin", action="store_true", help="the admin login's token")
     token.add_argument("--json", action="store_true", help="print JSON instead of text")
     token.set_defaults(func=cmd_token)
-    logout = sub.add_parser("logout", help="end the session on the server and forget the "
-                                           "stored credentials")
+    logout = sub.add_parser(
+        "logout", help="end the session on the server and forget the stored credentials"
+    )
     logout.add_argument("--json", action="store_true", help="print JSON instead of text")
     logout.set_defaults(func=cmd_logout)
 
-    budgets = sub.add_parser("budgets", help="your budgets: spent, reserved, limit, "
-                                             "remaining, when each resets")
+    budgets = sub.add_parser(
+        "budgets", help="your budgets: spent, reserved, limit, remaining, when each resets"
+    )
     budgets.add_argument("--model", help="only the buckets a request for this model uses")
     _common(budgets)
     budgets.set_defaults(func=cmd_budgets)
 
     usage = sub.add_parser("usage", help="spend table from the ledger (admin, or --me)")
-    usage.add_argument("--me", action="store_true",
-                       help="your own usage only; needs no admin rights")
-    usage.add_argument("--by", default="user,model",
-                       help="dimensions, comma-separated: user, group, token, kind, model, "
-                            "provider (default: user,model; empty for the total only)")
+    usage.add_argument(
+        "--me", action="store_true", help="your own usage only; needs no admin rights"
+    )
+    usage.add_argument(
+        "--by",
+        default="user,model",
+        help="dimensions, comma-separated: user, group, token, kind, model, "
+        "provider (default: user,model; empty for the total only)",
+    )
     usage.add_argument("--window", choices=["hour", "day"], help="one row per hour or day")
-    usage.add_argument("--since", help="24h, 7d, an ISO 8601 time or epoch seconds "
-                                       "(default: the last 30 days; 48h with --window hour)")
+    usage.add_argument(
+        "--since",
+        help="24h, 7d, an ISO 8601 time or epoch seconds "
+        "(default: the last 30 days; 48h with --window hour)",
+    )
     _common(usage)
     usage.set_defaults(func=cmd_usage)
 
@@ -347,15 +391,19 @@ def build_parser() -> argparse.ArgumentParser:
     lsub_show.add_argument("name", help="the spend limit's name")
     lsub_create = lsub.add_parser("create", help="a new runtime spend limit")
     _limit_options(lsub_create)
-    lsub_update = lsub.add_parser("update", help="change a runtime spend limit (options not "
-                                                 "given keep their value)")
+    lsub_update = lsub.add_parser(
+        "update", help="change a runtime spend limit (options not given keep their value)"
+    )
     _limit_options(lsub_update)
     lsub_delete = lsub.add_parser("delete", help="remove a runtime spend limit")
     lsub_delete.add_argument("name", help="the spend limit's name")
-    for p, fn in ((lsub_list, cli_admin.cmd_limits_list), (lsub_show, cli_admin.cmd_limits_show),
-                  (lsub_create, cli_admin.cmd_limits_create),
-                  (lsub_update, cli_admin.cmd_limits_update),
-                  (lsub_delete, cli_admin.cmd_limits_delete)):
+    for p, fn in (
+        (lsub_list, cli_admin.cmd_limits_list),
+        (lsub_show, cli_admin.cmd_limits_show),
+        (lsub_create, cli_admin.cmd_limits_create),
+        (lsub_update, cli_admin.cmd_limits_update),
+        (lsub_delete, cli_admin.cmd_limits_delete),
+    ):
         _common(p)
         p.set_defaults(func=fn)
 
@@ -363,22 +411,30 @@ def build_parser() -> argparse.ArgumentParser:
     tsub = tokens.add_subparsers(dest="tokens_command", required=True, metavar="ACTION")
     create = tsub.add_parser("create", help="a new token; its secret is printed once")
     create.add_argument("name", help="a unique name (letters, digits, '_', '.', '-')")
-    create.add_argument("--group", action="append", help="a group the token belongs to; "
-                                                         "repeatable")
+    create.add_argument("--group", action="append", help="a group the token belongs to; repeatable")
     create.add_argument("--expires", help="lifetime such as 30d or 12h (default: none)")
-    create.add_argument("--budget-usd", type=_dollars,
-                        help="also create the token's own spend limit of this many dollars")
-    create.add_argument("--window", default="daily",
-                        help="that limit's window: daily, weekly, monthly or a rolling "
-                             "duration such as 24h (default daily)")
+    create.add_argument(
+        "--budget-usd",
+        type=_dollars,
+        help="also create the token's own spend limit of this many dollars",
+    )
+    create.add_argument(
+        "--window",
+        default="daily",
+        help="that limit's window: daily, weekly, monthly or a rolling "
+        "duration such as 24h (default daily)",
+    )
     listing = tsub.add_parser("list", help="every token, with expiry and last use")
     revoke = tsub.add_parser("revoke", help="stop a token working, at once")
     revoke.add_argument("token", help="the token's name or id")
-    rotate = tsub.add_parser("rotate", help="a new secret for a token; the old one stops "
-                                            "working")
+    rotate = tsub.add_parser("rotate", help="a new secret for a token; the old one stops working")
     rotate.add_argument("token", help="the token's name or id")
-    for p, fn in ((create, cli_admin.cmd_tokens_create), (listing, cli_admin.cmd_tokens_list),
-                  (revoke, cli_admin.cmd_tokens_revoke), (rotate, cli_admin.cmd_tokens_rotate)):
+    for p, fn in (
+        (create, cli_admin.cmd_tokens_create),
+        (listing, cli_admin.cmd_tokens_list),
+        (revoke, cli_admin.cmd_tokens_revoke),
+        (rotate, cli_admin.cmd_tokens_rotate),
+    ):
         _common(p)
         p.set_defaults(func=fn)
 
@@ -388,29 +444,41 @@ def build_parser() -> argparse.ArgumentParser:
     _common(audit)
     audit.set_defaults(func=cli_admin.cmd_audit)
 
-    dashboard = sub.add_parser("dashboard", help="print a one-time link that opens the "
-                                                 "dashboard in a browser (admin)")
+    dashboard = sub.add_parser(
+        "dashboard", help="print a one-time link that opens the dashboard in a browser (admin)"
+    )
     dashboard.add_argument("--open", action="store_true", help="also open it in a browser")
     _common(dashboard)
     dashboard.set_defaults(func=cli_admin.cmd_dashboard)
 
     secret_key = sub.add_parser(
-        "secret-key", help="print a new key for secrets.key_env / secrets.key_file")
+        "secret-key", help="print a new key for secrets.key_env / secrets.key_file"
+    )
     secret_key.set_defaults(func=cmd_secret_key)
 
     envoy_config = sub.add_parser(
-        "envoy-config", help="print the Envoy http_filters, access_log and clusters to add")
-    envoy_config.add_argument("path", nargs="?",
-                              help="sidecar config (default: $SIDECAR_CONFIG, else "
-                                   "./sidecar.yaml; built-in listen defaults when absent)")
-    envoy_config.add_argument("--format", choices=["yaml", "json"], default="yaml",
-                              help="output format (default: yaml)")
-    envoy_config.add_argument("--grpc", help="the sidecar's gRPC address host:port "
-                                             "(overrides the config)")
-    envoy_config.add_argument("--workers", type=int, default=1,
-                              help="sidecar processes behind that address (`serve --workers`):"
-                                   " Envoy lets overload.max_inflight Checks per process be in"
-                                   " flight and refuses more at once (default: 1)")
+        "envoy-config", help="print the Envoy http_filters, access_log and clusters to add"
+    )
+    envoy_config.add_argument(
+        "path",
+        nargs="?",
+        help="sidecar config (default: $SIDECAR_CONFIG, else "
+        "./sidecar.yaml; built-in listen defaults when absent)",
+    )
+    envoy_config.add_argument(
+        "--format", choices=["yaml", "json"], default="yaml", help="output format (default: yaml)"
+    )
+    envoy_config.add_argument(
+        "--grpc", help="the sidecar's gRPC address host:port (overrides the config)"
+    )
+    envoy_config.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="sidecar processes behind that address (`serve --workers`):"
+        " Envoy lets overload.max_inflight Checks per process be in"
+        " flight and refuses more at once (default: 1)",
+    )
     envoy_config.set_defaults(func=cmd_envoy_config)
 
     return parser

@@ -25,8 +25,10 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], empty: str) -> 
     if not rows:
         return empty
     widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-                     for r in [headers, *rows])
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in [headers, *rows]
+    )
 
 
 def usd(value: Any) -> str:
@@ -54,18 +56,28 @@ def parse_filters(items: Sequence[str]) -> dict[str, list[str]]:
     for item in items:
         dim, sep, values = item.partition("=")
         if not sep or not dim.strip() or not values.strip():
-            raise LoginError(f"--filter {item!r}: expected DIMENSION=VALUE[,VALUE...], such "
-                             "as model=gpt-4o,gpt-4o-mini")
-        filters.setdefault(dim.strip(), []).extend(v.strip() for v in values.split(",")
-                                                   if v.strip())
+            raise LoginError(
+                f"--filter {item!r}: expected DIMENSION=VALUE[,VALUE...], such "
+                "as model=gpt-4o,gpt-4o-mini"
+            )
+        filters.setdefault(dim.strip(), []).extend(
+            v.strip() for v in values.split(",") if v.strip()
+        )
     return filters
 
 
 def limit_body(args: argparse.Namespace, base: dict[str, Any]) -> dict[str, Any]:
     body = {k: v for k, v in base.items() if k != "source"}
     body["name"] = args.name
-    given = {k: v for k, v in (("budget_usd", args.budget_usd), ("tokens", args.tokens),
-                               ("requests", args.requests)) if v is not None}
+    given = {
+        k: v
+        for k, v in (
+            ("budget_usd", args.budget_usd),
+            ("tokens", args.tokens),
+            ("requests", args.requests),
+        )
+        if v is not None
+    }
     if len(given) > 1:
         raise LoginError("give one of --budget-usd, --tokens or --requests")
     if given:
@@ -95,24 +107,38 @@ def limit_text(rule: dict[str, Any]) -> str:
         return f"{int(rule['requests']):,} requests"
     tokens = rule.get("tokens")
     if isinstance(tokens, dict):
-        parts = [f"{side} {int(tokens[side]):,}" for side in ("input", "output")
-                 if tokens.get(side) is not None]
+        parts = [
+            f"{side} {int(tokens[side]):,}"
+            for side in ("input", "output")
+            if tokens.get(side) is not None
+        ]
         return " / ".join(parts) + " tokens"
     return f"{int(tokens or 0):,} tokens"
 
 
 def limit_row(rule: dict[str, Any]) -> list[str]:
     filters = "; ".join(f"{k}={','.join(v)}" for k, v in rule.get("filter", {}).items())
-    return [str(rule["name"]), str(rule.get("source", "")), limit_text(rule),
-            window_text(rule["window"]), filters or "-", ",".join(rule.get("split", [])) or "-",
-            str(rule.get("action", ""))]
+    return [
+        str(rule["name"]),
+        str(rule.get("source", "")),
+        limit_text(rule),
+        window_text(rule["window"]),
+        filters or "-",
+        ",".join(rule.get("split", [])) or "-",
+        str(rule.get("action", "")),
+    ]
 
 
 LIMIT_HEADERS = ("NAME", "SOURCE", "LIMIT", "WINDOW", "FILTER", "SPLIT", "ACTION")
 
 
-def _answer(args: argparse.Namespace, method: str, path: str, text: Callable[[Any], str],
-            body: dict[str, Any] | None = None) -> int:
+def _answer(
+    args: argparse.Namespace,
+    method: str,
+    path: str,
+    text: Callable[[Any], str],
+    body: dict[str, Any] | None = None,
+) -> int:
     """One admin call, its answer printed: as JSON with --json, else as `text` makes it."""
     result = admin_client(args.url).call(method, path, body)
     emit(result, args.json, text(result))
@@ -120,8 +146,12 @@ def _answer(args: argparse.Namespace, method: str, path: str, text: Callable[[An
 
 
 def cmd_limits_list(args: argparse.Namespace) -> int:
-    return _answer(args, "GET", "/v1/spend-limits", lambda rules: table(
-        LIMIT_HEADERS, [limit_row(r) for r in rules], "No spend limits."))
+    return _answer(
+        args,
+        "GET",
+        "/v1/spend-limits",
+        lambda rules: table(LIMIT_HEADERS, [limit_row(r) for r in rules], "No spend limits."),
+    )
 
 
 def _limit_path(args: argparse.Namespace) -> str:
@@ -137,13 +167,19 @@ def cmd_limits_show(args: argparse.Namespace) -> int:
 
 
 def cmd_limits_create(args: argparse.Namespace) -> int:
-    if (args.budget_usd is None and args.tokens is None and args.requests is None) \
-            or args.window is None:
-        raise LoginError("limits create needs --window and one of --budget-usd, --tokens "
-                         "or --requests")
-    return _answer(args, "POST", "/v1/spend-limits",
-                   lambda rule: f"Created spend limit {rule['name']}.\n{_shown(rule)}",
-                   limit_body(args, {}))
+    if (
+        args.budget_usd is None and args.tokens is None and args.requests is None
+    ) or args.window is None:
+        raise LoginError(
+            "limits create needs --window and one of --budget-usd, --tokens or --requests"
+        )
+    return _answer(
+        args,
+        "POST",
+        "/v1/spend-limits",
+        lambda rule: f"Created spend limit {rule['name']}.\n{_shown(rule)}",
+        limit_body(args, {}),
+    )
 
 
 def cmd_limits_update(args: argparse.Namespace) -> int:
@@ -155,8 +191,7 @@ def cmd_limits_update(args: argparse.Namespace) -> int:
 
 
 def cmd_limits_delete(args: argparse.Namespace) -> int:
-    return _answer(args, "DELETE", _limit_path(args),
-                   lambda _: f"Deleted spend limit {args.name}.")
+    return _answer(args, "DELETE", _limit_path(args), lambda _: f"Deleted spend limit {args.name}.")
 
 
 # -- service tokens --------------------------------------------------------------------
@@ -165,9 +200,11 @@ def _token_path(args: argparse.Namespace) -> str:
 
 
 def _secret_lines(result: dict[str, Any]) -> list[str]:
-    return [f"  CF-Access-Client-Id:     {result['client_id']}",
-            f"  CF-Access-Client-Secret: {result['client_secret']}",
-            "The secret is shown only this once; store it now."]
+    return [
+        f"  CF-Access-Client-Id:     {result['client_id']}",
+        f"  CF-Access-Client-Secret: {result['client_secret']}",
+        "The secret is shown only this once; store it now.",
+    ]
 
 
 def cmd_tokens_create(args: argparse.Namespace) -> int:
@@ -184,37 +221,66 @@ def cmd_tokens_create(args: argparse.Namespace) -> int:
         keys = ("id", "name", "client_id", "client_secret", "expires_at", "spend_limit")
         print(json.dumps({k: result[k] for k in keys if k in result}))
         return 0
-    lines = [f"Created service token {result['name']} (id {result['id']})",
-             *_secret_lines(result)]
+    lines = [f"Created service token {result['name']} (id {result['id']})", *_secret_lines(result)]
     if result.get("expires_at"):
         lines.insert(1, f"  Expires:                 {when(result['expires_at'])}")
     limit = result.get("spend_limit")
     if limit:
-        lines.insert(1, f"  Spend limit:             {usd(limit['budget_usd'])} "
-                        f"{window_text(limit['window'])} (rule {limit['name']})")
+        lines.insert(
+            1,
+            f"  Spend limit:             {usd(limit['budget_usd'])} "
+            f"{window_text(limit['window'])} (rule {limit['name']})",
+        )
     print("\n".join(lines))
     return 0
 
 
 def cmd_tokens_list(args: argparse.Namespace) -> int:
     tokens = admin_client(args.url).call("GET", "/v1/service-tokens")
-    rows = [[t["name"], t["id"], ",".join(t["groups"]) or "-",
-             "revoked" if t.get("revoked_at") else "active", when(t.get("expires_at")),
-             when(t.get("last_used_at"))] for t in tokens]
-    emit(tokens, args.json, table(("NAME", "ID", "GROUPS", "STATE", "EXPIRES", "LAST USED"),
-                                  rows, "No service tokens."))
+    rows = [
+        [
+            t["name"],
+            t["id"],
+            ",".join(t["groups"]) or "-",
+            "revoked" if t.get("revoked_at") else "active",
+            when(t.get("expires_at")),
+            when(t.get("last_used_at")),
+        ]
+        for t in tokens
+    ]
+    emit(
+        tokens,
+        args.json,
+        table(
+            ("NAME", "ID", "GROUPS", "STATE", "EXPIRES", "LAST USED"), rows, "No service tokens."
+        ),
+    )
     return 0
 
 
 def cmd_tokens_revoke(args: argparse.Namespace) -> int:
-    return _answer(args, "DELETE", _token_path(args),
-                   lambda result: f"Revoked {result['name']} ({result['id']})")
+    return _answer(
+        args,
+        "DELETE",
+        _token_path(args),
+        lambda result: f"Revoked {result['name']} ({result['id']})",
+    )
 
 
 def cmd_tokens_rotate(args: argparse.Namespace) -> int:
-    return _answer(args, "POST", f"{_token_path(args)}/rotate", lambda result: "\n".join([
-        f"New secret for {result['name']} (id {result['id']}); the old one no longer works.",
-        *_secret_lines(result)]), {})
+    return _answer(
+        args,
+        "POST",
+        f"{_token_path(args)}/rotate",
+        lambda result: "\n".join(
+            [
+                f"New secret for {result['name']} (id {result['id']}); "
+                "the old one no longer works.",
+                *_secret_lines(result),
+            ]
+        ),
+        {},
+    )
 
 
 # -- audit and dashboard ---------------------------------------------------------------
@@ -224,8 +290,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
         params["action"] = args.action
     entries = admin_client(args.url).call("GET", "/v1/audit", params=params)
     rows = [[str(e["at"]), str(e["who"]), str(e["action"]), str(e["target"])] for e in entries]
-    emit(entries, args.json, table(("WHEN", "WHO", "ACTION", "TARGET"), rows,
-                                   "No admin writes recorded."))
+    emit(
+        entries,
+        args.json,
+        table(("WHEN", "WHO", "ACTION", "TARGET"), rows, "No admin writes recorded."),
+    )
     return 0
 
 

@@ -18,7 +18,7 @@ def networks(cidrs: tuple[str, ...]) -> tuple[Network, ...]:
 def _address(text: str) -> Address | None:
     text = text.strip()
     if text.startswith("[") and "]" in text:  # "[2001:db8::1]:443"
-        text = text[1:text.index("]")]
+        text = text[1 : text.index("]")]
     elif text.count(":") == 1:  # "192.0.2.1:443"
         text = text.split(":", 1)[0]
     try:

@@ -42,9 +42,16 @@ def error_body(error_type: str, message: str, **extra: Any) -> bytes:
     return _json({"success": False, "error": {"type": error_type, "message": message, **extra}})
 
 
-def deny(reason: Reason, message: str, *, error_type: str | None = None,
-         headers: Mapping[str, str] | None = None, identity: Identity | None = None,
-         model: str = "", **extra: Any) -> Decision:
+def deny(
+    reason: Reason,
+    message: str,
+    *,
+    error_type: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    identity: Identity | None = None,
+    model: str = "",
+    **extra: Any,
+) -> Decision:
     """A refusal; the body's error type is the reason unless a coarser one is given."""
     return Decision(
         allowed=False,
@@ -59,7 +66,9 @@ def deny(reason: Reason, message: str, *, error_type: str | None = None,
 
 # Shed Checks all get this one answer: built once, so refusing costs next to nothing.
 OVERLOADED = Decision(
-    allowed=False, http_status=503, reason="overloaded",
+    allowed=False,
+    http_status=503,
+    reason="overloaded",
     headers={"content-type": "application/json", "retry-after": "1"},
     body=error_body("overloaded", "the authorization service is over capacity; retry shortly"),
 )
@@ -70,8 +79,13 @@ def unauthenticated(code: str, detail: str) -> Decision:
     challenge = 'Bearer realm="llm-sidecar"'
     if reason == "invalid_token":
         challenge += f', error="invalid_token", error_description="{code}"'
-    return deny(reason, detail, error_type="unauthenticated",
-                headers={"www-authenticate": challenge}, code=code)
+    return deny(
+        reason,
+        detail,
+        error_type="unauthenticated",
+        headers={"www-authenticate": challenge},
+        code=code,
+    )
 
 
 def identity_headers(identity: Identity) -> dict[str, str]:
@@ -117,8 +131,9 @@ def without_access_cookie(cookie: str) -> str | None:
     return "; ".join(kept) if found else None
 
 
-def strip_credentials(client_headers: Mapping[str, str],
-                      credentials: tuple[str, ...]) -> tuple[set[str], dict[str, str]]:
+def strip_credentials(
+    client_headers: Mapping[str, str], credentials: tuple[str, ...]
+) -> tuple[set[str], dict[str, str]]:
     """(headers to remove, headers to set) so that no credential the sidecar understands
     reaches the upstream: every Access header, the Access cookie (other cookies stay), and
     `credentials`, the headers identity found a sidecar credential in (`authorization`
@@ -126,8 +141,11 @@ def strip_credentials(client_headers: Mapping[str, str],
     key in `authorization` is not a sidecar credential and passes; whoever injects a
     provider key sets `authorization`, which then wins over any removal (see strip_list).
     """
-    remove = {h for h in (*ACCESS_CREDENTIAL_HEADERS, *credentials)
-              if h in client_headers and h != "cookie"}
+    remove = {
+        h
+        for h in (*ACCESS_CREDENTIAL_HEADERS, *credentials)
+        if h in client_headers and h != "cookie"
+    }
     replace: dict[str, str] = {}
     cookie = client_headers.get("cookie")
     rest = without_access_cookie(cookie) if cookie is not None else None
@@ -194,8 +212,11 @@ def allow(
         headers=headers,
         # A header both stripped (the caller's credential) and set (the provider key) is set:
         # Envoy applies removals after additions, which would drop the key.
-        remove_headers=tuple(h for h in strip_list(client_headers, headers, credentials)
-                             if h not in (provider_headers or {})),
+        remove_headers=tuple(
+            h
+            for h in strip_list(client_headers, headers, credentials)
+            if h not in (provider_headers or {})
+        ),
         response_headers=response_headers,
         identity=identity,
         model=model,

@@ -73,9 +73,24 @@ log = structlog.get_logger("sidecar.decision")
 # The decision line's fields, in order; the trusted ones are made here (ids, codes, numbers).
 _DECISION_LINE = Line(
     "decision",
-    ("request_id", "reservation", "decision", "status", "reason", "kind", "user", "groups",
-     "token_name", "model", "provider", "rules", "estimate_usd", "ms"),
-    trusted=("reservation", "decision", "status", "reason", "kind", "estimate_usd", "ms"))
+    (
+        "request_id",
+        "reservation",
+        "decision",
+        "status",
+        "reason",
+        "kind",
+        "user",
+        "groups",
+        "token_name",
+        "model",
+        "provider",
+        "rules",
+        "estimate_usd",
+        "ms",
+    ),
+    trusted=("reservation", "decision", "status", "reason", "kind", "estimate_usd", "ms"),
+)
 _RESERVE_SECONDS = STORE_SECONDS.labels("reserve")
 _COMMIT_SECONDS = STORE_SECONDS.labels("commit")
 
@@ -102,8 +117,17 @@ def new_request_id() -> str:
 
 def binding(identity: Identity, model: str, provider: str, amount: int) -> str:
     """What a reservation is for, as the store compares it on a repeated id."""
-    text = "\x1f".join((identity.kind, identity.issuer, identity.subject, identity.user,
-                        model, provider, str(amount)))
+    text = "\x1f".join(
+        (
+            identity.kind,
+            identity.issuer,
+            identity.subject,
+            identity.user,
+            model,
+            provider,
+            str(amount),
+        )
+    )
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
@@ -205,8 +229,7 @@ class Engine:
             DECISIONS.labels("deny", "overloaded").inc()
             return OVERLOADED
         started = time.perf_counter()
-        with shedder.deciding(time_remaining), \
-                tracing.span("sidecar.check", attrs.headers) as span:
+        with shedder.deciding(time_remaining), tracing.span("sidecar.check", attrs.headers) as span:
             decision = await self._check(rs, attrs)
             tracing.describe(span, decision)
         seconds = time.perf_counter() - started
@@ -231,29 +254,46 @@ class Engine:
         except BadRequest as err:
             return deny("bad_request", str(err), identity=identity)
 
-    async def _decide(self, rs: RuleSet, attrs: RequestAttrs, identity: Identity,
-                      creds: tuple[str, ...]) -> Decision:
+    async def _decide(
+        self, rs: RuleSet, attrs: RequestAttrs, identity: Identity, creds: tuple[str, ...]
+    ) -> Decision:
         provider = rs.provider_for_path(attrs.path)
-        found = request_model(attrs, provider.path_prefix if provider else None,
-                              provider.deployments if provider else None)
+        found = request_model(
+            attrs,
+            provider.path_prefix if provider else None,
+            provider.deployments if provider else None,
+        )
         if found is None:
             # Names no model (listing models, reading a file): no budget, but the
             # provider's key all the same.
-            return allow(identity, attrs.headers, creds, provider_headers=self._keys(
-                rs, provider.id if provider else "", identity, attrs))
+            return allow(
+                identity,
+                attrs.headers,
+                creds,
+                provider_headers=self._keys(rs, provider.id if provider else "", identity, attrs),
+            )
         model, body = found
         if provider is None:
             named, model = split_provider(model, rs.provider_by_id)
             if named is None:
-                raise BadRequest(f"cannot tell the provider of model {model!r} on path "
-                                 f"{attrs.path!r}")
+                raise BadRequest(
+                    f"cannot tell the provider of model {model!r} on path {attrs.path!r}"
+                )
             provider = rs.provider_by_id[named]
         metadata = parse_metadata(attrs.headers)
         return await self._admit(rs, attrs, identity, creds, model, provider, body, metadata)
 
-    async def _admit(self, rs: RuleSet, attrs: RequestAttrs, identity: Identity,
-                     creds: tuple[str, ...], model: str, provider: Provider,
-                     body: Mapping[str, Any], metadata: Mapping[str, str]) -> Decision:
+    async def _admit(
+        self,
+        rs: RuleSet,
+        attrs: RequestAttrs,
+        identity: Identity,
+        creds: tuple[str, ...],
+        model: str,
+        provider: Provider,
+        body: Mapping[str, Any],
+        metadata: Mapping[str, str],
+    ) -> Decision:
         now = self.clock()
         # The reservation key is always minted here, never taken from the request: an id a
         # client could choose (x-request-id) could be replayed or collide with another's.
@@ -265,30 +305,57 @@ class Engine:
         for index, cand in enumerate(candidates(rs, model, provider)):
             if not model_allowed(rs, identity, cand):
                 if index == 0:
-                    return deny("model_not_allowed",
-                                f"model {model!r} is not allowed for your groups",
-                                identity=identity, model=model)
+                    return deny(
+                        "model_not_allowed",
+                        f"model {model!r} is not allowed for your groups",
+                        identity=identity,
+                        model=model,
+                    )
                 continue
             cand_model, cand_provider = cand.model, cand.provider
             found = priced(rs, cand, tokens)
             if found is None:
                 if index == 0:
-                    return deny("unpriced_model",
-                                f"model {cand_model!r} has no known price", identity=identity,
-                                model=cand_model)
+                    return deny(
+                        "unpriced_model",
+                        f"model {cand_model!r} has no known price",
+                        identity=identity,
+                        model=cand_model,
+                    )
                 continue
             estimate = found[1]
             budget = self._plan(rs, runtime, candidate_context(identity, cand, metadata), now)
-            dims = LedgerDims(identity.user, identity.groups, identity.token_name,
-                              identity.kind, cand.canonical, cand_provider.id)
-            request = ReserveRequest(request_id, budget.views, estimate,
-                                     rs.admission_mode, now, now + rs.reservation_ttl, dims,
-                                     binding(identity, cand_model, cand_provider.id, estimate),
-                                     tokens)
+            dims = LedgerDims(
+                identity.user,
+                identity.groups,
+                identity.token_name,
+                identity.kind,
+                cand.canonical,
+                cand_provider.id,
+            )
+            request = ReserveRequest(
+                request_id,
+                budget.views,
+                estimate,
+                rs.admission_mode,
+                now,
+                now + rs.reservation_ttl,
+                dims,
+                binding(identity, cand_model, cand_provider.id, estimate),
+                tokens,
+            )
             if time.monotonic() < self._store_down_until:
                 return await self._store_down(
-                    rs, StoreUnavailable("store unavailable (recent failure)"), identity, attrs,
-                    creds, cand_model, cand_provider, request, attempted=False)
+                    rs,
+                    StoreUnavailable("store unavailable (recent failure)"),
+                    identity,
+                    attrs,
+                    creds,
+                    cand_model,
+                    cand_provider,
+                    request,
+                    attempted=False,
+                )
             started = time.perf_counter()
             try:
                 with tracing.span("sidecar.store.reserve", buckets=len(budget.views)):
@@ -299,34 +366,58 @@ class Engine:
                     # others go on asking.
                     self._store_down_until = time.monotonic() + 0.5
                 STORE_ERRORS.labels("reserve").inc()
-                return await self._store_down(rs, err, identity, attrs, creds, cand_model,
-                                              cand_provider, request)
+                return await self._store_down(
+                    rs, err, identity, attrs, creds, cand_model, cand_provider, request
+                )
             _RESERVE_SECONDS.observe(time.perf_counter() - started)
             if len(result.states) == len(budget.views):
                 self.utilisation.observe(budget, result.states)
-            limits = rate_limit_headers(budget, result.states) \
-                if len(result.states) == len(budget.views) else {}
+            limits = (
+                rate_limit_headers(budget, result.states)
+                if len(result.states) == len(budget.views)
+                else {}
+            )
             if result.admitted:
                 self.alerts.observe(budget, result.states, now)
                 fallback_from = model if index else None
-                return allow(identity, attrs.headers, creds, model=cand_model,
-                             provider=cand_provider.id, remaining=self._remaining(budget, result),
-                             fallback_from=fallback_from, rules=budget.rule_names(),
-                             estimate=estimate, input_tokens=tokens[0],
-                             request_id=request.request_id, limits=limits,
-                             provider_headers=self._keys(rs, cand_provider.id, identity,
-                                                         attrs))
+                return allow(
+                    identity,
+                    attrs.headers,
+                    creds,
+                    model=cand_model,
+                    provider=cand_provider.id,
+                    remaining=self._remaining(budget, result),
+                    fallback_from=fallback_from,
+                    rules=budget.rule_names(),
+                    estimate=estimate,
+                    input_tokens=tokens[0],
+                    request_id=request.request_id,
+                    limits=limits,
+                    provider_headers=self._keys(rs, cand_provider.id, identity, attrs),
+                )
             failed = [(budget.culprit(i), result.states[i]) for i in result.failed]
             blocking = [f for f in failed if f[0].rule.action == "block"]
             if blocking:
                 planned, state = blocking[0]
-                denied = await self._too_much(planned, state, request.amount_for(planned.view),
-                                              now, identity, cand_model, limits)
+                denied = await self._too_much(
+                    planned,
+                    state,
+                    request.amount_for(planned.view),
+                    now,
+                    identity,
+                    cand_model,
+                    limits,
+                )
                 return replace(denied, rules=budget.rule_names(), estimate=estimate)
             if first_fallback is None:
                 planned, state = failed[0]
-                first_fallback = (planned, state, request.amount_for(planned.view), estimate,
-                                  limits)
+                first_fallback = (
+                    planned,
+                    state,
+                    request.amount_for(planned.view),
+                    estimate,
+                    limits,
+                )
         assert first_fallback is not None
         planned, state, amount, estimate, limits = first_fallback
         denied = await self._too_much(planned, state, amount, now, identity, model, limits)
@@ -344,8 +435,9 @@ class Engine:
             task.add_done_callback(self._release_abandoned)
             raise
 
-    def _release_abandoned(self, task: asyncio.Future[tuple[ReserveRequest, ReserveResult]]
-                           ) -> None:
+    def _release_abandoned(
+        self, task: asyncio.Future[tuple[ReserveRequest, ReserveResult]]
+    ) -> None:
         if task.cancelled() or task.exception() is not None:
             return
         request, result = task.result()
@@ -357,15 +449,15 @@ class Engine:
 
     async def _release(self, request_id: str) -> None:
         try:
-            await self.store.commit(request_id, 0, TokenUsage(), self.clock(), error=True,
-                                    tokens=(0, 0))
+            await self.store.commit(
+                request_id, 0, TokenUsage(), self.clock(), error=True, tokens=(0, 0)
+            )
         except Exception as exc:  # the reservation then expires into its estimate
             log.warning("abandoned_release_failed", request_id=request_id, error=str(exc))
             return
         log.info("abandoned_reservation_released", request_id=request_id)
 
-    async def _reserve_once(self, request: ReserveRequest
-                            ) -> tuple[ReserveRequest, ReserveResult]:
+    async def _reserve_once(self, request: ReserveRequest) -> tuple[ReserveRequest, ReserveResult]:
         result = await self.store.reserve(request)
         for _ in range(3):
             if not result.conflict:
@@ -380,19 +472,30 @@ class Engine:
         return request, result
 
     @staticmethod
-    def _keys(rs: RuleSet, provider_id: str, identity: Identity,
-              attrs: RequestAttrs) -> dict[str, str]:
+    def _keys(
+        rs: RuleSet, provider_id: str, identity: Identity, attrs: RequestAttrs
+    ) -> dict[str, str]:
         return injected_headers(rs.provider_keys, provider_id, identity.groups, attrs.headers)
 
     @staticmethod
     def _remaining(budget: Plan, result: ReserveResult) -> str | None:
-        left = [room(v.limit, s) for v, s in zip(budget.views, result.states, strict=True)
-                if v.enforce and v.measure == "usd"]
+        left = [
+            room(v.limit, s)
+            for v, s in zip(budget.views, result.states, strict=True)
+            if v.enforce and v.measure == "usd"
+        ]
         return micros_to_usd_str(min(left)) if left else None
 
-    async def _too_much(self, planned: Planned, state: BucketState, amount: int, now: float,
-                        identity: Identity, model: str,
-                        limits: Mapping[str, str]) -> Decision:
+    async def _too_much(
+        self,
+        planned: Planned,
+        state: BucketState,
+        amount: int,
+        now: float,
+        identity: Identity,
+        model: str,
+        limits: Mapping[str, str],
+    ) -> Decision:
         """The 429 for a bucket without room for `amount` (in the bucket's measure)."""
         rule = planned.rule
         unit = rule.unit
@@ -402,18 +505,30 @@ class Engine:
         if amount > rule.limit:
             # Waiting frees nothing that would let this request in, so no Retry-After.
             if unit == "usd":
-                what = (f"estimated cost (${micros_to_usd_str(amount)}) is more than the "
-                        f"whole limit of {rule.name!r} for {planned.bucket_label} "
-                        f"(${micros_to_usd_str(rule.limit)})")
+                what = (
+                    f"estimated cost (${micros_to_usd_str(amount)}) is more than the "
+                    f"whole limit of {rule.name!r} for {planned.bucket_label} "
+                    f"(${micros_to_usd_str(rule.limit)})"
+                )
             else:
-                what = (f"estimated {unit} ({amount}) are more than the whole limit of "
-                        f"{rule.name!r} for {planned.bucket_label} ({rule.limit})")
+                what = (
+                    f"estimated {unit} ({amount}) are more than the whole limit of "
+                    f"{rule.name!r} for {planned.bucket_label} ({rule.limit})"
+                )
             return deny(
                 "spend_limit_exceeded",
                 f"this request's {what}; lower max_tokens or shorten the input",
-                headers=limits, identity=identity, model=model, code="request_exceeds_limit",
-                rule=rule.name, bucket=planned.bucket_label, unit=unit,
-                estimate=in_unit(unit, amount), limit=in_unit(unit, rule.limit), **extra)
+                headers=limits,
+                identity=identity,
+                model=model,
+                code="request_exceeds_limit",
+                rule=rule.name,
+                bucket=planned.bucket_label,
+                unit=unit,
+                estimate=in_unit(unit, amount),
+                limit=in_unit(unit, rule.limit),
+                **extra,
+            )
         if isinstance(rule.window, RollingWindow):
             # Retry when enough of what the window holds has aged out to make room.
             needed = state.spent + state.reserved + amount - rule.limit
@@ -430,18 +545,31 @@ class Engine:
         return deny(
             "spend_limit_exceeded",
             f"{noun} limit {rule.name!r} reached for {planned.bucket_label}",
-            headers={"retry-after": str(retry), **limits}, identity=identity, model=model,
-            rule=rule.name, bucket=planned.bucket_label, unit=unit,
-            spent=in_unit(unit, state.spent), reserved=in_unit(unit, state.reserved),
+            headers={"retry-after": str(retry), **limits},
+            identity=identity,
+            model=model,
+            rule=rule.name,
+            bucket=planned.bucket_label,
+            unit=unit,
+            spent=in_unit(unit, state.spent),
+            reserved=in_unit(unit, state.reserved),
             limit=in_unit(unit, rule.limit),
             resets_at=datetime.fromtimestamp(resets, UTC).isoformat().replace("+00:00", "Z"),
             **extra,
         )
 
-    async def _store_down(self, rs: RuleSet, err: StoreUnavailable, identity: Identity,
-                          attrs: RequestAttrs,
-                          creds: tuple[str, ...], model: str, provider: Provider,
-                          request: ReserveRequest, attempted: bool = True) -> Decision:
+    async def _store_down(
+        self,
+        rs: RuleSet,
+        err: StoreUnavailable,
+        identity: Identity,
+        attrs: RequestAttrs,
+        creds: tuple[str, ...],
+        model: str,
+        provider: Provider,
+        request: ReserveRequest,
+        attempted: bool = True,
+    ) -> Decision:
         # The one place the failure mode is chosen: closed by default, because admitting
         # without a budget check is spending money nobody approved.
         mode = rs.config.store.on_error
@@ -450,19 +578,30 @@ class Engine:
             # Admitted unchecked, but never uncharged: the spool replays it when the store
             # is back (the estimate, or the actual cost once the response is metered).
             await self.spool.admitted(request)
-            return allow(identity, attrs.headers, creds, model=model, provider=provider.id,
-                         request_id=request.request_id,
-                         provider_headers=self._keys(rs, provider.id, identity, attrs))
+            return allow(
+                identity,
+                attrs.headers,
+                creds,
+                model=model,
+                provider=provider.id,
+                request_id=request.request_id,
+                provider_headers=self._keys(rs, provider.id, identity, attrs),
+            )
         if attempted and self.spool is not None:
             # The store may have made the reservation before the failure reached us (a reply
             # lost with the connection). The request is refused and never goes upstream, so
             # a $0 release is queued: replayed when the store is back, it frees such a
             # reservation, and changes nothing when there is none.
-            await self.spool.completed(request.request_id, 0, TokenUsage(), error=True,
-                                       tokens=(0, 0))
-        return deny("store_unavailable",
-                    "the budget store is unavailable; try again shortly",
-                    headers={"retry-after": "1"}, identity=identity, model=model)
+            await self.spool.completed(
+                request.request_id, 0, TokenUsage(), error=True, tokens=(0, 0)
+            )
+        return deny(
+            "store_unavailable",
+            "the budget store is unavailable; try again shortly",
+            headers={"retry-after": "1"},
+            identity=identity,
+            model=model,
+        )
 
     @staticmethod
     def _log(attrs: RequestAttrs, decision: Decision, seconds: float) -> None:
@@ -472,23 +611,32 @@ class Engine:
             log,
             request_id=attrs.request_id,
             reservation=decision.request_id or None,
-            decision="allow" if decision.reason == "ok" else (
-                "fallback" if decision.reason == "fallback" else "deny"),
-            status=decision.http_status, reason=decision.reason,
+            decision="allow"
+            if decision.reason == "ok"
+            else ("fallback" if decision.reason == "fallback" else "deny"),
+            status=decision.http_status,
+            reason=decision.reason,
             kind=identity.kind if identity else None,
             user=identity.user if identity else None,
             groups=list(identity.groups) if identity else None,
             token_name=identity.token_name if identity and identity.token_name else None,
-            model=decision.model or None, provider=decision.provider or None,
+            model=decision.model or None,
+            provider=decision.provider or None,
             rules=list(decision.rules),
-            estimate_usd=None if decision.estimate is None
+            estimate_usd=None
+            if decision.estimate is None
             else micros_to_usd_str(decision.estimate),
             ms=round(seconds * 1000, 3),
         )
 
-    async def charge(self, request_id: str, observed: Observed, *,
-                     expect: tuple[str, str] | None = None,
-                     hint: tuple[str, str] | None = None) -> tuple[CommitResult, int]:
+    async def charge(
+        self,
+        request_id: str,
+        observed: Observed,
+        *,
+        expect: tuple[str, str] | None = None,
+        hint: tuple[str, str] | None = None,
+    ) -> tuple[CommitResult, int]:
         """Charge a finished exchange in place of its reservation, once.
 
         The model, provider and caller come from the reservation record made at admission,
@@ -502,13 +650,18 @@ class Engine:
             rs = self.holder.current
             result, cost = await self._charge(rs, request_id, observed, expect, hint, span)
             if span is not None:
-                span.set_attributes({"sidecar.cost_micro_usd": cost,
-                                     "sidecar.commit_status": result.status,
-                                     "sidecar.usage_complete": observed.complete})
+                span.set_attributes(
+                    {
+                        "sidecar.cost_micro_usd": cost,
+                        "sidecar.commit_status": result.status,
+                        "sidecar.usage_complete": observed.complete,
+                    }
+                )
             return result, cost
 
-    async def charge_many(self, charges: Sequence[tuple[str, Observed, tuple[str, str] | None]]
-                          ) -> list[tuple[CommitResult, int] | Exception]:
+    async def charge_many(
+        self, charges: Sequence[tuple[str, Observed, tuple[str, str] | None]]
+    ) -> list[tuple[CommitResult, int] | Exception]:
         """`charge` each (request id, observed, hint) of `charges` (an access log batch) in
         one store step, each as `charge` alone would: what one raised takes its place."""
         rs = self.holder.current
@@ -518,8 +671,9 @@ class Engine:
             pricings.append(_Pricing(rs, request_id, observed, None))
         started = time.perf_counter()
         try:
-            answers = await self.store.charge_many([(p.request_id, p) for p in pricings],
-                                                   self.clock())
+            answers = await self.store.charge_many(
+                [(p.request_id, p) for p in pricings], self.clock()
+            )
         except StoreUnavailable as err:
             answers = [err] * len(pricings)
         out: list[tuple[CommitResult, int] | Exception] = []
@@ -530,9 +684,15 @@ class Engine:
                 out.append(exc)
         return out
 
-    async def _charge(self, rs: RuleSet, request_id: str, observed: Observed,
-                      expect: tuple[str, str] | None, hint: tuple[str, str] | None,
-                      span: Any) -> tuple[CommitResult, int]:
+    async def _charge(
+        self,
+        rs: RuleSet,
+        request_id: str,
+        observed: Observed,
+        expect: tuple[str, str] | None,
+        hint: tuple[str, str] | None,
+        span: Any,
+    ) -> tuple[CommitResult, int]:
         pricing = _Pricing(rs, request_id, observed, expect)
         started = time.perf_counter()
         answer: CommitResult | Exception
@@ -543,20 +703,28 @@ class Engine:
             answer = err
         finally:
             if span is not None and pricing.record is not None:
-                span.set_attributes({"sidecar.model": pricing.record.dims.model,
-                                     "sidecar.provider": pricing.record.dims.provider})
+                span.set_attributes(
+                    {
+                        "sidecar.model": pricing.record.dims.model,
+                        "sidecar.provider": pricing.record.dims.provider,
+                    }
+                )
         return await self._charged(rs, pricing, hint, answer, started)
 
-    async def _charged(self, rs: RuleSet, pricing: _Pricing, hint: tuple[str, str] | None,
-                       answer: CommitResult | Exception, started: float
-                       ) -> tuple[CommitResult, int]:
+    async def _charged(
+        self,
+        rs: RuleSet,
+        pricing: _Pricing,
+        hint: tuple[str, str] | None,
+        answer: CommitResult | Exception,
+        started: float,
+    ) -> tuple[CommitResult, int]:
         """Count, log (and spool, when the store failed) a charge the store answered."""
         request_id = pricing.request_id
         if isinstance(answer, StoreUnavailable):
             STORE_ERRORS.labels("commit").inc()
             if pricing.record is None:  # the record was not read
-                return await self._charge_store_down(rs, request_id, pricing.observed, hint,
-                                                     answer)
+                return await self._charge_store_down(rs, request_id, pricing.observed, hint, answer)
             if pricing.charge is None:
                 return self._unpriced(request_id, pricing.record.dims.model)
             return await self._spool_charge(request_id, pricing, answer)
@@ -579,18 +747,27 @@ class Engine:
         METERING.labels(result.status).inc()
         if result.status in ("committed", "late") and cost:
             SPEND_MICROS.labels(provider_id, model_label(model)).inc(
-                cost - sum(part.cost for part in priced.others))
+                cost - sum(part.cost for part in priced.others)
+            )
             for part in priced.others:
                 SPEND_MICROS.labels(provider_id, model_label(part.model)).inc(part.cost)
-        log_info(log, "completion", request_id=request_id, model=model, provider=provider_id,
-                 cost_usd=micros_to_usd_str(cost), status=result.status,
-                 input_tokens=usage.total_input, output_tokens=usage.output_tokens,
-                 usage="complete" if observed.complete else (
-                     "partial" if observed.usage is not None else "none"),
-                 output_bytes_seen=observed.output_bytes,
-                 **({"http_status": observed.status, "provider_error": True}
-                    if observed.error else {}),
-                 **({} if observed.reached_upstream else {"reached_upstream": False}))
+        log_info(
+            log,
+            "completion",
+            request_id=request_id,
+            model=model,
+            provider=provider_id,
+            cost_usd=micros_to_usd_str(cost),
+            status=result.status,
+            input_tokens=usage.total_input,
+            output_tokens=usage.output_tokens,
+            usage="complete"
+            if observed.complete
+            else ("partial" if observed.usage is not None else "none"),
+            output_bytes_seen=observed.output_bytes,
+            **({"http_status": observed.status, "provider_error": True} if observed.error else {}),
+            **({} if observed.reached_upstream else {"reached_upstream": False}),
+        )
         return result, cost
 
     @staticmethod
@@ -604,12 +781,14 @@ class Engine:
     @staticmethod
     def _count_provider_error(observed: Observed, provider_id: str) -> None:
         if observed.error and observed.usage is None:
-            status_class = (f"{observed.status // 100}xx" if observed.reached_upstream
-                            else "not_reached")
+            status_class = (
+                f"{observed.status // 100}xx" if observed.reached_upstream else "not_reached"
+            )
             PROVIDER_ERRORS.labels(provider_id, status_class).inc()
 
-    async def _spool_charge(self, request_id: str, pricing: _Pricing,
-                            err: StoreUnavailable) -> tuple[CommitResult, int]:
+    async def _spool_charge(
+        self, request_id: str, pricing: _Pricing, err: StoreUnavailable
+    ) -> tuple[CommitResult, int]:
         """The charge was priced but the store could not commit it: spool it for replay."""
         charge = pricing.charge
         assert charge is not None and pricing.record is not None
@@ -617,8 +796,9 @@ class Engine:
         if self.spool is None:
             METERING.labels("error").inc()
             raise err
-        await self.spool.completed(request_id, charge.micros, charge.usage, error=charge.error,
-                                   tokens=charge.tokens)
+        await self.spool.completed(
+            request_id, charge.micros, charge.usage, error=charge.error, tokens=charge.tokens
+        )
         METERING.labels("spooled").inc()
         log.warning("commit_spooled", request_id=request_id, error=str(err))
         return CommitResult("unknown"), charge.micros
@@ -627,15 +807,28 @@ class Engine:
     def _log_bill(request_id: str, model: str, charge: Bill) -> None:
         # Charged at the request's model, but the provider may bill them otherwise.
         if charge.unknown_kinds:
-            log.warning("unknown_iteration_type", request_id=request_id, model=model,
-                        types=sorted(set(charge.unknown_kinds)))
+            log.warning(
+                "unknown_iteration_type",
+                request_id=request_id,
+                model=model,
+                types=sorted(set(charge.unknown_kinds)),
+            )
         if charge.unpriced_models:
-            log.warning("iteration_model_unpriced", request_id=request_id, model=model,
-                        iteration_models=sorted(set(charge.unpriced_models)))
+            log.warning(
+                "iteration_model_unpriced",
+                request_id=request_id,
+                model=model,
+                iteration_models=sorted(set(charge.unpriced_models)),
+            )
 
-    async def _charge_store_down(self, rs: RuleSet, request_id: str, observed: Observed,
-                                 hint: tuple[str, str] | None,
-                                 err: StoreUnavailable) -> tuple[CommitResult, int]:
+    async def _charge_store_down(
+        self,
+        rs: RuleSet,
+        request_id: str,
+        observed: Observed,
+        hint: tuple[str, str] | None,
+        err: StoreUnavailable,
+    ) -> tuple[CommitResult, int]:
         # Without the record there is no reserved amount to charge, so only reported usage
         # can be spooled; anything else is charged its estimate when the reservation (or the
         # spool's record of a fail-open admission) expires.
@@ -649,11 +842,16 @@ class Engine:
         # reservation is released rather than left to expire into its estimate. The spool
         # keeps one cost per request: all of it is booked under the request's model.
         hinted_model, hinted_provider = hint if hint is not None else ("", "")
-        cost = 0 if free_error or price is None else bill(
-            hinted_model, price, lambda other: _price(rs, other, hinted_provider), 0,
-            observed).total
-        await self.spool.completed(request_id, cost, observed.usage or TokenUsage(),
-                                   error=observed.error)
+        cost = (
+            0
+            if free_error or price is None
+            else bill(
+                hinted_model, price, lambda other: _price(rs, other, hinted_provider), 0, observed
+            ).total
+        )
+        await self.spool.completed(
+            request_id, cost, observed.usage or TokenUsage(), error=observed.error
+        )
         METERING.labels("spooled").inc()
         log.warning("commit_spooled", request_id=request_id, error=str(err))
         return CommitResult("unknown"), cost
@@ -679,18 +877,31 @@ class _Pricing:
         if self.expect is not None and self.expect != (model, provider_id):
             raise AttributionMismatch(
                 f"request {self.request_id} was admitted for model {model!r} of provider "
-                f"{provider_id!r}, not {self.expect[0]!r} of {self.expect[1]!r}")
+                f"{provider_id!r}, not {self.expect[0]!r} of {self.expect[1]!r}"
+            )
         price = _price(rs, model, provider_id)
         if price is None:
             return None
         observed = self.observed = _canonical_steps(rs, self.observed, provider_id)
-        charged = self.bill = bill(model, price, lambda other: _price(rs, other, provider_id),
-                                   record.estimate, observed)
-        others = tuple(LedgerPart(replace(record.dims, model=part.model), part.cost,
-                                  part.tokens.total_input, part.tokens.output_tokens)
-                       for part in charged.others)
-        self.charge = Charge(charged.total, charged.tokens, observed.error, others,
-                             charge_tokens(record.tokens, observed))
+        charged = self.bill = bill(
+            model, price, lambda other: _price(rs, other, provider_id), record.estimate, observed
+        )
+        others = tuple(
+            LedgerPart(
+                replace(record.dims, model=part.model),
+                part.cost,
+                part.tokens.total_input,
+                part.tokens.output_tokens,
+            )
+            for part in charged.others
+        )
+        self.charge = Charge(
+            charged.total,
+            charged.tokens,
+            observed.error,
+            others,
+            charge_tokens(record.tokens, observed),
+        )
         return self.charge
 
 
@@ -706,6 +917,8 @@ def _canonical_steps(rs: RuleSet, observed: Observed, provider_id: str) -> Obser
         return observed
     provider = rs.provider_by_id.get(provider_id)
     pricing_id = provider.pricing_id if provider else provider_id
-    steps = tuple(replace(step, model=rs.prices.canonical(pricing_id, step.model))
-                  if step.model else step for step in observed.iterations)
+    steps = tuple(
+        replace(step, model=rs.prices.canonical(pricing_id, step.model)) if step.model else step
+        for step in observed.iterations
+    )
     return replace(observed, iterations=steps)

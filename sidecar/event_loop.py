@@ -18,7 +18,7 @@ ENV = "SIDECAR_EVENT_LOOP"
 
 
 def loop_name(environ: dict[str, str] | None = None) -> str:
-    """"uvloop" or "asyncio"; anything else in the variable is an error, not a silent default."""
+    """ "uvloop" or "asyncio"; anything else in the variable is an error, not a silent default."""
     name = (os.environ if environ is None else environ).get(ENV, "uvloop").strip().lower()
     if name not in ("uvloop", "asyncio"):
         raise ValueError(f"{ENV} must be 'uvloop' or 'asyncio', not {name!r}")

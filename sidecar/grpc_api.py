@@ -40,16 +40,20 @@ _STATUS: Mapping[CommitStatus, pb.ReportStatus] = {
     "late": pb.REPORT_STATUS_LATE,
     "unknown": pb.REPORT_STATUS_UNKNOWN,
 }
-_DENIED_CODE = {401: grpc.StatusCode.UNAUTHENTICATED, 403: grpc.StatusCode.PERMISSION_DENIED,
-                429: grpc.StatusCode.RESOURCE_EXHAUSTED}
+_DENIED_CODE = {
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
 # Far above any real call (a million-token context, a long generation), low enough that a
 # garbage value cannot turn into an absurd charge.
 MAX_TOKENS = 100_000_000
 MAX_TEXT = 256
 
 
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode,
-                 message: str) -> NoReturn:
+async def _abort(
+    context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, message: str
+) -> NoReturn:
     await context.abort(code, message)
     raise AssertionError("unreachable: abort raises")
 
@@ -70,16 +74,29 @@ def budget_message(row: Mapping[str, Any]) -> pb.Budget:
     resets = timestamp_pb2.Timestamp()
     resets.FromJsonString(str(row["resets_at"]))
     unit = str(row["unit"])
-    common = {"rule": str(row["rule"]), "bucket": str(row["bucket"]),
-              "action": str(row["action"]), "resets_at": resets, "unit": unit,
-              "tokens": str(row.get("tokens", ""))}
+    common = {
+        "rule": str(row["rule"]),
+        "bucket": str(row["bucket"]),
+        "action": str(row["action"]),
+        "resets_at": resets,
+        "unit": unit,
+        "tokens": str(row.get("tokens", "")),
+    }
     if unit == "usd":
         return pb.Budget(
-            limit_micros=_micros(row["limit"]), spent_micros=_micros(row["spent"]),
+            limit_micros=_micros(row["limit"]),
+            spent_micros=_micros(row["spent"]),
             reserved_micros=_micros(row["reserved"]),
-            remaining_micros=_micros(row["remaining"]), **common)
-    return pb.Budget(limit=int(row["limit"]), spent=int(row["spent"]),
-                     reserved=int(row["reserved"]), remaining=int(row["remaining"]), **common)
+            remaining_micros=_micros(row["remaining"]),
+            **common,
+        )
+    return pb.Budget(
+        limit=int(row["limit"]),
+        spent=int(row["spent"]),
+        reserved=int(row["reserved"]),
+        remaining=int(row["remaining"]),
+        **common,
+    )
 
 
 class SidecarApi(sidecar_pb2_grpc.SidecarServicer):
@@ -95,37 +112,58 @@ class SidecarApi(sidecar_pb2_grpc.SidecarServicer):
                 headers[key.lower()] = value
         try:
             await self._services.admin_gate.authorize(
-                headers, client_address(_peer_host(context.peer()), None, ()))
+                headers, client_address(_peer_host(context.peer()), None, ())
+            )
         except AdminDenied as exc:
             if exc.status == 401 and not headers.get("authorization"):
-                await _abort(context, grpc.StatusCode.UNAUTHENTICATED,
-                             "authorization metadata with 'Bearer <admin token>' is required")
+                await _abort(
+                    context,
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    "authorization metadata with 'Bearer <admin token>' is required",
+                )
             await _abort(context, _DENIED_CODE[exc.status], exc.message)
 
     async def ReportUsage(
-        self, request: pb.ReportUsageRequest, context: grpc.aio.ServicerContext[Any, Any],
+        self,
+        request: pb.ReportUsageRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> pb.ReportUsageResponse:
         await self._require_admin(context)
         for name in ("request_id", "model", "provider"):
             value = getattr(request, name)
             if not value or len(value) > MAX_TEXT:
-                await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
-                             f"{name} is required (at most {MAX_TEXT} characters)")
+                await _abort(
+                    context,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{name} is required (at most {MAX_TEXT} characters)",
+                )
         if request.provider not in self._services.ruleset.provider_by_id:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
-                         f"unknown provider {request.provider!r}: use a providers[].id")
-        counts = (request.input_tokens, request.output_tokens, request.cache_read_tokens,
-                  request.cache_write_tokens)
+            await _abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"unknown provider {request.provider!r}: use a providers[].id",
+            )
+        counts = (
+            request.input_tokens,
+            request.output_tokens,
+            request.cache_read_tokens,
+            request.cache_write_tokens,
+        )
         if any(c > MAX_TOKENS for c in counts):
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
-                         f"token counts must be at most {MAX_TOKENS}")
+            await _abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"token counts must be at most {MAX_TOKENS}",
+            )
         usage = TokenUsage(*counts)
         try:
             # Priced at the model and provider of the reservation itself; the report's own
             # must agree with them, so a careless reporter hears of it.
             result, cost = await self._services.engine.charge(
-                request.request_id, Observed(usage, complete=True),
-                expect=(request.model, request.provider))
+                request.request_id,
+                Observed(usage, complete=True),
+                expect=(request.model, request.provider),
+            )
         except AttributionMismatch as exc:
             await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except StoreUnavailable as exc:
@@ -134,7 +172,9 @@ class SidecarApi(sidecar_pb2_grpc.SidecarServicer):
         return pb.ReportUsageResponse(status=_STATUS[result.status], cost_micros=cost)
 
     async def GetBudgets(
-        self, request: pb.GetBudgetsRequest, context: grpc.aio.ServicerContext[Any, Any],
+        self,
+        request: pb.GetBudgetsRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> pb.GetBudgetsResponse:
         headers = {k.lower(): v for k, v in request.headers.items()}
         if request.bearer:
@@ -144,8 +184,9 @@ class SidecarApi(sidecar_pb2_grpc.SidecarServicer):
         engine = self._services.engine
         found = await engine.identify(headers)
         if isinstance(found, Decision):
-            await _abort(context, grpc.StatusCode.UNAUTHENTICATED,
-                         found.body.decode("utf-8", "replace"))
+            await _abort(
+                context, grpc.StatusCode.UNAUTHENTICATED, found.body.decode("utf-8", "replace")
+            )
         try:
             rows = await budgets_for(engine, found[0], request.model, request.provider)
         except StoreUnavailable as exc:

@@ -10,8 +10,9 @@ from collections.abc import Iterable
 UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
 
 
-def join_headers(pairs: Iterable[tuple[str, str]],
-                 into: dict[str, str] | None = None) -> dict[str, str]:
+def join_headers(
+    pairs: Iterable[tuple[str, str]], into: dict[str, str] | None = None
+) -> dict[str, str]:
     """Headers by lower-case name; a repeated header's values joined with commas, in order,
     as RFC 9110 allows, so no copy of it is silently dropped."""
     headers: dict[str, str] = {} if into is None else into

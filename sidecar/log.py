@@ -41,8 +41,7 @@ def _scrub(value: Any) -> Any:
             value = _BEARER.sub(r"\1" + REDACTED, value)
         return value
     if isinstance(value, dict):
-        return {k: REDACTED if _secret_key(str(k)) else _scrub(v)
-                for k, v in value.items()}
+        return {k: REDACTED if _secret_key(str(k)) else _scrub(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_scrub(v) for v in value]
     return value
@@ -147,8 +146,14 @@ class _Unrendered(Exception):
 
 
 class _FastInfo:
-    def __init__(self, processors: list[Any], factory: Any, enabled: bool, file: Any,
-                 static: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        processors: list[Any],
+        factory: Any,
+        enabled: bool,
+        file: Any,
+        static: Mapping[str, Any],
+    ) -> None:
         self._factory = factory
         self._expected = list(processors)
         self._enabled = enabled
@@ -163,12 +168,19 @@ class _FastInfo:
         # and a test or a benchmark may point the logger factory elsewhere. (The processor
         # list compares in C: functions and objects without __eq__ compare by identity.)
         config = structlog.get_config()
-        return (self._enabled and config["logger_factory"] is self._factory
-                and config["processors"] == self._expected)
+        return (
+            self._enabled
+            and config["logger_factory"] is self._factory
+            and config["processors"] == self._expected
+        )
 
     def line(self, event: str, fields: Mapping[str, Any]) -> str:
-        if "event" in fields or "level" in fields or "timestamp" in fields \
-                or not self.static_keys.isdisjoint(fields):
+        if (
+            "event" in fields
+            or "level" in fields
+            or "timestamp" in fields
+            or not self.static_keys.isdisjoint(fields)
+        ):
             raise _Unrendered  # keys the chain would place or override: leave it to it
         value, keys = self._value, _KEYS
         parts = [(keys.get(key) or _key(key)) + value(key, v) for key, v in fields.items()]
@@ -228,7 +240,10 @@ class Line:
         seen, usable = self._seen
         if seen is not fast:
             usable = fast.static_keys.isdisjoint(self.keys) and not {
-                "event", "level", "timestamp"}.intersection(self.keys)
+                "event",
+                "level",
+                "timestamp",
+            }.intersection(self.keys)
             self._seen = (fast, usable)
         return usable and fast.active()
 
@@ -238,14 +253,20 @@ class Line:
         fast = _fast
         if fast is not None and self._usable(fast) and tuple(fields) == self.keys:
             try:
-                rendered = [prefix if render is None else prefix + render(value)
-                            for (prefix, render), value in zip(self._parts, fields.values(),
-                                                               strict=True)]
+                rendered = [
+                    prefix if render is None else prefix + render(value)
+                    for (prefix, render), value in zip(self._parts, fields.values(), strict=True)
+                ]
             except _Unrendered:
                 pass
             else:
-                fast.write("".join(rendered) + self._event + fast.tail
-                           + datetime.now(UTC).isoformat().replace("+00:00", "Z") + '"}')
+                fast.write(
+                    "".join(rendered)
+                    + self._event
+                    + fast.tail
+                    + datetime.now(UTC).isoformat().replace("+00:00", "Z")
+                    + '"}'
+                )
                 return
         logger.info(self.event, **fields)
 

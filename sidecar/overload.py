@@ -39,8 +39,9 @@ _EWMA_WEIGHT = 0.05
 
 
 class LoadShedder:
-    def __init__(self, max_inflight: int, max_loop_lag: float, *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, max_inflight: int, max_loop_lag: float, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.max_inflight = max_inflight
         self.max_loop_lag = max_loop_lag
         self._clock = clock
@@ -85,9 +86,13 @@ class LoadShedder:
         self._shed_since_log[reason] = self._shed_since_log.get(reason, 0) + 1
         now = self._clock()
         if now - self._last_log >= 1.0:
-            log.warning("overloaded", shed=dict(self._shed_since_log), inflight=self.inflight,
-                        check_ms=round(self.check_seconds * 1000, 3),
-                        loop_lag_ms=round(self.loop_lag * 1000, 3))
+            log.warning(
+                "overloaded",
+                shed=dict(self._shed_since_log),
+                inflight=self.inflight,
+                check_ms=round(self.check_seconds * 1000, 3),
+                loop_lag_ms=round(self.loop_lag * 1000, 3),
+            )
             self._shed_since_log.clear()
             self._last_log = now
 

@@ -61,8 +61,13 @@ PICO_PER_MICRO = 1_000_000
 _PICO_PER_USD_PER_MTOK = 1_000_000
 _CACHE_ENTRIES = 4096
 
-_PRICE_KEYS = ("input_mtok", "output_mtok", "cache_read_mtok", "cache_write_mtok",
-               "cache_write_1h_mtok")
+_PRICE_KEYS = (
+    "input_mtok",
+    "output_mtok",
+    "cache_read_mtok",
+    "cache_write_mtok",
+    "cache_write_1h_mtok",
+)
 # USD per 1,000 calls (genai-prices' `*_kcount` prices) → pico-dollars per call.
 _PICO_PER_USD_PER_KCALL = 1_000_000_000
 
@@ -75,16 +80,28 @@ _TOKENS_PER_REQUEST = 3
 # typical image come in under it. Image bytes say little about tokens, so they are not counted.
 _TOKENS_PER_IMAGE = 1_600
 _IMAGE_PART_TYPES = frozenset({"image", "image_url", "input_image"})
-_PROMPT_FIELDS = ("system", "instructions", "messages", "input", "prompt", "tools", "functions",
-                  # Gemini (its REST API takes both spellings).
-                  "contents", "systemInstruction", "system_instruction")
+_PROMPT_FIELDS = (
+    "system",
+    "instructions",
+    "messages",
+    "input",
+    "prompt",
+    "tools",
+    "functions",
+    # Gemini (its REST API takes both spellings).
+    "contents",
+    "systemInstruction",
+    "system_instruction",
+)
 _MESSAGE_LISTS = ("messages", "input", "contents")
 _MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 # Output limits nested in a settings object: Gemini's `generationConfig.maxOutputTokens`,
 # Bedrock Converse's `inferenceConfig.maxTokens`.
-_NESTED_MAX_TOKENS = (("generationConfig", "maxOutputTokens"),
-                      ("generation_config", "max_output_tokens"),
-                      ("inferenceConfig", "maxTokens"))
+_NESTED_MAX_TOKENS = (
+    ("generationConfig", "maxOutputTokens"),
+    ("generation_config", "max_output_tokens"),
+    ("inferenceConfig", "maxTokens"),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,8 +219,9 @@ class PriceBook:
         for override in self._overrides:
             if _override_matches(override, provider_id, model):
                 web_search, file_search = _fee_rates(candidates)
-                return replace(override_price(override), web_search=web_search,
-                               file_search=file_search)
+                return replace(
+                    override_price(override), web_search=web_search, file_search=file_search
+                )
         if info is None:
             return self._unknown_model
         next_change = _next_price_change(info, now.date())
@@ -317,8 +335,11 @@ def requested_output_tokens(body: Mapping[str, Any], default: int) -> int:
         settings = body.get(outer)
         if isinstance(settings, Mapping):
             named.append(settings.get(inner))
-    limits = [value for value in named
-              if isinstance(value, int) and not isinstance(value, bool) and value > 0]
+    limits = [
+        value
+        for value in named
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0
+    ]
     return max(limits) if limits else default
 
 
@@ -409,16 +430,25 @@ def _unit_price(candidates: Sequence[gp_types.ModelPrice]) -> UnitPrice | None:
     top = thresholds[-1] + 1 if thresholds else 0
     input_rate, output, cache_read, cache_write, cache_write_1h = _rates_at(values, top)
     web_search, file_search = _fee_rates(candidates)
-    return UnitPrice(input_rate, output, cache_read, cache_write, source="genai-prices",
-                     tiers=tiers, cache_write_1h=cache_write_1h, web_search=web_search,
-                     file_search=file_search)
+    return UnitPrice(
+        input_rate,
+        output,
+        cache_read,
+        cache_write,
+        source="genai-prices",
+        tiers=tiers,
+        cache_write_1h=cache_write_1h,
+        web_search=web_search,
+        file_search=file_search,
+    )
 
 
 def _fee_rates(candidates: Sequence[gp_types.ModelPrice]) -> tuple[int, int]:
     """Pico-dollars per web search and per file search: the highest candidate's, 0 when
     genai-prices has no such price."""
-    return _fee_rate(candidates, "web_searches_kcount"), \
-        _fee_rate(candidates, "storage_searches_kcount")
+    return _fee_rate(candidates, "web_searches_kcount"), _fee_rate(
+        candidates, "storage_searches_kcount"
+    )
 
 
 def _fee_rate(candidates: Sequence[gp_types.ModelPrice], key: str) -> int:

@@ -62,9 +62,12 @@ def listen_grpc(server: grpc.aio.Server, addr: str, tls: GrpcTlsConfig | None) -
     usage, so beyond loopback only Envoy, holding its certificate, should be able to."""
     if tls is None:
         if not is_loopback(addr):
-            log.warning("grpc_listener_without_mtls", address=addr,
-                        hint="anyone who can reach this address can call ext_authz and "
-                             "ext_proc; set listen.grpc_tls to require Envoy's certificate")
+            log.warning(
+                "grpc_listener_without_mtls",
+                address=addr,
+                hint="anyone who can reach this address can call ext_authz and "
+                "ext_proc; set listen.grpc_tls to require Envoy's certificate",
+            )
         server.add_insecure_port(addr)
         return
     credentials = grpc.ssl_server_credentials(
@@ -75,8 +78,12 @@ def listen_grpc(server: grpc.aio.Server, addr: str, tls: GrpcTlsConfig | None) -
     server.add_secure_port(addr, credentials)
 
 
-async def serve(config_path: Path, grpc_addr: str | None, http_addr: str | None,
-                http_sockets: list[socket.socket] | None = None) -> None:
+async def serve(
+    config_path: Path,
+    grpc_addr: str | None,
+    http_addr: str | None,
+    http_sockets: list[socket.socket] | None = None,
+) -> None:
     """`http_sockets`: listening sockets made by the caller (`sidecar/workers.py` shares one
     port between processes with SO_REUSEPORT, which uvicorn does not set itself)."""
     tracing.configure()
@@ -85,31 +92,44 @@ async def serve(config_path: Path, grpc_addr: str | None, http_addr: str | None,
     grpc_addr = grpc_addr or listen.grpc
     http_addr = http_addr or listen.http
 
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 1),
-                                      ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)])
+    server = grpc.aio.server(
+        options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)]
+    )
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
-        AuthorizationServicer(services.engine), server)
+        AuthorizationServicer(services.engine), server
+    )
     external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
-        ExternalProcessorServicer(services.engine), server)
-    als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogServicer(services.engine),
-                                                        server)
+        ExternalProcessorServicer(services.engine), server
+    )
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogServicer(services.engine), server)
     health_servicer = health.aio.HealthServicer()
     sidecar_pb2_grpc.add_SidecarServicer_to_server(SidecarApi(services), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     listen_grpc(server, grpc_addr, listen.grpc_tls)
     await server.start()
-    for name in ("", "envoy.service.auth.v3.Authorization",
-                 "envoy.service.ext_proc.v3.ExternalProcessor",
-                 "envoy.service.accesslog.v3.AccessLogService", SERVICE_NAME):
+    for name in (
+        "",
+        "envoy.service.auth.v3.Authorization",
+        "envoy.service.ext_proc.v3.ExternalProcessor",
+        "envoy.service.accesslog.v3.AccessLogService",
+        SERVICE_NAME,
+    ):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     host, _, port = http_addr.rpartition(":")
-    http = _HttpServer(uvicorn.Config(
-        create_app(services), host=host.strip("[]"), port=int(port), log_level="warning",
-        access_log=False, lifespan="off",
-        # X-Forwarded-For is read by the app, from configured proxies only (http.trusted_proxies).
-        proxy_headers=False,
-    ))
+    http = _HttpServer(
+        uvicorn.Config(
+            create_app(services),
+            host=host.strip("[]"),
+            port=int(port),
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            # X-Forwarded-For is read by the app, from configured proxies only
+            # (http.trusted_proxies).
+            proxy_headers=False,
+        )
+    )
     services.start_background()
     # Everything built so far (modules, genai-prices' data, compiled rules: ~80,000 objects)
     # lives as long as the process. A full collection walked all of it, a ~40 ms stall of
@@ -123,8 +143,14 @@ async def serve(config_path: Path, grpc_addr: str | None, http_addr: str | None,
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, services.watcher.on_signal)
     http_task = loop.create_task(http.serve(sockets=http_sockets))
-    log.info("serving", grpc=grpc_addr, http=http_addr, store=services.ruleset.config.store.url
-             .split("@")[-1], config=str(config_path), version=services.ruleset.version)
+    log.info(
+        "serving",
+        grpc=grpc_addr,
+        http=http_addr,
+        store=services.ruleset.config.store.url.split("@")[-1],
+        config=str(config_path),
+        version=services.ruleset.version,
+    )
     await stop.wait()
 
     log.info("draining", seconds=DRAIN_SECONDS)
@@ -152,5 +178,3 @@ async def serve(config_path: Path, grpc_addr: str | None, http_addr: str | None,
 
 def run(config_path: Path, grpc_addr: str | None, http_addr: str | None) -> None:
     event_loop.run(serve(config_path, grpc_addr, http_addr))
-
-

@@ -60,8 +60,7 @@ class Services:
     def __post_init__(self) -> None:
         # The engine's clock, so one injected clock moves every window a test looks at.
         self.attempts = Attempts(self.store, lambda: self.engine.clock())
-        self.admin_gate = AdminGate(self.attempts, self.holder, self.settings,
-                                    self.engine.identify)
+        self.admin_gate = AdminGate(self.attempts, self.holder, self.settings, self.engine.identify)
 
     @property
     def ruleset(self) -> RuleSet:
@@ -98,8 +97,7 @@ class Services:
 
 async def build_services(config_path: Path) -> Services:
     text = config_path.read_text(encoding="utf-8")
-    ruleset = build_ruleset(load_config(config_path), source_text=text,
-                            source=str(config_path))
+    ruleset = build_ruleset(load_config(config_path), source_text=text, source=str(config_path))
     holder = RuleSetHolder(ruleset)
     device = ruleset.config.identity.device_login
     box = secret_box_for(config_path, ruleset) if device.enabled else None
@@ -109,15 +107,19 @@ async def build_services(config_path: Path) -> Services:
     identities = Identities(tokens, sessions)
     device_login = None
     if box is not None:
-        device_login = DeviceLogin(store, issuer_for(device.public_url,
-                                                     ruleset.config.listen.http), box=box,
-                                   sessions=sessions)
+        device_login = DeviceLogin(
+            store,
+            issuer_for(device.public_url, ruleset.config.listen.http),
+            box=box,
+            sessions=sessions,
+        )
         try:
             await open_device_login(config_path, store, device_login, box)
         except ConfigError:
             await store.close()
             raise
         identities.extra_issuers.append(device_login.issuer_policy)
+
     async def seed(new: RuleSet) -> None:
         await seed_rules(store, new.rules, time.time())
 
@@ -133,9 +135,19 @@ async def build_services(config_path: Path) -> Services:
     settings = SettingsHolder(holder)
     alerts = Alerts(store, holder, settings=settings)
     spool = Spool(ruleset.config.store.spool)
-    engine = Engine(holder, store, identities, runtime_rules=runtime_rules, alerts=alerts,
-                    spool=spool)
+    engine = Engine(
+        holder, store, identities, runtime_rules=runtime_rules, alerts=alerts, spool=spool
+    )
     engine.observers.append(RecentDecisions(store).observe)
-    return Services(holder, settings, store, tokens, engine, runtime_rules,
-                    alerts, ConfigWatcher(config_path, holder, before_swap=seed),
-                    device_login=device_login, cli_sessions=sessions)
+    return Services(
+        holder,
+        settings,
+        store,
+        tokens,
+        engine,
+        runtime_rules,
+        alerts,
+        ConfigWatcher(config_path, holder, before_swap=seed),
+        device_login=device_login,
+        cli_sessions=sessions,
+    )

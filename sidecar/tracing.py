@@ -53,8 +53,11 @@ def wanted(env: Mapping[str, str]) -> bool:
     exporter = env.get("OTEL_TRACES_EXPORTER", "").strip().lower()
     if exporter == "none" or env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return False
-    return bool(exporter or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-                or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+    return bool(
+        exporter
+        or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    )
 
 
 def configure(env: Mapping[str, str] = os.environ) -> bool:
@@ -73,8 +76,10 @@ def configure(env: Mapping[str, str] = os.environ) -> bool:
 
         exporter = ConsoleSpanExporter()
     elif name == "otlp":
-        protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
-                           env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"))
+        protocol = env.get(
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+            env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+        )
         if protocol != "http/protobuf":
             # Only OTLP over HTTP is installed; say so rather than export nothing.
             log.warning("otlp_protocol_unsupported", protocol=protocol, using="http/protobuf")
@@ -112,8 +117,9 @@ def shutdown() -> None:
         _provider.shutdown()
 
 
-def span(name: str, parent: Mapping[str, str] | None = None,
-         **attributes: Any) -> AbstractContextManager[Span | None]:
+def span(
+    name: str, parent: Mapping[str, str] | None = None, **attributes: Any
+) -> AbstractContextManager[Span | None]:
     """A span around a block, as a child of the current one; `attributes` are recorded under
     `sidecar.<name>`. With `parent` (headers carrying a `traceparent`) and no current span,
     that remote span is the parent. Off: None."""
@@ -123,19 +129,22 @@ def span(name: str, parent: Mapping[str, str] | None = None,
 
 
 @contextmanager
-def _start(name: str, parent: Mapping[str, str] | None,
-           attributes: dict[str, Any]) -> Iterator[Span]:
+def _start(
+    name: str, parent: Mapping[str, str] | None, attributes: dict[str, Any]
+) -> Iterator[Span]:
     from opentelemetry import trace
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
     context = None
     if parent is not None and not trace.get_current_span().get_span_context().is_valid:
         context = TraceContextTextMapPropagator().extract(parent)
-    kind = trace.SpanKind.CLIENT if name.startswith("sidecar.store.") else \
-        trace.SpanKind.INTERNAL
+    kind = trace.SpanKind.CLIENT if name.startswith("sidecar.store.") else trace.SpanKind.INTERNAL
     with _tracer.start_as_current_span(
-            name, context=context, kind=kind,
-            attributes={f"sidecar.{k}": v for k, v in attributes.items()}) as current:
+        name,
+        context=context,
+        kind=kind,
+        attributes={f"sidecar.{k}": v for k, v in attributes.items()},
+    ) as current:
         yield current
 
 
@@ -176,8 +185,9 @@ def describe(current: Span | None, decision: Decision) -> None:
         return
     identity = decision.identity
     values: dict[str, Any] = {
-        "sidecar.decision": "allow" if decision.reason == "ok" else (
-            "fallback" if decision.reason == "fallback" else "deny"),
+        "sidecar.decision": "allow"
+        if decision.reason == "ok"
+        else ("fallback" if decision.reason == "fallback" else "deny"),
         "sidecar.reason": decision.reason,
         "sidecar.status": decision.http_status,
         "sidecar.rules": list(decision.rules),

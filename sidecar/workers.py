@@ -129,9 +129,14 @@ class _Supervisor:
             self._forget(process.pid)
             early = now - worker.started_at < _EARLY_EXIT_SECONDS
             worker.early_exits = worker.early_exits + 1 if early else 0
-            delay = min(_MAX_BACKOFF_SECONDS, 0.5 * 2 ** worker.early_exits) if early else 0.0
-            log.error("worker_exited", worker=worker.index, pid=process.pid,
-                      code=process.returncode, restart_in_seconds=delay)
+            delay = min(_MAX_BACKOFF_SECONDS, 0.5 * 2**worker.early_exits) if early else 0.0
+            log.error(
+                "worker_exited",
+                worker=worker.index,
+                pid=process.pid,
+                code=process.returncode,
+                restart_in_seconds=delay,
+            )
             worker.restart_at = now + delay
 
     def _forget(self, pid: int) -> None:
@@ -140,7 +145,8 @@ class _Supervisor:
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(  # type: ignore[no-untyped-call]
-            pid, str(self.multiproc_dir))
+            pid, str(self.multiproc_dir)
+        )
 
     def stop(self, signum: int) -> int:
         log.info("workers_stopping", signal=signal.Signals(signum).name)
@@ -162,8 +168,9 @@ class _Supervisor:
         return code
 
 
-def run_workers(config_path: Path, grpc_addr: str | None, http_addr: str | None, n: int,
-                log_level: str) -> int:
+def run_workers(
+    config_path: Path, grpc_addr: str | None, http_addr: str | None, n: int, log_level: str
+) -> int:
     """Run `n` workers until SIGTERM/SIGINT; 0 when they all stopped cleanly."""
     from sidecar.config.loader import load_config
 
@@ -172,22 +179,40 @@ def run_workers(config_path: Path, grpc_addr: str | None, http_addr: str | None,
     http_addr = http_addr or listen.http
     for address in (grpc_addr, http_addr):
         if split_address(address)[1] == 0:
-            print(f"sidecar: {address}: workers share one port, so it cannot be 0",
-                  file=sys.stderr)
+            print(f"sidecar: {address}: workers share one port, so it cannot be 0", file=sys.stderr)
             return 2
     multiproc_dir = Path(tempfile.mkdtemp(prefix="sidecar-metrics-"))
     env = {**os.environ, MULTIPROC_ENV: str(multiproc_dir)}
     workers = [
-        _Worker(i, [sys.executable, "-m", "sidecar.workers", "--config", str(config_path),
-                    "--grpc", grpc_addr, "--http", http_addr, "--log-level", log_level],
-                {**env, WORKER_ENV: str(i)})
+        _Worker(
+            i,
+            [
+                sys.executable,
+                "-m",
+                "sidecar.workers",
+                "--config",
+                str(config_path),
+                "--grpc",
+                grpc_addr,
+                "--http",
+                http_addr,
+                "--log-level",
+                log_level,
+            ],
+            {**env, WORKER_ENV: str(i)},
+        )
         for i in range(n)
     ]
     supervisor = _Supervisor(workers, multiproc_dir)
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, supervisor.on_signal)
-    log.info("workers_starting", workers=n, grpc=grpc_addr, http=http_addr,
-             metrics_dir=str(multiproc_dir))
+    log.info(
+        "workers_starting",
+        workers=n,
+        grpc=grpc_addr,
+        http=http_addr,
+        metrics_dir=str(multiproc_dir),
+    )
     try:
         return supervisor.run()
     finally:
@@ -206,8 +231,9 @@ def _worker_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--http", required=True)
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
-    configure(args.log_level,
-              static={"worker": int(os.environ.get(WORKER_ENV, "0")), "pid": os.getpid()})
+    configure(
+        args.log_level, static={"worker": int(os.environ.get(WORKER_ENV, "0")), "pid": os.getpid()}
+    )
     sock = reuseport_socket(args.http)
     event_loop.run(serve(args.config, args.grpc, args.http, http_sockets=[sock]))
     return 0

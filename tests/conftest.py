@@ -40,9 +40,7 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClu
 
 
 @pytest.fixture(params=["sqlite", "redis", "cluster"])
-async def store(
-    request: pytest.FixtureRequest, tmp_path: Path
-) -> AsyncIterator[Store]:
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
     url = backend_url(request, request.param, tmp_path)
     if request.param != "sqlite":
         await flush_redis(url)

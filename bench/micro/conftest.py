@@ -48,8 +48,7 @@ def jwks_path(issuer: DevIssuer, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 @pytest.fixture(scope="session")
 def ruleset(issuer: DevIssuer, jwks_path: Path) -> RuleSet:
-    return build_ruleset(parse_config(bench_config(issuer, str(jwks_path),
-                                                   "sqlite:///unused.db")))
+    return build_ruleset(parse_config(bench_config(issuer, str(jwks_path), "sqlite:///unused.db")))
 
 
 @pytest.fixture

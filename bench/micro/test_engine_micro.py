@@ -29,15 +29,21 @@ class AdmitAll:
     """A store that admits everything at once: what the engine costs without a store."""
 
     async def reserve(self, request: ReserveRequest) -> ReserveResult:
-        return ReserveResult(True, (), tuple(BucketState(0, request.amount)
-                                             for _ in request.buckets))
+        return ReserveResult(
+            True, (), tuple(BucketState(0, request.amount) for _ in request.buckets)
+        )
 
 
 def authenticator(rs: RuleSet) -> Authenticator:
     issuers = [
-        IssuerPolicy(issuer=i.issuer, audiences=i.audiences, algorithms=i.algorithms,
-                     groups_claim=i.groups_claim, leeway_seconds=i.leeway_seconds,
-                     keys=JwksCache(file=i.jwks_file))
+        IssuerPolicy(
+            issuer=i.issuer,
+            audiences=i.audiences,
+            algorithms=i.algorithms,
+            groups_claim=i.groups_claim,
+            leeway_seconds=i.leeway_seconds,
+            keys=JwksCache(file=i.jwks_file),
+        )
         for i in rs.config.identity.jwt.issuers
     ]
     return Authenticator(JwtVerifier(issuers, rs.directory), None)
@@ -54,8 +60,9 @@ def requests(issuer: DevIssuer) -> Iterator[RequestAttrs]:
         yield RequestAttrs("POST", PATH, headers, BODY, f"req-{n}")
 
 
-def run_batch(loop: asyncio.AbstractEventLoop, engine: Engine,
-              attrs: Iterator[RequestAttrs]) -> None:
+def run_batch(
+    loop: asyncio.AbstractEventLoop, engine: Engine, attrs: Iterator[RequestAttrs]
+) -> None:
     async def batch() -> None:
         for _ in range(BATCH):
             decision = await engine.check(next(attrs))
@@ -77,8 +84,12 @@ def _report(benchmark: BenchmarkFixture) -> None:
         benchmark.extra_info["decisions_per_second"] = round(BATCH / stats.median)
 
 
-def test_engine_check_no_store(benchmark: BenchmarkFixture, ruleset: RuleSet,
-                               issuer: DevIssuer, loop: asyncio.AbstractEventLoop) -> None:
+def test_engine_check_no_store(
+    benchmark: BenchmarkFixture,
+    ruleset: RuleSet,
+    issuer: DevIssuer,
+    loop: asyncio.AbstractEventLoop,
+) -> None:
     engine = make_engine(ruleset, AdmitAll())
     attrs = requests(issuer)
     run_batch(loop, engine, attrs)  # fills the JWT and price caches, as a running sidecar has
@@ -86,8 +97,13 @@ def test_engine_check_no_store(benchmark: BenchmarkFixture, ruleset: RuleSet,
     _report(benchmark)
 
 
-def test_engine_check_sqlite(benchmark: BenchmarkFixture, ruleset: RuleSet, issuer: DevIssuer,
-                             tmp_path: Path, loop: asyncio.AbstractEventLoop) -> None:
+def test_engine_check_sqlite(
+    benchmark: BenchmarkFixture,
+    ruleset: RuleSet,
+    issuer: DevIssuer,
+    tmp_path: Path,
+    loop: asyncio.AbstractEventLoop,
+) -> None:
     store = SQLiteStore(f"sqlite:///{tmp_path}/micro.db")
     engine = make_engine(ruleset, store)
     attrs = requests(issuer)

@@ -26,9 +26,14 @@ class StaticKeys:
 
 
 def verifier(issuer: DevIssuer, cache_size: int) -> JwtVerifier:
-    policy = IssuerPolicy(issuer=issuer.issuer, audiences=(issuer.audience,),
-                          algorithms=("RS256",), groups_claim="groups", leeway_seconds=0,
-                          keys=StaticKeys(issuer))
+    policy = IssuerPolicy(
+        issuer=issuer.issuer,
+        audiences=(issuer.audience,),
+        algorithms=("RS256",),
+        groups_claim="groups",
+        leeway_seconds=0,
+        keys=StaticKeys(issuer),
+    )
     return JwtVerifier([policy], {}, cache_size=cache_size)
 
 
@@ -40,8 +45,9 @@ def _verify_all(loop: asyncio.AbstractEventLoop, v: JwtVerifier, tokens: list[st
     loop.run_until_complete(run())
 
 
-def test_jwt_cached(benchmark: BenchmarkFixture, issuer: DevIssuer,
-                    loop: asyncio.AbstractEventLoop) -> None:
+def test_jwt_cached(
+    benchmark: BenchmarkFixture, issuer: DevIssuer, loop: asyncio.AbstractEventLoop
+) -> None:
     tokens = [issuer.mint(USER, GROUPS)] * BATCH
     v = verifier(issuer, 50_000)
     _verify_all(loop, v, tokens[:1])
@@ -49,12 +55,12 @@ def test_jwt_cached(benchmark: BenchmarkFixture, issuer: DevIssuer,
     benchmark.extra_info["per_verify_us"] = round(median_seconds(benchmark) / BATCH * 1e6, 2)
 
 
-def test_jwt_uncached(benchmark: BenchmarkFixture, issuer: DevIssuer,
-                      loop: asyncio.AbstractEventLoop) -> None:
+def test_jwt_uncached(
+    benchmark: BenchmarkFixture, issuer: DevIssuer, loop: asyncio.AbstractEventLoop
+) -> None:
     # Distinct tokens and a verifier that keeps none: every call checks a signature.
     tokens = [issuer.mint(f"user{n}@example.com", GROUPS) for n in range(BATCH // 5)]
     v = verifier(issuer, 0)
     cycle = itertools.cycle([tokens])
     benchmark.pedantic(lambda: _verify_all(loop, v, next(cycle)), rounds=10, warmup_rounds=1)
-    benchmark.extra_info["per_verify_us"] = round(
-        median_seconds(benchmark) / len(tokens) * 1e6, 2)
+    benchmark.extra_info["per_verify_us"] = round(median_seconds(benchmark) / len(tokens) * 1e6, 2)

@@ -8,8 +8,12 @@ from pytest_benchmark.fixture import BenchmarkFixture
 from bench.micro.timing import median_seconds
 from sidecar.pricing import PriceBook
 
-MODELS = [("openai", "gpt-4o-mini"), ("anthropic", "claude-haiku-4-5"),
-          ("openai", "gpt-4.1-nano"), ("cloudflare", "@cf/meta/llama-3.1-8b-instruct")]
+MODELS = [
+    ("openai", "gpt-4o-mini"),
+    ("anthropic", "claude-haiku-4-5"),
+    ("openai", "gpt-4.1-nano"),
+    ("cloudflare", "@cf/meta/llama-3.1-8b-instruct"),
+]
 
 
 def test_price_cached(benchmark: BenchmarkFixture) -> None:

@@ -17,14 +17,16 @@ from sidecar.config.ruleset import rules_from_config
 from sidecar.model import Identity
 from sidecar.policy.rules import Rule
 
-USERS = [Identity("user", f"s{n}", f"user{n}@example.com", tuple(GROUPS))
-         for n in range(10_000)]
+USERS = [Identity("user", f"s{n}", f"user{n}@example.com", tuple(GROUPS)) for n in range(10_000)]
 BATCH = 1_000
 
 
 def rules(teams: int) -> tuple[Rule, ...]:
-    compiled = [c for r in spend_limits(teams)
-                for c in rules_from_config(SpendLimitConfig.model_validate(r))]
+    compiled = [
+        c
+        for r in spend_limits(teams)
+        for c in rules_from_config(SpendLimitConfig.model_validate(r))
+    ]
     return (*compiled, *account_tracking_rules())
 
 

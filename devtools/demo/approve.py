@@ -40,8 +40,12 @@ def approve(workdir: Path, code: str, as_admin: bool) -> int:
         reason = re.sub(r"<[^>]+>", " ", page.text.split("<main>")[-1]).split()
         print(f"sidecar: cannot approve {code}: HTTP {page.status_code}: {' '.join(reason)[:200]}")
         return 1
-    done = httpx.post(f"{url}/device/approve", headers=cookie, timeout=10, data={
-        "user_code": code, "action": "approve", "csrf_token": match.group(1)})
+    done = httpx.post(
+        f"{url}/device/approve",
+        headers=cookie,
+        timeout=10,
+        data={"user_code": code, "action": "approve", "csrf_token": match.group(1)},
+    )
     if done.status_code != 200:
         print(f"sidecar: the approval was refused: HTTP {done.status_code}")
         return 1

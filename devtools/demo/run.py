@@ -30,20 +30,29 @@ CHAT = "/openai/v1/chat/completions"
 def _keys_arrived(stack: Stack, callers: list[str]) -> bool:
     """Every call the provider saw carried the sidecar's key, and no caller's credential."""
     seen = stack.seen()
-    keys = {f"Bearer {DEMO_PROVIDER_KEYS['openai']}", DEMO_PROVIDER_KEYS["anthropic"],
-            DEMO_PROVIDER_KEYS["gemini"]}
+    keys = {
+        f"Bearer {DEMO_PROVIDER_KEYS['openai']}",
+        DEMO_PROVIDER_KEYS["anthropic"],
+        DEMO_PROVIDER_KEYS["gemini"],
+    }
     ok = bool(seen) and all(
-        (r["headers"].get("authorization") or r["headers"].get("x-api-key")
-         or r["headers"].get("x-goog-api-key")) in keys
+        (
+            r["headers"].get("authorization")
+            or r["headers"].get("x-api-key")
+            or r["headers"].get("x-goog-api-key")
+        )
+        in keys
         and not any(c in v for c in callers for v in r["headers"].values())
-        for r in seen)
+        for r in seen
+    )
     label = "provider got the sidecar's key, never a caller credential"
     print(f"  {label:58} → {'yes' if ok else 'NO'}")
     return ok
 
 
-def _request(stack: Stack, label: str, headers: dict[str, str], body: dict[str, Any],
-             path: str = CHAT) -> int:
+def _request(
+    stack: Stack, label: str, headers: dict[str, str], body: dict[str, Any], path: str = CHAT
+) -> int:
     response = httpx.post(stack.envoy_url + path, json=body, headers=headers, timeout=30)
     extra = {k: v for k, v in response.headers.items() if k.startswith("x-sidecar-")}
     detail = ""
@@ -57,50 +66,101 @@ def tour(stack: Stack) -> bool:
     issuer = stack.issuer
     alice = {"authorization": f"Bearer {issuer.mint('alice@example.com', ['ml'])}"}
     ivan = {"authorization": f"Bearer {issuer.mint('ivan@example.com', ['interns'])}"}
-    chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello!"}],
-            "max_tokens": 64}
-    opus = {"model": "claude-opus-4-7", "max_tokens": 400,
-            "messages": [{"role": "user", "content": "Write a haiku."}]}
+    chat = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "Hello!"}],
+        "max_tokens": 64,
+    }
+    opus = {
+        "model": "claude-opus-4-7",
+        "max_tokens": 400,
+        "messages": [{"role": "user", "content": "Write a haiku."}],
+    }
     print("Requests through Envoy (" + stack.envoy_url + "):")
     results = [
         _request(stack, "no credentials", {}, chat) == 401,
         _request(stack, "alice (ml) → gpt-4o-mini", alice, chat) == 200,
-        _request(stack, "ivan (interns) → gpt-4o (not on the interns' list)", ivan,
-                 {**chat, "model": "gpt-4o"}) == 403,
+        _request(
+            stack,
+            "ivan (interns) → gpt-4o (not on the interns' list)",
+            ivan,
+            {**chat, "model": "gpt-4o"},
+        )
+        == 403,
         _request(stack, "ivan (interns) → gpt-4o-mini", ivan, chat) == 200,
     ]
     with stack.admin() as admin:
-        token = admin.post("/v1/service-tokens", json={"name": "demo-agent",
-                                                      "groups": ["agents"]}).json()["result"]
-    agent = {"cf-access-client-id": token["client_id"],
-             "cf-access-client-secret": token["client_secret"]}
-    results.append(_request(stack, "service token 'demo-agent' → gpt-4o-mini", agent,
-                            chat) == 200)
-    statuses = [_request(stack, f"alice → claude-opus-4-7 #{i + 1} (fallback after budget)",
-                         alice, opus, "/anthropic/v1/messages") for i in range(4)]
+        token = admin.post(
+            "/v1/service-tokens", json={"name": "demo-agent", "groups": ["agents"]}
+        ).json()["result"]
+    agent = {
+        "cf-access-client-id": token["client_id"],
+        "cf-access-client-secret": token["client_secret"],
+    }
+    results.append(_request(stack, "service token 'demo-agent' → gpt-4o-mini", agent, chat) == 200)
+    statuses = [
+        _request(
+            stack,
+            f"alice → claude-opus-4-7 #{i + 1} (fallback after budget)",
+            alice,
+            opus,
+            "/anthropic/v1/messages",
+        )
+        for i in range(4)
+    ]
     results.append(all(s == 200 for s in statuses))
-    gemini = {"contents": [{"role": "user", "parts": [{"text": "Hello!"}]}],
-              "generationConfig": {"maxOutputTokens": 64}}
-    results.append(_request(stack, "alice → Gemini (the model is in the path)", alice, gemini,
-                            "/gemini/v1beta/models/gemini-2.5-flash:generateContent") == 200)
-    results.append(_request(stack, "alice → gpt-4o-mini, the provider fails (503, costs $0)",
-                            {**alice, "x-fake-status": "503"}, chat) == 503)
-    callers = [alice["authorization"].split()[1], ivan["authorization"].split()[1],
-               token["client_secret"]]
+    gemini = {
+        "contents": [{"role": "user", "parts": [{"text": "Hello!"}]}],
+        "generationConfig": {"maxOutputTokens": 64},
+    }
+    results.append(
+        _request(
+            stack,
+            "alice → Gemini (the model is in the path)",
+            alice,
+            gemini,
+            "/gemini/v1beta/models/gemini-2.5-flash:generateContent",
+        )
+        == 200
+    )
+    results.append(
+        _request(
+            stack,
+            "alice → gpt-4o-mini, the provider fails (503, costs $0)",
+            {**alice, "x-fake-status": "503"},
+            chat,
+        )
+        == 503
+    )
+    callers = [
+        alice["authorization"].split()[1],
+        ivan["authorization"].split()[1],
+        token["client_secret"],
+    ]
     results.append(_keys_arrived(stack, callers))
     return all(results)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="scripts/demo.sh", description="Run sidecar + Envoy + a fake provider locally.")
-    parser.add_argument("--check", action="store_true",
-                        help="send a few example requests through Envoy, print them, and exit")
-    parser.add_argument("--approve", metavar="CODE",
-                        help="approve a `sidecar login` code on the running demo as its test "
-                             "person (alice@example.com)")
-    parser.add_argument("--admin", action="store_true",
-                        help="with --approve: approve as the demo's admin (root@example.com)")
+        prog="scripts/demo.sh", description="Run sidecar + Envoy + a fake provider locally."
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="send a few example requests through Envoy, print them, and exit",
+    )
+    parser.add_argument(
+        "--approve",
+        metavar="CODE",
+        help="approve a `sidecar login` code on the running demo as its test "
+        "person (alice@example.com)",
+    )
+    parser.add_argument(
+        "--admin",
+        action="store_true",
+        help="with --approve: approve as the demo's admin (root@example.com)",
+    )
     return parser.parse_args(argv)
 
 
@@ -115,10 +175,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         old.unlink()
     jwks = issuer.write_jwks(workdir / "jwks.json")
     port = free_port()
-    config = demo_config(issuer, str(jwks), f"sqlite:///{workdir}/sidecar.db",
-                         spend_limits=DEMO_LIMITS, fallbacks=DEMO_FALLBACKS)
-    config["identity"]["device_login"] = {"enabled": True,
-                                          "public_url": f"http://{LOOPBACK}:{port}"}
+    config = demo_config(
+        issuer,
+        str(jwks),
+        f"sqlite:///{workdir}/sidecar.db",
+        spend_limits=DEMO_LIMITS,
+        fallbacks=DEMO_FALLBACKS,
+    )
+    config["identity"]["device_login"] = {
+        "enabled": True,
+        "public_url": f"http://{LOOPBACK}:{port}",
+    }
     print(f"Starting the fake provider, the sidecar (SQLite at {workdir}/sidecar.db) and Envoy…")
     with running_stack(workdir, issuer, config, http_port=port) as stack:
         ok = tour(stack)

@@ -32,5 +32,10 @@ from devtools.fake_provider.usage import (
     output_words,
 )
 
-__all__ = ["DEFAULT_OUTPUT_TOKENS", "MAX_OUTPUT_TOKENS", "create_app", "expected_usage",
-           "output_words"]
+__all__ = [
+    "DEFAULT_OUTPUT_TOKENS",
+    "MAX_OUTPUT_TOKENS",
+    "create_app",
+    "expected_usage",
+    "output_words",
+]

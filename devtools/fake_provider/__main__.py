@@ -15,16 +15,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m devtools.fake_provider",
         description="A deterministic fake LLM provider (OpenAI, Anthropic, Gemini, Azure "
-                    "OpenAI, Bedrock, OpenAI-compatible).",
+        "OpenAI, Bedrock, OpenAI-compatible).",
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--key", action="append", default=[], metavar="PROVIDER=KEY",
-                        help="a key PROVIDER (openai, anthropic, workers-ai, gemini, azure, "
-                             "groq) accepts; "
-                             "repeatable. Without any, every call is accepted.")
-    parser.add_argument("--replay-dir", type=Path, default=None,
-                        help="directory of recorded responses for x-fake-replay")
+    parser.add_argument(
+        "--key",
+        action="append",
+        default=[],
+        metavar="PROVIDER=KEY",
+        help="a key PROVIDER (openai, anthropic, workers-ai, gemini, azure, "
+        "groq) accepts; "
+        "repeatable. Without any, every call is accepted.",
+    )
+    parser.add_argument(
+        "--replay-dir",
+        type=Path,
+        default=None,
+        help="directory of recorded responses for x-fake-replay",
+    )
     args = parser.parse_args(argv)
     keys: dict[str, list[str]] = {}
     for item in args.key:

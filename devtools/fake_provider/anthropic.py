@@ -59,9 +59,7 @@ def messages_frames(reply: Reply) -> Iterator[bytes]:
     yield sse({"type": "ping"}, "ping")
     for word in reply.words:
         text = {"type": "text_delta", "text": word}
-        yield sse(
-            {"type": "content_block_delta", "index": 0, "delta": text}, "content_block_delta"
-        )
+        yield sse({"type": "content_block_delta", "index": 0, "delta": text}, "content_block_delta")
     yield sse({"type": "content_block_stop", "index": 0}, "content_block_stop")
     # Anthropic's usage here is the running total for the message, not an increment.
     final = {

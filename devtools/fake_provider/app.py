@@ -81,11 +81,13 @@ def _azure_call(api: Api) -> Callable[[Request], PathCall | None]:
     def call(request: Request) -> PathCall | None:
         # Azure streams as OpenAI does: `stream` in the body.
         return api, str(request.path_params["deployment"]), None
+
     return call
 
 
-def _reply_body(api: Api, body: dict[str, Any], stream: bool
-                ) -> tuple[dict[str, Any], Iterator[bytes] | None, str]:
+def _reply_body(
+    api: Api, body: dict[str, Any], stream: bool
+) -> tuple[dict[str, Any], Iterator[bytes] | None, str]:
     """(JSON payload, stream frames or None, stream media type) of a valid call."""
     sse = "text/event-stream"
     if api == "openai_embeddings":
@@ -107,10 +109,16 @@ def _reply_body(api: Api, body: dict[str, Any], stream: bool
     words = output_words(usage.output_tokens - thoughts)
     limited = requested_output(api, body) == usage.output_tokens - thoughts
     if api == "gemini":
-        return (gemini.gemini_json(model, usage, thoughts, words, limited),
-                gemini.gemini_frames(model, usage, thoughts, words, limited), sse)
-    return (bedrock.converse_json(usage, words, limited),
-            bedrock.converse_frames(usage, words, limited), EVENTSTREAM_MEDIA)
+        return (
+            gemini.gemini_json(model, usage, thoughts, words, limited),
+            gemini.gemini_frames(model, usage, thoughts, words, limited),
+            sse,
+        )
+    return (
+        bedrock.converse_json(usage, words, limited),
+        bedrock.converse_frames(usage, words, limited),
+        EVENTSTREAM_MEDIA,
+    )
 
 
 async def _answer(request: Request, api: Api, body: dict[str, Any], stream: bool) -> Response:
@@ -126,15 +134,17 @@ async def _answer(request: Request, api: Api, body: dict[str, Any], stream: bool
     return json_response(request, payload)
 
 
-def create_app(keys: Mapping[str, Collection[str]] | None = None,
-               replay_dir: Path | None = None) -> Starlette:
+def create_app(
+    keys: Mapping[str, Collection[str]] | None = None, replay_dir: Path | None = None
+) -> Starlette:
     """`keys`: the keys each provider prefix accepts; `replay_dir`: recorded responses (see
     the module doc)."""
     accepted = {name: frozenset(values) for name, values in (keys or {}).items()}
     unknown_names = set(accepted) - set(KEY_PROVIDERS)
     if unknown_names:
-        raise ValueError(f"unknown provider(s) {sorted(unknown_names)}; "
-                         f"choose from {KEY_PROVIDERS}")
+        raise ValueError(
+            f"unknown provider(s) {sorted(unknown_names)}; choose from {KEY_PROVIDERS}"
+        )
     seen: deque[dict[str, Any]] = deque(maxlen=SEEN_LIMIT)
 
     async def record(request: Request) -> Any:
@@ -143,15 +153,18 @@ def create_app(keys: Mapping[str, Collection[str]] | None = None,
             body = json.loads(raw) if raw else None
         except ValueError:
             body = None
-        entry = {"method": request.method, "path": request.url.path,
-                 "headers": joined_headers(request)}
+        entry = {
+            "method": request.method,
+            "path": request.url.path,
+            "headers": joined_headers(request),
+        }
         seen.append({**entry, "body": body})
         return body
 
-    def endpoint(api: Api, call: Callable[[Request], PathCall | None] | None = None
-                 ) -> Handler:
+    def endpoint(api: Api, call: Callable[[Request], PathCall | None] | None = None) -> Handler:
         """`call`: for paths that name the model, (api, model, stream) from the path, or
         None for a path that names no known operation."""
+
         async def handle(request: Request) -> Response:
             body = await record(request)
             found = call(request) if call is not None else None
@@ -209,12 +222,20 @@ def create_app(keys: Mapping[str, Collection[str]] | None = None,
         for path, api in API_PATHS.items()
     ]
     for prefix in PREFIXES:
-        routes.append(Route(prefix + _GEMINI_PATH, endpoint("gemini", _gemini_call),
-                            methods=["POST"]))
-        routes.append(Route(prefix + _BEDROCK_PATH, endpoint("bedrock_converse", _bedrock_call),
-                            methods=["POST"]))
-        routes.extend(Route(prefix + path, endpoint(api, _azure_call(api)), methods=["POST"])
-                      for path, api in _AZURE_PATHS.items())
+        routes.append(
+            Route(prefix + _GEMINI_PATH, endpoint("gemini", _gemini_call), methods=["POST"])
+        )
+        routes.append(
+            Route(
+                prefix + _BEDROCK_PATH,
+                endpoint("bedrock_converse", _bedrock_call),
+                methods=["POST"],
+            )
+        )
+        routes.extend(
+            Route(prefix + path, endpoint(api, _azure_call(api)), methods=["POST"])
+            for path, api in _AZURE_PATHS.items()
+        )
     routes.append(Route("/_seen", seen_requests, methods=["GET", "DELETE"]))
     every_method = ["GET", "POST", "PUT", "PATCH", "DELETE"]
     routes.append(Route("/{path:path}", unknown, methods=every_method))

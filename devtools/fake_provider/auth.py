@@ -8,14 +8,17 @@ from typing import Any
 from devtools.fake_provider.errors import error_body
 from sidecar.metering.parse import Api
 
-PREFIXES = ("", "/openai", "/anthropic", "/workers-ai", "/gemini", "/azure", "/bedrock",
-            "/groq")
+PREFIXES = ("", "/openai", "/anthropic", "/workers-ai", "/gemini", "/azure", "/bedrock", "/groq")
 # Provider names for --key: the prefix without its slash ("openai"), "" for no prefix.
 KEY_PROVIDERS = tuple(prefix.lstrip("/") for prefix in PREFIXES)
 
-_HOSTS = {"api.openai.com": "openai", "api.anthropic.com": "anthropic",
-          "api.cloudflare.com": "workers-ai", "generativelanguage.googleapis.com": "gemini",
-          "api.groq.com": "groq"}
+_HOSTS = {
+    "api.openai.com": "openai",
+    "api.anthropic.com": "anthropic",
+    "api.cloudflare.com": "workers-ai",
+    "generativelanguage.googleapis.com": "gemini",
+    "api.groq.com": "groq",
+}
 _HOST_SUFFIXES = {".openai.azure.com": "azure", ".amazonaws.com": "bedrock"}
 
 
@@ -31,8 +34,9 @@ def presented_key(provider: str, headers: Mapping[str, str]) -> str:
     return value.strip() if scheme.lower() == "bearer" else ""
 
 
-def key_error(provider: str, api: Api, headers: Mapping[str, str],
-              keys: Mapping[str, Collection[str]]) -> dict[str, Any] | None:
+def key_error(
+    provider: str, api: Api, headers: Mapping[str, str], keys: Mapping[str, Collection[str]]
+) -> dict[str, Any] | None:
     """The provider's 401 body when it has keys and the call presents none of them."""
     expected = keys.get(provider)
     if not expected or presented_key(provider, headers) in expected:

@@ -130,8 +130,7 @@ def responses_frames(reply: Reply) -> Iterator[bytes]:
     empty_part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
     yield event("response.created", response=_response(reply, "in_progress", []))
     yield event("response.in_progress", response=_response(reply, "in_progress", []))
-    yield event("response.output_item.added", output_index=0,
-                item=_item(reply, "in_progress"))
+    yield event("response.output_item.added", output_index=0, item=_item(reply, "in_progress"))
     yield event("response.content_part.added", **at, part=empty_part)
     for word in reply.words:
         yield event("response.output_text.delta", **at, delta=word, logprobs=[])
@@ -147,8 +146,9 @@ def embeddings_json(model: str, body: Mapping[str, Any], usage: TokenUsage) -> d
     count = len(inputs) if isinstance(inputs, list) else 1
     return {
         "object": "list",
-        "data": [{"object": "embedding", "index": i, "embedding": [0.0, 0.5, -0.5]}
-                 for i in range(count)],
+        "data": [
+            {"object": "embedding", "index": i, "embedding": [0.0, 0.5, -0.5]} for i in range(count)
+        ],
         "model": model,
         "usage": {"prompt_tokens": usage.input_tokens, "total_tokens": usage.input_tokens},
     }

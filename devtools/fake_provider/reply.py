@@ -33,10 +33,15 @@ class Reply:
     @classmethod
     def of(cls, api: Api, body: Mapping[str, Any]) -> Reply:
         usage = expected_usage(api, body)
-        return cls(body=body, model=str(body["model"]), usage=usage,
-                   words=output_words(usage.output_tokens),
-                   limited=requested_output(api, body) == usage.output_tokens,
-                   created=int(time.time()), id=secrets.token_hex(12))
+        return cls(
+            body=body,
+            model=str(body["model"]),
+            usage=usage,
+            words=output_words(usage.output_tokens),
+            limited=requested_output(api, body) == usage.output_tokens,
+            created=int(time.time()),
+            id=secrets.token_hex(12),
+        )
 
 
 def sse(data: Mapping[str, Any], event: str | None = None) -> bytes:

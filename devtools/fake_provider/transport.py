@@ -29,8 +29,9 @@ def joined_headers(request: Request) -> dict[str, str]:
 
 
 def echo(request: Request) -> dict[str, str]:
-    seen = {k: v for k, v in joined_headers(request).items()
-            if k.startswith(ECHOED_HEADER_PREFIXES)}
+    seen = {
+        k: v for k, v in joined_headers(request).items() if k.startswith(ECHOED_HEADER_PREFIXES)
+    }
     return {"x-fake-seen-headers": json.dumps(seen, sort_keys=True)}
 
 
@@ -77,7 +78,7 @@ def _pieces(content: bytes, size: int) -> Iterator[bytes]:
         if events[-1]:
             yield events[-1]
         return
-    yield from (content[i:i + size] for i in range(0, len(content), size))
+    yield from (content[i : i + size] for i in range(0, len(content), size))
 
 
 def replay(request: Request, api: Api, replay_dir: Path | None, name: str) -> Response:

@@ -72,8 +72,11 @@ def gemini_thoughts(body: Mapping[str, Any]) -> int:
     config = body.get("generationConfig")
     thinking = config.get("thinkingConfig") if isinstance(config, dict) else None
     # The API takes both spellings; google-genai sends the snake-case one here.
-    budget = (thinking.get("thinkingBudget", thinking.get("thinking_budget"))
-              if isinstance(thinking, dict) else None)
+    budget = (
+        thinking.get("thinkingBudget", thinking.get("thinking_budget"))
+        if isinstance(thinking, dict)
+        else None
+    )
     if not isinstance(budget, int) or isinstance(budget, bool) or budget <= 0:
         return 0
     return min(budget, GEMINI_MAX_THOUGHTS)

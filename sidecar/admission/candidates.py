@@ -32,8 +32,9 @@ def candidates(rs: RuleSet, model: str, provider: Provider) -> list[Candidate]:
     for step in rs.fallback_chain(model, first.canonical):
         target = rs.provider_by_id.get(step.provider) if step.provider else provider
         if target is not None:
-            out.append(Candidate(step.model, rs.prices.canonical(target.pricing_id, step.model),
-                                 target))
+            out.append(
+                Candidate(step.model, rs.prices.canonical(target.pricing_id, step.model), target)
+            )
     return out
 
 
@@ -41,7 +42,13 @@ def model_allowed(rs: RuleSet, identity: Identity, candidate: Candidate) -> bool
     return rs.allowlist.allows(identity.groups, candidate.model, candidate.canonical)
 
 
-def candidate_context(identity: Identity, candidate: Candidate,
-                      metadata: Mapping[str, str]) -> Context:
-    return context(identity, candidate.canonical, candidate.provider.id, metadata,
-                   requested=candidate.model.strip().lower())
+def candidate_context(
+    identity: Identity, candidate: Candidate, metadata: Mapping[str, str]
+) -> Context:
+    return context(
+        identity,
+        candidate.canonical,
+        candidate.provider.id,
+        metadata,
+        requested=candidate.model.strip().lower(),
+    )

@@ -18,12 +18,15 @@ from sidecar.pricing import (
 
 def requested_tokens(rs: RuleSet, body: Mapping[str, Any]) -> tuple[int, int]:
     """(input, output): input from the body, output from its largest output limit."""
-    return (estimate_input_tokens(body),
-            requested_output_tokens(body, rs.default_max_output_tokens))
+    return (
+        estimate_input_tokens(body),
+        requested_output_tokens(body, rs.default_max_output_tokens),
+    )
 
 
-def priced(rs: RuleSet, candidate: Candidate,
-           tokens: tuple[int, int]) -> tuple[UnitPrice, int] | None:
+def priced(
+    rs: RuleSet, candidate: Candidate, tokens: tuple[int, int]
+) -> tuple[UnitPrice, int] | None:
     """The candidate's price and the µUSD estimate of `tokens` at it; None when unpriced."""
     price = rs.prices.price(candidate.provider.pricing_id, candidate.model)
     if price is None:

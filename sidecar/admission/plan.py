@@ -22,8 +22,9 @@ class Planned:
         return ",".join(f"{k}={v}" for k, v in self.labels.items()) or "(all)"
 
 
-def context(identity: Identity, model: str, provider: str,
-            metadata: Mapping[str, str], requested: str = "") -> Context:
+def context(
+    identity: Identity, model: str, provider: str, metadata: Mapping[str, str], requested: str = ""
+) -> Context:
     """The request's dimensions. `model` is the canonical model (buckets are split by it);
     `requested`, the name as sent, is only for rule filters to match as well."""
     ctx: dict[str, tuple[str, ...]] = {
@@ -74,8 +75,11 @@ class Plan:
 
     def culprit(self, view_index: int) -> Planned:
         view = self.views[view_index]
-        return next(p for p in self.planned
-                    if p.view.key == view.key and p.view.enforce and p.view.limit == view.limit)
+        return next(
+            p
+            for p in self.planned
+            if p.view.key == view.key and p.view.enforce and p.view.limit == view.limit
+        )
 
     def rule_names(self) -> tuple[str, ...]:
         return tuple(sorted({p.rule.name for p in self.planned}))
@@ -85,8 +89,9 @@ def merge(planned: Sequence[Planned]) -> Plan:
     merged: dict[str, BucketView] = {}
     for p in planned:
         current = merged.get(p.view.key)
-        if current is None or (p.view.enforce and (not current.enforce
-                                                   or p.view.limit < current.limit)):
+        if current is None or (
+            p.view.enforce and (not current.enforce or p.view.limit < current.limit)
+        ):
             merged[p.view.key] = p.view
     views = tuple(merged.values())
     return Plan(tuple(planned), views, {v.key: i for i, v in enumerate(views)})

@@ -28,8 +28,9 @@ def validity(rules: Iterable[Rule], now: float) -> tuple[float, float]:
         window = rule.window
         slot = window.slot(now)
         # A fixed window's slot lasts until it resets; a rolling one's for one slot length.
-        nxt = (window.resets_at(now) if isinstance(window, FixedWindow)
-               else slot + window.slot_seconds)
+        nxt = (
+            window.resets_at(now) if isinstance(window, FixedWindow) else slot + window.slot_seconds
+        )
         start, end = max(start, slot), min(end, nxt)
     return start, end
 
@@ -44,7 +45,8 @@ class PlanCache(Generic[P]):
 
     def get(self, rules: tuple[object, ...], key: Hashable, now: float) -> P | None:
         if len(rules) != len(self._rules) or any(
-                a is not b for a, b in zip(rules, self._rules, strict=True)):
+            a is not b for a, b in zip(rules, self._rules, strict=True)
+        ):
             # A reload or a runtime rule change: identity, not equality, says "same rules".
             self._rules = rules
             self._plans.clear()

@@ -50,19 +50,30 @@ def seed_amounts(rule: Rule, rows: Sequence[LedgerRow], now: float) -> list[tupl
     totals: dict[tuple[str, int], int] = defaultdict(int)
     for row in rows:
         # What the row amounts to in the rule's measure: cost, tokens or requests.
-        amount = measured(rule.measure, row.cost, row.input_tokens, row.output_tokens) \
-            if rule.measure != "requests" else row.requests
+        amount = (
+            measured(rule.measure, row.cost, row.input_tokens, row.output_tokens)
+            if rule.measure != "requests"
+            else row.requests
+        )
         if row.hour + _HOUR <= since or amount <= 0:
             continue
         d = row.dims
-        ctx = {"user": (d.user,), "group": d.groups, "token": (d.token,) if d.token else (),
-               "kind": (d.kind,), "model": (d.model,), "provider": (d.provider,)}
+        ctx = {
+            "user": (d.user,),
+            "group": d.groups,
+            "token": (d.token,) if d.token else (),
+            "kind": (d.kind,),
+            "model": (d.model,),
+            "provider": (d.provider,),
+        }
         slot = rule.window.slot(max(row.hour, since))
         for key, _ in rule.buckets(ctx):
             totals[(key, slot)] += amount
     ttl = rule.window.ttl_seconds()
-    return [(BucketView(key, slot, since, ttl, rule.limit, measure=rule.measure), amount)
-            for (key, slot), amount in sorted(totals.items())]
+    return [
+        (BucketView(key, slot, since, ttl, rule.limit, measure=rule.measure), amount)
+        for (key, slot), amount in sorted(totals.items())
+    ]
 
 
 class SpendStore(BudgetStore, Ledger, Protocol):
@@ -83,6 +94,11 @@ async def seed_rules(store: SpendStore, rules: Sequence[Rule], now: float) -> in
         if await store.add_spend(marker(rule), spend):
             seeded += 1
             if spend:
-                log.info("rule_seeded_from_ledger", rule=rule.name, buckets=len(spend),
-                         measure=rule.measure, amount=sum(a for _, a in spend))
+                log.info(
+                    "rule_seeded_from_ledger",
+                    rule=rule.name,
+                    buckets=len(spend),
+                    measure=rule.measure,
+                    amount=sum(a for _, a in spend),
+                )
     return seeded

@@ -74,13 +74,11 @@ def _context(rs: RuleSet, identity: Identity, model: str, provider: str) -> Cont
     # As a request names them: budgets count under the canonical model; filters also match
     # the name as given.
     known = rs.provider_by_id.get(provider)
-    canonical = rs.prices.canonical(known.pricing_id if known else provider, model) \
-        if model else ""
+    canonical = rs.prices.canonical(known.pricing_id if known else provider, model) if model else ""
     return context(identity, canonical, provider, {}, requested=model.strip().lower())
 
 
-def listed_models(rules: Sequence[Rule],
-                  rows: Sequence[LedgerRow]) -> list[tuple[str, str]]:
+def listed_models(rules: Sequence[Rule], rows: Sequence[LedgerRow]) -> list[tuple[str, str]]:
     """(model, provider) pairs to list buckets for without a model: those with spend in the
     rows, and every plain model name a rule's filter lists (before any spend is made)."""
     pairs = {(row.dims.model, row.dims.provider) for row in rows}
@@ -90,8 +88,9 @@ def listed_models(rules: Sequence[Rule],
     return sorted(pairs)
 
 
-async def budgets_for(engine: Engine, identity: Identity, model: str = "",
-                      provider: str = "") -> list[dict[str, Any]]:
+async def budgets_for(
+    engine: Engine, identity: Identity, model: str = "", provider: str = ""
+) -> list[dict[str, Any]]:
     """Every bucket that applies to `identity`: for one model, or (without one) for each
     model it has spend on in the rules' current windows or that a rule names."""
     rs = engine.holder.current
@@ -103,15 +102,14 @@ async def budgets_for(engine: Engine, identity: Identity, model: str = "",
         states = await engine.store.bucket_states(list(budget.views), now)
         return [bucket_view(p, budget.state(p, states), now) for p in budget.planned]
     rules = [r for r in engine.rules(rs) if _visible(r)]
-    planned = plan([r for r in rules if not _per_request(r)],
-                   _context(rs, identity, "", ""), now)
+    planned = plan([r for r in rules if not _per_request(r)], _context(rs, identity, "", ""), now)
     per_request = [r for r in rules if _per_request(r)]
     if per_request:
-        since = max(min(r.window.since(now) for r in per_request),
-                    int(now) - MAX_LOOKBACK_SECONDS)
+        since = max(min(r.window.since(now) for r in per_request), int(now) - MAX_LOOKBACK_SECONDS)
         first, last = hour_range(since, int(now) + 1)
-        rows = of_user(in_range(await engine.store.ledger_rows(first, last), first, last),
-                       identity.user)
+        rows = of_user(
+            in_range(await engine.store.ledger_rows(first, last), first, last), identity.user
+        )
         seen = {(p.rule.name, p.view.key) for p in planned}
         for cand_model, cand_provider in listed_models(per_request, rows):
             ctx = _context(rs, identity, cand_model, cand_provider)
@@ -124,8 +122,14 @@ async def budgets_for(engine: Engine, identity: Identity, model: str = "",
     return [bucket_view(p, budget.state(p, states), now) for p in budget.planned]
 
 
-async def simulate(engine: Engine, identity: Identity, model: str, provider: Provider,
-                   metadata: Mapping[str, str], body: Mapping[str, Any]) -> dict[str, Any]:
+async def simulate(
+    engine: Engine,
+    identity: Identity,
+    model: str,
+    provider: Provider,
+    metadata: Mapping[str, str],
+    body: Mapping[str, Any],
+) -> dict[str, Any]:
     rs = engine.holder.current
     now = engine.clock()
     steps: list[dict[str, Any]] = []
@@ -133,47 +137,78 @@ async def simulate(engine: Engine, identity: Identity, model: str, provider: Pro
     input_tokens, output_tokens = tokens = requested_tokens(rs, body)
     for index, cand in enumerate(candidates(rs, model, provider)):
         cand_model, cand_provider = cand.model, cand.provider
-        entry: dict[str, Any] = {"model": cand_model, "canonical": cand.canonical,
-                                 "provider": cand_provider.id}
+        entry: dict[str, Any] = {
+            "model": cand_model,
+            "canonical": cand.canonical,
+            "provider": cand_provider.id,
+        }
         steps.append(entry)
         if not model_allowed(rs, identity, cand):
             entry["result"] = "model_not_allowed"
             if index == 0:
-                return {"decision": "deny", "status": 403, "reason": "model_not_allowed",
-                        "model": model, "steps": steps}
+                return {
+                    "decision": "deny",
+                    "status": 403,
+                    "reason": "model_not_allowed",
+                    "model": model,
+                    "steps": steps,
+                }
             continue
         found = priced(rs, cand, tokens)
         if found is None:
             entry["result"] = "unpriced_model"
             if index == 0:
-                return {"decision": "deny", "status": 403, "reason": "unpriced_model",
-                        "model": model, "steps": steps}
+                return {
+                    "decision": "deny",
+                    "status": 403,
+                    "reason": "unpriced_model",
+                    "model": model,
+                    "steps": steps,
+                }
             continue
         price, estimate = found
-        entry.update(estimate_usd=micros_to_usd(estimate), input_tokens=input_tokens,
-                     output_tokens=output_tokens, price_source=price.source)
-        budget = merge(plan(engine.rules(rs), candidate_context(identity, cand, metadata),
-                            now))
+        entry.update(
+            estimate_usd=micros_to_usd(estimate),
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            price_source=price.source,
+        )
+        budget = merge(plan(engine.rules(rs), candidate_context(identity, cand, metadata), now))
         states = await engine.store.bucket_states(list(budget.views), now)
         entry["buckets"] = _with_fit(budget, states, (estimate, tokens), rs.admission_mode, now)
         full = [b for b in entry["buckets"] if not b["fits"] and b["action"] != "monitor"]
         if any(b["action"] == "block" for b in full):
             entry["result"] = "blocked"
-            return {"decision": "deny", "status": 429, "reason": "spend_limit_exceeded",
-                    "model": model, "steps": steps}
+            return {
+                "decision": "deny",
+                "status": 429,
+                "reason": "spend_limit_exceeded",
+                "model": model,
+                "steps": steps,
+            }
         if full:
             entry["result"] = "fallback_rule_full"
             continue
         entry["result"] = "admitted"
         decision = "fallback" if index else "allow"
-        return {"decision": decision, "status": 200, "reason": "ok" if not index else "fallback",
-                "model": cand_model, "steps": steps}
+        return {
+            "decision": decision,
+            "status": 200,
+            "reason": "ok" if not index else "fallback",
+            "model": cand_model,
+            "steps": steps,
+        }
     outcome.update(reason="spend_limit_exceeded", steps=steps)
     return outcome
 
 
-def _with_fit(budget: Plan, states: Sequence[BucketState], asked: tuple[int, tuple[int, int]],
-              mode: AdmissionMode, now: float) -> list[dict[str, Any]]:
+def _with_fit(
+    budget: Plan,
+    states: Sequence[BucketState],
+    asked: tuple[int, tuple[int, int]],
+    mode: AdmissionMode,
+    now: float,
+) -> list[dict[str, Any]]:
     """Each bucket's view and whether the request's amount in its measure fits it, by the
     test the store applies in the configured admission mode."""
     micros, (input_tokens, output_tokens) = asked

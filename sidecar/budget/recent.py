@@ -66,8 +66,9 @@ def entry(attrs: RequestAttrs, decision: Decision, now: float) -> dict[str, Any]
 
 
 class RecentDecisions:
-    def __init__(self, store: DocumentStore, *, size: int = SIZE,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, store: DocumentStore, *, size: int = SIZE, clock: Callable[[], float] = time.time
+    ) -> None:
         self._store = store
         self.size = size
         self._clock = clock
@@ -89,8 +90,9 @@ class RecentDecisions:
         now = float(doc["at"])
         try:
             seq = await self._store.incr(SEQUENCE_KEY, 1, SEQUENCE_TTL_SECONDS, now=now)
-            await self._store.put_doc(COLLECTION, f"{seq % self.size:05d}", doc, TTL_SECONDS,
-                                      now=now)
+            await self._store.put_doc(
+                COLLECTION, f"{seq % self.size:05d}", doc, TTL_SECONDS, now=now
+            )
         except Exception as exc:  # a display aid: losing one entry must never hurt a request
             log.warning("recent_decision_not_recorded", error=str(exc))
 

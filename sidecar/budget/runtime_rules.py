@@ -43,16 +43,30 @@ def account_window(duration: str, strategy: str) -> FixedWindow | RollingWindow:
 def account_tracking_rules() -> tuple[Rule, ...]:
     """Monitor-only account buckets for every window the account APIs can ask about."""
     return tuple(
-        compile_rule(name=ACCOUNT_RULE, limit=0, window=account_window(d, s), filters={},
-                     split=(), action="monitor", source="runtime")
-        for d in ("daily", "weekly", "monthly") for s in ("fixed", "sliding")
+        compile_rule(
+            name=ACCOUNT_RULE,
+            limit=0,
+            window=account_window(d, s),
+            filters={},
+            split=(),
+            action="monitor",
+            source="runtime",
+        )
+        for d in ("daily", "weekly", "monthly")
+        for s in ("fixed", "sliding")
     )
 
 
 def account_limit_rule(doc: dict[str, Any]) -> Rule:
-    return compile_rule(name=ACCOUNT_RULE, limit=cents_to_micros(int(doc["amount"])),
-                        window=account_window(doc["duration"], doc["strategy"]), filters={},
-                        split=(), action="block", source="runtime")
+    return compile_rule(
+        name=ACCOUNT_RULE,
+        limit=cents_to_micros(int(doc["amount"])),
+        window=account_window(doc["duration"], doc["strategy"]),
+        filters={},
+        split=(),
+        action="block",
+        source="runtime",
+    )
 
 
 def caps_rules(doc: dict[str, Any]) -> list[Rule]:
@@ -60,21 +74,38 @@ def caps_rules(doc: dict[str, Any]) -> list[Rule]:
     monthly = FixedWindow("monthly", "UTC")
     cap = doc.get("hard_spending_cap")
     if cap is not None and doc.get("hard_cap_enabled"):
-        rules.append(compile_rule(name=ACCOUNT_RULE, limit=cents_to_micros(int(cap)),
-                                  window=monthly, filters={}, split=(), action="block",
-                                  source="runtime"))
+        rules.append(
+            compile_rule(
+                name=ACCOUNT_RULE,
+                limit=cents_to_micros(int(cap)),
+                window=monthly,
+                filters={},
+                split=(),
+                action="block",
+                source="runtime",
+            )
+        )
     budget = doc.get("monthly_spending_budget")
     if budget is not None and doc.get("spending_alerts_enabled"):
-        rules.append(compile_rule(name=ACCOUNT_RULE, limit=cents_to_micros(int(budget)),
-                                  window=monthly, filters={}, split=(), action="monitor",
-                                  alerts=tuple(doc.get("spending_alert_thresholds", ())),
-                                  source="runtime"))
+        rules.append(
+            compile_rule(
+                name=ACCOUNT_RULE,
+                limit=cents_to_micros(int(budget)),
+                window=monthly,
+                filters={},
+                split=(),
+                action="monitor",
+                alerts=tuple(doc.get("spending_alert_thresholds", ())),
+                source="runtime",
+            )
+        )
     return rules
 
 
 class RuntimeRules:
-    def __init__(self, store: DocumentStore, account_id: str,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, store: DocumentStore, account_id: str, clock: Callable[[], float] = time.time
+    ) -> None:
         self._store = store
         self._clock = clock
         self.account_id = account_id
@@ -91,8 +122,9 @@ class RuntimeRules:
         compiled: list[Rule] = list(account_tracking_rules())
         for doc in docs:
             try:
-                compiled.extend(rules_from_config(SpendLimitConfig.model_validate(doc),
-                                                  source="runtime"))
+                compiled.extend(
+                    rules_from_config(SpendLimitConfig.model_validate(doc), source="runtime")
+                )
             except ValueError as exc:  # a rule written by a newer version: skip, loudly
                 log.error("runtime_rule_invalid", name=doc.get("name"), error=str(exc))
         limit = await self._store.get_doc(ACCOUNT_LIMIT, self.account_id, now=now)

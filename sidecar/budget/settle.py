@@ -21,8 +21,15 @@ BUDGET_GAUGES_EVERY = 10
 
 
 class Settler:
-    def __init__(self, store: Store, spool: Spool | None, refresh_gauges: Callable[[], None],
-                 *, clock: Callable[[], float] = time.time, interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        store: Store,
+        spool: Spool | None,
+        refresh_gauges: Callable[[], None],
+        *,
+        clock: Callable[[], float] = time.time,
+        interval: float = 1.0,
+    ) -> None:
         self._store = store
         self._spool = spool
         self._refresh_gauges = refresh_gauges

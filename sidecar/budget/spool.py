@@ -72,24 +72,44 @@ class Spool:
     async def admitted(self, request: ReserveRequest) -> None:
         """A request admitted without a reservation: charge it later (estimate by default)."""
         # An object since buckets have measures; a list (µUSD buckets only) before.
-        views = json.dumps({
-            "views": [[v.key, v.slot, v.since, v.ttl_seconds, v.limit, v.measure]
-                      for v in request.buckets],
-            "tokens": list(request.tokens)})
+        views = json.dumps(
+            {
+                "views": [
+                    [v.key, v.slot, v.since, v.ttl_seconds, v.limit, v.measure]
+                    for v in request.buckets
+                ],
+                "tokens": list(request.tokens),
+            }
+        )
         await self._run(
             "INSERT OR IGNORE INTO spool VALUES (?, ?, ?, ?, ?, NULL, NULL, ?, 0)",
-            (request.request_id, views, dims_to_json(request.dims), request.amount,
-             request.expires_at, time.time()),
+            (
+                request.request_id,
+                views,
+                dims_to_json(request.dims),
+                request.amount,
+                request.expires_at,
+                time.time(),
+            ),
         )
 
-    async def completed(self, request_id: str, actual: int, usage: TokenUsage,
-                        error: bool = False, tokens: tuple[int, int] | None = None
-                        ) -> None:
+    async def completed(
+        self,
+        request_id: str,
+        actual: int,
+        usage: TokenUsage,
+        error: bool = False,
+        tokens: tuple[int, int] | None = None,
+    ) -> None:
         """The actual cost of a request, whether or not its reservation reached the store;
         `error`: the provider answered with an error (replayed as one); `tokens` are what
         token budgets are charged when not the usage's own counts."""
-        fields = [usage.input_tokens, usage.output_tokens, usage.cache_read_tokens,
-                  usage.cache_write_tokens]
+        fields = [
+            usage.input_tokens,
+            usage.output_tokens,
+            usage.cache_read_tokens,
+            usage.cache_write_tokens,
+        ]
         usage_json = json.dumps(fields if tokens is None else [*fields, *tokens])
         await self._run(
             "INSERT INTO spool VALUES (?, NULL, NULL, 0, 0, ?, ?, ?, ?) "
@@ -118,21 +138,36 @@ class Spool:
             fields = json.loads(usage_json) if usage_json else []
             usage = TokenUsage(*fields[:4])
             budget_tokens: tuple[int, int] | None = (
-                (fields[4], fields[5]) if len(fields) == 6 else None)
+                (fields[4], fields[5]) if len(fields) == 6 else None
+            )
             try:
                 if views is not None:
                     admitted = _admitted(views)
                     dims_value: LedgerDims = dims_from_json(dims)
-                    await store.reserve(ReserveRequest(
-                        request_id, admitted[0], estimate, "reserve", now, now + 3600,
-                        dims_value, tokens=admitted[1]))
+                    await store.reserve(
+                        ReserveRequest(
+                            request_id,
+                            admitted[0],
+                            estimate,
+                            "reserve",
+                            now,
+                            now + 3600,
+                            dims_value,
+                            tokens=admitted[1],
+                        )
+                    )
                     if actual is None:
                         # Never completed: token budgets pay the estimate, like µUSD ones.
                         budget_tokens = admitted[1]
                 cost = actual if actual is not None else estimate
-                await store.commit(request_id, cost, usage, now,
-                                   error=bool(error) and actual is not None,
-                                   tokens=budget_tokens)
+                await store.commit(
+                    request_id,
+                    cost,
+                    usage,
+                    now,
+                    error=bool(error) and actual is not None,
+                    tokens=budget_tokens,
+                )
             except StoreUnavailable:
                 break
             await self._run("DELETE FROM spool WHERE request_id=?", (request_id,))
@@ -149,8 +184,6 @@ class Spool:
 
         await asyncio.get_running_loop().run_in_executor(self._executor, shut)
         self._executor.shutdown(wait=True)
-
-
 
 
 def _admitted(views: str) -> tuple[tuple[BucketView, ...], tuple[int, int]]:

@@ -20,12 +20,18 @@ class AdminClient:
     def url(self) -> str:
         return self._url
 
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None,
-             params: dict[str, str] | None = None) -> Any:
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        params: dict[str, str] | None = None,
+    ) -> Any:
         headers = {"authorization": f"Bearer {self._token}"} if self._token else {}
         try:
-            response = httpx.request(method, self._url + path, json=body, params=params,
-                                     headers=headers, timeout=10.0)
+            response = httpx.request(
+                method, self._url + path, json=body, params=params, headers=headers, timeout=10.0
+            )
         except httpx.HTTPError as exc:
             raise AdminError(f"cannot reach {self._url}: {exc}") from None
         try:

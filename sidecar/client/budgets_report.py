@@ -11,8 +11,17 @@ from typing import Any
 from sidecar.client.usage_report import dollars
 
 BAR_WIDTH = 10
-HEADERS = ("RULE", "BUCKET", "WINDOW", "SPENT", "RESERVED", "LIMIT", "REMAINING", "USED",
-           "RESETS IN")
+HEADERS = (
+    "RULE",
+    "BUCKET",
+    "WINDOW",
+    "SPENT",
+    "RESERVED",
+    "LIMIT",
+    "REMAINING",
+    "USED",
+    "RESETS IN",
+)
 NUMERIC_FROM = 3
 
 
@@ -56,15 +65,26 @@ def render_budgets(rows: Sequence[Mapping[str, Any]], now: float) -> str:
         unit = str(r.get("unit", "usd"))
         spent, reserved, limit = (dollars(r[k]) for k in ("spent", "reserved", "limit"))
         rule = str(r["rule"]) + (f" ({r['tokens']})" if r.get("tokens") else "")
-        body.append([rule, str(r["bucket"]), str(r["window"]),
-                     amount(unit, spent), amount(unit, reserved), amount(unit, limit),
-                     amount(unit, dollars(r["remaining"])), bar(spent + reserved, limit),
-                     resets_in(str(r["resets_at"]), now)])
+        body.append(
+            [
+                rule,
+                str(r["bucket"]),
+                str(r["window"]),
+                amount(unit, spent),
+                amount(unit, reserved),
+                amount(unit, limit),
+                amount(unit, dollars(r["remaining"])),
+                bar(spent + reserved, limit),
+                resets_in(str(r["resets_at"]), now),
+            ]
+        )
     widths = [max(len(line[i]) for line in [list(HEADERS), *body]) for i in range(len(HEADERS))]
 
     def line(cells: Sequence[str]) -> str:
-        parts = [c.rjust(w) if NUMERIC_FROM <= i < 7 else c.ljust(w)
-                 for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
+        parts = [
+            c.rjust(w) if NUMERIC_FROM <= i < 7 else c.ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ]
         return "  ".join(parts).rstrip()
 
     return "\n".join([line(HEADERS), *(line(b) for b in body)])

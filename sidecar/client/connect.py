@@ -23,13 +23,20 @@ from sidecar.client.login import (
 )
 
 DEFAULT_URL = "http://127.0.0.1:9002"
-URL_HELP = ("the sidecar's URL (default: $SIDECAR_URL, else the URL of your last "
-            f"`sidecar login`, else {DEFAULT_URL})")
+URL_HELP = (
+    "the sidecar's URL (default: $SIDECAR_URL, else the URL of your last "
+    f"`sidecar login`, else {DEFAULT_URL})"
+)
 
 
 def server_url(flag: str | None, env: Mapping[str, str] = os.environ) -> str:
-    chosen = flag or env.get("SIDECAR_URL") or stored_url(credentials_path(env)) or \
-        stored_url(admin_credentials_path(env)) or DEFAULT_URL
+    chosen = (
+        flag
+        or env.get("SIDECAR_URL")
+        or stored_url(credentials_path(env))
+        or stored_url(admin_credentials_path(env))
+        or DEFAULT_URL
+    )
     return normalize_url(chosen)
 
 
@@ -45,16 +52,22 @@ def admin_client(flag: str | None) -> AdminClient:
     url = server_url(flag)
     token = os.environ.get("SIDECAR_ADMIN_TOKEN", "") or _stored_token(url, admin=True)
     if not token:
-        raise LoginError("admin commands need $SIDECAR_ADMIN_TOKEN or an admin login: run "
-                         f"`sidecar login --admin {url}`")
+        raise LoginError(
+            "admin commands need $SIDECAR_ADMIN_TOKEN or an admin login: run "
+            f"`sidecar login --admin {url}`"
+        )
     return AdminClient(url, token)
 
 
 def caller_client(flag: str | None) -> AdminClient:
     url = server_url(flag)
-    token = os.environ.get("SIDECAR_TOKEN", "") or _stored_token(url, admin=False) or \
-        _stored_token(url, admin=True)
+    token = (
+        os.environ.get("SIDECAR_TOKEN", "")
+        or _stored_token(url, admin=False)
+        or _stored_token(url, admin=True)
+    )
     if not token:
-        raise LoginError(f"not logged in to {url}; run `sidecar login {url}` (or set "
-                         "$SIDECAR_TOKEN)")
+        raise LoginError(
+            f"not logged in to {url}; run `sidecar login {url}` (or set $SIDECAR_TOKEN)"
+        )
     return AdminClient(url, token)

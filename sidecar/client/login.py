@@ -124,8 +124,9 @@ def login(
     url = normalize_url(url)
     path = path or (admin_credentials_path() if admin else credentials_path())
     start_params = {"client_id": CLIENT_ID, **({"scope": "admin"} if admin else {})}
-    with httpx.Client(timeout=15.0, transport=transport,
-                      headers={"user-agent": _user_agent()}) as http:
+    with httpx.Client(
+        timeout=15.0, transport=transport, headers={"user-agent": _user_agent()}
+    ) as http:
         try:
             response = http.post(f"{url}/device/code", data=start_params)
         except httpx.HTTPError as exc:
@@ -140,23 +141,35 @@ def login(
             raise LoginError(f"{url} is not a sidecar with device login enabled") from None
         interval = max(1, int(start.get("interval", 5)))
         expires_in = int(start.get("expires_in", 600))
-        shown = {k: start[k] for k in ("user_code", "verification_uri",
-                                       "verification_uri_complete") if k in start}
+        shown = {
+            k: start[k]
+            for k in ("user_code", "verification_uri", "verification_uri_complete")
+            if k in start
+        }
         complete = shown.get("verification_uri_complete", shown.get("verification_uri"))
-        asks = ("This login asks for ADMIN access; an administrator must approve it.\n"
-                if admin else "")
-        _emit(out, {**shown, "expires_in": expires_in} if as_json else None,
-              f"{asks}To sign in, open this address in a browser:\n\n    {complete}\n\n"
-              f"and check that it shows the code {shown.get('user_code')}.\n"
-              f"Waiting for approval (the code expires in {expires_in // 60} minutes)...")
+        asks = (
+            "This login asks for ADMIN access; an administrator must approve it.\n" if admin else ""
+        )
+        _emit(
+            out,
+            {**shown, "expires_in": expires_in} if as_json else None,
+            f"{asks}To sign in, open this address in a browser:\n\n    {complete}\n\n"
+            f"and check that it shows the code {shown.get('user_code')}.\n"
+            f"Waiting for approval (the code expires in {expires_in // 60} minutes)...",
+        )
         deadline = clock() + expires_in
         warned = False
         while clock() < deadline:
             sleep(interval)
             try:
-                response = http.post(f"{url}/device/token", data={
-                    "grant_type": GRANT_TYPE, "device_code": device_code,
-                    "client_id": CLIENT_ID})
+                response = http.post(
+                    f"{url}/device/token",
+                    data={
+                        "grant_type": GRANT_TYPE,
+                        "device_code": device_code,
+                        "client_id": CLIENT_ID,
+                    },
+                )
             except httpx.HTTPError as exc:
                 if not warned:
                     print(f"sidecar: {url} did not answer ({exc}); still trying", file=err)
@@ -180,51 +193,81 @@ def login(
     raise LoginError(f"the code expired before it was approved; run `sidecar login {url}` again")
 
 
-def _store(url: str, answer: dict[str, Any], path: Path, as_json: bool, out: TextIO,
-           clock: Callable[[], float]) -> dict[str, Any]:
+def _store(
+    url: str,
+    answer: dict[str, Any],
+    path: Path,
+    as_json: bool,
+    out: TextIO,
+    clock: Callable[[], float],
+) -> dict[str, Any]:
     credential = _credential(url, answer, clock)
     save_credentials(path, credential)
     expires_at = credential["expires_at"]
     until = datetime.fromtimestamp(expires_at).astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    _emit(out, {"url": url, "email": credential["email"], "expires_at": expires_at,
-                "credentials": str(path)} if as_json else None,
-          f"Logged in to {url} as {credential['email']} until {until}.\n"
-          f"Credential saved to {path}.")
+    _emit(
+        out,
+        {
+            "url": url,
+            "email": credential["email"],
+            "expires_at": expires_at,
+            "credentials": str(path),
+        }
+        if as_json
+        else None,
+        f"Logged in to {url} as {credential['email']} until {until}.\nCredential saved to {path}.",
+    )
     return credential
 
 
-def _credential(url: str, answer: Mapping[str, Any],
-                clock: Callable[[], float]) -> dict[str, Any]:
+def _credential(url: str, answer: Mapping[str, Any], clock: Callable[[], float]) -> dict[str, Any]:
     token = str(answer["access_token"])
     # Read for display only; the sidecar verifies the token on every request.
     claims = jwt.decode(token, options={"verify_signature": False})
     expires_at = float(claims.get("exp") or clock() + int(answer.get("expires_in", 0)))
-    credential = {"url": url, "access_token": token, "token_type": "Bearer",
-                  "expires_at": expires_at, "email": str(claims.get("email", "")),
-                  "scope": str(claims.get("scope", ""))}
+    credential = {
+        "url": url,
+        "access_token": token,
+        "token_type": "Bearer",
+        "expires_at": expires_at,
+        "email": str(claims.get("email", "")),
+        "scope": str(claims.get("scope", "")),
+    }
     if answer.get("refresh_token"):
         credential["refresh_token"] = str(answer["refresh_token"])
     return credential
 
 
-def refresh(credential: Mapping[str, Any], path: Path, *,
-            transport: httpx.BaseTransport | None = None,
-            clock: Callable[[], float] = time.time) -> dict[str, Any]:
+def refresh(
+    credential: Mapping[str, Any],
+    path: Path,
+    *,
+    transport: httpx.BaseTransport | None = None,
+    clock: Callable[[], float] = time.time,
+) -> dict[str, Any]:
     """Trade the refresh token for a new access token (and the next refresh token)."""
     url = str(credential["url"])
     try:
-        with httpx.Client(timeout=15.0, transport=transport,
-                          headers={"user-agent": _user_agent()}) as http:
-            response = http.post(f"{url}/device/token", data={
-                "grant_type": REFRESH_GRANT, "refresh_token": credential["refresh_token"],
-                "client_id": CLIENT_ID})
+        with httpx.Client(
+            timeout=15.0, transport=transport, headers={"user-agent": _user_agent()}
+        ) as http:
+            response = http.post(
+                f"{url}/device/token",
+                data={
+                    "grant_type": REFRESH_GRANT,
+                    "refresh_token": credential["refresh_token"],
+                    "client_id": CLIENT_ID,
+                },
+            )
     except httpx.HTTPError as exc:
         raise LoginError(f"cannot reach {url} to renew the token: {exc}") from None
     if response.status_code != 200:
         code, _ = _error_of(response)
         if code == "invalid_grant":
-            raise LoginError(f"your session with {url} has ended (expired, logged out or "
-                             f"revoked); run `sidecar login {url}`")
+            raise LoginError(
+                f"your session with {url} has ended (expired, logged out or "
+                f"revoked); run `sidecar login {url}`"
+            )
         raise LoginError(f"{url} refused to renew the token: HTTP {response.status_code}")
     fresh = _credential(url, response.json(), clock)
     save_credentials(path, fresh)
@@ -240,9 +283,13 @@ def stored_url(path: Path | None = None) -> str | None:
     return None if credential is None else str(credential.get("url", "")) or None
 
 
-def valid_token(url: str | None, *, path: Path | None = None,
-                clock: Callable[[], float] = time.time,
-                transport: httpx.BaseTransport | None = None) -> dict[str, Any]:
+def valid_token(
+    url: str | None,
+    *,
+    path: Path | None = None,
+    clock: Callable[[], float] = time.time,
+    transport: httpx.BaseTransport | None = None,
+) -> dict[str, Any]:
     """The stored credential if it is for `url` (any, when None) and still valid, renewed
     first when it is close to expiry and has a refresh token."""
     path = path or credentials_path()
@@ -251,20 +298,22 @@ def valid_token(url: str | None, *, path: Path | None = None,
         raise LoginError("not logged in; run `sidecar login URL` first")
     stored = str(credential.get("url", ""))
     if url is not None and normalize_url(url) != stored:
-        raise LoginError(f"the stored credential is for {stored}, not {normalize_url(url)}; "
-                         f"run `sidecar login {normalize_url(url)}`")
+        raise LoginError(
+            f"the stored credential is for {stored}, not {normalize_url(url)}; "
+            f"run `sidecar login {normalize_url(url)}`"
+        )
     expires_at = float(credential.get("expires_at", 0))
     if credential.get("refresh_token") and expires_at - REFRESH_MARGIN_SECONDS <= clock():
         return refresh(credential, path, transport=transport, clock=clock)
     if expires_at - EXPIRY_MARGIN_SECONDS <= clock():
         admin = " --admin" if credential.get("scope") == "admin" else ""
-        raise LoginError(f"the token for {stored} has expired; run "
-                         f"`sidecar login{admin} {stored}` again")
+        raise LoginError(
+            f"the token for {stored} has expired; run `sidecar login{admin} {stored}` again"
+        )
     return credential
 
 
-def logout(*, path: Path | None = None,
-           transport: httpx.BaseTransport | None = None) -> bool:
+def logout(*, path: Path | None = None, transport: httpx.BaseTransport | None = None) -> bool:
     """Revoke the session on the server (best effort) and forget the credential."""
     path = path or credentials_path()
     try:
@@ -280,17 +329,27 @@ def logout(*, path: Path | None = None,
     return True
 
 
-def revoke_session(credential: Mapping[str, Any],
-                   transport: httpx.BaseTransport | None = None) -> bool:
+def revoke_session(
+    credential: Mapping[str, Any], transport: httpx.BaseTransport | None = None
+) -> bool:
     url = str(credential.get("url", ""))
     try:
-        with httpx.Client(timeout=10.0, transport=transport,
-                          headers={"user-agent": _user_agent()}) as http:
-            response = http.post(f"{url}/device/revoke", data={
-                "token": credential["refresh_token"], "token_type_hint": "refresh_token",
-                "client_id": CLIENT_ID})
+        with httpx.Client(
+            timeout=10.0, transport=transport, headers={"user-agent": _user_agent()}
+        ) as http:
+            response = http.post(
+                f"{url}/device/revoke",
+                data={
+                    "token": credential["refresh_token"],
+                    "token_type_hint": "refresh_token",
+                    "client_id": CLIENT_ID,
+                },
+            )
     except httpx.HTTPError as exc:
-        print(f"sidecar: could not reach {url} to end the session ({exc}); the stored "
-              "credential is removed anyway", file=sys.stderr)
+        print(
+            f"sidecar: could not reach {url} to end the session ({exc}); the stored "
+            "credential is removed anyway",
+            file=sys.stderr,
+        )
         return False
     return response.status_code == 200

@@ -43,26 +43,33 @@ def _cell(value: Any) -> str:
     return "-" if value in ("", None) else str(value)
 
 
-def render_table(rows: Sequence[Mapping[str, Any]], by: Sequence[str],
-                 grand_total: Mapping[str, Any]) -> str:
+def render_table(
+    rows: Sequence[Mapping[str, Any]], by: Sequence[str], grand_total: Mapping[str, Any]
+) -> str:
     """Key columns left-aligned, numbers right-aligned, a rule, then the TOTAL line."""
     windowed = any("window_start" in r for r in rows)
     keys = (["window_start"] if windowed else []) + list(by)
     headers = [k.upper() for k in keys] + ["COST_USD", "REQUESTS", "INPUT", "OUTPUT", "ERRORS"]
     body = [
         [_cell(r.get(k)) for k in keys]
-        + [f"{dollars(r['cost_usd']):.6f}"] + [str(r.get(m, 0)) for m in MEASURES]
+        + [f"{dollars(r['cost_usd']):.6f}"]
+        + [str(r.get(m, 0)) for m in MEASURES]
         for r in rows
     ]
     label = ["TOTAL"] + [""] * (len(keys) - 1) if keys else []
-    footer = label + [f"{dollars(grand_total['cost_usd']):.6f}"] + [
-        str(grand_total[m]) for m in MEASURES]
+    footer = (
+        label
+        + [f"{dollars(grand_total['cost_usd']):.6f}"]
+        + [str(grand_total[m]) for m in MEASURES]
+    )
     widths = [max(len(line[i]) for line in [headers, *body, footer]) for i in range(len(headers))]
     numeric_from = len(keys)
 
     def line(cells: Sequence[str]) -> str:
-        parts = [c.rjust(w) if i >= numeric_from else c.ljust(w)
-                 for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
+        parts = [
+            c.rjust(w) if i >= numeric_from else c.ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ]
         return "  ".join(parts).rstrip()
 
     out = [line(headers), *(line(b) for b in body)]
@@ -70,4 +77,3 @@ def render_table(rows: Sequence[Mapping[str, Any]], by: Sequence[str],
         out.append("(no usage in this range)")
     out += ["  ".join("-" * w for w in widths), line(footer)]
     return "\n".join(out)
-

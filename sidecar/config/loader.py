@@ -25,9 +25,11 @@ def _key_path(loc: tuple[int | str, ...]) -> str:
     parts: list[str] = []
     for item in loc:
         # pydantic adds the name of a union member or a validator tag; they are not keys.
-        if isinstance(item, str) and (item.startswith(("function-", "literal[")) or item in {
-            "DefaultPriceConfig", "str", "tuple[str, ...]", "token-count", "token-limits"
-        }):
+        if isinstance(item, str) and (
+            item.startswith(("function-", "literal["))
+            or item
+            in {"DefaultPriceConfig", "str", "tuple[str, ...]", "token-count", "token-limits"}
+        ):
             continue
         if isinstance(item, int):
             parts.append(f"[{item}]")

@@ -87,10 +87,17 @@ class StoreConfig(Strict):
     @field_validator("url")
     @classmethod
     def _known_scheme(cls, url: str) -> str:
-        if not url.startswith(("sqlite:///", "redis://", "rediss://", "redis+cluster://",
-                               "rediss+cluster://", "memory://")):
-            raise ValueError("must start with sqlite:///, redis://, rediss:// or "
-                             "redis+cluster://")
+        if not url.startswith(
+            (
+                "sqlite:///",
+                "redis://",
+                "rediss://",
+                "redis+cluster://",
+                "rediss+cluster://",
+                "memory://",
+            )
+        ):
+            raise ValueError("must start with sqlite:///, redis://, rediss:// or redis+cluster://")
         if is_cluster_url(url):
             parse_cluster_url(url)  # a bad node list is a config error, not a start failure
         return url
@@ -218,8 +225,9 @@ class IdentityConfig(Strict):
     directory: DirectoryConfig = DirectoryConfig()
 
 
-ProviderApi = Literal["openai", "openai_compatible", "anthropic", "azure_openai", "gemini",
-                      "bedrock", "workers_ai"]
+ProviderApi = Literal[
+    "openai", "openai_compatible", "anthropic", "azure_openai", "gemini", "bedrock", "workers_ai"
+]
 
 
 class SecretSource(Strict):
@@ -259,8 +267,12 @@ API_PRICING: dict[str, frozenset[str]] = {
     "workers_ai": frozenset({"cloudflare"}),
 }
 API_DEFAULT_PRICING: dict[str, str] = {
-    "openai": "openai", "anthropic": "anthropic", "gemini": "google", "bedrock": "aws",
-    "azure_openai": "azure", "workers_ai": "cloudflare",
+    "openai": "openai",
+    "anthropic": "anthropic",
+    "gemini": "google",
+    "bedrock": "aws",
+    "azure_openai": "azure",
+    "workers_ai": "cloudflare",
 }
 
 
@@ -291,25 +303,31 @@ class ProviderConfig(Strict):
     def _pricing_fits_api(self) -> ProviderConfig:
         if self.deployments and self.api != "azure_openai":
             raise ValueError("deployments: only for api: azure_openai")
-        if any(not name.strip() or not model.strip() or "/" in name
-               for name, model in self.deployments.items()):
-            raise ValueError("deployments: names and models must be non-empty; a deployment "
-                             "name has no '/'")
+        if any(
+            not name.strip() or not model.strip() or "/" in name
+            for name, model in self.deployments.items()
+        ):
+            raise ValueError(
+                "deployments: names and models must be non-empty; a deployment name has no '/'"
+            )
         if self.api is None or self.api == "openai_compatible" or self.pricing_provider is None:
             return self
         pricing = self.pricing_provider
         allowed = API_PRICING[self.api]
         if pricing not in allowed:
-            raise ValueError(f"pricing_provider {pricing!r} does not price api {self.api}; "
-                             f"expected one of {', '.join(sorted(allowed))}")
+            raise ValueError(
+                f"pricing_provider {pricing!r} does not price api {self.api}; "
+                f"expected one of {', '.join(sorted(allowed))}"
+            )
         return self
 
     @model_validator(mode="after")
     def _static_key_api(self) -> ProviderConfig:
         bedrock = self.api == "bedrock" or (self.api is None and "bedrock" in self.id)
         if self.credentials is not None and bedrock:
-            raise ValueError("credentials: Bedrock signs each request (SigV4); a static key "
-                             "cannot be injected")
+            raise ValueError(
+                "credentials: Bedrock signs each request (SigV4); a static key cannot be injected"
+            )
         return self
 
     @field_validator("path_prefix")
@@ -413,18 +431,23 @@ class SpendLimitConfig(Strict):
         if isinstance(data, dict):
             given = [f for f in UNIT_FIELDS if data.get(f) is not None]
             if len(given) != 1:
-                problem = ("exactly one of budget_usd, tokens or requests is required"
-                           + (f" (got {' and '.join(given)})" if given else ""))
+                problem = "exactly one of budget_usd, tokens or requests is required" + (
+                    f" (got {' and '.join(given)})" if given else ""
+                )
         try:
             model = handler(data)
         except ValidationError as exc:
             if problem is None:
                 raise
             errors: list[InitErrorDetails] = [
-                {"type": PydanticCustomError("unit", problem), "loc": (), "input": data}]
+                {"type": PydanticCustomError("unit", problem), "loc": (), "input": data}
+            ]
             for err in exc.errors():
-                detail: InitErrorDetails = {"type": err["type"], "loc": err["loc"],
-                                            "input": err["input"]}
+                detail: InitErrorDetails = {
+                    "type": err["type"],
+                    "loc": err["loc"],
+                    "input": err["input"],
+                }
                 if "ctx" in err:
                     detail["ctx"] = err["ctx"]
                 errors.append(detail)
@@ -480,7 +503,10 @@ class PriceOverrideConfig(Strict):
     cache_write_per_mtok: Money | None = None
 
     @field_validator(
-        "input_per_mtok", "output_per_mtok", "cache_read_per_mtok", "cache_write_per_mtok",
+        "input_per_mtok",
+        "output_per_mtok",
+        "cache_read_per_mtok",
+        "cache_write_per_mtok",
         mode="before",
     )
     @classmethod
@@ -560,11 +586,14 @@ class SidecarConfig(Strict):
                 where = f"identity.directory.groups.{group}[{index}]"
                 if isinstance(member, DirectoryGrant):
                     if member.issuer not in issuers:
-                        raise ValueError(f"{where}: issuer {member.issuer!r} is not in "
-                                         "identity.jwt.issuers")
+                        raise ValueError(
+                            f"{where}: issuer {member.issuer!r} is not in identity.jwt.issuers"
+                        )
                 elif len(issuers) > 1:
-                    raise ValueError(f"{where}: with several JWT issuers a grant must name "
-                                     f"the one it trusts: {{email: {member}, issuer: ...}}")
+                    raise ValueError(
+                        f"{where}: with several JWT issuers a grant must name "
+                        f"the one it trusts: {{email: {member}, issuer: ...}}"
+                    )
 
     @model_validator(mode="after")
     def _cross_checks(self) -> SidecarConfig:
@@ -592,5 +621,7 @@ class SidecarConfig(Strict):
             return
         runs = {m.strip().lower() for m in provider.deployments.values()}
         if target.model.strip().lower() not in runs:
-            raise ValueError(f"fallbacks.{model}: no deployment of provider "
-                             f"{provider.id!r} runs {target.model!r}")
+            raise ValueError(
+                f"fallbacks.{model}: no deployment of provider "
+                f"{provider.id!r} runs {target.model!r}"
+            )

@@ -119,8 +119,9 @@ def rules_from_config(rule: SpendLimitConfig, source: str = "file") -> list[Rule
     ]
 
 
-def build_ruleset(config: SidecarConfig, *, source_text: str = "",
-                  source: str = "<config>") -> RuleSet:
+def build_ruleset(
+    config: SidecarConfig, *, source_text: str = "", source: str = "<config>"
+) -> RuleSet:
     """The compiled rule set; ConfigError when a configured provider key is missing (a
     sidecar that would send every call unauthenticated must not start or reload)."""
     provider_keys, missing = build_keys(config)
@@ -135,9 +136,16 @@ def build_ruleset(config: SidecarConfig, *, source_text: str = "",
     )
     providers = tuple(
         sorted(
-            (Provider(p.id, p.path_prefix, p.pricing_id, p.api,
-                      dict(p.deployments) if p.api == "azure_openai" else None)
-             for p in config.providers),
+            (
+                Provider(
+                    p.id,
+                    p.path_prefix,
+                    p.pricing_id,
+                    p.api,
+                    dict(p.deployments) if p.api == "azure_openai" else None,
+                )
+                for p in config.providers
+            ),
             key=lambda p: -len(p.path_prefix),
         )
     )
@@ -156,7 +164,8 @@ def build_ruleset(config: SidecarConfig, *, source_text: str = "",
     prices = PriceBook(config.pricing.overrides, default_price)
     issuers = [i.issuer for i in config.identity.jwt.issuers]
     directory = Directory.build(
-        (group, member.issuer, member.email) if isinstance(member, DirectoryGrant)
+        (group, member.issuer, member.email)
+        if isinstance(member, DirectoryGrant)
         # A plain address means the one configured issuer (config validation refuses it
         # when there are several); with none configured it grants nothing.
         else (group, issuer, member)

@@ -34,8 +34,13 @@ def _build(path: Path) -> RuleSet:
 
 
 class ConfigWatcher:
-    def __init__(self, path: Path, holder: RuleSetHolder, interval: float = 0.5,
-                 before_swap: Callable[[RuleSet], Awaitable[None]] | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        holder: RuleSetHolder,
+        interval: float = 0.5,
+        before_swap: Callable[[RuleSet], Awaitable[None]] | None = None,
+    ) -> None:
         self.path = path
         self._before_swap = before_swap
         self.holder = holder
@@ -54,8 +59,13 @@ class ConfigWatcher:
                 message = "\n".join(exc.errors) if isinstance(exc, ConfigError) else str(exc)
                 self.holder.last_error = message
                 RELOADS.labels("error").inc()
-                log.error("config_reload_failed", path=str(self.path), reason=reason,
-                          error=message, serving=self.holder.current.version)
+                log.error(
+                    "config_reload_failed",
+                    path=str(self.path),
+                    reason=reason,
+                    error=message,
+                    serving=self.holder.current.version,
+                )
                 return False
             if ruleset.version == self.holder.current.version:
                 self.holder.last_error = None
@@ -67,8 +77,7 @@ class ConfigWatcher:
                     log.warning("config_before_swap_failed", error=str(exc))
             self.holder.swap(ruleset)
             RELOADS.labels("ok").inc()
-            log.info("config_reloaded", path=str(self.path), reason=reason,
-                     version=ruleset.version)
+            log.info("config_reloaded", path=str(self.path), reason=reason, version=ruleset.version)
             return True
 
     async def _loop(self) -> None:

@@ -62,8 +62,9 @@ def _body(meter: struct_pb2.Struct, decode: Callable[[str], bytes]) -> bytes:
     return b"".join(decode(_text(meter, f"c{i}")) for i in range(1, count + 1))
 
 
-def record_from_entry(entry: accesslog_pb2.HTTPAccessLogEntry,
-                      rs: RuleSet) -> MeteringRecord | None:
+def record_from_entry(
+    entry: accesslog_pb2.HTTPAccessLogEntry, rs: RuleSet
+) -> MeteringRecord | None:
     """The metering record of one access log entry; None for a call without a reservation."""
     common = entry.common_properties
     metadata = common.metadata.filter_metadata
@@ -74,17 +75,25 @@ def record_from_entry(entry: accesslog_pb2.HTTPAccessLogEntry,
     if not request_id:
         return None
     authz = metadata[EXT_AUTHZ] if EXT_AUTHZ in metadata else struct_pb2.Struct()
-    decided = authz.fields[METADATA_NAMESPACE].struct_value \
-        if METADATA_NAMESPACE in authz.fields else struct_pb2.Struct()
+    decided = (
+        authz.fields[METADATA_NAMESPACE].struct_value
+        if METADATA_NAMESPACE in authz.fields
+        else struct_pb2.Struct()
+    )
     model, provider = _text(meter, "model"), _text(meter, "provider")
     done, encoded = meter.fields.get("done"), meter.fields.get("base64")
     trimmed = meter.fields.get("trimmed")
     decode: Callable[[str], bytes] = (
-        base64.b64decode if encoded is not None and encoded.bool_value else str.encode)
+        base64.b64decode if encoded is not None and encoded.bool_value else str.encode
+    )
     return MeteringRecord(
         request_id=request_id,
-        api=upstream_api(rs, _text(meter, "path"), fallback=_text(meter, "route") == "fallback",
-                         provider=provider),
+        api=upstream_api(
+            rs,
+            _text(meter, "path"),
+            fallback=_text(meter, "route") == "fallback",
+            provider=provider,
+        ),
         status=entry.response.response_code.value,
         # Envoy sent the request's last byte upstream: the provider has the call.
         reached_upstream=common.HasField("time_to_last_upstream_tx_byte"),
@@ -100,8 +109,11 @@ def record_from_entry(entry: accesslog_pb2.HTTPAccessLogEntry,
         trimmed=trimmed is not None and trimmed.bool_value,
         input_tokens=_number(decided, "input_tokens"),
         hint=(model, provider) if model else None,
-        trace=tuple((name, value) for name, value in entry.request.request_headers.items()
-                    if name in ("traceparent", "tracestate")),
+        trace=tuple(
+            (name, value)
+            for name, value in entry.request.request_headers.items()
+            if name in ("traceparent", "tracestate")
+        ),
     )
 
 
@@ -110,7 +122,8 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
         self._engine = engine
 
     async def StreamAccessLogs(
-        self, request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage],
+        self,
+        request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage],
         context: grpc.aio.ServicerContext,
     ) -> als_pb2.StreamAccessLogsResponse:
         async for message in request_iterator:
@@ -143,8 +156,14 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
 
     async def _charge_now(self, record: MeteringRecord) -> None:
         seen, meter = _observed(record)
-        await charge_observed(self._engine, record.request_id, seen, hint=record.hint,
-                              reason=_reason(record), meter=meter)
+        await charge_observed(
+            self._engine,
+            record.request_id,
+            seen,
+            hint=record.hint,
+            reason=_reason(record),
+            meter=meter,
+        )
 
     async def _charge_batch(self, records: list[MeteringRecord]) -> None:
         charges: list[tuple[str, Observed, tuple[str, str] | None]] = []

@@ -38,12 +38,19 @@ SIDECAR_FILTERS = (EXT_AUTHZ, METER, EXT_PROC)
 METERING_NAMESPACE = "sidecar.metering"
 BODY_NAMESPACE = "sidecar.body"
 HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+_HEADER_MATCH_INPUT = "type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput"
+_SKIP_FILTER = "type.googleapis.com/envoy.extensions.filters.common.matcher.action.v3.SkipFilter"
 
 Piece = dict[str, Any]
 
 
-def attach_pieces(grpc_host: str, grpc_port: int, *, tls: Piece | None = None,
-                  max_checks: int = DEFAULT_MAX_CHECKS) -> Piece:
+def attach_pieces(
+    grpc_host: str,
+    grpc_port: int,
+    *,
+    tls: Piece | None = None,
+    max_checks: int = DEFAULT_MAX_CHECKS,
+) -> Piece:
     """`http_filters`, `access_log` and `clusters` for a sidecar gRPC listener at host:port.
 
     `tls`: the `transport_socket` of the sidecar clusters when the listener requires mTLS.
@@ -54,13 +61,16 @@ def attach_pieces(grpc_host: str, grpc_port: int, *, tls: Piece | None = None,
     return {
         "http_filters": [_ext_authz(), _meter(), _ext_proc()],
         "access_log": [_metering_log()],
-        "clusters": [_sidecar_cluster(SIDECAR_CLUSTER, grpc_host, grpc_port, tls, None),
-                     _sidecar_cluster(CHECK_CLUSTER, grpc_host, grpc_port, tls, max_checks)],
+        "clusters": [
+            _sidecar_cluster(SIDECAR_CLUSTER, grpc_host, grpc_port, tls, None),
+            _sidecar_cluster(CHECK_CLUSTER, grpc_host, grpc_port, tls, max_checks),
+        ],
     }
 
 
-def pieces_for_listen(listen: ListenConfig, *, grpc: str | None = None,
-                      max_checks: int = DEFAULT_MAX_CHECKS) -> Piece:
+def pieces_for_listen(
+    listen: ListenConfig, *, grpc: str | None = None, max_checks: int = DEFAULT_MAX_CHECKS
+) -> Piece:
     """The pieces for a sidecar config's gRPC listener (or `grpc`, host:port, instead).
 
     A wildcard bind (0.0.0.0, ::) is reached over loopback: Envoy runs beside the sidecar.
@@ -75,10 +85,12 @@ def pieces_for_listen(listen: ListenConfig, *, grpc: str | None = None,
         host = "::1"
     tls = None
     if listen.grpc_tls is not None:
-        tls = mtls_socket(client_cert="/etc/envoy/tls/envoy-client.crt",
-                          client_key="/etc/envoy/tls/envoy-client.key",
-                          sidecar_ca="/etc/envoy/tls/sidecar-ca.crt",
-                          sidecar_name="sidecar.internal")
+        tls = mtls_socket(
+            client_cert="/etc/envoy/tls/envoy-client.crt",
+            client_key="/etc/envoy/tls/envoy-client.key",
+            sidecar_ca="/etc/envoy/tls/sidecar-ca.crt",
+            sidecar_name="sidecar.internal",
+        )
     return attach_pieces(host, port, tls=tls, max_checks=max_checks)
 
 
@@ -88,25 +100,29 @@ def split_host_port(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def mtls_socket(*, client_cert: str, client_key: str, sidecar_ca: str,
-                sidecar_name: str) -> Piece:
+def mtls_socket(*, client_cert: str, client_key: str, sidecar_ca: str, sidecar_name: str) -> Piece:
     """Envoy's side of mTLS to the sidecar: its client certificate, and the sidecar's checked
     against `sidecar_ca` and `sidecar_name`."""
     return {
         "name": "envoy.transport_sockets.tls",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
-                     "UpstreamTlsContext",
+            "UpstreamTlsContext",
             "sni": sidecar_name,
             "common_tls_context": {
                 # gRPC needs HTTP/2, negotiated by ALPN over TLS.
                 "alpn_protocols": ["h2"],
-                "tls_certificates": [{"certificate_chain": {"filename": client_cert},
-                                      "private_key": {"filename": client_key}}],
+                "tls_certificates": [
+                    {
+                        "certificate_chain": {"filename": client_cert},
+                        "private_key": {"filename": client_key},
+                    }
+                ],
                 "validation_context": {
                     "trusted_ca": {"filename": sidecar_ca},
                     "match_typed_subject_alt_names": [
-                        {"san_type": "DNS", "matcher": {"exact": sidecar_name}}],
+                        {"san_type": "DNS", "matcher": {"exact": sidecar_name}}
+                    ],
                 },
             },
         },
@@ -114,39 +130,50 @@ def mtls_socket(*, client_cert: str, client_key: str, sidecar_ca: str,
 
 
 def _ext_authz() -> Piece:
-    return {"name": EXT_AUTHZ, "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
-        "transport_api_version": "V3",
-        # A decision is a few store round trips; past 2 s the sidecar is stuck, and a
-        # prompt 503 beats a hung client. Its own cluster: see CHECK_CLUSTER.
-        "grpc_service": {"envoy_grpc": {"cluster_name": CHECK_CLUSTER},
-                         "timeout": f"{CHECK_TIMEOUT_SECONDS}s"},
-        # The model (so the price and the allowlist) is in the JSON body. A larger body gets
-        # 413 rather than a decision made on a truncated one; bytes, not a UTF-8 string,
-        # so the JSON arrives exactly as sent.
-        "with_request_body": {"max_request_bytes": 1_048_576, "allow_partial_message": False,
-                              "pack_as_bytes": True},
-        # A Check may switch the request to a fallback route (or remove client-sent
-        # x-sidecar-* headers): the route chosen before it must be forgotten.
-        "clear_route_cache": True,
-        # Fail closed: an unreachable sidecar must not become unmetered, unlimited spend.
-        # 507 is a status nothing else on this path sends; the listener's
-        # local_reply_config turns it into a retryable 503 with the JSON envelope. Errors
-        # are: no answer within the timeout, no connection, the Checks circuit breaker
-        # full, or a gRPC error status.
-        "failure_mode_allow": False,
-        "status_on_error": {"code": "InsufficientStorage"},
-    }}
+    return {
+        "name": EXT_AUTHZ,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+            "transport_api_version": "V3",
+            # A decision is a few store round trips; past 2 s the sidecar is stuck, and a
+            # prompt 503 beats a hung client. Its own cluster: see CHECK_CLUSTER.
+            "grpc_service": {
+                "envoy_grpc": {"cluster_name": CHECK_CLUSTER},
+                "timeout": f"{CHECK_TIMEOUT_SECONDS}s",
+            },
+            # The model (so the price and the allowlist) is in the JSON body. A larger body gets
+            # 413 rather than a decision made on a truncated one; bytes, not a UTF-8 string,
+            # so the JSON arrives exactly as sent.
+            "with_request_body": {
+                "max_request_bytes": 1_048_576,
+                "allow_partial_message": False,
+                "pack_as_bytes": True,
+            },
+            # A Check may switch the request to a fallback route (or remove client-sent
+            # x-sidecar-* headers): the route chosen before it must be forgotten.
+            "clear_route_cache": True,
+            # Fail closed: an unreachable sidecar must not become unmetered, unlimited spend.
+            # 507 is a status nothing else on this path sends; the listener's
+            # local_reply_config turns it into a retryable 503 with the JSON envelope. Errors
+            # are: no answer within the timeout, no connection, the Checks circuit breaker
+            # full, or a gRPC error status.
+            "failure_mode_allow": False,
+            "status_on_error": {"code": "InsufficientStorage"},
+        },
+    }
 
 
 def _meter() -> Piece:
     # Before ext_proc: if ext_proc fails, the call still has its reservation id recorded, and
     # the access log charges it $0 (it never reached the provider) instead of leaving the
     # reservation to expire into its estimate.
-    return {"name": METER, "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
-        "default_source_code": {"inline_string": lua_source()},
-    }}
+    return {
+        "name": METER,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+            "default_source_code": {"inline_string": lua_source()},
+        },
+    }
 
 
 def lua_source() -> str:
@@ -158,27 +185,47 @@ def _ext_proc() -> Piece:
     # Only for calls whose body must change: the Check marks them with `x-sidecar-body:
     # rewrite` (and ext_proc removes it). Every other call skips this filter, and with it a
     # gRPC stream to the sidecar.
-    skip_unless_marked = {"matcher_list": {"matchers": [{
-        "predicate": {"not_matcher": {"single_predicate": {
-            "input": {"name": "x-sidecar-body", "typed_config": {
-                "@type": "type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput",
-                "header_name": "x-sidecar-body"}},
-            "value_match": {"exact": "rewrite"}}}},
-        "on_match": {"action": {"name": "skip", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.common.matcher.action.v3."
-                     "SkipFilter"}}},
-    }]}}
-    return {"name": EXT_PROC, "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher",
-        "xds_matcher": skip_unless_marked,
-        "extension_config": {"name": EXT_PROC, "typed_config": _ext_proc_config()},
-    }}
+    skip_unless_marked = {
+        "matcher_list": {
+            "matchers": [
+                {
+                    "predicate": {
+                        "not_matcher": {
+                            "single_predicate": {
+                                "input": {
+                                    "name": "x-sidecar-body",
+                                    "typed_config": {
+                                        "@type": _HEADER_MATCH_INPUT,
+                                        "header_name": "x-sidecar-body",
+                                    },
+                                },
+                                "value_match": {"exact": "rewrite"},
+                            }
+                        }
+                    },
+                    "on_match": {
+                        "action": {
+                            "name": "skip",
+                            "typed_config": {"@type": _SKIP_FILTER},
+                        }
+                    },
+                }
+            ]
+        }
+    }
+    return {
+        "name": EXT_PROC,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher",
+            "xds_matcher": skip_unless_marked,
+            "extension_config": {"name": EXT_PROC, "typed_config": _ext_proc_config()},
+        },
+    }
 
 
 def _ext_proc_config() -> Piece:
     return {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3."
-                 "ExternalProcessor",
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
         # No stream deadline: Envoy may hold the stream open until the response ends, and a
         # deadline would then cut long generations; message_timeout bounds each exchange.
         "grpc_service": {"envoy_grpc": {"cluster_name": SIDECAR_CLUSTER}},
@@ -209,13 +256,19 @@ def _metering_log() -> Piece:
     return {
         "name": METERING_LOG,
         # Only calls with a reservation: everything else has nothing to charge.
-        "filter": {"metadata_filter": {
-            "matcher": {"filter": METERING_NAMESPACE, "path": [{"key": "rid"}],
-                        "value": {"present_match": True}},
-            "match_if_key_not_found": False}},
+        "filter": {
+            "metadata_filter": {
+                "matcher": {
+                    "filter": METERING_NAMESPACE,
+                    "path": [{"key": "rid"}],
+                    "value": {"present_match": True},
+                },
+                "match_if_key_not_found": False,
+            }
+        },
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3."
-                     "HttpGrpcAccessLogConfig",
+            "HttpGrpcAccessLogConfig",
             "common_config": {
                 "log_name": "sidecar-metering",
                 "transport_api_version": "V3",
@@ -238,8 +291,9 @@ def _metering_log() -> Piece:
     }
 
 
-def _sidecar_cluster(name: str, host: str, port: int, tls: Piece | None,
-                     max_checks: int | None) -> Piece:
+def _sidecar_cluster(
+    name: str, host: str, port: int, tls: Piece | None, max_checks: int | None
+) -> Piece:
     try:
         ipaddress.ip_address(host)
     except ValueError:
@@ -250,31 +304,47 @@ def _sidecar_cluster(name: str, host: str, port: int, tls: Piece | None,
         # Request-body streams of every in-flight call and the access log's streams: the
         # default 1024-request circuit breaker would fail (closed) the 1025th, and a
         # refused access log stream would lose charges. No practical limit here.
-        limits = {"max_connections": 10000, "max_pending_requests": 10000,
-                  "max_requests": 100000}
+        limits = {"max_connections": 10000, "max_pending_requests": 10000, "max_requests": 100000}
     else:
         # Checks past `max_checks` in flight would only wait in front of the sidecar (in
         # its gRPC queue, where it cannot refuse them early) until Envoy's 2 s timeout,
         # using up the CPU of the ones it can still serve. Refused here instead: an
         # overflow is an ext_authz error, 507, mapped to 503 + Retry-After like a timeout,
         # at once and at no cost to the sidecar. Pending (no connection yet) as well.
-        limits = {"max_connections": 10000, "max_pending_requests": max_checks,
-                  "max_requests": max_checks}
+        limits = {
+            "max_connections": 10000,
+            "max_pending_requests": max_checks,
+            "max_requests": max_checks,
+        }
     cluster: Piece = {
         "name": name,
         **discovery,
         "connect_timeout": "1s",
         "circuit_breakers": {"thresholds": [limits]},
-        "typed_extension_protocol_options": {HTTP_OPTIONS: {
-            "@type": f"type.googleapis.com/{HTTP_OPTIONS}",
-            # Notice a dead sidecar connection before a Check waits on it.
-            "explicit_http_config": {"http2_protocol_options": {
-                "connection_keepalive": {"interval": "30s", "timeout": "5s"}}},
-        }},
+        "typed_extension_protocol_options": {
+            HTTP_OPTIONS: {
+                "@type": f"type.googleapis.com/{HTTP_OPTIONS}",
+                # Notice a dead sidecar connection before a Check waits on it.
+                "explicit_http_config": {
+                    "http2_protocol_options": {
+                        "connection_keepalive": {"interval": "30s", "timeout": "5s"}
+                    }
+                },
+            }
+        },
         "load_assignment": {
             "cluster_name": name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
-                "socket_address": {"address": host, "port_value": port}}}}]}],
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {"socket_address": {"address": host, "port_value": port}}
+                            }
+                        }
+                    ]
+                }
+            ],
         },
     }
     if tls is not None:

@@ -39,9 +39,12 @@ BODY_HEADER = "x-sidecar-body"
 def attrs_from_check(request: external_auth_pb2.CheckRequest) -> RequestAttrs:
     http = request.attributes.request.http
     headers = join_headers(
-        ((h.key, h.value or h.raw_value.decode("utf-8", "replace"))
-         for h in http.header_map.headers),
-        into={k.lower(): v for k, v in http.headers.items()})
+        (
+            (h.key, h.value or h.raw_value.decode("utf-8", "replace"))
+            for h in http.header_map.headers
+        ),
+        into={k.lower(): v for k, v in http.headers.items()},
+    )
     body = http.raw_body or (http.body.encode() if http.body else None)
     return RequestAttrs(
         method=http.method,
@@ -83,8 +86,7 @@ def _fill_metadata(meta: struct_pb2.Struct, decision: Decision, action: BodyActi
         fields["body"].string_value = action
 
 
-def check_response(decision: Decision,
-                   action: BodyAction = "") -> external_auth_pb2.CheckResponse:
+def check_response(decision: Decision, action: BodyAction = "") -> external_auth_pb2.CheckResponse:
     response = external_auth_pb2.CheckResponse()
     _fill_metadata(response.dynamic_metadata, decision, action)
     if decision.allowed:
@@ -96,8 +98,9 @@ def check_response(decision: Decision,
         if action == "ext_proc":
             _add_headers(ok.headers, ((BODY_HEADER, "rewrite"),))
         # An empty value is expressed as removal, so a client-sent value can never survive.
-        ok.headers_to_remove.extend(sorted({*decision.remove_headers,
-                                            *(k for k, v in decision.headers.items() if not v)}))
+        ok.headers_to_remove.extend(
+            sorted({*decision.remove_headers, *(k for k, v in decision.headers.items() if not v)})
+        )
         _add_headers(ok.response_headers_to_add, decision.response_headers.items())
         return response
     response.status.code = _GRPC_CODE.get(decision.http_status, code_pb2.UNKNOWN)
@@ -129,14 +132,13 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
                 return self._answer(attrs, await self._engine.check(attrs, deadline))
         return self._answer(attrs, await self._engine.check(attrs, deadline))
 
-    def _answer(self, attrs: RequestAttrs,
-                decision: Decision) -> external_auth_pb2.CheckResponse:
+    def _answer(self, attrs: RequestAttrs, decision: Decision) -> external_auth_pb2.CheckResponse:
         if not (decision.allowed and decision.request_id and attrs.body):
             return check_response(decision)
         fallback = decision.headers.get("x-sidecar-route") == "fallback"
-        api = upstream_api(self._engine.holder.current, attrs.path, fallback=fallback,
-                           provider=decision.provider)
-        return check_response(decision, body_action(attrs.body, api,
-                                                    decision.model if fallback else None))
-
-
+        api = upstream_api(
+            self._engine.holder.current, attrs.path, fallback=fallback, provider=decision.provider
+        )
+        return check_response(
+            decision, body_action(attrs.body, api, decision.model if fallback else None)
+        )

@@ -63,7 +63,8 @@ class ExternalProcessorServicer(
         self._engine = engine
 
     async def Process(
-        self, request_iterator: AsyncIterator[pb.ProcessingRequest],
+        self,
+        request_iterator: AsyncIterator[pb.ProcessingRequest],
         context: grpc.aio.ServicerContext,
     ) -> None:
         if tracing.ENABLED:
@@ -74,7 +75,8 @@ class ExternalProcessorServicer(
             await self._process(request_iterator, context)
 
     async def _process(
-        self, request_iterator: AsyncIterator[pb.ProcessingRequest],
+        self,
+        request_iterator: AsyncIterator[pb.ProcessingRequest],
         context: grpc.aio.ServicerContext,
     ) -> None:
         ex = Exchange()
@@ -91,8 +93,9 @@ class ExternalProcessorServicer(
             ex.model = headers.get("x-sidecar-model", "")
             ex.provider = headers.get("x-sidecar-provider", "")
             ex.fallback = headers.get("x-sidecar-route") == "fallback"
-            ex.api = upstream_api(self._engine.holder.current, ex.path, fallback=ex.fallback,
-                                  provider=ex.provider)
+            ex.api = upstream_api(
+                self._engine.holder.current, ex.path, fallback=ex.fallback, provider=ex.provider
+            )
             if tracing.ENABLED:
                 # Else the request's own traceparent does, for the rest of this stream.
                 tracing.adopt(headers)
@@ -100,13 +103,28 @@ class ExternalProcessorServicer(
                 ex.path_change = self._path_change(ex)
             except NoDeployment:
                 return _no_deployment(ex.model)
-            set_headers = [] if ex.path_change is None else [base_pb2.HeaderValueOption(
-                header=base_pb2.HeaderValue(key=":path", raw_value=ex.path_change.path.encode()),
-                append_action=OVERWRITE)]
+            set_headers = (
+                []
+                if ex.path_change is None
+                else [
+                    base_pb2.HeaderValueOption(
+                        header=base_pb2.HeaderValue(
+                            key=":path", raw_value=ex.path_change.path.encode()
+                        ),
+                        append_action=OVERWRITE,
+                    )
+                ]
+            )
             # The Check's mark that sent the call here goes no further.
-            return pb.ProcessingResponse(request_headers=pb.HeadersResponse(
-                response=pb.CommonResponse(header_mutation=pb.HeaderMutation(
-                    set_headers=set_headers, remove_headers=[BODY_HEADER]))))
+            return pb.ProcessingResponse(
+                request_headers=pb.HeadersResponse(
+                    response=pb.CommonResponse(
+                        header_mutation=pb.HeaderMutation(
+                            set_headers=set_headers, remove_headers=[BODY_HEADER]
+                        )
+                    )
+                )
+            )
         if kind == "request_body":
             return self._request_body(ex, message.request_body.body)
         if kind == "request_trailers":
@@ -141,27 +159,50 @@ class ExternalProcessorServicer(
         change = mutate(body, ex.api, model, only_if_named=ex.path_change is not None)
         if change.body is None:
             return pb.ProcessingResponse(request_body=pb.BodyResponse())
-        answer = pb.ProcessingResponse(request_body=pb.BodyResponse(
-            response=pb.CommonResponse(
-                header_mutation=pb.HeaderMutation(set_headers=[base_pb2.HeaderValueOption(
-                    header=base_pb2.HeaderValue(key="content-length",
-                                                raw_value=str(len(change.body)).encode()),
-                    append_action=OVERWRITE)]),
-                body_mutation=pb.BodyMutation(body=change.body))))
+        answer = pb.ProcessingResponse(
+            request_body=pb.BodyResponse(
+                response=pb.CommonResponse(
+                    header_mutation=pb.HeaderMutation(
+                        set_headers=[
+                            base_pb2.HeaderValueOption(
+                                header=base_pb2.HeaderValue(
+                                    key="content-length", raw_value=str(len(change.body)).encode()
+                                ),
+                                append_action=OVERWRITE,
+                            )
+                        ]
+                    ),
+                    body_mutation=pb.BodyMutation(body=change.body),
+                )
+            )
+        )
         if change.strip_usage_event:
             answer.dynamic_metadata.fields[BODY_NAMESPACE].struct_value.fields[
-                "strip_usage"].bool_value = True
+                "strip_usage"
+            ].bool_value = True
         return answer
 
 
 def _no_deployment(model: str) -> pb.ProcessingResponse:
     """No Azure deployment runs the fallback model: refuse rather than run another model
     than the one admitted and billed."""
-    body = ('{"success":false,"error":{"type":"fallback_unavailable","message":'
-            f'"no configured deployment runs the fallback model {model}"}}}}')
-    return pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
-        status=http_status_pb2.HttpStatus(code=http_status_pb2.ServiceUnavailable),
-        headers=pb.HeaderMutation(set_headers=[base_pb2.HeaderValueOption(
-            header=base_pb2.HeaderValue(key="content-type", raw_value=b"application/json"),
-            append_action=OVERWRITE)]),
-        body=body.encode()))
+    body = (
+        '{"success":false,"error":{"type":"fallback_unavailable","message":'
+        f'"no configured deployment runs the fallback model {model}"}}}}'
+    )
+    return pb.ProcessingResponse(
+        immediate_response=pb.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=http_status_pb2.ServiceUnavailable),
+            headers=pb.HeaderMutation(
+                set_headers=[
+                    base_pb2.HeaderValueOption(
+                        header=base_pb2.HeaderValue(
+                            key="content-type", raw_value=b"application/json"
+                        ),
+                        append_action=OVERWRITE,
+                    )
+                ]
+            ),
+            body=body.encode(),
+        )
+    )

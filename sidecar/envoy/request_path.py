@@ -17,7 +17,8 @@ from urllib.parse import quote
 _GEMINI = re.compile(r"(/models/)([^/:?#]+)(:[A-Za-z]+)")
 _BEDROCK = re.compile(
     r"(/model/)([^?#]+)(/(?:converse|converse-stream|invoke|invoke-with-response-stream))"
-    r"(?=$|\?)")
+    r"(?=$|\?)"
+)
 _AZURE = re.compile(r"(/openai/deployments/)([^/?#]+)(/)")
 
 
@@ -33,16 +34,20 @@ class NoDeployment(ValueError):
     """No configured Azure deployment runs the fallback model."""
 
 
-def fallback_path(path: str, model: str,
-                  deployments: Mapping[str, str] | None) -> PathChange | None:
+def fallback_path(
+    path: str, model: str, deployments: Mapping[str, str] | None
+) -> PathChange | None:
     """The path naming `model` instead of the model it names; None when it names none.
 
     `deployments` are the provider's Azure deployments (name -> model); the first one
     running `model` is taken.
     """
     if deployments is not None:
-        names = [name for name, runs in deployments.items()
-                 if runs.strip().lower() == model.strip().lower()]
+        names = [
+            name
+            for name, runs in deployments.items()
+            if runs.strip().lower() == model.strip().lower()
+        ]
         if not names:
             raise NoDeployment(model)
         found = _AZURE.search(path)
@@ -61,4 +66,4 @@ def fallback_path(path: str, model: str,
 
 
 def _replace(path: str, found: re.Match[str], name: str) -> str:
-    return path[:found.start(2)] + name + path[found.end(2):]
+    return path[: found.start(2)] + name + path[found.end(2) :]

@@ -33,10 +33,14 @@ def create_app(services: Services) -> Starlette:
         ready = store_ok and not services.draining
         rs = services.ruleset
         return JSONResponse(
-            {"ready": ready, "store": "ok" if store_ok else "unavailable",
-             "config_version": rs.version, "config_loaded_at": rs.loaded_at,
-             "config_last_error": services.holder.last_error,
-             "draining": services.draining},
+            {
+                "ready": ready,
+                "store": "ok" if store_ok else "unavailable",
+                "config_version": rs.version,
+                "config_loaded_at": rs.loaded_at,
+                "config_last_error": services.holder.last_error,
+                "draining": services.draining,
+            },
             status_code=200 if ready else 503,
         )
 
@@ -54,8 +58,11 @@ def create_app(services: Services) -> Starlette:
     async def store_down(request: Request, exc: Exception) -> Response:
         # A store that dropped away mid-request (a Redis restart, say) is a retryable 503,
         # in the envelope like every other answer, never a bare 500.
-        return fail(503, f"the budget store is unavailable; try again shortly ({exc})",
-                    headers={"retry-after": "1"})
+        return fail(
+            503,
+            f"the budget store is unavailable; try again shortly ({exc})",
+            headers={"retry-after": "1"},
+        )
 
     route_list: list[BaseRoute] = [
         Route("/healthz", healthz),
@@ -76,8 +83,13 @@ def create_app(services: Services) -> Starlette:
         routes=route_list,
         # Status-code keys catch the router's own 404 and 405 too, so every answer, even to
         # a path that matches nothing, is the JSON envelope.
-        exception_handlers={ApiError: api_error, HTTPException: http_error, 404: http_error,
-                            405: http_error, StoreUnavailable: store_down},
+        exception_handlers={
+            ApiError: api_error,
+            HTTPException: http_error,
+            404: http_error,
+            405: http_error,
+            StoreUnavailable: store_down,
+        },
     )
     # An API answers the path it was given; a redirect to a slash variant is never right.
     app.router.redirect_slashes = False

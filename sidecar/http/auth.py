@@ -37,8 +37,9 @@ async def require_admin(services: Services, request: Request) -> str:
     429 after too many failures, and 403/415 for a write a foreign page could have sent."""
     config = services.ruleset.config
     try:
-        admin = await services.admin_gate.authorize(request_headers(request),
-                                                    client_addr(services, request))
+        admin = await services.admin_gate.authorize(
+            request_headers(request), client_addr(services, request)
+        )
     except AdminDenied as exc:
         headers = {} if exc.retry_after is None else {"Retry-After": str(exc.retry_after)}
         raise ApiError(exc.status, exc.message, headers=headers) from None

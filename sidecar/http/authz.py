@@ -58,8 +58,9 @@ class BadOriginal(ValueError):
     """The ingress described the original request in a way that cannot be used."""
 
 
-def original_request(path_param: str | None, method: str,
-                     headers: Mapping[str, str]) -> tuple[str, str, bool]:
+def original_request(
+    path_param: str | None, method: str, headers: Mapping[str, str]
+) -> tuple[str, str, bool]:
     """(method, path, is_nginx) of the request being authorized."""
     if path_param is not None:
         return method, "/" + path_param.lstrip("/"), False
@@ -71,19 +72,23 @@ def original_request(path_param: str | None, method: str,
         raise BadOriginal("x-original-uri and x-forwarded-uri disagree")
     uri = nginx_uri if nginx_uri is not None else traefik_uri
     if uri is None:
-        raise BadOriginal("the original request is unknown: call /authz/<path> (Envoy "
-                          "http_service) or send X-Original-URI (nginx auth_request) or "
-                          "X-Forwarded-Uri (Traefik ForwardAuth)")
+        raise BadOriginal(
+            "the original request is unknown: call /authz/<path> (Envoy "
+            "http_service) or send X-Original-URI (nginx auth_request) or "
+            "X-Forwarded-Uri (Traefik ForwardAuth)"
+        )
     if nginx_uri is not None:
         original_method = headers.get("x-original-method", "")
     else:
         original_method = headers.get("x-forwarded-method", "")
     if not uri.startswith("/") or len(uri) > MAX_URI or UNSAFE.search(uri):
-        raise BadOriginal("the original URI must be an absolute path of at most "
-                          f"{MAX_URI} characters")
+        raise BadOriginal(
+            f"the original URI must be an absolute path of at most {MAX_URI} characters"
+        )
     if not _TOKEN.match(original_method):
-        raise BadOriginal("the original method (X-Original-Method or X-Forwarded-Method) "
-                          "is missing or malformed")
+        raise BadOriginal(
+            "the original method (X-Original-Method or X-Forwarded-Method) is missing or malformed"
+        )
     return original_method.upper(), uri, nginx_uri is not None
 
 
@@ -106,8 +111,11 @@ def render(decision: Decision, nginx: bool, with_keys: bool = False) -> Response
     if decision.allowed:
         # x-sidecar-request-id, among the decision's headers when something was reserved, is
         # the sidecar's own id: the ingress passes it on, and usage is reported against it.
-        headers = {**decision.headers, **decision.response_headers,
-                   **(decision.upstream_secrets if with_keys else {})}
+        headers = {
+            **decision.headers,
+            **decision.response_headers,
+            **(decision.upstream_secrets if with_keys else {}),
+        }
         remove = set(decision.remove_headers)
         if not with_keys:
             # The key that would have replaced the caller's header (its JWT in
@@ -128,8 +136,9 @@ def render(decision: Decision, nginx: bool, with_keys: bool = False) -> Response
         # The deny bodies are ASCII JSON on one line (json.dumps escapes the rest), so
         # they fit a header value as they are.
         headers["x-sidecar-error"] = clean(decision.body.decode("ascii", "replace"))
-    return Response(decision.body, status_code=status, headers=headers,
-                    media_type="application/json")
+    return Response(
+        decision.body, status_code=status, headers=headers, media_type="application/json"
+    )
 
 
 def routes(services: Services) -> list[Route]:
@@ -151,21 +160,35 @@ def routes(services: Services) -> list[Route]:
         model = headers.get("x-sidecar-model", "").strip()
         try:
             if len(model) > MAX_MODEL or UNSAFE.search(model):
-                raise BadOriginal(f"x-sidecar-model must be at most {MAX_MODEL} printable "
-                                  "characters")
+                raise BadOriginal(
+                    f"x-sidecar-model must be at most {MAX_MODEL} printable characters"
+                )
             method, path, nginx = original_request(path_param, request.method, headers)
         except BadOriginal as exc:
             return await refuse(headers, str(exc), nginx)
         if request.url.query and path_param is not None:
             path = f"{path}?{request.url.query}"
         provider = services.ruleset.provider_for_path(path)
-        if not model and method in BODY_METHODS and provider is not None and \
-                not _path_names_model(path[len(provider.path_prefix):]):
+        if (
+            not model
+            and method in BODY_METHODS
+            and provider is not None
+            and not _path_names_model(path[len(provider.path_prefix) :])
+        ):
             # The engine would read the model from a body; an ingress cannot send one.
-            return await refuse(headers, "x-sidecar-model is required: this authorization "
-                                "endpoint receives no request body", nginx)
-        attrs = RequestAttrs(method=method, path=path, headers=headers, body=None,
-                             request_id=request_id, model_hint=model)
+            return await refuse(
+                headers,
+                "x-sidecar-model is required: this authorization endpoint receives no request body",
+                nginx,
+            )
+        attrs = RequestAttrs(
+            method=method,
+            path=path,
+            headers=headers,
+            body=None,
+            request_id=request_id,
+            model_hint=model,
+        )
         with_keys = is_ingress(headers, services.settings.current.ingress_token)
         return render(await services.engine.check(attrs), nginx, with_keys)
 

@@ -42,8 +42,13 @@ def _identity(data: Any) -> Identity:
     if not (email or token_name):
         raise ApiError(400, "identity needs an email or a token_name")
     subject = _text(data, "subject") or email or token_name
-    return Identity(kind=kind, subject=subject, email=email,  # type: ignore[arg-type]
-                    groups=tuple(groups), token_name=token_name)
+    return Identity(
+        kind=kind,  # type: ignore[arg-type]
+        subject=subject,
+        email=email,
+        groups=tuple(groups),
+        token_name=token_name,
+    )
 
 
 def routes(services: Services) -> list[Route]:

@@ -15,8 +15,13 @@ MAX_JSON_BODY = 64 * 1024
 class ApiError(Exception):
     """An admin API failure: rendered as the envelope with `success: false`."""
 
-    def __init__(self, status: int, message: str, code: int | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         self.status = status
         self.message = message
         self.code = code if code is not None else status * 10
@@ -31,12 +36,18 @@ def ok(result: Any, status: int = 200, result_info: dict[str, Any] | None = None
     return JSONResponse(body, status_code=status)
 
 
-def fail(status: int, message: str, code: int | None = None,
-         headers: dict[str, str] | None = None) -> JSONResponse:
+def fail(
+    status: int, message: str, code: int | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
     return JSONResponse(
-        {"success": False, "errors": [{"code": code or status * 10, "message": message}],
-         "messages": [], "result": None},
-        status_code=status, headers=headers,
+        {
+            "success": False,
+            "errors": [{"code": code or status * 10, "message": message}],
+            "messages": [],
+            "result": None,
+        },
+        status_code=status,
+        headers=headers,
     )
 
 

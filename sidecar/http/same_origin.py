@@ -35,8 +35,9 @@ def same_origin(request: Request, public_url: str) -> bool:
     # The scheme is not compared with the Host header's: behind a TLS-terminating proxy the
     # sidecar sees http while the browser's Origin says https. The configured public URL
     # is compared whole.
-    return (bool(host) and urlsplit(origin).netloc == host) or \
-        (bool(public_url) and origin == _origin(public_url))
+    return (bool(host) and urlsplit(origin).netloc == host) or (
+        bool(public_url) and origin == _origin(public_url)
+    )
 
 
 def cross_site(request: Request, public_url: str) -> bool:
@@ -61,9 +62,12 @@ def check_write(request: Request, carriers: tuple[str, ...], public_url: str) ->
     if request.method in SAFE_METHODS:
         return
     if "cookie" in carriers and not same_origin(request, public_url):
-        raise ApiError(403, "cross-site request refused: a write authenticated by the "
-                            "CF_Authorization cookie must come from this site (Origin or "
-                            "Sec-Fetch-Site: same-origin); API clients should send a token")
+        raise ApiError(
+            403,
+            "cross-site request refused: a write authenticated by the "
+            "CF_Authorization cookie must come from this site (Origin or "
+            "Sec-Fetch-Site: same-origin); API clients should send a token",
+        )
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     needs_json = request.method != "DELETE" or _has_body(request)
     if needs_json and ctype != "application/json":

@@ -45,8 +45,7 @@ class Attempts:
         wait: int | None = None
         for check in checks:
             limit = check[0]
-            count = await self._store.incr(self._key(check, now), 0, limit.window_seconds,
-                                           now=now)
+            count = await self._store.incr(self._key(check, now), 0, limit.window_seconds, now=now)
             if count >= limit.limit:
                 window_end = (now // limit.window_seconds + 1) * limit.window_seconds
                 seconds = max(1, math.ceil(window_end - now))
@@ -56,5 +55,4 @@ class Attempts:
     async def failed(self, checks: Sequence[Check]) -> None:
         now = self._clock()
         for check in checks:
-            await self._store.incr(self._key(check, now), 1, check[0].window_seconds,
-                                   now=now)
+            await self._store.incr(self._key(check, now), 1, check[0].window_seconds, now=now)

@@ -19,8 +19,9 @@ CLIENT_SECRET = "cf-access-client-secret"
 class Identifier(Protocol):
     """What the engine asks who a request is from (the Authenticator, or a test's own)."""
 
-    async def identify(self, headers: Mapping[str, str]
-                       ) -> tuple[Identity, tuple[str, ...]] | None: ...
+    async def identify(
+        self, headers: Mapping[str, str]
+    ) -> tuple[Identity, tuple[str, ...]] | None: ...
 
 
 def _cookie_token(header: str) -> str | None:
@@ -49,18 +50,27 @@ def find_jwt(headers: Mapping[str, str]) -> tuple[str, str] | None:
 
 
 class Authenticator:
-    def __init__(self, jwt: JwtVerifier, service_tokens: ServiceTokens | None,
-                 sessions: CliSessions | None = None) -> None:
+    def __init__(
+        self,
+        jwt: JwtVerifier,
+        service_tokens: ServiceTokens | None,
+        sessions: CliSessions | None = None,
+    ) -> None:
         self.jwt = jwt
         self.service_tokens = service_tokens
         self.sessions = sessions
 
     async def _verify(self, token: str) -> Identity:
         identity = await self.jwt.verify(token)
-        if identity.session and self.sessions is not None and \
-                not await self.sessions.live(identity.session):
-            raise AuthError("revoked", "this CLI session was logged out or revoked; run "
-                                       "`sidecar login` to sign in again")
+        if (
+            identity.session
+            and self.sessions is not None
+            and not await self.sessions.live(identity.session)
+        ):
+            raise AuthError(
+                "revoked",
+                "this CLI session was logged out or revoked; run `sidecar login` to sign in again",
+            )
         return identity
 
     def sidecar_bearer(self, headers: Mapping[str, str]) -> bool:

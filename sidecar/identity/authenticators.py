@@ -24,8 +24,9 @@ class Identities:
     def jwks(self, url: str | None, file: str | None, floor: float, max_age: float) -> JwksCache:
         key = (url, file)
         if key not in self._jwks:
-            self._jwks[key] = JwksCache(url=url, file=file, refresh_floor_seconds=floor,
-                                        cache_seconds=max_age)
+            self._jwks[key] = JwksCache(
+                url=url, file=file, refresh_floor_seconds=floor, cache_seconds=max_age
+            )
         return self._jwks[key]
 
     def __call__(self, rs: RuleSet) -> Authenticator:
@@ -33,10 +34,12 @@ class Identities:
             return self._built[1]
         policies = [
             IssuerPolicy(
-                issuer=i.issuer, audiences=i.audiences, algorithms=i.algorithms,
-                groups_claim=i.groups_claim, leeway_seconds=i.leeway_seconds,
-                keys=self.jwks(i.jwks_url, i.jwks_file, i.refresh_floor_seconds,
-                               i.cache_seconds),
+                issuer=i.issuer,
+                audiences=i.audiences,
+                algorithms=i.algorithms,
+                groups_claim=i.groups_claim,
+                leeway_seconds=i.leeway_seconds,
+                keys=self.jwks(i.jwks_url, i.jwks_file, i.refresh_floor_seconds, i.cache_seconds),
             )
             for i in rs.config.identity.jwt.issuers
         ]

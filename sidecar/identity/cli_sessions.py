@@ -48,18 +48,39 @@ class CliSessions:
         self._clock = clock
         self._cache: dict[str, tuple[float, bool]] = {}
 
-    async def create(self, *, subject: str, email: str, groups: tuple[str, ...], issuer: str,
-                     scope: Scope, ttl_seconds: int, client: str) -> tuple[Doc, str]:
+    async def create(
+        self,
+        *,
+        subject: str,
+        email: str,
+        groups: tuple[str, ...],
+        issuer: str,
+        scope: Scope,
+        ttl_seconds: int,
+        client: str,
+    ) -> tuple[Doc, str]:
         """A new session and its first refresh token."""
         now = self._clock()
         sid = uuid.uuid4().hex
         secret = secrets.token_urlsafe(32)
-        doc = {"id": sid, "subject": subject, "email": email, "groups": list(groups),
-               "issuer": issuer, "scope": scope, "client": client[:200], "created_at": now,
-               "expires_at": now + ttl_seconds, "last_refreshed_at": None,
-               "revoked_at": None, "revoked_by": None, "refresh_hash": secret_hash(secret)}
-        await self._store.put_doc(COLLECTION, sid, doc, ttl_seconds + RETAIN_REVOKED_SECONDS,
-                                  now=now)
+        doc = {
+            "id": sid,
+            "subject": subject,
+            "email": email,
+            "groups": list(groups),
+            "issuer": issuer,
+            "scope": scope,
+            "client": client[:200],
+            "created_at": now,
+            "expires_at": now + ttl_seconds,
+            "last_refreshed_at": None,
+            "revoked_at": None,
+            "revoked_by": None,
+            "refresh_hash": secret_hash(secret),
+        }
+        await self._store.put_doc(
+            COLLECTION, sid, doc, ttl_seconds + RETAIN_REVOKED_SECONDS, now=now
+        )
         return doc, f"{sid}.{secret}"
 
     async def refresh(self, refresh_token: str) -> Refreshed | RefreshError:
@@ -98,8 +119,9 @@ class CliSessions:
             if doc["revoked_at"] is not None:
                 return doc, doc
             new = {**doc, "revoked_at": now, "revoked_by": by}
-            if await self._store.swap_doc(COLLECTION, sid, doc, new,
-                                          RETAIN_REVOKED_SECONDS, now=now):
+            if await self._store.swap_doc(
+                COLLECTION, sid, doc, new, RETAIN_REVOKED_SECONDS, now=now
+            ):
                 self._cache.pop(sid, None)
                 return doc, new
         return None

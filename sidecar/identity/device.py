@@ -56,8 +56,9 @@ SECRETS = "device_secrets"
 MAX_ATTEMPTS = 8
 
 Status = Literal["pending", "approved", "denied", "issued"]
-PollOutcome = Literal["authorization_pending", "slow_down", "access_denied", "expired_token",
-                      "invalid_grant", "issue"]
+PollOutcome = Literal[
+    "authorization_pending", "slow_down", "access_denied", "expired_token", "invalid_grant", "issue"
+]
 DecideError = Literal["unknown", "expired", "already_decided", "busy", "not_admin"]
 # Admin-scoped tokens never live longer than this, whatever token_ttl says.
 ADMIN_TOKEN_TTL = 3600
@@ -101,9 +102,19 @@ class Grant:
     @classmethod
     def from_doc(cls, doc: Doc) -> Grant:
         approver = doc.get("approver")
-        return cls(**{**doc, "approver": None if approver is None else Approver(
-            approver["subject"], approver["email"], tuple(approver["groups"]),
-            approver["issuer"])})
+        return cls(
+            **{
+                **doc,
+                "approver": None
+                if approver is None
+                else Approver(
+                    approver["subject"],
+                    approver["email"],
+                    tuple(approver["groups"]),
+                    approver["issuer"],
+                ),
+            }
+        )
 
 
 # -- pure helpers ----------------------------------------------------------------------
@@ -136,8 +147,9 @@ def poll(grant: Grant, now: float) -> tuple[Grant, PollOutcome]:
         return grant, "expired_token"
     last = grant.last_poll_at
     if last is not None and now - last + POLL_GRACE_SECONDS < grant.interval:
-        return replace(grant, interval=grant.interval + SLOW_DOWN_STEP, last_poll_at=now), \
-            "slow_down"
+        return replace(
+            grant, interval=grant.interval + SLOW_DOWN_STEP, last_poll_at=now
+        ), "slow_down"
     polled = replace(grant, last_poll_at=now)
     if grant.status == "pending":
         return polled, "authorization_pending"
@@ -146,16 +158,18 @@ def poll(grant: Grant, now: float) -> tuple[Grant, PollOutcome]:
     return replace(polled, status="issued"), "issue"
 
 
-def decide(grant: Grant, approver: Approver, approve: bool, now: float,
-           approver_is_admin: bool = False) -> Grant | DecideError:
+def decide(
+    grant: Grant, approver: Approver, approve: bool, now: float, approver_is_admin: bool = False
+) -> Grant | DecideError:
     if now >= grant.expires_at:
         return "expired"
     if grant.status != "pending":
         return "already_decided"
     if approve and grant.scope == "admin" and not approver_is_admin:
         return "not_admin"
-    return replace(grant, status="approved" if approve else "denied", approver=approver,
-                   decided_at=now)
+    return replace(
+        grant, status="approved" if approve else "denied", approver=approver, decided_at=now
+    )
 
 
 def csrf_token(secret: bytes, approver: Approver, grant: Grant) -> str:
@@ -166,16 +180,32 @@ def csrf_token(secret: bytes, approver: Approver, grant: Grant) -> str:
 
 
 def csrf_ok(secret: bytes, approver: Approver, grant: Grant, presented: str) -> bool:
-    return hmac.compare_digest(csrf_token(secret, approver, grant).encode(),
-                               presented.encode("utf-8", "replace"))
+    return hmac.compare_digest(
+        csrf_token(secret, approver, grant).encode(), presented.encode("utf-8", "replace")
+    )
 
 
-def cli_claims(issuer: str, approver: Approver, now: float, ttl_seconds: int,
-               session: str = "", scope: str = "") -> dict[str, Any]:
+def cli_claims(
+    issuer: str,
+    approver: Approver,
+    now: float,
+    ttl_seconds: int,
+    session: str = "",
+    scope: str = "",
+) -> dict[str, Any]:
     issued = int(now)
-    claims = {"iss": issuer, "aud": AUDIENCE, "sub": approver.subject, "email": approver.email,
-              "groups": list(approver.groups), "kind": "cli", "iat": issued, "nbf": issued,
-              "exp": issued + ttl_seconds, "jti": uuid.uuid4().hex}
+    claims = {
+        "iss": issuer,
+        "aud": AUDIENCE,
+        "sub": approver.subject,
+        "email": approver.email,
+        "groups": list(approver.groups),
+        "kind": "cli",
+        "iat": issued,
+        "nbf": issued,
+        "exp": issued + ttl_seconds,
+        "jti": uuid.uuid4().hex,
+    }
     if session:
         claims["sid"] = session
     if scope:
@@ -207,13 +237,19 @@ class IssuedToken:
 class DeviceLogin:
     """Device grants, approvals and the tokens they turn into, all kept in the store."""
 
-    def __init__(self, store: DocumentStore, issuer: str, *, box: SecretBox,
-                 clock: Callable[[], float] = time.time, keys: SigningKeys | None = None,
-                 sessions: CliSessions | None = None) -> None:
+    def __init__(
+        self,
+        store: DocumentStore,
+        issuer: str,
+        *,
+        box: SecretBox,
+        clock: Callable[[], float] = time.time,
+        keys: SigningKeys | None = None,
+        sessions: CliSessions | None = None,
+    ) -> None:
         self.issuer = issuer
         self.sessions = sessions or CliSessions(store, clock)
-        self.keys = keys or SigningKeys(store, box=box, clock=clock,
-                                        leeway_seconds=LEEWAY_SECONDS)
+        self.keys = keys or SigningKeys(store, box=box, clock=clock, leeway_seconds=LEEWAY_SECONDS)
         self._store = store
         self._box = box
         self._clock = clock
@@ -221,9 +257,15 @@ class DeviceLogin:
 
     @property
     def issuer_policy(self) -> IssuerPolicy:
-        return IssuerPolicy(issuer=self.issuer, audiences=(AUDIENCE,), algorithms=(ALGORITHM,),
-                            groups_claim="groups", leeway_seconds=LEEWAY_SECONDS,
-                            keys=self.keys, own=True)
+        return IssuerPolicy(
+            issuer=self.issuer,
+            audiences=(AUDIENCE,),
+            algorithms=(ALGORITHM,),
+            groups_claim="groups",
+            leeway_seconds=LEEWAY_SECONDS,
+            keys=self.keys,
+            own=True,
+        )
 
     def now(self) -> float:
         return self._clock()
@@ -231,19 +273,31 @@ class DeviceLogin:
     def _ttl(self, grant: Grant, now: float) -> int:
         return max(1, math.ceil(grant.expires_at + RETAIN_SECONDS - now))
 
-    async def start(self, client_addr: str, user_agent: str, client_id: str,
-                    scope: str = "") -> tuple[str, Grant]:
+    async def start(
+        self, client_addr: str, user_agent: str, client_id: str, scope: str = ""
+    ) -> tuple[str, Grant]:
         """A new grant and its device code (the only time the code exists in clear)."""
         device_code = secrets.token_urlsafe(32)
         now = self._clock()
-        grant = Grant(grant_id(device_code), "", "pending", now, now + EXPIRES_IN, INTERVAL,
-                      client_addr, user_agent, client_id, scope=scope)
+        grant = Grant(
+            grant_id(device_code),
+            "",
+            "pending",
+            now,
+            now + EXPIRES_IN,
+            INTERVAL,
+            client_addr,
+            user_agent,
+            client_id,
+            scope=scope,
+        )
         ttl = self._ttl(grant, now)
         for _ in range(MAX_ATTEMPTS):
             code = new_user_code()
             # Claim the user code atomically: two live grants must never share one.
-            if await self._store.swap_doc(USER_CODES, code, None, {"grant": grant.id}, ttl,
-                                          now=now):
+            if await self._store.swap_doc(
+                USER_CODES, code, None, {"grant": grant.id}, ttl, now=now
+            ):
                 grant = replace(grant, user_code=code)
                 await self._store.put_doc(GRANTS, grant.id, grant.to_doc(), ttl, now=now)
                 return device_code, grant
@@ -251,15 +305,15 @@ class DeviceLogin:
 
     async def _grant_doc(self, user_code: str, now: float) -> Doc | None:
         index = await self._store.get_doc(USER_CODES, user_code, now=now)
-        return None if index is None else \
-            await self._store.get_doc(GRANTS, index["grant"], now=now)
+        return None if index is None else await self._store.get_doc(GRANTS, index["grant"], now=now)
 
     async def find(self, user_code: str) -> Grant | None:
         doc = await self._grant_doc(user_code, self._clock())
         return None if doc is None else Grant.from_doc(doc)
 
-    async def decide(self, user_code: str, identity: Identity, approve: bool,
-                     approver_is_admin: bool = False) -> Grant | DecideError:
+    async def decide(
+        self, user_code: str, identity: Identity, approve: bool, approver_is_admin: bool = False
+    ) -> Grant | DecideError:
         approver = Approver.of(identity)
         for _ in range(MAX_ATTEMPTS):
             now = self._clock()
@@ -269,13 +323,15 @@ class DeviceLogin:
             result = decide(Grant.from_doc(doc), approver, approve, now, approver_is_admin)
             if isinstance(result, str):
                 return result
-            if await self._store.swap_doc(GRANTS, result.id, doc, result.to_doc(),
-                                          self._ttl(result, now), now=now):
+            if await self._store.swap_doc(
+                GRANTS, result.id, doc, result.to_doc(), self._ttl(result, now), now=now
+            ):
                 return result
         return "busy"
 
-    async def exchange(self, device_code: str, token_ttl: int, client_id: str = "",
-                       session_ttl: int = 0) -> IssuedToken | PollOutcome:
+    async def exchange(
+        self, device_code: str, token_ttl: int, client_id: str = "", session_ttl: int = 0
+    ) -> IssuedToken | PollOutcome:
         """Answer one poll of /device/token: a token, or the RFC 8628 error code."""
         gid = grant_id(device_code)
         for _ in range(MAX_ATTEMPTS):
@@ -293,29 +349,38 @@ class DeviceLogin:
                 # Made before the swap: if another replica wins, these are just dropped (the
                 # session is never used, and expires).
                 issued = await self._open_session(after, token_ttl, session_ttl)
-            if after == grant or await self._store.swap_doc(GRANTS, gid, doc, after.to_doc(),
-                                                            self._ttl(after, now), now=now):
+            if after == grant or await self._store.swap_doc(
+                GRANTS, gid, doc, after.to_doc(), self._ttl(after, now), now=now
+            ):
                 return issued if issued is not None else outcome
         # Lost every race: someone polls this code in a tight loop.
         return "slow_down"
 
-    async def _open_session(self, grant: Grant, token_ttl: int,
-                            session_ttl: int) -> IssuedToken:
+    async def _open_session(self, grant: Grant, token_ttl: int, session_ttl: int) -> IssuedToken:
         approver = grant.approver
         assert approver is not None
         admin = grant.scope == "admin"
         # An admin session lasts one access token and has no refresh token: after its hour,
         # the admin logs in (and is approved) again.
-        lifetime = access_ttl("admin", token_ttl, ADMIN_TOKEN_TTL) if admin else \
-            max(session_ttl, token_ttl)
+        lifetime = (
+            access_ttl("admin", token_ttl, ADMIN_TOKEN_TTL)
+            if admin
+            else max(session_ttl, token_ttl)
+        )
         session, refresh = await self.sessions.create(
-            subject=approver.subject, email=approver.email, groups=approver.groups,
-            issuer=approver.issuer, scope="admin" if admin else "", ttl_seconds=lifetime,
-            client=grant.user_agent)
+            subject=approver.subject,
+            email=approver.email,
+            groups=approver.groups,
+            issuer=approver.issuer,
+            scope="admin" if admin else "",
+            ttl_seconds=lifetime,
+            client=grant.user_agent,
+        )
         ttl = access_ttl(grant.scope, token_ttl, lifetime)
         token = await self.mint(approver, ttl, session["id"], grant.scope)
-        return IssuedToken(token, ttl, approver, grant.scope, session["id"],
-                           None if admin else refresh)
+        return IssuedToken(
+            token, ttl, approver, grant.scope, session["id"], None if admin else refresh
+        )
 
     async def refresh(self, refresh_token: str, token_ttl: int) -> IssuedToken | str:
         """A new access token and the next refresh token, or an RFC 6749 error code."""
@@ -330,10 +395,12 @@ class DeviceLogin:
         token = await self.mint(approver, ttl, doc["id"])
         return IssuedToken(token, ttl, approver, "", doc["id"], result.refresh_token)
 
-    async def mint(self, approver: Approver, ttl_seconds: int, session: str = "",
-                   scope: str = "") -> str:
-        return await self.keys.sign(cli_claims(self.issuer, approver, self._clock(), ttl_seconds,
-                                               session, scope))
+    async def mint(
+        self, approver: Approver, ttl_seconds: int, session: str = "", scope: str = ""
+    ) -> str:
+        return await self.keys.sign(
+            cli_claims(self.issuer, approver, self._clock(), ttl_seconds, session, scope)
+        )
 
     # -- CSRF --------------------------------------------------------------------------
     async def csrf_secret(self) -> bytes:
@@ -343,13 +410,18 @@ class DeviceLogin:
             doc = await self._store.get_doc(SECRETS, "csrf", now=now)
             if doc is None:
                 fresh = {"sealed": self._box.seal(secrets.token_bytes(32))}
-                doc = fresh if await self._store.swap_doc(SECRETS, "csrf", None, fresh, now=now) \
+                doc = (
+                    fresh
+                    if await self._store.swap_doc(SECRETS, "csrf", None, fresh, now=now)
                     else await self._store.get_doc(SECRETS, "csrf", now=now)
+                )
             if doc is None:
                 raise RuntimeError("the CSRF secret vanished from the store")
             if "sealed" not in doc:
-                raise RuntimeError("the CSRF secret is stored unencrypted; restart a sidecar "
-                                   "of this version to encrypt it")
+                raise RuntimeError(
+                    "the CSRF secret is stored unencrypted; restart a sidecar "
+                    "of this version to encrypt it"
+                )
             self._secret = self._box.open(doc["sealed"])
         return self._secret
 
@@ -383,8 +455,10 @@ class DeviceLogin:
         """Wrong user codes count against the person and, more loosely, their address: a
         guesser exhausts their own allowance long before their address's, so one person
         behind a shared proxy or NAT cannot lock everyone else there out."""
-        return ((GUESS_PER_PERSON, subject_of(identity.issuer, identity.subject)),
-                (GUESS_PER_ADDRESS, client_addr))
+        return (
+            (GUESS_PER_PERSON, subject_of(identity.issuer, identity.subject)),
+            (GUESS_PER_ADDRESS, client_addr),
+        )
 
     @staticmethod
     def poll_checks(client_addr: str) -> tuple[Check, ...]:

@@ -31,15 +31,20 @@ def secret_box_for(config_path: Path, rs: RuleSet) -> SecretBox:
     except SecretKeyError as exc:
         raise ConfigError(str(config_path), [f"{config_path}: secrets: {exc}"]) from None
     if box is None:
-        raise ConfigError(str(config_path), [
-            f"{config_path}: identity.device_login is enabled, and its signing keys and CSRF "
-            f"secret are kept in the store encrypted: set ${secrets.key_env} (secrets.key_env) "
-            f"or secrets.key_file to a secret key; {HOW_TO_MAKE}"])
+        raise ConfigError(
+            str(config_path),
+            [
+                f"{config_path}: identity.device_login is enabled, and its signing keys and CSRF "
+                f"secret are kept in the store encrypted: set ${secrets.key_env} (secrets.key_env) "
+                f"or secrets.key_file to a secret key; {HOW_TO_MAKE}"
+            ],
+        )
     return box
 
 
-async def open_device_login(config_path: Path, store: Store, login: DeviceLogin,
-                             box: SecretBox) -> None:
+async def open_device_login(
+    config_path: Path, store: Store, login: DeviceLogin, box: SecretBox
+) -> None:
     try:
         await check_key(store, box, now=time.time())
         sealed = await login.seal_plain_secrets()

@@ -38,9 +38,14 @@ class Directory:
         return cls({key: tuple(value) for key, value in grants.items()})
 
     @classmethod
-    def for_issuers(cls, by_email: Mapping[str, tuple[str, ...]],
-                    issuers: Iterable[str]) -> Directory:
+    def for_issuers(
+        cls, by_email: Mapping[str, tuple[str, ...]], issuers: Iterable[str]
+    ) -> Directory:
         """Grants by e-mail alone, meant for every one of `issuers`."""
         names = tuple(issuers)
-        return cls.build((group, issuer, email) for email, groups in by_email.items()
-                         for group in groups for issuer in names)
+        return cls.build(
+            (group, issuer, email)
+            for email, groups in by_email.items()
+            for group in groups
+            for issuer in names
+        )

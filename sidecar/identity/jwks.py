@@ -70,8 +70,14 @@ class JwksCache:
         self._url = url
         self._file = file
         self._fetch = fetch
-        self._cache = KeyCache(self._load, clock=clock, floor=refresh_floor_seconds,
-                               max_age=cache_seconds, loaded=self._loaded, failed=self._failed)
+        self._cache = KeyCache(
+            self._load,
+            clock=clock,
+            floor=refresh_floor_seconds,
+            max_age=cache_seconds,
+            loaded=self._loaded,
+            failed=self._failed,
+        )
         self.refreshes = 0
         self.failures = 0
 
@@ -113,5 +119,9 @@ class JwksCache:
     def _failed(self, exc: Exception) -> None:
         self.failures += 1
         JWKS_REFRESHES.labels("error").inc()
-        log.warning("jwks_refresh_failed", source=self._url or self._file,
-                    error=str(exc), kept_keys=len(self._cache.keys))
+        log.warning(
+            "jwks_refresh_failed",
+            source=self._url or self._file,
+            error=str(exc),
+            kept_keys=len(self._cache.keys),
+        )

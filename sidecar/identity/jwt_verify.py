@@ -92,8 +92,9 @@ def identity_from_claims(
     else:
         raise AuthError("malformed_claims", "token names no subject, email or common_name")
     groups = list(groups_from_claim(claim_path(claims, policy.groups_claim)))
-    granted = directory.groups_for(policy.issuer, email) if kind == "user" and not policy.own \
-        else ()
+    granted = (
+        directory.groups_for(policy.issuer, email) if kind == "user" and not policy.own else ()
+    )
     for extra in granted:
         if extra not in groups:
             groups.append(extra)
@@ -160,8 +161,11 @@ class JwtVerifier:
     ) -> None:
         self._issuers = {p.issuer: p for p in issuers}
         # A plain {email: groups} mapping grants to people of every external issuer given.
-        self._directory = directory if isinstance(directory, Directory) else \
-            Directory.for_issuers(directory, (p.issuer for p in issuers if not p.own))
+        self._directory = (
+            directory
+            if isinstance(directory, Directory)
+            else Directory.for_issuers(directory, (p.issuer for p in issuers if not p.own))
+        )
         self._clock = clock
         # Keyed by a SHA-256 of the whole token: a token that differs by one byte never hits,
         # and 32 bytes per entry instead of the token (about 800) keep a full cache small.
@@ -217,8 +221,12 @@ class JwtVerifier:
                 algorithms=list(policy.algorithms),
                 audience=list(policy.audiences),
                 issuer=policy.issuer,
-                options={"require": ["exp", "iss", "aud"], "verify_exp": False,
-                         "verify_nbf": False, "verify_iat": False},
+                options={
+                    "require": ["exp", "iss", "aud"],
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                },
             )
         except jwt.PyJWTError as exc:
             for cls, code in _ERRORS:
@@ -229,7 +237,8 @@ class JwtVerifier:
             check_times(claims, now, policy.leeway_seconds)
         except AuthError as err:
             if policy.own and err.code == "expired":
-                raise AuthError("expired", "the CLI token expired; run `sidecar login` to "
-                                           "sign in again") from None
+                raise AuthError(
+                    "expired", "the CLI token expired; run `sidecar login` to sign in again"
+                ) from None
             raise
         return identity_from_claims(claims, policy, self._directory)

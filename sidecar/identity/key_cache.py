@@ -13,9 +13,16 @@ Keys = dict[str, Any]
 
 
 class KeyCache:
-    def __init__(self, load: Callable[[float], Awaitable[Keys]], *,
-                 clock: Callable[[], float], floor: float, max_age: float,
-                 loaded: Callable[[Keys], None], failed: Callable[[Exception], None]) -> None:
+    def __init__(
+        self,
+        load: Callable[[float], Awaitable[Keys]],
+        *,
+        clock: Callable[[], float],
+        floor: float,
+        max_age: float,
+        loaded: Callable[[Keys], None],
+        failed: Callable[[Exception], None],
+    ) -> None:
         # `loaded` and `failed` hear of each reload's outcome (logs, counters), the keys
         # still the old ones when `failed` runs.
         self._load = load
@@ -40,8 +47,11 @@ class KeyCache:
         """Load the keys, unless not `force`d and the last attempt is within the floor."""
         async with self._lock:
             now = self._clock()
-            if not force and self._last_attempt is not None and \
-                    now - self._last_attempt < self._floor:
+            if (
+                not force
+                and self._last_attempt is not None
+                and now - self._last_attempt < self._floor
+            ):
                 return
             self._last_attempt = now
             try:

@@ -39,8 +39,10 @@ class SecretBox:
         try:
             self._fernet = Fernet(key.strip().encode())
         except ValueError:
-            raise SecretKeyError(f"{source} is not a valid secret key (32 url-safe base64 "
-                                 f"bytes, 44 characters); {HOW_TO_MAKE}") from None
+            raise SecretKeyError(
+                f"{source} is not a valid secret key (32 url-safe base64 "
+                f"bytes, 44 characters); {HOW_TO_MAKE}"
+            ) from None
 
     def seal(self, plain: bytes) -> str:
         return self._fernet.encrypt(plain).decode()
@@ -49,20 +51,24 @@ class SecretBox:
         try:
             return self._fernet.decrypt(sealed.encode())
         except InvalidToken:
-            raise SecretKeyError(f"the key in {self.source} does not open the secrets in "
-                                 "the store: they were encrypted with another key") from None
+            raise SecretKeyError(
+                f"the key in {self.source} does not open the secrets in "
+                "the store: they were encrypted with another key"
+            ) from None
 
 
-def load_box(key_env: str, key_file: str | None,
-             environ: Mapping[str, str] = os.environ) -> SecretBox | None:
+def load_box(
+    key_env: str, key_file: str | None, environ: Mapping[str, str] = os.environ
+) -> SecretBox | None:
     """The configured key, the file winning over the environment; None when neither is set."""
     if key_file:
         path = Path(key_file)
         try:
             return SecretBox(path.read_text(encoding="utf-8"), str(path))
         except OSError as exc:
-            raise SecretKeyError(f"cannot read the secret key file {path}: "
-                                 f"{exc.strerror}") from None
+            raise SecretKeyError(
+                f"cannot read the secret key file {path}: {exc.strerror}"
+            ) from None
     value = environ.get(key_env, "")
     return SecretBox(value, f"${key_env}") if value.strip() else None
 

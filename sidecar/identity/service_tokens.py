@@ -68,7 +68,8 @@ class ServiceTokens:
         secret = secrets.token_urlsafe(32)
         expires = None if ttl_seconds is None else now + ttl_seconds
         if await self._live_named(name) is not None or not await self._store.swap_doc(
-                NAMES, name, None, {"client_id": client_id}, now=now):
+            NAMES, name, None, {"client_id": client_id}, now=now
+        ):
             raise NameTaken(name)
         doc = {
             "id": token_id,
@@ -103,8 +104,14 @@ class ServiceTokens:
         if not await self._store.swap_doc(COLLECTION, doc["client_id"], doc, new, now=now):
             return None
         self._cache.pop(doc["client_id"], None)
-        return IssuedToken(doc["id"], doc["name"], doc["client_id"], secret,
-                           tuple(doc["groups"]), doc["expires_at"])
+        return IssuedToken(
+            doc["id"],
+            doc["name"],
+            doc["client_id"],
+            secret,
+            tuple(doc["groups"]),
+            doc["expires_at"],
+        )
 
     async def list(self) -> list[dict[str, Any]]:
         docs = await self._store.list_docs(COLLECTION, now=self._clock())
@@ -117,8 +124,10 @@ class ServiceTokens:
         for doc in docs:
             if doc["id"] == ref or doc["client_id"] == ref:
                 return doc
-        named = sorted((d for d in docs if d["name"] == ref),
-                       key=lambda d: (d["revoked_at"] is None, d["created_at"]))
+        named = sorted(
+            (d for d in docs if d["name"] == ref),
+            key=lambda d: (d["revoked_at"] is None, d["created_at"]),
+        )
         return named[-1] if named else None
 
     async def revoke(self, token_id: str) -> dict[str, Any] | None:
@@ -129,8 +138,9 @@ class ServiceTokens:
             now = self._clock()
             doc = {**doc, "revoked_at": now}
             await self._store.put_doc(COLLECTION, doc["client_id"], doc, now=now)
-            await self._store.swap_doc(NAMES, doc["name"], {"client_id": doc["client_id"]},
-                                       None, now=now)
+            await self._store.swap_doc(
+                NAMES, doc["name"], {"client_id": doc["client_id"]}, None, now=now
+            )
         self._cache.pop(doc["client_id"], None)
         return public_view(doc)
 

@@ -48,10 +48,18 @@ def new_key_doc(now: float, box: SecretBox) -> Doc:
     kid = secrets.token_hex(8)
     jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key()))
     jwk.update(kid=kid, use="sig", alg=ALGORITHM)
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
-    return {"kid": kid, "alg": ALGORITHM, "private_sealed": box.seal(pem), "public_jwk": jwk,
-            "created_at": now, "retired_at": None, "signed_until": now}
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return {
+        "kid": kid,
+        "alg": ALGORITHM,
+        "private_sealed": box.seal(pem),
+        "public_jwk": jwk,
+        "created_at": now,
+        "retired_at": None,
+        "signed_until": now,
+    }
 
 
 async def seal_plain_keys(store: DocumentStore, box: SecretBox, now: float, leeway: int) -> int:
@@ -64,8 +72,11 @@ async def seal_plain_keys(store: DocumentStore, box: SecretBox, now: float, leew
         new = {k: v for k, v in doc.items() if k != "private_pem"}
         new["private_sealed"] = box.seal(pem.encode())
         # A retired key keeps its expiry; an active one never had one.
-        keep = None if doc.get("retired_at") is None else \
-            max(1, math.ceil(float(doc["signed_until"]) + leeway - now))
+        keep = (
+            None
+            if doc.get("retired_at") is None
+            else max(1, math.ceil(float(doc["signed_until"]) + leeway - now))
+        )
         if await store.swap_doc(KEYS, doc["kid"], doc, new, ttl_seconds=keep, now=now):
             sealed += 1
     return sealed
@@ -101,8 +112,14 @@ class SigningKeys:
         self._clock = clock
         self._leeway = leeway_seconds
         self._rotate_after = rotate_after_seconds
-        self._cache = KeyCache(self._load, clock=clock, floor=refresh_floor_seconds,
-                               max_age=cache_seconds, loaded=self._loaded, failed=self._failed)
+        self._cache = KeyCache(
+            self._load,
+            clock=clock,
+            floor=refresh_floor_seconds,
+            max_age=cache_seconds,
+            loaded=self._loaded,
+            failed=self._failed,
+        )
         self.reloads = 0
 
     # -- verification (hot path: memory only, except on an unknown kid) ----------------
@@ -115,8 +132,11 @@ class SigningKeys:
 
     async def _load(self, now: float) -> dict[str, Any]:
         docs = await self._store.list_docs(KEYS, now=now)
-        return {d["kid"]: jwt.PyJWK(public_jwk(d)).key
-                for d in docs if is_published(d, now, self._leeway)}
+        return {
+            d["kid"]: jwt.PyJWK(public_jwk(d)).key
+            for d in docs
+            if is_published(d, now, self._leeway)
+        }
 
     def _loaded(self, keys: dict[str, Any]) -> None:
         self.reloads += 1
@@ -130,8 +150,11 @@ class SigningKeys:
         """Public parts of every published key, the active one first; makes one if none."""
         active = await self._usable_active()
         now = self._clock()
-        docs = [d for d in await self._store.list_docs(KEYS, now=now)
-                if is_published(d, now, self._leeway)]
+        docs = [
+            d
+            for d in await self._store.list_docs(KEYS, now=now)
+            if is_published(d, now, self._leeway)
+        ]
         docs.sort(key=lambda d: (d["kid"] != active["kid"], -float(d["created_at"])))
         return {"keys": [public_jwk(d) for d in docs]}
 
@@ -143,18 +166,22 @@ class SigningKeys:
             doc = await self._usable_active()
             # Record the expiry before the token exists, so the key outlives it for sure.
             extended = {**doc, "signed_until": max(float(doc["signed_until"]), float(exp))}
-            if extended == doc or await self._store.swap_doc(KEYS, doc["kid"], doc, extended,
-                                                             now=self._clock()):
+            if extended == doc or await self._store.swap_doc(
+                KEYS, doc["kid"], doc, extended, now=self._clock()
+            ):
                 if "private_sealed" not in doc:
                     raise SigningKeyUnavailable(
                         f"key {doc['kid']} is stored unencrypted; restart a sidecar of this "
-                        "version to encrypt it")
+                        "version to encrypt it"
+                    )
                 key = serialization.load_pem_private_key(
-                    self._box.open(doc["private_sealed"]), None)
+                    self._box.open(doc["private_sealed"]), None
+                )
                 if not isinstance(key, ec.EllipticCurvePrivateKey):
                     raise SigningKeyUnavailable(f"key {doc['kid']} is not an EC key")
-                return jwt.encode(dict(claims), key, algorithm=ALGORITHM,
-                                  headers={"kid": doc["kid"]})
+                return jwt.encode(
+                    dict(claims), key, algorithm=ALGORITHM, headers={"kid": doc["kid"]}
+                )
         raise SigningKeyUnavailable("the active signing key kept changing")
 
     async def rotate(self) -> str:
@@ -170,10 +197,16 @@ class SigningKeys:
         for _ in range(MAX_ATTEMPTS):
             now = self._clock()
             pointer = await self._store.get_doc(ACTIVE, ACTIVE_ID, now=now)
-            doc = None if pointer is None else \
-                await self._store.get_doc(KEYS, pointer["kid"], now=now)
-            if doc is not None and doc["retired_at"] is None and \
-                    now - float(doc["created_at"]) < self._rotate_after:
+            doc = (
+                None
+                if pointer is None
+                else await self._store.get_doc(KEYS, pointer["kid"], now=now)
+            )
+            if (
+                doc is not None
+                and doc["retired_at"] is None
+                and now - float(doc["created_at"]) < self._rotate_after
+            ):
                 return doc
             await self._rotate_from(pointer)
         raise SigningKeyUnavailable("no active signing key")
@@ -183,8 +216,9 @@ class SigningKeys:
         now = self._clock()
         doc = new_key_doc(now, self._box)
         await self._store.put_doc(KEYS, doc["kid"], doc, now=now)
-        if not await self._store.swap_doc(ACTIVE, ACTIVE_ID, pointer,
-                                          {"kid": doc["kid"], "since": now}, now=now):
+        if not await self._store.swap_doc(
+            ACTIVE, ACTIVE_ID, pointer, {"kid": doc["kid"], "since": now}, now=now
+        ):
             await self._store.delete_doc(KEYS, doc["kid"])
             return None
         previous = None if pointer is None else str(pointer["kid"])
@@ -206,7 +240,8 @@ class SigningKeys:
             if keep <= 0:
                 done = await self._store.swap_doc(KEYS, kid, doc, None, now=now)
             else:
-                done = await self._store.swap_doc(KEYS, kid, doc, retired, ttl_seconds=keep,
-                                                  now=now)
+                done = await self._store.swap_doc(
+                    KEYS, kid, doc, retired, ttl_seconds=keep, now=now
+                )
             if done:
                 return

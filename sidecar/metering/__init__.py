@@ -43,8 +43,18 @@ def utf8_len(value: object) -> int:
 
 
 # Keys under which providers put generated text, reasoning and tool-call arguments.
-TEXT_KEYS = frozenset({"content", "text", "thinking", "arguments", "refusal",
-                       "reasoning_content", "reasoning", "partial_json"})
+TEXT_KEYS = frozenset(
+    {
+        "content",
+        "text",
+        "thinking",
+        "arguments",
+        "refusal",
+        "reasoning_content",
+        "reasoning",
+        "partial_json",
+    }
+)
 
 
 def generated_text_bytes(root: object) -> int:

@@ -54,9 +54,13 @@ def iterations(usage: object) -> tuple[Iteration, ...] | None:
         if item is None:
             continue
         kind, model = item.get("type"), item.get("model")
-        found.append(Iteration(kind if isinstance(kind, str) else "",
-                               TokenUsage(**_read(item)),
-                               model if isinstance(model, str) else ""))
+        found.append(
+            Iteration(
+                kind if isinstance(kind, str) else "",
+                TokenUsage(**_read(item)),
+                model if isinstance(model, str) else "",
+            )
+        )
     return tuple(found)
 
 
@@ -113,8 +117,11 @@ class MessagesStream:
 
     def on_event(self, event: SSEEvent) -> None:
         # Text deltas are most of a stream and carry no usage: skip parsing them by name.
-        if (event.event != "message" and event.event not in _USAGE_EVENTS
-                and event.event != "content_block_delta"):
+        if (
+            event.event != "message"
+            and event.event not in _USAGE_EVENTS
+            and event.event != "content_block_delta"
+        ):
             return
         typed = typed_payload(event)
         if typed is None:

@@ -42,9 +42,12 @@ def converse_usage(usage: object) -> TokenUsage | None:
     output = count(fields.get("outputTokens"))
     if input_tokens is None and output is None:
         return None
-    return TokenUsage(input_tokens=input_tokens or 0, output_tokens=output or 0,
-                      cache_read_tokens=count(fields.get("cacheReadInputTokens")) or 0,
-                      cache_write_tokens=count(fields.get("cacheWriteInputTokens")) or 0)
+    return TokenUsage(
+        input_tokens=input_tokens or 0,
+        output_tokens=output or 0,
+        cache_read_tokens=count(fields.get("cacheReadInputTokens")) or 0,
+        cache_write_tokens=count(fields.get("cacheWriteInputTokens")) or 0,
+    )
 
 
 def converse_body_usage(body: object) -> TokenUsage | None:

@@ -120,8 +120,9 @@ class Bill:
     unpriced_models: tuple[str, ...] = ()
 
 
-def bill(model: str, price: UnitPrice, price_of: PriceOf, reserved: int,
-         observed: Observed) -> Bill:
+def bill(
+    model: str, price: UnitPrice, price_of: PriceOf, reserved: int, observed: Observed
+) -> Bill:
     """What to charge for an exchange whose reservation held `reserved` µUSD. `price` is the
     request's `model`'s; `price_of` prices any other model an iteration names."""
     seen = text_tokens(observed.output_bytes)
@@ -130,8 +131,9 @@ def bill(model: str, price: UnitPrice, price_of: PriceOf, reserved: int,
         return Bill(0, TokenUsage())
     fees = fees_pico(price, observed.fees)
     if observed.iterations:
-        return _bill_iterations(model, price, price_of, usage or TokenUsage(),
-                                observed.iterations, fees)
+        return _bill_iterations(
+            model, price, price_of, usage or TokenUsage(), observed.iterations, fees
+        )
     if usage is not None and observed.complete:
         return Bill(pico_to_micros(cost_pico(price, usage) + fees), usage)
     if usage is not None:
@@ -143,8 +145,14 @@ def bill(model: str, price: UnitPrice, price_of: PriceOf, reserved: int,
     return Bill(max(reserved, text + pico_to_micros(fees)), TokenUsage())
 
 
-def _bill_iterations(request_model: str, price: UnitPrice, price_of: PriceOf,
-                     top: TokenUsage, steps: tuple[Iteration, ...], fees: int) -> Bill:
+def _bill_iterations(
+    request_model: str,
+    price: UnitPrice,
+    price_of: PriceOf,
+    top: TokenUsage,
+    steps: tuple[Iteration, ...],
+    fees: int,
+) -> Bill:
     own = TokenUsage()
     own_pico = fees
     others: dict[str, tuple[int, TokenUsage]] = {}
@@ -167,8 +175,9 @@ def _bill_iterations(request_model: str, price: UnitPrice, price_of: PriceOf,
     own += shortfall
     own_pico += cost_pico(price, shortfall)
     total = pico_to_micros(own_pico + sum(pico for pico, _ in others.values()))
-    parts = tuple(Part(model, pico // PICO_PER_MICRO, tokens)
-                  for model, (pico, tokens) in others.items())
+    parts = tuple(
+        Part(model, pico // PICO_PER_MICRO, tokens) for model, (pico, tokens) in others.items()
+    )
     return Bill(total, own, parts, tuple(unknown), tuple(unpriced))
 
 

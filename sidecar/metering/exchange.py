@@ -28,9 +28,14 @@ log = structlog.get_logger("sidecar.metering")
 
 
 class Charger(Protocol):
-    async def charge(self, request_id: str, observed: Observed, *,
-                     expect: tuple[str, str] | None = None,
-                     hint: tuple[str, str] | None = None) -> tuple[CommitResult, int]: ...
+    async def charge(
+        self,
+        request_id: str,
+        observed: Observed,
+        *,
+        expect: tuple[str, str] | None = None,
+        hint: tuple[str, str] | None = None,
+    ) -> tuple[CommitResult, int]: ...
 
 
 # Charges in flight, held so the event loop does not collect them while they run.
@@ -44,9 +49,16 @@ async def drain_charges() -> None:
 
 
 class MeteredExchange:
-    def __init__(self, charger: Charger, request_id: str, api: Api | None, request_body: bytes,
-                 *, strip_usage_event: bool = False, hint: tuple[str, str] | None = None
-                 ) -> None:
+    def __init__(
+        self,
+        charger: Charger,
+        request_id: str,
+        api: Api | None,
+        request_body: bytes,
+        *,
+        strip_usage_event: bool = False,
+        hint: tuple[str, str] | None = None,
+    ) -> None:
         self._charger = charger
         self.request_id = request_id
         self.api = api
@@ -66,8 +78,7 @@ class MeteredExchange:
         if self.api is None:
             return
         encoding = headers.get("content-encoding", "")
-        self.meter = UsageMeter.for_response(self.api, headers.get("content-type", ""),
-                                             encoding)
+        self.meter = UsageMeter.for_response(self.api, headers.get("content-type", ""), encoding)
         if self._strip and encoding.strip().lower() in ("", "identity"):
             self._filter = UsageEventFilter()
 
@@ -103,12 +114,25 @@ class MeteredExchange:
         if usage is None and meter.output_bytes:
             parsed = load_json(self._request_body) if self._request_body else None
             input_tokens = estimate_input_tokens(parsed) if isinstance(parsed, dict) else 0
-        return Observed(usage, meter.complete, meter.output_bytes, input_tokens, status,
-                        meter.iterations, meter.fees)
+        return Observed(
+            usage,
+            meter.complete,
+            meter.output_bytes,
+            input_tokens,
+            status,
+            meter.iterations,
+            meter.fees,
+        )
 
     async def _charge(self, reason: str) -> None:
-        await charge_observed(self._charger, self.request_id, self.observed(), hint=self._hint,
-                              reason=reason, meter=self.meter)
+        await charge_observed(
+            self._charger,
+            self.request_id,
+            self.observed(),
+            hint=self._hint,
+            reason=reason,
+            meter=self.meter,
+        )
 
 
 def start_charge(charge: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
@@ -119,9 +143,15 @@ def start_charge(charge: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
     return task
 
 
-async def charge_observed(charger: Charger, request_id: str, observed: Observed, *,
-                          hint: tuple[str, str] | None, reason: str,
-                          meter: UsageMeter | None) -> None:
+async def charge_observed(
+    charger: Charger,
+    request_id: str,
+    observed: Observed,
+    *,
+    hint: tuple[str, str] | None,
+    reason: str,
+    meter: UsageMeter | None,
+) -> None:
     """Log what is unusual about the exchange and charge it; a store error is logged."""
     note_observed(request_id, observed, reason=reason, meter=meter)
     try:
@@ -130,20 +160,31 @@ async def charge_observed(charger: Charger, request_id: str, observed: Observed,
         charge_failed(request_id, exc)
 
 
-def note_observed(request_id: str, observed: Observed, *, reason: str,
-                  meter: UsageMeter | None) -> None:
+def note_observed(
+    request_id: str, observed: Observed, *, reason: str, meter: UsageMeter | None
+) -> None:
     """Log what is unusual about an exchange about to be charged."""
     if observed.usage is None and observed.error:
-        log.info("provider_error_not_charged", request_id=request_id,
-                 status=observed.status, reason=reason,
-                 **({} if observed.reached_upstream else {"reached_upstream": False}))
+        log.info(
+            "provider_error_not_charged",
+            request_id=request_id,
+            status=observed.status,
+            reason=reason,
+            **({} if observed.reached_upstream else {"reached_upstream": False}),
+        )
     elif observed.usage is None:
-        log.warning("no_usage_observed", request_id=request_id, status=observed.status,
-                    reason=reason, meter_error=meter.error if meter else None,
-                    output_bytes_seen=observed.output_bytes)
+        log.warning(
+            "no_usage_observed",
+            request_id=request_id,
+            status=observed.status,
+            reason=reason,
+            meter_error=meter.error if meter else None,
+            output_bytes_seen=observed.output_bytes,
+        )
     elif not observed.complete:
-        log.warning("partial_usage_charged", request_id=request_id,
-                    status=observed.status, reason=reason)
+        log.warning(
+            "partial_usage_charged", request_id=request_id, status=observed.status, reason=reason
+        )
 
 
 def charge_failed(request_id: str, exc: Exception) -> None:

@@ -30,9 +30,11 @@ def gemini_usage(metadata: object) -> TokenUsage | None:
     # Tool-use prompt tokens (e.g. a Google Search result fed back in) are billed as input.
     total_input = (prompt or 0) + (count(fields.get("toolUsePromptTokenCount")) or 0)
     cached = min(count(fields.get("cachedContentTokenCount")) or 0, total_input)
-    return TokenUsage(input_tokens=total_input - cached,
-                      output_tokens=(candidates or 0) + (thoughts or 0),
-                      cache_read_tokens=cached)
+    return TokenUsage(
+        input_tokens=total_input - cached,
+        output_tokens=(candidates or 0) + (thoughts or 0),
+        cache_read_tokens=cached,
+    )
 
 
 def _chunks(body: object) -> list[Mapping[str, object]]:
@@ -75,7 +77,8 @@ def candidate_text_bytes(chunk: Mapping[str, object]) -> int:
 def _finished(chunk: Mapping[str, object]) -> bool:
     candidates = chunk.get("candidates")
     return isinstance(candidates, list) and any(
-        isinstance(c, Mapping) and c.get("finishReason") for c in candidates)
+        isinstance(c, Mapping) and c.get("finishReason") for c in candidates
+    )
 
 
 class GeminiStream(StreamTally):

@@ -14,8 +14,13 @@ from collections.abc import Callable
 
 
 class InFlight:
-    def __init__(self, *, max_age: float = 600.0, max_entries: int = 100_000,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        *,
+        max_age: float = 600.0,
+        max_entries: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.max_age = max_age
         self.max_entries = max_entries
         self._clock = clock

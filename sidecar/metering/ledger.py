@@ -34,9 +34,13 @@ class Totals:
     errors: int = 0
 
     def plus(self, row: LedgerRow) -> Totals:
-        return Totals(self.cost + row.cost, self.requests + row.requests,
-                      self.input_tokens + row.input_tokens, self.output_tokens + row.output_tokens,
-                      self.errors + row.errors)
+        return Totals(
+            self.cost + row.cost,
+            self.requests + row.requests,
+            self.input_tokens + row.input_tokens,
+            self.output_tokens + row.output_tokens,
+            self.errors + row.errors,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,8 +64,9 @@ def parse_group_by(text: str) -> tuple[str, ...]:
     names = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
     unknown = [n for n in names if n not in DIMENSIONS]
     if unknown:
-        raise ValueError(f"unknown dimension(s) {', '.join(unknown)}; "
-                         f"choose from {', '.join(DIMENSIONS)}")
+        raise ValueError(
+            f"unknown dimension(s) {', '.join(unknown)}; choose from {', '.join(DIMENSIONS)}"
+        )
     return names
 
 
@@ -99,8 +104,9 @@ def _combinations(dims: LedgerDims, group_by: Sequence[str]) -> list[tuple[tuple
     return combos
 
 
-def group_usage(rows: Iterable[LedgerRow], group_by: Sequence[str],
-                window: Window | None = None) -> list[UsageRow]:
+def group_usage(
+    rows: Iterable[LedgerRow], group_by: Sequence[str], window: Window | None = None
+) -> list[UsageRow]:
     """Sum rows per distinct combination of `group_by` values (and per window, if given).
 
     Ordered by window start, then cost (highest first), then the key values. Grouping by
@@ -113,8 +119,7 @@ def group_usage(rows: Iterable[LedgerRow], group_by: Sequence[str],
         for keys in _combinations(row.dims, group_by):
             slot = (start, keys)
             sums[slot] = sums.get(slot, Totals()).plus(row)
-    ordered = sorted(sums.items(),
-                     key=lambda item: (item[0][0] or 0, -item[1].cost, item[0][1]))
+    ordered = sorted(sums.items(), key=lambda item: (item[0][0] or 0, -item[1].cost, item[0][1]))
     return [UsageRow(keys, start, totals) for (start, keys), totals in ordered]
 
 

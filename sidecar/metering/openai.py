@@ -12,11 +12,16 @@ from sidecar.model import Iteration, TokenUsage, ToolFees
 # Terminal Responses API events; each carries the final response object, usage included.
 _RESPONSES_TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
 # Responses API events whose `delta` is generated text (or tool-call arguments).
-_RESPONSES_DELTAS = frozenset({
-    "response.output_text.delta", "response.refusal.delta", "response.reasoning_text.delta",
-    "response.reasoning_summary_text.delta", "response.function_call_arguments.delta",
-    "response.custom_tool_call_input.delta",
-})
+_RESPONSES_DELTAS = frozenset(
+    {
+        "response.output_text.delta",
+        "response.refusal.delta",
+        "response.reasoning_text.delta",
+        "response.reasoning_summary_text.delta",
+        "response.function_call_arguments.delta",
+        "response.custom_tool_call_input.delta",
+    }
+)
 _CHAT_DELTA_TEXT = ("content", "reasoning_content", "reasoning", "refusal")
 _OUTPUT_ITEM_DONE = "response.output_item.done"
 
@@ -91,8 +96,9 @@ def _usage(usage: object, prefix: str, output_key: str) -> TokenUsage | None:
     output = count(fields.get(output_key))
     if total_input is None and output is None:
         return None
-    return _split_cached(total_input or 0, mapping(fields.get(f"{prefix}_tokens_details")),
-                         output or 0)
+    return _split_cached(
+        total_input or 0, mapping(fields.get(f"{prefix}_tokens_details")), output or 0
+    )
 
 
 def chat_usage(usage: object) -> TokenUsage | None:
@@ -178,8 +184,12 @@ class ResponsesStream:
     def on_event(self, event: SSEEvent) -> None:
         # Other named events carry neither usage, generated text nor a finished tool call:
         # skip parsing them.
-        if (event.event != "message" and event.event not in _RESPONSES_TERMINAL
-                and event.event not in _RESPONSES_DELTAS and event.event != _OUTPUT_ITEM_DONE):
+        if (
+            event.event != "message"
+            and event.event not in _RESPONSES_TERMINAL
+            and event.event not in _RESPONSES_DELTAS
+            and event.event != _OUTPUT_ITEM_DONE
+        ):
             return
         typed = typed_payload(event)
         if typed is None:

@@ -28,8 +28,15 @@ from sidecar.metering.openai import (
 from sidecar.metering.sse import SSEDecoder, SSEEvent
 from sidecar.model import Iteration, TokenUsage, ToolFees
 
-Api = Literal["openai_chat", "openai_responses", "anthropic_messages", "openai_embeddings",
-              "gemini", "bedrock_converse", "bedrock_invoke"]
+Api = Literal[
+    "openai_chat",
+    "openai_responses",
+    "anthropic_messages",
+    "openai_embeddings",
+    "gemini",
+    "bedrock_converse",
+    "bedrock_invoke",
+]
 
 # Whole JSON bodies are buffered to be parsed at the end; past this the body is not metered
 # (the caller falls back to the estimate) rather than held in memory.
@@ -81,8 +88,9 @@ _OWN_BODY_PARSERS: dict[Api, Callable[[object], TokenUsage | None]] = {
 }
 
 # Stable codes for why a response could not be (fully) metered; usable as log fields.
-MeterError = Literal["unsupported_encoding", "bad_encoding", "body_too_large", "bad_json",
-                     "bad_framing"]
+MeterError = Literal[
+    "unsupported_encoding", "bad_encoding", "body_too_large", "bad_json", "bad_framing"
+]
 
 
 class _Stream(Protocol):
@@ -142,8 +150,9 @@ def body_usage(api: Api, body: object) -> TokenUsage | None:
         output_tokens=count(usage.reported_value("output_tokens")) or 0,
         cache_read_tokens=cache_read,
         cache_write_tokens=cache_write,
-        cache_write_1h_tokens=min(count(usage.reported_value("cache_write_1h_tokens")) or 0,
-                                  cache_write),
+        cache_write_1h_tokens=min(
+            count(usage.reported_value("cache_write_1h_tokens")) or 0, cache_write
+        ),
     )
 
 
@@ -188,15 +197,17 @@ class UsageMeter:
     output count), so the caller can charge that instead of nothing.
     """
 
-    def __init__(self, api: Api, *, sse: bool | None, content_encoding: str = "",
-                 eventstream: bool = False) -> None:
+    def __init__(
+        self, api: Api, *, sse: bool | None, content_encoding: str = "", eventstream: bool = False
+    ) -> None:
         self.api = api
         # None: decide from the first byte of the body, for a missing or odd content-type.
         # A binary event stream (Bedrock) is a stream too, in another framing.
         self._sse = True if eventstream else sse
         self._stream = _new_stream(api)
         self._decoder: SSEDecoder | EventStreamDecoder = (
-            EventStreamDecoder() if eventstream else SSEDecoder())
+            EventStreamDecoder() if eventstream else SSEDecoder()
+        )
         self._body = bytearray()
         self._body_usage: TokenUsage | None = None
         self._body_extras: tuple[tuple[Iteration, ...], ToolFees] = ((), ToolFees())

@@ -71,12 +71,13 @@ class MeteringRecord:
 def _from_event(data: bytes) -> bytes:
     """`data` from its first event boundary on (the rest of a cut event dropped)."""
     found = _EVENT_END.search(data)
-    return data[found.end():] if found else b""
+    return data[found.end() :] if found else b""
 
 
 def _meter(record: MeteringRecord, parts: list[bytes]) -> UsageMeter:
-    meter = UsageMeter.for_response(record.api or "openai_chat", record.content_type,
-                                    record.content_encoding)
+    meter = UsageMeter.for_response(
+        record.api or "openai_chat", record.content_type, record.content_encoding
+    )
     for part in parts:
         meter.feed(part)
     meter.finish()
@@ -96,7 +97,7 @@ def _last_events(data: bytes, start_at_boundary: bool) -> bytes:
     if len(ends) <= TAIL_EVENTS and start:
         ends = [m.end() for m in _EVENT_END.finditer(data)]
     if len(ends) > TAIL_EVENTS:
-        return data[ends[-TAIL_EVENTS - 1]:]
+        return data[ends[-TAIL_EVENTS - 1] :]
     return data if start_at_boundary else _from_event(data)
 
 
@@ -114,7 +115,7 @@ def _quick(record: MeteringRecord) -> UsageMeter | None:
     tail = _last_events(record.end, whole or record.trimmed)
     if whole and record.end.endswith(tail) and len(record.end) - len(tail) <= first.end():
         return _meter(record, [record.end])
-    return _meter(record, [record.head[:first.end()], tail])
+    return _meter(record, [record.head[: first.end()], tail])
 
 
 def observed(record: MeteringRecord) -> tuple[Observed, UsageMeter | None]:
@@ -141,11 +142,18 @@ def _head_and_end(record: MeteringRecord) -> list[bytes]:
     """A trimmed body as far as its first event and last events show it (both whole
     events): exactly, when they meet or overlap."""
     if record.end_offset <= len(record.head):
-        return [record.head[:record.end_offset], record.end]
+        return [record.head[: record.end_offset], record.end]
     return [record.head, record.end]
 
 
 def _seen(record: MeteringRecord, meter: UsageMeter, input_tokens: int) -> Observed:
-    return Observed(meter.usage, meter.complete, meter.output_bytes, input_tokens,
-                    record.status, meter.iterations, meter.fees,
-                    reached_upstream=record.reached_upstream)
+    return Observed(
+        meter.usage,
+        meter.complete,
+        meter.output_bytes,
+        input_tokens,
+        record.status,
+        meter.iterations,
+        meter.fees,
+        reached_upstream=record.reached_upstream,
+    )

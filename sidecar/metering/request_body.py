@@ -36,8 +36,9 @@ class Mutation:
     strip_usage_event: bool = False
 
 
-def mutate(body: bytes, api: Api | None, model: str | None, *,
-           only_if_named: bool = False) -> Mutation:
+def mutate(
+    body: bytes, api: Api | None, model: str | None, *, only_if_named: bool = False
+) -> Mutation:
     """The body with `model` set (when given) and usage requested from OpenAI chat streams.
 
     `only_if_named`: set `model` only in a body that has one (an API that names the model
@@ -50,14 +51,19 @@ def mutate(body: bytes, api: Api | None, model: str | None, *,
     if not isinstance(data, dict):
         return Mutation()
     changed = strip = False
-    if model is not None and data.get("model") != model and \
-            not (only_if_named and "model" not in data):
+    if (
+        model is not None
+        and data.get("model") != model
+        and not (only_if_named and "model" not in data)
+    ):
         data["model"] = model
         changed = True
     if needs_stream_check and _needs_usage_option(data):
         options = data.get("stream_options")
-        data["stream_options"] = {**(options if isinstance(options, dict) else {}),
-                                  "include_usage": True}
+        data["stream_options"] = {
+            **(options if isinstance(options, dict) else {}),
+            "include_usage": True,
+        }
         changed = strip = True
     if not changed:
         return Mutation()

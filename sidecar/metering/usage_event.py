@@ -28,11 +28,13 @@ _MAX_HELD = 64 * 1024
 def _is_usage_event(event: bytes) -> bool:
     if b'"usage"' not in event or not _EMPTY_CHOICES.search(event):
         return False
-    data = b"".join(line[5:].lstrip(b" ") for line in event.splitlines()
-                    if line.startswith(b"data:"))
+    data = b"".join(
+        line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:")
+    )
     chunk = mapping(load_json(data))
-    return chunk is not None and chunk.get("choices") == [] and \
-        mapping(chunk.get("usage")) is not None
+    return (
+        chunk is not None and chunk.get("choices") == [] and mapping(chunk.get("usage")) is not None
+    )
 
 
 class UsageEventFilter:
@@ -47,7 +49,7 @@ class UsageEventFilter:
         out: list[bytes] = []
         start = 0
         for match in _EVENT_END.finditer(data):
-            event = data[start:match.end()]
+            event = data[start : match.end()]
             if _is_usage_event(event):
                 self.removed += 1
             else:

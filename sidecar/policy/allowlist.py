@@ -36,8 +36,11 @@ class Allowlist:
         patterns must admit each name, so no spelling of a model gets what another is
         refused."""
         requested = model.strip()
-        names = (requested,) if not canonical or canonical == requested.lower() \
+        names = (
+            (requested,)
+            if not canonical or canonical == requested.lower()
             else (requested, canonical)
+        )
         for rule in self.rules:
             if rule.groups.isdisjoint(groups):
                 continue

@@ -19,7 +19,8 @@ MAX_MODEL_LENGTH = 256
 _PATH_MODEL = re.compile(
     r"(?:^|/)run/(@[^?#]+)|(?:^|/)models/([^/:?#]+):[A-Za-z]+"
     r"|(?:^|/)model/([^?#]+)/(?:converse|converse-stream|invoke|invoke-with-response-stream)$",
-    re.IGNORECASE)
+    re.IGNORECASE,
+)
 # Azure OpenAI: `openai/deployments/<deployment>/...`; the deployment stands for a model.
 _DEPLOYMENT = re.compile(r"(?:^|/)openai/deployments/([^/?#]+)/")
 
@@ -86,14 +87,18 @@ def _checked(model: str) -> str | None:
 def _agree(in_path: str | None, named: str | None, where: str) -> None:
     # Which name the provider obeys depends on the API; judging one while the provider
     # runs the other would be a way around the allowlist.
-    if in_path is not None and named is not None and named.strip() and \
-            named.strip().lower() != in_path.lower():
+    if (
+        in_path is not None
+        and named is not None
+        and named.strip()
+        and named.strip().lower() != in_path.lower()
+    ):
         raise BadRequest(f"the path names model {in_path!r} and {where} {named.strip()!r}")
 
 
-def request_model(attrs: RequestAttrs, provider_prefix: str | None,
-                  deployments: Mapping[str, str] | None = None
-                  ) -> tuple[str, Mapping[str, Any]] | None:
+def request_model(
+    attrs: RequestAttrs, provider_prefix: str | None, deployments: Mapping[str, str] | None = None
+) -> tuple[str, Mapping[str, Any]] | None:
     """(model, parsed body) of a request that names a model, whatever its method; None for
     one that names none (listing models, reading a file), which is identity only.
 
@@ -105,10 +110,9 @@ def request_model(attrs: RequestAttrs, provider_prefix: str | None,
     """
     method = attrs.method.upper()
     on_provider = provider_prefix is not None
-    rest = attrs.path[len(provider_prefix):] if provider_prefix else ""
+    rest = attrs.path[len(provider_prefix) :] if provider_prefix else ""
     in_path = model_in_path(rest) if provider_prefix else None
-    deployment = deployment_in_path(rest) if provider_prefix and deployments is not None \
-        else None
+    deployment = deployment_in_path(rest) if provider_prefix and deployments is not None else None
     if deployment is not None:
         return _deployment_model(attrs, deployment, deployments or {})
     if deployments is not None and in_path is None:
@@ -119,8 +123,9 @@ def request_model(attrs: RequestAttrs, provider_prefix: str | None,
         _agree(in_path, attrs.model_hint, "x-sidecar-model")
         return attrs.model_hint.strip(), {}
     body: Mapping[str, Any] = {}
-    if (attrs.body and (on_provider or method == "POST")) or \
-            (method == "POST" and on_provider and in_path is None):
+    if (attrs.body and (on_provider or method == "POST")) or (
+        method == "POST" and on_provider and in_path is None
+    ):
         body = parse_body(attrs.body)
     if in_path is not None:
         named = body.get("model")
@@ -141,23 +146,28 @@ def _named_deployment(attrs: RequestAttrs) -> str | None:
     return None
 
 
-def _deployment_model(attrs: RequestAttrs, deployment: str,
-                      deployments: Mapping[str, str]) -> tuple[str, Mapping[str, Any]]:
+def _deployment_model(
+    attrs: RequestAttrs, deployment: str, deployments: Mapping[str, str]
+) -> tuple[str, Mapping[str, Any]]:
     model = deployments.get(deployment)
     if model is None:
-        raise BadRequest(f"deployment {deployment!r} is not configured for this provider "
-                         "(providers[].deployments)")
+        raise BadRequest(
+            f"deployment {deployment!r} is not configured for this provider "
+            "(providers[].deployments)"
+        )
     body: Mapping[str, Any] = parse_body(attrs.body) if attrs.body else {}
     # Azure clients send the deployment name as `model`, or the model itself.
     named = body.get("model")
-    if isinstance(named, str) and named.strip().lower() not in (deployment.lower(),
-                                                                model.lower()):
-        raise BadRequest(f"the path names deployment {deployment!r} and the body "
-                         f"{named.strip()!r}")
-    if attrs.model_hint and attrs.model_hint.strip().lower() not in (deployment.lower(),
-                                                                     model.lower()):
-        raise BadRequest(f"the path names deployment {deployment!r} and x-sidecar-model "
-                         f"{attrs.model_hint.strip()!r}")
+    if isinstance(named, str) and named.strip().lower() not in (deployment.lower(), model.lower()):
+        raise BadRequest(f"the path names deployment {deployment!r} and the body {named.strip()!r}")
+    if attrs.model_hint and attrs.model_hint.strip().lower() not in (
+        deployment.lower(),
+        model.lower(),
+    ):
+        raise BadRequest(
+            f"the path names deployment {deployment!r} and x-sidecar-model "
+            f"{attrs.model_hint.strip()!r}"
+        )
     return model, body
 
 

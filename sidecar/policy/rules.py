@@ -19,7 +19,10 @@ from sidecar.store.budget_types import Measure
 Action = Literal["block", "fallback", "monitor"]
 Unit = Literal["usd", "tokens", "requests"]
 UNIT_OF: Mapping[Measure, Unit] = {
-    "usd": "usd", "tokens": "tokens", "input_tokens": "tokens", "output_tokens": "tokens",
+    "usd": "usd",
+    "tokens": "tokens",
+    "input_tokens": "tokens",
+    "output_tokens": "tokens",
     "requests": "requests",
 }
 Window = FixedWindow | RollingWindow
@@ -89,9 +92,7 @@ class Rule:
             values = tuple(dict.fromkeys(values)) or ("",)
             combos = [{**c, dim: v} for c in combos for v in values]
         prefix = self._prefix
-        return [
-            (prefix + "".join(f"|{d}={c[d]}" for d in self.split), c) for c in combos
-        ]
+        return [(prefix + "".join(f"|{d}={c[d]}" for d in self.split), c) for c in combos]
 
 
 def compile_rule(
@@ -115,9 +116,19 @@ def compile_rule(
         label = f"fixed:{window.period}:{window.timezone}"
     else:
         label = f"rolling:{window.seconds}"
-    return Rule(name, limit, window, label, tuple(compiled), split, action,
-                tuple(sorted(alerts)), source,
-                tuple((dim, tuple(patterns)) for dim, patterns in filters.items()), measure)
+    return Rule(
+        name,
+        limit,
+        window,
+        label,
+        tuple(compiled),
+        split,
+        action,
+        tuple(sorted(alerts)),
+        source,
+        tuple((dim, tuple(patterns)) for dim, patterns in filters.items()),
+        measure,
+    )
 
 
 def literal_values(rule: Rule, dimension: str) -> tuple[str, ...]:

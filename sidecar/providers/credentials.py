@@ -74,8 +74,11 @@ class Secret:
     __str__ = __repr__
 
     def describe(self) -> str:
-        return (f"environment variable {self._source.env}" if self._source.env
-                else f"file {self._source.file}")
+        return (
+            f"environment variable {self._source.env}"
+            if self._source.env
+            else f"file {self._source.file}"
+        )
 
     def load(self) -> str:
         """The current value; SecretMissing (naming the variable or file) if there is none."""
@@ -83,8 +86,9 @@ class Secret:
             if not self._cached:
                 self._cached = os.environ.get(self._source.env, "").strip()
             if not self._cached:
-                raise SecretMissing(f"{self.where}: environment variable "
-                                    f"{self._source.env} is not set or empty")
+                raise SecretMissing(
+                    f"{self.where}: environment variable {self._source.env} is not set or empty"
+                )
             return self._cached
         path = self._source.file
         assert path is not None
@@ -98,8 +102,9 @@ class Secret:
                     raise SecretMissing(f"{self.where}: file {path} is empty")
                 self._cached, self._stamp = value, stamp
         except OSError as exc:
-            raise SecretMissing(f"{self.where}: file {path} cannot be read: "
-                                f"{exc.strerror or exc}") from None
+            raise SecretMissing(
+                f"{self.where}: file {path} cannot be read: {exc.strerror or exc}"
+            ) from None
         return self._cached
 
     def value(self) -> str:
@@ -127,8 +132,7 @@ class ProviderKeys:
                 return secret
         return self.default
 
-    def headers(self, groups: tuple[str, ...],
-                client_headers: Mapping[str, str]) -> dict[str, str]:
+    def headers(self, groups: tuple[str, ...], client_headers: Mapping[str, str]) -> dict[str, str]:
         """The upstream headers carrying this caller's key; empty when no key applies (a
         by_group-only provider and a caller in none of its groups: bring your own key)."""
         secret = self.secret_for(groups)
@@ -153,8 +157,10 @@ def build_keys(config: SidecarConfig) -> tuple[dict[str, ProviderKeys], list[str
             continue
         where = f"providers[{index}].credentials"
         default = Secret(creds.default, f"{where}.default") if creds.default else None
-        by_group = tuple((group, Secret(source, f"{where}.by_group.{group}"))
-                         for group, source in creds.by_group.items())
+        by_group = tuple(
+            (group, Secret(source, f"{where}.by_group.{group}"))
+            for group, source in creds.by_group.items()
+        )
         for secret in (default, *(s for _, s in by_group)):
             if secret is None:
                 continue
@@ -166,8 +172,12 @@ def build_keys(config: SidecarConfig) -> tuple[dict[str, ProviderKeys], list[str
     return keys, errors
 
 
-def injected_headers(keys: Mapping[str, ProviderKeys], provider_id: str,
-                     groups: tuple[str, ...], client_headers: Mapping[str, str]) -> dict[str, str]:
+def injected_headers(
+    keys: Mapping[str, ProviderKeys],
+    provider_id: str,
+    groups: tuple[str, ...],
+    client_headers: Mapping[str, str],
+) -> dict[str, str]:
     """What the decision adds upstream for a call to `provider_id`; empty without keys."""
     provider = keys.get(provider_id)
     return provider.headers(groups, client_headers) if provider is not None else {}

@@ -50,7 +50,12 @@ class DocumentStore(Protocol):
     async def get_doc(self, collection: str, key: str, *, now: float) -> Doc | None: ...
 
     async def put_doc(
-        self, collection: str, key: str, doc: Doc, ttl_seconds: int | None = None, *,
+        self,
+        collection: str,
+        key: str,
+        doc: Doc,
+        ttl_seconds: int | None = None,
+        *,
         now: float,
     ) -> None: ...
 
@@ -59,8 +64,14 @@ class DocumentStore(Protocol):
     async def list_docs(self, collection: str, *, now: float) -> list[Doc]: ...
 
     async def swap_doc(
-        self, collection: str, key: str, expected: Doc | None, new: Doc | None,
-        ttl_seconds: int | None = None, *, now: float,
+        self,
+        collection: str,
+        key: str,
+        expected: Doc | None,
+        new: Doc | None,
+        ttl_seconds: int | None = None,
+        *,
+        now: float,
     ) -> bool:
         """Atomically replace `expected` (None: absent) by `new` (None: delete)."""
         ...
@@ -89,8 +100,13 @@ class BudgetStore(Protocol):
         ...
 
     async def commit(
-        self, request_id: str, actual_micros: int, usage: TokenUsage, now: float,
-        error: bool = False, others: Sequence[LedgerPart] = (),
+        self,
+        request_id: str,
+        actual_micros: int,
+        usage: TokenUsage,
+        now: float,
+        error: bool = False,
+        others: Sequence[LedgerPart] = (),
         tokens: tuple[int, int] | None = None,
     ) -> CommitResult:
         """Replace the reservation by the actual amounts, once; a late commit adjusts them.
@@ -111,8 +127,9 @@ class BudgetStore(Protocol):
         with nothing changed."""
         ...
 
-    async def charge_many(self, charges: Sequence[tuple[str, Pricer]], now: float
-                          ) -> list[CommitResult | Exception]:
+    async def charge_many(
+        self, charges: Sequence[tuple[str, Pricer]], now: float
+    ) -> list[CommitResult | Exception]:
         """`charge` each (request id, pricer) of `charges` (an access log batch), in as few
         steps as the backend can, each on its own: what one raised takes its place in the
         answer, and changes nothing of the others (a step failing as a whole, the store
@@ -137,21 +154,24 @@ class BudgetStore(Protocol):
 _CHARGES_AT_ONCE = 32
 
 
-async def charge_each(store: BudgetStore, charges: Sequence[tuple[str, Pricer]],
-                      now: float) -> list[CommitResult | Exception]:
+async def charge_each(
+    store: BudgetStore, charges: Sequence[tuple[str, Pricer]], now: float
+) -> list[CommitResult | Exception]:
     """`BudgetStore.charge_many` as one `charge` per exchange."""
-    return await a_few_at_a_time([functools.partial(store.charge, request_id, price, now)
-                                  for request_id, price in charges])
+    return await a_few_at_a_time(
+        [functools.partial(store.charge, request_id, price, now) for request_id, price in charges]
+    )
 
 
-async def a_few_at_a_time(calls: Sequence[Callable[[], Awaitable[CommitResult]]]
-                          ) -> list[CommitResult | Exception]:
+async def a_few_at_a_time(
+    calls: Sequence[Callable[[], Awaitable[CommitResult]]],
+) -> list[CommitResult | Exception]:
     """The answers of `calls`, run a few at a time; what one raised takes its place."""
     out: list[CommitResult | Exception] = []
     for start in range(0, len(calls), _CHARGES_AT_ONCE):
         answers = await asyncio.gather(
-            *(call() for call in calls[start:start + _CHARGES_AT_ONCE]),
-            return_exceptions=True)
+            *(call() for call in calls[start : start + _CHARGES_AT_ONCE]), return_exceptions=True
+        )
         for answer in answers:
             if isinstance(answer, BaseException) and not isinstance(answer, Exception):
                 raise answer  # cancelled: not an answer

@@ -68,8 +68,9 @@ class LedgerDims:
 
 def dims_to_json(dims: LedgerDims) -> str:
     """The one encoding of ledger dimensions every store and the spool keep."""
-    return json.dumps([dims.user, list(dims.groups), dims.token, dims.kind, dims.model,
-                       dims.provider])
+    return json.dumps(
+        [dims.user, list(dims.groups), dims.token, dims.kind, dims.model, dims.provider]
+    )
 
 
 def dims_from_json(text: str) -> LedgerDims:

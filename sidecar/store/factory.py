@@ -14,8 +14,9 @@ from sidecar.store.redis_cluster_url import CLUSTER_SCHEMES, as_cluster_url
 STORE_SCHEMES = ("sqlite:///", "redis://", "rediss://", *CLUSTER_SCHEMES)
 
 
-def store_url(config_path: Path, config: StoreConfig,
-              environ: Mapping[str, str] = os.environ) -> str:
+def store_url(
+    config_path: Path, config: StoreConfig, environ: Mapping[str, str] = os.environ
+) -> str:
     """`store.url`, or the variable `store.url_env` names (a URL with a password, from a
     secret); a named variable that is unset is an error, never a silent fallback. With
     `store.cluster: true` the Redis URL is read as naming cluster nodes."""
@@ -23,17 +24,22 @@ def store_url(config_path: Path, config: StoreConfig,
         return config.effective_url
     url = environ.get(config.url_env, "").strip()
     if not url.startswith(STORE_SCHEMES):
-        raise ConfigError(str(config_path), [
-            f"{config_path}: store.url_env: ${config.url_env} must hold a store URL "
-            "(sqlite:///, redis://, rediss:// or redis+cluster://)"
-            + ("" if url else ", and it is not set")])
+        raise ConfigError(
+            str(config_path),
+            [
+                f"{config_path}: store.url_env: ${config.url_env} must hold a store URL "
+                "(sqlite:///, redis://, rediss:// or redis+cluster://)"
+                + ("" if url else ", and it is not set")
+            ],
+        )
     if config.cluster:
         try:
             return as_cluster_url(url)
         except ValueError as exc:
             # The message names the scheme, never the URL (it may hold a password).
-            raise ConfigError(str(config_path), [
-                f"{config_path}: store.url_env: ${config.url_env}: {exc}"]) from exc
+            raise ConfigError(
+                str(config_path), [f"{config_path}: store.url_env: ${config.url_env}: {exc}"]
+            ) from exc
     return url
 
 

@@ -32,11 +32,13 @@ def as_cluster_url(url: str) -> str:
         return url
     for plain, cluster in (("redis://", "redis+cluster://"), ("rediss://", "rediss+cluster://")):
         if url.startswith(plain):
-            converted = cluster + url[len(plain):]
+            converted = cluster + url[len(plain) :]
             parse_cluster_url(converted)
             return converted
-    raise ValueError("cluster: true needs a redis://, rediss:// or redis+cluster:// URL, not "
-                     f"{url.split(':', 1)[0]!r}")
+    raise ValueError(
+        "cluster: true needs a redis://, rediss:// or redis+cluster:// URL, not "
+        f"{url.split(':', 1)[0]!r}"
+    )
 
 
 def parse_cluster_url(url: str) -> ClusterTarget:
@@ -45,7 +47,7 @@ def parse_cluster_url(url: str) -> ClusterTarget:
     scheme = next((s for s in CLUSTER_SCHEMES if url.startswith(s)), None)
     if scheme is None:
         raise ValueError("a cluster store URL starts with redis+cluster:// or rediss+cluster://")
-    rest = url[len(scheme):]
+    rest = url[len(scheme) :]
     hosts, _, path = rest.partition("/")
     if path not in ("", "0"):
         raise ValueError("a Redis Cluster has only database 0; end the URL with / or /0")

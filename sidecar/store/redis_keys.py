@@ -30,19 +30,19 @@ from typing import Literal
 DEFAULT_PREFIX = "sidecar:"
 
 KeyKind = Literal[
-    "bucket",       # hash: slot start -> amount spent in that slot; "r" -> reserved; ...
-    "backfill",     # string: set once a rule's earlier spend was added to this bucket
-    "home",         # string: the node tag of a request's home record (on a cluster)
-    "record",       # hash: one request's record of its buckets on one shard
-    "open",         # zset: home records of one shard scored by their expiry
-    "held",         # zset: other groups' records of one shard scored by their expiry
-    "slots",        # zset: "<slot>|<bucket hash key>" of one shard, scored by slot expiry
-    "ledger",       # hash: "<measure>|<dims JSON>" -> total, for one shard and hour
-    "hours",        # zset: ledger hours that hold data on one shard, scored by the hour
-    "tags",         # set: every node tag budget state was written under
-    "doc",          # string: one JSON document
-    "docs",         # set: the document keys of one collection
-    "counter",      # string: an expiring counter
+    "bucket",  # hash: slot start -> amount spent in that slot; "r" -> reserved; ...
+    "backfill",  # string: set once a rule's earlier spend was added to this bucket
+    "home",  # string: the node tag of a request's home record (on a cluster)
+    "record",  # hash: one request's record of its buckets on one shard
+    "open",  # zset: home records of one shard scored by their expiry
+    "held",  # zset: other groups' records of one shard scored by their expiry
+    "slots",  # zset: "<slot>|<bucket hash key>" of one shard, scored by slot expiry
+    "ledger",  # hash: "<measure>|<dims JSON>" -> total, for one shard and hour
+    "hours",  # zset: ledger hours that hold data on one shard, scored by the hour
+    "tags",  # set: every node tag budget state was written under
+    "doc",  # string: one JSON document
+    "docs",  # set: the document keys of one collection
+    "counter",  # string: an expiring counter
 ]
 
 _ARITY: dict[KeyKind, int] = {

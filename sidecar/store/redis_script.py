@@ -29,8 +29,10 @@ class LuaScript:
 
     async def __call__(self, keys: Sequence[str], args: Sequence[str | int] = ()) -> Any:
         try:
-            return await cast(Awaitable[Any], self._client.evalsha(
-                self.sha, len(keys), *keys, *args))
+            return await cast(
+                Awaitable[Any], self._client.evalsha(self.sha, len(keys), *keys, *args)
+            )
         except NoScriptError:
-            return await cast(Awaitable[Any], self._client.eval(
-                self.source, len(keys), *keys, *args))
+            return await cast(
+                Awaitable[Any], self._client.eval(self.source, len(keys), *keys, *args)
+            )

@@ -99,8 +99,16 @@ _HOLD_GRACE_SECONDS = 3600
 # A failover turns the old primary read-only: as transient as a dropped connection. In a
 # cluster, a shard whose primary is gone answers CLUSTERDOWN (or its slots are uncovered)
 # until a replica takes over: the same, for the keys on that shard only.
-_TRANSIENT = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, ClusterDownError,
-              ClusterError, MasterDownError, TryAgainError, RedisClusterException)
+_TRANSIENT = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ReadOnlyError,
+    ClusterDownError,
+    ClusterError,
+    MasterDownError,
+    TryAgainError,
+    RedisClusterException,
+)
 
 # What a script says when a key it touches is being moved to another shard.
 _MIGRATING = ("non local key", "TRYAGAIN", "ASK", "MOVED", "CROSSSLOT")
@@ -143,7 +151,10 @@ def _guard(cluster: bool) -> Iterator[None]:
 # The reservation fields of a home record: state, estimate, dims, estimated tokens.
 _RECORD_FIELDS = ["s", "e", "d", "ti", "to"]
 _RECORD_STATES: dict[object, ReservationState] = {
-    "open": "open", "committed": "committed", "expired": "expired"}
+    "open": "open",
+    "committed": "committed",
+    "expired": "expired",
+}
 
 
 def _reservation(request_id: str, fields: Sequence[object]) -> Reservation | None:
@@ -151,22 +162,34 @@ def _reservation(request_id: str, fields: Sequence[object]) -> Reservation | Non
     state, estimate, dims, tokens_in, tokens_out = fields
     if state not in _RECORD_STATES or estimate is None or dims is None:
         return None
-    return Reservation(request_id, _RECORD_STATES[state], int(str(estimate)),
-                       dims_from_json(str(dims)),
-                       (int(str(tokens_in or 0)), int(str(tokens_out or 0))))
+    return Reservation(
+        request_id,
+        _RECORD_STATES[state],
+        int(str(estimate)),
+        dims_from_json(str(dims)),
+        (int(str(tokens_in or 0)), int(str(tokens_out or 0))),
+    )
 
 
 def _commit_args(charge: Charge, now: float) -> list[str | int]:
     """commit.lua's ARGV[5] to ARGV[14] for `charge`."""
     usage = charge.usage
-    budget_in, budget_out = (usage.total_input, usage.output_tokens) \
-        if charge.tokens is None else charge.tokens
+    budget_in, budget_out = (
+        (usage.total_input, usage.output_tokens) if charge.tokens is None else charge.tokens
+    )
     return [
-        str(charge.micros), str(usage.total_input), str(usage.output_tokens),
-        _LEDGER_RETENTION_SECONDS, _DONE_RETENTION_SECONDS, 1 if charge.error else 0,
-        json.dumps([[dims_to_json(p.dims), p.cost, p.input_tokens, p.output_tokens]
-                    for p in charge.others]),
-        str(budget_in), str(budget_out), repr(float(now)),
+        str(charge.micros),
+        str(usage.total_input),
+        str(usage.output_tokens),
+        _LEDGER_RETENTION_SECONDS,
+        _DONE_RETENTION_SECONDS,
+        1 if charge.error else 0,
+        json.dumps(
+            [[dims_to_json(p.dims), p.cost, p.input_tokens, p.output_tokens] for p in charge.others]
+        ),
+        str(budget_in),
+        str(budget_out),
+        repr(float(now)),
     ]
 
 
@@ -209,7 +232,9 @@ class RedisStore:
             # down must not stop the client from serving keys on the others.
             self._r = RedisCluster(
                 startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
-                username=target.username, password=target.password, ssl=target.tls,
+                username=target.username,
+                password=target.password,
+                ssl=target.tls,
                 require_full_coverage=False,
                 decode_responses=True,
                 socket_connect_timeout=connect_timeout,
@@ -278,8 +303,8 @@ class RedisStore:
                 # Ready while any shard answers: budget state is spread over all of them,
                 # and a shard that is down fails only the decisions whose buckets it holds.
                 replies = await asyncio.gather(
-                    *(self._r.ping(target_nodes=node) for node in primaries),
-                    return_exceptions=True)
+                    *(self._r.ping(target_nodes=node) for node in primaries), return_exceptions=True
+                )
                 return any(reply is True for reply in replies)
             return bool(await self._r.ping())
         except (RedisError, OSError, StoreUnavailable):
@@ -292,7 +317,12 @@ class RedisStore:
         return None if raw is None else dict(json.loads(raw))
 
     async def put_doc(
-        self, collection: str, key: str, doc: Doc, ttl_seconds: int | None = None, *,
+        self,
+        collection: str,
+        key: str,
+        doc: Doc,
+        ttl_seconds: int | None = None,
+        *,
         now: float,
     ) -> None:
         doc_key, index = self._key("doc", collection, key), self._key("docs", collection)
@@ -321,8 +351,14 @@ class RedisStore:
         return [dict(json.loads(doc)) for _, doc in pairs]
 
     async def swap_doc(
-        self, collection: str, key: str, expected: Doc | None, new: Doc | None,
-        ttl_seconds: int | None = None, *, now: float,
+        self,
+        collection: str,
+        key: str,
+        expected: Doc | None,
+        new: Doc | None,
+        ttl_seconds: int | None = None,
+        *,
+        now: float,
     ) -> bool:
         if new is not None and ttl_seconds is not None and ttl_seconds <= 0:
             new = None  # written already expired: the same as deleting it
@@ -352,8 +388,12 @@ class RedisStore:
 
     # -- budgets -----------------------------------------------------------------------
     def _index_keys(self, tag: str) -> list[str]:
-        return [self._key("open", tag), self._key("held", tag), self._key("hours", tag),
-                self._key("slots", tag)]
+        return [
+            self._key("open", tag),
+            self._key("held", tag),
+            self._key("hours", tag),
+            self._key("slots", tag),
+        ]
 
     async def _call(self, script: LuaScript, keys: list[str], args: list[str | int]) -> Any:
         async with self._op():
@@ -419,7 +459,8 @@ class RedisStore:
         tags = await self._all_tags()
         replies = await asyncio.gather(
             *(self._is_home(self._key("record", t, request_id)) for t in tags),
-            return_exceptions=True)
+            return_exceptions=True,
+        )
         for t, reply in zip(tags, replies, strict=True):
             if reply is True:
                 return t
@@ -445,16 +486,18 @@ class RedisStore:
             return result
         hold_for = math.ceil(request.expires_at - request.now) + _HOLD_GRACE_SECONDS
         pointer = self._set_home(request.request_id, home, hold_for + _DONE_RETENTION_SECONDS)
-        attempt, known = await asyncio.gather(self._attempt(request, home, groups), pointer,
-                                              return_exceptions=True)
+        attempt, known = await asyncio.gather(
+            self._attempt(request, home, groups), pointer, return_exceptions=True
+        )
         if isinstance(attempt, BaseException):
             raise attempt
         result, fresh = attempt
         if isinstance(known, ShardUnavailable):
             # The pointer is a shortcut for commits (which otherwise ask every shard); its
             # shard being down must not fail decisions whose buckets are elsewhere.
-            log.warning("reservation_home_not_noted", request_id=request.request_id,
-                        error=str(known))
+            log.warning(
+                "reservation_home_not_noted", request_id=request.request_id, error=str(known)
+            )
         elif isinstance(known, BaseException):
             await self._release(request.request_id, request.binding, fresh)
             raise known
@@ -470,12 +513,12 @@ class RedisStore:
         """Point the request id at its home shard unless it points somewhere already; the
         shard it points at (None: it did not)."""
         async with self._op():
-            known = await self._r.set(self._key("home", request_id), tag, nx=True, ex=ttl,
-                                      get=True)
+            known = await self._r.set(self._key("home", request_id), tag, nx=True, ex=ttl, get=True)
         return None if known is None else str(known)
 
-    async def _attempt(self, request: ReserveRequest, home: str, groups: dict[str, list[int]]
-                       ) -> tuple[ReserveResult, list[str]]:
+    async def _attempt(
+        self, request: ReserveRequest, home: str, groups: dict[str, list[int]]
+    ) -> tuple[ReserveResult, list[str]]:
         """Reserve shard by shard with the home record on `home`; the result, and the
         shards that hold for it now."""
         hour = int(request.now) // 3600 * 3600
@@ -490,26 +533,50 @@ class RedisStore:
             for i in members:
                 view, amount = request.buckets[i], amounts[i]
                 key = self._key("bucket", view.key)
-                entries += [key, view.slot, view.ttl_seconds, view.measure, amount,
-                            amount if held else 0, 0 if view.since == view.slot else 1]
+                entries += [
+                    key,
+                    view.slot,
+                    view.ttl_seconds,
+                    view.measure,
+                    amount,
+                    amount if held else 0,
+                    0 if view.since == view.slot else 1,
+                ]
                 # A held bucket lives its TTL past the hold's end: a commit before the
                 # reservation expires then never has to extend it (budget_lib add_fixed).
-                per += [key, str(view.slot), str(view.since), str(view.limit),
-                        1 if view.enforce else 0, view.ttl_seconds + hold_for, str(amount)]
+                per += [
+                    key,
+                    str(view.slot),
+                    str(view.since),
+                    str(view.limit),
+                    1 if view.enforce else 0,
+                    view.ttl_seconds + hold_for,
+                    str(amount),
+                ]
             is_home = tag == home
             index = self._index_keys(tag)
             if self._shards.single:
                 index[1] = ""  # one Redis: every group is a home group, nothing is held
             args: list[str | int] = [
                 *index,
-                repr(float(request.now)), _SETTLE_ON_RESERVE, str(request.amount),
-                request.mode, repr(float(request.expires_at)), request.binding,
-                json.dumps(entries), _DONE_RETENTION_SECONDS, _LEDGER_RETENTION_SECONDS,
+                repr(float(request.now)),
+                _SETTLE_ON_RESERVE,
+                str(request.amount),
+                request.mode,
+                repr(float(request.expires_at)),
+                request.binding,
+                json.dumps(entries),
+                _DONE_RETENTION_SECONDS,
+                _LEDGER_RETENTION_SECONDS,
                 "1" if is_home else "0",
                 dims_to_json(request.dims) if is_home else "",
-                self._key("ledger", tag, hour) if is_home else "", hour,
-                request.tokens[0], request.tokens[1],
-                ",".join(t for t in groups if t != home) if is_home else "", rid, *per,
+                self._key("ledger", tag, hour) if is_home else "",
+                hour,
+                request.tokens[0],
+                request.tokens[1],
+                ",".join(t for t in groups if t != home) if is_home else "",
+                rid,
+                *per,
             ]
             calls.append(self._call(self._reserve, [self._key("record", tag, rid)], args))
         replies = await asyncio.gather(*calls, return_exceptions=True)
@@ -551,21 +618,28 @@ class RedisStore:
         if duplicate:
             return ReserveResult(True, (), tuple(states), duplicate=True), fresh
         if conflict or failed:
-            return ReserveResult(False, () if conflict else tuple(sorted(failed)),
-                                 tuple(states), conflict=conflict), fresh
+            return ReserveResult(
+                False, () if conflict else tuple(sorted(failed)), tuple(states), conflict=conflict
+            ), fresh
         return ReserveResult(True, (), tuple(states)), fresh
 
     async def _release(self, request_id: str, binding: str, tags: Sequence[str]) -> None:
         """Undo the holds this attempt made on `tags` (best effort: a hold left behind only
         makes room scarcer until the reservation expires, it never lets spend through)."""
         replies = await asyncio.gather(
-            *(self._call(self._release_script, [self._key("record", tag, request_id)],
-                         [binding, self._key("open", tag), self._key("held", tag)])
-              for tag in tags), return_exceptions=True)
+            *(
+                self._call(
+                    self._release_script,
+                    [self._key("record", tag, request_id)],
+                    [binding, self._key("open", tag), self._key("held", tag)],
+                )
+                for tag in tags
+            ),
+            return_exceptions=True,
+        )
         for reply in replies:
             if isinstance(reply, BaseException):
-                log.warning("reservation_release_failed", request_id=request_id,
-                            error=str(reply))
+                log.warning("reservation_release_failed", request_id=request_id, error=str(reply))
 
     async def reservation(self, request_id: str) -> Reservation | None:
         home = await self._home_of(request_id)
@@ -576,7 +650,11 @@ class RedisStore:
         return _reservation(request_id, fields)
 
     async def commit(
-        self, request_id: str, actual_micros: int, usage: TokenUsage, now: float,
+        self,
+        request_id: str,
+        actual_micros: int,
+        usage: TokenUsage,
+        now: float,
         error: bool = False,
         others: Sequence[LedgerPart] = (),
         tokens: tuple[int, int] | None = None,
@@ -584,29 +662,42 @@ class RedisStore:
         home = await self._home_of(request_id)
         if home is None:
             return CommitResult("unknown", 0)
-        return await self._commit_at(home, request_id, _commit_args(
-            Charge(actual_micros, usage, error, tuple(others), tokens), now))
+        return await self._commit_at(
+            home,
+            request_id,
+            _commit_args(Charge(actual_micros, usage, error, tuple(others), tokens), now),
+        )
 
-    async def _commit_at(self, home: str, request_id: str, args: list[str | int]
-                         ) -> CommitResult:
+    async def _commit_at(self, home: str, request_id: str, args: list[str | int]) -> CommitResult:
         """`commit` of a request whose home record is on the shard of node tag `home`."""
         record = self._key("record", home, request_id)
         status, estimate, rest = await self._call(
-            self._commit, [record], [*self._index_keys(home), *args, ""])
+            self._commit, [record], [*self._index_keys(home), *args, ""]
+        )
         # The other shards' parts, each committed once however often this is repeated: a
         # failure here raises, and the repeated commit (spooled) finishes them.
         replies = await asyncio.gather(
-            *(self._call(self._commit, [self._key("record", tag, request_id)],
-                         [*self._index_keys(tag), *args, "0"])
-              for tag in str(rest).split(",") if tag), return_exceptions=True)
+            *(
+                self._call(
+                    self._commit,
+                    [self._key("record", tag, request_id)],
+                    [*self._index_keys(tag), *args, "0"],
+                )
+                for tag in str(rest).split(",")
+                if tag
+            ),
+            return_exceptions=True,
+        )
         for reply in replies:
             if isinstance(reply, BaseException):
                 raise reply
         if status == "pending":
-            late = any(not isinstance(reply, BaseException) and reply[0] == "late"
-                       for reply in replies)
+            late = any(
+                not isinstance(reply, BaseException) and reply[0] == "late" for reply in replies
+            )
             status, estimate, _ = await self._call(
-                self._commit, [record], [*self._index_keys(home), *args, "1" if late else "0"])
+                self._commit, [record], [*self._index_keys(home), *args, "1" if late else "0"]
+            )
         return CommitResult(status, int(estimate))
 
     async def charge(self, request_id: str, price: Pricer, now: float) -> CommitResult:
@@ -620,16 +711,18 @@ class RedisStore:
             fields = await self._r.hmget(self._key("record", home, request_id), _RECORD_FIELDS)
         return await self._priced_commit(home, request_id, fields, price, now)
 
-    async def _priced_commit(self, home: str, request_id: str, fields: Sequence[object],
-                             price: Pricer, now: float) -> CommitResult:
+    async def _priced_commit(
+        self, home: str, request_id: str, fields: Sequence[object], price: Pricer, now: float
+    ) -> CommitResult:
         record = _reservation(request_id, fields)
         charge = price(record) if record is not None else None
         if charge is None:
             return CommitResult("unknown", 0)
         return await self._commit_at(home, request_id, _commit_args(charge, now))
 
-    async def charge_many(self, charges: Sequence[tuple[str, Pricer]], now: float
-                          ) -> list[CommitResult | Exception]:
+    async def charge_many(
+        self, charges: Sequence[tuple[str, Pricer]], now: float
+    ) -> list[CommitResult | Exception]:
         if not self._shards.single:
             return await charge_each(self, charges, now)
         # One Redis: every record read in one round trip, then the commits, a few at a time.
@@ -637,9 +730,12 @@ class RedisStore:
             for request_id, _ in charges:
                 pipe.hmget(self._key("record", SINGLE_TAG, request_id), _RECORD_FIELDS)
             records: list[Sequence[object]] = await pipe.execute()
-        return await a_few_at_a_time([
-            functools.partial(self._priced_commit, SINGLE_TAG, request_id, fields, price, now)
-            for (request_id, price), fields in zip(charges, records, strict=True)])
+        return await a_few_at_a_time(
+            [
+                functools.partial(self._priced_commit, SINGLE_TAG, request_id, fields, price, now)
+                for (request_id, price), fields in zip(charges, records, strict=True)
+            ]
+        )
 
     async def bucket_states(self, buckets: list[BucketView], now: float) -> list[BucketState]:
         # A plain read: no decision depends on it being one atomic snapshot.
@@ -651,8 +747,7 @@ class RedisStore:
         for b, fields in zip(buckets, hashes, strict=True):
             # Other fields than slots: "r" reserved, "t"/"f" a running total, "k" alive
             # until, "p" a fixed window's latest slot.
-            slots = {int(f): int(v) for f, v in fields.items()
-                     if f.isdigit() and int(f) >= b.since}
+            slots = {int(f): int(v) for f, v in fields.items() if f.isdigit() and int(f) >= b.since}
             states.append(BucketState(sum(slots.values()), int(fields.get("r", 0)), slots))
         return states
 
@@ -665,12 +760,23 @@ class RedisStore:
                     tag = self._shards.tag_of(key)
                 except LookupError as exc:
                     raise ShardUnavailable(f"redis: {exc}") from exc
-                groups.setdefault(tag, []).extend([
-                    self._key("backfill", view.key, marker), key, view.slot, str(amount),
-                    view.slot + view.ttl_seconds, view.ttl_seconds])
+                groups.setdefault(tag, []).extend(
+                    [
+                        self._key("backfill", view.key, marker),
+                        key,
+                        view.slot,
+                        str(amount),
+                        view.slot + view.ttl_seconds,
+                        view.ttl_seconds,
+                    ]
+                )
         replies = await asyncio.gather(
-            *(self._call(self._add_spend, [self._key("slots", tag)], args)
-              for tag, args in groups.items()), return_exceptions=True)
+            *(
+                self._call(self._add_spend, [self._key("slots", tag)], args)
+                for tag, args in groups.items()
+            ),
+            return_exceptions=True,
+        )
         for reply in replies:
             if isinstance(reply, BaseException):
                 raise reply
@@ -683,23 +789,36 @@ class RedisStore:
         if len(tags) > 1:
             shares = await self._oldest_first(tags, now, limit)
         # A shard that is down is swept once it is back; the others are swept now.
-        return _sum_answered(await asyncio.gather(
-            *(self._settle_shard(tag, now, shares.get(tag, 0), oldest_hour) for tag in tags),
-            return_exceptions=True))
+        return _sum_answered(
+            await asyncio.gather(
+                *(self._settle_shard(tag, now, shares.get(tag, 0), oldest_hour) for tag in tags),
+                return_exceptions=True,
+            )
+        )
 
     async def _oldest_first(self, tags: list[str], now: float, limit: int) -> dict[str, int]:
         """How many of the `limit` oldest expired reservations, over all shards, each
         shard holds (a shard that does not answer gets none)."""
+
         async def due(tag: str) -> list[tuple[float, str]]:
             async with self._op():
-                found = cast(list[tuple[str, float]], await self._r.zrangebyscore(
-                    self._key("open", tag), "-inf", repr(float(now)), start=0, num=limit,
-                    withscores=True))
+                found = cast(
+                    list[tuple[str, float]],
+                    await self._r.zrangebyscore(
+                        self._key("open", tag),
+                        "-inf",
+                        repr(float(now)),
+                        start=0,
+                        num=limit,
+                        withscores=True,
+                    ),
+                )
             return [(float(score), tag) for _, score in found]
 
         replies = await asyncio.gather(*(due(tag) for tag in tags), return_exceptions=True)
-        expired = sorted(e for reply in replies if not isinstance(reply, BaseException)
-                         for e in reply)
+        expired = sorted(
+            e for reply in replies if not isinstance(reply, BaseException) for e in reply
+        )
         shares: dict[str, int] = {}
         for _, tag in expired[:limit]:
             shares[tag] = shares.get(tag, 0) + 1
@@ -709,9 +828,16 @@ class RedisStore:
         # Parts whose home was never swept (a home shard that lost its data) are settled
         # on their own once their expiry is this far behind.
         orphaned = repr(float(now) - _HOLD_GRACE_SECONDS)
-        args: list[str | int] = [repr(float(now)), limit, _LEDGER_RETENTION_SECONDS,
-                                 _DONE_RETENTION_SECONDS, oldest_hour, _SLOT_PRUNE_BATCH,
-                                 int(now), orphaned]
+        args: list[str | int] = [
+            repr(float(now)),
+            limit,
+            _LEDGER_RETENTION_SECONDS,
+            _DONE_RETENTION_SECONDS,
+            oldest_hour,
+            _SLOT_PRUNE_BATCH,
+            int(now),
+            orphaned,
+        ]
         settled = 0
         for _ in range(_SLOT_PRUNE_ROUNDS):
             count, pruned, parts = await self._call(self._settle, self._index_keys(tag), args)
@@ -727,20 +853,28 @@ class RedisStore:
         """Settle the other shards' parts of a reservation whose home was settled (a shard
         that does not answer settles its part on its next decision or sweep)."""
         replies = await asyncio.gather(
-            *(self._call(self._settle_part, [self._key("record", tag, request_id)],
-                         [*self._index_keys(tag), repr(float(now)), _DONE_RETENTION_SECONDS])
-              for tag in tags.split(",") if tag), return_exceptions=True)
+            *(
+                self._call(
+                    self._settle_part,
+                    [self._key("record", tag, request_id)],
+                    [*self._index_keys(tag), repr(float(now)), _DONE_RETENTION_SECONDS],
+                )
+                for tag in tags.split(",")
+                if tag
+            ),
+            return_exceptions=True,
+        )
         for reply in replies:
             if isinstance(reply, BaseException):
-                log.warning("expired_part_not_settled", request_id=request_id,
-                            error=str(reply))
+                log.warning("expired_part_not_settled", request_id=request_id, error=str(reply))
 
     async def open_reservations(self) -> int:
         """Held reservations over the shards that answer (a shard that is down is left
         out of the count rather than failing it)."""
         tags = await self._all_tags()
-        return _sum_answered(await asyncio.gather(*(self._count_open(tag) for tag in tags),
-                                                  return_exceptions=True))
+        return _sum_answered(
+            await asyncio.gather(*(self._count_open(tag) for tag in tags), return_exceptions=True)
+        )
 
     async def _count_open(self, tag: str) -> int:
         async with self._op():
@@ -753,8 +887,12 @@ class RedisStore:
         totals: dict[tuple[int, str], dict[str, int]] = {}
         for tag in await self._all_tags():
             async with self._op():
-                members = cast(list[str], await self._r.zrangebyscore(
-                    self._key("hours", tag), start_hour, f"({end_hour}"))
+                members = cast(
+                    list[str],
+                    await self._r.zrangebyscore(
+                        self._key("hours", tag), start_hour, f"({end_hour}"
+                    ),
+                )
                 hours = [int(h) for h in members]
                 async with self._r.pipeline(transaction=False) as pipe:
                     for hour in hours:
@@ -766,7 +904,14 @@ class RedisStore:
                     row = totals.setdefault((hour, dims), {})
                     row[measure] = row.get(measure, 0) + int(value)
         return [
-            LedgerRow(hour, dims_from_json(dims), t.get("c", 0), t.get("n", 0),
-                      t.get("i", 0), t.get("o", 0), t.get("e", 0))
+            LedgerRow(
+                hour,
+                dims_from_json(dims),
+                t.get("c", 0),
+                t.get("n", 0),
+                t.get("i", 0),
+                t.get("o", 0),
+                t.get("e", 0),
+            )
             for (hour, dims), t in sorted(totals.items())
         ]

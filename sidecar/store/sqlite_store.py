@@ -47,8 +47,10 @@ _DONE_RETENTION_SECONDS = 7 * 24 * 3600
 _BUCKETS_PER_STATEMENT = 200
 # Charges per job of `charge_many`: as long as the worker's longest batch of single jobs.
 _CHARGES_PER_JOB = MAX_BATCH
-_ADD_RESERVED = ("INSERT INTO reserved VALUES (?, ?) ON CONFLICT(bucket) DO UPDATE SET "
-                 "amount = amount + excluded.amount")
+_ADD_RESERVED = (
+    "INSERT INTO reserved VALUES (?, ?) ON CONFLICT(bucket) DO UPDATE SET "
+    "amount = amount + excluded.amount"
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS docs (
@@ -78,8 +80,10 @@ CREATE TABLE IF NOT EXISTS ledger (
   errors INTEGER NOT NULL DEFAULT 0,
   PRIMARY KEY (hour, user, groups, token, kind, model, provider));
 """
-_LEDGER_COLUMNS = ("hour, user, groups, token, kind, model, provider, cost, requests, "
-                   "input_tokens, output_tokens, errors")
+_LEDGER_COLUMNS = (
+    "hour, user, groups, token, kind, model, provider, cost, requests, "
+    "input_tokens, output_tokens, errors"
+)
 
 
 # Columns added after a table was first created, as (table, column, definition).
@@ -129,7 +133,8 @@ def _charge_row(conn: sqlite3.Connection, request_id: str) -> tuple[Any, ...] | 
     created_at, input_tokens, output_tokens (None when there is none)."""
     row: tuple[Any, ...] | None = conn.execute(
         "SELECT state, estimate, held, buckets, dims, created_at, input_tokens, "
-        "output_tokens FROM reservations WHERE request_id=?", (request_id,),
+        "output_tokens FROM reservations WHERE request_id=?",
+        (request_id,),
     ).fetchone()
     return row
 
@@ -202,14 +207,21 @@ class SQLiteStore:
         return await self._run(get)
 
     async def put_doc(
-        self, collection: str, key: str, doc: Doc, ttl_seconds: int | None = None, *,
+        self,
+        collection: str,
+        key: str,
+        doc: Doc,
+        ttl_seconds: int | None = None,
+        *,
         now: float,
     ) -> None:
         expires = None if ttl_seconds is None else now + ttl_seconds
-        await self._run(lambda conn: conn.execute(
-            "INSERT OR REPLACE INTO docs VALUES (?, ?, ?, ?)",
-            (collection, key, json.dumps(doc, sort_keys=True), expires),
-        ))
+        await self._run(
+            lambda conn: conn.execute(
+                "INSERT OR REPLACE INTO docs VALUES (?, ?, ?, ?)",
+                (collection, key, json.dumps(doc, sort_keys=True), expires),
+            )
+        )
 
     async def delete_doc(self, collection: str, key: str) -> bool:
         def delete(conn: sqlite3.Connection) -> bool:
@@ -230,8 +242,14 @@ class SQLiteStore:
         return await self._run(scan)
 
     async def swap_doc(
-        self, collection: str, key: str, expected: Doc | None, new: Doc | None,
-        ttl_seconds: int | None = None, *, now: float,
+        self,
+        collection: str,
+        key: str,
+        expected: Doc | None,
+        new: Doc | None,
+        ttl_seconds: int | None = None,
+        *,
+        now: float,
     ) -> bool:
         def swap(conn: sqlite3.Connection) -> bool:
             row = conn.execute(
@@ -279,10 +297,12 @@ class SQLiteStore:
             spent = sum(slots.values())
         else:
             slots = {}
-            spent = int(conn.execute(
-                "SELECT COALESCE(SUM(amount), 0) FROM slots WHERE bucket=? AND slot>=?",
-                (bucket.key, bucket.since),
-            ).fetchone()[0])
+            spent = int(
+                conn.execute(
+                    "SELECT COALESCE(SUM(amount), 0) FROM slots WHERE bucket=? AND slot>=?",
+                    (bucket.key, bucket.since),
+                ).fetchone()[0]
+            )
         row = conn.execute("SELECT amount FROM reserved WHERE bucket=?", (bucket.key,)).fetchone()
         return BucketState(spent=spent, reserved=int(row[0]) if row else 0, slots=slots)
 
@@ -292,7 +312,7 @@ class SQLiteStore:
         buckets, and each statement costs more in Python than in SQLite."""
         states: list[BucketState] = []
         for start in range(0, len(buckets), _BUCKETS_PER_STATEMENT):
-            chunk = buckets[start:start + _BUCKETS_PER_STATEMENT]
+            chunk = buckets[start : start + _BUCKETS_PER_STATEMENT]
             params: list[object] = []
             for i, b in enumerate(chunk):
                 params += (i, b.key, b.since)
@@ -301,7 +321,8 @@ class SQLiteStore:
                 "SELECT COALESCE((SELECT SUM(amount) FROM slots "
                 "WHERE bucket = b.key AND slot >= b.since), 0), "
                 "COALESCE((SELECT amount FROM reserved WHERE bucket = b.key), 0) "
-                "FROM b ORDER BY b.i", params,
+                "FROM b ORDER BY b.i",
+                params,
             ).fetchall()
             states += [BucketState(int(spent), int(reserved)) for spent, reserved in rows]
         return states
@@ -316,17 +337,19 @@ class SQLiteStore:
         )
 
     @staticmethod
-    def _add_slots_many(conn: sqlite3.Connection,
-                        rows: Sequence[tuple[str, int, int, int]]) -> None:
+    def _add_slots_many(
+        conn: sqlite3.Connection, rows: Sequence[tuple[str, int, int, int]]
+    ) -> None:
         """`_add_slot` for many (key, slot, amount, expires) rows in one statement each
         chunk: a commit touches every bucket of its request."""
         for start in range(0, len(rows), _BUCKETS_PER_STATEMENT):
-            chunk = rows[start:start + _BUCKETS_PER_STATEMENT]
+            chunk = rows[start : start + _BUCKETS_PER_STATEMENT]
             params: list[object] = []
             for row in chunk:
                 params += row
             conn.execute(
-                "INSERT INTO slots VALUES " + ",".join(("(?,?,?,?)",) * len(chunk))
+                "INSERT INTO slots VALUES "
+                + ",".join(("(?,?,?,?)",) * len(chunk))
                 + " ON CONFLICT(bucket, slot) DO UPDATE SET "
                 "amount = amount + excluded.amount, "
                 "expires_at = MAX(expires_at, excluded.expires_at)",
@@ -342,12 +365,13 @@ class SQLiteStore:
         # One multi-row statement, not executemany: a third of the time for a dozen rows.
         holds = [(key, amount) for key, amount in holds if amount]
         for start in range(0, len(holds), _BUCKETS_PER_STATEMENT):
-            chunk = holds[start:start + _BUCKETS_PER_STATEMENT]
+            chunk = holds[start : start + _BUCKETS_PER_STATEMENT]
             params: list[object] = []
             for key, amount in chunk:
                 params += (key, amount)
             conn.execute(
-                "INSERT INTO reserved VALUES " + ",".join(("(?,?)",) * len(chunk))
+                "INSERT INTO reserved VALUES "
+                + ",".join(("(?,?)",) * len(chunk))
                 + " ON CONFLICT(bucket) DO UPDATE SET amount = amount + excluded.amount",
                 params,
             )
@@ -359,14 +383,23 @@ class SQLiteStore:
         every commit cost more the more buckets had requests in flight."""
         keys = list(dict.fromkeys(keys))
         for start in range(0, len(keys), _BUCKETS_PER_STATEMENT):
-            chunk = keys[start:start + _BUCKETS_PER_STATEMENT]
-            conn.execute("DELETE FROM reserved WHERE amount = 0 AND bucket IN ("
-                         + ",".join("?" * len(chunk)) + ")", chunk)
+            chunk = keys[start : start + _BUCKETS_PER_STATEMENT]
+            conn.execute(
+                "DELETE FROM reserved WHERE amount = 0 AND bucket IN ("
+                + ",".join("?" * len(chunk))
+                + ")",
+                chunk,
+            )
 
     @staticmethod
     def _add_ledger(
-        conn: sqlite3.Connection, hour: int, dims_json: str, cost: int, requests: int,
-        usage: TokenUsage, errors: int = 0,
+        conn: sqlite3.Connection,
+        hour: int,
+        dims_json: str,
+        cost: int,
+        requests: int,
+        usage: TokenUsage,
+        errors: int = 0,
     ) -> None:
         user, groups, token, kind, model, provider = json.loads(dims_json)
         conn.execute(
@@ -376,8 +409,20 @@ class SQLiteStore:
             "input_tokens = input_tokens + excluded.input_tokens, "
             "output_tokens = output_tokens + excluded.output_tokens, "
             "errors = errors + excluded.errors",
-            (hour, user, json.dumps(groups), token, kind, model, provider, cost, requests,
-             usage.total_input, usage.output_tokens, errors),
+            (
+                hour,
+                user,
+                json.dumps(groups),
+                token,
+                kind,
+                model,
+                provider,
+                cost,
+                requests,
+                usage.total_input,
+                usage.output_tokens,
+                errors,
+            ),
         )
 
     def _settle(self, conn: sqlite3.Connection, now: float, limit: int) -> int:
@@ -394,33 +439,36 @@ class SQLiteStore:
                     self._add_reserved(conn, key, -hold)
                     released.append(key)
                 self._add_slot(conn, key, slot, amount, expires)
-            self._add_ledger(conn, int(created) // 3600 * 3600, dims_json, estimate, 1,
-                             TokenUsage())
-            conn.execute("UPDATE reservations SET state='expired' WHERE request_id=?",
-                         (request_id,))
+            self._add_ledger(
+                conn, int(created) // 3600 * 3600, dims_json, estimate, 1, TokenUsage()
+            )
+            conn.execute(
+                "UPDATE reservations SET state='expired' WHERE request_id=?", (request_id,)
+            )
         self._drop_released(conn, released)
         return len(rows)
 
     def _housekeep(self, conn: sqlite3.Connection, now: float) -> None:
         conn.execute("DELETE FROM slots WHERE expires_at < ?", (int(now),))
-        conn.execute("DELETE FROM reservations WHERE state != 'open' AND created_at < ?",
-                     (now - _DONE_RETENTION_SECONDS,))
+        conn.execute(
+            "DELETE FROM reservations WHERE state != 'open' AND created_at < ?",
+            (now - _DONE_RETENTION_SECONDS,),
+        )
         conn.execute("DELETE FROM docs WHERE expires_at IS NOT NULL AND expires_at < ?", (now,))
         conn.execute("DELETE FROM counters WHERE expires_at < ?", (now,))
 
     async def reserve(self, request: ReserveRequest) -> ReserveResult:
-        def existing(conn: sqlite3.Connection,
-                     states: list[BucketState]) -> ReserveResult | None:
+        def existing(conn: sqlite3.Connection, states: list[BucketState]) -> ReserveResult | None:
             row = conn.execute(
                 "SELECT state, expires_at, binding FROM reservations WHERE request_id=?",
-                (request.request_id,)).fetchone()
+                (request.request_id,),
+            ).fetchone()
             if row is None:
                 return None
             state, expires_at, binding = row
             # Only a retry of the very same admission may pass on an existing id; an id
             # replayed for another request, or after its reservation ended, is no pass.
-            same = (state == "open" and expires_at > request.now
-                    and binding == request.binding)
+            same = state == "open" and expires_at > request.now and binding == request.binding
             return ReserveResult(same, (), tuple(states), duplicate=same, conflict=not same)
 
         def reserve(conn: sqlite3.Connection) -> ReserveResult:
@@ -429,32 +477,48 @@ class SQLiteStore:
             amounts = [request.amount_for(b) for b in request.buckets]
             reserve_mode = request.mode == "reserve"
             failed = tuple(
-                i for i, (b, s, amount) in enumerate(
-                    zip(request.buckets, states, amounts, strict=True))
+                i
+                for i, (b, s, amount) in enumerate(
+                    zip(request.buckets, states, amounts, strict=True)
+                )
                 if b.enforce and not fits(s, amount, b.limit, request.mode)
             )
             if failed:
                 return existing(conn, states) or ReserveResult(False, failed, tuple(states))
             holds = amounts if reserve_mode else [0] * len(amounts)
-            buckets = [[b.key, b.slot, b.slot + b.ttl_seconds, b.measure, amount, hold]
-                       for b, amount, hold in zip(request.buckets, amounts, holds, strict=True)]
+            buckets = [
+                [b.key, b.slot, b.slot + b.ttl_seconds, b.measure, amount, hold]
+                for b, amount, hold in zip(request.buckets, amounts, holds, strict=True)
+            ]
             # The id is new but for a retry or a replay (it is minted per admission), so the
             # insert itself is the look-up: one statement instead of a SELECT before it.
             inserted = conn.execute(
                 "INSERT INTO reservations VALUES (?, 'open', ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(request_id) DO NOTHING",
-                (request.request_id, request.amount, request.amount if reserve_mode else 0,
-                 request.expires_at, request.now, json.dumps(buckets),
-                 dims_to_json(request.dims), request.binding, *request.tokens),
+                (
+                    request.request_id,
+                    request.amount,
+                    request.amount if reserve_mode else 0,
+                    request.expires_at,
+                    request.now,
+                    json.dumps(buckets),
+                    dims_to_json(request.dims),
+                    request.binding,
+                    *request.tokens,
+                ),
             ).rowcount
             if not inserted:
                 # The conflicting row is in this transaction's view, so `existing` finds it.
-                return existing(conn, states) or ReserveResult(False, (), tuple(states),
-                                                                conflict=True)
+                return existing(conn, states) or ReserveResult(
+                    False, (), tuple(states), conflict=True
+                )
             self._add_reserved_many(
-                conn, [(b.key, hold) for b, hold in zip(request.buckets, holds, strict=True)])
-            after = tuple(BucketState(s.spent, s.reserved + hold)
-                          for s, hold in zip(states, holds, strict=True))
+                conn, [(b.key, hold) for b, hold in zip(request.buckets, holds, strict=True)]
+            )
+            after = tuple(
+                BucketState(s.spent, s.reserved + hold)
+                for s, hold in zip(states, holds, strict=True)
+            )
             return ReserveResult(True, (), after)
 
         return await self._tx(reserve)
@@ -463,16 +527,23 @@ class SQLiteStore:
         def read(conn: sqlite3.Connection) -> Reservation | None:
             row = conn.execute(
                 "SELECT state, estimate, dims, input_tokens, output_tokens FROM reservations "
-                "WHERE request_id=?", (request_id,)).fetchone()
+                "WHERE request_id=?",
+                (request_id,),
+            ).fetchone()
             if row is None:
                 return None
-            return Reservation(request_id, row[0], int(row[1]), dims_from_json(row[2]),
-                               (int(row[3]), int(row[4])))
+            return Reservation(
+                request_id, row[0], int(row[1]), dims_from_json(row[2]), (int(row[3]), int(row[4]))
+            )
 
         return await self._run(read)
 
     async def commit(
-        self, request_id: str, actual_micros: int, usage: TokenUsage, now: float,
+        self,
+        request_id: str,
+        actual_micros: int,
+        usage: TokenUsage,
+        now: float,
         error: bool = False,
         others: Sequence[LedgerPart] = (),
         tokens: tuple[int, int] | None = None,
@@ -481,8 +552,9 @@ class SQLiteStore:
             row = _charge_row(conn, request_id)
             if row is None:
                 return CommitResult("unknown")
-            return self._commit_row(conn, request_id, row, actual_micros, usage, error,
-                                    others, tokens)
+            return self._commit_row(
+                conn, request_id, row, actual_micros, usage, error, others, tokens
+            )
 
         return await self._tx(commit)
 
@@ -491,13 +563,15 @@ class SQLiteStore:
         # transaction, instead of a hop to read it and another to commit.
         return await self._tx(lambda conn: self._charge(conn, request_id, price))
 
-    async def charge_many(self, charges: Sequence[tuple[str, Pricer]], now: float
-                          ) -> list[CommitResult | Exception]:
+    async def charge_many(
+        self, charges: Sequence[tuple[str, Pricer]], now: float
+    ) -> list[CommitResult | Exception]:
         # A job per chunk instead of per charge: one hand-over to the store's thread and one
         # wake-up of the event loop for a whole access log batch; each charge in a savepoint
         # of its own, so one that fails is undone alone.
-        def charge_all(conn: sqlite3.Connection,
-                       chunk: Sequence[tuple[str, Pricer]]) -> list[CommitResult | Exception]:
+        def charge_all(
+            conn: sqlite3.Connection, chunk: Sequence[tuple[str, Pricer]]
+        ) -> list[CommitResult | Exception]:
             out: list[CommitResult | Exception] = []
             for request_id, price in chunk:
                 conn.execute("SAVEPOINT charge")
@@ -513,33 +587,51 @@ class SQLiteStore:
 
         results: list[CommitResult | Exception] = []
         for start in range(0, len(charges), _CHARGES_PER_JOB):
-            chunk = charges[start:start + _CHARGES_PER_JOB]
+            chunk = charges[start : start + _CHARGES_PER_JOB]
             try:
                 results += await self._tx(functools.partial(charge_all, chunk=chunk))
             except Exception as exc:  # nothing of the chunk was committed
                 results += [exc] * len(chunk)
         return results
 
-    def _charge(self, conn: sqlite3.Connection, request_id: str, price: Pricer
-                ) -> CommitResult:
+    def _charge(self, conn: sqlite3.Connection, request_id: str, price: Pricer) -> CommitResult:
         row = _charge_row(conn, request_id)
         if row is None:
             return CommitResult("unknown")
-        priced = price(Reservation(request_id, row[0], int(row[1]), dims_from_json(row[4]),
-                                   (int(row[6]), int(row[7]))))
+        priced = price(
+            Reservation(
+                request_id, row[0], int(row[1]), dims_from_json(row[4]), (int(row[6]), int(row[7]))
+            )
+        )
         if priced is None:
             return CommitResult("unknown")
-        return self._commit_row(conn, request_id, row, priced.micros, priced.usage,
-                                priced.error, priced.others, priced.tokens)
+        return self._commit_row(
+            conn,
+            request_id,
+            row,
+            priced.micros,
+            priced.usage,
+            priced.error,
+            priced.others,
+            priced.tokens,
+        )
 
-    def _commit_row(self, conn: sqlite3.Connection, request_id: str, row: tuple[Any, ...],
-                    actual_micros: int, usage: TokenUsage, error: bool,
-                    others: Sequence[LedgerPart], tokens: tuple[int, int] | None
-                    ) -> CommitResult:
+    def _commit_row(
+        self,
+        conn: sqlite3.Connection,
+        request_id: str,
+        row: tuple[Any, ...],
+        actual_micros: int,
+        usage: TokenUsage,
+        error: bool,
+        others: Sequence[LedgerPart],
+        tokens: tuple[int, int] | None,
+    ) -> CommitResult:
         """`commit` of the reservation `row` (state, estimate, held, buckets, dims,
         created_at, ...) just read in this transaction."""
-        actual_in, actual_out = (usage.total_input, usage.output_tokens) if tokens is None \
-            else tokens
+        actual_in, actual_out = (
+            (usage.total_input, usage.output_tokens) if tokens is None else tokens
+        )
         state, estimate, held, buckets_json, dims_json, created = row[:6]
         if state == "committed":
             return CommitResult("duplicate", estimate)
@@ -558,13 +650,25 @@ class SQLiteStore:
         self._add_slots_many(conn, charges)
         hour = int(created) // 3600 * 3600
         moved = sum(part.cost for part in others)
-        self._add_ledger(conn, hour, dims_json, delta - moved,
-                         1 if state == "open" else 0, usage, 1 if error else 0)
+        self._add_ledger(
+            conn,
+            hour,
+            dims_json,
+            delta - moved,
+            1 if state == "open" else 0,
+            usage,
+            1 if error else 0,
+        )
         for part in others:
-            self._add_ledger(conn, hour, dims_to_json(part.dims), part.cost, 0,
-                             TokenUsage(part.input_tokens, part.output_tokens))
-        conn.execute("UPDATE reservations SET state='committed' WHERE request_id=?",
-                     (request_id,))
+            self._add_ledger(
+                conn,
+                hour,
+                dims_to_json(part.dims),
+                part.cost,
+                0,
+                TokenUsage(part.input_tokens, part.output_tokens),
+            )
+        conn.execute("UPDATE reservations SET state='committed' WHERE request_id=?", (request_id,))
         return CommitResult("committed" if state == "open" else "late", estimate)
 
     async def bucket_states(self, buckets: list[BucketView], now: float) -> list[BucketState]:
@@ -583,8 +687,9 @@ class SQLiteStore:
 
     async def add_spend(self, marker: str, spend: list[tuple[BucketView, int]]) -> bool:
         def add(conn: sqlite3.Connection) -> bool:
-            done = conn.execute("SELECT 1 FROM docs WHERE collection='backfills' AND key=?",
-                                (marker,)).fetchone()
+            done = conn.execute(
+                "SELECT 1 FROM docs WHERE collection='backfills' AND key=?", (marker,)
+            ).fetchone()
             if done is not None:
                 return False
             conn.execute("INSERT INTO docs VALUES ('backfills', ?, '{}', NULL)", (marker,))
@@ -595,23 +700,32 @@ class SQLiteStore:
         return await self._tx(add)
 
     async def open_reservations(self) -> int:
-        return int(await self._run(lambda conn: conn.execute(
-            "SELECT COUNT(*) FROM reservations WHERE state='open'").fetchone()[0]))
+        return int(
+            await self._run(
+                lambda conn: conn.execute(
+                    "SELECT COUNT(*) FROM reservations WHERE state='open'"
+                ).fetchone()[0]
+            )
+        )
 
     # -- ledger ------------------------------------------------------------------------
     async def ledger_rows(self, start_hour: int, end_hour: int) -> list[LedgerRow]:
         def scan(conn: sqlite3.Connection) -> list[LedgerRow]:
             rows = conn.execute(
-                f"SELECT {_LEDGER_COLUMNS} FROM ledger WHERE hour >= ? AND hour < ? "
-                "ORDER BY hour", (start_hour, end_hour),
+                f"SELECT {_LEDGER_COLUMNS} FROM ledger WHERE hour >= ? AND hour < ? ORDER BY hour",
+                (start_hour, end_hour),
             ).fetchall()
             return [
-                LedgerRow(int(r[0]), LedgerDims(r[1], tuple(json.loads(r[2])), r[3], r[4], r[5],
-                                                r[6]), int(r[7]), int(r[8]), int(r[9]), int(r[10]),
-                          int(r[11]))
+                LedgerRow(
+                    int(r[0]),
+                    LedgerDims(r[1], tuple(json.loads(r[2])), r[3], r[4], r[5], r[6]),
+                    int(r[7]),
+                    int(r[8]),
+                    int(r[9]),
+                    int(r[10]),
+                    int(r[11]),
+                )
                 for r in rows
             ]
 
         return await self._run(scan)
-
-

@@ -63,8 +63,9 @@ def _settle(jobs: list[_Job[Any]]) -> None:
 
 
 class SQLiteWorker:
-    def __init__(self, connect: Callable[[], sqlite3.Connection],
-                 name: str = "sqlite-store") -> None:
+    def __init__(
+        self, connect: Callable[[], sqlite3.Connection], name: str = "sqlite-store"
+    ) -> None:
         self._connect = connect
         self._name = name
         self._conn: sqlite3.Connection | None = None
@@ -86,8 +87,7 @@ class SQLiteWorker:
                 raise StoreUnavailable("sqlite: the store is closed")
             self._jobs.append(_Job(fn, tx, loop, future))
             if self._thread is None:
-                self._thread = threading.Thread(target=self._main, name=self._name,
-                                                daemon=True)
+                self._thread = threading.Thread(target=self._main, name=self._name, daemon=True)
                 self._thread.start()
             self._cond.notify()
         return await future

@@ -50,19 +50,24 @@ class Advance:
 
 ops = st.lists(
     st.one_of(
-        st.builds(Reserve, st.integers(0, 400),
-                  st.sets(st.integers(0, 2), min_size=1, max_size=3).map(tuple),
-                  st.integers(0, 400)),
+        st.builds(
+            Reserve,
+            st.integers(0, 400),
+            st.sets(st.integers(0, 2), min_size=1, max_size=3).map(tuple),
+            st.integers(0, 400),
+        ),
         st.builds(Commit, st.integers(0, 50), st.integers(0, 600), st.integers(0, 600)),
         st.builds(Advance, st.integers(1, 40)),
     ),
-    min_size=1, max_size=40,
+    min_size=1,
+    max_size=40,
 )
 
 
 async def run(store: Store, program: list[Any], prefix: str) -> None:
-    buckets = [BucketView(f"{prefix}b{i}", 0, 0, 10**6, LIMITS[i], measure=MEASURES[i])
-               for i in range(3)]
+    buckets = [
+        BucketView(f"{prefix}b{i}", 0, 0, 10**6, LIMITS[i], measure=MEASURES[i]) for i in range(3)
+    ]
     now = T0
     admitted: dict[str, tuple[tuple[int, int, int], tuple[int, ...]]] = {}
     order: list[str] = []
@@ -72,9 +77,18 @@ async def run(store: Store, program: list[Any], prefix: str) -> None:
         if isinstance(op, Reserve):
             rid = f"{prefix}{next(_counter)}"
             chosen = tuple(buckets[i] for i in op.buckets)
-            result = await store.reserve(ReserveRequest(
-                rid, chosen, op.amount, "reserve", now, now + 30, LedgerDims(user="p"),
-                tokens=(op.tokens, 0)))
+            result = await store.reserve(
+                ReserveRequest(
+                    rid,
+                    chosen,
+                    op.amount,
+                    "reserve",
+                    now,
+                    now + 30,
+                    LedgerDims(user="p"),
+                    tokens=(op.tokens, 0),
+                )
+            )
             if result.admitted:
                 admitted[rid] = ((op.amount, op.tokens, 1), op.buckets)
                 order.append(rid)
@@ -110,8 +124,9 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return backend_url(request, request.param, tmp_path, "p.db")
 
 
-@settings(max_examples=60, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(program=ops)
 def test_budget_invariants_hold_for_any_interleaving(store_url: str, program: list[Any]) -> None:
     async def main() -> None:

@@ -42,12 +42,20 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 def _request(rid: str, view: BucketView, amount: int, mode: AdmissionMode) -> ReserveRequest:
     # The amount is both the µUSD estimate and the input-token estimate, so it is what a
     # usd or tokens bucket is asked for; a requests bucket is asked for one.
-    return ReserveRequest(rid, (view,), amount, mode, T0, T0 + 600, LedgerDims(user="fit"),
-                          tokens=(amount, 0))
+    return ReserveRequest(
+        rid, (view,), amount, mode, T0, T0 + 600, LedgerDims(user="fit"), tokens=(amount, 0)
+    )
 
 
-async def _decide(store: Store, measure: Measure, spent: int, holds: list[int], limit: int,
-                  amount: int, mode: AdmissionMode) -> tuple[BucketState, bool, bool]:
+async def _decide(
+    store: Store,
+    measure: Measure,
+    spent: int,
+    holds: list[int],
+    limit: int,
+    amount: int,
+    mode: AdmissionMode,
+) -> tuple[BucketState, bool, bool]:
     """Bring a fresh bucket to `spent` and the `holds` through the store API, then ask it to
     admit `amount`: (the state before, the store's answer, the Python function's)."""
     name = f"fit{next(_counter)}"
@@ -65,21 +73,33 @@ async def _decide(store: Store, measure: Measure, spent: int, holds: list[int], 
     return state, result.admitted, fits(state, asked.amount_for(enforced), limit, mode)
 
 
-@settings(max_examples=80, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(measure=measures, spent=amounts, holds=st.lists(amounts, max_size=3), limit=amounts,
-       amount=amounts, mode=modes)
+@settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    measure=measures,
+    spent=amounts,
+    holds=st.lists(amounts, max_size=3),
+    limit=amounts,
+    amount=amounts,
+    mode=modes,
+)
 # The boundaries: exactly reaching the limit, one over it, and spent exactly at it.
 @example(measure="usd", spent=400, holds=[300], limit=1_000, amount=300, mode="reserve")
 @example(measure="usd", spent=400, holds=[300], limit=1_000, amount=301, mode="reserve")
 @example(measure="usd", spent=1_000, holds=[], limit=1_000, amount=0, mode="optimistic")
-@example(measure="tokens", spent=999, holds=[500], limit=1_000, amount=3_000,
-         mode="optimistic")
+@example(measure="tokens", spent=999, holds=[500], limit=1_000, amount=3_000, mode="optimistic")
 @example(measure="requests", spent=2, holds=[0, 0], limit=4, amount=0, mode="reserve")
 @example(measure="requests", spent=2, holds=[0, 0], limit=5, amount=0, mode="reserve")
 def test_store_admits_exactly_what_the_fit_function_admits(
-        store_url: str, measure: Measure, spent: int, holds: list[int], limit: int,
-        amount: int, mode: AdmissionMode) -> None:
+    store_url: str,
+    measure: Measure,
+    spent: int,
+    holds: list[int],
+    limit: int,
+    amount: int,
+    mode: AdmissionMode,
+) -> None:
     async def main() -> tuple[BucketState, bool, bool]:
         store = await open_store(store_url)
         try:

@@ -31,8 +31,7 @@ async def test_hundreds_of_buckets_reserve_commit_and_read_back(store: Store) ->
 async def test_concurrent_reservations_each_decided_once(store: Store) -> None:
     # Fifty at once against room for twenty: whatever the store batches, exactly twenty fit.
     shared = bucket("b:crowd", limit=200)
-    results = await asyncio.gather(*(store.reserve(req(f"c{i}", 10, shared))
-                                     for i in range(50)))
+    results = await asyncio.gather(*(store.reserve(req(f"c{i}", 10, shared)) for i in range(50)))
     assert sum(r.admitted for r in results) == 20
     state = (await store.bucket_states([shared], NOW))[0]
     assert state.reserved == 200

@@ -24,14 +24,20 @@ ALICE = LedgerDims("alice@example.com", ("ml",), "", "user", "gpt-4o", "openai")
 
 
 def bucket(key: str = "b:r:alice", measure: str = "usd") -> BucketView:
-    return BucketView(key=key, slot=DAY, since=DAY, ttl_seconds=90_000, limit=1000,
-                      measure=measure)  # type: ignore[arg-type]
+    return BucketView(key=key, slot=DAY, since=DAY, ttl_seconds=90_000, limit=1000, measure=measure)  # type: ignore[arg-type]
 
 
 def req(rid: str, amount: int, *buckets: BucketView, ttl: float = 600) -> ReserveRequest:
-    return ReserveRequest(request_id=rid, buckets=tuple(buckets), amount=amount,
-                          mode="reserve", now=NOW, expires_at=NOW + ttl, dims=ALICE,
-                          tokens=(7, 9))
+    return ReserveRequest(
+        request_id=rid,
+        buckets=tuple(buckets),
+        amount=amount,
+        mode="reserve",
+        now=NOW,
+        expires_at=NOW + ttl,
+        dims=ALICE,
+        tokens=(7, 9),
+    )
 
 
 class Pricer:
@@ -61,8 +67,14 @@ async def test_charge_prices_the_reservation_record_and_commits_it(store: Store)
     assert await spent_reserved(store, money) == (12, 0)
     assert await spent_reserved(store, tokens) == (8, 0)
     [row] = await store.ledger_rows(HOUR, HOUR + 3600)
-    assert (row.dims, row.cost, row.requests, row.input_tokens, row.output_tokens,
-            row.errors) == (ALICE, 12, 1, 3, 4, 0)
+    assert (row.dims, row.cost, row.requests, row.input_tokens, row.output_tokens, row.errors) == (
+        ALICE,
+        12,
+        1,
+        3,
+        4,
+        0,
+    )
 
 
 async def test_charge_replayed_is_a_duplicate_and_charges_nothing_more(store: Store) -> None:
@@ -119,9 +131,13 @@ async def test_charges_at_once_are_each_their_own_when_one_fails(store: Store) -
         store.charge("r1", Pricer(Charge(10, TokenUsage())), NOW),
         store.charge("r2", refuse, NOW),
         store.charge("r3", Pricer(Charge(20, TokenUsage())), NOW),
-        return_exceptions=True)
+        return_exceptions=True,
+    )
     assert [getattr(r, "status", type(r).__name__) for r in results] == [
-        "committed", "ValueError", "committed"]
+        "committed",
+        "ValueError",
+        "committed",
+    ]
     assert await spent_reserved(store, b) == (30, 40)
 
 
@@ -129,8 +145,7 @@ async def test_charge_after_expiry_charges_the_difference(store: Store) -> None:
     b = bucket()
     await store.reserve(req("r1", 30, b, ttl=60))
     assert await store.settle_expired(NOW + 61) == 1
-    price = Pricer(Charge(12, TokenUsage(5, 5), error=True,
-                          others=(LedgerPart(ALICE, 2, 1, 1),)))
+    price = Pricer(Charge(12, TokenUsage(5, 5), error=True, others=(LedgerPart(ALICE, 2, 1, 1),)))
     late = await store.charge("r1", price, NOW + 70)
     assert (late.status, late.estimate) == ("late", 30)
     assert price.seen[0].state == "expired"
@@ -150,11 +165,21 @@ async def test_charge_many_answers_each_in_order_and_a_failure_alone(store: Stor
     def refuse(record: Reservation) -> Charge | None:
         raise ValueError("no")
 
-    answers = await store.charge_many([
-        ("r1", Pricer(Charge(10, TokenUsage()))), ("r2", refuse), ("nope", Pricer(None)),
-        ("r3", Pricer(Charge(20, TokenUsage())))], NOW)
+    answers = await store.charge_many(
+        [
+            ("r1", Pricer(Charge(10, TokenUsage()))),
+            ("r2", refuse),
+            ("nope", Pricer(None)),
+            ("r3", Pricer(Charge(20, TokenUsage()))),
+        ],
+        NOW,
+    )
     assert [getattr(a, "status", type(a).__name__) for a in answers] == [
-        "committed", "ValueError", "unknown", "duplicate"]
+        "committed",
+        "ValueError",
+        "unknown",
+        "duplicate",
+    ]
     # r1 charged 10, r3 its first 1 only, r2 still held.
     assert await spent_reserved(store, b) == (11, 40)
 
@@ -164,8 +189,7 @@ async def test_charge_many_of_more_than_one_step_holds_charges_each_once(store: 
     ids = [f"r{i}" for i in range(150)]
     for rid in ids:
         await store.reserve(req(rid, 2, b))
-    answers = await store.charge_many([(rid, Pricer(Charge(1, TokenUsage()))) for rid in ids],
-                                      NOW)
+    answers = await store.charge_many([(rid, Pricer(Charge(1, TokenUsage()))) for rid in ids], NOW)
     assert [getattr(a, "status", a) for a in answers] == ["committed"] * 150
     assert await spent_reserved(store, b) == (150, 0)
     assert await store.charge_many([], NOW) == []

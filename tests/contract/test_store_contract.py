@@ -13,18 +13,35 @@ from tests.support.store_clock import StoreClock
 NOW = 1_800_000_000.0
 
 
-def bucket(key: str = "b:r:alice", limit: int = 100, slot: int = 1_799_996_400,
-           since: int = 1_799_996_400, enforce: bool = True) -> BucketView:
-    return BucketView(key=key, slot=slot, since=since, ttl_seconds=90_000, limit=limit,
-                      enforce=enforce)
+def bucket(
+    key: str = "b:r:alice",
+    limit: int = 100,
+    slot: int = 1_799_996_400,
+    since: int = 1_799_996_400,
+    enforce: bool = True,
+) -> BucketView:
+    return BucketView(
+        key=key, slot=slot, since=since, ttl_seconds=90_000, limit=limit, enforce=enforce
+    )
 
 
-def req(rid: str, amount: int, *buckets: BucketView, now: float = NOW,
-        mode: str = "reserve", ttl: float = 600) -> ReserveRequest:
-    return ReserveRequest(request_id=rid, buckets=tuple(buckets), amount=amount,
-                          mode=mode, now=now, expires_at=now + ttl,  # type: ignore[arg-type]
-                          dims=LedgerDims("alice@example.com", ("ml",), "", "user", "gpt-4o",
-                                          "openai"))
+def req(
+    rid: str,
+    amount: int,
+    *buckets: BucketView,
+    now: float = NOW,
+    mode: str = "reserve",
+    ttl: float = 600,
+) -> ReserveRequest:
+    return ReserveRequest(
+        request_id=rid,
+        buckets=tuple(buckets),
+        amount=amount,
+        mode=mode,  # type: ignore[arg-type]
+        now=now,
+        expires_at=now + ttl,
+        dims=LedgerDims("alice@example.com", ("ml",), "", "user", "gpt-4o", "openai"),
+    )
 
 
 async def test_docs_roundtrip(store: Store) -> None:
@@ -207,7 +224,8 @@ async def test_add_spend_applies_once_per_marker(store: Store) -> None:
 
 
 async def test_error_commit_releases_the_reservation_at_zero_and_counts_an_error(
-        store: Store) -> None:
+    store: Store,
+) -> None:
     b = bucket(limit=100)
     await store.reserve(req("e1", 40, b))
     result = await store.commit("e1", 0, TokenUsage(), NOW + 1, error=True)
@@ -215,8 +233,7 @@ async def test_error_commit_releases_the_reservation_at_zero_and_counts_an_error
     state = (await store.bucket_states([b], NOW + 1))[0]
     assert (state.spent, state.reserved) == (0, 0)
     # Idempotent like any commit: a retried error changes nothing.
-    assert (await store.commit("e1", 0, TokenUsage(), NOW + 2, error=True)).status == \
-        "duplicate"
+    assert (await store.commit("e1", 0, TokenUsage(), NOW + 2, error=True)).status == "duplicate"
     await store.reserve(req("ok1", 40, b))
     await store.commit("ok1", 25, TokenUsage(10, 5), NOW + 3)
     hour = int(NOW) // 3600 * 3600

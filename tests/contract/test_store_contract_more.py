@@ -31,17 +31,37 @@ ALICE = LedgerDims("alice@example.com", ("ml", "eng"), "", "user", "gpt-4o", "op
 BOT = LedgerDims("ci-bot", (), "tok-1", "service", "claude-sonnet-4", "anthropic")
 
 
-def bucket(key: str = "b:r:alice", limit: int = 100, slot: int = DAY, since: int = DAY,
-           ttl: int = 90_000, enforce: bool = True) -> BucketView:
-    return BucketView(key=key, slot=slot, since=since, ttl_seconds=ttl, limit=limit,
-                      enforce=enforce)
+def bucket(
+    key: str = "b:r:alice",
+    limit: int = 100,
+    slot: int = DAY,
+    since: int = DAY,
+    ttl: int = 90_000,
+    enforce: bool = True,
+) -> BucketView:
+    return BucketView(
+        key=key, slot=slot, since=since, ttl_seconds=ttl, limit=limit, enforce=enforce
+    )
 
 
-def req(rid: str, amount: int, *buckets: BucketView, now: float = NOW, mode: str = "reserve",
-        ttl: float = 600, dims: LedgerDims = ALICE) -> ReserveRequest:
-    return ReserveRequest(request_id=rid, buckets=tuple(buckets), amount=amount,
-                          mode=mode, now=now, expires_at=now + ttl,  # type: ignore[arg-type]
-                          dims=dims)
+def req(
+    rid: str,
+    amount: int,
+    *buckets: BucketView,
+    now: float = NOW,
+    mode: str = "reserve",
+    ttl: float = 600,
+    dims: LedgerDims = ALICE,
+) -> ReserveRequest:
+    return ReserveRequest(
+        request_id=rid,
+        buckets=tuple(buckets),
+        amount=amount,
+        mode=mode,  # type: ignore[arg-type]
+        now=now,
+        expires_at=now + ttl,
+        dims=dims,
+    )
 
 
 @pytest.fixture
@@ -49,8 +69,7 @@ async def twin(
     store: Store, request: pytest.FixtureRequest, tmp_path: Path
 ) -> AsyncIterator[Store]:
     """A second store on the same backend and data: another replica or worker process."""
-    other = await open_store(backend_url(request, request.node.callspec.params["store"],
-                                         tmp_path))
+    other = await open_store(backend_url(request, request.node.callspec.params["store"], tmp_path))
     try:
         yield other
     finally:
@@ -157,7 +176,8 @@ async def test_reserve_reports_states_after_the_hold(store: Store) -> None:
 
 
 async def test_id_replayed_after_commit_or_expiry_is_refused_and_changes_nothing(
-        store: Store) -> None:
+    store: Store,
+) -> None:
     b = bucket(limit=100)
     await store.reserve(req("done", 40, b))
     await store.commit("done", 30, TokenUsage(), NOW)
@@ -200,8 +220,10 @@ async def test_replicas_reserving_concurrently_never_overshoot(store: Store, twi
     assert (state.spent, state.reserved) == (0, 990)
     # Each replica completes the other's requests: still exactly once each.
     admitted = [f"c{i}" for i, r in enumerate(results) if r.admitted]
-    commits = [(twin if i % 2 else store).commit(rid, 20, TokenUsage(), NOW)
-               for i, rid in enumerate(admitted)]
+    commits = [
+        (twin if i % 2 else store).commit(rid, 20, TokenUsage(), NOW)
+        for i, rid in enumerate(admitted)
+    ]
     commits += [store.commit(rid, 20, TokenUsage(), NOW) for rid in admitted]
     statuses = [c.status for c in await asyncio.gather(*commits)]
     assert statuses.count("committed") == 33 and statuses.count("duplicate") == 33
@@ -231,31 +253,39 @@ def by_model(rows: list[LedgerRow]) -> dict[str, tuple[int, int, int, int]]:
 
 
 async def test_commit_books_parts_under_their_own_model_and_charges_the_bucket_the_total(
-        store: Store) -> None:
+    store: Store,
+) -> None:
     b = bucket(limit=1000)
     await store.reserve(req("r1", 300, b))
     advisor = LedgerPart(replace(ALICE, model="claude-opus-4-7"), 130, 2728, 874)
     result = await store.commit("r1", 190, TokenUsage(2414, 3200), NOW, others=[advisor])
     assert result.status == "committed"
     assert by_model(await store.ledger_rows(HOUR, HOUR + 3600)) == {
-        "gpt-4o": (60, 1, 2414, 3200), "claude-opus-4-7": (130, 0, 2728, 874)}
+        "gpt-4o": (60, 1, 2414, 3200),
+        "claude-opus-4-7": (130, 0, 2728, 874),
+    }
     assert (await store.bucket_states([b], NOW))[0].spent == 190
     # A duplicate completion changes nothing, parts included.
-    assert (await store.commit("r1", 190, TokenUsage(2414, 3200), NOW, others=[advisor])).status \
-        == "duplicate"
+    assert (
+        await store.commit("r1", 190, TokenUsage(2414, 3200), NOW, others=[advisor])
+    ).status == "duplicate"
     assert by_model(await store.ledger_rows(HOUR, HOUR + 3600))["claude-opus-4-7"][0] == 130
 
 
 async def test_late_commit_with_parts_moves_the_part_out_of_the_settled_estimate(
-        store: Store) -> None:
+    store: Store,
+) -> None:
     b = bucket(limit=1000)
     await store.reserve(req("r1", 50, b, ttl=60))
     await store.settle_expired(NOW + 61)
     advisor = LedgerPart(replace(ALICE, model="claude-opus-4-7"), 30, 10, 5)
-    assert (await store.commit("r1", 80, TokenUsage(100, 40), NOW + 120, others=[advisor])).status \
-        == "late"
+    assert (
+        await store.commit("r1", 80, TokenUsage(100, 40), NOW + 120, others=[advisor])
+    ).status == "late"
     assert by_model(await store.ledger_rows(HOUR, HOUR + 3600)) == {
-        "gpt-4o": (50, 1, 100, 40), "claude-opus-4-7": (30, 0, 10, 5)}
+        "gpt-4o": (50, 1, 100, 40),
+        "claude-opus-4-7": (30, 0, 10, 5),
+    }
     assert (await store.bucket_states([b], NOW + 120))[0].spent == 80
 
 
@@ -277,8 +307,9 @@ async def test_ledger_rows_split_by_dims_and_hour(store: Store) -> None:
     await store.commit("b1", 4, TokenUsage(8, 3), NOW)
     await store.commit("a2", 5, TokenUsage(9, 4), NOW + 3600)
     rows = await store.ledger_rows(HOUR, HOUR + 7200)
-    got = sorted((r.hour, r.dims.user, r.cost, r.requests, r.input_tokens, r.output_tokens)
-                 for r in rows)
+    got = sorted(
+        (r.hour, r.dims.user, r.cost, r.requests, r.input_tokens, r.output_tokens) for r in rows
+    )
     assert got == [
         (HOUR, "alice@example.com", 3, 1, 7, 2),
         (HOUR, "ci-bot", 4, 1, 8, 3),
@@ -305,7 +336,8 @@ async def test_large_amounts_stay_exact(store: Store) -> None:
 
 
 async def test_collections_are_separate_and_list_skips_expired(
-        store: Store, store_clock: StoreClock) -> None:
+    store: Store, store_clock: StoreClock
+) -> None:
     now = store_clock()
     await store.put_doc("codes", "live", {"v": 1}, now=now)
     await store.put_doc("codes", "brief", {"v": 2}, ttl_seconds=30, now=now)
@@ -322,7 +354,8 @@ async def test_collections_are_separate_and_list_skips_expired(
 
 
 async def test_rewriting_a_doc_without_ttl_makes_it_permanent(
-        store: Store, store_clock: StoreClock) -> None:
+    store: Store, store_clock: StoreClock
+) -> None:
     await store.put_doc("c", "k", {"v": 1}, ttl_seconds=30, now=store_clock())
     await store.put_doc("c", "k", {"v": 2}, now=store_clock())
     await store_clock.advance(31)
@@ -339,8 +372,7 @@ async def test_swap_doc_compares_whole_documents(store: Store) -> None:
     assert await store.get_doc("codes", "x", now=NOW) == {"state": "used"}
 
 
-async def test_incr_counters_are_separate_and_expire(
-        store: Store, store_clock: StoreClock) -> None:
+async def test_incr_counters_are_separate_and_expire(store: Store, store_clock: StoreClock) -> None:
     async def incr(key: str, amount: int, ttl: int) -> int:
         return await store.incr(key, amount, ttl, now=store_clock())
 
@@ -392,12 +424,25 @@ class _Model:
         return len(due)
 
     def amounts(self, keys: list[str], micros: int, tokens: tuple[int, int]) -> dict[str, int]:
-        by_measure = {"usd": micros, "tokens": sum(tokens), "input_tokens": tokens[0],
-                      "output_tokens": tokens[1], "requests": 1}
+        by_measure = {
+            "usd": micros,
+            "tokens": sum(tokens),
+            "input_tokens": tokens[0],
+            "output_tokens": tokens[1],
+            "requests": 1,
+        }
         return {k: by_measure[self.measures[k]] for k in keys}
 
-    def reserve(self, rid: str, keys: list[str], amount: int, mode: str, now: float,
-                ttl: float, tokens: tuple[int, int] = (0, 0)) -> bool:
+    def reserve(
+        self,
+        rid: str,
+        keys: list[str],
+        amount: int,
+        mode: str,
+        now: float,
+        ttl: float,
+        tokens: tuple[int, int] = (0, 0),
+    ) -> bool:
         self.settle(now)
         if rid in self.open:
             return True  # a retry of the same open reservation (same binding here)
@@ -406,8 +451,9 @@ class _Model:
         amounts = self.amounts(keys, amount, tokens)
         for k in keys:
             s, r = self.spent.get(k, 0), self.reserved.get(k, 0)
-            full = s >= self.limits[k] if mode == "optimistic" else \
-                s + r + amounts[k] > self.limits[k]
+            full = (
+                s >= self.limits[k] if mode == "optimistic" else s + r + amounts[k] > self.limits[k]
+            )
             if full:
                 return False
         held = {k: a if mode == "reserve" else 0 for k, a in amounts.items()}
@@ -425,8 +471,7 @@ class _Model:
         elif rid in self.expired:
             r = self.expired.pop(rid)
             actuals = self.amounts(r.keys, actual, tokens)
-            self.charge(r, {k: actuals[k] - r.amounts[k] for k in r.keys},
-                        dict.fromkeys(r.keys, 0))
+            self.charge(r, {k: actuals[k] - r.amounts[k] for k in r.keys}, dict.fromkeys(r.keys, 0))
             status = "late"
         else:
             return "unknown"
@@ -435,8 +480,9 @@ class _Model:
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
-async def test_random_walk_matches_the_model(store: Store, seed: int,
-                                             request: pytest.FixtureRequest) -> None:
+async def test_random_walk_matches_the_model(
+    store: Store, seed: int, request: pytest.FixtureRequest
+) -> None:
     rng = random.Random(seed)
     # On a cluster a reserve settles what expired on the shards it touches (which decides
     # its own admission); the model, like one store, settles everything, so on a cluster
@@ -444,11 +490,20 @@ async def test_random_walk_matches_the_model(store: Store, seed: int,
     sharded = "cluster" in request.node.callspec.id
     # One bucket of each measure: every reservation holds, and every commit charges, each
     # bucket in its own unit.
-    measures = {"b:x": "usd", "b:y": "tokens", "b:z": "requests", "b:i": "input_tokens",
-                "b:o": "output_tokens"}
-    views = {k: replace(bucket(k, limit=rng.randint(3, 12) if m == "requests"
-                               else rng.randint(50, 400)), measure=m)  # type: ignore[arg-type]
-             for k, m in measures.items()}
+    measures = {
+        "b:x": "usd",
+        "b:y": "tokens",
+        "b:z": "requests",
+        "b:i": "input_tokens",
+        "b:o": "output_tokens",
+    }
+    views = {
+        k: replace(
+            bucket(k, limit=rng.randint(3, 12) if m == "requests" else rng.randint(50, 400)),
+            measure=m,  # type: ignore[arg-type]
+        )
+        for k, m in measures.items()
+    }
     model = _Model({k: v.limit for k, v in views.items()}, measures)
     now, ids = NOW, [f"q{i}" for i in range(40)]
     for step in range(300):
@@ -459,17 +514,20 @@ async def test_random_walk_matches_the_model(store: Store, seed: int,
             amount, mode = rng.randint(0, 80), rng.choice(["reserve", "reserve", "optimistic"])
             tokens = (rng.randint(0, 40), rng.randint(0, 40))
             ttl = rng.choice([10, 60, 600])
-            got = await store.reserve(replace(
-                req(rid, amount, *(views[k] for k in keys), now=now, mode=mode, ttl=ttl),
-                tokens=tokens))
-            assert got.admitted == model.reserve(rid, keys, amount, mode, now, ttl,
-                                                 tokens), step
+            got = await store.reserve(
+                replace(
+                    req(rid, amount, *(views[k] for k in keys), now=now, mode=mode, ttl=ttl),
+                    tokens=tokens,
+                )
+            )
+            assert got.admitted == model.reserve(rid, keys, amount, mode, now, ttl, tokens), step
         elif op < 0.9:
             actual = rng.randint(0, 100)
             usage = TokenUsage(rng.randint(0, 50), rng.randint(0, 50))
             got_status = (await store.commit(rid, actual, usage, now)).status
             assert got_status == model.commit(
-                rid, actual, (usage.total_input, usage.output_tokens)), step
+                rid, actual, (usage.total_input, usage.output_tokens)
+            ), step
         else:
             assert await store.settle_expired(now) == model.settle(now), step
         if sharded:

@@ -65,8 +65,9 @@ async def test_no_budget_key_lives_without_a_ttl(redis_url: str) -> None:
         # A refused decision on a bucket nobody spent in yet leaves no key behind, and
         # one on a bucket that exists refreshes its running total without losing the TTL.
         for key in ("untouched", "roll"):
-            over = ReserveRequest(f"big-{key}", (rolling(NOW + 3 * STEP, key=key),), 10**9,
-                                  "reserve", NOW, NOW + 600)
+            over = ReserveRequest(
+                f"big-{key}", (rolling(NOW + 3 * STEP, key=key),), 10**9, "reserve", NOW, NOW + 600
+            )
             assert not (await store.reserve(over)).admitted
         assert not await client.exists("ttl-test:b:{o:untouched}:untouched")
         keys = [k async for k in client.scan_iter("ttl-test:*")]

@@ -14,35 +14,55 @@ NOW = 1_800_000_000.0
 SLOT = 1_799_999_940
 
 
-def bucket(key: str, limit: int, measure: Measure, *, slot: int = SLOT,
-           since: int = SLOT) -> BucketView:
-    return BucketView(key=key, slot=slot, since=since, ttl_seconds=3_660, limit=limit,
-                      measure=measure)
+def bucket(
+    key: str, limit: int, measure: Measure, *, slot: int = SLOT, since: int = SLOT
+) -> BucketView:
+    return BucketView(
+        key=key, slot=slot, since=since, ttl_seconds=3_660, limit=limit, measure=measure
+    )
 
 
-def req(rid: str, micros: int, tokens: tuple[int, int], *buckets: BucketView,
-        now: float = NOW, mode: str = "reserve", ttl: float = 600) -> ReserveRequest:
-    return ReserveRequest(request_id=rid, buckets=tuple(buckets), amount=micros,
-                          mode=mode, now=now, expires_at=now + ttl,  # type: ignore[arg-type]
-                          dims=LedgerDims("bot", (), "bot", "service", "gpt-4o", "openai"),
-                          tokens=tokens)
+def req(
+    rid: str,
+    micros: int,
+    tokens: tuple[int, int],
+    *buckets: BucketView,
+    now: float = NOW,
+    mode: str = "reserve",
+    ttl: float = 600,
+) -> ReserveRequest:
+    return ReserveRequest(
+        request_id=rid,
+        buckets=tuple(buckets),
+        amount=micros,
+        mode=mode,  # type: ignore[arg-type]
+        now=now,
+        expires_at=now + ttl,
+        dims=LedgerDims("bot", (), "bot", "service", "gpt-4o", "openai"),
+        tokens=tokens,
+    )
 
 
 async def test_each_bucket_holds_the_estimate_in_its_own_unit(store: Store) -> None:
     usd, tok = bucket("u", 10_000, "usd"), bucket("t", 10_000, "tokens")
-    rq, inp, out = (bucket("q", 10, "requests"), bucket("i", 10_000, "input_tokens"),
-                    bucket("o", 10_000, "output_tokens"))
+    rq, inp, out = (
+        bucket("q", 10, "requests"),
+        bucket("i", 10_000, "input_tokens"),
+        bucket("o", 10_000, "output_tokens"),
+    )
     result = await store.reserve(req("r1", 500, (30, 70), usd, tok, rq, inp, out))
     assert result.admitted
     assert [s.reserved for s in result.states] == [500, 100, 1, 30, 70]
     states = await store.bucket_states([usd, tok, rq, inp, out], NOW)
-    assert [(s.spent, s.reserved) for s in states] == [(0, 500), (0, 100), (0, 1), (0, 30),
-                                                       (0, 70)]
+    assert [(s.spent, s.reserved) for s in states] == [(0, 500), (0, 100), (0, 1), (0, 30), (0, 70)]
 
 
 async def test_commit_replaces_each_hold_by_the_actual_in_its_unit(store: Store) -> None:
-    usd, tok, rq = bucket("u", 10_000, "usd"), bucket("t", 10_000, "tokens"), \
-        bucket("q", 10, "requests")
+    usd, tok, rq = (
+        bucket("u", 10_000, "usd"),
+        bucket("t", 10_000, "tokens"),
+        bucket("q", 10, "requests"),
+    )
     await store.reserve(req("r1", 500, (30, 1000), usd, tok, rq))
     result = await store.commit("r1", 120, TokenUsage(25, 40, cache_read_tokens=5), NOW + 1)
     assert result.status == "committed"
@@ -60,14 +80,12 @@ async def test_commit_charges_given_budget_tokens_and_ledgers_the_usage(store: S
     await store.commit("r1", 500, TokenUsage(), NOW + 1, tokens=(30, 1000))
     assert (await store.bucket_states([tok], NOW + 1))[0].spent == 1030
     rows = await store.ledger_rows(int(NOW) // 3600 * 3600, int(NOW) // 3600 * 3600 + 3600)
-    assert [(r.cost, r.requests, r.input_tokens, r.output_tokens) for r in rows] == [
-        (500, 1, 0, 0)]
+    assert [(r.cost, r.requests, r.input_tokens, r.output_tokens) for r in rows] == [(500, 1, 0, 0)]
 
 
 async def test_requests_bucket_admits_exactly_its_limit(store: Store) -> None:
     rq = bucket("q", 10, "requests")
-    results = await asyncio.gather(*(store.reserve(req(f"r{i}", 7, (5, 5), rq))
-                                     for i in range(40)))
+    results = await asyncio.gather(*(store.reserve(req(f"r{i}", 7, (5, 5), rq)) for i in range(40)))
     admitted = [r for r in results if r.admitted]
     assert len(admitted) == 10
     assert [r.failed for r in results if not r.admitted] == [(0,)] * 30
@@ -86,9 +104,13 @@ async def test_a_full_token_bucket_refuses_and_holds_nothing_elsewhere(store: St
 
 
 async def test_expiry_charges_each_bucket_its_estimate_and_a_late_commit_corrects_it(
-        store: Store) -> None:
-    usd, tok, rq = bucket("u", 10_000, "usd"), bucket("t", 10_000, "tokens"), \
-        bucket("q", 10, "requests")
+    store: Store,
+) -> None:
+    usd, tok, rq = (
+        bucket("u", 10_000, "usd"),
+        bucket("t", 10_000, "tokens"),
+        bucket("q", 10, "requests"),
+    )
     await store.reserve(req("r1", 500, (30, 70), usd, tok, rq, ttl=10))
     assert await store.settle_expired(NOW + 11) == 1
     states = await store.bucket_states([usd, tok, rq], NOW + 11)
@@ -101,7 +123,8 @@ async def test_expiry_charges_each_bucket_its_estimate_and_a_late_commit_correct
 
 
 async def test_optimistic_token_bucket_admits_below_its_limit_and_holds_nothing(
-        store: Store) -> None:
+    store: Store,
+) -> None:
     tok = bucket("t", 100, "tokens")
     assert (await store.reserve(req("r1", 1, (500, 500), tok, mode="optimistic"))).admitted
     assert (await store.bucket_states([tok], NOW))[0].reserved == 0
@@ -136,8 +159,11 @@ async def test_redis_prunes_more_dead_one_second_slots_than_one_batch(redis_url:
     try:
         await flush_redis(redis_url)
         # 2,500 one-second slots of a 10 s window, all dead 20 s after they began.
-        spend = [(BucketView(f"burst{i % 5}", SLOT + s, SLOT, 20, 10, measure="requests"), 1)
-                 for i in range(5) for s in range(500)]
+        spend = [
+            (BucketView(f"burst{i % 5}", SLOT + s, SLOT, 20, 10, measure="requests"), 1)
+            for i in range(5)
+            for s in range(500)
+        ]
         assert await st.add_spend("m", spend)
         index = "prune-test:{n0}:slots"  # one Redis: one shard, node tag n0
         assert await client.zcard(index) == 2500

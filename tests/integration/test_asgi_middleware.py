@@ -20,44 +20,67 @@ from sidecar.asgi import SidecarMiddleware
 from sidecar.pricing import estimate_input_tokens
 from tests.support.asgi_proxy import proxy_app, serve
 
-FLAT = {"provider": "openai", "model": "flat-cent", "input_per_mtok": 0,
-        "output_per_mtok": 10000}
+FLAT = {"provider": "openai", "model": "flat-cent", "input_per_mtok": 0, "output_per_mtok": 10000}
 # $0.001 per input token, $0.01 per output token: the actual cost differs from the estimate.
-METERED = {"provider": "openai", "model": "metered-mini", "input_per_mtok": 1000,
-           "output_per_mtok": 10000}
+METERED = {
+    "provider": "openai",
+    "model": "metered-mini",
+    "input_per_mtok": 1000,
+    "output_per_mtok": 10000,
+}
 LIMITS = [
-    {"name": "nickel", "budget_usd": 0.05, "window": {"fixed": "daily"},
-     "filter": {"model": ["flat-*"]}, "split": ["user"], "action": "block"},
-    {"name": "gpt4o-fallback", "budget_usd": 0.000001, "window": {"rolling": "1h"},
-     "filter": {"model": ["gpt-4o"]}, "action": "fallback"},
+    {
+        "name": "nickel",
+        "budget_usd": 0.05,
+        "window": {"fixed": "daily"},
+        "filter": {"model": ["flat-*"]},
+        "split": ["user"],
+        "action": "block",
+    },
+    {
+        "name": "gpt4o-fallback",
+        "budget_usd": 0.000001,
+        "window": {"rolling": "1h"},
+        "filter": {"model": ["gpt-4o"]},
+        "action": "fallback",
+    },
 ]
 MESSAGES: list[Any] = [{"role": "user", "content": "Tell me a short story about budgets."}]
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory,
-          issuer: DevIssuer) -> Iterator[tuple[Stack, str]]:
+def setup(
+    tmp_path_factory: pytest.TempPathFactory, issuer: DevIssuer
+) -> Iterator[tuple[Stack, str]]:
     workdir = tmp_path_factory.mktemp("asgi")
     jwks = str(issuer.write_jwks(workdir / "jwks.json"))
-    config = demo_config(issuer, jwks, f"sqlite:///{workdir}/shared.db", spend_limits=LIMITS,
-                         fallbacks={"gpt-4o": [{"model": "flat-cent", "provider": "openai"}]},
-                         pricing={"unknown_model": "reject", "overrides": [FLAT, METERED]})
+    config = demo_config(
+        issuer,
+        jwks,
+        f"sqlite:///{workdir}/shared.db",
+        spend_limits=LIMITS,
+        fallbacks={"gpt-4o": [{"model": "flat-cent", "provider": "openai"}]},
+        pricing={"unknown_model": "reject", "overrides": [FLAT, METERED]},
+    )
     with running_stack(workdir, issuer, config) as stack:
-        app = SidecarMiddleware(proxy_app(stack.provider_url), config_path=stack.config_path,
-                                exempt_paths=("/healthz", "/_proxy_seen"))
+        app = SidecarMiddleware(
+            proxy_app(stack.provider_url),
+            config_path=stack.config_path,
+            exempt_paths=("/healthz", "/_proxy_seen"),
+        )
         with serve(app) as url:
             yield stack, url
 
 
 def sdk(url: str, token: str) -> openai.OpenAI:
     # No retries: a 429 must be seen as it is, not retried into the next window.
-    return openai.OpenAI(base_url=url + "/openai/v1", api_key=token, max_retries=0,
-                         timeout=60)
+    return openai.OpenAI(base_url=url + "/openai/v1", api_key=token, max_retries=0, timeout=60)
 
 
 def cent(client: openai.OpenAI) -> Any:
     return client.chat.completions.with_raw_response.create(
-        model="flat-cent", max_tokens=1, messages=MESSAGES)
+        model="flat-cent", max_tokens=1, messages=MESSAGES
+    )
 
 
 def usage_of(stack: Stack, user: str, requests: int = 1) -> dict[str, Any]:
@@ -68,15 +91,13 @@ def usage_of(stack: Stack, user: str, requests: int = 1) -> dict[str, Any]:
         while True:
             rows = admin.get("/v1/usage", params={"group_by": "user"}).json()["result"]
             row = next((r for r in rows if r["user"] == user), None)
-            if (row is not None and row["requests"] >= requests) or \
-                    time.monotonic() > deadline:
+            if (row is not None and row["requests"] >= requests) or time.monotonic() > deadline:
                 assert row is not None, rows
                 return dict(row)
             time.sleep(0.1)
 
 
-def test_budget_enforced_after_the_exact_count(setup: tuple[Stack, str],
-                                               issuer: DevIssuer) -> None:
+def test_budget_enforced_after_the_exact_count(setup: tuple[Stack, str], issuer: DevIssuer) -> None:
     stack, url = setup
     client = sdk(url, issuer.mint("mia@example.com", ["ml"]))
     for i in range(5):
@@ -96,26 +117,34 @@ def test_budget_enforced_after_the_exact_count(setup: tuple[Stack, str],
     assert seen["x-sidecar-groups"] == "ml"
     assert seen["x-sidecar-model"] == "flat-cent"
     assert seen["authorization"] == f"Bearer {DEMO_PROVIDER_KEYS['openai']}"
-    assert stack.seen()[-1]["headers"]["authorization"] == \
-        f"Bearer {DEMO_PROVIDER_KEYS['openai']}"
+    assert stack.seen()[-1]["headers"]["authorization"] == f"Bearer {DEMO_PROVIDER_KEYS['openai']}"
     assert usage_of(stack, "mia@example.com", 5)["cost_usd"] == 0.05
 
 
-def test_streamed_usage_is_charged_without_buffering(setup: tuple[Stack, str],
-                                                     issuer: DevIssuer) -> None:
+def test_streamed_usage_is_charged_without_buffering(
+    setup: tuple[Stack, str], issuer: DevIssuer
+) -> None:
     stack, url = setup
     client = sdk(url, issuer.mint("stream@example.com"))
     # No max_tokens: admission estimates default_max_output_tokens (1024) output tokens,
     # the provider generates 20, so only metering can charge the right amount.
-    body = {"model": "metered-mini", "messages": MESSAGES, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": "metered-mini",
+        "messages": MESSAGES,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     started = time.monotonic()
     arrivals: list[float] = []
     text = ""
     final_usage = None
     stream = client.chat.completions.create(
-        model="metered-mini", messages=MESSAGES, stream=True,
-        stream_options={"include_usage": True}, extra_headers={"x-fake-delay-ms": "40"})
+        model="metered-mini",
+        messages=MESSAGES,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_headers={"x-fake-delay-ms": "40"},
+    )
     for chunk in stream:
         arrivals.append(time.monotonic() - started)
         if chunk.choices:
@@ -137,12 +166,16 @@ def test_streamed_usage_is_charged_without_buffering(setup: tuple[Stack, str],
     assert row["output_tokens"] == usage.output_tokens
 
 
-def test_stream_without_include_usage_is_still_metered(setup: tuple[Stack, str],
-                                                       issuer: DevIssuer) -> None:
+def test_stream_without_include_usage_is_still_metered(
+    setup: tuple[Stack, str], issuer: DevIssuer
+) -> None:
     stack, url = setup
     client = sdk(url, issuer.mint("plainstream@example.com"))
-    chunks = list(client.chat.completions.create(model="metered-mini", max_tokens=3,
-                                                 messages=MESSAGES, stream=True))
+    chunks = list(
+        client.chat.completions.create(
+            model="metered-mini", max_tokens=3, messages=MESSAGES, stream=True
+        )
+    )
     # The middleware asked for usage (as ext_proc does) and took its event out again.
     assert chunks and all(c.choices and c.usage is None for c in chunks)
     usage = expected_usage("openai_chat", {"messages": MESSAGES, "max_tokens": 3})
@@ -154,7 +187,8 @@ def test_fallback_rewrites_the_body_model(setup: tuple[Stack, str], issuer: DevI
     stack, url = setup
     stack.clear_seen()
     raw = sdk(url, issuer.mint("fred@example.com")).chat.completions.with_raw_response.create(
-        model="gpt-4o", max_tokens=2, messages=MESSAGES)
+        model="gpt-4o", max_tokens=2, messages=MESSAGES
+    )
     assert raw.headers["x-sidecar-fallback-from"] == "gpt-4o"
     assert raw.headers["x-sidecar-model"] == "flat-cent"
     assert raw.parse().model == "flat-cent"
@@ -163,17 +197,21 @@ def test_fallback_rewrites_the_body_model(setup: tuple[Stack, str], issuer: DevI
     assert seen["headers"]["x-sidecar-route"] == "fallback"
 
 
-def test_budget_is_shared_with_the_envoy_sidecar(setup: tuple[Stack, str],
-                                                 issuer: DevIssuer) -> None:
+def test_budget_is_shared_with_the_envoy_sidecar(
+    setup: tuple[Stack, str], issuer: DevIssuer
+) -> None:
     stack, url = setup
     token = issuer.mint("shared@example.com")
     for _ in range(5):
         cent(sdk(url, token))
 
     def via_envoy(tok: str) -> httpx.Response:
-        return httpx.post(stack.envoy_url + "/openai/v1/chat/completions",
-                          headers={"authorization": f"Bearer {tok}"}, timeout=30,
-                          json={"model": "flat-cent", "max_tokens": 1, "messages": MESSAGES})
+        return httpx.post(
+            stack.envoy_url + "/openai/v1/chat/completions",
+            headers={"authorization": f"Bearer {tok}"},
+            timeout=30,
+            json={"model": "flat-cent", "max_tokens": 1, "messages": MESSAGES},
+        )
 
     # The sidecar process behind Envoy reads the same SQLite file: the budget is gone.
     refused = via_envoy(token)
@@ -193,24 +231,36 @@ def test_refusals_before_the_app(setup: tuple[Stack, str], issuer: DevIssuer) ->
     assert unauthenticated.value.response.json()["error"]["type"] == "unauthenticated"
     with pytest.raises(openai.PermissionDeniedError) as forbidden:
         sdk(url, issuer.mint("intern@example.com", ["interns"])).chat.completions.create(
-            model="gpt-4o", messages=MESSAGES)
+            model="gpt-4o", messages=MESSAGES
+        )
     assert forbidden.value.response.json()["error"]["type"] == "model_not_allowed"
-    big = httpx.post(url + "/openai/v1/chat/completions", timeout=30,
-                     headers={"authorization": f"Bearer {issuer.mint('big@example.com')}"},
-                     content=b"x" * (1024 * 1024 + 1))
+    big = httpx.post(
+        url + "/openai/v1/chat/completions",
+        timeout=30,
+        headers={"authorization": f"Bearer {issuer.mint('big@example.com')}"},
+        content=b"x" * (1024 * 1024 + 1),
+    )
     assert big.status_code == 413 and big.json()["error"]["type"] == "request_too_large"
-    bad = httpx.post(url + "/openai/v1/chat/completions", timeout=30, content=b"{not json",
-                     headers={"authorization": f"Bearer {issuer.mint('bad@example.com')}"})
+    bad = httpx.post(
+        url + "/openai/v1/chat/completions",
+        timeout=30,
+        content=b"{not json",
+        headers={"authorization": f"Bearer {issuer.mint('bad@example.com')}"},
+    )
     assert bad.status_code == 400 and bad.json()["error"]["type"] == "bad_request"
     assert httpx.get(url + "/healthz", timeout=10).status_code == 200
 
 
-def test_provider_error_costs_nothing_and_counts_as_an_error(setup: tuple[Stack, str],
-                                                             issuer: DevIssuer) -> None:
+def test_provider_error_costs_nothing_and_counts_as_an_error(
+    setup: tuple[Stack, str], issuer: DevIssuer
+) -> None:
     stack, url = setup
     with pytest.raises(openai.RateLimitError):
         sdk(url, issuer.mint("asgi-err@example.com")).chat.completions.create(
-            model="metered-mini", messages=MESSAGES, max_tokens=50,
-            extra_headers={"x-fake-status": "429"})
+            model="metered-mini",
+            messages=MESSAGES,
+            max_tokens=50,
+            extra_headers={"x-fake-status": "429"},
+        )
     row = usage_of(stack, "asgi-err@example.com")
     assert (row["cost_usd"], row["requests"], row["errors"]) == (0, 1, 1)

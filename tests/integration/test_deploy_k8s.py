@@ -31,15 +31,26 @@ def one(kind: str, name: str) -> dict[str, Any]:
 
 
 def test_configmap_is_rendered_from_its_sources() -> None:
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "render_k8s_configmap.py"),
-                             "--check"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "render_k8s_configmap.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
 
 
 def _key_files(config: dict[str, Any]) -> list[str]:
-    return [source["file"] for p in config["providers"] if p.get("credentials")
-            for source in [p["credentials"].get("default"),
-                           *p["credentials"].get("by_group", {}).values()] if source]
+    return [
+        source["file"]
+        for p in config["providers"]
+        if p.get("credentials")
+        for source in [
+            p["credentials"].get("default"),
+            *p["credentials"].get("by_group", {}).values(),
+        ]
+        if source
+    ]
 
 
 def test_sidecar_config_passes_check_config_with_its_keys_mounted(tmp_path: Path) -> None:
@@ -55,18 +66,27 @@ def test_sidecar_config_passes_check_config_with_its_keys_mounted(tmp_path: Path
         text = text.replace(mounted, str(stand_in))
     path = tmp_path / "sidecar.yaml"
     path.write_text(text)
-    result = subprocess.run([sys.executable, "-m", "sidecar.cli", "check-config", str(path),
-                             "--json"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "sidecar.cli", "check-config", str(path), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     assert "sk-stand-in" not in result.stdout + result.stderr
     redis = one("Service", "llm-sidecar-redis")
     assert config["store"]["url"] == (
-        f"redis://{redis['metadata']['name']}:{redis['spec']['ports'][0]['port']}/0")
+        f"redis://{redis['metadata']['name']}:{redis['spec']['ports'][0]['port']}/0"
+    )
     # Without the Secret mounted, the config is refused, naming the missing file.
     raw = tmp_path / "unmounted.yaml"
     raw.write_text(data["sidecar.yaml"])
-    refused = subprocess.run([sys.executable, "-m", "sidecar.cli", "check-config", str(raw)],
-                             capture_output=True, text=True, timeout=60)
+    refused = subprocess.run(
+        [sys.executable, "-m", "sidecar.cli", "check-config", str(raw)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert refused.returncode == 1 and f"file {files[0]}" in refused.stderr
 
 
@@ -75,8 +95,9 @@ def test_provider_keys_come_from_a_secret_mounted_in_the_sidecar_only() -> None:
     pod = one("Deployment", "llm-gateway")["spec"]["template"]["spec"]
     volumes = {v["name"]: v for v in pod["volumes"]}
     sidecar, envoy = _container("sidecar"), _container("envoy")
-    secret_mounts = {m["mountPath"]: m for m in sidecar["volumeMounts"]
-                     if "secret" in volumes[m["name"]]}
+    secret_mounts = {
+        m["mountPath"]: m for m in sidecar["volumeMounts"] if "secret" in volumes[m["name"]]
+    }
     for path in _key_files(config):
         directory, name = path.rsplit("/", 1)
         mount = secret_mounts[directory]
@@ -91,9 +112,12 @@ def test_envoy_config_passes_validate(tmp_path: Path) -> None:
     data = one("ConfigMap", "llm-sidecar-config")["data"]
     path = tmp_path / "envoy.yaml"
     path.write_text(data["envoy.yaml"])
-    result = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(path),
-                             "--base-id", str(free_port())],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(path), "--base-id", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     envoy = yaml.safe_load(data["envoy.yaml"])
     deployed = yaml.safe_load((REPO / "deploy" / "envoy" / "envoy.yaml").read_text())
@@ -136,8 +160,9 @@ def test_deployment_wires_sidecar_envoy_and_service() -> None:
     # Envoy reaches the sidecar's gRPC port on the pod's loopback.
     clusters = {c["name"]: c for c in envoy_config["static_resources"]["clusters"]}
     for name in ("sidecar_grpc", "sidecar_grpc_check"):
-        address = clusters[name]["load_assignment"]["endpoints"][0]["lb_endpoints"][0][
-            "endpoint"]["address"]["socket_address"]
+        address = clusters[name]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"][
+            "address"
+        ]["socket_address"]
         assert config["listen"]["grpc"] == f"{address['address']}:{address['port_value']}"
     # The HTTP API listens on every pod address, on the port the probes and Service use.
     http_port = int(config["listen"]["http"].rsplit(":", 1)[1])
@@ -153,8 +178,9 @@ def test_deployment_wires_sidecar_envoy_and_service() -> None:
     assert {p["targetPort"] for p in service["spec"]["ports"]} <= set(ports)
 
 
-@pytest.mark.parametrize("name", ["deployment.yaml", "service.yaml", "redis.yaml",
-                                  "configmap.yaml", "pdb.yaml"])
+@pytest.mark.parametrize(
+    "name", ["deployment.yaml", "service.yaml", "redis.yaml", "configmap.yaml", "pdb.yaml"]
+)
 def test_every_manifest_has_kind_and_name(name: str) -> None:
     for doc in yaml.safe_load_all((K8S / name).read_text()):
         assert doc["apiVersion"] and doc["kind"] and doc["metadata"]["name"]
@@ -175,8 +201,9 @@ def test_redis_password_comes_from_one_secret_for_redis_and_the_sidecar() -> Non
     sidecar = _env(_container("sidecar"))
     assert sidecar["REDIS_PASSWORD"]["valueFrom"] == secret
     url_env = config["store"]["url_env"]
-    assert sidecar[url_env]["value"] == "redis://:$(REDIS_PASSWORD)@" + \
-        config["store"]["url"].removeprefix("redis://")
+    assert sidecar[url_env]["value"] == "redis://:$(REDIS_PASSWORD)@" + config["store"][
+        "url"
+    ].removeprefix("redis://")
     # Kubernetes expands $(VAR) only from variables defined earlier in the list.
     names = [e["name"] for e in _container("sidecar")["env"]]
     assert names.index("REDIS_PASSWORD") < names.index(url_env)

@@ -30,8 +30,7 @@ from sidecar.identity.secret_box import SecretBox
 from sidecar.store.factory import open_store
 
 CHAT = "/openai/v1/chat/completions"
-BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}],
-        "max_tokens": 8}
+BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8}
 USER_CODE = re.compile(r"\b([BCDFGHJKLMNPQRSTVWXZ]{4}-[BCDFGHJKLMNPQRSTVWXZ]{4})\b")
 CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
 
@@ -42,8 +41,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory, issuer: DevIssuer) -> Iterat
     jwks = issuer.write_jwks(workdir / "jwks.json")
     port = free_port()
     config = demo_config(issuer, str(jwks), f"sqlite:///{workdir}/sidecar.db")
-    config["identity"]["device_login"] = {"enabled": True, "token_ttl": "1h",
-                                          "public_url": f"http://{LOOPBACK}:{port}"}
+    config["identity"]["device_login"] = {
+        "enabled": True,
+        "token_ttl": "1h",
+        "public_url": f"http://{LOOPBACK}:{port}",
+    }
     # The tests stand in for a proxy on loopback that forwards each client's address.
     config["http"] = {"trusted_proxies": ["127.0.0.1/32"]}
     with running_stack(workdir, issuer, config, extra_sidecars=1, http_port=port) as running:
@@ -57,8 +59,13 @@ def replica_url(stack: Stack) -> str:
 
 
 def cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "sidecar.cli", *args], capture_output=True,
-                          text=True, timeout=60, env={**os.environ, "XDG_CONFIG_HOME": str(home)})
+    return subprocess.run(
+        [sys.executable, "-m", "sidecar.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "XDG_CONFIG_HOME": str(home)},
+    )
 
 
 def person(issuer: DevIssuer, email: str, groups: list[str] | None = None) -> dict[str, str]:
@@ -73,8 +80,11 @@ def new_code(url: str) -> dict[str, object]:
 
 
 def poll(url: str, device_code: object) -> httpx.Response:
-    return httpx.post(f"{url}/device/token", timeout=20,
-                      data={"grant_type": GRANT_TYPE, "device_code": str(device_code)})
+    return httpx.post(
+        f"{url}/device/token",
+        timeout=20,
+        data={"grant_type": GRANT_TYPE, "device_code": str(device_code)},
+    )
 
 
 def decide(url: str, headers: dict[str, str], code: str, action: str = "approve") -> str:
@@ -82,40 +92,53 @@ def decide(url: str, headers: dict[str, str], code: str, action: str = "approve"
     assert page.status_code == 200, page.text
     match = CSRF.search(page.text)
     assert match, page.text
-    done = httpx.post(f"{url}/device/approve", headers=headers, timeout=20,
-                      data={"user_code": code, "action": action, "csrf_token": match.group(1)})
+    done = httpx.post(
+        f"{url}/device/approve",
+        headers=headers,
+        timeout=20,
+        data={"user_code": code, "action": action, "csrf_token": match.group(1)},
+    )
     assert done.status_code == 200, done.text
     return page.text
 
 
 def through_envoy(stack: Stack, token: str) -> httpx.Response:
-    return httpx.post(stack.envoy_url + CHAT, json=BODY, timeout=20,
-                      headers={"authorization": f"Bearer {token}"})
+    return httpx.post(
+        stack.envoy_url + CHAT, json=BODY, timeout=20, headers={"authorization": f"Bearer {token}"}
+    )
 
 
 async def minted(stack: Stack, email: str, ttl: int, age: float = 0) -> str:
     """A token signed with the stack's own key, as if issued `age` seconds ago."""
     store = await open_store(f"sqlite:///{stack.workdir}/sidecar.db")
     try:
-        login = DeviceLogin(store, stack.admin_url, box=SecretBox(DEMO_SECRET_KEY, "demo"),
-                            clock=lambda: time.time() - age)
+        login = DeviceLogin(
+            store,
+            stack.admin_url,
+            box=SecretBox(DEMO_SECRET_KEY, "demo"),
+            clock=lambda: time.time() - age,
+        )
         return await login.mint(Approver("u-" + email, email, ("ml",), "tests"), ttl)
     finally:
         await store.close()
 
 
-def test_cli_login_then_the_token_works_through_envoy(stack: Stack, issuer: DevIssuer,
-                                                      tmp_path: Path) -> None:
+def test_cli_login_then_the_token_works_through_envoy(
+    stack: Stack, issuer: DevIssuer, tmp_path: Path
+) -> None:
     home = tmp_path / "config"
-    proc = subprocess.Popen([sys.executable, "-m", "sidecar.cli", "login", stack.admin_url],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "XDG_CONFIG_HOME": str(home)})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sidecar.cli", "login", stack.admin_url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "XDG_CONFIG_HOME": str(home)},
+    )
     lines: list[str] = []
     stdout = proc.stdout
     assert stdout is not None
     # A thread reads stdout so the test can wait for the code with a deadline.
-    reader = threading.Thread(target=lambda: lines.extend(iter(stdout.readline, "")),
-                              daemon=True)
+    reader = threading.Thread(target=lambda: lines.extend(iter(stdout.readline, "")), daemon=True)
     reader.start()
     try:
         deadline = time.monotonic() + 30
@@ -160,8 +183,9 @@ def test_cli_login_then_the_token_works_through_envoy(stack: Stack, issuer: DevI
         # The CLI token stayed at the sidecar; the provider got the sidecar's key.
         assert seen["authorization"] == f"Bearer {DEMO_PROVIDER_KEYS['openai']}"
     sdk = openai.OpenAI(base_url=stack.envoy_url + "/openai/v1", api_key=token)
-    assert sdk.chat.completions.create(model="gpt-4o-mini", max_tokens=4,
-                                       messages=[{"role": "user", "content": "hi"}]).choices
+    assert sdk.chat.completions.create(
+        model="gpt-4o-mini", max_tokens=4, messages=[{"role": "user", "content": "hi"}]
+    ).choices
 
     other = cli(home, "token", "http://127.0.0.1:1")
     assert other.returncode == 1 and "stored credential is for" in other.stderr
@@ -187,21 +211,23 @@ async def test_only_a_signed_in_person_may_approve(stack: Stack, issuer: DevIssu
     assert anonymous.status_code == 401 and "<form" not in anonymous.text
     assert httpx.post(f"{url}/approve", data=form, timeout=20).status_code == 401
     forged = {"cookie": "CF_Authorization=not-a-jwt"}
-    assert httpx.get(url, params={"user_code": code}, headers=forged,
-                     timeout=20).status_code == 401
+    assert httpx.get(url, params={"user_code": code}, headers=forged, timeout=20).status_code == 401
 
     with stack.admin() as admin:
         created = admin.post("/v1/service-tokens", json={"name": "approver-bot"}).json()
-    service = {"cf-access-client-id": created["result"]["client_id"],
-               "cf-access-client-secret": created["result"]["client_secret"]}
+    service = {
+        "cf-access-client-id": created["result"]["client_id"],
+        "cf-access-client-secret": created["result"]["client_secret"],
+    }
     cli_token = {"authorization": f"Bearer {await minted(stack, 'alice@example.com', 600)}"}
     access_service = {"cf-access-jwt-assertion": issuer.mint_service("ci-bot.access")}
     for headers in (service, cli_token, access_service):
         page = httpx.get(url, params={"user_code": code}, headers=headers, timeout=20)
         assert page.status_code == 403, (headers.keys(), page.text)
         assert "<form" not in page.text
-        assert httpx.post(f"{url}/approve", data=form, headers=headers,
-                          timeout=20).status_code == 403
+        assert (
+            httpx.post(f"{url}/approve", data=form, headers=headers, timeout=20).status_code == 403
+        )
 
     # A person, but with a CSRF token that is not theirs for this code: refused too.
     carol = person(issuer, "carol@example.com")
@@ -216,8 +242,14 @@ async def test_only_a_signed_in_person_may_approve(stack: Stack, issuer: DevIssu
 def test_token_endpoint_polling_errors_and_single_use(stack: Stack, issuer: DevIssuer) -> None:
     url = stack.admin_url
     started = httpx.post(f"{url}/device/code", json={"client_id": "tests"}, timeout=20).json()
-    assert set(started) == {"device_code", "user_code", "verification_uri",
-                            "verification_uri_complete", "expires_in", "interval"}
+    assert set(started) == {
+        "device_code",
+        "user_code",
+        "verification_uri",
+        "verification_uri_complete",
+        "expires_in",
+        "interval",
+    }
     assert USER_CODE.fullmatch(str(started["user_code"]))
     assert started["verification_uri"] == f"{url}/device"
     assert started["interval"] == INTERVAL and started["expires_in"] == 600
@@ -245,16 +277,19 @@ def test_token_endpoint_polling_errors_and_single_use(stack: Stack, issuer: DevI
     assert poll(url, denied["device_code"]).json()["error"] == "access_denied"
 
     assert poll(url, "no-such-code").json()["error"] == "invalid_grant"
-    wrong = httpx.post(f"{url}/device/token", timeout=20,
-                       data={"grant_type": "password", "device_code": "x"})
+    wrong = httpx.post(
+        f"{url}/device/token", timeout=20, data={"grant_type": "password", "device_code": "x"}
+    )
     assert wrong.status_code == 400 and wrong.json()["error"] == "unsupported_grant_type"
     missing = httpx.post(f"{url}/device/token", data={"grant_type": GRANT_TYPE}, timeout=20)
     assert missing.json()["error"] == "invalid_request"
 
 
 def test_jwks_has_public_parts_only(stack: Stack) -> None:
-    documents = [httpx.get(f"{base}/.well-known/jwks.json", timeout=20).json()
-                 for base in (stack.admin_url, replica_url(stack))]
+    documents = [
+        httpx.get(f"{base}/.well-known/jwks.json", timeout=20).json()
+        for base in (stack.admin_url, replica_url(stack))
+    ]
     assert documents[0] == documents[1]
     assert documents[0]["keys"]
     for key in documents[0]["keys"]:
@@ -272,19 +307,24 @@ def test_wrong_codes_are_rate_limited(stack: Stack, issuer: DevIssuer) -> None:
         if attempt % 2:
             wrong = httpx.get(url, params={"user_code": "BBBB-BBBB"}, headers=here, timeout=20)
         else:
-            wrong = httpx.post(f"{url}/approve", headers=here, timeout=20, data={
-                "user_code": "BBBB-BBBB", "action": "approve", "csrf_token": "x"})
+            wrong = httpx.post(
+                f"{url}/approve",
+                headers=here,
+                timeout=20,
+                data={"user_code": "BBBB-BBBB", "action": "approve", "csrf_token": "x"},
+            )
         assert wrong.status_code == 404, (attempt, wrong.text)
     real = str(new_code(stack.admin_url)["user_code"])
     blocked = httpx.get(url, params={"user_code": real}, headers=here, timeout=20)
-    assert blocked.status_code == 429 and "<form method=\"post\"" not in blocked.text
+    assert blocked.status_code == 429 and '<form method="post"' not in blocked.text
     elsewhere = {**mallory, "x-forwarded-for": "198.51.100.24"}
-    assert httpx.get(url, params={"user_code": real}, headers=elsewhere,
-                     timeout=20).status_code == 429, "limited per person"
+    assert (
+        httpx.get(url, params={"user_code": real}, headers=elsewhere, timeout=20).status_code == 429
+    ), "limited per person"
     # One guesser does not lock out the people who share their address.
     neighbour = {**person(issuer, "nina@example.com"), "x-forwarded-for": "198.51.100.23"}
-    assert httpx.get(url, params={"user_code": real}, headers=neighbour,
-                     timeout=20).status_code == 200, "the address is not blocked by one"
+    assert (
+        httpx.get(url, params={"user_code": real}, headers=neighbour, timeout=20).status_code == 200
+    ), "the address is not blocked by one"
     fresh = {**person(issuer, "nina@example.com"), "x-forwarded-for": "198.51.100.25"}
-    assert httpx.get(url, params={"user_code": real}, headers=fresh,
-                     timeout=20).status_code == 200
+    assert httpx.get(url, params={"user_code": real}, headers=fresh, timeout=20).status_code == 200

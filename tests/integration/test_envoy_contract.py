@@ -146,7 +146,8 @@ class Authorization:
         answer = allow(identity)
         if body == "insert_usage_option":
             answer.dynamic_metadata.fields["sidecar"].struct_value.fields[
-                "body"].string_value = body
+                "body"
+            ].string_value = body
         return answer
 
 
@@ -206,18 +207,25 @@ class ExternalProcessor:
             if phase == "request_headers":
                 stream.request_headers = headers_of(request.request_headers.headers)
                 # As the sidecar does: the Check's mark that sent the call here stops here.
-                yield ProcessingResponse(request_headers=external_processor_pb2.HeadersResponse(
-                    response=external_processor_pb2.CommonResponse(
-                        header_mutation=external_processor_pb2.HeaderMutation(
-                            remove_headers=["x-sidecar-body"]))))
+                yield ProcessingResponse(
+                    request_headers=external_processor_pb2.HeadersResponse(
+                        response=external_processor_pb2.CommonResponse(
+                            header_mutation=external_processor_pb2.HeaderMutation(
+                                remove_headers=["x-sidecar-body"]
+                            )
+                        )
+                    )
+                )
             elif phase == "request_body":
                 answer = ProcessingResponse(
-                    request_body=request_body_answer(stream, request.request_body.body))
+                    request_body=request_body_answer(stream, request.request_body.body)
+                )
                 if STRIP_HEADER in stream.request_headers:
                     # What the sidecar says when it turned usage on for a client that did
                     # not ask: the Lua filter then drops that event from the client's stream.
                     answer.dynamic_metadata.fields["sidecar.body"].struct_value.fields[
-                        "strip_usage"].bool_value = True
+                        "strip_usage"
+                    ].bool_value = True
                 yield answer
             else:
                 # Responses are read by the Lua filter, never sent here; trailers are SKIP.
@@ -241,8 +249,10 @@ class AccessLog:
 
 def metering(entry: Any) -> dict[str, Any]:
     fields = entry.common_properties.metadata.filter_metadata["sidecar.metering"].fields
-    return {key: value.WhichOneof("kind") and getattr(value, value.WhichOneof("kind"))
-            for key, value in fields.items()}
+    return {
+        key: value.WhichOneof("kind") and getattr(value, value.WhichOneof("kind"))
+        for key, value in fields.items()
+    }
 
 
 def record_body(record: dict[str, Any]) -> bytes:
@@ -282,8 +292,9 @@ def recording_upstream(seen: list[UpstreamRequest]) -> Starlette:
         body = await request.body()
         seen.append(UpstreamRequest(request.url.path, list(request.headers.items()), body))
         if body.lstrip().startswith(b"{") and json.loads(body).get("stream"):
-            return StreamingResponse(events(USAGE_EVENT_HEADER in request.headers),
-                                     media_type="text/event-stream")
+            return StreamingResponse(
+                events(USAGE_EVENT_HEADER in request.headers), media_type="text/event-stream"
+            )
         return JSONResponse({"id": "resp-1", "usage": {"prompt_tokens": 3, "completion_tokens": 5}})
 
     return Starlette(routes=[Route("/{path:path}", handle, methods=["POST"])])
@@ -325,10 +336,13 @@ class Stack:
         """The one metering record Envoy sends for this test's call (batched: waited for)."""
         deadline = time.monotonic() + 10
         while True:
-            found = [(e, metering(e)) for e in self.access_log.entries
-                     if metering(e).get("rid") == reservation(test_id)]
+            found = [
+                (e, metering(e))
+                for e in self.access_log.entries
+                if metering(e).get("rid") == reservation(test_id)
+            ]
             if found:
-                (entry, record), = found
+                ((entry, record),) = found
                 return {**record, "_entry": entry}
             assert time.monotonic() < deadline, "no metering record arrived"
             await asyncio.sleep(0.02)
@@ -374,8 +388,9 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
             async with httpx.AsyncClient(
                 base_url=f"http://{LOOPBACK}:{port}", trust_env=False, timeout=10.0
             ) as client:
-                yield Stack(client, authz, ext_proc, access_log, seen, upstream_port, envoy,
-                            grpc_port)
+                yield Stack(
+                    client, authz, ext_proc, access_log, seen, upstream_port, envoy, grpc_port
+                )
         finally:
             envoy.stop()
     finally:
@@ -432,8 +447,9 @@ async def test_allowed_request_reaches_provider_with_check_headers(stack: Stack)
     spoofed = {"x-sidecar-email": "mallory@example.com", "x-request-id": "chosen-by-client"}
 
     response = await stack.client.post(
-        "/openai/v1/chat/completions", content=body,
-        headers=request_headers(test_id, **spoofed, **{BODY_HEADER: "ext_proc"})
+        "/openai/v1/chat/completions",
+        content=body,
+        headers=request_headers(test_id, **spoofed, **{BODY_HEADER: "ext_proc"}),
     )
 
     assert response.status_code == 200, response.text
@@ -493,12 +509,14 @@ async def test_deny_reaches_client_as_json_429_and_never_the_provider(stack: Sta
     assert stack.streams_for(test_id) == []
     # Records of calls made after it arrive; the denied call's never does.
     later = uuid.uuid4().hex
-    allowed = await stack.client.post("/openai/v1/chat/completions", content=chat_body(),
-                                      headers=request_headers(later))
+    allowed = await stack.client.post(
+        "/openai/v1/chat/completions", content=chat_body(), headers=request_headers(later)
+    )
     assert allowed.status_code == 200
     await stack.record_for(later)
-    assert [e for e in stack.access_log.entries
-            if metering(e).get("rid") == reservation(test_id)] == []
+    assert [
+        e for e in stack.access_log.entries if metering(e).get("rid") == reservation(test_id)
+    ] == []
 
 
 @in_module_loop
@@ -630,8 +648,9 @@ async def test_lua_filter_drops_the_usage_event_ext_proc_turned_on(stack: Stack)
     response = await stack.client.post(
         "/openai/v1/chat/completions",
         content=chat_body(stream=True),
-        headers=request_headers(test_id, **{STRIP_HEADER: "1", USAGE_EVENT_HEADER: "1",
-                                            BODY_HEADER: "ext_proc"}),
+        headers=request_headers(
+            test_id, **{STRIP_HEADER: "1", USAGE_EVENT_HEADER: "1", BODY_HEADER: "ext_proc"}
+        ),
     )
 
     events = b"".join(sse_event(i) for i in range(STREAM_EVENTS))
@@ -661,7 +680,8 @@ async def test_usage_event_stays_when_ext_proc_did_not_ask(stack: Stack) -> None
 
 @in_module_loop
 async def test_unreachable_upstream_record_shows_the_provider_never_had_it(
-        stack: Stack, tmp_path: Path) -> None:
+    stack: Stack, tmp_path: Path
+) -> None:
     listen_port, admin_port, nobody_listens = free_port(), free_port(), free_port()
     config = render_envoy_config(
         listen_port=listen_port,
@@ -695,8 +715,9 @@ async def test_unreachable_upstream_record_shows_the_provider_never_had_it(
 async def test_calls_without_a_body_change_never_open_an_ext_proc_stream(stack: Stack) -> None:
     test_id = uuid.uuid4().hex
 
-    response = await stack.client.post("/openai/v1/chat/completions", content=chat_body(),
-                                       headers=request_headers(test_id))
+    response = await stack.client.post(
+        "/openai/v1/chat/completions", content=chat_body(), headers=request_headers(test_id)
+    )
 
     assert response.status_code == 200
     assert stack.streams_for(test_id) == []
@@ -712,9 +733,12 @@ async def test_lua_filter_inserts_the_usage_option_and_hides_its_event(stack: St
     body = b'  {"model": "gpt-4o-mini", "stream": true, "messages": []}'
 
     response = await stack.client.post(
-        "/openai/v1/chat/completions", content=body,
-        headers=request_headers(test_id, **{BODY_HEADER: "insert_usage_option",
-                                            USAGE_EVENT_HEADER: "1"}))
+        "/openai/v1/chat/completions",
+        content=body,
+        headers=request_headers(
+            test_id, **{BODY_HEADER: "insert_usage_option", USAGE_EVENT_HEADER: "1"}
+        ),
+    )
 
     assert response.status_code == 200
     assert stack.streams_for(test_id) == []
@@ -722,8 +746,10 @@ async def test_lua_filter_inserts_the_usage_option_and_hides_its_event(stack: St
     # The member goes first; the rest of the client's bytes are as sent: exactly what
     # sidecar/metering/request_body.py says the Lua filter does.
     assert upstream.body == insert_usage_option(body)
-    assert upstream.body == b'  {"stream_options":{"include_usage":true},"model": ' \
+    assert (
+        upstream.body == b'  {"stream_options":{"include_usage":true},"model": '
         b'"gpt-4o-mini", "stream": true, "messages": []}'
+    )
     assert upstream.header("content-length") == [str(len(upstream.body))]
     events = b"".join(sse_event(i) for i in range(STREAM_EVENTS))
     assert response.content == events

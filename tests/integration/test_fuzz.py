@@ -26,30 +26,69 @@ WRITES = [
     ("POST", "/v1/organizations/billing/spending-caps"),
     ("POST", "/v1/simulate"),
 ]
-SNAPSHOT = ["/v1/service-tokens", "/v1/spend-limits",
-            "/accounts/acme/ai-gateway/billing/spending-limit",
-            "/v1/organizations/billing/spending-caps"]
+SNAPSHOT = [
+    "/v1/service-tokens",
+    "/v1/spend-limits",
+    "/accounts/acme/ai-gateway/billing/spending-limit",
+    "/v1/organizations/billing/spending-caps",
+]
 
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(min_value=-(10**30), max_value=10**30),
-    st.floats(allow_nan=False), st.text(max_size=40),
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(10**30), max_value=10**30),
+    st.floats(allow_nan=False),
+    st.text(max_size=40),
     st.sampled_from(["daily", "fixed", "sliding", "monthly", "ml", "", "é🙂\u202e", "a" * 300]),
 )
 json_values = st.recursive(
-    scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
-                                     st.dictionaries(st.text(max_size=12), inner, max_size=5)),
-    max_leaves=12)
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=12), inner, max_size=5)
+    ),
+    max_leaves=12,
+)
 # Objects shaped like the real bodies, with wrong values: the likeliest to slip through.
-field_names = st.sampled_from(["name", "groups", "expires", "amount", "duration", "strategy",
-                               "budget_usd", "window", "filter", "split", "action", "alerts",
-                               "monthly_spending_budget", "hard_spending_cap",
-                               "hard_cap_enabled", "spending_alert_thresholds",
-                               "spending_alerts_enabled", "identity", "model", "metadata"])
+field_names = st.sampled_from(
+    [
+        "name",
+        "groups",
+        "expires",
+        "amount",
+        "duration",
+        "strategy",
+        "budget_usd",
+        "window",
+        "filter",
+        "split",
+        "action",
+        "alerts",
+        "monthly_spending_budget",
+        "hard_spending_cap",
+        "hard_cap_enabled",
+        "spending_alert_thresholds",
+        "spending_alerts_enabled",
+        "identity",
+        "model",
+        "metadata",
+    ]
+)
 shaped = st.dictionaries(field_names, json_values, max_size=6)
 raw_bodies = st.one_of(
     st.binary(max_size=200),
-    st.sampled_from([b"", b"{", b"null", b"[]", b'{"a":', b"\xff\xfe", b'{"name": "x"}' * 3,
-                     b"{" * 5000, b'{"name": "' + b"x" * 70_000 + b'"}']),
+    st.sampled_from(
+        [
+            b"",
+            b"{",
+            b"null",
+            b"[]",
+            b'{"a":',
+            b"\xff\xfe",
+            b'{"name": "x"}' * 3,
+            b"{" * 5000,
+            b'{"name": "' + b"x" * 70_000 + b'"}',
+        ]
+    ),
 )
 
 
@@ -59,8 +98,12 @@ def snapshot(client: httpx.Client) -> list[Any]:
         result = client.get(path).json()["result"]
         if isinstance(result, dict):
             # Spend moves with traffic; only configuration must stay put.
-            result = {k: v for k, v in result.items() if "current_spending" not in k
-                      and k not in ("percentage_used", "alert_thresholds_triggered")}
+            result = {
+                k: v
+                for k, v in result.items()
+                if "current_spending" not in k
+                and k not in ("percentage_used", "alert_thresholds_triggered")
+            }
         out.append(result)
     return out
 
@@ -73,18 +116,29 @@ def check_envelope(response: httpx.Response, context: Any) -> None:
         assert body["errors"] and body["errors"][0]["message"], context
 
 
-@settings(max_examples=150, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(target=st.sampled_from(WRITES), body=st.one_of(shaped, json_values),
-       segment=st.text(max_size=20))
-def test_admin_api_json_fuzz(stack: Stack, target: tuple[str, str], body: Any,
-                             segment: str) -> None:
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    target=st.sampled_from(WRITES),
+    body=st.one_of(shaped, json_values),
+    segment=st.text(max_size=20),
+)
+def test_admin_api_json_fuzz(
+    stack: Stack, target: tuple[str, str], body: Any, segment: str
+) -> None:
     method, path = target
     path = path.replace("{x}", quote(segment or "x", safe=""))
     with httpx.Client(base_url=stack.admin_url, headers=ADMIN, timeout=10) as client:
         before = snapshot(client)
-        response = client.request(method, path, content=json.dumps(body).encode(),
-                                  headers={"content-type": "application/json"})
+        response = client.request(
+            method,
+            path,
+            content=json.dumps(body).encode(),
+            headers={"content-type": "application/json"},
+        )
         check_envelope(response, (method, path, body))
         if response.status_code >= 400:
             assert snapshot(client) == before, (method, path, body)
@@ -102,12 +156,19 @@ def undo(client: httpx.Client, method: str, path: str, response: httpx.Response)
     elif path.endswith("spending-limit"):
         client.delete(path)
     elif path.endswith("spending-caps"):
-        client.post(path, json={"monthly_spending_budget": None, "hard_spending_cap": None,
-                                "hard_cap_enabled": False})
+        client.post(
+            path,
+            json={
+                "monthly_spending_budget": None,
+                "hard_spending_cap": None,
+                "hard_cap_enabled": False,
+            },
+        )
 
 
-@settings(max_examples=60, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(target=st.sampled_from(WRITES), body=raw_bodies)
 def test_admin_api_raw_body_fuzz(stack: Stack, target: tuple[str, str], body: bytes) -> None:
     method, path = target
@@ -120,34 +181,68 @@ def test_admin_api_raw_body_fuzz(stack: Stack, target: tuple[str, str], body: by
             assert snapshot(client) == before
 
 
-header_names = st.sampled_from(["authorization", "Authorization", "AUTHORIZATION",
-                                "cf-access-jwt-assertion", "Cf-Access-Jwt-Assertion",
-                                "cf-access-client-id", "cf-access-client-secret", "cookie",
-                                "cf-aig-metadata", "x-sidecar-email", "X-Sidecar-Route",
-                                "content-type", "x-request-id"])
+header_names = st.sampled_from(
+    [
+        "authorization",
+        "Authorization",
+        "AUTHORIZATION",
+        "cf-access-jwt-assertion",
+        "Cf-Access-Jwt-Assertion",
+        "cf-access-client-id",
+        "cf-access-client-secret",
+        "cookie",
+        "cf-aig-metadata",
+        "x-sidecar-email",
+        "X-Sidecar-Route",
+        "content-type",
+        "x-request-id",
+    ]
+)
 header_values = st.one_of(
-    st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7e), max_size=60),
-    st.sampled_from(["Bearer ", "Bearer a.b.c", "Bearer " + "e" * 9_000, "Basic Zm9vOmJhcg==",
-                     "CF_Authorization=", "CF_Authorization=x.y.z; a=b", '{"a":1}',
-                     "eyJhbGciOiJub25lIn0.e30.", "Bearer eyJhbGciOiJIUzI1NiJ9.e30.x"]))
+    st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=60),
+    st.sampled_from(
+        [
+            "Bearer ",
+            "Bearer a.b.c",
+            "Bearer " + "e" * 9_000,
+            "Basic Zm9vOmJhcg==",
+            "CF_Authorization=",
+            "CF_Authorization=x.y.z; a=b",
+            '{"a":1}',
+            "eyJhbGciOiJub25lIn0.e30.",
+            "Bearer eyJhbGciOiJIUzI1NiJ9.e30.x",
+        ]
+    ),
+)
 
 
-@settings(max_examples=120, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(headers=st.lists(st.tuples(header_names, header_values), max_size=6),
-       body=st.one_of(raw_bodies, shaped.map(lambda d: json.dumps(d).encode())),
-       with_token=st.booleans())
-def test_check_path_fuzz(stack: Stack, issuer: DevIssuer, headers: list[tuple[str, str]],
-                         body: bytes, with_token: bool) -> None:
+@settings(
+    max_examples=120,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    headers=st.lists(st.tuples(header_names, header_values), max_size=6),
+    body=st.one_of(raw_bodies, shaped.map(lambda d: json.dumps(d).encode())),
+    with_token=st.booleans(),
+)
+def test_check_path_fuzz(
+    stack: Stack, issuer: DevIssuer, headers: list[tuple[str, str]], body: bytes, with_token: bool
+) -> None:
     # HTTP itself forbids surrounding whitespace in values: the client would refuse to send.
     pairs = [(name, value.strip() or "x") for name, value in headers]
     if with_token:
         pairs.append(("authorization", f"Bearer {issuer.mint('fuzz@example.com')}"))
-    response = httpx.post(stack.envoy_url + "/openai/v1/chat/completions", content=body,
-                          headers=pairs, timeout=20)
+    response = httpx.post(
+        stack.envoy_url + "/openai/v1/chat/completions", content=body, headers=pairs, timeout=20
+    )
     # 413 and 431 are Envoy's own answers to a body over 1 MiB and to headers over its
     # 60 KiB limit; nothing may fail on the server side.
     assert response.status_code in (200, 400, 401, 403, 413, 429, 431), (
-        response.status_code, pairs, body[:80], response.text[:200])
+        response.status_code,
+        pairs,
+        body[:80],
+        response.text[:200],
+    )
     if response.status_code in (400, 401, 403, 429):
         assert response.json()["success"] is False

@@ -15,12 +15,16 @@ from devtools.keys import DevIssuer
 from devtools.stack import Stack
 
 CHAT = "/openai/v1/chat/completions"
-BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello there"}],
-        "max_tokens": 16}
+BODY = {
+    "model": "gpt-4o-mini",
+    "messages": [{"role": "user", "content": "hello there"}],
+    "max_tokens": 16,
+}
 
 
-def post(stack: Stack, headers: dict[str, str], body: dict[str, object] | None = None,
-         path: str = CHAT) -> httpx.Response:
+def post(
+    stack: Stack, headers: dict[str, str], body: dict[str, object] | None = None, path: str = CHAT
+) -> httpx.Response:
     return httpx.post(stack.envoy_url + path, json=body or BODY, headers=headers, timeout=20)
 
 
@@ -83,8 +87,12 @@ def test_spoofed_sidecar_headers_are_replaced(stack: Stack, issuer: DevIssuer) -
     assert seen["x-sidecar-email"] == "carol@example.com"
     assert seen["x-sidecar-groups"] == "eng"
     assert seen["x-sidecar-kind"] == "user"
-    for gone in ("x-sidecar-token-name", "x-sidecar-anything", "x-sidecar-route",
-                 "cf-access-client-secret"):
+    for gone in (
+        "x-sidecar-token-name",
+        "x-sidecar-anything",
+        "x-sidecar-route",
+        "cf-access-client-secret",
+    ):
         assert gone not in seen, gone
     # The caller's JWT in Authorization is replaced by the provider key the sidecar holds.
     assert seen["authorization"] == f"Bearer {DEMO_PROVIDER_KEYS['openai']}"
@@ -110,24 +118,37 @@ def bad_tokens(issuer: DevIssuer) -> dict[str, tuple[str, str]]:
     now = int(time.time())
     good = issuer.claims("eve@example.com")
     public_pem = issuer.key.public_key().public_bytes(
-        encoding=__import__("cryptography.hazmat.primitives.serialization",
-                            fromlist=["Encoding"]).Encoding.PEM,
-        format=__import__("cryptography.hazmat.primitives.serialization",
-                          fromlist=["PublicFormat"]).PublicFormat.SubjectPublicKeyInfo)
+        encoding=__import__(
+            "cryptography.hazmat.primitives.serialization", fromlist=["Encoding"]
+        ).Encoding.PEM,
+        format=__import__(
+            "cryptography.hazmat.primitives.serialization", fromlist=["PublicFormat"]
+        ).PublicFormat.SubjectPublicKeyInfo,
+    )
     header, _payload, signature = issuer.mint("eve@example.com").split(".")
     tampered_payload = _b64({**good, "email": "admin@example.com"})
     hs_header = _b64({"alg": "HS256", "typ": "JWT", "kid": issuer.kid})
     hs_body = _b64(good)
     import hashlib
     import hmac
-    hs_sig = base64.urlsafe_b64encode(hmac.new(public_pem, f"{hs_header}.{hs_body}".encode(),
-                                               hashlib.sha256).digest()).rstrip(b"=").decode()
+
+    hs_sig = (
+        base64.urlsafe_b64encode(
+            hmac.new(public_pem, f"{hs_header}.{hs_body}".encode(), hashlib.sha256).digest()
+        )
+        .rstrip(b"=")
+        .decode()
+    )
     return {
-        "expired": (issuer.sign({**good, "exp": now - 3600, "iat": now - 7200,
-                                 "nbf": now - 7200}), "expired"),
+        "expired": (
+            issuer.sign({**good, "exp": now - 3600, "iat": now - 7200, "nbf": now - 7200}),
+            "expired",
+        ),
         "wrong_audience": (issuer.sign({**good, "aud": ["someone-else"]}), "wrong_audience"),
-        "wrong_issuer": (issuer.sign({**good, "iss": "https://evil.example.com"}),
-                         "unknown_issuer"),
+        "wrong_issuer": (
+            issuer.sign({**good, "iss": "https://evil.example.com"}),
+            "unknown_issuer",
+        ),
         "alg_none": (f"{_b64({'alg': 'none', 'typ': 'JWT'})}.{_b64(good)}.", "bad_algorithm"),
         "hs256_with_public_key": (f"{hs_header}.{hs_body}.{hs_sig}", "bad_algorithm"),
         "another_key": (other.sign(good), "bad_signature"),
@@ -159,15 +180,18 @@ def test_access_service_token_jwt_maps_common_name(stack: Stack, issuer: DevIssu
 
 def test_service_token_create_use_revoke(stack: Stack) -> None:
     with stack.admin() as admin:
-        created = admin.post("/v1/service-tokens", json={"name": "nightly-agent",
-                                                         "groups": ["agents"]})
+        created = admin.post(
+            "/v1/service-tokens", json={"name": "nightly-agent", "groups": ["agents"]}
+        )
         assert created.status_code == 201, created.text
         token = created.json()["result"]
         listed = admin.get("/v1/service-tokens").json()["result"]
         assert any(t["id"] == token["id"] for t in listed)
         assert all("secret_hash" not in t and "client_secret" not in t for t in listed)
-        headers = {"cf-access-client-id": token["client_id"],
-                   "cf-access-client-secret": token["client_secret"]}
+        headers = {
+            "cf-access-client-id": token["client_id"],
+            "cf-access-client-secret": token["client_secret"],
+        }
         stack.clear_seen()
         assert post(stack, headers).status_code == 200
         seen = last_seen(stack)
@@ -187,16 +211,17 @@ def test_service_token_create_use_revoke(stack: Stack) -> None:
 
 def test_intern_outside_allowlist_is_403(stack: Stack, issuer: DevIssuer) -> None:
     token = issuer.mint("ivan@example.com", ["interns"])
-    response = post(stack, {"authorization": f"Bearer {token}"},
-                    {**BODY, "model": "gpt-4o"})
+    response = post(stack, {"authorization": f"Bearer {token}"}, {**BODY, "model": "gpt-4o"})
     assert response.status_code == 403
     assert response.json()["error"]["type"] == "model_not_allowed"
     assert post(stack, {"authorization": f"Bearer {token}"}).status_code == 200
 
 
 def test_malformed_body_is_400(stack: Stack, issuer: DevIssuer) -> None:
-    auth = {"authorization": f"Bearer {issuer.mint('alice@example.com')}",
-            "content-type": "application/json"}
+    auth = {
+        "authorization": f"Bearer {issuer.mint('alice@example.com')}",
+        "content-type": "application/json",
+    }
     for content in (b"{not json", b"[1,2]", b'{"messages": []}', b'{"model": 5}'):
         response = httpx.post(stack.envoy_url + CHAT, content=content, headers=auth, timeout=10)
         assert response.status_code == 400, content
@@ -204,19 +229,20 @@ def test_malformed_body_is_400(stack: Stack, issuer: DevIssuer) -> None:
 
 
 def test_openai_sdk_end_to_end(stack: Stack, issuer: DevIssuer) -> None:
-    client = openai.OpenAI(base_url=stack.envoy_url + "/openai/v1",
-                           api_key=issuer.mint("alice@example.com", ["ml"]))
+    client = openai.OpenAI(
+        base_url=stack.envoy_url + "/openai/v1", api_key=issuer.mint("alice@example.com", ["ml"])
+    )
     completion = client.chat.completions.create(
-        model="gpt-4o-mini", messages=[{"role": "user", "content": "Say hi"}], max_tokens=8)
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "Say hi"}], max_tokens=8
+    )
     assert completion.choices[0].message.content
     assert completion.usage is not None and completion.usage.completion_tokens == 8
     with __import__("pytest").raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=stack.envoy_url + "/openai/v1", api_key="sk-not-a-jwt",
-                      max_retries=0).chat.completions.create(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
+        openai.OpenAI(
+            base_url=stack.envoy_url + "/openai/v1", api_key="sk-not-a-jwt", max_retries=0
+        ).chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
 
 
 def test_unused_jwt_module_guard() -> None:
     # pyjwt must refuse alg=none outright even when asked to verify with no key.
-    assert jwt.get_unverified_header(
-        f"{_b64({'alg': 'none'})}.{_b64({})}.")["alg"] == "none"
+    assert jwt.get_unverified_header(f"{_b64({'alg': 'none'})}.{_b64({})}.")["alg"] == "none"

@@ -55,8 +55,9 @@ def jwks_host() -> Iterator[JwksHost]:
 
 
 @pytest.fixture(scope="module")
-def rotating(tmp_path_factory: pytest.TempPathFactory, issuer: DevIssuer,
-             jwks_host: JwksHost) -> Iterator[Stack]:
+def rotating(
+    tmp_path_factory: pytest.TempPathFactory, issuer: DevIssuer, jwks_host: JwksHost
+) -> Iterator[Stack]:
     jwks_host.doc = issuer.jwks()
     workdir: Path = tmp_path_factory.mktemp("rotation")
     config = demo_config(issuer, jwks_host.url, f"sqlite:///{workdir}/s.db")
@@ -65,11 +66,12 @@ def rotating(tmp_path_factory: pytest.TempPathFactory, issuer: DevIssuer,
 
 
 def status(stack: Stack, token: str) -> int:
-    return httpx.post(stack.envoy_url + "/openai/v1/chat/completions",
-                      headers={"authorization": f"Bearer {token}"},
-                      json={"model": "gpt-4o-mini", "messages": [{"role": "user",
-                                                                  "content": "hi"}]},
-                      timeout=20).status_code
+    return httpx.post(
+        stack.envoy_url + "/openai/v1/chat/completions",
+        headers={"authorization": f"Bearer {token}"},
+        json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+        timeout=20,
+    ).status_code
 
 
 def test_rotation_and_outage(rotating: Stack, issuer: DevIssuer, jwks_host: JwksHost) -> None:

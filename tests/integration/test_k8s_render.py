@@ -28,8 +28,9 @@ K8S = REPO / "deploy" / "k8s"
 def rendered() -> list[dict[str, Any]]:
     kubectl = shutil.which("kubectl")
     assert kubectl, "kubectl is missing: scripts/setup.sh --for-tests installs Debian's"
-    result = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     return [d for d in yaml.safe_load_all(result.stdout) if d]
 
@@ -54,14 +55,17 @@ def config_data(docs: list[dict[str, Any]], key: str) -> str:
 
 def test_render_has_every_resource_of_the_kustomization(rendered: list[dict[str, Any]]) -> None:
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    expected = {(d["kind"], d["metadata"]["name"]) for name in kustomization["resources"]
-                for d in yaml.safe_load_all((K8S / name).read_text()) if d}
+    expected = {
+        (d["kind"], d["metadata"]["name"])
+        for name in kustomization["resources"]
+        for d in yaml.safe_load_all((K8S / name).read_text())
+        if d
+    }
     assert {(d["kind"], d["metadata"]["name"]) for d in rendered} == expected
     assert ("PodDisruptionBudget", "llm-gateway") in expected
 
 
-def test_every_container_has_requests_limits_and_probes(
-        rendered: list[dict[str, Any]]) -> None:
+def test_every_container_has_requests_limits_and_probes(rendered: list[dict[str, Any]]) -> None:
     for spec in pod(rendered)["containers"]:
         resources = spec["resources"]
         assert {"cpu", "memory"} <= set(resources["requests"]), spec["name"]
@@ -77,8 +81,7 @@ def test_every_container_has_requests_limits_and_probes(
         assert get["port"] in ports
 
 
-def test_a_disruption_budget_keeps_a_gateway_pod_serving(
-        rendered: list[dict[str, Any]]) -> None:
+def test_a_disruption_budget_keeps_a_gateway_pod_serving(rendered: list[dict[str, Any]]) -> None:
     budget = one(rendered, "PodDisruptionBudget", "llm-gateway")
     assert budget["apiVersion"] == "policy/v1"
     deployment = one(rendered, "Deployment", "llm-gateway")
@@ -99,7 +102,8 @@ def _walk(node: Any, path: str = "") -> Iterator[tuple[str, Any]]:
 
 
 def test_every_credential_the_config_reads_comes_from_a_secret(
-        rendered: list[dict[str, Any]]) -> None:
+    rendered: list[dict[str, Any]],
+) -> None:
     config = yaml.safe_load(config_data(rendered, "sidecar.yaml"))
     sidecar = container(rendered, "sidecar")
     env = {e["name"]: e for e in sidecar.get("env", [])}
@@ -115,28 +119,35 @@ def test_every_credential_the_config_reads_comes_from_a_secret(
         return bool(refs) and all(from_secret(ref) for ref in refs)
 
     volumes = {v["name"]: v for v in pod(rendered)["volumes"]}
-    secret_mounts = [m["mountPath"] for m in sidecar.get("volumeMounts", [])
-                     if "secret" in volumes[m["name"]]]
-    env_keys = [(path, value) for path, value in _walk(config)
-                if path.rsplit(".", 1)[-1].endswith("_env") and value]
+    secret_mounts = [
+        m["mountPath"] for m in sidecar.get("volumeMounts", []) if "secret" in volumes[m["name"]]
+    ]
+    env_keys = [
+        (path, value)
+        for path, value in _walk(config)
+        if path.rsplit(".", 1)[-1].endswith("_env") and value
+    ]
     assert ("admin.token_env", "SIDECAR_ADMIN_TOKEN") in env_keys
     # The store's password reaches the sidecar only inside the URL it reads from the env.
     assert "store.url_env" in dict(env_keys)
     for path, name in env_keys:
         assert from_secret(name), f"{path}: ${name} is not set from a Secret"
-    key_files = [(path, str(value)) for path, value in _walk(config)
-                 if ".credentials." in f".{path}" and path.endswith(".file")]
+    key_files = [
+        (path, str(value))
+        for path, value in _walk(config)
+        if ".credentials." in f".{path}" and path.endswith(".file")
+    ]
     # The provider keys the sidecar holds are files of a Secret's volume.
     assert key_files and {p.split("[", 1)[0] for p, _ in key_files} == {"providers"}
     for path, value in key_files:
         assert any(value.startswith(m.rstrip("/") + "/") for m in secret_mounts), (
-            f"{path}: {value} is not on a Secret's volume")
+            f"{path}: {value} is not on a Secret's volume"
+        )
     # No credential is written into the config itself.
     assert "@" not in str(config["store"]["url"]).split("//", 1)[-1]
 
 
-def test_pod_runs_the_image_as_the_dockerfile_builds_it(
-        rendered: list[dict[str, Any]]) -> None:
+def test_pod_runs_the_image_as_the_dockerfile_builds_it(rendered: list[dict[str, Any]]) -> None:
     dockerfile = (REPO / "Dockerfile").read_text()
     sidecar = container(rendered, "sidecar")
     user = re.search(r"^USER (\d+)", dockerfile, re.MULTILINE)
@@ -153,7 +164,8 @@ def test_pod_runs_the_image_as_the_dockerfile_builds_it(
 
 
 def test_rendered_configs_pass_check_config_and_envoy_validate(
-        rendered: list[dict[str, Any]], tmp_path: Path) -> None:
+    rendered: list[dict[str, Any]], tmp_path: Path
+) -> None:
     text = config_data(rendered, "sidecar.yaml")
     values = list(_walk(yaml.safe_load(text)))
     # What the Secrets would provide (variables and key files), so check-config sees what
@@ -167,13 +179,28 @@ def test_rendered_configs_pass_check_config_and_envoy_validate(
         text = text.replace(key_file, str(stand_in))
     sidecar_config = tmp_path / "sidecar.yaml"
     sidecar_config.write_text(text)
-    result = subprocess.run([sys.executable, "-m", "sidecar.cli", "check-config",
-                             str(sidecar_config)], capture_output=True, text=True,
-                            timeout=60, env=env)
+    result = subprocess.run(
+        [sys.executable, "-m", "sidecar.cli", "check-config", str(sidecar_config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     envoy_config = tmp_path / "envoy.yaml"
     envoy_config.write_text(config_data(rendered, "envoy.yaml"))
-    result = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(envoy_config),
-                             "--base-id", str(free_port())],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            envoy_binary(),
+            "--mode",
+            "validate",
+            "-c",
+            str(envoy_config),
+            "--base-id",
+            str(free_port()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout + result.stderr

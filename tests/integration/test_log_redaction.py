@@ -19,24 +19,35 @@ def test_logs_contain_no_credentials(stack: Stack, issuer: DevIssuer) -> None:
     good = issuer.mint("redact@example.com", ["ml"])
     expired = issuer.mint("redact@example.com", ttl=-120)
     secrets += [good, expired]
-    for headers in ({"authorization": f"Bearer {good}"},
-                    {"cf-access-jwt-assertion": good},
-                    {"cookie": f"CF_Authorization={good}; theme=dark"},
-                    {"authorization": f"Bearer {expired}"},
-                    {"authorization": "Bearer sk-live-provider-key-should-not-log"}):
+    for headers in (
+        {"authorization": f"Bearer {good}"},
+        {"cf-access-jwt-assertion": good},
+        {"cookie": f"CF_Authorization={good}; theme=dark"},
+        {"authorization": f"Bearer {expired}"},
+        {"authorization": "Bearer sk-live-provider-key-should-not-log"},
+    ):
         httpx.post(stack.envoy_url + CHAT, json=BODY, headers=headers, timeout=20)
     secrets.append("sk-live-provider-key-should-not-log")
     with stack.admin() as admin:
         token = admin.post("/v1/service-tokens", json={"name": "redaction-bot"}).json()["result"]
         secrets.append(token["client_secret"])
         for secret in (token["client_secret"], "wrong-secret-value-123456"):
-            httpx.post(stack.envoy_url + CHAT, json=BODY, timeout=20,
-                       headers={"cf-access-client-id": token["client_id"],
-                                "cf-access-client-secret": secret})
+            httpx.post(
+                stack.envoy_url + CHAT,
+                json=BODY,
+                timeout=20,
+                headers={
+                    "cf-access-client-id": token["client_id"],
+                    "cf-access-client-secret": secret,
+                },
+            )
         secrets.append("wrong-secret-value-123456")
         admin.delete(f"/v1/service-tokens/{token['id']}")
-    httpx.get(stack.admin_url + "/v1/service-tokens", timeout=10,
-              headers={"authorization": "Bearer not-the-admin-token-but-secret"})
+    httpx.get(
+        stack.admin_url + "/v1/service-tokens",
+        timeout=10,
+        headers={"authorization": "Bearer not-the-admin-token-but-secret"},
+    )
     secrets.append("not-the-admin-token-but-secret")
     logs = {p.name: p.read_text() for p in stack.workdir.glob("*.log")}
     assert any("decision" in text for text in logs.values())

@@ -25,10 +25,23 @@ DASHBOARD = REPO / "deploy" / "grafana" / "sidecar.json"
 CHAT = "/openai/v1/chat/completions"
 # $0.002 a day per user: one call with max_tokens 2000 of gpt-4o-mini ($0.60 per million
 # output tokens) reserves $0.0012, 60% of it, so the second call of a user is refused.
-LIMITS = [{"name": "per-user-daily", "budget_usd": 0.002, "window": {"fixed": "daily"},
-           "split": ["user"], "action": "block", "alerts": [50, 90]},
-          {"name": "team-monthly", "budget_usd": 100, "window": {"fixed": "monthly"},
-           "split": ["group"], "action": "monitor"}]
+LIMITS = [
+    {
+        "name": "per-user-daily",
+        "budget_usd": 0.002,
+        "window": {"fixed": "daily"},
+        "split": ["user"],
+        "action": "block",
+        "alerts": [50, 90],
+    },
+    {
+        "name": "team-monthly",
+        "budget_usd": 100,
+        "window": {"fixed": "monthly"},
+        "split": ["group"],
+        "action": "monitor",
+    },
+]
 HISTOGRAM_SUFFIXES = ("_bucket", "_count", "_sum", "_created")
 
 
@@ -37,8 +50,7 @@ def metrics_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     workdir = tmp_path_factory.mktemp("metrics")
     issuer = DevIssuer.generate()
     jwks = issuer.write_jwks(workdir / "jwks.json")
-    config = demo_config(issuer, str(jwks), f"sqlite:///{workdir}/sidecar.db",
-                         spend_limits=LIMITS)
+    config = demo_config(issuer, str(jwks), f"sqlite:///{workdir}/sidecar.db", spend_limits=LIMITS)
     with running_stack(workdir, issuer, config) as stack:
         yield stack
 
@@ -66,8 +78,11 @@ def scrape(stack: Stack) -> dict[str, dict[str, set[str]]]:
 def after_traffic(metrics_stack: Stack) -> dict[str, dict[str, set[str]]]:
     stack = metrics_stack
     issuer = stack.issuer
-    body = {"model": "gpt-4o-mini", "max_tokens": 2000,
-            "messages": [{"role": "user", "content": "hi"}]}
+    body = {
+        "model": "gpt-4o-mini",
+        "max_tokens": 2000,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
     with httpx.Client(base_url=stack.envoy_url, timeout=20) as client:
         for user in ("m1@example.com", "m2@example.com"):
             headers = {"authorization": f"Bearer {issuer.mint(user, ['ml'])}"}
@@ -78,23 +93,28 @@ def after_traffic(metrics_stack: Stack) -> dict[str, dict[str, set[str]]]:
         headers = {"authorization": f"Bearer {issuer.mint('m3@example.com', ['ml'])}"}
         assert client.post(CHAT, json=streamed, headers=headers).status_code == 200
         # A provider error (no usage, charged $0), for the provider error counter.
-        failing = {"authorization": f"Bearer {issuer.mint('m4@example.com', ['ml'])}",
-                   "x-fake-status": "500"}
-        assert client.post(CHAT, json={**body, "max_tokens": 5},
-                           headers=failing).status_code == 500
+        failing = {
+            "authorization": f"Bearer {issuer.mint('m4@example.com', ['ml'])}",
+            "x-fake-status": "500",
+        }
+        assert client.post(CHAT, json={**body, "max_tokens": 5}, headers=failing).status_code == 500
     # Wrong admin tokens until this address is throttled, for the admin failure counters.
     bad = {"authorization": "Bearer not-the-admin-token"}
-    statuses = [httpx.get(stack.admin_url + "/v1/service-tokens", headers=bad, timeout=10)
-                .status_code for _ in range(12)]
+    statuses = [
+        httpx.get(stack.admin_url + "/v1/service-tokens", headers=bad, timeout=10).status_code
+        for _ in range(12)
+    ]
     assert statuses[0] == 401 and statuses[-1] == 429
     # A reload (the file changed), for the reload counter.
-    stack.write_config({**yaml.safe_load(stack.config_path.read_text()),
-                        "models": {"default": "allow"}})
+    stack.write_config(
+        {**yaml.safe_load(stack.config_path.read_text()), "models": {"default": "allow"}}
+    )
     wait_for(lambda: 'sidecar_config_reloads_total{result="ok"} 1.0' in metrics_text(stack))
     # The store's count of open reservations is read once a second.
     wait_for(lambda: "sidecar_reservations_open" in scrape(stack))
-    wait_for(lambda: 'sidecar_alerts_total{rule="per-user-daily",threshold="50"}'
-             in metrics_text(stack))
+    wait_for(
+        lambda: 'sidecar_alerts_total{rule="per-user-daily",threshold="50"}' in metrics_text(stack)
+    )
     return scrape(stack)
 
 
@@ -125,7 +145,8 @@ def exported_families(samples: dict[str, dict[str, set[str]]]) -> dict[str, set[
 
 
 def test_every_metric_in_the_readme_is_exported_with_its_labels(
-        after_traffic: dict[str, dict[str, set[str]]]) -> None:
+    after_traffic: dict[str, dict[str, set[str]]],
+) -> None:
     documented = readme_metrics()
     exported = exported_families(after_traffic)
     assert set(exported) == set(documented)
@@ -137,37 +158,68 @@ def test_every_metric_in_the_readme_is_exported_with_its_labels(
         assert "_ms" not in name and "milli" not in name
 
 
-def test_traffic_shows_in_the_values(metrics_stack: Stack,
-                                     after_traffic: dict[str, dict[str, set[str]]]) -> None:
+def test_traffic_shows_in_the_values(
+    metrics_stack: Stack, after_traffic: dict[str, dict[str, set[str]]]
+) -> None:
     families = {f.name: f for f in text_string_to_metric_families(metrics_text(metrics_stack))}
 
     def value(family: str, sample: str, **labels: str) -> float:
-        return sum(s.value for s in families[family].samples
-                   if s.name == sample and labels.items() <= s.labels.items())
+        return sum(
+            s.value
+            for s in families[family].samples
+            if s.name == sample and labels.items() <= s.labels.items()
+        )
 
     assert value("sidecar_decisions", "sidecar_decisions_total", result="allow") == 4
-    assert value("sidecar_decisions", "sidecar_decisions_total",
-                 reason="spend_limit_exceeded") == 2
-    assert value("sidecar_decisions", "sidecar_decisions_total",
-                 reason="missing_credentials") == 1
-    assert value("sidecar_requests", "sidecar_requests_total", provider="openai",
-                 model="gpt-4o-mini") == 4
-    assert value("sidecar_metering_commits", "sidecar_metering_commits_total",
-                 status="committed") == 4
-    assert value("sidecar_provider_errors", "sidecar_provider_errors_total",
-                 provider="openai", status_class="5xx") == 1
+    assert value("sidecar_decisions", "sidecar_decisions_total", reason="spend_limit_exceeded") == 2
+    assert value("sidecar_decisions", "sidecar_decisions_total", reason="missing_credentials") == 1
+    assert (
+        value("sidecar_requests", "sidecar_requests_total", provider="openai", model="gpt-4o-mini")
+        == 4
+    )
+    assert (
+        value("sidecar_metering_commits", "sidecar_metering_commits_total", status="committed") == 4
+    )
+    assert (
+        value(
+            "sidecar_provider_errors",
+            "sidecar_provider_errors_total",
+            provider="openai",
+            status_class="5xx",
+        )
+        == 1
+    )
     assert value("sidecar_spend_micro_usd", "sidecar_spend_micro_usd_total") > 0
-    assert value("sidecar_store_seconds", "sidecar_store_seconds_count",
-                 operation="reserve") == 6
-    assert value("sidecar_store_seconds", "sidecar_store_seconds_count",
-                 operation="commit") == 4
+    assert value("sidecar_store_seconds", "sidecar_store_seconds_count", operation="reserve") == 6
+    assert value("sidecar_store_seconds", "sidecar_store_seconds_count", operation="commit") == 4
     # Both users' buckets passed 50% (a reservation of 60%), none 90%.
-    assert value("sidecar_budget_buckets_at_threshold", "sidecar_budget_buckets_at_threshold",
-                 rule="per-user-daily", threshold="50") == 2
-    assert value("sidecar_budget_buckets_at_threshold", "sidecar_budget_buckets_at_threshold",
-                 rule="per-user-daily", threshold="90") == 0
-    assert 0.5 <= value("sidecar_budget_max_utilisation_ratio",
-                        "sidecar_budget_max_utilisation_ratio", rule="per-user-daily") < 0.9
+    assert (
+        value(
+            "sidecar_budget_buckets_at_threshold",
+            "sidecar_budget_buckets_at_threshold",
+            rule="per-user-daily",
+            threshold="50",
+        )
+        == 2
+    )
+    assert (
+        value(
+            "sidecar_budget_buckets_at_threshold",
+            "sidecar_budget_buckets_at_threshold",
+            rule="per-user-daily",
+            threshold="90",
+        )
+        == 0
+    )
+    assert (
+        0.5
+        <= value(
+            "sidecar_budget_max_utilisation_ratio",
+            "sidecar_budget_max_utilisation_ratio",
+            rule="per-user-daily",
+        )
+        < 0.9
+    )
     assert value("sidecar_reservations_open", "sidecar_reservations_open") == 0
 
 
@@ -188,16 +240,22 @@ def dashboard_queries() -> list[str]:
 
 def test_dashboard_covers_what_an_operator_needs() -> None:
     queries = " ".join(dashboard_queries())
-    for needed in ("sidecar_decisions_total", "sidecar_check_seconds_bucket",
-                   "sidecar_spend_micro_usd_total", "sidecar_budget_buckets_at_threshold",
-                   "sidecar_store_errors_total", "sidecar_config_reloads_total",
-                   "sidecar_alerts_total"):
+    for needed in (
+        "sidecar_decisions_total",
+        "sidecar_check_seconds_bucket",
+        "sidecar_spend_micro_usd_total",
+        "sidecar_budget_buckets_at_threshold",
+        "sidecar_store_errors_total",
+        "sidecar_config_reloads_total",
+        "sidecar_alerts_total",
+    ):
         assert needed in queries, needed
     assert "histogram_quantile(0.5," in queries and "histogram_quantile(0.99," in queries
 
 
 def test_every_dashboard_query_names_exported_metrics_and_labels(
-        after_traffic: dict[str, dict[str, set[str]]]) -> None:
+    after_traffic: dict[str, dict[str, set[str]]],
+) -> None:
     queries = dashboard_queries()
     assert len(queries) >= 10
     for expr in queries:

@@ -27,20 +27,33 @@ from tests.support.nginx import (
 CHAT = "/openai/v1/chat/completions"
 # $0.01 per output token and one output token per call, estimated from
 # default_max_output_tokens (nginx sends no body): every call reserves exactly $0.01.
-FLAT = {"provider": "openai", "model": "flat-cent", "input_per_mtok": 0,
-        "output_per_mtok": 10000}
-LIMITS = [{"name": "three-cents", "budget_usd": 0.03, "window": {"fixed": "daily"},
-           "filter": {"model": ["flat-*"]}, "split": ["user"], "action": "block"}]
+FLAT = {"provider": "openai", "model": "flat-cent", "input_per_mtok": 0, "output_per_mtok": 10000}
+LIMITS = [
+    {
+        "name": "three-cents",
+        "budget_usd": 0.03,
+        "window": {"fixed": "daily"},
+        "filter": {"model": ["flat-*"]},
+        "split": ["user"],
+        "action": "block",
+    }
+]
 
 
 @pytest.fixture(scope="module")
-def nginx_stack(tmp_path_factory: pytest.TempPathFactory,
-                issuer: DevIssuer) -> Iterator[tuple[Stack, str]]:
+def nginx_stack(
+    tmp_path_factory: pytest.TempPathFactory, issuer: DevIssuer
+) -> Iterator[tuple[Stack, str]]:
     workdir = tmp_path_factory.mktemp("nginx")
     jwks = str(issuer.write_jwks(workdir / "jwks.json"))
-    config = demo_config(issuer, jwks, f"sqlite:///{workdir}/s.db", spend_limits=LIMITS,
-                         pricing={"unknown_model": "reject", "overrides": [FLAT]},
-                         admission={"default_max_output_tokens": 1})
+    config = demo_config(
+        issuer,
+        jwks,
+        f"sqlite:///{workdir}/s.db",
+        spend_limits=LIMITS,
+        pricing={"unknown_model": "reject", "overrides": [FLAT]},
+        admission={"default_max_output_tokens": 1},
+    )
     with pytest.MonkeyPatch.context() as mp:
         # The sidecar gives provider keys only to an ingress presenting this token.
         mp.setenv("SIDECAR_INGRESS_TOKEN", INGRESS_TOKEN)
@@ -51,16 +64,24 @@ def nginx_stack(tmp_path_factory: pytest.TempPathFactory,
                 yield stack, url
 
 
-def call(url: str, token: str | None, model: str | None = "flat-cent",
-         **headers: str) -> httpx.Response:
+def call(
+    url: str, token: str | None, model: str | None = "flat-cent", **headers: str
+) -> httpx.Response:
     sent = {k.replace("_", "-"): v for k, v in headers.items()}
     if token is not None:
         sent["authorization"] = f"Bearer {token}"
     if model is not None:
         sent["x-sidecar-model"] = model
-    return httpx.post(url + CHAT, headers=sent, timeout=30, json={
-        "model": model or "flat-cent", "max_tokens": 1,
-        "messages": [{"role": "user", "content": "hi"}]})
+    return httpx.post(
+        url + CHAT,
+        headers=sent,
+        timeout=30,
+        json={
+            "model": model or "flat-cent",
+            "max_tokens": 1,
+            "messages": [{"role": "user", "content": "hi"}],
+        },
+    )
 
 
 def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
@@ -73,19 +94,22 @@ def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
 
 def test_shipped_config_passes_nginx_t(tmp_path: Path) -> None:
     conf = render(tmp_path, 18080, 9002, 9003)
-    result = subprocess.run(config_test_argv(tmp_path, conf), capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        config_test_argv(tmp_path, conf), capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     assert "test is successful" in result.stderr
 
 
-def test_allowed_call_carries_identity_upstream(nginx_stack: tuple[Stack, str],
-                                                issuer: DevIssuer) -> None:
+def test_allowed_call_carries_identity_upstream(
+    nginx_stack: tuple[Stack, str], issuer: DevIssuer
+) -> None:
     stack, url = nginx_stack
     stack.clear_seen()
     token = issuer.mint("nina@example.com", ["ml", "eng"])
-    response = call(url, token, x_sidecar_email="forged@example.com",
-                    cf_access_client_secret="leak-me")
+    response = call(
+        url, token, x_sidecar_email="forged@example.com", cf_access_client_secret="leak-me"
+    )
     assert response.status_code == 200, response.text
     assert response.json()["model"] == "flat-cent"
     assert response.headers["x-sidecar-budget-remaining"] == "0.020000"
@@ -106,20 +130,28 @@ def test_allowed_call_carries_identity_upstream(nginx_stack: tuple[Stack, str],
     assert seen["body"]["model"] == "flat-cent"
 
 
-def test_anthropic_call_gets_the_sidecars_key_and_a_version(nginx_stack: tuple[Stack, str],
-                                                            issuer: DevIssuer) -> None:
+def test_anthropic_call_gets_the_sidecars_key_and_a_version(
+    nginx_stack: tuple[Stack, str], issuer: DevIssuer
+) -> None:
     stack, url = nginx_stack
     token = issuer.mint("nils@example.com", ["ml"])
-    body = {"model": "claude-haiku-4-5", "max_tokens": 1,
-            "messages": [{"role": "user", "content": "hi"}]}
+    body = {
+        "model": "claude-haiku-4-5",
+        "max_tokens": 1,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
     for sent_version, arrived_version in ((None, "2023-06-01"), ("2024-10-22", "2024-10-22")):
-        headers = {"authorization": f"Bearer {token}", "x-sidecar-model": "claude-haiku-4-5",
-                   "x-api-key": "sk-ant-caller-own"}
+        headers = {
+            "authorization": f"Bearer {token}",
+            "x-sidecar-model": "claude-haiku-4-5",
+            "x-api-key": "sk-ant-caller-own",
+        }
         if sent_version:
             headers["anthropic-version"] = sent_version
         stack.clear_seen()
-        response = httpx.post(url + "/anthropic/v1/messages", headers=headers, json=body,
-                              timeout=30)
+        response = httpx.post(
+            url + "/anthropic/v1/messages", headers=headers, json=body, timeout=30
+        )
         assert response.status_code == 200, response.text
         arrived = stack.seen()[-1]["headers"]
         assert arrived["x-api-key"] == ANTHROPIC_KEY
@@ -128,8 +160,9 @@ def test_anthropic_call_gets_the_sidecars_key_and_a_version(nginx_stack: tuple[S
         assert ANTHROPIC_KEY not in response.text + str(dict(response.headers))
 
 
-def test_401_without_and_with_a_bad_credential(nginx_stack: tuple[Stack, str],
-                                               issuer: DevIssuer) -> None:
+def test_401_without_and_with_a_bad_credential(
+    nginx_stack: tuple[Stack, str], issuer: DevIssuer
+) -> None:
     stack, url = nginx_stack
     stack.clear_seen()
     missing = call(url, None)
@@ -156,8 +189,7 @@ def test_400_without_model_header(nginx_stack: tuple[Stack, str], issuer: DevIss
     assert error["type"] == "bad_request" and "x-sidecar-model" in error["message"]
 
 
-def test_429_after_exactly_three_calls(nginx_stack: tuple[Stack, str],
-                                       issuer: DevIssuer) -> None:
+def test_429_after_exactly_three_calls(nginx_stack: tuple[Stack, str], issuer: DevIssuer) -> None:
     stack, url = nginx_stack
     token = issuer.mint("pavel@example.com")
     statuses = [call(url, token).status_code for _ in range(3)]

@@ -33,12 +33,28 @@ from tests.integration.test_metering_envoy import assert_charged, price_micros
 from tests.support.ledger import charged
 
 LIMITS = [
-    {"name": "per-user-daily", "budget_usd": 5, "window": {"fixed": "daily"},
-     "split": ["user"], "action": "block"},
-    {"name": "pricey-fallback", "budget_usd": 0.000001, "window": {"rolling": "1h"},
-     "filter": {"model": ["gemini-2.5-pro", "amazon.nova-pro-v1:0", "gpt-4o",
-                          "llama-3.3-70b-versatile", "*claude-sonnet-4-5*"]},
-     "action": "fallback"},
+    {
+        "name": "per-user-daily",
+        "budget_usd": 5,
+        "window": {"fixed": "daily"},
+        "split": ["user"],
+        "action": "block",
+    },
+    {
+        "name": "pricey-fallback",
+        "budget_usd": 0.000001,
+        "window": {"rolling": "1h"},
+        "filter": {
+            "model": [
+                "gemini-2.5-pro",
+                "amazon.nova-pro-v1:0",
+                "gpt-4o",
+                "llama-3.3-70b-versatile",
+                "*claude-sonnet-4-5*",
+            ]
+        },
+        "action": "fallback",
+    },
 ]
 FALLBACKS = {
     "gemini-2.5-pro": [{"model": "gemini-2.5-flash", "provider": "gemini"}],
@@ -46,7 +62,8 @@ FALLBACKS = {
     "gpt-4o": [{"model": "gpt-4o-mini", "provider": "azure"}],
     "llama-3.3-70b-versatile": [{"model": "llama-3.1-8b-instant", "provider": "groq"}],
     "us.anthropic.claude-sonnet-4-5-20250929-v1:0": [
-        {"model": "us.anthropic.claude-haiku-4-5-20251001-v1:0", "provider": "bedrock"}],
+        {"model": "us.anthropic.claude-haiku-4-5-20251001-v1:0", "provider": "bedrock"}
+    ],
 }
 ADMISSION = {"mode": "reserve", "default_max_output_tokens": 1024, "reservation_ttl": "8s"}
 GEMINI = "gemini-2.5-flash"
@@ -59,8 +76,14 @@ AZURE_VERSION = "2024-10-21"
 def stack(tmp_path_factory: pytest.TempPathFactory, issuer: DevIssuer) -> Iterator[Stack]:
     workdir = tmp_path_factory.mktemp("provider-apis")
     jwks = str(issuer.write_jwks(workdir / "jwks.json"))
-    config = demo_config(issuer, jwks, f"sqlite:///{workdir}/s.db", spend_limits=LIMITS,
-                         fallbacks=FALLBACKS, admission=ADMISSION)
+    config = demo_config(
+        issuer,
+        jwks,
+        f"sqlite:///{workdir}/s.db",
+        spend_limits=LIMITS,
+        fallbacks=FALLBACKS,
+        admission=ADMISSION,
+    )
     with running_stack(workdir, issuer, config) as running:
         yield running
 
@@ -90,8 +113,7 @@ def seen_path(stack: Stack, email: str) -> str:
     return str(seen_entry(stack, email)["path"])
 
 
-def expect(stack: Stack, email: str, api: Api, model: str, pricing: str
-           ) -> tuple[TokenUsage, int]:
+def expect(stack: Stack, email: str, api: Api, model: str, pricing: str) -> tuple[TokenUsage, int]:
     usage = expected_usage(api, received(stack, email))
     return usage, price_micros(model, pricing, usage)
 
@@ -100,19 +122,25 @@ def expect(stack: Stack, email: str, api: Api, model: str, pricing: str
 
 
 def gemini_client(stack: Stack, token: str) -> genai.Client:
-    return genai.Client(api_key="client-side-key-is-replaced", http_options=genai_types.HttpOptions(
-        base_url=stack.envoy_url + "/gemini/", api_version="v1beta",
-        headers={"authorization": f"Bearer {token}"}, timeout=60_000))
+    return genai.Client(
+        api_key="client-side-key-is-replaced",
+        http_options=genai_types.HttpOptions(
+            base_url=stack.envoy_url + "/gemini/",
+            api_version="v1beta",
+            headers={"authorization": f"Bearer {token}"},
+            timeout=60_000,
+        ),
+    )
 
 
 def test_gemini_json_with_thinking_is_charged_exactly(stack: Stack, issuer: DevIssuer) -> None:
     email = user("gem-json")
     config = genai_types.GenerateContentConfig(
-        max_output_tokens=16, thinking_config=genai_types.ThinkingConfig(thinking_budget=64))
+        max_output_tokens=16, thinking_config=genai_types.ThinkingConfig(thinking_budget=64)
+    )
     # Held in a variable: the client closes its connections once collected.
     client = gemini_client(stack, issuer.mint(email))
-    response = client.models.generate_content(model=GEMINI, contents=prompt(email),
-                                              config=config)
+    response = client.models.generate_content(model=GEMINI, contents=prompt(email), config=config)
     usage, cost = expect(stack, email, "gemini", GEMINI, "google")
     # The sidecar's Gemini key replaced the client's, in Gemini's own header.
     headers = seen_entry(stack, email)["headers"]
@@ -124,14 +152,15 @@ def test_gemini_json_with_thinking_is_charged_exactly(stack: Stack, issuer: DevI
     assert_charged(stack, email, usage, cost)
 
 
-def test_gemini_sse_stream_with_cache_is_charged_exactly(stack: Stack,
-                                                         issuer: DevIssuer) -> None:
+def test_gemini_sse_stream_with_cache_is_charged_exactly(stack: Stack, issuer: DevIssuer) -> None:
     email = user("gem-sse")
-    config = genai_types.GenerateContentConfig(max_output_tokens=12,
-                                               cached_content="cachedContents/abc")
+    config = genai_types.GenerateContentConfig(
+        max_output_tokens=12, cached_content="cachedContents/abc"
+    )
     client = gemini_client(stack, issuer.mint(email))
-    chunks = list(client.models.generate_content_stream(model=GEMINI, contents=prompt(email),
-                                                        config=config))
+    chunks = list(
+        client.models.generate_content_stream(model=GEMINI, contents=prompt(email), config=config)
+    )
     usage, cost = expect(stack, email, "gemini", GEMINI, "google")
     assert usage.cache_read_tokens > 0 and len(chunks) == 12
     assert_charged(stack, email, usage, cost)
@@ -146,13 +175,14 @@ def test_gemini_allowlist_sees_the_model_in_the_path(stack: Stack, issuer: DevIs
     assert not any(email in json.dumps(e["body"]) for e in stack.seen())
 
 
-def test_gemini_fallback_rewrites_the_model_in_the_path(stack: Stack,
-                                                        issuer: DevIssuer) -> None:
+def test_gemini_fallback_rewrites_the_model_in_the_path(stack: Stack, issuer: DevIssuer) -> None:
     email = user("gem-fallback")
     client = gemini_client(stack, issuer.mint(email))
     client.models.generate_content(
-        model="gemini-2.5-pro", contents=prompt(email),
-        config=genai_types.GenerateContentConfig(max_output_tokens=8))
+        model="gemini-2.5-pro",
+        contents=prompt(email),
+        config=genai_types.GenerateContentConfig(max_output_tokens=8),
+    )
     assert seen_path(stack, email) == f"/v1beta/models/{GEMINI}:generateContent"
     # Gemini refuses unknown fields: the body gains no `model`.
     assert "model" not in received(stack, email)
@@ -162,8 +192,10 @@ def test_gemini_fallback_rewrites_the_model_in_the_path(stack: Stack,
 
 def test_gemini_stream_cut_short_is_still_charged(stack: Stack, issuer: DevIssuer) -> None:
     email = user("gem-cut")
-    body = {"contents": [{"role": "user", "parts": [{"text": prompt(email)}]}],
-            "generationConfig": {"maxOutputTokens": 400}}
+    body = {
+        "contents": [{"role": "user", "parts": [{"text": prompt(email)}]}],
+        "generationConfig": {"maxOutputTokens": 400},
+    }
     url = stack.envoy_url + f"/gemini/v1beta/models/{GEMINI}:streamGenerateContent?alt=sse"
     headers = {"authorization": f"Bearer {issuer.mint(email)}", "x-fake-delay-ms": "200"}
     with httpx.stream("POST", url, json=body, headers=headers, timeout=30) as response:
@@ -179,16 +211,23 @@ def test_gemini_stream_cut_short_is_still_charged(stack: Stack, issuer: DevIssue
 
 
 def azure_client(stack: Stack, token: str) -> openai.AzureOpenAI:
-    return openai.AzureOpenAI(azure_endpoint=stack.envoy_url + "/azure", api_key="client-key",
-                              api_version=AZURE_VERSION, max_retries=0, timeout=60,
-                              default_headers={"authorization": f"Bearer {token}"})
+    return openai.AzureOpenAI(
+        azure_endpoint=stack.envoy_url + "/azure",
+        api_key="client-key",
+        api_version=AZURE_VERSION,
+        max_retries=0,
+        timeout=60,
+        default_headers={"authorization": f"Bearer {token}"},
+    )
 
 
-def test_azure_chat_json_is_charged_as_the_deployments_model(stack: Stack,
-                                                             issuer: DevIssuer) -> None:
+def test_azure_chat_json_is_charged_as_the_deployments_model(
+    stack: Stack, issuer: DevIssuer
+) -> None:
     email = user("az-json")
     azure_client(stack, issuer.mint(email)).chat.completions.create(
-        model="chat-prod", messages=[{"role": "user", "content": prompt(email)}], max_tokens=9)
+        model="chat-prod", messages=[{"role": "user", "content": prompt(email)}], max_tokens=9
+    )
     # The sidecar's Azure key replaced the client's, in Azure's `api-key` header.
     assert seen_entry(stack, email)["headers"]["api-key"] == DEMO_PROVIDER_KEYS["azure"]
     usage, cost = expect(stack, email, "openai_chat", "gpt-4o-mini", "azure")
@@ -198,8 +237,11 @@ def test_azure_chat_json_is_charged_as_the_deployments_model(stack: Stack,
 def test_azure_chat_stream_is_charged_exactly(stack: Stack, issuer: DevIssuer) -> None:
     email = user("az-stream")
     stream = azure_client(stack, issuer.mint(email)).chat.completions.create(
-        model="chat-prod", messages=[{"role": "user", "content": prompt(email)}],
-        max_tokens=7, stream=True)
+        model="chat-prod",
+        messages=[{"role": "user", "content": prompt(email)}],
+        max_tokens=7,
+        stream=True,
+    )
     chunks = list(stream)
     # The usage event the sidecar asked for is not the client's: it never sees it.
     assert all(chunk.usage is None for chunk in chunks)
@@ -211,14 +253,17 @@ def test_azure_unknown_deployment_is_refused(stack: Stack, issuer: DevIssuer) ->
     email = user("az-unknown")
     with pytest.raises(openai.BadRequestError, match="not configured"):
         azure_client(stack, issuer.mint(email)).chat.completions.create(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": prompt(email)}])
+            model="gpt-4o-mini", messages=[{"role": "user", "content": prompt(email)}]
+        )
 
 
 def test_azure_fallback_switches_to_a_deployment_of_the_fallback_model(
-        stack: Stack, issuer: DevIssuer) -> None:
+    stack: Stack, issuer: DevIssuer
+) -> None:
     email = user("az-fallback")
     azure_client(stack, issuer.mint(email)).chat.completions.create(
-        model="chat-big", messages=[{"role": "user", "content": prompt(email)}], max_tokens=5)
+        model="chat-big", messages=[{"role": "user", "content": prompt(email)}], max_tokens=5
+    )
     assert seen_path(stack, email) == "/openai/deployments/chat-prod/chat/completions"
     usage, cost = expect(stack, email, "openai_chat", "gpt-4o-mini", "azure")
     assert_charged(stack, email, usage, cost)
@@ -227,7 +272,8 @@ def test_azure_fallback_switches_to_a_deployment_of_the_fallback_model(
 def test_azure_embeddings_are_charged_by_prompt_tokens(stack: Stack, issuer: DevIssuer) -> None:
     email = user("az-embed")
     result = azure_client(stack, issuer.mint(email)).embeddings.create(
-        model="embed", input=[prompt(email), "second"])
+        model="embed", input=[prompt(email), "second"]
+    )
     usage, cost = expect(stack, email, "openai_embeddings", "text-embedding-3-small", "azure")
     assert result.usage.prompt_tokens == usage.input_tokens and usage.output_tokens == 0
     assert_charged(stack, email, usage, cost)
@@ -236,44 +282,54 @@ def test_azure_embeddings_are_charged_by_prompt_tokens(stack: Stack, issuer: Dev
 # --- OpenAI embeddings, OpenAI-compatible ---------------------------------------------------
 
 
-def test_openai_embeddings_are_charged_by_prompt_tokens(stack: Stack,
-                                                        issuer: DevIssuer) -> None:
+def test_openai_embeddings_are_charged_by_prompt_tokens(stack: Stack, issuer: DevIssuer) -> None:
     email = user("oa-embed")
-    client = openai.OpenAI(base_url=stack.envoy_url + "/openai/v1",
-                           api_key=issuer.mint(email), max_retries=0, timeout=60)
+    client = openai.OpenAI(
+        base_url=stack.envoy_url + "/openai/v1",
+        api_key=issuer.mint(email),
+        max_retries=0,
+        timeout=60,
+    )
     client.embeddings.create(model="text-embedding-3-small", input=prompt(email))
-    usage, cost = expect(stack, email, "openai_embeddings", "text-embedding-3-small",
-                         "openai")
+    usage, cost = expect(stack, email, "openai_embeddings", "text-embedding-3-small", "openai")
     assert_charged(stack, email, usage, cost)
 
 
 def groq_client(stack: Stack, token: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=stack.envoy_url + "/groq/v1", api_key=token, max_retries=0,
-                         timeout=60)
+    return openai.OpenAI(
+        base_url=stack.envoy_url + "/groq/v1", api_key=token, max_retries=0, timeout=60
+    )
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_openai_compatible_chat_is_charged_exactly(stack: Stack, issuer: DevIssuer,
-                                                   stream: bool) -> None:
+def test_openai_compatible_chat_is_charged_exactly(
+    stack: Stack, issuer: DevIssuer, stream: bool
+) -> None:
     email = user(f"groq-{stream}")
     client = groq_client(stack, issuer.mint(email))
     model = "llama-3.1-8b-instant"
     messages: Any = [{"role": "user", "content": prompt(email)}]
     if stream:
-        list(client.chat.completions.create(model=model, messages=messages, max_tokens=6,
-                                            stream=True))
+        list(
+            client.chat.completions.create(
+                model=model, messages=messages, max_tokens=6, stream=True
+            )
+        )
     else:
         client.chat.completions.create(model=model, messages=messages, max_tokens=6)
     usage, cost = expect(stack, email, "openai_chat", model, "groq")
     assert_charged(stack, email, usage, cost)
 
 
-def test_openai_compatible_fallback_rewrites_the_body_model(stack: Stack,
-                                                           issuer: DevIssuer) -> None:
+def test_openai_compatible_fallback_rewrites_the_body_model(
+    stack: Stack, issuer: DevIssuer
+) -> None:
     email = user("groq-fallback")
     groq_client(stack, issuer.mint(email)).chat.completions.create(
-        model="llama-3.3-70b-versatile", messages=[{"role": "user", "content": prompt(email)}],
-        max_tokens=4)
+        model="llama-3.3-70b-versatile",
+        messages=[{"role": "user", "content": prompt(email)}],
+        max_tokens=4,
+    )
     assert received(stack, email)["model"] == "llama-3.1-8b-instant"
     usage, cost = expect(stack, email, "openai_chat", "llama-3.1-8b-instant", "groq")
     assert_charged(stack, email, usage, cost)
@@ -284,9 +340,13 @@ def test_openai_compatible_fallback_rewrites_the_body_model(stack: Stack,
 
 def bedrock_client(stack: Stack, token: str) -> Any:
     client = boto3.client(
-        "bedrock-runtime", endpoint_url=stack.envoy_url + "/bedrock", region_name="us-east-1",
-        aws_access_key_id="AKIDEXAMPLE", aws_secret_access_key="example-secret",
-        config=BotoConfig(retries={"max_attempts": 1}, read_timeout=60))
+        "bedrock-runtime",
+        endpoint_url=stack.envoy_url + "/bedrock",
+        region_name="us-east-1",
+        aws_access_key_id="AKIDEXAMPLE",
+        aws_secret_access_key="example-secret",
+        config=BotoConfig(retries={"max_attempts": 1}, read_timeout=60),
+    )
 
     def identify(request: Any, **_: Any) -> None:
         # SigV4 owns Authorization; the caller's Access JWT travels in Access's own header.
@@ -297,25 +357,30 @@ def bedrock_client(stack: Stack, token: str) -> Any:
 
 
 def converse_args(email: str, max_tokens: int) -> dict[str, Any]:
-    return {"messages": [{"role": "user", "content": [{"text": prompt(email)}]}],
-            "system": [{"text": "Answer briefly."}],
-            "inferenceConfig": {"maxTokens": max_tokens}}
+    return {
+        "messages": [{"role": "user", "content": [{"text": prompt(email)}]}],
+        "system": [{"text": "Answer briefly."}],
+        "inferenceConfig": {"maxTokens": max_tokens},
+    }
 
 
 def test_bedrock_converse_json_is_charged_exactly(stack: Stack, issuer: DevIssuer) -> None:
     email = user("br-json")
     response = bedrock_client(stack, issuer.mint(email)).converse(
-        modelId=NOVA, **converse_args(email, 10))
+        modelId=NOVA, **converse_args(email, 10)
+    )
     usage, cost = expect(stack, email, "bedrock_converse", NOVA, "aws")
     assert response["usage"]["outputTokens"] == 10
     assert_charged(stack, email, usage, cost)
 
 
 def test_bedrock_converse_stream_binary_event_stream_is_charged_exactly(
-        stack: Stack, issuer: DevIssuer) -> None:
+    stack: Stack, issuer: DevIssuer
+) -> None:
     email = user("br-stream")
     response = bedrock_client(stack, issuer.mint(email)).converse_stream(
-        modelId=NOVA, **converse_args(email, 11))
+        modelId=NOVA, **converse_args(email, 11)
+    )
     events = list(response["stream"])
     assert events[-1]["metadata"]["usage"]["outputTokens"] == 11
     usage, cost = expect(stack, email, "bedrock_converse", NOVA, "aws")
@@ -323,15 +388,20 @@ def test_bedrock_converse_stream_binary_event_stream_is_charged_exactly(
 
 
 def test_bedrock_invoke_anthropic_json_and_stream_are_charged_exactly(
-        stack: Stack, issuer: DevIssuer) -> None:
+    stack: Stack, issuer: DevIssuer
+) -> None:
     for stream in (False, True):
         email = user(f"br-invoke-{stream}")
         client = bedrock_client(stack, issuer.mint(email))
-        body = json.dumps({"anthropic_version": "bedrock-2023-05-31", "max_tokens": 9,
-                           "messages": [{"role": "user", "content": prompt(email)}]})
+        body = json.dumps(
+            {
+                "anthropic_version": "bedrock-2023-05-31",
+                "max_tokens": 9,
+                "messages": [{"role": "user", "content": prompt(email)}],
+            }
+        )
         if stream:
-            response = client.invoke_model_with_response_stream(modelId=HAIKU_BEDROCK,
-                                                                body=body)
+            response = client.invoke_model_with_response_stream(modelId=HAIKU_BEDROCK, body=body)
             assert len(list(response["body"])) > 3
         else:
             response = client.invoke_model(modelId=HAIKU_BEDROCK, body=body)
@@ -340,18 +410,19 @@ def test_bedrock_invoke_anthropic_json_and_stream_are_charged_exactly(
         assert_charged(stack, email, usage, cost)
 
 
-def test_bedrock_fallback_rewrites_the_model_id_in_the_path(stack: Stack,
-                                                            issuer: DevIssuer) -> None:
+def test_bedrock_fallback_rewrites_the_model_id_in_the_path(
+    stack: Stack, issuer: DevIssuer
+) -> None:
     email = user("br-fallback")
     bedrock_client(stack, issuer.mint(email)).converse(
-        modelId="amazon.nova-pro-v1:0", **converse_args(email, 4))
+        modelId="amazon.nova-pro-v1:0", **converse_args(email, 4)
+    )
     assert seen_path(stack, email) == f"/model/{NOVA}/converse"
     usage, cost = expect(stack, email, "bedrock_converse", NOVA, "aws")
     assert_charged(stack, email, usage, cost)
 
 
-def test_bedrock_allowlist_sees_the_model_id_in_the_path(stack: Stack,
-                                                         issuer: DevIssuer) -> None:
+def test_bedrock_allowlist_sees_the_model_id_in_the_path(stack: Stack, issuer: DevIssuer) -> None:
     email = user("br-intern")
     client = bedrock_client(stack, issuer.mint(email, groups=["interns"]))
     with pytest.raises(client.exceptions.ClientError) as caught:
@@ -361,10 +432,16 @@ def test_bedrock_allowlist_sees_the_model_id_in_the_path(stack: Stack,
 
 
 def test_bedrock_invoke_fallback_rewrites_the_model_id_in_the_path(
-        stack: Stack, issuer: DevIssuer) -> None:
+    stack: Stack, issuer: DevIssuer
+) -> None:
     email = user("br-invoke-fallback")
-    body = json.dumps({"anthropic_version": "bedrock-2023-05-31", "max_tokens": 3,
-                       "messages": [{"role": "user", "content": prompt(email)}]})
+    body = json.dumps(
+        {
+            "anthropic_version": "bedrock-2023-05-31",
+            "max_tokens": 3,
+            "messages": [{"role": "user", "content": prompt(email)}],
+        }
+    )
     client = bedrock_client(stack, issuer.mint(email))
     client.invoke_model(modelId="us.anthropic.claude-sonnet-4-5-20250929-v1:0", body=body)
     assert seen_path(stack, email) == f"/model/{HAIKU_BEDROCK}/invoke"
@@ -377,26 +454,50 @@ def test_bedrock_invoke_fallback_rewrites_the_model_id_in_the_path(
 # --- a client that hangs up mid-stream is still charged -------------------------------------
 
 
-@pytest.mark.parametrize(("name", "path", "body"), [
-    ("azure", "/azure/openai/deployments/chat-prod/chat/completions?api-version=2024-10-21",
-     {"model": "chat-prod", "stream": True, "max_tokens": 400,
-      "messages": [{"role": "user", "content": "{prompt}"}]}),
-    ("bedrock", f"/bedrock/model/{NOVA}/converse-stream",
-     {"messages": [{"role": "user", "content": [{"text": "{prompt}"}]}],
-      "inferenceConfig": {"maxTokens": 400}}),
-    ("groq", "/groq/v1/chat/completions",
-     {"model": "llama-3.1-8b-instant", "stream": True, "max_tokens": 400,
-      "messages": [{"role": "user", "content": "{prompt}"}]}),
-])
-def test_stream_cut_short_is_still_charged(stack: Stack, issuer: DevIssuer, name: str,
-                                           path: str, body: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    ("name", "path", "body"),
+    [
+        (
+            "azure",
+            "/azure/openai/deployments/chat-prod/chat/completions?api-version=2024-10-21",
+            {
+                "model": "chat-prod",
+                "stream": True,
+                "max_tokens": 400,
+                "messages": [{"role": "user", "content": "{prompt}"}],
+            },
+        ),
+        (
+            "bedrock",
+            f"/bedrock/model/{NOVA}/converse-stream",
+            {
+                "messages": [{"role": "user", "content": [{"text": "{prompt}"}]}],
+                "inferenceConfig": {"maxTokens": 400},
+            },
+        ),
+        (
+            "groq",
+            "/groq/v1/chat/completions",
+            {
+                "model": "llama-3.1-8b-instant",
+                "stream": True,
+                "max_tokens": 400,
+                "messages": [{"role": "user", "content": "{prompt}"}],
+            },
+        ),
+    ],
+)
+def test_stream_cut_short_is_still_charged(
+    stack: Stack, issuer: DevIssuer, name: str, path: str, body: dict[str, Any]
+) -> None:
     email = user(f"{name}-cut")
     sent = json.loads(json.dumps(body).replace("{prompt}", prompt(email)))
     headers = {"authorization": f"Bearer {issuer.mint(email)}", "x-fake-delay-ms": "200"}
     if name == "bedrock":
         headers = {"cf-access-jwt-assertion": issuer.mint(email), "x-fake-delay-ms": "200"}
-    with httpx.stream("POST", stack.envoy_url + path, json=sent, headers=headers,
-                      timeout=30) as response:
+    with httpx.stream(
+        "POST", stack.envoy_url + path, json=sent, headers=headers, timeout=30
+    ) as response:
         assert response.status_code == 200
         next(response.iter_bytes())
     row = charged(stack, email)

@@ -54,24 +54,42 @@ def keys_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, issuer: DevIssuer,
-          keys_dir: Path) -> Iterator[Stack]:
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, issuer: DevIssuer, keys_dir: Path
+) -> Iterator[Stack]:
     workdir = tmp_path_factory.mktemp("keys")
     jwks = str(issuer.write_jwks(workdir / "jwks.json"))
     providers = [
-        {"id": "openai", "path_prefix": "/openai/", "credentials": {
-            "default": {"file": str(keys_dir / "openai")},
-            "by_group": {"research": {"file": str(keys_dir / "openai-research")}}}},
-        {"id": "anthropic", "path_prefix": "/anthropic/",
-         "credentials": {"default": {"env": "DEMO_ANTHROPIC_API_KEY"}}},
+        {
+            "id": "openai",
+            "path_prefix": "/openai/",
+            "credentials": {
+                "default": {"file": str(keys_dir / "openai")},
+                "by_group": {"research": {"file": str(keys_dir / "openai-research")}},
+            },
+        },
+        {
+            "id": "anthropic",
+            "path_prefix": "/anthropic/",
+            "credentials": {"default": {"env": "DEMO_ANTHROPIC_API_KEY"}},
+        },
         # Bring your own key: no credentials, the caller's key passes through.
         {"id": "workers-ai", "path_prefix": "/workers-ai/", "pricing_provider": "cloudflare"},
     ]
-    pricing = {"unknown_model": "reject", "overrides": [
-        {"provider": "cloudflare", "model": WORKERS_MODEL, "input_per_mtok": 1,
-         "output_per_mtok": 2}]}
-    config = demo_config(issuer, jwks, f"sqlite:///{workdir}/s.db", providers=providers,
-                         pricing=pricing)
+    pricing = {
+        "unknown_model": "reject",
+        "overrides": [
+            {
+                "provider": "cloudflare",
+                "model": WORKERS_MODEL,
+                "input_per_mtok": 1,
+                "output_per_mtok": 2,
+            }
+        ],
+    }
+    config = demo_config(
+        issuer, jwks, f"sqlite:///{workdir}/s.db", providers=providers, pricing=pricing
+    )
     accepted = {"openai": [OPENAI_KEY, RESEARCH_KEY, ROTATED_KEY], "anthropic": [ANTHROPIC_KEY]}
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SIDECAR_INGRESS_TOKEN", INGRESS_TOKEN)
@@ -92,10 +110,16 @@ def last_seen(stack: Stack) -> dict[str, Any]:
     return seen[-1]
 
 
-def openai_client(stack: Stack, api_key: str, prefix: str = "/openai",
-                  headers: dict[str, str] | None = None) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{stack.envoy_url}{prefix}/v1", api_key=api_key,
-                         default_headers=headers, max_retries=0, timeout=30)
+def openai_client(
+    stack: Stack, api_key: str, prefix: str = "/openai", headers: dict[str, str] | None = None
+) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url=f"{stack.envoy_url}{prefix}/v1",
+        api_key=api_key,
+        default_headers=headers,
+        max_retries=0,
+        timeout=30,
+    )
 
 
 def usage_row(stack: Stack, email: str) -> dict[str, Any] | None:
@@ -108,9 +132,15 @@ def usage_row(stack: Stack, email: str) -> dict[str, Any] | None:
 
 def price_micros(model: str, provider: str, body: dict[str, Any]) -> int:
     usage = expected_usage("openai_chat", body)
-    price = calc_price(Usage(input_tokens=usage.total_input, output_tokens=usage.output_tokens,
-                             cache_read_tokens=usage.cache_read_tokens),
-                       model, provider_id=provider)
+    price = calc_price(
+        Usage(
+            input_tokens=usage.total_input,
+            output_tokens=usage.output_tokens,
+            cache_read_tokens=usage.cache_read_tokens,
+        ),
+        model,
+        provider_id=provider,
+    )
     return int((price.total_price * 1_000_000).to_integral_value(rounding=ROUND_CEILING))
 
 
@@ -119,19 +149,23 @@ def service_token(stack: Stack, name: str) -> dict[str, str]:
         created = admin.post("/v1/service-tokens", json={"name": name, "groups": ["agents"]})
     assert created.status_code == 201, created.text
     token = created.json()["result"]
-    return {"cf-access-client-id": token["client_id"],
-            "cf-access-client-secret": token["client_secret"]}
+    return {
+        "cf-access-client-id": token["client_id"],
+        "cf-access-client-secret": token["client_secret"],
+    }
 
 
 # --- keys arrive, credentials do not -------------------------------------------------------
 
 
 def test_openai_sdk_jwt_call_reaches_provider_with_key_and_without_jwt(
-        stack: Stack, issuer: DevIssuer) -> None:
+    stack: Stack, issuer: DevIssuer
+) -> None:
     jwt = issuer.mint(user("ann"), ["ml"])
     stack.clear_seen()
     reply = openai_client(stack, jwt).chat.completions.create(
-        model="gpt-4o-mini", messages=MESSAGES, max_tokens=8)
+        model="gpt-4o-mini", messages=MESSAGES, max_tokens=8
+    )
     assert reply.choices
     arrived = last_seen(stack)["headers"]
     assert arrived["authorization"] == f"Bearer {OPENAI_KEY}"
@@ -139,13 +173,14 @@ def test_openai_sdk_jwt_call_reaches_provider_with_key_and_without_jwt(
 
 
 def test_anthropic_sdk_jwt_call_reaches_provider_with_key_and_without_jwt(
-        stack: Stack, issuer: DevIssuer) -> None:
+    stack: Stack, issuer: DevIssuer
+) -> None:
     jwt = issuer.mint(user("ben"), ["ml"])
-    client = anthropic.Anthropic(base_url=stack.envoy_url + "/anthropic", api_key=jwt,
-                                 max_retries=0, timeout=30)
+    client = anthropic.Anthropic(
+        base_url=stack.envoy_url + "/anthropic", api_key=jwt, max_retries=0, timeout=30
+    )
     stack.clear_seen()
-    message = client.messages.create(model="claude-haiku-4-5", max_tokens=8,
-                                     messages=MESSAGES)
+    message = client.messages.create(model="claude-haiku-4-5", max_tokens=8, messages=MESSAGES)
     assert message.content
     arrived = last_seen(stack)["headers"]
     assert arrived["x-api-key"] == ANTHROPIC_KEY
@@ -156,30 +191,33 @@ def test_anthropic_sdk_jwt_call_reaches_provider_with_key_and_without_jwt(
 def test_research_group_caller_gets_the_research_key(stack: Stack, issuer: DevIssuer) -> None:
     jwt = issuer.mint(user("rae"), ["research", "ml"])
     stack.clear_seen()
-    openai_client(stack, jwt).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES,
-                                                      max_tokens=8)
+    openai_client(stack, jwt).chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES, max_tokens=8
+    )
     assert last_seen(stack)["headers"]["authorization"] == f"Bearer {RESEARCH_KEY}"
 
 
-def test_client_bearer_key_is_replaced_with_credentials_and_passed_without(
-        stack: Stack) -> None:
+def test_client_bearer_key_is_replaced_with_credentials_and_passed_without(stack: Stack) -> None:
     agent = service_token(stack, f"agent-{uuid.uuid4().hex[:6]}")
     stack.clear_seen()
     openai_client(stack, CLIENT_KEY, headers=agent).chat.completions.create(
-        model="gpt-4o-mini", messages=MESSAGES, max_tokens=8)
+        model="gpt-4o-mini", messages=MESSAGES, max_tokens=8
+    )
     replaced = last_seen(stack)["headers"]
     assert replaced["authorization"] == f"Bearer {OPENAI_KEY}"
     assert all(CLIENT_KEY not in value for value in replaced.values())
     stack.clear_seen()
     openai_client(stack, CLIENT_KEY, "/workers-ai", headers=agent).chat.completions.create(
-        model=WORKERS_MODEL, messages=MESSAGES, max_tokens=8)
+        model=WORKERS_MODEL, messages=MESSAGES, max_tokens=8
+    )
     passed = last_seen(stack)["headers"]
     assert passed["authorization"] == f"Bearer {CLIENT_KEY}"
     assert "cf-access-client-secret" not in passed
 
 
 def test_rotated_key_file_is_used_on_the_next_request_without_restart(
-        stack: Stack, issuer: DevIssuer, keys_dir: Path) -> None:
+    stack: Stack, issuer: DevIssuer, keys_dir: Path
+) -> None:
     jwt = issuer.mint(user("rot"), ["ml"])
     pid = stack.sidecars[0].pid
     # As a Kubernetes Secret volume rotates: a new file swapped in atomically.
@@ -187,8 +225,9 @@ def test_rotated_key_file_is_used_on_the_next_request_without_restart(
     staged.write_text(ROTATED_KEY + "\n")
     os.replace(staged, keys_dir / "openai")
     stack.clear_seen()
-    openai_client(stack, jwt).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES,
-                                                      max_tokens=8)
+    openai_client(stack, jwt).chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES, max_tokens=8
+    )
     assert last_seen(stack)["headers"]["authorization"] == f"Bearer {ROTATED_KEY}"
     assert stack.sidecars[0].is_running() and stack.sidecars[0].pid == pid
 
@@ -196,21 +235,31 @@ def test_rotated_key_file_is_used_on_the_next_request_without_restart(
 # --- what provider errors cost ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("status", "error"), [
-    (401, openai.AuthenticationError), (429, openai.RateLimitError),
-    (500, openai.InternalServerError)])
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [
+        (401, openai.AuthenticationError),
+        (429, openai.RateLimitError),
+        (500, openai.InternalServerError),
+    ],
+)
 def test_provider_error_costs_nothing_and_shows_as_an_error(
-        stack: Stack, issuer: DevIssuer, status: int, error: type[Exception]) -> None:
+    stack: Stack, issuer: DevIssuer, status: int, error: type[Exception]
+) -> None:
     email = user(f"err{status}")
     jwt = issuer.mint(email)
     with pytest.raises(error):
         openai_client(stack, jwt).chat.completions.create(
-            model="gpt-4o-mini", messages=MESSAGES, max_tokens=500,
-            extra_headers={"x-fake-status": str(status)})
+            model="gpt-4o-mini",
+            messages=MESSAGES,
+            max_tokens=500,
+            extra_headers={"x-fake-status": str(status)},
+        )
     row = eventually(lambda: usage_row(stack, email), what=f"{email} in /v1/usage")
     assert (row["cost_usd"], row["requests"], row["errors"]) == (0, 1, 1)
-    response = httpx.get(stack.admin_url + "/v1/budgets/me",
-                         headers={"authorization": f"Bearer {jwt}"}, timeout=10)
+    response = httpx.get(
+        stack.admin_url + "/v1/budgets/me", headers={"authorization": f"Bearer {jwt}"}, timeout=10
+    )
     assert all(b["spent"] == 0 and b["reserved"] == 0 for b in response.json()["result"])
 
 
@@ -226,55 +275,72 @@ def test_provider_success_is_charged_exactly_as_before(stack: Stack, issuer: Dev
 # --- the key appears nowhere but upstream ----------------------------------------------------
 
 
-def test_authz_answer_carries_the_key_only_for_the_ingress(stack: Stack,
-                                                          issuer: DevIssuer) -> None:
-    headers = {"authorization": f"Bearer {issuer.mint(user('ngx'))}",
-               "x-sidecar-model": "gpt-4o-mini"}
+def test_authz_answer_carries_the_key_only_for_the_ingress(stack: Stack, issuer: DevIssuer) -> None:
+    headers = {
+        "authorization": f"Bearer {issuer.mint(user('ngx'))}",
+        "x-sidecar-model": "gpt-4o-mini",
+    }
     url = stack.admin_url + "/authz/openai/v1/chat/completions"
     caller = httpx.post(url, headers=headers, timeout=10)
     assert caller.status_code == 200
     assert "authorization" not in caller.headers
-    ingress = httpx.post(url, headers={**headers, "x-sidecar-ingress-token": INGRESS_TOKEN},
-                         timeout=10)
+    ingress = httpx.post(
+        url, headers={**headers, "x-sidecar-ingress-token": INGRESS_TOKEN}, timeout=10
+    )
     assert ingress.headers["authorization"].startswith("Bearer sk-org-")
 
 
 def test_key_is_absent_from_logs_and_every_admin_answer(stack: Stack, issuer: DevIssuer) -> None:
     jwt = issuer.mint(user("audit"), ["platform-admins"])
     # A call whose answer the client sees in full: body and headers hold no key.
-    answer = httpx.post(stack.envoy_url + "/openai" + CHAT, timeout=30,
-                        headers={"authorization": f"Bearer {jwt}"},
-                        json={"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 4})
+    answer = httpx.post(
+        stack.envoy_url + "/openai" + CHAT,
+        timeout=30,
+        headers={"authorization": f"Bearer {jwt}"},
+        json={"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 4},
+    )
     seen_by_client = [answer.text, json.dumps(dict(answer.headers))]
-    refused = httpx.post(stack.envoy_url + "/openai" + CHAT, timeout=30,
-                         headers={"authorization": f"Bearer {jwt}", "x-fake-status": "401"},
-                         json={"model": "gpt-4o-mini", "messages": MESSAGES})
+    refused = httpx.post(
+        stack.envoy_url + "/openai" + CHAT,
+        timeout=30,
+        headers={"authorization": f"Bearer {jwt}", "x-fake-status": "401"},
+        json={"model": "gpt-4o-mini", "messages": MESSAGES},
+    )
     seen_by_client += [refused.text, json.dumps(dict(refused.headers))]
     with stack.admin() as admin:
-        for path in ("/readyz", "/healthz", "/metrics", "/v1/service-tokens",
-                     "/v1/spend-limits", "/dashboard",
-                     "/v1/usage?group_by=user,model,provider"):
+        for path in (
+            "/readyz",
+            "/healthz",
+            "/metrics",
+            "/v1/service-tokens",
+            "/v1/spend-limits",
+            "/dashboard",
+            "/v1/usage?group_by=user,model,provider",
+        ):
             response = admin.get(path)
             assert response.status_code == 200, path
             seen_by_client += [response.text, json.dumps(dict(response.headers))]
-    me = httpx.get(stack.admin_url + "/v1/budgets/me", timeout=10,
-                   headers={"authorization": f"Bearer {jwt}"})
+    me = httpx.get(
+        stack.admin_url + "/v1/budgets/me", timeout=10, headers={"authorization": f"Bearer {jwt}"}
+    )
     seen_by_client.append(me.text)
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):
         assert cli.main(["check-config", str(stack.config_path)]) == 0
     seen_by_client += [out.getvalue(), err.getvalue()]
     assert "provider_keys" in out.getvalue()
-    logs = [p.read_text(encoding="utf-8", errors="replace")
-            for p in stack.workdir.glob("*.log") if p.name.startswith(("sidecar", "envoy"))]
+    logs = [
+        p.read_text(encoding="utf-8", errors="replace")
+        for p in stack.workdir.glob("*.log")
+        if p.name.startswith(("sidecar", "envoy"))
+    ]
     assert len(logs) >= 2 and any('"decision"' in text for text in logs)
     for key in (OPENAI_KEY, RESEARCH_KEY, ROTATED_KEY, ANTHROPIC_KEY):
         for text in [*seen_by_client, *logs]:
             assert key not in text
 
 
-def test_missing_key_file_fails_check_config_with_its_path(tmp_path: Path,
-                                                           stack: Stack) -> None:
+def test_missing_key_file_fails_check_config_with_its_path(tmp_path: Path, stack: Stack) -> None:
     config = yaml.safe_load(stack.config_path.read_text())
     missing = tmp_path / "absent" / "openai"
     config["providers"][0]["credentials"]["default"] = {"file": str(missing)}

@@ -31,22 +31,47 @@ def _price(model: str) -> dict[str, Any]:
 # The fake provider generates at most 2,000 output tokens: a request asking for 5,000
 # reserves far more than it uses.
 ASKED = 5000
-ESTIMATE = estimate_input_tokens({"model": "tok-model", "max_tokens": ASKED,
-                                  "messages": MESSAGES}) + ASKED
-ACTUAL = expected_usage("openai_chat", {"model": "tok-model", "max_tokens": ASKED,
-                                        "messages": MESSAGES})
+ESTIMATE = (
+    estimate_input_tokens({"model": "tok-model", "max_tokens": ASKED, "messages": MESSAGES}) + ASKED
+)
+ACTUAL = expected_usage(
+    "openai_chat", {"model": "tok-model", "max_tokens": ASKED, "messages": MESSAGES}
+)
 USED = ACTUAL.total_input + ACTUAL.output_tokens
 TPM = ESTIMATE + 3000
 
 LIMITS = [
-    {"name": "rpm", "requests": 10, "window": {"rolling": "1m"},
-     "filter": {"model": ["rpm-model"]}, "split": ["user"], "action": "block"},
-    {"name": "tpm", "tokens": TPM, "window": {"rolling": "1m"},
-     "filter": {"model": ["tok-model"]}, "split": ["user"], "action": "block"},
-    {"name": "burst", "requests": 2, "window": {"rolling": "10s"},
-     "filter": {"model": ["burst-model"]}, "split": ["user"], "action": "block"},
-    {"name": "big-tpm", "tokens": 500, "window": {"rolling": "1m"},
-     "filter": {"model": ["big-model"]}, "action": "fallback"},
+    {
+        "name": "rpm",
+        "requests": 10,
+        "window": {"rolling": "1m"},
+        "filter": {"model": ["rpm-model"]},
+        "split": ["user"],
+        "action": "block",
+    },
+    {
+        "name": "tpm",
+        "tokens": TPM,
+        "window": {"rolling": "1m"},
+        "filter": {"model": ["tok-model"]},
+        "split": ["user"],
+        "action": "block",
+    },
+    {
+        "name": "burst",
+        "requests": 2,
+        "window": {"rolling": "10s"},
+        "filter": {"model": ["burst-model"]},
+        "split": ["user"],
+        "action": "block",
+    },
+    {
+        "name": "big-tpm",
+        "tokens": 500,
+        "window": {"rolling": "1m"},
+        "filter": {"model": ["big-model"]},
+        "action": "fallback",
+    },
 ]
 MODELS = ("rpm-model", "tok-model", "burst-model", "big-model", "small-model")
 
@@ -54,25 +79,29 @@ MODELS = ("rpm-model", "tok-model", "burst-model", "big-model", "small-model")
 def rate_config(issuer: DevIssuer, jwks: str, store: str) -> dict[str, Any]:
     # Forty checks at once on a busy test machine can lag the event loop past the default
     # load-shedding bound; these tests count budget decisions, so every check is decided.
-    return demo_config(issuer, jwks, store, spend_limits=LIMITS,
-                       fallbacks={"big-model": [{"model": "small-model"}]},
-                       pricing={"unknown_model": "reject",
-                                "overrides": [_price(m) for m in MODELS]},
-                       overload={"max_loop_lag_seconds": 30})
+    return demo_config(
+        issuer,
+        jwks,
+        store,
+        spend_limits=LIMITS,
+        fallbacks={"big-model": [{"model": "small-model"}]},
+        pricing={"unknown_model": "reject", "overrides": [_price(m) for m in MODELS]},
+        overload={"max_loop_lag_seconds": 30},
+    )
 
 
 @pytest.fixture(scope="module")
 def rate_stack(tmp_path_factory: pytest.TempPathFactory, issuer: DevIssuer) -> Iterator[Stack]:
     workdir = tmp_path_factory.mktemp("rates")
     jwks = str(issuer.write_jwks(workdir / "jwks.json"))
-    with running_stack(workdir, issuer,
-                       rate_config(issuer, jwks, f"sqlite:///{workdir}/s.db")) as stack:
+    with running_stack(
+        workdir, issuer, rate_config(issuer, jwks, f"sqlite:///{workdir}/s.db")
+    ) as stack:
         yield stack
 
 
 @pytest.fixture(scope="module")
-def rate_replicas(tmp_path_factory: pytest.TempPathFactory,
-                  issuer: DevIssuer) -> Iterator[Stack]:
+def rate_replicas(tmp_path_factory: pytest.TempPathFactory, issuer: DevIssuer) -> Iterator[Stack]:
     workdir = tmp_path_factory.mktemp("rate-replicas")
     redis, port = start_redis(workdir)
     with redis:
@@ -83,9 +112,12 @@ def rate_replicas(tmp_path_factory: pytest.TempPathFactory,
 
 
 def call(stack: Stack, token: str, model: str, max_tokens: int = 1) -> httpx.Response:
-    return httpx.post(stack.envoy_url + CHAT, headers={"authorization": f"Bearer {token}"},
-                      json={"model": model, "max_tokens": max_tokens, "messages": MESSAGES},
-                      timeout=30)
+    return httpx.post(
+        stack.envoy_url + CHAT,
+        headers={"authorization": f"Bearer {token}"},
+        json={"model": model, "max_tokens": max_tokens, "messages": MESSAGES},
+        timeout=30,
+    )
 
 
 def forty_at_once(stack: Stack, token: str) -> list[httpx.Response]:
@@ -95,15 +127,17 @@ def forty_at_once(stack: Stack, token: str) -> list[httpx.Response]:
 
 def requests_held(stack: Stack, token: str) -> int:
     """Spent + reserved of the caller's `rpm` bucket, as the store has it."""
-    mine = httpx.get(stack.admin_url + "/v1/budgets/me",
-                     params={"model": "rpm-model", "provider": "openai"},
-                     headers={"authorization": f"Bearer {token}"}, timeout=10).json()["result"]
+    mine = httpx.get(
+        stack.admin_url + "/v1/budgets/me",
+        params={"model": "rpm-model", "provider": "openai"},
+        headers={"authorization": f"Bearer {token}"},
+        timeout=10,
+    ).json()["result"]
     rpm = next(b for b in mine if b["rule"] == "rpm")
     return int(rpm["spent"]) + int(rpm["reserved"])
 
 
-def assert_exactly_ten_admitted(stack: Stack, token: str,
-                                responses: list[httpx.Response]) -> None:
+def assert_exactly_ten_admitted(stack: Stack, token: str, responses: list[httpx.Response]) -> None:
     statuses = [r.status_code for r in responses]
     others = [(r.status_code, r.text) for r in responses if r.status_code not in (200, 429)]
     assert set(statuses) <= {200, 429, 503}, others
@@ -119,7 +153,8 @@ def assert_exactly_ten_admitted(stack: Stack, token: str,
 
 
 def test_forty_concurrent_against_ten_rpm_admit_exactly_ten_sqlite(
-        rate_stack: Stack, issuer: DevIssuer) -> None:
+    rate_stack: Stack, issuer: DevIssuer
+) -> None:
     token = issuer.mint("rpm@example.com")
     responses = forty_at_once(rate_stack, token)
     assert_exactly_ten_admitted(rate_stack, token, responses)
@@ -130,7 +165,8 @@ def test_forty_concurrent_against_ten_rpm_admit_exactly_ten_sqlite(
 
 
 def test_forty_concurrent_against_ten_rpm_across_two_replicas_on_redis(
-        rate_replicas: Stack, issuer: DevIssuer) -> None:
+    rate_replicas: Stack, issuer: DevIssuer
+) -> None:
     assert len(rate_replicas.sidecars) == 2
     token = issuer.mint("rpm2@example.com")
     assert_exactly_ten_admitted(rate_replicas, token, forty_at_once(rate_replicas, token))
@@ -139,7 +175,8 @@ def test_forty_concurrent_against_ten_rpm_across_two_replicas_on_redis(
 
 
 def test_rate_limit_headers_count_down_and_429_names_the_rule(
-        rate_stack: Stack, issuer: DevIssuer) -> None:
+    rate_stack: Stack, issuer: DevIssuer
+) -> None:
     token = issuer.mint("headers@example.com")
     for i in range(10):
         response = call(rate_stack, token, "rpm-model")
@@ -157,7 +194,8 @@ def test_rate_limit_headers_count_down_and_429_names_the_rule(
 
 
 def test_token_rule_admits_by_estimate_and_frees_the_difference(
-        rate_stack: Stack, issuer: DevIssuer) -> None:
+    rate_stack: Stack, issuer: DevIssuer
+) -> None:
     token = issuer.mint("tokens@example.com")
     # The estimate fits once, twice only because the first request used far less.
     assert 2 * ESTIMATE > TPM and USED + ESTIMATE <= TPM
@@ -176,7 +214,11 @@ def test_token_rule_admits_by_estimate_and_frees_the_difference(
     assert denied.status_code == 429
     error = denied.json()["error"]
     assert (error["rule"], error["unit"], error["limit"], error["spent"]) == (
-        "tpm", "tokens", TPM, 2 * USED)
+        "tpm",
+        "tokens",
+        TPM,
+        2 * USED,
+    )
     assert denied.headers["x-ratelimit-remaining-tokens"] == str(TPM - 2 * USED)
     assert int(denied.headers["retry-after"]) >= 1
     # A smaller request still fits what is left.
@@ -184,7 +226,8 @@ def test_token_rule_admits_by_estimate_and_frees_the_difference(
 
 
 def test_rolling_ten_second_window_readmits_after_it_ages_out(
-        rate_stack: Stack, issuer: DevIssuer) -> None:
+    rate_stack: Stack, issuer: DevIssuer
+) -> None:
     token = issuer.mint("burst@example.com")
     assert call(rate_stack, token, "burst-model").status_code == 200
     assert call(rate_stack, token, "burst-model").status_code == 200
@@ -199,7 +242,8 @@ def test_rolling_ten_second_window_readmits_after_it_ages_out(
 
 
 def test_fallback_on_a_token_rule_routes_to_the_cheaper_model(
-        rate_stack: Stack, issuer: DevIssuer) -> None:
+    rate_stack: Stack, issuer: DevIssuer
+) -> None:
     rate_stack.clear_seen()
     token = issuer.mint("fallback@example.com")
     response = call(rate_stack, token, "big-model", 1000)
@@ -214,53 +258,82 @@ def test_fallback_on_a_token_rule_routes_to_the_cheaper_model(
 
 
 def test_runtime_rules_budgets_and_simulate_speak_each_unit(
-        rate_stack: Stack, issuer: DevIssuer) -> None:
+    rate_stack: Stack, issuer: DevIssuer
+) -> None:
     token = issuer.mint("ivy@example.com", ["night-shift"])
-    rule = {"name": "night-rpm", "requests": 2, "window": {"rolling": "1m"},
-            "filter": {"group": ["night-shift"]}, "split": ["user"]}
+    rule = {
+        "name": "night-rpm",
+        "requests": 2,
+        "window": {"rolling": "1m"},
+        "filter": {"group": ["night-shift"]},
+        "split": ["user"],
+    }
     with rate_stack.admin() as admin:
         created = admin.post("/v1/spend-limits", json=rule)
         assert created.status_code == 201, created.text
         assert created.json()["result"] == {
-            **rule, "window": {"fixed": None, "rolling": "1m", "timezone": "UTC"},
-            "action": "block", "alerts": [], "source": "runtime"}
+            **rule,
+            "window": {"fixed": None, "rolling": "1m", "timezone": "UTC"},
+            "action": "block",
+            "alerts": [],
+            "source": "runtime",
+        }
         listed = {r["name"]: r for r in admin.get("/v1/spend-limits").json()["result"]}
         assert listed["tpm"]["tokens"] == TPM and "budget_usd" not in listed["tpm"]
         assert listed["night-rpm"]["requests"] == 2
         for bad, message in (
-                ({**rule, "name": "x", "tokens": 5}, "exactly one of budget_usd, tokens or "
-                                                     "requests is required (got tokens and "
-                                                     "requests)"),
-                ({"name": "x", "window": {"rolling": "1m"}}, "exactly one of"),
-                ({**rule, "name": "x", "requests": 1.5}, "requests"),
-                ({**rule, "name": "x", "requests": None, "tokens": {"inputs": 3}}, "inputs")):
+            (
+                {**rule, "name": "x", "tokens": 5},
+                "exactly one of budget_usd, tokens or "
+                "requests is required (got tokens and "
+                "requests)",
+            ),
+            ({"name": "x", "window": {"rolling": "1m"}}, "exactly one of"),
+            ({**rule, "name": "x", "requests": 1.5}, "requests"),
+            ({**rule, "name": "x", "requests": None, "tokens": {"inputs": 3}}, "inputs"),
+        ):
             response = admin.post("/v1/spend-limits", json=bad)
             assert response.status_code == 400, bad
             assert message in response.json()["errors"][0]["message"]
         assert [call(rate_stack, token, "rpm-model").status_code for _ in range(3)] == [
-            200, 200, 429]
+            200,
+            200,
+            429,
+        ]
         # Completions are charged in a task after the response: wait for both to land.
         deadline = time.monotonic() + 10
         while True:
-            mine = httpx.get(rate_stack.admin_url + "/v1/budgets/me",
-                             params={"model": "rpm-model", "provider": "openai"},
-                             headers={"authorization": f"Bearer {token}"},
-                             timeout=10).json()["result"]
+            mine = httpx.get(
+                rate_stack.admin_url + "/v1/budgets/me",
+                params={"model": "rpm-model", "provider": "openai"},
+                headers={"authorization": f"Bearer {token}"},
+                timeout=10,
+            ).json()["result"]
             night = next(b for b in mine if b["rule"] == "night-rpm")
             if night["spent"] == 2 or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
-        assert (night["unit"], night["limit"], night["spent"], night["reserved"],
-                night["remaining"], night["bucket"]) == (
-            "requests", 2, 2, 0, 0, "user=ivy@example.com")
+        assert (
+            night["unit"],
+            night["limit"],
+            night["spent"],
+            night["reserved"],
+            night["remaining"],
+            night["bucket"],
+        ) == ("requests", 2, 2, 0, 0, "user=ivy@example.com")
         rpm = next(b for b in mine if b["rule"] == "rpm")
         assert (rpm["unit"], rpm["limit"]) == ("requests", 10)
-        result = admin.post("/v1/simulate", json={
-            "identity": {"email": "ivy@example.com", "groups": ["night-shift"]},
-            "model": "tok-model", "provider": "openai", "max_tokens": 10}).json()["result"]
+        result = admin.post(
+            "/v1/simulate",
+            json={
+                "identity": {"email": "ivy@example.com", "groups": ["night-shift"]},
+                "model": "tok-model",
+                "provider": "openai",
+                "max_tokens": 10,
+            },
+        ).json()["result"]
         assert result["decision"] == "deny" and result["status"] == 429
         buckets = {b["rule"]: b for b in result["steps"][0]["buckets"]}
-        assert (buckets["night-rpm"]["unit"], buckets["night-rpm"]["fits"]) == (
-            "requests", False)
+        assert (buckets["night-rpm"]["unit"], buckets["night-rpm"]["fits"]) == ("requests", False)
         assert (buckets["tpm"]["unit"], buckets["tpm"]["fits"]) == ("tokens", True)
         assert admin.delete("/v1/spend-limits/night-rpm").status_code == 200

@@ -31,12 +31,22 @@ from devtools.stack import Stack, running_stack
 from tests.support.ledger import admin_get, eventually
 
 RECORDED = Path(__file__).parents[1] / "fixtures" / "recorded"
-MANIFEST: list[dict[str, Any]] = json.loads(
-    (RECORDED / "MANIFEST.json").read_text())["recordings"]
-PROVIDER = {"openai_chat": "openai", "openai_responses": "openai",
-            "anthropic_messages": "anthropic", "gemini": "google"}
-LIMITS = [{"name": "per-user-daily", "budget_usd": 100, "window": {"fixed": "daily"},
-           "split": ["user"], "action": "block"}]
+MANIFEST: list[dict[str, Any]] = json.loads((RECORDED / "MANIFEST.json").read_text())["recordings"]
+PROVIDER = {
+    "openai_chat": "openai",
+    "openai_responses": "openai",
+    "anthropic_messages": "anthropic",
+    "gemini": "google",
+}
+LIMITS = [
+    {
+        "name": "per-user-daily",
+        "budget_usd": 100,
+        "window": {"fixed": "daily"},
+        "split": ["user"],
+        "action": "block",
+    }
+]
 ADMISSION = {"mode": "reserve", "default_max_output_tokens": 1024, "reservation_ttl": "60s"}
 # Odd, so events and even UTF-8 sequences are split across the pieces Envoy forwards.
 CHUNK_BYTES = "61"
@@ -47,8 +57,9 @@ PROMPT = "Replay the recorded answer, please."
 def stack(tmp_path_factory: pytest.TempPathFactory, issuer: DevIssuer) -> Iterator[Stack]:
     workdir = tmp_path_factory.mktemp("recorded")
     jwks = str(issuer.write_jwks(workdir / "jwks.json"))
-    config = demo_config(issuer, jwks, f"sqlite:///{workdir}/s.db", spend_limits=LIMITS,
-                         admission=ADMISSION)
+    config = demo_config(
+        issuer, jwks, f"sqlite:///{workdir}/s.db", spend_limits=LIMITS, admission=ADMISSION
+    )
     with running_stack(workdir, issuer, config, replay_dir=RECORDED) as running:
         yield running
 
@@ -61,8 +72,11 @@ def final_response(entry: dict[str, Any]) -> dict[str, Any]:
     text = (RECORDED / entry["file"]).read_text()
     if not entry["stream"]:
         return dict(json.loads(text))
-    events = [json.loads(line[len("data: "):]) for line in text.splitlines()
-              if line.startswith("data: {")]
+    events = [
+        json.loads(line[len("data: ") :])
+        for line in text.splitlines()
+        if line.startswith("data: {")
+    ]
     if entry["api"] == "gemini":
         # Every chunk carries the running totals: the last one is the whole call's.
         return {"usage": events[-1]["usageMetadata"]}
@@ -84,33 +98,48 @@ def anthropic_usage(counts: dict[str, Any]) -> Usage:
     read = counts.get("cache_read_input_tokens") or 0
     write = counts.get("cache_creation_input_tokens") or 0
     one_hour = (counts.get("cache_creation") or {}).get("ephemeral_1h_input_tokens") or 0
-    return Usage(input_tokens=(counts.get("input_tokens") or 0) + read + write,
-                 cache_read_tokens=read, cache_write_tokens=write,
-                 cache_write_1h_tokens=one_hour, output_tokens=counts.get("output_tokens") or 0)
+    return Usage(
+        input_tokens=(counts.get("input_tokens") or 0) + read + write,
+        cache_read_tokens=read,
+        cache_write_tokens=write,
+        cache_write_1h_tokens=one_hour,
+        output_tokens=counts.get("output_tokens") or 0,
+    )
 
 
 def openai_usage(api: str, counts: dict[str, Any], output: list[Any]) -> Usage:
     if api == "openai_chat":
         prompt, details = counts["prompt_tokens"], counts.get("prompt_tokens_details") or {}
-        return Usage(input_tokens=prompt, cache_read_tokens=details.get("cached_tokens") or 0,
-                     output_tokens=counts["completion_tokens"])
+        return Usage(
+            input_tokens=prompt,
+            cache_read_tokens=details.get("cached_tokens") or 0,
+            output_tokens=counts["completion_tokens"],
+        )
     details = counts.get("input_tokens_details") or {}
     # OpenAI bills a web_search_call only when its action is a search.
-    searches = sum(1 for item in output if item.get("type") == "web_search_call"
-                   and (item.get("action") or {}).get("type", "search") == "search")
+    searches = sum(
+        1
+        for item in output
+        if item.get("type") == "web_search_call"
+        and (item.get("action") or {}).get("type", "search") == "search"
+    )
     file_searches = sum(1 for item in output if item.get("type") == "file_search_call")
-    return Usage(input_tokens=counts["input_tokens"],
-                 cache_read_tokens=details.get("cached_tokens") or 0,
-                 output_tokens=counts["output_tokens"], web_searches=searches,
-                 storage_searches=file_searches)
+    return Usage(
+        input_tokens=counts["input_tokens"],
+        cache_read_tokens=details.get("cached_tokens") or 0,
+        output_tokens=counts["output_tokens"],
+        web_searches=searches,
+        storage_searches=file_searches,
+    )
 
 
 def gemini_usage(counts: dict[str, Any]) -> Usage:
     # Google bills thinking tokens as output; cached tokens are part of the prompt count.
-    return Usage(input_tokens=counts["promptTokenCount"],
-                 cache_read_tokens=counts.get("cachedContentTokenCount") or 0,
-                 output_tokens=counts.get("candidatesTokenCount", 0)
-                 + counts.get("thoughtsTokenCount", 0))
+    return Usage(
+        input_tokens=counts["promptTokenCount"],
+        cache_read_tokens=counts.get("cachedContentTokenCount") or 0,
+        output_tokens=counts.get("candidatesTokenCount", 0) + counts.get("thoughtsTokenCount", 0),
+    )
 
 
 def provider_bill(entry: dict[str, Any]) -> dict[str, Decimal]:
@@ -132,8 +161,11 @@ def provider_bill(entry: dict[str, Any]) -> dict[str, Decimal]:
         bill[step_model] = bill.get(step_model, Decimal(0)) + price
     searches = (counts.get("server_tool_use") or {}).get("web_search_requests") or 0
     if searches:
-        fee = calc_price(Usage(input_tokens=0, output_tokens=0, web_searches=searches), model,
-                         provider_id=provider).total_price
+        fee = calc_price(
+            Usage(input_tokens=0, output_tokens=0, web_searches=searches),
+            model,
+            provider_id=provider,
+        ).total_price
         bill[model] += fee
     return bill
 
@@ -144,8 +176,9 @@ def to_micros(usd: Decimal, rounding: str) -> int:
 
 def model_id(model: str, provider: str) -> str:
     """The name the ledger counts a model under: the one genai-prices resolves it to."""
-    return str(data_snapshot.get_snapshot().find_provider_model(model, None, provider,
-                                                                None)[1].id).lower()
+    return str(
+        data_snapshot.get_snapshot().find_provider_model(model, None, provider, None)[1].id
+    ).lower()
 
 
 def ledger_split(entry: dict[str, Any]) -> dict[str, int]:
@@ -170,9 +203,14 @@ def replay(stack: Stack, issuer: DevIssuer, entry: dict[str, Any], email: str) -
     headers = {"x-fake-replay": entry["file"], "x-fake-chunk-bytes": CHUNK_BYTES}
     model, api, stream = entry["model"], entry["api"], entry["stream"]
     if api == "gemini":
-        gemini = genai.Client(api_key="client-key", http_options=genai_types.HttpOptions(
-            base_url=stack.envoy_url + "/gemini/", api_version="v1beta",
-            headers={"authorization": f"Bearer {token}", **headers}))
+        gemini = genai.Client(
+            api_key="client-key",
+            http_options=genai_types.HttpOptions(
+                base_url=stack.envoy_url + "/gemini/",
+                api_version="v1beta",
+                headers={"authorization": f"Bearer {token}", **headers},
+            ),
+        )
         if stream:
             pieces = list(gemini.models.generate_content_stream(model=model, contents=PROMPT))
             assert pieces[-1].usage_metadata is not None
@@ -181,36 +219,57 @@ def replay(stack: Stack, issuer: DevIssuer, entry: dict[str, Any], email: str) -
             assert answer.usage_metadata is not None
         return
     if api == "anthropic_messages":
-        client = anthropic.Anthropic(base_url=stack.envoy_url + "/anthropic",
-                                     api_key="sk-ant-fake", max_retries=0, timeout=60,
-                                     default_headers={"authorization": f"Bearer {token}"})
+        client = anthropic.Anthropic(
+            base_url=stack.envoy_url + "/anthropic",
+            api_key="sk-ant-fake",
+            max_retries=0,
+            timeout=60,
+            default_headers={"authorization": f"Bearer {token}"},
+        )
         messages: Any = [{"role": "user", "content": PROMPT}]
         if stream:
-            events = list(client.messages.create(model=model, max_tokens=4096, stream=True,
-                                                 messages=messages, extra_headers=headers))
+            events = list(
+                client.messages.create(
+                    model=model,
+                    max_tokens=4096,
+                    stream=True,
+                    messages=messages,
+                    extra_headers=headers,
+                )
+            )
             assert events[-1].type == "message_stop"
         else:
-            message = client.messages.create(model=model, max_tokens=4096, messages=messages,
-                                             extra_headers=headers)
+            message = client.messages.create(
+                model=model, max_tokens=4096, messages=messages, extra_headers=headers
+            )
             assert message.usage.output_tokens > 0
         return
-    oa = openai.OpenAI(base_url=stack.envoy_url + "/openai/v1", api_key=token, max_retries=0,
-                       timeout=60)
+    oa = openai.OpenAI(
+        base_url=stack.envoy_url + "/openai/v1", api_key=token, max_retries=0, timeout=60
+    )
     if api == "openai_chat":
         chat_messages: Any = [{"role": "user", "content": PROMPT}]
         if stream:
-            chunks = list(oa.chat.completions.create(
-                model=model, messages=chat_messages, stream=True,
-                stream_options={"include_usage": True}, extra_headers=headers))
+            chunks = list(
+                oa.chat.completions.create(
+                    model=model,
+                    messages=chat_messages,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                    extra_headers=headers,
+                )
+            )
             assert chunks[-1].usage is not None
         else:
-            completion = oa.chat.completions.create(model=model, messages=chat_messages,
-                                                    extra_headers=headers)
+            completion = oa.chat.completions.create(
+                model=model, messages=chat_messages, extra_headers=headers
+            )
             assert completion.usage is not None
         return
     if stream:
-        updates = list(oa.responses.create(model=model, input=PROMPT, stream=True,
-                                           extra_headers=headers))
+        updates = list(
+            oa.responses.create(model=model, input=PROMPT, stream=True, extra_headers=headers)
+        )
         assert updates[-1].type == "response.completed"
     else:
         response = oa.responses.create(model=model, input=PROMPT, extra_headers=headers)
@@ -218,8 +277,7 @@ def replay(stack: Stack, issuer: DevIssuer, entry: dict[str, Any], email: str) -
 
 
 def booked(stack: Stack, email: str) -> dict[str, int] | None:
-    rows = [r for r in admin_get(stack, "/v1/usage", group_by="user,model")
-            if r["user"] == email]
+    rows = [r for r in admin_get(stack, "/v1/usage", group_by="user,model") if r["user"] == email]
     if sum(r["requests"] for r in rows) < 1:
         return None
     return {r["model"]: int(r["cost_usd"] * 1_000_000) for r in rows}
@@ -227,7 +285,8 @@ def booked(stack: Stack, email: str) -> dict[str, int] | None:
 
 @pytest.mark.parametrize("entry", MANIFEST, ids=[e["file"] for e in MANIFEST])
 def test_recorded_response_is_billed_as_the_provider_bills_it(
-        stack: Stack, issuer: DevIssuer, entry: dict[str, Any]) -> None:
+    stack: Stack, issuer: DevIssuer, entry: dict[str, Any]
+) -> None:
     email = f"rec-{uuid.uuid4().hex[:8]}@recorded.test"
     replay(stack, issuer, entry, email)
     want = ledger_split(entry)
@@ -245,11 +304,22 @@ def test_recorded_response_is_billed_as_the_provider_bills_it(
 
 def test_the_corpus_covers_every_billing_feature() -> None:
     features = {f for entry in MANIFEST for f in entry["features"]}
-    assert {"cache_read", "cache_write", "reasoning", "thinking", "web_search_fee",
-            "file_search_fee", "compaction", "advisor", "unknown_iteration_type",
-            "gemini_thinking", "cumulative_usage"} <= features
+    assert {
+        "cache_read",
+        "cache_write",
+        "reasoning",
+        "thinking",
+        "web_search_fee",
+        "file_search_fee",
+        "compaction",
+        "advisor",
+        "unknown_iteration_type",
+        "gemini_thinking",
+        "cumulative_usage",
+    } <= features
     assert {(e["api"], e["stream"]) for e in MANIFEST} == {
-        (api, stream) for api in PROVIDER for stream in (False, True)}
+        (api, stream) for api in PROVIDER for stream in (False, True)
+    }
     for entry in MANIFEST:
         source = entry["source"]
         assert (RECORDED / entry["file"]).is_file()

@@ -17,8 +17,9 @@ from devtools.stack import Stack, running_stack
 
 
 @pytest.fixture(scope="module")
-def reload_stack(tmp_path_factory: pytest.TempPathFactory,
-                 issuer: DevIssuer) -> Iterator[tuple[Stack, dict[str, Any]]]:
+def reload_stack(
+    tmp_path_factory: pytest.TempPathFactory, issuer: DevIssuer
+) -> Iterator[tuple[Stack, dict[str, Any]]]:
     workdir = tmp_path_factory.mktemp("reload")
     jwks = str(issuer.write_jwks(workdir / "jwks.json"))
     config = demo_config(issuer, jwks, f"sqlite:///{workdir}/s.db")
@@ -28,9 +29,12 @@ def reload_stack(tmp_path_factory: pytest.TempPathFactory,
 
 def intern_status(stack: Stack, issuer: DevIssuer) -> int:
     token = issuer.mint("ivy@example.com", ["interns"])
-    return httpx.post(stack.envoy_url + "/openai/v1/chat/completions",
-                      headers={"authorization": f"Bearer {token}"},
-                      json={"model": "gpt-4o-mini", "messages": []}, timeout=20).status_code
+    return httpx.post(
+        stack.envoy_url + "/openai/v1/chat/completions",
+        headers={"authorization": f"Bearer {token}"},
+        json={"model": "gpt-4o-mini", "messages": []},
+        timeout=20,
+    ).status_code
 
 
 def wait_for(predicate: Any, timeout: float) -> float:
@@ -47,7 +51,8 @@ def ready(stack: Stack) -> dict[str, Any]:
 
 
 def test_bad_config_keeps_old_policy_good_one_applies(
-        reload_stack: tuple[Stack, dict[str, Any]], issuer: DevIssuer) -> None:
+    reload_stack: tuple[Stack, dict[str, Any]], issuer: DevIssuer
+) -> None:
     stack, config = reload_stack
     pid = stack.sidecars[0].pid
     assert intern_status(stack, issuer) == 200
@@ -58,15 +63,19 @@ def test_bad_config_keeps_old_policy_good_one_applies(
     wait_for(lambda: ready(stack)["config_last_error"] is not None, 5)
     state = ready(stack)
     assert state["config_version"] == version
-    assert ("spend_limits[0]: exactly one of budget_usd, tokens or requests is required"
-            in state["config_last_error"])
+    assert (
+        "spend_limits[0]: exactly one of budget_usd, tokens or requests is required"
+        in state["config_last_error"]
+    )
     assert intern_status(stack, issuer) == 200  # still the old policy
     metrics = httpx.get(stack.admin_url + "/metrics", timeout=5).text
     # Exported at 0 from the start, so the count is what shows the failed reload.
     assert 'sidecar_config_reloads_total{result="error"} 1.0' in metrics
 
-    stricter = {**config, "models": {"default": "allow", "rules": [
-        {"groups": ["interns"], "allow": ["@cf/*"]}]}}
+    stricter = {
+        **config,
+        "models": {"default": "allow", "rules": [{"groups": ["interns"], "allow": ["@cf/*"]}]},
+    }
     stack.write_config(stricter)
     os.kill(pid, signal.SIGHUP)
     took = wait_for(lambda: intern_status(stack, issuer) == 403, 5)
@@ -75,24 +84,37 @@ def test_bad_config_keeps_old_policy_good_one_applies(
     assert ready(stack)["config_version"] != version
 
 
-def test_file_change_alone_is_picked_up(reload_stack: tuple[Stack, dict[str, Any]],
-                                        issuer: DevIssuer) -> None:
+def test_file_change_alone_is_picked_up(
+    reload_stack: tuple[Stack, dict[str, Any]], issuer: DevIssuer
+) -> None:
     stack, config = reload_stack
     stack.write_config(config)  # the original: interns may use gpt-4o-mini again
     took = wait_for(lambda: intern_status(stack, issuer) == 200, 5)
     assert took < 2.0
 
 
-def test_configmap_style_symlink_swap(reload_stack: tuple[Stack, dict[str, Any]],
-                                      issuer: DevIssuer) -> None:
+def test_configmap_style_symlink_swap(
+    reload_stack: tuple[Stack, dict[str, Any]], issuer: DevIssuer
+) -> None:
     import yaml
 
     stack, config = reload_stack
     # The ConfigMap layout: sidecar.yaml → ..data/sidecar.yaml, ..data → a timestamped dir.
     root = stack.config_path.parent
     first, second = root / "..2026_01", root / "..2026_02"
-    for directory, cfg in ((first, config), (second, {**config, "models": {
-            "default": "allow", "rules": [{"groups": ["interns"], "deny": ["gpt-*"]}]}})):
+    for directory, cfg in (
+        (first, config),
+        (
+            second,
+            {
+                **config,
+                "models": {
+                    "default": "allow",
+                    "rules": [{"groups": ["interns"], "deny": ["gpt-*"]}],
+                },
+            },
+        ),
+    ):
         directory.mkdir()
         (directory / "sidecar.yaml").write_text(yaml.safe_dump(cfg))
     (root / "..data").symlink_to(first.name)

@@ -23,7 +23,8 @@ def health(port: int) -> str:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=2)
+                health_pb2.HealthCheckRequest(service=""), timeout=2
+            )
         except grpc.RpcError as err:
             return f"error:{err.code().name}"
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
@@ -35,13 +36,19 @@ def test_sigterm_drains_a_stream_and_commits_it(tmp_path: Path, issuer: DevIssue
     config = demo_config(issuer, jwks, f"sqlite:///{workdir}/s.db")
     with running_stack(workdir, issuer, config) as stack:
         assert health(stack.grpc_port) == "SERVING"
-        client = openai.OpenAI(base_url=stack.envoy_url + "/openai/v1",
-                               api_key=issuer.mint("drain@example.com"),
-                               default_headers={"x-fake-delay-ms": "150"}, max_retries=0)
+        client = openai.OpenAI(
+            base_url=stack.envoy_url + "/openai/v1",
+            api_key=issuer.mint("drain@example.com"),
+            default_headers={"x-fake-delay-ms": "150"},
+            max_retries=0,
+        )
         stream = client.chat.completions.create(
-            model="gpt-4o-mini", max_tokens=20, stream=True,
+            model="gpt-4o-mini",
+            max_tokens=20,
+            stream=True,
             stream_options={"include_usage": True},
-            messages=[{"role": "user", "content": "count slowly"}])
+            messages=[{"role": "user", "content": "count slowly"}],
+        )
         chunks = iter(stream)
         next(chunks)
         sidecar = stack.sidecars[0]

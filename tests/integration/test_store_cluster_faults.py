@@ -89,8 +89,7 @@ async def test_killing_one_primary_fails_only_what_lives_on_it(cluster: LocalClu
         # Buckets on the shards that are up still get decisions, and commit.
         started = time.monotonic()
         assert (await store.reserve(request(rid[0], on_left, on_right))).admitted
-        assert (await store.commit(rid[0], 900, TokenUsage(1, 1), DAY + 11.0)).status == \
-            "committed"
+        assert (await store.commit(rid[0], 900, TokenUsage(1, 1), DAY + 11.0)).status == "committed"
         assert time.monotonic() - started < 10
         # A request with a bucket on the dead shard fails closed (as one shard's failure,
         # which the engine does not take for the whole store's), and what the other shards

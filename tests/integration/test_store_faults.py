@@ -18,17 +18,26 @@ from devtools.procs import start_redis
 from devtools.stack import Stack, running_stack, sidecar_process, wait_ready
 
 CHAT = "/openai/v1/chat/completions"
-CENT = {"provider": "openai", "model": "flat-cent", "input_per_mtok": 0,
-        "output_per_mtok": 10000}
-TOTAL = {"name": "total", "budget_usd": 1000, "window": {"fixed": "daily"},
-         "filter": {"model": ["flat-*"]}, "action": "block"}
+CENT = {"provider": "openai", "model": "flat-cent", "input_per_mtok": 0, "output_per_mtok": 10000}
+TOTAL = {
+    "name": "total",
+    "budget_usd": 1000,
+    "window": {"fixed": "daily"},
+    "filter": {"model": ["flat-*"]},
+    "action": "block",
+}
 
 
 def config(issuer: DevIssuer, workdir: Path, store: Any) -> dict[str, Any]:
     jwks = str(issuer.write_jwks(workdir / "jwks.json"))
-    return demo_config(issuer, jwks, store, spend_limits=[TOTAL],
-                       pricing={"unknown_model": "reject", "overrides": [CENT]},
-                       admission={"reservation_ttl": "3s"})
+    return demo_config(
+        issuer,
+        jwks,
+        store,
+        spend_limits=[TOTAL],
+        pricing={"unknown_model": "reject", "overrides": [CENT]},
+        admission={"reservation_ttl": "3s"},
+    )
 
 
 class Load:
@@ -49,7 +58,8 @@ class Load:
                     response = client.post(
                         self.stack.envoy_url + CHAT,
                         headers={"authorization": f"Bearer {self.token}"},
-                        json={"model": "flat-cent", "max_tokens": 1, "messages": []})
+                        json={"model": "flat-cent", "max_tokens": 1, "messages": []},
+                    )
                     self.statuses.append(response.status_code)
                 except httpx.HTTPError:
                     self.statuses.append(0)
@@ -65,8 +75,12 @@ class Load:
 
 
 def spent(stack: Stack, token: str) -> float:
-    rows = httpx.get(stack.admin_url + "/v1/budgets/me", params={"model": "flat-cent"},
-                     headers={"authorization": f"Bearer {token}"}, timeout=10).json()["result"]
+    rows = httpx.get(
+        stack.admin_url + "/v1/budgets/me",
+        params={"model": "flat-cent"},
+        headers={"authorization": f"Bearer {token}"},
+        timeout=10,
+    ).json()["result"]
     total = next(r for r in rows if r["rule"] == "total")
     return float(total["spent"] + total["reserved"])
 
@@ -86,12 +100,16 @@ def redis_dir(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("on_error", ["fail_closed", "fail_open"])
-def test_redis_killed_under_load_and_restarted(tmp_path: Path, issuer: DevIssuer,
-                                               redis_dir: Path, on_error: str) -> None:
+def test_redis_killed_under_load_and_restarted(
+    tmp_path: Path, issuer: DevIssuer, redis_dir: Path, on_error: str
+) -> None:
     redis, port = start_redis(redis_dir, durable=True)
     token = issuer.mint(f"{on_error}@example.com")
-    store = {"url": f"redis://127.0.0.1:{port}/0", "on_error": on_error,
-             "spool": str(tmp_path / "spool.db")}
+    store = {
+        "url": f"redis://127.0.0.1:{port}/0",
+        "on_error": on_error,
+        "spool": str(tmp_path / "spool.db"),
+    }
     try:
         with running_stack(tmp_path / "stack", issuer, config(issuer, tmp_path, store)) as stack:
             with Load(stack, token) as load:
@@ -115,9 +133,14 @@ def test_redis_killed_under_load_and_restarted(tmp_path: Path, issuer: DevIssuer
             # Every admitted request costs exactly one cent; once the spool has drained and
             # reservations are settled, the store holds exactly that: none lost, none twice.
             admitted = statuses[200]
-            wait_until(lambda: round(spent(stack, token) * 100) == admitted, 30,
-                       lambda: f"{spent(stack, token)} USD held or spent for {admitted} "
-                               f"admitted ({dict(statuses)})")
+            wait_until(
+                lambda: round(spent(stack, token) * 100) == admitted,
+                30,
+                lambda: (
+                    f"{spent(stack, token)} USD held or spent for {admitted} "
+                    f"admitted ({dict(statuses)})"
+                ),
+            )
             time.sleep(1.5)
             assert round(spent(stack, token) * 100) == admitted
     finally:
@@ -144,17 +167,21 @@ def test_sidecar_sigkill_keeps_committed_charges(tmp_path: Path, issuer: DevIssu
         assert seen_ok <= admitted <= seen_ok + 5
         grpc_port = stack.grpc_port
         http_port = int(stack.admin_url.rsplit(":", 1)[1])
-        restarted = sidecar_process(workdir, "sidecar-restarted", stack.config_path,
-                                    grpc_port, http_port).start()
+        restarted = sidecar_process(
+            workdir, "sidecar-restarted", stack.config_path, grpc_port, http_port
+        ).start()
         with restarted:
             wait_ready(stack.admin_url, restarted)
+
             # Committed charges survived; open reservations are charged their estimate
             # (one cent each here) when their 3 s TTL ends, so the total is exact.
             def settled() -> dict[str, Any]:
-                rows = httpx.get(stack.admin_url + "/v1/budgets/me",
-                                 params={"model": "flat-cent"},
-                                 headers={"authorization": f"Bearer {token}"},
-                                 timeout=10).json()["result"]
+                rows = httpx.get(
+                    stack.admin_url + "/v1/budgets/me",
+                    params={"model": "flat-cent"},
+                    headers={"authorization": f"Bearer {token}"},
+                    timeout=10,
+                ).json()["result"]
                 return dict(next(r for r in rows if r["rule"] == "total"))
 
             wait_until(lambda: settled()["reserved"] == 0, 20)

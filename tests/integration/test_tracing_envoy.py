@@ -49,10 +49,17 @@ from sidecar.envoy.ext_proc import ExternalProcessorServicer
 from sidecar.services import Services, build_services
 
 CHAT = "/openai/v1/chat/completions"
-BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}],
-        "max_tokens": 20}
-LIMITS = [{"name": "per-user-daily", "budget_usd": 50, "window": {"fixed": "daily"},
-           "split": ["user"], "action": "block", "alerts": [50, 90, 100]}]
+BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
+LIMITS = [
+    {
+        "name": "per-user-daily",
+        "budget_usd": 50,
+        "window": {"fixed": "daily"},
+        "split": ["user"],
+        "action": "block",
+        "alerts": [50, 90, 100],
+    }
+]
 
 
 class QuietServer(uvicorn.Server):
@@ -76,38 +83,88 @@ class Collector:
             export.ParseFromString(await request.body())
             for resource in export.resource_spans:
                 for scope in resource.scope_spans:
-                    self.spans += [{"trace_id": s.trace_id.hex(), "span_id": s.span_id.hex(),
-                                    "parent_id": s.parent_span_id.hex(), "name": s.name}
-                                   for s in scope.spans]
-            return Response(trace_service_pb2.ExportTraceServiceResponse()
-                            .SerializeToString(), media_type="application/x-protobuf")
+                    self.spans += [
+                        {
+                            "trace_id": s.trace_id.hex(),
+                            "span_id": s.span_id.hex(),
+                            "parent_id": s.parent_span_id.hex(),
+                            "name": s.name,
+                        }
+                        for s in scope.spans
+                    ]
+            return Response(
+                trace_service_pb2.ExportTraceServiceResponse().SerializeToString(),
+                media_type="application/x-protobuf",
+            )
 
         async def jwks(request: Request) -> Response:
             return JSONResponse(self.jwks)
 
-        return Starlette(routes=[Route("/v1/traces", traces, methods=["POST"]),
-                                 Route("/jwks.json", jwks)])
+        return Starlette(
+            routes=[Route("/v1/traces", traces, methods=["POST"]), Route("/jwks.json", jwks)]
+        )
 
 
 def traced_envoy(config: dict[str, Any], collector_port: int) -> dict[str, Any]:
     """The rendered config with Envoy's OpenTelemetry tracer on, exporting to the collector."""
     config = copy.deepcopy(config)
     hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
-        "typed_config"]
-    hcm["tracing"] = {"provider": {"name": "envoy.tracers.opentelemetry", "typed_config": {
-        "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
-        "http_service": {"http_uri": {"uri": f"http://{LOOPBACK}:{collector_port}/v1/traces",
-                                      "cluster": "otel_collector", "timeout": "2s"}},
-        "service_name": "envoy"}}}
-    config["static_resources"]["clusters"].append({
-        "name": "otel_collector", "type": "STATIC", "connect_timeout": "1s",
-        "load_assignment": {"cluster_name": "otel_collector", "endpoints": [{"lb_endpoints": [
-            {"endpoint": {"address": {"socket_address": {
-                "address": LOOPBACK, "port_value": collector_port}}}}]}]}})
+        "typed_config"
+    ]
+    hcm["tracing"] = {
+        "provider": {
+            "name": "envoy.tracers.opentelemetry",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
+                "http_service": {
+                    "http_uri": {
+                        "uri": f"http://{LOOPBACK}:{collector_port}/v1/traces",
+                        "cluster": "otel_collector",
+                        "timeout": "2s",
+                    }
+                },
+                "service_name": "envoy",
+            },
+        }
+    }
+    config["static_resources"]["clusters"].append(
+        {
+            "name": "otel_collector",
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "load_assignment": {
+                "cluster_name": "otel_collector",
+                "endpoints": [
+                    {
+                        "lb_endpoints": [
+                            {
+                                "endpoint": {
+                                    "address": {
+                                        "socket_address": {
+                                            "address": LOOPBACK,
+                                            "port_value": collector_port,
+                                        }
+                                    }
+                                }
+                            }
+                        ]
+                    }
+                ],
+            },
+        }
+    )
     # Export every span at once rather than in 5 s batches.
-    config["layered_runtime"] = {"layers": [{"name": "test", "static_layer": {
-        "tracing.opentelemetry.flush_interval_ms": 50,
-        "tracing.opentelemetry.min_flush_spans": 1}}]}
+    config["layered_runtime"] = {
+        "layers": [
+            {
+                "name": "test",
+                "static_layer": {
+                    "tracing.opentelemetry.flush_interval_ms": 50,
+                    "tracing.opentelemetry.min_flush_spans": 1,
+                },
+            }
+        ]
+    }
     return config
 
 
@@ -130,21 +187,28 @@ async def traced(tmp_path: Path, redis_url: str) -> AsyncIterator[Traced]:
     issuer = DevIssuer.generate()
     collector = Collector(issuer.jwks())
     collector_port = free_port()
-    server = QuietServer(uvicorn.Config(collector.app(), host=LOOPBACK, port=collector_port,
-                                        log_level="warning", lifespan="off"))
+    server = QuietServer(
+        uvicorn.Config(
+            collector.app(), host=LOOPBACK, port=collector_port, log_level="warning", lifespan="off"
+        )
+    )
     server_task = asyncio.create_task(server.serve())
-    config = demo_config(issuer, f"http://{LOOPBACK}:{collector_port}/jwks.json", redis_url,
-                         spend_limits=LIMITS)
+    config = demo_config(
+        issuer, f"http://{LOOPBACK}:{collector_port}/jwks.json", redis_url, spend_limits=LIMITS
+    )
     config_path = tmp_path / "sidecar.yaml"
     config_path.write_text(yaml.safe_dump(config))
     services = await build_services(config_path)
     grpc_server = grpc.aio.server()
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
-        AuthorizationServicer(services.engine), grpc_server)
+        AuthorizationServicer(services.engine), grpc_server
+    )
     external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
-        ExternalProcessorServicer(services.engine), grpc_server)
+        ExternalProcessorServicer(services.engine), grpc_server
+    )
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(
-        AccessLogServicer(services.engine), grpc_server)
+        AccessLogServicer(services.engine), grpc_server
+    )
     grpc_port = grpc_server.add_insecure_port(f"{LOOPBACK}:0")
     await grpc_server.start()
     provider_port = free_port()
@@ -158,8 +222,11 @@ async def traced(tmp_path: Path, redis_url: str) -> AsyncIterator[Traced]:
         for with_tracer in (True, False):
             listen, admin = free_port(), free_port()
             rendered = render_envoy_config(
-                listen_port=listen, admin_port=admin, sidecar_grpc=(LOOPBACK, grpc_port),
-                provider_upstream=(LOOPBACK, provider_port))
+                listen_port=listen,
+                admin_port=admin,
+                sidecar_grpc=(LOOPBACK, grpc_port),
+                provider_upstream=(LOOPBACK, provider_port),
+            )
             if with_tracer:
                 rendered = traced_envoy(rendered, collector_port)
             envoy, port = await asyncio.to_thread(start_envoy, tmp_path, rendered, listen)
@@ -214,13 +281,17 @@ async def test_one_trace_per_request_parented_to_envoys_span(traced: Traced) -> 
     async with httpx.AsyncClient(trust_env=False, timeout=20) as client:
         for _ in range(3):
             header, trace_id, client_span = traceparent()
-            response = await client.post(traced.traced_url + CHAT, json=BODY, headers={
-                "authorization": f"Bearer {token}", "traceparent": header})
+            response = await client.post(
+                traced.traced_url + CHAT,
+                json=BODY,
+                headers={"authorization": f"Bearer {token}", "traceparent": header},
+            )
             assert response.status_code == 200, response.text
             sent.append((trace_id, client_span))
         header, denied_trace, _ = traceparent()
-        response = await client.post(traced.traced_url + CHAT, json=BODY,
-                                     headers={"traceparent": header})
+        response = await client.post(
+            traced.traced_url + CHAT, json=BODY, headers={"traceparent": header}
+        )
         assert response.status_code == 401
     envoy_ids = {t for t, _ in sent} | {denied_trace}
 
@@ -231,8 +302,9 @@ async def test_one_trace_per_request_parented_to_envoys_span(traced: Traced) -> 
     # log record, which follows the request.
     def committed(trace_id: str) -> bool:
         named = by_trace(traced.exporter.get_finished_spans(), trace_id)
-        return "sidecar.commit" in named and \
-            parent_id(named["sidecar.commit"][0]) in envoy_spans(trace_id)
+        return "sidecar.commit" in named and parent_id(named["sidecar.commit"][0]) in envoy_spans(
+            trace_id
+        )
 
     await wait_for(lambda: all(committed(t) for t, _ in sent))
     spans = traced.exporter.get_finished_spans()
@@ -287,17 +359,20 @@ async def test_one_trace_per_request_parented_to_envoys_span(traced: Traced) -> 
     assert "example.com" not in text  # nor the user
 
 
-async def test_without_envoy_tracing_the_requests_traceparent_is_the_parent(
-        traced: Traced) -> None:
+async def test_without_envoy_tracing_the_requests_traceparent_is_the_parent(traced: Traced) -> None:
     token = traced.issuer.mint("plain@example.com", ["ml"])
     header, trace_id, client_span = traceparent()
     async with httpx.AsyncClient(trust_env=False, timeout=20) as client:
-        response = await client.post(traced.plain_url + CHAT, json=BODY, headers={
-            "authorization": f"Bearer {token}", "traceparent": header})
+        response = await client.post(
+            traced.plain_url + CHAT,
+            json=BODY,
+            headers={"authorization": f"Bearer {token}", "traceparent": header},
+        )
     assert response.status_code == 200, response.text
     # The charge follows the call's access log record.
-    await wait_for(lambda: "sidecar.commit" in by_trace(traced.exporter.get_finished_spans(),
-                                                        trace_id))
+    await wait_for(
+        lambda: "sidecar.commit" in by_trace(traced.exporter.get_finished_spans(), trace_id)
+    )
     named = by_trace(traced.exporter.get_finished_spans(), trace_id)
     (check,) = named["sidecar.check"]
     (commit,) = named["sidecar.commit"]

@@ -22,13 +22,13 @@ from devtools.keys import DevIssuer
 from devtools.procs import LOOPBACK, ManagedProcess, free_port
 from devtools.stack import ADMIN_TOKEN, wait_ready
 
-BODY = json.dumps({"model": "gpt-4o-mini", "max_tokens": 8,
-                   "messages": [{"role": "user", "content": "hi"}]}).encode()
+BODY = json.dumps(
+    {"model": "gpt-4o-mini", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+).encode()
 
 
 class Workers:
-    def __init__(self, process: ManagedProcess, grpc_port: int, http_port: int,
-                 token: str) -> None:
+    def __init__(self, process: ManagedProcess, grpc_port: int, http_port: int, token: str) -> None:
         self.process = process
         self.grpc_port = grpc_port
         self.http_url = f"http://{LOOPBACK}:{http_port}"
@@ -39,8 +39,9 @@ class Workers:
         path = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
         return {int(pid) for pid in path.read_text().split()}
 
-    def wait_children(self, count: int, exclude: frozenset[int] = frozenset(),
-                      timeout: float = 30) -> set[int]:
+    def wait_children(
+        self, count: int, exclude: frozenset[int] = frozenset(), timeout: float = 30
+    ) -> set[int]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             kids = self.children()
@@ -57,8 +58,7 @@ class Workers:
         http.headers["cf-access-jwt-assertion"] = self.token
         http.headers["x-request-id"] = f"workers-{self.checks}"
         with grpc.insecure_channel(f"{LOOPBACK}:{self.grpc_port}") as channel:
-            response = external_auth_pb2_grpc.AuthorizationStub(channel).Check(
-                request, timeout=10)
+            response = external_auth_pb2_grpc.AuthorizationStub(channel).Check(request, timeout=10)
         assert response.status.code == 0, response
         self.checks += 1
 
@@ -73,15 +73,31 @@ def workers(tmp_path: Path) -> Iterator[Workers]:
     issuer = DevIssuer.generate()
     jwks = issuer.write_jwks(tmp_path / "jwks.json")
     config_path = tmp_path / "sidecar.yaml"
-    config_path.write_text(yaml.safe_dump(
-        demo_config(issuer, str(jwks), f"sqlite:///{tmp_path}/sidecar.db")))
+    config_path.write_text(
+        yaml.safe_dump(demo_config(issuer, str(jwks), f"sqlite:///{tmp_path}/sidecar.db"))
+    )
     grpc_port, http_port = free_port(), free_port()
-    argv = [sys.executable, "-m", "sidecar.cli", "serve", "--config", str(config_path),
-            "--grpc", f"{LOOPBACK}:{grpc_port}", "--http", f"{LOOPBACK}:{http_port}",
-            "--workers", "2"]
-    process = ManagedProcess("sidecar-workers", argv, tmp_path, cwd=tmp_path,
-                             env={**os.environ, "SIDECAR_ADMIN_TOKEN": ADMIN_TOKEN,
-                                  **demo_key_env()})
+    argv = [
+        sys.executable,
+        "-m",
+        "sidecar.cli",
+        "serve",
+        "--config",
+        str(config_path),
+        "--grpc",
+        f"{LOOPBACK}:{grpc_port}",
+        "--http",
+        f"{LOOPBACK}:{http_port}",
+        "--workers",
+        "2",
+    ]
+    process = ManagedProcess(
+        "sidecar-workers",
+        argv,
+        tmp_path,
+        cwd=tmp_path,
+        env={**os.environ, "SIDECAR_ADMIN_TOKEN": ADMIN_TOKEN, **demo_key_env()},
+    )
     with process:
         running = Workers(process, grpc_port, http_port, issuer.mint("ann@example.com"))
         running.wait_children(2)
@@ -107,8 +123,11 @@ def test_both_workers_answer_and_metrics_sum_them(workers: Workers) -> None:
     # Any worker's /metrics counts the decisions of all of them.
     for _ in range(4):
         text = httpx.get(workers.http_url + "/metrics", timeout=5).text
-        total = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                    if line.startswith("sidecar_decisions_total{"))
+        total = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("sidecar_decisions_total{")
+        )
         assert total == workers.checks
 
 

@@ -20,12 +20,29 @@ LLAMA = "@cf/meta/llama-3.1-8b-instruct"
 # Each zero-dollar rule applies only to requests that name its case in cf-aig-metadata, so
 # one stack can show a filter, a split by model and a split by user.
 LIMITS: list[dict[str, Any]] = [
-    {"name": "gpt4o-zero", "budget_usd": 0, "window": {"fixed": "daily"},
-     "filter": {"model": ["gpt-4o"], "metadata.case": ["filter"]}, "action": "block"},
-    {"name": "per-model-zero", "budget_usd": 0, "window": {"fixed": "daily"},
-     "filter": {"metadata.case": ["split"]}, "split": ["model"], "action": "block"},
-    {"name": "per-user-zero", "budget_usd": 0, "window": {"fixed": "daily"},
-     "filter": {"metadata.case": ["user"]}, "split": ["user"], "action": "block"},
+    {
+        "name": "gpt4o-zero",
+        "budget_usd": 0,
+        "window": {"fixed": "daily"},
+        "filter": {"model": ["gpt-4o"], "metadata.case": ["filter"]},
+        "action": "block",
+    },
+    {
+        "name": "per-model-zero",
+        "budget_usd": 0,
+        "window": {"fixed": "daily"},
+        "filter": {"metadata.case": ["split"]},
+        "split": ["model"],
+        "action": "block",
+    },
+    {
+        "name": "per-user-zero",
+        "budget_usd": 0,
+        "window": {"fixed": "daily"},
+        "filter": {"metadata.case": ["user"]},
+        "split": ["user"],
+        "action": "block",
+    },
 ]
 MODEL_RULES: list[dict[str, Any]] = [
     {"groups": ["contractors"], "allow": ["*"], "deny": ["gpt-4o", "@cf/meta/*"]},
@@ -33,17 +50,27 @@ MODEL_RULES: list[dict[str, Any]] = [
 
 
 def policy_config(issuer: DevIssuer, other: DevIssuer, workdir: Path) -> dict[str, Any]:
-    config = demo_config(issuer, str(issuer.write_jwks(workdir / "jwks.json")),
-                         f"sqlite:///{workdir}/sidecar.db", spend_limits=LIMITS)
+    config = demo_config(
+        issuer,
+        str(issuer.write_jwks(workdir / "jwks.json")),
+        f"sqlite:///{workdir}/sidecar.db",
+        spend_limits=LIMITS,
+    )
     config["models"]["rules"] = [*MODEL_RULES, *config["models"]["rules"]]
     identity = config["identity"]
     other_jwks = other.write_jwks(workdir / "other-jwks.json")
-    identity["jwt"]["issuers"].append({
-        "issuer": other.issuer, "audiences": [other.audience], "algorithms": ["RS256"],
-        "jwks_file": str(other_jwks)})
+    identity["jwt"]["issuers"].append(
+        {
+            "issuer": other.issuer,
+            "audiences": [other.audience],
+            "algorithms": ["RS256"],
+            "jwks_file": str(other_jwks),
+        }
+    )
     # Granted to dana as the first issuer signs her in, and to nobody the second one names.
-    identity["directory"] = {"groups": {"ml": [
-        {"email": "dana@example.com", "issuer": issuer.issuer}]}}
+    identity["directory"] = {
+        "groups": {"ml": [{"email": "dana@example.com", "issuer": issuer.issuer}]}
+    }
     return config
 
 
@@ -53,8 +80,9 @@ def policy_stack(workdir: Path, issuer: DevIssuer, other: DevIssuer) -> Iterator
         yield stack
 
 
-def chat(stack: Stack, headers: dict[str, str], model: str = "gpt-4o-mini",
-         case: str | None = None) -> httpx.Response:
+def chat(
+    stack: Stack, headers: dict[str, str], model: str = "gpt-4o-mini", case: str | None = None
+) -> httpx.Response:
     body = {"model": model, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
     if case is not None:
         headers = {**headers, "cf-aig-metadata": json.dumps({"case": case})}

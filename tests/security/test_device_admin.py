@@ -17,8 +17,12 @@ from sidecar.identity.device import Approver
 from sidecar.proto_gen.sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 from tests.security.conftest import Site, admin_token, device_token
 
-ADMIN_PATHS = ["/v1/service-tokens", "/v1/spend-limits", "/v1/usage",
-               "/accounts/acme/ai-gateway/billing/spending-limit"]
+ADMIN_PATHS = [
+    "/v1/service-tokens",
+    "/v1/spend-limits",
+    "/v1/usage",
+    "/accounts/acme/ai-gateway/billing/spending-limit",
+]
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -39,20 +43,28 @@ def test_device_token_of_an_admin_approver_is_refused_by_the_admin_api(site: Sit
         answer = client.get(path, headers=bearer(stolen))
         assert answer.status_code == 403, (path, answer.text)
         assert answer.json()["success"] is False
-    created = client.post("/v1/service-tokens", headers=bearer(stolen),
-                          json={"name": "backdoor", "groups": ["platform-admins"]})
+    created = client.post(
+        "/v1/service-tokens",
+        headers=bearer(stolen),
+        json={"name": "backdoor", "groups": ["platform-admins"]},
+    )
     assert created.status_code == 403, created.text
     assert "backdoor" not in token_names(client)
 
 
 def test_service_token_in_an_admin_group_is_not_an_admin(site: Site) -> None:
     client = site.client()
-    made = client.post("/v1/service-tokens", headers=admin_token(),
-                       json={"name": "pipeline", "groups": ["platform-admins"]})
+    made = client.post(
+        "/v1/service-tokens",
+        headers=admin_token(),
+        json={"name": "pipeline", "groups": ["platform-admins"]},
+    )
     assert made.status_code == 201, made.text
     issued = made.json()["result"]
-    service = {"cf-access-client-id": issued["client_id"],
-               "cf-access-client-secret": issued["client_secret"]}
+    service = {
+        "cf-access-client-id": issued["client_id"],
+        "cf-access-client-secret": issued["client_secret"],
+    }
     assert client.get("/v1/budgets/me", headers=service).status_code == 200
     assert client.get("/v1/service-tokens", headers=service).status_code == 403
     again = client.post("/v1/service-tokens", headers=service, json={"name": "second"})
@@ -66,33 +78,41 @@ def test_access_jwt_person_in_an_admin_group_is_still_an_admin(site: Site) -> No
     assert client.get("/v1/service-tokens", headers=bearer(jwt)).status_code == 200
     made = client.post("/v1/service-tokens", headers=bearer(jwt), json={"name": "ok"})
     assert made.status_code == 201, made.text
-    assert client.get("/v1/service-tokens",
-                      headers=bearer(site.issuer.mint("dev@example.com", ["eng"]))
-                      ).status_code == 403
+    assert (
+        client.get(
+            "/v1/service-tokens", headers=bearer(site.issuer.mint("dev@example.com", ["eng"]))
+        ).status_code
+        == 403
+    )
 
 
 async def test_grpc_admin_api_refuses_a_device_token_of_an_admin(site: Site) -> None:
     login = site.services.device_login
     assert login is not None
-    stolen = await login.mint(Approver("root-sub", "root@example.com", ("platform-admins",),
-                                       login.issuer), 3600)
+    stolen = await login.mint(
+        Approver("root-sub", "root@example.com", ("platform-admins",), login.issuer), 3600
+    )
     server = grpc.aio.server()
     sidecar_pb2_grpc.add_SidecarServicer_to_server(SidecarApi(site.services), server)
     port = free_port()
     server.add_insecure_port(f"{LOOPBACK}:{port}")
     await server.start()
-    request = sidecar_pb2.ReportUsageRequest(request_id="r-1", model="gpt-4o-mini",
-                                             provider="openai", input_tokens=1_000_000)
+    request = sidecar_pb2.ReportUsageRequest(
+        request_id="r-1", model="gpt-4o-mini", provider="openai", input_tokens=1_000_000
+    )
     try:
         async with grpc.aio.insecure_channel(f"{LOOPBACK}:{port}") as channel:
             stub = sidecar_pb2_grpc.SidecarStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as denied:
-                await stub.ReportUsage(request, metadata=[("authorization",
-                                                           f"Bearer {stolen}")], timeout=10)
+                await stub.ReportUsage(
+                    request, metadata=[("authorization", f"Bearer {stolen}")], timeout=10
+                )
             assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
-            answer = await stub.ReportUsage(request, metadata=[
-                ("authorization", f"Bearer {admin_token()['authorization'][7:]}")],
-                timeout=10)
+            answer = await stub.ReportUsage(
+                request,
+                metadata=[("authorization", f"Bearer {admin_token()['authorization'][7:]}")],
+                timeout=10,
+            )
             assert answer.status == sidecar_pb2.REPORT_STATUS_UNKNOWN
     finally:
         await server.stop(None)
@@ -101,11 +121,15 @@ async def test_grpc_admin_api_refuses_a_device_token_of_an_admin(site: Site) -> 
 def test_approval_page_says_what_is_granted_to_whom_and_warns(make_site: object) -> None:
     site = make_site(http={"trusted_proxies": ["10.0.0.0/8"]})  # type: ignore[operator]
     proxy = site.client(peer="10.0.0.2")
-    started = proxy.post("/device/code", data={"client_id": "x"}, headers={
-        "user-agent": "curl/8.5 (attacker box)", "x-forwarded-for": "203.0.113.66"})
+    started = proxy.post(
+        "/device/code",
+        data={"client_id": "x"},
+        headers={"user-agent": "curl/8.5 (attacker box)", "x-forwarded-for": "203.0.113.66"},
+    )
     assert started.status_code == 200, started.text
-    page = proxy.get("/device", params={"user_code": started.json()["user_code"]},
-                     headers=site.admin_person())
+    page = proxy.get(
+        "/device", params={"user_code": started.json()["user_code"]}, headers=site.admin_person()
+    )
     assert page.status_code == 200, page.text
     text = page.text
     assert "203.0.113.66" in text, "the requesting client's address"
@@ -119,8 +143,9 @@ def test_approval_page_says_what_is_granted_to_whom_and_warns(make_site: object)
 def test_admin_scope_claims_from_any_other_issuer_grant_nothing(site: Site) -> None:
     # An IdP token dressed up as an admin-scoped CLI token is an ordinary person's token.
     client = site.client()
-    dressed = site.issuer.mint("mallory@example.com", ["ml"], kind="cli", scope="admin",
-                               sid="anything")
+    dressed = site.issuer.mint(
+        "mallory@example.com", ["ml"], kind="cli", scope="admin", sid="anything"
+    )
     assert client.get("/v1/budgets/me", headers=bearer(dressed)).status_code == 200
     for path in ADMIN_PATHS:
         assert client.get(path, headers=bearer(dressed)).status_code == 403, path
@@ -144,10 +169,17 @@ def test_admin_code_approval_refused_for_a_non_admin_person(site: Site) -> None:
     member = site.person("bob@example.com", ["ml"])
     page = client.get("/device", params={"user_code": code}, headers=member)
     assert page.status_code == 403 and "ADMIN" in page.text and "csrf_token" not in page.text
-    posted = client.post("/device/approve", headers=member,
-                         data={"user_code": code, "action": "approve", "csrf_token": "x"})
+    posted = client.post(
+        "/device/approve",
+        headers=member,
+        data={"user_code": code, "action": "approve", "csrf_token": "x"},
+    )
     assert posted.status_code == 403
-    poll = client.post("/device/token", data={
-        "grant_type": "urn:ietf:params:oauth:grant-type:device_code",
-        "device_code": started.json()["device_code"]})
+    poll = client.post(
+        "/device/token",
+        data={
+            "grant_type": "urn:ietf:params:oauth:grant-type:device_code",
+            "device_code": started.json()["device_code"],
+        },
+    )
     assert poll.json()["error"] == "authorization_pending"

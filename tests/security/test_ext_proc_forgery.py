@@ -46,14 +46,20 @@ CHAT = "/openai/v1/chat/completions"
 
 
 def price(usage: TokenUsage) -> int:
-    got = calc_price(Usage(input_tokens=usage.total_input, output_tokens=usage.output_tokens),
-                     MODEL, provider_id="openai")
+    got = calc_price(
+        Usage(input_tokens=usage.total_input, output_tokens=usage.output_tokens),
+        MODEL,
+        provider_id="openai",
+    )
     return int((got.total_price * 1_000_000).to_integral_value(rounding=ROUND_CEILING))
 
 
 def _headers(values: dict[str, str]) -> pb.HttpHeaders:
-    return pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=[
-        base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in values.items()]))
+    return pb.HttpHeaders(
+        headers=base_pb2.HeaderMap(
+            headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in values.items()]
+        )
+    )
 
 
 def forged_stream(claimed: dict[str, str]) -> list[pb.ProcessingRequest]:
@@ -61,14 +67,18 @@ def forged_stream(claimed: dict[str, str]) -> list[pb.ProcessingRequest]:
     body = {"model": MODEL, "messages": MESSAGES}
     usage = {"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}
     return [
-        pb.ProcessingRequest(request_headers=_headers({":path": CHAT, ":method": "POST",
-                                                       **claimed})),
-        pb.ProcessingRequest(request_body=pb.HttpBody(body=json.dumps(body).encode(),
-                                                      end_of_stream=True)),
-        pb.ProcessingRequest(response_headers=_headers({":status": "200",
-                                                        "content-type": "application/json"})),
-        pb.ProcessingRequest(response_body=pb.HttpBody(body=json.dumps(usage).encode(),
-                                                       end_of_stream=True)),
+        pb.ProcessingRequest(
+            request_headers=_headers({":path": CHAT, ":method": "POST", **claimed})
+        ),
+        pb.ProcessingRequest(
+            request_body=pb.HttpBody(body=json.dumps(body).encode(), end_of_stream=True)
+        ),
+        pb.ProcessingRequest(
+            response_headers=_headers({":status": "200", "content-type": "application/json"})
+        ),
+        pb.ProcessingRequest(
+            response_body=pb.HttpBody(body=json.dumps(usage).encode(), end_of_stream=True)
+        ),
     ]
 
 
@@ -87,7 +97,8 @@ def send_forged_record(port: int, request_id: str) -> None:
     meta["path"].string_value = CHAT
     meta["content_type"].string_value = "application/json"
     meta["c1"].string_value = json.dumps(
-        {"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}})
+        {"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}
+    )
     meta["chunks"].number_value = 1
     meta["done"].bool_value = True
     entry.response.response_code.value = 200
@@ -101,13 +112,17 @@ def send_forged_record(port: int, request_id: str) -> None:
 def test_forged_usage_stream_cannot_lower_a_real_charge(stack: Stack, issuer: DevIssuer) -> None:
     email = user("forger")
     stack.clear_seen()
-    client = openai_client(stack, issuer.mint(email), **{"x-request-id": "my-own-id",
-                                                          "x-fake-delay-ms": "200"})
+    client = openai_client(
+        stack, issuer.mint(email), **{"x-request-id": "my-own-id", "x-fake-delay-ms": "200"}
+    )
     finished = threading.Event()
 
     def call() -> None:
-        list(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8,
-                                            stream=True))
+        list(
+            client.chat.completions.create(
+                model=MODEL, messages=MESSAGES, max_tokens=8, stream=True
+            )
+        )
         finished.set()
 
     worker = threading.Thread(target=call)
@@ -120,9 +135,15 @@ def test_forged_usage_stream_cannot_lower_a_real_charge(stack: Stack, issuer: De
         # The sidecar's reservation id reaches neither the provider nor the client.
         assert "x-sidecar-request-id" not in arrived["headers"]
         for request_id in known:
-            send_forged(stack.grpc_port, {
-                "x-request-id": request_id, "x-sidecar-request-id": request_id,
-                "x-sidecar-model": MODEL, "x-sidecar-provider": "openai"})
+            send_forged(
+                stack.grpc_port,
+                {
+                    "x-request-id": request_id,
+                    "x-sidecar-request-id": request_id,
+                    "x-sidecar-model": MODEL,
+                    "x-sidecar-provider": "openai",
+                },
+            )
             send_forged_record(stack.grpc_port, request_id)
     finally:
         worker.join(timeout=60)
@@ -135,17 +156,26 @@ def test_forged_usage_stream_cannot_lower_a_real_charge(stack: Stack, issuer: De
 
 def test_usage_report_is_priced_at_the_reserved_model(stack: Stack, issuer: DevIssuer) -> None:
     token = issuer.mint(user("reporter"))
-    admitted = check(stack, {"authorization": f"Bearer {token}"},
-                     {"model": MODEL, "messages": MESSAGES, "max_tokens": 5})
-    (minted,) = [h.header.value for h in admitted.ok_response.headers
-                 if h.header.key == "x-sidecar-request-id"]
-    cheaper = sidecar_pb2.ReportUsageRequest(request_id=minted, model="gpt-4.1-nano",
-                                             provider="openai", input_tokens=10,
-                                             output_tokens=5)
-    with grpc.insecure_channel(f"127.0.0.1:{stack.grpc_port}") as channel, \
-            pytest.raises(grpc.RpcError) as refused:
-        sidecar_pb2_grpc.SidecarStub(channel).ReportUsage(cheaper, timeout=10, metadata=(
-            ("authorization", f"Bearer {stack.admin_token}"),))
+    admitted = check(
+        stack,
+        {"authorization": f"Bearer {token}"},
+        {"model": MODEL, "messages": MESSAGES, "max_tokens": 5},
+    )
+    (minted,) = [
+        h.header.value
+        for h in admitted.ok_response.headers
+        if h.header.key == "x-sidecar-request-id"
+    ]
+    cheaper = sidecar_pb2.ReportUsageRequest(
+        request_id=minted, model="gpt-4.1-nano", provider="openai", input_tokens=10, output_tokens=5
+    )
+    with (
+        grpc.insecure_channel(f"127.0.0.1:{stack.grpc_port}") as channel,
+        pytest.raises(grpc.RpcError) as refused,
+    ):
+        sidecar_pb2_grpc.SidecarStub(channel).ReportUsage(
+            cheaper, timeout=10, metadata=(("authorization", f"Bearer {stack.admin_token}"),)
+        )
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
@@ -156,7 +186,8 @@ async def test_listener_beyond_loopback_without_mtls_warns() -> None:
         assert not [e for e in logs if e["event"] == "grpc_listener_without_mtls"]
         listen_grpc(server, "0.0.0.0:0", None)
     assert [e["address"] for e in logs if e["event"] == "grpc_listener_without_mtls"] == [
-        "0.0.0.0:0"]
+        "0.0.0.0:0"
+    ]
     await server.stop(None)
 
 
@@ -181,13 +212,23 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 
 @pytest.fixture(scope="module")
-def mtls_stack(tmp_path_factory: pytest.TempPathFactory, issuer: DevIssuer,
-               pki: Pki) -> Iterator[Stack]:
+def mtls_stack(
+    tmp_path_factory: pytest.TempPathFactory, issuer: DevIssuer, pki: Pki
+) -> Iterator[Stack]:
     workdir = tmp_path_factory.mktemp("mtls")
     jwks = str(issuer.write_jwks(workdir / "jwks.json"))
-    config = demo_config(issuer, jwks, f"sqlite:///{workdir}/s.db", listen={"grpc_tls": {
-        "cert_file": str(pki.server.cert), "key_file": str(pki.server.key),
-        "client_ca_file": str(pki.envoy_ca)}})
+    config = demo_config(
+        issuer,
+        jwks,
+        f"sqlite:///{workdir}/s.db",
+        listen={
+            "grpc_tls": {
+                "cert_file": str(pki.server.cert),
+                "key_file": str(pki.server.key),
+                "client_ca_file": str(pki.envoy_ca),
+            }
+        },
+    )
     envoy_side = SidecarMtls(pki.envoy.cert, pki.envoy.key, pki.sidecar_ca)
     with running_stack(workdir, issuer, config, sidecar_mtls=envoy_side) as running:
         yield running
@@ -197,25 +238,28 @@ def _tls(pki: Pki, client: Issued | None) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(
         root_certificates=pki.sidecar_ca.read_bytes(),
         private_key=client.key.read_bytes() if client else None,
-        certificate_chain=client.cert.read_bytes() if client else None)
+        certificate_chain=client.cert.read_bytes() if client else None,
+    )
 
 
-def test_envoy_with_its_certificate_is_served_and_charged(mtls_stack: Stack,
-                                                         issuer: DevIssuer) -> None:
+def test_envoy_with_its_certificate_is_served_and_charged(
+    mtls_stack: Stack, issuer: DevIssuer
+) -> None:
     email = user("mtls")
     completion = openai_client(mtls_stack, issuer.mint(email)).chat.completions.create(
-        model=MODEL, messages=MESSAGES, max_tokens=6)
+        model=MODEL, messages=MESSAGES, max_tokens=6
+    )
     assert completion.choices
     usage = expected_usage("openai_chat", {"messages": MESSAGES, "max_tokens": 6})
     assert micros(charged(mtls_stack, email)["cost_usd"]) == price(usage)
 
 
-def test_peers_without_envoys_certificate_are_refused(mtls_stack: Stack, issuer: DevIssuer,
-                                                      pki: Pki) -> None:
+def test_peers_without_envoys_certificate_are_refused(
+    mtls_stack: Stack, issuer: DevIssuer, pki: Pki
+) -> None:
     headers = {"authorization": f"Bearer {issuer.mint(user('outsider'))}"}
     body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 1}
-    options: dict[str, Any] = {"options": [("grpc.ssl_target_name_override",
-                                            "sidecar.internal")]}
+    options: dict[str, Any] = {"options": [("grpc.ssl_target_name_override", "sidecar.internal")]}
     for credentials in (None, _tls(pki, None), _tls(pki, pki.rogue)):
         target = f"127.0.0.1:{mtls_stack.grpc_port}"
         with pytest.raises(grpc.RpcError) as refused:
@@ -227,8 +271,8 @@ def test_peers_without_envoys_certificate_are_refused(mtls_stack: Stack, issuer:
                     list(stub.Process(iter(forged_stream({})), timeout=5))
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     # The right certificate is what makes the difference.
-    with grpc.secure_channel(f"127.0.0.1:{mtls_stack.grpc_port}", _tls(pki, pki.envoy),
-                             **options) as channel:
+    with grpc.secure_channel(
+        f"127.0.0.1:{mtls_stack.grpc_port}", _tls(pki, pki.envoy), **options
+    ) as channel:
         stub_authz = external_auth_pb2_grpc.AuthorizationStub(channel)
-        assert stub_authz.Check(check_request(headers, body), timeout=10).status.code == \
-            code_pb2.OK
+        assert stub_authz.Check(check_request(headers, body), timeout=10).status.code == code_pb2.OK

@@ -18,23 +18,35 @@ from tests.support.ledger import charged
 
 MODEL = "gpt-4o-mini"
 MESSAGES: list[ChatCompletionMessageParam] = [
-    {"role": "user", "content": "Say a few words, please."}]
+    {"role": "user", "content": "Say a few words, please."}
+]
 SLOW = {"x-fake-delay-ms": "300"}
 
 
 def price(usage: TokenUsage) -> int:
-    got = calc_price(Usage(input_tokens=usage.total_input, output_tokens=usage.output_tokens,
-                           cache_read_tokens=usage.cache_read_tokens), MODEL,
-                     provider_id="openai")
+    got = calc_price(
+        Usage(
+            input_tokens=usage.total_input,
+            output_tokens=usage.output_tokens,
+            cache_read_tokens=usage.cache_read_tokens,
+        ),
+        MODEL,
+        provider_id="openai",
+    )
     return int((got.total_price * 1_000_000).to_integral_value(rounding=ROUND_CEILING))
 
 
-def test_include_usage_false_is_still_charged_its_real_usage(stack: Stack,
-                                                             issuer: DevIssuer) -> None:
+def test_include_usage_false_is_still_charged_its_real_usage(
+    stack: Stack, issuer: DevIssuer
+) -> None:
     email = user("no-usage")
     stream = openai_client(stack, issuer.mint(email)).chat.completions.create(
-        model=MODEL, messages=MESSAGES, max_tokens=12, stream=True,
-        stream_options={"include_usage": False})
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=12,
+        stream=True,
+        stream_options={"include_usage": False},
+    )
     chunks = list(stream)
     # The client gets what it asked for: no usage event...
     assert chunks and all(c.usage is None for c in chunks)
@@ -56,13 +68,15 @@ def test_estimate_takes_the_largest_output_limit_named(stack: Stack, issuer: Dev
     assert check(stack, headers, small).status.code == code_pb2.OK
 
 
-def test_hanging_up_before_the_usage_pays_for_the_text_received(stack: Stack,
-                                                                issuer: DevIssuer) -> None:
+def test_hanging_up_before_the_usage_pays_for_the_text_received(
+    stack: Stack, issuer: DevIssuer
+) -> None:
     email = user("hang-up")
     # No output limit named: the reservation holds default_max_output_tokens (2), while
     # the model writes 20 tokens. Hanging up before the usage event must not cap the charge.
     stream = openai_client(stack, issuer.mint(email), **SLOW).chat.completions.create(
-        model=MODEL, messages=MESSAGES, stream=True)
+        model=MODEL, messages=MESSAGES, stream=True
+    )
     received = ""
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:

@@ -40,7 +40,8 @@ def bearer(issuer: DevIssuer, email: str, groups: list[str] | None = None) -> di
 
 
 def test_denied_model_stays_denied_under_any_name_through_envoy(
-        stack: Stack, issuer: DevIssuer) -> None:
+    stack: Stack, issuer: DevIssuer
+) -> None:
     headers = bearer(issuer, "cory@example.com", ["contractors"])
     assert chat(stack, headers, "gpt-4o").status_code == 403
     for name in SNAPSHOTS:
@@ -54,7 +55,8 @@ def test_denied_model_stays_denied_under_any_name_through_envoy(
 
 
 def test_rule_filter_catches_every_name_of_the_model_through_envoy(
-        stack: Stack, issuer: DevIssuer) -> None:
+    stack: Stack, issuer: DevIssuer
+) -> None:
     headers = bearer(issuer, "fay@example.com")
     for name in ("gpt-4o", *SNAPSHOTS):
         response = chat(stack, headers, name, case="filter")
@@ -63,7 +65,8 @@ def test_rule_filter_catches_every_name_of_the_model_through_envoy(
 
 
 def test_per_model_bucket_is_the_canonical_model_through_envoy(
-        stack: Stack, issuer: DevIssuer) -> None:
+    stack: Stack, issuer: DevIssuer
+) -> None:
     headers = bearer(issuer, "gus@example.com")
     for name in ("gpt-4o", *SNAPSHOTS):
         response = chat(stack, headers, name, case="split")
@@ -93,8 +96,10 @@ class FixedAuth:
 
 
 def ruleset(**extra: Any) -> RuleSet:
-    base: dict[str, Any] = {"providers": [{"id": "openai", "path_prefix": "/openai/"}],
-                            "pricing": {"unknown_model": "reject"}}
+    base: dict[str, Any] = {
+        "providers": [{"id": "openai", "path_prefix": "/openai/"}],
+        "pricing": {"unknown_model": "reject"},
+    }
     return build_ruleset(parse_config({**base, **extra}))
 
 
@@ -107,8 +112,7 @@ async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
 
 def engine(rs: RuleSet, store: SQLiteStore) -> Engine:
     auth = FixedAuth()
-    return Engine(RuleSetHolder(rs), store, lambda _: auth,
-                  clock=lambda: NOW)
+    return Engine(RuleSetHolder(rs), store, lambda _: auth, clock=lambda: NOW)
 
 
 def attrs(model: str, rid: str) -> RequestAttrs:
@@ -117,9 +121,18 @@ def attrs(model: str, rid: str) -> RequestAttrs:
 
 
 async def test_fallback_chain_applies_to_every_name_of_the_model(store: SQLiteStore) -> None:
-    rs = ruleset(spend_limits=[{"name": "f", "budget_usd": 0, "window": {"fixed": "daily"},
-                                "filter": {"model": ["gpt-4o"]}, "action": "fallback"}],
-                 fallbacks={"gpt-4o": [{"model": "gpt-4o-mini"}]})
+    rs = ruleset(
+        spend_limits=[
+            {
+                "name": "f",
+                "budget_usd": 0,
+                "window": {"fixed": "daily"},
+                "filter": {"model": ["gpt-4o"]},
+                "action": "fallback",
+            }
+        ],
+        fallbacks={"gpt-4o": [{"model": "gpt-4o-mini"}]},
+    )
     for i, name in enumerate(("gpt-4o", *SNAPSHOTS)):
         decision = await engine(rs, store).check(attrs(name, f"r{i}"))
         assert decision.allowed and decision.model == "gpt-4o-mini", (name, decision.body)

@@ -54,8 +54,9 @@ async def test_secrets_are_sealed_in_redis_too(store: Store) -> None:
     await login.keys.jwks()
     secret = await login.csrf_secret()
     now = time.time()
-    dumped = json.dumps([*await store.list_docs(KEYS, now=now),
-                         *await store.list_docs("device_secrets", now=now)])
+    dumped = json.dumps(
+        [*await store.list_docs(KEYS, now=now), *await store.list_docs("device_secrets", now=now)]
+    )
     assert "PRIVATE KEY" not in dumped and secret.hex() not in dumped
 
 
@@ -68,9 +69,17 @@ def test_sqlite_store_and_spool_files_are_0600(site: Site, tmp_path: Path) -> No
         assert await spool.size() == 0
 
     asyncio.run(use_spool())
-    files = [tmp_path / n for n in ("sidecar.db", "sidecar.db-wal", "sidecar.db-shm",
-                                    "spool-direct.db", "spool-direct.db-wal",
-                                    "spool-direct.db-shm")]
+    files = [
+        tmp_path / n
+        for n in (
+            "sidecar.db",
+            "sidecar.db-wal",
+            "sidecar.db-shm",
+            "spool-direct.db",
+            "spool-direct.db-wal",
+            "spool-direct.db-shm",
+        )
+    ]
     modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in files}
     asyncio.run(spool.close())
     assert modes == dict.fromkeys(modes, 0o600), modes
@@ -89,8 +98,9 @@ def test_an_existing_world_readable_database_is_tightened(tmp_path: Path) -> Non
     assert stat.S_IMODE(db.stat().st_mode) == 0o600
 
 
-def test_a_wrong_key_is_a_clear_startup_error(site: Site, monkeypatch: pytest.MonkeyPatch,
-                                              tmp_path: Path) -> None:
+def test_a_wrong_key_is_a_clear_startup_error(
+    site: Site, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     device_token(site.client(), site.admin_person())
     config = tmp_path / "sidecar.yaml"
     monkeypatch.setenv("SIDECAR_SECRET_KEY", Fernet.generate_key().decode())
@@ -104,23 +114,28 @@ def test_a_wrong_key_is_a_clear_startup_error(site: Site, monkeypatch: pytest.Mo
     monkeypatch.delenv("SIDECAR_SECRET_KEY")
     with pytest.raises(ConfigError) as missing:
         asyncio.run(build_services(config))
-    assert "set $SIDECAR_SECRET_KEY (secrets.key_env) or secrets.key_file" in \
-        str(missing.value)
+    assert "set $SIDECAR_SECRET_KEY (secrets.key_env) or secrets.key_file" in str(missing.value)
 
 
 def test_serve_refuses_to_start_without_a_key(tmp_path: Path, site: Site) -> None:
     # Everything it needs but the secret key (the provider keys included).
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **demo_key_env()}
-    result = subprocess.run([sys.executable, "-m", "sidecar.cli", "serve", "--config",
-                             str(tmp_path / "sidecar.yaml")], capture_output=True, text=True,
-                            timeout=60, env=env, cwd=REPO)
+    result = subprocess.run(
+        [sys.executable, "-m", "sidecar.cli", "serve", "--config", str(tmp_path / "sidecar.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=REPO,
+    )
     assert result.returncode == 1
     assert "identity.device_login is enabled" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_key_file_is_read_and_wins_over_the_environment(
-        make_site: Callable[..., Site], tmp_path: Path) -> None:
+    make_site: Callable[..., Site], tmp_path: Path
+) -> None:
     key_file = tmp_path / "secret.key"
     key_file.write_text(Fernet.generate_key().decode() + "\n")
     site = make_site(secrets={"key_file": str(key_file)})
@@ -135,7 +150,8 @@ def test_key_file_is_read_and_wins_over_the_environment(
 
 
 def test_plain_secrets_of_an_earlier_version_are_encrypted_on_start(
-        make_site: Callable[..., Site], tmp_path: Path) -> None:
+    make_site: Callable[..., Site], tmp_path: Path
+) -> None:
     from sidecar.identity.secret_box import SecretBox, new_key
     from sidecar.identity.signing_keys import new_key_doc
 
@@ -147,8 +163,9 @@ def test_plain_secrets_of_an_earlier_version_are_encrypted_on_start(
         doc["private_pem"] = old_box.open(doc.pop("private_sealed")).decode()
         now = time.time()
         await store.put_doc(KEYS, doc["kid"], doc, now=now)
-        await store.put_doc("signing_key_active", "current", {"kid": doc["kid"], "since": 0},
-                            now=now)
+        await store.put_doc(
+            "signing_key_active", "current", {"kid": doc["kid"], "since": 0}, now=now
+        )
         await store.put_doc("device_secrets", "csrf", {"key": "ab" * 32}, now=now)
         await store.close()
         return str(doc["kid"])
@@ -160,8 +177,12 @@ def test_plain_secrets_of_an_earlier_version_are_encrypted_on_start(
     old = [d for d in docs if d["kid"] == kid]
     assert old and old[0]["retired_at"] is not None, "the exposed key no longer signs"
     token = device_token(site.client(), site.admin_person())
-    assert site.client().get("/v1/budgets/me",
-                             headers={"authorization": f"Bearer {token}"}).status_code == 200
+    assert (
+        site.client()
+        .get("/v1/budgets/me", headers={"authorization": f"Bearer {token}"})
+        .status_code
+        == 200
+    )
     login = site.services.device_login
     assert login is not None
     assert asyncio.run(login.csrf_secret()) != bytes.fromhex("ab" * 32), "replaced"
@@ -182,5 +203,6 @@ def test_store_url_env_is_required_once_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as wrong:
         store_url(tmp_path, config, {"SIDECAR_STORE_URL": "s3cret"})
     assert "s3cret" not in str(wrong.value)
-    assert store_url(tmp_path, StoreConfig(url="redis://redis:6379/0"), {}) == \
-        "redis://redis:6379/0"
+    assert (
+        store_url(tmp_path, StoreConfig(url="redis://redis:6379/0"), {}) == "redis://redis:6379/0"
+    )

@@ -29,18 +29,29 @@ def proxy_app(upstream: str) -> Starlette:
     seen: list[dict[str, str]] = []
 
     async def forward(request: Request) -> Response:
-        headers = {k: v for k, v in request.headers.items()
-                   if k.startswith(("x-sidecar-", "x-fake-", "x-request-id"))
-                   or k in ("content-type", "authorization")}
+        headers = {
+            k: v
+            for k, v in request.headers.items()
+            if k.startswith(("x-sidecar-", "x-fake-", "x-request-id"))
+            or k in ("content-type", "authorization")
+        }
         seen.append(dict(request.headers))
         upstream_request = client.build_request(
-            request.method, "/openai/" + request.path_params["path"], headers=headers,
-            content=await request.body())
+            request.method,
+            "/openai/" + request.path_params["path"],
+            headers=headers,
+            content=await request.body(),
+        )
         response = await client.send(upstream_request, stream=True)
-        passed = {k: v for k, v in response.headers.items()
-                  if k in ("content-type", "content-encoding")}
-        return StreamingResponse(response.aiter_raw(), status_code=response.status_code,
-                                 headers=passed, background=BackgroundTask(response.aclose))
+        passed = {
+            k: v for k, v in response.headers.items() if k in ("content-type", "content-encoding")
+        }
+        return StreamingResponse(
+            response.aiter_raw(),
+            status_code=response.status_code,
+            headers=passed,
+            background=BackgroundTask(response.aclose),
+        )
 
     async def seen_headers(request: Request) -> Response:
         return JSONResponse(seen)
@@ -48,19 +59,22 @@ def proxy_app(upstream: str) -> Starlette:
     async def health(request: Request) -> Response:
         return JSONResponse({"ok": True})
 
-    return Starlette(routes=[
-        Route("/openai/{path:path}", forward, methods=["GET", "POST"]),
-        Route("/_proxy_seen", seen_headers),
-        Route("/healthz", health),
-    ])
+    return Starlette(
+        routes=[
+            Route("/openai/{path:path}", forward, methods=["GET", "POST"]),
+            Route("/_proxy_seen", seen_headers),
+            Route("/healthz", health),
+        ]
+    )
 
 
 @contextmanager
 def serve(app: ASGIApp, timeout: float = 30.0) -> Iterator[str]:
     """Run `app` under uvicorn (lifespan on) in a thread; yields its base URL."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host=LOOPBACK, port=port, lifespan="on",
-                                           log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=LOOPBACK, port=port, lifespan="on", log_level="warning")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout

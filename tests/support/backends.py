@@ -9,8 +9,9 @@ import pytest
 from devtools.redis_cluster import LocalCluster
 
 
-def backend_url(request: pytest.FixtureRequest, backend: str, tmp_path: Path,
-                name: str = "store.db") -> str:
+def backend_url(
+    request: pytest.FixtureRequest, backend: str, tmp_path: Path, name: str = "store.db"
+) -> str:
     """The store URL of one backend: "sqlite" (a file in tmp_path), "redis" (one server)
     or "cluster" (three primaries); the Redis ones start on first use."""
     if backend == "sqlite":

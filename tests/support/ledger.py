@@ -39,6 +39,7 @@ def ledger_row(stack: Stack, user: str) -> dict[str, Any] | None:
 
 def charged(stack: Stack, user: str, requests: int = 1, timeout: float = 60.0) -> dict[str, Any]:
     """The user's ledger row once it holds `requests` settled requests."""
+
     def probe() -> dict[str, Any] | None:
         row = ledger_row(stack, user)
         return row if row is not None and row["requests"] >= requests else None

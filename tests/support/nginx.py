@@ -22,11 +22,13 @@ INGRESS_TOKEN = "nginx-ingress-token-for-tests-0123"
 
 
 def nginx_binary() -> str:
-    found = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists()
-                                      else None)
+    found = shutil.which("nginx") or (
+        "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
+    )
     if found is None:
-        raise FileNotFoundError("nginx not found: install it (Debian: apt-get install nginx); "
-                                "scripts/setup.sh does")
+        raise FileNotFoundError(
+            "nginx not found: install it (Debian: apt-get install nginx); scripts/setup.sh does"
+        )
     return found
 
 
@@ -42,19 +44,26 @@ def render(prefix: Path, listen: int, sidecar_http: int, provider: int) -> Path:
     for name in ("nginx.conf", "sidecar_auth.conf"):
         shutil.copy(NGINX_DIR / name, prefix / name)
     (prefix / "sidecar-ingress-token.conf").write_text(
-        f'set $sidecar_ingress_token "{INGRESS_TOKEN}";\n')
+        f'set $sidecar_ingress_token "{INGRESS_TOKEN}";\n'
+    )
     conf = (prefix / "nginx.conf").read_text()
     conf = _replace(conf, "server 127.0.0.1:9002;", f"server {LOOPBACK}:{sidecar_http};")
     conf = _replace(conf, "listen 8080;", f"listen {LOOPBACK}:{listen};")
     for host in ("api.openai.com:443", "api.anthropic.com:443"):
         conf = _replace(conf, f"server {host};", f"server {LOOPBACK}:{provider};")
     for upstream in ("openai_api", "anthropic_api"):
-        conf = _replace(conf, f"proxy_pass https://{upstream}/;",
-                        f"proxy_pass http://{upstream}/;")
-    local = "\n".join(f"    {d} {prefix / p};" for d, p in (
-        ("access_log", "access.log"), ("client_body_temp_path", "tmp/body"),
-        ("proxy_temp_path", "tmp/proxy"), ("fastcgi_temp_path", "tmp/fastcgi"),
-        ("uwsgi_temp_path", "tmp/uwsgi"), ("scgi_temp_path", "tmp/scgi")))
+        conf = _replace(conf, f"proxy_pass https://{upstream}/;", f"proxy_pass http://{upstream}/;")
+    local = "\n".join(
+        f"    {d} {prefix / p};"
+        for d, p in (
+            ("access_log", "access.log"),
+            ("client_body_temp_path", "tmp/body"),
+            ("proxy_temp_path", "tmp/proxy"),
+            ("fastcgi_temp_path", "tmp/fastcgi"),
+            ("uwsgi_temp_path", "tmp/uwsgi"),
+            ("scgi_temp_path", "tmp/scgi"),
+        )
+    )
     conf = _replace(conf, "http {\n", "http {\n" + local + "\n")
     (prefix / "tmp").mkdir(exist_ok=True)
     path = prefix / "nginx.conf"
@@ -67,8 +76,18 @@ def _argv(prefix: Path, conf: Path, *extra: str) -> list[str]:
     if os.geteuid() == 0:
         # Workers would otherwise run as nobody, who cannot enter the test's private tmp dir.
         main += " user root;"
-    return [nginx_binary(), "-p", f"{prefix}/", "-c", str(conf), "-e",
-            str(prefix / "error.log"), "-g", main, *extra]
+    return [
+        nginx_binary(),
+        "-p",
+        f"{prefix}/",
+        "-c",
+        str(conf),
+        "-e",
+        str(prefix / "error.log"),
+        "-g",
+        main,
+        *extra,
+    ]
 
 
 @contextmanager

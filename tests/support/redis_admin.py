@@ -18,9 +18,17 @@ async def _primaries(url: str) -> AsyncIterator[list[Redis]]:
     cluster URL (its nodes are listed in the URL the test fixtures make)."""
     if is_cluster_url(url):
         target = parse_cluster_url(url)
-        clients = [Redis(host=host, port=port, username=target.username,
-                         password=target.password, ssl=target.tls, decode_responses=True)
-                   for host, port in target.nodes]
+        clients = [
+            Redis(
+                host=host,
+                port=port,
+                username=target.username,
+                password=target.password,
+                ssl=target.tls,
+                decode_responses=True,
+            )
+            for host, port in target.nodes
+        ]
     else:
         clients = [Redis.from_url(url, decode_responses=True)]
     try:

@@ -33,8 +33,7 @@ from sidecar.store.budget_types import CommitResult
 
 CHAT = "/openai/v1/chat/completions"
 END_BYTES = 4096  # sidecar/envoy/meter.lua
-PRICE = UnitPrice(input=150_000, output=600_000, cache_read=0, cache_write=0,
-                  source="override")
+PRICE = UnitPrice(input=150_000, output=600_000, cache_read=0, cache_write=0, source="override")
 CHAT_JSON = {"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 5}}
 
 
@@ -47,38 +46,69 @@ class FakeEngine:
     def __init__(self) -> None:
         self.charges: list[tuple[str, Observed, tuple[str, str] | None]] = []
         self.batches: list[int] = []  # charges per `charge_many`
-        rules = build_ruleset(SidecarConfig.model_validate({"providers": [
-            {"id": "openai", "path_prefix": "/openai/"},
-            {"id": "anthropic", "path_prefix": "/anthropic/"}]}))
+        rules = build_ruleset(
+            SidecarConfig.model_validate(
+                {
+                    "providers": [
+                        {"id": "openai", "path_prefix": "/openai/"},
+                        {"id": "anthropic", "path_prefix": "/anthropic/"},
+                    ]
+                }
+            )
+        )
         self.holder = RuleSetHolder(rules)
 
-    async def charge(self, request_id: str, observed: Observed, *,
-                     expect: tuple[str, str] | None = None,
-                     hint: tuple[str, str] | None = None) -> tuple[CommitResult, int]:
+    async def charge(
+        self,
+        request_id: str,
+        observed: Observed,
+        *,
+        expect: tuple[str, str] | None = None,
+        hint: tuple[str, str] | None = None,
+    ) -> tuple[CommitResult, int]:
         self.charges.append((request_id, observed, hint))
         return CommitResult("committed"), 1
 
-    async def charge_many(self, charges: Sequence[tuple[str, Observed, tuple[str, str] | None]]
-                          ) -> list[tuple[CommitResult, int] | Exception]:
+    async def charge_many(
+        self, charges: Sequence[tuple[str, Observed, tuple[str, str] | None]]
+    ) -> list[tuple[CommitResult, int] | Exception]:
         self.batches.append(len(charges))
-        return [await self.charge(request_id, observed, hint=hint)
-                for request_id, observed, hint in charges]
+        return [
+            await self.charge(request_id, observed, hint=hint)
+            for request_id, observed, hint in charges
+        ]
 
     @property
     def usages(self) -> list[TokenUsage | None]:
         return [observed.usage for _, observed, _ in self.charges]
 
 
-def entry(chunks: Sequence[bytes] = (), *, status: int = 200, path: str = CHAT,
-          content_type: str = "application/json", encoding: str = "", done: bool = True,
-          reached: bool = True, rid: str = "req-1", model: str = "gpt-4o-mini",
-          provider: str = "openai", route: str = "", input_tokens: int = 0,
-          response_started: bool = True) -> accesslog_pb2.HTTPAccessLogEntry:
+def entry(
+    chunks: Sequence[bytes] = (),
+    *,
+    status: int = 200,
+    path: str = CHAT,
+    content_type: str = "application/json",
+    encoding: str = "",
+    done: bool = True,
+    reached: bool = True,
+    rid: str = "req-1",
+    model: str = "gpt-4o-mini",
+    provider: str = "openai",
+    route: str = "",
+    input_tokens: int = 0,
+    response_started: bool = True,
+) -> accesslog_pb2.HTTPAccessLogEntry:
     """An access log entry as Envoy sends it for an admitted call."""
     out = accesslog_pb2.HTTPAccessLogEntry()
     meta = out.common_properties.metadata.filter_metadata["sidecar.metering"]
-    for key, value in {"rid": rid, "path": path, "route": route, "provider": provider,
-                       "model": model}.items():
+    for key, value in {
+        "rid": rid,
+        "path": path,
+        "route": route,
+        "provider": provider,
+        "model": model,
+    }.items():
         meta.fields[key].string_value = value
     if response_started:
         meta.fields["content_type"].string_value = content_type
@@ -88,8 +118,11 @@ def entry(chunks: Sequence[bytes] = (), *, status: int = 200, path: str = CHAT,
     if compressed:
         meta.fields["base64"].bool_value = True
     for index, chunk in enumerate(chunks, 1):
-        text = base64.b64encode(chunk).decode() if compressed else \
-            bytes(b if b < 0x80 else 0x7E for b in chunk).decode()
+        text = (
+            base64.b64encode(chunk).decode()
+            if compressed
+            else bytes(b if b < 0x80 else 0x7E for b in chunk).decode()
+        )
         meta.fields[f"c{index}"].string_value = text
     if chunks:
         meta.fields["chunks"].number_value = len(chunks)
@@ -104,7 +137,8 @@ def entry(chunks: Sequence[bytes] = (), *, status: int = 200, path: str = CHAT,
             while safe and sum(map(len, last)) < END_BYTES:
                 last.insert(0, safe.pop())
             meta.fields["head"].string_value = b"".join(
-                bytes(b if b < 0x80 else 0x7E for b in c) for c in chunks)[:2048].decode()
+                bytes(b if b < 0x80 else 0x7E for b in c) for c in chunks
+            )[:2048].decode()
             meta.fields["end"].string_value = b"".join(last).decode()
             meta.fields["end_offset"].number_value = sum(map(len, safe))
     if reached:
@@ -115,8 +149,7 @@ def entry(chunks: Sequence[bytes] = (), *, status: int = 200, path: str = CHAT,
     return out
 
 
-def run(*entries: accesslog_pb2.HTTPAccessLogEntry,
-        engine: FakeEngine | None = None) -> FakeEngine:
+def run(*entries: accesslog_pb2.HTTPAccessLogEntry, engine: FakeEngine | None = None) -> FakeEngine:
     engine = engine or FakeEngine()
     servicer = AccessLogServicer(cast(Engine, engine))
     message = als_pb2.StreamAccessLogsMessage()
@@ -125,8 +158,10 @@ def run(*entries: accesslog_pb2.HTTPAccessLogEntry,
     async def go() -> None:
         async def messages() -> AsyncIterator[Any]:
             yield message
+
         await servicer.StreamAccessLogs(messages(), cast(Any, None))
         from sidecar.metering.exchange import drain_charges
+
         await drain_charges()
 
     asyncio.run(go())
@@ -136,7 +171,8 @@ def run(*entries: accesslog_pb2.HTTPAccessLogEntry,
 def test_complete_json_response_is_charged_its_usage_once() -> None:
     engine = run(entry([json.dumps(CHAT_JSON).encode()]))
     assert [(rid, o.usage, o.complete) for rid, o, _ in engine.charges] == [
-        ("req-1", TokenUsage(12, 5), True)]
+        ("req-1", TokenUsage(12, 5), True)
+    ]
 
 
 def test_gzip_body_is_metered() -> None:
@@ -154,8 +190,7 @@ def test_provider_error_without_usage_is_an_error(status: int) -> None:
 
 
 def test_error_body_that_reports_usage_is_observed_with_that_usage() -> None:
-    partial = {"error": {"message": "cut"}, "usage": {"prompt_tokens": 12,
-                                                      "completion_tokens": 3}}
+    partial = {"error": {"message": "cut"}, "usage": {"prompt_tokens": 12, "completion_tokens": 3}}
     engine = run(entry([json.dumps(partial).encode()], status=500))
     ((_, observed, _),) = engine.charges
     assert observed.usage == TokenUsage(12, 3) and observed.error
@@ -163,8 +198,14 @@ def test_error_body_that_reports_usage_is_observed_with_that_usage() -> None:
 
 def test_upstream_unreachable_never_reached_the_provider_and_costs_nothing() -> None:
     # Envoy's own 503 after a connect failure: nothing was sent upstream.
-    engine = run(entry([b"upstream connect error or disconnect/reset before headers"],
-                       status=503, content_type="text/plain", reached=False))
+    engine = run(
+        entry(
+            [b"upstream connect error or disconnect/reset before headers"],
+            status=503,
+            content_type="text/plain",
+            reached=False,
+        )
+    )
     ((_, observed, _),) = engine.charges
     assert not observed.reached_upstream and charged(observed) == 0
 
@@ -190,16 +231,24 @@ def test_success_is_never_an_error() -> None:
 
 
 def test_stream_cut_short_charges_what_was_seen() -> None:
-    start = {"type": "message_start", "message": {"usage": {"input_tokens": 30,
-                                                            "output_tokens": 1}}}
+    start = {
+        "type": "message_start",
+        "message": {"usage": {"input_tokens": 30, "output_tokens": 1}},
+    }
     frame = f"event: message_start\ndata: {json.dumps(start)}\n\n".encode()
-    engine = run(entry([frame], path="/anthropic/v1/messages", provider="anthropic",
-                       content_type="text/event-stream", done=False))
+    engine = run(
+        entry(
+            [frame],
+            path="/anthropic/v1/messages",
+            provider="anthropic",
+            content_type="text/event-stream",
+            done=False,
+        )
+    )
     ((_, observed, _),) = engine.charges
     assert observed.usage == TokenUsage(30, 1) and not observed.complete
     text = 'data: {"choices": [{"delta": {"content": "twelve bytés"}}]}\n\n'.encode()
-    engine = run(entry([text], content_type="text/event-stream", done=False,
-                       input_tokens=40))
+    engine = run(entry([text], content_type="text/event-stream", done=False, input_tokens=40))
     ((_, observed, _),) = engine.charges
     # `é` is two bytes, sent as `~~`: the count of text bytes is the same.
     assert observed.usage is None and observed.output_bytes == 13
@@ -228,25 +277,40 @@ ANTHROPIC_STREAM = (
     b'{"input_tokens": 30, "output_tokens": 1}}}\n\n'
     b'event: message_delta\ndata: {"type": "message_delta", "usage": {"output_tokens": 9}}\n\n'
 )
-CHAT_STREAM = (b'data: {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 3}}\n\n'
-               b"data: [DONE]\n\n")
+CHAT_STREAM = (
+    b'data: {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 3}}\n\n'
+    b"data: [DONE]\n\n"
+)
 
 
 def test_same_provider_fallback_is_metered_as_the_original_api() -> None:
-    engine = run(entry([ANTHROPIC_STREAM], path="/anthropic/v1/messages",
-                       provider="anthropic", route="fallback",
-                       content_type="text/event-stream"))
+    engine = run(
+        entry(
+            [ANTHROPIC_STREAM],
+            path="/anthropic/v1/messages",
+            provider="anthropic",
+            route="fallback",
+            content_type="text/event-stream",
+        )
+    )
     assert engine.usages == [TokenUsage(30, 9)]
 
 
 def test_cross_provider_fallback_is_metered_as_chat_completions() -> None:
-    engine = run(entry([CHAT_STREAM], path="/anthropic/v1/messages", provider="openai",
-                       route="fallback", content_type="text/event-stream"))
+    engine = run(
+        entry(
+            [CHAT_STREAM],
+            path="/anthropic/v1/messages",
+            provider="openai",
+            route="fallback",
+            content_type="text/event-stream",
+        )
+    )
     assert engine.usages == [TokenUsage(7, 3)]
 
 
 def _chat_chunk(text: str) -> bytes:
-    return f'data: {json.dumps({"choices": [{"delta": {"content": text}}]})}\n\n'.encode()
+    return f"data: {json.dumps({'choices': [{'delta': {'content': text}}]})}\n\n".encode()
 
 
 def test_long_finished_stream_is_read_from_its_ends_with_the_same_charge() -> None:
@@ -271,15 +335,24 @@ def test_long_anthropic_stream_keeps_message_start_from_the_head() -> None:
     start, delta = ANTHROPIC_STREAM.split(b"\n\n", 1)
     text = {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "x" * 40}}
     middle = [f"event: content_block_delta\ndata: {json.dumps(text)}\n\n".encode()] * 1000
-    engine = run(entry([start + b"\n\n", *middle, delta], path="/anthropic/v1/messages",
-                       provider="anthropic", content_type="text/event-stream"))
+    engine = run(
+        entry(
+            [start + b"\n\n", *middle, delta],
+            path="/anthropic/v1/messages",
+            provider="anthropic",
+            content_type="text/event-stream",
+        )
+    )
     assert engine.usages == [TokenUsage(30, 9)]
 
 
 def test_finished_stream_without_usage_at_its_end_is_read_whole() -> None:
     # The usage chunk is not among the last events: the whole body is read, as for a cut one.
-    chunks = [_chat_chunk("tok "), CHAT_STREAM.split(b"\n\n")[0] + b"\n\n",
-              *[_chat_chunk("tok ") for _ in range(50)]]
+    chunks = [
+        _chat_chunk("tok "),
+        CHAT_STREAM.split(b"\n\n")[0] + b"\n\n",
+        *[_chat_chunk("tok ") for _ in range(50)],
+    ]
     engine = run(entry(chunks, content_type="text/event-stream"))
     ((_, observed, _),) = engine.charges
     assert observed.usage == TokenUsage(7, 3) and observed.output_bytes == 51 * 4
@@ -288,17 +361,21 @@ def test_finished_stream_without_usage_at_its_end_is_read_whole() -> None:
 def test_one_unreadable_entry_does_not_lose_the_others() -> None:
     broken = entry([json.dumps(CHAT_JSON).encode()], rid="broken", encoding="gzip")
     broken.common_properties.metadata.filter_metadata["sidecar.metering"].fields[
-        "c1"].string_value = "not base64!"
+        "c1"
+    ].string_value = "not base64!"
     engine = run(broken, entry([json.dumps(CHAT_JSON).encode()]))
     # The unreadable body is charged as if nothing had been read: its reservation.
     assert [(rid, o.usage) for rid, o, _ in engine.charges] == [
-        ("broken", None), ("req-1", TokenUsage(12, 5))]
+        ("broken", None),
+        ("req-1", TokenUsage(12, 5)),
+    ]
 
 
 def test_a_chunk_count_larger_than_the_record_reads_only_what_is_there() -> None:
     big = entry([json.dumps(CHAT_JSON).encode()])
     big.common_properties.metadata.filter_metadata["sidecar.metering"].fields[
-        "chunks"].number_value = 1e15
+        "chunks"
+    ].number_value = 1e15
     assert run(big).usages == [TokenUsage(12, 5)]
 
 
@@ -330,8 +407,11 @@ def test_trimmed_anthropic_stream_keeps_message_start_from_its_first_event() -> 
     start, delta = ANTHROPIC_STREAM.split(b"\n\n", 1)
     text = {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "x" * 40}}
     middle = [f"event: content_block_delta\ndata: {json.dumps(text)}\n\n".encode()] * 300
-    engine = run(trimmed([start + b"\n\n", *middle, delta], path="/anthropic/v1/messages",
-                         provider="anthropic"))
+    engine = run(
+        trimmed(
+            [start + b"\n\n", *middle, delta], path="/anthropic/v1/messages", provider="anthropic"
+        )
+    )
     assert engine.usages == [TokenUsage(30, 9)]
 
 
@@ -354,33 +434,41 @@ def test_short_trimmed_stream_is_read_exactly_once() -> None:
 
 def test_a_batch_of_records_is_charged_in_one_store_step() -> None:
     body = [json.dumps(CHAT_JSON).encode()]
-    engine = run(entry(body, rid="a"), entry(body, rid=""), entry(body, rid="b"),
-                 entry(status=503, rid="c"))
+    engine = run(
+        entry(body, rid="a"), entry(body, rid=""), entry(body, rid="b"), entry(status=503, rid="c")
+    )
     assert engine.batches == [3]
     assert [(rid, o.usage, o.status) for rid, o, _ in engine.charges] == [
-        ("a", TokenUsage(12, 5), 200), ("b", TokenUsage(12, 5), 200), ("c", None, 503)]
+        ("a", TokenUsage(12, 5), 200),
+        ("b", TokenUsage(12, 5), 200),
+        ("c", None, 503),
+    ]
 
 
 class FailsOne(FakeEngine):
-    async def charge_many(self, charges: Sequence[tuple[str, Observed, tuple[str, str] | None]]
-                          ) -> list[tuple[CommitResult, int] | Exception]:
+    async def charge_many(
+        self, charges: Sequence[tuple[str, Observed, tuple[str, str] | None]]
+    ) -> list[tuple[CommitResult, int] | Exception]:
         answers = await super().charge_many(charges)
-        return [ValueError("admitted for another model") if rid == "bad" else answer
-                for (rid, _, _), answer in zip(charges, answers, strict=True)]
+        return [
+            ValueError("admitted for another model") if rid == "bad" else answer
+            for (rid, _, _), answer in zip(charges, answers, strict=True)
+        ]
 
 
 def test_a_charge_that_fails_in_a_batch_is_logged_alone() -> None:
     body = [json.dumps(CHAT_JSON).encode()]
     with capture_logs() as logs:
-        engine = run(entry(body, rid="a"), entry(body, rid="bad"), entry(body, rid="b"),
-                     engine=FailsOne())
+        engine = run(
+            entry(body, rid="a"), entry(body, rid="bad"), entry(body, rid="b"), engine=FailsOne()
+        )
     assert engine.batches == [3]
     assert [(e["event"], e["request_id"]) for e in logs if e["log_level"] == "error"] == [
-        ("commit_failed", "bad")]
+        ("commit_failed", "bad")
+    ]
 
 
-def test_with_tracing_each_record_is_charged_on_its_own(monkeypatch: pytest.MonkeyPatch
-                                                         ) -> None:
+def test_with_tracing_each_record_is_charged_on_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tracing, "ENABLED", True)
     body = [json.dumps(CHAT_JSON).encode()]
     engine = run(entry(body, rid="a"), entry(body, rid="b"))
@@ -392,7 +480,7 @@ def test_last_events_found_from_the_end_are_those_a_search_from_the_start_finds(
     def from_the_start(data: bytes, at_boundary: bool) -> bytes:
         ends = [m.end() for m in _EVENT_END.finditer(data)]
         if len(ends) > TAIL_EVENTS:
-            return data[ends[-TAIL_EVENTS - 1]:]
+            return data[ends[-TAIL_EVENTS - 1] :]
         return data if at_boundary else _from_event(data)
 
     rnd = random.Random(14)
@@ -401,7 +489,8 @@ def test_last_events_found_from_the_end_are_those_a_search_from_the_start_finds(
     # and some windows hold too few boundaries.
     breaks = [b"\n\n", b"\n\n\n", b"\r\n\r\n", b"\r\r", b"\n\r\n\n", b"\r\n\n\r", b"\n"]
     for _ in range(4000):
-        data = b"".join(b"x" * rnd.randint(150, 260) + rnd.choice(breaks)
-                        for _ in range(rnd.randint(1, 12)))
+        data = b"".join(
+            b"x" * rnd.randint(150, 260) + rnd.choice(breaks) for _ in range(rnd.randint(1, 12))
+        )
         for at_boundary in (True, False):
             assert _last_events(data, at_boundary) == from_the_start(data, at_boundary)

@@ -34,14 +34,17 @@ def test_room_is_what_is_left_and_never_negative() -> None:
 
 @pytest.mark.parametrize("mode", ["reserve", "optimistic"])
 async def test_simulate_answers_as_the_real_check_does_in_each_admission_mode(
-        store: SQLiteStore, mode: Literal["reserve", "optimistic"]) -> None:
+    store: SQLiteStore, mode: Literal["reserve", "optimistic"]
+) -> None:
     # Asks more tokens than the whole limit: reserve refuses it, optimistic admits it while
     # nothing is spent yet.
-    rs = ruleset({"name": "tpm", "tokens": 1000, "window": {"rolling": "1m"}},
-                 admission={"mode": mode})
+    rs = ruleset(
+        {"name": "tpm", "tokens": 1000, "window": {"rolling": "1m"}}, admission={"mode": mode}
+    )
     eng = engine(rs, store, Clock())
-    result = await simulate(eng, BOT, "big", rs.provider_by_id["openai"], {},
-                            {**BODY, "max_tokens": 2000})
+    result = await simulate(
+        eng, BOT, "big", rs.provider_by_id["openai"], {}, {**BODY, "max_tokens": 2000}
+    )
     decision = await eng.check(attrs(max_tokens=2000))
     assert decision.allowed is (mode == "optimistic")
     assert result["decision"] == ("allow" if decision.allowed else "deny")

@@ -27,33 +27,81 @@ def test_bar_fills_with_spend_and_caps_at_full() -> None:
 
 
 def test_table_has_every_column_and_dollars() -> None:
-    text = render_budgets([{"rule": "per-user", "bucket": "user=a@x", "window":
-                            "fixed:daily:UTC", "spent": 0.5, "reserved": 0.1, "limit": 1,
-                            "remaining": 0.4, "resets_at": "2026-01-01T03:12:00Z"}], NOW)
+    text = render_budgets(
+        [
+            {
+                "rule": "per-user",
+                "bucket": "user=a@x",
+                "window": "fixed:daily:UTC",
+                "spent": 0.5,
+                "reserved": 0.1,
+                "limit": 1,
+                "remaining": 0.4,
+                "resets_at": "2026-01-01T03:12:00Z",
+            }
+        ],
+        NOW,
+    )
     header, row = text.splitlines()
-    assert header.split() == ["RULE", "BUCKET", "WINDOW", "SPENT", "RESERVED", "LIMIT",
-                              "REMAINING", "USED", "RESETS", "IN"]
+    assert header.split() == [
+        "RULE",
+        "BUCKET",
+        "WINDOW",
+        "SPENT",
+        "RESERVED",
+        "LIMIT",
+        "REMAINING",
+        "USED",
+        "RESETS",
+        "IN",
+    ]
     assert "$0.500000" in row and "$1.000000" in row and "60%" in row and "3h 12m" in row
     assert "No budget applies" in render_budgets([], NOW)
 
 
 def test_candidates_are_models_with_spend_and_plain_names_in_filters() -> None:
-    rule = compile_rule(name="r", limit=1, window=FixedWindow("daily", "UTC"),
-                        filters={"model": ("gpt-4o", "claude-*")}, split=("user",),
-                        action="block")
+    rule = compile_rule(
+        name="r",
+        limit=1,
+        window=FixedWindow("daily", "UTC"),
+        filters={"model": ("gpt-4o", "claude-*")},
+        split=("user",),
+        action="block",
+    )
     assert literal_values(rule, "model") == ("gpt-4o",)
     spent = LedgerRow(0, LedgerDims(model="o3", provider="openai"), 1, 1, 0, 0)
     assert listed_models([rule], [spent]) == [("gpt-4o", ""), ("o3", "openai")]
 
 
 def test_token_and_request_rows_show_whole_numbers_in_their_unit() -> None:
-    text = render_budgets([
-        {"rule": "tpm", "bucket": "token=bot", "window": "rolling:60", "unit": "tokens",
-         "tokens": "output", "spent": 1500, "reserved": 500, "limit": 200000,
-         "remaining": 198000, "resets_at": "2026-01-01T00:00:45Z"},
-        {"rule": "rpm", "bucket": "(all)", "window": "rolling:60", "unit": "requests",
-         "spent": 3, "reserved": 1, "limit": 4, "remaining": 0,
-         "resets_at": "2026-01-01T00:00:45Z"}], NOW)
+    text = render_budgets(
+        [
+            {
+                "rule": "tpm",
+                "bucket": "token=bot",
+                "window": "rolling:60",
+                "unit": "tokens",
+                "tokens": "output",
+                "spent": 1500,
+                "reserved": 500,
+                "limit": 200000,
+                "remaining": 198000,
+                "resets_at": "2026-01-01T00:00:45Z",
+            },
+            {
+                "rule": "rpm",
+                "bucket": "(all)",
+                "window": "rolling:60",
+                "unit": "requests",
+                "spent": 3,
+                "reserved": 1,
+                "limit": 4,
+                "remaining": 0,
+                "resets_at": "2026-01-01T00:00:45Z",
+            },
+        ],
+        NOW,
+    )
     _, tpm, rpm = text.splitlines()
     assert "tpm (output)" in tpm and "1,500 tok" in tpm and "200,000 tok" in tpm
     assert "$" not in tpm and "1%" in tpm

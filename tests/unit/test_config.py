@@ -27,7 +27,9 @@ def test_each_bad_config_names_file_and_key(path: Path) -> None:
         load_config(path)
     want = expected(path)
     assert any(line.startswith(f"{path}: ") and want in line for line in info.value.errors), (
-        want, info.value.errors)
+        want,
+        info.value.errors,
+    )
 
 
 def test_every_error_is_reported_not_just_the_first() -> None:
@@ -44,8 +46,9 @@ def test_example_config_is_valid() -> None:
 
 
 def test_budget_keeps_the_decimal_written() -> None:
-    config = parse_config({"spend_limits": [
-        {"name": "a", "budget_usd": 0.1, "window": {"fixed": "daily"}}]})
+    config = parse_config(
+        {"spend_limits": [{"name": "a", "budget_usd": 0.1, "window": {"fixed": "daily"}}]}
+    )
     assert build_ruleset(config).rules[0].limit == 100_000
 
 
@@ -56,8 +59,9 @@ def test_store_password_is_never_printed() -> None:
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "sidecar.cli", *args], capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "sidecar.cli", *args], capture_output=True, text=True, timeout=60
+    )
 
 
 def test_check_config_cli_exit_codes(tmp_path: Path) -> None:
@@ -68,8 +72,9 @@ def test_check_config_cli_exit_codes(tmp_path: Path) -> None:
     bad_path.write_text("store: 'redis://:s3cret-pass@x:1/0'\nspend_limits: [{name: a}]\n")
     bad = run_cli("check-config", str(bad_path))
     assert bad.returncode == 1
-    assert (f"{bad_path}: spend_limits[0]: exactly one of budget_usd, tokens or requests "
-            "is required") in bad.stderr
+    assert (
+        f"{bad_path}: spend_limits[0]: exactly one of budget_usd, tokens or requests is required"
+    ) in bad.stderr
     assert f"{bad_path}: spend_limits[0].window: required, but missing" in bad.stderr
     assert "s3cret-pass" not in bad.stderr + bad.stdout
     secret = tmp_path / "secret.yaml"

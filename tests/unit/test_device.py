@@ -39,10 +39,16 @@ from sidecar.model import Identity
 from sidecar.store.base import Store
 
 ISSUER = "https://gateway.example.com"
-ALICE = Identity(kind="user", subject="u-alice", email="alice@example.com",
-                 groups=("ml", "eng"), issuer="https://idp.example.com")
-BOB = Identity(kind="user", subject="u-bob", email="bob@example.com",
-               issuer="https://idp.example.com")
+ALICE = Identity(
+    kind="user",
+    subject="u-alice",
+    email="alice@example.com",
+    groups=("ml", "eng"),
+    issuer="https://idp.example.com",
+)
+BOB = Identity(
+    kind="user", subject="u-bob", email="bob@example.com", issuer="https://idp.example.com"
+)
 DAY = 86_400
 BOX = SecretBox(new_key(), "the test key")
 
@@ -104,8 +110,9 @@ def test_poll_transitions_are_pure() -> None:
     assert poll(fast, 2.0 + INTERVAL)[1] == "slow_down"
     assert poll(fast, 2.0 + INTERVAL + SLOW_DOWN_STEP)[1] == "authorization_pending"
     assert poll(grant, EXPIRES_IN)[1] == "expired_token"
-    assert poll(grant.__class__(**{**grant.__dict__, "status": "issued"}), 1.0)[1] == \
-        "invalid_grant"
+    assert (
+        poll(grant.__class__(**{**grant.__dict__, "status": "issued"}), 1.0)[1] == "invalid_grant"
+    )
 
 
 # -- the flow against a store --------------------------------------------------------------
@@ -134,8 +141,9 @@ async def test_pending_then_approved_then_issued_once(login: DeviceLogin, clock:
     assert await login.decide(grant.user_code, BOB, approve=True) == "already_decided"
 
 
-async def test_polling_faster_than_the_interval_is_slow_down(login: DeviceLogin,
-                                                             clock: Clock) -> None:
+async def test_polling_faster_than_the_interval_is_slow_down(
+    login: DeviceLogin, clock: Clock
+) -> None:
     device_code, _ = await login.start("10.0.0.7", "ua", "")
     assert await login.exchange(device_code, 3600) == "authorization_pending"
     clock.now += 1
@@ -169,12 +177,15 @@ async def test_unknown_device_code_and_other_client_are_invalid_grant(login: Dev
 
 
 async def test_two_replicas_racing_issue_one_token(store: Store, clock: Clock) -> None:
-    first, second = (DeviceLogin(store, ISSUER, box=BOX, clock=clock),
-        DeviceLogin(store, ISSUER, box=BOX, clock=clock))
+    first, second = (
+        DeviceLogin(store, ISSUER, box=BOX, clock=clock),
+        DeviceLogin(store, ISSUER, box=BOX, clock=clock),
+    )
     device_code, grant = await first.start("10.0.0.7", "ua", "")
     await second.decide(grant.user_code, ALICE, approve=True)
-    results = await asyncio.gather(first.exchange(device_code, 60),
-                                   second.exchange(device_code, 60))
+    results = await asyncio.gather(
+        first.exchange(device_code, 60), second.exchange(device_code, 60)
+    )
     assert sum(isinstance(r, IssuedToken) for r in results) == 1
     assert [r for r in results if not isinstance(r, IssuedToken)] == ["invalid_grant"]
 
@@ -183,8 +194,10 @@ async def test_two_replicas_racing_issue_one_token(store: Store, clock: Clock) -
 
 
 async def test_csrf_token_is_bound_to_person_and_code(store: Store, clock: Clock) -> None:
-    login, replica = (DeviceLogin(store, ISSUER, box=BOX, clock=clock),
-        DeviceLogin(store, ISSUER, box=BOX, clock=clock))
+    login, replica = (
+        DeviceLogin(store, ISSUER, box=BOX, clock=clock),
+        DeviceLogin(store, ISSUER, box=BOX, clock=clock),
+    )
     _, grant = await login.start("10.0.0.7", "ua", "")
     _, other = await login.start("10.0.0.7", "ua", "")
     token = await login.csrf_token(ALICE, grant)
@@ -196,8 +209,9 @@ async def test_csrf_token_is_bound_to_person_and_code(store: Store, clock: Clock
     assert not await login.csrf_ok(ALICE, grant, "")
 
 
-async def test_wrong_codes_are_limited_per_person_and_address(login: DeviceLogin, store: Store,
-                                                              clock: Clock) -> None:
+async def test_wrong_codes_are_limited_per_person_and_address(
+    login: DeviceLogin, store: Store, clock: Clock
+) -> None:
     attempts = Attempts(store, clock)
     checks = login.guess_checks(ALICE, "10.0.0.7")
     for _ in range(GUESS_LIMIT):
@@ -223,10 +237,10 @@ def kid_of(token: str) -> str:
     return str(jwt.get_unverified_header(token)["kid"])
 
 
-async def test_rotation_keeps_old_tokens_valid_and_jwks_shows_both(login: DeviceLogin,
-                                                                   clock: Clock) -> None:
-    approver = (await login.decide((await login.start("a", "b", ""))[1].user_code, ALICE,
-                                   True))
+async def test_rotation_keeps_old_tokens_valid_and_jwks_shows_both(
+    login: DeviceLogin, clock: Clock
+) -> None:
+    approver = await login.decide((await login.start("a", "b", ""))[1].user_code, ALICE, True)
     assert isinstance(approver, Grant) and approver.approver is not None
     old = await login.mint(approver.approver, 3600)
     new_kid = await login.keys.rotate()
@@ -259,8 +273,10 @@ async def test_keys_rotate_by_themselves_after_30_days(store: Store, clock: Cloc
 
 
 async def test_a_key_made_by_another_replica_is_found(store: Store, clock: Clock) -> None:
-    here, there = (DeviceLogin(store, ISSUER, box=BOX, clock=clock),
-        DeviceLogin(store, ISSUER, box=BOX, clock=clock))
+    here, there = (
+        DeviceLogin(store, ISSUER, box=BOX, clock=clock),
+        DeviceLogin(store, ISSUER, box=BOX, clock=clock),
+    )
     _, grant = await here.start("a", "b", "")
     decided = await here.decide(grant.user_code, ALICE, True)
     assert isinstance(decided, Grant) and decided.approver is not None
@@ -297,9 +313,15 @@ async def test_expired_cli_token_is_refused(login: DeviceLogin, clock: Clock) ->
 # -- CLI sessions: refresh tokens, revocation, admin scope ----------------------------------
 
 
-async def issued_for(login: DeviceLogin, clock: Clock, approver: Identity = ALICE,
-                     scope: str = "", admin: bool = False, token_ttl: int = 3600,
-                     session_ttl: int = 7 * DAY) -> IssuedToken:
+async def issued_for(
+    login: DeviceLogin,
+    clock: Clock,
+    approver: Identity = ALICE,
+    scope: str = "",
+    admin: bool = False,
+    token_ttl: int = 3600,
+    session_ttl: int = 7 * DAY,
+) -> IssuedToken:
     device_code, grant = await login.start("10.0.0.7", "sidecar-cli/1", "sidecar-cli", scope)
     decided = await login.decide(grant.user_code, approver, True, approver_is_admin=admin)
     assert isinstance(decided, Grant), decided
@@ -310,7 +332,8 @@ async def issued_for(login: DeviceLogin, clock: Clock, approver: Identity = ALIC
 
 
 async def test_refresh_token_rotates_once_and_a_replay_revokes_the_session(
-        login: DeviceLogin, clock: Clock) -> None:
+    login: DeviceLogin, clock: Clock
+) -> None:
     first = await issued_for(login, clock)
     assert first.refresh_token and first.session
     auth = Authenticator(verifier(login, clock), None, login.sessions)
@@ -331,7 +354,8 @@ async def test_refresh_token_rotates_once_and_a_replay_revokes_the_session(
 
 
 async def test_session_ends_at_its_lifetime_and_tokens_never_outlive_it(
-        login: DeviceLogin, clock: Clock) -> None:
+    login: DeviceLogin, clock: Clock
+) -> None:
     issued = await issued_for(login, clock, token_ttl=3600, session_ttl=2 * 3600)
     clock.now += 2 * 3600 - 600
     last = await login.refresh(str(issued.refresh_token), 3600)
@@ -340,8 +364,9 @@ async def test_session_ends_at_its_lifetime_and_tokens_never_outlive_it(
     assert await login.refresh(str(last.refresh_token), 3600) == "invalid_grant"
 
 
-async def test_logout_revokes_with_the_current_refresh_token_only(login: DeviceLogin,
-                                                                  clock: Clock) -> None:
+async def test_logout_revokes_with_the_current_refresh_token_only(
+    login: DeviceLogin, clock: Clock
+) -> None:
     issued = await issued_for(login, clock)
     sid, _, _ = str(issued.refresh_token).partition(".")
     assert await login.sessions.revoke_by_refresh(f"{sid}.wrong", "logout") is None
@@ -353,10 +378,10 @@ async def test_logout_revokes_with_the_current_refresh_token_only(login: DeviceL
 
 
 async def test_admin_scoped_grant_needs_an_admin_and_lasts_at_most_an_hour(
-        login: DeviceLogin, clock: Clock) -> None:
+    login: DeviceLogin, clock: Clock
+) -> None:
     _, grant = await login.start("10.0.0.7", "ua", "sidecar-cli", "admin")
-    assert await login.decide(grant.user_code, BOB, True, approver_is_admin=False) == \
-        "not_admin"
+    assert await login.decide(grant.user_code, BOB, True, approver_is_admin=False) == "not_admin"
     # Anyone may still deny it.
     denied = await login.decide(grant.user_code, BOB, False, approver_is_admin=False)
     assert isinstance(denied, Grant) and denied.status == "denied"

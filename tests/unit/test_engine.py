@@ -60,24 +60,32 @@ def attrs(model: str, rid: str, max_tokens: int = 1) -> RequestAttrs:
 
 
 def rule(name: str, usd: float, action: str, models: list[str], **extra: Any) -> dict[str, Any]:
-    return {"name": name, "budget_usd": usd, "window": {"fixed": "daily"},
-            "filter": {"model": models}, "action": action, **extra}
+    return {
+        "name": name,
+        "budget_usd": usd,
+        "window": {"fixed": "daily"},
+        "filter": {"model": models},
+        "action": action,
+        **extra,
+    }
 
 
 async def test_block_wins_over_fallback(store: SQLiteStore) -> None:
-    rs = config(spend_limits=[rule("b", 0.0, "block", ["cent-a"]),
-                              rule("f", 0.0, "fallback", ["cent-a"])],
-                fallbacks={"cent-a": [{"model": "cent-b"}]})
+    rs = config(
+        spend_limits=[rule("b", 0.0, "block", ["cent-a"]), rule("f", 0.0, "fallback", ["cent-a"])],
+        fallbacks={"cent-a": [{"model": "cent-b"}]},
+    )
     decision = await engine(rs, store).check(attrs("cent-a", "r1"))
     assert decision.http_status == 429
     assert json.loads(decision.body)["error"]["rule"] == "b"
 
 
 async def test_fallback_skips_disallowed_and_unpriced_targets(store: SQLiteStore) -> None:
-    rs = config(spend_limits=[rule("f", 0.0, "fallback", ["cent-a"])],
-                models={"rules": [{"groups": ["ml"], "allow": ["cent-a", "cent-c", "nope"]}]},
-                fallbacks={"cent-a": [{"model": "cent-b"}, {"model": "nope"},
-                                      {"model": "cent-c"}]})
+    rs = config(
+        spend_limits=[rule("f", 0.0, "fallback", ["cent-a"])],
+        models={"rules": [{"groups": ["ml"], "allow": ["cent-a", "cent-c", "nope"]}]},
+        fallbacks={"cent-a": [{"model": "cent-b"}, {"model": "nope"}, {"model": "cent-c"}]},
+    )
     decision = await engine(rs, store).check(attrs("cent-a", "r1"))
     assert decision.allowed and decision.model == "cent-c"
     assert decision.headers["x-sidecar-fallback-from"] == "cent-a"
@@ -92,8 +100,10 @@ async def test_monitor_rules_never_block(store: SQLiteStore) -> None:
 
 
 async def test_allowlist_comes_before_budgets(store: SQLiteStore) -> None:
-    rs = config(spend_limits=[rule("b", 0.0, "block", ["cent-a"])],
-                models={"rules": [{"groups": ["ml"], "allow": ["cent-z"]}]})
+    rs = config(
+        spend_limits=[rule("b", 0.0, "block", ["cent-a"])],
+        models={"rules": [{"groups": ["ml"], "allow": ["cent-z"]}]},
+    )
     decision = await engine(rs, store).check(attrs("cent-a", "r1"))
     assert decision.http_status == 403
     assert json.loads(decision.body)["error"]["type"] == "model_not_allowed"
@@ -115,8 +125,7 @@ async def test_commit_replaces_reservation_with_actual(store: SQLiteStore) -> No
 
 
 @pytest.mark.parametrize("status", [401, 429, 500, 503])
-async def test_provider_error_without_usage_costs_nothing(store: SQLiteStore,
-                                                          status: int) -> None:
+async def test_provider_error_without_usage_costs_nothing(store: SQLiteStore, status: int) -> None:
     rs = config(spend_limits=[rule("b", 0.05, "block", ["cent-*"])])
     eng = engine(rs, store)
     admitted = await eng.check(attrs("cent-a", "r1", max_tokens=3))
@@ -129,11 +138,13 @@ async def test_provider_error_without_usage_costs_nothing(store: SQLiteStore,
 
 
 async def test_error_that_reports_usage_pays_it_and_a_cut_success_its_reservation(
-        store: SQLiteStore) -> None:
+    store: SQLiteStore,
+) -> None:
     eng = engine(config(), store)
     errored = await eng.check(attrs("cent-a", "e1", max_tokens=3))
-    _, cost = await eng.charge(errored.request_id,
-                               Observed(TokenUsage(0, 1), complete=True, status=500))
+    _, cost = await eng.charge(
+        errored.request_id, Observed(TokenUsage(0, 1), complete=True, status=500)
+    )
     assert cost == 10_000
     cut = await eng.check(attrs("cent-a", "c1", max_tokens=3))
     _, cost = await eng.charge(cut.request_id, Observed(status=200))
@@ -154,30 +165,42 @@ async def test_optimistic_mode_overshoots_reserve_does_not(store: SQLiteStore) -
 
 
 async def test_remaining_header_is_the_tightest_bucket(store: SQLiteStore) -> None:
-    rs = config(spend_limits=[rule("loose", 1, "block", ["cent-*"]),
-                              rule("tight", 0.05, "block", ["cent-*"])])
+    rs = config(
+        spend_limits=[
+            rule("loose", 1, "block", ["cent-*"]),
+            rule("tight", 0.05, "block", ["cent-*"]),
+        ]
+    )
     decision = await engine(rs, store).check(attrs("cent-a", "r1"))
     assert decision.response_headers["x-sidecar-budget-remaining"] == "0.040000"
 
 
 async def test_charge_books_an_advisor_under_its_model_and_logs_unknown_steps(
-        store: SQLiteStore) -> None:
+    store: SQLiteStore,
+) -> None:
     # cent-a costs $0.01 an output token, cent-advisor $0.02 (a pattern override of its own).
     advisor = {**CENT, "model": "cent-advisor", "output_per_mtok": 20000}
-    rs = config(pricing={"unknown_model": "reject", "overrides": [advisor, CENT]},
-                spend_limits=[rule("b", 10, "block", ["cent-*"])])
+    rs = config(
+        pricing={"unknown_model": "reject", "overrides": [advisor, CENT]},
+        spend_limits=[rule("b", 10, "block", ["cent-*"])],
+    )
     eng = engine(rs, store)
     admitted = await eng.check(attrs("cent-a", "r1", max_tokens=3))
-    steps = (Iteration("message", TokenUsage(0, 1)),
-             Iteration("advisor_message", TokenUsage(0, 2), "cent-advisor"),
-             Iteration("rethink", TokenUsage(0, 3)))
+    steps = (
+        Iteration("message", TokenUsage(0, 1)),
+        Iteration("advisor_message", TokenUsage(0, 2), "cent-advisor"),
+        Iteration("rethink", TokenUsage(0, 3)),
+    )
     with capture_logs() as logs:
         result, cost = await eng.charge(
-            admitted.request_id, Observed(TokenUsage(0, 1), complete=True, iterations=steps))
+            admitted.request_id, Observed(TokenUsage(0, 1), complete=True, iterations=steps)
+        )
     # 1 + 3 output tokens at cent-a's rate, 2 at the advisor's: $0.04 + $0.04.
     assert (result.status, cost) == ("committed", 80_000)
-    rows = {r.dims.model: (r.cost, r.requests, r.output_tokens)
-            for r in await store.ledger_rows(0, 2**40)}
+    rows = {
+        r.dims.model: (r.cost, r.requests, r.output_tokens)
+        for r in await store.ledger_rows(0, 2**40)
+    }
     assert rows == {"cent-a": (40_000, 1, 4), "cent-advisor": (40_000, 0, 2)}
     [warning] = [e for e in logs if e["event"] == "unknown_iteration_type"]
     assert warning["types"] == ["rethink"] and warning["model"] == "cent-a"
@@ -243,7 +266,8 @@ class LostReply(Gated):
 
 
 async def test_reservation_whose_answer_was_lost_is_released_when_the_store_is_back(
-        store: SQLiteStore, tmp_path: Path) -> None:
+    store: SQLiteStore, tmp_path: Path
+) -> None:
     rs = config(spend_limits=[rule("b", 0.05, "block", ["cent-*"])])
     lost = LostReply(store)
     eng = engine(rs, lost)  # type: ignore[arg-type]
@@ -276,7 +300,8 @@ class OneShardDown(Gated):
 
 
 async def test_a_shard_that_is_down_fails_only_the_decisions_that_need_it(
-        store: SQLiteStore) -> None:
+    store: SQLiteStore,
+) -> None:
     rs = config(spend_limits=[rule("b", 0.05, "block", ["cent-*"])])
     eng = engine(rs, OneShardDown(store))  # type: ignore[arg-type]
     refused = await eng.check(attrs("cent-a", "r1", max_tokens=3))

@@ -24,11 +24,16 @@ from sidecar.model import Decision, Identity, Reason
 ALICE = Identity(kind="user", subject="u-1", email="alice@example.com", groups=("ml", "eng"))
 
 
-def check_request(*, method: str = "POST", path: str = "/openai/v1/chat/completions",
-                  headers: dict[str, str] | None = None,
-                  header_map: Sequence[tuple[str, str | bytes]] = (),
-                  body: str = "", raw_body: bytes = b"",
-                  request_id: str = "") -> external_auth_pb2.CheckRequest:
+def check_request(
+    *,
+    method: str = "POST",
+    path: str = "/openai/v1/chat/completions",
+    headers: dict[str, str] | None = None,
+    header_map: Sequence[tuple[str, str | bytes]] = (),
+    body: str = "",
+    raw_body: bytes = b"",
+    request_id: str = "",
+) -> external_auth_pb2.CheckRequest:
     request = external_auth_pb2.CheckRequest()
     http = request.attributes.request.http
     http.method, http.path, http.id = method, path, request_id
@@ -48,9 +53,13 @@ def check_request(*, method: str = "POST", path: str = "/openai/v1/chat/completi
 
 
 def test_method_path_headers_and_body_are_carried_over() -> None:
-    attrs = attrs_from_check(check_request(
-        headers={"Authorization": "Bearer t", "X-Request-Id": "rid-1"},
-        raw_body=b'{"model": "gpt-4o"}', request_id="envoy-7"))
+    attrs = attrs_from_check(
+        check_request(
+            headers={"Authorization": "Bearer t", "X-Request-Id": "rid-1"},
+            raw_body=b'{"model": "gpt-4o"}',
+            request_id="envoy-7",
+        )
+    )
     assert (attrs.method, attrs.path) == ("POST", "/openai/v1/chat/completions")
     assert attrs.headers == {"authorization": "Bearer t", "x-request-id": "rid-1"}
     assert attrs.body == b'{"model": "gpt-4o"}'
@@ -59,15 +68,25 @@ def test_method_path_headers_and_body_are_carried_over() -> None:
 
 
 def test_duplicate_headers_are_joined_with_a_comma_as_envoy_does() -> None:
-    attrs = attrs_from_check(check_request(header_map=[
-        ("X-Sidecar-Model", "gpt-4o"), ("x-sidecar-model", "cheap"), ("Accept", "a/b")]))
+    attrs = attrs_from_check(
+        check_request(
+            header_map=[
+                ("X-Sidecar-Model", "gpt-4o"),
+                ("x-sidecar-model", "cheap"),
+                ("Accept", "a/b"),
+            ]
+        )
+    )
     assert attrs.headers == {"x-sidecar-model": "gpt-4o,cheap", "accept": "a/b"}
 
 
 def test_header_map_values_sent_raw_are_decoded_and_joined_with_the_map() -> None:
-    attrs = attrs_from_check(check_request(
-        headers={"x-tag": "one"},
-        header_map=[("x-tag", b"two"), ("x-bin", b"caf\xc3\xa9"), ("x-bad", b"\xff")]))
+    attrs = attrs_from_check(
+        check_request(
+            headers={"x-tag": "one"},
+            header_map=[("x-tag", b"two"), ("x-bin", b"caf\xc3\xa9"), ("x-bad", b"\xff")],
+        )
+    )
     assert attrs.headers["x-tag"] == "one,two"
     assert attrs.headers["x-bin"] == "café"
     # Undecodable bytes cannot pass as something else: they become U+FFFD.
@@ -86,22 +105,30 @@ def test_the_raw_body_wins_over_the_text_body() -> None:
 
 def test_envoys_id_stands_in_when_the_request_has_no_x_request_id() -> None:
     assert attrs_from_check(check_request(request_id="envoy-7")).request_id == "envoy-7"
-    assert attrs_from_check(check_request(
-        headers={"x-request-id": ""}, request_id="envoy-7")).request_id == "envoy-7"
+    assert (
+        attrs_from_check(
+            check_request(headers={"x-request-id": ""}, request_id="envoy-7")
+        ).request_id
+        == "envoy-7"
+    )
 
 
 def test_a_check_request_with_nothing_in_it_becomes_empty_attributes() -> None:
     attrs = attrs_from_check(external_auth_pb2.CheckRequest())
     assert (attrs.method, attrs.path, dict(attrs.headers), attrs.body, attrs.request_id) == (
-        "", "", {}, None, "")
+        "",
+        "",
+        {},
+        None,
+        "",
+    )
 
 
 # -- Decision → CheckResponse ---------------------------------------------------------
 
 
 def allowed(**fields: object) -> Decision:
-    return Decision(allowed=True, http_status=200, reason="ok", identity=ALICE,
-                    **fields)  # type: ignore[arg-type]
+    return Decision(allowed=True, http_status=200, reason="ok", identity=ALICE, **fields)  # type: ignore[arg-type]
 
 
 def headers_of(options: Iterable[Any]) -> list[tuple[str, str, int]]:
@@ -113,20 +140,25 @@ def metadata(response: external_auth_pb2.CheckResponse) -> dict[str, object]:
 
 
 def test_an_allowed_decision_overwrites_the_upstream_headers_and_removes_the_empty_ones() -> None:
-    response = check_response(allowed(
-        headers={"x-sidecar-user": "alice@example.com", "x-sidecar-route": ""},
-        remove_headers=("cookie", "authorization"),
-        response_headers={"x-sidecar-budget-remaining": "0.090000"},
-        upstream_secrets={"authorization": "Bearer sk-provider"}))
+    response = check_response(
+        allowed(
+            headers={"x-sidecar-user": "alice@example.com", "x-sidecar-route": ""},
+            remove_headers=("cookie", "authorization"),
+            response_headers={"x-sidecar-budget-remaining": "0.090000"},
+            upstream_secrets={"authorization": "Bearer sk-provider"},
+        )
+    )
     assert response.status.code == code_pb2.OK
     ok = response.ok_response
     assert headers_of(ok.headers) == [
         ("x-sidecar-user", "alice@example.com", OVERWRITE),
-        ("authorization", "Bearer sk-provider", OVERWRITE)]
+        ("authorization", "Bearer sk-provider", OVERWRITE),
+    ]
     # An empty value is a removal, so a client-sent value of that header cannot survive.
     assert list(ok.headers_to_remove) == ["authorization", "cookie", "x-sidecar-route"]
     assert headers_of(ok.response_headers_to_add) == [
-        ("x-sidecar-budget-remaining", "0.090000", OVERWRITE)]
+        ("x-sidecar-budget-remaining", "0.090000", OVERWRITE)
+    ]
     assert not response.HasField("denied_response")
 
 
@@ -143,15 +175,23 @@ def test_the_body_rewrite_is_asked_for_only_when_ext_proc_must_change_the_body()
     lua = check_response(allowed(), "insert_usage_option")
     assert BODY_HEADER not in [k for k, _, _ in headers_of(lua.ok_response.headers)]
     assert metadata(lua)["body"] == "insert_usage_option"
-    assert BODY_HEADER not in [k for k, _, _ in headers_of(check_response(allowed())
-                                                           .ok_response.headers)]
+    assert BODY_HEADER not in [
+        k for k, _, _ in headers_of(check_response(allowed()).ok_response.headers)
+    ]
 
 
 def test_metadata_names_the_caller_the_model_and_the_prompt_tokens() -> None:
     response = check_response(allowed(model="gpt-4o", input_tokens=42))
     assert metadata(response) == {
-        "decision": "ok", "kind": "user", "subject": "u-1", "email": "alice@example.com",
-        "groups": "ml,eng", "token_name": "", "model": "gpt-4o", "input_tokens": 42.0}
+        "decision": "ok",
+        "kind": "user",
+        "subject": "u-1",
+        "email": "alice@example.com",
+        "groups": "ml,eng",
+        "token_name": "",
+        "model": "gpt-4o",
+        "input_tokens": 42.0,
+    }
 
 
 def test_metadata_of_an_anonymous_refusal_has_only_the_decision() -> None:
@@ -159,26 +199,38 @@ def test_metadata_of_an_anonymous_refusal_has_only_the_decision() -> None:
     assert metadata(check_response(refused)) == {"decision": "missing_credentials"}
 
 
-@pytest.mark.parametrize(("status", "reason", "code"), [
-    (400, "bad_request", code_pb2.INVALID_ARGUMENT),
-    (401, "invalid_token", code_pb2.UNAUTHENTICATED),
-    (403, "model_not_allowed", code_pb2.PERMISSION_DENIED),
-    (429, "spend_limit_exceeded", code_pb2.RESOURCE_EXHAUSTED),
-    (503, "store_unavailable", code_pb2.UNAVAILABLE),
-    (418, "bad_request", code_pb2.UNKNOWN),
-])
+@pytest.mark.parametrize(
+    ("status", "reason", "code"),
+    [
+        (400, "bad_request", code_pb2.INVALID_ARGUMENT),
+        (401, "invalid_token", code_pb2.UNAUTHENTICATED),
+        (403, "model_not_allowed", code_pb2.PERMISSION_DENIED),
+        (429, "spend_limit_exceeded", code_pb2.RESOURCE_EXHAUSTED),
+        (503, "store_unavailable", code_pb2.UNAVAILABLE),
+        (418, "bad_request", code_pb2.UNKNOWN),
+    ],
+)
 def test_a_refusal_is_answered_with_its_status_headers_and_body(
-        status: int, reason: Reason, code: int) -> None:
+    status: int, reason: Reason, code: int
+) -> None:
     body = json.dumps({"success": False, "error": {"type": reason}}).encode()
-    response = check_response(Decision(
-        allowed=False, http_status=status, reason=reason, body=body,
-        headers={"content-type": "application/json", "retry-after": "30"},
-        upstream_secrets={"authorization": "Bearer sk-provider"}))
+    response = check_response(
+        Decision(
+            allowed=False,
+            http_status=status,
+            reason=reason,
+            body=body,
+            headers={"content-type": "application/json", "retry-after": "30"},
+            upstream_secrets={"authorization": "Bearer sk-provider"},
+        )
+    )
     assert response.status.code == code
     denied = response.denied_response
     assert denied.status.code == status
-    assert headers_of(denied.headers) == [("content-type", "application/json", OVERWRITE),
-                                          ("retry-after", "30", OVERWRITE)]
+    assert headers_of(denied.headers) == [
+        ("content-type", "application/json", OVERWRITE),
+        ("retry-after", "30", OVERWRITE),
+    ]
     assert json.loads(denied.body) == {"success": False, "error": {"type": reason}}
     # A refusal goes back to the client: no provider key in it, no upstream answer.
     assert "sk-provider" not in str(response)

@@ -42,7 +42,11 @@ def test_serve_refuses_an_unknown_loop_before_starting(tmp_path: Path) -> None:
         f.write("store: sqlite:///never-created.db\n")
     result = subprocess.run(
         [sys.executable, "-m", "sidecar.cli", "serve", "--config", config],
-        env={**os.environ, event_loop.ENV: "trio"}, capture_output=True, text=True,
-        timeout=60, check=False)
+        env={**os.environ, event_loop.ENV: "trio"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 1
     assert "SIDECAR_EVENT_LOOP must be 'uvloop' or 'asyncio', not 'trio'" in result.stderr

@@ -82,9 +82,16 @@ def test_fallback_rewrites_model_and_requests_usage_in_one_pass() -> None:
 class FakeEngine:
     def __init__(self) -> None:
         self.charges: list[tuple[str, Observed]] = []
-        rules = build_ruleset(SidecarConfig.model_validate({"providers": [
-            {"id": "openai", "path_prefix": "/openai/"},
-            {"id": "anthropic", "path_prefix": "/anthropic/"}]}))
+        rules = build_ruleset(
+            SidecarConfig.model_validate(
+                {
+                    "providers": [
+                        {"id": "openai", "path_prefix": "/openai/"},
+                        {"id": "anthropic", "path_prefix": "/anthropic/"},
+                    ]
+                }
+            )
+        )
         self.holder = RuleSetHolder(rules)
 
     async def charge(self, request_id: str, observed: Observed, **_: Any) -> CommitResult:
@@ -94,28 +101,37 @@ class FakeEngine:
 
 def _header_map(headers: Mapping[str, str]) -> base_pb2.HeaderMap:
     # Envoy 1.40 sends values only in raw_value.
-    return base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode())
-                                       for k, v in headers.items()])
+    return base_pb2.HeaderMap(
+        headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in headers.items()]
+    )
 
 
 def request_headers(path: str = CHAT, model: str = "gpt-4o-mini", **extra: str) -> Any:
-    headers = {":path": path, ":method": "POST", "x-request-id": "envoy-1",
-               "x-sidecar-model": model, "x-sidecar-provider": "openai", **extra}
+    headers = {
+        ":path": path,
+        ":method": "POST",
+        "x-request-id": "envoy-1",
+        "x-sidecar-model": model,
+        "x-sidecar-provider": "openai",
+        **extra,
+    }
     headers = {k: v for k, v in headers.items() if v}
     return pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=_header_map(headers)))
 
 
 def request_body(data: Mapping[str, Any]) -> Any:
-    return pb.ProcessingRequest(request_body=pb.HttpBody(body=json.dumps(data).encode(),
-                                                         end_of_stream=True))
+    return pb.ProcessingRequest(
+        request_body=pb.HttpBody(body=json.dumps(data).encode(), end_of_stream=True)
+    )
 
 
 def response_phases() -> list[Any]:
     headers = _header_map({":status": "200", "content-type": "application/json"})
     usage = json.dumps({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}})
-    return [pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=headers)),
-            pb.ProcessingRequest(response_body=pb.HttpBody(body=usage.encode(),
-                                                           end_of_stream=True))]
+    return [
+        pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=headers)),
+        pb.ProcessingRequest(response_body=pb.HttpBody(body=usage.encode(), end_of_stream=True)),
+    ]
 
 
 async def _iterate(messages: Iterable[Any]) -> AsyncIterator[Any]:
@@ -146,8 +162,10 @@ BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
 def _strip_flag(response: Any) -> bool:
     fields = response.dynamic_metadata.fields
-    return "sidecar.body" in fields and \
-        fields["sidecar.body"].struct_value.fields["strip_usage"].bool_value
+    return (
+        "sidecar.body" in fields
+        and fields["sidecar.body"].struct_value.fields["strip_usage"].bool_value
+    )
 
 
 def test_stream_request_body_is_rewritten_with_a_new_length_and_the_strip_flag() -> None:
@@ -170,20 +188,32 @@ def test_client_that_asked_for_usage_gets_no_strip_flag() -> None:
 
 
 def test_cross_provider_fallback_rewrites_the_model_for_chat_completions() -> None:
-    _, responses = run([
-        request_headers("/anthropic/v1/messages", "gpt-4o-mini",
-                        **{"x-sidecar-route": "fallback", "x-sidecar-provider": "openai"}),
-        request_body({**BODY, "model": "claude-opus-4-7", "stream": True})])
+    _, responses = run(
+        [
+            request_headers(
+                "/anthropic/v1/messages",
+                "gpt-4o-mini",
+                **{"x-sidecar-route": "fallback", "x-sidecar-provider": "openai"},
+            ),
+            request_body({**BODY, "model": "claude-opus-4-7", "stream": True}),
+        ]
+    )
     sent = json.loads(responses[1].request_body.response.body_mutation.body)
     assert sent["model"] == "gpt-4o-mini" and sent["stream_options"] == {"include_usage": True}
     assert _strip_flag(responses[1])
 
 
 def test_same_provider_fallback_keeps_the_anthropic_body_shape() -> None:
-    _, responses = run([
-        request_headers("/anthropic/v1/messages", "claude-haiku-4-5",
-                        **{"x-sidecar-route": "fallback", "x-sidecar-provider": "anthropic"}),
-        request_body({**BODY, "model": "claude-opus-4-7", "stream": True})])
+    _, responses = run(
+        [
+            request_headers(
+                "/anthropic/v1/messages",
+                "claude-haiku-4-5",
+                **{"x-sidecar-route": "fallback", "x-sidecar-provider": "anthropic"},
+            ),
+            request_body({**BODY, "model": "claude-opus-4-7", "stream": True}),
+        ]
+    )
     sent = json.loads(responses[1].request_body.response.body_mutation.body)
     # Anthropic reports usage by itself: only the model changes, nothing is stripped.
     assert sent["model"] == "claude-haiku-4-5" and "stream_options" not in sent
@@ -202,26 +232,46 @@ def test_ext_proc_never_charges_even_when_sent_a_whole_exchange() -> None:
     engine, responses = run([request_headers(), request_body(BODY), *response_phases()])
     assert engine.charges == []
     assert [r.WhichOneof("response") for r in responses] == [
-        "request_headers", "request_body", "response_headers", "response_body"]
+        "request_headers",
+        "request_body",
+        "response_headers",
+        "response_body",
+    ]
 
 
 # --- who changes the body: nobody, the Lua filter, or ext_proc ------------------------------
 
 
-@pytest.mark.parametrize(("body", "api", "model", "action"), [
-    ({"model": "m", "stream": True, "messages": []}, "openai_chat", None,
-     "insert_usage_option"),
-    ({"model": "m", "stream": True, "stream_options": {"include_usage": False}}, "openai_chat",
-     None, "ext_proc"),
-    ({"model": "m", "stream": True, "stream_options": {"include_usage": True}}, "openai_chat",
-     None, ""),
-    ({"model": "m", "stream": False}, "openai_chat", None, ""),
-    ({"model": "m", "stream": True}, "anthropic_messages", None, ""),
-    ({"model": "m", "stream": True}, "openai_responses", None, ""),
-    ({"model": "m"}, "anthropic_messages", "fallback-model", "ext_proc"),
-])
-def test_body_action_agrees_with_mutate(body: dict[str, Any], api: Api, model: str | None,
-                                        action: str) -> None:
+@pytest.mark.parametrize(
+    ("body", "api", "model", "action"),
+    [
+        (
+            {"model": "m", "stream": True, "messages": []},
+            "openai_chat",
+            None,
+            "insert_usage_option",
+        ),
+        (
+            {"model": "m", "stream": True, "stream_options": {"include_usage": False}},
+            "openai_chat",
+            None,
+            "ext_proc",
+        ),
+        (
+            {"model": "m", "stream": True, "stream_options": {"include_usage": True}},
+            "openai_chat",
+            None,
+            "",
+        ),
+        ({"model": "m", "stream": False}, "openai_chat", None, ""),
+        ({"model": "m", "stream": True}, "anthropic_messages", None, ""),
+        ({"model": "m", "stream": True}, "openai_responses", None, ""),
+        ({"model": "m"}, "anthropic_messages", "fallback-model", "ext_proc"),
+    ],
+)
+def test_body_action_agrees_with_mutate(
+    body: dict[str, Any], api: Api, model: str | None, action: str
+) -> None:
     raw = json.dumps(body).encode()
     assert body_action(raw, api, model) == action
     change = mutate(raw, api, model)

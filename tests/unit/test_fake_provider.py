@@ -314,8 +314,9 @@ def test_runs_as_a_module(tmp_path: Path) -> None:
     # (not installed) finds itself through harness_env alone, as on a fresh clone.
     fresh = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     command = [sys.executable, "-m", "devtools.fake_provider", "--host", "127.0.0.1"]
-    process = subprocess.Popen([*command, "--port", str(port)], env=harness_env(fresh),
-                               cwd=tmp_path)
+    process = subprocess.Popen(
+        [*command, "--port", str(port)], env=harness_env(fresh), cwd=tmp_path
+    )
     try:
         deadline = time.monotonic() + 15
         while True:
@@ -341,35 +342,49 @@ MESSAGES_BODY = {"model": CLAUDE, "max_tokens": 5, "messages": [{"role": "user",
 
 def test_keyed_provider_refuses_a_call_without_its_key_in_openai_shape() -> None:
     with TestClient(create_app(KEYED)) as client:
-        refused = client.post("/openai/v1/chat/completions", json=CHAT_BODY,
-                              headers={"authorization": "Bearer sk-wrong"})
+        refused = client.post(
+            "/openai/v1/chat/completions",
+            json=CHAT_BODY,
+            headers={"authorization": "Bearer sk-wrong"},
+        )
         assert refused.status_code == 401
         assert refused.json()["error"]["code"] == "invalid_api_key"
         for key in KEYED["openai"]:
-            accepted = client.post("/openai/v1/chat/completions", json=CHAT_BODY,
-                                   headers={"authorization": f"Bearer {key}"})
+            accepted = client.post(
+                "/openai/v1/chat/completions",
+                json=CHAT_BODY,
+                headers={"authorization": f"Bearer {key}"},
+            )
             assert accepted.status_code == 200
 
 
 def test_keyed_anthropic_reads_x_api_key_and_answers_its_own_shape() -> None:
     with TestClient(create_app(KEYED)) as client:
-        refused = client.post("/anthropic/v1/messages", json=MESSAGES_BODY,
-                              headers={"authorization": "Bearer sk-ant"})
+        refused = client.post(
+            "/anthropic/v1/messages", json=MESSAGES_BODY, headers={"authorization": "Bearer sk-ant"}
+        )
         assert refused.status_code == 401
-        assert refused.json() == {"type": "error", "error": {
-            "type": "authentication_error", "message": "invalid x-api-key"}}
-        ok = client.post("/anthropic/v1/messages", json=MESSAGES_BODY,
-                         headers={"x-api-key": "sk-ant"})
+        assert refused.json() == {
+            "type": "error",
+            "error": {"type": "authentication_error", "message": "invalid x-api-key"},
+        }
+        ok = client.post(
+            "/anthropic/v1/messages", json=MESSAGES_BODY, headers={"x-api-key": "sk-ant"}
+        )
         assert ok.status_code == 200
 
 
 def test_provider_is_told_by_host_when_a_proxy_stripped_the_prefix() -> None:
     with TestClient(create_app(KEYED)) as client:
-        as_anthropic = client.post("/v1/messages", json=MESSAGES_BODY,
-                                   headers={"host": "api.anthropic.com", "x-api-key": "nope"})
+        as_anthropic = client.post(
+            "/v1/messages",
+            json=MESSAGES_BODY,
+            headers={"host": "api.anthropic.com", "x-api-key": "nope"},
+        )
         assert as_anthropic.status_code == 401
-        unkeyed = client.post("/v1/chat/completions", json=CHAT_BODY,
-                              headers={"host": "api.cloudflare.com"})
+        unkeyed = client.post(
+            "/v1/chat/completions", json=CHAT_BODY, headers={"host": "api.cloudflare.com"}
+        )
         assert unkeyed.status_code == 200  # workers-ai has no keys configured here
         models = client.get("/v1/models", headers={"host": "api.openai.com"})
         assert models.status_code == 401
@@ -384,13 +399,17 @@ def test_unknown_key_provider_is_refused() -> None:
 
 
 def test_replay_serves_a_recorded_file_byte_for_byte_in_pieces(tmp_path: Path) -> None:
-    stream = b"event: a\ndata: {\"x\": 1}\n\nevent: b\ndata: {\"y\": 2}\n\n"
+    stream = b'event: a\ndata: {"x": 1}\n\nevent: b\ndata: {"y": 2}\n\n'
     (tmp_path / "rec.sse").write_bytes(stream)
     (tmp_path / "rec.json").write_bytes(b'{"usage": {"input_tokens": 3}}')
     client = TestClient(create_app(replay_dir=tmp_path))
     body = {"model": CLAUDE, "messages": [], "stream": True}
-    with client.stream("POST", "/v1/messages", json=body,
-                       headers={"x-fake-replay": "rec.sse", "x-fake-chunk-bytes": "7"}) as r:
+    with client.stream(
+        "POST",
+        "/v1/messages",
+        json=body,
+        headers={"x-fake-replay": "rec.sse", "x-fake-chunk-bytes": "7"},
+    ) as r:
         pieces = list(r.iter_raw())
     assert b"".join(pieces) == stream and max(len(p) for p in pieces) <= 7
     answer = client.post("/v1/messages", json=body, headers={"x-fake-replay": "rec.json"})
@@ -399,60 +418,102 @@ def test_replay_serves_a_recorded_file_byte_for_byte_in_pieces(tmp_path: Path) -
 
 
 @pytest.mark.parametrize("name", ["../secret.json", "rec.txt", "missing.json", ".hidden.sse"])
-def test_replay_refuses_names_outside_the_directory_or_not_recorded(tmp_path: Path,
-                                                                    name: str) -> None:
+def test_replay_refuses_names_outside_the_directory_or_not_recorded(
+    tmp_path: Path, name: str
+) -> None:
     (tmp_path.parent / "secret.json").write_text("{}")
     (tmp_path / "rec.txt").write_text("{}")
     (tmp_path / ".hidden.sse").write_text("data: {}\n\n")
     client = TestClient(create_app(replay_dir=tmp_path))
-    answer = client.post("/v1/messages", json={"model": CLAUDE, "messages": []},
-                         headers={"x-fake-replay": name})
+    answer = client.post(
+        "/v1/messages", json={"model": CLAUDE, "messages": []}, headers={"x-fake-replay": name}
+    )
     assert answer.status_code == 404 and answer.json()["type"] == "error"
 
 
 def test_replay_needs_a_replay_dir() -> None:
-    answer = TestClient(create_app()).post("/v1/chat/completions", json={"model": GPT},
-                                           headers={"x-fake-replay": "rec.json"})
+    answer = TestClient(create_app()).post(
+        "/v1/chat/completions", json={"model": GPT}, headers={"x-fake-replay": "rec.json"}
+    )
     assert answer.status_code == 404
 
 
 # --- Gemini, Azure OpenAI, Bedrock, embeddings -------------------------------------------
 
-GEMINI_BODY = {"contents": [{"role": "user", "parts": [{"text": LONG}]}],
-               "generationConfig": {"maxOutputTokens": 11}}
-CONVERSE_BODY = {"messages": [{"role": "user", "content": [{"text": LONG}]}],
-                 "inferenceConfig": {"maxTokens": 11}}
-INVOKE_BODY = {"anthropic_version": "bedrock-2023-05-31", "max_tokens": 11,
-               "messages": [{"role": "user", "content": LONG}]}
+GEMINI_BODY = {
+    "contents": [{"role": "user", "parts": [{"text": LONG}]}],
+    "generationConfig": {"maxOutputTokens": 11},
+}
+CONVERSE_BODY = {
+    "messages": [{"role": "user", "content": [{"text": LONG}]}],
+    "inferenceConfig": {"maxTokens": 11},
+}
+INVOKE_BODY = {
+    "anthropic_version": "bedrock-2023-05-31",
+    "max_tokens": 11,
+    "messages": [{"role": "user", "content": LONG}],
+}
 EVENTSTREAM = "application/vnd.amazon.eventstream"
 
 
-@pytest.mark.parametrize(("path", "api", "body", "stream"), [
-    ("/gemini/v1beta/models/gemini-2.5-flash:generateContent", "gemini", GEMINI_BODY, False),
-    ("/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse", "gemini", GEMINI_BODY,
-     True),
-    ("/bedrock/model/amazon.nova-lite-v1%3A0/converse", "bedrock_converse", CONVERSE_BODY,
-     False),
-    ("/model/amazon.nova-lite-v1%3A0/converse-stream", "bedrock_converse", CONVERSE_BODY, True),
-    ("/model/anthropic.claude-haiku-4-5-20251001-v1%3A0/invoke", "bedrock_invoke",
-     INVOKE_BODY, False),
-    ("/model/anthropic.claude-haiku-4-5-20251001-v1%3A0/invoke-with-response-stream",
-     "bedrock_invoke", INVOKE_BODY, True),
-    ("/azure/openai/deployments/prod/chat/completions?api-version=2024-10-21", "openai_chat",
-     {"messages": [{"role": "user", "content": LONG}], "max_tokens": 11, "stream": True,
-      "stream_options": {"include_usage": True}}, True),
-    ("/v1/embeddings", "openai_embeddings", {"model": "text-embedding-3-small",
-                                             "input": [LONG, "x"]}, False),
-])
+@pytest.mark.parametrize(
+    ("path", "api", "body", "stream"),
+    [
+        ("/gemini/v1beta/models/gemini-2.5-flash:generateContent", "gemini", GEMINI_BODY, False),
+        (
+            "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse",
+            "gemini",
+            GEMINI_BODY,
+            True,
+        ),
+        (
+            "/bedrock/model/amazon.nova-lite-v1%3A0/converse",
+            "bedrock_converse",
+            CONVERSE_BODY,
+            False,
+        ),
+        ("/model/amazon.nova-lite-v1%3A0/converse-stream", "bedrock_converse", CONVERSE_BODY, True),
+        (
+            "/model/anthropic.claude-haiku-4-5-20251001-v1%3A0/invoke",
+            "bedrock_invoke",
+            INVOKE_BODY,
+            False,
+        ),
+        (
+            "/model/anthropic.claude-haiku-4-5-20251001-v1%3A0/invoke-with-response-stream",
+            "bedrock_invoke",
+            INVOKE_BODY,
+            True,
+        ),
+        (
+            "/azure/openai/deployments/prod/chat/completions?api-version=2024-10-21",
+            "openai_chat",
+            {
+                "messages": [{"role": "user", "content": LONG}],
+                "max_tokens": 11,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
+            True,
+        ),
+        (
+            "/v1/embeddings",
+            "openai_embeddings",
+            {"model": "text-embedding-3-small", "input": [LONG, "x"]},
+            False,
+        ),
+    ],
+)
 def test_metering_reads_what_each_api_of_the_fake_reports(
-        path: str, api: Api, body: dict[str, Any], stream: bool) -> None:
-    with (TestClient(create_app()) as client,
-          client.stream("POST", path, json=body) as reply):
+    path: str, api: Api, body: dict[str, Any], stream: bool
+) -> None:
+    with TestClient(create_app()) as client, client.stream("POST", path, json=body) as reply:
         assert reply.status_code == 200
         media = reply.headers["content-type"]
         if stream:
-            assert media.startswith(EVENTSTREAM if api.startswith("bedrock")
-                                    else "text/event-stream")
+            assert media.startswith(
+                EVENTSTREAM if api.startswith("bedrock") else "text/event-stream"
+            )
         meter = UsageMeter.for_response(api, media, "")
         for chunk in reply.iter_raw():
             meter.feed(chunk)
@@ -466,35 +527,58 @@ def test_gemini_and_azure_keys_are_read_from_their_own_headers() -> None:
     gemini = "/v1beta/models/gemini-2.5-flash:generateContent"
     azure = "/openai/deployments/prod/chat/completions"
     with TestClient(create_app(keys)) as client:
-        refused = client.post(gemini, json=GEMINI_BODY, headers={
-            "host": "generativelanguage.googleapis.com", "authorization": "Bearer AIza-1"})
+        refused = client.post(
+            gemini,
+            json=GEMINI_BODY,
+            headers={"host": "generativelanguage.googleapis.com", "authorization": "Bearer AIza-1"},
+        )
         assert refused.status_code == 401
         assert refused.json()["error"]["status"] == "UNAUTHENTICATED"
-        assert client.post(gemini, json=GEMINI_BODY, headers={
-            "host": "generativelanguage.googleapis.com",
-            "x-goog-api-key": "AIza-1"}).status_code == 200
+        assert (
+            client.post(
+                gemini,
+                json=GEMINI_BODY,
+                headers={"host": "generativelanguage.googleapis.com", "x-goog-api-key": "AIza-1"},
+            ).status_code
+            == 200
+        )
         host = {"host": "acme.openai.azure.com"}
-        assert client.post(azure, json=CHAT_BODY, headers={
-            **host, "authorization": "Bearer az-1"}).status_code == 401
-        assert client.post(azure, json={**CHAT_BODY, "model": "prod"}, headers={
-            **host, "api-key": "az-1"}).status_code == 200
+        assert (
+            client.post(
+                azure, json=CHAT_BODY, headers={**host, "authorization": "Bearer az-1"}
+            ).status_code
+            == 401
+        )
+        assert (
+            client.post(
+                azure, json={**CHAT_BODY, "model": "prod"}, headers={**host, "api-key": "az-1"}
+            ).status_code
+            == 200
+        )
 
 
 def test_path_model_apis_refuse_a_body_naming_another_model_and_unknown_verbs() -> None:
     with TestClient(create_app()) as client:
-        other = client.post("/v1beta/models/gemini-2.5-flash:generateContent",
-                            json={**GEMINI_BODY, "model": "gemini-2.5-pro"})
+        other = client.post(
+            "/v1beta/models/gemini-2.5-flash:generateContent",
+            json={**GEMINI_BODY, "model": "gemini-2.5-pro"},
+        )
         assert other.status_code == 400 and other.json()["error"]["code"] == 400
         unknown = client.post("/v1beta/models/gemini-2.5-flash:fooBar", json=GEMINI_BODY)
         assert unknown.status_code == 404
-        bedrock = client.post("/model/amazon.nova-lite-v1%3A0/converse",
-                              headers={"x-fake-status": "429"}, json=CONVERSE_BODY)
+        bedrock = client.post(
+            "/model/amazon.nova-lite-v1%3A0/converse",
+            headers={"x-fake-status": "429"},
+            json=CONVERSE_BODY,
+        )
         assert bedrock.status_code == 429 and "message" in bedrock.json()
 
 
 def test_gemini_thinking_budget_adds_thought_tokens_to_the_output() -> None:
-    thinking = {**GEMINI_BODY, "generationConfig": {
-        "maxOutputTokens": 11, "thinkingConfig": {"thinkingBudget": 500}}}
+    thinking = {
+        **GEMINI_BODY,
+        "generationConfig": {"maxOutputTokens": 11, "thinkingConfig": {"thinkingBudget": 500}},
+    }
     assert expected_usage("gemini", thinking).output_tokens == 11 + 24
     assert expected_usage("gemini", GEMINI_BODY).output_tokens == 11
     assert expected_usage("openai_embeddings", {"input": "abcd" * 10}).output_tokens == 0

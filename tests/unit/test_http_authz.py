@@ -23,10 +23,16 @@ from sidecar.model import Identity, RequestAttrs
 from sidecar.services import build_services
 from sidecar.store.sqlite_store import SQLiteStore
 
-FLAT = {"provider": "openai", "model": "flat-cent", "input_per_mtok": 0,
-        "output_per_mtok": 10000}
-LIMITS = [{"name": "two-cents", "budget_usd": 0.02, "window": {"fixed": "daily"},
-           "split": ["user"], "action": "block"}]
+FLAT = {"provider": "openai", "model": "flat-cent", "input_per_mtok": 0, "output_per_mtok": 10000}
+LIMITS = [
+    {
+        "name": "two-cents",
+        "budget_usd": 0.02,
+        "window": {"fixed": "daily"},
+        "split": ["user"],
+        "action": "block",
+    }
+]
 CHAT = "/openai/v1/chat/completions"
 
 
@@ -40,10 +46,18 @@ def client(tmp_path_factory: pytest.TempPathFactory, issuer: DevIssuer) -> Itera
     workdir = tmp_path_factory.mktemp("authz")
     jwks = issuer.write_jwks(workdir / "jwks.json")
     path = workdir / "sidecar.yaml"
-    path.write_text(yaml.safe_dump(demo_config(
-        issuer, str(jwks), f"sqlite:///{workdir}/s.db", spend_limits=LIMITS,
-        pricing={"unknown_model": "reject", "overrides": [FLAT]},
-        admission={"default_max_output_tokens": 1})))
+    path.write_text(
+        yaml.safe_dump(
+            demo_config(
+                issuer,
+                str(jwks),
+                f"sqlite:///{workdir}/s.db",
+                spend_limits=LIMITS,
+                pricing={"unknown_model": "reject", "overrides": [FLAT]},
+                admission={"default_max_output_tokens": 1},
+            )
+        )
+    )
     services = asyncio.run(build_services(path))
     with TestClient(create_app(services)) as test_client:
         yield test_client
@@ -55,9 +69,14 @@ def bearer(issuer: DevIssuer, email: str, groups: list[str] | None = None) -> di
 
 
 def test_envoy_path_prefix_mode(client: TestClient, issuer: DevIssuer) -> None:
-    response = client.post("/authz" + CHAT, headers={
-        **bearer(issuer, "ann@example.com", ["ml"]), "x-sidecar-model": "flat-cent",
-        "x-request-id": "envoy-req-1"})
+    response = client.post(
+        "/authz" + CHAT,
+        headers={
+            **bearer(issuer, "ann@example.com", ["ml"]),
+            "x-sidecar-model": "flat-cent",
+            "x-request-id": "envoy-req-1",
+        },
+    )
     assert response.status_code == 200, response.text
     assert response.headers["x-sidecar-email"] == "ann@example.com"
     assert response.headers["x-sidecar-groups"] == "ml"
@@ -73,23 +92,32 @@ def test_envoy_path_prefix_mode(client: TestClient, issuer: DevIssuer) -> None:
 
 
 def test_traefik_mode_keeps_real_statuses(client: TestClient, issuer: DevIssuer) -> None:
-    headers = {**bearer(issuer, "tom@example.com"), "x-sidecar-model": "flat-cent",
-               "x-forwarded-method": "POST", "x-forwarded-uri": CHAT,
-               "x-forwarded-host": "llm.example.com"}
+    headers = {
+        **bearer(issuer, "tom@example.com"),
+        "x-sidecar-model": "flat-cent",
+        "x-forwarded-method": "POST",
+        "x-forwarded-uri": CHAT,
+        "x-forwarded-host": "llm.example.com",
+    }
     assert [client.get("/authz", headers=headers).status_code for _ in range(2)] == [200, 200]
     denied = client.get("/authz", headers=headers)
     assert denied.status_code == 429
     assert denied.json()["error"]["rule"] == "two-cents"
     assert int(denied.headers["retry-after"]) > 0
     assert "x-sidecar-error" not in denied.headers
-    missing = client.get("/authz", headers={k: v for k, v in headers.items()
-                                             if k != "authorization"})
+    missing = client.get(
+        "/authz", headers={k: v for k, v in headers.items() if k != "authorization"}
+    )
     assert missing.status_code == 401 and missing.headers["www-authenticate"]
 
 
 def test_nginx_mode_maps_statuses_into_headers(client: TestClient, issuer: DevIssuer) -> None:
-    headers = {**bearer(issuer, "nat@example.com"), "x-sidecar-model": "flat-cent",
-               "x-original-method": "POST", "x-original-uri": CHAT}
+    headers = {
+        **bearer(issuer, "nat@example.com"),
+        "x-sidecar-model": "flat-cent",
+        "x-original-method": "POST",
+        "x-original-uri": CHAT,
+    }
     for _ in range(2):
         assert client.get("/authz", headers=headers).status_code == 200
     denied = client.get("/authz", headers=headers)
@@ -114,22 +142,29 @@ def test_bad_descriptions_are_400(client: TestClient, issuer: DevIssuer) -> None
         response = client.get("/authz", headers={**auth, **extra})
         assert response.status_code == 400, extra
         assert response.json()["error"]["type"] == "bad_request"
-    nginx = client.get("/authz", headers={**auth, "x-original-uri": CHAT,
-                                          "x-original-method": "POST"})
+    nginx = client.get(
+        "/authz", headers={**auth, "x-original-uri": CHAT, "x-original-method": "POST"}
+    )
     assert nginx.status_code == 403 and nginx.headers["x-sidecar-status"] == "400"
     assert "x-sidecar-model" in nginx.json()["error"]["message"]
     # Seen as nginx (X-Original-URI), a disagreeing X-Forwarded-Uri is a 400 in disguise.
-    spoofed = client.get("/authz", headers={**auth, "x-original-uri": CHAT,
-                                            "x-original-method": "POST",
-                                            "x-forwarded-uri": "/other"})
+    spoofed = client.get(
+        "/authz",
+        headers={
+            **auth,
+            "x-original-uri": CHAT,
+            "x-original-method": "POST",
+            "x-forwarded-uri": "/other",
+        },
+    )
     assert spoofed.status_code == 403 and spoofed.headers["x-sidecar-status"] == "400"
 
 
 def test_original_request_parsing() -> None:
     assert original_request("openai/v1/x", "PUT", {}) == ("PUT", "/openai/v1/x", False)
-    assert original_request(None, "GET", {"x-original-uri": "/a?b=1",
-                                          "x-original-method": "post"}) == ("POST", "/a?b=1",
-                                                                            True)
+    assert original_request(
+        None, "GET", {"x-original-uri": "/a?b=1", "x-original-method": "post"}
+    ) == ("POST", "/a?b=1", True)
     with pytest.raises(BadOriginal):
         original_request(None, "GET", {"x-original-uri": "/a", "x-original-method": "P OST"})
 
@@ -141,8 +176,15 @@ async def test_recent_ring_is_bounded_and_newest_first(tmp_path: Path) -> None:
     ring = RecentDecisions(store, size=3, clock=lambda: float(next(clock)))
     who = Identity(kind="user", subject="s", email="zoe@example.com")
     attrs = RequestAttrs("POST", CHAT, {}, request_id="r")
-    full = deny("spend_limit_exceeded", "full", identity=who,
-                model="gpt-4o", rule="r1", bucket="user=zoe@example.com", spent=1.0)
+    full = deny(
+        "spend_limit_exceeded",
+        "full",
+        identity=who,
+        model="gpt-4o",
+        rule="r1",
+        bucket="user=zoe@example.com",
+        spent=1.0,
+    )
     fallback = allow(who, {}, model="cheap", provider="openai", fallback_from="gpt-4o")
     assert entry(attrs, allow(who, {}), 1.0) is None
     for _ in range(4):

@@ -34,11 +34,16 @@ class Clock:
         return self.now
 
 
-def verifier(issuer: DevIssuer, server: FakeJwksServer, clock: Clock,
-             directory: dict[str, tuple[str, ...]] | None = None,
-             claim: str = "groups") -> JwtVerifier:
-    keys = JwksCache(url="https://idp/certs", fetch=server.fetch, refresh_floor_seconds=30,
-                     clock=clock)
+def verifier(
+    issuer: DevIssuer,
+    server: FakeJwksServer,
+    clock: Clock,
+    directory: dict[str, tuple[str, ...]] | None = None,
+    claim: str = "groups",
+) -> JwtVerifier:
+    keys = JwksCache(
+        url="https://idp/certs", fetch=server.fetch, refresh_floor_seconds=30, clock=clock
+    )
     policy = IssuerPolicy(issuer.issuer, (issuer.audience,), ("RS256",), claim, 30, keys)
     return JwtVerifier([policy], directory or {})
 
@@ -131,11 +136,17 @@ async def test_expired_cached_token_is_rejected(issuer: DevIssuer) -> None:
 
 
 def test_allowlist_first_matching_group_rule_wins() -> None:
-    allowlist = Allowlist(default_allow=True, rules=(
-        AllowRule(frozenset({"interns"}), compile_globs(("@cf/*",)), None),
-        AllowRule(frozenset({"ml"}), compile_globs(("claude-opus-*", "gpt-4o*")),
-                  compile_globs(("gpt-4o-audio*",))),
-    ))
+    allowlist = Allowlist(
+        default_allow=True,
+        rules=(
+            AllowRule(frozenset({"interns"}), compile_globs(("@cf/*",)), None),
+            AllowRule(
+                frozenset({"ml"}),
+                compile_globs(("claude-opus-*", "gpt-4o*")),
+                compile_globs(("gpt-4o-audio*",)),
+            ),
+        ),
+    )
     assert allowlist.allows(("interns",), "@cf/meta/llama")
     assert not allowlist.allows(("interns",), "gpt-4o")
     assert not allowlist.allows(("interns", "ml"), "gpt-4o")  # interns rule comes first

@@ -30,8 +30,9 @@ BOB = LedgerDims("bob@example.com", (), "", "user", "claude-haiku-4-5", "anthrop
 AGENT = LedgerDims("ci-bot", ("ml",), "ci-bot", "service", "gpt-4o-mini", "openai")
 
 
-def row(hour: int, dims: LedgerDims, cost: int, requests: int = 1, inp: int = 10,
-        out: int = 5) -> LedgerRow:
+def row(
+    hour: int, dims: LedgerDims, cost: int, requests: int = 1, inp: int = 10, out: int = 5
+) -> LedgerRow:
     return LedgerRow(hour, dims, cost, requests, inp, out)
 
 
@@ -63,7 +64,10 @@ def test_no_group_by_is_one_total_row() -> None:
 def test_group_by_user_and_model_sums_integers() -> None:
     rows = group_usage(ROWS, ("user", "model"))
     assert [(dict(r.keys)["user"], r.totals.cost) for r in rows] == [
-        ("bob@example.com", 250), ("alice@example.com", 107), ("ci-bot", 41)]
+        ("bob@example.com", 250),
+        ("alice@example.com", 107),
+        ("ci-bot", 41),
+    ]
     assert rows[1].totals == Totals(107, 2, 13, 7)
 
 
@@ -76,7 +80,10 @@ def test_groups_explode_into_one_row_per_group() -> None:
 def test_daily_window_buckets_rows_by_utc_day() -> None:
     rows = group_usage(ROWS, ("provider",), "day")
     assert [(r.window_start, dict(r.keys)["provider"], r.totals.cost) for r in rows] == [
-        (T0, "anthropic", 250), (T0, "openai", 107), (T0 + DAY, "openai", 41)]
+        (T0, "anthropic", 250),
+        (T0, "openai", 107),
+        (T0 + DAY, "openai", 41),
+    ]
 
 
 def test_hourly_history_skips_empty_hours() -> None:
@@ -104,11 +111,18 @@ def test_alignment_and_ranges() -> None:
     assert in_range(ROWS, T0 + 3600, T0 + DAY) == ROWS[1:3]
 
 
-@given(st.lists(st.tuples(st.integers(0, 24 * 40), st.sampled_from([ALICE, BOB, AGENT]),
-                          st.integers(-1000, 10**9)), max_size=40),
-       st.sampled_from(WINDOWS))
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 24 * 40), st.sampled_from([ALICE, BOB, AGENT]), st.integers(-1000, 10**9)
+        ),
+        max_size=40,
+    ),
+    st.sampled_from(WINDOWS),
+)
 def test_history_and_grouping_conserve_the_total(
-        entries: list[tuple[int, LedgerDims, int]], window: Window) -> None:
+    entries: list[tuple[int, LedgerDims, int]], window: Window
+) -> None:
     rows = [row(T0 + h * 3600, dims, cost) for h, dims, cost in entries]
     total = sum(cost for _, _, cost in entries)
     assert sum(b.cost for b in usage_history(rows, window)) == total

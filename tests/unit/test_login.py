@@ -39,19 +39,26 @@ class FakeClock:
         self.now += seconds
 
 
-def server(answers: list[tuple[int, dict[str, object]]]) -> tuple[httpx.MockTransport,
-                                                                 list[httpx.Request]]:
+def server(
+    answers: list[tuple[int, dict[str, object]]],
+) -> tuple[httpx.MockTransport, list[httpx.Request]]:
     seen: list[httpx.Request] = []
     pending: Iterator[tuple[int, dict[str, object]]] = iter(answers)
 
     def handle(request: httpx.Request) -> httpx.Response:
         seen.append(request)
         if request.url.path == "/device/code":
-            return httpx.Response(200, json={
-                "device_code": "dc-secret", "user_code": "BCDF-GHJK",
-                "verification_uri": f"{URL}/device",
-                "verification_uri_complete": f"{URL}/device?user_code=BCDF-GHJK",
-                "expires_in": 600, "interval": 5})
+            return httpx.Response(
+                200,
+                json={
+                    "device_code": "dc-secret",
+                    "user_code": "BCDF-GHJK",
+                    "verification_uri": f"{URL}/device",
+                    "verification_uri_complete": f"{URL}/device?user_code=BCDF-GHJK",
+                    "expires_in": 600,
+                    "interval": 5,
+                },
+            )
         status, body = next(pending)
         return httpx.Response(status, json=body)
 
@@ -68,15 +75,21 @@ def token() -> str:
 
 
 def test_login_polls_at_the_interval_honours_slow_down_and_stores_0600(
-        tmp_path: Path, token: str) -> None:
-    transport, seen = server([pending("authorization_pending"), pending("slow_down"),
-                              pending("authorization_pending"),
-                              (200, {"access_token": token, "token_type": "Bearer",
-                                     "expires_in": 3600})])
+    tmp_path: Path, token: str
+) -> None:
+    transport, seen = server(
+        [
+            pending("authorization_pending"),
+            pending("slow_down"),
+            pending("authorization_pending"),
+            (200, {"access_token": token, "token_type": "Bearer", "expires_in": 3600}),
+        ]
+    )
     clock, out = FakeClock(), io.StringIO()
     path = tmp_path / "cfg" / "llm-sidecar" / "credentials.json"
-    stored = login(URL + "/", out=out, path=path, transport=transport, sleep=clock.sleep,
-                   clock=clock)
+    stored = login(
+        URL + "/", out=out, path=path, transport=transport, sleep=clock.sleep, clock=clock
+    )
     assert clock.sleeps == [5, 5, 10, 10]
     assert "BCDF-GHJK" in out.getvalue() and f"{URL}/device?user_code=BCDF-GHJK" in out.getvalue()
     polls = [httpx.QueryParams(r.content.decode()) for r in seen[1:]]
@@ -91,25 +104,42 @@ def test_login_polls_at_the_interval_honours_slow_down_and_stores_0600(
 def test_login_json_prints_the_code_then_the_result(tmp_path: Path, token: str) -> None:
     transport, _ = server([(200, {"access_token": token, "expires_in": 3600})])
     clock, out = FakeClock(), io.StringIO()
-    login(URL, as_json=True, out=out, path=tmp_path / "c.json", transport=transport,
-          sleep=clock.sleep, clock=clock)
+    login(
+        URL,
+        as_json=True,
+        out=out,
+        path=tmp_path / "c.json",
+        transport=transport,
+        sleep=clock.sleep,
+        clock=clock,
+    )
     first, second = (json.loads(line) for line in out.getvalue().splitlines())
     assert first["user_code"] == "BCDF-GHJK" and first["expires_in"] == 600
     assert second["email"] == "alice@example.com" and second["url"] == URL
 
 
-@pytest.mark.parametrize(("answer", "message"), [
-    (pending("access_denied"), "denied"),
-    (pending("expired_token"), "expired"),
-    (pending("invalid_grant"), "invalid_grant"),
-])
-def test_login_stops_on_final_errors(tmp_path: Path, answer: tuple[int, dict[str, object]],
-                                     message: str) -> None:
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        (pending("access_denied"), "denied"),
+        (pending("expired_token"), "expired"),
+        (pending("invalid_grant"), "invalid_grant"),
+    ],
+)
+def test_login_stops_on_final_errors(
+    tmp_path: Path, answer: tuple[int, dict[str, object]], message: str
+) -> None:
     transport, _ = server([answer])
     clock = FakeClock()
     with pytest.raises(LoginError, match=message):
-        login(URL, out=io.StringIO(), path=tmp_path / "c.json", transport=transport,
-              sleep=clock.sleep, clock=clock)
+        login(
+            URL,
+            out=io.StringIO(),
+            path=tmp_path / "c.json",
+            transport=transport,
+            sleep=clock.sleep,
+            clock=clock,
+        )
     assert not (tmp_path / "c.json").exists()
 
 
@@ -119,8 +149,9 @@ def test_token_refuses_absent_other_url_and_expired(tmp_path: Path, token: str) 
         valid_token(None, path=path)
     transport, _ = server([(200, {"access_token": token, "expires_in": 3600})])
     clock = FakeClock()
-    stored = login(URL, out=io.StringIO(), path=path, transport=transport, sleep=clock.sleep,
-                   clock=clock)
+    stored = login(
+        URL, out=io.StringIO(), path=path, transport=transport, sleep=clock.sleep, clock=clock
+    )
     with pytest.raises(LoginError, match=re.escape(f"is for {URL}")):
         valid_token("https://other.example.com", path=path)
     with pytest.raises(LoginError, match="expired"):
@@ -129,15 +160,19 @@ def test_token_refuses_absent_other_url_and_expired(tmp_path: Path, token: str) 
 
 
 def test_xdg_config_home_is_used_only_when_absolute(tmp_path: Path) -> None:
-    assert credentials_path({"XDG_CONFIG_HOME": str(tmp_path)}) == \
-        tmp_path / "llm-sidecar" / "credentials.json"
-    assert credentials_path({"XDG_CONFIG_HOME": "relative"}) == \
-        Path.home() / ".config" / "llm-sidecar" / "credentials.json"
+    assert (
+        credentials_path({"XDG_CONFIG_HOME": str(tmp_path)})
+        == tmp_path / "llm-sidecar" / "credentials.json"
+    )
+    assert (
+        credentials_path({"XDG_CONFIG_HOME": "relative"})
+        == Path.home() / ".config" / "llm-sidecar" / "credentials.json"
+    )
 
 
-def test_cli_token_and_logout_commands(tmp_path: Path, token: str,
-                                       monkeypatch: pytest.MonkeyPatch,
-                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_token_and_logout_commands(
+    tmp_path: Path, token: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
     assert main(["token"]) == 1
     assert "not logged in" in capsys.readouterr().err

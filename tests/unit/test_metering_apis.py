@@ -22,64 +22,103 @@ EVENTSTREAM = "application/vnd.amazon.eventstream"
 
 # Gemini 2.5 with thinking and an explicit cache, as generateContent answers.
 GEMINI_JSON = {
-    "candidates": [{"content": {"parts": [{"text": "Metering has eight letters."}],
-                                "role": "model"},
-                    "finishReason": "STOP", "index": 0}],
+    "candidates": [
+        {
+            "content": {"parts": [{"text": "Metering has eight letters."}], "role": "model"},
+            "finishReason": "STOP",
+            "index": 0,
+        }
+    ],
     "usageMetadata": {
-        "promptTokenCount": 1210, "candidatesTokenCount": 9, "totalTokenCount": 1519,
-        "cachedContentTokenCount": 1024, "thoughtsTokenCount": 300,
+        "promptTokenCount": 1210,
+        "candidatesTokenCount": 9,
+        "totalTokenCount": 1519,
+        "cachedContentTokenCount": 1024,
+        "thoughtsTokenCount": 300,
         "promptTokensDetails": [{"modality": "TEXT", "tokenCount": 1210}],
         "cacheTokensDetails": [{"modality": "TEXT", "tokenCount": 1024}],
     },
-    "modelVersion": "gemini-2.5-flash", "responseId": "aKX0aOmyL4WZ1dkPlZ-4wQ4",
+    "modelVersion": "gemini-2.5-flash",
+    "responseId": "aKX0aOmyL4WZ1dkPlZ-4wQ4",
 }
 GEMINI_USAGE = TokenUsage(input_tokens=186, output_tokens=309, cache_read_tokens=1024)
 
 
 def _gemini_chunk(text: str, candidates: int, finish: str | None = None) -> str:
-    candidate: dict[str, Any] = {"content": {"parts": [{"text": text}], "role": "model"},
-                                 "index": 0}
+    candidate: dict[str, Any] = {
+        "content": {"parts": [{"text": text}], "role": "model"},
+        "index": 0,
+    }
     if finish:
         candidate["finishReason"] = finish
-    usage = {"promptTokenCount": 1210, "candidatesTokenCount": candidates,
-             "totalTokenCount": 1510 + candidates, "cachedContentTokenCount": 1024,
-             "thoughtsTokenCount": 300}
-    return "data: " + json.dumps({"candidates": [candidate], "usageMetadata": usage,
-                                  "modelVersion": "gemini-2.5-flash"}) + "\r\n\r\n"
+    usage = {
+        "promptTokenCount": 1210,
+        "candidatesTokenCount": candidates,
+        "totalTokenCount": 1510 + candidates,
+        "cachedContentTokenCount": 1024,
+        "thoughtsTokenCount": 300,
+    }
+    return (
+        "data: "
+        + json.dumps(
+            {"candidates": [candidate], "usageMetadata": usage, "modelVersion": "gemini-2.5-flash"}
+        )
+        + "\r\n\r\n"
+    )
 
 
 # `alt=sse`: every chunk repeats the running totals.
-GEMINI_SSE = (_gemini_chunk("Metering", 3) + _gemini_chunk(" has eight", 6)
-              + _gemini_chunk(" letters.", 9, "STOP"))
+GEMINI_SSE = (
+    _gemini_chunk("Metering", 3)
+    + _gemini_chunk(" has eight", 6)
+    + _gemini_chunk(" letters.", 9, "STOP")
+)
 
 CONVERSE_JSON = {
     "output": {"message": {"role": "assistant", "content": [{"text": "Eight letters."}]}},
     "stopReason": "end_turn",
-    "usage": {"inputTokens": 31, "outputTokens": 7, "totalTokens": 2086,
-              "cacheReadInputTokens": 1536, "cacheWriteInputTokens": 512},
+    "usage": {
+        "inputTokens": 31,
+        "outputTokens": 7,
+        "totalTokens": 2086,
+        "cacheReadInputTokens": 1536,
+        "cacheWriteInputTokens": 512,
+    },
     "metrics": {"latencyMs": 512},
 }
-CONVERSE_USAGE = TokenUsage(input_tokens=31, output_tokens=7, cache_read_tokens=1536,
-                            cache_write_tokens=512)
+CONVERSE_USAGE = TokenUsage(
+    input_tokens=31, output_tokens=7, cache_read_tokens=1536, cache_write_tokens=512
+)
 CONVERSE_EVENTS = [
     eventstream_message("messageStart", {"role": "assistant", "p": "abcd"}),
-    eventstream_message("contentBlockDelta", {"contentBlockIndex": 0,
-                                              "delta": {"text": "Eight"}, "p": "ab"}),
-    eventstream_message("contentBlockDelta", {"contentBlockIndex": 0,
-                                              "delta": {"text": " letters."}, "p": "a"}),
+    eventstream_message(
+        "contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": "Eight"}, "p": "ab"}
+    ),
+    eventstream_message(
+        "contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": " letters."}, "p": "a"}
+    ),
     eventstream_message("contentBlockStop", {"contentBlockIndex": 0, "p": "abc"}),
     eventstream_message("messageStop", {"stopReason": "end_turn", "p": "abcdefgh"}),
-    eventstream_message("metadata", {"usage": CONVERSE_JSON["usage"],
-                                     "metrics": {"latencyMs": 512}, "p": "abcdef"}),
+    eventstream_message(
+        "metadata", {"usage": CONVERSE_JSON["usage"], "metrics": {"latencyMs": 512}, "p": "abcdef"}
+    ),
 ]
 CONVERSE_STREAM = b"".join(CONVERSE_EVENTS)
 
 INVOKE_JSON = {
-    "id": "msg_bdrk_01", "type": "message", "role": "assistant",
-    "model": "claude-haiku-4-5-20251001", "content": [{"type": "text", "text": "Eight."}],
-    "stop_reason": "end_turn", "stop_sequence": None,
-    "usage": {"input_tokens": 22, "cache_creation_input_tokens": 0,
-              "cache_read_input_tokens": 0, "output_tokens": 5},
+    "id": "msg_bdrk_01",
+    "type": "message",
+    "role": "assistant",
+    "model": "claude-haiku-4-5-20251001",
+    "content": [{"type": "text", "text": "Eight."}],
+    "stop_reason": "end_turn",
+    "stop_sequence": None,
+    "usage": {
+        "input_tokens": 22,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+        "output_tokens": 5,
+    },
 }
 INVOKE_USAGE = TokenUsage(input_tokens=22, output_tokens=5)
 
@@ -90,15 +129,27 @@ def _chunk_event(event: dict[str, Any]) -> bytes:
 
 
 INVOKE_EVENTS: list[dict[str, Any]] = [
-    {"type": "message_start", "message": {**INVOKE_JSON, "content": [],
-                                          "usage": {"input_tokens": 22, "output_tokens": 1}}},
+    {
+        "type": "message_start",
+        "message": {
+            **INVOKE_JSON,
+            "content": [],
+            "usage": {"input_tokens": 22, "output_tokens": 1},
+        },
+    },
     {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
     {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Eight."}},
     {"type": "content_block_stop", "index": 0},
     {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 5}},
-    {"type": "message_stop", "amazon-bedrock-invocationMetrics": {
-        "inputTokenCount": 22, "outputTokenCount": 5, "invocationLatency": 300,
-        "firstByteLatency": 90}},
+    {
+        "type": "message_stop",
+        "amazon-bedrock-invocationMetrics": {
+            "inputTokenCount": 22,
+            "outputTokenCount": 5,
+            "invocationLatency": 300,
+            "firstByteLatency": 90,
+        },
+    },
 ]
 INVOKE_STREAM = b"".join(_chunk_event(e) for e in INVOKE_EVENTS)
 
@@ -124,38 +175,46 @@ def _split(data: bytes, cuts: Iterable[int]) -> list[bytes]:
     return [data[a:b] for a, b in itertools.pairwise(edges)]
 
 
-@pytest.mark.parametrize(("path", "api"), [
-    ("/gemini/v1beta/models/gemini-2.5-flash:generateContent", "gemini"),
-    ("/gemini/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse", "gemini"),
-    ("/bedrock/model/amazon.nova-pro-v1%3A0/converse", "bedrock_converse"),
-    ("/bedrock/model/amazon.nova-pro-v1%3A0/converse-stream", "bedrock_converse"),
-    ("/bedrock/model/anthropic.claude-haiku-4-5-20251001-v1%3A0/invoke", "bedrock_invoke"),
-    ("/bedrock/model/x/invoke-with-response-stream", "bedrock_invoke"),
-    ("/openai/v1/embeddings", "openai_embeddings"),
-    ("/azure/openai/deployments/emb/embeddings?api-version=2024-10-21", "openai_embeddings"),
-    ("/azure/openai/deployments/chat/chat/completions?api-version=2024-10-21", "openai_chat"),
-])
+@pytest.mark.parametrize(
+    ("path", "api"),
+    [
+        ("/gemini/v1beta/models/gemini-2.5-flash:generateContent", "gemini"),
+        ("/gemini/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse", "gemini"),
+        ("/bedrock/model/amazon.nova-pro-v1%3A0/converse", "bedrock_converse"),
+        ("/bedrock/model/amazon.nova-pro-v1%3A0/converse-stream", "bedrock_converse"),
+        ("/bedrock/model/anthropic.claude-haiku-4-5-20251001-v1%3A0/invoke", "bedrock_invoke"),
+        ("/bedrock/model/x/invoke-with-response-stream", "bedrock_invoke"),
+        ("/openai/v1/embeddings", "openai_embeddings"),
+        ("/azure/openai/deployments/emb/embeddings?api-version=2024-10-21", "openai_embeddings"),
+        ("/azure/openai/deployments/chat/chat/completions?api-version=2024-10-21", "openai_chat"),
+    ],
+)
 def test_api_for_path(path: str, api: Api) -> None:
     assert api_for_path(path) == api
 
 
-@pytest.mark.parametrize("path", ["/bedrock/models/x/converse", "/gemini/v1beta/models",
-                                  "/bedrock/converse"])
+@pytest.mark.parametrize(
+    "path", ["/bedrock/models/x/converse", "/gemini/v1beta/models", "/bedrock/converse"]
+)
 def test_paths_that_are_not_metered_apis(path: str) -> None:
     assert api_for_path(path) is None
 
 
-@pytest.mark.parametrize(("api", "body", "expected"), [
-    ("gemini", GEMINI_JSON, GEMINI_USAGE),
-    ("bedrock_converse", CONVERSE_JSON, CONVERSE_USAGE),
-    ("bedrock_invoke", INVOKE_JSON, INVOKE_USAGE),
-    ("openai_embeddings", EMBEDDINGS_JSON, TokenUsage(input_tokens=8)),
-])
-def test_json_bodies_whole_and_byte_by_byte(api: Api, body: dict[str, Any],
-                                            expected: TokenUsage) -> None:
+@pytest.mark.parametrize(
+    ("api", "body", "expected"),
+    [
+        ("gemini", GEMINI_JSON, GEMINI_USAGE),
+        ("bedrock_converse", CONVERSE_JSON, CONVERSE_USAGE),
+        ("bedrock_invoke", INVOKE_JSON, INVOKE_USAGE),
+        ("openai_embeddings", EMBEDDINGS_JSON, TokenUsage(input_tokens=8)),
+    ],
+)
+def test_json_bodies_whole_and_byte_by_byte(
+    api: Api, body: dict[str, Any], expected: TokenUsage
+) -> None:
     data = json.dumps(body).encode()
     assert body_usage(api, body) == expected
-    for chunks in ([data], [data[i:i + 1] for i in range(len(data))]):
+    for chunks in ([data], [data[i : i + 1] for i in range(len(data))]):
         meter = _meter(api, chunks, "application/json")
         assert meter.usage == expected and meter.complete
 
@@ -167,17 +226,23 @@ def test_gemini_stream_without_alt_sse_is_a_json_array() -> None:
 
 
 STREAMS: list[tuple[Api, bytes, str, TokenUsage, int]] = [
-    ("gemini", GEMINI_SSE.encode(), "text/event-stream", GEMINI_USAGE,
-     len("Metering has eight letters.")),
+    (
+        "gemini",
+        GEMINI_SSE.encode(),
+        "text/event-stream",
+        GEMINI_USAGE,
+        len("Metering has eight letters."),
+    ),
     ("bedrock_converse", CONVERSE_STREAM, EVENTSTREAM, CONVERSE_USAGE, len("Eight letters.")),
     ("bedrock_invoke", INVOKE_STREAM, EVENTSTREAM, INVOKE_USAGE, len("Eight.")),
 ]
 
 
 @pytest.mark.parametrize(("api", "data", "media", "expected", "text_bytes"), STREAMS)
-def test_streams_whole_and_byte_by_byte(api: Api, data: bytes, media: str,
-                                        expected: TokenUsage, text_bytes: int) -> None:
-    for chunks in ([data], [data[i:i + 1] for i in range(len(data))]):
+def test_streams_whole_and_byte_by_byte(
+    api: Api, data: bytes, media: str, expected: TokenUsage, text_bytes: int
+) -> None:
+    for chunks in ([data], [data[i : i + 1] for i in range(len(data))]):
         meter = _meter(api, chunks, media)
         assert (meter.usage, meter.complete, meter.error) == (expected, True, None)
         assert meter.output_bytes == text_bytes

@@ -29,8 +29,9 @@ class HeaderAuth:
 
     async def identify(self, headers: Mapping[str, str]) -> tuple[Identity, tuple[str, ...]]:
         user = headers["x-user"]
-        return Identity(kind="user", subject=user, email=user,
-                        groups=(f"team-{sum(map(ord, user)) % 5}",)), ()
+        return Identity(
+            kind="user", subject=user, email=user, groups=(f"team-{sum(map(ord, user)) % 5}",)
+        ), ()
 
 
 @pytest.fixture
@@ -41,8 +42,9 @@ async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
 
 
 def at_threshold(threshold: str) -> float | None:
-    return REGISTRY.get_sample_value("sidecar_budget_buckets_at_threshold",
-                                     {"rule": "card-user", "threshold": threshold})
+    return REGISTRY.get_sample_value(
+        "sidecar_budget_buckets_at_threshold", {"rule": "card-user", "threshold": threshold}
+    )
 
 
 def series() -> int:
@@ -50,27 +52,47 @@ def series() -> int:
 
 
 async def test_series_do_not_grow_with_ten_thousand_users(store: SQLiteStore) -> None:
-    rs = build_ruleset(parse_config({
-        "providers": [{"id": "openai", "path_prefix": "/openai/"}],
-        "pricing": {"unknown_model": "reject", "overrides": [PRICE]},
-        "spend_limits": [
-            # $0.01 of $0.015: every user's bucket is at 66%.
-            {"name": "card-user", "budget_usd": 0.015, "window": {"fixed": "daily"},
-             "split": ["user"], "action": "block", "alerts": [50, 90]},
-            {"name": "card-team", "budget_usd": 1000, "window": {"fixed": "daily"},
-             "split": ["group"], "action": "monitor", "alerts": [50]},
-        ],
-    }))
+    rs = build_ruleset(
+        parse_config(
+            {
+                "providers": [{"id": "openai", "path_prefix": "/openai/"}],
+                "pricing": {"unknown_model": "reject", "overrides": [PRICE]},
+                "spend_limits": [
+                    # $0.01 of $0.015: every user's bucket is at 66%.
+                    {
+                        "name": "card-user",
+                        "budget_usd": 0.015,
+                        "window": {"fixed": "daily"},
+                        "split": ["user"],
+                        "action": "block",
+                        "alerts": [50, 90],
+                    },
+                    {
+                        "name": "card-team",
+                        "budget_usd": 1000,
+                        "window": {"fixed": "daily"},
+                        "split": ["group"],
+                        "action": "monitor",
+                        "alerts": [50],
+                    },
+                ],
+            }
+        )
+    )
     auth = HeaderAuth()
     now = time.time()
     engine = Engine(RuleSetHolder(rs), store, lambda _: auth, clock=lambda: now)
 
     async def call(user: str) -> None:
-        decision = await engine.check(RequestAttrs(
-            "POST", "/openai/v1/chat/completions", {"x-user": user}, BODY, f"rid-{user}"))
+        decision = await engine.check(
+            RequestAttrs(
+                "POST", "/openai/v1/chat/completions", {"x-user": user}, BODY, f"rid-{user}"
+            )
+        )
         assert decision.allowed, decision.body
-        result, _ = await engine.charge(decision.request_id,
-                                        Observed(TokenUsage(0, 1), complete=True))
+        result, _ = await engine.charge(
+            decision.request_id, Observed(TokenUsage(0, 1), complete=True)
+        )
         assert result.status == "committed"
 
     async def users(start: int, end: int) -> int:
@@ -86,5 +108,6 @@ async def test_series_do_not_grow_with_ten_thousand_users(store: SQLiteStore) ->
     assert at_threshold("50") == 10_000
     assert at_threshold("90") == 0
     assert REGISTRY.get_sample_value(
-        "sidecar_budget_max_utilisation_ratio", {"rule": "card-user"}) == pytest.approx(0.666)
+        "sidecar_budget_max_utilisation_ratio", {"rule": "card-user"}
+    ) == pytest.approx(0.666)
     assert b"example.com" not in generate_latest(REGISTRY)

@@ -16,33 +16,41 @@ from sidecar.money import (
 )
 
 
-@pytest.mark.parametrize(("value", "micros"), [
-    ("0.10", 100_000),
-    ("1", 1_000_000),
-    (3, 3_000_000),
-    (Decimal("0.000001"), 1),
-    ("1e-6", 1),
-    ("1E2", 100_000_000),
-    ("0", 0),
-    ("9007199254.740991", 2**53 - 1),
-])
+@pytest.mark.parametrize(
+    ("value", "micros"),
+    [
+        ("0.10", 100_000),
+        ("1", 1_000_000),
+        (3, 3_000_000),
+        (Decimal("0.000001"), 1),
+        ("1e-6", 1),
+        ("1E2", 100_000_000),
+        ("0", 0),
+        ("9007199254.740991", 2**53 - 1),
+    ],
+)
 def test_amounts_are_read_exactly(value: str | int | Decimal, micros: int) -> None:
     assert usd_to_micros(value) == micros
 
 
-@pytest.mark.parametrize(("value", "micros"), [
-    ("0.0000001", 1),
-    ("0.0000010001", 2),
-    ("1.0000001", 1_000_001),
-    ("-0.0000019", -1),
-])
+@pytest.mark.parametrize(
+    ("value", "micros"),
+    [
+        ("0.0000001", 1),
+        ("0.0000010001", 2),
+        ("1.0000001", 1_000_001),
+        ("-0.0000019", -1),
+    ],
+)
 def test_fractions_of_a_micro_dollar_round_up(value: str, micros: int) -> None:
     # Up, never to the nearest: a budget read from text is never made larger.
     assert usd_to_micros(value) == micros
 
 
-@pytest.mark.parametrize("value", ["", "abc", "1,5", "$1", "0x10", "1.2.3", "NaN", "nan",
-                                   "Infinity", "-inf", "sNaN", True])
+@pytest.mark.parametrize(
+    "value",
+    ["", "abc", "1,5", "$1", "0x10", "1.2.3", "NaN", "nan", "Infinity", "-inf", "sNaN", True],
+)
 def test_what_is_not_a_finite_amount_is_refused(value: str | bool) -> None:
     with pytest.raises(ValueError, match="amount"):
         usd_to_micros(value)
@@ -54,15 +62,18 @@ def test_floats_are_refused(value: float) -> None:
         usd_to_micros(value)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("micros", "text"), [
-    (0, "0.000000"),
-    (1, "0.000001"),
-    (90_000, "0.090000"),
-    (1_234_567, "1.234567"),
-    (-5, "-0.000005"),
-    (2**53 - 1, "9007199254.740991"),
-    (10**18 + 1, "1000000000000.000001"),
-])
+@pytest.mark.parametrize(
+    ("micros", "text"),
+    [
+        (0, "0.000000"),
+        (1, "0.000001"),
+        (90_000, "0.090000"),
+        (1_234_567, "1.234567"),
+        (-5, "-0.000005"),
+        (2**53 - 1, "9007199254.740991"),
+        (10**18 + 1, "1000000000000.000001"),
+    ],
+)
 def test_text_output_is_exact_to_the_micro_dollar(micros: int, text: str) -> None:
     assert micros_to_usd_str(micros) == text
     assert usd_to_micros(text) == micros

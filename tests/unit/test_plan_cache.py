@@ -16,17 +16,32 @@ from sidecar.store.sqlite_store import SQLiteStore
 from tests.unit.test_engine import ALICE, CENT, FixedAuth, attrs
 
 MIDNIGHT = 1_900_022_400.0  # 2030-03-18T00:00:00Z
-DAILY = {"name": "daily", "budget_usd": 10, "window": {"fixed": "daily"}, "split": ["user"],
-         "action": "block"}
-MINUTE = {"name": "minute", "budget_usd": 10, "window": {"rolling": "1m"}, "split": ["user"],
-          "action": "block"}
+DAILY = {
+    "name": "daily",
+    "budget_usd": 10,
+    "window": {"fixed": "daily"},
+    "split": ["user"],
+    "action": "block",
+}
+MINUTE = {
+    "name": "minute",
+    "budget_usd": 10,
+    "window": {"rolling": "1m"},
+    "split": ["user"],
+    "action": "block",
+}
 
 
 def ruleset(*limits: dict[str, Any]) -> RuleSet:
-    return build_ruleset(parse_config({
-        "providers": [{"id": "openai", "path_prefix": "/openai/"}],
-        "pricing": {"unknown_model": "reject", "overrides": [CENT]},
-        "spend_limits": list(limits)}))
+    return build_ruleset(
+        parse_config(
+            {
+                "providers": [{"id": "openai", "path_prefix": "/openai/"}],
+                "pricing": {"unknown_model": "reject", "overrides": [CENT]},
+                "spend_limits": list(limits),
+            }
+        )
+    )
 
 
 class Clock:
@@ -37,12 +52,14 @@ class Clock:
         return self.now
 
 
-def _engine(rs: RuleSet, store: SQLiteStore, clock: Clock,
-            runtime: list[tuple[Rule, ...]] | None = None) -> Engine:
+def _engine(
+    rs: RuleSet, store: SQLiteStore, clock: Clock, runtime: list[tuple[Rule, ...]] | None = None
+) -> Engine:
     auth = FixedAuth(ALICE)
     extra = runtime if runtime is not None else [()]
-    return Engine(RuleSetHolder(rs), store, lambda _: auth,
-                  runtime_rules=lambda: extra[0], clock=clock)
+    return Engine(
+        RuleSetHolder(rs), store, lambda _: auth, runtime_rules=lambda: extra[0], clock=clock
+    )
 
 
 def test_validity_is_the_earliest_slot_end_of_the_rules() -> None:
@@ -84,8 +101,14 @@ async def test_engine_plans_match_a_fresh_plan_across_a_midnight(tmp_path: Path)
             clock.now = now
             decision = await eng.check(attrs("cent-1", f"r{now}"))
             assert decision.allowed
-            ctx = {"user": (ALICE.user,), "group": ALICE.groups, "token": (),
-                   "kind": (ALICE.kind,), "model": ("cent-1",), "provider": ("openai",)}
+            ctx = {
+                "user": (ALICE.user,),
+                "group": ALICE.groups,
+                "token": (),
+                "kind": (ALICE.kind,),
+                "model": ("cent-1",),
+                "provider": ("openai",),
+            }
             cached = eng._plan(rs, (), ctx, now)
             assert cached.views == merge(plan(rs.rules, ctx, now)).views, now
     finally:
@@ -111,7 +134,13 @@ def test_identity_is_part_of_the_key() -> None:
     bob = Identity(kind="user", subject="b", email="bob@example.com", groups=("ml",))
     views = {}
     for who in (ALICE, bob):
-        ctx = {"user": (who.user,), "group": who.groups, "token": (), "kind": (who.kind,),
-               "model": ("cent-1",), "provider": ("openai",)}
+        ctx = {
+            "user": (who.user,),
+            "group": who.groups,
+            "token": (),
+            "kind": (who.kind,),
+            "model": ("cent-1",),
+            "provider": ("openai",),
+        }
         views[who.user] = merge(plan(rs.rules, ctx, MIDNIGHT)).views
     assert views[ALICE.user] != views[bob.user]

@@ -22,8 +22,12 @@ from sidecar.policy.request import (
 )
 
 
-def attrs(method: str = "POST", path: str = "/openai/v1/chat/completions",
-          body: Any = None, hint: str = "") -> RequestAttrs:
+def attrs(
+    method: str = "POST",
+    path: str = "/openai/v1/chat/completions",
+    body: Any = None,
+    hint: str = "",
+) -> RequestAttrs:
     raw = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
     return RequestAttrs(method, path, {}, raw, model_hint=hint)
 
@@ -35,16 +39,19 @@ def test_a_body_is_a_json_object() -> None:
     assert parse_body(b'{"model": "gpt-4o", "n": [1]}') == {"model": "gpt-4o", "n": [1]}
 
 
-@pytest.mark.parametrize(("body", "message"), [
-    (None, "request body is required"),
-    (b"", "request body is required"),
-    (b"{", "not valid JSON"),
-    (b"\xff\xfe", "not valid JSON"),
-    (b"[1, 2]", "must be a JSON object"),
-    (b'"gpt-4o"', "must be a JSON object"),
-    (b"null", "must be a JSON object"),
-    (b"[" * 100_000, "nested too deeply"),
-])
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (None, "request body is required"),
+        (b"", "request body is required"),
+        (b"{", "not valid JSON"),
+        (b"\xff\xfe", "not valid JSON"),
+        (b"[1, 2]", "must be a JSON object"),
+        (b'"gpt-4o"', "must be a JSON object"),
+        (b"null", "must be a JSON object"),
+        (b"[" * 100_000, "nested too deeply"),
+    ],
+)
 def test_a_body_that_is_not_a_json_object_is_refused(body: bytes | None, message: str) -> None:
     with pytest.raises(BadRequest, match=message):
         parse_body(body)
@@ -55,14 +62,17 @@ def test_the_model_is_a_non_blank_string_kept_without_surrounding_space() -> Non
     assert model_of({"model": "m" * MAX_MODEL_LENGTH}) == "m" * MAX_MODEL_LENGTH
 
 
-@pytest.mark.parametrize(("data", "message"), [
-    ({}, "no 'model' string"),
-    ({"model": None}, "no 'model' string"),
-    ({"model": 4}, "no 'model' string"),
-    ({"model": ["gpt-4o"]}, "no 'model' string"),
-    ({"model": "   "}, "no 'model' string"),
-    ({"model": "m" * (MAX_MODEL_LENGTH + 1)}, "too long"),
-])
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({}, "no 'model' string"),
+        ({"model": None}, "no 'model' string"),
+        ({"model": 4}, "no 'model' string"),
+        ({"model": ["gpt-4o"]}, "no 'model' string"),
+        ({"model": "   "}, "no 'model' string"),
+        ({"model": "m" * (MAX_MODEL_LENGTH + 1)}, "too long"),
+    ],
+)
 def test_a_missing_or_malformed_model_is_refused(data: dict[str, Any], message: str) -> None:
     with pytest.raises(BadRequest, match=message):
         model_of(data)
@@ -105,11 +115,15 @@ def test_the_hint_names_the_model_when_there_is_no_body() -> None:
 def test_the_path_names_the_model_and_must_agree_with_the_body_and_the_hint() -> None:
     path = "/gemini/v1beta/models/gemini-2.5-pro:generateContent"
     assert request_model(attrs(path=path, body={"contents": []}), "/gemini/") == (
-        "gemini-2.5-pro", {"contents": []})
+        "gemini-2.5-pro",
+        {"contents": []},
+    )
     # The same name in another case is the same model.
     assert request_model(attrs(path=path, body={"model": "Gemini-2.5-PRO"}), "/gemini/")
     assert request_model(attrs(path=path, hint="gemini-2.5-pro"), "/gemini/") == (
-        "gemini-2.5-pro", {})
+        "gemini-2.5-pro",
+        {},
+    )
     disagree = re.escape("the path names model 'gemini-2.5-pro' and the body")
     with pytest.raises(BadRequest, match=disagree):
         request_model(attrs(path=path, body={"model": "gemini-2.5-flash"}), "/gemini/")
@@ -125,7 +139,9 @@ def test_a_path_model_without_a_body_needs_no_body() -> None:
 def test_the_path_is_only_read_behind_a_provider_prefix() -> None:
     path = "/v1beta/models/gemini-2.5-pro:generateContent"
     assert request_model(attrs(path=path, body={"model": "gpt-4o"}), None) == (
-        "gpt-4o", {"model": "gpt-4o"})
+        "gpt-4o",
+        {"model": "gpt-4o"},
+    )
 
 
 def test_a_provider_prefixed_model_names_its_provider_when_configured() -> None:
@@ -143,22 +159,30 @@ def test_a_provider_prefixed_model_names_its_provider_when_configured() -> None:
 def test_metadata_values_become_strings() -> None:
     header = '{"team": "search", "run": 7, "ratio": 0.5, "ci": true, "dry": false}'
     assert parse_metadata({"cf-aig-metadata": header}) == {
-        "team": "search", "run": "7", "ratio": "0.5", "ci": "true", "dry": "false"}
+        "team": "search",
+        "run": "7",
+        "ratio": "0.5",
+        "ci": "true",
+        "dry": "false",
+    }
     assert parse_metadata({}) == {}
     assert parse_metadata({"cf-aig-metadata": "{}"}) == {}
 
 
-@pytest.mark.parametrize(("header", "message"), [
-    ("{", "not valid JSON"),
-    ("[1]", "must be a JSON object"),
-    ('"team"', "must be a JSON object"),
-    ('{"a":1,"b":2,"c":3,"d":4,"e":5,"f":6}', "more than 5 keys"),
-    ('{"a": {"nested": 1}}', "value for 'a' must be a string, number or bool"),
-    ('{"a": [1]}', "value for 'a'"),
-    ('{"a": null}', "value for 'a'"),
-    ('{"a": "' + "x" * MAX_METADATA_BYTES + '"}', "too large"),
-    ("[" * 1000, "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        ("{", "not valid JSON"),
+        ("[1]", "must be a JSON object"),
+        ('"team"', "must be a JSON object"),
+        ('{"a":1,"b":2,"c":3,"d":4,"e":5,"f":6}', "more than 5 keys"),
+        ('{"a": {"nested": 1}}', "value for 'a' must be a string, number or bool"),
+        ('{"a": [1]}', "value for 'a'"),
+        ('{"a": null}', "value for 'a'"),
+        ('{"a": "' + "x" * MAX_METADATA_BYTES + '"}', "too large"),
+        ("[" * 1000, "not valid JSON"),
+    ],
+)
 def test_malformed_metadata_is_refused(header: str, message: str) -> None:
     with pytest.raises(BadRequest, match=message):
         parse_metadata({"cf-aig-metadata": header})

@@ -30,13 +30,22 @@ DEFAULT_PRICE = UnitPrice(
 )  # fmt: skip
 
 
-def priced(provider: str, model: str, input_per_mtok: Decimal, output_per_mtok: Decimal,
-           cache_read_per_mtok: Decimal | None = None,
-           cache_write_per_mtok: Decimal | None = None) -> PriceOverride:
-    return PriceOverride(provider=provider, model=model, input_per_mtok=input_per_mtok,
-                         output_per_mtok=output_per_mtok,
-                         cache_read_per_mtok=cache_read_per_mtok,
-                         cache_write_per_mtok=cache_write_per_mtok)
+def priced(
+    provider: str,
+    model: str,
+    input_per_mtok: Decimal,
+    output_per_mtok: Decimal,
+    cache_read_per_mtok: Decimal | None = None,
+    cache_write_per_mtok: Decimal | None = None,
+) -> PriceOverride:
+    return PriceOverride(
+        provider=provider,
+        model=model,
+        input_per_mtok=input_per_mtok,
+        output_per_mtok=output_per_mtok,
+        cache_read_per_mtok=cache_read_per_mtok,
+        cache_write_per_mtok=cache_write_per_mtok,
+    )
 
 
 def book(*overrides: PriceOverride, unknown_model: UnitPrice | None = None) -> PriceBook:
@@ -392,14 +401,16 @@ def test_negative_override_price_fails_when_configured() -> None:
         priced("openai", "x", Decimal("-1"), Decimal("1"))
 
 
-@pytest.mark.parametrize(("provider", "model"), [
-    ("aws", "us.anthropic.claude-haiku-4-5-20251001-v1:0"),
-    ("aws", "amazon.nova-lite-v1:0"),
-    ("google", "gemini-2.5-flash"),
-    ("azure", "gpt-4o-mini"),
-])
-def test_a_canonical_name_has_the_price_of_the_name_it_came_from(provider: str,
-                                                                  model: str) -> None:
+@pytest.mark.parametrize(
+    ("provider", "model"),
+    [
+        ("aws", "us.anthropic.claude-haiku-4-5-20251001-v1:0"),
+        ("aws", "amazon.nova-lite-v1:0"),
+        ("google", "gemini-2.5-flash"),
+        ("azure", "gpt-4o-mini"),
+    ],
+)
+def test_a_canonical_name_has_the_price_of_the_name_it_came_from(provider: str, model: str) -> None:
     # Budgets and charges use the canonical name; some genai-prices ids (Bedrock's
     # `regional.anthropic...`) do not match their own patterns.
     prices = PriceBook([], None)

@@ -20,16 +20,23 @@ def _files(base: Path) -> dict[str, bytes]:
 
 
 def test_generated_code_is_current(tmp_path: Path) -> None:
-    subprocess.run(["bash", str(ROOT / "scripts" / "gen_protos.sh"), str(tmp_path)],
-                   check=True, cwd=ROOT, env={**os.environ, "PYTHON": sys.executable},
-                   timeout=120)
+    subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gen_protos.sh"), str(tmp_path)],
+        check=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHON": sys.executable},
+        timeout=120,
+    )
     fresh = _files(tmp_path / "sidecar" / "proto_gen")
     committed = _files(GENERATED)
     assert fresh, "gen_protos.sh produced nothing"
-    stale = sorted(name for name in fresh.keys() | committed.keys()
-                   if fresh.get(name) != committed.get(name))
-    assert not stale, (f"sidecar/proto_gen is stale ({', '.join(stale)}): "
-                       "run scripts/gen_protos.sh and commit the result")
+    stale = sorted(
+        name for name in fresh.keys() | committed.keys() if fresh.get(name) != committed.get(name)
+    )
+    assert not stale, (
+        f"sidecar/proto_gen is stale ({', '.join(stale)}): "
+        "run scripts/gen_protos.sh and commit the result"
+    )
 
 
 def test_generated_service_is_importable() -> None:

@@ -77,10 +77,13 @@ def test_secret_never_prints_its_value(key_files: Path) -> None:
     assert "**********" in repr(secret)
 
 
-@pytest.mark.parametrize(("source", "where"), [
-    ({"env": "UNIT_ABSENT_VARIABLE"}, "environment variable UNIT_ABSENT_VARIABLE is not set"),
-    ({"file": "/nonexistent/openai"}, "file /nonexistent/openai cannot be read"),
-])
+@pytest.mark.parametrize(
+    ("source", "where"),
+    [
+        ({"env": "UNIT_ABSENT_VARIABLE"}, "environment variable UNIT_ABSENT_VARIABLE is not set"),
+        ({"file": "/nonexistent/openai"}, "file /nonexistent/openai cannot be read"),
+    ],
+)
 def test_missing_secret_names_key_path_and_source(source: dict[str, str], where: str) -> None:
     _, errors = keys_for([provider(credentials={"default": source})])
     assert len(errors) == 1
@@ -89,43 +92,76 @@ def test_missing_secret_names_key_path_and_source(source: dict[str, str], where:
 
 def test_empty_file_is_missing(tmp_path: Path) -> None:
     (tmp_path / "empty").write_text("\n")
-    _, errors = keys_for([provider(credentials={"by_group": {
-        "research": {"file": str(tmp_path / "empty")}}})])
-    assert errors == [f"providers[0].credentials.by_group.research: file {tmp_path}/empty "
-                      "is empty"]
+    _, errors = keys_for(
+        [provider(credentials={"by_group": {"research": {"file": str(tmp_path / "empty")}}})]
+    )
+    assert errors == [f"providers[0].credentials.by_group.research: file {tmp_path}/empty is empty"]
 
 
 def test_build_ruleset_refuses_a_missing_key_with_file_and_key_path() -> None:
-    config = parse_config({"providers": [provider(credentials={"default": {
-        "file": "/nonexistent/openai"}})]})
+    config = parse_config(
+        {"providers": [provider(credentials={"default": {"file": "/nonexistent/openai"}})]}
+    )
     with pytest.raises(ConfigError) as info:
         build_ruleset(config, source="s.yaml")
     assert info.value.errors[0].startswith(
-        "s.yaml: providers[0].credentials.default: file /nonexistent/openai")
+        "s.yaml: providers[0].credentials.default: file /nonexistent/openai"
+    )
 
 
 def test_serve_refuses_to_start_without_its_key(tmp_path: Path) -> None:
     path = tmp_path / "sidecar.yaml"
-    path.write_text(json.dumps({"store": f"sqlite:///{tmp_path}/s.db", "providers": [
-        provider(credentials={"default": {"file": str(tmp_path / "nope")}})]}))
-    done = subprocess.run([sys.executable, "-m", "sidecar.cli", "serve", "--config", str(path),
-                           "--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0"],
-                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    path.write_text(
+        json.dumps(
+            {
+                "store": f"sqlite:///{tmp_path}/s.db",
+                "providers": [provider(credentials={"default": {"file": str(tmp_path / "nope")}})],
+            }
+        )
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sidecar.cli",
+            "serve",
+            "--config",
+            str(path),
+            "--grpc",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
     assert done.returncode == 1, done.stderr
     assert f"providers[0].credentials.default: file {tmp_path}/nope" in done.stderr
 
 
-@pytest.mark.parametrize(("extra", "want"), [
-    ({}, {"authorization": f"Bearer {KEY}"}),
-    ({"id": "anthropic"}, {"x-api-key": KEY, "anthropic-version": "2023-06-01"}),
-    ({"id": "azure", "api": "azure_openai"}, {"api-key": KEY}),
-    ({"id": "azure-eu"}, {"api-key": KEY}),
-    ({"id": "gemini", "pricing_provider": "google"}, {"x-goog-api-key": KEY}),
-    ({"id": "workers-ai", "pricing_provider": "cloudflare"}, {"authorization": f"Bearer {KEY}"}),
-    ({"id": "claude", "api": "anthropic"}, {"x-api-key": KEY, "anthropic-version": "2023-06-01"}),
-])
-def test_each_provider_gets_its_own_header(key_files: Path, extra: dict[str, str],
-                                           want: dict[str, str]) -> None:
+@pytest.mark.parametrize(
+    ("extra", "want"),
+    [
+        ({}, {"authorization": f"Bearer {KEY}"}),
+        ({"id": "anthropic"}, {"x-api-key": KEY, "anthropic-version": "2023-06-01"}),
+        ({"id": "azure", "api": "azure_openai"}, {"api-key": KEY}),
+        ({"id": "azure-eu"}, {"api-key": KEY}),
+        ({"id": "gemini", "pricing_provider": "google"}, {"x-goog-api-key": KEY}),
+        (
+            {"id": "workers-ai", "pricing_provider": "cloudflare"},
+            {"authorization": f"Bearer {KEY}"},
+        ),
+        (
+            {"id": "claude", "api": "anthropic"},
+            {"x-api-key": KEY, "anthropic-version": "2023-06-01"},
+        ),
+    ],
+)
+def test_each_provider_gets_its_own_header(
+    key_files: Path, extra: dict[str, str], want: dict[str, str]
+) -> None:
     spec = provider(credentials={"default": {"file": str(key_files / "openai")}}, **extra)
     keys, errors = keys_for([spec])
     assert errors == []
@@ -133,28 +169,44 @@ def test_each_provider_gets_its_own_header(key_files: Path, extra: dict[str, str
 
 
 def test_anthropic_version_the_client_sent_is_kept(key_files: Path) -> None:
-    keys, _ = keys_for([provider(id="anthropic", credentials={
-        "default": {"file": str(key_files / "openai")}})])
+    keys, _ = keys_for(
+        [provider(id="anthropic", credentials={"default": {"file": str(key_files / "openai")}})]
+    )
     assert keys["anthropic"].headers((), {"anthropic-version": "2024-01-01"}) == {"x-api-key": KEY}
 
 
 def test_group_key_wins_and_by_group_only_leaves_others_to_their_own(key_files: Path) -> None:
-    both, _ = keys_for([provider(credentials={
-        "default": {"file": str(key_files / "openai")},
-        "by_group": {"research": {"file": str(key_files / "research")}}})])
-    assert both["openai"].headers(("ml", "research"), {}) == {
-        "authorization": f"Bearer {RESEARCH}"}
+    both, _ = keys_for(
+        [
+            provider(
+                credentials={
+                    "default": {"file": str(key_files / "openai")},
+                    "by_group": {"research": {"file": str(key_files / "research")}},
+                }
+            )
+        ]
+    )
+    assert both["openai"].headers(("ml", "research"), {}) == {"authorization": f"Bearer {RESEARCH}"}
     assert both["openai"].headers(("ml",), {}) == {"authorization": f"Bearer {KEY}"}
-    only, _ = keys_for([provider(credentials={
-        "by_group": {"research": {"file": str(key_files / "research")}}})])
+    only, _ = keys_for(
+        [provider(credentials={"by_group": {"research": {"file": str(key_files / "research")}}})]
+    )
     assert only["openai"].headers(("ml",), {}) == {}
 
 
 async def test_decision_sets_the_key_keeps_it_out_of_logs_and_removals(
-        key_files: Path, tmp_path: Path) -> None:
-    rs = build_ruleset(parse_config({
-        "providers": [provider(credentials={"default": {"file": str(key_files / "openai")}})],
-        "pricing": {"unknown_model": {"input_per_mtok": 1, "output_per_mtok": 1}}}))
+    key_files: Path, tmp_path: Path
+) -> None:
+    rs = build_ruleset(
+        parse_config(
+            {
+                "providers": [
+                    provider(credentials={"default": {"file": str(key_files / "openai")}})
+                ],
+                "pricing": {"unknown_model": {"input_per_mtok": 1, "output_per_mtok": 1}},
+            }
+        )
+    )
 
     class Auth:
         async def identify(self, headers: Any) -> tuple[Identity, tuple[str, ...]]:
@@ -163,8 +215,9 @@ async def test_decision_sets_the_key_keeps_it_out_of_logs_and_removals(
     store = SQLiteStore(f"sqlite:///{tmp_path}/e.db")
     engine = Engine(RuleSetHolder(rs), store, lambda _: Auth())
     body = json.dumps({"model": "gpt-4o-mini", "messages": []}).encode()
-    attrs = RequestAttrs("POST", "/openai/v1/chat/completions",
-                         {"authorization": "Bearer caller-jwt"}, body, "r1")
+    attrs = RequestAttrs(
+        "POST", "/openai/v1/chat/completions", {"authorization": "Bearer caller-jwt"}, body, "r1"
+    )
     try:
         with capture_logs(processors=[redact]) as logs:
             decision = await engine.check(attrs)

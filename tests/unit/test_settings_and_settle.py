@@ -46,14 +46,18 @@ def expired() -> float:
 
 
 async def test_settle_pass_charges_reservations_expired_by_the_injected_clock(
-        store: SQLiteStore) -> None:
+    store: SQLiteStore,
+) -> None:
     now = [T0]
     refreshed: list[bool] = []
     settler = Settler(store, None, lambda: refreshed.append(True), clock=lambda: now[0])
     expired_before = expired()
     bucket = BucketView("b", int(T0), int(T0), 3_600, 1_000)
-    assert (await store.reserve(ReserveRequest("r", (bucket,), 300, "reserve", T0, T0 + 60,
-                                               LedgerDims(user="u")))).admitted
+    assert (
+        await store.reserve(
+            ReserveRequest("r", (bucket,), 300, "reserve", T0, T0 + 60, LedgerDims(user="u"))
+        )
+    ).admitted
     assert await settler.settle_once()
     assert (await store.bucket_states([bucket], T0))[0].reserved == 300
     assert expired() == expired_before

@@ -31,11 +31,16 @@ USD = BucketView("b:usd:alice", DAY, DAY, 90_000, 1_000)
 TOKENS = BucketView("b:tok:alice", DAY, DAY, 90_000, 10, measure="tokens")
 
 
-def admitted(request_id: str, estimate: int = 500, tokens: tuple[int, int] = (30, 70),
-             expires_at: float = NOW + 600) -> ReserveRequest:
+def admitted(
+    request_id: str,
+    estimate: int = 500,
+    tokens: tuple[int, int] = (30, 70),
+    expires_at: float = NOW + 600,
+) -> ReserveRequest:
     # Limits far below the amounts: a replayed charge is counted, never refused.
-    return ReserveRequest(request_id, (USD, TOKENS), estimate, "reserve", NOW,
-                          expires_at, ALICE, tokens=tokens)
+    return ReserveRequest(
+        request_id, (USD, TOKENS), estimate, "reserve", NOW, expires_at, ALICE, tokens=tokens
+    )
 
 
 @pytest.fixture
@@ -58,7 +63,8 @@ async def spent(store: SQLiteStore) -> list[int]:
 
 
 async def test_a_completed_admission_is_reserved_and_charged_its_actual_cost(
-        store: SQLiteStore, spool: Spool) -> None:
+    store: SQLiteStore, spool: Spool
+) -> None:
     await spool.admitted(admitted("r1"))
     await spool.completed("r1", 321, TokenUsage(input_tokens=12, output_tokens=8))
     assert await spool.replay(store, NOW) == 1
@@ -66,8 +72,14 @@ async def test_a_completed_admission_is_reserved_and_charged_its_actual_cost(
     record = await store.reservation("r1")
     assert record is not None and record.state == "committed" and record.estimate == 500
     [row] = await store.ledger_rows(HOUR, HOUR + 3600)
-    assert (row.dims, row.cost, row.requests, row.input_tokens, row.output_tokens,
-            row.errors) == (ALICE, 321, 1, 12, 8, 0)
+    assert (row.dims, row.cost, row.requests, row.input_tokens, row.output_tokens, row.errors) == (
+        ALICE,
+        321,
+        1,
+        12,
+        8,
+        0,
+    )
     assert await spool.size() == 0
 
 
@@ -87,7 +99,8 @@ async def test_replay_is_exactly_once(store: SQLiteStore, spool: Spool) -> None:
 
 
 async def test_an_admission_never_completed_waits_for_its_expiry_then_pays_its_estimate(
-        store: SQLiteStore, spool: Spool) -> None:
+    store: SQLiteStore, spool: Spool
+) -> None:
     await spool.admitted(admitted("r1", estimate=500, tokens=(30, 70), expires_at=NOW + 600))
     assert await spool.replay(store, NOW + 599) == 0
     assert await spool.size() == 1
@@ -100,7 +113,8 @@ async def test_an_admission_never_completed_waits_for_its_expiry_then_pays_its_e
 
 
 async def test_a_completion_whose_reservation_reached_the_store_commits_it(
-        store: SQLiteStore, spool: Spool) -> None:
+    store: SQLiteStore, spool: Spool
+) -> None:
     assert (await store.reserve(admitted("r1", estimate=100, tokens=(2, 3)))).admitted
     await spool.completed("r1", 42, TokenUsage(1, 2), error=True, tokens=(5, 6))
     assert await spool.replay(store, NOW) == 1
@@ -120,18 +134,27 @@ class FailingOnce:
     async def reserve(self, request: ReserveRequest) -> ReserveResult:
         return await self._store.reserve(request)
 
-    async def commit(self, request_id: str, actual_micros: int, usage: TokenUsage,
-                     now: float, error: bool = False, others: Sequence[LedgerPart] = (),
-                     tokens: tuple[int, int] | None = None) -> CommitResult:
+    async def commit(
+        self,
+        request_id: str,
+        actual_micros: int,
+        usage: TokenUsage,
+        now: float,
+        error: bool = False,
+        others: Sequence[LedgerPart] = (),
+        tokens: tuple[int, int] | None = None,
+    ) -> CommitResult:
         self._left -= 1
         if self._left == -1:
             raise StoreUnavailable("down again")
-        return await self._store.commit(request_id, actual_micros, usage, now, error,
-                                        others, tokens)
+        return await self._store.commit(
+            request_id, actual_micros, usage, now, error, others, tokens
+        )
 
 
 async def test_replay_stops_at_the_first_failure_and_keeps_what_is_left(
-        store: SQLiteStore, spool: Spool) -> None:
+    store: SQLiteStore, spool: Spool
+) -> None:
     for n in range(3):
         await spool.admitted(admitted(f"r{n}"))
         await spool.completed(f"r{n}", 100, TokenUsage(1, 1))
@@ -153,18 +176,24 @@ async def test_replay_takes_at_most_limit_entries(store: SQLiteStore, spool: Spo
 
 
 async def test_a_spool_written_by_an_older_version_still_replays(
-        store: SQLiteStore, tmp_path: Path) -> None:
+    store: SQLiteStore, tmp_path: Path
+) -> None:
     # Before the `error` column, and when buckets were µUSD only (views a plain list).
     path = tmp_path / "old.db"
     conn = sqlite3.connect(path)
-    conn.execute("CREATE TABLE spool (request_id TEXT PRIMARY KEY, views TEXT, dims TEXT, "
-                 "estimate INTEGER NOT NULL, expires_at REAL NOT NULL, actual INTEGER, "
-                 "usage TEXT, created_at REAL NOT NULL)")
+    conn.execute(
+        "CREATE TABLE spool (request_id TEXT PRIMARY KEY, views TEXT, dims TEXT, "
+        "estimate INTEGER NOT NULL, expires_at REAL NOT NULL, actual INTEGER, "
+        "usage TEXT, created_at REAL NOT NULL)"
+    )
     views = json.dumps([[USD.key, USD.slot, USD.since, USD.ttl_seconds, USD.limit]])
-    dims = json.dumps([ALICE.user, list(ALICE.groups), ALICE.token, ALICE.kind, ALICE.model,
-                       ALICE.provider])
-    conn.execute("INSERT INTO spool VALUES ('old', ?, ?, 700, ?, 650, ?, 0)",
-                 (views, dims, NOW + 600, json.dumps([3, 4, 0, 0])))
+    dims = json.dumps(
+        [ALICE.user, list(ALICE.groups), ALICE.token, ALICE.kind, ALICE.model, ALICE.provider]
+    )
+    conn.execute(
+        "INSERT INTO spool VALUES ('old', ?, ?, 700, ?, 650, ?, 0)",
+        (views, dims, NOW + 600, json.dumps([3, 4, 0, 0])),
+    )
     conn.commit()
     conn.close()
     spool = Spool(str(path))

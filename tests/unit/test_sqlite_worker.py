@@ -70,10 +70,12 @@ async def submitted(*calls: Coroutine[Any, Any, T]) -> list[asyncio.Task[T]]:
     return futures
 
 
-def insert_seeing_committed(key: str, path: Path, fail: BaseException | None = None
-                            ) -> Callable[[sqlite3.Connection], tuple[str, int]]:
+def insert_seeing_committed(
+    key: str, path: Path, fail: BaseException | None = None
+) -> Callable[[sqlite3.Connection], tuple[str, int]]:
     """Insert `key`, then count the rows another connection sees committed: inside one
     shared transaction that stays 0 until the batch's single COMMIT."""
+
     def job(conn: sqlite3.Connection) -> tuple[str, int]:
         conn.execute("INSERT INTO t VALUES (?)", (key,))
         if fail is not None:
@@ -89,21 +91,30 @@ def insert_seeing_committed(key: str, path: Path, fail: BaseException | None = N
 
 
 async def test_jobs_queued_together_share_one_commit_and_a_failing_one_is_rolled_back_alone(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     w = worker(tmp_path)
     await w.call(keys, tx=False)  # creates the table before anything is held
     holder = Holder(w)
     await holder.running()
-    jobs = await submitted(*(
-        w.call(insert_seeing_committed(f"k{i:02d}", tmp_path / "w.db",
-                                       ValueError("no") if i == 7 else None), tx=True)
-        for i in range(20)))
+    jobs = await submitted(
+        *(
+            w.call(
+                insert_seeing_committed(
+                    f"k{i:02d}", tmp_path / "w.db", ValueError("no") if i == 7 else None
+                ),
+                tx=True,
+            )
+            for i in range(20)
+        )
+    )
     await holder.release()
     results = await asyncio.gather(*jobs, return_exceptions=True)
     assert isinstance(results[7], ValueError)
     # Every other job ran before any of them was committed: one transaction, one COMMIT.
     assert [r for i, r in enumerate(results) if i != 7] == [
-        (f"k{i:02d}", 0) for i in range(20) if i != 7]
+        (f"k{i:02d}", 0) for i in range(20) if i != 7
+    ]
     assert await w.call(keys, tx=False) == [f"k{i:02d}" for i in range(20) if i != 7]
     await w.close()
 
@@ -111,8 +122,9 @@ async def test_jobs_queued_together_share_one_commit_and_a_failing_one_is_rolled
 async def test_jobs_queued_one_after_another_commit_one_by_one(tmp_path: Path) -> None:
     # The counterpart: with nothing queued alongside, each job commits before the next.
     w = worker(tmp_path)
-    results = [await w.call(insert_seeing_committed(f"k{i}", tmp_path / "w.db"), tx=True)
-               for i in range(3)]
+    results = [
+        await w.call(insert_seeing_committed(f"k{i}", tmp_path / "w.db"), tx=True) for i in range(3)
+    ]
     assert results == [("k0", 0), ("k1", 1), ("k2", 2)]
     await w.close()
 

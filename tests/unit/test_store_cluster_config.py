@@ -13,8 +13,7 @@ CONFIG = Path("sidecar.yaml")
 
 
 def test_cluster_true_reads_a_redis_url_as_cluster_nodes() -> None:
-    config = parse_config({"store": {"url": "redis://:s3cret@h1:7000,h2:7001/",
-                                     "cluster": True}})
+    config = parse_config({"store": {"url": "redis://:s3cret@h1:7000,h2:7001/", "cluster": True}})
     assert store_url(CONFIG, config.store) == "redis+cluster://:s3cret@h1:7000,h2:7001/"
     tls = parse_config({"store": {"url": "rediss://h1:7000/0", "cluster": True}})
     assert store_url(CONFIG, tls.store) == "rediss+cluster://h1:7000/0"
@@ -23,13 +22,17 @@ def test_cluster_true_reads_a_redis_url_as_cluster_nodes() -> None:
     assert store_url(CONFIG, plain.store) == "redis://h1:7000/0"
 
 
-@pytest.mark.parametrize(("url", "says"), [
-    ("sqlite:///./s.db", "cluster: true needs a redis://"),
-    ("redis://h1:7000/3", "only database 0"),
-    ("redis://h1,h2:7001/", "'h1' is not host:port"),
-])
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("sqlite:///./s.db", "cluster: true needs a redis://"),
+        ("redis://h1:7000/3", "only database 0"),
+        ("redis://h1,h2:7001/", "'h1' is not host:port"),
+    ],
+)
 def test_cluster_true_with_a_url_that_names_no_cluster_is_a_config_error(
-        url: str, says: str) -> None:
+    url: str, says: str
+) -> None:
     with pytest.raises(ConfigError) as caught:
         parse_config({"store": {"url": url, "cluster": True}})
     assert says in str(caught.value)

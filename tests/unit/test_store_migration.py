@@ -39,8 +39,9 @@ async def test_old_ledger_gains_errors_and_keeps_its_rows(tmp_path: Path) -> Non
         assert (old.cost, old.requests, old.errors) == (500, 2, 0)
         view = BucketView("b", HOUR, HOUR, 90_000, 10_000)
         dims = LedgerDims("a@x", ("ml",), "", "user", "gpt-4o", "openai")
-        await store.reserve(ReserveRequest("r1", (view,), 100, "reserve", HOUR + 1.0,
-                                           HOUR + 600.0, dims))
+        await store.reserve(
+            ReserveRequest("r1", (view,), 100, "reserve", HOUR + 1.0, HOUR + 600.0, dims)
+        )
         await store.commit("r1", 0, TokenUsage(), HOUR + 2.0, error=True)
         [row] = await store.ledger_rows(HOUR, HOUR + 3600)
         assert (row.cost, row.requests, row.errors) == (500, 3, 1)
@@ -58,8 +59,9 @@ async def test_old_spool_gains_error_and_replays_an_error_as_one(tmp_path: Path)
     try:
         view = BucketView("b", HOUR, HOUR, 90_000, 10_000)
         dims = LedgerDims("a@x", ("ml",), "", "user", "gpt-4o", "openai")
-        await spool.admitted(ReserveRequest("s1", (view,), 100, "reserve", HOUR + 1.0,
-                                            HOUR + 600.0, dims))
+        await spool.admitted(
+            ReserveRequest("s1", (view,), 100, "reserve", HOUR + 1.0, HOUR + 600.0, dims)
+        )
         await spool.completed("s1", 0, TokenUsage(), error=True)
         assert await spool.replay(store, HOUR + 5.0) == 1
         [row] = await store.ledger_rows(HOUR, HOUR + 3600)

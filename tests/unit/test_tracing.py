@@ -22,17 +22,21 @@ def _reset() -> Iterator[None]:
     tracing.uninstall()
 
 
-@pytest.mark.parametrize(("env", "on"), [
-    ({}, False),
-    ({"OTEL_SERVICE_NAME": "x"}, False),
-    ({"OTEL_TRACES_EXPORTER": "otlp"}, True),
-    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, True),
-    ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4318/v1/traces"}, True),
-    ({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}, False),
-    ({"OTEL_SDK_DISABLED": "true", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}, False),
-])
+@pytest.mark.parametrize(
+    ("env", "on"),
+    [
+        ({}, False),
+        ({"OTEL_SERVICE_NAME": "x"}, False),
+        ({"OTEL_TRACES_EXPORTER": "otlp"}, True),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, True),
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4318/v1/traces"}, True),
+        ({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}, False),
+        ({"OTEL_SDK_DISABLED": "true", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}, False),
+    ],
+)
 def test_on_only_when_the_environment_names_an_exporter_or_endpoint(
-        env: dict[str, str], on: bool) -> None:
+    env: dict[str, str], on: bool
+) -> None:
     assert tracing.wanted(env) is on
     assert tracing.configure(env) is on
     assert tracing.ENABLED is on
@@ -40,8 +44,9 @@ def test_on_only_when_the_environment_names_an_exporter_or_endpoint(
 
 def test_off_every_span_is_one_shared_object_and_nothing_is_recorded() -> None:
     assert not tracing.configure({})
-    first = tracing.span("sidecar.check", {"traceparent": "00-" + "1" * 32 + "-" + "2" * 16
-                                           + "-01"}, model="m")
+    first = tracing.span(
+        "sidecar.check", {"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"}, model="m"
+    )
     assert first is tracing.span("sidecar.store.reserve")
     with first as span:
         assert span is None
@@ -66,8 +71,10 @@ def test_traceparent_header_parents_a_span_without_a_current_one() -> None:
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     tracing.install(provider)
     header = "00-" + "a" * 32 + "-" + "b" * 16 + "-01"
-    with tracing.span("sidecar.check", {"traceparent": header}, buckets=2), \
-            tracing.span("sidecar.store.reserve", {"traceparent": "garbage"}):
+    with (
+        tracing.span("sidecar.check", {"traceparent": header}, buckets=2),
+        tracing.span("sidecar.store.reserve", {"traceparent": "garbage"}),
+    ):
         pass
     inner, outer = exporter.get_finished_spans()
     assert outer.context is not None and outer.parent is not None
@@ -79,11 +86,17 @@ def test_traceparent_header_parents_a_span_without_a_current_one() -> None:
 
 
 def test_off_the_request_path_does_not_even_import_opentelemetry() -> None:
-    probe = ("import sys; import sidecar.server, sidecar.engine, sidecar.envoy.authz, "
-             "sidecar.envoy.ext_proc; "
-             "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))")
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                            timeout=60, env={k: v for k, v in os.environ.items()
-                                             if not k.startswith("OTEL_")})
+    probe = (
+        "import sys; import sidecar.server, sidecar.engine, sidecar.envoy.authz, "
+        "sidecar.envoy.ext_proc; "
+        "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if not k.startswith("OTEL_")},
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"

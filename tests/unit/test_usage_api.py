@@ -56,8 +56,9 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
     issuer = DevIssuer.generate()
     jwks = issuer.write_jwks(workdir / "jwks.json")
     path = workdir / "sidecar.yaml"
-    path.write_text(yaml.safe_dump(demo_config(issuer, str(jwks),
-                                               f"sqlite:///{workdir}/sidecar.db")))
+    path.write_text(
+        yaml.safe_dump(demo_config(issuer, str(jwks), f"sqlite:///{workdir}/sidecar.db"))
+    )
     mp = pytest.MonkeyPatch()
     mp.setenv("SIDECAR_ADMIN_TOKEN", TOKEN)
     services = asyncio.run(build_services(path))
@@ -92,10 +93,24 @@ def error(response: Any, status: int) -> str:
 def test_usage_grouped_by_user_and_model(client: TestClient) -> None:
     rows = result(client.get("/v1/usage", params={"group_by": "user,model"}))
     assert rows == [
-        {"user": "bob@example.com", "model": "claude-haiku-4-5", "cost_usd": Decimal("0.002833"),
-         "requests": 3, "input_tokens": 10, "output_tokens": 4, "errors": 1},
-        {"user": "alice@example.com", "model": "gpt-4o-mini", "cost_usd": Decimal("0.0002"),
-         "requests": 2, "input_tokens": 20, "output_tokens": 8, "errors": 0},
+        {
+            "user": "bob@example.com",
+            "model": "claude-haiku-4-5",
+            "cost_usd": Decimal("0.002833"),
+            "requests": 3,
+            "input_tokens": 10,
+            "output_tokens": 4,
+            "errors": 1,
+        },
+        {
+            "user": "alice@example.com",
+            "model": "gpt-4o-mini",
+            "cost_usd": Decimal("0.0002"),
+            "requests": 2,
+            "input_tokens": 20,
+            "output_tokens": 8,
+            "errors": 0,
+        },
     ]
 
 
@@ -110,13 +125,29 @@ def test_usage_by_group_explodes_and_windows_by_day(client: TestClient) -> None:
 
 
 def test_usage_range_accepts_iso_and_epoch_seconds(client: TestClient) -> None:
-    iso = result(client.get("/v1/usage", params={"start": "2024-05-01",
-                                                 "end": "2024-05-02T00:00:00Z"}))
+    iso = result(
+        client.get("/v1/usage", params={"start": "2024-05-01", "end": "2024-05-02T00:00:00Z"})
+    )
     epoch = result(client.get("/v1/usage", params={"start": str(T0), "end": str(T0 + 86400)}))
-    assert iso == epoch == [{"cost_usd": Decimal("0.0002"), "requests": 2, "input_tokens": 20,
-                             "output_tokens": 8, "errors": 0}]
-    offset = result(client.get("/v1/usage", params={"start": "2024-05-01T03:00:00+02:00",
-                                                    "end": "2024-05-01T01:30:00Z"}))
+    assert (
+        iso
+        == epoch
+        == [
+            {
+                "cost_usd": Decimal("0.0002"),
+                "requests": 2,
+                "input_tokens": 20,
+                "output_tokens": 8,
+                "errors": 0,
+            }
+        ]
+    )
+    offset = result(
+        client.get(
+            "/v1/usage",
+            params={"start": "2024-05-01T03:00:00+02:00", "end": "2024-05-01T01:30:00Z"},
+        )
+    )
     assert offset[0]["cost_usd"] == Decimal("0.000077")  # only the 01:00 hour
 
 
@@ -128,16 +159,35 @@ def test_usage_default_range_is_thirty_days(client: TestClient) -> None:
 
 
 def test_history_daily_buckets(client: TestClient) -> None:
-    history = result(client.get(HISTORY, params={
-        "value_grouping_window": "day", "start_time": str(T0 * 1000),
-        "end_time": str(NOW * 1000)}))["history"]
+    history = result(
+        client.get(
+            HISTORY,
+            params={
+                "value_grouping_window": "day",
+                "start_time": str(T0 * 1000),
+                "end_time": str(NOW * 1000),
+            },
+        )
+    )["history"]
     assert history == [
-        {"id": "2024-05-01T00:00:00Z", "aggregated_value": Decimal("0.0002"),
-         "start_time": T0 * 1000, "end_time": (T0 + 86400) * 1000},
-        {"id": "2024-05-02T00:00:00Z", "aggregated_value": Decimal("0.0025"),
-         "start_time": (T0 + 86400) * 1000, "end_time": (T0 + 2 * 86400) * 1000},
-        {"id": "2024-05-04T00:00:00Z", "aggregated_value": Decimal("0.000333"),
-         "start_time": (T0 + 3 * 86400) * 1000, "end_time": (T0 + 4 * 86400) * 1000},
+        {
+            "id": "2024-05-01T00:00:00Z",
+            "aggregated_value": Decimal("0.0002"),
+            "start_time": T0 * 1000,
+            "end_time": (T0 + 86400) * 1000,
+        },
+        {
+            "id": "2024-05-02T00:00:00Z",
+            "aggregated_value": Decimal("0.0025"),
+            "start_time": (T0 + 86400) * 1000,
+            "end_time": (T0 + 2 * 86400) * 1000,
+        },
+        {
+            "id": "2024-05-04T00:00:00Z",
+            "aggregated_value": Decimal("0.000333"),
+            "start_time": (T0 + 3 * 86400) * 1000,
+            "end_time": (T0 + 4 * 86400) * 1000,
+        },
     ]
 
 
@@ -145,29 +195,52 @@ def test_history_hourly_default_is_last_48_hours(client: TestClient) -> None:
     history = result(client.get(HISTORY, params={"value_grouping_window": "hour"}))["history"]
     # 48 h before NOW, rounded down to the hour: 2024-05-02T00:00Z.
     assert [(h["id"], h["aggregated_value"]) for h in history] == [
-        ("2024-05-02T00:00:00Z", Decimal("0.0025")), ("2024-05-04T00:00:00Z", Decimal("0.000333"))]
-    fractional = result(client.get(HISTORY, params={
-        "value_grouping_window": "hour", "start_time": f"{T0 * 1000}.5",
-        "end_time": f"{(T0 + 7200) * 1000}"}))["history"]
-    assert [h["aggregated_value"] for h in fractional] == [Decimal("0.000123"),
-                                                            Decimal("0.000077")]
+        ("2024-05-02T00:00:00Z", Decimal("0.0025")),
+        ("2024-05-04T00:00:00Z", Decimal("0.000333")),
+    ]
+    fractional = result(
+        client.get(
+            HISTORY,
+            params={
+                "value_grouping_window": "hour",
+                "start_time": f"{T0 * 1000}.5",
+                "end_time": f"{(T0 + 7200) * 1000}",
+            },
+        )
+    )["history"]
+    assert [h["aggregated_value"] for h in fractional] == [Decimal("0.000123"), Decimal("0.000077")]
 
 
-@pytest.mark.parametrize(("params", "needle"), [
-    ({}, "value_grouping_window is required"),
-    ({"value_grouping_window": "week"}, "value_grouping_window must be one of"),
-    ({"value_grouping_window": "day", "start_time": "yesterday"}, "start_time must be a number"),
-    ({"value_grouping_window": "day", "end_time": "-5"}, "non-negative"),
-    ({"value_grouping_window": "day", "end_time": "NaN"}, "non-negative"),
-    ({"value_grouping_window": "day", "start_time": "2000", "end_time": "1000"},
-     "start_time must not be after end_time"),
-    ({"value_grouping_window": "day", "start_time": "0", "end_time": str(401 * 86400 * 1000)},
-     "longer than 400 days"),
-    ({"value_grouping_window": "day", "end_time": "1e30"}, "year 9999"),
-    ({"value_grouping_window": "day", "page": "2"}, "unknown query parameter(s): page"),
-])
-def test_history_rejects_bad_queries(client: TestClient, params: dict[str, str],
-                                     needle: str) -> None:
+@pytest.mark.parametrize(
+    ("params", "needle"),
+    [
+        ({}, "value_grouping_window is required"),
+        ({"value_grouping_window": "week"}, "value_grouping_window must be one of"),
+        (
+            {"value_grouping_window": "day", "start_time": "yesterday"},
+            "start_time must be a number",
+        ),
+        ({"value_grouping_window": "day", "end_time": "-5"}, "non-negative"),
+        ({"value_grouping_window": "day", "end_time": "NaN"}, "non-negative"),
+        (
+            {"value_grouping_window": "day", "start_time": "2000", "end_time": "1000"},
+            "start_time must not be after end_time",
+        ),
+        (
+            {
+                "value_grouping_window": "day",
+                "start_time": "0",
+                "end_time": str(401 * 86400 * 1000),
+            },
+            "longer than 400 days",
+        ),
+        ({"value_grouping_window": "day", "end_time": "1e30"}, "year 9999"),
+        ({"value_grouping_window": "day", "page": "2"}, "unknown query parameter(s): page"),
+    ],
+)
+def test_history_rejects_bad_queries(
+    client: TestClient, params: dict[str, str], needle: str
+) -> None:
     assert needle in error(client.get(HISTORY, params=params), 400)
 
 
@@ -177,21 +250,24 @@ def test_history_repeated_parameter_is_400(client: TestClient) -> None:
 
 
 def test_history_unknown_account_is_404(client: TestClient) -> None:
-    response = client.get("/accounts/other/ai-gateway/billing/usage-history",
-                          params={"value_grouping_window": "day"})
+    response = client.get(
+        "/accounts/other/ai-gateway/billing/usage-history", params={"value_grouping_window": "day"}
+    )
     assert "unknown account" in error(response, 404)
 
 
-@pytest.mark.parametrize(("params", "needle"), [
-    ({"group_by": "user,colour"}, "unknown dimension(s) colour"),
-    ({"window": "minute"}, "window must be one of"),
-    ({"start": "last tuesday"}, "epoch seconds or an ISO 8601"),
-    ({"start": "2024-05-03", "end": "2024-05-01"}, "start must not be after end"),
-    ({"start": "2020-01-01", "end": "2024-01-01"}, "longer than 400 days"),
-    ({"group_by": "user", "sort": "cost"}, "unknown query parameter(s): sort"),
-])
-def test_usage_rejects_bad_queries(client: TestClient, params: dict[str, str],
-                                   needle: str) -> None:
+@pytest.mark.parametrize(
+    ("params", "needle"),
+    [
+        ({"group_by": "user,colour"}, "unknown dimension(s) colour"),
+        ({"window": "minute"}, "window must be one of"),
+        ({"start": "last tuesday"}, "epoch seconds or an ISO 8601"),
+        ({"start": "2024-05-03", "end": "2024-05-01"}, "start must not be after end"),
+        ({"start": "2020-01-01", "end": "2024-01-01"}, "longer than 400 days"),
+        ({"group_by": "user", "sort": "cost"}, "unknown query parameter(s): sort"),
+    ],
+)
+def test_usage_rejects_bad_queries(client: TestClient, params: dict[str, str], needle: str) -> None:
     assert needle in error(client.get("/v1/usage", params=params), 400)
 
 
@@ -201,10 +277,9 @@ def test_usage_apis_need_an_admin(client: TestClient) -> None:
         assert error(client.get(path, headers={"authorization": "Bearer wrong"}), 401)
 
 
-
-
-def test_store_gone_mid_request_is_a_retryable_json_503(client: TestClient, services: Services,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_store_gone_mid_request_is_a_retryable_json_503(
+    client: TestClient, services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
     async def dropped(*args: object, **kwargs: object) -> list[Any]:
         raise StoreUnavailable("Connection closed by server")
 

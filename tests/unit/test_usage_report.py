@@ -7,12 +7,31 @@ from decimal import Decimal
 from sidecar.client.usage_report import render_table, since_param, total
 
 ROWS = [
-    {"user": "alice@example.com", "model": "gpt-4o-mini", "cost_usd": 0.1, "requests": 3,
-     "input_tokens": 1200, "output_tokens": 80},
-    {"user": "ci-bot", "model": "claude-haiku-4-5", "cost_usd": 0.2, "requests": 1,
-     "input_tokens": 5, "output_tokens": 700, "errors": 2},
-    {"user": "", "model": "gpt-4o-mini", "cost_usd": 0.000001, "requests": 1,
-     "input_tokens": 0, "output_tokens": 0},
+    {
+        "user": "alice@example.com",
+        "model": "gpt-4o-mini",
+        "cost_usd": 0.1,
+        "requests": 3,
+        "input_tokens": 1200,
+        "output_tokens": 80,
+    },
+    {
+        "user": "ci-bot",
+        "model": "claude-haiku-4-5",
+        "cost_usd": 0.2,
+        "requests": 1,
+        "input_tokens": 5,
+        "output_tokens": 700,
+        "errors": 2,
+    },
+    {
+        "user": "",
+        "model": "gpt-4o-mini",
+        "cost_usd": 0.000001,
+        "requests": 1,
+        "input_tokens": 0,
+        "output_tokens": 0,
+    },
 ]
 
 
@@ -32,11 +51,25 @@ def test_total_is_an_exact_decimal_sum() -> None:
 
 def test_table_is_aligned_with_a_total_line() -> None:
     lines = render_table(ROWS, ["user", "model"], total(ROWS)).splitlines()
-    assert lines[0].split() == ["USER", "MODEL", "COST_USD", "REQUESTS", "INPUT", "OUTPUT",
-                                "ERRORS"]
+    assert lines[0].split() == [
+        "USER",
+        "MODEL",
+        "COST_USD",
+        "REQUESTS",
+        "INPUT",
+        "OUTPUT",
+        "ERRORS",
+    ]
     # A row without `errors` (an older server) shows 0.
-    assert lines[1].split() == ["alice@example.com", "gpt-4o-mini", "0.100000", "3", "1200",
-                                "80", "0"]
+    assert lines[1].split() == [
+        "alice@example.com",
+        "gpt-4o-mini",
+        "0.100000",
+        "3",
+        "1200",
+        "80",
+        "0",
+    ]
     assert lines[3].split()[0] == "-"  # no user recorded
     assert len({len(line) for line in lines[:4]}) == 1
     assert lines[-1].split() == ["TOTAL", "0.300001", "5", "1205", "780", "2"]

@@ -28,8 +28,9 @@ def _cents(data: dict[str, Any], key: str, minimum: int, nullable: bool) -> int 
     if value is None and nullable:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ApiError(400, f"{key} must be an integer number of cents"
-                       + (" or null" if nullable else ""))
+        raise ApiError(
+            400, f"{key} must be an integer number of cents" + (" or null" if nullable else "")
+        )
     if value < minimum:
         raise ApiError(400, f"{key} must be at least {minimum} cents")
     if value > MAX_CENTS:
@@ -52,11 +53,14 @@ def _bool(data: dict[str, Any], key: str) -> bool:
 
 
 def _thresholds(value: Any) -> list[int]:
-    if not isinstance(value, list) or len(value) > 20 or not all(
-        isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= 100 for t in value
+    if (
+        not isinstance(value, list)
+        or len(value) > 20
+        or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= 100 for t in value)
     ):
-        raise ApiError(400, "spending_alert_thresholds must be a list of up to 20 integers "
-                            "from 0 to 100")
+        raise ApiError(
+            400, "spending_alert_thresholds must be a list of up to 20 integers from 0 to 100"
+        )
     return sorted(set(value))
 
 
@@ -73,8 +77,9 @@ def routes(services: Services) -> list[Route]:
         doc = await services.store.get_doc(ACCOUNT_LIMIT, account(request), now=now)
         if doc is None:
             return ok({"config": None, "enabled": False})
-        return ok({"config": {k: doc[k] for k in ("amount", "duration", "strategy")},
-                   "enabled": True})
+        return ok(
+            {"config": {k: doc[k] for k in ("amount", "duration", "strategy")}, "enabled": True}
+        )
 
     async def set_limit(request: Request) -> JSONResponse:
         admin = await require_admin(services, request)
@@ -85,9 +90,11 @@ def routes(services: Services) -> list[Route]:
         for key in ("amount", "duration", "strategy"):
             if key not in data:
                 raise ApiError(400, f"{key} is required")
-        doc = {"amount": _cents(data, "amount", 100, nullable=False),
-               "duration": _choice(data, "duration", ("daily", "weekly", "monthly")),
-               "strategy": _choice(data, "strategy", ("fixed", "sliding"))}
+        doc = {
+            "amount": _cents(data, "amount", 100, nullable=False),
+            "duration": _choice(data, "duration", ("daily", "weekly", "monthly")),
+            "strategy": _choice(data, "strategy", ("fixed", "sliding")),
+        }
         before = await services.store.get_doc(ACCOUNT_LIMIT, account_id, now=now)
         await services.store.put_doc(ACCOUNT_LIMIT, account_id, doc, now=now)
         await services.runtime_rules.refresh()
@@ -110,8 +117,14 @@ def routes(services: Services) -> list[Route]:
     async def caps_view(doc: dict[str, Any]) -> dict[str, Any]:
         window = FixedWindow("monthly", "UTC")
         now = services.engine.clock()
-        view = BucketView(f"{ACCOUNT_RULE}|fixed:monthly:UTC", window.slot(now),
-                          window.since(now), window.ttl_seconds(), 0, enforce=False)
+        view = BucketView(
+            f"{ACCOUNT_RULE}|fixed:monthly:UTC",
+            window.slot(now),
+            window.since(now),
+            window.ttl_seconds(),
+            0,
+            enforce=False,
+        )
         state = (await services.store.bucket_states([view], now))[0]
         spent_cents = micros_to_cents(state.spent)
         budget = doc.get("monthly_spending_budget")
@@ -129,8 +142,9 @@ def routes(services: Services) -> list[Route]:
             "hard_spending_cap_usd": None if cap is None else cap / 100,
             "hard_cap_enabled": doc.get("hard_cap_enabled", False),
             "percentage_used": percent,
-            "alert_thresholds_triggered": [t for t in thresholds
-                                           if percent is not None and percent >= t],
+            "alert_thresholds_triggered": [
+                t for t in thresholds if percent is not None and percent >= t
+            ],
         }
 
     async def get_caps(request: Request) -> JSONResponse:
@@ -145,8 +159,13 @@ def routes(services: Services) -> list[Route]:
         now = services.engine.clock()
         account_id = services.ruleset.config.account_id
         data = await json_object(request)
-        fields = {"monthly_spending_budget", "spending_alert_thresholds",
-                  "spending_alerts_enabled", "hard_spending_cap", "hard_cap_enabled"}
+        fields = {
+            "monthly_spending_budget",
+            "spending_alert_thresholds",
+            "spending_alerts_enabled",
+            "hard_spending_cap",
+            "hard_cap_enabled",
+        }
         reject_unknown(data, fields)
         if not data:
             raise ApiError(400, f"nothing to update; fields: {', '.join(sorted(fields))}")
@@ -160,9 +179,15 @@ def routes(services: Services) -> list[Route]:
                 update[key] = _bool(data, key)
         if "spending_alert_thresholds" in data:
             update["spending_alert_thresholds"] = _thresholds(data["spending_alert_thresholds"])
-        doc = {"spending_alert_thresholds": [50, 75, 90, 100], "spending_alerts_enabled": True,
-               "hard_cap_enabled": False, "monthly_spending_budget": None,
-               "hard_spending_cap": None, **current, **update}
+        doc = {
+            "spending_alert_thresholds": [50, 75, 90, 100],
+            "spending_alerts_enabled": True,
+            "hard_cap_enabled": False,
+            "monthly_spending_budget": None,
+            "hard_spending_cap": None,
+            **current,
+            **update,
+        }
         await services.store.put_doc(SPENDING_CAPS, account_id, doc, now=now)
         await services.runtime_rules.refresh()
         log.info("spending_caps_set", by=admin, **update)

@@ -20,10 +20,18 @@ def routes(services: Services) -> list[Route]:
         text = params.get("limit", "100")
         if not text.isdigit() or not 1 <= int(text) <= MAX_LISTED:
             raise ApiError(400, f"limit must be a whole number from 1 to {MAX_LISTED}")
-        entries = await latest(services.store, int(text), params.get("action", ""),
-                               now=services.engine.clock())
+        entries = await latest(
+            services.store, int(text), params.get("action", ""), now=services.engine.clock()
+        )
         result = [{**e, "at": iso(int(e["at"]))} for e in entries]
-        return ok(result, result_info={"page": 1, "per_page": len(result),
-                                       "total_count": len(result), "has_more": False})
+        return ok(
+            result,
+            result_info={
+                "page": 1,
+                "per_page": len(result),
+                "total_count": len(result),
+                "has_more": False,
+            },
+        )
 
     return [Route("/v1/audit", listing, methods=["GET"])]

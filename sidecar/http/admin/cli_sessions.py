@@ -22,8 +22,15 @@ def routes(services: Services) -> list[Route]:
     async def listing(request: Request) -> JSONResponse:
         await require_admin(services, request)
         found = await sessions().list()
-        return ok(found, result_info={"page": 1, "per_page": len(found),
-                                      "total_count": len(found), "has_more": False})
+        return ok(
+            found,
+            result_info={
+                "page": 1,
+                "per_page": len(found),
+                "total_count": len(found),
+                "has_more": False,
+            },
+        )
 
     async def revoke(request: Request) -> JSONResponse:
         admin = await require_admin(services, request)
@@ -33,8 +40,9 @@ def routes(services: Services) -> list[Route]:
             raise ApiError(404, f"no CLI session {sid!r}")
         before, after = done
         if before["revoked_at"] is None:
-            await services.audit(admin, "cli_session.revoke", sid, public_view(before),
-                                 public_view(after))
+            await services.audit(
+                admin, "cli_session.revoke", sid, public_view(before), public_view(after)
+            )
         return ok(public_view(after))
 
     return [

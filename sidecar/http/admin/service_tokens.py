@@ -32,8 +32,10 @@ def parse_create(data: dict[str, Any]) -> tuple[str, list[str], int | None]:
     if not isinstance(name, str) or not _NAME.match(name):
         raise ApiError(400, "name must be 1-128 characters of letters, digits, '_', '.', '-'")
     groups = data.get("groups", [])
-    if not isinstance(groups, list) or len(groups) > 50 or not all(
-        isinstance(g, str) and _GROUP.match(g) for g in groups
+    if (
+        not isinstance(groups, list)
+        or len(groups) > 50
+        or not all(isinstance(g, str) and _GROUP.match(g) for g in groups)
     ):
         raise ApiError(400, "groups must be a list of up to 50 names without commas")
     expires = data.get("expires")
@@ -58,14 +60,26 @@ def token_limit(name: str, data: dict[str, Any]) -> dict[str, Any] | None:
     if not isinstance(window, str):
         raise ApiError(400, "window must be daily, weekly, monthly or a duration such as 24h")
     spec = {"fixed": window} if window in CALENDAR else {"rolling": window}
-    return validate_rule({"name": f"token-{name}", "budget_usd": data["budget_usd"],
-                          "window": spec, "filter": {"token": [name]}, "action": "block"})
+    return validate_rule(
+        {
+            "name": f"token-{name}",
+            "budget_usd": data["budget_usd"],
+            "window": spec,
+            "filter": {"token": [name]},
+            "action": "block",
+        }
+    )
 
 
 def issued_json(issued: IssuedToken) -> dict[str, Any]:
-    return {"id": issued.id, "name": issued.name, "client_id": issued.client_id,
-            "client_secret": issued.client_secret, "groups": list(issued.groups),
-            "expires_at": issued.expires_at}
+    return {
+        "id": issued.id,
+        "name": issued.name,
+        "client_id": issued.client_id,
+        "client_secret": issued.client_secret,
+        "groups": list(issued.groups),
+        "expires_at": issued.expires_at,
+    }
 
 
 def routes(services: Services) -> list[Route]:
@@ -79,11 +93,18 @@ def routes(services: Services) -> list[Route]:
         try:
             issued = await services.service_tokens.create(name, groups, ttl)
         except NameTaken:
-            raise ApiError(409, f"a service token named {name!r} already exists; revoke it "
-                                "or rotate its secret") from None
+            raise ApiError(
+                409,
+                f"a service token named {name!r} already exists; revoke it or rotate its secret",
+            ) from None
         log.info("service_token_created", id=issued.id, name=name, by=admin)
-        await services.audit(admin, "service_token.create", name, None,
-                             public_view(await services.service_tokens.find(issued.id) or {}))
+        await services.audit(
+            admin,
+            "service_token.create",
+            name,
+            None,
+            public_view(await services.service_tokens.find(issued.id) or {}),
+        )
         result = issued_json(issued)
         if limit is not None:
             result["spend_limit"] = await add_limit(services, admin, limit)
@@ -92,11 +113,19 @@ def routes(services: Services) -> list[Route]:
     async def listing(request: Request) -> JSONResponse:
         await require_admin(services, request)
         tokens = await services.service_tokens.list()
-        return ok(tokens, result_info={"page": 1, "per_page": len(tokens),
-                                       "total_count": len(tokens), "has_more": False})
+        return ok(
+            tokens,
+            result_info={
+                "page": 1,
+                "per_page": len(tokens),
+                "total_count": len(tokens),
+                "has_more": False,
+            },
+        )
 
-    async def changed(request: Request, change: Callable[[str], Awaitable[T | None]],
-                      missing: str) -> tuple[str, dict[str, Any], T]:
+    async def changed(
+        request: Request, change: Callable[[str], Awaitable[T | None]], missing: str
+    ) -> tuple[str, dict[str, Any], T]:
         """The admin, the token named in the path as it was, and what `change` made of it
         (404 with `missing` when there is no such token or `change` found none)."""
         admin = await require_admin(services, request)
@@ -108,21 +137,29 @@ def routes(services: Services) -> list[Route]:
         return admin, before, after
 
     async def revoke(request: Request) -> JSONResponse:
-        admin, before, revoked = await changed(request, services.service_tokens.revoke,
-                                               "service token")
+        admin, before, revoked = await changed(
+            request, services.service_tokens.revoke, "service token"
+        )
         log.info("service_token_revoked", id=revoked["id"], name=revoked["name"], by=admin)
         if before["revoked_at"] is None:
-            await services.audit(admin, "service_token.revoke", revoked["name"],
-                                 public_view(before), revoked)
+            await services.audit(
+                admin, "service_token.revoke", revoked["name"], public_view(before), revoked
+            )
         return ok(revoked)
 
     async def rotate(request: Request) -> JSONResponse:
-        admin, before, issued = await changed(request, services.service_tokens.rotate,
-                                              "live service token")
+        admin, before, issued = await changed(
+            request, services.service_tokens.rotate, "live service token"
+        )
         log.info("service_token_rotated", id=issued.id, name=issued.name, by=admin)
         after = await services.service_tokens.find(issued.id)
-        await services.audit(admin, "service_token.rotate", issued.name, public_view(before),
-                             public_view(after or {}))
+        await services.audit(
+            admin,
+            "service_token.rotate",
+            issued.name,
+            public_view(before),
+            public_view(after or {}),
+        )
         return ok(issued_json(issued))
 
     return [

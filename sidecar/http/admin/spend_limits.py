@@ -30,9 +30,11 @@ def validate_rule(data: dict[str, Any]) -> dict[str, Any]:
     except ValidationError as exc:
         problems = []
         for err in exc.errors(include_url=False, include_input=False):
-            path = ".".join(str(p) for p in err["loc"]
-                            if not str(p).startswith("function-")
-                            and p not in ("token-count", "token-limits"))
+            path = ".".join(
+                str(p)
+                for p in err["loc"]
+                if not str(p).startswith("function-") and p not in ("token-count", "token-limits")
+            )
             problems.append(f"{path or 'body'}: {plain_message(err['msg'])}")
         raise ApiError(400, "; ".join(problems)) from None
     if rule.name == ACCOUNT_RULE:
@@ -43,8 +45,11 @@ def validate_rule(data: dict[str, Any]) -> dict[str, Any]:
 def shown(rule: dict[str, Any], source: str) -> dict[str, Any]:
     """A rule as the API shows it: dollars kept as an exact decimal string, shown as a JSON
     number; a token or request rule shows only its own unit."""
-    shown_rule = {k: v for k, v in rule.items()
-                  if k not in ("budget_usd", "tokens", "requests") or v is not None}
+    shown_rule = {
+        k: v
+        for k, v in rule.items()
+        if k not in ("budget_usd", "tokens", "requests") or v is not None
+    }
     if rule.get("budget_usd") is not None:
         shown_rule["budget_usd"] = micros_to_usd(usd_to_micros(rule["budget_usd"]))
     return {**shown_rule, "source": source}
@@ -58,8 +63,7 @@ def audited(rule: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def file_rules(services: Services) -> dict[str, dict[str, Any]]:
-    return {r.name: shown(r.public_doc(), "file")
-            for r in services.ruleset.config.spend_limits}
+    return {r.name: shown(r.public_doc(), "file") for r in services.ruleset.config.spend_limits}
 
 
 async def runtime_rules(services: Services) -> dict[str, dict[str, Any]]:
@@ -107,8 +111,15 @@ def routes(services: Services) -> list[Route]:
     async def listing(request: Request) -> JSONResponse:
         await require_admin(services, request)
         rules = [*file_rules(services).values(), *(await runtime_rules(services)).values()]
-        return ok(rules, result_info={"page": 1, "per_page": len(rules),
-                                      "total_count": len(rules), "has_more": False})
+        return ok(
+            rules,
+            result_info={
+                "page": 1,
+                "per_page": len(rules),
+                "total_count": len(rules),
+                "has_more": False,
+            },
+        )
 
     async def get_one(request: Request) -> JSONResponse:
         await require_admin(services, request)
@@ -145,15 +156,15 @@ def routes(services: Services) -> list[Route]:
             raise ApiError(409, "the spend limit changed meanwhile; try again")
         await services.runtime_rules.refresh()
         log.info("spend_limit_replaced", by=admin, name=name)
-        await services.audit(admin, "spend_limit.update", name, audited(current),
-                             audited(rule))
+        await services.audit(admin, "spend_limit.update", name, audited(current), audited(rule))
         return ok(shown(rule, "runtime"))
 
     async def delete(request: Request) -> JSONResponse:
         admin, now, name = await editing(request)
         current = await services.store.get_doc(SPEND_LIMITS, name, now=now)
-        if current is None or not await services.store.swap_doc(SPEND_LIMITS, name, current,
-                                                                None, now=now):
+        if current is None or not await services.store.swap_doc(
+            SPEND_LIMITS, name, current, None, now=now
+        ):
             raise ApiError(404, f"no runtime spend limit named {name!r}")
         await services.runtime_rules.refresh()
         log.info("spend_limit_deleted", by=admin, name=name)

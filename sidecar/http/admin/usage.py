@@ -61,8 +61,11 @@ def single_params(query: QueryParams, allowed: frozenset[str]) -> dict[str, str]
     keys = list(query.keys())
     unknown = sorted(set(keys) - allowed)
     if unknown:
-        raise ApiError(400, f"unknown query parameter(s): {', '.join(unknown)}; "
-                            f"expected {', '.join(sorted(allowed))}")
+        raise ApiError(
+            400,
+            f"unknown query parameter(s): {', '.join(unknown)}; "
+            f"expected {', '.join(sorted(allowed))}",
+        )
     repeated = sorted({k for k in keys if len(query.getlist(k)) > 1})
     if repeated:
         raise ApiError(400, f"query parameter(s) given more than once: {', '.join(repeated)}")
@@ -103,8 +106,9 @@ def parse_instant(value: str, name: str) -> int:
     try:
         parsed = datetime.fromisoformat(text)
     except ValueError:
-        raise ApiError(400, f"{name} must be epoch seconds or an ISO 8601 time, "
-                            f"not {value!r}") from None
+        raise ApiError(
+            400, f"{name} must be epoch seconds or an ISO 8601 time, not {value!r}"
+        ) from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
     seconds = parsed.timestamp()
@@ -113,13 +117,18 @@ def parse_instant(value: str, name: str) -> int:
     return math.floor(seconds)
 
 
-def resolve_range(params: Mapping[str, str], names: tuple[str, str],
-                  parse: Callable[[str, str], int], now: int,
-                  window: Window | None) -> tuple[int, int]:
+def resolve_range(
+    params: Mapping[str, str],
+    names: tuple[str, str],
+    parse: Callable[[str, str], int],
+    now: int,
+    window: Window | None,
+) -> tuple[int, int]:
     """[start, end) from the optional parameters `names` (read by `parse`), with defaults
     (end: now; start: the window's default span before end)."""
-    given_start, given_end = (parse(params[name], name) if name in params else None
-                              for name in names)
+    given_start, given_end = (
+        parse(params[name], name) if name in params else None for name in names
+    )
     end = now if given_end is None else given_end
     start = end - DEFAULT_SPAN[window] if given_start is None else given_start
     start = max(start, 0)
@@ -128,8 +137,11 @@ def resolve_range(params: Mapping[str, str], names: tuple[str, str],
     if start > end:
         raise ApiError(400, f"{names[0]} must not be after {names[1]}")
     if end - start > MAX_RANGE_SECONDS:
-        raise ApiError(400, f"the range from {names[0]} to {names[1]} is longer than "
-                            f"{MAX_RANGE_SECONDS // DAY} days")
+        raise ApiError(
+            400,
+            f"the range from {names[0]} to {names[1]} is longer than "
+            f"{MAX_RANGE_SECONDS // DAY} days",
+        )
     return start, end
 
 
@@ -142,8 +154,9 @@ class HistoryQuery:
 
 def parse_history_query(query: QueryParams, now: int) -> HistoryQuery:
     params = single_params(query, HISTORY_PARAMS)
-    window = parse_window(params.get("value_grouping_window"), "value_grouping_window",
-                          required=True)
+    window = parse_window(
+        params.get("value_grouping_window"), "value_grouping_window", required=True
+    )
     assert window is not None
     first, last = resolve_range(params, ("start_time", "end_time"), parse_millis, now, window)
     return HistoryQuery(window, align_down(first, window), align_up(last, window))
@@ -172,15 +185,24 @@ def usage_json(row: UsageRow) -> dict[str, Any]:
     out: dict[str, Any] = dict(row.keys)
     if row.window_start is not None:
         out["window_start"] = iso(row.window_start)
-    out.update(cost_usd=micros_to_usd(row.totals.cost), requests=row.totals.requests,
-               input_tokens=row.totals.input_tokens, output_tokens=row.totals.output_tokens,
-               errors=row.totals.errors)
+    out.update(
+        cost_usd=micros_to_usd(row.totals.cost),
+        requests=row.totals.requests,
+        input_tokens=row.totals.input_tokens,
+        output_tokens=row.totals.output_tokens,
+        errors=row.totals.errors,
+    )
     return out
 
 
 def _listing(items: list[Any], extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    return {"page": 1, "per_page": len(items), "total_count": len(items), "has_more": False,
-            **(extra or {})}
+    return {
+        "page": 1,
+        "per_page": len(items),
+        "total_count": len(items),
+        "has_more": False,
+        **(extra or {}),
+    }
 
 
 def routes(services: Services) -> list[Route]:
@@ -195,8 +217,12 @@ def routes(services: Services) -> list[Route]:
         q = parse_history_query(request.query_params, now())
         rows = in_range(await services.store.ledger_rows(q.start, q.end), q.start, q.end)
         buckets = [
-            {"id": iso(b.start), "aggregated_value": micros_to_usd(b.cost),
-             "start_time": b.start * 1000, "end_time": b.end * 1000}
+            {
+                "id": iso(b.start),
+                "aggregated_value": micros_to_usd(b.cost),
+                "start_time": b.start * 1000,
+                "end_time": b.end * 1000,
+            }
             for b in usage_history(rows, q.window)
         ]
         return ok({"history": buckets}, result_info=_listing(buckets))
@@ -216,12 +242,10 @@ def routes(services: Services) -> list[Route]:
         if user is not None:
             rows = of_user(rows, user)
         result = [usage_json(r) for r in group_usage(rows, q.group_by, q.window)]
-        return ok(result, result_info=_listing(
-            result, {"start": iso(first), "end": iso(last)}))
+        return ok(result, result_info=_listing(result, {"start": iso(first), "end": iso(last)}))
 
     return [
-        Route("/accounts/{account_id}/ai-gateway/billing/usage-history", history,
-              methods=["GET"]),
+        Route("/accounts/{account_id}/ai-gateway/billing/usage-history", history, methods=["GET"]),
         Route("/v1/usage", usage, methods=["GET"]),
         Route("/v1/usage/me", usage_me, methods=["GET"]),
     ]

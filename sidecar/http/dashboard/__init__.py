@@ -45,8 +45,8 @@ PARAMS = frozenset({"window", "start", "end", *FILTERS})
 # No script runs and nothing loads from elsewhere; the page cannot be framed.
 HEADERS = {
     "content-security-policy": "default-src 'none'; style-src 'unsafe-inline'; "
-                               "img-src data:; frame-ancestors 'none'; base-uri 'none'; "
-                               "form-action 'self'",
+    "img-src data:; frame-ancestors 'none'; base-uri 'none'; "
+    "form-action 'self'",
     "cache-control": "no-store",
     "x-content-type-options": "nosniff",
     "referrer-policy": "no-referrer",
@@ -54,12 +54,16 @@ HEADERS = {
 
 
 def _error_page(status: int, message: str) -> HTMLResponse:
-    hint = {401: "Sign in through Access (or send the admin bearer token).",
-            403: "Your identity is not in one of the admin groups."}.get(status, "")
-    body = (f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
-            f'<title>{status}</title><link rel="icon" href="data:,"></head>'
-            f'<body style="font-family:system-ui,sans-serif;padding:2em">'
-            f"<h1>{status}</h1><p>{esc(message)}</p><p>{esc(hint)}</p></body></html>")
+    hint = {
+        401: "Sign in through Access (or send the admin bearer token).",
+        403: "Your identity is not in one of the admin groups.",
+    }.get(status, "")
+    body = (
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        f'<title>{status}</title><link rel="icon" href="data:,"></head>'
+        f'<body style="font-family:system-ui,sans-serif;padding:2em">'
+        f"<h1>{status}</h1><p>{esc(message)}</p><p>{esc(hint)}</p></body></html>"
+    )
     return HTMLResponse(body, status_code=status, headers=HEADERS)
 
 
@@ -81,8 +85,11 @@ def routes(services: Services) -> list[Route]:
         await viewer(request)
         unknown = sorted(set(request.query_params) - PARAMS)
         if unknown:
-            raise ApiError(400, f"unknown query parameter(s): {', '.join(unknown)}; "
-                                f"expected {', '.join(sorted(PARAMS))}")
+            raise ApiError(
+                400,
+                f"unknown query parameter(s): {', '.join(unknown)}; "
+                f"expected {', '.join(sorted(PARAMS))}",
+            )
         filters = {k: request.query_params[k] for k in FILTERS if request.query_params.get(k)}
         if any(len(v) > 256 for v in filters.values()):
             raise ApiError(400, "filter values must be at most 256 characters")
@@ -91,24 +98,34 @@ def routes(services: Services) -> list[Route]:
             items.append(("window", "day"))
         return parse_usage_query(QueryParams(items), int(now())), filters
 
-    def view(build: Callable[[Engine, Window, int, int, dict[str, str]], Awaitable[T]],
-             respond: Callable[[T], Response]) -> Callable[[Request], Awaitable[Response]]:
+    def view(
+        build: Callable[[Engine, Window, int, int, dict[str, str]], Awaitable[T]],
+        respond: Callable[[T], Response],
+    ) -> Callable[[Request], Awaitable[Response]]:
         """A page over the queried range: `build` reads it, `respond` answers with it; a
         bad query or a caller who may not see it gets an error page."""
+
         async def endpoint(request: Request) -> Response:
             try:
                 query, filters = await query_of(request)
             except ApiError as exc:
                 return _error_page(exc.status, exc.message)
             assert query.window is not None
-            return respond(await build(services.engine, query.window, query.start, query.end,
-                                       filters))
+            return respond(
+                await build(services.engine, query.window, query.start, query.end, filters)
+            )
+
         return endpoint
 
     dashboard = view(gather, lambda data: HTMLResponse(render(data), headers=HEADERS))
-    csv_export = view(export_csv, lambda text: Response(
-        text, media_type="text/csv; charset=utf-8",
-        headers={**HEADERS, "content-disposition": 'attachment; filename="llm-spend.csv"'}))
+    csv_export = view(
+        export_csv,
+        lambda text: Response(
+            text,
+            media_type="text/csv; charset=utf-8",
+            headers={**HEADERS, "content-disposition": 'attachment; filename="llm-spend.csv"'},
+        ),
+    )
 
     async def new_link(request: Request) -> JSONResponse:
         admin = await require_admin(services, request)
@@ -121,16 +138,27 @@ def routes(services: Services) -> list[Route]:
     async def open_link(request: Request) -> Response:
         opened = await sessions.open(request.query_params.get("code", ""), now())
         if opened is None:
-            return _error_page(403, "This dashboard link is unknown, already used or expired. "
-                                    "Run `sidecar dashboard` for a new one.")
+            return _error_page(
+                403,
+                "This dashboard link is unknown, already used or expired. "
+                "Run `sidecar dashboard` for a new one.",
+            )
         log.info("dashboard_session_opened", by=opened.who)
         response = RedirectResponse("/dashboard", status_code=303, headers=HEADERS)
-        response.set_cookie(COOKIE, opened.cookie, max_age=SESSION_SECONDS, path="/",
-                            httponly=True, samesite="strict",
-                            secure=request.url.scheme == "https")
+        response.set_cookie(
+            COOKIE,
+            opened.cookie,
+            max_age=SESSION_SECONDS,
+            path="/",
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+        )
         return response
 
-    return [Route("/dashboard", dashboard, methods=["GET"]),
-            Route("/dashboard.csv", csv_export, methods=["GET"]),
-            Route("/dashboard/open", open_link, methods=["GET"]),
-            Route("/v1/dashboard/link", new_link, methods=["POST"])]
+    return [
+        Route("/dashboard", dashboard, methods=["GET"]),
+        Route("/dashboard.csv", csv_export, methods=["GET"]),
+        Route("/dashboard/open", open_link, methods=["GET"]),
+        Route("/v1/dashboard/link", new_link, methods=["POST"]),
+    ]

@@ -65,17 +65,30 @@ def series_of(rows: Sequence[UsageRow], dimension: str) -> list[Series]:
         slot[0] += row.totals.cost
         slot[1] += row.totals.requests
     ranked = sorted(totals.items(), key=lambda item: (-item[1][0], item[0]))
-    out = [Series(name, PALETTE[i], cost, requests)
-           for i, (name, (cost, requests)) in enumerate(ranked[:SERIES])]
+    out = [
+        Series(name, PALETTE[i], cost, requests)
+        for i, (name, (cost, requests)) in enumerate(ranked[:SERIES])
+    ]
     rest = ranked[SERIES:]
     if rest:
-        out.append(Series(f"{len(rest)} other", OTHER_COLOUR, sum(c for _, (c, _r) in rest),
-                          sum(r for _, (_c, r) in rest)))
+        out.append(
+            Series(
+                f"{len(rest)} other",
+                OTHER_COLOUR,
+                sum(c for _, (c, _r) in rest),
+                sum(r for _, (_c, r) in rest),
+            )
+        )
     return out
 
 
-def stacked_bars(rows: Sequence[UsageRow], dimension: str, window: Window,
-                 starts: Sequence[int], series: Sequence[Series]) -> str:
+def stacked_bars(
+    rows: Sequence[UsageRow],
+    dimension: str,
+    window: Window,
+    starts: Sequence[int],
+    series: Sequence[Series],
+) -> str:
     has_other = bool(series) and series[-1].colour == OTHER_COLOUR
     index_of = {s.name: i for i, s in enumerate(series[:-1] if has_other else series)}
     fallback = len(series) - 1 if has_other else None
@@ -91,13 +104,17 @@ def stacked_bars(rows: Sequence[UsageRow], dimension: str, window: Window,
     plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
     slot_w = plot_w / max(len(starts), 1)
     bar_w = max(slot_w * 0.72, 1.0)
-    parts = [f'<svg class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" '
-             f'aria-label="spend per {window} by {esc(dimension)}">']
+    parts = [
+        f'<svg class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" '
+        f'aria-label="spend per {window} by {esc(dimension)}">'
+    ]
     for i in range(5):
         y = TOP + plot_h - plot_h * i / 4
-        parts.append(f'<line x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y:.1f}" y2="{y:.1f}" '
-                     f'class="grid"/><text x="{LEFT - 6}" y="{y + 4:.1f}" '
-                     f'class="axis" text-anchor="end">{esc(money(top * i // 4))}</text>')
+        parts.append(
+            f'<line x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y:.1f}" y2="{y:.1f}" '
+            f'class="grid"/><text x="{LEFT - 6}" y="{y + 4:.1f}" '
+            f'class="axis" text-anchor="end">{esc(money(top * i // 4))}</text>'
+        )
     every = max(1, len(starts) // 8)
     for index, start in enumerate(starts):
         x = LEFT + index * slot_w + (slot_w - bar_w) / 2
@@ -107,11 +124,15 @@ def stacked_bars(rows: Sequence[UsageRow], dimension: str, window: Window,
             h = plot_h * cost / top
             y -= h
             tip = f"{s.name or '(none)'} · {label(start, window)} · ${micros_to_usd_str(cost)}"
-            parts.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{bar_w:.1f}" '
-                         f'height="{max(h, 0.5):.1f}" fill="{s.colour}">'
-                         f'<title>{esc(tip)}</title></rect>')
+            parts.append(
+                f'<rect x="{x:.1f}" y="{y:.1f}" width="{bar_w:.1f}" '
+                f'height="{max(h, 0.5):.1f}" fill="{s.colour}">'
+                f"<title>{esc(tip)}</title></rect>"
+            )
         if index % every == 0:
-            parts.append(f'<text x="{x + bar_w / 2:.1f}" y="{HEIGHT - 8}" class="axis" '
-                         f'text-anchor="middle">{esc(label(start, window))}</text>')
+            parts.append(
+                f'<text x="{x + bar_w / 2:.1f}" y="{HEIGHT - 8}" class="axis" '
+                f'text-anchor="middle">{esc(label(start, window))}</text>'
+            )
     parts.append("</svg>")
     return "".join(parts)

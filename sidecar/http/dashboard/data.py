@@ -93,8 +93,13 @@ def _identity(row: LedgerRow) -> Identity:
     dims = row.dims
     kind = dims.kind if dims.kind in ("user", "service", "cli") else "user"
     # `user` in the ledger is the identity's `user` value: email, else token name.
-    return Identity(kind=kind, subject=dims.user, email=dims.user,  # type: ignore[arg-type]
-                    groups=dims.groups, token_name=dims.token)
+    return Identity(
+        kind=kind,  # type: ignore[arg-type]
+        subject=dims.user,
+        email=dims.user,
+        groups=dims.groups,
+        token_name=dims.token,
+    )
 
 
 async def buckets(engine: Engine, now: float) -> tuple[list[Bucket], int]:
@@ -120,8 +125,14 @@ async def buckets(engine: Engine, now: float) -> tuple[list[Bucket], int]:
         used = state.spent + state.reserved
         if used:
             out.append(Bucket(bucket_view(p, state, now), used, p.rule.limit, p.rule.alerts))
-    out.sort(key=lambda b: (-(b.used / b.limit) if b.limit else 0, -b.used,
-                            b.view["rule"], b.view["bucket"]))
+    out.sort(
+        key=lambda b: (
+            -(b.used / b.limit) if b.limit else 0,
+            -b.used,
+            b.view["rule"],
+            b.view["bucket"],
+        )
+    )
     return out[:MAX_BUCKETS], max(0, len(out) - MAX_BUCKETS)
 
 
@@ -132,12 +143,16 @@ def totals_of(rows: Sequence[LedgerRow]) -> Totals:
 
 def matching(rows: Sequence[LedgerRow], filters: Mapping[str, str]) -> list[LedgerRow]:
     """Rows whose user, model (exact) and groups (one of them) match every filter."""
-    return [row for row in rows
-            if all(value in dimension_values(row.dims, dim) for dim, value in filters.items())]
+    return [
+        row
+        for row in rows
+        if all(value in dimension_values(row.dims, dim) for dim, value in filters.items())
+    ]
 
 
-async def _rows(engine: Engine, start: int, end: int,
-                filters: Mapping[str, str]) -> tuple[int, int, list[LedgerRow]]:
+async def _rows(
+    engine: Engine, start: int, end: int, filters: Mapping[str, str]
+) -> tuple[int, int, list[LedgerRow]]:
     first, last = hour_range(start, end)
     rows = in_range(await engine.store.ledger_rows(first, last), first, last)
     return first, last, matching(rows, filters)
@@ -146,26 +161,36 @@ async def _rows(engine: Engine, start: int, end: int,
 CSV_KEYS = ("user", "model", "provider")
 
 
-async def export_csv(engine: Engine, window: Window, start: int, end: int,
-                     filters: Mapping[str, str]) -> str:
+async def export_csv(
+    engine: Engine, window: Window, start: int, end: int, filters: Mapping[str, str]
+) -> str:
     """The page's spend as CSV: one line per window, user, model and provider."""
     _, _, rows = await _rows(engine, start, end, filters)
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["window_start", *CSV_KEYS, "cost_usd", "requests", "input_tokens",
-                     "output_tokens"])
+    writer.writerow(
+        ["window_start", *CSV_KEYS, "cost_usd", "requests", "input_tokens", "output_tokens"]
+    )
     for row in group_usage(rows, CSV_KEYS, window):
         keys = dict(row.keys)
         t = row.totals
         start_text = datetime.fromtimestamp(row.window_start or 0, UTC).isoformat()
-        writer.writerow([start_text.replace("+00:00", "Z"), *(keys[k] for k in CSV_KEYS),
-                         micros_to_usd_str(t.cost), t.requests, t.input_tokens,
-                         t.output_tokens])
+        writer.writerow(
+            [
+                start_text.replace("+00:00", "Z"),
+                *(keys[k] for k in CSV_KEYS),
+                micros_to_usd_str(t.cost),
+                t.requests,
+                t.input_tokens,
+                t.output_tokens,
+            ]
+        )
     return out.getvalue()
 
 
-async def gather(engine: Engine, window: Window, start: int, end: int,
-                 filters: Mapping[str, str] | None = None) -> Dashboard:
+async def gather(
+    engine: Engine, window: Window, start: int, end: int, filters: Mapping[str, str] | None = None
+) -> Dashboard:
     """The page's data for ledger hours covering [start, end), for the rows that match
     `filters` (budgets and refusals are never filtered: they are the current state)."""
     now = int(engine.clock())
@@ -173,9 +198,15 @@ async def gather(engine: Engine, window: Window, start: int, end: int,
     series = {dim: group_usage(rows, (dim,), window) for dim in CHART_DIMENSIONS}
     found, hidden = await buckets(engine, now)
     return Dashboard(
-        window=window, start=first, end=last, now=now, totals=totals_of(rows),
-        series=series, top_spenders=group_usage(rows, ("user",))[:TOP_SPENDERS],
-        buckets=found, hidden_buckets=hidden,
+        window=window,
+        start=first,
+        end=last,
+        now=now,
+        totals=totals_of(rows),
+        series=series,
+        top_spenders=group_usage(rows, ("user",))[:TOP_SPENDERS],
+        buckets=found,
+        hidden_buckets=hidden,
         recent=await recent(engine.store, RECENT, now=now),
         filters=dict(filters or {}),
         audit=await latest(engine.store, AUDIT_ROWS, now=now),

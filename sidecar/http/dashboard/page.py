@@ -75,11 +75,12 @@ def when(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def _kpi(name: str, value: str, ident: str, micros: int | None = None,
-         alert: bool = False) -> str:
+def _kpi(name: str, value: str, ident: str, micros: int | None = None, alert: bool = False) -> str:
     data = f' data-micros="{micros}"' if micros is not None else ""
-    return (f'<div class="kpi{" alert" if alert else ""}"><span class="k">{esc(name)}</span>'
-            f'<span class="v" id="{ident}"{data}>{esc(value)}</span></div>')
+    return (
+        f'<div class="kpi{" alert" if alert else ""}"><span class="k">{esc(name)}</span>'
+        f'<span class="v" id="{ident}"{data}>{esc(value)}</span></div>'
+    )
 
 
 def _chart(d: Dashboard, dimension: str) -> str:
@@ -88,13 +89,19 @@ def _chart(d: Dashboard, dimension: str) -> str:
     legend = "".join(
         f'<li data-dim="{esc(dimension)}" data-key="{esc(s.name)}" data-micros="{s.total}"'
         f'{" data-other" if i >= 5 else ""}><i style="background:{s.colour}"></i>'
-        f'{esc(s.name or "(none)")}<b>{usd(s.total)}</b> '
+        f"{esc(s.name or '(none)')}<b>{usd(s.total)}</b> "
         f'<span class="muted">{s.requests} req</span></li>'
-        for i, s in enumerate(series))
-    body = stacked_bars(rows, dimension, d.window, d.window_starts(), series) if rows else \
-        '<p class="muted">No spend in this range.</p>'
-    return (f'<figure id="chart-{esc(dimension)}"><h2>Spend per {d.window} by {esc(dimension)}'
-            f'</h2>{body}<ul class="legend">{legend}</ul></figure>')
+        for i, s in enumerate(series)
+    )
+    body = (
+        stacked_bars(rows, dimension, d.window, d.window_starts(), series)
+        if rows
+        else '<p class="muted">No spend in this range.</p>'
+    )
+    return (
+        f'<figure id="chart-{esc(dimension)}"><h2>Spend per {d.window} by {esc(dimension)}'
+        f'</h2>{body}<ul class="legend">{legend}</ul></figure>'
+    )
 
 
 def _spenders(d: Dashboard) -> str:
@@ -111,20 +118,28 @@ def _spenders(d: Dashboard) -> str:
             f'<td><div class="bar"><div class="fill share" '
             f'style="width:{100 * t.cost / top:.1f}%"></div></div></td>'
             f'<td class="n">{t.requests}</td><td class="n">{t.input_tokens:,}</td>'
-            f'<td class="n">{t.output_tokens:,}</td><td class="n">{t.errors}</td></tr>')
-    return ('<table id="top-spenders"><tr><th>#</th><th>user</th><th>spend</th><th></th>'
-            '<th>requests</th><th>input tokens</th><th>output tokens</th><th>errors</th></tr>'
-            + "".join(rows) + "</table>")
+            f'<td class="n">{t.output_tokens:,}</td><td class="n">{t.errors}</td></tr>'
+        )
+    return (
+        '<table id="top-spenders"><tr><th>#</th><th>user</th><th>spend</th><th></th>'
+        "<th>requests</th><th>input tokens</th><th>output tokens</th><th>errors</th></tr>"
+        + "".join(rows)
+        + "</table>"
+    )
 
 
 def _utilization(b: Bucket) -> str:
     pct = b.percent
     first_alert = min(b.alerts) if b.alerts else 75
     level = "over" if pct >= 100 else "warn" if pct >= first_alert else ""
-    ticks = "".join(f'<span class="tick" style="left:{min(a, 100)}%" '
-                    f'title="alert at {a}%"></span>' for a in b.alerts)
-    return (f'<div class="bar"><div class="fill {level}" style="width:{min(pct, 100):.1f}%">'
-            f'</div>{ticks}</div>')
+    ticks = "".join(
+        f'<span class="tick" style="left:{min(a, 100)}%" title="alert at {a}%"></span>'
+        for a in b.alerts
+    )
+    return (
+        f'<div class="bar"><div class="fill {level}" style="width:{min(pct, 100):.1f}%">'
+        f"</div>{ticks}</div>"
+    )
 
 
 def _buckets(d: Dashboard) -> str:
@@ -135,22 +150,31 @@ def _buckets(d: Dashboard) -> str:
         v: dict[str, Any] = b.view
         alerts = ", ".join(f"{a}%" for a in b.alerts) or "—"
         unit = str(v["unit"])
-        measured = (f'data-used-micros="{b.used}" data-limit-micros="{b.limit}"'
-                    if unit == "usd" else f'data-used="{b.used}" data-limit="{b.limit}"')
+        measured = (
+            f'data-used-micros="{b.used}" data-limit-micros="{b.limit}"'
+            if unit == "usd"
+            else f'data-used="{b.used}" data-limit="{b.limit}"'
+        )
         rows.append(
             f'<tr data-rule="{esc(v["rule"])}" data-bucket="{esc(v["bucket"])}" '
             f'data-unit="{esc(unit)}" {measured}>'
-            f'<td>{esc(v["rule"])}</td><td>{esc(v["bucket"])}</td>'
+            f"<td>{esc(v['rule'])}</td><td>{esc(v['bucket'])}</td>"
             f'<td>{esc(v["action"])}</td><td class="muted">{esc(v["window"])}</td>'
             f'<td class="n">{amount(unit, b.used)} / {amount(unit, b.limit)}</td>'
             f'<td>{_utilization(b)}</td><td class="n">{b.percent:.0f}%</td>'
             f'<td class="muted">{esc(alerts)}</td><td class="muted">{esc(v["resets_at"])}</td>'
-            f"</tr>")
-    more = (f'<p class="muted">{d.hidden_buckets} more buckets not shown.</p>'
-            if d.hidden_buckets else "")
-    return ('<table id="buckets"><tr><th>rule</th><th>bucket</th><th>action</th>'
-            '<th>window</th><th>spent + reserved / limit</th><th>utilization</th><th></th>'
-            '<th>alerts</th><th>resets</th></tr>' + "".join(rows) + "</table>" + more)
+            f"</tr>"
+        )
+    more = (
+        f'<p class="muted">{d.hidden_buckets} more buckets not shown.</p>'
+        if d.hidden_buckets
+        else ""
+    )
+    return (
+        '<table id="buckets"><tr><th>rule</th><th>bucket</th><th>action</th>'
+        "<th>window</th><th>spent + reserved / limit</th><th>utilization</th><th></th>"
+        "<th>alerts</th><th>resets</th></tr>" + "".join(rows) + "</table>" + more
+    )
 
 
 def _recent(d: Dashboard) -> str:
@@ -160,30 +184,43 @@ def _recent(d: Dashboard) -> str:
     for e in d.recent:
         if e.get("reason") == "fallback":
             what = '<span class="pill fb">fallback</span>'
-            detail = f'{esc(str(e.get("model", "")))} → {esc(str(e.get("fallback_to", "")))}'
+            detail = f"{esc(str(e.get('model', '')))} → {esc(str(e.get('fallback_to', '')))}"
         else:
             what = f'<span class="pill s429">{esc(str(e.get("status", "")))}</span>'
-            detail = (f'{esc(str(e.get("model", "")))} · rule '
-                      f'<b>{esc(str(e.get("rule", "")))}</b> · {esc(str(e.get("bucket", "")))}')
-        rows.append(f'<tr class="recent" data-reason="{esc(str(e.get("reason", "")))}">'
-                    f'<td class="muted">{esc(when(float(e.get("at", 0))))}</td><td>{what}</td>'
-                    f'<td>{esc(str(e.get("user", "")))}</td><td>{detail}</td></tr>')
-    return ('<table id="recent"><tr><th>when</th><th></th><th>who</th><th>what</th></tr>'
-            + "".join(rows) + "</table>")
+            detail = (
+                f"{esc(str(e.get('model', '')))} · rule "
+                f"<b>{esc(str(e.get('rule', '')))}</b> · {esc(str(e.get('bucket', '')))}"
+            )
+        rows.append(
+            f'<tr class="recent" data-reason="{esc(str(e.get("reason", "")))}">'
+            f'<td class="muted">{esc(when(float(e.get("at", 0))))}</td><td>{what}</td>'
+            f"<td>{esc(str(e.get('user', '')))}</td><td>{detail}</td></tr>"
+        )
+    return (
+        '<table id="recent"><tr><th>when</th><th></th><th>who</th><th>what</th></tr>'
+        + "".join(rows)
+        + "</table>"
+    )
 
 
 def _filters_form(d: Dashboard) -> str:
     def field(name: str) -> str:
-        return (f'<label>{name} <input type="text" name="{name}" id="filter-{name}" '
-                f'value="{esc(d.filters.get(name, ""))}" size="18"></label>')
+        return (
+            f'<label>{name} <input type="text" name="{name}" id="filter-{name}" '
+            f'value="{esc(d.filters.get(name, ""))}" size="18"></label>'
+        )
 
-    options = "".join(f'<option value="{w}"{" selected" if w == d.window else ""}>{w}</option>'
-                      for w in ("hour", "day"))
-    return ('<form id="filters" method="get" action="/dashboard" class="filters">'
-            f'<label>window <select name="window" id="filter-window">{options}</select></label>'
-            f'{field("user")}{field("group")}{field("model")}'
-            '<button type="submit" id="apply">Apply</button>'
-            '<a href="/dashboard">clear</a></form>')
+    options = "".join(
+        f'<option value="{w}"{" selected" if w == d.window else ""}>{w}</option>'
+        for w in ("hour", "day")
+    )
+    return (
+        '<form id="filters" method="get" action="/dashboard" class="filters">'
+        f'<label>window <select name="window" id="filter-window">{options}</select></label>'
+        f"{field('user')}{field('group')}{field('model')}"
+        '<button type="submit" id="apply">Apply</button>'
+        '<a href="/dashboard">clear</a></form>'
+    )
 
 
 def _query(d: Dashboard, **extra: str) -> str:
@@ -197,10 +234,15 @@ def _audit(d: Dashboard) -> str:
     rows = "".join(
         f'<tr class="audit" data-action="{esc(str(e.get("action", "")))}">'
         f'<td class="muted">{esc(when(float(e.get("at", 0))))}</td>'
-        f'<td>{esc(str(e.get("who", "")))}</td><td>{esc(str(e.get("action", "")))}</td>'
-        f'<td>{esc(str(e.get("target", "")))}</td></tr>' for e in d.audit)
-    return ('<table id="audit"><tr><th>when</th><th>who</th><th>what</th><th>target</th></tr>'
-            + rows + "</table>")
+        f"<td>{esc(str(e.get('who', '')))}</td><td>{esc(str(e.get('action', '')))}</td>"
+        f"<td>{esc(str(e.get('target', '')))}</td></tr>"
+        for e in d.audit
+    )
+    return (
+        '<table id="audit"><tr><th>when</th><th>who</th><th>what</th><th>target</th></tr>'
+        + rows
+        + "</table>"
+    )
 
 
 def render(d: Dashboard) -> str:
@@ -208,8 +250,10 @@ def render(d: Dashboard) -> str:
     denied = sum(1 for e in d.recent if e.get("status") == 429)
     fallbacks = sum(1 for e in d.recent if e.get("reason") == "fallback")
     hot = sum(1 for b in d.buckets if b.percent >= 90)
-    nav = "".join(f'<a href="?{_query(d, window=w)}" class="{"on" if w == d.window else ""}">'
-                  f'{name}</a>' for w, name in (("hour", "Hourly, 48 h"), ("day", "Daily, 30 d")))
+    nav = "".join(
+        f'<a href="?{_query(d, window=w)}" class="{"on" if w == d.window else ""}">{name}</a>'
+        for w, name in (("hour", "Hourly, 48 h"), ("day", "Daily, 30 d"))
+    )
     csv_link = f"/dashboard.csv?{_query(d, start=str(d.start), end=str(d.end))}"
     api = f"/v1/usage?start={d.start}&amp;end={d.end}"
     return f"""<!doctype html>

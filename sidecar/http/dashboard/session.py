@@ -39,9 +39,9 @@ class DashboardSessions:
 
     async def new_link(self, who: str, now: float) -> str:
         code = secrets.token_urlsafe(32)
-        await self._store.put_doc(LINKS, _key(code), {"who": who, "expires_at":
-                                                      now + LINK_SECONDS}, LINK_SECONDS,
-                                  now=now)
+        await self._store.put_doc(
+            LINKS, _key(code), {"who": who, "expires_at": now + LINK_SECONDS}, LINK_SECONDS, now=now
+        )
         return code
 
     async def open(self, code: str, now: float) -> Opened | None:
@@ -55,8 +55,13 @@ class DashboardSessions:
         if doc["expires_at"] <= now:
             return None
         cookie = secrets.token_urlsafe(32)
-        await self._store.put_doc(SESSIONS, _key(cookie), {
-            "who": doc["who"], "expires_at": now + SESSION_SECONDS}, SESSION_SECONDS, now=now)
+        await self._store.put_doc(
+            SESSIONS,
+            _key(cookie),
+            {"who": doc["who"], "expires_at": now + SESSION_SECONDS},
+            SESSION_SECONDS,
+            now=now,
+        )
         return Opened(str(doc["who"]), cookie)
 
     async def who(self, cookie: str, now: float) -> str | None:
