@@ -17,8 +17,17 @@ the same rounds; each round gives the product's CPU per request as a ratio to it
 sidecar row also prints the CPU per request of its two busiest threads (the event loop's is
 the one whose tid is the pid; the SQLite store's thread starts next).
 
+Every row also prints where the machine's CPU went over it (bench/utilisation.py): cores
+busy in all (the machine's, other users included), Envoy's, the backend's, the upstream's
+and wrk's, and how busy the busiest event loop of the backend and of the upstream was (1.0
+is a saturated loop), with wrk's mean latency: whether a row is CPU-bound or waits.
+
+`--workers N` runs N backend processes in both rows: `sidecar serve --workers N` (SQLite
+shared by the workers) and N no-op floors on one port (SO_REUSEPORT); both Envoys then cap
+a sidecar connection at 2 streams so that they open several and the kernel spreads them.
+
     .venv/bin/python -m bench.stream_rows [--rounds 3] [--seconds 8] [--connections 32]
-        [--chunks 1 16 64] [--baseline DIR]
+        [--chunks 1 16 64] [--baseline DIR] [--workers N]
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ from bench.closed_loop import ensure_tools
 from bench.cpu import busiest_threads, cpu_seconds, start_profile, thread_cpu
 from bench.policy import BODY, GROUPS, MODEL, PATH, bench_config
 from bench.sse_upstream import PROMPT_TOKENS
+from bench.utilisation import Sample, event_loop_pids
 from devtools.config import demo_key_env
 from devtools.envoy_config import render_envoy_config
 from devtools.keys import DevIssuer
@@ -50,7 +60,13 @@ from devtools.stack import ADMIN_TOKEN, wait_ready
 from sidecar.client.usage_report import dollars
 from sidecar.config.loader import parse_config
 from sidecar.config.ruleset import build_ruleset
-from sidecar.envoy.attach import EXT_AUTHZ, SIDECAR_FILTERS
+from sidecar.envoy.attach import (
+    CHECK_CLUSTER,
+    DEFAULT_MAX_CHECKS,
+    EXT_AUTHZ,
+    SIDECAR_CLUSTER,
+    SIDECAR_FILTERS,
+)
 from sidecar.model import TokenUsage
 from sidecar.pricing import (
     cost_micros,
@@ -65,14 +81,24 @@ STREAM_BODY = json.dumps({**json.loads(BODY), "stream": True}, separators=(",", 
 
 
 def _envoy_config(
-    listen: int, admin: int, grpc_port: int, upstream: int, floor: bool
+    listen: int, admin: int, grpc_port: int, upstream: int, floor: bool, workers: int = 1
 ) -> dict[str, Any]:
     config = render_envoy_config(
         listen_port=listen,
         admin_port=admin,
         sidecar_grpc=(LOOPBACK, grpc_port),
         provider_upstream=(LOOPBACK, upstream),
+        max_checks=DEFAULT_MAX_CHECKS * workers,
     )
+    if workers > 1:
+        # Envoy keeps one HTTP/2 connection per worker thread to a cluster; the kernel
+        # spreads connections, not requests, over processes sharing the port (README,
+        # `sidecar serve --workers N`), so make Envoy open several.
+        for cluster in config["static_resources"]["clusters"]:
+            if cluster["name"] in (SIDECAR_CLUSTER, CHECK_CLUSTER):
+                cluster["typed_extension_protocol_options"][
+                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+                ]["explicit_http_config"]["http2_protocol_options"]["max_concurrent_streams"] = 2
     hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
         "typed_config"
     ]
@@ -111,9 +137,10 @@ end
 function done(summary, latency, reqs)
   local e = summary.errors
   io.write(string.format(
-    '\\nWRK_JSON {{"requests":%d,"duration_us":%d,"errors":%d,"p50_us":%d,"p99_us":%d}}\\n',
+    '\\nWRK_JSON {{"requests":%d,"duration_us":%d,"errors":%d,"p50_us":%d,"p99_us":%d,' ..
+    '"mean_us":%d}}\\n',
     summary.requests, summary.duration, e.connect + e.read + e.write + e.status + e.timeout,
-    latency:percentile(50), latency:percentile(99)))
+    latency:percentile(50), latency:percentile(99), latency.mean))
 end
 """,
         encoding="utf-8",
@@ -147,6 +174,9 @@ def _wrk(url: str, script: Path, connections: int, seconds: float) -> dict[str, 
         "rps": data["requests"] / (data["duration_us"] / 1e6),
         "requests": data["requests"],
         "errors": data["errors"],
+        "p50_us": data["p50_us"],
+        "p99_us": data["p99_us"],
+        "mean_us": data["mean_us"],
     }
 
 
@@ -189,13 +219,25 @@ def _open_loop(
     return {"rps": served / seconds, "requests": served, "errors": data["offered"] - served}
 
 
-def _idle_rate(pid: int, seconds: float = 2.0) -> float:
-    """CPU seconds per second the process spends with no load (timers, housekeeping): taken
+def _cpu(pids: list[int]) -> float:
+    return sum(cpu_seconds(pid) for pid in pids)
+
+
+def _threads(pids: list[int]) -> dict[str, float]:
+    """Every event-loop process's threads (the workers' under `serve --workers N`)."""
+    out: dict[str, float] = {}
+    for pid in event_loop_pids(pids):
+        out.update(thread_cpu(pid))
+    return out
+
+
+def _idle_rate(pids: list[int], seconds: float = 2.0) -> float:
+    """CPU seconds per second the processes spend with no load (timers, housekeeping): taken
     off a row's CPU, so that CPU per request does not grow just because a row with longer
     streams serves fewer requests per second."""
-    before = cpu_seconds(pid)
+    before = _cpu(pids)
     time.sleep(seconds)
-    return (cpu_seconds(pid) - before) / seconds
+    return (_cpu(pids) - before) / seconds
 
 
 def _ledger(http: str) -> dict[str, Any]:
@@ -290,6 +332,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--baseline", type=Path, help="a source tree whose sidecar is measured as a row of its own"
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="backend processes in every row: `serve --workers N`, N floors",
+    )
     args = parser.parse_args(argv)
     ensure_tools()
     os.environ.update(demo_key_env())
@@ -317,17 +365,22 @@ def main(argv: list[str] | None = None) -> int:
                 workdir,
             ).start()
         )
-        floor = stack.enter_context(
-            ManagedProcess(
-                "floor",
-                [sys.executable, "-m", "bench.noop_authz", "--port", str(floor_port)],
-                workdir,
-            ).start()
-        )
-        for proc, port in ((upstream, upstream_port), (floor, floor_port)):
+        floors = [
+            stack.enter_context(
+                ManagedProcess(
+                    f"floor{i}",
+                    [sys.executable, "-m", "bench.noop_authz", "--port", str(floor_port)],
+                    workdir,
+                ).start()
+            )
+            for i in range(args.workers)
+        ]
+        for proc, port in ((upstream, upstream_port), *((f, floor_port) for f in floors)):
             wait_for_port(LOOPBACK, port, 20, process=proc)
-        # Row: (backend's gRPC port, its pid, its HTTP API for the ledger; None: the floor).
-        backends: dict[str, tuple[int, int, str | None]] = {"floor": (floor_port, floor.pid, None)}
+        # Row: (backend's gRPC port, its pids, its HTTP API for the ledger; None: the floor).
+        backends: dict[str, tuple[int, list[int], str | None]] = {
+            "floor": (floor_port, [f.pid for f in floors if f.pid is not None], None)
+        }
         sidecars = {"product": None, **({"baseline": args.baseline} if args.baseline else {})}
         for key, src in sidecars.items():
             grpc_port, http_port = free_port(), free_port()
@@ -350,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"{LOOPBACK}:{grpc_port}",
                         "--http",
                         f"{LOOPBACK}:{http_port}",
+                        "--workers",
+                        str(args.workers),
                     ],
                     workdir,
                     env=env,
@@ -358,37 +413,47 @@ def main(argv: list[str] | None = None) -> int:
             )
             http = f"http://{LOOPBACK}:{http_port}"
             wait_ready(http, sidecar, timeout=60)
-            backends[key] = (grpc_port, sidecar.pid, http)
+            assert sidecar.pid is not None
+            backends[key] = (grpc_port, [sidecar.pid], http)
         rows = {}
-        for key, (port, pid, api) in backends.items():
+        for key, (port, pids, api) in backends.items():
             listen, admin = free_port(), free_port()
             envoy, _ = start_envoy(
                 workdir,
-                _envoy_config(listen, admin, port, upstream_port, key == "floor"),
+                _envoy_config(listen, admin, port, upstream_port, key == "floor", args.workers),
                 base_id=listen,
             )
             stack.enter_context(envoy)
-            rows[key] = (f"http://{LOOPBACK}:{listen}{PATH}", pid, api)
+            assert envoy.pid is not None and upstream.pid is not None
+            rows[key] = (
+                f"http://{LOOPBACK}:{listen}{PATH}",
+                pids,
+                api,
+                {"envoy": [envoy.pid], "backend": pids, "upstream": [upstream.pid]},
+            )
         for chunks in args.chunks:
             script = _wrk_script(workdir / f"wrk-{chunks}.lua", tokens, chunks)
             unit = cost_micros(price, TokenUsage(PROMPT_TOKENS, chunks))
-            for url, _, _ in rows.values():
+            for url, _, _, _ in rows.values():
                 _wrk(url, script, args.connections, 2)  # warm-up
             for rnd in range(args.rounds):
                 order = list(rows.items()) if rnd % 2 == 0 else list(rows.items())[::-1]
                 trial: dict[str, Any] = {"chunks": chunks, "round": rnd}
-                for key, (url, pid, api) in order:
+                for key, (url, pids, api, groups) in order:
                     before = _settled_ledger(api) if api is not None else None
                     spy = None
                     if args.profile and key == "product":
                         spy = start_profile(
-                            pid,
+                            pids[0],
                             workdir / f"spy-{chunks}-{rnd}.txt",
                             args.seconds,
                             native=args.native,
                         )
-                    idle = _idle_rate(pid)
-                    cpu, threads = cpu_seconds(pid), thread_cpu(pid)
+                    idle = _idle_rate(pids)
+                    cpu, threads = _cpu(pids), _threads(pids)
+                    sample = Sample(
+                        groups, {"backend": event_loop_pids(pids), "upstream": groups["upstream"]}
+                    )
                     result: dict[str, Any] = {
                         **(
                             _open_loop(url, workdir, tokens, chunks, args.rate, args.seconds)
@@ -396,10 +461,16 @@ def main(argv: list[str] | None = None) -> int:
                             else _wrk(url, script, args.connections, args.seconds)
                         )
                     }
-                    used = cpu_seconds(pid) - cpu - idle * args.seconds
+                    result["cores"] = sample.finish()
+                    # All the stack's CPU (Envoy, backend, upstream, wrk, interrupts) per
+                    # request: what a CPU-bound row's throughput is the inverse of.
+                    result["stack_us_per_request"] = (
+                        result["cores"]["stack_cores"] / max(result["rps"], 1e-9) * 1e6
+                    )
+                    used = _cpu(pids) - cpu - idle * args.seconds
                     # The event loop (the main thread, tid = pid) and the store's thread.
                     result["threads_us_per_request"] = dict(
-                        busiest_threads(threads, thread_cpu(pid), int(result["requests"]), 2)
+                        busiest_threads(threads, _threads(pids), int(result["requests"]), 2)
                     )
                     if spy is not None:
                         spy.wait(timeout=60)
@@ -442,6 +513,22 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 results.setdefault(str(chunks), []).append(trial)
                 print(line, file=sys.stderr, flush=True)
+                for key in rows:
+                    c, r = trial[key]["cores"], trial[key]
+                    print(
+                        f"    {key} cores busy: machine {c['machine_cores']:.2f} = envoy "
+                        f"{c['envoy_cores']:.2f} + backend {c['backend_cores']:.2f} + "
+                        f"upstream {c['upstream_cores']:.2f} + wrk "
+                        f"{c['load_generator_cores']:.2f} + irq {c['interrupts_cores']:.2f} + "
+                        f"others {c['others_cores']:.2f}; stack "
+                        f"{r['stack_us_per_request']:.0f} us/req"
+                        f" | busiest loop: backend {c['backend_loop']:.2f} upstream "
+                        f"{c['upstream_loop']:.2f} | latency mean "
+                        f"{r.get('mean_us', 0) / 1000:.1f} ms p99 "
+                        f"{r.get('p99_us', 0) / 1000:.1f} ms",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 for key in sidecars:
                     split = ", ".join(
                         f"{name} {us:.0f}"
@@ -457,6 +544,21 @@ def main(argv: list[str] | None = None) -> int:
             "product_cpu_us_per_request": median(
                 t["product"]["cpu_us_per_request"] for t in trials
             ),
+            **{
+                f"{row}_{name}": median(
+                    t[row][key] if not sub else t[row]["cores"][sub] for t in trials
+                )
+                for row in ("floor", "product")
+                for name, key, sub in (
+                    ("stack_us_per_request", "stack_us_per_request", None),
+                    ("mean_latency_us", "mean_us", None),
+                    ("machine_cores", "", "machine_cores"),
+                    ("stack_cores", "", "stack_cores"),
+                    ("backend_cores", "", "backend_cores"),
+                    ("envoy_cores", "", "envoy_cores"),
+                    ("backend_busiest_loop", "", "backend_loop"),
+                )
+            },
             "errors": sum(t["product"]["errors"] + t["floor"]["errors"] for t in trials),
             "ledger_exact": all(t["product"]["exact"] for t in trials),
             **(
@@ -474,7 +576,12 @@ def main(argv: list[str] | None = None) -> int:
         }
         for chunks, trials in results.items()
     }
-    report = {"summary": summary, "trials": results}
+    report = {
+        "workers": args.workers,
+        "connections": args.connections,
+        "summary": summary,
+        "trials": results,
+    }
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
