@@ -25,9 +25,11 @@ is a saturated loop), with wrk's mean latency: whether a row is CPU-bound or wai
 `--workers N` runs N backend processes in both rows: `sidecar serve --workers N` (SQLite
 shared by the workers) and N no-op floors on one port (SO_REUSEPORT); both Envoys then cap
 a sidecar connection at 2 streams so that they open several and the kernel spreads them.
+`--client-usage` sends bodies that ask for the usage event themselves, so that Envoy's Lua
+filter does no request-body insertion (and hides no event): that part of Envoy's CPU.
 
     .venv/bin/python -m bench.stream_rows [--rounds 3] [--seconds 8] [--connections 32]
-        [--chunks 1 16 64] [--baseline DIR] [--workers N]
+        [--chunks 1 16 64] [--baseline DIR] [--workers N] [--client-usage]
 """
 
 from __future__ import annotations
@@ -78,6 +80,11 @@ from sidecar.pricing import (
 CHUNKS = (1, 16, 64)
 USERS = 100
 STREAM_BODY = json.dumps({**json.loads(BODY), "stream": True}, separators=(",", ":"))
+# The client asks for the usage event itself: the Check asks for no body change, so Envoy's
+# Lua filter neither rewrites the request body nor hides the event from the client.
+STREAM_BODY_WITH_USAGE = json.dumps(
+    {**json.loads(STREAM_BODY), "stream_options": {"include_usage": True}}, separators=(",", ":")
+)
 
 
 def _envoy_config(
@@ -116,11 +123,11 @@ def _envoy_config(
     return config
 
 
-def _wrk_script(path: Path, tokens: list[str], chunks: int) -> Path:
+def _wrk_script(path: Path, tokens: list[str], chunks: int, body: str) -> Path:
     requests = ",\n".join(
         "  wrk.format('POST', nil, {['content-type']='application/json', "
         f"['cf-access-jwt-assertion']={json.dumps(t)}, ['x-bench-chunks']='{chunks}'}}, "
-        f"{json.dumps(STREAM_BODY)})"
+        f"{json.dumps(body)})"
         for t in tokens
     )
     path.write_text(
@@ -181,13 +188,19 @@ def _wrk(url: str, script: Path, connections: int, seconds: float) -> dict[str, 
 
 
 def _open_loop(
-    url: str, workdir: Path, tokens: list[str], chunks: int, rate: float, seconds: float
+    url: str,
+    workdir: Path,
+    tokens: list[str],
+    chunks: int,
+    rate: float,
+    seconds: float,
+    stream_body: str,
 ) -> dict[str, float]:
     """`rate` streams a second, open loop (bench/stream_load.py), each read to its end."""
     import subprocess
 
     body, token_file = workdir / "open-loop-body.json", workdir / "open-loop-tokens.txt"
-    body.write_text(STREAM_BODY)
+    body.write_text(stream_body)
     token_file.write_text("\n".join(tokens))
     out = subprocess.run(
         [
@@ -333,6 +346,11 @@ def main(argv: list[str] | None = None) -> int:
         "--baseline", type=Path, help="a source tree whose sidecar is measured as a row of its own"
     )
     parser.add_argument(
+        "--client-usage",
+        action="store_true",
+        help="the client sets stream_options.include_usage itself",
+    )
+    parser.add_argument(
         "--workers",
         type=int,
         default=1,
@@ -350,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         rs = build_ruleset(parse_config(bench_config(issuer, str(jwks), "sqlite:///x.db")))
         price = rs.prices.price("openai", MODEL)
         assert price is not None
-        body = json.loads(STREAM_BODY)
+        stream_body = STREAM_BODY_WITH_USAGE if args.client_usage else STREAM_BODY
+        body = json.loads(stream_body)
         reserved = estimate_micros(
             price,
             estimate_input_tokens(body),
@@ -432,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
                 {"envoy": [envoy.pid], "backend": pids, "upstream": [upstream.pid]},
             )
         for chunks in args.chunks:
-            script = _wrk_script(workdir / f"wrk-{chunks}.lua", tokens, chunks)
+            script = _wrk_script(workdir / f"wrk-{chunks}.lua", tokens, chunks, stream_body)
             unit = cost_micros(price, TokenUsage(PROMPT_TOKENS, chunks))
             for url, _, _, _ in rows.values():
                 _wrk(url, script, args.connections, 2)  # warm-up
@@ -456,7 +475,9 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     result: dict[str, Any] = {
                         **(
-                            _open_loop(url, workdir, tokens, chunks, args.rate, args.seconds)
+                            _open_loop(
+                                url, workdir, tokens, chunks, args.rate, args.seconds, stream_body
+                            )
                             if args.rate
                             else _wrk(url, script, args.connections, args.seconds)
                         )
