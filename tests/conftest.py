@@ -52,8 +52,6 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
 
 
 @pytest.fixture
-def store_clock(request: pytest.FixtureRequest, store: Store, tmp_path: Path) -> StoreClock:
-    """The time a test of the `store` fixture's backend runs at (see StoreClock)."""
-    backend = request.node.callspec.params["store"]
-    url = None if backend == "sqlite" else backend_url(request, backend, tmp_path)
-    return StoreClock(1_800_000_000.0, url)
+def store_clock() -> StoreClock:
+    """The time a test of the `store` fixture runs at (see StoreClock)."""
+    return StoreClock(1_800_000_000.0)

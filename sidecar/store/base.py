@@ -42,9 +42,9 @@ class DocumentStore(Protocol):
     """Small JSON objects in named collections (service tokens, runtime rules, device codes,
     signing keys) and counters that expire.
 
-    A TTL runs from `now`; reads at `now` skip what has expired. The SQLite store judges
-    expiry by the `now` it is given; Redis expires keys on its own clock (shared by every
-    replica), which in production is the same wall clock the callers read.
+    A TTL runs from the `now` of the write; reads, compare-and-set and counters at `now`
+    treat what has expired by then as absent. Every backend judges expiry by the `now` it
+    is given, never by its own clock (Redis's TTLs only collect what has expired).
     """
 
     async def get_doc(self, collection: str, key: str, *, now: float) -> Doc | None: ...

@@ -42,7 +42,7 @@ KeyKind = Literal[
     "tags",  # set: every node tag budget state was written under
     "doc",  # string: one JSON document
     "docs",  # set: the document keys of one collection
-    "counter",  # string: an expiring counter
+    "counter",  # hash: an expiring counter's count and window end
 ]
 
 _ARITY: dict[KeyKind, int] = {
@@ -104,4 +104,6 @@ def redis_key(prefix: str, kind: KeyKind, *parts: str | int) -> str:
         case "docs":
             return f"{prefix}docs:{{c:{parts[0]}}}"
         case "counter":
-            return f"{prefix}n:{parts[0]}"
+            # "w:", not the "n:" of the plain strings older versions counted in: a replica
+            # of either version never meets the other's type (those expire on their own).
+            return f"{prefix}w:{parts[0]}"

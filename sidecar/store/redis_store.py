@@ -12,6 +12,10 @@ refused; its commit is idempotent per shard (`sidecar.store.redis_shards`).
 Amounts travel to Lua as decimal strings and come back as integers; Lua computes with
 doubles, so amounts are exact up to 2^53 µUSD (about $9 billion).
 
+Documents and counters expire by the `now` their callers pass, as on SQLite: a document
+with a TTL stores its expiry with it, a counter its window's end (see swap_doc.lua and
+incr.lua); Redis's own TTLs, of the same length, only collect them.
+
 Semantics follow the SQLite store, with deliberate differences only in retention and one
 in comparison: done reservations are kept 7 days after they finish (SQLite: after they were
 created); ledger hours are kept 400 days after their last new row (SQLite: forever); and
@@ -132,6 +136,25 @@ def _budget_script(name: str, cluster: bool) -> str:
 def _canonical(doc: Doc) -> str:
     # swap_doc compares stored strings, so one document must always serialize one way.
     return json.dumps(doc, sort_keys=True, separators=(",", ":"))
+
+
+def _stored(doc: Doc, ttl_seconds: int | None, now: float) -> str:
+    """A document as stored: a document with a TTL carries its expiry, from the caller's
+    `now`, as "x<expires at>\n" before its canonical JSON (see swap_doc.lua)."""
+    if ttl_seconds is None:
+        return _canonical(doc)
+    return f"x{float(now) + ttl_seconds!r}\n{_canonical(doc)}"
+
+
+def _live(raw: str, now: float) -> Doc | None:
+    """The document of a stored value, None once its stored expiry is at or before `now`.
+    Values without the prefix (no TTL, or written before expiries were stored) are read
+    as they are: Redis's TTL alone ends those."""
+    if raw.startswith("x"):
+        expires, _, raw = raw[1:].partition("\n")
+        if float(expires) <= now:
+            return None
+    return dict(json.loads(raw))
 
 
 @contextmanager
@@ -264,6 +287,7 @@ class RedisStore:
         self._swap = LuaScript(self._r, _lua("swap_doc.lua"))
         self._add_spend = LuaScript(self._r, _budget_script("add_spend.lua", cluster))
         self._list = LuaScript(self._r, _lua("list_docs.lua"))
+        self._incr = LuaScript(self._r, _lua("incr.lua"))
 
     @asynccontextmanager
     async def _op(self) -> AsyncIterator[None]:
@@ -314,7 +338,7 @@ class RedisStore:
     async def get_doc(self, collection: str, key: str, *, now: float) -> Doc | None:
         async with self._op():
             raw = await self._r.get(self._key("doc", collection, key))
-        return None if raw is None else dict(json.loads(raw))
+        return None if raw is None else _live(str(raw), now)
 
     async def put_doc(
         self,
@@ -332,7 +356,8 @@ class RedisStore:
                 pipe.delete(doc_key)
                 pipe.srem(index, doc_key)
             else:
-                pipe.set(doc_key, _canonical(doc), ex=ttl_seconds)
+                # Redis's TTL only collects the document; reads judge expiry by `now`.
+                pipe.set(doc_key, _stored(doc, ttl_seconds, now), ex=ttl_seconds)
                 pipe.sadd(index, doc_key)
             await pipe.execute()
 
@@ -348,7 +373,8 @@ class RedisStore:
         async with self._op():
             flat = await self._list(keys=[self._key("docs", collection)])
         pairs = sorted(zip(flat[::2], flat[1::2], strict=True))
-        return [dict(json.loads(doc)) for _, doc in pairs]
+        docs = (_live(str(raw), now) for _, raw in pairs)
+        return [doc for doc in docs if doc is not None]
 
     async def swap_doc(
         self,
@@ -365,8 +391,9 @@ class RedisStore:
         args = [
             "" if expected is None else _canonical(expected),
             "0" if new is None else "1",
-            "" if new is None else _canonical(new),
+            "" if new is None else _stored(new, ttl_seconds, now),
             "" if ttl_seconds is None else str(ttl_seconds),
+            repr(float(now)),
         ]
         keys = [self._key("doc", collection, key), self._key("docs", collection)]
         async with self._op():
@@ -378,13 +405,15 @@ class RedisStore:
         return None
 
     async def incr(self, key: str, amount: int, ttl_seconds: int, *, now: float) -> int:
-        counter = self._key("counter", key)
-        async with self._op(), self._r.pipeline(transaction=True) as pipe:
-            pipe.incrby(counter, amount)
-            # NX: the window starts at the first increment and later ones don't extend it.
-            pipe.expire(counter, ttl_seconds, nx=True)
-            value, _ = await pipe.execute()
-        return int(value)
+        # The window starts at the first increment (at `now`) and later ones don't extend it.
+        args: list[str | int] = [
+            amount,
+            ttl_seconds,
+            repr(float(now)),
+            repr(float(now) + ttl_seconds),
+        ]
+        async with self._op():
+            return int(await self._incr(keys=[self._key("counter", key)], args=args))
 
     # -- budgets -----------------------------------------------------------------------
     def _index_keys(self, tag: str) -> list[str]:

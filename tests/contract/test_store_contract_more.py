@@ -362,6 +362,26 @@ async def test_rewriting_a_doc_without_ttl_makes_it_permanent(
     assert await store.get_doc("c", "k", now=store_clock()) == {"v": 2}
 
 
+async def test_swap_doc_matches_a_doc_with_ttl_until_it_expires(
+    store: Store, store_clock: StoreClock
+) -> None:
+    await store.put_doc("c", "k", {"v": 1}, ttl_seconds=30, now=store_clock())
+    await store.put_doc("c", "gone", {"v": 1}, ttl_seconds=30, now=store_clock())
+    await store_clock.advance(29)
+    now = store_clock()
+    assert await store.swap_doc("c", "k", None, {"v": 9}, now=now) is False
+    assert await store.swap_doc("c", "k", {"v": 1}, {"v": 2}, ttl_seconds=30, now=now) is True
+    await store_clock.advance(1)
+    now = store_clock()
+    # "gone" expired at this `now`: it no longer matches its content, only absence.
+    assert await store.swap_doc("c", "gone", {"v": 1}, {"v": 3}, now=now) is False
+    assert await store.swap_doc("c", "gone", None, {"v": 3}, now=now) is True
+    # The swapped-in document's TTL runs from the swap, not from the first write.
+    assert await store.get_doc("c", "k", now=now) == {"v": 2}
+    await store_clock.advance(29)
+    assert await store.get_doc("c", "k", now=store_clock()) is None
+
+
 async def test_swap_doc_compares_whole_documents(store: Store) -> None:
     doc = {"state": "pending", "user": {"email": "a@example.com", "groups": ["ml"]}}
     await store.put_doc("codes", "x", doc, now=NOW)

@@ -1,9 +1,7 @@
-"""What tests do to a Redis they own, which the product store never does: empty it, and let
-time pass on Redis's own clock (where documents and counters expire)."""
+"""What tests do to a Redis they own, which the product store never does: empty it."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -48,20 +46,3 @@ async def flush_redis(url: str) -> None:
     async with _primaries(url) as primaries:
         for client in primaries:
             await client.flushdb()
-
-
-async def age_redis(url: str, seconds: float) -> None:
-    """As if `seconds` passed on Redis's clock for keys that expire: those whose time to
-    live is at most `seconds` are gone, the others have that much less left. Keys without
-    a TTL are not touched."""
-    step = math.ceil(seconds * 1000)
-    async with _primaries(url) as primaries:
-        for client in primaries:
-            async for key in client.scan_iter(count=1000):
-                left = await client.pttl(key)
-                if left < 0:  # -1: no TTL; -2: gone meanwhile
-                    continue
-                if left <= step:
-                    await client.delete(key)
-                else:
-                    await client.pexpire(key, left - step)
