@@ -71,12 +71,7 @@ class JwksCache:
         self._file = file
         self._fetch = fetch
         self._cache = KeyCache(
-            self._load,
-            clock=clock,
-            floor=refresh_floor_seconds,
-            max_age=cache_seconds,
-            loaded=self._loaded,
-            failed=self._failed,
+            self, clock=clock, floor=refresh_floor_seconds, max_age=cache_seconds
         )
         self.refreshes = 0
         self.failures = 0
@@ -99,7 +94,7 @@ class JwksCache:
             return next(iter(keys.values()))
         return None
 
-    async def _load(self, now: float) -> dict[str, Any]:
+    async def load_keys(self, now: float) -> dict[str, Any]:
         with tracing.span("sidecar.jwks.fetch", source=self._file or _where(self._url)):
             if self._file is not None:
                 doc = json.loads(Path(self._file).read_text(encoding="utf-8"))
@@ -111,12 +106,12 @@ class JwksCache:
                 raise ValueError("no usable signing keys")
         return keys
 
-    def _loaded(self, keys: dict[str, Any]) -> None:
+    def keys_loaded(self, keys: dict[str, Any]) -> None:
         self.refreshes += 1
         JWKS_REFRESHES.labels("ok").inc()
         log.info("jwks_refreshed", source=self._url or self._file, keys=len(keys))
 
-    def _failed(self, exc: Exception) -> None:
+    def keys_failed(self, exc: Exception) -> None:
         self.failures += 1
         JWKS_REFRESHES.labels("error").inc()
         log.warning(

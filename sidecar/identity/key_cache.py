@@ -6,31 +6,30 @@ does not log everyone out. Serves the JWT issuers' JWKS and the sidecar's own ke
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 Keys = dict[str, Any]
 
 
+class KeySource(Protocol):
+    async def load_keys(self, now: float) -> Keys: ...
+
+    # Hear of each reload's outcome (logs, counters), the keys still the old ones when
+    # `keys_failed` runs.
+    def keys_loaded(self, keys: Keys) -> None: ...
+
+    def keys_failed(self, exc: Exception) -> None: ...
+
+
 class KeyCache:
     def __init__(
-        self,
-        load: Callable[[float], Awaitable[Keys]],
-        *,
-        clock: Callable[[], float],
-        floor: float,
-        max_age: float,
-        loaded: Callable[[Keys], None],
-        failed: Callable[[Exception], None],
+        self, source: KeySource, *, clock: Callable[[], float], floor: float, max_age: float
     ) -> None:
-        # `loaded` and `failed` hear of each reload's outcome (logs, counters), the keys
-        # still the old ones when `failed` runs.
-        self._load = load
+        self._source = source
         self._clock = clock
         self._floor = floor
         self._max_age = max_age
-        self._loaded = loaded
-        self._failed = failed
         self.keys: Keys = {}
         self.loaded_at: float | None = None
         self._last_attempt: float | None = None
@@ -55,10 +54,10 @@ class KeyCache:
                 return
             self._last_attempt = now
             try:
-                keys = await self._load(now)
+                keys = await self._source.load_keys(now)
             except Exception as exc:
-                self._failed(exc)
+                self._source.keys_failed(exc)
                 return
             self.keys = keys
             self.loaded_at = now
-            self._loaded(keys)
+            self._source.keys_loaded(keys)

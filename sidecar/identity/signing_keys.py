@@ -113,12 +113,7 @@ class SigningKeys:
         self._leeway = leeway_seconds
         self._rotate_after = rotate_after_seconds
         self._cache = KeyCache(
-            self._load,
-            clock=clock,
-            floor=refresh_floor_seconds,
-            max_age=cache_seconds,
-            loaded=self._loaded,
-            failed=self._failed,
+            self, clock=clock, floor=refresh_floor_seconds, max_age=cache_seconds
         )
         self.reloads = 0
 
@@ -130,7 +125,7 @@ class SigningKeys:
             await self._cache.reload(force=False)
         return self._cache.keys.get(kid)
 
-    async def _load(self, now: float) -> dict[str, Any]:
+    async def load_keys(self, now: float) -> dict[str, Any]:
         docs = await self._store.list_docs(KEYS, now=now)
         return {
             d["kid"]: jwt.PyJWK(public_jwk(d)).key
@@ -138,10 +133,10 @@ class SigningKeys:
             if is_published(d, now, self._leeway)
         }
 
-    def _loaded(self, keys: dict[str, Any]) -> None:
+    def keys_loaded(self, keys: dict[str, Any]) -> None:
         self.reloads += 1
 
-    def _failed(self, exc: Exception) -> None:
+    def keys_failed(self, exc: Exception) -> None:
         # A store blip: the last good keys are kept.
         log.warning("signing_keys_reload_failed", error=str(exc), kept=len(self._cache.keys))
 
