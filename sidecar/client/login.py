@@ -108,6 +108,22 @@ def _user_agent() -> str:
     return f"sidecar-cli/{ours} ({platform.system()}; Python {platform.python_version()})"
 
 
+def _client(transport: httpx.BaseTransport | None, *, timeout: float) -> httpx.Client:
+    return httpx.Client(timeout=timeout, transport=transport, headers={"user-agent": _user_agent()})
+
+
+def _post_form(
+    url: str,
+    data: Mapping[str, Any],
+    *,
+    transport: httpx.BaseTransport | None,
+    timeout: float,
+) -> httpx.Response:
+    """One form POST on a client of its own (raises httpx.HTTPError when unreachable)."""
+    with _client(transport, timeout=timeout) as http:
+        return http.post(url, data=data)
+
+
 def login(
     url: str,
     *,
@@ -124,9 +140,7 @@ def login(
     url = normalize_url(url)
     path = path or (admin_credentials_path() if admin else credentials_path())
     start_params = {"client_id": CLIENT_ID, **({"scope": "admin"} if admin else {})}
-    with httpx.Client(
-        timeout=15.0, transport=transport, headers={"user-agent": _user_agent()}
-    ) as http:
+    with _client(transport, timeout=15.0) as http:
         try:
             response = http.post(f"{url}/device/code", data=start_params)
         except httpx.HTTPError as exc:
@@ -248,17 +262,16 @@ def refresh(
     """Trade the refresh token for a new access token (and the next refresh token)."""
     url = str(credential["url"])
     try:
-        with httpx.Client(
-            timeout=15.0, transport=transport, headers={"user-agent": _user_agent()}
-        ) as http:
-            response = http.post(
-                f"{url}/device/token",
-                data={
-                    "grant_type": REFRESH_GRANT,
-                    "refresh_token": credential["refresh_token"],
-                    "client_id": CLIENT_ID,
-                },
-            )
+        response = _post_form(
+            f"{url}/device/token",
+            {
+                "grant_type": REFRESH_GRANT,
+                "refresh_token": credential["refresh_token"],
+                "client_id": CLIENT_ID,
+            },
+            transport=transport,
+            timeout=15.0,
+        )
     except httpx.HTTPError as exc:
         raise LoginError(f"cannot reach {url} to renew the token: {exc}") from None
     if response.status_code != 200:
@@ -334,17 +347,16 @@ def revoke_session(
 ) -> bool:
     url = str(credential.get("url", ""))
     try:
-        with httpx.Client(
-            timeout=10.0, transport=transport, headers={"user-agent": _user_agent()}
-        ) as http:
-            response = http.post(
-                f"{url}/device/revoke",
-                data={
-                    "token": credential["refresh_token"],
-                    "token_type_hint": "refresh_token",
-                    "client_id": CLIENT_ID,
-                },
-            )
+        response = _post_form(
+            f"{url}/device/revoke",
+            {
+                "token": credential["refresh_token"],
+                "token_type_hint": "refresh_token",
+                "client_id": CLIENT_ID,
+            },
+            transport=transport,
+            timeout=10.0,
+        )
     except httpx.HTTPError as exc:
         print(
             f"sidecar: could not reach {url} to end the session ({exc}); the stored "
