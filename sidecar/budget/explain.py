@@ -133,7 +133,6 @@ async def simulate(
     rs = engine.holder.current
     now = engine.clock()
     steps: list[dict[str, Any]] = []
-    outcome: dict[str, Any] = {"decision": "deny", "status": 429, "model": model}
     input_tokens, output_tokens = tokens = requested_tokens(rs, body)
     for index, cand in enumerate(candidates(rs, model, provider)):
         cand_model, cand_provider = cand.model, cand.provider
@@ -146,25 +145,13 @@ async def simulate(
         if not model_allowed(rs, identity, cand):
             entry["result"] = "model_not_allowed"
             if index == 0:
-                return {
-                    "decision": "deny",
-                    "status": 403,
-                    "reason": "model_not_allowed",
-                    "model": model,
-                    "steps": steps,
-                }
+                return _outcome("deny", 403, "model_not_allowed", model, steps)
             continue
         found = priced(rs, cand, tokens)
         if found is None:
             entry["result"] = "unpriced_model"
             if index == 0:
-                return {
-                    "decision": "deny",
-                    "status": 403,
-                    "reason": "unpriced_model",
-                    "model": model,
-                    "steps": steps,
-                }
+                return _outcome("deny", 403, "unpriced_model", model, steps)
             continue
         price, estimate = found
         entry.update(
@@ -179,27 +166,27 @@ async def simulate(
         full = [b for b in entry["buckets"] if not b["fits"] and b["action"] != "monitor"]
         if any(b["action"] == "block" for b in full):
             entry["result"] = "blocked"
-            return {
-                "decision": "deny",
-                "status": 429,
-                "reason": "spend_limit_exceeded",
-                "model": model,
-                "steps": steps,
-            }
+            return _outcome("deny", 429, "spend_limit_exceeded", model, steps)
         if full:
             entry["result"] = "fallback_rule_full"
             continue
         entry["result"] = "admitted"
-        decision = "fallback" if index else "allow"
-        return {
-            "decision": decision,
-            "status": 200,
-            "reason": "ok" if not index else "fallback",
-            "model": cand_model,
-            "steps": steps,
-        }
-    outcome.update(reason="spend_limit_exceeded", steps=steps)
-    return outcome
+        if index:
+            return _outcome("fallback", 200, "fallback", cand_model, steps)
+        return _outcome("allow", 200, "ok", cand_model, steps)
+    return _outcome("deny", 429, "spend_limit_exceeded", model, steps)
+
+
+def _outcome(
+    decision: str, status: int, reason: str, model: str, steps: list[dict[str, Any]]
+) -> dict[str, Any]:
+    return {
+        "decision": decision,
+        "status": status,
+        "reason": reason,
+        "model": model,
+        "steps": steps,
+    }
 
 
 def _with_fit(
