@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from starlette.requests import Request
@@ -34,6 +35,21 @@ def ok(result: Any, status: int = 200, result_info: dict[str, Any] | None = None
     if result_info is not None:
         body["result_info"] = result_info
     return JSONResponse(body, status_code=status)
+
+
+def one_page(items: list[Any], extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """`result_info` of a listing answered whole, on one page."""
+    return {
+        "page": 1,
+        "per_page": len(items),
+        "total_count": len(items),
+        "has_more": False,
+        **(extra or {}),
+    }
+
+
+def listed(items: list[Any]) -> JSONResponse:
+    return ok(items, result_info=one_page(items))
 
 
 def fail(

@@ -9,7 +9,7 @@ from starlette.routing import Route
 from sidecar.audit import MAX_LISTED, latest
 from sidecar.http.admin.usage import iso, single_params
 from sidecar.http.auth import require_admin
-from sidecar.http.envelope import ApiError, ok
+from sidecar.http.envelope import ApiError, listed
 from sidecar.services import Services
 
 
@@ -24,14 +24,6 @@ def routes(services: Services) -> list[Route]:
             services.store, int(text), params.get("action", ""), now=services.engine.clock()
         )
         result = [{**e, "at": iso(int(e["at"]))} for e in entries]
-        return ok(
-            result,
-            result_info={
-                "page": 1,
-                "per_page": len(result),
-                "total_count": len(result),
-                "has_more": False,
-            },
-        )
+        return listed(result)
 
     return [Route("/v1/audit", listing, methods=["GET"])]

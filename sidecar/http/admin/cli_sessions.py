@@ -8,7 +8,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from sidecar.http.auth import require_admin
-from sidecar.http.envelope import ApiError, ok
+from sidecar.http.envelope import ApiError, listed, ok
 from sidecar.identity.cli_sessions import CliSessions, public_view
 from sidecar.services import Services
 
@@ -22,15 +22,7 @@ def routes(services: Services) -> list[Route]:
     async def listing(request: Request) -> JSONResponse:
         await require_admin(services, request)
         found = await sessions().list()
-        return ok(
-            found,
-            result_info={
-                "page": 1,
-                "per_page": len(found),
-                "total_count": len(found),
-                "has_more": False,
-            },
-        )
+        return listed(found)
 
     async def revoke(request: Request) -> JSONResponse:
         admin = await require_admin(services, request)

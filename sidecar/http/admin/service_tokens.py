@@ -14,7 +14,7 @@ from starlette.routing import Route
 
 from sidecar.http.admin.spend_limits import add_limit, check_new, validate_rule
 from sidecar.http.auth import require_admin
-from sidecar.http.envelope import ApiError, json_object, ok, reject_unknown
+from sidecar.http.envelope import ApiError, json_object, listed, ok, reject_unknown
 from sidecar.identity.service_tokens import IssuedToken, NameTaken, public_view
 from sidecar.policy.windows import parse_duration
 from sidecar.services import Services
@@ -113,15 +113,7 @@ def routes(services: Services) -> list[Route]:
     async def listing(request: Request) -> JSONResponse:
         await require_admin(services, request)
         tokens = await services.service_tokens.list()
-        return ok(
-            tokens,
-            result_info={
-                "page": 1,
-                "per_page": len(tokens),
-                "total_count": len(tokens),
-                "has_more": False,
-            },
-        )
+        return listed(tokens)
 
     async def changed(
         request: Request, change: Callable[[str], Awaitable[T | None]], missing: str

@@ -16,7 +16,7 @@ from sidecar.config.loader import plain_message
 from sidecar.config.models import SpendLimitConfig
 from sidecar.config.ruleset import rules_from_config
 from sidecar.http.auth import require_admin
-from sidecar.http.envelope import ApiError, json_object, ok
+from sidecar.http.envelope import ApiError, json_object, listed, ok
 from sidecar.money import micros_to_usd, usd_to_micros
 from sidecar.services import Services
 
@@ -111,15 +111,7 @@ def routes(services: Services) -> list[Route]:
     async def listing(request: Request) -> JSONResponse:
         await require_admin(services, request)
         rules = [*file_rules(services).values(), *(await runtime_rules(services)).values()]
-        return ok(
-            rules,
-            result_info={
-                "page": 1,
-                "per_page": len(rules),
-                "total_count": len(rules),
-                "has_more": False,
-            },
-        )
+        return listed(rules)
 
     async def get_one(request: Request) -> JSONResponse:
         await require_admin(services, request)

@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from sidecar.http.auth import caller, require_admin
-from sidecar.http.envelope import ApiError, ok
+from sidecar.http.envelope import ApiError, ok, one_page
 from sidecar.metering.ledger import (
     WINDOWS,
     UsageRow,
@@ -195,16 +195,6 @@ def usage_json(row: UsageRow) -> dict[str, Any]:
     return out
 
 
-def _listing(items: list[Any], extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    return {
-        "page": 1,
-        "per_page": len(items),
-        "total_count": len(items),
-        "has_more": False,
-        **(extra or {}),
-    }
-
-
 def routes(services: Services) -> list[Route]:
     def now() -> int:
         return int(services.engine.clock())
@@ -225,7 +215,7 @@ def routes(services: Services) -> list[Route]:
             }
             for b in usage_history(rows, q.window)
         ]
-        return ok({"history": buckets}, result_info=_listing(buckets))
+        return ok({"history": buckets}, result_info=one_page(buckets))
 
     async def usage(request: Request) -> JSONResponse:
         await require_admin(services, request)
@@ -242,7 +232,7 @@ def routes(services: Services) -> list[Route]:
         if user is not None:
             rows = of_user(rows, user)
         result = [usage_json(r) for r in group_usage(rows, q.group_by, q.window)]
-        return ok(result, result_info=_listing(result, {"start": iso(first), "end": iso(last)}))
+        return ok(result, result_info=one_page(result, {"start": iso(first), "end": iso(last)}))
 
     return [
         Route("/accounts/{account_id}/ai-gateway/billing/usage-history", history, methods=["GET"]),
