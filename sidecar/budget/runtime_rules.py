@@ -18,7 +18,7 @@ import structlog
 from sidecar.config.models import SpendLimitConfig
 from sidecar.config.ruleset import rules_from_config
 from sidecar.money import cents_to_micros
-from sidecar.policy.rules import Rule, compile_rule
+from sidecar.policy.rules import Action, Rule, Window, compile_rule
 from sidecar.policy.windows import FixedWindow, RollingWindow
 from sidecar.store.base import DocumentStore
 
@@ -40,33 +40,32 @@ def account_window(duration: str, strategy: str) -> FixedWindow | RollingWindow:
     return FixedWindow(duration, "UTC")  # type: ignore[arg-type]
 
 
+def _account_rule(limit: int, window: Window, action: Action, alerts: tuple[int, ...] = ()) -> Rule:
+    """A rule on the whole account: no filters, one bucket, set at runtime."""
+    return compile_rule(
+        name=ACCOUNT_RULE,
+        limit=limit,
+        window=window,
+        filters={},
+        split=(),
+        action=action,
+        alerts=alerts,
+        source="runtime",
+    )
+
+
 def account_tracking_rules() -> tuple[Rule, ...]:
     """Monitor-only account buckets for every window the account APIs can ask about."""
     return tuple(
-        compile_rule(
-            name=ACCOUNT_RULE,
-            limit=0,
-            window=account_window(d, s),
-            filters={},
-            split=(),
-            action="monitor",
-            source="runtime",
-        )
+        _account_rule(0, account_window(d, s), "monitor")
         for d in ("daily", "weekly", "monthly")
         for s in ("fixed", "sliding")
     )
 
 
 def account_limit_rule(doc: dict[str, Any]) -> Rule:
-    return compile_rule(
-        name=ACCOUNT_RULE,
-        limit=cents_to_micros(int(doc["amount"])),
-        window=account_window(doc["duration"], doc["strategy"]),
-        filters={},
-        split=(),
-        action="block",
-        source="runtime",
-    )
+    window = account_window(doc["duration"], doc["strategy"])
+    return _account_rule(cents_to_micros(int(doc["amount"])), window, "block")
 
 
 def caps_rules(doc: dict[str, Any]) -> list[Rule]:
@@ -74,31 +73,11 @@ def caps_rules(doc: dict[str, Any]) -> list[Rule]:
     monthly = FixedWindow("monthly", "UTC")
     cap = doc.get("hard_spending_cap")
     if cap is not None and doc.get("hard_cap_enabled"):
-        rules.append(
-            compile_rule(
-                name=ACCOUNT_RULE,
-                limit=cents_to_micros(int(cap)),
-                window=monthly,
-                filters={},
-                split=(),
-                action="block",
-                source="runtime",
-            )
-        )
+        rules.append(_account_rule(cents_to_micros(int(cap)), monthly, "block"))
     budget = doc.get("monthly_spending_budget")
     if budget is not None and doc.get("spending_alerts_enabled"):
-        rules.append(
-            compile_rule(
-                name=ACCOUNT_RULE,
-                limit=cents_to_micros(int(budget)),
-                window=monthly,
-                filters={},
-                split=(),
-                action="monitor",
-                alerts=tuple(doc.get("spending_alert_thresholds", ())),
-                source="runtime",
-            )
-        )
+        alerts = tuple(doc.get("spending_alert_thresholds", ()))
+        rules.append(_account_rule(cents_to_micros(int(budget)), monthly, "monitor", alerts))
     return rules
 
 
