@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -263,10 +264,11 @@ def _count(text: str) -> int:
     return int(text)
 
 
-def _common(p: argparse.ArgumentParser, url: bool = True) -> None:
-    if url:
-        p.add_argument("--url", help=URL_HELP)
+def _server_command(p: argparse.ArgumentParser, func: Callable[[argparse.Namespace], int]) -> None:
+    """A command that talks to a sidecar: --url, --json, and what runs it."""
+    p.add_argument("--url", help=URL_HELP)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=func)
 
 
 def _limit_options(p: argparse.ArgumentParser) -> None:
@@ -362,8 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
         "budgets", help="your budgets: spent, reserved, limit, remaining, when each resets"
     )
     budgets.add_argument("--model", help="only the buckets a request for this model uses")
-    _common(budgets)
-    budgets.set_defaults(func=cmd_budgets)
+    _server_command(budgets, cmd_budgets)
 
     usage = sub.add_parser("usage", help="spend table from the ledger (admin, or --me)")
     usage.add_argument(
@@ -381,8 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="24h, 7d, an ISO 8601 time or epoch seconds "
         "(default: the last 30 days; 48h with --window hour)",
     )
-    _common(usage)
-    usage.set_defaults(func=cmd_usage)
+    _server_command(usage, cmd_usage)
 
     limits = sub.add_parser("limits", help="runtime spend limits (admin)")
     lsub = limits.add_subparsers(dest="limits_command", required=True, metavar="ACTION")
@@ -404,8 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
         (lsub_update, cli_admin.cmd_limits_update),
         (lsub_delete, cli_admin.cmd_limits_delete),
     ):
-        _common(p)
-        p.set_defaults(func=fn)
+        _server_command(p, fn)
 
     tokens = sub.add_parser("tokens", help="service tokens for agents and pipelines (admin)")
     tsub = tokens.add_subparsers(dest="tokens_command", required=True, metavar="ACTION")
@@ -435,21 +434,18 @@ def build_parser() -> argparse.ArgumentParser:
         (revoke, cli_admin.cmd_tokens_revoke),
         (rotate, cli_admin.cmd_tokens_rotate),
     ):
-        _common(p)
-        p.set_defaults(func=fn)
+        _server_command(p, fn)
 
     audit = sub.add_parser("audit", help="who changed what: the admin audit trail (admin)")
     audit.add_argument("--limit", type=int, default=50, help="how many entries (default 50)")
     audit.add_argument("--action", help="only this action, such as spend_limit.update")
-    _common(audit)
-    audit.set_defaults(func=cli_admin.cmd_audit)
+    _server_command(audit, cli_admin.cmd_audit)
 
     dashboard = sub.add_parser(
         "dashboard", help="print a one-time link that opens the dashboard in a browser (admin)"
     )
     dashboard.add_argument("--open", action="store_true", help="also open it in a browser")
-    _common(dashboard)
-    dashboard.set_defaults(func=cli_admin.cmd_dashboard)
+    _server_command(dashboard, cli_admin.cmd_dashboard)
 
     secret_key = sub.add_parser(
         "secret-key", help="print a new key for secrets.key_env / secrets.key_file"
