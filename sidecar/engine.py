@@ -806,20 +806,14 @@ class Engine:
     @staticmethod
     def _log_bill(request_id: str, model: str, charge: Bill) -> None:
         # Charged at the request's model, but the provider may bill them otherwise.
-        if charge.unknown_kinds:
-            log.warning(
-                "unknown_iteration_type",
-                request_id=request_id,
-                model=model,
-                types=sorted(set(charge.unknown_kinds)),
-            )
-        if charge.unpriced_models:
-            log.warning(
-                "iteration_model_unpriced",
-                request_id=request_id,
-                model=model,
-                iteration_models=sorted(set(charge.unpriced_models)),
-            )
+        for event, field, found in (
+            ("unknown_iteration_type", "types", charge.unknown_kinds),
+            ("iteration_model_unpriced", "iteration_models", charge.unpriced_models),
+        ):
+            if found:
+                log.warning(
+                    event, request_id=request_id, model=model, **{field: sorted(set(found))}
+                )
 
     async def _charge_store_down(
         self,
