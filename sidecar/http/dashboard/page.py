@@ -6,6 +6,7 @@ carries its raw value in a `data-micros` attribute, so it can be checked against
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
@@ -120,12 +121,8 @@ def _spenders(d: Dashboard) -> str:
             f'<td class="n">{t.requests}</td><td class="n">{t.input_tokens:,}</td>'
             f'<td class="n">{t.output_tokens:,}</td><td class="n">{t.errors}</td></tr>'
         )
-    return (
-        '<table id="top-spenders"><tr><th>#</th><th>user</th><th>spend</th><th></th>'
-        "<th>requests</th><th>input tokens</th><th>output tokens</th><th>errors</th></tr>"
-        + "".join(rows)
-        + "</table>"
-    )
+    headers = ("#", "user", "spend", "", "requests", "input tokens", "output tokens", "errors")
+    return _table("top-spenders", headers, rows)
 
 
 def _utilization(b: Bucket) -> str:
@@ -170,11 +167,18 @@ def _buckets(d: Dashboard) -> str:
         if d.hidden_buckets
         else ""
     )
-    return (
-        '<table id="buckets"><tr><th>rule</th><th>bucket</th><th>action</th>'
-        "<th>window</th><th>spent + reserved / limit</th><th>utilization</th><th></th>"
-        "<th>alerts</th><th>resets</th></tr>" + "".join(rows) + "</table>" + more
+    headers = (
+        "rule",
+        "bucket",
+        "action",
+        "window",
+        "spent + reserved / limit",
+        "utilization",
+        "",
+        "alerts",
+        "resets",
     )
+    return _table("buckets", headers, rows) + more
 
 
 def _recent(d: Dashboard) -> str:
@@ -196,11 +200,7 @@ def _recent(d: Dashboard) -> str:
             f'<td class="muted">{esc(when(float(e.get("at", 0))))}</td><td>{what}</td>'
             f"<td>{esc(str(e.get('user', '')))}</td><td>{detail}</td></tr>"
         )
-    return (
-        '<table id="recent"><tr><th>when</th><th></th><th>who</th><th>what</th></tr>'
-        + "".join(rows)
-        + "</table>"
-    )
+    return _table("recent", ("when", "", "who", "what"), rows)
 
 
 def _filters_form(d: Dashboard) -> str:
@@ -231,18 +231,20 @@ def _query(d: Dashboard, **extra: str) -> str:
 def _audit(d: Dashboard) -> str:
     if not d.audit:
         return '<p class="muted">No admin writes recorded.</p>'
-    rows = "".join(
+    rows = [
         f'<tr class="audit" data-action="{esc(str(e.get("action", "")))}">'
         f'<td class="muted">{esc(when(float(e.get("at", 0))))}</td>'
         f"<td>{esc(str(e.get('who', '')))}</td><td>{esc(str(e.get('action', '')))}</td>"
         f"<td>{esc(str(e.get('target', '')))}</td></tr>"
         for e in d.audit
-    )
-    return (
-        '<table id="audit"><tr><th>when</th><th>who</th><th>what</th><th>target</th></tr>'
-        + rows
-        + "</table>"
-    )
+    ]
+    return _table("audit", ("when", "who", "what", "target"), rows)
+
+
+def _table(table_id: str, headers: Sequence[str], rows: Sequence[str]) -> str:
+    """A table of pre-rendered rows under a header row (headers are literal HTML)."""
+    head = "".join(f"<th>{h}</th>" for h in headers)
+    return f'<table id="{table_id}"><tr>{head}</tr>' + "".join(rows) + "</table>"
 
 
 def render(d: Dashboard) -> str:
