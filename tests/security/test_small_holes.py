@@ -32,6 +32,7 @@ from sidecar.metering import load_json
 from sidecar.policy.request import model_in_path
 from sidecar.services import build_services
 from tests.security.policy_stack import CHAT, LLAMA, chat, policy_stack, upstream_headers
+from tests.support.ledger import charged
 
 DEPTH = 100_000
 
@@ -187,6 +188,8 @@ def test_email_spellings_share_one_user_bucket_through_envoy(
 def test_ledger_user_is_the_normalised_email(stack: Stack, issuer: DevIssuer) -> None:
     for email in ("Max@Example.com", "max@example.com "):
         assert chat(stack, bearer(issuer, email)).status_code == 200
+    # Envoy meters after the answer: wait until both charges are booked, under one user.
+    charged(stack, "max@example.com", requests=2)
     with stack.admin() as admin:
         rows = admin.get("/v1/usage", params={"group_by": "user"}).json()["result"]
     users = {r["user"] for r in rows if "max@" in r["user"].lower()}
