@@ -27,7 +27,7 @@ from devtools.procs import (
     start_redis,
     wait_for_port,
 )
-from devtools.stack import ADMIN_TOKEN, wait_ready
+from devtools.stack import ADMIN_TOKEN, serve_argv, wait_ready
 
 
 @dataclass(frozen=True)
@@ -64,20 +64,7 @@ ROWS: tuple[RowSpec, ...] = (
 def _sidecar(
     workdir: Path, name: str, config_path: Path, grpc_port: int, http_port: int, workers: int
 ) -> ManagedProcess:
-    argv = [
-        sys.executable,
-        "-m",
-        "sidecar.cli",
-        "serve",
-        "--config",
-        str(config_path),
-        "--grpc",
-        f"{LOOPBACK}:{grpc_port}",
-        "--http",
-        f"{LOOPBACK}:{http_port}",
-        "--workers",
-        str(workers),
-    ]
+    argv = serve_argv(config_path, grpc_port, http_port, workers)
     # The policy injects the demo provider keys, read from the environment at load.
     env = {**os.environ, "SIDECAR_ADMIN_TOKEN": ADMIN_TOKEN, **demo_key_env()}
     return ManagedProcess(name, argv, workdir, env=env, cwd=workdir)

@@ -58,7 +58,7 @@ from devtools.config import demo_key_env
 from devtools.envoy_config import render_envoy_config
 from devtools.keys import DevIssuer
 from devtools.procs import LOOPBACK, ManagedProcess, free_port, start_envoy, wait_for_port
-from devtools.stack import ADMIN_TOKEN, wait_ready
+from devtools.stack import ADMIN_TOKEN, serve_argv, wait_ready
 from sidecar.client.usage_report import dollars
 from sidecar.config.loader import parse_config
 from sidecar.config.ruleset import build_ruleset
@@ -411,20 +411,7 @@ def main(argv: list[str] | None = None) -> int:
             sidecar = stack.enter_context(
                 ManagedProcess(
                     key,
-                    [
-                        sys.executable,
-                        "-m",
-                        "sidecar.cli",
-                        "serve",
-                        "--config",
-                        str(workdir / f"{key}.yaml"),
-                        "--grpc",
-                        f"{LOOPBACK}:{grpc_port}",
-                        "--http",
-                        f"{LOOPBACK}:{http_port}",
-                        "--workers",
-                        str(args.workers),
-                    ],
+                    serve_argv(workdir / f"{key}.yaml", grpc_port, http_port, args.workers),
                     workdir,
                     env=env,
                     cwd=workdir,

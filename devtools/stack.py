@@ -28,6 +28,15 @@ ADMIN_TOKEN = "local-admin-token-0123456789"
 DEMO_SECRET_KEY = "bG9jYWwtZGVtby1zZWNyZXQta2V5LTAxMjM0NTY3ODk="
 
 
+def serve_argv(
+    config_path: Path, grpc_port: int, http_port: int, workers: int | None = None
+) -> list[str]:
+    """`sidecar serve` on loopback, run by this interpreter (the checkout's code on its path)."""
+    argv = [sys.executable, "-m", "sidecar.cli", "serve", "--config", str(config_path)]
+    argv += ["--grpc", f"{LOOPBACK}:{grpc_port}", "--http", f"{LOOPBACK}:{http_port}"]
+    return argv if workers is None else [*argv, "--workers", str(workers)]
+
+
 def sidecar_process(
     workdir: Path,
     name: str,
@@ -36,18 +45,7 @@ def sidecar_process(
     http_port: int,
     env: dict[str, str] | None = None,
 ) -> ManagedProcess:
-    argv = [
-        sys.executable,
-        "-m",
-        "sidecar.cli",
-        "serve",
-        "--config",
-        str(config_path),
-        "--grpc",
-        f"{LOOPBACK}:{grpc_port}",
-        "--http",
-        f"{LOOPBACK}:{http_port}",
-    ]
+    argv = serve_argv(config_path, grpc_port, http_port)
     full_env = {
         **os.environ,
         "SIDECAR_ADMIN_TOKEN": ADMIN_TOKEN,

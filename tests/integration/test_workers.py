@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from devtools.config import demo_config, demo_key_env
 from devtools.keys import DevIssuer
 from devtools.procs import LOOPBACK, ManagedProcess, free_port
-from devtools.stack import ADMIN_TOKEN, wait_ready
+from devtools.stack import ADMIN_TOKEN, serve_argv, wait_ready
 
 BODY = json.dumps(
     {"model": "gpt-4o-mini", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
@@ -77,20 +76,7 @@ def workers(tmp_path: Path) -> Iterator[Workers]:
         yaml.safe_dump(demo_config(issuer, str(jwks), f"sqlite:///{tmp_path}/sidecar.db"))
     )
     grpc_port, http_port = free_port(), free_port()
-    argv = [
-        sys.executable,
-        "-m",
-        "sidecar.cli",
-        "serve",
-        "--config",
-        str(config_path),
-        "--grpc",
-        f"{LOOPBACK}:{grpc_port}",
-        "--http",
-        f"{LOOPBACK}:{http_port}",
-        "--workers",
-        "2",
-    ]
+    argv = serve_argv(config_path, grpc_port, http_port, workers=2)
     process = ManagedProcess(
         "sidecar-workers",
         argv,
