@@ -7,7 +7,8 @@ from dataclasses import replace
 
 from sidecar.model import TokenUsage
 from sidecar.store.base import Store
-from sidecar.store.budget_types import BucketView, LedgerDims, ReserveRequest
+from sidecar.store.budget_types import AdmissionMode, BucketView, ReserveRequest
+from tests.support.reserve import reserve_request
 from tests.support.store_clock import StoreClock
 
 NOW = 1_800_000_000.0
@@ -30,18 +31,10 @@ def req(
     amount: int,
     *buckets: BucketView,
     now: float = NOW,
-    mode: str = "reserve",
+    mode: AdmissionMode = "reserve",
     ttl: float = 600,
 ) -> ReserveRequest:
-    return ReserveRequest(
-        request_id=rid,
-        buckets=tuple(buckets),
-        amount=amount,
-        mode=mode,  # type: ignore[arg-type]
-        now=now,
-        expires_at=now + ttl,
-        dims=LedgerDims("alice@example.com", ("ml",), "", "user", "gpt-4o", "openai"),
-    )
+    return reserve_request(rid, amount, *buckets, now=now, mode=mode, ttl=ttl)
 
 
 async def test_docs_roundtrip(store: Store) -> None:

@@ -13,6 +13,7 @@ import pytest
 from sidecar.model import TokenUsage
 from sidecar.store.base import Store
 from sidecar.store.budget_types import (
+    AdmissionMode,
     BucketView,
     LedgerDims,
     LedgerPart,
@@ -22,6 +23,7 @@ from sidecar.store.budget_types import (
 from sidecar.store.factory import open_store
 from tests.support.backends import backend_url
 from tests.support.redis_admin import flush_redis
+from tests.support.reserve import reserve_request
 from tests.support.store_clock import StoreClock
 
 NOW = 1_800_000_000.0
@@ -44,24 +46,20 @@ def bucket(
     )
 
 
+# Reserve mode twice as often as optimistic.
+MODES: tuple[AdmissionMode, ...] = ("reserve", "reserve", "optimistic")
+
+
 def req(
     rid: str,
     amount: int,
     *buckets: BucketView,
     now: float = NOW,
-    mode: str = "reserve",
+    mode: AdmissionMode = "reserve",
     ttl: float = 600,
     dims: LedgerDims = ALICE,
 ) -> ReserveRequest:
-    return ReserveRequest(
-        request_id=rid,
-        buckets=tuple(buckets),
-        amount=amount,
-        mode=mode,  # type: ignore[arg-type]
-        now=now,
-        expires_at=now + ttl,
-        dims=dims,
-    )
+    return reserve_request(rid, amount, *buckets, now=now, mode=mode, ttl=ttl, dims=dims)
 
 
 @pytest.fixture
@@ -531,7 +529,7 @@ async def test_random_walk_matches_the_model(
         op, rid = rng.random(), rng.choice(ids)
         if op < 0.55:
             keys = rng.sample(sorted(views), rng.randint(1, 4))
-            amount, mode = rng.randint(0, 80), rng.choice(["reserve", "reserve", "optimistic"])
+            amount, mode = rng.randint(0, 80), rng.choice(MODES)
             tokens = (rng.randint(0, 40), rng.randint(0, 40))
             ttl = rng.choice([10, 60, 600])
             got = await store.reserve(

@@ -7,8 +7,15 @@ import asyncio
 
 from sidecar.model import TokenUsage
 from sidecar.store.base import Store
-from sidecar.store.budget_types import BucketView, LedgerDims, Measure, ReserveRequest
+from sidecar.store.budget_types import (
+    AdmissionMode,
+    BucketView,
+    LedgerDims,
+    Measure,
+    ReserveRequest,
+)
 from tests.support.redis_admin import flush_redis
+from tests.support.reserve import reserve_request
 
 NOW = 1_800_000_000.0
 SLOT = 1_799_999_940
@@ -22,24 +29,20 @@ def bucket(
     )
 
 
+BOT = LedgerDims("bot", (), "bot", "service", "gpt-4o", "openai")
+
+
 def req(
     rid: str,
     micros: int,
     tokens: tuple[int, int],
     *buckets: BucketView,
     now: float = NOW,
-    mode: str = "reserve",
+    mode: AdmissionMode = "reserve",
     ttl: float = 600,
 ) -> ReserveRequest:
-    return ReserveRequest(
-        request_id=rid,
-        buckets=tuple(buckets),
-        amount=micros,
-        mode=mode,  # type: ignore[arg-type]
-        now=now,
-        expires_at=now + ttl,
-        dims=LedgerDims("bot", (), "bot", "service", "gpt-4o", "openai"),
-        tokens=tokens,
+    return reserve_request(
+        rid, micros, *buckets, now=now, mode=mode, ttl=ttl, dims=BOT, tokens=tokens
     )
 
 
