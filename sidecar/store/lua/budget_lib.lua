@@ -23,9 +23,10 @@
 --                    #0 spent: a fixed window's spend in slot #2; a rolling window's
 --                    running total of its slots >= #2 (its window start);
 --                    #1 held: amount reserved by open reservations;
---                    #2 the slot (fixed) or window start (rolling) #0 is about;
+--                    #2 the slot (fixed) or window start (rolling) #0 is about (-1: a
+--                    rolling total not summed yet; 0: the key is new);
 --                    #3 the Unix second until which the key is kept alive (its TTL is only
---                    touched when that must grow; 0: the key is new).
+--                    touched when that must grow).
 --                    A reserve is one BITFIELD per bucket (read spent, take the hold, read
 --                    #2 and #3); a commit one (charge #0, release #1). A fixed window that
 --                    moves to its next slot restarts #0; a rolling window's total is summed
@@ -113,7 +114,7 @@ end
 -- (`spent`, `held`): add what the earlier layout kept in the bucket's hash (its hold, and a
 -- fixed window's spend in `slot`), drop that from the hash so it never counts twice, and
 -- give the key its lifetime. Returns spent, held and the window (#2) as they now are; a
--- rolling window gets window 0, so its total is summed from the slots on the next read.
+-- rolling window gets window -1, so its total is summed from the slots on the next read.
 local function adopt(ck, hk, rolling, slot, spent, held, secs)
   if not rolling then
     hk = rename(ck, 'b:')
@@ -126,7 +127,7 @@ local function adopt(ck, hk, rolling, slot, spent, held, secs)
     -- hold make room that was not there.
     held = 0
   end
-  local window = 0
+  local window = -1
   if not rolling then
     spent = spent + tonumber(old[2] or 0)
     window = slot
@@ -157,10 +158,14 @@ local function add_bucket(ctx, ck, hk, slot, amount, ttl, held)
       redis.call('EXPIRE', hk, int(ttl))
     end
   end
+  -- Charged and released in one command. Its window (#2) is never 0 once made (a fixed
+  -- window's slot; a rolling window's start, or -1 until first summed): 0 is a key this
+  -- command just made. Reads and holds made it live past the slot's TTL and the hold's end,
+  -- so a charge never has to extend it, except into a new slot.
   local v = redis.call('BITFIELD', ck, 'INCRBY', 'i64', '#0', int(amount),
-                       'INCRBY', 'i64', '#1', int(-held), 'GET', 'i64', '#2', 'GET', 'i64', '#3')
-  local window, alive = v[3], v[4]
-  if alive == 0 then
+                       'INCRBY', 'i64', '#1', int(-held), 'GET', 'i64', '#2')
+  local window = v[3]
+  if window == 0 then
     adopt(ck, hk, rolling, slot, amount, v[2], ttl)
     return
   end
@@ -171,13 +176,14 @@ local function add_bucket(ctx, ck, hk, slot, amount, ttl, held)
       redis.call('BITFIELD', ck, 'INCRBY', 'i64', '#0', int(-amount))
     else
       -- A fixed window's first spend in a new slot: #0 restarts with it.
-      redis.call('BITFIELD', ck, 'SET', 'i64', '#0', int(amount), 'SET', 'i64', '#2', int(slot))
+      local alive = redis.call('BITFIELD', ck, 'SET', 'i64', '#0', int(amount),
+                               'SET', 'i64', '#2', int(slot), 'GET', 'i64', '#3')[3]
+      extend(ck, alive, ttl)
     end
   end
   if v[2] < 0 then
     redis.call('BITFIELD', ck, 'SET', 'i64', '#1', '0')
   end
-  extend(ck, alive, ttl)
 end
 
 -- What a bucket has spent in the window (slot, since), from its counters' #0 and #2 just
