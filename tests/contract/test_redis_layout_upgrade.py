@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 from redis.asyncio import Redis
+from redis.typing import EncodableT, FieldT
 
 from sidecar.model import TokenUsage
 from sidecar.store.budget_types import BucketView, LedgerDims, ReserveRequest, dims_to_json
@@ -26,7 +27,7 @@ DAILY = BucketView("daily|user=alice", DAY, DAY, 90_000, 1_000)
 HOURLY = BucketView("hourly|user=alice", SLOT, SLOT - 59 * STEP, 7_200, 1_000)
 
 
-def old_record(rid: str, expires: float, held: int) -> dict[str, str]:
+def old_record(rid: str, expires: float, held: int) -> dict[FieldT, EncodableT]:
     """An open home record as the earlier layout wrote it, holding `held` in both buckets."""
     entries = [
         f"{PREFIX}b:{{o:user=alice}}:{DAILY.key}", DAY, DAILY.ttl_seconds, "usd", held, held, 0,
