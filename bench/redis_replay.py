@@ -104,7 +104,17 @@ def baseline(ref: str, argv: list[str]) -> dict[str, float]:
     root = Path(__file__).resolve().parent.parent
     with tempfile.TemporaryDirectory() as tmp:
         archive = subprocess.run(
-            ["git", "-C", str(root), "archive", ref, "sidecar", "bench", "devtools", "tests/support"],
+            [
+                "git",
+                "-C",
+                str(root),
+                "archive",
+                ref,
+                "sidecar",
+                "bench",
+                "devtools",
+                "tests/support",
+            ],
             capture_output=True,
             check=True,
         ).stdout

@@ -23,9 +23,9 @@ no tag.
 Lua scripts never build key names themselves: they receive them in KEYS or ARGV, or read
 them back, fully formed, from a record written with names from this module. Two names are
 derived from others, by the rules `counters_key` and `ledger_row` state, which
-budget_lib.lua follows: a bucket's counters from its hash key (records keep only the
-latter) and a ledger row from its hour's index (a commit books an advisor model's part in a
-row of its own).
+budget_lib.lua follows: a ledger row from its hour's index (a commit books an advisor
+model's part in a row of its own), and, for data of the earlier layout only (whose records
+name bucket hashes), a bucket's counters from its hash key and back.
 """
 
 from __future__ import annotations

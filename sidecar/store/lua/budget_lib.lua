@@ -14,11 +14,13 @@
 -- script may touch every key of its shard; KEYS only name the {T} keys (one slot, for
 -- routing) and bucket keys come in ARGV. On one Redis there is one group, with tag {n0}.
 --
--- What a script costs is mostly how many commands it calls (each redis.call is about a
--- microsecond, whatever it does), so the layout gives each step one command:
+-- What a script costs is mostly the commands it calls (0.4-1.5 µs each, more for more
+-- fields) and the text it moves into Lua (every string is hashed whole), so the layout
+-- gives each step one command:
 --
--- Data layout (key names come from sidecar/store/redis_keys.py; the one name Lua derives
--- is a bucket's counters key from its hash key, `counters` below):
+-- Data layout (key names come from sidecar/store/redis_keys.py; Lua derives two: a ledger
+-- row's from its hour's index key, and, for the earlier layout's data only, a bucket's
+-- counters key from its hash key and back, `rename` below):
 --   bucket counters  string of four signed 64-bit fields, read and written with BITFIELD:
 --                    #0 spent: a fixed window's spend in slot #2; a rolling window's
 --                    running total of its slots >= #2 (its window start);
@@ -28,19 +30,23 @@
 --                    #3 the Unix second until which the key is kept alive (its TTL is only
 --                    touched when that must grow).
 --                    A reserve is one BITFIELD per bucket (read spent, take the hold, read
---                    #2 and #3); a commit one (charge #0, release #1). A fixed window that
---                    moves to its next slot restarts #0; a rolling window's total is summed
---                    afresh from its slot hash (one HGETALL) only when its start moves.
+--                    #2 and #3); a commit one (charge #0, release #1, read #2). A fixed
+--                    window that moves to its next slot restarts #0; a rolling window's
+--                    total is summed afresh from its slot hash (one HGETALL) only when its
+--                    start moves.
 --   bucket hash      rolling windows only: field "<slot start>" -> amount spent in that
 --                    slot, each indexed in the slots zset so settle.lua drops it once dead.
 --                    The amounts are in the bucket's measure: µUSD, tokens or requests.
---   group record     string: one state letter (o open, c committed, x expired) and a JSON
---                    array written by the store: estimate, expires_at, binding, 1 for the
---                    home group (0 otherwise), dims JSON, ledger row key, ledger index
---                    key, hour, estimated input and output tokens, node tags of the other
---                    groups (comma-separated), request id, created_at; then seven values
---                    per bucket on this shard: hash key, slot, ttl seconds, measure,
---                    estimate in that measure, held of it, 1 rolling | 0 fixed.
+--   group record     string: a JSON array written by the store: state ("o" open, "c"
+--                    committed, "x" expired: the one byte a finish rewrites, at offset 2),
+--                    estimate, expires_at, binding, 1 for the home group (0 otherwise); for
+--                    the home group dims JSON and ledger index key ("" otherwise); hour,
+--                    estimated input and output tokens, node tags of the other groups
+--                    (comma-separated), request id, created_at; then seven values per
+--                    bucket on this shard: counters key, slot, ttl seconds, measure,
+--                    estimate in that measure, held of it, and the slot hash key of a
+--                    rolling window (0 for a fixed one). Written with SET NX GET: the write
+--                    is the look-up of a repeated request id.
 --   open zset        home records scored by expires_at; held zset: the other groups' records.
 --   slots zset       member "<slot>|<bucket hash key>", score = the slot's expiry (a hash
 --                    field has no TTL in 7.0).
