@@ -105,3 +105,24 @@ async def test_commit_into_a_bucket_lost_under_its_hold_charges_it_with_a_ttl(
     finally:
         await client.aclose()
         await store.close()
+
+
+async def test_a_bucket_decided_on_without_holds_is_kept_alive(redis_url: str) -> None:
+    # Optimistic decisions hold nothing, yet each must keep the bucket's counters alive for
+    # its window: a key left to its first lifetime would expire with the window's spend.
+    store = RedisStore(redis_url, prefix="alive-test:")
+    client = Redis.from_url(redis_url, decode_responses=True)
+    try:
+        await flush_redis(redis_url)
+        fixed = BucketView("month", 1_799_971_200, 1_799_971_200, 1_000, 10**9)
+        key = "alive-test:c:{o:month}:month"
+        for n, at in enumerate((NOW, NOW + 50_000)):
+            request = ReserveRequest(f"o{n}", (fixed,), 5, "optimistic", at, at + 60)
+            assert (await store.reserve(request)).admitted
+            (alive,) = await client.execute_command("BITFIELD_RO", key, "GET", "i64", "#3")
+            # Its TTL (1,000 s) plus the reservation's lifetime and the hold grace, from now.
+            assert int(alive) >= at + 1_000 + 60 + 3_600, n
+            assert await client.ttl(key) >= 1_000 + 60 + 3_600
+    finally:
+        await client.aclose()
+        await store.close()

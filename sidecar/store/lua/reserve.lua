@@ -100,8 +100,9 @@ for i = 1, n do
   if v[4] == 0 then
     fresh[i] = true
     s, h, window = adopt(ck, hk, slot ~= since, slot, s, h, life)
-  elseif hold ~= '0' then
-    -- The hold must outlive the reservation, or its release would find nothing.
+  else
+    -- The hold must outlive the reservation, or its release would find nothing; a bucket
+    -- read without holding (optimistic) must outlive its window too.
     extend(ck, v[4], life)
   end
   s = window_spent(ck, hk, slot, since, s, window, true)
