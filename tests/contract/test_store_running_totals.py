@@ -119,7 +119,7 @@ async def test_a_bucket_decided_on_without_holds_is_kept_alive(redis_url: str) -
         for n, at in enumerate((NOW, NOW + 50_000)):
             request = ReserveRequest(f"o{n}", (fixed,), 5, "optimistic", at, at + 60)
             assert (await store.reserve(request)).admitted
-            (alive,) = await client.execute_command("BITFIELD_RO", key, "GET", "i64", "#3")
+            (alive,) = await client.bitfield_ro(key, "i64", "#3")
             # Its TTL (1,000 s) plus the reservation's lifetime and the hold grace, from now.
             assert int(alive) >= at + 1_000 + 60 + 3_600, n
             assert await client.ttl(key) >= 1_000 + 60 + 3_600
