@@ -29,6 +29,8 @@ import asyncio
 import functools
 import json
 import math
+import re
+import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from importlib.resources import files
@@ -222,6 +224,11 @@ def _reservation(request_id: str, fields: Sequence[object]) -> Reservation | Non
         dims_from_json(str(dims)),
         (int(str(tokens_in or 0)), int(str(tokens_out or 0))),
     )
+
+
+# A reservation id minted on a cluster: 128 random bits, ".", the node tag of the shard its
+# home record lives on (a shard, never whose request it is).
+_CARRIED = re.compile(r"[0-9a-f]{32}\.(n[0-9]{1,6})")
 
 
 def _is_wrongtype(reply: object) -> bool:
@@ -494,24 +501,50 @@ class RedisStore:
         return sorted(tags | self._known)
 
     def _groups(self, request: ReserveRequest) -> dict[str, list[int]]:
-        """Bucket indices by the node tag of their shard, in request order."""
+        """Bucket indices by the node tag of their shard, in request order; the shard an id
+        names for its home record is one of them (with no bucket of its own if need be)."""
         groups: dict[str, list[int]] = {}
         try:
             for i, view in enumerate(request.buckets):
                 tag = self._shards.tag_of(self._key("bucket", view.key))
                 groups.setdefault(tag, []).append(i)
+            carried = self._carried(request.request_id)
+            if carried is not None:
+                groups.setdefault(carried, [])
             if not groups:
                 groups[self._shards.tag_of(self._key("home", request.request_id))] = []
         except LookupError as exc:
             raise ShardUnavailable(f"redis: {exc}") from exc
         return groups
 
+    def mint_request_id(self, buckets: Sequence[BucketView]) -> str:
+        """A new reservation id (see Engine._mint). On a cluster it names the node tag of
+        its first bucket's shard, where its home record will live: a commit then finds the
+        record from the id alone, without a pointer. A shard that cannot be told (a layout
+        not learnt yet) gives a plain id, found through the pointer."""
+        plain = uuid.uuid4().hex
+        if self._shards.single or not buckets:
+            return plain
+        try:
+            return f"{plain}.{self._shards.tag_of(self._key('bucket', buckets[0].key))}"
+        except (LookupError, RedisClusterException):
+            return plain
+
+    def _carried(self, request_id: str) -> str | None:
+        """The node tag a cluster-minted id names (None for any other id)."""
+        match = _CARRIED.fullmatch(request_id)
+        return None if match is None or self._shards.single else match.group(1)
+
     async def _home_of(self, request_id: str) -> str | None:
         """The node tag of the shard holding the request's home record (None: no such
-        request). One Redis has one; a cluster keeps a pointer under the request id, and
-        asks every shard when the pointer is missing or its shard does not answer."""
+        request). One Redis has one; on a cluster the id names it, or, for ids minted
+        elsewhere, a pointer under the request id does, and every shard is asked when the
+        pointer is missing or its shard does not answer."""
         if self._shards.single:
             return SINGLE_TAG
+        carried = self._carried(request_id)
+        if carried is not None:
+            return carried
         try:
             async with self._op():
                 tag = await self._r.get(self._key("home", request_id))
@@ -559,10 +592,12 @@ class RedisStore:
             groups = self._groups(request)
         await self._register(list(groups))
         # The home record goes with the first bucket (on a cluster, usually all of a
-        # caller's own buckets are there too: one script for the whole decision), unless the
-        # id already has a home: then that shard decides whether it is a repeat.
-        home = next(iter(groups))
-        if self._shards.single:
+        # caller's own buckets are there too: one script for the whole decision), or where
+        # the id says, unless the id already has a home: then that shard decides whether it
+        # is a repeat.
+        carried = self._carried(request.request_id)
+        home = carried or next(iter(groups))
+        if self._shards.single or carried is not None:
             result, _ = await self._attempt(request, home, groups)
             return result
         hold_for = math.ceil(request.expires_at - request.now) + _HOLD_GRACE_SECONDS
