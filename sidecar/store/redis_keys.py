@@ -11,9 +11,10 @@ Everything else a decision writes belongs to one shard and carries that shard's 
 `{T}` (a short tag the store picked because the shard owns its hash slot): a request's
 record of its buckets on that shard (the home record, on its first bucket's shard, also
 says for whom and which other shards hold parts), the shard's open, held and slot indexes,
-and its ledger: one row per hour and dims, indexed per hour. On a cluster a pointer tagged
-by the request id names the home record's shard, so a commit finds it from the id alone.
-On one Redis there is one node tag. The registry `tags` lists every node tag ever used, so
+and its ledger: one row per hour and dims, indexed per hour. On a cluster the reservation
+ids the store mints name their home record's node tag, so a commit finds it from the id
+alone; for other ids a pointer tagged by the request id names it. On one Redis there is one
+node tag. The registry `tags` lists every node tag ever used, so
 the expiry sweep and ledger reads find them after the cluster's layout changed.
 
 Documents are tagged per collection, so a document and its collection index share a slot
@@ -39,7 +40,7 @@ KeyKind = Literal[
     "bucket",  # hash: a rolling window's slot start -> amount spent in that slot
     "counters",  # string: a bucket's spent, held, window and alive-until (BITFIELD i64 x4)
     "backfill",  # string: set once a rule's earlier spend was added to this bucket
-    "home",  # string: the node tag of a request's home record (on a cluster)
+    "home",  # string: the node tag of a request's home record (cluster, ids minted elsewhere)
     "record",  # string: one request's record of its buckets on one shard (state + JSON)
     "open",  # zset: home records of one shard scored by their expiry
     "held",  # zset: other groups' records of one shard scored by their expiry
