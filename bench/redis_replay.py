@@ -62,9 +62,9 @@ async def capture(url: str, policy: str, workdir: Path) -> list[Call]:
 def replay(port: int, calls: list[Call], rounds: int, per_round: int) -> dict[str, float]:
     """Fastest µs per call of each captured script, replayed with fresh request ids."""
     client = redis.Redis(port=port, decode_responses=True)
-    reserve_args = calls[0][2]
-    # The reserve's request id (reserve.lua ARGV[21]) names its record.
-    request_id = reserve_args[20]
+    # The reserve's request id ends its record's key ("...:r:<id>"), and the id appears in
+    # its arguments (alone, or in the record's JSON): replaced wherever it is.
+    request_id = calls[0][1][0].rsplit(":r:", 1)[1]
     best = {"reserve": float("inf"), "commit": float("inf")}
     for n in range(rounds):
         for name, (source, keys, args) in zip(best, calls[:2], strict=True):
@@ -77,7 +77,7 @@ def replay(port: int, calls: list[Call], rounds: int, per_round: int) -> dict[st
                     sha,
                     len(keys),
                     *[k.replace(request_id, fresh) for k in keys],
-                    *[fresh if a == request_id else a for a in args],
+                    *[a.replace(request_id, fresh) for a in args],
                 )
             pipe.execute()
             stat = client.info("commandstats")["cmdstat_evalsha"]
@@ -104,7 +104,17 @@ def baseline(ref: str, argv: list[str]) -> dict[str, float]:
     root = Path(__file__).resolve().parent.parent
     with tempfile.TemporaryDirectory() as tmp:
         archive = subprocess.run(
-            ["git", "-C", str(root), "archive", ref, "sidecar", "bench", "tests/support"],
+            [
+                "git",
+                "-C",
+                str(root),
+                "archive",
+                ref,
+                "sidecar",
+                "bench",
+                "devtools",
+                "tests/support",
+            ],
             capture_output=True,
             check=True,
         ).stdout

@@ -60,6 +60,7 @@ from sidecar.providers.credentials import injected_headers
 from sidecar.store.base import ShardUnavailable, Store, StoreUnavailable
 from sidecar.store.budget_types import (
     BucketState,
+    BucketView,
     Charge,
     CommitResult,
     LedgerDims,
@@ -297,7 +298,9 @@ class Engine:
         now = self.clock()
         # The reservation key is always minted here, never taken from the request: an id a
         # client could choose (x-request-id) could be replayed or collide with another's.
-        request_id = new_request_id()
+        # Minted once the first candidate's buckets are known (a store may say in the id
+        # where the reservation's record will live); fallbacks keep it.
+        request_id = ""
         runtime = self._runtime_rules()
         tokens = requested_tokens(rs, body)
         # (bucket, its state, the amount asked of it, the µUSD estimate, rate-limit headers)
@@ -333,6 +336,7 @@ class Engine:
                 cand.canonical,
                 cand_provider.id,
             )
+            request_id = request_id or self._mint(budget.views)
             request = ReserveRequest(
                 request_id,
                 budget.views,
@@ -447,6 +451,12 @@ class Engine:
         self._releasing.add(release)
         release.add_done_callback(self._releasing.discard)
 
+    def _mint(self, buckets: Sequence[BucketView]) -> str:
+        """A new reservation id: the store's own when it mints them (a Redis Cluster names
+        the shard of the reservation's record in it), else `new_request_id()`."""
+        mint = getattr(self.store, "mint_request_id", None)
+        return new_request_id() if mint is None else str(mint(buckets))
+
     async def _release(self, request_id: str) -> None:
         try:
             await self.store.commit(
@@ -465,7 +475,7 @@ class Engine:
             # The id is taken (a minted id never is, but a store is not ours to trust on
             # that): decide afresh under a new one, never wave the request through.
             log.warning("reservation_id_conflict", request_id=request.request_id)
-            request = replace(request, request_id=new_request_id())
+            request = replace(request, request_id=self._mint(request.buckets))
             result = await self.store.reserve(request)
         if result.conflict:
             raise StoreUnavailable("reservation ids keep colliding")

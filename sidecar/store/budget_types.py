@@ -43,7 +43,9 @@ class BucketView:
     """One budget bucket as the store needs to see it at one instant.
 
     Spend lives in slots keyed by their start time; the bucket's spend is the sum of slots
-    with id >= `since`. A fixed window is one slot (its start), a rolling window many.
+    with id >= `since`. A fixed window is one slot (its start: `since == slot`), a rolling
+    window many. A bucket key always names the same kind of window (its rule's), so a store
+    may keep the two kinds differently.
     """
 
     key: str

@@ -29,6 +29,8 @@ import asyncio
 import functools
 import json
 import math
+import re
+import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from importlib.resources import files
@@ -119,6 +121,11 @@ _MIGRATING = ("non local key", "TRYAGAIN", "ASK", "MOVED", "CROSSSLOT")
 
 Client = aioredis.Redis | RedisCluster
 
+# BITFIELD reads of a bucket's counters (spent, held, window, alive-until) and of a ledger
+# row (cost, requests, input and output tokens, errors): see budget_lib.lua.
+_COUNTERS = ("GET", "i64", "#0", "GET", "i64", "#1", "GET", "i64", "#2", "GET", "i64", "#3")
+_ROW = (*_COUNTERS, "GET", "i64", "#4")
+
 
 def _lua(name: str) -> str:
     return files("sidecar.store").joinpath("lua", name).read_text(encoding="utf-8")
@@ -171,18 +178,43 @@ def _guard(cluster: bool) -> Iterator[None]:
         raise
 
 
-# The reservation fields of a home record: state, estimate, dims, estimated tokens.
+# The reservation fields of a record of the earlier layout (a hash): state, estimate, dims,
+# estimated tokens.
 _RECORD_FIELDS = ["s", "e", "d", "ti", "to"]
 _RECORD_STATES: dict[object, ReservationState] = {
     "open": "open",
     "committed": "committed",
     "expired": "expired",
+    "o": "open",
+    "c": "committed",
+    "x": "expired",
 }
+# Where a record's JSON (see budget_lib.lua) keeps what the API reads.
+_STATE, _ESTIMATE, _HOME, _DIMS, _TOKENS_IN, _TOKENS_OUT = 0, 1, 4, 5, 8, 9
+
+
+def _record_fields(raw: object) -> tuple[object, ...]:
+    """(state, estimate, dims, estimated tokens in, out, home) of a stored record: its
+    string, or the `_RECORD_FIELDS` (and "hm") of a record of the earlier layout; Nones when
+    there is none."""
+    if isinstance(raw, list):
+        return tuple(raw)
+    if not isinstance(raw, str):
+        return (None,) * 6
+    body = json.loads(raw)
+    return (
+        body[_STATE],
+        body[_ESTIMATE],
+        body[_DIMS],
+        body[_TOKENS_IN],
+        body[_TOKENS_OUT],
+        "1" if body[_HOME] == 1 else "0",
+    )
 
 
 def _reservation(request_id: str, fields: Sequence[object]) -> Reservation | None:
-    """The reservation of a home record's `_RECORD_FIELDS` (None: no such record)."""
-    state, estimate, dims, tokens_in, tokens_out = fields
+    """The reservation of a home record's `_record_fields` (None: no such record)."""
+    state, estimate, dims, tokens_in, tokens_out = fields[:5]
     if state not in _RECORD_STATES or estimate is None or dims is None:
         return None
     return Reservation(
@@ -192,6 +224,15 @@ def _reservation(request_id: str, fields: Sequence[object]) -> Reservation | Non
         dims_from_json(str(dims)),
         (int(str(tokens_in or 0)), int(str(tokens_out or 0))),
     )
+
+
+# A reservation id minted on a cluster: 128 random bits, ".", the node tag of the shard its
+# home record lives on (a shard, never whose request it is).
+_CARRIED = re.compile(r"[0-9a-f]{32}\.(n[0-9]{1,6})")
+
+
+def _is_wrongtype(reply: object) -> bool:
+    return isinstance(reply, ResponseError) and str(reply).startswith("WRONGTYPE")
 
 
 def _commit_args(charge: Charge, now: float) -> list[str | int]:
@@ -460,24 +501,50 @@ class RedisStore:
         return sorted(tags | self._known)
 
     def _groups(self, request: ReserveRequest) -> dict[str, list[int]]:
-        """Bucket indices by the node tag of their shard, in request order."""
+        """Bucket indices by the node tag of their shard, in request order; the shard an id
+        names for its home record is one of them (with no bucket of its own if need be)."""
         groups: dict[str, list[int]] = {}
         try:
             for i, view in enumerate(request.buckets):
                 tag = self._shards.tag_of(self._key("bucket", view.key))
                 groups.setdefault(tag, []).append(i)
+            carried = self._carried(request.request_id)
+            if carried is not None:
+                groups.setdefault(carried, [])
             if not groups:
                 groups[self._shards.tag_of(self._key("home", request.request_id))] = []
         except LookupError as exc:
             raise ShardUnavailable(f"redis: {exc}") from exc
         return groups
 
+    def mint_request_id(self, buckets: Sequence[BucketView]) -> str:
+        """A new reservation id (see Engine._mint). On a cluster it names the node tag of
+        its first bucket's shard, where its home record will live: a commit then finds the
+        record from the id alone, without a pointer. A shard that cannot be told (a layout
+        not learnt yet) gives a plain id, found through the pointer."""
+        plain = uuid.uuid4().hex
+        if self._shards.single or not buckets:
+            return plain
+        try:
+            return f"{plain}.{self._shards.tag_of(self._key('bucket', buckets[0].key))}"
+        except (LookupError, RedisClusterException):
+            return plain
+
+    def _carried(self, request_id: str) -> str | None:
+        """The node tag a cluster-minted id names (None for any other id)."""
+        match = _CARRIED.fullmatch(request_id)
+        return None if match is None or self._shards.single else match.group(1)
+
     async def _home_of(self, request_id: str) -> str | None:
         """The node tag of the shard holding the request's home record (None: no such
-        request). One Redis has one; a cluster keeps a pointer under the request id, and
-        asks every shard when the pointer is missing or its shard does not answer."""
+        request). One Redis has one; on a cluster the id names it, or, for ids minted
+        elsewhere, a pointer under the request id does, and every shard is asked when the
+        pointer is missing or its shard does not answer."""
         if self._shards.single:
             return SINGLE_TAG
+        carried = self._carried(request_id)
+        if carried is not None:
+            return carried
         try:
             async with self._op():
                 tag = await self._r.get(self._key("home", request_id))
@@ -499,18 +566,38 @@ class RedisStore:
         return None
 
     async def _is_home(self, key: str) -> bool:
-        async with self._op():
-            return await self._r.hget(key, "hm") == "1"
+        (fields,) = await self._records([key])
+        return fields[5] == "1"
+
+    async def _records(self, keys: Sequence[str]) -> list[tuple[object, ...]]:
+        """`_record_fields` of each record, read in one round trip (and one more for
+        records of the earlier layout, which are hashes)."""
+        async with self._op(), self._r.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.get(key)
+            raws: list[object] = await pipe.execute(raise_on_error=False)
+            old = [i for i, raw in enumerate(raws) if _is_wrongtype(raw)]
+            if old:
+                for i in old:
+                    pipe.hmget(keys[i], [*_RECORD_FIELDS, "hm"])
+                for i, fields in zip(old, await pipe.execute(), strict=True):
+                    raws[i] = fields
+        for raw in raws:
+            if isinstance(raw, Exception):
+                raise raw
+        return [_record_fields(raw) for raw in raws]
 
     async def reserve(self, request: ReserveRequest) -> ReserveResult:
         async with self._op():
             groups = self._groups(request)
         await self._register(list(groups))
         # The home record goes with the first bucket (on a cluster, usually all of a
-        # caller's own buckets are there too: one script for the whole decision), unless the
-        # id already has a home: then that shard decides whether it is a repeat.
-        home = next(iter(groups))
-        if self._shards.single:
+        # caller's own buckets are there too: one script for the whole decision), or where
+        # the id says, unless the id already has a home: then that shard decides whether it
+        # is a repeat.
+        carried = self._carried(request.request_id)
+        home = carried or next(iter(groups))
+        if self._shards.single or carried is not None:
             result, _ = await self._attempt(request, home, groups)
             return result
         hold_for = math.ceil(request.expires_at - request.now) + _HOLD_GRACE_SECONDS
@@ -556,55 +643,69 @@ class RedisStore:
         hold_for = math.ceil(request.expires_at - request.now) + _HOLD_GRACE_SECONDS
         rid = request.request_id
         calls = []
+        now = repr(float(request.now))
         for tag, members in groups.items():
             entries: list[str | int] = []
             per: list[str | int] = []
             for i in members:
                 view, amount = request.buckets[i], amounts[i]
-                key = self._key("bucket", view.key)
+                counters = self._key("counters", view.key)
+                # A rolling window's slots live in a hash; a fixed window is its counters.
+                slots = "" if view.since == view.slot else self._key("bucket", view.key)
                 entries += [
-                    key,
+                    counters,
                     view.slot,
                     view.ttl_seconds,
                     view.measure,
                     amount,
                     amount if held else 0,
-                    0 if view.since == view.slot else 1,
+                    slots or 0,
                 ]
                 # A held bucket lives its TTL past the hold's end: a commit before the
-                # reservation expires then never has to extend it (budget_lib add_fixed).
+                # reservation expires then never has to extend it.
                 per += [
-                    key,
-                    str(view.slot),
-                    str(view.since),
-                    str(view.limit),
-                    1 if view.enforce else 0,
+                    counters,
+                    slots,
+                    view.slot,
+                    view.since,
+                    view.limit if view.enforce else "",
+                    amount,
                     view.ttl_seconds + hold_for,
-                    str(amount),
                 ]
             is_home = tag == home
             index = self._index_keys(tag)
             if self._shards.single:
                 index[1] = ""  # one Redis: every group is a home group, nothing is held
-            args: list[str | int] = [
-                *index,
-                repr(float(request.now)),
-                _SETTLE_ON_RESERVE,
-                str(request.amount),
-                request.mode,
-                repr(float(request.expires_at)),
+            dims = dims_to_json(request.dims)
+            # The record as stored after its state letter (see budget_lib.lua).
+            record = [
+                "o",
+                request.amount,
+                request.expires_at,
                 request.binding,
-                json.dumps(entries),
-                _DONE_RETENTION_SECONDS,
-                _LEDGER_RETENTION_SECONDS,
-                "1" if is_home else "0",
-                dims_to_json(request.dims) if is_home else "",
-                self._key("ledger", tag, hour) if is_home else "",
+                1 if is_home else 0,
+                # Only the home record books the ledger (and says for whom the reservation is).
+                dims if is_home else "",
+                self._key("ledger_index", tag, hour) if is_home else "",
                 hour,
                 request.tokens[0],
                 request.tokens[1],
                 ",".join(t for t in groups if t != home) if is_home else "",
                 rid,
+                request.now,
+                *entries,
+            ]
+            args: list[str | int] = [
+                *index,
+                now,
+                _SETTLE_ON_RESERVE,
+                request.mode,
+                repr(float(request.expires_at)),
+                request.binding,
+                json.dumps(record, separators=(",", ":")),
+                _DONE_RETENTION_SECONDS,
+                _LEDGER_RETENTION_SECONDS,
+                "1" if is_home else "0",
                 *per,
             ]
             calls.append(self._call(self._reserve, [self._key("record", tag, rid)], args))
@@ -674,8 +775,7 @@ class RedisStore:
         home = await self._home_of(request_id)
         if home is None:
             return None
-        async with self._op():
-            fields = await self._r.hmget(self._key("record", home, request_id), _RECORD_FIELDS)
+        (fields,) = await self._records([self._key("record", home, request_id)])
         return _reservation(request_id, fields)
 
     async def commit(
@@ -736,8 +836,7 @@ class RedisStore:
         home = await self._home_of(request_id)
         if home is None:
             return CommitResult("unknown", 0)
-        async with self._op():
-            fields = await self._r.hmget(self._key("record", home, request_id), _RECORD_FIELDS)
+        (fields,) = await self._records([self._key("record", home, request_id)])
         return await self._priced_commit(home, request_id, fields, price, now)
 
     async def _priced_commit(
@@ -755,10 +854,9 @@ class RedisStore:
         if not self._shards.single:
             return await charge_each(self, charges, now)
         # One Redis: every record read in one round trip, then the commits, a few at a time.
-        async with self._op(), self._r.pipeline(transaction=False) as pipe:
-            for request_id, _ in charges:
-                pipe.hmget(self._key("record", SINGLE_TAG, request_id), _RECORD_FIELDS)
-            records: list[Sequence[object]] = await pipe.execute()
+        records = await self._records(
+            [self._key("record", SINGLE_TAG, request_id) for request_id, _ in charges]
+        )
         return await a_few_at_a_time(
             [
                 functools.partial(self._priced_commit, SINGLE_TAG, request_id, fields, price, now)
@@ -770,14 +868,20 @@ class RedisStore:
         # A plain read: no decision depends on it being one atomic snapshot.
         async with self._op(), self._r.pipeline(transaction=False) as pipe:
             for b in buckets:
+                pipe.execute_command("BITFIELD_RO", self._key("counters", b.key), *_COUNTERS)
                 pipe.hgetall(self._key("bucket", b.key))
-            hashes: list[dict[str, str]] = await pipe.execute()
+            replies: list[Any] = await pipe.execute()
         states = []
-        for b, fields in zip(buckets, hashes, strict=True):
-            # Other fields than slots: "r" reserved, "t"/"f" a running total, "k" alive
-            # until, "p" a fixed window's latest slot.
+        for b, counters, fields in zip(buckets, replies[::2], replies[1::2], strict=True):
+            spent, held, window, alive = (int(v) for v in counters)
+            # The hash: a rolling window's slots (and, for a bucket not touched since the
+            # layout changed, "r" held and its slots: see budget_lib.lua).
             slots = {int(f): int(v) for f, v in fields.items() if f.isdigit() and int(f) >= b.since}
-            states.append(BucketState(sum(slots.values()), int(fields.get("r", 0)), slots))
+            if alive == 0:
+                held = int(fields.get("r", 0))
+            elif b.since == b.slot:
+                slots = {b.slot: spent} if window == b.slot and spent else {}
+            states.append(BucketState(sum(slots.values()), held, slots))
         return states
 
     async def add_spend(self, marker: str, spend: list[tuple[BucketView, int]]) -> bool:
@@ -792,10 +896,10 @@ class RedisStore:
                 groups.setdefault(tag, []).extend(
                     [
                         self._key("backfill", view.key, marker),
-                        key,
+                        self._key("counters", view.key),
+                        "" if view.since == view.slot else key,
                         view.slot,
                         str(amount),
-                        view.slot + view.ttl_seconds,
                         view.ttl_seconds,
                     ]
                 )
@@ -925,12 +1029,27 @@ class RedisStore:
                 hours = [int(h) for h in members]
                 async with self._r.pipeline(transaction=False) as pipe:
                     for hour in hours:
-                        pipe.hgetall(self._key("ledger", tag, hour))
-                    hashes: list[dict[str, str]] = await pipe.execute()
-            for hour, fields in zip(hours, hashes, strict=True):
+                        pipe.hgetall(self._key("ledger", tag, hour))  # the earlier layout
+                        pipe.smembers(self._key("ledger_index", tag, hour))
+                    found: list[Any] = await pipe.execute()
+                    rows = [
+                        (hour, str(dims))
+                        for hour, index in zip(hours, found[1::2], strict=True)
+                        for dims in sorted(index)
+                    ]
+                    for hour, dims in rows:
+                        pipe.execute_command(
+                            "BITFIELD_RO", self._key("ledger_row", tag, hour, dims), *_ROW
+                        )
+                    values: list[list[int]] = await pipe.execute()
+            for hour, fields in zip(hours, found[::2], strict=True):
                 for field, value in fields.items():
                     measure, dims = field.split("|", 1)
                     row = totals.setdefault((hour, dims), {})
+                    row[measure] = row.get(measure, 0) + int(value)
+            for (hour, dims), counts in zip(rows, values, strict=True):
+                row = totals.setdefault((hour, dims), {})
+                for measure, value in zip("cnioe", counts, strict=True):
                     row[measure] = row.get(measure, 0) + int(value)
         return [
             LedgerRow(

@@ -164,7 +164,8 @@ async def test_reserve_settles_expired_reservations_first(store: Store) -> None:
 
 
 async def test_slots_since_bounds_the_window(store: Store) -> None:
-    old = bucket("b:roll", limit=100, slot=1000, since=1000)
+    # One bucket key is one kind of window throughout (its rule's): a rolling one here.
+    old = bucket("b:roll", limit=100, slot=1000, since=500)
     await store.reserve(req("r1", 60, old))
     await store.commit("r1", 60, TokenUsage(1, 1), NOW)
     later = bucket("b:roll", limit=100, slot=2000, since=1500)

@@ -69,7 +69,9 @@ async def test_no_budget_key_lives_without_a_ttl(redis_url: str) -> None:
                 f"big-{key}", (rolling(NOW + 3 * STEP, key=key),), 10**9, "reserve", NOW, NOW + 600
             )
             assert not (await store.reserve(over)).admitted
-        assert not await client.exists("ttl-test:b:{o:untouched}:untouched")
+        assert not await client.exists(
+            "ttl-test:b:{o:untouched}:untouched", "ttl-test:c:{o:untouched}:untouched"
+        )
         keys = [k async for k in client.scan_iter("ttl-test:*")]
         assert keys
         for key in keys:
@@ -84,9 +86,9 @@ async def test_no_budget_key_lives_without_a_ttl(redis_url: str) -> None:
 async def test_commit_into_a_bucket_lost_under_its_hold_charges_it_with_a_ttl(
     redis_url: str,
 ) -> None:
-    # A fixed window committed in time takes two increments and no read; the hash being
-    # gone (evicted, flushed) shows as a negative hold, which must come back as zero with
-    # the spend charged and a TTL set, as on the path that reads first.
+    # A fixed window committed in time is one BITFIELD on its counters; the key being gone
+    # (evicted, flushed) shows as a new key, whose hold must come back as zero with the
+    # spend charged and a TTL set.
     store = RedisStore(redis_url, prefix="lost-test:")
     client = Redis.from_url(redis_url, decode_responses=True)
     try:
@@ -94,12 +96,33 @@ async def test_commit_into_a_bucket_lost_under_its_hold_charges_it_with_a_ttl(
         fixed = BucketView("day", 1_799_971_200, 1_799_971_200, 90_000, 1_000)
         request = ReserveRequest("lost", (fixed,), 50, "reserve", NOW, NOW + 600)
         assert (await store.reserve(request)).admitted
-        key = "lost-test:b:{o:day}:day"
+        key = "lost-test:c:{o:day}:day"
         assert await client.delete(key) == 1
         assert (await store.commit("lost", 30, TokenUsage(), NOW + 1)).status == "committed"
         (state,) = await store.bucket_states([fixed], NOW + 1)
         assert (state.spent, state.reserved) == (30, 0)
         assert await client.ttl(key) >= 90_000
+    finally:
+        await client.aclose()
+        await store.close()
+
+
+async def test_a_bucket_decided_on_without_holds_is_kept_alive(redis_url: str) -> None:
+    # Optimistic decisions hold nothing, yet each must keep the bucket's counters alive for
+    # its window: a key left to its first lifetime would expire with the window's spend.
+    store = RedisStore(redis_url, prefix="alive-test:")
+    client = Redis.from_url(redis_url, decode_responses=True)
+    try:
+        await flush_redis(redis_url)
+        fixed = BucketView("month", 1_799_971_200, 1_799_971_200, 1_000, 10**9)
+        key = "alive-test:c:{o:month}:month"
+        for n, at in enumerate((NOW, NOW + 50_000)):
+            request = ReserveRequest(f"o{n}", (fixed,), 5, "optimistic", at, at + 60)
+            assert (await store.reserve(request)).admitted
+            (alive,) = await client.bitfield_ro(key, "i64", "#3")
+            # Its TTL (1,000 s) plus the reservation's lifetime and the hold grace, from now.
+            assert int(alive) >= at + 1_000 + 60 + 3_600, n
+            assert await client.ttl(key) >= 1_000 + 60 + 3_600
     finally:
         await client.aclose()
         await store.close()

@@ -161,9 +161,9 @@ async def test_redis_prunes_more_dead_one_second_slots_than_one_batch(redis_url:
     client = Redis.from_url(redis_url, decode_responses=True)
     try:
         await flush_redis(redis_url)
-        # 2,500 one-second slots of a 10 s window, all dead 20 s after they began.
+        # 2,500 one-second slots of a rolling window, all dead 20 s after they began.
         spend = [
-            (BucketView(f"burst{i % 5}", SLOT + s, SLOT, 20, 10, measure="requests"), 1)
+            (BucketView(f"burst{i % 5}", SLOT + s, SLOT - 1, 20, 10, measure="requests"), 1)
             for i in range(5)
             for s in range(500)
         ]

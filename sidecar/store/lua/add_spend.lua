@@ -5,9 +5,9 @@
 -- a crash or a second replica doing the same backfill would count the spend twice.
 --
 -- KEYS[1]   the shard's slot index zset (the other keys, in ARGV, are on the same shard)
--- ARGV      six per entry: marker key (string, set once, never expires), bucket hash key,
---           slot start, amount, slot expiry, TTL seconds; entries of one bucket share its
---           marker
+-- ARGV      six per entry: marker key (string, set once, never expires), bucket counters
+--           key, slot hash key ("" for a fixed window), slot start, amount, TTL seconds;
+--           entries of one bucket share its marker
 -- Returns   how many buckets got spend added (0: every marker was already set).
 --
 -- Prepended at load time: budget_lib.lua (int, add_bucket, ...).
@@ -15,7 +15,7 @@
 local ctx = {slots = KEYS[1]}
 local applied, count = {}, 0
 for a = 1, #ARGV, 6 do
-  local marker, key = ARGV[a], ARGV[a + 1]
+  local marker, key, hk = ARGV[a], ARGV[a + 1], ARGV[a + 2]
   if applied[key] == nil then
     applied[key] = redis.call('SET', marker, '1', 'NX') ~= false
     if applied[key] then
@@ -23,7 +23,7 @@ for a = 1, #ARGV, 6 do
     end
   end
   if applied[key] then
-    add_bucket(ctx, key, tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]),
+    add_bucket(ctx, key, hk ~= '' and hk, tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]),
                tonumber(ARGV[a + 5]), 0)
   end
 end

@@ -37,7 +37,7 @@
 -- Returns   {status, estimate, other groups' node tags (comma-separated)}; estimate is 0
 --           when unknown.
 --
--- Prepended at load time: budget_lib.lua (int, load, charge, finish, ...).
+-- Prepended at load time: budget_lib.lua (int, load, charge, add_row, finish, ...).
 
 local ctx = {open = ARGV[1], held = ARGV[2], hours = ARGV[3], ledger_ttl = tonumber(ARGV[8]),
              retention = ARGV[9], slots = ARGV[4]}
@@ -60,14 +60,20 @@ if rec.s == 'open' and rec.hm and rec.g ~= '' and rec.x <= tonumber(ARGV[14]) th
   end
 end
 
--- Move each part's cost from the reservation's ledger row to the part's own row.
+-- Move each part's cost from the reservation's ledger row to the part's own row (its key:
+-- the hour's index key, "|", its dims; redis_keys.py `ledger_row`).
 local function book_parts()
   if not rec.hm then
     return
   end
   for _, part in ipairs(cjson.decode(ARGV[11])) do
-    redis.call('HINCRBY', rec.l, 'c|' .. rec.d, -int(part[2]))
-    add_ledger(ctx, {d = part[1], l = rec.l, hr = rec.hr}, part[2], 0, part[3], part[4])
+    if rec.old then
+      redis.call('HINCRBY', rec.l, 'c|' .. rec.d, -int(part[2]))
+      add_ledger_hash(ctx, {d = part[1], l = rec.l, hr = rec.hr}, part[2], 0, part[3], part[4])
+    else
+      redis.call('BITFIELD', rec.li .. '|' .. rec.d, 'INCRBY', 'i64', '#0', int(-part[2]))
+      add_row(ctx, rec.li, rec.hr, part[1], part[2], 0, part[3], part[4])
+    end
   end
 end
 
@@ -77,10 +83,9 @@ local function actual(measure)
   return measured(measure, cost, input, output)
 end
 if rec.s == 'open' then
-  charge(ctx, rec, actual, true, cost, 1, ARGV[6], ARGV[7], errors,
-         tonumber(ARGV[14]) <= rec.x)
+  charge(ctx, rec, actual, true, cost, 1, ARGV[6], ARGV[7], errors)
   book_parts()
-  finish(ctx, rkey, rec, 'committed')
+  finish(ctx, rkey, rec, 'c')
   return {'committed', rec.e, rec.g}
 end
 -- Expired: it already paid its estimates and counted as a request; charge the difference.
@@ -89,5 +94,5 @@ local function difference(measure, estimate)
 end
 charge(ctx, rec, difference, false, cost - rec.e, 0, ARGV[6], ARGV[7], errors)
 book_parts()
-finish(ctx, rkey, rec, 'committed')
+finish(ctx, rkey, rec, 'c')
 return {'late', rec.e, rec.g}

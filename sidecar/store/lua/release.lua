@@ -12,24 +12,24 @@
 -- ARGV[2]   the shard's open zset
 -- ARGV[3]   the shard's held zset
 -- Returns   1 when released, 0 when there was nothing of this attempt's to release.
+--
+-- Prepended at load time: budget_lib.lua (load, ...).
 
-local v = redis.call('HMGET', KEYS[1], 's', 'bd', 'b')
-if v[1] ~= 'open' or v[2] ~= ARGV[1] then
+local rec = load(KEYS[1])
+if rec == nil or rec.old or rec.s ~= 'open' or rec.bd ~= ARGV[1] then
+  -- Records of the earlier layout were written by another attempt: never this one's.
   return 0
 end
-local b, current = cjson.decode(v[3]), true
-local step = 7  -- flat: key, slot, ttl, measure, estimate, held, rolling (budget_lib.lua)
-if type(b[1]) == 'table' then
-  current = false  -- written before: a list of [key, slot, ttl, measure, estimate, held, ...]
-end
-for i = 1, #b, (current and step or 1) do
-  local key, held = b[i], b[i + 5]
-  if not current then
-    key, held = b[i][1], b[i][6]
-  end
+local b = rec.b
+for i = 14, #b, 7 do
+  local held = b[i + 5]
   if held ~= 0 then
-    if redis.call('HINCRBY', key, 'r', -held) < 0 then
-      redis.call('HSET', key, 'r', '0')
+    local ck = b[i]
+    local v = redis.call('BITFIELD', ck, 'INCRBY', 'i64', '#1', int(-held), 'GET', 'i64', '#3')
+    if v[2] == 0 then
+      redis.call('DEL', ck)  -- lost under the hold: this call made it afresh
+    elseif v[1] < 0 then
+      redis.call('BITFIELD', ck, 'SET', 'i64', '#1', '0')
     end
   end
 end
