@@ -219,6 +219,29 @@ def _reopen(conn: sqlite3.Connection, request_id: str) -> None:
     conn.execute("UPDATE reservations SET state = 'open' WHERE request_id = ?", (request_id,))
 
 
+# The ledger dimensions of recent reservations, decoded or encoded once rather than on
+# every reservation and charge: a few callers and models make most of the traffic.
+_DIMS_CACHED = 4096
+
+
+@functools.lru_cache(maxsize=_DIMS_CACHED)
+def _dims_json(dims: LedgerDims) -> str:
+    return dims_to_json(dims)
+
+
+@functools.lru_cache(maxsize=_DIMS_CACHED)
+def _dims(text: str) -> LedgerDims:
+    return dims_from_json(text)
+
+
+@functools.lru_cache(maxsize=_DIMS_CACHED)
+def _ledger_dims(text: str) -> tuple[str, str, str, str, str, str]:
+    """A reservation's dimensions as the ledger's key columns (groups as JSON text)."""
+    dims = _dims(text)
+    groups = json.dumps(list(dims.groups))
+    return dims.user, groups, dims.token, dims.kind, dims.model, dims.provider
+
+
 @functools.cache
 def _states_sql(buckets: int) -> str:
     """`SQLiteStore._states`'s statement for `buckets` buckets: one text per count, so
@@ -479,7 +502,7 @@ class SQLiteStore:
         usage: TokenUsage,
         errors: int = 0,
     ) -> None:
-        user, groups, token, kind, model, provider = json.loads(dims_json)
+        user, groups, token, kind, model, provider = _ledger_dims(dims_json)
         conn.execute(
             f"INSERT INTO ledger ({_LEDGER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT(hour, user, groups, token, kind, model, provider) DO UPDATE SET "
@@ -490,7 +513,7 @@ class SQLiteStore:
             (
                 hour,
                 user,
-                json.dumps(groups),
+                groups,
                 token,
                 kind,
                 model,
@@ -589,7 +612,7 @@ class SQLiteStore:
                     request.expires_at,
                     request.now,
                     json.dumps(buckets),
-                    dims_to_json(request.dims),
+                    _dims_json(request.dims),
                     request.binding,
                     *request.tokens,
                 ),
@@ -620,7 +643,7 @@ class SQLiteStore:
             if row is None:
                 return None
             return Reservation(
-                request_id, row[0], int(row[1]), dims_from_json(row[2]), (int(row[3]), int(row[4]))
+                request_id, row[0], int(row[1]), _dims(row[2]), (int(row[3]), int(row[4]))
             )
 
         return await self._run(read)
@@ -687,9 +710,7 @@ class SQLiteStore:
         if row is None:
             return CommitResult("unknown")
         priced = price(
-            Reservation(
-                request_id, row[0], int(row[1]), dims_from_json(row[4]), (int(row[6]), int(row[7]))
-            )
+            Reservation(request_id, row[0], int(row[1]), _dims(row[4]), (int(row[6]), int(row[7])))
         )
         if priced is None:
             if marked:
