@@ -4,10 +4,13 @@ process's CPU time (user + system, from /proc) divided by the requests wrk compl
     .venv/bin/python -m bench.cpu [--rows floor sqlite] [--rounds 3] [--seconds 8]
         [--profile sqlite [--native]]   # also py-spy records that row's sidecar
         [--threads]                      # and each backend thread's CPU per request
+        [--baseline DIR]                 # and each sidecar row again, run from DIR
 
 Prints one line per row and round, and a JSON summary on stdout. With `--profile ROW` the
 py-spy flame graph input (collapsed stacks) is written to bench/results/profile-ROW.txt and
-the top self-time functions are printed.
+the top self-time functions are printed. With `--baseline DIR` (say `git archive main | tar
+-x -C DIR`) every sidecar row also runs from DIR's `sidecar` package, as row `KEY@base`,
+alternated with the others in the same run.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import sys
 import tempfile
 from collections import Counter
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 from statistics import median
 from typing import Any
@@ -155,9 +159,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", action="store_true", help="also print each backend thread's CPU per request"
     )
+    parser.add_argument("--baseline", type=Path, help="also run each sidecar row from this tree")
     args = parser.parse_args(argv)
     ensure_tools()
     specs = [s for s in ROWS if s.key in args.rows]
+    if args.baseline:
+        tree = args.baseline.resolve()
+        specs += [
+            replace(s, key=f"{s.key}@base", tree=tree)
+            for s in specs
+            if s.backend in ("sqlite", "redis")
+        ]
     issuer = DevIssuer.generate()
     headers = {"content-type": "application/json", "cf-access-jwt-assertion": token(issuer)}
     per_row: dict[str, list[dict[str, float]]] = {s.key: [] for s in specs}

@@ -37,6 +37,9 @@ class RowSpec:
     backend: str  # "none", "floor", "sqlite", "redis"
     variant: Variant
     workers: int = 1
+    # Another source tree whose `sidecar` package this row's sidecar runs (a baseline to
+    # compare against in the same run); None: this checkout's.
+    tree: Path | None = None
 
 
 @dataclass
@@ -62,11 +65,19 @@ ROWS: tuple[RowSpec, ...] = (
 
 
 def _sidecar(
-    workdir: Path, name: str, config_path: Path, grpc_port: int, http_port: int, workers: int
+    workdir: Path,
+    name: str,
+    config_path: Path,
+    grpc_port: int,
+    http_port: int,
+    workers: int,
+    tree: Path | None = None,
 ) -> ManagedProcess:
     argv = serve_argv(config_path, grpc_port, http_port, workers)
     # The policy injects the demo provider keys, read from the environment at load.
     env = {**os.environ, "SIDECAR_ADMIN_TOKEN": ADMIN_TOKEN, **demo_key_env()}
+    if tree is not None:
+        env["PYTHONPATH"] = str(tree)
     return ManagedProcess(name, argv, workdir, env=env, cwd=workdir)
 
 
@@ -107,7 +118,7 @@ class Bench:
         http_port = free_port()
         proc = self.stack.enter_context(
             _sidecar(
-                rowdir, f"sidecar-{spec.key}", config_path, port, http_port, spec.workers
+                rowdir, f"sidecar-{spec.key}", config_path, port, http_port, spec.workers, spec.tree
             ).start()
         )
         wait_ready(f"http://{LOOPBACK}:{http_port}", proc, timeout=60)

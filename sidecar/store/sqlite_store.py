@@ -59,8 +59,10 @@ CREATE TABLE IF NOT EXISTS docs (
 CREATE TABLE IF NOT EXISTS counters (key TEXT PRIMARY KEY, value INTEGER NOT NULL,
   expires_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS slots (bucket TEXT NOT NULL, slot INTEGER NOT NULL,
-  amount INTEGER NOT NULL, expires_at INTEGER NOT NULL, PRIMARY KEY (bucket, slot));
-CREATE TABLE IF NOT EXISTS reserved (bucket TEXT PRIMARY KEY, amount INTEGER NOT NULL);
+  amount INTEGER NOT NULL, expires_at INTEGER NOT NULL, PRIMARY KEY (bucket, slot))
+  WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS reserved (bucket TEXT PRIMARY KEY, amount INTEGER NOT NULL)
+  WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS reservations (
   request_id TEXT PRIMARY KEY, state TEXT NOT NULL, estimate INTEGER NOT NULL,
   held INTEGER NOT NULL, expires_at REAL NOT NULL, created_at REAL NOT NULL,
@@ -69,8 +71,7 @@ CREATE TABLE IF NOT EXISTS reservations (
 CREATE INDEX IF NOT EXISTS reservations_open ON reservations (state, expires_at);
 -- Housekeeping deletes done reservations and dead slots by age every second, holding the
 -- write lock: a full scan of a million rows took 110 ms, during which no decision could be
--- made; with these indexes it is a range delete.
-CREATE INDEX IF NOT EXISTS reservations_created ON reservations (created_at);
+-- made; with these indexes (reservations_open for done reservations) it is a range delete.
 CREATE INDEX IF NOT EXISTS slots_expiry ON slots (expires_at);
 CREATE TABLE IF NOT EXISTS ledger (
   hour INTEGER NOT NULL, user TEXT NOT NULL, groups TEXT NOT NULL, token TEXT NOT NULL,
@@ -95,9 +96,70 @@ _ADDED_COLUMNS = (
 )
 
 
+# Indexes earlier versions created and no query uses any more (each costs a page write per
+# reservation); IF EXISTS makes dropping them a no-op once done, whoever did it.
+_DROPPED_INDEXES = ("reservations_created",)
+
+
+# Tables earlier versions created with a rowid and that are now WITHOUT ROWID, as (table,
+# its columns, the indexes it has beside its primary key). A bucket's slots and its hold are
+# read by primary key on every decision: stored in the primary key's own B-tree, a slot
+# range is one scan instead of a look-up per slot, and a write changes one B-tree, not two.
+_WITHOUT_ROWID = (
+    ("slots", "bucket, slot, amount, expires_at", ("slots_expiry",)),
+    ("reserved", "bucket, amount", ()),
+)
+
+
+def _table_sql(name: str) -> str:
+    """The CREATE TABLE statement of `name` in `_SCHEMA`."""
+    start = _SCHEMA.index(f"CREATE TABLE IF NOT EXISTS {name} (")
+    return _SCHEMA[start : _SCHEMA.index(";", start) + 1]
+
+
+def _index_sql(name: str) -> str:
+    start = _SCHEMA.index(f"CREATE INDEX IF NOT EXISTS {name} ")
+    return _SCHEMA[start : _SCHEMA.index(";", start) + 1]
+
+
+def _has_rowid(conn: sqlite3.Connection, table: str) -> bool:
+    row = conn.execute(
+        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)
+    ).fetchone()
+    return row is not None and "WITHOUT ROWID" not in row[0].upper()
+
+
+def _drop_rowids(conn: sqlite3.Connection) -> None:
+    """Rebuild the tables of `_WITHOUT_ROWID` an earlier version created with a rowid, rows
+    and all, each in one transaction: several processes opening the file at once wait for
+    the write lock, and only the first finds anything to do."""
+    for table, columns, indexes in _WITHOUT_ROWID:
+        if not _has_rowid(conn, table):
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if _has_rowid(conn, table):
+                conn.execute(_table_sql(table).replace(f" {table} (", f" {table}_rebuilt (", 1))
+                conn.execute(
+                    f"INSERT INTO {table}_rebuilt ({columns}) SELECT {columns} FROM {table}"
+                )
+                conn.execute(f"DROP TABLE {table}")
+                conn.execute(f"ALTER TABLE {table}_rebuilt RENAME TO {table}")
+                for index in indexes:
+                    conn.execute(_index_sql(index))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+
 def _migrate(conn: sqlite3.Connection) -> None:
     """Columns added after a database was first created (CREATE TABLE IF NOT EXISTS keeps the
-    old shape of an existing table)."""
+    old shape of an existing table), indexes dropped and tables rebuilt since."""
+    for index in _DROPPED_INDEXES:
+        conn.execute(f"DROP INDEX IF EXISTS {index}")
+    _drop_rowids(conn)
     for table, column, definition in _ADDED_COLUMNS:
         columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
         if column in columns:
@@ -128,15 +190,70 @@ def _entries(buckets_json: str, estimate: int, held: int) -> list[_Entry]:
     return out
 
 
-def _charge_row(conn: sqlite3.Connection, request_id: str) -> tuple[Any, ...] | None:
+def _charge_row(conn: sqlite3.Connection, request_id: str) -> tuple[tuple[Any, ...] | None, bool]:
     """The reservation record as a commit reads it: state, estimate, held, buckets, dims,
-    created_at, input_tokens, output_tokens (None when there is none)."""
+    created_at, input_tokens, output_tokens (None when there is none); and whether it was
+    open and is now marked committed.
+
+    An open record (nearly every commit) is marked and read in one statement; the caller
+    commits it, or reopens it (`_reopen`) when it turns out to charge nothing.
+    """
+    rows = conn.execute(
+        "UPDATE reservations SET state = 'committed' WHERE request_id = ? AND state = 'open' "
+        "RETURNING 'open', estimate, held, buckets, dims, created_at, input_tokens, "
+        "output_tokens",
+        (request_id,),
+    ).fetchall()
+    if rows:
+        return rows[0], True
     row: tuple[Any, ...] | None = conn.execute(
         "SELECT state, estimate, held, buckets, dims, created_at, input_tokens, "
         "output_tokens FROM reservations WHERE request_id=?",
         (request_id,),
     ).fetchone()
-    return row
+    return row, False
+
+
+def _reopen(conn: sqlite3.Connection, request_id: str) -> None:
+    """Undo `_charge_row`'s mark: the record is open again, as if never read."""
+    conn.execute("UPDATE reservations SET state = 'open' WHERE request_id = ?", (request_id,))
+
+
+# The ledger dimensions of recent reservations, decoded or encoded once rather than on
+# every reservation and charge: a few callers and models make most of the traffic.
+_DIMS_CACHED = 4096
+
+
+@functools.lru_cache(maxsize=_DIMS_CACHED)
+def _dims_json(dims: LedgerDims) -> str:
+    return dims_to_json(dims)
+
+
+@functools.lru_cache(maxsize=_DIMS_CACHED)
+def _dims(text: str) -> LedgerDims:
+    return dims_from_json(text)
+
+
+@functools.lru_cache(maxsize=_DIMS_CACHED)
+def _ledger_dims(text: str) -> tuple[str, str, str, str, str, str]:
+    """A reservation's dimensions as the ledger's key columns (groups as JSON text)."""
+    dims = _dims(text)
+    groups = json.dumps(list(dims.groups))
+    return dims.user, groups, dims.token, dims.kind, dims.model, dims.provider
+
+
+@functools.cache
+def _states_sql(buckets: int) -> str:
+    """`SQLiteStore._states`'s statement for `buckets` buckets: one text per count, so
+    sqlite3's statement cache keeps it prepared."""
+    per_bucket = (
+        "(SELECT COALESCE(SUM(amount), 0) FROM slots WHERE bucket = ? AND slot >= ?), "
+        "COALESCE((SELECT amount FROM reserved WHERE bucket = ?), 0)"
+    )
+    # The (state, expires_at) index answers MIN with one seek.
+    return "SELECT (SELECT MIN(expires_at) FROM reservations WHERE state = 'open'), " + ", ".join(
+        (per_bucket,) * buckets
+    )
 
 
 def _path_from_url(url: str) -> str:
@@ -307,25 +424,24 @@ class SQLiteStore:
         return BucketState(spent=spent, reserved=int(row[0]) if row else 0, slots=slots)
 
     @staticmethod
-    def _states(conn: sqlite3.Connection, buckets: Sequence[BucketView]) -> list[BucketState]:
-        """Spent and reserved of many buckets in one statement: a decision reads a dozen
-        buckets, and each statement costs more in Python than in SQLite."""
+    def _states(
+        conn: sqlite3.Connection, buckets: Sequence[BucketView]
+    ) -> tuple[list[BucketState], float | None]:
+        """Spent and reserved of many buckets, and when the earliest open reservation
+        expires (None: none is open), in one statement returning one row: a decision reads
+        a dozen buckets, and each statement, and each row stepped, costs more in Python
+        (and in handing the GIL back and forth) than in SQLite."""
         states: list[BucketState] = []
+        due: float | None = None
         for start in range(0, len(buckets), _BUCKETS_PER_STATEMENT):
             chunk = buckets[start : start + _BUCKETS_PER_STATEMENT]
             params: list[object] = []
-            for i, b in enumerate(chunk):
-                params += (i, b.key, b.since)
-            rows = conn.execute(
-                "WITH b(i, key, since) AS (VALUES " + ",".join(("(?,?,?)",) * len(chunk)) + ") "
-                "SELECT COALESCE((SELECT SUM(amount) FROM slots "
-                "WHERE bucket = b.key AND slot >= b.since), 0), "
-                "COALESCE((SELECT amount FROM reserved WHERE bucket = b.key), 0) "
-                "FROM b ORDER BY b.i",
-                params,
-            ).fetchall()
-            states += [BucketState(int(spent), int(reserved)) for spent, reserved in rows]
-        return states
+            for b in chunk:
+                params += (b.key, b.since, b.key)
+            row = conn.execute(_states_sql(len(chunk)), params).fetchone()
+            due = row[0]
+            states += [BucketState(row[i], row[i + 1]) for i in range(1, len(row), 2)]
+        return states, due
 
     @staticmethod
     def _add_slot(conn: sqlite3.Connection, key: str, slot: int, amount: int, expires: int) -> None:
@@ -377,21 +493,6 @@ class SQLiteStore:
             )
 
     @staticmethod
-    def _drop_released(conn: sqlite3.Connection, keys: Sequence[str]) -> None:
-        """Delete the holds of `keys` that came down to 0. Only releases bring a hold to 0,
-        so looking at the buckets just released is enough: a full scan of `reserved` on
-        every commit cost more the more buckets had requests in flight."""
-        keys = list(dict.fromkeys(keys))
-        for start in range(0, len(keys), _BUCKETS_PER_STATEMENT):
-            chunk = keys[start : start + _BUCKETS_PER_STATEMENT]
-            conn.execute(
-                "DELETE FROM reserved WHERE amount = 0 AND bucket IN ("
-                + ",".join("?" * len(chunk))
-                + ")",
-                chunk,
-            )
-
-    @staticmethod
     def _add_ledger(
         conn: sqlite3.Connection,
         hour: int,
@@ -401,7 +502,7 @@ class SQLiteStore:
         usage: TokenUsage,
         errors: int = 0,
     ) -> None:
-        user, groups, token, kind, model, provider = json.loads(dims_json)
+        user, groups, token, kind, model, provider = _ledger_dims(dims_json)
         conn.execute(
             f"INSERT INTO ledger ({_LEDGER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT(hour, user, groups, token, kind, model, provider) DO UPDATE SET "
@@ -412,7 +513,7 @@ class SQLiteStore:
             (
                 hour,
                 user,
-                json.dumps(groups),
+                groups,
                 token,
                 kind,
                 model,
@@ -431,13 +532,11 @@ class SQLiteStore:
             "WHERE state='open' AND expires_at <= ? ORDER BY expires_at LIMIT ?",
             (now, limit),
         ).fetchall()
-        released: list[str] = []
         for request_id, estimate, held, buckets_json, dims_json, created in rows:
             # Never completed: the request may well have cost money, so it pays its estimate.
             for key, slot, expires, _, amount, hold in _entries(buckets_json, estimate, held):
                 if hold:
                     self._add_reserved(conn, key, -hold)
-                    released.append(key)
                 self._add_slot(conn, key, slot, amount, expires)
             self._add_ledger(
                 conn, int(created) // 3600 * 3600, dims_json, estimate, 1, TokenUsage()
@@ -445,13 +544,19 @@ class SQLiteStore:
             conn.execute(
                 "UPDATE reservations SET state='expired' WHERE request_id=?", (request_id,)
             )
-        self._drop_released(conn, released)
         return len(rows)
 
     def _housekeep(self, conn: sqlite3.Connection, now: float) -> None:
         conn.execute("DELETE FROM slots WHERE expires_at < ?", (int(now),))
+        # Holds released to 0 stay until here rather than being deleted by each commit: a
+        # statement less per commit, and a busy bucket's row is updated in place instead
+        # of deleted and inserted again. The table holds only buckets held within the last
+        # pass, so the scan is short.
+        conn.execute("DELETE FROM reserved WHERE amount = 0")
+        # Retention counts from expiry (never before creation), so the (state, expires_at)
+        # index serves this range delete and no other index is kept up to date per request.
         conn.execute(
-            "DELETE FROM reservations WHERE state != 'open' AND created_at < ?",
+            "DELETE FROM reservations WHERE state IN ('committed', 'expired') AND expires_at < ?",
             (now - _DONE_RETENTION_SECONDS,),
         )
         conn.execute("DELETE FROM docs WHERE expires_at IS NOT NULL AND expires_at < ?", (now,))
@@ -472,8 +577,13 @@ class SQLiteStore:
             return ReserveResult(same, (), tuple(states), duplicate=same, conflict=not same)
 
         def reserve(conn: sqlite3.Connection) -> ReserveResult:
-            self._settle(conn, request.now, 100)
-            states = self._states(conn, request.buckets)
+            states, due = self._states(conn, request.buckets)
+            # Expired reservations are settled first (they may count as spend now), but
+            # only when one is: the earliest expiry comes with the states, read under the
+            # write lock, so it also sees what other processes reserved.
+            if due is not None and due <= request.now:
+                self._settle(conn, request.now, 100)
+                states, _ = self._states(conn, request.buckets)
             amounts = [request.amount_for(b) for b in request.buckets]
             reserve_mode = request.mode == "reserve"
             failed = tuple(
@@ -502,7 +612,7 @@ class SQLiteStore:
                     request.expires_at,
                     request.now,
                     json.dumps(buckets),
-                    dims_to_json(request.dims),
+                    _dims_json(request.dims),
                     request.binding,
                     *request.tokens,
                 ),
@@ -533,7 +643,7 @@ class SQLiteStore:
             if row is None:
                 return None
             return Reservation(
-                request_id, row[0], int(row[1]), dims_from_json(row[2]), (int(row[3]), int(row[4]))
+                request_id, row[0], int(row[1]), _dims(row[2]), (int(row[3]), int(row[4]))
             )
 
         return await self._run(read)
@@ -549,11 +659,11 @@ class SQLiteStore:
         tokens: tuple[int, int] | None = None,
     ) -> CommitResult:
         def commit(conn: sqlite3.Connection) -> CommitResult:
-            row = _charge_row(conn, request_id)
+            row, marked = _charge_row(conn, request_id)
             if row is None:
                 return CommitResult("unknown")
             return self._commit_row(
-                conn, request_id, row, actual_micros, usage, error, others, tokens
+                conn, request_id, row, marked, actual_micros, usage, error, others, tokens
             )
 
         return await self._tx(commit)
@@ -595,20 +705,22 @@ class SQLiteStore:
         return results
 
     def _charge(self, conn: sqlite3.Connection, request_id: str, price: Pricer) -> CommitResult:
-        row = _charge_row(conn, request_id)
+        # What `price` raises needs no undoing here: every caller rolls this job back.
+        row, marked = _charge_row(conn, request_id)
         if row is None:
             return CommitResult("unknown")
         priced = price(
-            Reservation(
-                request_id, row[0], int(row[1]), dims_from_json(row[4]), (int(row[6]), int(row[7]))
-            )
+            Reservation(request_id, row[0], int(row[1]), _dims(row[4]), (int(row[6]), int(row[7])))
         )
         if priced is None:
+            if marked:
+                _reopen(conn, request_id)
             return CommitResult("unknown")
         return self._commit_row(
             conn,
             request_id,
             row,
+            marked,
             priced.micros,
             priced.usage,
             priced.error,
@@ -621,6 +733,7 @@ class SQLiteStore:
         conn: sqlite3.Connection,
         request_id: str,
         row: tuple[Any, ...],
+        marked: bool,
         actual_micros: int,
         usage: TokenUsage,
         error: bool,
@@ -628,7 +741,8 @@ class SQLiteStore:
         tokens: tuple[int, int] | None,
     ) -> CommitResult:
         """`commit` of the reservation `row` (state, estimate, held, buckets, dims,
-        created_at, ...) just read in this transaction."""
+        created_at, ...) just read in this transaction (`marked`: and already marked
+        committed)."""
         actual_in, actual_out = (
             (usage.total_input, usage.output_tokens) if tokens is None else tokens
         )
@@ -641,7 +755,6 @@ class SQLiteStore:
         entries = _entries(buckets_json, estimate, held)
         if is_open:
             self._add_reserved_many(conn, [(e[0], -e[5]) for e in entries])
-            self._drop_released(conn, [e[0] for e in entries if e[5]])
         charges = []
         for key, slot, expires, measure, amount, _ in entries:
             actual = measured(measure, actual_micros, actual_in, actual_out)
@@ -668,7 +781,10 @@ class SQLiteStore:
                 0,
                 TokenUsage(part.input_tokens, part.output_tokens),
             )
-        conn.execute("UPDATE reservations SET state='committed' WHERE request_id=?", (request_id,))
+        if not marked:
+            conn.execute(
+                "UPDATE reservations SET state='committed' WHERE request_id=?", (request_id,)
+            )
         return CommitResult("committed" if state == "open" else "late", estimate)
 
     async def bucket_states(self, buckets: list[BucketView], now: float) -> list[BucketState]:
