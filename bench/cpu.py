@@ -232,6 +232,13 @@ def main(argv: list[str] | None = None) -> int:
             summary[key]["x_floor"] = median(
                 t["rps"] / f["rps"] for t, f in zip(trials, per_row["floor"], strict=True)
             )
+    for key, trials in per_row.items():
+        base = per_row.get(f"{key}@base")
+        if base:
+            # CPU per request over the same row run from the baseline tree, same rounds.
+            summary[key]["cpu_x_baseline"] = median(
+                t["cpu_us"] / b["cpu_us"] for t, b in zip(trials, base, strict=True)
+            )
     print(json.dumps(summary, indent=2))
     return 0
 
