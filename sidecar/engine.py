@@ -26,10 +26,10 @@ from sidecar.admission.plan_cache import PlanCache, context_key, validity
 from sidecar.budget.spool import Spool
 from sidecar.budget.utilisation import Utilisation
 from sidecar.config.ruleset import Provider, RuleSet, RuleSetHolder
+from sidecar.decision_log import log_decision
 from sidecar.decisions import OVERLOADED, allow, deny, unauthenticated
 from sidecar.identity.authenticate import Identifier
 from sidecar.identity.errors import AuthError
-from sidecar.log import Line
 from sidecar.log import info as log_info
 from sidecar.metering.charge import Bill, Observed, bill, charge_tokens
 from sidecar.metering.inflight import InFlight
@@ -71,27 +71,6 @@ from sidecar.store.budget_types import (
 )
 
 log = structlog.get_logger("sidecar.decision")
-# The decision line's fields, in order; the trusted ones are made here (ids, codes, numbers).
-_DECISION_LINE = Line(
-    "decision",
-    (
-        "request_id",
-        "reservation",
-        "decision",
-        "status",
-        "reason",
-        "kind",
-        "user",
-        "groups",
-        "token_name",
-        "model",
-        "provider",
-        "rules",
-        "estimate_usd",
-        "ms",
-    ),
-    trusted=("reservation", "decision", "status", "reason", "kind", "estimate_usd", "ms"),
-)
 _RESERVE_SECONDS = STORE_SECONDS.labels("reserve")
 _COMMIT_SECONDS = STORE_SECONDS.labels("commit")
 
@@ -237,7 +216,7 @@ class Engine:
         CHECK_SECONDS.observe(seconds)
         if decision.request_id:
             self.inflight.admitted(decision.request_id)
-        self._log(attrs, decision, seconds)
+        log_decision(attrs, decision, seconds)
         DECISIONS.labels("allow" if decision.allowed else "deny", decision.reason).inc()
         if decision.allowed and decision.model:
             REQUESTS.labels(decision.provider, model_label(decision.model)).inc()
@@ -611,32 +590,6 @@ class Engine:
             headers={"retry-after": "1"},
             identity=identity,
             model=model,
-        )
-
-    @staticmethod
-    def _log(attrs: RequestAttrs, decision: Decision, seconds: float) -> None:
-        """One line per request: who, what, which rules, how much, and the answer."""
-        identity = decision.identity
-        _DECISION_LINE.info(
-            log,
-            request_id=attrs.request_id,
-            reservation=decision.request_id or None,
-            decision="allow"
-            if decision.reason == "ok"
-            else ("fallback" if decision.reason == "fallback" else "deny"),
-            status=decision.http_status,
-            reason=decision.reason,
-            kind=identity.kind if identity else None,
-            user=identity.user if identity else None,
-            groups=list(identity.groups) if identity else None,
-            token_name=identity.token_name if identity and identity.token_name else None,
-            model=decision.model or None,
-            provider=decision.provider or None,
-            rules=list(decision.rules),
-            estimate_usd=None
-            if decision.estimate is None
-            else micros_to_usd_str(decision.estimate),
-            ms=round(seconds * 1000, 3),
         )
 
     async def charge(
