@@ -39,12 +39,12 @@ KEYS = (
 )
 LINE = Line("decision", KEYS)
 _NO_IDENTITY = ', "kind": null, "user": null, "groups": null, "token_name": null'
-# Rendered callers and rule lists, by the object they were rendered from: the JWT cache
-# hands out one Identity per token and the plan cache one tuple of rule names per plan, so
-# these hit on every Check but a caller's first. Bounded: cleared when full.
+# Rendered callers, by the Identity they were rendered from (the JWT cache hands out one
+# per token), and rule lists: these hit on every Check but a caller's first. Bounded:
+# cleared when full.
 _MAX_CACHED = 4096
 _identities: dict[int, tuple[Identity, str]] = {}
-_rule_lists: dict[int, tuple[tuple[str, ...], str]] = {}
+_rule_lists: dict[tuple[str, ...], str] = {}
 
 
 def decision_word(reason: str) -> str:
@@ -72,13 +72,12 @@ def _who(identity: Identity) -> str:
 
 
 def _rules(rules: tuple[str, ...]) -> str:
-    cached = _rule_lists.get(id(rules))
-    if cached is not None and cached[0] is rules:
-        return cached[1]
-    rendered = untrusted_strs(rules)
-    if len(_rule_lists) >= _MAX_CACHED:
-        _rule_lists.clear()
-    _rule_lists[id(rules)] = (rules, rendered)
+    rendered = _rule_lists.get(rules)
+    if rendered is None:
+        rendered = untrusted_strs(rules)
+        if len(_rule_lists) >= _MAX_CACHED:
+            _rule_lists.clear()
+        _rule_lists[rules] = rendered
     return rendered
 
 

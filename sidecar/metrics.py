@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import Generic, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -204,3 +205,43 @@ def model_label(model: str) -> str:
         _models.add(model)
         return model
     return "other"
+
+
+_Child = TypeVar("_Child", Counter, Gauge, Histogram)
+
+
+class Children(Generic[_Child]):
+    """`metric.labels(*values)`, remembered per label values: on the Check path that call
+    (a lock, the values rebuilt as strings, a dict lookup) cost more than the increment.
+    `label` maps the values given to the metric's labels (say, a model to its bounded
+    label); it must give the same labels for the same values for as long as they are held.
+    At most `bound` children are remembered; past that, each call asks the metric."""
+
+    def __init__(
+        self,
+        metric: _Child,
+        label: Callable[..., tuple[str, ...]] | None = None,
+        bound: int = 4096,
+    ) -> None:
+        self._metric: _Child = metric
+        self._label = label
+        self._bound = bound
+        self._children: dict[tuple[str, ...], _Child] = {}
+
+    def __call__(self, *values: str) -> _Child:
+        child = self._children.get(values)
+        if child is None:
+            labels = values if self._label is None else self._label(*values)
+            child = self._metric.labels(*labels)
+            if len(self._children) < self._bound:
+                self._children[values] = child
+        return child
+
+
+def _request_labels(provider: str, model: str) -> tuple[str, str]:
+    return provider, model_label(model)
+
+
+DECISION_COUNT = Children(DECISIONS)
+# By provider and model as decided: the model's label is settled on its first count.
+REQUEST_COUNT = Children(REQUESTS, _request_labels)

@@ -69,18 +69,27 @@ class LoadShedder:
     @contextlib.contextmanager
     def deciding(self, time_remaining: float | None) -> Iterator[None]:
         """Count a Check in flight and learn how long Checks take."""
-        started = self._clock()
-        self.inflight += 1
-        CHECKS_INFLIGHT.inc()
+        started = self.begin()
         try:
             yield
         finally:
-            self.inflight -= 1
-            CHECKS_INFLIGHT.dec()
-            took = self._clock() - started
-            self.check_seconds += (took - self.check_seconds) * _EWMA_WEIGHT
-            if time_remaining is not None:
-                CHECK_HEADROOM_SECONDS.observe(max(time_remaining - took, 0.0))
+            self.end(started, time_remaining)
+
+    def begin(self) -> float:
+        """A Check starts being decided: `deciding` without the context manager (the Check
+        path calls these two directly). Returns what `end` is given."""
+        self.inflight += 1
+        CHECKS_INFLIGHT.inc()
+        return self._clock()
+
+    def end(self, started: float, time_remaining: float | None) -> None:
+        """The Check `begin` returned `started` for is decided."""
+        self.inflight -= 1
+        CHECKS_INFLIGHT.dec()
+        took = self._clock() - started
+        self.check_seconds += (took - self.check_seconds) * _EWMA_WEIGHT
+        if time_remaining is not None:
+            CHECK_HEADROOM_SECONDS.observe(max(time_remaining - took, 0.0))
 
     def _note(self, reason: ShedReason) -> None:
         self._shed_since_log[reason] = self._shed_since_log.get(reason, 0) + 1

@@ -3,6 +3,7 @@ them, and those buckets merged into what the store sees."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -82,6 +83,11 @@ class Plan:
         )
 
     def rule_names(self) -> tuple[str, ...]:
+        return self._rule_names
+
+    @functools.cached_property
+    def _rule_names(self) -> tuple[str, ...]:
+        # Once per plan: plans are cached per caller, and every decision logs these.
         return tuple(sorted({p.rule.name for p in self.planned}))
 
 
