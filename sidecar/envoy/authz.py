@@ -38,13 +38,16 @@ BODY_HEADER = "x-sidecar-body"
 
 def attrs_from_check(request: external_auth_pb2.CheckRequest) -> RequestAttrs:
     http = request.attributes.request.http
-    headers = join_headers(
-        (
-            (h.key, h.value or h.raw_value.decode("utf-8", "replace"))
-            for h in http.header_map.headers
-        ),
-        into={k.lower(): v for k, v in http.headers.items()},
-    )
+    headers = {k.lower(): v for k, v in http.headers.items()}
+    if http.HasField("header_map"):
+        # Envoy sends its headers here instead with `encode_raw_headers` (not by default).
+        headers = join_headers(
+            (
+                (h.key, h.value or h.raw_value.decode("utf-8", "replace"))
+                for h in http.header_map.headers
+            ),
+            into=headers,
+        )
     body = http.raw_body or (http.body.encode() if http.body else None)
     return RequestAttrs(
         method=http.method,
@@ -159,6 +162,8 @@ def add_to_server(servicer: AuthorizationServicer, server: grpc.aio.Server) -> N
         request_deserializer=external_auth_pb2.CheckRequest.FromString,
         response_serializer=None,  # `check` returns the serialized response
     )
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(SERVICE, {"Check": check}),)
-    )
+    handlers = {"Check": check}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    # As the generated registration does: gRPC finds the method without the generic
+    # handlers' lookup in Python.
+    server.add_registered_method_handlers(SERVICE, handlers)
