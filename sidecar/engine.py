@@ -53,7 +53,7 @@ from sidecar.policy.request import (
     request_model,
     split_provider,
 )
-from sidecar.policy.rules import UNIT_OF, Context, Rule, Unit, in_unit
+from sidecar.policy.rules import Context, Rule, Unit, in_unit
 from sidecar.policy.windows import RollingWindow
 from sidecar.pricing import UnitPrice
 from sidecar.providers.credentials import injected_headers
@@ -122,14 +122,15 @@ _HEADER_UNITS: tuple[Unit, ...] = ("requests", "tokens")
 def rate_limit_headers(budget: Plan, states: Sequence[BucketState]) -> dict[str, str]:
     """`x-ratelimit-limit-<unit>` and `x-ratelimit-remaining-<unit>` of the enforced bucket
     with the least room left, for each unit some enforced bucket counts."""
+    if len(states) != len(budget.views):
+        raise ValueError("one bucket state per planned bucket is needed")
     tightest: dict[Unit, tuple[int, int]] = {}
-    for view, state in zip(budget.views, states, strict=True):
-        unit = UNIT_OF[view.measure]
-        if not view.enforce or unit not in _HEADER_UNITS:
+    for index, unit, limit in budget.enforced:
+        if unit not in _HEADER_UNITS:
             continue
-        left = room(view.limit, state)
+        left = room(limit, states[index])
         if unit not in tightest or left < tightest[unit][1]:
-            tightest[unit] = (view.limit, left)
+            tightest[unit] = (limit, left)
     headers = {}
     for unit, (limit, left) in tightest.items():
         headers[f"x-ratelimit-limit-{unit}"] = str(limit)
@@ -479,11 +480,10 @@ class Engine:
 
     @staticmethod
     def _remaining(budget: Plan, result: ReserveResult) -> str | None:
-        left = [
-            room(v.limit, s)
-            for v, s in zip(budget.views, result.states, strict=True)
-            if v.enforce and v.measure == "usd"
-        ]
+        states = result.states
+        if len(states) != len(budget.views):
+            raise ValueError("one bucket state per planned bucket is needed")
+        left = [room(limit, states[i]) for i, unit, limit in budget.enforced if unit == "usd"]
         return micros_to_usd_str(min(left)) if left else None
 
     async def _too_much(
