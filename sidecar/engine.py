@@ -43,6 +43,7 @@ from sidecar.metrics import (
     STORE_ERRORS,
     STORE_SECONDS,
     model_label,
+    observer,
 )
 from sidecar.model import Decision, Identity, RequestAttrs, TokenUsage
 from sidecar.money import micros_to_usd_str
@@ -71,7 +72,8 @@ from sidecar.store.budget_types import (
 )
 
 log = structlog.get_logger("sidecar.decision")
-_RESERVE_SECONDS = STORE_SECONDS.labels("reserve")
+_observe_check = observer(CHECK_SECONDS)
+_observe_reserve = observer(STORE_SECONDS.labels("reserve"))
 _COMMIT_SECONDS = STORE_SECONDS.labels("commit")
 
 
@@ -225,7 +227,7 @@ class Engine:
         finally:
             shedder.end(begun, time_remaining)
         seconds = time.perf_counter() - started
-        CHECK_SECONDS.observe(seconds)
+        _observe_check(seconds)
         if decision.request_id:
             self.inflight.admitted(decision.request_id)
         log_decision(attrs, decision, seconds)
@@ -364,7 +366,7 @@ class Engine:
                 return await self._store_down(
                     rs, err, identity, attrs, creds, cand_model, cand_provider, request
                 )
-            _RESERVE_SECONDS.observe(time.perf_counter() - started)
+            _observe_reserve(time.perf_counter() - started)
             if len(result.states) == len(budget.views):
                 self.utilisation.observe(budget, result.states)
             limits = (

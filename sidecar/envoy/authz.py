@@ -15,7 +15,7 @@ from sidecar.envoy.attach import CHECK_TIMEOUT_SECONDS
 from sidecar.envoy.upstream import upstream_api
 from sidecar.headers import clean, join_headers
 from sidecar.metering.request_body import BodyAction, body_action
-from sidecar.metrics import CHECK_QUEUED_SECONDS
+from sidecar.metrics import CHECK_QUEUED_SECONDS, observer
 from sidecar.model import Decision, RequestAttrs
 
 # gRPC status Envoy sees for each HTTP status of a deny (Envoy only looks at OK vs not OK,
@@ -29,6 +29,7 @@ _GRPC_CODE = {
 }
 OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _OK_STATUS = wire.status(code_pb2.OK)
+_observe_queued = observer(CHECK_QUEUED_SECONDS)
 METADATA_NAMESPACE = "sidecar"
 SERVICE = "envoy.service.auth.v3.Authorization"
 # Set on calls whose body ext_proc must change; ext_proc only runs for those
@@ -134,7 +135,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         if deadline is not None and deadline <= CHECK_TIMEOUT_SECONDS:
             # gRPC set the deadline when the Check arrived; what is gone of it is the time it
             # queued (in gRPC and for the event loop) before this handler ran.
-            CHECK_QUEUED_SECONDS.observe(CHECK_TIMEOUT_SECONDS - deadline)
+            _observe_queued(CHECK_TIMEOUT_SECONDS - deadline)
         if tracing.ENABLED:
             # When Envoy traces, its ext_authz span travels in the call's metadata; else the
             # request's own traceparent (in attrs.headers) is the parent.
