@@ -39,7 +39,9 @@ BODY_HEADER = "x-sidecar-body"
 
 def attrs_from_check(request: external_auth_pb2.CheckRequest) -> RequestAttrs:
     http = request.attributes.request.http
-    headers = {k.lower(): v for k, v in http.headers.items()}
+    raw = http.headers
+    # By key, then value: the map's items() is a Python generator over the same lookups.
+    headers = {k.lower(): raw[k] for k in raw}
     if http.HasField("header_map"):
         # Envoy sends its headers here instead with `encode_raw_headers` (not by default).
         headers = join_headers(
