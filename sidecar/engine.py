@@ -58,6 +58,7 @@ from sidecar.policy.rules import Context, Rule, Unit, in_unit
 from sidecar.policy.windows import RollingWindow
 from sidecar.pricing import UnitPrice
 from sidecar.providers.credentials import injected_headers
+from sidecar.shielded import shielded
 from sidecar.store.base import ShardUnavailable, Store, StoreUnavailable
 from sidecar.store.budget_types import (
     BucketState,
@@ -425,12 +426,8 @@ class Engine:
         # gRPC cancelled the Check), the store may still complete it; the request then
         # never goes upstream, so what was reserved is released at $0 rather than left to
         # expire into a charge for a call nobody made.
-        task = asyncio.ensure_future(self._reserve_once(request))
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            task.add_done_callback(self._release_abandoned)
-            raise
+        # (`shielded`: asyncio.shield of a Task, with less of the generic machinery.)
+        return await shielded(self._reserve_once(request), self._release_abandoned)
 
     def _release_abandoned(
         self, task: asyncio.Future[tuple[ReserveRequest, ReserveResult]]
