@@ -43,6 +43,8 @@ _NO_IDENTITY = ', "kind": null, "user": null, "groups": null, "token_name": null
 # per token), and rule lists: these hit on every Check but a caller's first. Bounded:
 # cleared when full.
 _MAX_CACHED = 4096
+# Longer renderings are made each time: the caches stay small whatever the claims hold.
+_MAX_RENDERED = 2048
 _identities: dict[int, tuple[Identity, str]] = {}
 _rule_lists: dict[tuple[str, ...], str] = {}
 
@@ -65,9 +67,10 @@ def _who(identity: Identity) -> str:
         + ', "token_name": '
         + (untrusted_str(identity.token_name) if identity.token_name else "null")
     )
-    if len(_identities) >= _MAX_CACHED:
-        _identities.clear()
-    _identities[id(identity)] = (identity, rendered)
+    if len(rendered) <= _MAX_RENDERED:
+        if len(_identities) >= _MAX_CACHED:
+            _identities.clear()
+        _identities[id(identity)] = (identity, rendered)
     return rendered
 
 
@@ -75,9 +78,10 @@ def _rules(rules: tuple[str, ...]) -> str:
     rendered = _rule_lists.get(rules)
     if rendered is None:
         rendered = untrusted_strs(rules)
-        if len(_rule_lists) >= _MAX_CACHED:
-            _rule_lists.clear()
-        _rule_lists[rules] = rendered
+        if len(rendered) <= _MAX_RENDERED:
+            if len(_rule_lists) >= _MAX_CACHED:
+                _rule_lists.clear()
+            _rule_lists[rules] = rendered
     return rendered
 
 

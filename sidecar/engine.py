@@ -234,7 +234,7 @@ class Engine:
         log_decision(attrs, decision, seconds)
         DECISION_COUNT("allow" if decision.allowed else "deny", decision.reason).inc()
         if decision.allowed and decision.model:
-            REQUEST_COUNT(decision.provider, decision.model).inc()
+            REQUEST_COUNT(decision.provider, model_label(decision.model)).inc()
         for observe in self.observers:
             observe(attrs, decision)
         return decision

@@ -214,26 +214,18 @@ _Child = TypeVar("_Child", Counter, Gauge, Histogram)
 class Children(Generic[_Child]):
     """`metric.labels(*values)`, remembered per label values: on the Check path that call
     (a lock, the values rebuilt as strings, a dict lookup) cost more than the increment.
-    `label` maps the values given to the metric's labels (say, a model to its bounded
-    label); it must give the same labels for the same values for as long as they are held.
-    At most `bound` children are remembered; past that, each call asks the metric."""
+    For metrics whose label values are bounded (as every metric's here must be); past
+    `bound` children, each call asks the metric."""
 
-    def __init__(
-        self,
-        metric: _Child,
-        label: Callable[..., tuple[str, ...]] | None = None,
-        bound: int = 4096,
-    ) -> None:
+    def __init__(self, metric: _Child, bound: int = 4096) -> None:
         self._metric: _Child = metric
-        self._label = label
         self._bound = bound
         self._children: dict[tuple[str, ...], _Child] = {}
 
     def __call__(self, *values: str) -> _Child:
         child = self._children.get(values)
         if child is None:
-            labels = values if self._label is None else self._label(*values)
-            child = self._metric.labels(*labels)
+            child = self._metric.labels(*values)
             if len(self._children) < self._bound:
                 self._children[values] = child
         return child
@@ -262,10 +254,6 @@ def observer(histogram: Histogram) -> Callable[[float], None]:
     return observe
 
 
-def _request_labels(provider: str, model: str) -> tuple[str, str]:
-    return provider, model_label(model)
-
-
 DECISION_COUNT = Children(DECISIONS)
-# By provider and model as decided: the model's label is settled on its first count.
-REQUEST_COUNT = Children(REQUESTS, _request_labels)
+# By provider and model label (model_label: a bounded set).
+REQUEST_COUNT = Children(REQUESTS)

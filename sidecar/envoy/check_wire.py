@@ -38,8 +38,11 @@ _STRING = b"\x1a"  # Value.string_value
 _STRUCT = b"\x2a"  # Value.struct_value
 
 _SHORT = [bytes((n,)) for n in range(128)]
-# How many written parts each cache below holds before it starts over.
+# How many written parts each cache below holds before it starts over, and the largest
+# part kept: values a client chooses (a model name, the cookies it sent) can be long and
+# new on every request, and must not make the caches large.
 _MAX_CACHED = 4096
+MAX_CACHED_BYTES = 256
 
 
 def _length(n: int) -> bytes:
@@ -76,8 +79,8 @@ class HeaderFields:
 
     A header's field is written once and then taken from a cache: most values repeat from
     Check to Check (the caller's, the model, the provider, a limit). Names in `unique`
-    (a value minted per request) are always written. The cache holds at most `bound`
-    fields and starts over when full.
+    (a value minted per request) and fields longer than `MAX_CACHED_BYTES` are always
+    written. The cache holds at most `bound` fields and starts over when full.
     """
 
     def __init__(
@@ -103,7 +106,7 @@ class HeaderFields:
             found = written.get(item)
             if found is None:
                 found = self._write(*item)
-                if item[0] not in unique:
+                if item[0] not in unique and len(found) <= MAX_CACHED_BYTES:
                     if len(written) >= self._bound:
                         written.clear()
                     written[item] = found
@@ -122,13 +125,14 @@ _entries: dict[tuple[str, str], bytes] = {}
 
 def cached_string_entry(name: str, value: str) -> bytes:
     """`string_entry`, for values that repeat (a decision's reason, a model): written once.
-    At most `_MAX_CACHED` are kept; the cache starts over when full."""
+    At most `_MAX_CACHED` short ones are kept; the cache starts over when full."""
     found = _entries.get((name, value))
     if found is None:
         found = string_entry(name, value)
-        if len(_entries) >= _MAX_CACHED:
-            _entries.clear()
-        _entries[(name, value)] = found
+        if len(found) <= MAX_CACHED_BYTES:
+            if len(_entries) >= _MAX_CACHED:
+                _entries.clear()
+            _entries[(name, value)] = found
     return found
 
 
@@ -169,7 +173,9 @@ def identity_entries(identity: Identity) -> bytes:
     )
 
 
-# Rendered per Identity object (the JWT cache hands out one per token). Bounded.
+# Rendered per Identity object (the JWT cache hands out one per token). Bounded, in count
+# and in size (a verified token's claims, so larger than a header, but not unbounded).
+MAX_CACHED_IDENTITY_BYTES = 2048
 _identities: dict[int, tuple[Identity, bytes]] = {}
 
 
@@ -178,7 +184,8 @@ def cached_identity_entries(identity: Identity) -> bytes:
     if cached is not None and cached[0] is identity:
         return cached[1]
     entries = identity_entries(identity)
-    if len(_identities) >= _MAX_CACHED:
-        _identities.clear()
-    _identities[id(identity)] = (identity, entries)
+    if len(entries) <= MAX_CACHED_IDENTITY_BYTES:
+        if len(_identities) >= _MAX_CACHED:
+            _identities.clear()
+        _identities[id(identity)] = (identity, entries)
     return entries

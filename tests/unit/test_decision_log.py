@@ -125,3 +125,18 @@ def test_nothing_is_written_below_the_configured_level(
     log_module.configure("warning")
     log_decision(ATTRS[0], DECISIONS[0], 0.001)
     assert stderr.readouterr().err == ""
+
+
+def test_long_claims_are_rendered_each_time_and_never_kept(
+    stderr: pytest.CaptureFixture[str],
+) -> None:
+    from sidecar import decision_log
+
+    log_module.configure("info")
+    big = Identity(kind="user", subject="s", email="big@example.com", groups=("g" * 5_000,))
+    decision = Decision(allowed=True, http_status=200, reason="ok", identity=big)
+    log_decision(ATTRS[0], decision, 0.001)
+    log_decision(ATTRS[0], decision, 0.001)
+    first, second = stderr.readouterr().err.splitlines()
+    assert json.loads(first)["groups"] == ["g" * 5_000] == json.loads(second)["groups"]
+    assert id(big) not in decision_log._identities

@@ -369,3 +369,22 @@ def test_the_written_response_is_the_message_the_protobuf_api_builds(
     assert parsed.WhichOneof("http_response") == reference.WhichOneof("http_response")
     assert headers_of(parsed.ok_response.headers) == headers_of(reference.ok_response.headers)
     assert metadata(parsed) == metadata(reference)
+
+
+def test_long_values_a_client_chooses_are_never_kept_between_checks() -> None:
+    # A careless or hostile client sends a new long cookie and model name on every call:
+    # the answers stay right, and none of those values stays in memory after its answer.
+    from sidecar.envoy import authz, check_wire
+
+    for n in range(200):
+        decision = allowed(
+            headers={"cookie": f"k={n}" + "c" * 10_000, "x-sidecar-model": "m" * 5_000},
+            model=f"model-{n}-" + "m" * 5_000,
+        )
+        parsed = external_auth_pb2.CheckResponse.FromString(check_response_bytes(decision))
+        assert parsed == _reference(decision)
+    kept = [
+        *authz._OK_HEADERS._written.values(),
+        *check_wire._entries.values(),
+    ]
+    assert all(len(field) <= check_wire.MAX_CACHED_BYTES for field in kept)
