@@ -24,7 +24,6 @@ import sys
 import tempfile
 from collections import Counter
 from contextlib import ExitStack
-from dataclasses import replace
 from pathlib import Path
 from statistics import median
 from typing import Any
@@ -32,7 +31,7 @@ from typing import Any
 from bench.closed_loop import ensure_tools, run_wrk, write_script
 from bench.machine import children
 from bench.policy import BODY, PATH, token
-from bench.rows import ROWS, Bench, Row, wait_answering
+from bench.rows import ROWS, Bench, Row, wait_answering, with_baseline
 from devtools.keys import DevIssuer
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -162,14 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", type=Path, help="also run each sidecar row from this tree")
     args = parser.parse_args(argv)
     ensure_tools()
-    specs = [s for s in ROWS if s.key in args.rows]
-    if args.baseline:
-        tree = args.baseline.resolve()
-        specs += [
-            replace(s, key=f"{s.key}@base", tree=tree)
-            for s in specs
-            if s.backend in ("sqlite", "redis")
-        ]
+    specs = with_baseline([s for s in ROWS if s.key in args.rows], args.baseline)
     issuer = DevIssuer.generate()
     headers = {"content-type": "application/json", "cf-access-jwt-assertion": token(issuer)}
     per_row: dict[str, list[dict[str, float]]] = {s.key: [] for s in specs}
@@ -231,6 +223,13 @@ def main(argv: list[str] | None = None) -> int:
         for key, trials in per_row.items():
             summary[key]["x_floor"] = median(
                 t["rps"] / f["rps"] for t, f in zip(trials, per_row["floor"], strict=True)
+            )
+    for key, trials in per_row.items():
+        base = per_row.get(f"{key}@base")
+        if base:
+            # CPU per request over the same row run from the baseline tree, same rounds.
+            summary[key]["cpu_x_baseline"] = median(
+                t["cpu_us"] / b["cpu_us"] for t, b in zip(trials, base, strict=True)
             )
     print(json.dumps(summary, indent=2))
     return 0

@@ -96,6 +96,9 @@ def summarize(
             row["rps_x_one_worker"] = _ratio_per_round(trials, spec.key, "sqlite")
         if spec.key == "metering":
             row["rps_x_floor_full"] = _ratio_per_round(trials, spec.key, "floor_full")
+        if f"{spec.key}@base" in trials:
+            # Against the same row run from the baseline tree (bench.run --baseline).
+            row["rps_x_baseline"] = _ratio_per_round(trials, spec.key, f"{spec.key}@base")
         rows.append(row)
     return rows
 

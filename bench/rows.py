@@ -9,7 +9,7 @@ import os
 import sys
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import httpx
@@ -62,6 +62,19 @@ ROWS: tuple[RowSpec, ...] = (
     RowSpec("floor_full", "Envoy + no-op ext_authz, ext_proc, access log", "floor", "full"),
     RowSpec("sqlite_w2", "Envoy + sidecar, SQLite, --workers 2", "sqlite", "authz", workers=2),
 )
+
+
+def with_baseline(specs: list[RowSpec], tree: Path | None) -> list[RowSpec]:
+    """`specs`, and with a baseline `tree` a twin of each sidecar row, `KEY@base`, that runs
+    that tree's `sidecar` package with the same policy behind its own Envoy."""
+    if tree is None:
+        return specs
+    tree = tree.resolve()
+    return specs + [
+        replace(s, key=f"{s.key}@base", title=f"{s.title} (baseline)", tree=tree)
+        for s in specs
+        if s.backend in ("sqlite", "redis")
+    ]
 
 
 def _sidecar(

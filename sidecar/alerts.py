@@ -62,10 +62,8 @@ class Alerts:
         self.sent: list[dict[str, Any]] = []
 
     def observe(self, budget: Plan, states: Sequence[BucketState], now: float) -> None:
-        for planned in budget.planned:
+        for planned in budget.alerting:
             rule = planned.rule
-            if not rule.alerts or rule.limit <= 0:
-                continue
             state = budget.state(planned, states)
             used = state.spent + state.reserved
             percent = used * 100 // rule.limit

@@ -163,8 +163,15 @@ def strip_list(
     """Client headers that must not reach the upstream: spoofable x-sidecar-* headers and
     every credential carrier (strip_credentials). A header the sidecar sets is replaced,
     never removed, so a set value (a provider key, the trimmed cookie) survives."""
+    return _kept_out(client_headers, set_headers, strip_credentials(client_headers, credentials)[0])
+
+
+def _kept_out(
+    client_headers: Mapping[str, str], set_headers: Mapping[str, str], credentials: set[str]
+) -> tuple[str, ...]:
+    """`strip_list`, given the credential headers `strip_credentials` removes."""
     drop = {name for name in client_headers if name.startswith("x-sidecar-")}
-    drop |= strip_credentials(client_headers, credentials)[0]
+    drop |= credentials
     return tuple(sorted(drop - set(set_headers)))
 
 
@@ -190,7 +197,8 @@ def allow(
     if request_id:
         # Overwrites any client value: metering charges usage against this id only.
         headers[RESERVATION_HEADER] = request_id
-    headers.update(strip_credentials(client_headers, credentials)[1])
+    removed, replaced = strip_credentials(client_headers, credentials)
+    headers.update(replaced)
     if model:
         headers["x-sidecar-model"] = model
     if provider:
@@ -214,7 +222,7 @@ def allow(
         # Envoy applies removals after additions, which would drop the key.
         remove_headers=tuple(
             h
-            for h in strip_list(client_headers, headers, credentials)
+            for h in _kept_out(client_headers, headers, removed)
             if h not in (provider_headers or {})
         ),
         response_headers=response_headers,

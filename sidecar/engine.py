@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -26,23 +26,24 @@ from sidecar.admission.plan_cache import PlanCache, context_key, validity
 from sidecar.budget.spool import Spool
 from sidecar.budget.utilisation import Utilisation
 from sidecar.config.ruleset import Provider, RuleSet, RuleSetHolder
+from sidecar.decision_log import log_decision
 from sidecar.decisions import OVERLOADED, allow, deny, unauthenticated
 from sidecar.identity.authenticate import Identifier
 from sidecar.identity.errors import AuthError
-from sidecar.log import Line
 from sidecar.log import info as log_info
 from sidecar.metering.charge import Bill, Observed, bill, charge_tokens
 from sidecar.metering.inflight import InFlight
 from sidecar.metrics import (
     CHECK_SECONDS,
-    DECISIONS,
+    DECISION_COUNT,
     METERING,
     PROVIDER_ERRORS,
-    REQUESTS,
+    REQUEST_COUNT,
     SPEND_MICROS,
     STORE_ERRORS,
     STORE_SECONDS,
     model_label,
+    observer,
 )
 from sidecar.model import Decision, Identity, RequestAttrs, TokenUsage
 from sidecar.money import micros_to_usd_str
@@ -53,10 +54,11 @@ from sidecar.policy.request import (
     request_model,
     split_provider,
 )
-from sidecar.policy.rules import UNIT_OF, Context, Rule, Unit, in_unit
+from sidecar.policy.rules import Context, Rule, Unit, in_unit
 from sidecar.policy.windows import RollingWindow
 from sidecar.pricing import UnitPrice
 from sidecar.providers.credentials import injected_headers
+from sidecar.shielded import shielded
 from sidecar.store.base import ShardUnavailable, Store, StoreUnavailable
 from sidecar.store.budget_types import (
     BucketState,
@@ -71,28 +73,8 @@ from sidecar.store.budget_types import (
 )
 
 log = structlog.get_logger("sidecar.decision")
-# The decision line's fields, in order; the trusted ones are made here (ids, codes, numbers).
-_DECISION_LINE = Line(
-    "decision",
-    (
-        "request_id",
-        "reservation",
-        "decision",
-        "status",
-        "reason",
-        "kind",
-        "user",
-        "groups",
-        "token_name",
-        "model",
-        "provider",
-        "rules",
-        "estimate_usd",
-        "ms",
-    ),
-    trusted=("reservation", "decision", "status", "reason", "kind", "estimate_usd", "ms"),
-)
-_RESERVE_SECONDS = STORE_SECONDS.labels("reserve")
+_observe_check = observer(CHECK_SECONDS)
+_observe_reserve = observer(STORE_SECONDS.labels("reserve"))
 _COMMIT_SECONDS = STORE_SECONDS.labels("commit")
 
 
@@ -112,8 +94,12 @@ class NoAlerts:
 
 
 def new_request_id() -> str:
-    # 128 random bits: unguessable, so knowing one is proof of having seen the request.
-    return uuid.uuid4().hex
+    """`uuid.uuid4().hex`, without building the UUID: 122 random bits (unguessable, so
+    knowing one is proof of having seen the request) with version 4's fixed bits."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
+    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
+    return raw.hex()
 
 
 def binding(identity: Identity, model: str, provider: str, amount: int) -> str:
@@ -139,14 +125,15 @@ _HEADER_UNITS: tuple[Unit, ...] = ("requests", "tokens")
 def rate_limit_headers(budget: Plan, states: Sequence[BucketState]) -> dict[str, str]:
     """`x-ratelimit-limit-<unit>` and `x-ratelimit-remaining-<unit>` of the enforced bucket
     with the least room left, for each unit some enforced bucket counts."""
+    if len(states) != len(budget.views):
+        raise ValueError("one bucket state per planned bucket is needed")
     tightest: dict[Unit, tuple[int, int]] = {}
-    for view, state in zip(budget.views, states, strict=True):
-        unit = UNIT_OF[view.measure]
-        if not view.enforce or unit not in _HEADER_UNITS:
+    for index, unit, limit in budget.enforced:
+        if unit not in _HEADER_UNITS:
             continue
-        left = room(view.limit, state)
+        left = room(limit, states[index])
         if unit not in tightest or left < tightest[unit][1]:
-            tightest[unit] = (view.limit, left)
+            tightest[unit] = (limit, left)
     headers = {}
     for unit, (limit, left) in tightest.items():
         headers[f"x-ratelimit-limit-{unit}"] = str(limit)
@@ -227,20 +214,27 @@ class Engine:
         shedder.max_loop_lag = overload.max_loop_lag_seconds
         if self.draining or shedder.shed(time_remaining) is not None:
             # Past capacity: no identity, store or log work, just the prompt refusal.
-            DECISIONS.labels("deny", "overloaded").inc()
+            DECISION_COUNT("deny", "overloaded").inc()
             return OVERLOADED
         started = time.perf_counter()
-        with shedder.deciding(time_remaining), tracing.span("sidecar.check", attrs.headers) as span:
-            decision = await self._check(rs, attrs)
-            tracing.describe(span, decision)
+        begun = shedder.begin()
+        try:
+            if tracing.ENABLED:
+                with tracing.span("sidecar.check", attrs.headers) as span:
+                    decision = await self._check(rs, attrs)
+                    tracing.describe(span, decision)
+            else:
+                decision = await self._check(rs, attrs)
+        finally:
+            shedder.end(begun, time_remaining)
         seconds = time.perf_counter() - started
-        CHECK_SECONDS.observe(seconds)
+        _observe_check(seconds)
         if decision.request_id:
             self.inflight.admitted(decision.request_id)
-        self._log(attrs, decision, seconds)
-        DECISIONS.labels("allow" if decision.allowed else "deny", decision.reason).inc()
+        log_decision(attrs, decision, seconds)
+        DECISION_COUNT("allow" if decision.allowed else "deny", decision.reason).inc()
         if decision.allowed and decision.model:
-            REQUESTS.labels(decision.provider, model_label(decision.model)).inc()
+            REQUEST_COUNT(decision.provider, model_label(decision.model)).inc()
         for observe in self.observers:
             observe(attrs, decision)
         return decision
@@ -373,7 +367,7 @@ class Engine:
                 return await self._store_down(
                     rs, err, identity, attrs, creds, cand_model, cand_provider, request
                 )
-            _RESERVE_SECONDS.observe(time.perf_counter() - started)
+            _observe_reserve(time.perf_counter() - started)
             if len(result.states) == len(budget.views):
                 self.utilisation.observe(budget, result.states)
             limits = (
@@ -432,12 +426,8 @@ class Engine:
         # gRPC cancelled the Check), the store may still complete it; the request then
         # never goes upstream, so what was reserved is released at $0 rather than left to
         # expire into a charge for a call nobody made.
-        task = asyncio.ensure_future(self._reserve_once(request))
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            task.add_done_callback(self._release_abandoned)
-            raise
+        # (`shielded`: asyncio.shield of a Task, with less of the generic machinery.)
+        return await shielded(self._reserve_once(request), self._release_abandoned)
 
     def _release_abandoned(
         self, task: asyncio.Future[tuple[ReserveRequest, ReserveResult]]
@@ -489,11 +479,10 @@ class Engine:
 
     @staticmethod
     def _remaining(budget: Plan, result: ReserveResult) -> str | None:
-        left = [
-            room(v.limit, s)
-            for v, s in zip(budget.views, result.states, strict=True)
-            if v.enforce and v.measure == "usd"
-        ]
+        states = result.states
+        if len(states) != len(budget.views):
+            raise ValueError("one bucket state per planned bucket is needed")
+        left = [room(limit, states[i]) for i, unit, limit in budget.enforced if unit == "usd"]
         return micros_to_usd_str(min(left)) if left else None
 
     async def _too_much(
@@ -611,32 +600,6 @@ class Engine:
             headers={"retry-after": "1"},
             identity=identity,
             model=model,
-        )
-
-    @staticmethod
-    def _log(attrs: RequestAttrs, decision: Decision, seconds: float) -> None:
-        """One line per request: who, what, which rules, how much, and the answer."""
-        identity = decision.identity
-        _DECISION_LINE.info(
-            log,
-            request_id=attrs.request_id,
-            reservation=decision.request_id or None,
-            decision="allow"
-            if decision.reason == "ok"
-            else ("fallback" if decision.reason == "fallback" else "deny"),
-            status=decision.http_status,
-            reason=decision.reason,
-            kind=identity.kind if identity else None,
-            user=identity.user if identity else None,
-            groups=list(identity.groups) if identity else None,
-            token_name=identity.token_name if identity and identity.token_name else None,
-            model=decision.model or None,
-            provider=decision.provider or None,
-            rules=list(decision.rules),
-            estimate_usd=None
-            if decision.estimate is None
-            else micros_to_usd_str(decision.estimate),
-            ms=round(seconds * 1000, 3),
         )
 
     async def charge(

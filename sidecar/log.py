@@ -9,6 +9,7 @@ import json
 import logging
 import re
 import sys
+import time
 from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -130,6 +131,34 @@ def _str(value: str) -> str:
     return _encode(value)
 
 
+# Made by the sidecar itself (codes, ids it minted, configured names): JSON without a scan.
+trusted_str = _encode
+# From a request or a credential's claims: scanned for credential shapes first.
+untrusted_str = _str
+
+
+def untrusted_strs(values: Iterable[str]) -> str:
+    """A JSON list of strings, each as `untrusted_str` renders it."""
+    return "[" + ", ".join([_str(v) for v in values]) + "]"
+
+
+# The timestamp's date and time to the second, rendered once per second.
+_second: list[Any] = [-1, ""]
+
+
+def _stamp() -> str:
+    """`datetime.now(UTC).isoformat()` with `Z` for `+00:00`, as structlog's TimeStamper
+    writes it (no fraction when the microseconds are 0); the part before the fraction is
+    rendered once a second."""
+    now = time.time_ns()
+    second, micros = now // 1_000_000_000, now // 1000 % 1_000_000
+    cached = _second
+    if cached[0] != second:
+        cached[1] = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        cached[0] = second
+    return f"{cached[1]}.{micros:06d}Z" if micros else f"{cached[1]}Z"
+
+
 # Keys rendered once: call sites log a bounded set of names.
 _KEYS: dict[str, str] = {}
 
@@ -185,8 +214,7 @@ class _FastInfo:
         value, keys = self._value, _KEYS
         parts = [(keys.get(key) or _key(key)) + value(key, v) for key, v in fields.items()]
         parts.append('"event": ' + value("event", event))
-        stamp = datetime.now(UTC).isoformat().replace("+00:00", "Z")
-        return "{" + ", ".join(parts) + self.tail + stamp + '"}'
+        return "{" + ", ".join(parts) + self.tail + _stamp() + '"}'
 
     @staticmethod
     def _value(key: str, value: Any) -> str:
@@ -198,6 +226,10 @@ class _FastInfo:
 
     def write(self, line: str) -> None:
         self._logger.msg(line)
+
+    def write_event(self, fields: str, event: str) -> None:
+        """A line from its rendered fields (`{"a": 1, "b": 2`) and rendered event part."""
+        self._logger.msg(fields + event + self.tail + _stamp() + '"}')
 
 
 _fast: _FastInfo | None = None
@@ -260,15 +292,20 @@ class Line:
             except _Unrendered:
                 pass
             else:
-                fast.write(
-                    "".join(rendered)
-                    + self._event
-                    + fast.tail
-                    + datetime.now(UTC).isoformat().replace("+00:00", "Z")
-                    + '"}'
-                )
+                fast.write_event("".join(rendered), self._event)
                 return
         logger.info(self.event, **fields)
+
+    def direct(self) -> Callable[[str], None] | None:
+        """Where a caller that renders this line's fields itself writes them (`{"a": 1, "b":
+        2`, keys in the order of `keys`, each value as the chain would write it), while the
+        chain is the configured one; None: log through `info` instead."""
+        fast = _fast
+        if fast is None or not self._usable(fast):
+            return None
+        event = self._event
+        write = fast.write_event
+        return lambda fields: write(fields, event)
 
 
 def info(logger: Any, event: str, **fields: Any) -> None:

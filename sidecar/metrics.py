@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from bisect import bisect_left
 from collections.abc import Callable
+from typing import Generic, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -204,3 +206,54 @@ def model_label(model: str) -> str:
         _models.add(model)
         return model
     return "other"
+
+
+_Child = TypeVar("_Child", Counter, Gauge, Histogram)
+
+
+class Children(Generic[_Child]):
+    """`metric.labels(*values)`, remembered per label values: on the Check path that call
+    (a lock, the values rebuilt as strings, a dict lookup) cost more than the increment.
+    For metrics whose label values are bounded (as every metric's here must be); past
+    `bound` children, each call asks the metric."""
+
+    def __init__(self, metric: _Child, bound: int = 4096) -> None:
+        self._metric: _Child = metric
+        self._bound = bound
+        self._children: dict[tuple[str, ...], _Child] = {}
+
+    def __call__(self, *values: str) -> _Child:
+        child = self._children.get(values)
+        if child is None:
+            child = self._metric.labels(*values)
+            if len(self._children) < self._bound:
+                self._children[values] = child
+        return child
+
+
+def observer(histogram: Histogram) -> Callable[[float], None]:
+    """`histogram.observe`, for a histogram without labels (or a labelled child) observed on
+    every Check: the bucket found by bisection, no per-call checks for labels or exemplars
+    (~1 µs less per call, measured). The same samples as `observe`; a test compares them."""
+    try:
+        total, buckets = histogram._sum, histogram._buckets
+        bounds = list(histogram._upper_bounds)
+    except AttributeError:  # another prometheus_client: its own observe
+        return histogram.observe
+    if len(buckets) != len(bounds) or bounds[-1] != float("inf"):
+        return histogram.observe
+    fallback = histogram.observe
+
+    def observe(amount: float) -> None:
+        if amount != amount:  # NaN: in no bucket, as observe has it
+            fallback(amount)
+            return
+        total.inc(amount)
+        buckets[bisect_left(bounds, amount)].inc(1)
+
+    return observe
+
+
+DECISION_COUNT = Children(DECISIONS)
+# By provider and model label (model_label: a bounded set).
+REQUEST_COUNT = Children(REQUESTS)

@@ -27,7 +27,13 @@ from typing import Literal
 
 import structlog
 
-from sidecar.metrics import CHECK_HEADROOM_SECONDS, CHECKS_INFLIGHT, LOOP_LAG_SECONDS, SHED
+from sidecar.metrics import (
+    CHECK_HEADROOM_SECONDS,
+    CHECKS_INFLIGHT,
+    LOOP_LAG_SECONDS,
+    SHED,
+    observer,
+)
 
 log = structlog.get_logger("sidecar.overload")
 
@@ -36,6 +42,7 @@ ShedReason = Literal["queue_full", "deadline", "loop_lag"]
 LAG_SAMPLE_SECONDS = 0.05
 # Weight of the newest Check in the running average of Check time.
 _EWMA_WEIGHT = 0.05
+_observe_headroom = observer(CHECK_HEADROOM_SECONDS)
 
 
 class LoadShedder:
@@ -69,18 +76,31 @@ class LoadShedder:
     @contextlib.contextmanager
     def deciding(self, time_remaining: float | None) -> Iterator[None]:
         """Count a Check in flight and learn how long Checks take."""
-        started = self._clock()
-        self.inflight += 1
-        CHECKS_INFLIGHT.inc()
+        started = self.begin()
         try:
             yield
         finally:
-            self.inflight -= 1
-            CHECKS_INFLIGHT.dec()
-            took = self._clock() - started
-            self.check_seconds += (took - self.check_seconds) * _EWMA_WEIGHT
-            if time_remaining is not None:
-                CHECK_HEADROOM_SECONDS.observe(max(time_remaining - took, 0.0))
+            self.end(started, time_remaining)
+
+    def begin(self) -> float:
+        """A Check starts being decided: `deciding` without the context manager (the Check
+        path calls these two directly). Returns what `end` is given."""
+        self.inflight += 1
+        return self._clock()
+
+    def end(self, started: float, time_remaining: float | None) -> None:
+        """The Check `begin` returned `started` for is decided."""
+        self.inflight -= 1
+        took = self._clock() - started
+        self.check_seconds += (took - self.check_seconds) * _EWMA_WEIGHT
+        if time_remaining is not None:
+            _observe_headroom(max(time_remaining - took, 0.0))
+
+    def export(self) -> None:
+        """The in-flight gauge set from the count: at every scrape and every loop-lag sample
+        (a worker's file under --workers is then at most that old), instead of a locked
+        increment and decrement per Check."""
+        CHECKS_INFLIGHT.set(self.inflight)
 
     def _note(self, reason: ShedReason) -> None:
         self._shed_since_log[reason] = self._shed_since_log.get(reason, 0) + 1
@@ -106,3 +126,4 @@ class LoadShedder:
             # Recover as fast as lateness builds: one on-time sample clears it.
             self.loop_lag = max(late, 0.0)
             LOOP_LAG_SECONDS.set(self.loop_lag)
+            self.export()

@@ -16,7 +16,6 @@ import grpc
 import structlog
 import uvicorn
 from envoy.service.accesslog.v3 import als_pb2_grpc
-from envoy.service.auth.v3 import external_auth_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -24,6 +23,7 @@ from sidecar import event_loop, tracing
 from sidecar.config.models import GrpcTlsConfig
 from sidecar.envoy.access_log import AccessLogServicer
 from sidecar.envoy.authz import AuthorizationServicer
+from sidecar.envoy.authz import add_to_server as add_authorization
 from sidecar.envoy.ext_proc import ExternalProcessorServicer
 from sidecar.grpc_api import SERVICE_NAME, SidecarApi
 from sidecar.http.app import create_app
@@ -95,9 +95,7 @@ async def serve(
     server = grpc.aio.server(
         options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)]
     )
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
-        AuthorizationServicer(services.engine), server
-    )
+    add_authorization(AuthorizationServicer(services.engine), server)
     external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
         ExternalProcessorServicer(services.engine), server
     )

@@ -72,6 +72,7 @@ class Services:
 
     def refresh_metrics(self) -> None:
         self.engine.utilisation.refresh(self.engine.rules(self.holder.current), time.time())
+        self.engine.shedder.export()
 
     def start_background(self) -> None:
         metrics.on_scrape = self.refresh_metrics

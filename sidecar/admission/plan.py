@@ -3,11 +3,12 @@ them, and those buckets merged into what the store sees."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from sidecar.model import Identity
-from sidecar.policy.rules import Context, Rule
+from sidecar.policy.rules import UNIT_OF, Context, Rule, Unit
 from sidecar.store.budget_types import BucketState, BucketView
 
 
@@ -82,7 +83,28 @@ class Plan:
         )
 
     def rule_names(self) -> tuple[str, ...]:
+        return self._rule_names
+
+    @functools.cached_property
+    def _rule_names(self) -> tuple[str, ...]:
+        # Once per plan: plans are cached per caller, and every decision logs these.
         return tuple(sorted({p.rule.name for p in self.planned}))
+
+    # What each decision reads of its plan besides the buckets, once per plan (plans are
+    # cached per caller): indices into `views` (and so into the store's states), in order.
+    @functools.cached_property
+    def enforced(self) -> tuple[tuple[int, Unit, int], ...]:
+        """(index, unit, limit) of each enforced bucket."""
+        return tuple(
+            (i, UNIT_OF[view.measure], view.limit)
+            for i, view in enumerate(self.views)
+            if view.enforce
+        )
+
+    @functools.cached_property
+    def alerting(self) -> tuple[Planned, ...]:
+        """The planned buckets whose rule has alert thresholds (and a limit to reach)."""
+        return tuple(p for p in self.planned if p.rule.alerts and p.rule.limit > 0)
 
 
 def merge(planned: Sequence[Planned]) -> Plan:

@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 # Buckets remembered per rule. Past this, the oldest observations give way: a memory bound
 # for splits over very many users, at the price of undercounting beyond it.
 MAX_BUCKETS_PER_RULE = 100_000
+# Plans whose latest answer waits for the next refresh; past this many, all are folded in
+# at once (a memory bound when very many callers are seen between two refreshes).
+MAX_PENDING_PLANS = 1024
 
 
 @dataclass
@@ -40,9 +43,29 @@ class Utilisation:
         self._rules: dict[tuple[str, str], _RuleBuckets] = {}
         self._max = max_buckets
         self._exported: set[tuple[str, ...]] = set()
+        # The latest answer per plan not folded in yet, by the plan's id (the plan is held).
+        self._pending: dict[int, tuple[Plan, Sequence[BucketState]]] = {}
 
     def observe(self, budget: Plan, states: Sequence[BucketState]) -> None:
-        """Note each planned bucket's spent + reserved as the store just reported it."""
+        """Note each planned bucket's spent + reserved as the store just reported it.
+
+        Only a plan's latest answer matters, so it is held per plan and folded in at the
+        next refresh (plans are cached per caller: a busy caller's buckets are folded once
+        per refresh instead of once per Check). Plans are folded in the order of their
+        latest answers, so a bucket two plans share ends with the later answer, as when
+        each answer was folded at once.
+        """
+        key = id(budget)
+        if self._pending.pop(key, None) is None and len(self._pending) >= MAX_PENDING_PLANS:
+            self._fold()
+        self._pending[key] = (budget, states)
+
+    def _fold(self) -> None:
+        pending, self._pending = self._pending, {}
+        for budget, states in pending.values():
+            self._note(budget, states)
+
+    def _note(self, budget: Plan, states: Sequence[BucketState]) -> None:
         for planned in budget.planned:
             rule = planned.rule
             if rule.limit <= 0:
@@ -61,6 +84,7 @@ class Utilisation:
 
     def refresh(self, rules: Sequence[Rule], now: float) -> None:
         """Set the gauges for the rules in force; buckets of past windows are dropped."""
+        self._fold()
         exported: set[tuple[str, ...]] = set()
         by_name: dict[str, list[int]] = {}
         for rule in rules:

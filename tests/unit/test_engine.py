@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import operator
+import uuid
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -14,7 +17,7 @@ from structlog.testing import capture_logs
 from sidecar.budget.spool import Spool
 from sidecar.config.loader import parse_config
 from sidecar.config.ruleset import RuleSet, RuleSetHolder, build_ruleset
-from sidecar.engine import Engine
+from sidecar.engine import Engine, new_request_id
 from sidecar.metering.charge import Observed
 from sidecar.model import Identity, Iteration, RequestAttrs, TokenUsage
 from sidecar.store.base import ShardUnavailable, StoreUnavailable
@@ -309,3 +312,15 @@ async def test_a_shard_that_is_down_fails_only_the_decisions_that_need_it(
     # The next decision still asks the store at once (no "recently failed" pause for the
     # whole store), and its shards answer.
     assert (await eng.check(attrs("cent-a", "r2", max_tokens=3))).allowed
+
+
+def test_reservation_ids_are_random_version_4_uuids() -> None:
+    ids = {new_request_id() for _ in range(2000)}
+    assert len(ids) == 2000
+    for rid in ids:
+        parsed = uuid.UUID(hex=rid)
+        assert parsed.hex == rid and len(rid) == 32
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
+    # Every other bit varies: ids are not guessable from one another.
+    fixed = ~((0xF << 76) | (0x3 << 62)) & ((1 << 128) - 1)
+    assert functools.reduce(operator.or_, (int(r, 16) ^ int(min(ids), 16) for r in ids)) == fixed

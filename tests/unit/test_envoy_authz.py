@@ -18,7 +18,9 @@ from sidecar.envoy.authz import (
     OVERWRITE,
     attrs_from_check,
     check_response,
+    check_response_bytes,
 )
+from sidecar.headers import clean
 from sidecar.model import Decision, Identity, Reason
 
 ALICE = Identity(kind="user", subject="u-1", email="alice@example.com", groups=("ml", "eng"))
@@ -235,3 +237,154 @@ def test_a_refusal_is_answered_with_its_status_headers_and_body(
     # A refusal goes back to the client: no provider key in it, no upstream answer.
     assert "sk-provider" not in str(response)
     assert not response.HasField("ok_response")
+
+
+# -- The wire bytes are the message the protobuf API builds -----------------------------
+
+
+def _reference(decision: Decision, action: str = "") -> external_auth_pb2.CheckResponse:
+    """The CheckResponse for `decision` built field by field with the protobuf API, as the
+    sidecar once did: what the bytes it writes directly must parse to."""
+
+    def add(options: Any, items: Iterable[tuple[str, str]]) -> None:
+        for name, value in items:
+            option = options.add()
+            option.header.key = name
+            option.header.value = value if value.isprintable() else clean(value)
+            option.append_action = OVERWRITE
+
+    response = external_auth_pb2.CheckResponse()
+    fields = response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.fields
+    fields["decision"].string_value = decision.reason
+    if decision.identity is not None:
+        fields["kind"].string_value = decision.identity.kind
+        fields["subject"].string_value = decision.identity.subject
+        fields["email"].string_value = decision.identity.email
+        fields["groups"].string_value = ",".join(decision.identity.groups)
+        fields["token_name"].string_value = decision.identity.token_name
+    if decision.model:
+        fields["model"].string_value = decision.model
+    if decision.input_tokens:
+        fields["input_tokens"].number_value = decision.input_tokens
+    if action == "insert_usage_option":
+        fields["body"].string_value = action
+    if decision.allowed:
+        response.status.code = code_pb2.OK
+        ok = response.ok_response
+        add(ok.headers, ((k, v) for k, v in decision.headers.items() if v))
+        add(ok.headers, decision.upstream_secrets.items())
+        if action == "ext_proc":
+            add(ok.headers, ((BODY_HEADER, "rewrite"),))
+        ok.headers_to_remove.extend(
+            sorted({*decision.remove_headers, *(k for k, v in decision.headers.items() if not v)})
+        )
+        add(ok.response_headers_to_add, decision.response_headers.items())
+        return response
+    codes = {
+        400: code_pb2.INVALID_ARGUMENT,
+        401: code_pb2.UNAUTHENTICATED,
+        403: code_pb2.PERMISSION_DENIED,
+        429: code_pb2.RESOURCE_EXHAUSTED,
+        503: code_pb2.UNAVAILABLE,
+    }
+    response.status.code = codes.get(decision.http_status, code_pb2.UNKNOWN)
+    denied = response.denied_response
+    denied.status.code = decision.http_status
+    add(denied.headers, decision.headers.items())
+    denied.body = decision.body.decode()
+    return response
+
+
+LONG = "v" * 200  # a length past one varint byte
+HUGE = "w" * 20_000  # past two
+ROBOT = Identity(kind="service", subject="s-9", groups=(), token_name="nightly ✓")
+SHAPES: list[tuple[Decision, str]] = [
+    (allowed(), ""),
+    (
+        allowed(
+            headers={
+                "x-sidecar-email": "alice@example.com",
+                "x-sidecar-groups": "",
+                "x-sidecar-request-id": "a" * 32,
+                "x-sidecar-model": "gpt-4o",
+                "cookie": "a=1; b=ü",
+                "x-long": LONG,
+                "x-huge": HUGE,
+                "x-evil": "a\r\nx-evil: 1\x00\x7f",
+            },
+            remove_headers=("cf-access-jwt-assertion", "x-sidecar-spoof"),
+            response_headers={
+                "x-ratelimit-limit-requests": "100",
+                "x-ratelimit-remaining-requests": "99",
+                "x-sidecar-budget-remaining": "0.090000",
+            },
+            upstream_secrets={"authorization": "Bearer sk-provider", "x-api-key": "k\n"},
+            model="gpt-4o",
+            provider="openai",
+            input_tokens=123_456,
+            request_id="a" * 32,
+        ),
+        "",
+    ),
+    (allowed(model="claude-ü", input_tokens=7, request_id="r"), "ext_proc"),
+    (allowed(model="gpt-4o", request_id="r"), "insert_usage_option"),
+    (Decision(allowed=True, http_status=200, reason="fallback", identity=ROBOT), ""),
+    (Decision(allowed=False, http_status=401, reason="missing_credentials"), ""),
+    (
+        Decision(
+            allowed=False,
+            http_status=429,
+            reason="spend_limit_exceeded",
+            headers={"content-type": "application/json", "retry-after": "7", "x-long": LONG},
+            body=b'{"success":false,"error":{"message":"' + HUGE.encode() + b'"}}',
+            identity=ALICE,
+            model="gpt-4o",
+        ),
+        "",
+    ),
+    (
+        Decision(
+            allowed=False,
+            http_status=418,  # no gRPC code of its own: UNKNOWN
+            reason="bad_request",
+            headers={"x-bad": "\x00"},
+            body="ü".encode(),
+        ),
+        "",
+    ),
+]
+
+
+@pytest.mark.parametrize(("decision", "action"), SHAPES)
+def test_the_written_response_is_the_message_the_protobuf_api_builds(
+    decision: Decision, action: Any
+) -> None:
+    reference = _reference(decision, action)
+    written = check_response_bytes(decision, action)
+    assert external_auth_pb2.CheckResponse.FromString(written) == reference
+    # Again, from the caller's part written once.
+    assert check_response_bytes(decision, action) == written
+    # Field by field too, which is what Envoy reads.
+    parsed = external_auth_pb2.CheckResponse.FromString(written)
+    assert parsed.WhichOneof("http_response") == reference.WhichOneof("http_response")
+    assert headers_of(parsed.ok_response.headers) == headers_of(reference.ok_response.headers)
+    assert metadata(parsed) == metadata(reference)
+
+
+def test_long_values_a_client_chooses_are_never_kept_between_checks() -> None:
+    # A careless or hostile client sends a new long cookie and model name on every call:
+    # the answers stay right, and none of those values stays in memory after its answer.
+    from sidecar.envoy import authz, check_wire
+
+    for n in range(200):
+        decision = allowed(
+            headers={"cookie": f"k={n}" + "c" * 10_000, "x-sidecar-model": "m" * 5_000},
+            model=f"model-{n}-" + "m" * 5_000,
+        )
+        parsed = external_auth_pb2.CheckResponse.FromString(check_response_bytes(decision))
+        assert parsed == _reference(decision)
+    kept = [
+        *authz._OK_HEADERS._written.values(),
+        *check_wire._entries.values(),
+    ]
+    assert all(len(field) <= check_wire.MAX_CACHED_BYTES for field in kept)

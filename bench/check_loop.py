@@ -1,0 +1,194 @@
+"""The event loop's CPU per Check, in process: what the sidecar does between gRPC handing over
+a CheckRequest and the answer's bytes, without gRPC, Envoy or a load generator around it.
+
+    .venv/bin/python -m bench.check_loop [--store admit|sqlite] [--checks 500] [--rounds 15]
+        [--baseline DIR] [--runs 3]
+
+Builds the production services (`build_services`) on the benchmark policy and runs
+`AuthorizationServicer.check` (parse and answer included) on a CheckRequest shaped as the
+benchmark's Envoy sends it, one after another on uvloop, with the decision line written to
+/dev/null through the configured logger. Prints the main thread's CPU per Check (thread
+time), the minimum over `--rounds` rounds: the least disturbed figure on a shared machine.
+`--store admit` answers every reservation at once (the engine's own cost); `sqlite` uses
+the real store, its thread included in the hand-off but not in the figure.
+
+With `--baseline DIR` (say `git archive main | tar -x -C DIR`), this tree and DIR are run
+alternately, `--runs` times each, each in a process of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TREE = Path(__file__).resolve().parent.parent
+
+
+def check_request(token: str) -> Any:
+    """A CheckRequest as the benchmark's Envoy sends one (captured, addresses aside)."""
+    from envoy.service.auth.v3 import external_auth_pb2
+
+    from bench.policy import BODY, PATH
+
+    request = external_auth_pb2.CheckRequest()
+    http = request.attributes.request.http
+    http.id, http.method, http.path = "3517726037311578667", "POST", PATH
+    http.host, http.scheme, http.protocol, http.size = "127.0.0.1:8000", "http", "HTTP/1.1", 148
+    http.raw_body = BODY
+    http.headers.update(
+        {
+            "x-request-id": "09e581d2-fcbe-412b-aae3-221a645288b1",
+            "x-forwarded-proto": "http",
+            "x-forwarded-for": "192.0.2.2",
+            "x-envoy-external-address": "127.0.0.1",
+            "x-envoy-auth-partial-body": "false",
+            "user-agent": "wrk",
+            "content-type": "application/json",
+            "content-length": str(len(BODY)),
+            "cf-access-jwt-assertion": token,
+            "accept": "*/*",
+            ":scheme": "http",
+            ":path": PATH,
+            ":method": "POST",
+            ":authority": "127.0.0.1:8000",
+        }
+    )
+    return request
+
+
+class _Context:
+    """What the servicer reads of a gRPC context: Envoy's 2 s deadline, no metadata."""
+
+    def time_remaining(self) -> float:
+        return 1.99
+
+    def invocation_metadata(self) -> tuple[()]:
+        return ()
+
+
+async def _measure(store: str, checks: int, rounds: int) -> list[float]:
+    from envoy.service.auth.v3 import external_auth_pb2
+
+    from bench.policy import bench_config, token
+    from devtools.keys import DevIssuer
+    from sidecar.envoy.authz import AuthorizationServicer
+    from sidecar.services import build_services
+    from sidecar.store.budget_types import BucketState, ReserveRequest, ReserveResult
+
+    workdir = Path(tempfile.mkdtemp(prefix="check-loop-"))
+    issuer = DevIssuer.generate()
+    jwks = issuer.write_jwks(workdir / "jwks.json")
+    config = bench_config(issuer, str(jwks), f"sqlite:///{workdir}/sidecar.db")
+    (workdir / "sidecar.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    services = await build_services(workdir / "sidecar.yaml")
+    if store == "admit":
+        real = services.engine.store
+
+        class AdmitAll:
+            async def reserve(self, request: ReserveRequest) -> ReserveResult:
+                states = tuple(BucketState(0, request.amount) for _ in request.buckets)
+                return ReserveResult(True, (), states)
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(real, name)
+
+        services.engine.store = AdmitAll()
+    servicer = AuthorizationServicer(services.engine)
+    raw = check_request(token(issuer)).SerializeToString()
+    parse = external_auth_pb2.CheckRequest.FromString
+    context = _Context()
+    answer = getattr(servicer, "check", None)  # the bytes; older trees answer a message
+
+    async def one() -> bytes:
+        if answer is not None:
+            written: bytes = await answer(parse(raw), context)
+            return written
+        return bytes((await servicer.Check(parse(raw), context)).SerializeToString())
+
+    if b"x-sidecar-request-id" not in await one():
+        raise RuntimeError("the benchmark request was not admitted")
+    for _ in range(300):  # the caches a running sidecar has warm
+        await one()
+    gc.collect()
+    gc.freeze()
+    per_check = []
+    for _ in range(rounds):
+        started = time.thread_time()
+        for _ in range(checks):
+            await one()
+        per_check.append((time.thread_time() - started) / checks * 1e6)
+    await services.close()
+    return per_check
+
+
+def _one_run(store: str, checks: int, rounds: int) -> list[float]:
+    import uvloop
+
+    from devtools.config import demo_key_env
+    from sidecar.log import configure
+
+    # The policy injects the demo provider keys, read from the environment at load.
+    os.environ.update(demo_key_env())
+
+    # The decision line goes through the configured writer, into /dev/null.
+    real, sys.stderr = sys.stderr, open(os.devnull, "w")  # noqa: SIM115
+    configure("info")
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(_measure(store, checks, rounds))
+    finally:
+        sys.stderr = real  # a failure's traceback is seen
+
+
+def _in_process(tree: Path, args: argparse.Namespace) -> float:
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    argv = [sys.executable, str(Path(__file__).resolve()), "--one-run"]
+    argv += ["--store", args.store, "--checks", str(args.checks), "--rounds", str(args.rounds)]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(f"the run in {tree} failed:\n{done.stderr}")
+    per_check: list[float] = json.loads(done.stdout)
+    return min(per_check)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--store", choices=("admit", "sqlite"), default="admit")
+    parser.add_argument("--checks", type=int, default=500, help="Checks per round")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--runs", type=int, default=3, help="processes per tree")
+    parser.add_argument("--baseline", type=Path, help="another source tree, run alternately")
+    parser.add_argument("--one-run", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one_run:
+        print(json.dumps(_one_run(args.store, args.checks, args.rounds)))
+        return 0
+    trees = {"this": TREE, **({"baseline": args.baseline.resolve()} if args.baseline else {})}
+    results: dict[str, list[float]] = {name: [] for name in trees}
+    for run in range(args.runs):
+        for name, tree in trees.items() if run % 2 == 0 else reversed(trees.items()):
+            results[name].append(_in_process(tree, args))
+            print(f"run {run} {name:8} {results[name][-1]:6.1f} us", file=sys.stderr)
+    summary: dict[str, Any] = {
+        name: {"us_per_check_min_by_run": [round(v, 1) for v in values]}
+        for name, values in results.items()
+    }
+    if "baseline" in results:
+        summary["this_over_baseline"] = round(min(results["this"]) / min(results["baseline"]), 3)
+    print(json.dumps({"store": args.store, **summary}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
