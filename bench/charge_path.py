@@ -16,6 +16,7 @@ alternately, and the ratios of this tree's figures to the baseline's are printed
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -227,35 +228,16 @@ def main(argv: list[str] | None = None) -> int:
         result = uvloop.run(_measure(args.batch, args.rounds, args.chunks[0]))
         print("CHARGE_PATH " + json.dumps(result), flush=True)
         return 0
+    # Imported here, not at the top: the worker runs this file against a baseline tree
+    # (PYTHONPATH), whose bench package may predate this module.
+    from bench.alternate import alternated, print_row
+
     trees = {"this": TREE, **({"baseline": args.baseline.resolve()} if args.baseline else {})}
     summary: dict[str, Any] = {}
     for chunks in args.chunks:
-        runs: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
-        for run in range(args.runs):
-            order = list(trees.items()) if run % 2 == 0 else list(trees.items())[::-1]
-            for name, tree in order:
-                runs[name].append(_run(tree, args, chunks))
-        row: dict[str, Any] = {}
-        for name, results in runs.items():
-            row[name] = {key: statistics.median(r[key] for r in results) for key in results[0]}
-        if "baseline" in row:
-            row["x_baseline"] = {
-                key: row["this"][key] / row["baseline"][key] for key in row["this"]
-            }
+        row = alternated(trees, args.runs, functools.partial(_run, args=args, chunks=chunks))
         summary[str(chunks)] = row
-        print(
-            f"chunks {chunks:3}: "
-            + " | ".join(
-                f"{name} "
-                + ", ".join(
-                    f"{key} {value:.1f}" if name != "x_baseline" else f"{key} x{value:.2f}"
-                    for key, value in figures.items()
-                )
-                for name, figures in row.items()
-            ),
-            file=sys.stderr,
-            flush=True,
-        )
+        print_row(f"chunks {chunks:3}", row)
     print(json.dumps({"batch": args.batch, "summary": summary}, indent=2))
     return 0
 

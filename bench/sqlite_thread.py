@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -152,36 +152,18 @@ def main(argv: list[str] | None = None) -> int:
         result = uvloop.run(_measure(args.ops, args.concurrency[0], args.preload))
         print("SQLITE_THREAD " + json.dumps(result), flush=True)
         return 0
+    # Imported here, not at the top: the worker runs this file against a baseline tree
+    # (PYTHONPATH), whose bench package may predate this module.
+    from bench.alternate import alternated, print_row
+
     trees = {"this": TREE, **({"baseline": args.baseline.resolve()} if args.baseline else {})}
     summary: dict[str, Any] = {}
     for concurrency in args.concurrency:
-        runs: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
-        for run in range(args.runs):
-            order = list(trees.items()) if run % 2 == 0 else list(trees.items())[::-1]
-            for name, tree in order:
-                runs[name].append(_run(tree, args, concurrency))
-        row: dict[str, Any] = {
-            name: {key: statistics.median(r[key] for r in results) for key in results[0]}
-            for name, results in runs.items()
-        }
-        if "baseline" in row:
-            row["x_baseline"] = {
-                key: row["this"][key] / row["baseline"][key] for key in row["this"]
-            }
-        summary[str(concurrency)] = row
-        print(
-            f"concurrency {concurrency:3}: "
-            + " | ".join(
-                f"{name} "
-                + ", ".join(
-                    f"{key} {value:.1f}" if name != "x_baseline" else f"{key} x{value:.2f}"
-                    for key, value in figures.items()
-                )
-                for name, figures in row.items()
-            ),
-            file=sys.stderr,
-            flush=True,
+        row = alternated(
+            trees, args.runs, functools.partial(_run, args=args, concurrency=concurrency)
         )
+        summary[str(concurrency)] = row
+        print_row(f"concurrency {concurrency:3}", row)
     print(json.dumps({"ops": args.ops, "preload": args.preload, "summary": summary}, indent=2))
     return 0
 

@@ -1,0 +1,48 @@
+"""One measurement run from this source tree and, optionally, a baseline tree, alternated
+round by round in the same invocation (the machine is shared and noisy: only a ratio
+measured side by side means anything)."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def alternated(
+    trees: dict[str, Path], runs: int, measure: Callable[[Path], dict[str, float]]
+) -> dict[str, Any]:
+    """The median of each figure per tree over `runs` runs, the trees' order reversed every
+    other run, and the ratio of this tree's figures to the baseline's (`x_baseline`) when
+    `trees` has a "baseline"."""
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
+    for run in range(runs):
+        order = list(trees.items()) if run % 2 == 0 else list(trees.items())[::-1]
+        for name, tree in order:
+            results[name].append(measure(tree))
+    row: dict[str, Any] = {
+        name: {key: statistics.median(r[key] for r in measured) for key in measured[0]}
+        for name, measured in results.items()
+    }
+    if "baseline" in row:
+        row["x_baseline"] = {key: row["this"][key] / row["baseline"][key] for key in row["this"]}
+    return row
+
+
+def print_row(label: str, row: dict[str, Any]) -> None:
+    """One line per row on stderr: each tree's figures, then the ratios."""
+    print(
+        f"{label}: "
+        + " | ".join(
+            f"{name} "
+            + ", ".join(
+                f"{key} {value:.1f}" if name != "x_baseline" else f"{key} x{value:.2f}"
+                for key, value in figures.items()
+            )
+            for name, figures in row.items()
+        ),
+        file=sys.stderr,
+        flush=True,
+    )
