@@ -175,7 +175,7 @@ async def _measure_on(
     for _ in range(300):  # the caches a running sidecar has warm
         await one()
     if reserve_only:
-        one = await _reserve_alone(services.engine, one)  # type: ignore[assignment]
+        one = await _reserve_alone(services.engine, one)
         for _ in range(300):
             await one()
     gc.collect()
