@@ -169,14 +169,22 @@ def _live(raw: str, now: float) -> Doc | None:
 def _guard(cluster: bool) -> Iterator[None]:
     try:
         yield
-    except _TRANSIENT as exc:
+    except (*_TRANSIENT, ResponseError) as exc:
+        failure = _unavailable(exc, cluster)
+        if failure is exc:
+            raise
+        raise failure from exc
+
+
+def _unavailable(exc: Exception, cluster: bool) -> Exception:
+    """What a Redis error becomes for the store's callers (`exc` itself: not transient)."""
+    if isinstance(exc, _TRANSIENT):
         # On a cluster an error is one node's: the other shards serve on.
-        raise (ShardUnavailable if cluster else StoreUnavailable)(f"redis: {exc}") from exc
-    except ResponseError as exc:
+        return (ShardUnavailable if cluster else StoreUnavailable)(f"redis: {exc}")
+    if cluster and isinstance(exc, ResponseError) and any(s in str(exc) for s in _MIGRATING):
         # A script that met keys being migrated to another shard (resharding): transient.
-        if cluster and any(sign in str(exc) for sign in _MIGRATING):
-            raise ShardUnavailable(f"redis: {exc}") from exc
-        raise
+        return ShardUnavailable(f"redis: {exc}")
+    return exc
 
 
 # The reservation fields of a record of the earlier layout (a hash): state, estimate, dims,
@@ -506,8 +514,17 @@ class RedisStore:
         return names
 
     async def _call(self, script: LuaScript, keys: list[str], args: list[str | int]) -> Any:
-        async with self._op():
+        if self._cluster_ready is not None:
+            async with self._op():
+                return await script(keys=keys, args=args)
+        # One Redis: `_op` without its context managers (two per call, on every decision).
+        try:
             return await script(keys=keys, args=args)
+        except (*_TRANSIENT, ResponseError) as exc:
+            failure = _unavailable(exc, False)
+            if failure is exc:
+                raise
+            raise failure from exc
 
     async def _register(self, tags: Sequence[str]) -> None:
         """Note node tags in the registry, so every replica's expiry sweep and ledger reads
@@ -576,8 +593,10 @@ class RedisStore:
 
     def _carried(self, request_id: str) -> str | None:
         """The node tag a cluster-minted id names (None for any other id)."""
+        if self._shards.single:
+            return None
         match = _CARRIED.fullmatch(request_id)
-        return None if match is None or self._shards.single else match.group(1)
+        return None if match is None else match.group(1)
 
     async def _home_of(self, request_id: str) -> str | None:
         """The node tag of the shard holding the request's home record (None: no such
@@ -632,6 +651,11 @@ class RedisStore:
         return [_record_fields(raw) for raw in raws]
 
     async def reserve(self, request: ReserveRequest) -> ReserveResult:
+        if self._shards.single:
+            # Nothing to learn first and nothing to register on one Redis.
+            groups = self._groups(request)
+            result, _ = await self._attempt(request, SINGLE_TAG, groups)
+            return result
         async with self._op():
             groups = self._groups(request)
         await self._register(list(groups))
@@ -641,7 +665,7 @@ class RedisStore:
         # is a repeat.
         carried = self._carried(request.request_id)
         home = carried or next(iter(groups))
-        if self._shards.single or carried is not None:
+        if carried is not None:
             result, _ = await self._attempt(request, home, groups)
             return result
         hold_for = math.ceil(request.expires_at - request.now) + _HOLD_GRACE_SECONDS
