@@ -45,6 +45,7 @@ class ScriptLane:
         self._timeout = timeout
         self._retry = retry
         self._idle: list[AbstractConnection] = []
+        self._closed = False
 
     async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:
         return await self._run(hiredis.pack_command(("EVALSHA", sha, numkeys, *keys_and_args)))
@@ -53,6 +54,7 @@ class ScriptLane:
         return await self._run(hiredis.pack_command(("EVAL", script, numkeys, *keys_and_args)))
 
     async def aclose(self) -> None:
+        self._closed = True  # calls still running close their connection when they end
         idle, self._idle = self._idle, []
         for connection in idle:
             await connection.disconnect()
@@ -81,7 +83,7 @@ class ScriptLane:
         except ResponseError:
             # An error reply (a script error, NOSCRIPT) was read whole: the connection is
             # in step and can serve the next call.
-            self._keep(connection)
+            await self._keep(connection)
             raise
         except TimeoutError as exc:
             await connection.disconnect(nowait=True)
@@ -90,12 +92,14 @@ class ScriptLane:
             # The reply may still be on its way: never read it as another call's.
             await connection.disconnect(nowait=True)
             raise
-        self._keep(connection)
+        await self._keep(connection)
         return reply
 
-    def _keep(self, connection: AbstractConnection) -> None:
-        if len(self._idle) < _MAX_IDLE:
+    async def _keep(self, connection: AbstractConnection) -> None:
+        if len(self._idle) < _MAX_IDLE and not self._closed:
             self._idle.append(connection)
+        else:
+            await connection.disconnect(nowait=True)
 
 
 async def _nothing(_error: Exception) -> None:
