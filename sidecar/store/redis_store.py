@@ -282,8 +282,9 @@ class _BucketNames(NamedTuple):
     counters_json: str
 
 
-# Bucket names remembered at most (then forgotten all at once, and learnt again).
-_NAMES_KEPT = 100_000
+# Bucket names remembered at most (then forgotten all at once, and learnt again): ~900
+# bytes each, so about 18 MB at most.
+_NAMES_KEPT = 20_000
 
 
 class RedisStore:
