@@ -1,8 +1,8 @@
 """The event loop's CPU per Check, in process: what the sidecar does between gRPC handing over
 a CheckRequest and the answer's bytes, without gRPC, Envoy or a load generator around it.
 
-    .venv/bin/python -m bench.check_loop [--store admit|sqlite] [--checks 500] [--rounds 15]
-        [--baseline DIR] [--runs 3]
+    .venv/bin/python -m bench.check_loop [--store admit|sqlite|redis] [--checks 500]
+        [--rounds 15] [--reserve-only] [--baseline DIR] [--runs 3]
 
 Builds the production services (`build_services`) on the benchmark policy and runs
 `AuthorizationServicer.check` (parse and answer included) on a CheckRequest shaped as the
@@ -10,7 +10,10 @@ benchmark's Envoy sends it, one after another on uvloop, with the decision line 
 /dev/null through the configured logger. Prints the main thread's CPU per Check (thread
 time), the minimum over `--rounds` rounds: the least disturbed figure on a shared machine.
 `--store admit` answers every reservation at once (the engine's own cost); `sqlite` uses
-the real store, its thread included in the hand-off but not in the figure.
+the real store, its thread included in the hand-off but not in the figure; `redis` a
+redis-server of its own (its CPU is another process's, so not in the figure: what is, is
+the client's work on the event loop). `--reserve-only` times the store's `reserve` alone,
+on the request one Check makes, under fresh ids (the figure is then per reserve).
 
 With `--baseline DIR` (say `git archive main | tar -x -C DIR`), this tree and DIR are run
 alternately, `--runs` times each, each in a process of its own.
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import gc
 import json
 import os
@@ -27,6 +31,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,19 +83,67 @@ class _Context:
         return ()
 
 
-async def _measure(store: str, checks: int, rounds: int) -> list[float]:
-    from envoy.service.auth.v3 import external_auth_pb2
+async def _reserve_alone(engine: Any, check: Callable[[], Awaitable[bytes]]) -> Callable[[], Any]:
+    """The store's `reserve` alone, repeated under fresh ids with the request one Check
+    makes (the benchmark caller's 13 buckets)."""
+    real, seen = engine.store, []
 
-    from bench.policy import bench_config, token
+    class Capture:
+        async def reserve(self, request: Any) -> Any:
+            seen.append(request)
+            return await real.reserve(request)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+    engine.store = Capture()
+    await check()
+    engine.store = real
+    request = seen[0]
+
+    def one() -> Any:
+        return real.reserve(dataclasses.replace(request, request_id=uuid.uuid4().hex))
+
+    return one
+
+
+async def _measure(store: str, checks: int, rounds: int, reserve_only: bool) -> list[float]:
     from devtools.keys import DevIssuer
-    from sidecar.envoy.authz import AuthorizationServicer
-    from sidecar.services import build_services
-    from sidecar.store.budget_types import BucketState, ReserveRequest, ReserveResult
 
     workdir = Path(tempfile.mkdtemp(prefix="check-loop-"))
     issuer = DevIssuer.generate()
     jwks = issuer.write_jwks(workdir / "jwks.json")
-    config = bench_config(issuer, str(jwks), f"sqlite:///{workdir}/sidecar.db")
+    url = f"sqlite:///{workdir}/sidecar.db"
+    if store == "redis":
+        from devtools.procs import LOOPBACK, start_redis
+
+        redis, port = start_redis(workdir / "redis")
+        url = f"redis://{LOOPBACK}:{port}/0"
+    try:
+        return await _measure_on(store, url, workdir, issuer, jwks, checks, rounds, reserve_only)
+    finally:
+        if store == "redis":
+            redis.stop()
+
+
+async def _measure_on(
+    store: str,
+    url: str,
+    workdir: Path,
+    issuer: Any,
+    jwks: Path,
+    checks: int,
+    rounds: int,
+    reserve_only: bool,
+) -> list[float]:
+    from envoy.service.auth.v3 import external_auth_pb2
+
+    from bench.policy import bench_config, token
+    from sidecar.envoy.authz import AuthorizationServicer
+    from sidecar.services import build_services
+    from sidecar.store.budget_types import BucketState, ReserveRequest, ReserveResult
+
+    config = bench_config(issuer, str(jwks), url)
     (workdir / "sidecar.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     services = await build_services(workdir / "sidecar.yaml")
     if store == "admit":
@@ -120,6 +174,10 @@ async def _measure(store: str, checks: int, rounds: int) -> list[float]:
         raise RuntimeError("the benchmark request was not admitted")
     for _ in range(300):  # the caches a running sidecar has warm
         await one()
+    if reserve_only:
+        one = await _reserve_alone(services.engine, one)
+        for _ in range(300):
+            await one()
     gc.collect()
     gc.freeze()
     per_check = []
@@ -132,7 +190,7 @@ async def _measure(store: str, checks: int, rounds: int) -> list[float]:
     return per_check
 
 
-def _one_run(store: str, checks: int, rounds: int) -> list[float]:
+def _one_run(store: str, checks: int, rounds: int, reserve_only: bool) -> list[float]:
     import uvloop
 
     from devtools.config import demo_key_env
@@ -146,7 +204,7 @@ def _one_run(store: str, checks: int, rounds: int) -> list[float]:
     configure("info")
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            return runner.run(_measure(store, checks, rounds))
+            return runner.run(_measure(store, checks, rounds, reserve_only))
     finally:
         sys.stderr = real  # a failure's traceback is seen
 
@@ -155,6 +213,8 @@ def _in_process(tree: Path, args: argparse.Namespace) -> float:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     argv = [sys.executable, str(Path(__file__).resolve()), "--one-run"]
     argv += ["--store", args.store, "--checks", str(args.checks), "--rounds", str(args.rounds)]
+    if args.reserve_only:
+        argv.append("--reserve-only")
     done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
     if done.returncode:
         raise RuntimeError(f"the run in {tree} failed:\n{done.stderr}")
@@ -164,15 +224,20 @@ def _in_process(tree: Path, args: argparse.Namespace) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--store", choices=("admit", "sqlite"), default="admit")
+    parser.add_argument("--store", choices=("admit", "sqlite", "redis"), default="admit")
     parser.add_argument("--checks", type=int, default=500, help="Checks per round")
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument(
+        "--reserve-only",
+        action="store_true",
+        help="time the store's reserve alone (the request a Check makes, under fresh ids)",
+    )
     parser.add_argument("--runs", type=int, default=3, help="processes per tree")
     parser.add_argument("--baseline", type=Path, help="another source tree, run alternately")
     parser.add_argument("--one-run", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one_run:
-        print(json.dumps(_one_run(args.store, args.checks, args.rounds)))
+        print(json.dumps(_one_run(args.store, args.checks, args.rounds, args.reserve_only)))
         return 0
     trees = {"this": TREE, **({"baseline": args.baseline.resolve()} if args.baseline else {})}
     results: dict[str, list[float]] = {name: [] for name in trees}
@@ -186,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     if "baseline" in results:
         summary["this_over_baseline"] = round(min(results["this"]) / min(results["baseline"]), 3)
-    print(json.dumps({"store": args.store, **summary}, indent=2))
+    what = "reserve" if args.reserve_only else "check"
+    print(json.dumps({"store": args.store, "timed": what, **summary}, indent=2))
     return 0
 
 

@@ -34,7 +34,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from importlib.resources import files
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import redis.asyncio as aioredis
 import structlog
@@ -80,6 +80,7 @@ from sidecar.store.budget_types import (
 )
 from sidecar.store.redis_cluster_url import is_cluster_url, parse_cluster_url
 from sidecar.store.redis_keys import DEFAULT_PREFIX, KeyKind, check_prefix, redis_key
+from sidecar.store.redis_lane import ScriptLane
 from sidecar.store.redis_script import LuaScript
 from sidecar.store.redis_shards import SINGLE_TAG, Shards
 
@@ -168,14 +169,22 @@ def _live(raw: str, now: float) -> Doc | None:
 def _guard(cluster: bool) -> Iterator[None]:
     try:
         yield
-    except _TRANSIENT as exc:
+    except (*_TRANSIENT, ResponseError) as exc:
+        failure = _unavailable(exc, cluster)
+        if failure is exc:
+            raise
+        raise failure from exc
+
+
+def _unavailable(exc: Exception, cluster: bool) -> Exception:
+    """What a Redis error becomes for the store's callers (`exc` itself: not transient)."""
+    if isinstance(exc, _TRANSIENT):
         # On a cluster an error is one node's: the other shards serve on.
-        raise (ShardUnavailable if cluster else StoreUnavailable)(f"redis: {exc}") from exc
-    except ResponseError as exc:
+        return (ShardUnavailable if cluster else StoreUnavailable)(f"redis: {exc}")
+    if cluster and isinstance(exc, ResponseError) and any(s in str(exc) for s in _MIGRATING):
         # A script that met keys being migrated to another shard (resharding): transient.
-        if cluster and any(sign in str(exc) for sign in _MIGRATING):
-            raise ShardUnavailable(f"redis: {exc}") from exc
-        raise
+        return ShardUnavailable(f"redis: {exc}")
+    return exc
 
 
 # The reservation fields of a record of the earlier layout (a hash): state, estimate, dims,
@@ -266,6 +275,18 @@ def _sum_answered(replies: Sequence[int | BaseException]) -> int:
     return sum(answered)
 
 
+class _BucketNames(NamedTuple):
+    bucket: str  # the hash of a rolling window's slots
+    counters: str
+    bucket_json: str  # the same names as JSON strings, for a record's JSON
+    counters_json: str
+
+
+# Bucket names remembered at most (then forgotten all at once, and learnt again): ~900
+# bytes each, so about 18 MB at most.
+_NAMES_KEPT = 20_000
+
+
 class RedisStore:
     """The `Store` Protocol on one Redis (or one Redis Cluster shard for budgets)."""
 
@@ -316,19 +337,29 @@ class RedisStore:
                 retry=Retry(backoff, retries=1),
             )
         cluster = isinstance(self._r, RedisCluster)
+        # On one Redis, scripts (every budget decision) skip redis-py's general command
+        # path: see redis_lane. A cluster's need its routing and redirections.
+        self._lane = (
+            None
+            if isinstance(self._r, RedisCluster)
+            else ScriptLane(self._r, op_timeout, AsyncRetry(backoff, retries=1))
+        )
+        scripts: aioredis.Redis | RedisCluster | ScriptLane = self._lane or self._r
         self._shards = Shards(self._r if isinstance(self._r, RedisCluster) else None)
         self._registered: set[str] = set()
+        self._indexes: dict[str, tuple[str, str, str, str]] = {}
+        self._bucket_names: dict[str, _BucketNames] = {}
         self._known: set[str] = set()
         self._registry_read = False
-        self._reserve = LuaScript(self._r, _budget_script("reserve.lua", cluster))
-        self._commit = LuaScript(self._r, _budget_script("commit.lua", cluster))
-        self._release_script = LuaScript(self._r, _budget_script("release.lua", cluster))
-        self._settle = LuaScript(self._r, _budget_script("settle.lua", cluster))
-        self._settle_part = LuaScript(self._r, _budget_script("settle_part.lua", cluster))
-        self._swap = LuaScript(self._r, _lua("swap_doc.lua"))
-        self._add_spend = LuaScript(self._r, _budget_script("add_spend.lua", cluster))
-        self._list = LuaScript(self._r, _lua("list_docs.lua"))
-        self._incr = LuaScript(self._r, _lua("incr.lua"))
+        self._reserve = LuaScript(scripts, _budget_script("reserve.lua", cluster))
+        self._commit = LuaScript(scripts, _budget_script("commit.lua", cluster))
+        self._release_script = LuaScript(scripts, _budget_script("release.lua", cluster))
+        self._settle = LuaScript(scripts, _budget_script("settle.lua", cluster))
+        self._settle_part = LuaScript(scripts, _budget_script("settle_part.lua", cluster))
+        self._swap = LuaScript(scripts, _lua("swap_doc.lua"))
+        self._add_spend = LuaScript(scripts, _budget_script("add_spend.lua", cluster))
+        self._list = LuaScript(scripts, _lua("list_docs.lua"))
+        self._incr = LuaScript(scripts, _lua("incr.lua"))
 
     @asynccontextmanager
     async def _op(self) -> AsyncIterator[None]:
@@ -358,6 +389,8 @@ class RedisStore:
         return None
 
     async def close(self) -> None:
+        if self._lane is not None:
+            await self._lane.aclose()
         await self._r.aclose()
 
     async def ping(self) -> bool:
@@ -458,16 +491,41 @@ class RedisStore:
 
     # -- budgets -----------------------------------------------------------------------
     def _index_keys(self, tag: str) -> list[str]:
-        return [
-            self._key("open", tag),
-            self._key("held", tag),
-            self._key("hours", tag),
-            self._key("slots", tag),
-        ]
+        keys = self._indexes.get(tag)
+        if keys is None:
+            keys = self._indexes[tag] = (
+                self._key("open", tag),
+                self._key("held", tag),
+                self._key("hours", tag),
+                self._key("slots", tag),
+            )
+        return list(keys)
+
+    def _names(self, bucket: str) -> _BucketNames:
+        """A bucket's key names (remembered: the same buckets come back decision after
+        decision, and building them was a sixth of a reserve's CPU)."""
+        names = self._bucket_names.get(bucket)
+        if names is None:
+            if len(self._bucket_names) >= _NAMES_KEPT:
+                self._bucket_names.clear()
+            hashed = self._key("bucket", bucket)
+            counters = self._key("counters", bucket)
+            names = _BucketNames(hashed, counters, json.dumps(hashed), json.dumps(counters))
+            self._bucket_names[bucket] = names
+        return names
 
     async def _call(self, script: LuaScript, keys: list[str], args: list[str | int]) -> Any:
-        async with self._op():
+        if self._cluster_ready is not None:
+            async with self._op():
+                return await script(keys=keys, args=args)
+        # One Redis: `_op` without its context managers (two per call, on every decision).
+        try:
             return await script(keys=keys, args=args)
+        except (*_TRANSIENT, ResponseError) as exc:
+            failure = _unavailable(exc, False)
+            if failure is exc:
+                raise
+            raise failure from exc
 
     async def _register(self, tags: Sequence[str]) -> None:
         """Note node tags in the registry, so every replica's expiry sweep and ledger reads
@@ -505,9 +563,13 @@ class RedisStore:
         names for its home record is one of them (with no bucket of its own if need be)."""
         groups: dict[str, list[int]] = {}
         try:
-            for i, view in enumerate(request.buckets):
-                tag = self._shards.tag_of(self._key("bucket", view.key))
-                groups.setdefault(tag, []).append(i)
+            if self._shards.single:
+                if request.buckets:
+                    groups[SINGLE_TAG] = list(range(len(request.buckets)))
+            else:
+                for i, view in enumerate(request.buckets):
+                    tag = self._shards.tag_of(self._names(view.key).bucket)
+                    groups.setdefault(tag, []).append(i)
             carried = self._carried(request.request_id)
             if carried is not None:
                 groups.setdefault(carried, [])
@@ -532,8 +594,10 @@ class RedisStore:
 
     def _carried(self, request_id: str) -> str | None:
         """The node tag a cluster-minted id names (None for any other id)."""
+        if self._shards.single:
+            return None
         match = _CARRIED.fullmatch(request_id)
-        return None if match is None or self._shards.single else match.group(1)
+        return None if match is None else match.group(1)
 
     async def _home_of(self, request_id: str) -> str | None:
         """The node tag of the shard holding the request's home record (None: no such
@@ -588,6 +652,11 @@ class RedisStore:
         return [_record_fields(raw) for raw in raws]
 
     async def reserve(self, request: ReserveRequest) -> ReserveResult:
+        if self._shards.single:
+            # Nothing to learn first and nothing to register on one Redis.
+            groups = self._groups(request)
+            result, _ = await self._attempt(request, SINGLE_TAG, groups)
+            return result
         async with self._op():
             groups = self._groups(request)
         await self._register(list(groups))
@@ -597,7 +666,7 @@ class RedisStore:
         # is a repeat.
         carried = self._carried(request.request_id)
         home = carried or next(iter(groups))
-        if self._shards.single or carried is not None:
+        if carried is not None:
             result, _ = await self._attempt(request, home, groups)
             return result
         hold_for = math.ceil(request.expires_at - request.now) + _HOLD_GRACE_SECONDS
@@ -644,28 +713,27 @@ class RedisStore:
         rid = request.request_id
         calls = []
         now = repr(float(request.now))
+        dims = dims_to_json(request.dims)
         for tag, members in groups.items():
-            entries: list[str | int] = []
+            entries: list[str] = []
             per: list[str | int] = []
             for i in members:
                 view, amount = request.buckets[i], amounts[i]
-                counters = self._key("counters", view.key)
+                names = self._names(view.key)
                 # A rolling window's slots live in a hash; a fixed window is its counters.
-                slots = "" if view.since == view.slot else self._key("bucket", view.key)
-                entries += [
-                    counters,
-                    view.slot,
-                    view.ttl_seconds,
-                    view.measure,
-                    amount,
-                    amount if held else 0,
-                    slots or 0,
-                ]
+                rolling = view.since != view.slot
+                # The bucket's part of the record's JSON list, rendered here from names
+                # already in JSON (the same text json.dumps gives for the same values).
+                entries.append(
+                    f"{names.counters_json},{view.slot},{view.ttl_seconds},"
+                    f'"{view.measure}",{amount},{amount if held else 0},'
+                    f"{names.bucket_json if rolling else 0}"
+                )
                 # A held bucket lives its TTL past the hold's end: a commit before the
                 # reservation expires then never has to extend it.
                 per += [
-                    counters,
-                    slots,
+                    names.counters,
+                    names.bucket if rolling else "",
                     view.slot,
                     view.since,
                     view.limit if view.enforce else "",
@@ -676,9 +744,8 @@ class RedisStore:
             index = self._index_keys(tag)
             if self._shards.single:
                 index[1] = ""  # one Redis: every group is a home group, nothing is held
-            dims = dims_to_json(request.dims)
             # The record as stored after its state letter (see budget_lib.lua).
-            record = [
+            head = [
                 "o",
                 request.amount,
                 request.expires_at,
@@ -693,8 +760,10 @@ class RedisStore:
                 ",".join(t for t in groups if t != home) if is_home else "",
                 rid,
                 request.now,
-                *entries,
             ]
+            record = json.dumps(head, separators=(",", ":"))
+            if entries:
+                record = f"{record[:-1]},{','.join(entries)}]"
             args: list[str | int] = [
                 *index,
                 now,
@@ -702,14 +771,22 @@ class RedisStore:
                 request.mode,
                 repr(float(request.expires_at)),
                 request.binding,
-                json.dumps(record, separators=(",", ":")),
+                record,
                 _DONE_RETENTION_SECONDS,
                 _LEDGER_RETENTION_SECONDS,
                 "1" if is_home else "0",
                 *per,
             ]
             calls.append(self._call(self._reserve, [self._key("record", tag, rid)], args))
-        replies = await asyncio.gather(*calls, return_exceptions=True)
+        replies: list[Any]
+        if len(calls) == 1:
+            # One shard (always, on one Redis): no Task to gather it in.
+            try:
+                replies = [await calls[0]]
+            except Exception as exc:
+                replies = [exc]
+        else:
+            replies = await asyncio.gather(*calls, return_exceptions=True)
         states: list[BucketState] = [BucketState(0, 0)] * len(request.buckets)
         statuses: dict[str, str] = {}
         failed: list[int] = []
