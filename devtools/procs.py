@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -126,12 +127,49 @@ class ManagedProcess:
         return self._popen
 
 
+# Ports handed out below the kernel's ephemeral range: a port the kernel picked (bind to 0)
+# lies in that range, and any outgoing connection (Envoy's to its clusters, a test client's)
+# may take it as its local port before the caller binds it, which then fails with "address
+# already in use". Below the range only another listener can take it. The low end leaves
+# each port's +10000 (a Redis Cluster node's bus port) below the range too.
+_PORTS_FROM = 12_000
+_PORTS_TO = 22_000
+_FALLBACK_EPHEMERAL = (32_768, 60_999)
+# Handed out by this process, never twice: the caller may not have bound it yet.
+_issued: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return _FALLBACK_EPHEMERAL
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((LOOPBACK, port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port() -> int:
-    """A loopback TCP port that was free a moment ago (the caller binds it soon after)."""
+    """A loopback TCP port that was free a moment ago (the caller binds it soon after),
+    outside the kernel's ephemeral range unless that range covers 12000-22000."""
+    low, high = _ephemeral_range()
+    if high < _PORTS_FROM or low >= _PORTS_TO:
+        for _ in range(200):
+            port = random.randrange(_PORTS_FROM, _PORTS_TO)
+            if port not in _issued and _bindable(port):
+                _issued.add(port)
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((LOOPBACK, 0))
-        port: int = sock.getsockname()[1]
-        return port
+        chosen: int = sock.getsockname()[1]
+        return chosen
 
 
 def wait_for_port(
