@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -256,6 +257,26 @@ def _states_sql(buckets: int) -> str:
     )
 
 
+# How long a connection waits for another process's lock before giving up.
+_BUSY_SECONDS = 10.0
+
+
+def _use_wal(conn: sqlite3.Connection) -> None:
+    """Switch the file to WAL. The switch needs the file to itself, and SQLite answers
+    "database is locked" at once, without waiting through the busy handler, while another
+    process is switching it or rebuilding a table (`sidecar serve --workers N` opening a
+    database together): so it is retried until the busy timeout."""
+    deadline = time.monotonic() + _BUSY_SECONDS
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
+
+
 def _path_from_url(url: str) -> str:
     path = url.removeprefix("sqlite:///")
     if not path:
@@ -271,8 +292,8 @@ class SQLiteStore:
     # -- plumbing ----------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
         make_private(self._path)
-        conn = sqlite3.connect(self._path, isolation_level=None, timeout=10.0)
-        conn.execute("PRAGMA journal_mode=WAL")
+        conn = sqlite3.connect(self._path, isolation_level=None, timeout=_BUSY_SECONDS)
+        _use_wal(conn)
         # NORMAL in WAL mode is durable against process crashes, which is what we promise.
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA busy_timeout=10000")
