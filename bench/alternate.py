@@ -4,7 +4,10 @@ measured side by side means anything)."""
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -46,3 +49,19 @@ def print_row(label: str, row: dict[str, Any]) -> None:
         file=sys.stderr,
         flush=True,
     )
+
+
+def worker_figures(script: Path, tree: Path, argv: list[str], tag: str) -> dict[str, float]:
+    """Run `script --worker argv` against `tree`'s sidecar (its PYTHONPATH and working
+    directory) and return the figures it printed on its line starting with `tag`."""
+    out = subprocess.run(
+        [sys.executable, str(script), "--worker", *argv],
+        env={**os.environ, "PYTHONPATH": str(tree)},
+        cwd=tree,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+    ).stdout
+    line = next(x for x in out.splitlines() if x.startswith(f"{tag} "))
+    return dict(json.loads(line.removeprefix(f"{tag} ")))

@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -189,30 +187,6 @@ async def _measure(batch: int, rounds: int, chunks: int) -> dict[str, float]:
     }
 
 
-def _run(tree: Path, args: argparse.Namespace, chunks: int) -> dict[str, float]:
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(HERE),
-            "--worker",
-            "--batch",
-            str(args.batch),
-            "--rounds",
-            str(args.rounds),
-            "--chunks",
-            str(chunks),
-        ],
-        env={**os.environ, "PYTHONPATH": str(tree)},
-        cwd=tree,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=600,
-    ).stdout
-    line = next(x for x in out.splitlines() if x.startswith("CHARGE_PATH "))
-    return dict(json.loads(line.removeprefix("CHARGE_PATH ")))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=30, help="records per access log message")
@@ -230,12 +204,24 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     # Imported here, not at the top: the worker runs this file against a baseline tree
     # (PYTHONPATH), whose bench package may predate this module.
-    from bench.alternate import alternated, print_row
+    from bench.alternate import alternated, print_row, worker_figures
 
     trees = {"this": TREE, **({"baseline": args.baseline.resolve()} if args.baseline else {})}
     summary: dict[str, Any] = {}
     for chunks in args.chunks:
-        row = alternated(trees, args.runs, functools.partial(_run, args=args, chunks=chunks))
+        row = alternated(
+            trees,
+            args.runs,
+            functools.partial(
+                worker_figures,
+                HERE,
+                argv=[
+                    *("--batch", str(args.batch), "--rounds", str(args.rounds)),
+                    *("--chunks", str(chunks)),
+                ],
+                tag="CHARGE_PATH",
+            ),
+        )
         summary[str(chunks)] = row
         print_row(f"chunks {chunks:3}", row)
     print(json.dumps({"batch": args.batch, "summary": summary}, indent=2))

@@ -23,7 +23,6 @@ import asyncio
 import functools
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -121,22 +120,6 @@ async def _measure(ops: int, concurrency: int, preload: int) -> dict[str, float]
     }
 
 
-def _run(tree: Path, args: argparse.Namespace, concurrency: int) -> dict[str, float]:
-    argv = [sys.executable, str(HERE), "--worker", "--ops", str(args.ops)]
-    argv += ["--concurrency", str(concurrency), "--preload", str(args.preload)]
-    out = subprocess.run(
-        argv,
-        env={**os.environ, "PYTHONPATH": str(tree)},
-        cwd=tree,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=600,
-    ).stdout
-    line = next(x for x in out.splitlines() if x.startswith("SQLITE_THREAD "))
-    return dict(json.loads(line.removeprefix("SQLITE_THREAD ")))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ops", type=int, default=3000)
@@ -154,13 +137,23 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     # Imported here, not at the top: the worker runs this file against a baseline tree
     # (PYTHONPATH), whose bench package may predate this module.
-    from bench.alternate import alternated, print_row
+    from bench.alternate import alternated, print_row, worker_figures
 
     trees = {"this": TREE, **({"baseline": args.baseline.resolve()} if args.baseline else {})}
     summary: dict[str, Any] = {}
     for concurrency in args.concurrency:
         row = alternated(
-            trees, args.runs, functools.partial(_run, args=args, concurrency=concurrency)
+            trees,
+            args.runs,
+            functools.partial(
+                worker_figures,
+                HERE,
+                argv=[
+                    *("--ops", str(args.ops), "--concurrency", str(concurrency)),
+                    *("--preload", str(args.preload)),
+                ],
+                tag="SQLITE_THREAD",
+            ),
         )
         summary[str(concurrency)] = row
         print_row(f"concurrency {concurrency:3}", row)
