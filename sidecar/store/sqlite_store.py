@@ -296,7 +296,6 @@ class SQLiteStore:
         _use_wal(conn)
         # NORMAL in WAL mode is durable against process crashes, which is what we promise.
         conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("PRAGMA busy_timeout=10000")
         # Deleted rows' bytes are zeroed on the pages being written anyway (no extra I/O).
         conn.execute("PRAGMA secure_delete=FAST")
         conn.executescript(_SCHEMA)
