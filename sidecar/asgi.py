@@ -108,7 +108,8 @@ class SidecarMiddleware:
             async with self._lock:
                 if self._services is None:
                     assert self._config_path is not None
-                    services = await build_services(self._config_path)
+                    # An ASGI server may run this app in several workers: the store is shared.
+                    services = await build_services(self._config_path, store_owner=False)
                     services.start_background()
                     self._services = services
         return self._services

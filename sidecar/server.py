@@ -83,11 +83,15 @@ async def serve(
     grpc_addr: str | None,
     http_addr: str | None,
     http_sockets: list[socket.socket] | None = None,
+    *,
+    shared_store: bool = False,
 ) -> None:
     """`http_sockets`: listening sockets made by the caller (`sidecar/workers.py` shares one
-    port between processes with SO_REUSEPORT, which uvicorn does not set itself)."""
+    port between processes with SO_REUSEPORT, which uvicorn does not set itself).
+    `shared_store`: this is one of several processes on the store (a SQLite file is then
+    shared through SQLite's locking instead of owned by this process)."""
     tracing.configure()
-    services = await build_services(config_path)
+    services = await build_services(config_path, store_owner=not shared_store)
     listen = services.ruleset.config.listen
     grpc_addr = grpc_addr or listen.grpc
     http_addr = http_addr or listen.http

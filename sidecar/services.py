@@ -96,13 +96,16 @@ class Services:
             await self.engine.spool.close()
 
 
-async def build_services(config_path: Path) -> Services:
+async def build_services(config_path: Path, *, store_owner: bool | None = None) -> Services:
+    """`store_owner`: True for the one serving process of a SQLite file, which keeps its
+    budgets in memory; False for one of several (`--workers N`, or an ASGI server's
+    workers); None for a process that serves nothing on its own (tests, tools)."""
     text = config_path.read_text(encoding="utf-8")
     ruleset = build_ruleset(load_config(config_path), source_text=text, source=str(config_path))
     holder = RuleSetHolder(ruleset)
     device = ruleset.config.identity.device_login
     box = secret_box_for(config_path, ruleset) if device.enabled else None
-    store = await open_store(store_url(config_path, ruleset.config.store))
+    store = await open_store(store_url(config_path, ruleset.config.store), owner=store_owner)
     tokens = ServiceTokens(store)
     sessions = CliSessions(store)
     identities = Identities(tokens, sessions)

@@ -235,7 +235,7 @@ def _worker_main(argv: list[str] | None = None) -> int:
         args.log_level, static={"worker": int(os.environ.get(WORKER_ENV, "0")), "pid": os.getpid()}
     )
     sock = reuseport_socket(args.http)
-    event_loop.run(serve(args.config, args.grpc, args.http, http_sockets=[sock]))
+    event_loop.run(serve(args.config, args.grpc, args.http, http_sockets=[sock], shared_store=True))
     return 0
 
 

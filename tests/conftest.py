@@ -39,12 +39,14 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClu
         yield cluster
 
 
-@pytest.fixture(params=["sqlite", "redis", "cluster"])
+@pytest.fixture(params=["sqlite", "sqlite-owned", "redis", "cluster"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    """Every backend: SQLite shared by processes, SQLite owned by one process (budgets in
+    its memory), one Redis, a Redis Cluster."""
     url = backend_url(request, request.param, tmp_path)
-    if request.param != "sqlite":
+    if not request.param.startswith("sqlite"):
         await flush_redis(url)
-    st = await open_store(url)
+    st = await open_store(url, owner=True if request.param == "sqlite-owned" else None)
     try:
         yield st
     finally:

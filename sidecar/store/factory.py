@@ -43,12 +43,20 @@ def store_url(
     return url
 
 
-async def open_store(url: str) -> Store:
+async def open_store(url: str, *, owner: bool | None = None) -> Store:
+    """`owner` (SQLite): True, this process alone uses the file and keeps its budgets in
+    memory (`sqlite_owned.py`); False, one of several serving processes sharing it; None,
+    neither claimed (tests, tools). Redis stores are always shared."""
     store: Store
     if url.startswith("sqlite:///"):
         from sidecar.store.sqlite_store import SQLiteStore
 
-        store = SQLiteStore(url)
+        if owner:
+            from sidecar.store.sqlite_owned import OwnedSQLiteStore
+
+            store = OwnedSQLiteStore(url)
+        else:
+            store = SQLiteStore(url, shared=owner is False)
     elif url.startswith(("redis://", "rediss://", *CLUSTER_SCHEMES)):
         from sidecar.store.redis_store import RedisStore
 

@@ -34,7 +34,9 @@ from sidecar.store.budget_types import (
     dims_to_json,
     measured,
 )
+from sidecar.store.file_lock import FileLock
 from sidecar.store.private_file import make_private
+from sidecar.store.sqlite_totals import Deltas
 from sidecar.store.sqlite_worker import MAX_BATCH, SQLiteWorker, store_error
 
 T = TypeVar("T")
@@ -48,6 +50,12 @@ _DONE_RETENTION_SECONDS = 7 * 24 * 3600
 _BUCKETS_PER_STATEMENT = 200
 # Charges per job of `charge_many`: as long as the worker's longest batch of single jobs.
 _CHARGES_PER_JOB = MAX_BATCH
+# A new open reservation; an id already there (a replay, or a journal replayed twice) is
+# left as it is.
+INSERT_RESERVATION = (
+    "INSERT INTO reservations VALUES (?, 'open', ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT(request_id) DO NOTHING"
+)
 _ADD_RESERVED = (
     "INSERT INTO reserved VALUES (?, ?) ON CONFLICT(bucket) DO UPDATE SET "
     "amount = amount + excluded.amount"
@@ -226,7 +234,7 @@ _DIMS_CACHED = 4096
 
 
 @functools.lru_cache(maxsize=_DIMS_CACHED)
-def _dims_json(dims: LedgerDims) -> str:
+def dims_json(dims: LedgerDims) -> str:
     return dims_to_json(dims)
 
 
@@ -285,9 +293,13 @@ def _path_from_url(url: str) -> str:
 
 
 class SQLiteStore:
-    def __init__(self, url: str) -> None:
+    """`shared`: opened by one of several serving processes (`sidecar serve --workers N`),
+    which keeps out a process that would own the file alone (`sqlite_owned.py`)."""
+
+    def __init__(self, url: str, *, shared: bool = False) -> None:
         self._path = _path_from_url(url)
         self._worker = SQLiteWorker(self._connect)
+        self._lock = FileLock(self._path, exclusive=False) if shared else None
 
     # -- plumbing ----------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -310,10 +322,14 @@ class SQLiteStore:
         return await self._worker.call(fn, tx=True)
 
     async def open(self) -> None:
+        if self._lock is not None:
+            self._lock.acquire()
         await self._run(lambda conn: None)
 
     async def close(self) -> None:
         await self._worker.close()
+        if self._lock is not None:
+            self._lock.release()
 
     async def scrub(self) -> None:
         # VACUUM rewrites the file from live rows only; the WAL still holds old page images
@@ -464,7 +480,16 @@ class SQLiteStore:
         return states, due
 
     @staticmethod
-    def _add_slot(conn: sqlite3.Connection, key: str, slot: int, amount: int, expires: int) -> None:
+    def _add_slot(
+        conn: sqlite3.Connection,
+        key: str,
+        slot: int,
+        amount: int,
+        expires: int,
+        sink: Deltas | None = None,
+    ) -> None:
+        if sink is not None:
+            sink.spent.append((key, slot, amount, expires))
         conn.execute(
             "INSERT INTO slots VALUES (?, ?, ?, ?) ON CONFLICT(bucket, slot) DO UPDATE SET "
             "amount = amount + excluded.amount, "
@@ -474,10 +499,14 @@ class SQLiteStore:
 
     @staticmethod
     def _add_slots_many(
-        conn: sqlite3.Connection, rows: Sequence[tuple[str, int, int, int]]
+        conn: sqlite3.Connection,
+        rows: Sequence[tuple[str, int, int, int]],
+        sink: Deltas | None = None,
     ) -> None:
         """`_add_slot` for many (key, slot, amount, expires) rows in one statement each
         chunk: a commit touches every bucket of its request."""
+        if sink is not None:
+            sink.spent += rows
         for start in range(0, len(rows), _BUCKETS_PER_STATEMENT):
             chunk = rows[start : start + _BUCKETS_PER_STATEMENT]
             params: list[object] = []
@@ -493,13 +522,21 @@ class SQLiteStore:
             )
 
     @staticmethod
-    def _add_reserved(conn: sqlite3.Connection, key: str, amount: int) -> None:
+    def _add_reserved(
+        conn: sqlite3.Connection, key: str, amount: int, sink: Deltas | None = None
+    ) -> None:
+        if sink is not None:
+            sink.held.append((key, amount))
         conn.execute(_ADD_RESERVED, (key, amount))
 
     @staticmethod
-    def _add_reserved_many(conn: sqlite3.Connection, holds: Sequence[tuple[str, int]]) -> None:
+    def _add_reserved_many(
+        conn: sqlite3.Connection, holds: Sequence[tuple[str, int]], sink: Deltas | None = None
+    ) -> None:
         # One multi-row statement, not executemany: a third of the time for a dozen rows.
         holds = [(key, amount) for key, amount in holds if amount]
+        if sink is not None:
+            sink.held += holds
         for start in range(0, len(holds), _BUCKETS_PER_STATEMENT):
             chunk = holds[start : start + _BUCKETS_PER_STATEMENT]
             params: list[object] = []
@@ -546,7 +583,9 @@ class SQLiteStore:
             ),
         )
 
-    def _settle(self, conn: sqlite3.Connection, now: float, limit: int) -> int:
+    def _settle(
+        self, conn: sqlite3.Connection, now: float, limit: int, sink: Deltas | None = None
+    ) -> int:
         rows = conn.execute(
             "SELECT request_id, estimate, held, buckets, dims, created_at FROM reservations "
             "WHERE state='open' AND expires_at <= ? ORDER BY expires_at LIMIT ?",
@@ -556,14 +595,16 @@ class SQLiteStore:
             # Never completed: the request may well have cost money, so it pays its estimate.
             for key, slot, expires, _, amount, hold in _entries(buckets_json, estimate, held):
                 if hold:
-                    self._add_reserved(conn, key, -hold)
-                self._add_slot(conn, key, slot, amount, expires)
+                    self._add_reserved(conn, key, -hold, sink)
+                self._add_slot(conn, key, slot, amount, expires, sink)
             self._add_ledger(
                 conn, int(created) // 3600 * 3600, dims_json, estimate, 1, TokenUsage()
             )
             conn.execute(
                 "UPDATE reservations SET state='expired' WHERE request_id=?", (request_id,)
             )
+            if sink is not None:
+                sink.ended.append(request_id)
         return len(rows)
 
     def _housekeep(self, conn: sqlite3.Connection, now: float) -> None:
@@ -623,8 +664,7 @@ class SQLiteStore:
             # The id is new but for a retry or a replay (it is minted per admission), so the
             # insert itself is the look-up: one statement instead of a SELECT before it.
             inserted = conn.execute(
-                "INSERT INTO reservations VALUES (?, 'open', ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT(request_id) DO NOTHING",
+                INSERT_RESERVATION,
                 (
                     request.request_id,
                     request.amount,
@@ -632,7 +672,7 @@ class SQLiteStore:
                     request.expires_at,
                     request.now,
                     json.dumps(buckets),
-                    _dims_json(request.dims),
+                    dims_json(request.dims),
                     request.binding,
                     *request.tokens,
                 ),
@@ -678,20 +718,25 @@ class SQLiteStore:
         others: Sequence[LedgerPart] = (),
         tokens: tuple[int, int] | None = None,
     ) -> CommitResult:
-        def commit(conn: sqlite3.Connection) -> CommitResult:
+        def commit(conn: sqlite3.Connection, sink: Deltas | None) -> CommitResult:
             row, marked = _charge_row(conn, request_id)
             if row is None:
                 return CommitResult("unknown")
             return self._commit_row(
-                conn, request_id, row, marked, actual_micros, usage, error, others, tokens
+                conn, request_id, row, marked, actual_micros, usage, error, others, tokens, sink
             )
 
-        return await self._tx(commit)
+        return await self._budget_tx(commit)
 
     async def charge(self, request_id: str, price: Pricer, now: float) -> CommitResult:
         # One job on the store's thread: the record read, priced and committed in the same
         # transaction, instead of a hop to read it and another to commit.
-        return await self._tx(lambda conn: self._charge(conn, request_id, price))
+        return await self._budget_tx(lambda conn, sink: self._charge(conn, request_id, price, sink))
+
+    async def _budget_tx(self, fn: Callable[[sqlite3.Connection, Deltas | None], T]) -> T:
+        """`_tx` of a job that changes budgets; `fn` gets where to note its changes
+        (None: nobody keeps them beside the file)."""
+        return await self._tx(lambda conn: fn(conn, None))
 
     async def charge_many(
         self, charges: Sequence[tuple[str, Pricer]], now: float
@@ -700,18 +745,23 @@ class SQLiteStore:
         # wake-up of the event loop for a whole access log batch; each charge in a savepoint
         # of its own, so one that fails is undone alone.
         def charge_all(
-            conn: sqlite3.Connection, chunk: Sequence[tuple[str, Pricer]]
+            conn: sqlite3.Connection, sink: Deltas | None, chunk: Sequence[tuple[str, Pricer]]
         ) -> list[CommitResult | Exception]:
             out: list[CommitResult | Exception] = []
             for request_id, price in chunk:
                 conn.execute("SAVEPOINT charge")
+                # A charge rolled back alone must leave no trace in the sink either.
+                mine = None if sink is None else Deltas()
                 try:
-                    out.append(self._charge(conn, request_id, price))
+                    out.append(self._charge(conn, request_id, price, mine))
                 except Exception as exc:
                     if not conn.in_transaction:
                         raise  # SQLite rolled everything back itself (I/O error, disk full)
                     conn.execute("ROLLBACK TO charge")
                     out.append(store_error(exc))
+                else:
+                    if sink is not None and mine is not None:
+                        sink.extend(mine)
                 conn.execute("RELEASE charge")
             return out
 
@@ -719,12 +769,18 @@ class SQLiteStore:
         for start in range(0, len(charges), _CHARGES_PER_JOB):
             chunk = charges[start : start + _CHARGES_PER_JOB]
             try:
-                results += await self._tx(functools.partial(charge_all, chunk=chunk))
+                results += await self._budget_tx(functools.partial(charge_all, chunk=chunk))
             except Exception as exc:  # nothing of the chunk was committed
                 results += [exc] * len(chunk)
         return results
 
-    def _charge(self, conn: sqlite3.Connection, request_id: str, price: Pricer) -> CommitResult:
+    def _charge(
+        self,
+        conn: sqlite3.Connection,
+        request_id: str,
+        price: Pricer,
+        sink: Deltas | None = None,
+    ) -> CommitResult:
         # What `price` raises needs no undoing here: every caller rolls this job back.
         row, marked = _charge_row(conn, request_id)
         if row is None:
@@ -746,6 +802,7 @@ class SQLiteStore:
             priced.error,
             priced.others,
             priced.tokens,
+            sink,
         )
 
     def _commit_row(
@@ -759,6 +816,7 @@ class SQLiteStore:
         error: bool,
         others: Sequence[LedgerPart],
         tokens: tuple[int, int] | None,
+        sink: Deltas | None = None,
     ) -> CommitResult:
         """`commit` of the reservation `row` (state, estimate, held, buckets, dims,
         created_at, ...) just read in this transaction (`marked`: and already marked
@@ -774,13 +832,15 @@ class SQLiteStore:
         delta = actual_micros if is_open else actual_micros - estimate
         entries = _entries(buckets_json, estimate, held)
         if is_open:
-            self._add_reserved_many(conn, [(e[0], -e[5]) for e in entries])
+            self._add_reserved_many(conn, [(e[0], -e[5]) for e in entries], sink)
+            if sink is not None:
+                sink.ended.append(request_id)
         charges = []
         for key, slot, expires, measure, amount, _ in entries:
             actual = measured(measure, actual_micros, actual_in, actual_out)
             # Requests count once: a late commit adds no second request.
             charges.append((key, slot, actual if is_open else actual - amount, expires))
-        self._add_slots_many(conn, charges)
+        self._add_slots_many(conn, charges, sink)
         hour = int(created) // 3600 * 3600
         moved = sum(part.cost for part in others)
         self._add_ledger(
@@ -814,15 +874,15 @@ class SQLiteStore:
         return await self._run(read)
 
     async def settle_expired(self, now: float, limit: int = 500) -> int:
-        def settle(conn: sqlite3.Connection) -> int:
-            count = self._settle(conn, now, limit)
+        def settle(conn: sqlite3.Connection, sink: Deltas | None) -> int:
+            count = self._settle(conn, now, limit, sink)
             self._housekeep(conn, now)
             return count
 
-        return await self._tx(settle)
+        return await self._budget_tx(settle)
 
     async def add_spend(self, marker: str, spend: list[tuple[BucketView, int]]) -> bool:
-        def add(conn: sqlite3.Connection) -> bool:
+        def add(conn: sqlite3.Connection, sink: Deltas | None) -> bool:
             done = conn.execute(
                 "SELECT 1 FROM docs WHERE collection='backfills' AND key=?", (marker,)
             ).fetchone()
@@ -830,10 +890,12 @@ class SQLiteStore:
                 return False
             conn.execute("INSERT INTO docs VALUES ('backfills', ?, '{}', NULL)", (marker,))
             for view, amount in spend:
-                self._add_slot(conn, view.key, view.slot, amount, view.slot + view.ttl_seconds)
+                self._add_slot(
+                    conn, view.key, view.slot, amount, view.slot + view.ttl_seconds, sink
+                )
             return True
 
-        return await self._tx(add)
+        return await self._budget_tx(add)
 
     async def open_reservations(self) -> int:
         return int(

@@ -80,6 +80,11 @@ class SQLiteWorker:
         sqlite3.OperationalError becomes StoreUnavailable; anything else `fn` raises
         reaches the caller as is, after its savepoint was rolled back.
         """
+        return await self.submit(fn, tx=tx)
+
+    def submit(self, fn: Callable[[sqlite3.Connection], T], *, tx: bool) -> asyncio.Future[T]:
+        """`call`, queued before this returns: jobs run in the order they were submitted,
+        so a caller can put one job ahead of another without awaiting the first."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         with self._cond:
@@ -90,7 +95,7 @@ class SQLiteWorker:
                 self._thread = threading.Thread(target=self._main, name=self._name, daemon=True)
                 self._thread.start()
             self._cond.notify()
-        return await future
+        return future
 
     async def close(self) -> None:
         """Close the connection after everything already queued, then stop the thread."""

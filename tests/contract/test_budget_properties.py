@@ -119,18 +119,22 @@ async def run(store: Store, program: list[Any], prefix: str) -> None:
     assert await store.bucket_states(buckets, now) == before
 
 
-@pytest.fixture(params=["sqlite", "redis", "cluster"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    return backend_url(request, request.param, tmp_path, "p.db")
+@pytest.fixture(params=["sqlite", "sqlite-owned", "redis", "cluster"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, bool | None]:
+    """The URL, and whether the store owns it (SQLite kept in the process's memory)."""
+    owner = True if request.param == "sqlite-owned" else None
+    return backend_url(request, request.param, tmp_path, "p.db"), owner
 
 
 @settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(program=ops)
-def test_budget_invariants_hold_for_any_interleaving(store_url: str, program: list[Any]) -> None:
+def test_budget_invariants_hold_for_any_interleaving(
+    store_url: tuple[str, bool | None], program: list[Any]
+) -> None:
     async def main() -> None:
-        store = await open_store(store_url)
+        store = await open_store(store_url[0], owner=store_url[1])
         try:
             # Each example gets fresh buckets: a unique prefix keeps examples apart.
             await run(store, program, f"ex{next(_counter)}-")

@@ -34,9 +34,11 @@ modes = st.sampled_from(["reserve", "optimistic"])
 measures = st.sampled_from(["usd", "tokens", "requests"])
 
 
-@pytest.fixture(params=["redis", "cluster", "sqlite"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    return backend_url(request, request.param, tmp_path, "fit.db")
+@pytest.fixture(params=["redis", "cluster", "sqlite", "sqlite-owned"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, bool | None]:
+    """The URL, and whether the store owns it (SQLite kept in the process's memory)."""
+    owner = True if request.param == "sqlite-owned" else None
+    return backend_url(request, request.param, tmp_path, "fit.db"), owner
 
 
 def _request(rid: str, view: BucketView, amount: int, mode: AdmissionMode) -> ReserveRequest:
@@ -92,7 +94,7 @@ async def _decide(
 @example(measure="requests", spent=2, holds=[0, 0], limit=4, amount=0, mode="reserve")
 @example(measure="requests", spent=2, holds=[0, 0], limit=5, amount=0, mode="reserve")
 def test_store_admits_exactly_what_the_fit_function_admits(
-    store_url: str,
+    store_url: tuple[str, bool | None],
     measure: Measure,
     spent: int,
     holds: list[int],
@@ -101,7 +103,7 @@ def test_store_admits_exactly_what_the_fit_function_admits(
     mode: AdmissionMode,
 ) -> None:
     async def main() -> tuple[BucketState, bool, bool]:
-        store = await open_store(store_url)
+        store = await open_store(store_url[0], owner=store_url[1])
         try:
             return await _decide(store, measure, spent, holds, limit, amount, mode)
         finally:

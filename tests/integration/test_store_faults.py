@@ -16,6 +16,7 @@ from devtools.config import demo_config
 from devtools.keys import DevIssuer
 from devtools.procs import start_redis
 from devtools.stack import Stack, running_stack, sidecar_process, wait_ready
+from sidecar.store.sqlite_journal import Journal
 
 CHAT = "/openai/v1/chat/completions"
 CENT = {"provider": "openai", "model": "flat-cent", "input_per_mtok": 0, "output_per_mtok": 10000}
@@ -159,12 +160,13 @@ def test_sidecar_sigkill_keeps_committed_charges(tmp_path: Path, issuer: DevIssu
             sidecar._require_started().wait(10)
             load.stop.set()
         seen_ok = load.statuses.count(200)
-        # Every reservation the killed process made must be charged exactly once, including
-        # those whose response never reached the client: count what reached the database
-        # (a log line written after the reservation can be cut off by the kill).
+        # The process owned the file: its latest reservations were in its journal, not
+        # yet in the file, when it was killed.
         with sqlite3.connect(workdir / "s.db") as connection:
-            admitted = connection.execute("SELECT COUNT(*) FROM reservations").fetchone()[0]
-        assert seen_ok <= admitted <= seen_ok + 5
+            in_file = connection.execute("SELECT COUNT(*) FROM reservations").fetchone()[0]
+        journaled = sum(
+            len(Journal.read(segment)) for segment in Journal(str(workdir / "s.db")).segments()
+        )
         grpc_port = stack.grpc_port
         http_port = int(stack.admin_url.rsplit(":", 1)[1])
         restarted = sidecar_process(
@@ -172,6 +174,15 @@ def test_sidecar_sigkill_keeps_committed_charges(tmp_path: Path, issuer: DevIssu
         ).start()
         with restarted:
             wait_ready(stack.admin_url, restarted)
+            # Every reservation the killed process made must be charged exactly once,
+            # including those whose response never reached the client: count what reached
+            # the database once the restarted process replayed the journal (a log line
+            # written after the reservation can be cut off by the kill).
+            with sqlite3.connect(workdir / "s.db") as connection:
+                admitted = connection.execute("SELECT COUNT(*) FROM reservations").fetchone()[0]
+            assert in_file <= admitted <= in_file + journaled
+            assert seen_ok <= admitted <= seen_ok + 5
+            assert Journal(str(workdir / "s.db")).segments() == []
 
             # Committed charges survived; open reservations are charged their estimate
             # (one cent each here) when their 3 s TTL ends, so the total is exact.

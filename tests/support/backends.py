@@ -14,7 +14,7 @@ def backend_url(
 ) -> str:
     """The store URL of one backend: "sqlite" (a file in tmp_path), "redis" (one server)
     or "cluster" (three primaries); the Redis ones start on first use."""
-    if backend == "sqlite":
+    if backend.startswith("sqlite"):
         return f"sqlite:///{tmp_path}/{name}"
     if backend == "redis":
         return str(request.getfixturevalue("redis_url"))

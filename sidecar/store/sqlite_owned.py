@@ -1,0 +1,316 @@
+"""A SQLite file owned by one process: reservations decided in memory.
+
+`sidecar serve` in one process is the only writer of its SQLite file (an exclusive lock
+beside the file keeps out a second one, and `--workers N` processes, which share the file
+through SQLite's own locking instead). So the budget state can live in its memory
+(`sqlite_totals.py`) and a reservation — nearly every Check's only store operation — is
+decided there without a hop to the store's thread: the buckets read from dicts, the holds
+added, the record appended to the journal (`sqlite_journal.py`) before the answer, and the
+record written to the file with the others of the next few milliseconds in one transaction.
+
+Everything else that changes budgets (charges, releases, expiries, backfills) still runs
+as one transaction on the store's thread, after the reservations waiting to be written
+(jobs run in the order they were queued), and its effect on the buckets is applied to
+memory once it has committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import sqlite3
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+import structlog
+
+from sidecar.admission.fit import fits
+from sidecar.model import TokenUsage
+from sidecar.store.base import StoreUnavailable
+from sidecar.store.budget_types import (
+    BucketState,
+    BucketView,
+    CommitResult,
+    LedgerPart,
+    Pricer,
+    Reservation,
+    ReserveRequest,
+    ReserveResult,
+)
+from sidecar.store.file_lock import FileLock
+from sidecar.store.sqlite_journal import Journal, Record
+from sidecar.store.sqlite_store import INSERT_RESERVATION, SQLiteStore, dims_json
+from sidecar.store.sqlite_totals import Deltas, Totals
+
+T = TypeVar("T")
+log = structlog.get_logger("sidecar.store")
+
+# Reservations wait at most this long, or until this many are waiting, before they are
+# written to the file together. They are safe in the journal meanwhile; waiting longer
+# makes the batches bigger and the store's thread cheaper per reservation.
+_FLUSH_SECONDS = 0.02
+_FLUSH_RECORDS = 256
+# After a failed write to the file, the next try (the records stay in memory and journal).
+_RETRY_SECONDS = 1.0
+# Memory forgets expired slots every this many housekeeping passes (they no longer count
+# once their window has passed them, so this only bounds memory).
+_PRUNE_EVERY = 30
+
+# A waiting reservation: its record and what it holds per bucket.
+_Pending = tuple[Record, list[tuple[str, int]]]
+
+
+def _holds_of(record: Record) -> list[tuple[str, int]]:
+    return [(entry[0], entry[5]) for entry in json.loads(record[5]) if entry[5]]
+
+
+class OwnedSQLiteStore(SQLiteStore):
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self._owner_lock = FileLock(self._path, exclusive=True)
+        self._journal = Journal(self._path)
+        self._totals = Totals()
+        self._pending: list[_Pending] = []
+        # Segments holding only records that a failed write handed back.
+        self._retry_segments: list[Path] = []
+        # Admitted reservations not yet known to be in the file.
+        self._unfiled: set[str] = set()
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self._passes = 0
+
+    # -- life --------------------------------------------------------------------------
+    async def open(self) -> None:
+        self._owner_lock.acquire()
+        try:
+            await super().open()
+            segments = self._journal.segments()
+            records = [r for segment in segments for r in Journal.read(segment)]
+            if records:
+                pending = [(r, _holds_of(r)) for r in records]
+                await self._tx(functools.partial(self._insert, pending=pending))
+                log.info("reservation_journal_replayed", records=len(records))
+            Journal.remove(segments)
+            self._totals = await self._run(Totals.load)
+        except BaseException:
+            await super().close()
+            self._owner_lock.release()
+            raise
+
+    async def close(self) -> None:
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        with contextlib.suppress(StoreUnavailable):
+            self._flush()
+        await super().close()
+        self._journal.seal()
+        self._owner_lock.release()
+
+    # -- writing reservations to the file ----------------------------------------------
+    def _flush(self) -> None:
+        """Queue the waiting reservations' write to the file ahead of any job queued after
+        this returns."""
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        sealed = self._journal.seal()
+        segments, self._retry_segments = self._retry_segments, []
+        if sealed is not None:
+            segments.append(sealed)
+        try:
+            future = self._worker.submit(functools.partial(self._insert, pending=pending), tx=True)
+        except StoreUnavailable:
+            self._requeue(pending, segments)
+            raise
+        future.add_done_callback(functools.partial(self._written, pending, segments))
+
+    def _insert(self, conn: sqlite3.Connection, pending: Sequence[_Pending]) -> list[_Pending]:
+        """Write reservations and their holds; returns those whose id was already there."""
+        conflicts: list[_Pending] = []
+        holds: dict[str, int] = {}
+        for record, record_holds in pending:
+            if conn.execute(INSERT_RESERVATION, record).rowcount:
+                for key, amount in record_holds:
+                    holds[key] = holds.get(key, 0) + amount
+            else:
+                conflicts.append((record, record_holds))
+        self._add_reserved_many(conn, list(holds.items()))
+        return conflicts
+
+    def _written(
+        self, pending: list[_Pending], segments: list[Path], future: asyncio.Future[list[_Pending]]
+    ) -> None:
+        error = None if future.cancelled() else future.exception()
+        if future.cancelled() or error is not None:
+            log.warning("reservations_write_failed", count=len(pending), error=str(error))
+            self._requeue(pending, segments)
+            return
+        for record, _ in pending:
+            self._unfiled.discard(record[0])
+        for record, record_holds in future.result():
+            # The file already had this id (a minted id never repeats, so this is a store
+            # used in a way it must not be): its holds were never written, so memory lets
+            # go of them too.
+            log.error("reservation_id_taken", request_id=record[0])
+            for key, amount in record_holds:
+                self._totals.hold(key, -amount)
+            self._totals.ended(record[0])
+        Journal.remove(segments)
+
+    def _requeue(self, pending: list[_Pending], segments: list[Path]) -> None:
+        self._pending[:0] = pending
+        self._retry_segments[:0] = segments
+        if self._flush_timer is None:
+            with contextlib.suppress(RuntimeError):  # no loop: closing
+                loop = asyncio.get_running_loop()
+                self._flush_timer = loop.call_later(_RETRY_SECONDS, self._timed_flush)
+
+    def _timed_flush(self) -> None:
+        self._flush_timer = None
+        with contextlib.suppress(StoreUnavailable):
+            self._flush()
+
+    # -- budgets -----------------------------------------------------------------------
+    async def reserve(self, request: ReserveRequest) -> ReserveResult:
+        due = self._totals.first_expiry()
+        if due is not None and due <= request.now:
+            # What expired counts as spend before anything is decided on these buckets.
+            await self._budget_tx(lambda conn, sink: self._settle(conn, request.now, 100, sink))
+        return self._reserve_now(request)
+
+    def _reserve_now(self, request: ReserveRequest) -> ReserveResult:
+        """The whole decision, with no await in it: nothing else changes memory meanwhile."""
+        totals = self._totals
+        buckets = request.buckets
+        states = [totals.state(b) for b in buckets]
+        seen = totals.existing(request.request_id, request.binding, request.now)
+        if seen is not None:
+            # Only a retry of the very same admission may pass on an existing id.
+            return ReserveResult(seen, (), tuple(states), duplicate=seen, conflict=not seen)
+        amounts = [request.amount_for(b) for b in buckets]
+        failed = tuple(
+            i
+            for i, (b, s, amount) in enumerate(zip(buckets, states, amounts, strict=True))
+            if b.enforce and not fits(s, amount, b.limit, request.mode)
+        )
+        if failed:
+            return ReserveResult(False, failed, tuple(states))
+        if "\t" in request.request_id + request.binding or "\n" in request.request_id + (
+            request.binding
+        ):
+            raise ValueError("a reservation id or binding holds a tab or a newline")
+        reserve_mode = request.mode == "reserve"
+        holds = amounts if reserve_mode else [0] * len(amounts)
+        entries = [
+            [b.key, b.slot, b.slot + b.ttl_seconds, b.measure, amount, hold]
+            for b, amount, hold in zip(buckets, amounts, holds, strict=True)
+        ]
+        record: Record = (
+            request.request_id,
+            request.amount,
+            request.amount if reserve_mode else 0,
+            request.expires_at,
+            request.now,
+            json.dumps(entries),
+            dims_json(request.dims),
+            request.binding,
+            *request.tokens,
+        )
+        try:
+            self._journal.append(record)
+        except OSError as exc:
+            raise StoreUnavailable(f"sqlite journal: {exc}") from exc
+        record_holds = [(b.key, hold) for b, hold in zip(buckets, holds, strict=True) if hold]
+        for key, hold in record_holds:
+            totals.hold(key, hold)
+        totals.opened(request.request_id, request.expires_at, request.binding)
+        self._unfiled.add(request.request_id)
+        self._pending.append((record, record_holds))
+        if len(self._pending) >= _FLUSH_RECORDS:
+            self._flush()
+        elif self._flush_timer is None:
+            loop = asyncio.get_running_loop()
+            self._flush_timer = loop.call_later(_FLUSH_SECONDS, self._timed_flush)
+        return ReserveResult(
+            True,
+            (),
+            tuple(BucketState(s.spent, s.reserved + h) for s, h in zip(states, holds, strict=True)),
+        )
+
+    async def _budget_tx(self, fn: Callable[[sqlite3.Connection, Deltas | None], T]) -> T:
+        self._flush()
+
+        def job(conn: sqlite3.Connection) -> tuple[T, Deltas]:
+            sink = Deltas()
+            return fn(conn, sink), sink
+
+        result, sink = await self._tx(job)
+        self._totals.apply(sink)
+        return result
+
+    def _known(self, request_id: str, result: CommitResult) -> CommitResult:
+        # Not found in the file although admitted here: its write failed and is being
+        # retried, so this charge must be retried too rather than dropped.
+        if result.status == "unknown" and request_id in self._unfiled:
+            raise StoreUnavailable("sqlite: the reservation is not written to the file yet")
+        return result
+
+    async def commit(
+        self,
+        request_id: str,
+        actual_micros: int,
+        usage: TokenUsage,
+        now: float,
+        error: bool = False,
+        others: Sequence[LedgerPart] = (),
+        tokens: tuple[int, int] | None = None,
+    ) -> CommitResult:
+        result = await super().commit(request_id, actual_micros, usage, now, error, others, tokens)
+        return self._known(request_id, result)
+
+    async def charge(self, request_id: str, price: Pricer, now: float) -> CommitResult:
+        return self._known(request_id, await super().charge(request_id, price, now))
+
+    async def charge_many(
+        self, charges: Sequence[tuple[str, Pricer]], now: float
+    ) -> list[CommitResult | Exception]:
+        results = await super().charge_many(charges, now)
+        out: list[CommitResult | Exception] = []
+        for (request_id, _), result in zip(charges, results, strict=True):
+            if isinstance(result, CommitResult):
+                try:
+                    result = self._known(request_id, result)
+                except StoreUnavailable as exc:
+                    out.append(exc)
+                    continue
+            out.append(result)
+        return out
+
+    async def settle_expired(self, now: float, limit: int = 500) -> int:
+        count = await super().settle_expired(now, limit)
+        self._passes += 1
+        if self._passes % _PRUNE_EVERY == 0:
+            self._totals.prune(now)
+        return count
+
+    async def open_reservations(self) -> int:
+        return self._totals.open_count()
+
+    # -- reads that must see the reservations still on their way -----------------------
+    async def reservation(self, request_id: str) -> Reservation | None:
+        self._flush()
+        return await super().reservation(request_id)
+
+    async def bucket_states(self, buckets: list[BucketView], now: float) -> list[BucketState]:
+        self._flush()
+        return await super().bucket_states(buckets, now)
+
+    async def scrub(self) -> None:
+        self._flush()
+        await super().scrub()

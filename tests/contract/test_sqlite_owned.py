@@ -1,0 +1,253 @@
+"""A SQLite file owned by one process: its lock, its journal, and memory equal to the file.
+
+The contract every store keeps runs against this store too (the `sqlite-owned` backend of
+the `store` fixture); these are what only it has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from sidecar.model import TokenUsage
+from sidecar.store.base import StoreUnavailable
+from sidecar.store.budget_types import BucketView
+from sidecar.store.factory import open_store
+from sidecar.store.sqlite_journal import Journal
+from sidecar.store.sqlite_owned import OwnedSQLiteStore
+from sidecar.store.sqlite_store import SQLiteStore
+from tests.support.reserve import reserve_request
+
+NOW = 1_800_000_000.0
+B = BucketView(key="b:own", slot=1_799_996_400, since=1_799_996_400, ttl_seconds=90_000, limit=100)
+C = BucketView(key="b:other", slot=1_799_996_400, since=1_799_996_400, ttl_seconds=90_000, limit=50)
+
+
+def url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path}/own.db"
+
+
+async def file_state(tmp_path: Path, *buckets: BucketView) -> list[tuple[int, int]]:
+    """Spent and held per bucket as the file says, read by a store that claims nothing."""
+    plain = SQLiteStore(url(tmp_path))
+    await plain.open()
+    try:
+        return [(s.spent, s.reserved) for s in await plain.bucket_states(list(buckets), NOW)]
+    finally:
+        await plain.close()
+
+
+async def test_a_second_owner_or_a_shared_user_is_refused_until_the_owner_closes(
+    tmp_path: Path,
+) -> None:
+    owner = await open_store(url(tmp_path), owner=True)
+    with pytest.raises(StoreUnavailable, match="only user"):
+        await open_store(url(tmp_path), owner=True)
+    with pytest.raises(StoreUnavailable, match="single-process"):
+        await open_store(url(tmp_path), owner=False)
+    await owner.close()
+    shared = await open_store(url(tmp_path), owner=False)
+    also_shared = await open_store(url(tmp_path), owner=False)
+    with pytest.raises(StoreUnavailable, match="only user"):
+        await open_store(url(tmp_path), owner=True)
+    await shared.close()
+    await also_shared.close()
+    again = await open_store(url(tmp_path), owner=True)
+    await again.close()
+
+
+async def test_reservations_reach_the_file_and_memory_agrees_with_it(tmp_path: Path) -> None:
+    store = OwnedSQLiteStore(url(tmp_path))
+    await store.open()
+    try:
+        assert (await store.reserve(reserve_request("r1", 30, B, C, now=NOW))).admitted
+        assert (await store.reserve(reserve_request("r2", 40, B, now=NOW))).admitted
+        refused = await store.reserve(reserve_request("r3", 40, B, now=NOW))
+        assert not refused.admitted and refused.failed == (0,)
+        await store.commit("r1", 12, TokenUsage(1, 1), NOW)
+        # A read of the file waits for the reservations queued before it.
+        states = await store.bucket_states([B, C], NOW)
+        assert [(s.spent, s.reserved) for s in states] == [(12, 40), (12, 0)]
+        assert [(s.spent, s.reserved) for s in await store.bucket_states([B, C], NOW)] == [
+            (store._totals.state(b).spent, store._totals.state(b).reserved) for b in (B, C)
+        ]
+        assert await store.open_reservations() == 1
+    finally:
+        await store.close()
+    assert await file_state(tmp_path, B, C) == [(12, 40), (12, 0)]
+    assert Journal(str(tmp_path / "own.db")).segments() == []
+
+
+_KILLED_WRITER = textwrap.dedent(
+    """
+    import asyncio, os, signal, sys
+    from sidecar.store.budget_types import BucketView
+    from sidecar.store.sqlite_owned import OwnedSQLiteStore
+    from tests.support.reserve import reserve_request
+
+    async def main() -> None:
+        store = OwnedSQLiteStore(sys.argv[1])
+        await store.open()
+        b = BucketView(key="b:own", slot=1_799_996_400, since=1_799_996_400,
+                       ttl_seconds=90_000, limit=100)
+        for i in range(3):
+            assert (await store.reserve(reserve_request(f"k{i}", 20, b,
+                                                        now=1_800_000_000.0))).admitted
+        # Killed before the reservations' write to the file: only the journal has them.
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    asyncio.run(main())
+    """
+)
+
+
+def killed_after_three_reservations(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILLED_WRITER, url(tmp_path)],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+
+
+async def test_reservations_of_a_killed_process_are_replayed_from_its_journal(
+    tmp_path: Path,
+) -> None:
+    killed_after_three_reservations(tmp_path)
+    journal = Journal(str(tmp_path / "own.db"))
+    assert sum(len(Journal.read(s)) for s in journal.segments()) == 3
+    with sqlite3.connect(tmp_path / "own.db") as conn:
+        assert conn.execute("SELECT COUNT(*) FROM reservations").fetchone()[0] == 0
+    store = OwnedSQLiteStore(url(tmp_path))
+    await store.open()
+    try:
+        assert Journal(str(tmp_path / "own.db")).segments() == []
+        assert store._totals.state(B).reserved == 60
+        assert await store.open_reservations() == 3
+        # Room is what the three left: 40 fits, 41 does not.
+        assert not (await store.reserve(reserve_request("x", 41, B, now=NOW))).admitted
+        assert (await store.reserve(reserve_request("y", 40, B, now=NOW))).admitted
+        assert (await store.commit("k0", 5, TokenUsage(1, 1), NOW)).status == "committed"
+    finally:
+        await store.close()
+    assert await file_state(tmp_path, B) == [(5, 80)]
+
+
+async def test_a_journal_replayed_twice_or_torn_at_its_end_changes_nothing_more(
+    tmp_path: Path,
+) -> None:
+    killed_after_three_reservations(tmp_path)
+    (segment,) = Journal(str(tmp_path / "own.db")).segments()
+    kept = tmp_path / "kept"
+    shutil.copy(segment, kept)
+    store = OwnedSQLiteStore(url(tmp_path))
+    await store.open()
+    await store.commit("k1", 7, TokenUsage(1, 1), NOW)
+    await store.close()
+    # The same records again, and the first bytes of a record the machine did not finish.
+    shutil.copy(kept, segment)
+    with segment.open("a") as f:
+        f.write("k9\t20\t20\t1800000600.0")
+    store = OwnedSQLiteStore(url(tmp_path))
+    await store.open()
+    try:
+        # k1 stays committed (not reopened), k0 and k2 stay held once, k9 never existed.
+        assert (await store.reservation("k1")) is not None
+        assert (await store.reservation("k1")).state == "committed"  # type: ignore[union-attr]
+        assert await store.reservation("k9") is None
+        assert store._totals.state(B).reserved == 40
+    finally:
+        await store.close()
+    assert await file_state(tmp_path, B) == [(7, 40)]
+
+
+async def test_a_reservation_that_cannot_be_journaled_is_refused_and_holds_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = OwnedSQLiteStore(url(tmp_path))
+    await store.open()
+    try:
+
+        def disk_full(record: object) -> None:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(store._journal, "append", disk_full)
+        with pytest.raises(StoreUnavailable, match="No space"):
+            await store.reserve(reserve_request("r1", 30, B, now=NOW))
+        assert store._totals.state(B).reserved == 0
+        assert await store.open_reservations() == 0
+        monkeypatch.undo()
+        assert (await store.reserve(reserve_request("r1", 30, B, now=NOW))).admitted
+    finally:
+        await store.close()
+
+
+async def test_a_charge_whose_reservation_failed_to_reach_the_file_is_retried_not_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = OwnedSQLiteStore(url(tmp_path))
+    await store.open()
+    try:
+        assert (await store.reserve(reserve_request("r1", 30, B, now=NOW))).admitted
+        real_insert = store._insert
+        failures = 0
+
+        def failing_once(conn: sqlite3.Connection, pending: object) -> object:
+            nonlocal failures
+            if failures == 0:
+                failures += 1
+                raise sqlite3.OperationalError("disk I/O error")
+            return real_insert(conn, pending)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(store, "_insert", failing_once)
+        # The charge finds no record in the file: it fails (to be retried), never "unknown".
+        with pytest.raises(StoreUnavailable):
+            await store.commit("r1", 10, TokenUsage(1, 1), NOW)
+        assert store._totals.state(B).reserved == 30
+        # The write is tried again ahead of the next budget job; the retry then charges.
+        assert (await store.commit("r1", 10, TokenUsage(1, 1), NOW)).status == "committed"
+        assert failures == 1
+        assert (store._totals.state(B).spent, store._totals.state(B).reserved) == (10, 0)
+    finally:
+        await store.close()
+    assert await file_state(tmp_path, B) == [(10, 0)]
+
+
+async def test_many_concurrent_reservations_and_charges_leave_memory_equal_to_the_file(
+    tmp_path: Path,
+) -> None:
+    big = BucketView(key="b:big", slot=B.slot, since=B.since, ttl_seconds=90_000, limit=5_000)
+    store = OwnedSQLiteStore(url(tmp_path))
+    await store.open()
+    try:
+        results = await asyncio.gather(
+            *(store.reserve(reserve_request(f"c{i}", 30, big, C, now=NOW)) for i in range(300))
+        )
+        admitted = [f"c{i}" for i, r in enumerate(results) if r.admitted]
+        # C's limit (50) admits exactly one 30 µUSD request at a time.
+        assert len(admitted) == 1
+        more = await asyncio.gather(
+            *(store.reserve(reserve_request(f"d{i}", 30, big, now=NOW)) for i in range(300))
+        )
+        admitted += [f"d{i}" for i, r in enumerate(more) if r.admitted]
+        assert len(admitted) == 1 + (5_000 - 30) // 30
+        charged = await store.charge_many([(rid, lambda res: None) for rid in admitted[:5]], NOW)
+        assert all(getattr(c, "status", None) == "unknown" for c in charged)
+        await asyncio.gather(
+            *(store.commit(rid, i % 40, TokenUsage(1, 1), NOW) for i, rid in enumerate(admitted))
+        )
+        memory = [(store._totals.state(b).spent, store._totals.state(b).reserved) for b in (big, C)]
+    finally:
+        await store.close()
+    assert await file_state(tmp_path, big, C) == memory
+    assert memory[0] == (sum(i % 40 for i in range(len(admitted))), 0)
