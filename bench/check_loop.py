@@ -145,7 +145,11 @@ async def _measure_on(
 
     config = bench_config(issuer, str(jwks), url)
     (workdir / "sidecar.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    services = await build_services(workdir / "sidecar.yaml")
+    try:
+        # As `sidecar serve` opens it: a SQLite file owned by the one process.
+        services = await build_services(workdir / "sidecar.yaml", store_owner=True)
+    except TypeError:  # a tree from before stores had owners
+        services = await build_services(workdir / "sidecar.yaml")
     if store == "admit":
         real = services.engine.store
 

@@ -41,7 +41,9 @@ def _keys(provider: str) -> dict[str, Any]:
     return {"default": {"env": KEY_ENV[provider]}}
 
 
-def demo_config(issuer: DevIssuer, jwks: str, store: str, **overrides: Any) -> dict[str, Any]:
+def demo_config(
+    issuer: DevIssuer, jwks: str, store: str | dict[str, Any], **overrides: Any
+) -> dict[str, Any]:
     source = {"jwks_url": jwks} if jwks.startswith("http") else {"jwks_file": jwks}
     config: dict[str, Any] = {
         "account_id": "acme",

@@ -39,6 +39,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 1
     from sidecar.config.loader import ConfigError
     from sidecar.event_loop import loop_name
+    from sidecar.store.base import StoreUnavailable
 
     try:
         loop_name()
@@ -53,6 +54,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         run(path, args.grpc, args.http)
     except ConfigError as exc:
         print("\n".join(exc.errors), file=sys.stderr)
+        return 1
+    except StoreUnavailable as exc:
+        # At start: the store cannot be opened (unreachable, or a file another process owns).
+        print(f"sidecar: {exc}", file=sys.stderr)
         return 1
     return 0
 

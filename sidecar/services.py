@@ -105,7 +105,10 @@ async def build_services(config_path: Path, *, store_owner: bool | None = None) 
     holder = RuleSetHolder(ruleset)
     device = ruleset.config.identity.device_login
     box = secret_box_for(config_path, ruleset) if device.enabled else None
-    store = await open_store(store_url(config_path, ruleset.config.store), owner=store_owner)
+    store_config = ruleset.config.store
+    if store_config.shared and store_owner:
+        store_owner = False
+    store = await open_store(store_url(config_path, store_config), owner=store_owner)
     tokens = ServiceTokens(store)
     sessions = CliSessions(store)
     identities = Identities(tokens, sessions)

@@ -83,6 +83,11 @@ class StoreConfig(Strict):
     # The Redis URL names nodes of a Redis Cluster (`redis://h1:6379,h2:6379/` read as
     # `redis+cluster://...`): the same as writing the cluster scheme.
     cluster: bool = False
+    # SQLite: other processes use this file too (an app with the ASGI middleware, another
+    # `sidecar serve`), so every decision takes SQLite's write lock. Otherwise one `sidecar
+    # serve` owns the file and keeps its budgets in memory (`sidecar/store/sqlite_owned.py`),
+    # and a second user of the file is refused at start. Redis is always shared.
+    shared: bool = False
 
     @field_validator("url")
     @classmethod

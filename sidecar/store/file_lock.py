@@ -29,14 +29,15 @@ class FileLock:
             os.close(fd)
             if self._exclusive:
                 raise StoreUnavailable(
-                    f"sqlite: {self._path[: -len('.lock')]} is in use by another sidecar "
-                    "process; one `sidecar serve` keeps a SQLite file's budgets in its memory "
-                    "and must be its only user (several processes: `sidecar serve --workers "
-                    "N` on one file, or a Redis store)"
+                    f"sqlite: {self._path[: -len('.lock')]} is in use by another process; a "
+                    "`sidecar serve` keeps the file's budgets in its memory and must be its only "
+                    "user unless `store.shared: true` is set for every process using the file "
+                    "(or use `sidecar serve --workers N`, or a Redis store)"
                 ) from None
             raise StoreUnavailable(
-                f"sqlite: {self._path[: -len('.lock')]} is in use by a single-process "
-                "`sidecar serve`, which keeps its budgets in memory; stop it first"
+                f"sqlite: {self._path[: -len('.lock')]} is in use by a `sidecar serve` that "
+                "keeps its budgets in memory; set `store.shared: true` in its config so that "
+                "other processes may use the file"
             ) from None
         self._fd = fd
 

@@ -57,7 +57,8 @@ def setup(
     config = demo_config(
         issuer,
         jwks,
-        f"sqlite:///{workdir}/shared.db",
+        # The sidecar process and the middleware in this one both use the file.
+        {"url": f"sqlite:///{workdir}/shared.db", "shared": True},
         spend_limits=LIMITS,
         fallbacks={"gpt-4o": [{"model": "flat-cent", "provider": "openai"}]},
         pricing={"unknown_model": "reject", "overrides": [FLAT, METERED]},

@@ -40,7 +40,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory, issuer: DevIssuer) -> Iterat
     workdir = tmp_path_factory.mktemp("device")
     jwks = issuer.write_jwks(workdir / "jwks.json")
     port = free_port()
-    config = demo_config(issuer, str(jwks), f"sqlite:///{workdir}/sidecar.db")
+    # Two sidecar processes on the one file.
+    config = demo_config(
+        issuer, str(jwks), {"url": f"sqlite:///{workdir}/sidecar.db", "shared": True}
+    )
     config["identity"]["device_login"] = {
         "enabled": True,
         "token_ttl": "1h",
