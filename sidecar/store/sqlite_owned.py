@@ -27,7 +27,6 @@ from typing import TypeVar
 
 import structlog
 
-from sidecar.admission.fit import fits
 from sidecar.model import TokenUsage
 from sidecar.store.base import StoreUnavailable
 from sidecar.store.budget_types import (
@@ -59,6 +58,10 @@ _RETRY_SECONDS = 1.0
 # once their window has passed them, so this only bounds memory).
 _PRUNE_EVERY = 30
 
+# Bucket keys kept JSON-encoded for reservation records (a few callers and rules make most
+# of the traffic); the cache starts again when full.
+_KEYS_CACHED = 20_000
+
 # A waiting reservation: its record and what it holds per bucket.
 _Pending = tuple[Record, list[tuple[str, int]]]
 
@@ -80,6 +83,7 @@ class OwnedSQLiteStore(SQLiteStore):
         self._unfiled: set[str] = set()
         self._flush_timer: asyncio.TimerHandle | None = None
         self._passes = 0
+        self._key_json: dict[str, str] = {}
 
     # -- life --------------------------------------------------------------------------
     async def open(self) -> None:
@@ -185,52 +189,76 @@ class OwnedSQLiteStore(SQLiteStore):
         return self._reserve_now(request)
 
     def _reserve_now(self, request: ReserveRequest) -> ReserveResult:
-        """The whole decision, with no await in it: nothing else changes memory meanwhile."""
+        """The whole decision, with no await in it: nothing else changes memory meanwhile.
+        Written as plain loops: this is nearly all of a Check's store work."""
         totals = self._totals
         buckets = request.buckets
-        states = [totals.state(b) for b in buckets]
+        spent, held = totals.read(buckets)
         seen = totals.existing(request.request_id, request.binding, request.now)
         if seen is not None:
             # Only a retry of the very same admission may pass on an existing id.
-            return ReserveResult(seen, (), tuple(states), duplicate=seen, conflict=not seen)
-        amounts = [request.amount_for(b) for b in buckets]
+            states = tuple(map(BucketState, spent, held))
+            return ReserveResult(seen, (), states, duplicate=seen, conflict=not seen)
+        tin, tout = request.tokens
+        by_measure = {
+            "usd": request.amount,
+            "tokens": tin + tout,
+            "input_tokens": tin,
+            "output_tokens": tout,
+            "requests": 1,
+        }
+        amounts = [by_measure[b.measure] for b in buckets]
+        reserve_mode = request.mode == "reserve"
+        # admission/fit.py's `fits`, inlined (test_fit_agreement holds every store to it).
         failed = tuple(
             i
-            for i, (b, s, amount) in enumerate(zip(buckets, states, amounts, strict=True))
-            if b.enforce and not fits(s, amount, b.limit, request.mode)
+            for i, b in enumerate(buckets)
+            if b.enforce
+            and (spent[i] + held[i] + amounts[i] > b.limit if reserve_mode else spent[i] >= b.limit)
         )
         if failed:
-            return ReserveResult(False, failed, tuple(states))
-        if "\t" in request.request_id + request.binding or "\n" in request.request_id + (
-            request.binding
-        ):
+            return ReserveResult(False, failed, tuple(map(BucketState, spent, held)))
+        rid, binding = request.request_id, request.binding
+        if "\t" in rid or "\n" in rid or "\t" in binding or "\n" in binding:
             raise ValueError("a reservation id or binding holds a tab or a newline")
-        reserve_mode = request.mode == "reserve"
         holds = amounts if reserve_mode else [0] * len(amounts)
-        entries = [
-            [b.key, b.slot, b.slot + b.ttl_seconds, b.measure, amount, hold]
-            for b, amount, hold in zip(buckets, amounts, holds, strict=True)
-        ]
+        key_json = self._key_json
+        parts = []
+        for b, amount, hold in zip(buckets, amounts, holds, strict=True):
+            key = b.key
+            encoded = key_json.get(key)
+            if encoded is None:
+                if len(key_json) >= _KEYS_CACHED:
+                    key_json.clear()
+                encoded = key_json[key] = json.dumps(key)
+            parts.append(
+                f'[{encoded},{b.slot},{b.slot + b.ttl_seconds},"{b.measure}",{amount},{hold}]'
+            )
         record: Record = (
-            request.request_id,
+            rid,
             request.amount,
             request.amount if reserve_mode else 0,
             request.expires_at,
             request.now,
-            json.dumps(entries),
+            "[" + ",".join(parts) + "]",
             dims_json(request.dims),
-            request.binding,
-            *request.tokens,
+            binding,
+            tin,
+            tout,
         )
         try:
             self._journal.append(record)
         except OSError as exc:
             raise StoreUnavailable(f"sqlite journal: {exc}") from exc
-        record_holds = [(b.key, hold) for b, hold in zip(buckets, holds, strict=True) if hold]
-        for key, hold in record_holds:
-            totals.hold(key, hold)
-        totals.opened(request.request_id, request.expires_at, request.binding)
-        self._unfiled.add(request.request_id)
+        record_holds = []
+        held_of = totals.held
+        for b, hold in zip(buckets, holds, strict=True):
+            if hold:
+                key = b.key
+                held_of[key] = held_of.get(key, 0) + hold
+                record_holds.append((key, hold))
+        totals.opened(rid, request.expires_at, binding)
+        self._unfiled.add(rid)
         self._pending.append((record, record_holds))
         if len(self._pending) >= _FLUSH_RECORDS:
             self._flush()
@@ -240,7 +268,7 @@ class OwnedSQLiteStore(SQLiteStore):
         return ReserveResult(
             True,
             (),
-            tuple(BucketState(s.spent, s.reserved + h) for s, h in zip(states, holds, strict=True)),
+            tuple(BucketState(s, h + d) for s, h, d in zip(spent, held, holds, strict=True)),
         )
 
     async def _budget_tx(self, fn: Callable[[sqlite3.Connection, Deltas | None], T]) -> T:
