@@ -34,8 +34,12 @@ def micros_to_usd(micros: int) -> float:
 
 
 def micros_to_usd_str(micros: int) -> str:
-    """For headers and tables: an exact decimal string such as '0.090000'."""
-    return f"{Decimal(micros) / MICROS_PER_USD:.6f}"
+    """For headers and tables: an exact decimal string such as '0.090000'.
+
+    Integer arithmetic, not Decimal: it is in every admitted Check's headers, and
+    formatting a Decimal took ~3 µs."""
+    whole, frac = divmod(abs(micros), MICROS_PER_USD)
+    return f"{'-' if micros < 0 else ''}{whole}.{frac:06d}"
 
 
 def cents_to_micros(cents: int) -> int:

@@ -6,6 +6,7 @@ import asyncio
 import functools
 import json
 import operator
+import os
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -324,3 +325,19 @@ def test_reservation_ids_are_random_version_4_uuids() -> None:
     # Every other bit varies: ids are not guessable from one another.
     fixed = ~((0xF << 76) | (0x3 << 62)) & ((1 << 128) - 1)
     assert functools.reduce(operator.or_, (int(r, 16) ^ int(min(ids), 16) for r in ids)) == fixed
+
+
+def test_a_forked_child_mints_other_ids_than_its_parent() -> None:
+    # Ids come from a buffer of random bytes; a child must not reuse what its parent had.
+    new_request_id()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next id, to the parent, then gone
+        os.write(write_end, new_request_id().encode())
+        os._exit(0)
+    os.close(write_end)
+    child_id = os.read(read_end, 64).decode()
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    assert len(child_id) == 32
+    assert child_id != new_request_id()

@@ -5,6 +5,8 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sidecar.money import (
     MICROS_PER_USD,
@@ -92,3 +94,9 @@ def test_cents_convert_down_never_up() -> None:
     assert micros_to_cents(19_999) == 1
     assert micros_to_cents(20_000) == 2
     assert micros_to_cents(9_999) == 0
+
+
+@given(st.integers(-(10**20), 10**20))
+def test_text_output_equals_decimal_formatting(micros: int) -> None:
+    # The integer formatting replaced Decimal's; any amount prints as Decimal printed it.
+    assert micros_to_usd_str(micros) == f"{Decimal(micros) / 1_000_000:.6f}"
