@@ -21,6 +21,8 @@ from sidecar.store.budget_types import BucketState, BucketView
 # would refuse it. Ids are minted per admission with 122 random bits, so a repeat is a bug
 # or an attack on the store API, and recent ones are all such a repeat can name.
 _ENDED_KEPT = 65_536
+# Stale entries the expiry heap may hold beyond twice the open reservations.
+_EXPIRIES_SLACK = 1024
 
 
 @dataclass(slots=True)
@@ -142,6 +144,12 @@ class Totals:
     def ended(self, request_id: str) -> None:
         if self._open.pop(request_id, None) is None and request_id in self._ended:
             return
+        if len(self._expiries) > 2 * len(self._open) + _EXPIRIES_SLACK:
+            # Ended reservations leave their expiry in the heap until it comes up; most end
+            # long before (charged), so without this the heap would hold every reservation
+            # of the last TTL. Rebuilt from what is open, it stays within twice that.
+            self._expiries = [(o.expires_at, rid) for rid, o in self._open.items()]
+            heapq.heapify(self._expiries)
         self._ended[request_id] = None
         if len(self._ended) > _ENDED_KEPT:
             self._ended.popitem(last=False)

@@ -251,3 +251,22 @@ async def test_many_concurrent_reservations_and_charges_leave_memory_equal_to_th
         await store.close()
     assert await file_state(tmp_path, big, C) == memory
     assert memory[0] == (sum(i % 40 for i in range(len(admitted))), 0)
+
+
+async def test_memory_for_expiries_follows_the_open_reservations_not_all_recent_ones(
+    tmp_path: Path,
+) -> None:
+    roomy = BucketView(key="b:roomy", slot=B.slot, since=B.since, ttl_seconds=90_000, limit=10**9)
+    store = OwnedSQLiteStore(url(tmp_path))
+    await store.open()
+    try:
+        for i in range(5_000):
+            assert (await store.reserve(reserve_request(f"m{i}", 1, roomy, now=NOW))).admitted
+            await store.commit(f"m{i}", 1, TokenUsage(1, 1), NOW)
+        assert await store.open_reservations() == 0
+        assert len(store._totals._expiries) <= 1024 + 1
+        # What stays open is still found when it expires.
+        assert (await store.reserve(reserve_request("last", 1, roomy, now=NOW, ttl=5))).admitted
+        assert store._totals.first_expiry() == NOW + 5
+    finally:
+        await store.close()
