@@ -120,6 +120,14 @@ def backend_pid(row: Row) -> int | None:
     return None
 
 
+def envoy_pid(row: Row) -> int | None:
+    """The row's Envoy: its CPU is on the same cores as the sidecar's."""
+    for proc in row.processes:
+        if proc.name.startswith("envoy") and proc.pid is not None:
+            return proc.pid
+    return None
+
+
 def top_inclusive(collapsed: Path, n: int = 40) -> list[tuple[str, float]]:
     """Functions by the share of samples they are anywhere on the stack in."""
     counts: Counter[str] = Counter()
@@ -183,11 +191,14 @@ def main(argv: list[str] | None = None) -> int:
                         pid, workdir / f"spy-{rnd}.txt", args.seconds, native=args.native
                     )
                 before = cpu_seconds(pid) if pid else 0.0
+                proxy = envoy_pid(row)
+                proxy_before = cpu_seconds(proxy) if proxy else 0.0
                 threads_before = thread_cpu(pid) if pid and args.threads else {}
                 result = run_wrk(
                     row.url + PATH, script, connections=args.connections, seconds=args.seconds
                 )
                 used = (cpu_seconds(pid) if pid else 0.0) - before
+                proxy_used = (cpu_seconds(proxy) if proxy else 0.0) - proxy_before
                 if pid and args.threads:
                     split = busiest_threads(threads_before, thread_cpu(pid), result.requests)
                     print(
@@ -200,12 +211,19 @@ def main(argv: list[str] | None = None) -> int:
                     with collapsed.open("a" if rnd else "w") as sink:
                         sink.write((workdir / f"spy-{rnd}.txt").read_text())
                 us = used / result.requests * 1e6 if result.requests else 0.0
+                envoy_us = proxy_used / result.requests * 1e6 if result.requests else 0.0
                 per_row[row.spec.key].append(
-                    {"rps": result.rps, "cpu_us": us, "errors": result.errors}
+                    {
+                        "rps": result.rps,
+                        "cpu_us": us,
+                        "envoy_cpu_us": envoy_us,
+                        "errors": result.errors,
+                    }
                 )
                 print(
                     f"round {rnd} {row.spec.key:10} {result.rps:8.0f} rps  "
-                    f"{us:7.0f} us CPU/request  errors={result.errors}",
+                    f"{us:7.0f} us CPU/request  Envoy {envoy_us:5.0f} us  "
+                    f"errors={result.errors}",
                     file=sys.stderr,
                 )
         if args.profile:
@@ -215,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         key: {
             "rps": median(t["rps"] for t in trials),
             "cpu_us_per_request": median(t["cpu_us"] for t in trials),
+            "envoy_cpu_us_per_request": median(t["envoy_cpu_us"] for t in trials),
             "errors": sum(t["errors"] for t in trials),
         }
         for key, trials in per_row.items()
