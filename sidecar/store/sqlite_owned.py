@@ -41,7 +41,12 @@ from sidecar.store.budget_types import (
 )
 from sidecar.store.file_lock import FileLock
 from sidecar.store.sqlite_journal import Journal, Record
-from sidecar.store.sqlite_store import INSERT_RESERVATION, SQLiteStore, dims_json
+from sidecar.store.sqlite_store import (
+    INSERT_RESERVATION,
+    SQLiteStore,
+    dims_json,
+    rebuild_holds,
+)
 from sidecar.store.sqlite_totals import Deltas, Totals
 
 T = TypeVar("T")
@@ -54,9 +59,6 @@ _FLUSH_SECONDS = 0.02
 _FLUSH_RECORDS = 256
 # After a failed write to the file, the next try (the records stay in memory and journal).
 _RETRY_SECONDS = 1.0
-# Memory forgets expired slots every this many housekeeping passes (they no longer count
-# once their window has passed them, so this only bounds memory).
-_PRUNE_EVERY = 30
 
 # Bucket keys kept JSON-encoded for reservation records (a few callers and rules make most
 # of the traffic); the cache starts again when full.
@@ -66,11 +68,11 @@ _KEYS_CACHED = 20_000
 _Pending = tuple[Record, list[tuple[str, int]]]
 
 
-def _holds_of(record: Record) -> list[tuple[str, int]]:
-    return [(entry[0], entry[5]) for entry in json.loads(record[5]) if entry[5]]
-
-
 class OwnedSQLiteStore(SQLiteStore):
+    # Holds live in memory only: no `reserved` row is written when a reservation reaches the
+    # file, is charged or expires (the file says so in `meta`; see `rebuild_holds`).
+    _holds_in_file = False
+
     def __init__(self, url: str) -> None:
         super().__init__(url)
         self._owner_lock = FileLock(self._path, exclusive=True)
@@ -82,24 +84,27 @@ class OwnedSQLiteStore(SQLiteStore):
         # Admitted reservations not yet known to be in the file.
         self._unfiled: set[str] = set()
         self._flush_timer: asyncio.TimerHandle | None = None
-        self._passes = 0
         self._key_json: dict[str, str] = {}
 
     # -- life --------------------------------------------------------------------------
     async def open(self) -> None:
         self._owner_lock.acquire()
         try:
-            await super().open()
             segments = self._journal.segments()
             records = [r for segment in segments for r in Journal.read(segment)]
+
+            def start(conn: sqlite3.Connection) -> None:
+                conn.execute("INSERT OR REPLACE INTO meta VALUES ('holds', 'memory')")
+                for record in records:
+                    conn.execute(INSERT_RESERVATION, record)
+
+            await self._tx(start)
             if records:
-                pending = [(r, _holds_of(r)) for r in records]
-                await self._tx(functools.partial(self._insert, pending=pending))
                 log.info("reservation_journal_replayed", records=len(records))
             Journal.remove(segments)
             self._totals = await self._run(Totals.load)
         except BaseException:
-            await super().close()
+            await self._worker.close()
             self._owner_lock.release()
             raise
 
@@ -109,7 +114,9 @@ class OwnedSQLiteStore(SQLiteStore):
             self._flush_timer = None
         with contextlib.suppress(StoreUnavailable):
             self._flush()
-        await super().close()
+            # Left current for whoever opens the file next (after the reservations above).
+            await self._tx(rebuild_holds)
+        await self._worker.close()
         self._journal.seal()
         self._owner_lock.release()
 
@@ -134,18 +141,11 @@ class OwnedSQLiteStore(SQLiteStore):
             raise
         future.add_done_callback(functools.partial(self._written, pending, segments))
 
-    def _insert(self, conn: sqlite3.Connection, pending: Sequence[_Pending]) -> list[_Pending]:
-        """Write reservations and their holds; returns those whose id was already there."""
-        conflicts: list[_Pending] = []
-        holds: dict[str, int] = {}
-        for record, record_holds in pending:
-            if conn.execute(INSERT_RESERVATION, record).rowcount:
-                for key, amount in record_holds:
-                    holds[key] = holds.get(key, 0) + amount
-            else:
-                conflicts.append((record, record_holds))
-        self._add_reserved_many(conn, list(holds.items()))
-        return conflicts
+    @staticmethod
+    def _insert(conn: sqlite3.Connection, pending: Sequence[_Pending]) -> list[_Pending]:
+        """Write reservations (their holds are in memory only); returns those whose id was
+        already there."""
+        return [p for p in pending if not conn.execute(INSERT_RESERVATION, p[0]).rowcount]
 
     def _written(
         self, pending: list[_Pending], segments: list[Path], future: asyncio.Future[list[_Pending]]
@@ -322,9 +322,8 @@ class OwnedSQLiteStore(SQLiteStore):
 
     async def settle_expired(self, now: float, limit: int = 500) -> int:
         count = await super().settle_expired(now, limit)
-        self._passes += 1
-        if self._passes % _PRUNE_EVERY == 0:
-            self._totals.prune(now)
+        # As the file's housekeeping in the same pass.
+        self._totals.prune(now)
         return count
 
     async def open_reservations(self) -> int:
@@ -336,8 +335,7 @@ class OwnedSQLiteStore(SQLiteStore):
         return await super().reservation(request_id)
 
     async def bucket_states(self, buckets: list[BucketView], now: float) -> list[BucketState]:
-        self._flush()
-        return await super().bucket_states(buckets, now)
+        return [self._totals.state(b, with_slots=True) for b in buckets]
 
     async def scrub(self) -> None:
         self._flush()

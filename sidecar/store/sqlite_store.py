@@ -36,6 +36,9 @@ from sidecar.store.budget_types import (
 )
 from sidecar.store.file_lock import FileLock
 from sidecar.store.private_file import make_private
+from sidecar.store.sqlite_journal import Journal, Record
+from sidecar.store.sqlite_records import entries as _entries
+from sidecar.store.sqlite_records import holds_of
 from sidecar.store.sqlite_totals import Deltas
 from sidecar.store.sqlite_worker import MAX_BATCH, SQLiteWorker, store_error
 
@@ -89,6 +92,10 @@ CREATE TABLE IF NOT EXISTS ledger (
   input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,
   errors INTEGER NOT NULL DEFAULT 0,
   PRIMARY KEY (hour, user, groups, token, kind, model, provider));
+-- ('holds', 'memory'): a process owning the file keeps the holds in its memory and the
+-- `reserved` table is not current; whoever opens the file next without an owner running
+-- rebuilds it from the open reservations (`rebuild_holds`).
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 """
 _LEDGER_COLUMNS = (
     "hour, user, groups, token, kind, model, provider, cost, requests, "
@@ -181,24 +188,6 @@ def _migrate(conn: sqlite3.Connection) -> None:
                 raise
 
 
-# One bucket of a reservation record: key, slot, slot expiry, measure, the estimate in that
-# measure, and what is held of it (the estimate, or 0 under optimistic admission).
-_Entry = tuple[str, int, int, str, int, int]
-
-
-def _entries(buckets_json: str, estimate: int, held: int) -> list[_Entry]:
-    """The buckets of a reservation record. Records written before buckets had measures
-    list only key, slot and expiry: those were µUSD buckets holding `held` of `estimate`."""
-    out: list[_Entry] = []
-    for entry in json.loads(buckets_json):
-        if len(entry) == 3:
-            out.append((entry[0], entry[1], entry[2], "usd", estimate, held))
-        else:
-            key, slot, expires, measure, amount, hold = entry
-            out.append((key, slot, expires, measure, amount, hold))
-    return out
-
-
 def _charge_row(conn: sqlite3.Connection, request_id: str) -> tuple[tuple[Any, ...] | None, bool]:
     """The reservation record as a commit reads it: state, estimate, held, buckets, dims,
     created_at, input_tokens, output_tokens (None when there is none); and whether it was
@@ -285,6 +274,30 @@ def _use_wal(conn: sqlite3.Connection) -> None:
             time.sleep(0.01)
 
 
+def recover(conn: sqlite3.Connection, records: Sequence[Record]) -> None:
+    """Journaled reservations written to the file (an id already there is left as it is),
+    and the holds rebuilt when they were kept elsewhere or reservations were added."""
+    added = sum(conn.execute(INSERT_RESERVATION, record).rowcount for record in records)
+    rebuild_holds(conn, force=added > 0)
+
+
+def rebuild_holds(conn: sqlite3.Connection, force: bool = False) -> None:
+    """Make `reserved` current again after a process kept the holds in its memory: the sum,
+    per bucket, of what the open reservations hold (which is what the table holds whenever
+    it is kept). Nothing to do when none did, unless `force`."""
+    if not force and conn.execute("SELECT 1 FROM meta WHERE key = 'holds'").fetchone() is None:
+        return
+    totals: dict[str, int] = {}
+    for buckets_json, estimate, held in conn.execute(
+        "SELECT buckets, estimate, held FROM reservations WHERE state = 'open'"
+    ):
+        for key, hold in holds_of(buckets_json, estimate, held):
+            totals[key] = totals.get(key, 0) + hold
+    conn.execute("DELETE FROM reserved")
+    conn.executemany("INSERT INTO reserved VALUES (?, ?)", totals.items())
+    conn.execute("DELETE FROM meta WHERE key = 'holds'")
+
+
 def _path_from_url(url: str) -> str:
     path = url.removeprefix("sqlite:///")
     if not path:
@@ -295,6 +308,9 @@ def _path_from_url(url: str) -> str:
 class SQLiteStore:
     """`shared`: opened by one of several serving processes (`sidecar serve --workers N`),
     which keeps out a process that would own the file alone (`sqlite_owned.py`)."""
+
+    # Whether the `reserved` table is kept current (not by a process owning the file).
+    _holds_in_file = True
 
     def __init__(self, url: str, *, shared: bool = False) -> None:
         self._path = _path_from_url(url)
@@ -324,7 +340,29 @@ class SQLiteStore:
     async def open(self) -> None:
         if self._lock is not None:
             self._lock.acquire()
-        await self._run(lambda conn: None)
+            await self._recover()
+            return
+        # Claiming nothing (a tool, a test): recovery only while no process owns the file
+        # (one that does keeps its holds in memory and its newest reservations in its
+        # journal, and is the one to recover them).
+        probe = FileLock(self._path, exclusive=False)
+        try:
+            probe.acquire()
+        except StoreUnavailable:
+            await self._run(lambda conn: None)
+            return
+        try:
+            await self._recover()
+        finally:
+            probe.release()
+
+    async def _recover(self) -> None:
+        """What a process that owned the file left behind when it was killed: the
+        reservations of its journal written to the file, and `reserved` made current."""
+        segments = Journal(self._path).segments()
+        records = [r for segment in segments for r in Journal.read(segment)]
+        await self._tx(functools.partial(recover, records=records))
+        Journal.remove(segments)
 
     async def close(self) -> None:
         await self._worker.close()
@@ -521,22 +559,26 @@ class SQLiteStore:
                 params,
             )
 
-    @staticmethod
     def _add_reserved(
-        conn: sqlite3.Connection, key: str, amount: int, sink: Deltas | None = None
+        self, conn: sqlite3.Connection, key: str, amount: int, sink: Deltas | None = None
     ) -> None:
         if sink is not None:
             sink.held.append((key, amount))
-        conn.execute(_ADD_RESERVED, (key, amount))
+        if self._holds_in_file:
+            conn.execute(_ADD_RESERVED, (key, amount))
 
-    @staticmethod
     def _add_reserved_many(
-        conn: sqlite3.Connection, holds: Sequence[tuple[str, int]], sink: Deltas | None = None
+        self,
+        conn: sqlite3.Connection,
+        holds: Sequence[tuple[str, int]],
+        sink: Deltas | None = None,
     ) -> None:
         # One multi-row statement, not executemany: a third of the time for a dozen rows.
         holds = [(key, amount) for key, amount in holds if amount]
         if sink is not None:
             sink.held += holds
+        if not self._holds_in_file:
+            return
         for start in range(0, len(holds), _BUCKETS_PER_STATEMENT):
             chunk = holds[start : start + _BUCKETS_PER_STATEMENT]
             params: list[object] = []
@@ -748,21 +790,39 @@ class SQLiteStore:
             conn: sqlite3.Connection, sink: Deltas | None, chunk: Sequence[tuple[str, Pricer]]
         ) -> list[CommitResult | Exception]:
             out: list[CommitResult | Exception] = []
+            # The charges' slot and hold changes, written once per bucket at the end: the
+            # calls of a batch share most of their buckets (a team's, a model's, the
+            # account's), and each row written is most of a charge's cost.
+            deferred = Deltas()
             for request_id, price in chunk:
                 conn.execute("SAVEPOINT charge")
-                # A charge rolled back alone must leave no trace in the sink either.
-                mine = None if sink is None else Deltas()
+                # A charge rolled back alone must leave no trace in either.
+                mine = Deltas()
                 try:
-                    out.append(self._charge(conn, request_id, price, mine))
+                    out.append(self._charge(conn, request_id, price, mine, deferred=True))
                 except Exception as exc:
                     if not conn.in_transaction:
                         raise  # SQLite rolled everything back itself (I/O error, disk full)
                     conn.execute("ROLLBACK TO charge")
                     out.append(store_error(exc))
                 else:
-                    if sink is not None and mine is not None:
-                        sink.extend(mine)
+                    deferred.extend(mine)
                 conn.execute("RELEASE charge")
+            slots: dict[tuple[str, int], list[int]] = {}
+            for key, slot, amount, expires in deferred.spent:
+                cell = slots.get((key, slot))
+                if cell is None:
+                    slots[key, slot] = [amount, expires]
+                else:
+                    cell[0] += amount
+                    cell[1] = max(cell[1], expires)
+            self._add_slots_many(conn, [(k, s, a, e) for (k, s), (a, e) in slots.items()])
+            holds: dict[str, int] = {}
+            for key, amount in deferred.held:
+                holds[key] = holds.get(key, 0) + amount
+            self._add_reserved_many(conn, list(holds.items()))
+            if sink is not None:
+                sink.extend(deferred)
             return out
 
         results: list[CommitResult | Exception] = []
@@ -780,6 +840,8 @@ class SQLiteStore:
         request_id: str,
         price: Pricer,
         sink: Deltas | None = None,
+        *,
+        deferred: bool = False,
     ) -> CommitResult:
         # What `price` raises needs no undoing here: every caller rolls this job back.
         row, marked = _charge_row(conn, request_id)
@@ -803,6 +865,7 @@ class SQLiteStore:
             priced.others,
             priced.tokens,
             sink,
+            deferred=deferred,
         )
 
     def _commit_row(
@@ -817,8 +880,13 @@ class SQLiteStore:
         others: Sequence[LedgerPart],
         tokens: tuple[int, int] | None,
         sink: Deltas | None = None,
+        *,
+        deferred: bool = False,
     ) -> CommitResult:
-        """`commit` of the reservation `row` (state, estimate, held, buckets, dims,
+        """`deferred`: the slot and hold changes only go to `sink`, for the caller to write
+        (`charge_many`, once per bucket for a whole batch).
+
+        `commit` of the reservation `row` (state, estimate, held, buckets, dims,
         created_at, ...) just read in this transaction (`marked`: and already marked
         committed)."""
         actual_in, actual_out = (
@@ -832,7 +900,11 @@ class SQLiteStore:
         delta = actual_micros if is_open else actual_micros - estimate
         entries = _entries(buckets_json, estimate, held)
         if is_open:
-            self._add_reserved_many(conn, [(e[0], -e[5]) for e in entries], sink)
+            releases = [(e[0], -e[5]) for e in entries if e[5]]
+            if deferred and sink is not None:
+                sink.held += releases
+            else:
+                self._add_reserved_many(conn, releases, sink)
             if sink is not None:
                 sink.ended.append(request_id)
         charges = []
@@ -840,7 +912,10 @@ class SQLiteStore:
             actual = measured(measure, actual_micros, actual_in, actual_out)
             # Requests count once: a late commit adds no second request.
             charges.append((key, slot, actual if is_open else actual - amount, expires))
-        self._add_slots_many(conn, charges, sink)
+        if deferred and sink is not None:
+            sink.spent += charges
+        else:
+            self._add_slots_many(conn, charges, sink)
         hour = int(created) // 3600 * 3600
         moved = sum(part.cost for part in others)
         self._add_ledger(

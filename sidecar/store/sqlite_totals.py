@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from sidecar.store.budget_types import BucketState, BucketView
+from sidecar.store.sqlite_records import holds_of
 
 # Ended reservation ids remembered, so that a reserve repeating one is refused as the file
 # would refuse it. Ids are minted per admission with 122 random bits, so a repeat is a bug
@@ -54,6 +55,10 @@ class Totals:
         self._slots: dict[str, dict[int, list[int]]] = {}
         # bucket -> what open reservations hold (a reservation adds to it directly)
         self.held: dict[str, int] = {}
+        # (expiry, bucket, slot) of every slot, to forget them as the file's housekeeping
+        # deletes them without looking at every bucket; an entry may be older than its
+        # slot's expiry (extended since), and is then put back.
+        self._slot_expiries: list[tuple[int, str, int]] = []
         self._open: dict[str, _Open] = {}
         self._expiries: list[tuple[float, str]] = []
         self._ended: OrderedDict[str, None] = OrderedDict()
@@ -67,24 +72,33 @@ class Totals:
             "SELECT bucket, slot, amount, expires_at FROM slots"
         ):
             totals._slots.setdefault(key, {})[slot] = [amount, expires]
-        for key, amount in conn.execute("SELECT bucket, amount FROM reserved WHERE amount != 0"):
-            totals.held[key] = amount
-        for rid, expires_at, binding in conn.execute(
-            "SELECT request_id, expires_at, binding FROM reservations WHERE state = 'open'"
+            totals._slot_expiries.append((expires, key, slot))
+        heapq.heapify(totals._slot_expiries)
+        # The holds are what the open reservations hold (the `reserved` table is not kept
+        # current while a process owns the file).
+        for rid, expires_at, binding, buckets_json, estimate, held in conn.execute(
+            "SELECT request_id, expires_at, binding, buckets, estimate, held FROM reservations "
+            "WHERE state = 'open'"
         ):
             totals.opened(rid, expires_at, binding)
+            for key, hold in holds_of(buckets_json, estimate, held):
+                totals.hold(key, hold)
         return totals
 
     # -- reading ---------------------------------------------------------------------
-    def state(self, bucket: BucketView) -> BucketState:
+    def state(self, bucket: BucketView, with_slots: bool = False) -> BucketState:
+        """`with_slots`: also the amount of each slot in the window, by slot."""
         slots = self._slots.get(bucket.key)
         spent = 0
+        kept: dict[int, int] = {}
         if slots:
             since = bucket.since
             for slot, cell in slots.items():
                 if slot >= since:
                     spent += cell[0]
-        return BucketState(spent, self.held.get(bucket.key, 0))
+                    if with_slots:
+                        kept[slot] = cell[0]
+        return BucketState(spent, self.held.get(bucket.key, 0), kept)
 
     def read(self, buckets: Sequence[BucketView]) -> tuple[list[int], list[int]]:
         """Spent and held of each bucket: `state` for a whole decision, in one loop (it
@@ -126,13 +140,18 @@ class Totals:
 
     # -- changing --------------------------------------------------------------------
     def hold(self, key: str, amount: int) -> None:
-        self.held[key] = self.held.get(key, 0) + amount
+        total = self.held.get(key, 0) + amount
+        if total:
+            self.held[key] = total
+        else:
+            self.held.pop(key, None)
 
     def add(self, key: str, slot: int, amount: int, expires: int) -> None:
         slots = self._slots.setdefault(key, {})
         cell = slots.get(slot)
         if cell is None:
             slots[slot] = [amount, expires]
+            heapq.heappush(self._slot_expiries, (expires, key, slot))
         else:
             cell[0] += amount
             cell[1] = max(cell[1], expires)
@@ -166,14 +185,18 @@ class Totals:
             self.ended(request_id)
 
     def prune(self, now: float) -> None:
-        """Forget what the file's housekeeping deletes: slots past their expiry and holds
-        released to zero."""
+        """Forget the slots the file's housekeeping deletes: those past their expiry."""
         cutoff = int(now)
-        for key in list(self._slots):
-            slots = self._slots[key]
-            for slot in [s for s, cell in slots.items() if cell[1] < cutoff]:
+        heap = self._slot_expiries
+        while heap and heap[0][0] < cutoff:
+            _, key, slot = heapq.heappop(heap)
+            slots = self._slots.get(key)
+            cell = slots.get(slot) if slots else None
+            if slots is None or cell is None:
+                continue
+            if cell[1] < cutoff:
                 del slots[slot]
-            if not slots:
-                del self._slots[key]
-        for key in [k for k, amount in self.held.items() if amount == 0]:
-            del self.held[key]
+                if not slots:
+                    del self._slots[key]
+            else:
+                heapq.heappush(heap, (cell[1], key, slot))

@@ -270,3 +270,46 @@ async def test_memory_for_expiries_follows_the_open_reservations_not_all_recent_
         assert store._totals.first_expiry() == NOW + 5
     finally:
         await store.close()
+
+
+async def test_holds_stay_in_memory_and_the_file_is_made_current_at_close(
+    tmp_path: Path,
+) -> None:
+    store = OwnedSQLiteStore(url(tmp_path))
+    await store.open()
+    try:
+        assert (await store.reserve(reserve_request("h1", 30, B, C, now=NOW))).admitted
+        await store.commit("nothing", 0, TokenUsage(), NOW)  # a job: the record is now filed
+        with sqlite3.connect(tmp_path / "own.db") as conn:
+            assert conn.execute("SELECT COUNT(*) FROM reservations").fetchone()[0] == 1
+            assert conn.execute("SELECT COUNT(*) FROM reserved").fetchone()[0] == 0
+            assert conn.execute("SELECT value FROM meta WHERE key='holds'").fetchone() == (
+                "memory",
+            )
+        states = await store.bucket_states([B, C], NOW)
+        assert [(s.spent, s.reserved) for s in states] == [(0, 30), (0, 30)]
+    finally:
+        await store.close()
+    with sqlite3.connect(tmp_path / "own.db") as conn:
+        assert conn.execute("SELECT * FROM meta").fetchall() == []
+        assert sorted(conn.execute("SELECT bucket, amount FROM reserved")) == [
+            ("b:other", 30),
+            ("b:own", 30),
+        ]
+
+
+@pytest.mark.parametrize("opener", ["shared", "plain"])
+async def test_after_a_killed_owner_any_next_process_replays_its_journal_and_holds(
+    tmp_path: Path, opener: str
+) -> None:
+    killed_after_three_reservations(tmp_path)
+    store = await open_store(url(tmp_path), owner=False if opener == "shared" else None)
+    try:
+        assert Journal(str(tmp_path / "own.db")).segments() == []
+        assert [(s.spent, s.reserved) for s in await store.bucket_states([B], NOW)] == [(0, 60)]
+        assert await store.open_reservations() == 3
+        # The file's own reservations see the replayed holds: 40 fits, 41 does not.
+        assert not (await store.reserve(reserve_request("x", 41, B, now=NOW))).admitted
+        assert (await store.reserve(reserve_request("y", 40, B, now=NOW))).admitted
+    finally:
+        await store.close()
