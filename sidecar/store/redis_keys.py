@@ -41,7 +41,7 @@ KeyKind = Literal[
     "counters",  # string: a bucket's spent, held, window and alive-until (BITFIELD i64 x4)
     "backfill",  # string: set once a rule's earlier spend was added to this bucket
     "home",  # string: the node tag of a request's home record (cluster, ids minted elsewhere)
-    "record",  # string: one request's record of its buckets on one shard (state + JSON)
+    "record",  # string: one request's record of its buckets on one shard (redis_record)
     "open",  # zset: home records of one shard scored by their expiry
     "held",  # zset: other groups' records of one shard scored by their expiry
     "slots",  # zset: "<slot>|<bucket hash key>" of one shard, scored by slot expiry

@@ -10,7 +10,7 @@
 --           entries of one bucket share its marker
 -- Returns   how many buckets got spend added (0: every marker was already set).
 --
--- Prepended at load time: budget_lib.lua (int, add_bucket, ...).
+-- A function of budget_lib.lua's library (it uses int, add_bucket, ...).
 
 local ctx = {slots = KEYS[1]}
 local applied, count = {}, 0

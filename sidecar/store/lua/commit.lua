@@ -37,7 +37,7 @@
 -- Returns   {status, estimate, other groups' node tags (comma-separated)}; estimate is 0
 --           when unknown.
 --
--- Prepended at load time: budget_lib.lua (int, load, charge, add_row, finish, ...).
+-- A function of budget_lib.lua's library (it uses int, load, charge, add_row, finish, ...).
 
 local ctx = {open = ARGV[1], held = ARGV[2], hours = ARGV[3], ledger_ttl = tonumber(ARGV[8]),
              retention = ARGV[9], slots = ARGV[4]}
@@ -71,7 +71,7 @@ local function book_parts()
       redis.call('HINCRBY', rec.l, 'c|' .. rec.d, -int(part[2]))
       add_ledger_hash(ctx, {d = part[1], l = rec.l, hr = rec.hr}, part[2], 0, part[3], part[4])
     else
-      redis.call('BITFIELD', rec.li .. '|' .. rec.d, 'INCRBY', 'i64', '#0', int(-part[2]))
+      move_row_cost(rec.li .. '|' .. rec.d, part[2])
       add_row(ctx, rec.li, rec.hr, part[1], part[2], 0, part[3], part[4])
     end
   end

@@ -28,7 +28,7 @@
 --           tags of its other parts (comma-separated), ...}}; a bucket hash left with no
 --           slot and no hold is deleted.
 --
--- Prepended at load time: budget_lib.lua (settle, ...).
+-- A function of budget_lib.lua's library (it uses settle, ...).
 
 local ctx = {open = KEYS[1], held = KEYS[2], hours = KEYS[3], slots = KEYS[4],
              ledger_ttl = tonumber(ARGV[3]), retention = ARGV[4]}
