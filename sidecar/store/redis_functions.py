@@ -43,12 +43,12 @@ class Library:
         flags = "{'allow-cross-slot-keys'}" if cluster else "{}"
         parts = [f"#!lua name={self.name}", lib]
         for name, body in scripts.items():
-            # `script_now` (budget_lib.lua) is the library's, shared by every call: each
-            # call starts without a clock.
+            # Each call begins with budget_lib.lua's `begin` (the library's locals are
+            # shared by every call).
             parts.append(
                 f"redis.register_function{{function_name='{self.function(name)}', "
                 f"flags={flags}, callback=function(KEYS, ARGV)\n"
-                f"script_now = nil\n{body}\nend}}"
+                f"begin()\n{body}\nend}}"
             )
         self.source = "\n".join(parts)
 

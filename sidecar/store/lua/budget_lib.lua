@@ -81,20 +81,37 @@
 -- command goes in as a string (int(), or literal): Redis would format a double itself, with
 -- printf (slow), and with an exponent from 1e17, which EXPIRE refuses.
 
+-- Redis's and Lua's library functions, bound as each call begins (`begin`): a library's
+-- code cannot reach them while it loads, and a global is looked up by name on every use
+-- (a few times what a local costs; there are hundreds of uses in a decision).
+local rcall, rpcall, spack, sunpack, tonum, sformat, srep, ssub, sfind, sbyte, floor, mmax
+local jdecode
+local script_now
+
+-- What every function of the library runs first.
+local function begin()
+  rcall, rpcall = redis.call, redis.pcall
+  spack, sunpack, jdecode = struct.pack, struct.unpack, cjson.decode
+  tonum, floor, mmax = tonumber, math.floor, math.max
+  sformat, srep, ssub, sfind, sbyte = string.format, string.rep, string.sub, string.find,
+                                      string.byte
+  -- No clock yet: each call has its own (`use_clock`).
+  script_now = nil
+end
+
 local function int(n)
-  return string.format('%d', n)
+  return sformat('%d', n)
 end
 
 -- The clock in whole seconds for key lifetimes: the request's own time when the script
 -- was given one (use_clock), else the server's, read once per script. A client clock a
 -- little off only moves when a TTL is next extended; the TTL itself is relative.
-local script_now = nil
 local function use_clock(now)
-  script_now = math.floor(tonumber(now))
+  script_now = floor(tonum(now))
 end
 local function clock()
   if script_now == nil then
-    script_now = tonumber(redis.call('TIME')[1])
+    script_now = tonum(rcall('TIME')[1])
   end
   return script_now
 end
@@ -104,8 +121,8 @@ end
 -- tag's). Only for what the store did not name: records of the earlier layout, and a fixed
 -- window's hash when its counters are made.
 local function rename(key, kind)
-  local brace = string.find(key, '{', 1, true)
-  return string.sub(key, 1, brace - 3) .. kind .. string.sub(key, brace)
+  local brace = sfind(key, '{', 1, true)
+  return ssub(key, 1, brace - 3) .. kind .. ssub(key, brace)
 end
 local function counters(hk)
   return rename(hk, 'c:')
@@ -113,8 +130,8 @@ end
 
 -- Extend a key's TTL to at least `secs` seconds; never shorten it, never delete the key.
 local function keep(key, secs)
-  if secs >= 1 and redis.call('TTL', key) < secs then
-    redis.call('EXPIRE', key, int(secs))
+  if secs >= 1 and rcall('TTL', key) < secs then
+    rcall('EXPIRE', key, int(secs))
   end
 end
 
@@ -127,18 +144,18 @@ local COUNTERS = '>i8i8i8i8'
 local function fields(raw, width)
   if #raw < width then
     -- A BITFIELD ends the string at the last field it wrote; the rest read as 0.
-    raw = raw .. string.rep('\0', width - #raw)
+    raw = raw .. srep('\0', width - #raw)
   end
   return raw
 end
 
 -- A bucket's counters: spent, held, window, alive-until (nil when the key does not exist).
 local function read_counters(ck)
-  local raw = redis.call('GET', ck)
+  local raw = rcall('GET', ck)
   if not raw then
     return nil
   end
-  local spent, held, window, alive = struct.unpack(COUNTERS, fields(raw, 32))
+  local spent, held, window, alive = sunpack(COUNTERS, fields(raw, 32))
   return spent, held, window, alive
 end
 
@@ -150,7 +167,7 @@ local function lifetime(alive, secs)
   if secs < 1 or alive >= now + secs then
     return nil, nil
   end
-  local want = secs + math.floor(secs / 8)
+  local want = secs + floor(secs / 8)
   return now + want, want
 end
 
@@ -164,8 +181,8 @@ local function adopt(ck, hk, rolling, slot, spent, held, secs)
     hk = rename(ck, 'b:')
   end
   local field = int(slot)
-  local old = redis.call('HMGET', hk, 'r', field)
-  held = held + tonumber(old[1] or 0)
+  local old = rcall('HMGET', hk, 'r', field)
+  held = held + tonum(old[1] or 0)
   if held < 0 then
     -- More released than held: the key was lost under open holds. Never let a negative
     -- hold make room that was not there.
@@ -173,17 +190,17 @@ local function adopt(ck, hk, rolling, slot, spent, held, secs)
   end
   local window = -1
   if not rolling then
-    spent = spent + tonumber(old[2] or 0)
+    spent = spent + tonum(old[2] or 0)
     window = slot
     if old[1] or old[2] then
-      redis.call('DEL', hk)
+      rcall('DEL', hk)
     end
   elseif old[1] then
-    redis.call('HDEL', hk, 'r', 't', 'f', 'k')
+    rcall('HDEL', hk, 'r', 't', 'f', 'k')
   end
-  local want = math.max(secs + math.floor(secs / 8), 1)
+  local want = mmax(secs + floor(secs / 8), 1)
   local alive = clock() + want
-  redis.call('SET', ck, struct.pack(COUNTERS, spent, held, window, alive), 'EX', int(want))
+  rcall('SET', ck, spack(COUNTERS, spent, held, window, alive), 'EX', int(want))
   return spent, held, window, alive
 end
 
@@ -194,11 +211,11 @@ local function add_bucket(ctx, ck, hk, slot, amount, ttl, held)
   local rolling = hk and true or false
   if rolling and amount ~= 0 then
     local field = int(slot)
-    if redis.call('HINCRBY', hk, field, int(amount)) == amount then
+    if rcall('HINCRBY', hk, field, int(amount)) == amount then
       -- A new slot: index it so settle.lua drops it once dead, and let the hash outlive it
       -- (the newest slot dies last). GT keeps the latest expiry.
-      redis.call('ZADD', ctx.slots, 'GT', int(slot + ttl), field .. '|' .. hk)
-      redis.call('EXPIRE', hk, int(ttl))
+      rcall('ZADD', ctx.slots, 'GT', int(slot + ttl), field .. '|' .. hk)
+      rcall('EXPIRE', hk, int(ttl))
     end
   end
   local spent, h, window, alive = read_counters(ck)
@@ -216,19 +233,19 @@ local function add_bucket(ctx, ck, hk, slot, amount, ttl, held)
     -- The counters already follow a later slot (fixed) or a later window start
     -- (rolling): this slot is no longer in what #0 sums.
     if held ~= 0 then
-      redis.call('SETRANGE', ck, '8', struct.pack('>i8', h))
+      rcall('SETRANGE', ck, '8', spack('>i8', h))
     end
   elseif window < slot and not rolling then
     -- A fixed window's first spend in a new slot: #0 restarts with it.
     local until_, want = lifetime(alive, ttl)
-    redis.call('SETRANGE', ck, '0', struct.pack(COUNTERS, amount, h, slot, until_ or alive))
+    rcall('SETRANGE', ck, '0', spack(COUNTERS, amount, h, slot, until_ or alive))
     if want then
-      redis.call('EXPIRE', ck, int(want))
+      rcall('EXPIRE', ck, int(want))
     end
   elseif amount ~= 0 or held ~= 0 then
     -- Charged and released in one write (a rolling window's -1, "not summed yet", takes
     -- the charge too: it is summed afresh anyway).
-    redis.call('SETRANGE', ck, '0', struct.pack('>i8i8', spent + amount, h))
+    rcall('SETRANGE', ck, '0', spack('>i8i8', spent + amount, h))
   end
 end
 
@@ -246,12 +263,12 @@ local function window_spent(hk, slot, since, spent, window)
     return spent, window
   end
   -- The window start moved (or the total is new): sum the slots still in the window.
-  local flat = redis.call('HGETALL', hk)
+  local flat = rcall('HGETALL', hk)
   local total = 0
   for j = 1, #flat, 2 do
-    local s = tonumber(flat[j])
+    local s = tonum(flat[j])
     if s ~= nil and s >= since then
-      total = total + tonumber(flat[j + 1])
+      total = total + tonum(flat[j + 1])
     end
   end
   return total, since
@@ -261,15 +278,15 @@ end
 -- (records written before still book there).
 local function add_ledger_hash(ctx, rec, cost, requests, input, output, errors)
   local dims = rec.d
-  redis.call('HINCRBY', rec.l, 'c|' .. dims, int(cost))
-  local n = redis.call('HINCRBY', rec.l, 'n|' .. dims, int(requests))
-  redis.call('HINCRBY', rec.l, 'i|' .. dims, int(input))
-  redis.call('HINCRBY', rec.l, 'o|' .. dims, int(output))
+  rcall('HINCRBY', rec.l, 'c|' .. dims, int(cost))
+  local n = rcall('HINCRBY', rec.l, 'n|' .. dims, int(requests))
+  rcall('HINCRBY', rec.l, 'i|' .. dims, int(input))
+  rcall('HINCRBY', rec.l, 'o|' .. dims, int(output))
   if errors ~= nil and errors > 0 then
-    redis.call('HINCRBY', rec.l, 'e|' .. dims, int(errors))
+    rcall('HINCRBY', rec.l, 'e|' .. dims, int(errors))
   end
-  if n == tonumber(requests) then
-    redis.call('ZADD', ctx.hours, rec.hr, rec.hr)
+  if n == tonum(requests) then
+    rcall('ZADD', ctx.hours, rec.hr, rec.hr)
     keep(rec.l, ctx.ledger_ttl)
   end
 end
@@ -278,40 +295,40 @@ end
 -- there is no row).
 local ROW = '>i8i8i8i8i8'
 local function read_row(row)
-  local raw = redis.call('GET', row)
+  local raw = rcall('GET', row)
   if not raw then
     return nil
   end
-  local cost, requests, input, output, errors = struct.unpack(ROW, fields(raw, 40))
+  local cost, requests, input, output, errors = sunpack(ROW, fields(raw, 40))
   return cost, requests, input, output, errors
 end
 
 -- Take `cost` off a ledger row (its part booked under other dims).
 local function move_row_cost(row, cost)
   local c = read_row(row)
-  redis.call('SETRANGE', row, '0', struct.pack('>i8', (c or 0) - cost))
+  rcall('SETRANGE', row, '0', spack('>i8', (c or 0) - cost))
 end
 
 -- Book one exchange (or a correction) in the ledger row of `dims` under `index` (its key:
 -- the index key, "|", the dims; redis_keys.py `ledger_row`).
 local function add_row(ctx, index, hr, dims, cost, requests, input, output, errors)
   local row = index .. '|' .. dims
-  requests = tonumber(requests)
+  requests = tonum(requests)
   local c, n, i, o, e = read_row(row)
-  local value = struct.pack(ROW, (c or 0) + cost, (n or 0) + requests, (i or 0) + input,
+  local value = spack(ROW, (c or 0) + cost, (n or 0) + requests, (i or 0) + input,
                             (o or 0) + output, (e or 0) + (errors or 0))
   if c then
-    redis.call('SETRANGE', row, '0', value)
+    rcall('SETRANGE', row, '0', value)
   else
-    redis.call('SET', row, value)
+    rcall('SET', row, value)
   end
   if (n or 0) == 0 then
     -- A new row (or one that only ever held parts): index it, its hour, and give both
     -- their lifetime.
-    redis.call('SADD', index, dims)
-    redis.call('EXPIRE', index, ctx.ledger_ttl)
-    redis.call('EXPIRE', row, ctx.ledger_ttl)
-    redis.call('ZADD', ctx.hours, hr, hr)
+    rcall('SADD', index, dims)
+    rcall('EXPIRE', index, ctx.ledger_ttl)
+    rcall('EXPIRE', row, ctx.ledger_ttl)
+    rcall('ZADD', ctx.hours, hr, hr)
   end
 end
 
@@ -343,11 +360,11 @@ end
 -- still nested with the window kind unknown (then a bucket whose counters follow that very
 -- slot is a fixed window).
 local function load_hash(rkey)
-  local v = redis.call('HMGET', rkey, 's', 'e', 'b', 'hm', 'd', 'l', 'hr', 'g', 'x', 'id', 'bd')
+  local v = rcall('HMGET', rkey, 's', 'e', 'b', 'hm', 'd', 'l', 'hr', 'g', 'x', 'id', 'bd')
   if not v[1] then
     return nil
   end
-  local list = cjson.decode(v[3])
+  local list = jdecode(v[3])
   local flat = list
   if type(list[1]) == 'table' then
     flat = {}
@@ -363,7 +380,7 @@ local function load_hash(rkey)
     local hk, kind = flat[i], flat[i + 6]
     local ck = counters(hk)
     if kind == -1 then
-      kind = redis.call('BITFIELD_RO', ck, 'GET', 'i64', '#2')[1] == flat[i + 1] and 0 or 1
+      kind = rcall('BITFIELD_RO', ck, 'GET', 'i64', '#2')[1] == flat[i + 1] and 0 or 1
     end
     b[#b + 1] = ck
     for j = 1, 5 do
@@ -371,8 +388,8 @@ local function load_hash(rkey)
     end
     b[#b + 1] = kind == 1 and hk or 0
   end
-  return {s = v[1], e = tonumber(v[2]), b = from_json(b), hm = v[4] == '1', d = v[5],
-          l = v[6], hr = v[7], g = v[8] or '', x = tonumber(v[9]), id = v[10], bd = v[11],
+  return {s = v[1], e = tonum(v[2]), b = from_json(b), hm = v[4] == '1', d = v[5],
+          l = v[6], hr = v[7], g = v[8] or '', x = tonum(v[9]), id = v[10], bd = v[11],
           old = true}
 end
 
@@ -385,8 +402,8 @@ local ENTRY = 'i4c0i4c0i4c0i8i8i8i8i8i1i8'
 
 -- A record of this layout, from its bytes, as `load` returns records.
 local function decode(raw)
-  local s, e, x, hm, hr, _, _, _, bd, d, li, g, id, n, pos = struct.unpack(HEAD, raw)
-  local b = {struct.unpack('>' .. string.rep(ENTRY, n), raw, pos)}
+  local s, e, x, hm, hr, _, _, _, bd, d, li, g, id, n, pos = sunpack(HEAD, raw)
+  local b = {sunpack('>' .. srep(ENTRY, n), raw, pos)}
   b[#b] = nil  -- the position after the last field
   return {s = STATES[s], e = e, x = x, bd = bd, hm = hm == 1, d = d, li = li, hr = hr, g = g,
           id = id, b = b, fmt = 'bin'}
@@ -394,22 +411,22 @@ end
 
 -- A stored record's string: this layout's, or the earlier JSON array (which begins "[").
 local function parse(raw)
-  if string.byte(raw, 1) ~= 91 then
+  if sbyte(raw, 1) ~= 91 then
     return decode(raw)
   end
-  local t = cjson.decode(raw)
+  local t = jdecode(raw)
   return {s = STATES[t[1]], e = t[2], x = t[3], bd = t[4], hm = t[5] == 1, d = t[6], li = t[7],
           hr = t[8], g = t[11], id = t[12], b = from_json(t), fmt = 'json'}
 end
 
 -- A group record (see the layout above), or nil when there is none.
 local function load(rkey)
-  local raw = redis.pcall('GET', rkey)
+  local raw = rpcall('GET', rkey)
   if not raw then
     return nil
   end
   if type(raw) == 'table' then
-    if string.find(raw.err, 'WRONGTYPE', 1, true) then
+    if sfind(raw.err, 'WRONGTYPE', 1, true) then
       return load_hash(rkey)
     end
     error(raw)
@@ -453,17 +470,17 @@ end
 -- Done records stay a while so late and duplicate completions are recognised.
 local function finish(ctx, rkey, rec, state)
   if rec.old then
-    redis.call('HSET', rkey, 's', STATES[state])
+    rcall('HSET', rkey, 's', STATES[state])
   elseif rec.fmt == 'json' then
-    redis.call('SETRANGE', rkey, '2', state)  -- the state letter: '["o",...'
+    rcall('SETRANGE', rkey, '2', state)  -- the state letter: '["o",...'
   else
-    redis.call('SETRANGE', rkey, '0', state)
+    rcall('SETRANGE', rkey, '0', state)
   end
-  redis.call('EXPIRE', rkey, ctx.retention)
+  rcall('EXPIRE', rkey, ctx.retention)
   if rec.hm then
-    redis.call('ZREM', ctx.open, rkey)
+    rcall('ZREM', ctx.open, rkey)
   else
-    redis.call('ZREM', ctx.held, rkey)
+    rcall('ZREM', ctx.held, rkey)
   end
 end
 
@@ -479,7 +496,7 @@ end
 -- many home records (reservations) were settled, and {request id, other parts' node tags}
 -- of those with parts on other shards.
 local function settle_index(ctx, index, now, limit)
-  local due = redis.call('ZRANGEBYSCORE', index, '-inf', now, 'LIMIT', 0, limit)
+  local due = rcall('ZRANGEBYSCORE', index, '-inf', now, 'LIMIT', 0, limit)
   local settled, parts = 0, {}
   for _, rkey in ipairs(due) do
     local rec = load(rkey)
@@ -493,7 +510,7 @@ local function settle_index(ctx, index, now, limit)
         end
       end
     else
-      redis.call('ZREM', index, rkey)
+      rcall('ZREM', index, rkey)
     end
   end
   return settled, parts

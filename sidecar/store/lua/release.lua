@@ -28,11 +28,11 @@ for i = 1, #b, 10 do
     local _, h = read_counters(ck)
     -- Gone (expired under the hold): nothing left to release.
     if h ~= nil then
-      redis.call('SETRANGE', ck, '8', struct.pack('>i8', math.max(h - held, 0)))
+      rcall('SETRANGE', ck, '8', spack('>i8', mmax(h - held, 0)))
     end
   end
 end
-redis.call('DEL', KEYS[1])
-redis.call('ZREM', ARGV[2], KEYS[1])
-redis.call('ZREM', ARGV[3], KEYS[1])
+rcall('DEL', KEYS[1])
+rcall('ZREM', ARGV[2], KEYS[1])
+rcall('ZREM', ARGV[3], KEYS[1])
 return 1

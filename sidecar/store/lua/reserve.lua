@@ -43,10 +43,10 @@
 -- A function of budget_lib.lua's library (it uses int, decode, adopt, window_spent, settle, ...).
 
 local ctx = {open = ARGV[1], held = ARGV[2], hours = ARGV[3], slots = ARGV[4],
-             retention = ARGV[10], ledger_ttl = tonumber(ARGV[11])}
-local now = tonumber(ARGV[5])
+             retention = ARGV[10], ledger_ttl = tonum(ARGV[11])}
+local now = tonum(ARGV[5])
 use_clock(now)
-local parts = settle(ctx, ARGV[5], tonumber(ARGV[6]))
+local parts = settle(ctx, ARGV[5], tonum(ARGV[6]))
 
 local rkey = KEYS[1]
 local rec = decode(ARGV[9])
@@ -54,10 +54,10 @@ local b = rec.b
 local spent, reserved = {}, {}
 
 -- The record goes in first: writing it is the look-up of a repeated request id.
-local seen = redis.pcall('SET', rkey, ARGV[9], 'NX', 'GET')
+local seen = rpcall('SET', rkey, ARGV[9], 'NX', 'GET')
 if seen then
   if type(seen) == 'table' then
-    if not string.find(seen.err, 'WRONGTYPE', 1, true) then
+    if not sfind(seen.err, 'WRONGTYPE', 1, true) then
       error(seen)
     end
     seen = load(rkey)  -- a record of the earlier layout
@@ -79,11 +79,15 @@ if seen then
 end
 
 local optimistic = ARGV[7] == 'optimistic'
-local hold_for = tonumber(ARGV[12])
+local hold_for = tonum(ARGV[12])
 -- Every bucket is read and judged first; only an admitted request writes (its holds, and
 -- counters moved to this window or given a longer life), so a refusal undoes nothing. A
 -- bucket named twice is read once: its second hold counts the first.
 local failed, buckets, order = {}, {}, {}
+-- What a bucket's entry in `buckets` holds, by position (array slots, not hashed fields):
+-- counters key, held, spent in the window, window its counters follow, the window they
+-- follow from now on, alive-until, life it needs, made by this call, held by this request.
+local CK, HELD, TOTAL, WINDOW, FOLLOWS, ALIVE, LIFE, FRESH, MINE = 1, 2, 3, 4, 5, 6, 7, 8, 9
 for i = 1, #b, 10 do
   local ck, slot, since = b[i], b[i + 3], b[i + 4]
   local hold = b[i + 7]
@@ -97,23 +101,22 @@ for i = 1, #b, 10 do
       s, h, window, alive = adopt(ck, hk, slot ~= since, slot, 0, 0, life)
     end
     local total, follows = window_spent(hk, slot, since, s, window)
-    k = {ck = ck, h = h, total = total, window = window, follows = follows, alive = alive,
-         life = life, fresh = fresh, held = 0}
+    k = {ck, h, total, window, follows, alive, life, fresh, 0}
     buckets[ck] = k
     order[#order + 1] = k
-  elseif life > k.life then
-    k.life = life
+  elseif life > k[LIFE] then
+    k[LIFE] = life
   end
-  local h = k.h + k.held
-  k.held = k.held + hold
-  spent[#spent + 1], reserved[#reserved + 1] = k.total, h + hold
+  local h = k[HELD] + k[MINE]
+  k[MINE] = k[MINE] + hold
+  spent[#spent + 1], reserved[#reserved + 1] = k[TOTAL], h + hold
   if b[i + 8] == 1 then
     local full
     if optimistic then
-      full = k.total >= b[i + 9]
+      full = k[TOTAL] >= b[i + 9]
     else
       -- Inclusive boundary: exactly reaching the limit is allowed.
-      full = k.total + h + hold > b[i + 9]
+      full = k[TOTAL] + h + hold > b[i + 9]
     end
     if full then
       failed[#failed + 1] = (i - 1) / 10
@@ -127,35 +130,37 @@ if #failed > 0 then
   for j = 1, #reserved do
     reserved[j] = reserved[j] - b[(j - 1) * 10 + 8]
   end
-  for _, k in ipairs(order) do
-    if k.fresh and k.h == 0 and k.total == 0 then
-      redis.call('DEL', k.ck)
+  for o = 1, #order do
+    local k = order[o]
+    if k[FRESH] and k[HELD] == 0 and k[TOTAL] == 0 then
+      rcall('DEL', k[CK])
     end
   end
-  redis.call('DEL', rkey)
+  rcall('DEL', rkey)
   return {'refused', failed, spent, reserved, parts}
 end
 
-for _, k in ipairs(order) do
+for o = 1, #order do
+  local k = order[o]
   -- The hold must outlive the reservation, or its release would find nothing; a bucket
   -- read without holding (optimistic) must outlive its window too.
-  local until_, want = lifetime(k.alive, k.life)
-  if k.follows ~= k.window or until_ then
+  local until_, want = lifetime(k[ALIVE], k[LIFE])
+  if k[FOLLOWS] ~= k[WINDOW] or until_ then
     -- Counters that followed an earlier window follow this one from now on (the next
     -- decision reads them).
-    redis.call('SETRANGE', k.ck, '0', struct.pack(COUNTERS, k.total, k.h + k.held, k.follows,
-                                                  until_ or k.alive))
+    rcall('SETRANGE', k[CK], '0',
+          spack(COUNTERS, k[TOTAL], k[HELD] + k[MINE], k[FOLLOWS], until_ or k[ALIVE]))
     if want then
-      redis.call('EXPIRE', k.ck, int(want))
+      rcall('EXPIRE', k[CK], int(want))
     end
-  elseif k.held ~= 0 then
-    redis.call('SETRANGE', k.ck, '8', struct.pack('>i8', k.h + k.held))
+  elseif k[MINE] ~= 0 then
+    rcall('SETRANGE', k[CK], '8', spack('>i8', k[HELD] + k[MINE]))
   end
 end
 
 if rec.hm then
-  redis.call('ZADD', ctx.open, ARGV[8], rkey)
+  rcall('ZADD', ctx.open, ARGV[8], rkey)
 else
-  redis.call('ZADD', ctx.held, ARGV[8], rkey)
+  rcall('ZADD', ctx.held, ARGV[8], rkey)
 end
 return {'new', {}, spent, reserved, parts}

@@ -22,7 +22,7 @@ local ctx = {open = ARGV[1], held = ARGV[2], hours = ARGV[3], slots = ARGV[4],
              ledger_ttl = 0, retention = ARGV[6]}
 use_clock(ARGV[5])
 local rec = load(KEYS[1])
-if rec == nil or rec.s ~= 'open' or rec.hm or rec.x > tonumber(ARGV[5]) then
+if rec == nil or rec.s ~= 'open' or rec.hm or rec.x > tonum(ARGV[5]) then
   return 0
 end
 expire(ctx, KEYS[1], rec)
