@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -88,20 +88,21 @@ def replay(port: int, calls: list[Call], rounds: int, per_round: int) -> dict[st
     """Fastest µs per call of each captured script, replayed with fresh request ids."""
     client = redis.Redis(port=port, decode_responses=True)
     # The reserve's request id ends its record's key ("...:r:<id>"), and the id appears in
-    # its arguments (alone, or in the record): replaced wherever it is, by a random id of
-    # the same length (a record gives its strings' lengths; Lua hashes a long string from a
+    # its arguments (alone, or in the record): replaced wherever it is, by a random-looking
+    # id of the same length (a record gives its strings' lengths; Lua hashes a long string from a
     # sample of its bytes, so ids alike but for a counter would collide where real ids do
     # not).
     request_id = calls[0][1][0].rsplit(":r:", 1)[1]
     best = {"reserve": float("inf"), "commit": float("inf")}
-    for _ in range(rounds):
+    for n in range(rounds):
         for name, ((kind, what), keys, args) in zip(best, calls[:2], strict=True):
             sha = client.script_load(what) if kind == "eval" else ""
             command = "fcall" if kind == "fcall" else "evalsha"
             client.config_resetstat()
             pipe = client.pipeline(transaction=False)
-            for _ in range(per_round):
-                fresh = (uuid.uuid4().hex * 2)[: len(request_id)]
+            for i in range(per_round):
+                # The commit of call i finds the record the reserve of call i wrote.
+                fresh = (hashlib.sha256(f"{n}-{i}".encode()).hexdigest())[: len(request_id)]
                 keys_and_args: list[str | bytes] = [
                     *[k.replace(request_id, fresh) for k in keys],
                     *[a.replace(request_id.encode(), fresh.encode()) for a in args],
