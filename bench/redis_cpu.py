@@ -191,8 +191,9 @@ class Run:
             cpu = await _cpu_seconds(admin) - before
             stats = command_usec(await admin.info("commandstats"))
             # Commands a script calls are counted twice in Redis 7's commandstats (on their
-            # own and inside EVALSHA), so a decision's cost is the scripts' time, not the sum.
-            scripts = {k: v for k, v in stats.items() if k in ("evalsha", "eval")}
+            # own and inside EVALSHA, or FCALL for the budget functions), so a decision's
+            # cost is the scripts' time, not the sum.
+            scripts = {k: v for k, v in stats.items() if k in ("evalsha", "eval", "fcall")}
             shards.append(
                 {
                     "script_usec": sum(u for _, u in scripts.values()),
@@ -223,7 +224,7 @@ class Run:
             "decisions": decisions,
             "rounds": len(self.measured),
             "shards": len(shards),
-            # EVALSHA usec_per_call; a decision is one reserve and one commit (per shard).
+            # EVALSHA/FCALL usec_per_call; a decision is one reserve and one commit (per shard).
             "script_usec_per_call": round(
                 script_usec / max(sum(sh["script_calls"] for sh in shards), 1), 1
             ),

@@ -8,9 +8,10 @@ rounds differ by 10-30%. This replays instead: the engine decides once (after th
 warmup and rolling-window fill as `bench.redis_cpu`, on a fresh redis-server) while the
 store's script calls are captured; then that reserve and that commit are sent again, each
 `--calls` times with fresh request ids, pipelined, and `INFO commandstats` gives the EVALSHA
-microseconds per call. Of `--rounds` rounds the fastest counts. Same buckets every time, so
-the figures are lower than `bench.redis_cpu`'s (warm hashes) but repeat within about 1 µs,
-which is what a before/after of a script change needs. `--baseline REF` runs the same
+(or FCALL: budget functions) microseconds per call. Of `--rounds` rounds the fastest
+counts. Same buckets every time, so the figures are lower than `bench.redis_cpu`'s (warm
+hashes) but repeat within about 1 µs, which is what a before/after of a script change
+needs. `--baseline REF` runs the same
 replay on git commit REF's store (REF must have `bench.redis_cpu` with the per-owner
 policy: f93df6c or later) in the same invocation. Prints one JSON object.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import shutil
@@ -36,25 +38,48 @@ from devtools.config import demo_key_env
 from devtools.procs import start_redis
 from sidecar.store import redis_script
 
-Call = tuple[str, list[str], list[str]]  # script source, keys, args
+try:
+    from sidecar.store import redis_functions
+except ImportError:  # a baseline from before the budget scripts were functions
+    redis_functions = None  # type: ignore[assignment]
+
+# ("eval", script source | "fcall", function name), keys, args
+Call = tuple[tuple[str, str], list[str], list[bytes]]
+
+
+def _encoded(arg: Any) -> bytes:
+    """An argument as Redis receives it (a record is bytes, other arguments text)."""
+    return arg if isinstance(arg, bytes) else str(arg).encode()
 
 
 async def capture(url: str, policy: str, workdir: Path) -> list[Call]:
-    """The script calls of one decision (reserve, then commit) after a warmed-up store."""
+    """The script or function calls of one decision (reserve, then commit) after a
+    warmed-up store. A store of a commit before functions runs its budget scripts as
+    `LuaScript`s; one after, as `LuaFunction`s (both are spied on, whichever exists)."""
     captured: list[Call] = []
-    original = redis_script.LuaScript.__call__
+    spied: list[tuple[Any, Any]] = []
 
-    async def spy(self: redis_script.LuaScript, keys: Any, args: Any = ()) -> Any:
-        captured.append((self.source, [str(k) for k in keys], [str(a) for a in args]))
-        return await original(self, keys, args)
+    def spy_on(cls: Any, kind: str, attribute: str) -> None:
+        original = cls.__call__
+
+        async def spy(self: Any, keys: Any, args: Any = ()) -> Any:
+            what = (kind, getattr(self, attribute))
+            captured.append((what, [str(k) for k in keys], [_encoded(a) for a in args]))
+            return await original(self, keys, args)
+
+        spied.append((cls, original))
+        cls.__call__ = spy
 
     run = redis_cpu.Run(url, [url], policy, workdir, "replay")
     await run.setup(500, True)
-    redis_script.LuaScript.__call__ = spy  # type: ignore[method-assign]
+    spy_on(redis_script.LuaScript, "eval", "source")
+    if redis_functions is not None:
+        spy_on(redis_functions.LuaFunction, "fcall", "name")
     try:
         await run.decide(run.next_id)
     finally:
-        redis_script.LuaScript.__call__ = original  # type: ignore[method-assign]
+        for cls, original in spied:
+            cls.__call__ = original
         await run.close()
     return captured
 
@@ -63,24 +88,31 @@ def replay(port: int, calls: list[Call], rounds: int, per_round: int) -> dict[st
     """Fastest µs per call of each captured script, replayed with fresh request ids."""
     client = redis.Redis(port=port, decode_responses=True)
     # The reserve's request id ends its record's key ("...:r:<id>"), and the id appears in
-    # its arguments (alone, or in the record's JSON): replaced wherever it is.
+    # its arguments (alone, or in the record): replaced wherever it is, by a random-looking
+    # id of the same length (a record gives its strings' lengths; Lua hashes a long string from a
+    # sample of its bytes, so ids alike but for a counter would collide where real ids do
+    # not).
     request_id = calls[0][1][0].rsplit(":r:", 1)[1]
     best = {"reserve": float("inf"), "commit": float("inf")}
     for n in range(rounds):
-        for name, (source, keys, args) in zip(best, calls[:2], strict=True):
-            sha = client.script_load(source)
+        for name, ((kind, what), keys, args) in zip(best, calls[:2], strict=True):
+            sha = client.script_load(what) if kind == "eval" else ""
+            command = "fcall" if kind == "fcall" else "evalsha"
             client.config_resetstat()
             pipe = client.pipeline(transaction=False)
             for i in range(per_round):
-                fresh = f"replay-{n}-{i}"
-                pipe.evalsha(
-                    sha,
-                    len(keys),
+                # The commit of call i finds the record the reserve of call i wrote.
+                fresh = (hashlib.sha256(f"{n}-{i}".encode()).hexdigest())[: len(request_id)]
+                keys_and_args: list[str | bytes] = [
                     *[k.replace(request_id, fresh) for k in keys],
-                    *[a.replace(request_id, fresh) for a in args],
-                )
+                    *[a.replace(request_id.encode(), fresh.encode()) for a in args],
+                ]
+                if kind == "fcall":
+                    pipe.fcall(what, len(keys), *keys_and_args)
+                else:
+                    pipe.evalsha(sha, len(keys), *keys_and_args)
             pipe.execute()
-            stat = client.info("commandstats")["cmdstat_evalsha"]
+            stat = client.info("commandstats")[f"cmdstat_{command}"]
             best[name] = min(best[name], stat["usec"] / stat["calls"])
     client.close()
     return {name: round(usec, 2) for name, usec in best.items()}

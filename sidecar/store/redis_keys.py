@@ -5,8 +5,9 @@ from the bucket's own key (the first split value, "user=alice" in
 "daily|fixed:daily|user=alice"; a rule without split is its own owner), so on a Redis
 Cluster buckets spread over the shards while one caller's buckets stay together and one
 script per shard reserves them all. A bucket has a counters string (spent, held, window,
-alive-until: one BITFIELD reads or writes them all) and, for a rolling window, a hash of its
-slots; a backfill marker shares its bucket's tag.
+alive-until: four big-endian 64-bit fields, one GET or SETRANGE in scripts, BITFIELD_RO
+here) and, for a rolling window, a hash of its slots; a backfill marker shares its bucket's
+tag.
 Everything else a decision writes belongs to one shard and carries that shard's node tag
 `{T}` (a short tag the store picked because the shard owns its hash slot): a request's
 record of its buckets on that shard (the home record, on its first bucket's shard, also
@@ -38,16 +39,16 @@ DEFAULT_PREFIX = "sidecar:"
 
 KeyKind = Literal[
     "bucket",  # hash: a rolling window's slot start -> amount spent in that slot
-    "counters",  # string: a bucket's spent, held, window and alive-until (BITFIELD i64 x4)
+    "counters",  # string: a bucket's spent, held, window and alive-until (i64 x4, big-endian)
     "backfill",  # string: set once a rule's earlier spend was added to this bucket
     "home",  # string: the node tag of a request's home record (cluster, ids minted elsewhere)
-    "record",  # string: one request's record of its buckets on one shard (state + JSON)
+    "record",  # string: one request's record of its buckets on one shard (redis_record)
     "open",  # zset: home records of one shard scored by their expiry
     "held",  # zset: other groups' records of one shard scored by their expiry
     "slots",  # zset: "<slot>|<bucket hash key>" of one shard, scored by slot expiry
     "ledger",  # hash: "<measure>|<dims JSON>" -> total (the earlier layout, still read)
     "ledger_index",  # set: the dims JSON of every ledger row of one shard and hour
-    "ledger_row",  # string: cost, requests, input, output, errors (BITFIELD i64 x5)
+    "ledger_row",  # string: cost, requests, input, output, errors (i64 x5, big-endian)
     "hours",  # zset: ledger hours that hold data on one shard, scored by the hour
     "tags",  # set: every node tag budget state was written under
     "doc",  # string: one JSON document

@@ -53,6 +53,13 @@ class ScriptLane:
     async def eval(self, script: str, numkeys: int, *keys_and_args: Any) -> Any:
         return await self._run(hiredis.pack_command(("EVAL", script, numkeys, *keys_and_args)))
 
+    async def fcall(self, function: str, numkeys: int, *keys_and_args: Any) -> Any:
+        return await self._run(hiredis.pack_command(("FCALL", function, numkeys, *keys_and_args)))
+
+    async def load_library(self, source: str, _key: str) -> None:
+        command: Any = ("FUNCTION", "LOAD", "REPLACE", source)
+        await self._run(hiredis.pack_command(command))
+
     async def aclose(self) -> None:
         self._closed = True  # calls still running close their connection when they end
         idle, self._idle = self._idle, []

@@ -27,7 +27,7 @@ class LuaScript:
         self.source = source
         self.sha = hashlib.sha1(source.encode("utf-8"), usedforsecurity=False).hexdigest()
 
-    async def __call__(self, keys: Sequence[str], args: Sequence[str | int] = ()) -> Any:
+    async def __call__(self, keys: Sequence[str], args: Sequence[str | int | bytes] = ()) -> Any:
         try:
             return await cast(
                 Awaitable[Any], self._client.evalsha(self.sha, len(keys), *keys, *args)

@@ -41,6 +41,7 @@ import structlog
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.client import NEVER_DECODE
 from redis.exceptions import (
     ClusterDownError,
     ClusterError,
@@ -56,6 +57,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from sidecar.model import TokenUsage
+from sidecar.store import redis_record
 from sidecar.store.base import (
     Doc,
     ShardUnavailable,
@@ -79,6 +81,7 @@ from sidecar.store.budget_types import (
     dims_to_json,
 )
 from sidecar.store.redis_cluster_url import is_cluster_url, parse_cluster_url
+from sidecar.store.redis_functions import BUDGET_SCRIPTS, FunctionCluster, Library, LuaFunction
 from sidecar.store.redis_keys import DEFAULT_PREFIX, KeyKind, check_prefix, redis_key
 from sidecar.store.redis_lane import ScriptLane
 from sidecar.store.redis_script import LuaScript
@@ -132,13 +135,12 @@ def _lua(name: str) -> str:
     return files("sidecar.store").joinpath("lua", name).read_text(encoding="utf-8")
 
 
-def _budget_script(name: str, cluster: bool) -> str:
-    # Redis scripts cannot call each other; the shared helpers are prepended instead. The
-    # first line names the script, for whoever finds it in SCRIPT or SLOWLOG output. On a
-    # cluster a budget script touches every key of one shard (buckets of many hash slots):
-    # Redis 7 allows that to scripts flagged allow-cross-slot-keys.
-    flags = "#!lua flags=allow-cross-slot-keys\n" if cluster else ""
-    return f"{flags}-- {name}, after budget_lib.lua\n{_lua('budget_lib.lua')}\n{_lua(name)}"
+def _budget_library(cluster: bool) -> Library:
+    # Redis scripts cannot call each other: the scripts share budget_lib.lua's helpers as
+    # functions of one library (redis_functions).
+    return Library(
+        _lua("budget_lib.lua"), {name: _lua(f"{name}.lua") for name in BUDGET_SCRIPTS}, cluster
+    )
 
 
 def _canonical(doc: Doc) -> str:
@@ -198,27 +200,18 @@ _RECORD_STATES: dict[object, ReservationState] = {
     "c": "committed",
     "x": "expired",
 }
-# Where a record's JSON (see budget_lib.lua) keeps what the API reads.
-_STATE, _ESTIMATE, _HOME, _DIMS, _TOKENS_IN, _TOKENS_OUT = 0, 1, 4, 5, 8, 9
 
 
 def _record_fields(raw: object) -> tuple[object, ...]:
     """(state, estimate, dims, estimated tokens in, out, home) of a stored record: its
-    string, or the `_RECORD_FIELDS` (and "hm") of a record of the earlier layout; Nones when
+    bytes, or the `_RECORD_FIELDS` (and "hm") of a record of the earlier layout; Nones when
     there is none."""
     if isinstance(raw, list):
         return tuple(raw)
-    if not isinstance(raw, str):
+    if not isinstance(raw, bytes):
         return (None,) * 6
-    body = json.loads(raw)
-    return (
-        body[_STATE],
-        body[_ESTIMATE],
-        body[_DIMS],
-        body[_TOKENS_IN],
-        body[_TOKENS_OUT],
-        "1" if body[_HOME] == 1 else "0",
-    )
+    state, estimate, dims, tokens_in, tokens_out, home = redis_record.fields(raw)
+    return state, estimate, dims, tokens_in, tokens_out, "1" if home else "0"
 
 
 def _reservation(request_id: str, fields: Sequence[object]) -> Reservation | None:
@@ -242,6 +235,11 @@ _CARRIED = re.compile(r"[0-9a-f]{32}\.(n[0-9]{1,6})")
 
 def _is_wrongtype(reply: object) -> bool:
     return isinstance(reply, ResponseError) and str(reply).startswith("WRONGTYPE")
+
+
+@functools.cache
+def _measure_text(measure: str) -> bytes:
+    return redis_record.text(measure)
 
 
 def _commit_args(charge: Charge, now: float) -> list[str | int]:
@@ -278,8 +276,8 @@ def _sum_answered(replies: Sequence[int | BaseException]) -> int:
 class _BucketNames(NamedTuple):
     bucket: str  # the hash of a rolling window's slots
     counters: str
-    bucket_json: str  # the same names as JSON strings, for a record's JSON
-    counters_json: str
+    bucket_text: bytes  # the same names as a record holds them (redis_record.text)
+    counters_text: bytes
 
 
 # Bucket names remembered at most (then forgotten all at once, and learnt again): ~900
@@ -315,7 +313,7 @@ class RedisStore:
             # The client learns the slot layout from any startup node and follows MOVED/ASK
             # redirections and failovers itself. require_full_coverage=False: a shard that is
             # down must not stop the client from serving keys on the others.
-            self._r = RedisCluster(
+            self._r = FunctionCluster(
                 startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
                 username=target.username,
                 password=target.password,
@@ -351,13 +349,19 @@ class RedisStore:
         self._bucket_names: dict[str, _BucketNames] = {}
         self._known: set[str] = set()
         self._registry_read = False
-        self._reserve = LuaScript(scripts, _budget_script("reserve.lua", cluster))
-        self._commit = LuaScript(scripts, _budget_script("commit.lua", cluster))
-        self._release_script = LuaScript(scripts, _budget_script("release.lua", cluster))
-        self._settle = LuaScript(scripts, _budget_script("settle.lua", cluster))
-        self._settle_part = LuaScript(scripts, _budget_script("settle_part.lua", cluster))
+        library = _budget_library(cluster)
+        load = (self._lane or cast(FunctionCluster, self._r)).load_library
+
+        def budget(script: str) -> LuaFunction:
+            return LuaFunction(scripts, library, script, load)
+
+        self._reserve = budget("reserve")
+        self._commit = budget("commit")
+        self._release_script = budget("release")
+        self._settle = budget("settle")
+        self._settle_part = budget("settle_part")
         self._swap = LuaScript(scripts, _lua("swap_doc.lua"))
-        self._add_spend = LuaScript(scripts, _budget_script("add_spend.lua", cluster))
+        self._add_spend = budget("add_spend")
         self._list = LuaScript(scripts, _lua("list_docs.lua"))
         self._incr = LuaScript(scripts, _lua("incr.lua"))
 
@@ -510,11 +514,15 @@ class RedisStore:
                 self._bucket_names.clear()
             hashed = self._key("bucket", bucket)
             counters = self._key("counters", bucket)
-            names = _BucketNames(hashed, counters, json.dumps(hashed), json.dumps(counters))
+            names = _BucketNames(
+                hashed, counters, redis_record.text(hashed), redis_record.text(counters)
+            )
             self._bucket_names[bucket] = names
         return names
 
-    async def _call(self, script: LuaScript, keys: list[str], args: list[str | int]) -> Any:
+    async def _call(
+        self, script: LuaScript | LuaFunction, keys: list[str], args: Sequence[str | int | bytes]
+    ) -> Any:
         if self._cluster_ready is not None:
             async with self._op():
                 return await script(keys=keys, args=args)
@@ -638,7 +646,8 @@ class RedisStore:
         records of the earlier layout, which are hashes)."""
         async with self._op(), self._r.pipeline(transaction=False) as pipe:
             for key in keys:
-                pipe.get(key)
+                # Records are bytes (redis_record), not text.
+                pipe.execute_command("GET", key, **{NEVER_DECODE: []})
             raws: list[object] = await pipe.execute(raise_on_error=False)
             old = [i for i, raw in enumerate(raws) if _is_wrongtype(raw)]
             if old:
@@ -713,69 +722,60 @@ class RedisStore:
         rid = request.request_id
         calls = []
         now = repr(float(request.now))
+        expires = repr(float(request.expires_at))
         dims = dims_to_json(request.dims)
         for tag, members in groups.items():
-            entries: list[str] = []
-            per: list[str | int] = []
+            entries: list[bytes] = []
             for i in members:
                 view, amount = request.buckets[i], amounts[i]
                 names = self._names(view.key)
                 # A rolling window's slots live in a hash; a fixed window is its counters.
                 rolling = view.since != view.slot
-                # The bucket's part of the record's JSON list, rendered here from names
-                # already in JSON (the same text json.dumps gives for the same values).
                 entries.append(
-                    f"{names.counters_json},{view.slot},{view.ttl_seconds},"
-                    f'"{view.measure}",{amount},{amount if held else 0},'
-                    f"{names.bucket_json if rolling else 0}"
+                    redis_record.bucket(
+                        names.counters_text,
+                        names.bucket_text if rolling else redis_record.NO_TEXT,
+                        _measure_text(view.measure),
+                        (view.slot, view.since, view.ttl_seconds),
+                        amount,
+                        amount if held else 0,
+                        view.limit if view.enforce else None,
+                    )
                 )
-                # A held bucket lives its TTL past the hold's end: a commit before the
-                # reservation expires then never has to extend it.
-                per += [
-                    names.counters,
-                    names.bucket if rolling else "",
-                    view.slot,
-                    view.since,
-                    view.limit if view.enforce else "",
-                    amount,
-                    view.ttl_seconds + hold_for,
-                ]
             is_home = tag == home
             index = self._index_keys(tag)
             if self._shards.single:
                 index[1] = ""  # one Redis: every group is a home group, nothing is held
-            # The record as stored after its state letter (see budget_lib.lua).
-            head = [
-                "o",
-                request.amount,
-                request.expires_at,
-                request.binding,
-                1 if is_home else 0,
-                # Only the home record books the ledger (and says for whom the reservation is).
-                dims if is_home else "",
-                self._key("ledger_index", tag, hour) if is_home else "",
-                hour,
-                request.tokens[0],
-                request.tokens[1],
-                ",".join(t for t in groups if t != home) if is_home else "",
-                rid,
-                request.now,
-            ]
-            record = json.dumps(head, separators=(",", ":"))
-            if entries:
-                record = f"{record[:-1]},{','.join(entries)}]"
-            args: list[str | int] = [
+            record = redis_record.record(
+                redis_record.Head(
+                    request.amount,
+                    request.expires_at,
+                    is_home,
+                    hour,
+                    request.tokens,
+                    request.now,
+                    request.binding,
+                    # Only the home record books the ledger (and says for whom the
+                    # reservation is).
+                    dims if is_home else "",
+                    self._key("ledger_index", tag, hour) if is_home else "",
+                    ",".join(t for t in groups if t != home) if is_home else "",
+                    rid,
+                ),
+                entries,
+            )
+            # A held bucket lives its TTL past the hold's end: a commit before the
+            # reservation expires then never has to extend it.
+            args: list[str | int | bytes] = [
                 *index,
                 now,
                 _SETTLE_ON_RESERVE,
                 request.mode,
-                repr(float(request.expires_at)),
-                request.binding,
+                expires,
                 record,
                 _DONE_RETENTION_SECONDS,
                 _LEDGER_RETENTION_SECONDS,
-                "1" if is_home else "0",
-                *per,
+                hold_for,
             ]
             calls.append(self._call(self._reserve, [self._key("record", tag, rid)], args))
         replies: list[Any]

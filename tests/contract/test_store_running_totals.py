@@ -86,7 +86,7 @@ async def test_no_budget_key_lives_without_a_ttl(redis_url: str) -> None:
 async def test_commit_into_a_bucket_lost_under_its_hold_charges_it_with_a_ttl(
     redis_url: str,
 ) -> None:
-    # A fixed window committed in time is one BITFIELD on its counters; the key being gone
+    # A fixed window committed in time is one read and one write of its counters; the key gone
     # (evicted, flushed) shows as a new key, whose hold must come back as zero with the
     # spend charged and a TTL set.
     store = RedisStore(redis_url, prefix="lost-test:")

@@ -46,3 +46,11 @@ async def flush_redis(url: str) -> None:
     async with _primaries(url) as primaries:
         for client in primaries:
             await client.flushdb()
+
+
+async def flush_functions(url: str) -> None:
+    """Delete every Redis Functions library on every primary (FLUSHDB keeps them), as a
+    server restarted without persistence would have none."""
+    async with _primaries(url) as primaries:
+        for client in primaries:
+            await client.function_flush()

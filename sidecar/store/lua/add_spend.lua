@@ -10,21 +10,21 @@
 --           entries of one bucket share its marker
 -- Returns   how many buckets got spend added (0: every marker was already set).
 --
--- Prepended at load time: budget_lib.lua (int, add_bucket, ...).
+-- A function of budget_lib.lua's library (it uses int, add_bucket, ...).
 
 local ctx = {slots = KEYS[1]}
 local applied, count = {}, 0
 for a = 1, #ARGV, 6 do
   local marker, key, hk = ARGV[a], ARGV[a + 1], ARGV[a + 2]
   if applied[key] == nil then
-    applied[key] = redis.call('SET', marker, '1', 'NX') ~= false
+    applied[key] = rcall('SET', marker, '1', 'NX') ~= false
     if applied[key] then
       count = count + 1
     end
   end
   if applied[key] then
-    add_bucket(ctx, key, hk ~= '' and hk, tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]),
-               tonumber(ARGV[a + 5]), 0)
+    add_bucket(ctx, key, hk ~= '' and hk, tonum(ARGV[a + 3]), tonum(ARGV[a + 4]),
+               tonum(ARGV[a + 5]), 0)
   end
 end
 return count

@@ -1,85 +1,117 @@
 -- budget_lib.lua: helpers shared by reserve.lua, commit.lua, release.lua, settle.lua,
 -- settle_part.lua and add_spend.lua.
 --
--- Not a script on its own. The store prepends this file to each of those before
--- registering them, because Redis scripts cannot call one another, and settling an expired
--- reservation must behave identically whether reserve.lua or settle.lua does it.
+-- Not a script on its own. Redis scripts cannot call one another, and settling an expired
+-- reservation must behave identically whether reserve.lua or settle.lua does it, so the
+-- store loads this file and those scripts as one Redis Functions library, each script a
+-- function (sidecar/store/redis_functions.py): the helpers are defined once, when the
+-- library loads, not again on every call as a prepended script would.
 --
 -- Budget state is sharded: every bucket's keys carry the bucket owner's hash tag, so
 -- buckets spread over a Redis Cluster's shards. A request's buckets are grouped by the
 -- shard they live on and each group is reserved by one script on its shard. What a group
 -- needs besides its buckets lives under the shard's node tag {T} (a hash tag the client
 -- picked because that shard owns its slot): the group's record, the shard's indexes and its
--- ledger. On a cluster the scripts are registered with `allow-cross-slot-keys`, so one
--- script may touch every key of its shard; KEYS only name the {T} keys (one slot, for
--- routing) and bucket keys come in ARGV. On one Redis there is one group, with tag {n0}.
+-- ledger. On a cluster the functions are registered with `allow-cross-slot-keys`, so one
+-- call may touch every key of its shard; KEYS only name the {T} keys (one slot, for
+-- routing) and bucket keys come in the record. On one Redis there is one group, tag {n0}.
 --
 -- What a script costs is mostly the commands it calls (0.4-1.5 µs each, more for more
--- fields) and the text it moves into Lua (every string is hashed whole), so the layout
--- gives each step one command:
+-- fields), the strings it makes (Lua interns each one) and the text it parses, so the
+-- layout gives each step few, cheap commands and no text to parse:
 --
 -- Data layout (key names come from sidecar/store/redis_keys.py; Lua derives two: a ledger
 -- row's from its hour's index key, and, for the earlier layout's data only, a bucket's
 -- counters key from its hash key and back, `rename` below):
---   bucket counters  string of four signed 64-bit fields, read and written with BITFIELD:
+--   bucket counters  string of four signed 64-bit fields, big-endian (BITFIELD's i64 #0 to
+--                    #3, which the store reads), read with one GET and struct.unpack and
+--                    written with one SETRANGE and struct.pack (`read_counters`):
 --                    #0 spent: a fixed window's spend in slot #2; a rolling window's
 --                    running total of its slots >= #2 (its window start);
 --                    #1 held: amount reserved by open reservations;
 --                    #2 the slot (fixed) or window start (rolling) #0 is about (-1: a
---                    rolling total not summed yet; 0: the key is new);
+--                    rolling total not summed yet);
 --                    #3 the Unix second until which the key is kept alive (its TTL is only
 --                    touched when that must grow).
---                    A reserve is one BITFIELD per bucket (read spent, take the hold, read
---                    #2 and #3); a commit one (charge #0, release #1, read #2). A fixed
+--                    A reserve reads every bucket, judges, and only when admitted writes
+--                    each one once (the hold, and a moved window or a longer life); a
+--                    commit reads and writes each once (charge #0, release #1). A fixed
 --                    window that moves to its next slot restarts #0; a rolling window's
 --                    total is summed afresh from its slot hash (one HGETALL) only when its
 --                    start moves.
 --   bucket hash      rolling windows only: field "<slot start>" -> amount spent in that
 --                    slot, each indexed in the slots zset so settle.lua drops it once dead.
 --                    The amounts are in the bucket's measure: µUSD, tokens or requests.
---   group record     string: a JSON array written by the store: state ("o" open, "c"
---                    committed, "x" expired: the one byte a finish rewrites, at offset 2),
---                    estimate, expires_at, binding, 1 for the home group (0 otherwise); for
---                    the home group dims JSON and ledger index key ("" otherwise); hour,
---                    estimated input and output tokens, node tags of the other groups
---                    (comma-separated), request id, created_at; then seven values per
---                    bucket on this shard: counters key, slot, ttl seconds, measure,
---                    estimate in that measure, held of it, and the slot hash key of a
---                    rolling window (0 for a fixed one). Written with SET NX GET: the write
+--   group record     bytes packed by the store (redis_record.py) in struct formats (HEAD,
+--                    ENTRY below), so one struct.unpack reads it without parsing text: the
+--                    state letter ("o" open, "c" committed, "x" expired: the one byte a
+--                    finish rewrites), estimate, expires_at, 1 for the home group (0
+--                    otherwise), hour, estimated input and output tokens, created_at; the
+--                    binding, for the home group dims JSON and ledger index key ("" for the
+--                    others), node tags of the other groups (comma-separated), request id;
+--                    the number of buckets, then ten fields per bucket on this shard:
+--                    counters key, slot hash key of a rolling window ("" for a fixed one),
+--                    measure, slot, window start, ttl seconds, estimate in the measure,
+--                    held of it, 1 when enforced, limit. Written with SET NX GET: the write
 --                    is the look-up of a repeated request id.
 --   open zset        home records scored by expires_at; held zset: the other groups' records.
 --   slots zset       member "<slot>|<bucket hash key>", score = the slot's expiry (a hash
 --                    field has no TTL in 7.0).
---   ledger row       string of five signed 64-bit fields (BITFIELD): cost, requests, input
---                    tokens, output tokens, provider errors, per shard, hour and dims; its
---                    key is the hour's ledger index key, "|", the dims JSON. The index (a
---                    set of dims) and the hours zset are only written when a row is new.
+--   ledger row       string of five signed 64-bit fields, read and written as counters
+--                    are: cost, requests, input tokens, output tokens, provider errors, per
+--                    shard, hour and dims; its key is the hour's ledger index key, "|", the
+--                    dims JSON. The index (a set of dims) and the hours zset are only
+--                    written when a row is new.
 --   hours zset       member = score = an hour holding ledger data on this shard.
 --
--- The layout before this one kept a bucket in one hash (slot fields, "r" held, "t"/"f" a
--- running total, "k" alive until), records as hashes and ledger hours as one hash of
--- "<measure>|<dims>" fields. A bucket's counters are made from its hash the first time
--- they are touched (`adopt`), old records are read and settled as they are, and old
--- ledger hashes are still read: an upgrade keeps every window's spend and every hold.
+-- Earlier layouts are still read. The one before wrote the same counters and rows (with
+-- BITFIELD, which may leave a string shorter than its fields: the rest read as 0) and
+-- records as JSON arrays (state, estimate, expires_at, binding, home, dims, ledger index,
+-- hour, tokens in and out, other groups, request id, created_at, then seven values per
+-- bucket: counters key, slot, ttl, measure, estimate, held, slot hash key or 0): `parse`
+-- reads them, `finish` rewrites their state at offset 2. The one before that kept a bucket
+-- in one hash (slot fields, "r" held, "t"/"f" a running total, "k" alive until), records as
+-- hashes and ledger hours as one hash of "<measure>|<dims>" fields. A bucket's counters are
+-- made from its hash the first time they are touched (`adopt`), old records are read and
+-- settled as they are, and old ledger hashes are still read: an upgrade keeps every
+-- window's spend and every hold.
 --
--- Numbers: Lua numbers are doubles, so amounts are exact up to 2^53 µUSD (about $9 billion).
--- Every number handed back to Redis goes through int(): Redis may format a double with an
--- exponent, which BITFIELD and EXPIRE refuse.
+-- Numbers: Lua numbers are doubles, so amounts are exact up to 2^53 µUSD (about $9 billion);
+-- struct converts them to and from 64-bit integers exactly. Every number handed to a Redis
+-- command goes in as a string (int(), or literal): Redis would format a double itself, with
+-- printf (slow), and with an exponent from 1e17, which EXPIRE refuses.
+
+-- Redis's and Lua's library functions, bound as each call begins (`begin`): a library's
+-- code cannot reach them while it loads, and a global is looked up by name on every use
+-- (a few times what a local costs; there are hundreds of uses in a decision).
+local rcall, rpcall, spack, sunpack, tonum, sformat, srep, ssub, sfind, sbyte, floor, mmax
+local jdecode
+local script_now
+
+-- What every function of the library runs first.
+local function begin()
+  rcall, rpcall = redis.call, redis.pcall
+  spack, sunpack, jdecode = struct.pack, struct.unpack, cjson.decode
+  tonum, floor, mmax = tonumber, math.floor, math.max
+  sformat, srep, ssub, sfind, sbyte = string.format, string.rep, string.sub, string.find,
+                                      string.byte
+  -- No clock yet: each call has its own (`use_clock`).
+  script_now = nil
+end
 
 local function int(n)
-  return string.format('%d', n)
+  return sformat('%d', n)
 end
 
 -- The clock in whole seconds for key lifetimes: the request's own time when the script
 -- was given one (use_clock), else the server's, read once per script. A client clock a
 -- little off only moves when a TTL is next extended; the TTL itself is relative.
-local script_now = nil
 local function use_clock(now)
-  script_now = math.floor(tonumber(now))
+  script_now = floor(tonum(now))
 end
 local function clock()
   if script_now == nil then
-    script_now = tonumber(redis.call('TIME')[1])
+    script_now = tonum(rcall('TIME')[1])
   end
   return script_now
 end
@@ -89,8 +121,8 @@ end
 -- tag's). Only for what the store did not name: records of the earlier layout, and a fixed
 -- window's hash when its counters are made.
 local function rename(key, kind)
-  local brace = string.find(key, '{', 1, true)
-  return string.sub(key, 1, brace - 3) .. kind .. string.sub(key, brace)
+  local brace = sfind(key, '{', 1, true)
+  return ssub(key, 1, brace - 3) .. kind .. ssub(key, brace)
 end
 local function counters(hk)
   return rename(hk, 'c:')
@@ -98,36 +130,59 @@ end
 
 -- Extend a key's TTL to at least `secs` seconds; never shorten it, never delete the key.
 local function keep(key, secs)
-  if secs >= 1 and redis.call('TTL', key) < secs then
-    redis.call('EXPIRE', key, int(secs))
+  if secs >= 1 and rcall('TTL', key) < secs then
+    rcall('EXPIRE', key, int(secs))
   end
 end
 
--- Make a counters key live `secs` more seconds unless its alive-until already says so. The
--- TTL is set an eighth longer than needed, so a busy bucket extends it once in a while, not
--- on every request.
-local function extend(ck, alive, secs)
+-- Counters and ledger rows are BITFIELD i64 fields: 8 bytes each, big-endian two's
+-- complement. Scripts read them whole with GET and struct.unpack and write them with
+-- SETRANGE and struct.pack: a BITFIELD walks each of its fields bit by bit, and costs three
+-- times a GET (0.7 against 2.2 µs for a bucket's four fields). struct keeps them exact: it
+-- converts between the bytes and a double through a 64-bit integer.
+local COUNTERS = '>i8i8i8i8'
+local function fields(raw, width)
+  if #raw < width then
+    -- A BITFIELD ends the string at the last field it wrote; the rest read as 0.
+    raw = raw .. srep('\0', width - #raw)
+  end
+  return raw
+end
+
+-- A bucket's counters: spent, held, window, alive-until (nil when the key does not exist).
+local function read_counters(ck)
+  local raw = rcall('GET', ck)
+  if not raw then
+    return nil
+  end
+  local spent, held, window, alive = sunpack(COUNTERS, fields(raw, 32))
+  return spent, held, window, alive
+end
+
+-- The alive-until that keeps a counters key `secs` more seconds, and the TTL to give it
+-- (nil when its alive-until already says so). The TTL is an eighth longer than needed, so
+-- a busy bucket extends it once in a while, not on every request.
+local function lifetime(alive, secs)
   local now = clock()
   if secs < 1 or alive >= now + secs then
-    return
+    return nil, nil
   end
-  local want = secs + math.floor(secs / 8)
-  redis.call('BITFIELD', ck, 'SET', 'i64', '#3', int(now + want))
-  redis.call('EXPIRE', ck, int(want))
+  local want = secs + floor(secs / 8)
+  return now + want, want
 end
 
--- Counters a BITFIELD just created (alive-until 0), holding only what that call added
--- (`spent`, `held`): add what the earlier layout kept in the bucket's hash (its hold, and a
--- fixed window's spend in `slot`), drop that from the hash so it never counts twice, and
--- give the key its lifetime. Returns spent, held and the window (#2) as they now are; a
--- rolling window gets window -1, so its total is summed from the slots on the next read.
+-- New counters holding only `spent` and `held` (what the caller adds): add what the
+-- earlier layout kept in the bucket's hash (its hold, and a fixed window's spend in
+-- `slot`), drop that from the hash so it never counts twice, and write them with their
+-- lifetime. Returns spent, held, the window (#2) and alive-until as written; a rolling
+-- window gets window -1, so its total is summed from the slots on the next read.
 local function adopt(ck, hk, rolling, slot, spent, held, secs)
   if not rolling then
     hk = rename(ck, 'b:')
   end
   local field = int(slot)
-  local old = redis.call('HMGET', hk, 'r', field)
-  held = held + tonumber(old[1] or 0)
+  local old = rcall('HMGET', hk, 'r', field)
+  held = held + tonum(old[1] or 0)
   if held < 0 then
     -- More released than held: the key was lost under open holds. Never let a negative
     -- hold make room that was not there.
@@ -135,19 +190,18 @@ local function adopt(ck, hk, rolling, slot, spent, held, secs)
   end
   local window = -1
   if not rolling then
-    spent = spent + tonumber(old[2] or 0)
+    spent = spent + tonum(old[2] or 0)
     window = slot
     if old[1] or old[2] then
-      redis.call('DEL', hk)
+      rcall('DEL', hk)
     end
   elseif old[1] then
-    redis.call('HDEL', hk, 'r', 't', 'f', 'k')
+    rcall('HDEL', hk, 'r', 't', 'f', 'k')
   end
-  local want = secs + math.floor(secs / 8)
-  redis.call('BITFIELD', ck, 'SET', 'i64', '#0', int(spent), 'SET', 'i64', '#1', int(held),
-             'SET', 'i64', '#2', int(window), 'SET', 'i64', '#3', int(clock() + want))
-  redis.call('EXPIRE', ck, int(want))
-  return spent, held, window
+  local want = mmax(secs + floor(secs / 8), 1)
+  local alive = clock() + want
+  rcall('SET', ck, spack(COUNTERS, spent, held, window, alive), 'EX', int(want))
+  return spent, held, window, alive
 end
 
 -- Charge a bucket `amount` in `slot` and release `held` of its hold; `ttl`: how long the
@@ -157,110 +211,124 @@ local function add_bucket(ctx, ck, hk, slot, amount, ttl, held)
   local rolling = hk and true or false
   if rolling and amount ~= 0 then
     local field = int(slot)
-    if redis.call('HINCRBY', hk, field, int(amount)) == amount then
+    if rcall('HINCRBY', hk, field, int(amount)) == amount then
       -- A new slot: index it so settle.lua drops it once dead, and let the hash outlive it
       -- (the newest slot dies last). GT keeps the latest expiry.
-      redis.call('ZADD', ctx.slots, 'GT', int(slot + ttl), field .. '|' .. hk)
-      redis.call('EXPIRE', hk, int(ttl))
+      rcall('ZADD', ctx.slots, 'GT', int(slot + ttl), field .. '|' .. hk)
+      rcall('EXPIRE', hk, int(ttl))
     end
   end
-  -- Charged and released in one command. Its window (#2) is never 0 once made (a fixed
-  -- window's slot; a rolling window's start, or -1 until first summed): 0 is a key this
-  -- command just made. Reads and holds made it live past the slot's TTL and the hold's end,
-  -- so a charge never has to extend it, except into a new slot.
-  local v = redis.call('BITFIELD', ck, 'INCRBY', 'i64', '#0', int(amount),
-                       'INCRBY', 'i64', '#1', int(-held), 'GET', 'i64', '#2')
-  local window = v[3]
-  if window == 0 then
-    adopt(ck, hk, rolling, slot, amount, v[2], ttl)
+  local spent, h, window, alive = read_counters(ck)
+  if spent == nil then
+    adopt(ck, hk, rolling, slot, amount, -held, ttl)
     return
   end
-  if slot ~= window and (window > slot or not rolling) then
-    if window > slot then
-      -- The counters already follow a later slot (fixed) or a later window start
-      -- (rolling): this slot is no longer in what #0 sums.
-      redis.call('BITFIELD', ck, 'INCRBY', 'i64', '#0', int(-amount))
-    else
-      -- A fixed window's first spend in a new slot: #0 restarts with it.
-      local alive = redis.call('BITFIELD', ck, 'SET', 'i64', '#0', int(amount),
-                               'SET', 'i64', '#2', int(slot), 'GET', 'i64', '#3')[3]
-      extend(ck, alive, ttl)
-    end
+  h = h - held
+  if h < 0 then
+    h = 0  -- see adopt
   end
-  if v[2] < 0 then
-    redis.call('BITFIELD', ck, 'SET', 'i64', '#1', '0')
+  -- Reads and holds made the counters live past the slot's TTL and the hold's end, so a
+  -- charge never has to extend them, except into a new slot.
+  if window > slot then
+    -- The counters already follow a later slot (fixed) or a later window start
+    -- (rolling): this slot is no longer in what #0 sums.
+    if held ~= 0 then
+      rcall('SETRANGE', ck, '8', spack('>i8', h))
+    end
+  elseif window < slot and not rolling then
+    -- A fixed window's first spend in a new slot: #0 restarts with it.
+    local until_, want = lifetime(alive, ttl)
+    rcall('SETRANGE', ck, '0', spack(COUNTERS, amount, h, slot, until_ or alive))
+    if want then
+      rcall('EXPIRE', ck, int(want))
+    end
+  elseif amount ~= 0 or held ~= 0 then
+    -- Charged and released in one write (a rolling window's -1, "not summed yet", takes
+    -- the charge too: it is summed afresh anyway).
+    rcall('SETRANGE', ck, '0', spack('>i8i8', spent + amount, h))
   end
 end
 
 -- What a bucket has spent in the window (slot, since), from its counters' #0 and #2 just
--- read; with `move`, moves the counters to this window when they follow an earlier one
--- (kept whatever the decision: the next one reads it).
-local function window_spent(ck, hk, slot, since, spent, window, move)
+-- read; and the window (#2) its counters follow from now on: this one when they followed
+-- an earlier one (with #0 the amount returned; the caller writes them back).
+local function window_spent(hk, slot, since, spent, window)
   if slot == since then
     if window < slot then
-      if move then
-        redis.call('BITFIELD', ck, 'SET', 'i64', '#0', '0', 'SET', 'i64', '#2', int(slot))
-      end
-      return 0
+      return 0, slot
     end
-    return spent
+    return spent, window
   end
   if window == since then
-    return spent
+    return spent, window
   end
   -- The window start moved (or the total is new): sum the slots still in the window.
-  local flat = redis.call('HGETALL', hk)
+  local flat = rcall('HGETALL', hk)
   local total = 0
   for j = 1, #flat, 2 do
-    local s = tonumber(flat[j])
+    local s = tonum(flat[j])
     if s ~= nil and s >= since then
-      total = total + tonumber(flat[j + 1])
+      total = total + tonum(flat[j + 1])
     end
   end
-  if move then
-    redis.call('BITFIELD', ck, 'SET', 'i64', '#0', int(total), 'SET', 'i64', '#2', int(since))
-  end
-  return total
+  return total, since
 end
 
 -- The ledger as the earlier layout kept it: one hash per hour of "<measure>|<dims>" fields
 -- (records written before still book there).
 local function add_ledger_hash(ctx, rec, cost, requests, input, output, errors)
   local dims = rec.d
-  redis.call('HINCRBY', rec.l, 'c|' .. dims, int(cost))
-  local n = redis.call('HINCRBY', rec.l, 'n|' .. dims, int(requests))
-  redis.call('HINCRBY', rec.l, 'i|' .. dims, int(input))
-  redis.call('HINCRBY', rec.l, 'o|' .. dims, int(output))
+  rcall('HINCRBY', rec.l, 'c|' .. dims, int(cost))
+  local n = rcall('HINCRBY', rec.l, 'n|' .. dims, int(requests))
+  rcall('HINCRBY', rec.l, 'i|' .. dims, int(input))
+  rcall('HINCRBY', rec.l, 'o|' .. dims, int(output))
   if errors ~= nil and errors > 0 then
-    redis.call('HINCRBY', rec.l, 'e|' .. dims, int(errors))
+    rcall('HINCRBY', rec.l, 'e|' .. dims, int(errors))
   end
-  if n == tonumber(requests) then
-    redis.call('ZADD', ctx.hours, rec.hr, rec.hr)
+  if n == tonum(requests) then
+    rcall('ZADD', ctx.hours, rec.hr, rec.hr)
     keep(rec.l, ctx.ledger_ttl)
   end
+end
+
+-- A ledger row's five fields: cost, requests, input and output tokens, errors (nil when
+-- there is no row).
+local ROW = '>i8i8i8i8i8'
+local function read_row(row)
+  local raw = rcall('GET', row)
+  if not raw then
+    return nil
+  end
+  local cost, requests, input, output, errors = sunpack(ROW, fields(raw, 40))
+  return cost, requests, input, output, errors
+end
+
+-- Take `cost` off a ledger row (its part booked under other dims).
+local function move_row_cost(row, cost)
+  local c = read_row(row)
+  rcall('SETRANGE', row, '0', spack('>i8', (c or 0) - cost))
 end
 
 -- Book one exchange (or a correction) in the ledger row of `dims` under `index` (its key:
 -- the index key, "|", the dims; redis_keys.py `ledger_row`).
 local function add_row(ctx, index, hr, dims, cost, requests, input, output, errors)
   local row = index .. '|' .. dims
-  local n
-  if errors ~= nil and errors > 0 then
-    n = redis.call('BITFIELD', row, 'INCRBY', 'i64', '#0', int(cost), 'INCRBY', 'i64', '#1',
-                   int(requests), 'INCRBY', 'i64', '#2', int(input), 'INCRBY', 'i64', '#3',
-                   int(output), 'INCRBY', 'i64', '#4', int(errors))[2]
+  requests = tonum(requests)
+  local c, n, i, o, e = read_row(row)
+  local value = spack(ROW, (c or 0) + cost, (n or 0) + requests, (i or 0) + input,
+                            (o or 0) + output, (e or 0) + (errors or 0))
+  if c then
+    rcall('SETRANGE', row, '0', value)
   else
-    n = redis.call('BITFIELD', row, 'INCRBY', 'i64', '#0', int(cost), 'INCRBY', 'i64', '#1',
-                   int(requests), 'INCRBY', 'i64', '#2', int(input), 'INCRBY', 'i64', '#3',
-                   int(output))[2]
+    rcall('SET', row, value)
   end
-  if n == tonumber(requests) then
+  if (n or 0) == 0 then
     -- A new row (or one that only ever held parts): index it, its hour, and give both
     -- their lifetime.
-    redis.call('SADD', index, dims)
-    redis.call('EXPIRE', index, ctx.ledger_ttl)
-    redis.call('EXPIRE', row, ctx.ledger_ttl)
-    redis.call('ZADD', ctx.hours, hr, hr)
+    rcall('SADD', index, dims)
+    rcall('EXPIRE', index, ctx.ledger_ttl)
+    rcall('EXPIRE', row, ctx.ledger_ttl)
+    rcall('ZADD', ctx.hours, hr, hr)
   end
 end
 
@@ -272,16 +340,31 @@ local function add_ledger(ctx, rec, cost, requests, input, output, errors)
   end
 end
 
+-- The bucket entries of a record of an earlier layout (from index 14 of its JSON array:
+-- counters key, slot, ttl, measure, estimate, held, slot hash key or 0), as this layout's
+-- ten fields; the window start and the limit only matter to the reserve that wrote it.
+local function from_json(t)
+  local b = {}
+  for i = 14, #t, 7 do
+    local hk = t[i + 6]
+    for _, v in ipairs({t[i], hk ~= 0 and hk or '', t[i + 3], t[i + 1], t[i + 1], t[i + 2],
+                        t[i + 4], t[i + 5], 0, 0}) do
+      b[#b + 1] = v
+    end
+  end
+  return b
+end
+
 -- A record of the earlier layout (a hash), as `load` returns records: its bucket entries
 -- were [hash key, slot, ttl, measure, estimate, held, 1 rolling | 0 fixed], flat, or older
 -- still nested with the window kind unknown (then a bucket whose counters follow that very
 -- slot is a fixed window).
 local function load_hash(rkey)
-  local v = redis.call('HMGET', rkey, 's', 'e', 'b', 'hm', 'd', 'l', 'hr', 'g', 'x', 'id', 'bd')
+  local v = rcall('HMGET', rkey, 's', 'e', 'b', 'hm', 'd', 'l', 'hr', 'g', 'x', 'id', 'bd')
   if not v[1] then
     return nil
   end
-  local list = cjson.decode(v[3])
+  local list = jdecode(v[3])
   local flat = list
   if type(list[1]) == 'table' then
     flat = {}
@@ -297,7 +380,7 @@ local function load_hash(rkey)
     local hk, kind = flat[i], flat[i + 6]
     local ck = counters(hk)
     if kind == -1 then
-      kind = redis.call('BITFIELD_RO', ck, 'GET', 'i64', '#2')[1] == flat[i + 1] and 0 or 1
+      kind = rcall('BITFIELD_RO', ck, 'GET', 'i64', '#2')[1] == flat[i + 1] and 0 or 1
     end
     b[#b + 1] = ck
     for j = 1, 5 do
@@ -305,27 +388,50 @@ local function load_hash(rkey)
     end
     b[#b + 1] = kind == 1 and hk or 0
   end
-  return {s = v[1], e = tonumber(v[2]), b = b, hm = v[4] == '1', d = v[5], l = v[6],
-          hr = v[7], g = v[8] or '', x = tonumber(v[9]), id = v[10], bd = v[11], old = true}
+  return {s = v[1], e = tonum(v[2]), b = from_json(b), hm = v[4] == '1', d = v[5],
+          l = v[6], hr = v[7], g = v[8] or '', x = tonum(v[9]), id = v[10], bd = v[11],
+          old = true}
 end
 
 local STATES = {o = 'open', c = 'committed', x = 'expired'}
 
+-- The record (see the layout above): its fixed head, then ten fields per bucket. The
+-- store writes it with the same formats (redis_store.py `_RECORD_HEAD`, `_RECORD_BUCKET`).
+local HEAD = '>c1i8di1i8i8i8di4c0i4c0i4c0i4c0i4c0i2'
+local ENTRY = 'i4c0i4c0i4c0i8i8i8i8i8i1i8'
+
+-- A record of this layout, from its bytes, as `load` returns records.
+local function decode(raw)
+  local s, e, x, hm, hr, _, _, _, bd, d, li, g, id, n, pos = sunpack(HEAD, raw)
+  local b = {sunpack('>' .. srep(ENTRY, n), raw, pos)}
+  b[#b] = nil  -- the position after the last field
+  return {s = STATES[s], e = e, x = x, bd = bd, hm = hm == 1, d = d, li = li, hr = hr, g = g,
+          id = id, b = b, fmt = 'bin'}
+end
+
+-- A stored record's string: this layout's, or the earlier JSON array (which begins "[").
+local function parse(raw)
+  if sbyte(raw, 1) ~= 91 then
+    return decode(raw)
+  end
+  local t = jdecode(raw)
+  return {s = STATES[t[1]], e = t[2], x = t[3], bd = t[4], hm = t[5] == 1, d = t[6], li = t[7],
+          hr = t[8], g = t[11], id = t[12], b = from_json(t), fmt = 'json'}
+end
+
 -- A group record (see the layout above), or nil when there is none.
 local function load(rkey)
-  local raw = redis.pcall('GET', rkey)
+  local raw = rpcall('GET', rkey)
   if not raw then
     return nil
   end
   if type(raw) == 'table' then
-    if string.find(raw.err, 'WRONGTYPE', 1, true) then
+    if sfind(raw.err, 'WRONGTYPE', 1, true) then
       return load_hash(rkey)
     end
     error(raw)
   end
-  local t = cjson.decode(raw)
-  return {s = STATES[t[1]], e = t[2], x = t[3], bd = t[4], hm = t[5] == 1, d = t[6], li = t[7],
-          hr = t[8], g = t[11], id = t[12], b = t}
+  return parse(raw)
 end
 
 -- The amount of an exchange in one measure (sidecar.store.budget_types.measured).
@@ -348,13 +454,13 @@ end
 -- with an error.
 local function charge(ctx, rec, actual, release, delta_cost, requests, input, output, errors)
   local b = rec.b
-  for i = 14, #b, 7 do
+  for i = 1, #b, 10 do
     local held = 0
     if release then
-      held = b[i + 5]
+      held = b[i + 7]
     end
-    add_bucket(ctx, b[i], b[i + 6] ~= 0 and b[i + 6], b[i + 1], actual(b[i + 3], b[i + 4]),
-               b[i + 2], held)
+    local hk = b[i + 1]
+    add_bucket(ctx, b[i], hk ~= '' and hk, b[i + 3], actual(b[i + 2], b[i + 6]), b[i + 5], held)
   end
   if rec.hm then
     add_ledger(ctx, rec, delta_cost, requests, input, output, errors)
@@ -364,15 +470,17 @@ end
 -- Done records stay a while so late and duplicate completions are recognised.
 local function finish(ctx, rkey, rec, state)
   if rec.old then
-    redis.call('HSET', rkey, 's', STATES[state])
+    rcall('HSET', rkey, 's', STATES[state])
+  elseif rec.fmt == 'json' then
+    rcall('SETRANGE', rkey, '2', state)  -- the state letter: '["o",...'
   else
-    redis.call('SETRANGE', rkey, 2, state)  -- the state letter: '["o",...'
+    rcall('SETRANGE', rkey, '0', state)
   end
-  redis.call('EXPIRE', rkey, ctx.retention)
+  rcall('EXPIRE', rkey, ctx.retention)
   if rec.hm then
-    redis.call('ZREM', ctx.open, rkey)
+    rcall('ZREM', ctx.open, rkey)
   else
-    redis.call('ZREM', ctx.held, rkey)
+    rcall('ZREM', ctx.held, rkey)
   end
 end
 
@@ -388,7 +496,7 @@ end
 -- many home records (reservations) were settled, and {request id, other parts' node tags}
 -- of those with parts on other shards.
 local function settle_index(ctx, index, now, limit)
-  local due = redis.call('ZRANGEBYSCORE', index, '-inf', now, 'LIMIT', 0, limit)
+  local due = rcall('ZRANGEBYSCORE', index, '-inf', now, 'LIMIT', 0, limit)
   local settled, parts = 0, {}
   for _, rkey in ipairs(due) do
     local rec = load(rkey)
@@ -402,7 +510,7 @@ local function settle_index(ctx, index, now, limit)
         end
       end
     else
-      redis.call('ZREM', index, rkey)
+      rcall('ZREM', index, rkey)
     end
   end
   return settled, parts

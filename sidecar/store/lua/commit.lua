@@ -37,9 +37,9 @@
 -- Returns   {status, estimate, other groups' node tags (comma-separated)}; estimate is 0
 --           when unknown.
 --
--- Prepended at load time: budget_lib.lua (int, load, charge, add_row, finish, ...).
+-- A function of budget_lib.lua's library (it uses int, load, charge, add_row, finish, ...).
 
-local ctx = {open = ARGV[1], held = ARGV[2], hours = ARGV[3], ledger_ttl = tonumber(ARGV[8]),
+local ctx = {open = ARGV[1], held = ARGV[2], hours = ARGV[3], ledger_ttl = tonum(ARGV[8]),
              retention = ARGV[9], slots = ARGV[4]}
 use_clock(ARGV[14])
 local rkey = KEYS[1]
@@ -50,7 +50,7 @@ end
 if rec.s == 'committed' then
   return {'duplicate', rec.e, rec.g}
 end
-if rec.s == 'open' and rec.hm and rec.g ~= '' and rec.x <= tonumber(ARGV[14]) then
+if rec.s == 'open' and rec.hm and rec.g ~= '' and rec.x <= tonum(ARGV[14]) then
   -- Past its expiry, and a sweep on another shard may have settled a part of it: the whole
   -- reservation is then expired, as it would be on one Redis where one sweep does all.
   if ARGV[15] == '' then
@@ -63,22 +63,22 @@ end
 -- Move each part's cost from the reservation's ledger row to the part's own row (its key:
 -- the hour's index key, "|", its dims; redis_keys.py `ledger_row`).
 local function book_parts()
-  if not rec.hm then
+  if not rec.hm or ARGV[11] == '[]' then
     return
   end
-  for _, part in ipairs(cjson.decode(ARGV[11])) do
+  for _, part in ipairs(jdecode(ARGV[11])) do
     if rec.old then
-      redis.call('HINCRBY', rec.l, 'c|' .. rec.d, -int(part[2]))
+      rcall('HINCRBY', rec.l, 'c|' .. rec.d, -int(part[2]))
       add_ledger_hash(ctx, {d = part[1], l = rec.l, hr = rec.hr}, part[2], 0, part[3], part[4])
     else
-      redis.call('BITFIELD', rec.li .. '|' .. rec.d, 'INCRBY', 'i64', '#0', int(-part[2]))
+      move_row_cost(rec.li .. '|' .. rec.d, part[2])
       add_row(ctx, rec.li, rec.hr, part[1], part[2], 0, part[3], part[4])
     end
   end
 end
 
-local cost, input, output = tonumber(ARGV[5]), tonumber(ARGV[12]), tonumber(ARGV[13])
-local errors = tonumber(ARGV[10])
+local cost, input, output = tonum(ARGV[5]), tonum(ARGV[12]), tonum(ARGV[13])
+local errors = tonum(ARGV[10])
 local function actual(measure)
   return measured(measure, cost, input, output)
 end

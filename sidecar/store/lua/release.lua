@@ -13,7 +13,7 @@
 -- ARGV[3]   the shard's held zset
 -- Returns   1 when released, 0 when there was nothing of this attempt's to release.
 --
--- Prepended at load time: budget_lib.lua (load, ...).
+-- A function of budget_lib.lua's library (it uses load, ...).
 
 local rec = load(KEYS[1])
 if rec == nil or rec.old or rec.s ~= 'open' or rec.bd ~= ARGV[1] then
@@ -21,19 +21,18 @@ if rec == nil or rec.old or rec.s ~= 'open' or rec.bd ~= ARGV[1] then
   return 0
 end
 local b = rec.b
-for i = 14, #b, 7 do
-  local held = b[i + 5]
+for i = 1, #b, 10 do
+  local held = b[i + 7]
   if held ~= 0 then
     local ck = b[i]
-    local v = redis.call('BITFIELD', ck, 'INCRBY', 'i64', '#1', int(-held), 'GET', 'i64', '#3')
-    if v[2] == 0 then
-      redis.call('DEL', ck)  -- lost under the hold: this call made it afresh
-    elseif v[1] < 0 then
-      redis.call('BITFIELD', ck, 'SET', 'i64', '#1', '0')
+    local _, h = read_counters(ck)
+    -- Gone (expired under the hold): nothing left to release.
+    if h ~= nil then
+      rcall('SETRANGE', ck, '8', spack('>i8', mmax(h - held, 0)))
     end
   end
 end
-redis.call('DEL', KEYS[1])
-redis.call('ZREM', ARGV[2], KEYS[1])
-redis.call('ZREM', ARGV[3], KEYS[1])
+rcall('DEL', KEYS[1])
+rcall('ZREM', ARGV[2], KEYS[1])
+rcall('ZREM', ARGV[3], KEYS[1])
 return 1

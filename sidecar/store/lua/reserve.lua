@@ -27,125 +27,140 @@
 -- ARGV[5]      now (seconds, float)
 -- ARGV[6]      how many expired records to settle first
 -- ARGV[7]      mode: "reserve" or "optimistic"
--- ARGV[8]      expires_at (seconds, float)
--- ARGV[9]      binding: what the reservation is for (caller, model, provider, amount)
--- ARGV[10]     the record's JSON (see budget_lib.lua), state "o"
--- ARGV[11]     retention of done records (seconds)
--- ARGV[12]     ledger TTL (seconds)
--- ARGV[13]     "1" for the home group, "0" otherwise
--- ARGV[14..]   seven per bucket: counters key, slot hash key ("" for a fixed window), slot,
---              since, limit ("" for a bucket that is not enforced), estimate in the
---              bucket's measure, seconds its counters must live (its TTL + the hold's
---              lifetime)
+-- ARGV[8]      expires_at (seconds, float), the record's score in the open or held zset
+-- ARGV[9]      the record (see budget_lib.lua), state "o": besides what it keeps for the
+--              commit, it names every bucket with its window, limit and estimate, so a
+--              bucket travels once (one struct.unpack reads them all, no tonumber)
+-- ARGV[10]     retention of done records (seconds)
+-- ARGV[11]     ledger TTL (seconds)
+-- ARGV[12]     seconds a held bucket's counters must outlive its TTL (the hold's lifetime)
 -- Returns      {status, {failed 0-based indices}, {spent}, {reserved}, {request id, node
 --              tags, ...}}; status is "new" (held now), "dup" (already held for this
 --              request), "conflict" or "refused"; spent/reserved are after the hold when held
 --              now, as seen otherwise; the last names other shards' parts of reservations
 --              settled here, for the store to settle.
 --
--- Prepended at load time: budget_lib.lua (int, adopt, window_spent, settle, ...).
+-- A function of budget_lib.lua's library (it uses int, decode, adopt, window_spent, settle, ...).
 
 local ctx = {open = ARGV[1], held = ARGV[2], hours = ARGV[3], slots = ARGV[4],
-             retention = ARGV[11], ledger_ttl = tonumber(ARGV[12])}
-use_clock(ARGV[5])
-local parts = settle(ctx, ARGV[5], tonumber(ARGV[6]))
+             retention = ARGV[10], ledger_ttl = tonum(ARGV[11])}
+local now = tonum(ARGV[5])
+use_clock(now)
+local parts = settle(ctx, ARGV[5], tonum(ARGV[6]))
 
 local rkey = KEYS[1]
-local n = (#ARGV - 13) / 7
+local rec = decode(ARGV[9])
+local b = rec.b
 local spent, reserved = {}, {}
 
 -- The record goes in first: writing it is the look-up of a repeated request id.
-local seen = redis.pcall('SET', rkey, ARGV[10], 'NX', 'GET')
+local seen = rpcall('SET', rkey, ARGV[9], 'NX', 'GET')
 if seen then
-  local open, expires, bound
   if type(seen) == 'table' then
-    if not string.find(seen.err, 'WRONGTYPE', 1, true) then
+    if not sfind(seen.err, 'WRONGTYPE', 1, true) then
       error(seen)
     end
-    local rec = load(rkey)  -- a record of the earlier layout
-    open, expires, bound = rec.s == 'open', rec.x, rec.bd
+    seen = load(rkey)  -- a record of the earlier layout
   else
-    local rec = cjson.decode(seen)
-    open, expires, bound = rec[1] == 'o', rec[3], rec[4]
+    seen = parse(seen)
   end
-  for i = 1, n do
-    local a = 13 + (i - 1) * 7
-    local ck, hk, slot, since = ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3]),
-                                tonumber(ARGV[a + 4])
-    local v = redis.call('BITFIELD_RO', ck, 'GET', 'i64', '#0', 'GET', 'i64', '#1',
-                         'GET', 'i64', '#2')
-    spent[i], reserved[i] = window_spent(ck, hk, slot, since, v[1], v[3], false), v[2]
+  for i = 1, #b, 10 do
+    local s, h, window = read_counters(b[i])
+    if s == nil then
+      s, h, window = 0, 0, 0
+    end
+    spent[#spent + 1] = window_spent(b[i + 1], b[i + 3], b[i + 4], s, window)
+    reserved[#reserved + 1] = h
   end
-  if open and expires > tonumber(ARGV[5]) and bound == ARGV[9] then
+  if seen.s == 'open' and seen.x > now and seen.bd == rec.bd then
     return {'dup', {}, spent, reserved, parts}
   end
   return {'conflict', {}, spent, reserved, parts}
 end
 
 local optimistic = ARGV[7] == 'optimistic'
-local failed, holds, fresh = {}, {}, {}
-for i = 1, n do
-  local a = 13 + (i - 1) * 7
-  local ck, hk, slot, since = ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3]),
-                              tonumber(ARGV[a + 4])
-  local hold = '0'
-  if not optimistic then
-    hold = ARGV[a + 6]
+local hold_for = tonum(ARGV[12])
+-- Every bucket is read and judged first; only an admitted request writes (its holds, and
+-- counters moved to this window or given a longer life), so a refusal undoes nothing. A
+-- bucket named twice is read once: its second hold counts the first.
+local failed, buckets, order = {}, {}, {}
+-- What a bucket's entry in `buckets` holds, by position (array slots, not hashed fields):
+-- counters key, held, spent in the window, window its counters follow, the window they
+-- follow from now on, alive-until, life it needs, made by this call, held by this request.
+local CK, HELD, TOTAL, WINDOW, FOLLOWS, ALIVE, LIFE, FRESH, MINE = 1, 2, 3, 4, 5, 6, 7, 8, 9
+for i = 1, #b, 10 do
+  local ck, slot, since = b[i], b[i + 3], b[i + 4]
+  local hold = b[i + 7]
+  local life = b[i + 5] + hold_for
+  local k = buckets[ck]
+  if k == nil then
+    local hk = b[i + 1]
+    local s, h, window, alive = read_counters(ck)
+    local fresh = s == nil
+    if fresh then
+      s, h, window, alive = adopt(ck, hk, slot ~= since, slot, 0, 0, life)
+    end
+    local total, follows = window_spent(hk, slot, since, s, window)
+    k = {ck, h, total, window, follows, alive, life, fresh, 0}
+    buckets[ck] = k
+    order[#order + 1] = k
+  elseif life > k[LIFE] then
+    k[LIFE] = life
   end
-  -- One command: spent, the hold taken (held after it), the window #0 follows, alive-until.
-  local v = redis.call('BITFIELD', ck, 'GET', 'i64', '#0', 'INCRBY', 'i64', '#1', hold,
-                       'GET', 'i64', '#2', 'GET', 'i64', '#3')
-  local s, h, window = v[1], v[2], v[3]
-  local life = tonumber(ARGV[a + 7])
-  if v[4] == 0 then
-    fresh[i] = true
-    s, h, window = adopt(ck, hk, slot ~= since, slot, s, h, life)
-  else
-    -- The hold must outlive the reservation, or its release would find nothing; a bucket
-    -- read without holding (optimistic) must outlive its window too.
-    extend(ck, v[4], life)
-  end
-  s = window_spent(ck, hk, slot, since, s, window, true)
-  hold = tonumber(hold)
-  holds[i] = hold
-  spent[i], reserved[i] = s, h
-  local limit = ARGV[a + 5]
-  if limit ~= '' then
-    limit = tonumber(limit)
+  local h = k[HELD] + k[MINE]
+  k[MINE] = k[MINE] + hold
+  spent[#spent + 1], reserved[#reserved + 1] = k[TOTAL], h + hold
+  if b[i + 8] == 1 then
     local full
     if optimistic then
-      full = s >= limit
+      full = k[TOTAL] >= b[i + 9]
     else
       -- Inclusive boundary: exactly reaching the limit is allowed.
-      full = s + h > limit
+      full = k[TOTAL] + h + hold > b[i + 9]
     end
     if full then
-      failed[#failed + 1] = i - 1
+      failed[#failed + 1] = (i - 1) / 10
     end
   end
 end
 
 if #failed > 0 then
-  -- Undo: the holds and the record go, reported as seen before this request's holds. A
-  -- bucket this refusal made from nothing goes too.
-  for i = n, 1, -1 do
-    reserved[i] = reserved[i] - holds[i]
-    if holds[i] ~= 0 then
-      local ck = ARGV[13 + (i - 1) * 7 + 1]
-      local v = redis.call('BITFIELD', ck, 'INCRBY', 'i64', '#1', int(-holds[i]),
-                           'GET', 'i64', '#0')
-      if fresh[i] and v[1] == 0 and v[2] == 0 then
-        redis.call('DEL', ck)
-      end
+  -- Reported as seen before this request's holds. A bucket this refusal made from nothing
+  -- goes, and so does the record.
+  for j = 1, #reserved do
+    reserved[j] = reserved[j] - b[(j - 1) * 10 + 8]
+  end
+  for o = 1, #order do
+    local k = order[o]
+    if k[FRESH] and k[HELD] == 0 and k[TOTAL] == 0 then
+      rcall('DEL', k[CK])
     end
   end
-  redis.call('DEL', rkey)
+  rcall('DEL', rkey)
   return {'refused', failed, spent, reserved, parts}
 end
 
-if ARGV[13] == '1' then
-  redis.call('ZADD', ctx.open, ARGV[8], rkey)
+for o = 1, #order do
+  local k = order[o]
+  -- The hold must outlive the reservation, or its release would find nothing; a bucket
+  -- read without holding (optimistic) must outlive its window too.
+  local until_, want = lifetime(k[ALIVE], k[LIFE])
+  if k[FOLLOWS] ~= k[WINDOW] or until_ then
+    -- Counters that followed an earlier window follow this one from now on (the next
+    -- decision reads them).
+    rcall('SETRANGE', k[CK], '0',
+          spack(COUNTERS, k[TOTAL], k[HELD] + k[MINE], k[FOLLOWS], until_ or k[ALIVE]))
+    if want then
+      rcall('EXPIRE', k[CK], int(want))
+    end
+  elseif k[MINE] ~= 0 then
+    rcall('SETRANGE', k[CK], '8', spack('>i8', k[HELD] + k[MINE]))
+  end
+end
+
+if rec.hm then
+  rcall('ZADD', ctx.open, ARGV[8], rkey)
 else
-  redis.call('ZADD', ctx.held, ARGV[8], rkey)
+  rcall('ZADD', ctx.held, ARGV[8], rkey)
 end
 return {'new', {}, spent, reserved, parts}

@@ -28,39 +28,39 @@
 --           tags of its other parts (comma-separated), ...}}; a bucket hash left with no
 --           slot and no hold is deleted.
 --
--- Prepended at load time: budget_lib.lua (settle, ...).
+-- A function of budget_lib.lua's library (it uses settle, ...).
 
 local ctx = {open = KEYS[1], held = KEYS[2], hours = KEYS[3], slots = KEYS[4],
-             ledger_ttl = tonumber(ARGV[3]), retention = ARGV[4]}
+             ledger_ttl = tonum(ARGV[3]), retention = ARGV[4]}
 use_clock(ARGV[1])
-local settled, parts = settle_index(ctx, ctx.open, ARGV[1], tonumber(ARGV[2]))
-settle_index(ctx, ctx.held, ARGV[8], tonumber(ARGV[2]))
+local settled, parts = settle_index(ctx, ctx.open, ARGV[1], tonum(ARGV[2]))
+settle_index(ctx, ctx.held, ARGV[8], tonum(ARGV[2]))
 
-local dead = redis.call('ZRANGEBYSCORE', ctx.slots, '-inf', '(' .. ARGV[7], 'LIMIT', 0,
-                        tonumber(ARGV[6]))
+local dead = rcall('ZRANGEBYSCORE', ctx.slots, '-inf', '(' .. ARGV[7], 'LIMIT', 0,
+                        tonum(ARGV[6]))
 local touched = {}
 for _, member in ipairs(dead) do
-  local bar = string.find(member, '|', 1, true)
-  local key = string.sub(member, bar + 1)
-  redis.call('HDEL', key, string.sub(member, 1, bar - 1))
-  redis.call('ZREM', ctx.slots, member)
+  local bar = sfind(member, '|', 1, true)
+  local key = ssub(member, bar + 1)
+  rcall('HDEL', key, ssub(member, 1, bar - 1))
+  rcall('ZREM', ctx.slots, member)
   touched[key] = true
 end
 -- A bucket left with bookkeeping only (no slot, no hold) is gone, not kept until its TTL.
 for key in pairs(touched) do
-  if redis.call('HLEN', key) <= 4 then
+  if rcall('HLEN', key) <= 4 then
     local live = false
-    local flat = redis.call('HGETALL', key)
+    local flat = rcall('HGETALL', key)
     for i = 1, #flat, 2 do
       local field = flat[i]
-      if tonumber(field) ~= nil or (field == 'r' and tonumber(flat[i + 1]) > 0) then
+      if tonum(field) ~= nil or (field == 'r' and tonum(flat[i + 1]) > 0) then
         live = true
       end
     end
     if not live then
-      redis.call('DEL', key)
+      rcall('DEL', key)
     end
   end
 end
-redis.call('ZREMRANGEBYSCORE', ctx.hours, '-inf', '(' .. ARGV[5])
+rcall('ZREMRANGEBYSCORE', ctx.hours, '-inf', '(' .. ARGV[5])
 return {settled, #dead, parts}

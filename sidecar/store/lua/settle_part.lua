@@ -16,13 +16,13 @@
 -- ARGV[6]   retention of done records (seconds)
 -- Returns   1 when settled now, 0 otherwise.
 --
--- Prepended at load time: budget_lib.lua (load, expire, ...).
+-- A function of budget_lib.lua's library (it uses load, expire, ...).
 
 local ctx = {open = ARGV[1], held = ARGV[2], hours = ARGV[3], slots = ARGV[4],
              ledger_ttl = 0, retention = ARGV[6]}
 use_clock(ARGV[5])
 local rec = load(KEYS[1])
-if rec == nil or rec.s ~= 'open' or rec.hm or rec.x > tonumber(ARGV[5]) then
+if rec == nil or rec.s ~= 'open' or rec.hm or rec.x > tonum(ARGV[5]) then
   return 0
 end
 expire(ctx, KEYS[1], rec)

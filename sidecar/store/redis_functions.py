@@ -1,0 +1,100 @@
+"""The budget scripts as one Redis Functions library, called with FCALL, loaded where missing.
+
+Run as scripts, every call ran budget_lib.lua's definitions again (a closure per helper,
+before any work): that was as much Redis CPU as a whole FCALL. A library is loaded once and
+its functions called directly. Its name and its functions' names carry a hash of its source,
+so replicas of different versions never call each other's code, and loading it again is
+harmless.
+
+A server may lack the library: a new one, one restarted without persistence, a node that
+joined the cluster. FCALL then answers "Function not found", and the library is loaded on
+that very node (the one owning the call's key) and the call repeated. Like `LuaScript`'s
+EVAL fallback, this never needs any other node: with a shard down, the others go on. A
+replica promoted by a failover already has the library (FUNCTION LOAD is replicated).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol, cast
+
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ResponseError
+
+# The scripts that become functions, each with budget_lib.lua's helpers.
+BUDGET_SCRIPTS = ("reserve", "commit", "release", "settle", "settle_part", "add_spend")
+
+
+class _Caller(Protocol):
+    def fcall(self, function: str, numkeys: int, *keys_and_args: Any) -> Any: ...
+
+
+class Library:
+    """budget_lib.lua and the scripts, as the source of one library."""
+
+    def __init__(self, lib: str, scripts: dict[str, str], cluster: bool) -> None:
+        digest = hashlib.sha1(usedforsecurity=False)
+        for text in (lib, *scripts.values(), str(cluster)):
+            digest.update(text.encode("utf-8"))
+        self.name = f"sidecar_budget_{digest.hexdigest()[:16]}"
+        # A script touches every key of its shard (buckets of many hash slots): on a cluster
+        # Redis 7 allows that to functions flagged allow-cross-slot-keys.
+        flags = "{'allow-cross-slot-keys'}" if cluster else "{}"
+        parts = [f"#!lua name={self.name}", lib]
+        for name, body in scripts.items():
+            # Each call begins with budget_lib.lua's `begin` (the library's locals are
+            # shared by every call).
+            parts.append(
+                f"redis.register_function{{function_name='{self.function(name)}', "
+                f"flags={flags}, callback=function(KEYS, ARGV)\n"
+                f"begin()\n{body}\nend}}"
+            )
+        self.source = "\n".join(parts)
+
+    def function(self, script: str) -> str:
+        return f"{self.name}_{script}"
+
+
+Loader = Callable[[str, str], Awaitable[object]]  # (library source, a key on the node) -> _
+
+
+class LuaFunction:
+    """One function of `library`: `await fn(keys, args)` runs FCALL, loading the library
+    with `load` on the node of `keys[0]` when that node lacks it."""
+
+    def __init__(self, client: _Caller, library: Library, script: str, load: Loader) -> None:
+        self._client = client
+        self._library = library
+        self._load = load
+        self.name = library.function(script)
+
+    async def __call__(self, keys: Sequence[str], args: Sequence[str | int | bytes] = ()) -> Any:
+        try:
+            return await cast(
+                Awaitable[Any], self._client.fcall(self.name, len(keys), *keys, *args)
+            )
+        except ResponseError as exc:
+            if "Function not found" not in str(exc):
+                raise
+        await self._load(self._library.source, keys[0])
+        return await cast(Awaitable[Any], self._client.fcall(self.name, len(keys), *keys, *args))
+
+
+class FunctionCluster(RedisCluster):
+    """The cluster client, routing FCALL by its first key.
+
+    redis-py finds the keys of FCALL (a command with "movable" keys) by asking a node
+    (COMMAND GETKEYS): a round trip before every call. Its numkeys says where they are, as
+    for EVALSHA, which redis-py reads itself."""
+
+    async def _determine_slot(self, command: str, *args: Any) -> int:
+        if command.upper() == "FCALL" and len(args) > 2 and int(args[1]) > 0:
+            return self.keyslot(args[2])
+        return await super()._determine_slot(command, *args)
+
+    async def load_library(self, source: str, key: str) -> None:
+        """Load `source` on the primary serving `key` only (FUNCTION LOAD would otherwise go
+        to every primary, and fail while one is down)."""
+        node = self.get_node_from_key(key)
+        await self.execute_command("FUNCTION LOAD", "REPLACE", source, target_nodes=node)
