@@ -554,7 +554,9 @@ def main(argv: list[str] | None = None) -> int:
             ),
             **{
                 f"{row}_{name}": median(
-                    t[row][key] if not sub else t[row]["cores"][sub] for t in trials
+                    # Open-loop rows (--rate) time requests their own way: no mean_us.
+                    t[row].get(key, 0.0) if not sub else t[row]["cores"][sub]
+                    for t in trials
                 )
                 for row in ("floor", "product")
                 for name, key, sub in (
