@@ -67,10 +67,6 @@ async def twin(
     store: Store, request: pytest.FixtureRequest, tmp_path: Path
 ) -> AsyncIterator[Store]:
     """A second store on the same backend and data: another replica or worker process."""
-    if request.node.callspec.params["store"] == "sqlite-owned":
-        pytest.skip(
-            "a file one process owns has no second user (tests/contract/test_sqlite_owned.py)"
-        )
     other = await open_store(backend_url(request, request.node.callspec.params["store"], tmp_path))
     try:
         yield other
@@ -213,6 +209,9 @@ async def test_expired_optimistic_reservation_is_charged_its_estimate(store: Sto
     assert (state.spent, state.reserved) == (120, 0)
 
 
+# A file one process owns has no second user (tests/contract/test_sqlite_owned.py shows it
+# refused), so replicas are the shared backends only.
+@pytest.mark.parametrize("store", ["sqlite", "redis", "cluster"], indirect=True)
 async def test_replicas_reserving_concurrently_never_overshoot(store: Store, twin: Store) -> None:
     b = bucket(limit=1000)
     calls = [(store if i % 2 else twin).reserve(req(f"c{i}", 30, b)) for i in range(80)]
