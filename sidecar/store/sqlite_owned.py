@@ -159,8 +159,8 @@ class OwnedSQLiteStore(SQLiteStore):
             self._unfiled.discard(record[0])
         for record, record_holds in future.result():
             # The file already had this id (a minted id never repeats, so this is a store
-            # used in a way it must not be): its holds were never written, so memory lets
-            # go of them too.
+            # used in a way it must not be): the reservation is not in the file, so memory
+            # lets go of its holds too.
             log.error("reservation_id_taken", request_id=record[0])
             for key, amount in record_holds:
                 self._totals.hold(key, -amount)
