@@ -313,3 +313,28 @@ async def test_after_a_killed_owner_any_next_process_replays_its_journal_and_hol
         assert (await store.reserve(reserve_request("y", 40, B, now=NOW))).admitted
     finally:
         await store.close()
+
+
+async def test_an_id_the_file_already_has_lets_go_of_its_holds_once_written(
+    tmp_path: Path,
+) -> None:
+    # Memory remembers recently ended ids only; an id ended before this process started is
+    # found when its record is written, and what it held in memory is let go.
+    store = OwnedSQLiteStore(url(tmp_path))
+    await store.open()
+    assert (await store.reserve(reserve_request("old", 30, B, now=NOW))).admitted
+    await store.commit("old", 10, TokenUsage(1, 1), NOW)
+    await store.close()
+    store = OwnedSQLiteStore(url(tmp_path))
+    await store.open()
+    try:
+        assert (await store.reserve(reserve_request("old", 30, B, now=NOW))).admitted
+        assert store._totals.state(B).reserved == 30
+        # Any read of the file waits for the write, whose callback runs before it returns.
+        found = await store.reservation("old")
+        assert found is not None and found.state == "committed"
+        assert (store._totals.state(B).spent, store._totals.state(B).reserved) == (10, 0)
+        assert await store.open_reservations() == 0
+    finally:
+        await store.close()
+    assert await file_state(tmp_path, B) == [(10, 0)]
