@@ -30,6 +30,7 @@ import functools
 import json
 import math
 import re
+import struct
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -129,6 +130,7 @@ Client = aioredis.Redis | RedisCluster
 # row (cost, requests, input and output tokens, errors): see budget_lib.lua.
 _COUNTERS = ("GET", "i64", "#0", "GET", "i64", "#1", "GET", "i64", "#2", "GET", "i64", "#3")
 _ROW = (*_COUNTERS, "GET", "i64", "#4")
+_GROUPED = struct.Struct(">qqqq")  # the same four fields, in an owner group's field
 
 
 def _lua(name: str) -> str:
@@ -275,9 +277,10 @@ def _sum_answered(replies: Sequence[int | BaseException]) -> int:
 
 class _BucketNames(NamedTuple):
     bucket: str  # the hash of a rolling window's slots
-    counters: str
+    group: str  # the hash of its owner's counters (the bucket's key is its field)
     bucket_text: bytes  # the same names as a record holds them (redis_record.text)
-    counters_text: bytes
+    group_text: bytes
+    field_text: bytes
 
 
 # Bucket names remembered at most (then forgotten all at once, and learnt again): ~900
@@ -513,9 +516,13 @@ class RedisStore:
             if len(self._bucket_names) >= _NAMES_KEPT:
                 self._bucket_names.clear()
             hashed = self._key("bucket", bucket)
-            counters = self._key("counters", bucket)
+            group = self._key("group", bucket)
             names = _BucketNames(
-                hashed, counters, redis_record.text(hashed), redis_record.text(counters)
+                hashed,
+                group,
+                redis_record.text(hashed),
+                redis_record.text(group),
+                redis_record.text(bucket),
             )
             self._bucket_names[bucket] = names
         return names
@@ -733,7 +740,8 @@ class RedisStore:
                 rolling = view.since != view.slot
                 entries.append(
                     redis_record.bucket(
-                        names.counters_text,
+                        names.group_text,
+                        names.field_text,
                         names.bucket_text if rolling else redis_record.NO_TEXT,
                         _measure_text(view.measure),
                         (view.slot, view.since, view.ttl_seconds),
@@ -945,12 +953,19 @@ class RedisStore:
         # A plain read: no decision depends on it being one atomic snapshot.
         async with self._op(), self._r.pipeline(transaction=False) as pipe:
             for b in buckets:
+                # The bucket's field in its owner group; its own counters key of the layout
+                # before groups (until a script moves it into the group); its hash.
+                pipe.execute_command("HGET", self._key("group", b.key), b.key, **{NEVER_DECODE: []})
                 pipe.execute_command("BITFIELD_RO", self._key("counters", b.key), *_COUNTERS)
                 pipe.hgetall(self._key("bucket", b.key))
             replies: list[Any] = await pipe.execute()
         states = []
-        for b, counters, fields in zip(buckets, replies[::2], replies[1::2], strict=True):
+        for b, grouped, counters, fields in zip(
+            buckets, replies[::3], replies[1::3], replies[2::3], strict=True
+        ):
             spent, held, window, alive = (int(v) for v in counters)
+            if grouped is not None:
+                spent, held, window, alive = _GROUPED.unpack(grouped)
             # The hash: a rolling window's slots (and, for a bucket not touched since the
             # layout changed, "r" held and its slots: see budget_lib.lua).
             slots = {int(f): int(v) for f, v in fields.items() if f.isdigit() and int(f) >= b.since}
@@ -973,7 +988,8 @@ class RedisStore:
                 groups.setdefault(tag, []).extend(
                     [
                         self._key("backfill", view.key, marker),
-                        self._key("counters", view.key),
+                        self._key("group", view.key),
+                        view.key,
                         "" if view.since == view.slot else key,
                         view.slot,
                         str(amount),

@@ -5,26 +5,28 @@
 -- a crash or a second replica doing the same backfill would count the spend twice.
 --
 -- KEYS[1]   the shard's slot index zset (the other keys, in ARGV, are on the same shard)
--- ARGV      six per entry: marker key (string, set once, never expires), bucket counters
---           key, slot hash key ("" for a fixed window), slot start, amount, TTL seconds;
---           entries of one bucket share its marker
+-- ARGV      seven per entry: marker key (string, set once, never expires), the bucket's
+--           group key and field, slot hash key ("" for a fixed window), slot start, amount,
+--           TTL seconds; entries of one bucket share its marker
 -- Returns   how many buckets got spend added (0: every marker was already set).
 --
--- A function of budget_lib.lua's library (it uses int, add_bucket, ...).
+-- A function of budget_lib.lua's library (it uses int, read_groups, add_bucket, flush, ...).
 
 local ctx = {slots = KEYS[1]}
+local groups, order = read_groups(ARGV, 2, 7)
 local applied, count = {}, 0
-for a = 1, #ARGV, 6 do
-  local marker, key, hk = ARGV[a], ARGV[a + 1], ARGV[a + 2]
-  if applied[key] == nil then
-    applied[key] = rcall('SET', marker, '1', 'NX') ~= false
-    if applied[key] then
+for a = 1, #ARGV, 7 do
+  local marker, gk, f, hk = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+  if applied[marker] == nil then
+    applied[marker] = rcall('SET', marker, '1', 'NX') ~= false
+    if applied[marker] then
       count = count + 1
     end
   end
-  if applied[key] then
-    add_bucket(ctx, key, hk ~= '' and hk, tonum(ARGV[a + 3]), tonum(ARGV[a + 4]),
-               tonum(ARGV[a + 5]), 0)
+  if applied[marker] then
+    add_bucket(ctx, groups[gk], f, hk ~= '' and hk, tonum(ARGV[a + 4]), tonum(ARGV[a + 5]),
+               tonum(ARGV[a + 6]), 0)
   end
 end
+flush(order)
 return count

@@ -20,19 +20,26 @@
 -- fields), the strings it makes (Lua interns each one) and the text it parses, so the
 -- layout gives each step few, cheap commands and no text to parse:
 --
--- Data layout (key names come from sidecar/store/redis_keys.py; Lua derives two: a ledger
--- row's from its hour's index key, and, for the earlier layout's data only, a bucket's
--- counters key from its hash key and back, `rename` below):
---   bucket counters  string of four signed 64-bit fields, big-endian (BITFIELD's i64 #0 to
---                    #3, which the store reads), read with one GET and struct.unpack and
---                    written with one SETRANGE and struct.pack (`read_counters`):
+-- Data layout (key names come from sidecar/store/redis_keys.py; Lua derives three: a ledger
+-- row's from its hour's index key, and, for earlier layouts' data only, a bucket's own
+-- counters key from its group key and field (and back), and from its hash key and back,
+-- `rename` below):
+--   owner group      hash of one bucket owner's counters (its buckets share the hash tag):
+--                    field "<bucket key>" -> the bucket's counters, field "" -> the latest
+--                    alive-until of them all (i64), which the key's TTL follows (it only
+--                    grows). A script reads a group once (one HMGET of the fields it needs)
+--                    and writes it once (one HSET of what changed, `read_groups`, `flush`):
+--                    a command per owner, not per bucket.
+--   bucket counters  a group field of four signed 64-bit fields, big-endian, unpacked and
+--                    packed with struct (`counters_of`, `put`):
 --                    #0 spent: a fixed window's spend in slot #2; a rolling window's
 --                    running total of its slots >= #2 (its window start);
 --                    #1 held: amount reserved by open reservations;
 --                    #2 the slot (fixed) or window start (rolling) #0 is about (-1: a
 --                    rolling total not summed yet);
---                    #3 the Unix second until which the key is kept alive (its TTL is only
---                    touched when that must grow).
+--                    #3 the Unix second until which the bucket is kept alive: its group's
+--                    TTL covers the latest of its buckets' (a group may outlive a bucket;
+--                    a bucket's window #2 says what of its spend still counts).
 --                    A reserve reads every bucket, judges, and only when admitted writes
 --                    each one once (the hold, and a moved window or a longer life); a
 --                    commit reads and writes each once (charge #0, release #1). A fixed
@@ -45,15 +52,16 @@
 --   group record     bytes packed by the store (redis_record.py) in struct formats (HEAD,
 --                    ENTRY below), so one struct.unpack reads it without parsing text: the
 --                    state letter ("o" open, "c" committed, "x" expired: the one byte a
---                    finish rewrites), estimate, expires_at, 1 for the home group (0
---                    otherwise), hour, estimated input and output tokens, created_at; the
---                    binding, for the home group dims JSON and ledger index key ("" for the
---                    others), node tags of the other groups (comma-separated), request id;
---                    the number of buckets, then ten fields per bucket on this shard:
---                    counters key, slot hash key of a rolling window ("" for a fixed one),
---                    measure, slot, window start, ttl seconds, estimate in the measure,
---                    held of it, 1 when enforced, limit. Written with SET NX GET: the write
---                    is the look-up of a repeated request id.
+--                    finish rewrites), the version "g", estimate, expires_at, 1 for the
+--                    home group (0 otherwise), hour, estimated input and output tokens,
+--                    created_at; the binding, for the home group dims JSON and ledger index
+--                    key ("" for the others), node tags of the other groups
+--                    (comma-separated), request id; the number of buckets, then eleven
+--                    fields per bucket on this shard: owner group key, field (the bucket
+--                    key), slot hash key of a rolling window ("" for a fixed one), measure,
+--                    slot, window start, ttl seconds, estimate in the measure, held of it,
+--                    1 when enforced, limit. Written with SET NX GET: the write is the
+--                    look-up of a repeated request id.
 --   open zset        home records scored by expires_at; held zset: the other groups' records.
 --   slots zset       member "<slot>|<bucket hash key>", score = the slot's expiry (a hash
 --                    field has no TTL in 7.0).
@@ -64,7 +72,11 @@
 --                    written when a row is new.
 --   hours zset       member = score = an hour holding ledger data on this shard.
 --
--- Earlier layouts are still read. The one before wrote the same counters and rows (with
+-- Earlier layouts are still read. The one before kept each bucket's counters in a string
+-- of its own (the group's key, ":", the bucket key), which a script moves into the group
+-- the first time it touches the bucket (`legacy`), and named that key in its records
+-- (packed the same way, ten fields per bucket, no version byte: `decode` splits the key).
+-- The one before that wrote the same counters and rows (with
 -- BITFIELD, which may leave a string shorter than its fields: the rest read as 0) and
 -- records as JSON arrays (state, estimate, expires_at, binding, home, dims, ledger index,
 -- hour, tokens in and out, other groups, request id, created_at, then seven values per
@@ -72,7 +84,7 @@
 -- reads them, `finish` rewrites their state at offset 2. The one before that kept a bucket
 -- in one hash (slot fields, "r" held, "t"/"f" a running total, "k" alive until), records as
 -- hashes and ledger hours as one hash of "<measure>|<dims>" fields. A bucket's counters are
--- made from its hash the first time they are touched (`adopt`), old records are read and
+-- made from its hash the first time they are touched (`legacy`), old records are read and
 -- settled as they are, and old ledger hashes are still read: an upgrade keeps every
 -- window's spend and every hold.
 --
@@ -85,14 +97,14 @@
 -- code cannot reach them while it loads, and a global is looked up by name on every use
 -- (a few times what a local costs; there are hundreds of uses in a decision).
 local rcall, rpcall, spack, sunpack, tonum, sformat, srep, ssub, sfind, sbyte, floor, mmax
-local jdecode
+local jdecode, tunpack
 local script_now
 
 -- What every function of the library runs first.
 local function begin()
   rcall, rpcall = redis.call, redis.pcall
   spack, sunpack, jdecode = struct.pack, struct.unpack, cjson.decode
-  tonum, floor, mmax = tonumber, math.floor, math.max
+  tonum, floor, mmax, tunpack = tonumber, math.floor, math.max, unpack
   sformat, srep, ssub, sfind, sbyte = string.format, string.rep, string.sub, string.find,
                                       string.byte
   -- No clock yet: each call has its own (`use_clock`).
@@ -149,7 +161,8 @@ local function fields(raw, width)
   return raw
 end
 
--- A bucket's counters: spent, held, window, alive-until (nil when the key does not exist).
+-- The counters of a bucket's own key, as the layouts before groups kept them (nil when
+-- there is none).
 local function read_counters(ck)
   local raw = rcall('GET', ck)
   if not raw then
@@ -159,55 +172,149 @@ local function read_counters(ck)
   return spent, held, window, alive
 end
 
--- The alive-until that keeps a counters key `secs` more seconds, and the TTL to give it
--- (nil when its alive-until already says so). The TTL is an eighth longer than needed, so
--- a busy bucket extends it once in a while, not on every request.
+-- The groups of the buckets `list` names (from index `first`, every `step`: a group key,
+-- then a field), each read with one HMGET: by group key, {key, fields asked, their values
+-- by field (false: none), the group's alive-until, fields `put` changed}; and the groups
+-- in order.
+local function read_groups(list, first, step)
+  local groups, order = {}, {}
+  for i = first, #list, step do
+    local gk, f = list[i], list[i + 1]
+    local g = groups[gk]
+    if g == nil then
+      g = {key = gk, ask = {''}, raw = {}, alive = 0, dirty = {}, mark = {}, grow = false}
+      groups[gk] = g
+      order[#order + 1] = g
+    end
+    if g.raw[f] == nil then
+      g.raw[f] = false
+      g.ask[#g.ask + 1] = f
+    end
+  end
+  for o = 1, #order do
+    local g = order[o]
+    local ask = g.ask
+    local values = rcall('HMGET', g.key, tunpack(ask))
+    if values[1] then
+      g.alive = sunpack('>i8', values[1])
+    end
+    for j = 2, #ask do
+      g.raw[ask[j]] = values[j]
+    end
+  end
+  return groups, order
+end
+
+-- A bucket's counters in its group: spent, held, window, alive-until (nil when it has
+-- none). Kept in its group past its alive-until, a bucket still counts only its window
+-- (#2): a fixed window's spend restarts in its next slot, a rolling total is summed afresh
+-- when its start moves. (Its alive-until is not compared with the clock: the backfill has
+-- none of its own, and every other script's is the request's.)
+local function counters_of(g, f)
+  local raw = g.raw[f]
+  if not raw then
+    return nil
+  end
+  local spent, held, window, alive = sunpack(COUNTERS, raw)
+  return spent, held, window, alive
+end
+
+-- Set a bucket's counters in its group (written by `flush`; read back by this call).
+local function put(g, f, spent, held, window, alive)
+  if not g.mark[f] then
+    g.mark[f] = true
+    g.dirty[#g.dirty + 1] = f
+  end
+  g.raw[f] = spack(COUNTERS, spent, held, window, alive)
+  if alive > g.alive then
+    g.alive, g.grow = alive, true
+  end
+end
+
+-- Write what `put` changed: one HSET per group; when a bucket must now live longer than
+-- the group would, the group's alive-until and TTL too (so they only ever grow).
+local function flush(order)
+  for o = 1, #order do
+    local g = order[o]
+    local n = #g.dirty
+    if n > 0 then
+      local args = {}
+      for j = 1, n do
+        local f = g.dirty[j]
+        args[2 * j - 1], args[2 * j] = f, g.raw[f]
+      end
+      if g.grow then
+        args[2 * n + 1], args[2 * n + 2] = '', spack('>i8', g.alive)
+      end
+      rcall('HSET', g.key, tunpack(args))
+      if g.grow then
+        rcall('EXPIRE', g.key, int(mmax(g.alive - clock(), 1)))
+      end
+      g.dirty, g.mark, g.grow = {}, {}, false
+    end
+  end
+end
+
+-- The alive-until that keeps a bucket `secs` more seconds (nil when its alive-until
+-- already says so). An eighth longer than needed, so a busy bucket extends it (and its
+-- group's TTL) once in a while, not on every request.
 local function lifetime(alive, secs)
   local now = clock()
   if secs < 1 or alive >= now + secs then
-    return nil, nil
+    return nil
   end
-  local want = secs + floor(secs / 8)
-  return now + want, want
+  return now + secs + floor(secs / 8)
 end
 
--- New counters holding only `spent` and `held` (what the caller adds): add what the
--- earlier layout kept in the bucket's hash (its hold, and a fixed window's spend in
--- `slot`), drop that from the hash so it never counts twice, and write them with their
--- lifetime. Returns spent, held, the window (#2) and alive-until as written; a rolling
--- window gets window -1, so its total is summed from the slots on the next read.
-local function adopt(ck, hk, rolling, slot, spent, held, secs)
-  if not rolling then
-    hk = rename(ck, 'b:')
+-- The counters earlier layouts kept for a bucket, moved into its group (nil: none): its
+-- own counters key (the group's key, ":", the field), else what its hash held ("r") and,
+-- for a fixed window, spent in `slot`; dropped there so they never count twice, and put
+-- in the group at once (a refusal that read them writes them too). A rolling window gets
+-- window -1, so its total is summed from the slots. `secs`: how long they must live.
+local function legacy(g, f, hk, rolling, slot, secs)
+  local ck = g.key .. ':' .. f
+  local spent, held, window, alive = read_counters(ck)
+  if spent ~= nil then
+    rcall('DEL', ck)
+  else
+    if not rolling then
+      hk = rename(ck, 'b:')
+    end
+    local old = rcall('HMGET', hk, 'r', int(slot))
+    if not old[1] and (rolling or not old[2]) then
+      return nil
+    end
+    spent, held, window, alive = 0, tonum(old[1] or 0), -1, 0
+    if rolling then
+      rcall('HDEL', hk, 'r', 't', 'f', 'k')
+    else
+      spent, window = tonum(old[2] or 0), slot
+      rcall('DEL', hk)
+    end
   end
-  local field = int(slot)
-  local old = rcall('HMGET', hk, 'r', field)
-  held = held + tonum(old[1] or 0)
   if held < 0 then
     -- More released than held: the key was lost under open holds. Never let a negative
     -- hold make room that was not there.
     held = 0
   end
-  local window = -1
-  if not rolling then
-    spent = spent + tonum(old[2] or 0)
-    window = slot
-    if old[1] or old[2] then
-      rcall('DEL', hk)
-    end
-  elseif old[1] then
-    rcall('HDEL', hk, 'r', 't', 'f', 'k')
-  end
-  local want = mmax(secs + floor(secs / 8), 1)
-  local alive = clock() + want
-  rcall('SET', ck, spack(COUNTERS, spent, held, window, alive), 'EX', int(want))
+  alive = mmax(alive, clock() + mmax(secs + floor(secs / 8), 1))
+  put(g, f, spent, held, window, alive)
   return spent, held, window, alive
 end
 
--- Charge a bucket `amount` in `slot` and release `held` of its hold; `ttl`: how long the
--- bucket's data must live from now on. `hk`: a rolling window's slot hash (false for a
--- fixed window).
-local function add_bucket(ctx, ck, hk, slot, amount, ttl, held)
+-- A bucket's counters (`counters_of`), else those earlier layouts kept (`legacy`).
+local function bucket_counters(g, f, hk, rolling, slot, secs)
+  local spent, held, window, alive = counters_of(g, f)
+  if spent == nil then
+    return legacy(g, f, hk, rolling, slot, secs)
+  end
+  return spent, held, window, alive
+end
+
+-- Charge a bucket (field `f` of group `g`) `amount` in `slot` and release `held` of its
+-- hold; `ttl`: how long the bucket's data must live from now on. `hk`: a rolling window's
+-- slot hash (false for a fixed window).
+local function add_bucket(ctx, g, f, hk, slot, amount, ttl, held)
   local rolling = hk and true or false
   if rolling and amount ~= 0 then
     local field = int(slot)
@@ -218,14 +325,15 @@ local function add_bucket(ctx, ck, hk, slot, amount, ttl, held)
       rcall('EXPIRE', hk, int(ttl))
     end
   end
-  local spent, h, window, alive = read_counters(ck)
+  local spent, h, window, alive = bucket_counters(g, f, hk, rolling, slot, ttl)
   if spent == nil then
-    adopt(ck, hk, rolling, slot, amount, -held, ttl)
+    -- New, or gone under its hold (see `legacy`): the charge, and no hold.
+    put(g, f, amount, 0, rolling and -1 or slot, clock() + mmax(ttl + floor(ttl / 8), 1))
     return
   end
   h = h - held
   if h < 0 then
-    h = 0  -- see adopt
+    h = 0  -- see legacy
   end
   -- Reads and holds made the counters live past the slot's TTL and the hold's end, so a
   -- charge never has to extend them, except into a new slot.
@@ -233,19 +341,15 @@ local function add_bucket(ctx, ck, hk, slot, amount, ttl, held)
     -- The counters already follow a later slot (fixed) or a later window start
     -- (rolling): this slot is no longer in what #0 sums.
     if held ~= 0 then
-      rcall('SETRANGE', ck, '8', spack('>i8', h))
+      put(g, f, spent, h, window, alive)
     end
   elseif window < slot and not rolling then
     -- A fixed window's first spend in a new slot: #0 restarts with it.
-    local until_, want = lifetime(alive, ttl)
-    rcall('SETRANGE', ck, '0', spack(COUNTERS, amount, h, slot, until_ or alive))
-    if want then
-      rcall('EXPIRE', ck, int(want))
-    end
+    put(g, f, amount, h, slot, lifetime(alive, ttl) or alive)
   elseif amount ~= 0 or held ~= 0 then
     -- Charged and released in one write (a rolling window's -1, "not summed yet", takes
     -- the charge too: it is summed afresh anyway).
-    rcall('SETRANGE', ck, '0', spack('>i8i8', spent + amount, h))
+    put(g, f, spent + amount, h, window, alive)
   end
 end
 
@@ -340,9 +444,30 @@ local function add_ledger(ctx, rec, cost, requests, input, output, errors)
   end
 end
 
+-- A bucket's group key and field from its own counters key (redis_keys.py: the group's
+-- key, ":", the bucket key; the prefix holds no brace, so the first "}" closes the tag).
+local function split(ck)
+  local close = sfind(ck, '}', 1, true)
+  return ssub(ck, 1, close), ssub(ck, close + 2)
+end
+
+-- Bucket entries of ten fields, a bucket's own counters key first (the layout before
+-- groups), as this layout's eleven.
+local function regroup(t)
+  local b = {}
+  for i = 1, #t, 10 do
+    local gk, f = split(t[i])
+    b[#b + 1], b[#b + 2] = gk, f
+    for j = 1, 9 do
+      b[#b + 1] = t[i + j]
+    end
+  end
+  return b
+end
+
 -- The bucket entries of a record of an earlier layout (from index 14 of its JSON array:
 -- counters key, slot, ttl, measure, estimate, held, slot hash key or 0), as this layout's
--- ten fields; the window start and the limit only matter to the reserve that wrote it.
+-- eleven fields; the window start and the limit only matter to the reserve that wrote it.
 local function from_json(t)
   local b = {}
   for i = 14, #t, 7 do
@@ -352,7 +477,7 @@ local function from_json(t)
       b[#b + 1] = v
     end
   end
-  return b
+  return regroup(b)
 end
 
 -- A record of the earlier layout (a hash), as `load` returns records: its bucket entries
@@ -395,16 +520,28 @@ end
 
 local STATES = {o = 'open', c = 'committed', x = 'expired'}
 
--- The record (see the layout above): its fixed head, then ten fields per bucket. The
--- store writes it with the same formats (redis_store.py `_RECORD_HEAD`, `_RECORD_BUCKET`).
-local HEAD = '>c1i8di1i8i8i8di4c0i4c0i4c0i4c0i4c0i2'
-local ENTRY = 'i4c0i4c0i4c0i8i8i8i8i8i1i8'
+-- The record (see the layout above): its fixed head, then eleven fields per bucket. The
+-- store writes it with the same formats (redis_record.py `_HEAD`, `_BUCKET`). Packed
+-- records of the layout before groups have no version byte and ten fields per bucket.
+local HEAD = '>c1c1i8di1i8i8i8di4c0i4c0i4c0i4c0i4c0i2'
+local ENTRY = 'i4c0i4c0i4c0i4c0i8i8i8i8i8i1i8'
+local HEAD_BEFORE = '>c1i8di1i8i8i8di4c0i4c0i4c0i4c0i4c0i2'
+local ENTRY_BEFORE = 'i4c0i4c0i4c0i8i8i8i8i8i1i8'
 
--- A record of this layout, from its bytes, as `load` returns records.
+-- A packed record, from its bytes, as `load` returns records.
 local function decode(raw)
-  local s, e, x, hm, hr, _, _, _, bd, d, li, g, id, n, pos = sunpack(HEAD, raw)
-  local b = {sunpack('>' .. srep(ENTRY, n), raw, pos)}
-  b[#b] = nil  -- the position after the last field
+  local s, e, x, hm, hr, bd, d, li, g, id, n, pos, b, _
+  if sbyte(raw, 2) == 0 then
+    -- No version: the top byte of the estimate (the layout before groups).
+    s, e, x, hm, hr, _, _, _, bd, d, li, g, id, n, pos = sunpack(HEAD_BEFORE, raw)
+    b = {sunpack('>' .. srep(ENTRY_BEFORE, n), raw, pos)}
+    b[#b] = nil  -- the position after the last field
+    b = regroup(b)
+  else
+    s, _, e, x, hm, hr, _, _, _, bd, d, li, g, id, n, pos = sunpack(HEAD, raw)
+    b = {sunpack('>' .. srep(ENTRY, n), raw, pos)}
+    b[#b] = nil
+  end
   return {s = STATES[s], e = e, x = x, bd = bd, hm = hm == 1, d = d, li = li, hr = hr, g = g,
           id = id, b = b, fmt = 'bin'}
 end
@@ -454,14 +591,17 @@ end
 -- with an error.
 local function charge(ctx, rec, actual, release, delta_cost, requests, input, output, errors)
   local b = rec.b
-  for i = 1, #b, 10 do
+  local groups, order = read_groups(b, 1, 11)
+  for i = 1, #b, 11 do
     local held = 0
     if release then
-      held = b[i + 7]
+      held = b[i + 8]
     end
-    local hk = b[i + 1]
-    add_bucket(ctx, b[i], hk ~= '' and hk, b[i + 3], actual(b[i + 2], b[i + 6]), b[i + 5], held)
+    local hk = b[i + 2]
+    local amount = actual(b[i + 3], b[i + 7])
+    add_bucket(ctx, groups[b[i]], b[i + 1], hk ~= '' and hk, b[i + 4], amount, b[i + 6], held)
   end
+  flush(order)
   if rec.hm then
     add_ledger(ctx, rec, delta_cost, requests, input, output, errors)
   end
