@@ -573,18 +573,32 @@ class RedisStore:
                 pass
         return sorted(tags | self._known)
 
+    def _together(self, buckets: Sequence[BucketView], indices: list[int]) -> list[int]:
+        """`indices` with the buckets of one owner group one after the other, in the order
+        the groups come (the scripts read and write a group as a run of its buckets)."""
+        runs: dict[str, list[int]] = {}
+        for i in indices:
+            runs.setdefault(self._names(buckets[i].key).group, []).append(i)
+        if len(runs) == len(indices):
+            return indices
+        return [i for run in runs.values() for i in run]
+
     def _groups(self, request: ReserveRequest) -> dict[str, list[int]]:
-        """Bucket indices by the node tag of their shard, in request order; the shard an id
-        names for its home record is one of them (with no bucket of its own if need be)."""
+        """Bucket indices by the node tag of their shard, each owner group's together (see
+        `_together`), else in request order; the shard an id names for its home record is
+        one of them (with no bucket of its own if need be)."""
         groups: dict[str, list[int]] = {}
+        buckets = request.buckets
         try:
             if self._shards.single:
-                if request.buckets:
-                    groups[SINGLE_TAG] = list(range(len(request.buckets)))
+                if buckets:
+                    groups[SINGLE_TAG] = self._together(buckets, list(range(len(buckets))))
             else:
-                for i, view in enumerate(request.buckets):
+                for i, view in enumerate(buckets):
                     tag = self._shards.tag_of(self._names(view.key).bucket)
                     groups.setdefault(tag, []).append(i)
+                for tag, members in groups.items():
+                    groups[tag] = self._together(buckets, members)
             carried = self._carried(request.request_id)
             if carried is not None:
                 groups.setdefault(carried, [])
@@ -977,7 +991,8 @@ class RedisStore:
         return states
 
     async def add_spend(self, marker: str, spend: list[tuple[BucketView, int]]) -> bool:
-        groups: dict[str, list[str | int]] = {}
+        # By shard, then by owner group: one group's buckets one after the other.
+        runs: dict[str, dict[str, list[str | int]]] = {}
         async with self._op():
             for view, amount in spend:
                 key = self._key("bucket", view.key)
@@ -985,7 +1000,8 @@ class RedisStore:
                     tag = self._shards.tag_of(key)
                 except LookupError as exc:
                     raise ShardUnavailable(f"redis: {exc}") from exc
-                groups.setdefault(tag, []).extend(
+                run = runs.setdefault(tag, {}).setdefault(self._key("group", view.key), [])
+                run.extend(
                     [
                         self._key("backfill", view.key, marker),
                         self._key("group", view.key),
@@ -996,6 +1012,9 @@ class RedisStore:
                         view.ttl_seconds,
                     ]
                 )
+        groups = {
+            tag: [a for run in by_group.values() for a in run] for tag, by_group in runs.items()
+        }
         replies = await asyncio.gather(
             *(
                 self._call(self._add_spend, [self._key("slots", tag)], args)

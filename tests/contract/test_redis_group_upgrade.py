@@ -165,3 +165,35 @@ async def test_a_group_lives_as_long_as_its_longest_lived_bucket_and_ended_windo
     finally:
         await store.close()
         await client.aclose()
+
+
+async def test_interleaved_owners_and_a_bucket_named_twice_hold_and_commit_exactly(
+    redis_url: str,
+) -> None:
+    # The scripts read and write a group as a run of its buckets: the store puts one
+    # owner's buckets together, and a bucket named twice holds and is charged twice.
+    await flush_redis(redis_url)
+    store = RedisStore(redis_url, prefix=PREFIX)
+    try:
+        bob = BucketView("daily|user=bob", DAY, DAY, 90_000, 1_000)
+        views = (DAILY, bob, HOURLY, DAILY)
+        request = ReserveRequest("mixed", views, 100, "reserve", NOW, NOW + 600)
+        result = await store.reserve(request)
+        assert result.admitted
+        assert [(s.spent, s.reserved) for s in result.states] == [
+            (0, 100),
+            (0, 100),
+            (0, 100),
+            (0, 200),
+        ]
+        held = await store.bucket_states([DAILY, bob, HOURLY], NOW)
+        assert [(s.spent, s.reserved) for s in held] == [(0, 200), (0, 100), (0, 100)]
+        # 200 held of 1,000 in the day: 801 more is one too many.
+        over = ReserveRequest("over", (bob, DAILY), 801, "reserve", NOW, NOW + 600)
+        refused = await store.reserve(over)
+        assert not refused.admitted and refused.failed == (1,)
+        assert (await store.commit("mixed", 30, TokenUsage(), NOW + 1)).status == "committed"
+        done = await store.bucket_states([DAILY, bob, HOURLY], NOW + 1)
+        assert [(s.spent, s.reserved) for s in done] == [(60, 0), (30, 0), (30, 0)]
+    finally:
+        await store.close()

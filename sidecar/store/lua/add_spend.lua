@@ -13,10 +13,10 @@
 -- A function of budget_lib.lua's library (it uses int, read_groups, add_bucket, flush, ...).
 
 local ctx = {slots = KEYS[1]}
-local groups, order = read_groups(ARGV, 2, 7)
+read_groups(ARGV, 2, 7)
 local applied, count = {}, 0
 for a = 1, #ARGV, 7 do
-  local marker, gk, f, hk = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+  local marker, hk = ARGV[a], ARGV[a + 3]
   if applied[marker] == nil then
     applied[marker] = rcall('SET', marker, '1', 'NX') ~= false
     if applied[marker] then
@@ -24,9 +24,9 @@ for a = 1, #ARGV, 7 do
     end
   end
   if applied[marker] then
-    add_bucket(ctx, groups[gk], f, hk ~= '' and hk, tonum(ARGV[a + 4]), tonum(ARGV[a + 5]),
+    add_bucket(ctx, (a - 1) / 7 + 1, hk ~= '' and hk, tonum(ARGV[a + 4]), tonum(ARGV[a + 5]),
                tonum(ARGV[a + 6]), 0)
   end
 end
-flush(order)
+flush()
 return count

@@ -172,46 +172,92 @@ local function read_counters(ck)
   return spent, held, window, alive
 end
 
--- The groups of the buckets `list` names (from index `first`, every `step`: a group key,
--- then a field), each read with one HMGET: by group key, {key, fields asked, their values
--- by field (false: none), the group's alive-until, fields `put` changed}; and the groups
--- in order.
-local function read_groups(list, first, step)
-  local groups, order = {}, {}
-  for i = first, #list, step do
-    local gk, f = list[i], list[i + 1]
-    local g = groups[gk]
-    if g == nil then
-      g = {key = gk, ask = {''}, raw = {}, alive = 0, dirty = {}, mark = {}, grow = false}
-      groups[gk] = g
-      order[#order + 1] = g
-    end
-    if g.raw[f] == nil then
-      g.raw[f] = false
-      g.ask[#g.ask + 1] = f
-    end
-  end
-  for o = 1, #order do
-    local g = order[o]
-    local ask = g.ask
-    local values = rcall('HMGET', g.key, tunpack(ask))
-    if values[1] then
-      g.alive = sunpack('>i8', values[1])
-    end
-    for j = 2, #ask do
-      g.raw[ask[j]] = values[j]
+-- Owner groups, as `read_groups` read them and `put` changes them until `flush` writes
+-- them: per bucket entry e, STRIDE slots from (e - 1) * STRIDE: its field, its group (the
+-- group's first entry), the entry holding its counters (itself, or an earlier entry of
+-- the same bucket), their value (false: none), whether `put` changed it; at a group's
+-- first entry also the group's key, alive-until and whether that grew. One table for all,
+-- kept between calls (a call reads only slots it wrote first), and one for command
+-- arguments (unpacked with explicit bounds): tables made per group or field on every call
+-- (allocated, grown, collected) cost Lua more than the commands grouping saves. For the
+-- same reason the store names one group's buckets one after the other (so do `regroup`d
+-- records of earlier layouts): a group is a run of entries, found by comparing each key
+-- with the one before (interned strings: a pointer comparison).
+local GS, ARGS, GN = {}, {}, 0
+local FIELD, GROUP, SAME, RAW, DIRTY, KEY, ALIVE, GROW, STRIDE = 1, 2, 3, 4, 5, 6, 7, 8, 8
+
+-- One HMGET for the group of entries h to last: its alive-until and its buckets' counters.
+local function fetch(h, last)
+  ARGS[1] = ''
+  local m = 1
+  for j = h, last do
+    local o = (j - 1) * STRIDE
+    if GS[o + SAME] == j then
+      m = m + 1
+      ARGS[m] = GS[o + FIELD]
     end
   end
-  return groups, order
+  local base = (h - 1) * STRIDE
+  local values = rcall('HMGET', GS[base + KEY], tunpack(ARGS, 1, m))
+  if values[1] then
+    GS[base + ALIVE] = sunpack('>i8', values[1])
+  end
+  m = 1
+  for j = h, last do
+    local o = (j - 1) * STRIDE
+    if GS[o + SAME] == j then
+      m = m + 1
+      GS[o + RAW] = values[m]
+    end
+  end
 end
 
--- A bucket's counters in its group: spent, held, window, alive-until (nil when it has
+-- Read the groups of the buckets `list` names (from index `first`, every `step`: a group
+-- key, then a field; one group's buckets one after the other) into GS. Entry e is the
+-- e-th bucket named.
+local function read_groups(list, first, step)
+  local n, h, last = 0, 0, nil
+  for i = first, #list, step do
+    local gk, f = list[i], list[i + 1]
+    n = n + 1
+    local o = (n - 1) * STRIDE
+    local same = n
+    if gk == last then
+      for j = h, n - 1 do
+        local p = (j - 1) * STRIDE
+        if GS[p + FIELD] == f then
+          same = GS[p + SAME]
+          break
+        end
+      end
+    else
+      if h > 0 then
+        fetch(h, n - 1)
+      end
+      h, last = n, gk
+      GS[o + KEY], GS[o + ALIVE], GS[o + GROW] = gk, 0, false
+    end
+    GS[o + FIELD], GS[o + GROUP], GS[o + SAME], GS[o + RAW], GS[o + DIRTY] =
+      f, h, same, false, false
+  end
+  if h > 0 then
+    fetch(h, n)
+  end
+  GN = n
+end
+
+-- The entry holding entry e's counters: e, or the first entry of the same bucket.
+local function same_as(e)
+  return GS[(e - 1) * STRIDE + SAME]
+end
+
+-- Entry e's counters in its group: spent, held, window, alive-until (nil when it has
 -- none). Kept in its group past its alive-until, a bucket still counts only its window
 -- (#2): a fixed window's spend restarts in its next slot, a rolling total is summed afresh
 -- when its start moves. (Its alive-until is not compared with the clock: the backfill has
 -- none of its own, and every other script's is the request's.)
-local function counters_of(g, f)
-  local raw = g.raw[f]
+local function counters_of(e)
+  local raw = GS[(GS[(e - 1) * STRIDE + SAME] - 1) * STRIDE + RAW]
   if not raw then
     return nil
   end
@@ -219,38 +265,43 @@ local function counters_of(g, f)
   return spent, held, window, alive
 end
 
--- Set a bucket's counters in its group (written by `flush`; read back by this call).
-local function put(g, f, spent, held, window, alive)
-  if not g.mark[f] then
-    g.mark[f] = true
-    g.dirty[#g.dirty + 1] = f
-  end
-  g.raw[f] = spack(COUNTERS, spent, held, window, alive)
-  if alive > g.alive then
-    g.alive, g.grow = alive, true
+-- Set entry e's counters (written by `flush`; read back by this call).
+local function put(e, spent, held, window, alive)
+  local o = (GS[(e - 1) * STRIDE + SAME] - 1) * STRIDE
+  GS[o + RAW], GS[o + DIRTY] = spack(COUNTERS, spent, held, window, alive), true
+  local g = (GS[o + GROUP] - 1) * STRIDE
+  if alive > GS[g + ALIVE] then
+    GS[g + ALIVE], GS[g + GROW] = alive, true
   end
 end
 
 -- Write what `put` changed: one HSET per group; when a bucket must now live longer than
 -- the group would, the group's alive-until and TTL too (so they only ever grow).
-local function flush(order)
-  for o = 1, #order do
-    local g = order[o]
-    local n = #g.dirty
-    if n > 0 then
-      local args = {}
-      for j = 1, n do
-        local f = g.dirty[j]
-        args[2 * j - 1], args[2 * j] = f, g.raw[f]
+local function flush()
+  local e = 1
+  while e <= GN do
+    local h, m = e, 0
+    while e <= GN and GS[(e - 1) * STRIDE + GROUP] == h do
+      local o = (e - 1) * STRIDE
+      if GS[o + DIRTY] then
+        ARGS[m + 1], ARGS[m + 2] = GS[o + FIELD], GS[o + RAW]
+        m = m + 2
+        GS[o + DIRTY] = false
       end
-      if g.grow then
-        args[2 * n + 1], args[2 * n + 2] = '', spack('>i8', g.alive)
+      e = e + 1
+    end
+    local base = (h - 1) * STRIDE
+    if m > 0 then
+      local grow = GS[base + GROW]
+      if grow then
+        ARGS[m + 1], ARGS[m + 2] = '', spack('>i8', GS[base + ALIVE])
+        m = m + 2
       end
-      rcall('HSET', g.key, tunpack(args))
-      if g.grow then
-        rcall('EXPIRE', g.key, int(mmax(g.alive - clock(), 1)))
+      rcall('HSET', GS[base + KEY], tunpack(ARGS, 1, m))
+      if grow then
+        rcall('EXPIRE', GS[base + KEY], int(mmax(GS[base + ALIVE] - clock(), 1)))
+        GS[base + GROW] = false
       end
-      g.dirty, g.mark, g.grow = {}, {}, false
     end
   end
 end
@@ -266,13 +317,15 @@ local function lifetime(alive, secs)
   return now + secs + floor(secs / 8)
 end
 
--- The counters earlier layouts kept for a bucket, moved into its group (nil: none): its
--- own counters key (the group's key, ":", the field), else what its hash held ("r") and,
--- for a fixed window, spent in `slot`; dropped there so they never count twice, and put
--- in the group at once (a refusal that read them writes them too). A rolling window gets
--- window -1, so its total is summed from the slots. `secs`: how long they must live.
-local function legacy(g, f, hk, rolling, slot, secs)
-  local ck = g.key .. ':' .. f
+-- The counters earlier layouts kept for entry e's bucket, moved into its group (nil:
+-- none): its own counters key (the group's key, ":", the field), else what its hash held
+-- ("r") and, for a fixed window, spent in `slot`; dropped there so they never count twice,
+-- and put in the group at once (a refusal that read them writes them too). A rolling
+-- window gets window -1, so its total is summed from the slots. `secs`: how long they
+-- must live.
+local function legacy(e, hk, rolling, slot, secs)
+  local o = (e - 1) * STRIDE
+  local ck = GS[(GS[o + GROUP] - 1) * STRIDE + KEY] .. ':' .. GS[o + FIELD]
   local spent, held, window, alive = read_counters(ck)
   if spent ~= nil then
     rcall('DEL', ck)
@@ -298,23 +351,23 @@ local function legacy(g, f, hk, rolling, slot, secs)
     held = 0
   end
   alive = mmax(alive, clock() + mmax(secs + floor(secs / 8), 1))
-  put(g, f, spent, held, window, alive)
+  put(e, spent, held, window, alive)
   return spent, held, window, alive
 end
 
--- A bucket's counters (`counters_of`), else those earlier layouts kept (`legacy`).
-local function bucket_counters(g, f, hk, rolling, slot, secs)
-  local spent, held, window, alive = counters_of(g, f)
+-- Entry e's counters (`counters_of`), else those earlier layouts kept (`legacy`).
+local function bucket_counters(e, hk, rolling, slot, secs)
+  local spent, held, window, alive = counters_of(e)
   if spent == nil then
-    return legacy(g, f, hk, rolling, slot, secs)
+    return legacy(e, hk, rolling, slot, secs)
   end
   return spent, held, window, alive
 end
 
--- Charge a bucket (field `f` of group `g`) `amount` in `slot` and release `held` of its
--- hold; `ttl`: how long the bucket's data must live from now on. `hk`: a rolling window's
--- slot hash (false for a fixed window).
-local function add_bucket(ctx, g, f, hk, slot, amount, ttl, held)
+-- Charge entry e's bucket `amount` in `slot` and release `held` of its hold; `ttl`: how
+-- long the bucket's data must live from now on. `hk`: a rolling window's slot hash (false
+-- for a fixed window).
+local function add_bucket(ctx, e, hk, slot, amount, ttl, held)
   local rolling = hk and true or false
   if rolling and amount ~= 0 then
     local field = int(slot)
@@ -325,10 +378,10 @@ local function add_bucket(ctx, g, f, hk, slot, amount, ttl, held)
       rcall('EXPIRE', hk, int(ttl))
     end
   end
-  local spent, h, window, alive = bucket_counters(g, f, hk, rolling, slot, ttl)
+  local spent, h, window, alive = bucket_counters(e, hk, rolling, slot, ttl)
   if spent == nil then
     -- New, or gone under its hold (see `legacy`): the charge, and no hold.
-    put(g, f, amount, 0, rolling and -1 or slot, clock() + mmax(ttl + floor(ttl / 8), 1))
+    put(e, amount, 0, rolling and -1 or slot, clock() + mmax(ttl + floor(ttl / 8), 1))
     return
   end
   h = h - held
@@ -341,15 +394,15 @@ local function add_bucket(ctx, g, f, hk, slot, amount, ttl, held)
     -- The counters already follow a later slot (fixed) or a later window start
     -- (rolling): this slot is no longer in what #0 sums.
     if held ~= 0 then
-      put(g, f, spent, h, window, alive)
+      put(e, spent, h, window, alive)
     end
   elseif window < slot and not rolling then
     -- A fixed window's first spend in a new slot: #0 restarts with it.
-    put(g, f, amount, h, slot, lifetime(alive, ttl) or alive)
+    put(e, amount, h, slot, lifetime(alive, ttl) or alive)
   elseif amount ~= 0 or held ~= 0 then
     -- Charged and released in one write (a rolling window's -1, "not summed yet", takes
     -- the charge too: it is summed afresh anyway).
-    put(g, f, spent + amount, h, window, alive)
+    put(e, spent + amount, h, window, alive)
   end
 end
 
@@ -462,7 +515,21 @@ local function regroup(t)
       b[#b + 1] = t[i + j]
     end
   end
-  return b
+  -- One group's buckets one after the other (`read_groups`), in the order they came.
+  local out, taken = {}, {}
+  for i = 1, #b, 11 do
+    if not taken[i] then
+      for j = i, #b, 11 do
+        if not taken[j] and b[j] == b[i] then
+          taken[j] = true
+          for k = 0, 10 do
+            out[#out + 1] = b[j + k]
+          end
+        end
+      end
+    end
+  end
+  return out
 end
 
 -- The bucket entries of a record of an earlier layout (from index 14 of its JSON array:
@@ -591,7 +658,7 @@ end
 -- with an error.
 local function charge(ctx, rec, actual, release, delta_cost, requests, input, output, errors)
   local b = rec.b
-  local groups, order = read_groups(b, 1, 11)
+  read_groups(b, 1, 11)
   for i = 1, #b, 11 do
     local held = 0
     if release then
@@ -599,9 +666,9 @@ local function charge(ctx, rec, actual, release, delta_cost, requests, input, ou
     end
     local hk = b[i + 2]
     local amount = actual(b[i + 3], b[i + 7])
-    add_bucket(ctx, groups[b[i]], b[i + 1], hk ~= '' and hk, b[i + 4], amount, b[i + 6], held)
+    add_bucket(ctx, (i - 1) / 11 + 1, hk ~= '' and hk, b[i + 4], amount, b[i + 6], held)
   end
-  flush(order)
+  flush()
   if rec.hm then
     add_ledger(ctx, rec, delta_cost, requests, input, output, errors)
   end

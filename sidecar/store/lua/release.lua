@@ -21,19 +21,19 @@ if rec == nil or rec.old or rec.s ~= 'open' or rec.bd ~= ARGV[1] then
   return 0
 end
 local b = rec.b
-local groups, order = read_groups(b, 1, 11)
+read_groups(b, 1, 11)
 for i = 1, #b, 11 do
   local held = b[i + 8]
   if held ~= 0 then
-    local g, f, hk, slot = groups[b[i]], b[i + 1], b[i + 2], b[i + 4]
-    local s, h, window, alive = bucket_counters(g, f, hk, hk ~= '', slot, b[i + 6])
+    local e, hk = (i - 1) / 11 + 1, b[i + 2]
+    local s, h, window, alive = bucket_counters(e, hk, hk ~= '', b[i + 4], b[i + 6])
     -- Gone (expired under the hold): nothing left to release.
     if s ~= nil then
-      put(g, f, s, mmax(h - held, 0), window, alive)
+      put(e, s, mmax(h - held, 0), window, alive)
     end
   end
 end
-flush(order)
+flush()
 rcall('DEL', KEYS[1])
 rcall('ZREM', ARGV[2], KEYS[1])
 rcall('ZREM', ARGV[3], KEYS[1])

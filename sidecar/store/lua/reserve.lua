@@ -54,8 +54,8 @@ local rkey = KEYS[1]
 local rec = decode(ARGV[9])
 local b = rec.b
 local spent, reserved = {}, {}
--- Every owner group of the request's buckets, read once.
-local groups, order = read_groups(b, 1, 11)
+-- Every owner group of the request's buckets, read once (entry e: the e-th bucket).
+read_groups(b, 1, 11)
 
 -- The record goes in first: writing it is the look-up of a repeated request id.
 local seen = rpcall('SET', rkey, ARGV[9], 'NX', 'GET')
@@ -70,15 +70,14 @@ if seen then
   end
   for i = 1, #b, 11 do
     local hk, slot, since = b[i + 2], b[i + 4], b[i + 5]
-    local s, h, window = bucket_counters(groups[b[i]], b[i + 1], hk, slot ~= since, slot,
-                                         b[i + 6])
+    local s, h, window = bucket_counters((i - 1) / 11 + 1, hk, slot ~= since, slot, b[i + 6])
     if s == nil then
       s, h, window = 0, 0, 0
     end
     spent[#spent + 1] = window_spent(hk, slot, since, s, window)
     reserved[#reserved + 1] = h
   end
-  flush(order)  -- only what earlier layouts kept, moved into the groups
+  flush()  -- only what earlier layouts kept, moved into the groups
   if seen.s == 'open' and seen.x > now and seen.bd == rec.bd then
     return {'dup', {}, spent, reserved, parts}
   end
@@ -90,32 +89,27 @@ local hold_for = tonum(ARGV[12])
 -- Every bucket is read and judged first; only an admitted request writes (its holds, and
 -- counters moved to this window or given a longer life), so a refusal undoes nothing. A
 -- bucket named twice is read once: its second hold counts the first.
-local failed, judged = {}, {}
--- What a bucket's entry (in its group's `seen`) holds, by position (array slots, not
--- hashed fields): group, field, held, spent in the window, window its counters follow, the
--- window they follow from now on, alive-until, life it needs, held by this request.
-local GROUP, FIELD, HELD, TOTAL, WINDOW, FOLLOWS, ALIVE, LIFE, MINE = 1, 2, 3, 4, 5, 6, 7, 8, 9
+local failed, known, judged = {}, {}, {}
+-- What a bucket's entry in `known` (by its first entry) holds, by position (array slots,
+-- not hashed fields): its entry, held, spent in the window, window its counters follow,
+-- the window they follow from now on, alive-until, life it needs, held by this request.
+local ENTRY, HELD, TOTAL, WINDOW, FOLLOWS, ALIVE, LIFE, MINE = 1, 2, 3, 4, 5, 6, 7, 8
 for i = 1, #b, 11 do
-  local f, slot, since = b[i + 1], b[i + 4], b[i + 5]
+  local slot, since = b[i + 4], b[i + 5]
   local hold = b[i + 8]
   local life = b[i + 6] + hold_for
-  local g = groups[b[i]]
-  local known = g.seen
-  if known == nil then
-    known = {}
-    g.seen = known
-  end
-  local k = known[f]
+  local e = same_as((i - 1) / 11 + 1)
+  local k = known[e]
   if k == nil then
     local hk, rolling = b[i + 2], slot ~= since
-    local s, h, window, alive = bucket_counters(g, f, hk, rolling, slot, life)
+    local s, h, window, alive = bucket_counters(e, hk, rolling, slot, life)
     if s == nil then
       -- New: nothing spent, nothing held; a rolling total is summed from its slots.
       s, h, window, alive = 0, 0, rolling and -1 or slot, 0
     end
     local total, follows = window_spent(hk, slot, since, s, window)
-    k = {g, f, h, total, window, follows, alive, life, 0}
-    known[f] = k
+    k = {e, h, total, window, follows, alive, life, 0}
+    known[e] = k
     judged[#judged + 1] = k
   elseif life > k[LIFE] then
     k[LIFE] = life
@@ -143,7 +137,7 @@ if #failed > 0 then
   for j = 1, #reserved do
     reserved[j] = reserved[j] - b[(j - 1) * 11 + 9]
   end
-  flush(order)
+  flush()
   rcall('DEL', rkey)
   return {'refused', failed, spent, reserved, parts}
 end
@@ -155,10 +149,10 @@ for o = 1, #judged do
   -- an earlier window follow this one from now on (the next decision reads them).
   local until_ = lifetime(k[ALIVE], k[LIFE])
   if k[FOLLOWS] ~= k[WINDOW] or until_ or k[MINE] ~= 0 then
-    put(k[GROUP], k[FIELD], k[TOTAL], k[HELD] + k[MINE], k[FOLLOWS], until_ or k[ALIVE])
+    put(k[ENTRY], k[TOTAL], k[HELD] + k[MINE], k[FOLLOWS], until_ or k[ALIVE])
   end
 end
-flush(order)
+flush()
 
 if rec.hm then
   rcall('ZADD', ctx.open, ARGV[8], rkey)
