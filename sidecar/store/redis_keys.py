@@ -4,14 +4,10 @@ Budget state is sharded by bucket owner: each bucket's keys are tagged with its 
 from the bucket's own key (the first split value, "user=alice" in
 "daily|fixed:daily|user=alice"; a rule without split is its own owner), so on a Redis
 Cluster buckets spread over the shards while one caller's buckets stay together and one
-script per shard reserves them all. The buckets of one owner keep their counters in one
-hash, the owner's group (a field per bucket, named by the bucket's key, holding its spent,
-held, window and alive-until: four big-endian 64-bit fields), so a decision reads and
-writes each owner once (one HMGET, one HSET), not each bucket; a rolling window also has a
-hash of its slots; a backfill marker shares its bucket's tag. The layout before kept each
-bucket's counters in a string of its own, "counters" (the group's key, ":", the bucket's
-key): scripts still read those, and move them into the group, the first time they touch
-the bucket.
+script per shard reserves them all. A bucket has a counters string (spent, held, window,
+alive-until: four big-endian 64-bit fields, one GET or SETRANGE in scripts, BITFIELD_RO
+here) and, for a rolling window, a hash of its slots; a backfill marker shares its bucket's
+tag.
 Everything else a decision writes belongs to one shard and carries that shard's node tag
 `{T}` (a short tag the store picked because the shard owns its hash slot): a request's
 record of its buckets on that shard (the home record, on its first bucket's shard, also
@@ -30,9 +26,8 @@ Lua scripts never build key names themselves: they receive them in KEYS or ARGV,
 them back, fully formed, from a record written with names from this module. Two names are
 derived from others, by the rules `counters_key` and `ledger_row` state, which
 budget_lib.lua follows: a ledger row from its hour's index (a commit books an advisor
-model's part in a row of its own), and, for data of earlier layouts only, a bucket's
-counters key from its group key and field (and back, for records that name the key), and
-its counters from its hash key and back.
+model's part in a row of its own), and, for data of the earlier layout only (whose records
+name bucket hashes), a bucket's counters from its hash key and back.
 """
 
 from __future__ import annotations
@@ -44,8 +39,7 @@ DEFAULT_PREFIX = "sidecar:"
 
 KeyKind = Literal[
     "bucket",  # hash: a rolling window's slot start -> amount spent in that slot
-    "group",  # hash: bucket key -> its counters (i64 x4, big-endian); "" -> alive-until
-    "counters",  # string: one bucket's counters (the layout before groups, still read)
+    "counters",  # string: a bucket's spent, held, window and alive-until (i64 x4, big-endian)
     "backfill",  # string: set once a rule's earlier spend was added to this bucket
     "home",  # string: the node tag of a request's home record (cluster, ids minted elsewhere)
     "record",  # string: one request's record of its buckets on one shard (redis_record)
@@ -63,7 +57,7 @@ KeyKind = Literal[
 ]
 
 _ARITY: dict[KeyKind, int] = {
-    "bucket": 1, "group": 1, "counters": 1, "backfill": 2, "home": 1, "record": 2, "open": 1,
+    "bucket": 1, "counters": 1, "backfill": 2, "home": 1, "record": 2, "open": 1,
     "held": 1, "slots": 1, "ledger": 2, "ledger_index": 2, "ledger_row": 3, "hours": 1,
     "tags": 0, "doc": 2, "docs": 1, "counter": 1,
 }  # fmt: skip
@@ -97,12 +91,8 @@ def redis_key(prefix: str, kind: KeyKind, *parts: str | int) -> str:
         case "bucket":
             # "o:" inside the braces keeps the tag non-empty for an empty owner.
             return f"{prefix}b:{{o:{bucket_owner(str(parts[0]))}}}:{parts[0]}"
-        case "group":
-            # The counters key of the layout before, without its ":<bucket>": the old key of
-            # a bucket is its group's key, ":", the field (scripts derive it so).
-            return f"{prefix}c:{{o:{bucket_owner(str(parts[0]))}}}"
         case "counters":
-            return f"{redis_key(prefix, 'group', *parts)}:{parts[0]}"
+            return counters_key(redis_key(prefix, "bucket", *parts))
         case "backfill":
             return f"{prefix}bf:{{o:{bucket_owner(str(parts[0]))}}}:{parts[0]}:{parts[1]}"
         case "home":

@@ -1,16 +1,13 @@
 """A reservation's record on one Redis shard, as bytes: written here, read by the Lua scripts.
 
 The record (budget_lib.lua documents it) is packed with `struct`, in formats Lua's struct
-library reads back in one call: a fixed head, then eleven fields per bucket. Numbers travel
+library reads back in one call: a fixed head, then ten fields per bucket. Numbers travel
 as 64-bit integers and doubles, so a script reads them without parsing any text (a JSON
 record cost a commit a third of its time in cjson and tonumber). Strings are prefixed with
-their length. The first byte is the state letter, the one byte a finish rewrites; the
-second is `VERSION`.
+their length. The first byte is the state letter, the one byte a finish rewrites.
 
-Records written before this layout are still read, here and in Lua, until they expire:
-JSON arrays (they begin with "["), and packed records naming each bucket's own counters
-key, ten fields per bucket (their second byte is 0: the top byte of the estimate, which
-follows the state letter there).
+Records written before this layout are JSON arrays (they begin with "["); they are still
+read, here and in Lua, until they expire.
 """
 
 from __future__ import annotations
@@ -21,10 +18,7 @@ from typing import NamedTuple
 
 # Lua's formats (budget_lib.lua HEAD and ENTRY) are the same, with its `c0` strings after
 # their `i4` lengths.
-_HEAD = struct.Struct(">ccqdbqqqd")  # state, version, estimate, expires_at, home, hour,
-# tokens, created
-_HEAD_BEFORE = struct.Struct(">cqdbqqqd")  # the same without the version
-VERSION = b"g"  # buckets named by their owner group's key and field
+_HEAD = struct.Struct(">cqdbqqqd")  # state, estimate, expires_at, home, hour, tokens, created
 _TEXTS = 5  # binding, dims JSON, ledger index key, other groups' tags, request id
 _LENGTH = struct.Struct(">i")
 _COUNT = struct.Struct(">h")
@@ -58,8 +52,7 @@ class Head(NamedTuple):
 
 
 def bucket(
-    group: bytes,
-    field: bytes,
+    counters: bytes,
     slots: bytes,
     measure: bytes,
     window: tuple[int, int, int],
@@ -67,16 +60,14 @@ def bucket(
     held: int,
     limit: int | None,
 ) -> bytes:
-    """One bucket's fields: its owner group's key, its field there (the bucket's key), its
-    slot hash key (`NO_TEXT` for a fixed window) and measure, each already `text`; its
-    (slot, since, ttl); its estimate, what it holds of it, and its limit (None: not
-    enforced)."""
+    """One bucket's fields: its counters key, slot hash key (`NO_TEXT` for a fixed window)
+    and measure, each already `text`; its (slot, since, ttl); its estimate, what it holds of
+    it, and its limit (None: not enforced)."""
     slot, since, ttl = window
     enforced = limit is not None
     return b"".join(
         (
-            group,
-            field,
+            counters,
             slots,
             measure,
             _BUCKET.pack(slot, since, ttl, estimate, held, enforced, limit if enforced else 0),
@@ -92,7 +83,6 @@ def record(head: Head, buckets: list[bytes]) -> bytes:
         (
             _HEAD.pack(
                 b"o",
-                VERSION,
                 head.estimate,
                 head.expires_at,
                 1 if head.home else 0,
@@ -117,9 +107,8 @@ def fields(raw: bytes) -> tuple[str, int, str, int, int, bool]:
     if raw[:1] == b"[":
         body = json.loads(raw)
         return body[0], body[1], body[5], body[8], body[9], body[4] == 1
-    head = _HEAD_BEFORE if raw[1:2] == b"\0" else _HEAD
-    state, *_, estimate, _, home, _, tokens_in, tokens_out, _ = head.unpack_from(raw)
-    offset = head.size
+    state, estimate, _, home, _, tokens_in, tokens_out, _ = _HEAD.unpack_from(raw)
+    offset = _HEAD.size
     texts: list[str] = []
     for _ in range(_TEXTS):
         (length,) = _LENGTH.unpack_from(raw, offset)

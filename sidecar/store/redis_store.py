@@ -30,7 +30,6 @@ import functools
 import json
 import math
 import re
-import struct
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -130,7 +129,6 @@ Client = aioredis.Redis | RedisCluster
 # row (cost, requests, input and output tokens, errors): see budget_lib.lua.
 _COUNTERS = ("GET", "i64", "#0", "GET", "i64", "#1", "GET", "i64", "#2", "GET", "i64", "#3")
 _ROW = (*_COUNTERS, "GET", "i64", "#4")
-_GROUPED = struct.Struct(">qqqq")  # the same four fields, in an owner group's field
 
 
 def _lua(name: str) -> str:
@@ -277,10 +275,9 @@ def _sum_answered(replies: Sequence[int | BaseException]) -> int:
 
 class _BucketNames(NamedTuple):
     bucket: str  # the hash of a rolling window's slots
-    group: str  # the hash of its owner's counters (the bucket's key is its field)
+    counters: str
     bucket_text: bytes  # the same names as a record holds them (redis_record.text)
-    group_text: bytes
-    field_text: bytes
+    counters_text: bytes
 
 
 # Bucket names remembered at most (then forgotten all at once, and learnt again): ~900
@@ -516,13 +513,9 @@ class RedisStore:
             if len(self._bucket_names) >= _NAMES_KEPT:
                 self._bucket_names.clear()
             hashed = self._key("bucket", bucket)
-            group = self._key("group", bucket)
+            counters = self._key("counters", bucket)
             names = _BucketNames(
-                hashed,
-                group,
-                redis_record.text(hashed),
-                redis_record.text(group),
-                redis_record.text(bucket),
+                hashed, counters, redis_record.text(hashed), redis_record.text(counters)
             )
             self._bucket_names[bucket] = names
         return names
@@ -573,32 +566,18 @@ class RedisStore:
                 pass
         return sorted(tags | self._known)
 
-    def _together(self, buckets: Sequence[BucketView], indices: list[int]) -> list[int]:
-        """`indices` with the buckets of one owner group one after the other, in the order
-        the groups come (the scripts read and write a group as a run of its buckets)."""
-        runs: dict[str, list[int]] = {}
-        for i in indices:
-            runs.setdefault(self._names(buckets[i].key).group, []).append(i)
-        if len(runs) == len(indices):
-            return indices
-        return [i for run in runs.values() for i in run]
-
     def _groups(self, request: ReserveRequest) -> dict[str, list[int]]:
-        """Bucket indices by the node tag of their shard, each owner group's together (see
-        `_together`), else in request order; the shard an id names for its home record is
-        one of them (with no bucket of its own if need be)."""
+        """Bucket indices by the node tag of their shard, in request order; the shard an id
+        names for its home record is one of them (with no bucket of its own if need be)."""
         groups: dict[str, list[int]] = {}
-        buckets = request.buckets
         try:
             if self._shards.single:
-                if buckets:
-                    groups[SINGLE_TAG] = self._together(buckets, list(range(len(buckets))))
+                if request.buckets:
+                    groups[SINGLE_TAG] = list(range(len(request.buckets)))
             else:
-                for i, view in enumerate(buckets):
+                for i, view in enumerate(request.buckets):
                     tag = self._shards.tag_of(self._names(view.key).bucket)
                     groups.setdefault(tag, []).append(i)
-                for tag, members in groups.items():
-                    groups[tag] = self._together(buckets, members)
             carried = self._carried(request.request_id)
             if carried is not None:
                 groups.setdefault(carried, [])
@@ -754,8 +733,7 @@ class RedisStore:
                 rolling = view.since != view.slot
                 entries.append(
                     redis_record.bucket(
-                        names.group_text,
-                        names.field_text,
+                        names.counters_text,
                         names.bucket_text if rolling else redis_record.NO_TEXT,
                         _measure_text(view.measure),
                         (view.slot, view.since, view.ttl_seconds),
@@ -967,19 +945,12 @@ class RedisStore:
         # A plain read: no decision depends on it being one atomic snapshot.
         async with self._op(), self._r.pipeline(transaction=False) as pipe:
             for b in buckets:
-                # The bucket's field in its owner group; its own counters key of the layout
-                # before groups (until a script moves it into the group); its hash.
-                pipe.execute_command("HGET", self._key("group", b.key), b.key, **{NEVER_DECODE: []})
                 pipe.execute_command("BITFIELD_RO", self._key("counters", b.key), *_COUNTERS)
                 pipe.hgetall(self._key("bucket", b.key))
             replies: list[Any] = await pipe.execute()
         states = []
-        for b, grouped, counters, fields in zip(
-            buckets, replies[::3], replies[1::3], replies[2::3], strict=True
-        ):
+        for b, counters, fields in zip(buckets, replies[::2], replies[1::2], strict=True):
             spent, held, window, alive = (int(v) for v in counters)
-            if grouped is not None:
-                spent, held, window, alive = _GROUPED.unpack(grouped)
             # The hash: a rolling window's slots (and, for a bucket not touched since the
             # layout changed, "r" held and its slots: see budget_lib.lua).
             slots = {int(f): int(v) for f, v in fields.items() if f.isdigit() and int(f) >= b.since}
@@ -991,8 +962,7 @@ class RedisStore:
         return states
 
     async def add_spend(self, marker: str, spend: list[tuple[BucketView, int]]) -> bool:
-        # By shard, then by owner group: one group's buckets one after the other.
-        runs: dict[str, dict[str, list[str | int]]] = {}
+        groups: dict[str, list[str | int]] = {}
         async with self._op():
             for view, amount in spend:
                 key = self._key("bucket", view.key)
@@ -1000,21 +970,16 @@ class RedisStore:
                     tag = self._shards.tag_of(key)
                 except LookupError as exc:
                     raise ShardUnavailable(f"redis: {exc}") from exc
-                run = runs.setdefault(tag, {}).setdefault(self._key("group", view.key), [])
-                run.extend(
+                groups.setdefault(tag, []).extend(
                     [
                         self._key("backfill", view.key, marker),
-                        self._key("group", view.key),
-                        view.key,
+                        self._key("counters", view.key),
                         "" if view.since == view.slot else key,
                         view.slot,
                         str(amount),
                         view.ttl_seconds,
                     ]
                 )
-        groups = {
-            tag: [a for run in by_group.values() for a in run] for tag, by_group in runs.items()
-        }
         replies = await asyncio.gather(
             *(
                 self._call(self._add_spend, [self._key("slots", tag)], args)

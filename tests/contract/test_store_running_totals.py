@@ -4,8 +4,6 @@ spend; and no budget key is ever left without a TTL."""
 
 from __future__ import annotations
 
-import struct
-
 from redis.asyncio import Redis
 
 from sidecar.model import TokenUsage
@@ -72,7 +70,7 @@ async def test_no_budget_key_lives_without_a_ttl(redis_url: str) -> None:
             )
             assert not (await store.reserve(over)).admitted
         assert not await client.exists(
-            "ttl-test:b:{o:untouched}:untouched", "ttl-test:c:{o:untouched}"
+            "ttl-test:b:{o:untouched}:untouched", "ttl-test:c:{o:untouched}:untouched"
         )
         keys = [k async for k in client.scan_iter("ttl-test:*")]
         assert keys
@@ -88,9 +86,9 @@ async def test_no_budget_key_lives_without_a_ttl(redis_url: str) -> None:
 async def test_commit_into_a_bucket_lost_under_its_hold_charges_it_with_a_ttl(
     redis_url: str,
 ) -> None:
-    # A fixed window committed in time is one read and one write of its counters; its owner
-    # group gone (evicted, flushed) shows as a new bucket, whose hold must come back as zero
-    # with the spend charged and a TTL set.
+    # A fixed window committed in time is one read and one write of its counters; the key gone
+    # (evicted, flushed) shows as a new key, whose hold must come back as zero with the
+    # spend charged and a TTL set.
     store = RedisStore(redis_url, prefix="lost-test:")
     client = Redis.from_url(redis_url, decode_responses=True)
     try:
@@ -98,7 +96,7 @@ async def test_commit_into_a_bucket_lost_under_its_hold_charges_it_with_a_ttl(
         fixed = BucketView("day", 1_799_971_200, 1_799_971_200, 90_000, 1_000)
         request = ReserveRequest("lost", (fixed,), 50, "reserve", NOW, NOW + 600)
         assert (await store.reserve(request)).admitted
-        key = "lost-test:c:{o:day}"
+        key = "lost-test:c:{o:day}:day"
         assert await client.delete(key) == 1
         assert (await store.commit("lost", 30, TokenUsage(), NOW + 1)).status == "committed"
         (state,) = await store.bucket_states([fixed], NOW + 1)
@@ -114,21 +112,17 @@ async def test_a_bucket_decided_on_without_holds_is_kept_alive(redis_url: str) -
     # its window: a key left to its first lifetime would expire with the window's spend.
     store = RedisStore(redis_url, prefix="alive-test:")
     client = Redis.from_url(redis_url, decode_responses=True)
-    raw = Redis.from_url(redis_url)  # the counters are bytes
     try:
         await flush_redis(redis_url)
         fixed = BucketView("month", 1_799_971_200, 1_799_971_200, 1_000, 10**9)
-        key = "alive-test:c:{o:month}"
+        key = "alive-test:c:{o:month}:month"
         for n, at in enumerate((NOW, NOW + 50_000)):
             request = ReserveRequest(f"o{n}", (fixed,), 5, "optimistic", at, at + 60)
             assert (await store.reserve(request)).admitted
-            counters = await raw.hget(key, "month")
-            assert isinstance(counters, bytes)
-            (alive,) = struct.unpack_from(">q", counters, 24)
+            (alive,) = await client.bitfield_ro(key, "i64", "#3")
             # Its TTL (1,000 s) plus the reservation's lifetime and the hold grace, from now.
             assert int(alive) >= at + 1_000 + 60 + 3_600, n
             assert await client.ttl(key) >= 1_000 + 60 + 3_600
     finally:
-        await raw.aclose()
         await client.aclose()
         await store.close()

@@ -1,11 +1,9 @@
 """A reservation's record as the Redis store packs it, read back by the store: the packed
-layout, the packed layout before owner groups and the JSON arrays written before it give
-the same fields."""
+layout and the JSON arrays written before it give the same fields."""
 
 from __future__ import annotations
 
 import json
-import struct
 
 import pytest
 
@@ -29,8 +27,7 @@ HEAD = Head(
 
 def entry() -> bytes:
     return redis_record.bucket(
-        redis_record.text("p:c:{o:user=alice}"),
-        redis_record.text("daily|user=alice"),
+        redis_record.text("p:c:{o:user=alice}:daily|user=alice"),
         redis_record.NO_TEXT,
         redis_record.text("usd"),
         (1_799_971_200, 1_799_971_200, 90_000),
@@ -42,7 +39,7 @@ def entry() -> bytes:
 
 def test_a_packed_record_gives_back_its_fields_and_starts_with_its_state() -> None:
     raw = redis_record.record(HEAD, [entry(), entry()])
-    assert raw[:2] == b"o" + redis_record.VERSION
+    assert raw[:1] == b"o"
     assert redis_record.fields(raw) == ("o", 2**53 - 1, HEAD.dims, 120, 4_000, True)
     other = redis_record.record(HEAD._replace(home=False, dims=""), [])
     assert redis_record.fields(b"c" + other[1:]) == ("c", 2**53 - 1, "", 120, 4_000, False)
@@ -57,13 +54,3 @@ def test_a_json_record_of_the_earlier_layout_gives_the_same_fields() -> None:
 def test_a_record_names_at_most_the_buckets_its_count_can_say() -> None:
     with pytest.raises(ValueError, match="at most 32767"):
         redis_record.record(HEAD, [b""] * (redis_record.MAX_BUCKETS + 1))
-
-
-def test_a_packed_record_of_the_layout_before_groups_gives_the_same_fields() -> None:
-    # No version byte; each bucket named by its own counters key (ten fields).
-    head = struct.pack(">cqdbqqqd", b"c", 700, 1.5, 1, 0, 3, 4, 1.0)
-    texts = b"".join(redis_record.text(t) for t in ("b", HEAD.dims, "p:{n0}:li:0", "", "r"))
-    bucket = redis_record.text("p:c:{o:x}:k") + redis_record.NO_TEXT + redis_record.text("usd")
-    bucket += struct.pack(">qqqqqbq", 0, 0, 60, 700, 700, 0, 0)
-    raw = head + texts + struct.pack(">h", 1) + bucket
-    assert redis_record.fields(raw) == ("c", 700, HEAD.dims, 3, 4, True)

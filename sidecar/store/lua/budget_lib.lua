@@ -20,26 +20,19 @@
 -- fields), the strings it makes (Lua interns each one) and the text it parses, so the
 -- layout gives each step few, cheap commands and no text to parse:
 --
--- Data layout (key names come from sidecar/store/redis_keys.py; Lua derives three: a ledger
--- row's from its hour's index key, and, for earlier layouts' data only, a bucket's own
--- counters key from its group key and field (and back), and from its hash key and back,
--- `rename` below):
---   owner group      hash of one bucket owner's counters (its buckets share the hash tag):
---                    field "<bucket key>" -> the bucket's counters, field "" -> the latest
---                    alive-until of them all (i64), which the key's TTL follows (it only
---                    grows). A script reads a group once (one HMGET of the fields it needs)
---                    and writes it once (one HSET of what changed, `read_groups`, `flush`):
---                    a command per owner, not per bucket.
---   bucket counters  a group field of four signed 64-bit fields, big-endian, unpacked and
---                    packed with struct (`counters_of`, `put`):
+-- Data layout (key names come from sidecar/store/redis_keys.py; Lua derives two: a ledger
+-- row's from its hour's index key, and, for the earlier layout's data only, a bucket's
+-- counters key from its hash key and back, `rename` below):
+--   bucket counters  string of four signed 64-bit fields, big-endian (BITFIELD's i64 #0 to
+--                    #3, which the store reads), read with one GET and struct.unpack and
+--                    written with one SETRANGE and struct.pack (`read_counters`):
 --                    #0 spent: a fixed window's spend in slot #2; a rolling window's
 --                    running total of its slots >= #2 (its window start);
 --                    #1 held: amount reserved by open reservations;
 --                    #2 the slot (fixed) or window start (rolling) #0 is about (-1: a
 --                    rolling total not summed yet);
---                    #3 the Unix second until which the bucket is kept alive: its group's
---                    TTL covers the latest of its buckets' (a group may outlive a bucket;
---                    a bucket's window #2 says what of its spend still counts).
+--                    #3 the Unix second until which the key is kept alive (its TTL is only
+--                    touched when that must grow).
 --                    A reserve reads every bucket, judges, and only when admitted writes
 --                    each one once (the hold, and a moved window or a longer life); a
 --                    commit reads and writes each once (charge #0, release #1). A fixed
@@ -52,16 +45,15 @@
 --   group record     bytes packed by the store (redis_record.py) in struct formats (HEAD,
 --                    ENTRY below), so one struct.unpack reads it without parsing text: the
 --                    state letter ("o" open, "c" committed, "x" expired: the one byte a
---                    finish rewrites), the version "g", estimate, expires_at, 1 for the
---                    home group (0 otherwise), hour, estimated input and output tokens,
---                    created_at; the binding, for the home group dims JSON and ledger index
---                    key ("" for the others), node tags of the other groups
---                    (comma-separated), request id; the number of buckets, then eleven
---                    fields per bucket on this shard: owner group key, field (the bucket
---                    key), slot hash key of a rolling window ("" for a fixed one), measure,
---                    slot, window start, ttl seconds, estimate in the measure, held of it,
---                    1 when enforced, limit. Written with SET NX GET: the write is the
---                    look-up of a repeated request id.
+--                    finish rewrites), estimate, expires_at, 1 for the home group (0
+--                    otherwise), hour, estimated input and output tokens, created_at; the
+--                    binding, for the home group dims JSON and ledger index key ("" for the
+--                    others), node tags of the other groups (comma-separated), request id;
+--                    the number of buckets, then ten fields per bucket on this shard:
+--                    counters key, slot hash key of a rolling window ("" for a fixed one),
+--                    measure, slot, window start, ttl seconds, estimate in the measure,
+--                    held of it, 1 when enforced, limit. Written with SET NX GET: the write
+--                    is the look-up of a repeated request id.
 --   open zset        home records scored by expires_at; held zset: the other groups' records.
 --   slots zset       member "<slot>|<bucket hash key>", score = the slot's expiry (a hash
 --                    field has no TTL in 7.0).
@@ -72,11 +64,7 @@
 --                    written when a row is new.
 --   hours zset       member = score = an hour holding ledger data on this shard.
 --
--- Earlier layouts are still read. The one before kept each bucket's counters in a string
--- of its own (the group's key, ":", the bucket key), which a script moves into the group
--- the first time it touches the bucket (`legacy`), and named that key in its records
--- (packed the same way, ten fields per bucket, no version byte: `decode` splits the key).
--- The one before that wrote the same counters and rows (with
+-- Earlier layouts are still read. The one before wrote the same counters and rows (with
 -- BITFIELD, which may leave a string shorter than its fields: the rest read as 0) and
 -- records as JSON arrays (state, estimate, expires_at, binding, home, dims, ledger index,
 -- hour, tokens in and out, other groups, request id, created_at, then seven values per
@@ -84,7 +72,7 @@
 -- reads them, `finish` rewrites their state at offset 2. The one before that kept a bucket
 -- in one hash (slot fields, "r" held, "t"/"f" a running total, "k" alive until), records as
 -- hashes and ledger hours as one hash of "<measure>|<dims>" fields. A bucket's counters are
--- made from its hash the first time they are touched (`legacy`), old records are read and
+-- made from its hash the first time they are touched (`adopt`), old records are read and
 -- settled as they are, and old ledger hashes are still read: an upgrade keeps every
 -- window's spend and every hold.
 --
@@ -97,14 +85,14 @@
 -- code cannot reach them while it loads, and a global is looked up by name on every use
 -- (a few times what a local costs; there are hundreds of uses in a decision).
 local rcall, rpcall, spack, sunpack, tonum, sformat, srep, ssub, sfind, sbyte, floor, mmax
-local jdecode, tunpack
+local jdecode
 local script_now
 
 -- What every function of the library runs first.
 local function begin()
   rcall, rpcall = redis.call, redis.pcall
   spack, sunpack, jdecode = struct.pack, struct.unpack, cjson.decode
-  tonum, floor, mmax, tunpack = tonumber, math.floor, math.max, unpack
+  tonum, floor, mmax = tonumber, math.floor, math.max
   sformat, srep, ssub, sfind, sbyte = string.format, string.rep, string.sub, string.find,
                                       string.byte
   -- No clock yet: each call has its own (`use_clock`).
@@ -161,8 +149,7 @@ local function fields(raw, width)
   return raw
 end
 
--- The counters of a bucket's own key, as the layouts before groups kept them (nil when
--- there is none).
+-- A bucket's counters: spent, held, window, alive-until (nil when the key does not exist).
 local function read_counters(ck)
   local raw = rcall('GET', ck)
   if not raw then
@@ -172,202 +159,55 @@ local function read_counters(ck)
   return spent, held, window, alive
 end
 
--- Owner groups, as `read_groups` read them and `put` changes them until `flush` writes
--- them: per bucket entry e, STRIDE slots from (e - 1) * STRIDE: its field, its group (the
--- group's first entry), the entry holding its counters (itself, or an earlier entry of
--- the same bucket), their value (false: none), whether `put` changed it; at a group's
--- first entry also the group's key, alive-until and whether that grew. One table for all,
--- kept between calls (a call reads only slots it wrote first), and one for command
--- arguments (unpacked with explicit bounds): tables made per group or field on every call
--- (allocated, grown, collected) cost Lua more than the commands grouping saves. For the
--- same reason the store names one group's buckets one after the other (so do `regroup`d
--- records of earlier layouts): a group is a run of entries, found by comparing each key
--- with the one before (interned strings: a pointer comparison).
-local GS, ARGS, GN = {}, {}, 0
-local FIELD, GROUP, SAME, RAW, DIRTY, KEY, ALIVE, GROW, STRIDE = 1, 2, 3, 4, 5, 6, 7, 8, 8
-
--- One HMGET for the group of entries h to last: its alive-until and its buckets' counters.
-local function fetch(h, last)
-  ARGS[1] = ''
-  local m = 1
-  for j = h, last do
-    local o = (j - 1) * STRIDE
-    if GS[o + SAME] == j then
-      m = m + 1
-      ARGS[m] = GS[o + FIELD]
-    end
-  end
-  local base = (h - 1) * STRIDE
-  local values = rcall('HMGET', GS[base + KEY], tunpack(ARGS, 1, m))
-  if values[1] then
-    GS[base + ALIVE] = sunpack('>i8', values[1])
-  end
-  m = 1
-  for j = h, last do
-    local o = (j - 1) * STRIDE
-    if GS[o + SAME] == j then
-      m = m + 1
-      GS[o + RAW] = values[m]
-    end
-  end
-end
-
--- Read the groups of the buckets `list` names (from index `first`, every `step`: a group
--- key, then a field; one group's buckets one after the other) into GS. Entry e is the
--- e-th bucket named.
-local function read_groups(list, first, step)
-  local n, h, last = 0, 0, nil
-  for i = first, #list, step do
-    local gk, f = list[i], list[i + 1]
-    n = n + 1
-    local o = (n - 1) * STRIDE
-    local same = n
-    if gk == last then
-      for j = h, n - 1 do
-        local p = (j - 1) * STRIDE
-        if GS[p + FIELD] == f then
-          same = GS[p + SAME]
-          break
-        end
-      end
-    else
-      if h > 0 then
-        fetch(h, n - 1)
-      end
-      h, last = n, gk
-      GS[o + KEY], GS[o + ALIVE], GS[o + GROW] = gk, 0, false
-    end
-    GS[o + FIELD], GS[o + GROUP], GS[o + SAME], GS[o + RAW], GS[o + DIRTY] =
-      f, h, same, false, false
-  end
-  if h > 0 then
-    fetch(h, n)
-  end
-  GN = n
-end
-
--- The entry holding entry e's counters: e, or the first entry of the same bucket.
-local function same_as(e)
-  return GS[(e - 1) * STRIDE + SAME]
-end
-
--- Entry e's counters in its group: spent, held, window, alive-until (nil when it has
--- none). Kept in its group past its alive-until, a bucket still counts only its window
--- (#2): a fixed window's spend restarts in its next slot, a rolling total is summed afresh
--- when its start moves. (Its alive-until is not compared with the clock: the backfill has
--- none of its own, and every other script's is the request's.)
-local function counters_of(e)
-  local raw = GS[(GS[(e - 1) * STRIDE + SAME] - 1) * STRIDE + RAW]
-  if not raw then
-    return nil
-  end
-  local spent, held, window, alive = sunpack(COUNTERS, raw)
-  return spent, held, window, alive
-end
-
--- Set entry e's counters (written by `flush`; read back by this call).
-local function put(e, spent, held, window, alive)
-  local o = (GS[(e - 1) * STRIDE + SAME] - 1) * STRIDE
-  GS[o + RAW], GS[o + DIRTY] = spack(COUNTERS, spent, held, window, alive), true
-  local g = (GS[o + GROUP] - 1) * STRIDE
-  if alive > GS[g + ALIVE] then
-    GS[g + ALIVE], GS[g + GROW] = alive, true
-  end
-end
-
--- Write what `put` changed: one HSET per group; when a bucket must now live longer than
--- the group would, the group's alive-until and TTL too (so they only ever grow).
-local function flush()
-  local e = 1
-  while e <= GN do
-    local h, m = e, 0
-    while e <= GN and GS[(e - 1) * STRIDE + GROUP] == h do
-      local o = (e - 1) * STRIDE
-      if GS[o + DIRTY] then
-        ARGS[m + 1], ARGS[m + 2] = GS[o + FIELD], GS[o + RAW]
-        m = m + 2
-        GS[o + DIRTY] = false
-      end
-      e = e + 1
-    end
-    local base = (h - 1) * STRIDE
-    if m > 0 then
-      local grow = GS[base + GROW]
-      if grow then
-        ARGS[m + 1], ARGS[m + 2] = '', spack('>i8', GS[base + ALIVE])
-        m = m + 2
-      end
-      rcall('HSET', GS[base + KEY], tunpack(ARGS, 1, m))
-      if grow then
-        rcall('EXPIRE', GS[base + KEY], int(mmax(GS[base + ALIVE] - clock(), 1)))
-        GS[base + GROW] = false
-      end
-    end
-  end
-end
-
--- The alive-until that keeps a bucket `secs` more seconds (nil when its alive-until
--- already says so). An eighth longer than needed, so a busy bucket extends it (and its
--- group's TTL) once in a while, not on every request.
+-- The alive-until that keeps a counters key `secs` more seconds, and the TTL to give it
+-- (nil when its alive-until already says so). The TTL is an eighth longer than needed, so
+-- a busy bucket extends it once in a while, not on every request.
 local function lifetime(alive, secs)
   local now = clock()
   if secs < 1 or alive >= now + secs then
-    return nil
+    return nil, nil
   end
-  return now + secs + floor(secs / 8)
+  local want = secs + floor(secs / 8)
+  return now + want, want
 end
 
--- The counters earlier layouts kept for entry e's bucket, moved into its group (nil:
--- none): its own counters key (the group's key, ":", the field), else what its hash held
--- ("r") and, for a fixed window, spent in `slot`; dropped there so they never count twice,
--- and put in the group at once (a refusal that read them writes them too). A rolling
--- window gets window -1, so its total is summed from the slots. `secs`: how long they
--- must live.
-local function legacy(e, hk, rolling, slot, secs)
-  local o = (e - 1) * STRIDE
-  local ck = GS[(GS[o + GROUP] - 1) * STRIDE + KEY] .. ':' .. GS[o + FIELD]
-  local spent, held, window, alive = read_counters(ck)
-  if spent ~= nil then
-    rcall('DEL', ck)
-  else
-    if not rolling then
-      hk = rename(ck, 'b:')
-    end
-    local old = rcall('HMGET', hk, 'r', int(slot))
-    if not old[1] and (rolling or not old[2]) then
-      return nil
-    end
-    spent, held, window, alive = 0, tonum(old[1] or 0), -1, 0
-    if rolling then
-      rcall('HDEL', hk, 'r', 't', 'f', 'k')
-    else
-      spent, window = tonum(old[2] or 0), slot
-      rcall('DEL', hk)
-    end
+-- New counters holding only `spent` and `held` (what the caller adds): add what the
+-- earlier layout kept in the bucket's hash (its hold, and a fixed window's spend in
+-- `slot`), drop that from the hash so it never counts twice, and write them with their
+-- lifetime. Returns spent, held, the window (#2) and alive-until as written; a rolling
+-- window gets window -1, so its total is summed from the slots on the next read.
+local function adopt(ck, hk, rolling, slot, spent, held, secs)
+  if not rolling then
+    hk = rename(ck, 'b:')
   end
+  local field = int(slot)
+  local old = rcall('HMGET', hk, 'r', field)
+  held = held + tonum(old[1] or 0)
   if held < 0 then
     -- More released than held: the key was lost under open holds. Never let a negative
     -- hold make room that was not there.
     held = 0
   end
-  alive = mmax(alive, clock() + mmax(secs + floor(secs / 8), 1))
-  put(e, spent, held, window, alive)
-  return spent, held, window, alive
-end
-
--- Entry e's counters (`counters_of`), else those earlier layouts kept (`legacy`).
-local function bucket_counters(e, hk, rolling, slot, secs)
-  local spent, held, window, alive = counters_of(e)
-  if spent == nil then
-    return legacy(e, hk, rolling, slot, secs)
+  local window = -1
+  if not rolling then
+    spent = spent + tonum(old[2] or 0)
+    window = slot
+    if old[1] or old[2] then
+      rcall('DEL', hk)
+    end
+  elseif old[1] then
+    rcall('HDEL', hk, 'r', 't', 'f', 'k')
   end
+  local want = mmax(secs + floor(secs / 8), 1)
+  local alive = clock() + want
+  rcall('SET', ck, spack(COUNTERS, spent, held, window, alive), 'EX', int(want))
   return spent, held, window, alive
 end
 
--- Charge entry e's bucket `amount` in `slot` and release `held` of its hold; `ttl`: how
--- long the bucket's data must live from now on. `hk`: a rolling window's slot hash (false
--- for a fixed window).
-local function add_bucket(ctx, e, hk, slot, amount, ttl, held)
+-- Charge a bucket `amount` in `slot` and release `held` of its hold; `ttl`: how long the
+-- bucket's data must live from now on. `hk`: a rolling window's slot hash (false for a
+-- fixed window).
+local function add_bucket(ctx, ck, hk, slot, amount, ttl, held)
   local rolling = hk and true or false
   if rolling and amount ~= 0 then
     local field = int(slot)
@@ -378,15 +218,14 @@ local function add_bucket(ctx, e, hk, slot, amount, ttl, held)
       rcall('EXPIRE', hk, int(ttl))
     end
   end
-  local spent, h, window, alive = bucket_counters(e, hk, rolling, slot, ttl)
+  local spent, h, window, alive = read_counters(ck)
   if spent == nil then
-    -- New, or gone under its hold (see `legacy`): the charge, and no hold.
-    put(e, amount, 0, rolling and -1 or slot, clock() + mmax(ttl + floor(ttl / 8), 1))
+    adopt(ck, hk, rolling, slot, amount, -held, ttl)
     return
   end
   h = h - held
   if h < 0 then
-    h = 0  -- see legacy
+    h = 0  -- see adopt
   end
   -- Reads and holds made the counters live past the slot's TTL and the hold's end, so a
   -- charge never has to extend them, except into a new slot.
@@ -394,15 +233,19 @@ local function add_bucket(ctx, e, hk, slot, amount, ttl, held)
     -- The counters already follow a later slot (fixed) or a later window start
     -- (rolling): this slot is no longer in what #0 sums.
     if held ~= 0 then
-      put(e, spent, h, window, alive)
+      rcall('SETRANGE', ck, '8', spack('>i8', h))
     end
   elseif window < slot and not rolling then
     -- A fixed window's first spend in a new slot: #0 restarts with it.
-    put(e, amount, h, slot, lifetime(alive, ttl) or alive)
+    local until_, want = lifetime(alive, ttl)
+    rcall('SETRANGE', ck, '0', spack(COUNTERS, amount, h, slot, until_ or alive))
+    if want then
+      rcall('EXPIRE', ck, int(want))
+    end
   elseif amount ~= 0 or held ~= 0 then
     -- Charged and released in one write (a rolling window's -1, "not summed yet", takes
     -- the charge too: it is summed afresh anyway).
-    put(e, spent + amount, h, window, alive)
+    rcall('SETRANGE', ck, '0', spack('>i8i8', spent + amount, h))
   end
 end
 
@@ -497,44 +340,9 @@ local function add_ledger(ctx, rec, cost, requests, input, output, errors)
   end
 end
 
--- A bucket's group key and field from its own counters key (redis_keys.py: the group's
--- key, ":", the bucket key; the prefix holds no brace, so the first "}" closes the tag).
-local function split(ck)
-  local close = sfind(ck, '}', 1, true)
-  return ssub(ck, 1, close), ssub(ck, close + 2)
-end
-
--- Bucket entries of ten fields, a bucket's own counters key first (the layout before
--- groups), as this layout's eleven.
-local function regroup(t)
-  local b = {}
-  for i = 1, #t, 10 do
-    local gk, f = split(t[i])
-    b[#b + 1], b[#b + 2] = gk, f
-    for j = 1, 9 do
-      b[#b + 1] = t[i + j]
-    end
-  end
-  -- One group's buckets one after the other (`read_groups`), in the order they came.
-  local out, taken = {}, {}
-  for i = 1, #b, 11 do
-    if not taken[i] then
-      for j = i, #b, 11 do
-        if not taken[j] and b[j] == b[i] then
-          taken[j] = true
-          for k = 0, 10 do
-            out[#out + 1] = b[j + k]
-          end
-        end
-      end
-    end
-  end
-  return out
-end
-
 -- The bucket entries of a record of an earlier layout (from index 14 of its JSON array:
 -- counters key, slot, ttl, measure, estimate, held, slot hash key or 0), as this layout's
--- eleven fields; the window start and the limit only matter to the reserve that wrote it.
+-- ten fields; the window start and the limit only matter to the reserve that wrote it.
 local function from_json(t)
   local b = {}
   for i = 14, #t, 7 do
@@ -544,7 +352,7 @@ local function from_json(t)
       b[#b + 1] = v
     end
   end
-  return regroup(b)
+  return b
 end
 
 -- A record of the earlier layout (a hash), as `load` returns records: its bucket entries
@@ -587,28 +395,16 @@ end
 
 local STATES = {o = 'open', c = 'committed', x = 'expired'}
 
--- The record (see the layout above): its fixed head, then eleven fields per bucket. The
--- store writes it with the same formats (redis_record.py `_HEAD`, `_BUCKET`). Packed
--- records of the layout before groups have no version byte and ten fields per bucket.
-local HEAD = '>c1c1i8di1i8i8i8di4c0i4c0i4c0i4c0i4c0i2'
-local ENTRY = 'i4c0i4c0i4c0i4c0i8i8i8i8i8i1i8'
-local HEAD_BEFORE = '>c1i8di1i8i8i8di4c0i4c0i4c0i4c0i4c0i2'
-local ENTRY_BEFORE = 'i4c0i4c0i4c0i8i8i8i8i8i1i8'
+-- The record (see the layout above): its fixed head, then ten fields per bucket. The
+-- store writes it with the same formats (redis_store.py `_RECORD_HEAD`, `_RECORD_BUCKET`).
+local HEAD = '>c1i8di1i8i8i8di4c0i4c0i4c0i4c0i4c0i2'
+local ENTRY = 'i4c0i4c0i4c0i8i8i8i8i8i1i8'
 
--- A packed record, from its bytes, as `load` returns records.
+-- A record of this layout, from its bytes, as `load` returns records.
 local function decode(raw)
-  local s, e, x, hm, hr, bd, d, li, g, id, n, pos, b, _
-  if sbyte(raw, 2) == 0 then
-    -- No version: the top byte of the estimate (the layout before groups).
-    s, e, x, hm, hr, _, _, _, bd, d, li, g, id, n, pos = sunpack(HEAD_BEFORE, raw)
-    b = {sunpack('>' .. srep(ENTRY_BEFORE, n), raw, pos)}
-    b[#b] = nil  -- the position after the last field
-    b = regroup(b)
-  else
-    s, _, e, x, hm, hr, _, _, _, bd, d, li, g, id, n, pos = sunpack(HEAD, raw)
-    b = {sunpack('>' .. srep(ENTRY, n), raw, pos)}
-    b[#b] = nil
-  end
+  local s, e, x, hm, hr, _, _, _, bd, d, li, g, id, n, pos = sunpack(HEAD, raw)
+  local b = {sunpack('>' .. srep(ENTRY, n), raw, pos)}
+  b[#b] = nil  -- the position after the last field
   return {s = STATES[s], e = e, x = x, bd = bd, hm = hm == 1, d = d, li = li, hr = hr, g = g,
           id = id, b = b, fmt = 'bin'}
 end
@@ -658,17 +454,14 @@ end
 -- with an error.
 local function charge(ctx, rec, actual, release, delta_cost, requests, input, output, errors)
   local b = rec.b
-  read_groups(b, 1, 11)
-  for i = 1, #b, 11 do
+  for i = 1, #b, 10 do
     local held = 0
     if release then
-      held = b[i + 8]
+      held = b[i + 7]
     end
-    local hk = b[i + 2]
-    local amount = actual(b[i + 3], b[i + 7])
-    add_bucket(ctx, (i - 1) / 11 + 1, hk ~= '' and hk, b[i + 4], amount, b[i + 6], held)
+    local hk = b[i + 1]
+    add_bucket(ctx, b[i], hk ~= '' and hk, b[i + 3], actual(b[i + 2], b[i + 6]), b[i + 5], held)
   end
-  flush()
   if rec.hm then
     add_ledger(ctx, rec, delta_cost, requests, input, output, errors)
   end

@@ -13,7 +13,7 @@
 -- ARGV[3]   the shard's held zset
 -- Returns   1 when released, 0 when there was nothing of this attempt's to release.
 --
--- A function of budget_lib.lua's library (it uses load, read_groups, put, flush, ...).
+-- A function of budget_lib.lua's library (it uses load, ...).
 
 local rec = load(KEYS[1])
 if rec == nil or rec.old or rec.s ~= 'open' or rec.bd ~= ARGV[1] then
@@ -21,19 +21,17 @@ if rec == nil or rec.old or rec.s ~= 'open' or rec.bd ~= ARGV[1] then
   return 0
 end
 local b = rec.b
-read_groups(b, 1, 11)
-for i = 1, #b, 11 do
-  local held = b[i + 8]
+for i = 1, #b, 10 do
+  local held = b[i + 7]
   if held ~= 0 then
-    local e, hk = (i - 1) / 11 + 1, b[i + 2]
-    local s, h, window, alive = bucket_counters(e, hk, hk ~= '', b[i + 4], b[i + 6])
+    local ck = b[i]
+    local _, h = read_counters(ck)
     -- Gone (expired under the hold): nothing left to release.
-    if s ~= nil then
-      put(e, s, mmax(h - held, 0), window, alive)
+    if h ~= nil then
+      rcall('SETRANGE', ck, '8', spack('>i8', mmax(h - held, 0)))
     end
   end
 end
-flush()
 rcall('DEL', KEYS[1])
 rcall('ZREM', ARGV[2], KEYS[1])
 rcall('ZREM', ARGV[3], KEYS[1])

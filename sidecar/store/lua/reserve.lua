@@ -29,9 +29,8 @@
 -- ARGV[7]      mode: "reserve" or "optimistic"
 -- ARGV[8]      expires_at (seconds, float), the record's score in the open or held zset
 -- ARGV[9]      the record (see budget_lib.lua), state "o": besides what it keeps for the
---              commit, it names every bucket (its owner group and field) with its window,
---              limit and estimate, so a bucket travels once (one struct.unpack reads them
---              all, no tonumber)
+--              commit, it names every bucket with its window, limit and estimate, so a
+--              bucket travels once (one struct.unpack reads them all, no tonumber)
 -- ARGV[10]     retention of done records (seconds)
 -- ARGV[11]     ledger TTL (seconds)
 -- ARGV[12]     seconds a held bucket's counters must outlive its TTL (the hold's lifetime)
@@ -41,8 +40,7 @@
 --              now, as seen otherwise; the last names other shards' parts of reservations
 --              settled here, for the store to settle.
 --
--- A function of budget_lib.lua's library (it uses decode, read_groups, bucket_counters,
--- window_spent, put, flush, settle, ...).
+-- A function of budget_lib.lua's library (it uses int, decode, adopt, window_spent, settle, ...).
 
 local ctx = {open = ARGV[1], held = ARGV[2], hours = ARGV[3], slots = ARGV[4],
              retention = ARGV[10], ledger_ttl = tonum(ARGV[11])}
@@ -54,8 +52,6 @@ local rkey = KEYS[1]
 local rec = decode(ARGV[9])
 local b = rec.b
 local spent, reserved = {}, {}
--- Every owner group of the request's buckets, read once (entry e: the e-th bucket).
-read_groups(b, 1, 11)
 
 -- The record goes in first: writing it is the look-up of a repeated request id.
 local seen = rpcall('SET', rkey, ARGV[9], 'NX', 'GET')
@@ -68,16 +64,14 @@ if seen then
   else
     seen = parse(seen)
   end
-  for i = 1, #b, 11 do
-    local hk, slot, since = b[i + 2], b[i + 4], b[i + 5]
-    local s, h, window = bucket_counters((i - 1) / 11 + 1, hk, slot ~= since, slot, b[i + 6])
+  for i = 1, #b, 10 do
+    local s, h, window = read_counters(b[i])
     if s == nil then
       s, h, window = 0, 0, 0
     end
-    spent[#spent + 1] = window_spent(hk, slot, since, s, window)
+    spent[#spent + 1] = window_spent(b[i + 1], b[i + 3], b[i + 4], s, window)
     reserved[#reserved + 1] = h
   end
-  flush()  -- only what earlier layouts kept, moved into the groups
   if seen.s == 'open' and seen.x > now and seen.bd == rec.bd then
     return {'dup', {}, spent, reserved, parts}
   end
@@ -89,70 +83,80 @@ local hold_for = tonum(ARGV[12])
 -- Every bucket is read and judged first; only an admitted request writes (its holds, and
 -- counters moved to this window or given a longer life), so a refusal undoes nothing. A
 -- bucket named twice is read once: its second hold counts the first.
-local failed, known, judged = {}, {}, {}
--- What a bucket's entry in `known` (by its first entry) holds, by position (array slots,
--- not hashed fields): its entry, held, spent in the window, window its counters follow,
--- the window they follow from now on, alive-until, life it needs, held by this request.
-local ENTRY, HELD, TOTAL, WINDOW, FOLLOWS, ALIVE, LIFE, MINE = 1, 2, 3, 4, 5, 6, 7, 8
-for i = 1, #b, 11 do
-  local slot, since = b[i + 4], b[i + 5]
-  local hold = b[i + 8]
-  local life = b[i + 6] + hold_for
-  local e = same_as((i - 1) / 11 + 1)
-  local k = known[e]
+local failed, buckets, order = {}, {}, {}
+-- What a bucket's entry in `buckets` holds, by position (array slots, not hashed fields):
+-- counters key, held, spent in the window, window its counters follow, the window they
+-- follow from now on, alive-until, life it needs, made by this call, held by this request.
+local CK, HELD, TOTAL, WINDOW, FOLLOWS, ALIVE, LIFE, FRESH, MINE = 1, 2, 3, 4, 5, 6, 7, 8, 9
+for i = 1, #b, 10 do
+  local ck, slot, since = b[i], b[i + 3], b[i + 4]
+  local hold = b[i + 7]
+  local life = b[i + 5] + hold_for
+  local k = buckets[ck]
   if k == nil then
-    local hk, rolling = b[i + 2], slot ~= since
-    local s, h, window, alive = bucket_counters(e, hk, rolling, slot, life)
-    if s == nil then
-      -- New: nothing spent, nothing held; a rolling total is summed from its slots.
-      s, h, window, alive = 0, 0, rolling and -1 or slot, 0
+    local hk = b[i + 1]
+    local s, h, window, alive = read_counters(ck)
+    local fresh = s == nil
+    if fresh then
+      s, h, window, alive = adopt(ck, hk, slot ~= since, slot, 0, 0, life)
     end
     local total, follows = window_spent(hk, slot, since, s, window)
-    k = {e, h, total, window, follows, alive, life, 0}
-    known[e] = k
-    judged[#judged + 1] = k
+    k = {ck, h, total, window, follows, alive, life, fresh, 0}
+    buckets[ck] = k
+    order[#order + 1] = k
   elseif life > k[LIFE] then
     k[LIFE] = life
   end
   local h = k[HELD] + k[MINE]
   k[MINE] = k[MINE] + hold
   spent[#spent + 1], reserved[#reserved + 1] = k[TOTAL], h + hold
-  if b[i + 9] == 1 then
+  if b[i + 8] == 1 then
     local full
     if optimistic then
-      full = k[TOTAL] >= b[i + 10]
+      full = k[TOTAL] >= b[i + 9]
     else
       -- Inclusive boundary: exactly reaching the limit is allowed.
-      full = k[TOTAL] + h + hold > b[i + 10]
+      full = k[TOTAL] + h + hold > b[i + 9]
     end
     if full then
-      failed[#failed + 1] = (i - 1) / 11
+      failed[#failed + 1] = (i - 1) / 10
     end
   end
 end
 
 if #failed > 0 then
-  -- Reported as seen before this request's holds. Nothing is written but what earlier
-  -- layouts kept, moved into the groups; the record goes.
+  -- Reported as seen before this request's holds. A bucket this refusal made from nothing
+  -- goes, and so does the record.
   for j = 1, #reserved do
-    reserved[j] = reserved[j] - b[(j - 1) * 11 + 9]
+    reserved[j] = reserved[j] - b[(j - 1) * 10 + 8]
   end
-  flush()
+  for o = 1, #order do
+    local k = order[o]
+    if k[FRESH] and k[HELD] == 0 and k[TOTAL] == 0 then
+      rcall('DEL', k[CK])
+    end
+  end
   rcall('DEL', rkey)
   return {'refused', failed, spent, reserved, parts}
 end
 
-for o = 1, #judged do
-  local k = judged[o]
+for o = 1, #order do
+  local k = order[o]
   -- The hold must outlive the reservation, or its release would find nothing; a bucket
-  -- read without holding (optimistic) must outlive its window too. Counters that followed
-  -- an earlier window follow this one from now on (the next decision reads them).
-  local until_ = lifetime(k[ALIVE], k[LIFE])
-  if k[FOLLOWS] ~= k[WINDOW] or until_ or k[MINE] ~= 0 then
-    put(k[ENTRY], k[TOTAL], k[HELD] + k[MINE], k[FOLLOWS], until_ or k[ALIVE])
+  -- read without holding (optimistic) must outlive its window too.
+  local until_, want = lifetime(k[ALIVE], k[LIFE])
+  if k[FOLLOWS] ~= k[WINDOW] or until_ then
+    -- Counters that followed an earlier window follow this one from now on (the next
+    -- decision reads them).
+    rcall('SETRANGE', k[CK], '0',
+          spack(COUNTERS, k[TOTAL], k[HELD] + k[MINE], k[FOLLOWS], until_ or k[ALIVE]))
+    if want then
+      rcall('EXPIRE', k[CK], int(want))
+    end
+  elseif k[MINE] ~= 0 then
+    rcall('SETRANGE', k[CK], '8', spack('>i8', k[HELD] + k[MINE]))
   end
 end
-flush()
 
 if rec.hm then
   rcall('ZADD', ctx.open, ARGV[8], rkey)
