@@ -295,7 +295,9 @@ def baseline(ref: str, args: argparse.Namespace) -> dict[str, Any]:
         done = subprocess.run(
             argv,
             cwd=tmp,
-            env={**os.environ, "PYTHONPATH": tmp},
+            # This tree's devtools after the commit's own (bench.policy imports it; the
+            # archive holds only sidecar and bench).
+            env={**os.environ, "PYTHONPATH": f"{tmp}{os.pathsep}{root}"},
             capture_output=True,
             text=True,
             check=True,
@@ -358,15 +360,17 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.baseline:
         old = baseline(args.baseline, args)
-        old_one = old["one_redis"]
+        # Commits before the policies were named report the bench policy's rows unnamed.
+        old_one = old.get("bench/one_redis") or old["one_redis"]
+        old_cluster = old.get("bench/cluster_3_primaries") or old["cluster_3_primaries"]
         new_one = result["bench/one_redis"]
         result["baseline"] = {
             "ref": args.baseline,
             "one_redis_script_usec_per_decision": old_one["script_usec_per_decision"],
             "one_redis_process_cpu_usec_per_decision": old_one["process_cpu_usec_per_decision"],
-            "cluster_3_decisions_per_second": old["cluster_3_primaries"][
-                "decisions_per_second_all_shards"
-            ],
+            "cluster_3_decisions_per_second": old_cluster.get(
+                "decisions_per_second_all_shards", old_cluster.get("decisions_per_second")
+            ),
             # Redis CPU per decision now / at the baseline (bench policy, one Redis).
             "script_usec_now_over_baseline": round(
                 new_one["script_usec_per_decision"] / old_one["script_usec_per_decision"], 2
@@ -375,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
                 new_one["process_cpu_usec_per_decision"] / old_one["process_cpu_usec_per_decision"],
                 2,
             ),
+            "output": old,  # every row of the commit's run
         }
     text = json.dumps(result, indent=2) + "\n"
     sys.stdout.write(text)
