@@ -9,9 +9,19 @@ import os
 import statistics
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+
+def extract_tree(ref: str, dest: str, paths: Sequence[str] = ("sidecar", "bench")) -> None:
+    """Git commit `ref`'s `paths` of this repository, written under `dest` (a benchmark's
+    baseline tree, run in a subprocess with `dest` first on its path)."""
+    root = Path(__file__).resolve().parent.parent
+    archive = subprocess.run(
+        ["git", "-C", str(root), "archive", ref, *paths], capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", dest], input=archive, check=True)
 
 
 def alternated(

@@ -157,13 +157,11 @@ def baseline(ref: str, count: int) -> dict[str, Any]:
     """This count on git commit `ref`'s store and benchmark helpers, in a subprocess
     importing that tree (and this tree's devtools, which older commits lack)."""
     root = Path(__file__).resolve().parent.parent
+    # Here, not at the top: this module also runs inside older trees, which lack it.
+    from bench.alternate import extract_tree
+
     with tempfile.TemporaryDirectory() as tmp:
-        archive = subprocess.run(
-            ["git", "-C", str(root), "archive", ref, "sidecar", "bench"],
-            capture_output=True,
-            check=True,
-        ).stdout
-        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        extract_tree(ref, tmp)
         shutil.copy(Path(__file__), Path(tmp, "bench", "redis_callgrind.py"))
         done = subprocess.run(
             [sys.executable, "-m", "bench.redis_callgrind", "--decisions", str(count)],

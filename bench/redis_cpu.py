@@ -272,13 +272,11 @@ def baseline(ref: str, args: argparse.Namespace) -> dict[str, Any]:
     """This benchmark as it was at git commit `ref`, with that commit's store and scripts,
     in a subprocess (its own one Redis and cluster)."""
     root = Path(__file__).resolve().parent.parent
+    # Here, not at the top: this module also runs inside older trees, which lack it.
+    from bench.alternate import extract_tree
+
     with tempfile.TemporaryDirectory() as tmp:
-        archive = subprocess.run(
-            ["git", "-C", str(root), "archive", ref, "sidecar", "bench"],
-            capture_output=True,
-            check=True,
-        ).stdout
-        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        extract_tree(ref, tmp)
         argv = [
             sys.executable,
             "-m",

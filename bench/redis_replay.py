@@ -133,24 +133,11 @@ def measure(policy: str, rounds: int, per_round: int) -> dict[str, float]:
 
 def baseline(ref: str, argv: list[str]) -> dict[str, float]:
     """This replay on git commit `ref`'s store, in a subprocess importing that tree."""
-    root = Path(__file__).resolve().parent.parent
+    # Here, not at the top: this module also runs inside older trees, which lack it.
+    from bench.alternate import extract_tree
+
     with tempfile.TemporaryDirectory() as tmp:
-        archive = subprocess.run(
-            [
-                "git",
-                "-C",
-                str(root),
-                "archive",
-                ref,
-                "sidecar",
-                "bench",
-                "devtools",
-                "tests/support",
-            ],
-            capture_output=True,
-            check=True,
-        ).stdout
-        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        extract_tree(ref, tmp, ("sidecar", "bench", "devtools", "tests/support"))
         shutil.copy(Path(__file__), Path(tmp, "bench", "redis_replay.py"))
         done = subprocess.run(
             [sys.executable, "-m", "bench.redis_replay", *argv],
