@@ -59,6 +59,10 @@ _FLUSH_SECONDS = 0.02
 _FLUSH_RECORDS = 256
 # After a failed write to the file, the next try (the records stay in memory and journal).
 _RETRY_SECONDS = 1.0
+# Reservations admitted but not yet written to the file, beyond which new ones are refused
+# as the store being unavailable: a file that cannot be written (disk full, I/O errors)
+# must not let memory and the journal grow without end.
+_MAX_UNWRITTEN = 50_000
 
 # Bucket keys kept JSON-encoded for reservation records (a few callers and rules make most
 # of the traffic); the cache starts again when full.
@@ -218,6 +222,10 @@ class OwnedSQLiteStore(SQLiteStore):
         )
         if failed:
             return ReserveResult(False, failed, tuple(map(BucketState, spent, held)))
+        if len(self._unfiled) >= _MAX_UNWRITTEN:
+            raise StoreUnavailable(
+                f"sqlite: {len(self._unfiled)} reservations are not written to the file yet"
+            )
         rid, binding = request.request_id, request.binding
         if "\t" in rid or "\n" in rid or "\t" in binding or "\n" in binding:
             raise ValueError("a reservation id or binding holds a tab or a newline")

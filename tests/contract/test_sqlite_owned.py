@@ -338,3 +338,33 @@ async def test_an_id_the_file_already_has_lets_go_of_its_holds_once_written(
     finally:
         await store.close()
     assert await file_state(tmp_path, B) == [(10, 0)]
+
+
+async def test_reservations_are_refused_once_too_many_cannot_be_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    roomy = BucketView(key="b:roomy", slot=B.slot, since=B.since, ttl_seconds=90_000, limit=10**9)
+    monkeypatch.setattr("sidecar.store.sqlite_owned._MAX_UNWRITTEN", 3)
+    store = OwnedSQLiteStore(url(tmp_path))
+    await store.open()
+    try:
+
+        def broken(conn: sqlite3.Connection, pending: object) -> object:
+            raise sqlite3.OperationalError("disk I/O error")
+
+        working = store._insert
+        monkeypatch.setattr(store, "_insert", broken)
+        for i in range(3):
+            assert (await store.reserve(reserve_request(f"u{i}", 1, roomy, now=NOW))).admitted
+        with pytest.raises(StoreUnavailable):
+            await store.commit("u0", 1, TokenUsage(1, 1), NOW)  # its write failed: retried
+        with pytest.raises(StoreUnavailable, match="not written"):
+            await store.reserve(reserve_request("u3", 1, roomy, now=NOW))
+        assert store._totals.state(roomy).reserved == 3
+        monkeypatch.setattr(store, "_insert", working)
+        # Written again ahead of the next job; then there is room for more (the bound is
+        # still 3).
+        assert (await store.commit("u0", 1, TokenUsage(1, 1), NOW)).status == "committed"
+        assert (await store.reserve(reserve_request("u3", 1, roomy, now=NOW))).admitted
+    finally:
+        await store.close()
