@@ -27,14 +27,11 @@ from typing import TypeVar
 
 import structlog
 
-from sidecar.model import TokenUsage
 from sidecar.store.base import StoreUnavailable
 from sidecar.store.budget_types import (
     BucketState,
     BucketView,
     CommitResult,
-    LedgerPart,
-    Pricer,
     Reservation,
     ReserveRequest,
     ReserveResult,
@@ -290,43 +287,12 @@ class OwnedSQLiteStore(SQLiteStore):
         self._totals.apply(sink)
         return result
 
-    def _known(self, request_id: str, result: CommitResult) -> CommitResult:
+    def _found(self, request_id: str, result: CommitResult) -> CommitResult:
         # Not found in the file although admitted here: its write failed and is being
         # retried, so this charge must be retried too rather than dropped.
         if result.status == "unknown" and request_id in self._unfiled:
             raise StoreUnavailable("sqlite: the reservation is not written to the file yet")
         return result
-
-    async def commit(
-        self,
-        request_id: str,
-        actual_micros: int,
-        usage: TokenUsage,
-        now: float,
-        error: bool = False,
-        others: Sequence[LedgerPart] = (),
-        tokens: tuple[int, int] | None = None,
-    ) -> CommitResult:
-        result = await super().commit(request_id, actual_micros, usage, now, error, others, tokens)
-        return self._known(request_id, result)
-
-    async def charge(self, request_id: str, price: Pricer, now: float) -> CommitResult:
-        return self._known(request_id, await super().charge(request_id, price, now))
-
-    async def charge_many(
-        self, charges: Sequence[tuple[str, Pricer]], now: float
-    ) -> list[CommitResult | Exception]:
-        results = await super().charge_many(charges, now)
-        out: list[CommitResult | Exception] = []
-        for (request_id, _), result in zip(charges, results, strict=True):
-            if isinstance(result, CommitResult):
-                try:
-                    result = self._known(request_id, result)
-                except StoreUnavailable as exc:
-                    out.append(exc)
-                    continue
-            out.append(result)
-        return out
 
     async def settle_expired(self, now: float, limit: int = 500) -> int:
         count = await super().settle_expired(now, limit)

@@ -768,12 +768,21 @@ class SQLiteStore:
                 conn, request_id, row, marked, actual_micros, usage, error, others, tokens, sink
             )
 
-        return await self._budget_tx(commit)
+        return self._found(request_id, await self._budget_tx(commit))
 
     async def charge(self, request_id: str, price: Pricer, now: float) -> CommitResult:
         # One job on the store's thread: the record read, priced and committed in the same
         # transaction, instead of a hop to read it and another to commit.
-        return await self._budget_tx(lambda conn, sink: self._charge(conn, request_id, price, sink))
+        result = await self._budget_tx(
+            lambda conn, sink: self._charge(conn, request_id, price, sink)
+        )
+        return self._found(request_id, result)
+
+    def _found(self, request_id: str, result: CommitResult) -> CommitResult:
+        """A commit's result as the caller sees it: as is here; a store that admits before
+        the file has the reservation turns "unknown" into "unavailable" while it is on
+        its way (`sqlite_owned.py`)."""
+        return result
 
     async def _budget_tx(self, fn: Callable[[sqlite3.Connection, Deltas | None], T]) -> T:
         """`_tx` of a job that changes budgets; `fn` gets where to note its changes
@@ -832,7 +841,15 @@ class SQLiteStore:
                 results += await self._budget_tx(functools.partial(charge_all, chunk=chunk))
             except Exception as exc:  # nothing of the chunk was committed
                 results += [exc] * len(chunk)
-        return results
+        out: list[CommitResult | Exception] = []
+        for (request_id, _), result in zip(charges, results, strict=True):
+            if isinstance(result, CommitResult):
+                try:
+                    result = self._found(request_id, result)
+                except StoreUnavailable as exc:
+                    result = exc
+            out.append(result)
+        return out
 
     def _charge(
         self,
