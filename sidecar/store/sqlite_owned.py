@@ -23,7 +23,7 @@ import json
 import sqlite3
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import structlog
 
@@ -44,7 +44,7 @@ from sidecar.store.sqlite_store import (
     dims_json,
     rebuild_holds,
 )
-from sidecar.store.sqlite_totals import Deltas, Totals
+from sidecar.store.sqlite_totals import Deltas, SlotsRead, Totals
 
 T = TypeVar("T")
 log = structlog.get_logger("sidecar.store")
@@ -60,6 +60,10 @@ _RETRY_SECONDS = 1.0
 # as the store being unavailable: a file that cannot be written (disk full, I/O errors)
 # must not let memory and the journal grow without end.
 _MAX_UNWRITTEN = 50_000
+
+# Buckets whose slots memory keeps (the oldest read that hold nothing are let go past it,
+# and read from the file again when a decision needs them): about 50 MB.
+_BUCKETS_KEPT = 100_000
 
 # Bucket keys kept JSON-encoded for reservation records (a few callers and rules make most
 # of the traffic); the cache starts again when full.
@@ -187,7 +191,23 @@ class OwnedSQLiteStore(SQLiteStore):
         if due is not None and due <= request.now:
             # What expired counts as spend before anything is decided on these buckets.
             await self._budget_tx(lambda conn, sink: self._settle(conn, request.now, 100, sink))
+        await self._read_in(request.buckets)
         return self._reserve_now(request)
+
+    async def _read_in(self, buckets: Sequence[BucketView]) -> None:
+        """Have every bucket's slots in memory. The read's result is applied by a callback
+        on its future: futures complete in the order their jobs ran, so a change
+        committed before the read is in it, and one committed after is applied after it.
+        Repeated while a key is missing: eviction may run between that callback and this
+        coroutine going on."""
+        while missing := self._totals.missing(buckets):
+            read = self._worker.submit(functools.partial(Totals.read_slots, keys=missing), tx=False)
+            read.add_done_callback(self._read_done)
+            await read
+
+    def _read_done(self, future: asyncio.Future[SlotsRead]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self._totals.loaded(future.result())
 
     def _reserve_now(self, request: ReserveRequest) -> ReserveResult:
         """The whole decision, with no await in it: nothing else changes memory meanwhile.
@@ -283,9 +303,15 @@ class OwnedSQLiteStore(SQLiteStore):
             sink = Deltas()
             return fn(conn, sink), sink
 
-        result, sink = await self._tx(job)
-        self._totals.apply(sink)
+        done = self._worker.submit(job, tx=True)
+        # Applied by a callback, in the order the jobs ran (see `_read_in`).
+        done.add_done_callback(self._budget_done)
+        result, _ = await done
         return result
+
+    def _budget_done(self, future: asyncio.Future[tuple[Any, Deltas]]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self._totals.apply(future.result()[1])
 
     def _found(self, request_id: str, result: CommitResult) -> CommitResult:
         # Not found in the file although admitted here: its write failed and is being
@@ -296,8 +322,9 @@ class OwnedSQLiteStore(SQLiteStore):
 
     async def settle_expired(self, now: float, limit: int = 500) -> int:
         count = await super().settle_expired(now, limit)
-        # As the file's housekeeping in the same pass.
+        # As the file's housekeeping in the same pass; then memory kept to its bound.
         self._totals.prune(now)
+        self._totals.evict(_BUCKETS_KEPT)
         return count
 
     async def open_reservations(self) -> int:
@@ -309,6 +336,7 @@ class OwnedSQLiteStore(SQLiteStore):
         return await super().reservation(request_id)
 
     async def bucket_states(self, buckets: list[BucketView], now: float) -> list[BucketState]:
+        await self._read_in(buckets)
         return [self._totals.state(b, with_slots=True) for b in buckets]
 
     async def scrub(self) -> None:

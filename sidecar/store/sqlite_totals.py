@@ -10,6 +10,7 @@ decision reads a dozen buckets from dicts instead of a SQL statement on another 
 from __future__ import annotations
 
 import heapq
+import itertools
 import sqlite3
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -22,8 +23,14 @@ from sidecar.store.sqlite_records import holds_of
 # would refuse it. Ids are minted per admission with 122 random bits, so a repeat is a bug
 # or an attack on the store API, and recent ones are all such a repeat can name.
 _ENDED_KEPT = 65_536
+# Bucket keys per statement when reading slots (under SQLite's 999 bound parameters).
+_KEYS_PER_READ = 500
 # Stale entries the expiry heap may hold beyond twice the open reservations.
 _EXPIRIES_SLACK = 1024
+
+
+# Slots read from the file: bucket -> [(slot, amount, expiry)]
+SlotsRead = dict[str, list[tuple[int, int, int]]]
 
 
 @dataclass(slots=True)
@@ -51,7 +58,8 @@ class _Open:
 
 class Totals:
     def __init__(self) -> None:
-        # bucket -> slot -> [amount, expiry]
+        # bucket -> slot -> [amount, expiry], for the buckets read from the file since they
+        # were last evicted (`missing` names the others; a decision reads them first).
         self._slots: dict[str, dict[int, list[int]]] = {}
         # bucket -> what open reservations hold (a reservation adds to it directly)
         self.held: dict[str, int] = {}
@@ -65,15 +73,9 @@ class Totals:
 
     @classmethod
     def load(cls, conn: sqlite3.Connection) -> Totals:
+        """The open reservations and their holds; buckets' slots are read when a decision
+        first needs them (`read_slots`)."""
         totals = cls()
-        # Every slot, expired or not: which ones still count is decided per decision by
-        # the bucket's window, as the file's statement does.
-        for key, slot, amount, expires in conn.execute(
-            "SELECT bucket, slot, amount, expires_at FROM slots"
-        ):
-            totals._slots.setdefault(key, {})[slot] = [amount, expires]
-            totals._slot_expiries.append((expires, key, slot))
-        heapq.heapify(totals._slot_expiries)
         # The holds are what the open reservations hold (the `reserved` table is not kept
         # current while a process owns the file).
         for rid, expires_at, binding, buckets_json, estimate, held in conn.execute(
@@ -84,6 +86,51 @@ class Totals:
             for key, hold in holds_of(buckets_json, estimate, held):
                 totals.hold(key, hold)
         return totals
+
+    @staticmethod
+    def read_slots(conn: sqlite3.Connection, keys: Sequence[str]) -> SlotsRead:
+        """Every slot of `keys` in the file, expired or not (which still count is decided
+        per decision by the bucket's window, as the file's own statement does)."""
+        out: SlotsRead = {key: [] for key in keys}
+        for start in range(0, len(keys), _KEYS_PER_READ):
+            chunk = keys[start : start + _KEYS_PER_READ]
+            for key, slot, amount, expires in conn.execute(
+                "SELECT bucket, slot, amount, expires_at FROM slots WHERE bucket IN ("
+                + ",".join("?" * len(chunk))
+                + ")",
+                chunk,
+            ):
+                out[key].append((slot, amount, expires))
+        return out
+
+    def missing(self, buckets: Sequence[BucketView]) -> list[str]:
+        """The buckets' keys whose slots are not in memory (never read, or evicted)."""
+        slots = self._slots
+        return list(dict.fromkeys(b.key for b in buckets if b.key not in slots))
+
+    def loaded(self, read: SlotsRead) -> None:
+        """Slots read from the file, for the keys still missing. A key read meanwhile by
+        another decision keeps what it has: that, with the changes applied since, is
+        newer than this read."""
+        for key, rows in read.items():
+            if key in self._slots:
+                continue
+            cells = self._slots[key] = {}
+            for slot, amount, expires in rows:
+                cells[slot] = [amount, expires]
+                heapq.heappush(self._slot_expiries, (expires, key, slot))
+
+    def evict(self, keep: int) -> int:
+        """Forget the slots of the oldest-read buckets that hold nothing, down to `keep`
+        buckets (the file has every charged slot; only holds live in memory alone)."""
+        excess = len(self._slots) - keep
+        if excess <= 0:
+            return 0
+        held = self.held
+        gone = [key for key in itertools.islice(self._slots, 2 * excess) if not held.get(key)]
+        for key in gone[:excess]:
+            del self._slots[key]
+        return min(len(gone), excess)
 
     # -- reading ---------------------------------------------------------------------
     def state(self, bucket: BucketView, with_slots: bool = False) -> BucketState:
@@ -147,7 +194,9 @@ class Totals:
             self.held.pop(key, None)
 
     def add(self, key: str, slot: int, amount: int, expires: int) -> None:
-        slots = self._slots.setdefault(key, {})
+        slots = self._slots.get(key)
+        if slots is None:
+            return  # not in memory: the file, where this change was made, is read first
         cell = slots.get(slot)
         if cell is None:
             slots[slot] = [amount, expires]

@@ -119,10 +119,16 @@ async def run(store: Store, program: list[Any], prefix: str) -> None:
     assert await store.bucket_states(buckets, now) == before
 
 
-@pytest.fixture(params=["sqlite", "sqlite-owned", "redis", "cluster"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, bool | None]:
-    """The URL, and whether the store owns it (SQLite kept in the process's memory)."""
-    owner = True if request.param == "sqlite-owned" else None
+@pytest.fixture(params=["sqlite", "sqlite-owned", "sqlite-owned-evicting", "redis", "cluster"])
+def store_url(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[str, bool | None]:
+    """The URL, and whether the store owns it (SQLite kept in the process's memory; and
+    "evicting": memory lets go of every bucket without a hold at each housekeeping pass,
+    so decisions keep reading buckets back from the file)."""
+    owner = True if request.param.startswith("sqlite-owned") else None
+    if request.param == "sqlite-owned-evicting":
+        monkeypatch.setattr("sidecar.store.sqlite_owned._BUCKETS_KEPT", 0)
     return backend_url(request, request.param, tmp_path, "p.db"), owner
 
 

@@ -368,3 +368,60 @@ async def test_reservations_are_refused_once_too_many_cannot_be_written(
         assert (await store.reserve(reserve_request("u3", 1, roomy, now=NOW))).admitted
     finally:
         await store.close()
+
+
+async def test_buckets_let_go_of_are_read_back_with_every_charge_made_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Memory keeps no bucket without a hold past a housekeeping pass: every decision reads
+    # its buckets from the file again.
+    monkeypatch.setattr("sidecar.store.sqlite_owned._BUCKETS_KEPT", 0)
+    store = OwnedSQLiteStore(url(tmp_path))
+    await store.open()
+    try:
+        assert (await store.reserve(reserve_request("e1", 40, B, now=NOW))).admitted
+        await store.commit("e1", 30, TokenUsage(1, 1), NOW)
+        await store.settle_expired(NOW)
+        assert store._totals.missing([B]) == [B.key]
+        # Read back: 30 spent, so 70 fits and 71 does not.
+        assert not (await store.reserve(reserve_request("e2", 71, B, now=NOW))).admitted
+        assert (await store.reserve(reserve_request("e3", 70, B, now=NOW))).admitted
+        await store.commit("e3", 20, TokenUsage(1, 1), NOW)
+        await store.settle_expired(NOW)
+        assert store._totals.missing([B]) == [B.key]
+        states = await store.bucket_states([B], NOW)
+        assert (states[0].spent, states[0].reserved, states[0].slots) == (50, 0, {B.slot: 50})
+    finally:
+        await store.close()
+    assert await file_state(tmp_path, B) == [(50, 0)]
+
+
+async def test_decisions_charges_and_evictions_interleaved_admit_exactly_the_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("sidecar.store.sqlite_owned._BUCKETS_KEPT", 0)
+    tight = BucketView(key="b:tight", slot=B.slot, since=B.since, ttl_seconds=90_000, limit=600)
+    store = OwnedSQLiteStore(url(tmp_path))
+    await store.open()
+    admitted: list[str] = []
+
+    async def one(i: int) -> None:
+        if (await store.reserve(reserve_request(f"t{i}", 10, tight, now=NOW))).admitted:
+            admitted.append(f"t{i}")
+            # Charged the full estimate: the room only ever shrinks.
+            await store.commit(f"t{i}", 10, TokenUsage(1, 1), NOW)
+
+    async def sweep() -> None:
+        for _ in range(40):
+            await store.settle_expired(NOW)
+
+    try:
+        await asyncio.gather(sweep(), *(one(i) for i in range(200)))
+        memory = store._totals.state(tight) if not store._totals.missing([tight]) else None
+        states = await store.bucket_states([tight], NOW)
+    finally:
+        await store.close()
+    assert len(admitted) == 60
+    assert (states[0].spent, states[0].reserved) == (600, 0)
+    assert memory is None or (memory.spent, memory.reserved) == (600, 0)
+    assert await file_state(tmp_path, tight) == [(600, 0)]
