@@ -29,6 +29,9 @@ _KEYS_PER_READ = 500
 _EXPIRIES_SLACK = 1024
 
 
+# The slots of every bucket read that has none; never changed (`add` gives a bucket its own).
+_NO_SLOTS: dict[int, list[int]] = {}
+
 # Slots read from the file: bucket -> [(slot, amount, expiry)]
 SlotsRead = dict[str, list[tuple[int, int, int]]]
 
@@ -115,6 +118,11 @@ class Totals:
         for key, rows in read.items():
             if key in self._slots:
                 continue
+            if not rows:
+                # Most buckets read have no spend yet: one shared empty dict (a dict each
+                # was 64 bytes per bucket), replaced by its own at the first slot.
+                self._slots[key] = _NO_SLOTS
+                continue
             cells = self._slots[key] = {}
             for slot, amount, expires in rows:
                 cells[slot] = [amount, expires]
@@ -197,6 +205,8 @@ class Totals:
         slots = self._slots.get(key)
         if slots is None:
             return  # not in memory: the file, where this change was made, is read first
+        if slots is _NO_SLOTS:
+            slots = self._slots[key] = {}
         cell = slots.get(slot)
         if cell is None:
             slots[slot] = [amount, expires]

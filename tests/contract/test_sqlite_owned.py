@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from sidecar.model import TokenUsage
+from sidecar.store import sqlite_totals
 from sidecar.store.base import StoreUnavailable
 from sidecar.store.budget_types import BucketView
 from sidecar.store.factory import open_store
@@ -425,3 +426,19 @@ async def test_decisions_charges_and_evictions_interleaved_admit_exactly_the_lim
     assert (states[0].spent, states[0].reserved) == (600, 0)
     assert memory is None or (memory.spent, memory.reserved) == (600, 0)
     assert await file_state(tmp_path, tight) == [(600, 0)]
+
+
+async def test_a_charge_to_one_bucket_read_empty_leaves_the_others_empty(tmp_path: Path) -> None:
+    # Buckets read with no slots share one empty dict until their first charge.
+    store = OwnedSQLiteStore(url(tmp_path))
+    await store.open()
+    try:
+        assert (await store.reserve(reserve_request("s1", 10, B, C, now=NOW))).admitted
+        await store.commit("s1", 7, TokenUsage(1, 1), NOW)
+        assert (await store.reserve(reserve_request("s2", 10, B, now=NOW))).admitted
+        other = BucketView(key="b:third", slot=B.slot, since=B.since, ttl_seconds=9, limit=5)
+        assert (await store.reserve(reserve_request("s3", 1, other, now=NOW))).admitted
+        assert [s.spent for s in await store.bucket_states([B, C, other], NOW)] == [7, 7, 0]
+        assert sqlite_totals._NO_SLOTS == {}
+    finally:
+        await store.close()
