@@ -7,12 +7,14 @@ the `store` fixture); these are what only it has.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
 import textwrap
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -34,6 +36,17 @@ C = BucketView(key="b:other", slot=1_799_996_400, since=1_799_996_400, ttl_secon
 
 def url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path}/own.db"
+
+
+@contextlib.asynccontextmanager
+async def owned(tmp_path: Path) -> AsyncIterator[OwnedSQLiteStore]:
+    """The owned store on the test's file, opened, closed at the end."""
+    store = OwnedSQLiteStore(url(tmp_path))
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
 
 
 async def file_state(tmp_path: Path, *buckets: BucketView) -> list[tuple[int, int]]:
@@ -66,9 +79,7 @@ async def test_a_second_owner_or_a_shared_user_is_refused_until_the_owner_closes
 
 
 async def test_reservations_reach_the_file_and_memory_agrees_with_it(tmp_path: Path) -> None:
-    store = OwnedSQLiteStore(url(tmp_path))
-    await store.open()
-    try:
+    async with owned(tmp_path) as store:
         assert (await store.reserve(reserve_request("r1", 30, B, C, now=NOW))).admitted
         assert (await store.reserve(reserve_request("r2", 40, B, now=NOW))).admitted
         refused = await store.reserve(reserve_request("r3", 40, B, now=NOW))
@@ -81,8 +92,6 @@ async def test_reservations_reach_the_file_and_memory_agrees_with_it(tmp_path: P
             (store._totals.state(b).spent, store._totals.state(b).reserved) for b in (B, C)
         ]
         assert await store.open_reservations() == 1
-    finally:
-        await store.close()
     assert await file_state(tmp_path, B, C) == [(12, 40), (12, 0)]
     assert Journal(str(tmp_path / "own.db")).segments() == []
 
@@ -129,9 +138,7 @@ async def test_reservations_of_a_killed_process_are_replayed_from_its_journal(
     assert sum(len(Journal.read(s)) for s in journal.segments()) == 3
     with sqlite3.connect(tmp_path / "own.db") as conn:
         assert conn.execute("SELECT COUNT(*) FROM reservations").fetchone()[0] == 0
-    store = OwnedSQLiteStore(url(tmp_path))
-    await store.open()
-    try:
+    async with owned(tmp_path) as store:
         assert Journal(str(tmp_path / "own.db")).segments() == []
         assert store._totals.state(B).reserved == 60
         assert await store.open_reservations() == 3
@@ -139,8 +146,6 @@ async def test_reservations_of_a_killed_process_are_replayed_from_its_journal(
         assert not (await store.reserve(reserve_request("x", 41, B, now=NOW))).admitted
         assert (await store.reserve(reserve_request("y", 40, B, now=NOW))).admitted
         assert (await store.commit("k0", 5, TokenUsage(1, 1), NOW)).status == "committed"
-    finally:
-        await store.close()
     assert await file_state(tmp_path, B) == [(5, 80)]
 
 
@@ -159,25 +164,19 @@ async def test_a_journal_replayed_twice_or_torn_at_its_end_changes_nothing_more(
     shutil.copy(kept, segment)
     with segment.open("a") as f:
         f.write("k9\t20\t20\t1800000600.0")
-    store = OwnedSQLiteStore(url(tmp_path))
-    await store.open()
-    try:
+    async with owned(tmp_path) as store:
         # k1 stays committed (not reopened), k0 and k2 stay held once, k9 never existed.
         assert (await store.reservation("k1")) is not None
         assert (await store.reservation("k1")).state == "committed"  # type: ignore[union-attr]
         assert await store.reservation("k9") is None
         assert store._totals.state(B).reserved == 40
-    finally:
-        await store.close()
     assert await file_state(tmp_path, B) == [(7, 40)]
 
 
 async def test_a_reservation_that_cannot_be_journaled_is_refused_and_holds_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = OwnedSQLiteStore(url(tmp_path))
-    await store.open()
-    try:
+    async with owned(tmp_path) as store:
 
         def disk_full(record: object) -> None:
             raise OSError(28, "No space left on device")
@@ -189,16 +188,12 @@ async def test_a_reservation_that_cannot_be_journaled_is_refused_and_holds_nothi
         assert await store.open_reservations() == 0
         monkeypatch.undo()
         assert (await store.reserve(reserve_request("r1", 30, B, now=NOW))).admitted
-    finally:
-        await store.close()
 
 
 async def test_a_charge_whose_reservation_failed_to_reach_the_file_is_retried_not_dropped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = OwnedSQLiteStore(url(tmp_path))
-    await store.open()
-    try:
+    async with owned(tmp_path) as store:
         assert (await store.reserve(reserve_request("r1", 30, B, now=NOW))).admitted
         real_insert = store._insert
         failures = 0
@@ -219,8 +214,6 @@ async def test_a_charge_whose_reservation_failed_to_reach_the_file_is_retried_no
         assert (await store.commit("r1", 10, TokenUsage(1, 1), NOW)).status == "committed"
         assert failures == 1
         assert (store._totals.state(B).spent, store._totals.state(B).reserved) == (10, 0)
-    finally:
-        await store.close()
     assert await file_state(tmp_path, B) == [(10, 0)]
 
 
@@ -228,9 +221,7 @@ async def test_many_concurrent_reservations_and_charges_leave_memory_equal_to_th
     tmp_path: Path,
 ) -> None:
     big = BucketView(key="b:big", slot=B.slot, since=B.since, ttl_seconds=90_000, limit=5_000)
-    store = OwnedSQLiteStore(url(tmp_path))
-    await store.open()
-    try:
+    async with owned(tmp_path) as store:
         results = await asyncio.gather(
             *(store.reserve(reserve_request(f"c{i}", 30, big, C, now=NOW)) for i in range(300))
         )
@@ -248,8 +239,6 @@ async def test_many_concurrent_reservations_and_charges_leave_memory_equal_to_th
             *(store.commit(rid, i % 40, TokenUsage(1, 1), NOW) for i, rid in enumerate(admitted))
         )
         memory = [(store._totals.state(b).spent, store._totals.state(b).reserved) for b in (big, C)]
-    finally:
-        await store.close()
     assert await file_state(tmp_path, big, C) == memory
     assert memory[0] == (sum(i % 40 for i in range(len(admitted))), 0)
 
@@ -258,9 +247,7 @@ async def test_memory_for_expiries_follows_the_open_reservations_not_all_recent_
     tmp_path: Path,
 ) -> None:
     roomy = BucketView(key="b:roomy", slot=B.slot, since=B.since, ttl_seconds=90_000, limit=10**9)
-    store = OwnedSQLiteStore(url(tmp_path))
-    await store.open()
-    try:
+    async with owned(tmp_path) as store:
         for i in range(5_000):
             assert (await store.reserve(reserve_request(f"m{i}", 1, roomy, now=NOW))).admitted
             await store.commit(f"m{i}", 1, TokenUsage(1, 1), NOW)
@@ -269,16 +256,12 @@ async def test_memory_for_expiries_follows_the_open_reservations_not_all_recent_
         # What stays open is still found when it expires.
         assert (await store.reserve(reserve_request("last", 1, roomy, now=NOW, ttl=5))).admitted
         assert store._totals.first_expiry() == NOW + 5
-    finally:
-        await store.close()
 
 
 async def test_holds_stay_in_memory_and_the_file_is_made_current_at_close(
     tmp_path: Path,
 ) -> None:
-    store = OwnedSQLiteStore(url(tmp_path))
-    await store.open()
-    try:
+    async with owned(tmp_path) as store:
         assert (await store.reserve(reserve_request("h1", 30, B, C, now=NOW))).admitted
         await store.commit("nothing", 0, TokenUsage(), NOW)  # a job: the record is now filed
         with sqlite3.connect(tmp_path / "own.db") as conn:
@@ -289,8 +272,6 @@ async def test_holds_stay_in_memory_and_the_file_is_made_current_at_close(
             )
         states = await store.bucket_states([B, C], NOW)
         assert [(s.spent, s.reserved) for s in states] == [(0, 30), (0, 30)]
-    finally:
-        await store.close()
     with sqlite3.connect(tmp_path / "own.db") as conn:
         assert conn.execute("SELECT * FROM meta").fetchall() == []
         assert sorted(conn.execute("SELECT bucket, amount FROM reserved")) == [
@@ -326,9 +307,7 @@ async def test_an_id_the_file_already_has_lets_go_of_its_holds_once_written(
     assert (await store.reserve(reserve_request("old", 30, B, now=NOW))).admitted
     await store.commit("old", 10, TokenUsage(1, 1), NOW)
     await store.close()
-    store = OwnedSQLiteStore(url(tmp_path))
-    await store.open()
-    try:
+    async with owned(tmp_path) as store:
         assert (await store.reserve(reserve_request("old", 30, B, now=NOW))).admitted
         assert store._totals.state(B).reserved == 30
         # Any read of the file waits for the write, whose callback runs before it returns.
@@ -336,8 +315,6 @@ async def test_an_id_the_file_already_has_lets_go_of_its_holds_once_written(
         assert found is not None and found.state == "committed"
         assert (store._totals.state(B).spent, store._totals.state(B).reserved) == (10, 0)
         assert await store.open_reservations() == 0
-    finally:
-        await store.close()
     assert await file_state(tmp_path, B) == [(10, 0)]
 
 
@@ -346,9 +323,7 @@ async def test_reservations_are_refused_once_too_many_cannot_be_written(
 ) -> None:
     roomy = BucketView(key="b:roomy", slot=B.slot, since=B.since, ttl_seconds=90_000, limit=10**9)
     monkeypatch.setattr("sidecar.store.sqlite_owned._MAX_UNWRITTEN", 3)
-    store = OwnedSQLiteStore(url(tmp_path))
-    await store.open()
-    try:
+    async with owned(tmp_path) as store:
 
         def broken(conn: sqlite3.Connection, pending: object) -> object:
             raise sqlite3.OperationalError("disk I/O error")
@@ -367,8 +342,6 @@ async def test_reservations_are_refused_once_too_many_cannot_be_written(
         # still 3).
         assert (await store.commit("u0", 1, TokenUsage(1, 1), NOW)).status == "committed"
         assert (await store.reserve(reserve_request("u3", 1, roomy, now=NOW))).admitted
-    finally:
-        await store.close()
 
 
 async def test_buckets_let_go_of_are_read_back_with_every_charge_made_meanwhile(
@@ -377,9 +350,7 @@ async def test_buckets_let_go_of_are_read_back_with_every_charge_made_meanwhile(
     # Memory keeps no bucket without a hold past a housekeeping pass: every decision reads
     # its buckets from the file again.
     monkeypatch.setattr("sidecar.store.sqlite_owned._BUCKETS_KEPT", 0)
-    store = OwnedSQLiteStore(url(tmp_path))
-    await store.open()
-    try:
+    async with owned(tmp_path) as store:
         assert (await store.reserve(reserve_request("e1", 40, B, now=NOW))).admitted
         await store.commit("e1", 30, TokenUsage(1, 1), NOW)
         await store.settle_expired(NOW)
@@ -392,8 +363,6 @@ async def test_buckets_let_go_of_are_read_back_with_every_charge_made_meanwhile(
         assert store._totals.missing([B]) == [B.key]
         states = await store.bucket_states([B], NOW)
         assert (states[0].spent, states[0].reserved, states[0].slots) == (50, 0, {B.slot: 50})
-    finally:
-        await store.close()
     assert await file_state(tmp_path, B) == [(50, 0)]
 
 
@@ -430,9 +399,7 @@ async def test_decisions_charges_and_evictions_interleaved_admit_exactly_the_lim
 
 async def test_a_charge_to_one_bucket_read_empty_leaves_the_others_empty(tmp_path: Path) -> None:
     # Buckets read with no slots share one empty dict until their first charge.
-    store = OwnedSQLiteStore(url(tmp_path))
-    await store.open()
-    try:
+    async with owned(tmp_path) as store:
         assert (await store.reserve(reserve_request("s1", 10, B, C, now=NOW))).admitted
         await store.commit("s1", 7, TokenUsage(1, 1), NOW)
         assert (await store.reserve(reserve_request("s2", 10, B, now=NOW))).admitted
@@ -440,5 +407,3 @@ async def test_a_charge_to_one_bucket_read_empty_leaves_the_others_empty(tmp_pat
         assert (await store.reserve(reserve_request("s3", 1, other, now=NOW))).admitted
         assert [s.spent for s in await store.bucket_states([B, C, other], NOW)] == [7, 7, 0]
         assert sqlite_totals._NO_SLOTS == {}
-    finally:
-        await store.close()
