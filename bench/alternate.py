@@ -4,6 +4,7 @@ measured side by side means anything)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -59,6 +60,35 @@ def print_row(label: str, row: dict[str, Any]) -> None:
         file=sys.stderr,
         flush=True,
     )
+
+
+def worker_rows(
+    script: Path,
+    tag: str,
+    baseline: Path | None,
+    runs: int,
+    values: Sequence[int],
+    argv_for: Callable[[int], list[str]],
+    label: str,
+) -> dict[str, Any]:
+    """For each of `values`: `script --worker argv_for(value)` run `runs` times on this tree
+    (the one holding `script`) and on `baseline`, alternated; one row printed per value and
+    the rows returned by value."""
+    trees = {"this": script.parent.parent, **({"baseline": baseline.resolve()} if baseline else {})}
+    summary: dict[str, Any] = {}
+    for value in values:
+        row = alternated(
+            trees,
+            runs,
+            functools.partial(_figures_at, script, argv_for(value), tag),
+        )
+        summary[str(value)] = row
+        print_row(f"{label} {value:3}", row)
+    return summary
+
+
+def _figures_at(script: Path, argv: list[str], tag: str, tree: Path) -> dict[str, float]:
+    return worker_figures(script, tree, argv, tag)
 
 
 def worker_figures(script: Path, tree: Path, argv: list[str], tag: str) -> dict[str, float]:

@@ -16,7 +16,6 @@ alternately, and the ratios of this tree's figures to the baseline's are printed
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import statistics
 import sys
@@ -27,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve()
-TREE = HERE.parent.parent
 
 
 def _event(data: dict[str, Any]) -> bytes:
@@ -204,26 +202,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     # Imported here, not at the top: the worker runs this file against a baseline tree
     # (PYTHONPATH), whose bench package may predate this module.
-    from bench.alternate import alternated, print_row, worker_figures
+    from bench.alternate import worker_rows
 
-    trees = {"this": TREE, **({"baseline": args.baseline.resolve()} if args.baseline else {})}
-    summary: dict[str, Any] = {}
-    for chunks in args.chunks:
-        row = alternated(
-            trees,
-            args.runs,
-            functools.partial(
-                worker_figures,
-                HERE,
-                argv=[
-                    *("--batch", str(args.batch), "--rounds", str(args.rounds)),
-                    *("--chunks", str(chunks)),
-                ],
-                tag="CHARGE_PATH",
-            ),
-        )
-        summary[str(chunks)] = row
-        print_row(f"chunks {chunks:3}", row)
+    summary = worker_rows(
+        HERE,
+        "CHARGE_PATH",
+        args.baseline,
+        args.runs,
+        args.chunks,
+        lambda chunks: [
+            *("--batch", str(args.batch), "--rounds", str(args.rounds)),
+            *("--chunks", str(chunks)),
+        ],
+        "chunks",
+    )
     print(json.dumps({"batch": args.batch, "summary": summary}, indent=2))
     return 0
 

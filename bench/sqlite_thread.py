@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import json
 import os
 import sys
@@ -31,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve()
-TREE = HERE.parent.parent
 NOW = 1_800_003_600.0
 COST = 1_500  # µUSD charged per request
 LIMIT = 10**15
@@ -137,26 +135,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     # Imported here, not at the top: the worker runs this file against a baseline tree
     # (PYTHONPATH), whose bench package may predate this module.
-    from bench.alternate import alternated, print_row, worker_figures
+    from bench.alternate import worker_rows
 
-    trees = {"this": TREE, **({"baseline": args.baseline.resolve()} if args.baseline else {})}
-    summary: dict[str, Any] = {}
-    for concurrency in args.concurrency:
-        row = alternated(
-            trees,
-            args.runs,
-            functools.partial(
-                worker_figures,
-                HERE,
-                argv=[
-                    *("--ops", str(args.ops), "--concurrency", str(concurrency)),
-                    *("--preload", str(args.preload)),
-                ],
-                tag="SQLITE_THREAD",
-            ),
-        )
-        summary[str(concurrency)] = row
-        print_row(f"concurrency {concurrency:3}", row)
+    summary = worker_rows(
+        HERE,
+        "SQLITE_THREAD",
+        args.baseline,
+        args.runs,
+        args.concurrency,
+        lambda concurrency: [
+            *("--ops", str(args.ops), "--concurrency", str(concurrency)),
+            *("--preload", str(args.preload)),
+        ],
+        "concurrency",
+    )
     print(json.dumps({"ops": args.ops, "preload": args.preload, "summary": summary}, indent=2))
     return 0
 
