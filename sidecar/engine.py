@@ -447,6 +447,13 @@ class Engine:
         return replace(denied, rules=(planned.rule.name,), estimate=estimate)
 
     async def _reserve(self, request: ReserveRequest) -> tuple[ReserveRequest, ReserveResult]:
+        # A store that decides in memory answers most reservations without an await: no
+        # task, no shield, no turn of the event loop (nothing can be abandoned midway).
+        ready = getattr(self.store, "reserve_ready", None)
+        if ready is not None:
+            result = ready(request)
+            if result is not None and not result.conflict:
+                return request, result
         # Shielded: when the caller gives up mid-reservation (Envoy's deadline passed and
         # gRPC cancelled the Check), the store may still complete it; the request then
         # never goes upstream, so what was reserved is released at $0 rather than left to

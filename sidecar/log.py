@@ -16,6 +16,8 @@ from typing import Any
 
 import structlog
 
+from sidecar.log_buffer import LoopLines, OrderedPrintLoggerFactory, loop_lines
+
 REDACTED = "**********"
 _SECRET_KEYS = re.compile(
     r"(authorization|cookie|secret|password|token$|jwt|assertion|api[_-]?key|client_secret)",
@@ -81,14 +83,15 @@ def configure(level: str = "info", static: Mapping[str, Any] | None = None) -> N
         redact,
         structlog.processors.JSONRenderer(),
     ]
-    factory = structlog.PrintLoggerFactory(file=sys.stderr)
+    lines = loop_lines(sys.stderr)
+    factory = OrderedPrintLoggerFactory(lines)
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )
-    _fast = _FastInfo(processors, factory, numeric <= logging.INFO, sys.stderr, static or {})
+    _fast = _FastInfo(processors, factory, numeric <= logging.INFO, lines, static or {})
 
 
 # -- the per-request lines, without the processor chain ---------------------------------
@@ -180,13 +183,14 @@ class _FastInfo:
         processors: list[Any],
         factory: Any,
         enabled: bool,
-        file: Any,
+        lines: LoopLines,
         static: Mapping[str, Any],
     ) -> None:
         self._factory = factory
         self._expected = list(processors)
         self._enabled = enabled
-        self._logger = structlog.PrintLogger(file)
+        # Written once per turn of the event loop (sidecar/log_buffer.py).
+        self._lines = lines
         self.static_keys = frozenset(static)
         static_json = "".join(f", {_encode(k)}: {self._value(k, v)}" for k, v in static.items())
         # After the caller's fields and the event: the static fields, the level, the time.
@@ -225,11 +229,11 @@ class _FastInfo:
         return _untrusted(value)
 
     def write(self, line: str) -> None:
-        self._logger.msg(line)
+        self._lines.write(line)
 
     def write_event(self, fields: str, event: str) -> None:
         """A line from its rendered fields (`{"a": 1, "b": 2`) and rendered event part."""
-        self._logger.msg(fields + event + self.tail + _stamp() + '"}')
+        self._lines.write(fields + event + self.tail + _stamp() + '"}')
 
 
 _fast: _FastInfo | None = None

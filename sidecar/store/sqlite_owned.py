@@ -194,6 +194,15 @@ class OwnedSQLiteStore(SQLiteStore):
         await self._read_in(request.buckets)
         return self._reserve_now(request)
 
+    def reserve_ready(self, request: ReserveRequest) -> ReserveResult | None:
+        """`reserve`'s answer when it needs no await (nothing expired is due, every bucket
+        is in memory), else None: the caller then awaits `reserve`. A Check answered here
+        makes no task and waits for no turn of the event loop."""
+        due = self._totals.first_expiry()
+        if (due is not None and due <= request.now) or self._totals.missing(request.buckets):
+            return None
+        return self._reserve_now(request)
+
     async def _read_in(self, buckets: Sequence[BucketView]) -> None:
         """Have every bucket's slots in memory. The read's result is applied by a callback
         on its future: futures complete in the order their jobs ran, so a change

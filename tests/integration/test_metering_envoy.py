@@ -481,12 +481,18 @@ def _check(stack: Stack, token: str, request_id: str, body: dict[str, Any]) -> A
 
 
 def reservation_logged(stack: Stack, email: str) -> str:
-    for line in stack.sidecars[0].log_path.read_text().splitlines():
-        if line.startswith("{") and email in line:
-            entry = json.loads(line)
-            if entry.get("event") == "decision" and entry.get("reservation"):
-                return str(entry["reservation"])
-    raise AssertionError(f"no decision logged for {email}")
+    """The reservation of `email`'s decision line (written at the sidecar's next turn of its
+    event loop, which may come just after the answer)."""
+
+    def logged() -> str | None:
+        for line in stack.sidecars[0].log_path.read_text().splitlines():
+            if line.startswith("{") and email in line:
+                entry = json.loads(line)
+                if entry.get("event") == "decision" and entry.get("reservation"):
+                    return str(entry["reservation"])
+        return None
+
+    return eventually(logged, timeout=10, what=f"a decision logged for {email}")
 
 
 def reservation_of(check: Any) -> str:

@@ -20,6 +20,7 @@ from devtools.config import demo_config, demo_key_env
 from devtools.keys import DevIssuer
 from devtools.procs import LOOPBACK, ManagedProcess, free_port
 from devtools.stack import ADMIN_TOKEN, serve_argv, wait_ready
+from tests.support.ledger import eventually
 
 BODY = json.dumps(
     {"model": "gpt-4o-mini", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
@@ -103,7 +104,14 @@ def test_both_workers_answer_and_metrics_sum_them(workers: Workers) -> None:
             break
         if time.monotonic() > deadline:
             break
-    decided = workers.decision_pids()
+
+    # A decision line is written at the worker's next turn of its event loop, which may
+    # come just after the answer: wait for the last ones.
+    def all_logged() -> list[int] | None:
+        found = workers.decision_pids()
+        return found if len(found) >= workers.checks else None
+
+    decided = eventually(all_logged, what="a decision line per check")
     assert set(decided) == pids
     assert len(decided) == workers.checks
     # Any worker's /metrics counts the decisions of all of them.
