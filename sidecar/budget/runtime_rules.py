@@ -113,7 +113,12 @@ class RuntimeRules:
         if caps is not None:
             compiled.extend(caps_rules(caps))
         self.docs = docs
-        self._rules = tuple(compiled)
+        rules = tuple(compiled)
+        # Unchanged rules stay the very same objects: the engine's bucket plans are kept
+        # while the rules they were made from are (by identity), so a new tuple every
+        # refresh would have every caller planned afresh every second.
+        if rules != self._rules:
+            self._rules = rules
 
     async def _loop(self) -> None:
         while True:

@@ -7,6 +7,7 @@ from typing import Any
 
 from sidecar.admission.plan import merge, plan
 from sidecar.admission.plan_cache import PlanCache, validity
+from sidecar.budget.runtime_rules import SPEND_LIMITS, RuntimeRules
 from sidecar.config.loader import parse_config
 from sidecar.config.ruleset import RuleSet, RuleSetHolder, build_ruleset
 from sidecar.engine import Engine
@@ -144,3 +145,27 @@ def test_identity_is_part_of_the_key() -> None:
         }
         views[who.user] = merge(plan(rs.rules, ctx, MIDNIGHT)).views
     assert views[ALICE.user] != views[bob.user]
+
+
+async def test_refreshed_runtime_rules_stay_the_same_objects_until_they_change(
+    tmp_path: Path,
+) -> None:
+    """The plans are kept per rule objects: a refresh that finds nothing new must not
+    hand out new ones (every caller would be planned afresh at every refresh)."""
+    store = SQLiteStore(f"sqlite:///{tmp_path}/runtime.db")
+    await store.open()
+    try:
+        runtime = RuntimeRules(store, "acct")
+        await runtime.refresh()
+        first = runtime()
+        await runtime.refresh()
+        assert runtime() is first
+        limit = {"name": "late", "budget_usd": 5, "window": {"fixed": "daily"}}
+        await store.put_doc(SPEND_LIMITS, "late", limit, now=MIDNIGHT)
+        await runtime.refresh()
+        changed = runtime()
+        assert changed is not first and [r.name for r in changed][-1] == "late"
+        await runtime.refresh()
+        assert runtime() is changed
+    finally:
+        await store.close()
