@@ -246,20 +246,26 @@ function envoy_on_response(handle)
       end
       if strip then
         local data = held .. raw
-        local out, start = {}, 1
+        local out, start, dropped = {}, 1, false
         for _, e in ipairs(event_ends(data)) do
           local event = string.sub(data, start, e)
-          if not is_usage_event(event) then
+          if is_usage_event(event) then
+            dropped = true
+          else
             out[#out + 1] = event
           end
           start = e + 1
         end
+        local was_held = held ~= ""
         held = string.sub(data, start)
         if #held > MAX_HELD then
           out[#out + 1] = held
           held = ""
         end
-        chunk:setBytes(table.concat(out))
+        -- A chunk of whole events, none of them dropped, passes as it is (no copy).
+        if dropped or was_held or held ~= "" then
+          chunk:setBytes(table.concat(out))
+        end
       end
     end
   end

@@ -54,6 +54,7 @@ STALE_LENGTH_HEADER = "x-test-stale-content-length"  # rewrite the body, keep th
 STRIP_HEADER = "x-test-strip-usage"  # ext_proc asks the Lua filter to drop the usage event
 BODY_HEADER = "x-test-body"  # the Check marks the call for ext_proc, or for the Lua insert
 USAGE_EVENT_HEADER = "x-test-usage-event"  # the upstream ends its stream with a usage event
+SPLIT_HEADER = "x-test-split-events"  # the upstream sends each event in two writes
 
 # Client-sent copies of these must never select a route; the Check removes them.
 ROUTING_HEADERS = ("x-sidecar-route", "x-sidecar-provider", "x-sidecar-model")
@@ -280,20 +281,27 @@ def sse_event(index: int) -> bytes:
 
 
 def recording_upstream(seen: list[UpstreamRequest]) -> Starlette:
-    async def events(usage_event: bool) -> AsyncIterator[bytes]:
-        for index in range(STREAM_EVENTS):
+    async def events(usage_event: bool, split: bool) -> AsyncIterator[bytes]:
+        sent = [sse_event(index) for index in range(STREAM_EVENTS)]
+        if usage_event:
+            sent.append(USAGE_EVENT)
+        for index, event in enumerate(sent):
             if index:
                 await asyncio.sleep(STREAM_GAP_S)
-            yield sse_event(index)
-        if usage_event:
-            yield USAGE_EVENT
+            if split:  # the event's two halves reach Envoy as two chunks
+                yield event[: len(event) // 2]
+                await asyncio.sleep(STREAM_GAP_S / 5)
+                yield event[len(event) // 2 :]
+            else:
+                yield event
 
     async def handle(request: Request) -> Response:
         body = await request.body()
         seen.append(UpstreamRequest(request.url.path, list(request.headers.items()), body))
         if body.lstrip().startswith(b"{") and json.loads(body).get("stream"):
             return StreamingResponse(
-                events(USAGE_EVENT_HEADER in request.headers), media_type="text/event-stream"
+                events(USAGE_EVENT_HEADER in request.headers, SPLIT_HEADER in request.headers),
+                media_type="text/event-stream",
             )
         return JSONResponse({"id": "resp-1", "usage": {"prompt_tokens": 3, "completion_tokens": 5}})
 
@@ -663,6 +671,39 @@ async def test_lua_filter_drops_the_usage_event_ext_proc_turned_on(stack: Stack)
     assert record["trimmed"] is True and record_body(record) == b""
     assert (record["head"] + record["end"]).encode() == events + USAGE_EVENT
     assert int(record["end_offset"]) == len(sse_event(0))
+
+
+@in_module_loop
+async def test_lua_filter_drops_a_usage_event_split_across_chunks(stack: Stack) -> None:
+    """Events arriving in halves are held until whole: the client gets each event intact,
+    and the usage event (its halves in two chunks too) not at all."""
+    test_id = uuid.uuid4().hex
+    arrivals: list[bytes] = []
+
+    async with stack.client.stream(
+        "POST",
+        "/openai/v1/chat/completions",
+        content=chat_body(stream=True),
+        headers=request_headers(
+            test_id,
+            **{
+                STRIP_HEADER: "1",
+                USAGE_EVENT_HEADER: "1",
+                BODY_HEADER: "ext_proc",
+                SPLIT_HEADER: "1",
+            },
+        ),
+    ) as response:
+        assert response.status_code == 200
+        async for chunk in response.aiter_raw():
+            arrivals.append(chunk)
+
+    events = [sse_event(i) for i in range(STREAM_EVENTS)]
+    assert b"".join(arrivals) == b"".join(events)
+    # No half event ever reached the client: each chunk it got ends where an event ends.
+    assert all(chunk.endswith(b"\n\n") for chunk in arrivals), arrivals
+    record = await stack.record_for(test_id)
+    assert (record["head"] + record["end"]).encode() == b"".join(events) + USAGE_EVENT
 
 
 @in_module_loop
