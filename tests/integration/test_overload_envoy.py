@@ -39,8 +39,15 @@ def stack(tmp_path_factory: pytest.TempPathFactory, issuer: DevIssuer) -> Iterat
     workdir = tmp_path_factory.mktemp("overload")
     jwks = str(issuer.write_jwks(workdir / "jwks.json"))
     # One Check at a time per process: a burst of arrivals is far past capacity. Envoy's
-    # own bound far above it, so the sidecar is the one refusing.
-    config = demo_config(issuer, jwks, f"sqlite:///{workdir}/s.db", overload={"max_inflight": 1})
+    # own bound far above it, so the sidecar is the one refusing. On a shared file every
+    # reservation waits for the store's thread, so Checks overlap; a file the process owns
+    # decides most of them without an await, one after another, never two in flight.
+    config = demo_config(
+        issuer,
+        jwks,
+        {"url": f"sqlite:///{workdir}/s.db", "shared": True},
+        overload={"max_inflight": 1},
+    )
     with running_stack(workdir, issuer, config, max_checks=10_000) as running:
         yield running
 
