@@ -6,6 +6,13 @@ as 64-bit integers and doubles, so a script reads them without parsing any text 
 record cost a commit a third of its time in cjson and tonumber). Strings are prefixed with
 their length. The first byte is the state letter, the one byte a finish rewrites.
 
+Each record ends with a nonce: random bytes that name this one write of it. A server keeps
+what its reserve decoded of the records it wrote, and its commit uses that instead of
+reading and decoding the whole record again once the stored record still ends with the same
+nonce (budget_lib.lua `load_known`). Readers of the layout before the nonce stop at the last
+bucket, so they read these records as they did theirs, and these readers read theirs (no
+nonce: always decoded).
+
 Records written before this layout are JSON arrays (they begin with "["); they are still
 read, here and in Lua, until they expire.
 """
@@ -13,6 +20,7 @@ read, here and in Lua, until they expire.
 from __future__ import annotations
 
 import json
+import secrets
 import struct
 from typing import NamedTuple
 
@@ -26,6 +34,9 @@ _BUCKET = struct.Struct(">qqqqqbq")  # slot, since, ttl, estimate, held, enforce
 
 # Buckets one record may name: its count is a signed 16-bit field.
 MAX_BUCKETS = 32_767
+# The nonce's length (budget_lib.lua NONCE): 64 random bits, so two writes of one record
+# key never share one.
+NONCE_BYTES = 8
 
 
 def text(value: str) -> bytes:
@@ -75,10 +86,15 @@ def bucket(
     )
 
 
-def record(head: Head, buckets: list[bytes]) -> bytes:
-    """An open record of `head` and its buckets' fields (`bucket`)."""
+def record(head: Head, buckets: list[bytes], nonce: bytes | None = None) -> bytes:
+    """An open record of `head` and its buckets' fields (`bucket`), ending with `nonce`
+    (`NONCE_BYTES` bytes; fresh random ones unless given)."""
     if len(buckets) > MAX_BUCKETS:
         raise ValueError(f"a record names at most {MAX_BUCKETS} buckets, got {len(buckets)}")
+    if nonce is None:
+        nonce = secrets.token_bytes(NONCE_BYTES)
+    elif len(nonce) != NONCE_BYTES:
+        raise ValueError(f"a record's nonce is {NONCE_BYTES} bytes, got {len(nonce)}")
     return b"".join(
         (
             _HEAD.pack(
@@ -97,6 +113,7 @@ def record(head: Head, buckets: list[bytes]) -> bytes:
             text(head.request_id),
             _COUNT.pack(len(buckets)),
             *buckets,
+            nonce,
         )
     )
 
