@@ -19,6 +19,7 @@ read, here and in Lua, until they expire.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import struct
@@ -31,6 +32,7 @@ _TEXTS = 5  # binding, dims JSON, ledger index key, other groups' tags, request 
 _LENGTH = struct.Struct(">i")
 _COUNT = struct.Struct(">h")
 _BUCKET = struct.Struct(">qqqqqbq")  # slot, since, ttl, estimate, held, enforced, limit
+_PLANNED = struct.Struct(">qqqbq")  # slot, since, ttl, enforced, limit
 
 # Buckets one record may name: its count is a signed 16-bit field.
 MAX_BUCKETS = 32_767
@@ -84,6 +86,27 @@ def bucket(
             _BUCKET.pack(slot, since, ttl, estimate, held, enforced, limit if enforced else 0),
         )
     )
+
+
+def plan_part(
+    counters: bytes,
+    slots: bytes,
+    measure: bytes,
+    window: tuple[int, int, int],
+    limit: int | None,
+) -> bytes:
+    """What `bucket` says of a bucket but the request's own amounts (its estimate and hold,
+    which follow from the head's estimate, tokens and mode), for `plan_id`."""
+    enforced = limit is not None
+    return b"".join((counters, slots, measure, _PLANNED.pack(*window, enforced, limit or 0)))
+
+
+def plan_id(parts: list[bytes]) -> bytes:
+    """The digest of a record's buckets but their amounts (`plan_part` of each): a server
+    keeps the buckets it decoded by it, so a reserve naming the same buckets with the same
+    windows and limits decodes only the record's head (budget_lib.lua `decode_planned`).
+    128 bits: two different plans never share one."""
+    return hashlib.blake2b(b"".join(parts), digest_size=16).digest()
 
 
 def record(head: Head, buckets: list[bytes], nonce: bytes | None = None) -> bytes:

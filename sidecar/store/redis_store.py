@@ -739,23 +739,30 @@ class RedisStore:
         dims = dims_to_json(request.dims)
         for tag, members in groups.items():
             entries: list[bytes] = []
+            planned: list[bytes] = []
             counters: set[str] = set()
             for i in members:
                 view, amount = request.buckets[i], amounts[i]
                 names = self._names(view.key)
                 counters.add(names.counters)
                 # A rolling window's slots live in a hash; a fixed window is its counters.
-                rolling = view.since != view.slot
+                slots = names.bucket_text if view.since != view.slot else redis_record.NO_TEXT
+                measure = _measure_text(view.measure)
+                window = (view.slot, view.since, view.ttl_seconds)
+                limit = view.limit if view.enforce else None
                 entries.append(
                     redis_record.bucket(
                         names.counters_text,
-                        names.bucket_text if rolling else redis_record.NO_TEXT,
-                        _measure_text(view.measure),
-                        (view.slot, view.since, view.ttl_seconds),
+                        slots,
+                        measure,
+                        window,
                         amount,
                         amount if held else 0,
-                        view.limit if view.enforce else None,
+                        limit,
                     )
+                )
+                planned.append(
+                    redis_record.plan_part(names.counters_text, slots, measure, window, limit)
                 )
             is_home = tag == home
             record = redis_record.record(
@@ -784,7 +791,13 @@ class RedisStore:
                 # Read once and held together in the script when named twice.
                 1 if len(counters) < len(members) else 0,
             )
-            args: list[str | int | bytes] = [now, expires, record, plan]
+            args: list[str | int | bytes] = [
+                now,
+                expires,
+                record,
+                plan,
+                redis_record.plan_id(planned),
+            ]
             calls.append(self._call(self._reserve, [self._key("record", tag, rid)], args))
         replies: list[Any]
         if len(calls) == 1:

@@ -1,6 +1,8 @@
-"""A Redis server's commit uses what its reserve decoded of a record only while the stored
-record is that very write (same nonce): a record finished, rewritten, or of the layout
-before nonces is read from Redis, and the stored record decides what is charged."""
+"""What a Redis server remembers of what its reserves decoded. A commit uses a remembered
+record only while the stored record is that very write (same nonce): a record finished,
+rewritten, or of the layout before nonces is read from Redis, and the stored record decides
+what is charged. A reserve with the buckets of one before (its plan) holds and reports its
+own amounts, in every measure and mode."""
 
 from __future__ import annotations
 
@@ -92,3 +94,78 @@ async def test_a_record_without_a_nonce_is_read_and_committed(redis_url: str) ->
     finally:
         await store.close()
         await client.aclose()
+
+
+def planned(user: str) -> tuple[BucketView, ...]:
+    return (
+        daily(user),
+        BucketView(f"tokens|user={user}", DAY, DAY, 90_000, 1_000, measure="tokens"),
+        BucketView(f"out|user={user}", DAY, DAY, 90_000, 1_000, measure="output_tokens"),
+        BucketView(f"calls|user={user}", DAY, DAY, 90_000, 1_000, measure="requests"),
+    )
+
+
+async def held(store: RedisStore, user: str) -> list[int]:
+    return [s.reserved for s in await store.bucket_states(list(planned(user)), NOW + 1)]
+
+
+async def test_reserves_of_one_plan_hold_and_release_their_own_amounts(redis_url: str) -> None:
+    await flush_redis(redis_url)
+    store = RedisStore(redis_url, prefix=PREFIX)
+    try:
+        buckets = planned("carol")
+        first = ReserveRequest("p1", buckets, 100, "reserve", NOW, NOW + 600, tokens=(10, 20))
+        assert (await store.reserve(first)).admitted
+        assert await held(store, "carol") == [100, 30, 20, 1]
+        # The same plan: optimistic holds nothing; another estimate holds its own amounts.
+        light = ReserveRequest("p2", buckets, 7, "optimistic", NOW, NOW + 600, tokens=(3, 4))
+        assert (await store.reserve(light)).admitted
+        assert await held(store, "carol") == [100, 30, 20, 1]
+        other = ReserveRequest("p3", buckets, 50, "reserve", NOW, NOW + 600, tokens=(1, 2))
+        result = await store.reserve(other)
+        assert result.admitted
+        assert [s.reserved for s in result.states] == [150, 33, 22, 2]
+        # Each commit releases exactly its own holds; a late one charges its estimate's
+        # difference in each measure.
+        assert (await store.commit("p3", 40, TokenUsage(5, 6), NOW + 1)).status == "committed"
+        assert await held(store, "carol") == [100, 30, 20, 1]
+        assert (await store.commit("p1", 90, TokenUsage(8, 9), NOW + 1)).status == "committed"
+        assert await held(store, "carol") == [0, 0, 0, 0]
+        states = await store.bucket_states(list(buckets), NOW + 1)
+        assert [s.spent for s in states] == [40 + 90, 11 + 17, 6 + 9, 2]
+        assert await store.settle_expired(NOW + 601) == 1  # p2: its estimate, 7 and 3 + 4
+        assert [s.spent for s in await store.bucket_states(list(buckets), NOW + 601)] == [
+            130 + 7,
+            28 + 7,
+            15 + 4,
+            3,
+        ]
+        late = await store.commit("p2", 10, TokenUsage(1, 1), NOW + 602)
+        assert late.status == "late"
+        assert [s.spent for s in await store.bucket_states(list(buckets), NOW + 602)] == [
+            130 + 10,
+            28 + 2,
+            15 + 1,
+            3,
+        ]
+    finally:
+        await store.close()
+
+
+async def test_a_bucket_named_twice_is_held_and_charged_twice_on_top_of_its_spend(
+    redis_url: str,
+) -> None:
+    await flush_redis(redis_url)
+    store = RedisStore(redis_url, prefix=PREFIX)
+    try:
+        once = ReserveRequest("t1", (daily("dan"),), 30, "reserve", NOW, NOW + 600)
+        assert (await store.reserve(once)).admitted
+        assert (await store.commit("t1", 30, TokenUsage(), NOW + 1)).status == "committed"
+        twice = ReserveRequest("t2", (daily("dan"), daily("dan")), 20, "reserve", NOW, NOW + 600)
+        result = await store.reserve(twice)
+        assert result.admitted
+        assert [s.reserved for s in result.states] == [20, 40]
+        assert (await store.commit("t2", 25, TokenUsage(), NOW + 1)).status == "committed"
+        assert await spent_and_held(store, "dan") == (30 + 25 + 25, 0)
+    finally:
+        await store.close()

@@ -69,3 +69,18 @@ def test_a_record_ends_with_its_nonce_a_fresh_one_unless_given() -> None:
 def test_a_nonce_of_another_length_is_refused() -> None:
     with pytest.raises(ValueError, match="nonce is 8 bytes, got 3"):
         redis_record.record(HEAD, [entry()], b"abc")
+
+
+def test_a_plan_id_names_the_buckets_windows_and_limits_not_the_amounts() -> None:
+    counters = redis_record.text("p:c:{o:user=alice}:daily|user=alice")
+    usd = redis_record.text("usd")
+
+    def plan(window: tuple[int, int, int], limit: int | None) -> bytes:
+        part = redis_record.plan_part(counters, redis_record.NO_TEXT, usd, window, limit)
+        return redis_record.plan_id([part])
+
+    day = (1_799_971_200, 1_799_971_200, 90_000)
+    assert plan(day, 500) == plan(day, 500)
+    assert len(plan(day, 500)) == 16
+    next_day = (1_800_057_600, 1_800_057_600, 90_000)
+    assert len({plan(day, 500), plan(day, 501), plan(day, None), plan(next_day, 500)}) == 4

@@ -292,8 +292,8 @@ end
 
 -- Charge a bucket `amount` in `slot` and release `held` of its hold; `ttl`: how long the
 -- bucket's data must live from now on. `hk`: a rolling window's slot hash (false for a
--- fixed window).
-local function add_bucket(ctx, ck, hk, slot, amount, ttl, held)
+-- fixed window). `raw`: its counters as MGET read them (false: no key), nil to read them.
+local function add_bucket(ctx, ck, hk, slot, amount, ttl, held, raw)
   local rolling = hk and true or false
   if rolling and amount ~= 0 then
     local field = int(slot)
@@ -304,7 +304,9 @@ local function add_bucket(ctx, ck, hk, slot, amount, ttl, held)
       rcall('EXPIRE', hk, int(ttl))
     end
   end
-  local raw = rcall('GET', ck)
+  if raw == nil then
+    raw = rcall('GET', ck)
+  end
   if not raw then
     adopt(ck, hk, rolling, slot, amount, -held, ttl)
     return
@@ -595,6 +597,61 @@ local function measured(micros, input, output)
           requests = 1}
 end
 
+-- The bucket entries of records reserves decoded, by their plan id (redis_record.py
+-- `plan_id`: a digest of all they say but the request's estimate and hold), at most PLANS,
+-- the oldest forgotten first. A reserve naming the same buckets with the same windows and
+-- limits as one before (every request of a caller within a window slot) decodes only its
+-- record's head: each bucket's estimate is the head's estimate in the bucket's measure
+-- (`measured`, as the store computes it) and its hold that estimate when `holding` (0 when
+-- optimistic). Decoding the buckets was most of a reserve's Lua.
+-- On one Redis a plan also lists its buckets' counters keys, for one MGET to read them
+-- all (`cks`; false when a bucket is named twice, or too many for one MGET). Not on a
+-- cluster: there one command may not name keys of several hash slots, even in a function
+-- allowed to touch several (buckets of different owners are in different slots).
+local PLANS = 4096
+local MGET_MAX = 1000
+local plans, plan_keys, plan_ring, plan_at = {}, {}, {}, 0
+
+-- `decode` of a reserve's record `raw` with the plan id `id`; `repeats`: its record names
+-- a bucket twice.
+local function decode_planned(raw, id, holding, repeats)
+  local b = plans[id]
+  if b == nil then
+    local rec, nonce = decode(raw)
+    b = rec.b
+    local n = #b / 10
+    if n <= BLANK_MAX / 10 then
+      plan_at = plan_at % PLANS + 1
+      local oldest = plan_ring[plan_at]
+      if oldest ~= nil then
+        plans[oldest], plan_keys[oldest] = nil, nil
+      end
+      plan_ring[plan_at] = id
+      plans[id] = b  -- never changed: the records that use it get a copy
+      local cks = false
+      if not CLUSTER and not repeats and n > 0 and n <= MGET_MAX then
+        cks = blank(n)
+        for j = 1, n do
+          cks[j] = b[j * 10 - 9]
+        end
+      end
+      plan_keys[id] = cks
+      rec.cks = cks
+    end
+    return rec, nonce
+  end
+  local s, e, x, hm, hr, tokens_in, tokens_out, _, bd, d, li, g, rid = sunpack(HEAD, raw)
+  local copy = {tunpack(b)}
+  local amounts = measured(e, tokens_in, tokens_out)
+  for i = 1, #copy, 10 do
+    local estimate = amounts[copy[i + 2]] or e
+    copy[i + 6] = estimate
+    copy[i + 7] = holding and estimate or 0
+  end
+  return {s = STATES[s], e = e, x = x, bd = bd, hm = hm == 1, d = d, li = li, hr = hr, g = g,
+          id = rid, b = copy, fmt = 'bin', cks = plan_keys[id]}, ssub(raw, -NONCE)
+end
+
 -- Replace a group's holds by what the exchange amounted to: `actual` (`measured`) gives
 -- each bucket's charge in its measure, nil its estimate; `release` says whether holds are
 -- released: when not (a record that expired, charged its estimates already), a bucket is
@@ -602,6 +659,12 @@ end
 -- ledger. `errors` (optional): 1 when the provider answered with an error.
 local function charge(ctx, rec, actual, release, delta_cost, requests, input, output, errors)
   local b = rec.b
+  -- Every bucket's counters by one MGET when the record's plan lists them (`decode_planned`:
+  -- no bucket named twice, so no charge reads what another one wrote).
+  local raws = nil
+  if rec.cks then
+    raws = rcall('MGET', tunpack(rec.cks))
+  end
   for i = 1, #b, 10 do
     local held = 0
     if release then
@@ -612,7 +675,8 @@ local function charge(ctx, rec, actual, release, delta_cost, requests, input, ou
     if actual then
       amount = (actual[b[i + 2]] or actual.usd) - (release and 0 or amount)
     end
-    add_bucket(ctx, b[i], hk ~= '' and hk, b[i + 3], amount, b[i + 5], held)
+    add_bucket(ctx, b[i], hk ~= '' and hk, b[i + 3], amount, b[i + 5], held,
+               raws and raws[(i + 9) / 10])
   end
   if rec.hm then
     add_ledger(ctx, rec, delta_cost, requests, input, output, errors)

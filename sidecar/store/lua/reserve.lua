@@ -28,6 +28,9 @@
 -- ARGV[4]      packed ">i8i1i1": seconds a held bucket's counters must outlive its TTL
 --              (the hold's lifetime); 1 for the optimistic mode (0: reserve); 1 when the
 --              record names one bucket more than once
+-- ARGV[5]      the plan id of the record's buckets (redis_record.py `plan_id`): a reserve
+--              with the plan of one before decodes only the record's head
+--              (budget_lib.lua `decode_planned`)
 --              (retention of done records, the ledger's TTL and how many expired records
 --              to settle are the library's constants: RETENTION, LEDGER_TTL,
 --              SETTLE_ON_RESERVE)
@@ -48,10 +51,15 @@ local now = tonum(ARGV[1])
 use_clock(now)
 local parts = settle(ctx, ARGV[1], SETTLE_ON_RESERVE)
 
-local rec, nonce = decode(ARGV[3])
+local hold_for, optimistic, repeats = sunpack('>i8i1i1', ARGV[4])
+local rec, nonce = decode_planned(ARGV[3], ARGV[5], optimistic == 0, repeats == 1)
 local b = rec.b
 local n = #b / 10
-local hold_for, optimistic, repeats = sunpack('>i8i1i1', ARGV[4])
+-- Every bucket's counters by one MGET when the plan lists them (else one GET each).
+local raws = nil
+if rec.cks then
+  raws = rcall('MGET', tunpack(rec.cks))
+end
 -- The reply's spent and reserved of each entry, in a table made at its size (a table grown
 -- one entry at a time is reallocated and rehashed at every power of two).
 local states = blank(2 * n)
@@ -69,7 +77,12 @@ if seen then
   end
   for j = 1, n do
     local i = j * 10 - 9
-    local s, h, window = read_counters(b[i])
+    local s, h, window
+    if raws then
+      s, h, window = unpack_counters(raws[j])
+    else
+      s, h, window = read_counters(b[i])
+    end
     if s == nil then
       s, h, window = 0, 0, 0
     end
@@ -102,7 +115,12 @@ for j = 1, n do
   local k
   if first == j then
     local ck, hk = b[i], b[i + 1]
-    local raw = rcall('GET', ck)
+    local raw
+    if raws then
+      raw = raws[j]
+    else
+      raw = rcall('GET', ck)
+    end
     local s, h, window, alive
     local fresh = not raw
     if fresh then
