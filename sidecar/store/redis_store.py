@@ -817,12 +817,15 @@ class RedisStore:
             if isinstance(reply, BaseException):
                 errors.append(reply)
                 continue
-            status, fails, seen, parts = reply  # seen: spent, reserved of each bucket
-            expired += [str(p) for p in parts]
-            statuses[tag] = str(status)
+            # Status, how many failed, their indices, spent and reserved of each bucket,
+            # then parts to settle: see reserve.lua.
+            status, count = str(reply[0]), 2 + int(reply[1])
+            seen = reply[count : count + 2 * len(members)]
+            expired += [str(p) for p in reply[count + 2 * len(members) :]]
+            statuses[tag] = status
             for j, i in enumerate(members):
                 states[i] = BucketState(int(seen[2 * j]), int(seen[2 * j + 1]))
-            failed += [members[int(f)] for f in fails]
+            failed += [members[int(f)] for f in reply[2:count]]
         fresh = [tag for tag, status in statuses.items() if status == "new"]
         for rid_done, tags in zip(expired[::2], expired[1::2], strict=True):
             # Reservations this decision settled on their home shard: their other parts too.

@@ -93,7 +93,7 @@
 -- (a few times what a local costs; there are hundreds of uses in a decision).
 local rcall, rpcall, spack, sunpack, tonum, sformat, srep, ssub, sfind, sbyte, floor, mmax
 local jdecode, tunpack
-local script_now
+local script_now, script_given
 
 -- What every function of the library runs first.
 local function begin()
@@ -103,7 +103,7 @@ local function begin()
   sformat, srep, ssub, sfind, sbyte = string.format, string.rep, string.sub, string.find,
                                       string.byte
   -- No clock yet: each call has its own (`use_clock`).
-  script_now = nil
+  script_now, script_given = nil, nil
 end
 
 -- An integer as the decimal string Redis is given, remembered: string.format costs more
@@ -128,11 +128,15 @@ end
 -- was given one (use_clock), else the server's, read once per script. A client clock a
 -- little off only moves when a TTL is next extended; the TTL itself is relative.
 local function use_clock(now)
-  script_now = floor(tonum(now))
+  script_given = now  -- read when first needed: most calls never extend a TTL
 end
 local function clock()
   if script_now == nil then
-    script_now = tonum(rcall('TIME')[1])
+    if script_given ~= nil then
+      script_now = floor(tonum(script_given))
+    else
+      script_now = tonum(rcall('TIME')[1])
+    end
   end
   return script_now
 end
@@ -403,10 +407,21 @@ end
 
 -- Book one exchange (or a correction) in the ledger row of `dims` under `index` (its key:
 -- the index key, "|", the dims; redis_keys.py `ledger_row`).
-local function add_row(ctx, index, hr, dims, cost, requests, input, output, errors)
-  local row = index .. '|' .. dims
+--
+-- `row`, `raw`: the row's key and its string as MGET read it (false: no row), when read
+-- already.
+local function add_row(ctx, index, hr, dims, cost, requests, input, output, errors, row, raw)
   requests = tonum(requests)
-  local c, n, i, o, e = read_row(row)
+  local c, n, i, o, e
+  if row == nil then
+    row = index .. '|' .. dims
+    c, n, i, o, e = read_row(row)
+  elseif raw then
+    if #raw < 40 then
+      raw = fields(raw, 40)
+    end
+    c, n, i, o, e = sunpack(ROW, raw)
+  end
   local value = spack(ROW, (c or 0) + cost, (n or 0) + requests, (i or 0) + input,
                             (o or 0) + output, (e or 0) + (errors or 0))
   if c then
@@ -424,11 +439,11 @@ local function add_row(ctx, index, hr, dims, cost, requests, input, output, erro
   end
 end
 
-local function add_ledger(ctx, rec, cost, requests, input, output, errors)
+local function add_ledger(ctx, rec, cost, requests, input, output, errors, row, raw)
   if rec.old then
     add_ledger_hash(ctx, rec, cost, requests, input, output, errors)
   else
-    add_row(ctx, rec.li, rec.hr, rec.d, cost, requests, input, output, errors)
+    add_row(ctx, rec.li, rec.hr, rec.d, cost, requests, input, output, errors, row, raw)
   end
 end
 
@@ -660,10 +675,16 @@ end
 local function charge(ctx, rec, actual, release, delta_cost, requests, input, output, errors)
   local b = rec.b
   -- Every bucket's counters by one MGET when the record's plan lists them (`decode_planned`:
-  -- no bucket named twice, so no charge reads what another one wrote).
-  local raws = nil
+  -- no bucket named twice, so no charge reads what another one wrote), the home group's
+  -- ledger row first.
+  local raws, row, first = nil, nil, 0
   if rec.cks then
-    raws = rcall('MGET', tunpack(rec.cks))
+    if rec.hm then
+      row, first = rec.li .. '|' .. rec.d, 1
+      raws = rcall('MGET', row, tunpack(rec.cks))
+    else
+      raws = rcall('MGET', tunpack(rec.cks))
+    end
   end
   for i = 1, #b, 10 do
     local held = 0
@@ -676,10 +697,10 @@ local function charge(ctx, rec, actual, release, delta_cost, requests, input, ou
       amount = (actual[b[i + 2]] or actual.usd) - (release and 0 or amount)
     end
     add_bucket(ctx, b[i], hk ~= '' and hk, b[i + 3], amount, b[i + 5], held,
-               raws and raws[(i + 9) / 10])
+               raws and raws[first + (i + 9) / 10])
   end
   if rec.hm then
-    add_ledger(ctx, rec, delta_cost, requests, input, output, errors)
+    add_ledger(ctx, rec, delta_cost, requests, input, output, errors, row, raws and raws[1])
   end
 end
 

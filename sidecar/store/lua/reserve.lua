@@ -34,11 +34,12 @@
 --              (retention of done records, the ledger's TTL and how many expired records
 --              to settle are the library's constants: RETENTION, LEDGER_TTL,
 --              SETTLE_ON_RESERVE)
--- Returns      {status, {failed 0-based indices}, {spent, reserved of each bucket, ...},
---              {request id, node tags, ...}}; status is "new" (held now), "dup" (already
---              held for this request), "conflict" or "refused"; spent/reserved are after
---              the hold when held now, as seen otherwise; the last names other shards'
---              parts of reservations settled here, for the store to settle.
+-- Returns      {status, number of failed, failed 0-based indices..., spent and reserved
+--              of each bucket..., request id, node tags, ...}, one flat list (a nested one
+--              costs Redis more to reply); status is "new" (held now), "dup" (already held
+--              for this request), "conflict" or "refused"; spent/reserved are after the
+--              hold when held now, as seen otherwise; the last names other shards' parts of
+--              reservations settled here, for the store to settle.
 --
 -- A function of budget_lib.lua's library (it uses int, decode, adopt, window_spent, settle, ...).
 
@@ -60,9 +61,31 @@ local raws = nil
 if rec.cks then
   raws = rcall('MGET', tunpack(rec.cks))
 end
--- The reply's spent and reserved of each entry, in a table made at its size (a table grown
--- one entry at a time is reallocated and rehashed at every power of two).
-local states = blank(2 * n)
+-- The reply, made at its size (a table grown one entry at a time is reallocated and
+-- rehashed at every power of two): status, 0 failed, then the spent and reserved of each
+-- entry (`report`); `reply` completes it.
+local out = blank(2 + 2 * n)
+local function report(j, spent, reserved)
+  out[2 * j + 1], out[2 * j + 2] = spent, reserved
+end
+local function reply(status, failed)
+  out[1] = status
+  if failed then
+    -- Refused: the failed indices go before the rest.
+    local head = {status, #failed}
+    for f = 1, #failed do
+      head[#head + 1] = failed[f]
+    end
+    for v = 3, 2 + 2 * n do
+      head[#head + 1] = out[v]
+    end
+    out = head
+  end
+  for p = 1, #parts do
+    out[#out + 1] = parts[p]
+  end
+  return out
+end
 
 -- The record goes in first: writing it is the look-up of a repeated request id.
 local seen = rpcall('SET', rkey, ARGV[3], 'NX', 'GET')
@@ -86,13 +109,12 @@ if seen then
     if s == nil then
       s, h, window = 0, 0, 0
     end
-    states[2 * j - 1] = window_spent(b[i + 1], b[i + 3], b[i + 4], s, window)
-    states[2 * j] = h
+    report(j, window_spent(b[i + 1], b[i + 3], b[i + 4], s, window), h)
   end
   if seen.s == 'open' and seen.x > now and seen.bd == rec.bd then
-    return {'dup', {}, states, parts}
+    return reply('dup')
   end
-  return {'conflict', {}, states, parts}
+  return reply('conflict')
 end
 
 -- Every bucket is read and judged first; only an admitted request writes (its holds, and
@@ -146,7 +168,7 @@ for j = 1, n do
   ks[j] = k
   local h = k[HELD] + k[MINE]
   k[MINE] = k[MINE] + hold
-  states[2 * j - 1], states[2 * j] = k[TOTAL], h + hold
+  report(j, k[TOTAL], h + hold)
   if b[i + 8] == 1 then
     local full
     if optimistic == 1 then
@@ -165,14 +187,14 @@ if #failed > 0 then
   -- Reported as seen before this request's holds. A bucket this refusal made from nothing
   -- goes, and so does the record.
   for j = 1, n do
-    states[2 * j] = states[2 * j] - b[j * 10 - 2]
+    out[2 * j + 2] = out[2 * j + 2] - b[j * 10 - 2]
     local k = ks[j]
     if (not same or same[j] == j) and k[FRESH] and k[HELD] == 0 and k[TOTAL] == 0 then
       rcall('DEL', k[CK])
     end
   end
   rcall('DEL', rkey)
-  return {'refused', failed, states, parts}
+  return reply('refused', failed)
 end
 
 for j = 1, n do
@@ -204,4 +226,4 @@ if nonce then
   -- Its commit reads it from here (budget_lib.lua `load_known`).
   remember(rkey, rec, nonce)
 end
-return {'new', {}, states, parts}
+return reply('new')
