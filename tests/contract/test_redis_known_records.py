@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from redis.asyncio import Redis
 
+from devtools.redis_cluster import LocalCluster
 from sidecar.model import TokenUsage
 from sidecar.store import redis_record
 from sidecar.store.budget_types import BucketView, ReserveRequest
@@ -167,5 +168,33 @@ async def test_a_bucket_named_twice_is_held_and_charged_twice_on_top_of_its_spen
         assert [s.reserved for s in result.states] == [20, 40]
         assert (await store.commit("t2", 25, TokenUsage(), NOW + 1)).status == "committed"
         assert await spent_and_held(store, "dan") == (30 + 25 + 25, 0)
+    finally:
+        await store.close()
+
+
+async def test_on_a_cluster_one_owners_buckets_and_several_owners_buckets_hold_and_charge(
+    redis_cluster: LocalCluster,
+) -> None:
+    # One owner's buckets share a hash slot (one MGET reads them); a shared bucket's owner
+    # is another, maybe on the same shard, in another slot (read one by one).
+    await flush_redis(redis_cluster.url)
+    store = RedisStore(redis_cluster.url, prefix=PREFIX)
+    try:
+        shared = BucketView("org|fixed:daily", DAY, DAY, 90_000, 10_000)
+        for buckets in (planned("erin"), (daily("erin"), shared)):
+            views = list(buckets)
+            for n, amount in enumerate((100, 50)):
+                rid = store.mint_request_id(views)
+                request = ReserveRequest(rid, buckets, amount, "reserve", NOW, NOW + 600)
+                assert (await store.reserve(request)).admitted
+                assert (await store.commit(rid, amount - 10, TokenUsage(), NOW + 1)).status == (
+                    "committed"
+                )
+                states = await store.bucket_states(views, NOW + 1)
+                assert [s.reserved for s in states] == [0] * len(views), n
+        states = await store.bucket_states([*planned("erin"), shared], NOW + 1)
+        # erin's daily: 90 + 40 twice; tokens and output tokens: none used; requests: 2;
+        # the shared bucket: 90 + 40.
+        assert [s.spent for s in states] == [260, 0, 0, 2, 130]
     finally:
         await store.close()

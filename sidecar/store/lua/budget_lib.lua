@@ -619,13 +619,24 @@ end
 -- record's head: each bucket's estimate is the head's estimate in the bucket's measure
 -- (`measured`, as the store computes it) and its hold that estimate when `holding` (0 when
 -- optimistic). Decoding the buckets was most of a reserve's Lua.
--- On one Redis a plan also lists its buckets' counters keys, for one MGET to read them
--- all (`cks`; false when a bucket is named twice, or too many for one MGET). Not on a
--- cluster: there one command may not name keys of several hash slots, even in a function
--- allowed to touch several (buckets of different owners are in different slots).
+-- A plan also lists its buckets' counters keys, for one MGET to read them all (`cks`;
+-- false when a bucket is named twice, or too many for one MGET). On a cluster only when
+-- they all have one owner (one hash tag): there one command may not name keys of several
+-- hash slots, even in a function allowed to touch several.
 local PLANS = 4096
 local MGET_MAX = 1000
 local plans, plan_keys, plan_ring, plan_at = {}, {}, {}, 0
+
+-- What a key's hash slot is computed from: its first "{...}" (the owner's tag of a bucket
+-- key, redis_keys.py; the prefix holds no brace).
+local function hash_tag(key)
+  local open = sfind(key, '{', 1, true)
+  local close = open and sfind(key, '}', open + 2, true)
+  if not close then
+    return key  -- (never for a bucket's key: the whole key is hashed)
+  end
+  return ssub(key, open, close)
+end
 
 -- `decode` of a reserve's record `raw` with the plan id `id`; `repeats`: its record names
 -- a bucket twice.
@@ -644,10 +655,16 @@ local function decode_planned(raw, id, holding, repeats)
       plan_ring[plan_at] = id
       plans[id] = b  -- never changed: the records that use it get a copy
       local cks = false
-      if not CLUSTER and not repeats and n > 0 and n <= MGET_MAX then
+      if not repeats and n > 0 and n <= MGET_MAX then
         cks = blank(n)
+        local tag = CLUSTER and hash_tag(b[1])
         for j = 1, n do
-          cks[j] = b[j * 10 - 9]
+          local ck = b[j * 10 - 9]
+          cks[j] = ck
+          if tag and hash_tag(ck) ~= tag then
+            cks = false
+            break
+          end
         end
       end
       plan_keys[id] = cks
@@ -679,7 +696,7 @@ local function charge(ctx, rec, actual, release, delta_cost, requests, input, ou
   -- ledger row first.
   local raws, row, first = nil, nil, 0
   if rec.cks then
-    if rec.hm then
+    if rec.hm and not CLUSTER then  -- (on a cluster the row is in another hash slot)
       row, first = rec.li .. '|' .. rec.d, 1
       raws = rcall('MGET', row, tunpack(rec.cks))
     else
