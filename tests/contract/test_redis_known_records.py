@@ -198,3 +198,23 @@ async def test_on_a_cluster_one_owners_buckets_and_several_owners_buckets_hold_a
         assert [s.spent for s in states] == [260, 0, 0, 2, 130]
     finally:
         await store.close()
+
+
+async def test_a_reservation_older_than_the_remembered_ones_still_commits(redis_url: str) -> None:
+    # A server remembers the records of its last 4,096 reserves (budget_lib.lua CACHE_SIZE).
+    await flush_redis(redis_url)
+    store = RedisStore(redis_url, prefix=PREFIX)
+    try:
+        assert (await store.reserve(request("old", "fay", 100))).admitted
+        roomy = BucketView("daily|user=gus", DAY, DAY, 90_000, 1_000_000)
+        for n in range(4_100):
+            many = ReserveRequest(f"new-{n}", (roomy,), 1, "reserve", NOW, NOW + 600)
+            assert (await store.reserve(many)).admitted
+        result = await store.commit("old", 70, TokenUsage(), NOW + 1)
+        assert (result.status, result.estimate) == ("committed", 100)
+        assert await spent_and_held(store, "fay") == (70, 0)
+        assert (await store.commit("new-4099", 1, TokenUsage(), NOW + 1)).status == "committed"
+        (gus,) = await store.bucket_states([roomy], NOW + 1)
+        assert (gus.spent, gus.reserved) == (1, 4_099)
+    finally:
+        await store.close()

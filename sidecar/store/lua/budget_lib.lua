@@ -571,8 +571,11 @@ end
 -- is read and decoded. The same nonce means the same write of the record, so the same bytes
 -- but the state byte, which is read each time (any server may have finished the record
 -- since). At most CACHE_SIZE records, the oldest forgotten first, and each one as soon as
--- it is finished or deleted here: a few KB each, some 20 MB at most.
-local CACHE_SIZE = 8192
+-- it is finished or deleted here: about 2 KB each for five buckets. With PLANS (below), at
+-- most about 14 MB of the server's Lua memory (used_memory_vm_functions) for five-bucket
+-- records and plans all different; a commit of a reservation older than the last
+-- CACHE_SIZE reserves of its server reads and decodes its record, as any other server's.
+local CACHE_SIZE = 4096
 local known, nonces, ring, ring_at = {}, {}, {}, 0
 
 local function forget(rkey)
@@ -623,7 +626,7 @@ end
 -- false when a bucket is named twice, or too many for one MGET). On a cluster only when
 -- they all have one owner (one hash tag): there one command may not name keys of several
 -- hash slots, even in a function allowed to touch several.
-local PLANS = 4096
+local PLANS = 2048
 local MGET_MAX = 1000
 local plans, plan_keys, plan_ring, plan_at = {}, {}, {}, 0
 
