@@ -630,13 +630,14 @@ local PLANS = 2048
 local MGET_MAX = 1000
 local plans, plan_keys, plan_ring, plan_at = {}, {}, {}, 0
 
--- What a key's hash slot is computed from: its first "{...}" (the owner's tag of a bucket
--- key, redis_keys.py; the prefix holds no brace).
+-- What a key's hash slot is computed from, as Redis Cluster reads it: what its first "{"
+-- and the first "}" after it enclose, unless nothing (the owner's tag of a bucket key,
+-- redis_keys.py, never empty); else the whole key.
 local function hash_tag(key)
   local open = sfind(key, '{', 1, true)
-  local close = open and sfind(key, '}', open + 2, true)
-  if not close then
-    return key  -- (never for a bucket's key: the whole key is hashed)
+  local close = open and sfind(key, '}', open + 1, true)
+  if not close or close == open + 1 then
+    return key
   end
   return ssub(key, open, close)
 end
