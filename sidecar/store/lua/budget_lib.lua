@@ -507,14 +507,17 @@ local STATES = {o = 'open', c = 'committed', x = 'expired'}
 local HEAD = '>c1i8di1i8i8i8di4c0i4c0i4c0i4c0i4c0i2'
 local ENTRY = 'i4c0i4c0i4c0i8i8i8i8i8i1i8'
 
--- The format of n entries, made once per n (string.rep and interning the result cost more
--- than a decode's other work).
-local ENTRIES = {}
+-- The format of n entries, made once per n up to ENTRIES_KEPT (string.rep and interning
+-- the result cost more than a decode's other work; longer records are rare, and all their
+-- formats kept would grow without bound).
+local ENTRIES, ENTRIES_KEPT = {}, 64
 local function entries(n)
   local fmt = ENTRIES[n]
   if fmt == nil then
     fmt = '>' .. srep(ENTRY, n)
-    ENTRIES[n] = fmt
+    if n <= ENTRIES_KEPT then
+      ENTRIES[n] = fmt
+    end
   end
   return fmt
 end
