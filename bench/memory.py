@@ -4,6 +4,13 @@ ext_authz Checks over gRPC, each from a user with its own freshly minted RS256 J
     .venv/bin/python -m bench.memory                 # 100,000 users, about 3 minutes
     .venv/bin/python -m bench.memory --users 20000   # quicker
     .venv/bin/python -m bench.memory --users 10000 --rate-rules   # + rolling 1m rpm/tpm
+    .venv/bin/python -m bench.memory --charged       # every call also metered and charged
+
+Without `--charged` every Check's reservation stays open (the benchmark sends no metering
+record and the policy's TTL is an hour): 100,000 calls in flight at once. With it, each
+batch of Checks is followed by one access log message holding a finished stream's
+metering record per admitted call, as Envoy sends them, so the calls end as real ones do
+and what stays is what each user leaves behind.
 
 What grows with users: the verified-token cache (bounded, 50,000 entries), per-user
 budget buckets (in the store, not in the process) and nothing else by design. Tokens are
@@ -25,8 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import yaml
 from cryptography.hazmat.primitives import serialization
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
 from bench.machine import rss_mb
@@ -70,13 +79,36 @@ def _request(token: str, n: int) -> external_auth_pb2.CheckRequest:
     return request
 
 
+def _reservation(reply: external_auth_pb2.CheckResponse) -> str:
+    for option in reply.ok_response.headers:
+        if option.header.key == "x-sidecar-request-id":
+            return str(option.header.value)
+    raise RuntimeError(f"no reservation in {reply}")
+
+
+def _records(reservations: list[str]) -> als_pb2.StreamAccessLogsMessage:
+    """The access log message Envoy sends when these calls' streams have finished."""
+    from bench.charge_path import _body, _entry
+
+    body = _body(4)
+    message = als_pb2.StreamAccessLogsMessage()
+    message.http_logs.log_entry.extend(_entry(rid, body) for rid in reservations)
+    return message
+
+
 async def _drive(
-    port: int, tokens: Iterator[list[str]], pid: int, users: int, every: int
+    port: int,
+    tokens: Iterator[list[str]],
+    pid: int,
+    users: int,
+    every: int,
+    charged: bool = False,
 ) -> list[tuple[int, float]]:
     samples: list[tuple[int, float]] = []
     sent = 0
     async with grpc.aio.insecure_channel(f"{LOOPBACK}:{port}") as channel:
         stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+        meter = als_pb2_grpc.AccessLogServiceStub(channel)
         for chunk in tokens:
             for start in range(0, len(chunk), _CONCURRENCY):
                 batch = chunk[start : start + _CONCURRENCY]
@@ -86,6 +118,9 @@ async def _drive(
                 for reply in replies:
                     if reply.status.code != 0:
                         raise RuntimeError(f"check refused: {reply}")
+                if charged:
+                    message = _records([_reservation(reply) for reply in replies])
+                    await meter.StreamAccessLogs(iter([message]), timeout=30)
                 sent += len(batch)
                 if sent % every == 0 or sent == users:
                     samples.append((sent, rss_mb(pid)))
@@ -94,7 +129,13 @@ async def _drive(
     return samples
 
 
-def measure(users: int, rate_rules: bool = False) -> dict[str, Any]:
+def _committed(http_port: int) -> float:
+    text = httpx.get(f"http://{LOOPBACK}:{http_port}/metrics", timeout=10).text
+    name = 'sidecar_metering_commits_total{status="committed"} '
+    return sum(float(line[len(name) :]) for line in text.splitlines() if line.startswith(name))
+
+
+def measure(users: int, rate_rules: bool = False, charged: bool = False) -> dict[str, Any]:
     issuer = DevIssuer.generate()
     pem = issuer.key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -140,13 +181,21 @@ def measure(users: int, rate_rules: bool = False) -> dict[str, Any]:
                         proc.pid,
                         users,
                         every=max(_CHUNK, users // 10 // _CHUNK * _CHUNK),
+                        charged=charged,
                     )
                 )
+            if charged:  # the last charges are committed (every one, or the run is wrong)
+                deadline = time.monotonic() + 60
+                while _committed(http_port) < users and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                if _committed(http_port) < users:
+                    raise RuntimeError(f"{_committed(http_port)} of {users} calls charged")
             seconds = time.monotonic() - started
             after = rss_mb(proc.pid)
     return {
         "users": users,
         "rate_rules": rate_rules,
+        "charged": charged,
         "rss_before_mb": round(before, 1),
         "rss_after_mb": round(after, 1),
         "samples": [{"users": u, "rss_mb": round(r, 1)} for u, r in samples],
@@ -163,20 +212,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out",
         type=Path,
-        default=RESULTS / "memory.json",
-        help="where to keep the result (bench.run's table shows it)",
+        help="where to keep the result (default bench/results/memory.json, which bench.run's "
+        "table shows, or memory_charged.json with --charged)",
     )
     parser.add_argument(
         "--rate-rules",
         action="store_true",
         help="add per-caller requests and tokens limits over a rolling minute",
     )
+    parser.add_argument(
+        "--charged",
+        action="store_true",
+        help="meter and charge every call (each batch's records sent as Envoy sends them)",
+    )
     args = parser.parse_args(argv)
-    result = measure(args.users, args.rate_rules)
+    result = measure(args.users, args.rate_rules, args.charged)
     result["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     text = json.dumps(result, indent=2)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n", encoding="utf-8")
+    out: Path = args.out or RESULTS / ("memory_charged.json" if args.charged else "memory.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n", encoding="utf-8")
     print(text)
     return 0
 
