@@ -276,11 +276,16 @@ class OwnedSQLiteStore(SQLiteStore):
         except OSError as exc:
             raise StoreUnavailable(f"sqlite journal: {exc}") from exc
         record_holds = []
-        held_of = totals.held
+        held_of = totals.buckets
         for b, hold in zip(buckets, holds, strict=True):
             if hold:
                 key = b.key
-                held_of[key] = held_of.get(key, 0) + hold
+                was = held_of.get(key)
+                if was is None:
+                    totals.hold(key, hold)  # not in memory (read in above, so not expected)
+                else:
+                    # The first hold shares the request's int: one for all its µUSD buckets.
+                    held_of[key] = was + hold if was else hold
                 record_holds.append((key, hold))
         totals.opened(rid, request.expires_at, binding)
         self._unfiled.add(rid)

@@ -28,10 +28,6 @@ _KEYS_PER_READ = 500
 # Stale entries the expiry heap may hold beyond twice the open reservations.
 _EXPIRIES_SLACK = 1024
 
-
-# The slots of every bucket read that has none; never changed (`add` gives a bucket its own).
-_NO_SLOTS: dict[int, list[int]] = {}
-
 # Slots read from the file: bucket -> [(slot, amount, expiry)]
 SlotsRead = dict[str, list[tuple[int, int, int]]]
 
@@ -53,25 +49,31 @@ class Deltas:
         self.ended += other.ended
 
 
-@dataclass(slots=True)
-class _Open:
-    expires_at: float
-    binding: str
+# An open reservation: (expires_at, request id, binding). One tuple is both its entry by id
+# and its entry in the expiry heap (an object for the one and a tuple for the other were
+# about 100 bytes a reservation more, and every reservation of the last TTL may be open).
+_Open = tuple[float, str, str]
 
 
 class Totals:
     def __init__(self) -> None:
-        # bucket -> slot -> [amount, expiry], for the buckets read from the file since they
-        # were last evicted (`missing` names the others; a decision reads them first).
+        # bucket -> what open reservations hold (0: nothing), for the buckets read from the
+        # file since they were last evicted (`missing` names the others; a decision reads
+        # them first). One dict both says a bucket is in memory and holds its hold: most
+        # buckets read have no slots, and a second dict entry each was 25 bytes a bucket.
+        self.buckets: dict[str, int] = {}
+        # bucket -> slot -> [amount, expiry], for the buckets in `buckets` that have slots
         self._slots: dict[str, dict[int, list[int]]] = {}
-        # bucket -> what open reservations hold (a reservation adds to it directly)
-        self.held: dict[str, int] = {}
+        # bucket -> hold, of buckets not in memory: the holds of the reservations open when
+        # the file was opened, until a decision reads their bucket (held buckets are never
+        # evicted, so nothing else lands here).
+        self._unread_held: dict[str, int] = {}
         # (expiry, bucket, slot) of every slot, to forget them as the file's housekeeping
         # deletes them without looking at every bucket; an entry may be older than its
         # slot's expiry (extended since), and is then put back.
         self._slot_expiries: list[tuple[int, str, int]] = []
         self._open: dict[str, _Open] = {}
-        self._expiries: list[tuple[float, str]] = []
+        self._expiries: list[_Open] = []
         self._ended: OrderedDict[str, None] = OrderedDict()
 
     @classmethod
@@ -108,21 +110,20 @@ class Totals:
 
     def missing(self, buckets: Sequence[BucketView]) -> list[str]:
         """The buckets' keys whose slots are not in memory (never read, or evicted)."""
-        slots = self._slots
-        return list(dict.fromkeys(b.key for b in buckets if b.key not in slots))
+        known = self.buckets
+        return list(dict.fromkeys(b.key for b in buckets if b.key not in known))
 
     def loaded(self, read: SlotsRead) -> None:
         """Slots read from the file, for the keys still missing. A key read meanwhile by
         another decision keeps what it has: that, with the changes applied since, is
         newer than this read."""
+        known = self.buckets
         for key, rows in read.items():
-            if key in self._slots:
+            if key in known:
                 continue
+            known[key] = self._unread_held.pop(key, 0) if self._unread_held else 0
             if not rows:
-                # Most buckets read have no spend yet: one shared empty dict (a dict each
-                # was 64 bytes per bucket), replaced by its own at the first slot.
-                self._slots[key] = _NO_SLOTS
-                continue
+                continue  # most buckets read have no spend yet: no slots entry
             cells = self._slots[key] = {}
             for slot, amount, expires in rows:
                 cells[slot] = [amount, expires]
@@ -131,13 +132,14 @@ class Totals:
     def evict(self, keep: int) -> int:
         """Forget the slots of the oldest-read buckets that hold nothing, down to `keep`
         buckets (the file has every charged slot; only holds live in memory alone)."""
-        excess = len(self._slots) - keep
+        known = self.buckets
+        excess = len(known) - keep
         if excess <= 0:
             return 0
-        held = self.held
-        gone = [key for key in itertools.islice(self._slots, 2 * excess) if not held.get(key)]
+        gone = [key for key in itertools.islice(known, 2 * excess) if not known[key]]
         for key in gone[:excess]:
-            del self._slots[key]
+            del known[key]
+            self._slots.pop(key, None)
         return min(len(gone), excess)
 
     # -- reading ---------------------------------------------------------------------
@@ -153,13 +155,17 @@ class Totals:
                     spent += cell[0]
                     if with_slots:
                         kept[slot] = cell[0]
-        return BucketState(spent, self.held.get(bucket.key, 0), kept)
+        return BucketState(spent, self._held(bucket.key), kept)
+
+    def _held(self, key: str) -> int:
+        held = self.buckets.get(key)
+        return self._unread_held.get(key, 0) if held is None else held
 
     def read(self, buckets: Sequence[BucketView]) -> tuple[list[int], list[int]]:
         """Spent and held of each bucket: `state` for a whole decision, in one loop (it
         is most of a reservation's work)."""
         slots_of = self._slots
-        held_of = self.held
+        held_of = self.buckets
         spent_list: list[int] = []
         held_list: list[int] = []
         for b in buckets:
@@ -172,7 +178,8 @@ class Totals:
                     if slot >= since:
                         spent += cell[0]
             spent_list.append(spent)
-            held_list.append(held_of.get(key, 0))
+            held = held_of.get(key)
+            held_list.append(self._held(key) if held is None else held)
         return spent_list, held_list
 
     def open_count(self) -> int:
@@ -181,7 +188,8 @@ class Totals:
     def first_expiry(self) -> float | None:
         """When the earliest open reservation expires (None: none is open)."""
         heap = self._expiries
-        while heap and heap[0][1] not in self._open:
+        # An entry is current while it is the one its id maps to.
+        while heap and self._open.get(heap[0][1]) is not heap[0]:
             heapq.heappop(heap)
         return heap[0][0] if heap else None
 
@@ -190,22 +198,27 @@ class Totals:
         another or ended (False), or unknown here (None)."""
         found = self._open.get(request_id)
         if found is not None:
-            return found.expires_at > now and found.binding == binding
+            return found[0] > now and found[2] == binding
         return False if request_id in self._ended else None
 
     # -- changing --------------------------------------------------------------------
     def hold(self, key: str, amount: int) -> None:
-        total = self.held.get(key, 0) + amount
+        held = self.buckets.get(key)
+        if held is not None:
+            # The first hold shares the caller's int (often one for all a request's buckets).
+            self.buckets[key] = held + amount if held else amount
+            return
+        total = self._unread_held.get(key, 0) + amount
         if total:
-            self.held[key] = total
+            self._unread_held[key] = total
         else:
-            self.held.pop(key, None)
+            self._unread_held.pop(key, None)
 
     def add(self, key: str, slot: int, amount: int, expires: int) -> None:
         slots = self._slots.get(key)
         if slots is None:
-            return  # not in memory: the file, where this change was made, is read first
-        if slots is _NO_SLOTS:
+            if key not in self.buckets:
+                return  # not in memory: the file, where this change was made, is read first
             slots = self._slots[key] = {}
         cell = slots.get(slot)
         if cell is None:
@@ -216,8 +229,8 @@ class Totals:
             cell[1] = max(cell[1], expires)
 
     def opened(self, request_id: str, expires_at: float, binding: str) -> None:
-        self._open[request_id] = _Open(expires_at, binding)
-        heapq.heappush(self._expiries, (expires_at, request_id))
+        entry = self._open[request_id] = (expires_at, request_id, binding)
+        heapq.heappush(self._expiries, entry)
 
     def ended(self, request_id: str) -> None:
         if self._open.pop(request_id, None) is None and request_id in self._ended:
@@ -226,7 +239,7 @@ class Totals:
             # Ended reservations leave their expiry in the heap until it comes up; most end
             # long before (charged), so without this the heap would hold every reservation
             # of the last TTL. Rebuilt from what is open, it stays within twice that.
-            self._expiries = [(o.expires_at, rid) for rid, o in self._open.items()]
+            self._expiries = list(self._open.values())
             heapq.heapify(self._expiries)
         self._ended[request_id] = None
         if len(self._ended) > _ENDED_KEPT:
@@ -256,6 +269,7 @@ class Totals:
             if cell[1] < cutoff:
                 del slots[slot]
                 if not slots:
+                    # The bucket stays in memory, with no slots (as in the file now).
                     del self._slots[key]
             else:
                 heapq.heappush(heap, (cell[1], key, slot))

@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 
 from sidecar.model import TokenUsage
-from sidecar.store import sqlite_totals
 from sidecar.store.base import StoreUnavailable
 from sidecar.store.budget_types import BucketView
 from sidecar.store.factory import open_store
@@ -398,7 +397,7 @@ async def test_decisions_charges_and_evictions_interleaved_admit_exactly_the_lim
 
 
 async def test_a_charge_to_one_bucket_read_empty_leaves_the_others_empty(tmp_path: Path) -> None:
-    # Buckets read with no slots share one empty dict until their first charge.
+    # Buckets read with no slots have no slots entry until their first charge.
     async with owned(tmp_path) as store:
         assert (await store.reserve(reserve_request("s1", 10, B, C, now=NOW))).admitted
         await store.commit("s1", 7, TokenUsage(1, 1), NOW)
@@ -406,4 +405,31 @@ async def test_a_charge_to_one_bucket_read_empty_leaves_the_others_empty(tmp_pat
         other = BucketView(key="b:third", slot=B.slot, since=B.since, ttl_seconds=9, limit=5)
         assert (await store.reserve(reserve_request("s3", 1, other, now=NOW))).admitted
         assert [s.spent for s in await store.bucket_states([B, C, other], NOW)] == [7, 7, 0]
-        assert sqlite_totals._NO_SLOTS == {}
+        assert set(store._totals._slots) == {B.key, C.key}
+        assert other.key in store._totals.buckets
+
+
+async def test_holds_open_at_start_count_before_and_after_their_bucket_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("sidecar.store.sqlite_owned._BUCKETS_KEPT", 0)
+    async with owned(tmp_path) as store:
+        assert (await store.reserve(reserve_request("h1", 60, B, now=NOW))).admitted
+    async with owned(tmp_path) as store:
+        # Loaded with the open reservations, before any decision has read the bucket.
+        assert store._totals.missing([B]) == [B.key]
+        assert store._totals.state(B).reserved == 60
+        assert not (await store.reserve(reserve_request("h2", 41, B, now=NOW))).admitted
+        assert (await store.reserve(reserve_request("h3", 40, B, now=NOW))).admitted
+        # A bucket that holds something stays in memory past housekeeping.
+        await store.settle_expired(NOW)
+        assert store._totals.missing([B]) == []
+        await store.commit("h1", 10, TokenUsage(1, 1), NOW)
+        await store.commit("h3", 5, TokenUsage(1, 1), NOW)
+        assert (store._totals.state(B).spent, store._totals.state(B).reserved) == (15, 0)
+        # Holding nothing now, it is let go of and read back with its spend.
+        await store.settle_expired(NOW)
+        assert store._totals.missing([B]) == [B.key]
+        assert not (await store.reserve(reserve_request("h4", 86, B, now=NOW))).admitted
+        assert (await store.reserve(reserve_request("h5", 85, B, now=NOW))).admitted
+    assert await file_state(tmp_path, B) == [(15, 85)]
