@@ -26,6 +26,7 @@ from sidecar.store.factory import open_store
 from sidecar.store.sqlite_journal import Journal
 from sidecar.store.sqlite_owned import OwnedSQLiteStore
 from sidecar.store.sqlite_store import SQLiteStore
+from sidecar.store.sqlite_totals import Totals
 from tests.support.reserve import reserve_request
 
 NOW = 1_800_000_000.0
@@ -433,3 +434,18 @@ async def test_holds_open_at_start_count_before_and_after_their_bucket_is_read(
         assert not (await store.reserve(reserve_request("h4", 86, B, now=NOW))).admitted
         assert (await store.reserve(reserve_request("h5", 85, B, now=NOW))).admitted
     assert await file_state(tmp_path, B) == [(15, 85)]
+
+
+def test_ended_ids_are_refused_until_the_most_recent_ones_push_them_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("sidecar.store.sqlite_totals._ENDED_KEPT", 3)
+    totals = Totals()
+    for rid in ("a", "b", "c", "d"):
+        totals.opened(rid, NOW + 60, "bind")
+        totals.ended(rid)
+    totals.ended("c")  # ending again neither forgets nor refreshes it
+    assert [totals.existing(rid, "bind", NOW) for rid in "abcd"] == [None, False, False, False]
+    totals.opened("e", NOW + 60, "bind")
+    totals.ended("e")
+    assert [totals.existing(rid, "bind", NOW) for rid in "bcde"] == [None, False, False, False]
