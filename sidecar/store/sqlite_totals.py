@@ -49,10 +49,11 @@ class Deltas:
         self.ended += other.ended
 
 
-# An open reservation: (expires_at, request id, binding). One tuple is both its entry by id
-# and its entry in the expiry heap (an object for the one and a tuple for the other were
-# about 100 bytes a reservation more, and every reservation of the last TTL may be open).
-_Open = tuple[float, str, str]
+# An open reservation: (expires_at, request id). One tuple is both its entry by id and its
+# entry in the expiry heap (an object for the one and a tuple for the other were about 100
+# bytes a reservation more, and every reservation of the last TTL may be open). Its binding
+# is not kept: only a repeated id needs it, and reads it from the file (`existing`).
+Open = tuple[float, str]
 
 
 class Totals:
@@ -72,8 +73,8 @@ class Totals:
         # deletes them without looking at every bucket; an entry may be older than its
         # slot's expiry (extended since), and is then put back.
         self._slot_expiries: list[tuple[int, str, int]] = []
-        self._open: dict[str, _Open] = {}
-        self._expiries: list[_Open] = []
+        self._open: dict[str, Open] = {}
+        self._expiries: list[Open] = []
         # The ids, and the order to forget them in: a set and a deque take about half the
         # memory of an OrderedDict (whose links cost some 50 bytes an id).
         self._ended: set[str] = set()
@@ -86,11 +87,11 @@ class Totals:
         totals = cls()
         # The holds are what the open reservations hold (the `reserved` table is not kept
         # current while a process owns the file).
-        for rid, expires_at, binding, buckets_json, estimate, held in conn.execute(
-            "SELECT request_id, expires_at, binding, buckets, estimate, held FROM reservations "
+        for rid, expires_at, buckets_json, estimate, held in conn.execute(
+            "SELECT request_id, expires_at, buckets, estimate, held FROM reservations "
             "WHERE state = 'open'"
         ):
-            totals.opened(rid, expires_at, binding)
+            totals.opened(rid, expires_at)
             for key, hold in holds_of(buckets_json, estimate, held):
                 totals.hold(key, hold)
         return totals
@@ -196,12 +197,24 @@ class Totals:
             heapq.heappop(heap)
         return heap[0][0] if heap else None
 
-    def existing(self, request_id: str, binding: str, now: float) -> bool | None:
+    def open_entry(self, request_id: str) -> Open | None:
+        return self._open.get(request_id)
+
+    def existing(
+        self, request_id: str, binding: str, now: float, stored: tuple[Open, str] | None
+    ) -> bool | None:
         """Whether `request_id` is this same admission still open (True), taken by
-        another or ended (False), or unknown here (None)."""
+        another or ended (False), or unknown here (None). `stored`: the id's open entry
+        and the binding it was admitted with (None: not found), as the caller read them
+        when the id was open; an entry that is not this one's current is no pass."""
         found = self._open.get(request_id)
         if found is not None:
-            return found[0] > now and found[2] == binding
+            return (
+                found[0] > now
+                and stored is not None
+                and stored[0] is found
+                and stored[1] == binding
+            )
         return False if request_id in self._ended else None
 
     # -- changing --------------------------------------------------------------------
@@ -231,8 +244,8 @@ class Totals:
             cell[0] += amount
             cell[1] = max(cell[1], expires)
 
-    def opened(self, request_id: str, expires_at: float, binding: str) -> None:
-        entry = self._open[request_id] = (expires_at, request_id, binding)
+    def opened(self, request_id: str, expires_at: float) -> None:
+        entry = self._open[request_id] = (expires_at, request_id)
         heapq.heappush(self._expiries, entry)
 
     def ended(self, request_id: str) -> None:

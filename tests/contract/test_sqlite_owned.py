@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -442,10 +443,46 @@ def test_ended_ids_are_refused_until_the_most_recent_ones_push_them_out(
     monkeypatch.setattr("sidecar.store.sqlite_totals._ENDED_KEPT", 3)
     totals = Totals()
     for rid in ("a", "b", "c", "d"):
-        totals.opened(rid, NOW + 60, "bind")
+        totals.opened(rid, NOW + 60)
         totals.ended(rid)
     totals.ended("c")  # ending again neither forgets nor refreshes it
-    assert [totals.existing(rid, "bind", NOW) for rid in "abcd"] == [None, False, False, False]
-    totals.opened("e", NOW + 60, "bind")
+    assert [totals.existing(rid, "bind", NOW, None) for rid in "abcd"] == [
+        None,
+        False,
+        False,
+        False,
+    ]
+    totals.opened("e", NOW + 60)
     totals.ended("e")
-    assert [totals.existing(rid, "bind", NOW) for rid in "bcde"] == [None, False, False, False]
+    assert [totals.existing(rid, "bind", NOW, None) for rid in "bcde"] == [
+        None,
+        False,
+        False,
+        False,
+    ]
+
+
+async def test_a_repeated_open_id_is_judged_by_the_binding_in_its_record_or_the_file(
+    tmp_path: Path,
+) -> None:
+    # Memory keeps no binding: a repeated id reads it from the record waiting to be written,
+    # from the file once written, and from the file after the file is opened again.
+    mine = replace(reserve_request("d1", 40, B, now=NOW), binding="alice|40")
+    theirs = replace(reserve_request("d1", 40, B, now=NOW), binding="mallory|40")
+
+    async def judged(store: OwnedSQLiteStore) -> tuple[bool, bool]:
+        other = await store.reserve(theirs)
+        same = await store.reserve(mine)
+        assert not other.admitted and store._totals.state(B).reserved == 40
+        return other.conflict, same.duplicate
+
+    async with owned(tmp_path) as store:
+        assert (await store.reserve(mine)).admitted
+        assert [r[0] for r, _ in store._pending] == ["d1"]
+        assert await judged(store) == (True, True)
+        await store.reservation("d1")  # written to the file
+        assert store._pending == []
+        assert await judged(store) == (True, True)
+    async with owned(tmp_path) as store:
+        assert store._totals.open_entry("d1") is not None
+        assert await judged(store) == (True, True)
