@@ -191,8 +191,10 @@ class OwnedSQLiteStore(SQLiteStore):
         if due is not None and due <= request.now:
             # What expired counts as spend before anything is decided on these buckets.
             await self._budget_tx(lambda conn, sink: self._settle(conn, request.now, 100, sink))
-        stored = await self._ready(request)
-        return self._reserve_now(request, stored)
+        await self._read_in(request.buckets)
+        if request.request_id not in self._totals.open_entries:
+            return self._reserve_now(request, None)  # nearly always: a new id
+        return self._reserve_now(request, await self._ready(request))
 
     async def _ready(self, request: ReserveRequest) -> tuple[Open, str] | None:
         """Have the buckets in memory and, for an id already open (a retry, or a caller

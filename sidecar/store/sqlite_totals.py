@@ -73,7 +73,7 @@ class Totals:
         # deletes them without looking at every bucket; an entry may be older than its
         # slot's expiry (extended since), and is then put back.
         self._slot_expiries: list[tuple[int, str, int]] = []
-        self._open: dict[str, Open] = {}
+        self.open_entries: dict[str, Open] = {}
         self._expiries: list[Open] = []
         # The ids, and the order to forget them in: a set and a deque take about half the
         # memory of an OrderedDict (whose links cost some 50 bytes an id).
@@ -182,23 +182,25 @@ class Totals:
                     if slot >= since:
                         spent += cell[0]
             spent_list.append(spent)
-            held = held_of.get(key)
-            held_list.append(self._held(key) if held is None else held)
+            try:
+                held_list.append(held_of[key])
+            except KeyError:  # not read in (a decision reads its buckets in first)
+                held_list.append(self._unread_held.get(key, 0))
         return spent_list, held_list
 
     def open_count(self) -> int:
-        return len(self._open)
+        return len(self.open_entries)
 
     def first_expiry(self) -> float | None:
         """When the earliest open reservation expires (None: none is open)."""
         heap = self._expiries
         # An entry is current while it is the one its id maps to.
-        while heap and self._open.get(heap[0][1]) is not heap[0]:
+        while heap and self.open_entries.get(heap[0][1]) is not heap[0]:
             heapq.heappop(heap)
         return heap[0][0] if heap else None
 
     def open_entry(self, request_id: str) -> Open | None:
-        return self._open.get(request_id)
+        return self.open_entries.get(request_id)
 
     def existing(
         self, request_id: str, binding: str, now: float, stored: tuple[Open, str] | None
@@ -207,7 +209,7 @@ class Totals:
         another or ended (False), or unknown here (None). `stored`: the id's open entry
         and the binding it was admitted with (None: not found), as the caller read them
         when the id was open; an entry that is not this one's current is no pass."""
-        found = self._open.get(request_id)
+        found = self.open_entries.get(request_id)
         if found is not None:
             return (
                 found[0] > now
@@ -245,17 +247,17 @@ class Totals:
             cell[1] = max(cell[1], expires)
 
     def opened(self, request_id: str, expires_at: float) -> None:
-        entry = self._open[request_id] = (expires_at, request_id)
+        entry = self.open_entries[request_id] = (expires_at, request_id)
         heapq.heappush(self._expiries, entry)
 
     def ended(self, request_id: str) -> None:
-        if self._open.pop(request_id, None) is None and request_id in self._ended:
+        if self.open_entries.pop(request_id, None) is None and request_id in self._ended:
             return
-        if len(self._expiries) > 2 * len(self._open) + _EXPIRIES_SLACK:
+        if len(self._expiries) > 2 * len(self.open_entries) + _EXPIRIES_SLACK:
             # Ended reservations leave their expiry in the heap until it comes up; most end
             # long before (charged), so without this the heap would hold every reservation
             # of the last TTL. Rebuilt from what is open, it stays within twice that.
-            self._expiries = list(self._open.values())
+            self._expiries = list(self.open_entries.values())
             heapq.heapify(self._expiries)
         if request_id in self._ended:
             return
@@ -265,7 +267,7 @@ class Totals:
             self._ended.discard(self._ended_order.popleft())
 
     def is_open(self, request_id: str) -> bool:
-        return request_id in self._open
+        return request_id in self.open_entries
 
     def apply(self, deltas: Deltas) -> None:
         for key, slot, amount, expires in deltas.spent:
