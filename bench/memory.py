@@ -5,8 +5,9 @@ ext_authz Checks over gRPC, each from a user with its own freshly minted RS256 J
     .venv/bin/python -m bench.memory --users 20000   # quicker
     .venv/bin/python -m bench.memory --users 10000 --rate-rules   # + rolling 1m rpm/tpm
 
-What grows with users: the verified-token cache (bounded, 50,000 entries), per-user
-budget buckets (in the store, not in the process) and nothing else by design. Tokens are
+What grows with users: the verified-token cache (bounded, 50,000 entries), cached plans
+(bounded, 4,096), per-user budget buckets and, with the SQLite file owned by the process
+(the default), the holds of open reservations and the buckets read, in the process. Tokens are
 minted by two helper processes (RSA signing is the slow part) and streamed to the client,
 so neither the tokens nor the client live in the measured process. Prints one JSON object.
 """
