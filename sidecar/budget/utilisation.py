@@ -29,11 +29,19 @@ MAX_BUCKETS_PER_RULE = 100_000
 MAX_PENDING_PLANS = 1024
 
 
+# A bucket's observation is one int, `permille << _SLOT_BITS | slot` (a tuple of two ints
+# was about 90 bytes more a bucket, and a split rule may hold 100,000 of them). Slots are
+# Unix seconds: 36 bits last until the year 4147.
+_SLOT_BITS = 36
+_SLOT_MASK = (1 << _SLOT_BITS) - 1
+
+
 @dataclass
 class _RuleBuckets:
     rule: Rule
-    # bucket key → (per-mille of the limit used, the slot it was seen in)
-    seen: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # bucket key → per-mille of the limit used and the slot it was seen in (see _SLOT_BITS);
+    # only buckets above zero: one at zero counts in no gauge.
+    seen: dict[str, int] = field(default_factory=dict)
 
 
 class Utilisation:
@@ -78,9 +86,14 @@ class Utilisation:
                 entry = self._rules[(rule.name, rule.measure)] = _RuleBuckets(rule)
             seen = entry.seen
             key = planned.view.key
+            if permille <= 0:
+                # Nothing used (most buckets of a split over many users): no gauge counts
+                # it, so it is not kept, and an earlier observation is replaced by nothing.
+                seen.pop(key, None)
+                continue
             if key not in seen and len(seen) >= self._max:
                 del seen[next(iter(seen))]
-            seen[key] = (permille, planned.view.slot)
+            seen[key] = permille << _SLOT_BITS | (planned.view.slot & _SLOT_MASK)
 
     def refresh(self, rules: Sequence[Rule], now: float) -> None:
         """Set the gauges for the rules in force; buckets of past windows are dropped."""
@@ -94,8 +107,8 @@ class Utilisation:
             if entry is not None:
                 # A bucket not seen since the window's start has nothing in this window
                 # that this process knows of.
-                entry.seen = {k: v for k, v in entry.seen.items() if v[1] >= since}
-                values += [v[0] for v in entry.seen.values()]
+                entry.seen = {k: v for k, v in entry.seen.items() if v & _SLOT_MASK >= since}
+                values += [v >> _SLOT_BITS for v in entry.seen.values()]
             UTILISATION_MAX.labels(rule.name).set(max(values, default=0) / 1000)
             exported.add((rule.name,))
             for threshold in rule.alerts:

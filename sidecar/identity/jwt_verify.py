@@ -74,6 +74,25 @@ def groups_from_claim(value: Any) -> tuple[str, ...]:
     return tuple(groups)
 
 
+# Group lists seen, each kept once: the same few lists recur in every cached identity (a
+# tuple each was about 60 bytes of every entry of a full token cache). Bounded: the table
+# starts again when full.
+_GROUP_LISTS_KEPT = 4096
+_group_lists: dict[tuple[str, ...], tuple[str, ...]] = {}
+
+
+def _interned_groups(groups: list[str]) -> tuple[str, ...]:
+    key = tuple(groups)
+    found = _group_lists.get(key)
+    if found is None:
+        if len(_group_lists) >= _GROUP_LISTS_KEPT:
+            _group_lists.clear()
+        # Interned names too: lists that differ share the names they have in common.
+        found = tuple(sys.intern(g) for g in groups)
+        _group_lists[found] = found
+    return found
+
+
 def identity_from_claims(
     claims: Mapping[str, Any], policy: IssuerPolicy, directory: Directory
 ) -> Identity:
@@ -105,8 +124,7 @@ def identity_from_claims(
         kind=kind,
         subject=sub or common_name,
         email=email,
-        # Interned: the same few group names recur in every cached identity.
-        groups=tuple(sys.intern(g) for g in groups),
+        groups=_interned_groups(groups),
         token_name=common_name,
         issuer=policy.issuer,
         expires_at=float(exp) if isinstance(exp, int | float) else None,

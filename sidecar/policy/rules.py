@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Literal
 
 from sidecar.money import micros_to_usd
@@ -32,6 +33,9 @@ Context = Mapping[str, tuple[str, ...]]
 # request for `GPT-4O-2024-08-06` whichever name its filter was written with, while the
 # request's bucket is the canonical model's alone.
 FILTER_ALIASES: Mapping[str, str] = {"model": "requested_model"}
+# The labels of a rule's one bucket when it has no split: shared by every plan (a cached
+# plan per caller would otherwise hold an empty dict per such rule).
+_NO_LABELS: Mapping[str, str] = MappingProxyType({})
 
 
 def in_unit(unit: Unit, amount: int) -> float | int:
@@ -67,7 +71,7 @@ class Rule:
     def unit(self) -> Unit:
         return UNIT_OF[self.measure]
 
-    def buckets(self, ctx: Context) -> list[tuple[str, dict[str, str]]]:
+    def buckets(self, ctx: Context) -> list[tuple[str, Mapping[str, str]]]:
         """(bucket key, split labels) for each bucket this request falls in; [] if none."""
         for dim, pattern in self.filters:
             match = pattern.match
@@ -81,7 +85,7 @@ class Rule:
             else:
                 return []
         if not self.split:
-            return [(self._prefix, {})]
+            return [(self._prefix, _NO_LABELS)]
         combos: list[dict[str, str]] = [{}]
         for dim in self.split:
             values = ctx.get(dim, ())

@@ -31,6 +31,8 @@ _LONGEST_SECONDS: Mapping[Period, int] = {
 }
 # Keys outlive their window a little so a late write or a skewed replica clock finds them.
 _TTL_SLACK_SECONDS = _HOUR
+# A calendar window's key TTL: one int per period, shared by every plan that names one.
+_FIXED_TTL: Mapping[Period, int] = {p: s + _TTL_SLACK_SECONDS for p, s in _LONGEST_SECONDS.items()}
 _MAX_SLOTS = 60
 
 
@@ -74,6 +76,9 @@ class FixedWindow:
         if second == last_second:
             return last_slot
         slot = self._midnight(self._start_date(second))
+        if slot == last_slot:
+            # The same int as before: cached plans keep their slots, one object per window.
+            slot = last_slot
         self._last[0] = (second, slot)
         return slot
 
@@ -97,7 +102,7 @@ class FixedWindow:
         return f"{start.year:04d}-{start.month:02d}"
 
     def ttl_seconds(self) -> int:
-        return _LONGEST_SECONDS[self.period] + _TTL_SLACK_SECONDS
+        return _FIXED_TTL[self.period]
 
     def _start_date(self, now: float) -> date:
         local = datetime.fromtimestamp(now, self._zone).date()
@@ -137,6 +142,10 @@ class RollingWindow:
     seconds: int
     slot_seconds: int = field(init=False)
     slot_count: int = field(init=False)
+    # The last (slot, since) given: the same int objects while the slot lasts, so cached
+    # plans share them (one pair per window rather than per plan).
+    _last: list[tuple[int, int]] = field(init=False, repr=False, compare=False)
+    _ttl: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.seconds, bool) or not isinstance(self.seconds, int) or self.seconds < 1:
@@ -146,6 +155,11 @@ class RollingWindow:
         slot_seconds = -(-self.seconds // _MAX_SLOTS)
         object.__setattr__(self, "slot_seconds", slot_seconds)
         object.__setattr__(self, "slot_count", -(-self.seconds // slot_seconds))
+        object.__setattr__(self, "_last", [(-1, -1)])
+        span = self.slot_count * slot_seconds
+        # The slack is at most the window's own span: a slot of a 10-second or 1-minute
+        # window kept an hour would make a busy bucket hold thousands of dead slots.
+        object.__setattr__(self, "_ttl", span + min(_TTL_SLACK_SECONDS, span))
 
     @property
     def span(self) -> int:
@@ -153,10 +167,17 @@ class RollingWindow:
         return self.slot_count * self.slot_seconds
 
     def slot(self, now: float) -> int:
-        return int(now // self.slot_seconds) * self.slot_seconds
+        slot = int(now // self.slot_seconds) * self.slot_seconds
+        last = self._last[0]
+        if slot == last[0]:
+            return last[0]
+        self._last[0] = (slot, slot - (self.slot_count - 1) * self.slot_seconds)
+        return slot
 
     def since(self, now: float) -> int:
-        return self.slot(now) - (self.slot_count - 1) * self.slot_seconds
+        slot = self.slot(now)
+        last = self._last[0]
+        return last[1] if last[0] == slot else slot - (self.slot_count - 1) * self.slot_seconds
 
     def resets_at(self, now: float) -> int:
         """When the oldest slot leaves the window: the earliest any spend can age out."""
@@ -182,9 +203,7 @@ class RollingWindow:
         return "rolling"
 
     def ttl_seconds(self) -> int:
-        # The slack is at most the window's own span: a slot of a 10-second or 1-minute
-        # window kept an hour would make a busy bucket hold thousands of dead slots.
-        return self.span + min(_TTL_SLACK_SECONDS, self.span)
+        return self._ttl
 
 
 _DURATION = re.compile(r"(?:([0-9]+)d)?(?:([0-9]+)h)?(?:([0-9]+)m)?(?:([0-9]+)s)?")

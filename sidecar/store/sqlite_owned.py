@@ -44,7 +44,7 @@ from sidecar.store.sqlite_store import (
     dims_json,
     rebuild_holds,
 )
-from sidecar.store.sqlite_totals import Deltas, SlotsRead, Totals
+from sidecar.store.sqlite_totals import Deltas, Open, SlotsRead, Totals
 
 T = TypeVar("T")
 log = structlog.get_logger("sidecar.store")
@@ -192,16 +192,62 @@ class OwnedSQLiteStore(SQLiteStore):
             # What expired counts as spend before anything is decided on these buckets.
             await self._budget_tx(lambda conn, sink: self._settle(conn, request.now, 100, sink))
         await self._read_in(request.buckets)
-        return self._reserve_now(request)
+        if request.request_id not in self._totals.open_entries:
+            return self._reserve_now(request, None)  # nearly always: a new id
+        return self._reserve_now(request, await self._ready(request))
+
+    async def _ready(self, request: ReserveRequest) -> tuple[Open, str] | None:
+        """Have the buckets in memory and, for an id already open (a retry, or a caller
+        repeating an id it must not), that entry and the binding it was admitted with,
+        which memory does not keep. Repeated until both hold with no await after them."""
+        rid = request.request_id
+        stored: tuple[Open, str] | None = None
+        while True:
+            await self._read_in(request.buckets)
+            entry = self._totals.open_entry(rid)
+            if entry is None or (stored is not None and stored[0] is entry):
+                return stored if entry is not None else None
+            binding = await self._binding_of(rid)
+            if binding is None:
+                if self._totals.open_entry(rid) is entry:
+                    # Admitted here yet found nowhere: retried later rather than refused.
+                    raise StoreUnavailable("sqlite: the reservation is not written yet")
+                continue
+            stored = (entry, binding)
+
+    async def _binding_of(self, request_id: str) -> str | None:
+        """The binding of an admitted reservation: from its record while it waits to be
+        written, else from the file (read after the writes queued before it). None: in
+        neither (its write failed and is being retried, or its id was taken)."""
+        for record, _ in self._pending:
+            if record[0] == request_id:
+                return record[7]
+        self._flush()
+        row = await self._run(
+            lambda conn: conn.execute(
+                "SELECT binding FROM reservations WHERE request_id = ?", (request_id,)
+            ).fetchone()
+        )
+        if row is not None:
+            return str(row[0])
+        for record, _ in self._pending:
+            if record[0] == request_id:
+                return record[7]
+        return None
 
     def reserve_ready(self, request: ReserveRequest) -> ReserveResult | None:
         """`reserve`'s answer when it needs no await (nothing expired is due, every bucket
-        is in memory), else None: the caller then awaits `reserve`. A Check answered here
-        makes no task and waits for no turn of the event loop."""
-        due = self._totals.first_expiry()
-        if (due is not None and due <= request.now) or self._totals.missing(request.buckets):
+        is in memory, the id is a new one), else None: the caller then awaits `reserve`.
+        A Check answered here makes no task and waits for no turn of the event loop."""
+        totals = self._totals
+        due = totals.first_expiry()
+        if (
+            (due is not None and due <= request.now)
+            or request.request_id in totals.open_entries
+            or totals.missing(request.buckets)
+        ):
             return None
-        return self._reserve_now(request)
+        return self._reserve_now(request, None)
 
     async def _read_in(self, buckets: Sequence[BucketView]) -> None:
         """Have every bucket's slots in memory. The read's result is applied by a callback
@@ -218,13 +264,15 @@ class OwnedSQLiteStore(SQLiteStore):
         if not future.cancelled() and future.exception() is None:
             self._totals.loaded(future.result())
 
-    def _reserve_now(self, request: ReserveRequest) -> ReserveResult:
+    def _reserve_now(
+        self, request: ReserveRequest, stored: tuple[Open, str] | None
+    ) -> ReserveResult:
         """The whole decision, with no await in it: nothing else changes memory meanwhile.
         Written as plain loops: this is nearly all of a Check's store work."""
         totals = self._totals
         buckets = request.buckets
         spent, held = totals.read(buckets)
-        seen = totals.existing(request.request_id, request.binding, request.now)
+        seen = totals.existing(request.request_id, request.binding, request.now, stored)
         if seen is not None:
             # Only a retry of the very same admission may pass on an existing id.
             states = tuple(map(BucketState, spent, held))
@@ -285,13 +333,18 @@ class OwnedSQLiteStore(SQLiteStore):
         except OSError as exc:
             raise StoreUnavailable(f"sqlite journal: {exc}") from exc
         record_holds = []
-        held_of = totals.held
+        held_of = totals.buckets
         for b, hold in zip(buckets, holds, strict=True):
             if hold:
                 key = b.key
-                held_of[key] = held_of.get(key, 0) + hold
+                was = held_of.get(key)
+                if was is None:
+                    totals.hold(key, hold)  # not in memory (read in above, so not expected)
+                else:
+                    # The first hold shares the request's int: one for all its µUSD buckets.
+                    held_of[key] = was + hold if was else hold
                 record_holds.append((key, hold))
-        totals.opened(rid, request.expires_at, binding)
+        totals.opened(rid, request.expires_at)
         self._unfiled.add(rid)
         self._pending.append((record, record_holds))
         if len(self._pending) >= _FLUSH_RECORDS:

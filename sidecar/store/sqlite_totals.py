@@ -12,7 +12,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import sqlite3
-from collections import OrderedDict
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -27,10 +27,6 @@ _ENDED_KEPT = 65_536
 _KEYS_PER_READ = 500
 # Stale entries the expiry heap may hold beyond twice the open reservations.
 _EXPIRIES_SLACK = 1024
-
-
-# The slots of every bucket read that has none; never changed (`add` gives a bucket its own).
-_NO_SLOTS: dict[int, list[int]] = {}
 
 # Slots read from the file: bucket -> [(slot, amount, expiry)]
 SlotsRead = dict[str, list[tuple[int, int, int]]]
@@ -53,26 +49,36 @@ class Deltas:
         self.ended += other.ended
 
 
-@dataclass(slots=True)
-class _Open:
-    expires_at: float
-    binding: str
+# An open reservation: (expires_at, request id). One tuple is both its entry by id and its
+# entry in the expiry heap (an object for the one and a tuple for the other were about 100
+# bytes a reservation more, and every reservation of the last TTL may be open). Its binding
+# is not kept: only a repeated id needs it, and reads it from the file (`existing`).
+Open = tuple[float, str]
 
 
 class Totals:
     def __init__(self) -> None:
-        # bucket -> slot -> [amount, expiry], for the buckets read from the file since they
-        # were last evicted (`missing` names the others; a decision reads them first).
+        # bucket -> what open reservations hold (0: nothing), for the buckets read from the
+        # file since they were last evicted (`missing` names the others; a decision reads
+        # them first). One dict both says a bucket is in memory and holds its hold: most
+        # buckets read have no slots, and a second dict entry each was 25 bytes a bucket.
+        self.buckets: dict[str, int] = {}
+        # bucket -> slot -> [amount, expiry], for the buckets in `buckets` that have slots
         self._slots: dict[str, dict[int, list[int]]] = {}
-        # bucket -> what open reservations hold (a reservation adds to it directly)
-        self.held: dict[str, int] = {}
+        # bucket -> hold, of buckets not in memory: the holds of the reservations open when
+        # the file was opened, until a decision reads their bucket (held buckets are never
+        # evicted, so nothing else lands here).
+        self._unread_held: dict[str, int] = {}
         # (expiry, bucket, slot) of every slot, to forget them as the file's housekeeping
         # deletes them without looking at every bucket; an entry may be older than its
         # slot's expiry (extended since), and is then put back.
         self._slot_expiries: list[tuple[int, str, int]] = []
-        self._open: dict[str, _Open] = {}
-        self._expiries: list[tuple[float, str]] = []
-        self._ended: OrderedDict[str, None] = OrderedDict()
+        self.open_entries: dict[str, Open] = {}
+        self._expiries: list[Open] = []
+        # The ids, and the order to forget them in: a set and a deque take about half the
+        # memory of an OrderedDict (whose links cost some 50 bytes an id).
+        self._ended: set[str] = set()
+        self._ended_order: deque[str] = deque()
 
     @classmethod
     def load(cls, conn: sqlite3.Connection) -> Totals:
@@ -81,11 +87,11 @@ class Totals:
         totals = cls()
         # The holds are what the open reservations hold (the `reserved` table is not kept
         # current while a process owns the file).
-        for rid, expires_at, binding, buckets_json, estimate, held in conn.execute(
-            "SELECT request_id, expires_at, binding, buckets, estimate, held FROM reservations "
+        for rid, expires_at, buckets_json, estimate, held in conn.execute(
+            "SELECT request_id, expires_at, buckets, estimate, held FROM reservations "
             "WHERE state = 'open'"
         ):
-            totals.opened(rid, expires_at, binding)
+            totals.opened(rid, expires_at)
             for key, hold in holds_of(buckets_json, estimate, held):
                 totals.hold(key, hold)
         return totals
@@ -108,21 +114,20 @@ class Totals:
 
     def missing(self, buckets: Sequence[BucketView]) -> list[str]:
         """The buckets' keys whose slots are not in memory (never read, or evicted)."""
-        slots = self._slots
-        return list(dict.fromkeys(b.key for b in buckets if b.key not in slots))
+        known = self.buckets
+        return list(dict.fromkeys(b.key for b in buckets if b.key not in known))
 
     def loaded(self, read: SlotsRead) -> None:
         """Slots read from the file, for the keys still missing. A key read meanwhile by
         another decision keeps what it has: that, with the changes applied since, is
         newer than this read."""
+        known = self.buckets
         for key, rows in read.items():
-            if key in self._slots:
+            if key in known:
                 continue
+            known[key] = self._unread_held.pop(key, 0) if self._unread_held else 0
             if not rows:
-                # Most buckets read have no spend yet: one shared empty dict (a dict each
-                # was 64 bytes per bucket), replaced by its own at the first slot.
-                self._slots[key] = _NO_SLOTS
-                continue
+                continue  # most buckets read have no spend yet: no slots entry
             cells = self._slots[key] = {}
             for slot, amount, expires in rows:
                 cells[slot] = [amount, expires]
@@ -131,13 +136,14 @@ class Totals:
     def evict(self, keep: int) -> int:
         """Forget the slots of the oldest-read buckets that hold nothing, down to `keep`
         buckets (the file has every charged slot; only holds live in memory alone)."""
-        excess = len(self._slots) - keep
+        known = self.buckets
+        excess = len(known) - keep
         if excess <= 0:
             return 0
-        held = self.held
-        gone = [key for key in itertools.islice(self._slots, 2 * excess) if not held.get(key)]
+        gone = [key for key in itertools.islice(known, 2 * excess) if not known[key]]
         for key in gone[:excess]:
-            del self._slots[key]
+            del known[key]
+            self._slots.pop(key, None)
         return min(len(gone), excess)
 
     # -- reading ---------------------------------------------------------------------
@@ -153,13 +159,17 @@ class Totals:
                     spent += cell[0]
                     if with_slots:
                         kept[slot] = cell[0]
-        return BucketState(spent, self.held.get(bucket.key, 0), kept)
+        return BucketState(spent, self._held(bucket.key), kept)
+
+    def _held(self, key: str) -> int:
+        held = self.buckets.get(key)
+        return self._unread_held.get(key, 0) if held is None else held
 
     def read(self, buckets: Sequence[BucketView]) -> tuple[list[int], list[int]]:
         """Spent and held of each bucket: `state` for a whole decision, in one loop (it
         is most of a reservation's work)."""
         slots_of = self._slots
-        held_of = self.held
+        held_of = self.buckets
         spent_list: list[int] = []
         held_list: list[int] = []
         for b in buckets:
@@ -172,40 +182,61 @@ class Totals:
                     if slot >= since:
                         spent += cell[0]
             spent_list.append(spent)
-            held_list.append(held_of.get(key, 0))
+            try:
+                held_list.append(held_of[key])
+            except KeyError:  # not read in (a decision reads its buckets in first)
+                held_list.append(self._unread_held.get(key, 0))
         return spent_list, held_list
 
     def open_count(self) -> int:
-        return len(self._open)
+        return len(self.open_entries)
 
     def first_expiry(self) -> float | None:
         """When the earliest open reservation expires (None: none is open)."""
         heap = self._expiries
-        while heap and heap[0][1] not in self._open:
+        # An entry is current while it is the one its id maps to.
+        while heap and self.open_entries.get(heap[0][1]) is not heap[0]:
             heapq.heappop(heap)
         return heap[0][0] if heap else None
 
-    def existing(self, request_id: str, binding: str, now: float) -> bool | None:
+    def open_entry(self, request_id: str) -> Open | None:
+        return self.open_entries.get(request_id)
+
+    def existing(
+        self, request_id: str, binding: str, now: float, stored: tuple[Open, str] | None
+    ) -> bool | None:
         """Whether `request_id` is this same admission still open (True), taken by
-        another or ended (False), or unknown here (None)."""
-        found = self._open.get(request_id)
+        another or ended (False), or unknown here (None). `stored`: the id's open entry
+        and the binding it was admitted with (None: not found), as the caller read them
+        when the id was open; an entry that is not this one's current is no pass."""
+        found = self.open_entries.get(request_id)
         if found is not None:
-            return found.expires_at > now and found.binding == binding
+            return (
+                found[0] > now
+                and stored is not None
+                and stored[0] is found
+                and stored[1] == binding
+            )
         return False if request_id in self._ended else None
 
     # -- changing --------------------------------------------------------------------
     def hold(self, key: str, amount: int) -> None:
-        total = self.held.get(key, 0) + amount
+        held = self.buckets.get(key)
+        if held is not None:
+            # The first hold shares the caller's int (often one for all a request's buckets).
+            self.buckets[key] = held + amount if held else amount
+            return
+        total = self._unread_held.get(key, 0) + amount
         if total:
-            self.held[key] = total
+            self._unread_held[key] = total
         else:
-            self.held.pop(key, None)
+            self._unread_held.pop(key, None)
 
     def add(self, key: str, slot: int, amount: int, expires: int) -> None:
         slots = self._slots.get(key)
         if slots is None:
-            return  # not in memory: the file, where this change was made, is read first
-        if slots is _NO_SLOTS:
+            if key not in self.buckets:
+                return  # not in memory: the file, where this change was made, is read first
             slots = self._slots[key] = {}
         cell = slots.get(slot)
         if cell is None:
@@ -215,25 +246,28 @@ class Totals:
             cell[0] += amount
             cell[1] = max(cell[1], expires)
 
-    def opened(self, request_id: str, expires_at: float, binding: str) -> None:
-        self._open[request_id] = _Open(expires_at, binding)
-        heapq.heappush(self._expiries, (expires_at, request_id))
+    def opened(self, request_id: str, expires_at: float) -> None:
+        entry = self.open_entries[request_id] = (expires_at, request_id)
+        heapq.heappush(self._expiries, entry)
 
     def ended(self, request_id: str) -> None:
-        if self._open.pop(request_id, None) is None and request_id in self._ended:
+        if self.open_entries.pop(request_id, None) is None and request_id in self._ended:
             return
-        if len(self._expiries) > 2 * len(self._open) + _EXPIRIES_SLACK:
+        if len(self._expiries) > 2 * len(self.open_entries) + _EXPIRIES_SLACK:
             # Ended reservations leave their expiry in the heap until it comes up; most end
             # long before (charged), so without this the heap would hold every reservation
             # of the last TTL. Rebuilt from what is open, it stays within twice that.
-            self._expiries = [(o.expires_at, rid) for rid, o in self._open.items()]
+            self._expiries = list(self.open_entries.values())
             heapq.heapify(self._expiries)
-        self._ended[request_id] = None
-        if len(self._ended) > _ENDED_KEPT:
-            self._ended.popitem(last=False)
+        if request_id in self._ended:
+            return
+        self._ended.add(request_id)
+        self._ended_order.append(request_id)
+        if len(self._ended_order) > _ENDED_KEPT:
+            self._ended.discard(self._ended_order.popleft())
 
     def is_open(self, request_id: str) -> bool:
-        return request_id in self._open
+        return request_id in self.open_entries
 
     def apply(self, deltas: Deltas) -> None:
         for key, slot, amount, expires in deltas.spent:
@@ -256,6 +290,7 @@ class Totals:
             if cell[1] < cutoff:
                 del slots[slot]
                 if not slots:
+                    # The bucket stays in memory, with no slots (as in the file now).
                     del self._slots[key]
             else:
                 heapq.heappush(heap, (cell[1], key, slot))

@@ -15,18 +15,19 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from sidecar.model import TokenUsage
-from sidecar.store import sqlite_totals
 from sidecar.store.base import StoreUnavailable
 from sidecar.store.budget_types import BucketView
 from sidecar.store.factory import open_store
 from sidecar.store.sqlite_journal import Journal
 from sidecar.store.sqlite_owned import OwnedSQLiteStore
 from sidecar.store.sqlite_store import SQLiteStore
+from sidecar.store.sqlite_totals import Totals
 from tests.support.reserve import reserve_request
 
 NOW = 1_800_000_000.0
@@ -398,7 +399,7 @@ async def test_decisions_charges_and_evictions_interleaved_admit_exactly_the_lim
 
 
 async def test_a_charge_to_one_bucket_read_empty_leaves_the_others_empty(tmp_path: Path) -> None:
-    # Buckets read with no slots share one empty dict until their first charge.
+    # Buckets read with no slots have no slots entry until their first charge.
     async with owned(tmp_path) as store:
         assert (await store.reserve(reserve_request("s1", 10, B, C, now=NOW))).admitted
         await store.commit("s1", 7, TokenUsage(1, 1), NOW)
@@ -406,4 +407,82 @@ async def test_a_charge_to_one_bucket_read_empty_leaves_the_others_empty(tmp_pat
         other = BucketView(key="b:third", slot=B.slot, since=B.since, ttl_seconds=9, limit=5)
         assert (await store.reserve(reserve_request("s3", 1, other, now=NOW))).admitted
         assert [s.spent for s in await store.bucket_states([B, C, other], NOW)] == [7, 7, 0]
-        assert sqlite_totals._NO_SLOTS == {}
+        assert set(store._totals._slots) == {B.key, C.key}
+        assert other.key in store._totals.buckets
+
+
+async def test_holds_open_at_start_count_before_and_after_their_bucket_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("sidecar.store.sqlite_owned._BUCKETS_KEPT", 0)
+    async with owned(tmp_path) as store:
+        assert (await store.reserve(reserve_request("h1", 60, B, now=NOW))).admitted
+    async with owned(tmp_path) as store:
+        # Loaded with the open reservations, before any decision has read the bucket.
+        assert store._totals.missing([B]) == [B.key]
+        assert store._totals.state(B).reserved == 60
+        assert not (await store.reserve(reserve_request("h2", 41, B, now=NOW))).admitted
+        assert (await store.reserve(reserve_request("h3", 40, B, now=NOW))).admitted
+        # A bucket that holds something stays in memory past housekeeping.
+        await store.settle_expired(NOW)
+        assert store._totals.missing([B]) == []
+        await store.commit("h1", 10, TokenUsage(1, 1), NOW)
+        await store.commit("h3", 5, TokenUsage(1, 1), NOW)
+        assert (store._totals.state(B).spent, store._totals.state(B).reserved) == (15, 0)
+        # Holding nothing now, it is let go of and read back with its spend.
+        await store.settle_expired(NOW)
+        assert store._totals.missing([B]) == [B.key]
+        assert not (await store.reserve(reserve_request("h4", 86, B, now=NOW))).admitted
+        assert (await store.reserve(reserve_request("h5", 85, B, now=NOW))).admitted
+    assert await file_state(tmp_path, B) == [(15, 85)]
+
+
+def test_ended_ids_are_refused_until_the_most_recent_ones_push_them_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("sidecar.store.sqlite_totals._ENDED_KEPT", 3)
+    totals = Totals()
+    for rid in ("a", "b", "c", "d"):
+        totals.opened(rid, NOW + 60)
+        totals.ended(rid)
+    totals.ended("c")  # ending again neither forgets nor refreshes it
+    assert [totals.existing(rid, "bind", NOW, None) for rid in "abcd"] == [
+        None,
+        False,
+        False,
+        False,
+    ]
+    totals.opened("e", NOW + 60)
+    totals.ended("e")
+    assert [totals.existing(rid, "bind", NOW, None) for rid in "bcde"] == [
+        None,
+        False,
+        False,
+        False,
+    ]
+
+
+async def test_a_repeated_open_id_is_judged_by_the_binding_in_its_record_or_the_file(
+    tmp_path: Path,
+) -> None:
+    # Memory keeps no binding: a repeated id reads it from the record waiting to be written,
+    # from the file once written, and from the file after the file is opened again.
+    mine = replace(reserve_request("d1", 40, B, now=NOW), binding="alice|40")
+    theirs = replace(reserve_request("d1", 40, B, now=NOW), binding="mallory|40")
+
+    async def judged(store: OwnedSQLiteStore) -> tuple[bool, bool]:
+        other = await store.reserve(theirs)
+        same = await store.reserve(mine)
+        assert not other.admitted and store._totals.state(B).reserved == 40
+        return other.conflict, same.duplicate
+
+    async with owned(tmp_path) as store:
+        assert (await store.reserve(mine)).admitted
+        assert [r[0] for r, _ in store._pending] == ["d1"]
+        assert await judged(store) == (True, True)
+        await store.reservation("d1")  # written to the file
+        assert store._pending == []
+        assert await judged(store) == (True, True)
+    async with owned(tmp_path) as store:
+        assert store._totals.open_entry("d1") is not None
+        assert await judged(store) == (True, True)

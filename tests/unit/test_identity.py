@@ -155,3 +155,13 @@ def test_allowlist_first_matching_group_rule_wins() -> None:
     assert not allowlist.allows(("ml",), "o3")
     assert allowlist.allows(("others",), "anything")
     assert not Allowlist(default_allow=False, rules=()).allows(("x",), "gpt-4o")
+
+
+async def test_identities_with_the_same_groups_share_one_tuple_of_them(issuer: DevIssuer) -> None:
+    v = verifier(issuer, FakeJwksServer(issuer.jwks()), Clock())
+    alice = await v.verify(issuer.mint("alice@example.com", ["eng", "ml"]))
+    bob = await v.verify(issuer.mint("bob@example.com", ["eng", "ml"]))
+    carol = await v.verify(issuer.mint("carol@example.com", ["ml", "eng"]))
+    assert alice.groups is bob.groups and alice.groups == ("eng", "ml")
+    # The order is the token's: another order is another tuple, of the same name objects.
+    assert carol.groups == ("ml", "eng") and carol.groups[1] is alice.groups[0]

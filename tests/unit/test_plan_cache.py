@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sidecar.admission.plan import merge, plan
+from sidecar.admission.plan import Plan, context, merge, plan
 from sidecar.admission.plan_cache import PlanCache, validity
 from sidecar.budget.runtime_rules import SPEND_LIMITS, RuntimeRules
 from sidecar.config.loader import parse_config
@@ -169,3 +169,21 @@ async def test_refreshed_runtime_rules_stay_the_same_objects_until_they_change(
         assert runtime() is changed
     finally:
         await store.close()
+
+
+def test_plans_of_different_callers_share_what_depends_only_on_the_rules() -> None:
+    rs = ruleset(DAILY, MINUTE, {**DAILY, "name": "org", "split": []})
+    now = MIDNIGHT + 30
+
+    def plan_of(user: str) -> Plan:
+        who = Identity(kind="user", subject=user, email=user)
+        return merge(plan(rs.rules, context(who, "m", "openai", {}), now))
+
+    a, b = plan_of("a@x.io"), plan_of("b@x.io")
+    assert [v.key for v in a.views] != [v.key for v in b.views]
+    assert a.enforced is b.enforced and len(a.enforced) == 3
+    assert a.rule_names() is b.rule_names() == ("daily", "minute", "org")
+    # Per view: the window's slot and TTL ints, and an unsplit rule's (empty) labels.
+    for x, y in zip(a.views, b.views, strict=True):
+        assert x.slot is y.slot and x.ttl_seconds is y.ttl_seconds
+    assert a.planned[2].labels is b.planned[2].labels and dict(a.planned[2].labels) == {}

@@ -92,3 +92,26 @@ def test_answers_past_the_pending_bound_are_all_counted(
     assert at_half("util-user") == 5
     assert max_ratio("util-user") == pytest.approx(0.55)
     assert max_ratio("util-org") == pytest.approx(0.01)
+
+
+def test_buckets_at_zero_are_not_kept_and_one_back_at_zero_counts_nowhere() -> None:
+    rs, now = ruleset(), time.time()
+    seen = Utilisation()
+    alice = plan_for(rs, "alice", now)
+    seen.observe(alice, used(alice, 60))
+    seen.refresh(rs.rules, now)
+    assert at_half("util-user") == 1
+    assert max_ratio("util-user") == pytest.approx(0.6)
+    # A rolling window's spend ages out: the same bucket answered at zero.
+    seen.observe(alice, used(alice, 0))
+    idle = [plan_for(rs, f"idle-{n}", now) for n in range(100)]
+    for budget in idle:
+        seen.observe(budget, used(budget, 0))
+    seen.refresh(rs.rules, now)
+    assert at_half("util-user") == 0
+    assert max_ratio("util-user") == 0
+    # The memory of a split over many users: none of the hundred idle buckets is kept.
+    assert {rule: len(entry.seen) for (rule, _), entry in seen._rules.items()} == {
+        "util-user": 0,
+        "util-org": 0,
+    }

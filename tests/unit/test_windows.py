@@ -275,3 +275,18 @@ def test_short_rolling_windows_keep_slots_about_one_window_past_their_span() -> 
     assert ten.ttl_seconds() == 20
     assert RollingWindow(60).ttl_seconds() == 120
     assert RollingWindow(DAY).ttl_seconds() == DAY + HOUR
+
+
+def test_calls_within_one_slot_give_the_same_int_objects_and_the_next_slot_new_values() -> None:
+    # Cached plans keep these ints: one object per window and slot, not one per plan.
+    start = datetime(2026, 3, 4, 10, 0, tzinfo=UTC).timestamp()
+    rolling = RollingWindow(3600)
+    first = (rolling.slot(start), rolling.since(start), rolling.ttl_seconds())
+    later = (rolling.slot(start + 59), rolling.since(start + 59), rolling.ttl_seconds())
+    assert all(a is b for a, b in zip(first, later, strict=True))
+    assert first == (int(start), int(start) - 59 * 60, 7200)
+    assert (rolling.slot(start + 60), rolling.since(start + 60)) == (first[0] + 60, first[1] + 60)
+    daily = FixedWindow("daily")
+    assert daily.slot(start) is daily.slot(start + 7.5) is daily.since(start + 3600)
+    assert daily.ttl_seconds() is FixedWindow("daily").ttl_seconds()
+    assert daily.slot(start + 86_400) == daily.slot(start) + 86_400
