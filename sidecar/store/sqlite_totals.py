@@ -144,6 +144,20 @@ class Totals:
         for key in gone[:excess]:
             del known[key]
             self._slots.pop(key, None)
+        heap = self._slot_expiries
+        if (
+            len(heap) > 2 * len(self._slots) + _EXPIRIES_SLACK
+            and len(heap) > 2 * sum(map(len, self._slots.values())) + _EXPIRIES_SLACK
+        ):
+            # A let-go bucket's slots leave their expiries in the heap until they come up
+            # (a month, for a monthly window): rebuilt from the slots kept, it stays within
+            # twice them.
+            self._slot_expiries = [
+                (cell[1], key, slot)
+                for key, slots in self._slots.items()
+                for slot, cell in slots.items()
+            ]
+            heapq.heapify(self._slot_expiries)
         return min(len(gone), excess)
 
     # -- reading ---------------------------------------------------------------------
