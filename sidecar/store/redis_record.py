@@ -6,22 +6,13 @@ as 64-bit integers and doubles, so a script reads them without parsing any text 
 record cost a commit a third of its time in cjson and tonumber). Strings are prefixed with
 their length. The first byte is the state letter, the one byte a finish rewrites.
 
-Each record ends with a nonce: random bytes that name this one write of it. A server keeps
-what its reserve decoded of the records it wrote, and its commit uses that instead of
-reading and decoding the whole record again once the stored record still ends with the same
-nonce (budget_lib.lua `load_known`). Readers of the layout before the nonce stop at the last
-bucket, so they read these records as they did theirs, and these readers read theirs (no
-nonce: always decoded).
-
 Records written before this layout are JSON arrays (they begin with "["); they are still
 read, here and in Lua, until they expire.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import secrets
 import struct
 from typing import NamedTuple
 
@@ -32,13 +23,9 @@ _TEXTS = 5  # binding, dims JSON, ledger index key, other groups' tags, request 
 _LENGTH = struct.Struct(">i")
 _COUNT = struct.Struct(">h")
 _BUCKET = struct.Struct(">qqqqqbq")  # slot, since, ttl, estimate, held, enforced, limit
-_PLANNED = struct.Struct(">qqqbq")  # slot, since, ttl, enforced, limit
 
 # Buckets one record may name: its count is a signed 16-bit field.
 MAX_BUCKETS = 32_767
-# The nonce's length (budget_lib.lua NONCE): 64 random bits, so two writes of one record
-# key never share one.
-NONCE_BYTES = 8
 
 
 def text(value: str) -> bytes:
@@ -88,36 +75,10 @@ def bucket(
     )
 
 
-def plan_part(
-    counters: bytes,
-    slots: bytes,
-    measure: bytes,
-    window: tuple[int, int, int],
-    limit: int | None,
-) -> bytes:
-    """What `bucket` says of a bucket but the request's own amounts (its estimate and hold,
-    which follow from the head's estimate, tokens and mode), for `plan_id`."""
-    enforced = limit is not None
-    return b"".join((counters, slots, measure, _PLANNED.pack(*window, enforced, limit or 0)))
-
-
-def plan_id(parts: list[bytes]) -> bytes:
-    """The digest of a record's buckets but their amounts (`plan_part` of each): a server
-    keeps the buckets it decoded by it, so a reserve naming the same buckets with the same
-    windows and limits decodes only the record's head (budget_lib.lua `decode_planned`).
-    128 bits: two different plans never share one."""
-    return hashlib.blake2b(b"".join(parts), digest_size=16).digest()
-
-
-def record(head: Head, buckets: list[bytes], nonce: bytes | None = None) -> bytes:
-    """An open record of `head` and its buckets' fields (`bucket`), ending with `nonce`
-    (`NONCE_BYTES` bytes; fresh random ones unless given)."""
+def record(head: Head, buckets: list[bytes]) -> bytes:
+    """An open record of `head` and its buckets' fields (`bucket`)."""
     if len(buckets) > MAX_BUCKETS:
         raise ValueError(f"a record names at most {MAX_BUCKETS} buckets, got {len(buckets)}")
-    if nonce is None:
-        nonce = secrets.token_bytes(NONCE_BYTES)
-    elif len(nonce) != NONCE_BYTES:
-        raise ValueError(f"a record's nonce is {NONCE_BYTES} bytes, got {len(nonce)}")
     return b"".join(
         (
             _HEAD.pack(
@@ -136,7 +97,6 @@ def record(head: Head, buckets: list[bytes], nonce: bytes | None = None) -> byte
             text(head.request_id),
             _COUNT.pack(len(buckets)),
             *buckets,
-            nonce,
         )
     )
 

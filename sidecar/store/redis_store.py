@@ -30,7 +30,6 @@ import functools
 import json
 import math
 import re
-import struct
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -138,16 +137,9 @@ def _lua(name: str) -> str:
 
 def _budget_library(cluster: bool) -> Library:
     # Redis scripts cannot call each other: the scripts share budget_lib.lua's helpers as
-    # functions of one library (redis_functions). The constants are the library's own, not
-    # arguments of every call (each argument is a string Lua makes, and numbers parsed).
-    constants = (
-        f"local RETENTION, LEDGER_TTL, SETTLE_ON_RESERVE, CLUSTER = '{_DONE_RETENTION_SECONDS}', "
-        f"{_LEDGER_RETENTION_SECONDS}, {_SETTLE_ON_RESERVE}, {'true' if cluster else 'false'}\n"
-    )
+    # functions of one library (redis_functions).
     return Library(
-        constants + _lua("budget_lib.lua"),
-        {name: _lua(f"{name}.lua") for name in BUDGET_SCRIPTS},
-        cluster,
+        _lua("budget_lib.lua"), {name: _lua(f"{name}.lua") for name in BUDGET_SCRIPTS}, cluster
     )
 
 
@@ -250,31 +242,26 @@ def _measure_text(measure: str) -> bytes:
     return redis_record.text(measure)
 
 
-# commit.lua's ARGV[1]: cost, ledger input and output tokens, budget input and output
-# tokens, error.
-_COMMIT_AMOUNTS = struct.Struct(">qqqqqb")
-# reserve.lua's ARGV[4]: the hold's lifetime, optimistic, names a bucket twice.
-_RESERVE_PLAN = struct.Struct(">qbb")
-
-
-def _commit_args(charge: Charge, now: float) -> list[str | int | bytes]:
-    """commit.lua's ARGV[1] to ARGV[3] for `charge`."""
+def _commit_args(charge: Charge, now: float) -> list[str | int]:
+    """commit.lua's ARGV[5] to ARGV[14] for `charge`."""
     usage = charge.usage
     budget_in, budget_out = (
         (usage.total_input, usage.output_tokens) if charge.tokens is None else charge.tokens
     )
-    amounts = _COMMIT_AMOUNTS.pack(
-        charge.micros,
-        usage.total_input,
-        usage.output_tokens,
-        budget_in,
-        budget_out,
+    return [
+        str(charge.micros),
+        str(usage.total_input),
+        str(usage.output_tokens),
+        _LEDGER_RETENTION_SECONDS,
+        _DONE_RETENTION_SECONDS,
         1 if charge.error else 0,
-    )
-    parts = json.dumps(
-        [[dims_to_json(p.dims), p.cost, p.input_tokens, p.output_tokens] for p in charge.others]
-    )
-    return [amounts, repr(float(now)), parts]
+        json.dumps(
+            [[dims_to_json(p.dims), p.cost, p.input_tokens, p.output_tokens] for p in charge.others]
+        ),
+        str(budget_in),
+        str(budget_out),
+        repr(float(now)),
+    ]
 
 
 def _sum_answered(replies: Sequence[int | BaseException]) -> int:
@@ -739,32 +726,26 @@ class RedisStore:
         dims = dims_to_json(request.dims)
         for tag, members in groups.items():
             entries: list[bytes] = []
-            planned: list[bytes] = []
-            counters: set[str] = set()
             for i in members:
                 view, amount = request.buckets[i], amounts[i]
                 names = self._names(view.key)
-                counters.add(names.counters)
                 # A rolling window's slots live in a hash; a fixed window is its counters.
-                slots = names.bucket_text if view.since != view.slot else redis_record.NO_TEXT
-                measure = _measure_text(view.measure)
-                window = (view.slot, view.since, view.ttl_seconds)
-                limit = view.limit if view.enforce else None
+                rolling = view.since != view.slot
                 entries.append(
                     redis_record.bucket(
                         names.counters_text,
-                        slots,
-                        measure,
-                        window,
+                        names.bucket_text if rolling else redis_record.NO_TEXT,
+                        _measure_text(view.measure),
+                        (view.slot, view.since, view.ttl_seconds),
                         amount,
                         amount if held else 0,
-                        limit,
+                        view.limit if view.enforce else None,
                     )
                 )
-                planned.append(
-                    redis_record.plan_part(names.counters_text, slots, measure, window, limit)
-                )
             is_home = tag == home
+            index = self._index_keys(tag)
+            if self._shards.single:
+                index[1] = ""  # one Redis: every group is a home group, nothing is held
             record = redis_record.record(
                 redis_record.Head(
                     request.amount,
@@ -785,18 +766,16 @@ class RedisStore:
             )
             # A held bucket lives its TTL past the hold's end: a commit before the
             # reservation expires then never has to extend it.
-            plan = _RESERVE_PLAN.pack(
-                hold_for,
-                1 if request.mode == "optimistic" else 0,
-                # Read once and held together in the script when named twice.
-                1 if len(counters) < len(members) else 0,
-            )
             args: list[str | int | bytes] = [
+                *index,
                 now,
+                _SETTLE_ON_RESERVE,
+                request.mode,
                 expires,
                 record,
-                plan,
-                redis_record.plan_id(planned),
+                _DONE_RETENTION_SECONDS,
+                _LEDGER_RETENTION_SECONDS,
+                hold_for,
             ]
             calls.append(self._call(self._reserve, [self._key("record", tag, rid)], args))
         replies: list[Any]
@@ -817,15 +796,12 @@ class RedisStore:
             if isinstance(reply, BaseException):
                 errors.append(reply)
                 continue
-            # Status, how many failed, their indices, spent and reserved of each bucket,
-            # then parts to settle: see reserve.lua.
-            status, count = str(reply[0]), 2 + int(reply[1])
-            seen = reply[count : count + 2 * len(members)]
-            expired += [str(p) for p in reply[count + 2 * len(members) :]]
-            statuses[tag] = status
+            status, fails, spent, reserved, parts = reply
+            expired += [str(p) for p in parts]
+            statuses[tag] = str(status)
             for j, i in enumerate(members):
-                states[i] = BucketState(int(seen[2 * j]), int(seen[2 * j + 1]))
-            failed += [members[int(f)] for f in reply[2:count]]
+                states[i] = BucketState(int(spent[j]), int(reserved[j]))
+            failed += [members[int(f)] for f in fails]
         fresh = [tag for tag, status in statuses.items() if status == "new"]
         for rid_done, tags in zip(expired[::2], expired[1::2], strict=True):
             # Reservations this decision settled on their home shard: their other parts too.
@@ -898,17 +874,21 @@ class RedisStore:
             _commit_args(Charge(actual_micros, usage, error, tuple(others), tokens), now),
         )
 
-    async def _commit_at(
-        self, home: str, request_id: str, args: list[str | int | bytes]
-    ) -> CommitResult:
+    async def _commit_at(self, home: str, request_id: str, args: list[str | int]) -> CommitResult:
         """`commit` of a request whose home record is on the shard of node tag `home`."""
         record = self._key("record", home, request_id)
-        status, estimate, rest = await self._call(self._commit, [record], [*args, ""])
+        status, estimate, rest = await self._call(
+            self._commit, [record], [*self._index_keys(home), *args, ""]
+        )
         # The other shards' parts, each committed once however often this is repeated: a
         # failure here raises, and the repeated commit (spooled) finishes them.
         replies = await asyncio.gather(
             *(
-                self._call(self._commit, [self._key("record", tag, request_id)], [*args, "0"])
+                self._call(
+                    self._commit,
+                    [self._key("record", tag, request_id)],
+                    [*self._index_keys(tag), *args, "0"],
+                )
                 for tag in str(rest).split(",")
                 if tag
             ),
@@ -922,7 +902,7 @@ class RedisStore:
                 not isinstance(reply, BaseException) and reply[0] == "late" for reply in replies
             )
             status, estimate, _ = await self._call(
-                self._commit, [record], [*args, "1" if late else "0"]
+                self._commit, [record], [*self._index_keys(home), *args, "1" if late else "0"]
             )
         return CommitResult(status, int(estimate))
 

@@ -54,33 +54,3 @@ def test_a_json_record_of_the_earlier_layout_gives_the_same_fields() -> None:
 def test_a_record_names_at_most_the_buckets_its_count_can_say() -> None:
     with pytest.raises(ValueError, match="at most 32767"):
         redis_record.record(HEAD, [b""] * (redis_record.MAX_BUCKETS + 1))
-
-
-def test_a_record_ends_with_its_nonce_a_fresh_one_unless_given() -> None:
-    nonce = b"\x00\x01\x02\x03\x04\x05\x06\x07"
-    raw = redis_record.record(HEAD, [entry()], nonce)
-    assert raw.endswith(nonce)
-    # The fields read the same with the nonce as without it (the layout before).
-    assert redis_record.fields(raw) == redis_record.fields(raw[: -len(nonce)])
-    fresh = {redis_record.record(HEAD, [entry()])[-redis_record.NONCE_BYTES :] for _ in range(4)}
-    assert len(fresh) == 4
-
-
-def test_a_nonce_of_another_length_is_refused() -> None:
-    with pytest.raises(ValueError, match="nonce is 8 bytes, got 3"):
-        redis_record.record(HEAD, [entry()], b"abc")
-
-
-def test_a_plan_id_names_the_buckets_windows_and_limits_not_the_amounts() -> None:
-    counters = redis_record.text("p:c:{o:user=alice}:daily|user=alice")
-    usd = redis_record.text("usd")
-
-    def plan(window: tuple[int, int, int], limit: int | None) -> bytes:
-        part = redis_record.plan_part(counters, redis_record.NO_TEXT, usd, window, limit)
-        return redis_record.plan_id([part])
-
-    day = (1_799_971_200, 1_799_971_200, 90_000)
-    assert plan(day, 500) == plan(day, 500)
-    assert len(plan(day, 500)) == 16
-    next_day = (1_800_057_600, 1_800_057_600, 90_000)
-    assert len({plan(day, 500), plan(day, 501), plan(day, None), plan(next_day, 500)}) == 4

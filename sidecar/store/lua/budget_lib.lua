@@ -52,10 +52,8 @@
 --                    the number of buckets, then ten fields per bucket on this shard:
 --                    counters key, slot hash key of a rolling window ("" for a fixed one),
 --                    measure, slot, window start, ttl seconds, estimate in the measure,
---                    held of it, 1 when enforced, limit; then 8 random bytes, the nonce of
---                    this write of the record (`load_known`; records written before it
---                    end at their last bucket). Written with SET NX GET: the write is the
---                    look-up of a repeated request id.
+--                    held of it, 1 when enforced, limit. Written with SET NX GET: the write
+--                    is the look-up of a repeated request id.
 --   open zset        home records scored by expires_at; held zset: the other groups' records.
 --   slots zset       member "<slot>|<bucket hash key>", score = the slot's expiry (a hash
 --                    field has no TTL in 7.0).
@@ -83,60 +81,37 @@
 -- command goes in as a string (int(), or literal): Redis would format a double itself, with
 -- printf (slow), and with an exponent from 1e17, which EXPIRE refuses.
 
--- The store's constants come first in the library (redis_store.py `_budget_library`):
--- RETENTION (seconds done records are kept, a string), LEDGER_TTL (seconds a ledger row
--- lives), SETTLE_ON_RESERVE (expired records a reserve settles at most) and CLUSTER (true
--- on a Redis Cluster; one Redis has no held index: every group is a home group there).
-
 -- Redis's and Lua's library functions, bound as each call begins (`begin`): a library's
 -- code cannot reach them while it loads, and a global is looked up by name on every use
 -- (a few times what a local costs; there are hundreds of uses in a decision).
 local rcall, rpcall, spack, sunpack, tonum, sformat, srep, ssub, sfind, sbyte, floor, mmax
-local jdecode, tunpack
-local script_now, script_given
+local jdecode
+local script_now
 
 -- What every function of the library runs first.
 local function begin()
   rcall, rpcall = redis.call, redis.pcall
   spack, sunpack, jdecode = struct.pack, struct.unpack, cjson.decode
-  tonum, floor, mmax, tunpack = tonumber, math.floor, math.max, unpack
+  tonum, floor, mmax = tonumber, math.floor, math.max
   sformat, srep, ssub, sfind, sbyte = string.format, string.rep, string.sub, string.find,
                                       string.byte
   -- No clock yet: each call has its own (`use_clock`).
-  script_now, script_given = nil, nil
+  script_now = nil
 end
 
--- An integer as the decimal string Redis is given, remembered: string.format costs more
--- than a whole command, and a decision formats the same few numbers (slots, TTLs, the
--- charge) again and again. At most INTS of them, then forgotten at once.
-local INTS = 4096
-local texts, text_count = {}, 0
 local function int(n)
-  local text = texts[n]
-  if text == nil then
-    if text_count >= INTS then
-      texts, text_count = {}, 0
-    end
-    text = sformat('%d', n)
-    texts[n] = text
-    text_count = text_count + 1
-  end
-  return text
+  return sformat('%d', n)
 end
 
 -- The clock in whole seconds for key lifetimes: the request's own time when the script
 -- was given one (use_clock), else the server's, read once per script. A client clock a
 -- little off only moves when a TTL is next extended; the TTL itself is relative.
 local function use_clock(now)
-  script_given = now  -- read when first needed: most calls never extend a TTL
+  script_now = floor(tonum(now))
 end
 local function clock()
   if script_now == nil then
-    if script_given ~= nil then
-      script_now = floor(tonum(script_given))
-    else
-      script_now = tonum(rcall('TIME')[1])
-    end
+    script_now = tonum(rcall('TIME')[1])
   end
   return script_now
 end
@@ -151,33 +126,6 @@ local function rename(key, kind)
 end
 local function counters(hk)
   return rename(hk, 'c:')
-end
-
--- The indexes of the shard of record key `rkey` ("<prefix>{T}:r:<id>" -> "<prefix>{T}:open",
--- redis_keys.py; the prefix holds no brace, so the first "}" closes the node tag), and the
--- library's constants, as the helpers take them (`ctx`); the hours and slot indexes are
--- named when first needed (`hours_key`, `slots_key`). Made here rather than sent with each
--- call: each argument of a call is a string Lua makes, which costs more.
-local function shard(rkey)
-  local base = ssub(rkey, 1, sfind(rkey, '}', 1, true))
-  return {base = base, open = base .. ':open', held = base .. ':held', retention = RETENTION,
-          ledger_ttl = LEDGER_TTL}
-end
-local function hours_key(ctx)
-  local key = ctx.hours
-  if key == nil then
-    key = ctx.base .. ':hours'
-    ctx.hours = key
-  end
-  return key
-end
-local function slots_key(ctx)
-  local key = ctx.slots
-  if key == nil then
-    key = ctx.base .. ':slots'
-    ctx.slots = key
-  end
-  return key
 end
 
 -- Extend a key's TTL to at least `secs` seconds; never shorten it, never delete the key.
@@ -202,51 +150,13 @@ local function fields(raw, width)
 end
 
 -- A bucket's counters: spent, held, window, alive-until (nil when the key does not exist).
--- A bucket's counters from their string as GET or MGET returned it: spent, held, window,
--- alive-until (nil when the key does not exist: nil from GET, false from MGET).
-local function unpack_counters(raw)
+local function read_counters(ck)
+  local raw = rcall('GET', ck)
   if not raw then
     return nil
   end
-  if #raw < 32 then
-    raw = fields(raw, 32)
-  end
-  local spent, held, window, alive = sunpack(COUNTERS, raw)
+  local spent, held, window, alive = sunpack(COUNTERS, fields(raw, 32))
   return spent, held, window, alive
-end
-local function read_counters(ck)
-  return unpack_counters(rcall('GET', ck))
-end
-
--- A table of n zeros, made at its size: one allocation, where a table grown one entry at a
--- time is reallocated and rehashed at every power of two. Past BLANK_MAX entries (more
--- than Lua's stack takes at once) it starts empty and grows.
-local BLANK_MAX = 4000
-local ZEROS = {}
-local function blank(n)
-  if n > BLANK_MAX then
-    return {}
-  end
-  for i = #ZEROS + 1, n do
-    ZEROS[i] = 0
-  end
-  return {tunpack(ZEROS, 1, n)}
-end
-
--- For each of a record's n bucket entries (`b`, ten fields each), the index of the first
--- entry naming the same counters key.
-local function same_keys(b, n)
-  local same, first = blank(n), {}
-  for j = 1, n do
-    local key = b[j * 10 - 9]
-    local m = first[key]
-    if m == nil then
-      m = j
-      first[key] = j
-    end
-    same[j] = m
-  end
-  return same
 end
 
 -- The alive-until that keeps a counters key `secs` more seconds, and the TTL to give it
@@ -296,29 +206,23 @@ end
 
 -- Charge a bucket `amount` in `slot` and release `held` of its hold; `ttl`: how long the
 -- bucket's data must live from now on. `hk`: a rolling window's slot hash (false for a
--- fixed window). `raw`: its counters as MGET read them (false: no key), nil to read them.
-local function add_bucket(ctx, ck, hk, slot, amount, ttl, held, raw)
+-- fixed window).
+local function add_bucket(ctx, ck, hk, slot, amount, ttl, held)
   local rolling = hk and true or false
   if rolling and amount ~= 0 then
     local field = int(slot)
     if rcall('HINCRBY', hk, field, int(amount)) == amount then
       -- A new slot: index it so settle.lua drops it once dead, and let the hash outlive it
       -- (the newest slot dies last). GT keeps the latest expiry.
-      rcall('ZADD', slots_key(ctx), 'GT', int(slot + ttl), field .. '|' .. hk)
+      rcall('ZADD', ctx.slots, 'GT', int(slot + ttl), field .. '|' .. hk)
       rcall('EXPIRE', hk, int(ttl))
     end
   end
-  if raw == nil then
-    raw = rcall('GET', ck)
-  end
-  if not raw then
+  local spent, h, window, alive = read_counters(ck)
+  if spent == nil then
     adopt(ck, hk, rolling, slot, amount, -held, ttl)
     return
   end
-  if #raw < 32 then
-    raw = fields(raw, 32)
-  end
-  local spent, h, window, alive = sunpack(COUNTERS, raw)
   h = h - held
   if h < 0 then
     h = 0  -- see adopt
@@ -382,7 +286,7 @@ local function add_ledger_hash(ctx, rec, cost, requests, input, output, errors)
     rcall('HINCRBY', rec.l, 'e|' .. dims, int(errors))
   end
   if n == tonum(requests) then
-    rcall('ZADD', hours_key(ctx), rec.hr, rec.hr)
+    rcall('ZADD', ctx.hours, rec.hr, rec.hr)
     keep(rec.l, ctx.ledger_ttl)
   end
 end
@@ -407,21 +311,10 @@ end
 
 -- Book one exchange (or a correction) in the ledger row of `dims` under `index` (its key:
 -- the index key, "|", the dims; redis_keys.py `ledger_row`).
---
--- `row`, `raw`: the row's key and its string as MGET read it (false: no row), when read
--- already.
-local function add_row(ctx, index, hr, dims, cost, requests, input, output, errors, row, raw)
+local function add_row(ctx, index, hr, dims, cost, requests, input, output, errors)
+  local row = index .. '|' .. dims
   requests = tonum(requests)
-  local c, n, i, o, e
-  if row == nil then
-    row = index .. '|' .. dims
-    c, n, i, o, e = read_row(row)
-  elseif raw then
-    if #raw < 40 then
-      raw = fields(raw, 40)
-    end
-    c, n, i, o, e = sunpack(ROW, raw)
-  end
+  local c, n, i, o, e = read_row(row)
   local value = spack(ROW, (c or 0) + cost, (n or 0) + requests, (i or 0) + input,
                             (o or 0) + output, (e or 0) + (errors or 0))
   if c then
@@ -435,15 +328,15 @@ local function add_row(ctx, index, hr, dims, cost, requests, input, output, erro
     rcall('SADD', index, dims)
     rcall('EXPIRE', index, ctx.ledger_ttl)
     rcall('EXPIRE', row, ctx.ledger_ttl)
-    rcall('ZADD', hours_key(ctx), hr, hr)
+    rcall('ZADD', ctx.hours, hr, hr)
   end
 end
 
-local function add_ledger(ctx, rec, cost, requests, input, output, errors, row, raw)
+local function add_ledger(ctx, rec, cost, requests, input, output, errors)
   if rec.old then
     add_ledger_hash(ctx, rec, cost, requests, input, output, errors)
   else
-    add_row(ctx, rec.li, rec.hr, rec.d, cost, requests, input, output, errors, row, raw)
+    add_row(ctx, rec.li, rec.hr, rec.d, cost, requests, input, output, errors)
   end
 end
 
@@ -507,38 +400,13 @@ local STATES = {o = 'open', c = 'committed', x = 'expired'}
 local HEAD = '>c1i8di1i8i8i8di4c0i4c0i4c0i4c0i4c0i2'
 local ENTRY = 'i4c0i4c0i4c0i8i8i8i8i8i1i8'
 
--- The format of n entries, made once per n up to ENTRIES_KEPT (string.rep and interning
--- the result cost more than a decode's other work; longer records are rare, and all their
--- formats kept would grow without bound).
-local ENTRIES, ENTRIES_KEPT = {}, 64
-local function entries(n)
-  local fmt = ENTRIES[n]
-  if fmt == nil then
-    fmt = '>' .. srep(ENTRY, n)
-    if n <= ENTRIES_KEPT then
-      ENTRIES[n] = fmt
-    end
-  end
-  return fmt
-end
-
--- The length of the nonce that ends a record of this layout (redis_record.py NONCE_BYTES;
--- records written before it have none).
-local NONCE = 8
-
--- A record of this layout, from its bytes, as `load` returns records; `nonce` is its nonce
--- (nil for a record without one).
+-- A record of this layout, from its bytes, as `load` returns records.
 local function decode(raw)
   local s, e, x, hm, hr, _, _, _, bd, d, li, g, id, n, pos = sunpack(HEAD, raw)
-  local b = {sunpack(entries(n), raw, pos)}
-  local stop = b[#b]  -- the position after the last field
-  b[#b] = nil
-  local nonce = nil
-  if #raw - stop + 1 == NONCE then
-    nonce = ssub(raw, stop)
-  end
+  local b = {sunpack('>' .. srep(ENTRY, n), raw, pos)}
+  b[#b] = nil  -- the position after the last field
   return {s = STATES[s], e = e, x = x, bd = bd, hm = hm == 1, d = d, li = li, hr = hr, g = g,
-          id = id, b = b, fmt = 'bin'}, nonce
+          id = id, b = b, fmt = 'bin'}
 end
 
 -- A stored record's string: this layout's, or the earlier JSON array (which begins "[").
@@ -566,171 +434,41 @@ local function load(rkey)
   return parse(raw)
 end
 
--- Records this server's reserves wrote, as they decoded them, by key, with their nonces:
--- a commit then reads two ranges of its record (its state byte and its nonce), not the
--- whole record to decode it again (interning its bytes and decoding its fields were most of
--- a commit's Lua). The library's locals live as long as it is loaded on this server; a
--- record it does not know (written elsewhere, before a restart or a failover, or forgotten)
--- is read and decoded. The same nonce means the same write of the record, so the same bytes
--- but the state byte, which is read each time (any server may have finished the record
--- since). At most CACHE_SIZE records, the oldest forgotten first, and each one as soon as
--- it is finished or deleted here: about 2 KB each for five buckets. With PLANS (below), at
--- most about 14 MB of the server's Lua memory (used_memory_vm_functions) for five-bucket
--- records and plans all different; a commit of a reservation older than the last
--- CACHE_SIZE reserves of its server reads and decodes its record, as any other server's.
-local CACHE_SIZE = 4096
-local known, nonces, ring, ring_at = {}, {}, {}, 0
-
-local function forget(rkey)
-  known[rkey], nonces[rkey] = nil, nil
-end
-
-local function remember(rkey, rec, nonce)
-  ring_at = ring_at % CACHE_SIZE + 1
-  local oldest = ring[ring_at]
-  if oldest ~= nil then
-    forget(oldest)
+-- The amount of an exchange in one measure (sidecar.store.budget_types.measured).
+local function measured(measure, micros, input, output)
+  if measure == 'tokens' then
+    return input + output
+  elseif measure == 'input_tokens' then
+    return input
+  elseif measure == 'output_tokens' then
+    return output
+  elseif measure == 'requests' then
+    return 1
   end
-  ring[ring_at] = rkey
-  known[rkey], nonces[rkey] = rec, nonce
+  return micros
 end
 
--- `load`, from what this server's reserve decoded when the stored record is that write.
-local function load_known(rkey)
-  local nonce = nonces[rkey]
-  if nonce ~= nil then
-    local state = rpcall('GETRANGE', rkey, '0', '0')
-    local s = type(state) == 'string' and STATES[state]
-    if s and rcall('GETRANGE', rkey, '-8', '-1') == nonce then
-      local rec = known[rkey]
-      rec.s = s
-      return rec
-    end
-    forget(rkey)
-  end
-  return load(rkey)
-end
-
--- The amount of an exchange in each measure (sidecar.store.budget_types.measured): "usd"
--- (µUSD) for any measure not named here.
-local function measured(micros, input, output)
-  return {usd = micros, tokens = input + output, input_tokens = input, output_tokens = output,
-          requests = 1}
-end
-
--- The bucket entries of records reserves decoded, by their plan id (redis_record.py
--- `plan_id`: a digest of all they say but the request's estimate and hold), at most PLANS,
--- the oldest forgotten first. A reserve naming the same buckets with the same windows and
--- limits as one before (every request of a caller within a window slot) decodes only its
--- record's head: each bucket's estimate is the head's estimate in the bucket's measure
--- (`measured`, as the store computes it) and its hold that estimate when `holding` (0 when
--- optimistic). Decoding the buckets was most of a reserve's Lua.
--- A plan also lists its buckets' counters keys, for one MGET to read them all (`cks`;
--- false when a bucket is named twice, or too many for one MGET). On a cluster only when
--- they all have one owner (one hash tag): there one command may not name keys of several
--- hash slots, even in a function allowed to touch several.
-local PLANS = 2048
-local MGET_MAX = 1000
-local plans, plan_keys, plan_ring, plan_at = {}, {}, {}, 0
-
--- What a key's hash slot is computed from, as Redis Cluster reads it: what its first "{"
--- and the first "}" after it enclose, unless nothing (the owner's tag of a bucket key,
--- redis_keys.py, never empty); else the whole key.
-local function hash_tag(key)
-  local open = sfind(key, '{', 1, true)
-  local close = open and sfind(key, '}', open + 1, true)
-  if not close or close == open + 1 then
-    return key
-  end
-  return ssub(key, open, close)
-end
-
--- `decode` of a reserve's record `raw` with the plan id `id`; `repeats`: its record names
--- a bucket twice.
-local function decode_planned(raw, id, holding, repeats)
-  local b = plans[id]
-  if b == nil then
-    local rec, nonce = decode(raw)
-    b = rec.b
-    local n = #b / 10
-    if n <= BLANK_MAX / 10 then
-      plan_at = plan_at % PLANS + 1
-      local oldest = plan_ring[plan_at]
-      if oldest ~= nil then
-        plans[oldest], plan_keys[oldest] = nil, nil
-      end
-      plan_ring[plan_at] = id
-      plans[id] = b  -- never changed: the records that use it get a copy
-      local cks = false
-      if not repeats and n > 0 and n <= MGET_MAX then
-        cks = blank(n)
-        local tag = CLUSTER and hash_tag(b[1])
-        for j = 1, n do
-          local ck = b[j * 10 - 9]
-          cks[j] = ck
-          if tag and hash_tag(ck) ~= tag then
-            cks = false
-            break
-          end
-        end
-      end
-      plan_keys[id] = cks
-      rec.cks = cks
-    end
-    return rec, nonce
-  end
-  local s, e, x, hm, hr, tokens_in, tokens_out, _, bd, d, li, g, rid = sunpack(HEAD, raw)
-  local copy = {tunpack(b)}
-  local amounts = measured(e, tokens_in, tokens_out)
-  for i = 1, #copy, 10 do
-    local estimate = amounts[copy[i + 2]] or e
-    copy[i + 6] = estimate
-    copy[i + 7] = holding and estimate or 0
-  end
-  return {s = STATES[s], e = e, x = x, bd = bd, hm = hm == 1, d = d, li = li, hr = hr, g = g,
-          id = rid, b = copy, fmt = 'bin', cks = plan_keys[id]}, ssub(raw, -NONCE)
-end
-
--- Replace a group's holds by what the exchange amounted to: `actual` (`measured`) gives
--- each bucket's charge in its measure, nil its estimate; `release` says whether holds are
--- released: when not (a record that expired, charged its estimates already), a bucket is
--- charged its amount less its estimate. The home group also books `delta_cost` in the
--- ledger. `errors` (optional): 1 when the provider answered with an error.
+-- Replace a group's holds by what the exchange amounted to: `actual(measure, estimate)`
+-- gives each bucket's charge; `release` says whether holds are released. The home group
+-- also books `delta_cost` in the ledger. `errors` (optional): 1 when the provider answered
+-- with an error.
 local function charge(ctx, rec, actual, release, delta_cost, requests, input, output, errors)
   local b = rec.b
-  -- Every bucket's counters by one MGET when the record's plan lists them (`decode_planned`:
-  -- no bucket named twice, so no charge reads what another one wrote), the home group's
-  -- ledger row first.
-  local raws, row, first = nil, nil, 0
-  if rec.cks then
-    if rec.hm and not CLUSTER then  -- (on a cluster the row is in another hash slot)
-      row, first = rec.li .. '|' .. rec.d, 1
-      raws = rcall('MGET', row, tunpack(rec.cks))
-    else
-      raws = rcall('MGET', tunpack(rec.cks))
-    end
-  end
   for i = 1, #b, 10 do
     local held = 0
     if release then
       held = b[i + 7]
     end
     local hk = b[i + 1]
-    local amount = b[i + 6]  -- the estimate
-    if actual then
-      amount = (actual[b[i + 2]] or actual.usd) - (release and 0 or amount)
-    end
-    add_bucket(ctx, b[i], hk ~= '' and hk, b[i + 3], amount, b[i + 5], held,
-               raws and raws[first + (i + 9) / 10])
+    add_bucket(ctx, b[i], hk ~= '' and hk, b[i + 3], actual(b[i + 2], b[i + 6]), b[i + 5], held)
   end
   if rec.hm then
-    add_ledger(ctx, rec, delta_cost, requests, input, output, errors, row, raws and raws[1])
+    add_ledger(ctx, rec, delta_cost, requests, input, output, errors)
   end
 end
 
 -- Done records stay a while so late and duplicate completions are recognised.
 local function finish(ctx, rkey, rec, state)
-  forget(rkey)
   if rec.old then
     rcall('HSET', rkey, 's', STATES[state])
   elseif rec.fmt == 'json' then
@@ -749,7 +487,7 @@ end
 -- Charge an open record that was never completed its estimate: the request may well
 -- have cost money.
 local function expire(ctx, rkey, rec)
-  charge(ctx, rec, nil, true, rec.e, 1, 0, 0)
+  charge(ctx, rec, function(_, estimate) return estimate end, true, rec.e, 1, 0, 0)
   finish(ctx, rkey, rec, 'x')
   rec.s = 'expired'
 end
@@ -761,7 +499,7 @@ local function settle_index(ctx, index, now, limit)
   local due = rcall('ZRANGEBYSCORE', index, '-inf', now, 'LIMIT', 0, limit)
   local settled, parts = 0, {}
   for _, rkey in ipairs(due) do
-    local rec = load_known(rkey)
+    local rec = load(rkey)
     if rec ~= nil and rec.s == 'open' then
       expire(ctx, rkey, rec)
       if rec.hm then

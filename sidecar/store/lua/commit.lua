@@ -1,7 +1,7 @@
 -- commit.lua: replace one shard's part of a reservation by the actual amounts, exactly once.
 --
 -- Each bucket is charged in its measure (budget_lib.lua `measured`): the actual cost, the
--- budget tokens (in ARGV[1]) or the one request.
+-- budget tokens (ARGV[12], ARGV[13]) or the one request.
 -- Open record: release the holds and charge the actual amounts ("committed").
 -- Expired record (already charged its estimates): charge actual - estimate, so each bucket
 -- ends up charged the actual amount ("late"); it counted as a request when it expired.
@@ -12,41 +12,50 @@
 -- Why a script: the state check and the charge must be one atomic step, or two replicas
 -- completing the same request (a retried response) would both charge it.
 --
--- KEYS[1]   the group record (the store finds the home record's shard by the request id);
---           the shard's indexes are named after its node tag (budget_lib.lua `shard`)
--- ARGV[1]   packed ">i8i8i8i8i8i1": actual cost (µUSD), input tokens (including cache
---           reads and writes) and output tokens for the ledger, input and output tokens
---           charged to token buckets, 1 when the provider answered with an error (counted
---           in the ledger's errors)
--- ARGV[2]   now (seconds, float)
--- ARGV[3]   JSON list of parts booked under other ledger dimensions (an advisor model):
+-- KEYS[1]   the group record (the store finds the home record's shard by the request id)
+-- ARGV[1]   the shard's open zset (home records)
+-- ARGV[2]   the shard's held zset (other groups' records)
+-- ARGV[3]   the shard's ledger hours zset
+-- ARGV[4]   the shard's slot index zset
+--           (only KEYS[1] is declared, for routing: on a cluster the others are in other
+--           hash slots of the same shard)
+-- ARGV[5]   actual cost (µUSD integer)
+-- ARGV[6]   input tokens (including cache reads and writes)
+-- ARGV[7]   output tokens
+-- ARGV[8]   ledger hash TTL (seconds)
+-- ARGV[9]   retention of done records (seconds)
+-- ARGV[10]  1 when the provider answered with an error (counted in the ledger's errors)
+-- ARGV[11]  JSON list of parts booked under other ledger dimensions (an advisor model):
 --           [[dims, cost, input, output], ...]; the reservation's own row keeps the rest
--- ARGV[4]   for a home record past its expiry that no sweep settled yet while other shards
+-- ARGV[12]  input tokens charged to token buckets
+-- ARGV[13]  output tokens charged to token buckets
+-- ARGV[14]  now (seconds, float)
+-- ARGV[15]  for a home record past its expiry that no sweep settled yet while other shards
 --           hold parts: "" to ask (reply "pending", nothing changed: the store commits
 --           the other parts first), "1" to settle it first (another part was settled),
 --           "0" to commit it as open
---           (retention of done records and the ledger's TTL are the library's constants)
 -- Returns   {status, estimate, other groups' node tags (comma-separated)}; estimate is 0
 --           when unknown.
 --
--- A function of budget_lib.lua's library (it uses int, load_known, charge, add_row, finish, ...).
+-- A function of budget_lib.lua's library (it uses int, load, charge, add_row, finish, ...).
 
+local ctx = {open = ARGV[1], held = ARGV[2], hours = ARGV[3], ledger_ttl = tonum(ARGV[8]),
+             retention = ARGV[9], slots = ARGV[4]}
+use_clock(ARGV[14])
 local rkey = KEYS[1]
-local ctx = shard(rkey)
-use_clock(ARGV[2])
-local rec = load_known(rkey)
+local rec = load(rkey)
 if rec == nil then
   return {'unknown', 0, ''}
 end
 if rec.s == 'committed' then
   return {'duplicate', rec.e, rec.g}
 end
-if rec.s == 'open' and rec.hm and rec.g ~= '' and rec.x <= tonum(ARGV[2]) then
+if rec.s == 'open' and rec.hm and rec.g ~= '' and rec.x <= tonum(ARGV[14]) then
   -- Past its expiry, and a sweep on another shard may have settled a part of it: the whole
   -- reservation is then expired, as it would be on one Redis where one sweep does all.
-  if ARGV[4] == '' then
+  if ARGV[15] == '' then
     return {'pending', rec.e, rec.g}
-  elseif ARGV[4] == '1' then
+  elseif ARGV[15] == '1' then
     expire(ctx, rkey, rec)
   end
 end
@@ -54,10 +63,10 @@ end
 -- Move each part's cost from the reservation's ledger row to the part's own row (its key:
 -- the hour's index key, "|", its dims; redis_keys.py `ledger_row`).
 local function book_parts()
-  if not rec.hm or ARGV[3] == '[]' then
+  if not rec.hm or ARGV[11] == '[]' then
     return
   end
-  for _, part in ipairs(jdecode(ARGV[3])) do
+  for _, part in ipairs(jdecode(ARGV[11])) do
     if rec.old then
       rcall('HINCRBY', rec.l, 'c|' .. rec.d, -int(part[2]))
       add_ledger_hash(ctx, {d = part[1], l = rec.l, hr = rec.hr}, part[2], 0, part[3], part[4])
@@ -68,16 +77,22 @@ local function book_parts()
   end
 end
 
-local cost, ledger_in, ledger_out, input, output, errors = sunpack('>i8i8i8i8i8i1', ARGV[1])
-local actual = measured(cost, input, output)
+local cost, input, output = tonum(ARGV[5]), tonum(ARGV[12]), tonum(ARGV[13])
+local errors = tonum(ARGV[10])
+local function actual(measure)
+  return measured(measure, cost, input, output)
+end
 if rec.s == 'open' then
-  charge(ctx, rec, actual, true, cost, 1, ledger_in, ledger_out, errors)
+  charge(ctx, rec, actual, true, cost, 1, ARGV[6], ARGV[7], errors)
   book_parts()
   finish(ctx, rkey, rec, 'c')
   return {'committed', rec.e, rec.g}
 end
 -- Expired: it already paid its estimates and counted as a request; charge the difference.
-charge(ctx, rec, actual, false, cost - rec.e, 0, ledger_in, ledger_out, errors)
+local function difference(measure, estimate)
+  return actual(measure) - estimate
+end
+charge(ctx, rec, difference, false, cost - rec.e, 0, ARGV[6], ARGV[7], errors)
 book_parts()
 finish(ctx, rkey, rec, 'c')
 return {'late', rec.e, rec.g}

@@ -15,7 +15,7 @@
 --
 -- A function of budget_lib.lua's library (it uses load, ...).
 
-local rec = load_known(KEYS[1])
+local rec = load(KEYS[1])
 if rec == nil or rec.old or rec.s ~= 'open' or rec.bd ~= ARGV[1] then
   -- Records of the earlier layout were written by another attempt: never this one's.
   return 0
@@ -33,7 +33,6 @@ for i = 1, #b, 10 do
   end
 end
 rcall('DEL', KEYS[1])
-forget(KEYS[1])
 rcall('ZREM', ARGV[2], KEYS[1])
 rcall('ZREM', ARGV[3], KEYS[1])
 return 1
