@@ -27,34 +27,48 @@ class LoopLines:
         self.file = file
         self._lines: list[str] = []
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._lock = threading.Lock()
+        # Reentrant: a file whose write logs (a test's, a wrapper's) must not deadlock.
+        self._lock = threading.RLock()
 
     def write(self, line: str) -> None:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            self.flush()
-            self._put(line + "\n")
+            with self._lock:  # what waits, then this line, with nothing in between
+                self._put_waiting(line)
             return
-        lines = self._lines
-        if not lines or loop is not self._loop:
-            # Nothing waiting, or waiting for a loop that is not this one (it stopped
+        with self._lock:
+            # Under the lock: a flush from another thread swaps the list, and a line
+            # appended to the one it took would be lost.
+            schedule = not self._lines or loop is not self._loop
+            self._lines.append(line)
+            if schedule:
+                self._loop = loop
+        if schedule:
+            # Nothing was waiting, or it waited for a loop that is not this one (it stopped
             # before its turn came): this loop's next turn writes them.
             try:
                 loop.call_soon(self.flush)
             except RuntimeError:  # the loop is closing: no next turn
                 self.flush()
-                self._put(line + "\n")
-                return
-            self._loop = loop
-        lines.append(line)
 
     def flush(self) -> None:
         with self._lock:
-            lines, self._lines = self._lines, []
-            if lines:
-                lines.append("")
-                self._put("\n".join(lines))
+            self._put_waiting()
+
+    def put_after_waiting(self, text: str) -> None:
+        """Write what waits, then `text` (a whole line of another writer)."""
+        with self._lock:
+            self._put_waiting()
+            self._put(text)
+
+    def _put_waiting(self, line: str | None = None) -> None:
+        lines, self._lines = self._lines, []
+        if line is not None:
+            lines.append(line)
+        if lines:
+            lines.append("")
+            self._put("\n".join(lines))
 
     def forget(self) -> None:
         """Drop what is waiting (a forked child: its parent writes those lines)."""
@@ -74,8 +88,7 @@ class OrderedPrintLogger(structlog.PrintLogger):
         self._lines = lines
 
     def msg(self, message: str) -> None:
-        self._lines.flush()
-        super().msg(message)
+        self._lines.put_after_waiting(message + "\n")
 
     log = debug = info = warn = warning = msg
     fatal = failure = err = error = critical = exception = msg

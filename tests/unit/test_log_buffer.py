@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import sys
 import threading
 
 from sidecar import log_buffer
@@ -116,3 +117,39 @@ def test_a_forked_child_does_not_write_its_parents_waiting_lines() -> None:
         log_buffer._current[:] = configured
     assert os.read(read, 100) == b"-"
     assert file.getvalue() == "the parent's\n"
+
+
+def test_no_line_is_lost_or_doubled_while_another_thread_logs_through_the_chain() -> None:
+    file = CountingFile()
+    lines = LoopLines(file)
+    chain = OrderedPrintLogger(lines)
+    started = threading.Event()
+
+    def other_thread() -> None:
+        started.set()
+        for n in range(2_000):
+            chain.warning(f"thread {n}")
+
+    async def main() -> None:
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        started.wait()
+        for n in range(20_000):
+            lines.write(f"loop {n}")
+            if n % 100 == 0:
+                await asyncio.sleep(0)
+        thread.join()
+        await asyncio.sleep(0)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads take turns between nearly every two bytecodes
+    try:
+        asyncio.run(main())
+    finally:
+        sys.setswitchinterval(interval)
+    written = file.getvalue().splitlines()
+    assert sorted(written) == sorted(
+        [f"loop {n}" for n in range(20_000)] + [f"thread {n}" for n in range(2_000)]
+    )
+    # Each writer's own lines stay in the order it wrote them.
+    assert [w for w in written if w.startswith("loop")] == [f"loop {n}" for n in range(20_000)]
