@@ -33,9 +33,8 @@ class LoopLines:
     def write(self, line: str) -> None:
         try:
             loop = asyncio.get_running_loop()
-        except RuntimeError:
-            with self._lock:  # what waits, then this line, with nothing in between
-                self._put_waiting(line)
+        except RuntimeError:  # off the loop: at once, after what waits
+            self.put_after_waiting(line)
             return
         with self._lock:
             # Under the lock: a flush from another thread swaps the list, and a line
@@ -56,11 +55,10 @@ class LoopLines:
         with self._lock:
             self._put_waiting()
 
-    def put_after_waiting(self, text: str) -> None:
-        """Write what waits, then `text` (a whole line of another writer)."""
+    def put_after_waiting(self, line: str) -> None:
+        """Write what waits and then `line`, in one write with nothing in between."""
         with self._lock:
-            self._put_waiting()
-            self._put(text)
+            self._put_waiting(line)
 
     def _put_waiting(self, line: str | None = None) -> None:
         lines, self._lines = self._lines, []
@@ -88,7 +86,7 @@ class OrderedPrintLogger(structlog.PrintLogger):
         self._lines = lines
 
     def msg(self, message: str) -> None:
-        self._lines.put_after_waiting(message + "\n")
+        self._lines.put_after_waiting(message)
 
     log = debug = info = warn = warning = msg
     fatal = failure = err = error = critical = exception = msg

@@ -187,6 +187,9 @@ class OwnedSQLiteStore(SQLiteStore):
 
     # -- budgets -----------------------------------------------------------------------
     async def reserve(self, request: ReserveRequest) -> ReserveResult:
+        ready = self.reserve_ready(request)
+        if ready is not None:
+            return ready
         due = self._totals.first_expiry()
         if due is not None and due <= request.now:
             # What expired counts as spend before anything is decided on these buckets.
