@@ -4,15 +4,13 @@ them, and those buckets merged into what the store sees."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
 
 from sidecar.model import Identity
 from sidecar.policy.rules import UNIT_OF, Context, Rule, Unit
+from sidecar.shared_values import SharedValues
 from sidecar.store.budget_types import BucketState, BucketView
-
-T = TypeVar("T", bound=Hashable)
 
 
 # Slots: plans are cached per caller (up to PlanCache's bound), a dozen of these each, and
@@ -66,18 +64,9 @@ def plan(rules: Sequence[Rule], ctx: Context, now: float) -> list[Planned]:
 
 # Equal values plans derive from their rules alone (every caller under the same rules has
 # the same ones): one object kept for all the cached plans, instead of one per plan (about a
-# kilobyte each). Bounded: the table starts again when full.
-_SHARED_KEPT = 1024
-_shared_values: dict[Hashable, Any] = {}
-
-
-def _shared(value: T) -> T:
-    found = _shared_values.get(value)
-    if found is None:
-        if len(_shared_values) >= _SHARED_KEPT:
-            _shared_values.clear()
-        _shared_values[value] = found = value
-    return cast(T, found)
+# kilobyte each).
+_shared_names: SharedValues[tuple[str, ...]] = SharedValues(1024)
+_shared_enforced: SharedValues[tuple[tuple[int, Unit, int], ...]] = SharedValues(1024)
 
 
 @dataclass(frozen=True)
@@ -109,14 +98,14 @@ class Plan:
     @functools.cached_property
     def _rule_names(self) -> tuple[str, ...]:
         # Once per plan: plans are cached per caller, and every decision logs these.
-        return _shared(tuple(sorted({p.rule.name for p in self.planned})))
+        return _shared_names(tuple(sorted({p.rule.name for p in self.planned})))
 
     # What each decision reads of its plan besides the buckets, once per plan (plans are
     # cached per caller): indices into `views` (and so into the store's states), in order.
     @functools.cached_property
     def enforced(self) -> tuple[tuple[int, Unit, int], ...]:
         """(index, unit, limit) of each enforced bucket."""
-        return _shared(
+        return _shared_enforced(
             tuple(
                 (i, UNIT_OF[view.measure], view.limit)
                 for i, view in enumerate(self.views)

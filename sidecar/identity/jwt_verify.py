@@ -15,6 +15,7 @@ import jwt
 from sidecar.identity.directory import Directory
 from sidecar.identity.errors import AuthError
 from sidecar.model import Identity, IdentityKind
+from sidecar.shared_values import SharedValues
 
 # Tokens beyond this size are refused before any parsing: nobody needs a 16 KiB JWT.
 MAX_TOKEN_BYTES = 16_384
@@ -75,22 +76,13 @@ def groups_from_claim(value: Any) -> tuple[str, ...]:
 
 
 # Group lists seen, each kept once: the same few lists recur in every cached identity (a
-# tuple each was about 60 bytes of every entry of a full token cache). Bounded: the table
-# starts again when full.
-_GROUP_LISTS_KEPT = 4096
-_group_lists: dict[tuple[str, ...], tuple[str, ...]] = {}
+# tuple each was about 60 bytes of every entry of a full token cache).
+_group_lists: SharedValues[tuple[str, ...]] = SharedValues(4096)
 
 
 def _interned_groups(groups: list[str]) -> tuple[str, ...]:
-    key = tuple(groups)
-    found = _group_lists.get(key)
-    if found is None:
-        if len(_group_lists) >= _GROUP_LISTS_KEPT:
-            _group_lists.clear()
-        # Interned names too: lists that differ share the names they have in common.
-        found = tuple(sys.intern(g) for g in groups)
-        _group_lists[found] = found
-    return found
+    # Interned names too: lists that differ share the names they have in common.
+    return _group_lists(tuple(groups), lambda key: tuple(sys.intern(g) for g in key))
 
 
 def identity_from_claims(
