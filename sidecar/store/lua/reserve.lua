@@ -158,9 +158,7 @@ for o = 1, #order do
   end
 end
 
-if rec.hm then
-  rcall('ZADD', ctx.open, ARGV[8], rkey)
-else
-  rcall('ZADD', ctx.held, ARGV[8], rkey)
-end
+local index = rec.hm and ctx.open or ctx.held
+rcall('ZADD', index, ARGV[8], rkey)
+note_due(index, tonum(ARGV[8]))
 return {'new', {}, spent, reserved, parts}

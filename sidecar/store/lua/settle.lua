@@ -33,8 +33,8 @@
 local ctx = {open = KEYS[1], held = KEYS[2], hours = KEYS[3], slots = KEYS[4],
              ledger_ttl = tonum(ARGV[3]), retention = ARGV[4]}
 use_clock(ARGV[1])
-local settled, parts = settle_index(ctx, ctx.open, ARGV[1], tonum(ARGV[2]))
-settle_index(ctx, ctx.held, ARGV[8], tonum(ARGV[2]))
+local settled, parts = settle_index(ctx, ctx.open, ARGV[1], tonum(ARGV[2]), true)
+settle_index(ctx, ctx.held, ARGV[8], tonum(ARGV[2]), true)
 
 local dead = rcall('ZRANGEBYSCORE', ctx.slots, '-inf', '(' .. ARGV[7], 'LIMIT', 0,
                         tonum(ARGV[6]))
