@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -137,9 +138,21 @@ class Run:
     """One policy on one store: the engine, its callers and the store's statistics."""
 
     def __init__(
-        self, url: str, stat_urls: list[str], policy: str, workdir: Path, name: str
+        self,
+        url: str,
+        stat_urls: list[str],
+        policy: str,
+        workdir: Path,
+        name: str,
+        *,
+        prefix: str | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.url, self.stat_urls, self.policy = url, stat_urls, policy
+        # Each policy under its own key prefix unless told: both share one Redis (one cluster).
+        self.prefix = f"bench-{policy}:" if prefix is None else prefix
+        # The time the engine decides and commits at (windows, expiries, key lifetimes).
+        self.clock = clock
         issuer = DevIssuer.generate()
         jwks = issuer.write_jwks(workdir / f"jwks-{name.replace('/', '-')}.json")
         self.ruleset = build_ruleset(
@@ -154,10 +167,12 @@ class Run:
         self.next_id = 0
 
     async def setup(self, warmup: int, steady: bool) -> None:
-        # Each policy under its own key prefix: both share one Redis (one cluster).
-        self.store = RedisStore(self.url, prefix=f"bench-{self.policy}:")
+        """At least `warmup` decisions and one per user, then (if `steady`) every
+        rolling-window bucket filled as after a day of traffic."""
+        self.store = RedisStore(self.url, prefix=self.prefix)
         recorder = Recorder(self.store)
         self.engine = make_engine(self.ruleset, recorder)
+        self.engine.clock = self.clock
         self.admins = [aioredis.Redis.from_url(u, decode_responses=True) for u in self.stat_urls]
         self.next_id = max(warmup, self.users)
         for n in range(self.next_id):
@@ -173,18 +188,29 @@ class Run:
         decision = await self.engine.check(RequestAttrs("POST", PATH, headers, BODY, f"r-{n}"))
         if not decision.allowed:
             raise RuntimeError(f"refused: {decision.body!r}")
-        result = await self.store.commit(decision.request_id, COST, USAGE, time.time())
+        result = await self.store.commit(decision.request_id, COST, USAGE, self.clock())
         if result.status != "committed":
             raise RuntimeError(f"commit: {result}")
 
-    async def round(self, decisions: int) -> None:
-        for admin in self.admins:
-            await admin.config_resetstat()
-        cpu_before = [await _cpu_seconds(admin) for admin in self.admins]
-        started = time.perf_counter()
+    async def decide_next(self, decisions: int) -> None:
+        """The next `decisions` decisions (request ids and callers continue from the last)."""
         for n in range(self.next_id, self.next_id + decisions):
             await self.decide(n)
         self.next_id += decisions
+
+    async def reset_stats(self) -> None:
+        for admin in self.admins:
+            await admin.config_resetstat()
+
+    async def command_stats(self) -> list[dict[str, tuple[int, int]]]:
+        """{command: (calls, usec)} since `reset_stats`, per shard."""
+        return [command_usec(await admin.info("commandstats")) for admin in self.admins]
+
+    async def round(self, decisions: int) -> None:
+        await self.reset_stats()
+        cpu_before = [await _cpu_seconds(admin) for admin in self.admins]
+        started = time.perf_counter()
+        await self.decide_next(decisions)
         elapsed = time.perf_counter() - started
         shards: list[dict[str, Any]] = []
         for admin, before in zip(self.admins, cpu_before, strict=True):

@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,10 +92,19 @@ def _cli(port: int, *args: str, timeout: float = 30.0) -> str:
 
 
 def start_redis_cluster(
-    tmp_dir: Path, primaries: int = 3, *, node_timeout_ms: int = 1000, timeout: float = 30.0
+    tmp_dir: Path,
+    primaries: int = 3,
+    *,
+    node_timeout_ms: int = 1000,
+    timeout: float = 30.0,
+    argv_prefix: Sequence[str] = (),
 ) -> LocalCluster:
     """Run `primaries` cluster-enabled redis-servers, join them, and wait until every node
-    reports `cluster_state:ok`."""
+    reports `cluster_state:ok`.
+
+    `argv_prefix` runs every node under a wrapper (e.g. `valgrind --tool=callgrind ...`):
+    the wrapper must keep the node's process id. A slow wrapper wants a larger
+    `node_timeout_ms` (or the nodes mark each other failing) and `timeout`."""
     cluster = LocalCluster()
     try:
         for _ in range(primaries):
@@ -102,7 +112,7 @@ def start_redis_cluster(
             node_dir = Path(tmp_dir) / f"node-{port}"
             node_dir.mkdir(parents=True, exist_ok=True)
             argv = [
-                redis_binary(), "--save", "", "--appendonly", "no",
+                *argv_prefix, redis_binary(), "--save", "", "--appendonly", "no",
                 "--bind", LOOPBACK, "--port", str(port), "--dir", str(node_dir),
                 "--cluster-enabled", "yes",
                 "--cluster-config-file", str(node_dir / "nodes.conf"),
@@ -120,6 +130,7 @@ def start_redis_cluster(
             "create",
             *(f"{LOOPBACK}:{p}" for p in cluster.ports),
             "--cluster-yes",
+            timeout=timeout,
         )
         deadline = time.monotonic() + timeout
         for port in cluster.ports:
