@@ -1,7 +1,8 @@
 -- reserve.lua: admit one request against its buckets on one shard, all or nothing.
 --
 -- Settles up to ARGV[6] expired records of this shard first (so their estimates count as
--- spent), then, unless the request id was seen on this shard before, writes the group
+-- spent; it looks only when one may be due: budget_lib.lua `earliest`), then, unless the
+-- request id was seen on this shard before, writes the group
 -- record, holds in every bucket its estimate in that bucket's measure (µUSD, tokens or one
 -- request) and checks every enforced bucket; when one has no room, the holds and the record
 -- are undone. A request id seen before is a duplicate (admitted, nothing changed) only while
