@@ -13,12 +13,20 @@ from typing import Generic, TypeVar
 
 from sidecar.policy.rules import Context, Rule
 from sidecar.policy.windows import FixedWindow
+from sidecar.shared_values import SharedValues
 
 P = TypeVar("P")
 
 
+# The dimension names of contexts seen, one tuple for every key with the same ones.
+_dims: SharedValues[tuple[str, ...]] = SharedValues(1024)
+
+
 def context_key(ctx: Context) -> Hashable:
-    return tuple(ctx.items())
+    """The dimension names (one shared tuple), then each dimension's values: as exact as
+    the context's items, without a (name, values) pair per dimension in every cached key
+    (about 400 bytes a plan)."""
+    return (_dims(tuple(ctx)), *ctx.values())
 
 
 def validity(rules: Iterable[Rule], now: float) -> tuple[float, float]:
