@@ -70,8 +70,8 @@ _BUCKETS_KEPT = 100_000
 # 0.8 MB, where 20,000 was 3.8 (a miss is one json.dumps of a short string).
 _KEYS_CACHED = 4096
 
-# A waiting reservation: its record and what it holds per bucket.
-_Pending = tuple[Record, list[tuple[str, int]]]
+# A waiting reservation: its record and what it holds per bucket (by `bucket_ref`).
+_Pending = tuple[Record, list[tuple[int, int]]]
 
 
 class OwnedSQLiteStore(SQLiteStore):
@@ -340,14 +340,14 @@ class OwnedSQLiteStore(SQLiteStore):
         held_of = totals.buckets
         for b, hold in zip(buckets, holds, strict=True):
             if hold:
-                key = b.key
-                was = held_of.get(key)
+                ref = b.ref
+                was = held_of.get(ref)
                 if was is None:
-                    totals.hold(key, hold)  # not in memory (read in above, so not expected)
+                    totals.hold(ref, hold)  # not in memory (read in above, so not expected)
                 else:
                     # The first hold shares the request's int: one for all its µUSD buckets.
-                    held_of[key] = was + hold if was else hold
-                record_holds.append((key, hold))
+                    held_of[ref] = was + hold if was else hold
+                record_holds.append((ref, hold))
         totals.opened(rid, request.expires_at)
         self._unfiled.add(rid)
         self._pending.append((record, record_holds))

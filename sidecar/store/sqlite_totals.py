@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from sidecar.store.budget_types import BucketState, BucketView
+from sidecar.store.budget_types import BucketState, BucketView, bucket_ref
 from sidecar.store.sqlite_records import holds_of
 
 # Ended reservation ids remembered, so that a reserve repeating one is refused as the file
@@ -57,22 +57,26 @@ Open = tuple[float, str]
 
 
 class Totals:
+    """Buckets are known by `bucket_ref` of their key (a view carries it): every bucket
+    with a hold stays in memory, one per caller and rule of every call in flight, and its
+    key string was most of what each cost."""
+
     def __init__(self) -> None:
         # bucket -> what open reservations hold (0: nothing), for the buckets read from the
         # file since they were last evicted (`missing` names the others; a decision reads
         # them first). One dict both says a bucket is in memory and holds its hold: most
         # buckets read have no slots, and a second dict entry each was 25 bytes a bucket.
-        self.buckets: dict[str, int] = {}
+        self.buckets: dict[int, int] = {}
         # bucket -> slot -> [amount, expiry], for the buckets in `buckets` that have slots
-        self._slots: dict[str, dict[int, list[int]]] = {}
+        self._slots: dict[int, dict[int, list[int]]] = {}
         # bucket -> hold, of buckets not in memory: the holds of the reservations open when
         # the file was opened, until a decision reads their bucket (held buckets are never
         # evicted, so nothing else lands here).
-        self._unread_held: dict[str, int] = {}
+        self._unread_held: dict[int, int] = {}
         # (expiry, bucket, slot) of every slot, to forget them as the file's housekeeping
         # deletes them without looking at every bucket; an entry may be older than its
         # slot's expiry (extended since), and is then put back.
-        self._slot_expiries: list[tuple[int, str, int]] = []
+        self._slot_expiries: list[tuple[int, int, int]] = []
         self.open_entries: dict[str, Open] = {}
         self._expiries: list[Open] = []
         # The ids, and the order to forget them in: a set and a deque take about half the
@@ -93,7 +97,7 @@ class Totals:
         ):
             totals.opened(rid, expires_at)
             for key, hold in holds_of(buckets_json, estimate, held):
-                totals.hold(key, hold)
+                totals.hold(bucket_ref(key), hold)
         return totals
 
     @staticmethod
@@ -115,14 +119,15 @@ class Totals:
     def missing(self, buckets: Sequence[BucketView]) -> list[str]:
         """The buckets' keys whose slots are not in memory (never read, or evicted)."""
         known = self.buckets
-        return list(dict.fromkeys(b.key for b in buckets if b.key not in known))
+        return list(dict.fromkeys(b.key for b in buckets if b.ref not in known))
 
     def loaded(self, read: SlotsRead) -> None:
         """Slots read from the file, for the keys still missing. A key read meanwhile by
         another decision keeps what it has: that, with the changes applied since, is
         newer than this read."""
         known = self.buckets
-        for key, rows in read.items():
+        for name, rows in read.items():
+            key = bucket_ref(name)
             if key in known:
                 continue
             known[key] = self._unread_held.pop(key, 0) if self._unread_held else 0
@@ -163,7 +168,7 @@ class Totals:
     # -- reading ---------------------------------------------------------------------
     def state(self, bucket: BucketView, with_slots: bool = False) -> BucketState:
         """`with_slots`: also the amount of each slot in the window, by slot."""
-        slots = self._slots.get(bucket.key)
+        slots = self._slots.get(bucket.ref)
         spent = 0
         kept: dict[int, int] = {}
         if slots:
@@ -173,9 +178,9 @@ class Totals:
                     spent += cell[0]
                     if with_slots:
                         kept[slot] = cell[0]
-        return BucketState(spent, self._held(bucket.key), kept)
+        return BucketState(spent, self._held(bucket.ref), kept)
 
-    def _held(self, key: str) -> int:
+    def _held(self, key: int) -> int:
         held = self.buckets.get(key)
         return self._unread_held.get(key, 0) if held is None else held
 
@@ -187,7 +192,7 @@ class Totals:
         spent_list: list[int] = []
         held_list: list[int] = []
         for b in buckets:
-            key = b.key
+            key = b.ref
             spent = 0
             slots = slots_of.get(key)
             if slots:
@@ -234,7 +239,8 @@ class Totals:
         return False if request_id in self._ended else None
 
     # -- changing --------------------------------------------------------------------
-    def hold(self, key: str, amount: int) -> None:
+    def hold(self, key: int, amount: int) -> None:
+        """`amount` more held in the bucket `key` (its `bucket_ref`)."""
         held = self.buckets.get(key)
         if held is not None:
             # The first hold shares the caller's int (often one for all a request's buckets).
@@ -246,7 +252,7 @@ class Totals:
         else:
             self._unread_held.pop(key, None)
 
-    def add(self, key: str, slot: int, amount: int, expires: int) -> None:
+    def add(self, key: int, slot: int, amount: int, expires: int) -> None:
         slots = self._slots.get(key)
         if slots is None:
             if key not in self.buckets:
@@ -284,10 +290,10 @@ class Totals:
         return request_id in self.open_entries
 
     def apply(self, deltas: Deltas) -> None:
-        for key, slot, amount, expires in deltas.spent:
-            self.add(key, slot, amount, expires)
-        for key, amount in deltas.held:
-            self.hold(key, amount)
+        for name, slot, amount, expires in deltas.spent:
+            self.add(bucket_ref(name), slot, amount, expires)
+        for name, amount in deltas.held:
+            self.hold(bucket_ref(name), amount)
         for request_id in deltas.ended:
             self.ended(request_id)
 
