@@ -46,7 +46,9 @@ def validity(rules: Iterable[Rule], now: float) -> tuple[float, float]:
 class PlanCache(Generic[P]):
     """At most `max_entries` plans; all of them go when the rules they were made from do."""
 
-    def __init__(self, max_entries: int = 4096) -> None:
+    # About 2 KB a plan: 2,048 of them some 4 MB. A plan lives for one slot of its
+    # shortest window, so this many callers would have to ask within one slot to miss.
+    def __init__(self, max_entries: int = 2048) -> None:
         self.max_entries = max_entries
         self._rules: tuple[object, ...] = ()
         self._plans: dict[Hashable, tuple[P, float, float]] = {}
