@@ -46,9 +46,9 @@ def validity(rules: Iterable[Rule], now: float) -> tuple[float, float]:
 class PlanCache(Generic[P]):
     """At most `max_entries` plans; all of them go when the rules they were made from do."""
 
-    # About 2 KB a plan: 2,048 of them some 4 MB. A plan lives for one slot of its
-    # shortest window, so this many callers would have to ask within one slot to miss.
-    def __init__(self, max_entries: int = 2048) -> None:
+    # About 2 KB a plan: 1,024 of them some 2 MB. A plan lives for one slot of its
+    # shortest window, so more callers than this would have to ask within one slot to miss.
+    def __init__(self, max_entries: int = 1024) -> None:
         self.max_entries = max_entries
         self._rules: tuple[object, ...] = ()
         self._plans: dict[Hashable, tuple[P, float, float]] = {}

@@ -19,10 +19,10 @@ from sidecar.shared_values import SharedValues
 
 # Tokens beyond this size are refused before any parsing: nobody needs a 16 KiB JWT.
 MAX_TOKEN_BYTES = 16_384
-# Verified tokens kept, the least recently seen going first: about 420 bytes each (the
-# digest, the Identity and its strings), so some 8 MB full. Past this many callers at once
+# Verified tokens kept, the least recently seen going first: about 470 bytes each (the
+# digest, the Identity and its strings), so some 5 MB full. Past this many callers at once
 # a token is verified again (one signature check) when it comes back.
-TOKEN_CACHE_SIZE = 20_000
+TOKEN_CACHE_SIZE = 10_000
 
 
 class KeySource(Protocol):
