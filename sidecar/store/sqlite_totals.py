@@ -49,11 +49,13 @@ class Deltas:
         self.ended += other.ended
 
 
-# An open reservation: (expires_at, request id). One tuple is both its entry by id and its
-# entry in the expiry heap (an object for the one and a tuple for the other were about 100
-# bytes a reservation more, and every reservation of the last TTL may be open). Its binding
-# is not kept: only a repeated id needs it, and reads it from the file (`existing`).
-Open = tuple[float, str]
+# An open reservation's entry: its expires_at, the very float object it was opened with
+# (an id opened again has another, so an entry read earlier can be told from the current
+# one by identity). Its binding is not kept: only a repeated id needs it, and reads it from
+# the file (`existing`). Every reservation of the last TTL may be open, so each costs only
+# its id, this float and a slot in a dict and two deques (a tuple per reservation for an
+# expiry heap was about 70 bytes more).
+Open = float
 
 
 class Totals:
@@ -78,7 +80,13 @@ class Totals:
         # slot's expiry (extended since), and is then put back.
         self._slot_expiries: list[tuple[int, int, int]] = []
         self.open_entries: dict[str, Open] = {}
-        self._expiries: list[Open] = []
+        # Expiries in the order they come up: reservations are opened with the same TTL
+        # nearly always, so in admission order (two deques: ids, and their entries); one
+        # that would come up before the last queued (a shorter TTL after a reload) goes to
+        # a heap instead. Entries no longer current are skipped when they come up.
+        self._queued_ids: deque[str] = deque()
+        self._queued: deque[Open] = deque()
+        self._expiries: list[tuple[float, str]] = []
         # The ids, and the order to forget them in: a set and a deque take about half the
         # memory of an OrderedDict (whose links cost some 50 bytes an id).
         self._ended: set[str] = set()
@@ -93,7 +101,7 @@ class Totals:
         # current while a process owns the file).
         for rid, expires_at, buckets_json, estimate, held in conn.execute(
             "SELECT request_id, expires_at, buckets, estimate, held FROM reservations "
-            "WHERE state = 'open'"
+            "WHERE state = 'open' ORDER BY expires_at"
         ):
             totals.opened(rid, expires_at)
             for key, hold in holds_of(buckets_json, estimate, held):
@@ -212,11 +220,20 @@ class Totals:
 
     def first_expiry(self) -> float | None:
         """When the earliest open reservation expires (None: none is open)."""
-        heap = self._expiries
+        entries = self.open_entries
+        ids, queued = self._queued_ids, self._queued
         # An entry is current while it is the one its id maps to.
-        while heap and self.open_entries.get(heap[0][1]) is not heap[0]:
+        while ids and entries.get(ids[0]) is not queued[0]:
+            ids.popleft()
+            queued.popleft()
+        heap = self._expiries
+        if not heap:  # nearly always
+            return queued[0] if queued else None
+        while heap and entries.get(heap[0][1]) is not heap[0][0]:
             heapq.heappop(heap)
-        return heap[0][0] if heap else None
+        if not heap:
+            return queued[0] if queued else None
+        return min(queued[0], heap[0][0]) if queued else heap[0][0]
 
     def open_entry(self, request_id: str) -> Open | None:
         return self.open_entries.get(request_id)
@@ -231,10 +248,7 @@ class Totals:
         found = self.open_entries.get(request_id)
         if found is not None:
             return (
-                found[0] > now
-                and stored is not None
-                and stored[0] is found
-                and stored[1] == binding
+                found > now and stored is not None and stored[0] is found and stored[1] == binding
             )
         return False if request_id in self._ended else None
 
@@ -267,17 +281,32 @@ class Totals:
             cell[1] = max(cell[1], expires)
 
     def opened(self, request_id: str, expires_at: float) -> None:
-        entry = self.open_entries[request_id] = (expires_at, request_id)
-        heapq.heappush(self._expiries, entry)
+        # A float object of its own: entries are told apart by identity (`Open`).
+        entry = self.open_entries[request_id] = expires_at + 0.0
+        queued = self._queued
+        if not queued or queued[-1] <= entry:
+            self._queued_ids.append(request_id)
+            queued.append(entry)
+        else:
+            heapq.heappush(self._expiries, (entry, request_id))
 
     def ended(self, request_id: str) -> None:
         if self.open_entries.pop(request_id, None) is None and request_id in self._ended:
             return
-        if len(self._expiries) > 2 * len(self.open_entries) + _EXPIRIES_SLACK:
-            # Ended reservations leave their expiry in the heap until it comes up; most end
-            # long before (charged), so without this the heap would hold every reservation
-            # of the last TTL. Rebuilt from what is open, it stays within twice that.
-            self._expiries = list(self.open_entries.values())
+        entries = self.open_entries
+        if len(self._queued) + len(self._expiries) > 2 * len(entries) + _EXPIRIES_SLACK:
+            # Ended reservations leave their expiry queued until it comes up; most end long
+            # before (charged), so without this the queue would hold every reservation of
+            # the last TTL. Kept to what is open (in the same order), it stays within twice
+            # that.
+            kept = [
+                (rid, entry)
+                for rid, entry in zip(self._queued_ids, self._queued, strict=True)
+                if entries.get(rid) is entry
+            ]
+            self._queued_ids = deque(rid for rid, _ in kept)
+            self._queued = deque(entry for _, entry in kept)
+            self._expiries = [e for e in self._expiries if entries.get(e[1]) is e[0]]
             heapq.heapify(self._expiries)
         if request_id in self._ended:
             return
