@@ -66,9 +66,9 @@ _MAX_UNWRITTEN = 50_000
 _BUCKETS_KEPT = 100_000
 
 # Bucket keys kept JSON-encoded for reservation records (a few callers and rules make most
-# of the traffic); the cache starts again when full. About 190 bytes a key: 4,096 is some
-# 0.8 MB, where 20,000 was 3.8 (a miss is one json.dumps of a short string).
-_KEYS_CACHED = 4096
+# of the traffic); the cache starts again when full. About 190 bytes a key: 1,024 is some
+# 0.2 MB, where 20,000 was 3.8 (a miss is one json.dumps of a short string).
+_KEYS_CACHED = 1024
 
 # A waiting reservation: its record and what it holds per bucket (by `bucket_ref`).
 _Pending = tuple[Record, list[tuple[int, int]]]
