@@ -12,8 +12,8 @@ batch of Checks is followed by one access log message holding a finished stream'
 metering record per admitted call, as Envoy sends them, so the calls end as real ones do
 and what stays is what each user leaves behind.
 
-What grows with users: the verified-token cache (bounded, 50,000 entries), cached plans
-(bounded, 4,096), per-user budget buckets and, with the SQLite file owned by the process
+What grows with users: the verified-token cache (bounded, 10,000 entries), cached plans
+(bounded, 1,024), per-user budget buckets and, with the SQLite file owned by the process
 (the default), the holds of open reservations and the buckets read, in the process. Tokens are
 minted by two helper processes (RSA signing is the slow part) and streamed to the client,
 so neither the tokens nor the client live in the measured process. Prints one JSON object.

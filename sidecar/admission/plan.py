@@ -3,7 +3,6 @@ them, and those buckets merged into what the store sees."""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -46,6 +45,27 @@ def context(
     return ctx
 
 
+# What per-caller plans share: a bucket whose key names no caller (an unsplit rule's, a
+# group's, a model's) is the same Planned in every caller's plan. Kept per rule and key,
+# checked against the rule object (a reload makes new ones), and starting again when full.
+_PER_CALLER = ("user", "token")
+_shared_planned: dict[tuple[int, str], Planned] = {}
+_SHARED_PLANNED_BOUND = 4096
+
+
+def _planned(rule: Rule, view: BucketView, labels: Mapping[str, str]) -> Planned:
+    if any(dim in labels for dim in _PER_CALLER):
+        return Planned(rule, view, labels)
+    key = (id(rule), view.key)
+    found = _shared_planned.get(key)
+    if found is not None and found.rule is rule and found.view == view:
+        return found
+    if len(_shared_planned) >= _SHARED_PLANNED_BOUND:
+        _shared_planned.clear()
+    found = _shared_planned[key] = Planned(rule, view, labels)
+    return found
+
+
 def plan(rules: Sequence[Rule], ctx: Context, now: float) -> list[Planned]:
     planned = []
     for rule in rules:
@@ -58,7 +78,7 @@ def plan(rules: Sequence[Rule], ctx: Context, now: float) -> list[Planned]:
         enforce = rule.action != "monitor"
         for key, labels in buckets:
             view = BucketView(key, slot, since, ttl, rule.limit, enforce, rule.measure)
-            planned.append(Planned(rule, view, labels))
+            planned.append(_planned(rule, view, labels))
     return planned
 
 
@@ -69,7 +89,12 @@ _shared_names: SharedValues[tuple[str, ...]] = SharedValues(1024)
 _shared_enforced: SharedValues[tuple[tuple[int, Unit, int], ...]] = SharedValues(1024)
 
 
-@dataclass(frozen=True)
+_shared_positions: SharedValues[tuple[int, ...]] = SharedValues(1024)
+
+
+# Slots, and no per-plan dict of bucket keys: plans are cached per caller (up to
+# PlanCache's bound), and a plan's instance dict and key index were over a kilobyte each.
+@dataclass(frozen=True, slots=True)
 class Plan:
     """Planned buckets, and the distinct store buckets they map to.
 
@@ -79,10 +104,22 @@ class Plan:
 
     planned: tuple[Planned, ...]
     views: tuple[BucketView, ...]
-    index: Mapping[str, int]
+    # The index in `views` of each of `planned`'s buckets, in the same order.
+    positions: tuple[int, ...]
+    # What each decision reads of its plan besides the buckets, worked out once per plan:
+    # the rules' names, sorted (every decision logs them) ...
+    names: tuple[str, ...]
+    # ... (index, unit, limit) of each enforced bucket ...
+    enforced: tuple[tuple[int, Unit, int], ...]
+    # ... and the planned buckets whose rule has alert thresholds (and a limit to reach).
+    alerting: tuple[Planned, ...]
 
     def state(self, planned: Planned, states: Sequence[BucketState]) -> BucketState:
-        return states[self.index[planned.view.key]]
+        for p, i in zip(self.planned, self.positions, strict=True):
+            if p is planned:
+                return states[i]
+        key = planned.view.key
+        return states[next(i for i, v in enumerate(self.views) if v.key == key)]
 
     def culprit(self, view_index: int) -> Planned:
         view = self.views[view_index]
@@ -93,30 +130,7 @@ class Plan:
         )
 
     def rule_names(self) -> tuple[str, ...]:
-        return self._rule_names
-
-    @functools.cached_property
-    def _rule_names(self) -> tuple[str, ...]:
-        # Once per plan: plans are cached per caller, and every decision logs these.
-        return _shared_names(tuple(sorted({p.rule.name for p in self.planned})))
-
-    # What each decision reads of its plan besides the buckets, once per plan (plans are
-    # cached per caller): indices into `views` (and so into the store's states), in order.
-    @functools.cached_property
-    def enforced(self) -> tuple[tuple[int, Unit, int], ...]:
-        """(index, unit, limit) of each enforced bucket."""
-        return _shared_enforced(
-            tuple(
-                (i, UNIT_OF[view.measure], view.limit)
-                for i, view in enumerate(self.views)
-                if view.enforce
-            )
-        )
-
-    @functools.cached_property
-    def alerting(self) -> tuple[Planned, ...]:
-        """The planned buckets whose rule has alert thresholds (and a limit to reach)."""
-        return tuple(p for p in self.planned if p.rule.alerts and p.rule.limit > 0)
+        return self.names
 
 
 def merge(planned: Sequence[Planned]) -> Plan:
@@ -128,4 +142,20 @@ def merge(planned: Sequence[Planned]) -> Plan:
         ):
             merged[p.view.key] = p.view
     views = tuple(merged.values())
-    return Plan(tuple(planned), views, {v.key: i for i, v in enumerate(views)})
+    index = {key: i for i, key in enumerate(merged)}
+    # Equal values plans derive from their rules alone (every caller under the same rules
+    # has the same ones): one object kept for all the cached plans, not one per plan.
+    return Plan(
+        tuple(planned),
+        views,
+        _shared_positions(tuple(index[p.view.key] for p in planned)),
+        _shared_names(tuple(sorted({p.rule.name for p in planned}))),
+        _shared_enforced(
+            tuple(
+                (i, UNIT_OF[view.measure], view.limit)
+                for i, view in enumerate(views)
+                if view.enforce
+            )
+        ),
+        tuple(p for p in planned if p.rule.alerts and p.rule.limit > 0),
+    )

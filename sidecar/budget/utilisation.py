@@ -26,7 +26,10 @@ if TYPE_CHECKING:
 MAX_BUCKETS_PER_RULE = 100_000
 # Plans whose latest answer waits for the next refresh; past this many, all are folded in
 # at once (a memory bound when very many callers are seen between two refreshes).
-MAX_PENDING_PLANS = 1024
+# A pending plan is held (and its states, a dozen per plan) past the plan cache's own
+# bound: 64 keep that to about 0.2 MB (folding more often only when more callers than
+# that are seen between two refreshes).
+MAX_PENDING_PLANS = 64
 
 
 # A bucket's observation is one int, `permille << _SLOT_BITS | slot` (a tuple of two ints

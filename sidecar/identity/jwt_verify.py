@@ -19,6 +19,10 @@ from sidecar.shared_values import SharedValues
 
 # Tokens beyond this size are refused before any parsing: nobody needs a 16 KiB JWT.
 MAX_TOKEN_BYTES = 16_384
+# Verified tokens kept, the least recently seen going first: about 470 bytes each (the
+# digest, the Identity and its strings), so some 5 MB full. Past this many callers at once
+# a token is verified again (one signature check) when it comes back.
+TOKEN_CACHE_SIZE = 10_000
 
 
 class KeySource(Protocol):
@@ -166,7 +170,7 @@ class JwtVerifier:
         issuers: Sequence[IssuerPolicy],
         directory: Directory | Mapping[str, tuple[str, ...]],
         *,
-        cache_size: int = 50_000,
+        cache_size: int = TOKEN_CACHE_SIZE,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._issuers = {p.issuer: p for p in issuers}

@@ -7,6 +7,7 @@ and a commit replaces it by the actual amount in the same measure.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,6 +57,19 @@ class BucketView:
     # Monitor rules count spend but never refuse a request.
     enforce: bool = True
     measure: Measure = "usd"
+    # `bucket_ref(key)`, worked out once per view (views are cached in plans).
+    ref: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ref", bucket_ref(self.key))
+
+
+def bucket_ref(key: str) -> int:
+    """A bucket key as 128 bits of its BLAKE2b digest: what a store keeping very many
+    buckets in memory keys them by (a 48-byte int instead of a string of a hundred or so
+    bytes). Two keys sharing one is as likely as two random reservation ids colliding."""
+    digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    return int.from_bytes(digest, "little")
 
 
 @dataclass(frozen=True, slots=True)

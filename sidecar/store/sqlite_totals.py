@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from sidecar.store.budget_types import BucketState, BucketView
+from sidecar.store.budget_types import BucketState, BucketView, bucket_ref
 from sidecar.store.sqlite_records import holds_of
 
 # Ended reservation ids remembered, so that a reserve repeating one is refused as the file
@@ -49,32 +49,44 @@ class Deltas:
         self.ended += other.ended
 
 
-# An open reservation: (expires_at, request id). One tuple is both its entry by id and its
-# entry in the expiry heap (an object for the one and a tuple for the other were about 100
-# bytes a reservation more, and every reservation of the last TTL may be open). Its binding
-# is not kept: only a repeated id needs it, and reads it from the file (`existing`).
-Open = tuple[float, str]
+# An open reservation's entry: its expires_at, the very float object it was opened with
+# (an id opened again has another, so an entry read earlier can be told from the current
+# one by identity). Its binding is not kept: only a repeated id needs it, and reads it from
+# the file (`existing`). Every reservation of the last TTL may be open, so each costs only
+# its id, this float and a slot in a dict and two deques (a tuple per reservation for an
+# expiry heap was about 70 bytes more).
+Open = float
 
 
 class Totals:
+    """Buckets are known by `bucket_ref` of their key (a view carries it): every bucket
+    with a hold stays in memory, one per caller and rule of every call in flight, and its
+    key string was most of what each cost."""
+
     def __init__(self) -> None:
         # bucket -> what open reservations hold (0: nothing), for the buckets read from the
         # file since they were last evicted (`missing` names the others; a decision reads
         # them first). One dict both says a bucket is in memory and holds its hold: most
         # buckets read have no slots, and a second dict entry each was 25 bytes a bucket.
-        self.buckets: dict[str, int] = {}
+        self.buckets: dict[int, int] = {}
         # bucket -> slot -> [amount, expiry], for the buckets in `buckets` that have slots
-        self._slots: dict[str, dict[int, list[int]]] = {}
+        self._slots: dict[int, dict[int, list[int]]] = {}
         # bucket -> hold, of buckets not in memory: the holds of the reservations open when
         # the file was opened, until a decision reads their bucket (held buckets are never
         # evicted, so nothing else lands here).
-        self._unread_held: dict[str, int] = {}
+        self._unread_held: dict[int, int] = {}
         # (expiry, bucket, slot) of every slot, to forget them as the file's housekeeping
         # deletes them without looking at every bucket; an entry may be older than its
         # slot's expiry (extended since), and is then put back.
-        self._slot_expiries: list[tuple[int, str, int]] = []
+        self._slot_expiries: list[tuple[int, int, int]] = []
         self.open_entries: dict[str, Open] = {}
-        self._expiries: list[Open] = []
+        # Expiries in the order they come up: reservations are opened with the same TTL
+        # nearly always, so in admission order (two deques: ids, and their entries); one
+        # that would come up before the last queued (a shorter TTL after a reload) goes to
+        # a heap instead. Entries no longer current are skipped when they come up.
+        self._queued_ids: deque[str] = deque()
+        self._queued: deque[Open] = deque()
+        self._expiries: list[tuple[float, str]] = []
         # The ids, and the order to forget them in: a set and a deque take about half the
         # memory of an OrderedDict (whose links cost some 50 bytes an id).
         self._ended: set[str] = set()
@@ -89,11 +101,11 @@ class Totals:
         # current while a process owns the file).
         for rid, expires_at, buckets_json, estimate, held in conn.execute(
             "SELECT request_id, expires_at, buckets, estimate, held FROM reservations "
-            "WHERE state = 'open'"
+            "WHERE state = 'open' ORDER BY expires_at"
         ):
             totals.opened(rid, expires_at)
             for key, hold in holds_of(buckets_json, estimate, held):
-                totals.hold(key, hold)
+                totals.hold(bucket_ref(key), hold)
         return totals
 
     @staticmethod
@@ -115,14 +127,15 @@ class Totals:
     def missing(self, buckets: Sequence[BucketView]) -> list[str]:
         """The buckets' keys whose slots are not in memory (never read, or evicted)."""
         known = self.buckets
-        return list(dict.fromkeys(b.key for b in buckets if b.key not in known))
+        return list(dict.fromkeys(b.key for b in buckets if b.ref not in known))
 
     def loaded(self, read: SlotsRead) -> None:
         """Slots read from the file, for the keys still missing. A key read meanwhile by
         another decision keeps what it has: that, with the changes applied since, is
         newer than this read."""
         known = self.buckets
-        for key, rows in read.items():
+        for name, rows in read.items():
+            key = bucket_ref(name)
             if key in known:
                 continue
             known[key] = self._unread_held.pop(key, 0) if self._unread_held else 0
@@ -163,7 +176,7 @@ class Totals:
     # -- reading ---------------------------------------------------------------------
     def state(self, bucket: BucketView, with_slots: bool = False) -> BucketState:
         """`with_slots`: also the amount of each slot in the window, by slot."""
-        slots = self._slots.get(bucket.key)
+        slots = self._slots.get(bucket.ref)
         spent = 0
         kept: dict[int, int] = {}
         if slots:
@@ -173,9 +186,9 @@ class Totals:
                     spent += cell[0]
                     if with_slots:
                         kept[slot] = cell[0]
-        return BucketState(spent, self._held(bucket.key), kept)
+        return BucketState(spent, self._held(bucket.ref), kept)
 
-    def _held(self, key: str) -> int:
+    def _held(self, key: int) -> int:
         held = self.buckets.get(key)
         return self._unread_held.get(key, 0) if held is None else held
 
@@ -187,7 +200,7 @@ class Totals:
         spent_list: list[int] = []
         held_list: list[int] = []
         for b in buckets:
-            key = b.key
+            key = b.ref
             spent = 0
             slots = slots_of.get(key)
             if slots:
@@ -207,11 +220,20 @@ class Totals:
 
     def first_expiry(self) -> float | None:
         """When the earliest open reservation expires (None: none is open)."""
-        heap = self._expiries
+        entries = self.open_entries
+        ids, queued = self._queued_ids, self._queued
         # An entry is current while it is the one its id maps to.
-        while heap and self.open_entries.get(heap[0][1]) is not heap[0]:
+        while ids and entries.get(ids[0]) is not queued[0]:
+            ids.popleft()
+            queued.popleft()
+        heap = self._expiries
+        if not heap:  # nearly always
+            return queued[0] if queued else None
+        while heap and entries.get(heap[0][1]) is not heap[0][0]:
             heapq.heappop(heap)
-        return heap[0][0] if heap else None
+        if not heap:
+            return queued[0] if queued else None
+        return min(queued[0], heap[0][0]) if queued else heap[0][0]
 
     def open_entry(self, request_id: str) -> Open | None:
         return self.open_entries.get(request_id)
@@ -226,15 +248,13 @@ class Totals:
         found = self.open_entries.get(request_id)
         if found is not None:
             return (
-                found[0] > now
-                and stored is not None
-                and stored[0] is found
-                and stored[1] == binding
+                found > now and stored is not None and stored[0] is found and stored[1] == binding
             )
         return False if request_id in self._ended else None
 
     # -- changing --------------------------------------------------------------------
-    def hold(self, key: str, amount: int) -> None:
+    def hold(self, key: int, amount: int) -> None:
+        """`amount` more held in the bucket `key` (its `bucket_ref`)."""
         held = self.buckets.get(key)
         if held is not None:
             # The first hold shares the caller's int (often one for all a request's buckets).
@@ -246,7 +266,7 @@ class Totals:
         else:
             self._unread_held.pop(key, None)
 
-    def add(self, key: str, slot: int, amount: int, expires: int) -> None:
+    def add(self, key: int, slot: int, amount: int, expires: int) -> None:
         slots = self._slots.get(key)
         if slots is None:
             if key not in self.buckets:
@@ -261,17 +281,32 @@ class Totals:
             cell[1] = max(cell[1], expires)
 
     def opened(self, request_id: str, expires_at: float) -> None:
-        entry = self.open_entries[request_id] = (expires_at, request_id)
-        heapq.heappush(self._expiries, entry)
+        # A float object of its own: entries are told apart by identity (`Open`).
+        entry = self.open_entries[request_id] = expires_at + 0.0
+        queued = self._queued
+        if not queued or queued[-1] <= entry:
+            self._queued_ids.append(request_id)
+            queued.append(entry)
+        else:
+            heapq.heappush(self._expiries, (entry, request_id))
 
     def ended(self, request_id: str) -> None:
         if self.open_entries.pop(request_id, None) is None and request_id in self._ended:
             return
-        if len(self._expiries) > 2 * len(self.open_entries) + _EXPIRIES_SLACK:
-            # Ended reservations leave their expiry in the heap until it comes up; most end
-            # long before (charged), so without this the heap would hold every reservation
-            # of the last TTL. Rebuilt from what is open, it stays within twice that.
-            self._expiries = list(self.open_entries.values())
+        entries = self.open_entries
+        if len(self._queued) + len(self._expiries) > 2 * len(entries) + _EXPIRIES_SLACK:
+            # Ended reservations leave their expiry queued until it comes up; most end long
+            # before (charged), so without this the queue would hold every reservation of
+            # the last TTL. Kept to what is open (in the same order), it stays within twice
+            # that.
+            kept = [
+                (rid, entry)
+                for rid, entry in zip(self._queued_ids, self._queued, strict=True)
+                if entries.get(rid) is entry
+            ]
+            self._queued_ids = deque(rid for rid, _ in kept)
+            self._queued = deque(entry for _, entry in kept)
+            self._expiries = [e for e in self._expiries if entries.get(e[1]) is e[0]]
             heapq.heapify(self._expiries)
         if request_id in self._ended:
             return
@@ -284,10 +319,10 @@ class Totals:
         return request_id in self.open_entries
 
     def apply(self, deltas: Deltas) -> None:
-        for key, slot, amount, expires in deltas.spent:
-            self.add(key, slot, amount, expires)
-        for key, amount in deltas.held:
-            self.hold(key, amount)
+        for name, slot, amount, expires in deltas.spent:
+            self.add(bucket_ref(name), slot, amount, expires)
+        for name, amount in deltas.held:
+            self.hold(bucket_ref(name), amount)
         for request_id in deltas.ended:
             self.ended(request_id)
 

@@ -165,3 +165,29 @@ async def test_identities_with_the_same_groups_share_one_tuple_of_them(issuer: D
     assert alice.groups is bob.groups and alice.groups == ("eng", "ml")
     # The order is the token's: another order is another tuple, of the same name objects.
     assert carol.groups == ("ml", "eng") and carol.groups[1] is alice.groups[0]
+
+
+async def test_token_cache_keeps_at_most_its_bound_least_recent_going_first(
+    issuer: DevIssuer,
+) -> None:
+    keys = JwksCache(url="https://idp/certs", fetch=FakeJwksServer(issuer.jwks()).fetch)
+    policy = IssuerPolicy(issuer.issuer, (issuer.audience,), ("RS256",), "groups", 30, keys)
+    v = JwtVerifier([policy], {}, cache_size=2)
+    a, b, c = (issuer.mint(f"{n}@example.com") for n in "abc")
+    first_a = await v.verify(a)
+    await v.verify(b)
+    assert await v.verify(a) is first_a  # a hit: a is now the most recent
+    await v.verify(c)  # b, the least recently seen, goes
+    assert len(v._cache) == 2
+    assert await v.verify(a) is first_a
+    assert (await v.verify(b)).email == "b@example.com"  # verified again, not cached
+
+
+async def test_cached_tokens_never_answer_for_one_another(issuer: DevIssuer) -> None:
+    v = verifier(issuer, FakeJwksServer(issuer.jwks()), Clock())
+    tokens = {f"user{n}@example.com": issuer.mint(f"user{n}@example.com") for n in range(20)}
+    for token in tokens.values():
+        await v.verify(token)
+    for email, token in tokens.items():
+        assert (await v.verify(token)).email == email
+    assert len(v._cache) == len(tokens)

@@ -38,3 +38,15 @@ def test_size_is_bounded_by_dropping_the_oldest() -> None:
         inflight.admitted(name)
     inflight.charged("e")
     assert inflight.count() == 2  # c and d: a and b made room
+
+
+def test_calls_admitted_in_one_second_share_one_admission_time() -> None:
+    clock = Clock()
+    inflight = InFlight(max_age=10, clock=clock)
+    for name, now in (("a", 100.2), ("b", 100.9), ("c", 101.0)):
+        clock.now = now
+        inflight.admitted(name)
+    times = inflight._admitted
+    assert times["a"] is times["b"] and times["a"] == 100.0 and times["c"] == 101.0
+    clock.now = 110.5  # a and b admitted in second 100: 10.5 > max_age since it began
+    assert inflight.count() == 1

@@ -6,13 +6,14 @@ from pathlib import Path
 from typing import Any
 
 from sidecar.admission.plan import Plan, context, merge, plan
-from sidecar.admission.plan_cache import PlanCache, validity
+from sidecar.admission.plan_cache import PlanCache, context_key, validity
 from sidecar.budget.runtime_rules import SPEND_LIMITS, RuntimeRules
 from sidecar.config.loader import parse_config
 from sidecar.config.ruleset import RuleSet, RuleSetHolder, build_ruleset
 from sidecar.engine import Engine
 from sidecar.model import Identity
 from sidecar.policy.rules import Rule
+from sidecar.store.budget_types import BucketState
 from sidecar.store.sqlite_store import SQLiteStore
 from tests.unit.test_engine import ALICE, CENT, FixedAuth, attrs
 
@@ -187,3 +188,43 @@ def test_plans_of_different_callers_share_what_depends_only_on_the_rules() -> No
     for x, y in zip(a.views, b.views, strict=True):
         assert x.slot is y.slot and x.ttl_seconds is y.ttl_seconds
     assert a.planned[2].labels is b.planned[2].labels and dict(a.planned[2].labels) == {}
+
+
+def test_plans_share_the_planned_buckets_that_name_no_caller_and_read_states_by_position() -> None:
+    group_split = {**DAILY, "name": "team", "split": ["group"]}
+    rs = ruleset(DAILY, {**DAILY, "name": "org", "split": []}, group_split)
+    now = MIDNIGHT + 30
+
+    def plan_of(user: str) -> Plan:
+        who = Identity(kind="user", subject=user, email=user, groups=("eng", "ml"))
+        return merge(plan(rs.rules, context(who, "m", "openai", {}), now))
+
+    a, b = plan_of("a@x.io"), plan_of("b@x.io")
+    by_rule_a = {(p.rule.name, p.view.key): p for p in a.planned}
+    by_rule_b = {(p.rule.name, p.view.key): p for p in b.planned}
+    for key, planned in by_rule_a.items():
+        if "user" in planned.labels:
+            assert by_rule_b.get(key) is None  # each caller's own bucket
+        else:
+            assert by_rule_b[key] is planned  # org and each group's: one object
+    assert a.positions is b.positions
+    states = [BucketState(i, 0) for i in range(len(a.views))]
+    for p in a.planned:
+        assert a.state(p, states).spent == a.views.index(p.view)
+
+
+def test_context_keys_are_equal_exactly_when_the_contexts_are() -> None:
+    alice = Identity(kind="user", subject="a", email="a@x.io", groups=("eng",))
+    same = Identity(kind="user", subject="a", email="a@x.io", groups=("eng",))
+    others = [
+        Identity(kind="user", subject="a", email="b@x.io", groups=("eng",)),
+        Identity(kind="user", subject="a", email="a@x.io", groups=("eng", "ml")),
+        Identity(kind="user", subject="a", email="a@x.io", groups=()),
+    ]
+    key = context_key(context(alice, "m", "openai", {}))
+    assert key == context_key(context(same, "m", "openai", {}))
+    for other in others:
+        assert key != context_key(context(other, "m", "openai", {}))
+    assert key != context_key(context(alice, "m", "openai", {"project": "x"}))
+    # A value moved from one dimension to another is another context.
+    assert context_key({"a": ("x",), "b": ()}) != context_key({"a": (), "b": ("x",)})
