@@ -69,7 +69,13 @@ CLUSTER_START_SECONDS = 300.0
 
 
 async def decisions(
-    url: str, stat_urls: list[str], policy: str, workdir: Path, count: int, measuring: Any
+    url: str,
+    stat_urls: list[str],
+    policy: str,
+    workdir: Path,
+    count: int,
+    measuring: Any,
+    batch: int,
 ) -> list[dict[str, int]]:
     """Warm up, then run `count` decisions inside `measuring` (a context manager); the
     commands each of `stat_urls` ran for them."""
@@ -78,7 +84,9 @@ async def decisions(
     # falls among the measured decisions would otherwise depend on how long valgrind took
     # to get there (per-owner: each measured caller was last seen in the warmup).
     now = time.time()
-    run = Run(url, stat_urls, policy, workdir, policy, prefix="bench:", clock=lambda: now)
+    run = Run(
+        url, stat_urls, policy, workdir, policy, prefix="bench:", clock=lambda: now, batch=batch
+    )
     # Half the warmup (at least one decision per user), every rolling window filled, the
     # other half: the measured decisions find the store as after a day of traffic.
     await run.setup(WARMUP // 2, steady=True)
@@ -160,7 +168,9 @@ def _per_decision(
     return row
 
 
-def measure_one(policy: str, count: int, workdir: Path, scripts: bool) -> dict[str, Any]:
+def measure_one(
+    policy: str, count: int, workdir: Path, scripts: bool, batch: int
+) -> dict[str, Any]:
     """`count` decisions on one redis-server under callgrind."""
     port = free_port()
     out = workdir / "callgrind.out"
@@ -180,7 +190,7 @@ def measure_one(policy: str, count: int, workdir: Path, scripts: bool) -> dict[s
                 time.sleep(0.1)
         url = f"redis://127.0.0.1:{port}/0"
         [commands] = asyncio.run(
-            decisions(url, [url], policy, workdir, count, _Instrumented([server.pid]))
+            decisions(url, [url], policy, workdir, count, _Instrumented([server.pid]), batch)
         )
         admin.shutdown(nosave=True)  # callgrind writes its counts as the server exits
         server.wait(timeout=120)
@@ -191,7 +201,9 @@ def measure_one(policy: str, count: int, workdir: Path, scripts: bool) -> dict[s
     return {"decisions": count, **_per_decision(_instructions(out), commands, count, scripts)}
 
 
-def measure_cluster(policy: str, count: int, shards: int, workdir: Path) -> dict[str, Any]:
+def measure_cluster(
+    policy: str, count: int, shards: int, workdir: Path, batch: int
+) -> dict[str, Any]:
     """`count` decisions on a Redis Cluster of `shards` primaries, each under callgrind."""
     # valgrind replaces %p with the node's process id: one file per node.
     prefix = _callgrind(workdir / "callgrind.%p.out")
@@ -204,7 +216,9 @@ def measure_cluster(policy: str, count: int, shards: int, workdir: Path) -> dict
     ) as cluster:
         pids = [process.pid for process in cluster.processes]
         commands = asyncio.run(
-            decisions(cluster.url, cluster.node_urls(), policy, workdir, count, _Instrumented(pids))
+            decisions(
+                cluster.url, cluster.node_urls(), policy, workdir, count, _Instrumented(pids), batch
+            )
         )
         for port, process in zip(cluster.ports, cluster.processes, strict=True):
             admin = redis.Redis(port=port)
@@ -230,16 +244,16 @@ def measure_cluster(policy: str, count: int, shards: int, workdir: Path) -> dict
     }
 
 
-def measure(policy: str, shards: int, count: int) -> dict[str, Any]:
+def measure(policy: str, shards: int, count: int, batch: int) -> dict[str, Any]:
     """One Redis and, with `shards` > 1, a cluster of that many primaries; the ratio."""
     os.environ.update(demo_key_env())
     structlog.configure(logger_factory=structlog.ReturnLoggerFactory())
     with tempfile.TemporaryDirectory() as tmp:
         # One Redis alone prints what it always has; next to a cluster, its scripts' share.
-        result = measure_one(policy, count, Path(tmp), scripts=shards > 1)
+        result = measure_one(policy, count, Path(tmp), shards > 1, batch)
     if shards > 1:
         with tempfile.TemporaryDirectory() as tmp:
-            cluster = measure_cluster(policy, count, shards, Path(tmp))
+            cluster = measure_cluster(policy, count, shards, Path(tmp), batch)
         result[f"cluster_{shards}_primaries"] = cluster
         # The store's capacity from CPU work: the busiest node sets the cluster's ceiling.
         result[f"cluster_{shards}_over_one"] = round(
@@ -257,7 +271,7 @@ def measure(policy: str, shards: int, count: int) -> dict[str, Any]:
     return result
 
 
-def baseline(ref: str, policy: str, shards: int, count: int) -> dict[str, Any]:
+def baseline(ref: str, policy: str, shards: int, count: int, batch: int) -> dict[str, Any]:
     """The same count on git commit `ref`'s store, scripts and engine, in a subprocess
     importing that tree (with this file, this tree's decision setup and devtools, which
     older commits lack or have in other shapes)."""
@@ -270,6 +284,7 @@ def baseline(ref: str, policy: str, shards: int, count: int) -> dict[str, Any]:
         for name in ("redis_callgrind.py", "redis_cpu.py"):
             shutil.copy(Path(__file__).with_name(name), Path(tmp, "bench", name))
         argv = ["--decisions", str(count), "--policy", policy, "--shards", str(shards)]
+        argv += ["--batch", str(batch)]
         done = subprocess.run(
             [sys.executable, "-m", "bench.redis_callgrind", *argv],
             cwd=tmp,
@@ -296,16 +311,24 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="1: one Redis; 3 or more: also a Redis Cluster of that many primaries",
     )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        help="charge requests this many at a time (`charge_many`, as an access log batch "
+        "does); 1: commit each right after its check",
+    )
     parser.add_argument("--baseline", metavar="REF", help="also count git commit REF's store")
     args = parser.parse_args(argv)
     if args.shards == 2 or args.shards < 1:
         parser.error("--shards: 1, or 3 or more (a Redis Cluster needs three primaries)")
     result: dict[str, Any] = {
         "policy": args.policy,
-        "now": measure(args.policy, args.shards, args.decisions),
+        "batch": args.batch,
+        "now": measure(args.policy, args.shards, args.decisions, args.batch),
     }
     if args.baseline:
-        old = baseline(args.baseline, args.policy, args.shards, args.decisions)
+        old = baseline(args.baseline, args.policy, args.shards, args.decisions, args.batch)
         result["baseline"] = {"ref": args.baseline, **old}
         result["now_over_baseline"] = round(
             result["now"]["instructions_per_decision"] / old["instructions_per_decision"], 3

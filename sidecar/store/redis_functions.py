@@ -23,7 +23,15 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
 # The scripts that become functions, each with budget_lib.lua's helpers.
-BUDGET_SCRIPTS = ("reserve", "commit", "release", "settle", "settle_part", "add_spend")
+BUDGET_SCRIPTS = (
+    "reserve",
+    "commit",
+    "commit_many",
+    "release",
+    "settle",
+    "settle_part",
+    "add_spend",
+)
 
 
 class _Caller(Protocol):

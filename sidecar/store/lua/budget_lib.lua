@@ -204,6 +204,68 @@ local function adopt(ck, hk, rolling, slot, spent, held, secs)
   return spent, held, window, alive
 end
 
+-- A call that charges many records (commit_many.lua) reads each bucket's counters once and
+-- writes them once, when it ends (`write_counters`): ctx.cache maps a counters key to
+-- {spent, held, window, alive-until} as the call left them, ctx.dirty lists the keys
+-- changed, in the order first changed. Charges the records share (a team's, a model's, the
+-- organisation's bucket) then cost one read and one write per call instead of per record.
+-- Without ctx.cache, each read and write goes to Redis at once.
+local function counters_of(ctx, ck)
+  local cache = ctx.cache
+  if cache == nil then
+    return read_counters(ck)
+  end
+  local c = cache[ck]
+  if c == nil then
+    local spent, held, window, alive = read_counters(ck)
+    if spent == nil then
+      return nil
+    end
+    c = {spent, held, window, alive}
+    cache[ck] = c
+  end
+  return c[1], c[2], c[3], c[4]
+end
+
+-- Counters adopted from the earlier layout (`adopt` wrote them) as the cache's.
+local function adopted(ctx, ck, spent, held, window, alive)
+  if ctx.cache ~= nil then
+    ctx.cache[ck] = {spent, held, window, alive}
+  end
+end
+
+-- Set a bucket's spent and held (and, when `window` is given, its window and alive-until).
+local function put_counters(ctx, ck, spent, held, window, alive)
+  local cache = ctx.cache
+  if cache == nil then
+    if window == nil then
+      rcall('SETRANGE', ck, '0', spack('>i8i8', spent, held))
+    else
+      rcall('SETRANGE', ck, '0', spack(COUNTERS, spent, held, window, alive))
+    end
+    return
+  end
+  local c = cache[ck]
+  if not c.dirty then
+    c.dirty = true
+    ctx.dirty[#ctx.dirty + 1] = ck
+  end
+  c[1], c[2] = spent, held
+  if window ~= nil then
+    c[3], c[4] = window, alive
+  end
+end
+
+-- Write what the cache changed (each key's four fields, in one SETRANGE).
+local function write_counters(ctx)
+  local cache = ctx.cache
+  for _, ck in ipairs(ctx.dirty) do
+    local c = cache[ck]
+    rcall('SETRANGE', ck, '0', spack(COUNTERS, c[1], c[2], c[3], c[4]))
+  end
+  ctx.dirty = {}
+end
+
 -- Charge a bucket `amount` in `slot` and release `held` of its hold; `ttl`: how long the
 -- bucket's data must live from now on. `hk`: a rolling window's slot hash (false for a
 -- fixed window).
@@ -218,9 +280,9 @@ local function add_bucket(ctx, ck, hk, slot, amount, ttl, held)
       rcall('EXPIRE', hk, int(ttl))
     end
   end
-  local spent, h, window, alive = read_counters(ck)
+  local spent, h, window, alive = counters_of(ctx, ck)
   if spent == nil then
-    adopt(ck, hk, rolling, slot, amount, -held, ttl)
+    adopted(ctx, ck, adopt(ck, hk, rolling, slot, amount, -held, ttl))
     return
   end
   h = h - held
@@ -233,19 +295,19 @@ local function add_bucket(ctx, ck, hk, slot, amount, ttl, held)
     -- The counters already follow a later slot (fixed) or a later window start
     -- (rolling): this slot is no longer in what #0 sums.
     if held ~= 0 then
-      rcall('SETRANGE', ck, '8', spack('>i8', h))
+      put_counters(ctx, ck, spent, h)
     end
   elseif window < slot and not rolling then
     -- A fixed window's first spend in a new slot: #0 restarts with it.
     local until_, want = lifetime(alive, ttl)
-    rcall('SETRANGE', ck, '0', spack(COUNTERS, amount, h, slot, until_ or alive))
+    put_counters(ctx, ck, amount, h, slot, until_ or alive)
     if want then
       rcall('EXPIRE', ck, int(want))
     end
   elseif amount ~= 0 or held ~= 0 then
     -- Charged and released in one write (a rolling window's -1, "not summed yet", takes
     -- the charge too: it is summed afresh anyway).
-    rcall('SETRANGE', ck, '0', spack('>i8i8', spent + amount, h))
+    put_counters(ctx, ck, spent + amount, h)
   end
 end
 
@@ -558,4 +620,57 @@ local function settle(ctx, now, limit)
     settle_index(ctx, ctx.held, now, limit, false)
   end
   return parts
+end
+
+-- Commit one record `rkey` (commit.lua says how, and what each argument is: `cost` ARGV[5],
+-- ledger tokens `input`, `output` ARGV[6], ARGV[7], `errors` ARGV[10], `booked` ARGV[11],
+-- budget tokens `budget_in`, `budget_out` ARGV[12], ARGV[13], `now` ARGV[14], `pending`
+-- ARGV[15]); returns the status, the estimate and the other groups' node tags.
+local function commit_one(ctx, rkey, cost, input, output, errors, booked, budget_in, budget_out,
+                          now, pending)
+  local rec = load(rkey)
+  if rec == nil then
+    return 'unknown', 0, ''
+  end
+  if rec.s == 'committed' then
+    return 'duplicate', rec.e, rec.g
+  end
+  if rec.s == 'open' and rec.hm and rec.g ~= '' and rec.x <= now then
+    -- Past its expiry, and a sweep on another shard may have settled a part of it: the
+    -- whole reservation is then expired, as it would be on one Redis where one sweep does
+    -- all.
+    if pending == '' then
+      return 'pending', rec.e, rec.g
+    elseif pending == '1' then
+      expire(ctx, rkey, rec)
+    end
+  end
+  local function actual(measure)
+    return measured(measure, cost, budget_in, budget_out)
+  end
+  local state = 'committed'
+  if rec.s == 'open' then
+    charge(ctx, rec, actual, true, cost, 1, input, output, errors)
+  else
+    -- Expired: it already paid its estimates and counted as a request; charge the
+    -- difference.
+    charge(ctx, rec, function(measure, estimate) return actual(measure) - estimate end, false,
+           cost - rec.e, 0, input, output, errors)
+    state = 'late'
+  end
+  -- Move each part's cost from the reservation's ledger row to the part's own row (its
+  -- key: the hour's index key, "|", its dims; redis_keys.py `ledger_row`).
+  if rec.hm and booked ~= '[]' then
+    for _, part in ipairs(jdecode(booked)) do
+      if rec.old then
+        rcall('HINCRBY', rec.l, 'c|' .. rec.d, -int(part[2]))
+        add_ledger_hash(ctx, {d = part[1], l = rec.l, hr = rec.hr}, part[2], 0, part[3], part[4])
+      else
+        move_row_cost(rec.li .. '|' .. rec.d, part[2])
+        add_row(ctx, rec.li, rec.hr, part[1], part[2], 0, part[3], part[4])
+      end
+    end
+  end
+  finish(ctx, rkey, rec, 'c')
+  return state, rec.e, rec.g
 end

@@ -37,62 +37,13 @@
 -- Returns   {status, estimate, other groups' node tags (comma-separated)}; estimate is 0
 --           when unknown.
 --
--- A function of budget_lib.lua's library (it uses int, load, charge, add_row, finish, ...).
+-- A function of budget_lib.lua's library (`commit_one` does the work; commit_many.lua
+-- commits a batch of records the same way).
 
 local ctx = {open = ARGV[1], held = ARGV[2], hours = ARGV[3], ledger_ttl = tonum(ARGV[8]),
              retention = ARGV[9], slots = ARGV[4]}
 use_clock(ARGV[14])
-local rkey = KEYS[1]
-local rec = load(rkey)
-if rec == nil then
-  return {'unknown', 0, ''}
-end
-if rec.s == 'committed' then
-  return {'duplicate', rec.e, rec.g}
-end
-if rec.s == 'open' and rec.hm and rec.g ~= '' and rec.x <= tonum(ARGV[14]) then
-  -- Past its expiry, and a sweep on another shard may have settled a part of it: the whole
-  -- reservation is then expired, as it would be on one Redis where one sweep does all.
-  if ARGV[15] == '' then
-    return {'pending', rec.e, rec.g}
-  elseif ARGV[15] == '1' then
-    expire(ctx, rkey, rec)
-  end
-end
-
--- Move each part's cost from the reservation's ledger row to the part's own row (its key:
--- the hour's index key, "|", its dims; redis_keys.py `ledger_row`).
-local function book_parts()
-  if not rec.hm or ARGV[11] == '[]' then
-    return
-  end
-  for _, part in ipairs(jdecode(ARGV[11])) do
-    if rec.old then
-      rcall('HINCRBY', rec.l, 'c|' .. rec.d, -int(part[2]))
-      add_ledger_hash(ctx, {d = part[1], l = rec.l, hr = rec.hr}, part[2], 0, part[3], part[4])
-    else
-      move_row_cost(rec.li .. '|' .. rec.d, part[2])
-      add_row(ctx, rec.li, rec.hr, part[1], part[2], 0, part[3], part[4])
-    end
-  end
-end
-
-local cost, input, output = tonum(ARGV[5]), tonum(ARGV[12]), tonum(ARGV[13])
-local errors = tonum(ARGV[10])
-local function actual(measure)
-  return measured(measure, cost, input, output)
-end
-if rec.s == 'open' then
-  charge(ctx, rec, actual, true, cost, 1, ARGV[6], ARGV[7], errors)
-  book_parts()
-  finish(ctx, rkey, rec, 'c')
-  return {'committed', rec.e, rec.g}
-end
--- Expired: it already paid its estimates and counted as a request; charge the difference.
-local function difference(measure, estimate)
-  return actual(measure) - estimate
-end
-charge(ctx, rec, difference, false, cost - rec.e, 0, ARGV[6], ARGV[7], errors)
-book_parts()
-finish(ctx, rkey, rec, 'c')
-return {'late', rec.e, rec.g}
+local status, estimate, tags = commit_one(ctx, KEYS[1], tonum(ARGV[5]), ARGV[6], ARGV[7],
+                                          tonum(ARGV[10]), ARGV[11], tonum(ARGV[12]),
+                                          tonum(ARGV[13]), tonum(ARGV[14]), ARGV[15])
+return {status, estimate, tags}

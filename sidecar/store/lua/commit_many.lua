@@ -1,0 +1,54 @@
+-- commit_many.lua: commit a batch of home records of one Redis, each exactly once, as
+-- commit.lua would one after another.
+--
+-- An access log batch brings the charges of many requests at once, and most of their
+-- buckets are shared (a team's, a model's, the organisation's): one call reads each bucket's
+-- counters once and writes them once at the end (budget_lib.lua `counters_of`), where a
+-- commit per record reads and writes each shared bucket again for every record. Records,
+-- slot hashes and ledger rows are written as commit.lua writes them.
+--
+-- Should a command fail part-way (a record key of a foreign type, memory refused), what the
+-- records before it changed is written before the error is raised, so each record of the
+-- batch is either wholly committed, or changed no more than a failing commit.lua would
+-- change it; the store repeats the batch, and a committed record is then a duplicate.
+--
+-- One Redis only: a home record with parts on other shards needs commit.lua's "pending"
+-- protocol, which the cluster store follows record by record.
+--
+-- KEYS       the records
+-- ARGV[1]    the open zset
+-- ARGV[2]    the held zset ("" on one Redis)
+-- ARGV[3]    the ledger hours zset
+-- ARGV[4]    the slot index zset
+-- ARGV[5]    ledger TTL (seconds)
+-- ARGV[6]    retention of done records (seconds)
+-- ARGV[7]    now (seconds, float)
+-- then, per record, seven values: commit.lua's ARGV[5] to ARGV[7] and ARGV[10] to ARGV[13]
+--            (actual cost, ledger input and output tokens, 1 when the provider answered
+--            with an error, parts booked under other dimensions, budget input and output
+--            tokens)
+-- Returns    {status, estimate, node tags, ...}: commit.lua's reply for each record, in order
+--
+-- A function of budget_lib.lua's library (`commit_one`, `write_counters`).
+
+local ctx = {open = ARGV[1], held = ARGV[2], hours = ARGV[3], slots = ARGV[4],
+             ledger_ttl = tonum(ARGV[5]), retention = ARGV[6], cache = {}, dirty = {}}
+use_clock(ARGV[7])
+local now = tonum(ARGV[7])
+local out = {}
+for k = 1, #KEYS do
+  local a = 7 + (k - 1) * 7
+  local ok, status, estimate, tags = pcall(commit_one, ctx, KEYS[k], tonum(ARGV[a + 1]),
+                                           ARGV[a + 2], ARGV[a + 3], tonum(ARGV[a + 4]),
+                                           ARGV[a + 5], tonum(ARGV[a + 6]), tonum(ARGV[a + 7]),
+                                           now, '0')
+  if not ok then
+    write_counters(ctx)
+    error(status)
+  end
+  out[#out + 1] = status
+  out[#out + 1] = estimate
+  out[#out + 1] = tags
+end
+write_counters(ctx)
+return out
