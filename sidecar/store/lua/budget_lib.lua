@@ -209,12 +209,8 @@ end
 -- {spent, held, window, alive-until} as the call left them, ctx.dirty lists the keys
 -- changed, in the order first changed. Charges the records share (a team's, a model's, the
 -- organisation's bucket) then cost one read and one write per call instead of per record.
--- Without ctx.cache, each read and write goes to Redis at once.
-local function counters_of(ctx, ck)
-  local cache = ctx.cache
-  if cache == nil then
-    return read_counters(ck)
-  end
+-- Without ctx.cache (one commit), each read and write goes to Redis at once.
+local function cached_counters(cache, ck)
   local c = cache[ck]
   if c == nil then
     local spent, held, window, alive = read_counters(ck)
@@ -224,28 +220,12 @@ local function counters_of(ctx, ck)
     c = {spent, held, window, alive}
     cache[ck] = c
   end
-  return c[1], c[2], c[3], c[4]
+  return c
 end
 
--- Counters adopted from the earlier layout (`adopt` wrote them) as the cache's.
-local function adopted(ctx, ck, spent, held, window, alive)
-  if ctx.cache ~= nil then
-    ctx.cache[ck] = {spent, held, window, alive}
-  end
-end
-
--- Set a bucket's spent and held (and, when `window` is given, its window and alive-until).
-local function put_counters(ctx, ck, spent, held, window, alive)
-  local cache = ctx.cache
-  if cache == nil then
-    if window == nil then
-      rcall('SETRANGE', ck, '0', spack('>i8i8', spent, held))
-    else
-      rcall('SETRANGE', ck, '0', spack(COUNTERS, spent, held, window, alive))
-    end
-    return
-  end
-  local c = cache[ck]
+-- Cached counters `c` of `ck` now hold spent and held (and, when `window` is given, that
+-- window and alive-until).
+local function cache_put(ctx, ck, c, spent, held, window, alive)
   if not c.dirty then
     c.dirty = true
     ctx.dirty[#ctx.dirty + 1] = ck
@@ -280,9 +260,21 @@ local function add_bucket(ctx, ck, hk, slot, amount, ttl, held)
       rcall('EXPIRE', hk, int(ttl))
     end
   end
-  local spent, h, window, alive = counters_of(ctx, ck)
+  local cache, c = ctx.cache, nil
+  local spent, h, window, alive
+  if cache == nil then
+    spent, h, window, alive = read_counters(ck)
+  else
+    c = cached_counters(cache, ck)
+    if c ~= nil then
+      spent, h, window, alive = c[1], c[2], c[3], c[4]
+    end
+  end
   if spent == nil then
-    adopted(ctx, ck, adopt(ck, hk, rolling, slot, amount, -held, ttl))
+    spent, h, window, alive = adopt(ck, hk, rolling, slot, amount, -held, ttl)
+    if cache ~= nil then
+      cache[ck] = {spent, h, window, alive}
+    end
     return
   end
   h = h - held
@@ -294,20 +286,32 @@ local function add_bucket(ctx, ck, hk, slot, amount, ttl, held)
   if window > slot then
     -- The counters already follow a later slot (fixed) or a later window start
     -- (rolling): this slot is no longer in what #0 sums.
-    if held ~= 0 then
-      put_counters(ctx, ck, spent, h)
+    if held == 0 then
+      return
+    elseif c ~= nil then
+      cache_put(ctx, ck, c, spent, h)
+    else
+      rcall('SETRANGE', ck, '8', spack('>i8', h))
     end
   elseif window < slot and not rolling then
     -- A fixed window's first spend in a new slot: #0 restarts with it.
     local until_, want = lifetime(alive, ttl)
-    put_counters(ctx, ck, amount, h, slot, until_ or alive)
+    if c ~= nil then
+      cache_put(ctx, ck, c, amount, h, slot, until_ or alive)
+    else
+      rcall('SETRANGE', ck, '0', spack(COUNTERS, amount, h, slot, until_ or alive))
+    end
     if want then
       rcall('EXPIRE', ck, int(want))
     end
   elseif amount ~= 0 or held ~= 0 then
     -- Charged and released in one write (a rolling window's -1, "not summed yet", takes
     -- the charge too: it is summed afresh anyway).
-    put_counters(ctx, ck, spent + amount, h)
+    if c ~= nil then
+      cache_put(ctx, ck, c, spent + amount, h)
+    else
+      rcall('SETRANGE', ck, '0', spack('>i8i8', spent + amount, h))
+    end
   end
 end
 
