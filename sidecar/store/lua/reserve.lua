@@ -162,4 +162,5 @@ end
 local index = rec.hm and ctx.open or ctx.held
 rcall('ZADD', index, ARGV[8], rkey)
 note_due(index, tonum(ARGV[8]))
+remember(rkey, ARGV[9], rec)
 return {'new', {}, spent, reserved, parts}
