@@ -30,6 +30,7 @@ import functools
 import json
 import math
 import re
+import struct
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -261,6 +262,34 @@ def _commit_args(charge: Charge, now: float) -> list[str | int]:
         str(budget_out),
         repr(float(now)),
     ]
+
+
+# commit_many.lua's numbers of one record: cost, ledger input and output tokens, 1 when
+# the provider answered with an error, budget input and output tokens.
+_COMMIT_NUMBERS = struct.Struct(">qqqbqq")
+
+
+def _commit_many_args(charge: Charge) -> tuple[bytes, str]:
+    """commit_many.lua's two arguments for `charge`: its numbers, and the parts booked under
+    other ledger dimensions (JSON)."""
+    usage = charge.usage
+    budget_in, budget_out = (
+        (usage.total_input, usage.output_tokens) if charge.tokens is None else charge.tokens
+    )
+    numbers = _COMMIT_NUMBERS.pack(
+        charge.micros,
+        usage.total_input,
+        usage.output_tokens,
+        1 if charge.error else 0,
+        budget_in,
+        budget_out,
+    )
+    if not charge.others:
+        return numbers, "[]"
+    others = [
+        [dims_to_json(p.dims), p.cost, p.input_tokens, p.output_tokens] for p in charge.others
+    ]
+    return numbers, json.dumps(others)
 
 
 def _sum_answered(replies: Sequence[int | BaseException]) -> int:
@@ -942,7 +971,7 @@ class RedisStore:
             [self._key("record", SINGLE_TAG, request_id) for request_id, _ in charges]
         )
         answers: list[CommitResult | Exception] = []
-        priced: list[tuple[int, str, list[str | int]]] = []
+        priced: list[tuple[int, str, Charge]] = []
         for (request_id, price), fields in zip(charges, records, strict=True):
             record = _reservation(request_id, fields)
             try:
@@ -952,7 +981,7 @@ class RedisStore:
                 continue
             answers.append(CommitResult("unknown", 0))
             if charge is not None:
-                priced.append((len(answers) - 1, request_id, _commit_args(charge, now)))
+                priced.append((len(answers) - 1, request_id, charge))
         for start in range(0, len(priced), _COMMITS_PER_CALL):
             batch = priced[start : start + _COMMITS_PER_CALL]
             try:
@@ -966,20 +995,18 @@ class RedisStore:
         return answers
 
     async def _commit_batch(
-        self, batch: Sequence[tuple[int, str, list[str | int]]], now: float
+        self, batch: Sequence[tuple[int, str, Charge]], now: float
     ) -> list[CommitResult]:
-        """commit_many.lua over `batch` (index, request id, `_commit_args`) on one Redis."""
+        """commit_many.lua over `batch` (index, request id, charge) on one Redis."""
         keys = [self._key("record", SINGLE_TAG, request_id) for _, request_id, _ in batch]
-        args: list[str | int] = [
+        args: list[str | int | bytes] = [
             *self._index_keys(SINGLE_TAG),
             _LEDGER_RETENTION_SECONDS,
             _DONE_RETENTION_SECONDS,
             repr(float(now)),
         ]
-        for _, _, commit in batch:
-            # commit.lua's ARGV[5..7] and ARGV[10..13] (`_commit_args` gives ARGV[5..14]).
-            args += commit[0:3]
-            args += commit[5:9]
+        for _, _, charge in batch:
+            args += _commit_many_args(charge)
         reply = await self._call(self._commit_many, keys, args)
         return [CommitResult(reply[i], int(reply[i + 1])) for i in range(0, len(reply), 3)]
 
