@@ -264,6 +264,10 @@ def _commit_args(charge: Charge, now: float) -> list[str | int]:
     ]
 
 
+# reserve.lua's numbers: now, expires_at, expired records to settle first, 1 for an
+# optimistic admission, retention of done records, ledger TTL, a hold's lifetime.
+_RESERVE_NUMBERS = struct.Struct(">ddibqqq")
+
 # commit_many.lua's numbers of one record: cost, ledger input and output tokens, 1 when
 # the provider answered with an error, budget input and output tokens.
 _COMMIT_NUMBERS = struct.Struct(">qqqbqq")
@@ -755,8 +759,16 @@ class RedisStore:
         hold_for = math.ceil(request.expires_at - request.now) + _HOLD_GRACE_SECONDS
         rid = request.request_id
         calls = []
-        now = repr(float(request.now))
         expires = repr(float(request.expires_at))
+        numbers = _RESERVE_NUMBERS.pack(
+            request.now,
+            request.expires_at,
+            _SETTLE_ON_RESERVE,
+            0 if held else 1,
+            _DONE_RETENTION_SECONDS,
+            _LEDGER_RETENTION_SECONDS,
+            hold_for,
+        )
         dims = dims_to_json(request.dims)
         for tag, members in groups.items():
             entries: list[bytes] = []
@@ -800,17 +812,7 @@ class RedisStore:
             )
             # A held bucket lives its TTL past the hold's end: a commit before the
             # reservation expires then never has to extend it.
-            args: list[str | int | bytes] = [
-                *index,
-                now,
-                _SETTLE_ON_RESERVE,
-                request.mode,
-                expires,
-                record,
-                _DONE_RETENTION_SECONDS,
-                _LEDGER_RETENTION_SECONDS,
-                hold_for,
-            ]
+            args: list[str | int | bytes] = [*index, expires, record, numbers]
             calls.append(self._call(self._reserve, [self._key("record", tag, rid)], args))
         replies: list[Any]
         if len(calls) == 1:
