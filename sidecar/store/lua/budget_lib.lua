@@ -555,19 +555,33 @@ local function measured(measure, micros, input, output)
   return micros
 end
 
--- Replace a group's holds by what the exchange amounted to: `actual(measure, estimate)`
--- gives each bucket's charge; `release` says whether holds are released. The home group
--- also books `delta_cost` in the ledger. `errors` (optional): 1 when the provider answered
--- with an error.
-local function charge(ctx, rec, actual, release, delta_cost, requests, input, output, errors)
+-- What `charge` charges each bucket: its estimate (an expiry), the exchange's amount in
+-- the bucket's measure (`measured`), or that amount less the estimate already charged (a
+-- late commit).
+local ESTIMATE, ACTUAL, DIFFERENCE = 0, 1, 2
+
+-- Replace a group's holds by what the exchange amounted to: per bucket, as `kind` says,
+-- from `micros` and the budget tokens `tin`, `tout`; `release` says whether holds are
+-- released. The home group also books `delta_cost` in the ledger. `errors` (optional): 1
+-- when the provider answered with an error.
+local function charge(ctx, rec, kind, micros, tin, tout, release, delta_cost, requests, input,
+                      output, errors)
   local b = rec.b
   for i = 1, #b, 10 do
     local held = 0
     if release then
       held = b[i + 7]
     end
+    local amount = b[i + 6]
+    if kind ~= ESTIMATE then
+      local estimate = amount
+      amount = measured(b[i + 2], micros, tin, tout)
+      if kind == DIFFERENCE then
+        amount = amount - estimate
+      end
+    end
     local hk = b[i + 1]
-    add_bucket(ctx, b[i], hk ~= '' and hk, b[i + 3], actual(b[i + 2], b[i + 6]), b[i + 5], held)
+    add_bucket(ctx, b[i], hk ~= '' and hk, b[i + 3], amount, b[i + 5], held)
   end
   if rec.hm then
     add_ledger(ctx, rec, delta_cost, requests, input, output, errors)
@@ -594,7 +608,7 @@ end
 -- Charge an open record that was never completed its estimate: the request may well
 -- have cost money.
 local function expire(ctx, rkey, rec)
-  charge(ctx, rec, function(_, estimate) return estimate end, true, rec.e, 1, 0, 0)
+  charge(ctx, rec, ESTIMATE, 0, 0, 0, true, rec.e, 1, 0, 0)
   finish(ctx, rkey, rec, 'x')
   rec.s = 'expired'
 end
@@ -690,17 +704,14 @@ local function commit_one(ctx, rkey, cost, input, output, errors, booked, budget
       expire(ctx, rkey, rec)
     end
   end
-  local function actual(measure)
-    return measured(measure, cost, budget_in, budget_out)
-  end
   local state = 'committed'
   if rec.s == 'open' then
-    charge(ctx, rec, actual, true, cost, 1, input, output, errors)
+    charge(ctx, rec, ACTUAL, cost, budget_in, budget_out, true, cost, 1, input, output, errors)
   else
     -- Expired: it already paid its estimates and counted as a request; charge the
     -- difference.
-    charge(ctx, rec, function(measure, estimate) return actual(measure) - estimate end, false,
-           cost - rec.e, 0, input, output, errors)
+    charge(ctx, rec, DIFFERENCE, cost, budget_in, budget_out, false, cost - rec.e, 0, input,
+           output, errors)
     state = 'late'
   end
   -- Move each part's cost from the reservation's ledger row to the part's own row (its
