@@ -63,13 +63,13 @@ from sidecar.store.base import (
     Doc,
     ShardUnavailable,
     StoreUnavailable,
-    charge_each,
 )
 from sidecar.store.budget_types import (
     BucketState,
     BucketView,
     Charge,
     CommitResult,
+    CommitStatus,
     LedgerPart,
     LedgerRow,
     Pricer,
@@ -964,53 +964,123 @@ class RedisStore:
     async def charge_many(
         self, charges: Sequence[tuple[str, Pricer]], now: float
     ) -> list[CommitResult | Exception]:
-        if not self._shards.single:
-            return await charge_each(self, charges, now)
-        # One Redis: every record read in one round trip, priced here, then committed
+        # The records of each shard read in one round trip and priced here, then committed
         # _COMMITS_PER_CALL to a call (commit_many.lua: each bucket the records share read
-        # and written once per call).
-        records = await self._records(
-            [self._key("record", SINGLE_TAG, request_id) for request_id, _ in charges]
+        # and written once per call); shards side by side, each failing alone.
+        answers: list[CommitResult | Exception] = [CommitResult("unknown", 0)] * len(charges)
+        homes: Sequence[str | BaseException | None]
+        if self._shards.single:
+            homes = [SINGLE_TAG] * len(charges)
+        else:
+            homes = await asyncio.gather(
+                *(self._home_of(request_id) for request_id, _ in charges), return_exceptions=True
+            )
+        by_home: dict[str, list[int]] = {}
+        for index, home in enumerate(homes):
+            if isinstance(home, Exception):
+                answers[index] = home
+            elif isinstance(home, BaseException):
+                raise home  # cancelled: not an answer
+            elif home is not None:
+                by_home.setdefault(home, []).append(index)
+        await asyncio.gather(
+            *(
+                self._charge_on(home, [*indexes], charges, answers, now)
+                for home, indexes in by_home.items()
+            )
         )
-        answers: list[CommitResult | Exception] = []
+        return answers
+
+    async def _charge_on(
+        self,
+        home: str,
+        indexes: list[int],
+        charges: Sequence[tuple[str, Pricer]],
+        answers: list[CommitResult | Exception],
+        now: float,
+    ) -> None:
+        """`charge_many` of the charges at `indexes`, whose home records are on `home`'s
+        shard: their answers written into `answers`."""
+        try:
+            records = await self._records(
+                [self._key("record", home, charges[i][0]) for i in indexes]
+            )
+        except Exception as exc:  # the shard's records are not readable: none is charged
+            for index in indexes:
+                answers[index] = exc
+            return
         priced: list[tuple[int, str, Charge]] = []
-        for (request_id, price), fields in zip(charges, records, strict=True):
+        for index, fields in zip(indexes, records, strict=True):
+            request_id, price = charges[index]
             record = _reservation(request_id, fields)
             try:
                 charge = price(record) if record is not None else None
             except Exception as exc:  # the pricer's failure is that charge's answer
-                answers.append(exc)
+                answers[index] = exc
                 continue
-            answers.append(CommitResult("unknown", 0))
             if charge is not None:
-                priced.append((len(answers) - 1, request_id, charge))
+                priced.append((index, request_id, charge))
         for start in range(0, len(priced), _COMMITS_PER_CALL):
             batch = priced[start : start + _COMMITS_PER_CALL]
             try:
-                replies = await self._commit_batch(batch, now)
+                replies = await self._commit_batch(home, batch, now)
             except Exception as exc:  # the call failed as a whole: each of its charges did
                 for index, _, _ in batch:
                     answers[index] = exc
                 continue
-            for (index, _, _), result in zip(batch, replies, strict=True):
-                answers[index] = result
-        return answers
+            for (index, request_id, charge), (status, estimate, rest) in zip(
+                batch, replies, strict=True
+            ):
+                try:
+                    answers[index] = await self._after_home(
+                        home, request_id, charge, status, estimate, rest, now
+                    )
+                except Exception as exc:
+                    answers[index] = exc
 
     async def _commit_batch(
-        self, batch: Sequence[tuple[int, str, Charge]], now: float
-    ) -> list[CommitResult]:
-        """commit_many.lua over `batch` (index, request id, charge) on one Redis."""
-        keys = [self._key("record", SINGLE_TAG, request_id) for _, request_id, _ in batch]
+        self, home: str, batch: Sequence[tuple[int, str, Charge]], now: float
+    ) -> list[tuple[str, int, str]]:
+        """commit_many.lua over `batch` (index, request id, charge) on `home`'s shard: each
+        home record's status, estimate and other parts' node tags."""
+        keys = [self._key("record", home, request_id) for _, request_id, _ in batch]
         args: list[str | int | bytes] = [
-            *self._index_keys(SINGLE_TAG),
+            *self._index_keys(home),
             _LEDGER_RETENTION_SECONDS,
             _DONE_RETENTION_SECONDS,
             repr(float(now)),
+            # One Redis has no parts elsewhere; on a cluster, a home record past its expiry
+            # with parts elsewhere is answered "pending" (`_after_home` finishes it).
+            "0" if self._shards.single else "",
         ]
         for _, _, charge in batch:
             args += _commit_many_args(charge)
         reply = await self._call(self._commit_many, keys, args)
-        return [CommitResult(reply[i], int(reply[i + 1])) for i in range(0, len(reply), 3)]
+        return [(reply[i], int(reply[i + 1]), str(reply[i + 2])) for i in range(0, len(reply), 3)]
+
+    async def _after_home(
+        self,
+        home: str,
+        request_id: str,
+        charge: Charge,
+        status: str,
+        estimate: int,
+        rest: str,
+        now: float,
+    ) -> CommitResult:
+        """A charge whose home record commit_many.lua answered `status`: its parts on other
+        shards committed too (as `_commit_at` commits them)."""
+        if status == "pending":
+            return await self._commit_at(home, request_id, _commit_args(charge, now))
+        if rest and status in ("committed", "late"):
+            args = _commit_args(charge, now)
+            for tag in rest.split(","):
+                await self._call(
+                    self._commit,
+                    [self._key("record", tag, request_id)],
+                    [*self._index_keys(tag), *args, "0"],
+                )
+        return CommitResult(cast(CommitStatus, status), estimate)
 
     async def bucket_states(self, buckets: list[BucketView], now: float) -> list[BucketState]:
         # A plain read: no decision depends on it being one atomic snapshot.

@@ -14,6 +14,7 @@ import uuid
 
 from redis.asyncio import Redis
 
+from devtools.redis_cluster import LocalCluster
 from sidecar.model import TokenUsage
 from sidecar.store.budget_types import (
     BucketView,
@@ -160,3 +161,73 @@ async def test_a_batch_failing_part_way_keeps_each_record_whole_and_can_be_repea
     finally:
         await store.close()
         await client.aclose()
+
+
+async def test_a_cluster_batch_commits_home_records_and_their_parts_on_other_shards(
+    redis_cluster: LocalCluster,
+) -> None:
+    await flush_redis(redis_cluster.url)
+    store = RedisStore(redis_cluster.url, prefix=f"many-{uuid.uuid4().hex[:8]}:")
+    # Six owners over three shards: a request naming all of them has parts on every shard.
+    wide = tuple(own(f"w{i}") for i in range(6))
+    try:
+        # Ids as the store mints them (naming their home shard) and one from elsewhere
+        # (found through its pointer).
+        ids = [store.mint_request_id(wide), f"solo-{uuid.uuid4().hex}", store.mint_request_id(wide)]
+        assert (await store.reserve(wide_request(ids[0], wide, 100, ttl=600))).admitted
+        assert (await store.reserve(request(ids[1], "solo", 300))).admitted
+        # Past its expiry and not swept: its home shard answers "pending" in the batch,
+        # and the store finishes it as commit() would (parts first).
+        assert (await store.reserve(wide_request(ids[2], wide, 50, ttl=5))).admitted
+        answers = await store.charge_many(charges([*ids, "nope"]), NOW + 10)
+        assert [getattr(a, "status", a) for a in answers] == [
+            "committed",
+            "committed",
+            "committed",
+            "unknown",
+        ]
+        # Each wide bucket charged 100 and 102 once, every hold released; the solo
+        # request's buckets 101.
+        states = await store.bucket_states([*wide, own("solo")], NOW + 10)
+        assert [(s.spent, s.reserved) for s in states] == [(202, 0)] * 6 + [(101, 0)]
+        [row] = await store.ledger_rows(HOUR, HOUR + 3600)
+        assert (row.cost, row.requests) == (303, 3)
+        again = await store.charge_many(charges(ids), NOW + 11)
+        assert [getattr(a, "status", a) for a in again] == ["duplicate"] * 3
+        states = await store.bucket_states([*wide, own("solo")], NOW + 11)
+        assert [(s.spent, s.reserved) for s in states] == [(202, 0)] * 6 + [(101, 0)]
+    finally:
+        await store.close()
+
+
+def wide_request(
+    rid: str, buckets: tuple[BucketView, ...], amount: int, ttl: float
+) -> ReserveRequest:
+    return ReserveRequest(rid, buckets, amount, "reserve", NOW, NOW + ttl, dims=ALICE)
+
+
+async def test_a_cluster_batch_settles_a_reservation_whose_part_a_sweep_expired_first(
+    redis_cluster: LocalCluster,
+) -> None:
+    await flush_redis(redis_cluster.url)
+    store = RedisStore(redis_cluster.url, prefix=f"many-{uuid.uuid4().hex[:8]}:")
+    wide = tuple(own(f"w{i}") for i in range(6))
+    try:
+        rid = store.mint_request_id(wide)
+        assert (await store.reserve(wide_request(rid, wide, 100, ttl=5))).admitted
+        home = await store._home_of(rid)
+        tags = {store._shards.tag_of(store._key("bucket", b.key)) for b in wide}
+        part = next(t for t in sorted(tags) if t != home)
+        # Only the part's shard is swept, an hour past the expiry (a part whose home was not
+        # swept is settled on its own then): the part is expired, its home still open.
+        await store._settle_shard(part, NOW + 3_700, 100, 0)
+        [answer] = await store.charge_many(charges([rid]), NOW + 3_701)
+        # The whole reservation counts as expired, as one Redis's single sweep would have it,
+        # and each bucket ends charged the actual 100 once.
+        assert getattr(answer, "status", answer) == "late"
+        states = await store.bucket_states(list(wide), NOW + 3_701)
+        assert [(s.spent, s.reserved) for s in states] == [(100, 0)] * 6
+        [row] = await store.ledger_rows(HOUR, HOUR + 3600)
+        assert (row.cost, row.requests) == (100, 1)
+    finally:
+        await store.close()

@@ -12,8 +12,8 @@
 -- batch is either wholly committed, or changed no more than a failing commit.lua would
 -- change it; the store repeats the batch, and a committed record is then a duplicate.
 --
--- One Redis only: a home record with parts on other shards needs commit.lua's "pending"
--- protocol, which the cluster store follows record by record.
+-- On a cluster, the records of one shard: home records, whose other parts the store then
+-- commits with commit.lua, as it does after commit.lua commits a home record.
 --
 -- KEYS       the records
 -- ARGV[1]    the open zset
@@ -23,6 +23,8 @@
 -- ARGV[5]    ledger TTL (seconds)
 -- ARGV[6]    retention of done records (seconds)
 -- ARGV[7]    now (seconds, float)
+-- ARGV[8]    commit.lua's ARGV[15] for every record ("0" on one Redis; "" on a cluster: a
+--            home record past its expiry with parts elsewhere is answered "pending")
 -- then, per record, two values:
 --            its numbers, packed as big-endian signed integers (struct '>i8i8i8i1i8i8': one
 --            argument is cheaper to receive than six, and a number read by struct costs a
@@ -41,10 +43,10 @@ local now = tonum(ARGV[7])
 local NUMBERS = '>i8i8i8i1i8i8'
 local out = {}
 for k = 1, #KEYS do
-  local a = 6 + k * 2
+  local a = 7 + k * 2
   local cost, input, output, errors, budget_in, budget_out = sunpack(NUMBERS, ARGV[a])
   local ok, status, estimate, tags = pcall(commit_one, ctx, KEYS[k], cost, input, output,
-                                           errors, ARGV[a + 1], budget_in, budget_out, now, '0')
+                                           errors, ARGV[a + 1], budget_in, budget_out, now, ARGV[8])
   if not ok then
     write_counters(ctx)
     error(status)
