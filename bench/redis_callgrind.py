@@ -3,12 +3,14 @@
     .venv/bin/python -m bench.redis_callgrind                     # this tree, bench policy
     .venv/bin/python -m bench.redis_callgrind --baseline 070a5e4  # and a commit's store
     .venv/bin/python -m bench.redis_callgrind --policy per-owner --shards 3
+    .venv/bin/python -m bench.redis_callgrind --batch 16   # commits as the access log sends them
 
 `bench.redis_cpu` reads Redis's own microseconds, which a machine shared with other work
 moves by 10-40% between runs. This runs redis-server under callgrind instead, with
 instrumentation off while the engine warms up (the same warmup and rolling-window fill as
 `bench.redis_cpu`, 50 users for the bench policy and 1,000 for per-owner) and on for
-`--decisions` decisions (reserve and commit each). The engine's clock stands still for
+`--decisions` decisions (reserve and commit each; `--batch N` charges them N at a time
+through `charge_many`, as an access log batch does, and a store without it commits each). The engine's clock stands still for
 the run, so no rolling window moves to its next slot between warmup and measurement (it
 would, or not, depending on how long valgrind took). The count of instructions the server
 executed for them is the same on every run, give or take 1-2%. It is every instruction of

@@ -3,10 +3,13 @@
     .venv/bin/python -m bench.redis_cpu              # 3 rounds of 2,000 decisions per store
     .venv/bin/python -m bench.redis_cpu --rounds 5 --fresh --save
     .venv/bin/python -m bench.redis_cpu --baseline 070a5e4   # also the scripts of a commit
+    .venv/bin/python -m bench.redis_cpu --batch 16   # charged 16 at a time, as the access log
 
 The real engine decides for many users against a real redis-server, then against a real
 Redis Cluster of three primaries, in the same run; each admitted request is then committed
-with a realistic cost. Two policies: `bench` (the benchmark policy: 6 rules that apply plus
+with a realistic cost: right after its check, or with `--batch N` N requests at a time
+through `charge_many`, as an access log batch charges them (a baseline commits each).
+Two policies: `bench` (the benchmark policy: 6 rules that apply plus
 the account rules, 7 buckets per request, 4 of them shared by every user: per group, per
 model, org-wide) for 50 users, and `per-owner` (5 rules split by user, so every bucket
 belongs to one user) for 1,000 users. Unless `--fresh`, every rolling-window bucket first
@@ -416,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
                     workdir,
                 )
             )
+    result["batch"] = args.batch
     # What adding shards buys: the busiest shard sets the ceiling.
     result["cluster_3_over_one"] = {
         policy: round(
