@@ -10,8 +10,8 @@ moves by 10-40% between runs. This runs redis-server under callgrind instead, wi
 instrumentation off while the engine warms up (the same warmup and rolling-window fill as
 `bench.redis_cpu`, 50 users for the bench policy and 1,000 for per-owner) and on for
 `--decisions` decisions (reserve and commit each; `--batch N` charges them N at a time
-through `charge_many`, as an access log batch does, and a store without it commits each). The engine's clock stands still for
-the run, so no rolling window moves to its next slot between warmup and measurement (it
+through `charge_many`, as an access log batch does, and a store without it commits each).
+The engine's clock stands still for the run, so no rolling window moves to its next slot between warmup and measurement (it
 would, or not, depending on how long valgrind took). The count of instructions the server
 executed for them is the same on every run, give or take 1-2%. It is every instruction of
 the process (reading and parsing the commands, the scripts, the replies, the server's own
