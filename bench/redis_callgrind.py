@@ -11,8 +11,8 @@ instrumentation off while the engine warms up (the same warmup and rolling-windo
 `bench.redis_cpu`, 50 users for the bench policy and 1,000 for per-owner) and on for
 `--decisions` decisions (reserve and commit each; `--batch N` charges them N at a time
 through `charge_many`, as an access log batch does, and a store without it commits each).
-The engine's clock stands still for the run, so no rolling window moves to its next slot between warmup and measurement (it
-would, or not, depending on how long valgrind took). The count of instructions the server
+The engine's clock stands still for the run, so no rolling window moves to its next slot
+between warmup and measurement (it would, or not, depending on how long valgrind took). The count of instructions the server
 executed for them is the same on every run, give or take 1-2%. It is every instruction of
 the process (reading and parsing the commands, the scripts, the replies, the server's own
 timers), not time: a change that saves instructions but misses caches more would look
