@@ -12,11 +12,12 @@ instrumentation off while the engine warms up (the same warmup and rolling-windo
 `--decisions` decisions (reserve and commit each; `--batch N` charges them N at a time
 through `charge_many`, as an access log batch does, and a store without it commits each).
 The engine's clock stands still for the run, so no rolling window moves to its next slot
-between warmup and measurement (it would, or not, depending on how long valgrind took). The count of instructions the server
-executed for them is the same on every run, give or take 1-2%. It is every instruction of
-the process (reading and parsing the commands, the scripts, the replies, the server's own
-timers), not time: a change that saves instructions but misses caches more would look
-better here than it is. Needs `valgrind` on the PATH. Prints one JSON object.
+between warmup and measurement (it would, or not, depending on how long valgrind took). The
+count of instructions the server executed for them is the same on every run, give or take
+1-2%. It is every instruction of the process (reading and parsing the commands, the scripts,
+the replies, the server's own timers), not time: a change that saves instructions but misses
+caches more would look better here than it is. Needs `valgrind` on the PATH. Prints one JSON
+object.
 
 `--policy bench|per-owner` picks the policy of `bench.redis_cpu` (its rules, callers and
 setup). `--shards 3` also runs the same decisions against a Redis Cluster of three
