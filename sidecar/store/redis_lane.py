@@ -39,7 +39,15 @@ class ScriptLane:
         self._connection_class = pool.connection_class
         # The client's own settings (address, TLS, credentials, connect timeout, health
         # checks); the per-operation socket timeout is this lane's `timeout` instead.
-        self._kwargs = {**pool.connection_kwargs, "socket_timeout": None}
+        # No PING before a call on a connection idle for a while (the client's health
+        # check): a connection that died while idle fails its call, which is retried once
+        # on a fresh one (`_run`), and the check cost every call a coroutine and a clock
+        # read.
+        self._kwargs = {
+            **pool.connection_kwargs,
+            "socket_timeout": None,
+            "health_check_interval": 0,
+        }
         if "orig_socket_timeout" in self._kwargs:
             self._kwargs["orig_socket_timeout"] = None
         self._timeout = timeout
@@ -85,7 +93,7 @@ class ScriptLane:
             connection = self._connection_class(**self._kwargs)
         try:
             async with asyncio.timeout(self._timeout):
-                await connection.send_packed_command(packed)
+                await connection.send_packed_command(packed, check_health=False)
                 reply = await connection.read_response()
         except ResponseError:
             # An error reply (a script error, NOSCRIPT) was read whole: the connection is
