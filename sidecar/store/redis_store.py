@@ -1069,10 +1069,11 @@ class RedisStore:
         now: float,
     ) -> CommitResult:
         """A charge whose home record commit_many.lua answered `status`: its parts on other
-        shards committed too (as `_commit_at` commits them)."""
+        shards committed too, whatever the home's status (as `_commit_at` commits them: a
+        repeated charge finishes the parts an earlier one did not reach)."""
         if status == "pending":
             return await self._commit_at(home, request_id, _commit_args(charge, now))
-        if rest and status in ("committed", "late"):
+        if rest:
             args = _commit_args(charge, now)
             for tag in rest.split(","):
                 await self._call(

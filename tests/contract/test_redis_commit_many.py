@@ -24,7 +24,7 @@ from sidecar.store.budget_types import (
     Reservation,
     ReserveRequest,
 )
-from sidecar.store.redis_store import RedisStore
+from sidecar.store.redis_store import RedisStore, _commit_args
 from tests.contract.test_store_charge import ALICE, DAY, HOUR, NOW
 from tests.support.redis_admin import flush_redis
 
@@ -229,5 +229,35 @@ async def test_a_cluster_batch_settles_a_reservation_whose_part_a_sweep_expired_
         assert [(s.spent, s.reserved) for s in states] == [(100, 0)] * 6
         [row] = await store.ledger_rows(HOUR, HOUR + 3600)
         assert (row.cost, row.requests) == (100, 1)
+    finally:
+        await store.close()
+
+
+async def test_a_repeated_cluster_batch_commits_the_parts_an_earlier_charge_did_not_reach(
+    redis_cluster: LocalCluster,
+) -> None:
+    await flush_redis(redis_cluster.url)
+    store = RedisStore(redis_cluster.url, prefix=f"many-{uuid.uuid4().hex[:8]}:")
+    wide = tuple(own(f"w{i}") for i in range(6))
+    try:
+        rid = store.mint_request_id(wide)
+        assert (await store.reserve(wide_request(rid, wide, 100, ttl=600))).admitted
+        home = await store._home_of(rid)
+        assert home is not None
+        # An earlier charge committed the home record, then failed before its parts (as a
+        # shard going down between the two would have it).
+        charge = Charge(100, TokenUsage(10, 20))
+        status, _, rest = await store._call(
+            store._commit,
+            [store._key("record", home, rid)],
+            [*store._index_keys(home), *_commit_args(charge, NOW + 1), ""],
+        )
+        assert status == "committed" and rest
+        held = [s.reserved for s in await store.bucket_states(list(wide), NOW + 1)]
+        assert any(held)
+        [answer] = await store.charge_many([(rid, fixed(charge))], NOW + 2)
+        assert getattr(answer, "status", answer) == "duplicate"
+        states = await store.bucket_states(list(wide), NOW + 2)
+        assert [(s.spent, s.reserved) for s in states] == [(100, 0)] * 6
     finally:
         await store.close()
