@@ -1,5 +1,5 @@
--- budget_lib.lua: helpers shared by reserve.lua, commit.lua, release.lua, settle.lua,
--- settle_part.lua and add_spend.lua.
+-- budget_lib.lua: helpers shared by reserve.lua, commit.lua, commit_many.lua, release.lua,
+-- settle.lua, settle_part.lua and add_spend.lua.
 --
 -- Not a script on its own. Redis scripts cannot call one another, and settling an expired
 -- reservation must behave identically whether reserve.lua or settle.lua does it, so the

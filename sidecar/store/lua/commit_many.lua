@@ -1,9 +1,9 @@
--- commit_many.lua: commit a batch of home records of one Redis, each exactly once, as
+-- commit_many.lua: commit a batch of home records of one shard, each exactly once, as
 -- commit.lua would one after another.
 --
 -- An access log batch brings the charges of many requests at once, and most of their
 -- buckets are shared (a team's, a model's, the organisation's): one call reads each bucket's
--- counters once and writes them once at the end (budget_lib.lua `counters_of`), where a
+-- counters once and writes them once at the end (budget_lib.lua `cached_counters`), where a
 -- commit per record reads and writes each shared bucket again for every record. Records,
 -- slot hashes and ledger rows are written as commit.lua writes them.
 --
