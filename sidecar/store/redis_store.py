@@ -242,12 +242,16 @@ def _measure_text(measure: str) -> bytes:
     return redis_record.text(measure)
 
 
+def _budget_tokens(charge: Charge) -> tuple[int, int]:
+    """The (input, output) tokens `charge` charges token buckets: its own, else its usage's."""
+    usage = charge.usage
+    return (usage.total_input, usage.output_tokens) if charge.tokens is None else charge.tokens
+
+
 def _commit_args(charge: Charge, now: float) -> list[str | int]:
     """commit.lua's ARGV[5] to ARGV[14] for `charge`."""
     usage = charge.usage
-    budget_in, budget_out = (
-        (usage.total_input, usage.output_tokens) if charge.tokens is None else charge.tokens
-    )
+    budget_in, budget_out = _budget_tokens(charge)
     return [
         str(charge.micros),
         str(usage.total_input),
@@ -277,9 +281,7 @@ def _commit_many_args(charge: Charge) -> tuple[bytes, str]:
     """commit_many.lua's two arguments for `charge`: its numbers, and the parts booked under
     other ledger dimensions (JSON)."""
     usage = charge.usage
-    budget_in, budget_out = (
-        (usage.total_input, usage.output_tokens) if charge.tokens is None else charge.tokens
-    )
+    budget_in, budget_out = _budget_tokens(charge)
     numbers = _COMMIT_NUMBERS.pack(
         charge.micros,
         usage.total_input,
@@ -916,8 +918,20 @@ class RedisStore:
         status, estimate, rest = await self._call(
             self._commit, [record], [*self._index_keys(home), *args, ""]
         )
-        # The other shards' parts, each committed once however often this is repeated: a
-        # failure here raises, and the repeated commit (spooled) finishes them.
+        replies = await self._commit_parts(request_id, str(rest), args)
+        if status == "pending":
+            late = any(reply[0] == "late" for reply in replies)
+            status, estimate, _ = await self._call(
+                self._commit, [record], [*self._index_keys(home), *args, "1" if late else "0"]
+            )
+        return CommitResult(status, int(estimate))
+
+    async def _commit_parts(
+        self, request_id: str, tags: str, args: list[str | int]
+    ) -> list[tuple[str, int, str]]:
+        """Commit the parts of a reservation on the shards of `tags` (comma-separated node
+        tags, as its home record names them), each once however often this is repeated: a
+        failure here raises, and the repeated commit (spooled) finishes them."""
         replies = await asyncio.gather(
             *(
                 self._call(
@@ -925,7 +939,7 @@ class RedisStore:
                     [self._key("record", tag, request_id)],
                     [*self._index_keys(tag), *args, "0"],
                 )
-                for tag in str(rest).split(",")
+                for tag in tags.split(",")
                 if tag
             ),
             return_exceptions=True,
@@ -933,14 +947,7 @@ class RedisStore:
         for reply in replies:
             if isinstance(reply, BaseException):
                 raise reply
-        if status == "pending":
-            late = any(
-                not isinstance(reply, BaseException) and reply[0] == "late" for reply in replies
-            )
-            status, estimate, _ = await self._call(
-                self._commit, [record], [*self._index_keys(home), *args, "1" if late else "0"]
-            )
-        return CommitResult(status, int(estimate))
+        return cast(list[tuple[str, int, str]], replies)
 
     async def charge(self, request_id: str, price: Pricer, now: float) -> CommitResult:
         # The record is read, priced here and committed by the script, which judges its
@@ -1074,13 +1081,7 @@ class RedisStore:
         if status == "pending":
             return await self._commit_at(home, request_id, _commit_args(charge, now))
         if rest:
-            args = _commit_args(charge, now)
-            for tag in rest.split(","):
-                await self._call(
-                    self._commit,
-                    [self._key("record", tag, request_id)],
-                    [*self._index_keys(tag), *args, "0"],
-                )
+            await self._commit_parts(request_id, rest, _commit_args(charge, now))
         return CommitResult(cast(CommitStatus, status), estimate)
 
     async def bucket_states(self, buckets: list[BucketView], now: float) -> list[BucketState]:
