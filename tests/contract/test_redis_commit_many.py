@@ -11,7 +11,9 @@ each record once.
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
 
+import pytest
 from redis.asyncio import Redis
 
 from devtools.redis_cluster import LocalCluster
@@ -60,6 +62,21 @@ def fixed(charge: Charge) -> Pricer:
         return charge
 
     return price
+
+
+# Six owners over three shards: a request naming all of them has parts on every shard.
+WIDE = tuple(own(f"w{i}") for i in range(6))
+
+
+@pytest.fixture
+async def cluster_store(redis_cluster: LocalCluster) -> AsyncIterator[RedisStore]:
+    """A store of its own on the emptied local cluster."""
+    await flush_redis(redis_cluster.url)
+    store = RedisStore(redis_cluster.url, prefix=f"many-{uuid.uuid4().hex[:8]}:")
+    try:
+        yield store
+    finally:
+        await store.close()
 
 
 def new_store(redis_url: str) -> RedisStore:
@@ -164,100 +181,83 @@ async def test_a_batch_failing_part_way_keeps_each_record_whole_and_can_be_repea
 
 
 async def test_a_cluster_batch_commits_home_records_and_their_parts_on_other_shards(
-    redis_cluster: LocalCluster,
+    cluster_store: RedisStore,
 ) -> None:
-    await flush_redis(redis_cluster.url)
-    store = RedisStore(redis_cluster.url, prefix=f"many-{uuid.uuid4().hex[:8]}:")
-    # Six owners over three shards: a request naming all of them has parts on every shard.
-    wide = tuple(own(f"w{i}") for i in range(6))
-    try:
-        # Ids as the store mints them (naming their home shard) and one from elsewhere
-        # (found through its pointer).
-        ids = [store.mint_request_id(wide), f"solo-{uuid.uuid4().hex}", store.mint_request_id(wide)]
-        assert (await store.reserve(wide_request(ids[0], wide, 100, ttl=600))).admitted
-        assert (await store.reserve(request(ids[1], "solo", 300))).admitted
-        # Past its expiry and not swept: its home shard answers "pending" in the batch,
-        # and the store finishes it as commit() would (parts first).
-        assert (await store.reserve(wide_request(ids[2], wide, 50, ttl=5))).admitted
-        answers = await store.charge_many(charges([*ids, "nope"]), NOW + 10)
-        assert [getattr(a, "status", a) for a in answers] == [
-            "committed",
-            "committed",
-            "committed",
-            "unknown",
-        ]
-        # Each wide bucket charged 100 and 102 once, every hold released; the solo
-        # request's buckets 101.
-        states = await store.bucket_states([*wide, own("solo")], NOW + 10)
-        assert [(s.spent, s.reserved) for s in states] == [(202, 0)] * 6 + [(101, 0)]
-        [row] = await store.ledger_rows(HOUR, HOUR + 3600)
-        assert (row.cost, row.requests) == (303, 3)
-        again = await store.charge_many(charges(ids), NOW + 11)
-        assert [getattr(a, "status", a) for a in again] == ["duplicate"] * 3
-        states = await store.bucket_states([*wide, own("solo")], NOW + 11)
-        assert [(s.spent, s.reserved) for s in states] == [(202, 0)] * 6 + [(101, 0)]
-    finally:
-        await store.close()
+    store = cluster_store
+    # Ids as the store mints them (naming their home shard) and one from elsewhere
+    # (found through its pointer).
+    ids = [store.mint_request_id(WIDE), f"solo-{uuid.uuid4().hex}", store.mint_request_id(WIDE)]
+    assert (await store.reserve(wide_request(ids[0], 100, ttl=600))).admitted
+    assert (await store.reserve(request(ids[1], "solo", 300))).admitted
+    # Past its expiry and not swept: its home shard answers "pending" in the batch,
+    # and the store finishes it as commit() would (parts first).
+    assert (await store.reserve(wide_request(ids[2], 50, ttl=5))).admitted
+    answers = await store.charge_many(charges([*ids, "nope"]), NOW + 10)
+    assert [getattr(a, "status", a) for a in answers] == [
+        "committed",
+        "committed",
+        "committed",
+        "unknown",
+    ]
+    # Each of the six buckets charged 100 and 102 once, every hold released; the solo
+    # request's buckets 101.
+    states = await store.bucket_states([*WIDE, own("solo")], NOW + 10)
+    assert [(s.spent, s.reserved) for s in states] == [(202, 0)] * 6 + [(101, 0)]
+    [row] = await store.ledger_rows(HOUR, HOUR + 3600)
+    assert (row.cost, row.requests) == (303, 3)
+    again = await store.charge_many(charges(ids), NOW + 11)
+    assert [getattr(a, "status", a) for a in again] == ["duplicate"] * 3
+    states = await store.bucket_states([*WIDE, own("solo")], NOW + 11)
+    assert [(s.spent, s.reserved) for s in states] == [(202, 0)] * 6 + [(101, 0)]
 
 
-def wide_request(
-    rid: str, buckets: tuple[BucketView, ...], amount: int, ttl: float
-) -> ReserveRequest:
-    return ReserveRequest(rid, buckets, amount, "reserve", NOW, NOW + ttl, dims=ALICE)
+def wide_request(rid: str, amount: int, ttl: float) -> ReserveRequest:
+    """A request naming every bucket of WIDE."""
+    return ReserveRequest(rid, WIDE, amount, "reserve", NOW, NOW + ttl, dims=ALICE)
 
 
 async def test_a_cluster_batch_settles_a_reservation_whose_part_a_sweep_expired_first(
-    redis_cluster: LocalCluster,
+    cluster_store: RedisStore,
 ) -> None:
-    await flush_redis(redis_cluster.url)
-    store = RedisStore(redis_cluster.url, prefix=f"many-{uuid.uuid4().hex[:8]}:")
-    wide = tuple(own(f"w{i}") for i in range(6))
-    try:
-        rid = store.mint_request_id(wide)
-        assert (await store.reserve(wide_request(rid, wide, 100, ttl=5))).admitted
-        home = await store._home_of(rid)
-        tags = {store._shards.tag_of(store._key("bucket", b.key)) for b in wide}
-        part = next(t for t in sorted(tags) if t != home)
-        # Only the part's shard is swept, an hour past the expiry (a part whose home was not
-        # swept is settled on its own then): the part is expired, its home still open.
-        await store._settle_shard(part, NOW + 3_700, 100, 0)
-        [answer] = await store.charge_many(charges([rid]), NOW + 3_701)
-        # The whole reservation counts as expired, as one Redis's single sweep would have it,
-        # and each bucket ends charged the actual 100 once.
-        assert getattr(answer, "status", answer) == "late"
-        states = await store.bucket_states(list(wide), NOW + 3_701)
-        assert [(s.spent, s.reserved) for s in states] == [(100, 0)] * 6
-        [row] = await store.ledger_rows(HOUR, HOUR + 3600)
-        assert (row.cost, row.requests) == (100, 1)
-    finally:
-        await store.close()
+    store = cluster_store
+    rid = store.mint_request_id(WIDE)
+    assert (await store.reserve(wide_request(rid, 100, ttl=5))).admitted
+    home = await store._home_of(rid)
+    tags = {store._shards.tag_of(store._key("bucket", b.key)) for b in WIDE}
+    part = next(t for t in sorted(tags) if t != home)
+    # Only the part's shard is swept, an hour past the expiry (a part whose home was not
+    # swept is settled on its own then): the part is expired, its home still open.
+    await store._settle_shard(part, NOW + 3_700, 100, 0)
+    [answer] = await store.charge_many(charges([rid]), NOW + 3_701)
+    # The whole reservation counts as expired, as one Redis's single sweep would have it,
+    # and each bucket ends charged the actual 100 once.
+    assert getattr(answer, "status", answer) == "late"
+    states = await store.bucket_states(list(WIDE), NOW + 3_701)
+    assert [(s.spent, s.reserved) for s in states] == [(100, 0)] * 6
+    [row] = await store.ledger_rows(HOUR, HOUR + 3600)
+    assert (row.cost, row.requests) == (100, 1)
 
 
 async def test_a_repeated_cluster_batch_commits_the_parts_an_earlier_charge_did_not_reach(
-    redis_cluster: LocalCluster,
+    cluster_store: RedisStore,
 ) -> None:
-    await flush_redis(redis_cluster.url)
-    store = RedisStore(redis_cluster.url, prefix=f"many-{uuid.uuid4().hex[:8]}:")
-    wide = tuple(own(f"w{i}") for i in range(6))
-    try:
-        rid = store.mint_request_id(wide)
-        assert (await store.reserve(wide_request(rid, wide, 100, ttl=600))).admitted
-        home = await store._home_of(rid)
-        assert home is not None
-        # An earlier charge committed the home record, then failed before its parts (as a
-        # shard going down between the two would have it).
-        charge = Charge(100, TokenUsage(10, 20))
-        status, _, rest = await store._call(
-            store._commit,
-            [store._key("record", home, rid)],
-            [*store._index_keys(home), *_commit_args(charge, NOW + 1), ""],
-        )
-        assert status == "committed" and rest
-        held = [s.reserved for s in await store.bucket_states(list(wide), NOW + 1)]
-        assert any(held)
-        [answer] = await store.charge_many([(rid, fixed(charge))], NOW + 2)
-        assert getattr(answer, "status", answer) == "duplicate"
-        states = await store.bucket_states(list(wide), NOW + 2)
-        assert [(s.spent, s.reserved) for s in states] == [(100, 0)] * 6
-    finally:
-        await store.close()
+    store = cluster_store
+    rid = store.mint_request_id(WIDE)
+    assert (await store.reserve(wide_request(rid, 100, ttl=600))).admitted
+    home = await store._home_of(rid)
+    assert home is not None
+    # An earlier charge committed the home record, then failed before its parts (as a
+    # shard going down between the two would have it).
+    charge = Charge(100, TokenUsage(10, 20))
+    status, _, rest = await store._call(
+        store._commit,
+        [store._key("record", home, rid)],
+        [*store._index_keys(home), *_commit_args(charge, NOW + 1), ""],
+    )
+    assert status == "committed" and rest
+    held = [s.reserved for s in await store.bucket_states(list(WIDE), NOW + 1)]
+    assert any(held)
+    [answer] = await store.charge_many([(rid, fixed(charge))], NOW + 2)
+    assert getattr(answer, "status", answer) == "duplicate"
+    states = await store.bucket_states(list(WIDE), NOW + 2)
+    assert [(s.spent, s.reserved) for s in states] == [(100, 0)] * 6
