@@ -761,7 +761,12 @@ class RedisStore:
         hold_for = math.ceil(request.expires_at - request.now) + _HOLD_GRACE_SECONDS
         rid = request.request_id
         calls = []
-        expires = repr(float(request.expires_at))
+        # The record's score in its expiry index, in whole seconds rounded up: a sorted set
+        # this small keeps scores in a listpack, where an integer is stored and compared as
+        # one, while a fraction is printed with %.17g when added and parsed back with strtod
+        # on every look-up (the most costly command of a reserve). The record keeps its exact
+        # expiry; the sweep finds it within a second after.
+        expires = str(math.ceil(request.expires_at))
         numbers = _RESERVE_NUMBERS.pack(
             request.now,
             request.expires_at,

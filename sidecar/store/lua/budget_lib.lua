@@ -471,8 +471,10 @@ local function decode(raw)
   local s, e, x, hm, hr, _, _, _, bd, d, li, g, id, n, pos = sunpack(HEAD, raw)
   local b = {sunpack('>' .. srep(ENTRY, n), raw, pos)}
   b[#b] = nil  -- the position after the last field
+  -- hl: the head's length, its bucket count included (a reserve remembers a record by its
+  -- head: `remember`).
   return {s = STATES[s], e = e, x = x, bd = bd, hm = hm == 1, d = d, li = li, hr = hr, g = g,
-          id = id, b = b, fmt = 'bin'}
+          id = id, b = b, fmt = 'bin', hl = pos - 1}
 end
 
 -- A stored record's string: this layout's, or the earlier JSON array (which begins "[").
@@ -507,12 +509,16 @@ end
 
 -- Records this server's reserves wrote lately, decoded, so that their commit need not
 -- decode them again (the record is nearly a tenth of a decision's work in Redis): record
--- key -> {the bytes written, the record as `decode` made it}. A commit uses the record only
--- when GET answers exactly those bytes (an equal Lua string: interned, so one comparison),
--- so a record changed since (expired, committed, another database's key of the same name)
--- is decoded as ever. At most REMEMBERED records (~3 KB each), then forgotten all at once;
--- a record is forgotten when its commit reads it. A restarted or promoted server, or a
--- library loaded again, starts with none.
+-- key -> {its head as written, the record as `decode` made it}. A commit uses the record
+-- only when GETRANGE answers exactly that head (an equal Lua string: interned, so one
+-- comparison). The head holds the state letter, estimate, expiry and creation time (to the
+-- microsecond), the binding, dims, ledger index, other groups and request id: a record
+-- changed since (expired, committed, deleted), or another database's record of the same
+-- key name with another head, is decoded from what is stored, as ever. The head alone is
+-- read because Lua hashes every byte of a string it receives: the whole record (1-2 KB
+-- for a request of 7 buckets) cost more to receive than to decode. At most REMEMBERED
+-- records (~3 KB each), then forgotten all at once; a record is forgotten when its commit
+-- reads it. A restarted or promoted server, or a library loaded again, starts with none.
 local REMEMBERED = 1024
 local remembered, remembered_count = {}, 0
 
@@ -523,10 +529,10 @@ local function remember(rkey, raw, rec)
   if remembered[rkey] == nil then
     remembered_count = remembered_count + 1
   end
-  remembered[rkey] = {raw, rec}
+  remembered[rkey] = {ssub(raw, 1, rec.hl), rec}
 end
 
--- `load`, from the record remembered when its bytes are still those.
+-- `load`, from the record remembered when its stored head is still the one written.
 local function load_remembered(rkey)
   local known = remembered[rkey]
   if known == nil then
@@ -534,11 +540,11 @@ local function load_remembered(rkey)
   end
   remembered[rkey] = nil
   remembered_count = remembered_count - 1
-  local raw = rpcall('GET', rkey)
-  if raw == known[1] then
+  local head = known[1]
+  if rpcall('GETRANGE', rkey, '0', int(#head - 1)) == head then
     return known[2]
   end
-  return load_reply(rkey, raw)
+  return load(rkey)
 end
 
 -- The amount of an exchange in one measure (sidecar.store.budget_types.measured).
