@@ -54,7 +54,9 @@
 --                    measure, slot, window start, ttl seconds, estimate in the measure,
 --                    held of it, 1 when enforced, limit. Written with SET NX GET: the write
 --                    is the look-up of a repeated request id.
---   open zset        home records scored by expires_at; held zset: the other groups' records.
+--   open zset        home records scored by expires_at rounded up to the second (an
+--                    integer score stays an integer in a listpack); held zset: the other
+--                    groups' records.
 --   slots zset       member "<slot>|<bucket hash key>", score = the slot's expiry (a hash
 --                    field has no TTL in 7.0).
 --   ledger row       string of five signed 64-bit fields, read and written as counters

@@ -25,7 +25,8 @@
 -- ARGV[4]      the shard's slot index zset
 --              (only KEYS[1] is declared, for routing: on a cluster the others are in other
 --              hash slots of the same shard)
--- ARGV[5]      expires_at (seconds, float), the record's score in the open or held zset
+-- ARGV[5]      expires_at rounded up to the second: the record's score in the open or
+--              held zset
 -- ARGV[6]      the record (see budget_lib.lua), state "o": besides what it keeps for the
 --              commit, it names every bucket with its window, limit and estimate, so a
 --              bucket travels once (one struct.unpack reads them all, no tonumber)
