@@ -471,12 +471,16 @@ local ENTRY = 'i4c0i4c0i4c0i8i8i8i8i8i1i8'
 -- A record of this layout, from its bytes, as `load` returns records.
 local function decode(raw)
   local s, e, x, hm, hr, _, _, _, bd, d, li, g, id, n, pos = sunpack(HEAD, raw)
-  local b = {sunpack('>' .. srep(ENTRY, n), raw, pos)}
-  b[#b] = nil  -- the position after the last field
-  -- hl: the head's length, its bucket count included (a reserve remembers a record by its
-  -- head: `remember`).
+  local b = {}
+  if #raw >= pos then
+    b = {sunpack('>' .. srep(ENTRY, n), raw, pos)}
+    b[#b] = nil  -- the position after the last field
+  end
+  -- A committed record is its head alone (`finish`): no buckets. raw and hl (the head's
+  -- length, its bucket count included) let a reserve remember the record by its head
+  -- (`remember`) and a commit write the head back alone.
   return {s = STATES[s], e = e, x = x, bd = bd, hm = hm == 1, d = d, li = li, hr = hr, g = g,
-          id = id, b = b, fmt = 'bin', hl = pos - 1}
+          id = id, b = b, fmt = 'bin', raw = raw, hl = pos - 1}
 end
 
 -- A stored record's string: this layout's, or the earlier JSON array (which begins "[").
@@ -531,7 +535,8 @@ local function remember(rkey, raw, rec)
   if remembered[rkey] == nil then
     remembered_count = remembered_count + 1
   end
-  remembered[rkey] = {ssub(raw, 1, rec.hl), rec}
+  rec.head = ssub(raw, 1, rec.hl)
+  remembered[rkey] = {rec.head, rec}
 end
 
 -- `load`, from the record remembered when its stored head is still the one written.
@@ -596,16 +601,27 @@ local function charge(ctx, rec, kind, micros, tin, tout, release, delta_cost, re
   end
 end
 
--- Done records stay a while so late and duplicate completions are recognised.
+-- Done records stay a while (a week) so late and duplicate completions are recognised. A
+-- committed record of this layout keeps its head alone: what a repeated commit or request
+-- id is answered from (state, estimate, expiry, binding, other groups), a fifth of a
+-- 7-bucket record's bytes; its buckets are never read again. It is written as the head
+-- with its lifetime (SET EX, the head remembered or cut from the bytes read), then the
+-- state letter: as many commands as the state letter and EXPIRE, and no longer string made
+-- in Lua. An expired record keeps its buckets: a late commit charges them the difference.
 local function finish(ctx, rkey, rec, state)
   if rec.old then
     rcall('HSET', rkey, 's', STATES[state])
   elseif rec.fmt == 'json' then
     rcall('SETRANGE', rkey, '2', state)  -- the state letter: '["o",...'
+  elseif state == 'c' then
+    rcall('SET', rkey, rec.head or ssub(rec.raw, 1, rec.hl), 'EX', ctx.retention)
+    rcall('SETRANGE', rkey, '0', state)
   else
     rcall('SETRANGE', rkey, '0', state)
   end
-  rcall('EXPIRE', rkey, ctx.retention)
+  if state ~= 'c' or rec.fmt ~= 'bin' then
+    rcall('EXPIRE', rkey, ctx.retention)
+  end
   if rec.hm then
     rcall('ZREM', ctx.open, rkey)
   else
