@@ -467,13 +467,20 @@ local STATES = {o = 'open', c = 'committed', x = 'expired'}
 -- store writes it with the same formats (redis_store.py `_RECORD_HEAD`, `_RECORD_BUCKET`).
 local HEAD = '>c1i8di1i8i8i8di4c0i4c0i4c0i4c0i4c0i2'
 local ENTRY = 'i4c0i4c0i4c0i8i8i8i8i8i1i8'
+-- The format of n entries, made once per n (a record names at most 32,767 buckets).
+local ENTRIES = {}
 
 -- A record of this layout, from its bytes, as `load` returns records.
 local function decode(raw)
   local s, e, x, hm, hr, _, _, _, bd, d, li, g, id, n, pos = sunpack(HEAD, raw)
   local b = {}
   if #raw >= pos then
-    b = {sunpack('>' .. srep(ENTRY, n), raw, pos)}
+    local format = ENTRIES[n]
+    if format == nil then
+      format = '>' .. srep(ENTRY, n)
+      ENTRIES[n] = format
+    end
+    b = {sunpack(format, raw, pos)}
     b[#b] = nil  -- the position after the last field
   end
   -- A committed record is its head alone (`finish`): no buckets. raw and hl (the head's

@@ -54,7 +54,10 @@ local parts = settle(ctx, now, settle_limit)
 local rkey = KEYS[1]
 local rec = decode(ARGV[6])
 local b = rec.b
-local spent, reserved = {}, {}
+-- Sized by their constructors for 16 buckets (a table grown one element at a time is
+-- rehashed at every power of two).
+local spent = {nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil}
+local reserved = {nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil}
 
 -- The record goes in first: writing it is the look-up of a repeated request id.
 local seen = rpcall('SET', rkey, ARGV[6], 'NX', 'GET')
@@ -85,7 +88,8 @@ optimistic = optimistic == 1
 -- Every bucket is read and judged first; only an admitted request writes (its holds, and
 -- counters moved to this window or given a longer life), so a refusal undoes nothing. A
 -- bucket named twice is read once: its second hold counts the first.
-local failed, buckets, order = {}, {}, {}
+local failed, buckets = {}, {}
+local order = {nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil}
 -- What a bucket's entry in `buckets` holds, by position (array slots, not hashed fields):
 -- counters key, held, spent in the window, window its counters follow, the window they
 -- follow from now on, alive-until, life it needs, made by this call, held by this request.
