@@ -248,6 +248,16 @@ def _budget_tokens(charge: Charge) -> tuple[int, int]:
     return (usage.total_input, usage.output_tokens) if charge.tokens is None else charge.tokens
 
 
+def _booked(charge: Charge) -> str:
+    """The parts of `charge` booked under other ledger dimensions, as the scripts read them
+    (JSON: dims, cost, input and output tokens per part)."""
+    if not charge.others:
+        return "[]"
+    return json.dumps(
+        [[dims_to_json(p.dims), p.cost, p.input_tokens, p.output_tokens] for p in charge.others]
+    )
+
+
 def _commit_args(charge: Charge, now: float) -> list[str | int]:
     """commit.lua's ARGV[5] to ARGV[14] for `charge`."""
     usage = charge.usage
@@ -259,9 +269,7 @@ def _commit_args(charge: Charge, now: float) -> list[str | int]:
         _LEDGER_RETENTION_SECONDS,
         _DONE_RETENTION_SECONDS,
         1 if charge.error else 0,
-        json.dumps(
-            [[dims_to_json(p.dims), p.cost, p.input_tokens, p.output_tokens] for p in charge.others]
-        ),
+        _booked(charge),
         str(budget_in),
         str(budget_out),
         repr(float(now)),
@@ -290,12 +298,7 @@ def _commit_many_args(charge: Charge) -> tuple[bytes, str]:
         budget_in,
         budget_out,
     )
-    if not charge.others:
-        return numbers, "[]"
-    others = [
-        [dims_to_json(p.dims), p.cost, p.input_tokens, p.output_tokens] for p in charge.others
-    ]
-    return numbers, json.dumps(others)
+    return numbers, _booked(charge)
 
 
 def _sum_answered(replies: Sequence[int | BaseException]) -> int:

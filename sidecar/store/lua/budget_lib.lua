@@ -500,9 +500,9 @@ local function parse(raw)
           hr = t[8], g = t[11], id = t[12], b = from_json(t), fmt = 'json'}
 end
 
--- A group record (see the layout above) from what GET answered for it, or nil when there
--- is none.
-local function load_reply(rkey, raw)
+-- A group record (see the layout above), or nil when there is none.
+local function load(rkey)
+  local raw = rpcall('GET', rkey)
   if not raw then
     return nil
   end
@@ -515,15 +515,10 @@ local function load_reply(rkey, raw)
   return parse(raw)
 end
 
--- A group record (see the layout above), or nil when there is none.
-local function load(rkey)
-  return load_reply(rkey, rpcall('GET', rkey))
-end
-
 -- Records this server's reserves wrote lately, decoded, so that their commit need not
 -- decode them again (the record is nearly a tenth of a decision's work in Redis): record
--- key -> {its head as written, the record as `decode` made it}. A commit uses the record
--- only when GETRANGE answers exactly that head (an equal Lua string: interned, so one
+-- key -> the record as `decode` made it, with its head as written (rec.head). A commit
+-- uses the record only when GETRANGE answers exactly that head (an equal Lua string: interned, so one
 -- comparison). The head holds the state letter, estimate, expiry and creation time (to the
 -- microsecond), the binding, dims, ledger index, other groups and request id: a record
 -- changed since (expired, committed, deleted), or another database's record of the same
@@ -543,20 +538,19 @@ local function remember(rkey, raw, rec)
     remembered_count = remembered_count + 1
   end
   rec.head = ssub(raw, 1, rec.hl)
-  remembered[rkey] = {rec.head, rec}
+  remembered[rkey] = rec
 end
 
 -- `load`, from the record remembered when its stored head is still the one written.
 local function load_remembered(rkey)
-  local known = remembered[rkey]
-  if known == nil then
+  local rec = remembered[rkey]
+  if rec == nil then
     return load(rkey)
   end
   remembered[rkey] = nil
   remembered_count = remembered_count - 1
-  local head = known[1]
-  if rpcall('GETRANGE', rkey, '0', int(#head - 1)) == head then
-    return known[2]
+  if rpcall('GETRANGE', rkey, '0', int(rec.hl - 1)) == rec.head then
+    return rec
   end
   return load(rkey)
 end
@@ -620,13 +614,13 @@ local function finish(ctx, rkey, rec, state)
     rcall('HSET', rkey, 's', STATES[state])
   elseif rec.fmt == 'json' then
     rcall('SETRANGE', rkey, '2', state)  -- the state letter: '["o",...'
-  elseif state == 'c' then
-    rcall('SET', rkey, rec.head or ssub(rec.raw, 1, rec.hl), 'EX', ctx.retention)
-    rcall('SETRANGE', rkey, '0', state)
   else
+    if state == 'c' then
+      rcall('SET', rkey, rec.head or ssub(rec.raw, 1, rec.hl), 'EX', ctx.retention)
+    end
     rcall('SETRANGE', rkey, '0', state)
   end
-  if state ~= 'c' or rec.fmt ~= 'bin' then
+  if state ~= 'c' or rec.fmt ~= 'bin' then  -- a committed head was SET with its lifetime
     rcall('EXPIRE', rkey, ctx.retention)
   end
   if rec.hm then
