@@ -13,7 +13,11 @@ same measurement runs with DIR's `sidecar` package, process after process altern
 and the ratios of this tree's figures to the baseline's are printed.
 
     .venv/bin/python -m bench.sqlite_thread [--ops 3000] [--concurrency 1 16]
-        [--preload 20000] [--runs 3] [--baseline DIR]
+        [--preload 20000] [--runs 3] [--owned] [--baseline DIR]
+
+Request ids are minted by each tree's own `new_request_id`, as its engine mints them.
+`--owned` measures the store `sidecar serve` opens by default (the file owned by the
+process: reservations decided in memory and written behind in batches).
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import tempfile
 import threading
@@ -66,10 +69,17 @@ def _request(request_id: str, now: float) -> Any:
     )
 
 
-async def _measure(ops: int, concurrency: int, preload: int) -> dict[str, float]:
+async def _measure(ops: int, concurrency: int, preload: int, owned: bool) -> dict[str, float]:
+    from sidecar.engine import new_request_id
     from sidecar.model import TokenUsage
     from sidecar.store.budget_types import Charge, Reservation
     from sidecar.store.sqlite_store import SQLiteStore
+
+    store_class: Any = SQLiteStore
+    if owned:
+        from sidecar.store.sqlite_owned import OwnedSQLiteStore
+
+        store_class = OwnedSQLiteStore
 
     def price(record: Reservation) -> Charge:
         return Charge(COST, TokenUsage(20, 40))
@@ -89,20 +99,21 @@ async def _measure(ops: int, concurrency: int, preload: int) -> dict[str, float]
             assert all(r.status == "committed" for r in results)
 
     with tempfile.TemporaryDirectory() as tmp:
-        store = SQLiteStore(f"sqlite:///{tmp}/bench.db")
+        store = store_class(f"sqlite:///{tmp}/bench.db")
         await store.open()
         (thread,) = [t for t in threading.enumerate() if t.name == "sqlite-store"]
         assert thread.ident is not None
         clock = time.pthread_getcpuclockid(thread.ident)
         # A day of traffic before, in groups of 50 requests: spend in every rolling slot.
         groups = [
-            [f"pre{n}" for n in range(s, min(s + 50, preload))] for s in range(0, preload, 50)
+            [new_request_id() for _ in range(s, min(s + 50, preload))]
+            for s in range(0, preload, 50)
         ]
         for n, group in enumerate(groups):
             at = NOW - 86_400 + n * 86_400 / len(groups)
             await reserve_all(group, at)
             await charge_all(group, at)
-        ids = [os.urandom(16).hex() for _ in range(ops)]
+        ids = [new_request_id() for _ in range(ops)]
         before = time.clock_gettime(clock)
         await reserve_all(ids, NOW)
         reserved = time.clock_gettime(clock)
@@ -125,12 +136,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preload", type=int, default=20_000)
     parser.add_argument("--runs", type=int, default=3, help="processes per tree and setting")
     parser.add_argument("--baseline", type=Path, help="a source tree to compare against")
+    parser.add_argument(
+        "--owned",
+        action="store_true",
+        help="the store `sidecar serve` opens (the file owned by the process, reservations "
+        "written behind in batches) instead of the shared one",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         import uvloop
 
-        result = uvloop.run(_measure(args.ops, args.concurrency[0], args.preload))
+        result = uvloop.run(_measure(args.ops, args.concurrency[0], args.preload, args.owned))
         print("SQLITE_THREAD " + json.dumps(result), flush=True)
         return 0
     # Imported here, not at the top: the worker runs this file against a baseline tree
@@ -146,10 +163,16 @@ def main(argv: list[str] | None = None) -> int:
         lambda concurrency: [
             *("--ops", str(args.ops), "--concurrency", str(concurrency)),
             *("--preload", str(args.preload)),
+            *(["--owned"] if args.owned else []),
         ],
         "concurrency",
     )
-    print(json.dumps({"ops": args.ops, "preload": args.preload, "summary": summary}, indent=2))
+    print(
+        json.dumps(
+            {"ops": args.ops, "preload": args.preload, "owned": args.owned, "summary": summary},
+            indent=2,
+        )
+    )
     return 0
 
 

@@ -118,11 +118,17 @@ class _RandomBytes:
 _random = _RandomBytes()
 
 
-def new_request_id() -> str:
-    """`uuid.uuid4().hex`, without building the UUID: 122 random bits (unguessable, so
-    knowing one is proof of having seen the request) with version 4's fixed bits."""
+def new_request_id(now_ns: Callable[[], int] = time.time_ns) -> str:
+    """A UUID of version 7 (RFC 9562) as 32 hex digits: the Unix time in milliseconds, then
+    74 random bits (unguessable, so knowing one is proof of having seen the request).
+
+    Time first because the SQLite store keeps a week of reservations under a unique index
+    of their ids: ids that grow with time are appended to that index, where random ones
+    land on a random page each (a page read, and a page written at the next commit, per
+    reservation; twice the CPU per row already at 200,000 rows)."""
     raw = _random.take16()
-    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
+    raw[0:6] = (now_ns() // 1_000_000).to_bytes(6, "big")
+    raw[6] = (raw[6] & 0x0F) | 0x70  # version 7
     raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
     return raw.hex()
 

@@ -7,6 +7,7 @@ import functools
 import json
 import operator
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -315,16 +316,28 @@ async def test_a_shard_that_is_down_fails_only_the_decisions_that_need_it(
     assert (await eng.check(attrs("cent-a", "r2", max_tokens=3))).allowed
 
 
-def test_reservation_ids_are_random_version_4_uuids() -> None:
-    ids = {new_request_id() for _ in range(2000)}
+def test_reservation_ids_are_version_7_uuids_random_after_their_millisecond() -> None:
+    at = 1_800_000_000_123_456_789
+    ids = {new_request_id(lambda: at) for _ in range(2000)}
     assert len(ids) == 2000
     for rid in ids:
         parsed = uuid.UUID(hex=rid)
         assert parsed.hex == rid and len(rid) == 32
-        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
-    # Every other bit varies: ids are not guessable from one another.
-    fixed = ~((0xF << 76) | (0x3 << 62)) & ((1 << 128) - 1)
+        assert parsed.version == 7 and parsed.variant == uuid.RFC_4122
+        assert int(rid[:12], 16) == 1_800_000_000_123  # the millisecond, big-endian
+    # Every bit after the time but version and variant varies: ids minted in the same
+    # millisecond are not guessable from one another (74 random bits).
+    fixed = ((1 << 80) - 1) & ~((0xF << 76) | (0x3 << 62))
     assert functools.reduce(operator.or_, (int(r, 16) ^ int(min(ids), 16) for r in ids)) == fixed
+
+
+def test_reservation_ids_sort_by_the_millisecond_they_were_minted_in() -> None:
+    # What keeps the SQLite store's index of ids appending instead of writing random pages.
+    clock = iter(range(1_800_000_000_000_000_000, 1_800_000_000_100_000_000, 1_000_000))
+    ids = [new_request_id(lambda: next(clock)) for _ in range(100)]
+    assert ids == sorted(ids)
+    # By default, the wall clock's.
+    assert abs(int(new_request_id()[:12], 16) - time.time_ns() // 1_000_000) < 60_000
 
 
 def test_a_forked_child_mints_other_ids_than_its_parent() -> None:
