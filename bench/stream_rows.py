@@ -66,6 +66,7 @@ from sidecar.envoy.attach import (
     CHECK_CLUSTER,
     DEFAULT_MAX_CHECKS,
     EXT_AUTHZ,
+    METER,
     SIDECAR_CLUSTER,
     SIDECAR_FILTERS,
 )
@@ -88,8 +89,16 @@ STREAM_BODY_WITH_USAGE = json.dumps(
 
 
 def _envoy_config(
-    listen: int, admin: int, grpc_port: int, upstream: int, floor: bool, workers: int = 1
+    listen: int,
+    admin: int,
+    grpc_port: int,
+    upstream: int,
+    floor: bool,
+    workers: int = 1,
+    lua: Path | None = None,
 ) -> dict[str, Any]:
+    """The row's Envoy; `lua`: the metering filter's source instead of this tree's (a
+    baseline row runs its own tree's, so that a change to the filter is measured too)."""
     config = render_envoy_config(
         listen_port=listen,
         admin_port=admin,
@@ -113,6 +122,10 @@ def _envoy_config(
     hcm["access_log"] = [
         e for e in hcm.get("access_log", []) if e["name"] != "envoy.access_loggers.stdout"
     ]
+    if lua is not None and lua.is_file():
+        for f in hcm["http_filters"]:
+            if f["name"] == METER:
+                f["typed_config"]["default_source_code"] = {"inline_string": lua.read_text()}
     if floor:
         hcm["http_filters"] = [
             f
@@ -426,7 +439,15 @@ def main(argv: list[str] | None = None) -> int:
             listen, admin = free_port(), free_port()
             envoy, _ = start_envoy(
                 workdir,
-                _envoy_config(listen, admin, port, upstream_port, key == "floor", args.workers),
+                _envoy_config(
+                    listen,
+                    admin,
+                    port,
+                    upstream_port,
+                    key == "floor",
+                    args.workers,
+                    sidecars[key] / "sidecar/envoy/meter.lua" if sidecars.get(key) else None,
+                ),
                 base_id=listen,
             )
             stack.enter_context(envoy)

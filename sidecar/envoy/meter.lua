@@ -137,6 +137,10 @@ local function encode(raw, compressed)
   if compressed then
     return base64(raw)
   end
+  -- Looking costs less than gsub building a copy, and most chunks are ASCII.
+  if string.find(raw, "[\128-\255]") == nil then
+    return raw
+  end
   return (string.gsub(raw, "[\128-\255]", "~"))
 end
 
@@ -201,7 +205,9 @@ function envoy_on_response(handle)
   local n, kept, total, held = 0, 0, 0, ""
   local piece, piece_len = {}, 0
   local tail = {}
-  local head, head_len, last, last_len = {}, 0, {}, 0
+  local head, head_len = {}, 0
+  -- The last chunks, last[last_from .. n_last], at least END_BYTES of them.
+  local last, last_len, last_from, n_last = {}, 0, 1, 0
   for chunk in handle:bodyChunks() do
     local size = chunk:length()
     if size > 0 then
@@ -238,13 +244,22 @@ function envoy_on_response(handle)
         head[#head + 1] = raw
         head_len = head_len + size
       end
-      last[#last + 1] = raw
+      n_last = n_last + 1
+      last[n_last] = raw
       last_len = last_len + size
-      while last_len - #last[1] >= END_BYTES do
-        last_len = last_len - #last[1]
-        table.remove(last, 1)
+      while last_len - #last[last_from] >= END_BYTES do
+        last_len = last_len - #last[last_from]
+        last[last_from] = nil
+        last_from = last_from + 1
       end
-      if strip then
+      -- Most chunks are whole events without a usage report: they pass as they are,
+      -- without being cut into events (that cost more than all the rest per chunk). A
+      -- chunk is taken apart when it holds "usage", does not end with a blank line
+      -- ("\n\n", "\r\n\r\n": the end of an event), or follows one that ended inside an
+      -- event (`held`). A usage event cut in pieces is caught either way: every piece but
+      -- the last ends inside it, and every piece but the first follows one that did.
+      if strip and (held ~= "" or string.find(raw, '"usage"', 1, true)
+                    or not (string.sub(raw, -2) == "\n\n" or string.sub(raw, -4) == "\r\n\r\n")) then
         local data = held .. raw
         local out, start, dropped = {}, 1, false
         for _, e in ipairs(event_ends(data)) do
@@ -272,7 +287,7 @@ function envoy_on_response(handle)
   local m = handle:streamInfo():dynamicMetadata()
   if not compressed then
     local first = encode(string.sub(table.concat(head), 1, HEAD_BYTES), false)
-    local ending = encode(table.concat(last), false)
+    local ending = encode(table.concat(last, "", last_from, n_last), false)
     local first_end = event_end(first, 1)
     local events = last_events(ending, total == last_len)
     if n > 0 and kept == total and first_end ~= nil and events ~= ""

@@ -16,10 +16,11 @@ import asyncio
 import contextlib
 import itertools
 import json
+import re
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,9 @@ STRIP_HEADER = "x-test-strip-usage"  # ext_proc asks the Lua filter to drop the 
 BODY_HEADER = "x-test-body"  # the Check marks the call for ext_proc, or for the Lua insert
 USAGE_EVENT_HEADER = "x-test-usage-event"  # the upstream ends its stream with a usage event
 SPLIT_HEADER = "x-test-split-events"  # the upstream sends each event in two writes
+JOINED_HEADER = "x-test-joined-events"  # the upstream sends every event in one write
+CRLF_HEADER = "x-test-crlf"  # the upstream ends its lines with CRLF
+ACCENT_HEADER = "x-test-accent"  # the upstream's first event holds non-ASCII text
 
 # Client-sent copies of these must never select a route; the Check removes them.
 ROUTING_HEADERS = ("x-sidecar-route", "x-sidecar-provider", "x-sidecar-model")
@@ -280,11 +284,23 @@ def sse_event(index: int) -> bytes:
     return f"data: {json.dumps({'index': index})}\n\n".encode()
 
 
+def stream_events(headers: Mapping[str, str]) -> list[bytes]:
+    """The events the recording upstream streams for a request with these test knobs."""
+    sent = [sse_event(index) for index in range(STREAM_EVENTS)]
+    if ACCENT_HEADER in headers:
+        sent[0] = 'data: {"text": "café"}\n\n'.encode()
+    if USAGE_EVENT_HEADER in headers:
+        sent.append(USAGE_EVENT)
+    if CRLF_HEADER in headers:
+        sent = [event.replace(b"\n", b"\r\n") for event in sent]
+    return sent
+
+
 def recording_upstream(seen: list[UpstreamRequest]) -> Starlette:
-    async def events(usage_event: bool, split: bool) -> AsyncIterator[bytes]:
-        sent = [sse_event(index) for index in range(STREAM_EVENTS)]
-        if usage_event:
-            sent.append(USAGE_EVENT)
+    async def events(sent: list[bytes], split: bool, joined: bool) -> AsyncIterator[bytes]:
+        if joined:
+            yield b"".join(sent)
+            return
         for index, event in enumerate(sent):
             if index:
                 await asyncio.sleep(STREAM_GAP_S)
@@ -300,7 +316,11 @@ def recording_upstream(seen: list[UpstreamRequest]) -> Starlette:
         seen.append(UpstreamRequest(request.url.path, list(request.headers.items()), body))
         if body.lstrip().startswith(b"{") and json.loads(body).get("stream"):
             return StreamingResponse(
-                events(USAGE_EVENT_HEADER in request.headers, SPLIT_HEADER in request.headers),
+                events(
+                    stream_events(request.headers),
+                    SPLIT_HEADER in request.headers,
+                    JOINED_HEADER in request.headers,
+                ),
                 media_type="text/event-stream",
             )
         return JSONResponse({"id": "resp-1", "usage": {"prompt_tokens": 3, "completion_tokens": 5}})
@@ -704,6 +724,48 @@ async def test_lua_filter_drops_a_usage_event_split_across_chunks(stack: Stack) 
     assert all(chunk.endswith(b"\n\n") for chunk in arrivals), arrivals
     record = await stack.record_for(test_id)
     assert (record["head"] + record["end"]).encode() == b"".join(events) + USAGE_EVENT
+
+
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        # One chunk holds every event, the usage event among them, and ends with one.
+        {JOINED_HEADER: "1"},
+        # Events end with CRLF blank lines: whole, joined, and in halves.
+        {CRLF_HEADER: "1"},
+        {CRLF_HEADER: "1", JOINED_HEADER: "1"},
+        {CRLF_HEADER: "1", SPLIT_HEADER: "1"},
+        # Text that is not ASCII, in whole events and in halves.
+        {ACCENT_HEADER: "1"},
+        {ACCENT_HEADER: "1", SPLIT_HEADER: "1"},
+    ],
+    ids=["joined", "crlf", "crlf-joined", "crlf-split", "accent", "accent-split"],
+)
+@in_module_loop
+async def test_lua_filter_drops_the_usage_event_however_the_events_arrive(
+    stack: Stack, knobs: dict[str, str]
+) -> None:
+    """Whole events without a usage report pass without being taken apart; the usage
+    event goes however it arrives, and the record keeps every event with non-ASCII bytes
+    as `~`."""
+    test_id = uuid.uuid4().hex
+    headers = request_headers(
+        test_id, **{STRIP_HEADER: "1", USAGE_EVENT_HEADER: "1", BODY_HEADER: "ext_proc", **knobs}
+    )
+
+    response = await stack.client.post(
+        "/openai/v1/chat/completions", content=chat_body(stream=True), headers=headers
+    )
+
+    sent = stream_events(headers)
+    assert response.status_code == 200
+    assert response.content == b"".join(sent[:-1])  # all but the usage event, byte for byte
+    record = await stack.record_for(test_id)
+    kept = (
+        (record["head"] + record["end"]) if record.get("trimmed") else record_body(record).decode()
+    )
+    assert kept.encode() == re.sub(rb"[\x80-\xff]", b"~", b"".join(sent))
+    assert record["done"] is True
 
 
 @in_module_loop
