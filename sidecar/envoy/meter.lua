@@ -9,11 +9,13 @@
 -- passed, in pieces of about GROUP_BYTES, with every byte >= 0x80 replaced by `~` so the
 -- metadata is valid UTF-8 whatever the body holds: parsers see the same JSON structure and
 -- count the same text bytes; base64 instead when the body is compressed or binary, and then
--- `base64` is true), chunks (N), bytes (every byte that passed), tail (the last chunks once
--- more than MAX_KEPT bytes passed), done (the body ended; absent when the client or the
--- upstream went away first), and with done: head and end (the body's first HEAD_BYTES and
--- at least its last END_BYTES, from end_offset on). Each key is set as soon as it is known,
--- so a stream cut short still reports what passed until then.
+-- `base64` is true), chunks (N), bytes (how many bytes passed: every one once the body
+-- ended or outgrew what is kept; until then the first chunk's, which tells the sidecar a
+-- body began, and costs no metadata write per chunk), tail (the last chunks once more than
+-- MAX_KEPT bytes passed), done (the body ended; absent when the client or the upstream went
+-- away first), and with done: head and end (the body's first HEAD_BYTES and at least its
+-- last END_BYTES, from end_offset on). Each key is set as soon as it is known, so a stream
+-- cut short still reports what passed until then.
 --
 -- A finished event stream whose last events carry the provider's usage report needs no more
 -- than its first event (head) and its last TAIL_EVENTS events (end, starting at an event's
@@ -238,8 +240,11 @@ function envoy_on_response(handle)
           table.remove(tail, 1)
         end
         m:set(NS, "tail", encode(table.concat(tail), compressed))
+        m:set(NS, "bytes", total)
       end
-      m:set(NS, "bytes", total)
+      if total == size then
+        m:set(NS, "bytes", total)
+      end
       if head_len < HEAD_BYTES then
         head[#head + 1] = raw
         head_len = head_len + size
@@ -306,5 +311,6 @@ function envoy_on_response(handle)
       m:set(NS, "end_offset", total - last_len)
     end
   end
+  m:set(NS, "bytes", total)
   m:set(NS, "done", true)
 end

@@ -55,6 +55,8 @@ class MeteringRecord:
     end_offset: int = 0
     # The last chunks, when the body outgrew what is kept in `chunks`.
     tail: bytes = b""
+    # Bytes of body that passed: all of them once it ended or outgrew what is kept, else at
+    # least the first chunk's (0: no body began).
     total_bytes: int = 0
     # The body ended; False when the stream was cut short.
     done: bool = False
