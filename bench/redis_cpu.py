@@ -5,6 +5,7 @@
     .venv/bin/python -m bench.redis_cpu --baseline 070a5e4   # also the scripts of a commit
     .venv/bin/python -m bench.redis_cpu --batch 16   # charged 16 at a time, as the access log
     .venv/bin/python -m bench.redis_cpu --pin        # client on one core, Redis on another
+    .venv/bin/python -m bench.redis_cpu --cluster-order grouped   # each node's callers in a run
 
 The real engine decides for many users against a real redis-server, then against a real
 Redis Cluster of three primaries, in the same run; each admitted request is then committed
@@ -25,6 +26,11 @@ is 1e6 / (the busiest shard's usec per decision): on one Redis that is its whole
 cluster the busiest shard sets the ceiling (buckets every request shares sit on one shard).
 `--baseline REF` runs this benchmark as it was at git commit REF (its own store and
 scripts, from `git archive`) in the same invocation, for a before/after ratio.
+On the cluster, callers take turns (`--cluster-order interleaved`, the default), so on a
+machine with fewer cores than nodes the nodes take turns on one core, each finding its
+caches filled by the others; `grouped` lets the callers whose buckets live on one shard
+decide one after another, so each node serves runs of decisions warm, as a node with a
+core of its own does (the decisions and every shard's work are the same).
 Prints one JSON object (`--save` also writes it to bench/results/redis_cpu.json).
 """
 
@@ -35,6 +41,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -45,6 +52,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
+from redis.crc import key_slot
 
 from bench.micro.test_engine_micro import make_engine
 from bench.pinning import pinned
@@ -58,6 +66,7 @@ from sidecar.config.ruleset import build_ruleset
 from sidecar.model import RequestAttrs, TokenUsage
 from sidecar.store.base import Store
 from sidecar.store.budget_types import BucketView, ReserveRequest, ReserveResult
+from sidecar.store.redis_keys import bucket_owner
 from sidecar.store.redis_store import RedisStore
 from tests.support.redis_admin import flush_redis
 
@@ -154,6 +163,7 @@ class Run:
         prefix: str | None = None,
         clock: Callable[[], float] = time.time,
         batch: int = 1,
+        grouped: bool = False,
     ) -> None:
         self.url, self.stat_urls, self.policy = url, stat_urls, policy
         # Each policy under its own key prefix unless told: both share one Redis (one cluster).
@@ -163,6 +173,8 @@ class Run:
         # Commits per store call: 1 commits each request right after its check; more
         # charge them `batch` at a time with `charge_many`, as an access log batch does.
         self.batch = batch
+        # On a cluster, callers in the order of the shard their own buckets live on.
+        self.grouped = grouped
         self.uncharged: list[str] = []
         issuer = DevIssuer.generate()
         jwks = issuer.write_jwks(workdir / f"jwks-{name.replace('/', '-')}.json")
@@ -191,6 +203,31 @@ class Run:
         await self.charge_uncharged()
         if steady:
             await fill_rolling_windows(self.store, recorder.buckets)
+        if self.grouped and len(self.admins) > 1:
+            await self._group_callers(recorder.buckets)
+
+    async def _group_callers(self, buckets: dict[str, BucketView]) -> None:
+        """Reorder the callers so that those whose buckets share a shard decide one after
+        another: each node then serves a run of decisions while the others idle, as each
+        would with a core of its own, instead of three nodes taking turns on one core (and
+        its caches) every decision on a machine with fewer cores than nodes."""
+        ports = [int(u.rsplit(":", 1)[1].split("/")[0]) for u in self.stat_urls]
+        ranges = await self.admins[0].cluster("SLOTS")
+
+        def node(slot: int) -> int:
+            for first, last, primary, *_ in ranges:
+                if first <= slot <= last:
+                    return ports.index(int(primary[1]))
+            raise LookupError(f"no node serves slot {slot}")
+
+        shard = {}
+        for key in buckets:
+            owner = bucket_owner(key)
+            caller = re.fullmatch(r"user=user(\d+)@example\.com", owner)
+            if caller is not None:
+                shard[int(caller.group(1))] = node(key_slot(f"o:{owner}".encode()))
+        order = sorted(range(self.users), key=lambda i: (shard.get(i, len(ports)), i))
+        self.tokens = [self.tokens[i] for i in order]
 
     async def decide(self, n: int) -> None:
         headers = {
@@ -325,7 +362,13 @@ async def measure_all(
     os.environ.update(demo_key_env())
     runs = {
         f"{policy}/{name}": Run(
-            url, stat_urls, policy, workdir, f"{policy}/{name}", batch=args.batch
+            url,
+            stat_urls,
+            policy,
+            workdir,
+            f"{policy}/{name}",
+            batch=args.batch,
+            grouped=args.cluster_order == "grouped",
         )
         for name, (url, stat_urls) in stores.items()
         for policy in POLICIES
@@ -414,6 +457,13 @@ def main(argv: list[str] | None = None) -> int:
         "another (bench/pinning.py)",
     )
     parser.add_argument(
+        "--cluster-order",
+        choices=("interleaved", "grouped"),
+        default="interleaved",
+        help="on the cluster, callers in turn (interleaved) or those of one shard after "
+        "another (grouped: each node runs warm, as with a core of its own)",
+    )
+    parser.add_argument(
         "--save", action="store_true", help="write the result to bench/results/redis_cpu.json"
     )
     args = parser.parse_args(argv)
@@ -446,6 +496,7 @@ def _measure_everything(args: argparse.Namespace) -> dict[str, Any]:
             )
     result["batch"] = args.batch
     result["pinned"] = args.pin
+    result["cluster_order"] = args.cluster_order
     # What adding shards buys: the busiest shard sets the ceiling.
     result["cluster_3_over_one"] = {
         policy: round(
