@@ -19,7 +19,8 @@ import hashlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, cast
 
-from redis.asyncio.cluster import RedisCluster
+from redis._parsers import AsyncCommandsParser
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.exceptions import ResponseError
 
 # The scripts that become functions, each with budget_lib.lua's helpers.
@@ -101,8 +102,51 @@ class FunctionCluster(RedisCluster):
             return self.keyslot(args[2])
         return await super()._determine_slot(command, *args)
 
+    _closed_for_good = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.commands_parser = _CommandTable()
+
+    async def aclose(self) -> None:
+        """Let go of connections after a node failed, without failing the other nodes' work.
+
+        redis-py's cluster pipeline calls this on a connection error before it retries, and
+        the client-wide close it would do cuts the connections of commands in flight on the
+        healthy shards: with one primary down, a read on another failed now and then. As
+        redis-py does for a single command's failure, connections in use are closed once
+        their command ends, idle ones now, and the slot layout is learnt again before the
+        next command (from any node that answers: see `_CommandTable`). `close_for_good` closes
+        for good."""
+        if self._closed_for_good:
+            await super().aclose()
+            return
+        for node in list(self.nodes_manager.nodes_cache.values()):
+            node.update_active_connections_for_reconnect()
+            await node.disconnect_free_connections()
+        self._initialize = True
+
+    async def close_for_good(self) -> None:
+        self._closed_for_good = True
+        await super().aclose()
+
     async def load_library(self, source: str, key: str) -> None:
         """Load `source` on the primary serving `key` only (FUNCTION LOAD would otherwise go
         to every primary, and fail while one is down)."""
         node = self.get_node_from_key(key)
         await self.execute_command("FUNCTION LOAD", "REPLACE", source, target_nodes=node)
+
+
+class _CommandTable(AsyncCommandsParser):
+    """The server's command table, asked for once.
+
+    redis-py asks its default node for it again each time it learns the slot layout, and
+    that node may be the primary that just went down: the layout, which the other nodes
+    would have given, is then not learnt, and every node's connections are closed under
+    the commands in flight. The table does not change when a primary does."""
+
+    async def initialize(self, node: ClusterNode | None = None) -> None:
+        if node is not None:
+            self.node = node
+        if not self.commands:
+            await super().initialize()

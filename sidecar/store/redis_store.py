@@ -438,7 +438,10 @@ class RedisStore:
     async def close(self) -> None:
         if self._lane is not None:
             await self._lane.aclose()
-        await self._r.aclose()
+        if isinstance(self._r, FunctionCluster):
+            await self._r.close_for_good()
+        else:
+            await self._r.aclose()
 
     async def ping(self) -> bool:
         try:

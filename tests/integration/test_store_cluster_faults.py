@@ -7,6 +7,7 @@ kept, a shortcut for commits).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -109,5 +110,29 @@ async def test_killing_one_primary_fails_only_what_lives_on_it(cluster: LocalClu
         assert await store.open_reservations() == 0
         state = (await store.bucket_states([on_right], DAY + 100.0))[0]
         assert (state.spent, state.reserved) == (900 + 1_000, 0)
+    finally:
+        await store.close()
+
+
+async def test_reads_on_a_dead_primary_never_fail_reads_in_flight_on_the_others(
+    cluster: LocalCluster,
+) -> None:
+    store = RedisStore(cluster.url, connect_timeout=0.5, op_timeout=0.5)
+    try:
+        on_doomed, on_kept = user_bucket(cluster, 0), user_bucket(cluster, 1)
+        assert (await store.reserve(request("before-kill", on_kept))).admitted
+        kill(cluster, 0)
+        for _ in range(8):
+            # A read of the dead shard fails while reads of a healthy one are in flight:
+            # what it does to the client's connections must not cut theirs.
+            replies = await asyncio.gather(
+                store.bucket_states([on_doomed], DAY + 12.0),
+                *(store.bucket_states([on_kept], DAY + 12.0) for _ in range(8)),
+                return_exceptions=True,
+            )
+            assert isinstance(replies[0], StoreUnavailable)
+            for reply in replies[1:]:
+                assert not isinstance(reply, BaseException), reply
+                assert reply[0].reserved == 1_000
     finally:
         await store.close()
