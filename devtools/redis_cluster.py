@@ -1,8 +1,9 @@
 """Start a real Redis Cluster of a few primaries on loopback ports, for tests and benchmarks.
 
 Each primary is its own `redis-server --cluster-enabled yes`; `redis-cli --cluster create`
-splits the 16,384 hash slots between them. No replicas: a primary that stops takes its
-slots down with it, and `cluster-require-full-coverage no` keeps the others serving theirs.
+splits the 16,384 hash slots between them. By default no replicas: a primary that stops
+takes its slots down with it, and `cluster-require-full-coverage no` keeps the others
+serving theirs. With `replicas=1` each primary gets one, which takes over when it fails.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ class LocalCluster:
 
     processes: list[ManagedProcess] = field(default_factory=list)
     ports: list[int] = field(default_factory=list)
+    # replica_ports[i] (run by replica_processes[i]) replicates ports[i].
+    replica_processes: list[ManagedProcess] = field(default_factory=list)
+    replica_ports: list[int] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -44,7 +48,7 @@ class LocalCluster:
         return [f"redis://{LOOPBACK}:{p}/0" for p in self.ports]
 
     def stop(self) -> None:
-        for process in self.processes:
+        for process in [*self.processes, *self.replica_processes]:
             process.stop()
 
     def __enter__(self) -> LocalCluster:
@@ -95,19 +99,20 @@ def start_redis_cluster(
     tmp_dir: Path,
     primaries: int = 3,
     *,
+    replicas: int = 0,
     node_timeout_ms: int = 1000,
     timeout: float = 30.0,
     argv_prefix: Sequence[str] = (),
 ) -> LocalCluster:
     """Run `primaries` cluster-enabled redis-servers, join them, and wait until every node
-    reports `cluster_state:ok`.
+    reports `cluster_state:ok` (and, with `replicas`, every replica is in sync).
 
     `argv_prefix` runs every node under a wrapper (e.g. `valgrind --tool=callgrind ...`):
     the wrapper must keep the node's process id. A slow wrapper wants a larger
     `node_timeout_ms` (or the nodes mark each other failing) and `timeout`."""
     cluster = LocalCluster()
     try:
-        for _ in range(primaries):
+        for _ in range(primaries * (1 + replicas)):
             port = _cluster_port()
             node_dir = Path(tmp_dir) / f"node-{port}"
             node_dir.mkdir(parents=True, exist_ok=True)
@@ -129,6 +134,8 @@ def start_redis_cluster(
             "--cluster",
             "create",
             *(f"{LOOPBACK}:{p}" for p in cluster.ports),
+            "--cluster-replicas",
+            str(replicas),
             "--cluster-yes",
             timeout=timeout,
         )
@@ -138,7 +145,36 @@ def start_redis_cluster(
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"cluster node {port} never reported cluster_state:ok")
                 time.sleep(0.1)
+        if replicas:
+            _sort_roles(cluster, replicas, deadline)
     except BaseException:
         cluster.stop()
         raise
     return cluster
+
+
+def _sort_roles(cluster: LocalCluster, replicas: int, deadline: float) -> None:
+    """Keep primaries in `ports`, and replicas (in sync) in `replica_ports`, in their
+    primaries' order: redis-cli chose which node is which."""
+    if replicas != 1:
+        raise ValueError("one replica per primary is supported")
+    ids: dict[str, int] = {}
+    primary_of: dict[int, str] = {}
+    for line in _cli(cluster.ports[0], "cluster", "nodes").splitlines():
+        node_id, address, flags, master, *_ = line.split()
+        port = int(address.split("@")[0].rsplit(":", 1)[1])
+        ids[node_id] = port
+        if "slave" in flags.split(","):
+            primary_of[port] = master
+    process_of = dict(zip(cluster.ports, cluster.processes, strict=True))
+    primaries = [p for p in cluster.ports if p not in primary_of]
+    replica_of = {ids[master]: port for port, master in primary_of.items()}
+    cluster.ports = primaries
+    cluster.processes = [process_of[p] for p in primaries]
+    cluster.replica_ports = [replica_of[p] for p in primaries]
+    cluster.replica_processes = [process_of[p] for p in cluster.replica_ports]
+    for port in cluster.replica_ports:
+        while "master_link_status:up" not in _cli(port, "info", "replication"):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"replica {port} never caught up with its primary")
+            time.sleep(0.1)

@@ -1,4 +1,5 @@
-"""A Redis Cluster primary killed: only what lives on its shard fails, and it fails closed.
+"""A Redis Cluster primary killed: only what lives on its shard fails, and it fails closed;
+with a replica, the replica takes over its shard, state included.
 
 Budget state is sharded by bucket owner, so a decision needs the shards of its buckets and
 nothing else: not even the shard its request id hashes to (where a pointer to its record is
@@ -136,3 +137,55 @@ async def test_reads_on_a_dead_primary_never_fail_reads_in_flight_on_the_others(
                 assert reply[0].reserved == 1_000
     finally:
         await store.close()
+
+
+def wait_for_promotion(cluster: LocalCluster, shard: int, timeout: float = 30.0) -> None:
+    """Until every live node names `shard`'s replica as the primary of its slots."""
+    replica = cluster.replica_ports[shard]
+    live = [p for i, p in enumerate(cluster.ports) if i != shard] + [replica]
+    deadline = time.monotonic() + timeout
+    while True:
+        primaries = set()
+        for port in live:
+            with redis.Redis(port=port) as client:
+                for _start, _end, primary, *_ in client.execute_command("CLUSTER SLOTS"):
+                    primaries.add(int(primary[1]))
+        if replica in primaries and cluster.ports[shard] not in primaries:
+            return
+        assert time.monotonic() < deadline, "the replica was never promoted"
+        time.sleep(0.1)  # waiting on the cluster's own failover, not on our code
+
+
+async def test_a_promoted_replica_serves_its_dead_primarys_buckets_with_their_state(
+    tmp_path: Path,
+) -> None:
+    with start_redis_cluster(tmp_path, replicas=1) as cluster:
+        store = RedisStore(cluster.url, connect_timeout=0.5, op_timeout=0.5)
+        try:
+            bucket, docs = user_bucket(cluster, 0), collection_on(cluster, 0)
+            await store.put_doc(docs, "k", {"v": 1}, now=DAY)
+            assert (await store.reserve(request("before", bucket))).admitted
+            committed = await store.commit("before", 900, TokenUsage(1, 1), DAY + 11.0)
+            assert committed.status == "committed"
+            with redis.Redis(port=cluster.ports[0]) as primary:
+                # Everything the primary holds has reached its replica.
+                assert primary.execute_command("WAIT", 1, 5000) == 1
+
+            kill(cluster, 0)
+            wait_for_promotion(cluster, 0)
+            # The client learns the new layout by itself: the first calls already succeed,
+            # on the state the replica carried over.
+            assert (await store.reserve(request("after", bucket))).admitted
+            state = (await store.bucket_states([bucket], DAY + 12.0))[0]
+            assert (state.spent, state.reserved) == (900, 1_000)
+            assert await store.get_doc(docs, "k", now=DAY) == {"v": 1}
+            assert (await store.commit("after", 50, TokenUsage(1, 1), DAY + 13.0)).status == (
+                "committed"
+            )
+            # A repeat of the committed request is known as one on the new primary.
+            repeat = await store.commit("before", 900, TokenUsage(1, 1), DAY + 14.0)
+            assert repeat.status == "duplicate"
+            state = (await store.bucket_states([bucket], DAY + 14.0))[0]
+            assert (state.spent, state.reserved) == (950, 0)
+        finally:
+            await store.close()
