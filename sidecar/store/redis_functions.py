@@ -21,7 +21,7 @@ from typing import Any, Protocol, cast
 
 from redis._parsers import AsyncCommandsParser
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.exceptions import ResponseError
+from redis.exceptions import ConnectionError, ResponseError, TimeoutError
 
 # The scripts that become functions, each with budget_lib.lua's helpers.
 BUDGET_SCRIPTS = (
@@ -106,7 +106,7 @@ class FunctionCluster(RedisCluster):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.commands_parser = _CommandTable()
+        self.commands_parser = _CommandTable(self)
 
     async def aclose(self) -> None:
         """Let go of connections after a node failed, without failing the other nodes' work.
@@ -138,15 +138,31 @@ class FunctionCluster(RedisCluster):
 
 
 class _CommandTable(AsyncCommandsParser):
-    """The server's command table, asked for once.
+    """The server's command table, asked for once, of any node that answers.
 
-    redis-py asks its default node for it again each time it learns the slot layout, and
-    that node may be the primary that just went down: the layout, which the other nodes
-    would have given, is then not learnt, and every node's connections are closed under
-    the commands in flight. The table does not change when a primary does."""
+    redis-py asks its default node for it each time it learns the slot layout, and that
+    node may be a primary that is down: a client started while it was down then served no
+    shard at all, and one that lost it closed every node's connections under the commands
+    in flight each time it learnt the layout again. The table does not change when a
+    primary does, and any node can give it."""
+
+    def __init__(self, cluster: RedisCluster) -> None:
+        super().__init__()
+        self._cluster = cluster
 
     async def initialize(self, node: ClusterNode | None = None) -> None:
         if node is not None:
             self.node = node
-        if not self.commands:
-            await super().initialize()
+        if self.commands:
+            return
+        others = [n for n in self._cluster.nodes_manager.nodes_cache.values() if n is not node]
+        error: Exception | None = None
+        for candidate in [*([node] if node is not None else []), *others]:
+            try:
+                await super().initialize(candidate)
+                return
+            except (ConnectionError, TimeoutError) as exc:
+                error = exc
+        if error is not None:
+            raise error
+        await super().initialize()

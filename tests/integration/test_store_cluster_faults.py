@@ -189,3 +189,24 @@ async def test_a_promoted_replica_serves_its_dead_primarys_buckets_with_their_st
             assert (state.spent, state.reserved) == (950, 0)
         finally:
             await store.close()
+
+
+async def test_a_store_started_while_a_primary_is_down_serves_the_other_shards(
+    cluster: LocalCluster,
+) -> None:
+    # The first primary: the node redis-py would have asked for its command table.
+    on_doomed, on_left, on_right = (user_bucket(cluster, s) for s in (0, 1, 2))
+    kill(cluster, 0)
+    store = RedisStore(cluster.url, connect_timeout=0.5, op_timeout=0.5)
+    try:
+        assert (await store.reserve(request("left", on_left))).admitted
+        assert (await store.reserve(request("right", on_right))).admitted
+        assert (await store.commit("right", 900, TokenUsage(1, 1), DAY + 11.0)).status == (
+            "committed"
+        )
+        with pytest.raises(ShardUnavailable):
+            await store.reserve(request("doomed", on_doomed))
+        states = await store.bucket_states([on_left, on_right], DAY + 12.0)
+        assert [(s.spent, s.reserved) for s in states] == [(0, 1_000), (900, 0)]
+    finally:
+        await store.close()
