@@ -210,3 +210,38 @@ async def test_a_store_started_while_a_primary_is_down_serves_the_other_shards(
         assert [(s.spent, s.reserved) for s in states] == [(0, 1_000), (900, 0)]
     finally:
         await store.close()
+
+
+async def test_a_hung_primary_fails_only_its_shard_and_serves_again_once_it_resumes(
+    cluster: LocalCluster,
+) -> None:
+    store = RedisStore(cluster.url, connect_timeout=0.5, op_timeout=0.5)
+    hung = cluster.processes[0].pid
+    assert hung is not None
+    try:
+        on_hung, on_kept = user_bucket(cluster, 0), user_bucket(cluster, 1)
+        assert (await store.reserve(request("before", on_hung))).admitted
+        os.kill(hung, signal.SIGSTOP)  # accepts connections, answers nothing
+        try:
+            started = time.monotonic()
+            replies = await asyncio.gather(
+                store.reserve(request("hung", on_hung)),
+                *(store.reserve(request(f"kept{n}", on_kept)) for n in range(4)),
+                store.bucket_states([on_kept], DAY + 12.0),
+                return_exceptions=True,
+            )
+            # It fails as the hung shard's failure, by the op timeout, not never.
+            assert isinstance(replies[0], ShardUnavailable)
+            assert time.monotonic() - started < 10
+            for reply in replies[1:]:
+                assert not isinstance(reply, BaseException), reply
+        finally:
+            os.kill(hung, signal.SIGCONT)
+        assert (await store.reserve(request("after", on_hung))).admitted
+        # The hung shard may yet have run the reserve it got: the engine queues a $0
+        # charge for a failed reserve, which lets go of it if so.
+        await store.commit("hung", 0, TokenUsage(0, 0), DAY + 12.0)
+        states = await store.bucket_states([on_hung, on_kept], DAY + 12.0)
+        assert [(s.spent, s.reserved) for s in states] == [(0, 2_000), (0, 4_000)]
+    finally:
+        await store.close()
