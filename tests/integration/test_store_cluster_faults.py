@@ -12,7 +12,8 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -69,14 +70,22 @@ def request(rid: str, *buckets: BucketView) -> ReserveRequest:
     return ReserveRequest(rid, buckets, 1_000, "reserve", DAY + 10.0, DAY + 70.0)
 
 
+@asynccontextmanager
+async def open_store(cluster: LocalCluster) -> AsyncIterator[RedisStore]:
+    store = RedisStore(cluster.url, connect_timeout=0.5, op_timeout=0.5)
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
 def kill(cluster: LocalCluster, shard: int) -> None:
     os.kill(cluster.processes[shard].pid, signal.SIGKILL)
     cluster.processes[shard].stop()  # reaps it
 
 
 async def test_killing_one_primary_fails_only_what_lives_on_it(cluster: LocalCluster) -> None:
-    store = RedisStore(cluster.url, connect_timeout=0.5, op_timeout=0.5)
-    try:
+    async with open_store(cluster) as store:
         doomed, left, right = 0, 1, 2
         on_doomed, on_left, on_right = (user_bucket(cluster, s) for s in (doomed, left, right))
         # Request ids whose pointer lives on the shard that goes down.
@@ -111,15 +120,12 @@ async def test_killing_one_primary_fails_only_what_lives_on_it(cluster: LocalClu
         assert await store.open_reservations() == 0
         state = (await store.bucket_states([on_right], DAY + 100.0))[0]
         assert (state.spent, state.reserved) == (900 + 1_000, 0)
-    finally:
-        await store.close()
 
 
 async def test_reads_on_a_dead_primary_never_fail_reads_in_flight_on_the_others(
     cluster: LocalCluster,
 ) -> None:
-    store = RedisStore(cluster.url, connect_timeout=0.5, op_timeout=0.5)
-    try:
+    async with open_store(cluster) as store:
         on_doomed, on_kept = user_bucket(cluster, 0), user_bucket(cluster, 1)
         assert (await store.reserve(request("before-kill", on_kept))).admitted
         kill(cluster, 0)
@@ -135,8 +141,6 @@ async def test_reads_on_a_dead_primary_never_fail_reads_in_flight_on_the_others(
             for reply in replies[1:]:
                 assert not isinstance(reply, BaseException), reply
                 assert reply[0].reserved == 1_000
-    finally:
-        await store.close()
 
 
 def wait_for_promotion(cluster: LocalCluster, shard: int, timeout: float = 30.0) -> None:
@@ -160,8 +164,7 @@ async def test_a_promoted_replica_serves_its_dead_primarys_buckets_with_their_st
     tmp_path: Path,
 ) -> None:
     with start_redis_cluster(tmp_path, replicas=1) as cluster:
-        store = RedisStore(cluster.url, connect_timeout=0.5, op_timeout=0.5)
-        try:
+        async with open_store(cluster) as store:
             bucket, docs = user_bucket(cluster, 0), collection_on(cluster, 0)
             await store.put_doc(docs, "k", {"v": 1}, now=DAY)
             assert (await store.reserve(request("before", bucket))).admitted
@@ -187,8 +190,6 @@ async def test_a_promoted_replica_serves_its_dead_primarys_buckets_with_their_st
             assert repeat.status == "duplicate"
             state = (await store.bucket_states([bucket], DAY + 14.0))[0]
             assert (state.spent, state.reserved) == (950, 0)
-        finally:
-            await store.close()
 
 
 async def test_a_store_started_while_a_primary_is_down_serves_the_other_shards(
@@ -197,8 +198,7 @@ async def test_a_store_started_while_a_primary_is_down_serves_the_other_shards(
     # The first primary: the node redis-py would have asked for its command table.
     on_doomed, on_left, on_right = (user_bucket(cluster, s) for s in (0, 1, 2))
     kill(cluster, 0)
-    store = RedisStore(cluster.url, connect_timeout=0.5, op_timeout=0.5)
-    try:
+    async with open_store(cluster) as store:
         assert (await store.reserve(request("left", on_left))).admitted
         assert (await store.reserve(request("right", on_right))).admitted
         assert (await store.commit("right", 900, TokenUsage(1, 1), DAY + 11.0)).status == (
@@ -208,17 +208,14 @@ async def test_a_store_started_while_a_primary_is_down_serves_the_other_shards(
             await store.reserve(request("doomed", on_doomed))
         states = await store.bucket_states([on_left, on_right], DAY + 12.0)
         assert [(s.spent, s.reserved) for s in states] == [(0, 1_000), (900, 0)]
-    finally:
-        await store.close()
 
 
 async def test_a_hung_primary_fails_only_its_shard_and_serves_again_once_it_resumes(
     cluster: LocalCluster,
 ) -> None:
-    store = RedisStore(cluster.url, connect_timeout=0.5, op_timeout=0.5)
     hung = cluster.processes[0].pid
     assert hung is not None
-    try:
+    async with open_store(cluster) as store:
         on_hung, on_kept = user_bucket(cluster, 0), user_bucket(cluster, 1)
         assert (await store.reserve(request("before", on_hung))).admitted
         os.kill(hung, signal.SIGSTOP)  # accepts connections, answers nothing
@@ -243,5 +240,3 @@ async def test_a_hung_primary_fails_only_its_shard_and_serves_again_once_it_resu
         await store.commit("hung", 0, TokenUsage(0, 0), DAY + 12.0)
         states = await store.bucket_states([on_hung, on_kept], DAY + 12.0)
         assert [(s.spent, s.reserved) for s in states] == [(0, 2_000), (0, 4_000)]
-    finally:
-        await store.close()
