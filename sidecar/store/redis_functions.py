@@ -21,7 +21,9 @@ from typing import Any, Protocol, cast
 
 from redis._parsers import AsyncCommandsParser
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.exceptions import ConnectionError, ResponseError, TimeoutError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 # The scripts that become functions, each with budget_lib.lua's helpers.
 BUDGET_SCRIPTS = (
@@ -97,16 +99,14 @@ class FunctionCluster(RedisCluster):
     (COMMAND GETKEYS): a round trip before every call. Its numkeys says where they are, as
     for EVALSHA, which redis-py reads itself."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.commands_parser = _CommandTable(self)
+
     async def _determine_slot(self, command: str, *args: Any) -> int:
         if command.upper() == "FCALL" and len(args) > 2 and int(args[1]) > 0:
             return self.keyslot(args[2])
         return await super()._determine_slot(command, *args)
-
-    _closed_for_good = False
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.commands_parser = _CommandTable(self)
 
     async def aclose(self) -> None:
         """Let go of connections after a node failed, without failing the other nodes' work.
@@ -118,16 +118,12 @@ class FunctionCluster(RedisCluster):
         their command ends, idle ones now, and the slot layout is learnt again before the
         next command (from any node that answers: see `_CommandTable`). `close_for_good` closes
         for good."""
-        if self._closed_for_good:
-            await super().aclose()
-            return
         for node in list(self.nodes_manager.nodes_cache.values()):
             node.update_active_connections_for_reconnect()
             await node.disconnect_free_connections()
         self._initialize = True
 
     async def close_for_good(self) -> None:
-        self._closed_for_good = True
         await super().aclose()
 
     async def load_library(self, source: str, key: str) -> None:
@@ -155,14 +151,13 @@ class _CommandTable(AsyncCommandsParser):
             self.node = node
         if self.commands:
             return
-        others = [n for n in self._cluster.nodes_manager.nodes_cache.values() if n is not node]
-        error: Exception | None = None
-        for candidate in [*([node] if node is not None else []), *others]:
+        known = self._cluster.nodes_manager.nodes_cache.values()
+        candidates = ([node] if node is not None else []) + [n for n in known if n is not node]
+        error: Exception = RedisClusterException("no node known to ask for the command table")
+        for candidate in candidates:
             try:
-                await super().initialize(candidate)
+                await super().initialize(candidate)  # the node that answers is kept
                 return
-            except (ConnectionError, TimeoutError) as exc:
+            except (RedisConnectionError, RedisTimeoutError) as exc:
                 error = exc
-        if error is not None:
-            raise error
-        await super().initialize()
+        raise error
