@@ -157,10 +157,10 @@ end
 function done(summary, latency, reqs)
   local e = summary.errors
   io.write(string.format(
-    '\\nWRK_JSON {{"requests":%d,"duration_us":%d,"errors":%d,"p50_us":%d,"p99_us":%d,' ..
-    '"mean_us":%d}}\\n',
+    '\\nWRK_JSON {{"requests":%d,"duration_us":%d,"errors":%d,"status_errors":%d,' ..
+    '"p50_us":%d,"p99_us":%d,"mean_us":%d}}\\n',
     summary.requests, summary.duration, e.connect + e.read + e.write + e.status + e.timeout,
-    latency:percentile(50), latency:percentile(99), latency.mean))
+    e.status, latency:percentile(50), latency:percentile(99), latency.mean))
 end
 """,
         encoding="utf-8",
@@ -193,6 +193,9 @@ def _wrk(url: str, script: Path, connections: int, seconds: float) -> dict[str, 
     return {
         "rps": data["requests"] / (data["duration_us"] / 1e6),
         "requests": data["requests"],
+        # wrk counts a finished answer of any status as a request: a 503 or 507 (refused,
+        # never upstream) is not an answer the ledger must hold.
+        "answered": data["requests"] - data["status_errors"],
         "errors": data["errors"],
         "p50_us": data["p50_us"],
         "p99_us": data["p99_us"],
@@ -242,7 +245,12 @@ def _open_loop(
     )
     data = json.loads(out.stdout)
     served = data["outcomes"].get("served", 0)
-    return {"rps": served / seconds, "requests": served, "errors": data["offered"] - served}
+    return {
+        "rps": served / seconds,
+        "requests": served,
+        "answered": served,
+        "errors": data["offered"] - served,
+    }
 
 
 def _cpu(pids: list[int]) -> float:
@@ -297,6 +305,18 @@ def _settled_ledger(http: str) -> dict[str, Any]:
     raise RuntimeError("the ledger kept changing for 20 s after the load stopped")
 
 
+def _open_reservations(http: str) -> int:
+    """Reservations the sidecar still holds (`sidecar_reservations_open`, which its settle
+    pass sets every second: read after the next pass)."""
+    time.sleep(1.5)
+    answer = httpx.get(f"{http}/metrics", timeout=30)
+    answer.raise_for_status()
+    for line in answer.text.splitlines():
+        if line.startswith("sidecar_reservations_open "):
+            return int(float(line.split()[1]))
+    raise RuntimeError("the sidecar's /metrics has no sidecar_reservations_open")
+
+
 def _exact(
     before: dict[str, Any],
     after: dict[str, Any],
@@ -304,10 +324,14 @@ def _exact(
     completed: int,
     unit: int,
     reserved: int,
+    still_open: int = 0,
 ) -> dict[str, Any]:
     """Every call on the ledger cost exactly its usage (the stream's usage chunk arrived),
     its reservation (cut after reaching the provider, before the usage) or $0 (never reached
-    the provider: wrk hung up while Envoy still held it; counted in `errors`)."""
+    the provider: wrk hung up while Envoy still held it; counted in `errors`); every answer
+    the client completed is one charged its usage; and no admitted call is left without its
+    record once the ledger has settled (`still_open`: it would expire into its estimate, a
+    charge for a call that, without a record, may never have gone upstream)."""
     requests = after["requests"] - before["requests"]
     with_usage = (after["input_tokens"] - before["input_tokens"]) // PROMPT_TOKENS
     free = after["errors"] - before["errors"]
@@ -319,6 +343,7 @@ def _exact(
         and at_reservation >= 0
         and after["output_tokens"] - before["output_tokens"] == with_usage * chunks
         and with_usage >= completed
+        and still_open == 0
     )
     return {
         "exact": ok,
@@ -326,6 +351,7 @@ def _exact(
         "charged_usage": with_usage,
         "charged_reservation": at_reservation,
         "charged_nothing": free,
+        "left_open": still_open,
         "cost_micros": cost,
         "expected_micros": expected,
     }
@@ -512,9 +538,10 @@ def main(argv: list[str] | None = None) -> int:
                                 before,
                                 _settled_ledger(api),
                                 chunks,
-                                int(result["requests"]),
+                                int(result["answered"]),
                                 unit,
                                 reserved,
+                                _open_reservations(api),
                             )
                         )
                     trial[key] = result
