@@ -42,6 +42,7 @@ from sidecar.metrics import (
     SPEND_MICROS,
     STORE_ERRORS,
     STORE_SECONDS,
+    UNANSWERED_CALLS,
     model_label,
     observer,
 )
@@ -484,6 +485,15 @@ class Engine:
         the shard of the reservation's record in it), else `new_request_id()`."""
         mint = getattr(self.store, "mint_request_id", None)
         return new_request_id() if mint is None else str(mint(buckets))
+
+    async def withdraw(self, request_id: str) -> None:
+        """Let go of the admitted call `request_id`, whose answer its caller (Envoy) never
+        acted on (decided after its deadline, or the client left while the Check waited):
+        the call never goes upstream, so what it reserved is released at $0 now instead of
+        expiring into a charge at `reservation_ttl`."""
+        UNANSWERED_CALLS.inc()
+        self.inflight.charged(request_id)  # no record will come for it: not waited for
+        await self._release(request_id)
 
     async def _release(self, request_id: str) -> None:
         try:

@@ -143,6 +143,12 @@ METERING_RECORDS = Counter(
     "Envoy; a call whose record Envoy dropped is charged its reservation at expiry)",
     registry=REGISTRY,
 )
+UNANSWERED_CALLS = Counter(
+    "sidecar_unanswered_calls_total",
+    "Calls admitted whose answer Envoy never acted on (decided after its deadline, or the "
+    "client left while the Check waited): their reservations released at $0",
+    registry=REGISTRY,
+)
 RESERVATIONS_EXPIRED = Counter(
     "sidecar_reservations_expired_total",
     "Reservations the periodic settle pass charged their estimate because no metering "

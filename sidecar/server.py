@@ -99,11 +99,14 @@ async def serve(
     server = grpc.aio.server(
         options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)]
     )
-    add_authorization(AuthorizationServicer(services.engine), server)
+    authorization = AuthorizationServicer(services.engine)
+    add_authorization(authorization, server)
     external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
         ExternalProcessorServicer(services.engine), server
     )
-    als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogServicer(services.engine), server)
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(
+        AccessLogServicer(services.engine, authorization.unanswered), server
+    )
     health_servicer = health.aio.HealthServicer()
     sidecar_pb2_grpc.add_SidecarServicer_to_server(SidecarApi(services), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

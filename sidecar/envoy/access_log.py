@@ -30,6 +30,7 @@ from sidecar.config.ruleset import RuleSet
 from sidecar.engine import Engine
 from sidecar.envoy.attach import EXT_AUTHZ, METERING_NAMESPACE
 from sidecar.envoy.authz import METADATA_NAMESPACE
+from sidecar.envoy.unanswered import CallKey, Unanswered
 from sidecar.envoy.upstream import upstream_api
 from sidecar.metering.charge import Observed
 from sidecar.metering.exchange import (
@@ -117,9 +118,25 @@ def record_from_entry(
     )
 
 
+def gone_call(entry: accesslog_pb2.HTTPAccessLogEntry) -> CallKey | None:
+    """The call of an entry without a reservation id (a call that ended before the metering
+    filter ran: the client left during the Check, or the Check failed), as the Check named
+    it (sidecar/envoy/unanswered.py); None for an entry with one, or without a start."""
+    common = entry.common_properties
+    metadata = common.metadata.filter_metadata
+    if METERING_NAMESPACE in metadata and _text(metadata[METERING_NAMESPACE], "rid"):
+        return None
+    started = common.start_time
+    if not started.seconds:
+        return None
+    return (started.seconds, started.nanos, entry.request.request_id)
+
+
 class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, unanswered: Unanswered | None = None) -> None:
         self._engine = engine
+        # The Authorization servicer's: admitted calls by what Envoy logs of them.
+        self._unanswered = unanswered
 
     async def StreamAccessLogs(
         self,
@@ -129,6 +146,7 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
         async for message in request_iterator:
             rs = self._engine.holder.current
             batch: list[MeteringRecord] = []
+            gone: list[str] = []
             for entry in message.http_logs.log_entry:
                 try:
                     record = record_from_entry(entry, rs)
@@ -136,6 +154,12 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
                     log.error("metering_record_unreadable", error=str(exc))
                     continue
                 if record is None:
+                    unanswered = self._unanswered
+                    key = gone_call(entry) if unanswered is not None else None
+                    if key is not None and unanswered is not None:
+                        request_id = unanswered.gone(key)
+                        if request_id is not None:
+                            gone.append(request_id)
                     continue
                 METERING_RECORDS.inc()
                 if tracing.ENABLED:  # each charge a span of its own, under its call's trace
@@ -145,7 +169,14 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
             if batch:
                 # The whole batch in one store step: one hand-over to the store's thread.
                 start_charge(self._charge_batch(batch))
+            if gone:
+                start_charge(self._withdraw(gone))
         return als_pb2.StreamAccessLogsResponse()
+
+    async def _withdraw(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            log.info("unanswered_call_released", request_id=request_id)
+            await self._engine.withdraw(request_id)
 
     async def _charge(self, record: MeteringRecord) -> None:
         if record.trace:

@@ -255,15 +255,44 @@ def _metering_log() -> Piece:
     """One record per admitted call, batched to the sidecar, which charges it."""
     return {
         "name": METERING_LOG,
-        # Only calls with a reservation: everything else has nothing to charge.
+        # Calls with a reservation, to be charged; and calls that ended before the metering
+        # filter ran while their Check may have admitted them, which the sidecar then
+        # releases at $0 (sidecar/envoy/unanswered.py): the client left (DC, DR), or the
+        # Check failed after a while (UAEX past a second: its timeout; quicker refusals,
+        # the sidecar's own and the circuit breaker's, are not sent).
         "filter": {
-            "metadata_filter": {
-                "matcher": {
-                    "filter": METERING_NAMESPACE,
-                    "path": [{"key": "rid"}],
-                    "value": {"present_match": True},
-                },
-                "match_if_key_not_found": False,
+            "or_filter": {
+                "filters": [
+                    {
+                        "metadata_filter": {
+                            "matcher": {
+                                "filter": METERING_NAMESPACE,
+                                "path": [{"key": "rid"}],
+                                "value": {"present_match": True},
+                            },
+                            "match_if_key_not_found": False,
+                        }
+                    },
+                    {"response_flag_filter": {"flags": ["DC", "DR"]}},
+                    {
+                        "and_filter": {
+                            "filters": [
+                                {"response_flag_filter": {"flags": ["UAEX"]}},
+                                {
+                                    "duration_filter": {
+                                        "comparison": {
+                                            "op": "GE",
+                                            "value": {
+                                                "default_value": 1000,
+                                                "runtime_key": "sidecar.slow_check_ms",
+                                            },
+                                        }
+                                    }
+                                },
+                            ]
+                        }
+                    },
+                ]
             }
         },
         "typed_config": {

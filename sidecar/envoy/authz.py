@@ -8,10 +8,11 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from google.rpc import code_pb2
 
 from sidecar import tracing
-from sidecar.decisions import RESERVATION_HEADER
+from sidecar.decisions import OVERLOADED, RESERVATION_HEADER
 from sidecar.engine import Engine
 from sidecar.envoy import check_wire as wire
 from sidecar.envoy.attach import CHECK_TIMEOUT_SECONDS
+from sidecar.envoy.unanswered import CallKey, Unanswered
 from sidecar.envoy.upstream import upstream_api
 from sidecar.headers import clean, join_headers
 from sidecar.metering.request_body import BodyAction, body_action
@@ -59,6 +60,11 @@ def attrs_from_check(request: external_auth_pb2.CheckRequest) -> RequestAttrs:
         body=body,
         request_id=headers.get("x-request-id", "") or http.id,
     )
+
+
+# An admitted Check answered with less than this left before Envoy's deadline is withdrawn:
+# the answer still has to cross to Envoy, which stops waiting at the deadline.
+ANSWER_MARGIN_SECONDS = 0.002
 
 
 # The reservation id is new on every Check: not worth keeping.
@@ -112,13 +118,28 @@ def check_response_bytes(decision: Decision, action: BodyAction = "") -> bytes:
     )
 
 
+_LATE_ANSWER = check_response_bytes(OVERLOADED)
+
+
 def check_response(decision: Decision, action: BodyAction = "") -> external_auth_pb2.CheckResponse:
     return external_auth_pb2.CheckResponse.FromString(check_response_bytes(decision, action))
 
 
+def call_key(request: external_auth_pb2.CheckRequest) -> CallKey | None:
+    """The call a CheckRequest is about, as Envoy's access log names it (unanswered.py);
+    None when Envoy sent no start time."""
+    attributes = request.attributes.request
+    started = attributes.time
+    if not started.seconds:
+        return None
+    return (started.seconds, started.nanos, attributes.http.headers.get("x-request-id", ""))
+
+
 class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, unanswered: Unanswered | None = None) -> None:
         self._engine = engine
+        # Shared with the access log servicer, which learns of calls that went away.
+        self.unanswered = Unanswered() if unanswered is None else unanswered
 
     async def Check(
         self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
@@ -142,8 +163,35 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             # When Envoy traces, its ext_authz span travels in the call's metadata; else the
             # request's own traceparent (in attrs.headers) is the parent.
             with tracing.remote_parent(dict(context.invocation_metadata() or ())):
-                return self._answer(attrs, await self._engine.check(attrs, deadline))
-        return self._answer(attrs, await self._engine.check(attrs, deadline))
+                decision = await self._engine.check(attrs, deadline)
+        else:
+            decision = await self._engine.check(attrs, deadline)
+        if (
+            decision.allowed
+            and decision.request_id
+            and self._unanswerable(request, decision, deadline, context)
+        ):
+            # An allow Envoy never acts on would leave the reservation to expire into a
+            # charge for a call nobody made: refused, and released at $0.
+            await self._engine.withdraw(decision.request_id)
+            return _LATE_ANSWER
+        return self._answer(attrs, decision)
+
+    def _unanswerable(
+        self,
+        request: external_auth_pb2.CheckRequest,
+        decision: Decision,
+        deadline: float | None,
+        context: grpc.aio.ServicerContext,
+    ) -> bool:
+        """Whether Envoy will not act on this admitted call's answer: decided too late (the
+        process stalled, or the store was slow: Envoy refuses the call at its deadline, or
+        will before the answer reaches it; refusing is right either way), or the call is
+        gone already (the client left while the Check waited, and Envoy logged it)."""
+        if deadline is not None and context.time_remaining() <= ANSWER_MARGIN_SECONDS:
+            return True
+        key = call_key(request)
+        return key is not None and self.unanswered.admitted(key, decision.request_id)
 
     def _answer(self, attrs: RequestAttrs, decision: Decision) -> bytes:
         if not (decision.allowed and decision.request_id and attrs.body):

@@ -1,0 +1,131 @@
+"""Admitted calls whose answer Envoy never acted on, matched with what Envoy logs of them
+(sidecar/envoy/unanswered.py): whichever of the two arrives first, a call is released once;
+anything else is left alone."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any, cast
+
+from envoy.data.accesslog.v3 import accesslog_pb2
+from envoy.service.accesslog.v3 import als_pb2
+
+from sidecar.engine import Engine
+from sidecar.envoy.access_log import AccessLogServicer, gone_call
+from sidecar.envoy.unanswered import Unanswered
+from sidecar.metering.exchange import drain_charges
+from tests.unit.test_access_log import FakeEngine, entry
+
+CALL = (1_796_000_000, 123_456_000, "0f0e-call")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_call_admitted_then_logged_gone_is_released_once() -> None:
+    calls = Unanswered()
+    assert calls.admitted(CALL, "r-1") is False
+    assert calls.gone(CALL) == "r-1"
+    # Envoy logs a call once; a second entry for it finds nothing to release again.
+    assert calls.gone(CALL) is None
+
+
+def test_a_call_logged_gone_before_its_check_was_decided_is_refused_when_admitted() -> None:
+    calls = Unanswered()
+    assert calls.gone(CALL) is None
+    assert calls.admitted(CALL, "r-1") is True
+    assert len(calls) == 0
+
+
+def test_other_calls_are_left_alone() -> None:
+    calls = Unanswered()
+    calls.admitted(CALL, "r-1")
+    # Same id, another start (a client may reuse an x-request-id; Envoy's time it cannot).
+    assert calls.gone((CALL[0], CALL[1] + 1000, CALL[2])) is None
+    assert calls.gone((CALL[0], CALL[1], "another")) is None
+    assert calls.gone(CALL) == "r-1"
+
+
+def test_calls_older_than_the_horizon_are_forgotten() -> None:
+    clock = Clock()
+    calls = Unanswered(horizon=30.0, clock=clock)
+    calls.admitted(CALL, "r-1")
+    calls.gone((1, 0, "gone-long-ago"))
+    clock.now += 31
+    calls.admitted((2, 0, "new"), "r-2")  # each map forgets its old entries as it grows
+    calls.gone((3, 0, "gone-now"))
+    assert calls.gone(CALL) is None
+    assert calls.admitted((1, 0, "gone-long-ago"), "r-3") is False
+    assert calls.gone((2, 0, "new")) == "r-2"
+
+
+def test_memory_is_bounded_by_max_entries() -> None:
+    calls = Unanswered(max_entries=3)
+    for n in range(10):
+        calls.admitted((n, 0, ""), f"r-{n}")
+        calls.gone((100 + n, 0, ""))
+    assert len(calls) <= 6
+    # The newest are kept.
+    assert calls.gone((9, 0, "")) == "r-9"
+
+
+def logged_gone(start: tuple[int, int], request_id: str) -> accesslog_pb2.HTTPAccessLogEntry:
+    """An entry as Envoy logs a call that ended before the metering filter ran (DC)."""
+    out = accesslog_pb2.HTTPAccessLogEntry()
+    out.common_properties.start_time.seconds, out.common_properties.start_time.nanos = start
+    out.request.request_id = request_id
+    out.common_properties.response_flags.downstream_connection_termination = True
+    return out
+
+
+class WithdrawingEngine(FakeEngine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.withdrawn: list[str] = []
+
+    async def withdraw(self, request_id: str) -> None:
+        self.withdrawn.append(request_id)
+
+
+def deliver(servicer: AccessLogServicer, *entries: accesslog_pb2.HTTPAccessLogEntry) -> None:
+    message = als_pb2.StreamAccessLogsMessage()
+    message.http_logs.log_entry.extend(entries)
+
+    async def go() -> None:
+        async def messages() -> AsyncIterator[Any]:
+            yield message
+
+        await servicer.StreamAccessLogs(messages(), cast(Any, None))
+        await drain_charges()
+
+    asyncio.run(go())
+
+
+def test_a_logged_hang_up_releases_the_call_its_check_admitted() -> None:
+    engine = WithdrawingEngine()
+    calls = Unanswered()
+    calls.admitted(CALL, "r-1")
+    calls.admitted((CALL[0], CALL[1] + 1, "other"), "r-2")
+    servicer = AccessLogServicer(cast(Engine, engine), calls)
+
+    deliver(servicer, logged_gone(CALL[:2], CALL[2]), entry(rid="r-3"))
+
+    assert engine.withdrawn == ["r-1"]
+    assert [rid for rid, _, _ in engine.charges] == ["r-3"]  # records still charged
+    assert calls.gone((CALL[0], CALL[1] + 1, "other")) == "r-2"  # untouched
+
+
+def test_an_entry_with_a_reservation_is_never_read_as_a_hang_up() -> None:
+    admitted = entry(rid="r-1")
+    admitted.common_properties.start_time.seconds = CALL[0]
+    admitted.common_properties.start_time.nanos = CALL[1]
+    admitted.request.request_id = CALL[2]
+    assert gone_call(admitted) is None
+    assert gone_call(logged_gone(CALL[:2], CALL[2])) == CALL
+    assert gone_call(logged_gone((0, 0), CALL[2])) is None  # no start: nothing to match
