@@ -54,10 +54,10 @@ def test_other_calls_are_left_alone() -> None:
 
 def test_calls_older_than_the_horizon_are_forgotten() -> None:
     clock = Clock()
-    calls = Unanswered(horizon=30.0, clock=clock)
+    calls = Unanswered(horizon=10.0, clock=clock)
     calls.admitted(CALL, "r-1")
     calls.gone((1, 0, "gone-long-ago"))
-    clock.now += 31
+    clock.now += 11
     calls.admitted((2, 0, "new"), "r-2")  # each map forgets its old entries as it grows
     calls.gone((3, 0, "gone-now"))
     assert calls.gone(CALL) is None
