@@ -52,6 +52,8 @@ def check_request(token: str) -> Any:
     http.id, http.method, http.path = "3517726037311578667", "POST", PATH
     http.host, http.scheme, http.protocol, http.size = "127.0.0.1:8000", "http", "HTTP/1.1", 148
     http.raw_body = BODY
+    # When Envoy started the call (its access log names the call by it too).
+    request.attributes.request.time.GetCurrentTime()
     http.headers.update(
         {
             "x-request-id": "09e581d2-fcbe-412b-aae3-221a645288b1",
