@@ -30,7 +30,7 @@ from sidecar.config.ruleset import RuleSet
 from sidecar.engine import Engine
 from sidecar.envoy.attach import EXT_AUTHZ, METERING_NAMESPACE
 from sidecar.envoy.authz import METADATA_NAMESPACE
-from sidecar.envoy.unanswered import CallKey, Unanswered
+from sidecar.envoy.unanswered import CallKey, Unanswered, call_key
 from sidecar.envoy.upstream import upstream_api
 from sidecar.metering.charge import Observed
 from sidecar.metering.exchange import (
@@ -129,7 +129,7 @@ def gone_call(entry: accesslog_pb2.HTTPAccessLogEntry) -> CallKey | None:
     started = common.start_time
     if not started.seconds:
         return None
-    return (started.seconds, started.nanos, entry.request.request_id)
+    return call_key(started.seconds, started.nanos, entry.request.request_id)
 
 
 class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]

@@ -12,7 +12,7 @@ from sidecar.decisions import OVERLOADED, RESERVATION_HEADER
 from sidecar.engine import Engine
 from sidecar.envoy import check_wire as wire
 from sidecar.envoy.attach import CHECK_TIMEOUT_SECONDS
-from sidecar.envoy.unanswered import CallKey, Unanswered
+from sidecar.envoy.unanswered import CallKey, Unanswered, call_key
 from sidecar.envoy.upstream import upstream_api
 from sidecar.headers import clean, join_headers
 from sidecar.metering.request_body import BodyAction, body_action
@@ -125,14 +125,14 @@ def check_response(decision: Decision, action: BodyAction = "") -> external_auth
     return external_auth_pb2.CheckResponse.FromString(check_response_bytes(decision, action))
 
 
-def call_key(request: external_auth_pb2.CheckRequest) -> CallKey | None:
+def checked_call(request: external_auth_pb2.CheckRequest) -> CallKey | None:
     """The call a CheckRequest is about, as Envoy's access log names it (unanswered.py);
     None when Envoy sent no start time."""
     attributes = request.attributes.request
     started = attributes.time
     if not started.seconds:
         return None
-    return (started.seconds, started.nanos, attributes.http.headers.get("x-request-id", ""))
+    return call_key(started.seconds, started.nanos, attributes.http.headers.get("x-request-id", ""))
 
 
 class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
@@ -190,7 +190,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         gone already (the client left while the Check waited, and Envoy logged it)."""
         if deadline is not None and context.time_remaining() <= ANSWER_MARGIN_SECONDS:
             return True
-        key = call_key(request)
+        key = checked_call(request)
         return key is not None and self.unanswered.admitted(key, decision.request_id)
 
     def _answer(self, attrs: RequestAttrs, decision: Decision) -> bytes:

@@ -13,6 +13,7 @@ from envoy.service.auth.v3 import external_auth_pb2
 
 from sidecar.engine import Engine
 from sidecar.envoy.authz import ANSWER_MARGIN_SECONDS, AuthorizationServicer
+from sidecar.envoy.unanswered import call_key
 from sidecar.metrics import UNANSWERED_CALLS
 from sidecar.store.sqlite_store import SQLiteStore
 from tests.unit.test_engine import attrs, config, engine, rule
@@ -146,7 +147,7 @@ async def test_a_check_admitted_for_a_call_envoy_logged_as_gone_is_refused_and_r
     servicer = AuthorizationServicer(eng)
     withdrawn = Withdrawals(eng)
     started = (1_796_000_000, 5_000)
-    assert servicer.unanswered.gone((*started, "call-1")) is None
+    assert servicer.unanswered.gone(call_key(*started, "call-1")) is None
 
     answer = external_auth_pb2.CheckResponse.FromString(
         await servicer.check(check_request("cent-a", 3, started), Deadline(1.9))
@@ -172,7 +173,7 @@ async def test_an_admitted_call_is_remembered_until_envoy_logs_it_gone(
     )
 
     assert answer.HasField("ok_response")
-    request_id = servicer.unanswered.gone((*started, "call-1"))
+    request_id = servicer.unanswered.gone(call_key(*started, "call-1"))
     assert request_id is not None
     found = await store.reservation(request_id)
     assert found is not None and found.state == "open"

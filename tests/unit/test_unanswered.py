@@ -13,11 +13,12 @@ from envoy.service.accesslog.v3 import als_pb2
 
 from sidecar.engine import Engine
 from sidecar.envoy.access_log import AccessLogServicer, gone_call
-from sidecar.envoy.unanswered import Unanswered
+from sidecar.envoy.unanswered import Unanswered, call_key
 from sidecar.metering.exchange import drain_charges
 from tests.unit.test_access_log import FakeEngine, entry
 
-CALL = (1_796_000_000, 123_456_000, "0f0e-call")
+STARTED = (1_796_000_000, 123_456_000)
+CALL = call_key(*STARTED, "0f0e-call")
 
 
 class Clock:
@@ -47,32 +48,33 @@ def test_other_calls_are_left_alone() -> None:
     calls = Unanswered()
     calls.admitted(CALL, "r-1")
     # Same id, another start (a client may reuse an x-request-id; Envoy's time it cannot).
-    assert calls.gone((CALL[0], CALL[1] + 1000, CALL[2])) is None
-    assert calls.gone((CALL[0], CALL[1], "another")) is None
+    assert calls.gone(call_key(STARTED[0], STARTED[1] + 1000, "0f0e-call")) is None
+    assert calls.gone(call_key(*STARTED, "another")) is None
     assert calls.gone(CALL) == "r-1"
 
 
-def test_calls_older_than_the_horizon_are_forgotten() -> None:
+def test_calls_are_kept_between_half_the_horizon_and_the_horizon() -> None:
     clock = Clock()
     calls = Unanswered(horizon=10.0, clock=clock)
     calls.admitted(CALL, "r-1")
-    calls.gone((1, 0, "gone-long-ago"))
-    clock.now += 11
-    calls.admitted((2, 0, "new"), "r-2")  # each map forgets its old entries as it grows
-    calls.gone((3, 0, "gone-now"))
+    calls.gone("1.0 gone-early")
+    clock.now += 6  # past half the horizon: what is kept becomes the older generation
+    calls.admitted("2.0 new", "r-2")
+    assert calls.admitted("1.0 gone-early", "r-3") is True  # still known as gone
+    clock.now += 6  # the older generation, now over the horizon, is dropped whole
+    calls.gone("3.0 other")
     assert calls.gone(CALL) is None
-    assert calls.admitted((1, 0, "gone-long-ago"), "r-3") is False
-    assert calls.gone((2, 0, "new")) == "r-2"
+    assert calls.gone("2.0 new") == "r-2"
 
 
 def test_memory_is_bounded_by_max_entries() -> None:
     calls = Unanswered(max_entries=3)
     for n in range(10):
-        calls.admitted((n, 0, ""), f"r-{n}")
-        calls.gone((100 + n, 0, ""))
-    assert len(calls) <= 6
+        calls.admitted(f"{n}.0 ", f"r-{n}")
+        calls.gone(f"{100 + n}.0 ")
+    assert len(calls) <= 12  # two generations of each, at most max_entries apiece
     # The newest are kept.
-    assert calls.gone((9, 0, "")) == "r-9"
+    assert calls.gone("9.0 ") == "r-9"
 
 
 def logged_gone(start: tuple[int, int], request_id: str) -> accesslog_pb2.HTTPAccessLogEntry:
@@ -111,21 +113,21 @@ def test_a_logged_hang_up_releases_the_call_its_check_admitted() -> None:
     engine = WithdrawingEngine()
     calls = Unanswered()
     calls.admitted(CALL, "r-1")
-    calls.admitted((CALL[0], CALL[1] + 1, "other"), "r-2")
+    calls.admitted(call_key(STARTED[0], STARTED[1] + 1, "other"), "r-2")
     servicer = AccessLogServicer(cast(Engine, engine), calls)
 
-    deliver(servicer, logged_gone(CALL[:2], CALL[2]), entry(rid="r-3"))
+    deliver(servicer, logged_gone(STARTED, "0f0e-call"), entry(rid="r-3"))
 
     assert engine.withdrawn == ["r-1"]
     assert [rid for rid, _, _ in engine.charges] == ["r-3"]  # records still charged
-    assert calls.gone((CALL[0], CALL[1] + 1, "other")) == "r-2"  # untouched
+    assert calls.gone(call_key(STARTED[0], STARTED[1] + 1, "other")) == "r-2"  # untouched
 
 
 def test_an_entry_with_a_reservation_is_never_read_as_a_hang_up() -> None:
     admitted = entry(rid="r-1")
-    admitted.common_properties.start_time.seconds = CALL[0]
-    admitted.common_properties.start_time.nanos = CALL[1]
-    admitted.request.request_id = CALL[2]
+    admitted.common_properties.start_time.seconds = STARTED[0]
+    admitted.common_properties.start_time.nanos = STARTED[1]
+    admitted.request.request_id = "0f0e-call"
     assert gone_call(admitted) is None
-    assert gone_call(logged_gone(CALL[:2], CALL[2])) == CALL
-    assert gone_call(logged_gone((0, 0), CALL[2])) is None  # no start: nothing to match
+    assert gone_call(logged_gone(STARTED, "0f0e-call")) == CALL
+    assert gone_call(logged_gone((0, 0), "0f0e-call")) is None  # no start: nothing to match
