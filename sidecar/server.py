@@ -25,11 +25,13 @@ from sidecar.envoy.access_log import AccessLogServicer
 from sidecar.envoy.authz import AuthorizationServicer
 from sidecar.envoy.authz import add_to_server as add_authorization
 from sidecar.envoy.ext_proc import ExternalProcessorServicer
+from sidecar.envoy.unanswered import SharedUnanswered
 from sidecar.grpc_api import SERVICE_NAME, SidecarApi
 from sidecar.http.app import create_app
 from sidecar.metering.exchange import drain_charges
 from sidecar.proto_gen.sidecar.v1 import sidecar_pb2_grpc
 from sidecar.services import build_services
+from sidecar.store.sqlite_owned import OwnedSQLiteStore
 
 log = structlog.get_logger("sidecar")
 # In-flight checks and streams get this long to finish after SIGTERM.
@@ -104,8 +106,14 @@ async def serve(
     external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
         ExternalProcessorServicer(services.engine), server
     )
+    # A SQLite file this process owns has no other process to share unanswered calls with.
+    shared = (
+        None
+        if isinstance(services.store, OwnedSQLiteStore)
+        else SharedUnanswered(authorization.unanswered, services.store, services.engine.withdraw)
+    )
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(
-        AccessLogServicer(services.engine, authorization.unanswered), server
+        AccessLogServicer(services.engine, authorization.unanswered, shared), server
     )
     health_servicer = health.aio.HealthServicer()
     sidecar_pb2_grpc.add_SidecarServicer_to_server(SidecarApi(services), server)
@@ -136,6 +144,8 @@ async def serve(
         )
     )
     services.start_background()
+    if shared is not None:
+        services.tasks.append(asyncio.get_running_loop().create_task(shared.run()))
     # Everything built so far (modules, genai-prices' data, compiled rules: ~80,000 objects)
     # lives as long as the process. A full collection walked all of it, a ~40 ms stall of
     # every request in flight, measured; frozen objects are never scanned again.

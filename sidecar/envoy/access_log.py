@@ -30,7 +30,7 @@ from sidecar.config.ruleset import RuleSet
 from sidecar.engine import Engine
 from sidecar.envoy.attach import EXT_AUTHZ, METERING_NAMESPACE
 from sidecar.envoy.authz import METADATA_NAMESPACE
-from sidecar.envoy.unanswered import CallKey, Unanswered, call_key
+from sidecar.envoy.unanswered import CallKey, SharedUnanswered, Unanswered, call_key
 from sidecar.envoy.upstream import upstream_api
 from sidecar.metering.charge import Observed
 from sidecar.metering.exchange import (
@@ -133,10 +133,17 @@ def gone_call(entry: accesslog_pb2.HTTPAccessLogEntry) -> CallKey | None:
 
 
 class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
-    def __init__(self, engine: Engine, unanswered: Unanswered | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        unanswered: Unanswered | None = None,
+        shared: SharedUnanswered | None = None,
+    ) -> None:
         self._engine = engine
         # The Authorization servicer's: admitted calls by what Envoy logs of them.
         self._unanswered = unanswered
+        # With other processes on the store: where calls gone unmatched here are published.
+        self._shared = shared
 
     async def StreamAccessLogs(
         self,
@@ -147,6 +154,7 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
             rs = self._engine.holder.current
             batch: list[MeteringRecord] = []
             gone: list[str] = []
+            unmatched: list[CallKey] = []
             for entry in message.http_logs.log_entry:
                 try:
                     record = record_from_entry(entry, rs)
@@ -160,6 +168,8 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
                         request_id = unanswered.gone(key)
                         if request_id is not None:
                             gone.append(request_id)
+                        elif self._shared is not None:
+                            unmatched.append(key)
                     continue
                 METERING_RECORDS.inc()
                 if tracing.ENABLED:  # each charge a span of its own, under its call's trace
@@ -171,7 +181,18 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
                 start_charge(self._charge_batch(batch))
             if gone:
                 start_charge(self._withdraw(gone))
+            if unmatched and self._shared is not None:
+                start_charge(self._publish(self._shared, unmatched))
         return als_pb2.StreamAccessLogsResponse()
+
+    @staticmethod
+    async def _publish(shared: SharedUnanswered, keys: list[CallKey]) -> None:
+        for key in keys:
+            try:
+                await shared.publish(key)
+            except Exception as exc:  # the call's reservation then expires, as before
+                log.warning("unanswered_publish_failed", error=str(exc))
+                return
 
     async def _withdraw(self, request_ids: list[str]) -> None:
         for request_id in request_ids:

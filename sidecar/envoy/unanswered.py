@@ -23,8 +23,15 @@ log may reach another one, and its reservation then expires into its estimate as
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+
+import structlog
+
+from sidecar.store.base import Store
+
+log = structlog.get_logger("sidecar.metering")
 
 # The time Envoy started the call, "<seconds>.<nanoseconds>", then " " and its
 # x-request-id ("" if none). A string, not a tuple: one object per call that the garbage
@@ -81,6 +88,12 @@ class Unanswered:
             self._gone[0].add(key)
         return found
 
+    def take(self, key: CallKey) -> str | None:
+        """The request id `key`'s call was admitted under here (then forgotten), or None;
+        unlike `gone`, nothing is remembered of a call not admitted here."""
+        newer, older = self._admitted
+        return newer.pop(key, None) or older.pop(key, None)
+
     def __len__(self) -> int:
         return sum(map(len, self._admitted)) + sum(map(len, self._gone))
 
@@ -95,3 +108,58 @@ class Unanswered:
         self._turned = now
         self._admitted = ({}, self._admitted[0])
         self._gone = (set(), self._gone[0])
+
+
+class SharedUnanswered:
+    """Calls Envoy logged as gone that no Check of this process admitted, shared through the
+    store with the processes that may have (`sidecar serve --workers N`, replicas on Redis):
+    Envoy's access log stream and its Checks reach them over different connections. Each
+    process looks at what the others published once a second (`match_once`) and releases the
+    calls it admitted among them. A SQLite file one process owns has no other process: this
+    is not used there."""
+
+    COLLECTION = "unanswered-calls"
+
+    def __init__(
+        self,
+        local: Unanswered,
+        store: Store,
+        withdraw: Callable[[str], Awaitable[None]],
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._local = local
+        self._store = store
+        self._withdraw = withdraw
+        self._clock = clock
+        # As long as a call is kept here (Unanswered.horizon).
+        self.ttl_seconds = int(local.horizon)
+
+    async def publish(self, key: CallKey) -> None:
+        await self._store.put_doc(
+            self.COLLECTION, key, {"call": key}, self.ttl_seconds, now=self._clock()
+        )
+
+    async def match_once(self) -> int:
+        """Release the calls this process admitted among those published; how many."""
+        released = 0
+        for doc in await self._store.list_docs(self.COLLECTION, now=self._clock()):
+            key = doc.get("call")
+            if not isinstance(key, str):
+                continue
+            request_id = self._local.take(key)
+            if request_id is None:
+                continue
+            log.info("unanswered_call_released", request_id=request_id, via="store")
+            await self._withdraw(request_id)
+            await self._store.delete_doc(self.COLLECTION, key)
+            released += 1
+        return released
+
+    async def run(self, interval: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.match_once()
+            except Exception as exc:  # the next pass tries again
+                log.warning("unanswered_match_failed", error=str(exc))

@@ -131,3 +131,32 @@ def test_an_entry_with_a_reservation_is_never_read_as_a_hang_up() -> None:
     assert gone_call(admitted) is None
     assert gone_call(logged_gone(STARTED, "0f0e-call")) == CALL
     assert gone_call(logged_gone((0, 0), "0f0e-call")) is None  # no start: nothing to match
+
+
+class Published:
+    """What the access log servicer publishes for the other processes."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+
+    async def publish(self, key: str) -> None:
+        self.keys.append(key)
+
+
+def test_a_hang_up_matching_nothing_here_is_published_for_the_other_processes() -> None:
+    engine = WithdrawingEngine()
+    calls = Unanswered()
+    calls.admitted(CALL, "r-1")
+    published = Published()
+    servicer = AccessLogServicer(cast(Engine, engine), calls, cast(Any, published))
+
+    elsewhere = call_key(STARTED[0], STARTED[1] + 1, "admitted-elsewhere")
+    deliver(
+        servicer,
+        logged_gone(STARTED, "0f0e-call"),
+        logged_gone((STARTED[0], STARTED[1] + 1), "admitted-elsewhere"),
+        entry(rid="r-3"),
+    )
+
+    assert engine.withdrawn == ["r-1"]  # matched here: released here, not published
+    assert published.keys == [elsewhere]
