@@ -125,14 +125,13 @@ def check_response(decision: Decision, action: BodyAction = "") -> external_auth
     return external_auth_pb2.CheckResponse.FromString(check_response_bytes(decision, action))
 
 
-def checked_call(request: external_auth_pb2.CheckRequest) -> CallKey | None:
+def checked_call(request: external_auth_pb2.CheckRequest, attrs: RequestAttrs) -> CallKey | None:
     """The call a CheckRequest is about, as Envoy's access log names it (unanswered.py);
-    None when Envoy sent no start time."""
-    attributes = request.attributes.request
-    started = attributes.time
+    None when Envoy sent no start time. `attrs`: the request's, its headers already read."""
+    started = request.attributes.request.time
     if not started.seconds:
         return None
-    return call_key(started.seconds, started.nanos, attributes.http.headers.get("x-request-id", ""))
+    return call_key(started.seconds, started.nanos, attrs.headers.get("x-request-id", ""))
 
 
 class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
@@ -169,7 +168,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         if (
             decision.allowed
             and decision.request_id
-            and self._unanswerable(request, decision, deadline, context)
+            and self._unanswerable(request, attrs, decision, deadline, context)
         ):
             # An allow Envoy never acts on would leave the reservation to expire into a
             # charge for a call nobody made: refused, and released at $0.
@@ -180,6 +179,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
     def _unanswerable(
         self,
         request: external_auth_pb2.CheckRequest,
+        attrs: RequestAttrs,
         decision: Decision,
         deadline: float | None,
         context: grpc.aio.ServicerContext,
@@ -190,7 +190,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         gone already (the client left while the Check waited, and Envoy logged it)."""
         if deadline is not None and context.time_remaining() <= ANSWER_MARGIN_SECONDS:
             return True
-        key = checked_call(request)
+        key = checked_call(request, attrs)
         return key is not None and self.unanswered.admitted(key, decision.request_id)
 
     def _answer(self, attrs: RequestAttrs, decision: Decision) -> bytes:

@@ -17,8 +17,10 @@ logged call without a reservation id that matches one releases it at $0. Either 
 first (Envoy can log a hang-up before the queued Check is decided), so calls logged as gone
 are remembered too.
 
-Only within one process: with several sidecar processes (`--workers`, replicas) a call's
-log may reach another one, and its reservation then expires into its estimate as before.
+With several sidecar processes (`--workers`, replicas on Redis) a call's log may reach
+another process than the one that admitted it: a call logged as gone that matched nothing
+there is published in the store for the others (`SharedUnanswered`), which look once a
+second.
 """
 
 from __future__ import annotations
@@ -82,8 +84,7 @@ class Unanswered:
         """Envoy logged `key`'s call without a reservation id: the request id it was admitted
         under, if it was (then forgotten), else None (and the call is remembered as gone)."""
         self._turn()
-        newer, older = self._admitted
-        found = newer.pop(key, None) or older.pop(key, None)
+        found = self.take(key)
         if found is None:
             self._gone[0].add(key)
         return found

@@ -149,9 +149,8 @@ def entry(
     return out
 
 
-def run(*entries: accesslog_pb2.HTTPAccessLogEntry, engine: FakeEngine | None = None) -> FakeEngine:
-    engine = engine or FakeEngine()
-    servicer = AccessLogServicer(cast(Engine, engine))
+def deliver(servicer: AccessLogServicer, *entries: accesslog_pb2.HTTPAccessLogEntry) -> None:
+    """`entries` in one access log message, and every charge they start done."""
     message = als_pb2.StreamAccessLogsMessage()
     message.http_logs.log_entry.extend(entries)
 
@@ -165,6 +164,11 @@ def run(*entries: accesslog_pb2.HTTPAccessLogEntry, engine: FakeEngine | None = 
         await drain_charges()
 
     asyncio.run(go())
+
+
+def run(*entries: accesslog_pb2.HTTPAccessLogEntry, engine: FakeEngine | None = None) -> FakeEngine:
+    engine = engine or FakeEngine()
+    deliver(AccessLogServicer(cast(Engine, engine)), *entries)
     return engine
 
 

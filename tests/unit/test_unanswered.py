@@ -4,18 +4,14 @@ anything else is left alone."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
 from typing import Any, cast
 
 from envoy.data.accesslog.v3 import accesslog_pb2
-from envoy.service.accesslog.v3 import als_pb2
 
 from sidecar.engine import Engine
 from sidecar.envoy.access_log import AccessLogServicer, gone_call
 from sidecar.envoy.unanswered import Unanswered, call_key
-from sidecar.metering.exchange import drain_charges
-from tests.unit.test_access_log import FakeEngine, entry
+from tests.unit.test_access_log import FakeEngine, deliver, entry
 
 STARTED = (1_796_000_000, 123_456_000)
 CALL = call_key(*STARTED, "0f0e-call")
@@ -93,20 +89,6 @@ class WithdrawingEngine(FakeEngine):
 
     async def withdraw(self, request_id: str) -> None:
         self.withdrawn.append(request_id)
-
-
-def deliver(servicer: AccessLogServicer, *entries: accesslog_pb2.HTTPAccessLogEntry) -> None:
-    message = als_pb2.StreamAccessLogsMessage()
-    message.http_logs.log_entry.extend(entries)
-
-    async def go() -> None:
-        async def messages() -> AsyncIterator[Any]:
-            yield message
-
-        await servicer.StreamAccessLogs(messages(), cast(Any, None))
-        await drain_charges()
-
-    asyncio.run(go())
 
 
 def test_a_logged_hang_up_releases_the_call_its_check_admitted() -> None:
