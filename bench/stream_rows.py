@@ -9,7 +9,9 @@ process's CPU per request (less what it spends idle), and, for the product row, 
 exactness: every request the ledger holds was charged exactly its usage times the price
 (the stream's usage chunk arrived), exactly its reservation (wrk cut the stream at the end
 of the run after it reached the upstream) or nothing (cut before), and every answer wrk
-completed was charged its usage.
+completed was charged its usage. Each sidecar row also counts, from its Envoy's stats, the
+Checks that failed at Envoy (its timeout: an allow Envoy never acted on) and the metering
+records Envoy dropped: where a reservation left open (`left_open`) can have come from.
 
 `--baseline DIR` adds a row: the sidecar of another source tree (say `git archive main |
 tar -x -C DIR`), with the same policy and its own database, behind its own Envoy, measured in
@@ -274,6 +276,26 @@ def _idle_rate(pids: list[int], seconds: float = 2.0) -> float:
     return (_cpu(pids) - before) / seconds
 
 
+# Envoy's counters that tell where an admitted call's record can be lost: Checks that
+# failed at Envoy (its timeout: the answer, possibly an allow, never acted on) and metering
+# records Envoy dropped (its gRPC access log backed up).
+_ENVOY_COUNTERS = {
+    "http.llm_ingress.ext_authz.error": "checks_failed",
+    "access_logs.grpc_access_log.logs_dropped": "logs_dropped",
+    "access_logs.grpc_access_log.logs_written": "logs_written",
+}
+
+
+def _envoy_counters(admin: int) -> dict[str, int]:
+    text = httpx.get(f"http://{LOOPBACK}:{admin}/stats", timeout=10).text
+    found = dict.fromkeys(_ENVOY_COUNTERS.values(), 0)
+    for line in text.splitlines():
+        name, _, value = line.partition(": ")
+        if name in _ENVOY_COUNTERS and value.isdigit():
+            found[_ENVOY_COUNTERS[name]] = int(value)
+    return found
+
+
 def _ledger(http: str) -> dict[str, Any]:
     answer = httpx.get(
         f"{http}/v1/usage",
@@ -461,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
             assert sidecar.pid is not None
             backends[key] = (grpc_port, [sidecar.pid], http)
         rows = {}
+        admins: dict[str, int] = {}
         for key, (port, pids, api) in backends.items():
             listen, admin = free_port(), free_port()
             envoy, _ = start_envoy(
@@ -484,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
                 api,
                 {"envoy": [envoy.pid], "backend": pids, "upstream": [upstream.pid]},
             )
+            admins[key] = admin
         for chunks in args.chunks:
             script = _wrk_script(workdir / f"wrk-{chunks}.lua", tokens, chunks, stream_body)
             unit = cost_micros(price, TokenUsage(PROMPT_TOKENS, chunks))
@@ -494,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
                 trial: dict[str, Any] = {"chunks": chunks, "round": rnd}
                 for key, (url, pids, api, groups) in order:
                     before = _settled_ledger(api) if api is not None else None
+                    counted = _envoy_counters(admins[key])
                     spy = None
                     if args.profile and key == "product":
                         spy = start_profile(
@@ -544,6 +569,8 @@ def main(argv: list[str] | None = None) -> int:
                                 _open_reservations(api),
                             )
                         )
+                        after = _envoy_counters(admins[key])
+                        result["envoy"] = {k: after[k] - counted[k] for k in counted}
                     trial[key] = result
                 floor_rps = trial["floor"]["rps"]
                 trial["x_floor"] = trial["product"]["rps"] / floor_rps if floor_rps else 0.0
@@ -554,6 +581,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"{trial['product']['cpu_us_per_request']:6.0f} us/req "
                     f"x{trial['x_floor']:.2f} errors={trial['product']['errors']} "
                     f"exact={trial['product']['exact']}"
+                    f" left_open={trial['product']['left_open']}"
+                    f" envoy_checks_failed={trial['product']['envoy']['checks_failed']}"
+                    f" envoy_logs_dropped={trial['product']['envoy']['logs_dropped']}"
                 )
                 if "baseline" in trial:
                     base = trial["baseline"]
