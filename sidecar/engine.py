@@ -32,6 +32,7 @@ from sidecar.identity.authenticate import Identifier
 from sidecar.identity.errors import AuthError
 from sidecar.log import info as log_info
 from sidecar.metering.charge import Bill, Observed, bill, charge_tokens
+from sidecar.metering.exchange import start_charge
 from sidecar.metering.inflight import InFlight
 from sidecar.metrics import (
     CHECK_SECONDS,
@@ -199,8 +200,6 @@ class Engine:
         # Called with every decision after it is made (the dashboard's recent denials);
         # each must return at once and never raise: the request path waits on none.
         self.observers: list[Callable[[RequestAttrs, Decision], None]] = []
-        # Releases of reservations whose Check was abandoned; held so they are not collected.
-        self._releasing: set[asyncio.Future[None]] = set()
         overload = holder.current.config.overload
         self.shedder = LoadShedder(overload.max_inflight, overload.max_loop_lag_seconds)
         self._plans: PlanCache[Plan] = PlanCache()
@@ -476,9 +475,7 @@ class Engine:
         request, result = task.result()
         if not result.admitted or result.duplicate:
             return
-        release = asyncio.ensure_future(self._release(request.request_id))
-        self._releasing.add(release)
-        release.add_done_callback(self._releasing.discard)
+        start_charge(self._release(request.request_id))
 
     def _mint(self, buckets: Sequence[BucketView]) -> str:
         """A new reservation id: the store's own when it mints them (a Redis Cluster names
@@ -493,7 +490,10 @@ class Engine:
         expiring into a charge at `reservation_ttl`."""
         UNANSWERED_CALLS.inc()
         self.inflight.charged(request_id)  # no record will come for it: not waited for
-        await self._release(request_id)
+        # A task of its own, awaited through a shield: the caller is often a Check that
+        # Envoy is giving up on at this moment, and gRPC then cancels it mid-release; the
+        # release goes on (and shutdown waits for it, `drain_charges`).
+        await asyncio.shield(start_charge(self._release(request_id)))
 
     async def _release(self, request_id: str) -> None:
         try:

@@ -5,8 +5,10 @@ a call nobody made."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2
@@ -14,6 +16,7 @@ from envoy.service.auth.v3 import external_auth_pb2
 from sidecar.engine import Engine
 from sidecar.envoy.authz import ANSWER_MARGIN_SECONDS, AuthorizationServicer
 from sidecar.envoy.unanswered import call_key
+from sidecar.metering.exchange import drain_charges
 from sidecar.metrics import UNANSWERED_CALLS
 from sidecar.store.sqlite_store import SQLiteStore
 from tests.unit.test_engine import attrs, config, engine, rule
@@ -177,3 +180,36 @@ async def test_an_admitted_call_is_remembered_until_envoy_logs_it_gone(
     assert request_id is not None
     found = await store.reservation(request_id)
     assert found is not None and found.state == "open"
+
+
+async def test_a_late_checks_release_completes_when_grpc_cancels_the_check_midway(
+    store: SQLiteStore,
+) -> None:
+    # Envoy gives up on a late Check at its deadline and gRPC cancels the handler, often
+    # while it is releasing the reservation: the release must still happen, or the
+    # reservation expires into a charge for a call that never went upstream.
+    eng = engine(config(spend_limits=[rule("b", 0.05, "block", ["cent-*"])]), store)
+    servicer = AuthorizationServicer(eng)
+    withdrawn = Withdrawals(eng)
+    committing, go_on = asyncio.Event(), asyncio.Event()
+    commit = store.commit
+
+    async def held_commit(*args: Any, **kwargs: Any) -> Any:
+        committing.set()
+        await go_on.wait()
+        return await commit(*args, **kwargs)
+
+    store.commit = held_commit  # type: ignore[method-assign]
+    check = asyncio.create_task(servicer.check(check_request("cent-a", 3), Deadline(1.9, 0.0)))
+    await committing.wait()
+    check.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await check
+    go_on.set()
+    await drain_charges()
+
+    (request_id,) = withdrawn.ids
+    found = await store.reservation(request_id)
+    assert found is not None and found.state == "committed"
+    assert await store.open_reservations() == 0
+    assert await ledger(store) == (0, 1, 1)
