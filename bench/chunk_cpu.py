@@ -31,8 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,53 +38,20 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 from statistics import median
-from typing import Any
 
 import httpx
 import yaml
 
+from bench import callgrind, sse_upstream
 from bench.policy import GROUPS, PATH, bench_config
 from bench.sse_upstream import PROMPT_TOKENS
 from bench.stream_rows import STREAM_BODY, _envoy_config, _ledger
 from devtools.config import demo_key_env
 from devtools.keys import DevIssuer
-from devtools.procs import LOOPBACK, ManagedProcess, free_port, start_envoy, wait_for_port
+from devtools.procs import LOOPBACK, ManagedProcess, free_port, start_envoy
 from devtools.stack import ADMIN_TOKEN, serve_argv, wait_ready
 
 USERS = 20
-
-
-def _callgrind_control(pid: int, *args: str) -> None:
-    subprocess.run(["callgrind_control", *args, str(pid)], check=True, capture_output=True)
-
-
-def _dumped(out: Path, before: set[Path]) -> int:
-    """Instructions in the one dump file that appeared since `before`."""
-    new = sorted(set(out.parent.glob(out.name + ".*")) - before)
-    if len(new) != 1:
-        raise RuntimeError(f"expected one new callgrind dump, found {new}")
-    text = new[0].read_text(errors="replace")
-    # `totals`: what was counted since the last zeroing (`summary` is since the last dump's
-    # counters were taken, 0 here).
-    found = re.search(r"^totals: (\d+)", text, re.MULTILINE)
-    if found is None:
-        raise RuntimeError(f"no instruction count in {new[0]}")
-    return int(found.group(1))
-
-
-def _phase(pid: int, out: Path, work: Any, seconds_after: float) -> tuple[int, float]:
-    """Instructions the sidecar counts while `work()` runs and `seconds_after` beyond, and
-    the phase's wall time."""
-    before = set(out.parent.glob(out.name + ".*"))
-    _callgrind_control(pid, "-z")
-    _callgrind_control(pid, "-i", "on")
-    started = time.monotonic()
-    work()
-    time.sleep(seconds_after)  # the phase's length: records arrive, charges land
-    elapsed = time.monotonic() - started
-    _callgrind_control(pid, "-i", "off")
-    _callgrind_control(pid, "--dump")
-    return _dumped(out, before), elapsed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,15 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-chunk-cpu-") as tmp, ExitStack() as stack:
         workdir = Path(tmp)
         jwks = issuer.write_jwks(workdir / "jwks.json")
-        upstream_port, grpc_port, http_port = free_port(), free_port(), free_port()
-        upstream = stack.enter_context(
-            ManagedProcess(
-                "upstream",
-                [sys.executable, "-m", "bench.sse_upstream", "--port", str(upstream_port)],
-                workdir,
-            ).start()
-        )
-        wait_for_port(LOOPBACK, upstream_port, 20, process=upstream)
+        _, upstream_port = sse_upstream.start(stack, workdir)
+        grpc_port, http_port = free_port(), free_port()
         config = bench_config(issuer, str(jwks), f"sqlite:///{workdir}/product.db")
         (workdir / "product.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         out = workdir / "callgrind.out"
@@ -119,10 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             ManagedProcess(
                 "product",
                 [
-                    "valgrind",
-                    "--tool=callgrind",
-                    f"--callgrind-out-file={out}",
-                    "--instr-atstart=no",
+                    *callgrind.argv(out),
                     *serve_argv(workdir / "product.yaml", grpc_port, http_port, 1),
                 ],
                 workdir,
@@ -178,10 +133,13 @@ def main(argv: list[str] | None = None) -> int:
         for rnd in range(args.rounds):
             for chunks in args.chunks:
                 before = _ledger(api)
-                counted, elapsed = _phase(
-                    sidecar.pid, out, lambda c=chunks: send(c, args.requests), args.settle
-                )
-                idle, idle_elapsed = _phase(sidecar.pid, out, lambda: None, elapsed)
+
+                def phase(c: int = chunks) -> None:
+                    send(c, args.requests)
+                    time.sleep(args.settle)  # the phase's length: records arrive, charges land
+
+                counted, elapsed = callgrind.counted(sidecar.pid, out, phase)
+                idle, idle_elapsed = callgrind.counted(sidecar.pid, out, callgrind.idle(elapsed))
                 after = _ledger(api)
                 charged = after["requests"] - before["requests"]
                 exact = (

@@ -24,12 +24,10 @@ misses. Needs `valgrind` on the PATH. Prints one JSON object.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import re
-import subprocess
 import sys
 import tempfile
-import time
 from contextlib import ExitStack
 from pathlib import Path
 from statistics import median
@@ -37,6 +35,7 @@ from typing import Any
 
 import httpx
 
+from bench import callgrind, sse_upstream
 from devtools.procs import LOOPBACK, ManagedProcess, envoy_binary, free_port, wait_for_port
 from sidecar.envoy.attach import lua_source
 
@@ -130,30 +129,6 @@ def _config(lua: str, listen: int, admin: int, upstream: int) -> dict[str, Any]:
     }
 
 
-def _control(pid: int, *args: str) -> None:
-    subprocess.run(["callgrind_control", *args, str(pid)], check=True, capture_output=True)
-
-
-def _counted(pid: int, out: Path, work: Any, seconds: float | None = None) -> tuple[int, float]:
-    """Instructions Envoy executes while `work()` runs (or for `seconds`), and how long."""
-    before = set(out.parent.glob(out.name + ".*"))
-    _control(pid, "-z")
-    _control(pid, "-i", "on")
-    started = time.monotonic()
-    if seconds is None:
-        work()
-    else:
-        time.sleep(seconds)  # the idle stretch itself, not a wait for anything
-    elapsed = time.monotonic() - started
-    _control(pid, "-i", "off")
-    _control(pid, "--dump")
-    (dump,) = sorted(set(out.parent.glob(out.name + ".*")) - before)
-    found = re.search(r"^totals: (\d+)", dump.read_text(errors="replace"), re.MULTILINE)
-    if found is None:
-        raise RuntimeError(f"no instruction count in {dump}")
-    return int(found.group(1)), elapsed
-
-
 def _row(
     lua: str, workdir: Path, upstream: int, chunks: list[int], requests: int
 ) -> dict[str, Any]:
@@ -161,9 +136,8 @@ def _row(
     path = workdir / f"envoy-{listen}.json"
     path.write_text(json.dumps(_config(lua, listen, admin, upstream)))
     out = workdir / f"callgrind-{listen}.out"
-    argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--instr-atstart=no"]
-    argv += [_real_envoy(), "-c", str(path), "--base-id", str(listen), "--concurrency", "1"]
-    argv += ["--log-level", "warn"]
+    argv = [*callgrind.argv(out), _real_envoy(), "-c", str(path), "--base-id", str(listen)]
+    argv += ["--concurrency", "1", "--log-level", "warn"]
     with (
         ManagedProcess(f"envoy-{listen}", argv, workdir).start() as envoy,
         httpx.Client(timeout=60) as client,
@@ -184,9 +158,10 @@ def _row(
         for n in chunks:
             send(10, n)  # warm-up: the JIT's traces, Envoy's first connections
             per_request = []
+            measured = functools.partial(send, requests, n)
             for _ in range(2):
-                busy, elapsed = _counted(envoy.pid, out, lambda n=n: send(requests, n))
-                idle, idle_elapsed = _counted(envoy.pid, out, None, elapsed)
+                busy, elapsed = callgrind.counted(envoy.pid, out, measured)
+                idle, idle_elapsed = callgrind.counted(envoy.pid, out, callgrind.idle(elapsed))
                 per_request.append(round((busy - idle * elapsed / idle_elapsed) / requests))
             result[str(n)] = {"rounds": per_request, "median": median(per_request)}
         return result
@@ -204,15 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         rows["baseline"] = (args.baseline / "sidecar/envoy/meter.lua").read_text()
     with tempfile.TemporaryDirectory(prefix="bench-lua-") as tmp, ExitStack() as stack:
         workdir = Path(tmp)
-        port = free_port()
-        upstream = stack.enter_context(
-            ManagedProcess(
-                "upstream",
-                [sys.executable, "-m", "bench.sse_upstream", "--port", str(port)],
-                workdir,
-            ).start()
-        )
-        wait_for_port(LOOPBACK, port, 20, process=upstream)
+        _, port = sse_upstream.start(stack, workdir)
         results = {}
         for name, lua in rows.items():
             results[name] = _row(lua, workdir, port, args.chunks, args.requests)

@@ -16,6 +16,13 @@ import argparse
 import asyncio
 import json
 import signal
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from devtools.procs import ManagedProcess
 
 PROMPT_TOKENS = 12
 
@@ -92,6 +99,17 @@ async def serve(port: int, gap: float) -> None:
         loop.add_signal_handler(sig, stop.set)
     async with server:
         await stop.wait()
+
+
+def start(stack: ExitStack, workdir: Path) -> tuple[ManagedProcess, int]:
+    """This upstream as a process of its own on a free port, stopped with `stack`."""
+    from devtools.procs import LOOPBACK, ManagedProcess, free_port, wait_for_port
+
+    port = free_port()
+    argv = [sys.executable, "-m", "bench.sse_upstream", "--port", str(port)]
+    process = stack.enter_context(ManagedProcess("upstream", argv, workdir).start())
+    wait_for_port(LOOPBACK, port, 20, process=process)
+    return process, port
 
 
 def main() -> None:

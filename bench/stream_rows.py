@@ -51,6 +51,7 @@ from typing import Any
 import httpx
 import yaml
 
+from bench import sse_upstream
 from bench.closed_loop import ensure_tools
 from bench.cpu import busiest_threads, cpu_seconds, start_profile, thread_cpu
 from bench.policy import BODY, GROUPS, MODEL, PATH, bench_config
@@ -437,14 +438,8 @@ def main(argv: list[str] | None = None) -> int:
             requested_output_tokens(body, rs.default_max_output_tokens),
         )
 
-        upstream_port, floor_port = free_port(), free_port()
-        upstream = stack.enter_context(
-            ManagedProcess(
-                "upstream",
-                [sys.executable, "-m", "bench.sse_upstream", "--port", str(upstream_port)],
-                workdir,
-            ).start()
-        )
+        upstream, upstream_port = sse_upstream.start(stack, workdir)
+        floor_port = free_port()
         floors = [
             stack.enter_context(
                 ManagedProcess(
@@ -455,8 +450,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             for i in range(args.workers)
         ]
-        for proc, port in ((upstream, upstream_port), *((f, floor_port) for f in floors)):
-            wait_for_port(LOOPBACK, port, 20, process=proc)
+        for floor in floors:
+            wait_for_port(LOOPBACK, floor_port, 20, process=floor)
         # Row: (backend's gRPC port, its pids, its HTTP API for the ledger; None: the floor).
         backends: dict[str, tuple[int, list[int], str | None]] = {
             "floor": (floor_port, [f.pid for f in floors if f.pid is not None], None)
