@@ -158,14 +158,25 @@ def _sort_roles(cluster: LocalCluster, replicas: int, deadline: float) -> None:
     primaries' order: redis-cli chose which node is which."""
     if replicas != 1:
         raise ValueError("one replica per primary is supported")
-    ids: dict[str, int] = {}
-    primary_of: dict[int, str] = {}
-    for line in _cli(cluster.ports[0], "cluster", "nodes").splitlines():
-        node_id, address, flags, master, *_ = line.split()
-        port = int(address.split("@")[0].rsplit(":", 1)[1])
-        ids[node_id] = port
-        if "slave" in flags.split(","):
-            primary_of[port] = master
+    # The first node learns of the others' roles by gossip: read its view until it has
+    # every replica, each of a node it knows.
+    while True:
+        ids: dict[str, int] = {}
+        primary_of: dict[int, str] = {}
+        for line in _cli(cluster.ports[0], "cluster", "nodes").splitlines():
+            node_id, address, flags, master, *_ = line.split()
+            port = int(address.split("@")[0].rsplit(":", 1)[1])
+            ids[node_id] = port
+            if "slave" in flags.split(","):
+                primary_of[port] = master
+        masters = set(primary_of.values())
+        if len(primary_of) * 2 == len(cluster.ports) == len(masters) * 2 and all(
+            master in ids and ids[master] not in primary_of for master in masters
+        ):
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the cluster never showed its replicas: {primary_of}")
+        time.sleep(0.1)  # gossip between the nodes, another process's work
     process_of = dict(zip(cluster.ports, cluster.processes, strict=True))
     primaries = [p for p in cluster.ports if p not in primary_of]
     replica_of = {ids[master]: port for port, master in primary_of.items()}
