@@ -39,9 +39,9 @@ from sidecar.store.budget_types import (
 from sidecar.store.file_lock import FileLock
 from sidecar.store.sqlite_journal import Journal, Record
 from sidecar.store.sqlite_store import (
-    INSERT_RESERVATION,
     SQLiteStore,
     dims_json,
+    insert_reservations,
     rebuild_holds,
 )
 from sidecar.store.sqlite_totals import Deltas, Open, SlotsRead, Totals
@@ -101,8 +101,7 @@ class OwnedSQLiteStore(SQLiteStore):
 
             def start(conn: sqlite3.Connection) -> None:
                 conn.execute("INSERT OR REPLACE INTO meta VALUES ('holds', 'memory')")
-                for record in records:
-                    conn.execute(INSERT_RESERVATION, record)
+                insert_reservations(conn, records)
 
             await self._tx(start)
             if records:
@@ -151,7 +150,7 @@ class OwnedSQLiteStore(SQLiteStore):
     def _insert(conn: sqlite3.Connection, pending: Sequence[_Pending]) -> list[_Pending]:
         """Write reservations (their holds are in memory only); returns those whose id was
         already there."""
-        return [p for p in pending if not conn.execute(INSERT_RESERVATION, p[0]).rowcount]
+        return [pending[i] for i in insert_reservations(conn, [p[0] for p in pending])]
 
     def _written(
         self, pending: list[_Pending], segments: list[Path], future: asyncio.Future[list[_Pending]]

@@ -59,6 +59,8 @@ INSERT_RESERVATION = (
     "INSERT INTO reservations VALUES (?, 'open', ?, ?, ?, ?, ?, ?, ?, ?, ?) "
     "ON CONFLICT(request_id) DO NOTHING"
 )
+# Reservations per multi-row insert: 10 parameters a row, under the same 999.
+_RESERVATIONS_PER_STATEMENT = 99
 _ADD_RESERVED = (
     "INSERT INTO reserved VALUES (?, ?) ON CONFLICT(bucket) DO UPDATE SET "
     "amount = amount + excluded.amount"
@@ -274,10 +276,46 @@ def _use_wal(conn: sqlite3.Connection) -> None:
             time.sleep(0.01)
 
 
+@functools.lru_cache(maxsize=_RESERVATIONS_PER_STATEMENT)
+def _insert_reservations_sql(rows: int) -> str:
+    row = "(?, 'open', ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    return (
+        f"INSERT INTO reservations VALUES {', '.join([row] * rows)} "
+        "ON CONFLICT(request_id) DO NOTHING"
+    )
+
+
+def insert_reservations(conn: sqlite3.Connection, records: Sequence[Record]) -> list[int]:
+    """Write `records` as INSERT_RESERVATION does, up to 99 in one statement; returns the
+    indexes of those whose id was already there (left as it was).
+
+    One statement is one step of SQLite, and the thread running it lets go of the GIL and
+    takes it back once per step: a statement per record made the store's thread contend
+    with the event loop for the GIL twice a reservation under load (measured: futex calls
+    and context switches of both threads per Check)."""
+    taken: list[int] = []
+    for start in range(0, len(records), _RESERVATIONS_PER_STATEMENT):
+        chunk = records[start : start + _RESERVATIONS_PER_STATEMENT]
+        conn.execute("SAVEPOINT reservations")
+        params = [value for record in chunk for value in record]
+        written = conn.execute(_insert_reservations_sql(len(chunk)), params).rowcount
+        if written != len(chunk):
+            # Some id was there already (nearly never: minted ids do not repeat): undone,
+            # and written one at a time to tell which.
+            conn.execute("ROLLBACK TO reservations")
+            taken += [
+                start + i
+                for i, record in enumerate(chunk)
+                if not conn.execute(INSERT_RESERVATION, record).rowcount
+            ]
+        conn.execute("RELEASE reservations")
+    return taken
+
+
 def recover(conn: sqlite3.Connection, records: Sequence[Record]) -> None:
     """Journaled reservations written to the file (an id already there is left as it is),
     and the holds rebuilt when they were kept elsewhere or reservations were added."""
-    added = sum(conn.execute(INSERT_RESERVATION, record).rowcount for record in records)
+    added = len(records) - len(insert_reservations(conn, records))
     rebuild_holds(conn, force=added > 0)
 
 
