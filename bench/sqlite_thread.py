@@ -13,7 +13,7 @@ same measurement runs with DIR's `sidecar` package, process after process altern
 and the ratios of this tree's figures to the baseline's are printed.
 
     .venv/bin/python -m bench.sqlite_thread [--ops 3000] [--concurrency 1 16]
-        [--preload 20000] [--runs 3] [--owned] [--baseline DIR]
+        [--preload 20000] [--runs 3] [--owned] [--many] [--baseline DIR]
 
 Request ids are minted by each tree's own `new_request_id`, as its engine mints them.
 `--owned` measures the store `sidecar serve` opens by default (the file owned by the
@@ -69,7 +69,9 @@ def _request(request_id: str, now: float) -> Any:
     )
 
 
-async def _measure(ops: int, concurrency: int, preload: int, owned: bool) -> dict[str, float]:
+async def _measure(
+    ops: int, concurrency: int, preload: int, owned: bool, many: bool = False
+) -> dict[str, float]:
     from sidecar.engine import new_request_id
     from sidecar.model import TokenUsage
     from sidecar.store.budget_types import Charge, Reservation
@@ -93,6 +95,11 @@ async def _measure(ops: int, concurrency: int, preload: int, owned: bool) -> dic
 
     async def charge_all(ids: list[str], now: float) -> None:
         for start in range(0, len(ids), concurrency):
+            if many:
+                chunk = ids[start : start + concurrency]
+                answers = await store.charge_many([(i, price) for i in chunk], now)
+                assert all(getattr(a, "status", a) == "committed" for a in answers)
+                continue
             results = await asyncio.gather(
                 *(store.charge(i, price, now) for i in ids[start : start + concurrency])
             )
@@ -142,12 +149,20 @@ def main(argv: list[str] | None = None) -> int:
         help="the store `sidecar serve` opens (the file owned by the process, reservations "
         "written behind in batches) instead of the shared one",
     )
+    parser.add_argument(
+        "--many",
+        action="store_true",
+        help="charge `--concurrency` at a time in one `charge_many`, as a batch of metering "
+        "records is charged, instead of that many `charge` calls at once",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         import uvloop
 
-        result = uvloop.run(_measure(args.ops, args.concurrency[0], args.preload, args.owned))
+        result = uvloop.run(
+            _measure(args.ops, args.concurrency[0], args.preload, args.owned, args.many)
+        )
         print("SQLITE_THREAD " + json.dumps(result), flush=True)
         return 0
     # Imported here, not at the top: the worker runs this file against a baseline tree
@@ -164,12 +179,19 @@ def main(argv: list[str] | None = None) -> int:
             *("--ops", str(args.ops), "--concurrency", str(concurrency)),
             *("--preload", str(args.preload)),
             *(["--owned"] if args.owned else []),
+            *(["--many"] if args.many else []),
         ],
         "concurrency",
     )
     print(
         json.dumps(
-            {"ops": args.ops, "preload": args.preload, "owned": args.owned, "summary": summary},
+            {
+                "ops": args.ops,
+                "preload": args.preload,
+                "owned": args.owned,
+                "many": args.many,
+                "summary": summary,
+            },
             indent=2,
         )
     )

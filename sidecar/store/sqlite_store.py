@@ -40,7 +40,7 @@ from sidecar.store.sqlite_journal import Journal, Record
 from sidecar.store.sqlite_records import entries as _entries
 from sidecar.store.sqlite_records import holds_of
 from sidecar.store.sqlite_totals import Deltas
-from sidecar.store.sqlite_worker import MAX_BATCH, SQLiteWorker, store_error
+from sidecar.store.sqlite_worker import MAX_BATCH, SQLiteWorker
 
 T = TypeVar("T")
 
@@ -317,6 +317,48 @@ def recover(conn: sqlite3.Connection, records: Sequence[Record]) -> None:
     and the holds rebuilt when they were kept elsewhere or reservations were added."""
     added = len(records) - len(insert_reservations(conn, records))
     rebuild_holds(conn, force=added > 0)
+
+
+# A ledger row's key (hour, user, groups, token, kind, model, provider) and what it adds
+# (cost, requests, input tokens, output tokens, errors).
+LedgerAdd = tuple[tuple[Any, ...], list[int]]
+# Ledger rows per multi-row upsert: 12 parameters a row, under 999.
+_LEDGER_ROWS_PER_STATEMENT = 83
+
+
+@functools.lru_cache(maxsize=_LEDGER_ROWS_PER_STATEMENT)
+def _ledger_sql(rows: int) -> str:
+    return (
+        f"INSERT INTO ledger ({_LEDGER_COLUMNS}) VALUES "
+        + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * rows)
+        + " ON CONFLICT(hour, user, groups, token, kind, model, provider) DO UPDATE SET "
+        "cost = cost + excluded.cost, requests = requests + excluded.requests, "
+        "input_tokens = input_tokens + excluded.input_tokens, "
+        "output_tokens = output_tokens + excluded.output_tokens, "
+        "errors = errors + excluded.errors"
+    )
+
+
+def _write_ledger(conn: sqlite3.Connection, rows: Sequence[LedgerAdd]) -> None:
+    """Add `rows` to the ledger, those with the same key summed first (the calls of a
+    batch share a few callers and models), up to 83 rows a statement."""
+    summed: dict[tuple[Any, ...], list[int]] = {}
+    adds: list[int]
+    for key, adds in rows:
+        cell = summed.get(key)
+        if cell is None:
+            summed[key] = list(adds)
+        else:
+            for i, value in enumerate(adds):
+                cell[i] += value
+    items = list(summed.items())
+    for start in range(0, len(items), _LEDGER_ROWS_PER_STATEMENT):
+        chunk = items[start : start + _LEDGER_ROWS_PER_STATEMENT]
+        params: list[object] = []
+        for key, adds in chunk:
+            params += key
+            params += adds
+        conn.execute(_ledger_sql(len(chunk)), params)
 
 
 def rebuild_holds(conn: sqlite3.Connection, force: bool = False) -> None:
@@ -638,30 +680,18 @@ class SQLiteStore:
         requests: int,
         usage: TokenUsage,
         errors: int = 0,
+        into: list[LedgerAdd] | None = None,
     ) -> None:
-        user, groups, token, kind, model, provider = _ledger_dims(dims_json)
-        conn.execute(
-            f"INSERT INTO ledger ({_LEDGER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT(hour, user, groups, token, kind, model, provider) DO UPDATE SET "
-            "cost = cost + excluded.cost, requests = requests + excluded.requests, "
-            "input_tokens = input_tokens + excluded.input_tokens, "
-            "output_tokens = output_tokens + excluded.output_tokens, "
-            "errors = errors + excluded.errors",
-            (
-                hour,
-                user,
-                groups,
-                token,
-                kind,
-                model,
-                provider,
-                cost,
-                requests,
-                usage.total_input,
-                usage.output_tokens,
-                errors,
-            ),
+        """Add to the ledger's row of `hour` and the dimensions; with `into`, only noted
+        there, for the caller to write (`_write_ledger`, once per row for a whole batch)."""
+        row: LedgerAdd = (
+            (hour, *_ledger_dims(dims_json)),
+            [cost, requests, usage.total_input, usage.output_tokens, errors],
         )
+        if into is not None:
+            into.append(row)
+        else:
+            _write_ledger(conn, [row])
 
     def _settle(
         self, conn: sqlite3.Connection, now: float, limit: int, sink: Deltas | None = None
@@ -831,30 +861,37 @@ class SQLiteStore:
         self, charges: Sequence[tuple[str, Pricer]], now: float
     ) -> list[CommitResult | Exception]:
         # A job per chunk instead of per charge: one hand-over to the store's thread and one
-        # wake-up of the event loop for a whole access log batch; each charge in a savepoint
-        # of its own, so one that fails is undone alone.
+        # wake-up of the event loop for a whole access log batch.
         def charge_all(
             conn: sqlite3.Connection, sink: Deltas | None, chunk: Sequence[tuple[str, Pricer]]
         ) -> list[CommitResult | Exception]:
             out: list[CommitResult | Exception] = []
-            # The charges' slot and hold changes, written once per bucket at the end: the
-            # calls of a batch share most of their buckets (a team's, a model's, the
-            # account's), and each row written is most of a charge's cost.
-            deferred = Deltas()
+            # The charges' slot, hold and ledger changes, written once per row at the end:
+            # the calls of a batch share most of their buckets (a team's, a model's, the
+            # account's) and ledger rows, and each row written is most of a charge's cost.
+            # A charge's only statement of its own is the one that marks its reservation
+            # committed: every statement is a step of SQLite for which the store's thread
+            # gives up the GIL and takes it back from the event loop.
+            deferred, ledger = Deltas(), list[LedgerAdd]()
             for request_id, price in chunk:
-                conn.execute("SAVEPOINT charge")
-                # A charge rolled back alone must leave no trace in either.
-                mine = Deltas()
+                # A charge that fails (its pricer raised) leaves no trace: its reservation
+                # reopened, its changes never added. An SQLite error fails the whole job
+                # (nothing of it is committed; each charge is retried by its caller).
+                mine, rows = Deltas(), list[LedgerAdd]()
+                row, marked = _charge_row(conn, request_id)
                 try:
-                    out.append(self._charge(conn, request_id, price, mine, deferred=True))
+                    result = self._commit_priced(conn, request_id, row, marked, price, mine, rows)
+                except sqlite3.Error:
+                    raise
                 except Exception as exc:
-                    if not conn.in_transaction:
-                        raise  # SQLite rolled everything back itself (I/O error, disk full)
-                    conn.execute("ROLLBACK TO charge")
-                    out.append(store_error(exc))
+                    if marked:
+                        _reopen(conn, request_id)
+                    out.append(exc)
                 else:
+                    out.append(result)
                     deferred.extend(mine)
-                conn.execute("RELEASE charge")
+                    ledger += rows
+            _write_ledger(conn, ledger)
             slots: dict[tuple[str, int], list[int]] = {}
             for key, slot, amount, expires in deferred.spent:
                 cell = slots.get((key, slot))
@@ -895,11 +932,25 @@ class SQLiteStore:
         request_id: str,
         price: Pricer,
         sink: Deltas | None = None,
-        *,
-        deferred: bool = False,
     ) -> CommitResult:
         # What `price` raises needs no undoing here: every caller rolls this job back.
         row, marked = _charge_row(conn, request_id)
+        return self._commit_priced(conn, request_id, row, marked, price, sink)
+
+    def _commit_priced(
+        self,
+        conn: sqlite3.Connection,
+        request_id: str,
+        row: tuple[Any, ...] | None,
+        marked: bool,
+        price: Pricer,
+        sink: Deltas | None,
+        ledger: list[LedgerAdd] | None = None,
+    ) -> CommitResult:
+        """`_charge` once its reservation `row` is read (and `marked`, see `_charge_row`).
+        With `ledger`, the slot, hold and ledger changes are only noted (in `sink` and
+        `ledger`) for the caller to write; the only statement then is the one that marks a
+        reservation that was not `marked` already."""
         if row is None:
             return CommitResult("unknown")
         priced = price(
@@ -920,7 +971,7 @@ class SQLiteStore:
             priced.others,
             priced.tokens,
             sink,
-            deferred=deferred,
+            ledger,
         )
 
     def _commit_row(
@@ -935,11 +986,11 @@ class SQLiteStore:
         others: Sequence[LedgerPart],
         tokens: tuple[int, int] | None,
         sink: Deltas | None = None,
-        *,
-        deferred: bool = False,
+        ledger: list[LedgerAdd] | None = None,
     ) -> CommitResult:
-        """`deferred`: the slot and hold changes only go to `sink`, for the caller to write
-        (`charge_many`, once per bucket for a whole batch).
+        """With `ledger` (and `sink`): the slot and hold changes only go to `sink` and the
+        ledger's to `ledger`, for the caller to write (`charge_many`, once per row for a
+        whole batch).
 
         `commit` of the reservation `row` (state, estimate, held, buckets, dims,
         created_at, ...) just read in this transaction (`marked`: and already marked
@@ -952,11 +1003,12 @@ class SQLiteStore:
             return CommitResult("duplicate", estimate)
         # An expired reservation already paid its estimate: charge only the difference.
         is_open = state == "open"
+        deferred = ledger is not None and sink is not None
         delta = actual_micros if is_open else actual_micros - estimate
         entries = _entries(buckets_json, estimate, held)
         if is_open:
             releases = [(e[0], -e[5]) for e in entries if e[5]]
-            if deferred and sink is not None:
+            if deferred and sink is not None:  # (`deferred` says so; for the type checker)
                 sink.held += releases
             else:
                 self._add_reserved_many(conn, releases, sink)
@@ -981,6 +1033,7 @@ class SQLiteStore:
             1 if state == "open" else 0,
             usage,
             1 if error else 0,
+            into=ledger if deferred else None,
         )
         for part in others:
             self._add_ledger(
@@ -990,6 +1043,7 @@ class SQLiteStore:
                 part.cost,
                 0,
                 TokenUsage(part.input_tokens, part.output_tokens),
+                into=ledger if deferred else None,
             )
         if not marked:
             conn.execute(

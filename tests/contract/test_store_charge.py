@@ -182,6 +182,45 @@ async def test_charge_many_answers_each_in_order_and_a_failure_alone(store: Stor
     ]
     # r1 charged 10, r3 its first 1 only, r2 still held.
     assert await spent_reserved(store, b) == (11, 40)
+    # r2 was left open, as if its charge had never been tried: it is charged next time.
+    [again] = await store.charge_many([("r2", Pricer(Charge(5, TokenUsage())))], NOW)
+    assert getattr(again, "status", again) == "committed"
+    assert await spent_reserved(store, b) == (16, 0)
+    [row] = await store.ledger_rows(HOUR, HOUR + 3600)
+    assert (row.cost, row.requests) == (16, 3)
+
+
+async def test_charge_many_books_the_ledger_as_each_charge_alone_would(store: Store) -> None:
+    # The calls of a batch share their ledger rows; a part moved to other dimensions
+    # (a fallback's, say) lands in its own row, in the same hour.
+    b = bucket()
+    bob = LedgerDims("bob@example.com", ("eng",), "", "user", "gpt-4o-mini", "openai")
+    ids = [f"r{i}" for i in range(40)]
+    for rid in ids:
+        await store.reserve(req(rid, 20, b))  # 800 of the bucket's 1000
+    charges = [
+        (
+            rid,
+            Pricer(
+                Charge(
+                    i + 1,
+                    TokenUsage(i, 2 * i),
+                    error=i % 5 == 0,
+                    others=(LedgerPart(bob, 1, 1, 0),) if i % 4 == 0 else (),
+                )
+            ),
+        )
+        for i, rid in enumerate(ids)
+    ]
+    answers = await store.charge_many(charges, NOW)
+    assert [getattr(a, "status", a) for a in answers] == ["committed"] * 40
+    rows = {row.dims.user: row for row in await store.ledger_rows(HOUR, HOUR + 3600)}
+    assert set(rows) == {"alice@example.com", "bob@example.com"}
+    alice, moved = rows["alice@example.com"], rows["bob@example.com"]
+    assert (alice.cost, alice.requests, alice.errors) == (sum(range(1, 41)) - 10, 40, 8)
+    assert (alice.input_tokens, alice.output_tokens) == (sum(range(40)), 2 * sum(range(40)))
+    assert (moved.cost, moved.requests, moved.input_tokens, moved.output_tokens) == (10, 0, 10, 0)
+    assert await spent_reserved(store, b) == (sum(range(1, 41)), 0)
 
 
 async def test_charge_many_of_more_than_one_step_holds_charges_each_once(store: Store) -> None:
