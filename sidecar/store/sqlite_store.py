@@ -214,6 +214,46 @@ def _charge_row(conn: sqlite3.Connection, request_id: str) -> tuple[tuple[Any, .
     return row, False
 
 
+# Reservation ids per statement of a batch's read and mark: under 999 parameters.
+_IDS_PER_STATEMENT = 900
+
+
+def _in_list(count: int) -> str:
+    return ", ".join(["?"] * count)
+
+
+def _charge_records(
+    conn: sqlite3.Connection, request_ids: Sequence[str]
+) -> dict[str, tuple[Any, ...]]:
+    """`_charge_row`'s record of each of `request_ids` that exists, read (not marked) in one
+    statement returning one row per 900 ids: a row per reservation would be a step each.
+    Its creation time is given in whole seconds (it only dates the ledger's hour), which
+    the JSON carries exactly."""
+    unique = list(dict.fromkeys(request_ids))
+    records: dict[str, tuple[Any, ...]] = {}
+    for start in range(0, len(unique), _IDS_PER_STATEMENT):
+        chunk = unique[start : start + _IDS_PER_STATEMENT]
+        (text,) = conn.execute(
+            "SELECT json_group_array(json_array(request_id, state, estimate, held, buckets, "
+            "dims, CAST(created_at AS INTEGER), input_tokens, output_tokens)) "
+            f"FROM reservations WHERE request_id IN ({_in_list(len(chunk))})",
+            chunk,
+        ).fetchone()
+        for record in json.loads(text):
+            records[record[0]] = tuple(record[1:])
+    return records
+
+
+def _mark_committed(conn: sqlite3.Connection, request_ids: Sequence[str]) -> None:
+    for start in range(0, len(request_ids), _IDS_PER_STATEMENT):
+        chunk = request_ids[start : start + _IDS_PER_STATEMENT]
+        conn.execute(
+            "UPDATE reservations SET state = 'committed' "
+            f"WHERE request_id IN ({_in_list(len(chunk))})",
+            chunk,
+        )
+
+
 def _reopen(conn: sqlite3.Connection, request_id: str) -> None:
     """Undo `_charge_row`'s mark: the record is open again, as if never read."""
     conn.execute("UPDATE reservations SET state = 'open' WHERE request_id = ?", (request_id,))
@@ -866,31 +906,39 @@ class SQLiteStore:
             conn: sqlite3.Connection, sink: Deltas | None, chunk: Sequence[tuple[str, Pricer]]
         ) -> list[CommitResult | Exception]:
             out: list[CommitResult | Exception] = []
-            # The charges' slot, hold and ledger changes, written once per row at the end:
-            # the calls of a batch share most of their buckets (a team's, a model's, the
-            # account's) and ledger rows, and each row written is most of a charge's cost.
-            # A charge's only statement of its own is the one that marks its reservation
-            # committed: every statement is a step of SQLite for which the store's thread
-            # gives up the GIL and takes it back from the event loop.
-            deferred, ledger = Deltas(), list[LedgerAdd]()
+            # Every statement is a step of SQLite for which the store's thread gives up the
+            # GIL and takes it back from the event loop, so a batch makes as few as it can:
+            # its reservations read in one statement and the open ones marked committed in
+            # one; its slot, hold and ledger changes written once per row at the end (the
+            # calls of a batch share most of their buckets — a team's, a model's, the
+            # account's — and ledger rows, and each row written is most of a charge's cost).
+            records = _charge_records(conn, [request_id for request_id, _ in chunk])
+            deferred, ledger, charged = Deltas(), list[LedgerAdd](), list[str]()
             for request_id, price in chunk:
-                # A charge that fails (its pricer raised) leaves no trace: its reservation
-                # reopened, its changes never added. An SQLite error fails the whole job
-                # (nothing of it is committed; each charge is retried by its caller).
+                # A charge that fails (its pricer raised) leaves no trace: nothing of it is
+                # written before it is priced. An SQLite error fails the whole job (nothing
+                # of it is committed; each charge is retried by its caller).
                 mine, rows = Deltas(), list[LedgerAdd]()
-                row, marked = _charge_row(conn, request_id)
+                row = records.get(request_id)
+                # An open reservation is marked below with the others (`marked` tells the
+                # commit so); an expired one is marked by its commit (a late charge).
+                is_open = row is not None and row[0] == "open"
                 try:
-                    result = self._commit_priced(conn, request_id, row, marked, price, mine, rows)
+                    result = self._commit_priced(conn, request_id, row, is_open, price, mine, rows)
                 except sqlite3.Error:
                     raise
                 except Exception as exc:
-                    if marked:
-                        _reopen(conn, request_id)
                     out.append(exc)
-                else:
-                    out.append(result)
-                    deferred.extend(mine)
-                    ledger += rows
+                    continue
+                out.append(result)
+                deferred.extend(mine)
+                ledger += rows
+                if row is not None and result.status in ("committed", "late"):
+                    # The same id again in this batch is a replay: it finds this one's mark.
+                    records[request_id] = ("committed", *row[1:])
+                    if is_open:
+                        charged.append(request_id)
+            _mark_committed(conn, charged)
             _write_ledger(conn, ledger)
             slots: dict[tuple[str, int], list[int]] = {}
             for key, slot, amount, expires in deferred.spent:

@@ -11,6 +11,7 @@ from sidecar.store.base import Store
 from sidecar.store.budget_types import (
     BucketView,
     Charge,
+    CommitResult,
     LedgerDims,
     LedgerPart,
     Reservation,
@@ -188,6 +189,43 @@ async def test_charge_many_answers_each_in_order_and_a_failure_alone(store: Stor
     assert await spent_reserved(store, b) == (16, 0)
     [row] = await store.ledger_rows(HOUR, HOUR + 3600)
     assert (row.cost, row.requests) == (16, 3)
+
+
+async def test_charge_many_of_open_expired_and_unpriced_reservations_in_one_batch(
+    store: Store,
+) -> None:
+    b = bucket()
+    await store.reserve(req("late", 30, b, ttl=60))
+    assert await store.settle_expired(NOW + 61) == 1
+    for rid in ("ok", "unpriced"):
+        await store.reserve(req(rid, 40, b))
+    late_price = Pricer(Charge(12, TokenUsage(5, 5)))
+    answers = await store.charge_many(
+        [
+            ("late", late_price),
+            ("unpriced", Pricer(None)),
+            ("ok", Pricer(Charge(7, TokenUsage(1, 1)))),
+            ("ok", Pricer(Charge(7, TokenUsage(1, 1)))),
+            ("late", late_price),
+        ],
+        NOW + 70,
+    )
+    assert [(a.status, a.estimate) for a in answers if isinstance(a, CommitResult)] == [
+        ("late", 30),
+        ("unknown", 0),
+        ("committed", 40),
+        ("duplicate", 40),
+        ("duplicate", 30),
+    ]
+    assert late_price.seen[0].state == "expired"
+    # The late charge corrected its estimate to 12; "unpriced" still holds its 40.
+    assert await spent_reserved(store, b) == (19, 40)
+    [row] = await store.ledger_rows(HOUR, HOUR + 3600)
+    assert (row.cost, row.requests) == (19, 2)
+    # Left open: charged when a price comes.
+    [again] = await store.charge_many([("unpriced", Pricer(Charge(3, TokenUsage())))], NOW + 71)
+    assert isinstance(again, CommitResult) and again.status == "committed"
+    assert await spent_reserved(store, b) == (22, 0)
 
 
 async def test_charge_many_books_the_ledger_as_each_charge_alone_would(store: Store) -> None:
