@@ -948,13 +948,17 @@ class SQLiteStore:
                 else:
                     cell[0] += amount
                     cell[1] = max(cell[1], expires)
-            self._add_slots_many(conn, [(k, s, a, e) for (k, s), (a, e) in slots.items()])
+            spent = [(k, s, a, e) for (k, s), (a, e) in slots.items()]
+            self._add_slots_many(conn, spent)
             holds: dict[str, int] = {}
             for key, amount in deferred.held:
                 holds[key] = holds.get(key, 0) + amount
-            self._add_reserved_many(conn, list(holds.items()))
+            held = list(holds.items())
+            self._add_reserved_many(conn, held)
             if sink is not None:
-                sink.extend(deferred)
+                # Summed as written: memory applies each bucket's change once, not once per
+                # charge (the same sums; a digest of the key and a dict update each).
+                sink.extend(Deltas(spent, held, deferred.ended))
             return out
 
         results: list[CommitResult | Exception] = []
