@@ -37,13 +37,9 @@ from sidecar.store.budget_types import (
     ReserveResult,
 )
 from sidecar.store.file_lock import FileLock
+from sidecar.store.sqlite_batch import insert_reservations
 from sidecar.store.sqlite_journal import Journal, Record
-from sidecar.store.sqlite_store import (
-    SQLiteStore,
-    dims_json,
-    insert_reservations,
-    rebuild_holds,
-)
+from sidecar.store.sqlite_store import SQLiteStore, dims_json, rebuild_holds
 from sidecar.store.sqlite_totals import Deltas, Open, SlotsRead, Totals
 
 T = TypeVar("T")

@@ -36,6 +36,15 @@ from sidecar.store.budget_types import (
 )
 from sidecar.store.file_lock import FileLock
 from sidecar.store.private_file import make_private
+from sidecar.store.sqlite_batch import (
+    INSERT_RESERVATION,
+    LEDGER_COLUMNS,
+    LedgerAdd,
+    charge_records,
+    insert_reservations,
+    mark_committed,
+    write_ledger,
+)
 from sidecar.store.sqlite_journal import Journal, Record
 from sidecar.store.sqlite_records import entries as _entries
 from sidecar.store.sqlite_records import holds_of
@@ -53,14 +62,6 @@ _DONE_RETENTION_SECONDS = 7 * 24 * 3600
 _BUCKETS_PER_STATEMENT = 200
 # Charges per job of `charge_many`: as long as the worker's longest batch of single jobs.
 _CHARGES_PER_JOB = MAX_BATCH
-# A new open reservation; an id already there (a replay, or a journal replayed twice) is
-# left as it is.
-INSERT_RESERVATION = (
-    "INSERT INTO reservations VALUES (?, 'open', ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-    "ON CONFLICT(request_id) DO NOTHING"
-)
-# Reservations per multi-row insert: 10 parameters a row, under the same 999.
-_RESERVATIONS_PER_STATEMENT = 99
 _ADD_RESERVED = (
     "INSERT INTO reserved VALUES (?, ?) ON CONFLICT(bucket) DO UPDATE SET "
     "amount = amount + excluded.amount"
@@ -99,10 +100,6 @@ CREATE TABLE IF NOT EXISTS ledger (
 -- rebuilds it from the open reservations (`rebuild_holds`).
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 """
-_LEDGER_COLUMNS = (
-    "hour, user, groups, token, kind, model, provider, cost, requests, "
-    "input_tokens, output_tokens, errors"
-)
 
 
 # Columns added after a table was first created, as (table, column, definition).
@@ -214,46 +211,6 @@ def _charge_row(conn: sqlite3.Connection, request_id: str) -> tuple[tuple[Any, .
     return row, False
 
 
-# Reservation ids per statement of a batch's read and mark: under 999 parameters.
-_IDS_PER_STATEMENT = 900
-
-
-def _in_list(count: int) -> str:
-    return ", ".join(["?"] * count)
-
-
-def _charge_records(
-    conn: sqlite3.Connection, request_ids: Sequence[str]
-) -> dict[str, tuple[Any, ...]]:
-    """`_charge_row`'s record of each of `request_ids` that exists, read (not marked) in one
-    statement returning one row per 900 ids: a row per reservation would be a step each.
-    Its creation time is given in whole seconds (it only dates the ledger's hour), which
-    the JSON carries exactly."""
-    unique = list(dict.fromkeys(request_ids))
-    records: dict[str, tuple[Any, ...]] = {}
-    for start in range(0, len(unique), _IDS_PER_STATEMENT):
-        chunk = unique[start : start + _IDS_PER_STATEMENT]
-        (text,) = conn.execute(
-            "SELECT json_group_array(json_array(request_id, state, estimate, held, buckets, "
-            "dims, CAST(created_at AS INTEGER), input_tokens, output_tokens)) "
-            f"FROM reservations WHERE request_id IN ({_in_list(len(chunk))})",
-            chunk,
-        ).fetchone()
-        for record in json.loads(text):
-            records[record[0]] = tuple(record[1:])
-    return records
-
-
-def _mark_committed(conn: sqlite3.Connection, request_ids: Sequence[str]) -> None:
-    for start in range(0, len(request_ids), _IDS_PER_STATEMENT):
-        chunk = request_ids[start : start + _IDS_PER_STATEMENT]
-        conn.execute(
-            "UPDATE reservations SET state = 'committed' "
-            f"WHERE request_id IN ({_in_list(len(chunk))})",
-            chunk,
-        )
-
-
 def _reopen(conn: sqlite3.Connection, request_id: str) -> None:
     """Undo `_charge_row`'s mark: the record is open again, as if never read."""
     conn.execute("UPDATE reservations SET state = 'open' WHERE request_id = ?", (request_id,))
@@ -316,89 +273,11 @@ def _use_wal(conn: sqlite3.Connection) -> None:
             time.sleep(0.01)
 
 
-@functools.lru_cache(maxsize=_RESERVATIONS_PER_STATEMENT)
-def _insert_reservations_sql(rows: int) -> str:
-    row = "(?, 'open', ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-    return (
-        f"INSERT INTO reservations VALUES {', '.join([row] * rows)} "
-        "ON CONFLICT(request_id) DO NOTHING"
-    )
-
-
-def insert_reservations(conn: sqlite3.Connection, records: Sequence[Record]) -> list[int]:
-    """Write `records` as INSERT_RESERVATION does, up to 99 in one statement; returns the
-    indexes of those whose id was already there (left as it was).
-
-    One statement is one step of SQLite, and the thread running it lets go of the GIL and
-    takes it back once per step: a statement per record made the store's thread contend
-    with the event loop for the GIL twice a reservation under load (measured: futex calls
-    and context switches of both threads per Check)."""
-    taken: list[int] = []
-    for start in range(0, len(records), _RESERVATIONS_PER_STATEMENT):
-        chunk = records[start : start + _RESERVATIONS_PER_STATEMENT]
-        conn.execute("SAVEPOINT reservations")
-        params = [value for record in chunk for value in record]
-        written = conn.execute(_insert_reservations_sql(len(chunk)), params).rowcount
-        if written != len(chunk):
-            # Some id was there already (nearly never: minted ids do not repeat): undone,
-            # and written one at a time to tell which.
-            conn.execute("ROLLBACK TO reservations")
-            taken += [
-                start + i
-                for i, record in enumerate(chunk)
-                if not conn.execute(INSERT_RESERVATION, record).rowcount
-            ]
-        conn.execute("RELEASE reservations")
-    return taken
-
-
 def recover(conn: sqlite3.Connection, records: Sequence[Record]) -> None:
     """Journaled reservations written to the file (an id already there is left as it is),
     and the holds rebuilt when they were kept elsewhere or reservations were added."""
     added = len(records) - len(insert_reservations(conn, records))
     rebuild_holds(conn, force=added > 0)
-
-
-# A ledger row's key (hour, user, groups, token, kind, model, provider) and what it adds
-# (cost, requests, input tokens, output tokens, errors).
-LedgerAdd = tuple[tuple[Any, ...], list[int]]
-# Ledger rows per multi-row upsert: 12 parameters a row, under 999.
-_LEDGER_ROWS_PER_STATEMENT = 83
-
-
-@functools.lru_cache(maxsize=_LEDGER_ROWS_PER_STATEMENT)
-def _ledger_sql(rows: int) -> str:
-    return (
-        f"INSERT INTO ledger ({_LEDGER_COLUMNS}) VALUES "
-        + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * rows)
-        + " ON CONFLICT(hour, user, groups, token, kind, model, provider) DO UPDATE SET "
-        "cost = cost + excluded.cost, requests = requests + excluded.requests, "
-        "input_tokens = input_tokens + excluded.input_tokens, "
-        "output_tokens = output_tokens + excluded.output_tokens, "
-        "errors = errors + excluded.errors"
-    )
-
-
-def _write_ledger(conn: sqlite3.Connection, rows: Sequence[LedgerAdd]) -> None:
-    """Add `rows` to the ledger, those with the same key summed first (the calls of a
-    batch share a few callers and models), up to 83 rows a statement."""
-    summed: dict[tuple[Any, ...], list[int]] = {}
-    adds: list[int]
-    for key, adds in rows:
-        cell = summed.get(key)
-        if cell is None:
-            summed[key] = list(adds)
-        else:
-            for i, value in enumerate(adds):
-                cell[i] += value
-    items = list(summed.items())
-    for start in range(0, len(items), _LEDGER_ROWS_PER_STATEMENT):
-        chunk = items[start : start + _LEDGER_ROWS_PER_STATEMENT]
-        params: list[object] = []
-        for key, adds in chunk:
-            params += key
-            params += adds
-        conn.execute(_ledger_sql(len(chunk)), params)
 
 
 def rebuild_holds(conn: sqlite3.Connection, force: bool = False) -> None:
@@ -731,7 +610,7 @@ class SQLiteStore:
         if into is not None:
             into.append(row)
         else:
-            _write_ledger(conn, [row])
+            write_ledger(conn, [row])
 
     def _settle(
         self, conn: sqlite3.Connection, now: float, limit: int, sink: Deltas | None = None
@@ -912,7 +791,7 @@ class SQLiteStore:
             # one; its slot, hold and ledger changes written once per row at the end (the
             # calls of a batch share most of their buckets — a team's, a model's, the
             # account's — and ledger rows, and each row written is most of a charge's cost).
-            records = _charge_records(conn, [request_id for request_id, _ in chunk])
+            records = charge_records(conn, [request_id for request_id, _ in chunk])
             deferred, ledger, charged = Deltas(), list[LedgerAdd](), list[str]()
             for request_id, price in chunk:
                 # A charge that fails (its pricer raised) leaves no trace: nothing of it is
@@ -938,8 +817,8 @@ class SQLiteStore:
                     records[request_id] = ("committed", *row[1:])
                     if is_open:
                         charged.append(request_id)
-            _mark_committed(conn, charged)
-            _write_ledger(conn, ledger)
+            mark_committed(conn, charged)
+            write_ledger(conn, ledger)
             slots: dict[tuple[str, int], list[int]] = {}
             for key, slot, amount, expires in deferred.spent:
                 cell = slots.get((key, slot))
@@ -1146,7 +1025,7 @@ class SQLiteStore:
     async def ledger_rows(self, start_hour: int, end_hour: int) -> list[LedgerRow]:
         def scan(conn: sqlite3.Connection) -> list[LedgerRow]:
             rows = conn.execute(
-                f"SELECT {_LEDGER_COLUMNS} FROM ledger WHERE hour >= ? AND hour < ? ORDER BY hour",
+                f"SELECT {LEDGER_COLUMNS} FROM ledger WHERE hour >= ? AND hour < ? ORDER BY hour",
                 (start_hour, end_hour),
             ).fetchall()
             return [

@@ -6,8 +6,9 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+from sidecar.store.sqlite_batch import INSERT_RESERVATION, insert_reservations
 from sidecar.store.sqlite_journal import Record
-from sidecar.store.sqlite_store import INSERT_RESERVATION, SQLiteStore, insert_reservations
+from sidecar.store.sqlite_store import SQLiteStore
 
 
 def _conn(path: Path) -> sqlite3.Connection:
