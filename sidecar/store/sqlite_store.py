@@ -880,15 +880,16 @@ class SQLiteStore:
     ) -> CommitResult:
         """`_charge` once its reservation `row` is read (and `marked`, see `_charge_row`).
         With `ledger`, the slot, hold and ledger changes are only noted (in `sink` and
-        `ledger`) for the caller to write; the only statement then is the one that marks a
-        reservation that was not `marked` already."""
+        `ledger`) for the caller to write, and `marked` says the caller marks the record
+        once it is charged (`charge_many`): the only statement then is the one that marks
+        a reservation the caller does not (a late charge)."""
         if row is None:
             return CommitResult("unknown")
         priced = price(
             Reservation(request_id, row[0], int(row[1]), _dims(row[4]), (int(row[6]), int(row[7])))
         )
         if priced is None:
-            if marked:
+            if marked and ledger is None:  # a batch marks nothing before it is priced
                 _reopen(conn, request_id)
             return CommitResult("unknown")
         return self._commit_row(

@@ -76,11 +76,16 @@ async def ledger(store: SQLiteStore) -> tuple[int, int, int]:
     )
 
 
+def cent_engine(store: SQLiteStore) -> Engine:
+    """$0.05 a day for the cent-* models (each call of these tests reserves $0.03)."""
+    return engine(config(spend_limits=[rule("b", 0.05, "block", ["cent-*"])]), store)
+
+
 async def test_a_check_admitted_after_the_deadline_is_refused_and_its_reservation_released(
     store: SQLiteStore,
 ) -> None:
     # $0.05 a day; each call reserves $0.03 (3 output tokens at $10,000 per million).
-    eng = engine(config(spend_limits=[rule("b", 0.05, "block", ["cent-*"])]), store)
+    eng = cent_engine(store)
     servicer = AuthorizationServicer(eng)
     withdrawn = Withdrawals(eng)
     late_before = UNANSWERED_CALLS._value.get()
@@ -109,7 +114,7 @@ async def test_a_check_admitted_after_the_deadline_is_refused_and_its_reservatio
 async def test_a_check_admitted_with_time_left_is_answered_and_keeps_its_reservation(
     store: SQLiteStore,
 ) -> None:
-    eng = engine(config(spend_limits=[rule("b", 0.05, "block", ["cent-*"])]), store)
+    eng = cent_engine(store)
     servicer = AuthorizationServicer(eng)
     late_before = UNANSWERED_CALLS._value.get()
 
@@ -146,7 +151,7 @@ async def test_a_check_admitted_for_a_call_envoy_logged_as_gone_is_refused_and_r
     store: SQLiteStore,
 ) -> None:
     # The client left while the Check waited, and Envoy's log of it came first.
-    eng = engine(config(spend_limits=[rule("b", 0.05, "block", ["cent-*"])]), store)
+    eng = cent_engine(store)
     servicer = AuthorizationServicer(eng)
     withdrawn = Withdrawals(eng)
     started = (1_796_000_000, 5_000)
@@ -167,7 +172,7 @@ async def test_a_check_admitted_for_a_call_envoy_logged_as_gone_is_refused_and_r
 async def test_an_admitted_call_is_remembered_until_envoy_logs_it_gone(
     store: SQLiteStore,
 ) -> None:
-    eng = engine(config(spend_limits=[rule("b", 0.05, "block", ["cent-*"])]), store)
+    eng = cent_engine(store)
     servicer = AuthorizationServicer(eng)
     started = (1_796_000_000, 7_000)
 
@@ -188,7 +193,7 @@ async def test_a_late_checks_release_completes_when_grpc_cancels_the_check_midwa
     # Envoy gives up on a late Check at its deadline and gRPC cancels the handler, often
     # while it is releasing the reservation: the release must still happen, or the
     # reservation expires into a charge for a call that never went upstream.
-    eng = engine(config(spend_limits=[rule("b", 0.05, "block", ["cent-*"])]), store)
+    eng = cent_engine(store)
     servicer = AuthorizationServicer(eng)
     withdrawn = Withdrawals(eng)
     committing, go_on = asyncio.Event(), asyncio.Event()
