@@ -1,48 +1,172 @@
-"""Script calls to one Redis over connections of their own: packed in C, one timeout each.
+"""Script calls to one Redis, pipelined on one connection: packed in C, replies matched to
+calls in the order Redis answers them.
 
-A reserve is one EVALSHA of about a hundred arguments, and redis-py's general command path
-cost ~120 µs of event-loop CPU for it against ~35 µs for the bytes and the round trip
-themselves: the arguments encoded and packed in Python (~60 µs), a Task per write for its
-timeout, pool bookkeeping and observability hooks on every call. Here a call is packed by
-hiredis (a dependency already, for replies) and runs on a redis-py `Connection` made like
-the client's own, under one `asyncio.timeout` covering the write and the read.
+A reserve is one FCALL of about a hundred arguments. redis-py's general command path cost
+~120 µs of event-loop CPU for it against ~35 µs for the bytes and the round trip
+themselves. A lane of connections of its own, one call at a time on each, each call under
+an `asyncio.timeout`, still spent ~36 µs a call in redis-py's send and read paths and its
+timeout. Here every call is one `transport.write` of bytes hiredis packed, and the
+connection's replies reach a protocol of the lane's own, which parses them with hiredis
+and hands each to the call it answers. Calls made while others wait share the connection:
+Redis runs commands one at a time anyway, and reads them, and the sidecar their replies,
+several to a system call under load.
 
-What the client's path guarantees is kept: a connection whose reply was not read whole
-(timeout, dropped connection, the caller cancelled) is disconnected and never reused, so a
-later call can never read an earlier call's reply; connection errors and timeouts are
-retried once, on a fresh connection, as the client's own `Retry` would (a script that did
-run before its reply was lost is safe to repeat: reserve and commit are idempotent per
-request id); errors surface as redis-py's exceptions, which the store already maps.
+What one call per connection guaranteed is kept:
+
+- A reply is only ever read as the reply of the call it answers: Redis answers a
+  connection's commands in order, so replies are matched first in, first out. A call whose
+  caller went away (cancelled) keeps its place; its reply is read and dropped.
+- A call not answered within `timeout` of being sent breaks the connection: it and every
+  call behind it (Redis has not answered those either) fail, the connection is closed, and
+  the next call opens another. A late reply can therefore never be taken for a later
+  call's.
+- Connection errors and timeouts are retried once, on a connection opened after the
+  failure, as the client's own `Retry` would (a script that did run before its reply was
+  lost is safe to repeat: reserve and commit are idempotent per request id).
+- Errors surface as redis-py's exceptions (error replies parsed by redis-py's own parser
+  rules), which the store already maps.
+
+The connection is made and set up (TLS, AUTH, SELECT, client name) by a redis-py
+`Connection` with the client's own settings; once set up, its transport is handed to the
+lane's protocol.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from typing import Any
 
 import hiredis
 import redis.asyncio as aioredis
+from redis._parsers import BaseParser
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry as AsyncRetry
-from redis.exceptions import ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import InvalidResponse
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-# Idle connections kept for reuse: as many as calls ever ran at once, up to this many.
-_MAX_IDLE = 64
+
+class _Pipe(asyncio.Protocol):
+    """One set-up connection carrying calls; replies matched to calls in order."""
+
+    def __init__(self, connection: AbstractConnection, timeout: float) -> None:
+        self._connection = connection
+        self._timeout = timeout
+        self._loop = asyncio.get_running_loop()
+        writer = connection._writer
+        assert writer is not None, "the connection is set up"
+        self._transport: asyncio.Transport = writer.transport  # type: ignore[assignment]
+        encoder = connection.encoder
+        self._replies = (
+            hiredis.Reader(
+                protocolError=InvalidResponse,
+                replyError=BaseParser.parse_error,
+                encoding=encoder.encoding,
+                errors=encoder.encoding_errors,
+            )
+            if encoder.decode_responses
+            else hiredis.Reader(protocolError=InvalidResponse, replyError=BaseParser.parse_error)
+        )
+        # (the call's future, when it stops waiting), in the order the calls were sent.
+        self._waiting: deque[tuple[asyncio.Future[Any], float]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+        self.broken = False
+        self._transport.set_protocol(self)
+
+    def call(self, packed: bytes) -> asyncio.Future[Any]:
+        loop = self._loop
+        done: asyncio.Future[Any] = loop.create_future()
+        if self.broken:  # the lane hands out none, but a call on one must never hang
+            done.set_exception(RedisConnectionError("the connection to Redis is closed"))
+            return done
+        deadline = loop.time() + self._timeout
+        self._waiting.append((done, deadline))
+        if self._timer is None:
+            self._timer = loop.call_at(deadline, self._on_timer)
+        self._transport.write(packed)
+        return done
+
+    # -- asyncio.Protocol ---------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        replies = self._replies
+        replies.feed(data)
+        waiting = self._waiting
+        while True:
+            try:
+                reply = replies.gets()
+            except InvalidResponse as exc:
+                self.close(exc)
+                return
+            if reply is False:
+                return
+            if not waiting:
+                # Nothing asked for it: the connection is out of step; never guess.
+                self.close(InvalidResponse("Redis sent a reply no call is waiting for"))
+                return
+            done = waiting.popleft()[0]
+            if done.done():  # its caller went away: read and dropped
+                continue
+            if isinstance(reply, Exception):
+                done.set_exception(reply)
+            else:
+                done.set_result(reply)
+
+    def eof_received(self) -> bool:
+        self.close(RedisConnectionError("Redis closed the connection"))
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.close(RedisConnectionError(f"the connection to Redis was lost: {exc or 'closed'}"))
+
+    # -- failure ------------------------------------------------------------------------
+    def _on_timer(self) -> None:
+        self._timer = None
+        if not self._waiting:
+            return
+        deadline = self._waiting[0][1]
+        if deadline <= self._loop.time():
+            self.close(None)
+        else:
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def close(self, error: Exception | None) -> None:
+        """Stop using the connection; every call still waiting fails with `error` (None: the
+        first timed out, those behind it lost their connection)."""
+        if self.broken:
+            return
+        self.broken = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        waiting, self._waiting = self._waiting, deque()
+        for index, (done, _) in enumerate(waiting):
+            if done.done():
+                continue
+            if error is not None:
+                done.set_exception(error)
+            elif index == 0:
+                done.set_exception(
+                    RedisTimeoutError(f"Timeout running a script after {self._timeout}s")
+                )
+            else:
+                done.set_exception(
+                    RedisConnectionError("dropped: a script sent before it timed out")
+                )
+        # Nothing more is read from it: a reply on its way can never meet another call.
+        self._transport.abort()
+        self._connection._writer = self._connection._reader = None
 
 
 class ScriptLane:
-    """EVALSHA and EVAL on one Redis (the `_Evaluator` a `LuaScript` runs on)."""
+    """EVALSHA, EVAL and FCALL on one Redis (the `_Evaluator` a `LuaScript` runs on)."""
 
     def __init__(self, client: aioredis.Redis, timeout: float, retry: AsyncRetry) -> None:
         pool = client.connection_pool
         self._connection_class = pool.connection_class
-        # The client's own settings (address, TLS, credentials, connect timeout, health
-        # checks); the per-operation socket timeout is this lane's `timeout` instead.
-        # No PING before a call on a connection idle for a while (the client's health
-        # check): a connection that died while idle fails its call, which is retried once
-        # on a fresh one (`_run`), and the check cost every call a coroutine and a clock
-        # read.
+        # The client's own settings (address, TLS, credentials, connect timeout); the lane
+        # times calls itself, and a dead connection is known when Redis closes it (no PING
+        # before calls: it cost every call a coroutine and a clock read).
         self._kwargs = {
             **pool.connection_kwargs,
             "socket_timeout": None,
@@ -52,7 +176,8 @@ class ScriptLane:
             self._kwargs["orig_socket_timeout"] = None
         self._timeout = timeout
         self._retry = retry
-        self._idle: list[AbstractConnection] = []
+        self._pipe: _Pipe | None = None
+        self._opening: asyncio.Task[_Pipe] | None = None
         self._closed = False
 
     async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:
@@ -69,54 +194,55 @@ class ScriptLane:
         await self._run(hiredis.pack_command(command))
 
     async def aclose(self) -> None:
-        self._closed = True  # calls still running close their connection when they end
-        idle, self._idle = self._idle, []
-        for connection in idle:
-            await connection.disconnect()
+        self._closed = True
+        if self._opening is not None:
+            self._opening.cancel()
+        if self._pipe is not None:
+            self._pipe.close(RedisConnectionError("the store is closed"))
+            self._pipe = None
 
     async def _run(self, packed: bytes) -> Any:
-        tries = 0
+        # The client's retry policy (its backoff, one retry); a failed attempt's connection
+        # is broken, so the retry runs on one opened after the failure.
+        return await self._retry.call_with_retry(lambda: self._attempt(packed), _nothing)
 
-        def attempt() -> Any:
-            # A retry takes a new connection: the idle ones may have been dropped by the
-            # same cause (a restarted Redis) without knowing it yet.
-            nonlocal tries
-            tries += 1
-            return self._once(packed, fresh=tries > 1)
+    async def _attempt(self, packed: bytes) -> Any:
+        pipe = self._pipe
+        if pipe is None or pipe.broken:
+            pipe = await self._open()
+        return await pipe.call(packed)
 
-        return await self._retry.call_with_retry(attempt, _nothing)
+    async def _open(self) -> _Pipe:
+        if self._closed:
+            raise RedisConnectionError("the store is closed")
+        if self._opening is None:
+            self._opening = asyncio.get_running_loop().create_task(self._connect())
+            self._opening.add_done_callback(self._opened)
+        # Shared by every call waiting for it: one caller going away does not stop it.
+        return await asyncio.shield(self._opening)
 
-    async def _once(self, packed: bytes, fresh: bool) -> Any:
-        if self._idle and not fresh:
-            connection = self._idle.pop()
-        else:
-            connection = self._connection_class(**self._kwargs)
+    def _opened(self, task: asyncio.Task[_Pipe]) -> None:
+        if self._opening is task:
+            self._opening = None
+        if not task.cancelled() and task.exception() is None:
+            self._pipe = task.result()
+            if self._closed:  # closed while it connected
+                self._pipe.close(RedisConnectionError("the store is closed"))
+
+    async def _connect(self) -> _Pipe:
+        connection = self._connection_class(**self._kwargs)
         try:
             async with asyncio.timeout(self._timeout):
-                await connection.send_packed_command(packed, check_health=False)
-                reply = await connection.read_response()
-        except ResponseError:
-            # An error reply (a script error, NOSCRIPT) was read whole: the connection is
-            # in step and can serve the next call.
-            await self._keep(connection)
-            raise
+                await connection.connect()  # type: ignore[no-untyped-call]
         except TimeoutError as exc:
             await connection.disconnect(nowait=True)
-            raise RedisTimeoutError(f"Timeout running a script after {self._timeout}s") from exc
+            raise RedisTimeoutError(f"Timeout connecting to Redis after {self._timeout}s") from exc
         except BaseException:
-            # The reply may still be on its way: never read it as another call's.
             await connection.disconnect(nowait=True)
             raise
-        await self._keep(connection)
-        return reply
-
-    async def _keep(self, connection: AbstractConnection) -> None:
-        if len(self._idle) < _MAX_IDLE and not self._closed:
-            self._idle.append(connection)
-        else:
-            await connection.disconnect(nowait=True)
+        return _Pipe(connection, self._timeout)
 
 
 async def _nothing(_error: Exception) -> None:
-    # The failed connection was disconnected where it failed; the retry takes another.
+    # The failed connection was closed where it failed; the retry opens another.
     return None
