@@ -1,5 +1,6 @@
 """Sidecar CPU per request: rows of bench.rows under wrk, alternated, with each backend
-process's CPU time (user + system, from /proc) divided by the requests wrk completed.
+process's CPU time (user + system, from /proc) divided by the requests wrk completed; for
+the Redis rows, the redis-server's too (the rows share one).
 
     .venv/bin/python -m bench.cpu [--rows floor sqlite] [--rounds 3] [--seconds 8]
         [--profile sqlite [--native]]   # also py-spy records that row's sidecar
@@ -193,12 +194,16 @@ def main(argv: list[str] | None = None) -> int:
                 before = cpu_seconds(pid) if pid else 0.0
                 proxy = envoy_pid(row)
                 proxy_before = cpu_seconds(proxy) if proxy else 0.0
+                store = bench.redis_process if row.spec.backend == "redis" else None
+                store_pid = store.pid if store is not None else None
+                store_before = cpu_seconds(store_pid) if store_pid else 0.0
                 threads_before = thread_cpu(pid) if pid and args.threads else {}
                 result = run_wrk(
                     row.url + PATH, script, connections=args.connections, seconds=args.seconds
                 )
                 used = (cpu_seconds(pid) if pid else 0.0) - before
                 proxy_used = (cpu_seconds(proxy) if proxy else 0.0) - proxy_before
+                store_used = (cpu_seconds(store_pid) if store_pid else 0.0) - store_before
                 if pid and args.threads:
                     split = busiest_threads(threads_before, thread_cpu(pid), result.requests)
                     print(
@@ -212,18 +217,21 @@ def main(argv: list[str] | None = None) -> int:
                         sink.write((workdir / f"spy-{rnd}.txt").read_text())
                 us = used / result.requests * 1e6 if result.requests else 0.0
                 envoy_us = proxy_used / result.requests * 1e6 if result.requests else 0.0
+                redis_us = store_used / result.requests * 1e6 if result.requests else 0.0
                 per_row[row.spec.key].append(
                     {
                         "rps": result.rps,
                         "cpu_us": us,
                         "envoy_cpu_us": envoy_us,
+                        "redis_cpu_us": redis_us,
                         "errors": result.errors,
                     }
                 )
                 print(
                     f"round {rnd} {row.spec.key:10} {result.rps:8.0f} rps  "
                     f"{us:7.0f} us CPU/request  Envoy {envoy_us:5.0f} us  "
-                    f"errors={result.errors}",
+                    + (f"redis-server {redis_us:4.0f} us  " if store_pid else "")
+                    + f"errors={result.errors}",
                     file=sys.stderr,
                 )
         if args.profile:
@@ -234,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             "rps": median(t["rps"] for t in trials),
             "cpu_us_per_request": median(t["cpu_us"] for t in trials),
             "envoy_cpu_us_per_request": median(t["envoy_cpu_us"] for t in trials),
+            "redis_cpu_us_per_request": median(t["redis_cpu_us"] for t in trials),
             "errors": sum(t["errors"] for t in trials),
         }
         for key, trials in per_row.items()

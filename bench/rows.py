@@ -103,11 +103,14 @@ class Bench:
         self.issuer = issuer
         self.jwks = issuer.write_jwks(workdir / "jwks.json")
         self._redis_url: str | None = None
+        # The redis-server the Redis rows share (its CPU is part of what a row costs).
+        self.redis_process: ManagedProcess | None = None
 
     def redis_url(self) -> str:
         if self._redis_url is None:
             proc, port = start_redis(self.workdir / "redis")
             self.stack.enter_context(proc)
+            self.redis_process = proc
             self._redis_url = f"redis://{LOOPBACK}:{port}/0"
         return self._redis_url
 
