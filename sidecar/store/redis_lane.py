@@ -46,6 +46,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+_PUSH: Any = getattr(hiredis, "PushNotification", None)
+
 
 class _Pipe(asyncio.Protocol):
     """One set-up connection carrying calls; replies matched to calls in order."""
@@ -100,6 +102,10 @@ class _Pipe(asyncio.Protocol):
                 return
             if reply is False:
                 return
+            if type(reply) is _PUSH:
+                # RESP3 out-of-band data (a client-side caching invalidation, say), never a
+                # command's reply: it takes no call's place.
+                continue
             if not waiting:
                 # Nothing asked for it: the connection is out of step; never guess.
                 self.close(InvalidResponse("Redis sent a reply no call is waiting for"))

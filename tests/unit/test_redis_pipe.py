@@ -1,6 +1,7 @@
 """The script lane's connection protocol (sidecar.store.redis_lane._Pipe) fed bytes by hand:
-replies split anywhere are matched to calls in order, and a connection that is out of step
-(a reply nobody asked for, bytes that are not RESP) is closed with every call failed."""
+replies split anywhere are matched to calls in order, a RESP3 push is no call's reply, and
+a connection that is out of step (a reply nobody asked for, bytes that are not RESP) is
+closed with every call failed."""
 
 from __future__ import annotations
 
@@ -61,6 +62,14 @@ async def test_a_reply_for_a_call_whose_caller_left_is_dropped() -> None:
     gone.cancel()
     p.data_received(b"+theirs\r\n+mine\r\n")
     assert mine.result() == "mine"
+
+
+async def test_a_resp3_push_takes_no_calls_place() -> None:
+    p, _ = pipe()
+    mine = p.call(b"a")
+    p.data_received(b">2\r\n$7\r\nmessage\r\n$1\r\nx\r\n+mine\r\n")
+    assert mine.result() == "mine"
+    assert not p.broken
 
 
 async def test_a_reply_nobody_asked_for_closes_the_connection() -> None:
