@@ -60,15 +60,15 @@ class _Pipe(asyncio.Protocol):
         assert writer is not None, "the connection is set up"
         self._transport: asyncio.Transport = writer.transport  # type: ignore[assignment]
         encoder = connection.encoder
-        self._replies = (
-            hiredis.Reader(
-                protocolError=InvalidResponse,
-                replyError=BaseParser.parse_error,
-                encoding=encoder.encoding,
-                errors=encoder.encoding_errors,
-            )
+        # Replies decoded as the client's own (its `decode_responses`), errors made the
+        # exceptions redis-py's parsers make.
+        decoding = (
+            {"encoding": encoder.encoding, "errors": encoder.encoding_errors}
             if encoder.decode_responses
-            else hiredis.Reader(protocolError=InvalidResponse, replyError=BaseParser.parse_error)
+            else {}
+        )
+        self._replies = hiredis.Reader(
+            protocolError=InvalidResponse, replyError=BaseParser.parse_error, **decoding
         )
         # (the call's future, when it stops waiting), in the order the calls were sent.
         self._waiting: deque[tuple[asyncio.Future[Any], float]] = deque()
