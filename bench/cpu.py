@@ -1,6 +1,7 @@
 """Sidecar CPU per request: rows of bench.rows under wrk, alternated, with each backend
 process's CPU time (user + system, from /proc) divided by the requests wrk completed; for
-the Redis rows, the redis-server's too (the rows share one).
+the Redis rows, the redis-server's too (the rows share one); and the backend's and Envoy's
+context switches and the backend's page faults per request.
 
     .venv/bin/python -m bench.cpu [--rows floor sqlite] [--rounds 3] [--seconds 8]
         [--profile sqlite [--native]]   # also py-spy records that row's sidecar
@@ -49,6 +50,34 @@ def cpu_seconds(pid: int) -> float:
             continue
         total += (int(fields[11]) + int(fields[12])) / TICKS
     return total
+
+
+def kernel_counts(pid: int) -> tuple[int, int]:
+    """(context switches, minor page faults) of every thread of `pid` so far; (0, 0) when
+    it is gone. A switch away from the event loop in mid-decision leaves its caches cold
+    when it resumes; on a virtual machine a wakeup on another CPU and a page fault also
+    trap out to the host (both cost several µs on some machine kinds)."""
+    switches = faults = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0, 0
+    for tid in tids:
+        try:
+            status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:
+            continue
+        switches += sum(
+            int(line.split()[-1]) for line in status.splitlines() if "ctxt_switches:" in line
+        )
+        faults += int(stat.rsplit(")", 1)[1].split()[7])
+    return switches, faults
+
+
+def per_request(before: tuple[int, int], after: tuple[int, int], requests: int) -> list[float]:
+    """Each of two `kernel_counts` readings' differences, per request."""
+    return [(b - a) / requests if requests else 0.0 for a, b in zip(before, after, strict=True)]
 
 
 def thread_cpu(pid: int) -> dict[str, float]:
@@ -194,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                 before = cpu_seconds(pid) if pid else 0.0
                 proxy = envoy_pid(row)
                 proxy_before = cpu_seconds(proxy) if proxy else 0.0
+                counts_before = [kernel_counts(p) if p else (0, 0) for p in (pid, proxy)]
                 store = bench.redis_process if row.spec.backend == "redis" else None
                 store_pid = store.pid if store is not None else None
                 store_before = cpu_seconds(store_pid) if store_pid else 0.0
@@ -204,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
                 used = (cpu_seconds(pid) if pid else 0.0) - before
                 proxy_used = (cpu_seconds(proxy) if proxy else 0.0) - proxy_before
                 store_used = (cpu_seconds(store_pid) if store_pid else 0.0) - store_before
+                (switches, faults), (envoy_switches, envoy_faults) = (
+                    per_request(b, kernel_counts(p) if p else (0, 0), result.requests)
+                    for b, p in zip(counts_before, (pid, proxy), strict=True)
+                )
                 if pid and args.threads:
                     split = busiest_threads(threads_before, thread_cpu(pid), result.requests)
                     print(
@@ -225,12 +259,17 @@ def main(argv: list[str] | None = None) -> int:
                         "envoy_cpu_us": envoy_us,
                         "redis_cpu_us": redis_us,
                         "errors": result.errors,
+                        "switches": switches,
+                        "envoy_switches": envoy_switches,
+                        "faults": faults,
                     }
                 )
                 print(
                     f"round {rnd} {row.spec.key:10} {result.rps:8.0f} rps  "
                     f"{us:7.0f} us CPU/request  Envoy {envoy_us:5.0f} us  "
                     + (f"redis-server {redis_us:4.0f} us  " if store_pid else "")
+                    + f"switches {switches:4.1f} (Envoy {envoy_switches:3.1f})  "
+                    + f"faults {faults:4.2f} (Envoy {envoy_faults:4.2f})  "
                     + f"errors={result.errors}",
                     file=sys.stderr,
                 )
@@ -244,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
             "envoy_cpu_us_per_request": median(t["envoy_cpu_us"] for t in trials),
             "redis_cpu_us_per_request": median(t["redis_cpu_us"] for t in trials),
             "errors": sum(t["errors"] for t in trials),
+            "switches_per_request": median(t["switches"] for t in trials),
+            "envoy_switches_per_request": median(t["envoy_switches"] for t in trials),
+            "faults_per_request": median(t["faults"] for t in trials),
         }
         for key, trials in per_row.items()
     }
