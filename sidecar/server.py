@@ -27,6 +27,7 @@ from sidecar.envoy.authz import add_to_server as add_authorization
 from sidecar.envoy.ext_proc import ExternalProcessorServicer
 from sidecar.envoy.unanswered import SharedUnanswered
 from sidecar.grpc_api import SERVICE_NAME, SidecarApi
+from sidecar.helper_threads import keep_helpers_placed
 from sidecar.http.app import create_app
 from sidecar.metering.exchange import drain_charges
 from sidecar.proto_gen.sidecar.v1 import sidecar_pb2_grpc
@@ -144,6 +145,11 @@ async def serve(
         )
     )
     services.start_background()
+    services.tasks.append(
+        asyncio.get_running_loop().create_task(
+            keep_helpers_placed(lambda: services.ruleset.config.overload.batch_helper_threads)
+        )
+    )
     if shared is not None:
         services.tasks.append(asyncio.get_running_loop().create_task(shared.run()))
     # Everything built so far (modules, genai-prices' data, compiled rules: ~80,000 objects)
