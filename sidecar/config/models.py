@@ -560,10 +560,10 @@ class OverloadConfig(Strict):
     max_inflight: int = Field(default=64, ge=1, le=1_000_000)
     # Seconds the event loop may run late before new Checks are refused.
     max_loop_lag_seconds: float = Field(default=1.0, gt=0, le=60)
-    # The process's other threads (gRPC's, the store's) run as SCHED_BATCH, so their
-    # wakeups wait for the event loop's time slice instead of preempting it
-    # (sidecar/helper_threads.py); false: the kernel's default policy for all.
-    batch_helper_threads: bool = True
+    # The process's other threads (gRPC's, the store's) run as SCHED_BATCH, their wakeups
+    # waiting for the event loop's time slice instead of preempting it: `auto` while the
+    # loop is saturated (sidecar/helper_threads.py), `always`, or `never`.
+    batch_helper_threads: Literal["auto", "always", "never"] = "auto"
 
 
 class SidecarConfig(Strict):

@@ -1,7 +1,7 @@
-"""A running `sidecar serve` keeps its event loop's CPU: once calls have gone through Envoy,
-every thread of the process but the loop's runs as SCHED_BATCH (gRPC's pools included,
-which start under load), and a reload with `overload.batch_helper_threads: false` puts
-them back."""
+"""A running `sidecar serve` with `overload.batch_helper_threads: always`: once calls have
+gone through Envoy, every thread of the process but the event loop's runs as SCHED_BATCH
+(gRPC's pools included, which start under load), and a reload to `never` puts them back.
+With the default, `auto`, a lightly loaded process leaves them as they are."""
 
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ from tests.integration.test_reload import wait_for
 def stack(tmp_path_factory: pytest.TempPathFactory, issuer: DevIssuer) -> Iterator[Stack]:
     workdir = tmp_path_factory.mktemp("helper-threads")
     jwks = str(issuer.write_jwks(workdir / "jwks.json"))
-    config = demo_config(issuer, jwks, f"sqlite:///{workdir}/s.db")
+    config = demo_config(
+        issuer, jwks, f"sqlite:///{workdir}/s.db", overload={"batch_helper_threads": "always"}
+    )
     with running_stack(workdir, issuer, config) as running:
         yield running
 
@@ -64,7 +66,7 @@ def test_helpers_run_as_batch_and_a_reload_puts_them_back(stack: Stack, issuer: 
 
     config: dict[str, Any] = {
         **stack_config(stack),
-        "overload": {"batch_helper_threads": False},
+        "overload": {"batch_helper_threads": "never"},
     }
     stack.write_config(config)
     os.kill(pid, signal.SIGHUP)

@@ -1,5 +1,6 @@
-"""The event loop's helper threads run as SCHED_BATCH, moved by a pass over /proc/self/task
-that leaves the loop's own thread and any thread under another policy alone."""
+"""The event loop's helper threads run as SCHED_BATCH while the loop is saturated (or
+always, or never, as configured), moved by a pass over /proc/self/task that leaves the
+loop's own thread and any thread under another policy alone."""
 
 from __future__ import annotations
 
@@ -10,7 +11,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from sidecar.helper_threads import keep_helpers_placed, place_helpers
+from sidecar.helper_threads import (
+    MIN_JUDGED_SECONDS,
+    Mode,
+    Saturation,
+    keep_helpers_placed,
+    place_helpers,
+)
 
 
 class Helper:
@@ -67,15 +74,83 @@ def test_a_thread_an_operator_gave_another_policy_is_left_alone(helper: Helper) 
     assert policy(helper.tid) == os.SCHED_IDLE
 
 
+class Clocks:
+    """The loop thread's CPU clock and the wall clock, moved by the test."""
+
+    def __init__(self) -> None:
+        self.cpu = self.wall = 0.0
+
+    def run(self, seconds: float, busy: float) -> None:
+        self.wall += seconds
+        self.cpu += seconds * busy
+
+
+def test_auto_batches_once_the_loop_is_saturated_and_stops_once_clearly_not() -> None:
+    clocks = Clocks()
+    judge = Saturation(cpu=lambda: clocks.cpu, wall=lambda: clocks.wall)
+    assert judge.batch("auto") is False  # at start: nothing judged
+    clocks.run(2, busy=0.7)
+    assert judge.batch("auto") is False  # busy, but below the line
+    clocks.run(2, busy=0.85)
+    assert judge.batch("auto") is True
+    clocks.run(2, busy=0.65)
+    assert judge.batch("auto") is True  # between the lines: unchanged
+    clocks.run(2, busy=0.5)
+    assert judge.batch("auto") is False
+    clocks.run(2, busy=0.75)
+    assert judge.batch("auto") is False  # between the lines again: unchanged
+
+
+def test_a_moment_is_not_judged_however_busy() -> None:
+    clocks = Clocks()
+    judge = Saturation(cpu=lambda: clocks.cpu, wall=lambda: clocks.wall)
+    clocks.run(MIN_JUDGED_SECONDS / 10, busy=1.0)
+    assert judge.batch("auto") is False
+    # The moment counts toward the next judgement, which then sees the whole span.
+    clocks.run(MIN_JUDGED_SECONDS, busy=0.0)
+    assert judge.batch("auto") is False
+
+
+def test_always_and_never_ignore_the_load() -> None:
+    clocks = Clocks()
+    judge = Saturation(cpu=lambda: clocks.cpu, wall=lambda: clocks.wall)
+    clocks.run(2, busy=0.0)
+    assert judge.batch("always") is True
+    clocks.run(2, busy=1.0)
+    assert judge.batch("never") is False
+    assert judge.batch("auto") is True
+
+
 async def test_the_task_follows_the_setting_at_every_pass(helper: Helper) -> None:
-    enabled = True
-    task = asyncio.create_task(keep_helpers_placed(lambda: enabled, interval=0))
+    mode: Mode = "always"
+    task = asyncio.create_task(keep_helpers_placed(lambda: mode, interval=0))
     try:
         # The first pass runs before the task's first wait; one turn of the loop runs it.
         await asyncio.sleep(0)
         assert policy(helper.tid) == os.SCHED_BATCH
         assert policy(threading.get_native_id()) == os.SCHED_OTHER
-        enabled = False  # a reload that turns it off
+        mode = "never"  # a reload that turns it off
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert policy(helper.tid) == os.SCHED_OTHER
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_auto_follows_the_loops_load(helper: Helper) -> None:
+    clocks = Clocks()
+    judge = Saturation(cpu=lambda: clocks.cpu, wall=lambda: clocks.wall)
+    task = asyncio.create_task(keep_helpers_placed(lambda: "auto", 0, judge))
+    try:
+        await asyncio.sleep(0)
+        assert policy(helper.tid) == os.SCHED_OTHER
+        clocks.run(2, busy=0.95)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert policy(helper.tid) == os.SCHED_BATCH
+        clocks.run(2, busy=0.1)
         await asyncio.sleep(0)
         await asyncio.sleep(0)
         assert policy(helper.tid) == os.SCHED_OTHER
@@ -92,7 +167,7 @@ async def test_a_policy_the_system_refuses_stops_the_task_and_changes_nothing(
         raise PermissionError(1, "Operation not permitted")
 
     monkeypatch.setattr(os, "sched_setscheduler", refuse)
-    task = asyncio.create_task(keep_helpers_placed(lambda: True, interval=0))
+    task = asyncio.create_task(keep_helpers_placed(lambda: "always", interval=0))
     await asyncio.wait_for(task, 5)  # ends instead of retrying forever
     assert task.exception() is None
     assert policy(helper.tid) == os.SCHED_OTHER
