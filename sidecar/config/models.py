@@ -562,8 +562,9 @@ class OverloadConfig(Strict):
     max_loop_lag_seconds: float = Field(default=1.0, gt=0, le=60)
     # The process's other threads (gRPC's, the store's) run as SCHED_BATCH, their wakeups
     # waiting for the event loop's time slice instead of preempting it: `auto` while the
-    # loop is saturated (sidecar/helper_threads.py), `always`, or `never`.
-    batch_helper_threads: Literal["auto", "always", "never"] = "auto"
+    # loop is saturated (sidecar/helper_threads.py), `always`, or `never` (the default: it
+    # trades tail latency for throughput at saturation).
+    batch_helper_threads: Literal["auto", "always", "never"] = "never"
 
 
 class SidecarConfig(Strict):

@@ -1,7 +1,7 @@
 """A running `sidecar serve` with `overload.batch_helper_threads: always`: once calls have
 gone through Envoy, every thread of the process but the event loop's runs as SCHED_BATCH
-(gRPC's pools included, which start under load), and a reload to `never` puts them back.
-With the default, `auto`, a lightly loaded process leaves them as they are."""
+(gRPC's pools included, which start under load), and a reload to the default, `never`,
+puts them back."""
 
 from __future__ import annotations
 
@@ -64,10 +64,8 @@ def test_helpers_run_as_batch_and_a_reload_puts_them_back(stack: Stack, issuer: 
     assert len(policies(pid)) > 3
     wait_for(lambda: helpers_are(pid, os.SCHED_BATCH), 10)
 
-    config: dict[str, Any] = {
-        **stack_config(stack),
-        "overload": {"batch_helper_threads": "never"},
-    }
+    # The setting removed: the default, `never`.
+    config = {key: value for key, value in stack_config(stack).items() if key != "overload"}
     stack.write_config(config)
     os.kill(pid, signal.SIGHUP)
     wait_for(lambda: helpers_are(pid, os.SCHED_OTHER), 10)
