@@ -5,9 +5,10 @@ loop's own thread and any thread under another policy alone."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
@@ -121,43 +122,49 @@ def test_always_and_never_ignore_the_load() -> None:
     assert judge.batch("auto") is True
 
 
-async def test_the_task_follows_the_setting_at_every_pass(helper: Helper) -> None:
-    mode: Mode = "always"
-    task = asyncio.create_task(keep_helpers_placed(lambda: mode, interval=0))
+@contextlib.asynccontextmanager
+async def placing(
+    mode: Callable[[], Mode], saturation: Saturation | None = None
+) -> AsyncIterator[None]:
+    """The placing task, every 0 s, through its first pass (which runs before its first
+    wait: one turn of the loop runs it)."""
+    task = asyncio.create_task(keep_helpers_placed(mode, 0, saturation))
     try:
-        # The first pass runs before the task's first wait; one turn of the loop runs it.
         await asyncio.sleep(0)
-        assert policy(helper.tid) == os.SCHED_BATCH
-        assert policy(threading.get_native_id()) == os.SCHED_OTHER
-        mode = "never"  # a reload that turns it off
-        await asyncio.sleep(0)
-        await asyncio.sleep(0)
-        assert policy(helper.tid) == os.SCHED_OTHER
+        yield
     finally:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+async def next_pass() -> None:
+    """Two turns of the loop: the task wakes from its wait and runs its next pass."""
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+
+
+async def test_the_task_follows_the_setting_at_every_pass(helper: Helper) -> None:
+    mode: Mode = "always"
+    async with placing(lambda: mode):
+        assert policy(helper.tid) == os.SCHED_BATCH
+        assert policy(threading.get_native_id()) == os.SCHED_OTHER
+        mode = "never"  # a reload that turns it off
+        await next_pass()
+        assert policy(helper.tid) == os.SCHED_OTHER
 
 
 async def test_auto_follows_the_loops_load(helper: Helper) -> None:
     clocks = Clocks()
     judge = Saturation(cpu=lambda: clocks.cpu, wall=lambda: clocks.wall)
-    task = asyncio.create_task(keep_helpers_placed(lambda: "auto", 0, judge))
-    try:
-        await asyncio.sleep(0)
+    async with placing(lambda: "auto", judge):
         assert policy(helper.tid) == os.SCHED_OTHER
         clocks.run(2, busy=0.95)
-        await asyncio.sleep(0)
-        await asyncio.sleep(0)
+        await next_pass()
         assert policy(helper.tid) == os.SCHED_BATCH
         clocks.run(2, busy=0.1)
-        await asyncio.sleep(0)
-        await asyncio.sleep(0)
+        await next_pass()
         assert policy(helper.tid) == os.SCHED_OTHER
-    finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
 
 
 async def test_a_policy_the_system_refuses_stops_the_task_and_changes_nothing(
