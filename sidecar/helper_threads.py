@@ -1,4 +1,5 @@
-"""While the event loop is saturated, every other thread of the process runs as SCHED_BATCH.
+"""On request, the process's threads but the event loop's run as SCHED_BATCH: always, or
+while the loop is saturated (`overload.batch_helper_threads`; by default they are not).
 
 Why: a Check crosses several threads besides the loop's. gRPC's C core completes each
 call's operations on its event-engine threads, which wake its completion-queue poller,
@@ -24,7 +25,8 @@ No privilege is needed (moving between the two normal policies is always allowed
 only; elsewhere, or where the policy cannot be set (a seccomp profile that forbids it),
 nothing changes and the sidecar runs as before. Threads start at any time (gRPC grows its
 pools under load), so the pass is repeated; a thread an operator gave another policy
-(real-time, SCHED_IDLE) is left as it is. `overload.batch_helper_threads`: `never` (the
+(real-time, SCHED_IDLE) is left as it is, and so is every thread while this process has
+moved none (under `never`, nothing is ever touched). `overload.batch_helper_threads`: `never` (the
 default), `auto` (above) or `always`, read at every pass, so a reload applies within one.
 """
 
@@ -111,10 +113,14 @@ async def keep_helpers_placed(
         return
     loop_tid = threading.get_native_id()
     judge = Saturation() if saturation is None else saturation
+    moved = False  # threads are only put back by the process that moved them
     while True:
-        try:
-            place_helpers(loop_tid, judge.batch(mode()))
-        except OSError as exc:
-            log.info("helper_threads_unplaced", error=str(exc))
-            return
+        batch = judge.batch(mode())
+        if batch or moved:
+            try:
+                place_helpers(loop_tid, batch)
+            except OSError as exc:
+                log.info("helper_threads_unplaced", error=str(exc))
+                return
+            moved = batch
         await asyncio.sleep(interval)

@@ -167,6 +167,14 @@ async def test_auto_follows_the_loops_load(helper: Helper) -> None:
         assert policy(helper.tid) == os.SCHED_OTHER
 
 
+async def test_never_touches_a_thread_an_operator_made_batch(helper: Helper) -> None:
+    os.sched_setscheduler(helper.tid, os.SCHED_BATCH, os.sched_param(0))
+    async with placing(lambda: "never"):
+        await next_pass()
+        assert policy(helper.tid) == os.SCHED_BATCH
+    os.sched_setscheduler(helper.tid, os.SCHED_OTHER, os.sched_param(0))
+
+
 async def test_a_policy_the_system_refuses_stops_the_task_and_changes_nothing(
     helper: Helper, monkeypatch: pytest.MonkeyPatch
 ) -> None:
