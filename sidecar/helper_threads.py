@@ -57,13 +57,13 @@ _BATCH = getattr(os, "SCHED_BATCH", 3)
 _SUPPORTED = hasattr(os, "sched_setscheduler") and _TASKS.is_dir()
 
 
-def place_helpers(loop_tid: int, batch: bool, tasks: Path = _TASKS) -> int:
+def place_helpers(loop_tid: int, batch: bool) -> int:
     """Every thread of this process but `loop_tid` to SCHED_BATCH (`batch`) or back to
     SCHED_OTHER; threads under any other policy are left alone. Returns how many threads it
     moved. Raises OSError when a policy cannot be set."""
     want, other = (_BATCH, _OTHER) if batch else (_OTHER, _BATCH)
     moved = 0
-    for name in os.listdir(tasks):
+    for name in os.listdir(_TASKS):
         tid = int(name)
         if tid == loop_tid:
             continue
