@@ -5,6 +5,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable
 from typing import Literal, Protocol
+from urllib.parse import unquote
 
 from genai_prices import data_snapshot
 
@@ -113,8 +114,13 @@ class _Stream(Protocol):
 
 
 def api_for_path(path: str) -> Api | None:
-    """Which metered API a request path calls, after any provider prefix; None if none."""
-    path = path.split("?", 1)[0].rstrip("/")
+    """Which metered API a request path calls, after any provider prefix; None if none.
+
+    Read percent-decoded, as a provider routes it: Envoy's `normalize_path` keeps `%2F` and
+    `%3A` as sent, and `/v1/chat%2Fcompletions` is still a chat completion upstream. Read
+    raw, it named no API and the call was charged its estimate instead of its usage.
+    """
+    path = unquote(path.split("?", 1)[0]).rstrip("/")
     for suffix, api in _PATH_SUFFIXES:
         if path.endswith(suffix):
             return api

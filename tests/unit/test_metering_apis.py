@@ -187,6 +187,18 @@ def _split(data: bytes, cuts: Iterable[int]) -> list[bytes]:
         ("/openai/v1/embeddings", "openai_embeddings"),
         ("/azure/openai/deployments/emb/embeddings?api-version=2024-10-21", "openai_embeddings"),
         ("/azure/openai/deployments/chat/chat/completions?api-version=2024-10-21", "openai_chat"),
+        # Read as the provider routes it: percent-decoded (tests/security/test_encoded_paths.py).
+        ("/openai/v1/chat%2Fcompletions", "openai_chat"),
+        ("/openai/v1/chat%2fcompletions", "openai_chat"),
+        ("/openai/v1/chat/completion%73", "openai_chat"),
+        ("/anthropic/v1%2Fmessages", "anthropic_messages"),
+        ("/gemini/v1beta/models/gemini-2.5-flash%3AgenerateContent", "gemini"),
+        ("/gemini/v1beta/models/gemini-2.5-flash%3astreamGenerateContent?alt=sse", "gemini"),
+        (
+            "/bedrock/model/arn%3Aaws%3Abedrock%3Aus-east-1%3A1%3Ap%2Fus.x/converse",
+            "bedrock_converse",
+        ),
+        ("/bedrock/model/x%2Finvoke", "bedrock_invoke"),
     ],
 )
 def test_api_for_path(path: str, api: Api) -> None:
@@ -194,7 +206,16 @@ def test_api_for_path(path: str, api: Api) -> None:
 
 
 @pytest.mark.parametrize(
-    "path", ["/bedrock/models/x/converse", "/gemini/v1beta/models", "/bedrock/converse"]
+    "path",
+    [
+        "/bedrock/models/x/converse",
+        "/gemini/v1beta/models",
+        "/bedrock/converse",
+        # Decoded once, as a provider does: a doubly encoded slash or an encoded `?` is
+        # part of the last segment, which no API's path ends with.
+        "/openai/v1/chat%252Fcompletions",
+        "/openai/v1/chat/completions%3Fx=1",
+    ],
 )
 def test_paths_that_are_not_metered_apis(path: str) -> None:
     assert api_for_path(path) is None
