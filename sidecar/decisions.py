@@ -17,6 +17,7 @@ STATUS: Mapping[Reason, int] = {
     "invalid_token": 401,
     "model_not_allowed": 403,
     "unpriced_model": 403,
+    "unmetered_call": 403,
     "spend_limit_exceeded": 429,
     "store_unavailable": 503,
     "overloaded": 503,

@@ -57,6 +57,7 @@ from sidecar.policy.request import (
     split_provider,
 )
 from sidecar.policy.rules import Context, Rule, Unit, in_unit
+from sidecar.policy.unmetered import unmetered_call
 from sidecar.policy.windows import RollingWindow
 from sidecar.pricing import UnitPrice
 from sidecar.providers.credentials import injected_headers
@@ -289,6 +290,22 @@ class Engine:
             provider.path_prefix if provider else None,
             provider.deployments if provider else None,
         )
+        # A call to a provider, or one naming a model (its provider then comes from the
+        # model's name): never another service behind the same Envoy.
+        if not rs.admit_unmetered and (provider is not None or found is not None):
+            refused = unmetered_call(
+                attrs.path[len(provider.path_prefix) :] if provider else attrs.path,
+                attrs.method,
+                attrs.headers,
+                found[1] if found is not None else {},
+            )
+            if refused is not None:
+                return deny(
+                    "unmetered_call",
+                    refused,
+                    identity=identity,
+                    model=found[0] if found is not None else "",
+                )
         if found is None:
             # Names no model (listing models, reading a file): no budget, but the
             # provider's key all the same.

@@ -106,6 +106,7 @@ Reason = Literal[
     "invalid_token",
     "model_not_allowed",
     "unpriced_model",
+    "unmetered_call",
     "bad_request",
     "spend_limit_exceeded",
     "store_unavailable",

@@ -538,6 +538,10 @@ class AdmissionConfig(Strict):
     mode: Literal["reserve", "optimistic"] = "reserve"
     default_max_output_tokens: int = Field(default=1024, ge=1, le=10_000_000)
     reservation_ttl: Duration = "10m"
+    # Calls whose cost never comes back through the gateway (realtime sessions, batches,
+    # fine-tuning jobs, background responses: sidecar/policy/unmetered.py): `refuse` (403
+    # `unmetered_call`), or `reserve`: admitted and charged their reservation.
+    unmetered_calls: Literal["refuse", "reserve"] = "refuse"
 
 
 class WebhookConfig(Strict):

@@ -63,6 +63,8 @@ class RuleSet:
     provider_by_id: Mapping[str, Provider] = field(default_factory=dict)
     # Keys the sidecar injects upstream, per provider id (absent: bring your own key).
     provider_keys: Mapping[str, ProviderKeys] = field(default_factory=dict)
+    # Whether calls the gateway cannot meter are admitted (sidecar/policy/unmetered.py).
+    admit_unmetered: bool = False
 
     def fallback_chain(self, model: str, canonical: str) -> tuple[FallbackStep, ...]:
         """The configured chain for a model under the name it was asked by (any case), else
@@ -194,6 +196,7 @@ def build_ruleset(
         admission_mode=config.admission.mode,
         provider_by_id={p.id: p for p in providers},
         provider_keys=provider_keys,
+        admit_unmetered=config.admission.unmetered_calls == "reserve",
     )
 
 

@@ -1,0 +1,65 @@
+"""Calls whose cost never comes back through the gateway: refused unless the operator opts in.
+
+The gateway meters what passes through it, and it sends these calls with the
+organisation's provider key. Each starts work the provider bills later or elsewhere: a
+realtime session minted here runs between the client and the provider directly (or over a
+WebSocket no parser reads), a fine-tuning job or a batch runs for hours after its answer,
+and a background response (`background: true`) answers at once with no usage and is
+polled for later. All such a call could be charged is its reservation, the estimate, which
+bounds nothing here: a caller would spend the organisation's money past every budget.
+`admission.unmetered_calls: reserve` admits them anyway, each charged its reservation, as
+any other success without usage.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import unquote
+
+from sidecar.metering.parse import api_for_path
+
+# Path segments (after the provider prefix, percent-decoded, any case) under which work is
+# started that reports its usage elsewhere, refused for any method but a read; Gemini's
+# batch methods (`models/<model>:batchGenerateContent`) likewise.
+_JOBS = {
+    "fine_tuning": "fine-tuning jobs",
+    "fine-tunes": "fine-tuning jobs",
+    "batches": "batches",
+    ":batchgeneratecontent": "batches",
+    ":asyncbatchembedcontent": "batches",
+    "async-invoke": "asynchronous invocations",
+    "model-invocation-job": "batch inference jobs",
+}
+# Sessions that run past the gateway: refused whatever the method (a GET can upgrade to a
+# WebSocket).
+_SESSIONS = {"realtime": "realtime sessions"}
+# One search over the path, so that the usual call pays for nothing else.
+_SUSPECT = re.compile(
+    r"(?:^|/)(realtime|fine_tuning|fine-tunes|batches|async-invoke|model-invocation-job)(?=/|$)"
+    r"|(:batchgeneratecontent|:asyncbatchembedcontent)$"
+)
+_READS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def unmetered_call(
+    path: str, method: str, headers: Mapping[str, str], body: Mapping[str, Any]
+) -> str | None:
+    """Why the call to `path` (after its provider's prefix) cannot be metered; None if it
+    can. `headers`: lower-cased; `body`: the parsed JSON body ({} when none)."""
+    decoded = unquote(path.split("?", 1)[0]).strip("/").lower()
+    for found in _SUSPECT.finditer(decoded):
+        segment = found.group(1) or found.group(2)
+        if segment in _SESSIONS:
+            return f"{_SESSIONS[segment]} run past the gateway, which cannot meter them"
+        if method.upper() not in _READS:
+            return f"{_JOBS[segment]} report their cost after the call, past the gateway"
+    # HTTP/2's cleartext upgrade (`h2c`) stays HTTP; any other protocol leaves the parsers.
+    if {t.strip() for t in headers.get("upgrade", "").lower().split(",")} - {"", "h2c"}:
+        return "a connection upgraded past HTTP runs past the gateway's metering"
+    if body.get("background") not in (None, False) and api_for_path(f"/{decoded}") == (
+        "openai_responses"
+    ):
+        return "a background response reports its usage only when polled, past the gateway"
+    return None

@@ -1,0 +1,118 @@
+"""Calls whose cost never comes back through the gateway (sidecar/policy/unmetered.py)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sidecar.model import RequestAttrs
+from sidecar.policy.unmetered import unmetered_call
+from sidecar.store.sqlite_store import SQLiteStore
+from tests.unit.test_engine import config, engine
+
+CHAT = {"model": "cent-1", "max_tokens": 1, "messages": []}
+
+
+@pytest.mark.parametrize(
+    ("path", "method", "headers", "body", "what"),
+    [
+        ("v1/realtime/sessions", "POST", {}, CHAT, "realtime sessions"),
+        ("v1/realtime/client_secrets", "POST", {}, {}, "realtime sessions"),
+        # A WebSocket is opened with a GET: refused whatever the method.
+        ("v1/realtime", "GET", {"upgrade": "websocket"}, {}, "realtime sessions"),
+        ("v1/Realtime%2Ftranscription_sessions", "POST", {}, CHAT, "realtime sessions"),
+        ("v1/fine_tuning/jobs", "POST", {}, CHAT, "fine-tuning jobs"),
+        ("v1/batches", "POST", {}, CHAT, "batches"),
+        ("openai/batches?api-version=2025-01-01", "POST", {}, CHAT, "batches"),
+        ("v1/messages/batches", "POST", {}, CHAT, "batches"),
+        ("v1beta/models/gemini-2.5-flash:batchGenerateContent", "POST", {}, CHAT, "batches"),
+        ("v1beta/models/gemini-2.5-flash%3AbatchGenerateContent", "POST", {}, CHAT, "batches"),
+        ("v1beta/models/e:asyncBatchEmbedContent", "POST", {}, CHAT, "batches"),
+        ("async-invoke", "POST", {}, CHAT, "asynchronous invocations"),
+        ("v1/responses", "POST", {}, {**CHAT, "background": True}, "background response"),
+        # Not a boolean is not "off": the provider decides what it means.
+        ("v1/responses", "POST", {}, {**CHAT, "background": "true"}, "background response"),
+        ("v1/chat/completions", "POST", {"upgrade": "websocket"}, CHAT, "upgraded"),
+        ("v1/responses", "GET", {"upgrade": "h2c, websocket"}, {}, "upgraded"),
+    ],
+)
+def test_calls_the_gateway_cannot_meter_are_named(
+    path: str, method: str, headers: dict[str, str], body: dict[str, Any], what: str
+) -> None:
+    reason = unmetered_call(path, method, headers, body)
+    assert reason is not None and what in reason
+
+
+@pytest.mark.parametrize(
+    ("path", "method", "headers", "body"),
+    [
+        ("v1/chat/completions", "POST", {}, CHAT),
+        ("v1/responses", "POST", {}, {**CHAT, "background": False}),
+        ("v1/responses", "POST", {}, {**CHAT, "background": None}),
+        # Reading a job or a batch costs nothing.
+        ("v1/fine_tuning/jobs", "GET", {}, {}),
+        ("v1/batches/batch_1", "GET", {}, {}),
+        # `background` of the image API is a colour, not a mode.
+        ("v1/images/generations", "POST", {}, {**CHAT, "background": "transparent"}),
+        ("v1/chat/completions", "POST", {"upgrade": "h2c"}, CHAT),
+        ("v1/realtimeish/x", "POST", {}, CHAT),
+        ("v1/files/batches.jsonl/content", "GET", {}, {}),
+    ],
+)
+def test_metered_calls_pass(
+    path: str, method: str, headers: dict[str, str], body: dict[str, Any]
+) -> None:
+    assert unmetered_call(path, method, headers, body) is None
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+    st = SQLiteStore(f"sqlite:///{tmp_path}/u.db")
+    yield st
+    await st.close()
+
+
+def _call(path: str, body: dict[str, Any], method: str = "POST") -> RequestAttrs:
+    return RequestAttrs(method, path, {}, json.dumps(body).encode(), "rid")
+
+
+async def test_refused_by_default_and_nothing_is_reserved(store: SQLiteStore) -> None:
+    eng = engine(config(), store)
+    decision = await eng.check(_call("/openai/v1/responses", {**CHAT, "background": True}))
+    assert (decision.allowed, decision.http_status, decision.reason) == (
+        False,
+        403,
+        "unmetered_call",
+    )
+    assert json.loads(decision.body)["error"]["type"] == "unmetered_call"
+    assert not decision.request_id
+    assert await store.open_reservations() == 0
+    listed = await eng.check(_call("/openai/v1/fine_tuning/jobs", {}, method="GET"))
+    assert listed.allowed
+
+
+async def test_reserve_admits_them_charged_their_reservation(store: SQLiteStore) -> None:
+    eng = engine(config(admission={"unmetered_calls": "reserve"}), store)
+    decision = await eng.check(_call("/openai/v1/batches", CHAT))
+    assert decision.allowed and decision.request_id
+    assert await store.open_reservations() == 1
+
+
+async def test_a_call_naming_its_provider_in_the_model_is_judged_too(
+    store: SQLiteStore,
+) -> None:
+    eng = engine(config(), store)
+    # No provider prefix: the provider comes from the model's name.
+    decision = await eng.check(_call("/v1/batches", {**CHAT, "model": "openai/cent-1"}))
+    assert decision.reason == "unmetered_call"
+
+
+async def test_other_services_behind_envoy_are_not_judged(store: SQLiteStore) -> None:
+    eng = engine(config(), store)
+    # Neither a provider's path nor a model: another service, checked for identity only.
+    decision = await eng.check(_call("/realtime/dashboard", {}, method="GET"))
+    assert decision.allowed and decision.reason == "ok"
