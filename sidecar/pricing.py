@@ -102,6 +102,11 @@ _NESTED_MAX_TOKENS = (
     ("generation_config", "max_output_tokens"),
     ("inferenceConfig", "maxTokens"),
 )
+_CHOICE_FIELDS = ("n", "best_of")
+_NESTED_CHOICES = (
+    ("generationConfig", "candidateCount"),
+    ("generation_config", "candidate_count"),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,12 +340,31 @@ def requested_output_tokens(body: Mapping[str, Any], default: int) -> int:
         settings = body.get(outer)
         if isinstance(settings, Mapping):
             named.append(settings.get(inner))
-    limits = [
-        value
-        for value in named
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0
-    ]
+    limits = [n for n in map(_count, named) if n > 0]
     return max(limits) if limits else default
+
+
+def requested_choices(body: Mapping[str, Any]) -> int:
+    """How many answers the request asks the model for, each up to the output limit: OpenAI's
+    `n` (and the legacy `best_of`, all of which are billed), Gemini's `candidateCount`."""
+    named: list[object] = [body.get(name) for name in _CHOICE_FIELDS]
+    for outer, inner in _NESTED_CHOICES:
+        settings = body.get(outer)
+        if isinstance(settings, Mapping):
+            named.append(settings.get(inner))
+    return max([1, *map(_count, named)])
+
+
+def _count(value: object) -> int:
+    """A JSON count: an integer, or a float with an integral value (`2000.0`, which a
+    lenient provider reads as 2000); anything else 0."""
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return 0
 
 
 def text_tokens(text_bytes: int) -> int:

@@ -8,20 +8,32 @@ from typing import Any
 
 from sidecar.admission.candidates import Candidate
 from sidecar.config.ruleset import RuleSet
+from sidecar.policy.request import BadRequest
 from sidecar.pricing import (
     UnitPrice,
     estimate_input_tokens,
     estimate_micros,
+    requested_choices,
     requested_output_tokens,
 )
 
+# Beyond any model's output (and the bound on `default_max_output_tokens`): such a limit is
+# a mistake or an attack, refused before its estimate outgrows the store's integers.
+MAX_OUTPUT_TOKENS = 10_000_000
+# OpenAI's own bound on `n`; Gemini's on `candidateCount` is lower.
+MAX_CHOICES = 128
+
 
 def requested_tokens(rs: RuleSet, body: Mapping[str, Any]) -> tuple[int, int]:
-    """(input, output): input from the body, output from its largest output limit."""
-    return (
-        estimate_input_tokens(body),
-        requested_output_tokens(body, rs.default_max_output_tokens),
-    )
+    """(input, output): input from the body, output from its largest output limit times
+    the answers it asks for (each may run to the limit, and each is billed)."""
+    output = requested_output_tokens(body, rs.default_max_output_tokens)
+    if output > MAX_OUTPUT_TOKENS:
+        raise BadRequest(f"the output limit must be at most {MAX_OUTPUT_TOKENS} tokens")
+    choices = requested_choices(body)
+    if choices > MAX_CHOICES:
+        raise BadRequest(f"at most {MAX_CHOICES} answers may be asked for")
+    return estimate_input_tokens(body), output * choices
 
 
 def priced(

@@ -94,7 +94,10 @@ def routes(services: Services) -> list[Route]:
             if isinstance(tokens, bool) or not isinstance(tokens, int) or not 0 < tokens <= 10**7:
                 raise ApiError(400, "max_tokens must be a positive integer")
             body = {**body, "max_tokens": tokens}
-        return ok(await simulate(services.engine, identity, model, provider, metadata, body))
+        try:
+            return ok(await simulate(services.engine, identity, model, provider, metadata, body))
+        except BadRequest as exc:  # an output limit or answer count no Check would take
+            raise ApiError(400, str(exc)) from None
 
     return [
         Route("/v1/budgets/me", me, methods=["GET"]),

@@ -68,6 +68,24 @@ def test_estimate_takes_the_largest_output_limit_named(stack: Stack, issuer: Dev
     assert check(stack, headers, small).status.code == code_pb2.OK
 
 
+def test_estimate_counts_every_answer_asked_for(stack: Stack, issuer: DevIssuer) -> None:
+    # $0.003 a day at $0.001 an output token: four answers of one token cannot fit, one can.
+    headers = {"authorization": f"Bearer {issuer.mint(user('many-answers'))}"}
+    one = {"model": REPLAY_MODEL, "messages": MESSAGES, "max_tokens": 1}
+    refused = check(stack, headers, {**one, "n": 4})
+    assert refused.status.code == code_pb2.RESOURCE_EXHAUSTED
+    assert refused.denied_response.status.code == 429
+    assert check(stack, headers, one).status.code == code_pb2.OK
+
+
+def test_an_output_limit_too_large_to_be_real_is_400(stack: Stack, issuer: DevIssuer) -> None:
+    headers = {"authorization": f"Bearer {issuer.mint(user('huge-limit'))}"}
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 10**30}
+    refused = check(stack, headers, body)
+    assert refused.denied_response.status.code == 400
+    assert "output limit" in refused.denied_response.body
+
+
 def test_hanging_up_before_the_usage_pays_for_the_text_received(
     stack: Stack, issuer: DevIssuer
 ) -> None:

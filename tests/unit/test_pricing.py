@@ -21,6 +21,7 @@ from sidecar.pricing import (
     cost_micros,
     estimate_input_tokens,
     estimate_micros,
+    requested_choices,
     requested_output_tokens,
 )
 
@@ -389,11 +390,32 @@ def test_input_estimate_survives_deep_nesting_and_odd_values() -> None:
         ({"max_tokens": "500"}, 1024),
         ({"max_tokens": -5}, 1024),
         ({"max_tokens": 1.5}, 1024),
+        # A lenient provider reads 2000.0 as 2000: so does the reservation.
+        ({"max_tokens": 2000.0}, 2000),
+        ({"max_tokens": float("inf")}, 1024),
         ({}, 1024),
     ],
 )
 def test_requested_output_tokens(body: dict[str, Any], expected: int) -> None:
     assert requested_output_tokens(body, 1024) == expected
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({}, 1),
+        ({"n": 4}, 4),
+        ({"n": 2, "best_of": 5}, 5),
+        ({"n": 3.0}, 3),
+        ({"n": 0}, 1),
+        ({"n": True}, 1),
+        ({"n": "9"}, 1),
+        ({"generationConfig": {"candidateCount": 8}}, 8),
+        ({"generation_config": {"candidate_count": 2}}, 2),
+    ],
+)
+def test_requested_choices(body: dict[str, Any], expected: int) -> None:
+    assert requested_choices(body) == expected
 
 
 def test_negative_override_price_fails_when_configured() -> None:
