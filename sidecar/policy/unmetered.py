@@ -58,7 +58,8 @@ def unmetered_call(
     # HTTP/2's cleartext upgrade (`h2c`) stays HTTP; any other protocol leaves the parsers.
     if {t.strip() for t in headers.get("upgrade", "").lower().split(",")} - {"", "h2c"}:
         return "a connection upgraded past HTTP runs past the gateway's metering"
-    if body.get("background") not in (None, False) and api_for_path(f"/{decoded}") == (
+    # `api_for_path` decodes the path itself: given `decoded` it would decode it twice.
+    if body.get("background") not in (None, False) and api_for_path(f"/{path.lower()}") == (
         "openai_responses"
     ):
         return "a background response reports its usage only when polled, past the gateway"

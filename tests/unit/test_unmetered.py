@@ -60,6 +60,8 @@ def test_calls_the_gateway_cannot_meter_are_named(
         ("v1/images/generations", "POST", {}, {**CHAT, "background": "transparent"}),
         ("v1/chat/completions", "POST", {"upgrade": "h2c"}, CHAT),
         ("v1/realtimeish/x", "POST", {}, CHAT),
+        # Decoded once, as the provider does: not the Responses API.
+        ("v1%252Fresponses", "POST", {}, {**CHAT, "background": True}),
         ("v1/files/batches.jsonl/content", "GET", {}, {}),
     ],
 )
