@@ -99,7 +99,9 @@ async def read_params(request: Request) -> dict[str, str]:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "application/json":
         try:
-            data = untrusted_json.loads(raw or b"{}")
+            data = untrusted_json.loads(raw or b"{}", unique_keys=True)
+        except untrusted_json.DuplicateKey as err:
+            raise BadParams(f"request body: {err}") from None
         except ValueError:
             raise BadParams("request body is not valid JSON") from None
         if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):

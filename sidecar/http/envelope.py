@@ -80,9 +80,11 @@ async def json_object(request: Request) -> dict[str, Any]:
     if not raw.strip():
         raise ApiError(400, "request body must be a JSON object")
     try:
-        data = untrusted_json.loads(raw)
+        data = untrusted_json.loads(raw, unique_keys=True)
     except untrusted_json.TooDeep:
         raise ApiError(400, "request body is nested too deeply") from None
+    except untrusted_json.DuplicateKey as err:
+        raise ApiError(400, f"request body: {err}") from None
     except (ValueError, UnicodeDecodeError):
         raise ApiError(400, "request body is not valid JSON") from None
     if not isinstance(data, dict):

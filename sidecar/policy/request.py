@@ -33,9 +33,11 @@ def parse_body(body: bytes | None) -> Mapping[str, Any]:
     if not body:
         raise BadRequest("request body is required: a JSON object with a 'model' field")
     try:
-        data = untrusted_json.loads(body)
+        data = untrusted_json.loads(body, unique_keys=True)
     except untrusted_json.TooDeep:
         raise BadRequest("request body is nested too deeply") from None
+    except untrusted_json.DuplicateKey as err:
+        raise BadRequest(f"request body: {err}") from None
     except (ValueError, UnicodeDecodeError):
         raise BadRequest("request body is not valid JSON") from None
     if not isinstance(data, dict):
@@ -187,7 +189,9 @@ def parse_metadata(headers: Mapping[str, str]) -> dict[str, str]:
     if len(raw) > MAX_METADATA_BYTES:
         raise BadRequest("cf-aig-metadata is too large")
     try:
-        data = untrusted_json.loads(raw)
+        data = untrusted_json.loads(raw, unique_keys=True)
+    except untrusted_json.DuplicateKey as err:
+        raise BadRequest(f"cf-aig-metadata: {err}") from None
     except ValueError:
         raise BadRequest("cf-aig-metadata is not valid JSON") from None
     if not isinstance(data, dict):

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from devtools.keys import DevIssuer
@@ -18,7 +19,7 @@ from sidecar.config.ruleset import RuleSet, RuleSetHolder, build_ruleset
 from sidecar.engine import Engine
 from sidecar.model import Identity, RequestAttrs
 from sidecar.store.sqlite_store import SQLiteStore
-from tests.security.policy_stack import chat, policy_stack
+from tests.security.policy_stack import CHAT, chat, policy_stack
 
 SNAPSHOTS = ("GPT-4O", "gpt-4o-2024-08-06", " Gpt-4o-2024-11-20 ")
 
@@ -52,6 +53,31 @@ def test_denied_model_stays_denied_under_any_name_through_envoy(
         assert stack.seen() == [], name
     # The same caller still reaches models the rule does not deny.
     assert chat(stack, headers, "gpt-4o-mini").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model":"gpt-4o","model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}',
+        b'{"model":"gpt-4o-mini","model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}',
+        b'{"model":"gpt-4o","mod\\u0065l":"gpt-4o-mini","messages":[]}',
+    ],
+)
+def test_a_body_naming_the_model_twice_is_refused_through_envoy(
+    stack: Stack, issuer: DevIssuer, body: bytes
+) -> None:
+    # Which of two `model`s counts differs between JSON parsers: a denied model must not
+    # pass the sidecar under one and reach a provider that reads the other.
+    headers = {
+        **bearer(issuer, "cory@example.com", ["contractors"]),
+        "content-type": "application/json",
+    }
+    stack.clear_seen()
+    response = httpx.post(stack.envoy_url + CHAT, content=body, headers=headers, timeout=20)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["type"] == "bad_request"
+    assert "the member 'model' appears twice" in response.json()["error"]["message"]
+    assert stack.seen() == []
 
 
 def test_rule_filter_catches_every_name_of_the_model_through_envoy(
