@@ -181,6 +181,26 @@ def test_admin_api_raw_body_fuzz(stack: Stack, target: tuple[str, str], body: by
             assert snapshot(client) == before
 
 
+def test_an_admin_body_naming_a_member_twice_is_refused_and_changes_nothing(stack: Stack) -> None:
+    body = (
+        b'{"name": "twice", "budget_usd": 1, "budget_usd": 1000,'
+        b' "window": {"fixed": "daily"}, "action": "block"}'
+    )
+    with httpx.Client(base_url=stack.admin_url, headers=ADMIN, timeout=10) as client:
+        before = snapshot(client)
+        json_type = {"content-type": "application/json"}
+        response = client.post("/v1/spend-limits", content=body, headers=json_type)
+        assert response.status_code == 400, response.text
+        check_envelope(response, body)
+        assert "the member 'budget_usd' appears twice" in response.json()["errors"][0]["message"]
+        assert snapshot(client) == before
+        # The same rule, each member once, is taken: the refusal was the duplicate.
+        once = body.replace(b' "budget_usd": 1,', b"")
+        created = client.post("/v1/spend-limits", content=once, headers=json_type)
+        assert created.status_code == 201, created.text
+        client.delete("/v1/spend-limits/twice")
+
+
 header_names = st.sampled_from(
     [
         "authorization",
