@@ -18,6 +18,7 @@ STATUS: Mapping[Reason, int] = {
     "model_not_allowed": 403,
     "unpriced_model": 403,
     "unmetered_call": 403,
+    "unpriced_service_tier": 403,
     "spend_limit_exceeded": 429,
     "store_unavailable": 503,
     "overloaded": 503,

@@ -57,6 +57,7 @@ from sidecar.policy.request import (
     split_provider,
 )
 from sidecar.policy.rules import Context, Rule, Unit, in_unit
+from sidecar.policy.service_tier import unpriced_service_tier
 from sidecar.policy.unmetered import unmetered_call
 from sidecar.policy.windows import RollingWindow
 from sidecar.pricing import UnitPrice
@@ -316,6 +317,10 @@ class Engine:
                 provider_headers=self._keys(rs, provider.id if provider else "", identity, attrs),
             )
         model, body = found
+        if not rs.admit_any_service_tier:
+            refused = unpriced_service_tier(body)
+            if refused is not None:
+                return deny("unpriced_service_tier", refused, identity=identity, model=model)
         if provider is None:
             named, model = split_provider(model, rs.provider_by_id)
             if named is None:

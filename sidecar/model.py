@@ -107,6 +107,7 @@ Reason = Literal[
     "model_not_allowed",
     "unpriced_model",
     "unmetered_call",
+    "unpriced_service_tier",
     "bad_request",
     "spend_limit_exceeded",
     "store_unavailable",

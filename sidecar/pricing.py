@@ -24,6 +24,7 @@ How genai-prices' richer price model is reduced to four per-token rates:
 - Prices with a start date are resolved at lookup time; the cache is dropped when the next
   known start date arrives, so a scheduled price change takes effect without a restart.
 - Request-dependent variants (service tiers, batch) are not applied: the standard price is used.
+  Tiers billed above it are refused at admission (sidecar/policy/service_tier.py).
 - A cache read or write without its own rate costs the input rate (genai-prices bills such
   tokens as plain input). Anthropic's 1-hour cache writes have their own rate; without one
   they cost the 5-minute write rate.

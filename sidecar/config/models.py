@@ -542,6 +542,10 @@ class AdmissionConfig(Strict):
     # fine-tuning jobs, background responses: sidecar/policy/unmetered.py): `refuse` (403
     # `unmetered_call`), or `reserve`: admitted and charged their reservation.
     unmetered_calls: Literal["refuse", "reserve"] = "refuse"
+    # Service tiers billed above the standard price, which is all prices carry
+    # (sidecar/policy/service_tier.py): `refuse` (403 `unpriced_service_tier`), or
+    # `standard_price`: admitted and charged at the standard price.
+    service_tiers: Literal["refuse", "standard_price"] = "refuse"
 
 
 class WebhookConfig(Strict):

@@ -65,6 +65,8 @@ class RuleSet:
     provider_keys: Mapping[str, ProviderKeys] = field(default_factory=dict)
     # Whether calls the gateway cannot meter are admitted (sidecar/policy/unmetered.py).
     admit_unmetered: bool = False
+    # Whether tiers billed above standard are admitted (sidecar/policy/service_tier.py).
+    admit_any_service_tier: bool = False
 
     def fallback_chain(self, model: str, canonical: str) -> tuple[FallbackStep, ...]:
         """The configured chain for a model under the name it was asked by (any case), else
@@ -197,6 +199,7 @@ def build_ruleset(
         provider_by_id={p.id: p for p in providers},
         provider_keys=provider_keys,
         admit_unmetered=config.admission.unmetered_calls == "reserve",
+        admit_any_service_tier=config.admission.service_tiers == "standard_price",
     )
 
 
