@@ -1,9 +1,10 @@
-"""A tier of service billed above the standard price is refused before the provider sees it:
-prices carry the standard rates only, so a caller asking OpenAI for priority processing
-would spend up to twice what every budget counts."""
+"""A level of service billed above the standard price is refused before the provider sees
+it: prices carry the standard rates only, so a caller asking OpenAI for priority processing
+(or Anthropic for fast mode) would spend several times what every budget counts."""
 
 from __future__ import annotations
 
+import anthropic
 import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
@@ -59,3 +60,34 @@ def test_a_standard_or_cheaper_tier_is_served_and_charged_through_envoy(
         assert answer.usage is not None
     row = charged(stack, email, requests=3)
     assert row["requests"] == 3
+
+
+def test_anthropic_fast_mode_is_refused_and_standard_speed_served_through_envoy(
+    stack: Stack, issuer: DevIssuer
+) -> None:
+    email = user("fast")
+    client = anthropic.Anthropic(
+        base_url=stack.envoy_url + "/anthropic",
+        api_key="unused",
+        max_retries=0,
+        default_headers={"authorization": f"Bearer {issuer.mint(email)}"},
+    )
+    stack.clear_seen()
+    with pytest.raises(anthropic.PermissionDeniedError) as refused:
+        client.messages.create(
+            model="claude-haiku-4-5",
+            max_tokens=8,
+            messages=[{"role": "user", "content": "Say hi."}],
+            speed="fast",
+        )
+    assert refused.value.status_code == 403
+    assert "speed 'fast' is billed above the standard price" in refused.value.message
+    assert stack.seen() == []
+    message = client.messages.create(
+        model="claude-haiku-4-5",
+        max_tokens=8,
+        messages=[{"role": "user", "content": "Say hi."}],
+        speed="standard",
+    )
+    assert message.usage.output_tokens > 0
+    assert charged(stack, email)["requests"] == 1

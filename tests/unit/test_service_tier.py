@@ -29,6 +29,14 @@ CHAT = {"model": "cent-1", "max_tokens": 1, "messages": []}
         {"service_tier": True},
         {"serviceTier": "priority"},
         {"service_tier": "flex", "serviceTier": "priority"},
+        # Anthropic's fast mode; Bedrock's tier object and latency-optimized inference.
+        {"speed": "fast"},
+        {"speed": "FAST"},
+        {"speed": 2},
+        {"serviceTier": {"type": "priority"}},
+        {"serviceTier": {"type": ["default"]}},
+        {"performanceConfig": {"latency": "optimized"}},
+        {"performanceConfig": "optimized"},
     ],
 )
 def test_tiers_billed_above_standard_are_named(body: dict[str, Any]) -> None:
@@ -46,6 +54,12 @@ def test_tiers_billed_above_standard_are_named(body: dict[str, Any]) -> None:
         {"service_tier": "Flex"},
         {"service_tier": "standard_only"},
         {"serviceTier": "standard"},
+        {"speed": "standard"},
+        {"speed": None},
+        {"serviceTier": {"type": "flex"}},
+        {"serviceTier": {}},
+        {"performanceConfig": {"latency": "standard"}},
+        {"performanceConfig": {}},
     ],
 )
 def test_standard_or_cheaper_tiers_pass(body: dict[str, Any]) -> None:
