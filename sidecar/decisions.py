@@ -19,6 +19,7 @@ STATUS: Mapping[Reason, int] = {
     "unpriced_model": 403,
     "unmetered_call": 403,
     "unpriced_service_tier": 403,
+    "unpriced_tool": 403,
     "spend_limit_exceeded": 429,
     "store_unavailable": 503,
     "overloaded": 503,

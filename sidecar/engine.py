@@ -59,6 +59,7 @@ from sidecar.policy.request import (
 from sidecar.policy.rules import Context, Rule, Unit, in_unit
 from sidecar.policy.service_tier import unpriced_service_tier
 from sidecar.policy.unmetered import unmetered_call
+from sidecar.policy.unpriced_tools import unpriced_tool
 from sidecar.policy.windows import RollingWindow
 from sidecar.pricing import UnitPrice
 from sidecar.providers.credentials import injected_headers
@@ -321,6 +322,10 @@ class Engine:
             refused = unpriced_service_tier(body)
             if refused is not None:
                 return deny("unpriced_service_tier", refused, identity=identity, model=model)
+        if not rs.admit_unpriced_tools and ("tools" in body or "web_search_options" in body):
+            refused = unpriced_tool(body)
+            if refused is not None:
+                return deny("unpriced_tool", refused, identity=identity, model=model)
         if provider is None:
             named, model = split_provider(model, rs.provider_by_id)
             if named is None:

@@ -108,6 +108,7 @@ Reason = Literal[
     "unpriced_model",
     "unmetered_call",
     "unpriced_service_tier",
+    "unpriced_tool",
     "bad_request",
     "spend_limit_exceeded",
     "store_unavailable",

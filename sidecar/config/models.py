@@ -546,6 +546,10 @@ class AdmissionConfig(Strict):
     # (sidecar/policy/service_tier.py): `refuse` (403 `unpriced_service_tier`), or
     # `standard_price`: admitted and charged at the standard price.
     service_tiers: Literal["refuse", "standard_price"] = "refuse"
+    # Server-side tools billed apart from tokens at a price no response reports
+    # (sidecar/policy/unpriced_tools.py): `refuse` (403 `unpriced_tool`), or `allow`:
+    # admitted, their fees uncharged.
+    unpriced_tools: Literal["refuse", "allow"] = "refuse"
 
 
 class WebhookConfig(Strict):

@@ -67,6 +67,8 @@ class RuleSet:
     admit_unmetered: bool = False
     # Whether tiers billed above standard are admitted (sidecar/policy/service_tier.py).
     admit_any_service_tier: bool = False
+    # Whether tools whose fees cannot be charged are admitted (sidecar/policy/unpriced_tools.py).
+    admit_unpriced_tools: bool = False
 
     def fallback_chain(self, model: str, canonical: str) -> tuple[FallbackStep, ...]:
         """The configured chain for a model under the name it was asked by (any case), else
@@ -200,6 +202,7 @@ def build_ruleset(
         provider_keys=provider_keys,
         admit_unmetered=config.admission.unmetered_calls == "reserve",
         admit_any_service_tier=config.admission.service_tiers == "standard_price",
+        admit_unpriced_tools=config.admission.unpriced_tools == "allow",
     )
 
 
