@@ -16,7 +16,9 @@ the client's work on the event loop). `--reserve-only` times the store's `reserv
 on the request one Check makes, under fresh ids (the figure is then per reserve).
 
 With `--baseline DIR` (say `git archive main | tar -x -C DIR`), this tree and DIR are run
-alternately, `--runs` times each, each in a process of its own.
+alternately, `--runs` times each, each in a process of its own. `--answer-to FILE` writes
+the serialized CheckResponse of one admitted Check and stops (the `floor_answer` row of
+bench.rows answers every Check with it).
 """
 
 from __future__ import annotations
@@ -118,7 +120,9 @@ async def _reserve_alone(engine: Any, check: Callable[[], Awaitable[bytes]]) -> 
     return one
 
 
-async def _measure(store: str, checks: int, rounds: int, reserve_only: bool) -> list[float]:
+async def _measure(
+    store: str, checks: int, rounds: int, reserve_only: bool, answer_to: Path | None = None
+) -> list[float]:
     from devtools.keys import DevIssuer
 
     workdir = Path(tempfile.mkdtemp(prefix="check-loop-"))
@@ -131,7 +135,9 @@ async def _measure(store: str, checks: int, rounds: int, reserve_only: bool) -> 
         redis, port = start_redis(workdir / "redis")
         url = f"redis://{LOOPBACK}:{port}/0"
     try:
-        return await _measure_on(store, url, workdir, issuer, jwks, checks, rounds, reserve_only)
+        return await _measure_on(
+            store, url, workdir, issuer, jwks, checks, rounds, reserve_only, answer_to
+        )
     finally:
         if store == "redis":
             redis.stop()
@@ -146,6 +152,7 @@ async def _measure_on(
     checks: int,
     rounds: int,
     reserve_only: bool,
+    answer_to: Path | None = None,
 ) -> list[float]:
     from envoy.service.auth.v3 import external_auth_pb2
 
@@ -185,8 +192,13 @@ async def _measure_on(
             return written
         return bytes((await servicer.Check(parse(raw), context)).SerializeToString())
 
-    if b"x-sidecar-request-id" not in await one():
+    first = await one()
+    if b"x-sidecar-request-id" not in first:
         raise RuntimeError("the benchmark request was not admitted")
+    if answer_to is not None:
+        answer_to.write_bytes(first)
+        await services.close()
+        return []
     for _ in range(300):  # the caches a running sidecar has warm
         await one()
     if reserve_only:
@@ -205,7 +217,9 @@ async def _measure_on(
     return per_check
 
 
-def _one_run(store: str, checks: int, rounds: int, reserve_only: bool) -> list[float]:
+def _one_run(
+    store: str, checks: int, rounds: int, reserve_only: bool, answer_to: Path | None = None
+) -> list[float]:
     import uvloop
 
     from devtools.config import demo_key_env
@@ -219,7 +233,7 @@ def _one_run(store: str, checks: int, rounds: int, reserve_only: bool) -> list[f
     configure("info")
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            return runner.run(_measure(store, checks, rounds, reserve_only))
+            return runner.run(_measure(store, checks, rounds, reserve_only, answer_to))
     finally:
         sys.stderr = real  # a failure's traceback is seen
 
@@ -250,7 +264,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="processes per tree")
     parser.add_argument("--baseline", type=Path, help="another source tree, run alternately")
     parser.add_argument("--one-run", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--answer-to",
+        type=Path,
+        help="write the CheckResponse one admitted Check answers to this file and stop",
+    )
     args = parser.parse_args(argv)
+    if args.answer_to is not None:
+        _one_run(args.store, 1, 1, False, args.answer_to)
+        return 0
     if args.one_run:
         print(json.dumps(_one_run(args.store, args.checks, args.rounds, args.reserve_only)))
         return 0

@@ -5,8 +5,12 @@ parsing of the CheckRequest with its body, one event loop), built with the same 
 options as `sidecar serve`, so the sidecar rows are read as a ratio to it. With
 `--ext-proc` it also serves a pass-through ext_proc (one empty answer per message) and an
 access log service that reads and drops the records, the floor for the metering row.
+With `--answer FILE` it answers every Check with the CheckResponse in FILE (serialized, as
+`sidecar serve` answers: the bytes, no message built): the sidecar's own allow, so that
+what Envoy spends on that answer (its headers, removals and metadata) is measured apart
+from what the sidecar spends deciding it.
 
-    python -m bench.noop_authz --port 9101 [--ext-proc]
+    python -m bench.noop_authz --port 9101 [--ext-proc] [--answer FILE]
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import argparse
 import asyncio
 import signal
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -59,9 +64,30 @@ class NoopAccessLog(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc
         return als_pb2.StreamAccessLogsResponse()
 
 
-async def serve(address: str, ext_proc: bool) -> None:
+def add_answering(answer: bytes, server: grpc.aio.Server) -> None:
+    """Serve Check answering `answer`, registered as `sidecar serve` registers its own."""
+
+    async def check(request: external_auth_pb2.CheckRequest, context: object) -> bytes:
+        return answer
+
+    handlers = {
+        "Check": grpc.unary_unary_rpc_method_handler(
+            check,
+            request_deserializer=external_auth_pb2.CheckRequest.FromString,
+            response_serializer=None,
+        )
+    }
+    service = "envoy.service.auth.v3.Authorization"
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)
+
+
+async def serve(address: str, ext_proc: bool, answer: bytes | None = None) -> None:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(NoopAuthorization(), server)
+    if answer is None:
+        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(NoopAuthorization(), server)
+    else:
+        add_answering(answer, server)
     if ext_proc:
         external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(NoopProcessor(), server)
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(NoopAccessLog(), server)
@@ -80,8 +106,10 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--ext-proc", action="store_true", help="serve ext_proc too")
+    parser.add_argument("--answer", type=Path, help="answer every Check with this CheckResponse")
     args = parser.parse_args()
-    asyncio.run(serve(f"{args.host}:{args.port}", args.ext_proc))
+    answer = args.answer.read_bytes() if args.answer else None
+    asyncio.run(serve(f"{args.host}:{args.port}", args.ext_proc, answer))
 
 
 if __name__ == "__main__":

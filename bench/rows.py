@@ -6,6 +6,7 @@ same time, so the orchestrator can alternate between them round after round.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from contextlib import ExitStack
@@ -29,6 +30,8 @@ from devtools.procs import (
 )
 from devtools.stack import ADMIN_TOKEN, serve_argv, wait_ready
 
+TREE = Path(__file__).resolve().parent.parent
+
 
 @dataclass(frozen=True)
 class RowSpec:
@@ -40,6 +43,9 @@ class RowSpec:
     # Another source tree whose `sidecar` package this row's sidecar runs (a baseline to
     # compare against in the same run); None: this checkout's.
     tree: Path | None = None
+    # A floor that answers every Check with the sidecar's own allow for the benchmark
+    # request (bench/noop_authz.py --answer): Envoy's cost of that answer, without deciding.
+    answer: bool = False
 
 
 @dataclass
@@ -56,6 +62,13 @@ class Row:
 ROWS: tuple[RowSpec, ...] = (
     RowSpec("envoy", "Envoy alone (direct response)", "none", "envoy"),
     RowSpec("floor", "Envoy + no-op Python ext_authz (floor)", "floor", "authz"),
+    RowSpec(
+        "floor_answer",
+        "Envoy + no-op ext_authz answering the sidecar's allow",
+        "floor",
+        "authz",
+        answer=True,
+    ),
     RowSpec("sqlite", "Envoy + sidecar, SQLite", "sqlite", "authz"),
     RowSpec("redis", "Envoy + sidecar, Redis", "redis", "authz"),
     RowSpec("metering", "Envoy + sidecar, SQLite, metering on", "sqlite", "full"),
@@ -114,12 +127,22 @@ class Bench:
             self._redis_url = f"redis://{LOOPBACK}:{port}/0"
         return self._redis_url
 
+    def _sidecar_answer(self) -> Path:
+        """The CheckResponse this checkout's sidecar answers the benchmark request with
+        (one admitted Check in process: bench/check_loop.py --answer-to)."""
+        path = self.workdir / "sidecar-answer.bin"
+        argv = [sys.executable, "-m", "bench.check_loop", "--store", "sqlite"]
+        subprocess.run([*argv, "--answer-to", str(path)], cwd=TREE, check=True)
+        return path
+
     def _backend(self, spec: RowSpec) -> tuple[int, list[ManagedProcess]]:
         port = free_port()
         if spec.backend == "floor":
             argv = [sys.executable, "-m", "bench.noop_authz", "--port", str(port)]
             if spec.variant == "full":
                 argv.append("--ext-proc")
+            if spec.answer:
+                argv += ["--answer", str(self._sidecar_answer())]
             proc = self.stack.enter_context(
                 ManagedProcess(f"floor-{spec.key}", argv, self.workdir).start()
             )
