@@ -54,13 +54,18 @@ class RequestAttrs:
 class TokenUsage:
     """One model's token counts as the provider reported them. input_tokens excludes cache
     tokens; cache_write_1h_tokens is the part of cache_write_tokens written for an hour
-    (Anthropic prices those above the 5-minute writes)."""
+    (Anthropic prices those above the 5-minute writes). The audio counts are the parts of
+    input_tokens, output_tokens and cache_read_tokens that were audio, priced at their own
+    rates where the model has them (several times the text rates)."""
 
     input_tokens: int = 0
     output_tokens: int = 0
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
     cache_write_1h_tokens: int = 0
+    input_audio_tokens: int = 0
+    output_audio_tokens: int = 0
+    cache_audio_read_tokens: int = 0
 
     @property
     def total_input(self) -> int:
@@ -73,6 +78,9 @@ class TokenUsage:
             self.cache_read_tokens + other.cache_read_tokens,
             self.cache_write_tokens + other.cache_write_tokens,
             self.cache_write_1h_tokens + other.cache_write_1h_tokens,
+            self.input_audio_tokens + other.input_audio_tokens,
+            self.output_audio_tokens + other.output_audio_tokens,
+            self.cache_audio_read_tokens + other.cache_audio_read_tokens,
         )
 
 

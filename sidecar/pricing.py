@@ -26,7 +26,12 @@ How genai-prices' richer price model is reduced to four per-token rates:
 - Request-dependent variants (service tiers, batch) are not applied: the standard price is used.
   Tiers billed above it are refused at admission (sidecar/policy/service_tier.py).
 - A cache read or write without its own rate costs the input rate (genai-prices bills such
-  tokens as plain input). Anthropic's 1-hour cache writes have their own rate; without one
+  tokens as plain input).
+- Audio tokens (a part of the input, output and cache-read counts) cost the model's audio
+  rates, as text when it has none; cached audio costs its own rate, else the audio input
+  rate when only audio is priced, the cache-read rate when only reads are, the higher of the
+  two when both are (where genai-prices itself refuses to choose). Image and video tokens
+  are billed as text. Anthropic's 1-hour cache writes have their own rate; without one
   they cost the 5-minute write rate.
 - Server-tool fees (web searches, file searches) are genai-prices' per-1,000 prices, kept as
   pico-dollars per call. They are not tiered. A configured override keeps genai-prices' fees
@@ -68,6 +73,9 @@ _PRICE_KEYS = (
     "cache_read_mtok",
     "cache_write_mtok",
     "cache_write_1h_mtok",
+    "input_audio_mtok",
+    "output_audio_mtok",
+    "cache_audio_read_mtok",
 )
 # USD per 1,000 calls (genai-prices' `*_kcount` prices) → pico-dollars per call.
 _PICO_PER_USD_PER_KCALL = 1_000_000_000
@@ -121,6 +129,10 @@ class PriceTier:
     cache_write: int
     # None: the same as cache_write.
     cache_write_1h: int | None = None
+    # Audio tokens' rates; None: the text rate (input, output; cached audio: input_audio).
+    input_audio: int | None = None
+    output_audio: int | None = None
+    cache_audio_read: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +150,10 @@ class UnitPrice:
     # Pico-dollars per server-tool call.
     web_search: int = 0
     file_search: int = 0
+    # Audio tokens' rates; None: the text rate (input, output; cached audio: input_audio).
+    input_audio: int | None = None
+    output_audio: int | None = None
+    cache_audio_read: int | None = None
 
 
 # A configured price (`pricing.overrides[]`), validated when the file is loaded: `provider`
@@ -251,12 +267,30 @@ def cost_pico(price: UnitPrice, usage: TokenUsage) -> int:
             break
     one_hour = min(usage.cache_write_1h_tokens, usage.cache_write_tokens)
     one_hour_rate = rates.cache_write if rates.cache_write_1h is None else rates.cache_write_1h
-    return (
+    text = (
         usage.input_tokens * rates.input
         + usage.output_tokens * rates.output
         + usage.cache_read_tokens * rates.cache_read
         + (usage.cache_write_tokens - one_hour) * rates.cache_write
         + one_hour * one_hour_rate
+    )
+    if usage.input_audio_tokens or usage.output_audio_tokens or usage.cache_audio_read_tokens:
+        return text + _audio_surcharge(rates, usage)
+    return text
+
+
+def _audio_surcharge(rates: UnitPrice | PriceTier, usage: TokenUsage) -> int:
+    """What the audio parts of `usage` cost beyond the text rates they were counted at, at
+    the model's audio rates (see `_candidate_rates`); a price without audio rates (an
+    override) bills audio as text."""
+    input_audio = rates.input if rates.input_audio is None else rates.input_audio
+    output_audio = rates.output if rates.output_audio is None else rates.output_audio
+    cached_audio = rates.cache_read if rates.cache_audio_read is None else rates.cache_audio_read
+    return (
+        min(usage.input_audio_tokens, usage.input_tokens) * (input_audio - rates.input)
+        + min(usage.output_audio_tokens, usage.output_tokens) * (output_audio - rates.output)
+        + min(usage.cache_audio_read_tokens, usage.cache_read_tokens)
+        * (cached_audio - rates.cache_read)
     )
 
 
@@ -441,7 +475,9 @@ def _next_price_change(info: gp_types.ModelInfo, today: date) -> float | None:
 
 
 PriceValue = Decimal | gp_types.TieredPrices | None
-Rates = tuple[int, int, int, int, int]
+# input, output, cache read, cache write, 1-hour cache write, audio input, audio output,
+# cached audio.
+Rates = tuple[int, int, int, int, int, int, int, int]
 
 
 def _unit_price(candidates: Sequence[gp_types.ModelPrice]) -> UnitPrice | None:
@@ -453,7 +489,7 @@ def _unit_price(candidates: Sequence[gp_types.ModelPrice]) -> UnitPrice | None:
     )
     tiers = tuple(PriceTier(limit, *_rates_at(values, limit)) for limit in thresholds)
     top = thresholds[-1] + 1 if thresholds else 0
-    input_rate, output, cache_read, cache_write, cache_write_1h = _rates_at(values, top)
+    input_rate, output, cache_read, cache_write, cache_write_1h, *audio = _rates_at(values, top)
     web_search, file_search = _fee_rates(candidates)
     return UnitPrice(
         input_rate,
@@ -465,6 +501,9 @@ def _unit_price(candidates: Sequence[gp_types.ModelPrice]) -> UnitPrice | None:
         cache_write_1h=cache_write_1h,
         web_search=web_search,
         file_search=file_search,
+        input_audio=audio[0],
+        output_audio=audio[1],
+        cache_audio_read=audio[2],
     )
 
 
@@ -504,6 +543,9 @@ def _rates_at(values: Sequence[Mapping[str, PriceValue]], total_input: int) -> R
         max(r[2] for r in rates),
         max(r[3] for r in rates),
         max(r[4] for r in rates),
+        max(r[5] for r in rates),
+        max(r[6] for r in rates),
+        max(r[7] for r in rates),
     )
 
 
@@ -514,12 +556,32 @@ def _candidate_rates(value: Mapping[str, PriceValue], total_input: int) -> Rates
     cache_write = _rate(value["cache_write_mtok"], total_input)
     cache_write_1h = _rate(value["cache_write_1h_mtok"], total_input)
     write_rate = input_rate if cache_write is None else per_mtok_to_pico(cache_write)
+    output_rate = 0 if output is None else per_mtok_to_pico(output)
+    read_rate = input_rate if cache_read is None else per_mtok_to_pico(cache_read)
+    # Audio without its own rate is billed as text. Cached audio without its own rate is
+    # billed as audio when only audio has a rate, as a cache read when only reads have one;
+    # with both, genai-prices refuses to choose, and the higher is taken.
+    audio_in = _rate(value["input_audio_mtok"], total_input)
+    input_audio = _or_rate(audio_in, input_rate)
+    output_audio = _or_rate(_rate(value["output_audio_mtok"], total_input), output_rate)
+    cached_audio = _rate(value["cache_audio_read_mtok"], total_input)
+    if cached_audio is not None:
+        cached_audio_rate = per_mtok_to_pico(cached_audio)
+    elif audio_in is None:
+        cached_audio_rate = read_rate
+    elif cache_read is None:
+        cached_audio_rate = input_audio
+    else:
+        cached_audio_rate = max(read_rate, input_audio)
     return (
         input_rate,
-        0 if output is None else per_mtok_to_pico(output),
-        input_rate if cache_read is None else per_mtok_to_pico(cache_read),
+        output_rate,
+        read_rate,
         write_rate,
         write_rate if cache_write_1h is None else per_mtok_to_pico(cache_write_1h),
+        input_audio,
+        output_audio,
+        cached_audio_rate,
     )
 
 

@@ -19,6 +19,12 @@ def gemini_usage_metadata(usage: TokenUsage, thoughts: int) -> dict[str, Any]:
         "totalTokenCount": prompt + usage.output_tokens,
         "promptTokensDetails": [{"modality": "TEXT", "tokenCount": prompt}],
     }
+    audio = usage.input_audio_tokens + usage.cache_audio_read_tokens
+    if audio:
+        metadata["promptTokensDetails"] = [
+            {"modality": "TEXT", "tokenCount": prompt - audio},
+            {"modality": "AUDIO", "tokenCount": audio},
+        ]
     if thoughts:
         metadata["thoughtsTokenCount"] = thoughts
     if usage.cache_read_tokens:

@@ -15,8 +15,14 @@ def _chat_usage(usage: TokenUsage) -> dict[str, Any]:
         "prompt_tokens": usage.total_input,
         "completion_tokens": usage.output_tokens,
         "total_tokens": usage.total_input + usage.output_tokens,
-        "prompt_tokens_details": {"cached_tokens": usage.cache_read_tokens, "audio_tokens": 0},
-        "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0},
+        "prompt_tokens_details": {
+            "cached_tokens": usage.cache_read_tokens,
+            "audio_tokens": usage.input_audio_tokens + usage.cache_audio_read_tokens,
+        },
+        "completion_tokens_details": {
+            "reasoning_tokens": 0,
+            "audio_tokens": usage.output_audio_tokens,
+        },
     }
 
 

@@ -4,6 +4,7 @@ compute the cost the sidecar should charge without trusting the sidecar."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from sidecar.metering.parse import Api
@@ -82,7 +83,40 @@ def gemini_thoughts(body: Mapping[str, Any]) -> int:
     return min(budget, GEMINI_MAX_THOUGHTS)
 
 
+def _has_audio_part(value: Any) -> bool:
+    """Whether Gemini contents hold an audio part (`inlineData` of an audio type)."""
+    if isinstance(value, list):
+        return any(_has_audio_part(item) for item in value)
+    if not isinstance(value, dict):
+        return False
+    inline = value.get("inlineData", value.get("inline_data"))
+    if isinstance(inline, dict):
+        mime = inline.get("mimeType", inline.get("mime_type"))
+        if isinstance(mime, str) and mime.startswith("audio/"):
+            return True
+    return _has_audio_part(value.get("parts"))
+
+
 def expected_usage(api: Api, body: Mapping[str, Any]) -> TokenUsage:
+    """The usage this provider reports for `body`: `_text_usage`, and audio. An OpenAI chat
+    request asking for audio (`modalities` with "audio") reports half its uncached input
+    and all its output as audio; a Gemini request with an audio part, half its uncached
+    input."""
+    usage = _text_usage(api, body)
+    if api == "openai_chat":
+        modalities = body.get("modalities")
+        if isinstance(modalities, list) and "audio" in modalities:
+            return replace(
+                usage,
+                input_audio_tokens=usage.input_tokens // 2,
+                output_audio_tokens=usage.output_tokens,
+            )
+    if api == "gemini" and _has_audio_part(body.get("contents")):
+        return replace(usage, input_audio_tokens=usage.input_tokens // 2)
+    return usage
+
+
+def _text_usage(api: Api, body: Mapping[str, Any]) -> TokenUsage:
     """The usage this provider reports for `body`.
 
     Input: total characters of all message text // 4 (at least 1), plus a fixed overhead.

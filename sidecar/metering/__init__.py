@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
+from dataclasses import replace
 
 from sidecar import untrusted_json
+from sidecar.model import TokenUsage
 
 
 def count(value: object) -> int | None:
@@ -77,3 +79,32 @@ def generated_text_bytes(root: object) -> int:
         elif isinstance(item, list):
             stack.extend((key, v) for v in item)
     return total
+
+
+def modality_count(details: object, modality: str) -> int:
+    """Gemini's `*TokensDetails`: the `tokenCount` of the entry for `modality` (0 if none)."""
+    if not isinstance(details, list):
+        return 0
+    total = 0
+    for entry in details:
+        fields = mapping(entry)
+        if fields is not None and fields.get("modality") == modality:
+            total += count(fields.get("tokenCount")) or 0
+    return total
+
+
+def with_audio(
+    usage: TokenUsage, audio_input: int, cached_audio: int, audio_output: int
+) -> TokenUsage:
+    """`usage` with its audio parts set, from counts as providers report them: `audio_input`
+    includes the cached audio, `cached_audio` is part of the cache reads. Each part is
+    bounded by the count it is part of, so a report cannot make one count larger."""
+    if not (audio_input or cached_audio or audio_output):
+        return usage
+    cached = min(cached_audio, audio_input, usage.cache_read_tokens)
+    return replace(
+        usage,
+        input_audio_tokens=min(audio_input - cached, usage.input_tokens),
+        cache_audio_read_tokens=cached,
+        output_audio_tokens=min(audio_output, usage.output_tokens),
+    )

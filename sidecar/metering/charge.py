@@ -189,4 +189,7 @@ def _shortfall(top: TokenUsage, charged: TokenUsage) -> TokenUsage:
         max(top.cache_read_tokens - charged.cache_read_tokens, 0),
         max(top.cache_write_tokens - charged.cache_write_tokens, 0),
         max(top.cache_write_1h_tokens - charged.cache_write_1h_tokens, 0),
+        max(top.input_audio_tokens - charged.input_audio_tokens, 0),
+        max(top.output_audio_tokens - charged.output_audio_tokens, 0),
+        max(top.cache_audio_read_tokens - charged.cache_audio_read_tokens, 0),
     )

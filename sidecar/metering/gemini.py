@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from sidecar.metering import count, load_json, mapping, utf8_len
+from sidecar.metering import count, load_json, mapping, modality_count, utf8_len, with_audio
 from sidecar.metering.sse import SSEEvent
 from sidecar.metering.tally import StreamTally
 from sidecar.model import TokenUsage
@@ -30,10 +30,17 @@ def gemini_usage(metadata: object) -> TokenUsage | None:
     # Tool-use prompt tokens (e.g. a Google Search result fed back in) are billed as input.
     total_input = (prompt or 0) + (count(fields.get("toolUsePromptTokenCount")) or 0)
     cached = min(count(fields.get("cachedContentTokenCount")) or 0, total_input)
-    return TokenUsage(
+    tokens = TokenUsage(
         input_tokens=total_input - cached,
         output_tokens=(candidates or 0) + (thoughts or 0),
         cache_read_tokens=cached,
+    )
+    # Audio is priced apart (several times text), by modality inside the same totals.
+    return with_audio(
+        tokens,
+        modality_count(fields.get("promptTokensDetails"), "AUDIO"),
+        modality_count(fields.get("cacheTokensDetails"), "AUDIO"),
+        modality_count(fields.get("candidatesTokensDetails"), "AUDIO"),
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from sidecar.metering import count, load_json, mapping, utf8_len
+from sidecar.metering import count, load_json, mapping, utf8_len, with_audio
 from sidecar.metering.sse import SSEEvent, typed_payload
 from sidecar.metering.tally import StreamTally
 from sidecar.model import Iteration, TokenUsage, ToolFees
@@ -68,7 +68,10 @@ def responses_body_fees(body: object) -> ToolFees:
 
 
 def _split_cached(
-    total_input: int, details: Mapping[str, object] | None, output: int
+    total_input: int,
+    details: Mapping[str, object] | None,
+    output: int,
+    output_details: Mapping[str, object] | None = None,
 ) -> TokenUsage:
     # OpenAI counts cached tokens inside the prompt total; TokenUsage keeps them apart.
     cached = count(details.get("cached_tokens")) if details else None
@@ -77,11 +80,19 @@ def _split_cached(
     written = count(details.get("cache_write_tokens")) if details else None
     cached = min(cached or 0, total_input)
     written = min(written or 0, total_input - cached)
-    return TokenUsage(
+    tokens = TokenUsage(
         input_tokens=total_input - cached - written,
         output_tokens=output,
         cache_read_tokens=cached,
         cache_write_tokens=written,
+    )
+    # Audio (gpt-audio models) is priced apart, inside the same totals.
+    cached_details = mapping(details.get("cached_tokens_details")) if details else None
+    return with_audio(
+        tokens,
+        (count(details.get("audio_tokens")) or 0) if details else 0,
+        (count(cached_details.get("audio_tokens")) or 0) if cached_details else 0,
+        (count(output_details.get("audio_tokens")) or 0) if output_details else 0,
     )
 
 
@@ -96,8 +107,12 @@ def _usage(usage: object, prefix: str, output_key: str) -> TokenUsage | None:
     output = count(fields.get(output_key))
     if total_input is None and output is None:
         return None
+    output_prefix = output_key.removesuffix("_tokens")
     return _split_cached(
-        total_input or 0, mapping(fields.get(f"{prefix}_tokens_details")), output or 0
+        total_input or 0,
+        mapping(fields.get(f"{prefix}_tokens_details")),
+        output or 0,
+        mapping(fields.get(f"{output_prefix}_tokens_details")),
     )
 
 

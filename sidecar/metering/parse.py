@@ -9,7 +9,7 @@ from urllib.parse import unquote
 
 from genai_prices import data_snapshot
 
-from sidecar.metering import count, generated_text_bytes, load_json
+from sidecar.metering import count, generated_text_bytes, load_json, with_audio
 from sidecar.metering.anthropic import MessagesStream, message_body_extras, message_body_usage
 from sidecar.metering.bedrock import (
     EVENTSTREAM_MEDIA,
@@ -151,7 +151,7 @@ def body_usage(api: Api, body: object) -> TokenUsage | None:
     cache_write = min(
         count(usage.reported_value("cache_write_tokens")) or 0, total_input - cache_read
     )
-    return TokenUsage(
+    tokens = TokenUsage(
         input_tokens=total_input - cache_read - cache_write,
         output_tokens=count(usage.reported_value("output_tokens")) or 0,
         cache_read_tokens=cache_read,
@@ -159,6 +159,12 @@ def body_usage(api: Api, body: object) -> TokenUsage | None:
         cache_write_1h_tokens=min(
             count(usage.reported_value("cache_write_1h_tokens")) or 0, cache_write
         ),
+    )
+    return with_audio(
+        tokens,
+        count(usage.reported_value("input_audio_tokens")) or 0,
+        count(usage.reported_value("cache_audio_read_tokens")) or 0,
+        count(usage.reported_value("output_audio_tokens")) or 0,
     )
 
 

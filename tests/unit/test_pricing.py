@@ -80,6 +80,8 @@ def test_gpt_4o_has_genai_prices_rates_in_pico_per_token() -> None:
         input=2_500_000, output=10_000_000, cache_read=1_250_000, cache_write=2_500_000,
         source="genai-prices", cache_write_1h=2_500_000, web_search=10_000_000_000,
         file_search=2_500_000_000,
+        # No audio rates: audio costs what text does.
+        input_audio=2_500_000, output_audio=10_000_000, cache_audio_read=1_250_000,
     )  # fmt: skip
 
 
@@ -113,6 +115,71 @@ def test_actual_cost_matches_genai_prices_including_tiers(
 
     assert price is not None
     assert cost_micros(price, usage) == reference_micros(model, provider_id, usage)
+
+
+def audio_reference_micros(model: str, provider_id: str, usage: TokenUsage) -> int:
+    """genai-prices' own answer for a usage with audio in it, rounded up to µUSD."""
+    total = calc_price(
+        Usage(
+            input_tokens=usage.total_input,
+            output_tokens=usage.output_tokens,
+            cache_read_tokens=usage.cache_read_tokens,
+            input_audio_tokens=usage.input_audio_tokens + usage.cache_audio_read_tokens,
+            cache_audio_read_tokens=usage.cache_audio_read_tokens,
+            output_audio_tokens=usage.output_audio_tokens,
+        ),
+        model,
+        provider_id=provider_id,
+    ).total_price
+    return math.ceil(total * 1_000_000)
+
+
+@pytest.mark.parametrize(
+    ("provider_id", "model"),
+    [
+        ("openai", "gpt-audio-mini"),  # audio in and out priced apart, no cache rate
+        ("google", "gemini-2.5-flash"),  # audio input and cached audio priced apart
+        ("google", "gemini-2.0-flash"),
+        ("openai", "gpt-4o-mini"),  # no audio rates at all: audio costs what text does
+    ],
+)
+@pytest.mark.parametrize(
+    "usage",
+    [
+        TokenUsage(input_tokens=1_000, output_tokens=500, input_audio_tokens=800),
+        TokenUsage(input_tokens=1_000, output_tokens=500, output_audio_tokens=450),
+        TokenUsage(
+            input_tokens=2_000, output_tokens=300, cache_read_tokens=1_000,
+            input_audio_tokens=1_500, cache_audio_read_tokens=600, output_audio_tokens=200,
+        ),
+    ],
+)  # fmt: skip
+def test_audio_is_charged_at_its_own_rates_as_genai_prices_prices_it(
+    provider_id: str, model: str, usage: TokenUsage
+) -> None:
+    price = book().price(provider_id, model)
+
+    assert price is not None
+    assert cost_micros(price, usage) == audio_reference_micros(model, provider_id, usage)
+
+
+def test_audio_costs_more_than_the_same_tokens_as_text() -> None:
+    price = book().price("openai", "gpt-audio-mini")
+    assert price is not None
+    text = TokenUsage(input_tokens=1_000_000, output_tokens=1_000_000)
+    audio = TokenUsage(
+        input_tokens=1_000_000,
+        output_tokens=1_000_000,
+        input_audio_tokens=1_000_000,
+        output_audio_tokens=1_000_000,
+    )
+    # $0.60 + $2.40 as text; $10 + $20 as audio.
+    assert (cost_micros(price, text), cost_micros(price, audio)) == (3_000_000, 30_000_000)
+    # A report's audio part is bounded by the count it is part of.
+    inflated = TokenUsage(input_tokens=10, input_audio_tokens=1_000_000)
+    assert cost_micros(price, inflated) == cost_micros(
+        price, TokenUsage(input_tokens=10, input_audio_tokens=10)
+    )
 
 
 def test_tiered_model_estimates_at_the_highest_tier() -> None:
