@@ -54,9 +54,10 @@ class RequestAttrs:
 class TokenUsage:
     """One model's token counts as the provider reported them. input_tokens excludes cache
     tokens; cache_write_1h_tokens is the part of cache_write_tokens written for an hour
-    (Anthropic prices those above the 5-minute writes). The audio counts are the parts of
-    input_tokens, output_tokens and cache_read_tokens that were audio, priced at their own
-    rates where the model has them (several times the text rates)."""
+    (Anthropic prices those above the 5-minute writes). The audio, image and video counts
+    are the parts of input_tokens and output_tokens (and of cache_read_tokens, for audio)
+    in those modalities, priced at their own rates where the model has them (often many
+    times the text rates)."""
 
     input_tokens: int = 0
     output_tokens: int = 0
@@ -66,10 +67,27 @@ class TokenUsage:
     input_audio_tokens: int = 0
     output_audio_tokens: int = 0
     cache_audio_read_tokens: int = 0
+    input_image_tokens: int = 0
+    output_image_tokens: int = 0
+    input_video_tokens: int = 0
+    output_video_tokens: int = 0
 
     @property
     def total_input(self) -> int:
         return self.input_tokens + self.cache_read_tokens + self.cache_write_tokens
+
+    @property
+    def has_modalities(self) -> bool:
+        """Whether any tokens are counted as audio, image or video."""
+        return bool(
+            self.input_audio_tokens
+            or self.output_audio_tokens
+            or self.cache_audio_read_tokens
+            or self.input_image_tokens
+            or self.output_image_tokens
+            or self.input_video_tokens
+            or self.output_video_tokens
+        )
 
     def __add__(self, other: TokenUsage) -> TokenUsage:
         return TokenUsage(
@@ -81,6 +99,10 @@ class TokenUsage:
             self.input_audio_tokens + other.input_audio_tokens,
             self.output_audio_tokens + other.output_audio_tokens,
             self.cache_audio_read_tokens + other.cache_audio_read_tokens,
+            self.input_image_tokens + other.input_image_tokens,
+            self.output_image_tokens + other.output_image_tokens,
+            self.input_video_tokens + other.input_video_tokens,
+            self.output_video_tokens + other.output_video_tokens,
         )
 
 

@@ -31,7 +31,7 @@ How genai-prices' richer price model is reduced to four per-token rates:
   rates, as text when it has none; cached audio costs its own rate, else the audio input
   rate when only audio is priced, the cache-read rate when only reads are, the higher of the
   two when both are (where genai-prices itself refuses to choose). Image and video tokens
-  are billed as text. Anthropic's 1-hour cache writes have their own rate; without one
+  cost the model's image and video rates likewise; cached images cost the cache-read rate. Anthropic's 1-hour cache writes have their own rate; without one
   they cost the 5-minute write rate.
 - Server-tool fees (web searches, file searches) are genai-prices' per-1,000 prices, kept as
   pico-dollars per call. They are not tiered. A configured override keeps genai-prices' fees
@@ -76,6 +76,10 @@ _PRICE_KEYS = (
     "input_audio_mtok",
     "output_audio_mtok",
     "cache_audio_read_mtok",
+    "input_image_mtok",
+    "output_image_mtok",
+    "input_video_mtok",
+    "output_video_mtok",
 )
 # USD per 1,000 calls (genai-prices' `*_kcount` prices) → pico-dollars per call.
 _PICO_PER_USD_PER_KCALL = 1_000_000_000
@@ -129,10 +133,15 @@ class PriceTier:
     cache_write: int
     # None: the same as cache_write.
     cache_write_1h: int | None = None
-    # Audio tokens' rates; None: the text rate (input, output; cached audio: input_audio).
+    # Rates of audio, image and video tokens; None: the text rate (cached audio: the
+    # cache-read rate).
     input_audio: int | None = None
     output_audio: int | None = None
     cache_audio_read: int | None = None
+    input_image: int | None = None
+    output_image: int | None = None
+    input_video: int | None = None
+    output_video: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,10 +159,15 @@ class UnitPrice:
     # Pico-dollars per server-tool call.
     web_search: int = 0
     file_search: int = 0
-    # Audio tokens' rates; None: the text rate (input, output; cached audio: input_audio).
+    # Rates of audio, image and video tokens; None: the text rate (cached audio: the
+    # cache-read rate).
     input_audio: int | None = None
     output_audio: int | None = None
     cache_audio_read: int | None = None
+    input_image: int | None = None
+    output_image: int | None = None
+    input_video: int | None = None
+    output_video: int | None = None
 
 
 # A configured price (`pricing.overrides[]`), validated when the file is loaded: `provider`
@@ -274,24 +288,45 @@ def cost_pico(price: UnitPrice, usage: TokenUsage) -> int:
         + (usage.cache_write_tokens - one_hour) * rates.cache_write
         + one_hour * one_hour_rate
     )
-    if usage.input_audio_tokens or usage.output_audio_tokens or usage.cache_audio_read_tokens:
-        return text + _audio_surcharge(rates, usage)
+    if usage.has_modalities:
+        return text + _modality_surcharge(rates, usage)
     return text
 
 
-def _audio_surcharge(rates: UnitPrice | PriceTier, usage: TokenUsage) -> int:
-    """What the audio parts of `usage` cost beyond the text rates they were counted at, at
-    the model's audio rates (see `_candidate_rates`); a price without audio rates (an
-    override) bills audio as text."""
-    input_audio = rates.input if rates.input_audio is None else rates.input_audio
-    output_audio = rates.output if rates.output_audio is None else rates.output_audio
-    cached_audio = rates.cache_read if rates.cache_audio_read is None else rates.cache_audio_read
-    return (
-        min(usage.input_audio_tokens, usage.input_tokens) * (input_audio - rates.input)
-        + min(usage.output_audio_tokens, usage.output_tokens) * (output_audio - rates.output)
-        + min(usage.cache_audio_read_tokens, usage.cache_read_tokens)
-        * (cached_audio - rates.cache_read)
-    )
+# The parts of the input and of the output that other modalities make up: (count, rate).
+_INPUT_PARTS = (
+    ("input_audio_tokens", "input_audio"),
+    ("input_image_tokens", "input_image"),
+    ("input_video_tokens", "input_video"),
+)
+_OUTPUT_PARTS = (
+    ("output_audio_tokens", "output_audio"),
+    ("output_image_tokens", "output_image"),
+    ("output_video_tokens", "output_video"),
+)
+
+
+def _modality_surcharge(rates: UnitPrice | PriceTier, usage: TokenUsage) -> int:
+    """What the audio, image and video parts of `usage` cost beyond the text rates they
+    were counted at, at the model's own rates for them (see `_candidate_rates`); a price
+    without such rates (an override) bills them as text. The parts together never count
+    more tokens than the total they are part of."""
+    extra = 0
+    for parts, total, base in (
+        (_INPUT_PARTS, usage.input_tokens, rates.input),
+        (_OUTPUT_PARTS, usage.output_tokens, rates.output),
+    ):
+        left = total
+        for count_name, rate_name in parts:
+            tokens = min(getattr(usage, count_name), left)
+            rate = getattr(rates, rate_name)
+            if tokens and rate is not None:
+                extra += tokens * (rate - base)
+            left -= tokens
+    cached = min(usage.cache_audio_read_tokens, usage.cache_read_tokens)
+    if cached and rates.cache_audio_read is not None:
+        extra += cached * (rates.cache_audio_read - rates.cache_read)
+    return extra
 
 
 def fees_pico(price: UnitPrice, fees: ToolFees) -> int:
@@ -475,9 +510,8 @@ def _next_price_change(info: gp_types.ModelInfo, today: date) -> float | None:
 
 
 PriceValue = Decimal | gp_types.TieredPrices | None
-# input, output, cache read, cache write, 1-hour cache write, audio input, audio output,
-# cached audio.
-Rates = tuple[int, int, int, int, int, int, int, int]
+# Pico-dollars per token, by PriceTier's field names.
+Rates = dict[str, int]
 
 
 def _unit_price(candidates: Sequence[gp_types.ModelPrice]) -> UnitPrice | None:
@@ -487,23 +521,15 @@ def _unit_price(candidates: Sequence[gp_types.ModelPrice]) -> UnitPrice | None:
     thresholds = sorted(
         {tier.start for v in values for value in v.values() for tier in _tiers(value)}
     )
-    tiers = tuple(PriceTier(limit, *_rates_at(values, limit)) for limit in thresholds)
+    tiers = tuple(PriceTier(limit, **_rates_at(values, limit)) for limit in thresholds)
     top = thresholds[-1] + 1 if thresholds else 0
-    input_rate, output, cache_read, cache_write, cache_write_1h, *audio = _rates_at(values, top)
     web_search, file_search = _fee_rates(candidates)
     return UnitPrice(
-        input_rate,
-        output,
-        cache_read,
-        cache_write,
+        **_rates_at(values, top),
         source="genai-prices",
         tiers=tiers,
-        cache_write_1h=cache_write_1h,
         web_search=web_search,
         file_search=file_search,
-        input_audio=audio[0],
-        output_audio=audio[1],
-        cache_audio_read=audio[2],
     )
 
 
@@ -537,16 +563,7 @@ def _tiers(value: PriceValue) -> Iterable[gp_types.Tier]:
 def _rates_at(values: Sequence[Mapping[str, PriceValue]], total_input: int) -> Rates:
     """Pico rates for a request of `total_input` tokens: per rate, the highest candidate."""
     rates = [_candidate_rates(v, total_input) for v in values]
-    return (
-        max(r[0] for r in rates),
-        max(r[1] for r in rates),
-        max(r[2] for r in rates),
-        max(r[3] for r in rates),
-        max(r[4] for r in rates),
-        max(r[5] for r in rates),
-        max(r[6] for r in rates),
-        max(r[7] for r in rates),
-    )
+    return {name: max(r[name] for r in rates) for name in rates[0]}
 
 
 def _candidate_rates(value: Mapping[str, PriceValue], total_input: int) -> Rates:
@@ -573,16 +590,23 @@ def _candidate_rates(value: Mapping[str, PriceValue], total_input: int) -> Rates
         cached_audio_rate = input_audio
     else:
         cached_audio_rate = max(read_rate, input_audio)
-    return (
-        input_rate,
-        output_rate,
-        read_rate,
-        write_rate,
-        write_rate if cache_write_1h is None else per_mtok_to_pico(cache_write_1h),
-        input_audio,
-        output_audio,
-        cached_audio_rate,
-    )
+    return {
+        "input": input_rate,
+        "output": output_rate,
+        "cache_read": read_rate,
+        "cache_write": write_rate,
+        "cache_write_1h": write_rate
+        if cache_write_1h is None
+        else per_mtok_to_pico(cache_write_1h),
+        "input_audio": input_audio,
+        "output_audio": output_audio,
+        "cache_audio_read": cached_audio_rate,
+        # Image and video without their own rates are billed as text.
+        "input_image": _or_rate(_rate(value["input_image_mtok"], total_input), input_rate),
+        "output_image": _or_rate(_rate(value["output_image_mtok"], total_input), output_rate),
+        "input_video": _or_rate(_rate(value["input_video_mtok"], total_input), input_rate),
+        "output_video": _or_rate(_rate(value["output_video_mtok"], total_input), output_rate),
+    }
 
 
 def _rate(value: PriceValue, total_input: int) -> Decimal | None:

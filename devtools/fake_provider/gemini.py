@@ -19,6 +19,10 @@ def gemini_usage_metadata(usage: TokenUsage, thoughts: int) -> dict[str, Any]:
         "totalTokenCount": prompt + usage.output_tokens,
         "promptTokensDetails": [{"modality": "TEXT", "tokenCount": prompt}],
     }
+    if usage.output_image_tokens:
+        metadata["candidatesTokensDetails"] = [
+            {"modality": "IMAGE", "tokenCount": usage.output_image_tokens}
+        ]
     audio = usage.input_audio_tokens + usage.cache_audio_read_tokens
     if audio:
         metadata["promptTokensDetails"] = [

@@ -101,7 +101,8 @@ def expected_usage(api: Api, body: Mapping[str, Any]) -> TokenUsage:
     """The usage this provider reports for `body`: `_text_usage`, and audio. An OpenAI chat
     request asking for audio (`modalities` with "audio") reports half its uncached input
     and all its output as audio; a Gemini request with an audio part, half its uncached
-    input."""
+    input; a Gemini request whose `generationConfig.responseModalities` names IMAGE, all
+    its output but thoughts as image."""
     usage = _text_usage(api, body)
     if api == "openai_chat":
         modalities = body.get("modalities")
@@ -111,8 +112,13 @@ def expected_usage(api: Api, body: Mapping[str, Any]) -> TokenUsage:
                 input_audio_tokens=usage.input_tokens // 2,
                 output_audio_tokens=usage.output_tokens,
             )
-    if api == "gemini" and _has_audio_part(body.get("contents")):
-        return replace(usage, input_audio_tokens=usage.input_tokens // 2)
+    if api == "gemini":
+        if _has_audio_part(body.get("contents")):
+            usage = replace(usage, input_audio_tokens=usage.input_tokens // 2)
+        config = body.get("generationConfig")
+        modalities = config.get("responseModalities") if isinstance(config, dict) else None
+        if isinstance(modalities, list) and "IMAGE" in modalities:
+            usage = replace(usage, output_image_tokens=usage.output_tokens - gemini_thoughts(body))
     return usage
 
 

@@ -93,13 +93,30 @@ def modality_count(details: object, modality: str) -> int:
     return total
 
 
-def with_audio(
-    usage: TokenUsage, audio_input: int, cached_audio: int, audio_output: int
+def with_modalities(
+    usage: TokenUsage,
+    audio_input: int,
+    cached_audio: int,
+    audio_output: int,
+    *,
+    image_input: int = 0,
+    image_output: int = 0,
+    video_input: int = 0,
+    video_output: int = 0,
 ) -> TokenUsage:
-    """`usage` with its audio parts set, from counts as providers report them: `audio_input`
-    includes the cached audio, `cached_audio` is part of the cache reads. Each part is
-    bounded by the count it is part of, so a report cannot make one count larger."""
-    if not (audio_input or cached_audio or audio_output):
+    """`usage` with its audio, image and video parts set, from counts as providers report
+    them: `audio_input` includes the cached audio, `cached_audio` is part of the cache
+    reads. Each part is bounded by the count it is part of (pricing bounds them together),
+    so a report cannot make one count larger."""
+    if not (
+        audio_input
+        or cached_audio
+        or audio_output
+        or image_input
+        or image_output
+        or video_input
+        or video_output
+    ):
         return usage
     cached = min(cached_audio, audio_input, usage.cache_read_tokens)
     return replace(
@@ -107,4 +124,8 @@ def with_audio(
         input_audio_tokens=min(audio_input - cached, usage.input_tokens),
         cache_audio_read_tokens=cached,
         output_audio_tokens=min(audio_output, usage.output_tokens),
+        input_image_tokens=min(image_input, usage.input_tokens),
+        output_image_tokens=min(image_output, usage.output_tokens),
+        input_video_tokens=min(video_input, usage.input_tokens),
+        output_video_tokens=min(video_output, usage.output_tokens),
     )

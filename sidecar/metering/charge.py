@@ -192,4 +192,8 @@ def _shortfall(top: TokenUsage, charged: TokenUsage) -> TokenUsage:
         max(top.input_audio_tokens - charged.input_audio_tokens, 0),
         max(top.output_audio_tokens - charged.output_audio_tokens, 0),
         max(top.cache_audio_read_tokens - charged.cache_audio_read_tokens, 0),
+        max(top.input_image_tokens - charged.input_image_tokens, 0),
+        max(top.output_image_tokens - charged.output_image_tokens, 0),
+        max(top.input_video_tokens - charged.input_video_tokens, 0),
+        max(top.output_video_tokens - charged.output_video_tokens, 0),
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from sidecar.metering import count, load_json, mapping, modality_count, utf8_len, with_audio
+from sidecar.metering import count, load_json, mapping, modality_count, utf8_len, with_modalities
 from sidecar.metering.sse import SSEEvent
 from sidecar.metering.tally import StreamTally
 from sidecar.model import TokenUsage
@@ -35,12 +35,19 @@ def gemini_usage(metadata: object) -> TokenUsage | None:
         output_tokens=(candidates or 0) + (thoughts or 0),
         cache_read_tokens=cached,
     )
-    # Audio is priced apart (several times text), by modality inside the same totals.
-    return with_audio(
+    # Audio, images and video are priced apart (an image model's image output at ten times
+    # its text output, or more), by modality inside the same totals.
+    prompt_details = fields.get("promptTokensDetails")
+    output_details = fields.get("candidatesTokensDetails")
+    return with_modalities(
         tokens,
-        modality_count(fields.get("promptTokensDetails"), "AUDIO"),
+        modality_count(prompt_details, "AUDIO"),
         modality_count(fields.get("cacheTokensDetails"), "AUDIO"),
-        modality_count(fields.get("candidatesTokensDetails"), "AUDIO"),
+        modality_count(output_details, "AUDIO"),
+        image_input=modality_count(prompt_details, "IMAGE"),
+        image_output=modality_count(output_details, "IMAGE"),
+        video_input=modality_count(prompt_details, "VIDEO"),
+        video_output=modality_count(output_details, "VIDEO"),
     )
 
 

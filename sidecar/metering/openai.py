@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from sidecar.metering import count, load_json, mapping, utf8_len, with_audio
+from sidecar.metering import count, load_json, mapping, utf8_len, with_modalities
 from sidecar.metering.sse import SSEEvent, typed_payload
 from sidecar.metering.tally import StreamTally
 from sidecar.model import Iteration, TokenUsage, ToolFees
@@ -88,7 +88,7 @@ def _split_cached(
     )
     # Audio (gpt-audio models) is priced apart, inside the same totals.
     cached_details = mapping(details.get("cached_tokens_details")) if details else None
-    return with_audio(
+    return with_modalities(
         tokens,
         (count(details.get("audio_tokens")) or 0) if details else 0,
         (count(cached_details.get("audio_tokens")) or 0) if cached_details else 0,

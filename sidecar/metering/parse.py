@@ -9,7 +9,7 @@ from urllib.parse import unquote
 
 from genai_prices import data_snapshot
 
-from sidecar.metering import count, generated_text_bytes, load_json, with_audio
+from sidecar.metering import count, generated_text_bytes, load_json, with_modalities
 from sidecar.metering.anthropic import MessagesStream, message_body_extras, message_body_usage
 from sidecar.metering.bedrock import (
     EVENTSTREAM_MEDIA,
@@ -160,11 +160,15 @@ def body_usage(api: Api, body: object) -> TokenUsage | None:
             count(usage.reported_value("cache_write_1h_tokens")) or 0, cache_write
         ),
     )
-    return with_audio(
+    return with_modalities(
         tokens,
         count(usage.reported_value("input_audio_tokens")) or 0,
         count(usage.reported_value("cache_audio_read_tokens")) or 0,
         count(usage.reported_value("output_audio_tokens")) or 0,
+        image_input=count(usage.reported_value("input_image_tokens")) or 0,
+        image_output=count(usage.reported_value("output_image_tokens")) or 0,
+        video_input=count(usage.reported_value("input_video_tokens")) or 0,
+        video_output=count(usage.reported_value("output_video_tokens")) or 0,
     )
 
 

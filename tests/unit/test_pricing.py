@@ -80,8 +80,10 @@ def test_gpt_4o_has_genai_prices_rates_in_pico_per_token() -> None:
         input=2_500_000, output=10_000_000, cache_read=1_250_000, cache_write=2_500_000,
         source="genai-prices", cache_write_1h=2_500_000, web_search=10_000_000_000,
         file_search=2_500_000_000,
-        # No audio rates: audio costs what text does.
+        # No audio, image or video rates: they cost what text does.
         input_audio=2_500_000, output_audio=10_000_000, cache_audio_read=1_250_000,
+        input_image=2_500_000, output_image=10_000_000, input_video=2_500_000,
+        output_video=10_000_000,
     )  # fmt: skip
 
 
@@ -127,6 +129,10 @@ def audio_reference_micros(model: str, provider_id: str, usage: TokenUsage) -> i
             input_audio_tokens=usage.input_audio_tokens + usage.cache_audio_read_tokens,
             cache_audio_read_tokens=usage.cache_audio_read_tokens,
             output_audio_tokens=usage.output_audio_tokens,
+            input_image_tokens=usage.input_image_tokens,
+            output_image_tokens=usage.output_image_tokens,
+            input_video_tokens=usage.input_video_tokens,
+            output_video_tokens=usage.output_video_tokens,
         ),
         model,
         provider_id=provider_id,
@@ -141,6 +147,9 @@ def audio_reference_micros(model: str, provider_id: str, usage: TokenUsage) -> i
         ("google", "gemini-2.5-flash"),  # audio input and cached audio priced apart
         ("google", "gemini-2.0-flash"),
         ("openai", "gpt-4o-mini"),  # no audio rates at all: audio costs what text does
+        ("google", "gemini-2.5-flash-image"),  # image output at $30 against $2.50
+        ("google", "gemini-3-pro-image-preview"),
+        ("google", "gemini-live-2.5-flash"),  # image and video input priced apart
     ],
 )
 @pytest.mark.parametrize(
@@ -152,9 +161,14 @@ def audio_reference_micros(model: str, provider_id: str, usage: TokenUsage) -> i
             input_tokens=2_000, output_tokens=300, cache_read_tokens=1_000,
             input_audio_tokens=1_500, cache_audio_read_tokens=600, output_audio_tokens=200,
         ),
+        TokenUsage(input_tokens=300, output_tokens=1_300, output_image_tokens=1_290),
+        TokenUsage(
+            input_tokens=5_000, output_tokens=400, input_image_tokens=1_000,
+            input_video_tokens=3_000, input_audio_tokens=500, output_video_tokens=100,
+        ),
     ],
 )  # fmt: skip
-def test_audio_is_charged_at_its_own_rates_as_genai_prices_prices_it(
+def test_modalities_are_charged_at_their_own_rates_as_genai_prices_prices_them(
     provider_id: str, model: str, usage: TokenUsage
 ) -> None:
     price = book().price(provider_id, model)
@@ -175,7 +189,9 @@ def test_audio_costs_more_than_the_same_tokens_as_text() -> None:
     )
     # $0.60 + $2.40 as text; $10 + $20 as audio.
     assert (cost_micros(price, text), cost_micros(price, audio)) == (3_000_000, 30_000_000)
-    # A report's audio part is bounded by the count it is part of.
+    # Parts together are bounded by the count they are part of.
+    both = TokenUsage(input_tokens=10, input_audio_tokens=10, input_image_tokens=10)
+    assert cost_micros(price, both) == cost_micros(price, TokenUsage(10, input_audio_tokens=10))
     inflated = TokenUsage(input_tokens=10, input_audio_tokens=1_000_000)
     assert cost_micros(price, inflated) == cost_micros(
         price, TokenUsage(input_tokens=10, input_audio_tokens=10)

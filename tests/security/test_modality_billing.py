@@ -1,12 +1,14 @@
-"""Audio is billed at the model's audio rates: gpt-audio-mini bills audio input at $10 per
-million tokens against $0.60 for text, and audio output at $20 against $2.40. Charged as
-text, a caller speaking to the model would spend many times what every budget counts."""
+"""Audio, images and video are billed at the model's own rates for them: gpt-audio-mini bills
+audio input at $10 per million tokens against $0.60 for text, and audio output at $20
+against $2.40; gemini-2.5-flash-image bills the images it draws at $30 against $2.50.
+Charged as text, a caller would spend many times what every budget counts."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
+import httpx
 from genai_prices import Usage, calc_price
 from openai.types.chat import ChatCompletionMessageParam
 
@@ -23,7 +25,7 @@ PROMPT: list[ChatCompletionMessageParam] = [
 ]
 
 
-def reference_micros(usage: TokenUsage) -> int:
+def reference_micros(usage: TokenUsage, model: str = MODEL, provider: str = "openai") -> int:
     """genai-prices' own price of `usage`, rounded up to µUSD."""
     total = calc_price(
         Usage(
@@ -32,9 +34,10 @@ def reference_micros(usage: TokenUsage) -> int:
             cache_read_tokens=usage.cache_read_tokens,
             input_audio_tokens=usage.input_audio_tokens + usage.cache_audio_read_tokens,
             output_audio_tokens=usage.output_audio_tokens,
+            output_image_tokens=usage.output_image_tokens,
         ),
-        MODEL,
-        provider_id="openai",
+        model,
+        provider_id=provider,
     ).total_price
     return math.ceil(total * 1_000_000)
 
@@ -87,3 +90,27 @@ def test_text_only_calls_to_an_audio_model_are_charged_as_text_through_envoy(
     usage = expected_usage("openai_chat", _body())
     assert not usage.input_audio_tokens
     assert round(charged(stack, email)["cost_usd"] * 1_000_000) == reference_micros(usage)
+
+
+def test_gemini_images_are_charged_at_image_rates_json_and_streamed_through_envoy(
+    stack: Stack, issuer: DevIssuer
+) -> None:
+    model = "gemini-2.5-flash-image"
+    body = {
+        "contents": [{"role": "user", "parts": [{"text": "Draw a lighthouse at dusk."}]}],
+        "generationConfig": {"responseModalities": ["TEXT", "IMAGE"], "maxOutputTokens": 60},
+    }
+    usage = expected_usage("gemini", body)
+    assert usage.output_image_tokens == usage.output_tokens
+    want = reference_micros(usage, model, "google")
+    assert want > 5 * reference_micros(
+        TokenUsage(usage.input_tokens, usage.output_tokens), model, "google"
+    )
+    base = f"{stack.envoy_url}/gemini/v1beta/models/{model}"
+    for method in ("generateContent", "streamGenerateContent?alt=sse"):
+        email = user("image-stream" if "stream" in method else "image-json")
+        headers = {"authorization": f"Bearer {issuer.mint(email)}"}
+        response = httpx.post(f"{base}:{method}", json=body, headers=headers, timeout=30)
+        assert response.status_code == 200, response.text
+        row = charged(stack, email)
+        assert round(row["cost_usd"] * 1_000_000) == want, (method, row)
