@@ -26,13 +26,13 @@ How genai-prices' richer price model is reduced to four per-token rates:
 - Request-dependent variants (service tiers, batch) are not applied: the standard price is used.
   Tiers billed above it are refused at admission (sidecar/policy/service_tier.py).
 - A cache read or write without its own rate costs the input rate (genai-prices bills such
-  tokens as plain input).
+  tokens as plain input). Anthropic's 1-hour cache writes have their own rate; without one
+  they cost the 5-minute write rate.
 - Audio tokens (a part of the input, output and cache-read counts) cost the model's audio
   rates, as text when it has none; cached audio costs its own rate, else the audio input
   rate when only audio is priced, the cache-read rate when only reads are, the higher of the
   two when both are (where genai-prices itself refuses to choose). Image and video tokens
-  cost the model's image and video rates likewise; cached images cost the cache-read rate. Anthropic's 1-hour cache writes have their own rate; without one
-  they cost the 5-minute write rate.
+  cost the model's image and video rates likewise; cached images cost the cache-read rate.
 - Server-tool fees (web searches, file searches) are genai-prices' per-1,000 prices, kept as
   pico-dollars per call. They are not tiered. A configured override keeps genai-prices' fees
   for the model when genai-prices knows it, and has none otherwise.
