@@ -122,19 +122,11 @@ _NESTED_CHOICES = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class PriceTier:
-    """Rates for requests whose total input tokens (cache included) are at most `up_to`."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModalityRates:
+    """Rates of audio, image and video tokens; None: the text rate (cached audio: the
+    cache-read rate). Keyword-only, so they follow each price's own fields."""
 
-    up_to: int
-    input: int
-    output: int
-    cache_read: int
-    cache_write: int
-    # None: the same as cache_write.
-    cache_write_1h: int | None = None
-    # Rates of audio, image and video tokens; None: the text rate (cached audio: the
-    # cache-read rate).
     input_audio: int | None = None
     output_audio: int | None = None
     cache_audio_read: int | None = None
@@ -145,7 +137,20 @@ class PriceTier:
 
 
 @dataclass(frozen=True, slots=True)
-class UnitPrice:
+class PriceTier(ModalityRates):
+    """Rates for requests whose total input tokens (cache included) are at most `up_to`."""
+
+    up_to: int
+    input: int
+    output: int
+    cache_read: int
+    cache_write: int
+    # None: the same as cache_write.
+    cache_write_1h: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UnitPrice(ModalityRates):
     """Pico-dollars per token. For tiered models these are the highest tier's rates and
     `tiers` holds the lower ones in ascending `up_to` order."""
 
@@ -159,15 +164,6 @@ class UnitPrice:
     # Pico-dollars per server-tool call.
     web_search: int = 0
     file_search: int = 0
-    # Rates of audio, image and video tokens; None: the text rate (cached audio: the
-    # cache-read rate).
-    input_audio: int | None = None
-    output_audio: int | None = None
-    cache_audio_read: int | None = None
-    input_image: int | None = None
-    output_image: int | None = None
-    input_video: int | None = None
-    output_video: int | None = None
 
 
 # A configured price (`pricing.overrides[]`), validated when the file is loaded: `provider`

@@ -5,11 +5,9 @@ Charged as text, a caller would spend many times what every budget counts."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import httpx
-from genai_prices import Usage, calc_price
 from openai.types.chat import ChatCompletionMessageParam
 
 from devtools.fake_provider import expected_usage
@@ -18,6 +16,7 @@ from devtools.stack import Stack
 from sidecar.model import TokenUsage
 from tests.security.conftest import openai_client, user
 from tests.support.ledger import charged
+from tests.support.prices import genai_micros
 
 MODEL = "gpt-audio-mini"
 PROMPT: list[ChatCompletionMessageParam] = [
@@ -26,20 +25,7 @@ PROMPT: list[ChatCompletionMessageParam] = [
 
 
 def reference_micros(usage: TokenUsage, model: str = MODEL, provider: str = "openai") -> int:
-    """genai-prices' own price of `usage`, rounded up to µUSD."""
-    total = calc_price(
-        Usage(
-            input_tokens=usage.total_input,
-            output_tokens=usage.output_tokens,
-            cache_read_tokens=usage.cache_read_tokens,
-            input_audio_tokens=usage.input_audio_tokens + usage.cache_audio_read_tokens,
-            output_audio_tokens=usage.output_audio_tokens,
-            output_image_tokens=usage.output_image_tokens,
-        ),
-        model,
-        provider_id=provider,
-    ).total_price
-    return math.ceil(total * 1_000_000)
+    return genai_micros(usage, model, provider)
 
 
 def _body(**extra: Any) -> dict[str, Any]:

@@ -9,7 +9,6 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from genai_prices import Usage, calc_price
 from genai_prices import types as gp_types
 
 from sidecar import pricing
@@ -24,6 +23,7 @@ from sidecar.pricing import (
     requested_choices,
     requested_output_tokens,
 )
+from tests.support.prices import genai_micros
 
 DEFAULT_PRICE = UnitPrice(
     input=10_000_000, output=30_000_000, cache_read=10_000_000, cache_write=10_000_000,
@@ -55,17 +55,7 @@ def book(*overrides: PriceOverride, unknown_model: UnitPrice | None = None) -> P
 
 def reference_micros(model: str, provider_id: str, usage: TokenUsage) -> int:
     """genai-prices' own answer, rounded up to µUSD."""
-    total = calc_price(
-        Usage(
-            input_tokens=usage.total_input,
-            output_tokens=usage.output_tokens,
-            cache_read_tokens=usage.cache_read_tokens,
-            cache_write_tokens=usage.cache_write_tokens,
-        ),
-        model,
-        provider_id=provider_id,
-    ).total_price
-    return math.ceil(total * 1_000_000)
+    return genai_micros(usage, model, provider_id)
 
 
 def synthetic_model(prices: list[gp_types.ConditionalPrice]) -> gp_types.ModelInfo:
@@ -119,27 +109,6 @@ def test_actual_cost_matches_genai_prices_including_tiers(
     assert cost_micros(price, usage) == reference_micros(model, provider_id, usage)
 
 
-def audio_reference_micros(model: str, provider_id: str, usage: TokenUsage) -> int:
-    """genai-prices' own answer for a usage with audio in it, rounded up to µUSD."""
-    total = calc_price(
-        Usage(
-            input_tokens=usage.total_input,
-            output_tokens=usage.output_tokens,
-            cache_read_tokens=usage.cache_read_tokens,
-            input_audio_tokens=usage.input_audio_tokens + usage.cache_audio_read_tokens,
-            cache_audio_read_tokens=usage.cache_audio_read_tokens,
-            output_audio_tokens=usage.output_audio_tokens,
-            input_image_tokens=usage.input_image_tokens,
-            output_image_tokens=usage.output_image_tokens,
-            input_video_tokens=usage.input_video_tokens,
-            output_video_tokens=usage.output_video_tokens,
-        ),
-        model,
-        provider_id=provider_id,
-    ).total_price
-    return math.ceil(total * 1_000_000)
-
-
 @pytest.mark.parametrize(
     ("provider_id", "model"),
     [
@@ -174,7 +143,7 @@ def test_modalities_are_charged_at_their_own_rates_as_genai_prices_prices_them(
     price = book().price(provider_id, model)
 
     assert price is not None
-    assert cost_micros(price, usage) == audio_reference_micros(model, provider_id, usage)
+    assert cost_micros(price, usage) == reference_micros(model, provider_id, usage)
 
 
 def test_audio_costs_more_than_the_same_tokens_as_text() -> None:
