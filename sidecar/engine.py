@@ -322,7 +322,7 @@ class Engine:
             refused = unpriced_service_tier(body)
             if refused is not None:
                 return deny("unpriced_service_tier", refused, identity=identity, model=model)
-        if not rs.admit_unpriced_tools and ("tools" in body or "web_search_options" in body):
+        if not rs.admit_unpriced_tools:
             refused = unpriced_tool(body)
             if refused is not None:
                 return deny("unpriced_tool", refused, identity=identity, model=model)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 IdentityKind = Literal["user", "service", "cli"]
@@ -89,21 +89,15 @@ class TokenUsage:
             or self.output_video_tokens
         )
 
+    def counts(self) -> tuple[int, ...]:
+        """Every count, in field order (TokenUsage(*counts) is the same usage)."""
+        return tuple(getattr(self, name) for name in _TOKEN_COUNTS)
+
     def __add__(self, other: TokenUsage) -> TokenUsage:
-        return TokenUsage(
-            self.input_tokens + other.input_tokens,
-            self.output_tokens + other.output_tokens,
-            self.cache_read_tokens + other.cache_read_tokens,
-            self.cache_write_tokens + other.cache_write_tokens,
-            self.cache_write_1h_tokens + other.cache_write_1h_tokens,
-            self.input_audio_tokens + other.input_audio_tokens,
-            self.output_audio_tokens + other.output_audio_tokens,
-            self.cache_audio_read_tokens + other.cache_audio_read_tokens,
-            self.input_image_tokens + other.input_image_tokens,
-            self.output_image_tokens + other.output_image_tokens,
-            self.input_video_tokens + other.input_video_tokens,
-            self.output_video_tokens + other.output_video_tokens,
-        )
+        return TokenUsage(*(a + b for a, b in zip(self.counts(), other.counts(), strict=True)))
+
+
+_TOKEN_COUNTS = tuple(f.name for f in fields(TokenUsage))
 
 
 @dataclass(frozen=True, slots=True)

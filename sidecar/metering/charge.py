@@ -183,17 +183,5 @@ def _bill_iterations(
 
 def _shortfall(top: TokenUsage, charged: TokenUsage) -> TokenUsage:
     """What the top-level counts report beyond the steps already charged, field by field."""
-    return TokenUsage(
-        max(top.input_tokens - charged.input_tokens, 0),
-        max(top.output_tokens - charged.output_tokens, 0),
-        max(top.cache_read_tokens - charged.cache_read_tokens, 0),
-        max(top.cache_write_tokens - charged.cache_write_tokens, 0),
-        max(top.cache_write_1h_tokens - charged.cache_write_1h_tokens, 0),
-        max(top.input_audio_tokens - charged.input_audio_tokens, 0),
-        max(top.output_audio_tokens - charged.output_audio_tokens, 0),
-        max(top.cache_audio_read_tokens - charged.cache_audio_read_tokens, 0),
-        max(top.input_image_tokens - charged.input_image_tokens, 0),
-        max(top.output_image_tokens - charged.output_image_tokens, 0),
-        max(top.input_video_tokens - charged.input_video_tokens, 0),
-        max(top.output_video_tokens - charged.output_video_tokens, 0),
-    )
+    pairs = zip(top.counts(), charged.counts(), strict=True)
+    return TokenUsage(*(max(a - b, 0) for a, b in pairs))
