@@ -19,7 +19,7 @@ import structlog
 
 from sidecar import tracing
 from sidecar.admission.candidates import candidate_context, candidates, model_allowed
-from sidecar.admission.estimate import priced, requested_tokens
+from sidecar.admission.estimate import priced, requested_geo, requested_tokens
 from sidecar.admission.fit import room
 from sidecar.admission.plan import Plan, Planned, merge, plan
 from sidecar.admission.plan_cache import PlanCache, context_key, validity
@@ -355,6 +355,7 @@ class Engine:
         request_id = ""
         runtime = self._runtime_rules()
         tokens = requested_tokens(rs, body)
+        geo = requested_geo(body)
         # (bucket, its state, the amount asked of it, the µUSD estimate, rate-limit headers)
         first_fallback: tuple[Planned, BucketState, int, int, dict[str, str]] | None = None
         for index, cand in enumerate(candidates(rs, model, provider)):
@@ -368,7 +369,7 @@ class Engine:
                     )
                 continue
             cand_model, cand_provider = cand.model, cand.provider
-            found = priced(rs, cand, tokens)
+            found = priced(rs, cand, tokens, geo)
             if found is None:
                 if index == 0:
                     return deny(

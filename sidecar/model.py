@@ -113,14 +113,18 @@ class Iteration:
 
 @dataclass(frozen=True, slots=True)
 class ToolFees:
-    """Server-side tool calls billed per call, on top of tokens."""
+    """What a response bills beyond its tokens at the standard rates: server-side tool calls
+    billed per call, and where the provider says it ran the model (Anthropic's
+    `usage.inference_geo`: US-only inference is billed above the global rates)."""
 
     web_searches: int = 0
     # OpenAI's file_search tool (genai-prices calls these storage searches).
     file_searches: int = 0
+    # As the provider reported it ("": not reported).
+    inference_geo: str = ""
 
     def __bool__(self) -> bool:
-        return bool(self.web_searches or self.file_searches)
+        return bool(self.web_searches or self.file_searches or self.inference_geo)
 
 
 Reason = Literal[

@@ -325,6 +325,29 @@ def _modality_surcharge(rates: UnitPrice | PriceTier, usage: TokenUsage) -> int:
     return extra
 
 
+# Anthropic bills inference kept in the United States (`inference_geo: "us"`) at 1.1x on
+# every token category (Claude 4.6 and later); genai-prices carries the global rates only.
+# A geography this table does not know is charged as the dearest one it does: over-counted,
+# never under.
+_GEO_SURCHARGES = {"us": (11, 10)}
+_DEAREST_GEO = max(_GEO_SURCHARGES.values(), key=lambda ratio: ratio[0] / ratio[1])
+_STANDARD_GEOS = frozenset({"", "global"})
+
+
+def geo_surcharge(geo: str) -> tuple[int, int]:
+    """(numerator, denominator) of what tokens run in `geo` cost against the global rates."""
+    key = geo.strip().lower()
+    if key in _STANDARD_GEOS:
+        return 1, 1
+    return _GEO_SURCHARGES.get(key, _DEAREST_GEO)
+
+
+def in_geo(amount: int, geo: str) -> int:
+    """`amount` (pico- or micro-dollars of tokens) as billed in `geo`, rounded up."""
+    numerator, denominator = geo_surcharge(geo)
+    return amount if numerator == denominator else _ceil_div(amount * numerator, denominator)
+
+
 def fees_pico(price: UnitPrice, fees: ToolFees) -> int:
     """Server-tool fees in pico-dollars."""
     return fees.web_searches * price.web_search + fees.file_searches * price.file_search

@@ -6,7 +6,6 @@ from collections.abc import Iterator
 from typing import Any
 
 from devtools.fake_provider.reply import Reply, sse
-from sidecar.model import TokenUsage
 
 _ERRORS = {
     400: "invalid_request_error",
@@ -20,13 +19,20 @@ _ERRORS = {
 }
 
 
-def _usage(usage: TokenUsage, output_tokens: int) -> dict[str, Any]:
-    return {
+def _usage(reply: Reply, output_tokens: int) -> dict[str, Any]:
+    usage = reply.usage
+    found: dict[str, Any] = {
         "input_tokens": usage.input_tokens,
         "cache_creation_input_tokens": usage.cache_write_tokens,
         "cache_read_input_tokens": usage.cache_read_tokens,
         "output_tokens": output_tokens,
     }
+    # Where the model ran, as Anthropic reports it when the request chose (its default is
+    # "global"; US-only inference is billed at 1.1x).
+    geo = reply.body.get("inference_geo")
+    if isinstance(geo, str):
+        found["inference_geo"] = geo
+    return found
 
 
 def _stop(reply: Reply) -> str:
@@ -42,13 +48,13 @@ def messages_json(reply: Reply) -> dict[str, Any]:
         "content": [{"type": "text", "text": reply.text}],
         "stop_reason": _stop(reply),
         "stop_sequence": None,
-        "usage": _usage(reply.usage, reply.usage.output_tokens),
+        "usage": _usage(reply, reply.usage.output_tokens),
     }
 
 
 def messages_frames(reply: Reply) -> Iterator[bytes]:
     start = {**messages_json(reply), "content": [], "stop_reason": None}
-    start["usage"] = _usage(reply.usage, 1)
+    start["usage"] = _usage(reply, 1)
     yield sse({"type": "message_start", "message": start}, "message_start")
     block = {
         "type": "content_block_start",

@@ -13,6 +13,7 @@ from sidecar.pricing import (
     UnitPrice,
     estimate_input_tokens,
     estimate_micros,
+    in_geo,
     requested_choices,
     requested_output_tokens,
 )
@@ -36,11 +37,18 @@ def requested_tokens(rs: RuleSet, body: Mapping[str, Any]) -> tuple[int, int]:
     return estimate_input_tokens(body), output * choices
 
 
+def requested_geo(body: Mapping[str, Any]) -> str:
+    """Where the body asks the model to run (Anthropic's `inference_geo`; "": anywhere)."""
+    geo = body.get("inference_geo")
+    return geo if isinstance(geo, str) else ""
+
+
 def priced(
-    rs: RuleSet, candidate: Candidate, tokens: tuple[int, int]
+    rs: RuleSet, candidate: Candidate, tokens: tuple[int, int], geo: str = ""
 ) -> tuple[UnitPrice, int] | None:
-    """The candidate's price and the µUSD estimate of `tokens` at it; None when unpriced."""
+    """The candidate's price and the µUSD estimate of `tokens` at it, as billed in `geo`;
+    None when unpriced."""
     price = rs.prices.price(candidate.provider.pricing_id, candidate.model)
     if price is None:
         return None
-    return price, estimate_micros(price, *tokens)
+    return price, in_geo(estimate_micros(price, *tokens), geo)

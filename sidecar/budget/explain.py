@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sidecar.admission.candidates import candidate_context, candidates, model_allowed
-from sidecar.admission.estimate import priced, requested_tokens
+from sidecar.admission.estimate import priced, requested_geo, requested_tokens
 from sidecar.admission.fit import fits, room
 from sidecar.admission.plan import Plan, Planned, context, merge, plan
 from sidecar.config.ruleset import Provider, RuleSet
@@ -147,7 +147,7 @@ async def simulate(
             if index == 0:
                 return _outcome("deny", 403, "model_not_allowed", model, steps)
             continue
-        found = priced(rs, cand, tokens)
+        found = priced(rs, cand, tokens, requested_geo(body))
         if found is None:
             entry["result"] = "unpriced_model"
             if index == 0:

@@ -64,13 +64,25 @@ def iterations(usage: object) -> tuple[Iteration, ...] | None:
     return tuple(found)
 
 
-def tool_fees(usage: object) -> ToolFees | None:
-    """`usage.server_tool_use` counters that are billed per call; None when absent."""
+def web_searches(usage: object) -> int | None:
+    """`usage.server_tool_use.web_search_requests` (billed per search); None when absent."""
     fields = mapping(usage)
     tools = mapping(fields.get("server_tool_use")) if fields else None
     if tools is None:
         return None
-    return ToolFees(web_searches=count(tools.get("web_search_requests")) or 0)
+    return count(tools.get("web_search_requests")) or 0
+
+
+def inference_geo(usage: object) -> str | None:
+    """`usage.inference_geo`, where the model ran (billed by it); None when absent."""
+    fields = mapping(usage)
+    geo = fields.get("inference_geo") if fields else None
+    return geo if isinstance(geo, str) else None
+
+
+def tool_fees(usage: object) -> ToolFees:
+    """What a complete `usage` bills beyond its tokens' standard price."""
+    return ToolFees(web_searches=web_searches(usage) or 0, inference_geo=inference_geo(usage) or "")
 
 
 def message_usage(usage: object) -> TokenUsage | None:
@@ -90,7 +102,7 @@ def message_body_extras(body: object) -> tuple[tuple[Iteration, ...], ToolFees]:
     """Iterations and per-call fees of a complete Messages body."""
     fields = mapping(body)
     usage = fields.get("usage") if fields else None
-    return iterations(usage) or (), tool_fees(usage) or ToolFees()
+    return iterations(usage) or (), tool_fees(usage)
 
 
 class MessagesStream:
@@ -101,7 +113,8 @@ class MessagesStream:
     replaces what was seen before; adding deltas up would overcharge. The same holds for
     `iterations` and `server_tool_use`, which only the final `message_delta` carries in full.
     (With compaction, `message_start` reports the compaction step's counts and the final
-    delta the message's; the iterations are what holds both.)
+    delta the message's; the iterations are what holds both.) `inference_geo` is kept from
+    whichever event said it last, so a later event without it does not drop it.
     """
 
     def __init__(self) -> None:
@@ -109,11 +122,16 @@ class MessagesStream:
         self.complete = False
         self.output_bytes = 0
         self.iterations: tuple[Iteration, ...] = ()
-        self.fees = ToolFees()
+        self._web_searches = 0
+        self._geo = ""
 
     @property
     def usage(self) -> TokenUsage | None:
         return TokenUsage(**self._counts) if self._counts else None
+
+    @property
+    def fees(self) -> ToolFees:
+        return ToolFees(web_searches=self._web_searches, inference_geo=self._geo)
 
     def on_event(self, event: SSEEvent) -> None:
         # Text deltas are most of a stream and carry no usage: skip parsing them by name.
@@ -147,7 +165,10 @@ class MessagesStream:
         steps = iterations(usage)
         if steps is not None:
             self.iterations = steps
-        fees = tool_fees(usage)
-        if fees is not None:
-            self.fees = fees
+        searches = web_searches(usage)
+        if searches is not None:
+            self._web_searches = searches
+        geo = inference_geo(usage)
+        if geo is not None:
+            self._geo = geo
         return found

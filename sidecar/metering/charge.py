@@ -47,6 +47,7 @@ from sidecar.pricing import (
     cost_micros,
     cost_pico,
     fees_pico,
+    in_geo,
     pico_to_micros,
     text_tokens,
 )
@@ -130,15 +131,16 @@ def bill(
     if usage is None and observed.error:
         return Bill(0, TokenUsage())
     fees = fees_pico(price, observed.fees)
+    geo = observed.fees.inference_geo
     if observed.iterations:
         return _bill_iterations(
-            model, price, price_of, usage or TokenUsage(), observed.iterations, fees
+            model, price, price_of, usage or TokenUsage(), observed.iterations, fees, geo
         )
     if usage is not None and observed.complete:
-        return Bill(pico_to_micros(cost_pico(price, usage) + fees), usage)
+        return Bill(pico_to_micros(in_geo(cost_pico(price, usage), geo) + fees), usage)
     if usage is not None:
         raised = replace(usage, output_tokens=max(usage.output_tokens, seen))
-        return Bill(pico_to_micros(cost_pico(price, raised) + fees), usage)
+        return Bill(pico_to_micros(in_geo(cost_pico(price, raised), geo) + fees), usage)
     if not seen:
         return Bill(reserved, TokenUsage())
     text = cost_micros(price, TokenUsage(input_tokens=observed.input_tokens, output_tokens=seen))
@@ -152,7 +154,9 @@ def _bill_iterations(
     top: TokenUsage,
     steps: tuple[Iteration, ...],
     fees: int,
+    geo: str,
 ) -> Bill:
+    """Each step priced at its model, every step's tokens in the response's geography."""
     own = TokenUsage()
     own_pico = fees
     others: dict[str, tuple[int, TokenUsage]] = {}
@@ -167,13 +171,13 @@ def _bill_iterations(
             unpriced.append(model)
         if other is None:
             own += step.tokens
-            own_pico += cost_pico(price, step.tokens)
+            own_pico += in_geo(cost_pico(price, step.tokens), geo)
             continue
         pico, tokens = others.get(model, (0, TokenUsage()))
-        others[model] = (pico + cost_pico(other, step.tokens), tokens + step.tokens)
+        others[model] = (pico + in_geo(cost_pico(other, step.tokens), geo), tokens + step.tokens)
     shortfall = _shortfall(top, sum((step.tokens for step in steps), TokenUsage()))
     own += shortfall
-    own_pico += cost_pico(price, shortfall)
+    own_pico += in_geo(cost_pico(price, shortfall), geo)
     total = pico_to_micros(own_pico + sum(pico for pico, _ in others.values()))
     parts = tuple(
         Part(model, pico // PICO_PER_MICRO, tokens) for model, (pico, tokens) in others.items()
