@@ -4,9 +4,10 @@ The gateway meters what passes through it, and it sends these calls with the
 organisation's provider key. Each starts work the provider bills later or elsewhere: a
 realtime session minted here runs between the client and the provider directly (or over a
 WebSocket no parser reads), a fine-tuning job or a batch runs for hours after its answer,
-and a background response (`background: true`) answers at once with no usage and is
-polled for later. All such a call could be charged is its reservation, the estimate, which
-bounds nothing here: a caller would spend the organisation's money past every budget.
+a background response (`background: true`) answers at once with no usage and is polled
+for later, and a context cache is billed for its storage for as long as it is kept. All
+such a call could be charged is its reservation, the estimate, which bounds nothing here:
+a caller would spend the organisation's money past every budget.
 `admission.unmetered_calls: reserve` admits them anyway, each charged its reservation, as
 any other success without usage.
 """
@@ -35,9 +36,14 @@ _JOBS = {
 # Sessions that run past the gateway: refused whatever the method (a GET can upgrade to a
 # WebSocket).
 _SESSIONS = {"realtime": "realtime sessions"}
+# What is billed for as long as it is kept, after the call that makes it (Gemini's explicit
+# context caches: storage by the hour of their TTL): making one and lengthening one are
+# refused; reading one and deleting one (which ends its bill) are not.
+_STORAGE = {"cachedcontents": "context caches"}
 # One search over the path, so that the usual call pays for nothing else.
 _SUSPECT = re.compile(
-    r"(?:^|/)(realtime|fine_tuning|fine-tunes|batches|async-invoke|model-invocation-job)(?=/|$)"
+    r"(?:^|/)(realtime|fine_tuning|fine-tunes|batches|async-invoke|model-invocation-job"
+    r"|cachedcontents)(?=/|$)"
     r"|(:batchgeneratecontent|:asyncbatchembedcontent)$"
 )
 _READS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -53,6 +59,10 @@ def unmetered_call(
         segment = found.group(1) or found.group(2)
         if segment in _SESSIONS:
             return f"{_SESSIONS[segment]} run past the gateway, which cannot meter them"
+        if segment in _STORAGE:
+            if method.upper() not in _READS and method.upper() != "DELETE":
+                return f"{_STORAGE[segment]} bill their storage by the hour, past the gateway"
+            continue
         if method.upper() not in _READS:
             return f"{_JOBS[segment]} report their cost after the call, past the gateway"
     # HTTP/2's cleartext upgrade (`h2c`) stays HTTP; any other protocol leaves the parsers.

@@ -75,3 +75,43 @@ def test_reading_a_batch_is_identity_only_through_envoy(stack: Stack, issuer: De
     # The sidecar lets it pass; the fake provider has no such route.
     assert response.status_code == 404, response.text
     assert "unmetered_call" not in response.text
+
+
+CACHE = "/gemini/v1beta/cachedContents"
+
+
+def test_a_context_cache_billed_by_the_hour_is_refused_through_envoy(
+    stack: Stack, issuer: DevIssuer
+) -> None:
+    # Gemini bills an explicit cache's storage for as long as its TTL runs, after the call
+    # that makes it: a year of a large cache would cost thousands of dollars that no
+    # response ever reports. Making one (with its model) and lengthening one (no model)
+    # are refused; reading and deleting one (which ends its bill) pass.
+    email = user("cache")
+    token = issuer.mint(email)
+    stack.clear_seen()
+    for model in ("gemini-2.5-flash", "models/gemini-2.5-flash"):
+        made = _post(
+            stack,
+            token,
+            CACHE,
+            {
+                "model": model,
+                "contents": [{"role": "user", "parts": [{"text": "A long shared document."}]}],
+                "ttl": "31536000s",
+            },
+        )
+        assert made.status_code == 403, made.text
+        assert made.json()["error"]["type"] == "unmetered_call"
+        assert "storage" in made.json()["error"]["message"]
+    headers = {"authorization": f"Bearer {token}"}
+    longer = httpx.patch(
+        stack.envoy_url + CACHE + "/abc%3Fx", headers=headers, json={"ttl": "31536000s"}
+    )
+    assert longer.status_code == 403, longer.text
+    assert stack.seen() == []
+    assert ledger_row(stack, email) is None
+    for method in ("GET", "DELETE"):
+        passed = httpx.request(method, stack.envoy_url + CACHE + "/abc", headers=headers)
+        # The sidecar lets it pass; the fake provider has no such route.
+        assert passed.status_code == 404, (method, passed.text)

@@ -38,6 +38,16 @@ CHAT = {"model": "cent-1", "max_tokens": 1, "messages": []}
         ("v1/responses", "POST", {}, {**CHAT, "background": "true"}, "background response"),
         ("v1/chat/completions", "POST", {"upgrade": "websocket"}, CHAT, "upgraded"),
         ("v1/responses", "GET", {"upgrade": "h2c, websocket"}, {}, "upgraded"),
+        ("v1beta/cachedContents", "POST", {}, CHAT, "context caches"),
+        ("v1beta/CachedContents/abc", "PATCH", {}, {"ttl": "86400s"}, "context caches"),
+        ("v1beta/cachedContents%2Fabc", "PUT", {}, {}, "context caches"),
+        (
+            "v1/projects/p/locations/us-central1/cachedContents",
+            "POST",
+            {},
+            CHAT,
+            "context caches",
+        ),
     ],
 )
 def test_calls_the_gateway_cannot_meter_are_named(
@@ -63,6 +73,12 @@ def test_calls_the_gateway_cannot_meter_are_named(
         # Decoded once, as the provider does: not the Responses API.
         ("v1%252Fresponses", "POST", {}, {**CHAT, "background": True}),
         ("v1/files/batches.jsonl/content", "GET", {}, {}),
+        # Reading a context cache costs nothing; deleting one ends its storage bill.
+        ("v1beta/cachedContents", "GET", {}, {}),
+        ("v1beta/cachedContents/abc", "DELETE", {}, {}),
+        # A generation that reads a cache is metered (its cached tokens at the read rate).
+        ("v1beta/models/gemini-2.5-flash:generateContent", "POST", {}, {"cachedContent": "c/1"}),
+        ("v1beta/cachedContentsish", "POST", {}, CHAT),
     ],
 )
 def test_metered_calls_pass(
