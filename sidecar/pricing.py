@@ -327,11 +327,12 @@ def _modality_surcharge(rates: UnitPrice | PriceTier, usage: TokenUsage) -> int:
 
 # Anthropic bills inference kept in the United States (`inference_geo: "us"`) at 1.1x on
 # every token category (Claude 4.6 and later); genai-prices carries the global rates only.
-# A geography this table does not know is charged as the dearest one it does: over-counted,
-# never under.
+# Responses of models without a choice of geography say "not_available" (seen in recorded
+# Claude Sonnet 4.5 responses) and are billed at the global rates. A geography this table
+# does not know is charged as the dearest one it does: over-counted, never under.
 _GEO_SURCHARGES = {"us": (11, 10)}
 _DEAREST_GEO = max(_GEO_SURCHARGES.values(), key=lambda ratio: ratio[0] / ratio[1])
-_STANDARD_GEOS = frozenset({"", "global"})
+_STANDARD_GEOS = frozenset({"", "global", "not_available"})
 
 
 def geo_surcharge(geo: str) -> tuple[int, int]:

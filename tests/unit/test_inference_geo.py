@@ -88,7 +88,8 @@ def test_a_us_only_response_is_charged_a_tenth_more_on_every_token_category(geo:
     assert charge.total > up(REFERENCE)
 
 
-@pytest.mark.parametrize("geo", ["global", "GLOBAL", None, 7])
+# "not_available": what recorded responses of Claude Sonnet 4.5 (no choice of geography) say.
+@pytest.mark.parametrize("geo", ["global", "GLOBAL", "not_available", None, 7])
 def test_a_global_or_unreported_geography_is_charged_the_global_rates(geo: object) -> None:
     usage = dict(USAGE) if geo is None else {**USAGE, "inference_geo": geo}
     meter = json_meter(usage)
