@@ -434,6 +434,22 @@ def requested_output_tokens(body: Mapping[str, Any], default: int) -> int:
     return max(limits) if limits else default
 
 
+# Output tokens per image of OpenAI's gpt-image models, by quality, at the largest size
+# (OpenAI's image generation guide, gpt-image-1: 1024x1536 draws 408, 1,584 and 6,240);
+# any other quality ("auto", none) as high. Each partial image of a stream draws 100 more.
+_IMAGE_OUTPUT_TOKENS = {"low": 408, "medium": 1584, "high": 6240}
+_PARTIAL_IMAGE_TOKENS = 100
+
+
+def requested_image_tokens(body: Mapping[str, Any]) -> int:
+    """The output tokens one image of an images API request may draw: the images API takes
+    no output limit, its quality and size bound what an image costs."""
+    quality = body.get("quality")
+    named = quality.strip().lower() if isinstance(quality, str) else ""
+    per_image = _IMAGE_OUTPUT_TOKENS.get(named, _IMAGE_OUTPUT_TOKENS["high"])
+    return per_image + _PARTIAL_IMAGE_TOKENS * max(_count(body.get("partial_images")), 0)
+
+
 def requested_choices(body: Mapping[str, Any]) -> int:
     """How many answers the request asks the model for, each up to the output limit: OpenAI's
     `n` (and the legacy `best_of`, all of which are billed), Gemini's `candidateCount`."""

@@ -41,6 +41,7 @@ API_PATHS: Mapping[str, Api] = {
     "/v1/responses": "openai_responses",
     "/v1/messages": "anthropic_messages",
     "/v1/embeddings": "openai_embeddings",
+    "/v1/images/generations": "openai_images",
 }
 # Paths that name the model (or Azure deployment) themselves.
 _GEMINI_PATH = "/v1beta/models/{call:path}"
@@ -93,6 +94,9 @@ def _reply_body(
     if api == "openai_embeddings":
         usage = expected_usage(api, body)
         return openai.embeddings_json(str(body["model"]), body, usage), None, sse
+    if api == "openai_images":
+        usage = expected_usage(api, body)
+        return openai.images_json(body, usage), openai.images_frames(body, usage), sse
     if api in ("openai_chat", "openai_responses", "anthropic_messages", "bedrock_invoke"):
         reply = Reply.of("anthropic_messages" if api == "bedrock_invoke" else api, body)
         if api == "openai_chat":

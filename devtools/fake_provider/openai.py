@@ -1,4 +1,5 @@
-"""OpenAI's shapes: Chat Completions and Responses (JSON and SSE), embeddings, errors."""
+"""OpenAI's shapes: Chat Completions and Responses (JSON and SSE), embeddings, images (JSON
+and SSE), errors."""
 
 from __future__ import annotations
 
@@ -158,6 +159,62 @@ def embeddings_json(model: str, body: Mapping[str, Any], usage: TokenUsage) -> d
         "model": model,
         "usage": {"prompt_tokens": usage.input_tokens, "total_tokens": usage.input_tokens},
     }
+
+
+# An image as the API sends it, base64: larger than the part of a body Envoy's metering
+# filter keeps (1 MiB), so its usage, after it, is read from the body's last bytes.
+IMAGE_B64 = "iVBORw0KGgo" + "A" * (1_200_000 - 11)
+
+
+def _images_usage(usage: TokenUsage) -> dict[str, Any]:
+    # gpt-image-1's shape: no output details (all its output is image).
+    return {
+        "total_tokens": usage.input_tokens + usage.output_tokens,
+        "input_tokens": usage.input_tokens,
+        "output_tokens": usage.output_tokens,
+        "input_tokens_details": {"text_tokens": usage.input_tokens, "image_tokens": 0},
+    }
+
+
+def _image_settings(body: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "background": "opaque",
+        "output_format": "png",
+        "quality": body.get("quality") or "high",
+        "size": body.get("size") or "1024x1024",
+    }
+
+
+def images_json(body: Mapping[str, Any], usage: TokenUsage) -> dict[str, Any]:
+    count = body.get("n")
+    images = count if isinstance(count, int) and count > 0 else 1
+    return {
+        "created": 1_700_000_000,
+        "data": [{"b64_json": IMAGE_B64} for _ in range(images)],
+        **_image_settings(body),
+        "usage": _images_usage(usage),
+    }
+
+
+def images_frames(body: Mapping[str, Any], usage: TokenUsage) -> Iterator[bytes]:
+    partial = body.get("partial_images")
+    for index in range(partial if isinstance(partial, int) else 0):
+        event = {
+            "type": "image_generation.partial_image",
+            "b64_json": IMAGE_B64[:65_536],
+            "created_at": 1_700_000_000,
+            **_image_settings(body),
+            "partial_image_index": index,
+        }
+        yield sse(event, event["type"])
+    done = {
+        "type": "image_generation.completed",
+        "b64_json": IMAGE_B64,
+        "created_at": 1_700_000_000,
+        **_image_settings(body),
+        "usage": _images_usage(usage),
+    }
+    yield sse(done, done["type"])
 
 
 def error(status: int, message: str) -> dict[str, Any]:

@@ -102,7 +102,9 @@ def expected_usage(api: Api, body: Mapping[str, Any]) -> TokenUsage:
     request asking for audio (`modalities` with "audio") reports half its uncached input
     and all its output as audio; a Gemini request with an audio part, half its uncached
     input; a Gemini request whose `generationConfig.responseModalities` names IMAGE, all
-    its output but thoughts as image."""
+    its output but thoughts as image. An images request: `image_usage`."""
+    if api == "openai_images":
+        return image_usage(body)
     usage = _text_usage(api, body)
     if api == "openai_chat":
         modalities = body.get("modalities")
@@ -155,3 +157,30 @@ def _text_usage(api: Api, body: Mapping[str, Any]) -> TokenUsage:
 def output_words(count: int) -> list[str]:
     """The generated text, one stream delta per entry; joined they form the whole text."""
     return [(" " if i else "") + _WORDS[i % len(_WORDS)] for i in range(count)]
+
+
+# gpt-image-1's output tokens per image (OpenAI's image generation guide), by quality and
+# size; "auto" and unnamed as high and square. Each partial image of a stream draws 100.
+IMAGE_TOKENS: Mapping[str, Mapping[str, int]] = {
+    "low": {"1024x1024": 272, "1024x1536": 408, "1536x1024": 400},
+    "medium": {"1024x1024": 1056, "1024x1536": 1584, "1536x1024": 1568},
+    "high": {"1024x1024": 4160, "1024x1536": 6240, "1536x1024": 6208},
+}
+
+
+def image_usage(body: Mapping[str, Any]) -> TokenUsage:
+    """What an images request reports: its prompt's characters // 4 (at least 1) plus the
+    overhead as text input, and each image's tokens (`IMAGE_TOKENS`) as output, all image."""
+    prompt = body.get("prompt")
+    text = max(len(prompt) // 4, 1) if isinstance(prompt, str) else 1
+    quality = str(body.get("quality") or "high").lower()
+    per_size = IMAGE_TOKENS.get(quality, IMAGE_TOKENS["high"])
+    per_image = per_size.get(str(body.get("size") or "1024x1024"), per_size["1024x1024"])
+    partial = body.get("partial_images")
+    if body.get("stream") is True and isinstance(partial, int):
+        per_image += 100 * partial
+    count = body.get("n")
+    output = per_image * (count if isinstance(count, int) and count > 0 else 1)
+    return TokenUsage(
+        input_tokens=text + INPUT_OVERHEAD_TOKENS, output_tokens=output, output_image_tokens=output
+    )

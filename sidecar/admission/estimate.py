@@ -8,6 +8,7 @@ from typing import Any
 
 from sidecar.admission.candidates import Candidate
 from sidecar.config.ruleset import RuleSet
+from sidecar.metering.parse import api_for_path
 from sidecar.policy.request import BadRequest
 from sidecar.pricing import (
     UnitPrice,
@@ -15,6 +16,7 @@ from sidecar.pricing import (
     estimate_micros,
     in_geo,
     requested_choices,
+    requested_image_tokens,
     requested_output_tokens,
 )
 
@@ -25,10 +27,20 @@ MAX_OUTPUT_TOKENS = 10_000_000
 MAX_CHOICES = 128
 
 
-def requested_tokens(rs: RuleSet, body: Mapping[str, Any]) -> tuple[int, int]:
-    """(input, output): input from the body, output from its largest output limit times
-    the answers it asks for (each may run to the limit, and each is billed)."""
-    output = requested_output_tokens(body, rs.default_max_output_tokens)
+def image_call(path: str, body: Mapping[str, Any]) -> bool:
+    """Whether the request asks the images API for images (priced by their quality)."""
+    return "prompt" in body and api_for_path(path) == "openai_images"
+
+
+def requested_tokens(rs: RuleSet, body: Mapping[str, Any], images: bool = False) -> tuple[int, int]:
+    """(input, output): input from the body, output from its largest output limit (or, for
+    `images`, what an image of its quality draws) times the answers it asks for (each may
+    run to the limit, and each is billed)."""
+    output = (
+        requested_image_tokens(body)
+        if images
+        else requested_output_tokens(body, rs.default_max_output_tokens)
+    )
     if output > MAX_OUTPUT_TOKENS:
         raise BadRequest(f"the output limit must be at most {MAX_OUTPUT_TOKENS} tokens")
     choices = requested_choices(body)

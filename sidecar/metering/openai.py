@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+import re
+from collections.abc import Callable, Mapping
 
 from sidecar.metering import count, load_json, mapping, utf8_len, with_modalities
 from sidecar.metering.sse import SSEEvent, typed_payload
@@ -230,3 +232,49 @@ class ResponsesStream:
         if usage is not None:
             self.usage = usage
             self.complete = True
+
+
+def images_body_usage(body: object) -> TokenUsage | None:
+    """An images API body's usage (gpt-image models), read as genai-prices' extractor reads
+    it: image input tokens apart; output tokens as image tokens only where the body says
+    how many are (for gpt-image-1 all output is image, priced alike)."""
+    fields = mapping(body)
+    usage = mapping(fields.get("usage")) if fields else None
+    if usage is None:
+        return None
+    tin, tout = count(usage.get("input_tokens")), count(usage.get("output_tokens"))
+    if tin is None and tout is None:
+        return None
+    given = mapping(usage.get("input_tokens_details"))
+    produced = mapping(usage.get("output_tokens_details"))
+    return with_modalities(
+        TokenUsage(input_tokens=tin or 0, output_tokens=tout or 0),
+        0,
+        0,
+        0,
+        image_input=(count(given.get("image_tokens")) or 0) if given else 0,
+        image_output=(count(produced.get("image_tokens")) or 0) if produced else 0,
+    )
+
+
+# The images API reports `usage` as the last member of its body (and of a stream's final
+# `image_generation.completed` event), after base64 images of megabytes: it is read from
+# the body's last bytes, as the first `"usage": {` that follows a `{` or `,` from the end.
+# Inside a JSON string that text has its quotes escaped, so it cannot be matched there.
+IMAGES_TAIL_BYTES = 16 * 1024
+_IMAGES_USAGE = re.compile(rb'[{,]\s*"usage"\s*:\s*(?=\{)')
+_DECODER = json.JSONDecoder()
+
+
+def images_end_usage(end: bytes, parse: Callable[[object], TokenUsage | None]) -> TokenUsage | None:
+    """The usage an images API body (or stream) ends with, by `parse` of `{"usage": ...}`;
+    None when its last bytes hold none."""
+    matches = list(_IMAGES_USAGE.finditer(end))
+    if not matches:
+        return None
+    found = matches[-1]
+    try:
+        usage, _ = _DECODER.raw_decode(end[found.end() :].decode("utf-8", "replace"))
+    except ValueError:
+        return None
+    return parse({"usage": usage})

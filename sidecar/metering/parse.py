@@ -20,9 +20,12 @@ from sidecar.metering.bedrock import (
 )
 from sidecar.metering.gemini import GeminiStream, gemini_body_usage
 from sidecar.metering.openai import (
+    IMAGES_TAIL_BYTES,
     ChatStream,
     ResponsesStream,
     chat_body_usage,
+    images_body_usage,
+    images_end_usage,
     responses_body_fees,
     responses_body_usage,
 )
@@ -37,6 +40,7 @@ Api = Literal[
     "gemini",
     "bedrock_converse",
     "bedrock_invoke",
+    "openai_images",
 ]
 
 # Whole JSON bodies are buffered to be parsed at the end; past this the body is not metered
@@ -54,6 +58,8 @@ _PATH_SUFFIXES: tuple[tuple[str, Api], ...] = (
     ("/v1/responses", "openai_responses"),
     ("/v1/messages", "anthropic_messages"),
     ("/embeddings", "openai_embeddings"),
+    ("/images/generations", "openai_images"),
+    ("/images/edits", "openai_images"),
     (":generateContent", "gemini"),
     (":streamGenerateContent", "gemini"),
 )
@@ -75,6 +81,7 @@ _GENAI_EXTRACTORS: dict[Api, tuple[str, str]] = {
     "bedrock_converse": ("aws", "default"),
     # InvokeModel answers with the model's own body; only Anthropic's is metered.
     "bedrock_invoke": ("aws", "anthropic"),
+    "openai_images": ("openai", "images"),
 }
 # gzip framing is 16 + window bits; plain zlib framing is the window bits alone.
 _WBITS = {"gzip": 31, "x-gzip": 31, "deflate": 15}
@@ -86,7 +93,11 @@ _OWN_BODY_PARSERS: dict[Api, Callable[[object], TokenUsage | None]] = {
     "gemini": gemini_body_usage,
     "bedrock_converse": converse_body_usage,
     "bedrock_invoke": message_body_usage,
+    "openai_images": images_body_usage,
 }
+# APIs whose usage closes a body too large to keep (base64 images): only its last bytes are
+# kept and read, whether it comes as JSON or as a stream.
+TAIL_APIS: frozenset[Api] = frozenset({"openai_images"})
 
 # Stable codes for why a response could not be (fully) metered; usable as log fields.
 MeterError = Literal[
@@ -225,6 +236,8 @@ class UsageMeter:
             EventStreamDecoder() if eventstream else SSEDecoder()
         )
         self._body = bytearray()
+        # Usage closes the body and nothing else is read: keep its last bytes only.
+        self._tail_only = api in TAIL_APIS
         self._body_usage: TokenUsage | None = None
         self._body_extras: tuple[tuple[Iteration, ...], ToolFees] = ((), ToolFees())
         self._body_text_bytes = 0
@@ -252,29 +265,34 @@ class UsageMeter:
 
     @property
     def usage(self) -> TokenUsage | None:
-        return self._stream.usage if self._sse else self._body_usage
+        return self._stream.usage if self._sse and not self._tail_only else self._body_usage
 
     @property
     def output_bytes(self) -> int:
         """UTF-8 bytes of generated text seen so far (a JSON body's only once finished and
         only when it reported no usage: it is only needed then)."""
-        return self._stream.output_bytes if self._sse else self._body_text_bytes
+        return self._stream.output_bytes if self._streamed else self._body_text_bytes
 
     @property
     def iterations(self) -> tuple[Iteration, ...]:
         """The sampling steps the provider reported, each with its own usage (Anthropic)."""
-        return self._stream.iterations if self._sse else self._body_extras[0]
+        return self._stream.iterations if self._streamed else self._body_extras[0]
 
     @property
     def fees(self) -> ToolFees:
         """Server-tool calls billed per call."""
-        return self._stream.fees if self._sse else self._body_extras[1]
+        return self._stream.fees if self._streamed else self._body_extras[1]
 
     @property
     def complete(self) -> bool:
-        if self._sse:
+        if self._streamed:
             return self._stream.complete
         return self._body_usage is not None
+
+    @property
+    def _streamed(self) -> bool:
+        """Read event by event (else as one body, or its last bytes)."""
+        return bool(self._sse) and not self._tail_only
 
     def feed(self, chunk: bytes) -> None:
         if self._finished:
@@ -295,7 +313,10 @@ class UsageMeter:
             except zlib.error:
                 self.error = "bad_encoding"
         self._finished = True
-        if self._sse:
+        if self._tail_only:
+            if self._body:
+                self._body_usage = images_end_usage(bytes(self._body), self._parse_usage)
+        elif self._sse:
             for event in self._decoder.close():
                 self._stream.on_event(event)
             if isinstance(self._decoder, EventStreamDecoder) and self._decoder.error:
@@ -310,6 +331,9 @@ class UsageMeter:
                 if self._body_usage is None:
                     self._body_text_bytes = generated_text_bytes(parsed)
         self._body.clear()
+
+    def _parse_usage(self, body: object) -> TokenUsage | None:
+        return body_usage(self.api, body)
 
     def _stopped(self) -> bool:
         # A broken encoding or an oversized body: nothing further can be metered.
@@ -337,6 +361,11 @@ class UsageMeter:
             if not start:
                 return
             self._sse = start not in (b"{", b"[")
+        if self._tail_only:
+            self._body += data
+            if len(self._body) > 2 * IMAGES_TAIL_BYTES:
+                del self._body[:-IMAGES_TAIL_BYTES]
+            return
         if self._sse:
             for event in self._decoder.feed(data):
                 self._stream.on_event(event)

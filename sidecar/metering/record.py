@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sidecar.metering.charge import Observed
-from sidecar.metering.parse import Api, UsageMeter
+from sidecar.metering.parse import TAIL_APIS, Api, UsageMeter
 
 # Every metered stream reports its final usage in its last events: OpenAI's usage chunk
 # and `[DONE]`, Anthropic's last `message_delta` and `message_stop`, the Responses API's
@@ -124,6 +124,10 @@ def observed(record: MeteringRecord) -> tuple[Observed, UsageMeter | None]:
     """What the record shows, and the meter that read it (None: nothing to read)."""
     if record.api is None or not (record.total_bytes or record.tail):
         return Observed(status=record.status, reached_upstream=record.reached_upstream), None
+    if record.api in TAIL_APIS:
+        # Usage closes the body: its last bytes, once it ended, are all there is to read.
+        meter = _meter(record, [record.end] if record.done else [])
+        return _seen(record, meter, 0), meter
     # Compressed bytes cannot be read from the middle: those go the whole way.
     plain = record.content_encoding.strip().lower() in ("", "identity")
     sse = "event-stream" in record.content_type.lower()
