@@ -8,7 +8,6 @@ tests/integration/test_recorded_billing.py.
 
 from __future__ import annotations
 
-import json
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from typing import Any
 
@@ -16,9 +15,9 @@ import pytest
 from genai_prices import Usage, calc_price
 
 from sidecar.metering.charge import Observed, Part, bill
-from sidecar.metering.parse import Api, UsageMeter
 from sidecar.model import Iteration, TokenUsage, ToolFees
 from sidecar.pricing import PriceBook, UnitPrice
+from tests.support.meters import meter_json, meter_stream, observed
 
 BOOK = PriceBook([], None)
 
@@ -43,32 +42,6 @@ def up(amount: Decimal) -> int:
 
 def down(amount: Decimal) -> int:
     return int((amount * 1_000_000).to_integral_value(rounding=ROUND_FLOOR))
-
-
-def meter_json(api: Api, body: dict[str, Any]) -> UsageMeter:
-    meter = UsageMeter(api, sse=False)
-    meter.feed(json.dumps(body).encode())
-    meter.finish()
-    return meter
-
-
-def meter_stream(api: Api, events: list[dict[str, Any]], piece: int) -> UsageMeter:
-    wire = b"".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in events)
-    meter = UsageMeter(api, sse=True)
-    for start in range(0, len(wire), piece):
-        meter.feed(wire[start : start + piece])
-    meter.finish()
-    return meter
-
-
-def observed(meter: UsageMeter) -> Observed:
-    return Observed(
-        meter.usage,
-        meter.complete,
-        meter.output_bytes,
-        iterations=meter.iterations,
-        fees=meter.fees,
-    )
 
 
 # Documented shape: Anthropic's compaction page ("Understanding usage").

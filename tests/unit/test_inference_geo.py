@@ -6,7 +6,6 @@ budget counted."""
 
 from __future__ import annotations
 
-import json
 from decimal import ROUND_CEILING, Decimal
 from typing import Any
 
@@ -18,6 +17,7 @@ from sidecar.metering.charge import Observed, bill
 from sidecar.metering.parse import UsageMeter
 from sidecar.model import TokenUsage, ToolFees
 from sidecar.pricing import PriceBook, UnitPrice, estimate_micros, geo_surcharge, in_geo
+from tests.support.meters import meter_json, meter_stream, observed
 
 MODEL = "claude-opus-4-6"
 BOOK = PriceBook([], None)
@@ -42,29 +42,11 @@ def up(amount: Decimal) -> int:
 
 
 def json_meter(usage: dict[str, Any]) -> UsageMeter:
-    meter = UsageMeter("anthropic_messages", sse=False)
-    meter.feed(json.dumps({"model": MODEL, "usage": usage}).encode())
-    meter.finish()
-    return meter
+    return meter_json("anthropic_messages", {"model": MODEL, "usage": usage})
 
 
 def stream_meter(events: list[dict[str, Any]], piece: int) -> UsageMeter:
-    wire = b"".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in events)
-    meter = UsageMeter("anthropic_messages", sse=True)
-    for start in range(0, len(wire), piece):
-        meter.feed(wire[start : start + piece])
-    meter.finish()
-    return meter
-
-
-def observed(meter: UsageMeter) -> Observed:
-    return Observed(
-        meter.usage,
-        meter.complete,
-        meter.output_bytes,
-        iterations=meter.iterations,
-        fees=meter.fees,
-    )
+    return meter_stream("anthropic_messages", events, piece)
 
 
 USAGE = {
