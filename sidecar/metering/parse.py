@@ -265,7 +265,7 @@ class UsageMeter:
 
     @property
     def usage(self) -> TokenUsage | None:
-        return self._stream.usage if self._sse and not self._tail_only else self._body_usage
+        return self._stream.usage if self._streamed else self._body_usage
 
     @property
     def output_bytes(self) -> int:
