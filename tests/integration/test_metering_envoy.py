@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import redirect_stdout
 from dataclasses import replace
-from decimal import ROUND_CEILING, Decimal
+from decimal import Decimal
 from typing import Any, TypeVar
 
 import anthropic
@@ -23,7 +23,6 @@ import httpx
 import openai
 import pytest
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
-from genai_prices import Usage, calc_price
 from google.rpc import code_pb2
 
 from devtools.config import demo_config
@@ -35,6 +34,7 @@ from sidecar.metering.parse import Api
 from sidecar.model import TokenUsage
 from sidecar.proto_gen.sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 from tests.support.ledger import admin_get, charged, eventually, ledger_row
+from tests.support.prices import genai_micros
 
 T = TypeVar("T")
 DAILY_LIMIT_USD = Decimal(5)
@@ -85,24 +85,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory, issuer: DevIssuer) -> Iterat
 # --- independent expectations -------------------------------------------------------------
 
 
-def price_micros(model: str, provider: str, usage: TokenUsage) -> int:
-    """genai-prices' price for `usage`, in µUSD rounded up (one rounding per request)."""
-    price = calc_price(
-        Usage(
-            input_tokens=usage.total_input,
-            output_tokens=usage.output_tokens,
-            cache_read_tokens=usage.cache_read_tokens,
-            cache_write_tokens=usage.cache_write_tokens,
-        ),
-        model,
-        provider_id=provider,
-    )
-    return int((price.total_price * 1_000_000).to_integral_value(rounding=ROUND_CEILING))
-
-
 def expected(api: Api, body: dict[str, Any], model: str, provider: str) -> tuple[TokenUsage, int]:
     usage = expected_usage(api, body)
-    return usage, price_micros(model, provider, usage)
+    return usage, genai_micros(usage, model, provider)
 
 
 def micros(usd: Decimal) -> int:
@@ -454,10 +439,10 @@ def test_anthropic_client_gone_mid_stream_pays_what_was_seen(
     row = charged(stack, email)
     assert (row["input_tokens"], row["output_tokens"]) == (full.input_tokens, 1)
     floor = max(1, -(-len(received.encode()) // 4))
-    low = price_micros(ANTHROPIC_MODEL, "anthropic", replace(reported, output_tokens=floor))
-    high = price_micros(ANTHROPIC_MODEL, "anthropic", replace(reported, output_tokens=30))
+    low = genai_micros(replace(reported, output_tokens=floor), ANTHROPIC_MODEL, "anthropic")
+    high = genai_micros(replace(reported, output_tokens=30), ANTHROPIC_MODEL, "anthropic")
     assert low <= micros(row["cost_usd"]) <= high
-    assert micros(row["cost_usd"]) > price_micros(ANTHROPIC_MODEL, "anthropic", reported)
+    assert micros(row["cost_usd"]) > genai_micros(reported, ANTHROPIC_MODEL, "anthropic")
 
 
 # --- the sidecar.v1 API ----------------------------------------------------------------------
@@ -532,7 +517,7 @@ def test_report_usage_commits_once(stack: Stack, issuer: DevIssuer) -> None:
         output_tokens=45,
         cache_read_tokens=30,
     )
-    cost = price_micros(OPENAI_MODEL, "openai", usage)
+    cost = genai_micros(usage, OPENAI_MODEL, "openai")
     first = _report(stack, report)
     assert (first.status, first.cost_micros) == (sidecar_pb2.REPORT_STATUS_COMMITTED, cost)
     again = _report(stack, report)
@@ -585,7 +570,7 @@ def test_expired_reservation_pays_its_estimate_until_a_late_report(
         ),
     )
     assert late.status == sidecar_pb2.REPORT_STATUS_LATE
-    cost = price_micros(OPENAI_MODEL, "openai", usage)
+    cost = genai_micros(usage, OPENAI_MODEL, "openai")
     assert cost < held
     assert_charged(stack, email, usage, cost)
     assert micros(my_budget(stack, token)["spent"]) == cost

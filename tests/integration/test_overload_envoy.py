@@ -9,17 +9,18 @@ import asyncio
 import json
 import time
 from collections.abc import Iterator
-from decimal import ROUND_CEILING, Decimal
+from decimal import Decimal
 
 import httpx
 import pytest
-from genai_prices import Usage, calc_price
 
 from devtools.config import demo_config
 from devtools.fake_provider import expected_usage
 from devtools.keys import DevIssuer
 from devtools.stack import Stack, running_stack
 from sidecar.envoy.attach import CHECK_CLUSTER, CHECK_TIMEOUT_SECONDS
+from sidecar.model import TokenUsage
+from tests.support.prices import genai_micros
 
 MODEL = "gpt-4o-mini"
 MESSAGES = [{"role": "user", "content": "Stream a few words for the overload test."}]
@@ -65,10 +66,7 @@ def envoy_bound_stack(
 
 
 def price(tokens_in: int, tokens_out: int) -> int:
-    got = calc_price(
-        Usage(input_tokens=tokens_in, output_tokens=tokens_out), MODEL, provider_id="openai"
-    )
-    return int((got.total_price * 1_000_000).to_integral_value(rounding=ROUND_CEILING))
+    return genai_micros(TokenUsage(tokens_in, tokens_out), MODEL, "openai")
 
 
 async def one(client: httpx.AsyncClient, token: str) -> tuple[int, dict[str, str], bytes]:

@@ -29,8 +29,9 @@ from devtools.keys import DevIssuer
 from devtools.stack import Stack, running_stack
 from sidecar.metering.parse import Api
 from sidecar.model import TokenUsage
-from tests.integration.test_metering_envoy import assert_charged, price_micros
+from tests.integration.test_metering_envoy import assert_charged
 from tests.support.ledger import charged
+from tests.support.prices import genai_micros
 
 LIMITS = [
     {
@@ -115,7 +116,7 @@ def seen_path(stack: Stack, email: str) -> str:
 
 def expect(stack: Stack, email: str, api: Api, model: str, pricing: str) -> tuple[TokenUsage, int]:
     usage = expected_usage(api, received(stack, email))
-    return usage, price_micros(model, pricing, usage)
+    return usage, genai_micros(usage, model, pricing)
 
 
 # --- Gemini ---------------------------------------------------------------------------------

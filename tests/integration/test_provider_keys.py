@@ -15,7 +15,7 @@ import secrets
 import uuid
 from collections.abc import Iterator
 from contextlib import redirect_stderr, redirect_stdout
-from decimal import ROUND_CEILING, Decimal
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,7 +24,6 @@ import httpx
 import openai
 import pytest
 import yaml
-from genai_prices import Usage, calc_price
 
 from devtools.config import DEMO_PROVIDER_KEYS, demo_config
 from devtools.fake_provider import expected_usage
@@ -32,6 +31,7 @@ from devtools.keys import DevIssuer
 from devtools.stack import Stack, running_stack
 from sidecar import cli
 from tests.support.ledger import eventually
+from tests.support.prices import genai_micros
 
 T = TypeVar("T")
 OPENAI_KEY = f"sk-org-openai-{secrets.token_hex(12)}"
@@ -131,17 +131,7 @@ def usage_row(stack: Stack, email: str) -> dict[str, Any] | None:
 
 
 def price_micros(model: str, provider: str, body: dict[str, Any]) -> int:
-    usage = expected_usage("openai_chat", body)
-    price = calc_price(
-        Usage(
-            input_tokens=usage.total_input,
-            output_tokens=usage.output_tokens,
-            cache_read_tokens=usage.cache_read_tokens,
-        ),
-        model,
-        provider_id=provider,
-    )
-    return int((price.total_price * 1_000_000).to_integral_value(rounding=ROUND_CEILING))
+    return genai_micros(expected_usage("openai_chat", body), model, provider)
 
 
 def service_token(stack: Stack, name: str) -> dict[str, str]:

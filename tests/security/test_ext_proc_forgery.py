@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
-from decimal import ROUND_CEILING
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,6 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
-from genai_prices import Usage, calc_price
 from google.rpc import code_pb2
 from structlog.testing import capture_logs
 
@@ -39,6 +37,7 @@ from tests.security.conftest import (
     user,
 )
 from tests.support.ledger import charged, eventually
+from tests.support.prices import genai_micros
 
 MODEL = "gpt-4o-mini"
 MESSAGES: Any = [{"role": "user", "content": "Write a short line about budgets."}]
@@ -46,12 +45,7 @@ CHAT = "/openai/v1/chat/completions"
 
 
 def price(usage: TokenUsage) -> int:
-    got = calc_price(
-        Usage(input_tokens=usage.total_input, output_tokens=usage.output_tokens),
-        MODEL,
-        provider_id="openai",
-    )
-    return int((got.total_price * 1_000_000).to_integral_value(rounding=ROUND_CEILING))
+    return genai_micros(usage, MODEL, "openai")
 
 
 def _headers(values: dict[str, str]) -> pb.HttpHeaders:

@@ -4,18 +4,18 @@ sidecar charges (and reserves) it so, from where the response says the model ran
 
 from __future__ import annotations
 
-from decimal import ROUND_CEILING, Decimal
+from decimal import Decimal
 from typing import Any
 
 import anthropic
 import pytest
-from genai_prices import Usage, calc_price
 
 from devtools.fake_provider import expected_usage
 from devtools.keys import DevIssuer
 from devtools.stack import Stack
 from tests.security.conftest import user
 from tests.support.ledger import charged
+from tests.support.prices import genai_micros
 
 MODEL = "claude-haiku-4-5"
 PROMPT: Any = [{"role": "user", "content": "Where does this run? Answer in a few words."}]
@@ -33,13 +33,9 @@ def client(stack: Stack, token: str) -> anthropic.Anthropic:
 def reference_micros(geo: str | None) -> int:
     body: dict[str, Any] = {"model": MODEL, "max_tokens": 24, "messages": PROMPT}
     usage = expected_usage("anthropic_messages", body)
-    price = calc_price(
-        Usage(input_tokens=usage.total_input, output_tokens=usage.output_tokens),
-        MODEL,
-        provider_id="anthropic",
-    ).total_price
+    # Anthropic's US-only surcharge, which genai-prices does not carry.
     factor = Decimal("1.1") if geo == "us" else Decimal(1)
-    return int((price * factor * 1_000_000).to_integral_value(rounding=ROUND_CEILING))
+    return genai_micros(usage, MODEL, "anthropic", factor)
 
 
 @pytest.mark.parametrize("stream", [False, True])

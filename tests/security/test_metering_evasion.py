@@ -3,9 +3,6 @@ naming a small limit next to a large one, not by hanging up before the usage arr
 
 from __future__ import annotations
 
-from decimal import ROUND_CEILING
-
-from genai_prices import Usage, calc_price
 from google.rpc import code_pb2
 from openai.types.chat import ChatCompletionMessageParam
 
@@ -15,6 +12,7 @@ from devtools.stack import Stack
 from sidecar.model import TokenUsage
 from tests.security.conftest import REPLAY_MODEL, check, micros, openai_client, user
 from tests.support.ledger import charged
+from tests.support.prices import genai_micros
 
 MODEL = "gpt-4o-mini"
 MESSAGES: list[ChatCompletionMessageParam] = [
@@ -24,16 +22,7 @@ SLOW = {"x-fake-delay-ms": "300"}
 
 
 def price(usage: TokenUsage) -> int:
-    got = calc_price(
-        Usage(
-            input_tokens=usage.total_input,
-            output_tokens=usage.output_tokens,
-            cache_read_tokens=usage.cache_read_tokens,
-        ),
-        MODEL,
-        provider_id="openai",
-    )
-    return int((got.total_price * 1_000_000).to_integral_value(rounding=ROUND_CEILING))
+    return genai_micros(usage, MODEL, "openai")
 
 
 def test_include_usage_false_is_still_charged_its_real_usage(

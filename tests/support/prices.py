@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import math
+from decimal import ROUND_CEILING, Decimal
 
 from genai_prices import Usage, calc_price
 
 from sidecar.model import TokenUsage
 
 
-def genai_micros(usage: TokenUsage, model: str, provider_id: str) -> int:
-    """What genai-prices charges for `usage`, rounded up to µUSD. Its counts include what
-    TokenUsage keeps apart: cache tokens in the input, cached audio in the audio input."""
+def genai_micros(
+    usage: TokenUsage, model: str, provider_id: str, factor: Decimal = Decimal(1)
+) -> int:
+    """What genai-prices charges for `usage` (times `factor`, a surcharge it does not know),
+    rounded up to µUSD once. Its counts include what TokenUsage keeps apart: cache tokens in
+    the input, cached audio in the audio input."""
     total = calc_price(
         Usage(
             input_tokens=usage.total_input,
@@ -29,4 +32,4 @@ def genai_micros(usage: TokenUsage, model: str, provider_id: str) -> int:
         model,
         provider_id=provider_id,
     ).total_price
-    return math.ceil(total * 1_000_000)
+    return int((total * factor * 1_000_000).to_integral_value(rounding=ROUND_CEILING))
