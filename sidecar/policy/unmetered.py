@@ -47,6 +47,9 @@ _SUSPECT = re.compile(
     r"|(:batchgeneratecontent|:asyncbatchembedcontent)$"
 )
 _READS = frozenset({"GET", "HEAD", "OPTIONS"})
+# Headers by which a client asks a provider to take a request as another method (Google's
+# API front ends honour the first): the call is judged by every method it names.
+_METHOD_OVERRIDES = ("x-http-method-override", "x-http-method", "x-method-override")
 
 
 def unmetered_call(
@@ -59,11 +62,12 @@ def unmetered_call(
         segment = found.group(1) or found.group(2)
         if segment in _SESSIONS:
             return f"{_SESSIONS[segment]} run past the gateway, which cannot meter them"
+        methods = _methods(method, headers)
         if segment in _STORAGE:
-            if method.upper() not in _READS and method.upper() != "DELETE":
+            if not methods <= _READS | {"DELETE"}:
                 return f"{_STORAGE[segment]} bill their storage by the hour, past the gateway"
             continue
-        if method.upper() not in _READS:
+        if not methods <= _READS:
             return f"{_JOBS[segment]} report their cost after the call, past the gateway"
     # HTTP/2's cleartext upgrade (`h2c`) stays HTTP; any other protocol leaves the parsers.
     if {t.strip() for t in headers.get("upgrade", "").lower().split(",")} - {"", "h2c"}:
@@ -74,3 +78,13 @@ def unmetered_call(
     ):
         return "a background response reports its usage only when polled, past the gateway"
     return None
+
+
+def _methods(method: str, headers: Mapping[str, str]) -> set[str]:
+    """The request's method and every method an override header names, upper-case."""
+    named = {method.upper()}
+    for name in _METHOD_OVERRIDES:
+        override = headers.get(name)
+        if override:
+            named.add(override.strip().upper())
+    return named

@@ -109,6 +109,12 @@ def test_a_context_cache_billed_by_the_hour_is_refused_through_envoy(
         stack.envoy_url + CACHE + "/abc%3Fx", headers=headers, json={"ttl": "31536000s"}
     )
     assert longer.status_code == 403, longer.text
+    # Nor as a read asking the provider to take it as that write.
+    overridden = httpx.get(
+        stack.envoy_url + CACHE + "/abc",
+        headers={**headers, "x-http-method-override": "PATCH"},
+    )
+    assert overridden.status_code == 403, overridden.text
     assert stack.seen() == []
     assert ledger_row(stack, email) is None
     for method in ("GET", "DELETE"):

@@ -48,6 +48,15 @@ CHAT = {"model": "cent-1", "max_tokens": 1, "messages": []}
             CHAT,
             "context caches",
         ),
+        # A read that asks to be taken as a write is judged as the write.
+        (
+            "v1beta/cachedContents/abc",
+            "GET",
+            {"x-http-method-override": "patch"},
+            {"ttl": "86400s"},
+            "context caches",
+        ),
+        ("v1/batches", "GET", {"x-http-method": "POST"}, CHAT, "batches"),
     ],
 )
 def test_calls_the_gateway_cannot_meter_are_named(
