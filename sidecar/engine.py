@@ -19,7 +19,7 @@ import structlog
 
 from sidecar import tracing
 from sidecar.admission.candidates import candidate_context, candidates, model_allowed
-from sidecar.admission.estimate import image_call, priced, requested_geo, requested_tokens
+from sidecar.admission.estimate import priced, requested_geo, requested_tokens, unlimited_call
 from sidecar.admission.fit import room
 from sidecar.admission.plan import Plan, Planned, merge, plan
 from sidecar.admission.plan_cache import PlanCache, context_key, validity
@@ -319,7 +319,9 @@ class Engine:
             )
         model, body = found
         if not rs.admit_any_service_tier:
-            refused = unpriced_service_tier(body)
+            refused = unpriced_service_tier(
+                body, attrs.path[len(provider.path_prefix) :] if provider else attrs.path
+            )
             if refused is not None:
                 return deny("unpriced_service_tier", refused, identity=identity, model=model)
         if not rs.admit_unpriced_tools:
@@ -354,7 +356,7 @@ class Engine:
         # where the reservation's record will live); fallbacks keep it.
         request_id = ""
         runtime = self._runtime_rules()
-        tokens = requested_tokens(rs, body, image_call(attrs.path, body))
+        tokens = requested_tokens(rs, body, unlimited_call(attrs.path, body))
         geo = requested_geo(body)
         # (bucket, its state, the amount asked of it, the µUSD estimate, rate-limit headers)
         first_fallback: tuple[Planned, BucketState, int, int, dict[str, str]] | None = None

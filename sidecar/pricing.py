@@ -450,6 +450,30 @@ def requested_image_tokens(body: Mapping[str, Any]) -> int:
     return per_image + _PARTIAL_IMAGE_TOKENS * max(_count(body.get("partial_images")), 0)
 
 
+# Audio tokens a speech model speaks per UTF-8 byte of its input at speed 1, generously:
+# OpenAI prices gpt-4o-mini-tts at about $0.015 a minute, 1,250 audio tokens at $12 per
+# million, and a minute of speech is about 900 characters (1.4 tokens a character). A
+# slower `speed` (down to 0.25) speaks the same text for longer.
+_SPEECH_TOKENS_PER_BYTE = 2
+_SLOWEST_SPEECH = 0.25
+
+
+def requested_speech_tokens(body: Mapping[str, Any]) -> int:
+    """The audio tokens a speech request may draw: the speech API takes no output limit,
+    its text and speed bound how long the audio runs."""
+    text = body.get("input")
+    text_bytes = _measure(text)[0] if isinstance(text, str) else 0
+    speed = body.get("speed", 1)
+    try:
+        pace = float(speed) if not isinstance(speed, bool) else _SLOWEST_SPEECH
+    except (TypeError, ValueError):
+        pace = _SLOWEST_SPEECH
+    # Anything that is not a pace the provider accepts is counted as the slowest one.
+    if not _SLOWEST_SPEECH <= pace <= 4.0:
+        pace = _SLOWEST_SPEECH
+    return math.ceil(_SPEECH_TOKENS_PER_BYTE * max(text_bytes, 1) / pace)
+
+
 def requested_choices(body: Mapping[str, Any]) -> int:
     """How many answers the request asks the model for, each up to the output limit: OpenAI's
     `n` (and the legacy `best_of`, all of which are billed), Gemini's `candidateCount`."""

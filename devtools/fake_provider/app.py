@@ -42,6 +42,7 @@ API_PATHS: Mapping[str, Api] = {
     "/v1/messages": "anthropic_messages",
     "/v1/embeddings": "openai_embeddings",
     "/v1/images/generations": "openai_images",
+    "/v1/audio/speech": "openai_speech",
 }
 # Paths that name the model (or Azure deployment) themselves.
 _GEMINI_PATH = "/v1beta/models/{call:path}"
@@ -97,6 +98,8 @@ def _reply_body(
     if api == "openai_images":
         usage = expected_usage(api, body)
         return openai.images_json(body, usage), openai.images_frames(body, usage), sse
+    if api == "openai_speech":
+        return {}, openai.speech_frames(expected_usage(api, body)), sse
     if api in ("openai_chat", "openai_responses", "anthropic_messages", "bedrock_invoke"):
         reply = Reply.of("anthropic_messages" if api == "bedrock_invoke" else api, body)
         if api == "openai_chat":
@@ -130,6 +133,9 @@ async def _answer(request: Request, api: Api, body: dict[str, Any], stream: bool
     delay = delay_seconds(request)
     gzip = request.headers.get("x-fake-gzip") == "1"
     payload, frames, media = _reply_body(api, body, stream)
+    if api == "openai_speech" and not stream:
+        audio = openai.speech_audio(expected_usage(api, body))
+        return Response(audio, headers=echo(request), media_type="audio/mpeg")
     if stream and frames is not None:
         headers = echo(request) | ({"content-encoding": "gzip"} if gzip else {})
         return StreamingResponse(paced(frames, delay, gzip), headers=headers, media_type=media)
@@ -202,6 +208,8 @@ def create_app(
                 message = "the request body must be a JSON object with a string `model`"
                 return json_response(request, error_body(call_api, 400, message), 400)
             stream = found[2] if found and found[2] is not None else body.get("stream") is True
+            if call_api == "openai_speech":
+                stream = body.get("stream_format") == "sse"
             return await _answer(request, call_api, body, stream)
 
         return handle

@@ -3,6 +3,7 @@ and SSE), errors."""
 
 from __future__ import annotations
 
+import base64
 import itertools
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -215,6 +216,30 @@ def images_frames(body: Mapping[str, Any], usage: TokenUsage) -> Iterator[bytes]
         "usage": _images_usage(usage),
     }
     yield sse(done, done["type"])
+
+
+# Audio as a speech answer sends it (an MP3 frame header, then silence), per audio token.
+AUDIO_PER_TOKEN = b"\xff\xf3\x44\xc4" + bytes(60)
+
+
+def speech_audio(usage: TokenUsage) -> bytes:
+    """The speech API's answer as audio (`stream_format: "audio"`, the default)."""
+    return AUDIO_PER_TOKEN * usage.output_tokens
+
+
+def speech_frames(usage: TokenUsage) -> Iterator[bytes]:
+    """The speech API's event stream: the audio in base64 deltas, then `speech.audio.done`
+    with the usage."""
+    audio = base64.b64encode(speech_audio(usage)).decode()
+    step = 32_768
+    for start in range(0, len(audio), step):
+        yield sse({"type": "speech.audio.delta", "audio": audio[start : start + step]})
+    usage_fields = {
+        "input_tokens": usage.input_tokens,
+        "output_tokens": usage.output_tokens,
+        "total_tokens": usage.input_tokens + usage.output_tokens,
+    }
+    yield sse({"type": "speech.audio.done", "usage": usage_fields})
 
 
 def error(status: int, message: str) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from typing import Any
 
 from sidecar.admission.candidates import Candidate
 from sidecar.config.ruleset import RuleSet
-from sidecar.metering.parse import api_for_path
+from sidecar.metering.parse import Api, api_for_path
 from sidecar.policy.request import BadRequest
 from sidecar.pricing import (
     UnitPrice,
@@ -18,6 +18,7 @@ from sidecar.pricing import (
     requested_choices,
     requested_image_tokens,
     requested_output_tokens,
+    requested_speech_tokens,
 )
 
 # Beyond any model's output (and the bound on `default_max_output_tokens`): such a limit is
@@ -27,20 +28,27 @@ MAX_OUTPUT_TOKENS = 10_000_000
 MAX_CHOICES = 128
 
 
-def image_call(path: str, body: Mapping[str, Any]) -> bool:
-    """Whether the request asks the images API for images (priced by their quality)."""
-    return "prompt" in body and api_for_path(path) == "openai_images"
+def unlimited_call(path: str, body: Mapping[str, Any]) -> Api | None:
+    """The API of a request whose output no limit in its body bounds: images (priced by
+    their quality) or speech (by its text and pace); None for any other."""
+    if "prompt" not in body and "voice" not in body:
+        return None  # the usual call: no path to look at
+    api = api_for_path(path)
+    return api if api in ("openai_images", "openai_speech") else None
 
 
-def requested_tokens(rs: RuleSet, body: Mapping[str, Any], images: bool = False) -> tuple[int, int]:
+def requested_tokens(
+    rs: RuleSet, body: Mapping[str, Any], api: Api | None = None
+) -> tuple[int, int]:
     """(input, output): input from the body, output from its largest output limit (or, for
-    `images`, what an image of its quality draws) times the answers it asks for (each may
-    run to the limit, and each is billed)."""
-    output = (
-        requested_image_tokens(body)
-        if images
-        else requested_output_tokens(body, rs.default_max_output_tokens)
-    )
+    an `unlimited_call`'s `api`, what an image of its quality draws, or the audio its text
+    makes) times the answers it asks for (each may run to the limit, and each is billed)."""
+    if api == "openai_images":
+        output = requested_image_tokens(body)
+    elif api == "openai_speech":
+        output = requested_speech_tokens(body)
+    else:
+        output = requested_output_tokens(body, rs.default_max_output_tokens)
     if output > MAX_OUTPUT_TOKENS:
         raise BadRequest(f"the output limit must be at most {MAX_OUTPUT_TOKENS} tokens")
     choices = requested_choices(body)

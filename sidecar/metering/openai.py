@@ -257,19 +257,36 @@ def images_body_usage(body: object) -> TokenUsage | None:
     )
 
 
+def speech_body_usage(body: object) -> TokenUsage | None:
+    """A speech stream's usage (`speech.audio.done`, gpt-4o-mini-tts): the text read as
+    input, the audio spoken as output (audio tokens, at the model's audio rate where it has
+    one)."""
+    fields = mapping(body)
+    usage = mapping(fields.get("usage")) if fields else None
+    if usage is None:
+        return None
+    tin, tout = count(usage.get("input_tokens")), count(usage.get("output_tokens"))
+    if tin is None and tout is None:
+        return None
+    return with_modalities(
+        TokenUsage(input_tokens=tin or 0, output_tokens=tout or 0), 0, 0, tout or 0
+    )
+
+
 # The images API reports `usage` as the last member of its body (and of a stream's final
-# `image_generation.completed` event), after base64 images of megabytes: it is read from
+# `image_generation.completed` event), after base64 images of megabytes, and a speech
+# stream in its last event (`speech.audio.done`), after the base64 audio: it is read from
 # the body's last bytes, as the first `"usage": {` that follows a `{` or `,` from the end.
 # Inside a JSON string that text has its quotes escaped, so it cannot be matched there.
-IMAGES_TAIL_BYTES = 16 * 1024
-_IMAGES_USAGE = re.compile(rb'[{,]\s*"usage"\s*:\s*(?=\{)')
+TAIL_BYTES = 16 * 1024
+_CLOSING_USAGE = re.compile(rb'[{,]\s*"usage"\s*:\s*(?=\{)')
 _DECODER = json.JSONDecoder()
 
 
-def images_end_usage(end: bytes, parse: Callable[[object], TokenUsage | None]) -> TokenUsage | None:
-    """The usage an images API body (or stream) ends with, by `parse` of `{"usage": ...}`;
-    None when its last bytes hold none."""
-    matches = list(_IMAGES_USAGE.finditer(end))
+def closing_usage(end: bytes, parse: Callable[[object], TokenUsage | None]) -> TokenUsage | None:
+    """The usage a body (or stream) ends with, by `parse` of `{"usage": ...}`; None when
+    its last bytes hold none."""
+    matches = list(_CLOSING_USAGE.finditer(end))
     if not matches:
         return None
     found = matches[-1]

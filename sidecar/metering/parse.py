@@ -20,14 +20,15 @@ from sidecar.metering.bedrock import (
 )
 from sidecar.metering.gemini import GeminiStream, gemini_body_usage
 from sidecar.metering.openai import (
-    IMAGES_TAIL_BYTES,
+    TAIL_BYTES,
     ChatStream,
     ResponsesStream,
     chat_body_usage,
+    closing_usage,
     images_body_usage,
-    images_end_usage,
     responses_body_fees,
     responses_body_usage,
+    speech_body_usage,
 )
 from sidecar.metering.sse import SSEDecoder, SSEEvent
 from sidecar.model import Iteration, TokenUsage, ToolFees
@@ -41,6 +42,7 @@ Api = Literal[
     "bedrock_converse",
     "bedrock_invoke",
     "openai_images",
+    "openai_speech",
 ]
 
 # Whole JSON bodies are buffered to be parsed at the end; past this the body is not metered
@@ -60,6 +62,7 @@ _PATH_SUFFIXES: tuple[tuple[str, Api], ...] = (
     ("/embeddings", "openai_embeddings"),
     ("/images/generations", "openai_images"),
     ("/images/edits", "openai_images"),
+    ("/audio/speech", "openai_speech"),
     (":generateContent", "gemini"),
     (":streamGenerateContent", "gemini"),
 )
@@ -94,10 +97,11 @@ _OWN_BODY_PARSERS: dict[Api, Callable[[object], TokenUsage | None]] = {
     "bedrock_converse": converse_body_usage,
     "bedrock_invoke": message_body_usage,
     "openai_images": images_body_usage,
+    "openai_speech": speech_body_usage,
 }
-# APIs whose usage closes a body too large to keep (base64 images): only its last bytes are
-# kept and read, whether it comes as JSON or as a stream.
-TAIL_APIS: frozenset[Api] = frozenset({"openai_images"})
+# APIs whose usage closes a body too large to keep (base64 images, base64 audio): only its
+# last bytes are kept and read, whether it comes as JSON or as a stream.
+TAIL_APIS: frozenset[Api] = frozenset({"openai_images", "openai_speech"})
 
 # Stable codes for why a response could not be (fully) metered; usable as log fields.
 MeterError = Literal[
@@ -150,6 +154,8 @@ def body_usage(api: Api, body: object) -> TokenUsage | None:
     directly. Bodies it rejects (e.g. a compatible server omitting `completion_tokens`) go
     to the lenient parsers that also serve the streams, so they are still charged.
     """
+    if api not in _GENAI_EXTRACTORS:
+        return _OWN_BODY_PARSERS[api](body)
     provider_id, flavor = _GENAI_EXTRACTORS[api]
     try:
         provider = data_snapshot.get_snapshot().find_provider(None, provider_id, None)
@@ -315,7 +321,7 @@ class UsageMeter:
         self._finished = True
         if self._tail_only:
             if self._body:
-                self._body_usage = images_end_usage(bytes(self._body), self._parse_usage)
+                self._body_usage = closing_usage(bytes(self._body), self._parse_usage)
         elif self._sse:
             for event in self._decoder.close():
                 self._stream.on_event(event)
@@ -363,8 +369,8 @@ class UsageMeter:
             self._sse = start not in (b"{", b"[")
         if self._tail_only:
             self._body += data
-            if len(self._body) > 2 * IMAGES_TAIL_BYTES:
-                del self._body[:-IMAGES_TAIL_BYTES]
+            if len(self._body) > 2 * TAIL_BYTES:
+                del self._body[:-TAIL_BYTES]
             return
         if self._sse:
             for event in self._decoder.feed(data):

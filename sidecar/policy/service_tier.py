@@ -20,6 +20,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from sidecar.metering.parse import api_for_path
+
 # Tiers billed at most at the standard rates, compared lower-case.
 STANDARD_OR_CHEAPER = frozenset({"auto", "default", "standard", "standard_only", "flex"})
 _STANDARD = frozenset({"standard"})
@@ -33,12 +35,14 @@ _LEVELS: tuple[tuple[str, str | None, frozenset[str]], ...] = (
 )
 
 
-def unpriced_service_tier(body: Mapping[str, Any]) -> str | None:
+def unpriced_service_tier(body: Mapping[str, Any], path: str = "") -> str | None:
     """Why the level of service `body` asks for cannot be priced; None when it can (or
-    none is named)."""
+    none is named). `path`: the request's, after its provider's prefix."""
     for name, nested, allowed in _LEVELS:
         value = body.get(name)
         if value is None:
+            continue
+        if name == "speed" and _speech_pace(value, path):
             continue
         shown = name
         if nested is not None and isinstance(value, dict):
@@ -53,3 +57,14 @@ def unpriced_service_tier(body: Mapping[str, Any]) -> str | None:
             "(or admission.service_tiers: standard_price)"
         )
     return None
+
+
+def _speech_pace(value: object, path: str) -> bool:
+    """Whether `speed` is the pace of a voice (OpenAI's speech API: a number from 0.25 to
+    4), which is no level of service: slower speech is longer audio, and the audio is
+    what is billed."""
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and api_for_path(f"/{path.lower()}") == "openai_speech"
+    )

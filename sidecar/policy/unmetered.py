@@ -5,7 +5,8 @@ organisation's provider key. Each starts work the provider bills later or elsewh
 realtime session minted here runs between the client and the provider directly (or over a
 WebSocket no parser reads), a fine-tuning job or a batch runs for hours after its answer,
 a background response (`background: true`) answers at once with no usage and is polled
-for later, and a context cache is billed for its storage for as long as it is kept. All
+for later, a context cache is billed for its storage for as long as it is kept, and speech
+answered as audio (not as a stream of events) carries no usage at all. All
 such a call could be charged is its reservation, the estimate, which bounds nothing here:
 a caller would spend the organisation's money past every budget.
 `admission.unmetered_calls: reserve` admits them anyway, each charged its reservation, as
@@ -77,6 +78,14 @@ def unmetered_call(
         "openai_responses"
     ):
         return "a background response reports its usage only when polled, past the gateway"
+    if (
+        "input" in body
+        and body.get("stream_format") != "sse"
+        and api_for_path(f"/{path.lower()}") == "openai_speech"
+    ):
+        # Only the event stream reports what was spoken (`speech.audio.done`); an audio
+        # file's length in tokens is the provider's to say.
+        return 'speech answered as audio reports no usage: ask for stream_format "sse"'
     return None
 
 

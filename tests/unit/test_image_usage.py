@@ -15,8 +15,8 @@ import pytest
 
 from devtools.fake_provider import expected_usage
 from devtools.fake_provider.openai import IMAGE_B64, images_frames, images_json
-from sidecar.admission.estimate import image_call
-from sidecar.metering.openai import images_body_usage, images_end_usage
+from sidecar.admission.estimate import unlimited_call
+from sidecar.metering.openai import closing_usage, images_body_usage
 from sidecar.metering.parse import UsageMeter, api_for_path, body_usage
 from sidecar.metering.record import MeteringRecord, observed
 from sidecar.model import TokenUsage
@@ -79,12 +79,12 @@ def test_usage_inside_a_string_is_not_taken_for_the_bodys() -> None:
         "data": [{"b64_json": "AAAA", "revised_prompt": f', "usage": {json.dumps(forged)}'}],
         "usage": USAGE,
     }
-    assert images_end_usage(wire(body), images_body_usage) == WANT
+    assert closing_usage(wire(body), images_body_usage) == WANT
     # Only the string's copy in the bytes kept: nothing, not the forged counts.
     cut = wire(body)[: wire(body).index(b'"usage": {"total')]
-    assert images_end_usage(cut, images_body_usage) is None
-    assert images_end_usage(b'{"data": []}', images_body_usage) is None
-    assert images_end_usage(b'{"usage": {"input_tokens": ', images_body_usage) is None
+    assert closing_usage(cut, images_body_usage) is None
+    assert closing_usage(b'{"data": []}', images_body_usage) is None
+    assert closing_usage(b'{"usage": {"input_tokens": ', images_body_usage) is None
 
 
 def record(done: bool, end: bytes) -> MeteringRecord:
@@ -144,6 +144,6 @@ def test_the_reservation_counts_what_an_image_of_its_quality_may_draw(
 def test_only_image_requests_on_the_images_api_are_estimated_as_images() -> None:
     assert api_for_path("/openai/v1/images/generations") == "openai_images"
     assert api_for_path("/openai/v1/images%2Fedits") == "openai_images"
-    assert image_call("/openai/v1/images/generations", BODY)
-    assert not image_call("/openai/v1/chat/completions", {**BODY, "messages": []})
-    assert not image_call("/openai/v1/images/generations", {"model": "gpt-image-1"})
+    assert unlimited_call("/openai/v1/images/generations", BODY) == "openai_images"
+    assert unlimited_call("/openai/v1/chat/completions", {**BODY, "messages": []}) is None
+    assert unlimited_call("/openai/v1/images/generations", {"model": "gpt-image-1"}) is None

@@ -66,6 +66,18 @@ def test_standard_or_cheaper_tiers_pass(body: dict[str, Any]) -> None:
     assert unpriced_service_tier({**CHAT, **body}) is None
 
 
+def test_a_voice_pace_on_the_speech_api_is_no_level_of_service() -> None:
+    speech = {"model": "gpt-4o-mini-tts", "voice": "alloy", "input": "Hi."}
+    for pace in (0.25, 1, 4.0):
+        assert unpriced_service_tier({**speech, "speed": pace}, "v1/audio/speech") is None
+        assert unpriced_service_tier({**speech, "speed": pace}, "v1/Audio%2Fspeech") is None
+        # The same number elsewhere is still judged as a level of service.
+        assert unpriced_service_tier({**CHAT, "speed": pace}, "v1/messages") is not None
+    # A level of service by name is judged on the speech path too.
+    for named in ("fast", True, [1]):
+        assert unpriced_service_tier({**speech, "speed": named}, "v1/audio/speech") is not None
+
+
 def test_a_long_value_is_cut_in_the_message() -> None:
     why = unpriced_service_tier({"service_tier": "p" * 10_000})
     assert why is not None and len(why) < 300
