@@ -33,19 +33,37 @@ _JOBS = {
     ":asyncbatchembedcontent": "batches",
     "async-invoke": "asynchronous invocations",
     "model-invocation-job": "batch inference jobs",
+    # Vertex AI's batch prediction and tuning.
+    "batchpredictionjobs": "batches",
+    "tuningjobs": "fine-tuning jobs",
+    # OpenAI's evaluation runs call models past the gateway; its video generations (and
+    # Gemini's, `:predictLongRunning`) are billed by the second of video, answered later.
+    "evals": "evaluation runs",
+    "videos": "video generations",
+    ":predictlongrunning": "long-running generations",
 }
 # Sessions that run past the gateway: refused whatever the method (a GET can upgrade to a
 # WebSocket).
 _SESSIONS = {"realtime": "realtime sessions"}
-# What is billed for as long as it is kept, after the call that makes it (Gemini's explicit
-# context caches: storage by the hour of their TTL): making one and lengthening one are
-# refused; reading one and deleting one (which ends its bill) are not.
-_STORAGE = {"cachedcontents": "context caches"}
+# What is billed for as long as it is kept, or for what is put in it, after the call that
+# makes it (Gemini's explicit context caches: storage by the hour of their TTL): making,
+# changing or adding to one are refused; reading one and deleting one (which ends its
+# bill) are not.
+_STORAGE = {
+    "cachedcontents": ("context caches", "bill their storage by the hour"),
+    # OpenAI's vector stores bill their storage by the day, its code interpreter containers
+    # by the container; Gemini's file search stores bill embedding every file they index.
+    "vector_stores": ("vector stores", "bill their storage by the day"),
+    "containers": ("code interpreter containers", "are billed by the container"),
+    "filesearchstores": ("file search stores", "bill the indexing of their files"),
+}
 # One search over the path, so that the usual call pays for nothing else.
 _SUSPECT = re.compile(
     r"(?:^|/)(realtime|fine_tuning|fine-tunes|batches|async-invoke|model-invocation-job"
-    r"|cachedcontents)(?=/|$)"
-    r"|(:batchgeneratecontent|:asyncbatchembedcontent)$"
+    r"|batchpredictionjobs|tuningjobs|cachedcontents|vector_stores|filesearchstores)(?=/|$)"
+    # Words a deployment or a model may be named: only as the API's own first segment.
+    r"|(?:^|/)(?:v1|openai)/(evals|videos|containers)(?=/|$)"
+    r"|(:batchgeneratecontent|:asyncbatchembedcontent|:predictlongrunning)$"
 )
 _READS = frozenset({"GET", "HEAD", "OPTIONS"})
 # Headers by which a client asks a provider to take a request as another method (Google's
@@ -60,13 +78,16 @@ def unmetered_call(
     can. `headers`: lower-cased; `body`: the parsed JSON body ({} when none)."""
     decoded = unquote(path.split("?", 1)[0]).strip("/").lower()
     for found in _SUSPECT.finditer(decoded):
-        segment = found.group(1) or found.group(2)
+        segment = found.group(1) or found.group(2) or found.group(3)
         if segment in _SESSIONS:
             return f"{_SESSIONS[segment]} run past the gateway, which cannot meter them"
         methods = _methods(method, headers)
         if segment in _STORAGE:
-            if not methods <= _READS | {"DELETE"}:
-                return f"{_STORAGE[segment]} bill their storage by the hour, past the gateway"
+            # Searching a vector store is a POST that stores nothing.
+            searching = segment == "vector_stores" and decoded.endswith("/search")
+            if not methods <= _READS | {"DELETE"} and not searching:
+                what, billed = _STORAGE[segment]
+                return f"{what} {billed}, past the gateway"
             continue
         if not methods <= _READS:
             return f"{_JOBS[segment]} report their cost after the call, past the gateway"

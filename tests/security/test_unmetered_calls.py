@@ -38,6 +38,15 @@ def _post(stack: Stack, token: str, path: str, body: dict[str, Any]) -> httpx.Re
             {"batch": {"input_config": {"requests": {"requests": []}}}},
         ),
         ("/anthropic/v1/messages/batches", {"model": "claude-haiku-4-5", "requests": []}),
+        # Storage billed by the day, containers by the container, video by the second, and
+        # evaluation runs that call models after their answer. Without a model such a POST
+        # is refused anyway (400: a POST to a provider names its model); naming a priced
+        # one, as a caller can, it was admitted and charged its estimate.
+        ("/openai/v1/vector_stores", {"name": "knowledge", "model": MODEL}),
+        ("/openai/v1/vector_stores/vs_1/files", {"file_id": "file-1", "model": MODEL}),
+        ("/openai/v1/containers", {"name": "sandbox", "model": MODEL}),
+        ("/openai/v1/videos", {"model": MODEL, "prompt": "A lighthouse.", "seconds": "12"}),
+        ("/openai/v1/evals/eval_1/runs", {"model": MODEL, "data_source": {"model": MODEL}}),
     ],
 )
 def test_unmetered_call_is_refused_before_the_provider_through_envoy(
@@ -121,3 +130,4 @@ def test_a_context_cache_billed_by_the_hour_is_refused_through_envoy(
         passed = httpx.request(method, stack.envoy_url + CACHE + "/abc", headers=headers)
         # The sidecar lets it pass; the fake provider has no such route.
         assert passed.status_code == 404, (method, passed.text)
+

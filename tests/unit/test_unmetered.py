@@ -57,6 +57,34 @@ CHAT = {"model": "cent-1", "max_tokens": 1, "messages": []}
             "context caches",
         ),
         ("v1/batches", "GET", {"x-http-method": "POST"}, CHAT, "batches"),
+        # Storage billed by the day, containers by the container, indexing by the token.
+        ("v1/vector_stores", "POST", {}, {"name": "kb"}, "vector stores"),
+        ("v1/vector_stores/vs_1", "POST", {}, {"expires_after": None}, "vector stores"),
+        ("v1/vector_stores/vs_1/files", "POST", {}, {"file_id": "f"}, "vector stores"),
+        ("v1/Vector_Stores/vs_1/file_batches", "POST", {}, {}, "vector stores"),
+        ("v1/containers", "POST", {}, {"name": "c"}, "code interpreter containers"),
+        ("v1/containers/cntr_1/files", "POST", {}, {}, "code interpreter containers"),
+        ("v1beta/fileSearchStores/s:importFile", "POST", {}, {}, "file search stores"),
+        (
+            "upload/v1beta/fileSearchStores/s:uploadToFileSearchStore",
+            "POST",
+            {},
+            {},
+            "file search stores",
+        ),
+        # Work that calls models or draws video after its answer.
+        ("v1/evals/eval_1/runs", "POST", {}, {"data_source": {}}, "evaluation runs"),
+        ("v1/videos", "POST", {}, {"model": "sora-2", "seconds": "12"}, "video generations"),
+        ("v1/videos/video_1/remix", "POST", {}, {}, "video generations"),
+        ("v1beta/models/veo-3.0:predictLongRunning", "POST", {}, {}, "long-running"),
+        (
+            "v1/projects/p/locations/us-central1/batchPredictionJobs",
+            "POST",
+            {},
+            {},
+            "batches",
+        ),
+        ("v1/projects/p/locations/us-central1/tuningJobs", "POST", {}, {}, "fine-tuning jobs"),
     ],
 )
 def test_calls_the_gateway_cannot_meter_are_named(
@@ -88,6 +116,15 @@ def test_calls_the_gateway_cannot_meter_are_named(
         # A generation that reads a cache is metered (its cached tokens at the read rate).
         ("v1beta/models/gemini-2.5-flash:generateContent", "POST", {}, {"cachedContent": "c/1"}),
         ("v1beta/cachedContentsish", "POST", {}, CHAT),
+        # Searching a vector store stores nothing; reading and deleting cost nothing.
+        ("v1/vector_stores/vs_1/search", "POST", {}, {"query": "q"}),
+        ("v1/vector_stores/vs_1", "DELETE", {}, {}),
+        ("v1/containers/cntr_1", "DELETE", {}, {}),
+        ("v1/videos/video_1/content", "GET", {}, {}),
+        # A deployment or a model named like an API is no such API.
+        ("openai/deployments/videos/chat/completions", "POST", {}, CHAT),
+        ("openai/deployments/containers/chat/completions", "POST", {}, CHAT),
+        ("v1beta/models/videos:generateContent", "POST", {}, CHAT),
     ],
 )
 def test_metered_calls_pass(
