@@ -130,4 +130,3 @@ def test_a_context_cache_billed_by_the_hour_is_refused_through_envoy(
         passed = httpx.request(method, stack.envoy_url + CACHE + "/abc", headers=headers)
         # The sidecar lets it pass; the fake provider has no such route.
         assert passed.status_code == 404, (method, passed.text)
-
