@@ -50,6 +50,7 @@ from sidecar.metrics import (
 from sidecar.model import Decision, Identity, RequestAttrs, TokenUsage
 from sidecar.money import micros_to_usd_str
 from sidecar.overload import LoadShedder
+from sidecar.policy.free_calls import free_call
 from sidecar.policy.request import (
     BadRequest,
     parse_metadata,
@@ -287,6 +288,16 @@ class Engine:
         self, rs: RuleSet, attrs: RequestAttrs, identity: Identity, creds: tuple[str, ...]
     ) -> Decision:
         provider = rs.provider_for_path(attrs.path)
+        # The path as the provider routes it, after its prefix.
+        rest = attrs.path[len(provider.path_prefix) :] if provider else attrs.path
+        if provider is not None and free_call(rest, attrs.method):
+            # Counting tokens is not billed: nothing to reserve (sidecar/policy/free_calls.py).
+            return allow(
+                identity,
+                attrs.headers,
+                creds,
+                provider_headers=self._keys(rs, provider.id, identity, attrs),
+            )
         found = request_model(
             attrs,
             provider.path_prefix if provider else None,
@@ -296,7 +307,7 @@ class Engine:
         # model's name): never another service behind the same Envoy.
         if not rs.admit_unmetered and (provider is not None or found is not None):
             refused = unmetered_call(
-                attrs.path[len(provider.path_prefix) :] if provider else attrs.path,
+                rest,
                 attrs.method,
                 attrs.headers,
                 found[1] if found is not None else {},
@@ -319,9 +330,7 @@ class Engine:
             )
         model, body = found
         if not rs.admit_any_service_tier:
-            refused = unpriced_service_tier(
-                body, attrs.path[len(provider.path_prefix) :] if provider else attrs.path
-            )
+            refused = unpriced_service_tier(body, rest)
             if refused is not None:
                 return deny("unpriced_service_tier", refused, identity=identity, model=model)
         if not rs.admit_unpriced_tools:

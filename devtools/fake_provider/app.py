@@ -44,6 +44,12 @@ API_PATHS: Mapping[str, Api] = {
     "/v1/images/generations": "openai_images",
     "/v1/audio/speech": "openai_speech",
 }
+# The free token counts of Anthropic, OpenAI and Gemini.
+_COUNT_TOKENS_PATHS = (
+    "/v1/messages/count_tokens",
+    "/v1/responses/input_tokens",
+    "/v1beta/models/{model}:countTokens",
+)
 # Paths that name the model (or Azure deployment) themselves.
 _GEMINI_PATH = "/v1beta/models/{call:path}"
 _BEDROCK_PATH = "/model/{call:path}"
@@ -214,6 +220,24 @@ def create_app(
 
         return handle
 
+    async def count_tokens(request: Request) -> Response:
+        """The providers' free token counts: the prompt's size, no usage."""
+        body = await record(request)
+        path = request.url.path
+        provider = provider_of(path, request.headers.get("host", ""))
+        api: Api = "gemini" if path.endswith(":countTokens") else "openai_responses"
+        if path.endswith("/messages/count_tokens"):
+            api = "anthropic_messages"
+        refused = key_error(provider, api, request.headers, accepted)
+        if refused is not None:
+            return json_response(request, refused, 401)
+        tokens = max(len(json.dumps(body)) // 4, 1)
+        if api == "gemini":
+            return json_response(request, {"totalTokens": tokens})
+        if api == "anthropic_messages":
+            return json_response(request, {"input_tokens": tokens})
+        return json_response(request, {"object": "response.input_tokens", "input_tokens": tokens})
+
     async def seen_requests(request: Request) -> Response:
         if request.method == "DELETE":
             seen.clear()
@@ -234,6 +258,9 @@ def create_app(
         for path, api in API_PATHS.items()
     ]
     for prefix in PREFIXES:
+        routes.extend(
+            Route(prefix + path, count_tokens, methods=["POST"]) for path in _COUNT_TOKENS_PATHS
+        )
         routes.append(
             Route(prefix + _GEMINI_PATH, endpoint("gemini", _gemini_call), methods=["POST"])
         )
