@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from sidecar.metering import count, load_json, mapping, utf8_len, with_modalities
 from sidecar.metering.sse import SSEEvent, typed_payload
@@ -238,17 +239,14 @@ def images_body_usage(body: object) -> TokenUsage | None:
     """An images API body's usage (gpt-image models), read as genai-prices' extractor reads
     it: image input tokens apart; output tokens as image tokens only where the body says
     how many are (for gpt-image-1 all output is image, priced alike)."""
-    fields = mapping(body)
-    usage = mapping(fields.get("usage")) if fields else None
-    if usage is None:
+    found = _usage_counts(body)
+    if found is None:
         return None
-    tin, tout = count(usage.get("input_tokens")), count(usage.get("output_tokens"))
-    if tin is None and tout is None:
-        return None
+    usage, tin, tout = found
     given = mapping(usage.get("input_tokens_details"))
     produced = mapping(usage.get("output_tokens_details"))
     return with_modalities(
-        TokenUsage(input_tokens=tin or 0, output_tokens=tout or 0),
+        TokenUsage(input_tokens=tin, output_tokens=tout),
         0,
         0,
         0,
@@ -261,6 +259,16 @@ def speech_body_usage(body: object) -> TokenUsage | None:
     """A speech stream's usage (`speech.audio.done`, gpt-4o-mini-tts): the text read as
     input, the audio spoken as output (audio tokens, at the model's audio rate where it has
     one)."""
+    found = _usage_counts(body)
+    if found is None:
+        return None
+    _, tin, tout = found
+    return with_modalities(TokenUsage(input_tokens=tin, output_tokens=tout), 0, 0, tout)
+
+
+def _usage_counts(body: object) -> tuple[Mapping[str, Any], int, int] | None:
+    """A body's `usage` and its `input_tokens` and `output_tokens` (0 where one is
+    missing); None when it reports neither."""
     fields = mapping(body)
     usage = mapping(fields.get("usage")) if fields else None
     if usage is None:
@@ -268,9 +276,7 @@ def speech_body_usage(body: object) -> TokenUsage | None:
     tin, tout = count(usage.get("input_tokens")), count(usage.get("output_tokens"))
     if tin is None and tout is None:
         return None
-    return with_modalities(
-        TokenUsage(input_tokens=tin or 0, output_tokens=tout or 0), 0, 0, tout or 0
-    )
+    return usage, tin or 0, tout or 0
 
 
 # The images API reports `usage` as the last member of its body (and of a stream's final
