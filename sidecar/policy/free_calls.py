@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import re
 
+# How each counting path ends: looked at before the path is matched whole, so that the
+# usual call pays for one comparison.
+_ENDINGS = ("/count_tokens", "/input_tokens", ":countTokens", "/count-tokens")
 _COUNTING = re.compile(
     r"(?:^|/)(?:v1/messages/count_tokens|v1/responses/input_tokens"
     r"|models/[^/:]+:countTokens|model/[^/]+/count-tokens)$"
@@ -25,4 +28,9 @@ _COUNTING = re.compile(
 def free_call(path: str, method: str) -> bool:
     """Whether `path` (after its provider's prefix) and `method` count tokens, unbilled."""
     raw = path.split("?", 1)[0]
-    return method == "POST" and "%" not in raw and _COUNTING.search(raw) is not None
+    return (
+        raw.endswith(_ENDINGS)
+        and method == "POST"
+        and "%" not in raw
+        and _COUNTING.search(raw) is not None
+    )

@@ -100,7 +100,7 @@ def unmetered_call(
     ):
         return "a background response reports its usage only when polled, past the gateway"
     if (
-        "input" in body
+        "voice" in body  # every speech call names one; few other calls do
         and body.get("stream_format") != "sse"
         and api_for_path(f"/{path.lower()}") == "openai_speech"
     ):

@@ -14,13 +14,14 @@ from typing import Any
 import pytest
 
 from devtools.fake_provider import expected_usage
-from devtools.fake_provider.openai import IMAGE_B64, images_frames, images_json
+from devtools.fake_provider.openai import images_frames, images_json
 from sidecar.admission.estimate import unlimited_call
 from sidecar.metering.openai import closing_usage, images_body_usage
 from sidecar.metering.parse import UsageMeter, api_for_path, body_usage
-from sidecar.metering.record import MeteringRecord, observed
+from sidecar.metering.record import observed
 from sidecar.model import TokenUsage
 from sidecar.pricing import PriceBook, cost_micros, requested_image_tokens
+from tests.support.meters import end_records
 from tests.support.prices import genai_micros
 
 BODY: dict[str, Any] = {
@@ -87,28 +88,14 @@ def test_usage_inside_a_string_is_not_taken_for_the_bodys() -> None:
     assert closing_usage(b'{"usage": {"input_tokens": ', images_body_usage) is None
 
 
-def record(done: bool, end: bytes) -> MeteringRecord:
-    return MeteringRecord(
-        request_id="r1",
-        api="openai_images",
-        status=200,
-        reached_upstream=True,
-        content_type="application/json",
-        load_body=lambda: IMAGE_B64.encode()[:1_048_576],
-        head=b'{"created": 1, "data": [{"b64_json": "iVBOR',
-        end=end,
-        end_offset=2_400_000,
-        total_bytes=2_404_096,
-        done=done,
-    )
-
-
 def test_the_metering_record_is_read_from_its_end() -> None:
-    end = wire(images_json(BODY, WANT))[-4096:]
-    seen, _ = observed(record(True, end))
+    finished, cut_there = end_records(
+        "openai_images", "application/json", wire(images_json(BODY, WANT))
+    )
+    seen, _ = observed(finished)
     assert seen.usage == TokenUsage(50, 6208) and seen.complete
     # Cut before its end: no usage (the call is charged its reservation).
-    cut, _ = observed(record(False, end))
+    cut, _ = observed(cut_there)
     assert cut.usage is None and not cut.complete
 
 

@@ -19,10 +19,11 @@ from devtools.fake_provider.openai import speech_audio, speech_frames
 from sidecar.admission.estimate import requested_tokens, unlimited_call
 from sidecar.metering.openai import closing_usage, speech_body_usage
 from sidecar.metering.parse import UsageMeter, api_for_path
-from sidecar.metering.record import MeteringRecord, observed
+from sidecar.metering.record import observed
 from sidecar.model import TokenUsage
 from sidecar.policy.unmetered import unmetered_call
 from sidecar.pricing import PriceBook, cost_micros, requested_speech_tokens
+from tests.support.meters import end_records
 from tests.support.prices import genai_micros
 
 TEXT = "The lighthouse keeper counted the ships that passed in the night. " * 60
@@ -76,27 +77,11 @@ def test_an_audio_answer_has_no_usage() -> None:
     assert meter.usage is None and not meter.complete
 
 
-def record(done: bool, end: bytes) -> MeteringRecord:
-    return MeteringRecord(
-        request_id="r1",
-        api="openai_speech",
-        status=200,
-        reached_upstream=True,
-        content_type="text/event-stream",
-        load_body=lambda: b"",
-        head=b'data: {"type": "speech.audio.delta", "audio": "//NExAAAA',
-        end=end,
-        end_offset=400_000,
-        total_bytes=404_096,
-        done=done,
-    )
-
-
 def test_the_metering_record_is_read_from_its_end() -> None:
-    end = stream_bytes(WANT)[-4096:]
-    seen, _ = observed(record(True, end))
+    finished, cut_there = end_records("openai_speech", "text/event-stream", stream_bytes(WANT))
+    seen, _ = observed(finished)
     assert seen.usage == WANT and seen.complete
-    cut, _ = observed(record(False, end))
+    cut, _ = observed(cut_there)
     assert cut.usage is None and not cut.complete
 
 
